@@ -1,0 +1,182 @@
+"""SQLAlchemy 2 typed schema of the catalogue and the model registry.
+
+Alembic migrations in ``db/migrations`` create exactly this schema; ``tests`` compare the two.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SPLITS = ("train", "val", "test")
+MODEL_STATUSES = ("candidate", "champion", "retired", "rejected")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Source(Base):
+    """One ingest run of one folder or manifest."""
+
+    __tablename__ = "sources"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # folder | manifest | demo
+    path: Mapped[str] = mapped_column(Text)
+    manifest_path: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | done | failed
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Patient(Base):
+    """A patient's split is assigned once and never changes; all its images follow it."""
+
+    __tablename__ = "patients"
+    patient_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    id_source: Mapped[str] = mapped_column(String(16))  # manifest | dicom | filename | image
+    split: Mapped[str | None] = mapped_column(String(8))
+    assigned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        CheckConstraint("split IS NULL OR split IN ('train','val','test')", name="ck_patient_split"),
+    )
+
+
+class Image(Base):
+    """One unique image (by sha256 of its bytes), stored once in the content-addressed store."""
+
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    stored_path: Mapped[str] = mapped_column(Text)  # relative to XRAY_HOME
+    label: Mapped[str] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patients.patient_id"), index=True)
+    view: Mapped[str | None] = mapped_column(String(32))  # e.g. PA / AP, when known
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    bit_depth: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))  # png | jpeg | dicom
+    phash: Mapped[int] = mapped_column(BigInteger)  # 64-bit perceptual hash, as signed int64
+    original_name: Mapped[str] = mapped_column(Text)  # path relative to the source root
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), index=True)
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    patient: Mapped[Patient] = relationship()
+
+
+class SeenFile(Base):
+    """What an ingest concluded about a path at a (size, mtime): lets re-scans skip unchanged files."""
+
+    __tablename__ = "seen_files"
+    path: Mapped[str] = mapped_column(Text, primary_key=True)  # absolute path
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    label_key: Mapped[str] = mapped_column(Text, default="")  # label/patient context it was seen with
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))  # added | duplicate | rejected
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Rejection(Base):
+    """A file that could not be used, why, and where its quarantined copy is."""
+
+    __tablename__ = "rejections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(32), index=True)
+    detail: Mapped[str] = mapped_column(Text)
+    quarantine_path: Mapped[str | None] = mapped_column(Text)  # relative to XRAY_HOME
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Model(Base):
+    """A trained head. ``id`` is the version number shown to users."""
+
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default="candidate")
+    checkpoint_dir: Mapped[str] = mapped_column(Text)  # relative to XRAY_HOME
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))  # of head.safetensors
+    card_sha256: Mapped[str] = mapped_column(String(64))  # of card.json
+    backbone_fingerprint: Mapped[str] = mapped_column(String(64))
+    backbone_weights: Mapped[str] = mapped_column(Text)
+    training_set_fingerprint: Mapped[str] = mapped_column(String(64))
+    labels: Mapped[list[Any]] = mapped_column(JSON)
+    threshold: Mapped[float | None] = mapped_column()
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('candidate','champion','retired','rejected')", name="ck_model_status"
+        ),
+        # At most one champion, enforced by the database: a partial unique index.
+        Index(
+            "uq_models_one_champion",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'champion'"),
+            postgresql_where=text("status = 'champion'"),
+        ),
+    )
+
+
+class ModelImage(Base):
+    """Lineage: exactly which images trained (and validated) a model version."""
+
+    __tablename__ = "model_images"
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(8))  # train | val
+
+
+class Evaluation(Base):
+    """A model scored on one exact test set (identified by its fingerprint)."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    test_set_fingerprint: Mapped[str] = mapped_column(String(64))
+    backbone_fingerprint: Mapped[str] = mapped_column(String(64))
+    n_images: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class Promotion(Base):
+    """Audit trail: every promotion decision, automatic or manual, and every rollback."""
+
+    __tablename__ = "promotions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    from_version: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    to_version: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    decision: Mapped[str] = mapped_column(String(32))  # promote|keep|insufficient_evidence|manual_promote|rollback|reject
+    champion_after: Mapped[int | None] = mapped_column(Integer)
+    rationale: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    trigger: Mapped[str] = mapped_column(String(32))  # schedule | manual | cli | flow | test
+    actor: Mapped[str | None] = mapped_column(String(128))
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))

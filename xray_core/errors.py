@@ -1,0 +1,50 @@
+"""Specific exceptions raised at the system's boundaries.
+
+The CLI maps :class:`UsageError` (and its subclasses) to exit code 2 and every other
+:class:`XrayError` to exit code 1.
+"""
+
+
+class XrayError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class UsageError(XrayError):
+    """Bad settings, arguments or input files: the user can fix it (exit code 2)."""
+
+
+class SettingsError(UsageError):
+    """An ``XRAY_*`` setting has a value that is not allowed."""
+
+
+class ManifestError(UsageError):
+    """A manifest CSV cannot be used as a whole (missing columns, bad encoding)."""
+
+
+class SourceError(UsageError):
+    """An ingest source path does not exist or is not a folder/file we can read."""
+
+
+class ImageRejected(XrayError):
+    """One file cannot be used; ``reason`` is a stable code stored in the rejections table."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class BackboneWeightsError(UsageError):
+    """The backbone weights named by ``XRAY_BACKBONE_WEIGHTS`` cannot be loaded."""
+
+
+class CheckpointError(XrayError):
+    """A model checkpoint is missing, altered (sha256 mismatch) or for another backbone."""
+
+
+class NotEnoughDataError(UsageError):
+    """The catalogue lacks the images a step needs (e.g. no validation images, one class only)."""
+
+
+class RetrainBusyError(XrayError):
+    """Another retrain holds the retrain lock."""
