@@ -1,0 +1,73 @@
+"""The catalogue's storage layer: migrations equal the schema, SQLite pragmas, DB-enforced invariants."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import exc, select, text
+
+from db import get_engine, session_scope
+from db.schema import Base, Model
+
+
+@pytest.fixture
+def engine(tmp_path):
+    from db import dispose_engines
+
+    dispose_engines()
+    yield get_engine(f"sqlite:///{tmp_path / 'cat.db'}")
+    dispose_engines()
+
+
+def test_migrations_create_exactly_the_declared_schema(engine):
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_upgrade_is_idempotent_and_records_head(engine, tmp_path):
+    from db import dispose_engines
+
+    dispose_engines()
+    again = get_engine(f"sqlite:///{tmp_path / 'cat.db'}")
+    with again.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == "0001"
+
+
+def test_sqlite_pragmas(engine):
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+
+
+def _model(**kw) -> Model:
+    base = dict(checkpoint_dir="m", checkpoint_sha256="0" * 64, card_sha256="0" * 64,
+                backbone_fingerprint="f", backbone_weights="random", training_set_fingerprint="t",
+                labels=["normal", "pneumonia"])
+    return Model(**{**base, **kw})
+
+
+def test_database_refuses_a_second_champion(engine):
+    with session_scope(engine) as s:
+        s.add(_model(status="champion"))
+    with pytest.raises(exc.IntegrityError):
+        with session_scope(engine) as s:
+            s.add(_model(status="champion"))
+    with session_scope(engine) as s:
+        s.add(_model(status="retired"))
+        s.add(_model(status="retired"))
+    with session_scope(engine) as s:
+        assert s.scalar(select(text("count(*)")).select_from(Model).where(Model.status == "champion")) == 1
+
+
+def test_database_refuses_unknown_status_and_dangling_foreign_keys(engine):
+    with pytest.raises(exc.IntegrityError):
+        with session_scope(engine) as s:
+            s.add(_model(status="best"))
+    from db.schema import ModelImage
+
+    with pytest.raises(exc.IntegrityError):
+        with session_scope(engine) as s:
+            s.add(ModelImage(model_id=999, image_id=999, role="train"))

@@ -1,0 +1,423 @@
+"""Ingest a folder (``<root>/<label>/**/<image>``) or a manifest CSV into the catalogue.
+
+Per file: stat → skip if unchanged since last seen → read once → sha256 → label check → decode and
+validate → copy into the content-addressed store → catalogue row. Files that cannot be used get a
+rejection row with a reason code and a copy under ``quarantine/``; the batch goes on.
+
+Crash safety: store and quarantine files are written atomically *before* the transaction that names
+them, so a crash leaves at most an unreferenced store file (reused by the next ingest), never a row
+pointing at a missing or partial file. Rows are written in small groups, each in one ``BEGIN
+IMMEDIATE`` transaction that re-checks the sha256 under the write lock, so two ingests running at
+once cannot insert the same image twice or lose rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from sqlalchemy import select
+
+from db import session_scope
+from db.schema import Image, Patient, Rejection, SeenFile, Source
+from xray_core.catalogue import open_catalogue, patient_salt
+from xray_core.errors import ImageRejected, ManifestError, SourceError
+from xray_core.fsutil import atomic_write_bytes, sha256_bytes
+from xray_core.labels import check_label
+from xray_core.settings import Settings
+from xray_core.split import assign_splits
+
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+MANIFEST_REQUIRED = ("file", "label")
+GROUP_SIZE = 32  # files prepared outside a transaction, then written in one short transaction
+STORE_EXT = {"png": "png", "jpeg": "jpg", "dicom": "dcm"}
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file the source names, with what the source says about it."""
+
+    path: Path  # as listed (absolute), not resolved through links
+    rel: str  # name relative to the source root, for people
+    label: str  # raw label from the folder or manifest
+    patient_id: str | None = None  # from the manifest
+    view: str | None = None
+    problem: tuple[str, str] | None = None  # (reason, detail) known before reading
+
+    @property
+    def context_key(self) -> str:
+        """What else besides the bytes decides the outcome: a manifest edit re-evaluates the file."""
+        return f"{self.label}|{self.patient_id or ''}|{self.view or ''}"
+
+
+@dataclass
+class IngestSummary:
+    source_id: int
+    source: str
+    manifest: str | None
+    files: int = 0
+    added: int = 0
+    duplicates: int = 0
+    skipped_unchanged: int = 0
+    rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    added_by_label: dict[str, int] = field(default_factory=dict)
+    new_patients: int = 0
+    patients_without_id: int = 0
+    split_assignments: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Prepared:
+    cand: Candidate
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+    label: str | None = None
+    reject: tuple[str, str] | None = None
+    data: bytes | None = None  # kept only for rejected files (quarantine copy)
+    meta: dict | None = None  # image facts for a good file
+    patient_id: str | None = None
+    id_source: str | None = None
+    stored_rel: str | None = None
+
+
+# --------------------------------------------------------------------------- enumeration
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def scan_folder(root: Path) -> Iterator[Candidate]:
+    """Files under ``root/<label>/``; hidden files and folders skipped; links never followed out.
+
+    A link to a file is used only when it resolves inside ``root`` (else an ``outside_root``
+    rejection); linked folders are not descended (they could be cyclic or lead anywhere).
+    """
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        here = Path(dirpath)
+        for name in sorted(filenames):
+            if _is_hidden(name):
+                continue
+            path = here / name
+            rel_parts = path.relative_to(root).parts
+            rel = "/".join(rel_parts)
+            if len(rel_parts) < 2:
+                yield Candidate(path, rel, "", problem=(
+                    "unknown_label", "file is not inside a label folder: use <root>/<label>/<image>"))
+                continue
+            problem = None
+            if path.is_symlink():
+                target = path.resolve()
+                if not _inside(target, real_root):
+                    problem = ("outside_root", f"symbolic link points outside the source folder ({target})")
+            yield Candidate(path, rel, rel_parts[0], problem=problem)
+
+
+def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, str]]:
+    fh = open(manifest, newline="", encoding="utf-8-sig", errors="strict")
+    reader = csv.DictReader(fh)
+    header = reader.fieldnames or []
+    columns = {h.strip().lower(): h for h in header if h is not None}
+    missing = [c for c in MANIFEST_REQUIRED if c not in columns]
+    if missing:
+        fh.close()
+        raise ManifestError(
+            f"manifest {manifest} lacks column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}. "
+            "Required: file,label; optional: patient_id,view"
+        )
+    return reader, fh, columns
+
+
+def validate_manifest(manifest: Path) -> int:
+    """Read the whole manifest once (streamed) and return its row count, or raise ManifestError.
+
+    Done before anything is written so that a malformed manifest writes nothing.
+    """
+    if not manifest.is_file():
+        raise SourceError(f"manifest {manifest} does not exist or is not a file")
+    try:
+        reader, fh, _ = _open_manifest(manifest)
+        try:
+            rows = 0
+            for row in reader:
+                if None in row:
+                    raise ManifestError(
+                        f"manifest {manifest} line {reader.line_num}: more cells than header columns")
+                rows += 1
+            return rows
+        finally:
+            fh.close()  # type: ignore[attr-defined]
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"manifest {manifest} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise ManifestError(f"manifest {manifest} is not a valid CSV file: {exc}") from None
+
+
+def scan_manifest(manifest: Path) -> Iterator[Candidate]:
+    """Rows of a (validated) manifest; paths are relative to the manifest's folder and must stay in it."""
+    root = manifest.parent.resolve()
+    reader, fh, cols = _open_manifest(manifest)
+    try:
+        for row in reader:
+            raw_file = (row.get(cols["file"]) or "").strip()
+            label = (row.get(cols["label"]) or "").strip()
+            pid = (row.get(cols["patient_id"]) or "").strip() if "patient_id" in cols else ""
+            view = (row.get(cols["view"]) or "").strip() if "view" in cols else ""
+            listed = root / raw_file
+            problem = None
+            if not raw_file:
+                problem = ("missing_file", f"manifest line {reader.line_num} has an empty file cell")
+            elif Path(raw_file).is_absolute() or not _inside(listed.resolve(), root):
+                problem = ("outside_root",
+                           f"manifest line {reader.line_num}: {raw_file!r} points outside the manifest's folder {root}")
+            elif not listed.is_file():
+                problem = ("missing_file", f"manifest line {reader.line_num}: {raw_file!r} does not exist")
+            elif len(pid) > 128:
+                problem = ("bad_patient_id", f"manifest line {reader.line_num}: patient_id longer than 128 characters")
+            yield Candidate(listed, raw_file, label, patient_id=pid or None, view=view or None, problem=problem)
+    finally:
+        fh.close()  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- per file
+
+
+def _patient_from_filename(name: str, regex: re.Pattern[str] | None) -> str | None:
+    if regex is None:
+        return None
+    match = regex.search(name)
+    if not match:
+        return None
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.Pattern[str] | None,
+             known_sha: Callable[[str], str | None], salt: Callable[[], str]) -> _Prepared:
+    from xray_core.images import decode_image
+
+    prep = _Prepared(cand, st.st_size, st.st_mtime_ns)
+    if cand.problem:
+        prep.reject = cand.problem
+        return prep
+    if st.st_size > settings.max_file_bytes:
+        prep.reject = ("file_too_large",
+                       f"{st.st_size} bytes is over XRAY_MAX_FILE_BYTES={settings.max_file_bytes}")
+        return prep
+    try:
+        data = cand.path.read_bytes()
+    except OSError as exc:
+        prep.reject = ("unreadable_file", f"cannot read the file: {exc.strerror or exc}")
+        return prep
+    prep.sha256 = sha256_bytes(data)
+    try:
+        prep.label = check_label(cand.label, settings.labels)
+    except ImageRejected as rej:
+        prep.reject, prep.data = (rej.reason, rej.detail), data
+        return prep
+    existing_label = known_sha(prep.sha256)
+    if existing_label is not None:
+        # Already catalogued: no need to decode again; the transaction decides duplicate vs conflict.
+        prep.data = data
+        return prep
+    try:
+        decoded = decode_image(data, min_side=settings.min_image_side, max_pixels=settings.max_pixels)
+    except ImageRejected as rej:
+        prep.reject, prep.data = (rej.reason, rej.detail), data
+        return prep
+    from xray_core.images import perceptual_hash
+
+    if cand.patient_id:
+        prep.patient_id, prep.id_source = cand.patient_id, "manifest"
+    elif decoded.dicom_patient_id:
+        digest = hashlib.sha256(f"{salt()}:{decoded.dicom_patient_id}".encode()).hexdigest()[:24]
+        prep.patient_id, prep.id_source = f"dcm-{digest}", "dicom"
+    elif (pid := _patient_from_filename(cand.path.name, regex)) is not None:
+        prep.patient_id, prep.id_source = pid, "filename"
+    else:
+        prep.patient_id, prep.id_source = f"img-{prep.sha256[:16]}", "image"
+    ext = STORE_EXT[decoded.format]
+    prep.stored_rel = f"store/{prep.sha256[:2]}/{prep.sha256}.{ext}"
+    target = settings.home / prep.stored_rel
+    if not (target.exists() and target.stat().st_size == len(data)):
+        atomic_write_bytes(target, data)
+    prep.meta = {
+        "width": decoded.width, "height": decoded.height, "bit_depth": decoded.bit_depth,
+        "format": decoded.format, "phash": perceptual_hash(decoded.pixels),
+        "view": cand.view or decoded.view,
+    }
+    return prep
+
+
+def _quarantine(settings: Settings, prep: _Prepared) -> str | None:
+    if prep.data is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", prep.cand.path.name)[-100:] or "file"
+    rel = f"quarantine/{(prep.sha256 or 'unread')[:16]}-{uuid.uuid4().hex[:8]}-{safe}"
+    atomic_write_bytes(settings.home / rel, prep.data)
+    return rel
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = None,
+                  progress: Progress | None = None, source_kind: str | None = None) -> IngestSummary:
+    """Ingest one folder or manifest; return what happened. Bad files never stop the batch."""
+    start = time.perf_counter()
+    path = Path(path).expanduser().absolute()
+    if manifest is not None:
+        manifest = Path(manifest).expanduser().absolute()
+        total = validate_manifest(manifest)
+        candidates: Iterator[Candidate] = scan_manifest(manifest)
+        kind = "manifest"
+    else:
+        if not path.is_dir():
+            raise SourceError(f"source {path} is not a folder; use <root>/<label>/<image> or --manifest CSV")
+        listed = list(scan_folder(path))
+        total, candidates, kind = len(listed), iter(listed), "folder"
+    kind = source_kind or kind
+    regex = re.compile(settings.patient_regex) if settings.patient_regex else None
+    engine = open_catalogue(settings)
+
+    with session_scope(engine) as s:
+        source = Source(kind=kind, path=str(path), manifest_path=str(manifest) if manifest else None)
+        s.add(source)
+        s.flush()
+        source_id = source.id
+        seen = {row.path: row for row in s.scalars(select(SeenFile).where(
+            SeenFile.path.like(f"{_like_prefix(manifest.parent if manifest else path)}%", escape="\\")))}
+        seen = {k: (v.size, v.mtime_ns, v.label_key) for k, v in seen.items()}
+
+    summary = IngestSummary(source_id, str(path), str(manifest) if manifest else None)
+    salt_cache: list[str] = []
+
+    def salt() -> str:
+        if not salt_cache:
+            salt_cache.append(patient_salt(settings))
+        return salt_cache[0]
+
+    def known_sha(sha: str) -> str | None:
+        with session_scope(engine) as s:
+            return s.scalar(select(Image.label).where(Image.sha256 == sha))
+
+    try:
+        group: list[_Prepared] = []
+        done = 0
+        for cand in candidates:
+            summary.files += 1
+            key = str(cand.path)
+            try:
+                st = cand.path.lstat() if cand.problem else cand.path.stat()
+            except OSError:
+                st = None
+            if st is not None and seen.get(key) == (st.st_size, st.st_mtime_ns, cand.context_key):
+                summary.skipped_unchanged += 1
+            elif st is None:
+                group.append(_Prepared(cand, -1, -1, reject=cand.problem or (
+                    "missing_file", "the file vanished or cannot be opened")))
+            else:
+                group.append(_prepare(cand, st, settings, regex, known_sha, salt))
+            if len(group) >= GROUP_SIZE:
+                _write_group(engine, settings, source_id, group, summary)
+                group = []
+            done += 1
+            if progress:
+                progress(done, total)
+        if group:
+            _write_group(engine, settings, source_id, group, summary)
+        with session_scope(engine) as s:
+            summary.split_assignments = assign_splits(s, ratios=settings.split_ratios, seed=settings.split_seed)
+            summary.seconds = round(time.perf_counter() - start, 3)
+            src = s.get(Source, source_id)
+            src.status, src.finished_at, src.counts = "done", datetime.now(timezone.utc), summary.as_dict()
+    except BaseException:
+        with session_scope(engine) as s:
+            src = s.get(Source, source_id)
+            if src is not None:
+                src.status, src.finished_at = "failed", datetime.now(timezone.utc)
+                src.counts = summary.as_dict()
+        raise
+    return summary
+
+
+def _like_prefix(root: Path) -> str:
+    text = str(root).rstrip("/") + "/"
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepared],  # noqa: ANN001
+                 summary: IngestSummary) -> None:
+    """One write transaction for a group of prepared files; sha256 re-checked under the lock."""
+    quarantined: dict[int, str | None] = {}
+    with session_scope(engine) as s:
+        for i, prep in enumerate(group):
+            outcome = "rejected"
+            reject = prep.reject
+            if reject is None and prep.sha256:
+                existing = s.scalar(select(Image).where(Image.sha256 == prep.sha256))
+                if existing is not None:
+                    if existing.label == prep.label:
+                        outcome = "duplicate"
+                    else:
+                        reject = ("label_conflict",
+                                  f"the same bytes are already catalogued as {existing.label!r} "
+                                  f"(image {existing.id}); this file says {prep.label!r}")
+                elif prep.meta is None:
+                    # Known when prepared but gone now (cannot happen: images are never deleted).
+                    reject = ("internal", "image vanished from the catalogue during ingest")
+                else:
+                    patient = s.get(Patient, prep.patient_id)
+                    if patient is None:
+                        s.add(Patient(patient_id=prep.patient_id, id_source=prep.id_source))
+                        summary.new_patients += 1
+                        if prep.id_source == "image":
+                            summary.patients_without_id += 1
+                    s.add(Image(sha256=prep.sha256, stored_path=prep.stored_rel, label=prep.label,
+                                patient_id=prep.patient_id, original_name=prep.cand.rel,
+                                source_id=source_id, **prep.meta))
+                    s.flush()
+                    outcome = "added"
+            if reject is not None:
+                if i not in quarantined:
+                    quarantined[i] = _quarantine(settings, prep)
+                s.add(Rejection(source_id=source_id, path=str(prep.cand.path), sha256=prep.sha256,
+                                reason=reject[0], detail=reject[1], quarantine_path=quarantined[i]))
+            if prep.size >= 0:
+                s.merge(SeenFile(path=str(prep.cand.path), size=prep.size, mtime_ns=prep.mtime_ns,
+                                 label_key=prep.cand.context_key, sha256=prep.sha256, outcome=outcome,
+                                 updated_at=datetime.now(timezone.utc)))
+            prep.data = None
+            if outcome == "added":
+                summary.added += 1
+                summary.added_by_label[prep.label] = summary.added_by_label.get(prep.label, 0) + 1
+            elif outcome == "duplicate":
+                summary.duplicates += 1
+            else:
+                summary.rejected += 1
+                summary.rejected_by_reason[reject[0]] = summary.rejected_by_reason.get(reject[0], 0) + 1

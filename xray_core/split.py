@@ -1,0 +1,85 @@
+"""Patient-grouped, label-stratified, deterministic and stable train/val/test splits.
+
+The split belongs to the *patient* (``patients.split``), so no patient can ever sit in two splits: an
+image's split is its patient's. A patient's split is assigned once and never changed, so new images of
+a known patient join that patient's split and the test split only grows.
+
+New patients are assigned in a deterministic order (sha256 of seed + patient id) by largest deficit:
+within the patient's stratum (its majority label), each patient goes to the split whose patient count
+is furthest below its target ratio. This keeps every stratum within one patient of the target ratios
+after each assignment, which a plain hash threshold cannot promise for the small batches a hospital
+adds each night. The result depends only on the catalogue's history and the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.schema import SPLITS, Image, Patient
+
+
+def patient_order_key(patient_id: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{patient_id}".encode()).hexdigest()
+
+
+def choose_split(counts: dict[str, int], ratios: tuple[float, float, float]) -> str:
+    """The split with the largest deficit against its target share after adding one patient.
+
+    Ties go to the earlier split in train, val, test order (deterministic).
+    """
+    total = sum(counts.values()) + 1
+    best, best_deficit = SPLITS[0], float("-inf")
+    for name, ratio in zip(SPLITS, ratios):
+        if ratio <= 0:
+            continue
+        deficit = ratio * total - counts.get(name, 0)
+        if deficit > best_deficit + 1e-12:
+            best, best_deficit = name, deficit
+    return best
+
+
+def majority_label(labels: Counter[str]) -> str:
+    top = max(labels.values())
+    return sorted(label for label, n in labels.items() if n == top)[0]
+
+
+def assign_splits(session: Session, *, ratios: tuple[float, float, float], seed: int) -> dict[str, int]:
+    """Give every patient without a split one; return how many went to each split.
+
+    Runs inside the caller's transaction (ingest calls it in the same write transaction as the
+    images, so a crash leaves either both or neither).
+    """
+    pending = session.scalars(select(Patient).where(Patient.split.is_(None))).all()
+    if not pending:
+        return {name: 0 for name in SPLITS}
+    label_rows = session.execute(
+        select(Image.patient_id, Image.label, func.count()).group_by(Image.patient_id, Image.label)
+    ).all()
+    labels_of: dict[str, Counter[str]] = defaultdict(Counter)
+    for pid, label, n in label_rows:
+        labels_of[pid][label] += n
+    split_of = dict(session.execute(select(Patient.patient_id, Patient.split)).all())
+
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {name: 0 for name in SPLITS})
+    for pid, split in split_of.items():
+        if split is not None and labels_of.get(pid):
+            counts[majority_label(labels_of[pid])][split] += 1
+
+    assigned = {name: 0 for name in SPLITS}
+    now = datetime.now(timezone.utc)
+    for patient in sorted(pending, key=lambda p: patient_order_key(p.patient_id, seed)):
+        if not labels_of.get(patient.patient_id):
+            continue  # a patient row without images (should not happen): leave it unassigned
+        stratum = majority_label(labels_of[patient.patient_id])
+        split = choose_split(counts[stratum], ratios)
+        patient.split = split
+        patient.assigned_at = now
+        counts[stratum][split] += 1
+        assigned[split] += 1
+    session.flush()
+    return assigned
