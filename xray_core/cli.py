@@ -68,9 +68,88 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from xray_core.render import render_train
+    from xray_core.retrain import run_train
+
+    result = run_train(get_settings(), progress=_progress_bar(True, "embed"))
+    _emit(result, args.json, render_train)
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from xray_core import registry
+    from xray_core.render import render_history, render_lineage, render_models
+
+    settings = get_settings()
+    if args.action == "show":
+        if args.version is None:
+            raise UsageError("usage: xray models show VERSION")
+        _emit(registry.model_lineage(settings, args.version), args.json, render_lineage)
+    elif args.history:
+        _emit(registry.history(settings), args.json, render_history)
+    else:
+        _emit(registry.list_models(settings), args.json, render_models)
+    return EXIT_OK
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from xray_core.registry import promote_manually
+    from xray_core.render import render_history
+
+    row = promote_manually(get_settings(), args.version, reason=args.reason, trigger="cli", actor=_actor())
+    _emit(row, args.json, lambda r: render_history([r]))
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from xray_core.registry import rollback
+    from xray_core.render import render_history
+
+    row = rollback(get_settings(), reason=args.reason, trigger="cli", actor=_actor())
+    _emit(row, args.json, lambda r: render_history([r]))
+    return EXIT_OK
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import RetrainParams, retrain
+    from xray_core.render import render_retrain
+
+    params = RetrainParams(sources=args.source or [], manifests=args.manifest or [], trigger="cli",
+                           use_incoming=not args.no_incoming)
+    result = retrain(params=params)
+    _emit(result, args.json, render_retrain)
+    return EXIT_OK if result.get("status") != "failed" else EXIT_FAILED
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xray_core.demo import run_demo
+
+    result = run_demo(get_settings(), sample=Path(args.sample) if args.sample else None,
+                      out=sys.stdout if not args.json else sys.stderr)
+    if args.json:
+        _emit(result, True, str)
+    return EXIT_OK
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "ingest": (cmd_ingest, "ingest a folder <root>/<label>/**/<image> or a manifest CSV"),
     "status": (cmd_status, "catalogue counts, rejections, near-duplicates, feature cache, models, settings"),
+    "train": (cmd_train, "core path, no Prefect: embed what is missing, train a challenger, evaluate it"),
+    "retrain": (cmd_retrain, "run the Prefect retrain flow: ingest, train, evaluate both, decide, promote"),
+    "models": (cmd_models, "versions, status and key metrics; --history for the audit trail; show N for lineage"),
+    "promote": (cmd_promote, "make a version the champion by hand (audited)"),
+    "rollback": (cmd_rollback, "return to the previous champion (audited)"),
+    "demo": (cmd_demo, "two arriving batches: first champion, then a challenger decision"),
 }
 
 
@@ -81,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="source folder (for --manifest: the folder the manifest sits in, or the manifest)")
     p.add_argument("--manifest", help="CSV with columns file,label[,patient_id][,view]; paths relative to it")
     p = sub.add_parser("status", help=COMMANDS["status"][1])
+    sub.add_parser("train", help=COMMANDS["train"][1])
+    p = sub.add_parser("retrain", help=COMMANDS["retrain"][1])
+    p.add_argument("--source", action="append", help="folder to ingest first (repeatable)")
+    p.add_argument("--manifest", action="append", help="manifest CSV to ingest first (repeatable)")
+    p.add_argument("--no-incoming", action="store_true", help="do not scan XRAY_INCOMING")
+    p = sub.add_parser("models", help=COMMANDS["models"][1])
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("version", nargs="?", type=int)
+    p.add_argument("--history", action="store_true", help="the audit trail of every decision")
+    p = sub.add_parser("promote", help=COMMANDS["promote"][1])
+    p.add_argument("version", type=int)
+    p.add_argument("--reason", required=True)
+    p = sub.add_parser("rollback", help=COMMANDS["rollback"][1])
+    p.add_argument("--reason", required=True)
+    p = sub.add_parser("demo", help=COMMANDS["demo"][1])
+    p.add_argument("--sample", help="real sample folder with manifest.csv (default ../shared/data/cxr-sample)")
     for name in sub.choices:
         sub.choices[name].add_argument("--json", action="store_true", help="machine-readable output")
     return parser

@@ -36,6 +36,8 @@ from xray_core.settings import Settings
 from xray_core.split import assign_splits
 
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+# Files beside the label folders that describe the source rather than being images of a label.
+ROOT_METADATA_SUFFIXES = {".csv", ".md", ".txt", ".json", ".yaml", ".yml", ".pdf"}
 MANIFEST_REQUIRED = ("file", "label")
 GROUP_SIZE = 32  # files prepared outside a transaction, then written in one short transaction
 STORE_EXT = {"png": "png", "jpeg": "jpg", "dicom": "dcm"}
@@ -128,6 +130,8 @@ def scan_folder(root: Path) -> Iterator[Candidate]:
             rel_parts = path.relative_to(root).parts
             rel = "/".join(rel_parts)
             if len(rel_parts) < 2:
+                if path.suffix.lower() in ROOT_METADATA_SUFFIXES:
+                    continue  # a manifest or README beside the label folders
                 yield Candidate(path, rel, "", problem=(
                     "unknown_label", "file is not inside a label folder: use <root>/<label>/<image>"))
                 continue

@@ -53,3 +53,69 @@ def render_status(r: dict[str, Any]) -> str:
     s = r["settings"]
     out += ["", "settings:"] + [f"  {k} = {v}" for k, v in s.items()]
     return "\n".join(out)
+
+
+def _ci(m: dict[str, Any] | None) -> str:
+    if not m or m.get("point") is None:
+        return "-"
+    lo, hi = m.get("low"), m.get("high")
+    return f"{m['point']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def render_models(models: list[dict[str, Any]]) -> str:
+    if not models:
+        return "no model versions yet (xray train or xray retrain)"
+    rows = [[m["version"], m["status"], m["created_at"][:19], _ci(m["metrics"].get("macro_auroc")),
+             _ci(m["metrics"].get("balanced_accuracy")), m["backbone_weights"],
+             (m["last_promoted"] or {}).get("time", "")[:19], (m["last_promoted"] or {}).get("trigger", "")]
+            for m in models]
+    return table(["version", "status", "created", "macro AUROC [95% CI]", "balanced acc [95% CI]",
+                  "backbone", "promoted", "by"], rows)
+
+
+def render_history(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no decisions recorded yet"
+    out = []
+    for r in rows:
+        out.append(f"#{r['id']} {r['time'][:19]} {r['decision']}: {r['from_version']} -> champion "
+                   f"{r['champion_after']} (challenger {r['to_version']}; trigger {r['trigger']}"
+                   f"{'; by ' + r['actor'] if r.get('actor') else ''}{'; flow run ' + r['flow_run_id'] if r.get('flow_run_id') else ''})")
+        out.append(f"    {r['rationale']}")
+    return "\n".join(out)
+
+
+def render_lineage(m: dict[str, Any]) -> str:
+    out = [f"model {m['version']} ({m['status']}), created {m['created_at'][:19]}",
+           f"  checkpoint {m['checkpoint_dir']} sha256 {m['checkpoint_sha256']}",
+           f"  backbone {m['backbone_weights']} fingerprint {m['backbone_fingerprint']}",
+           f"  training set fingerprint {m['training_set_fingerprint']}",
+           f"  labels {m['labels']} threshold {m['threshold']}",
+           f"  images: train {len(m['images']['train'])}, val {len(m['images']['val'])}",
+           "  sources: " + "; ".join(f"{s['id']} {s['manifest'] or s['path']}" for s in m["sources"])]
+    for e in m["evaluations"]:
+        out.append(f"  evaluated on test set {e['test_set_fingerprint'][:12]} ({e['n_images']} images): "
+                   f"macro AUROC {_ci(e['metrics'].get('macro_auroc'))}")
+    return "\n".join(out)
+
+
+def render_train(r: dict[str, Any]) -> str:
+    t, e = r["train"], r["embed"]
+    m = r["test"]["metrics"]
+    out = [f"embedded {e['computed']} new (image, view) pairs, {e['cached']} from cache ({e['seconds']} s); "
+           f"backbone {e['backbone_fingerprint'][:12]}" + (" (RANDOM-INIT: offline test weights)" if e["backbone_random_init"] else ""),
+           f"trained model {t['version']}: best epoch {t['best_epoch']} of {t['epochs_run']}, threshold {t['threshold']}",
+           f"  {t['smoke_test']}",
+           f"test set ({r['test']['n_images']} images): accuracy {_ci(m['accuracy'])}, balanced accuracy "
+           f"{_ci(m['balanced_accuracy'])}, macro AUROC {_ci(m['macro_auroc'])}"]
+    return "\n".join(out)
+
+
+def render_retrain(r: dict[str, Any]) -> str:
+    out = [f"retrain {r.get('status')}: {r.get('summary', '')}"]
+    if r.get("decision"):
+        out.append(f"decision: {r['decision']['decision']}")
+        out.append(f"  {r['decision']['rationale']}")
+    if r.get("report"):
+        out.append(f"report: {r['report']}")
+    return "\n".join(out)
