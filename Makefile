@@ -4,6 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SAMPLE ?= ../shared/data/cxr-sample
+# The demo has its own home so it never touches a real catalogue; offline settings, said on screen.
+DEMO_ENV := XRAY_HOME=var/demo PREFECT_HOME=$(CURDIR)/var/demo-prefect \
+	XRAY_BACKBONE_WEIGHTS=$${XRAY_BACKBONE_WEIGHTS:-random} XRAY_INPUT_SIZE=$${XRAY_INPUT_SIZE:-64} \
+	XRAY_VIEWS=$${XRAY_VIEWS:-2} XRAY_MIN_TEST_PER_CLASS=$${XRAY_MIN_TEST_PER_CLASS:-4} \
+	XRAY_FLOOR_MACRO_AUROC=$${XRAY_FLOOR_MACRO_AUROC:-0.7} XRAY_FLOOR_SENSITIVITY=$${XRAY_FLOOR_SENSITIVITY:-0.6}
+SERVE_ENV := PREFECT_HOME=$(CURDIR)/var/prefect PREFECT_API_URL=http://127.0.0.1:4200/api \
+	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=4200
 
 .PHONY: venv demo test bench serve stop clean
 
@@ -16,7 +23,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	XRAY_BACKBONE_WEIGHTS=$${XRAY_BACKBONE_WEIGHTS:-random} $(VENV)/bin/xray demo --sample $(SAMPLE)
+	mkdir -p var
+	$(DEMO_ENV) $(VENV)/bin/xray demo --fresh --sample $(SAMPLE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -112,21 +113,20 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from flows.retrain import RetrainParams, retrain
+    from flows.retrain import retrain
     from xray_core.render import render_retrain
 
-    params = RetrainParams(sources=args.source or [], manifests=args.manifest or [], trigger="cli",
-                           use_incoming=not args.no_incoming)
-    result = retrain(params=params)
+    result = retrain(sources=args.source or [], manifests=args.manifest or [], trigger="cli",
+                     use_incoming=not args.no_incoming, wait_seconds=args.wait)
     _emit(result, args.json, render_retrain)
     return EXIT_OK if result.get("status") != "failed" else EXIT_FAILED
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from xray_core.demo import run_demo
+    from flows.demo import run_demo
 
     result = run_demo(get_settings(), sample=Path(args.sample) if args.sample else None,
-                      out=sys.stdout if not args.json else sys.stderr)
+                      out=sys.stdout if not args.json else sys.stderr, fresh=args.fresh)
     if args.json:
         _emit(result, True, str)
     return EXIT_OK
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="append", help="folder to ingest first (repeatable)")
     p.add_argument("--manifest", action="append", help="manifest CSV to ingest first (repeatable)")
     p.add_argument("--no-incoming", action="store_true", help="do not scan XRAY_INCOMING")
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a running retrain (default 0)")
     p = sub.add_parser("models", help=COMMANDS["models"][1])
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     p.add_argument("version", nargs="?", type=int)
@@ -175,13 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", help=COMMANDS["rollback"][1])
     p.add_argument("--reason", required=True)
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
-    p.add_argument("--sample", help="real sample folder with manifest.csv (default ../shared/data/cxr-sample)")
+    p.add_argument("--sample", help="real sample folder with manifest.csv; synthetic images when absent")
+    p.add_argument("--fresh", action="store_true", help="delete XRAY_HOME first (the Makefile's demo home only)")
     for name in sub.choices:
         sub.choices[name].add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A hospital tool does not phone home: Prefect's anonymous server telemetry is off unless the user
+    # turns it on (and without internet it only logs connection errors).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "ingest" and args.manifest is None and Path(args.path).suffix.lower() == ".csv":

@@ -146,24 +146,33 @@ def champion_version(session: Session) -> int | None:
     return session.scalar(select(Model.id).where(Model.status == "champion"))
 
 
+_ANY = object()  # sentinel: record_decision does not check which version is champion beforehand
+
+
 def record_decision(settings: Settings, *, challenger: int | None, decision: str, rationale: str,
                     metrics: dict[str, Any], trigger: str, actor: str | None = None,
                     flow_run_id: str | None = None, promote: bool = False,
+                    expect_champion: Any = _ANY,
                     fail_between_switch_and_audit: bool = False) -> dict[str, Any]:
     """Record a decision; when ``promote``, switch the champion in the same transaction.
 
-    Returns the audit row as a dict.
+    ``expect_champion`` (a version or None): refuse, writing nothing, unless that is still the
+    champion inside this transaction; a caller that chose its target from an earlier read (rollback)
+    so never acts on a champion that changed meanwhile. Returns the audit row as a dict.
     """
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         previous = champion_version(s)
+        if expect_champion is not _ANY and previous != expect_champion:
+            raise UsageError(f"the champion changed meanwhile (now {previous}, expected {expect_champion}); "
+                             "check xray models --history and retry")
         if promote:
             if challenger is None:
                 raise UsageError("a promotion needs a version to promote")
             _switch(s, previous, challenger)
             if fail_between_switch_and_audit:
                 raise RuntimeError("injected failure between champion switch and audit row")
-        elif challenger is not None and decision in ("keep", "insufficient_evidence", "reject"):
+        elif challenger is not None and decision in ("keep", "insufficient_evidence", "reject", "failed"):
             model = s.get(Model, challenger)
             if model is not None and model.status == "candidate":
                 model.status = "rejected"
@@ -200,7 +209,12 @@ def promote_manually(settings: Settings, version: int, *, reason: str, trigger: 
 
 def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: str | None = None,
              flow_run_id: str | None = None) -> dict[str, Any]:
-    """Return to the champion before the current one (per the audit trail), audited with ``reason``."""
+    """Return to the champion that the current one replaced, audited with ``reason``.
+
+    The target is the ``from`` of the latest promotion (automatic or manual, not a rollback) that
+    made the current version champion, so repeated rollbacks walk back through earlier champions
+    (3 -> 2 -> 1) instead of bouncing back to the version just rolled back from (3 -> 2 -> 3).
+    """
     if not reason.strip():
         raise UsageError("a rollback needs --reason")
     engine = open_catalogue(settings)
@@ -208,16 +222,18 @@ def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: st
         current = champion_version(s)
         if current is None:
             raise UsageError("there is no champion to roll back from")
-        rows = s.scalars(select(Promotion).where(Promotion.champion_after.is_not(None))
-                         .order_by(Promotion.id.desc())).all()
-        target = next((r.from_version for r in rows
-                       if r.champion_after == current and r.from_version not in (None, current)), None)
-        if target is None:
+        crowned = s.scalars(select(Promotion).where(Promotion.champion_after == current,
+                                                    Promotion.to_version == current,
+                                                    Promotion.decision != "rollback")
+                            .order_by(Promotion.id.desc())).first()
+        target = crowned.from_version if crowned is not None else None
+        if target is None or target == current:
             raise UsageError(f"champion {current} has no earlier champion to roll back to")
     load_model(settings, target)
     return record_decision(settings, challenger=target, decision="rollback",
                            rationale=f"rollback from {current} to {target}: {reason}", metrics={},
-                           trigger=trigger, actor=actor, flow_run_id=flow_run_id, promote=True)
+                           trigger=trigger, actor=actor, flow_run_id=flow_run_id, promote=True,
+                           expect_champion=current)
 
 
 def _promotion_dict(r: Promotion) -> dict[str, Any]:

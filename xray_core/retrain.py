@@ -112,6 +112,9 @@ def test_set_fingerprint(rows: list[Row]) -> str:
     return set_fingerprint(rows, role="test")
 
 
+test_set_fingerprint.__test__ = False  # not a test: pytest would collect it wherever it is imported
+
+
 def _items(settings: Settings, rows: list[Row]) -> list:
     from xray_core.features import EmbedItem
 
@@ -381,3 +384,15 @@ def write_json(path: Path, payload: Any) -> None:
     from xray_core.fsutil import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(payload, indent=2, default=str).encode())
+
+
+def save_snapshot(path: Path, data: SplitData) -> Path:
+    """Freeze the split a run works on, so every step (and the report) sees the same images even
+    while another process ingests more."""
+    write_json(path, {"labels": data.labels, "train": data.train, "val": data.val, "test": data.test})
+    return path
+
+
+def load_snapshot(path: Path) -> SplitData:
+    raw = json.loads(Path(path).read_text())
+    return SplitData(raw["labels"], *([tuple(r) for r in raw[k]] for k in ("train", "val", "test")))

@@ -36,7 +36,7 @@ class Settings:
     # ingest
     labels: tuple[str, ...] = ()  # allowed labels after normalisation; empty = any well-formed name
     negative_label: str = "normal"  # the non-disease class (binary threshold, guardrails)
-    patient_regex: str = DEFAULT_PATIENT_REGEX  # group 1 of a match on the file name = patient id
+    patient_regex: str = DEFAULT_PATIENT_REGEX  # group 1 of a match on the file name = patient id; "" = off
     patient_salt: str | None = None  # salt for hashing DICOM PatientID; None = per-home salt file
     min_image_side: int = 64  # pixels; smaller images are rejected as too_small
     max_pixels: int = 178_956_970  # width*height above this is a decompression bomb (PIL's default)
@@ -60,7 +60,7 @@ class Settings:
     embed_memory_mb: int = 2048  # cap on memory held by decoded batches while embedding
 
     # head training
-    head_hidden: tuple[int, ...] = (512,)  # hidden layer widths; () = linear head
+    head_hidden: tuple[int, ...] = (512,)  # hidden layer widths; XRAY_HEAD_HIDDEN=none gives a linear head
     head_dropout: float = 0.2
     epochs: int = 20
     batch_size: int = 32
@@ -133,6 +133,8 @@ def _floats(name: str, raw: str) -> tuple[float, ...]:
 
 
 def _ints(name: str, raw: str) -> tuple[int, ...]:
+    if raw.strip().lower() in ("none", "linear"):
+        return ()
     try:
         return tuple(int(p) for p in raw.split(",") if p.strip())
     except ValueError:
@@ -186,6 +188,10 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "guardrail_sensitivity_drop": ("XRAY_GUARDRAIL_SENSITIVITY_DROP", _float),
 }
 
+# Settings whose empty value means something rather than "unset": XRAY_PATIENT_REGEX="" turns
+# patient ids from file names off (each image without another id is then its own patient).
+_EMPTY_IS_A_VALUE = frozenset({"patient_regex"})
+
 ENV_VARS: tuple[str, ...] = (
     "XRAY_HOME",
     "XRAY_DATABASE_URL",
@@ -203,7 +209,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     values: dict[str, Any] = {}
     for name, (var, parse) in _FIELDS.items():
         raw = env.get(var)
-        if raw is not None and raw != "":
+        if raw is not None and (raw != "" or name in _EMPTY_IS_A_VALUE):
             values[name] = parse(var, raw)
     settings = Settings(
         home=home,

@@ -1,0 +1,32 @@
+"""The ingest flow: one folder or manifest into the catalogue, with a summary artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import progress_reporter, transient_io
+from xray_core.ingest import ingest_source
+from xray_core.render import render_ingest
+from xray_core.settings import get_settings
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_io, cache_policy=NO_CACHE)
+def ingest_task(path: str, manifest: str | None = None) -> dict[str, Any]:
+    """Ingest one source; bad files are quarantined, never fatal."""
+    progress = progress_reporter("ingest-progress", f"ingest {manifest or path}")
+    return ingest_source(Path(path), manifest=Path(manifest) if manifest else None, settings=get_settings(),
+                         progress=progress).as_dict()
+
+
+@flow(name="ingest")
+def ingest(path: str, manifest: str | None = None) -> dict[str, Any]:
+    """Ingest ``path`` (``<root>/<label>/<image>``), or the manifest CSV ``manifest`` (paths relative to it)."""
+    summary = ingest_task(path, manifest)
+    create_markdown_artifact(markdown=f"```\n{render_ingest(summary)}\n```", key="ingest-summary",
+                             description="what the last ingest added, skipped and quarantined")
+    return summary

@@ -1,0 +1,38 @@
+"""The predict flow: a folder of films → a CSV of predictions from the champion (or a given version)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import progress_reporter
+from xray_core.predict import predict_folder
+from xray_core.settings import get_settings
+
+
+@task(cache_policy=NO_CACHE)
+def predict_task(path: str, out: str | None, manifest: str | None, version: int | None) -> dict[str, Any]:
+    """Predict every file below ``path`` and write the CSV."""
+    progress = progress_reporter("predict-progress", f"predict {path}")
+    return predict_folder(get_settings(), Path(path), out=Path(out) if out else None,
+                          manifest=Path(manifest) if manifest else None, version=version, progress=progress)
+
+
+@flow(name="predict")
+def predict(path: str, out: str | None = None, manifest: str | None = None, version: int | None = None) -> dict[str, Any]:
+    """Predict a folder; ``out`` defaults to XRAY_HOME/predictions/<folder name>.csv."""
+    if out is None:
+        out = str(get_settings().home / "predictions" / f"{Path(path).name or 'batch'}.csv")
+    result = predict_task(path, out, manifest, version)
+    rows = result.pop("rows")
+    create_table_artifact(table=rows[:200], key="predictions", description=f"first 200 rows of {out}")
+    create_markdown_artifact(
+        markdown=(f"Model v{result['model_version']} predicted {result['predicted']} of {result['files']} files "
+                  f"({result['rejected']} unreadable, listed with reasons). CSV: `{out}`"
+                  + ("\n\n> backbone is random-init (offline mode)" if result["backbone_random_init"] else "")),
+        key="predict-summary", description="batch prediction summary")
+    return result
