@@ -29,8 +29,8 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.catalogue import open_catalogue, patient_salt
-from xray_core.errors import ImageRejected, ManifestError, SourceError
-from xray_core.fsutil import atomic_write_bytes, sha256_bytes
+from xray_core.errors import ImageRejected, ManifestError, SettingsError, SourceError
+from xray_core.fsutil import atomic_copy, atomic_write_bytes, sha256_bytes
 from xray_core.labels import check_label
 from xray_core.settings import Settings
 from xray_core.split import assign_splits
@@ -41,6 +41,9 @@ ROOT_METADATA_SUFFIXES = {".csv", ".md", ".txt", ".json", ".yaml", ".yml", ".pdf
 MANIFEST_REQUIRED = ("file", "label")
 GROUP_SIZE = 32  # files prepared outside a transaction, then written in one short transaction
 STORE_EXT = {"png": "png", "jpeg": "jpg", "dicom": "dcm"}
+# Rejections that say nothing about the file's bytes (e.g. permissions): not remembered as "seen",
+# so the next ingest tries again even though size and mtime are unchanged (chmod leaves mtime alone).
+TRANSIENT_REASONS = {"unreadable_file"}
 
 Progress = Callable[[int, int], None]
 
@@ -146,7 +149,11 @@ def scan_folder(root: Path) -> Iterator[Candidate]:
 def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, str]]:
     fh = open(manifest, newline="", encoding="utf-8-sig", errors="strict")
     reader = csv.DictReader(fh)
-    header = reader.fieldnames or []
+    try:
+        header = reader.fieldnames or []
+    except BaseException:  # a header that is not UTF-8 or not CSV: the caller reports it
+        fh.close()
+        raise
     columns = {h.strip().lower(): h for h in header if h is not None}
     missing = [c for c in MANIFEST_REQUIRED if c not in columns]
     if missing:
@@ -221,6 +228,22 @@ def _patient_from_filename(name: str, regex: re.Pattern[str] | None) -> str | No
     return match.group(1) if match.groups() else match.group(0)
 
 
+def _rules_key(settings: Settings) -> str:
+    """The settings a rejection depends on. Stored with a rejected file's seen-row, so that changing
+    them (e.g. adding a label to XRAY_LABELS, raising XRAY_MAX_PIXELS) re-evaluates the files they
+    rejected instead of skipping them as unchanged forever."""
+    return (f"labels={','.join(settings.labels)};min_side={settings.min_image_side};"
+            f"max_pixels={settings.max_pixels};max_bytes={settings.max_file_bytes}")
+
+
+def _unchanged(prev: tuple[int, int, str] | None, size: int, mtime_ns: int, context: str, rules: str) -> bool:
+    """Whether a file's last verdict still holds: same size and mtime (-1, -1: still missing) and the
+    same label/patient context; a rejection also needs the same rules (see :func:`_rules_key`)."""
+    if prev is None or prev[:2] != (size, mtime_ns):
+        return False
+    return prev[2] in (context, f"{context}|{rules}")
+
+
 def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.Pattern[str] | None,
              known_sha: Callable[[str], str | None], salt: Callable[[], str]) -> _Prepared:
     from xray_core.images import decode_image
@@ -279,11 +302,19 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
 
 
 def _quarantine(settings: Settings, prep: _Prepared) -> str | None:
-    if prep.data is None:
+    """Copy a rejected file's bytes under quarantine/; None when it was never read (missing, outside
+    the root, too large, or beside the label folders)."""
+    if prep.data is None and prep.stored_rel is None:
         return None
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", prep.cand.path.name)[-100:] or "file"
     rel = f"quarantine/{(prep.sha256 or 'unread')[:16]}-{uuid.uuid4().hex[:8]}-{safe}"
-    atomic_write_bytes(settings.home / rel, prep.data)
+    if prep.data is not None:
+        atomic_write_bytes(settings.home / rel, prep.data)
+    else:
+        # Decoded fine, then found in conflict under the write lock (the same bytes with another
+        # label earlier in this batch, or from a concurrent ingest): _prepare dropped the bytes but
+        # stored them, and the store file holds exactly the same bytes.
+        atomic_copy(settings.home / prep.stored_rel, settings.home / rel)
     return rel
 
 
@@ -306,7 +337,12 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         listed = list(scan_folder(path))
         total, candidates, kind = len(listed), iter(listed), "folder"
     kind = source_kind or kind
-    regex = re.compile(settings.patient_regex) if settings.patient_regex else None
+    try:
+        regex = re.compile(settings.patient_regex) if settings.patient_regex else None
+    except re.error as exc:
+        raise SettingsError(f"XRAY_PATIENT_REGEX={settings.patient_regex!r} is not a valid regular expression "
+                            f"({exc}); use e.g. ^(person\\d+) or an empty value for none") from None
+    rules = _rules_key(settings)
     engine = open_catalogue(settings)
 
     with session_scope(engine) as s:
@@ -314,9 +350,11 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         s.add(source)
         s.flush()
         source_id = source.id
-        seen = {row.path: row for row in s.scalars(select(SeenFile).where(
-            SeenFile.path.like(f"{_like_prefix(manifest.parent if manifest else path)}%", escape="\\")))}
-        seen = {k: (v.size, v.mtime_ns, v.label_key) for k, v in seen.items()}
+        # One query for every path under the source root; a manifest's absolute or ../ rows that
+        # leave it are looked up one by one below (they are rare and always rejected).
+        seen_root = str(manifest.parent if manifest else path).rstrip("/") + "/"
+        seen = {v.path: (v.size, v.mtime_ns, v.label_key) for v in s.scalars(select(SeenFile).where(
+            SeenFile.path.like(f"{_like_prefix(Path(seen_root))}%", escape="\\")))}
 
     summary = IngestSummary(source_id, str(path), str(manifest) if manifest else None)
     salt_cache: list[str] = []
@@ -330,6 +368,13 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         with session_scope(engine) as s:
             return s.scalar(select(Image.label).where(Image.sha256 == sha))
 
+    def seen_before(key: str) -> tuple[int, int, str] | None:
+        if key.startswith(seen_root):
+            return seen.get(key)
+        with session_scope(engine) as s:
+            row = s.get(SeenFile, key)
+            return (row.size, row.mtime_ns, row.label_key) if row is not None else None
+
     try:
         group: list[_Prepared] = []
         done = 0
@@ -340,21 +385,22 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
                 st = cand.path.lstat() if cand.problem else cand.path.stat()
             except OSError:
                 st = None
-            if st is not None and seen.get(key) == (st.st_size, st.st_mtime_ns, cand.context_key):
-                summary.skipped_unchanged += 1
+            size, mtime_ns = (st.st_size, st.st_mtime_ns) if st is not None else (-1, -1)
+            if _unchanged(seen_before(key), size, mtime_ns, cand.context_key, rules):
+                summary.skipped_unchanged += 1  # also a file that was missing and still is
             elif st is None:
                 group.append(_Prepared(cand, -1, -1, reject=cand.problem or (
                     "missing_file", "the file vanished or cannot be opened")))
             else:
                 group.append(_prepare(cand, st, settings, regex, known_sha, salt))
             if len(group) >= GROUP_SIZE:
-                _write_group(engine, settings, source_id, group, summary)
+                _write_group(engine, settings, source_id, group, summary, rules)
                 group = []
             done += 1
             if progress:
                 progress(done, total)
         if group:
-            _write_group(engine, settings, source_id, group, summary)
+            _write_group(engine, settings, source_id, group, summary, rules)
         with session_scope(engine) as s:
             summary.split_assignments = assign_splits(s, ratios=settings.split_ratios, seed=settings.split_seed)
             summary.seconds = round(time.perf_counter() - start, 3)
@@ -376,7 +422,7 @@ def _like_prefix(root: Path) -> str:
 
 
 def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepared],  # noqa: ANN001
-                 summary: IngestSummary) -> None:
+                 summary: IngestSummary, rules: str) -> None:
     """One write transaction for a group of prepared files; sha256 re-checked under the lock."""
     quarantined: dict[int, str | None] = {}
     with session_scope(engine) as s:
@@ -412,9 +458,11 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepar
                     quarantined[i] = _quarantine(settings, prep)
                 s.add(Rejection(source_id=source_id, path=str(prep.cand.path), sha256=prep.sha256,
                                 reason=reject[0], detail=reject[1], quarantine_path=quarantined[i]))
-            if prep.size >= 0:
+            if reject is None or reject[0] not in TRANSIENT_REASONS:
+                # size -1 / mtime -1: missing; skipped next time unless the file has appeared.
+                context = prep.cand.context_key if reject is None else f"{prep.cand.context_key}|{rules}"
                 s.merge(SeenFile(path=str(prep.cand.path), size=prep.size, mtime_ns=prep.mtime_ns,
-                                 label_key=prep.cand.context_key, sha256=prep.sha256, outcome=outcome,
+                                 label_key=context, sha256=prep.sha256, outcome=outcome,
                                  updated_at=datetime.now(timezone.utc)))
             prep.data = None
             if outcome == "added":
