@@ -36,3 +36,23 @@ bench: $(STAMP)
 
 clean:
 	rm -rf var .pytest_cache .hypothesis
+
+# A local Prefect server on 127.0.0.1:4200 (SQLite under var/prefect), the process pool with a
+# one-at-a-time retrain queue, every deployment in prefect.yaml, and a worker. `make stop` ends them.
+serve: $(STAMP)
+	mkdir -p var/prefect
+	$(SERVE_ENV) nohup $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 > var/prefect/server.log 2>&1 & echo $$! > var/prefect/server.pid
+	$(SERVE_ENV) $(PY) -m flows.serve wait-for-server
+	$(SERVE_ENV) $(VENV)/bin/prefect work-pool create xray-process --type process --overwrite
+	$(SERVE_ENV) $(VENV)/bin/prefect work-queue create retrain --pool xray-process --limit 1 || \
+		$(SERVE_ENV) $(VENV)/bin/prefect work-queue set-concurrency-limit retrain 1 --pool xray-process
+	$(SERVE_ENV) XRAY_PROJECT_DIR=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
+	$(SERVE_ENV) XRAY_PROJECT_DIR=$(CURDIR) nohup $(VENV)/bin/prefect worker start --pool xray-process > var/prefect/worker.log 2>&1 & echo $$! > var/prefect/worker.pid
+	@echo "Prefect UI: http://127.0.0.1:4200  (export PREFECT_API_URL=http://127.0.0.1:4200/api to use it from this shell)"
+
+stop:
+	@for name in worker server; do \
+		f=var/prefect/$$name.pid; test -f $$f || continue; pid=$$(cat $$f); \
+		kill $$pid 2>/dev/null; for i in $$(seq 20); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
+		kill -9 $$pid 2>/dev/null; rm -f $$f; echo "stopped prefect $$name ($$pid)"; \
+	done
