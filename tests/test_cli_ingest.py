@@ -1,6 +1,6 @@
 """`xray ingest` and `xray status` as a user runs them: JSON output, exit codes, messages.
 
-The CLI runs in-process (``xray_core.cli.main``) with captured stdout/stderr; settings come from the
+The CLI runs in-process (``xray_cli.main.main``) with captured stdout/stderr; settings come from the
 environment set by the ``xray_env`` fixture, as they would for the console script.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from db.schema import SPLITS
-from xray_core.cli import main
+from xray_cli.main import main
 from xray_core.settings import reset_settings
 from xray_core.synthetic import write_dataset
 

@@ -25,7 +25,7 @@ from conftest import TEST_ENV
 from db import dispose_engines, session_scope
 from db.schema import SPLITS, Image, Patient, Rejection, SeenFile, Source
 from xray_core.catalogue import catalogue_summary, open_catalogue
-from xray_core.cli import main
+from xray_cli.main import main
 from xray_core.errors import ManifestError
 from xray_core.fsutil import sha256_file
 from xray_core.images import load_grayscale

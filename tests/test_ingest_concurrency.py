@@ -26,7 +26,7 @@ from xray_core.synthetic import write_dataset
 RUNNER = """
 import os, pathlib, sys, time
 import xray_core.ingest, xray_core.render
-from xray_core.cli import main
+from xray_cli.main import main
 go = pathlib.Path(sys.argv[1])
 (go.parent / f"ready.{os.getpid()}").touch()
 deadline = time.monotonic() + 60

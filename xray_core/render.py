@@ -119,3 +119,16 @@ def render_retrain(r: dict[str, Any]) -> str:
     if r.get("report"):
         out.append(f"report: {r['report']}")
     return "\n".join(out)
+
+
+def render_predict(r: dict[str, Any]) -> str:
+    out = [f"model v{r['model_version']} (labels {', '.join(r['labels'])}, threshold {r['threshold']}): "
+           f"{r['predicted']} predicted, {r['rejected']} unreadable of {r['files']} files"]
+    if r.get("backbone_random_init"):
+        out.append("note: the backbone is random-init (offline mode)")
+    if r.get("out"):
+        out.append(f"CSV: {r['out']}")
+    for row in r.get("rows", []):
+        probs = ", ".join(f"{k[2:]} {v}" for k, v in row.items() if k.startswith("p_") and v != "")
+        out.append(f"  {row['file']}: {row['predicted_label'] or row['error']}" + (f" ({probs})" if probs else ""))
+    return "\n".join(out)

@@ -51,13 +51,46 @@ def _progress_bar(enabled: bool, label: str) -> Callable[[int, int], None] | Non
 # --------------------------------------------------------------------------- commands
 
 
+def _use_flow() -> bool:
+    """Run as a Prefect flow when a Prefect server is configured, so the run shows in the UI."""
+    return bool(os.environ.get("PREFECT_API_URL"))
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from xray_core.ingest import ingest_source
     from xray_core.render import render_ingest
 
-    summary = ingest_source(Path(args.path), manifest=Path(args.manifest) if args.manifest else None,
-                            settings=get_settings(), progress=_progress_bar(True, "ingest"))
-    _emit(summary.as_dict(), args.json, render_ingest)
+    manifest = str(Path(args.manifest).absolute()) if args.manifest else None
+    if _use_flow():
+        from flows.ingest import ingest
+
+        summary = ingest(str(Path(args.path).absolute()), manifest)
+    else:
+        from xray_core.ingest import ingest_source
+
+        summary = ingest_source(Path(args.path), manifest=Path(manifest) if manifest else None,
+                                settings=get_settings(), progress=_progress_bar(True, "ingest")).as_dict()
+    _emit(summary, args.json, render_ingest)
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from xray_core.render import render_predict
+
+    out = str(Path(args.out).absolute()) if args.out else None
+    manifest = str(Path(args.manifest).absolute()) if args.manifest else None
+    if _use_flow():
+        from flows.predict import predict
+
+        result = predict(str(Path(args.path).absolute()), out=out, manifest=manifest, version=args.version)
+    else:
+        from xray_core.predict import predict_folder
+
+        result = predict_folder(get_settings(), Path(args.path), out=Path(out) if out else None,
+                                manifest=Path(manifest) if manifest else None, version=args.version,
+                                progress=_progress_bar(True, "predict"))
+    if out is not None:
+        result.pop("rows", None)
+    _emit(result, args.json, render_predict)
     return EXIT_OK
 
 
@@ -149,6 +182,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "models": (cmd_models, "versions, status and key metrics; --history for the audit trail; show N for lineage"),
     "promote": (cmd_promote, "make a version the champion by hand (audited)"),
     "rollback": (cmd_rollback, "return to the previous champion (audited)"),
+    "predict": (cmd_predict, "predict a folder or manifest with the champion (or --version N); CSV out"),
     "demo": (cmd_demo, "two arriving batches: first champion, then a challenger decision"),
 }
 
@@ -175,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True)
     p = sub.add_parser("rollback", help=COMMANDS["rollback"][1])
     p.add_argument("--reason", required=True)
+    p = sub.add_parser("predict", help=COMMANDS["predict"][1])
+    p.add_argument("path", help="folder of images (any layout; a first-level folder name is taken as the true label)")
+    p.add_argument("--out", help="CSV to write (without it, rows are printed)")
+    p.add_argument("--manifest", help="CSV with file[,label] rows relative to it")
+    p.add_argument("--version", type=int, help="model version (default: the champion)")
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--sample", help="real sample folder with manifest.csv; synthetic images when absent")
     p.add_argument("--fresh", action="store_true", help="delete XRAY_HOME first (the Makefile's demo home only)")
