@@ -20,7 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from xray_core.errors import NotEnoughDataError
+from xray_core.errors import NotEnoughDataError, XrayError
+
+
+class TrainingDivergedError(XrayError):
+    """Training produced no usable weights: the validation loss was never finite."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,10 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
         raise NotEnoughDataError("no validation images: the val split is empty; ingest more patients")
     torch_threads_before = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        # The CPU generator only: torch.manual_seed would also reseed every CUDA device's global
+        # generator (lazily, even before CUDA is initialised), which fork_rng(devices=[]) does not
+        # restore. The head trains on the CPU, so the CPU generator is all it draws from.
+        torch.default_generator.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         head = build_head(train_x.shape[-1], n_classes, hidden=config.hidden, dropout=config.dropout)
         weights = class_weights(train_y, n_classes)
@@ -143,7 +150,11 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
                 if stale >= config.patience:
                     break
     torch.set_num_threads(torch_threads_before)
-    assert best_state is not None
+    if best_state is None:  # every epoch's val loss was NaN/inf: nothing worth keeping
+        raise TrainingDivergedError(
+            f"training diverged: the validation loss was not finite in any of {epoch} epoch(s) "
+            f"(last {history[-1]['val_loss']}); check the features for NaN/inf or lower "
+            f"XRAY_LEARNING_RATE (now {config.learning_rate})")
     return TrainResult(state_dict=best_state, best_epoch=best_epoch, epochs_run=epoch, history=history)
 
 
