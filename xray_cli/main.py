@@ -78,16 +78,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     out = str(Path(args.out).absolute()) if args.out else None
     manifest = str(Path(args.manifest).absolute()) if args.manifest else None
+    heatmaps = str(Path(args.heatmaps).absolute()) if args.heatmaps else None
     if _use_flow():
         from flows.predict import predict
 
-        result = predict(str(Path(args.path).absolute()), out=out, manifest=manifest, version=args.version)
+        result = predict(str(Path(args.path).absolute()), out=out, manifest=manifest, version=args.version,
+                         heatmaps=heatmaps)
     else:
         from xray_core.predict import predict_folder
 
         result = predict_folder(get_settings(), Path(args.path), out=Path(out) if out else None,
                                 manifest=Path(manifest) if manifest else None, version=args.version,
-                                progress=_progress_bar(True, "predict"))
+                                progress=_progress_bar(True, "predict"),
+                                heatmaps=Path(heatmaps) if heatmaps else None)
     if out is not None:
         result.pop("rows", None)
     _emit(result, args.json, render_predict)
@@ -146,8 +149,16 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from flows.retrain import retrain
     from xray_core.render import render_retrain
+
+    if args.local:
+        from xray_core.retrain import run_cycle
+
+        result = run_cycle(get_settings(), sources=args.source or [], manifests=args.manifest or [],
+                           trigger="cli", wait_seconds=args.wait)
+        _emit(result, args.json, render_retrain)
+        return EXIT_OK
+    from flows.retrain import retrain
 
     result = retrain(sources=args.source or [], manifests=args.manifest or [], trigger="cli",
                      use_incoming=not args.no_incoming, wait_seconds=args.wait)
@@ -200,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", action="append", help="manifest CSV to ingest first (repeatable)")
     p.add_argument("--no-incoming", action="store_true", help="do not scan XRAY_INCOMING")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a running retrain (default 0)")
+    p.add_argument("--local", action="store_true", help="run the same steps without Prefect (no server, no artifacts)")
     p = sub.add_parser("models", help=COMMANDS["models"][1])
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     p.add_argument("version", nargs="?", type=int)
@@ -214,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="CSV to write (without it, rows are printed)")
     p.add_argument("--manifest", help="CSV with file[,label] rows relative to it")
     p.add_argument("--version", type=int, help="model version (default: the champion)")
+    p.add_argument("--heatmaps", metavar="DIR",
+                   help="write a Grad-CAM overlay PNG per predicted image into DIR (see README: limits)")
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--sample", help="real sample folder with manifest.csv; synthetic images when absent")
     p.add_argument("--fresh", action="store_true", help="delete XRAY_HOME first (the Makefile's demo home only)")

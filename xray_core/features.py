@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from xray_core.backbone import FEATURE_DIM, Backbone, fingerprint
 from xray_core.errors import XrayError
+from xray_core.faults import crash_point
 from xray_core.fsutil import atomic_write_bytes, sha256_bytes
 
 # Peak inference memory of densenet161 per view, as a multiple of the input tensor's size
@@ -195,7 +196,10 @@ class FeatureCache:
             arr = np.ascontiguousarray(merged[view], dtype=np.float16)
             tensors[f"v{view}"] = arr
             meta[f"sha256_{view}"] = sha256_bytes(arr.tobytes())
-        atomic_write_bytes(self.path_for(sha256), st_save(tensors, metadata=meta))
+        # No fsync: every read re-checks each view's sha256, so a file a power cut left incomplete is
+        # detected and recomputed; the rename still keeps readers from ever seeing a partial file.
+        atomic_write_bytes(self.path_for(sha256), st_save(tensors, metadata=meta), durable=False)
+        crash_point("features.file_written")
 
     # -- public API -----------------------------------------------------------------------------
 

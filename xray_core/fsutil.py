@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from xray_core.faults import crash_point
+
 CHUNK = 1024 * 1024
 
 
@@ -24,8 +26,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename + dir fsync)."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename + dir fsync).
+
+    ``durable=False`` skips both fsyncs: still atomic for readers and against a killed process, but a
+    power cut may leave an empty or partial file under the final name. Only for files whose content
+    is verified on every read (the feature cache keeps a sha256 per view).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,13 +40,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
+        crash_point("fsutil.tmp_written")
         os.replace(tmp, path)
     except BaseException:
         with _suppress_oserror():
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def atomic_copy(src: Path, dst: Path) -> None:

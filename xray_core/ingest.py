@@ -29,6 +29,7 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.catalogue import open_catalogue, patient_salt
+from xray_core.faults import crash_point
 from xray_core.errors import ImageRejected, ManifestError, SettingsError, SourceError
 from xray_core.fsutil import atomic_copy, atomic_write_bytes, sha256_bytes
 from xray_core.labels import check_label
@@ -293,6 +294,7 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
     target = settings.home / prep.stored_rel
     if not (target.exists() and target.stat().st_size == len(data)):
         atomic_write_bytes(target, data)
+        crash_point("ingest.store_written")
     prep.meta = {
         "width": decoded.width, "height": decoded.height, "bit_depth": decoded.bit_depth,
         "format": decoded.format, "phash": perceptual_hash(decoded.pixels),
@@ -401,6 +403,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
                 progress(done, total)
         if group:
             _write_group(engine, settings, source_id, group, summary, rules)
+        crash_point("ingest.before_splits")
         with session_scope(engine) as s:
             summary.split_assignments = assign_splits(s, ratios=settings.split_ratios, seed=settings.split_seed)
             summary.seconds = round(time.perf_counter() - start, 3)
@@ -473,3 +476,5 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepar
             else:
                 summary.rejected += 1
                 summary.rejected_by_reason[reject[0]] = summary.rejected_by_reason.get(reject[0], 0) + 1
+        crash_point("ingest.group_before_commit")
+    crash_point("ingest.group_committed")

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from db import session_scope
 from db.schema import Model, ModelImage, Promotion
 from xray_core.catalogue import open_catalogue
+from xray_core.faults import crash_point
 from xray_core.errors import CheckpointError, UsageError
 from xray_core.fsutil import atomic_write_bytes, fsync_dir, sha256_file
 from xray_core.settings import Settings
@@ -85,6 +86,7 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
     atomic_write_bytes(staging / "card.json", card_bytes)
     head_sha, card_sha = sha256_file(staging / "head.safetensors"), sha256_file(staging / "card.json")
     load_file(staging / "head.safetensors")  # verify it parses before anything names it
+    crash_point("registry.staged")
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         model = Model(status="candidate", checkpoint_dir="", checkpoint_sha256=head_sha, card_sha256=card_sha,
@@ -101,12 +103,14 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
             os.replace(final, aside)
         os.replace(staging, final)
         fsync_dir(settings.models_dir)
+        crash_point("registry.renamed_before_commit")
         model.checkpoint_dir = f"models/{model.id}"
         s.add_all([ModelImage(model_id=model.id, image_id=i, role="train") for i in train_image_ids])
         s.add_all([ModelImage(model_id=model.id, image_id=i, role="val") for i in val_image_ids])
         if fail_before_commit:
             raise RuntimeError("injected failure between checkpoint write and commit")
         version = model.id
+    crash_point("registry.saved")
     return version
 
 
@@ -181,7 +185,10 @@ def record_decision(settings: Settings, *, challenger: int | None, decision: str
                         metrics=metrics, trigger=trigger, actor=actor, flow_run_id=flow_run_id)
         s.add(row)
         s.flush()
-        return _promotion_dict(row)
+        crash_point("registry.decision_before_commit")
+        out = _promotion_dict(row)
+    crash_point("registry.decision_committed")
+    return out
 
 
 def _switch(s: Session, previous: int | None, new: int) -> None:

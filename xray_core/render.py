@@ -112,7 +112,7 @@ def render_train(r: dict[str, Any]) -> str:
 
 
 def render_retrain(r: dict[str, Any]) -> str:
-    out = [f"retrain {r.get('status')}: {r.get('summary', '')}"]
+    out = [f"retrain {r.get('status')}: {r.get('summary') or ('model v' + str(r.get('version')) + '; champion v' + str(r.get('champion_after')))}"]
     if r.get("decision"):
         out.append(f"decision: {r['decision']['decision']}")
         out.append(f"  {r['decision']['rationale']}")
@@ -128,6 +128,8 @@ def render_predict(r: dict[str, Any]) -> str:
         out.append("note: the backbone is random-init (offline mode)")
     if r.get("out"):
         out.append(f"CSV: {r['out']}")
+    if r.get("heatmaps"):
+        out.append(f"Grad-CAM overlays: {r['heatmaps']}")
     for row in r.get("rows", []):
         probs = ", ".join(f"{k[2:]} {v}" for k, v in row.items() if k.startswith("p_") and v != "")
         out.append(f"  {row['file']}: {row['predicted_label'] or row['error']}" + (f" ({probs})" if probs else ""))

@@ -22,6 +22,7 @@ import numpy as np
 from db import session_scope
 from db.schema import Evaluation
 from xray_core.catalogue import open_catalogue, split_image_rows
+from xray_core.faults import crash_point
 from xray_core.errors import CheckpointError, NotEnoughDataError, RetrainBusyError
 from xray_core.settings import Settings
 
@@ -396,3 +397,44 @@ def save_snapshot(path: Path, data: SplitData) -> Path:
 def load_snapshot(path: Path) -> SplitData:
     raw = json.loads(Path(path).read_text())
     return SplitData(raw["labels"], *([tuple(r) for r in raw[k]] for k in ("train", "val", "test")))
+
+
+def run_cycle(settings: Settings, *, sources: list[str] | tuple[str, ...] = (),
+              manifests: list[str] | tuple[str, ...] = (), trigger: str = "cli",
+              wait_seconds: float = 0.0) -> dict[str, Any]:
+    """One whole retrain without Prefect (``xray retrain --local``, crash tests): the flow's recipe.
+
+    The Prefect flow (``flows/retrain.py``) runs the same steps as tasks, with artifacts.
+    """
+    from xray_core.ingest import ingest_source
+    from xray_core.registry import record_decision
+
+    with retrain_lock(settings, wait_seconds=wait_seconds):
+        result: dict[str, Any] = {"trigger": trigger, "ingests": []}
+        version = None
+        try:
+            for src in sources:
+                result["ingests"].append(ingest_source(Path(src), settings=settings).as_dict())
+            for manifest in manifests:
+                result["ingests"].append(
+                    ingest_source(Path(manifest).parent, manifest=Path(manifest), settings=settings).as_dict())
+            data = load_split_data(settings)
+            result["embed"] = embed_step(settings, data)
+            trained = train_step(settings, data)
+            version = result["version"] = trained["version"]
+            crash_point("retrain.after_train")
+            challenger = evaluate_step(settings, version, data)
+            crash_point("retrain.after_evaluate")
+            champion_version = current_champion(settings)
+            champion = evaluate_step(settings, champion_version, data) if champion_version else None
+            decision = decide_step(settings, challenger, champion, data)
+            audit = promote_step(settings, challenger=version, decision=decision, trigger=trigger,
+                                 champion_eval=champion, challenger_eval=challenger)
+        except Exception as exc:
+            record_decision(settings, challenger=version, decision="failed", trigger=trigger, metrics={},
+                            rationale=f"run failed before a decision; champion unchanged. {type(exc).__name__}: {exc}")
+            raise
+        result.update(status="completed", decision={k: decision[k] for k in ("decision", "promote", "rationale")},
+                      champion_after=audit["champion_after"],
+                      challenger=_summary_metrics(challenger), champion=_summary_metrics(champion) if champion else None)
+        return result

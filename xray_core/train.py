@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xray_core.faults import crash_point
 from xray_core.errors import NotEnoughDataError, XrayError
 
 
@@ -140,6 +141,7 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
                                          batch_size=config.batch_size, generator=generator)
             val_loss = evaluate_loss(head, xv, yv, loss_fn=loss_fn)
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            crash_point("train.epoch")
             if progress:
                 progress(epoch, config.epochs, history[-1])
             if val_loss < best_loss - 1e-7:
