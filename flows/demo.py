@@ -88,7 +88,7 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
             out.write(f"champion   v{champ['version']}: test macro AUROC {champ['macro_auroc']:.3f}, balanced accuracy "
                       f"{champ['balanced_accuracy']:.3f} on the same {champ['n_images']} test images\n")
         out.write(f"decision: {result['decision']['decision']}\n  {result['decision']['rationale']}\n")
-        out.write(f"report: {result['report']}\n\n")
+        out.write(f"report: {result['report']} (open report.html beside it in a browser)\n\n")
     out.write(render_models(list_models(settings)) + "\n\n")
     status = status_report(settings)
     out.write(render_status(status).split("\nsettings:")[0] + "\n")

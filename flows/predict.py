@@ -15,24 +15,29 @@ from xray_core.settings import get_settings
 
 
 @task(cache_policy=NO_CACHE)
-def predict_task(path: str, out: str | None, manifest: str | None, version: int | None) -> dict[str, Any]:
-    """Predict every file below ``path`` and write the CSV."""
+def predict_task(path: str, out: str | None, manifest: str | None, version: int | None,
+                 heatmaps: str | None = None) -> dict[str, Any]:
+    """Predict every file below ``path`` and write the CSV (and Grad-CAM overlays to ``heatmaps``)."""
     progress = progress_reporter("predict-progress", f"predict {path}")
     return predict_folder(get_settings(), Path(path), out=Path(out) if out else None,
-                          manifest=Path(manifest) if manifest else None, version=version, progress=progress)
+                          manifest=Path(manifest) if manifest else None, version=version, progress=progress,
+                          heatmaps=Path(heatmaps) if heatmaps else None)
 
 
 @flow(name="predict")
-def predict(path: str, out: str | None = None, manifest: str | None = None, version: int | None = None) -> dict[str, Any]:
-    """Predict a folder; ``out`` defaults to XRAY_HOME/predictions/<folder name>.csv."""
+def predict(path: str, out: str | None = None, manifest: str | None = None, version: int | None = None,
+            heatmaps: str | None = None) -> dict[str, Any]:
+    """Predict a folder; ``out`` defaults to XRAY_HOME/predictions/<folder name>.csv; ``heatmaps``: a
+    folder for one Grad-CAM overlay PNG per predicted image (none when unset)."""
     if out is None:
         out = str(get_settings().home / "predictions" / f"{Path(path).name or 'batch'}.csv")
-    result = predict_task(path, out, manifest, version)
+    result = predict_task(path, out, manifest, version, heatmaps)
     rows = result.pop("rows")
     create_table_artifact(table=rows[:200], key="predictions", description=f"first 200 rows of {out}")
     create_markdown_artifact(
         markdown=(f"Model v{result['model_version']} predicted {result['predicted']} of {result['files']} files "
                   f"({result['rejected']} unreadable, listed with reasons). CSV: `{out}`"
+                  + (f"\n\nGrad-CAM overlays: `{heatmaps}`" if heatmaps else "")
                   + ("\n\n> backbone is random-init (offline mode)" if result["backbone_random_init"] else "")),
         key="predict-summary", description="batch prediction summary")
     return result

@@ -18,6 +18,7 @@ from flows.common import epoch_reporter, progress_reporter, transient_io
 from flows.ingest import ingest_task
 from xray_core import retrain as steps
 from xray_core.catalogue import catalogue_summary
+from xray_core.html_report import write_run_html
 from xray_core.registry import list_models, record_decision
 from xray_core.report import metrics_rows, registry_rows, retrain_markdown
 from xray_core.settings import Settings, get_settings
@@ -69,10 +70,11 @@ def promote_task(challenger: dict[str, Any], champion: dict[str, Any] | None, de
 
 @task(cache_policy=NO_CACHE)
 def report_task(result: dict[str, Any], run_dir: str) -> str:
-    """Write the report to disk and publish it, the metrics table and the registry as artifacts."""
+    """Write report.md and report.html to disk and publish the report, metrics and registry as artifacts."""
     settings = get_settings()
     path = Path(run_dir) / "report.md"
     result = {**result, "report_path": str(path)}
+    result["report_html"] = str(write_run_html(settings, result, Path(run_dir)))
     markdown = retrain_markdown(result)
     from xray_core.fsutil import atomic_write_bytes
 

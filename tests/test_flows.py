@@ -98,6 +98,12 @@ def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_p
     assert "model-registry" in arts
     assert "retrain-embedding" in arts or any(a.type == "progress" for v in arts.values() for a in v)
     assert Path(first["report"]).is_file()
+    html_report = Path(first["report"]).with_name("report.html")  # self-contained, linked from the artifact
+    from html.parser import HTMLParser
+
+    HTMLParser().feed(html_text := html_report.read_text())
+    assert 'id="roc"' in html_text and 'id="heatmaps"' in html_text and "data:image/png;base64," in html_text
+    assert str(html_report) in report
 
     second = retrain(sources=[str(_batch(tmp_path / "b2", offset=500, seed=2))], use_incoming=False, trigger="test")
     assert second["status"] == "completed"

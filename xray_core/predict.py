@@ -3,7 +3,8 @@
 Reads a folder (``<root>/<label>/<image>`` or any files below it) or a manifest; labels are optional.
 Writes one CSV row per file: sha256, predicted label, per-class probabilities, the threshold used,
 the model version and backbone fingerprint. Unreadable files get a row with their rejection reason;
-they never stop the batch. Features of images already in the cache are reused.
+they never stop the batch. Features of images already in the cache are reused. With ``heatmaps`` a
+Grad-CAM overlay PNG of the predicted class is written per predicted image (see ``heatmap.py``).
 """
 
 from __future__ import annotations
@@ -78,9 +79,20 @@ def _decoded(files: list[PredictFile], settings: Settings) -> Iterator[tuple[Pre
         yield f, sha, decoded.pixels, None
 
 
+def heatmap_name(rel: str) -> str:
+    """The overlay's file name for an input path: folders joined with ``__``, ending in ``.png``."""
+    flat = rel.replace("/", "__")
+    return flat if flat.lower().endswith(".png") else flat + ".png"
+
+
 def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, manifest: Path | None = None,
-                   version: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Predict every file; write the CSV to ``out`` (atomically) and return a summary with the rows."""
+                   version: int | None = None, progress: Progress | None = None,
+                   heatmaps: Path | None = None) -> dict[str, Any]:
+    """Predict every file; write the CSV to ``out`` (atomically) and return a summary with the rows.
+
+    ``heatmaps``: a folder for one Grad-CAM overlay PNG per predicted image (the predicted class's
+    map, with label, probability and model version drawn in); the CSV's ``heatmap`` column names it.
+    """
     import torch
 
     from xray_core.backbone import load_backbone
@@ -105,6 +117,24 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     files = list_files(Path(path), manifest)
     rows: list[dict[str, Any]] = []
     batch: list[tuple[PredictFile, str, Any]] = []
+    heatmap_names: set[str] = set()
+
+    def write_heatmaps(probs: np.ndarray, preds: np.ndarray) -> list[str]:
+        from xray_core.heatmap import gradcam_batch, heatmap_caption, overlay_png
+
+        cams = gradcam_batch(backbone, model.head, [px for _, _, px in batch],
+                             class_indices=[int(k) for k in preds], settings=settings)
+        paths = []
+        for (f, sha, px), cam, p, k in zip(batch, cams, probs, preds):
+            name = heatmap_name(f.rel)
+            if name in heatmap_names:  # e.g. "a/b.png" and "a__b.png": keep both
+                name = f"{name[:-4]}-{sha[:8]}.png"
+            heatmap_names.add(name)
+            target = Path(heatmaps) / name
+            caption = heatmap_caption(labels[int(k)], float(p[int(k)]), version)
+            atomic_write_bytes(target, overlay_png(px, cam, text=caption))
+            paths.append(str(target))
+        return paths
 
     def flush() -> None:
         if not batch:
@@ -118,17 +148,20 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         todo = [(f, sha, px) for f, sha, px in batch if sha not in cached]
         if todo:
             x = torch.stack([make_view(px, 0, sha, settings) for _, sha, px in todo])
-            feats = backbone.embed(x).numpy()
+            # Rounded through float16 like cached features, so an image gets the same probabilities
+            # whether its features came from the cache or were computed just now.
+            feats = backbone.embed(x).numpy().astype(np.float16).astype(np.float32)
             for (_, sha, _), feat in zip(todo, feats):
                 cached[sha] = feat
         feats = np.stack([cached[sha] for _, sha, _ in batch])
         probs = predict_proba(model.head, feats)
         preds = predict_labels(probs, threshold=threshold, positive_index=pos)
-        for (f, sha, _), p, k in zip(batch, probs, preds):
+        maps = write_heatmaps(probs, preds) if heatmaps is not None else [""] * len(batch)
+        for (f, sha, _), p, k, hm in zip(batch, probs, preds, maps):
             rows.append({"file": f.rel, "sha256": sha, "status": "ok", "error": "", "true_label": f.label or "",
                          "predicted_label": labels[int(k)], **{f"p_{lab}": round(float(v), 6) for lab, v in zip(labels, p)},
                          "threshold": "" if threshold is None else threshold, "model_version": version,
-                         "backbone_fingerprint": backbone.fingerprint})
+                         "backbone_fingerprint": backbone.fingerprint, "heatmap": hm})
         batch.clear()
 
     for i, (f, sha, pixels, error) in enumerate(_decoded(files, settings), start=1):
@@ -136,7 +169,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             rows.append({"file": f.rel, "sha256": sha or "", "status": "rejected", "error": error,
                          "true_label": f.label or "", "predicted_label": "",
                          **{f"p_{lab}": "" for lab in labels}, "threshold": "" if threshold is None else threshold,
-                         "model_version": version, "backbone_fingerprint": backbone.fingerprint})
+                         "model_version": version, "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
         else:
             batch.append((f, sha, pixels))
             if len(batch) >= settings.embed_batch_size:
@@ -146,7 +179,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     flush()
     rows.sort(key=lambda r: r["file"])
     columns = ["file", "sha256", "status", "error", "true_label", "predicted_label",
-               *[f"p_{lab}" for lab in labels], "threshold", "model_version", "backbone_fingerprint"]
+               *[f"p_{lab}" for lab in labels], "threshold", "model_version", "backbone_fingerprint", "heatmap"]
     if out is not None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns)
@@ -157,6 +190,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     ok = [r for r in rows if r["status"] == "ok"]
     return {"model_version": version, "labels": labels, "threshold": threshold, "files": len(rows),
             "predicted": len(ok), "rejected": len(rows) - len(ok), "out": str(out) if out else None,
+            "heatmaps": str(heatmaps) if heatmaps is not None else None,
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init,
             "rows": rows}
 

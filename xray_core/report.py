@@ -45,6 +45,27 @@ def metrics_rows(challenger: dict[str, Any] | None, champion: dict[str, Any] | N
     return rows
 
 
+def _key_numbers(result: dict[str, Any]) -> list[str]:
+    """One line each: the decision and both models' macro AUROC with intervals (the headline)."""
+    lines = []
+    dec = result.get("decision")
+    if dec:
+        lines.append(f"- Decision: **{dec['decision']}**" + (f"; champion after the run: v{result['champion_after']}"
+                                                             if result.get("champion_after") is not None else ""))
+    for name in ("challenger_eval", "champion_eval"):
+        ev = result.get(name)
+        if ev:
+            m = ev["metrics"]
+            iv = m.get("intervals", {})
+            lines.append(f"- {name.split('_')[0]} v{ev['version']}: macro AUROC "
+                         f"{_ci({'point': m.get('macro_auroc'), **iv.get('macro_auroc', {})})}, balanced accuracy "
+                         f"{_ci({'point': m.get('balanced_accuracy'), **iv.get('balanced_accuracy', {})})} "
+                         f"on {ev['n_images']} test images")
+    if result.get("status") == "failed":
+        lines.append("- Status: **failed** (champion unchanged)")
+    return ["", *lines] if lines else []
+
+
 def retrain_markdown(result: dict[str, Any]) -> str:
     """The human report of one retrain run."""
     out = [f"# Retrain run {result.get('run_name') or result.get('flow_run_id') or ''}".rstrip(), ""]
@@ -52,6 +73,10 @@ def retrain_markdown(result: dict[str, Any]) -> str:
         out += ["> **Warning: the backbone is random-init** (XRAY_BACKBONE_WEIGHTS=random). Offline/test mode: "
                 "metrics show the pipeline works, not that the model is fit for clinical use.", ""]
     out.append(f"Backbone: `{result.get('backbone_weights')}` fingerprint `{(result.get('backbone_fingerprint') or '')[:16]}`")
+    out += _key_numbers(result)
+    if result.get("report_html"):
+        out += ["", f"Full report with ROC curves, confusion matrices, calibration and Grad-CAM heatmaps: "
+                f"`{result['report_html']}` (self-contained HTML; open it in a browser)"]
     out += ["", "## Data", ""]
     ingests = result.get("ingests", [])
     if ingests:
