@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+PG_LOCK_KEY = 0x58524159  # "XRAY": the advisory lock every catalogue transaction takes on PostgreSQL
 
 _engines: dict[str, Engine] = {}
 _upgraded: set[str] = set()
@@ -40,6 +41,16 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _configure_postgresql(engine: Engine) -> None:
+    """Writers queue on PostgreSQL as they do on SQLite: each transaction first takes one
+    transaction-scoped advisory lock, so check-then-insert steps (ingest's sha256 check, the
+    champion switch) cannot interleave between processes. Released at commit or rollback."""
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
+
+
 def make_engine(url: str) -> Engine:
     """A new engine for ``url``; SQLite files get their folder created and the pragmas above."""
     parsed = make_url(url)
@@ -49,7 +60,10 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    if parsed.get_backend_name() == "postgresql":
+        _configure_postgresql(engine)
+    return engine
 
 
 def get_engine(url: str) -> Engine:
@@ -86,6 +100,20 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+    elif url.get_backend_name() == "postgresql":
+        # A session-level lock on a raw DB-API connection (outside SQLAlchemy's begin hook above).
+        raw = engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            cur.execute(f"SELECT pg_advisory_lock({PG_LOCK_KEY + 1})")
+            raw.commit()
+            try:
+                yield
+            finally:
+                cur.execute(f"SELECT pg_advisory_unlock({PG_LOCK_KEY + 1})")
+                raw.commit()
+        finally:
+            raw.close()
     else:
         yield
 

@@ -46,5 +46,10 @@ class NotEnoughDataError(UsageError):
     """The catalogue lacks the images a step needs (e.g. no validation images, one class only)."""
 
 
+class StorageFullError(XrayError):
+    """The disk (or the user's quota) is full: a file could not be written. The previous file, if
+    any, is left as it was; free space and run again."""
+
+
 class RetrainBusyError(XrayError):
     """Another retrain holds the retrain lock."""

@@ -7,12 +7,16 @@ a reader sees the old file or the complete new one, never a half-written one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from xray_core.errors import StorageFullError
 from xray_core.faults import crash_point
 
 CHUNK = 1024 * 1024
@@ -32,11 +36,15 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
     ``durable=False`` skips both fsyncs: still atomic for readers and against a killed process, but a
     power cut may leave an empty or partial file under the final name. Only for files whose content
     is verified on every read (the feature cache keeps a sha256 per view).
+
+    A full disk or quota (ENOSPC, EDQUOT) raises :class:`StorageFullError` naming the path and the
+    space needed and free; the temp file is removed and a previous file at ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -44,31 +52,93 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
                 os.fsync(fh.fileno())
         crash_point("fsutil.tmp_written")
         os.replace(tmp, path)
-    except BaseException:
-        with _suppress_oserror():
-            os.unlink(tmp)
+        tmp = None
+        if durable:
+            fsync_dir(path.parent)
+    except BaseException as exc:
+        _remove(tmp)
+        _raise_if_full(exc, path, len(data))
         raise
-    if durable:
-        fsync_dir(path.parent)
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` atomically, streaming (memory stays bounded for large files)."""
+    """Copy ``src`` to ``dst`` atomically, streaming (memory stays bounded for large files).
+
+    A full disk raises :class:`StorageFullError`, as :func:`atomic_write_bytes` does.
+    """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    tmp: str | None = None
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             while chunk := inp.read(CHUNK):
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, dst)
-    except BaseException:
+        tmp = None
+        fsync_dir(dst.parent)
+    except BaseException as exc:
+        _remove(tmp)
+        _raise_if_full(exc, dst, _size_or_none(src))
+        raise
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp is not None:
         with _suppress_oserror():
             os.unlink(tmp)
-        raise
-    fsync_dir(dst.parent)
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _raise_if_full(exc: BaseException, path: Path, needed: int | None) -> None:
+    """Turn ENOSPC/EDQUOT into a StorageFullError that says what, where and how much."""
+    if not (isinstance(exc, OSError) and exc.errno in FULL_ERRNOS):
+        return
+    free = "unknown"
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free:,}"
+    except OSError:
+        pass
+    what = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    need = f"{needed:,} bytes needed" if needed is not None else "size unknown"
+    raise StorageFullError(
+        f"{what} ({os.strerror(exc.errno)}) while writing {path}: {need}, {free} bytes free on that "
+        "file system. Nothing was half-written: the previous file (if any) is unchanged. Free some "
+        "space (or move XRAY_HOME) and run again."
+    ) from exc
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """A file name or path as text that any database, terminal and UTF-8 file accepts.
+
+    POSIX names are bytes: one that is not UTF-8 reaches Python with lone surrogates (``b'\\xff'`` ->
+    ``'\\udcff'``), which SQLite/PostgreSQL drivers and ``print`` refuse. Those bytes, and control
+    characters (newlines, terminal escapes), become visible ``\\xNN`` escapes. Valid names are
+    unchanged. Used for every path or name the catalogue stores, and as the key of the "seen files"
+    table, so the same file always maps to the same text.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no undecodable byte produced
+        raw = text.encode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", raw.decode("utf-8", "backslashreplace"))
 
 
 def sha256_bytes(data: bytes) -> str:

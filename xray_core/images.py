@@ -29,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from xray_core.errors import ImageRejected
+from xray_core.fsutil import printable
 from xray_core.settings import Settings
 
 SUPPORTED_FORMATS = ("png", "jpeg", "dicom")
@@ -319,7 +320,9 @@ def _decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> DecodedImag
         pixels = 1.0 - pixels  # MONOCHROME1: high values are black
     bits = ds.get("BitsStored") or ds.get("BitsAllocated") or 16
     patient_id = str(ds.get("PatientID", "") or "").strip() or None
-    view = str(ds.get("ViewPosition", "") or "").strip() or None
+    # ViewPosition is a DICOM code string (at most 16 characters); a hostile file may hold anything,
+    # and the catalogue's view column holds 32 (PostgreSQL would refuse more and fail the batch).
+    view = printable(str(ds.get("ViewPosition", "") or "").strip())[:16] or None
     return DecodedImage(
         pixels=pixels.astype(np.float32, copy=False),
         width=cols,

@@ -17,6 +17,7 @@ import csv
 import hashlib
 import os
 import re
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.catalogue import open_catalogue, patient_salt
 from xray_core.faults import crash_point
 from xray_core.errors import ImageRejected, ManifestError, SettingsError, SourceError
-from xray_core.fsutil import atomic_copy, atomic_write_bytes, sha256_bytes
+from xray_core.fsutil import atomic_copy, atomic_write_bytes, printable, sha256_bytes
 from xray_core.labels import check_label
 from xray_core.settings import Settings
 from xray_core.split import assign_splits
@@ -54,11 +55,16 @@ class Candidate:
     """A file the source names, with what the source says about it."""
 
     path: Path  # as listed (absolute), not resolved through links
-    rel: str  # name relative to the source root, for people
+    rel: str  # name relative to the source root, for people (printable)
     label: str  # raw label from the folder or manifest
     patient_id: str | None = None  # from the manifest
     view: str | None = None
     problem: tuple[str, str] | None = None  # (reason, detail) known before reading
+
+    @property
+    def key(self) -> str:
+        """The path as the catalogue stores it (printable: see :func:`~xray_core.fsutil.printable`)."""
+        return printable(str(self.path))
 
     @property
     def context_key(self) -> str:
@@ -117,6 +123,22 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+def _link_problem(link: Path, real_root: Path) -> tuple[str, str] | None:
+    """Why a symbolic link to a file cannot be used, or None when its target is inside the root.
+
+    A cyclic link resolves to nothing: it is reported, never followed (Python 3.11's ``resolve``
+    raises RuntimeError for a loop). A dangling link or one deeper than the OS follows (ELOOP) is
+    left to the caller's ``stat``, which records it as missing, so it is tried again once it works.
+    """
+    try:
+        target = link.resolve()
+    except (RuntimeError, OSError) as exc:
+        return ("missing_file", f"symbolic link loop ({getattr(exc, 'strerror', None) or exc}); not followed")
+    if not _inside(target, real_root):
+        return ("outside_root", f"symbolic link points outside the source folder ({printable(str(target))})")
+    return None
+
+
 def scan_folder(root: Path) -> Iterator[Candidate]:
     """Files under ``root/<label>/``; hidden files and folders skipped; links never followed out.
 
@@ -132,7 +154,7 @@ def scan_folder(root: Path) -> Iterator[Candidate]:
                 continue
             path = here / name
             rel_parts = path.relative_to(root).parts
-            rel = "/".join(rel_parts)
+            rel = printable("/".join(rel_parts))
             if len(rel_parts) < 2:
                 if path.suffix.lower() in ROOT_METADATA_SUFFIXES:
                     continue  # a manifest or README beside the label folders
@@ -141,10 +163,8 @@ def scan_folder(root: Path) -> Iterator[Candidate]:
                 continue
             problem = None
             if path.is_symlink():
-                target = path.resolve()
-                if not _inside(target, real_root):
-                    problem = ("outside_root", f"symbolic link points outside the source folder ({target})")
-            yield Candidate(path, rel, rel_parts[0], problem=problem)
+                problem = _link_problem(path, real_root)
+            yield Candidate(path, rel, printable(rel_parts[0]), problem=problem)
 
 
 def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, str]]:
@@ -191,6 +211,25 @@ def validate_manifest(manifest: Path) -> int:
         raise ManifestError(f"manifest {manifest} is not a valid CSV file: {exc}") from None
 
 
+def _manifest_path_problem(raw_file: str, listed: Path, root: Path, where: str) -> tuple[str, str] | None:
+    """Why a manifest's file cell cannot be used, or None. Never raises: a hostile cell (NUL byte,
+    a name longer than the OS allows, a link loop) is one rejected row, not a failed ingest."""
+    shown = printable(repr(raw_file)) if len(raw_file) <= 200 else printable(repr(raw_file[:200])) + "…"
+    if not raw_file:
+        return ("missing_file", f"{where} has an empty file cell")
+    if "\x00" in raw_file:
+        return ("missing_file", f"{where}: {shown} contains a NUL byte; it cannot name a file")
+    try:
+        if Path(raw_file).is_absolute() or not _inside(listed.resolve(), root):
+            return ("outside_root", f"{where}: {shown} points outside the manifest's folder "
+                                    f"{printable(str(root))}")
+        if not listed.is_file():
+            return ("missing_file", f"{where}: {shown} does not exist")
+    except (OSError, RuntimeError, ValueError) as exc:  # ENAMETOOLONG, ELOOP (RuntimeError on 3.11)
+        return ("missing_file", f"{where}: {shown} cannot be opened ({getattr(exc, 'strerror', None) or exc})")
+    return None
+
+
 def scan_manifest(manifest: Path) -> Iterator[Candidate]:
     """Rows of a (validated) manifest; paths are relative to the manifest's folder and must stay in it."""
     root = manifest.parent.resolve()
@@ -202,17 +241,14 @@ def scan_manifest(manifest: Path) -> Iterator[Candidate]:
             pid = (row.get(cols["patient_id"]) or "").strip() if "patient_id" in cols else ""
             view = (row.get(cols["view"]) or "").strip() if "view" in cols else ""
             listed = root / raw_file
-            problem = None
-            if not raw_file:
-                problem = ("missing_file", f"manifest line {reader.line_num} has an empty file cell")
-            elif Path(raw_file).is_absolute() or not _inside(listed.resolve(), root):
-                problem = ("outside_root",
-                           f"manifest line {reader.line_num}: {raw_file!r} points outside the manifest's folder {root}")
-            elif not listed.is_file():
-                problem = ("missing_file", f"manifest line {reader.line_num}: {raw_file!r} does not exist")
-            elif len(pid) > 128:
-                problem = ("bad_patient_id", f"manifest line {reader.line_num}: patient_id longer than 128 characters")
-            yield Candidate(listed, raw_file, label, patient_id=pid or None, view=view or None, problem=problem)
+            where = f"manifest line {reader.line_num}"
+            problem = _manifest_path_problem(raw_file, listed, root, where)
+            if problem is None and len(pid) > 128:
+                problem = ("bad_patient_id", f"{where}: patient_id longer than 128 characters")
+            elif problem is None and len(view) > 32:
+                problem = ("bad_view", f"{where}: view longer than 32 characters (e.g. PA, AP, LL)")
+            yield Candidate(listed, printable(raw_file), label, patient_id=printable(pid) or None,
+                            view=printable(view) or None, problem=problem)
     finally:
         fh.close()  # type: ignore[attr-defined]
 
@@ -252,6 +288,11 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
     prep = _Prepared(cand, st.st_size, st.st_mtime_ns)
     if cand.problem:
         prep.reject = cand.problem
+        return prep
+    if not stat.S_ISREG(st.st_mode):
+        # A named pipe would block the read forever; a device could stream without end.
+        prep.reject = ("not_an_image", "not a regular file (a named pipe, socket or device); "
+                                       "only image files are read")
         return prep
     if st.st_size > settings.max_file_bytes:
         prep.reject = ("file_too_large",
@@ -346,19 +387,24 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
                             f"({exc}); use e.g. ^(person\\d+) or an empty value for none") from None
     rules = _rules_key(settings)
     engine = open_catalogue(settings)
+    for private in ("store", "quarantine"):
+        # Originals keep every byte, DICOM patient identifiers included (see SECURITY.md): owner
+        # only when we create them; an existing folder's permissions are the administrator's choice.
+        (settings.home / private).mkdir(mode=0o700, exist_ok=True)
 
     with session_scope(engine) as s:
-        source = Source(kind=kind, path=str(path), manifest_path=str(manifest) if manifest else None)
+        source = Source(kind=kind, path=printable(str(path)),
+                        manifest_path=printable(str(manifest)) if manifest else None)
         s.add(source)
         s.flush()
         source_id = source.id
         # One query for every path under the source root; a manifest's absolute or ../ rows that
         # leave it are looked up one by one below (they are rare and always rejected).
-        seen_root = str(manifest.parent if manifest else path).rstrip("/") + "/"
+        seen_root = printable(str(manifest.parent if manifest else path)).rstrip("/") + "/"
         seen = {v.path: (v.size, v.mtime_ns, v.label_key) for v in s.scalars(select(SeenFile).where(
             SeenFile.path.like(f"{_like_prefix(Path(seen_root))}%", escape="\\")))}
 
-    summary = IngestSummary(source_id, str(path), str(manifest) if manifest else None)
+    summary = IngestSummary(source_id, printable(str(path)), printable(str(manifest)) if manifest else None)
     salt_cache: list[str] = []
 
     def salt() -> str:
@@ -382,17 +428,17 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         done = 0
         for cand in candidates:
             summary.files += 1
-            key = str(cand.path)
+            key = cand.key
+            stat_error = "the file vanished or cannot be opened"
             try:
                 st = cand.path.lstat() if cand.problem else cand.path.stat()
-            except OSError:
-                st = None
+            except (OSError, ValueError) as exc:  # missing; ELOOP (links deeper than the OS follows); NUL
+                st, stat_error = None, f"the file vanished or cannot be opened ({getattr(exc, 'strerror', None) or exc})"
             size, mtime_ns = (st.st_size, st.st_mtime_ns) if st is not None else (-1, -1)
             if _unchanged(seen_before(key), size, mtime_ns, cand.context_key, rules):
                 summary.skipped_unchanged += 1  # also a file that was missing and still is
             elif st is None:
-                group.append(_Prepared(cand, -1, -1, reject=cand.problem or (
-                    "missing_file", "the file vanished or cannot be opened")))
+                group.append(_Prepared(cand, -1, -1, reject=cand.problem or ("missing_file", stat_error)))
             else:
                 group.append(_prepare(cand, st, settings, regex, known_sha, salt))
             if len(group) >= GROUP_SIZE:
@@ -459,12 +505,12 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepar
             if reject is not None:
                 if i not in quarantined:
                     quarantined[i] = _quarantine(settings, prep)
-                s.add(Rejection(source_id=source_id, path=str(prep.cand.path), sha256=prep.sha256,
-                                reason=reject[0], detail=reject[1], quarantine_path=quarantined[i]))
+                s.add(Rejection(source_id=source_id, path=prep.cand.key, sha256=prep.sha256,
+                                reason=reject[0], detail=printable(reject[1]), quarantine_path=quarantined[i]))
             if reject is None or reject[0] not in TRANSIENT_REASONS:
                 # size -1 / mtime -1: missing; skipped next time unless the file has appeared.
                 context = prep.cand.context_key if reject is None else f"{prep.cand.context_key}|{rules}"
-                s.merge(SeenFile(path=str(prep.cand.path), size=prep.size, mtime_ns=prep.mtime_ns,
+                s.merge(SeenFile(path=prep.cand.key, size=prep.size, mtime_ns=prep.mtime_ns,
                                  label_key=context, sha256=prep.sha256, outcome=outcome,
                                  updated_at=datetime.now(timezone.utc)))
             prep.data = None

@@ -14,6 +14,11 @@ def normalise_label(raw: str) -> str:
     return re.sub(r"\s+", "_", raw.strip().lower())
 
 
+def is_safe_label(label: str) -> bool:
+    """Whether ``label`` is already a normal, safe label name (1-64 of a-z, 0-9, '_', '-')."""
+    return bool(_LABEL_RE.fullmatch(label))
+
+
 def check_label(raw: str, allowed: tuple[str, ...]) -> str:
     """Return the normalised label or raise ``ImageRejected('unknown_label', ...)``.
 
@@ -21,7 +26,7 @@ def check_label(raw: str, allowed: tuple[str, ...]) -> str:
     dict key); when ``allowed`` is not empty it must also be one of them.
     """
     label = normalise_label(raw)
-    if not _LABEL_RE.match(label):
+    if not _LABEL_RE.fullmatch(label):  # fullmatch: "$" alone would accept a trailing newline
         raise ImageRejected(
             "unknown_label",
             f"label {raw!r} is not allowed: use 1-64 characters of a-z, 0-9, '_' or '-'",

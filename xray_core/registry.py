@@ -14,6 +14,7 @@ Every load re-hashes the files against the sha256 stored in the catalogue. Nothi
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -33,6 +34,7 @@ from xray_core.catalogue import open_catalogue
 from xray_core.faults import crash_point
 from xray_core.errors import CheckpointError, UsageError
 from xray_core.fsutil import atomic_write_bytes, fsync_dir, sha256_file
+from xray_core.labels import is_safe_label
 from xray_core.settings import Settings
 from xray_core.train import load_head
 
@@ -55,22 +57,48 @@ class LoadedModel:
         return self.card.get("threshold")
 
 
+def _number(value: Any) -> bool:
+    """A finite int or float; bool is not a number here (JSON true would pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def validate_card(card: Any) -> dict[str, Any]:
-    """Check a model card's shape before trusting it (a schema in code: no extra dependency)."""
+    """Check a model card's shape before trusting it (a schema in code: no extra dependency).
+
+    Every field a loader or report reads is checked for its type and range, so a hand-edited or
+    foreign card fails here with CheckpointError naming the field, never later with a KeyError.
+    """
     required = {"schema": int, "labels": list, "input_size": int, "normalisation": dict,
                 "backbone_fingerprint": str, "backbone_weights": str, "head": dict,
                 "training_set_fingerprint": str}
     if not isinstance(card, dict):
         raise CheckpointError("card.json is not a JSON object")
     for key, typ in required.items():
-        if not isinstance(card.get(key), typ):
+        value = card.get(key)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise CheckpointError(f"card.json: field {key!r} missing or not a {typ.__name__}")
     if card["schema"] != CARD_SCHEMA_VERSION:
         raise CheckpointError(f"card.json schema {card['schema']} is not supported (expected {CARD_SCHEMA_VERSION})")
-    if len(card["labels"]) < 2 or not all(isinstance(x, str) for x in card["labels"]):
+    labels = card["labels"]
+    if len(labels) < 2 or not all(isinstance(x, str) for x in labels):
         raise CheckpointError("card.json: labels must be a list of at least two names")
-    if card.get("threshold") is not None and not 0.0 <= float(card["threshold"]) <= 1.0:
-        raise CheckpointError("card.json: threshold must be between 0 and 1")
+    if len(set(labels)) != len(labels) or not all(is_safe_label(x) for x in labels):
+        raise CheckpointError("card.json: labels must be distinct names of 1-64 characters a-z, 0-9, '_' or '-'")
+    threshold = card.get("threshold")
+    if threshold is not None and not (_number(threshold) and 0.0 <= threshold <= 1.0):
+        raise CheckpointError("card.json: threshold must be null or a number between 0 and 1")
+    if not _positive_int(card["input_size"]):
+        raise CheckpointError("card.json: input_size must be a positive integer (pixels)")
+    head = card["head"]
+    if not (_positive_int(head.get("in_dim")) and isinstance(head.get("hidden"), list)
+            and all(_positive_int(h) for h in head["hidden"])
+            and _number(head.get("dropout")) and 0.0 <= head["dropout"] < 1.0):
+        raise CheckpointError("card.json: head must hold in_dim (a positive integer), hidden (a list of "
+                              "positive integers) and dropout (a number in [0, 1))")
     return card
 
 
@@ -82,10 +110,16 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
     staging = settings.models_dir / ".staging" / uuid.uuid4().hex
     head_bytes = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
     card_bytes = json.dumps(card, indent=2, sort_keys=True, default=str).encode()
-    atomic_write_bytes(staging / "head.safetensors", head_bytes)
-    atomic_write_bytes(staging / "card.json", card_bytes)
-    head_sha, card_sha = sha256_file(staging / "head.safetensors"), sha256_file(staging / "card.json")
-    load_file(staging / "head.safetensors")  # verify it parses before anything names it
+    try:
+        atomic_write_bytes(staging / "head.safetensors", head_bytes)
+        atomic_write_bytes(staging / "card.json", card_bytes)
+        head_sha, card_sha = sha256_file(staging / "head.safetensors"), sha256_file(staging / "card.json")
+        load_file(staging / "head.safetensors")  # verify it parses before anything names it
+    except Exception:
+        # E.g. StorageFullError: no half-staged folder stays behind (a crash still may leave one;
+        # remove_staging_leftovers clears those). Nothing names it yet, so removing it is safe.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     crash_point("registry.staged")
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
@@ -139,7 +173,11 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
         raise CheckpointError(
             f"model {version} was trained on backbone {card['backbone_fingerprint'][:12]}… but the current "
             f"backbone is {backbone_fingerprint[:12]}… (XRAY_BACKBONE_WEIGHTS / preprocessing changed)")
-    state = load_file(head_path)
+    try:
+        state = load_file(head_path)  # safetensors: tensors only, never a pickle
+    except Exception as exc:  # SafetensorError/OSError: only possible if the catalogue row was altered too
+        raise CheckpointError(f"model {version}: {head_path.name} is not a readable safetensors file "
+                              f"({type(exc).__name__}: {exc})") from None
     head_cfg = card["head"]
     head = load_head(state, int(head_cfg["in_dim"]), len(card["labels"]), hidden=tuple(head_cfg["hidden"]),
                      dropout=float(head_cfg["dropout"]))
