@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from xray_core.errors import ImageRejected, SourceError, UsageError
-from xray_core.fsutil import atomic_write_bytes, sha256_bytes
+from xray_core.fsutil import atomic_write_bytes, printable, sha256_bytes
 from xray_core.settings import Settings
 
 Progress = Callable[[int, int], None]
@@ -52,7 +52,8 @@ def list_files(path: Path, manifest: Path | None = None) -> list[PredictFile]:
             p = Path(dirpath) / name
             rel = p.relative_to(path).as_posix()
             parts = rel.split("/")
-            out.append(PredictFile(p, rel, parts[0] if len(parts) > 1 else None))
+            # printable(): a non-UTF-8 file name must not break the CSV (it is escaped as \xNN)
+            out.append(PredictFile(p, printable(rel), printable(parts[0]) if len(parts) > 1 else None))
     return out
 
 
@@ -63,6 +64,10 @@ def _decoded(files: list[PredictFile], settings: Settings) -> Iterator[tuple[Pre
         try:
             if f.path.is_symlink() and not f.path.resolve().is_relative_to(f.path.parent.resolve()):
                 raise ImageRejected("outside_root", "symbolic link points elsewhere; not followed")
+            if not f.path.is_file():  # a FIFO or device would block or never end
+                raise ImageRejected("not_an_image", "not a regular file")
+            if f.path.stat().st_size > settings.max_file_bytes:
+                raise ImageRejected("file_too_large", f"over XRAY_MAX_FILE_BYTES={settings.max_file_bytes}")
             data = f.path.read_bytes()
         except ImageRejected as rej:
             yield f, None, None, f"{rej.reason}: {rej.detail}"

@@ -39,7 +39,7 @@ class Settings:
     patient_regex: str = DEFAULT_PATIENT_REGEX  # group 1 of a match on the file name = patient id; "" = off
     patient_salt: str | None = None  # salt for hashing DICOM PatientID; None = per-home salt file
     min_image_side: int = 64  # pixels; smaller images are rejected as too_small
-    max_pixels: int = 178_956_970  # width*height above this is a decompression bomb (PIL's default)
+    max_pixels: int = 50_000_000  # width*height above this is a decompression bomb (a 7000x7000 film fits)
     max_file_bytes: int = 512 * 1024 * 1024  # files larger than this are rejected unread
 
     # split
