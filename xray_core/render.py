@@ -44,9 +44,10 @@ def render_status(r: dict[str, Any]) -> str:
     for note in cat["notes"]:
         out.append(f"note: {note}")
     if r.get("feature_cache"):
-        out += ["", table(["feature cache (backbone fingerprint)", "images", "files", "MiB", "coverage"],
-                          [[c["fingerprint"][:16], c.get("images", ""), c.get("files", ""),
-                            round(c.get("bytes", 0) / 2**20, 1), c.get("coverage", "")] for c in r["feature_cache"]])]
+        out += ["", table(["feature cache (backbone fingerprint)", "files", "MiB", "catalogued images cached", "models"],
+                          [[c["fingerprint"][:16], c.get("files", ""), round(c.get("bytes", 0) / 2**20, 1),
+                            c.get("coverage", ""), ", ".join(f"v{m['version']} {m['status']}" for m in c.get("models", []))
+                            or "-"] for c in r["feature_cache"]])]
     models = r.get("models") or {}
     if models:
         out += ["", f"champion: {models.get('champion') or 'none'}; versions: {models.get('versions', 0)}"]

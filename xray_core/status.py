@@ -25,11 +25,27 @@ def _safe_url(url: str) -> str:
 
 
 def _feature_cache(settings: Settings) -> list[dict[str, Any]]:
-    try:
-        from xray_core.features import cache_summary
-    except ImportError:  # pragma: no cover - features module always ships
-        return []
-    return cache_summary(settings.features_dir)
+    """Per backbone fingerprint: files and bytes, and coverage = catalogued images with a cache file
+    there (each file holds that image's cached views), plus the model versions built on it."""
+    from sqlalchemy import select
+
+    from db import session_scope
+    from db.schema import Image, Model
+    from xray_core.catalogue import open_catalogue
+    from xray_core.features import cache_summary
+
+    rows = cache_summary(settings.features_dir)
+    with session_scope(open_catalogue(settings)) as s:
+        shas = list(s.scalars(select(Image.sha256)))
+        models = s.execute(select(Model.id, Model.backbone_fingerprint, Model.status)).all()
+    for row in rows:
+        folder = settings.features_dir / row["fingerprint"]
+        cached = sum(1 for sha in shas if (folder / sha[:2] / f"{sha}.safetensors").is_file())
+        row["catalogued_images"] = len(shas)
+        row["catalogued_cached"] = cached
+        row["coverage"] = f"{cached}/{len(shas)}"
+        row["models"] = [{"version": v, "status": st} for v, fp, st in models if fp == row["fingerprint"]]
+    return rows
 
 
 def _models(settings: Settings) -> dict[str, Any]:
