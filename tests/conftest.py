@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,10 +27,59 @@ TEST_ENV = {
 }
 
 
+# The PostgreSQL lane: with XRAY_TEST_POSTGRES_URL set (`make test-postgres`, run by .ci/run), the
+# catalogue tests run against a fresh PostgreSQL database per test instead of a SQLite file.
+POSTGRES_URL = os.environ.get("XRAY_TEST_POSTGRES_URL", "")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only: reads the SQLite file itself; skipped in the PostgreSQL lane")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not POSTGRES_URL:
+        return
+    skip = pytest.mark.skip(reason="reads the SQLite catalogue file directly; not part of the PostgreSQL lane")
+    for item in items:
+        if "sqlite_only" in item.keywords:
+            item.add_marker(skip)
+
+
+def fresh_database_url(tmp_dir: Path) -> tuple[str, object]:
+    """A new empty catalogue database: a SQLite file in ``tmp_dir``, or a new PostgreSQL database in
+    the lane. Returns (url, drop) where ``drop()`` removes it."""
+    if not POSTGRES_URL:
+        return f"sqlite:///{tmp_dir / 'catalogue.db'}", lambda: None
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    name = f"xt_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        dispose_engines()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+    return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False), drop
+
+
 @pytest.fixture
-def xray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def database_url(tmp_path: Path) -> str:
+    url, drop = fresh_database_url(tmp_path / "home")
+    yield url
+    drop()
+
+
+@pytest.fixture
+def xray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str) -> dict[str, str]:
     """Point XRAY_HOME at a fresh temp folder and apply the small test settings."""
     env = {"XRAY_HOME": str(tmp_path / "home"), **TEST_ENV}
+    if POSTGRES_URL:
+        env["XRAY_DATABASE_URL"] = database_url
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     reset_settings()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +24,14 @@ ENV = {
 }
 
 
-def _env(home: Path) -> dict[str, str]:
+def _env(home: Path, url: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("XRAY_")}
-    return {**base, **ENV, "XRAY_HOME": str(home)}
+    return {**base, **ENV, "XRAY_HOME": str(home), "XRAY_DATABASE_URL": url}
 
 
-def _start(args: list[str], home: Path) -> subprocess.Popen:
-    return subprocess.Popen([XRAY, *args], env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(args: list[str], home: Path, url: str) -> subprocess.Popen:
+    return subprocess.Popen([XRAY, *args], env=_env(home, url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
@@ -39,17 +39,21 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def _check_catalogue(home: Path) -> dict:
-    con = sqlite3.connect(home / "catalogue.db")
+def _check_catalogue(home: Path, url: str) -> dict:
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
     try:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        champions = con.execute("SELECT COUNT(*) FROM models WHERE status = 'champion'").fetchone()[0]
-        images = con.execute("SELECT sha256, stored_path FROM images").fetchall()
-        dup = con.execute("SELECT COUNT(*) - COUNT(DISTINCT sha256) FROM images").fetchone()[0]
-        decisions = [r[0] for r in con.execute("SELECT decision FROM promotions ORDER BY id")]
-        models = con.execute("SELECT COUNT(*) FROM models").fetchone()[0]
+        with engine.connect() as con:
+            if engine.dialect.name == "sqlite":
+                assert con.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+            champions = con.exec_driver_sql("SELECT COUNT(*) FROM models WHERE status = 'champion'").scalar()
+            images = con.exec_driver_sql("SELECT sha256, stored_path FROM images").fetchall()
+            dup = con.exec_driver_sql("SELECT COUNT(*) - COUNT(DISTINCT sha256) FROM images").scalar()
+            decisions = [r[0] for r in con.exec_driver_sql("SELECT decision FROM promotions ORDER BY id")]
+            models = con.exec_driver_sql("SELECT COUNT(*) FROM models").scalar()
     finally:
-        con.close()
+        engine.dispose()
     assert champions <= 1 and dup == 0
     for sha, rel in images:
         assert sha256_file(home / rel) == sha
@@ -70,11 +74,11 @@ def batches(tmp_path_factory):
     return b1, b2
 
 
-def test_two_retrains_at_once_one_ends_clearly(batches, tmp_path):
+def test_two_retrains_at_once_one_ends_clearly(batches, tmp_path, database_url):
     home = tmp_path / "home"
     b1, b2 = batches
-    a = _start(["retrain", "--local", "--source", str(b1), "--json"], home)
-    b = _start(["retrain", "--local", "--source", str(b2), "--json"], home)
+    a = _start(["retrain", "--local", "--source", str(b1), "--json"], home, database_url)
+    b = _start(["retrain", "--local", "--source", str(b2), "--json"], home, database_url)
     results = [_finish(a), _finish(b)]
     codes = sorted(code for code, _, _ in results)
     if codes == [0, 0]:
@@ -82,32 +86,32 @@ def test_two_retrains_at_once_one_ends_clearly(batches, tmp_path):
     assert codes == [0, 1], results
     loser = next(r for r in results if r[0] == 1)
     assert "another retrain is running" in loser[2]
-    state = _check_catalogue(home)
+    state = _check_catalogue(home, database_url)
     assert state["champions"] == 1 and state["models"] == 1
 
 
-def test_two_retrains_with_wait_both_finish_in_turn(batches, tmp_path):
+def test_two_retrains_with_wait_both_finish_in_turn(batches, tmp_path, database_url):
     home = tmp_path / "home"
     b1, b2 = batches
-    a = _start(["retrain", "--local", "--source", str(b1), "--wait", "600", "--json"], home)
-    b = _start(["retrain", "--local", "--source", str(b2), "--wait", "600", "--json"], home)
+    a = _start(["retrain", "--local", "--source", str(b1), "--wait", "600", "--json"], home, database_url)
+    b = _start(["retrain", "--local", "--source", str(b2), "--wait", "600", "--json"], home, database_url)
     results = [_finish(a), _finish(b)]
     assert [code for code, _, _ in results] == [0, 0], results
     outputs = [json.loads(out) for _, out, _ in results]
     assert {o["status"] for o in outputs} == {"completed"}
-    state = _check_catalogue(home)
+    state = _check_catalogue(home, database_url)
     assert state["models"] == 2 and state["champions"] == 1 and len(state["decisions"]) == 2
     assert len(state["images"]) == 28  # both batches, nothing lost
 
 
-def test_ingest_during_a_retrain(batches, tmp_path):
+def test_ingest_during_a_retrain(batches, tmp_path, database_url):
     home = tmp_path / "home"
     b1, b2 = batches
-    retrain = _start(["retrain", "--local", "--source", str(b1), "--json"], home)
-    ingest = _start(["ingest", str(b2), "--json"], home)
+    retrain = _start(["retrain", "--local", "--source", str(b1), "--json"], home, database_url)
+    ingest = _start(["ingest", str(b2), "--json"], home, database_url)
     (rc_r, out_r, err_r), (rc_i, out_i, err_i) = _finish(retrain), _finish(ingest)
     assert rc_r == 0, err_r[-2000:]
     assert rc_i == 0, err_i[-2000:]
     assert json.loads(out_i)["added"] == 12
-    state = _check_catalogue(home)
+    state = _check_catalogue(home, database_url)
     assert len(state["images"]) == 28 and state["champions"] == 1

@@ -12,11 +12,11 @@ from db.schema import Base, Model
 
 
 @pytest.fixture
-def engine(tmp_path):
+def engine(database_url):
     from db import dispose_engines
 
     dispose_engines()
-    yield get_engine(f"sqlite:///{tmp_path / 'cat.db'}")
+    yield get_engine(database_url)
     dispose_engines()
 
 
@@ -26,15 +26,16 @@ def test_migrations_create_exactly_the_declared_schema(engine):
     assert diff == []
 
 
-def test_upgrade_is_idempotent_and_records_head(engine, tmp_path):
+def test_upgrade_is_idempotent_and_records_head(engine, database_url):
     from db import dispose_engines
 
     dispose_engines()
-    again = get_engine(f"sqlite:///{tmp_path / 'cat.db'}")
+    again = get_engine(database_url)
     with again.connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == "0001"
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_pragmas(engine):
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

@@ -311,6 +311,7 @@ def test_format_variant_is_catalogued_with_its_facts(corpus, name: str) -> None:
     assert img.stored_path.endswith({"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}[img.format])
 
 
+@pytest.mark.sqlite_only
 def test_dicom_patient_id_is_only_stored_salted_and_hashed(corpus, monkeypatch, capsys) -> None:
     settings = corpus["settings"]
     imgs = images_by_name(settings)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -41,8 +40,8 @@ def _files(root: Path) -> dict[str, Path]:
     return {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in root.rglob("*.png")}
 
 
-def _ingest_both(home: Path, go: Path, sources: list[Path]) -> list[dict]:
-    env = {**os.environ, **TEST_ENV, "XRAY_HOME": str(home)}
+def _ingest_both(home: Path, go: Path, sources: list[Path], url: str) -> list[dict]:
+    env = {**os.environ, **TEST_ENV, "XRAY_HOME": str(home), "XRAY_DATABASE_URL": url}
     procs = [subprocess.Popen([sys.executable, "-c", RUNNER, str(go), "ingest", str(src), "--json"],
                               cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for src in sources]
@@ -79,7 +78,7 @@ def _disjoint(tmp: Path) -> tuple[list[Path], int]:
 
 
 @pytest.mark.parametrize("make_sources", [_overlapping, _disjoint], ids=["overlapping", "disjoint"])
-def test_two_processes_ingest_at_once(tmp_path: Path, make_sources) -> None:
+def test_two_processes_ingest_at_once(tmp_path: Path, make_sources, database_url: str) -> None:
     sources, n_shared = make_sources(tmp_path)
     expected = {}
     for src in sources:
@@ -89,29 +88,34 @@ def test_two_processes_ingest_at_once(tmp_path: Path, make_sources) -> None:
     home = tmp_path / "home"
 
     (tmp_path / "signals").mkdir()
-    results = _ingest_both(home, tmp_path / "signals" / "go", sources)
+    results = _ingest_both(home, tmp_path / "signals" / "go", sources, database_url)
 
     # Every distinct image is added by exactly one of the two; the other saw the shared ones as duplicates.
     assert sum(r["added"] for r in results) == len(expected)
     assert sum(r["duplicates"] for r in results) == n_shared
     assert all(r["rejected"] == 0 and r["skipped_unchanged"] == 0 for r in results)
-    with sqlite3.connect(home / "catalogue.db") as con:
-        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        rows = con.execute("SELECT sha256, stored_path FROM images").fetchall()
+    from sqlalchemy import create_engine
+
+    engine = create_engine(database_url)
+    with engine.connect() as con:
+        q = lambda sql: con.exec_driver_sql(sql)  # noqa: E731
+        if engine.dialect.name == "sqlite":
+            assert q("PRAGMA integrity_check").scalar() == "ok"
+        rows = q("SELECT sha256, stored_path FROM images").fetchall()
         assert sorted(sha for sha, _ in rows) == sorted(expected)  # none lost, none twice
-        assert con.execute("SELECT sha256 FROM images GROUP BY sha256 HAVING count(*) > 1").fetchall() == []
-        assert con.execute("SELECT count(*) FROM rejections").fetchone()[0] == 0
-        assert con.execute("SELECT count(*) FROM seen_files").fetchone()[0] == n_files
-        runs = con.execute("SELECT status, started_at, finished_at FROM sources").fetchall()
+        assert q("SELECT sha256 FROM images GROUP BY sha256 HAVING count(*) > 1").fetchall() == []
+        assert q("SELECT count(*) FROM rejections").scalar() == 0
+        assert q("SELECT count(*) FROM seen_files").scalar() == n_files
+        runs = q("SELECT status, started_at, finished_at FROM sources ORDER BY id").fetchall()
         assert [status for status, _, _ in runs] == ["done", "done"]
         (_, start1, end1), (_, start2, end2) = runs
         assert start1 < end2 and start2 < end1, "the two ingests did not overlap in time"
         # Every patient got exactly one split, and both processes' patients are there.
-        patients = dict(con.execute("SELECT patient_id, split FROM patients").fetchall())
+        patients = dict(q("SELECT patient_id, split FROM patients").fetchall())
         names = {p.name.split("_")[0] for src in sources for p in src.rglob("*.png")}
         assert set(patients) == names and None not in patients.values()
-        assert con.execute(
-            "SELECT count(*) FROM images i LEFT JOIN patients p ON p.patient_id = i.patient_id "
-            "WHERE p.split IS NULL").fetchone()[0] == 0
+        assert q("SELECT count(*) FROM images i LEFT JOIN patients p ON p.patient_id = i.patient_id "
+                 "WHERE p.split IS NULL").scalar() == 0
+    engine.dispose()
     for sha, stored in rows:
         assert hashlib.sha256((home / stored).read_bytes()).hexdigest() == sha

@@ -163,7 +163,7 @@ def test_a_crash_before_commit_leaves_no_row_and_the_next_save_works(settings: S
     loaded = load_model(settings, version)  # sha256-verified: the folder holds this save's files
     for key, tensor in make_state(2).items():
         assert torch.equal(loaded.head.state_dict()[key], tensor)
-    # SQLite reuses the rolled-back id: the crashed save's folder was moved aside, not trusted
+    # The rolled-back save's folder was moved aside (never trusted), on SQLite and PostgreSQL alike
     orphaned = settings.models_dir / ".orphaned"
     assert orphaned.is_dir() and len(list(orphaned.iterdir())) == 1
     staging = settings.models_dir / ".staging"

@@ -50,6 +50,10 @@ def pairs_needed(rows_by_split: dict[str, list], views: int) -> int:
 def scenario(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("retrain-steps")
     env = {"XRAY_HOME": str(tmp / "home"), **TEST_ENV, **POLICY_ENV}
+    from conftest import POSTGRES_URL, fresh_database_url
+
+    if POSTGRES_URL:  # the PostgreSQL lane: this module's catalogue in its own fresh database
+        env["XRAY_DATABASE_URL"] = fresh_database_url(tmp)[0]
     settings = load_settings(env)  # explicit settings: os.environ is left alone at module scope
     dispose_engines()
     r = SimpleNamespace(env=env, settings=settings, batch1=tmp / "batch1", batch2=tmp / "batch2")

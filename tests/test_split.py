@@ -21,10 +21,26 @@ rounds_strategy = st.lists(
 )
 
 
+_PG_ENGINE = []
+_PG_SESSIONS: list = []
+
+
 def _fresh() -> Session:
-    engine = create_engine("sqlite://")
+    """An empty catalogue: in-memory SQLite, or (PostgreSQL lane) one database with fresh tables."""
+    from conftest import POSTGRES_URL, fresh_database_url
+
+    if POSTGRES_URL:
+        if not _PG_ENGINE:
+            _PG_ENGINE.append(create_engine(fresh_database_url(None)[0]))
+        engine = _PG_ENGINE[0]
+        while _PG_SESSIONS:
+            _PG_SESSIONS.pop().close()  # release the previous example's locks before dropping tables
+        Base.metadata.drop_all(engine)
+    else:
+        engine = create_engine("sqlite://")
     Base.metadata.create_all(engine)
     session = Session(engine)
+    _PG_SESSIONS.append(session)
     session.add(Source(id=1, kind="test", path="/x"))
     session.flush()
     return session

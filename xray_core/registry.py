@@ -122,30 +122,44 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
         raise
     crash_point("registry.staged")
     engine = open_catalogue(settings)
-    with session_scope(engine) as s:
-        model = Model(status="candidate", checkpoint_dir="", checkpoint_sha256=head_sha, card_sha256=card_sha,
-                      backbone_fingerprint=card["backbone_fingerprint"], backbone_weights=card["backbone_weights"],
-                      training_set_fingerprint=card["training_set_fingerprint"], labels=card["labels"],
-                      threshold=card.get("threshold"), config=card.get("settings", {}),
-                      metrics=card.get("metrics", {}), flow_run_id=flow_run_id)
-        s.add(model)
-        s.flush()
-        final = settings.models_dir / str(model.id)
-        if final.exists():  # left by a crash between rename and commit: never trusted, moved aside
-            aside = settings.models_dir / ".orphaned" / f"{model.id}-{uuid.uuid4().hex[:8]}"
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(final, aside)
-        os.replace(staging, final)
-        fsync_dir(settings.models_dir)
-        crash_point("registry.renamed_before_commit")
-        model.checkpoint_dir = f"models/{model.id}"
-        s.add_all([ModelImage(model_id=model.id, image_id=i, role="train") for i in train_image_ids])
-        s.add_all([ModelImage(model_id=model.id, image_id=i, role="val") for i in val_image_ids])
-        if fail_before_commit:
-            raise RuntimeError("injected failure between checkpoint write and commit")
-        version = model.id
+    renamed: Path | None = None
+    try:
+        with session_scope(engine) as s:
+            model = Model(status="candidate", checkpoint_dir="", checkpoint_sha256=head_sha, card_sha256=card_sha,
+                          backbone_fingerprint=card["backbone_fingerprint"], backbone_weights=card["backbone_weights"],
+                          training_set_fingerprint=card["training_set_fingerprint"], labels=card["labels"],
+                          threshold=card.get("threshold"), config=card.get("settings", {}),
+                          metrics=card.get("metrics", {}), flow_run_id=flow_run_id)
+            s.add(model)
+            s.flush()
+            final = settings.models_dir / str(model.id)
+            if final.exists():  # left by a SIGKILL between rename and commit (SQLite reuses the id)
+                _move_aside(settings, final)
+            os.replace(staging, final)
+            renamed = final
+            fsync_dir(settings.models_dir)
+            crash_point("registry.renamed_before_commit")
+            model.checkpoint_dir = f"models/{model.id}"
+            s.add_all([ModelImage(model_id=model.id, image_id=i, role="train") for i in train_image_ids])
+            s.add_all([ModelImage(model_id=model.id, image_id=i, role="val") for i in val_image_ids])
+            if fail_before_commit:
+                raise RuntimeError("injected failure between checkpoint write and commit")
+            version = model.id
+    except BaseException:
+        # The transaction rolled back: no row names the folder. Move it aside (never trusted, kept
+        # for inspection) so the version number stays free of stray files on every database.
+        if renamed is not None and renamed.exists():
+            _move_aside(settings, renamed)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     crash_point("registry.saved")
     return version
+
+
+def _move_aside(settings: Settings, folder: Path) -> None:
+    aside = settings.models_dir / ".orphaned" / f"{folder.name}-{uuid.uuid4().hex[:8]}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(folder, aside)
 
 
 def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | None = None) -> LoadedModel:
