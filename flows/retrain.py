@@ -126,7 +126,12 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
             data = steps.load_snapshot(Path(snapshot))
             result["split_counts"] = data.counts()
             result["near_duplicates"] = catalogue_summary(settings)["near_duplicates"]
-            result["embed"] = embed_task(snapshot)
+            if settings.embed_dask_workers > 0:
+                from flows.embed import run_parallel_embed
+
+                result["embed"] = run_parallel_embed(settings, snapshot)
+            else:
+                result["embed"] = embed_task(snapshot)
             result["backbone_fingerprint"] = result["embed"]["backbone_fingerprint"]
             result["backbone_random_init"] = result["embed"]["backbone_random_init"]
             trained = train_task(snapshot, run_id)

@@ -99,3 +99,16 @@ def sample_dir() -> Path:
     if not (SAMPLE / "manifest.csv").exists():
         pytest.skip(f"real sample not present at {SAMPLE} (../shared/data/cxr-sample is absent)")
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect server (SQLite) for the whole test session, PREFECT_HOME in a temp dir."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield {"api_url": PREFECT_API_URL.value(), "home": str(home)}

@@ -157,3 +157,18 @@ def test_imagenet_without_network_says_where_to_put_the_file(settings, monkeypat
     assert "XRAY_BACKBONE_WEIGHTS" in msg
     assert "densenet161-" in msg and "checkpoints" in msg  # the file name and where it goes
     assert "random" in msg
+
+
+def test_features_do_not_depend_on_how_images_are_batched(settings):
+    """Byte-identical float16 features whether images are embedded alone, in pairs or all at once."""
+    import numpy as np
+    import torch
+
+    from xray_core.backbone import load_backbone
+
+    backbone = load_backbone(settings)
+    x = torch.randn(7, 3, settings.input_size, settings.input_size, generator=torch.Generator().manual_seed(0))
+    whole = backbone.embed(x).numpy().astype(np.float16)
+    for step in (1, 2, 3):
+        parts = np.concatenate([backbone.embed(x[i : i + step]).numpy().astype(np.float16) for i in range(0, 7, step)])
+        assert np.array_equal(whole, parts), f"batches of {step} changed the features"

@@ -36,19 +36,6 @@ FLOW_ENV = {
 }
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """One temporary Prefect server (SQLite) for the whole session, PREFECT_HOME in a temp dir."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield {"api_url": PREFECT_API_URL.value(), "home": str(home)}
-
-
 @pytest.fixture
 def flow_env(xray_env, monkeypatch, prefect_server):
     for key, value in FLOW_ENV.items():

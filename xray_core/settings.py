@@ -58,6 +58,8 @@ class Settings:
     embed_batch_size: int = 16
     embed_workers: int = 0  # DataLoader decode workers; 0 decodes in the main process
     embed_memory_mb: int = 2048  # cap on memory held by decoded batches while embedding
+    embed_dask_workers: int = 0  # >0: the retrain flow fans embedding out over this many Dask shards
+    dask_address: str | None = None  # an existing Dask scheduler (tcp://host:8786); None = a local cluster
 
     # head training
     head_hidden: tuple[int, ...] = (512,)  # hidden layer widths; XRAY_HEAD_HIDDEN=none gives a linear head
@@ -168,6 +170,8 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "embed_batch_size": ("XRAY_EMBED_BATCH_SIZE", _int),
     "embed_workers": ("XRAY_EMBED_WORKERS", _int),
     "embed_memory_mb": ("XRAY_EMBED_MEMORY_MB", _int),
+    "embed_dask_workers": ("XRAY_EMBED_DASK_WORKERS", _int),
+    "dask_address": ("XRAY_DASK_ADDRESS", lambda n, r: r.strip() or None),
     "head_hidden": ("XRAY_HEAD_HIDDEN", _ints),
     "head_dropout": ("XRAY_HEAD_DROPOUT", _float),
     "epochs": ("XRAY_EPOCHS", _int),
@@ -258,6 +262,8 @@ def validate(s: Settings) -> None:
             raise SettingsError(f"{name}={value}: must be at least 1")
     if s.min_image_side < 1 or s.max_pixels < 1:
         raise SettingsError("XRAY_MIN_IMAGE_SIDE and XRAY_MAX_PIXELS must be positive")
+    if s.embed_dask_workers < 0:
+        raise SettingsError(f"XRAY_EMBED_DASK_WORKERS={s.embed_dask_workers}: must be 0 (off) or more")
     if s.embed_workers < 0:
         raise SettingsError(f"XRAY_EMBED_WORKERS={s.embed_workers}: must be 0 or more")
 
