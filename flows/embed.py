@@ -1,7 +1,8 @@
 """Parallel embedding: the missing (image, view) pairs fanned out over Dask workers.
 
 The retrain flow uses this subflow when ``XRAY_EMBED_DASK_WORKERS`` > 0. With ``XRAY_DASK_ADDRESS``
-it joins an existing Dask cluster (workers on several hosts sharing XRAY_HOME's store and features);
+it joins an existing Dask cluster (workers on several hosts sharing the store and features: XRAY_HOME
+on shared storage, or XRAY_STORAGE_URL);
 otherwise it starts a local cluster of that many worker processes. Needs the ``dask`` extra
 (``pip install -e .[dask]``: prefect-dask).
 """

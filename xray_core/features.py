@@ -1,11 +1,12 @@
 """The feature cache: each (image, view) is embedded once per backbone fingerprint and kept on disk.
 
-Layout: ``<features_dir>/<fingerprint>/<sha[:2]>/<sha>.safetensors``, one file per image, holding a
+Layout: ``<features>/<fingerprint>/<sha[:2]>/<sha>.safetensors``, one file per image, holding a
 float16 tensor ``v<k>`` of shape (2208,) for each cached view k, and metadata
 ``{"fingerprint", "feature_dim", "sha256_<k>": sha256 of v<k>'s bytes}``. float16 halves the disk
 and read cost; the head is trained in float32 from it (``load*`` returns float32).
 
-Files are written atomically (temp + fsync + rename) as soon as all of an image's views are
+``<features>`` is ``XRAY_HOME/features`` or ``<XRAY_STORAGE_URL>/features`` (:mod:`xray_core.storage`).
+Files are written atomically (see that module, per backend) as soon as all of an image's views are
 embedded, so an interrupted run keeps everything finished so far and resumes where it stopped.
 Every read verifies every view's digest: a truncated, bit-flipped or foreign file is treated as
 missing and recomputed, never used.
@@ -31,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset
 from xray_core.backbone import FEATURE_DIM, Backbone, fingerprint
 from xray_core.errors import XrayError
 from xray_core.faults import crash_point
-from xray_core.fsutil import atomic_write_bytes, sha256_bytes
+from xray_core.fsutil import sha256_bytes
+from xray_core.storage import LocalStorage, Storage, get_storage
 
 # Peak inference memory of densenet161 per view, as a multiple of the input tensor's size
 # (measured on the CPU at 224 px: ~36 MB per image for a 0.57 MB input, i.e. ~64x). Used only to
@@ -46,10 +48,15 @@ class FeatureCacheError(XrayError):
 
 @dataclass(frozen=True)
 class EmbedItem:
-    """One image to embed: its content hash and the absolute path of its stored original."""
+    """One image to embed: its content hash and where its stored original is.
+
+    ``key`` (the catalogue's ``stored_path``, e.g. ``store/ab/<sha>.png``) reads the original through
+    :func:`xray_core.storage.get_storage`, whatever the backend; without it ``path`` is read directly.
+    """
 
     sha256: str
     path: Path
+    key: str | None = None
 
 
 @dataclass
@@ -94,7 +101,7 @@ class _ViewsDataset(Dataset):
     raised in a worker is re-created by the DataLoader and can lose its arguments).
     """
 
-    def __init__(self, jobs: list[tuple[str, str, tuple[int, ...]]], settings: Any) -> None:
+    def __init__(self, jobs: list[tuple[str, str, tuple[int, ...], str | None]], settings: Any) -> None:
         self.jobs = jobs
         self.settings = settings
 
@@ -102,13 +109,14 @@ class _ViewsDataset(Dataset):
         return len(self.jobs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from xray_core.images import load_grayscale
+        from xray_core.images import decode_stored
         from xray_core.preprocess import make_view
 
-        sha, path, views = self.jobs[index]
+        sha, path, views, key = self.jobs[index]
         try:
+            data = get_storage(self.settings).read_bytes(key) if key else Path(path).read_bytes()
             # Same pixel cap as ingest, so an image ingest accepted under a raised cap still loads.
-            gray = load_grayscale(Path(path), max_pixels=self.settings.max_pixels)
+            gray = decode_stored(data, max_pixels=self.settings.max_pixels)
             x = torch.stack([make_view(gray, v, sha, self.settings) for v in views])
             return {"sha": sha, "path": path, "views": views, "x": x, "error": None}
         except Exception as exc:  # reported by the main process as FeatureCacheError
@@ -134,17 +142,22 @@ class FeatureCache:
             )
         self.backbone = backbone
         self.settings = settings
-        self.root = Path(settings.features_dir) / backbone.fingerprint
+        self.storage = get_storage(settings, "features")
+        self.root = Path(settings.features_dir) / backbone.fingerprint  # the local layout (path_for)
 
     # -- paths and files ------------------------------------------------------------------------
 
+    def key_for(self, sha256: str) -> str:
+        """The file's key in :attr:`storage` (relative to the features area)."""
+        return f"{self.backbone.fingerprint}/{sha256[:2]}/{sha256}.safetensors"
+
     def path_for(self, sha256: str) -> Path:
+        """The file on local disk (default storage; under XRAY_STORAGE_URL see :meth:`key_for`)."""
         return self.root / sha256[:2] / f"{sha256}.safetensors"
 
     def _read(self, sha256: str) -> _Entry:
-        path = self.path_for(sha256)
         try:
-            data = path.read_bytes()
+            data = self.storage.read_bytes(self.key_for(sha256))
         except FileNotFoundError:
             return _Entry()
         return self._parse(data)
@@ -198,7 +211,7 @@ class FeatureCache:
             meta[f"sha256_{view}"] = sha256_bytes(arr.tobytes())
         # No fsync: every read re-checks each view's sha256, so a file a power cut left incomplete is
         # detected and recomputed; the rename still keeps readers from ever seeing a partial file.
-        atomic_write_bytes(self.path_for(sha256), st_save(tensors, metadata=meta), durable=False)
+        self.storage.write_bytes(self.key_for(sha256), st_save(tensors, metadata=meta), durable=False)
         crash_point("features.file_written")
 
     # -- public API -----------------------------------------------------------------------------
@@ -223,14 +236,14 @@ class FeatureCache:
         for item in items:
             unique.setdefault(item.sha256, item)
         cached = corrupt = 0
-        jobs: list[tuple[str, str, tuple[int, ...]]] = []
+        jobs: list[tuple[str, str, tuple[int, ...], str | None]] = []
         for sha, item in unique.items():
             entry = self._read(sha)
             missing = tuple(v for v in wanted if v not in entry.valid)
             cached += len(wanted) - len(missing)
             corrupt += sum(1 for v in missing if entry.is_corrupt(v))
             if missing:
-                jobs.append((sha, str(Path(item.path).resolve()), missing))
+                jobs.append((sha, str(Path(item.path).resolve()), missing, item.key))
         total = len(unique)
         if progress is not None:
             progress(total - len(jobs), total)
@@ -247,7 +260,7 @@ class FeatureCache:
 
     def _embed(
         self,
-        jobs: list[tuple[str, str, tuple[int, ...]]],
+        jobs: list[tuple[str, str, tuple[int, ...], str | None]],
         *,
         done: int,
         total: int,
@@ -264,7 +277,7 @@ class FeatureCache:
             prefetch_factor=2 if workers > 0 else None,
         )
         batch_size = effective_batch_size(self.settings)
-        need = {sha: len(views) for sha, _, views in jobs}
+        need = {sha: len(views) for sha, _, views, _ in jobs}
         pending: dict[str, dict[int, np.ndarray]] = {}  # finished views of images not yet written
         inputs: list[torch.Tensor] = []
         owners: list[tuple[str, int]] = []
@@ -361,20 +374,20 @@ def _check_views(views: Sequence[int]) -> list[int]:
     return wanted
 
 
-def cache_summary(features_dir: Path) -> list[dict[str, Any]]:
-    """One row per backbone fingerprint folder: files, bytes on disk, images cached (for ``xray status``)."""
-    features_dir = Path(features_dir)
-    if not features_dir.is_dir():
-        return []
+def cache_summary(features: Path | Storage) -> list[dict[str, Any]]:
+    """One row per backbone fingerprint folder: files, bytes stored, images cached (for ``xray status``).
+
+    ``features``: the features folder, or its storage (``get_storage(settings, "features")``)."""
+    storage = features if isinstance(features, Storage) else LocalStorage(Path(features))
     rows = []
-    for folder in sorted(p for p in features_dir.iterdir() if p.is_dir()):
+    for fp in storage.folders():
         files = n_bytes = images = 0
-        for path in folder.rglob("*"):
-            if path.is_file():
-                files += 1
-                n_bytes += path.stat().st_size
-                images += path.suffix == ".safetensors" and not path.name.startswith(".")
-        rows.append({"fingerprint": folder.name, "path": str(folder), "files": files, "bytes": n_bytes, "images": images})
+        for key in storage.list(fp):
+            name = key.rpartition("/")[2]
+            files += 1
+            n_bytes += storage.size(key)
+            images += name.endswith(".safetensors") and not name.startswith(".")
+        rows.append({"fingerprint": fp, "path": storage.url_for(fp), "files": files, "bytes": n_bytes, "images": images})
     return rows
 
 

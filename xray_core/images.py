@@ -131,7 +131,12 @@ def load_grayscale(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
     Same conversion as :func:`decode_image`, so features see exactly what ingest checked; there is no
     minimum side here because the settings may have changed since the image was accepted.
     """
-    return _decode(Path(path).read_bytes(), min_side=1, max_pixels=max_pixels).pixels
+    return decode_stored(Path(path).read_bytes(), max_pixels=max_pixels)
+
+
+def decode_stored(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """:func:`load_grayscale` for bytes already read (from :mod:`xray_core.storage`, any backend)."""
+    return _decode(data, min_side=1, max_pixels=max_pixels).pixels
 
 
 def _decode(data: bytes, *, min_side: int, max_pixels: int) -> DecodedImage:
@@ -396,6 +401,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "decode_image",
     "load_grayscale",
+    "decode_stored",
     "perceptual_hash",
     "hamming",
     "sniff_format",

@@ -4,6 +4,7 @@ Per file: stat → skip if unchanged since last seen → read once → sha256 �
 validate → copy into the content-addressed store → catalogue row. Files that cannot be used get a
 rejection row with a reason code and a copy under ``quarantine/``; the batch goes on.
 
+Store and quarantine files go through :mod:`xray_core.storage` (XRAY_HOME or XRAY_STORAGE_URL).
 Crash safety: store and quarantine files are written atomically *before* the transaction that names
 them, so a crash leaves at most an unreferenced store file (reused by the next ingest), never a row
 pointing at a missing or partial file. Rows are written in small groups, each in one ``BEGIN
@@ -32,10 +33,11 @@ from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.catalogue import open_catalogue, patient_salt
 from xray_core.faults import crash_point
 from xray_core.errors import ImageRejected, ManifestError, SettingsError, SourceError
-from xray_core.fsutil import atomic_copy, atomic_write_bytes, printable, sha256_bytes
+from xray_core.fsutil import printable, sha256_bytes
 from xray_core.labels import check_label
 from xray_core.settings import Settings
 from xray_core.split import assign_splits
+from xray_core.storage import get_storage
 
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 # Files beside the label folders that describe the source rather than being images of a label.
@@ -332,9 +334,9 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
         prep.patient_id, prep.id_source = f"img-{prep.sha256[:16]}", "image"
     ext = STORE_EXT[decoded.format]
     prep.stored_rel = f"store/{prep.sha256[:2]}/{prep.sha256}.{ext}"
-    target = settings.home / prep.stored_rel
-    if not (target.exists() and target.stat().st_size == len(data)):
-        atomic_write_bytes(target, data)
+    store = get_storage(settings)
+    if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(data)):
+        store.write_bytes(prep.stored_rel, data)
         crash_point("ingest.store_written")
     prep.meta = {
         "width": decoded.width, "height": decoded.height, "bit_depth": decoded.bit_depth,
@@ -351,13 +353,14 @@ def _quarantine(settings: Settings, prep: _Prepared) -> str | None:
         return None
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", prep.cand.path.name)[-100:] or "file"
     rel = f"quarantine/{(prep.sha256 or 'unread')[:16]}-{uuid.uuid4().hex[:8]}-{safe}"
+    store = get_storage(settings)
     if prep.data is not None:
-        atomic_write_bytes(settings.home / rel, prep.data)
+        store.write_bytes(rel, prep.data)
     else:
         # Decoded fine, then found in conflict under the write lock (the same bytes with another
         # label earlier in this batch, or from a concurrent ingest): _prepare dropped the bytes but
         # stored them, and the store file holds exactly the same bytes.
-        atomic_copy(settings.home / prep.stored_rel, settings.home / rel)
+        store.copy(prep.stored_rel, rel)
     return rel
 
 
@@ -390,7 +393,10 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
     for private in ("store", "quarantine"):
         # Originals keep every byte, DICOM patient identifiers included (see SECURITY.md): owner
         # only when we create them; an existing folder's permissions are the administrator's choice.
-        (settings.home / private).mkdir(mode=0o700, exist_ok=True)
+        # (Under XRAY_STORAGE_URL, access is the bucket's or share's policy.)
+        folder = get_storage(settings).local_path(private)
+        if folder is not None:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     with session_scope(engine) as s:
         source = Source(kind=kind, path=printable(str(path)),

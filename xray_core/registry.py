@@ -5,26 +5,25 @@ Atomicity, in order:
    and read back and hashed (verified) there;
 2. one transaction inserts the version row, renames the folder to ``models/<version>/`` and commits.
    A crash before the commit leaves at most an unnamed folder (moved aside next time), never a row
-   naming missing files;
+   naming missing files. On an object store (XRAY_STORAGE_URL=s3://...) the "rename" is a copy
+   verified byte for byte, then a delete of the staging copy, still before the commit;
 3. switching the champion (retire old + crown new) and its audit row commit in one transaction; the
    database's partial unique index makes two champions impossible even for racing processes.
-Every load re-hashes the files against the sha256 stored in the catalogue. Nothing is unpickled.
+Every load hashes the bytes it reads against the sha256 stored in the catalogue and parses those same
+bytes (no second read). Nothing is unpickled. Files go through :mod:`xray_core.storage`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -33,9 +32,10 @@ from db.schema import Model, ModelImage, Promotion
 from xray_core.catalogue import open_catalogue
 from xray_core.faults import crash_point
 from xray_core.errors import CheckpointError, UsageError
-from xray_core.fsutil import atomic_write_bytes, fsync_dir, sha256_file
+from xray_core.fsutil import sha256_bytes
 from xray_core.labels import is_safe_label
 from xray_core.settings import Settings
+from xray_core.storage import Storage, get_storage
 from xray_core.train import load_head
 
 CARD_SCHEMA_VERSION = 1
@@ -107,22 +107,24 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
                fail_before_commit: bool = False) -> int:
     """Write and verify the checkpoint, then register it as a candidate version. Returns the version."""
     card = validate_card({"schema": CARD_SCHEMA_VERSION, "code_version": CODE_VERSION, **card})
-    staging = settings.models_dir / ".staging" / uuid.uuid4().hex
+    store = get_storage(settings, "models")
+    staging = f".staging/{uuid.uuid4().hex}"
     head_bytes = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
     card_bytes = json.dumps(card, indent=2, sort_keys=True, default=str).encode()
     try:
-        atomic_write_bytes(staging / "head.safetensors", head_bytes)
-        atomic_write_bytes(staging / "card.json", card_bytes)
-        head_sha, card_sha = sha256_file(staging / "head.safetensors"), sha256_file(staging / "card.json")
-        load_file(staging / "head.safetensors")  # verify it parses before anything names it
+        store.write_bytes(f"{staging}/head.safetensors", head_bytes)
+        store.write_bytes(f"{staging}/card.json", card_bytes)
+        head_read = store.read_bytes(f"{staging}/head.safetensors")
+        head_sha, card_sha = sha256_bytes(head_read), sha256_bytes(store.read_bytes(f"{staging}/card.json"))
+        load(head_read)  # verify it parses before anything names it
     except Exception:
         # E.g. StorageFullError: no half-staged folder stays behind (a crash still may leave one;
         # remove_staging_leftovers clears those). Nothing names it yet, so removing it is safe.
-        shutil.rmtree(staging, ignore_errors=True)
+        store.delete_prefix(staging)
         raise
     crash_point("registry.staged")
     engine = open_catalogue(settings)
-    renamed: Path | None = None
+    renamed: str | None = None
     try:
         with session_scope(engine) as s:
             model = Model(status="candidate", checkpoint_dir="", checkpoint_sha256=head_sha, card_sha256=card_sha,
@@ -132,12 +134,11 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
                           metrics=card.get("metrics", {}), flow_run_id=flow_run_id)
             s.add(model)
             s.flush()
-            final = settings.models_dir / str(model.id)
-            if final.exists():  # left by a SIGKILL between rename and commit (SQLite reuses the id)
-                _move_aside(settings, final)
-            os.replace(staging, final)
+            final = str(model.id)
+            if store.has_prefix(final):  # left by a SIGKILL between rename and commit (SQLite reuses the id)
+                _move_aside(store, final)
+            store.rename_prefix(staging, final)  # local: one rename + folder fsync
             renamed = final
-            fsync_dir(settings.models_dir)
             crash_point("registry.renamed_before_commit")
             model.checkpoint_dir = f"models/{model.id}"
             s.add_all([ModelImage(model_id=model.id, image_id=i, role="train") for i in train_image_ids])
@@ -148,18 +149,16 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
     except BaseException:
         # The transaction rolled back: no row names the folder. Move it aside (never trusted, kept
         # for inspection) so the version number stays free of stray files on every database.
-        if renamed is not None and renamed.exists():
-            _move_aside(settings, renamed)
-        shutil.rmtree(staging, ignore_errors=True)
+        if renamed is not None and store.has_prefix(renamed):
+            _move_aside(store, renamed)
+        store.delete_prefix(staging)
         raise
     crash_point("registry.saved")
     return version
 
 
-def _move_aside(settings: Settings, folder: Path) -> None:
-    aside = settings.models_dir / ".orphaned" / f"{folder.name}-{uuid.uuid4().hex[:8]}"
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(folder, aside)
+def _move_aside(store: Storage, folder: str) -> None:
+    store.rename_prefix(folder, f".orphaned/{folder}-{uuid.uuid4().hex[:8]}")
 
 
 def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | None = None) -> LoadedModel:
@@ -172,25 +171,29 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
         model = s.get(Model, version)
         if model is None:
             raise UsageError(f"model version {version} does not exist (see xray models)")
-        folder = settings.home / model.checkpoint_dir
+        folder = model.checkpoint_dir  # "models/<version>", relative to the storage root
         head_sha, card_sha = model.checkpoint_sha256, model.card_sha256
-    head_path, card_path = folder / "head.safetensors", folder / "card.json"
-    for path, expected in ((head_path, head_sha), (card_path, card_sha)):
-        if not path.is_file():
-            raise CheckpointError(f"model {version}: {path} is missing")
-        actual = sha256_file(path)
+    store = get_storage(settings)
+    blobs: dict[str, bytes] = {}
+    for name, expected in (("head.safetensors", head_sha), ("card.json", card_sha)):
+        key = f"{folder}/{name}"
+        try:
+            blobs[name] = store.read_bytes(key)  # hashed and parsed from these same bytes
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise CheckpointError(f"model {version}: {store.url_for(key)} is missing") from None
+        actual = sha256_bytes(blobs[name])
         if actual != expected:
-            raise CheckpointError(f"model {version}: {path.name} sha256 {actual[:12]}… does not match the "
+            raise CheckpointError(f"model {version}: {name} sha256 {actual[:12]}… does not match the "
                                   f"catalogue's {expected[:12]}…; the file was altered or corrupted")
-    card = validate_card(json.loads(card_path.read_text()))
+    card = validate_card(json.loads(blobs["card.json"]))
     if backbone_fingerprint is not None and card["backbone_fingerprint"] != backbone_fingerprint:
         raise CheckpointError(
             f"model {version} was trained on backbone {card['backbone_fingerprint'][:12]}… but the current "
             f"backbone is {backbone_fingerprint[:12]}… (XRAY_BACKBONE_WEIGHTS / preprocessing changed)")
     try:
-        state = load_file(head_path)  # safetensors: tensors only, never a pickle
-    except Exception as exc:  # SafetensorError/OSError: only possible if the catalogue row was altered too
-        raise CheckpointError(f"model {version}: {head_path.name} is not a readable safetensors file "
+        state = load(blobs["head.safetensors"])  # safetensors: tensors only, never a pickle
+    except Exception as exc:  # SafetensorError: only possible if the catalogue row was altered too
+        raise CheckpointError(f"model {version}: head.safetensors is not a readable safetensors file "
                               f"({type(exc).__name__}: {exc})") from None
     head_cfg = card["head"]
     head = load_head(state, int(head_cfg["in_dim"]), len(card["labels"]), hidden=tuple(head_cfg["hidden"]),
@@ -376,11 +379,9 @@ def registry_summary(settings: Settings) -> dict[str, Any]:
 
 def remove_staging_leftovers(settings: Settings) -> int:
     """Delete staging folders left by crashed saves (never referenced by the catalogue)."""
-    staging = settings.models_dir / ".staging"
-    if not staging.exists():
-        return 0
+    store = get_storage(settings, "models")
     n = 0
-    for child in staging.iterdir():
-        shutil.rmtree(child, ignore_errors=True)
+    for child in store.folders(".staging"):
+        store.delete_prefix(f".staging/{child}")
         n += 1
     return n

@@ -114,9 +114,10 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: int, champ
     ``n_examples`` test images with the challenger's Grad-CAM overlays."""
     from xray_core.backbone import load_backbone
     from xray_core.heatmap import gradcam_batch, heatmap_caption, overlay_png
-    from xray_core.images import load_grayscale
+    from xray_core.images import decode_stored
     from xray_core.metrics import positive_index, predict_labels
     from xray_core.retrain import _model_test_probs, _y
+    from xray_core.storage import get_storage
 
     curves: list[ModelCurves] = []
     notes: list[str] = []
@@ -139,7 +140,8 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: int, champ
         pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
         preds = predict_labels(probs[keep], threshold=model.threshold, positive_index=pos)
         picked = _example_rows(rows, y, n_examples)
-        grays = [load_grayscale(settings.home / rows[i][2], max_pixels=settings.max_pixels) for i in picked]
+        store = get_storage(settings)
+        grays = [decode_stored(store.read_bytes(rows[i][2]), max_pixels=settings.max_pixels) for i in picked]
         cams = gradcam_batch(backbone, model.head, grays, class_indices=[int(preds[i]) for i in picked],
                              settings=settings)
         for i, gray, cam in zip(picked, grays, cams):

@@ -119,7 +119,7 @@ test_set_fingerprint.__test__ = False  # not a test: pytest would collect it whe
 def _items(settings: Settings, rows: list[Row]) -> list:
     from xray_core.features import EmbedItem
 
-    return [EmbedItem(sha256=r[1], path=settings.home / r[2]) for r in rows]
+    return [EmbedItem(sha256=r[1], path=settings.home / r[2], key=r[2]) for r in rows]
 
 
 def train_views(settings: Settings) -> list[int]:

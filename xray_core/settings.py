@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +33,9 @@ class Settings:
     reports_dir: Path
     quarantine_dir: Path
     incoming_dir: Path | None  # folder the nightly retrain scans; None = only explicit sources
+    # XRAY_STORAGE_URL: where store/, quarantine/, features/ and models/ live, as an fsspec URL
+    # (memory://xray, s3://bucket/xray) or a path; None = the folders under home above (xray_core.storage)
+    storage_url: str | None = None
 
     # ingest
     labels: tuple[str, ...] = ()  # allowed labels after normalisation; empty = any well-formed name
@@ -92,6 +96,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.name == "patient_salt":
                 value = "(set)" if value else "(per-home file)"
+            elif f.name == "storage_url" and value and "@" in value:
+                value = re.sub(r"//[^/@]*@", "//***@", value)  # credentials in the URL
             elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
@@ -150,6 +156,7 @@ def _labels(name: str, raw: str) -> tuple[str, ...]:
 
 
 _FIELDS: dict[str, tuple[str, Any]] = {
+    "storage_url": ("XRAY_STORAGE_URL", lambda n, r: r.strip().rstrip("/") or None),
     "labels": ("XRAY_LABELS", _labels),
     "negative_label": ("XRAY_NEGATIVE_LABEL", lambda n, r: r.strip().lower()),
     "patient_regex": ("XRAY_PATIENT_REGEX", lambda n, r: r),

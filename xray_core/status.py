@@ -9,7 +9,8 @@ from xray_core.settings import Settings
 
 
 def status_report(settings: Settings) -> dict[str, Any]:
-    report: dict[str, Any] = {"home": str(settings.home), "database_url": _safe_url(settings.database_url)}
+    report: dict[str, Any] = {"home": str(settings.home), "database_url": _safe_url(settings.database_url),
+                              "storage_url": settings.public_dict()["storage_url"]}
     report["catalogue"] = catalogue_summary(settings)
     report["feature_cache"] = _feature_cache(settings)
     report["models"] = _models(settings)
@@ -34,13 +35,17 @@ def _feature_cache(settings: Settings) -> list[dict[str, Any]]:
     from xray_core.catalogue import open_catalogue
     from xray_core.features import cache_summary
 
-    rows = cache_summary(settings.features_dir)
+    from xray_core.storage import get_storage
+
+    storage = get_storage(settings, "features")
+    rows = cache_summary(storage)
     with session_scope(open_catalogue(settings)) as s:
         shas = list(s.scalars(select(Image.sha256)))
         models = s.execute(select(Model.id, Model.backbone_fingerprint, Model.status)).all()
     for row in rows:
-        folder = settings.features_dir / row["fingerprint"]
-        cached = sum(1 for sha in shas if (folder / sha[:2] / f"{sha}.safetensors").is_file())
+        fp = row["fingerprint"]
+        present = set(storage.list(fp))  # one listing per fingerprint, not one request per image
+        cached = sum(1 for sha in shas if f"{fp}/{sha[:2]}/{sha}.safetensors" in present)
         row["catalogued_images"] = len(shas)
         row["catalogued_cached"] = cached
         row["coverage"] = f"{cached}/{len(shas)}"
