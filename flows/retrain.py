@@ -100,12 +100,14 @@ def _run_dir(settings: Settings, run_id: str | None) -> Path:
 
 @flow(name="retrain", log_prints=False)
 def retrain(sources: list[str] | None = None, manifests: list[str] | None = None, incoming: str | None = None,
-            use_incoming: bool = True, trigger: Trigger = "manual", wait_seconds: float = 0.0) -> dict[str, Any]:
+            use_incoming: bool = True, trigger: Trigger = "manual", wait_seconds: float = 0.0,
+            force: bool = False) -> dict[str, Any]:
     """Ingest new data, train a challenger, compare it with the champion on the same test set, decide.
 
     ``sources``: folders (``<root>/<label>/<image>``) to ingest first; ``manifests``: manifest CSVs;
     ``incoming``: a folder scanned every run (default XRAY_INCOMING when ``use_incoming``). Only one
     retrain runs at a time: a second one waits ``wait_seconds`` and then fails with a clear message.
+    When nothing changed since the champion was trained, the run skips training unless ``force``.
     """
     settings = get_settings()
     logger = get_run_logger()
@@ -126,6 +128,12 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
             data = steps.load_snapshot(Path(snapshot))
             result["split_counts"] = data.counts()
             result["near_duplicates"] = catalogue_summary(settings)["near_duplicates"]
+            skip = None if force else steps.nothing_new_since_champion(settings, data)
+            if skip:
+                result.update(status="skipped", summary=skip, champion_after=steps.current_champion(settings))
+                logger.info(skip)
+                result["report"] = report_task(result, str(run_dir))
+                return _small(result)
             if settings.embed_dask_workers > 0:
                 from flows.embed import run_parallel_embed
 

@@ -150,7 +150,8 @@ def test_sigkill_leaves_a_valid_state_and_a_rerun_completes(scenario, point, nth
     from xray_core.retrain import run_cycle
 
     result = run_cycle(load_settings(), sources=[str(scenario["batch2"])], trigger="test")
-    assert result["status"] == "completed"
+    # "skipped": the killed run had already promoted a champion trained on exactly this data.
+    assert result["status"] in ("completed", "skipped")
     dispose_engines()
     _check_invariants(home, had_champion=True)
     state = _state(home)

@@ -155,13 +155,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         from xray_core.retrain import run_cycle
 
         result = run_cycle(get_settings(), sources=args.source or [], manifests=args.manifest or [],
-                           trigger="cli", wait_seconds=args.wait)
+                           trigger="cli", wait_seconds=args.wait, force=args.force)
         _emit(result, args.json, render_retrain)
         return EXIT_OK
     from flows.retrain import retrain
 
     result = retrain(sources=args.source or [], manifests=args.manifest or [], trigger="cli",
-                     use_incoming=not args.no_incoming, wait_seconds=args.wait)
+                     use_incoming=not args.no_incoming, wait_seconds=args.wait, force=args.force)
     _emit(result, args.json, render_retrain)
     return EXIT_OK if result.get("status") != "failed" else EXIT_FAILED
 
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", action="append", help="manifest CSV to ingest first (repeatable)")
     p.add_argument("--no-incoming", action="store_true", help="do not scan XRAY_INCOMING")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a running retrain (default 0)")
+    p.add_argument("--force", action="store_true", help="train even when nothing changed since the champion")
     p.add_argument("--local", action="store_true", help="run the same steps without Prefect (no server, no artifacts)")
     p = sub.add_parser("models", help=COMMANDS["models"][1])
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")

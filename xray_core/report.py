@@ -113,6 +113,8 @@ def retrain_markdown(result: dict[str, Any]) -> str:
                                   [[c["name"], "yes" if c["passed"] else "no", c["detail"]] for c in checks])]
     if result.get("champion_after") is not None:
         out += ["", f"Champion after this run: **v{result['champion_after']}**"]
+    if result.get("status") == "skipped":
+        out += ["", "## Skipped", "", result["summary"]]
     if result.get("error"):
         out += ["", "## Failure", "", f"`{result['error']}`", "", "The champion was not changed."]
     if result.get("report_path"):

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from db import session_scope
+from sqlalchemy import select
+
 from db.schema import Evaluation
 from xray_core.catalogue import open_catalogue, split_image_rows
 from xray_core.faults import crash_point
@@ -342,6 +344,39 @@ def current_champion(settings: Settings) -> int | None:
         return champion_version(s)
 
 
+# Settings that change what training produces from the same features.
+TRAINING_SETTINGS = ("head_hidden", "head_dropout", "epochs", "batch_size", "learning_rate", "weight_decay",
+                     "patience", "train_seed", "views", "negative_label")
+
+
+def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | None:
+    """Why retraining would only reproduce the champion, or None when there is something new.
+
+    Training is deterministic, so with the champion's exact training and validation images, backbone
+    and training settings a new run would train the same weights again (and, being non-inferior to
+    itself, replace the champion with a copy every night). The scheduled run skips instead.
+    """
+    from db.schema import Model
+    from xray_core.backbone import load_backbone
+
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        champion = s.scalar(select(Model).where(Model.status == "champion"))
+        if champion is None:
+            return None
+        version, trained_on = champion.id, champion.training_set_fingerprint
+        backbone, config = champion.backbone_fingerprint, dict(champion.config)
+    if trained_on != training_set_fingerprint(data) or backbone != load_backbone(settings).fingerprint:
+        return None
+    now = settings.public_dict()
+    changed = [k for k in TRAINING_SETTINGS if config.get(k) != now.get(k)]
+    if changed:
+        return None
+    return (f"nothing new since champion v{version}: the same training and validation images, backbone and "
+            "training settings would train the same weights again; retrain with force=True (CLI --force) to "
+            "run anyway")
+
+
 def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
                 data: SplitData) -> dict[str, Any]:
     """Apply the promotion policy to two evaluations on the identical test set."""
@@ -432,7 +467,7 @@ def load_snapshot(path: Path) -> SplitData:
 
 def run_cycle(settings: Settings, *, sources: list[str] | tuple[str, ...] = (),
               manifests: list[str] | tuple[str, ...] = (), trigger: str = "cli",
-              wait_seconds: float = 0.0) -> dict[str, Any]:
+              wait_seconds: float = 0.0, force: bool = False) -> dict[str, Any]:
     """One whole retrain without Prefect (``xray retrain --local``, crash tests): the flow's recipe.
 
     The Prefect flow (``flows/retrain.py``) runs the same steps as tasks, with artifacts.
@@ -450,6 +485,9 @@ def run_cycle(settings: Settings, *, sources: list[str] | tuple[str, ...] = (),
                 result["ingests"].append(
                     ingest_source(Path(manifest).parent, manifest=Path(manifest), settings=settings).as_dict())
             data = load_split_data(settings)
+            skip = None if force else nothing_new_since_champion(settings, data)
+            if skip:
+                return {**result, "status": "skipped", "summary": skip, "champion_after": current_champion(settings)}
             result["embed"] = embed_step(settings, data)
             trained = train_step(settings, data)
             version = result["version"] = trained["version"]
