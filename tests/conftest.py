@@ -112,3 +112,21 @@ def prefect_server(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=90):
         yield {"api_url": PREFECT_API_URL.value(), "home": str(home)}
+
+
+def sha(data: bytes) -> str:
+    """sha256 hex of bytes (what the store names files by)."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def fetch(settings: Settings, model) -> list:  # noqa: ANN001 - a mapped class
+    """Every row of one catalogue table."""
+    from sqlalchemy import select
+
+    from db import session_scope
+    from xray_core.catalogue import open_catalogue
+
+    with session_scope(open_catalogue(settings)) as s:
+        return list(s.scalars(select(model)))

@@ -109,7 +109,7 @@ def test_ingest_during_a_retrain(batches, tmp_path, database_url):
     b1, b2 = batches
     retrain = _start(["retrain", "--local", "--source", str(b1), "--json"], home, database_url)
     ingest = _start(["ingest", str(b2), "--json"], home, database_url)
-    (rc_r, out_r, err_r), (rc_i, out_i, err_i) = _finish(retrain), _finish(ingest)
+    (rc_r, _, err_r), (rc_i, out_i, err_i) = _finish(retrain), _finish(ingest)
     assert rc_r == 0, err_r[-2000:]
     assert rc_i == 0, err_i[-2000:]
     assert json.loads(out_i)["added"] == 12

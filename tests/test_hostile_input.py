@@ -15,7 +15,6 @@ injection in prediction output.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -44,6 +43,7 @@ from conftest import PROJECT, TEST_ENV
 from db import dispose_engines, session_scope
 from db.schema import Image, Rejection, SeenFile, Source
 from xray_cli.main import main
+from conftest import fetch as rows, sha
 from xray_core.catalogue import open_catalogue
 from xray_core.errors import ManifestError
 from xray_core.ingest import ingest_source
@@ -74,15 +74,6 @@ def put(path: Path | bytes, data: bytes) -> bytes:
     with open(path, "wb") as fh:
         fh.write(data)
     return data
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def rows(settings: Settings, model) -> list:  # noqa: ANN001 - a mapped class
-    with session_scope(open_catalogue(settings)) as s:
-        return list(s.scalars(select(model)))
 
 
 def snapshot(settings: Settings) -> dict:

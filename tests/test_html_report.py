@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest

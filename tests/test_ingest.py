@@ -24,6 +24,7 @@ from badfiles import BAD_CASES, CORPUS_MAX_PIXELS, GOOD_CASES, make_bad_corpus, 
 from conftest import TEST_ENV
 from db import dispose_engines, session_scope
 from db.schema import SPLITS, Image, Patient, Rejection, SeenFile, Source
+from conftest import fetch, sha
 from xray_core.catalogue import catalogue_summary, open_catalogue
 from xray_cli.main import main
 from xray_core.errors import ManifestError
@@ -53,15 +54,6 @@ def write_png(path: Path, seed: int, **kwargs) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def fetch(settings: Settings, model) -> list:  # noqa: ANN001 - a mapped class
-    with session_scope(open_catalogue(settings)) as s:
-        return list(s.scalars(select(model)))
 
 
 def images_by_name(settings: Settings) -> dict[str, Image]:

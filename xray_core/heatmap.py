@@ -96,7 +96,7 @@ def overlay_png(gray: np.ndarray, cam: np.ndarray, *, text: str) -> bytes:
     The PNG has the original's size, so it registers pixel for pixel with the source image. The
     heatmap's opacity grows with its value (``OVERLAY_MAX_ALPHA`` at the peak).
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     g = np.clip(np.asarray(gray, dtype=np.float32), 0.0, 1.0)
     c = np.clip(np.asarray(cam, dtype=np.float32), 0.0, 1.0)
