@@ -130,3 +130,23 @@ def fetch(settings: Settings, model) -> list:  # noqa: ANN001 - a mapped class
 
     with session_scope(open_catalogue(settings)) as s:
         return list(s.scalars(select(model)))
+
+
+def snapshot(settings: Settings) -> dict:
+    """Every row of the tables an ingest writes, and every file under store/ and quarantine/
+    (tests compare two snapshots to prove that something wrote nothing)."""
+    from sqlalchemy import select
+
+    from db import session_scope
+    from db.schema import Image, Patient, Rejection, SeenFile, Source
+    from xray_core.catalogue import open_catalogue
+
+    tables = {}
+    with session_scope(open_catalogue(settings)) as s:
+        for model in (Source, Image, Patient, Rejection, SeenFile):
+            cols = [c.key for c in model.__table__.columns]
+            tables[model.__tablename__] = sorted(
+                tuple(str(getattr(row, c)) for c in cols) for row in s.scalars(select(model)))
+    files = sorted(str(p.relative_to(settings.home)) for sub in ("store", "quarantine")
+                   for p in (settings.home / sub).rglob("*") if p.is_file())
+    return {"tables": tables, "files": files}

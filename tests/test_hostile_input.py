@@ -36,15 +36,12 @@ import pytest
 from PIL import Image as PILImage
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRBigEndian, JPEGLSLossless
-from sqlalchemy import select
-
 from badfiles import header_bomb_png, make_bad_corpus
-from conftest import PROJECT, TEST_ENV
-from db import dispose_engines, session_scope
-from db.schema import Image, Rejection, SeenFile, Source
+from conftest import PROJECT, TEST_ENV, sha, snapshot
+from conftest import fetch as rows
+from db import dispose_engines
+from db.schema import Image, Rejection, Source
 from xray_cli.main import main
-from conftest import fetch as rows, sha
-from xray_core.catalogue import open_catalogue
 from xray_core.errors import ManifestError
 from xray_core.ingest import ingest_source
 from xray_core.settings import Settings, load_settings, reset_settings
@@ -74,19 +71,6 @@ def put(path: Path | bytes, data: bytes) -> bytes:
     with open(path, "wb") as fh:
         fh.write(data)
     return data
-
-
-def snapshot(settings: Settings) -> dict:
-    """Every row an ingest writes and every file under store/ and quarantine/."""
-    tables = {}
-    with session_scope(open_catalogue(settings)) as s:
-        for model in (Source, Image, Rejection, SeenFile):
-            cols = [c.key for c in model.__table__.columns]
-            tables[model.__tablename__] = sorted(
-                tuple(str(getattr(row, c)) for c in cols) for row in s.scalars(select(model)))
-    files = sorted(str(p.relative_to(settings.home)) for sub in ("store", "quarantine")
-                   for p in (settings.home / sub).rglob("*") if p.is_file())
-    return {"tables": tables, "files": files}
 
 
 def jpeg_declaring(width: int, height: int) -> bytes:

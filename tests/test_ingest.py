@@ -21,10 +21,9 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from badfiles import BAD_CASES, CORPUS_MAX_PIXELS, GOOD_CASES, make_bad_corpus, make_good_variants
-from conftest import TEST_ENV
+from conftest import TEST_ENV, fetch, sha, snapshot
 from db import dispose_engines, session_scope
-from db.schema import SPLITS, Image, Patient, Rejection, SeenFile, Source
-from conftest import fetch, sha
+from db.schema import SPLITS, Image, Patient, Rejection, Source
 from xray_core.catalogue import catalogue_summary, open_catalogue
 from xray_cli.main import main
 from xray_core.errors import ManifestError
@@ -71,19 +70,6 @@ def split_of_image(settings: Settings) -> dict[str, str | None]:
     """sha256 -> split of the image's patient."""
     with session_scope(open_catalogue(settings)) as s:
         return dict(s.execute(select(Image.sha256, Patient.split).join(Patient)).all())
-
-
-def snapshot(settings: Settings) -> dict:
-    """Every row of the tables an ingest writes, and every file under store/ and quarantine/."""
-    tables = {}
-    with session_scope(open_catalogue(settings)) as s:
-        for model in (Source, Image, Patient, Rejection, SeenFile):
-            cols = [c.key for c in model.__table__.columns]
-            tables[model.__tablename__] = sorted(
-                tuple(str(getattr(row, c)) for c in cols) for row in s.scalars(select(model)))
-    files = sorted(str(p.relative_to(settings.home)) for sub in ("store", "quarantine")
-                   for p in (settings.home / sub).rglob("*") if p.is_file())
-    return {"tables": tables, "files": files}
 
 
 def home_settings(home: Path, **env: str) -> Settings:
