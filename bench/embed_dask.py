@@ -11,7 +11,6 @@ measured here is the overhead of the fan-out, not the gain of adding hosts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+from publish import publish  # noqa: E402 - bench/ is on sys.path when a benchmark runs as a script
 
 
 def main() -> None:
@@ -74,9 +75,7 @@ def main() -> None:
            "wall_ratio_2_vs_1_workers": round(results["dask_2_workers"]["pairs_per_s"] / results["dask_1_worker"]["pairs_per_s"], 2),
            "note": "seconds/pairs_per_s include starting a local Dask cluster and its workers (importing torch, "
                    "loading the backbone); embedding_* is the slowest shard's own embedding time"}
-    print(json.dumps(out))
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "embed_dask.json").write_text(json.dumps(out, indent=2) + "\n")
+    publish("embed_dask", out)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

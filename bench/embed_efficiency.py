@@ -16,7 +16,6 @@ weights by default (no download needed; the speed of densenet161 does not depend
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import tempfile
@@ -32,7 +31,7 @@ from xray_core.features import EmbedItem, FeatureCache, effective_batch_size
 from xray_core.fsutil import sha256_file
 from xray_core.settings import load_settings
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 
 
 def write_images(folder: Path, n: int, side: int, seed: int = 0) -> list[EmbedItem]:
@@ -120,10 +119,8 @@ def main() -> None:
         "bare_embed_seconds_all": [round(x, 3) for x in bare_runs],
         "loadavg_1m": round(os.getloadavg()[0], 2),  # context: other work on the machine skews timings
     }
-    line = json.dumps(result)
-    print(line)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "embed_efficiency.json").write_text(line + "\n")
+    # The default run (64 px) is embed_efficiency.json; other input sizes get their own file.
+    publish("embed_efficiency" if args.size == 64 else f"embed_efficiency_{args.size}", result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from xray_core.ingest import ingest_source
 from xray_core.settings import load_settings
 from xray_core.synthetic import make_xray
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 LABELS = ("normal", "pneumonia")
 N_ANATOMIES = 16  # distinct make_xray bases per (label, size); every image adds its own noise
 
@@ -142,10 +141,7 @@ def main() -> None:
         "status_images": summary["images"],
         "cpu_count": os.cpu_count(),
     }
-    line = json.dumps(result)
-    print(line)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ingest.json").write_text(line + "\n")
+    publish("ingest", result)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "cxr-sample"
 
@@ -296,9 +295,7 @@ def main() -> None:
         "tutorial": tutorial, "cold": cold, "warm": warm,
         "python": platform.python_version(), "torch": torch.__version__,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "retrain_vs_tutorial.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps(result, default=str))
+    publish("retrain_vs_tutorial", result)
 
 
 if __name__ == "__main__":
