@@ -12,7 +12,7 @@ DEMO_ENV := XRAY_HOME=var/demo PREFECT_HOME=$(CURDIR)/var/demo-prefect \
 SERVE_ENV := PREFECT_HOME=$(CURDIR)/var/prefect PREFECT_API_URL=http://127.0.0.1:4200/api \
 	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=4200
 
-.PHONY: venv demo test test-postgres bench serve stop clean
+.PHONY: venv demo test test-fast test-postgres bench serve stop clean
 
 venv: $(STAMP)
 
@@ -29,11 +29,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The fast lane: pure unit tests (no backbone run, no subprocess, no Prefect), well under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
 # The catalogue, split, registry and concurrency tests again, against a real PostgreSQL server
 # (installed from the system's packages when missing, started on 127.0.0.1, removed afterwards).
 PG_PORT ?= 54329
-PG_LANE := tests/test_db.py tests/test_split.py tests/test_ingest.py tests/test_registry.py \
-	tests/test_retrain_steps.py tests/test_ingest_concurrency.py tests/test_concurrency.py
+PG_LANE := tests/unit/test_db.py tests/unit/test_split.py tests/unit/test_ingest.py tests/unit/test_registry.py \
+	tests/integration/test_retrain_steps.py tests/integration/test_ingest_concurrency.py \
+	tests/integration/test_concurrency.py
 test-postgres: $(STAMP)
 	scripts/postgres.sh start $(PG_PORT)
 	XRAY_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:$(PG_PORT)/postgres \

@@ -37,17 +37,17 @@ def main() -> None:
     import torch
 
     from flows.embed import run_parallel_embed
-    from xray_core import retrain as steps
-    from xray_core.backbone import load_backbone
-    from xray_core.ingest import ingest_source
+    from xray_core.pipeline import embed, snapshot
+    from xray_core.model.backbone import load_backbone
+    from xray_core.data.ingest import ingest_source
     from xray_core.settings import load_settings
-    from xray_core.synthetic import write_dataset
+    from xray_core.data.synthetic import write_dataset
 
     settings = load_settings()
     write_dataset(tmp / "src", patients_per_label=args.n // 2, images_per_patient=1, size=512, seed=0)
     ingest_source(tmp / "src", settings=settings)
-    data = steps.load_split_data(settings)
-    snapshot = str(steps.save_snapshot(tmp / "split.json", data))
+    data = snapshot.load_split_data(settings)
+    snapshot = str(snapshot.save_snapshot(tmp / "split.json", data))
     load_backbone(settings)  # loading and hashing the weights is excluded everywhere
 
     # Start Prefect's ephemeral server once, outside the timings (a deployment has a running server).
@@ -58,7 +58,7 @@ def main() -> None:
         shutil.rmtree(settings.features_dir, ignore_errors=True)
         start = time.perf_counter()
         if workers == 0:
-            stats = steps.embed_step(settings, data)
+            stats = embed.embed_step(settings, data)
         else:
             stats = run_parallel_embed(settings.with_overrides(embed_dask_workers=workers), snapshot)
         seconds = time.perf_counter() - start

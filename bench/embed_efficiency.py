@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xray_core.backbone import load_backbone
-from xray_core.features import EmbedItem, FeatureCache, effective_batch_size
-from xray_core.fsutil import sha256_file
+from xray_core.model.backbone import load_backbone
+from xray_core.model.features import EmbedItem, FeatureCache, effective_batch_size
+from xray_core.io.fsutil import sha256_file
 from xray_core.settings import load_settings
 
 from publish import publish  # bench/ is on sys.path when a benchmark runs as a script

@@ -11,7 +11,7 @@ Two measurements in one fresh XRAY_HOME (a temp folder), on the CPU:
 Also times ``catalogue_summary`` (what ``xray status`` shows, near-duplicate search included) on the
 resulting catalogue of N + RESCAN_N images.
 
-Images: a few patients' anatomies from ``xray_core.synthetic.make_xray`` (0.2 s each at 1024 px), each
+Images: a few patients' anatomies from ``xray_core.data.synthetic.make_xray`` (0.2 s each at 1024 px), each
 image that anatomy plus its own detector noise, so every file has distinct bytes (generation is not
 timed and runs on all cores).
 
@@ -35,10 +35,10 @@ import numpy as np
 from PIL import Image
 
 from db import dispose_engines
-from xray_core.catalogue import catalogue_summary
-from xray_core.ingest import ingest_source
+from xray_core.data.catalogue import catalogue_summary
+from xray_core.data.ingest import ingest_source
 from xray_core.settings import load_settings
-from xray_core.synthetic import make_xray
+from xray_core.data.synthetic import make_xray
 
 from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 LABELS = ("normal", "pneumonia")

@@ -57,7 +57,7 @@ def read_images(data: Path | None, tmp: Path) -> tuple[list[dict], str]:
             rows = [{"path": data / r["file"], "label": r["label"], "patient_id": r["patient_id"]}
                     for r in csv.DictReader(fh)]
         return rows, str(data)
-    from xray_core.synthetic import write_dataset
+    from xray_core.data.synthetic import write_dataset
 
     records = write_dataset(tmp / "synthetic", patients_per_label=60, images_per_patient=1, size=256)
     return [{"path": r.path, "label": r.label, "patient_id": r.patient_id} for r in records], "synthetic (120 images)"
@@ -106,8 +106,10 @@ def image_folder(settings, rows, folder: Path) -> Path:
 
 def our_retrain(settings, source: Path) -> dict:
     """ingest -> load_split_data -> embed_step -> train_step -> evaluate_step, each timed."""
-    from xray_core.ingest import ingest_source
-    from xray_core.retrain import embed_step, evaluate_step, load_split_data, train_step
+    from xray_core.data.ingest import ingest_source
+    from xray_core.pipeline.embed import embed_step
+    from xray_core.pipeline.steps import evaluate_step, train_step
+    from xray_core.pipeline.snapshot import load_split_data
 
     t = {}
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -140,9 +142,9 @@ def tutorial_loop(settings, backbone, train_dir: Path, test_dir: Path, *, epochs
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from xray_core.metrics import compute_metrics
-    from xray_core.preprocess import IMAGENET_MEAN, IMAGENET_STD
-    from xray_core.train import build_head
+    from xray_core.evaluate.metrics import compute_metrics
+    from xray_core.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from xray_core.model.train import build_head
 
     size = settings.input_size
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -211,7 +213,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from db import dispose_engines
-    from xray_core.backbone import load_backbone
+    from xray_core.model.backbone import load_backbone
     from xray_core.settings import load_settings
 
     with tempfile.TemporaryDirectory(prefix="xray-bench-") as tmp_name:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flows.retrain import retrain
-from xray_core.render import render_models, render_status
+from xray_core.report.terminal import render_models, render_status
 from xray_core.settings import Settings
 
 BATCH_1_SHARE = 0.7  # of the sample's patients arrive first; the rest arrive in batch 2
@@ -44,7 +44,7 @@ def _stage_sample(sample: Path, incoming: Path) -> list[Path]:
 
 
 def _stage_synthetic(incoming: Path) -> list[Path]:
-    from xray_core.synthetic import write_dataset
+    from xray_core.data.synthetic import write_dataset
 
     manifests = []
     for n, (offset, patients) in enumerate(((0, 36), (1000, 24)), start=1):
@@ -56,8 +56,8 @@ def _stage_synthetic(incoming: Path) -> list[Path]:
 
 
 def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: bool = False) -> dict[str, Any]:
-    from xray_core.registry import list_models
-    from xray_core.status import status_report
+    from xray_core.registry.versions import list_models
+    from xray_core.report.status import status_report
 
     if fresh and settings.home.exists():
         shutil.rmtree(settings.home)

@@ -17,14 +17,15 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import transient_io
-from xray_core import retrain as steps
+from xray_core.pipeline.embed import embed_shard, merge_embed_stats
+from xray_core.pipeline.snapshot import load_snapshot
 from xray_core.settings import Settings, get_settings
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=transient_io, cache_policy=NO_CACHE)
 def embed_shard_task(snapshot: str, shard: int, shards: int, threads: int) -> dict[str, Any]:
     """Embed the missing pairs of one shard of the run's images."""
-    return steps.embed_shard(get_settings(), steps.load_snapshot(Path(snapshot)), shard, shards, threads=threads)
+    return embed_shard(get_settings(), load_snapshot(Path(snapshot)), shard, shards, threads=threads)
 
 
 @flow(name="embed-parallel")
@@ -32,7 +33,7 @@ def embed_parallel(snapshot: str, shards: int, threads: int = 1) -> dict[str, An
     """Map the shards over the flow's task runner (a DaskTaskRunner) and merge their stats."""
     start = time.perf_counter()
     futures = embed_shard_task.map(snapshot, list(range(shards)), unmapped(shards), unmapped(threads))
-    return steps.merge_embed_stats([f.result() for f in futures], time.perf_counter() - start)
+    return merge_embed_stats([f.result() for f in futures], time.perf_counter() - start)
 
 
 def dask_task_runner(settings: Settings):  # noqa: ANN201 - prefect_dask.DaskTaskRunner

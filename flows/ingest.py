@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import progress_reporter, transient_io
-from xray_core.ingest import ingest_source
-from xray_core.render import render_ingest
+from xray_core.data.ingest import ingest_source
+from xray_core.report.terminal import render_ingest
 from xray_core.settings import get_settings
 
 

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import progress_reporter
-from xray_core.predict import predict_folder
+from xray_core.pipeline.predict import predict_folder
 from xray_core.settings import get_settings
 
 

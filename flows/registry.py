@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from xray_core import registry
+from xray_core.registry import versions as registry
 from xray_core.settings import get_settings
 
 

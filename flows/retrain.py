@@ -16,11 +16,14 @@ from prefect.runtime import flow_run
 
 from flows.common import epoch_reporter, progress_reporter, transient_io
 from flows.ingest import ingest_task
-from xray_core import retrain as steps
-from xray_core.catalogue import catalogue_summary
-from xray_core.html_report import write_run_html
-from xray_core.registry import list_models, record_decision
-from xray_core.report import metrics_rows, registry_rows, retrain_markdown
+from xray_core.pipeline import embed
+from xray_core.pipeline import lock
+from xray_core.pipeline import snapshot
+from xray_core.pipeline import steps
+from xray_core.data.catalogue import catalogue_summary
+from xray_core.report.html import write_run_html
+from xray_core.registry.versions import list_models, record_decision
+from xray_core.report.markdown import metrics_rows, registry_rows, retrain_markdown
 from xray_core.settings import Settings, get_settings
 
 Trigger = Literal["schedule", "manual", "cli", "demo", "test"]
@@ -29,35 +32,35 @@ Trigger = Literal["schedule", "manual", "cli", "demo", "test"]
 @task(cache_policy=NO_CACHE)
 def snapshot_task(run_dir: str) -> str:
     """Freeze the current patient-grouped split for this run; return the snapshot's path."""
-    data = steps.load_split_data(get_settings())
-    return str(steps.save_snapshot(Path(run_dir) / "split.json", data))
+    data = snapshot.load_split_data(get_settings())
+    return str(snapshot.save_snapshot(Path(run_dir) / "split.json", data))
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=transient_io, cache_policy=NO_CACHE)
 def embed_task(snapshot: str) -> dict[str, Any]:
     """Embed the (image, view) pairs missing from the feature cache."""
     progress = progress_reporter("retrain-embedding", "feature cache: images embedded")
-    return steps.embed_step(get_settings(), steps.load_snapshot(Path(snapshot)), progress)
+    return embed.embed_step(get_settings(), snapshot.load_snapshot(Path(snapshot)), progress)
 
 
 @task(cache_policy=NO_CACHE)
 def train_task(snapshot: str, flow_run_id: str | None) -> dict[str, Any]:
     """Train the challenger head on cached features and save it as a candidate."""
     progress = epoch_reporter("retrain-training", "head training: epochs")
-    return steps.train_step(get_settings(), steps.load_snapshot(Path(snapshot)), flow_run_id=flow_run_id,
+    return steps.train_step(get_settings(), snapshot.load_snapshot(Path(snapshot)), flow_run_id=flow_run_id,
                             progress=progress)
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate_task(version: int, snapshot: str, flow_run_id: str | None) -> dict[str, Any]:
     """Score one model version on the run's test split."""
-    return steps.evaluate_step(get_settings(), version, steps.load_snapshot(Path(snapshot)), flow_run_id=flow_run_id)
+    return steps.evaluate_step(get_settings(), version, snapshot.load_snapshot(Path(snapshot)), flow_run_id=flow_run_id)
 
 
 @task(cache_policy=NO_CACHE)
 def decide_task(challenger: dict[str, Any], champion: dict[str, Any] | None, snapshot: str) -> dict[str, Any]:
     """Apply the promotion policy."""
-    return steps.decide_step(get_settings(), challenger, champion, steps.load_snapshot(Path(snapshot)))
+    return steps.decide_step(get_settings(), challenger, champion, snapshot.load_snapshot(Path(snapshot)))
 
 
 @task(cache_policy=NO_CACHE)
@@ -76,10 +79,10 @@ def report_task(result: dict[str, Any], run_dir: str) -> str:
     result = {**result, "report_path": str(path)}
     result["report_html"] = str(write_run_html(settings, result, Path(run_dir)))
     markdown = retrain_markdown(result)
-    from xray_core.fsutil import atomic_write_bytes
+    from xray_core.io.fsutil import atomic_write_bytes
 
     atomic_write_bytes(path, markdown.encode())
-    steps.write_json(Path(run_dir) / "result.json", result)
+    snapshot.write_json(Path(run_dir) / "result.json", result)
     create_markdown_artifact(markdown=markdown, key="retrain-report", description="retrain run report")
     if result.get("challenger_eval"):
         create_table_artifact(table=metrics_rows(result["challenger_eval"], result.get("champion_eval")),
@@ -113,7 +116,7 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
     logger = get_run_logger()
     run_id = flow_run.id
     run_name = flow_run.name
-    with steps.retrain_lock(settings, wait_seconds=wait_seconds):
+    with lock.retrain_lock(settings, wait_seconds=wait_seconds):
         run_dir = _run_dir(settings, run_id)
         result: dict[str, Any] = {"flow_run_id": run_id, "run_name": run_name, "trigger": trigger,
                                   "backbone_weights": settings.backbone_weights, "ingests": []}
@@ -125,7 +128,7 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
             for manifest in manifests or []:
                 result["ingests"].append(ingest_task(str(Path(manifest).parent), manifest))
             snapshot = snapshot_task(str(run_dir))
-            data = steps.load_snapshot(Path(snapshot))
+            data = snapshot.load_snapshot(Path(snapshot))
             result["split_counts"] = data.counts()
             result["near_duplicates"] = catalogue_summary(settings)["near_duplicates"]
             skip = None if force else steps.nothing_new_since_champion(settings, data)

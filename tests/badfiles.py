@@ -21,7 +21,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML
 
-from xray_core.synthetic import make_xray, write_dicom
+from xray_core.data.synthetic import make_xray, write_dicom
 
 CORPUS_MIN_SIDE = 32
 CORPUS_MAX_PIXELS = 4_000_000

@@ -126,7 +126,7 @@ def fetch(settings: Settings, model) -> list:  # noqa: ANN001 - a mapped class
     from sqlalchemy import select
 
     from db import session_scope
-    from xray_core.catalogue import open_catalogue
+    from xray_core.data.catalogue import open_catalogue
 
     with session_scope(open_catalogue(settings)) as s:
         return list(s.scalars(select(model)))
@@ -139,7 +139,7 @@ def snapshot(settings: Settings) -> dict:
 
     from db import session_scope
     from db.schema import Image, Patient, Rejection, SeenFile, Source
-    from xray_core.catalogue import open_catalogue
+    from xray_core.data.catalogue import open_catalogue
 
     tables = {}
     with session_scope(open_catalogue(settings)) as s:

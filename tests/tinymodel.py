@@ -33,10 +33,12 @@ def tiny_home(root: Path, *, models: int = 1, patients_per_label: int = 10,
     """Yield a TinyHome with ``models`` trained versions (each with another train seed); the env is
     set for the duration and restored afterwards."""
     from db import dispose_engines
-    from xray_core.ingest import ingest_source
-    from xray_core.retrain import embed_step, evaluate_step, load_split_data, train_step
+    from xray_core.data.ingest import ingest_source
+    from xray_core.pipeline.embed import embed_step
+    from xray_core.pipeline.steps import evaluate_step, train_step
+    from xray_core.pipeline.snapshot import load_split_data
     from xray_core.settings import load_settings, reset_settings
-    from xray_core.synthetic import write_dataset
+    from xray_core.data.synthetic import write_dataset
 
     env = {"XRAY_HOME": str(root / "home"), **TEST_ENV, **(extra_env or {})}
     with pytest.MonkeyPatch.context() as mp:

@@ -57,7 +57,7 @@ def _use_flow() -> bool:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from xray_core.render import render_ingest
+    from xray_core.report.terminal import render_ingest
 
     manifest = str(Path(args.manifest).absolute()) if args.manifest else None
     if _use_flow():
@@ -65,7 +65,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
         summary = ingest(str(Path(args.path).absolute()), manifest)
     else:
-        from xray_core.ingest import ingest_source
+        from xray_core.data.ingest import ingest_source
 
         summary = ingest_source(Path(args.path), manifest=Path(manifest) if manifest else None,
                                 settings=get_settings(), progress=_progress_bar(True, "ingest")).as_dict()
@@ -74,7 +74,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from xray_core.render import render_predict
+    from xray_core.report.terminal import render_predict
 
     out = str(Path(args.out).absolute()) if args.out else None
     manifest = str(Path(args.manifest).absolute()) if args.manifest else None
@@ -85,7 +85,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         result = predict(str(Path(args.path).absolute()), out=out, manifest=manifest, version=args.version,
                          heatmaps=heatmaps)
     else:
-        from xray_core.predict import predict_folder
+        from xray_core.pipeline.predict import predict_folder
 
         result = predict_folder(get_settings(), Path(args.path), out=Path(out) if out else None,
                                 manifest=Path(manifest) if manifest else None, version=args.version,
@@ -98,16 +98,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from xray_core.render import render_status
-    from xray_core.status import status_report
+    from xray_core.report.terminal import render_status
+    from xray_core.report.status import status_report
 
     _emit(status_report(get_settings()), args.json, render_status)
     return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from xray_core.render import render_train
-    from xray_core.retrain import run_train
+    from xray_core.report.terminal import render_train
+    from xray_core.pipeline.steps import run_train
 
     result = run_train(get_settings(), progress=_progress_bar(True, "embed"))
     _emit(result, args.json, render_train)
@@ -115,8 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from xray_core import registry
-    from xray_core.render import render_history, render_lineage, render_models
+    from xray_core.registry import versions as registry
+    from xray_core.report.terminal import render_history, render_lineage, render_models
 
     settings = get_settings()
     if args.action == "show":
@@ -131,8 +131,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from xray_core.registry import promote_manually
-    from xray_core.render import render_history
+    from xray_core.registry.versions import promote_manually
+    from xray_core.report.terminal import render_history
 
     row = promote_manually(get_settings(), args.version, reason=args.reason, trigger="cli", actor=_actor())
     _emit(row, args.json, lambda r: render_history([r]))
@@ -140,8 +140,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from xray_core.registry import rollback
-    from xray_core.render import render_history
+    from xray_core.registry.versions import rollback
+    from xray_core.report.terminal import render_history
 
     row = rollback(get_settings(), reason=args.reason, trigger="cli", actor=_actor())
     _emit(row, args.json, lambda r: render_history([r]))
@@ -149,10 +149,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from xray_core.render import render_retrain
+    from xray_core.report.terminal import render_retrain
 
     if args.local:
-        from xray_core.retrain import run_cycle
+        from xray_core.pipeline.cycle import run_cycle
 
         result = run_cycle(get_settings(), sources=args.source or [], manifests=args.manifest or [],
                            trigger="cli", wait_seconds=args.wait, force=args.force)

@@ -34,7 +34,7 @@ class Settings:
     quarantine_dir: Path
     incoming_dir: Path | None  # folder the nightly retrain scans; None = only explicit sources
     # XRAY_STORAGE_URL: where store/, quarantine/, features/ and models/ live, as an fsspec URL
-    # (memory://xray, s3://bucket/xray) or a path; None = the folders under home above (xray_core.storage)
+    # (memory://xray, s3://bucket/xray) or a path; None = the folders under home above (xray_core.io.storage)
     storage_url: str | None = None
 
     # ingest
@@ -150,7 +150,7 @@ def _ints(name: str, raw: str) -> tuple[int, ...]:
 
 
 def _labels(name: str, raw: str) -> tuple[str, ...]:
-    from xray_core.labels import normalise_label
+    from xray_core.data.labels import normalise_label
 
     return tuple(sorted({normalise_label(p) for p in raw.split(",") if p.strip()}))
 

@@ -1,0 +1,215 @@
+"""report.html of a retrain run: valid, self-contained HTML with every section and its images; a failed
+run still renders; the curve helpers agree with the metrics; the markdown artifact points at it."""
+
+from __future__ import annotations
+
+import base64
+import io
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinymodel import tiny_home
+from xray_core.evaluate.metrics import auroc, compute_metrics
+from xray_core.report.data import reliability_bins, roc_curve
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+SECTIONS = {"summary", "decision", "data", "metrics", "per-class", "roc", "confusion", "calibration", "heatmaps"}
+
+
+class StrictParser(HTMLParser):
+    """Collects sections, headings and images, and fails on mis-nested or unclosed elements."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.sections: list[str] = []
+        self.images: list[dict[str, str]] = []
+        self.h2: list[str] = []
+        self.links: list[str] = []
+        self.doctype = False
+        self._in_h2 = False
+
+    def handle_decl(self, decl: str) -> None:
+        self.doctype = decl.lower() == "doctype html"
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section":
+            self.sections.append(a.get("id", ""))
+        if tag == "img":
+            self.images.append(a)
+        for key in ("href", "src"):
+            if key in a:
+                self.links.append(a[key])
+        self._in_h2 = tag == "h2"
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
+        self.stack.pop()
+        self._in_h2 = False
+
+    def handle_data(self, data):
+        if self._in_h2:
+            self.h2.append(data)
+
+
+def parse(text: str) -> StrictParser:
+    p = StrictParser()
+    p.feed(text)
+    p.close()
+    assert p.doctype and p.stack == [], p.stack
+    return p
+
+
+def _png_size(src: str) -> tuple[int, int]:
+    assert src.startswith("data:image/png;base64,")
+    data = base64.b64decode(src.split(",", 1)[1], validate=True)
+    with Image.open(io.BytesIO(data)) as img:
+        img.verify()
+        return img.size
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny home with two versions, and the result dict of a run that compared them (as the flow builds it)."""
+    from xray_core.pipeline.steps import decide_step
+    from xray_core.pipeline.snapshot import save_snapshot
+
+    with tiny_home(tmp_path_factory.mktemp("report"), models=2, patients_per_label=14) as h:
+        champion, challenger = (h.evaluations[v] for v in h.versions)
+        decision = decide_step(h.settings, challenger, champion, h.data)
+        run_dir = tmp_path_factory.mktemp("run")
+        save_snapshot(run_dir / "split.json", h.data)
+        result = {"run_name": "tiny-run", "flow_run_id": "0000-test", "trigger": "test", "status": "completed",
+                  "backbone_weights": "random", "backbone_random_init": True,
+                  "backbone_fingerprint": "f" * 64,
+                  "ingests": [{"source": str(h.source), "manifest": None, "added": 28, "duplicates": 0,
+                               "skipped_unchanged": 0, "rejected": 1, "rejected_by_reason": {"not_an_image": 1}}],
+                  "split_counts": h.data.counts(), "near_duplicates": {"max_distance": 6, "pairs_across_splits": 0},
+                  "embed": {"computed": 48, "cached": 0, "recomputed_corrupt": 0, "seconds": 1.0},
+                  "challenger_eval": challenger, "champion_eval": champion,
+                  "decision": {k: decision[k] for k in ("decision", "promote", "rationale", "checks")},
+                  "champion_after": h.versions[0], "report_path": str(run_dir / "report.md")}
+        yield h, result, run_dir
+
+
+def test_report_html_is_valid_with_every_section_and_embedded_images(run):
+    from xray_core.report.html import write_run_html
+
+    h, result, run_dir = run
+    path = write_run_html(h.settings, result, run_dir)
+    assert path == run_dir / "report.html"
+    text = path.read_text(encoding="utf-8")
+    p = parse(text)
+    assert SECTIONS <= set(p.sections), p.sections
+    assert len(p.sections) == len(set(p.sections))
+    assert all(link.startswith("data:") for link in p.links), "self-contained: no external resources"
+    plots = [i for i in p.images if i.get("class") == "plot"]
+    heatmaps = [i for i in p.images if i.get("class") == "heatmap"]
+    assert len(plots) == 3  # ROC, confusion matrices, reliability
+    for img in plots:
+        w, hgt = _png_size(img["src"])
+        assert w > 200 and hgt > 200
+    n_test = len(h.data.test)
+    assert len(heatmaps) == min(4, n_test) and n_test >= 2
+    test_sizes = {Image.open(h.settings.home / r[2]).size for r in h.data.test}
+    assert {_png_size(i["src"]) for i in heatmaps} <= test_sizes  # overlays at the originals' size
+    # The key content, readable as text.
+    assert result["decision"]["rationale"][:40] in text.replace("&#x27;", "'").replace("&quot;", '"')
+    assert "random-init" in text
+    v_champ, v_chal = h.versions
+    assert f"challenger v{v_chal}" in text and f"champion v{v_champ}" in text
+    for metric in ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc"):
+        assert f"<th>{metric}</th>" in text
+    per_class = text.split('id="per-class"')[1].split("</section>")[0]
+    assert per_class.count("[") >= 2 * 2 * 6  # intervals for both models, both classes, six metrics
+
+
+def test_curves_cover_both_models_on_the_same_test_set(run):
+    from xray_core.report.data import collect_report_data
+
+    h, result, _ = run
+    data = collect_report_data(h.settings, h.data, challenger=h.versions[1], champion=h.versions[0])
+    assert [(c.role, c.version) for c in data.curves] == [("challenger", h.versions[1]), ("champion", h.versions[0])]
+    for curve, ev in zip(data.curves, (result["challenger_eval"], result["champion_eval"])):
+        assert curve.n == ev["n_images"]
+        for label, r in curve.roc.items():  # the plotted area is the reported AUROC
+            assert r["auroc"] == pytest.approx(ev["metrics"]["per_class"][label]["auroc"], abs=1e-9)
+        assert sum(b["count"] for b in curve.reliability) == ev["n_images"]
+    assert len(data.examples) == min(4, len(h.data.test))
+    assert all(x.version == h.versions[1] and x.png.startswith(b"\x89PNG") for x in data.examples)
+
+
+def test_a_failed_run_still_renders_without_curves(run, tmp_path):
+    from xray_core.report.html import write_run_html
+
+    h, _, _ = run
+    result = {"run_name": "broken-run", "status": "failed", "error": "OSError: injected: disk unplugged",
+              "backbone_weights": "random", "ingests": [], "split_counts": h.data.counts()}
+    text = write_run_html(h.settings, result, tmp_path).read_text()
+    p = parse(text)
+    assert {"summary", "decision", "data", "failure"} <= set(p.sections)
+    assert not {"roc", "calibration", "heatmaps", "confusion"} & set(p.sections)
+    assert p.images == []
+    assert "injected: disk unplugged" in text and "no curves" in text
+
+
+def test_report_renders_with_a_note_when_curves_cannot_be_computed(run, tmp_path, monkeypatch):
+    from xray_core.report import data as report_data
+    from xray_core.errors import CheckpointError
+    from xray_core.report.html import write_run_html
+    from xray_core.pipeline.snapshot import save_snapshot
+
+    h, result, _ = run
+
+    def broken(*args, **kwargs):
+        raise CheckpointError("model 1: head.safetensors sha256 does not match")
+
+    monkeypatch.setattr(report_data, "collect_report_data", broken)
+    save_snapshot(tmp_path / "split.json", h.data)
+    text = write_run_html(h.settings, result, tmp_path).read_text()
+    p = parse(text)
+    assert "confusion" in p.sections and "roc" not in p.sections  # from the evaluations alone
+    assert "Curves and heatmaps unavailable: CheckpointError" in text
+
+
+def test_markdown_links_the_html_report_and_repeats_key_numbers(run):
+    from xray_core.report.markdown import retrain_markdown
+
+    h, result, run_dir = run
+    md = retrain_markdown({**result, "report_html": str(run_dir / "report.html")})
+    assert f"`{run_dir / 'report.html'}`" in md
+    assert f"- Decision: **{result['decision']['decision']}**" in md
+    assert f"challenger v{h.versions[1]}: macro AUROC" in md and f"champion v{h.versions[0]}: macro AUROC" in md
+    assert "report.html" not in retrain_markdown({k: v for k, v in result.items() if k != "report_html"})
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_curve_area_is_the_auroc_even_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 60).astype(bool)
+    score = np.round(rng.random(60) * 5) / 5  # many ties
+    fpr, tpr = roc_curve(y, score)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(y, score), abs=1e-12)
+    assert roc_curve(np.ones(5, bool), np.arange(5.0)) is None
+
+
+def test_reliability_bins_reproduce_the_ece():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(80, 3)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = rng.integers(0, 3, 80)
+    bins = reliability_bins(probs, y)
+    assert len(bins) == 10 and sum(b["count"] for b in bins) == 80
+    ece = sum(b["count"] / 80 * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
+    assert ece == pytest.approx(compute_metrics(y, probs, ["a", "b", "c"], threshold=None)["ece"], abs=1e-12)

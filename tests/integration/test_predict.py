@@ -1,0 +1,247 @@
+"""Batch prediction and Grad-CAM heatmaps: the CSV contract for a known model, bad files in the
+folder, heatmaps at the input's size, and the CLI's ``--json`` output with a terminal progress bar.
+
+One tiny catalogue and model per module (``tinymodel.tiny_home``: 20 images, 32 px input).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tinymodel import tiny_home
+from xray_cli.main import main
+from xray_core.data.synthetic import make_xray
+
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    from xray_core.registry.versions import promote_manually
+
+    with tiny_home(tmp_path_factory.mktemp("predict")) as h:
+        promote_manually(h.settings, h.versions[0], reason="test champion")
+        yield h
+
+
+def _png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, mode="L").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def films(home, tmp_path_factory) -> Path:
+    """Six ingested images in two label folders, one new non-square image at the top, a text file
+    named .png and an empty file: what arrives in practice."""
+    root = tmp_path_factory.mktemp("films")
+    for label in ("normal", "pneumonia"):
+        for src in sorted((home.source / label).iterdir())[:3]:
+            (root / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / label / src.name)
+    wide = make_xray("pneumonia", size=96, rng=np.random.default_rng(7))[:72]  # 72 x 96, never ingested
+    _png(root / "wide.png", wide)
+    (root / "pneumonia" / "broken.png").write_text("not an image at all")
+    (root / "normal" / "empty.png").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def predicted(home, films, tmp_path_factory):
+    from xray_core.pipeline.predict import predict_folder
+
+    out_dir = tmp_path_factory.mktemp("out")
+    result = predict_folder(home.settings, films, out=out_dir / "predictions.csv", heatmaps=out_dir / "heatmaps")
+    with open(out_dir / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return result, rows, out_dir
+
+
+def _card(home) -> dict:
+    from xray_core.registry.versions import load_model
+
+    return load_model(home.settings, home.versions[0]).card
+
+
+def test_csv_columns_and_values_for_a_known_model(home, films, predicted):
+    from xray_core.pipeline.steps import model_test_probs
+
+    result, rows, out_dir = predicted
+    card = _card(home)
+    labels = card["labels"]
+    with open(out_dir / "predictions.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header == ["file", "sha256", "status", "error", "true_label", "predicted_label",
+                      *[f"p_{lab}" for lab in labels], "threshold", "model_version", "backbone_fingerprint",
+                      "heatmap"]
+    assert result["model_version"] == home.versions[0]  # the champion by default
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 7
+    pos = labels.index("pneumonia")
+    for r in ok:
+        probs = np.array([float(r[f"p_{lab}"]) for lab in labels])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert float(r["threshold"]) == card["threshold"]
+        assert int(r["model_version"]) == home.versions[0]
+        assert r["backbone_fingerprint"] == card["backbone_fingerprint"]
+        assert r["sha256"] == hashlib.sha256((films / r["file"]).read_bytes()).hexdigest()
+        expected = "pneumonia" if probs[pos] >= card["threshold"] else "normal"
+        assert r["predicted_label"] == expected
+        assert r["true_label"] == (r["file"].split("/")[0] if "/" in r["file"] else "")
+
+    # The same numbers the evaluation uses for the same images (cached features, same head).
+    rows_by_sha = {r["sha256"]: r for r in ok}
+    known = [row for row in home.data.train + home.data.val + home.data.test if row[1] in rows_by_sha]
+    assert known
+    probs, _ = model_test_probs(home.settings, home.versions[0], known)
+    for row, p in zip(known, probs):
+        got = [float(rows_by_sha[row[1]][f"p_{lab}"]) for lab in labels]
+        assert got == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_bad_files_are_listed_with_reasons_and_the_rest_predicted(predicted):
+    result, rows, _ = predicted
+    by_file = {r["file"]: r for r in rows}
+    assert by_file["pneumonia/broken.png"]["status"] == "rejected"
+    assert by_file["pneumonia/broken.png"]["error"].startswith("not_an_image")
+    assert by_file["normal/empty.png"]["error"].startswith("empty_file")
+    for bad in ("pneumonia/broken.png", "normal/empty.png"):
+        assert by_file[bad]["predicted_label"] == "" and by_file[bad]["p_normal"] == ""
+        assert by_file[bad]["heatmap"] == ""
+    assert (result["files"], result["predicted"], result["rejected"]) == (9, 7, 2)
+
+
+def test_heatmap_png_per_predicted_image_at_the_inputs_size(films, predicted):
+    _, rows, out_dir = predicted
+    ok = [r for r in rows if r["status"] == "ok"]
+    written = sorted(p.name for p in (out_dir / "heatmaps").iterdir())
+    assert written == sorted(Path(r["heatmap"]).name for r in ok)
+    assert "normal__" + Path(ok[0]["file"]).name in written or any(n.startswith("normal__") for n in written)
+    for r in ok:
+        with Image.open(r["heatmap"]) as overlay, Image.open(films / r["file"]) as original:
+            assert overlay.format == "PNG" and overlay.mode == "RGB"
+            assert overlay.size == original.size  # registers pixel for pixel with the original
+    wide = next(r for r in ok if r["file"] == "wide.png")
+    assert Image.open(wide["heatmap"]).size == (96, 72)
+
+
+def _gray(label: str, seed: int, shape=(80, 100)) -> np.ndarray:
+    big = make_xray(label, size=max(shape), rng=np.random.default_rng(seed), patient_seed=seed)
+    return (big[: shape[0], : shape[1]].astype(np.float32) / 255.0)
+
+
+def test_gradcam_has_the_inputs_size_and_differs_between_inputs(home):
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.heatmap import gradcam_batch
+    from xray_core.registry.versions import load_model
+
+    settings = home.settings.with_overrides(input_size=64)  # a 2 x 2 feature map (32 px gives 1 x 1)
+    backbone = load_backbone(settings)
+    head = load_model(home.settings, home.versions[0]).head
+    a, b = _gray("normal", 1), _gray("pneumonia", 2)
+    cam_a, cam_b = gradcam_batch(backbone, head, [a, b], class_indices=[1, 1], settings=settings)
+    for cam in (cam_a, cam_b):
+        assert cam.shape == (80, 100) and cam.dtype == np.float32
+        assert cam.min() >= 0.0 and cam.max() <= 1.0
+    assert not np.allclose(cam_a, cam_b, atol=1e-3)
+    assert all(p.grad is None for p in head.parameters())  # no gradients left behind in the head
+
+
+def test_gradcam_equals_the_class_activation_map_for_a_linear_head(home):
+    """For a linear head, Grad-CAM is exactly CAM: relu(sum_k w_ck A_k), normalised, upsampled."""
+    import torch.nn.functional as F
+
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.heatmap import gradcam
+    from xray_core.model.preprocess import make_view
+    from xray_core.model.train import build_head
+
+    settings = home.settings.with_overrides(input_size=64)
+    backbone = load_backbone(settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        head = build_head(2208, 2, hidden=(), dropout=0.0).eval()
+    gray = _gray("pneumonia", 3)
+    with torch.no_grad():
+        act = F.relu(backbone.features.features(make_view(gray, 0, "", settings)[None]))[0]
+        cams = F.relu(torch.einsum("ck,khw->chw", head[0].weight, act))
+        c = int(cams.amax(dim=(1, 2)).argmax())  # a class with some positive evidence (else the map is 0)
+        cam = cams[c] / cams[c].max()
+        want = F.interpolate(cam[None, None], size=gray.shape, mode="bilinear", align_corners=False)[0, 0]
+    got = gradcam(backbone, head, gray, class_index=c, settings=settings)
+    assert got.max() == pytest.approx(1.0, abs=1e-6)
+    assert np.allclose(got, want.numpy(), atol=1e-5)
+
+
+def test_overlay_png_keeps_the_size_and_draws_the_label():
+    from xray_core.model.heatmap import overlay_png
+
+    gray = _gray("normal", 4, shape=(120, 160))
+    cam = np.zeros_like(gray)
+    cam[60:, 80:] = 1.0
+    img = np.asarray(Image.open(__import__("io").BytesIO(overlay_png(gray, cam, text="pneumonia 0.87 (v3)"))))
+    assert img.shape == (120, 160, 3)
+    plain = np.round(gray * 255)
+    assert np.abs(img[100, 150].astype(int) - plain[100, 150]).max() > 20  # tinted where the map is hot
+    assert np.abs(img[60, 20].astype(int) - plain[60, 20]).max() <= 1  # untouched where it is 0
+    assert (img[:5, :40] == 0).any() and (img[:12, :80] > 200).any()  # the label box and its text
+    with pytest.raises(ValueError, match="differ in size"):
+        overlay_png(gray, cam[:10], text="x")
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _run(capsys, monkeypatch, *argv):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as on a terminal: the progress bar draws
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_progress_bar_on_a_terminal_does_not_break_json(home, films, capsys, monkeypatch, tmp_path):
+    from xray_core.report.terminal import render_predict
+
+    code, out, err = _run(capsys, monkeypatch, "predict", films, "--out", tmp_path / "p.csv",
+                          "--heatmaps", tmp_path / "maps", "--json")
+    assert code == 0, err
+    assert "predict [" in err and "9/9" in err  # the bar went to stderr ...
+    result = json.loads(out)  # ... and stdout is exactly one JSON document
+    assert result["predicted"] == 7 and result["rejected"] == 2 and "rows" not in result
+    assert result["heatmaps"] == str((tmp_path / "maps").absolute())
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 7
+
+    code, out, err = _run(capsys, monkeypatch, "predict", films, "--json")  # rows inline without --out
+    assert code == 0, err
+    assert len(json.loads(out)["rows"]) == 9
+
+    text = render_predict({**result, "rows": []})  # what the terminal shows instead of --json
+    assert "7 predicted, 2 unreadable of 9 files" in text and f"Grad-CAM overlays: {result['heatmaps']}" in text
+
+
+def test_status_and_models_print_tables_and_exact_json(home, capsys, monkeypatch):
+    code, out, _ = _run(capsys, monkeypatch, "models", "--json")
+    assert code == 0
+    models = json.loads(out)
+    assert [m["version"] for m in models if m["status"] == "champion"] == [home.versions[0]]
+    code, text, _ = _run(capsys, monkeypatch, "models")
+    assert code == 0 and text.splitlines()[0].split()[:2] == ["version", "status"]
+    assert set(text.splitlines()[1].replace(" ", "")) == {"-"}  # the header rule of a table
+
+    code, out, _ = _run(capsys, monkeypatch, "status", "--json")
+    assert code == 0
+    status = json.loads(out)
+    assert status["catalogue"]["images"] == 20
+    code, text, _ = _run(capsys, monkeypatch, "status")
+    assert code == 0 and "images 20" in text and "label" in text

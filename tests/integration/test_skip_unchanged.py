@@ -1,0 +1,44 @@
+"""A retrain with nothing new since the champion skips instead of crowning an identical copy."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from db import session_scope
+from db.schema import Model
+from xray_core.data.catalogue import open_catalogue
+from xray_core.pipeline.cycle import run_cycle
+from xray_core.settings import load_settings, reset_settings
+from xray_core.data.synthetic import write_dataset
+
+POLICY = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}
+
+
+def _models(settings) -> int:
+    with session_scope(open_catalogue(settings)) as s:
+        return s.scalar(select(func.count()).select_from(Model))
+
+
+def test_nothing_new_skips_unless_forced_or_settings_changed(xray_env, tmp_path, monkeypatch):
+    for key, value in POLICY.items():
+        monkeypatch.setenv(key, value)
+    reset_settings()
+    settings = load_settings()
+    write_dataset(tmp_path / "src", patients_per_label=8, images_per_patient=1, size=64, seed=3)
+    first = run_cycle(settings, sources=[str(tmp_path / "src")], trigger="test")
+    assert first["status"] == "completed" and first["champion_after"] == first["version"]
+
+    again = run_cycle(settings, sources=[str(tmp_path / "src")], trigger="test")  # same files, nothing new
+    assert again["status"] == "skipped" and "nothing new since champion" in again["summary"]
+    assert again["champion_after"] == first["version"] and _models(settings) == 1
+
+    forced = run_cycle(settings, trigger="test", force=True)
+    assert forced["status"] == "completed" and _models(settings) == 2
+
+    monkeypatch.setenv("XRAY_EPOCHS", "3")  # a training setting changed: not "nothing new"
+    changed = run_cycle(load_settings(), trigger="test")
+    assert changed["status"] == "completed" and _models(settings) == 3
+
+    write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64, seed=9, patient_offset=50)
+    grown = run_cycle(load_settings(), sources=[str(tmp_path / "more")], trigger="test")
+    assert grown["status"] == "completed" and _models(settings) == 4

@@ -1,0 +1,343 @@
+"""Model registry: verified checkpoints, atomic saves, the champion pointer, rollback and the audit trail.
+
+Heads here are tiny (8 -> 4 -> 2) and saved straight from a state dict, so no backbone is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import queue
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from db import dispose_engines, session_scope
+from db.schema import Model, Promotion
+from xray_cli import main as cli
+from xray_core.registry import versions as registry
+from xray_core.data.catalogue import open_catalogue
+from xray_core.errors import CheckpointError, UsageError
+from xray_core.registry.versions import (
+    history,
+    load_model,
+    promote_manually,
+    record_decision,
+    rollback,
+    save_model,
+    validate_card,
+)
+from xray_core.settings import Settings
+from xray_core.model.train import build_head, predict_proba
+
+IN_DIM, HIDDEN = 8, (4,)
+BACKBONE = "b" * 64
+REQUIRED = ("schema", "labels", "input_size", "normalisation", "backbone_fingerprint", "backbone_weights",
+            "head", "training_set_fingerprint")
+
+
+def make_card(**changes) -> dict:
+    card = {"labels": ["normal", "pneumonia"], "threshold": 0.4, "input_size": 32,
+            "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+            "backbone_fingerprint": BACKBONE, "backbone_weights": "random",
+            "head": {"in_dim": IN_DIM, "hidden": list(HIDDEN), "dropout": 0.0},
+            "training_set_fingerprint": "t" * 64}
+    card.update(changes)
+    return card
+
+
+def make_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return build_head(IN_DIM, 2, hidden=HIDDEN, dropout=0.0).state_dict()
+
+
+def save(settings: Settings, seed: int = 0, **kwargs) -> int:
+    return save_model(settings, state_dict=make_state(seed), card=make_card(), train_image_ids=[],
+                      val_image_ids=[], **kwargs)
+
+
+def db_count(settings: Settings, what, *where) -> int:
+    with session_scope(open_catalogue(settings)) as s:
+        return s.scalar(select(func.count()).select_from(what).where(*where))
+
+
+def champions(settings: Settings) -> list[int]:
+    with session_scope(open_catalogue(settings)) as s:
+        return list(s.scalars(select(Model.id).where(Model.status == "champion")))
+
+
+def status_of(settings: Settings, version: int) -> str:
+    with session_scope(open_catalogue(settings)) as s:
+        return s.get(Model, version).status
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_save_then_load_gives_identical_predictions(settings: Settings):
+    state = make_state(3)
+    version = save_model(settings, state_dict=state, card=make_card(), train_image_ids=[], val_image_ids=[])
+    loaded = load_model(settings, version, backbone_fingerprint=BACKBONE)
+    original = build_head(IN_DIM, 2, hidden=HIDDEN, dropout=0.0)
+    original.load_state_dict(state)
+    x = np.random.default_rng(0).normal(size=(20, IN_DIM)).astype(np.float32)
+    assert np.array_equal(predict_proba(original, x), predict_proba(loaded.head, x))
+    for key, tensor in state.items():
+        assert torch.equal(loaded.head.state_dict()[key], tensor)
+    assert loaded.labels == ["normal", "pneumonia"] and loaded.threshold == 0.4
+    assert loaded.card["schema"] == registry.CARD_SCHEMA_VERSION
+    folder = settings.models_dir / str(version)
+    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "head.safetensors"]
+    assert status_of(settings, version) == "candidate"
+
+
+@pytest.mark.parametrize("name", ["head.safetensors", "card.json"])
+def test_a_flipped_byte_is_refused_with_sha256(settings: Settings, name: str):
+    version = save(settings)
+    path = settings.models_dir / str(version) / name
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01  # inside the tensor bytes / inside the JSON text: the file still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_model(settings, version)
+    with pytest.raises(CheckpointError, match="sha256"):
+        promote_manually(settings, version, reason="should be refused")
+    assert champions(settings) == []
+
+
+def test_a_missing_checkpoint_file_is_refused(settings: Settings):
+    version = save(settings)
+    (settings.models_dir / str(version) / "head.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(settings, version)
+
+
+def test_backbone_fingerprint_mismatch_is_refused(settings: Settings):
+    version = save(settings)
+    load_model(settings, version, backbone_fingerprint=BACKBONE)  # the matching one loads
+    with pytest.raises(CheckpointError, match="backbone"):
+        load_model(settings, version, backbone_fingerprint="c" * 64)
+
+
+@pytest.mark.parametrize("field", REQUIRED)
+def test_card_validation_rejects_a_card_missing_a_field(field: str):
+    card = {"schema": registry.CARD_SCHEMA_VERSION, **make_card()}
+    validate_card(dict(card))
+    del card[field]
+    with pytest.raises(CheckpointError, match=field):
+        validate_card(card)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"labels": ["normal"]}, "at least two"),
+    ({"labels": "normal,pneumonia"}, "labels"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"schema": 99}, "schema 99"),
+])
+def test_card_validation_rejects_bad_values(changes: dict, match: str):
+    with pytest.raises(CheckpointError, match=match):
+        validate_card({"schema": registry.CARD_SCHEMA_VERSION, **make_card(), **changes})
+    with pytest.raises(CheckpointError):
+        validate_card(["not", "a", "dict"])
+
+
+def test_save_refuses_an_invalid_card_and_writes_nothing(settings: Settings):
+    card = make_card()
+    del card["backbone_fingerprint"]
+    with pytest.raises(CheckpointError, match="backbone_fingerprint"):
+        save_model(settings, state_dict=make_state(), card=card, train_image_ids=[], val_image_ids=[])
+    assert db_count(settings, Model) == 0
+    assert not (settings.models_dir / ".staging").exists() or not any((settings.models_dir / ".staging").iterdir())
+
+
+def test_a_crash_before_commit_leaves_no_row_and_the_next_save_works(settings: Settings):
+    with pytest.raises(RuntimeError, match="injected"):
+        save(settings, seed=1, fail_before_commit=True)
+    assert db_count(settings, Model) == 0
+    assert registry.list_models(settings) == []
+    version = save(settings, seed=2)
+    assert db_count(settings, Model) == 1
+    loaded = load_model(settings, version)  # sha256-verified: the folder holds this save's files
+    for key, tensor in make_state(2).items():
+        assert torch.equal(loaded.head.state_dict()[key], tensor)
+    # The rolled-back save's folder was moved aside (never trusted), on SQLite and PostgreSQL alike
+    orphaned = settings.models_dir / ".orphaned"
+    assert orphaned.is_dir() and len(list(orphaned.iterdir())) == 1
+    staging = settings.models_dir / ".staging"
+    assert not staging.exists() or not any(staging.iterdir())
+    promote_manually(settings, version, reason="works after the crash")
+    assert champions(settings) == [version]
+
+
+@pytest.mark.parametrize("with_champion", [False, True])
+def test_a_crash_between_switch_and_audit_changes_nothing(settings: Settings, with_champion: bool):
+    old = save(settings, seed=1)
+    new = save(settings, seed=2)
+    if with_champion:
+        promote_manually(settings, old, reason="first")
+    rows_before = db_count(settings, Promotion)
+    with pytest.raises(RuntimeError, match="injected"):
+        record_decision(settings, challenger=new, decision="promote", rationale="r", metrics={}, trigger="test",
+                        promote=True, fail_between_switch_and_audit=True)
+    assert champions(settings) == ([old] if with_champion else [])
+    assert status_of(settings, old) == ("champion" if with_champion else "candidate")
+    assert status_of(settings, new) == "candidate"
+    assert db_count(settings, Promotion) == rows_before
+
+
+# --------------------------------------------------------------------------- champion, rollback, audit
+
+
+def test_manual_promotions_and_rollback_are_audited(settings: Settings):
+    v1, v2, v3 = (save(settings, seed=i) for i in (1, 2, 3))
+    with pytest.raises(UsageError, match="no champion"):
+        rollback(settings, reason="nothing yet")
+    with pytest.raises(UsageError, match="--reason"):
+        promote_manually(settings, v1, reason="  ")
+    r1 = promote_manually(settings, v1, reason="initial model", trigger="cli", actor="alice")
+    with pytest.raises(UsageError, match="no earlier champion"):
+        rollback(settings, reason="only one champion so far")
+    with pytest.raises(UsageError, match="already the champion"):
+        promote_manually(settings, v1, reason="again")
+    r2 = promote_manually(settings, v2, reason="better on review", trigger="cli", actor="bob")
+    r3 = promote_manually(settings, v3, reason="newest", trigger="flow", actor=None)
+    assert champions(settings) == [v3]
+    assert [status_of(settings, v) for v in (v1, v2)] == ["retired", "retired"]
+
+    back = rollback(settings, reason="v3 misses cases", trigger="cli", actor="carol")
+    assert champions(settings) == [v2] and status_of(settings, v3) == "retired"
+    assert (back["decision"], back["from_version"], back["to_version"], back["champion_after"]) == ("rollback", v3, v2, v2)
+    assert back["trigger"] == "cli" and back["actor"] == "carol"
+    assert "v3 misses cases" in back["rationale"] and f"from {v3} to {v2}" in back["rationale"]
+
+    # A second rollback goes further back (to v1), not back to the version just rolled back from.
+    back2 = rollback(settings, reason="v2 too", trigger="cli", actor="carol")
+    assert champions(settings) == [v1]
+    assert (back2["from_version"], back2["to_version"]) == (v2, v1)
+    with pytest.raises(UsageError, match="no earlier champion"):
+        rollback(settings, reason="v1 was the first")
+
+    rows = history(settings)
+    assert [r["decision"] for r in rows] == ["manual_promote"] * 3 + ["rollback"] * 2
+    assert [(r["from_version"], r["champion_after"]) for r in rows] == [(None, v1), (v1, v2), (v2, v3), (v3, v2), (v2, v1)]
+    assert [r["id"] for r in rows[:3]] == [r1["id"], r2["id"], r3["id"]]
+    assert [(r["trigger"], r["actor"]) for r in rows] == [("cli", "alice"), ("cli", "bob"), ("flow", None),
+                                                         ("cli", "carol"), ("cli", "carol")]
+    assert rows[0]["rationale"] == "initial model" and rows[1]["rationale"] == "better on review"
+    assert all(r["time"] for r in rows)
+
+
+def test_rollback_refuses_when_the_champion_changes_meanwhile(settings: Settings, monkeypatch: pytest.MonkeyPatch):
+    v1, v2, v3 = (save(settings, seed=i) for i in (1, 2, 3))
+    promote_manually(settings, v1, reason="a")
+    promote_manually(settings, v2, reason="b")
+    real_load = registry.load_model
+    raced = []
+
+    def load_and_race(*args, **kwargs):  # another process promotes v3 between rollback's read and switch
+        if not raced:
+            raced.append(True)
+            promote_manually(settings, v3, reason="concurrent")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "load_model", load_and_race)
+    with pytest.raises(UsageError, match="changed meanwhile"):
+        rollback(settings, reason="stale")
+    assert champions(settings) == [v3]
+    assert [r["decision"] for r in history(settings)] == ["manual_promote"] * 3
+
+
+def test_keep_decision_rejects_the_candidate_and_keeps_the_champion(settings: Settings):
+    v1, v2 = save(settings, seed=1), save(settings, seed=2)
+    promote_manually(settings, v1, reason="a")
+    row = record_decision(settings, challenger=v2, decision="keep", rationale="not better", metrics={"x": 1},
+                          trigger="schedule", flow_run_id="run-1")
+    assert (row["from_version"], row["to_version"], row["champion_after"]) == (v1, v2, v1)
+    assert row["flow_run_id"] == "run-1" and row["metrics"] == {"x": 1}
+    assert champions(settings) == [v1] and status_of(settings, v2) == "rejected"
+
+
+def test_cli_models_history_and_json(settings: Settings, capsys: pytest.CaptureFixture):
+    v1, v2 = save(settings, seed=1), save(settings, seed=2)
+    promote_manually(settings, v1, reason="first reviewed model", trigger="cli", actor="alice")
+    assert cli.main(["promote", str(v2), "--reason", "second model, reviewed", "--json"]) == 0
+    promoted = json.loads(capsys.readouterr().out)
+    assert promoted["decision"] == "manual_promote" and promoted["champion_after"] == v2
+    assert cli.main(["rollback", "--reason", "second one regressed"]) == 0
+    capsys.readouterr()
+
+    assert cli.main(["models", "--history"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("manual_promote", "rollback", "first reviewed model", "second one regressed",
+                   "trigger cli", "by alice", f"{v2} -> champion {v1}"):
+        assert needle in text
+
+    assert cli.main(["models", "--history", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["decision"] for r in rows] == ["manual_promote", "manual_promote", "rollback"]
+    assert [r["champion_after"] for r in rows] == [v1, v2, v1]
+    assert rows[0]["actor"] == "alice" and rows[2]["trigger"] == "cli"
+    assert "second one regressed" in rows[2]["rationale"]
+
+    assert cli.main(["models", "--json"]) == 0
+    models = {m["version"]: m for m in json.loads(capsys.readouterr().out)}
+    assert models[v1]["status"] == "champion" and models[v2]["status"] == "retired"
+    assert models[v1]["last_promoted"]["decision"] == "rollback"
+
+    assert cli.main(["rollback", "--reason", "nothing earlier"]) == 2  # bad usage: exit code 2
+    assert "no earlier champion" in capsys.readouterr().err
+    assert cli.main(["promote", "99", "--reason", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- racing processes
+
+
+def _promote_in_child(settings: Settings, version: int, barrier, results) -> None:
+    torch.set_num_threads(1)
+    try:
+        barrier.wait(timeout=30)
+        row = promote_manually(settings, version, reason=f"race for {version}", trigger="test", actor=str(version))
+        results.put(("ok", version, row["from_version"], row["champion_after"]))
+    except Exception as exc:  # reported to the parent, which fails the test
+        results.put(("error", version, f"{type(exc).__name__}: {exc}", None))
+
+
+def test_two_processes_promoting_at_once_leave_one_champion_and_two_audit_rows(settings: Settings):
+    ctx = multiprocessing.get_context("fork")
+    champion = None
+    for round_ in range(4):
+        a, b = save(settings, seed=10 + 2 * round_), save(settings, seed=11 + 2 * round_)
+        rows_before = db_count(settings, Promotion)
+        dispose_engines()  # no SQLite connection crosses the fork
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_promote_in_child, args=(settings, v, barrier, results)) for v in (a, b)]
+        for p in procs:
+            p.start()
+        outcomes = []
+        try:
+            for _ in procs:
+                outcomes.append(results.get(timeout=60))
+        except queue.Empty:
+            pytest.fail(f"round {round_}: a promoting process did not report within 60 s")
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+        assert all(o[0] == "ok" for o in outcomes), outcomes
+        assert [p.exitcode for p in procs] == [0, 0]
+        now = champions(settings)
+        assert len(now) == 1 and now[0] in (a, b), now
+        assert db_count(settings, Promotion) == rows_before + 2
+        # The two switches serialised: the first replaced the old champion, the second the first.
+        first, second = sorted(outcomes, key=lambda o: o[2] != champion)
+        assert first[2] == champion and second[2] == first[1] and second[3] == now[0] == second[1]
+        loser = first[1]
+        assert status_of(settings, loser) == "retired"
+        champion = now[0]
+    assert db_count(settings, Model, Model.status == "champion") == 1
+    assert len(history(settings)) == 8

@@ -1,0 +1,208 @@
+"""The storage contract (xray_core.io.storage) on every backend, and a retrain cycle on ``memory://``.
+
+Backends: the default local folder (fsutil: temp + fsync + rename), fsspec's local filesystem and
+fsspec's memory filesystem (the stand-in for object stores in tests). The end-to-end test runs ingest →
+split → embed → train → evaluate → load → predict with ``XRAY_STORAGE_URL=memory://...`` and checks
+that nothing of the store, features or models reached XRAY_HOME on local disk.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from xray_core.settings import load_settings, reset_settings
+from xray_core.io.storage import FsspecStorage, LocalStorage, Storage, get_storage, open_storage
+
+
+@pytest.fixture(params=["local", "fsspec-file", "memory"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "local":
+        yield LocalStorage(tmp_path / "root")
+    elif request.param == "fsspec-file":
+        yield FsspecStorage(fsspec.filesystem("file"), str(tmp_path / "root"))
+    else:
+        fs = fsspec.filesystem("memory")
+        root = f"/xray-test-{uuid.uuid4().hex[:12]}"
+        yield FsspecStorage(fs, root)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
+def test_write_read_exists_size(storage: Storage) -> None:
+    assert not storage.exists("store/ab/x.png")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("store/ab/x.png")
+    with pytest.raises(FileNotFoundError):
+        storage.size("store/ab/x.png")
+    storage.write_bytes("store/ab/x.png", b"hello")
+    assert storage.exists("store/ab/x.png")
+    assert storage.read_bytes("store/ab/x.png") == b"hello"
+    assert storage.size("store/ab/x.png") == 5
+    assert storage.has_prefix("store") and not storage.has_prefix("models")
+    storage.write_bytes("store/ab/x.png", b"bye", durable=False)  # overwrite
+    assert storage.read_bytes("store/ab/x.png") == b"bye"
+
+
+def test_list_folders_delete(storage: Storage) -> None:
+    for key in ("features/fp1/ab/a.safetensors", "features/fp1/cd/c.safetensors", "features/fp2/ef/e.safetensors",
+                "models/1/card.json"):
+        storage.write_bytes(key, key.encode())
+    assert storage.list("features") == ["features/fp1/ab/a.safetensors", "features/fp1/cd/c.safetensors",
+                                        "features/fp2/ef/e.safetensors"]
+    assert storage.list("absent") == []
+    assert storage.folders("features") == ["fp1", "fp2"]
+    assert storage.folders("absent") == []
+    assert not any(".tmp" in k for k in storage.list())  # no temp file is left after a write
+    child = storage.child("features")
+    assert child.list("fp2") == ["fp2/ef/e.safetensors"]
+    assert child.read_bytes("fp2/ef/e.safetensors") == b"features/fp2/ef/e.safetensors"
+    storage.delete("features/fp1/ab/a.safetensors")
+    storage.delete("features/fp1/ab/a.safetensors")  # a missing file is not an error
+    assert not storage.exists("features/fp1/ab/a.safetensors")
+    storage.delete_prefix("features")
+    assert storage.list("features") == [] and storage.list("models") == ["models/1/card.json"]
+
+
+def test_copy_and_rename_prefix(storage: Storage) -> None:
+    storage.write_bytes("store/ab/x.png", b"original")
+    storage.copy("store/ab/x.png", "quarantine/x.png")
+    assert storage.read_bytes("quarantine/x.png") == b"original"
+    storage.write_bytes(".staging/u1/head.safetensors", b"head")
+    storage.write_bytes(".staging/u1/card.json", b"{}")
+    storage.rename_prefix(".staging/u1", "3")
+    assert storage.list("3") == ["3/card.json", "3/head.safetensors"]
+    assert storage.read_bytes("3/head.safetensors") == b"head"
+    assert storage.list(".staging") == [] and not storage.has_prefix(".staging/u1")
+    with pytest.raises(FileNotFoundError):
+        storage.rename_prefix(".staging/absent", "4")
+
+
+def test_failed_overwrite_keeps_old_content(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails midway leaves the previous file intact and no temp file behind."""
+    storage.write_bytes("models/1/head.safetensors", b"old content")
+    if isinstance(storage, FsspecStorage):
+        real = storage.fs.pipe_file
+
+        def broken(path: str, value: bytes, **kwargs) -> None:  # noqa: ANN003
+            real(path, value[: len(value) // 2], **kwargs)  # half the bytes reach the temp key
+            raise OSError("connection reset")
+
+        monkeypatch.setattr(storage.fs, "pipe_file", broken)
+    else:
+        def broken_replace(src: str, dst: str) -> None:
+            raise OSError("injected failure before the rename")
+
+        monkeypatch.setattr("xray_core.io.fsutil.os.replace", broken_replace)
+    with pytest.raises(OSError):
+        storage.write_bytes("models/1/head.safetensors", b"new content, much longer than before")
+    monkeypatch.undo()
+    assert storage.read_bytes("models/1/head.safetensors") == b"old content"
+    assert storage.list("models") == ["models/1/head.safetensors"]
+
+
+def test_object_store_writes_once_and_copies_folders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without rename (an object store): one pipe_file per file, folder rename = verified copy + delete."""
+    fs = fsspec.filesystem("memory")
+    root = f"/xray-test-{uuid.uuid4().hex[:12]}"
+    storage = FsspecStorage(fs, root)
+    storage.renames = False  # behave as s3fs/gcsfs would: no mv
+    puts: list[str] = []
+    real = fs.pipe_file
+    monkeypatch.setattr(fs, "pipe_file", lambda path, value, **kw: (puts.append(path), real(path, value, **kw)))
+    monkeypatch.setattr(fs, "mv", lambda *a, **kw: pytest.fail("an object store has no rename"))
+    try:
+        storage.write_bytes(".staging/u/head.safetensors", b"head")
+        assert puts == [f"{root}/.staging/u/head.safetensors"]  # straight to the final key
+        storage.rename_prefix(".staging/u", "7")
+        assert storage.list() == ["7/head.safetensors"]
+        assert storage.read_bytes("7/head.safetensors") == b"head"
+    finally:
+        monkeypatch.undo()
+        fs.rm(root, recursive=True)
+
+
+def test_open_storage_and_settings(tmp_path: Path) -> None:
+    local = open_storage(f"file://{tmp_path / 'nfs'}")
+    assert isinstance(local, LocalStorage) and local.root == tmp_path / "nfs"  # fsync guarantees kept
+    assert isinstance(open_storage("memory://xray-open"), FsspecStorage)
+    home = tmp_path / "home"
+    settings = load_settings({"XRAY_HOME": str(home)})
+    assert settings.storage_url is None
+    assert isinstance(get_storage(settings), LocalStorage) and get_storage(settings).root == home
+    assert get_storage(settings, "features").root == home / "features"
+    assert get_storage(settings, "models").root == home / "models"
+    remote = load_settings({"XRAY_HOME": str(home), "XRAY_STORAGE_URL": "memory://bucket/xray/"})
+    assert remote.storage_url == "memory://bucket/xray"
+    assert get_storage(remote, "models").url_for("3/card.json") == "memory://bucket/xray/models/3/card.json"
+    secret = load_settings({"XRAY_HOME": str(home), "XRAY_STORAGE_URL": "s3://key:secret@bucket/xray"})
+    assert "secret" not in str(secret.public_dict())
+
+
+def test_retrain_cycle_on_memory_storage(xray_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ingest, embed, train, evaluate, report heatmaps, load and predict with everything in memory://."""
+    from xray_core.model.features import cache_summary
+    from xray_core.data.ingest import ingest_source
+    from xray_core.pipeline.predict import predict_folder
+    from xray_core.registry.versions import load_model
+    from xray_core.report.data import collect_report_data
+    from xray_core.pipeline.embed import embed_step
+    from xray_core.pipeline.steps import evaluate_step, train_step
+    from xray_core.pipeline.snapshot import load_split_data
+    from xray_core.report.status import status_report
+    from xray_core.data.synthetic import write_dataset
+
+    url = f"memory://xray-e2e-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("XRAY_STORAGE_URL", url)
+    monkeypatch.setenv("XRAY_MIN_TEST_PER_CLASS", "1")
+    reset_settings()
+    settings = load_settings()
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        records = write_dataset(tmp_path / "batch", patients_per_label=10, images_per_patient=1, size=64)
+        (tmp_path / "batch" / "normal" / "broken.png").write_bytes(b"not an image")
+        normal = next(r.path for r in records if r.label == "normal")
+        (tmp_path / "batch" / "pneumonia" / "same-bytes.png").write_bytes(normal.read_bytes())
+        summary = ingest_source(tmp_path / "batch", settings=settings)
+        assert summary.added == 20 and summary.rejected == 2
+        assert summary.rejected_by_reason.get("label_conflict") == 1  # quarantined by copying the store file
+        store = get_storage(settings)
+        assert len(store.list("store")) == 20
+        assert len(store.list("quarantine")) == 2
+
+        data = load_split_data(settings)
+        embedded = embed_step(settings, data)
+        assert embedded["computed"] > 0
+        assert embed_step(settings, data)["computed"] == 0  # the cache on memory:// is reused
+        trained = train_step(settings, data)
+        version = trained["version"]
+        assert store.list(f"models/{version}") == [f"models/{version}/card.json",
+                                                   f"models/{version}/head.safetensors"]
+        assert store.list("models/.staging") == []
+        evaluated = evaluate_step(settings, version, data)
+        assert evaluated["n_images"] == len(data.test)
+        report = collect_report_data(settings, data, challenger=version, champion=None, n_examples=2)
+        assert report.examples, report.notes  # heatmaps decoded the originals from memory://
+
+        model = load_model(settings, version)
+        assert model.version == version and model.labels == ["normal", "pneumonia"]
+        result = predict_folder(settings, tmp_path / "batch", version=version, out=tmp_path / "pred.csv")
+        assert result["files"] == 22 and result["predicted"] == 21  # all but the broken file
+
+        features = cache_summary(get_storage(settings, "features"))
+        assert len(features) == 1 and features[0]["images"] == 20
+        status = status_report(settings)["feature_cache"]
+        assert status[0]["coverage"] == "20/20"
+
+        home = Path(xray_env["XRAY_HOME"])
+        for area in ("store", "quarantine", "features", "models"):
+            local = home / area
+            assert not local.exists() or not any(p.is_file() for p in local.rglob("*")), f"{area} written locally"
+        assert (home / "catalogue.db").exists() or settings.database_url.startswith("postgresql")
+    finally:
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        reset_settings()

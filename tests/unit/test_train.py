@@ -1,0 +1,165 @@
+"""Model behaviour of the head trained on cached features: learns, early-stops, is seeded and local.
+
+No backbone here: features are synthetic (n, views, D) arrays, so every test runs in well under a second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from xray_core.errors import NotEnoughDataError
+from xray_core.model.train import (
+    HeadConfig,
+    TrainingDivergedError,
+    build_head,
+    class_weights,
+    evaluate_loss,
+    load_head,
+    predict_proba,
+    train_head,
+)
+
+D = 16  # feature width: small stands in for densenet161's 2208
+
+
+def features(n: int, *, n_classes: int = 2, views: int = 2, separation: float = 3.0, seed: int = 0,
+             counts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(n, views, D) float32 features whose class means are ``separation`` apart on one axis each."""
+    rng = np.random.default_rng(seed)
+    if counts is None:
+        y = np.arange(n) % n_classes
+    else:
+        y = np.repeat(np.arange(len(counts)), counts)
+    rng.shuffle(y)
+    means = np.eye(n_classes, D) * separation
+    x = means[y][:, None, :] + rng.normal(0.0, 1.0, (len(y), views, D))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def config(**changes) -> HeadConfig:
+    base = dict(hidden=(32,), dropout=0.1, epochs=15, batch_size=8, learning_rate=3e-3, patience=50, seed=0)
+    base.update(changes)
+    return HeadConfig(**base)
+
+
+def weighted_val_loss(result, train_y, val_x, val_y, n_classes, cfg) -> float:
+    head = load_head(result.state_dict, val_x.shape[-1], n_classes, hidden=cfg.hidden, dropout=cfg.dropout)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(train_y, n_classes))
+    return evaluate_loss(head, torch.as_tensor(val_x), torch.as_tensor(val_y), loss_fn=loss_fn)
+
+
+def test_loss_goes_down_on_separable_features():
+    xt, yt = features(64)
+    xv, yv = features(32, seed=1)
+    result = train_head(xt, yt, xv[:, 0], yv, 2, config())
+    train_losses = [h["train_loss"] for h in result.history]
+    val_losses = [h["val_loss"] for h in result.history]
+    assert result.epochs_run == 15 and len(result.history) == 15
+    assert train_losses[-1] < 0.5 * train_losses[0]
+    assert val_losses[-1] < 0.5 * val_losses[0]
+    assert min(train_losses[-3:]) < 0.1
+    # and it actually separates the classes
+    head = load_head(result.state_dict, D, 2, hidden=(32,), dropout=0.1)
+    assert (predict_proba(head, xv[:, 0]).argmax(1) == yv).mean() >= 0.9
+
+
+def test_early_stopping_keeps_the_best_epochs_weights():
+    # Weak signal, imbalanced classes, a wide head: val loss falls, then rises as the head overfits.
+    xt, yt = features(0, separation=1.0, counts=[28, 12])
+    xv, yv = features(0, separation=1.0, counts=[20, 20], seed=1)
+    cfg = config(hidden=(64,), dropout=0.0, epochs=80, patience=3)
+    result = train_head(xt, yt, xv[:, 0], yv, 2, cfg)
+    val_losses = [h["val_loss"] for h in result.history]
+    assert result.epochs_run < cfg.epochs, "early stopping never triggered; the test data no longer overfit"
+    assert result.epochs_run == result.best_epoch + cfg.patience
+    assert val_losses[-1] > min(val_losses)  # the last epoch's weights are not the best ones
+    assert val_losses[result.best_epoch - 1] == min(val_losses)
+    # The returned weights, re-scored with the class-weighted loss, give exactly the best val loss.
+    assert weighted_val_loss(result, yt, xv[:, 0], yv, 2, cfg) == pytest.approx(min(val_losses), rel=1e-6, abs=1e-7)
+
+
+def test_same_seed_gives_bit_identical_weights_and_another_seed_does_not():
+    xt, yt = features(48)
+    xv, yv = features(16, seed=1)
+    a = train_head(xt, yt, xv[:, 0], yv, 2, config(epochs=6))
+    torch.rand(100)  # moving the global RNG in between must not matter
+    b = train_head(xt, yt, xv[:, 0], yv, 2, config(epochs=6))
+    c = train_head(xt, yt, xv[:, 0], yv, 2, config(epochs=6, seed=1))
+    assert a.state_dict.keys() == b.state_dict.keys() == c.state_dict.keys()
+    for key in a.state_dict:
+        assert torch.equal(a.state_dict[key], b.state_dict[key]), key
+    assert a.history == b.history
+    assert any(not torch.equal(a.state_dict[k], c.state_dict[k]) for k in a.state_dict)
+
+
+def test_global_rng_state_is_unchanged(monkeypatch: pytest.MonkeyPatch):
+    xt, yt = features(32)
+    xv, yv = features(8, seed=1)
+    # torch.manual_seed would also reseed every CUDA device's global generator (lazily on a
+    # machine without CUDA), which fork_rng(devices=[]) does not restore: it must not be used.
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    torch.manual_seed(1234)
+    reseeded.clear()
+    np_state = np.random.get_state()[1].copy()
+    before = torch.get_rng_state()
+    expected_next = torch.rand(5)
+    torch.set_rng_state(before)
+    train_head(xt, yt, xv[:, 0], yv, 2, config(epochs=3, dropout=0.5))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(torch.rand(5), expected_next)
+    assert np.array_equal(np.random.get_state()[1], np_state)
+    assert reseeded == [], "train_head reseeded the global CUDA generators"
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 4])
+def test_two_three_and_four_classes(n_classes: int):
+    xt, yt = features(16 * n_classes, n_classes=n_classes, separation=5.0)
+    xv, yv = features(6 * n_classes, n_classes=n_classes, separation=5.0, seed=1)
+    cfg = config(epochs=10)
+    result = train_head(xt, yt, xv[:, 0], yv, n_classes, cfg)
+    assert result.state_dict["3.weight"].shape == (n_classes, 32)
+    assert result.state_dict["3.bias"].shape == (n_classes,)
+    head = load_head(result.state_dict, D, n_classes, hidden=cfg.hidden, dropout=cfg.dropout)
+    probs = predict_proba(head, xv[:, 0])
+    assert probs.shape == (len(yv), n_classes)
+    assert np.allclose(probs.sum(1), 1.0)
+    assert (probs.argmax(1) == yv).mean() >= 0.8
+
+
+def test_build_head_is_the_tutorials_head_and_a_linear_head_on_request():
+    head = build_head(2208, 2, hidden=(512,), dropout=0.2)
+    assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert (head[0].in_features, head[0].out_features, head[3].out_features) == (2208, 512, 2)
+    assert head[2].p == 0.2
+    linear = build_head(8, 3, hidden=(), dropout=0.5)
+    assert len(linear) == 1 and linear(torch.zeros(4, 8)).shape == (4, 3)
+
+
+def test_class_weights_are_inverse_frequency():
+    y = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    w = class_weights(y, 3)
+    assert w.dtype == torch.float32
+    assert torch.allclose(w, torch.tensor([10 / (3 * 6), 10 / (3 * 3), 10 / (3 * 1)]))
+    # balanced classes weigh 1; a class absent from training weighs 0 (and does not divide by 0)
+    assert torch.equal(class_weights(np.array([0, 1, 0, 1]), 2), torch.tensor([1.0, 1.0]))
+    assert torch.allclose(class_weights(np.array([0, 0, 2, 2]), 3), torch.tensor([4 / 6, 0.0, 4 / 6]))
+
+
+def test_refuses_empty_splits_one_class_and_divergence():
+    xt, yt = features(16)
+    xv, yv = features(8, seed=1)
+    with pytest.raises(NotEnoughDataError, match="no training images"):
+        train_head(xt[:0], yt[:0], xv[:, 0], yv, 2, config())
+    with pytest.raises(NotEnoughDataError, match="val split is empty"):
+        train_head(xt, yt, xv[:0, 0], yv[:0], 2, config())
+    with pytest.raises(NotEnoughDataError, match="at least 2 classes"):
+        train_head(xt, np.zeros_like(yt), xv[:, 0], np.zeros_like(yv), 1, config())
+    bad = xt.copy()
+    bad[0, :, 0] = np.inf  # one non-finite feature poisons every weight after the first step
+    with pytest.raises(TrainingDivergedError, match="not finite"):
+        train_head(bad, yt, xv[:, 0], yv, 2, config(epochs=3, patience=2))

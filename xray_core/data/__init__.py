@@ -1,0 +1,9 @@
+"""Data: what arrives and what the catalogue knows about it.
+
+Scanning sources (folders, manifests), decoding and validating images, labels, ingest into the
+content-addressed store with quarantine, patient-grouped splits, the catalogue queries, and the
+synthetic X-ray generator used by tests and benchmarks.
+
+May import: ``xray_core.io``, ``settings``, ``errors``, ``faults`` and ``db``. Never the model, the
+evaluation, the registry, the pipeline or the reports.
+"""

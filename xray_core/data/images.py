@@ -1,0 +1,408 @@
+"""Decode one X-ray file (PNG, JPEG or DICOM) into a checked grayscale array.
+
+Every file the system ingests passes :func:`decode_image`; a file it cannot use raises
+:class:`~xray_core.errors.ImageRejected` with a stable ``reason`` code (stored in the rejections table)
+and a ``detail`` sentence saying what was found and what is allowed:
+
+``empty_file`` · ``not_an_image`` · ``unsupported_format`` · ``truncated`` · ``decompression_bomb`` ·
+``too_small`` · ``constant_image`` · ``unreadable_dicom`` · ``dicom_no_pixels``
+
+The output is one convention for every format (torchxrayvision's single checked normalisation):
+float32, shape (H, W), 0 = black, 1 = white, MONOCHROME1 inverted, EXIF orientation applied. Global
+PIL state (``LOAD_TRUNCATED_IMAGES``, ``MAX_IMAGE_PIXELS``) and pydicom's config are never changed:
+other code in the process may rely on them.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+import pydicom.uid
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom.errors import BytesLengthException, InvalidDicomError
+
+from xray_core.errors import ImageRejected
+from xray_core.io.fsutil import printable
+from xray_core.settings import Settings
+
+SUPPORTED_FORMATS = ("png", "jpeg", "dicom")
+_ALLOWED = "only PNG, JPEG and DICOM (.dcm) X-rays are supported"
+
+# Same bomb limit as the settings' default, so a stored original that ingest accepted always reloads.
+DEFAULT_MAX_PIXELS: int = Settings.max_pixels
+
+# ITU-R BT.601 luma, the weights PIL's own RGB -> L conversion uses, but kept in float.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# What a corrupt or cut-off PNG/JPEG raises inside PIL's decoders (PIL reports broken chunks as
+# SyntaxError, short data as OSError, bad zlib streams as zlib.error, short headers as struct.error).
+_PIL_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    struct.error,
+    zlib.error,
+)
+
+# pydicom parses lazily and raises whatever the malformed bytes trip over; these are the exception
+# types its readers and pixel decoders raise on garbage (found by fuzzing, see tests/test_images.py).
+_DICOM_ERRORS = (
+    InvalidDicomError,
+    BytesLengthException,
+    OSError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    NotImplementedError,
+    RuntimeError,
+    UnicodeDecodeError,
+    struct.error,
+    zlib.error,
+)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
+class DecodedImage:
+    """One decoded, validated image. ``pixels`` is what every later stage sees."""
+
+    pixels: np.ndarray  # float32 (H, W) in [0, 1], 0 = black; MONOCHROME1 inverted, EXIF applied
+    width: int  # pixels, after EXIF orientation
+    height: int
+    bit_depth: int  # 8 or 16 for PNG/JPEG; DICOM BitsStored (e.g. 12)
+    format: str  # "png" | "jpeg" | "dicom"
+    dicom_patient_id: str | None  # raw DICOM PatientID: the caller hashes it; never log or store it
+    view: str | None  # DICOM ViewPosition, e.g. "PA"; None for PNG/JPEG or when absent
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name the image format from its magic bytes, or None if the bytes are not a known image.
+
+    Returns "png", "jpeg", "dicom" (supported) or "gif", "bmp", "tiff", "webp", "jpeg2000" (known but
+    unsupported). DICOM is tested first: its 128-byte preamble may legally hold another format's
+    header (dual-personality TIFF/DICOM files).
+    """
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    # "BM" alone is two letters of text; also require a known DIB header size at offset 14.
+    if data.startswith(b"BM") and len(data) >= 18:
+        if struct.unpack_from("<I", data, 14)[0] in (12, 16, 40, 52, 56, 64, 108, 124):
+            return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or data.startswith(b"\xff\x4f\xff\x51"):
+        return "jpeg2000"
+    return None
+
+
+def decode_image(data: bytes, *, min_side: int, max_pixels: int) -> DecodedImage:
+    """Decode and validate one file's bytes; raise ImageRejected if it cannot be used.
+
+    ``min_side``: the shorter side must be at least this many pixels. ``max_pixels``: width*height
+    declared by the header above this is refused before any pixel is decoded (a small file can
+    declare a huge image and exhaust memory: a decompression bomb).
+    """
+    return _decode(data, min_side=min_side, max_pixels=max_pixels)
+
+
+def load_grayscale(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a stored original (already validated at ingest) to float32 (H, W) in [0, 1].
+
+    Same conversion as :func:`decode_image`, so features see exactly what ingest checked; there is no
+    minimum side here because the settings may have changed since the image was accepted.
+    """
+    return decode_stored(Path(path).read_bytes(), max_pixels=max_pixels)
+
+
+def decode_stored(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """:func:`load_grayscale` for bytes already read (from :mod:`xray_core.io.storage`, any backend)."""
+    return _decode(data, min_side=1, max_pixels=max_pixels).pixels
+
+
+def _decode(data: bytes, *, min_side: int, max_pixels: int) -> DecodedImage:
+    if len(data) == 0:
+        raise ImageRejected("empty_file", f"the file is empty (0 bytes); {_ALLOWED}")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageRejected(
+            "not_an_image",
+            f"the file does not start with the signature of any image format; {_ALLOWED}",
+        )
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageRejected("unsupported_format", f"the file is a {fmt.upper()} image; {_ALLOWED}")
+    if fmt == "dicom":
+        image = _decode_dicom(data, min_side=min_side, max_pixels=max_pixels)
+    else:
+        image = _decode_pil(data, fmt, min_side=min_side, max_pixels=max_pixels)
+    pixels = image.pixels
+    if pixels.max() == pixels.min():
+        raise ImageRejected(
+            "constant_image",
+            f"every pixel has the same value ({image.width}x{image.height}); an X-ray needs contrast",
+        )
+    return image
+
+
+def _check_size(width: int, height: int, *, min_side: int, max_pixels: int, fmt: str) -> None:
+    """Refuse bombs and tiny images from the declared size, before decoding pixels."""
+    if width * height > max_pixels:
+        raise ImageRejected(
+            "decompression_bomb",
+            f"the {fmt.upper()} header declares {width}x{height} = {width * height} pixels; "
+            f"at most {max_pixels} pixels are allowed (XRAY_MAX_PIXELS)",
+        )
+    if min(width, height) < min_side:
+        raise ImageRejected(
+            "too_small",
+            f"the image is {width}x{height} pixels; both sides must be at least {min_side} "
+            "(XRAY_MIN_IMAGE_SIDE)",
+        )
+
+
+def _decode_pil(data: bytes, fmt: str, *, min_side: int, max_pixels: int) -> DecodedImage:
+    try:
+        # formats=: only the plugin the magic bytes named may parse the file.
+        im = Image.open(BytesIO(data), formats=[fmt.upper()])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL's own guard fires inside open() for sizes above its global limit (2x MAX_IMAGE_PIXELS
+        # is an error; the warning only reaches here if a caller turned warnings into errors).
+        raise ImageRejected(
+            "decompression_bomb",
+            f"the {fmt.upper()} header declares more pixels than PIL's safety limit ({exc}); "
+            f"at most {max_pixels} pixels are allowed (XRAY_MAX_PIXELS)",
+        ) from None
+    except (UnidentifiedImageError, *_PIL_DECODE_ERRORS) as exc:
+        raise ImageRejected(
+            "truncated", f"the {fmt.upper()} header is cut off or corrupt ({exc}); the file cannot be read"
+        ) from None
+    with im:
+        width, height = im.size
+        _check_size(width, height, min_side=min_side, max_pixels=max_pixels, fmt=fmt)
+        try:
+            im.load()  # full decode now: LOAD_TRUNCATED_IMAGES stays False, so short data raises
+            ImageOps.exif_transpose(im, in_place=True)
+            pixels, bit_depth = _pil_to_gray(im)
+        except _PIL_DECODE_ERRORS as exc:
+            raise ImageRejected(
+                "truncated",
+                f"the {fmt.upper()} pixel data is cut off or corrupt ({exc}); re-export the complete file",
+            ) from None
+    return DecodedImage(
+        pixels=pixels,
+        width=int(pixels.shape[1]),
+        height=int(pixels.shape[0]),
+        bit_depth=bit_depth,
+        format=fmt,
+        dicom_patient_id=None,
+        view=None,
+    )
+
+
+def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, int]:
+    """Any PIL mode -> float32 (H, W) in [0, 1] and the source bit depth (8 or 16)."""
+    mode = im.mode
+    if mode.startswith("I;16"):  # 16-bit PNG: keep every one of the 65536 levels
+        return np.asarray(im).astype(np.float32) / 65535.0, 16
+    if mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0 and hi <= 65535:  # 16-bit data that PIL widened to 32-bit
+            return (arr / 65535.0).astype(np.float32), 16
+        return _minmax(arr), 16
+    if mode == "F":
+        return _minmax(np.asarray(im).astype(np.float64)), 16
+    if mode == "L":
+        return np.asarray(im).astype(np.float32) / 255.0, 8
+    if mode in ("LA", "La"):  # alpha is ignored: an X-ray's grey level is the L channel
+        return np.asarray(im.getchannel("L")).astype(np.float32) / 255.0, 8
+    if mode == "1":
+        return np.asarray(im.convert("L")).astype(np.float32) / 255.0, 8
+    # RGB, RGBA, P, PA, CMYK, YCbCr, ...: colour -> float luminance (alpha dropped)
+    rgb = np.asarray(im.convert("RGB")).astype(np.float32)
+    return (rgb @ _LUMA) / 255.0, 8
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    """Window to the image's own min..max; a constant image stays 0 (caught as constant_image)."""
+    arr = np.asarray(arr, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi > lo:
+        arr = (arr - lo) / (hi - lo)
+    else:
+        arr = np.zeros_like(arr)
+    return arr.astype(np.float32)
+
+
+def _decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> DecodedImage:
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=False)
+        # pydicom reads elements lazily and shrugs at garbage; a Part 10 file (DICM magic) must name
+        # its transfer syntax in the file meta, and every element must parse.
+        tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        if not tsyntax:
+            raise ImageRejected(
+                "unreadable_dicom",
+                "the file has the DICM marker but no file meta information with a transfer syntax; "
+                "it is not a readable DICOM Part 10 file",
+            )
+        for _ in ds.iterall():
+            pass
+    except _DICOM_ERRORS as exc:
+        raise ImageRejected(
+            "unreadable_dicom", f"the DICOM data is corrupt ({type(exc).__name__}: {exc})"
+        ) from None
+
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageRejected(
+            "dicom_no_pixels",
+            "the DICOM file has no pixel data (e.g. a structured report or a header-only file); "
+            "only DICOM images are supported",
+        )
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise ImageRejected(
+            "unreadable_dicom", "the DICOM image lacks valid Rows/Columns, so its size is unknown"
+        ) from None
+    _check_size(cols, rows, min_side=min_side, max_pixels=max_pixels, fmt="dicom")
+
+    uid = pydicom.uid.UID(str(tsyntax))
+    try:
+        decoder = pydicom.pixels.get_decoder(uid)
+    except NotImplementedError:
+        raise ImageRejected(
+            "unsupported_format",
+            f"DICOM transfer syntax {uid.name} ({uid}) cannot be decoded here; use uncompressed, "
+            "RLE or a JPEG syntax with an installed decoder",
+        ) from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no decoder plugin"
+        raise ImageRejected(
+            "unsupported_format",
+            f"DICOM transfer syntax {uid.name} ({uid}) needs a decoder that is not installed "
+            f"({missing}); use uncompressed DICOM or install a decoder",
+        )
+    try:
+        arr = pydicom.pixels.pixel_array(ds, index=0)  # first frame only: no need to decode all
+        arr = pydicom.pixels.apply_modality_lut(arr, ds)  # rescale slope/intercept
+    except _DICOM_ERRORS as exc:
+        raise ImageRejected(
+            "unreadable_dicom",
+            f"the DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc})",
+        ) from None
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 3:  # colour DICOM (pydicom already converted YBR to RGB): luminance
+        arr = arr[..., :3] @ _LUMA.astype(np.float64)
+    if arr.ndim != 2 or arr.shape != (rows, cols):
+        raise ImageRejected(
+            "unreadable_dicom",
+            f"the DICOM pixel data has shape {arr.shape}, not the declared {rows}x{cols}",
+        )
+    if not np.isfinite(arr).all():
+        raise ImageRejected("unreadable_dicom", "the DICOM pixel data holds NaN or infinite values")
+    pixels = _minmax(arr)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        pixels = 1.0 - pixels  # MONOCHROME1: high values are black
+    bits = ds.get("BitsStored") or ds.get("BitsAllocated") or 16
+    patient_id = str(ds.get("PatientID", "") or "").strip() or None
+    # ViewPosition is a DICOM code string (at most 16 characters); a hostile file may hold anything,
+    # and the catalogue's view column holds 32 (PostgreSQL would refuse more and fail the batch).
+    view = printable(str(ds.get("ViewPosition", "") or "").strip())[:16] or None
+    return DecodedImage(
+        pixels=pixels.astype(np.float32, copy=False),
+        width=cols,
+        height=rows,
+        bit_depth=int(bits),
+        format="dicom",
+        dicom_patient_id=patient_id,
+        view=view,
+    )
+
+
+# ---- perceptual hash -------------------------------------------------------------------------
+
+_HASH_SIDE = 32  # pHash: shrink to 32x32, keep the 8x8 lowest frequencies
+_HASH_KEEP = 8
+_U64 = (1 << 64) - 1
+
+
+def _box_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) matrix averaging each output cell's share of the input (area resampling).
+
+    Area averaging (not point sampling) makes the hash stable under resizing and pixel noise.
+    """
+    edges = np.linspace(0.0, n_in, n_out + 1)
+    starts = np.arange(n_in, dtype=np.float64)
+    ends = starts + 1.0
+    overlap = np.clip(np.minimum(ends[None, :], edges[1:, None]) - np.maximum(starts[None, :], edges[:-1, None]), 0.0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix C, so that C @ x @ C.T is the 2-D DCT of x."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    c = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+    c[0, :] = np.sqrt(1.0 / n)
+    return c
+
+
+_DCT32 = _dct_matrix(_HASH_SIDE)
+
+
+def perceptual_hash(pixels: np.ndarray) -> int:
+    """64-bit DCT perceptual hash of a grayscale image, as a signed int64 (fits SQL BIGINT).
+
+    Resize to 32x32 by area averaging, take the 2-D DCT, keep the top-left 8x8 coefficients and set
+    one bit per coefficient above their median (row-major, first coefficient = most significant bit).
+    Near-duplicates (re-encoded, resized, slightly noised) differ in a few bits; compare with
+    :func:`hamming`.
+    """
+    arr = np.asarray(pixels, dtype=np.float64)
+    if arr.ndim != 2 or min(arr.shape) < 1:
+        raise ValueError(f"perceptual_hash needs a 2-D grayscale array, got shape {arr.shape}")
+    small = _box_matrix(_HASH_SIDE, arr.shape[0]) @ arr @ _box_matrix(_HASH_SIDE, arr.shape[1]).T
+    low = (_DCT32 @ small @ _DCT32.T)[:_HASH_KEEP, :_HASH_KEEP].ravel()
+    bits = low > np.median(low)
+    value = 0
+    for bit in bits:
+        value = (value << 1) | int(bit)
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def hamming(a: int, b: int) -> int:
+    """Number of differing bits between two 64-bit hashes (signed or unsigned form)."""
+    return ((a ^ b) & _U64).bit_count()
+
+
+__all__ = [
+    "DecodedImage",
+    "SUPPORTED_FORMATS",
+    "DEFAULT_MAX_PIXELS",
+    "decode_image",
+    "load_grayscale",
+    "decode_stored",
+    "perceptual_hash",
+    "hamming",
+    "sniff_format",
+]

@@ -1,0 +1,187 @@
+"""What a source names: the files of a folder (``<root>/<label>/**/<image>``) or the rows of a manifest
+CSV, each as a :class:`Candidate` with any problem known before reading (outside the root, a link,
+a metadata file). Reading, validating and storing is :mod:`xray_core.data.ingest`'s job.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from xray_core.errors import ManifestError, SourceError
+from xray_core.io.fsutil import printable
+
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+# Files beside the label folders that describe the source rather than being images of a label.
+ROOT_METADATA_SUFFIXES = {".csv", ".md", ".txt", ".json", ".yaml", ".yml", ".pdf"}
+MANIFEST_REQUIRED = ("file", "label")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file the source names, with what the source says about it."""
+
+    path: Path  # as listed (absolute), not resolved through links
+    rel: str  # name relative to the source root, for people (printable)
+    label: str  # raw label from the folder or manifest
+    patient_id: str | None = None  # from the manifest
+    view: str | None = None
+    problem: tuple[str, str] | None = None  # (reason, detail) known before reading
+
+    @property
+    def key(self) -> str:
+        """The path as the catalogue stores it (printable: see :func:`~xray_core.io.fsutil.printable`)."""
+        return printable(str(self.path))
+
+    @property
+    def context_key(self) -> str:
+        """What else besides the bytes decides the outcome: a manifest edit re-evaluates the file."""
+        return f"{self.label}|{self.patient_id or ''}|{self.view or ''}"
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _link_problem(link: Path, real_root: Path) -> tuple[str, str] | None:
+    """Why a symbolic link to a file cannot be used, or None when its target is inside the root.
+
+    A cyclic link resolves to nothing: it is reported, never followed (Python 3.11's ``resolve``
+    raises RuntimeError for a loop). A dangling link or one deeper than the OS follows (ELOOP) is
+    left to the caller's ``stat``, which records it as missing, so it is tried again once it works.
+    """
+    try:
+        target = link.resolve()
+    except (RuntimeError, OSError) as exc:
+        return ("missing_file", f"symbolic link loop ({getattr(exc, 'strerror', None) or exc}); not followed")
+    if not _inside(target, real_root):
+        return ("outside_root", f"symbolic link points outside the source folder ({printable(str(target))})")
+    return None
+
+
+def scan_folder(root: Path) -> Iterator[Candidate]:
+    """Files under ``root/<label>/``; hidden files and folders skipped; links never followed out.
+
+    A link to a file is used only when it resolves inside ``root`` (else an ``outside_root``
+    rejection); linked folders are not descended (they could be cyclic or lead anywhere).
+    """
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        here = Path(dirpath)
+        for name in sorted(filenames):
+            if is_hidden(name):
+                continue
+            path = here / name
+            rel_parts = path.relative_to(root).parts
+            rel = printable("/".join(rel_parts))
+            if len(rel_parts) < 2:
+                if path.suffix.lower() in ROOT_METADATA_SUFFIXES:
+                    continue  # a manifest or README beside the label folders
+                yield Candidate(path, rel, "", problem=(
+                    "unknown_label", "file is not inside a label folder: use <root>/<label>/<image>"))
+                continue
+            problem = None
+            if path.is_symlink():
+                problem = _link_problem(path, real_root)
+            yield Candidate(path, rel, printable(rel_parts[0]), problem=problem)
+
+
+def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, str]]:
+    fh = open(manifest, newline="", encoding="utf-8-sig", errors="strict")
+    reader = csv.DictReader(fh)
+    try:
+        header = reader.fieldnames or []
+    except BaseException:  # a header that is not UTF-8 or not CSV: the caller reports it
+        fh.close()
+        raise
+    columns = {h.strip().lower(): h for h in header if h is not None}
+    missing = [c for c in MANIFEST_REQUIRED if c not in columns]
+    if missing:
+        fh.close()
+        raise ManifestError(
+            f"manifest {manifest} lacks column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}. "
+            "Required: file,label; optional: patient_id,view"
+        )
+    return reader, fh, columns
+
+
+def validate_manifest(manifest: Path) -> int:
+    """Read the whole manifest once (streamed) and return its row count, or raise ManifestError.
+
+    Done before anything is written so that a malformed manifest writes nothing.
+    """
+    if not manifest.is_file():
+        raise SourceError(f"manifest {manifest} does not exist or is not a file")
+    try:
+        reader, fh, _ = _open_manifest(manifest)
+        try:
+            rows = 0
+            for row in reader:
+                if None in row:
+                    raise ManifestError(
+                        f"manifest {manifest} line {reader.line_num}: more cells than header columns")
+                rows += 1
+            return rows
+        finally:
+            fh.close()  # type: ignore[attr-defined]
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"manifest {manifest} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise ManifestError(f"manifest {manifest} is not a valid CSV file: {exc}") from None
+
+
+def _manifest_path_problem(raw_file: str, listed: Path, root: Path, where: str) -> tuple[str, str] | None:
+    """Why a manifest's file cell cannot be used, or None. Never raises: a hostile cell (NUL byte,
+    a name longer than the OS allows, a link loop) is one rejected row, not a failed ingest."""
+    shown = printable(repr(raw_file)) if len(raw_file) <= 200 else printable(repr(raw_file[:200])) + "…"
+    if not raw_file:
+        return ("missing_file", f"{where} has an empty file cell")
+    if "\x00" in raw_file:
+        return ("missing_file", f"{where}: {shown} contains a NUL byte; it cannot name a file")
+    try:
+        if Path(raw_file).is_absolute() or not _inside(listed.resolve(), root):
+            return ("outside_root", f"{where}: {shown} points outside the manifest's folder "
+                                    f"{printable(str(root))}")
+        if not listed.is_file():
+            return ("missing_file", f"{where}: {shown} does not exist")
+    except (OSError, RuntimeError, ValueError) as exc:  # ENAMETOOLONG, ELOOP (RuntimeError on 3.11)
+        return ("missing_file", f"{where}: {shown} cannot be opened ({getattr(exc, 'strerror', None) or exc})")
+    return None
+
+
+def scan_manifest(manifest: Path) -> Iterator[Candidate]:
+    """Rows of a (validated) manifest; paths are relative to the manifest's folder and must stay in it."""
+    root = manifest.parent.resolve()
+    reader, fh, cols = _open_manifest(manifest)
+    try:
+        for row in reader:
+            raw_file = (row.get(cols["file"]) or "").strip()
+            label = (row.get(cols["label"]) or "").strip()
+            pid = (row.get(cols["patient_id"]) or "").strip() if "patient_id" in cols else ""
+            view = (row.get(cols["view"]) or "").strip() if "view" in cols else ""
+            listed = root / raw_file
+            where = f"manifest line {reader.line_num}"
+            problem = _manifest_path_problem(raw_file, listed, root, where)
+            if problem is None and len(pid) > 128:
+                problem = ("bad_patient_id", f"{where}: patient_id longer than 128 characters")
+            elif problem is None and len(view) > 32:
+                problem = ("bad_view", f"{where}: view longer than 32 characters (e.g. PA, AP, LL)")
+            yield Candidate(listed, printable(raw_file), label, patient_id=printable(pid) or None,
+                            view=printable(view) or None, problem=problem)
+    finally:
+        fh.close()  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- per file

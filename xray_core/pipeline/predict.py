@@ -1,0 +1,207 @@
+"""Batch prediction with a registered model (the champion by default).
+
+Reads a folder (``<root>/<label>/<image>`` or any files below it) or a manifest; labels are optional.
+Writes one CSV row per file: sha256, predicted label, per-class probabilities, the threshold used,
+the model version and backbone fingerprint. Unreadable files get a row with their rejection reason;
+they never stop the batch. Features of images already in the cache are reused. With ``heatmaps`` a
+Grad-CAM overlay PNG of the predicted class is written per predicted image (see ``heatmap.py``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from xray_core.errors import ImageRejected, SourceError, UsageError
+from xray_core.io.fsutil import atomic_write_bytes, printable, sha256_bytes
+from xray_core.settings import Settings
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class PredictFile:
+    path: Path
+    rel: str
+    label: str | None
+
+
+def list_files(path: Path, manifest: Path | None = None) -> list[PredictFile]:
+    """The files to predict: a manifest's rows, a single file, or every non-hidden file below a folder."""
+    from xray_core.data.scan import is_hidden, scan_manifest, validate_manifest
+
+    if manifest is not None:
+        validate_manifest(manifest)
+        return [PredictFile(c.path, c.rel, c.label or None) for c in scan_manifest(manifest)]
+    if path.is_file():
+        return [PredictFile(path, path.name, None)]
+    if not path.is_dir():
+        raise SourceError(f"{path} is not a file or folder")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        for name in sorted(filenames):
+            if is_hidden(name) or Path(name).suffix.lower() in (".csv", ".md", ".txt", ".json"):
+                continue
+            p = Path(dirpath) / name
+            rel = p.relative_to(path).as_posix()
+            parts = rel.split("/")
+            # printable(): a non-UTF-8 file name must not break the CSV (it is escaped as \xNN)
+            out.append(PredictFile(p, printable(rel), printable(parts[0]) if len(parts) > 1 else None))
+    return out
+
+
+def _decoded(files: list[PredictFile], settings: Settings) -> Iterator[tuple[PredictFile, str | None, Any, str | None]]:
+    from xray_core.data.images import decode_image
+
+    for f in files:
+        try:
+            if f.path.is_symlink() and not f.path.resolve().is_relative_to(f.path.parent.resolve()):
+                raise ImageRejected("outside_root", "symbolic link points elsewhere; not followed")
+            if not f.path.is_file():  # a FIFO or device would block or never end
+                raise ImageRejected("not_an_image", "not a regular file")
+            if f.path.stat().st_size > settings.max_file_bytes:
+                raise ImageRejected("file_too_large", f"over XRAY_MAX_FILE_BYTES={settings.max_file_bytes}")
+            data = f.path.read_bytes()
+        except ImageRejected as rej:
+            yield f, None, None, f"{rej.reason}: {rej.detail}"
+            continue
+        except OSError as exc:
+            yield f, None, None, f"unreadable_file: {exc.strerror or exc}"
+            continue
+        sha = sha256_bytes(data)
+        try:
+            decoded = decode_image(data, min_side=settings.min_image_side, max_pixels=settings.max_pixels)
+        except ImageRejected as rej:
+            yield f, sha, None, f"{rej.reason}: {rej.detail}"
+            continue
+        yield f, sha, decoded.pixels, None
+
+
+def heatmap_name(rel: str) -> str:
+    """The overlay's file name for an input path: folders joined with ``__``, ending in ``.png``."""
+    flat = rel.replace("/", "__")
+    return flat if flat.lower().endswith(".png") else flat + ".png"
+
+
+def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, manifest: Path | None = None,
+                   version: int | None = None, progress: Progress | None = None,
+                   heatmaps: Path | None = None) -> dict[str, Any]:
+    """Predict every file; write the CSV to ``out`` (atomically) and return a summary with the rows.
+
+    ``heatmaps``: a folder for one Grad-CAM overlay PNG per predicted image (the predicted class's
+    map, with label, probability and model version drawn in); the CSV's ``heatmap`` column names it.
+    """
+    import torch
+
+    from xray_core.model.backbone import load_backbone
+    from xray_core.data.catalogue import open_catalogue
+    from xray_core.model.features import FeatureCache, FeatureCacheError
+    from xray_core.evaluate.metrics import predict_labels, positive_index
+    from xray_core.model.preprocess import make_view
+    from xray_core.registry.versions import champion_version, load_model
+    from xray_core.model.train import predict_proba
+    from db import session_scope
+
+    if version is None:
+        with session_scope(open_catalogue(settings)) as s:
+            version = champion_version(s)
+        if version is None:
+            raise UsageError("there is no champion yet; train and promote a model first, or pass --version N")
+    backbone = load_backbone(settings)
+    model = load_model(settings, version, backbone_fingerprint=backbone.fingerprint)
+    labels, threshold = model.labels, model.threshold
+    pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
+    cache = FeatureCache(backbone, settings)
+    files = list_files(Path(path), manifest)
+    rows: list[dict[str, Any]] = []
+    batch: list[tuple[PredictFile, str, Any]] = []
+    heatmap_names: set[str] = set()
+
+    def write_heatmaps(probs: np.ndarray, preds: np.ndarray) -> list[str]:
+        from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
+
+        cams = gradcam_batch(backbone, model.head, [px for _, _, px in batch],
+                             class_indices=[int(k) for k in preds], settings=settings)
+        paths = []
+        for (f, sha, px), cam, p, k in zip(batch, cams, probs, preds):
+            name = heatmap_name(f.rel)
+            if name in heatmap_names:  # e.g. "a/b.png" and "a__b.png": keep both
+                name = f"{name[:-4]}-{sha[:8]}.png"
+            heatmap_names.add(name)
+            target = Path(heatmaps) / name
+            caption = heatmap_caption(labels[int(k)], float(p[int(k)]), version)
+            atomic_write_bytes(target, overlay_png(px, cam, text=caption))
+            paths.append(str(target))
+        return paths
+
+    def flush() -> None:
+        if not batch:
+            return
+        cached = {}
+        for f, sha, pixels in batch:
+            try:
+                cached[sha] = cache.load([sha], 0)[0]
+            except FeatureCacheError:  # not cached (or unusable): embedded below
+                pass
+        todo = [(f, sha, px) for f, sha, px in batch if sha not in cached]
+        if todo:
+            x = torch.stack([make_view(px, 0, sha, settings) for _, sha, px in todo])
+            # Rounded through float16 like cached features, so an image gets the same probabilities
+            # whether its features came from the cache or were computed just now.
+            feats = backbone.embed(x).numpy().astype(np.float16).astype(np.float32)
+            for (_, sha, _), feat in zip(todo, feats):
+                cached[sha] = feat
+        feats = np.stack([cached[sha] for _, sha, _ in batch])
+        probs = predict_proba(model.head, feats)
+        preds = predict_labels(probs, threshold=threshold, positive_index=pos)
+        maps = write_heatmaps(probs, preds) if heatmaps is not None else [""] * len(batch)
+        for (f, sha, _), p, k, hm in zip(batch, probs, preds, maps):
+            rows.append({"file": f.rel, "sha256": sha, "status": "ok", "error": "", "true_label": f.label or "",
+                         "predicted_label": labels[int(k)], **{f"p_{lab}": round(float(v), 6) for lab, v in zip(labels, p)},
+                         "threshold": "" if threshold is None else threshold, "model_version": version,
+                         "backbone_fingerprint": backbone.fingerprint, "heatmap": hm})
+        batch.clear()
+
+    for i, (f, sha, pixels, error) in enumerate(_decoded(files, settings), start=1):
+        if error is not None:
+            rows.append({"file": f.rel, "sha256": sha or "", "status": "rejected", "error": error,
+                         "true_label": f.label or "", "predicted_label": "",
+                         **{f"p_{lab}": "" for lab in labels}, "threshold": "" if threshold is None else threshold,
+                         "model_version": version, "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
+        else:
+            batch.append((f, sha, pixels))
+            if len(batch) >= settings.embed_batch_size:
+                flush()
+        if progress:
+            progress(i, len(files))
+    flush()
+    rows.sort(key=lambda r: r["file"])
+    columns = ["file", "sha256", "status", "error", "true_label", "predicted_label",
+               *[f"p_{lab}" for lab in labels], "threshold", "model_version", "backbone_fingerprint", "heatmap"]
+    if out is not None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _csv_safe(v) for k, v in r.items()})
+        atomic_write_bytes(Path(out), buf.getvalue().encode())
+    ok = [r for r in rows if r["status"] == "ok"]
+    return {"model_version": version, "labels": labels, "threshold": threshold, "files": len(rows),
+            "predicted": len(ok), "rejected": len(rows) - len(ok), "out": str(out) if out else None,
+            "heatmaps": str(heatmaps) if heatmaps is not None else None,
+            "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init,
+            "rows": rows}
+
+
+def _csv_safe(value: Any) -> Any:
+    """Neutralise spreadsheet formulas in text cells (CSV injection): prefix with a quote."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value

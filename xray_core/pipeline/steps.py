@@ -1,0 +1,268 @@
+"""The retraining recipe's steps: train → evaluate (both models, same test set) → decide → promote.
+
+Each step takes settings and small values and returns a small JSON-able dict, so any executor (direct
+calls, Prefect tasks: see :mod:`xray_core.pipeline.cycle`) can run it. Features come from the cache;
+nothing here holds images in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import numpy as np
+from sqlalchemy import select
+
+from db import session_scope
+from db.schema import Evaluation
+from xray_core.data.catalogue import open_catalogue
+from xray_core.errors import CheckpointError, NotEnoughDataError
+from xray_core.pipeline.embed import EmbedProgress, embed_step
+from xray_core.pipeline.lock import retrain_lock
+from xray_core.pipeline.snapshot import (Row, SplitData, embed_items, features_for, label_indices,
+                                         load_split_data, test_set_fingerprint, train_views,
+                                         training_set_fingerprint)
+from xray_core.settings import Settings
+
+
+def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None = None,
+               progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train a challenger head on cached features, pick its operating point, save and smoke-test it."""
+    from xray_core.model.backbone import FEATURE_DIM, load_backbone
+    from xray_core.evaluate.metrics import choose_threshold, compute_metrics, positive_index
+    from xray_core.model.preprocess import spec_dict
+    from xray_core.registry.versions import load_model, save_model
+    from xray_core.model.train import HeadConfig, load_head, predict_proba, train_head
+
+    labels = data.labels
+    backbone = load_backbone(settings)
+    config = HeadConfig.from_settings(settings)
+    x_train = features_for(settings, data.train, train_views(settings))
+    x_val = features_for(settings, data.val)
+    y_train, y_val = label_indices(data.train, labels), label_indices(data.val, labels)
+    result = train_head(x_train, y_train, x_val, y_val, len(labels), config, progress=progress)
+    head = load_head(result.state_dict, FEATURE_DIM, len(labels), hidden=config.hidden, dropout=config.dropout)
+    val_probs = predict_proba(head, x_val)
+    pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
+    threshold = None
+    if pos is not None:
+        threshold = choose_threshold((y_val == pos).astype(np.int64), val_probs[:, pos])
+    val_metrics = compute_metrics(y_val, val_probs, labels, threshold=threshold,
+                                  negative_label=settings.negative_label,
+                                  target_specificity=settings.target_specificity)
+    card = {
+        "labels": labels, "threshold": threshold, "input_size": settings.input_size,
+        "normalisation": spec_dict(settings).get("normalisation", {}),
+        "preprocessing": spec_dict(settings),
+        "backbone_fingerprint": backbone.fingerprint, "backbone_weights": settings.backbone_weights,
+        "backbone_random_init": backbone.random_init,
+        "head": {"in_dim": FEATURE_DIM, "hidden": list(config.hidden), "dropout": config.dropout},
+        "training": {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                     "history": result.history, "train_views": train_views(settings),
+                     "n_train": len(data.train), "n_val": len(data.val)},
+        "training_set_fingerprint": training_set_fingerprint(data),
+        "settings": settings.public_dict(), "val_metrics": val_metrics,
+    }
+    version = save_model(settings, state_dict=result.state_dict, card=card,
+                         train_image_ids=[r[0] for r in data.train], val_image_ids=[r[0] for r in data.val],
+                         flow_run_id=flow_run_id)
+    # Smoke test: the checkpoint reloaded from disk (sha256-verified) reproduces in-memory predictions.
+    reloaded = load_model(settings, version, backbone_fingerprint=backbone.fingerprint)
+    x_check = features_for(settings, data.test) if data.test else x_val
+    same = np.array_equal(predict_proba(head, x_check), predict_proba(reloaded.head, x_check))
+    if not same:
+        raise CheckpointError(f"model {version}: the reloaded checkpoint does not reproduce its predictions")
+    return {"version": version, "labels": labels, "threshold": threshold, "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run, "val_metrics": headline(val_metrics),
+            "smoke_test": "passed: reloaded checkpoint (sha256 verified) reproduces in-memory predictions",
+            "training_set_fingerprint": card["training_set_fingerprint"],
+            "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init}
+
+
+def headline(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: m.get(k) for k in ("n", "accuracy", "balanced_accuracy", "macro_auroc")}
+
+
+def model_test_probs(settings: Settings, version: int, rows: list[Row]) -> tuple[np.ndarray, Any]:
+    """Test-set probabilities of a registered model, with the backbone it was trained on.
+
+    A champion from an older backbone (other weights or preprocessing) gets its test features
+    computed with its own backbone, rebuilt from the settings on its card.
+    """
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.features import FeatureCache
+    from xray_core.registry.versions import load_model
+    from xray_core.model.train import predict_proba
+
+    current = load_backbone(settings)
+    model = load_model(settings, version)
+    if model.card["backbone_fingerprint"] == current.fingerprint:
+        backbone, own = current, settings
+    else:
+        own = settings_for_card(settings, model.card)
+        backbone = load_backbone(own)
+        if backbone.fingerprint != model.card["backbone_fingerprint"]:
+            raise CheckpointError(
+                f"model {version} needs backbone {model.card['backbone_fingerprint'][:12]}… "
+                f"({model.card['backbone_weights']}), which can no longer be rebuilt here")
+    cache = FeatureCache(backbone, own)
+    cache.ensure(embed_items(own, rows), [0])
+    x = cache.load([r[1] for r in rows], 0)
+    return predict_proba(model.head, x), model
+
+
+def settings_for_card(settings: Settings, card: dict[str, Any]) -> Settings:
+    saved = card.get("settings", {})
+    keys = ("backbone_weights", "backbone_seed", "input_size", "aug_rotation", "aug_hflip")
+    changes = {k: saved[k] for k in keys if k in saved}
+    if "aug_crop_scale" in saved:
+        changes["aug_crop_scale"] = tuple(saved["aug_crop_scale"])
+    return settings.with_overrides(**changes)
+
+
+def evaluate_step(settings: Settings, version: int, data: SplitData, *,
+                  flow_run_id: str | None = None) -> dict[str, Any]:
+    """Score one version on the current test split; store an evaluation row; return its metrics."""
+    from xray_core.evaluate.metrics import bootstrap_intervals, compute_metrics
+
+    if not data.test:
+        raise NotEnoughDataError("the test split is empty: ingest more patients before evaluating")
+    probs, model = model_test_probs(settings, version, data.test)
+    labels = model.labels
+    rows = [r for r in data.test if r[3] in labels]
+    keep = np.array([r[3] in labels for r in data.test])
+    probs = probs[keep]
+    y = label_indices(rows, labels)
+    patients = np.array([r[4] for r in rows])
+    metrics = compute_metrics(y, probs, labels, threshold=model.threshold, negative_label=settings.negative_label,
+                              target_specificity=settings.target_specificity)
+    metrics["intervals"] = bootstrap_intervals(
+        y, probs, labels, patients, threshold=model.threshold, negative_label=settings.negative_label,
+        n_samples=settings.bootstrap_samples, seed=settings.bootstrap_seed,
+        target_specificity=settings.target_specificity)
+    metrics["bootstrap"] = {"samples": settings.bootstrap_samples, "seed": settings.bootstrap_seed,
+                            "clustered_by": "patient", "patients": int(len(set(patients)))}
+    fingerprint = test_set_fingerprint(data.test)
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        s.add(Evaluation(model_id=version, test_set_fingerprint=fingerprint,
+                         backbone_fingerprint=model.card["backbone_fingerprint"], n_images=len(rows),
+                         metrics=metrics, flow_run_id=flow_run_id))
+        from db.schema import Model
+
+        row = s.get(Model, version)
+        if row is not None and not row.metrics.get("test"):
+            row.metrics = {**row.metrics, **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_auroc")},
+                           "intervals": metrics["intervals"], "test": True}
+    return {"version": version, "test_set_fingerprint": fingerprint, "n_images": len(rows), "metrics": metrics}
+
+
+def current_champion(settings: Settings) -> int | None:
+    from xray_core.registry.versions import champion_version
+
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        return champion_version(s)
+
+
+# Settings that change what training produces from the same features.
+TRAINING_SETTINGS = ("head_hidden", "head_dropout", "epochs", "batch_size", "learning_rate", "weight_decay",
+                     "patience", "train_seed", "views", "negative_label")
+
+
+def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | None:
+    """Why retraining would only reproduce the champion, or None when there is something new.
+
+    Training is deterministic, so with the champion's exact training and validation images, backbone
+    and training settings a new run would train the same weights again (and, being non-inferior to
+    itself, replace the champion with a copy every night). The scheduled run skips instead.
+    """
+    from db.schema import Model
+    from xray_core.model.backbone import load_backbone
+
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        champion = s.scalar(select(Model).where(Model.status == "champion"))
+        if champion is None:
+            return None
+        version, trained_on = champion.id, champion.training_set_fingerprint
+        backbone, config = champion.backbone_fingerprint, dict(champion.config)
+    if trained_on != training_set_fingerprint(data) or backbone != load_backbone(settings).fingerprint:
+        return None
+    now = settings.public_dict()
+    changed = [k for k in TRAINING_SETTINGS if config.get(k) != now.get(k)]
+    if changed:
+        return None
+    return (f"nothing new since champion v{version}: the same training and validation images, backbone and "
+            "training settings would train the same weights again; retrain with force=True (CLI --force) to "
+            "run anyway")
+
+
+def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
+                data: SplitData) -> dict[str, Any]:
+    """Apply the promotion policy to two evaluations on the identical test set."""
+    from xray_core.evaluate.metrics import paired_bootstrap_difference
+    from xray_core.evaluate.promotion import PolicyConfig, decide
+
+    config = PolicyConfig.from_settings(settings)
+    comparison = None
+    if champion is not None:
+        if champion["test_set_fingerprint"] != challenger["test_set_fingerprint"]:
+            raise CheckpointError("champion and challenger were scored on different test sets")
+        if champion["metrics"]["labels"] != challenger["metrics"]["labels"]:
+            return {"decision": "keep", "promote": False, "checks": [],
+                    "rationale": (f"The challenger's labels {challenger['metrics']['labels']} differ from the "
+                                  f"champion's {champion['metrics']['labels']}: the two cannot be compared "
+                                  "automatically. Keep; promote by hand (xray promote) after review.")}
+        p_new, _ = model_test_probs(settings, challenger["version"], data.test)
+        p_old, _ = model_test_probs(settings, champion["version"], data.test)
+        labels = challenger["metrics"]["labels"]
+        rows = [r for r in data.test if r[3] in labels]
+        keep = np.array([r[3] in labels for r in data.test])
+        comparison = paired_bootstrap_difference(
+            label_indices(rows, labels), p_new[keep], p_old[keep], labels, np.array([r[4] for r in rows]),
+            metric=settings.promotion_metric,
+            thresholds=(challenger["metrics"].get("threshold"), champion["metrics"].get("threshold")),
+            negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
+            seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+    decision = decide(challenger["metrics"], champion["metrics"] if champion else None, comparison, config)
+    out = decision.as_dict()
+    out["comparison"] = comparison
+    return out
+
+
+def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any], trigger: str,
+                 champion_eval: dict[str, Any] | None, challenger_eval: dict[str, Any],
+                 flow_run_id: str | None = None) -> dict[str, Any]:
+    """Record the decision; on promote, re-verify the checkpoint and switch the champion atomically."""
+    from xray_core.registry.versions import load_model, record_decision
+
+    if decision["promote"]:
+        load_model(settings, challenger)  # sha256 re-verified just before the switch
+    metrics = {"challenger": summary_metrics(challenger_eval),
+               "champion": summary_metrics(champion_eval) if champion_eval else None,
+               "comparison": decision.get("comparison"), "checks": decision.get("checks")}
+    return record_decision(settings, challenger=challenger, decision=decision["decision"],
+                           rationale=decision["rationale"], metrics=json.loads(json.dumps(metrics, default=str)),
+                           trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]))
+
+
+def summary_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
+    m = evaluation["metrics"]
+    keys = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece")
+    return {"version": evaluation["version"], "test_set_fingerprint": evaluation["test_set_fingerprint"],
+            **{k: {"point": m.get(k), "low": m["intervals"].get(k, {}).get("low"),
+                   "high": m["intervals"].get(k, {}).get("high")} for k in keys},
+            "per_class": m.get("per_class")}
+
+
+def run_train(settings: Settings, *, progress: EmbedProgress | None = None) -> dict[str, Any]:
+    """``xray train``: embed what is missing, train a challenger, evaluate it on the test split."""
+    with retrain_lock(settings):
+        data = load_split_data(settings)
+        embed = embed_step(settings, data, progress)
+        trained = train_step(settings, data)
+        evaluation = evaluate_step(settings, trained["version"], data)
+    return {"data": data.counts(), "embed": embed, "train": trained,
+            "test": {k: evaluation[k] for k in ("test_set_fingerprint", "n_images")}
+            | {"metrics": summary_metrics(evaluation)}}

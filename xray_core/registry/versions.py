@@ -1,0 +1,387 @@
+"""Model registry: checkpoints on disk, versions in the catalogue, the champion pointer, the audit trail.
+
+Atomicity, in order:
+1. ``head.safetensors`` and ``card.json`` are written atomically into ``models/.staging/<uuid>/``
+   and read back and hashed (verified) there;
+2. one transaction inserts the version row, renames the folder to ``models/<version>/`` and commits.
+   A crash before the commit leaves at most an unnamed folder (moved aside next time), never a row
+   naming missing files. On an object store (XRAY_STORAGE_URL=s3://...) the "rename" is a copy
+   verified byte for byte, then a delete of the staging copy, still before the commit;
+3. switching the champion (retire old + crown new) and its audit row commit in one transaction; the
+   database's partial unique index makes two champions impossible even for racing processes.
+Every load hashes the bytes it reads against the sha256 stored in the catalogue and parses those same
+bytes (no second read). Nothing is unpickled. Files go through :mod:`xray_core.io.storage`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db import session_scope
+from db.schema import Model, ModelImage, Promotion
+from xray_core.data.catalogue import open_catalogue
+from xray_core.faults import crash_point
+from xray_core.errors import CheckpointError, UsageError
+from xray_core.io.fsutil import sha256_bytes
+from xray_core.data.labels import is_safe_label
+from xray_core.settings import Settings
+from xray_core.io.storage import Storage, get_storage
+from xray_core.model.train import load_head
+
+CARD_SCHEMA_VERSION = 1
+CODE_VERSION = "0.1.0"
+
+
+@dataclass
+class LoadedModel:
+    version: int
+    head: torch.nn.Module
+    card: dict[str, Any]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.card["labels"])
+
+    @property
+    def threshold(self) -> float | None:
+        return self.card.get("threshold")
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float; bool is not a number here (JSON true would pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate_card(card: Any) -> dict[str, Any]:
+    """Check a model card's shape before trusting it (a schema in code: no extra dependency).
+
+    Every field a loader or report reads is checked for its type and range, so a hand-edited or
+    foreign card fails here with CheckpointError naming the field, never later with a KeyError.
+    """
+    required = {"schema": int, "labels": list, "input_size": int, "normalisation": dict,
+                "backbone_fingerprint": str, "backbone_weights": str, "head": dict,
+                "training_set_fingerprint": str}
+    if not isinstance(card, dict):
+        raise CheckpointError("card.json is not a JSON object")
+    for key, typ in required.items():
+        value = card.get(key)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise CheckpointError(f"card.json: field {key!r} missing or not a {typ.__name__}")
+    if card["schema"] != CARD_SCHEMA_VERSION:
+        raise CheckpointError(f"card.json schema {card['schema']} is not supported (expected {CARD_SCHEMA_VERSION})")
+    labels = card["labels"]
+    if len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise CheckpointError("card.json: labels must be a list of at least two names")
+    if len(set(labels)) != len(labels) or not all(is_safe_label(x) for x in labels):
+        raise CheckpointError("card.json: labels must be distinct names of 1-64 characters a-z, 0-9, '_' or '-'")
+    threshold = card.get("threshold")
+    if threshold is not None and not (_number(threshold) and 0.0 <= threshold <= 1.0):
+        raise CheckpointError("card.json: threshold must be null or a number between 0 and 1")
+    if not _positive_int(card["input_size"]):
+        raise CheckpointError("card.json: input_size must be a positive integer (pixels)")
+    head = card["head"]
+    if not (_positive_int(head.get("in_dim")) and isinstance(head.get("hidden"), list)
+            and all(_positive_int(h) for h in head["hidden"])
+            and _number(head.get("dropout")) and 0.0 <= head["dropout"] < 1.0):
+        raise CheckpointError("card.json: head must hold in_dim (a positive integer), hidden (a list of "
+                              "positive integers) and dropout (a number in [0, 1))")
+    return card
+
+
+def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card: dict[str, Any],
+               train_image_ids: list[int], val_image_ids: list[int], flow_run_id: str | None = None,
+               fail_before_commit: bool = False) -> int:
+    """Write and verify the checkpoint, then register it as a candidate version. Returns the version."""
+    card = validate_card({"schema": CARD_SCHEMA_VERSION, "code_version": CODE_VERSION, **card})
+    store = get_storage(settings, "models")
+    staging = f".staging/{uuid.uuid4().hex}"
+    head_bytes = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    card_bytes = json.dumps(card, indent=2, sort_keys=True, default=str).encode()
+    try:
+        store.write_bytes(f"{staging}/head.safetensors", head_bytes)
+        store.write_bytes(f"{staging}/card.json", card_bytes)
+        head_read = store.read_bytes(f"{staging}/head.safetensors")
+        head_sha, card_sha = sha256_bytes(head_read), sha256_bytes(store.read_bytes(f"{staging}/card.json"))
+        load(head_read)  # verify it parses before anything names it
+    except Exception:
+        # E.g. StorageFullError: no half-staged folder stays behind (a crash still may leave one;
+        # remove_staging_leftovers clears those). Nothing names it yet, so removing it is safe.
+        store.delete_prefix(staging)
+        raise
+    crash_point("registry.staged")
+    engine = open_catalogue(settings)
+    renamed: str | None = None
+    try:
+        with session_scope(engine) as s:
+            model = Model(status="candidate", checkpoint_dir="", checkpoint_sha256=head_sha, card_sha256=card_sha,
+                          backbone_fingerprint=card["backbone_fingerprint"], backbone_weights=card["backbone_weights"],
+                          training_set_fingerprint=card["training_set_fingerprint"], labels=card["labels"],
+                          threshold=card.get("threshold"), config=card.get("settings", {}),
+                          metrics=card.get("metrics", {}), flow_run_id=flow_run_id)
+            s.add(model)
+            s.flush()
+            final = str(model.id)
+            if store.has_prefix(final):  # left by a SIGKILL between rename and commit (SQLite reuses the id)
+                _move_aside(store, final)
+            store.rename_prefix(staging, final)  # local: one rename + folder fsync
+            renamed = final
+            crash_point("registry.renamed_before_commit")
+            model.checkpoint_dir = f"models/{model.id}"
+            s.add_all([ModelImage(model_id=model.id, image_id=i, role="train") for i in train_image_ids])
+            s.add_all([ModelImage(model_id=model.id, image_id=i, role="val") for i in val_image_ids])
+            if fail_before_commit:
+                raise RuntimeError("injected failure between checkpoint write and commit")
+            version = model.id
+    except BaseException:
+        # The transaction rolled back: no row names the folder. Move it aside (never trusted, kept
+        # for inspection) so the version number stays free of stray files on every database.
+        if renamed is not None and store.has_prefix(renamed):
+            _move_aside(store, renamed)
+        store.delete_prefix(staging)
+        raise
+    crash_point("registry.saved")
+    return version
+
+
+def _move_aside(store: Storage, folder: str) -> None:
+    store.rename_prefix(folder, f".orphaned/{folder}-{uuid.uuid4().hex[:8]}")
+
+
+def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | None = None) -> LoadedModel:
+    """Load a registered version, verifying both files' sha256 against the catalogue.
+
+    With ``backbone_fingerprint`` given, a model trained on another backbone is refused.
+    """
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        model = s.get(Model, version)
+        if model is None:
+            raise UsageError(f"model version {version} does not exist (see xray models)")
+        folder = model.checkpoint_dir  # "models/<version>", relative to the storage root
+        head_sha, card_sha = model.checkpoint_sha256, model.card_sha256
+    store = get_storage(settings)
+    blobs: dict[str, bytes] = {}
+    for name, expected in (("head.safetensors", head_sha), ("card.json", card_sha)):
+        key = f"{folder}/{name}"
+        try:
+            blobs[name] = store.read_bytes(key)  # hashed and parsed from these same bytes
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise CheckpointError(f"model {version}: {store.url_for(key)} is missing") from None
+        actual = sha256_bytes(blobs[name])
+        if actual != expected:
+            raise CheckpointError(f"model {version}: {name} sha256 {actual[:12]}… does not match the "
+                                  f"catalogue's {expected[:12]}…; the file was altered or corrupted")
+    card = validate_card(json.loads(blobs["card.json"]))
+    if backbone_fingerprint is not None and card["backbone_fingerprint"] != backbone_fingerprint:
+        raise CheckpointError(
+            f"model {version} was trained on backbone {card['backbone_fingerprint'][:12]}… but the current "
+            f"backbone is {backbone_fingerprint[:12]}… (XRAY_BACKBONE_WEIGHTS / preprocessing changed)")
+    try:
+        state = load(blobs["head.safetensors"])  # safetensors: tensors only, never a pickle
+    except Exception as exc:  # SafetensorError: only possible if the catalogue row was altered too
+        raise CheckpointError(f"model {version}: head.safetensors is not a readable safetensors file "
+                              f"({type(exc).__name__}: {exc})") from None
+    head_cfg = card["head"]
+    head = load_head(state, int(head_cfg["in_dim"]), len(card["labels"]), hidden=tuple(head_cfg["hidden"]),
+                     dropout=float(head_cfg["dropout"]))
+    return LoadedModel(version=version, head=head, card=card)
+
+
+def champion_version(session: Session) -> int | None:
+    return session.scalar(select(Model.id).where(Model.status == "champion"))
+
+
+_ANY = object()  # sentinel: record_decision does not check which version is champion beforehand
+
+
+def record_decision(settings: Settings, *, challenger: int | None, decision: str, rationale: str,
+                    metrics: dict[str, Any], trigger: str, actor: str | None = None,
+                    flow_run_id: str | None = None, promote: bool = False,
+                    expect_champion: Any = _ANY,
+                    fail_between_switch_and_audit: bool = False) -> dict[str, Any]:
+    """Record a decision; when ``promote``, switch the champion in the same transaction.
+
+    ``expect_champion`` (a version or None): refuse, writing nothing, unless that is still the
+    champion inside this transaction; a caller that chose its target from an earlier read (rollback)
+    so never acts on a champion that changed meanwhile. Returns the audit row as a dict.
+    """
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        previous = champion_version(s)
+        if expect_champion is not _ANY and previous != expect_champion:
+            raise UsageError(f"the champion changed meanwhile (now {previous}, expected {expect_champion}); "
+                             "check xray models --history and retry")
+        if promote:
+            if challenger is None:
+                raise UsageError("a promotion needs a version to promote")
+            _switch(s, previous, challenger)
+            if fail_between_switch_and_audit:
+                raise RuntimeError("injected failure between champion switch and audit row")
+        elif challenger is not None and decision in ("keep", "insufficient_evidence", "reject", "failed"):
+            model = s.get(Model, challenger)
+            if model is not None and model.status == "candidate":
+                model.status = "rejected"
+        row = Promotion(from_version=previous, to_version=challenger, decision=decision,
+                        champion_after=challenger if promote else previous, rationale=rationale,
+                        metrics=metrics, trigger=trigger, actor=actor, flow_run_id=flow_run_id)
+        s.add(row)
+        s.flush()
+        crash_point("registry.decision_before_commit")
+        out = _promotion_dict(row)
+    crash_point("registry.decision_committed")
+    return out
+
+
+def _switch(s: Session, previous: int | None, new: int) -> None:
+    model = s.get(Model, new)
+    if model is None:
+        raise UsageError(f"model version {new} does not exist (see xray models)")
+    if model.status == "champion":
+        raise UsageError(f"model version {new} is already the champion")
+    if previous is not None:
+        s.get(Model, previous).status = "retired"
+        s.flush()  # retire first: the unique index allows one champion at a time
+    model.status = "champion"
+    s.flush()
+
+
+def promote_manually(settings: Settings, version: int, *, reason: str, trigger: str = "cli",
+                     actor: str | None = None, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Make ``version`` the champion by hand (after verifying its files), audited with ``reason``."""
+    if not reason.strip():
+        raise UsageError("a manual promotion needs --reason")
+    load_model(settings, version)  # refuses a version whose files are missing or altered
+    return record_decision(settings, challenger=version, decision="manual_promote", rationale=reason,
+                           metrics={}, trigger=trigger, actor=actor, flow_run_id=flow_run_id, promote=True)
+
+
+def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: str | None = None,
+             flow_run_id: str | None = None) -> dict[str, Any]:
+    """Return to the champion that the current one replaced, audited with ``reason``.
+
+    The target is the ``from`` of the latest promotion (automatic or manual, not a rollback) that
+    made the current version champion, so repeated rollbacks walk back through earlier champions
+    (3 -> 2 -> 1) instead of bouncing back to the version just rolled back from (3 -> 2 -> 3).
+    """
+    if not reason.strip():
+        raise UsageError("a rollback needs --reason")
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        current = champion_version(s)
+        if current is None:
+            raise UsageError("there is no champion to roll back from")
+        crowned = s.scalars(select(Promotion).where(Promotion.champion_after == current,
+                                                    Promotion.to_version == current,
+                                                    Promotion.decision != "rollback")
+                            .order_by(Promotion.id.desc())).first()
+        target = crowned.from_version if crowned is not None else None
+        if target is None or target == current:
+            raise UsageError(f"champion {current} has no earlier champion to roll back to")
+    load_model(settings, target)
+    return record_decision(settings, challenger=target, decision="rollback",
+                           rationale=f"rollback from {current} to {target}: {reason}", metrics={},
+                           trigger=trigger, actor=actor, flow_run_id=flow_run_id, promote=True,
+                           expect_champion=current)
+
+
+def _promotion_dict(r: Promotion) -> dict[str, Any]:
+    return {"id": r.id, "time": (r.created_at or datetime.now(timezone.utc)).isoformat(),
+            "from_version": r.from_version, "to_version": r.to_version, "decision": r.decision,
+            "champion_after": r.champion_after, "rationale": r.rationale, "trigger": r.trigger,
+            "actor": r.actor, "flow_run_id": r.flow_run_id, "metrics": r.metrics}
+
+
+def list_models(settings: Settings) -> list[dict[str, Any]]:
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        models = s.scalars(select(Model).order_by(Model.id)).all()
+        promoted = {}
+        for p in s.scalars(select(Promotion).where(Promotion.champion_after.is_not(None)).order_by(Promotion.id)):
+            if p.champion_after == p.to_version and p.to_version is not None:
+                promoted[p.to_version] = {"time": p.created_at.isoformat(), "trigger": p.trigger,
+                                          "decision": p.decision, "actor": p.actor}
+        return [{"version": m.id, "status": m.status, "created_at": m.created_at.isoformat(),
+                 "backbone_fingerprint": m.backbone_fingerprint, "backbone_weights": m.backbone_weights,
+                 "training_set_fingerprint": m.training_set_fingerprint, "labels": m.labels,
+                 "threshold": m.threshold, "metrics": _key_metrics(m.metrics),
+                 "last_promoted": promoted.get(m.id)} for m in models]
+
+
+def _key_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("macro_auroc", "balanced_accuracy", "accuracy")
+    intervals = metrics.get("intervals", {})
+    return {k: {"point": metrics.get(k), **{b: intervals.get(k, {}).get(b) for b in ("low", "high")}}
+            for k in keys if k in metrics}
+
+
+def history(settings: Settings) -> list[dict[str, Any]]:
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        return [_promotion_dict(r) for r in s.scalars(select(Promotion).order_by(Promotion.id))]
+
+
+def model_lineage(settings: Settings, version: int) -> dict[str, Any]:
+    """Everything that made a version: its card, images by role (with sources), backbone, settings."""
+    from db.schema import Image, Source
+
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        model = s.get(Model, version)
+        if model is None:
+            raise UsageError(f"model version {version} does not exist (see xray models)")
+        rows = s.execute(select(ModelImage.role, Image.id, Image.sha256, Image.label, Image.patient_id,
+                                Image.source_id).join(Image, Image.id == ModelImage.image_id)
+                         .where(ModelImage.model_id == version).order_by(Image.id)).all()
+        source_ids = sorted({r[5] for r in rows})
+        sources = [{"id": src.id, "kind": src.kind, "path": src.path, "manifest": src.manifest_path,
+                    "started_at": src.started_at.isoformat()}
+                   for src in s.scalars(select(Source).where(Source.id.in_(source_ids)))]
+        evaluations = [{"test_set_fingerprint": e.test_set_fingerprint, "n_images": e.n_images,
+                        "backbone_fingerprint": e.backbone_fingerprint, "created_at": e.created_at.isoformat(),
+                        "metrics": _key_metrics(e.metrics)} for e in model_evaluations(s, version)]
+        return {"version": model.id, "status": model.status, "created_at": model.created_at.isoformat(),
+                "checkpoint_dir": model.checkpoint_dir, "checkpoint_sha256": model.checkpoint_sha256,
+                "backbone_fingerprint": model.backbone_fingerprint, "backbone_weights": model.backbone_weights,
+                "training_set_fingerprint": model.training_set_fingerprint, "labels": model.labels,
+                "threshold": model.threshold, "settings": model.config, "metrics": model.metrics,
+                "flow_run_id": model.flow_run_id, "sources": sources, "evaluations": evaluations,
+                "images": {role: [{"id": r[1], "sha256": r[2], "label": r[3], "patient_id": r[4]}
+                                  for r in rows if r[0] == role] for role in ("train", "val")}}
+
+
+def model_evaluations(s: Session, version: int) -> list:
+    from db.schema import Evaluation
+
+    return list(s.scalars(select(Evaluation).where(Evaluation.model_id == version).order_by(Evaluation.id)))
+
+
+def registry_summary(settings: Settings) -> dict[str, Any]:
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        champion = champion_version(s)
+        versions = s.scalar(select(Model.id).order_by(Model.id.desc()).limit(1)) or 0
+    return {"champion": champion, "versions": versions}
+
+
+def remove_staging_leftovers(settings: Settings) -> int:
+    """Delete staging folders left by crashed saves (never referenced by the catalogue)."""
+    store = get_storage(settings, "models")
+    n = 0
+    for child in store.folders(".staging"):
+        store.delete_prefix(f".staging/{child}")
+        n += 1
+    return n

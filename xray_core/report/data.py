@@ -1,0 +1,157 @@
+"""What the HTML run report plots: ROC points and reliability bins of champion and challenger on the
+same test set, and a few test images with the challenger's Grad-CAM overlays.
+
+The probabilities come from :func:`xray_core.pipeline.steps.model_test_probs`, the function the evaluation
+itself uses, so the curves are of exactly the numbers the decision was made on (a champion from an
+older backbone is scored with its own backbone there). Confusion matrices and intervals are not
+recomputed here: they are in the evaluation results the report already has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from xray_core.settings import Settings
+
+RELIABILITY_BINS = 10  # the same equal-width bins as the ECE in metrics.compute_metrics
+
+
+@dataclass(frozen=True)
+class ModelCurves:
+    version: int
+    role: str  # "challenger" or "champion"
+    labels: list[str]
+    n: int  # test images scored (those whose label the model knows)
+    roc: dict[str, dict[str, Any]]  # class -> {"fpr": [...], "tpr": [...], "auroc": float}; one-vs-rest
+    reliability: list[dict[str, Any]]  # bins of the argmax confidence: lo, hi, count, confidence, accuracy
+
+
+@dataclass(frozen=True)
+class ExampleHeatmap:
+    sha256: str
+    true_label: str
+    predicted_label: str
+    probability: float  # the challenger's probability of its predicted label
+    version: int
+    png: bytes  # Grad-CAM overlay of the predicted class, at the original image's size
+
+
+@dataclass(frozen=True)
+class ReportData:
+    curves: list[ModelCurves]  # challenger first, then the champion (if any)
+    examples: list[ExampleHeatmap] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what could not be drawn, and why
+
+
+def roc_curve(y_binary: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """ROC points (false-positive rate, true-positive rate) from (0, 0) to (1, 1).
+
+    One point per distinct score (tied scores move both rates at once, so the area under these
+    points equals the Mann-Whitney AUROC of ``metrics.auroc``). None when one class is absent.
+    """
+    y = np.asarray(y_binary, dtype=bool)
+    s = np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    tp = np.cumsum(y)[last_of_tie]
+    fp = np.cumsum(~y)[last_of_tie]
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
+
+
+def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int = RELIABILITY_BINS) -> list[dict[str, Any]]:
+    """Reliability diagram data for the argmax prediction: per equal-width confidence bin, the number
+    of images, their mean confidence and their accuracy (None for empty bins). Matches the ECE's bins.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    conf = p.max(axis=1)
+    correct = p.argmax(axis=1) == np.asarray(y)
+    which = np.clip((conf * bins).astype(np.int64), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        in_bin = which == b
+        count = int(in_bin.sum())
+        out.append({"lo": b / bins, "hi": (b + 1) / bins, "count": count,
+                    "confidence": float(conf[in_bin].mean()) if count else None,
+                    "accuracy": float(correct[in_bin].mean()) if count else None})
+    return out
+
+
+def _curves(version: int, role: str, labels: list[str], y: np.ndarray, probs: np.ndarray) -> ModelCurves:
+    roc = {}
+    for c, label in enumerate(labels):
+        points = roc_curve(y == c, probs[:, c])
+        if points is not None:
+            fpr, tpr = points
+            roc[label] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auroc": float(np.trapezoid(tpr, fpr))}
+    return ModelCurves(version=version, role=role, labels=labels, n=int(y.size), roc=roc,
+                       reliability=reliability_bins(probs, y))
+
+
+def _example_rows(rows: list, y: np.ndarray, n: int) -> list[int]:
+    """Up to ``n`` test images, taking each true label in turn (by sha256 within a label): deterministic."""
+    by_label: dict[int, list[int]] = {}
+    for i in sorted(range(len(rows)), key=lambda i: rows[i][1]):
+        by_label.setdefault(int(y[i]), []).append(i)
+    picked: list[int] = []
+    queues = [by_label[k] for k in sorted(by_label)]
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return picked
+
+
+def collect_report_data(settings: Settings, data: Any, *, challenger: int, champion: int | None,
+                        n_examples: int = 4) -> ReportData:
+    """Curves of both models on the run's test split (``data``: its frozen SplitData) and up to
+    ``n_examples`` test images with the challenger's Grad-CAM overlays."""
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
+    from xray_core.data.images import decode_stored
+    from xray_core.evaluate.metrics import positive_index, predict_labels
+    from xray_core.pipeline.steps import model_test_probs
+    from xray_core.pipeline.snapshot import label_indices
+    from xray_core.io.storage import get_storage
+
+    curves: list[ModelCurves] = []
+    notes: list[str] = []
+    examples: list[ExampleHeatmap] = []
+    for version, role in ((challenger, "challenger"), (champion, "champion")):
+        if version is None:
+            continue
+        probs, model = model_test_probs(settings, version, data.test)
+        keep = np.array([r[3] in model.labels for r in data.test], dtype=bool)
+        rows = [r for r in data.test if r[3] in model.labels]
+        y = label_indices(rows, model.labels)
+        curves.append(_curves(version, role, model.labels, y, probs[keep]))
+        if role != "challenger" or n_examples <= 0 or not rows:
+            continue
+        backbone = load_backbone(settings)
+        if model.card["backbone_fingerprint"] != backbone.fingerprint:
+            notes.append(f"no heatmaps: model v{version} was trained on another backbone")
+            continue
+        labels = model.labels
+        pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
+        preds = predict_labels(probs[keep], threshold=model.threshold, positive_index=pos)
+        picked = _example_rows(rows, y, n_examples)
+        store = get_storage(settings)
+        grays = [decode_stored(store.read_bytes(rows[i][2]), max_pixels=settings.max_pixels) for i in picked]
+        cams = gradcam_batch(backbone, model.head, grays, class_indices=[int(preds[i]) for i in picked],
+                             settings=settings)
+        for i, gray, cam in zip(picked, grays, cams):
+            k = int(preds[i])
+            p = float(probs[keep][i, k])
+            examples.append(ExampleHeatmap(
+                sha256=rows[i][1], true_label=rows[i][3], predicted_label=labels[k], probability=p,
+                version=version, png=overlay_png(gray, cam, text=heatmap_caption(labels[k], p, version))))
+    return ReportData(curves=curves, examples=examples, notes=notes)
+
+
+__all__ = ["ModelCurves", "ExampleHeatmap", "ReportData", "roc_curve", "reliability_bins", "collect_report_data"]

@@ -1,0 +1,61 @@
+"""What ``xray status`` reports: catalogue, feature cache coverage, registry and settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xray_core.data.catalogue import catalogue_summary
+from xray_core.settings import Settings
+
+
+def status_report(settings: Settings) -> dict[str, Any]:
+    report: dict[str, Any] = {"home": str(settings.home), "database_url": _safe_url(settings.database_url),
+                              "storage_url": settings.public_dict()["storage_url"]}
+    report["catalogue"] = catalogue_summary(settings)
+    report["feature_cache"] = _feature_cache(settings)
+    report["models"] = _models(settings)
+    report["settings"] = settings.public_dict()
+    report["settings"]["database_url"] = _safe_url(settings.database_url)
+    return report
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _feature_cache(settings: Settings) -> list[dict[str, Any]]:
+    """Per backbone fingerprint: files and bytes, and coverage = catalogued images with a cache file
+    there (each file holds that image's cached views), plus the model versions built on it."""
+    from sqlalchemy import select
+
+    from db import session_scope
+    from db.schema import Image, Model
+    from xray_core.data.catalogue import open_catalogue
+    from xray_core.model.features import cache_summary
+
+    from xray_core.io.storage import get_storage
+
+    storage = get_storage(settings, "features")
+    rows = cache_summary(storage)
+    with session_scope(open_catalogue(settings)) as s:
+        shas = list(s.scalars(select(Image.sha256)))
+        models = s.execute(select(Model.id, Model.backbone_fingerprint, Model.status)).all()
+    for row in rows:
+        fp = row["fingerprint"]
+        present = set(storage.list(fp))  # one listing per fingerprint, not one request per image
+        cached = sum(1 for sha in shas if f"{fp}/{sha[:2]}/{sha}.safetensors" in present)
+        row["catalogued_images"] = len(shas)
+        row["catalogued_cached"] = cached
+        row["coverage"] = f"{cached}/{len(shas)}"
+        row["models"] = [{"version": v, "status": st} for v, fp, st in models if fp == row["fingerprint"]]
+    return rows
+
+
+def _models(settings: Settings) -> dict[str, Any]:
+    try:
+        from xray_core.registry.versions import registry_summary
+    except ImportError:
+        return {}
+    return registry_summary(settings)

@@ -1,0 +1,137 @@
+"""Plain-text tables for the terminal. ``--json`` output never goes through here."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_ingest(s: dict[str, Any]) -> str:
+    out = [f"source {s['source_id']}: {s['manifest'] or s['source']}",
+           f"  files {s['files']}: added {s['added']}, duplicates {s['duplicates']}, "
+           f"unchanged (skipped) {s['skipped_unchanged']}, rejected {s['rejected']}  ({s['seconds']} s)"]
+    if s["added_by_label"]:
+        out.append("  added by label: " + ", ".join(f"{k} {v}" for k, v in sorted(s["added_by_label"].items())))
+    if s["rejected_by_reason"]:
+        out.append("  rejected by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())))
+    out.append(f"  new patients {s['new_patients']}; new splits: "
+               + ", ".join(f"{k} {v}" for k, v in s["split_assignments"].items()))
+    if s["patients_without_id"]:
+        out.append(f"  note: {s['patients_without_id']} image(s) had no patient id; each is its own patient")
+    return "\n".join(out)
+
+
+def render_status(r: dict[str, Any]) -> str:
+    cat = r["catalogue"]
+    out = [f"XRAY_HOME {r['home']}", f"catalogue {r['database_url']}", "",
+           f"images {cat['images']} from {cat['sources']} source run(s); patients {cat['patients']['total']}"]
+    rows = [[label, v["train"], v["val"], v["test"], v["unassigned"], sum(v.values())]
+            for label, v in cat["by_label_and_split"].items()]
+    if rows:
+        out += ["", table(["label", "train", "val", "test", "unassigned", "total"], rows)]
+    out += ["", "patients by id source: " + (", ".join(f"{k} {v}" for k, v in cat["patients"]["by_id_source"].items()) or "none")]
+    rej = cat["rejections"]
+    out.append(f"rejections {rej['total']}" + (": " + ", ".join(f"{k} {v}" for k, v in rej["by_reason"].items()) if rej["total"] else ""))
+    nd = cat["near_duplicates"]
+    out.append(f"near-duplicate pairs across splits (pHash distance <= {nd['max_distance']}): {nd['pairs_across_splits']}")
+    for note in cat["notes"]:
+        out.append(f"note: {note}")
+    if r.get("feature_cache"):
+        out += ["", table(["feature cache (backbone fingerprint)", "files", "MiB", "catalogued images cached", "models"],
+                          [[c["fingerprint"][:16], c.get("files", ""), round(c.get("bytes", 0) / 2**20, 1),
+                            c.get("coverage", ""), ", ".join(f"v{m['version']} {m['status']}" for m in c.get("models", []))
+                            or "-"] for c in r["feature_cache"]])]
+    models = r.get("models") or {}
+    if models:
+        out += ["", f"champion: {models.get('champion') or 'none'}; versions: {models.get('versions', 0)}"]
+    s = r["settings"]
+    out += ["", "settings:"] + [f"  {k} = {v}" for k, v in s.items()]
+    return "\n".join(out)
+
+
+def format_interval(m: dict[str, Any] | None) -> str:
+    if not m or m.get("point") is None:
+        return "-"
+    lo, hi = m.get("low"), m.get("high")
+    return f"{m['point']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def render_models(models: list[dict[str, Any]]) -> str:
+    if not models:
+        return "no model versions yet (xray train or xray retrain)"
+    rows = [[m["version"], m["status"], m["created_at"][:19], format_interval(m["metrics"].get("macro_auroc")),
+             format_interval(m["metrics"].get("balanced_accuracy")), m["backbone_weights"],
+             (m["last_promoted"] or {}).get("time", "")[:19], (m["last_promoted"] or {}).get("trigger", "")]
+            for m in models]
+    return table(["version", "status", "created", "macro AUROC [95% CI]", "balanced acc [95% CI]",
+                  "backbone", "promoted", "by"], rows)
+
+
+def render_history(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no decisions recorded yet"
+    out = []
+    for r in rows:
+        out.append(f"#{r['id']} {r['time'][:19]} {r['decision']}: {r['from_version']} -> champion "
+                   f"{r['champion_after']} (challenger {r['to_version']}; trigger {r['trigger']}"
+                   f"{'; by ' + r['actor'] if r.get('actor') else ''}{'; flow run ' + r['flow_run_id'] if r.get('flow_run_id') else ''})")
+        out.append(f"    {r['rationale']}")
+    return "\n".join(out)
+
+
+def render_lineage(m: dict[str, Any]) -> str:
+    out = [f"model {m['version']} ({m['status']}), created {m['created_at'][:19]}",
+           f"  checkpoint {m['checkpoint_dir']} sha256 {m['checkpoint_sha256']}",
+           f"  backbone {m['backbone_weights']} fingerprint {m['backbone_fingerprint']}",
+           f"  training set fingerprint {m['training_set_fingerprint']}",
+           f"  labels {m['labels']} threshold {m['threshold']}",
+           f"  images: train {len(m['images']['train'])}, val {len(m['images']['val'])}",
+           "  sources: " + "; ".join(f"{s['id']} {s['manifest'] or s['path']}" for s in m["sources"])]
+    for e in m["evaluations"]:
+        out.append(f"  evaluated on test set {e['test_set_fingerprint'][:12]} ({e['n_images']} images): "
+                   f"macro AUROC {format_interval(e['metrics'].get('macro_auroc'))}")
+    return "\n".join(out)
+
+
+def render_train(r: dict[str, Any]) -> str:
+    t, e = r["train"], r["embed"]
+    m = r["test"]["metrics"]
+    out = [f"embedded {e['computed']} new (image, view) pairs, {e['cached']} from cache ({e['seconds']} s); "
+           f"backbone {e['backbone_fingerprint'][:12]}" + (" (RANDOM-INIT: offline test weights)" if e["backbone_random_init"] else ""),
+           f"trained model {t['version']}: best epoch {t['best_epoch']} of {t['epochs_run']}, threshold {t['threshold']}",
+           f"  {t['smoke_test']}",
+           f"test set ({r['test']['n_images']} images): accuracy {format_interval(m['accuracy'])}, balanced accuracy "
+           f"{format_interval(m['balanced_accuracy'])}, macro AUROC {format_interval(m['macro_auroc'])}"]
+    return "\n".join(out)
+
+
+def render_retrain(r: dict[str, Any]) -> str:
+    out = [f"retrain {r.get('status')}: {r.get('summary') or ('model v' + str(r.get('version')) + '; champion v' + str(r.get('champion_after')))}"]
+    if r.get("decision"):
+        out.append(f"decision: {r['decision']['decision']}")
+        out.append(f"  {r['decision']['rationale']}")
+    if r.get("report"):
+        out.append(f"report: {r['report']}")
+    return "\n".join(out)
+
+
+def render_predict(r: dict[str, Any]) -> str:
+    out = [f"model v{r['model_version']} (labels {', '.join(r['labels'])}, threshold {r['threshold']}): "
+           f"{r['predicted']} predicted, {r['rejected']} unreadable of {r['files']} files"]
+    if r.get("backbone_random_init"):
+        out.append("note: the backbone is random-init (offline mode)")
+    if r.get("out"):
+        out.append(f"CSV: {r['out']}")
+    if r.get("heatmaps"):
+        out.append(f"Grad-CAM overlays: {r['heatmaps']}")
+    for row in r.get("rows", []):
+        probs = ", ".join(f"{k[2:]} {v}" for k, v in row.items() if k.startswith("p_") and v != "")
+        out.append(f"  {row['file']}: {row['predicted_label'] or row['error']}" + (f" ({probs})" if probs else ""))
+    return "\n".join(out)
