@@ -60,7 +60,7 @@ def _run_cycle_subprocess(home: Path, source: Path, kill_at: str | None) -> subp
     env = _env(home)
     if kill_at:
         env["XRAY_FAULT_KILL_AT"] = kill_at
-    code = ("from xray_core.pipeline.steps import run_cycle; from xray_core.settings import get_settings; "
+    code = ("from xray_core.pipeline.cycle import run_cycle; from xray_core.settings import get_settings; "
             f"run_cycle(get_settings(), sources=[{str(source)!r}], trigger='test')")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
