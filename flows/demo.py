@@ -81,13 +81,11 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
         results.append(result)
         ing = result["ingests"][0]
         out.write(f"ingested {ing['added']} new images ({ing['duplicates']} duplicates, {ing['rejected']} quarantined)\n")
-        ch, champ = result["challenger_eval"], result["champion_eval"]
-        out.write(f"challenger v{ch['version']}: test macro AUROC {ch['macro_auroc']:.3f}, balanced accuracy "
-                  f"{ch['balanced_accuracy']:.3f} on {ch['n_images']} test images\n")
-        if champ:
-            out.write(f"champion   v{champ['version']}: test macro AUROC {champ['macro_auroc']:.3f}, balanced accuracy "
-                      f"{champ['balanced_accuracy']:.3f} on the same {champ['n_images']} test images\n")
-        out.write(f"decision: {result['decision']['decision']}\n  {result['decision']['rationale']}\n")
+        for role, ev in (("challenger", result["challenger_eval"]), ("champion", result["champion_eval"])):
+            if ev:
+                out.write(f"{role:<10} v{ev['version']}: test macro AUROC {ev['macro_auroc']:.3f}, balanced accuracy "
+                          f"{ev['balanced_accuracy']:.3f} on the same {ev['n_images']} test images\n")
+        out.write(f"{result['state']}: {result['state_message']}\n")
         out.write(f"report: {result['report']} (open report.html beside it in a browser)\n\n")
     out.write(render_models(list_models(settings)) + "\n\n")
     status = status_report(settings)

@@ -149,19 +149,25 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    from xray_core.pipeline.cycle import headline_result
     from xray_core.report.terminal import render_retrain
 
+    settings = get_settings()
     if args.local:
-        from xray_core.pipeline.cycle import run_cycle
+        from xray_core.pipeline.cycle import DirectExecutor, RetrainRequest, run_cycle, terminate_as_exception
 
-        result = run_cycle(get_settings(), sources=args.source or [], manifests=args.manifest or [],
-                           trigger="cli", wait_seconds=args.wait, force=args.force)
-        _emit(result, args.json, render_retrain)
-        return EXIT_OK
-    from flows.retrain import retrain
+        terminate_as_exception()  # a SIGTERM'd local run still records its failure
+        incoming = None if args.no_incoming or settings.incoming_dir is None else str(settings.incoming_dir)
+        request = RetrainRequest(sources=tuple(args.source or ()), manifests=tuple(args.manifest or ()),
+                                 incoming=incoming, trigger="cli", force=args.force)
+        executor = DirectExecutor({"embed": _progress_bar(not args.json, "embed"),
+                                   "ingest": _progress_bar(not args.json, "ingest")})
+        result = headline_result(run_cycle(settings, request, executor, wait_seconds=args.wait))
+    else:
+        from flows.retrain import retrain
 
-    result = retrain(sources=args.source or [], manifests=args.manifest or [], trigger="cli",
-                     use_incoming=not args.no_incoming, wait_seconds=args.wait, force=args.force)
+        result = retrain(sources=args.source or [], manifests=args.manifest or [], trigger="cli",
+                         use_incoming=not args.no_incoming, wait_seconds=args.wait, force=args.force)
     _emit(result, args.json, render_retrain)
     return EXIT_OK if result.get("status") != "failed" else EXIT_FAILED
 
@@ -212,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-incoming", action="store_true", help="do not scan XRAY_INCOMING")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a running retrain (default 0)")
     p.add_argument("--force", action="store_true", help="train even when nothing changed since the champion")
-    p.add_argument("--local", action="store_true", help="run the same steps without Prefect (no server, no artifacts)")
+    p.add_argument("--local", action="store_true",
+                   help="run the same recipe without Prefect (same reports and audit rows; no UI artifacts)")
     p = sub.add_parser("models", help=COMMANDS["models"][1])
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     p.add_argument("version", nargs="?", type=int)

@@ -134,7 +134,8 @@ def test_curves_cover_both_models_on_the_same_test_set(run):
     from xray_core.report.data import collect_report_data
 
     h, result, _ = run
-    data = collect_report_data(h.settings, h.data, challenger=h.versions[1], champion=h.versions[0])
+    data = collect_report_data(h.settings, h.data, challenger=result["challenger_eval"],
+                               champion=result["champion_eval"])
     assert [(c.role, c.version) for c in data.curves] == [("challenger", h.versions[1]), ("champion", h.versions[0])]
     for curve, ev in zip(data.curves, (result["challenger_eval"], result["champion_eval"])):
         assert curve.n == ev["n_images"]

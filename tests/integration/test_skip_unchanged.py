@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from db import session_scope
 from db.schema import Model
 from xray_core.data.catalogue import open_catalogue
-from xray_core.pipeline.cycle import run_cycle
+from xray_core.pipeline.cycle import RetrainRequest, run_cycle
 from xray_core.settings import load_settings, reset_settings
 from xray_core.data.synthetic import write_dataset
 
@@ -25,20 +25,20 @@ def test_nothing_new_skips_unless_forced_or_settings_changed(xray_env, tmp_path,
     reset_settings()
     settings = load_settings()
     write_dataset(tmp_path / "src", patients_per_label=8, images_per_patient=1, size=64, seed=3)
-    first = run_cycle(settings, sources=[str(tmp_path / "src")], trigger="test")
+    first = run_cycle(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test"))
     assert first["status"] == "completed" and first["champion_after"] == first["version"]
 
-    again = run_cycle(settings, sources=[str(tmp_path / "src")], trigger="test")  # same files, nothing new
+    again = run_cycle(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test"))  # same files, nothing new
     assert again["status"] == "skipped" and "nothing new since champion" in again["summary"]
     assert again["champion_after"] == first["version"] and _models(settings) == 1
 
-    forced = run_cycle(settings, trigger="test", force=True)
+    forced = run_cycle(settings, RetrainRequest(trigger="test", force=True))
     assert forced["status"] == "completed" and _models(settings) == 2
 
     monkeypatch.setenv("XRAY_EPOCHS", "3")  # a training setting changed: not "nothing new"
-    changed = run_cycle(load_settings(), trigger="test")
+    changed = run_cycle(load_settings(), RetrainRequest(trigger="test"))
     assert changed["status"] == "completed" and _models(settings) == 3
 
     write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64, seed=9, patient_offset=50)
-    grown = run_cycle(load_settings(), sources=[str(tmp_path / "more")], trigger="test")
+    grown = run_cycle(load_settings(), RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test"))
     assert grown["status"] == "completed" and _models(settings) == 4

@@ -184,7 +184,7 @@ def test_retrain_cycle_on_memory_storage(xray_env, tmp_path: Path, monkeypatch: 
         assert store.list("models/.staging") == []
         evaluated = evaluate_step(settings, version, data)
         assert evaluated["n_images"] == len(data.test)
-        report = collect_report_data(settings, data, challenger=version, champion=None, n_examples=2)
+        report = collect_report_data(settings, data, challenger=evaluated, champion=None, n_examples=2)
         assert report.examples, report.notes  # heatmaps decoded the originals from memory://
 
         model = load_model(settings, version)

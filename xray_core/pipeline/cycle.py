@@ -1,58 +1,331 @@
-"""One whole retrain: the recipe, run by an executor (direct calls or Prefect tasks)."""
+"""One whole retrain, written once: the recipe, run by an executor.
+
+ingest (sources, manifests, the incoming folder) → freeze the split → skip if nothing is new → embed
+→ train → evaluate challenger and champion on the same test set → decide → record (compare-and-set)
+→ re-score the registry on the current test set → write report.md, report.html and result.json.
+
+An *executor* runs each step: :class:`DirectExecutor` calls it (``xray retrain --local``, tests);
+``flows/retrain.py`` wraps each step in a Prefect task. Both produce the same files and audit rows,
+because this is the only place the order of steps, the outcome and its state name are decided.
+
+Every run ends in one named outcome (:data:`STATES`): ``Promoted``, ``Kept``, ``Skipped``,
+``Insufficient evidence`` or ``Failed``, with a one-line message. A failure, a cancellation or a
+termination signal (BaseException) records a ``failed`` audit row and a report before it propagates.
+"""
 
 from __future__ import annotations
 
+import signal
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol, TypeVar
 
-from xray_core.pipeline.embed import embed_step
+from xray_core.errors import NotEnoughDataError
 from xray_core.faults import crash_point
+from xray_core.pipeline import steps
+from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.lock import retrain_lock
-from xray_core.pipeline.snapshot import load_split_data
-from xray_core.pipeline.steps import (current_champion, decide_step, evaluate_step, nothing_new_since_champion,
-                                      promote_step, summary_metrics, train_step)
+from xray_core.pipeline.snapshot import SplitData, load_snapshot, load_split_data, save_snapshot, write_json
 from xray_core.settings import Settings
 
+T = TypeVar("T")
 
-def run_cycle(settings: Settings, *, sources: list[str] | tuple[str, ...] = (),
-              manifests: list[str] | tuple[str, ...] = (), trigger: str = "cli",
-              wait_seconds: float = 0.0, force: bool = False) -> dict[str, Any]:
-    """One whole retrain without Prefect (``xray retrain --local``, crash tests): the flow's recipe.
+# The policy's decision → the run's final state name (what the Prefect runs list and the CLI show).
+STATES = {"promote": "Promoted", "keep": "Kept", "insufficient_evidence": "Insufficient evidence",
+          "stale": "Kept"}
+SKIPPED, FAILED = "Skipped", "Failed"
 
-    The Prefect flow (``flows/retrain.py``) runs the same steps as tasks, with artifacts.
-    """
+
+class Executor(Protocol):
+    """Runs one named step of the recipe; may report progress for long ones."""
+
+    def run(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T: ...
+
+    def progress(self, name: str) -> Callable[..., None] | None: ...
+
+
+class DirectExecutor:
+    """Plain calls: ``xray retrain --local``, tests and benchmarks. ``progress`` maps a step name to a
+    callback (the CLI's progress bar), or nothing."""
+
+    def __init__(self, progress: dict[str, Callable[..., None]] | None = None) -> None:
+        self._progress = progress or {}
+
+    def run(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        return fn(*args, **kwargs)
+
+    def progress(self, name: str) -> Callable[..., None] | None:
+        return self._progress.get(name)
+
+
+@dataclass(frozen=True)
+class RetrainRequest:
+    """What one run is asked to do (flow parameters and CLI flags map onto this)."""
+
+    sources: tuple[str, ...] = ()  # folders <root>/<label>/<image> to ingest first
+    manifests: tuple[str, ...] = ()  # manifest CSVs to ingest first
+    incoming: str | None = None  # folder scanned every run; missing or empty means "nothing new", not failure
+    trigger: str = "cli"  # schedule | manual | cli | demo | test: recorded in the audit row
+    force: bool = False  # train even when nothing changed since the champion
+    flow_run_id: str | None = None
+    run_name: str | None = None
+
+
+def run_dir_for(settings: Settings, run_id: str | None) -> Path:
+    """``reports/<UTC stamp>-<run id[:8]>``: one folder per run, sortable by time."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = settings.reports_dir / f"{stamp}-{(run_id or 'local')[:8]}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def incoming_status(folder: str | None) -> tuple[bool, str | None]:
+    """(worth ingesting, note): a missing or empty incoming folder is a quiet night, not an error."""
+    if not folder:
+        return False, None
+    path = Path(folder)
+    if not path.exists():
+        return False, f"nothing new in {folder} (the folder does not exist)"
+    if not path.is_dir():
+        return False, f"nothing new in {folder} (not a folder)"
+    try:
+        next(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    except StopIteration:
+        return False, f"nothing new in {folder} (the folder is empty)"
+    return True, None
+
+
+def _ingest(settings: Settings, path: str, manifest: str | None, progress: Callable | None) -> dict[str, Any]:
     from xray_core.data.ingest import ingest_source
+
+    return ingest_source(Path(path), manifest=Path(manifest) if manifest else None, settings=settings,
+                         progress=progress).as_dict()
+
+
+def freeze_split(settings: Settings, run_dir: str) -> str:
+    """Freeze the current patient-grouped split for this run; return the snapshot's path."""
+    return str(save_snapshot(Path(run_dir) / "split.json", load_split_data(settings)))
+
+
+def embed_snapshot(settings: Settings, snapshot: str, progress: Callable | None = None) -> dict[str, Any]:
+    """Embed every (image, view) pair of the frozen split that the feature cache lacks."""
+    return embed_step(settings, load_snapshot(Path(snapshot)), progress)
+
+
+def train_snapshot(settings: Settings, snapshot: str, flow_run_id: str | None,
+                   progress: Callable | None = None) -> dict[str, Any]:
+    """Train the challenger head on cached features and register it as a candidate."""
+    return steps.train_step(settings, load_snapshot(Path(snapshot)), flow_run_id=flow_run_id, progress=progress)
+
+
+def evaluate_snapshot(settings: Settings, version: int, snapshot: str, flow_run_id: str | None) -> dict[str, Any]:
+    """Score one version on the run's test split (its test probabilities travel with the result)."""
+    return steps.evaluate_step(settings, version, load_snapshot(Path(snapshot)), flow_run_id=flow_run_id)
+
+
+def decide_snapshot(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
+                    snapshot: str) -> dict[str, Any]:
+    """Apply the promotion policy to the two evaluations."""
+    return steps.decide_step(settings, challenger, champion, load_snapshot(Path(snapshot)))
+
+
+def record_outcome(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
+                   decision: dict[str, Any], trigger: str, flow_run_id: str | None) -> dict[str, Any]:
+    """Record the decision; promote only if the champion is still the one that was evaluated."""
+    return steps.promote_step(settings, challenger=challenger["version"], decision=decision, trigger=trigger,
+                              champion_eval=champion, challenger_eval=challenger, flow_run_id=flow_run_id,
+                              expect_champion=champion["version"] if champion else None)
+
+
+def rescore_registry(settings: Settings, snapshot: str, flow_run_id: str | None) -> list[dict[str, Any]]:
+    """Score the registry's other models on this run's test set from cached features, so that tables compare."""
+    try:
+        from xray_core.pipeline.rescore import rescore_models
+    except ImportError:  # pragma: no cover - rescoring arrives with the registry tables
+        return []
+    return rescore_models(settings, load_snapshot(Path(snapshot)), flow_run_id=flow_run_id)
+
+
+def write_reports(settings: Settings, result: dict[str, Any], run_dir: str) -> dict[str, str]:
+    """report.md, report.html and result.json in the run's folder; returns their paths."""
+    from xray_core.io.fsutil import atomic_write_bytes
+    from xray_core.report.html import write_run_html
+    from xray_core.report.markdown import retrain_markdown
+
+    folder = Path(run_dir)
+    paths = {"report": str(folder / "report.md"), "report_html": str(folder / "report.html"),
+             "result_json": str(folder / "result.json")}
+    result.update(report_path=paths["report"])
+    try:
+        write_run_html(settings, result, folder)
+    except Exception as exc:  # noqa: BLE001 - a figure must never hide the decision: say so in the markdown
+        result.setdefault("report_notes", []).append(f"report.html could not be written: {type(exc).__name__}: {exc}")
+        paths.pop("report_html")
+    result["report_html"] = paths.get("report_html")
+    atomic_write_bytes(Path(paths["report"]), retrain_markdown(result).encode())
+    write_json(Path(paths["result_json"]), result)
+    return paths
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """``<State>: <message>``: the CLI's first line, the flow state's message, the artifact description."""
+    return f"{result['state']}: {result['state_message']}"
+
+
+def _outcome_message(result: dict[str, Any]) -> str:
+    dec, version, after = result["decision"], result["version"], result.get("champion_after")
+    before = (result.get("champion_eval") or {}).get("version")
+    if dec["decision"] == "promote":
+        head = f"v{version} replaces v{before}" if before else f"v{version} is the first champion"
+    elif before:
+        head = f"champion v{after} stays; challenger v{version} not promoted"
+    else:
+        head = f"no champion yet; challenger v{version} not promoted"
+    return f"{head}. {dec['rationale']}"
+
+
+def run_cycle(settings: Settings, request: RetrainRequest, executor: Executor | None = None, *,
+              wait_seconds: float = 0.0, run_dir: Path | None = None) -> dict[str, Any]:
+    """Run one retrain; return its full result (state, state_message, evaluations, decision, report paths).
+
+    Holds ``XRAY_HOME/retrain.lock`` for the whole run (a second retrain waits ``wait_seconds``, then
+    fails with :class:`~xray_core.errors.RetrainBusyError`). On any exception, KeyboardInterrupt and a
+    termination signal included, a ``failed`` audit row and a failure report are written, the champion
+    is unchanged, and the exception propagates.
+    """
+    run = executor or DirectExecutor()
+    with retrain_lock(settings, wait_seconds=wait_seconds):
+        folder = run_dir or run_dir_for(settings, request.flow_run_id)
+        result: dict[str, Any] = {
+            "flow_run_id": request.flow_run_id, "run_name": request.run_name, "trigger": request.trigger,
+            "backbone_weights": settings.backbone_weights,
+            "backbone_random_init": settings.backbone_weights == "random", "ingests": [], "notes": [],
+            "run_dir": str(folder)}
+        try:
+            _run_steps(settings, request, run, result, str(folder))
+        except BaseException as exc:
+            _record_failure(settings, request, result, exc, str(folder))
+            try:
+                exc.xray_result = result  # type: ignore[attr-defined]  # the flow publishes it as artifacts
+            except AttributeError:  # pragma: no cover - exceptions with __slots__
+                pass
+            raise
+        result.update(run.run("report", write_reports, settings, result, str(folder)))
+        return result
+
+
+def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, result: dict[str, Any], folder: str) -> None:
+    worth, note = incoming_status(request.incoming)
+    if note:
+        result["notes"].append(note)
+    jobs = [(src, None) for src in request.sources] + [(str(Path(m).parent), m) for m in request.manifests]
+    jobs += [(request.incoming, None)] if worth else []
+    for path, manifest in jobs:
+        result["ingests"].append(run.run("ingest", _ingest, settings, path, manifest, run.progress("ingest")))
+    crash_point("retrain.after_ingest")
+    try:
+        snapshot = run.run("snapshot", freeze_split, settings, folder)
+    except NotEnoughDataError as exc:
+        _skip(result, "; ".join([*result["notes"], f"not enough data to train: {exc}"]), settings)
+        return
+    data: SplitData = load_snapshot(Path(snapshot))
+    result["split_counts"] = data.counts()
+    result["near_duplicates"] = _near_duplicates(settings)
+    reason = None if request.force else steps.nothing_new_since_champion(settings, data)
+    if reason:
+        _skip(result, "; ".join([*result["notes"], reason]), settings)
+        return
+    result["embed"] = run.run("embed", embed_snapshot, settings, snapshot, run.progress("embed"))
+    result["backbone_fingerprint"] = result["embed"]["backbone_fingerprint"]
+    result["backbone_random_init"] = result["embed"]["backbone_random_init"]
+    trained = run.run("train", train_snapshot, settings, snapshot, request.flow_run_id, run.progress("train"))
+    result["train"], result["version"] = trained, trained["version"]
+    crash_point("retrain.after_train")
+    challenger = run.run("evaluate-challenger", evaluate_snapshot, settings, trained["version"], snapshot,
+                         request.flow_run_id)
+    crash_point("retrain.after_evaluate")
+    champion_version = steps.current_champion(settings)
+    champion = (run.run("evaluate-champion", evaluate_snapshot, settings, champion_version, snapshot,
+                        request.flow_run_id) if champion_version else None)
+    result["challenger_eval"], result["champion_eval"] = challenger, champion
+    decision = run.run("decide", decide_snapshot, settings, challenger, champion, snapshot)
+    result["decision"] = {k: decision.get(k) for k in ("decision", "promote", "rationale", "checks", "evidence")}
+    audit = run.run("promote", record_outcome, settings, challenger, champion, decision, request.trigger,
+                    request.flow_run_id)
+    result["decision"]["decision"] = audit.get("decision", decision["decision"])
+    result["champion_after"] = audit["champion_after"]
+    result["registry"] = run.run("rescore", rescore_registry, settings, snapshot, request.flow_run_id)
+    result["status"] = "completed"
+    result["state"] = STATES.get(result["decision"]["decision"], "Kept")
+    result["state_message"] = _outcome_message(result)
+    result["summary"] = summary_line(result)
+
+
+def _near_duplicates(settings: Settings) -> dict[str, Any] | None:
+    from xray_core.data.catalogue import catalogue_summary
+
+    return catalogue_summary(settings).get("near_duplicates")
+
+
+def _skip(result: dict[str, Any], why: str, settings: Settings) -> None:
+    result.update(status="skipped", state=SKIPPED, state_message=why,
+                  champion_after=steps.current_champion(settings))
+    result["summary"] = summary_line(result)
+
+
+def _record_failure(settings: Settings, request: RetrainRequest, result: dict[str, Any], exc: BaseException,
+                    folder: str) -> None:
+    """Audit row and failure report for a run that did not reach a decision (best effort: never masks ``exc``)."""
     from xray_core.registry.versions import record_decision
 
-    with retrain_lock(settings, wait_seconds=wait_seconds):
-        result: dict[str, Any] = {"trigger": trigger, "ingests": []}
-        version = None
-        try:
-            for src in sources:
-                result["ingests"].append(ingest_source(Path(src), settings=settings).as_dict())
-            for manifest in manifests:
-                result["ingests"].append(
-                    ingest_source(Path(manifest).parent, manifest=Path(manifest), settings=settings).as_dict())
-            data = load_split_data(settings)
-            skip = None if force else nothing_new_since_champion(settings, data)
-            if skip:
-                return {**result, "status": "skipped", "summary": skip, "champion_after": current_champion(settings)}
-            result["embed"] = embed_step(settings, data)
-            trained = train_step(settings, data)
-            version = result["version"] = trained["version"]
-            crash_point("retrain.after_train")
-            challenger = evaluate_step(settings, version, data)
-            crash_point("retrain.after_evaluate")
-            champion_version = current_champion(settings)
-            champion = evaluate_step(settings, champion_version, data) if champion_version else None
-            decision = decide_step(settings, challenger, champion, data)
-            audit = promote_step(settings, challenger=version, decision=decision, trigger=trigger,
-                                 champion_eval=champion, challenger_eval=challenger)
-        except Exception as exc:
-            record_decision(settings, challenger=version, decision="failed", trigger=trigger, metrics={},
-                            rationale=f"run failed before a decision; champion unchanged. {type(exc).__name__}: {exc}")
-            raise
-        result.update(status="completed", decision={k: decision[k] for k in ("decision", "promote", "rationale")},
-                      champion_after=audit["champion_after"],
-                      challenger=summary_metrics(challenger), champion=summary_metrics(champion) if champion else None)
-        return result
+    kind = "cancelled" if not isinstance(exc, Exception) else "failed"
+    if isinstance(exc, TerminatedBySignal):
+        error = "terminated by a signal (SIGTERM)"
+    else:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    result.update(status="failed", state=FAILED, error=error,
+                  state_message=f"run {kind} before a decision ({error}); champion unchanged")
+    result["summary"] = summary_line(result)
+    already = result.get("decision") is not None and result.get("champion_after") is not None
+    try:
+        if not already:
+            record_decision(settings, challenger=result.get("version"), decision="failed", trigger=request.trigger,
+                            flow_run_id=request.flow_run_id, metrics={},
+                            rationale=f"run {kind} before a decision; champion unchanged. {error}")
+        result.update(write_reports(settings, result, folder))
+    except Exception:  # noqa: BLE001 - the original failure is what the caller must see
+        pass
+
+
+def headline_result(result: dict[str, Any]) -> dict[str, Any]:
+    """What the flow and the CLI return: the headline numbers, not the full metric dicts (those are in the report)."""
+    keep = ("flow_run_id", "status", "state", "state_message", "summary", "trigger", "ingests", "split_counts",
+            "embed", "champion_after", "report", "report_html", "notes", "backbone_random_init")
+    out = {k: result.get(k) for k in keep}
+    out["decision"] = result.get("decision")
+    out["train"] = {k: (result.get("train") or {}).get(k)
+                    for k in ("version", "threshold", "best_epoch", "epochs_run", "smoke_test")}
+    for name in ("challenger_eval", "champion_eval"):
+        ev = result.get(name)
+        out[name] = None if ev is None else {
+            "version": ev["version"], "test_set_fingerprint": ev["test_set_fingerprint"], "n_images": ev["n_images"],
+            **{k: ev["metrics"].get(k) for k in ("accuracy", "balanced_accuracy", "macro_auroc")},
+            "intervals": {k: ev["metrics"].get("intervals", {}).get(k) for k in ("macro_auroc", "balanced_accuracy")}}
+    return out
+
+
+class TerminatedBySignal(SystemExit):
+    """SIGTERM turned into an exception, so ``xray retrain --local`` records its failure before exiting."""
+
+
+def terminate_as_exception() -> None:
+    """Install a SIGTERM handler raising :class:`TerminatedBySignal` (a BaseException, exit code 143).
+
+    Prefect does this itself for flow runs; the CLI's local run needs it so that a cancelled run
+    still writes its ``failed`` audit row (SIGKILL, by design, leaves only crash-safe state).
+    """
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        raise TerminatedBySignal(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -154,7 +154,11 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
         if row is not None and not row.metrics.get("test"):
             row.metrics = {**row.metrics, **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_auroc")},
                            "intervals": metrics["intervals"], "test": True}
-    return {"version": version, "test_set_fingerprint": fingerprint, "n_images": len(rows), "metrics": metrics}
+    # The probabilities travel with the evaluation (n x classes, in test-split order, rows of the
+    # model's labels only), so deciding and reporting never re-read the test features.
+    return {"version": version, "test_set_fingerprint": fingerprint, "n_images": len(rows), "metrics": metrics,
+            "labels": labels, "probabilities": np.round(probs.astype(np.float64), 8).tolist(),
+            "shas": [r[1] for r in rows]}
 
 
 def current_champion(settings: Settings) -> int | None:
@@ -214,13 +218,11 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
                     "rationale": (f"The challenger's labels {challenger['metrics']['labels']} differ from the "
                                   f"champion's {champion['metrics']['labels']}: the two cannot be compared "
                                   "automatically. Keep; promote by hand (xray promote) after review.")}
-        p_new, _ = model_test_probs(settings, challenger["version"], data.test)
-        p_old, _ = model_test_probs(settings, champion["version"], data.test)
         labels = challenger["metrics"]["labels"]
         rows = [r for r in data.test if r[3] in labels]
-        keep = np.array([r[3] in labels for r in data.test])
+        p_new, p_old = (_probabilities(ev, settings, data) for ev in (challenger, champion))
         comparison = paired_bootstrap_difference(
-            label_indices(rows, labels), p_new[keep], p_old[keep], labels, np.array([r[4] for r in rows]),
+            label_indices(rows, labels), p_new, p_old, labels, np.array([r[4] for r in rows]),
             metric=settings.promotion_metric,
             thresholds=(challenger["metrics"].get("threshold"), champion["metrics"].get("threshold")),
             negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
@@ -231,10 +233,22 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
     return out
 
 
+def _probabilities(evaluation: dict[str, Any], settings: Settings, data: SplitData) -> np.ndarray:
+    """The evaluation's own test probabilities; recomputed only for an evaluation made without them."""
+    if evaluation.get("probabilities") is not None:
+        return np.asarray(evaluation["probabilities"], dtype=np.float64)
+    probs, model = model_test_probs(settings, evaluation["version"], data.test)
+    return probs[np.array([r[3] in model.labels for r in data.test])]
+
+
 def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any], trigger: str,
                  champion_eval: dict[str, Any] | None, challenger_eval: dict[str, Any],
-                 flow_run_id: str | None = None) -> dict[str, Any]:
-    """Record the decision; on promote, re-verify the checkpoint and switch the champion atomically."""
+                 flow_run_id: str | None = None, expect_champion: Any = ...) -> dict[str, Any]:
+    """Record the decision; on promote, re-verify the checkpoint and switch the champion atomically.
+
+    ``expect_champion``: the version evaluated as champion (None: there was none); when given, the
+    switch is compare-and-set: if another process changed the champion since, nothing is promoted.
+    """
     from xray_core.registry.versions import load_model, record_decision
 
     if decision["promote"]:
@@ -244,7 +258,8 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
                "comparison": decision.get("comparison"), "checks": decision.get("checks")}
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"], metrics=json.loads(json.dumps(metrics, default=str)),
-                           trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]))
+                           trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]),
+                           **({} if expect_champion is ... else {"expect_champion": expect_champion}))
 
 
 def summary_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """What the HTML run report plots: ROC points and reliability bins of champion and challenger on the
 same test set, and a few test images with the challenger's Grad-CAM overlays.
 
-The probabilities come from :func:`xray_core.pipeline.steps.model_test_probs`, the function the evaluation
-itself uses, so the curves are of exactly the numbers the decision was made on (a champion from an
-older backbone is scored with its own backbone there). Confusion matrices and intervals are not
+The probabilities are the ones each evaluation carries (computed once, by the evaluation step), so the
+curves are of exactly the numbers the decision was made on (a champion from an older backbone was
+scored with its own backbone there). Confusion matrices and intervals are not
 recomputed here: they are in the evaluation results the report already has.
 """
 
@@ -108,38 +108,44 @@ def _example_rows(rows: list, y: np.ndarray, n: int) -> list[int]:
     return picked
 
 
-def collect_report_data(settings: Settings, data: Any, *, challenger: int, champion: int | None,
-                        n_examples: int = 4) -> ReportData:
+def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, Any],
+                        champion: dict[str, Any] | None, n_examples: int = 4) -> ReportData:
     """Curves of both models on the run's test split (``data``: its frozen SplitData) and up to
-    ``n_examples`` test images with the challenger's Grad-CAM overlays."""
+    ``n_examples`` test images with the challenger's Grad-CAM overlays.
+
+    ``challenger``/``champion`` are evaluations (:func:`xray_core.pipeline.steps.evaluate_step`): their
+    test probabilities travel with them, so no test feature is read again here.
+    """
     from xray_core.model.backbone import load_backbone
     from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
     from xray_core.data.images import decode_stored
     from xray_core.evaluate.metrics import positive_index, predict_labels
-    from xray_core.pipeline.steps import model_test_probs
-    from xray_core.pipeline.snapshot import label_indices
+    from xray_core.registry.versions import load_model
     from xray_core.io.storage import get_storage
 
     curves: list[ModelCurves] = []
     notes: list[str] = []
     examples: list[ExampleHeatmap] = []
-    for version, role in ((challenger, "challenger"), (champion, "champion")):
-        if version is None:
+    for evaluation, role in ((challenger, "challenger"), (champion, "champion")):
+        if evaluation is None:
             continue
-        probs, model = model_test_probs(settings, version, data.test)
-        keep = np.array([r[3] in model.labels for r in data.test], dtype=bool)
-        rows = [r for r in data.test if r[3] in model.labels]
-        y = label_indices(rows, model.labels)
-        curves.append(_curves(version, role, model.labels, y, probs[keep]))
+        version = evaluation["version"]
+        model_labels = list(evaluation["labels"])
+        rows = [r for r in data.test if r[3] in model_labels]
+        probs = np.asarray(evaluation["probabilities"], dtype=np.float64)
+        index = {label: i for i, label in enumerate(model_labels)}
+        y = np.array([index[r[3]] for r in rows], dtype=np.int64)
+        curves.append(_curves(version, role, model_labels, y, probs))
         if role != "challenger" or n_examples <= 0 or not rows:
             continue
+        model = load_model(settings, version)
         backbone = load_backbone(settings)
         if model.card["backbone_fingerprint"] != backbone.fingerprint:
             notes.append(f"no heatmaps: model v{version} was trained on another backbone")
             continue
         labels = model.labels
         pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
-        preds = predict_labels(probs[keep], threshold=model.threshold, positive_index=pos)
+        preds = predict_labels(probs, threshold=model.threshold, positive_index=pos)
         picked = _example_rows(rows, y, n_examples)
         store = get_storage(settings)
         grays = [decode_stored(store.read_bytes(rows[i][2]), max_pixels=settings.max_pixels) for i in picked]
@@ -147,7 +153,7 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: int, champ
                              settings=settings)
         for i, gray, cam in zip(picked, grays, cams):
             k = int(preds[i])
-            p = float(probs[keep][i, k])
+            p = float(probs[i, k])
             examples.append(ExampleHeatmap(
                 sha256=rows[i][1], true_label=rows[i][3], predicted_label=labels[k], probability=p,
                 version=version, png=overlay_png(gray, cam, text=heatmap_caption(labels[k], p, version))))

@@ -336,8 +336,7 @@ def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) ->
     challenger, champion = result.get("challenger_eval"), result.get("champion_eval")
     if challenger and snapshot.is_file():
         try:
-            data = collect_report_data(settings, load_snapshot(snapshot), challenger=challenger["version"],
-                                       champion=champion["version"] if champion else None)
+            data = collect_report_data(settings, load_snapshot(snapshot), challenger=challenger, champion=champion)
         except (XrayError, OSError, ValueError, RuntimeError) as exc:
             notes.append(f"Curves and heatmaps unavailable: {type(exc).__name__}: {exc}")
     elif result.get("status") == "failed":

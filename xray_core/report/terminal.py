@@ -113,12 +113,26 @@ def render_train(r: dict[str, Any]) -> str:
 
 
 def render_retrain(r: dict[str, Any]) -> str:
-    out = [f"retrain {r.get('status')}: {r.get('summary') or ('model v' + str(r.get('version')) + '; champion v' + str(r.get('champion_after')))}"]
-    if r.get("decision"):
-        out.append(f"decision: {r['decision']['decision']}")
-        out.append(f"  {r['decision']['rationale']}")
+    """The decision first, then the numbers it rests on, then where the report is."""
+    state = r.get("state") or str(r.get("status"))
+    out = [f"{state}: {r.get('state_message') or r.get('summary') or ''}".rstrip()]
+    if r.get("backbone_random_init"):
+        out.append("warning: the backbone is RANDOM-INIT (XRAY_BACKBONE_WEIGHTS=random): the numbers show the "
+                   "pipeline works, not a clinically useful model")
+    for note in r.get("notes") or []:
+        out.append(f"note: {note}")
+    for name in ("challenger_eval", "champion_eval"):
+        ev = r.get(name)
+        if ev:
+            iv = ev.get("intervals") or {}
+            auroc = format_interval({"point": ev.get("macro_auroc"), **(iv.get("macro_auroc") or {})})
+            bacc = format_interval({"point": ev.get("balanced_accuracy"), **(iv.get("balanced_accuracy") or {})})
+            out.append(f"{name.split('_')[0]:<10} v{ev['version']}: macro AUROC {auroc}, balanced accuracy {bacc} "
+                       f"on {ev['n_images']} test images (test set {ev['test_set_fingerprint'][:8]})")
+    if r.get("champion_after") is not None:
+        out.append(f"champion now: v{r['champion_after']}")
     if r.get("report"):
-        out.append(f"report: {r['report']}")
+        out.append(f"report: {r['report']}" + (f" (and {r['report_html']})" if r.get("report_html") else ""))
     return "\n".join(out)
 
 
