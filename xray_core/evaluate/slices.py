@@ -1,0 +1,114 @@
+"""Metrics per slice of the test set (per site, per view) and the per-site promotion guardrail.
+
+Pooled metrics can hide opposite failures: a champion good on site A and useless on site B, and a
+challenger the other way round, can have the same pooled AUROC. So every evaluation is also cut by
+site and by view, each slice with its own patient-clustered intervals, and the promotion policy
+refuses a challenger that collapses on any site the test set can judge.
+
+A slice is *judged* only when every class it contains has at least ``min_per_class`` images; a
+slice with a single class has no AUROC (it is shown with its sensitivity/specificity only). Slices
+too small to judge are listed with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from xray_core.evaluate.metrics import bootstrap_intervals, compute_metrics
+
+UNKNOWN = "(unknown)"
+# What the guardrail compares per site: the slice's macro AUROC and every class's sensitivity
+# (for two classes the negative class's sensitivity is the disease's specificity).
+GUARDED = ("macro_auroc", "sensitivity")
+
+
+def slice_metrics(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], patients: Sequence[str],
+                  slices: dict[str, Sequence[str | None]], *, threshold: float | None, negative_label: str,
+                  min_per_class: int, n_samples: int, seed: int, target_specificity: float) -> dict[str, Any]:
+    """``{dimension: {value: slice}}`` for each dimension in ``slices`` (e.g. ``site``, ``view``).
+
+    Each slice: ``n``, ``counts`` per label, ``patients``, ``judged`` with ``reason`` when not,
+    ``macro_auroc``, ``per_class`` sensitivities/specificities, and bootstrap ``intervals`` (the same
+    engine and seed as the pooled metrics).
+    """
+    labels = list(labels)
+    frame = pd.DataFrame({"y": np.asarray(y, dtype=np.int64), "patient": list(patients)})
+    out: dict[str, Any] = {}
+    for dimension, values in slices.items():
+        frame[dimension] = [v if v not in (None, "") else UNKNOWN for v in values]
+        out[dimension] = {}
+        for value, part in frame.groupby(dimension, sort=True):
+            idx = part.index.to_numpy()
+            out[dimension][str(value)] = _one_slice(
+                frame["y"].to_numpy()[idx], np.asarray(probs)[idx], labels, part["patient"].to_numpy(),
+                threshold=threshold, negative_label=negative_label, min_per_class=min_per_class,
+                n_samples=n_samples, seed=seed, target_specificity=target_specificity)
+    return out
+
+
+def _one_slice(y: np.ndarray, probs: np.ndarray, labels: list[str], patients: np.ndarray, *,
+               threshold: float | None, negative_label: str, min_per_class: int, n_samples: int, seed: int,
+               target_specificity: float) -> dict[str, Any]:
+    counts = {label: int((y == c).sum()) for c, label in enumerate(labels)}
+    present = {label: n for label, n in counts.items() if n > 0}
+    small = {label: n for label, n in present.items() if n < min_per_class}
+    if small:
+        reason = ", ".join(f"{n} {label}" for label, n in small.items()) + f" (< {min_per_class} per class)"
+    elif len(present) < 2:
+        reason = f"only {next(iter(present), 'no')} images: no AUROC (sensitivity/specificity only)"
+    else:
+        reason = None
+    metrics = compute_metrics(y, probs, labels, threshold=threshold, negative_label=negative_label,
+                              target_specificity=target_specificity)
+    intervals = bootstrap_intervals(y, probs, labels, patients, threshold=threshold, negative_label=negative_label,
+                                    n_samples=n_samples, seed=seed, target_specificity=target_specificity)
+    return {"n": int(y.size), "counts": counts, "patients": int(len(set(patients))),
+            "judged": not small, "auroc_judged": reason is None, "reason": reason,
+            "macro_auroc": metrics["macro_auroc"] if len(present) >= 2 else None,
+            "accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+            "per_class": {label: {k: pc[k] for k in ("sensitivity", "specificity", "auroc", "support")}
+                          for label, pc in metrics["per_class"].items() if counts[label] > 0},
+            "intervals": {path: iv for path, iv in intervals.items()
+                          if path in ("macro_auroc", "accuracy", "balanced_accuracy")
+                          or path.endswith((".sensitivity", ".specificity"))}}
+
+
+def site_guardrail(challenger: dict[str, Any] | None, champion: dict[str, Any] | None, *,
+                   max_drop: float) -> dict[str, Any]:
+    """The per-site guardrail as a policy check: ``{"name", "passed", "detail", "drops"}``.
+
+    On every site that both evaluations judge, the challenger's macro AUROC (where the site has two
+    classes) and each class's sensitivity may not fall more than ``max_drop`` below the champion's.
+    """
+    drops = []
+    ch_sites, champ_sites = (challenger or {}).get("site", {}), (champion or {}).get("site", {})
+    for site in sorted(set(ch_sites) & set(champ_sites)):
+        new, old = ch_sites[site], champ_sites[site]
+        if not (new["judged"] and old["judged"]):
+            continue
+        pairs = []
+        if new.get("auroc_judged") and old.get("auroc_judged"):
+            pairs.append(("macro AUROC", new["macro_auroc"], old["macro_auroc"]))
+        for label in sorted(set(new["per_class"]) & set(old["per_class"])):
+            pairs.append((f"sensitivity[{label}]", new["per_class"][label]["sensitivity"],
+                          old["per_class"][label]["sensitivity"]))
+        for metric, a, b in pairs:
+            if a is not None and b is not None and b - a > max_drop + 1e-12:
+                drops.append({"site": site, "metric": metric, "challenger": a, "champion": b, "drop": b - a})
+    judged = [s for s in sorted(set(ch_sites) & set(champ_sites)) if ch_sites[s]["judged"] and champ_sites[s]["judged"]]
+    if drops:
+        worst = max(drops, key=lambda d: d["drop"])
+        detail = (f"site {worst['site']} collapsed: {worst['metric']} {worst['challenger']:.3f} vs champion "
+                  f"{worst['champion']:.3f} (drop {worst['drop']:.3f} > allowed {max_drop:.3f}, "
+                  "XRAY_GUARDRAIL_SITE_DROP)")
+        if len(drops) > 1:
+            detail += "; also " + "; ".join(f"{d['site']} {d['metric']} −{d['drop']:.3f}" for d in drops
+                                            if d is not worst)
+    elif judged:
+        detail = f"no site dropped more than {max_drop:.3f} (sites judged: {', '.join(judged)})"
+    else:
+        detail = "no site has enough test images of each class in both evaluations to judge"
+    return {"name": "per_site_guardrail", "passed": not drops, "detail": detail, "drops": drops}
