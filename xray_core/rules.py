@@ -84,8 +84,14 @@ def matching(pattern: str, allowed: str, good: str, bad: tuple[str, ...], option
 
 
 def is_folder(value: Any) -> bool:
-    """Unset, a folder, or a path that does not exist yet (created when needed); never a file."""
-    return value is None or isinstance(value, Path) and (value.is_dir() or not value.exists())
+    """Unset, a folder, or a path that does not exist yet (created when needed); never a file.
+
+    A path we may not even look at (permission denied) passes: the step that writes there reports
+    that more precisely than "not a folder" would."""
+    try:
+        return value is None or isinstance(value, Path) and (value.is_dir() or not value.exists())
+    except OSError:
+        return True
 
 
 def is_database_url(value: str) -> bool:
