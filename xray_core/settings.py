@@ -2,6 +2,11 @@
 
 Nothing here runs at import time: Prefect imports flow modules to deploy them, so settings are read
 only when :func:`get_settings` is first called (and again after :func:`reset_settings`).
+
+Every setting is checked at start-up against one table, :data:`RULES` (name -> allowed values in
+words and as a predicate): a bad value fails at once with a :class:`SettingsError` (exit code 2)
+naming the variable and what it allows, not hours later inside torch or the promotion policy, and
+never silently (``XRAY_TARGET_SPECIFICITY=90`` used to give a sensitivity of 1.0).
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from xray_core.errors import SettingsError
+from xray_core.rules import (LABEL_TEXT, SEED_RANGE, WEIGHT_SUFFIXES, Rule, integer_in, is_crop_scale,
+                             is_database_url, is_folder, is_label, is_label_list, is_regex, is_split_ratios,
+                             is_storage_url, is_weights, is_widths, matching, number_in, one_of)
 
 PROMOTION_METRICS = ("macro_auroc", "balanced_accuracy", "sensitivity_at_specificity")
 PROMOTION_MODES = ("non-inferiority", "superiority")
@@ -109,19 +117,14 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-# name -> (env var, parser). Parsers raise SettingsError with the variable name.
+# name -> (env var, parser). A parser raises ValueError on malformed text; load_settings then reports
+# the variable with what RULES allows for it.
 def _int(name: str, raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    return int(raw)
 
 
 def _float(name: str, raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    return float(raw)
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -130,23 +133,17 @@ def _bool(name: str, raw: str) -> bool:
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise SettingsError(f"{name}={raw!r}: use one of 1/0, true/false, yes/no, on/off")
+    raise ValueError(f"{name}={raw!r} is not a yes/no value")
 
 
 def _floats(name: str, raw: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(p) for p in raw.replace("/", ",").split(",") if p.strip())
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r}: expected comma-separated numbers") from None
+    return tuple(float(p) for p in raw.replace("/", ",").split(",") if p.strip())
 
 
 def _ints(name: str, raw: str) -> tuple[int, ...]:
     if raw.strip().lower() in ("none", "linear"):
         return ()
-    try:
-        return tuple(int(p) for p in raw.split(",") if p.strip())
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r}: expected comma-separated integers") from None
+    return tuple(int(p) for p in raw.split(",") if p.strip())
 
 
 def _labels(name: str, raw: str) -> tuple[str, ...]:
@@ -203,25 +200,129 @@ _FIELDS: dict[str, tuple[str, Any]] = {
 # patient ids from file names off (each image without another id is then its own patient).
 _EMPTY_IS_A_VALUE = frozenset({"patient_regex"})
 
-ENV_VARS: tuple[str, ...] = (
-    "XRAY_HOME",
-    "XRAY_DATABASE_URL",
-    "XRAY_INCOMING",
-    *(env for env, _ in _FIELDS.values()),
-)
+# Settings that are not dataclass defaults: paths derived at load time.
+_PATH_FIELDS = {"home": "XRAY_HOME", "database_url": "XRAY_DATABASE_URL", "incoming_dir": "XRAY_INCOMING"}
+
+ENV_VARS: tuple[str, ...] = (*_PATH_FIELDS.values(), *(env for env, _ in _FIELDS.values()))
+
+
+# One line per setting (field name -> Rule: allowed values in words and as a predicate), checked by
+# validate() at start-up; every error names the variable and repeats the words. The unit test fails
+# when a field of _FIELDS or _PATH_FIELDS has no line here.
+_DASK = r"(tcp|tls|ucx|inproc|ws|wss)://[\w.\-\[\]:/]+|[\w.\-\[\]]+:\d{1,5}"
+_SALT = r"(?!\s)[^\x00-\x1f\x7f]*(?<!\s)"  # a stray newline from a secrets file would change every hash
+RULES: dict[str, Rule] = {
+    "home": Rule("must be a folder path (created if missing), not a file", is_folder, "var", ("var\0x",)),
+    "database_url": Rule("must be a SQLAlchemy URL such as sqlite:///path/catalogue.db or postgresql+psycopg://"
+                         "user@host/db", is_database_url, "sqlite:///catalogue.db", ("catalogue.db", "nosuch://h/db")),
+    "incoming_dir": Rule("must be a folder path (it need not exist yet), not a file", is_folder, "in", ("in\0",)),
+    "storage_url": Rule("must be a folder path or an fsspec URL of a protocol fsspec knows (memory://, file://, "
+                        "s3://, ...), or unset", is_storage_url, "memory://xray", ("nosuchproto://bucket/xray",)),
+    "labels": Rule(f"must be empty (any label) or two or more comma-separated labels of {LABEL_TEXT}",
+                   is_label_list, "normal,pneumonia", ("normal", "normal,x/y")),
+    "negative_label": Rule(f"must be one label of {LABEL_TEXT}", is_label, "healthy", ("no/such",)),
+    "patient_regex": Rule("must be a regular expression (group 1, else the whole match, is the patient id), or "
+                          "empty for none", is_regex, r"^(p\d+)", ("(person",)),
+    "patient_salt": matching(_SALT, "must be text without leading or trailing spaces or control characters; "
+                             "unset = a per-home salt file", "hospital-salt", (" salt\n",), optional=True),
+    "min_image_side": integer_in(1, 65535, "pixels; smaller images are rejected as too_small"),
+    "max_pixels": integer_in(1, 10**9, "width x height above which an image is refused as a decompression bomb"),
+    "max_file_bytes": integer_in(1, 2**36, "bytes, at most 64 GiB; larger files are refused unread"),
+    "split_ratios": Rule("must be three comma-separated fractions train,val,test in [0, 1] that sum to 1 with "
+                         "train above 0, e.g. 0.7,0.15,0.15", is_split_ratios, "0.8,0.1,0.1",
+                         ("nan,nan,nan", "0.5,0.5", "0.7,0.2,0.2", "0,0.5,0.5", "1.2,-0.1,-0.1", "a,b,c")),
+    "split_seed": integer_in(*SEED_RANGE, "seed of the patient-to-split hash"),
+    "backbone_weights": Rule(f"must be imagenet, random or the path of a state dict ending "
+                             f"{', '.join(WEIGHT_SUFFIXES)}",
+                             is_weights, "random", ("imagenet22k", "weights.pkl")),
+    "backbone_seed": integer_in(*SEED_RANGE, "init seed of a random backbone"),
+    "device": matching(r"auto|cpu|cuda(:\d+)?", "must be auto, cpu, cuda or cuda:N", "cpu", ("gpu", "cuda:x")),
+    "input_size": integer_in(32, 1024, "square side in pixels fed to densenet161"),
+    "views": integer_in(0, 64, "augmented views per image, each a full backbone pass"),
+    "aug_rotation": number_in(0, 180, "degrees, +-; 0 disables"),
+    "aug_crop_scale": Rule("must be two fractions lo,hi with 0 < lo <= hi <= 1, e.g. 0.8,1.0", is_crop_scale,
+                           "0.5,1", ("0,1", "0.9,0.8", "0.8", "nan,1")),
+    "aug_hflip": Rule("must be one of 1/0, true/false, yes/no, on/off", lambda v: isinstance(v, bool), "off",
+                      ("maybe",)),
+    "embed_batch_size": integer_in(1, 4096, "images per backbone call"),
+    "embed_workers": integer_in(0, 256, "decode processes; 0 decodes in the main process"),
+    "embed_memory_mb": integer_in(1, 2**20, "MiB of decoded batches held while embedding, at most 1 TiB"),
+    "embed_dask_workers": integer_in(0, 1024, "Dask embedding shards; 0 = off"),
+    "dask_address": matching(_DASK, "must be a Dask scheduler address such as tcp://host:8786 or host:8786, or "
+                             "unset", "tcp://127.0.0.1:8786", ("http://host:8786", "tcp://two hosts"), optional=True),
+    "head_hidden": Rule("must be none (a linear head) or up to 8 comma-separated widths, each an integer in "
+                        "[1, 16384]", is_widths, "256,128", ("-3", "0", "512,abc", "100000")),
+    "head_dropout": number_in(0, 1, "fraction of units dropped", open_hi=True),
+    "epochs": integer_in(1, 100_000, "passes over the training features"),
+    "batch_size": integer_in(1, 65536, "training rows per step"),
+    "learning_rate": number_in(0, 1, "Adam step size", open_lo=True),
+    "weight_decay": number_in(0, 1, "Adam L2 penalty; 0 = none"),
+    "patience": integer_in(1, 100_000, "epochs without a val-loss improvement before stopping"),
+    "train_seed": integer_in(*SEED_RANGE, "seed of head init and batch order"),
+    "bootstrap_samples": integer_in(1, 1_000_000, "resamples per confidence interval"),
+    "bootstrap_seed": integer_in(*SEED_RANGE, "seed of the bootstrap"),
+    "min_test_per_class": integer_in(1, 1_000_000, "test images per class before a promotion is decided"),
+    "floor_macro_auroc": number_in(0, 1, "macro AUROC a first model must reach; 0 = no floor"),
+    "floor_sensitivity": number_in(0, 1, "per-class sensitivity a first model must reach; 0 = no floor"),
+    "promotion_metric": one_of(PROMOTION_METRICS, "accuracy"),
+    "promotion_mode": one_of(PROMOTION_MODES, "better"),
+    "promotion_margin": number_in(0, 1, "metric difference: shortfall allowed if non-inferiority, gain needed if "
+                                  "superiority"),
+    "target_specificity": number_in(0, 1, "a fraction: 0.9 means 90%", open_lo=True, open_hi=True),
+    "guardrail_sensitivity_drop": number_in(0, 1, "largest per-class sensitivity drop a promotion may cause"),
+}
+_VARS = {**_PATH_FIELDS, **{name: env for name, (env, _) in _FIELDS.items()}}
+_SECRETS = frozenset({"patient_salt"})  # never echoed in an error
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value is None else str(value)
+
+
+def _problem(name: str, shown: str) -> str:
+    """``XRAY_NAME=value: must be ...``; secrets hidden, URL credentials masked, odd text quoted."""
+    if name in _SECRETS:
+        shown = "(hidden)"
+    shown = re.sub(r"//[^/@\s]*@", "//***@", shown)
+    if not shown.isprintable() or shown != shown.strip() or not shown:
+        shown = repr(shown)
+    return f"{_VARS.get(name, name)}={shown}: {RULES[name].allowed}"
+
+
+def _path(name: str, raw: str) -> Path:
+    return Path(raw).expanduser().resolve()  # ValueError for a NUL byte
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Build settings from ``env`` (default: ``os.environ``) and validate them."""
+    """Build settings from ``env`` (default: ``os.environ``) and validate them.
+
+    Every problem is reported at once (one line each), so a user fixes them in one go.
+    """
     env = os.environ if env is None else env
-    home = Path(env.get("XRAY_HOME") or "var").expanduser().resolve()
+    problems: list[str] = []
+
+    def parse(name: str, var: str, raw: str, parser: Callable[[str, str], Any], fallback: Any) -> Any:
+        try:
+            return parser(var, raw)
+        except (ValueError, SettingsError) as exc:
+            problems.append(_problem(name, raw) if name in RULES else f"{var}={raw!r}: {exc}")
+            return fallback
+
+    home = parse("home", "XRAY_HOME", env.get("XRAY_HOME") or "var", _path, Path("var").resolve())
     database_url = env.get("XRAY_DATABASE_URL") or f"sqlite:///{home / 'catalogue.db'}"
     incoming = env.get("XRAY_INCOMING")
+    incoming_dir = parse("incoming_dir", "XRAY_INCOMING", incoming, _path, None) if incoming else None
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     values: dict[str, Any] = {}
-    for name, (var, parse) in _FIELDS.items():
+    raws: dict[str, str] = {}
+    for name, (var, parser) in _FIELDS.items():
         raw = env.get(var)
         if raw is not None and (raw != "" or name in _EMPTY_IS_A_VALUE):
-            values[name] = parse(var, raw)
+            values[name], raws[name] = parse(name, var, raw, parser, defaults[name]), raw
     settings = Settings(
         home=home,
         database_url=database_url,
@@ -230,49 +331,28 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         models_dir=home / "models",
         reports_dir=home / "reports",
         quarantine_dir=home / "quarantine",
-        incoming_dir=Path(incoming).expanduser().resolve() if incoming else None,
+        incoming_dir=incoming_dir,
         **values,
     )
-    validate(settings)
+    problems += _problems(settings, raws)
+    if problems:
+        raise SettingsError("\n".join(dict.fromkeys(problems)))
     return settings
 
 
+def _problems(s: Settings, raws: Mapping[str, str]) -> list[str]:
+    return [_problem(name, raws.get(name, _as_text(getattr(s, name))))
+            for name, rule in RULES.items() if not rule.passes(getattr(s, name))]
+
+
 def validate(s: Settings) -> None:
-    """Reject settings that would make later steps fail obscurely."""
-    if len(s.split_ratios) != 3 or any(r < 0 for r in s.split_ratios) or abs(sum(s.split_ratios) - 1) > 1e-6:
-        raise SettingsError(
-            f"XRAY_SPLIT_RATIOS={','.join(map(str, s.split_ratios))}: need three non-negative "
-            "train,val,test fractions that sum to 1, e.g. 0.7,0.15,0.15"
-        )
-    if s.split_ratios[0] == 0:
-        raise SettingsError("XRAY_SPLIT_RATIOS: the train fraction must be above 0")
-    if s.input_size < 32:
-        raise SettingsError(f"XRAY_INPUT_SIZE={s.input_size}: densenet161 needs at least 32 pixels")
-    if s.views < 0:
-        raise SettingsError(f"XRAY_VIEWS={s.views}: must be 0 or more")
-    if len(s.aug_crop_scale) != 2 or not 0 < s.aug_crop_scale[0] <= s.aug_crop_scale[1] <= 1:
-        raise SettingsError("XRAY_AUG_CROP_SCALE: need two fractions lo,hi with 0 < lo <= hi <= 1")
-    if s.device != "auto" and not (s.device == "cpu" or s.device.startswith("cuda")):
-        raise SettingsError(f"XRAY_DEVICE={s.device!r}: use auto, cpu, cuda or cuda:N")
-    if s.promotion_metric not in PROMOTION_METRICS:
-        raise SettingsError(
-            f"XRAY_PROMOTION_METRIC={s.promotion_metric!r}: only {', '.join(PROMOTION_METRICS)} are supported"
-        )
-    if s.promotion_mode not in PROMOTION_MODES:
-        raise SettingsError(
-            f"XRAY_PROMOTION_MODE={s.promotion_mode!r}: only {', '.join(PROMOTION_MODES)} are supported"
-        )
-    for name, value in (("XRAY_EPOCHS", s.epochs), ("XRAY_BATCH_SIZE", s.batch_size),
-                        ("XRAY_EMBED_BATCH_SIZE", s.embed_batch_size),
-                        ("XRAY_BOOTSTRAP_SAMPLES", s.bootstrap_samples)):
-        if value < 1:
-            raise SettingsError(f"{name}={value}: must be at least 1")
-    if s.min_image_side < 1 or s.max_pixels < 1:
-        raise SettingsError("XRAY_MIN_IMAGE_SIDE and XRAY_MAX_PIXELS must be positive")
-    if s.embed_dask_workers < 0:
-        raise SettingsError(f"XRAY_EMBED_DASK_WORKERS={s.embed_dask_workers}: must be 0 (off) or more")
-    if s.embed_workers < 0:
-        raise SettingsError(f"XRAY_EMBED_WORKERS={s.embed_workers}: must be 0 or more")
+    """Reject settings that would make later steps fail obscurely (or silently do the wrong thing).
+
+    Raises one :class:`SettingsError` listing every setting outside what :data:`RULES` allows.
+    """
+    problems = _problems(s, {})
+    if problems:
+        raise SettingsError("\n".join(problems))
 
 
 @functools.lru_cache(maxsize=1)
@@ -286,4 +366,4 @@ def reset_settings() -> None:
     get_settings.cache_clear()
 
 
-__all__ = ["Settings", "load_settings", "get_settings", "reset_settings", "ENV_VARS"]
+__all__ = ["Settings", "Rule", "RULES", "load_settings", "validate", "get_settings", "reset_settings", "ENV_VARS"]

@@ -19,7 +19,8 @@ LAYERS = ("xray_cli", "flows", "xray_core", "db")
 ALLOWED = {
     "errors": set(),
     "faults": set(),
-    "settings": {"errors", "data"},  # data.labels: label normalisation for XRAY_LABELS
+    "rules": {"data"},  # data.labels: what a label name may be
+    "settings": {"errors", "data", "rules"},  # data.labels: label normalisation for XRAY_LABELS
     "io": {"errors", "faults", "settings"},
     "data": {"errors", "faults", "io", "settings"},
     "model": {"errors", "faults", "io", "data", "settings"},
