@@ -166,4 +166,5 @@ def test_cli_models_rescores_and_labels_rows(scenario, capsys: pytest.CaptureFix
     for column in ("version", "status", "macro AUROC [95% CI]", "n", "test set", "scored", "note"):
         assert column in header
     assert f"on older test set {r.fp2[:8]}" in text and r.fp2[:8] in text
-    assert f"note: v{r.v1} not re-scored:" in text and "no cached features" in text
+    assert f"note: v{r.v1}, v{r.v2} not re-scored:" in text and "no cached features" in text
+    assert f"note: v{r.v3} not re-scored: trained on backbone ffffffffffff" in text

@@ -114,7 +114,7 @@ def models_on_current_test_set(settings: Settings) -> dict[str, Any]:
     try:
         data = load_split_data(settings)
         if not data.test:
-            raise NotEnoughDataError("the test split is empty")
+            raise NotEnoughDataError("the test split is empty (ingest more patients)")
     except NotEnoughDataError as exc:
         note = f"not re-scored on a current test set: {exc}"
         return {"models": [{**m, "rescore": {"status": "skipped", "reason": note}} for m in list_models(settings)],
@@ -131,6 +131,9 @@ def models_on_current_test_set(settings: Settings) -> dict[str, Any]:
         row["rescore"] = ({"status": r["status"], "reason": r["reason"]} if r else
                           {"status": "not_rescored", "reason": notes[0] if notes else
                            f"not among the {MAX_RESCORED} versions re-scored by default"})
-        if r and r["reason"]:
-            notes.append(f"v{row['version']} not re-scored: {r['reason']}")
+    why: dict[str, list[str]] = {}  # one note per reason, naming every version it applies to
+    for r in done.values():
+        if r["reason"]:
+            why.setdefault(r["reason"], []).append(f"v{r['version']}")
+    notes += [f"{', '.join(vs)} not re-scored: {reason}" for reason, vs in why.items()]
     return {"models": rows, "notes": notes}
