@@ -126,7 +126,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.history:
         _emit(registry.history(settings), args.json, render_history)
     else:
-        _emit(registry.list_models(settings), args.json, render_models)
+        # Re-score first (cached features only, never embeds) so every row is on the current test set
+        # where the cache allows; the rest keep their older numbers, labelled with their n and date.
+        from xray_core.pipeline.rescore import models_on_current_test_set
+
+        listing = models_on_current_test_set(settings)
+        _emit(listing["models"], args.json, lambda rows: render_models(rows, listing["notes"]))
     return EXIT_OK
 
 

@@ -341,3 +341,75 @@ def test_two_processes_promoting_at_once_leave_one_champion_and_two_audit_rows(s
         champion = now[0]
     assert db_count(settings, Model, Model.status == "champion") == 1
     assert len(history(settings)) == 8
+
+
+# --------------------------------------------------------------------------- numbers that compare
+
+
+def add_evaluation(settings: Settings, version: int, fingerprint: str, n: int, auroc: float, when: str) -> None:
+    from datetime import datetime, timezone
+
+    from db.schema import Evaluation
+
+    metrics = {"macro_auroc": auroc, "balanced_accuracy": 0.5, "accuracy": 0.5,
+               "intervals": {"macro_auroc": {"low": auroc - 0.1, "high": auroc + 0.05}}}
+    with session_scope(open_catalogue(settings)) as s:
+        s.add(Evaluation(model_id=version, test_set_fingerprint=fingerprint, backbone_fingerprint=BACKBONE,
+                         n_images=n, metrics=metrics,
+                         created_at=datetime.fromisoformat(when).replace(tzinfo=timezone.utc)))
+
+
+def test_list_models_labels_numbers_with_their_test_set(settings: Settings):
+    from xray_core.report.markdown import registry_rows
+    from xray_core.report.terminal import render_models
+
+    old, new = "a1b2c3d4" + "0" * 56, "e5f6a7b8" + "0" * 56
+    v1, v2, v3 = save(settings, seed=1), save(settings, seed=2), save(settings, seed=3)
+    add_evaluation(settings, v1, old, 8, 0.912, "2026-11-20T10:00:00")
+    add_evaluation(settings, v1, new, 17, 0.847, "2026-11-21T10:00:00")
+    add_evaluation(settings, v2, new, 17, 0.806, "2026-11-21T10:05:00")
+    add_evaluation(settings, v2, old, 8, 0.700, "2026-11-22T10:00:00")  # later, but on the older set
+    add_evaluation(settings, v3, old, 8, 0.650, "2026-11-20T11:00:00")
+
+    rows = {m["version"]: m for m in registry.list_models(settings, current_test_set=new)}
+    assert (rows[v1]["n_images"], rows[v1]["metrics"]["macro_auroc"]["point"]) == (17, 0.847)
+    assert (rows[v2]["n_images"], rows[v2]["metrics"]["macro_auroc"]["point"]) == (17, 0.806)  # current preferred
+    assert rows[v1]["on_current_test_set"] and rows[v1]["note"] is None
+    assert rows[v3]["test_set_fingerprint"] == old and not rows[v3]["on_current_test_set"]
+    assert rows[v3]["scored_at"].startswith("2026-11-20T11:00")
+    assert rows[v3]["note"] == "n=8 on older test set a1b2c3d4, 2026-11-20"
+    v4 = save(settings, seed=4)
+    assert registry.list_models(settings, current_test_set=new)[-1]["note"] == "not scored on a test set yet"
+
+    # Without the current fingerprint, the test set of the newest evaluation row stands in for it
+    # (here v2's re-run on the old set, so every model shows its numbers on that set).
+    implicit = {m["version"]: m for m in registry.list_models(settings)}
+    assert all(implicit[v]["test_set_fingerprint"] == old and implicit[v]["on_current_test_set"] for v in (v1, v2, v3))
+    assert (implicit[v1]["n_images"], implicit[v1]["metrics"]["macro_auroc"]["point"]) == (8, 0.912)
+
+    text = render_models(list(rows.values()), ["v3 not re-scored: a reason"])
+    header, *lines = text.splitlines()
+    assert header.split()[:2] == ["version", "status"] and "test set" in header and "scored" in header
+    v3_line = next(line for line in lines if line.startswith(str(v3)))
+    assert "0.650 [0.550, 0.700]" in v3_line and "n=8 on older test set a1b2c3d4, 2026-11-20" in v3_line
+    assert lines[-1] == "note: v3 not re-scored: a reason"
+    table_rows = {r["version"]: r for r in registry_rows(list(rows.values()))}
+    assert table_rows[v1] | {"promoted": ""} == {
+        "version": v1, "status": "candidate", "macro_auroc": "0.847 [0.747, 0.897]", "balanced_accuracy": "0.500",
+        "n_images": 17, "test_set": "e5f6a7b8", "scored": "2026-11-21", "note": "", "promoted": ""}
+    assert table_rows[v3]["note"] == "n=8 on older test set a1b2c3d4, 2026-11-20"
+    assert v4 not in table_rows
+
+
+def test_cli_models_without_a_test_split_lists_stored_numbers_with_a_note(settings: Settings,
+                                                                       capsys: pytest.CaptureFixture):
+    v1 = save(settings, seed=1)
+    add_evaluation(settings, v1, "c" * 64, 8, 0.9, "2026-11-20T10:00:00")
+    assert cli.main(["models", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["n_images"] == 8 and row["test_set_fingerprint"] == "c" * 64 and row["scored_at"]
+    assert row["rescore"]["status"] == "skipped" and "ingest" in row["rescore"]["reason"].lower()
+    assert cli.main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "0.900 [0.800, 0.950]" in text and "cccccccc" in text
+    assert "note: not re-scored on a current test set:" in text

@@ -305,7 +305,18 @@ def _promotion_dict(r: Promotion) -> dict[str, Any]:
             "actor": r.actor, "flow_run_id": r.flow_run_id, "metrics": r.metrics}
 
 
-def list_models(settings: Settings) -> list[dict[str, Any]]:
+def list_models(settings: Settings, *, current_test_set: str | None = None) -> list[dict[str, Any]]:
+    """Every version with the metrics of its latest evaluation, labelled with the test set they are on.
+
+    Numbers on different test sets do not compare, so each row carries ``n_images``,
+    ``test_set_fingerprint``, ``scored_at`` and ``on_current_test_set``; an evaluation on
+    ``current_test_set`` is preferred over a later one on another set. The registry cannot build the
+    split (that is the pipeline's), so the caller passes the current fingerprint; without one, the
+    newest test set any model was scored on stands in (the test split only grows). ``note`` says
+    "n=8 on older test set a1b2c3d4, 2026-11-20" for older numbers, so they are never mistaken.
+    """
+    from db.schema import Evaluation
+
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         models = s.scalars(select(Model).order_by(Model.id)).all()
@@ -314,11 +325,30 @@ def list_models(settings: Settings) -> list[dict[str, Any]]:
             if p.champion_after == p.to_version and p.to_version is not None:
                 promoted[p.to_version] = {"time": p.created_at.isoformat(), "trigger": p.trigger,
                                           "decision": p.decision, "actor": p.actor}
+        evaluations = list(s.scalars(select(Evaluation).order_by(Evaluation.id)))
+        current = current_test_set or (evaluations[-1].test_set_fingerprint if evaluations else None)
+        latest: dict[int, Any] = {}
+        for e in evaluations:  # ascending ids: the last one wins, unless an earlier one is on the current set
+            if latest.get(e.model_id) is None or latest[e.model_id].test_set_fingerprint != current \
+                    or e.test_set_fingerprint == current:
+                latest[e.model_id] = e
         return [{"version": m.id, "status": m.status, "created_at": m.created_at.isoformat(),
                  "backbone_fingerprint": m.backbone_fingerprint, "backbone_weights": m.backbone_weights,
                  "training_set_fingerprint": m.training_set_fingerprint, "labels": m.labels,
-                 "threshold": m.threshold, "metrics": _key_metrics(m.metrics),
+                 "threshold": m.threshold, **_scored(latest.get(m.id), current),
                  "last_promoted": promoted.get(m.id)} for m in models]
+
+
+def _scored(e: Any, current: str | None) -> dict[str, Any]:
+    """The metrics of one evaluation row (or none) and where they come from."""
+    if e is None:
+        return {"metrics": {}, "n_images": None, "test_set_fingerprint": None, "scored_at": None,
+                "on_current_test_set": False, "note": "not scored on a test set yet"}
+    on_current = e.test_set_fingerprint == current
+    return {"metrics": _key_metrics(e.metrics), "n_images": e.n_images, "test_set_fingerprint": e.test_set_fingerprint,
+            "scored_at": e.created_at.isoformat(), "on_current_test_set": on_current,
+            "note": None if on_current else (f"n={e.n_images} on older test set {e.test_set_fingerprint[:8]}, "
+                                             f"{e.created_at.date().isoformat()}")}
 
 
 def _key_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

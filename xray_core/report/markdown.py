@@ -123,8 +123,12 @@ def retrain_markdown(result: dict[str, Any]) -> str:
 
 
 def registry_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"version": m["version"], "status": m["status"], "created": m["created_at"][:19],
+    """Rows of the ``model-registry`` table artifact: each model's latest numbers with the size,
+    fingerprint and date of the test set they were measured on, and a note when that set is older."""
+    return [{"version": m["version"], "status": m["status"],
              "macro_auroc": format_interval(m["metrics"].get("macro_auroc")),
              "balanced_accuracy": format_interval(m["metrics"].get("balanced_accuracy")),
-             "backbone": m["backbone_weights"], "promoted": (m.get("last_promoted") or {}).get("time", "")[:19]}
+             "n_images": m.get("n_images"), "test_set": (m.get("test_set_fingerprint") or "")[:8],
+             "scored": (m.get("scored_at") or "")[:10], "note": m.get("note") or "",
+             "promoted": (m.get("last_promoted") or {}).get("time", "")[:19]}
             for m in models]

@@ -63,15 +63,19 @@ def format_interval(m: dict[str, Any] | None) -> str:
     return f"{m['point']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
 
 
-def render_models(models: list[dict[str, Any]]) -> str:
+def render_models(models: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
+    """The registry table: each model's latest numbers with the test set (size, fingerprint, date)
+    they were measured on, so numbers on different test sets are never read side by side unmarked."""
     if not models:
         return "no model versions yet (xray train or xray retrain)"
-    rows = [[m["version"], m["status"], m["created_at"][:19], format_interval(m["metrics"].get("macro_auroc")),
-             format_interval(m["metrics"].get("balanced_accuracy")), m["backbone_weights"],
-             (m["last_promoted"] or {}).get("time", "")[:19], (m["last_promoted"] or {}).get("trigger", "")]
+    rows = [[m["version"], m["status"], format_interval(m["metrics"].get("macro_auroc")),
+             format_interval(m["metrics"].get("balanced_accuracy")), m.get("n_images") or "-",
+             (m.get("test_set_fingerprint") or "-")[:8], (m.get("scored_at") or "-")[:10],
+             (m["last_promoted"] or {}).get("time", "")[:19], m.get("note") or ""]
             for m in models]
-    return table(["version", "status", "created", "macro AUROC [95% CI]", "balanced acc [95% CI]",
-                  "backbone", "promoted", "by"], rows)
+    out = table(["version", "status", "macro AUROC [95% CI]", "balanced acc [95% CI]", "n", "test set",
+                 "scored", "promoted", "note"], rows)
+    return "\n".join([out, *(f"note: {n}" for n in notes)])
 
 
 def render_history(rows: list[dict[str, Any]]) -> str:
