@@ -209,3 +209,18 @@ def test_atomic_write_sets_the_mode_and_stays_private_by_default(tmp_path):
     assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "head.safetensors").stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_run_report_files_are_written_with_the_file_mode(tmp_path):
+    import json
+
+    from xray_core.report.files import write_run_reports
+
+    settings = load_settings({"XRAY_HOME": str(tmp_path / "home"), "XRAY_FILE_MODE": "0644"})
+    out = write_run_reports(settings, SKIPPED, tmp_path / "run")
+    for path in (out.markdown_path, out.html_path, out.result_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert out.markdown_path.read_text() == out.markdown and out.markdown.startswith("# Skipped: ")
+    assert f"`{out.html_path}`" in out.markdown  # the markdown links the HTML written just before it
+    assert json.loads(out.result_path.read_text())["report_path"] == str(out.markdown_path)
+    assert out.description == "Skipped: nothing new since champion v2"
