@@ -97,6 +97,11 @@ class Settings:
     target_specificity: float = 0.90  # for promotion_metric == sensitivity_at_specificity
     guardrail_sensitivity_drop: float = 0.02
 
+    # files
+    # XRAY_FILE_MODE (octal, e.g. 0640): permission bits of the files people open (reports, result.json,
+    # report heatmaps, prediction CSVs and overlays). The store, features and models stay 0600/0700.
+    file_mode: int = 0o640
+
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able values, without secrets (the patient salt)."""
         out: dict[str, Any] = {}
@@ -106,6 +111,8 @@ class Settings:
                 value = "(set)" if value else "(per-home file)"
             elif f.name == "storage_url" and value and "@" in value:
                 value = re.sub(r"//[^/@]*@", "//***@", value)  # credentials in the URL
+            elif f.name == "file_mode":
+                value = f"{value:04o}"  # as people write it (XRAY_FILE_MODE=0640), not 416
             elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
@@ -144,6 +151,22 @@ def _ints(name: str, raw: str) -> tuple[int, ...]:
     if raw.strip().lower() in ("none", "linear"):
         return ()
     return tuple(int(p) for p in raw.split(",") if p.strip())
+
+
+def _octal_mode(name: str, raw: str) -> int:
+    """File permission bits from an octal string (``0640``, ``640`` or ``0o640``). Others may read
+    but never write: a report or prediction file that anyone can rewrite cannot be trusted."""
+    text = raw.strip().lower().removeprefix("0o")
+    allowed = "use an octal mode from 000 to 777 without write access for others, e.g. 0640 or 0644"
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an octal file mode; {allowed}") from None
+    if not 0 <= mode <= 0o777:
+        raise SettingsError(f"{name}={raw!r} is outside 000..777; {allowed}")
+    if mode & 0o002:
+        raise SettingsError(f"{name}={raw!r} lets every user write the file; {allowed}")
+    return mode
 
 
 def _labels(name: str, raw: str) -> tuple[str, ...]:
@@ -194,6 +217,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "promotion_margin": ("XRAY_PROMOTION_MARGIN", _float),
     "target_specificity": ("XRAY_TARGET_SPECIFICITY", _float),
     "guardrail_sensitivity_drop": ("XRAY_GUARDRAIL_SENSITIVITY_DROP", _float),
+    "file_mode": ("XRAY_FILE_MODE", _octal_mode),
 }
 
 # Settings whose empty value means something rather than "unset": XRAY_PATIENT_REGEX="" turns

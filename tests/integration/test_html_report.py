@@ -1,10 +1,12 @@
 """report.html of a retrain run: valid, self-contained HTML with every section and its images; a failed
-run still renders; the curve helpers agree with the metrics; the markdown artifact points at it."""
+run still renders; large heatmaps keep the file under 2 MB, full size beside it; files get
+XRAY_FILE_MODE; the curve helpers agree with the metrics; the markdown artifact points at it."""
 
 from __future__ import annotations
 
 import base64
 import io
+import stat
 from html.parser import HTMLParser
 
 import numpy as np
@@ -66,12 +68,16 @@ def parse(text: str) -> StrictParser:
     return p
 
 
-def _png_size(src: str) -> tuple[int, int]:
-    assert src.startswith("data:image/png;base64,")
+def _png_size(src: str, kind: str = "png") -> tuple[int, int]:
+    assert src.startswith(f"data:image/{kind};base64,")
     data = base64.b64decode(src.split(",", 1)[1], validate=True)
     with Image.open(io.BytesIO(data)) as img:
         img.verify()
         return img.size
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,10 @@ def test_report_html_is_valid_with_every_section_and_embedded_images(run):
     p = parse(text)
     assert SECTIONS <= set(p.sections), p.sections
     assert len(p.sections) == len(set(p.sections))
-    assert all(link.startswith("data:") for link in p.links), "self-contained: no external resources"
+    # Self-contained: every image is embedded; the only other links are the full-size heatmaps beside it.
+    assert all(i["src"].startswith("data:") for i in p.images)
+    outside = [link for link in p.links if not link.startswith("data:")]
+    assert outside and all(link.startswith("heatmaps/") and (run_dir / link).is_file() for link in outside)
     plots = [i for i in p.images if i.get("class") == "plot"]
     heatmaps = [i for i in p.images if i.get("class") == "heatmap"]
     assert len(plots) == 3  # ROC, confusion matrices, reliability
@@ -118,7 +127,11 @@ def test_report_html_is_valid_with_every_section_and_embedded_images(run):
     n_test = len(h.data.test)
     assert len(heatmaps) == min(4, n_test) and n_test >= 2
     test_sizes = {Image.open(h.settings.home / r[2]).size for r in h.data.test}
-    assert {_png_size(i["src"]) for i in heatmaps} <= test_sizes  # overlays at the originals' size
+    assert {_png_size(i["src"], "jpeg") for i in heatmaps} <= test_sizes  # small films are not enlarged
+    full = sorted((run_dir / "heatmaps").iterdir())
+    assert len(full) == len(heatmaps) and {Image.open(f).size for f in full} <= test_sizes
+    assert {_mode(f) for f in [path, *full]} == {h.settings.file_mode}
+    assert result["report_html_contents"][-1] == "Grad-CAM heatmaps"
     # The key content, readable as text.
     assert result["decision"]["rationale"][:40] in text.replace("&#x27;", "'").replace("&quot;", '"')
     assert "random-init" in text
@@ -154,10 +167,45 @@ def test_a_failed_run_still_renders_without_curves(run, tmp_path):
               "backbone_weights": "random", "ingests": [], "split_counts": h.data.counts()}
     text = write_run_html(h.settings, result, tmp_path).read_text()
     p = parse(text)
-    assert {"summary", "decision", "data", "failure"} <= set(p.sections)
-    assert not {"roc", "calibration", "heatmaps", "confusion"} & set(p.sections)
+    assert set(p.sections) == {"summary", "data"}  # no empty decision, comparison or figure sections
     assert p.images == []
-    assert "injected: disk unplugged" in text and "no curves" in text
+    assert "<h1>Failed: the champion was not changed</h1>" in text
+    assert text.count("injected: disk unplugged") == 1 and "no curves" in text
+    assert "random-init" in text  # the warning also on a failed run
+
+
+def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_report(run, tmp_path, monkeypatch):
+    """Four 2000 x 2000 films: full-resolution overlays would be megabytes each; report.html stays <= 2 MB."""
+    from xray_core.data.synthetic import make_xray
+    from xray_core.model.heatmap import overlay_png
+    from xray_core.pipeline.snapshot import save_snapshot
+    from xray_core.report import data as report_data
+    from xray_core.report.data import ExampleHeatmap, ReportData
+    from xray_core.report.html import HEATMAP_EMBED_PX, write_run_html
+
+    h, result, _ = run
+    real = report_data.collect_report_data(h.settings, h.data, challenger=h.versions[1], champion=h.versions[0])
+    side = 2000
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    examples = []
+    for k, label in enumerate(("normal", "pneumonia", "normal", "pneumonia")):
+        gray = make_xray(label, size=side, rng=np.random.default_rng(k), patient_seed=k) / 255.0
+        cam = np.exp(-((xx - 0.3 - 0.1 * k) ** 2 + (yy - 0.5) ** 2) / 0.02)
+        examples.append(ExampleHeatmap(sha256=f"{k:x}" * 64, true_label=label, predicted_label=label, probability=0.9,
+                                       version=h.versions[1], png=overlay_png(gray, cam, text=f"{label} p=0.900 · v3")))
+    assert sum(len(x.png) for x in examples) > 2_000_000  # embedded as they are, the report would be too big
+    monkeypatch.setattr(report_data, "collect_report_data",
+                        lambda *a, **k: ReportData(curves=real.curves, examples=examples))
+    save_snapshot(tmp_path / "split.json", h.data)
+    path = write_run_html(h.settings, dict(result), tmp_path)
+    assert path.stat().st_size <= 2_000_000
+    p = parse(path.read_text())
+    heatmaps = [i for i in p.images if i.get("class") == "heatmap"]
+    assert [_png_size(i["src"], "jpeg") for i in heatmaps] == [(HEATMAP_EMBED_PX, HEATMAP_EMBED_PX)] * 4
+    for x in examples:
+        full = tmp_path / "heatmaps" / f"{x.sha256[:12]}.png"
+        assert full.read_bytes() == x.png and _mode(full) == h.settings.file_mode
+        assert f'href="heatmaps/{full.name}"' in path.read_text()
 
 
 def test_report_renders_with_a_note_when_curves_cannot_be_computed(run, tmp_path, monkeypatch):
@@ -185,7 +233,9 @@ def test_markdown_links_the_html_report_and_repeats_key_numbers(run):
     h, result, run_dir = run
     md = retrain_markdown({**result, "report_html": str(run_dir / "report.html")})
     assert f"`{run_dir / 'report.html'}`" in md
-    assert f"- Decision: **{result['decision']['decision']}**" in md
+    state = {"promote": "Promoted", "keep": "Kept", "insufficient_evidence": "Insufficient evidence"}
+    assert md.startswith(f"# {state[result['decision']['decision']]}: ")
+    assert f"**{result['decision']['decision']}**" in md and result["decision"]["rationale"] in md
     assert f"challenger v{h.versions[1]}: macro AUROC" in md and f"champion v{h.versions[0]}: macro AUROC" in md
     assert "report.html" not in retrain_markdown({k: v for k, v in result.items() if k != "report_html"})
 

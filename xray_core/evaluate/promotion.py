@@ -197,6 +197,35 @@ def _decide_first_model(challenger: dict, diseases: list[str], config: PolicyCon
     return Decision("keep", False, rationale, checks)
 
 
+def _direction(name: str, diff: float) -> str:
+    """``the challenger's macro AUROC is 0.042 lower`` (or higher, or equal): the point difference in words."""
+    if abs(diff) <= _TOL:
+        return f"the challenger's {name} equals the champion's"
+    return f"the challenger's {name} is {abs(diff):.3f} {'higher' if diff > 0 else 'lower'}"
+
+
+def _non_inferiority_verdict(name: str, diff: float, low: float, level: float, margin: float) -> tuple[bool, str]:
+    """Whether non-inferiority is shown, and why in one plain sentence.
+
+    Both conditions are stated as facts about the challenger, each with its own number, so a reader
+    never has to untangle "fails ... but ... is below 0" (two failures joined by a word of contrast).
+    """
+    bound_ok = low > -margin + _TOL
+    sign_ok = diff >= -_TOL
+    point = _direction(name, diff)
+    bound = (f"the {level:.0%} lower bound of the difference ({_signed(low)}) is "
+             + (f"above the allowed {-margin:+.3f}" if bound_ok else f"at or below the allowed {-margin:+.3f}"))
+    if bound_ok and sign_ok:
+        return True, f"shown non-inferior (margin {margin:g}): {point}, and {bound}"
+    if not bound_ok and not sign_ok:
+        return False, f"not shown non-inferior (margin {margin:g}): {point}, and {bound}"
+    if not bound_ok:  # the point estimate is fine, the uncertainty is not
+        return False, (f"not shown non-inferior (margin {margin:g}): {point}, but {bound}, so a drop larger "
+                       "than the margin is not ruled out")
+    return False, (f"not shown non-inferior (margin {margin:g}): {bound}, but {point}, and the rule also "
+                   "requires the point difference to be at least 0")
+
+
 def _decide_against_champion(challenger: dict, champion: dict, comparison: dict, diseases: list[str],
                              config: PolicyConfig, checks: list[dict[str, Any]]) -> Decision:
     target = comparison.get("target_specificity", config.target_specificity)
@@ -213,17 +242,12 @@ def _decide_against_champion(challenger: dict, champion: dict, comparison: dict,
         metric_ok = False
         verdict = f"the difference could not be estimated ({name} is undefined on this test set)"
     elif config.mode == "non-inferiority":
-        bound_ok = low > -config.margin + _TOL
-        sign_ok = diff >= -_TOL
-        metric_ok = bound_ok and sign_ok
-        verdict = (f"non-inferiority margin {config.margin:g} "
-                   + (f"holds (lower bound {_signed(low)} > {-config.margin:+.3f})" if bound_ok
-                      else f"fails (lower bound {_signed(low)} <= {-config.margin:+.3f})")
-                   + (" and the point difference is >= 0" if sign_ok else f" but the point difference {_signed(diff)} is below 0"))
+        metric_ok, verdict = _non_inferiority_verdict(name, diff, low, level, config.margin)
     else:  # superiority
         metric_ok = low > _TOL
-        verdict = (f"superiority shown (lower bound {_signed(low)} > 0)" if metric_ok
-                   else f"superiority not shown (lower bound {_signed(low)} <= 0)")
+        bound = f"the {level:.0%} lower bound of the difference ({_signed(low)})"
+        verdict = (f"shown superior: {bound} is above 0" if metric_ok
+                   else f"not shown superior: {bound} is not above 0")
     checks.append(_check("comparison", metric_ok, f"{config.mode}: " + head + verdict))
 
     # guardrail on point differences of each disease class's sensitivity (same numbers as the

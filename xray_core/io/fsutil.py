@@ -30,8 +30,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename + dir fsync).
+
+    ``mode``: the file's permission bits (e.g. ``settings.file_mode`` for reports and predictions that
+    people open). None keeps the temp file's owner-only 0600, which the store, features and models rely
+    on. The bits are set on the temp file before the rename, so the final name never appears with
+    other permissions; they are set explicitly, so the process umask does not narrow them.
 
     ``durable=False`` skips both fsyncs: still atomic for readers and against a killed process, but a
     power cut may leave an empty or partial file under the final name. Only for files whose content
@@ -46,6 +51,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             fh.write(data)
             fh.flush()
             if durable:

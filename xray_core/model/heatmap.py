@@ -131,9 +131,26 @@ def _font(draw: Any, text: str, *, width: int, height: int) -> Any:
         return ImageFont.load_default()
 
 
-def heatmap_caption(label: str, probability: float, version: int | None) -> str:
-    """The text drawn on an overlay, e.g. ``pneumonia 0.87 (v3)``."""
-    return f"{label} {probability:.2f}" + (f" (v{version})" if version is not None else "")
+def heatmap_caption(label: str, probability: float, version: int | None, *,
+                    threshold: float | None = None, positive_label: str | None = None) -> str:
+    """The text drawn on an overlay, e.g. ``pneumonia p=0.503 >= threshold 0.498 · v3``.
+
+    ``probability`` is the predicted ``label``'s probability. ``threshold`` is a binary model's
+    operating threshold on the disease class (``positive_label``; None: ``label`` itself). Without it,
+    a film predicted normal at p_normal 0.4997 read "normal 0.50", which looks like a coin toss decided
+    the wrong way; with it the caption says the rule that made the call: when ``label`` is the
+    disease class, ``label p >= threshold``; otherwise the disease class's probability (1 - p, two
+    classes) and ``< threshold``, e.g. ``normal · pneumonia p=0.500 < threshold 0.510 · v3``.
+    Three decimals, so a probability just past the threshold does not round onto it. ASCII ``>=``,
+    not ``≥``: Pillow's default font has no glyph for it (a box is drawn) and its bitmap fallback
+    cannot encode it at all; ``·`` is Latin-1 and renders in both.
+    """
+    suffix = f" · v{version}" if version is not None else ""
+    if threshold is None:
+        return f"{label} p={probability:.3f}{suffix}"
+    if positive_label is None or positive_label == label:
+        return f"{label} p={probability:.3f} >= threshold {threshold:.3f}{suffix}"
+    return f"{label} · {positive_label} p={1.0 - probability:.3f} < threshold {threshold:.3f}{suffix}"
 
 
 __all__ = ["gradcam", "gradcam_batch", "overlay_png", "heatmap_caption", "OVERLAY_MAX_ALPHA"]

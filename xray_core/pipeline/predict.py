@@ -137,7 +137,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             heatmap_names.add(name)
             target = Path(heatmaps) / name
             caption = heatmap_caption(labels[int(k)], float(p[int(k)]), version)
-            atomic_write_bytes(target, overlay_png(px, cam, text=caption))
+            atomic_write_bytes(target, overlay_png(px, cam, text=caption), mode=settings.file_mode)
             paths.append(str(target))
         return paths
 
@@ -191,7 +191,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         writer.writeheader()
         for r in rows:
             writer.writerow({k: _csv_safe(v) for k, v in r.items()})
-        atomic_write_bytes(Path(out), buf.getvalue().encode())
+        atomic_write_bytes(Path(out), buf.getvalue().encode(), mode=settings.file_mode)
     ok = [r for r in rows if r["status"] == "ok"]
     return {"model_version": version, "labels": labels, "threshold": threshold, "files": len(rows),
             "predicted": len(ok), "rejected": len(rows) - len(ok), "out": str(out) if out else None,

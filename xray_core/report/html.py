@@ -1,10 +1,16 @@
 """``report.html`` of a retrain run: one self-contained file (inline CSS, figures and heatmaps as base64
-PNG data URIs) that opens anywhere, also after it is mailed or archived.
+data URIs) that opens anywhere, also after it is mailed or archived, and stays small (at most 2 MB).
 
-Sections: summary (key numbers, decision), decision and rationale, data, metrics with 95% intervals,
-per-class metrics with intervals, ROC curves of champion and challenger on the same test set,
-confusion matrices, reliability diagram, example test images with Grad-CAM overlays, and the failure
-(if the run failed: then there are no curves, but the report still renders).
+Sections, each only when it has content: summary (the decision first, key numbers, backbone, the
+random-init warning), decision and rationale, data, metrics with 95% intervals, per-class metrics
+with intervals, ROC curves of champion and challenger on the same test set, confusion matrices,
+reliability diagram, example test images with Grad-CAM overlays, and the failure.
+
+Layout lives in ``templates/report.html.j2`` (Jinja2, autoescaped); this module builds its context:
+numbers formatted, figures drawn and encoded. Grad-CAM overlays come at film resolution (a 3000 px
+radiograph gives a ~5 MB PNG) but are shown 260 px wide, so each is embedded downscaled to
+:data:`HEATMAP_EMBED_PX` as JPEG, and :func:`write_run_html` writes the full-size PNG beside the
+report (``heatmaps/<sha256[:12]>.png``) with a link from the thumbnail.
 
 Plots use ``matplotlib.figure.Figure`` directly, without pyplot: no global backend or figure state,
 safe in worker threads. Rendering is a pure function of the run's result and :class:`ReportData`.
@@ -13,58 +19,22 @@ safe in worker threads. Rendering is a pure function of the run's result and :cl
 from __future__ import annotations
 
 import base64
-import html
 import io
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Mapping, Sequence
 
+from xray_core.report.markdown import KEY_METRICS, interval, render_template, report_context
 from xray_core.report.terminal import format_interval
-from xray_core.report.markdown import KEY_METRICS
 from xray_core.report.data import ModelCurves, ReportData
 from xray_core.settings import Settings
 
 PER_CLASS_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc")
 _COLOURS = {"challenger": "#d62728", "champion": "#1f77b4"}
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
-       color: #222; line-height: 1.45; padding: 0 1em; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.8em; }
-table { border-collapse: collapse; margin: .6em 0; font-size: .92em; }
-th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
-th { background: #f3f3f3; }
-.warning { background: #fff3cd; border: 1px solid #e0c36b; padding: .6em 1em; }
-.failure { background: #fde2e1; border: 1px solid #e39a97; padding: .6em 1em; }
-.decision { font-size: 1.25em; font-weight: 600; }
-.note { color: #666; font-size: .9em; }
-figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
-figure img.heatmap { width: 256px; image-rendering: auto; border: 1px solid #999; }
-figcaption { font-size: .85em; color: #444; max-width: 256px; }
-img.plot { max-width: 100%; }
-"""
-
-
-# --------------------------------------------------------------------------- small HTML helpers
-
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _img(png: bytes, alt: str, css: str = "plot") -> str:
-    return f'<img class="{css}" alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{_e(title)}</h2>{body}</section>'
-
+HEATMAP_DISPLAY_PX = 260  # CSS width of a heatmap thumbnail in the report
+HEATMAP_EMBED_PX = 2 * HEATMAP_DISPLAY_PX  # longest side embedded: sharp on 2x (retina) screens
+HEATMAP_JPEG_QUALITY = 85  # overlays are photographic: JPEG at 85 is ~10x smaller than PNG, no visible loss
+HEATMAPS_DIR = "heatmaps"  # full-size overlays, beside report.html
 
 def _num(x: Any) -> str:
     return "-" if x is None else f"{x:.3f}"
@@ -153,74 +123,34 @@ def reliability_png(curves: Sequence[ModelCurves]) -> bytes:
     return _png(fig)
 
 
-# --------------------------------------------------------------------------- sections
+# --------------------------------------------------------------------------- images
 
 
-def _summary(result: dict[str, Any]) -> str:
-    ch, champ, dec = result.get("challenger_eval"), result.get("champion_eval"), result.get("decision")
-    items = [f"<li>Status: <strong>{_e(result.get('status') or 'unknown')}</strong></li>"]
-    if dec:
-        items.append(f"<li>Decision: <strong>{_e(dec['decision'])}</strong></li>")
-    for role, ev in (("challenger", ch), ("champion", champ)):
-        if ev:
-            m = ev["metrics"]
-            iv = m.get("intervals", {})
-            items.append(f"<li>{role} v{_e(ev['version'])}: macro AUROC "
-                         f"{_e(format_interval({'point': m.get('macro_auroc'), **iv.get('macro_auroc', {})}))}, balanced accuracy "
-                         f"{_e(format_interval({'point': m.get('balanced_accuracy'), **iv.get('balanced_accuracy', {})}))}</li>")
-    if ch:
-        items.append(f"<li>Test set <code>{_e(ch['test_set_fingerprint'][:16])}</code>: {_e(ch['n_images'])} images "
-                     "(both models scored on the same images)</li>")
-    if result.get("champion_after") is not None:
-        items.append(f"<li>Champion after this run: <strong>v{_e(result['champion_after'])}</strong></li>")
-    items.append(f"<li>Backbone: <code>{_e(result.get('backbone_weights'))}</code>, fingerprint "
-                 f"<code>{_e((result.get('backbone_fingerprint') or '')[:16])}</code></li>")
-    warn = ""
-    if result.get("backbone_random_init"):
-        warn = ('<p class="warning"><strong>Warning: the backbone is random-init</strong> '
-                "(XRAY_BACKBONE_WEIGHTS=random). Offline/test mode: the numbers show the pipeline works, "
-                "not that the model is fit for clinical use; heatmaps are meaningless.</p>")
-    return _section("summary", "Summary", warn + "<ul>" + "".join(items) + "</ul>")
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def _decision(result: dict[str, Any]) -> str:
-    dec = result.get("decision")
-    if not dec:
-        return _section("decision", "Decision", "<p>No decision: the run did not get that far.</p>")
-    body = f'<p class="decision">{_e(dec["decision"])}</p><p>{_e(dec["rationale"])}</p>'
-    if dec.get("checks"):
-        body += _table(["check", "passed", "detail"],
-                       [[c["name"], "yes" if c["passed"] else "no", c["detail"]] for c in dec["checks"]])
-    return _section("decision", "Decision and rationale", body)
+def embeddable_heatmap(png: bytes, *, max_side: int = HEATMAP_EMBED_PX) -> bytes:
+    """A Grad-CAM overlay at display size: longest side at most ``max_side`` (never enlarged), JPEG.
+
+    The full-size PNG is what a reader opens to look closely; the report only needs a thumbnail,
+    and four full-resolution films would make report.html tens of megabytes.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        img = img.convert("RGB")
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=HEATMAP_JPEG_QUALITY, optimize=True)
+    return buf.getvalue()
 
 
-def _data(result: dict[str, Any]) -> str:
-    parts = []
-    ingests = result.get("ingests") or []
-    if ingests:
-        parts.append(_table(["source", "new", "duplicate", "unchanged", "quarantined", "quarantine reasons"],
-                            [[i.get("manifest") or i.get("source"), i.get("added"), i.get("duplicates"),
-                              i.get("skipped_unchanged"), i.get("rejected"),
-                              ", ".join(f"{k}: {v}" for k, v in sorted((i.get("rejected_by_reason") or {}).items())) or "-"]
-                             for i in ingests]))
-    else:
-        parts.append("<p>No new sources this run.</p>")
-    counts = result.get("split_counts") or {}
-    if counts:
-        labels = sorted({label for split in counts.values() for label in split})
-        parts.append(_table(["split", *labels, "total"],
-                            [[s, *[counts[s].get(l, 0) for l in labels], sum(counts[s].values())] for s in counts]))
-    nd = result.get("near_duplicates")
-    if nd is not None:
-        parts.append(f"<p>Near-duplicate pairs across splits (pHash distance &le; {_e(nd['max_distance'])}): "
-                     f"<strong>{_e(nd['pairs_across_splits'])}</strong></p>")
-    embed = result.get("embed") or {}
-    if embed:
-        parts.append(f"<p>Embedding: {_e(embed.get('computed', 0))} new (image, view) pairs, "
-                     f"{_e(embed.get('cached', 0))} from the feature cache, "
-                     f"{_e(embed.get('recomputed_corrupt', 0))} corrupt cache entries recomputed, "
-                     f"{_e(embed.get('seconds', 0))} s.</p>")
-    return _section("data", "Data", "".join(parts))
+def heatmap_file_name(sha256: str) -> str:
+    return f"{sha256[:12]}.png"
+
+
+# --------------------------------------------------------------------------- the context
 
 
 def _evals(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -228,102 +158,87 @@ def _evals(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             if result.get(key)]
 
 
-def _metrics(result: dict[str, Any]) -> str:
-    evals = _evals(result)
-    if not evals:
-        return ""
-    ch = evals[0][1]
-    boot = ch["metrics"].get("bootstrap", {})
-    rows = []
-    for key in KEY_METRICS + ("sensitivity_at_specificity",):
-        row = [key]
-        for _, ev in evals:
-            m = ev["metrics"]
-            row.append(format_interval({"point": m.get(key), **m.get("intervals", {}).get(key, {})}))
-        rows.append(row)
-    body = (f"<p>95% intervals from a patient-clustered bootstrap ({_e(boot.get('samples'))} resamples over "
-            f"{_e(boot.get('patients'))} patients). Brier and ECE: lower is better.</p>"
-            + _table(["metric", *[f"{role} v{ev['version']}" for role, ev in evals]], rows))
-    return _section("metrics", "Champion vs challenger on the same test set", body)
+def _metric_table(evals: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    return {"headers": ["metric", *[f"{role} v{ev['version']}" for role, ev in evals]],
+            "rows": [[key, *[interval(ev["metrics"], key) for _, ev in evals]]
+                     for key in KEY_METRICS + ("sensitivity_at_specificity",)]}
 
 
-def _per_class(result: dict[str, Any]) -> str:
-    evals = _evals(result)
-    if not evals:
-        return ""
-    parts = []
+def _per_class_tables(evals: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    out = []
     for role, ev in evals:
         m = ev["metrics"]
         iv = m.get("intervals", {})
-        rows = []
-        for label, pc in m.get("per_class", {}).items():
-            rows.append([label, pc.get("support"),
-                         *[format_interval({"point": pc.get(k), **iv.get(f"per_class.{label}.{k}", {})}) for k in PER_CLASS_METRICS]])
-        parts.append(f"<h3>{_e(role)} v{_e(ev['version'])}</h3>"
-                     + _table(["class", "test images", *PER_CLASS_METRICS], rows))
-    return _section("per-class", "Per-class metrics (95% intervals)", "".join(parts))
+        rows = [[label, pc.get("support"),
+                 *[format_interval({"point": pc.get(k), **iv.get(f"per_class.{label}.{k}", {})}) for k in PER_CLASS_METRICS]]
+                for label, pc in m.get("per_class", {}).items()]
+        out.append({"title": f"{role} v{ev['version']}", "headers": ["class", "test images", *PER_CLASS_METRICS],
+                    "rows": rows})
+    return out
 
 
-def _figures(result: dict[str, Any], data: ReportData | None, negative_label: str) -> str:
-    out = []
-    if data is not None and data.curves:
-        out.append(_section("roc", "ROC curves (same test set)",
-                            _img(roc_png(data.curves, negative_label=negative_label), "ROC curves")))
+def _figures(result: dict[str, Any], data: ReportData | None, negative_label: str,
+             heatmap_links: Mapping[str, str]) -> dict[str, Any]:
+    """Figures as data URIs (None when there is nothing to draw) and the heatmap thumbnails."""
     evals = _evals(result)
-    if evals:
-        out.append(_section("confusion", "Confusion matrices",
-                            "<p>Rows: true label; columns: predicted label at each model's operating point.</p>"
-                            + _img(confusion_png(evals), "confusion matrices")))
-    if data is not None and data.curves:
-        eces = ", ".join(f"{role} v{ev['version']} {_num(ev['metrics'].get('ece'))}" for role, ev in evals)
-        out.append(_section("calibration", "Reliability (calibration) diagram",
-                            (f"<p>Expected calibration error: {_e(eces)}.</p>" if eces else "")
-                            + _img(reliability_png(data.curves), "reliability diagram")))
-    if data is not None and data.examples:
-        figs = "".join(
-            f"<figure>{_img(x.png, f'Grad-CAM of test image {x.sha256[:12]}', 'heatmap')}<figcaption>true "
-            f"<strong>{_e(x.true_label)}</strong>, predicted <strong>{_e(x.predicted_label)}</strong> "
-            f"{x.probability:.2f} (v{x.version}); image <code>{_e(x.sha256[:12])}</code></figcaption></figure>"
-            for x in data.examples)
-        out.append(_section("heatmaps", "Test images with Grad-CAM heatmaps",
-                            "<p>The challenger's Grad-CAM of its predicted class: where the backbone features "
-                            "that drove that logit came from. Coarse (the feature map is input/32 pixels wide) "
-                            "and not a diagnosis; meaningless with a random-init backbone.</p>" + figs))
-    return "".join(out)
+    curves = data.curves if data is not None else []
+    eces = ", ".join(f"{role} v{ev['version']} {_num(ev['metrics'].get('ece'))}" for role, ev in evals)
+    return {
+        "roc": data_uri(roc_png(curves, negative_label=negative_label)) if curves else None,
+        "confusion": data_uri(confusion_png(evals)) if evals else None,
+        "reliability": data_uri(reliability_png(curves)) if curves else None,
+        "eces": eces,
+        "heatmaps": [{"src": data_uri(embeddable_heatmap(x.png), "image/jpeg"), "sha": x.sha256[:12],
+                      "alt": f"Grad-CAM of test image {x.sha256[:12]}", "true_label": x.true_label,
+                      "predicted_label": x.predicted_label, "probability": f"{x.probability:.3f}",
+                      "version": x.version, "href": heatmap_links.get(x.sha256)}
+                     for x in (data.examples if data is not None else [])],
+    }
+
+
+def html_contents(context: dict[str, Any]) -> list[str]:
+    """What a rendered report shows beyond its summary, in words (for the markdown's link to it)."""
+    fig = context["figures"]
+    out = ["metrics with 95% intervals", "per-class metrics"] if context["metric_table"] else []
+    out += [name for name, present in (("ROC curves", fig["roc"]), ("confusion matrices", fig["confusion"]),
+                                       ("a reliability diagram", fig["reliability"]),
+                                       ("Grad-CAM heatmaps", fig["heatmaps"])) if present]
+    return out
+
+
+def html_context(result: dict[str, Any], data: ReportData | None, *, negative_label: str = "normal",
+                 notes: Sequence[str] = (), heatmap_links: Mapping[str, str] | None = None) -> dict[str, Any]:
+    evals = _evals(result)
+    context = report_context(result)
+    context.update(
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        metric_table=_metric_table(evals) if evals else None,
+        per_class=_per_class_tables(evals),
+        figures=_figures(result, data, negative_label, heatmap_links or {}),
+        notes=[*notes, *(data.notes if data else [])],
+        heatmap_display_px=HEATMAP_DISPLAY_PX,
+    )
+    return context
 
 
 def render_html(result: dict[str, Any], data: ReportData | None, *, negative_label: str = "normal",
-                notes: Sequence[str] = ()) -> str:
-    """The whole report as one HTML document (no external resources)."""
-    title = f"Retrain run {result.get('run_name') or result.get('flow_run_id') or ''}".strip()
-    all_notes = [*notes, *(data.notes if data else [])]
-    body = [f"<h1>{_e(title)}</h1>",
-            f'<p class="note">Generated {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}'
-            + (f"; trigger {_e(result.get('trigger'))}" if result.get("trigger") else "")
-            + (f"; flow run <code>{_e(result.get('flow_run_id'))}</code>" if result.get("flow_run_id") else "")
-            + "</p>",
-            _summary(result), _decision(result), _data(result), _metrics(result), _per_class(result),
-            _figures(result, data, negative_label)]
-    if all_notes:
-        body.append("".join(f'<p class="note">{_e(n)}</p>' for n in all_notes))
-    if result.get("error"):
-        body.append(_section("failure", "Failure",
-                             f'<p class="failure"><code>{_e(result["error"])}</code></p>'
-                             "<p>The champion was not changed.</p>"))
-    if result.get("report_path"):
-        body.append(f'<p class="note">Markdown report: <code>{_e(result["report_path"])}</code></p>')
-    return ("<!DOCTYPE html>\n"
-            f'<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<style>{_CSS}</style></head><body>" + "".join(body) + "</body></html>\n")
+                notes: Sequence[str] = (), heatmap_links: Mapping[str, str] | None = None) -> str:
+    """The whole report as one HTML document (no external resources; links to full-size heatmaps
+    only for the shas in ``heatmap_links``, sha256 -> href relative to the report)."""
+    return render_template("report.html.j2", html_context(result, data, negative_label=negative_label, notes=notes,
+                                                          heatmap_links=heatmap_links))
 
 
 def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) -> Path:
-    """Write ``run_dir/report.html`` for a retrain run (completed or failed) and return its path.
+    """Write ``run_dir/report.html`` for a retrain run (completed, skipped or failed) and return its path.
 
     Curves and heatmaps need the run's frozen split (``run_dir/split.json``) and the challenger's
     evaluation; without them (a run that failed early) the report has the other sections only.
     If computing them fails, the report says why instead: a report must not fail a finished run.
+    Full-size heatmaps go to ``run_dir/heatmaps/``; every file gets ``settings.file_mode``.
+
+    Also records in ``result["report_html_contents"]`` what the file shows, so the markdown report
+    rendered from the same dict afterwards links to it without promising figures it lacks.
     """
     from xray_core.errors import XrayError
     from xray_core.io.fsutil import atomic_write_bytes
@@ -341,9 +256,17 @@ def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) ->
             notes.append(f"Curves and heatmaps unavailable: {type(exc).__name__}: {exc}")
     elif result.get("status") == "failed":
         notes.append("The run failed before both models were evaluated: no curves or heatmaps.")
+    links = {}
+    for x in data.examples if data is not None else []:
+        name = heatmap_file_name(x.sha256)
+        atomic_write_bytes(run_dir / HEATMAPS_DIR / name, x.png, mode=settings.file_mode)
+        links[x.sha256] = f"{HEATMAPS_DIR}/{name}"
+    context = html_context(result, data, negative_label=settings.negative_label, notes=notes, heatmap_links=links)
     path = run_dir / "report.html"
-    atomic_write_bytes(path, render_html(result, data, negative_label=settings.negative_label, notes=notes).encode())
+    atomic_write_bytes(path, render_template("report.html.j2", context).encode(), mode=settings.file_mode)
+    result["report_html_contents"] = html_contents(context)
     return path
 
 
-__all__ = ["render_html", "write_run_html", "roc_png", "confusion_png", "reliability_png"]
+__all__ = ["render_html", "write_run_html", "html_context", "embeddable_heatmap", "roc_png", "confusion_png",
+           "reliability_png", "HEATMAP_EMBED_PX"]
