@@ -19,7 +19,7 @@ from prefect.states import Completed, State
 from flows.common import epoch_reporter, progress_reporter, transient_io
 from xray_core.pipeline.cycle import RetrainRequest, headline_result, run_cycle, summary_line
 from xray_core.registry.versions import list_models
-from xray_core.report.markdown import metrics_rows, registry_rows, retrain_markdown
+from xray_core.report.markdown import artifact_description, metrics_rows, registry_rows, retrain_markdown
 from xray_core.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -56,12 +56,13 @@ class PrefectExecutor:
 
 def publish_artifacts(settings: Settings, result: dict[str, Any]) -> None:
     """The report, metrics and registry tables as keyed artifacts; descriptions lead with the decision."""
-    headline = summary_line(result)[:250]
+    headline = artifact_description(result)
     create_markdown_artifact(markdown=retrain_markdown(result), key="retrain-report", description=headline)
     if result.get("challenger_eval"):
         create_table_artifact(table=metrics_rows(result["challenger_eval"], result.get("champion_eval")),
                               key="retrain-metrics", description=f"{headline[:120]} · 95% intervals, same test set")
-    create_table_artifact(table=registry_rows(list_models(settings)), key="model-registry",
+    current = (result.get("challenger_eval") or {}).get("test_set_fingerprint")
+    create_table_artifact(table=registry_rows(list_models(settings, current_test_set=current)), key="model-registry",
                           description=f"model versions after this run · {headline[:120]}")
 
 

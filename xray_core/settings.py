@@ -294,6 +294,9 @@ RULES: dict[str, Rule] = {
                                   "superiority"),
     "target_specificity": number_in(0, 1, "a fraction: 0.9 means 90%", open_lo=True, open_hi=True),
     "guardrail_sensitivity_drop": number_in(0, 1, "largest per-class sensitivity drop a promotion may cause"),
+    "file_mode": Rule("must be an octal file mode from 000 to 777 without write access for others, e.g. 0640 "
+                      "or 0644", lambda v: isinstance(v, int) and 0 <= v <= 0o777 and not v & 0o002, "0644",
+                      ("0666", "999", "rw-r-----")),
 }
 _VARS = {**_PATH_FIELDS, **{name: env for name, (env, _) in _FIELDS.items()}}
 _SECRETS = frozenset({"patient_salt"})  # never echoed in an error

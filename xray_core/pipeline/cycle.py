@@ -26,7 +26,7 @@ from xray_core.faults import crash_point
 from xray_core.pipeline import steps
 from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.lock import retrain_lock
-from xray_core.pipeline.snapshot import SplitData, load_snapshot, load_split_data, save_snapshot, write_json
+from xray_core.pipeline.snapshot import SplitData, load_snapshot, load_split_data, save_snapshot
 from xray_core.settings import Settings
 
 T = TypeVar("T")
@@ -139,32 +139,28 @@ def record_outcome(settings: Settings, challenger: dict[str, Any], champion: dic
 
 
 def rescore_registry(settings: Settings, snapshot: str, flow_run_id: str | None) -> list[dict[str, Any]]:
-    """Score the registry's other models on this run's test set from cached features, so that tables compare."""
+    """Score the registry's other models on this run's test set from cached features, so tables compare.
+
+    Best effort: the decision is already recorded, so a model that cannot be re-scored is listed with
+    the reason and never fails the run.
+    """
+    from xray_core.pipeline.rescore import rescore_models
+
     try:
-        from xray_core.pipeline.rescore import rescore_models
-    except ImportError:  # pragma: no cover - rescoring arrives with the registry tables
-        return []
-    return rescore_models(settings, load_snapshot(Path(snapshot)), flow_run_id=flow_run_id)
+        return rescore_models(settings, load_snapshot(Path(snapshot)), flow_run_id=flow_run_id)
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        return [{"status": "skipped", "reason": f"re-scoring failed: {type(exc).__name__}: {exc}"}]
 
 
 def write_reports(settings: Settings, result: dict[str, Any], run_dir: str) -> dict[str, str]:
-    """report.md, report.html and result.json in the run's folder; returns their paths."""
-    from xray_core.io.fsutil import atomic_write_bytes
-    from xray_core.report.html import write_run_html
-    from xray_core.report.markdown import retrain_markdown
+    """report.html, report.md and result.json in the run's folder (readable with XRAY_FILE_MODE);
+    returns their paths and the artifact description, and records the paths in ``result``."""
+    from xray_core.report.files import write_run_reports
 
-    folder = Path(run_dir)
-    paths = {"report": str(folder / "report.md"), "report_html": str(folder / "report.html"),
-             "result_json": str(folder / "result.json")}
-    result.update(report_path=paths["report"])
-    try:
-        write_run_html(settings, result, folder)
-    except Exception as exc:  # noqa: BLE001 - a figure must never hide the decision: say so in the markdown
-        result.setdefault("report_notes", []).append(f"report.html could not be written: {type(exc).__name__}: {exc}")
-        paths.pop("report_html")
-    result["report_html"] = paths.get("report_html")
-    atomic_write_bytes(Path(paths["report"]), retrain_markdown(result).encode())
-    write_json(Path(paths["result_json"]), result)
+    written = write_run_reports(settings, result, Path(run_dir))
+    paths = {"report": str(written.markdown_path), "report_html": str(written.html_path),
+             "result_json": str(written.result_path), "description": written.description}
+    result.update(report_path=paths["report"], report_html=paths["report_html"])
     return paths
 
 
@@ -301,7 +297,7 @@ def _record_failure(settings: Settings, request: RetrainRequest, result: dict[st
 def headline_result(result: dict[str, Any]) -> dict[str, Any]:
     """What the flow and the CLI return: the headline numbers, not the full metric dicts (those are in the report)."""
     keep = ("flow_run_id", "status", "state", "state_message", "summary", "trigger", "ingests", "split_counts",
-            "embed", "champion_after", "report", "report_html", "notes", "backbone_random_init")
+            "embed", "champion_after", "report", "report_html", "description", "notes", "backbone_random_init")
     out = {k: result.get(k) for k in keep}
     out["decision"] = result.get("decision")
     out["train"] = {k: (result.get("train") or {}).get(k)

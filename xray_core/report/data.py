@@ -156,7 +156,9 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, 
             p = float(probs[i, k])
             examples.append(ExampleHeatmap(
                 sha256=rows[i][1], true_label=rows[i][3], predicted_label=labels[k], probability=p,
-                version=version, png=overlay_png(gray, cam, text=heatmap_caption(labels[k], p, version))))
+                version=version, png=overlay_png(gray, cam, text=heatmap_caption(
+                    labels[k], p, version, threshold=model.threshold,
+                    positive_label=labels[pos] if pos is not None else None))))
     return ReportData(curves=curves, examples=examples, notes=notes)
 
 
