@@ -67,8 +67,8 @@ clean:
 # one-at-a-time retrain queue, every deployment in prefect.yaml, and a worker. `make stop` ends them.
 # e.g. make serve INCOMING=/data/incoming SCHEDULE="0 2 * * *" TIMEZONE=Europe/Zurich
 serve: $(STAMP)
-	mkdir -p '$(SERVE_HOME)'
 	@$(SERVE_ENV) $(PY) -m flows.serve check-deploy > /dev/null  # a bad value stops here, before the server
+	mkdir -p '$(SERVE_HOME)'
 	$(SERVE_ENV) nohup $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(SERVE_PORT) > '$(SERVE_HOME)/server.log' 2>&1 & echo $$! > '$(SERVE_HOME)/server.pid'
 	$(SERVE_ENV) $(PY) -m flows.serve wait-for-server
 	$(SERVE_ENV) $(VENV)/bin/prefect work-pool create xray-process --type process --overwrite

@@ -57,8 +57,12 @@ def api_base(page_url: str) -> str:
 
 
 def latest_runs(api: str, limit: int = 8) -> list[tuple[str, str, str]]:
-    """(flow-run name, state type, state name) of the newest runs, newest first."""
-    body = json.dumps({"limit": limit, "sort": "EXPECTED_START_TIME_DESC"}).encode()
+    """(flow-run name, state type, state name) of the newest runs that have started, newest first.
+
+    Scheduled runs (the nightly's next ones) are left out: the runs page lists past runs by default.
+    """
+    body = json.dumps({"limit": limit, "sort": "START_TIME_DESC",
+                       "flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}}}).encode()
     req = urllib.request.Request(f"{api}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         runs = json.load(resp)
