@@ -9,10 +9,21 @@ DEMO_ENV := XRAY_HOME=var/demo PREFECT_HOME=$(CURDIR)/var/demo-prefect \
 	XRAY_BACKBONE_WEIGHTS=$${XRAY_BACKBONE_WEIGHTS:-random} XRAY_INPUT_SIZE=$${XRAY_INPUT_SIZE:-64} \
 	XRAY_VIEWS=$${XRAY_VIEWS:-2} XRAY_MIN_TEST_PER_CLASS=$${XRAY_MIN_TEST_PER_CLASS:-4} \
 	XRAY_FLOOR_MACRO_AUROC=$${XRAY_FLOOR_MACRO_AUROC:-0.7} XRAY_FLOOR_SENSITIVITY=$${XRAY_FLOOR_SENSITIVITY:-0.6}
-SERVE_ENV := PREFECT_HOME=$(CURDIR)/var/prefect PREFECT_API_URL=http://127.0.0.1:4200/api \
-	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=4200
+# `make serve` settings (override on the command line). INCOMING, SCHEDULE and TIMEZONE go into the
+# nightly retrain through prefect.yaml; an XRAY_INCOMING already in the environment is the default folder.
+INCOMING ?= $(or $(XRAY_INCOMING),/data/incoming)
+SCHEDULE ?= 0 2 * * *
+TIMEZONE ?= Europe/Zurich
+SERVE_PORT ?= 4200
+SERVE_HOME ?= $(CURDIR)/var/prefect
+SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
+# Telemetry off: the server's usage heartbeat (every 10 min) and the client SDK's usage events.
+SERVE_ENV := PREFECT_HOME='$(SERVE_HOME)' PREFECT_API_URL=$(SERVE_URL)/api \
+	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(SERVE_PORT) \
+	PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
+	XRAY_PROJECT_DIR='$(CURDIR)' XRAY_INCOMING='$(INCOMING)' XRAY_SCHEDULE='$(SCHEDULE)' XRAY_TIMEZONE='$(TIMEZONE)'
 
-.PHONY: venv demo test test-fast test-postgres bench serve stop clean
+.PHONY: venv demo test test-fast test-postgres bench serve deploy stop ui-screenshot clean
 
 venv: $(STAMP)
 
@@ -52,22 +63,36 @@ bench: $(STAMP)
 clean:
 	rm -rf var .pytest_cache .hypothesis
 
-# A local Prefect server on 127.0.0.1:4200 (SQLite under var/prefect), the process pool with a
+# A local Prefect server on 127.0.0.1:$(SERVE_PORT) (SQLite under $(SERVE_HOME)), the process pool with a
 # one-at-a-time retrain queue, every deployment in prefect.yaml, and a worker. `make stop` ends them.
+# e.g. make serve INCOMING=/data/incoming SCHEDULE="0 2 * * *" TIMEZONE=Europe/Zurich
 serve: $(STAMP)
-	mkdir -p var/prefect
-	$(SERVE_ENV) nohup $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 > var/prefect/server.log 2>&1 & echo $$! > var/prefect/server.pid
+	@$(SERVE_ENV) $(PY) -m flows.serve check-deploy > /dev/null  # a bad value stops here, before the server
+	mkdir -p '$(SERVE_HOME)'
+	$(SERVE_ENV) nohup $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(SERVE_PORT) > '$(SERVE_HOME)/server.log' 2>&1 & echo $$! > '$(SERVE_HOME)/server.pid'
 	$(SERVE_ENV) $(PY) -m flows.serve wait-for-server
 	$(SERVE_ENV) $(VENV)/bin/prefect work-pool create xray-process --type process --overwrite
 	$(SERVE_ENV) $(VENV)/bin/prefect work-queue create retrain --pool xray-process --limit 1 || \
 		$(SERVE_ENV) $(VENV)/bin/prefect work-queue set-concurrency-limit retrain 1 --pool xray-process
-	$(SERVE_ENV) XRAY_PROJECT_DIR=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
-	$(SERVE_ENV) XRAY_PROJECT_DIR=$(CURDIR) nohup $(VENV)/bin/prefect worker start --pool xray-process > var/prefect/worker.log 2>&1 & echo $$! > var/prefect/worker.pid
-	@echo "Prefect UI: http://127.0.0.1:4200  (export PREFECT_API_URL=http://127.0.0.1:4200/api to use it from this shell)"
+	$(MAKE) --no-print-directory deploy
+	$(SERVE_ENV) nohup $(VENV)/bin/prefect worker start --pool xray-process > '$(SERVE_HOME)/worker.log' 2>&1 & echo $$! > '$(SERVE_HOME)/worker.pid'
+	@$(SERVE_ENV) $(PY) -m flows.serve check-deploy
+	@echo "Prefect UI: $(SERVE_URL)  (export PREFECT_API_URL=$(SERVE_URL)/api to use it from this shell)"
+
+# Deploy prefect.yaml again, e.g. with another schedule, to the server `make serve` started (same
+# variables). The check prints what it sets and stops on a bad value before anything is deployed.
+deploy: $(STAMP)
+	$(SERVE_ENV) $(PY) -m flows.serve check-deploy
+	$(SERVE_ENV) $(VENV)/bin/prefect --no-prompt deploy --all
 
 stop:
 	@for name in worker server; do \
-		f=var/prefect/$$name.pid; test -f $$f || continue; pid=$$(cat $$f); \
+		f='$(SERVE_HOME)'/$$name.pid; test -f "$$f" || continue; pid=$$(cat "$$f"); \
 		kill $$pid 2>/dev/null; for i in $$(seq 20); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
-		kill -9 $$pid 2>/dev/null; rm -f $$f; echo "stopped prefect $$name ($$pid)"; \
+		kill -9 $$pid 2>/dev/null; rm -f "$$f"; echo "stopped prefect $$name ($$pid)"; \
 	done
+
+# With `make serve` running: a headless-Chromium screenshot of the flow-runs page, where each retrain's
+# final state (Promoted, Kept, Skipped, ...) shows; see README "The Prefect UI path".
+ui-screenshot: $(STAMP)
+	$(PY) scripts/ui_screenshot.py --url $(SERVE_URL)/runs --out var/ui/runs.png

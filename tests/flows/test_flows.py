@@ -156,8 +156,11 @@ def _cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess
 
 
 def test_prefect_yaml_deploys_and_a_process_worker_runs_retrain_manual(flow_env, prefect_server, tmp_path):
+    # What `make serve INCOMING=... SCHEDULE=... TIMEZONE=...` sets; the folder does not exist (not a deploy error).
+    nightly = {"XRAY_INCOMING": str(tmp_path / "not-there-yet"), "XRAY_SCHEDULE": "15 4 * * 1-5",
+               "XRAY_TIMEZONE": "America/New_York"}
     env = {**os.environ, **flow_env, "PREFECT_API_URL": prefect_server["api_url"],
-           "PREFECT_HOME": prefect_server["home"], "XRAY_PROJECT_DIR": str(PROJECT)}
+           "PREFECT_HOME": prefect_server["home"], "XRAY_PROJECT_DIR": str(PROJECT), **nightly}
     source = _batch(tmp_path / "incoming", offset=0, seed=1)
     steps = [
         ["work-pool", "create", "xray-process", "--type", "process", "--overwrite"],
@@ -172,12 +175,20 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_retrain_manual(flow_env,
     for name in ("retrain/nightly", "retrain/manual", "ingest/manual", "predict/batch", "promote/manual",
                  "rollback/manual"):
         assert name in deployed.replace("│", " "), deployed
-    worker = _cli(["worker", "start", "--pool", "xray-process", "--run-once"], env, timeout=480)
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
-
     import asyncio
 
     from prefect.client.orchestration import get_client
+
+    async def read_nightly():
+        async with get_client() as client:
+            return await client.read_deployment_by_name("retrain/nightly")
+
+    deployment = asyncio.run(read_nightly())
+    assert deployment.parameters["incoming"] == nightly["XRAY_INCOMING"]
+    assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [
+        (nightly["XRAY_SCHEDULE"], nightly["XRAY_TIMEZONE"])]
+    worker = _cli(["worker", "start", "--pool", "xray-process", "--run-once"], env, timeout=480)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
 
     async def states():
         async with get_client() as client:
