@@ -97,6 +97,12 @@ class Settings:
     target_specificity: float = 0.90  # for promotion_metric == sensitivity_at_specificity
     guardrail_sensitivity_drop: float = 0.02
 
+    # sites, views and shortcuts
+    guardrail_site_drop: float = 0.10  # largest AUROC or per-class sensitivity drop allowed on any judged site
+    shortcut_auroc: float = 0.80  # a shortcut probe above this AUROC is a warning
+    shortcut_policy: str = "warn"  # warn | block: a flagged audit blocks automatic promotion
+    allowed_views: tuple[str, ...] = ()  # e.g. PA,AP: films of other known views are quarantined; () = any
+
     # files
     # XRAY_FILE_MODE (octal, e.g. 0640): permission bits of the files people open (reports, result.json,
     # report heatmaps, prediction CSVs and overlays). The store, features and models stay 0600/0700.
@@ -218,6 +224,11 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "target_specificity": ("XRAY_TARGET_SPECIFICITY", _float),
     "guardrail_sensitivity_drop": ("XRAY_GUARDRAIL_SENSITIVITY_DROP", _float),
     "file_mode": ("XRAY_FILE_MODE", _octal_mode),
+    "guardrail_site_drop": ("XRAY_GUARDRAIL_SITE_DROP", _float),
+    "shortcut_auroc": ("XRAY_SHORTCUT_AUROC", _float),
+    "shortcut_policy": ("XRAY_SHORTCUT_POLICY", lambda n, r: r.strip().lower()),
+    "allowed_views": ("XRAY_ALLOWED_VIEWS", lambda n, r: tuple(sorted({" ".join(p.upper().replace("_", " ").split())
+                                                                       for p in r.split(",") if p.strip()}))),
 }
 
 # Settings whose empty value means something rather than "unset": XRAY_PATIENT_REGEX="" turns
@@ -297,6 +308,12 @@ RULES: dict[str, Rule] = {
     "file_mode": Rule("must be an octal file mode from 000 to 777 without write access for others, e.g. 0640 "
                       "or 0644", lambda v: isinstance(v, int) and 0 <= v <= 0o777 and not v & 0o002, "0644",
                       ("0666", "999", "rw-r-----")),
+    "guardrail_site_drop": number_in(0, 1, "largest AUROC or per-class sensitivity drop allowed on any site with "
+                                     "enough test images"),
+    "shortcut_auroc": number_in(0.5, 1, "AUROC of a shortcut probe above which the audit warns"),
+    "shortcut_policy": one_of(("warn", "block"), "ignore"),
+    "allowed_views": Rule("must be empty (any view) or comma-separated view names such as PA,AP",
+                          lambda v: all(x.replace(" ", "").isalnum() for x in v), "PA,AP", ("PA,<script>",)),
 }
 _VARS = {**_PATH_FIELDS, **{name: env for name, (env, _) in _FIELDS.items()}}
 _SECRETS = frozenset({"patient_salt"})  # never echoed in an error

@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 # The policy's decision → the run's final state name (what the Prefect runs list and the CLI show).
 STATES = {"promote": "Promoted", "keep": "Kept", "insufficient_evidence": "Insufficient evidence",
-          "stale": "Kept"}
+          "stale": "Kept", "blocked": "Blocked"}
 SKIPPED, FAILED = "Skipped", "Failed"
 
 
@@ -125,9 +125,16 @@ def evaluate_snapshot(settings: Settings, version: int, snapshot: str, flow_run_
 
 
 def decide_snapshot(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
-                    snapshot: str) -> dict[str, Any]:
-    """Apply the promotion policy to the two evaluations."""
-    return steps.decide_step(settings, challenger, champion, load_snapshot(Path(snapshot)))
+                    snapshot: str, audit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply the promotion policy to the two evaluations, with the per-site guardrail and the audit."""
+    return steps.decide_step(settings, challenger, champion, load_snapshot(Path(snapshot)), audit)
+
+
+def audit_snapshot(settings: Settings, snapshot: str) -> dict[str, Any]:
+    """The shortcut audit (label × site, metadata probe, site probe) over the run's split."""
+    from xray_core.pipeline.guards import audit_step
+
+    return audit_step(settings, load_snapshot(Path(snapshot)))
 
 
 def record_outcome(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
@@ -172,7 +179,9 @@ def summary_line(result: dict[str, Any]) -> str:
 def _outcome_message(result: dict[str, Any]) -> str:
     dec, version, after = result["decision"], result["version"], result.get("champion_after")
     before = (result.get("champion_eval") or {}).get("version")
-    if dec["decision"] == "promote":
+    if dec["decision"] == "blocked":
+        head = f"v{version} not promoted: blocked by the shortcut audit"
+    elif dec["decision"] == "promote":
         head = f"v{version} replaces v{before}" if before else f"v{version} is the first champion"
     elif before:
         head = f"champion v{after} stays; challenger v{version} not promoted"
@@ -235,6 +244,7 @@ def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, resul
     result["embed"] = run.run("embed", embed_snapshot, settings, snapshot, run.progress("embed"))
     result["backbone_fingerprint"] = result["embed"]["backbone_fingerprint"]
     result["backbone_random_init"] = result["embed"]["backbone_random_init"]
+    result["audit"] = run.run("audit", audit_snapshot, settings, snapshot)
     trained = run.run("train", train_snapshot, settings, snapshot, request.flow_run_id, run.progress("train"))
     result["train"], result["version"] = trained, trained["version"]
     crash_point("retrain.after_train")
@@ -245,8 +255,9 @@ def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, resul
     champion = (run.run("evaluate-champion", evaluate_snapshot, settings, champion_version, snapshot,
                         request.flow_run_id) if champion_version else None)
     result["challenger_eval"], result["champion_eval"] = challenger, champion
-    decision = run.run("decide", decide_snapshot, settings, challenger, champion, snapshot)
-    result["decision"] = {k: decision.get(k) for k in ("decision", "promote", "rationale", "checks", "evidence")}
+    decision = run.run("decide", decide_snapshot, settings, challenger, champion, snapshot, result["audit"])
+    result["decision"] = {k: decision.get(k) for k in ("decision", "promote", "rationale", "checks", "evidence",
+                                                        "site_drops")}
     audit = run.run("promote", record_outcome, settings, challenger, champion, decision, request.trigger,
                     request.flow_run_id)
     result["decision"]["decision"] = audit.get("decision", decision["decision"])

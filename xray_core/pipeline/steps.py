@@ -18,6 +18,7 @@ from db.schema import Evaluation
 from xray_core.data.catalogue import open_catalogue
 from xray_core.errors import CheckpointError, NotEnoughDataError
 from xray_core.pipeline.embed import EmbedProgress, embed_step
+from xray_core.pipeline.guards import apply_guards, evaluation_slices
 from xray_core.pipeline.lock import retrain_lock
 from xray_core.pipeline.snapshot import (Row, SplitData, embed_items, features_for, label_indices,
                                          load_split_data, test_set_fingerprint, train_views,
@@ -142,6 +143,7 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
         target_specificity=settings.target_specificity)
     metrics["bootstrap"] = {"samples": settings.bootstrap_samples, "seed": settings.bootstrap_seed,
                             "clustered_by": "patient", "patients": int(len(set(patients)))}
+    metrics["slices"] = evaluation_slices(settings, rows, y, probs, labels, model.threshold)
     fingerprint = test_set_fingerprint(data.test)
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
@@ -203,8 +205,9 @@ def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | Non
 
 
 def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
-                data: SplitData) -> dict[str, Any]:
-    """Apply the promotion policy to two evaluations on the identical test set."""
+                data: SplitData, audit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply the promotion policy to two evaluations on the identical test set, then the per-site
+    guardrail and the shortcut audit (:func:`xray_core.pipeline.guards.apply_guards`)."""
     from xray_core.evaluate.metrics import paired_bootstrap_difference
     from xray_core.evaluate.promotion import PolicyConfig, decide
 
@@ -228,7 +231,7 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
             negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
             seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
     decision = decide(challenger["metrics"], champion["metrics"] if champion else None, comparison, config)
-    out = decision.as_dict()
+    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit)
     out["comparison"] = comparison
     return out
 

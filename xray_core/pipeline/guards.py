@@ -1,0 +1,84 @@
+"""Where films come from, in the recipe: slices per site and view for every evaluation, the shortcut
+audit at every retrain, and the two guards they put on promotion.
+
+- The **per-site guardrail** turns a pooled "promote" into "keep" when the challenger collapses on a
+  site the test set can judge (``XRAY_GUARDRAIL_SITE_DROP``).
+- The **shortcut audit** warns when the label is predictable from the site, from how the films were
+  made, or when the embeddings tell the sites apart; with ``XRAY_SHORTCUT_POLICY=block`` a flagged
+  audit stops automatic promotion (decision ``blocked``: the challenger stays a candidate for review).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from xray_core.pipeline.snapshot import Row, SplitData, features_for, train_views
+from xray_core.settings import Settings
+
+
+def evaluation_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs: np.ndarray, labels: list[str],
+                      threshold: float | None) -> dict[str, Any]:
+    """Metrics per site and per view of one evaluation (same engine and seed as the pooled metrics)."""
+    from xray_core.data.facts import image_facts
+    from xray_core.evaluate.slices import slice_metrics
+
+    facts = image_facts(settings, [r[0] for r in rows])
+    known = set(facts.index)
+    pick = lambda r, col: facts.at[r[0], col] if r[0] in known else None  # noqa: E731
+    return slice_metrics(y, probs, labels, [r[4] for r in rows],
+                         {"site": [pick(r, "site") for r in rows], "view": [pick(r, "view") for r in rows]},
+                         threshold=threshold, negative_label=settings.negative_label,
+                         min_per_class=settings.min_test_per_class, n_samples=settings.bootstrap_samples,
+                         seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+
+
+def audit_step(settings: Settings, data: SplitData) -> dict[str, Any]:
+    """The shortcut audit over every image of the run's split, with the site of each and its embedding
+    (training images: their first augmented view; validation and test: the eval view)."""
+    from xray_core.data.facts import image_facts
+    from xray_core.evaluate.audit import shortcut_audit
+
+    rows = data.train + data.val + data.test
+    facts = image_facts(settings, [r[0] for r in rows]).loc[[r[0] for r in rows]]
+    parts = []
+    if data.train:
+        parts.append(features_for(settings, data.train, [train_views(settings)[0]])[:, 0, :])
+    if data.val or data.test:
+        parts.append(features_for(settings, data.val + data.test))
+    embeddings = np.concatenate(parts) if parts else None
+    audit = shortcut_audit(facts.reset_index(drop=True), embeddings, negative_label=settings.negative_label,
+                           auroc_threshold=settings.shortcut_auroc, seed=settings.split_seed)
+    audit["policy"] = settings.shortcut_policy
+    audit["sites"] = sorted(facts["site"].dropna().unique().tolist())
+    return audit
+
+
+def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[str, Any],
+                 champion: dict[str, Any] | None, audit: dict[str, Any] | None) -> dict[str, Any]:
+    """The policy's decision after the per-site guardrail and the shortcut audit (a new dict)."""
+    from xray_core.evaluate.slices import site_guardrail
+
+    out = {**decision, "checks": list(decision.get("checks") or [])}
+    if champion is not None:
+        guard = site_guardrail(challenger["metrics"].get("slices"), champion["metrics"].get("slices"),
+                               max_drop=settings.guardrail_site_drop)
+        out["checks"].append({k: guard[k] for k in ("name", "passed", "detail")})
+        out["site_drops"] = guard["drops"]
+        if not guard["passed"] and out.get("promote"):
+            out.update(decision="keep", promote=False,
+                       rationale=f"Keep, because {guard['detail']}. Pooled, the policy would have promoted: "
+                                 f"{decision['rationale']}")
+    if audit is not None:
+        flagged = bool(audit.get("flagged"))
+        detail = "; ".join(audit.get("warnings") or []) or "no shortcut found"
+        out["checks"].append({"name": "shortcut_audit", "passed": not flagged,
+                              "detail": f"{detail} (XRAY_SHORTCUT_POLICY={settings.shortcut_policy})"})
+        if flagged and settings.shortcut_policy == "block" and out.get("promote"):
+            out.update(decision="blocked", promote=False,
+                       rationale=(f"Not promoted: the shortcut audit flagged the data ({detail}), and "
+                                  "XRAY_SHORTCUT_POLICY=block stops automatic promotion. The challenger stays a "
+                                  "candidate: review the audit, then promote it by hand (xray promote) or not. "
+                                  f"Without the audit the policy said: {decision['rationale']}"))
+    return out
