@@ -274,7 +274,8 @@ def check_environment(command: str, args: argparse.Namespace) -> None:
                          "are written there (SQLite needs write access even to read). Fix its permissions "
                          "or point XRAY_HOME at a writable folder")
     _check_database_url(settings.database_url)
-    _check_storage_url(getattr(settings, "storage_url", None))
+    # The raw value: settings strip trailing slashes, which turns "bogus://" into a local folder "bogus:".
+    _check_storage_url(os.environ.get("XRAY_STORAGE_URL", "").strip() or getattr(settings, "storage_url", None))
     if command in FLOW_COMMANDS and _use_flow() and not (command == "retrain" and getattr(args, "local", False)):
         _check_prefect_api(os.environ["PREFECT_API_URL"])
 
@@ -306,9 +307,13 @@ def _mask(url: str) -> str:
 def _check_storage_url(url: str | None) -> None:
     if not url:
         return
+    import re
+
     from xray_core.io.storage import open_storage
 
     try:
+        if "://" not in url and re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url):
+            raise ValueError("a URL scheme without '//'")
         open_storage(url)
     except (ValueError, ImportError, OSError) as exc:
         raise UsageError(f"XRAY_STORAGE_URL={url!r} cannot be opened ({type(exc).__name__}: {exc}); use a "

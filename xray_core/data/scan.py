@@ -77,10 +77,10 @@ def _link_problem(link: Path, real_root: Path, label: str | None = None) -> tupl
     if label is not None:
         parts = target.relative_to(real_root).parts
         target_label = parts[0] if len(parts) > 1 else ""
-        if target_label != label:
+        if target_label and target_label != label:  # a file beside the label folders has no label of its own
             return ("link_across_labels",
                     f"symbolic link in label folder {printable(label)!r} points into "
-                    f"{printable(target_label) or 'the source root'!r} ({printable('/'.join(parts))}); the label "
+                    f"{printable(target_label)!r} ({printable('/'.join(parts))}); the label "
                     "comes from the folder, so a film is never catalogued under two labels. Copy the file "
                     "instead, or remove the link")
     return None
@@ -126,14 +126,19 @@ def scan_folder(root: Path) -> Iterator[Candidate]:
             if path.is_symlink():
                 problem = _link_problem(path, real_root, rel_parts[0])
             yield Candidate(path, rel, printable(rel_parts[0]), problem=problem)
-        while errors:  # reported as soon as the walk meets them, so progress counts stay right
-            where, problem = walk_error_problem(errors.pop(0), root)
-            try:
-                parts = where.relative_to(root).parts
-            except ValueError:
-                parts = ()
-            yield Candidate(where, printable("/".join(parts) or str(where)),
-                            printable(parts[0]) if parts else "", problem=problem)
+        yield from _walk_errors(errors, root)  # as soon as the walk meets them
+    yield from _walk_errors(errors, root)  # met while looking for the next folder after the last
+
+
+def _walk_errors(errors: list[OSError], root: Path) -> Iterator[Candidate]:
+    while errors:
+        where, problem = walk_error_problem(errors.pop(0), root)
+        try:
+            parts = where.relative_to(root).parts
+        except ValueError:
+            parts = ()
+        yield Candidate(where, printable("/".join(parts) or str(where)), printable(parts[0]) if parts else "",
+                        problem=problem)
 
 
 def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, str]]:
