@@ -428,6 +428,65 @@ _ROW_COUNTS = {"manifest_dotdot_traversal": {"outside_root": 2},
                "label_with_path_separators": {"unknown_label": 4}}
 
 
+# --------------------------------------------------------------------------- round two (issue 15)
+# Ingest kinds that go through the table above, then attacks on the other commands, each a test of
+# its own (ATTACKS). Together with KINDS they cover every attack of the adversarial pass.
+
+
+def _long_path_folder(ctx: Ctx) -> None:
+    """A folder whose full path is longer than PATH_MAX (4096): os.walk cannot list it. Built with
+    dir_fd so that no call sees the whole path."""
+    fd = os.open(ctx.src / "normal", os.O_RDONLY)
+    try:
+        for i in range(18):
+            name = f"{i:02d}" + "x" * 248
+            os.mkdir(name, dir_fd=fd)
+            new = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = new
+        with open(os.open("lost.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as fh:
+            fh.write(png_bytes(80))
+    finally:
+        os.close(fd)
+
+
+def _link_across_labels(ctx: Ctx) -> None:
+    put(ctx.src / "pneumonia" / "b.png", png_bytes(81))
+    (ctx.src / "normal" / "l.png").symlink_to(Path("..") / "pneumonia" / "b.png")
+    ctx.facts["real"] = sha((ctx.src / "pneumonia" / "b.png").read_bytes())
+
+
+def _check_link_across_labels(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (img,) = [i for i in rows(settings, Image) if i.sha256 == ctx.facts["real"]]
+    assert img.label == "pneumonia"  # the real file keeps its folder's label; nothing quarantined as a conflict
+    assert "label_conflict" not in {r.reason for r in rows(settings, Rejection)}
+
+
+def _check_long_path(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (rej,) = rows(settings, Rejection)
+    assert "cannot be listed" in rej.detail and rej.quarantine_path is None
+
+
+KINDS.update({
+    "manifest_duplicate_file_column": Kind(
+        _manifest_rows(["pneumonia/p.png", "pneumonia", "normal/good0.png"], header=("file", "label", "file")),
+        manifest_error="duplicate column(s) 'file'"),
+    "manifest_duplicate_label_column": Kind(
+        _manifest_rows(["normal/good0.png", "pneumonia", "normal"], header=("file", "label", "label")),
+        manifest_error="duplicate column(s) 'label'"),
+    "manifest_duplicate_column_other_case": Kind(
+        _manifest_rows(["normal/good0.png", "normal", "P1"], header=("file", "label", "File")),
+        manifest_error="duplicate column(s) 'file'"),
+    "manifest_unknown_column": Kind(
+        _manifest_rows(["normal/good0.png", "normal", "P1"], header=("file", "label", "patientid")),
+        manifest_error="unknown column(s) 'patientid'"),
+    "path_longer_than_path_max": Kind(_long_path_folder, {"xxxx": "unreadable_path"}, check=_check_long_path),
+    "symlink_into_another_label_folder": Kind(_link_across_labels, {"normal/l.png": "link_across_labels"},
+                                              added=1, check=_check_link_across_labels),
+})
+
+
+
 def test_the_table_holds_at_least_25_kinds() -> None:
     assert len(KINDS) >= 25
 
@@ -607,65 +666,6 @@ def test_prediction_csv_cells_that_start_a_formula_are_neutralised(cell, safe) -
     from xray_core.pipeline.predict import _csv_safe
 
     assert _csv_safe(cell) == safe
-
-
-# --------------------------------------------------------------------------- round two (issue 15)
-# Ingest kinds that go through the table above, then attacks on the other commands, each a test of
-# its own (ATTACKS). Together with KINDS they cover every attack of the adversarial pass.
-
-
-def _long_path_folder(ctx: Ctx) -> None:
-    """A folder whose full path is longer than PATH_MAX (4096): os.walk cannot list it. Built with
-    dir_fd so that no call sees the whole path."""
-    fd = os.open(ctx.src / "normal", os.O_RDONLY)
-    try:
-        for i in range(18):
-            name = f"{i:02d}" + "x" * 248
-            os.mkdir(name, dir_fd=fd)
-            new = os.open(name, os.O_RDONLY, dir_fd=fd)
-            os.close(fd)
-            fd = new
-        with open(os.open("lost.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as fh:
-            fh.write(png_bytes(80))
-    finally:
-        os.close(fd)
-
-
-def _link_across_labels(ctx: Ctx) -> None:
-    put(ctx.src / "pneumonia" / "b.png", png_bytes(81))
-    (ctx.src / "normal" / "l.png").symlink_to(Path("..") / "pneumonia" / "b.png")
-    ctx.facts["real"] = sha((ctx.src / "pneumonia" / "b.png").read_bytes())
-
-
-def _check_link_across_labels(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
-    (img,) = [i for i in rows(settings, Image) if i.sha256 == ctx.facts["real"]]
-    assert img.label == "pneumonia"  # the real file keeps its folder's label; nothing quarantined as a conflict
-    assert "label_conflict" not in {r.reason for r in rows(settings, Rejection)}
-
-
-def _check_long_path(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
-    (rej,) = rows(settings, Rejection)
-    assert "cannot be listed" in rej.detail and rej.quarantine_path is None
-
-
-KINDS.update({
-    "manifest_duplicate_file_column": Kind(
-        _manifest_rows(["pneumonia/p.png", "pneumonia", "normal/good0.png"], header=("file", "label", "file")),
-        manifest_error="duplicate column(s) 'file'"),
-    "manifest_duplicate_label_column": Kind(
-        _manifest_rows(["normal/good0.png", "pneumonia", "normal"], header=("file", "label", "label")),
-        manifest_error="duplicate column(s) 'label'"),
-    "manifest_duplicate_column_other_case": Kind(
-        _manifest_rows(["normal/good0.png", "normal", "P1"], header=("file", "label", "File")),
-        manifest_error="duplicate column(s) 'file'"),
-    "manifest_unknown_column": Kind(
-        _manifest_rows(["normal/good0.png", "normal", "P1"], header=("file", "label", "patientid")),
-        manifest_error="unknown column(s) 'patientid'"),
-    "path_longer_than_path_max": Kind(_long_path_folder, {"xxxx": "unreadable_path"}, check=_check_long_path),
-    "symlink_into_another_label_folder": Kind(_link_across_labels, {"normal/l.png": "link_across_labels"},
-                                              added=1, check=_check_link_across_labels),
-})
-_ROW_COUNTS["path_longer_than_path_max"] = {"unreadable_path": 1}
 
 
 # ---- attacks on the other commands (and on ingest where a table row cannot express them)
