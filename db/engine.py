@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 PG_LOCK_KEY = 0x58524159  # "XRAY": the advisory lock every catalogue transaction takes on PostgreSQL
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
 _engines: dict[str, Engine] = {}
 _upgraded: set[str] = set()
 _lock = threading.Lock()
@@ -49,6 +51,43 @@ def _configure_postgresql(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn):  # noqa: ANN001
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
+
+
+class CatalogueFileError(RuntimeError):
+    """The SQLite catalogue file exists but is not a whole SQLite database (0 bytes, truncated, or
+    another kind of file). Raised instead of opening it: SQLite would silently turn a 0-byte file
+    into a new, empty catalogue, and a truncated one fails later with a bare "malformed" error."""
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Raise CatalogueFileError when ``path`` exists but cannot be a whole SQLite database.
+
+    Reads only the 100-byte header (https://www.sqlite.org/fileformat.html#the_database_header):
+    the magic string, the page size (offset 16) and the in-header page count (offset 28, valid when
+    the version-valid-for number at 92 equals the change counter at 24). A file shorter than page
+    size x page count, or not a whole number of pages, was cut short. No schema is read or changed.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    advice = (f"Restore it from a backup, or move it aside to start a new catalogue (mv {path} {path}.damaged); "
+              "nothing was changed")
+    if size == 0:
+        raise CatalogueFileError(f"the catalogue {path} is empty (0 bytes), not a SQLite database; it was "
+                                 f"not replaced by a new empty one. {advice}")
+    with open(path, "rb") as fh:
+        header = fh.read(100)
+    if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
+        raise CatalogueFileError(f"the catalogue {path} is not a SQLite database (no SQLite header). {advice}")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    counted = header[24:28] == header[92:96] and pages > 0
+    if page_size < 512 or size % page_size or (counted and size < pages * page_size):
+        expected = f"{pages * page_size:,} bytes" if counted else f"a multiple of {page_size} bytes"
+        raise CatalogueFileError(f"the catalogue {path} is truncated ({size:,} bytes; its header says "
+                                 f"{expected}). {advice}")
 
 
 def make_engine(url: str) -> Engine:
@@ -136,6 +175,11 @@ def upgrade_to_head(engine: Engine) -> None:
     cfg = alembic_config(engine)
     head = ScriptDirectory.from_config(cfg).get_current_head()
     with _migration_lock(engine):
+        url = engine.url
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            # Under the migration lock: a first-time creator holds it until the schema is committed,
+            # so a 0-byte file seen here is not one that another process is just creating.
+            check_sqlite_file(Path(url.database))
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
         if current == head:

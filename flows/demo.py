@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,6 +19,9 @@ from xray_core.report.terminal import render_models, render_status
 from xray_core.settings import Settings
 
 BATCH_1_SHARE = 0.7  # of the sample's patients arrive first; the rest arrive in batch 2
+# Written into XRAY_HOME when the demo creates it. ``--fresh`` deletes a home only when this file is
+# there: XRAY_HOME may point at a real catalogue (or at $HOME), and rmtree must never guess.
+DEMO_MARKER = ".xray-demo-home"
 
 
 def _stage_sample(sample: Path, incoming: Path) -> list[Path]:
@@ -55,12 +59,40 @@ def _stage_synthetic(incoming: Path) -> list[Path]:
     return manifests
 
 
+def prepare_demo_home(home: Path, *, fresh: bool) -> None:
+    """Make ``home`` ready for the demo; with ``fresh``, delete it first, but only if the demo made it.
+
+    Why a marker rather than a heuristic: ``XRAY_HOME`` is a setting, so a typo or a leftover export
+    can point it at a real catalogue with its store and models. Only a home that holds
+    :data:`DEMO_MARKER` (or an empty folder) is ever removed; anything else raises UsageError
+    (exit 2) and is left exactly as it was. The marker is written only into a home the demo creates.
+    """
+    from xray_core.errors import UsageError
+
+    if os.path.lexists(home) and (home.is_symlink() or not home.is_dir()):
+        raise UsageError(f"XRAY_HOME={home} is not a folder; the demo needs a folder of its own "
+                         "(e.g. XRAY_HOME=var/demo)")
+    exists = home.is_dir()
+    empty = exists and not any(home.iterdir())
+    if fresh and exists and not empty:
+        if not (home / DEMO_MARKER).is_file():
+            raise UsageError(
+                f"refusing --fresh: XRAY_HOME={home} was not created by `xray demo` (no {DEMO_MARKER} marker), "
+                "so it may hold a real catalogue, store or models. Only a demo home is deleted; point "
+                "XRAY_HOME at a new folder (e.g. XRAY_HOME=var/demo) or remove this one yourself.")
+        shutil.rmtree(home)
+        exists = empty = False
+    if not exists or empty:
+        home.mkdir(parents=True, exist_ok=True)
+        (home / DEMO_MARKER).write_text("created by `xray demo`; `xray demo --fresh` may delete this folder\n",
+                                        encoding="utf-8")
+
+
 def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: bool = False) -> dict[str, Any]:
     from xray_core.registry.versions import list_models
     from xray_core.report.status import status_report
 
-    if fresh and settings.home.exists():
-        shutil.rmtree(settings.home)
+    prepare_demo_home(settings.home, fresh=fresh)
     incoming = settings.home / "incoming"
     if sample is not None and (sample / "manifest.csv").is_file():
         manifests = _stage_sample(sample, incoming)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +25,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 on bad usage, which is our contract too
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"xray: error: {message}\n")
+
+
+def _seconds(text: str) -> float:
+    """argparse type for ``--wait``: a finite number of seconds >= 0 (``nan`` or ``inf`` would wait forever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give a finite number of seconds >= 0 (e.g. 60)")
+    return value
 
 
 def _emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
@@ -221,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="append", help="folder to ingest first (repeatable)")
     p.add_argument("--manifest", action="append", help="manifest CSV to ingest first (repeatable)")
     p.add_argument("--no-incoming", action="store_true", help="do not scan XRAY_INCOMING")
-    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a running retrain (default 0)")
+    p.add_argument("--wait", type=_seconds, default=0.0, help="seconds to wait for a running retrain (default 0)")
     p.add_argument("--force", action="store_true", help="train even when nothing changed since the champion")
     p.add_argument("--local", action="store_true",
                    help="run the same recipe without Prefect (same reports and audit rows; no UI artifacts)")
@@ -246,7 +259,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete XRAY_HOME first (the Makefile's demo home only)")
     for name in sub.choices:
         sub.choices[name].add_argument("--json", action="store_true", help="machine-readable output")
+        sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                       help="show the Python traceback of an unexpected error")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
     return parser
+
+
+# Commands that run a Prefect flow when PREFECT_API_URL is set (see _use_flow).
+FLOW_COMMANDS = {"ingest", "predict", "retrain", "demo"}
+
+
+def check_environment(command: str, args: argparse.Namespace) -> None:
+    """Refuse, with a message naming the setting, an environment every command would trip over.
+
+    Each of these used to end in a Python traceback from deep inside SQLAlchemy, fsspec or httpx:
+    XRAY_HOME that is a file or cannot be written, an XRAY_DATABASE_URL or XRAY_STORAGE_URL that is
+    not a URL we can open, and (for commands that run a flow) a PREFECT_API_URL nobody answers.
+    """
+    settings = get_settings()  # SettingsError (exit 2) for an invalid XRAY_* value
+    home = Path(settings.home)
+    if os.path.lexists(home) and not home.is_dir():
+        raise UsageError(f"XRAY_HOME={home} is not a folder (it is a file or a broken link); point XRAY_HOME "
+                         "at a folder (it is created when missing)")
+    if home.is_dir() and not os.access(home, os.W_OK | os.X_OK):
+        raise UsageError(f"XRAY_HOME={home} is not writable by this user; the catalogue, store and reports "
+                         "are written there (SQLite needs write access even to read). Fix its permissions "
+                         "or point XRAY_HOME at a writable folder")
+    _check_database_url(settings.database_url)
+    # The raw value: settings strip trailing slashes, which turns "bogus://" into a local folder "bogus:".
+    _check_storage_url(os.environ.get("XRAY_STORAGE_URL", "").strip() or getattr(settings, "storage_url", None))
+    if command in FLOW_COMMANDS and _use_flow() and not (command == "retrain" and getattr(args, "local", False)):
+        _check_prefect_api(os.environ["PREFECT_API_URL"])
+
+
+def _check_database_url(url: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    allowed = "use e.g. sqlite:////abs/path/catalogue.db or postgresql+psycopg://user@host/db (or unset it)"
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise UsageError(f"XRAY_DATABASE_URL={_mask(url)} is not a database URL we can open ({exc}); {allowed}") from None
+    except ImportError as exc:
+        raise UsageError(f"XRAY_DATABASE_URL={_mask(url)} needs a driver that is not installed ({exc}); {allowed}") from None
+
+
+def _mask(url: str) -> str:
+    """The URL without a password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide
+        return repr(url)
+
+
+def _check_storage_url(url: str | None) -> None:
+    if not url:
+        return
+    import re
+
+    from xray_core.io.storage import open_storage
+
+    try:
+        if "://" not in url and re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url):
+            raise ValueError("a URL scheme without '//'")
+        open_storage(url)
+    except (ValueError, ImportError, OSError) as exc:
+        raise UsageError(f"XRAY_STORAGE_URL={url!r} cannot be opened ({type(exc).__name__}: {exc}); use a "
+                         "folder, file:///path, memory://name, or s3://bucket/prefix with s3fs installed "
+                         "(or unset it to use XRAY_HOME)") from None
+
+
+def _check_prefect_api(url: str) -> None:
+    """A quick GET of ``<PREFECT_API_URL>/health``: Prefect itself would retry for minutes and then
+    print a long traceback."""
+    import urllib.error
+    import urllib.request
+
+    health = url.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - the user's own server URL
+            resp.read(64)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UsageError(f"PREFECT_API_URL={url} does not answer ({reason}); start the server (make serve), "
+                         "or unset PREFECT_API_URL to run without Prefect (retrain: --local)") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ingest" and args.manifest is None and Path(args.path).suffix.lower() == ".csv":
         args.manifest, args.path = args.path, str(Path(args.path).parent)
     handler = COMMANDS[args.command][0]
+    debug = bool(getattr(args, "debug", False))
     try:
+        check_environment(args.command, args)
         return handler(args)
     except UsageError as exc:
         sys.stderr.write(f"xray {args.command}: {exc}\n")
@@ -266,6 +368,25 @@ def main(argv: list[str] | None = None) -> int:
     except XrayError as exc:
         sys.stderr.write(f"xray {args.command}: failed: {exc}\n")
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        sys.stderr.write(f"xray {args.command}: interrupted\n")
+        return 130
+    except Exception as exc:  # the last line of defence: one line, not a traceback, unless --debug
+        if _is_catalogue_file_error(exc):
+            sys.stderr.write(f"xray {args.command}: {exc}\n")
+            return EXIT_USAGE
+        if debug:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        sys.stderr.write(f"xray {args.command}: failed: unexpected {type(exc).__name__}: {first}"
+                         + ("" if debug else " (run again with --debug for the traceback)") + "\n")
+        return EXIT_FAILED
+
+
+def _is_catalogue_file_error(exc: BaseException) -> bool:
+    from db.engine import CatalogueFileError
+
+    return isinstance(exc, CatalogueFileError)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from conftest import fetch as rows
 from db import dispose_engines
 from db.schema import Image, Rejection, Source
 from xray_cli.main import main
-from xray_core.errors import ManifestError
+from xray_core.errors import ManifestError, UsageError
 from xray_core.data.ingest import ingest_source
 from xray_core.settings import Settings, load_settings, reset_settings
 from xray_core.data.synthetic import make_xray, write_dicom
@@ -428,6 +428,65 @@ _ROW_COUNTS = {"manifest_dotdot_traversal": {"outside_root": 2},
                "label_with_path_separators": {"unknown_label": 4}}
 
 
+# --------------------------------------------------------------------------- round two (issue 15)
+# Ingest kinds that go through the table above, then attacks on the other commands, each a test of
+# its own (ATTACKS). Together with KINDS they cover every attack of the adversarial pass.
+
+
+def _long_path_folder(ctx: Ctx) -> None:
+    """A folder whose full path is longer than PATH_MAX (4096): os.walk cannot list it. Built with
+    dir_fd so that no call sees the whole path."""
+    fd = os.open(ctx.src / "normal", os.O_RDONLY)
+    try:
+        for i in range(18):
+            name = f"{i:02d}" + "x" * 248
+            os.mkdir(name, dir_fd=fd)
+            new = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = new
+        with open(os.open("lost.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as fh:
+            fh.write(png_bytes(80))
+    finally:
+        os.close(fd)
+
+
+def _link_across_labels(ctx: Ctx) -> None:
+    put(ctx.src / "pneumonia" / "b.png", png_bytes(81))
+    (ctx.src / "normal" / "l.png").symlink_to(Path("..") / "pneumonia" / "b.png")
+    ctx.facts["real"] = sha((ctx.src / "pneumonia" / "b.png").read_bytes())
+
+
+def _check_link_across_labels(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (img,) = [i for i in rows(settings, Image) if i.sha256 == ctx.facts["real"]]
+    assert img.label == "pneumonia"  # the real file keeps its folder's label; nothing quarantined as a conflict
+    assert "label_conflict" not in {r.reason for r in rows(settings, Rejection)}
+
+
+def _check_long_path(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (rej,) = rows(settings, Rejection)
+    assert "cannot be listed" in rej.detail and rej.quarantine_path is None
+
+
+KINDS.update({
+    "manifest_duplicate_file_column": Kind(
+        _manifest_rows(["pneumonia/p.png", "pneumonia", "normal/good0.png"], header=("file", "label", "file")),
+        manifest_error="duplicate column(s) 'file'"),
+    "manifest_duplicate_label_column": Kind(
+        _manifest_rows(["normal/good0.png", "pneumonia", "normal"], header=("file", "label", "label")),
+        manifest_error="duplicate column(s) 'label'"),
+    "manifest_duplicate_column_other_case": Kind(
+        _manifest_rows(["normal/good0.png", "normal", "P1"], header=("file", "label", "File")),
+        manifest_error="duplicate column(s) 'file'"),
+    "manifest_unknown_column": Kind(
+        _manifest_rows(["normal/good0.png", "normal", "P1"], header=("file", "label", "patientid")),
+        manifest_error="unknown column(s) 'patientid'"),
+    "path_longer_than_path_max": Kind(_long_path_folder, {"xxxx": "unreadable_path"}, check=_check_long_path),
+    "symlink_into_another_label_folder": Kind(_link_across_labels, {"normal/l.png": "link_across_labels"},
+                                              added=1, check=_check_link_across_labels),
+})
+
+
+
 def test_the_table_holds_at_least_25_kinds() -> None:
     assert len(KINDS) >= 25
 
@@ -607,3 +666,378 @@ def test_prediction_csv_cells_that_start_a_formula_are_neutralised(cell, safe) -
     from xray_core.pipeline.predict import _csv_safe
 
     assert _csv_safe(cell) == safe
+
+
+# ---- attacks on the other commands (and on ingest where a table row cannot express them)
+
+ATTACKS: dict[str, Callable] = {}
+
+
+def attack(fn: Callable) -> Callable:
+    ATTACKS[fn.__name__] = fn
+    return fn
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    """Run ``xray argv``; return (exit code, stderr). Settings are re-read from the environment."""
+    reset_settings()
+    dispose_engines()
+    capsys.readouterr()
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def _real_home(settings: Settings, tmp_path: Path) -> bytes:
+    """A catalogue with one image, as a real XRAY_HOME would hold; returns the image's bytes."""
+    data = put(tmp_path / "src" / "normal" / "a.png", png_bytes(90))
+    ingest_source(tmp_path / "src", settings=settings)
+    return data
+
+
+@attack
+def demo_fresh_on_a_real_home_is_refused(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    (settings.home / "my-notes.txt").write_text("keep me")
+    dispose_engines()  # SQLite's -wal/-shm files go with the connection
+    before = sorted(p.relative_to(settings.home) for p in settings.home.rglob("*"))
+    code, err = _cli(capsys, "demo", "--fresh")
+    assert code == 2 and "not created by `xray demo`" in err and "Traceback" not in err
+    assert sorted(p.relative_to(settings.home) for p in settings.home.rglob("*")) == before
+
+
+@attack
+def demo_fresh_removes_only_a_marked_home(tmp_path, monkeypatch) -> None:
+    from flows.demo import DEMO_MARKER, prepare_demo_home
+
+    home = tmp_path / "demo"
+    prepare_demo_home(home, fresh=True)  # created by the demo: marked
+    assert (home / DEMO_MARKER).is_file()
+    (home / "catalogue.db").write_bytes(b"demo state")
+    prepare_demo_home(home, fresh=True)
+    assert not (home / "catalogue.db").exists() and (home / DEMO_MARKER).is_file()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match="not a folder"):
+        prepare_demo_home(tmp_path / "afile", fresh=True)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+@attack
+def predict_out_device_node_is_refused(xray_env, tmp_path, capsys) -> None:
+    code, err = _cli(capsys, "predict", str(tmp_path), "--out", "/dev/null")
+    assert code == 2 and "not a regular file" in err
+    assert Path("/dev/null").is_char_device()
+
+
+@attack
+def predict_out_catalogue_is_refused(xray_env, tmp_path, capsys) -> None:
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    db_file = settings.home / "catalogue.db"
+    dispose_engines()  # checkpoint the WAL: the file's bytes are final
+    before = db_file.read_bytes()
+    code, err = _cli(capsys, "predict", str(tmp_path / "src"), "--out", str(db_file))
+    assert code == 2 and "catalogue database" in err and db_file.read_bytes() == before
+
+
+@attack
+def predict_out_inside_the_store_is_refused(xray_env, tmp_path, capsys) -> None:
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    (img,) = rows(settings, Image)
+    code, err = _cli(capsys, "predict", str(tmp_path / "src"), "--out", str(settings.home / img.stored_path))
+    assert code == 2 and "system's own files" in err
+    assert sha((settings.home / img.stored_path).read_bytes()) == img.sha256
+
+
+@attack
+def predict_out_folder_or_symlink_is_refused(xray_env, tmp_path, capsys) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "target.csv").write_text("keep")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "target.csv")
+    for out, says in (("folder", "is a folder"), ("link.csv", "symbolic link")):
+        code, err = _cli(capsys, "predict", str(tmp_path), "--out", str(tmp_path / out))
+        assert code == 2 and says in err and "Traceback" not in err
+    assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "target.csv").read_text() == "keep"
+
+
+@attack
+def predict_manifest_rows_outside_its_folder_are_never_read(tmp_path, monkeypatch) -> None:
+    from xray_core.pipeline.predict import _decoded, list_files
+
+    root = tmp_path / "batch"
+    put(root / "normal" / "good.png", png_bytes(91))
+    secret = put(tmp_path / "secret" / "x.png", png_bytes(92))
+    manifest = write_manifest(root, [["normal/good.png", "normal"], ["/etc/passwd", "normal"],
+                                     ["/proc/self/environ", "normal"], ["../secret/x.png", "normal"]])
+    read: list[str] = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (read.append(os.path.realpath(self)), real(self))[1])
+    settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home")})
+    out = {f.rel: (sha_, err) for f, sha_, _, err in _decoded(list_files(root, manifest), settings)}
+    assert out["normal/good.png"][1] is None
+    for rel in ("/etc/passwd", "/proc/self/environ", "../secret/x.png"):
+        assert out[rel][0] is None and out[rel][1].startswith("outside_root"), out[rel]
+    assert not {"/etc/passwd", "/proc/self/environ", os.path.realpath(tmp_path / "secret" / "x.png")} & set(read)
+    assert sha(secret) not in {s for s, _ in out.values()}
+
+
+@attack
+def predict_folder_walk_errors_become_rows(tmp_path, monkeypatch) -> None:
+    from xray_core.pipeline.predict import list_files
+
+    put(tmp_path / "batch" / "normal" / "a.png", png_bytes(93))
+    put(tmp_path / "batch" / "locked" / "b.png", png_bytes(94))
+    _refuse_listing(monkeypatch, tmp_path / "batch" / "locked")
+    files = {f.rel: f.problem for f in list_files(tmp_path / "batch")}
+    assert files["normal/a.png"] is None
+    assert files["locked"][0] == "unreadable_path" and "Permission denied" in files["locked"][1]
+
+
+def _refuse_listing(monkeypatch, folder: Path) -> None:
+    """os.scandir fails on ``folder`` as it does for a folder without read permission (tests run as
+    root, which chmod 000 does not stop)."""
+    real = os.scandir
+
+    def scandir(path="."):  # noqa: ANN001, ANN202
+        if os.fspath(path) == os.fspath(folder):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@attack
+def ingest_unreadable_subfolder_is_a_rejection_row(xray_env, tmp_path, monkeypatch) -> None:
+    settings = load_settings()
+    put(tmp_path / "src" / "normal" / "a.png", png_bytes(95))
+    put(tmp_path / "src" / "normal" / "locked" / "b.png", png_bytes(96))
+    _refuse_listing(monkeypatch, tmp_path / "src" / "normal" / "locked")
+    summary = ingest_source(tmp_path / "src", settings=settings)
+    assert (summary.added, summary.rejected_by_reason) == (1, {"unreadable_path": 1})
+    (rej,) = rows(settings, Rejection)
+    assert rej.path.endswith("normal/locked") and "Permission denied" in rej.detail
+    monkeypatch.undo()  # permissions fixed: the next ingest takes the folder (not skipped as "seen")
+    assert ingest_source(tmp_path / "src", settings=settings).added == 1
+
+
+@attack
+def ingest_growing_file_is_retried_not_stored_twice(xray_env, tmp_path, monkeypatch) -> None:
+    settings = load_settings()
+    full = jpeg_bytes(97)
+    target = tmp_path / "src" / "normal" / "growing.jpeg"
+    put(target, full[: len(full) // 2])
+    real = Path.read_bytes
+
+    def read_then_grow(self: Path) -> bytes:
+        data = real(self)
+        if self == target and len(data) < len(full):
+            self.write_bytes(full)  # the copy goes on while ingest reads
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_grow)
+    first = ingest_source(tmp_path / "src", settings=settings)
+    assert (first.added, first.rejected_by_reason) == (0, {"file_changing": 1})
+    second = ingest_source(tmp_path / "src", settings=settings)
+    assert second.added == 1
+    assert [i.sha256 for i in rows(settings, Image)] == [sha(full)]
+
+
+@attack
+def manual_promotion_during_a_decision_makes_it_stale(xray_env, tmp_path) -> None:
+    from xray_core.registry.versions import promote_manually, record_decision
+
+    settings = load_settings()
+    versions = [_save_model(settings, seed) for seed in range(3)]
+    promote_manually(settings, versions[0], reason="first")
+    # The retrain evaluated v3 against v1; meanwhile someone promoted v2 by hand.
+    promote_manually(settings, versions[1], reason="by hand, during the retrain")
+    row = record_decision(settings, challenger=versions[2], decision="promote", rationale="v3 beat v1",
+                          metrics={}, trigger="test", promote=True, expected_champion=versions[0])
+    assert row["decision"] == "stale" and row["champion_after"] == versions[1]
+    assert f"champion changed from v{versions[0]} to v{versions[1]} since evaluation; nothing promoted" in row["rationale"]
+    from xray_core.registry.versions import registry_summary
+
+    assert registry_summary(settings)["champion"] == versions[1]
+    ok = record_decision(settings, challenger=versions[2], decision="promote", rationale="v3 beat v2",
+                         metrics={}, trigger="test", promote=True, expected_champion=versions[1])
+    assert ok["decision"] == "promote" and registry_summary(settings)["champion"] == versions[2]
+
+
+def _save_model(settings: Settings, seed: int) -> int:
+    import torch
+
+    from xray_core.model.train import build_head
+    from xray_core.registry.versions import save_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = build_head(8, 2, hidden=(), dropout=0.0).state_dict()
+    card = {"labels": ["normal", "pneumonia"], "threshold": 0.5, "input_size": 32,
+            "normalisation": {"mean": [0.5] * 3, "std": [0.25] * 3}, "backbone_fingerprint": "b" * 64,
+            "backbone_weights": "random", "head": {"in_dim": 8, "hidden": [], "dropout": 0.0},
+            "training_set_fingerprint": "t" * 64}
+    return save_model(settings, state_dict=state, card=card, train_image_ids=[], val_image_ids=[])
+
+
+@attack
+def replaced_store_bytes_are_refused_and_named(xray_env, tmp_path) -> None:
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.features import EmbedItem, FeatureCache, StoreIntegrityError
+
+    settings = load_settings()
+    put(tmp_path / "src" / "normal" / "a.png", png_bytes(100))
+    put(tmp_path / "src" / "pneumonia" / "b.png", png_bytes(101))
+    ingest_source(tmp_path / "src", settings=settings)
+    a, b = sorted(rows(settings, Image), key=lambda i: i.original_name)
+    (settings.home / a.stored_path).write_bytes((settings.home / b.stored_path).read_bytes())
+    cache = FeatureCache(load_backbone(settings), settings)
+    items = [EmbedItem(i.sha256, settings.home / i.stored_path, i.stored_path) for i in (a, b)]
+    with pytest.raises(StoreIntegrityError) as err:
+        cache.ensure(items, views=[0])
+    assert a.stored_path in str(err.value)
+    assert not cache.path_for(a.sha256).exists()  # nothing filed under a's sha from b's pixels
+    assert cache.path_for(b.sha256).exists()  # the good image was still embedded
+    assert list((settings.home / "quarantine" / "store-mismatch").glob(f"{a.sha256}-*"))
+
+
+@attack
+def heatmap_name_of_a_long_path_fits_the_file_system(tmp_path) -> None:
+    from xray_core.pipeline.predict import heatmap_name
+
+    rel = "/".join(["d" * 200] * 3) + "/film.jpeg"
+    name = heatmap_name(rel)
+    assert len(name.encode()) <= 255 and name.endswith(".png")
+    (tmp_path / name).write_bytes(b"")  # the OS accepts it
+    assert heatmap_name(rel.replace("film", "other")) != name
+
+
+@attack
+def killed_ingest_shows_as_interrupted_and_is_closed(xray_env, tmp_path, capsys) -> None:
+    from db import session_scope
+    from xray_core.data.catalogue import open_catalogue
+    from xray_core.report.status import status_report
+
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    with session_scope(open_catalogue(settings)) as s:
+        src = s.get(Source, 1)
+        src.status, src.counts = "running", {"owner": {"host": os.uname().nodename, "pid": int(dead.stdout)}}
+    report = status_report(settings)
+    assert [i["source_id"] for i in report["interrupted"]["ingests"]] == [1]
+    ingest_source(tmp_path / "src", settings=settings)
+    assert [s.status for s in rows(settings, Source)] == ["interrupted", "done"]
+
+
+@attack
+def killed_retrain_candidate_shows_in_status(xray_env, tmp_path) -> None:
+    from xray_core.report.status import status_report
+
+    settings = load_settings()
+    version = _save_model(settings, 0)
+    assert status_report(settings)["interrupted"]["undecided_candidates"] == [version]
+
+
+@attack
+def wait_nan_is_bad_usage(xray_env, capsys) -> None:
+    for value in ("nan", "inf", "-1"):
+        code, err = _cli(capsys, "retrain", "--local", "--wait", value)
+        assert code == 2 and "finite number of seconds" in err
+
+
+@attack
+def xray_home_that_is_a_file(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("XRAY_HOME", str(tmp_path / "afile"))
+    code, err = _cli(capsys, "status")
+    assert code == 2 and "is not a folder" in err and "Traceback" not in err
+
+
+@attack
+def read_only_xray_home(xray_env, capsys, monkeypatch) -> None:
+    home = Path(xray_env["XRAY_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == home else real(p, mode, **kw))
+    code, err = _cli(capsys, "status")
+    assert code == 2 and "not writable" in err
+
+
+@attack
+def garbage_database_url(xray_env, capsys, monkeypatch) -> None:
+    for url in ("garbage", "nosuchdb://x/y"):
+        monkeypatch.setenv("XRAY_DATABASE_URL", url)
+        code, err = _cli(capsys, "status")
+        assert code == 2 and "XRAY_DATABASE_URL" in err and "Traceback" not in err
+
+
+@attack
+def bogus_storage_url(xray_env, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("XRAY_STORAGE_URL", "bogus://")
+    code, err = _cli(capsys, "status")
+    assert code == 2 and "XRAY_STORAGE_URL" in err
+
+
+@attack
+def unreachable_prefect_api_url(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # the discard port: nobody answers
+    code, err = _cli(capsys, "ingest", str(tmp_path))
+    assert code == 2 and "PREFECT_API_URL" in err and "make serve" in err
+
+
+@attack
+def zero_byte_catalogue_is_not_replaced(xray_env, capsys) -> None:
+    db_file = Path(xray_env["XRAY_HOME"]) / "catalogue.db"
+    db_file.parent.mkdir(parents=True, exist_ok=True)
+    db_file.write_bytes(b"")
+    code, err = _cli(capsys, "status")
+    assert code == 2 and "empty (0 bytes)" in err and db_file.stat().st_size == 0
+
+
+@attack
+def truncated_catalogue_is_named(xray_env, tmp_path, capsys) -> None:
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    dispose_engines()
+    db_file = settings.home / "catalogue.db"
+    for wal in settings.home.glob("catalogue.db-*"):
+        wal.unlink()
+    data = db_file.read_bytes()
+    db_file.write_bytes(data[: len(data) // 2 + 100])
+    code, err = _cli(capsys, "status")
+    assert code == 2 and "truncated" in err and "Traceback" not in err
+
+
+@attack
+def unexpected_error_is_one_line_and_debug_shows_the_traceback(xray_env, capsys, monkeypatch) -> None:
+    import xray_core.report.status as status
+
+    import sqlite3
+
+    def boom(settings):  # noqa: ANN001, ANN202 - what SQLite raises on a full disk
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(status, "status_report", boom)
+    code, err = _cli(capsys, "status")
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "disk is full" in err and "--debug" in err
+    code, err = _cli(capsys, "status", "--debug")
+    assert code == 1 and "Traceback" in err
+
+
+def test_round_two_covers_at_least_60_kinds() -> None:
+    assert len(KINDS) + len(ATTACKS) >= 60, (len(KINDS), len(ATTACKS))
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attack_is_refused_or_recorded(name: str, request: pytest.FixtureRequest) -> None:
+    fn = ATTACKS[name]
+    import inspect
+
+    kwargs = {p: request.getfixturevalue(p) for p in inspect.signature(fn).parameters}
+    fn(**kwargs)

@@ -80,9 +80,9 @@ def test_csv_columns_and_values_for_a_known_model(home, films, predicted):
     labels = card["labels"]
     with open(out_dir / "predictions.csv", newline="") as fh:
         header = next(csv.reader(fh))
-    assert header == ["file", "sha256", "status", "error", "true_label", "predicted_label",
-                      *[f"p_{lab}" for lab in labels], "threshold", "model_version", "backbone_fingerprint",
-                      "heatmap"]
+    # For people first (file, prediction, probabilities, threshold), provenance last.
+    assert header == ["file", "predicted_label", *[f"p_{lab}" for lab in labels], "threshold", "sha256", "status",
+                      "error", "true_label", "model_version", "backbone_fingerprint", "heatmap"]
     assert result["model_version"] == home.versions[0]  # the champion by default
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 7

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import stat
 import time
 import uuid
@@ -43,7 +44,8 @@ GROUP_SIZE = 32  # files prepared outside a transaction, then written in one sho
 STORE_EXT = {"png": "png", "jpeg": "jpg", "dicom": "dcm"}
 # Rejections that say nothing about the file's bytes (e.g. permissions): not remembered as "seen",
 # so the next ingest tries again even though size and mtime are unchanged (chmod leaves mtime alone).
-TRANSIENT_REASONS = {"unreadable_file"}
+# A folder that cannot be listed and a file that changed while read are retried for the same reason.
+TRANSIENT_REASONS = {"unreadable_file", "unreadable_path", "file_changing"}
 
 Progress = Callable[[int, int], None]
 
@@ -131,6 +133,12 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
     except OSError as exc:
         prep.reject = ("unreadable_file", f"cannot read the file: {exc.strerror or exc}")
         return prep
+    if _changed_while_read(cand.path, st, len(data)):
+        # A file still being copied in: its partial bytes would be stored as one image and the full
+        # bytes as another (two images of one film, possibly in two splits). Retried next time.
+        prep.reject = ("file_changing", "the file changed while it was being read (still being written?); "
+                                        "it is tried again by the next ingest")
+        return prep
     prep.sha256 = sha256_bytes(data)
     try:
         prep.label = check_label(cand.label, settings.labels)
@@ -170,6 +178,16 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
         "view": cand.view or decoded.view,
     }
     return prep
+
+
+def _changed_while_read(path: Path, before: os.stat_result, n_read: int) -> bool:
+    """Whether the bytes read may not be the whole, settled file: a size other than the one stat
+    gave before reading, or a size or mtime that changed during the read."""
+    try:
+        after = path.stat()
+    except OSError:
+        return True
+    return n_read != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
 
 
 def _quarantine(settings: Settings, prep: _Prepared) -> str | None:
@@ -225,7 +243,8 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     with session_scope(engine) as s:
-        source = Source(kind=kind, path=printable(str(path)),
+        close_interrupted_ingests(s)  # left 'running' by a killed ingest
+        source = Source(kind=kind, path=printable(str(path)), counts={"owner": ingest_owner()},
                         manifest_path=printable(str(manifest)) if manifest else None)
         s.add(source)
         s.flush()
@@ -295,6 +314,38 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
                 src.counts = summary.as_dict()
         raise
     return summary
+
+
+def ingest_owner() -> dict[str, object]:
+    """Who runs an ingest (host and pid), kept in its source row's ``counts`` until it finishes, so
+    that a row left ``running`` by a killed process can be told from one still running."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def owner_alive(counts: dict | None) -> bool:
+    """Whether the ingest that owns a ``running`` source row may still be running. A row from another
+    host (or from before owners were recorded) is assumed alive: only a provably dead owner is closed."""
+    owner = (counts or {}).get("owner") if isinstance(counts, dict) else None
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def close_interrupted_ingests(s) -> list[int]:  # noqa: ANN001 - a Session
+    """Mark ``running`` sources whose process is gone as ``interrupted`` (what they had written stays:
+    every group was committed whole). Returns their ids."""
+    closed = []
+    for src in s.scalars(select(Source).where(Source.status == "running")):
+        if not owner_alive(src.counts):
+            src.status, src.finished_at = "interrupted", datetime.now(timezone.utc)
+            closed.append(src.id)
+    return closed
 
 
 def _like_prefix(root: Path) -> str:

@@ -18,6 +18,9 @@ IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 # Files beside the label folders that describe the source rather than being images of a label.
 ROOT_METADATA_SUFFIXES = {".csv", ".md", ".txt", ".json", ".yaml", ".yml", ".pdf"}
 MANIFEST_REQUIRED = ("file", "label")
+MANIFEST_OPTIONAL = ("patient_id", "view", "site")
+# Descriptive columns that published manifests carry (e.g. ../shared/data/cxr-sample): read, never used.
+MANIFEST_DESCRIPTIVE = ("finding", "width", "height", "mode", "bytes", "sha256", "notes")
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,12 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _link_problem(link: Path, real_root: Path) -> tuple[str, str] | None:
+def _link_problem(link: Path, real_root: Path, label: str | None = None) -> tuple[str, str] | None:
     """Why a symbolic link to a file cannot be used, or None when its target is inside the root.
+
+    With ``label`` (the folder layout), a link into another label folder is refused too: the label
+    comes from the folder, so ``normal/l.jpeg -> ../pneumonia/b.jpeg`` would give one film two
+    labels and quarantine the real file as a conflict. A link within its own label is a duplicate.
 
     A cyclic link resolves to nothing: it is reported, never followed (Python 3.11's ``resolve``
     raises RuntimeError for a loop). A dangling link or one deeper than the OS follows (ELOOP) is
@@ -67,7 +74,29 @@ def _link_problem(link: Path, real_root: Path) -> tuple[str, str] | None:
         return ("missing_file", f"symbolic link loop ({getattr(exc, 'strerror', None) or exc}); not followed")
     if not _inside(target, real_root):
         return ("outside_root", f"symbolic link points outside the source folder ({printable(str(target))})")
+    if label is not None:
+        parts = target.relative_to(real_root).parts
+        target_label = parts[0] if len(parts) > 1 else ""
+        if target_label and target_label != label:  # a file beside the label folders has no label of its own
+            return ("link_across_labels",
+                    f"symbolic link in label folder {printable(label)!r} points into "
+                    f"{printable(target_label)!r} ({printable('/'.join(parts))}); the label "
+                    "comes from the folder, so a film is never catalogued under two labels. Copy the file "
+                    "instead, or remove the link")
     return None
+
+
+def walk_error_problem(exc: OSError, root: Path) -> tuple[Path, tuple[str, str]]:
+    """Where a folder walk failed and the ``unreadable_path`` problem to record for it.
+
+    ``os.walk`` ignores errors by default: an unreadable subfolder or a path over the OS's length
+    limit would vanish from the batch with no row and no count. Recording it (and retrying it next
+    time, see ingest's TRANSIENT_REASONS) makes the loss visible.
+    """
+    where = Path(exc.filename) if exc.filename else root
+    reason = exc.strerror or type(exc).__name__
+    return where, ("unreadable_path", f"the folder cannot be listed ({reason}); its files were not read. "
+                                      "Fix its permissions or shorten the path, then ingest again")
 
 
 def scan_folder(root: Path) -> Iterator[Candidate]:
@@ -77,7 +106,8 @@ def scan_folder(root: Path) -> Iterator[Candidate]:
     rejection); linked folders are not descended (they could be cyclic or lead anywhere).
     """
     real_root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         here = Path(dirpath)
         for name in sorted(filenames):
@@ -94,8 +124,21 @@ def scan_folder(root: Path) -> Iterator[Candidate]:
                 continue
             problem = None
             if path.is_symlink():
-                problem = _link_problem(path, real_root)
+                problem = _link_problem(path, real_root, rel_parts[0])
             yield Candidate(path, rel, printable(rel_parts[0]), problem=problem)
+        yield from _walk_errors(errors, root)  # as soon as the walk meets them
+    yield from _walk_errors(errors, root)  # met while looking for the next folder after the last
+
+
+def _walk_errors(errors: list[OSError], root: Path) -> Iterator[Candidate]:
+    while errors:
+        where, problem = walk_error_problem(errors.pop(0), root)
+        try:
+            parts = where.relative_to(root).parts
+        except ValueError:
+            parts = ()
+        yield Candidate(where, printable("/".join(parts) or str(where)), printable(parts[0]) if parts else "",
+                        problem=problem)
 
 
 def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, str]]:
@@ -106,14 +149,28 @@ def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, st
     except BaseException:  # a header that is not UTF-8 or not CSV: the caller reports it
         fh.close()
         raise
+    names = [n for n in (h.strip().lower() for h in header if h is not None) if n]  # a blank column is ignored
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    allowed = "Required: file,label; optional: patient_id,view,site; ignored: " + ",".join(MANIFEST_DESCRIPTIVE)
+    if duplicated:
+        # csv.DictReader keeps the last of two same-named columns: "file,label,file" would silently
+        # take the wrong file or label (a pneumonia film ingested as normal).
+        fh.close()
+        raise ManifestError(f"manifest {manifest} has duplicate column(s) {', '.join(map(repr, duplicated))}; "
+                            f"each column may appear once. {allowed}")
     columns = {h.strip().lower(): h for h in header if h is not None}
     missing = [c for c in MANIFEST_REQUIRED if c not in columns]
     if missing:
         fh.close()
         raise ManifestError(
             f"manifest {manifest} lacks column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}. "
-            "Required: file,label; optional: patient_id,view"
+            "Required: file,label; optional: patient_id,view,site"
         )
+    unknown = [h for h in names if h not in (*MANIFEST_REQUIRED, *MANIFEST_OPTIONAL, *MANIFEST_DESCRIPTIVE)]
+    if unknown:
+        fh.close()
+        raise ManifestError(f"manifest {manifest} has unknown column(s) {', '.join(map(repr, unknown))} "
+                            f"(a misspelt patient_id would silently be ignored). {allowed}")
     return reader, fh, columns
 
 

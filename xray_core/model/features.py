@@ -46,6 +46,10 @@ class FeatureCacheError(XrayError):
     """Cached features needed by a step are missing, or embedding an image failed."""
 
 
+class StoreIntegrityError(FeatureCacheError):
+    """A stored original no longer hashes to its sha256: features would come from other pixels."""
+
+
 @dataclass(frozen=True)
 class EmbedItem:
     """One image to embed: its content hash and where its stored original is.
@@ -114,7 +118,14 @@ class _ViewsDataset(Dataset):
 
         sha, path, views, key = self.jobs[index]
         try:
-            data = get_storage(self.settings).read_bytes(key) if key else Path(path).read_bytes()
+            store = get_storage(self.settings)
+            data = store.read_bytes(key) if key else Path(path).read_bytes()
+            if key and (actual := sha256_bytes(data)) != sha:  # the bytes are read anyway: hashing is cheap
+                evidence = f"quarantine/store-mismatch/{sha}-{actual[:12]}"
+                store.copy(key, evidence)  # kept for inspection; the entry stays, so every run refuses it
+                return {"sha": sha, "path": path, "views": views, "x": None, "error": None, "mismatch": (
+                    f"store entry {key} holds bytes with sha256 {actual[:12]}…, not {sha[:12]}…: it was replaced "
+                    f"or corrupted. A copy is in {evidence}; restore {key} from a backup")}
             # Same pixel cap as ingest, so an image ingest accepted under a raised cap still loads.
             gray = decode_stored(data, max_pixels=self.settings.max_pixels)
             x = torch.stack([make_view(gray, v, sha, self.settings) for v in views])
@@ -303,7 +314,11 @@ class FeatureCache:
             owners.clear()
 
         failed: list[str] = []
+        mismatched: list[str] = []
         for sample in loader:
+            if sample.get("mismatch"):
+                mismatched.append(sample["mismatch"])
+                continue
             if sample["error"] is not None:
                 # Keep going: one unreadable original should not throw away the rest of the run.
                 failed.append(f"{sample['sha']} ({sample['path']}): {sample['error']}")
@@ -314,6 +329,9 @@ class FeatureCache:
                 if len(inputs) >= batch_size:
                     flush()
         flush()
+        if mismatched:
+            raise StoreIntegrityError(f"{len(mismatched)} stored original(s) failed verification; the others "
+                                      f"were cached. First: {mismatched[0]}")
         if failed:
             raise FeatureCacheError(
                 f"cannot embed {len(failed)} image(s); the others were cached. First: {failed[0]}"

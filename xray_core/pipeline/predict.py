@@ -30,21 +30,29 @@ class PredictFile:
     path: Path
     rel: str
     label: str | None
+    problem: tuple[str, str] | None = None  # (reason, detail) known before reading: never read then
 
 
 def list_files(path: Path, manifest: Path | None = None) -> list[PredictFile]:
-    """The files to predict: a manifest's rows, a single file, or every non-hidden file below a folder."""
-    from xray_core.data.scan import is_hidden, scan_manifest, validate_manifest
+    """The files to predict: a manifest's rows, a single file, or every non-hidden file below a folder.
+
+    A manifest row that leaves the manifest's folder (``/etc/passwd``, ``../x``) keeps the reason
+    :func:`~xray_core.data.scan.scan_manifest` found and is never read: prediction obeys the same
+    boundary as ingest. A folder that cannot be listed becomes an ``unreadable_path`` row, so a
+    permission problem shows in the CSV instead of silently shrinking the batch.
+    """
+    from xray_core.data.scan import is_hidden, scan_manifest, validate_manifest, walk_error_problem
 
     if manifest is not None:
         validate_manifest(manifest)
-        return [PredictFile(c.path, c.rel, c.label or None) for c in scan_manifest(manifest)]
+        return [PredictFile(c.path, c.rel, c.label or None, c.problem) for c in scan_manifest(manifest)]
     if path.is_file():
         return [PredictFile(path, path.name, None)]
     if not path.is_dir():
         raise SourceError(f"{path} is not a file or folder")
     out = []
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(path, onerror=errors.append, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         for name in sorted(filenames):
             if is_hidden(name) or Path(name).suffix.lower() in (".csv", ".md", ".txt", ".json"):
@@ -54,13 +62,26 @@ def list_files(path: Path, manifest: Path | None = None) -> list[PredictFile]:
             parts = rel.split("/")
             # printable(): a non-UTF-8 file name must not break the CSV (it is escaped as \xNN)
             out.append(PredictFile(p, printable(rel), printable(parts[0]) if len(parts) > 1 else None))
+    for exc in errors:
+        where, problem = walk_error_problem(exc, path)
+        out.append(PredictFile(where, printable(_relative(where, path)), None, problem))
     return out
+
+
+def _relative(where: Path, root: Path) -> str:
+    try:
+        return where.relative_to(root).as_posix()
+    except ValueError:
+        return str(where)
 
 
 def _decoded(files: list[PredictFile], settings: Settings) -> Iterator[tuple[PredictFile, str | None, Any, str | None]]:
     from xray_core.data.images import decode_image
 
     for f in files:
+        if f.problem is not None:
+            yield f, None, None, f"{f.problem[0]}: {f.problem[1]}"
+            continue
         try:
             if f.path.is_symlink() and not f.path.resolve().is_relative_to(f.path.parent.resolve()):
                 raise ImageRejected("outside_root", "symbolic link points elsewhere; not followed")
@@ -84,10 +105,22 @@ def _decoded(files: list[PredictFile], settings: Settings) -> Iterator[tuple[Pre
         yield f, sha, decoded.pixels, None
 
 
+HEATMAP_NAME_BYTES = 200  # below the usual 255-byte file-name limit, leaving room for a -<sha> suffix
+
+
 def heatmap_name(rel: str) -> str:
-    """The overlay's file name for an input path: folders joined with ``__``, ending in ``.png``."""
+    """The overlay's file name for an input path: folders joined with ``__``, ending in ``.png``.
+
+    A deep or long path would give a name over the file system's 255-byte limit and lose the whole
+    batch (ENAMETOOLONG); such names keep their last characters and a digest of the full path.
+    """
     flat = rel.replace("/", "__")
-    return flat if flat.lower().endswith(".png") else flat + ".png"
+    name = flat if flat.lower().endswith(".png") else flat + ".png"
+    if len(name.encode()) <= HEATMAP_NAME_BYTES:
+        return name
+    digest = sha256_bytes(rel.encode())[:12]
+    tail = name.encode()[-(HEATMAP_NAME_BYTES - 20):].decode("utf-8", errors="ignore")
+    return f"{digest}-{tail}"
 
 
 def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, manifest: Path | None = None,
@@ -109,6 +142,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     from xray_core.model.train import predict_proba
     from db import session_scope
 
+    if out is not None:
+        check_out_path(settings, Path(out))
     if version is None:
         with session_scope(open_catalogue(settings)) as s:
             version = champion_version(s)
@@ -163,17 +198,18 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         preds = predict_labels(probs, threshold=threshold, positive_index=pos)
         maps = write_heatmaps(probs, preds) if heatmaps is not None else [""] * len(batch)
         for (f, sha, _), p, k, hm in zip(batch, probs, preds, maps):
-            rows.append({"file": f.rel, "sha256": sha, "status": "ok", "error": "", "true_label": f.label or "",
-                         "predicted_label": labels[int(k)], **{f"p_{lab}": round(float(v), 6) for lab, v in zip(labels, p)},
-                         "threshold": "" if threshold is None else threshold, "model_version": version,
+            rows.append({"file": f.rel, "predicted_label": labels[int(k)],
+                         **{f"p_{lab}": round(float(v), 6) for lab, v in zip(labels, p)},
+                         "threshold": "" if threshold is None else threshold, "sha256": sha, "status": "ok",
+                         "error": "", "true_label": f.label or "", "model_version": version,
                          "backbone_fingerprint": backbone.fingerprint, "heatmap": hm})
         batch.clear()
 
     for i, (f, sha, pixels, error) in enumerate(_decoded(files, settings), start=1):
         if error is not None:
-            rows.append({"file": f.rel, "sha256": sha or "", "status": "rejected", "error": error,
-                         "true_label": f.label or "", "predicted_label": "",
-                         **{f"p_{lab}": "" for lab in labels}, "threshold": "" if threshold is None else threshold,
+            rows.append({"file": f.rel, "predicted_label": "", **{f"p_{lab}": "" for lab in labels},
+                         "threshold": "" if threshold is None else threshold, "sha256": sha or "",
+                         "status": "rejected", "error": error, "true_label": f.label or "",
                          "model_version": version, "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
         else:
             batch.append((f, sha, pixels))
@@ -183,8 +219,9 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             progress(i, len(files))
     flush()
     rows.sort(key=lambda r: r["file"])
-    columns = ["file", "sha256", "status", "error", "true_label", "predicted_label",
-               *[f"p_{lab}" for lab in labels], "threshold", "model_version", "backbone_fingerprint", "heatmap"]
+    # For people first (what was predicted, how sure, against which threshold), provenance last.
+    columns = ["file", "predicted_label", *[f"p_{lab}" for lab in labels], "threshold", "sha256", "status",
+               "error", "true_label", "model_version", "backbone_fingerprint", "heatmap"]
     if out is not None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns)
@@ -198,6 +235,49 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             "heatmaps": str(heatmaps) if heatmaps is not None else None,
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init,
             "rows": rows}
+
+
+def check_out_path(settings: Settings, out: Path) -> None:
+    """Refuse an ``--out`` that is not a new path or a regular file, or that is the system's own state.
+
+    The CSV is written to a temp file and renamed over ``out``, which would silently turn a device
+    node (``/dev/null`` as root) or a symlink into a regular file and could replace the catalogue or
+    a stored original; a folder would fail only after the whole batch was predicted. All of these
+    raise UsageError (exit 2) before anything is read.
+    """
+    allowed = "give a new file name or an existing regular file outside XRAY_HOME's catalogue, store, features and models"
+    if os.path.lexists(out):
+        if out.is_symlink():
+            raise UsageError(f"--out {out} is a symbolic link; it would be replaced, not followed. {allowed}")
+        if out.is_dir():
+            raise UsageError(f"--out {out} is a folder; {allowed}")
+        if not out.is_file():
+            raise UsageError(f"--out {out} is not a regular file (a device, pipe or socket); {allowed}")
+    target = out.resolve()
+    if not target.parent.is_dir() and target.parent.exists():
+        raise UsageError(f"--out {out}: {target.parent} is not a folder; {allowed}")
+    protected = [Path(settings.store_dir), Path(settings.features_dir), Path(settings.models_dir),
+                 Path(settings.quarantine_dir)]
+    database = _sqlite_file(settings.database_url)
+    for folder in protected:
+        if target == folder.resolve() or target.is_relative_to(folder.resolve()):
+            raise UsageError(f"--out {out} is inside {folder}, which holds the system's own files; {allowed}")
+    if database is not None:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if target == Path(str(database.resolve()) + suffix):
+                raise UsageError(f"--out {out} is the catalogue database {database}; {allowed}")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # an unparsable URL fails clearly where the catalogue is opened
+        return None
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return Path(parsed.database)
+    return None
 
 
 def _csv_safe(value: Any) -> Any:

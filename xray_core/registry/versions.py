@@ -211,13 +211,19 @@ _ANY = object()  # sentinel: record_decision does not check which version is cha
 def record_decision(settings: Settings, *, challenger: int | None, decision: str, rationale: str,
                     metrics: dict[str, Any], trigger: str, actor: str | None = None,
                     flow_run_id: str | None = None, promote: bool = False,
-                    expect_champion: Any = _ANY,
+                    expect_champion: Any = _ANY, expected_champion: Any = _ANY,
                     fail_between_switch_and_audit: bool = False) -> dict[str, Any]:
     """Record a decision; when ``promote``, switch the champion in the same transaction.
 
     ``expect_champion`` (a version or None): refuse, writing nothing, unless that is still the
     champion inside this transaction; a caller that chose its target from an earlier read (rollback)
     so never acts on a champion that changed meanwhile. Returns the audit row as a dict.
+
+    ``expected_champion`` (a version or None): compare-and-set for an automatic decision. The retrain
+    compared the challenger with the champion it read at evaluation time; if someone promoted or
+    rolled back since, that comparison says nothing about the new champion. The decision is then
+    recorded as ``stale`` (its rationale says what changed) and nothing is promoted, instead of
+    silently overriding the manual change and auditing a comparison that never happened.
     """
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
@@ -225,6 +231,11 @@ def record_decision(settings: Settings, *, challenger: int | None, decision: str
         if expect_champion is not _ANY and previous != expect_champion:
             raise UsageError(f"the champion changed meanwhile (now {previous}, expected {expect_champion}); "
                              "check xray models --history and retry")
+        if expected_champion is not _ANY and previous != expected_champion:
+            rationale = (f"champion changed from {_v(expected_champion)} to {_v(previous)} since evaluation; "
+                         f"nothing promoted (the {decision!r} decision compared v{challenger} with "
+                         f"{_v(expected_champion)}). Original rationale: {rationale}")
+            decision, promote = "stale", False
         if promote:
             if challenger is None:
                 raise UsageError("a promotion needs a version to promote")
@@ -244,6 +255,10 @@ def record_decision(settings: Settings, *, challenger: int | None, decision: str
         out = _promotion_dict(row)
     crash_point("registry.decision_committed")
     return out
+
+
+def _v(version: int | None) -> str:
+    return "no champion" if version is None else f"v{version}"
 
 
 def _switch(s: Session, previous: int | None, new: int) -> None:

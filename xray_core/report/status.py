@@ -14,9 +14,50 @@ def status_report(settings: Settings) -> dict[str, Any]:
     report["catalogue"] = catalogue_summary(settings)
     report["feature_cache"] = _feature_cache(settings)
     report["models"] = _models(settings)
+    report["interrupted"] = interrupted_runs(settings)
     report["settings"] = settings.public_dict()
     report["settings"]["database_url"] = _safe_url(settings.database_url)
     return report
+
+
+def interrupted_runs(settings: Settings) -> dict[str, Any]:
+    """Runs a killed process left behind: ingests still marked ``running`` whose process is gone
+    (the next ingest marks them ``interrupted``), and, while no retrain holds the lock, candidate
+    versions with no decision in the audit trail (a killed retrain, or ``xray train``, which leaves
+    its candidate for a manual promotion)."""
+    from sqlalchemy import select
+
+    from db import session_scope
+    from db.schema import Model, Promotion, Source
+    from xray_core.data.catalogue import open_catalogue
+    from xray_core.data.ingest import owner_alive
+
+    with session_scope(open_catalogue(settings)) as s:
+        ingests = [{"source_id": src.id, "path": src.path, "started_at": src.started_at.isoformat(),
+                    "status": src.status}
+                   for src in s.scalars(select(Source).where(Source.status.in_(("running", "interrupted")))
+                                        .order_by(Source.id))
+                   if src.status == "interrupted" or not owner_alive(src.counts)]
+        decided = set(s.scalars(select(Promotion.to_version).where(Promotion.to_version.is_not(None))))
+        undecided = [m for m in s.scalars(select(Model.id).where(Model.status == "candidate").order_by(Model.id))
+                     if m not in decided]
+    return {"ingests": ingests, "undecided_candidates": [] if _retrain_running(settings) else undecided}
+
+
+def _retrain_running(settings: Settings) -> bool:
+    """Whether a retrain holds XRAY_HOME/retrain.lock (tried without waiting, released at once)."""
+    import fcntl
+
+    path = settings.home / "retrain.lock"
+    if not path.exists():
+        return False
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
 
 
 def _safe_url(url: str) -> str:

@@ -43,6 +43,12 @@ def render_status(r: dict[str, Any]) -> str:
     out.append(f"near-duplicate pairs across splits (pHash distance <= {nd['max_distance']}): {nd['pairs_across_splits']}")
     for note in cat["notes"]:
         out.append(f"note: {note}")
+    gone = r.get("interrupted") or {}
+    for src in gone.get("ingests", []):
+        out.append(f"interrupted ingest: source {src['source_id']} {src['path']} (started {src['started_at']})")
+    if gone.get("undecided_candidates"):
+        out.append("candidates with no decision (a killed retrain, or `xray train`): "
+                   + ", ".join(f"v{v}" for v in gone["undecided_candidates"]))
     if r.get("feature_cache"):
         out += ["", table(["feature cache (backbone fingerprint)", "files", "MiB", "catalogued images cached", "models"],
                           [[c["fingerprint"][:16], c.get("files", ""), round(c.get("bytes", 0) / 2**20, 1),
