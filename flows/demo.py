@@ -89,7 +89,7 @@ def prepare_demo_home(home: Path, *, fresh: bool) -> None:
 
 
 def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: bool = False) -> dict[str, Any]:
-    from xray_core.registry.versions import list_models
+    from xray_core.registry.listing import list_models
     from xray_core.report.status import status_report
 
     prepare_demo_home(settings.home, fresh=fresh)

@@ -18,7 +18,7 @@ from prefect.states import Completed, State
 
 from flows.common import epoch_reporter, progress_reporter, transient_io
 from xray_core.pipeline.cycle import RetrainRequest, headline_result, run_cycle, summary_line
-from xray_core.registry.versions import list_models
+from xray_core.registry.listing import list_models
 from xray_core.report.markdown import artifact_description, metrics_rows, registry_rows, retrain_markdown
 from xray_core.settings import Settings, get_settings
 

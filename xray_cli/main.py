@@ -128,16 +128,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from xray_core.registry import versions as registry
+    from xray_core.registry import listing
     from xray_core.report.terminal import render_history, render_lineage, render_models
 
     settings = get_settings()
     if args.action == "show":
         if args.version is None:
             raise UsageError("usage: xray models show VERSION")
-        _emit(registry.model_lineage(settings, args.version), args.json, render_lineage)
+        _emit(listing.model_lineage(settings, args.version), args.json, render_lineage)
     elif args.history:
-        _emit(registry.history(settings), args.json, render_history)
+        _emit(listing.history(settings), args.json, render_history)
     else:
         # Re-score first (cached features only, never embeds) so every row is on the current test set
         # where the cache allows; the rest keep their older numbers, labelled with their n and date.

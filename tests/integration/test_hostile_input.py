@@ -859,7 +859,7 @@ def manual_promotion_during_a_decision_makes_it_stale(xray_env, tmp_path) -> Non
                           metrics={}, trigger="test", promote=True, expected_champion=versions[0])
     assert row["decision"] == "stale" and row["champion_after"] == versions[1]
     assert f"champion changed from v{versions[0]} to v{versions[1]} since evaluation; nothing promoted" in row["rationale"]
-    from xray_core.registry.versions import registry_summary
+    from xray_core.registry.listing import registry_summary
 
     assert registry_summary(settings)["champion"] == versions[1]
     ok = record_decision(settings, challenger=versions[2], decision="promote", rationale="v3 beat v2",

@@ -281,7 +281,7 @@ def test_no_report_artifact_or_log_holds_a_dicom_patient_id(tmp_path: Path, capl
     like "Doe^John-00003": the markdown report, the result dict, the ingest summary, the model list,
     lineage and audit trail, and every log record carry hashed ids only."""
     from xray_core.data.catalogue import catalogue_summary
-    from xray_core.registry.versions import history, list_models, model_lineage
+    from xray_core.registry.listing import history, list_models, model_lineage
     from xray_core.report.markdown import retrain_markdown
     from xray_core.pipeline.steps import current_champion, decide_step, evaluate_step, promote_step, train_step
     from xray_core.pipeline.embed import embed_step

@@ -17,11 +17,12 @@ from sqlalchemy import func, select
 from db import dispose_engines, session_scope
 from db.schema import Model, Promotion
 from xray_cli import main as cli
+from xray_core.registry import listing
 from xray_core.registry import versions as registry
 from xray_core.data.catalogue import open_catalogue
 from xray_core.errors import CheckpointError, UsageError
+from xray_core.registry.listing import history
 from xray_core.registry.versions import (
-    history,
     load_model,
     promote_manually,
     record_decision,
@@ -157,7 +158,7 @@ def test_a_crash_before_commit_leaves_no_row_and_the_next_save_works(settings: S
     with pytest.raises(RuntimeError, match="injected"):
         save(settings, seed=1, fail_before_commit=True)
     assert db_count(settings, Model) == 0
-    assert registry.list_models(settings) == []
+    assert listing.list_models(settings) == []
     version = save(settings, seed=2)
     assert db_count(settings, Model) == 1
     loaded = load_model(settings, version)  # sha256-verified: the folder holds this save's files
@@ -371,7 +372,7 @@ def test_list_models_labels_numbers_with_their_test_set(settings: Settings):
     add_evaluation(settings, v2, old, 8, 0.700, "2026-11-22T10:00:00")  # later, but on the older set
     add_evaluation(settings, v3, old, 8, 0.650, "2026-11-20T11:00:00")
 
-    rows = {m["version"]: m for m in registry.list_models(settings, current_test_set=new)}
+    rows = {m["version"]: m for m in listing.list_models(settings, current_test_set=new)}
     assert (rows[v1]["n_images"], rows[v1]["metrics"]["macro_auroc"]["point"]) == (17, 0.847)
     assert (rows[v2]["n_images"], rows[v2]["metrics"]["macro_auroc"]["point"]) == (17, 0.806)  # current preferred
     assert rows[v1]["on_current_test_set"] and rows[v1]["note"] is None
@@ -379,11 +380,11 @@ def test_list_models_labels_numbers_with_their_test_set(settings: Settings):
     assert rows[v3]["scored_at"].startswith("2026-11-20T11:00")
     assert rows[v3]["note"] == "n=8 on older test set a1b2c3d4, 2026-11-20"
     v4 = save(settings, seed=4)
-    assert registry.list_models(settings, current_test_set=new)[-1]["note"] == "not scored on a test set yet"
+    assert listing.list_models(settings, current_test_set=new)[-1]["note"] == "not scored on a test set yet"
 
     # Without the current fingerprint, the test set of the newest evaluation row stands in for it
     # (here v2's re-run on the old set, so every model shows its numbers on that set).
-    implicit = {m["version"]: m for m in registry.list_models(settings)}
+    implicit = {m["version"]: m for m in listing.list_models(settings)}
     assert all(implicit[v]["test_set_fingerprint"] == old and implicit[v]["on_current_test_set"] for v in (v1, v2, v3))
     assert (implicit[v1]["n_images"], implicit[v1]["metrics"]["macro_auroc"]["point"]) == (8, 0.912)
 

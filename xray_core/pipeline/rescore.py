@@ -109,7 +109,7 @@ def models_on_current_test_set(settings: Settings) -> dict[str, Any]:
     Returns ``{"models": rows, "notes": [...]}``; each row is :func:`list_models`'s with ``rescore``
     (status and reason) added. Without a usable test split nothing is re-scored and a note says why.
     """
-    from xray_core.registry.versions import list_models
+    from xray_core.registry.listing import list_models
 
     try:
         data = load_split_data(settings)

@@ -250,7 +250,8 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
     """Record the decision; on promote, re-verify the checkpoint and switch the champion atomically.
 
     ``expect_champion``: the version evaluated as champion (None: there was none); when given, the
-    switch is compare-and-set: if another process changed the champion since, nothing is promoted.
+    switch is compare-and-set: if another process changed the champion since, the decision is recorded
+    as ``stale`` and nothing is promoted.
     """
     from xray_core.registry.versions import load_model, record_decision
 
@@ -262,7 +263,7 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"], metrics=json.loads(json.dumps(metrics, default=str)),
                            trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]),
-                           **({} if expect_champion is ... else {"expect_champion": expect_champion}))
+                           **({} if expect_champion is ... else {"expected_champion": expect_champion}))
 
 
 def summary_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def _feature_cache(settings: Settings) -> list[dict[str, Any]]:
 
 def _models(settings: Settings) -> dict[str, Any]:
     try:
-        from xray_core.registry.versions import registry_summary
+        from xray_core.registry.listing import registry_summary
     except ImportError:
         return {}
     return registry_summary(settings)
