@@ -130,6 +130,32 @@ def _popcount64(x: np.ndarray) -> np.ndarray:
     return per_byte.reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
 
 
+def label_history(session: Session, *, limit: int = 50) -> dict[str, Any]:
+    """Patients whose films carry different labels (e.g. two COVID-19 films, then a "No Finding" one).
+
+    Not a conflict to resolve silently: a label that changed over time is a clinical fact or a labelling
+    error, and a patient like this in the test split makes the test set disagree with itself. Returns
+    the count, how many sit in the test split, and up to ``limit`` patients with their films in order.
+    """
+    changed = (select(Image.patient_id).group_by(Image.patient_id)
+               .having(func.count(func.distinct(Image.label)) > 1))
+    rows = session.execute(
+        select(Image.patient_id, Patient.split, Image.label, Image.original_name, Image.added_at, Image.id)
+        .join(Patient, Patient.patient_id == Image.patient_id)
+        .where(Image.patient_id.in_(changed))
+        .order_by(Image.patient_id, Image.added_at, Image.id)
+    ).all()
+    patients: dict[str, dict[str, Any]] = {}
+    for pid, split, label, name, added, _ in rows:
+        entry = patients.setdefault(pid, {"patient_id": pid, "split": split, "films": []})
+        entry["films"].append({"label": label, "file": name, "added_at": added.isoformat() if added else None})
+    for entry in patients.values():
+        entry["labels"] = sorted({f["label"] for f in entry["films"]})
+    listed = list(patients.values())
+    return {"patients": len(listed), "in_test": sum(1 for e in listed if e["split"] == "test"),
+            "examples": listed[:limit]}
+
+
 def catalogue_summary(settings: Settings) -> dict[str, Any]:
     """Everything ``xray status`` shows about the catalogue (images, patients, rejections, sources)."""
     engine = open_catalogue(settings)
@@ -147,6 +173,7 @@ def catalogue_summary(settings: Settings) -> dict[str, Any]:
         n_images = s.scalar(select(func.count()).select_from(Image)) or 0
         n_sources = s.scalar(select(func.count()).select_from(Source)) or 0
         near_total, near_pairs = near_duplicate_pairs(s, limit=20)
+        history = label_history(s, limit=20)
     notes = []
     if patients_by_source.get("image"):
         notes.append(
@@ -156,6 +183,9 @@ def catalogue_summary(settings: Settings) -> dict[str, Any]:
         )
     if near_total:
         notes.append(f"{near_total} near-duplicate image pair(s) sit in different splits (see near_duplicates).")
+    if history["patients"]:
+        notes.append(f"{history['patients']} patient(s) have films with different labels ({history['in_test']} in "
+                     "the test split); see label_history.")
     return {
         "images": n_images,
         "sources": n_sources,
@@ -168,6 +198,7 @@ def catalogue_summary(settings: Settings) -> dict[str, Any]:
         "rejections": {"total": sum(rejections.values()), "by_reason": dict(sorted(rejections.items()))},
         "near_duplicates": {"max_distance": NEAR_DUPLICATE_MAX_DISTANCE, "pairs_across_splits": near_total,
                             "examples": near_pairs},
+        "label_history": history,
         "notes": notes,
     }
 

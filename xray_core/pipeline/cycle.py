@@ -138,11 +138,13 @@ def audit_snapshot(settings: Settings, snapshot: str) -> dict[str, Any]:
 
 
 def record_outcome(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
-                   decision: dict[str, Any], trigger: str, flow_run_id: str | None) -> dict[str, Any]:
+                   decision: dict[str, Any], trigger: str, flow_run_id: str | None,
+                   audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Record the decision; promote only if the champion is still the one that was evaluated."""
+    flags = None if audit is None else {k: audit.get(k) for k in ("flagged", "warnings", "policy", "sites")}
     return steps.promote_step(settings, challenger=challenger["version"], decision=decision, trigger=trigger,
                               champion_eval=champion, challenger_eval=challenger, flow_run_id=flow_run_id,
-                              expect_champion=champion["version"] if champion else None)
+                              expect_champion=champion["version"] if champion else None, audit=flags)
 
 
 def rescore_registry(settings: Settings, snapshot: str, flow_run_id: str | None) -> list[dict[str, Any]]:
@@ -236,7 +238,8 @@ def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, resul
         return
     data: SplitData = load_snapshot(Path(snapshot))
     result["split_counts"] = data.counts()
-    result["near_duplicates"] = _near_duplicates(settings)
+    summary = _catalogue(settings)
+    result["near_duplicates"], result["label_history"] = summary["near_duplicates"], summary["label_history"]
     reason = None if request.force else steps.nothing_new_since_champion(settings, data)
     if reason:
         _skip(result, "; ".join([*result["notes"], reason]), settings)
@@ -258,10 +261,10 @@ def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, resul
     decision = run.run("decide", decide_snapshot, settings, challenger, champion, snapshot, result["audit"])
     result["decision"] = {k: decision.get(k) for k in ("decision", "promote", "rationale", "checks", "evidence",
                                                         "site_drops")}
-    audit = run.run("promote", record_outcome, settings, challenger, champion, decision, request.trigger,
-                    request.flow_run_id)
-    result["decision"]["decision"] = audit.get("decision", decision["decision"])
-    result["champion_after"] = audit["champion_after"]
+    row = run.run("promote", record_outcome, settings, challenger, champion, decision, request.trigger,
+                    request.flow_run_id, result["audit"])
+    result["decision"]["decision"] = row.get("decision", decision["decision"])  # "stale" if the champion moved
+    result["champion_after"] = row["champion_after"]
     result["registry"] = run.run("rescore", rescore_registry, settings, snapshot, request.flow_run_id)
     result["status"] = "completed"
     result["state"] = STATES.get(result["decision"]["decision"], "Kept")
@@ -269,10 +272,10 @@ def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, resul
     result["summary"] = summary_line(result)
 
 
-def _near_duplicates(settings: Settings) -> dict[str, Any] | None:
+def _catalogue(settings: Settings) -> dict[str, Any]:
     from xray_core.data.catalogue import catalogue_summary
 
-    return catalogue_summary(settings).get("near_duplicates")
+    return catalogue_summary(settings)
 
 
 def _skip(result: dict[str, Any], why: str, settings: Settings) -> None:

@@ -19,19 +19,21 @@ from xray_core.settings import Settings
 
 
 def evaluation_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs: np.ndarray, labels: list[str],
-                      threshold: float | None) -> dict[str, Any]:
-    """Metrics per site and per view of one evaluation (same engine and seed as the pooled metrics)."""
+                      threshold: float | None) -> tuple[dict[str, Any], list[str | None], list[str | None]]:
+    """Metrics per site and per view of one evaluation (same engine and seed as the pooled metrics),
+    with each test row's site and view (for per-site curves in the report)."""
     from xray_core.data.facts import image_facts
     from xray_core.evaluate.slices import slice_metrics
 
     facts = image_facts(settings, [r[0] for r in rows])
     known = set(facts.index)
     pick = lambda r, col: facts.at[r[0], col] if r[0] in known else None  # noqa: E731
-    return slice_metrics(y, probs, labels, [r[4] for r in rows],
-                         {"site": [pick(r, "site") for r in rows], "view": [pick(r, "view") for r in rows]},
-                         threshold=threshold, negative_label=settings.negative_label,
-                         min_per_class=settings.min_test_per_class, n_samples=settings.bootstrap_samples,
-                         seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+    sites, views = [pick(r, "site") for r in rows], [pick(r, "view") for r in rows]
+    slices = slice_metrics(y, probs, labels, [r[4] for r in rows], {"site": sites, "view": views},
+                           threshold=threshold, negative_label=settings.negative_label,
+                           min_per_class=settings.min_test_per_class, n_samples=settings.bootstrap_samples,
+                           seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+    return slices, sites, views
 
 
 def audit_step(settings: Settings, data: SplitData) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
         target_specificity=settings.target_specificity)
     metrics["bootstrap"] = {"samples": settings.bootstrap_samples, "seed": settings.bootstrap_seed,
                             "clustered_by": "patient", "patients": int(len(set(patients)))}
-    metrics["slices"] = evaluation_slices(settings, rows, y, probs, labels, model.threshold)
+    metrics["slices"], sites, views = evaluation_slices(settings, rows, y, probs, labels, model.threshold)
     fingerprint = test_set_fingerprint(data.test)
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
@@ -160,7 +160,7 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
     # model's labels only), so deciding and reporting never re-read the test features.
     return {"version": version, "test_set_fingerprint": fingerprint, "n_images": len(rows), "metrics": metrics,
             "labels": labels, "probabilities": np.round(probs.astype(np.float64), 8).tolist(),
-            "shas": [r[1] for r in rows]}
+            "shas": [r[1] for r in rows], "sites": sites, "views": views}
 
 
 def current_champion(settings: Settings) -> int | None:
@@ -246,7 +246,8 @@ def _probabilities(evaluation: dict[str, Any], settings: Settings, data: SplitDa
 
 def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any], trigger: str,
                  champion_eval: dict[str, Any] | None, challenger_eval: dict[str, Any],
-                 flow_run_id: str | None = None, expect_champion: Any = ...) -> dict[str, Any]:
+                 flow_run_id: str | None = None, expect_champion: Any = ...,
+                 audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Record the decision; on promote, re-verify the checkpoint and switch the champion atomically.
 
     ``expect_champion``: the version evaluated as champion (None: there was none); when given, the
@@ -259,7 +260,8 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
         load_model(settings, challenger)  # sha256 re-verified just before the switch
     metrics = {"challenger": summary_metrics(challenger_eval),
                "champion": summary_metrics(champion_eval) if champion_eval else None,
-               "comparison": decision.get("comparison"), "checks": decision.get("checks")}
+               "comparison": decision.get("comparison"), "checks": decision.get("checks"),
+               "site_drops": decision.get("site_drops"), "audit": audit}
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"], metrics=json.loads(json.dumps(metrics, default=str)),
                            trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]),
