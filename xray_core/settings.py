@@ -89,6 +89,12 @@ class Settings:
     target_specificity: float = 0.90  # for promotion_metric == sensitivity_at_specificity
     guardrail_sensitivity_drop: float = 0.02
 
+    # DICOM (issue 17): which acquisitions ingest accepts, where the site comes from, what is stored
+    allowed_modalities: tuple[str, ...] = ("CR", "DX")  # DICOM Modality values accepted; () = any
+    require_chest: bool = False  # True: films whose BodyPartExamined is not CHEST are quarantined
+    site_from_dicom: str = "hash"  # InstitutionName -> site: hash (salted) | name | off
+    dicom_store: str = "deidentified"  # deidentified (PS3.15 Basic Profile copy) | original bytes
+
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able values, without secrets (the patient salt)."""
         out: dict[str, Any] = {}
@@ -155,6 +161,16 @@ def _labels(name: str, raw: str) -> tuple[str, ...]:
     return tuple(sorted({normalise_label(p) for p in raw.split(",") if p.strip()}))
 
 
+def _modalities(name: str, raw: str) -> tuple[str, ...]:
+    """``CR,DX`` -> ("CR", "DX"); ``any`` -> () (every modality accepted)."""
+    parts = tuple(sorted({p.strip().upper() for p in raw.split(",") if p.strip()}))
+    if parts == ("ANY",):
+        return ()
+    if not parts or any(not re.fullmatch(r"[A-Z0-9_]{1,16}", p) for p in parts):
+        raise SettingsError(f"{name}={raw!r}: use DICOM Modality codes separated by commas (e.g. CR,DX) or 'any'")
+    return parts
+
+
 _FIELDS: dict[str, tuple[str, Any]] = {
     "storage_url": ("XRAY_STORAGE_URL", lambda n, r: r.strip().rstrip("/") or None),
     "labels": ("XRAY_LABELS", _labels),
@@ -197,6 +213,10 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "promotion_margin": ("XRAY_PROMOTION_MARGIN", _float),
     "target_specificity": ("XRAY_TARGET_SPECIFICITY", _float),
     "guardrail_sensitivity_drop": ("XRAY_GUARDRAIL_SENSITIVITY_DROP", _float),
+    "allowed_modalities": ("XRAY_ALLOWED_MODALITIES", _modalities),
+    "require_chest": ("XRAY_REQUIRE_CHEST", _bool),
+    "site_from_dicom": ("XRAY_SITE_FROM_DICOM", lambda n, r: r.strip().lower()),
+    "dicom_store": ("XRAY_DICOM_STORE", lambda n, r: r.strip().lower()),
 }
 
 # Settings whose empty value means something rather than "unset": XRAY_PATIENT_REGEX="" turns
@@ -273,6 +293,10 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"XRAY_EMBED_DASK_WORKERS={s.embed_dask_workers}: must be 0 (off) or more")
     if s.embed_workers < 0:
         raise SettingsError(f"XRAY_EMBED_WORKERS={s.embed_workers}: must be 0 or more")
+    if s.site_from_dicom not in ("hash", "name", "off"):
+        raise SettingsError(f"XRAY_SITE_FROM_DICOM={s.site_from_dicom!r}: only hash, name and off are supported")
+    if s.dicom_store not in ("deidentified", "original"):
+        raise SettingsError(f"XRAY_DICOM_STORE={s.dicom_store!r}: only deidentified and original are supported")
 
 
 @functools.lru_cache(maxsize=1)

@@ -30,6 +30,8 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.data.catalogue import open_catalogue, patient_salt
+from xray_core.data.deidentify import deidentify
+from xray_core.data.dicom import DicomPolicy, catalogue_fields
 from xray_core.faults import crash_point
 from xray_core.errors import ImageRejected, SettingsError, SourceError
 from xray_core.io.fsutil import printable, sha256_bytes
@@ -98,7 +100,8 @@ def _rules_key(settings: Settings) -> str:
     them (e.g. adding a label to XRAY_LABELS, raising XRAY_MAX_PIXELS) re-evaluates the files they
     rejected instead of skipping them as unchanged forever."""
     return (f"labels={','.join(settings.labels)};min_side={settings.min_image_side};"
-            f"max_pixels={settings.max_pixels};max_bytes={settings.max_file_bytes}")
+            f"max_pixels={settings.max_pixels};max_bytes={settings.max_file_bytes};"
+            f"modalities={','.join(settings.allowed_modalities) or 'any'};chest={settings.require_chest}")
 
 
 def _unchanged(prev: tuple[int, int, str] | None, size: int, mtime_ns: int, context: str, rules: str) -> bool:
@@ -143,31 +146,41 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
         prep.data = data
         return prep
     try:
-        decoded = decode_image(data, min_side=settings.min_image_side, max_pixels=settings.max_pixels)
+        decoded = decode_image(data, min_side=settings.min_image_side, max_pixels=settings.max_pixels,
+                               policy=DicomPolicy(settings.allowed_modalities, settings.require_chest))
     except ImageRejected as rej:
         prep.reject, prep.data = (rej.reason, rej.detail), data
         return prep
     from xray_core.data.images import perceptual_hash
 
+    dicom_pid = None  # the salted PatientID: the only form it is ever stored in
+    if decoded.dicom_patient_id:
+        dicom_pid = f"dcm-{hashlib.sha256(f'{salt()}:{decoded.dicom_patient_id}'.encode()).hexdigest()[:24]}"
     if cand.patient_id:
         prep.patient_id, prep.id_source = cand.patient_id, "manifest"
-    elif decoded.dicom_patient_id:
-        digest = hashlib.sha256(f"{salt()}:{decoded.dicom_patient_id}".encode()).hexdigest()[:24]
-        prep.patient_id, prep.id_source = f"dcm-{digest}", "dicom"
+    elif dicom_pid:
+        prep.patient_id, prep.id_source = dicom_pid, "dicom"
     elif (pid := _patient_from_filename(cand.path.name, regex)) is not None:
         prep.patient_id, prep.id_source = pid, "filename"
     else:
         prep.patient_id, prep.id_source = f"img-{prep.sha256[:16]}", "image"
     ext = STORE_EXT[decoded.format]
+    # Named by the original's sha256 even when a de-identified copy is stored: deduplication and
+    # idempotent re-scans work on what arrived (see xray_core.data.deidentify).
     prep.stored_rel = f"store/{prep.sha256[:2]}/{prep.sha256}.{ext}"
+    stored = data
+    if decoded.dicom is not None and settings.dicom_store == "deidentified":
+        stored = deidentify(data, salt=salt(), patient_id=dicom_pid or "", site_mode=settings.site_from_dicom)
     store = get_storage(settings)
-    if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(data)):
-        store.write_bytes(prep.stored_rel, data)
+    if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(stored)):
+        store.write_bytes(prep.stored_rel, stored)
         crash_point("ingest.store_written")
+    acquisition = (catalogue_fields(decoded.dicom, salt=salt(), site_mode=settings.site_from_dicom)
+                   if decoded.dicom is not None else {})
     prep.meta = {
         "width": decoded.width, "height": decoded.height, "bit_depth": decoded.bit_depth,
         "format": decoded.format, "phash": perceptual_hash(decoded.pixels),
-        "view": cand.view or decoded.view,
+        "view": cand.view or decoded.view, **acquisition,
     }
     return prep
 
@@ -217,8 +230,9 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
     rules = _rules_key(settings)
     engine = open_catalogue(settings)
     for private in ("store", "quarantine"):
-        # Originals keep every byte, DICOM patient identifiers included (see SECURITY.md): owner
-        # only when we create them; an existing folder's permissions are the administrator's choice.
+        # Quarantined files (and, with XRAY_DICOM_STORE=original, stored DICOM) keep every byte,
+        # patient identifiers included (see SECURITY.md): owner only when we create them; an
+        # existing folder's permissions are the administrator's choice.
         # (Under XRAY_STORAGE_URL, access is the bucket's or share's policy.)
         folder = get_storage(settings).local_path(private)
         if folder is not None:
