@@ -15,15 +15,15 @@ sha256 still names the stored file, so deduplication works on what arrived, not 
 
 from __future__ import annotations
 
+import hashlib
 from io import BytesIO
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from xray_core.data.dicom import site_value
 
-METHOD = "xray-retrain: PS3.15 Basic Profile subset; UIDs, PatientID and site as salted hashes"
+METHOD = "xray-retrain PS3.15 Basic Profile, salted UIDs and IDs"  # LO: at most 64 characters
 
 # Removed (PS3.15 Table E.1-1 action X/Z/D) beyond every PN element, private tag and date/time.
 REMOVED = (
@@ -50,6 +50,11 @@ def _is_instance_uid(keyword: str) -> bool:
     return keyword.endswith("InstanceUID") or keyword.endswith("FrameOfReferenceUID") or keyword in _UID_EXTRA
 
 
+def _new_uid(salt: str, old: str) -> str:
+    """A 2.25 UID (PS3.5 B.2: a 128-bit integer) from sha256(salt:old): the same study keeps one UID."""
+    return "2.25." + str(int(hashlib.sha256(f"{salt}:uid:{old}".encode()).hexdigest()[:32], 16))
+
+
 def _scrub(ds: Dataset, salt: str) -> None:
     """Remove names, dates and listed identifiers and replace instance UIDs, in nested sequences too."""
     ds.remove_private_tags()
@@ -61,7 +66,7 @@ def _scrub(ds: Dataset, salt: str) -> None:
         if elem.VR == "PN" or keyword in REMOVED or (elem.VR in ("DA", "DT", "TM") and keyword not in KEPT_DATES):
             del ds[elem.tag]
         elif elem.VR == "UI" and _is_instance_uid(keyword) and elem.value:
-            elem.value = generate_uid(prefix=None, entropy_srcs=[salt, str(elem.value)])
+            elem.value = _new_uid(salt, str(elem.value))
 
 
 def deidentify(data: bytes, *, salt: str, patient_id: str, site_mode: str) -> bytes:

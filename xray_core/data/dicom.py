@@ -3,7 +3,7 @@ facts, and write a de-identified copy.
 
 :mod:`xray_core.data.images` drives these steps for a file whose magic bytes say DICOM, in this order:
 :func:`read_dataset` → :func:`image_size` (the caller checks it against its limits before any pixel
-is decoded) → :func:`check_acquisition` → :func:`render` → :func:`facts`. Rejections raise
+is decoded) → :func:`check_decoder` → :func:`check_acquisition` → :func:`render` → :func:`facts`. Rejections raise
 :class:`~xray_core.errors.ImageRejected` with a stable reason code:
 
 ``unreadable_dicom`` · ``dicom_no_pixels`` · ``unsupported_format`` (a transfer syntax nobody here can
@@ -161,7 +161,8 @@ def check_acquisition(ds: Dataset, policy: DicomPolicy) -> None:
         )
 
 
-def _check_decoder(ds: Dataset) -> None:
+def check_decoder(ds: Dataset) -> None:
+    """Refuse a transfer syntax no installed plugin decodes, naming the package that would."""
     uid = pydicom.uid.UID(str(ds.file_meta.TransferSyntaxUID))
     need = _NEEDS.get(str(uid), _DEFAULT_NEED)
     try:
@@ -192,7 +193,7 @@ def render(ds: Dataset) -> tuple[np.ndarray, str]:
     PresentationLUTShape INVERSE both mean "high values are black": inverted once, not twice (a DX
     MONOCHROME1 file must carry INVERSE, PS3.3 C.8.11.6).
     """
-    _check_decoder(ds)
+    check_decoder(ds)
     rows, cols = image_size(ds)
     try:
         raw = pydicom.pixels.pixel_array(ds, index=0)  # first frame only: no need to decode all

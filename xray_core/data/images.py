@@ -235,10 +235,11 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
 
 
 def _decode_dicom(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy | None) -> DecodedImage:
-    """Parse → size check (before any pixel is decoded) → modality/body part → window → facts."""
+    """Parse → size check (before any pixel is decoded) → decoder → modality/body part → window → facts."""
     ds = dicom.read_dataset(data)
     rows, cols = dicom.image_size(ds)
     _check_size(cols, rows, min_side=min_side, max_pixels=max_pixels, fmt="dicom")
+    dicom.check_decoder(ds)  # a syntax nobody can decode is unsupported_format, whatever the modality
     if policy is not None:
         dicom.check_acquisition(ds, policy)
     pixels, method = dicom.render(ds)
