@@ -27,6 +27,7 @@ from sqlalchemy import text
 from badfiles import make_bad_corpus
 from conftest import fetch, sha
 from db.schema import Image, Rejection
+from xray_core.data.catalogue import catalogue_summary
 from xray_core.data.images import decode_stored
 from xray_core.data.ingest import ingest_source
 from xray_core.data.synthetic import make_xray, write_dicom
@@ -149,6 +150,8 @@ def test_require_chest_quarantines_other_body_parts(dicom_env, tmp_path: Path, m
     settings = load_settings()
     assert ingest_source(tmp_path / "src", settings=settings).added == 2  # recorded, not refused
     assert sorted(img.body_part for img in fetch(settings, Image)) == ["ABDOMEN", "CHEST"]
+    status = catalogue_summary(settings)
+    assert status["dicom_not_marked_chest"] == 1 and any("not marked CHEST" in n for n in status["notes"])
 
     monkeypatch.setenv("XRAY_REQUIRE_CHEST", "true")
     monkeypatch.setenv("XRAY_HOME", str(tmp_path / "home2"))
