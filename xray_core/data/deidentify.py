@@ -21,7 +21,7 @@ from io import BytesIO
 import pydicom
 from pydicom.dataset import Dataset
 
-from xray_core.data.dicom import site_value
+from xray_core.data.dicom import patient_pseudonym, site_value
 
 METHOD = "xray-retrain PS3.15 Basic Profile, salted UIDs and IDs"  # LO: at most 64 characters
 
@@ -69,14 +69,17 @@ def _scrub(ds: Dataset, salt: str) -> None:
             elem.value = _new_uid(salt, str(elem.value))
 
 
-def deidentify(data: bytes, *, salt: str, patient_id: str, site_mode: str) -> bytes:
+def deidentify(data: bytes, *, salt: str, site_mode: str, patient_id: str | None = None) -> bytes:
     """The de-identified Part 10 copy of ``data`` (same transfer syntax, pixel data byte for byte).
 
-    ``patient_id``: what replaces PatientID (the catalogue's salted id). Deterministic: the same
-    bytes, salt and settings always give the same copy.
+    ``patient_id``: what replaces PatientID; None = the salted pseudonym of the file's own PatientID
+    (what the catalogue uses). Deterministic: the same bytes, salt and settings give the same copy.
     """
     ds = pydicom.dcmread(BytesIO(data), force=False)
     institution = ds.get("InstitutionName")
+    if patient_id is None:
+        raw_id = str(ds.get("PatientID", "") or "").strip()
+        patient_id = patient_pseudonym(salt, raw_id) if raw_id else ""
     _scrub(ds, salt)
     meta = ds.file_meta
     if meta.get("MediaStorageSOPInstanceUID") and "SOPInstanceUID" in ds:

@@ -277,6 +277,11 @@ def facts(ds: Dataset, windowing: str) -> DicomFacts:
     )
 
 
+def patient_pseudonym(salt: str, patient_id: str) -> str:
+    """The catalogue's id for a DICOM PatientID: ``dcm-`` + 24 hex of sha256(salt:id) (SECURITY.md)."""
+    return f"dcm-{hashlib.sha256(f'{salt}:{patient_id}'.encode()).hexdigest()[:24]}"
+
+
 def salted(salt: str, kind: str, value: str, n: int = 16) -> str:
     """``kind-<n hex>`` of sha256(salt:kind:value): stable per catalogue, useless without the salt."""
     return f"{kind}-{hashlib.sha256(f'{salt}:{kind}:{value}'.encode()).hexdigest()[:n]}"

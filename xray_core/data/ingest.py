@@ -14,7 +14,6 @@ once cannot insert the same image twice or lose rows.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -31,7 +30,7 @@ from db import session_scope
 from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.data.catalogue import open_catalogue, patient_salt
 from xray_core.data.deidentify import deidentify
-from xray_core.data.dicom import DicomPolicy, catalogue_fields
+from xray_core.data.dicom import DICOM_ERRORS, DicomPolicy, catalogue_fields, patient_pseudonym
 from xray_core.faults import crash_point
 from xray_core.errors import ImageRejected, SettingsError, SourceError
 from xray_core.io.fsutil import printable, sha256_bytes
@@ -155,7 +154,7 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
 
     dicom_pid = None  # the salted PatientID: the only form it is ever stored in
     if decoded.dicom_patient_id:
-        dicom_pid = f"dcm-{hashlib.sha256(f'{salt()}:{decoded.dicom_patient_id}'.encode()).hexdigest()[:24]}"
+        dicom_pid = patient_pseudonym(salt(), decoded.dicom_patient_id)
     if cand.patient_id:
         prep.patient_id, prep.id_source = cand.patient_id, "manifest"
     elif dicom_pid:
@@ -185,7 +184,20 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
     return prep
 
 
-def _quarantine(settings: Settings, prep: _Prepared) -> str | None:
+def _quarantine_bytes(settings: Settings, data: bytes, reason: str | None) -> bytes:
+    """A rejected DICOM (wrong modality, no pixels, ...) is quarantined de-identified like the store
+    (XRAY_DICOM_STORE); one that does not even parse cannot be, and keeps its bytes (SECURITY.md)."""
+    from xray_core.data.images import sniff_format
+
+    if settings.dicom_store != "deidentified" or reason == "unreadable_dicom" or sniff_format(data) != "dicom":
+        return data
+    try:
+        return deidentify(data, salt=patient_salt(settings), site_mode=settings.site_from_dicom)
+    except DICOM_ERRORS:
+        return data
+
+
+def _quarantine(settings: Settings, prep: _Prepared, reason: str | None = None) -> str | None:
     """Copy a rejected file's bytes under quarantine/; None when it was never read (missing, outside
     the root, too large, or beside the label folders)."""
     if prep.data is None and prep.stored_rel is None:
@@ -194,7 +206,7 @@ def _quarantine(settings: Settings, prep: _Prepared) -> str | None:
     rel = f"quarantine/{(prep.sha256 or 'unread')[:16]}-{uuid.uuid4().hex[:8]}-{safe}"
     store = get_storage(settings)
     if prep.data is not None:
-        store.write_bytes(rel, prep.data)
+        store.write_bytes(rel, _quarantine_bytes(settings, prep.data, reason))
     else:
         # Decoded fine, then found in conflict under the write lock (the same bytes with another
         # label earlier in this batch, or from a concurrent ingest): _prepare dropped the bytes but
@@ -350,7 +362,7 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepar
                     outcome = "added"
             if reject is not None:
                 if i not in quarantined:
-                    quarantined[i] = _quarantine(settings, prep)
+                    quarantined[i] = _quarantine(settings, prep, reject[0])
                 s.add(Rejection(source_id=source_id, path=prep.cand.key, sha256=prep.sha256,
                                 reason=reject[0], detail=printable(reject[1]), quarantine_path=quarantined[i]))
             if reject is None or reject[0] not in TRANSIENT_REASONS:
