@@ -276,3 +276,30 @@ def test_a_catalogue_at_revision_0001_upgrades_in_place(tmp_path: Path) -> None:
     assert set(row[6:]) == {None}
     assert revision == "0002"
     engine.dispose()
+
+
+def test_manifest_columns_supply_the_same_facts(dicom_env, tmp_path: Path) -> None:
+    from PIL import Image as PILImage
+
+    src = tmp_path / "src"
+    _phi_film(src / "films" / "film.dcm")  # DICOM says sex F, 45 years, hashed site
+    (src / "films").mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(make_xray("normal", size=64, rng=np.random.default_rng(8))).save(src / "films" / "a.png")
+    PILImage.fromarray(make_xray("normal", size=64, rng=np.random.default_rng(9))).save(src / "films" / "b.png")
+    (src / "manifest.csv").write_text(
+        "file,label,site,device,sex,age_years,study_date,laterality\n"
+        "films/film.dcm,normal,north,,m,61.5,,\n"
+        "films/a.png,normal,south,Acme DR-2,F,30,2025-03-04,l\n"
+        "films/b.png,normal,south,,X,,,\n", encoding="utf-8")
+    settings = load_settings()
+    summary = ingest_source(src, settings=settings, manifest=src / "manifest.csv")
+    assert summary.added == 2 and summary.rejected_by_reason == {"bad_metadata": 1}
+    (rej,) = fetch(settings, Rejection)
+    assert "sex" in rej.detail and "M, F or O" in rej.detail
+    images = {Path(i.original_name).name: i for i in fetch(settings, Image)}
+    film, png = images["film.dcm"], images["a.png"]
+    assert (film.site, film.sex, film.age_years, film.device) == ("north", "M", 61.5, "ACME DR-1")
+    assert film.study_date == date(2024, 1, 2)  # the manifest cell was empty: the DICOM tag stays
+    assert (png.site, png.device, png.sex, png.age_years, png.study_date, png.laterality) == (
+        "south", "Acme DR-2", "F", 30.0, date(2025, 3, 4), "L")
+    assert png.modality is None and png.windowing is None

@@ -20,7 +20,7 @@ import stat
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -179,9 +179,15 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
     prep.meta = {
         "width": decoded.width, "height": decoded.height, "bit_depth": decoded.bit_depth,
         "format": decoded.format, "phash": perceptual_hash(decoded.pixels),
-        "view": cand.view or decoded.view, **acquisition,
+        "view": cand.view or decoded.view, **acquisition, **_manifest_facts(cand),
     }
     return prep
+
+
+def _manifest_facts(cand: Candidate) -> dict:
+    """Manifest acquisition columns (checked by scan) as catalogue values; they win over DICOM tags."""
+    typed = {"age_years": float, "study_date": date.fromisoformat}
+    return {name: typed.get(name, str)(value) for name, value in cand.acquisition}
 
 
 def _quarantine_bytes(settings: Settings, data: bytes, reason: str | None) -> bytes:
