@@ -5,14 +5,16 @@ Alembic migrations in ``db/migrations`` create exactly this schema; ``tests`` co
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Date,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -79,6 +81,20 @@ class Image(Base):
     original_name: Mapped[str] = mapped_column(Text)  # path relative to the source root
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), index=True)
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Acquisition facts (migration 0002), from DICOM tags or manifest columns; NULL when unknown.
+    # Slices and audits (per site, device, sex, age, view) read them; no column holds a clear identifier.
+    site: Mapped[str | None] = mapped_column(String(64), index=True)  # salted hash, name or manifest value
+    device: Mapped[str | None] = mapped_column(String(128))  # Manufacturer + ManufacturerModelName
+    sex: Mapped[str | None] = mapped_column(String(1))  # M | F | O
+    age_years: Mapped[float | None] = mapped_column(Float)
+    study_hash: Mapped[str | None] = mapped_column(String(32), index=True)  # salted StudyInstanceUID
+    study_date: Mapped[date | None] = mapped_column(Date)
+    view_position: Mapped[str | None] = mapped_column(String(16))  # DICOM ViewPosition as written
+    laterality: Mapped[str | None] = mapped_column(String(1))  # R | L | B | U
+    pixel_spacing: Mapped[float | None] = mapped_column(Float)  # mm per pixel (row spacing)
+    body_part: Mapped[str | None] = mapped_column(String(16))  # BodyPartExamined, e.g. CHEST
+    modality: Mapped[str | None] = mapped_column(String(16))  # CR | DX | ...
+    windowing: Mapped[str | None] = mapped_column(String(32))  # voi_lut | window | percentile [+invert]
     patient: Mapped[Patient] = relationship()
 
 

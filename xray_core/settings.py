@@ -20,12 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from xray_core.errors import SettingsError
-from xray_core.rules import (LABEL_TEXT, SEED_RANGE, WEIGHT_SUFFIXES, Rule, integer_in, is_crop_scale,
-                             is_database_url, is_folder, is_label, is_label_list, is_regex, is_split_ratios,
-                             is_storage_url, is_weights, is_widths, matching, number_in, one_of)
+from xray_core.rules import PROMOTION_METRICS, PROMOTION_MODES, RULES, Rule
 
-PROMOTION_METRICS = ("macro_auroc", "balanced_accuracy", "sensitivity_at_specificity")
-PROMOTION_MODES = ("non-inferiority", "superiority")
 DEFAULT_PATIENT_REGEX = r"^(person\d+|(?:NORMAL2-)?IM-\d{4})"
 
 
@@ -108,6 +104,12 @@ class Settings:
     # report heatmaps, prediction CSVs and overlays). The store, features and models stay 0600/0700.
     file_mode: int = 0o640
 
+    # DICOM (issue 17): which acquisitions ingest accepts, where the site comes from, what is stored
+    allowed_modalities: tuple[str, ...] = ("CR", "DX")  # DICOM Modality values accepted; () = any
+    require_chest: bool = False  # True: films whose BodyPartExamined is not CHEST are quarantined
+    site_from_dicom: str = "hash"  # InstitutionName -> site: hash (salted) | name | off
+    dicom_store: str = "deidentified"  # deidentified (PS3.15 Basic Profile copy) | original bytes
+
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able values, without secrets (the patient salt)."""
         out: dict[str, Any] = {}
@@ -181,6 +183,16 @@ def _labels(name: str, raw: str) -> tuple[str, ...]:
     return tuple(sorted({normalise_label(p) for p in raw.split(",") if p.strip()}))
 
 
+def _modalities(name: str, raw: str) -> tuple[str, ...]:
+    """``CR,DX`` -> ("CR", "DX"); ``any`` -> () (every modality accepted)."""
+    parts = tuple(sorted({p.strip().upper() for p in raw.split(",") if p.strip()}))
+    if parts == ("ANY",):
+        return ()
+    if not parts or any(not re.fullmatch(r"[A-Z0-9_]{1,16}", p) for p in parts):
+        raise SettingsError(f"{name}={raw!r}: use DICOM Modality codes separated by commas (e.g. CR,DX) or 'any'")
+    return parts
+
+
 _FIELDS: dict[str, tuple[str, Any]] = {
     "storage_url": ("XRAY_STORAGE_URL", lambda n, r: r.strip().rstrip("/") or None),
     "labels": ("XRAY_LABELS", _labels),
@@ -229,6 +241,10 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "shortcut_policy": ("XRAY_SHORTCUT_POLICY", lambda n, r: r.strip().lower()),
     "allowed_views": ("XRAY_ALLOWED_VIEWS", lambda n, r: tuple(sorted({" ".join(p.upper().replace("_", " ").split())
                                                                        for p in r.split(",") if p.strip()}))),
+    "allowed_modalities": ("XRAY_ALLOWED_MODALITIES", _modalities),
+    "require_chest": ("XRAY_REQUIRE_CHEST", _bool),
+    "site_from_dicom": ("XRAY_SITE_FROM_DICOM", lambda n, r: r.strip().lower()),
+    "dicom_store": ("XRAY_DICOM_STORE", lambda n, r: r.strip().lower()),
 }
 
 # Settings whose empty value means something rather than "unset": XRAY_PATIENT_REGEX="" turns
@@ -241,80 +257,6 @@ _PATH_FIELDS = {"home": "XRAY_HOME", "database_url": "XRAY_DATABASE_URL", "incom
 ENV_VARS: tuple[str, ...] = (*_PATH_FIELDS.values(), *(env for env, _ in _FIELDS.values()))
 
 
-# One line per setting (field name -> Rule: allowed values in words and as a predicate), checked by
-# validate() at start-up; every error names the variable and repeats the words. The unit test fails
-# when a field of _FIELDS or _PATH_FIELDS has no line here.
-_DASK = r"(tcp|tls|ucx|inproc|ws|wss)://[\w.\-\[\]:/]+|[\w.\-\[\]]+:\d{1,5}"
-_SALT = r"(?!\s)[^\x00-\x1f\x7f]*(?<!\s)"  # a stray newline from a secrets file would change every hash
-RULES: dict[str, Rule] = {
-    "home": Rule("must be a folder path (created if missing), not a file", is_folder, "var", ("var\0x",)),
-    "database_url": Rule("must be a SQLAlchemy URL such as sqlite:///path/catalogue.db or postgresql+psycopg://"
-                         "user@host/db", is_database_url, "sqlite:///catalogue.db", ("catalogue.db", "nosuch://h/db")),
-    "incoming_dir": Rule("must be a folder path (it need not exist yet), not a file", is_folder, "in", ("in\0",)),
-    "storage_url": Rule("must be a folder path or an fsspec URL of a protocol fsspec knows (memory://, file://, "
-                        "s3://, ...), or unset", is_storage_url, "memory://xray", ("nosuchproto://bucket/xray",)),
-    "labels": Rule(f"must be empty (any label) or two or more comma-separated labels of {LABEL_TEXT}",
-                   is_label_list, "normal,pneumonia", ("normal", "normal,x/y")),
-    "negative_label": Rule(f"must be one label of {LABEL_TEXT}", is_label, "healthy", ("no/such",)),
-    "patient_regex": Rule("must be a regular expression (group 1, else the whole match, is the patient id), or "
-                          "empty for none", is_regex, r"^(p\d+)", ("(person",)),
-    "patient_salt": matching(_SALT, "must be text without leading or trailing spaces or control characters; "
-                             "unset = a per-home salt file", "hospital-salt", (" salt\n",), optional=True),
-    "min_image_side": integer_in(1, 65535, "pixels; smaller images are rejected as too_small"),
-    "max_pixels": integer_in(1, 10**9, "width x height above which an image is refused as a decompression bomb"),
-    "max_file_bytes": integer_in(1, 2**36, "bytes, at most 64 GiB; larger files are refused unread"),
-    "split_ratios": Rule("must be three comma-separated fractions train,val,test in [0, 1] that sum to 1 with "
-                         "train above 0, e.g. 0.7,0.15,0.15", is_split_ratios, "0.8,0.1,0.1",
-                         ("nan,nan,nan", "0.5,0.5", "0.7,0.2,0.2", "0,0.5,0.5", "1.2,-0.1,-0.1", "a,b,c")),
-    "split_seed": integer_in(*SEED_RANGE, "seed of the patient-to-split hash"),
-    "backbone_weights": Rule(f"must be imagenet, random or the path of a state dict ending "
-                             f"{', '.join(WEIGHT_SUFFIXES)}",
-                             is_weights, "random", ("imagenet22k", "weights.pkl")),
-    "backbone_seed": integer_in(*SEED_RANGE, "init seed of a random backbone"),
-    "device": matching(r"auto|cpu|cuda(:\d+)?", "must be auto, cpu, cuda or cuda:N", "cpu", ("gpu", "cuda:x")),
-    "input_size": integer_in(32, 1024, "square side in pixels fed to densenet161"),
-    "views": integer_in(0, 64, "augmented views per image, each a full backbone pass"),
-    "aug_rotation": number_in(0, 180, "degrees, +-; 0 disables"),
-    "aug_crop_scale": Rule("must be two fractions lo,hi with 0 < lo <= hi <= 1, e.g. 0.8,1.0", is_crop_scale,
-                           "0.5,1", ("0,1", "0.9,0.8", "0.8", "nan,1")),
-    "aug_hflip": Rule("must be one of 1/0, true/false, yes/no, on/off", lambda v: isinstance(v, bool), "off",
-                      ("maybe",)),
-    "embed_batch_size": integer_in(1, 4096, "images per backbone call"),
-    "embed_workers": integer_in(0, 256, "decode processes; 0 decodes in the main process"),
-    "embed_memory_mb": integer_in(1, 2**20, "MiB of decoded batches held while embedding, at most 1 TiB"),
-    "embed_dask_workers": integer_in(0, 1024, "Dask embedding shards; 0 = off"),
-    "dask_address": matching(_DASK, "must be a Dask scheduler address such as tcp://host:8786 or host:8786, or "
-                             "unset", "tcp://127.0.0.1:8786", ("http://host:8786", "tcp://two hosts"), optional=True),
-    "head_hidden": Rule("must be none (a linear head) or up to 8 comma-separated widths, each an integer in "
-                        "[1, 16384]", is_widths, "256,128", ("-3", "0", "512,abc", "100000")),
-    "head_dropout": number_in(0, 1, "fraction of units dropped", open_hi=True),
-    "epochs": integer_in(1, 100_000, "passes over the training features"),
-    "batch_size": integer_in(1, 65536, "training rows per step"),
-    "learning_rate": number_in(0, 1, "Adam step size", open_lo=True),
-    "weight_decay": number_in(0, 1, "Adam L2 penalty; 0 = none"),
-    "patience": integer_in(1, 100_000, "epochs without a val-loss improvement before stopping"),
-    "train_seed": integer_in(*SEED_RANGE, "seed of head init and batch order"),
-    "bootstrap_samples": integer_in(1, 1_000_000, "resamples per confidence interval"),
-    "bootstrap_seed": integer_in(*SEED_RANGE, "seed of the bootstrap"),
-    "min_test_per_class": integer_in(1, 1_000_000, "test images per class before a promotion is decided"),
-    "floor_macro_auroc": number_in(0, 1, "macro AUROC a first model must reach; 0 = no floor"),
-    "floor_sensitivity": number_in(0, 1, "per-class sensitivity a first model must reach; 0 = no floor"),
-    "promotion_metric": one_of(PROMOTION_METRICS, "accuracy"),
-    "promotion_mode": one_of(PROMOTION_MODES, "better"),
-    "promotion_margin": number_in(0, 1, "metric difference: shortfall allowed if non-inferiority, gain needed if "
-                                  "superiority"),
-    "target_specificity": number_in(0, 1, "a fraction: 0.9 means 90%", open_lo=True, open_hi=True),
-    "guardrail_sensitivity_drop": number_in(0, 1, "largest per-class sensitivity drop a promotion may cause"),
-    "file_mode": Rule("must be an octal file mode from 000 to 777 without write access for others, e.g. 0640 "
-                      "or 0644", lambda v: isinstance(v, int) and 0 <= v <= 0o777 and not v & 0o002, "0644",
-                      ("0666", "999", "rw-r-----")),
-    "guardrail_site_drop": number_in(0, 1, "largest AUROC or per-class sensitivity drop allowed on any site with "
-                                     "enough test images"),
-    "shortcut_auroc": number_in(0.5, 1, "AUROC of a shortcut probe above which the audit warns"),
-    "shortcut_policy": one_of(("warn", "block"), "ignore"),
-    "allowed_views": Rule("must be empty (any view) or comma-separated view names such as PA,AP",
-                          lambda v: all(x.replace(" ", "").isalnum() for x in v), "PA,AP", ("PA,<script>",)),
-}
 _VARS = {**_PATH_FIELDS, **{name: env for name, (env, _) in _FIELDS.items()}}
 _SECRETS = frozenset({"patient_salt"})  # never echoed in an error
 
@@ -410,4 +352,4 @@ def reset_settings() -> None:
     get_settings.cache_clear()
 
 
-__all__ = ["Settings", "Rule", "RULES", "load_settings", "validate", "get_settings", "reset_settings", "ENV_VARS"]
+__all__ = ["Settings", "Rule", "RULES", "PROMOTION_METRICS", "PROMOTION_MODES", "load_settings", "validate", "get_settings", "reset_settings", "ENV_VARS"]

@@ -31,8 +31,13 @@ def test_upgrade_is_idempotent_and_records_head(engine, database_url):
 
     dispose_engines()
     again = get_engine(database_url)
+    from alembic.script import ScriptDirectory
+
+    from db.engine import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(again)).get_current_head()
     with again.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0001"
+        assert MigrationContext.configure(conn).get_current_revision() == head == "0002"
 
 
 @pytest.mark.sqlite_only

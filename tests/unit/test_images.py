@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from io import BytesIO
 from pathlib import Path
 
@@ -20,17 +21,19 @@ from badfiles import (
     make_bad_corpus,
     make_good_variants,
 )
-from xray_core.errors import ImageRejected
+from xray_core.errors import ImageRejected, SettingsError
+from xray_core.data.dicom import WINDOWING_SPEC, catalogue_fields
 from xray_core.data.images import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
+    DicomPolicy,
     decode_image,
     hamming,
     load_grayscale,
     perceptual_hash,
     sniff_format,
 )
-from xray_core.settings import Settings
+from xray_core.settings import Settings, load_settings
 from xray_core.data.synthetic import make_xray, write_dicom
 
 REASONS = {
@@ -285,6 +288,142 @@ def _dicom_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
         path = write_dicom(tmp_path_factory.mktemp("dcm") / "x.dcm", pixels, patient_id="P", bits_stored=12)
         _DICOM_CACHE["d"] = path.read_bytes()
     return _DICOM_CACHE["d"]
+
+
+# ---- DICOM: modality, body part, windowing, facts (xray_core.data.dicom) -------------------------
+
+
+def _film(tmp_path: Path, name: str = "f.dcm", **kwargs) -> bytes:
+    pixels = make_xray("normal", size=64, rng=np.random.default_rng(11)).astype(np.uint16) * 16
+    return write_dicom(tmp_path / name, pixels, patient_id="P", bits_stored=12, **kwargs).read_bytes()
+
+
+@pytest.mark.parametrize(("modality", "policy", "reason"), [
+    ("CT", DicomPolicy(), "wrong_modality"),
+    ("MR", DicomPolicy(("CR", "DX", "MG")), "wrong_modality"),
+    ("DX", DicomPolicy(), None),
+    ("CT", DicomPolicy(()), None),  # XRAY_ALLOWED_MODALITIES=any
+    ("CT", None, None),  # decode_stored / predict: no policy
+])
+def test_modality_policy(tmp_path: Path, modality: str, policy: DicomPolicy | None, reason: str | None) -> None:
+    data = _film(tmp_path, modality=modality)
+    if reason is None:
+        assert decode_image(data, min_side=32, max_pixels=10**6, policy=policy).dicom.modality == modality
+    else:
+        with pytest.raises(ImageRejected) as info:
+            decode_image(data, min_side=32, max_pixels=10**6, policy=policy)
+        assert info.value.reason == reason and modality in info.value.detail
+        assert "XRAY_ALLOWED_MODALITIES" in info.value.detail
+
+
+@pytest.mark.parametrize("body_part", ["ABDOMEN", None])
+def test_require_chest_refuses_other_or_missing_body_parts(tmp_path: Path, body_part: str | None) -> None:
+    data = _film(tmp_path, body_part=body_part)
+    assert decode_image(data, min_side=32, max_pixels=10**6, policy=DicomPolicy()).dicom.body_part == body_part
+    with pytest.raises(ImageRejected) as info:
+        decode_image(data, min_side=32, max_pixels=10**6, policy=DicomPolicy(require_chest=True))
+    assert info.value.reason == "not_chest" and "XRAY_REQUIRE_CHEST" in info.value.detail
+
+
+def _pixels(data: bytes) -> tuple[np.ndarray, str]:
+    image = decode_image(data, min_side=32, max_pixels=10**6)
+    return image.pixels, image.dicom.windowing
+
+
+def test_window_centre_width_is_applied(tmp_path: Path) -> None:
+    plain, method = _pixels(_film(tmp_path, "a.dcm"))
+    assert method == "percentile"
+    raw = make_xray("normal", size=64, rng=np.random.default_rng(11)).astype(np.float64) * 16
+    centre, width = 1600.0, 1200.0
+    windowed, method = _pixels(_film(tmp_path, "b.dcm", window=(centre, width)))
+    assert method == "window"
+    # PS3.3 C.11.2.1.2.1 linear function, then stretched to [0, 1] by decode's own min..max.
+    expected = np.clip((raw - (centre - 0.5)) / (width - 1) + 0.5, 0, 1)
+    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    np.testing.assert_allclose(windowed, expected, atol=1e-3)
+    assert not np.allclose(windowed, plain, atol=1e-2)
+
+
+def test_voi_lut_sequence_wins_and_is_applied(tmp_path: Path) -> None:
+    plain, _ = _pixels(_film(tmp_path, "a.dcm"))
+    lut = (4095 - np.arange(4096)).astype(np.uint16)  # an inverting LUT: visible in the result
+    via_lut, method = _pixels(_film(tmp_path, "b.dcm", voi_lut=lut, window=(2000, 4000)))
+    assert method == "voi_lut"
+    assert np.corrcoef(via_lut.ravel(), plain.ravel())[0, 1] < -0.99
+
+
+@pytest.mark.parametrize(("photometric", "shape"), [
+    ("MONOCHROME2", "INVERSE"), ("MONOCHROME1", None), ("MONOCHROME1", "INVERSE"),
+])
+def test_monochrome1_and_inverse_invert_once(tmp_path: Path, photometric: str, shape: str | None) -> None:
+    plain, _ = _pixels(_film(tmp_path, "a.dcm"))
+    inverted, method = _pixels(_film(tmp_path, "b.dcm", photometric=photometric, presentation_lut_shape=shape))
+    assert method == "percentile+invert"
+    np.testing.assert_allclose(inverted, 1.0 - plain, atol=1e-6)
+
+
+def test_percentile_window_ignores_a_few_saturated_pixels(tmp_path: Path) -> None:
+    pixels = make_xray("normal", size=64, rng=np.random.default_rng(11)).astype(np.uint16) * 16
+    burned = pixels.copy()
+    burned[0, :5] = 4095  # burned-in text / collimator edge: 5 of 4096 pixels
+    a, _ = _pixels(write_dicom(tmp_path / "a.dcm", pixels, patient_id="P", bits_stored=12).read_bytes())
+    b, _ = _pixels(write_dicom(tmp_path / "b.dcm", burned, patient_id="P", bits_stored=12).read_bytes())
+    # A min-max window would squash the film into the lower part of the range; percentiles do not.
+    assert abs(float(np.median(a[1:])) - float(np.median(b[1:]))) < 0.02
+
+
+def test_facts_and_catalogue_fields(tmp_path: Path) -> None:
+    data = _film(tmp_path, tags={"PatientSex": "M", "PatientAge": "006M", "StudyDate": "20240229",
+                                 "Manufacturer": "ACME", "InstitutionName": "Clinic", "Laterality": "L",
+                                 "ImagerPixelSpacing": ["0.2", "0.2"]})
+    facts = decode_image(data, min_side=32, max_pixels=10**6).dicom
+    assert (facts.sex, facts.age_years, facts.study_date) == ("M", 0.5, date(2024, 2, 29))
+    assert (facts.laterality, facts.pixel_spacing, facts.institution) == ("L", 0.2, "Clinic")
+    hashed = catalogue_fields(facts, salt="a", site_mode="hash")
+    assert hashed["device"] == "ACME" and hashed["site"].startswith("site-") and "Clinic" not in hashed["site"]
+    assert hashed["study_hash"] != catalogue_fields(facts, salt="b", site_mode="hash")["study_hash"]
+    assert catalogue_fields(facts, salt="a", site_mode="name")["site"] == "Clinic"
+    assert catalogue_fields(facts, salt="a", site_mode="off")["site"] is None
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR AS")  # writing the malformed '45' on purpose
+@pytest.mark.parametrize(("raw", "years"), [("045Y", 45.0), ("006M", 0.5), ("052W", 0.997), ("", None), ("45", None)])
+def test_dicom_age_strings(tmp_path: Path, raw: str, years: float | None) -> None:
+    data = _film(tmp_path, tags={"PatientAge": raw} if raw else None)
+    assert decode_image(data, min_side=32, max_pixels=10**6).dicom.age_years == years
+
+
+@pytest.mark.parametrize(("env", "field", "value"), [
+    ({}, "allowed_modalities", ("CR", "DX")),
+    ({"XRAY_ALLOWED_MODALITIES": "any"}, "allowed_modalities", ()),
+    ({"XRAY_ALLOWED_MODALITIES": "dx, mg"}, "allowed_modalities", ("DX", "MG")),
+    ({"XRAY_REQUIRE_CHEST": "yes"}, "require_chest", True),
+    ({}, "dicom_store", "deidentified"),
+    ({}, "site_from_dicom", "hash"),
+])
+def test_dicom_settings(tmp_path: Path, env: dict, field: str, value: object) -> None:
+    assert getattr(load_settings({"XRAY_HOME": str(tmp_path), **env}), field) == value
+
+
+@pytest.mark.parametrize(("var", "raw", "allowed"), [
+    ("XRAY_ALLOWED_MODALITIES", "CR;DX", "'any'"),
+    ("XRAY_SITE_FROM_DICOM", "clear", "hash, name and off"),
+    ("XRAY_DICOM_STORE", "raw", "deidentified and original"),
+])
+def test_bad_dicom_settings_say_what_is_allowed(tmp_path: Path, var: str, raw: str, allowed: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"XRAY_HOME": str(tmp_path), var: raw})
+    assert var in str(info.value) and allowed in str(info.value)
+
+
+def test_windowing_is_in_the_preprocessing_fingerprint() -> None:
+    from xray_core.model.preprocess import spec_dict
+
+    assert spec_dict(Settings(**_PATHS))["dicom_windowing"] == WINDOWING_SPEC
+
+
+_PATHS = {k: Path("/x") for k in ("home", "store_dir", "features_dir", "models_dir", "reports_dir", "quarantine_dir")}
+_PATHS.update(database_url="sqlite://", incoming_dir=None)
 
 
 # ---- perceptual hash -----------------------------------------------------------------------------

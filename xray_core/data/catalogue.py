@@ -174,7 +174,13 @@ def catalogue_summary(settings: Settings) -> dict[str, Any]:
         n_sources = s.scalar(select(func.count()).select_from(Source)) or 0
         near_total, near_pairs = near_duplicate_pairs(s, limit=20)
         history = label_history(s, limit=20)
+        # DICOM films whose BodyPartExamined is not CHEST (or absent): kept unless XRAY_REQUIRE_CHEST.
+        not_chest = s.scalar(select(func.count()).select_from(Image).where(
+            Image.format == "dicom", func.coalesce(Image.body_part, "") != "CHEST")) or 0
     notes = []
+    if not_chest:
+        notes.append(f"{not_chest} DICOM film(s) are not marked CHEST (BodyPartExamined); "
+                     "XRAY_REQUIRE_CHEST=true would quarantine such films.")
     if patients_by_source.get("image"):
         notes.append(
             f"{patients_by_source['image']} image(s) had no patient id (no manifest column, DICOM "
@@ -199,6 +205,7 @@ def catalogue_summary(settings: Settings) -> dict[str, Any]:
         "near_duplicates": {"max_distance": NEAR_DUPLICATE_MAX_DISTANCE, "pairs_across_splits": near_total,
                             "examples": near_pairs},
         "label_history": history,
+        "dicom_not_marked_chest": not_chest,
         "notes": notes,
     }
 

@@ -5,10 +5,12 @@ Every file the system ingests passes :func:`decode_image`; a file it cannot use 
 and a ``detail`` sentence saying what was found and what is allowed:
 
 ``empty_file`` · ``not_an_image`` · ``unsupported_format`` · ``truncated`` · ``decompression_bomb`` ·
-``too_small`` · ``constant_image`` · ``unreadable_dicom`` · ``dicom_no_pixels``
+``too_small`` · ``constant_image`` · ``unreadable_dicom`` · ``dicom_no_pixels`` · ``wrong_modality`` ·
+``not_chest`` (the DICOM steps and their reasons live in :mod:`xray_core.data.dicom`)
 
 The output is one convention for every format (torchxrayvision's single checked normalisation):
-float32, shape (H, W), 0 = black, 1 = white, MONOCHROME1 inverted, EXIF orientation applied. Global
+float32, shape (H, W), 0 = black, 1 = white, EXIF orientation applied; DICOM windowed (VOI LUT,
+window centre/width or a percentile window) with MONOCHROME1 / INVERSE inverted. Global
 PIL state (``LOAD_TRUNCATED_IMAGES``, ``MAX_IMAGE_PIXELS``) and pydicom's config are never changed:
 other code in the process may rely on them.
 """
@@ -22,12 +24,10 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-import pydicom
-import pydicom.pixels
-import pydicom.uid
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydicom.errors import BytesLengthException, InvalidDicomError
 
+from xray_core.data import dicom
+from xray_core.data.dicom import DicomFacts, DicomPolicy
 from xray_core.errors import ImageRejected
 from xray_core.io.fsutil import printable
 from xray_core.settings import Settings
@@ -53,27 +53,6 @@ _PIL_DECODE_ERRORS = (
     zlib.error,
 )
 
-# pydicom parses lazily and raises whatever the malformed bytes trip over; these are the exception
-# types its readers and pixel decoders raise on garbage (found by fuzzing, see tests/test_images.py).
-_DICOM_ERRORS = (
-    InvalidDicomError,
-    BytesLengthException,
-    OSError,
-    EOFError,
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    AttributeError,
-    OverflowError,
-    NotImplementedError,
-    RuntimeError,
-    UnicodeDecodeError,
-    struct.error,
-    zlib.error,
-)
-
-
 @dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
 class DecodedImage:
     """One decoded, validated image. ``pixels`` is what every later stage sees."""
@@ -85,6 +64,7 @@ class DecodedImage:
     format: str  # "png" | "jpeg" | "dicom"
     dicom_patient_id: str | None  # raw DICOM PatientID: the caller hashes it; never log or store it
     view: str | None  # DICOM ViewPosition, e.g. "PA"; None for PNG/JPEG or when absent
+    dicom: DicomFacts | None = None  # acquisition facts (raw: hash before storing); None for PNG/JPEG
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -115,14 +95,15 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, min_side: int, max_pixels: int) -> DecodedImage:
+def decode_image(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy | None = None) -> DecodedImage:
     """Decode and validate one file's bytes; raise ImageRejected if it cannot be used.
 
     ``min_side``: the shorter side must be at least this many pixels. ``max_pixels``: width*height
     declared by the header above this is refused before any pixel is decoded (a small file can
-    declare a huge image and exhaust memory: a decompression bomb).
+    declare a huge image and exhaust memory: a decompression bomb). ``policy``: which DICOM
+    modalities and body parts are accepted (ingest passes the settings'); None checks neither.
     """
-    return _decode(data, min_side=min_side, max_pixels=max_pixels)
+    return _decode(data, min_side=min_side, max_pixels=max_pixels, policy=policy)
 
 
 def load_grayscale(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -139,7 +120,7 @@ def decode_stored(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
     return _decode(data, min_side=1, max_pixels=max_pixels).pixels
 
 
-def _decode(data: bytes, *, min_side: int, max_pixels: int) -> DecodedImage:
+def _decode(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy | None = None) -> DecodedImage:
     if len(data) == 0:
         raise ImageRejected("empty_file", f"the file is empty (0 bytes); {_ALLOWED}")
     fmt = sniff_format(data)
@@ -151,7 +132,7 @@ def _decode(data: bytes, *, min_side: int, max_pixels: int) -> DecodedImage:
     if fmt not in SUPPORTED_FORMATS:
         raise ImageRejected("unsupported_format", f"the file is a {fmt.upper()} image; {_ALLOWED}")
     if fmt == "dicom":
-        image = _decode_dicom(data, min_side=min_side, max_pixels=max_pixels)
+        image = _decode_dicom(data, min_side=min_side, max_pixels=max_pixels, policy=policy)
     else:
         image = _decode_pil(data, fmt, min_side=min_side, max_pixels=max_pixels)
     pixels = image.pixels
@@ -253,77 +234,19 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def _decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> DecodedImage:
-    try:
-        ds = pydicom.dcmread(BytesIO(data), force=False)
-        # pydicom reads elements lazily and shrugs at garbage; a Part 10 file (DICM magic) must name
-        # its transfer syntax in the file meta, and every element must parse.
-        tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        if not tsyntax:
-            raise ImageRejected(
-                "unreadable_dicom",
-                "the file has the DICM marker but no file meta information with a transfer syntax; "
-                "it is not a readable DICOM Part 10 file",
-            )
-        for _ in ds.iterall():
-            pass
-    except _DICOM_ERRORS as exc:
-        raise ImageRejected(
-            "unreadable_dicom", f"the DICOM data is corrupt ({type(exc).__name__}: {exc})"
-        ) from None
-
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageRejected(
-            "dicom_no_pixels",
-            "the DICOM file has no pixel data (e.g. a structured report or a header-only file); "
-            "only DICOM images are supported",
-        )
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError):
-        raise ImageRejected(
-            "unreadable_dicom", "the DICOM image lacks valid Rows/Columns, so its size is unknown"
-        ) from None
+def _decode_dicom(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy | None) -> DecodedImage:
+    """Parse → size check (before any pixel is decoded) → decoder → modality/body part → window → facts."""
+    ds = dicom.read_dataset(data)
+    rows, cols = dicom.image_size(ds)
     _check_size(cols, rows, min_side=min_side, max_pixels=max_pixels, fmt="dicom")
-
-    uid = pydicom.uid.UID(str(tsyntax))
+    dicom.check_decoder(ds)  # a syntax nobody can decode is unsupported_format, whatever the modality
+    if policy is not None:
+        dicom.check_acquisition(ds, policy)
+    pixels, method = dicom.render(ds)
     try:
-        decoder = pydicom.pixels.get_decoder(uid)
-    except NotImplementedError:
-        raise ImageRejected(
-            "unsupported_format",
-            f"DICOM transfer syntax {uid.name} ({uid}) cannot be decoded here; use uncompressed, "
-            "RLE or a JPEG syntax with an installed decoder",
-        ) from None
-    if not decoder.is_available:
-        missing = "; ".join(decoder.missing_dependencies) or "no decoder plugin"
-        raise ImageRejected(
-            "unsupported_format",
-            f"DICOM transfer syntax {uid.name} ({uid}) needs a decoder that is not installed "
-            f"({missing}); use uncompressed DICOM or install a decoder",
-        )
-    try:
-        arr = pydicom.pixels.pixel_array(ds, index=0)  # first frame only: no need to decode all
-        arr = pydicom.pixels.apply_modality_lut(arr, ds)  # rescale slope/intercept
-    except _DICOM_ERRORS as exc:
-        raise ImageRejected(
-            "unreadable_dicom",
-            f"the DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc})",
-        ) from None
-    arr = np.asarray(arr, dtype=np.float64)
-    if arr.ndim == 3:  # colour DICOM (pydicom already converted YBR to RGB): luminance
-        arr = arr[..., :3] @ _LUMA.astype(np.float64)
-    if arr.ndim != 2 or arr.shape != (rows, cols):
-        raise ImageRejected(
-            "unreadable_dicom",
-            f"the DICOM pixel data has shape {arr.shape}, not the declared {rows}x{cols}",
-        )
-    if not np.isfinite(arr).all():
-        raise ImageRejected("unreadable_dicom", "the DICOM pixel data holds NaN or infinite values")
-    pixels = _minmax(arr)
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
-        pixels = 1.0 - pixels  # MONOCHROME1: high values are black
-    bits = ds.get("BitsStored") or ds.get("BitsAllocated") or 16
+        bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    except dicom.DICOM_ERRORS:
+        bits = 16
     patient_id = str(ds.get("PatientID", "") or "").strip() or None
     # ViewPosition is a DICOM code string (at most 16 characters); a hostile file may hold anything,
     # and the catalogue's view column holds 32 (PostgreSQL would refuse more and fail the batch).
@@ -332,10 +255,11 @@ def _decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> DecodedImag
         pixels=pixels.astype(np.float32, copy=False),
         width=cols,
         height=rows,
-        bit_depth=int(bits),
+        bit_depth=bits,
         format="dicom",
         dicom_patient_id=patient_id,
         view=view,
+        dicom=dicom.facts(ds, method),
     )
 
 
@@ -397,6 +321,7 @@ def hamming(a: int, b: int) -> int:
 
 __all__ = [
     "DecodedImage",
+    "DicomPolicy",
     "SUPPORTED_FORMATS",
     "DEFAULT_MAX_PIXELS",
     "decode_image",

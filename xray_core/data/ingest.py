@@ -14,15 +14,13 @@ once cannot insert the same image twice or lose rows.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import socket
 import stat
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,12 +29,15 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.data.catalogue import open_catalogue, patient_salt
+from xray_core.data.deidentify import deidentify
+from xray_core.data.dicom import DICOM_ERRORS, DicomPolicy, catalogue_fields, patient_pseudonym
 from xray_core.faults import crash_point
 from xray_core.errors import ImageRejected, SettingsError, SourceError
 from xray_core.io.fsutil import printable, sha256_bytes
 from xray_core.data.labels import check_label
 from xray_core.settings import Settings
 from xray_core.data.scan import Candidate, scan_folder, scan_manifest, validate_manifest
+from xray_core.data.sources import close_interrupted_ingests, ingest_owner
 from xray_core.data.split import assign_splits
 from xray_core.io.storage import get_storage
 
@@ -100,7 +101,8 @@ def _rules_key(settings: Settings) -> str:
     them (e.g. adding a label to XRAY_LABELS, raising XRAY_MAX_PIXELS) re-evaluates the files they
     rejected instead of skipping them as unchanged forever."""
     return (f"labels={','.join(settings.labels)};min_side={settings.min_image_side};"
-            f"max_pixels={settings.max_pixels};max_bytes={settings.max_file_bytes}")
+            f"max_pixels={settings.max_pixels};max_bytes={settings.max_file_bytes};"
+            f"modalities={','.join(settings.allowed_modalities) or 'any'};chest={settings.require_chest}")
 
 
 def _unchanged(prev: tuple[int, int, str] | None, size: int, mtime_ns: int, context: str, rules: str) -> bool:
@@ -151,31 +153,41 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
         prep.data = data
         return prep
     try:
-        decoded = decode_image(data, min_side=settings.min_image_side, max_pixels=settings.max_pixels)
+        decoded = decode_image(data, min_side=settings.min_image_side, max_pixels=settings.max_pixels,
+                               policy=DicomPolicy(settings.allowed_modalities, settings.require_chest))
     except ImageRejected as rej:
         prep.reject, prep.data = (rej.reason, rej.detail), data
         return prep
     from xray_core.data.images import perceptual_hash
 
+    dicom_pid = None  # the salted PatientID: the only form it is ever stored in
+    if decoded.dicom_patient_id:
+        dicom_pid = patient_pseudonym(salt(), decoded.dicom_patient_id)
     if cand.patient_id:
         prep.patient_id, prep.id_source = cand.patient_id, "manifest"
-    elif decoded.dicom_patient_id:
-        digest = hashlib.sha256(f"{salt()}:{decoded.dicom_patient_id}".encode()).hexdigest()[:24]
-        prep.patient_id, prep.id_source = f"dcm-{digest}", "dicom"
+    elif dicom_pid:
+        prep.patient_id, prep.id_source = dicom_pid, "dicom"
     elif (pid := _patient_from_filename(cand.path.name, regex)) is not None:
         prep.patient_id, prep.id_source = pid, "filename"
     else:
         prep.patient_id, prep.id_source = f"img-{prep.sha256[:16]}", "image"
     ext = STORE_EXT[decoded.format]
+    # Named by the original's sha256 even when a de-identified copy is stored: deduplication and
+    # idempotent re-scans work on what arrived (see xray_core.data.deidentify).
     prep.stored_rel = f"store/{prep.sha256[:2]}/{prep.sha256}.{ext}"
+    stored = data
+    if decoded.dicom is not None and settings.dicom_store == "deidentified":
+        stored = deidentify(data, salt=salt(), patient_id=dicom_pid or "", site_mode=settings.site_from_dicom)
     store = get_storage(settings)
-    if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(data)):
-        store.write_bytes(prep.stored_rel, data)
+    if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(stored)):
+        store.write_bytes(prep.stored_rel, stored)
         crash_point("ingest.store_written")
+    acquisition = (catalogue_fields(decoded.dicom, salt=salt(), site_mode=settings.site_from_dicom)
+                   if decoded.dicom is not None else {})
     prep.meta = {
         "width": decoded.width, "height": decoded.height, "bit_depth": decoded.bit_depth,
         "format": decoded.format, "phash": perceptual_hash(decoded.pixels),
-        "view": cand.view or decoded.view,
+        "view": cand.view or decoded.view, **acquisition, **_manifest_facts(cand),
     }
     return prep
 
@@ -190,7 +202,26 @@ def _changed_while_read(path: Path, before: os.stat_result, n_read: int) -> bool
     return n_read != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
 
 
-def _quarantine(settings: Settings, prep: _Prepared) -> str | None:
+def _manifest_facts(cand: Candidate) -> dict:
+    """Manifest acquisition columns (checked by scan) as catalogue values; they win over DICOM tags."""
+    typed = {"age_years": float, "study_date": date.fromisoformat}
+    return {name: typed.get(name, str)(value) for name, value in cand.acquisition}
+
+
+def _quarantine_bytes(settings: Settings, data: bytes, reason: str | None) -> bytes:
+    """A rejected DICOM (wrong modality, no pixels, ...) is quarantined de-identified like the store
+    (XRAY_DICOM_STORE); one that does not even parse cannot be, and keeps its bytes (SECURITY.md)."""
+    from xray_core.data.images import sniff_format
+
+    if settings.dicom_store != "deidentified" or reason == "unreadable_dicom" or sniff_format(data) != "dicom":
+        return data
+    try:
+        return deidentify(data, salt=patient_salt(settings), site_mode=settings.site_from_dicom)
+    except DICOM_ERRORS:
+        return data
+
+
+def _quarantine(settings: Settings, prep: _Prepared, reason: str | None = None) -> str | None:
     """Copy a rejected file's bytes under quarantine/; None when it was never read (missing, outside
     the root, too large, or beside the label folders)."""
     if prep.data is None and prep.stored_rel is None:
@@ -199,7 +230,7 @@ def _quarantine(settings: Settings, prep: _Prepared) -> str | None:
     rel = f"quarantine/{(prep.sha256 or 'unread')[:16]}-{uuid.uuid4().hex[:8]}-{safe}"
     store = get_storage(settings)
     if prep.data is not None:
-        store.write_bytes(rel, prep.data)
+        store.write_bytes(rel, _quarantine_bytes(settings, prep.data, reason))
     else:
         # Decoded fine, then found in conflict under the write lock (the same bytes with another
         # label earlier in this batch, or from a concurrent ingest): _prepare dropped the bytes but
@@ -235,8 +266,9 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
     rules = _rules_key(settings)
     engine = open_catalogue(settings)
     for private in ("store", "quarantine"):
-        # Originals keep every byte, DICOM patient identifiers included (see SECURITY.md): owner
-        # only when we create them; an existing folder's permissions are the administrator's choice.
+        # Quarantined files (and, with XRAY_DICOM_STORE=original, stored DICOM) keep every byte,
+        # patient identifiers included (see SECURITY.md): owner only when we create them; an
+        # existing folder's permissions are the administrator's choice.
         # (Under XRAY_STORAGE_URL, access is the bucket's or share's policy.)
         folder = get_storage(settings).local_path(private)
         if folder is not None:
@@ -316,38 +348,6 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
     return summary
 
 
-def ingest_owner() -> dict[str, object]:
-    """Who runs an ingest (host and pid), kept in its source row's ``counts`` until it finishes, so
-    that a row left ``running`` by a killed process can be told from one still running."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
-def owner_alive(counts: dict | None) -> bool:
-    """Whether the ingest that owns a ``running`` source row may still be running. A row from another
-    host (or from before owners were recorded) is assumed alive: only a provably dead owner is closed."""
-    owner = (counts or {}).get("owner") if isinstance(counts, dict) else None
-    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, TypeError, ValueError, OverflowError):
-        return True
-    return True
-
-
-def close_interrupted_ingests(s) -> list[int]:  # noqa: ANN001 - a Session
-    """Mark ``running`` sources whose process is gone as ``interrupted`` (what they had written stays:
-    every group was committed whole). Returns their ids."""
-    closed = []
-    for src in s.scalars(select(Source).where(Source.status == "running")):
-        if not owner_alive(src.counts):
-            src.status, src.finished_at = "interrupted", datetime.now(timezone.utc)
-            closed.append(src.id)
-    return closed
-
-
 def _like_prefix(root: Path) -> str:
     text = str(root).rstrip("/") + "/"
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -387,7 +387,7 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepar
                     outcome = "added"
             if reject is not None:
                 if i not in quarantined:
-                    quarantined[i] = _quarantine(settings, prep)
+                    quarantined[i] = _quarantine(settings, prep, reject[0])
                 s.add(Rejection(source_id=source_id, path=prep.cand.key, sha256=prep.sha256,
                                 reason=reject[0], detail=printable(reject[1]), quarantine_path=quarantined[i]))
             if reject is None or reject[0] not in TRANSIENT_REASONS:

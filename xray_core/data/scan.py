@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+from datetime import date
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +20,16 @@ IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 # Files beside the label folders that describe the source rather than being images of a label.
 ROOT_METADATA_SUFFIXES = {".csv", ".md", ".txt", ".json", ".yaml", ".yml", ".pdf"}
 MANIFEST_REQUIRED = ("file", "label")
-MANIFEST_OPTIONAL = ("patient_id", "view", "site")
+# Optional manifest columns for the catalogue's acquisition facts (issue 17), each with its check.
+MANIFEST_METADATA: dict[str, tuple[str, str]] = {
+    "site": (r"[^\x00-\x1f]{1,64}", "1 to 64 characters"),
+    "device": (r"[^\x00-\x1f]{1,128}", "1 to 128 characters"),
+    "sex": (r"[MFO]", "M, F or O"),
+    "age_years": (r"(1[0-4]\d|\d{1,2})(\.\d+)?", "a number of years from 0 to 149"),
+    "study_date": (r"\d{4}-\d{2}-\d{2}", "an ISO date YYYY-MM-DD"),
+    "laterality": (r"[RLBU]", "R, L, B or U"),
+}
+MANIFEST_OPTIONAL = ("patient_id", "view", *MANIFEST_METADATA)
 # Descriptive columns that published manifests carry (e.g. ../shared/data/cxr-sample): read, never used.
 MANIFEST_DESCRIPTIVE = ("finding", "width", "height", "mode", "bytes", "sha256", "notes")
 
@@ -33,6 +44,9 @@ class Candidate:
     patient_id: str | None = None  # from the manifest
     view: str | None = None
     problem: tuple[str, str] | None = None  # (reason, detail) known before reading
+    # Acquisition facts from manifest columns (MANIFEST_METADATA), checked: (column, value) pairs.
+    # They override what a DICOM header says, as the manifest's view does.
+    acquisition: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -42,7 +56,8 @@ class Candidate:
     @property
     def context_key(self) -> str:
         """What else besides the bytes decides the outcome: a manifest edit re-evaluates the file."""
-        return f"{self.label}|{self.patient_id or ''}|{self.view or ''}"
+        extra = "".join(f"|{k}={v}" for k, v in self.acquisition)
+        return f"{self.label}|{self.patient_id or ''}|{self.view or ''}{extra}"
 
 
 def is_hidden(name: str) -> bool:
@@ -151,7 +166,8 @@ def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, st
         raise
     names = [n for n in (h.strip().lower() for h in header if h is not None) if n]  # a blank column is ignored
     duplicated = sorted({n for n in names if names.count(n) > 1})
-    allowed = "Required: file,label; optional: patient_id,view,site; ignored: " + ",".join(MANIFEST_DESCRIPTIVE)
+    allowed = ("Required: file,label; optional: " + ",".join(MANIFEST_OPTIONAL) + "; ignored: "
+               + ",".join(MANIFEST_DESCRIPTIVE))
     if duplicated:
         # csv.DictReader keeps the last of two same-named columns: "file,label,file" would silently
         # take the wrong file or label (a pneumonia film ingested as normal).
@@ -218,6 +234,30 @@ def _manifest_path_problem(raw_file: str, listed: Path, root: Path, where: str) 
     return None
 
 
+def _manifest_metadata(row: dict, cols: dict[str, str], where: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None]:
+    """The row's non-empty MANIFEST_METADATA cells, and a ``bad_metadata`` problem for one that fails its check."""
+    out = []
+    for name, (pattern, allowed) in MANIFEST_METADATA.items():
+        value = (row.get(cols[name]) or "").strip() if name in cols else ""
+        if name in ("sex", "laterality"):
+            value = value.upper()
+        if not value:
+            continue
+        if not re.fullmatch(pattern, value) or (name == "study_date" and not _iso_date(value)):
+            shown = printable(repr(value[:40]))
+            return (), ("bad_metadata", f"{where}: {name} {shown} is not allowed; use {allowed}")
+        out.append((name, printable(value)))
+    return tuple(out), None
+
+
+def _iso_date(value: str) -> bool:
+    try:
+        date.fromisoformat(value)
+        return True
+    except ValueError:
+        return False
+
+
 def scan_manifest(manifest: Path) -> Iterator[Candidate]:
     """Rows of a (validated) manifest; paths are relative to the manifest's folder and must stay in it."""
     root = manifest.parent.resolve()
@@ -230,13 +270,14 @@ def scan_manifest(manifest: Path) -> Iterator[Candidate]:
             view = (row.get(cols["view"]) or "").strip() if "view" in cols else ""
             listed = root / raw_file
             where = f"manifest line {reader.line_num}"
-            problem = _manifest_path_problem(raw_file, listed, root, where)
+            acquisition, bad = _manifest_metadata(row, cols, where)
+            problem = _manifest_path_problem(raw_file, listed, root, where) or bad
             if problem is None and len(pid) > 128:
                 problem = ("bad_patient_id", f"{where}: patient_id longer than 128 characters")
             elif problem is None and len(view) > 32:
                 problem = ("bad_view", f"{where}: view longer than 32 characters (e.g. PA, AP, LL)")
             yield Candidate(listed, printable(raw_file), label, patient_id=printable(pid) or None,
-                            view=printable(view) or None, problem=problem)
+                            view=printable(view) or None, problem=problem, acquisition=acquisition)
     finally:
         fh.close()  # type: ignore[attr-defined]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, generate_uid
 
 # Stream tags mixed into seeds so that anatomy, label patterns and image noise never share draws.
 _ANATOMY_STREAM = 0xA7A70
@@ -216,12 +216,26 @@ def write_dicom(
     view: str | None = "PA",
     with_pixels: bool = True,
     bits_stored: int = 16,
+    modality: str = "CR",
+    body_part: str | None = "CHEST",
+    window: tuple[float, float] | None = None,
+    voi_lut: np.ndarray | None = None,
+    presentation_lut_shape: str | None = None,
+    transfer_syntax: str | None = None,
+    tags: dict[str, object] | None = None,
 ) -> Path:
-    """Write an uncompressed (Explicit VR Little Endian) single-frame CR DICOM file; return its path.
+    """Write a single-frame DICOM film (a chest CR by default); return its path.
 
     ``pixels_uint16``: (rows, cols) integers in [0, 2**bits_stored). ``with_pixels=False`` writes a
     header-only file (Rows/Columns kept), for testing the dicom_no_pixels rejection. UIDs are derived
     from the path and patient id, so the same call writes the same bytes.
+
+    What hospital exports carry, for the DICOM tests: ``modality`` (CR, DX, or CT to be refused),
+    ``body_part`` (BodyPartExamined), ``window`` = (centre, width), ``voi_lut`` (a VOI LUT Sequence
+    table, uint16 values indexed from 0), ``presentation_lut_shape`` (e.g. INVERSE),
+    ``transfer_syntax`` (a UID pydicom can encode here: RLE, JPEG-LS, JPEG 2000; default Explicit
+    VR Little Endian, uncompressed) and ``tags``: any further keyword -> value (PatientName,
+    InstitutionName, PatientAge, ...).
     """
     arr = np.asarray(pixels_uint16)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
@@ -242,10 +256,12 @@ def write_dicom(
     ds.SOPInstanceUID = instance_uid
     ds.StudyInstanceUID = generate_uid(entropy_srcs=[patient_id, "study"])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[patient_id, "series"])
-    ds.Modality = "CR"
+    ds.Modality = modality
     ds.PatientID = patient_id
     if view:
         ds.ViewPosition = view
+    if body_part:
+        ds.BodyPartExamined = body_part
     ds.Rows, ds.Columns = int(arr.shape[0]), int(arr.shape[1])
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
@@ -256,11 +272,33 @@ def write_dicom(
     ds.RescaleSlope = f"{slope:g}"
     ds.RescaleIntercept = f"{intercept:g}"
     ds.RescaleType = "US"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
+    if voi_lut is not None:
+        ds.VOILUTSequence = [_voi_lut_item(np.asarray(voi_lut))]
+    if presentation_lut_shape:
+        ds.PresentationLUTShape = presentation_lut_shape
+    for keyword, value in (tags or {}).items():
+        setattr(ds, keyword, value)
     if with_pixels:
         ds.PixelData = arr.astype("<u2").tobytes()
+        if transfer_syntax and transfer_syntax != ExplicitVRLittleEndian:
+            # Lossy JPEG 2000 needs a compression ratio; 10:1 is a typical archive setting.
+            lossy = {"j2k_cr": [10]} if transfer_syntax == JPEG2000 else {}
+            ds.compress(transfer_syntax, arr.astype(np.uint16), generate_instance_uid=False, **lossy)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _voi_lut_item(table: np.ndarray) -> Dataset:
+    """One VOI LUT Sequence item: LUTDescriptor (entries, first mapped value 0, bits) and LUTData."""
+    if table.ndim != 1 or len(table) < 2 or table.min() < 0 or table.max() >= 2**16:
+        raise ValueError("voi_lut must be a 1-D table of at least 2 values in [0, 65536)")
+    item = Dataset()
+    item.LUTDescriptor = [len(table) if len(table) < 2**16 else 0, 0, 16]
+    item.add_new("LUTData", "OW", table.astype("<u2").tobytes())
+    return item
 
 
 def _encode(pixels: np.ndarray, fmt: str, *, path: Path, patient_id: str) -> bytes | None:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xray_core.data.dicom import WINDOWING_SPEC
+
 # Bump when the transforms below change behaviour: it changes every backbone fingerprint, so old
 # cached features (made with the old pixels) are no longer used.
 PREPROCESS_VERSION = "1"
@@ -58,6 +60,8 @@ def spec_dict(settings: Any) -> dict[str, Any]:
             "rotation_fill": ROTATION_FILL,
             "view_seed": "sha256('xray-view:<sha256>:<view>:<seed>')[:8] little-endian",
         },
+        # How DICOM values become grey (VOI LUT / window / percentile, inversion): a change re-embeds.
+        "dicom_windowing": dict(WINDOWING_SPEC),
     }
 
 

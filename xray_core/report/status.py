@@ -30,7 +30,7 @@ def interrupted_runs(settings: Settings) -> dict[str, Any]:
     from db import session_scope
     from db.schema import Model, Promotion, Source
     from xray_core.data.catalogue import open_catalogue
-    from xray_core.data.ingest import owner_alive
+    from xray_core.data.sources import owner_alive
 
     with session_scope(open_catalogue(settings)) as s:
         ingests = [{"source_id": src.id, "path": src.path, "started_at": src.started_at.isoformat(),
