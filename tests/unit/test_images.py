@@ -406,9 +406,9 @@ def test_dicom_settings(tmp_path: Path, env: dict, field: str, value: object) ->
 
 
 @pytest.mark.parametrize(("var", "raw", "allowed"), [
-    ("XRAY_ALLOWED_MODALITIES", "CR;DX", "'any'"),
-    ("XRAY_SITE_FROM_DICOM", "clear", "hash, name and off"),
-    ("XRAY_DICOM_STORE", "raw", "deidentified and original"),
+    ("XRAY_ALLOWED_MODALITIES", "CR;DX", "must be any, or comma-separated DICOM Modality codes"),
+    ("XRAY_SITE_FROM_DICOM", "clear", "must be one of hash, name, off"),
+    ("XRAY_DICOM_STORE", "raw", "must be one of deidentified, original"),
 ])
 def test_bad_dicom_settings_say_what_is_allowed(tmp_path: Path, var: str, raw: str, allowed: str) -> None:
     with pytest.raises(SettingsError) as info:
