@@ -16,17 +16,20 @@ from xray_core.settings import get_settings
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_io, cache_policy=NO_CACHE)
-def ingest_task(path: str, manifest: str | None = None) -> dict[str, Any]:
+def ingest_task(path: str, manifest: str | None = None, site: str | None = None) -> dict[str, Any]:
     """Ingest one source; bad files are quarantined, never fatal."""
     progress = progress_reporter("ingest-progress", f"ingest {manifest or path}")
     return ingest_source(Path(path), manifest=Path(manifest) if manifest else None, settings=get_settings(),
-                         progress=progress).as_dict()
+                         progress=progress, site=site).as_dict()
 
 
 @flow(name="ingest")
-def ingest(path: str, manifest: str | None = None) -> dict[str, Any]:
-    """Ingest ``path`` (``<root>/<label>/<image>``), or the manifest CSV ``manifest`` (paths relative to it)."""
-    summary = ingest_task(path, manifest)
+def ingest(path: str, manifest: str | None = None, site: str | None = None) -> dict[str, Any]:
+    """Ingest ``path`` (``<root>/<label>/<image>``), or the manifest CSV ``manifest`` (paths relative to it).
+
+    ``site``: where these films come from (a manifest's ``site`` column wins); default: the folder's name.
+    """
+    summary = ingest_task(path, manifest, site)
     create_markdown_artifact(markdown=f"```\n{render_ingest(summary)}\n```", key="ingest-summary",
                              description="what the last ingest added, skipped and quarantined")
     return summary

@@ -76,12 +76,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if _use_flow():
         from flows.ingest import ingest
 
-        summary = ingest(str(Path(args.path).absolute()), manifest)
+        summary = ingest(str(Path(args.path).absolute()), manifest, site=args.site)
     else:
         from xray_core.data.ingest import ingest_source
 
         summary = ingest_source(Path(args.path), manifest=Path(manifest) if manifest else None,
-                                settings=get_settings(), progress=_progress_bar(True, "ingest")).as_dict()
+                                settings=get_settings(), progress=_progress_bar(True, "ingest"),
+                                site=args.site).as_dict()
     _emit(summary, args.json, render_ingest)
     return EXIT_OK
 
@@ -227,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("ingest", help=COMMANDS["ingest"][1])
     p.add_argument("path", help="source folder (for --manifest: the folder the manifest sits in, or the manifest)")
-    p.add_argument("--manifest", help="CSV with columns file,label[,patient_id][,view]; paths relative to it")
+    p.add_argument("--manifest", help="CSV with columns file,label[,patient_id][,view][,site]...; paths relative to it")
+    p.add_argument("--site", help="where these films come from (a manifest's site column wins); default: the "
+                                  "source folder's name")
     p = sub.add_parser("status", help=COMMANDS["status"][1])
     sub.add_parser("train", help=COMMANDS["train"][1])
     p = sub.add_parser("retrain", help=COMMANDS["retrain"][1])

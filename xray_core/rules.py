@@ -230,6 +230,8 @@ RULES: dict[str, Rule] = {
                                      "enough test images"),
     "shortcut_auroc": number_in(0.5, 1, "AUROC of a shortcut probe above which the audit warns"),
     "shortcut_policy": one_of(("warn", "block"), "ignore"),
+    "near_copy_distance": integer_in(-1, 16, "pHash bits within which a film of another patient is a near copy; "
+                                     "-1 = off"),
     "allowed_modalities": Rule("must be any, or comma-separated DICOM Modality codes (1-16 of A-Z, 0-9, _) such "
                                "as CR,DX", lambda v: all(re.fullmatch(r"[A-Z0-9_]{1,16}", x) for x in v), "CR,DX,DR",
                                ("CR;DX", "C R")),

@@ -98,6 +98,7 @@ class Settings:
     shortcut_auroc: float = 0.80  # a shortcut probe above this AUROC is a warning
     shortcut_policy: str = "warn"  # warn | block: a flagged audit blocks automatic promotion
     allowed_views: tuple[str, ...] = ()  # e.g. PA,AP: films of other known views are quarantined; () = any
+    near_copy_distance: int = 3  # pHash bits: a film this close to another patient's is a near copy; -1 = off
 
     # files
     # XRAY_FILE_MODE (octal, e.g. 0640): permission bits of the files people open (reports, result.json,
@@ -239,6 +240,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "guardrail_site_drop": ("XRAY_GUARDRAIL_SITE_DROP", _float),
     "shortcut_auroc": ("XRAY_SHORTCUT_AUROC", _float),
     "shortcut_policy": ("XRAY_SHORTCUT_POLICY", lambda n, r: r.strip().lower()),
+    "near_copy_distance": ("XRAY_NEAR_COPY_DISTANCE", _int),
     "allowed_views": ("XRAY_ALLOWED_VIEWS", lambda n, r: tuple(sorted({" ".join(p.upper().replace("_", " ").split())
                                                                        for p in r.split(",") if p.strip()}))),
     "allowed_modalities": ("XRAY_ALLOWED_MODALITIES", _modalities),

@@ -196,7 +196,8 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_retrain_manual(flow_env,
             return [(r.name, r.state.type.value if r.state else None, r.deployment_id) for r in runs if r.deployment_id]
 
     runs = asyncio.run(states())
-    assert runs and all(state == "COMPLETED" for _, state, _ in runs), runs
+    assert runs and all(state == "COMPLETED" for _, state, _ in runs), (runs, worker.stdout[-4000:],
+                                                                        worker.stderr[-4000:])
     with session_scope(open_catalogue(get_settings())) as s:
         audit = s.scalars(select(Promotion)).all()
     assert audit and audit[-1].trigger == "manual" and audit[-1].flow_run_id

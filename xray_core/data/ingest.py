@@ -18,7 +18,6 @@ import os
 import re
 import stat
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -30,12 +29,14 @@ from db import session_scope
 from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.data.catalogue import open_catalogue, patient_salt
 from xray_core.data.deidentify import deidentify
-from xray_core.data.dicom import DICOM_ERRORS, DicomPolicy, catalogue_fields, patient_pseudonym
+from xray_core.data.dicom import DicomPolicy, catalogue_fields, patient_pseudonym
 from xray_core.faults import crash_point
 from xray_core.errors import ImageRejected, SettingsError, SourceError
 from xray_core.io.fsutil import printable, sha256_bytes
 from xray_core.data.labels import check_label
 from xray_core.settings import Settings
+from xray_core.data.admission import NearCopyIndex, SiteRule, admit
+from xray_core.data.quarantine import quarantine_copy
 from xray_core.data.scan import Candidate, scan_folder, scan_manifest, validate_manifest
 from xray_core.data.sources import close_interrupted_ingests, ingest_owner
 from xray_core.data.split import assign_splits
@@ -66,6 +67,7 @@ class IngestSummary:
     new_patients: int = 0
     patients_without_id: int = 0
     split_assignments: dict[str, int] = field(default_factory=dict)
+    near_copies_same_split: list[dict] = field(default_factory=list)  # linked, reported, stored
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -102,7 +104,8 @@ def _rules_key(settings: Settings) -> str:
     rejected instead of skipping them as unchanged forever."""
     return (f"labels={','.join(settings.labels)};min_side={settings.min_image_side};"
             f"max_pixels={settings.max_pixels};max_bytes={settings.max_file_bytes};"
-            f"modalities={','.join(settings.allowed_modalities) or 'any'};chest={settings.require_chest}")
+            f"modalities={','.join(settings.allowed_modalities) or 'any'};chest={settings.require_chest};"
+            f"views={','.join(settings.allowed_views) or 'any'};near={settings.near_copy_distance}")
 
 
 def _unchanged(prev: tuple[int, int, str] | None, size: int, mtime_ns: int, context: str, rules: str) -> bool:
@@ -205,46 +208,20 @@ def _changed_while_read(path: Path, before: os.stat_result, n_read: int) -> bool
 def _manifest_facts(cand: Candidate) -> dict:
     """Manifest acquisition columns (checked by scan) as catalogue values; they win over DICOM tags."""
     typed = {"age_years": float, "study_date": date.fromisoformat}
-    return {name: typed.get(name, str)(value) for name, value in cand.acquisition}
-
-
-def _quarantine_bytes(settings: Settings, data: bytes, reason: str | None) -> bytes:
-    """A rejected DICOM (wrong modality, no pixels, ...) is quarantined de-identified like the store
-    (XRAY_DICOM_STORE); one that does not even parse cannot be, and keeps its bytes (SECURITY.md)."""
-    from xray_core.data.images import sniff_format
-
-    if settings.dicom_store != "deidentified" or reason == "unreadable_dicom" or sniff_format(data) != "dicom":
-        return data
-    try:
-        return deidentify(data, salt=patient_salt(settings), site_mode=settings.site_from_dicom)
-    except DICOM_ERRORS:
-        return data
-
-
-def _quarantine(settings: Settings, prep: _Prepared, reason: str | None = None) -> str | None:
-    """Copy a rejected file's bytes under quarantine/; None when it was never read (missing, outside
-    the root, too large, or beside the label folders)."""
-    if prep.data is None and prep.stored_rel is None:
-        return None
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", prep.cand.path.name)[-100:] or "file"
-    rel = f"quarantine/{(prep.sha256 or 'unread')[:16]}-{uuid.uuid4().hex[:8]}-{safe}"
-    store = get_storage(settings)
-    if prep.data is not None:
-        store.write_bytes(rel, _quarantine_bytes(settings, prep.data, reason))
-    else:
-        # Decoded fine, then found in conflict under the write lock (the same bytes with another
-        # label earlier in this batch, or from a concurrent ingest): _prepare dropped the bytes but
-        # stored them, and the store file holds exactly the same bytes.
-        store.copy(prep.stored_rel, rel)
-    return rel
+    return {("age_years" if name == "age" else name): typed.get(name, typed["age_years"] if name == "age" else str)(value)
+            for name, value in cand.acquisition}
 
 
 # --------------------------------------------------------------------------- the run
 
 
 def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = None,
-                  progress: Progress | None = None, source_kind: str | None = None) -> IngestSummary:
-    """Ingest one folder or manifest; return what happened. Bad files never stop the batch."""
+                  progress: Progress | None = None, source_kind: str | None = None,
+                  site: str | None = None) -> IngestSummary:
+    """Ingest one folder or manifest; return what happened. Bad files never stop the batch.
+
+    ``site``: where these films come from, unless a manifest row says (see :mod:`xray_core.data.admission`).
+    """
     start = time.perf_counter()
     path = Path(path).expanduser().absolute()
     if manifest is not None:
@@ -286,6 +263,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         seen_root = printable(str(manifest.parent if manifest else path)).rstrip("/") + "/"
         seen = {v.path: (v.size, v.mtime_ns, v.label_key) for v in s.scalars(select(SeenFile).where(
             SeenFile.path.like(f"{_like_prefix(Path(seen_root))}%", escape="\\")))}
+        admission = (NearCopyIndex.load(s), SiteRule.for_source(site, str(manifest or path)))
 
     summary = IngestSummary(source_id, printable(str(path)), printable(str(manifest)) if manifest else None)
     salt_cache: list[str] = []
@@ -325,13 +303,13 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             else:
                 group.append(_prepare(cand, st, settings, regex, known_sha, salt))
             if len(group) >= GROUP_SIZE:
-                _write_group(engine, settings, source_id, group, summary, rules)
+                _write_group(engine, settings, source_id, group, summary, rules, admission)
                 group = []
             done += 1
             if progress:
                 progress(done, total)
         if group:
-            _write_group(engine, settings, source_id, group, summary, rules)
+            _write_group(engine, settings, source_id, group, summary, rules, admission)
         crash_point("ingest.before_splits")
         with session_scope(engine) as s:
             summary.split_assignments = assign_splits(s, ratios=settings.split_ratios, seed=settings.split_seed)
@@ -354,13 +332,12 @@ def _like_prefix(root: Path) -> str:
 
 
 def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepared],  # noqa: ANN001
-                 summary: IngestSummary, rules: str) -> None:
+                 summary: IngestSummary, rules: str, admission: tuple[NearCopyIndex, SiteRule]) -> None:
     """One write transaction for a group of prepared files; sha256 re-checked under the lock."""
     quarantined: dict[int, str | None] = {}
     with session_scope(engine) as s:
         for i, prep in enumerate(group):
-            outcome = "rejected"
-            reject = prep.reject
+            outcome, reject, existing = "rejected", prep.reject, None
             if reject is None and prep.sha256:
                 existing = s.scalar(select(Image).where(Image.sha256 == prep.sha256))
                 if existing is not None:
@@ -374,6 +351,13 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepar
                     # Known when prepared but gone now (cannot happen: images are never deleted).
                     reject = ("internal", "image vanished from the catalogue during ingest")
                 else:
+                    verdict = admit(s, settings, admission[0], meta=prep.meta, sites=admission[1],
+                                    manifest_site=dict(prep.cand.acquisition).get("site"),
+                                    patient=prep.patient_id, name=prep.cand.rel)
+                    if isinstance(verdict, dict):
+                        summary.near_copies_same_split.append(verdict)
+                    reject = verdict if isinstance(verdict, tuple) else None
+                if reject is None and outcome != "duplicate" and prep.meta is not None and existing is None:
                     patient = s.get(Patient, prep.patient_id)
                     if patient is None:
                         s.add(Patient(patient_id=prep.patient_id, id_source=prep.id_source))
@@ -384,10 +368,13 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepar
                                 patient_id=prep.patient_id, original_name=prep.cand.rel,
                                 source_id=source_id, **prep.meta))
                     s.flush()
+                    admission[0].add(s.scalar(select(Image.id).where(Image.sha256 == prep.sha256)),
+                                     prep.meta["phash"], prep.patient_id, prep.cand.rel)
                     outcome = "added"
             if reject is not None:
                 if i not in quarantined:
-                    quarantined[i] = _quarantine(settings, prep, reject[0])
+                    quarantined[i] = quarantine_copy(settings, name=prep.cand.path.name, sha256=prep.sha256,
+                                                     data=prep.data, stored_rel=prep.stored_rel, reason=reject[0])
                 s.add(Rejection(source_id=source_id, path=prep.cand.key, sha256=prep.sha256,
                                 reason=reject[0], detail=printable(reject[1]), quarantine_path=quarantined[i]))
             if reject is None or reject[0] not in TRANSIENT_REASONS:

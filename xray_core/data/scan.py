@@ -26,12 +26,14 @@ MANIFEST_METADATA: dict[str, tuple[str, str]] = {
     "device": (r"[^\x00-\x1f]{1,128}", "1 to 128 characters"),
     "sex": (r"[MFO]", "M, F or O"),
     "age_years": (r"(1[0-4]\d|\d{1,2})(\.\d+)?", "a number of years from 0 to 149"),
+    "age": (r"(1[0-4]\d|\d{1,2})(\.\d+)?", "a number of years from 0 to 149"),  # stored as age_years
     "study_date": (r"\d{4}-\d{2}-\d{2}", "an ISO date YYYY-MM-DD"),
     "laterality": (r"[RLBU]", "R, L, B or U"),
 }
 MANIFEST_OPTIONAL = ("patient_id", "view", *MANIFEST_METADATA)
 # Descriptive columns that published manifests carry (e.g. ../shared/data/cxr-sample): read, never used.
-MANIFEST_DESCRIPTIVE = ("finding", "width", "height", "mode", "bytes", "sha256", "notes")
+MANIFEST_DESCRIPTIVE = ("finding", "width", "height", "mode", "bytes", "sha256", "notes", "license", "licence",
+                        "source_url", "doi", "url", "attribution")
 
 
 @dataclass(frozen=True)
