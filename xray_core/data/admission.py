@@ -15,9 +15,9 @@ resized). If the two copies land in different splits, the test set contains a tr
 byte duplicates are caught by sha256; near copies need the perceptual hash.
 
 Calibrated on the real films beside the project (``python bench/near_copies.py``): a JPEG re-encode at
-quality 75 changes at most 0 bits of the 64-bit pHash, a half-size resize at most 2, while the closest
-two *different* paediatric patients of the 120-film sample are 6 bits apart and the closest two adult
-patients 10. ``XRAY_NEAR_COPY_DISTANCE`` (default 3) sits between them. A crop of a few per cent moves
+quality 75 moves at most 2 bits of the 64-bit pHash (0 on the paediatric films), a half-size resize
+at most 2, while the closest two *different* paediatric patients of the 120-film sample are 6 bits
+apart and the closest two adult patients 10. ``XRAY_NEAR_COPY_DISTANCE`` (default 3) sits between them. A crop of a few per cent moves
 the hash up to 10 bits and is not caught: that is a limit of a global hash, said in the README.
 
 A new film within the distance of another patient's film is quarantined as
