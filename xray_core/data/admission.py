@@ -22,7 +22,8 @@ the hash up to 10 bits and is not caught: that is a limit of a global hash, said
 
 A new film within the distance of another patient's film is quarantined as
 ``near_duplicate_other_patient`` (naming both) unless the two patients are already known to sit in
-the same split; then it is stored, and the pair is linked in the ingest summary.
+the same split, or one side has no real patient id (each such image is its own "patient"); then it is
+stored, and the pair is linked in the ingest summary.
 """
 
 from __future__ import annotations
@@ -81,21 +82,28 @@ class NearCopyIndex:
 
 
 def near_copy_verdict(session: Session, index: NearCopyIndex, *, phash: int, patient: str, name: str,
-                      max_distance: int) -> tuple[str, str] | dict | None:
+                      max_distance: int, id_given: bool = True) -> tuple[str, str] | dict | None:
     """None (no near copy); a ``(reason, detail)`` rejection; or a link dict (same split, stored)."""
     found = index.closest_other_patient(phash, patient, max_distance)
     if found is None:
         return None
     pos, distance = found
     other_patient = index.patients[pos]
-    splits = dict(session.execute(select(Patient.patient_id, Patient.split)
-                                  .where(Patient.patient_id.in_([patient, other_patient]))).all())
-    mine, theirs = splits.get(patient), splits.get(other_patient)
+    known = {pid: (split, source) for pid, split, source in session.execute(
+        select(Patient.patient_id, Patient.split, Patient.id_source)
+        .where(Patient.patient_id.in_([patient, other_patient])))}
+    (mine, my_source), (theirs, their_source) = (known.get(p, (None, None)) for p in (patient, other_patient))
     pair = (f"{name} (patient {patient}) and image {index.ids[pos]} {index.names[pos]} (patient {other_patient}) "
             f"are {distance} pHash bits apart (<= {max_distance}, XRAY_NEAR_COPY_DISTANCE)")
+    link = {"image": index.ids[pos], "patient": other_patient, "distance": distance, "split": theirs,
+            "file": name, "other_file": index.names[pos]}
     if mine is not None and mine == theirs:
-        return {"image": index.ids[pos], "patient": other_patient, "distance": distance, "split": mine,
-                "file": name, "other_file": index.names[pos]}
+        return link
+    if "image" in (my_source, their_source) or (my_source is None and not id_given):
+        # A "patient" that is only the image itself (no manifest column, DICOM PatientID or regex match)
+        # says nothing about who the person is: linked and reported (status lists near duplicates across
+        # splits), not quarantined as if two known patients shared a film.
+        return {**link, "note": "no patient id on one side"}
     where = f"{theirs or 'no split yet'} vs {mine or 'a new patient'}"
     return ("near_duplicate_other_patient", f"{pair}; their splits ({where}) could differ, which would leak a "
                                             "film between train and test")
@@ -117,7 +125,7 @@ class SiteRule:
 
 
 def admit(session: Session, settings: Settings, index: NearCopyIndex, *, meta: dict, manifest_site: str | None,
-          sites: SiteRule, patient: str, name: str) -> tuple[str, str] | dict | None:
+          sites: SiteRule, patient: str, name: str, id_given: bool = True) -> tuple[str, str] | dict | None:
     """Fill ``meta``'s site and view in place; return a rejection, a same-split near-copy link, or None."""
     meta["site"] = sites.site_of(manifest_site, meta.get("site"))
     meta["view"] = normalise_view(meta.get("view"))
@@ -127,4 +135,4 @@ def admit(session: Session, settings: Settings, index: NearCopyIndex, *, meta: d
     if settings.near_copy_distance < 0:
         return None
     return near_copy_verdict(session, index, phash=meta["phash"], patient=patient, name=name,
-                             max_distance=settings.near_copy_distance)
+                             max_distance=settings.near_copy_distance, id_given=id_given)

@@ -67,7 +67,7 @@ class IngestSummary:
     new_patients: int = 0
     patients_without_id: int = 0
     split_assignments: dict[str, int] = field(default_factory=dict)
-    near_copies_same_split: list[dict] = field(default_factory=list)  # linked, reported, stored
+    near_copies_linked: list[dict] = field(default_factory=list)  # near copies stored and reported
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -353,9 +353,9 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepar
                 else:
                     verdict = admit(s, settings, admission[0], meta=prep.meta, sites=admission[1],
                                     manifest_site=dict(prep.cand.acquisition).get("site"),
-                                    patient=prep.patient_id, name=prep.cand.rel)
+                                    patient=prep.patient_id, name=prep.cand.rel, id_given=prep.id_source != "image")
                     if isinstance(verdict, dict):
-                        summary.near_copies_same_split.append(verdict)
+                        summary.near_copies_linked.append(verdict)
                     reject = verdict if isinstance(verdict, tuple) else None
                 if reject is None and outcome != "duplicate" and prep.meta is not None and existing is None:
                     patient = s.get(Patient, prep.patient_id)

@@ -55,7 +55,7 @@ def styled_xray(label: str, style: SiteStyle, *, rng: np.random.Generator, patie
 def _encode(pixels: np.ndarray, fmt: str) -> bytes:
     buf = BytesIO()
     if pixels.dtype == np.uint16:
-        Image.fromarray(pixels, mode="I;16").save(buf, format="PNG")
+        Image.fromarray(pixels).save(buf, format="PNG")  # uint16 -> I;16
     elif fmt == "jpeg":
         Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=92)
     else:
