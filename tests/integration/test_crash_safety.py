@@ -160,3 +160,26 @@ def test_sigkill_leaves_a_valid_state_and_a_rerun_completes(scenario, point, nth
     # byte-identical (features do not depend on how a resumed run batches the remaining images).
     assert [c[1] for c in state["champion"]] == [c[1] for c in scenario["reference"]["champion"]]
     assert [c[0] for c in state["champion"]] == [c[0] for c in scenario["reference"]["champion"]]
+
+
+def test_a_sigterm_during_a_local_retrain_records_its_failure(tmp_path):
+    """``xray retrain --local`` stopped by SIGTERM (a cancellation, a service stop) after training:
+    exit 143, a ``failed`` audit row saying so, a failure report, and no champion."""
+    home = tmp_path / "home"
+    write_dataset(tmp_path / "src", patients_per_label=6, images_per_patient=1, size=64, seed=1)
+    env = {**_env(home), "XRAY_FAULT_KILL_AT": "retrain.after_train:1:TERM"}
+    done = subprocess.run([sys.executable, "-m", "xray_cli.main", "retrain", "--local", "--source",
+                           str(tmp_path / "src")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    con = sqlite3.connect(home / "catalogue.db")
+    try:
+        rows = con.execute("SELECT decision, rationale, champion_after FROM promotions").fetchall()
+        statuses = [r[0] for r in con.execute("SELECT status FROM models")]
+    finally:
+        con.close()
+    assert len(rows) == 1 and rows[0][0] == "failed" and rows[0][2] is None
+    assert "cancelled" in rows[0][1] and "terminated by a signal (SIGTERM)" in rows[0][1]
+    assert statuses == ["rejected"]  # the trained candidate is closed, not left dangling
+    report = next(home.glob("reports/*/report.md")).read_text()
+    assert "Failed" in report and "SIGTERM" in report
