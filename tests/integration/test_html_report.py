@@ -184,7 +184,8 @@ def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_repo
     from xray_core.report.html import HEATMAP_EMBED_PX, write_run_html
 
     h, result, _ = run
-    real = report_data.collect_report_data(h.settings, h.data, challenger=h.versions[1], champion=h.versions[0])
+    real = report_data.collect_report_data(h.settings, h.data, challenger=result["challenger_eval"],
+                                           champion=result["champion_eval"])
     side = 2000
     yy, xx = np.mgrid[0:side, 0:side] / side
     examples = []
