@@ -49,7 +49,8 @@ def evaluation(version: int, good: bool) -> dict:
 
 
 FLAGGED = {"flagged": True, "warnings": ["covid19 films come only from site adult: the label is predictable from "
-                                         "the site (AUROC 1.00 from the site alone)", "site paeds holds only normal films"],
+                                         "the site (AUROC 1.00 from the site alone)",
+                                         "site paeds holds only normal films"],
            "label_site": {"table": {"adult": {"covid19": 16, "normal": 0}, "paeds": {"covid19": 0, "normal": 16}},
                           "single_label_sites": {"adult": "covid19", "paeds": "normal"},
                           "single_site_labels": {"covid19": "adult", "normal": "paeds"}},

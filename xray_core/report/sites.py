@@ -168,17 +168,21 @@ def audit_context(audit: dict[str, Any] | None) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- label history
 
 
+def films_text(films: Sequence[dict[str, Any]]) -> str:
+    """``2026-11-01 a.png: covid19; 2026-11-20 c.png: No Finding``: a patient's films in order."""
+    return "; ".join(f"{(f.get('added_at') or '')[:10]} {f.get('file')}: {f.get('label')}" for f in films)
+
+
 def label_history_context(history: dict[str, Any] | None, *, limit: int = LABEL_HISTORY_SHOWN) -> dict[str, Any] | None:
     """The "Label history" section: patients whose films carry different labels, with dates and files,
     and whether any sit in the test split (then the test set disagrees with itself). None when none."""
     if not history or not history.get("patients"):
         return None
     rows = [[e["patient_id"], e.get("split") or "unassigned", ", ".join(e.get("labels") or []),
-             "; ".join(f"{(f.get('added_at') or '')[:10]} {f.get('file')}: {f.get('label')}" for f in e.get("films", []))]
-            for e in (history.get("examples") or [])[:limit]]
+             films_text(e.get("films") or [])] for e in (history.get("examples") or [])[:limit]]
     return {"patients": history["patients"], "in_test": history.get("in_test", 0), "shown": len(rows),
             "headers": ["patient", "split", "labels", "films (added, file: label)"], "rows": rows}
 
 
 __all__ = ["slice_table", "slice_sections", "slice_metric", "slice_note", "site_metric_rows", "audit_context",
-           "label_history_context", "worth_showing", "UNKNOWN", "NOT_JUDGED"]
+           "label_history_context", "films_text", "worth_showing", "UNKNOWN", "NOT_JUDGED"]

@@ -76,9 +76,10 @@ def _status_sites(r: dict[str, Any]) -> list[str]:
     if history.get("patients"):
         out += ["", f"patients with films of different labels: {history['patients']} "
                     f"({history.get('in_test', 0)} in the test split)"]
+        from xray_core.report.sites import films_text
+
         for e in (history.get("examples") or [])[:5]:
-            films = "; ".join(f"{(f.get('added_at') or '')[:10]} {f.get('file')}: {f.get('label')}" for f in e["films"])
-            out.append(f"  {e['patient_id']} ({e.get('split') or 'unassigned'}): {films}")
+            out.append(f"  {e['patient_id']} ({e.get('split') or 'unassigned'}): {films_text(e['films'])}")
         if history["patients"] > 5:
             out.append(f"  ... and {history['patients'] - 5} more (xray status --json lists them)")
     audit = r.get("audit")
