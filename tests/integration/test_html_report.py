@@ -241,6 +241,59 @@ def test_markdown_links_the_html_report_and_repeats_key_numbers(run):
     assert "report.html" not in retrain_markdown({k: v for k, v in result.items() if k != "report_html"})
 
 
+def test_a_two_site_run_reports_by_site_with_per_site_roc_and_status_and_lineage_show_the_sites(
+        xray_env, tmp_path, monkeypatch):
+    """A real retrain on two synthetic sites (both labels each): report.html has the shortcut audit,
+    the by-site table and one ROC panel per site; report.md, ``xray status`` and ``xray models show``
+    carry the same sites."""
+    from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
+    from xray_core.pipeline.cycle import RetrainRequest, run_cycle
+    from xray_core.registry.listing import model_lineage
+    from xray_core.report.status import status_report
+    from xray_core.report.terminal import render_lineage, render_status
+    from xray_core.settings import load_settings, reset_settings
+
+    for key, value in {"XRAY_MIN_TEST_PER_CLASS": "2", "XRAY_FLOOR_MACRO_AUROC": "0.5", "XRAY_FLOOR_SENSITIVITY": "0.3",
+                       "XRAY_PATIENT_REGEX": "", "XRAY_SPLIT_RATIOS": "0.5,0.1,0.4"}.items():
+        monkeypatch.setenv(key, value)
+    reset_settings()
+    manifests = []
+    for style, seed in ((SiteStyle("paeds", size=48), 3), (SiteStyle("adult", size=64, border=4), 4)):
+        write_site_dataset(tmp_path / style.name, style, patients_per_label=8, seed=seed)
+        manifests.append(str(tmp_path / style.name / "manifest.csv"))
+    settings = load_settings()
+    result = run_cycle(settings, RetrainRequest(manifests=tuple(manifests), trigger="test"))
+    test_sites = set(result["challenger_eval"]["sites"])
+    assert test_sites == {"adult", "paeds"}, test_sites  # both sites in the test split, or nothing to show
+
+    html_path = result["report_html"]
+    text = open(html_path, encoding="utf-8").read()
+    p = parse(text)
+    assert {"audit", "by-site", "site-roc"} <= set(p.sections) and len(p.sections) == len(set(p.sections))
+    site_roc = next(i for i in p.images if i.get("alt") == "ROC curves by site")
+    w, hgt = _png_size(site_roc["src"])
+    assert w > 400 and hgt > 200  # two panels side by side
+    by_site = text.split('id="by-site"')[1].split("</section>")[0]
+    assert "<td>adult</td>" in by_site and "<td>paeds</td>" in by_site
+    assert len(text.encode()) <= 2_000_000
+    md = open(result["report"], encoding="utf-8").read()
+    assert "## Shortcut audit" in md and "## By site" in md and "| adult |" in md
+
+    status = status_report(settings)
+    assert status["sites"]["sites"] == ["adult", "paeds"]
+    counts = status["sites"]["by_site_label_split"]
+    assert sum(sum(v.values()) for labels in counts.values() for v in labels.values()) == status["catalogue"]["images"]
+    assert all(counts[site]["normal"]["test"] >= 2 for site in ("adult", "paeds"))
+    assert status["audit"]["challenger"] == result["version"]
+    assert status["audit"]["flagged"] == result["audit"]["flagged"]
+    assert "shortcut audit (decision #" in render_status(status)
+
+    lineage = model_lineage(settings, result["version"])
+    assert set(lineage["slices"]["site"]) == {"adult", "paeds"}
+    assert lineage["slices"]["test_set_fingerprint"] == result["challenger_eval"]["test_set_fingerprint"]
+    assert "by site:" in render_lineage(lineage)
+
+
 # --------------------------------------------------------------------------- pure helpers
 
 

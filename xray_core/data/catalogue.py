@@ -76,6 +76,29 @@ def counts_by_label_and_split(session: Session) -> dict[str, dict[str, int]]:
     return {label: dict(v) for label, v in sorted(table.items())}
 
 
+def counts_by_label_site_split(session: Session) -> dict[str, dict[str, dict[str, int]]]:
+    """Images per site × label × split: ``{site: {label: {"train", "val", "test", "unassigned"}}}``.
+
+    The site is the image's own (manifest ``site`` column, ``--site``, DICOM), else the default site of
+    the ingest it came from (:func:`xray_core.data.facts.source_site` of the source path), the same
+    rule the slices and the shortcut audit use, so ``xray status`` shows the sites they will see.
+    """
+    from xray_core.data.facts import source_site  # facts imports this module: import when called
+
+    rows = session.execute(
+        select(Image.site, Source.path, Image.label, Patient.split, func.count())
+        .join(Patient, Patient.patient_id == Image.patient_id)
+        .outerjoin(Source, Source.id == Image.source_id)
+        .group_by(Image.site, Source.path, Image.label, Patient.split)
+    ).all()
+    table: dict[str, dict[str, dict[str, int]]] = {}
+    for site, path, label, split, n in rows:
+        cell = table.setdefault(site or source_site(path), {}).setdefault(
+            label, {**{s: 0 for s in SPLITS}, "unassigned": 0})
+        cell[split or "unassigned"] += n
+    return {site: dict(sorted(labels.items())) for site, labels in sorted(table.items())}
+
+
 def near_duplicate_pairs(
     session: Session, *, max_distance: int = NEAR_DUPLICATE_MAX_DISTANCE, limit: int = 100
 ) -> tuple[int, list[dict[str, Any]]]:

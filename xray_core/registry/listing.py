@@ -79,7 +79,9 @@ def history(settings: Settings) -> list[dict[str, Any]]:
 
 
 def model_lineage(settings: Settings, version: int) -> dict[str, Any]:
-    """Everything that made a version: its card, images by role (with sources), backbone, settings."""
+    """Everything that made a version: its card, images by role (with sources), backbone, settings, and
+    its latest evaluation cut by site and view (``slices``: pooled numbers can hide a collapse on one
+    site; None before the first evaluation, or for evaluations made before slices existed)."""
     from db.schema import Image, Source
 
     engine = open_catalogue(settings)
@@ -94,15 +96,21 @@ def model_lineage(settings: Settings, version: int) -> dict[str, Any]:
         sources = [{"id": src.id, "kind": src.kind, "path": src.path, "manifest": src.manifest_path,
                     "started_at": src.started_at.isoformat()}
                    for src in s.scalars(select(Source).where(Source.id.in_(source_ids)))]
+        rows_eval = model_evaluations(s, version)
         evaluations = [{"test_set_fingerprint": e.test_set_fingerprint, "n_images": e.n_images,
                         "backbone_fingerprint": e.backbone_fingerprint, "created_at": e.created_at.isoformat(),
-                        "metrics": _key_metrics(e.metrics)} for e in model_evaluations(s, version)]
+                        "metrics": _key_metrics(e.metrics)} for e in rows_eval]
+        last = rows_eval[-1] if rows_eval else None
+        slices = None
+        if last is not None and (last.metrics or {}).get("slices"):
+            slices = {"test_set_fingerprint": last.test_set_fingerprint, "n_images": last.n_images,
+                      "scored_at": last.created_at.isoformat(), **last.metrics["slices"]}
         return {"version": model.id, "status": model.status, "created_at": model.created_at.isoformat(),
                 "checkpoint_dir": model.checkpoint_dir, "checkpoint_sha256": model.checkpoint_sha256,
                 "backbone_fingerprint": model.backbone_fingerprint, "backbone_weights": model.backbone_weights,
                 "training_set_fingerprint": model.training_set_fingerprint, "labels": model.labels,
                 "threshold": model.threshold, "settings": model.config, "metrics": model.metrics,
-                "flow_run_id": model.flow_run_id, "sources": sources, "evaluations": evaluations,
+                "flow_run_id": model.flow_run_id, "sources": sources, "evaluations": evaluations, "slices": slices,
                 "images": {role: [{"id": r[1], "sha256": r[2], "label": r[3], "patient_id": r[4]}
                                   for r in rows if r[0] == role] for role in ("train", "val")}}
 

@@ -1,5 +1,6 @@
 """What the HTML run report plots: ROC points and reliability bins of champion and challenger on the
-same test set, and a few test images with the challenger's Grad-CAM overlays.
+same test set, the same ROC points per site (pooled curves can hide a collapse on one collection),
+and a few test images with the challenger's Grad-CAM overlays.
 
 The probabilities are the ones each evaluation carries (computed once, by the evaluation step), so the
 curves are of exactly the numbers the decision was made on (a champion from an older backbone was
@@ -30,6 +31,19 @@ class ModelCurves:
 
 
 @dataclass(frozen=True)
+class SiteCurves:
+    """One model's ROC points on one site's test images (the site each evaluation recorded per row)."""
+
+    site: str
+    version: int
+    role: str  # "challenger" or "champion"
+    labels: list[str]
+    n: int  # test images of this site scored by this model
+    counts: dict[str, int]  # images per label on this site
+    roc: dict[str, dict[str, Any]]  # class -> {"fpr", "tpr", "auroc"}; absent when the site lacks one side
+
+
+@dataclass(frozen=True)
 class ExampleHeatmap:
     sha256: str
     true_label: str
@@ -44,6 +58,7 @@ class ReportData:
     curves: list[ModelCurves]  # challenger first, then the champion (if any)
     examples: list[ExampleHeatmap] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what could not be drawn, and why
+    site_curves: list[SiteCurves] = field(default_factory=list)  # by site (sorted), challenger then champion
 
 
 def roc_curve(y_binary: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -83,15 +98,38 @@ def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int = RELIABILITY_B
     return out
 
 
-def _curves(version: int, role: str, labels: list[str], y: np.ndarray, probs: np.ndarray) -> ModelCurves:
+def _roc_by_class(labels: list[str], y: np.ndarray, probs: np.ndarray) -> dict[str, dict[str, Any]]:
     roc = {}
     for c, label in enumerate(labels):
         points = roc_curve(y == c, probs[:, c])
         if points is not None:
             fpr, tpr = points
             roc[label] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auroc": float(np.trapezoid(tpr, fpr))}
-    return ModelCurves(version=version, role=role, labels=labels, n=int(y.size), roc=roc,
+    return roc
+
+
+def _curves(version: int, role: str, labels: list[str], y: np.ndarray, probs: np.ndarray) -> ModelCurves:
+    return ModelCurves(version=version, role=role, labels=labels, n=int(y.size), roc=_roc_by_class(labels, y, probs),
                        reliability=reliability_bins(probs, y))
+
+
+def site_curves(version: int, role: str, labels: list[str], y: np.ndarray, probs: np.ndarray,
+                sites: list[str | None]) -> list[SiteCurves]:
+    """ROC points of one model per site, sorted by site name; films of unknown site form one group.
+
+    ``sites`` is the evaluation's per-row site, aligned with ``y`` and ``probs`` (the evaluation step
+    records both in the same order), so these are exactly the slices the per-site guardrail judged.
+    """
+    from xray_core.evaluate.slices import UNKNOWN
+
+    names = np.array([s if s not in (None, "") else UNKNOWN for s in sites], dtype=object)
+    out = []
+    for site in sorted(set(names.tolist())):
+        keep = names == site
+        out.append(SiteCurves(site=site, version=version, role=role, labels=labels, n=int(keep.sum()),
+                              counts={label: int((y[keep] == c).sum()) for c, label in enumerate(labels)},
+                              roc=_roc_by_class(labels, y[keep], probs[keep])))
+    return out
 
 
 def _example_rows(rows: list, y: np.ndarray, n: int) -> list[int]:
@@ -126,6 +164,7 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, 
     curves: list[ModelCurves] = []
     notes: list[str] = []
     examples: list[ExampleHeatmap] = []
+    by_site: list[SiteCurves] = []
     for evaluation, role in ((challenger, "challenger"), (champion, "champion")):
         if evaluation is None:
             continue
@@ -136,6 +175,12 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, 
         index = {label: i for i, label in enumerate(model_labels)}
         y = np.array([index[r[3]] for r in rows], dtype=np.int64)
         curves.append(_curves(version, role, model_labels, y, probs))
+        sites = evaluation.get("sites")
+        if sites is not None and len(sites) == len(y):
+            by_site += site_curves(version, role, model_labels, y, probs, list(sites))
+        elif sites is not None:
+            notes.append(f"no per-site curves for v{version}: its evaluation lists {len(sites)} sites for {len(y)} "
+                         "test images")
         if role != "challenger" or n_examples <= 0 or not rows:
             continue
         model = load_model(settings, version)
@@ -159,7 +204,9 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, 
                 version=version, png=overlay_png(gray, cam, text=heatmap_caption(
                     labels[k], p, version, threshold=model.threshold,
                     positive_label=labels[pos] if pos is not None else None))))
-    return ReportData(curves=curves, examples=examples, notes=notes)
+    by_site.sort(key=lambda c: (c.site, c.role != "challenger"))
+    return ReportData(curves=curves, examples=examples, notes=notes, site_curves=by_site)
 
 
-__all__ = ["ModelCurves", "ExampleHeatmap", "ReportData", "roc_curve", "reliability_bins", "collect_report_data"]
+__all__ = ["ModelCurves", "SiteCurves", "ExampleHeatmap", "ReportData", "roc_curve", "reliability_bins", "site_curves",
+           "collect_report_data"]

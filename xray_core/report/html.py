@@ -2,9 +2,11 @@
 data URIs) that opens anywhere, also after it is mailed or archived, and stays small (at most 2 MB).
 
 Sections, each only when it has content: summary (the decision first, key numbers, backbone, the
-random-init warning), decision and rationale, data, metrics with 95% intervals, per-class metrics
-with intervals, ROC curves of champion and challenger on the same test set, confusion matrices,
-reliability diagram, example test images with Grad-CAM overlays, and the failure.
+random-init warning), decision and rationale, the shortcut audit, data, metrics with 95% intervals,
+per-class metrics with intervals, tables by site and by view, ROC curves of champion and challenger
+on the same test set (pooled, and one panel per site when there are two sites or more), confusion
+matrices, reliability diagram, label history, example test images with Grad-CAM overlays, and the
+failure.
 
 Layout lives in ``templates/report.html.j2`` (Jinja2, autoescaped); this module builds its context:
 numbers formatted, figures drawn and encoded. Grad-CAM overlays come at film resolution (a 3000 px
@@ -26,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 from xray_core.report.markdown import KEY_METRICS, interval, render_template, report_context
 from xray_core.report.terminal import format_interval
-from xray_core.report.data import ModelCurves, ReportData
+from xray_core.report.data import ModelCurves, ReportData, SiteCurves
 from xray_core.settings import Settings
 
 PER_CLASS_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc")
@@ -35,6 +37,8 @@ HEATMAP_DISPLAY_PX = 260  # CSS width of a heatmap thumbnail in the report
 HEATMAP_EMBED_PX = 2 * HEATMAP_DISPLAY_PX  # longest side embedded: sharp on 2x (retina) screens
 HEATMAP_JPEG_QUALITY = 85  # overlays are photographic: JPEG at 85 is ~10x smaller than PNG, no visible loss
 HEATMAPS_DIR = "heatmaps"  # full-size overlays, beside report.html
+SITE_PANELS_MAX = 12  # per-site ROC panels drawn (largest sites first); the tables list every site
+SITE_PANELS_PER_ROW = 4
 
 def _num(x: Any) -> str:
     return "-" if x is None else f"{x:.3f}"
@@ -76,6 +80,61 @@ def roc_png(curves: Sequence[ModelCurves], *, negative_label: str = "normal") ->
         ax.set_aspect("equal")
         ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
+
+
+def site_roc_png(site_curves: Sequence[SiteCurves], *, negative_label: str = "normal") -> bytes:
+    """One panel per site, both models in each: where pooled curves hide a collapse, a panel shows it.
+
+    Binary: the disease class; more classes: each one-vs-rest, told apart by line style. A site whose
+    test images hold one class only has no curve; its panel says so instead of staying blank.
+    """
+    from matplotlib.figure import Figure
+
+    sites = sorted({c.site for c in site_curves})
+    classes = _roc_classes(site_curves, negative_label)  # type: ignore[arg-type]  # same .labels
+    cols = min(SITE_PANELS_PER_ROW, len(sites))
+    rows = -(-len(sites) // cols)
+    fig = Figure(figsize=(3.3 * cols, 3.3 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    styles = ("-", "--", "-.", ":")
+    for ax, site in zip(axes, sites):
+        here = [c for c in site_curves if c.site == site]
+        ax.plot([0, 1], [0, 1], linestyle=":", color="#888", linewidth=1)
+        drawn = 0
+        for c in here:
+            for k, label in enumerate(classes):
+                r = c.roc.get(label)
+                if r is None:
+                    continue
+                name = f"{c.role} v{c.version}" + (f" {label}" if len(classes) > 1 else "")
+                ax.plot(r["fpr"], r["tpr"], color=_COLOURS.get(c.role), linestyle=styles[k % len(styles)],
+                        linewidth=2, alpha=0.85, label=f"{name} ({r['auroc']:.2f})")
+                drawn += 1
+        counts = ", ".join(f"{label} {n}" for label, n in here[0].counts.items())
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), title=f"{site} (n={here[0].n})", xlabel="1 - specificity",
+               ylabel="sensitivity")
+        ax.title.set_fontsize(10)
+        ax.set_aspect("equal")
+        if drawn:
+            ax.legend(loc="lower right", fontsize=7)
+        else:
+            ax.text(0.5, 0.5, f"no curve: {counts}", ha="center", va="center", fontsize=8, wrap=True)
+    for ax in axes[len(sites):]:
+        ax.set_axis_off()
+    return _png(fig)
+
+
+def _site_panels(site_curves: Sequence[SiteCurves]) -> tuple[list[SiteCurves], list[str]]:
+    """The curves to draw (the :data:`SITE_PANELS_MAX` largest sites) and a note when some were left out."""
+    sizes: dict[str, int] = {}
+    for c in site_curves:
+        sizes[c.site] = max(sizes.get(c.site, 0), c.n)
+    if len(sizes) < 2:  # one site: its panel would repeat the pooled figure
+        return [], []
+    keep = set(sorted(sizes, key=lambda s: (-sizes[s], s))[:SITE_PANELS_MAX])
+    notes = ([f"Per-site ROC: the {SITE_PANELS_MAX} largest of {len(sizes)} sites are drawn; the by-site table "
+              "lists them all."] if len(sizes) > SITE_PANELS_MAX else [])
+    return [c for c in site_curves if c.site in keep], notes
 
 
 def confusion_png(evals: Sequence[tuple[str, dict[str, Any]]]) -> bytes:
@@ -182,9 +241,12 @@ def _figures(result: dict[str, Any], data: ReportData | None, negative_label: st
     """Figures as data URIs (None when there is nothing to draw) and the heatmap thumbnails."""
     evals = _evals(result)
     curves = data.curves if data is not None else []
+    panels, _ = _site_panels(data.site_curves if data is not None else [])
     eces = ", ".join(f"{role} v{ev['version']} {_num(ev['metrics'].get('ece'))}" for role, ev in evals)
     return {
         "roc": data_uri(roc_png(curves, negative_label=negative_label)) if curves else None,
+        "site_roc": data_uri(site_roc_png(panels, negative_label=negative_label)) if panels else None,
+        "site_roc_sites": len({c.site for c in panels}),
         "confusion": data_uri(confusion_png(evals)) if evals else None,
         "reliability": data_uri(reliability_png(curves)) if curves else None,
         "eces": eces,
@@ -199,8 +261,12 @@ def _figures(result: dict[str, Any], data: ReportData | None, negative_label: st
 def html_contents(context: dict[str, Any]) -> list[str]:
     """What a rendered report shows beyond its summary, in words (for the markdown's link to it)."""
     fig = context["figures"]
-    out = ["metrics with 95% intervals", "per-class metrics"] if context["metric_table"] else []
-    out += [name for name, present in (("ROC curves", fig["roc"]), ("confusion matrices", fig["confusion"]),
+    out = ["the shortcut audit"] if context["audit"] else []
+    out += ["metrics with 95% intervals", "per-class metrics"] if context["metric_table"] else []
+    out += [f"tables {s['title'].lower()}" for s in context["slice_sections"]]
+    out += ["label history"] if context["label_history"] else []
+    out += [name for name, present in (("ROC curves", fig["roc"]), ("per-site ROC curves", fig["site_roc"]),
+                                       ("confusion matrices", fig["confusion"]),
                                        ("a reliability diagram", fig["reliability"]),
                                        ("Grad-CAM heatmaps", fig["heatmaps"])) if present]
     return out
@@ -215,7 +281,7 @@ def html_context(result: dict[str, Any], data: ReportData | None, *, negative_la
         metric_table=_metric_table(evals) if evals else None,
         per_class=_per_class_tables(evals),
         figures=_figures(result, data, negative_label, heatmap_links or {}),
-        notes=[*notes, *(data.notes if data else [])],
+        notes=[*notes, *(data.notes if data else []), *_site_panels(data.site_curves if data else [])[1]],
         heatmap_display_px=HEATMAP_DISPLAY_PX,
     )
     return context
@@ -268,5 +334,5 @@ def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) ->
     return path
 
 
-__all__ = ["render_html", "write_run_html", "html_context", "embeddable_heatmap", "roc_png", "confusion_png",
-           "reliability_png", "HEATMAP_EMBED_PX"]
+__all__ = ["render_html", "write_run_html", "html_context", "embeddable_heatmap", "roc_png", "site_roc_png",
+           "confusion_png", "reliability_png", "HEATMAP_EMBED_PX"]

@@ -5,8 +5,8 @@ sentences are built here, in Python, as a plain context dict; the layout lives i
 (``templates/report.md.j2``, and ``report.html.j2`` for :mod:`xray_core.report.html`), so a change of
 wording or order is a template edit, not a string-concatenation hunt.
 
-The report leads with the run's decision (``result["state"]``: Promoted, Kept, Skipped, Insufficient
-evidence or Failed, with ``result["state_message"]``), derived from the decision or status when the
+The report leads with the run's decision (``result["state"]``: Promoted, Kept, Blocked, Skipped,
+Insufficient evidence or Failed, with ``result["state_message"]``), derived from the decision or status when the
 result predates those keys, and shows only sections that have content: a failed or skipped run has
 no empty comparison heading and promises no figures it lacks.
 """
@@ -18,14 +18,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
 from xray_core.report.terminal import format_interval
 from xray_core.settings import Settings
 
 KEY_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece")
-STATES = ("Promoted", "Kept", "Skipped", "Insufficient evidence", "Failed")
+STATES = ("Promoted", "Kept", "Blocked", "Skipped", "Insufficient evidence", "Failed")
 DESCRIPTION_MAX_CHARS = 200  # Prefect shows artifact descriptions in one table cell
 _DECISION_STATES = {"promote": "Promoted", "keep": "Kept", "insufficient_evidence": "Insufficient evidence",
-                    "failed": "Failed"}
+                    "failed": "Failed", "blocked": "Blocked"}
 
 
 # --------------------------------------------------------------------------- templates
@@ -102,6 +103,9 @@ def headline(result: dict[str, Any]) -> str | None:
     if state == "Kept":
         return (f"champion v{old} stays ({challenger} not promoted)" if old is not None
                 else f"no champion yet ({challenger} not promoted)")
+    if state == "Blocked":
+        return (f"champion v{old} stays ({challenger} blocked by the shortcut audit)" if old is not None
+                else f"no champion yet ({challenger} blocked by the shortcut audit)")
     if state == "Insufficient evidence":
         return (f"champion v{old} stays; too few test images to judge {challenger}" if old is not None
                 else f"too few test images to judge {challenger}; no champion yet")
@@ -149,6 +153,8 @@ def artifact_description(result: dict[str, Any]) -> str:
     elif state == "Kept":
         text = (f"Kept v{old}; challenger {challenger} rejected" if old is not None
                 else f"Kept: no champion; challenger {challenger} rejected")
+    elif state == "Blocked":
+        text = (f"Blocked {challenger} (shortcut audit); " + (f"kept v{old}" if old is not None else "no champion"))
     elif state == "Insufficient evidence":
         text = ("Insufficient evidence: " + (f"kept v{old}; " if old is not None else "no champion; ")
                 + f"challenger {challenger} not judged")
@@ -169,8 +175,14 @@ def random_init(result: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- tables
 
 
-def metrics_rows(challenger: dict[str, Any] | None, champion: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Rows for the metrics table artifact: one per metric, both models side by side, with intervals."""
+def metrics_rows(challenger: dict[str, Any] | None, champion: dict[str, Any] | None, *,
+                 sites: bool = True) -> list[dict[str, Any]]:
+    """Rows for the metrics table artifact: one per metric, both models side by side, with intervals.
+
+    With ``sites`` (the ``retrain-metrics`` artifact), per-site rows follow (``macro_auroc @ site
+    paeds``, ...), because pooled numbers can hide a collapse on one site; report.md has its own
+    "By site" section instead.
+    """
     rows = []
     for key in KEY_METRICS:
         row: dict[str, Any] = {"metric": key}
@@ -189,7 +201,7 @@ def metrics_rows(challenger: dict[str, Any] | None, champion: dict[str, Any] | N
             rows.append({"metric": f"sensitivity[{label}] ({name})",
                          name: format_interval({"point": pc.get("sensitivity"), "low": iv.get("low"), "high": iv.get("high")}),
                          "challenger" if name == "champion" else "champion": ""})
-    return rows
+    return rows + (site_metric_rows(challenger, champion) if sites else [])
 
 
 def registry_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -261,6 +273,9 @@ def report_context(result: dict[str, Any]) -> dict[str, Any]:
                                                      for c in dec.get("checks") or []]},
         "champion_after": result.get("champion_after"),
         "data": _data_context(result),
+        "audit": audit_context(result.get("audit")),
+        "slice_sections": slice_sections(evals),
+        "label_history": label_history_context(result.get("label_history")),
         "error": result.get("error"),
         # the error gets its own section unless the message under the title already says it all
         "show_error": bool(result.get("error")) and str(result["error"]) not in (state_message(result) or ""),
@@ -288,7 +303,7 @@ def retrain_markdown(result: dict[str, Any]) -> str:
         report_html_contents=html_report_contents(result),
         metrics_header=(["metric", f"challenger (v{ch['version']})", f"champion (v{champ['version']})" if champ else "champion"]
                         if ch else []),
-        metrics_rows=[[r["metric"], r.get("challenger", ""), r.get("champion", "")] for r in metrics_rows(ch, champ)]
+        metrics_rows=[[r["metric"], r.get("challenger", ""), r.get("champion", "")] for r in metrics_rows(ch, champ, sites=False)]
         if ch else [],
     )
     # Skipped blocks leave runs of blank lines; markdown reads one blank line the same, the raw text doesn't.

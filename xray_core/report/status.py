@@ -1,4 +1,5 @@
-"""What ``xray status`` reports: catalogue, feature cache coverage, registry and settings."""
+"""What ``xray status`` reports: catalogue, images per site × label × split, label history, the latest
+shortcut audit, feature cache coverage, registry and settings."""
 
 from __future__ import annotations
 
@@ -12,12 +13,49 @@ def status_report(settings: Settings) -> dict[str, Any]:
     report: dict[str, Any] = {"home": str(settings.home), "database_url": _safe_url(settings.database_url),
                               "storage_url": settings.public_dict()["storage_url"]}
     report["catalogue"] = catalogue_summary(settings)
+    report["sites"] = sites_summary(settings)
+    report["audit"] = latest_audit(settings)
     report["feature_cache"] = _feature_cache(settings)
     report["models"] = _models(settings)
     report["interrupted"] = interrupted_runs(settings)
     report["settings"] = settings.public_dict()
     report["settings"]["database_url"] = _safe_url(settings.database_url)
     return report
+
+
+def sites_summary(settings: Settings) -> dict[str, Any]:
+    """Images per site × label × split (``by_site_label_split``) and the site names: a label that comes
+    from one site only is visible here before any retrain audits it."""
+    from db import session_scope
+    from xray_core.data.catalogue import counts_by_label_site_split, open_catalogue
+
+    with session_scope(open_catalogue(settings)) as s:
+        table = counts_by_label_site_split(s)
+    return {"sites": list(table), "by_site_label_split": table}
+
+
+def latest_audit(settings: Settings) -> dict[str, Any] | None:
+    """The shortcut audit's flags of the newest decision that ran one (a retrain's audit row), with the
+    decision it belonged to; None before any retrain audited the data.
+
+    Manual promotions and rollbacks carry no audit, so they are passed over: after ``xray promote`` of
+    a blocked challenger, the flags that blocked it are still what ``xray status`` shows.
+    """
+    from sqlalchemy import select
+
+    from db import session_scope
+    from db.schema import Promotion
+    from xray_core.data.catalogue import open_catalogue
+
+    with session_scope(open_catalogue(settings)) as s:
+        for row in s.scalars(select(Promotion).order_by(Promotion.id.desc())):
+            audit = (row.metrics or {}).get("audit")
+            if audit:
+                return {"promotion_id": row.id, "time": row.created_at.isoformat() if row.created_at else None,
+                        "decision": row.decision, "challenger": row.to_version,
+                        "flagged": bool(audit.get("flagged")), "warnings": list(audit.get("warnings") or []),
+                        "policy": audit.get("policy"), "sites": list(audit.get("sites") or [])}
+    return None
 
 
 def interrupted_runs(settings: Settings) -> dict[str, Any]:

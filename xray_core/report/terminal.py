@@ -41,6 +41,7 @@ def render_status(r: dict[str, Any]) -> str:
     out.append(f"rejections {rej['total']}" + (": " + ", ".join(f"{k} {v}" for k, v in rej["by_reason"].items()) if rej["total"] else ""))
     nd = cat["near_duplicates"]
     out.append(f"near-duplicate pairs across splits (pHash distance <= {nd['max_distance']}): {nd['pairs_across_splits']}")
+    out += _status_sites(r)
     for note in cat["notes"]:
         out.append(f"note: {note}")
     gone = r.get("interrupted") or {}
@@ -60,6 +61,50 @@ def render_status(r: dict[str, Any]) -> str:
     s = r["settings"]
     out += ["", "settings:"] + [f"  {k} = {v}" for k, v in s.items()]
     return "\n".join(out)
+
+
+def _status_sites(r: dict[str, Any]) -> list[str]:
+    """Where the films come from: images per site × label × split, patients whose labels changed, and
+    the latest shortcut audit's flags."""
+    out: list[str] = []
+    by_site = (r.get("sites") or {}).get("by_site_label_split") or {}
+    rows = [[site, label, v["train"], v["val"], v["test"], v["unassigned"], sum(v.values())]
+            for site, labels in by_site.items() for label, v in labels.items()]
+    if rows:
+        out += ["", table(["site", "label", "train", "val", "test", "unassigned", "total"], rows)]
+    history = r["catalogue"].get("label_history") or {}
+    if history.get("patients"):
+        out += ["", f"patients with films of different labels: {history['patients']} "
+                    f"({history.get('in_test', 0)} in the test split)"]
+        from xray_core.report.sites import films_text
+
+        for e in (history.get("examples") or [])[:5]:
+            out.append(f"  {e['patient_id']} ({e.get('split') or 'unassigned'}): {films_text(e['films'])}")
+        if history["patients"] > 5:
+            out.append(f"  ... and {history['patients'] - 5} more (xray status --json lists them)")
+    audit = r.get("audit")
+    if audit:
+        where = (f"decision #{audit['promotion_id']} {audit['decision']}"
+                 + (f" of v{audit['challenger']}" if audit.get("challenger") is not None else "")
+                 + f", {(audit.get('time') or '')[:19]}; XRAY_SHORTCUT_POLICY={audit.get('policy')}")
+        out += ["", f"shortcut audit ({where}): " + ("FLAGGED" if audit["flagged"] else "no shortcut found")]
+        out += [f"  warning: {w}" for w in audit["warnings"]]
+    elif "audit" in r:
+        out += ["", "shortcut audit: none yet (runs at every retrain)"]
+    return out
+
+
+def render_slices(slices: dict[str, Any] | None) -> list[str]:
+    """One table per dimension (site, view) of one evaluation's slices; slices not judged say why."""
+    from xray_core.report.sites import slice_table, worth_showing
+
+    out: list[str] = []
+    for dimension in ("site", "view"):
+        part = (slices or {}).get(dimension)
+        if worth_showing(part):
+            t = slice_table(dimension, part)
+            out += ["", f"by {dimension}:", table(t["headers"], t["rows"])]
+    return out
 
 
 def format_interval(m: dict[str, Any] | None) -> str:
@@ -107,6 +152,12 @@ def render_lineage(m: dict[str, Any]) -> str:
     for e in m["evaluations"]:
         out.append(f"  evaluated on test set {e['test_set_fingerprint'][:12]} ({e['n_images']} images): "
                    f"macro AUROC {format_interval(e['metrics'].get('macro_auroc'))}")
+    latest = m.get("slices")
+    if latest:
+        shown = render_slices(latest)
+        if shown:
+            out += ["", f"latest evaluation (test set {latest['test_set_fingerprint'][:12]}, {latest['n_images']} "
+                        f"images, {(latest.get('scored_at') or '')[:19]}), sliced:", *shown]
     return "\n".join(out)
 
 
