@@ -314,6 +314,8 @@ def headline_result(result: dict[str, Any]) -> dict[str, Any]:
             "embed", "champion_after", "report", "report_html", "description", "notes", "backbone_random_init")
     out = {k: result.get(k) for k in keep}
     out["decision"] = result.get("decision")
+    audit = result.get("audit") or {}
+    out["audit"] = {k: audit.get(k) for k in ("flagged", "warnings", "policy", "sites")} if audit else None
     out["train"] = {k: (result.get("train") or {}).get(k)
                     for k in ("version", "threshold", "best_epoch", "epochs_run", "smoke_test")}
     for name in ("challenger_eval", "champion_eval"):

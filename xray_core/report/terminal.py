@@ -182,6 +182,11 @@ def render_retrain(r: dict[str, Any]) -> str:
                    "pipeline works, not a clinically useful model")
     for note in r.get("notes") or []:
         out.append(f"note: {note}")
+    audit = r.get("audit") or {}
+    for warning in audit.get("warnings") or []:
+        out.append(f"shortcut audit: {warning} (XRAY_SHORTCUT_POLICY={audit.get('policy')})")
+    for drop in (r.get("decision") or {}).get("site_drops") or []:
+        out.append(f"site {drop['site']}: {drop['metric']} {drop['challenger']:.3f} vs champion {drop['champion']:.3f}")
     for name in ("challenger_eval", "champion_eval"):
         ev = r.get(name)
         if ev:
