@@ -12,11 +12,13 @@ from torch import nn
 
 from xray_core.errors import NotEnoughDataError
 from xray_core.model.train import (
+    HEAD_BUFFERS,
     HeadConfig,
     TrainingDivergedError,
     build_head,
     class_weights,
     evaluate_loss,
+    fit_normaliser,
     load_head,
     predict_proba,
     train_head,
@@ -163,3 +165,72 @@ def test_refuses_empty_splits_one_class_and_divergence():
     bad[0, :, 0] = np.inf  # one non-finite feature poisons every weight after the first step
     with pytest.raises(TrainingDivergedError, match="not finite"):
         train_head(bad, yt, xv[:, 0], yv, 2, config(epochs=3, patience=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# the standardisation travels with the head
+
+
+def test_normaliser_is_fitted_on_training_rows_only():
+    """The stored mean/std are those of the training features (every view), whatever validation holds:
+    shifting the validation features by 100 changes nothing in the normaliser."""
+    xt, yt = features(40, views=3)
+    xt = xt * 0.07 + 0.43  # the narrow band random-init densenet161 features live in
+    xv, yv = features(20, seed=1)
+    a = train_head(xt, yt, xv[:, 0], yv, 2, config(epochs=2))
+    b = train_head(xt, yt, xv[:, 0] + 100.0, yv, 2, config(epochs=2))
+    rows = xt.reshape(-1, D).astype(np.float64)
+    assert torch.allclose(a.state_dict["feature_mean"], torch.tensor(rows.mean(0), dtype=torch.float32))
+    assert torch.allclose(a.state_dict["feature_std"], torch.tensor(rows.std(0), dtype=torch.float32))
+    assert torch.equal(a.state_dict["feature_mean"], b.state_dict["feature_mean"])
+    assert torch.equal(a.state_dict["feature_std"], b.state_dict["feature_std"])
+
+
+def test_constant_dimension_is_left_unscaled():
+    x = np.ones((5, 2, 3), dtype=np.float32)
+    x[:, :, 0] = np.arange(10, dtype=np.float32).reshape(5, 2)
+    mean, std = fit_normaliser(x)
+    assert std[1] == std[2] == 1.0 and mean[1] == 1.0
+    assert std[0] == pytest.approx(np.arange(10).std())
+
+
+def test_standardised_head_learns_narrow_band_features():
+    """Features squeezed into a band 0.07 wide (as random-init densenet161 gives) are still learned."""
+    xt, yt = features(64, separation=3.0)
+    xv, yv = features(32, seed=1, separation=3.0)
+    squeeze = lambda x: x * 0.01 + 0.43  # noqa: E731
+    cfg = config(epochs=20)
+    result = train_head(squeeze(xt), yt, squeeze(xv[:, 0]), yv, 2, cfg)
+    head = load_head(result.state_dict, D, 2, hidden=cfg.hidden, dropout=cfg.dropout)
+    assert (predict_proba(head, squeeze(xv[:, 0])).argmax(1) == yv).mean() >= 0.9
+
+
+def test_old_checkpoint_without_normaliser_or_temperature_predicts_as_before():
+    """A state dict from the plain nn.Sequential head of earlier versions loads with the identity
+    transform and reproduces that head's probabilities bit for bit."""
+    torch.manual_seed(0)
+    old = nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2)).eval()
+    state = {k: v.clone() for k, v in old.state_dict().items()}
+    assert not set(state) & set(HEAD_BUFFERS)
+    loaded = load_head(state, D, 2, hidden=(8,), dropout=0.1)
+    x = np.random.default_rng(0).normal(size=(10, D)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(old(torch.as_tensor(x)), dim=1).double().numpy()
+    assert np.array_equal(predict_proba(loaded, x), expected)
+    assert float(loaded.temperature) == 1.0
+
+
+def test_unknown_checkpoint_keys_still_fail():
+    head = build_head(D, 2, hidden=(), dropout=0.0)
+    state = {**head.state_dict(), "stray": torch.zeros(1)}
+    with pytest.raises(RuntimeError, match="stray"):
+        load_head(state, D, 2, hidden=(), dropout=0.0)
+
+
+def test_cosine_schedule_anneals_and_unknown_schedule_lists_allowed():
+    xt, yt = features(32)
+    xv, yv = features(16, seed=1)
+    result = train_head(xt, yt, xv[:, 0], yv, 2, config(epochs=4, schedule="cosine"))
+    assert result.epochs_run == 4
+    with pytest.raises(ValueError, match="none, cosine"):
+        train_head(xt, yt, xv[:, 0], yv, 2, config(schedule="step"))
