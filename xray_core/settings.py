@@ -89,6 +89,14 @@ class Settings:
     target_specificity: float = 0.90  # for promotion_metric == sensitivity_at_specificity
     guardrail_sensitivity_drop: float = 0.02
 
+    # head recipe and calibration (xray_core.model.recipes, xray_core.model.calibrate)
+    head_recipe: str = "auto"  # auto (compare on held-out patients) | linear | mlp
+    head_l2_grid: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)  # linear candidates' inverse L2 strengths (C)
+    lr_schedule: str = "cosine"  # the MLP's learning rate: cosine (anneal to 0, run every epoch) | none
+    recipe_folds: int = 5  # patient-grouped folds inside train+val when validation is too small
+    recipe_min_val_per_class: int = 20  # fewer val images of a class -> choose the recipe by k-fold
+    target_sensitivity: float | None = None  # threshold for this sensitivity on val; None = Youden's J
+
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able values, without secrets (the patient salt)."""
         out: dict[str, Any] = {}
@@ -197,6 +205,12 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "promotion_margin": ("XRAY_PROMOTION_MARGIN", _float),
     "target_specificity": ("XRAY_TARGET_SPECIFICITY", _float),
     "guardrail_sensitivity_drop": ("XRAY_GUARDRAIL_SENSITIVITY_DROP", _float),
+    "head_recipe": ("XRAY_HEAD_RECIPE", lambda n, r: r.strip().lower()),
+    "head_l2_grid": ("XRAY_HEAD_L2_GRID", _floats),
+    "lr_schedule": ("XRAY_LR_SCHEDULE", lambda n, r: r.strip().lower()),
+    "recipe_folds": ("XRAY_RECIPE_FOLDS", _int),
+    "recipe_min_val_per_class": ("XRAY_RECIPE_MIN_VAL_PER_CLASS", _int),
+    "target_sensitivity": ("XRAY_TARGET_SENSITIVITY", _float),
 }
 
 # Settings whose empty value means something rather than "unset": XRAY_PATIENT_REGEX="" turns
@@ -273,6 +287,22 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"XRAY_EMBED_DASK_WORKERS={s.embed_dask_workers}: must be 0 (off) or more")
     if s.embed_workers < 0:
         raise SettingsError(f"XRAY_EMBED_WORKERS={s.embed_workers}: must be 0 or more")
+    _validate_head_training(s)
+
+
+def _validate_head_training(s: Settings) -> None:
+    if s.head_recipe not in ("auto", "linear", "mlp"):
+        raise SettingsError(f"XRAY_HEAD_RECIPE={s.head_recipe!r}: only auto, linear and mlp are supported")
+    if not s.head_l2_grid or any(not c > 0 for c in s.head_l2_grid):
+        raise SettingsError("XRAY_HEAD_L2_GRID: need one or more positive numbers, e.g. 0.001,0.01,0.1,1")
+    if s.lr_schedule not in ("cosine", "none"):
+        raise SettingsError(f"XRAY_LR_SCHEDULE={s.lr_schedule!r}: only cosine and none are supported")
+    if s.recipe_folds < 2:
+        raise SettingsError(f"XRAY_RECIPE_FOLDS={s.recipe_folds}: must be at least 2")
+    if s.recipe_min_val_per_class < 0:
+        raise SettingsError(f"XRAY_RECIPE_MIN_VAL_PER_CLASS={s.recipe_min_val_per_class}: must be 0 or more")
+    if s.target_sensitivity is not None and not 0 < s.target_sensitivity <= 1:
+        raise SettingsError(f"XRAY_TARGET_SENSITIVITY={s.target_sensitivity}: must be in (0, 1], e.g. 0.95")
 
 
 @functools.lru_cache(maxsize=1)

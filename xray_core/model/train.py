@@ -50,13 +50,16 @@ class HeadConfig:
     patience: int = 5  # epochs without a val-loss improvement before stopping
     seed: int = 0
     schedule: str = "none"  # "cosine": anneal the learning rate to 0 over `epochs`; "none": constant
+    # True: keep the epoch with the lowest val loss (early stopping). False: keep the last epoch's
+    # weights and run every epoch (a cosine schedule is meant to be run to its end).
+    keep_best: bool = True
 
     @classmethod
     def from_settings(cls, s) -> "HeadConfig":  # noqa: ANN001 - Settings
         return cls(hidden=tuple(s.head_hidden), dropout=s.head_dropout, epochs=s.epochs,
                    batch_size=s.batch_size, learning_rate=s.learning_rate,
                    weight_decay=s.weight_decay, patience=s.patience, seed=s.train_seed,
-                   schedule=getattr(s, "lr_schedule", "none"))
+                   schedule=s.lr_schedule)
 
 
 @dataclass
@@ -221,7 +224,12 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
             crash_point("train.epoch")
             if progress:
                 progress(epoch, config.epochs, history[-1])
-            if val_loss < best_loss - 1e-7:
+            if not config.keep_best:
+                if math.isfinite(val_loss):
+                    best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(head.state_dict())
+                else:
+                    best_state = None
+            elif val_loss < best_loss - 1e-7:
                 best_loss, best_epoch, stale = val_loss, epoch, 0
                 best_state = copy.deepcopy(head.state_dict())
             else:
