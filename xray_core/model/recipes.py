@@ -117,7 +117,9 @@ def score(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float |
     if present.size == n_classes:
         auc = float(roc_auc_score(y, probs[:, 1]) if n_classes == 2
                     else roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
-    return {"auroc": auc, "log_loss": float(log_loss(y, np.clip(probs, 1e-12, 1.0), labels=list(range(n_classes))))}
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
+    p /= p.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 only within ~1e-7
+    return {"auroc": auc, "log_loss": float(log_loss(y, p, labels=list(range(n_classes))))}
 
 
 def _best(scores: list[dict[str, Any]]) -> int:
@@ -131,7 +133,9 @@ def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.nda
                   train_eval_x: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, val_groups: np.ndarray,
                   n_classes: int, *, folds: int = 5, min_val_per_class: int = 20, seed: int = 0) -> Selection:
     """Choose among ``candidates``; see the module docstring for how. ``train_x`` (n, views, D) are the
-    training images' augmented views, ``train_eval_x`` (n, D) their eval view, ``val_x`` (m, D)."""
+    training images' augmented views, ``train_eval_x`` (n, D) how a training image is scored when it is
+    held out in k-fold (its eval view, or one cached training view when only those were embedded),
+    ``val_x`` (m, D) the validation images' eval view."""
     if not candidates:
         raise ValueError("no head recipes to choose from")
     if len(candidates) == 1:
