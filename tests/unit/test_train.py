@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from xray_core.errors import NotEnoughDataError
+from xray_core.model.recipes import candidate_recipes, fit_linear, fit_recipe, select_recipe
 from xray_core.model.train import (
     HEAD_BUFFERS,
     HeadConfig,
@@ -234,3 +235,45 @@ def test_cosine_schedule_anneals_and_unknown_schedule_lists_allowed():
     assert result.epochs_run == 4
     with pytest.raises(ValueError, match="none, cosine"):
         train_head(xt, yt, xv[:, 0], yv, 2, config(schedule="step"))
+
+
+# --------------------------------------------------------------------------------------------------
+# recipe selection
+
+
+def _grouped(n: int, seed: int, **kw):
+    x, y = features(n, seed=seed, **kw)
+    return x, y, np.array([f"p{seed}-{i // 2}" for i in range(n)], dtype=object)  # 2 images per patient
+
+
+@pytest.mark.parametrize("min_val", [0, 1000])  # choose on validation / by grouped k-fold
+def test_recipe_selection_is_deterministic(min_val):
+    xt, yt, gt = _grouped(48, 0, views=2)
+    xv, yv, gv = _grouped(24, 1, views=1)
+    cands = candidate_recipes(config(epochs=4, schedule="cosine"), l2_grid=(0.01, 1.0))
+    assert [r.name for r in cands] == ["linear-l2-C=0.01", "linear-l2-C=1", "mlp-32-cosine"]
+    runs = [select_recipe(cands, xt, yt, gt, xt[:, 0], xv[:, 0], yv, gv, 2, folds=3, min_val_per_class=min_val,
+                          seed=0) for _ in range(2)]
+    assert runs[0].recipe == runs[1].recipe and runs[0].scores == runs[1].scores
+    assert runs[0].method == ("validation" if min_val == 0 else "grouped k-fold")
+    assert runs[0].recipe.name in runs[0].reason and len(runs[0].scores) == 3
+    heads = [fit_recipe(runs[0].recipe, xt, yt, xv[:, 0], yv, 2)[0] for _ in range(2)]
+    for key, value in heads[0].state_dict().items():
+        assert torch.equal(value, heads[1].state_dict()[key]), key
+
+
+def test_linear_recipe_equals_logistic_regression_probabilities():
+    from sklearn.linear_model import LogisticRegression
+
+    xt, yt = features(40, views=1)
+    head = fit_linear(xt, yt, 2, c=0.1)
+    mean, std = fit_normaliser(xt)
+    lr = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit((xt[:, 0] - mean) / std, yt)
+    xv, _ = features(10, seed=2)
+    expected = lr.predict_proba((xv[:, 0] - mean) / std)
+    assert np.allclose(predict_proba(head, xv[:, 0]), expected, atol=1e-5)
+
+
+def test_unknown_recipe_lists_allowed():
+    with pytest.raises(ValueError, match="auto, linear, mlp"):
+        candidate_recipes(config(), choice="forest")

@@ -2,9 +2,10 @@
 probabilities mean what they say (Guo et al. 2017).
 
 Why a single temperature: with tens of validation images, anything richer (Platt per class, isotonic)
-overfits; one parameter cannot. Dividing every logit by the same T > 0 keeps each image's argmax and
-the order of images by any class's probability, so AUROC and the ranking are unchanged: only the
-confidence moves. T is fitted on validation (never training, where the head is over-confident by
+overfits; one parameter cannot. Dividing every logit by the same T > 0 keeps each image's argmax and,
+with two classes, the order of images by the positive class's probability, so the binary AUROC and
+ranking are unchanged: only the confidence moves. (With three or more classes a one-vs-rest
+probability can reorder slightly, since it depends on all logits; the argmax never changes.) T is fitted on validation (never training, where the head is over-confident by
 construction) by minimising the negative log-likelihood with ``scipy.optimize``, and stored in the
 head (:class:`xray_core.model.train.Head`) so prediction, Grad-CAM and evaluation all apply it.
 """
