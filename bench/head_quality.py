@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4, help="K augmented training views (default 4)")
     parser.add_argument("--folds", type=int, default=5, help="patient-grouped outer folds (default 5)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with manifest.csv")
+    parser.add_argument("--home", default=None, help="keep the feature cache in this XRAY_HOME (default: a temp dir)")
     args = parser.parse_args()
 
     from xray_core.settings import load_settings
@@ -117,6 +118,7 @@ def main() -> None:
     y = np.array([labels.index(r["label"]) for r in rows])
     groups = np.array([r["patient_id"] for r in rows], dtype=object)
     with tempfile.TemporaryDirectory(prefix="xray-headq-") as tmp:
+        tmp = args.home or tmp
         settings = load_settings({"XRAY_HOME": tmp, "XRAY_BACKBONE_WEIGHTS": "random", "XRAY_DEVICE": "cpu",
                                   "XRAY_INPUT_SIZE": str(args.size), "XRAY_VIEWS": str(args.views),
                                   "XRAY_PATIENT_SALT": "bench"})

@@ -71,3 +71,14 @@ def test_bad_temperature_is_refused(bad):
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match=r"\(n, classes\)"):
         fit_temperature(np.zeros((3, 2)), np.zeros(4, int))
+
+
+def test_confident_images_keep_their_order():
+    """Logit gaps of 20, 25 and 30 round to exactly 1.0 in a float32 softmax; the float64 one keeps
+    them ordered, so a sharp temperature cannot turn a ranking into ties."""
+    head = build_head(1, 2, hidden=(), dropout=0.0)
+    with torch.no_grad():
+        head[0].weight.copy_(torch.tensor([[-0.5], [0.5]]))
+        head[0].bias.zero_()
+    p = predict_proba(head, np.array([[20.0], [25.0], [30.0]], dtype=np.float32))[:, 1]
+    assert p[0] < p[1] < p[2] < 1.0

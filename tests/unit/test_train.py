@@ -216,7 +216,7 @@ def test_old_checkpoint_without_normaliser_or_temperature_predicts_as_before():
     loaded = load_head(state, D, 2, hidden=(8,), dropout=0.1)
     x = np.random.default_rng(0).normal(size=(10, D)).astype(np.float32)
     with torch.no_grad():
-        expected = torch.softmax(old(torch.as_tensor(x)), dim=1).double().numpy()
+        expected = torch.softmax(old(torch.as_tensor(x)).double(), dim=1).numpy()
     assert np.array_equal(predict_proba(loaded, x), expected)
     assert float(loaded.temperature) == 1.0
 

@@ -18,9 +18,11 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-# log T is searched in [log 0.05, log 20]: beyond that the validation set is separable (T -> 0) or
-# carries no signal (T -> inf), and the bound keeps the stored number finite and sane.
-LOG_T_BOUNDS = (math.log(0.05), math.log(20.0))
+# log T is searched in [log 0.25, log 20]. A validation set the head separates perfectly asks for
+# T -> 0 (certainty); with tens of images that is overfitting, not evidence, and sharpening further
+# pushes probabilities to exactly 0 or 1, where confident images tie and the ranking is lost. At the
+# other end T -> inf means the validation set carries no signal.
+LOG_T_BOUNDS = (math.log(0.25), math.log(20.0))
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:

@@ -164,10 +164,15 @@ def evaluate_loss(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn:
 
 @torch.no_grad()
 def predict_proba(head: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Softmax probabilities (n, classes) as float64 numpy."""
+    """Softmax probabilities (n, classes) as float64 numpy.
+
+    The softmax runs in float64: in float32 a logit gap above ~17 rounds the winning class to exactly
+    1.0 (and above ~88 the loser to exactly 0), so confident images tie and the ranking (AUROC) is
+    lost; float64 keeps them apart up to a gap of ~37.
+    """
     head.eval()
     xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    return torch.softmax(head(xt), dim=1).double().numpy()
+    return torch.softmax(head(xt).double(), dim=1).numpy()
 
 
 @torch.no_grad()
