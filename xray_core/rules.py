@@ -230,6 +230,17 @@ RULES: dict[str, Rule] = {
                                      "enough test images"),
     "shortcut_auroc": number_in(0.5, 1, "AUROC of a shortcut probe above which the audit warns"),
     "shortcut_policy": one_of(("warn", "block"), "ignore"),
+    "head_recipe": one_of(("auto", "linear", "mlp"), "svm"),
+    "head_l2_grid": Rule("must be one or more comma-separated positive numbers (inverse L2 strengths C of the "
+                         "linear candidates), e.g. 0.001,0.01,0.1,1",
+                         lambda v: bool(v) and all(is_number(c) and 0 < c <= 1e6 for c in v), "0.01,1",
+                         ("0", "-1,1", "nan", "a")),
+    "lr_schedule": one_of(("cosine", "none"), "step"),
+    "recipe_folds": integer_in(2, 20, "patient-grouped folds inside train+val for choosing the head recipe"),
+    "recipe_min_val_per_class": integer_in(0, 1_000_000, "validation images per class below which the recipe is "
+                                           "chosen by k-fold"),
+    "target_sensitivity": Rule("must be a fraction in (0, 1], e.g. 0.95, or unset (Youden's J)",
+                               lambda v: v is None or (is_number(v) and 0 < v <= 1), "0.95", ("0", "1.5", "nan")),
     "near_copy_distance": integer_in(-1, 16, "pHash bits within which a film of another patient is a near copy; "
                                      "-1 = off"),
     "allowed_modalities": Rule("must be any, or comma-separated DICOM Modality codes (1-16 of A-Z, 0-9, _) such "

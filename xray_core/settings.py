@@ -111,6 +111,14 @@ class Settings:
     site_from_dicom: str = "hash"  # InstitutionName -> site: hash (salted) | name | off
     dicom_store: str = "deidentified"  # deidentified (PS3.15 Basic Profile copy) | original bytes
 
+    # head recipe and calibration (xray_core.model.recipes, xray_core.model.calibrate)
+    head_recipe: str = "auto"  # auto (compare on held-out patients) | linear | mlp
+    head_l2_grid: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)  # linear candidates' inverse L2 strengths (C)
+    lr_schedule: str = "cosine"  # the MLP's learning rate: cosine (anneal to 0, run every epoch) | none
+    recipe_folds: int = 5  # patient-grouped folds inside train+val when validation is too small
+    recipe_min_val_per_class: int = 20  # fewer val images of a class -> choose the recipe by k-fold
+    target_sensitivity: float | None = None  # threshold for this sensitivity on val; None = Youden's J
+
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able values, without secrets (the patient salt)."""
         out: dict[str, Any] = {}
@@ -247,6 +255,12 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "require_chest": ("XRAY_REQUIRE_CHEST", _bool),
     "site_from_dicom": ("XRAY_SITE_FROM_DICOM", lambda n, r: r.strip().lower()),
     "dicom_store": ("XRAY_DICOM_STORE", lambda n, r: r.strip().lower()),
+    "head_recipe": ("XRAY_HEAD_RECIPE", lambda n, r: r.strip().lower()),
+    "head_l2_grid": ("XRAY_HEAD_L2_GRID", _floats),
+    "lr_schedule": ("XRAY_LR_SCHEDULE", lambda n, r: r.strip().lower()),
+    "recipe_folds": ("XRAY_RECIPE_FOLDS", _int),
+    "recipe_min_val_per_class": ("XRAY_RECIPE_MIN_VAL_PER_CLASS", _int),
+    "target_sensitivity": ("XRAY_TARGET_SENSITIVITY", _float),
 }
 
 # Settings whose empty value means something rather than "unset": XRAY_PATIENT_REGEX="" turns

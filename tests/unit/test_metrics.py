@@ -13,16 +13,21 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from xray_core.evaluate.metrics import (
+from sklearn.metrics import roc_auc_score
+
+from xray_core.evaluate.intervals import (
     _Plan,
     _cluster_index,
     _resample_weights,
-    auroc,
     bootstrap_intervals,
+    paired_bootstrap_difference,
+    wilson_interval,
+)
+from xray_core.evaluate.metrics import (
+    auroc,
     choose_threshold,
     compute_metrics,
     disease_indices,
-    paired_bootstrap_difference,
     positive_index,
     predict_labels,
     sensitivity_at_specificity,
@@ -410,7 +415,10 @@ def test_undefined_resamples_are_skipped():
     out = bootstrap_intervals(y, probs, BINARY, pids, threshold=0.5, n_samples=200, seed=0)
     iv = out["per_class.pneumonia.sensitivity"]
     assert 0 < iv["n_used"] < 200  # (2/3)^3 ~ 30% of resamples have no "b"
-    assert {iv["low"], iv["high"]} <= {0.5}  # patient b's two images: one caught, one missed
+    # patient b's two images, one caught and one missed: every resample says 0.5, which is no
+    # evidence of certainty; the interval falls back to Wilson on that one patient
+    assert iv["point"] == 0.5 and iv["method"] == "wilson" and iv["n_effective"] == 1
+    assert iv["low"] < 0.5 < iv["high"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,3 +478,65 @@ def test_unknown_metric_lists_allowed():
     y, probs, pids = _dataset(n_patients=10, per_patient=1)
     with pytest.raises(ValueError, match="macro_auroc, balanced_accuracy, sensitivity_at_specificity"):
         paired_bootstrap_difference(y, probs, probs, BINARY, pids, metric="accuracy", thresholds=(None, None))
+
+
+# --------------------------------------------------------------------------------------------------
+# exact intervals where the bootstrap degenerates, thresholds for a target sensitivity
+
+
+@pytest.mark.parametrize("caught", [0, 23])
+def test_degenerate_proportion_gets_a_wilson_interval(caught):
+    """0/23 and 23/23 pneumonia caught: the bootstrap can only say [0, 0] or [1, 1]; the interval
+    becomes Wilson's on the 23 pneumonia patients, has width, contains the point and names its method."""
+    y = np.r_[np.zeros(23, int), np.ones(23, int)]
+    p_pos = np.r_[np.full(23, 0.1), np.where(np.arange(23) < caught, 0.9, 0.3)]
+    pids = np.array([f"p{i}" for i in range(46)])
+    out = bootstrap_intervals(y, _probs_binary(p_pos), BINARY, pids, threshold=0.5, n_samples=200, seed=0)
+    iv = out["per_class.pneumonia.sensitivity"]
+    assert iv["point"] == caught / 23
+    assert iv["method"] == "wilson" and iv["n_effective"] == 23
+    assert (iv["low"], iv["high"]) == pytest.approx(wilson_interval(caught, 23))
+    assert iv["low"] <= iv["point"] <= iv["high"] and iv["high"] - iv["low"] > 0.1
+    # the specificity (23/23 normals below 0.5) degenerates too; the AUROC of a perfect ranking
+    # must never print as exact certainty either
+    assert out["per_class.normal.specificity"]["method"] == "wilson"
+    if caught == 23:
+        assert out["macro_auroc"]["point"] == 1.0 and out["macro_auroc"]["low"] < 1.0
+    json.dumps(out, allow_nan=False)
+
+
+def test_wilson_interval_hand_checked():
+    low, high = wilson_interval(0, 23)
+    z = 1.959963984540054
+    assert low == pytest.approx(0.0, abs=1e-12)
+    assert high == pytest.approx(z**2 / (23 + z**2), rel=1e-9)  # Wilson's upper bound at 0/n
+    low, high = wilson_interval(23, 23)
+    assert high == pytest.approx(1.0) and low == pytest.approx(23 / (23 + z**2), rel=1e-9)
+
+
+def test_non_degenerate_intervals_stay_bootstrap(binary_set):
+    y, probs, pids = binary_set
+    out = bootstrap_intervals(y, probs, BINARY, pids, threshold=0.5, n_samples=100, seed=0)
+    assert {iv["method"] for iv in out.values()} == {"bootstrap"}
+
+
+def test_auroc_matches_scikit_learn():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 60)
+    s = np.round(rng.random(60), 1)  # ties
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_choose_threshold_for_target_sensitivity():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    s = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.2, 0.1])
+    # sensitivity 3/4 first reached at 0.6, all four at 0.3
+    assert choose_threshold(y, s, target_sensitivity=0.75) == 0.6
+    assert choose_threshold(y, s, target_sensitivity=0.9) == 0.3
+    assert choose_threshold(y, s, target_sensitivity=0.2) == 0.9
+
+
+def test_old_import_path_still_works():
+    from xray_core.evaluate import metrics
+
+    assert metrics.bootstrap_intervals is bootstrap_intervals

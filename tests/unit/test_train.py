@@ -11,12 +11,15 @@ import torch
 from torch import nn
 
 from xray_core.errors import NotEnoughDataError
+from xray_core.model.recipes import candidate_recipes, fit_linear, fit_recipe, select_recipe
 from xray_core.model.train import (
+    HEAD_BUFFERS,
     HeadConfig,
     TrainingDivergedError,
     build_head,
     class_weights,
     evaluate_loss,
+    fit_normaliser,
     load_head,
     predict_proba,
     train_head,
@@ -163,3 +166,114 @@ def test_refuses_empty_splits_one_class_and_divergence():
     bad[0, :, 0] = np.inf  # one non-finite feature poisons every weight after the first step
     with pytest.raises(TrainingDivergedError, match="not finite"):
         train_head(bad, yt, xv[:, 0], yv, 2, config(epochs=3, patience=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# the standardisation travels with the head
+
+
+def test_normaliser_is_fitted_on_training_rows_only():
+    """The stored mean/std are those of the training features (every view), whatever validation holds:
+    shifting the validation features by 100 changes nothing in the normaliser."""
+    xt, yt = features(40, views=3)
+    xt = xt * 0.07 + 0.43  # the narrow band random-init densenet161 features live in
+    xv, yv = features(20, seed=1)
+    a = train_head(xt, yt, xv[:, 0], yv, 2, config(epochs=2))
+    b = train_head(xt, yt, xv[:, 0] + 100.0, yv, 2, config(epochs=2))
+    rows = xt.reshape(-1, D).astype(np.float64)
+    assert torch.allclose(a.state_dict["feature_mean"], torch.tensor(rows.mean(0), dtype=torch.float32))
+    assert torch.allclose(a.state_dict["feature_std"], torch.tensor(rows.std(0), dtype=torch.float32))
+    assert torch.equal(a.state_dict["feature_mean"], b.state_dict["feature_mean"])
+    assert torch.equal(a.state_dict["feature_std"], b.state_dict["feature_std"])
+
+
+def test_constant_dimension_is_left_unscaled():
+    x = np.ones((5, 2, 3), dtype=np.float32)
+    x[:, :, 0] = np.arange(10, dtype=np.float32).reshape(5, 2)
+    mean, std = fit_normaliser(x)
+    assert std[1] == std[2] == 1.0 and mean[1] == 1.0
+    assert std[0] == pytest.approx(np.arange(10).std())
+
+
+def test_standardised_head_learns_narrow_band_features():
+    """Features squeezed into a band 0.07 wide (as random-init densenet161 gives) are still learned."""
+    xt, yt = features(64, separation=3.0)
+    xv, yv = features(32, seed=1, separation=3.0)
+    squeeze = lambda x: x * 0.01 + 0.43  # noqa: E731
+    cfg = config(epochs=20)
+    result = train_head(squeeze(xt), yt, squeeze(xv[:, 0]), yv, 2, cfg)
+    head = load_head(result.state_dict, D, 2, hidden=cfg.hidden, dropout=cfg.dropout)
+    assert (predict_proba(head, squeeze(xv[:, 0])).argmax(1) == yv).mean() >= 0.9
+
+
+def test_old_checkpoint_without_normaliser_or_temperature_predicts_as_before():
+    """A state dict from the plain nn.Sequential head of earlier versions loads with the identity
+    transform and reproduces that head's probabilities bit for bit."""
+    torch.manual_seed(0)
+    old = nn.Sequential(nn.Linear(D, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2)).eval()
+    state = {k: v.clone() for k, v in old.state_dict().items()}
+    assert not set(state) & set(HEAD_BUFFERS)
+    loaded = load_head(state, D, 2, hidden=(8,), dropout=0.1)
+    x = np.random.default_rng(0).normal(size=(10, D)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(old(torch.as_tensor(x)).double(), dim=1).numpy()
+    assert np.array_equal(predict_proba(loaded, x), expected)
+    assert float(loaded.temperature) == 1.0
+
+
+def test_unknown_checkpoint_keys_still_fail():
+    head = build_head(D, 2, hidden=(), dropout=0.0)
+    state = {**head.state_dict(), "stray": torch.zeros(1)}
+    with pytest.raises(RuntimeError, match="stray"):
+        load_head(state, D, 2, hidden=(), dropout=0.0)
+
+
+def test_cosine_schedule_anneals_and_unknown_schedule_lists_allowed():
+    xt, yt = features(32)
+    xv, yv = features(16, seed=1)
+    result = train_head(xt, yt, xv[:, 0], yv, 2, config(epochs=4, schedule="cosine"))
+    assert result.epochs_run == 4
+    with pytest.raises(ValueError, match="none, cosine"):
+        train_head(xt, yt, xv[:, 0], yv, 2, config(schedule="step"))
+
+
+# --------------------------------------------------------------------------------------------------
+# recipe selection
+
+
+def _grouped(n: int, seed: int, **kw):
+    x, y = features(n, seed=seed, **kw)
+    return x, y, np.array([f"p{seed}-{i // 2}" for i in range(n)], dtype=object)  # 2 images per patient
+
+
+@pytest.mark.parametrize("min_val", [0, 1000])  # choose on validation / by grouped k-fold
+def test_recipe_selection_is_deterministic(min_val):
+    xt, yt, gt = _grouped(48, 0, views=2)
+    xv, yv, gv = _grouped(24, 1, views=1)
+    cands = candidate_recipes(config(epochs=4, schedule="cosine"), l2_grid=(0.01, 1.0))
+    assert [r.name for r in cands] == ["linear-l2-C=0.01", "linear-l2-C=1", "mlp-32-cosine"]
+    runs = [select_recipe(cands, xt, yt, gt, xt[:, 0], xv[:, 0], yv, gv, 2, folds=3, min_val_per_class=min_val,
+                          seed=0) for _ in range(2)]
+    assert runs[0].recipe == runs[1].recipe and runs[0].scores == runs[1].scores
+    assert runs[0].method == ("validation" if min_val == 0 else "grouped k-fold")
+    assert runs[0].recipe.name in runs[0].reason and len(runs[0].scores) == 3
+    heads = [fit_recipe(runs[0].recipe, xt, yt, xv[:, 0], yv, 2)[0] for _ in range(2)]
+    for key, value in heads[0].state_dict().items():
+        assert torch.equal(value, heads[1].state_dict()[key]), key
+
+
+def test_linear_recipe_equals_logistic_regression_probabilities():
+    from sklearn.linear_model import LogisticRegression
+
+    xt, yt = features(40, views=1)
+    head = fit_linear(xt, yt, 2, c=0.1)
+    mean, std = fit_normaliser(xt)
+    lr = LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000).fit((xt[:, 0] - mean) / std, yt)
+    xv, _ = features(10, seed=2)
+    expected = lr.predict_proba((xv[:, 0] - mean) / std)
+    assert np.allclose(predict_proba(head, xv[:, 0]), expected, atol=1e-5)
+
+
+def test_unknown_recipe_lists_allowed():
+    with pytest.raises(ValueError, match="auto, linear, mlp"):
+        candidate_recipes(config(), choice="forest")

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from xray_core.errors import UsageError
+from xray_core.evaluate.evidence import plan_evidence
 from xray_core.settings import PROMOTION_METRICS, PROMOTION_MODES, Settings
 
 # Metrics are ratios of counts and percentiles of float differences: values that are equal on
@@ -48,6 +49,7 @@ class PolicyConfig:
     guardrail_sensitivity_drop: float = 0.02  # XRAY_GUARDRAIL_SENSITIVITY_DROP: max point drop per disease class
     negative_label: str = "normal"  # XRAY_NEGATIVE_LABEL: every other label is a disease class
     target_specificity: float = 0.90  # XRAY_TARGET_SPECIFICITY: only names the metric in the rationale
+    test_fraction: float = 0.15  # XRAY_SPLIT_RATIOS' test share: for evidence planning only
 
     def __post_init__(self) -> None:
         if self.metric not in PROMOTION_METRICS:
@@ -73,6 +75,7 @@ class PolicyConfig:
             guardrail_sensitivity_drop=settings.guardrail_sensitivity_drop,
             negative_label=settings.negative_label,
             target_specificity=settings.target_specificity,
+            test_fraction=settings.split_ratios[2],
         )
 
 
@@ -84,6 +87,7 @@ class Decision:
     promote: bool
     rationale: str  # human-readable, with the numbers
     checks: list[dict[str, Any]] = field(default_factory=list)  # {"name", "passed", "detail"}
+    evidence: dict[str, Any] | None = None  # insufficient_evidence: evidence.plan_evidence's numbers
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,7 +147,12 @@ def decide(
             f"{config.min_test_per_class} test images per class before any decision. "
             "No promotion, whatever the metrics say; add labelled test images or lower XRAY_MIN_TEST_PER_CLASS."
         )
-        return Decision("insufficient_evidence", False, rationale, [_check("test_size", False, detail)])
+        patients = (challenger.get("bootstrap") or {}).get("patients")
+        evidence = plan_evidence({lab: int(per_class[lab]["support"]) for lab in labels}, config.min_test_per_class,
+                                 test_fraction=config.test_fraction,
+                                 images_per_patient=challenger["n"] / patients if patients else 1.0)
+        return Decision("insufficient_evidence", False, f"{rationale} {evidence['summary']}",
+                        [_check("test_size", False, detail)], evidence=evidence)
     checks = [_check("test_size", True, f"test images per class: {counts} (minimum {config.min_test_per_class})")]
 
     if champion is None:

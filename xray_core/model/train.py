@@ -5,6 +5,13 @@ vectors, which makes an epoch cost milliseconds instead of a full densenet161 pa
 in torchvision's reference script: :func:`train_one_epoch` and :func:`evaluate_loss`, with the
 collaborators passed in.
 
+The head carries its own input standardisation (per-dimension mean/std fitted on the training
+features only) and its temperature as buffers of :class:`Head`, so every caller that runs
+``head(features)`` (prediction, Grad-CAM, evaluation) applies exactly the transform it was trained
+with. Random-init densenet161 features vary very little per dimension (std ~0.07 around ~0.43); without
+standardisation the head stays near chance. Checkpoints saved before these buffers existed load with an
+identity standardisation and temperature 1, which reproduces their predictions bit for bit.
+
 Determinism: everything random (head init, dropout, shuffling, view sampling) draws from RNG state
 seeded by ``seed`` inside ``torch.random.fork_rng``, so the caller's global RNG is untouched and, on
 the CPU, the same inputs and settings give bit-identical weights.
@@ -13,6 +20,7 @@ the CPU, the same inputs and settings give bit-identical weights.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +30,9 @@ from torch import nn
 
 from xray_core.faults import crash_point
 from xray_core.errors import NotEnoughDataError, XrayError
+
+
+LR_SCHEDULES = ("none", "cosine")
 
 
 class TrainingDivergedError(XrayError):
@@ -38,12 +49,17 @@ class HeadConfig:
     weight_decay: float = 0.0
     patience: int = 5  # epochs without a val-loss improvement before stopping
     seed: int = 0
+    schedule: str = "none"  # "cosine": anneal the learning rate to 0 over `epochs`; "none": constant
+    # True: keep the epoch with the lowest val loss (early stopping). False: keep the last epoch's
+    # weights and run every epoch (a cosine schedule is meant to be run to its end).
+    keep_best: bool = True
 
     @classmethod
     def from_settings(cls, s) -> "HeadConfig":  # noqa: ANN001 - Settings
         return cls(hidden=tuple(s.head_hidden), dropout=s.head_dropout, epochs=s.epochs,
                    batch_size=s.batch_size, learning_rate=s.learning_rate,
-                   weight_decay=s.weight_decay, patience=s.patience, seed=s.train_seed)
+                   weight_decay=s.weight_decay, patience=s.patience, seed=s.train_seed,
+                   schedule=s.lr_schedule)
 
 
 @dataclass
@@ -54,8 +70,55 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_head(in_dim: int, n_classes: int, *, hidden: tuple[int, ...], dropout: float) -> nn.Sequential:
-    """The tutorial's head by default: Linear(2208→512), ReLU, Dropout, Linear(512→classes)."""
+# Buffers that older checkpoints lack; load_head fills them with the identity transform.
+HEAD_BUFFERS = ("feature_mean", "feature_std", "temperature")
+
+
+class Head(nn.Sequential):
+    """The classifier layers, with the input standardisation and the temperature as buffers.
+
+    ``forward(x) = layers((x - feature_mean) / feature_std) / temperature``: logits in, softmax
+    outside. A subclass of ``nn.Sequential`` so the layers keep their state-dict names ("0.weight",
+    ...) and checkpoints from before the buffers existed still load.
+    """
+
+    def __init__(self, layers: list[nn.Module], in_dim: int):
+        super().__init__(*layers)
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
+        self.register_buffer("temperature", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return super().forward((x - self.feature_mean) / self.feature_std) / self.temperature
+
+    def set_normaliser(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.feature_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+
+    def set_temperature(self, temperature: float) -> None:
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+        self.temperature.fill_(float(temperature))
+
+
+def fit_normaliser(train_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of the training features (all views), float32.
+
+    Fitted on training rows only: validation and test must be transformed with statistics they did
+    not contribute to. A dimension that is constant in training gets std 1 (left unscaled) instead
+    of dividing by ~0.
+    """
+    rows = np.asarray(train_x, dtype=np.float64).reshape(-1, np.asarray(train_x).shape[-1])
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN features: training reports divergence
+        mean = rows.mean(axis=0)
+        std = rows.std(axis=0)
+    std = np.where(std > 1e-6, std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def build_head(in_dim: int, n_classes: int, *, hidden: tuple[int, ...], dropout: float) -> Head:
+    """The tutorial's head by default: Linear(2208→512), ReLU, Dropout, Linear(512→classes), with an
+    identity standardisation and temperature 1 until they are fitted."""
     if n_classes < 2:
         raise NotEnoughDataError(f"a classifier needs at least 2 classes, got {n_classes}")
     layers: list[nn.Module] = []
@@ -64,7 +127,7 @@ def build_head(in_dim: int, n_classes: int, *, hidden: tuple[int, ...], dropout:
         layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
         width = h
     layers.append(nn.Linear(width, n_classes))
-    return nn.Sequential(*layers)
+    return Head(layers, in_dim)
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -101,10 +164,22 @@ def evaluate_loss(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn:
 
 @torch.no_grad()
 def predict_proba(head: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Softmax probabilities (n, classes) as float64 numpy."""
+    """Softmax probabilities (n, classes) as float64 numpy.
+
+    The softmax runs in float64: in float32 a logit gap above ~17 rounds the winning class to exactly
+    1.0 (and above ~88 the loser to exactly 0), so confident images tie and the ranking (AUROC) is
+    lost; float64 keeps them apart up to a gap of ~37.
+    """
     head.eval()
     xt = torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    return torch.softmax(head(xt), dim=1).double().numpy()
+    return torch.softmax(head(xt).double(), dim=1).numpy()
+
+
+@torch.no_grad()
+def predict_logits(head: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The head's logits (n, classes) as float64 numpy (divided by its current temperature)."""
+    head.eval()
+    return head(torch.as_tensor(np.asarray(x), dtype=torch.float32)).double().numpy()
 
 
 def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
@@ -112,8 +187,13 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
                progress: Callable[[int, int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train on (n, views, D) features, early-stop on validation loss, return the best epoch's weights.
 
-    ``train_x`` holds the sampled views of each training image; ``val_x`` (m, D) the eval view.
+    ``train_x`` holds the sampled views of each training image; ``val_x`` (m, D) the eval view. The
+    inputs are standardised with :func:`fit_normaliser` on ``train_x`` (stored in the weights).
+    With ``config.schedule == "cosine"`` the learning rate anneals to 0 over ``config.epochs``.
     """
+    if config.schedule not in LR_SCHEDULES:
+        raise ValueError(f"Invalid learning-rate schedule {config.schedule!r}. Only {', '.join(LR_SCHEDULES)} "
+                         "are supported.")
     if len(train_x) == 0:
         raise NotEnoughDataError("no training images: ingest data first (xray ingest PATH)")
     if len(val_x) == 0:
@@ -126,9 +206,12 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
         torch.default_generator.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         head = build_head(train_x.shape[-1], n_classes, hidden=config.hidden, dropout=config.dropout)
+        head.set_normaliser(*fit_normaliser(train_x))
         weights = class_weights(train_y, n_classes)
         loss_fn = nn.CrossEntropyLoss(weight=weights)
         optimizer = torch.optim.Adam(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+                     if config.schedule == "cosine" else None)
         xt = torch.as_tensor(train_x, dtype=torch.float32)
         yt = torch.as_tensor(train_y, dtype=torch.long)
         xv = torch.as_tensor(val_x, dtype=torch.float32)
@@ -139,12 +222,19 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
         for epoch in range(1, config.epochs + 1):
             train_loss = train_one_epoch(head, xt, yt, optimizer=optimizer, loss_fn=loss_fn,
                                          batch_size=config.batch_size, generator=generator)
+            if scheduler is not None:
+                scheduler.step()
             val_loss = evaluate_loss(head, xv, yv, loss_fn=loss_fn)
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
             crash_point("train.epoch")
             if progress:
                 progress(epoch, config.epochs, history[-1])
-            if val_loss < best_loss - 1e-7:
+            if not config.keep_best:
+                if math.isfinite(val_loss):
+                    best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(head.state_dict())
+                else:
+                    best_state = None
+            elif val_loss < best_loss - 1e-7:
                 best_loss, best_epoch, stale = val_loss, epoch, 0
                 best_state = copy.deepcopy(head.state_dict())
             else:
@@ -161,8 +251,12 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
 
 
 def load_head(state_dict: dict[str, torch.Tensor], in_dim: int, n_classes: int, *,
-              hidden: tuple[int, ...], dropout: float) -> nn.Sequential:
+              hidden: tuple[int, ...], dropout: float) -> Head:
+    """Rebuild a head from its weights. A checkpoint without the standardisation or temperature
+    buffers (saved before they existed) gets the identity: mean 0, std 1, temperature 1, which
+    predicts exactly as it did then. Any other missing or unexpected key is an error."""
     head = build_head(in_dim, n_classes, hidden=hidden, dropout=dropout)
-    head.load_state_dict(state_dict)
+    defaults = {k: v for k, v in head.state_dict().items() if k in HEAD_BUFFERS}
+    head.load_state_dict({**defaults, **state_dict})
     head.eval()
     return head

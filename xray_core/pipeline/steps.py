@@ -28,12 +28,20 @@ from xray_core.settings import Settings
 
 def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None = None,
                progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train a challenger head on cached features, pick its operating point, save and smoke-test it."""
+    """Train a challenger head on cached features, pick its operating point, save and smoke-test it.
+
+    Recipe chosen on held-out patients (:mod:`xray_core.model.recipes`), refitted on the training
+    split; temperature fitted on validation; threshold chosen on the calibrated validation
+    probabilities. The normaliser and temperature are saved inside ``head.safetensors``.
+    """
     from xray_core.model.backbone import FEATURE_DIM, load_backbone
-    from xray_core.evaluate.metrics import choose_threshold, compute_metrics, positive_index
+    from xray_core.evaluate.metrics import (brier_score, choose_threshold, compute_metrics,
+                                            expected_calibration_error, positive_index)
+    from xray_core.model.calibrate import fit_temperature, softmax
     from xray_core.model.preprocess import spec_dict
+    from xray_core.model.recipes import candidate_recipes, fit_recipe, select_recipe
     from xray_core.registry.versions import load_model, save_model
-    from xray_core.model.train import HeadConfig, load_head, predict_proba, train_head
+    from xray_core.model.train import HeadConfig, predict_logits, predict_proba
 
     labels = data.labels
     backbone = load_backbone(settings)
@@ -41,30 +49,59 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     x_train = features_for(settings, data.train, train_views(settings))
     x_val = features_for(settings, data.val)
     y_train, y_val = label_indices(data.train, labels), label_indices(data.val, labels)
-    result = train_head(x_train, y_train, x_val, y_val, len(labels), config, progress=progress)
-    head = load_head(result.state_dict, FEATURE_DIM, len(labels), hidden=config.hidden, dropout=config.dropout)
-    val_probs = predict_proba(head, x_val)
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise NotEnoughDataError(f"training needs images in the train and val splits (now {len(x_train)} and "
+                                 f"{len(x_val)}): ingest more patients (xray ingest PATH)")
+    candidates = candidate_recipes(config, choice=settings.head_recipe, l2_grid=tuple(settings.head_l2_grid))
+    selection = select_recipe(
+        candidates, x_train, y_train, np.array([r[4] for r in data.train], dtype=object),
+        x_train[:, 0], x_val, y_val,  # held-out training images in k-fold: their first cached view
+        np.array([r[4] for r in data.val], dtype=object), len(labels), folds=settings.recipe_folds,
+        min_val_per_class=settings.recipe_min_val_per_class, seed=settings.train_seed)
+    recipe = selection.recipe
+    head, record = fit_recipe(recipe, x_train, y_train, x_val, y_val, len(labels), progress=progress)
+    logits = predict_logits(head, x_val)  # temperature 1 so far
+    temperature = fit_temperature(logits, y_val)
+    head.set_temperature(temperature)
+    before, val_probs = softmax(logits), predict_proba(head, x_val)
+    calibration = {"method": "temperature scaling (scipy.optimize, validation NLL)", "temperature": temperature,
+                   "fitted_on": "validation", "n": int(len(y_val)),
+                   "ece_before": expected_calibration_error(before, y_val),
+                   "ece_after": expected_calibration_error(val_probs, y_val),
+                   "brier_before": brier_score(before, y_val), "brier_after": brier_score(val_probs, y_val)}
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     threshold = None
-    if pos is not None:
-        threshold = choose_threshold((y_val == pos).astype(np.int64), val_probs[:, pos])
+    if pos is not None:  # on the calibrated probabilities: the threshold is a probability that means it
+        threshold = choose_threshold((y_val == pos).astype(np.int64), val_probs[:, pos],
+                                     target_sensitivity=settings.target_sensitivity)
     val_metrics = compute_metrics(y_val, val_probs, labels, threshold=threshold,
                                   negative_label=settings.negative_label,
                                   target_specificity=settings.target_specificity)
+    hidden = [] if recipe.kind == "linear" else list(recipe.config.hidden)
+    dropout = 0.0 if recipe.kind == "linear" else recipe.config.dropout
     card = {
         "labels": labels, "threshold": threshold, "input_size": settings.input_size,
+        "threshold_rule": (f"sensitivity >= {settings.target_sensitivity} (XRAY_TARGET_SENSITIVITY)"
+                           if settings.target_sensitivity is not None else "Youden's J")
+        + " on calibrated validation probabilities",
         "normalisation": spec_dict(settings).get("normalisation", {}),
         "preprocessing": spec_dict(settings),
         "backbone_fingerprint": backbone.fingerprint, "backbone_weights": settings.backbone_weights,
         "backbone_random_init": backbone.random_init,
-        "head": {"in_dim": FEATURE_DIM, "hidden": list(config.hidden), "dropout": config.dropout},
-        "training": {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                     "history": result.history, "train_views": train_views(settings),
-                     "n_train": len(data.train), "n_val": len(data.val)},
+        "head": {"in_dim": FEATURE_DIM, "hidden": hidden, "dropout": dropout,
+                 "feature_standardisation": "per-dimension mean/std of the training features, in head.safetensors",
+                 "temperature": temperature},
+        "training": {"best_epoch": record["best_epoch"], "epochs_run": record["epochs_run"],
+                     "history": record["history"], "train_views": train_views(settings),
+                     "n_train": len(data.train), "n_val": len(data.val),
+                     "recipe": {**recipe.as_dict(), "method": selection.method, "reason": selection.reason,
+                                "candidates": selection.scores}},
+        "calibration": calibration,
         "training_set_fingerprint": training_set_fingerprint(data),
         "settings": settings.public_dict(), "val_metrics": val_metrics,
     }
-    version = save_model(settings, state_dict=result.state_dict, card=card,
+    state_dict = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    version = save_model(settings, state_dict=state_dict, card=card,
                          train_image_ids=[r[0] for r in data.train], val_image_ids=[r[0] for r in data.val],
                          flow_run_id=flow_run_id)
     # Smoke test: the checkpoint reloaded from disk (sha256-verified) reproduces in-memory predictions.
@@ -73,8 +110,9 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     same = np.array_equal(predict_proba(head, x_check), predict_proba(reloaded.head, x_check))
     if not same:
         raise CheckpointError(f"model {version}: the reloaded checkpoint does not reproduce its predictions")
-    return {"version": version, "labels": labels, "threshold": threshold, "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run, "val_metrics": headline(val_metrics),
+    return {"version": version, "labels": labels, "threshold": threshold, "best_epoch": record["best_epoch"],
+            "epochs_run": record["epochs_run"], "recipe": recipe.name, "recipe_reason": selection.reason,
+            "temperature": temperature, "val_metrics": headline(val_metrics),
             "smoke_test": "passed: reloaded checkpoint (sha256 verified) reproduces in-memory predictions",
             "training_set_fingerprint": card["training_set_fingerprint"],
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init}
@@ -173,7 +211,8 @@ def current_champion(settings: Settings) -> int | None:
 
 # Settings that change what training produces from the same features.
 TRAINING_SETTINGS = ("head_hidden", "head_dropout", "epochs", "batch_size", "learning_rate", "weight_decay",
-                     "patience", "train_seed", "views", "negative_label")
+                     "patience", "train_seed", "views", "negative_label", "head_recipe", "head_l2_grid",
+                     "lr_schedule", "recipe_folds", "recipe_min_val_per_class", "target_sensitivity")
 
 
 def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | None:

@@ -99,6 +99,16 @@ def validate_card(card: Any) -> dict[str, Any]:
             and _number(head.get("dropout")) and 0.0 <= head["dropout"] < 1.0):
         raise CheckpointError("card.json: head must hold in_dim (a positive integer), hidden (a list of "
                               "positive integers) and dropout (a number in [0, 1))")
+    # Optional (cards before the head carried its standardisation and temperature lack them).
+    if "temperature" in head and not (_number(head["temperature"]) and head["temperature"] > 0):
+        raise CheckpointError("card.json: head.temperature must be a positive number")
+    for key in ("calibration", "training"):
+        if key in card and not isinstance(card[key], dict):
+            raise CheckpointError(f"card.json: {key} must be an object")
+    recipe = card.get("training", {}).get("recipe")
+    if recipe is not None and not (isinstance(recipe, dict) and isinstance(recipe.get("name"), str)
+                                   and isinstance(recipe.get("reason"), str)):
+        raise CheckpointError("card.json: training.recipe must be an object with a name and a reason")
     return card
 
 

@@ -1,0 +1,186 @@
+"""Which head to train: a few recipes compared on held-out patients, the best one refitted.
+
+Why compare at all: on random-init densenet161 features (the only backbone offline) a plain
+L2-regularised logistic regression on standardised features beat the tutorial's MLP, while on
+ImageNet features the MLP may win; the data should decide, not a default. The candidates are
+
+* ``linear-l2-C=<c>``: a linear head fitted as scikit-learn's ``LogisticRegression`` (L-BFGS, L2,
+  balanced class weights) on the standardised training views, one per inverse strength ``c``;
+* ``mlp-<widths>-<schedule>``: the tutorial's MLP (2208→512→classes, dropout) trained by
+  :func:`xray_core.model.train.train_head`, by default with a cosine learning-rate schedule run to
+  the end (no early stopping, so validation is not used twice).
+
+Selection is by macro one-vs-rest AUROC on held-out patients (ties: lower log loss, then the earlier,
+simpler candidate). When validation has fewer than ``min_val_per_class`` images of some class its
+AUROC cannot tell recipes apart, so the candidates are scored by patient-grouped stratified k-fold
+inside train+val instead (``StratifiedGroupKFold``), then the winner is refitted on the training
+split: validation stays held out for the temperature and the threshold.
+
+Everything is seeded: the fold assignment, each MLP fit, and L-BFGS (deterministic) give the same
+choice and the same weights on every CPU run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+
+from xray_core.errors import NotEnoughDataError
+from xray_core.model.train import Head, HeadConfig, build_head, fit_normaliser, load_head, predict_proba, train_head
+
+HEAD_RECIPES = ("auto", "linear", "mlp")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    kind: str  # "linear" | "mlp"
+    c: float | None = None  # linear: inverse L2 strength (scikit-learn's C; larger = weaker penalty)
+    config: HeadConfig | None = None  # mlp: how train_head trains it
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.c is not None:
+            out["c"] = self.c
+        if self.config is not None:
+            out["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
+        return out
+
+
+@dataclass
+class Selection:
+    recipe: Recipe
+    method: str  # "only candidate" | "validation" | "grouped k-fold"
+    reason: str  # one sentence for the card and the report
+    scores: list[dict[str, Any]] = field(default_factory=list)  # per candidate: name, auroc, log_loss
+
+
+def candidate_recipes(config: HeadConfig, *, choice: str = "auto",
+                      l2_grid: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)) -> list[Recipe]:
+    """The recipes to compare: ``choice`` "linear" (the L2 grid), "mlp" (one MLP) or "auto" (both)."""
+    if choice not in HEAD_RECIPES:
+        raise ValueError(f"Invalid head recipe {choice!r}. Only {', '.join(HEAD_RECIPES)} are supported.")
+    if not l2_grid or any(not c > 0 for c in l2_grid):
+        raise ValueError(f"the L2 grid must hold positive inverse strengths (C), got {list(l2_grid)}")
+    linear = [Recipe(f"linear-l2-C={c:g}", "linear", c=float(c)) for c in l2_grid]
+    hidden = config.hidden or (512,)
+    mlp_config = replace(config, hidden=hidden, keep_best=config.schedule != "cosine")
+    mlp = [Recipe(f"mlp-{'-'.join(map(str, hidden))}-{config.schedule}", "mlp", config=mlp_config)]
+    return {"auto": linear + mlp, "linear": linear, "mlp": mlp}[choice]
+
+
+def fit_linear(train_x: np.ndarray, train_y: np.ndarray, n_classes: int, c: float) -> Head:
+    """Logistic regression (L-BFGS, L2 with inverse strength ``c``, balanced class weights) on the
+    standardised training views, copied into a linear :class:`Head` with the normaliser."""
+    present = np.unique(train_y)
+    if present.size != n_classes:
+        raise NotEnoughDataError(f"a linear head needs training images of all {n_classes} classes, "
+                                 f"got {present.size}")
+    mean, std = fit_normaliser(train_x)
+    views = train_x.shape[1] if train_x.ndim == 3 else 1
+    rows = (np.asarray(train_x, dtype=np.float64).reshape(-1, train_x.shape[-1]) - mean) / std
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+    model.fit(rows, np.repeat(train_y, views))
+    coef, bias = model.coef_, model.intercept_
+    if n_classes == 2:  # one logit z for class 1: softmax([-z/2, z/2]) = sigmoid(z)
+        coef, bias = np.r_[-coef / 2, coef / 2], np.r_[-bias / 2, bias / 2]
+    head = build_head(train_x.shape[-1], n_classes, hidden=(), dropout=0.0)
+    with torch.no_grad():
+        head[0].weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
+        head[0].bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+        head.set_normaliser(mean, std)
+    return head.eval()
+
+
+def fit_recipe(recipe: Recipe, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+               n_classes: int, progress=None) -> tuple[Head, dict[str, Any]]:  # noqa: ANN001
+    """Fit one recipe on (n, views, D) training features; returns the head and its training record."""
+    if recipe.kind == "linear":
+        return fit_linear(train_x, train_y, n_classes, recipe.c), {"best_epoch": None, "epochs_run": None,
+                                                                   "history": []}
+    cfg = recipe.config
+    result = train_head(train_x, train_y, val_x, val_y, n_classes, cfg, progress=progress)
+    head = load_head(result.state_dict, train_x.shape[-1], n_classes, hidden=cfg.hidden, dropout=cfg.dropout)
+    return head, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history}
+
+
+def score(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float | None]:
+    """Macro one-vs-rest AUROC (None when a class is absent) and log loss of held-out predictions."""
+    present = np.unique(y)
+    auc = None
+    if present.size == n_classes:
+        auc = float(roc_auc_score(y, probs[:, 1]) if n_classes == 2
+                    else roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
+    p /= p.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 only within ~1e-7
+    return {"auroc": auc, "log_loss": float(log_loss(y, p, labels=list(range(n_classes))))}
+
+
+def _best(scores: list[dict[str, Any]]) -> int:
+    def key(i: int) -> tuple[float, float, int]:
+        s = scores[i]
+        return (-(s["auroc"] if s["auroc"] is not None else -1.0), s["log_loss"], i)
+    return min(range(len(scores)), key=key)
+
+
+def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
+                  train_eval_x: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, val_groups: np.ndarray,
+                  n_classes: int, *, folds: int = 5, min_val_per_class: int = 20, seed: int = 0) -> Selection:
+    """Choose among ``candidates``; see the module docstring for how. ``train_x`` (n, views, D) are the
+    training images' augmented views, ``train_eval_x`` (n, D) how a training image is scored when it is
+    held out in k-fold (its eval view, or one cached training view when only those were embedded),
+    ``val_x`` (m, D) the validation images' eval view."""
+    if not candidates:
+        raise ValueError("no head recipes to choose from")
+    if len(candidates) == 1:
+        return Selection(candidates[0], "only candidate", f"{candidates[0].name} is the only recipe configured "
+                         "(XRAY_HEAD_RECIPE)")
+    val_counts = np.bincount(val_y, minlength=n_classes)
+    if val_counts.min() >= min_val_per_class:
+        scores = []
+        for r in candidates:
+            head, _ = fit_recipe(r, train_x, train_y, val_x, val_y, n_classes)
+            scores.append({"name": r.name, **score(val_y, predict_proba(head, val_x), n_classes)})
+        best = _best(scores)
+        return Selection(candidates[best], "validation", _reason(scores[best], "on the validation split "
+                         f"({len(val_y)} images)"), scores)
+    pooled_groups = np.r_[np.asarray(train_groups, dtype=object), np.asarray(val_groups, dtype=object)].astype(str)
+    pooled_y = np.r_[train_y, val_y]
+    patients_per_class = [len(set(pooled_groups[pooled_y == c])) for c in range(n_classes)]
+    k = min(folds, min(patients_per_class))
+    if k < 2:
+        return Selection(candidates[0], "only candidate",
+                         f"too few patients to compare recipes (fewest of one class: {min(patients_per_class)}); "
+                         f"kept the first candidate {candidates[0].name}")
+    views = train_x.shape[1]
+    pooled_views = np.concatenate([train_x, np.repeat(val_x[:, None, :], views, axis=1)]).astype(np.float32)
+    pooled_eval = np.concatenate([train_eval_x, val_x]).astype(np.float32)
+    splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+                  .split(pooled_eval, pooled_y, pooled_groups))
+    scores = []
+    for r in candidates:
+        oof = np.zeros((len(pooled_y), n_classes))
+        for fit_idx, held_idx in splits:
+            head, _ = fit_recipe(r, pooled_views[fit_idx], pooled_y[fit_idx], pooled_eval[held_idx],
+                                 pooled_y[held_idx], n_classes)
+            oof[held_idx] = predict_proba(head, pooled_eval[held_idx])
+        scores.append({"name": r.name, **score(pooled_y, oof, n_classes)})
+    best = _best(scores)
+    why = (f"by patient-grouped {k}-fold cross-validation inside train+val ({len(pooled_y)} images), because "
+           f"validation has fewer than {min_val_per_class} images of some class ({val_counts.tolist()})")
+    return Selection(candidates[best], "grouped k-fold", _reason(scores[best], why), scores)
+
+
+def _reason(s: dict[str, Any], how: str) -> str:
+    auc = "n/a" if s["auroc"] is None else f"{s['auroc']:.3f}"
+    return f"{s['name']} had the best held-out macro AUROC ({auc}, log loss {s['log_loss']:.3f}) {how}"
+
+
+__all__ = ["HEAD_RECIPES", "Recipe", "Selection", "candidate_recipes", "fit_linear", "fit_recipe", "score",
+           "select_recipe"]
