@@ -274,6 +274,7 @@ ENV_VARS: tuple[str, ...] = (*_PATH_FIELDS.values(), *(env for env, _ in _FIELDS
 
 
 _VARS = {**_PATH_FIELDS, **{name: env for name, (env, _) in _FIELDS.items()}}
+ENV_BY_FIELD: dict[str, str] = dict(_VARS)  # field name -> its XRAY_* variable (docs, tooling)
 _SECRETS = frozenset({"patient_salt"})  # never echoed in an error
 
 
@@ -368,4 +369,4 @@ def reset_settings() -> None:
     get_settings.cache_clear()
 
 
-__all__ = ["Settings", "Rule", "RULES", "PROMOTION_METRICS", "PROMOTION_MODES", "load_settings", "validate", "get_settings", "reset_settings", "ENV_VARS"]
+__all__ = ["Settings", "Rule", "RULES", "ENV_BY_FIELD", "PROMOTION_METRICS", "PROMOTION_MODES", "load_settings", "validate", "get_settings", "reset_settings", "ENV_VARS"]
