@@ -95,6 +95,8 @@ class Image(Base):
     body_part: Mapped[str | None] = mapped_column(String(16))  # BodyPartExamined, e.g. CHEST
     modality: Mapped[str | None] = mapped_column(String(16))  # CR | DX | ...
     windowing: Mapped[str | None] = mapped_column(String(32))  # voi_lut | window | percentile [+invert]
+    # sha256 of the stored bytes when they are not the original's (a de-identified DICOM copy); None = same
+    stored_sha256: Mapped[str | None] = mapped_column(String(64))
     patient: Mapped[Patient] = relationship()
 
 

@@ -259,7 +259,8 @@ def test_make_serve_binds_the_prefect_server_to_localhost() -> None:
     makefile = (PROJECT / "Makefile").read_text()
     serve_env = re.search(r"^SERVE_ENV\s*:=(.*?)(?<!\\)$", makefile, re.M | re.S).group(1)
     assert "PREFECT_SERVER_API_HOST=127.0.0.1" in serve_env
-    assert "PREFECT_API_URL=http://127.0.0.1:" in serve_env
+    assert "PREFECT_API_URL=$(SERVE_URL)/api" in serve_env
+    assert re.search(r"^SERVE_URL\s*:=\s*http://127\.0\.0\.1:\$\(SERVE_PORT\)$", makefile, re.M)
     starts = [line for line in makefile.splitlines() if "prefect server start" in line]
     assert starts and all("--host 127.0.0.1" in line and "$(SERVE_ENV)" in line for line in starts)
     for path in (PROJECT / "Makefile", PROJECT / "prefect.yaml", *sorted((PROJECT / "flows").glob("*.py"))):

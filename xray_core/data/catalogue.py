@@ -233,5 +233,12 @@ def catalogue_summary(settings: Settings) -> dict[str, Any]:
     }
 
 
+def stored_sha256_of(settings: Settings, sha256: str) -> str | None:
+    """The sha256 of the bytes stored for an image when they differ from the original's (a de-identified
+    DICOM copy), so the store can still be verified on read; None when they are the original's."""
+    with session_scope(open_catalogue(settings)) as s:
+        return s.scalar(select(Image.stored_sha256).where(Image.sha256 == sha256))
+
+
 def stored_path(settings: Settings, relative: str) -> Path:
     return settings.home / relative

@@ -190,6 +190,7 @@ def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.
     prep.meta = {
         "width": decoded.width, "height": decoded.height, "bit_depth": decoded.bit_depth,
         "format": decoded.format, "phash": perceptual_hash(decoded.pixels),
+        "stored_sha256": sha256_bytes(stored) if stored is not data else None,
         "view": cand.view or decoded.view, **acquisition, **_manifest_facts(cand),
     }
     return prep

@@ -11,9 +11,8 @@ embedded, so an interrupted run keeps everything finished so far and resumes whe
 Every read verifies every view's digest: a truncated, bit-flipped or foreign file is treated as
 missing and recomputed, never used.
 
-Embedding streams: a DataLoader decodes images (in ``XRAY_EMBED_WORKERS`` worker processes) while
-the backbone runs; only the current batch of input tensors is held, and features leave memory as
-soon as their image's file is written.
+Embedding streams: a DataLoader decodes images (``XRAY_EMBED_WORKERS`` processes) while the backbone
+runs; only the current batch of inputs is held, and features leave memory once their file is written.
 """
 
 from __future__ import annotations
@@ -113,6 +112,7 @@ class _ViewsDataset(Dataset):
         return len(self.jobs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        from xray_core.data.catalogue import stored_sha256_of  # asked only after a mismatch (de-identified DICOM)
         from xray_core.data.images import decode_stored
         from xray_core.model.preprocess import make_view
 
@@ -120,7 +120,7 @@ class _ViewsDataset(Dataset):
         try:
             store = get_storage(self.settings)
             data = store.read_bytes(key) if key else Path(path).read_bytes()
-            if key and (actual := sha256_bytes(data)) != sha:  # the bytes are read anyway: hashing is cheap
+            if key and (actual := sha256_bytes(data)) != sha and actual != stored_sha256_of(self.settings, sha):
                 evidence = f"quarantine/store-mismatch/{sha}-{actual[:12]}"
                 store.copy(key, evidence)  # kept for inspection; the entry stays, so every run refuses it
                 return {"sha": sha, "path": path, "views": views, "x": None, "error": None, "mismatch": (

@@ -30,6 +30,7 @@ COLUMNS = (
     ('body_part', sa.String(length=16)),
     ('modality', sa.String(length=16)),
     ('windowing', sa.String(length=32)),
+    ('stored_sha256', sa.String(length=64)),
 )
 
 
