@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import progress_reporter, transient_io
+from flows.events import emit_ingested
 from xray_core.data.ingest import ingest_source
 from xray_core.report.terminal import render_ingest
 from xray_core.settings import get_settings
@@ -32,4 +33,5 @@ def ingest(path: str, manifest: str | None = None, site: str | None = None) -> d
     summary = ingest_task(path, manifest, site)
     create_markdown_artifact(markdown=f"```\n{render_ingest(summary)}\n```", key="ingest-summary",
                              description="what the last ingest added, skipped and quarantined")
+    emit_ingested(summary, site or Path(path).name)
     return summary

@@ -154,7 +154,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     model = load_model(settings, version, backbone_fingerprint=backbone.fingerprint)
     labels, threshold = model.labels, model.threshold
     reference = model_reference(model)  # None for models saved before references: OOD "unknown"
-    scored: list[np.ndarray] = []  # features of predicted films, for the batch drift test
+    scored: list[tuple[np.ndarray, np.ndarray]] = []  # (features, probabilities): the batch drift test
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     cache = FeatureCache(backbone, settings)
     files = list_files(Path(path), manifest)
@@ -201,7 +201,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         preds = predict_labels(probs, threshold=threshold, positive_index=pos)
         maps = write_heatmaps(probs, preds) if heatmaps is not None else [""] * len(batch)
         ood = reference.scores(feats) if reference is not None else [None] * len(batch)
-        scored.append(feats)
+        scored.append((feats, probs))
         for (f, sha, _), p, k, hm, o in zip(batch, probs, preds, maps, ood):
             rows.append({"file": f.rel, "predicted_label": labels[int(k)],
                          **{f"p_{lab}": round(float(v), 6) for lab, v in zip(labels, p)},
@@ -243,8 +243,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             "predicted": len(ok), "rejected": len(rows) - len(ok), "out": str(out) if out else None,
             "heatmaps": str(heatmaps) if heatmaps is not None else None,
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init,
-            "ood": ood_summary(ok, reference), "rows": rows,
-            "features": np.concatenate(scored) if scored else None}
+            "ood": ood_summary(ok, reference),
+            "drift": batch_drift(settings, model, reference, scored, subject=str(path)), "rows": rows}
 
 
 def ood_summary(ok_rows: list[dict[str, Any]], reference: Any) -> dict[str, Any]:
@@ -257,6 +257,27 @@ def ood_summary(ok_rows: list[dict[str, Any]], reference: Any) -> dict[str, Any]
     flagged = sum(r["in_distribution"] == "false" for r in ok_rows)
     return {"known": True, "flagged": flagged, "scored": len(ok_rows), "threshold": reference.threshold,
             "quantile": reference.quantile, "line": summary_line(flagged, len(ok_rows))}
+
+
+def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]], *,
+                subject: str) -> dict[str, Any] | None:
+    """The batch drift tests of the predicted films against the model's reference, recorded in the
+    catalogue (``drift_checks``, kind ``predict``); None without a reference or films.
+
+    Each film counts as its own patient: prediction does not know patients."""
+    from xray_core.evaluate.metrics import positive_index
+    from xray_core.monitor.checks import record_check
+    from xray_core.monitor.drift import check_batch
+
+    if reference is None or not scored:
+        return None
+    feats, probs = np.concatenate([f for f, _ in scored]), np.concatenate([p for _, p in scored])
+    labels = model.labels
+    pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
+    check = check_batch(reference, feats, probs, labels=labels, threshold=model.threshold, positive=pos,
+                        alpha=settings.drift_alpha, permutations=settings.drift_permutations, seed=settings.train_seed)
+    check["id"] = record_check(settings, model_id=model.version, kind="predict", subject=subject, check=check)
+    return check
 
 
 def check_out_path(settings: Settings, out: Path) -> None:

@@ -211,7 +211,12 @@ def render_predict(r: dict[str, Any]) -> str:
         out.append(f"CSV: {r['out']}")
     if r.get("heatmaps"):
         out.append(f"Grad-CAM overlays: {r['heatmaps']}")
+    if r.get("ood"):
+        out.append(r["ood"]["line"])
+    if r.get("drift"):
+        out.append(r["drift"]["verdict"])
     for row in r.get("rows", []):
         probs = ", ".join(f"{k[2:]} {v}" for k, v in row.items() if k.startswith("p_") and v != "")
-        out.append(f"  {row['file']}: {row['predicted_label'] or row['error']}" + (f" ({probs})" if probs else ""))
+        ood = " [unlike the training data]" if row.get("in_distribution") == "false" else ""
+        out.append(f"  {row['file']}: {row['predicted_label'] or row['error']}" + (f" ({probs})" if probs else "") + ood)
     return "\n".join(out)
