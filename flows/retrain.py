@@ -24,7 +24,7 @@ from xray_core.report.markdown import artifact_description, metrics_rows, regist
 from xray_core.settings import Settings, get_settings
 
 T = TypeVar("T")
-Trigger = Literal["schedule", "manual", "cli", "demo", "test"]
+Trigger = Literal["schedule", "manual", "cli", "demo", "test", "event"]
 # Steps that touch files which may sit on a flaky share: retried once on transient I/O errors only.
 RETRIED = {"ingest", "embed"}
 

@@ -90,7 +90,8 @@ class Reference:
                        val_scores=a["val_scores"], threshold=float(a["threshold"][0]),
                        quantile=float(a["quantile"][0]))
         except Exception as exc:  # noqa: BLE001 - any parse problem is one kind of error here
-            raise CheckpointError(f"{REFERENCE_FILE} is not a readable reference ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(f"{REFERENCE_FILE} is not a readable reference "
+                                  f"({type(exc).__name__}: {exc})") from None
 
     def describe(self) -> dict[str, Any]:
         """What the card records about the reference (numbers, not arrays)."""

@@ -13,7 +13,6 @@ A drift warning is evidence that the inputs changed, not proof that performance 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -217,7 +217,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         if error is not None:
             rows.append({"file": f.rel, "predicted_label": "", **{f"p_{lab}": "" for lab in labels},
                          "threshold": "" if threshold is None else threshold, "ood_score": "",
-                         "in_distribution": "", "sha256": sha or "", "status": "rejected", "error": error, "true_label": f.label or "",
+                         "in_distribution": "", "sha256": sha or "", "status": "rejected", "error": error,
+                         "true_label": f.label or "",
                          "model_version": version, "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
         else:
             batch.append((f, sha, pixels))
