@@ -122,7 +122,7 @@ class Settings:
     # monitoring between retrains (xray_core.monitor)
     ood_quantile: float = 0.99  # fraction of the model's own validation films scored in-distribution
     drift_alpha: float = 0.01  # p-value below which a batch test (MMD on features, KS on probabilities) warns
-    drift_permutations: int = 200  # patient-level permutations of the MMD test (p-value resolution 1/(n+1))
+    drift_permutations: int = 999  # patient-level MMD permutations; p >= 1/(n+1) must be able to go below alpha/3
 
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able values, without secrets (the patient salt)."""

@@ -19,7 +19,7 @@ def probs_for(rng: np.random.Generator, n: int, a: float = 2.0) -> np.ndarray:
 def test_same_distribution_batch_is_quiet_and_shifted_batch_is_flagged():
     ref, rng = make_reference()
     ref = type(ref)(**{**ref.__dict__, "val_probs": probs_for(rng, len(ref.val_probs))})
-    common = dict(labels=LABELS, threshold=0.5, positive=1, alpha=0.01, permutations=199)
+    common = dict(labels=LABELS, threshold=0.5, positive=1, alpha=0.01, permutations=999)
     same = check_batch(ref, features(rng, 40), probs_for(rng, 40), **common)
     assert not same["drift"] and same["mmd_p"] > 0.01 and same["verdict"].startswith("no drift")
     shifted = features(rng, 40)
