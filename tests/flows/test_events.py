@@ -59,3 +59,29 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
     (drift,) = _events("xray.drift.detected", 1)
     assert drift.resource.id == "xray.site.far" and drift.payload["ood_flagged"] == 15
     assert [r.id for r in drift.related] == ["xray.model.v7"]
+
+
+def test_on_drift_trigger_is_a_valid_prefect_trigger_on_the_one_at_a_time_queue():
+    """The deployment trigger as Prefect itself parses it: one run per xray.drift.detected event, after
+    the review window, on the retrain queue whose limit of 1 queues a second run instead of running it."""
+    from datetime import timedelta
+    from pathlib import Path
+
+    import yaml
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.events.schemas.events import Resource
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+    by_name = {(d["entrypoint"], d["name"]): d for d in spec["deployments"]}
+    on_drift = by_name[("flows/retrain.py:retrain", "on-drift")]
+    (raw,) = on_drift["triggers"]
+    trigger = DeploymentEventTrigger.model_validate({k: v for k, v in raw.items() if k != "type"})
+    assert trigger.expect == {"xray.drift.detected"} and trigger.threshold == 1 and trigger.posture == "Reactive"
+    assert trigger.schedule_after == timedelta(hours=1)
+    for resource_id, matched in (("xray.site.far", True), ("xray.model.v7", True), ("prefect.flow-run.1", False)):
+        assert trigger.match.matches(Resource({"prefect.resource.id": resource_id})) is matched
+    assert on_drift["work_pool"]["work_queue_name"] == "retrain"
+    assert on_drift["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    assert on_drift["parameters"]["trigger"] == "event"
+    daily = by_name[("flows/monitor.py:monitor", "daily")]
+    assert daily["schedules"][0]["cron"] == "30 6 * * *"
