@@ -52,9 +52,10 @@ def latest_checks(settings: Settings, limit: int = 5) -> list[dict[str, Any]]:
                  "verdict": r.verdict} for r in rows]
 
 
-def last_check_time(settings: Settings, kind: str = "monitor") -> datetime | None:
+def last_check_time(settings: Settings, kinds: tuple[str, ...] = ("monitor", "ingest")) -> datetime | None:
+    """When catalogued films were last checked (by ``xray monitor`` or after an ingest), or None."""
     with session_scope(open_catalogue(settings)) as s:
-        when = s.scalar(select(DriftCheck.created_at).where(DriftCheck.kind == kind)
+        when = s.scalar(select(DriftCheck.created_at).where(DriftCheck.kind.in_(kinds))
                         .order_by(DriftCheck.id.desc()).limit(1))
     if when is not None and when.tzinfo is None:  # SQLite returns naive UTC
         when = when.replace(tzinfo=timezone.utc)

@@ -40,8 +40,11 @@ from its validation confusion matrix (meaningful under label shift only).
 """
 
 
-def run_monitor(settings: Settings, *, flow_run_id: str | None = None) -> dict[str, Any]:
-    """Run every check of what arrived since the last one; record them; write the report."""
+def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str = "monitor") -> dict[str, Any]:
+    """Run every check of what arrived since the last one; record them; write the report.
+
+    ``kind``: ``monitor`` (``xray monitor``, the daily deployment) or ``ingest`` (right after an ingest
+    flow); either way a film is checked once."""
     from jinja2 import Template
 
     from db import session_scope
@@ -54,7 +57,7 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None) -> dict[s
     with session_scope(open_catalogue(settings)) as s:
         version = champion_version(s)
         created = s.get(Model, version).created_at if version is not None else None
-    last = last_check_time(settings, "monitor")
+    last = last_check_time(settings)
     since = max([t for t in (last, _utc(created)) if t is not None], default=None)
     result: dict[str, Any] = {"model": version, "since": since.isoformat() if since else None, "checks": [],
                               "predict_checks": predict_checks_since(settings, last), "n": 0, "drift": False}
@@ -66,10 +69,10 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None) -> dict[s
         result.update(_check_rows(settings, version, rows, flow_run_id))
     overall = {"n": len(rows), "ood_flagged": sum(c["ood_flagged"] for c in result["checks"][:1]),
                "drift": result["drift"], "verdict": result["summary"], "checks": result["checks"]}
-    result["id"] = record_check(settings, model_id=version, kind="monitor", subject="monitor", check=overall,
+    result["id"] = record_check(settings, model_id=version, kind=kind, subject=kind, check=overall,
                                 flow_run_id=flow_run_id)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = settings.reports_dir / f"monitor-{stamp}"
+    folder = settings.reports_dir / (f"monitor-{stamp}" if kind == "monitor" else f"ingest-check-{stamp}")
     markdown = Template(REPORT).render(r=result, stamp=stamp, fmt=lambda p: "" if p is None else f"{p:.3g}")
     atomic_write_bytes(folder / "report.md", markdown.encode(), mode=settings.file_mode)
     result["report"] = str(folder / "report.md")
