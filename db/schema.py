@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Date,
     DateTime,
@@ -197,4 +198,22 @@ class Promotion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     trigger: Mapped[str] = mapped_column(String(32))  # schedule | manual | cli | flow | test
     actor: Mapped[str | None] = mapped_column(String(128))
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class DriftCheck(Base):
+    """One batch drift check against a model's reference (xray_core.monitor.drift): an ingested source,
+    a predict batch or a scheduled monitor run. ``result`` holds every test's statistic and p-value."""
+
+    __tablename__ = "drift_checks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # ingest | predict | monitor
+    subject: Mapped[str] = mapped_column(Text)  # what was checked: a source path, a predict folder, a site
+    n_images: Mapped[int] = mapped_column(Integer)
+    ood_flagged: Mapped[int] = mapped_column(Integer)
+    drift: Mapped[bool] = mapped_column(Boolean)
+    verdict: Mapped[str] = mapped_column(Text)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))

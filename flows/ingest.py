@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import progress_reporter, transient_io
+from flows.events import emit_drift, emit_ingested
 from xray_core.data.ingest import ingest_source
 from xray_core.report.terminal import render_ingest
 from xray_core.settings import get_settings
@@ -23,13 +24,33 @@ def ingest_task(path: str, manifest: str | None = None, site: str | None = None)
                          progress=progress, site=site).as_dict()
 
 
+@task(cache_policy=NO_CACHE)
+def drift_task(flow_run_id: str | None) -> dict[str, Any]:
+    """Check the films added since the last check against the champion's reference."""
+    from xray_core.pipeline.monitor import run_monitor
+
+    return run_monitor(get_settings(), flow_run_id=flow_run_id, kind="ingest")
+
+
 @flow(name="ingest")
-def ingest(path: str, manifest: str | None = None, site: str | None = None) -> dict[str, Any]:
+def ingest(path: str, manifest: str | None = None, site: str | None = None,
+           check_drift: bool = True) -> dict[str, Any]:
     """Ingest ``path`` (``<root>/<label>/<image>``), or the manifest CSV ``manifest`` (paths relative to it).
 
     ``site``: where these films come from (a manifest's ``site`` column wins); default: the folder's name.
+    ``check_drift``: then check the new films against the champion's reference (embeds them once,
+    view 0; the ``drift-report`` artifact and ``xray.drift.detected`` events say what it found).
     """
+    from prefect.runtime import flow_run
+
     summary = ingest_task(path, manifest, site)
     create_markdown_artifact(markdown=f"```\n{render_ingest(summary)}\n```", key="ingest-summary",
                              description="what the last ingest added, skipped and quarantined")
+    emit_ingested(summary, site or Path(path).name)
+    if check_drift and summary.get("added"):
+        drift = drift_task(flow_run.id)
+        create_markdown_artifact(markdown=drift.pop("markdown"), key="drift-report",
+                                 description=str(drift["summary"])[:250])
+        summary["drift"] = {"summary": drift["summary"], "drift": drift["drift"], "report": drift["report"],
+                            "events": emit_drift(drift)}
     return summary

@@ -17,13 +17,14 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from flows.common import epoch_reporter, progress_reporter, transient_io
+from flows.events import emit_retrain_outcome
 from xray_core.pipeline.cycle import RetrainRequest, headline_result, run_cycle, summary_line
 from xray_core.registry.listing import list_models
 from xray_core.report.markdown import artifact_description, metrics_rows, registry_rows, retrain_markdown
 from xray_core.settings import Settings, get_settings
 
 T = TypeVar("T")
-Trigger = Literal["schedule", "manual", "cli", "demo", "test"]
+Trigger = Literal["schedule", "manual", "cli", "demo", "test", "event"]
 # Steps that touch files which may sit on a flaky share: retried once on transient I/O errors only.
 RETRIED = {"ingest", "embed"}
 
@@ -91,5 +92,6 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
             publish_artifacts(settings, failed)
         raise
     publish_artifacts(settings, result)
+    emit_retrain_outcome(result)
     logger.info(summary_line(result))
     return Completed(name=result["state"], message=result["state_message"][:1000], data=headline_result(result))

@@ -111,6 +111,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from xray_core.report.terminal import render_monitor
+
+    if _use_flow():
+        from flows.monitor import monitor
+
+        result = monitor()
+    else:
+        from xray_core.pipeline.monitor import run_monitor
+
+        result = run_monitor(get_settings())
+        result.pop("markdown", None)
+    _emit(result, args.json, render_monitor)
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from xray_core.report.terminal import render_status
     from xray_core.report.status import status_report
@@ -220,6 +236,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "rollback": (cmd_rollback, "return to the previous champion (audited)"),
     "predict": (cmd_predict, "predict a folder or manifest with the champion (or --version N); CSV out"),
     "demo": (cmd_demo, "two arriving batches: first champion, then a challenger decision"),
+    "monitor": (cmd_monitor, "check films ingested (and list predict batches) since the last check against the "
+                             "champion's reference: out-of-distribution and drift warnings"),
 }
 
 
@@ -257,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="model version (default: the champion)")
     p.add_argument("--heatmaps", metavar="DIR",
                    help="write a Grad-CAM overlay PNG per predicted image into DIR (see README: limits)")
+    sub.add_parser("monitor", help=COMMANDS["monitor"][1])
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--sample", help="real sample folder with manifest.csv; synthetic images when absent")
     p.add_argument("--fresh", action="store_true", help="delete XRAY_HOME first (the Makefile's demo home only)")
@@ -269,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that run a Prefect flow when PREFECT_API_URL is set (see _use_flow).
-FLOW_COMMANDS = {"ingest", "predict", "retrain", "demo"}
+FLOW_COMMANDS = {"ingest", "predict", "retrain", "demo", "monitor"}
 
 
 def check_environment(command: str, args: argparse.Namespace) -> None:

@@ -252,4 +252,8 @@ RULES: dict[str, Rule] = {
     "dicom_store": one_of(("deidentified", "original"), "raw"),
     "allowed_views": Rule("must be empty (any view) or comma-separated view names such as PA,AP",
                           lambda v: all(x.replace(" ", "").isalnum() for x in v), "PA,AP", ("PA,<script>",)),
+    "ood_quantile": number_in(0.5, 1, "fraction of the model's validation films scored in-distribution; the OOD "
+                              "threshold is their quantile", open_hi=True),
+    "drift_alpha": number_in(0, 0.5, "p-value below which a batch drift test warns", open_lo=True),
+    "drift_permutations": integer_in(19, 100_000, "permutations of the batch drift test"),
 }

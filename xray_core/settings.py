@@ -119,6 +119,11 @@ class Settings:
     recipe_min_val_per_class: int = 20  # fewer val images of a class -> choose the recipe by k-fold
     target_sensitivity: float | None = None  # threshold for this sensitivity on val; None = Youden's J
 
+    # monitoring between retrains (xray_core.monitor)
+    ood_quantile: float = 0.99  # fraction of the model's own validation films scored in-distribution
+    drift_alpha: float = 0.01  # p-value below which a batch test (MMD on features, KS on probabilities) warns
+    drift_permutations: int = 999  # patient-level MMD permutations; p >= 1/(n+1) must be able to go below alpha/3
+
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able values, without secrets (the patient salt)."""
         out: dict[str, Any] = {}
@@ -261,6 +266,9 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "recipe_folds": ("XRAY_RECIPE_FOLDS", _int),
     "recipe_min_val_per_class": ("XRAY_RECIPE_MIN_VAL_PER_CLASS", _int),
     "target_sensitivity": ("XRAY_TARGET_SENSITIVITY", _float),
+    "ood_quantile": ("XRAY_OOD_QUANTILE", _float),
+    "drift_alpha": ("XRAY_DRIFT_ALPHA", _float),
+    "drift_permutations": ("XRAY_DRIFT_PERMUTATIONS", _int),
 }
 
 # Settings whose empty value means something rather than "unset": XRAY_PATIENT_REGEX="" turns

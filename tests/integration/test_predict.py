@@ -81,8 +81,9 @@ def test_csv_columns_and_values_for_a_known_model(home, films, predicted):
     with open(out_dir / "predictions.csv", newline="") as fh:
         header = next(csv.reader(fh))
     # For people first (file, prediction, probabilities, threshold), provenance last.
-    assert header == ["file", "predicted_label", *[f"p_{lab}" for lab in labels], "threshold", "sha256", "status",
-                      "error", "true_label", "model_version", "backbone_fingerprint", "heatmap"]
+    assert header == ["file", "predicted_label", *[f"p_{lab}" for lab in labels], "threshold", "ood_score",
+                      "in_distribution", "sha256", "status", "error", "true_label", "model_version",
+                      "backbone_fingerprint", "heatmap"]
     assert result["model_version"] == home.versions[0]  # the champion by default
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 7
@@ -106,6 +107,27 @@ def test_csv_columns_and_values_for_a_known_model(home, films, predicted):
     for row, p in zip(known, probs):
         got = [float(rows_by_sha[row[1]][f"p_{lab}"]) for lab in labels]
         assert got == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, predicted):
+    from db.schema import DriftCheck
+    from conftest import fetch
+    from xray_core.monitor.reference import model_reference
+    from xray_core.registry.versions import load_model
+
+    result, rows, _ = predicted
+    reference = model_reference(load_model(home.settings, home.versions[0]))
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        assert r["in_distribution"] == ("true" if float(r["ood_score"]) <= reference.threshold else "false")
+    for r in rows:
+        if r["status"] != "ok":
+            assert r["ood_score"] == "" and r["in_distribution"] == ""
+    flagged = sum(r["in_distribution"] == "false" for r in ok)
+    assert result["ood"]["line"] == f"{flagged} of 7 films look unlike this model's training data"
+    assert result["drift"]["n"] == 7 and "mmd_p" in result["drift"]
+    stored = [c for c in fetch(home.settings, DriftCheck) if c.id == result["drift"]["id"]]
+    assert stored[0].kind == "predict" and stored[0].n_images == 7 and stored[0].model_id == home.versions[0]
 
 
 def test_bad_files_are_listed_with_reasons_and_the_rest_predicted(predicted):

@@ -26,8 +26,11 @@ ALLOWED = {
     "model": {"errors", "faults", "io", "data", "settings"},
     "evaluate": {"errors", "settings"},
     "registry": {"errors", "faults", "io", "data", "model", "settings"},
-    "report": {"errors", "faults", "io", "data", "model", "evaluate", "registry", "settings", "pipeline"},
-    "pipeline": {"errors", "faults", "io", "data", "model", "evaluate", "registry", "report", "settings"},
+    "monitor": {"errors", "faults", "io", "data", "model", "evaluate", "registry", "settings"},
+    "report": {"errors", "faults", "io", "data", "model", "evaluate", "registry", "settings", "pipeline",
+               "monitor"},
+    "pipeline": {"errors", "faults", "io", "data", "model", "evaluate", "registry", "report", "settings",
+                 "monitor"},
 }
 MAX_LINES = 420
 TOO_LONG_FOR_NOW: set[str] = set()

@@ -180,7 +180,8 @@ def test_retrain_cycle_on_memory_storage(xray_env, tmp_path: Path, monkeypatch: 
         trained = train_step(settings, data)
         version = trained["version"]
         assert store.list(f"models/{version}") == [f"models/{version}/card.json",
-                                                   f"models/{version}/head.safetensors"]
+                                                   f"models/{version}/head.safetensors",
+                                                   f"models/{version}/reference.safetensors"]
         assert store.list("models/.staging") == []
         evaluated = evaluate_step(settings, version, data)
         assert evaluated["n_images"] == len(data.test)

@@ -140,6 +140,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     from xray_core.model.preprocess import make_view
     from xray_core.registry.versions import champion_version, load_model
     from xray_core.model.train import predict_proba
+    from xray_core.monitor.reference import model_reference
     from db import session_scope
 
     if out is not None:
@@ -152,6 +153,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     backbone = load_backbone(settings)
     model = load_model(settings, version, backbone_fingerprint=backbone.fingerprint)
     labels, threshold = model.labels, model.threshold
+    reference = model_reference(model)  # None for models saved before references: OOD "unknown"
+    scored: list[tuple[np.ndarray, np.ndarray]] = []  # (features, probabilities): the batch drift test
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     cache = FeatureCache(backbone, settings)
     files = list_files(Path(path), manifest)
@@ -197,10 +200,15 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         probs = predict_proba(model.head, feats)
         preds = predict_labels(probs, threshold=threshold, positive_index=pos)
         maps = write_heatmaps(probs, preds) if heatmaps is not None else [""] * len(batch)
-        for (f, sha, _), p, k, hm in zip(batch, probs, preds, maps):
+        ood = reference.scores(feats) if reference is not None else [None] * len(batch)
+        scored.append((feats, probs))
+        for (f, sha, _), p, k, hm, o in zip(batch, probs, preds, maps, ood):
             rows.append({"file": f.rel, "predicted_label": labels[int(k)],
                          **{f"p_{lab}": round(float(v), 6) for lab, v in zip(labels, p)},
-                         "threshold": "" if threshold is None else threshold, "sha256": sha, "status": "ok",
+                         "threshold": "" if threshold is None else threshold,
+                         "ood_score": "" if o is None else round(float(o), 4),
+                         "in_distribution": "" if o is None else str(bool(o <= reference.threshold)).lower(),
+                         "sha256": sha, "status": "ok",
                          "error": "", "true_label": f.label or "", "model_version": version,
                          "backbone_fingerprint": backbone.fingerprint, "heatmap": hm})
         batch.clear()
@@ -208,8 +216,9 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     for i, (f, sha, pixels, error) in enumerate(_decoded(files, settings), start=1):
         if error is not None:
             rows.append({"file": f.rel, "predicted_label": "", **{f"p_{lab}": "" for lab in labels},
-                         "threshold": "" if threshold is None else threshold, "sha256": sha or "",
-                         "status": "rejected", "error": error, "true_label": f.label or "",
+                         "threshold": "" if threshold is None else threshold, "ood_score": "",
+                         "in_distribution": "", "sha256": sha or "", "status": "rejected", "error": error,
+                         "true_label": f.label or "",
                          "model_version": version, "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
         else:
             batch.append((f, sha, pixels))
@@ -220,7 +229,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     flush()
     rows.sort(key=lambda r: r["file"])
     # For people first (what was predicted, how sure, against which threshold), provenance last.
-    columns = ["file", "predicted_label", *[f"p_{lab}" for lab in labels], "threshold", "sha256", "status",
+    columns = ["file", "predicted_label", *[f"p_{lab}" for lab in labels], "threshold", "ood_score",
+               "in_distribution", "sha256", "status",
                "error", "true_label", "model_version", "backbone_fingerprint", "heatmap"]
     if out is not None:
         buf = io.StringIO()
@@ -234,7 +244,41 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             "predicted": len(ok), "rejected": len(rows) - len(ok), "out": str(out) if out else None,
             "heatmaps": str(heatmaps) if heatmaps is not None else None,
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init,
-            "rows": rows}
+            "ood": ood_summary(ok, reference),
+            "drift": batch_drift(settings, model, reference, scored, subject=str(path)), "rows": rows}
+
+
+def ood_summary(ok_rows: list[dict[str, Any]], reference: Any) -> dict[str, Any]:
+    """How many predicted films look unlike the model's training data, as numbers and one sentence."""
+    from xray_core.monitor.ood import summary_line
+
+    if reference is None:
+        return {"known": False, "flagged": None, "scored": 0, "threshold": None,
+                "line": "out-of-distribution check unknown: this model was saved without a reference"}
+    flagged = sum(r["in_distribution"] == "false" for r in ok_rows)
+    return {"known": True, "flagged": flagged, "scored": len(ok_rows), "threshold": reference.threshold,
+            "quantile": reference.quantile, "line": summary_line(flagged, len(ok_rows))}
+
+
+def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]], *,
+                subject: str) -> dict[str, Any] | None:
+    """The batch drift tests of the predicted films against the model's reference, recorded in the
+    catalogue (``drift_checks``, kind ``predict``); None without a reference or films.
+
+    Each film counts as its own patient: prediction does not know patients."""
+    from xray_core.evaluate.metrics import positive_index
+    from xray_core.monitor.checks import record_check
+    from xray_core.monitor.drift import check_batch
+
+    if reference is None or not scored:
+        return None
+    feats, probs = np.concatenate([f for f, _ in scored]), np.concatenate([p for _, p in scored])
+    labels = model.labels
+    pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
+    check = check_batch(reference, feats, probs, labels=labels, threshold=model.threshold, positive=pos,
+                        alpha=settings.drift_alpha, permutations=settings.drift_permutations, seed=settings.train_seed)
+    check["id"] = record_check(settings, model_id=model.version, kind="predict", subject=subject, check=check)
+    return check
 
 
 def check_out_path(settings: Settings, out: Path) -> None:

@@ -17,6 +17,7 @@ from db import session_scope
 from db.schema import Evaluation
 from xray_core.data.catalogue import open_catalogue
 from xray_core.errors import CheckpointError, NotEnoughDataError
+from xray_core.monitor.reference import REFERENCE_FILE
 from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.guards import apply_guards, evaluation_slices
 from xray_core.pipeline.lock import retrain_lock
@@ -100,10 +101,12 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
         "training_set_fingerprint": training_set_fingerprint(data),
         "settings": settings.public_dict(), "val_metrics": val_metrics,
     }
+    reference = build_model_reference(settings, data, head, x_train, x_val, val_probs, y_val)
+    card["reference"] = reference.describe()
     state_dict = {k: v.detach().clone() for k, v in head.state_dict().items()}
     version = save_model(settings, state_dict=state_dict, card=card,
                          train_image_ids=[r[0] for r in data.train], val_image_ids=[r[0] for r in data.val],
-                         flow_run_id=flow_run_id)
+                         flow_run_id=flow_run_id, extra_files={REFERENCE_FILE: reference.to_bytes()})
     # Smoke test: the checkpoint reloaded from disk (sha256-verified) reproduces in-memory predictions.
     reloaded = load_model(settings, version, backbone_fingerprint=backbone.fingerprint)
     x_check = features_for(settings, data.test) if data.test else x_val
@@ -116,6 +119,22 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
             "smoke_test": "passed: reloaded checkpoint (sha256 verified) reproduces in-memory predictions",
             "training_set_fingerprint": card["training_set_fingerprint"],
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init}
+
+
+def build_model_reference(settings: Settings, data: SplitData, head: Any, x_train: np.ndarray, x_val: np.ndarray,
+                          val_probs: np.ndarray, y_val: np.ndarray) -> Any:
+    """The model's reference (:mod:`xray_core.monitor.reference`), standardised by the head's normaliser.
+
+    The PCA basis is fitted on the training features the head saw (every cached training view, the
+    rows the normaliser was fitted on: no extra backbone pass); the threshold and drift sample come
+    from the validation films' eval view, which is what prediction sees.
+    """
+    from xray_core.monitor.reference import build_reference
+
+    rows = x_train.reshape(-1, x_train.shape[-1])
+    return build_reference(rows, x_val, np.array([r[4] for r in data.val], dtype=str), val_probs, y_val,
+                           mean=head.feature_mean.numpy(), std=head.feature_std.numpy(),
+                           quantile=settings.ood_quantile, seed=settings.train_seed)
 
 
 def headline(m: dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -47,6 +48,8 @@ class LoadedModel:
     version: int
     head: torch.nn.Module
     card: dict[str, Any]
+    # Extra files named in card["files"] (e.g. reference.safetensors), sha256-verified, as bytes.
+    files: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
@@ -105,6 +108,12 @@ def validate_card(card: Any) -> dict[str, Any]:
     for key in ("calibration", "training"):
         if key in card and not isinstance(card[key], dict):
             raise CheckpointError(f"card.json: {key} must be an object")
+    files = card.get("files", {})
+    if not (isinstance(files, dict) and all(
+            isinstance(n, str) and re.fullmatch(r"[a-z0-9_]+\.safetensors", n) and n != "head.safetensors"
+            and isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for n, h in files.items())):
+        raise CheckpointError("card.json: files must map extra file names (a-z, 0-9, '_', ending .safetensors) "
+                              "to their sha256 (64 hex digits)")
     recipe = card.get("training", {}).get("recipe")
     if recipe is not None and not (isinstance(recipe, dict) and isinstance(recipe.get("name"), str)
                                    and isinstance(recipe.get("reason"), str)):
@@ -114,14 +123,24 @@ def validate_card(card: Any) -> dict[str, Any]:
 
 def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card: dict[str, Any],
                train_image_ids: list[int], val_image_ids: list[int], flow_run_id: str | None = None,
-               fail_before_commit: bool = False) -> int:
-    """Write and verify the checkpoint, then register it as a candidate version. Returns the version."""
+               fail_before_commit: bool = False, extra_files: dict[str, bytes] | None = None) -> int:
+    """Write and verify the checkpoint, then register it as a candidate version. Returns the version.
+
+    ``extra_files`` (name -> bytes, e.g. ``reference.safetensors``) are written beside the head; each
+    one's sha256 goes into ``card["files"]``, so the card's own sha256 in the catalogue covers them.
+    """
+    extra = dict(extra_files or {})
+    card = {**card, "files": {name: sha256_bytes(data) for name, data in extra.items()}} if extra else card
     card = validate_card({"schema": CARD_SCHEMA_VERSION, "code_version": CODE_VERSION, **card})
     store = get_storage(settings, "models")
     staging = f".staging/{uuid.uuid4().hex}"
     head_bytes = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
     card_bytes = json.dumps(card, indent=2, sort_keys=True, default=str).encode()
     try:
+        for name, data in extra.items():
+            store.write_bytes(f"{staging}/{name}", data)
+            if sha256_bytes(store.read_bytes(f"{staging}/{name}")) != card["files"][name]:
+                raise CheckpointError(f"{name} read back differently from what was written")
         store.write_bytes(f"{staging}/head.safetensors", head_bytes)
         store.write_bytes(f"{staging}/card.json", card_bytes)
         head_read = store.read_bytes(f"{staging}/head.safetensors")
@@ -196,6 +215,16 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
             raise CheckpointError(f"model {version}: {name} sha256 {actual[:12]}… does not match the "
                                   f"catalogue's {expected[:12]}…; the file was altered or corrupted")
     card = validate_card(json.loads(blobs["card.json"]))
+    for name, expected in card.get("files", {}).items():  # verified through the card's own sha256
+        key = f"{folder}/{name}"
+        try:
+            blobs[name] = store.read_bytes(key)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise CheckpointError(f"model {version}: {store.url_for(key)} is missing") from None
+        actual = sha256_bytes(blobs[name])
+        if actual != expected:
+            raise CheckpointError(f"model {version}: {name} sha256 {actual[:12]}… does not match the card's "
+                                  f"{expected[:12]}…; the file was altered or corrupted")
     if backbone_fingerprint is not None and card["backbone_fingerprint"] != backbone_fingerprint:
         raise CheckpointError(
             f"model {version} was trained on backbone {card['backbone_fingerprint'][:12]}… but the current "
@@ -208,7 +237,8 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
     head_cfg = card["head"]
     head = load_head(state, int(head_cfg["in_dim"]), len(card["labels"]), hidden=tuple(head_cfg["hidden"]),
                      dropout=float(head_cfg["dropout"]))
-    return LoadedModel(version=version, head=head, card=card)
+    return LoadedModel(version=version, head=head, card=card,
+                       files={name: blobs[name] for name in card.get("files", {})})
 
 
 def champion_version(session: Session) -> int | None:

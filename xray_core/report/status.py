@@ -18,9 +18,17 @@ def status_report(settings: Settings) -> dict[str, Any]:
     report["feature_cache"] = _feature_cache(settings)
     report["models"] = _models(settings)
     report["interrupted"] = interrupted_runs(settings)
+    report["drift_checks"] = latest_checks(settings)
     report["settings"] = settings.public_dict()
     report["settings"]["database_url"] = _safe_url(settings.database_url)
     return report
+
+
+def latest_checks(settings: Settings) -> list[dict[str, Any]]:
+    """The newest drift checks (predict batches and monitor runs), newest first."""
+    from xray_core.monitor.checks import latest_checks as newest
+
+    return newest(settings)
 
 
 def sites_summary(settings: Settings) -> dict[str, Any]:

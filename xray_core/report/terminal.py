@@ -58,6 +58,11 @@ def render_status(r: dict[str, Any]) -> str:
     models = r.get("models") or {}
     if models:
         out += ["", f"champion: {models.get('champion') or 'none'}; versions: {models.get('versions', 0)}"]
+    checks = r.get("drift_checks") or []
+    if checks:
+        out += ["", "drift checks (newest first; evidence that inputs changed, not proof that performance fell):"]
+        out += [f"  {c['created_at'][:19]} {c['kind']} {c['subject'][:60]}: {c['n']} films, {c['ood_flagged']} unlike "
+                f"the training data; {'DRIFT ' if c['drift'] else ''}{c['verdict'][:160]}" for c in checks]
     s = r["settings"]
     out += ["", "settings:"] + [f"  {k} = {v}" for k, v in s.items()]
     return "\n".join(out)
@@ -211,7 +216,26 @@ def render_predict(r: dict[str, Any]) -> str:
         out.append(f"CSV: {r['out']}")
     if r.get("heatmaps"):
         out.append(f"Grad-CAM overlays: {r['heatmaps']}")
+    if r.get("ood"):
+        out.append(r["ood"]["line"])
+    if r.get("drift"):
+        out.append(r["drift"]["verdict"])
     for row in r.get("rows", []):
         probs = ", ".join(f"{k[2:]} {v}" for k, v in row.items() if k.startswith("p_") and v != "")
-        out.append(f"  {row['file']}: {row['predicted_label'] or row['error']}" + (f" ({probs})" if probs else ""))
+        ood = " [unlike the training data]" if row.get("in_distribution") == "false" else ""
+        out.append(f"  {row['file']}: {row['predicted_label'] or row['error']}" + (f" ({probs})" if probs else "") + ood)
+    return "\n".join(out)
+
+
+def render_monitor(r: dict[str, Any]) -> str:
+    """``xray monitor``: the summary, one line per checked batch, predict batches, the report's path."""
+    out = [r["summary"]]
+    for c in r.get("checks", []):
+        out.append(f"  {c['subject']}: {c['ood_line']}; {c['verdict']}")
+    for c in r.get("predict_checks", []):
+        out.append(f"  predict {c['subject']}: {c['n']} films, {c['ood_flagged']} unlike the training data; "
+                   f"{c['verdict']}")
+    if r.get("report"):
+        out.append(f"report: {r['report']}")
+    out.append("A drift warning is evidence that the inputs changed, not proof that performance fell.")
     return "\n".join(out)

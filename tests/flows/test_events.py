@@ -1,0 +1,87 @@
+"""Prefect events, read back from the test server's event store: an ingest flow emits
+``xray.batch.ingested`` on its site; a retrain outcome and a drift result emit theirs with the
+resource ids and key numbers automations match on. Small: four synthetic films, no training."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from xray_core.data.synthetic import write_dataset
+
+
+def _events(prefix: str, expected: int) -> list:
+    """Events whose name starts with ``prefix``, polling until ``expected`` arrived (they are sent by a
+    background worker) or 60 s passed; the assertions then compare contents, not times."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+
+    async def read():
+        async with get_client() as client:
+            page = await client.read_events(filter=EventFilter(event=EventNameFilter(prefix=[prefix])), limit=50)
+            return page.events
+
+    deadline = time.monotonic() + 60
+    found = asyncio.run(read())
+    while len(found) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = asyncio.run(read())
+    return found
+
+
+def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_server, tmp_path):
+    from flows.events import emit_drift, emit_retrain_outcome
+    from flows.ingest import ingest
+
+    source = tmp_path / "clinic-a"
+    write_dataset(source, patients_per_label=2, images_per_patient=1, size=64, seed=3)
+    summary = ingest(str(source))
+    (ingested,) = _events("xray.batch.ingested", 1)
+    assert ingested.resource.id == "xray.site.clinic-a"
+    assert ingested.payload["added"] == summary["added"] == 4 and ingested.payload["site"] == "clinic-a"
+
+    assert emit_retrain_outcome({"state": "Promoted", "state_message": "v7 replaces v6", "version": 7,
+                                 "champion_after": 7, "trigger": "test",
+                                 "challenger_eval": {"n_images": 40, "metrics": {"macro_auroc": 0.83}}})
+    assert emit_retrain_outcome({"state": "Failed", "state_message": "boom"}) is None  # no event for failures
+    (promoted,) = _events("xray.model.promoted", 1)
+    assert promoted.resource.id == "xray.model.v7"
+    assert promoted.payload["macro_auroc"] == 0.83 and promoted.payload["n_test"] == 40
+
+    drifted = {"model": 7, "report": "r.md", "checks": [
+        {"subject": "all new films", "drift": False, "n": 30},
+        {"subject": "site far", "drift": True, "n": 16, "ood_flagged": 15, "mmd_p": 0.005, "ks_p": 0.2,
+         "prevalence": {"normal": 0.5, "pneumonia": 0.5}, "verdict": "drift: inputs differ"}]}
+    assert emit_drift(drifted) == 1
+    (drift,) = _events("xray.drift.detected", 1)
+    assert drift.resource.id == "xray.site.far" and drift.payload["ood_flagged"] == 15
+    assert [r.id for r in drift.related] == ["xray.model.v7"]
+
+
+def test_on_drift_trigger_is_a_valid_prefect_trigger_on_the_one_at_a_time_queue():
+    """The deployment trigger as Prefect itself parses it: one run per xray.drift.detected event, after
+    the review window, on the retrain queue whose limit of 1 queues a second run instead of running it."""
+    from datetime import timedelta
+    from pathlib import Path
+
+    import yaml
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.events.schemas.events import Resource
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+    by_name = {(d["entrypoint"], d["name"]): d for d in spec["deployments"]}
+    on_drift = by_name[("flows/retrain.py:retrain", "on-drift")]
+    (raw,) = on_drift["triggers"]
+    trigger = DeploymentEventTrigger.model_validate({k: v for k, v in raw.items() if k != "type"})
+    assert trigger.expect == {"xray.drift.detected"} and trigger.threshold == 1 and trigger.posture == "Reactive"
+    assert trigger.schedule_after == timedelta(hours=1)
+    for resource_id, matched in (("xray.site.far", True), ("xray.model.v7", True), ("prefect.flow-run.1", False)):
+        assert trigger.match.matches(Resource({"prefect.resource.id": resource_id})) is matched
+    assert on_drift["work_pool"]["work_queue_name"] == "retrain"
+    assert on_drift["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    assert on_drift["parameters"]["trigger"] == "event"
+    daily = by_name[("flows/monitor.py:monitor", "daily")]
+    assert daily["schedules"][0]["cron"] == "30 6 * * *"

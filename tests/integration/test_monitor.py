@@ -1,0 +1,51 @@
+"""``xray monitor`` end to end on a tiny catalogue: nothing new → a quiet check; a shifted site
+ingested → its films are checked against the champion's reference, recorded, reported and shown in
+``xray status``; films already checked are not checked again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tinymodel import tiny_home
+from xray_cli.main import main
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    from xray_core.registry.versions import promote_manually
+
+    with tiny_home(tmp_path_factory.mktemp("monitor"), patients_per_label=15) as h:
+        promote_manually(h.settings, h.versions[0], reason="test champion")
+        yield h
+
+
+def test_monitor_checks_new_films_once_records_and_reports(home, tmp_path, capsys):
+    from xray_core.data.ingest import ingest_source
+    from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
+    from xray_core.pipeline.monitor import run_monitor
+
+    quiet = run_monitor(home.settings)
+    assert quiet["n"] == 0 and quiet["summary"] == "nothing new since the last check" and not quiet["drift"]
+
+    site = tmp_path / "far"
+    write_site_dataset(site, SiteStyle(name="far", size=96, gamma=2.5, border=14), patients_per_label=8)
+    ingest_source(site, manifest=site / "manifest.csv", settings=home.settings)
+    result = run_monitor(home.settings)
+    assert result["n"] == 16 and result["checks"][0]["subject"] == "all new films"
+    check = result["checks"][0]
+    assert check["ood_line"] == f"{check['ood_flagged']} of 16 films look unlike this model's training data"
+    assert {"mmd_p", "ks_p", "prevalence", "verdict"} <= set(check)
+    assert result["drift"] and check["ood_flagged"] >= 12  # a border and another contrast: unlike training
+    report = open(result["report"]).read()
+    assert "not proof that performance fell" in report and "all new films" in report
+
+    assert main(["monitor", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["n"] == 0  # already checked
+    assert main(["status", "--json"]) == 0
+    checks = json.loads(capsys.readouterr().out)["drift_checks"]
+    assert [c["kind"] for c in checks[:3]] == ["monitor"] * 3 and checks[1]["drift"] is True
+    assert main(["status"]) == 0
+    assert "drift checks (newest first" in capsys.readouterr().out

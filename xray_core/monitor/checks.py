@@ -1,0 +1,82 @@
+"""Drift checks in the catalogue: record one (``drift_checks`` table), list the latest, and find what
+arrived since the last check (``xray monitor``: :mod:`xray_core.pipeline.monitor`).
+
+A check is evidence that the inputs changed, not proof that performance fell; it never changes the
+champion.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from db import session_scope
+from db.schema import DriftCheck, Image
+from xray_core.data.catalogue import open_catalogue
+from xray_core.settings import Settings
+
+KINDS = ("ingest", "predict", "monitor")
+
+
+def record_check(settings: Settings, *, model_id: int | None, kind: str, subject: str, check: dict[str, Any],
+                 flow_run_id: str | None = None) -> int:
+    """Store one check (its whole result as JSON); return its id."""
+    if kind not in KINDS:
+        raise ValueError(f"drift check kind {kind!r}; allowed: {', '.join(KINDS)}")
+    result = json.loads(json.dumps(check, default=_plain))
+    with session_scope(open_catalogue(settings)) as s:
+        row = DriftCheck(model_id=model_id, kind=kind, subject=subject[:1000], n_images=int(check["n"]),
+                         ood_flagged=int(check["ood_flagged"]), drift=bool(check["drift"]),
+                         verdict=str(check["verdict"]), result=result, flow_run_id=flow_run_id)
+        s.add(row)
+        s.flush()
+        return int(row.id)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def latest_checks(settings: Settings, limit: int = 5) -> list[dict[str, Any]]:
+    """The newest checks, newest first, as small dicts (what ``xray status`` shows)."""
+    with session_scope(open_catalogue(settings)) as s:
+        rows = s.scalars(select(DriftCheck).order_by(DriftCheck.id.desc()).limit(limit)).all()
+        return [{"id": r.id, "created_at": r.created_at.isoformat(), "model": r.model_id, "kind": r.kind,
+                 "subject": r.subject, "n": r.n_images, "ood_flagged": r.ood_flagged, "drift": r.drift,
+                 "verdict": r.verdict} for r in rows]
+
+
+def last_check_time(settings: Settings, kinds: tuple[str, ...] = ("monitor", "ingest")) -> datetime | None:
+    """When catalogued films were last checked (by ``xray monitor`` or after an ingest), or None."""
+    with session_scope(open_catalogue(settings)) as s:
+        when = s.scalar(select(DriftCheck.created_at).where(DriftCheck.kind.in_(kinds))
+                        .order_by(DriftCheck.id.desc()).limit(1))
+    if when is not None and when.tzinfo is None:  # SQLite returns naive UTC
+        when = when.replace(tzinfo=timezone.utc)
+    return when
+
+
+def images_since(settings: Settings, since: datetime | None) -> list[tuple[int, str, str, str, str, str]]:
+    """(id, sha256, stored path, label, patient id, site or "unknown") of every catalogued image added
+    after ``since`` (all when None), oldest first: the pipeline's row shape plus the site."""
+    query = select(Image.id, Image.sha256, Image.stored_path, Image.label, Image.patient_id, Image.site)
+    if since is not None:
+        query = query.where(Image.added_at > since)
+    with session_scope(open_catalogue(settings)) as s:
+        return [(r[0], r[1], r[2], r[3], r[4], r[5] or "unknown") for r in s.execute(query.order_by(Image.id)).all()]
+
+
+def predict_checks_since(settings: Settings, since: datetime | None) -> list[dict[str, Any]]:
+    """The predict batches checked after ``since``: their features are not kept, their verdicts are."""
+    query = select(DriftCheck).where(DriftCheck.kind == "predict").order_by(DriftCheck.id)
+    if since is not None:
+        query = query.where(DriftCheck.created_at > since)
+    with session_scope(open_catalogue(settings)) as s:
+        return [{"id": r.id, "subject": r.subject, "n": r.n_images, "ood_flagged": r.ood_flagged,
+                 "drift": r.drift, "verdict": r.verdict} for r in s.scalars(query).all()]

@@ -1,0 +1,139 @@
+"""A model's reference: a compact summary of the features its head was trained on, saved beside it.
+
+Built in ``train_step`` from the training films' eval-view features (view 0) and the validation
+films, standardised by the head's own normaliser, and saved as ``models/<v>/reference.safetensors``
+(sha256 in the card and verified on load, like the head). It holds:
+
+* the per-dimension mean/std (the head's normaliser) and a PCA basis (sklearn, up to 32 components)
+  with the mean training residual, for the per-film OOD score (:mod:`xray_core.monitor.ood`);
+* a seeded random sample of at most 256 standardised feature rows (float16) with a patient group per
+  row, for the batch drift test (:mod:`xray_core.monitor.drift`). The rows are *validation* films:
+  training rows sit closer to a PCA basis fitted on them than any new film does, so a batch test
+  against them would flag every batch; validation films are held out from the head and the basis,
+  exactly like films met in use;
+* the validation films' calibrated probabilities, labels and OOD scores, with the OOD threshold
+  calibrated on them (XRAY_OOD_QUANTILE), for the KS and BBSE tests and the threshold.
+
+Prediction needs nothing else: no catalogue access. A model saved before references existed has none;
+its OOD status is then "unknown", never a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from xray_core.errors import CheckpointError
+from xray_core.monitor.ood import calibrate_threshold, ood_parts, ood_scores, standardise
+
+REFERENCE_FILE = "reference.safetensors"
+MAX_COMPONENTS = 32  # enough for the few directions a frozen backbone's features vary in; small on disk
+MAX_BASIS_ROWS = 4096  # training rows (films x views) the PCA basis is fitted on, at most
+MAX_SAMPLE = 256  # rows kept for the drift test: ~1 MB as float16 at 2208 dimensions
+
+
+@dataclass(frozen=True)
+class Reference:
+    mean: np.ndarray  # (d,) the head's feature mean
+    std: np.ndarray  # (d,) the head's feature std
+    pca_mean: np.ndarray  # (d,) mean of the standardised training rows
+    components: np.ndarray  # (k, d) PCA basis of the standardised training rows
+    variance: np.ndarray  # (k,) variance along each component
+    residual_scale: float  # mean squared residual of training rows outside the basis
+    sample: np.ndarray  # (m, d) standardised validation rows (held out from the basis), m <= 256
+    sample_groups: np.ndarray  # (m,) patient group of each sample row (an index, not an id)
+    val_probs: np.ndarray  # (n_val, classes) calibrated validation probabilities
+    val_labels: np.ndarray  # (n_val,) validation label indices
+    val_scores: np.ndarray  # (n_val,) OOD scores of the validation films
+    threshold: float  # OOD score above which a film is out of distribution
+    quantile: float  # XRAY_OOD_QUANTILE the threshold was calibrated with
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        return standardise(x, self.mean, self.std)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """OOD scores of raw backbone features (n x d)."""
+        return ood_scores(self.standardise(x), self.pca_mean, self.components, self.variance, self.residual_scale)
+
+    def embed_for_drift(self, z: np.ndarray) -> np.ndarray:
+        """Standardised rows → PCA coordinates plus the scaled residual: the space the batch test compares in."""
+        t2, q = ood_parts(z, self.pca_mean, self.components, self.variance)
+        coords = (z - self.pca_mean) @ self.components.T / np.sqrt(np.maximum(self.variance, 1e-12))
+        return np.column_stack([coords, np.sqrt(q / max(self.residual_scale, 1e-12))])
+
+    def to_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        arrays = {k: np.ascontiguousarray(v) for k, v in {
+            "mean": self.mean.astype(np.float64), "std": self.std.astype(np.float64),
+            "pca_mean": self.pca_mean.astype(np.float64), "components": self.components.astype(np.float64),
+            "variance": self.variance.astype(np.float64), "residual_scale": np.array([self.residual_scale]),
+            "sample": self.sample.astype(np.float16), "sample_groups": self.sample_groups.astype(np.int64),
+            "val_probs": self.val_probs.astype(np.float32), "val_labels": self.val_labels.astype(np.int64),
+            "val_scores": self.val_scores.astype(np.float64), "threshold": np.array([self.threshold]),
+            "quantile": np.array([self.quantile])}.items()}
+        return save(arrays, metadata={"format": "xray-reference/1"})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Reference":
+        from safetensors.numpy import load
+
+        try:
+            a = load(data)
+            return cls(mean=a["mean"].astype(np.float64), std=a["std"].astype(np.float64),
+                       pca_mean=a["pca_mean"].astype(np.float64), components=a["components"].astype(np.float64),
+                       variance=a["variance"], residual_scale=float(a["residual_scale"][0]),
+                       sample=a["sample"].astype(np.float64), sample_groups=a["sample_groups"],
+                       val_probs=a["val_probs"].astype(np.float64), val_labels=a["val_labels"],
+                       val_scores=a["val_scores"], threshold=float(a["threshold"][0]),
+                       quantile=float(a["quantile"][0]))
+        except Exception as exc:  # noqa: BLE001 - any parse problem is one kind of error here
+            raise CheckpointError(f"{REFERENCE_FILE} is not a readable reference "
+                                  f"({type(exc).__name__}: {exc})") from None
+
+    def describe(self) -> dict[str, Any]:
+        """What the card records about the reference (numbers, not arrays)."""
+        return {"file": REFERENCE_FILE, "components": int(len(self.variance)), "sample_rows": int(len(self.sample)),
+                "n_val": int(len(self.val_scores)), "ood_threshold": self.threshold, "ood_quantile": self.quantile,
+                "ood_score": "T²/k in the PCA space + Q/mean training Q (xray_core.monitor.ood)"}
+
+
+def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarray, val_probs: np.ndarray,
+                    val_labels: np.ndarray, *, mean: np.ndarray, std: np.ndarray, quantile: float,
+                    seed: int = 0) -> Reference:
+    """Summarise features (one row per film, view 0) for OOD and drift checks.
+
+    The PCA basis comes from the training films; the OOD threshold and the drift sample from the
+    validation films (see the module docstring). ``mean``/``std`` are the head's own normaliser, so
+    the reference sees features as the head does. ``val_groups`` are patient ids: sample rows keep a
+    group index so the drift test permutes whole patients. ``seed``: a reproducible sample (local RNG).
+    """
+    from sklearn.decomposition import PCA
+
+    mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    if len(x_train) > MAX_BASIS_ROWS:  # the basis of a few directions needs no more rows than this
+        x_train = x_train[np.sort(rng.choice(len(x_train), size=MAX_BASIS_ROWS, replace=False))]
+    z = standardise(x_train, mean, std)
+    k = max(1, min(MAX_COMPONENTS, len(z) - 1, z.shape[1]))
+    pca = PCA(n_components=k, svd_solver="auto", random_state=seed).fit(z)
+    components, variance = pca.components_.astype(np.float64), pca.explained_variance_.astype(np.float64)
+    _, q = ood_parts(z, pca.mean_, components, variance)
+    residual_scale = float(q.mean()) if len(q) and q.mean() > 0 else 1.0
+    z_val = standardise(x_val, mean, std)
+    pick = np.sort(rng.choice(len(z_val), size=min(MAX_SAMPLE, len(z_val)), replace=False))
+    _, group_index = np.unique(np.asarray(val_groups, dtype=str), return_inverse=True)
+    val_scores = ood_scores(z_val, pca.mean_, components, variance, residual_scale)
+    return Reference(mean=mean, std=std, pca_mean=pca.mean_.astype(np.float64), components=components,
+                     variance=variance, residual_scale=residual_scale, sample=z_val[pick],
+                     sample_groups=group_index[pick].astype(np.int64), val_probs=np.asarray(val_probs, np.float64),
+                     val_labels=np.asarray(val_labels, np.int64), val_scores=val_scores,
+                     threshold=calibrate_threshold(val_scores, quantile), quantile=float(quantile))
+
+
+def model_reference(model: Any) -> Reference | None:
+    """The reference of a loaded model (its bytes were sha256-verified by ``load_model``), or None."""
+    data = getattr(model, "files", {}).get(REFERENCE_FILE)
+    return None if data is None else Reference.from_bytes(data)

@@ -1,0 +1,125 @@
+"""``xray monitor``: check what arrived since the last check against the champion's reference.
+
+Everything ingested after the later of the last monitor check and the champion's creation is
+embedded (view 0, cached) and scored by the champion; the batch tests of
+:mod:`xray_core.monitor.drift` run on it as a whole and per site (sites with at least
+``MIN_BATCH`` films, patients permuted as wholes). Predict batches checked meanwhile are listed with
+their verdicts (their features are not kept). Each check is a ``drift_checks`` row; one markdown
+report goes to ``reports/monitor-<stamp>/report.md``.
+
+A drift warning is evidence that the inputs changed, not proof that performance fell.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from xray_core.settings import Settings
+
+REPORT = """# Monitor check {{ stamp }}
+
+Champion: {% if r.model %}v{{ r.model }}{% else %}none{% endif %} · images since {{ r.since or "the beginning" }}: {{ r.n }}
+
+**{{ r.summary }}**
+
+{% if r.checks %}| batch | films | unlike training data | MMD p | KS p (probabilities) | estimated prevalence | verdict |
+|---|---|---|---|---|---|---|
+{% for c in r.checks %}| {{ c.subject }} | {{ c.n }} | {{ c.ood_flagged }} | {{ fmt(c.mmd_p) }} | {{ fmt(c.ks_p) }} | {{ c.prevalence or "" }} | {{ c.verdict }} |
+{% endfor %}{% endif %}
+{% if r.predict_checks %}
+## Predict batches since the last check
+{% for c in r.predict_checks %}- {{ c.subject }}: {{ c.n }} films, {{ c.ood_flagged }} unlike the training data; {{ c.verdict }}
+{% endfor %}{% endif %}
+A drift warning is evidence that the inputs changed, not proof that performance fell: only labelled
+films (a retrain's evaluation) can show that. MMD: embeddings of the new films against held-out
+validation films of the champion; KS: its predicted probabilities against theirs; prevalence: BBSE
+from its validation confusion matrix (meaningful under label shift only).
+"""
+
+
+def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str = "monitor") -> dict[str, Any]:
+    """Run every check of what arrived since the last one; record them; write the report.
+
+    ``kind``: ``monitor`` (``xray monitor``, the daily deployment) or ``ingest`` (right after an ingest
+    flow); either way a film is checked once."""
+    from jinja2 import Template
+
+    from db import session_scope
+    from db.schema import Model
+    from xray_core.data.catalogue import open_catalogue
+    from xray_core.io.fsutil import atomic_write_bytes
+    from xray_core.monitor.checks import images_since, last_check_time, predict_checks_since, record_check
+    from xray_core.registry.versions import champion_version
+
+    with session_scope(open_catalogue(settings)) as s:
+        version = champion_version(s)
+        created = s.get(Model, version).created_at if version is not None else None
+    last = last_check_time(settings)
+    since = max([t for t in (last, _utc(created)) if t is not None], default=None)
+    result: dict[str, Any] = {"model": version, "since": since.isoformat() if since else None, "checks": [],
+                              "predict_checks": predict_checks_since(settings, last), "n": 0, "drift": False}
+    rows = images_since(settings, since) if version is not None else []
+    result["n"] = len(rows)
+    if version is None:
+        result["summary"] = "no champion yet: nothing to check against"
+    else:
+        result.update(_check_rows(settings, version, rows, flow_run_id))
+    overall = {"n": len(rows), "ood_flagged": sum(c["ood_flagged"] for c in result["checks"][:1]),
+               "drift": result["drift"], "verdict": result["summary"], "checks": result["checks"]}
+    result["id"] = record_check(settings, model_id=version, kind=kind, subject=kind, check=overall,
+                                flow_run_id=flow_run_id)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = settings.reports_dir / (f"monitor-{stamp}" if kind == "monitor" else f"ingest-check-{stamp}")
+    markdown = Template(REPORT).render(r=result, stamp=stamp, fmt=lambda p: "" if p is None else f"{p:.3g}")
+    atomic_write_bytes(folder / "report.md", markdown.encode(), mode=settings.file_mode)
+    result["report"] = str(folder / "report.md")
+    result["markdown"] = markdown
+    return result
+
+
+def _utc(when: datetime | None) -> datetime | None:
+    return when.replace(tzinfo=timezone.utc) if when is not None and when.tzinfo is None else when
+
+
+def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id: str | None) -> dict[str, Any]:
+    from xray_core.evaluate.metrics import positive_index
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.features import FeatureCache
+    from xray_core.model.train import predict_proba
+    from xray_core.monitor.drift import MIN_BATCH, check_batch
+    from xray_core.monitor.reference import model_reference
+    from xray_core.pipeline.snapshot import embed_items
+    from xray_core.registry.versions import load_model
+
+    backbone = load_backbone(settings)
+    model = load_model(settings, version)
+    reference = model_reference(model)
+    if reference is None:
+        return {"summary": f"unknown: champion v{version} was saved without a reference (retrain to get one)"}
+    if model.card["backbone_fingerprint"] != backbone.fingerprint:
+        return {"summary": f"unknown: champion v{version} was trained on another backbone than the current one"}
+    if not rows:
+        return {"summary": "nothing new since the last check"}
+    cache = FeatureCache(backbone, settings)
+    cache.ensure(embed_items(settings, [r[:5] for r in rows]), [0])
+    x = cache.load([r[1] for r in rows], 0)
+    probs = predict_proba(model.head, x)
+    labels = model.labels
+    pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
+    common = dict(labels=labels, threshold=model.threshold, positive=pos, alpha=settings.drift_alpha,
+                  permutations=settings.drift_permutations, seed=settings.train_seed)
+    patients, sites = np.array([r[4] for r in rows]), np.array([r[5] for r in rows])
+    checks = [{"subject": "all new films", **check_batch(reference, x, probs, groups=patients, **common)}]
+    for site in sorted(set(sites.tolist())) if len(set(sites.tolist())) > 1 else []:
+        keep = sites == site
+        if keep.sum() >= MIN_BATCH:
+            checks.append({"subject": f"site {site}",
+                           **check_batch(reference, x[keep], probs[keep], groups=patients[keep], **common)})
+    drifted = [c for c in checks if c["drift"]]
+    summary = (f"drift detected in {', '.join(c['subject'] for c in drifted)}: {drifted[0]['verdict']}"
+               if drifted else checks[0]["verdict"])
+    return {"checks": checks, "drift": bool(drifted), "summary": summary,
+            "sites": sorted(c["subject"].removeprefix("site ") for c in drifted if c["subject"].startswith("site "))}
