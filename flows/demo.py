@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flows.retrain import retrain
-from xray_core.report.terminal import render_models, render_status, table
+from xray_core.report.demo import closing_summary, render_arrival
+from xray_core.report.terminal import render_models, render_status
 from xray_core.settings import Settings
 
 BATCH_1_SHARE = 0.7  # of the paediatric patients arrive first; the rest arrive in batch 2
@@ -210,10 +211,6 @@ def full_result(headline: dict[str, Any]) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _n(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
 def label_shortcut(settings: Settings, audit: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """For each disease label that comes from a single site: how well the site alone and the film
     metadata alone tell *that label* from the rest (AUROC), on the audit's images (the whole split).
@@ -239,91 +236,6 @@ def label_shortcut(settings: Settings, audit: dict[str, Any] | None) -> dict[str
         meta = metadata_probe(one, rest, seed=settings.split_seed)
         out[label] = {"site": site, "site_auroc": site_only_auroc(one, rest), "metadata_auroc": meta["auroc"],
                       "metadata_features": meta.get("features"), "metadata_note": meta.get("note")}
-    return out
-
-
-def shortcut_sentences(shortcuts: dict[str, dict[str, Any]]) -> list[str]:
-    """One sentence per label from a single site, e.g. "covid19 films come only from site adult-covid;
-    the label is predictable from the site (AUROC 1.00) and from film metadata (AUROC 0.97)"."""
-    out = []
-    for label, s in shortcuts.items():
-        meta = _n(s["metadata_auroc"]) if s["metadata_auroc"] is not None else f"not run: {s['metadata_note']}"
-        out.append(f"{label} films come only from site {s['site']}; the label is predictable from the site "
-                   f"(AUROC {_n(s['site_auroc'])}) and from film metadata (AUROC {meta}), {label} against the rest")
-    return out
-
-
-def site_rows(evaluation: dict[str, Any] | None) -> list[list[Any]]:
-    """Per-site rows of one evaluation: site, films per label, macro AUROC (or why not judged)."""
-    slices = (((evaluation or {}).get("metrics") or {}).get("slices") or {}).get("site") or {}
-    rows = []
-    for site, sl in slices.items():
-        counts = ", ".join(f"{k} {v}" for k, v in (sl.get("counts") or {}).items() if v)
-        judged = sl.get("judged", True)
-        auroc = _n(sl.get("macro_auroc")) if judged else f"not judged: {sl.get('reason')}"
-        rows.append([site, sl.get("n"), counts, auroc])
-    return rows
-
-
-def drift_lines(result: dict[str, Any]) -> list[str]:
-    """PLACE FOR DRIFT (issue 14, built in another branch): the drift/out-of-distribution warning for the
-    new site against the champion's reference. Shown when the retrain result carries ``drift``; until
-    then the terminal says it was not checked, rather than implying the data looked familiar."""
-    drift = result.get("drift")
-    if not drift:
-        return ["drift/OOD: not checked in this build (issue 14)"]
-    if isinstance(drift, dict):
-        warnings = drift.get("warnings") or []
-        if warnings:
-            return [f"drift/OOD: {w}" for w in warnings]
-        return [f"drift/OOD: {'FLAGGED' if drift.get('flagged') else 'no drift found'}"]
-    return [f"drift/OOD: {drift}"]
-
-
-def _model_line(role: str, ev: dict[str, Any]) -> str:
-    m = ev["metrics"]
-    return (f"  {role:<10} v{ev['version']} ({', '.join(ev.get('labels') or m.get('labels') or [])}): macro AUROC "
-            f"{m.get('macro_auroc', 0):.3f}, accuracy {m.get('accuracy', 0):.3f}, balanced accuracy "
-            f"{m.get('balanced_accuracy', 0):.3f} on {ev['n_images']} test films")
-
-
-def render_arrival(n: int, arrival: Arrival, result: dict[str, Any], settings: Settings) -> list[str]:
-    """The terminal's account of one arrival: state, both models' numbers, audit, sites, drift, decision."""
-    out = [f"=== arrival {n}: {arrival.title}{' (synthetic)' if arrival.synthetic else ''}"]
-    for ing in result.get("ingests") or []:
-        out.append(f"ingested {ing['added']} new films ({ing['duplicates']} duplicates, {ing['rejected']} quarantined)")
-    out.append(f"{result['state']}: {result['state_message']}")
-    challenger, champion = result.get("challenger_eval"), result.get("champion_eval")
-    if challenger:
-        fingerprint = challenger["test_set_fingerprint"][:8]
-        out.append(f"both models on the same test set {fingerprint} (each scored on the test films of its own labels):")
-        out.append(_model_line("challenger", challenger))
-        if champion:
-            out.append(_model_line("champion", champion))
-    audit = result.get("audit") or {}
-    for s in shortcut_sentences(result.get("shortcuts") or {}):
-        out.append(f"shortcut audit: {s}")
-    for w in audit.get("warnings") or []:
-        out.append(f"  audit warning: {w}")
-    if audit and not audit.get("flagged"):
-        out.append("shortcut audit: no shortcut found")
-    rows = site_rows(challenger)
-    if rows:
-        out += ["per-site (challenger, test split):",
-                *("  " + line for line in table(["site", "films", "by label", "macro AUROC"], rows).splitlines())]
-    if n == 3 or result.get("drift"):
-        out += drift_lines(result)
-    decision = result.get("decision") or {}
-    if decision.get("decision") == "blocked":
-        first = (audit.get("warnings") or ["a shortcut"])[0]
-        champion_now = (f"the champion stays v{result['champion_after']}" if result.get("champion_after") is not None
-                        else "there is still no champion")
-        out.append(f"decision: blocked. Nothing was promoted because the shortcut audit flagged the data ({first}), "
-                   f"and XRAY_SHORTCUT_POLICY={audit.get('policy')} stops automatic promotion; {champion_now}.")
-    elif decision:
-        out.append(f"decision: {decision.get('decision')}")
-    if result.get("report"):
-        out.append(f"report: {result['report']} (report.html beside it)")
     return out
 
 
@@ -354,30 +266,6 @@ def review_first_champion(result: dict[str, Any]) -> tuple[str, list[str]]:
     return reason, lines
 
 
-def closing_summary(results: list[dict[str, Any]], settings: Settings) -> list[str]:
-    """What a tutorial's pooled ">98% accuracy" would have hidden, in this run's own numbers."""
-    last = results[-1] if results else {}
-    challenger = last.get("challenger_eval")
-    audit = last.get("audit") or {}
-    out = ["What the tutorial's \">98% accuracy\" would have hidden, in this run's numbers:"]
-    if challenger:
-        m = challenger["metrics"]
-        out.append(f"- pooled, v{challenger['version']} scores accuracy {m.get('accuracy', 0):.3f} and macro AUROC "
-                   f"{m.get('macro_auroc', 0):.3f} on {challenger['n_images']} test films: one number for two worlds.")
-    for s in shortcut_sentences(last.get("shortcuts") or {}):
-        out.append(f"- {s}: a model can score by recognising the collection, not the lungs.")
-    probe = (audit.get("site_probe") or {}).get("auroc")
-    if probe is not None:
-        out.append(f"- the frozen backbone's features tell the sites apart (AUROC {probe:.2f}), so the head can learn the site.")
-    for row in site_rows(challenger):
-        out.append(f"- site {row[0]}: {row[1]} test films ({row[2]}), macro AUROC {row[3]}.")
-    if last.get("state") == "Blocked":
-        out.append(f"- XRAY_SHORTCUT_POLICY=block: nothing was promoted; the champion stays v{last.get('champion_after')}.")
-    elif last.get("state"):
-        out.append(f"- the run ended {last['state']}; the champion is v{last.get('champion_after')}.")
-    return out
-
-
 def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: bool = False,
              covid: Path | None = None, synthetic: SyntheticSize = SyntheticSize()) -> dict[str, Any]:
     """Play the three arrivals through the retrain flow and tell the story on ``out``.
@@ -398,7 +286,7 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
         out.write("Backbone: RANDOM-INIT densenet161 (offline: no ImageNet download). The numbers show the "
                   "system works end to end, not a clinically useful model.\n")
     out.write(f"Demo settings: task {TASK}; input {settings.input_size} px, {settings.views} augmented views, "
-              f"head recipe {settings.head_recipe}, minimum test films per class {settings.min_test_per_class}, "
+              f"head recipe {settings.head_recipe} (L2 grid {', '.join(f'{c:g}' for c in settings.head_l2_grid)}), minimum test films per class {settings.min_test_per_class}, "
               "XRAY_SHORTCUT_POLICY="
               f"{settings.shortcut_policy}.\n\n")
     headlines, results = [], []
@@ -407,7 +295,7 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
         result = full_result(headline)
         result["shortcuts"] = label_shortcut(settings, result.get("audit"))
         results.append(result)
-        lines = render_arrival(n, arrival, result, settings)
+        lines = render_arrival(n, arrival.title + (" (synthetic)" if arrival.synthetic else ""), result)
         if n == 1 and blocked_only_by_audit(result):
             from flows.registry import promote
 
@@ -417,7 +305,7 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
             headline = {**headline, "reviewed_by_hand": True}
         headlines.append(headline)
         out.write("\n".join(lines) + "\n\n")
-    summary = closing_summary(results, settings)
+    summary = closing_summary(results)
     out.write("\n".join(summary) + "\n\n")
     out.write("$ xray models\n" + render_models(list_models(settings)) + "\n\n")
     status = status_report(settings)
