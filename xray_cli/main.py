@@ -235,7 +235,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "promote": (cmd_promote, "make a version the champion by hand (audited)"),
     "rollback": (cmd_rollback, "return to the previous champion (audited)"),
     "predict": (cmd_predict, "predict a folder or manifest with the champion (or --version N); CSV out"),
-    "demo": (cmd_demo, "two arriving batches: first champion, then a challenger decision"),
+    "demo": (cmd_demo, "three arrivals: first champion, a challenger decision, then a second site the shortcut "
+                         "audit catches"),
     "monitor": (cmd_monitor, "check films ingested (and list predict batches) since the last check against the "
                              "champion's reference: out-of-distribution and drift warnings"),
 }

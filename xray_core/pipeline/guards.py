@@ -5,7 +5,8 @@ audit at every retrain, and the two guards they put on promotion.
   site the test set can judge (``XRAY_GUARDRAIL_SITE_DROP``).
 - The **shortcut audit** warns when the label is predictable from the site, from how the films were
   made, or when the embeddings tell the sites apart; with ``XRAY_SHORTCUT_POLICY=block`` a flagged
-  audit stops automatic promotion (decision ``blocked``: the challenger stays a candidate for review).
+  audit stops automatic promotion (decision ``blocked``: the challenger stays a candidate for review),
+  and names the run even when the pooled policy would not have promoted anyway.
 """
 
 from __future__ import annotations
@@ -77,10 +78,14 @@ def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[
         detail = "; ".join(audit.get("warnings") or []) or "no shortcut found"
         out["checks"].append({"name": "shortcut_audit", "passed": not flagged,
                               "detail": f"{detail} (XRAY_SHORTCUT_POLICY={settings.shortcut_policy})"})
-        if flagged and settings.shortcut_policy == "block" and out.get("promote"):
+        # Under block, a flagged audit names the run even when the policy would not have promoted
+        # either (e.g. a new label set that cannot be compared): the data needs review before any
+        # model trained on it is trusted, and that is the first thing the state should say.
+        if flagged and settings.shortcut_policy == "block":
+            said = "the policy said" if out.get("promote") else "the policy would not have promoted either"
             out.update(decision="blocked", promote=False,
                        rationale=(f"Not promoted: the shortcut audit flagged the data ({detail}), and "
                                   "XRAY_SHORTCUT_POLICY=block stops automatic promotion. The challenger stays a "
                                   "candidate: review the audit, then promote it by hand (xray promote) or not. "
-                                  f"Without the audit the policy said: {decision['rationale']}"))
+                                  f"Without the audit {said}: {out['rationale']}"))
     return out

@@ -275,10 +275,14 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
         if champion["test_set_fingerprint"] != challenger["test_set_fingerprint"]:
             raise CheckpointError("champion and challenger were scored on different test sets")
         if champion["metrics"]["labels"] != challenger["metrics"]["labels"]:
-            return {"decision": "keep", "promote": False, "checks": [],
-                    "rationale": (f"The challenger's labels {challenger['metrics']['labels']} differ from the "
-                                  f"champion's {champion['metrics']['labels']}: the two cannot be compared "
-                                  "automatically. Keep; promote by hand (xray promote) after review.")}
+            # No per-site comparison either (champion None), but the shortcut audit still applies: a
+            # new label often arrives with a new site, which is exactly when the label follows the site.
+            return apply_guards(settings, {
+                "decision": "keep", "promote": False, "checks": [],
+                "rationale": (f"The challenger's labels {challenger['metrics']['labels']} differ from the "
+                              f"champion's {champion['metrics']['labels']}: the two cannot be compared "
+                              "automatically. Keep; promote by hand (xray promote) after review.")},
+                challenger, None, audit)
         labels = challenger["metrics"]["labels"]
         rows = [r for r in data.test if r[3] in labels]
         p_new, p_old = (_probabilities(ev, settings, data) for ev in (challenger, champion))
