@@ -103,6 +103,27 @@ def _ingest(settings: Settings, path: str, manifest: str | None, progress: Calla
                          progress=progress).as_dict()
 
 
+def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any]:
+    """Drift and out-of-distribution checks of what arrived since the last check, against the
+    champion's reference (recorded in ``drift_checks``). Best effort: a check that cannot run says why
+    and never fails the retrain."""
+    from xray_core.pipeline.monitor import run_monitor
+
+    try:
+        out = run_monitor(settings, flow_run_id=flow_run_id, kind="retrain")
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        return {"flagged": False, "summary": f"not checked: {type(exc).__name__}: {exc}", "warnings": []}
+    checks = out.get("checks") or []
+    warnings = [f"{c['subject']}: {c['verdict']}" for c in checks if c.get("drift")]
+    flagged = [c for c in checks if c.get("ood_flagged")]
+    if flagged and not warnings:
+        warnings = [f"{c['subject']}: {c['ood_flagged']} of {c['n']} films look unlike the champion's training data"
+                    for c in flagged[:1]]
+    return {"flagged": bool(out.get("drift")), "summary": out.get("summary"), "warnings": warnings,
+            "checks": [{k: c.get(k) for k in ("subject", "n", "ood_flagged", "mmd_p", "ks_p", "verdict", "drift")}
+                       for c in checks], "report": out.get("report")}
+
+
 def freeze_split(settings: Settings, run_dir: str) -> str:
     """Freeze the current patient-grouped split for this run; return the snapshot's path."""
     return str(save_snapshot(Path(run_dir) / "split.json", load_split_data(settings)))
@@ -231,6 +252,8 @@ def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, resul
     for path, manifest in jobs:
         result["ingests"].append(run.run("ingest", _ingest, settings, path, manifest, run.progress("ingest")))
     crash_point("retrain.after_ingest")
+    if any(i.get("added") for i in result["ingests"]) and steps.current_champion(settings) is not None:
+        result["drift"] = run.run("drift", check_arrivals, settings, request.flow_run_id)
     try:
         snapshot = run.run("snapshot", freeze_split, settings, folder)
     except NotEnoughDataError as exc:
@@ -314,6 +337,7 @@ def headline_result(result: dict[str, Any]) -> dict[str, Any]:
             "embed", "champion_after", "report", "report_html", "description", "notes", "backbone_random_init")
     out = {k: result.get(k) for k in keep}
     out["decision"] = result.get("decision")
+    out["drift"] = result.get("drift")
     audit = result.get("audit") or {}
     out["audit"] = {k: audit.get(k) for k in ("flagged", "warnings", "policy", "sites")} if audit else None
     out["train"] = {k: (result.get("train") or {}).get(k)

@@ -72,7 +72,7 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
     result["id"] = record_check(settings, model_id=version, kind=kind, subject=kind, check=overall,
                                 flow_run_id=flow_run_id)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    folder = settings.reports_dir / (f"monitor-{stamp}" if kind == "monitor" else f"ingest-check-{stamp}")
+    folder = settings.reports_dir / (f"monitor-{stamp}" if kind == "monitor" else f"{kind}-check-{stamp}")
     markdown = Template(REPORT).render(r=result, stamp=stamp, fmt=lambda p: "" if p is None else f"{p:.3g}")
     atomic_write_bytes(folder / "report.md", markdown.encode(), mode=settings.file_mode)
     result["report"] = str(folder / "report.md")

@@ -41,17 +41,17 @@ def site_rows(evaluation: dict[str, Any] | None) -> list[list[Any]]:
 
 
 def drift_lines(result: dict[str, Any]) -> list[str]:
-    """PLACE FOR DRIFT (issue 14, built in another branch): the drift/out-of-distribution warning for the
-    new site against the champion's reference. Shown when the retrain result carries ``drift``; until
-    then the terminal says it was not checked, rather than implying the data looked familiar."""
+    """The drift/out-of-distribution check of the new arrivals against the champion's reference (the
+    retrain's ``drift`` step); "not checked" when there was no champion or nothing new, rather than
+    implying the data looked familiar."""
     drift = result.get("drift")
     if not drift:
-        return ["drift/OOD: not checked in this build (issue 14)"]
+        return ["drift/OOD: not checked (no champion to compare with, or nothing new)"]
     if isinstance(drift, dict):
         warnings = drift.get("warnings") or []
         if warnings:
             return [f"drift/OOD: {w}" for w in warnings]
-        return [f"drift/OOD: {'FLAGGED' if drift.get('flagged') else 'no drift found'}"]
+        return [f"drift/OOD: {drift.get('summary') or ('FLAGGED' if drift.get('flagged') else 'no drift found')}"]
     return [f"drift/OOD: {drift}"]
 
 

@@ -187,6 +187,8 @@ def render_retrain(r: dict[str, Any]) -> str:
                    "pipeline works, not a clinically useful model")
     for note in r.get("notes") or []:
         out.append(f"note: {note}")
+    for warning in (r.get("drift") or {}).get("warnings") or []:
+        out.append(f"drift/OOD against the champion: {warning}")
     audit = r.get("audit") or {}
     for warning in audit.get("warnings") or []:
         out.append(f"shortcut audit: {warning} (XRAY_SHORTCUT_POLICY={audit.get('policy')})")
