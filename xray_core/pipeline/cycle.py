@@ -223,13 +223,17 @@ def run_cycle(settings: Settings, request: RetrainRequest, executor: Executor | 
     is unchanged, and the exception propagates.
     """
     run = executor or DirectExecutor()
-    with retrain_lock(settings, wait_seconds=wait_seconds):
+    with retrain_lock(settings, wait_seconds=wait_seconds) as killed_run_started:
+        closed = close_interrupted(settings, killed_run_started, request.trigger)
         folder = run_dir or run_dir_for(settings, request.flow_run_id)
         result: dict[str, Any] = {
             "flow_run_id": request.flow_run_id, "run_name": request.run_name, "trigger": request.trigger,
             "backbone_weights": settings.backbone_weights,
             "backbone_random_init": settings.backbone_weights == "random", "ingests": [], "notes": [],
             "run_dir": str(folder)}
+        if closed:
+            result["notes"].append(f"closed candidate(s) {', '.join(f'v{v}' for v in closed)} left by a retrain "
+                                   "that was killed before its decision")
         try:
             _run_steps(settings, request, run, result, str(folder))
         except BaseException as exc:
@@ -241,6 +245,34 @@ def run_cycle(settings: Settings, request: RetrainRequest, executor: Executor | 
             raise
         result.update(run.run("report", write_reports, settings, result, str(folder)))
         return result
+
+
+def close_interrupted(settings: Settings, since: Any, trigger: str) -> list[int]:
+    """Candidates a killed retrain left without a decision (created after it started): recorded as
+    ``failed`` ("interrupted") and closed, so none stays a candidate forever. Returns their versions."""
+    if since is None:
+        return []
+    from sqlalchemy import select
+
+    from db import session_scope
+    from db.schema import Model
+    from xray_core.data.catalogue import open_catalogue
+    from xray_core.registry.versions import record_decision
+
+    with session_scope(open_catalogue(settings)) as s:
+        versions = [m.id for m in s.scalars(select(Model).where(Model.status == "candidate"))
+                    if m.created_at is not None and _aware(m.created_at) >= since]
+    for version in versions:
+        record_decision(settings, challenger=version, decision="failed", trigger=trigger, metrics={},
+                        rationale=(f"interrupted: the retrain that trained v{version} (started "
+                                   f"{since.isoformat()}) was killed before its decision; closed by the next run"))
+    return versions
+
+
+def _aware(when: Any) -> Any:
+    from datetime import timezone
+
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, result: dict[str, Any], folder: str) -> None:

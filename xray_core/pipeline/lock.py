@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import time
+from datetime import datetime, timezone
 from typing import Iterator
 
 from xray_core.errors import RetrainBusyError
@@ -13,12 +14,16 @@ from xray_core.settings import Settings
 
 
 @contextlib.contextmanager
-def retrain_lock(settings: Settings, *, wait_seconds: float = 0.0) -> Iterator[None]:
+def retrain_lock(settings: Settings, *, wait_seconds: float = 0.0) -> Iterator[datetime | None]:
     """An exclusive lock on ``XRAY_HOME/retrain.lock`` held for a whole retrain.
 
     A second retrain (flow, ad-hoc run or CLI, any process) waits up to ``wait_seconds`` and then
     fails with :class:`RetrainBusyError`, so two retrains never interleave. The OS releases the lock
     when the holder dies, so a crashed run never blocks the next one.
+
+    The holder's line ("pid N since <UTC time>") is erased when it finishes normally, so a line found
+    on entry means the previous holder was killed: the context yields its start time (else None), and
+    the retrain closes what that run left half done (see ``cycle.close_interrupted``).
     """
     settings.home.mkdir(parents=True, exist_ok=True)
     path = settings.home / "retrain.lock"
@@ -36,10 +41,24 @@ def retrain_lock(settings: Settings, *, wait_seconds: float = 0.0) -> Iterator[N
                         f"another retrain is running ({holder}); wait for it to finish, or retry later") from None
                 time.sleep(0.5)
         fh.seek(0)
+        previous = _started(fh.read())
+        fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
         fh.flush()
         try:
-            yield
+            yield previous
+            fh.seek(0)
+            fh.truncate()  # finished (or failed with a Python exception): nothing left half done
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _started(line: str) -> datetime | None:
+    """The start time in a previous holder's line, or None (empty: it finished; unreadable: old format)."""
+    _, _, when = line.strip().partition(" since ")
+    try:
+        started = datetime.fromisoformat(when)
+    except ValueError:
+        return None
+    return started if started.tzinfo else started.replace(tzinfo=timezone.utc)
