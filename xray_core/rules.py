@@ -252,4 +252,6 @@ RULES: dict[str, Rule] = {
     "dicom_store": one_of(("deidentified", "original"), "raw"),
     "allowed_views": Rule("must be empty (any view) or comma-separated view names such as PA,AP",
                           lambda v: all(x.replace(" ", "").isalnum() for x in v), "PA,AP", ("PA,<script>",)),
+    "ingest_workers": integer_in(0, 256, "processes that prepare files during ingest; 0 = one per core, "
+                                 "1 = in the ingesting process"),
 }

@@ -118,6 +118,9 @@ class Settings:
     recipe_folds: int = 5  # patient-grouped folds inside train+val when validation is too small
     recipe_min_val_per_class: int = 20  # fewer val images of a class -> choose the recipe by k-fold
     target_sensitivity: float | None = None  # threshold for this sensitivity on val; None = Youden's J
+    # processes that read, hash, decode and pHash files during ingest; 0 = the cores this process may
+    # use; 1 = in this process (one writer either way: see xray_core.data.ingest_pool)
+    ingest_workers: int = 0
 
     def public_dict(self) -> dict[str, Any]:
         """Settings as JSON-able values, without secrets (the patient salt)."""
@@ -261,6 +264,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "recipe_folds": ("XRAY_RECIPE_FOLDS", _int),
     "recipe_min_val_per_class": ("XRAY_RECIPE_MIN_VAL_PER_CLASS", _int),
     "target_sensitivity": ("XRAY_TARGET_SENSITIVITY", _float),
+    "ingest_workers": ("XRAY_INGEST_WORKERS", _int),
 }
 
 # Settings whose empty value means something rather than "unset": XRAY_PATIENT_REGEX="" turns
