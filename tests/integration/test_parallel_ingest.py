@@ -119,7 +119,7 @@ def _ingest_subprocess(home: Path, src: Path, kill_at: str | None) -> subprocess
     if kill_at:
         env["XRAY_FAULT_KILL_AT"] = kill_at
     return subprocess.run([sys.executable, "-m", "xray_cli.main", "ingest", str(src)], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_a_worker_killed_mid_batch_fails_the_ingest_and_the_rerun_completes(tmp_path: Path) -> None:
@@ -149,3 +149,14 @@ def test_a_worker_killed_mid_batch_fails_the_ingest_and_the_rerun_completes(tmp_
     dispose_engines()
     assert got["images"] == expected["images"] and got["patients"] == expected["patients"]
     assert got["files"] == expected["files"]
+
+
+def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:
+    """SIGKILL of the ingesting process itself: its workers exit on their own (they would otherwise
+    hold its output pipes open, and this ``subprocess.run`` would hit its timeout)."""
+    src = tmp_path / "src"
+    write_dataset(src, patients_per_label=12, images_per_patient=2, size=48, seed=9)
+    killed = _ingest_subprocess(tmp_path / "home", src, "ingest.store_written:3")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    again = _ingest_subprocess(tmp_path / "home", src, None)
+    assert again.returncode == 0, again.stderr[-3000:]

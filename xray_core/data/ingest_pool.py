@@ -25,6 +25,8 @@ import multiprocessing
 import os
 import re
 import stat
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -237,7 +239,8 @@ class PreparePool:
             ctx = multiprocessing.get_context(method)
             if method == "forkserver":
                 ctx.set_forkserver_preload([__name__, "xray_core.data.images"])
-            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
+                                                 initializer=watch_parent, initargs=(os.getpid(),))
         return self._executor
 
     def put(self, item: object) -> None:
@@ -269,6 +272,37 @@ class PreparePool:
                 raise _worker_died() from None
             return settle(prep, self.settings, self.known_sha)
         return item
+
+
+def watch_parent(pid: int) -> None:
+    """Worker initializer: exit once the ingesting process is gone. A SIGKILLed ingest cannot shut its
+    pool down, and workers blocked on their queue would otherwise live on, holding its output pipes
+    open (a caller reading them would wait forever)."""
+    threading.Thread(target=_watch, args=(pid,), name="xray-watch-parent", daemon=True).start()
+
+
+def _watch(pid: int) -> None:
+    while _alive(pid):
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a killed parent nobody has reaped yet is a zombie, which kill(pid, 0)
+    still finds, so Linux's /proc state is read first."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux)
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
 
 
 def _worker_died() -> IngestWorkerError:
