@@ -240,7 +240,7 @@ class PreparePool:
             if method == "forkserver":
                 ctx.set_forkserver_preload([__name__, "xray_core.data.images"])
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
-                                                 initializer=watch_parent, initargs=(os.getpid(),))
+                                                 initializer=init_worker, initargs=(os.getpid(),))
         return self._executor
 
     def put(self, item: object) -> None:
@@ -274,10 +274,20 @@ class PreparePool:
         return item
 
 
-def watch_parent(pid: int) -> None:
-    """Worker initializer: exit once the ingesting process is gone. A SIGKILLed ingest cannot shut its
-    pool down, and workers blocked on their queue would otherwise live on, holding its output pipes
-    open (a caller reading them would wait forever)."""
+def init_worker(pid: int) -> None:
+    """Worker initializer.
+
+    One BLAS thread per worker: the pHash's matrix products would otherwise start a thread per core
+    in every worker, and N workers x N threads on N cores spin against each other (measured: no
+    speed-up at all with 2 workers on 2 cores). threadpoolctl comes with scikit-learn.
+
+    Exit once the ingesting process is gone: a SIGKILLed ingest cannot shut its pool down, and
+    workers blocked on their queue would otherwise live on, holding its output pipes open (a caller
+    reading them would wait forever).
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
     threading.Thread(target=_watch, args=(pid,), name="xray-watch-parent", daemon=True).start()
 
 
