@@ -142,3 +142,37 @@ def test_versions_with_identical_sets_share_one_manifest(settings: Settings) -> 
     images = model_lineage(settings, v1)["images"]
     assert [i["id"] for i in images["train"]] == [1, 3, 5] and [i["id"] for i in images["val"]] == [4, 9]
     assert images["train"][0] == {"id": 1, "sha256": IMAGES[0][1], "label": IMAGES[0][2], "patient_id": IMAGES[0][3]}
+
+
+@pytest.mark.sqlite_only
+def test_a_downgrade_to_0002_gives_back_the_rows_and_upgrading_again_the_manifest(tmp_path) -> None:
+    from alembic import command
+
+    from db.engine import alembic_config, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    cfg = alembic_config(engine)
+
+    def migrate(step, revision: str) -> None:  # noqa: ANN001 - an alembic command
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            step(cfg, revision)
+
+    migrate(command.upgrade, "0002")
+    rows = [(1, 1, "train"), (1, 2, "train"), (1, 4, "val")]
+    with engine.begin() as conn:
+        _insert_images(conn)
+        conn.execute(text("INSERT INTO models (id, created_at, status, checkpoint_dir, checkpoint_sha256, card_sha256, "
+                          "backbone_fingerprint, backbone_weights, training_set_fingerprint, labels, config, metrics) "
+                          "VALUES (1, '2026-01-01', 'champion', 'm', '0', '0', 'b', 'r', 't', '[]', '{}', '{}')"))
+        conn.execute(text("INSERT INTO model_images VALUES (:m, :i, :r)"), [{"m": m, "i": i, "r": r} for m, i, r in rows])
+    migrate(command.upgrade, "head")
+    with engine.connect() as conn:
+        manifest = conn.execute(text("SELECT split_manifest FROM models")).scalar()
+    migrate(command.downgrade, "0002")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT model_id, image_id, role FROM model_images ORDER BY image_id")).all() == rows
+    migrate(command.upgrade, "head")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT split_manifest FROM models")).scalar() == manifest is not None
+    engine.dispose()

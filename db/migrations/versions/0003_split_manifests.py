@@ -33,7 +33,9 @@ def upgrade() -> None:
     )
     # A plain ADD COLUMN ... REFERENCES (SQLite and PostgreSQL both allow it on a NULL column): the
     # models table, with its partial unique index on the champion, is not rebuilt as batch mode would.
-    op.execute("ALTER TABLE models ADD COLUMN split_manifest VARCHAR(64) REFERENCES split_manifests (sha256)")
+    # (Already there after a downgrade on SQLite, which cannot drop it: see downgrade.)
+    if 'split_manifest' not in {c['name'] for c in sa.inspect(op.get_bind()).get_columns('models')}:
+        op.execute("ALTER TABLE models ADD COLUMN split_manifest VARCHAR(64) REFERENCES split_manifests (sha256)")
     op.create_index(op.f('ix_models_split_manifest'), 'models', ['split_manifest'], unique=False)
 
     bind = op.get_bind()
@@ -70,6 +72,11 @@ def downgrade() -> None:
                 bind.execute(sa.text("INSERT INTO model_images (model_id, image_id, role) VALUES (:m, :i, :r)"),
                              [{"m": model_id, "i": i, "r": role} for i in ids])
     op.drop_index(op.f('ix_models_split_manifest'), table_name='models')
-    with op.batch_alter_table('models', schema=None) as batch_op:
-        batch_op.drop_column('split_manifest')
+    if bind.dialect.name == 'sqlite':
+        # SQLite cannot drop a column with a REFERENCES clause, and rebuilding models (batch mode) is
+        # refused by the foreign keys of evaluations and promotions inside this transaction: the
+        # column stays, emptied, and upgrade reuses it.
+        bind.execute(sa.text("UPDATE models SET split_manifest = NULL"))
+    else:
+        op.drop_column('models', 'split_manifest')
     op.drop_table('split_manifests')
