@@ -19,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     text,
@@ -146,6 +147,9 @@ class Model(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    # Lineage (migration 0003s): the training and validation image ids, shared between versions.
+    split_manifest: Mapped[str | None] = mapped_column(
+        ForeignKey("split_manifests.sha256"), index=True)
     __table_args__ = (
         CheckConstraint(
             "status IN ('candidate','champion','retired','rejected')", name="ck_model_status"
@@ -161,13 +165,16 @@ class Model(Base):
     )
 
 
-class ModelImage(Base):
-    """Lineage: exactly which images trained (and validated) a model version."""
+class SplitManifest(Base):
+    """Which images trained and validated a model version, once per distinct set (db.split_manifest)."""
 
-    __tablename__ = "model_images"
-    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), primary_key=True)
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
-    role: Mapped[str] = mapped_column(String(8))  # train | val
+    __tablename__ = "split_manifests"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)  # of the canonical text
+    encoding: Mapped[str] = mapped_column(String(32))
+    n_train: Mapped[int] = mapped_column(Integer)
+    n_val: Mapped[int] = mapped_column(Integer)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Evaluation(Base):

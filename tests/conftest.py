@@ -24,6 +24,9 @@ TEST_ENV = {
     "XRAY_EPOCHS": "8",
     "XRAY_BOOTSTRAP_SAMPLES": "200",
     "XRAY_PATIENT_SALT": "test-salt",
+    # Files prepared in the test process, so monkeypatched readers and decoders apply; the worker
+    # pool is tested on purpose (tests/integration/test_parallel_ingest.py, crash and concurrency tests).
+    "XRAY_INGEST_WORKERS": "1",
 }
 
 

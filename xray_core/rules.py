@@ -256,4 +256,6 @@ RULES: dict[str, Rule] = {
                               "threshold is their quantile", open_hi=True),
     "drift_alpha": number_in(0, 0.5, "p-value below which a batch drift test warns", open_lo=True),
     "drift_permutations": integer_in(19, 100_000, "permutations of the batch drift test"),
+    "ingest_workers": integer_in(0, 256, "processes that prepare files during ingest; 0 = one per core, "
+                                 "1 = in the ingesting process"),
 }

@@ -118,6 +118,9 @@ class Settings:
     recipe_folds: int = 5  # patient-grouped folds inside train+val when validation is too small
     recipe_min_val_per_class: int = 20  # fewer val images of a class -> choose the recipe by k-fold
     target_sensitivity: float | None = None  # threshold for this sensitivity on val; None = Youden's J
+    # processes that read, hash, decode and pHash files during ingest; 0 = the cores this process may
+    # use; 1 = in this process (one writer either way: see xray_core.data.ingest_pool)
+    ingest_workers: int = 0
 
     # monitoring between retrains (xray_core.monitor)
     ood_quantile: float = 0.99  # fraction of the model's own validation films scored in-distribution
@@ -269,6 +272,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "ood_quantile": ("XRAY_OOD_QUANTILE", _float),
     "drift_alpha": ("XRAY_DRIFT_ALPHA", _float),
     "drift_permutations": ("XRAY_DRIFT_PERMUTATIONS", _int),
+    "ingest_workers": ("XRAY_INGEST_WORKERS", _int),
 }
 
 # Settings whose empty value means something rather than "unset": XRAY_PATIENT_REGEX="" turns

@@ -41,9 +41,12 @@ def _files(root: Path) -> dict[str, Path]:
 
 
 def _ingest_both(home: Path, go: Path, sources: list[Path], url: str) -> list[dict]:
-    # The near-copy rule is off: 40 px synthetic films of two seeds come within 2 pHash bits across
-    # "patients" (real films never did: bench/near_copies.py), and this test is about concurrent writes.
-    env = {**os.environ, **TEST_ENV, "XRAY_HOME": str(home), "XRAY_DATABASE_URL": url, "XRAY_NEAR_COPY_DISTANCE": "-1"}
+    # Each ingest prepares its files in two worker processes: one writer per ingest all the same.
+    # Near copies off: these 40 px synthetic films hold two cross-patient pairs within 3 pHash bits,
+    # which one ingest quarantines or not depending on whether the other's rows were committed before
+    # it loaded its near-copy index; this test is about exact duplicates.
+    env = {**os.environ, **TEST_ENV, "XRAY_HOME": str(home), "XRAY_DATABASE_URL": url, "XRAY_INGEST_WORKERS": "2",
+           "XRAY_NEAR_COPY_DISTANCE": "-1"}
     procs = [subprocess.Popen([sys.executable, "-c", RUNNER, str(go), "ingest", str(src), "--json"],
                               cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for src in sources]

@@ -14,12 +14,10 @@ once cannot insert the same image twice or lose rows.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 import time
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,13 +25,11 @@ from sqlalchemy import select
 
 from db import session_scope
 from db.schema import Image, Patient, Rejection, SeenFile, Source
-from xray_core.data.catalogue import open_catalogue, patient_salt
-from xray_core.data.deidentify import deidentify
-from xray_core.data.dicom import DicomPolicy, catalogue_fields, patient_pseudonym
+from xray_core.data.catalogue import open_catalogue
+from xray_core.data.ingest_pool import Prepared, PreparePool, resolve_workers
 from xray_core.faults import crash_point
-from xray_core.errors import ImageRejected, SettingsError, SourceError
-from xray_core.io.fsutil import printable, sha256_bytes
-from xray_core.data.labels import check_label
+from xray_core.errors import SettingsError, SourceError
+from xray_core.io.fsutil import printable
 from xray_core.settings import Settings
 from xray_core.data.admission import NearCopyIndex, SiteRule, admit
 from xray_core.data.quarantine import quarantine_copy
@@ -43,7 +39,6 @@ from xray_core.data.split import assign_splits
 from xray_core.io.storage import get_storage
 
 GROUP_SIZE = 32  # files prepared outside a transaction, then written in one short transaction
-STORE_EXT = {"png": "png", "jpeg": "jpg", "dicom": "dcm"}
 # Rejections that say nothing about the file's bytes (e.g. permissions): not remembered as "seen",
 # so the next ingest tries again even though size and mtime are unchanged (chmod leaves mtime alone).
 # A folder that cannot be listed and a file that changed while read are retried for the same reason.
@@ -74,30 +69,6 @@ class IngestSummary:
         return dict(self.__dict__)
 
 
-@dataclass
-class _Prepared:
-    cand: Candidate
-    size: int
-    mtime_ns: int
-    sha256: str | None = None
-    label: str | None = None
-    reject: tuple[str, str] | None = None
-    data: bytes | None = None  # kept only for rejected files (quarantine copy)
-    meta: dict | None = None  # image facts for a good file
-    patient_id: str | None = None
-    id_source: str | None = None
-    stored_rel: str | None = None
-
-
-def _patient_from_filename(name: str, regex: re.Pattern[str] | None) -> str | None:
-    if regex is None:
-        return None
-    match = regex.search(name)
-    if not match:
-        return None
-    return match.group(1) if match.groups() else match.group(0)
-
-
 def _rules_key(settings: Settings) -> str:
     """The settings a rejection depends on. Stored with a rejected file's seen-row, so that changing
     them (e.g. adding a label to XRAY_LABELS, raising XRAY_MAX_PIXELS) re-evaluates the files they
@@ -114,103 +85,6 @@ def _unchanged(prev: tuple[int, int, str] | None, size: int, mtime_ns: int, cont
     if prev is None or prev[:2] != (size, mtime_ns):
         return False
     return prev[2] in (context, f"{context}|{rules}")
-
-
-def _prepare(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.Pattern[str] | None,
-             known_sha: Callable[[str], str | None], salt: Callable[[], str]) -> _Prepared:
-    from xray_core.data.images import decode_image
-
-    prep = _Prepared(cand, st.st_size, st.st_mtime_ns)
-    if cand.problem:
-        prep.reject = cand.problem
-        return prep
-    if not stat.S_ISREG(st.st_mode):
-        # A named pipe would block the read forever; a device could stream without end.
-        prep.reject = ("not_an_image", "not a regular file (a named pipe, socket or device); "
-                                       "only image files are read")
-        return prep
-    if st.st_size > settings.max_file_bytes:
-        prep.reject = ("file_too_large",
-                       f"{st.st_size} bytes is over XRAY_MAX_FILE_BYTES={settings.max_file_bytes}")
-        return prep
-    try:
-        data = cand.path.read_bytes()
-    except OSError as exc:
-        prep.reject = ("unreadable_file", f"cannot read the file: {exc.strerror or exc}")
-        return prep
-    if _changed_while_read(cand.path, st, len(data)):
-        # A file still being copied in: its partial bytes would be stored as one image and the full
-        # bytes as another (two images of one film, possibly in two splits). Retried next time.
-        prep.reject = ("file_changing", "the file changed while it was being read (still being written?); "
-                                        "it is tried again by the next ingest")
-        return prep
-    prep.sha256 = sha256_bytes(data)
-    try:
-        prep.label = check_label(cand.label, settings.labels)
-    except ImageRejected as rej:
-        prep.reject, prep.data = (rej.reason, rej.detail), data
-        return prep
-    existing_label = known_sha(prep.sha256)
-    if existing_label is not None:
-        # Already catalogued: no need to decode again; the transaction decides duplicate vs conflict.
-        prep.data = data
-        return prep
-    try:
-        decoded = decode_image(data, min_side=settings.min_image_side, max_pixels=settings.max_pixels,
-                               policy=DicomPolicy(settings.allowed_modalities, settings.require_chest))
-    except ImageRejected as rej:
-        prep.reject, prep.data = (rej.reason, rej.detail), data
-        return prep
-    from xray_core.data.images import perceptual_hash
-
-    dicom_pid = None  # the salted PatientID: the only form it is ever stored in
-    if decoded.dicom_patient_id:
-        dicom_pid = patient_pseudonym(salt(), decoded.dicom_patient_id)
-    if cand.patient_id:
-        prep.patient_id, prep.id_source = cand.patient_id, "manifest"
-    elif dicom_pid:
-        prep.patient_id, prep.id_source = dicom_pid, "dicom"
-    elif (pid := _patient_from_filename(cand.path.name, regex)) is not None:
-        prep.patient_id, prep.id_source = pid, "filename"
-    else:
-        prep.patient_id, prep.id_source = f"img-{prep.sha256[:16]}", "image"
-    ext = STORE_EXT[decoded.format]
-    # Named by the original's sha256 even when a de-identified copy is stored: deduplication and
-    # idempotent re-scans work on what arrived (see xray_core.data.deidentify).
-    prep.stored_rel = f"store/{prep.sha256[:2]}/{prep.sha256}.{ext}"
-    stored = data
-    if decoded.dicom is not None and settings.dicom_store == "deidentified":
-        stored = deidentify(data, salt=salt(), patient_id=dicom_pid or "", site_mode=settings.site_from_dicom)
-    store = get_storage(settings)
-    if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(stored)):
-        store.write_bytes(prep.stored_rel, stored)
-        crash_point("ingest.store_written")
-    acquisition = (catalogue_fields(decoded.dicom, salt=salt(), site_mode=settings.site_from_dicom)
-                   if decoded.dicom is not None else {})
-    prep.meta = {
-        "width": decoded.width, "height": decoded.height, "bit_depth": decoded.bit_depth,
-        "format": decoded.format, "phash": perceptual_hash(decoded.pixels),
-        "stored_sha256": sha256_bytes(stored) if stored is not data else None,
-        "view": cand.view or decoded.view, **acquisition, **_manifest_facts(cand),
-    }
-    return prep
-
-
-def _changed_while_read(path: Path, before: os.stat_result, n_read: int) -> bool:
-    """Whether the bytes read may not be the whole, settled file: a size other than the one stat
-    gave before reading, or a size or mtime that changed during the read."""
-    try:
-        after = path.stat()
-    except OSError:
-        return True
-    return n_read != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
-
-
-def _manifest_facts(cand: Candidate) -> dict:
-    """Manifest acquisition columns (checked by scan) as catalogue values; they win over DICOM tags."""
-    typed = {"age_years": float, "study_date": date.fromisoformat}
-    return {("age_years" if name == "age" else name): typed.get(name, typed["age_years"] if name == "age" else str)(value)
-            for name, value in cand.acquisition}
 
 
 # --------------------------------------------------------------------------- the run
@@ -267,13 +141,6 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         admission = (NearCopyIndex.load(s), SiteRule.for_source(site, str(manifest or path)))
 
     summary = IngestSummary(source_id, printable(str(path)), printable(str(manifest)) if manifest else None)
-    salt_cache: list[str] = []
-
-    def salt() -> str:
-        if not salt_cache:
-            salt_cache.append(patient_salt(settings))
-        return salt_cache[0]
-
     def known_sha(sha: str) -> str | None:
         with session_scope(engine) as s:
             return s.scalar(select(Image.label).where(Image.sha256 == sha))
@@ -286,29 +153,45 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             return (row.size, row.mtime_ns, row.label_key) if row is not None else None
 
     try:
-        group: list[_Prepared] = []
+        group: list[Prepared] = []
         done = 0
-        for cand in candidates:
-            summary.files += 1
-            key = cand.key
-            stat_error = "the file vanished or cannot be opened"
-            try:
-                st = cand.path.lstat() if cand.problem else cand.path.stat()
-            except (OSError, ValueError) as exc:  # missing; ELOOP (links deeper than the OS follows); NUL
-                st, stat_error = None, f"the file vanished or cannot be opened ({getattr(exc, 'strerror', None) or exc})"
-            size, mtime_ns = (st.st_size, st.st_mtime_ns) if st is not None else (-1, -1)
-            if _unchanged(seen_before(key), size, mtime_ns, cand.context_key, rules):
-                summary.skipped_unchanged += 1  # also a file that was missing and still is
-            elif st is None:
-                group.append(_Prepared(cand, -1, -1, reject=cand.problem or ("missing_file", stat_error)))
-            else:
-                group.append(_prepare(cand, st, settings, regex, known_sha, salt))
+
+        def take_one() -> None:
+            nonlocal group, done
+            item = pool.take()
+            if item is not None:  # None: skipped as unchanged
+                group.append(item)
             if len(group) >= GROUP_SIZE:
                 _write_group(engine, settings, source_id, group, summary, rules, admission)
                 group = []
             done += 1
             if progress:
                 progress(done, total)
+
+        # Files are prepared ahead in worker processes (XRAY_INGEST_WORKERS), taken back in order;
+        # this process alone writes the store and the catalogue (see xray_core.data.ingest_pool).
+        with PreparePool(resolve_workers(settings), settings, regex, known_sha) as pool:
+            for cand in candidates:
+                summary.files += 1
+                key = cand.key
+                stat_error = "the file vanished or cannot be opened"
+                try:
+                    st = cand.path.lstat() if cand.problem else cand.path.stat()
+                except (OSError, ValueError) as exc:  # missing; ELOOP (links deeper than the OS follows); NUL
+                    st, stat_error = None, ("the file vanished or cannot be opened "
+                                            f"({getattr(exc, 'strerror', None) or exc})")
+                size, mtime_ns = (st.st_size, st.st_mtime_ns) if st is not None else (-1, -1)
+                if _unchanged(seen_before(key), size, mtime_ns, cand.context_key, rules):
+                    summary.skipped_unchanged += 1  # also a file that was missing and still is
+                    pool.put(None)
+                elif st is None:
+                    pool.put(Prepared(cand, -1, -1, reject=cand.problem or ("missing_file", stat_error)))
+                else:
+                    pool.put((cand, st))
+                while pool.ready():
+                    take_one()
+            while len(pool):
+                take_one()
         if group:
             _write_group(engine, settings, source_id, group, summary, rules, admission)
         crash_point("ingest.before_splits")
@@ -332,7 +215,7 @@ def _like_prefix(root: Path) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _write_group(engine, settings: Settings, source_id: int, group: list[_Prepared],  # noqa: ANN001
+def _write_group(engine, settings: Settings, source_id: int, group: list[Prepared],  # noqa: ANN001
                  summary: IngestSummary, rules: str, admission: tuple[NearCopyIndex, SiteRule]) -> None:
     """One write transaction for a group of prepared files; sha256 re-checked under the lock."""
     quarantined: dict[int, str | None] = {}

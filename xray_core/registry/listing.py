@@ -12,9 +12,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db import session_scope
-from db.schema import Model, ModelImage, Promotion
+from db.schema import Model, Promotion
 from xray_core.data.catalogue import open_catalogue
 from xray_core.errors import UsageError
+from xray_core.registry.manifests import split_manifest_images
 from xray_core.registry.versions import champion_version, promotion_dict
 from xray_core.settings import Settings
 
@@ -82,16 +83,14 @@ def model_lineage(settings: Settings, version: int) -> dict[str, Any]:
     """Everything that made a version: its card, images by role (with sources), backbone, settings, and
     its latest evaluation cut by site and view (``slices``: pooled numbers can hide a collapse on one
     site; None before the first evaluation, or for evaluations made before slices existed)."""
-    from db.schema import Image, Source
+    from db.schema import Source
 
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         model = s.get(Model, version)
         if model is None:
             raise UsageError(f"model version {version} does not exist (see xray models)")
-        rows = s.execute(select(ModelImage.role, Image.id, Image.sha256, Image.label, Image.patient_id,
-                                Image.source_id).join(Image, Image.id == ModelImage.image_id)
-                         .where(ModelImage.model_id == version).order_by(Image.id)).all()
+        rows = split_manifest_images(s, model.split_manifest)
         source_ids = sorted({r[5] for r in rows})
         sources = [{"id": src.id, "kind": src.kind, "path": src.path, "manifest": src.manifest_path,
                     "started_at": src.started_at.isoformat()}

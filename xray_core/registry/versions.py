@@ -29,12 +29,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db import session_scope
-from db.schema import Model, ModelImage, Promotion
+from db.schema import Model, Promotion
 from xray_core.data.catalogue import open_catalogue
 from xray_core.faults import crash_point
 from xray_core.errors import CheckpointError, UsageError
 from xray_core.io.fsutil import sha256_bytes
 from xray_core.data.labels import is_safe_label
+from xray_core.registry.manifests import put_split_manifest
 from xray_core.settings import Settings
 from xray_core.io.storage import Storage, get_storage
 from xray_core.model.train import load_head
@@ -170,8 +171,8 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
             renamed = final
             crash_point("registry.renamed_before_commit")
             model.checkpoint_dir = f"models/{model.id}"
-            s.add_all([ModelImage(model_id=model.id, image_id=i, role="train") for i in train_image_ids])
-            s.add_all([ModelImage(model_id=model.id, image_id=i, role="val") for i in val_image_ids])
+            # One shared manifest, not a row per image: see xray_core.registry.manifests.
+            model.split_manifest = put_split_manifest(s, train_image_ids, val_image_ids)
             if fail_before_commit:
                 raise RuntimeError("injected failure between checkpoint write and commit")
             version = model.id

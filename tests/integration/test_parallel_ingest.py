@@ -1,0 +1,162 @@
+"""Parallel ingest (XRAY_INGEST_WORKERS, xray_core.data.ingest_pool): the same per-file outcomes,
+rows and files with worker processes as in one process, and a worker killed mid-batch fails the
+ingest cleanly (nothing half-written; the next ingest completes).
+
+Integration lane: each test starts worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from badfiles import CORPUS_MAX_PIXELS, make_bad_corpus, make_good_variants
+from conftest import TEST_ENV
+from db import dispose_engines, session_scope
+from db.schema import Image, Patient, Rejection, SeenFile
+from xray_core.data.catalogue import open_catalogue
+from xray_core.data.ingest import ingest_source
+from xray_core.data.synthetic import write_dataset
+from xray_core.settings import Settings, load_settings
+
+pytestmark = pytest.mark.sqlite_only  # homes of their own, compared file by file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _settings(home: Path, workers: int, **env: str) -> Settings:
+    return load_settings({**TEST_ENV, "XRAY_HOME": str(home), "XRAY_MAX_PIXELS": str(CORPUS_MAX_PIXELS),
+                          "XRAY_INGEST_WORKERS": str(workers), **env})
+
+
+def _unique(rel: str | None) -> str | None:
+    """A quarantine name without its random part (quarantine/<sha16>-<random>-<name>)."""
+    return re.sub(r"^(quarantine/[^-]+)-[0-9a-f]{8}-", r"\1-*-", rel) if rel else rel
+
+
+def _outcomes(settings: Settings) -> dict:
+    """Every row an ingest writes (less ids, times and random name parts) and every store/quarantine
+    file's sha256."""
+    with session_scope(open_catalogue(settings)) as s:
+        images = sorted(s.execute(select(
+            Image.sha256, Image.stored_path, Image.label, Image.patient_id, Image.original_name, Image.width,
+            Image.height, Image.bit_depth, Image.format, Image.phash, Image.view, Image.site)).all())
+        rejections = sorted((*row[:4], _unique(row[4])) for row in s.execute(select(
+            Rejection.path, Rejection.sha256, Rejection.reason, Rejection.detail, Rejection.quarantine_path)))
+        seen = sorted(s.execute(select(SeenFile.path, SeenFile.size, SeenFile.mtime_ns, SeenFile.label_key,
+                                       SeenFile.sha256, SeenFile.outcome)).all())
+        patients = sorted(s.execute(select(Patient.patient_id, Patient.id_source, Patient.split)).all())
+    files = {_unique(str(p.relative_to(settings.home))): hashlib.sha256(p.read_bytes()).hexdigest()
+             for sub in ("store", "quarantine") for p in (settings.home / sub).rglob("*") if p.is_file()}
+    return {"images": images, "rejections": rejections, "seen": seen, "patients": patients, "files": files}
+
+
+def _summary(summary) -> dict:  # noqa: ANN001 - IngestSummary
+    return {k: v for k, v in summary.as_dict().items() if k not in ("seconds", "source_id")}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """The bad-input corpus, every good flavour (DICOM included), an exact duplicate and a label conflict."""
+    src = tmp_path_factory.mktemp("parallel") / "src"
+    make_bad_corpus(src, label="normal")
+    make_good_variants(src, label="pneumonia")
+    write_dataset(src, patients_per_label=3, images_per_patient=2, size=48, seed=5)
+    first = sorted((src / "normal").glob("person*.png"))[0]
+    shutil.copy(first, src / "normal" / "copy_of_first.png")  # duplicate: same bytes, same label
+    shutil.copy(first, src / "pneumonia" / "conflict.png")  # the same bytes under another label
+    return src
+
+
+def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path) -> None:
+    progress: dict[int, list] = {1: [], 2: []}
+    results = {}
+    for workers in (1, 2):
+        settings = _settings(tmp_path / f"home{workers}", workers)
+        summary = ingest_source(source, settings=settings, progress=lambda d, t, w=workers: progress[w].append((d, t)))
+        results[workers] = (_summary(summary), _outcomes(settings))
+        dispose_engines()
+    one, two = results[1], results[2]
+    assert one[0]["added"] > 0 and one[0]["duplicates"] == 1 and one[0]["rejected_by_reason"]["label_conflict"] == 1
+    assert two[0] == one[0]
+    for table in one[1]:
+        assert two[1][table] == one[1][table], table
+    total = one[0]["files"]
+    assert progress[2] == progress[1] == [(i, total) for i in range(1, total + 1)]
+
+
+def test_a_known_film_is_a_duplicate_even_where_its_decode_would_now_fail(source: Path, tmp_path: Path) -> None:
+    """In one process a catalogued sha256 is never decoded again; workers decode it anyway, and the
+    writer must discard what that decode said (here: too_small under a raised XRAY_MIN_IMAGE_SIDE)."""
+    copies = tmp_path / "again" / "normal"
+    copies.mkdir(parents=True)
+    for path in sorted((source / "normal").glob("person*.png"))[:3]:
+        shutil.copy(path, copies / f"renamed_{path.name}")
+    outcomes = {}
+    for workers in (1, 2):
+        home = tmp_path / f"home{workers}"
+        ingest_source(source, settings=_settings(home, workers))
+        again = ingest_source(tmp_path / "again", settings=_settings(home, workers, XRAY_MIN_IMAGE_SIDE="64"))
+        outcomes[workers] = _summary(again)
+        dispose_engines()
+    assert outcomes[1]["duplicates"] == 3 and outcomes[1]["rejected"] == 0
+    assert {k: v for k, v in outcomes[2].items() if k != "source"} == \
+           {k: v for k, v in outcomes[1].items() if k != "source"}
+
+
+def _ingest_subprocess(home: Path, src: Path, kill_at: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XRAY_")}
+    env.update({**TEST_ENV, "XRAY_HOME": str(home), "XRAY_INGEST_WORKERS": "2", "PYTHONPATH": str(ROOT)})
+    if kill_at:
+        env["XRAY_FAULT_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "xray_cli.main", "ingest", str(src)], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_a_worker_killed_mid_batch_fails_the_ingest_and_the_rerun_completes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_dataset(src, patients_per_label=12, images_per_patient=2, size=48, seed=9)  # 48 files
+    reference = tmp_path / "reference"
+    done = _ingest_subprocess(reference, src, None)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    home = tmp_path / "home"
+    killed = _ingest_subprocess(home, src, "ingest.worker_prepared:3")  # each worker dies at its 3rd file
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    assert "worker process died" in killed.stderr
+    con = sqlite3.connect(home / "catalogue.db")
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert con.execute("SELECT status FROM sources").fetchall() == [("failed",)]
+        for sha, rel in con.execute("SELECT sha256, stored_path FROM images"):  # rows name complete files
+            assert hashlib.sha256((home / rel).read_bytes()).hexdigest() == sha
+    finally:
+        con.close()
+
+    again = _ingest_subprocess(home, src, None)
+    assert again.returncode == 0, again.stderr[-3000:]
+    expected = _outcomes(_settings(reference, 2))
+    got = _outcomes(_settings(home, 2))
+    dispose_engines()
+    assert got["images"] == expected["images"] and got["patients"] == expected["patients"]
+    assert got["files"] == expected["files"]
+
+
+def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:
+    """SIGKILL of the ingesting process itself: its workers exit on their own (they would otherwise
+    hold its output pipes open, and this ``subprocess.run`` would hit its timeout)."""
+    src = tmp_path / "src"
+    write_dataset(src, patients_per_label=12, images_per_patient=2, size=48, seed=9)
+    killed = _ingest_subprocess(tmp_path / "home", src, "ingest.store_written:3")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    again = _ingest_subprocess(tmp_path / "home", src, None)
+    assert again.returncode == 0, again.stderr[-3000:]

@@ -1,0 +1,323 @@
+"""Per-file preparation for ingest, in this process or in a pool of worker processes.
+
+Preparing a file is independent, CPU-bound work: read, sha256, decode and validate, pHash, and (for
+DICOM) the de-identified copy. With ``XRAY_INGEST_WORKERS`` above 1 it runs in worker processes
+(:class:`PreparePool`) while this process stays the *single writer*: it alone writes store files and
+catalogue rows (:mod:`xray_core.data.ingest`), so the crash-safety argument (store file first, then
+the row, in short transactions) and the per-file outcomes are the same as with one process.
+
+Split in two so that a worker never touches the catalogue or the store:
+
+* :func:`examine` (worker side): everything that needs only the file's bytes and the settings. It
+  cannot ask the catalogue whether the sha256 is already known, so it decodes every file; with
+  ``known_sha`` (in-process) it skips the decode of a known file exactly as ingest always did.
+* :func:`settle` (writer side): asks the catalogue about the sha256, and for a known file drops what
+  the decode said (the transaction decides duplicate vs label conflict, as before), else writes the
+  store copy.
+
+Results come back in submission order through a bounded window of files in flight, so memory stays
+at about ``window x file size`` and progress, groups and outcomes follow the source's order.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import stat
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+from xray_core.data.deidentify import deidentify
+from xray_core.data.dicom import DicomPolicy, catalogue_fields, patient_pseudonym
+from xray_core.data.labels import check_label
+from xray_core.data.scan import Candidate
+from xray_core.errors import ImageRejected, XrayError
+from xray_core.faults import crash_point
+from xray_core.io.fsutil import sha256_bytes
+from xray_core.io.storage import get_storage
+from xray_core.settings import Settings
+
+STORE_EXT = {"png": "png", "jpeg": "jpg", "dicom": "dcm"}
+FILES_IN_FLIGHT_PER_WORKER = 4  # enough to keep a worker busy while the writer commits a group
+
+
+class IngestWorkerError(XrayError):
+    """A worker process died (killed, or out of memory) while preparing files (exit code 1)."""
+
+
+@dataclass
+class Prepared:
+    """One file, ready for the writer. Picklable: workers send it back to the writer."""
+
+    cand: Candidate
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+    label: str | None = None  # set only once the label check passed
+    reject: tuple[str, str] | None = None
+    data: bytes | None = None  # the original bytes: kept for rejected and already-known files (quarantine)
+    meta: dict | None = None  # image facts for a good file
+    patient_id: str | None = None
+    id_source: str | None = None
+    stored_rel: str | None = None
+    payload: bytes | None = None  # bytes the writer stores at stored_rel (de-identified for DICOM)
+    known_checked: bool = False  # the catalogue was already asked about sha256 (in-process path)
+
+
+def resolve_workers(settings: Settings) -> int:
+    """XRAY_INGEST_WORKERS, with 0 meaning the cores this process may use."""
+    if settings.ingest_workers > 0:
+        return settings.ingest_workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def patient_from_filename(name: str, regex: re.Pattern[str] | None) -> str | None:
+    if regex is None:
+        return None
+    match = regex.search(name)
+    if not match:
+        return None
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.Pattern[str] | None,
+            known_sha: Callable[[str], str | None] | None = None) -> Prepared:
+    """Read, hash, check and decode one file; no catalogue or store access (safe in a worker).
+
+    ``known_sha`` (in-process only): a catalogued sha256 is not decoded again.
+    """
+    from xray_core.data.catalogue import patient_salt  # a file under XRAY_HOME, never the database
+    from xray_core.data.images import decode_image, perceptual_hash
+
+    prep = Prepared(cand, st.st_size, st.st_mtime_ns)
+    if cand.problem:
+        prep.reject = cand.problem
+        return prep
+    if not stat.S_ISREG(st.st_mode):
+        # A named pipe would block the read forever; a device could stream without end.
+        prep.reject = ("not_an_image", "not a regular file (a named pipe, socket or device); "
+                                       "only image files are read")
+        return prep
+    if st.st_size > settings.max_file_bytes:
+        prep.reject = ("file_too_large",
+                       f"{st.st_size} bytes is over XRAY_MAX_FILE_BYTES={settings.max_file_bytes}")
+        return prep
+    try:
+        data = cand.path.read_bytes()
+    except OSError as exc:
+        prep.reject = ("unreadable_file", f"cannot read the file: {exc.strerror or exc}")
+        return prep
+    if changed_while_read(cand.path, st, len(data)):
+        # A file still being copied in: its partial bytes would be stored as one image and the full
+        # bytes as another (two images of one film, possibly in two splits). Retried next time.
+        prep.reject = ("file_changing", "the file changed while it was being read (still being written?); "
+                                        "it is tried again by the next ingest")
+        return prep
+    prep.sha256 = sha256_bytes(data)
+    try:
+        prep.label = check_label(cand.label, settings.labels)
+    except ImageRejected as rej:
+        prep.reject, prep.data = (rej.reason, rej.detail), data
+        return prep
+    if known_sha is not None:
+        prep.known_checked = True
+        if known_sha(prep.sha256) is not None:
+            # Already catalogued: no need to decode again; the transaction decides duplicate vs conflict.
+            prep.data = data
+            return prep
+    try:
+        decoded = decode_image(data, min_side=settings.min_image_side, max_pixels=settings.max_pixels,
+                               policy=DicomPolicy(settings.allowed_modalities, settings.require_chest))
+    except ImageRejected as rej:
+        prep.reject, prep.data = (rej.reason, rej.detail), data
+        return prep
+    salt = patient_salt(settings) if decoded.dicom is not None else ""
+    dicom_pid = None  # the salted PatientID: the only form it is ever stored in
+    if decoded.dicom_patient_id:
+        dicom_pid = patient_pseudonym(salt, decoded.dicom_patient_id)
+    if cand.patient_id:
+        prep.patient_id, prep.id_source = cand.patient_id, "manifest"
+    elif dicom_pid:
+        prep.patient_id, prep.id_source = dicom_pid, "dicom"
+    elif (pid := patient_from_filename(cand.path.name, regex)) is not None:
+        prep.patient_id, prep.id_source = pid, "filename"
+    else:
+        prep.patient_id, prep.id_source = f"img-{prep.sha256[:16]}", "image"
+    # Named by the original's sha256 even when a de-identified copy is stored: deduplication and
+    # idempotent re-scans work on what arrived (see xray_core.data.deidentify).
+    prep.stored_rel = f"store/{prep.sha256[:2]}/{prep.sha256}.{STORE_EXT[decoded.format]}"
+    prep.payload = data
+    if decoded.dicom is not None and settings.dicom_store == "deidentified":
+        prep.payload = deidentify(data, salt=salt, patient_id=dicom_pid or "", site_mode=settings.site_from_dicom)
+    if not prep.known_checked:
+        prep.data = data  # the writer may still learn the file is known (see settle)
+    acquisition = (catalogue_fields(decoded.dicom, salt=salt, site_mode=settings.site_from_dicom)
+                   if decoded.dicom is not None else {})
+    prep.meta = {
+        "width": decoded.width, "height": decoded.height, "bit_depth": decoded.bit_depth,
+        "format": decoded.format, "phash": perceptual_hash(decoded.pixels),
+        "stored_sha256": sha256_bytes(prep.payload) if prep.payload is not data else None,
+        "view": cand.view or decoded.view, **acquisition, **manifest_facts(cand),
+    }
+    crash_point("ingest.worker_prepared")
+    return prep
+
+
+def settle(prep: Prepared, settings: Settings, known_sha: Callable[[str], str | None]) -> Prepared:
+    """Writer side: the catalogue check a worker could not make, then the store copy of a good file."""
+    if not prep.known_checked and prep.sha256 and prep.label is not None and known_sha(prep.sha256) is not None:
+        # As if examined in-process: a known file is not decoded, so nothing the decode said counts.
+        return Prepared(prep.cand, prep.size, prep.mtime_ns, sha256=prep.sha256, label=prep.label,
+                        data=prep.data, known_checked=True)
+    if prep.meta is not None and prep.payload is not None:
+        store = get_storage(settings)
+        if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(prep.payload)):
+            store.write_bytes(prep.stored_rel, prep.payload)
+            crash_point("ingest.store_written")
+        prep.data = None  # a good file's quarantine copy, if it comes to that, is taken from the store
+    prep.payload = None
+    return prep
+
+
+def changed_while_read(path: Path, before: os.stat_result, n_read: int) -> bool:
+    """Whether the bytes read may not be the whole, settled file: a size other than the one stat
+    gave before reading, or a size or mtime that changed during the read."""
+    try:
+        after = path.stat()
+    except OSError:
+        return True
+    return n_read != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+
+
+def manifest_facts(cand: Candidate) -> dict:
+    """Manifest acquisition columns (checked by scan) as catalogue values; they win over DICOM tags."""
+    typed = {"age_years": float, "study_date": date.fromisoformat}
+    return {("age_years" if name == "age" else name): typed.get(name, typed["age_years"] if name == "age" else str)(value)
+            for name, value in cand.acquisition}
+
+
+class PreparePool:
+    """An ordered queue of files being prepared: by :func:`examine` in ``workers`` processes, or
+    in this process when ``workers`` is 1 (then nothing runs ahead and no process is started).
+
+    ``put`` takes a file to examine or a ready item (a skipped file, a known rejection); ``ready``
+    says whether the oldest item must be taken before more are put; ``take`` returns items in the
+    order they were put. A worker that dies (SIGKILL, out of memory) fails the ingest with
+    :class:`IngestWorkerError`: the rows already committed stay, and the next ingest carries on.
+    """
+
+    def __init__(self, workers: int, settings: Settings, regex: re.Pattern[str] | None,
+                 known_sha: Callable[[str], str | None]):
+        self.workers, self.settings, self.regex, self.known_sha = workers, settings, regex, known_sha
+        self.window = workers * FILES_IN_FLIGHT_PER_WORKER if workers > 1 else 0
+        self._queue: deque = deque()
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "PreparePool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=exc[0] is None, cancel_futures=True)
+            self._executor = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            # forkserver: workers start from a clean, single-threaded server process, never by forking
+            # this one (which may hold Prefect's or SQLAlchemy's threads and locks); spawn elsewhere.
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            ctx = multiprocessing.get_context(method)
+            if method == "forkserver":
+                ctx.set_forkserver_preload([__name__, "xray_core.data.images"])
+            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
+                                                 initializer=init_worker, initargs=(os.getpid(),))
+        return self._executor
+
+    def put(self, item: object) -> None:
+        """A ready item, or a ``(cand, st)`` pair to examine."""
+        if isinstance(item, tuple):
+            cand, st = item
+            if self.workers > 1:
+                try:
+                    item = self._pool().submit(examine, cand, st, self.settings, self.regex)
+                except BrokenProcessPool:
+                    raise _worker_died() from None
+            else:
+                item = settle(examine(cand, st, self.settings, self.regex, self.known_sha), self.settings,
+                              self.known_sha)
+        self._queue.append(item)
+
+    def ready(self) -> bool:
+        return len(self._queue) > self.window
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def take(self) -> object:
+        item = self._queue.popleft()
+        if isinstance(item, Future):
+            try:
+                prep = item.result()
+            except BrokenProcessPool:
+                raise _worker_died() from None
+            return settle(prep, self.settings, self.known_sha)
+        return item
+
+
+def init_worker(pid: int) -> None:
+    """Worker initializer.
+
+    One BLAS thread per worker: the pHash's matrix products would otherwise start a thread per core
+    in every worker, and N workers x N threads on N cores spin against each other (measured: no
+    speed-up at all with 2 workers on 2 cores). threadpoolctl comes with scikit-learn.
+
+    Exit once the ingesting process is gone: a SIGKILLed ingest cannot shut its pool down, and
+    workers blocked on their queue would otherwise live on, holding its output pipes open (a caller
+    reading them would wait forever).
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+    threading.Thread(target=_watch, args=(pid,), name="xray-watch-parent", daemon=True).start()
+
+
+def _watch(pid: int) -> None:
+    while _alive(pid):
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a killed parent nobody has reaped yet is a zombie, which kill(pid, 0)
+    still finds, so Linux's /proc state is read first."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux)
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def _worker_died() -> IngestWorkerError:
+    return IngestWorkerError(
+        "an ingest worker process died (killed, or out of memory) while preparing files; the files "
+        "committed before it are kept and the next ingest carries on from there. Run the ingest again "
+        "(XRAY_INGEST_WORKERS=1 prepares files in the ingesting process)")

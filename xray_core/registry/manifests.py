@@ -1,0 +1,56 @@
+"""A version's training and validation images, stored as a shared split manifest (db.split_manifest).
+
+``put_split_manifest`` writes a manifest once: a version trained on exactly the sets of an earlier
+one points at the same row, so lineage costs one 64-character reference per version instead of one
+row per image. ``split_manifest_images`` reads it back with each image's facts, as ``xray models
+show`` lists them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.schema import Image, SplitManifest
+from db.split_manifest import ENCODING, ROLES, decode, encode
+
+_CHUNK = 900  # ids per IN (...) query: under SQLite's oldest bound-parameter limit (999)
+
+
+def put_split_manifest(session: Session, train_ids: Iterable[int], val_ids: Iterable[int]) -> str:
+    """The manifest's sha256, inserted unless a version already wrote the identical sets."""
+    sha, body, n_train, n_val = encode(train_ids, val_ids)
+    values = {"sha256": sha, "encoding": ENCODING, "n_train": n_train, "n_val": n_val, "body": body}
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        # Two saves of the same sets at once (another process): the second insert is a no-op.
+        insert = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(SplitManifest)
+        session.execute(insert.values(**values).on_conflict_do_nothing(index_elements=["sha256"]))
+    elif session.get(SplitManifest, sha) is None:
+        session.add(SplitManifest(**values))
+    return sha
+
+
+def split_manifest_ids(session: Session, sha: str | None) -> dict[str, list[int]]:
+    """{"train": ids, "val": ids}, ascending; empty for a version without a manifest."""
+    if sha is None:
+        return {role: [] for role in ROLES}
+    row = session.get(SplitManifest, sha)
+    return decode(row.body, row.encoding)
+
+
+def split_manifest_images(session: Session, sha: str | None) -> list[tuple[str, int, str, str, str, int]]:
+    """(role, image id, sha256, label, patient id, source id) of every image in a manifest, by id."""
+    ids = split_manifest_ids(session, sha)
+    role_of = {i: role for role in ROLES for i in ids[role]}
+    ordered = sorted(role_of)
+    rows: list[Any] = []
+    for start in range(0, len(ordered), _CHUNK):
+        chunk = ordered[start:start + _CHUNK]
+        rows.extend(session.execute(select(Image.id, Image.sha256, Image.label, Image.patient_id, Image.source_id)
+                                    .where(Image.id.in_(chunk))).all())
+    rows.sort(key=lambda r: r[0])
+    return [(role_of[r[0]], *r) for r in rows]
