@@ -183,3 +183,23 @@ def test_a_sigterm_during_a_local_retrain_records_its_failure(tmp_path):
     assert statuses == ["rejected"]  # the trained candidate is closed, not left dangling
     report = next(home.glob("reports/*/report.md")).read_text()
     assert "Failed" in report and "SIGTERM" in report
+
+
+def test_the_next_retrain_closes_the_candidate_a_killed_one_left(tmp_path):
+    """SIGKILL after training leaves a candidate with no decision; the next retrain records it as
+    ``failed`` ("interrupted") and closes it before doing its own work."""
+    home = tmp_path / "home"
+    write_dataset(tmp_path / "src", patients_per_label=6, images_per_patient=1, size=64, seed=1)
+    killed = _run_cycle_subprocess(home, tmp_path / "src", "retrain.after_train:1")
+    assert killed.returncode == -9
+    write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64, seed=2, patient_offset=50)
+    done = _run_cycle_subprocess(home, tmp_path / "more", None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    con = sqlite3.connect(home / "catalogue.db")
+    try:
+        first = con.execute("SELECT decision, rationale FROM promotions WHERE to_version = 1").fetchall()
+        status = dict(con.execute("SELECT id, status FROM models"))
+    finally:
+        con.close()
+    assert first and first[0][0] == "failed" and first[0][1].startswith("interrupted: the retrain that trained v1")
+    assert status[1] == "rejected" and "candidate" not in status.values()
