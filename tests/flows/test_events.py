@@ -10,9 +10,10 @@ import time
 from xray_core.data.synthetic import write_dataset
 
 
-def _events(prefix: str, expected: int) -> list:
-    """Events whose name starts with ``prefix``, polling until ``expected`` arrived (they are sent by a
-    background worker) or 60 s passed; the assertions then compare contents, not times."""
+def _events(prefix: str, expected: int, resource: str | None = None) -> list:
+    """Events whose name starts with ``prefix`` (and, given, on ``resource``), polling until ``expected``
+    arrived (they are sent by a background worker) or 60 s passed; the assertions then compare contents,
+    not times. The server is shared by the session, so other flow tests' events are filtered out."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter
     from prefect.events.worker import EventsWorker
@@ -22,7 +23,7 @@ def _events(prefix: str, expected: int) -> list:
     async def read():
         async with get_client() as client:
             page = await client.read_events(filter=EventFilter(event=EventNameFilter(prefix=[prefix])), limit=50)
-            return page.events
+            return [e for e in page.events if resource is None or e.resource.id == resource]
 
     deadline = time.monotonic() + 60
     found = asyncio.run(read())
@@ -39,7 +40,7 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
     source = tmp_path / "clinic-a"
     write_dataset(source, patients_per_label=2, images_per_patient=1, size=64, seed=3)
     summary = ingest(str(source))
-    (ingested,) = _events("xray.batch.ingested", 1)
+    (ingested,) = _events("xray.batch.ingested", 1, "xray.site.clinic-a")
     assert ingested.resource.id == "xray.site.clinic-a"
     assert ingested.payload["added"] == summary["added"] == 4 and ingested.payload["site"] == "clinic-a"
 
@@ -47,7 +48,8 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
                                  "champion_after": 7, "trigger": "test",
                                  "challenger_eval": {"n_images": 40, "metrics": {"macro_auroc": 0.83}}})
     assert emit_retrain_outcome({"state": "Failed", "state_message": "boom"}) is None  # no event for failures
-    (promoted,) = _events("xray.model.promoted", 1)
+    (promoted,) = [e for e in _events("xray.model.promoted", 1, "xray.model.v7") if e.payload.get("trigger") == "test"
+                   and e.payload.get("n_test") == 40]
     assert promoted.resource.id == "xray.model.v7"
     assert promoted.payload["macro_auroc"] == 0.83 and promoted.payload["n_test"] == 40
 
@@ -56,7 +58,7 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
         {"subject": "site far", "drift": True, "n": 16, "ood_flagged": 15, "mmd_p": 0.005, "ks_p": 0.2,
          "prevalence": {"normal": 0.5, "pneumonia": 0.5}, "verdict": "drift: inputs differ"}]}
     assert emit_drift(drifted) == 1
-    (drift,) = _events("xray.drift.detected", 1)
+    (drift,) = _events("xray.drift.detected", 1, "xray.site.far")
     assert drift.resource.id == "xray.site.far" and drift.payload["ood_flagged"] == 15
     assert [r.id for r in drift.related] == ["xray.model.v7"]
 

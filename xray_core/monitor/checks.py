@@ -19,7 +19,7 @@ from db.schema import DriftCheck, Image
 from xray_core.data.catalogue import open_catalogue
 from xray_core.settings import Settings
 
-KINDS = ("ingest", "predict", "monitor")
+KINDS = ("ingest", "predict", "monitor", "retrain")  # retrain: its check of new arrivals before training
 
 
 def record_check(settings: Settings, *, model_id: int | None, kind: str, subject: str, check: dict[str, Any],
@@ -52,7 +52,7 @@ def latest_checks(settings: Settings, limit: int = 5) -> list[dict[str, Any]]:
                  "verdict": r.verdict} for r in rows]
 
 
-def last_check_time(settings: Settings, kinds: tuple[str, ...] = ("monitor", "ingest")) -> datetime | None:
+def last_check_time(settings: Settings, kinds: tuple[str, ...] = ("monitor", "ingest", "retrain")) -> datetime | None:
     """When catalogued films were last checked (by ``xray monitor`` or after an ingest), or None."""
     with session_scope(open_catalogue(settings)) as s:
         when = s.scalar(select(DriftCheck.created_at).where(DriftCheck.kind.in_(kinds))
