@@ -24,7 +24,6 @@ site's films and the restyled ones. Only measured numbers are reported.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import tempfile
 import time
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image
 from sklearn.model_selection import GroupShuffleSplit
 
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
+from publish import publish, read_manifest  # bench/ is on sys.path when a benchmark runs as a script
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "cxr-sample"
@@ -93,11 +92,7 @@ def main() -> None:
     from xray_core.settings import load_settings
 
     data = Path(args.data)
-    with open(data / "manifest.csv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    labels = sorted({r["label"] for r in rows})
-    y = np.array([labels.index(r["label"]) for r in rows])
-    groups = np.array([r["patient_id"] for r in rows], dtype=object)
+    rows, labels, y, groups = read_manifest(data)
     views = list(range(1, args.views + 1))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xray-drift-") as tmp:

@@ -26,7 +26,6 @@ Prints one JSON line and writes bench/results/head_quality_<size>.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import tempfile
 import time
@@ -38,7 +37,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
+from publish import publish, read_manifest  # bench/ is on sys.path when a benchmark runs as a script
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "cxr-sample"
@@ -114,11 +113,7 @@ def main() -> None:
     from xray_core.settings import load_settings
 
     data = Path(args.data)
-    with open(data / "manifest.csv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    labels = sorted({r["label"] for r in rows})
-    y = np.array([labels.index(r["label"]) for r in rows])
-    groups = np.array([r["patient_id"] for r in rows], dtype=object)
+    rows, labels, y, groups = read_manifest(data)
     with tempfile.TemporaryDirectory(prefix="xray-headq-") as tmp:
         tmp = args.home or tmp
         settings = load_settings({"XRAY_HOME": tmp, "XRAY_BACKBONE_WEIGHTS": "random", "XRAY_DEVICE": "cpu",
