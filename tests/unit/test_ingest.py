@@ -717,6 +717,8 @@ def test_near_duplicates_of_different_patients_across_splits_are_reported(tmp_pa
     pairs = {frozenset((p["sha256_a"], p["sha256_b"])): p for p in near["examples"]}
     pair = pairs[frozenset((sha(original_png), sha(altered_png)))]
     assert pair["split_a"] != pair["split_b"]
+    assert {pair["file_a"], pair["file_b"]} == {"a.png", "b.png"}  # listed with both files and patients
+    assert {pair["patient_a"], pair["patient_b"]} == {f"pa{attempt}", f"pb{attempt}"}
     assert pair["distance"] <= near["max_distance"]
     assert near["pairs_across_splits"] >= 1
     assert any("near-duplicate" in note for note in report["notes"])

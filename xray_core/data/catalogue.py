@@ -109,7 +109,7 @@ def near_duplicate_pairs(
     memory stays at about ``block * n * 9`` bytes.
     """
     rows = session.execute(
-        select(Image.id, Image.sha256, Image.phash, Patient.split)
+        select(Image.id, Image.sha256, Image.phash, Patient.split, Image.original_name, Image.patient_id)
         .join(Patient, Patient.patient_id == Image.patient_id)
         .where(Patient.split.is_not(None))
         .order_by(Image.id)
@@ -134,7 +134,9 @@ def near_duplicate_pairs(
         for i, j in zip(ii[keep][:room], jj[keep][:room]):
             found.append({
                 "image_a": int(ids[i]), "sha256_a": rows[i][1], "split_a": rows[i][3],
+                "file_a": rows[i][4], "patient_a": rows[i][5],
                 "image_b": int(ids[j]), "sha256_b": rows[j][1], "split_b": rows[j][3],
+                "file_b": rows[j][4], "patient_b": rows[j][5],
                 "distance": int(dist[i - start, j]),
             })
     return total, found

@@ -41,6 +41,9 @@ def render_status(r: dict[str, Any]) -> str:
     out.append(f"rejections {rej['total']}" + (": " + ", ".join(f"{k} {v}" for k, v in rej["by_reason"].items()) if rej["total"] else ""))
     nd = cat["near_duplicates"]
     out.append(f"near-duplicate pairs across splits (pHash distance <= {nd['max_distance']}): {nd['pairs_across_splits']}")
+    for e in (nd.get("examples") or [])[:5]:
+        out.append(f"  {e.get('file_a')} (patient {e.get('patient_a')}, {e['split_a']}) ~ {e.get('file_b')} "
+                   f"(patient {e.get('patient_b')}, {e['split_b']}): {e['distance']} bits")
     out += _status_sites(r)
     for note in cat["notes"]:
         out.append(f"note: {note}")
