@@ -82,7 +82,10 @@ def test_views_outside_the_allowed_list_are_quarantined_and_unknown_views_kept(x
     assert any("LATERAL is not in XRAY_ALLOWED_VIEWS=AP,PA" in d for d in _rejections(settings)["view_not_allowed"])
     with session_scope(open_catalogue(settings)) as s:
         stored = sorted((v or "") for v in s.scalars(select(Image.view)))
-    assert stored == ["", "AP", "PA", "PA"]  # the film of unknown view is kept
+    assert stored == ["", "AP", "PA", "PA"]  # the film of unknown view is kept ...
+    from xray_core.data.catalogue import catalogue_summary
+
+    assert catalogue_summary(settings)["views"] == {"AP": 1, "PA": 2, "unknown": 1}  # ... and counted
 
 
 def test_the_site_comes_from_the_manifest_then_the_flag_then_the_folder(xray_env, tmp_path):

@@ -199,6 +199,7 @@ def catalogue_summary(settings: Settings) -> dict[str, Any]:
         n_sources = s.scalar(select(func.count()).select_from(Source)) or 0
         near_total, near_pairs = near_duplicate_pairs(s, limit=20)
         history = label_history(s, limit=20)
+        views = {str(v or "unknown"): n for v, n in s.execute(select(Image.view, func.count()).group_by(Image.view))}
         # DICOM films whose BodyPartExamined is not CHEST (or absent): kept unless XRAY_REQUIRE_CHEST.
         not_chest = s.scalar(select(func.count()).select_from(Image).where(
             Image.format == "dicom", func.coalesce(Image.body_part, "") != "CHEST")) or 0
@@ -230,6 +231,7 @@ def catalogue_summary(settings: Settings) -> dict[str, Any]:
         "near_duplicates": {"max_distance": NEAR_DUPLICATE_MAX_DISTANCE, "pairs_across_splits": near_total,
                             "examples": near_pairs},
         "label_history": history,
+        "views": dict(sorted(views.items())),  # films per view; "unknown" are kept and counted (XRAY_ALLOWED_VIEWS)
         "dicom_not_marked_chest": not_chest,
         "notes": notes,
     }

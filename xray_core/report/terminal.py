@@ -44,6 +44,8 @@ def render_status(r: dict[str, Any]) -> str:
     for e in (nd.get("examples") or [])[:5]:
         out.append(f"  {e.get('file_a')} (patient {e.get('patient_a')}, {e['split_a']}) ~ {e.get('file_b')} "
                    f"(patient {e.get('patient_b')}, {e['split_b']}): {e['distance']} bits")
+    if cat.get("views"):
+        out.append("films per view: " + ", ".join(f"{k} {v}" for k, v in cat["views"].items()))
     out += _status_sites(r)
     for note in cat["notes"]:
         out.append(f"note: {note}")
