@@ -89,7 +89,10 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
     except BaseException as exc:
         failed = getattr(exc, "xray_result", None)
         if failed:
-            publish_artifacts(settings, failed)
+            try:
+                publish_artifacts(settings, failed)
+            except Exception as also:  # noqa: BLE001 - the run's own failure is what must surface
+                logger.warning("could not publish the failed run's artifacts: %s: %s", type(also).__name__, also)
         raise
     publish_artifacts(settings, result)
     emit_retrain_outcome(result)

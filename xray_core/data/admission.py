@@ -70,43 +70,50 @@ class NearCopyIndex:
         self.patients.append(patient)
         self.names.append(name)
 
-    def closest_other_patient(self, phash: int, patient: str, max_distance: int) -> tuple[int, int] | None:
-        """(position, distance) of the closest film of another patient within ``max_distance``, or None."""
+    def other_patients_within(self, phash: int, patient: str, max_distance: int) -> list[tuple[int, int]]:
+        """(position, distance) of every film of another patient within ``max_distance``, closest first."""
         if not self._hashes:
-            return None
+            return []
         dist = _distances(np.array(self._hashes, dtype=np.uint64), int(phash))
         other = np.array([p != patient for p in self.patients])
-        dist = np.where(other, dist, 65)
-        best = int(np.argmin(dist))
-        return (best, int(dist[best])) if dist[best] <= max_distance else None
+        hits = np.nonzero(other & (dist <= max_distance))[0]
+        return sorted(((int(i), int(dist[i])) for i in hits), key=lambda t: (t[1], t[0]))
 
 
 def near_copy_verdict(session: Session, index: NearCopyIndex, *, phash: int, patient: str, name: str,
                       max_distance: int, id_given: bool = True) -> tuple[str, str] | dict | None:
-    """None (no near copy); a ``(reason, detail)`` rejection; or a link dict (same split, stored)."""
-    found = index.closest_other_patient(phash, patient, max_distance)
-    if found is None:
+    """None (no near copy); a ``(reason, detail)`` rejection; or a link dict (stored and reported).
+
+    Every near copy is judged, not only the closest: one safe match (same split) must not hide another
+    in a different split."""
+    found = index.other_patients_within(phash, patient, max_distance)
+    if not found:
         return None
-    pos, distance = found
-    other_patient = index.patients[pos]
+    others = {index.patients[pos] for pos, _ in found}
     known = {pid: (split, source) for pid, split, source in session.execute(
         select(Patient.patient_id, Patient.split, Patient.id_source)
-        .where(Patient.patient_id.in_([patient, other_patient])))}
-    (mine, my_source), (theirs, their_source) = (known.get(p, (None, None)) for p in (patient, other_patient))
-    pair = (f"{name} (patient {patient}) and image {index.ids[pos]} {index.names[pos]} (patient {other_patient}) "
-            f"are {distance} pHash bits apart (<= {max_distance}, XRAY_NEAR_COPY_DISTANCE)")
-    link = {"image": index.ids[pos], "patient": other_patient, "distance": distance, "split": theirs,
-            "file": name, "other_file": index.names[pos]}
-    if mine is not None and mine == theirs:
-        return link
-    if "image" in (my_source, their_source) or (my_source is None and not id_given):
-        # A "patient" that is only the image itself (no manifest column, DICOM PatientID or regex match)
-        # says nothing about who the person is: linked and reported (status lists near duplicates across
-        # splits), not quarantined as if two known patients shared a film.
-        return {**link, "note": "no patient id on one side"}
-    where = f"{theirs or 'no split yet'} vs {mine or 'a new patient'}"
-    return ("near_duplicate_other_patient", f"{pair}; their splits ({where}) could differ, which would leak a "
-                                            "film between train and test")
+        .where(Patient.patient_id.in_([patient, *others])))}
+    mine, my_source = known.get(patient, (None, None))
+    links = []
+    for pos, distance in found:
+        other_patient = index.patients[pos]
+        theirs, their_source = known.get(other_patient, (None, None))
+        link = {"image": index.ids[pos], "patient": other_patient, "distance": distance, "split": theirs,
+                "file": name, "other_file": index.names[pos]}
+        if mine is not None and mine == theirs:
+            links.append(link)
+        elif "image" in (my_source, their_source) or (my_source is None and not id_given):
+            # A "patient" that is only the image itself (no manifest column, DICOM PatientID or regex match)
+            # says nothing about who the person is: linked and reported (status lists near duplicates
+            # across splits), not quarantined as if two known patients shared a film.
+            links.append({**link, "note": "no patient id on one side"})
+        else:
+            where = f"{theirs or 'no split yet'} vs {mine or 'a new patient'}"
+            return ("near_duplicate_other_patient",
+                    f"{name} (patient {patient}) and image {index.ids[pos]} {index.names[pos]} (patient "
+                    f"{other_patient}) are {distance} pHash bits apart (<= {max_distance}, XRAY_NEAR_COPY_DISTANCE);"
+                    f" their splits ({where}) could differ, which would leak a film between train and test")
+    return links[0]
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,8 @@ def summary_line(result: dict[str, Any]) -> str:
 def _outcome_message(result: dict[str, Any]) -> str:
     dec, version, after = result["decision"], result["version"], result.get("champion_after")
     before = (result.get("champion_eval") or {}).get("version")
+    if dec["decision"] == "stale":
+        return f"v{version} not promoted: {dec['rationale']}"
     if dec["decision"] == "blocked":
         head = f"v{version} not promoted: blocked by the shortcut audit"
     elif dec["decision"] == "promote":
@@ -224,18 +226,19 @@ def run_cycle(settings: Settings, request: RetrainRequest, executor: Executor | 
     """
     run = executor or DirectExecutor()
     with retrain_lock(settings, wait_seconds=wait_seconds) as killed_run_started:
-        closed = close_interrupted(settings, killed_run_started, request.trigger)
         folder = run_dir or run_dir_for(settings, request.flow_run_id)
         result: dict[str, Any] = {
             "flow_run_id": request.flow_run_id, "run_name": request.run_name, "trigger": request.trigger,
             "backbone_weights": settings.backbone_weights,
             "backbone_random_init": settings.backbone_weights == "random", "ingests": [], "notes": [],
             "run_dir": str(folder)}
-        if closed:
-            result["notes"].append(f"closed candidate(s) {', '.join(f'v{v}' for v in closed)} left by a retrain "
-                                   "that was killed before its decision")
         try:
+            closed = close_interrupted(settings, killed_run_started, request.trigger)
+            if closed:
+                result["notes"].append(f"closed candidate(s) {', '.join(f'v{v}' for v in closed)} left by a "
+                                       "retrain that was killed before its decision")
             _run_steps(settings, request, run, result, str(folder))
+            result.update(run.run("report", write_reports, settings, result, str(folder)))
         except BaseException as exc:
             _record_failure(settings, request, result, exc, str(folder))
             try:
@@ -243,7 +246,6 @@ def run_cycle(settings: Settings, request: RetrainRequest, executor: Executor | 
             except AttributeError:  # pragma: no cover - exceptions with __slots__
                 pass
             raise
-        result.update(run.run("report", write_reports, settings, result, str(folder)))
         return result
 
 
@@ -255,12 +257,14 @@ def close_interrupted(settings: Settings, since: Any, trigger: str) -> list[int]
     from sqlalchemy import select
 
     from db import session_scope
-    from db.schema import Model
+    from db.schema import Model, Promotion
     from xray_core.data.catalogue import open_catalogue
     from xray_core.registry.versions import record_decision
 
     with session_scope(open_catalogue(settings)) as s:
-        versions = [m.id for m in s.scalars(select(Model).where(Model.status == "candidate"))
+        decided = select(Promotion.to_version).where(Promotion.to_version.is_not(None))
+        versions = [m.id for m in s.scalars(select(Model).where(Model.status == "candidate",
+                                                                Model.id.not_in(decided)))
                     if m.created_at is not None and _aware(m.created_at) >= since]
     for version in versions:
         record_decision(settings, challenger=version, decision="failed", trigger=trigger, metrics={},
@@ -319,6 +323,8 @@ def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, resul
     row = run.run("promote", record_outcome, settings, challenger, champion, decision, request.trigger,
                     request.flow_run_id, result["audit"])
     result["decision"]["decision"] = row.get("decision", decision["decision"])  # "stale" if the champion moved
+    if result["decision"]["decision"] == "stale":
+        result["decision"]["rationale"] = row.get("rationale") or result["decision"]["rationale"]
     result["champion_after"] = row["champion_after"]
     result["registry"] = run.run("rescore", rescore_registry, settings, snapshot, request.flow_run_id)
     result["status"] = "completed"
@@ -349,10 +355,14 @@ def _record_failure(settings: Settings, request: RetrainRequest, result: dict[st
         error = "terminated by a signal (SIGTERM)"
     else:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    result.update(status="failed", state=FAILED, error=error,
-                  state_message=f"run {kind} before a decision ({error}); champion unchanged")
+    already = "champion_after" in result and result.get("decision") is not None  # the decision row exists
+    if already:
+        message = (f"run {kind} after its decision ({result['decision']['decision']}; champion "
+                   f"{'v' + str(result['champion_after']) if result['champion_after'] else 'none'}): {error}")
+    else:
+        message = f"run {kind} before a decision ({error}); champion unchanged"
+    result.update(status="failed", state=FAILED, error=error, state_message=message)
     result["summary"] = summary_line(result)
-    already = result.get("decision") is not None and result.get("champion_after") is not None
     try:
         if not already:
             record_decision(settings, challenger=result.get("version"), decision="failed", trigger=request.trigger,

@@ -44,13 +44,16 @@ def retrain_lock(settings: Settings, *, wait_seconds: float = 0.0) -> Iterator[d
         previous = _started(fh.read())
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+        fh.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='microseconds')}")
         fh.flush()
         try:
             yield previous
-            fh.seek(0)
-            fh.truncate()  # finished (or failed with a Python exception): nothing left half done
         finally:
+            # Finished, or failed with any Python exception (the recipe has recorded that failure): only a
+            # kill, which runs no cleanup, leaves the line for the next holder to find.
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
