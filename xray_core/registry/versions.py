@@ -206,26 +206,10 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
     store = get_storage(settings)
     blobs: dict[str, bytes] = {}
     for name, expected in (("head.safetensors", head_sha), ("card.json", card_sha)):
-        key = f"{folder}/{name}"
-        try:
-            blobs[name] = store.read_bytes(key)  # hashed and parsed from these same bytes
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise CheckpointError(f"model {version}: {store.url_for(key)} is missing") from None
-        actual = sha256_bytes(blobs[name])
-        if actual != expected:
-            raise CheckpointError(f"model {version}: {name} sha256 {actual[:12]}… does not match the "
-                                  f"catalogue's {expected[:12]}…; the file was altered or corrupted")
+        blobs[name] = _read_verified(store, folder, name, expected, version, against="the catalogue's")
     card = validate_card(json.loads(blobs["card.json"]))
     for name, expected in card.get("files", {}).items():  # verified through the card's own sha256
-        key = f"{folder}/{name}"
-        try:
-            blobs[name] = store.read_bytes(key)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise CheckpointError(f"model {version}: {store.url_for(key)} is missing") from None
-        actual = sha256_bytes(blobs[name])
-        if actual != expected:
-            raise CheckpointError(f"model {version}: {name} sha256 {actual[:12]}… does not match the card's "
-                                  f"{expected[:12]}…; the file was altered or corrupted")
+        blobs[name] = _read_verified(store, folder, name, expected, version, against="the card's")
     if backbone_fingerprint is not None and card["backbone_fingerprint"] != backbone_fingerprint:
         raise CheckpointError(
             f"model {version} was trained on backbone {card['backbone_fingerprint'][:12]}… but the current "
@@ -240,6 +224,20 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
                      dropout=float(head_cfg["dropout"]))
     return LoadedModel(version=version, head=head, card=card,
                        files={name: blobs[name] for name in card.get("files", {})})
+
+
+def _read_verified(store: Storage, folder: str, name: str, expected: str, version: int, *, against: str) -> bytes:
+    """A model file's bytes, hashed against the sha256 recorded for it (the caller parses these same bytes)."""
+    key = f"{folder}/{name}"
+    try:
+        data = store.read_bytes(key)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"model {version}: {store.url_for(key)} is missing") from None
+    actual = sha256_bytes(data)
+    if actual != expected:
+        raise CheckpointError(f"model {version}: {name} sha256 {actual[:12]}… does not match {against} "
+                              f"{expected[:12]}…; the file was altered or corrupted")
+    return data
 
 
 def champion_version(session: Session) -> int | None:
