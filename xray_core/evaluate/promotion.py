@@ -79,6 +79,13 @@ class PolicyConfig:
         )
 
 
+# A retrain run's final state (what the Prefect runs list and the CLI show) for each recorded decision;
+# Skipped and Failed come from the run itself, not from a decision of the policy.
+RUN_STATES = ("Promoted", "Kept", "Blocked", "Skipped", "Insufficient evidence", "Failed")
+DECISION_STATES = {"promote": "Promoted", "keep": "Kept", "stale": "Kept", "blocked": "Blocked",
+                   "insufficient_evidence": "Insufficient evidence", "failed": "Failed"}
+
+
 @dataclass(frozen=True)
 class Decision:
     """What :func:`decide` concluded and why; stored with the promotion audit row."""

@@ -8,7 +8,7 @@ An *executor* runs each step: :class:`DirectExecutor` calls it (``xray retrain -
 ``flows/retrain.py`` wraps each step in a Prefect task. Both produce the same files and audit rows,
 because this is the only place the order of steps, the outcome and its state name are decided.
 
-Every run ends in one named outcome (:data:`STATES`): ``Promoted``, ``Kept``, ``Skipped``,
+Every run ends in one named outcome (:data:`~xray_core.evaluate.promotion.RUN_STATES`): ``Promoted``, ``Kept``, ``Skipped``,
 ``Insufficient evidence`` or ``Failed``, with a one-line message. A failure, a cancellation or a
 termination signal (BaseException) records a ``failed`` audit row and a report before it propagates.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
 from xray_core.errors import NotEnoughDataError
+from xray_core.evaluate.promotion import DECISION_STATES
 from xray_core.faults import crash_point
 from xray_core.pipeline import steps
 from xray_core.pipeline.embed import embed_step
@@ -31,9 +32,6 @@ from xray_core.settings import Settings
 
 T = TypeVar("T")
 
-# The policy's decision → the run's final state name (what the Prefect runs list and the CLI show).
-STATES = {"promote": "Promoted", "keep": "Kept", "insufficient_evidence": "Insufficient evidence",
-          "stale": "Kept", "blocked": "Blocked"}
 SKIPPED, FAILED = "Skipped", "Failed"
 
 
@@ -328,7 +326,7 @@ def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, resul
     result["champion_after"] = row["champion_after"]
     result["registry"] = run.run("rescore", rescore_registry, settings, snapshot, request.flow_run_id)
     result["status"] = "completed"
-    result["state"] = STATES.get(result["decision"]["decision"], "Kept")
+    result["state"] = DECISION_STATES.get(result["decision"]["decision"], "Kept")
     result["state_message"] = _outcome_message(result)
     result["summary"] = summary_line(result)
 

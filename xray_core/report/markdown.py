@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
+from xray_core.evaluate.promotion import DECISION_STATES, RUN_STATES
 from xray_core.report.terminal import format_interval
 from xray_core.settings import Settings
 
 KEY_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece")
-STATES = ("Promoted", "Kept", "Blocked", "Skipped", "Insufficient evidence", "Failed")
 DESCRIPTION_MAX_CHARS = 200  # Prefect shows artifact descriptions in one table cell
-_DECISION_STATES = {"promote": "Promoted", "keep": "Kept", "insufficient_evidence": "Insufficient evidence",
-                    "failed": "Failed", "blocked": "Blocked"}
 
 
 # --------------------------------------------------------------------------- templates
@@ -63,18 +61,18 @@ def md_cell(value: Any) -> str:
 
 
 def run_state(result: dict[str, Any]) -> str | None:
-    """The run's state as the flow names it (one of :data:`STATES`), or None when unknown.
+    """The run's state as the flow names it (one of :data:`~xray_core.evaluate.promotion.RUN_STATES`), or None when unknown.
 
     ``result["state"]`` when present; otherwise derived: a failure or skip from ``status``, else the
     policy's ``decision``. A result without any of these (a run still in progress) has no state.
     """
-    if result.get("state") in STATES:
+    if result.get("state") in RUN_STATES:
         return result["state"]
     if result.get("status") == "failed" or result.get("error"):
         return "Failed"
     if result.get("status") == "skipped":
         return "Skipped"
-    return _DECISION_STATES.get((result.get("decision") or {}).get("decision"))
+    return DECISION_STATES.get((result.get("decision") or {}).get("decision"))
 
 
 def challenger_version(result: dict[str, Any]) -> int | None:
@@ -320,6 +318,6 @@ def write_run_markdown(settings: Settings, result: dict[str, Any], run_dir: Path
     return path, markdown
 
 
-__all__ = ["KEY_METRICS", "STATES", "retrain_markdown", "write_run_markdown", "artifact_description", "run_state",
+__all__ = ["KEY_METRICS", "retrain_markdown", "write_run_markdown", "artifact_description", "run_state",
            "title", "headline", "state_message", "metrics_rows", "registry_rows", "report_context",
            "template_environment", "render_template"]
