@@ -8,7 +8,7 @@ import pytest
 
 from test_registry import make_card, make_state  # noqa: F401 - shared tiny-head helpers
 from xray_core.errors import CheckpointError
-from xray_core.monitor.ood import summary_line
+from xray_core.monitor.ood import conformal_threshold, crossfit_scores, fit_basis, summary_line
 from xray_core.monitor.reference import REFERENCE_FILE, Reference, build_reference, model_reference
 from xray_core.registry.versions import load_model, save_model
 
@@ -81,3 +81,81 @@ def test_card_files_must_name_safetensors_with_hashes(settings):
     with pytest.raises(CheckpointError, match="files must map"):
         save_model(settings, state_dict=make_state(), card=make_card(files={"../x": "0" * 64}),
                    train_image_ids=[], val_image_ids=[])
+
+
+def films(rng: np.random.Generator, n: int, views: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(training views (n, views, d), eval view (n, d)): the views are the eval view slightly jittered."""
+    x_eval = features(rng, n)
+    return x_eval[:, None, :] + 0.02 * rng.normal(size=(n, views, DIM)).astype(np.float32), x_eval
+
+
+def test_conformal_threshold_is_the_finite_sample_rank():
+    scores = np.arange(1.0, 200.0)  # 199 scores
+    assert conformal_threshold(scores, 0.99) == (198.0, 198)  # ceil(200 * 0.99)
+    assert conformal_threshold(scores[:9], 0.9) == (9.0, 9)  # ceil(10 * 0.9): the largest
+    assert conformal_threshold(scores[:50], 0.99) == (50.0, 50)  # rank past n: the largest, never inf
+    assert conformal_threshold(np.zeros(0), 0.99)[0] == float("inf")
+
+
+def test_training_films_are_scored_by_a_basis_fitted_without_their_own_fold():
+    from sklearn.model_selection import GroupKFold
+
+    rng = np.random.default_rng(1)
+    views, x_eval = films(rng, 60)
+    groups = np.array([f"p{i // 2}" for i in range(60)])
+    views[:2] += 3.0  # one patient (both films) far from everyone else
+    x_eval[:2] += 3.0
+    got = crossfit_scores(views, x_eval, groups, folds=5, max_components=8)
+    for fit, held in GroupKFold(n_splits=5).split(x_eval, groups=groups):
+        assert not set(groups[held]) & set(groups[fit])
+        expected = fit_basis(views[fit].reshape(-1, DIM), max_components=8).scores(x_eval[held])
+        np.testing.assert_allclose(got[held], expected)
+    in_sample = fit_basis(views.reshape(-1, DIM), max_components=8).scores(x_eval[:2])
+    assert np.all(got[:2] > 10 * in_sample)  # held out, the odd patient looks odd; seen, it would not
+
+
+def test_in_distribution_films_are_flagged_at_about_the_nominal_rate_and_shifted_ones_all():
+    rng = np.random.default_rng(2)
+    views, x_eval = films(rng, 400)
+    x_val = features(rng, 100)
+    ref = build_reference(views, x_val, np.arange(100).astype(str), rng.dirichlet([1, 1], size=100),
+                          rng.integers(0, 2, 100), mean=views.reshape(-1, DIM).mean(0),
+                          std=views.reshape(-1, DIM).std(0), quantile=0.95, train_eval=x_eval,
+                          train_groups=np.arange(400).astype(str))
+    assert ref.calibration["n"] == 500 and ref.calibration["n_train_crossfit"] == 400
+    assert ref.calibration["n_val"] == 100 and ref.describe()["ood_calibration"]["folds"] == 5
+    fresh = ref.scores(features(rng, 2000))
+    assert 0.02 <= np.mean(fresh > ref.threshold) <= 0.09  # nominal 5%
+    shifted = features(rng, 200)
+    shifted[:, :DIM // 2] += 1.0
+    assert np.mean(ref.scores(shifted) > ref.threshold) >= 0.99
+    back = Reference.from_bytes(ref.to_bytes())
+    np.testing.assert_allclose(back.scores(shifted[:10]), ref.scores(shifted[:10]))
+    assert back.calibration == ref.calibration and len(back.calibration_scores) == 500
+
+
+def test_a_format_1_reference_still_loads_and_scores_as_before():
+    """Bytes laid out as models saved before the cross-fitted scorer wrote them (format 1)."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(3)
+    x_train = features(rng, 200).astype(np.float64)
+    mean, std = x_train.mean(0), x_train.std(0)
+    z = (x_train - mean) / std
+    _, _, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
+    components, variance = vt[:3], (((z - z.mean(0)) @ vt[:3].T) ** 2).mean(0)
+    old = {"mean": mean, "std": std, "pca_mean": z.mean(0), "components": components, "variance": variance,
+           "residual_scale": np.array([0.5]), "sample": z[:20].astype(np.float16),
+           "sample_groups": np.arange(20, dtype=np.int64), "val_probs": np.full((20, 2), 0.5, np.float32),
+           "val_labels": np.zeros(20, np.int64), "val_scores": np.linspace(0.5, 2.0, 20),
+           "threshold": np.array([1.9]), "quantile": np.array([0.95])}
+    ref = Reference.from_bytes(save(old, metadata={"format": "xray-reference/1"}))
+    x = features(rng, 5)
+    zx = (x - mean) / std
+    t = (zx - z.mean(0)) @ components.T
+    expected = (t**2 / variance).sum(1) / 3 + ((zx - z.mean(0) - t @ components) ** 2).sum(1) / 0.5
+    np.testing.assert_allclose(ref.scores(x), expected)
+    assert ref.basis is None and ref.threshold == 1.9 and ref.quantile == 0.95
+    np.testing.assert_array_equal(ref.calibration_scores, old["val_scores"])
+    assert ref.describe()["ood_calibration"] == {"method": "quantile of the validation scores", "n": 20}
+    assert Reference.from_bytes(ref.to_bytes()).basis is None  # rewritten, it stays format 1

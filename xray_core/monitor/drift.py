@@ -16,7 +16,7 @@ Three questions, answered separately so input shift and label shift are not conf
   (``scipy.optimize.nnls``), prevalence = w * P_val(true j), normalised. Valid under label shift only;
   a batch that also shows input shift makes it a rough guide.
 * **OOD excess**: is the batch's count of flagged films more than chance? The threshold is an order
-  statistic of the n validation scores (the k-th smallest), so for exchangeable films the count among
+  statistic of the reference's n calibration scores (the k-th smallest; see :mod:`.reference`), so for exchangeable films the count among
   m new ones is beta-binomial(m, n - k + 1, k) (``scipy.stats.betabinom``), not binomial: with a small
   validation set the threshold itself is random and shared by the whole batch, and a binomial test
   against 1 - XRAY_OOD_QUANTILE raised false alarms in 10% of same-distribution batches (bench/drift.py).
@@ -116,8 +116,9 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
     if n < MIN_BATCH:
         return {**out, "drift": False, "input_shift": False, "output_shift": False, "ood_excess": False,
                 "verdict": f"not tested: {n} films (a batch test needs at least {MIN_BATCH})"}
-    k = int((reference.val_scores <= reference.threshold).sum())  # the threshold's rank among validation scores
-    a, b = max(len(reference.val_scores) - k + 1, 1), max(k, 1)
+    calibration = reference.calibration_scores  # format 1: the validation films' scores
+    k = int((calibration <= reference.threshold).sum())  # the threshold's rank among the calibration scores
+    a, b = max(len(calibration) - k + 1, 1), max(k, 1)
     out["ood_p"] = float(betabinom.sf(flagged - 1, n, a, b)) if flagged else 1.0
     out["ood_expected_rate"] = round(a / (a + b), 6)
     new_groups = np.arange(n) if groups is None else np.asarray(groups)

@@ -11,8 +11,13 @@ films, standardised by the head's own normaliser, and saved as ``models/<v>/refe
   training rows sit closer to a PCA basis fitted on them than any new film does, so a batch test
   against them would flag every batch; validation films are held out from the head and the basis,
   exactly like films met in use;
-* the validation films' calibrated probabilities, labels and OOD scores, with the OOD threshold
-  calibrated on them (XRAY_OOD_QUANTILE), for the KS and BBSE tests and the threshold.
+* the validation films' calibrated probabilities, labels and OOD scores, for the KS and BBSE tests;
+* (format 2) the per-film scorer (:class:`xray_core.monitor.ood.OodBasis`) and its calibration scores:
+  the validation films plus each training film scored without its own patients' fold, with the
+  split-conformal threshold at XRAY_OOD_QUANTILE and how it was calibrated (how many films of each).
+
+A format-1 file (saved before the scorer) has no basis: it scores as it always did (standardised
+T² + Q, threshold = a quantile of the validation scores) and its validation scores are its calibration.
 
 Prediction needs nothing else: no catalogue access. A model saved before references existed has none;
 its OOD status is then "unknown", never a guess.
@@ -20,18 +25,21 @@ its OOD status is then "unknown", never a guess.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from xray_core.errors import CheckpointError
-from xray_core.monitor.ood import calibrate_threshold, ood_parts, ood_scores, standardise
+from xray_core.monitor.ood import (OodBasis, conformal_threshold, crossfit_scores, fit_basis, ood_parts, ood_scores,
+                                   standardise)
 
 REFERENCE_FILE = "reference.safetensors"
 MAX_COMPONENTS = 32  # enough for the few directions a frozen backbone's features vary in; small on disk
 MAX_BASIS_ROWS = 4096  # training rows (films x views) the PCA basis is fitted on, at most
 MAX_SAMPLE = 256  # rows kept for the drift test: ~1 MB as float16 at 2208 dimensions
+CROSSFIT_FOLDS = 5  # patient folds for the training films' calibration scores
 
 
 @dataclass(frozen=True)
@@ -49,12 +57,22 @@ class Reference:
     val_scores: np.ndarray  # (n_val,) OOD scores of the validation films
     threshold: float  # OOD score above which a film is out of distribution
     quantile: float  # XRAY_OOD_QUANTILE the threshold was calibrated with
+    basis: OodBasis | None = None  # the per-film scorer (format 2); None: format 1, standardised T² + Q
+    cal_scores: np.ndarray | None = None  # (n_cal,) in-distribution scores the threshold is a quantile of
+    calibration: dict[str, Any] = field(default_factory=dict)  # how: method, n films, folds
+
+    @property
+    def calibration_scores(self) -> np.ndarray:
+        """The scores the threshold was calibrated on (format 1: the validation films')."""
+        return self.val_scores if self.cal_scores is None else self.cal_scores
 
     def standardise(self, x: np.ndarray) -> np.ndarray:
         return standardise(x, self.mean, self.std)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """OOD scores of raw backbone features (n x d)."""
+        if self.basis is not None:
+            return self.basis.scores(x)
         return ood_scores(self.standardise(x), self.pca_mean, self.components, self.variance, self.residual_scale)
 
     def embed_for_drift(self, z: np.ndarray) -> np.ndarray:
@@ -74,7 +92,14 @@ class Reference:
             "val_probs": self.val_probs.astype(np.float32), "val_labels": self.val_labels.astype(np.int64),
             "val_scores": self.val_scores.astype(np.float64), "threshold": np.array([self.threshold]),
             "quantile": np.array([self.quantile])}.items()}
-        return save(arrays, metadata={"format": "xray-reference/1"})
+        if self.basis is None:
+            return save(arrays, metadata={"format": "xray-reference/1"})
+        b = self.basis
+        arrays.update({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in {
+            "ood_centre": b.centre, "ood_scale": np.array([b.scale]), "ood_components": b.components,
+            "ood_location": b.location, "ood_precision": b.precision,
+            "ood_residual_scale": np.array([b.residual_scale]), "cal_scores": self.calibration_scores}.items()})
+        return save(arrays, metadata={"format": "xray-reference/2", "calibration": json.dumps(self.calibration)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Reference":
@@ -82,36 +107,54 @@ class Reference:
 
         try:
             a = load(data)
+            basis, cal_scores, calibration = None, None, {}
+            if "ood_components" in a:  # format 2
+                basis = OodBasis(centre=a["ood_centre"], scale=float(a["ood_scale"][0]),
+                                 components=a["ood_components"], location=a["ood_location"],
+                                 precision=a["ood_precision"], residual_scale=float(a["ood_residual_scale"][0]))
+                cal_scores, calibration = a["cal_scores"], json.loads(_metadata(data).get("calibration", "{}"))
             return cls(mean=a["mean"].astype(np.float64), std=a["std"].astype(np.float64),
                        pca_mean=a["pca_mean"].astype(np.float64), components=a["components"].astype(np.float64),
                        variance=a["variance"], residual_scale=float(a["residual_scale"][0]),
                        sample=a["sample"].astype(np.float64), sample_groups=a["sample_groups"],
                        val_probs=a["val_probs"].astype(np.float64), val_labels=a["val_labels"],
                        val_scores=a["val_scores"], threshold=float(a["threshold"][0]),
-                       quantile=float(a["quantile"][0]))
+                       quantile=float(a["quantile"][0]), basis=basis, cal_scores=cal_scores,
+                       calibration=calibration)
         except Exception as exc:  # noqa: BLE001 - any parse problem is one kind of error here
             raise CheckpointError(f"{REFERENCE_FILE} is not a readable reference "
                                   f"({type(exc).__name__}: {exc})") from None
 
     def describe(self) -> dict[str, Any]:
         """What the card records about the reference (numbers, not arrays)."""
+        score = ("T²/k (Ledoit-Wolf) in the PCA space of globally scaled features + Q/mean training Q"
+                 if self.basis is not None else "T²/k in the PCA space + Q/mean training Q")
         return {"file": REFERENCE_FILE, "components": int(len(self.variance)), "sample_rows": int(len(self.sample)),
                 "n_val": int(len(self.val_scores)), "ood_threshold": self.threshold, "ood_quantile": self.quantile,
-                "ood_score": "T²/k in the PCA space + Q/mean training Q (xray_core.monitor.ood)"}
+                "ood_score": f"{score} (xray_core.monitor.ood)",
+                "ood_calibration": self.calibration or {"method": "quantile of the validation scores",
+                                                        "n": int(len(self.val_scores))}}
 
 
 def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarray, val_probs: np.ndarray,
                     val_labels: np.ndarray, *, mean: np.ndarray, std: np.ndarray, quantile: float,
-                    seed: int = 0) -> Reference:
-    """Summarise features (one row per film, view 0) for OOD and drift checks.
+                    seed: int = 0, train_eval: np.ndarray | None = None,
+                    train_groups: np.ndarray | None = None) -> Reference:
+    """Summarise features for OOD and drift checks.
 
-    The PCA basis comes from the training films; the OOD threshold and the drift sample from the
-    validation films (see the module docstring). ``mean``/``std`` are the head's own normaliser, so
-    the reference sees features as the head does. ``val_groups`` are patient ids: sample rows keep a
-    group index so the drift test permutes whole patients. ``seed``: a reproducible sample (local RNG).
+    ``x_train``: the training rows the head saw, (films, views, d) or already flattened (rows, d); the
+    PCA bases come from them. ``x_val``: the validation films' eval view (one row per film), the drift
+    sample and part of the OOD calibration. ``train_eval`` (films, d) and ``train_groups`` (patient
+    ids), with a 3-D ``x_train``: each training film's eval view, scored cross-fitted for the rest of
+    the calibration (without them, the validation films alone calibrate the threshold).
+    ``mean``/``std`` are the head's own normaliser, so the drift test sees features as the head does.
+    ``val_groups`` are patient ids: sample rows keep a group index so the drift test permutes whole
+    patients. ``seed``: a reproducible sample (local RNG).
     """
     from sklearn.decomposition import PCA
 
+    films = np.asarray(x_train) if np.ndim(x_train) == 3 else None
+    x_train = np.asarray(x_train).reshape(-1, np.shape(x_train)[-1])
     mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
     rng = np.random.default_rng(seed)
     if len(x_train) > MAX_BASIS_ROWS:  # the basis of a few directions needs no more rows than this
@@ -125,12 +168,29 @@ def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarr
     z_val = standardise(x_val, mean, std)
     pick = np.sort(rng.choice(len(z_val), size=min(MAX_SAMPLE, len(z_val)), replace=False))
     _, group_index = np.unique(np.asarray(val_groups, dtype=str), return_inverse=True)
-    val_scores = ood_scores(z_val, pca.mean_, components, variance, residual_scale)
+    basis = fit_basis(x_train, max_components=MAX_COMPONENTS, seed=seed)
+    val_scores = basis.scores(x_val)
+    crossfit = np.zeros(0)
+    if films is not None and train_eval is not None and train_groups is not None:
+        crossfit = crossfit_scores(films, np.asarray(train_eval), np.asarray(train_groups), folds=CROSSFIT_FOLDS,
+                                   max_components=MAX_COMPONENTS, max_rows=MAX_BASIS_ROWS, seed=seed)
+    cal_scores = np.concatenate([val_scores, crossfit])
+    threshold, rank = conformal_threshold(cal_scores, quantile)
+    calibration = {"method": "split-conformal quantile: validation films + training films cross-fitted by patient fold",
+                   "n": int(len(cal_scores)), "n_val": int(len(val_scores)), "n_train_crossfit": int(len(crossfit)),
+                   "folds": CROSSFIT_FOLDS if len(crossfit) else 0, "rank": rank,
+                   "expected_flag_rate": round((len(cal_scores) + 1 - rank) / (len(cal_scores) + 1), 6)}
     return Reference(mean=mean, std=std, pca_mean=pca.mean_.astype(np.float64), components=components,
                      variance=variance, residual_scale=residual_scale, sample=z_val[pick],
                      sample_groups=group_index[pick].astype(np.int64), val_probs=np.asarray(val_probs, np.float64),
-                     val_labels=np.asarray(val_labels, np.int64), val_scores=val_scores,
-                     threshold=calibrate_threshold(val_scores, quantile), quantile=float(quantile))
+                     val_labels=np.asarray(val_labels, np.int64), val_scores=val_scores, threshold=threshold,
+                     quantile=float(quantile), basis=basis, cal_scores=cal_scores, calibration=calibration)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """A safetensors file's ``__metadata__`` (its header: 8-byte little-endian length, then JSON)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]).get("__metadata__", {})
 
 
 def model_reference(model: Any) -> Reference | None:
