@@ -125,16 +125,18 @@ def build_model_reference(settings: Settings, data: SplitData, head: Any, x_trai
                           val_probs: np.ndarray, y_val: np.ndarray) -> Any:
     """The model's reference (:mod:`xray_core.monitor.reference`), standardised by the head's normaliser.
 
-    The PCA basis is fitted on the training features the head saw (every cached training view, the
-    rows the normaliser was fitted on: no extra backbone pass); the threshold and drift sample come
-    from the validation films' eval view, which is what prediction sees.
+    The PCA bases are fitted on the training features the head saw (every cached training view, the
+    rows the normaliser was fitted on); the drift sample comes from the validation films' eval view,
+    which is what prediction sees. The OOD threshold is calibrated on the validation films and on the
+    training films' eval view (embedded for this by ``embed_step``), each scored cross-fitted.
     """
     from xray_core.monitor.reference import build_reference
 
-    rows = x_train.reshape(-1, x_train.shape[-1])
-    return build_reference(rows, x_val, np.array([r[4] for r in data.val], dtype=str), val_probs, y_val,
+    return build_reference(x_train, x_val, np.array([r[4] for r in data.val], dtype=str), val_probs, y_val,
                            mean=head.feature_mean.numpy(), std=head.feature_std.numpy(),
-                           quantile=settings.ood_quantile, seed=settings.train_seed)
+                           quantile=settings.ood_quantile, seed=settings.train_seed,
+                           train_eval=features_for(settings, data.train),
+                           train_groups=np.array([r[4] for r in data.train], dtype=str))
 
 
 def headline(m: dict[str, Any]) -> dict[str, Any]:
