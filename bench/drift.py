@@ -5,7 +5,8 @@ random-init densenet161 at 64 px (the only backbone offline), features from the 
 Each of ``--reps`` repetitions draws a fresh patient-grouped split of the real sample (60% train,
 20% validation, 20% held out), fits a head as ``train_step`` does (linear recipe, temperature on
 validation, Youden threshold) and builds the model's reference exactly as ``train_step`` does
-(:func:`xray_core.monitor.reference.build_reference`). Then, per repetition:
+(:func:`xray_core.monitor.reference.build_reference`: OOD threshold calibrated on the validation films
+and the training films' eval view, cross-fitted by patient fold). Then, per repetition:
 
 * **same distribution**: the held-out real films (every film its own patient, as in ``predict``) are
   checked by :func:`xray_core.monitor.drift.check_batch`. The real sample is too small for 50-film
@@ -117,6 +118,7 @@ def main() -> None:
         t1 = time.perf_counter()
         same, site, restyled = [], [], []
         ood_in, ood_site, ood_restyled = [], [], []
+        calibrated = []  # films the OOD threshold was calibrated on, per repetition
         common = dict(labels=labels, positive=1, alpha=settings.drift_alpha, permutations=settings.drift_permutations)
         for rep in range(args.reps):
             outer = GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=rep)
@@ -125,9 +127,11 @@ def main() -> None:
             tr_rel, va_rel = next(inner.split(x_eval[fit], y[fit], groups[fit]))
             tr, va = fit[tr_rel], fit[va_rel]
             head, threshold = fit_model(settings, x_views, x_eval, y, tr, va, len(labels))
-            ref = build_reference(x_views[tr].reshape(-1, x_views.shape[-1]), x_eval[va], groups[va].astype(str),
+            ref = build_reference(x_views[tr], x_eval[va], groups[va].astype(str),
                                   predict_proba(head, x_eval[va]), y[va], mean=head.feature_mean.numpy(),
-                                  std=head.feature_std.numpy(), quantile=settings.ood_quantile, seed=rep)
+                                  std=head.feature_std.numpy(), quantile=settings.ood_quantile, seed=rep,
+                                  train_eval=x_eval[tr], train_groups=groups[tr].astype(str))
+            calibrated.append(ref.calibration["n"])
             for xs, out, flags in ((x_eval[held], same, ood_in), (site_x[rep], site, ood_site),
                                    (restyled_x[held], restyled, ood_restyled)):
                 check = check_batch(ref, xs, predict_proba(head, xs), threshold=threshold, seed=rep, **common)
@@ -155,6 +159,7 @@ def main() -> None:
         "detection_rate_restyled_real": rate(restyled),
         "detection_by_test_restyled_real": {k: rate(restyled, k)
                                             for k in ("input_shift", "output_shift", "ood_excess")},
+        "ood_calibration_films": int(np.mean(calibrated)),
         "ood_flag_rate_in_distribution": flag_rate(ood_in),
         "ood_flag_rate_synthetic_site": flag_rate(ood_site),
         "ood_flag_rate_restyled_real": flag_rate(ood_restyled),
