@@ -123,7 +123,7 @@ class Settings:
     ingest_workers: int = 0
 
     # monitoring between retrains (xray_core.monitor)
-    ood_quantile: float = 0.99  # target fraction of in-distribution films scored in-distribution (conformal: xray_core.monitor.ood)
+    ood_quantile: float = 0.99  # target fraction of in-distribution films scored in-distribution (conformal)
     drift_alpha: float = 0.01  # p-value below which a batch test (MMD on features, KS on probabilities) warns
     drift_permutations: int = 999  # patient-level MMD permutations; p >= 1/(n+1) must be able to go below alpha/3
 

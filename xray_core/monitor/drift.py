@@ -16,9 +16,9 @@ Three questions, answered separately so input shift and label shift are not conf
   (``scipy.optimize.nnls``), prevalence = w * P_val(true j), normalised. Valid under label shift only;
   a batch that also shows input shift makes it a rough guide.
 * **OOD excess**: is the batch's count of flagged films more than chance? The threshold is an order
-  statistic of the reference's n calibration scores (the k-th smallest; see :mod:`.reference`), so for exchangeable films the count among
-  m new ones is beta-binomial(m, n - k + 1, k) (``scipy.stats.betabinom``), not binomial: with a small
-  validation set the threshold itself is random and shared by the whole batch, and a binomial test
+  statistic of the reference's n calibration scores (the k-th smallest; see :mod:`.reference`), so
+  for exchangeable films the count among m new ones is beta-binomial(m, n - k + 1, k)
+  (``scipy.stats.betabinom``), not binomial: with a small calibration set the threshold itself is random and shared by the whole batch, and a binomial test
   against 1 - XRAY_OOD_QUANTILE raised false alarms in 10% of same-distribution batches (bench/drift.py).
 
 The three tests share XRAY_DRIFT_ALPHA (Bonferroni: each warns below alpha / 3), so a batch from the

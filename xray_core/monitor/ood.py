@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+ROWS_PER_COMPONENT = 4  # training rows per PCA component of the format-2 scorer, at least
+
 
 def standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """The head's own normalisation: ``(x - mean) / std`` per dimension, float64."""
@@ -91,7 +93,12 @@ class OodBasis:
 
 def fit_basis(rows: np.ndarray, *, max_components: int, max_rows: int | None = None, seed: int = 0) -> OodBasis:
     """Fit an :class:`OodBasis` on training rows (films x views flattened, raw features); at most
-    ``max_rows`` of them, a seeded random subset (a basis of a few directions needs no more)."""
+    ``max_rows`` of them, a seeded random subset (a basis of a few directions needs no more).
+
+    At most one component per ``ROWS_PER_COMPONENT`` rows: a basis with nearly as many components as
+    rows reproduces its rows almost exactly, so their mean residual (Q's scale) is ~0 and every new
+    film scores in the hundreds; with few films the cross-fitted folds would then set the threshold.
+    """
     from sklearn.covariance import LedoitWolf
     from sklearn.decomposition import PCA
 
@@ -101,7 +108,7 @@ def fit_basis(rows: np.ndarray, *, max_components: int, max_rows: int | None = N
     centre = rows.mean(axis=0)
     scale = float(np.sqrt(rows.var(axis=0).mean())) or 1.0
     z = (rows - centre) / scale
-    k = max(1, min(max_components, len(z) - 1, z.shape[1]))
+    k = max(1, min(max_components, len(z) // ROWS_PER_COMPONENT, z.shape[1]))
     components = PCA(n_components=k, random_state=seed).fit(z).components_.astype(np.float64)
     t = z @ components.T
     shrunk = LedoitWolf().fit(t)
