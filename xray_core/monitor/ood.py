@@ -15,7 +15,7 @@ features standardised per dimension by the head's normaliser (:func:`ood_scores`
 From format 2 on, :class:`OodBasis` scores raw features centred and divided by *one* global scale, with
 a Ledoit-Wolf (sklearn) precision for T². Per-dimension standardisation divides near-constant
 dimensions by a tiny std, so noise there dominates Q and in-distribution scores get a long tail that
-shifted films hide in (bench/drift.py, 20 splits of the real sample: shifted-site films above the
+shifted films hide in (bench/drift.py's features and splits, 20 of them: shifted-site films above the
 largest in-distribution score 70% standardised vs 100% with one scale; restyled real films 53% vs 97%).
 Shrinkage steadies the smallest of k variances estimated from ~100-150 rows.
 
