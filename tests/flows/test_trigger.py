@@ -5,10 +5,12 @@ reactive-triggers and actions services turn events into runs) and ``python tests
 which registers the deployment with the trigger and concurrency limit read from prefect.yaml and
 serves a stand-in retrain flow (tests/ondrift.py says what differs: the stand-in flow, and
 ``schedule_after`` 0 instead of an hour, which a second deployment keeps as shipped). Events are sent
-with the project's own emitters (flows/events.py). Shows: two drift events give exactly two runs,
-the second waits in ``AwaitingConcurrencySlot`` until the first has finished; events the trigger must
-not match (a promotion, a drift event on a non-xray resource) start nothing; the shipped trigger
-schedules its runs an hour after the event. Skipped, with the server's log, if no server starts.
+with the project's own emitters (flows/events.py). Shows: two events (a drift, an ingest) give exactly
+two runs, the second waits in ``AwaitingConcurrencySlot`` until the first has finished; events the
+trigger must not match (a promotion, a drift event on a non-xray resource) start nothing; the shipped
+trigger schedules its runs an hour after the event. What queues the second run here is the
+deployment's own concurrency limit (served runs take no work queue; `make serve`'s retrain queue,
+limit 1, is a second guard not exercised here). Skipped, with the server's log, if no server starts.
 """
 
 from __future__ import annotations
@@ -125,18 +127,18 @@ async def _runs(client, deployment_id) -> list:
     return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
 
 
-def test_each_drift_event_starts_one_retrain_and_the_second_waits(on_drift_server):
+def test_each_drift_or_ingest_event_starts_one_retrain_and_the_second_waits(on_drift_server):
     from prefect.client.orchestration import get_client
     from prefect.events import emit_event
     from prefect.events.clients import PrefectEventsClient
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.events import emit_drift, emit_retrain_outcome
+    from flows.events import emit_drift, emit_ingested, emit_retrain_outcome
 
     spec = on_drift_spec()
     (trigger,) = spec["triggers"]
-    assert "xray.drift.detected" in trigger["expect"] and trigger["threshold"] == 1
+    assert {"xray.drift.detected", "xray.batch.ingested"} <= set(trigger["expect"]) and trigger["threshold"] == 1
     api_url, started = on_drift_server["api_url"], time.monotonic()
 
     def drift(site: str) -> dict:
@@ -150,13 +152,14 @@ def test_each_drift_event_starts_one_retrain_and_the_second_waits(on_drift_serve
                                      on_drift_server["runner_log"])
             print(f"deployments registered after {time.monotonic() - started:.1f} s")
             # Events the trigger must not match first: they go down the same connection, so by the time the
-            # drift events' runs exist they have been judged; any run they started is counted below.
+            # matching events' runs exist they have been judged; any run they started is counted below.
             assert emit_retrain_outcome({"state": "Promoted", "state_message": "v8 replaces v7", "version": 8,
                                          "champion_after": 8, "trigger": "event"}) == "xray.model.promoted"
             emit_event("xray.drift.detected", resource={"prefect.resource.id": "elsewhere.site.far"},
                        payload={"subject": "not an xray resource"})
             sent_at = time.time()
-            assert emit_drift(drift("far")) == 1 and emit_drift(drift("farther")) == 1
+            assert emit_drift(drift("far")) == 1
+            emit_ingested({"source_id": 12, "files": 50, "added": 48, "duplicates": 2, "rejected": 0}, "clinic-b")
             await EventsWorker.instance().drain()  # this server's events worker: sent, then stopped
 
             sent, runs = time.monotonic(), []
@@ -181,17 +184,18 @@ def test_each_drift_event_starts_one_retrain_and_the_second_waits(on_drift_serve
         EventsWorker.set_client_override(None)
     log = _tail(on_drift_server["runner_log"])
 
-    # Exactly one run per drift event, none for the two unrelated events, and both finished.
+    # Exactly one run per event (a drift, an ingest), none for the two unrelated events; both finished.
     runs = sorted(seen["runs"], key=lambda r: r.start_time or r.expected_start_time)
-    assert len(runs) == 2, f"{len(runs)} runs for 2 drift events: {[(r.name, r.state_name) for r in runs]}\n{log}"
+    assert len(runs) == 2, f"{len(runs)} runs for 2 events: {[(r.name, r.state_name) for r in runs]}\n{log}"
     assert [r.state_name for r in runs] == ["Completed", "Completed"], log
     assert all(r.parameters["trigger"] == "event" for r in runs)
     first, second = runs
     # One at a time: the second was created while the first ran, was refused a slot, and started only
     # after the first had ended.
     assert second.created < first.end_time, "the second run came too late to test the queue"
+    assert second.start_time >= first.end_time, ("the second run started while the first ran",
+                                                 first.start_time, first.end_time, second.start_time)
     assert "AwaitingConcurrencySlot" in seen["history"][second.id], seen["history"][second.id]
-    assert second.start_time >= first.end_time, (first.start_time, first.end_time, second.start_time)
 
     # The trigger exactly as shipped: one run per event as well, scheduled an hour after it, not started.
     shipped = seen["as_shipped"]
