@@ -7,8 +7,9 @@ second run could overlap it if the one-at-a-time limit did not hold.
 
 Two deployments are served, both from prefect.yaml's ``on-drift`` entry:
 
-- ``on-drift``: its trigger with ``schedule_after`` set to 0 (the shipped review window is an hour;
-  nothing else is changed) and its ``concurrency_limit``; these runs are started and watched.
+- ``on-drift``: its trigger with ``schedule_after`` set to 0 (the shipped review window, an hour,
+  would hold the runs back that long; nothing else is changed) and its ``concurrency_limit``; these
+  runs are started and watched.
 - ``on-drift-as-shipped``: the trigger exactly as shipped, 1 hour window included, with no
   concurrency limit; its runs are only scheduled (an hour out), never started, and show the window.
 """
@@ -67,8 +68,8 @@ def retrain(incoming: str | None = None, use_incoming: bool = False, trigger: st
     deadline = time.monotonic() + HOLD_MAX_S
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
-            if len(runs) >= 2:
+            mine = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+            if len(client.read_flow_runs(deployment_filter=mine)) >= 2:
                 break
             time.sleep(0.2)
     time.sleep(HOLD_AFTER_SECOND_S)
