@@ -64,8 +64,9 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
 
 
 def test_on_drift_trigger_is_a_valid_prefect_trigger_on_the_one_at_a_time_queue():
-    """The deployment trigger as Prefect itself parses it: one run per xray.drift.detected event, after
-    the review window, on the retrain queue whose limit of 1 queues a second run instead of running it."""
+    """The deployment trigger as Prefect itself parses it: one run per xray.drift.detected or
+    xray.batch.ingested event, after the review window, on the retrain queue whose limit of 1 queues a
+    second run instead of running it (tests/flows/test_trigger.py shows it on a real server)."""
     from datetime import timedelta
     from pathlib import Path
 
@@ -78,7 +79,7 @@ def test_on_drift_trigger_is_a_valid_prefect_trigger_on_the_one_at_a_time_queue(
     on_drift = by_name[("flows/retrain.py:retrain", "on-drift")]
     (raw,) = on_drift["triggers"]
     trigger = DeploymentEventTrigger.model_validate({k: v for k, v in raw.items() if k != "type"})
-    assert trigger.expect == {"xray.drift.detected"} and trigger.threshold == 1 and trigger.posture == "Reactive"
+    assert trigger.expect == {"xray.drift.detected", "xray.batch.ingested"} and trigger.threshold == 1 and trigger.posture == "Reactive"
     assert trigger.schedule_after == timedelta(hours=1)
     for resource_id, matched in (("xray.site.far", True), ("xray.model.v7", True), ("prefect.flow-run.1", False)):
         assert trigger.match.matches(Resource({"prefect.resource.id": resource_id})) is matched

@@ -267,3 +267,43 @@ def test_status_and_models_print_tables_and_exact_json(home, capsys, monkeypatch
     assert status["catalogue"]["images"] == 20
     code, text, _ = _run(capsys, monkeypatch, "status")
     assert code == 0 and "images 20" in text and "label" in text
+
+
+def test_prediction_files_view_0_of_new_films_so_a_later_ingest_reuses_it(home, films, predicted):
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.features import EmbedItem, FeatureCache
+    from xray_core.pipeline.predict import predict_folder
+
+    result, rows, out_dir = predicted
+    # Of the six ingested films, validation and test films have view 0 cached (training films only their
+    # augmented views): reused. The others and wide.png (never ingested) are embedded now and filed.
+    eval_shas = {row[1] for row in home.data.val + home.data.test}
+    reused = sum(r["sha256"] in eval_shas for r in rows if r["status"] == "ok")
+    assert 0 < reused < 7
+    assert result["feature_cache"] == {"reused": reused, "filled": 7 - reused, "note": None}
+    wide = next(r for r in rows if r["file"] == "wide.png")
+    cache = FeatureCache(load_backbone(home.settings), home.settings)
+    stats = cache.ensure([EmbedItem(wide["sha256"], films / "wide.png")], [0])
+    assert (stats.cached, stats.computed) == (1, 0)  # the later ingest's embed finds it
+    # The filed features are the ones the prediction used: the same probabilities from the cache.
+    again = predict_folder(home.settings, films, out=out_dir / "again.csv")
+    assert again["feature_cache"] == {"reused": 7, "filled": 0, "note": None}
+    wide_again = next(r for r in again["rows"] if r["file"] == "wide.png")
+    assert [float(wide_again[k]) for k in wide_again if k.startswith("p_")] == [
+        float(wide[k]) for k in wide if k.startswith("p_")]
+
+
+def test_a_features_area_that_cannot_be_written_only_costs_the_cache(home, tmp_path, monkeypatch):
+    from xray_core.model.features import FeatureCache
+    from xray_core.pipeline.predict import predict_folder
+
+    new = _png(tmp_path / "films" / "new.png", make_xray("normal", size=80, rng=np.random.default_rng(11)))
+
+    def refuse(self, sha256, features):  # noqa: ANN001 - a read-only share
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(FeatureCache, "put", refuse)
+    result = predict_folder(home.settings, new.parent, out=tmp_path / "p.csv")
+    assert result["predicted"] == 1 and result["rows"][0]["status"] == "ok"
+    assert result["feature_cache"]["filled"] == 0
+    assert "Permission denied" in result["feature_cache"]["note"]

@@ -337,6 +337,17 @@ class FeatureCache:
                 f"cannot embed {len(failed)} image(s); the others were cached. First: {failed[0]}"
             )
 
+    def put(self, sha256: str, features: dict[int, np.ndarray]) -> None:
+        """File features computed outside :meth:`ensure` (``xray predict`` embeds view 0 of films it has
+        not seen), merged with the views already cached, so a film predicted once is embedded once:
+        when it later arrives labelled, its view 0 is already here. Rounded to float16 as every cached
+        view is."""
+        bad = [v for v, arr in features.items() if v < 0 or np.shape(arr) != (FEATURE_DIM,)]
+        if bad:
+            raise FeatureCacheError(f"features for view(s) {bad} must be vectors of {FEATURE_DIM} values "
+                                    "for views 0 and above")
+        self._write(sha256, {int(v): np.asarray(arr, dtype=np.float16) for v, arr in features.items()})
+
     def load(self, sha256s: Sequence[str], view: int) -> np.ndarray:
         """(n, 2208) float32 features of ``view`` for each image, in order; FeatureCacheError if any is missing."""
         return self.load_views(sha256s, [view])[:, 0, :]
@@ -376,13 +387,8 @@ class FeatureCache:
             cached += have
             complete += have == len(wanted)
         total = len(unique) * len(wanted)
-        return {
-            "images": len(unique),
-            "complete": complete,
-            "pairs_total": total,
-            "pairs_cached": cached,
-            "pairs_needed": total - cached,
-        }
+        return {"images": len(unique), "complete": complete, "pairs_total": total, "pairs_cached": cached,
+                "pairs_needed": total - cached}
 
 
 def _check_views(views: Sequence[int]) -> list[int]:
@@ -409,12 +415,5 @@ def cache_summary(features: Path | Storage) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = [
-    "ACTIVATION_FACTOR",
-    "EmbedItem",
-    "EmbedStats",
-    "FeatureCache",
-    "FeatureCacheError",
-    "cache_summary",
-    "effective_batch_size",
-]
+__all__ = ["ACTIVATION_FACTOR", "EmbedItem", "EmbedStats", "FeatureCache", "FeatureCacheError", "cache_summary",
+           "effective_batch_size"]

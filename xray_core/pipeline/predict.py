@@ -3,7 +3,8 @@
 Reads a folder (``<root>/<label>/<image>`` or any files below it) or a manifest; labels are optional.
 Writes one CSV row per file: sha256, predicted label, per-class probabilities, the threshold used,
 the model version and backbone fingerprint. Unreadable files get a row with their rejection reason;
-they never stop the batch. Features of images already in the cache are reused. With ``heatmaps`` a
+they never stop the batch. Features of images already in the cache are reused, and view 0 of the others
+is filed in it, so a film predicted now and ingested labelled later is embedded once. With ``heatmaps`` a
 Grad-CAM overlay PNG of the predicted class is written per predicted image (see ``heatmap.py``).
 """
 
@@ -179,6 +180,19 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             paths.append(str(target))
         return paths
 
+    cache_fill: dict[str, Any] = {"reused": 0, "filled": 0, "error": None}
+
+    def fill_cache(sha: str, feat: np.ndarray) -> None:
+        """File the view 0 just computed, so the film is embedded once even if it is ingested later. A
+        features area this user cannot write (a read-only share) costs only that: prediction goes on."""
+        if cache_fill["error"] is not None:
+            return
+        try:
+            cache.put(sha, {0: feat})
+            cache_fill["filled"] += 1
+        except OSError as exc:
+            cache_fill["error"] = f"features not cached ({exc.strerror or exc}); prediction is unaffected"
+
     def flush() -> None:
         if not batch:
             return
@@ -189,6 +203,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             except FeatureCacheError:  # not cached (or unusable): embedded below
                 pass
         todo = [(f, sha, px) for f, sha, px in batch if sha not in cached]
+        cache_fill["reused"] += len(batch) - len(todo)
         if todo:
             x = torch.stack([make_view(px, 0, sha, settings) for _, sha, px in todo])
             # Rounded through float16 like cached features, so an image gets the same probabilities
@@ -196,6 +211,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             feats = backbone.embed(x).numpy().astype(np.float16).astype(np.float32)
             for (_, sha, _), feat in zip(todo, feats):
                 cached[sha] = feat
+                fill_cache(sha, feat)
         feats = np.stack([cached[sha] for _, sha, _ in batch])
         probs = predict_proba(model.head, feats)
         preds = predict_labels(probs, threshold=threshold, positive_index=pos)
@@ -244,6 +260,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             "predicted": len(ok), "rejected": len(rows) - len(ok), "out": str(out) if out else None,
             "heatmaps": str(heatmaps) if heatmaps is not None else None,
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init,
+            "feature_cache": {"reused": cache_fill["reused"], "filled": cache_fill["filled"],
+                              "note": cache_fill["error"]},
             "ood": ood_summary(ok, reference),
             "drift": batch_drift(settings, model, reference, scored, subject=str(path)), "rows": rows}
 
