@@ -102,6 +102,19 @@ class Image(Base):
     patient: Mapped[Patient] = relationship()
 
 
+class NearPair(Base):
+    """Two catalogued images of different patients within ``db.near_pairs.NEAR_PAIR_MAX_DISTANCE`` pHash
+    bits (migration 0005), recorded when the second is ingested, whatever the splits are then: splits
+    are assigned after ingest, so ``xray status`` joins the pairs to the patients' splits when asked.
+    ``image_a < image_b``. Images of one patient are not paired: they always share a split."""
+
+    __tablename__ = "near_pairs"
+    image_a: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    image_b: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True, index=True)
+    distance: Mapped[int] = mapped_column(Integer)
+    __table_args__ = (CheckConstraint("image_a < image_b", name="ck_near_pair_order"),)
+
+
 class SeenFile(Base):
     """What an ingest concluded about a path at a (size, mtime): lets re-scans skip unchanged files."""
 

