@@ -100,6 +100,12 @@ class Image(Base):
     # sha256 of the stored bytes when they are not the original's (a de-identified DICOM copy); None = same
     stored_sha256: Mapped[str | None] = mapped_column(String(64))
     patient: Mapped[Patient] = relationship()
+    __table_args__ = (
+        # Migration 0005, for xray status at 1M images: its census groups in this order and reads
+        # nothing else (no sort, no table rows); label history groups films by patient and label.
+        Index("ix_images_census", "label", "site", "source_id", "view", "format", "body_part", "patient_id"),
+        Index("ix_images_patient_label", "patient_id", "label"),
+    )
 
 
 class NearPair(Base):

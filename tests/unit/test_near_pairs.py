@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from db import dispose_engines, session_scope
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, BandIndex, backfill_near_pairs, pairs_within, popcount64
 from db.schema import SPLITS, Image, NearPair, Patient, Source
 from xray_core.data.admission import NearCopyIndex, record_near_pairs
-from xray_core.data.catalogue import catalogue_summary, near_duplicate_pairs, open_catalogue
+from xray_core.data.catalogue import catalogue_summary, label_history, near_duplicate_pairs, open_catalogue
 from xray_core.settings import Settings
 
 U64 = (1 << 64) - 1
+LABELS = ("normal", "normal", "normal", "pneumonia")  # a quarter of the films: some patients' labels differ
 
 
 def clustered_hashes(n: int, seed: int, *, centres: int = 40, max_flips: int = 9) -> np.ndarray:
@@ -125,17 +126,22 @@ def test_the_ingest_index_answers_as_the_linear_scan_did() -> None:
 
 
 def fill(session, n: int, seed: int) -> None:  # noqa: ANN001 - a Session
-    """n images of n/3 patients with clustered pHashes; a fifth of the patients without a split yet."""
+    """n images of n/3 patients with clustered pHashes, mixed labels, views, sites, sources and DICOM body
+    parts; a fifth of the patients without a split yet."""
     rng = np.random.default_rng(seed)
-    session.add(Source(id=1, kind="folder", path="/synthetic", status="done", counts={}))
+    session.add(Source(id=1, kind="folder", path="/data/synthetic", status="done", counts={}))
+    session.add(Source(id=2, kind="folder", path="/data/second", status="done", counts={}))
     for p in range(n // 3 + 1):
         split = None if p % 5 == 4 else SPLITS[int(rng.integers(3))]
         session.add(Patient(patient_id=f"p{p}", id_source="manifest", split=split))
     for k, value in enumerate(clustered_hashes(n, seed, centres=30, max_flips=8)):
         signed = int(value) - (1 << 64) if int(value) >= 1 << 63 else int(value)
-        session.add(Image(id=k + 1, sha256=f"{k:064x}", stored_path="store/x.png", label="normal",
-                          patient_id=f"p{k // 3}", width=64, height=64, bit_depth=8, format="png",
-                          phash=signed, original_name=f"f{k}.png", source_id=1))
+        dicom = k % 7 == 0
+        session.add(Image(id=k + 1, sha256=f"{k:064x}", stored_path="store/x.png", label=str(rng.choice(LABELS)),
+                          patient_id=f"p{k // 3}", width=64, height=64, bit_depth=8, format="dicom" if dicom else "png",
+                          body_part=("CHEST", "ABDOMEN", None)[k % 3] if dicom else None,
+                          view=("PA", "AP", None)[k % 3], site="north" if k % 4 == 0 else None,
+                          phash=signed, original_name=f"f{k}.png", source_id=1 + k % 2))
     session.flush()
 
 
@@ -155,7 +161,50 @@ def old_near_duplicate_pairs(session, *, max_distance: int, limit: int):  # noqa
                        for i, j in keep[:limit]]
 
 
-def test_status_lists_the_same_pairs_as_the_all_pairs_scan(settings: Settings) -> None:
+def old_label_history(session, *, limit: int) -> dict:  # noqa: ANN001
+    """catalogue.label_history before it counted in SQL (every changed patient's films read)."""
+    changed = (select(Image.patient_id).group_by(Image.patient_id)
+               .having(func.count(func.distinct(Image.label)) > 1))
+    rows = session.execute(
+        select(Image.patient_id, Patient.split, Image.label, Image.original_name, Image.added_at, Image.id)
+        .join(Patient, Patient.patient_id == Image.patient_id).where(Image.patient_id.in_(changed))
+        .order_by(Image.patient_id, Image.added_at, Image.id)).all()
+    patients: dict = {}
+    for pid, split, label, name, added, _ in rows:
+        entry = patients.setdefault(pid, {"patient_id": pid, "split": split, "films": []})
+        entry["films"].append({"label": label, "file": name, "added_at": added.isoformat() if added else None})
+    for entry in patients.values():
+        entry["labels"] = sorted({f["label"] for f in entry["films"]})
+    listed = list(patients.values())
+    return {"patients": len(listed), "in_test": sum(1 for e in listed if e["split"] == "test"),
+            "examples": listed[:limit]}
+
+
+def old_counts(session) -> dict:  # noqa: ANN001
+    """The group-bys status ran before the census (one per table)."""
+    from xray_core.data.facts import source_site
+
+    by_label: dict = {}
+    for label, split, n in session.execute(select(Image.label, Patient.split, func.count())
+                                           .join(Patient, Patient.patient_id == Image.patient_id)
+                                           .group_by(Image.label, Patient.split)):
+        by_label.setdefault(label, {**{s: 0 for s in SPLITS}, "unassigned": 0})[split or "unassigned"] += n
+    by_site: dict = {}
+    for site, path, label, split, n in session.execute(
+            select(Image.site, Source.path, Image.label, Patient.split, func.count())
+            .join(Patient, Patient.patient_id == Image.patient_id).outerjoin(Source, Source.id == Image.source_id)
+            .group_by(Image.site, Source.path, Image.label, Patient.split)):
+        cell = by_site.setdefault(site or source_site(path), {}).setdefault(
+            label, {**{s: 0 for s in SPLITS}, "unassigned": 0})
+        cell[split or "unassigned"] += n
+    views = {str(v or "unknown"): n for v, n in session.execute(select(Image.view, func.count()).group_by(Image.view))}
+    not_chest = session.scalar(select(func.count()).select_from(Image).where(
+        Image.format == "dicom", func.coalesce(Image.body_part, "") != "CHEST"))
+    return {"by_label": dict(sorted(by_label.items())), "views": dict(sorted(views.items())), "not_chest": not_chest,
+            "by_site": {site: dict(sorted(labels.items())) for site, labels in sorted(by_site.items())}}
+
+
+def test_status_answers_as_the_all_pairs_scan_and_the_group_bys_did(settings: Settings) -> None:
     with session_scope(open_catalogue(settings)) as s:
         fill(s, 900, seed=5)
         assert backfill_near_pairs(s.connection()) > 0
@@ -165,10 +214,22 @@ def test_status_lists_the_same_pairs_as_the_all_pairs_scan(settings: Settings) -
             assert want[0] > 0 and near_duplicate_pairs(s, max_distance=distance, limit=limit) == want
         with pytest.raises(ValueError, match="widest"):
             near_duplicate_pairs(s, max_distance=NEAR_PAIR_MAX_DISTANCE + 1)
-    near = catalogue_summary(settings)["near_duplicates"]
+    summary = catalogue_summary(settings)
+    near = summary["near_duplicates"]
     with session_scope(open_catalogue(settings)) as s:
         assert (near["pairs_across_splits"], near["examples"]) == old_near_duplicate_pairs(
             s, max_distance=NEAR_PAIR_MAX_DISTANCE, limit=20)
+        assert summary["label_history"] == old_label_history(s, limit=20)
+        assert summary["label_history"]["in_test"] > 0 and summary["label_history"]["patients"] > 20
+        assert label_history(s, limit=10_000) == old_label_history(s, limit=10_000)
+        old = old_counts(s)
+    assert summary["by_label_and_split"] == old["by_label"] and summary["views"] == old["views"]
+    assert summary["dicom_not_marked_chest"] == old["not_chest"] > 0
+    from xray_core.report.status import status_report
+
+    report = status_report(settings)
+    assert report["sites"]["by_site_label_split"] == old["by_site"] and len(old["by_site"]) == 3
+    assert report["catalogue"] == summary
     dispose_engines()
 
 

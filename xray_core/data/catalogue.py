@@ -6,9 +6,9 @@ import os
 import secrets
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, case, func, select
 from sqlalchemy.orm import Session, aliased
 
 from db import get_engine, session_scope
@@ -64,19 +64,56 @@ def split_image_rows(session: Session, split: str | None = None) -> list[tuple[i
     return [tuple(row[:5]) for row in session.execute(query).all()]  # type: ignore[misc]
 
 
-def counts_by_label_and_split(session: Session) -> dict[str, dict[str, int]]:
+class CensusRow(NamedTuple):
+    """Images of one (label, site, source, view), by their patients' splits."""
+
+    label: str
+    site: str | None
+    source_id: int
+    view: str | None
+    train: int
+    val: int
+    test: int
+    unassigned: int
+    dicom_not_chest: int  # DICOM films whose BodyPartExamined is not CHEST (or absent)
+
+
+def census(session: Session) -> list[CensusRow]:
+    """One pass over the images for every count ``xray status`` shows (by label, split, site, view).
+
+    Grouped in the order of the covering index ``ix_images_census`` (migration 0005), so SQLite reads
+    the index alone and groups without sorting: at 1M images one such pass replaced four (two
+    label/split/site group-bys, the views, the DICOM body parts), each of them a sort of 1M rows.
+    Splits are summed per group instead of grouped by, for the same reason.
+    """
+    def count_if(condition: Any) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
     rows = session.execute(
-        select(Image.label, Patient.split, func.count())
+        select(Image.label, Image.site, Image.source_id, Image.view,
+               *(count_if(Patient.split == name) for name in SPLITS), count_if(Patient.split.is_(None)),
+               count_if((Image.format == "dicom") & (func.coalesce(Image.body_part, "") != "CHEST")))
         .join(Patient, Patient.patient_id == Image.patient_id)
-        .group_by(Image.label, Patient.split)
+        .group_by(Image.label, Image.site, Image.source_id, Image.view)
     ).all()
+    return [CensusRow(*row[:4], *(int(n) for n in row[4:])) for row in rows]
+
+
+def _split_counts(row: CensusRow) -> dict[str, int]:
+    return {"train": row.train, "val": row.val, "test": row.test, "unassigned": row.unassigned}
+
+
+def counts_by_label_and_split(session: Session, rows: list[CensusRow] | None = None) -> dict[str, dict[str, int]]:
+    """Images per label × split (``rows``: a census already taken, else one is)."""
     table: dict[str, dict[str, int]] = defaultdict(lambda: {**{s: 0 for s in SPLITS}, "unassigned": 0})
-    for label, split, n in rows:
-        table[label][split or "unassigned"] += n
+    for row in census(session) if rows is None else rows:
+        for split, n in _split_counts(row).items():
+            table[row.label][split] += n
     return {label: dict(v) for label, v in sorted(table.items())}
 
 
-def counts_by_label_site_split(session: Session) -> dict[str, dict[str, dict[str, int]]]:
+def counts_by_label_site_split(session: Session, rows: list[CensusRow] | None = None
+                               ) -> dict[str, dict[str, dict[str, int]]]:
     """Images per site × label × split: ``{site: {label: {"train", "val", "test", "unassigned"}}}``.
 
     The site is the image's own (manifest ``site`` column, ``--site``, DICOM), else the default site of
@@ -85,17 +122,15 @@ def counts_by_label_site_split(session: Session) -> dict[str, dict[str, dict[str
     """
     from xray_core.data.facts import source_site  # facts imports this module: import when called
 
-    rows = session.execute(
-        select(Image.site, Source.path, Image.label, Patient.split, func.count())
-        .join(Patient, Patient.patient_id == Image.patient_id)
-        .outerjoin(Source, Source.id == Image.source_id)
-        .group_by(Image.site, Source.path, Image.label, Patient.split)
-    ).all()
+    rows = census(session) if rows is None else rows
+    paths = dict(session.execute(select(Source.id, Source.path)
+                                 .where(Source.id.in_(sorted({r.source_id for r in rows})))).all())
     table: dict[str, dict[str, dict[str, int]]] = {}
-    for site, path, label, split, n in rows:
-        cell = table.setdefault(site or source_site(path), {}).setdefault(
-            label, {**{s: 0 for s in SPLITS}, "unassigned": 0})
-        cell[split or "unassigned"] += n
+    for row in rows:
+        cell = table.setdefault(row.site or source_site(paths.get(row.source_id)), {}).setdefault(
+            row.label, {**{s: 0 for s in SPLITS}, "unassigned": 0})
+        for split, n in _split_counts(row).items():
+            cell[split] += n
     return {site: dict(sorted(labels.items())) for site, labels in sorted(table.items())}
 
 
@@ -142,11 +177,18 @@ def label_history(session: Session, *, limit: int = 50) -> dict[str, Any]:
     the count, how many sit in the test split, and up to ``limit`` patients with their films in order.
     """
     changed = (select(Image.patient_id).group_by(Image.patient_id)
-               .having(func.count(func.distinct(Image.label)) > 1))
+               .having(func.count(func.distinct(Image.label)) > 1)).subquery()
+    # Counted in SQL, and films read only for the ``limit`` patients listed: a catalogue where many
+    # patients' labels changed (a relabelling) would otherwise build every patient's film list.
+    n_changed, in_test = session.execute(
+        select(func.count(), func.coalesce(func.sum(case((Patient.split == "test", 1), else_=0)), 0))
+        .select_from(changed).join(Patient, Patient.patient_id == changed.c.patient_id)).one()
+    listed_ids = (select(changed.c.patient_id).join(Patient, Patient.patient_id == changed.c.patient_id)
+                  .order_by(changed.c.patient_id).limit(limit))
     rows = session.execute(
         select(Image.patient_id, Patient.split, Image.label, Image.original_name, Image.added_at, Image.id)
         .join(Patient, Patient.patient_id == Image.patient_id)
-        .where(Image.patient_id.in_(changed))
+        .where(Image.patient_id.in_(listed_ids))
         .order_by(Image.patient_id, Image.added_at, Image.id)
     ).all()
     patients: dict[str, dict[str, Any]] = {}
@@ -155,16 +197,16 @@ def label_history(session: Session, *, limit: int = 50) -> dict[str, Any]:
         entry["films"].append({"label": label, "file": name, "added_at": added.isoformat() if added else None})
     for entry in patients.values():
         entry["labels"] = sorted({f["label"] for f in entry["films"]})
-    listed = list(patients.values())
-    return {"patients": len(listed), "in_test": sum(1 for e in listed if e["split"] == "test"),
-            "examples": listed[:limit]}
+    return {"patients": int(n_changed), "in_test": int(in_test), "examples": list(patients.values())}
 
 
-def catalogue_summary(settings: Settings) -> dict[str, Any]:
-    """Everything ``xray status`` shows about the catalogue (images, patients, rejections, sources)."""
+def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None) -> dict[str, Any]:
+    """Everything ``xray status`` shows about the catalogue (images, patients, rejections, sources);
+    ``rows``: a :func:`census` already taken (status shares one with its per-site table)."""
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
-        by_label_split = counts_by_label_and_split(s)
+        rows = census(s) if rows is None else rows
+        by_label_split = counts_by_label_and_split(s, rows)
         rejections = dict(
             s.execute(select(Rejection.reason, func.count()).group_by(Rejection.reason)).all()
         )
@@ -178,10 +220,11 @@ def catalogue_summary(settings: Settings) -> dict[str, Any]:
         n_sources = s.scalar(select(func.count()).select_from(Source)) or 0
         near_total, near_pairs = near_duplicate_pairs(s, limit=20)
         history = label_history(s, limit=20)
-        views = {str(v or "unknown"): n for v, n in s.execute(select(Image.view, func.count()).group_by(Image.view))}
+        views: dict[str, int] = defaultdict(int)
+        for row in rows:
+            views[str(row.view or "unknown")] += sum(_split_counts(row).values())
         # DICOM films whose BodyPartExamined is not CHEST (or absent): kept unless XRAY_REQUIRE_CHEST.
-        not_chest = s.scalar(select(func.count()).select_from(Image).where(
-            Image.format == "dicom", func.coalesce(Image.body_part, "") != "CHEST")) or 0
+        not_chest = sum(row.dicom_not_chest for row in rows)
     notes = []
     if not_chest:
         notes.append(f"{not_chest} DICOM film(s) are not marked CHEST (BodyPartExamined); "
