@@ -183,8 +183,9 @@ def label_history(session: Session, *, limit: int = 50) -> dict[str, Any]:
     n_changed, in_test = session.execute(
         select(func.count(), func.coalesce(func.sum(case((Patient.split == "test", 1), else_=0)), 0))
         .select_from(changed).join(Patient, Patient.patient_id == changed.c.patient_id)).one()
-    listed_ids = (select(changed.c.patient_id).join(Patient, Patient.patient_id == changed.c.patient_id)
-                  .order_by(changed.c.patient_id).limit(limit))
+    # Grouped, ordered and cut in the order of ix_images_patient_label: stops after ``limit`` patients.
+    listed_ids = (select(Image.patient_id).group_by(Image.patient_id)
+                  .having(func.count(func.distinct(Image.label)) > 1).order_by(Image.patient_id).limit(limit))
     rows = session.execute(
         select(Image.patient_id, Patient.split, Image.label, Image.original_name, Image.added_at, Image.id)
         .join(Patient, Patient.patient_id == Image.patient_id)
