@@ -254,6 +254,17 @@ def test_pairs_recorded_one_film_at_a_time_equal_the_backfill(settings: Settings
                           .order_by(NearPair.image_a, NearPair.image_b)).all()
     assert recorded == expected and again == backfilled
 
+    with session_scope(engine) as s:  # loaded from the catalogue: patients read for the films found
+        loaded = NearCopyIndex.load(s)
+        hashes = [int(h) & U64 for _, h, _ in rows]
+        patients = [p for _, _, p in rows]
+        for k in range(0, len(rows), 13):
+            for distance in (3, 6, 9):
+                assert loaded.other_patients_within(rows[k][1], patients[k], distance, s) == old_linear_scan(
+                    hashes, patients, hashes[k], patients[k], distance)
+        with pytest.raises(ValueError, match="session"):
+            NearCopyIndex.load(s).other_patients_within(rows[0][1], "nobody", 64)
+
     late = NearCopyIndex()
     late.add(rows[0][0], rows[0][1], rows[0][2], "own")
     with session_scope(engine) as s:
