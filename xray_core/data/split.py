@@ -17,7 +17,7 @@ import hashlib
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import SPLITS, Image, Patient
@@ -54,7 +54,8 @@ def assign_splits(session: Session, *, ratios: tuple[float, float, float], seed:
     Runs inside the caller's transaction (ingest calls it in the same write transaction as the
     images, so a crash leaves either both or neither).
     """
-    pending = session.scalars(select(Patient).where(Patient.split.is_(None))).all()
+    session.flush()  # patients and images the caller added in this session count
+    pending = session.scalars(select(Patient.patient_id).where(Patient.split.is_(None))).all()
     if not pending:
         return {name: 0 for name in SPLITS}
     # Label counts of the pending patients only; the assigned ones enter as counts per (stratum, split),
@@ -72,16 +73,23 @@ def assign_splits(session: Session, *, ratios: tuple[float, float, float], seed:
         counts[stratum][split] += n
     assigned = {name: 0 for name in SPLITS}
     now = datetime.now(timezone.utc)
-    for patient in sorted(pending, key=lambda p: patient_order_key(p.patient_id, seed)):
-        if not labels_of.get(patient.patient_id):
+    updates = []
+    for pid in sorted(pending, key=lambda p: patient_order_key(p, seed)):
+        if not labels_of.get(pid):
             continue  # a patient row without images (should not happen): leave it unassigned
-        stratum = majority_label(labels_of[patient.patient_id])
+        stratum = majority_label(labels_of[pid])
         split = choose_split(counts[stratum], ratios)
-        patient.split = split
-        patient.assigned_at = now
+        updates.append({"pid": pid, "split": split, "at": now})
         counts[stratum][split] += 1
         assigned[split] += 1
-    session.flush()
+    if updates:
+        # One executemany UPDATE (the ORM's per-object flush took 2.5 s for 10,000 new patients).
+        table = Patient.__table__
+        session.execute(update(table).where(table.c.patient_id == bindparam("pid"))
+                        .values(split=bindparam("split"), assigned_at=bindparam("at")), updates)
+        for obj in list(session.identity_map.values()):  # loaded Patient objects must not keep split None
+            if isinstance(obj, Patient):
+                session.expire(obj, ["split", "assigned_at"])
     return assigned
 
 
