@@ -52,16 +52,17 @@ def patient_salt(settings: Settings) -> str:
 
 
 def split_image_rows(session: Session, split: str | None = None) -> list[tuple[int, str, str, str, str]]:
-    """(image id, sha256, stored path, label, patient id) of images with an assigned split, by id."""
+    """(image id, sha256, stored path, label, patient id) of images with an assigned split, by id.
+
+    Read through the session's connection (Core rows, no ORM loading step): at 1M images the ORM
+    layer and a second tuple copy took longer than SQLite's own fetch."""
     query = (
-        select(Image.id, Image.sha256, Image.stored_path, Image.label, Image.patient_id, Patient.split)
+        select(Image.id, Image.sha256, Image.stored_path, Image.label, Image.patient_id)
         .join(Patient, Patient.patient_id == Image.patient_id)
-        .where(Patient.split.is_not(None))
+        .where(Patient.split.is_not(None) if split is None else Patient.split == split)
         .order_by(Image.id)
     )
-    if split is not None:
-        query = query.where(Patient.split == split)
-    return [tuple(row[:5]) for row in session.execute(query).all()]  # type: ignore[misc]
+    return list(map(tuple, session.connection().execute(query).all()))  # type: ignore[arg-type]
 
 
 class CensusRow(NamedTuple):
