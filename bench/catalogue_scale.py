@@ -13,6 +13,8 @@ the status listing have pairs to find. Then, on that catalogue:
               ``record_near_pairs`` (6 bits) and ``add``, in one transaction, all 10k timed;
   skip        the retrain skip check: ``load_split_data`` + ``nothing_new_since_champion`` against a
               champion trained on exactly the current train/val sets (backbone loaded beforehand);
+              and the recipe's whole way there after ingest (``skip_run_path``): freeze the split to
+              split.json, read it back, the catalogue summary for the run's notes, the check;
   show        ``model_lineage`` (``xray models show``) of that champion: N x 0.85 images listed;
   lineage     bytes per version at N training/validation images: the old ``model_images`` rows
               (measured as SQLite pages of a table holding them) against one split manifest body.
@@ -148,7 +150,7 @@ def _near_10k(settings, n: int, rng: np.random.Generator, result: dict) -> None:
     new[planted] = _near_copy(existing[rng.choice(n, size=len(planted))], rng, 3)
     verdicts = pairs = 0
     t0 = time.perf_counter()
-    with session_scope(engine) as s:
+    with session_scope(engine) as s, s.no_autoflush:  # the films themselves are not written here
         for k, value in enumerate(new.view(np.int64)):
             image_id = n + k + 1  # the id the film would get
             verdicts += bool(index.other_patients_within(int(value), f"new{k}", 3, s))
@@ -258,7 +260,8 @@ def _drop_database(server_url: str) -> None:
 def _skip_and_show(settings, engine, result: dict) -> None:  # noqa: ANN001
     """A champion trained on exactly the current train/val sets, then the skip check and its lineage."""
     from xray_core.model.backbone import load_backbone
-    from xray_core.pipeline.snapshot import load_split_data, training_set_fingerprint
+    from xray_core.pipeline.cycle import freeze_split
+    from xray_core.pipeline.snapshot import load_snapshot, load_split_data, training_set_fingerprint
     from xray_core.pipeline.steps import TRAINING_SETTINGS, nothing_new_since_champion
     from xray_core.registry.listing import model_lineage
     from xray_core.registry.manifests import put_split_manifest
@@ -275,6 +278,13 @@ def _skip_and_show(settings, engine, result: dict) -> None:  # noqa: ANN001
     why = _timed(result, "skip_check_seconds",
                  lambda: nothing_new_since_champion(settings, load_split_data(settings)))
     assert why is not None and why.startswith("nothing new"), why
+
+    def skipped_run() -> str | None:  # the recipe's way to the same decision (pipeline.cycle)
+        data = load_snapshot(Path(freeze_split(settings, str(settings.home / "reports" / "bench"))))
+        catalogue_summary(settings)  # the run's near-duplicate and label-history notes
+        return nothing_new_since_champion(settings, data)
+
+    assert _timed(result, "skip_run_path_seconds", skipped_run) == why
     shown = _timed(result, "models_show_seconds", lambda: model_lineage(settings, 1))
     result["models_show_images"] = sum(len(v) for v in shown["images"].values())
     result["models_show_json_bytes"] = len(json.dumps(shown, default=str))
