@@ -100,6 +100,25 @@ class Image(Base):
     # sha256 of the stored bytes when they are not the original's (a de-identified DICOM copy); None = same
     stored_sha256: Mapped[str | None] = mapped_column(String(64))
     patient: Mapped[Patient] = relationship()
+    __table_args__ = (
+        # Migration 0005, for xray status at 1M images: its census groups in this order and reads
+        # nothing else (no sort, no table rows); label history groups films by patient and label.
+        Index("ix_images_census", "label", "site", "source_id", "view", "format", "body_part", "patient_id"),
+        Index("ix_images_patient_label", "patient_id", "label"),
+    )
+
+
+class NearPair(Base):
+    """Two catalogued images of different patients within ``db.near_pairs.NEAR_PAIR_MAX_DISTANCE`` pHash
+    bits (migration 0005), recorded when the second is ingested, whatever the splits are then: splits
+    are assigned after ingest, so ``xray status`` joins the pairs to the patients' splits when asked.
+    ``image_a < image_b``. Images of one patient are not paired: they always share a split."""
+
+    __tablename__ = "near_pairs"
+    image_a: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    image_b: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True, index=True)
+    distance: Mapped[int] = mapped_column(Integer)
+    __table_args__ = (CheckConstraint("image_a < image_b", name="ck_near_pair_order"),)
 
 
 class SeenFile(Base):

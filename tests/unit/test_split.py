@@ -154,3 +154,30 @@ def test_new_images_of_known_patient_join_its_split():
 def test_majority_label_breaks_ties_by_name():
     assert majority_label(Counter({"pneumonia": 2, "normal": 2})) == "normal"
     assert majority_label(Counter({"pneumonia": 3, "normal": 2})) == "pneumonia"
+
+
+@hsettings(max_examples=30, deadline=None)
+@given(films=st.lists(st.tuples(st.integers(0, 30), st.sampled_from(["normal", "Normal", "b", "a_x", "aX", "é"])),
+                      min_size=1, max_size=60),
+       splits=st.lists(st.sampled_from([*SPLITS, None]), min_size=31, max_size=31))
+def test_strata_counted_in_the_database_match_majority_label(films, splits):
+    """The assigned patients' (stratum, split) counts that assign_splits reads from the database equal
+    majority_label over each patient's films, ties and mixed-case labels included (PostgreSQL sorts
+    with COLLATE "C" there, as Python sorts code points)."""
+    from xray_core.data.split import assigned_per_stratum
+
+    session = _fresh()
+    labels: dict[str, Counter] = {}
+    for k, (pnum, label) in enumerate(films):
+        pid = f"p{pnum}"
+        if pid not in labels:
+            session.add(Patient(patient_id=pid, id_source="manifest", split=splits[pnum]))
+            session.flush()
+        labels.setdefault(pid, Counter())[label] += 1
+        session.add(Image(sha256=f"{k:064x}", stored_path="s", label=label, patient_id=pid, width=64, height=64,
+                          bit_depth=8, format="png", phash=0, original_name="f", source_id=1))
+    session.flush()
+    want = Counter((majority_label(c), splits[int(pid[1:])]) for pid, c in labels.items()
+                   if splits[int(pid[1:])] is not None)
+    got = {(stratum, split): n for stratum, split, n in session.execute(assigned_per_stratum(session))}
+    assert got == dict(want)

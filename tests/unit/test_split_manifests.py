@@ -114,7 +114,7 @@ def test_an_old_catalogue_upgrades_and_models_show_gives_the_same_answers(settin
     engine.dispose()
     dispose_engines()
 
-    for version in OLD_LINEAGE:  # the first open upgrades to head (0003s)
+    for version in OLD_LINEAGE:  # the first open upgrades to head
         assert cli.main(["models", "show", str(version), "--json"]) == 0
         shown = json.loads(capsys.readouterr().out)
         assert shown["images"] == before[version]
@@ -124,7 +124,7 @@ def test_an_old_catalogue_upgrades_and_models_show_gives_the_same_answers(settin
         manifests = {m.id: m.split_manifest for m in s.scalars(select(Model))}
         n_manifests = s.scalar(select(func.count()).select_from(SplitManifest))
         tables = {r[0] for r in s.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))}
-    assert revision == "0003s" and "model_images" not in tables
+    assert revision == "0005" and "model_images" not in tables
     assert manifests[1] == manifests[2] != manifests[3]  # identical sets share one manifest
     assert manifests[4] is None and n_manifests == 2  # a version without rows keeps no lineage
 
@@ -176,3 +176,19 @@ def test_a_downgrade_to_0002_gives_back_the_rows_and_upgrading_again_the_manifes
     with engine.connect() as conn:
         assert conn.execute(text("SELECT split_manifest FROM models")).scalar() == manifest is not None
     engine.dispose()
+
+
+@pytest.mark.sqlite_only  # _insert_images writes SQLite's INSERT OR IGNORE
+def test_manifest_images_read_by_range_or_by_id_list_alike(settings: Settings) -> None:
+    """Dense ids are read as one id range (others dropped), sparse ones by IN (...) lists: same rows."""
+    from xray_core.registry.manifests import put_split_manifest, split_manifest_images
+
+    with session_scope(open_catalogue(settings)) as s:
+        _insert_images(s.connection())
+        facts = {i: (sha, label, pid, 1) for i, sha, label, pid in IMAGES}
+        for train, val in (([1, 2, 3, 5, 6], [4, 7]), ([1, 12], [6]), ([2], [])):  # dense, sparse, single
+            sha = put_split_manifest(s, train, val)
+            want = sorted([("train", i, *facts[i]) for i in train] + [("val", i, *facts[i]) for i in val],
+                          key=lambda r: r[1])
+            assert split_manifest_images(s, sha) == want
+    dispose_engines()

@@ -6,17 +6,17 @@ import os
 import secrets
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
-from sqlalchemy import Engine, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, case, func, select
+from sqlalchemy.orm import Session, aliased
 
 from db import get_engine, session_scope
-from db.schema import SPLITS, Image, Patient, Rejection, Source
+from db.near_pairs import NEAR_PAIR_MAX_DISTANCE
+from db.schema import SPLITS, Image, NearPair, Patient, Rejection, Source
 from xray_core.settings import Settings
 
-NEAR_DUPLICATE_MAX_DISTANCE = 6  # bits of 64: pHash distance at or below this counts as near-duplicate
+NEAR_DUPLICATE_MAX_DISTANCE = NEAR_PAIR_MAX_DISTANCE  # bits of 64: pHash distance at or below this counts
 
 
 def open_catalogue(settings: Settings) -> Engine:
@@ -52,31 +52,69 @@ def patient_salt(settings: Settings) -> str:
 
 
 def split_image_rows(session: Session, split: str | None = None) -> list[tuple[int, str, str, str, str]]:
-    """(image id, sha256, stored path, label, patient id) of images with an assigned split, by id."""
+    """(image id, sha256, stored path, label, patient id) of images with an assigned split, by id.
+
+    Read through the session's connection (Core rows, no ORM loading step): at 1M images the ORM
+    layer and a second tuple copy took longer than SQLite's own fetch."""
     query = (
-        select(Image.id, Image.sha256, Image.stored_path, Image.label, Image.patient_id, Patient.split)
+        select(Image.id, Image.sha256, Image.stored_path, Image.label, Image.patient_id)
         .join(Patient, Patient.patient_id == Image.patient_id)
-        .where(Patient.split.is_not(None))
+        .where(Patient.split.is_not(None) if split is None else Patient.split == split)
         .order_by(Image.id)
     )
-    if split is not None:
-        query = query.where(Patient.split == split)
-    return [tuple(row[:5]) for row in session.execute(query).all()]  # type: ignore[misc]
+    return list(map(tuple, session.connection().execute(query).all()))  # type: ignore[arg-type]
 
 
-def counts_by_label_and_split(session: Session) -> dict[str, dict[str, int]]:
+class CensusRow(NamedTuple):
+    """Images of one (label, site, source, view), by their patients' splits."""
+
+    label: str
+    site: str | None
+    source_id: int
+    view: str | None
+    train: int
+    val: int
+    test: int
+    unassigned: int
+    dicom_not_chest: int  # DICOM films whose BodyPartExamined is not CHEST (or absent)
+
+
+def census(session: Session) -> list[CensusRow]:
+    """One pass over the images for every count ``xray status`` shows (by label, split, site, view).
+
+    Grouped in the order of the covering index ``ix_images_census`` (migration 0005), so SQLite reads
+    the index alone and groups without sorting: at 1M images one such pass replaced four (two
+    label/split/site group-bys, the views, the DICOM body parts), each of them a sort of 1M rows.
+    Splits are summed per group instead of grouped by, for the same reason.
+    """
+    def count_if(condition: Any) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
     rows = session.execute(
-        select(Image.label, Patient.split, func.count())
+        select(Image.label, Image.site, Image.source_id, Image.view,
+               *(count_if(Patient.split == name) for name in SPLITS), count_if(Patient.split.is_(None)),
+               count_if((Image.format == "dicom") & (func.coalesce(Image.body_part, "") != "CHEST")))
         .join(Patient, Patient.patient_id == Image.patient_id)
-        .group_by(Image.label, Patient.split)
+        .group_by(Image.label, Image.site, Image.source_id, Image.view)
     ).all()
+    return [CensusRow(*row[:4], *(int(n) for n in row[4:])) for row in rows]
+
+
+def _split_counts(row: CensusRow) -> dict[str, int]:
+    return {"train": row.train, "val": row.val, "test": row.test, "unassigned": row.unassigned}
+
+
+def counts_by_label_and_split(session: Session, rows: list[CensusRow] | None = None) -> dict[str, dict[str, int]]:
+    """Images per label × split (``rows``: a census already taken, else one is)."""
     table: dict[str, dict[str, int]] = defaultdict(lambda: {**{s: 0 for s in SPLITS}, "unassigned": 0})
-    for label, split, n in rows:
-        table[label][split or "unassigned"] += n
+    for row in census(session) if rows is None else rows:
+        for split, n in _split_counts(row).items():
+            table[row.label][split] += n
     return {label: dict(v) for label, v in sorted(table.items())}
 
 
-def counts_by_label_site_split(session: Session) -> dict[str, dict[str, dict[str, int]]]:
+def counts_by_label_site_split(session: Session, rows: list[CensusRow] | None = None
+                               ) -> dict[str, dict[str, dict[str, int]]]:
     """Images per site × label × split: ``{site: {label: {"train", "val", "test", "unassigned"}}}``.
 
     The site is the image's own (manifest ``site`` column, ``--site``, DICOM), else the default site of
@@ -85,17 +123,15 @@ def counts_by_label_site_split(session: Session) -> dict[str, dict[str, dict[str
     """
     from xray_core.data.facts import source_site  # facts imports this module: import when called
 
-    rows = session.execute(
-        select(Image.site, Source.path, Image.label, Patient.split, func.count())
-        .join(Patient, Patient.patient_id == Image.patient_id)
-        .outerjoin(Source, Source.id == Image.source_id)
-        .group_by(Image.site, Source.path, Image.label, Patient.split)
-    ).all()
+    rows = census(session) if rows is None else rows
+    paths = dict(session.execute(select(Source.id, Source.path)
+                                 .where(Source.id.in_(sorted({r.source_id for r in rows})))).all())
     table: dict[str, dict[str, dict[str, int]]] = {}
-    for site, path, label, split, n in rows:
-        cell = table.setdefault(site or source_site(path), {}).setdefault(
-            label, {**{s: 0 for s in SPLITS}, "unassigned": 0})
-        cell[split or "unassigned"] += n
+    for row in rows:
+        cell = table.setdefault(row.site or source_site(paths.get(row.source_id)), {}).setdefault(
+            row.label, {**{s: 0 for s in SPLITS}, "unassigned": 0})
+        for split, n in _split_counts(row).items():
+            cell[split] += n
     return {site: dict(sorted(labels.items())) for site, labels in sorted(table.items())}
 
 
@@ -103,56 +139,35 @@ def near_duplicate_pairs(
     session: Session, *, max_distance: int = NEAR_DUPLICATE_MAX_DISTANCE, limit: int = 100
 ) -> tuple[int, list[dict[str, Any]]]:
     """Pairs of different images whose perceptual hashes are within ``max_distance`` bits while
-    their patients sit in different splits (possible leakage). Returns (total pairs, first ``limit``).
+    their patients sit in different splits (possible leakage). Returns (total pairs, first ``limit``
+    by the two image ids).
 
-    Vectorised popcount of XORs in blocks of rows, so 10,000 images take well under a second and
-    memory stays at about ``block * n * 9`` bytes.
+    Reads the ``near_pairs`` table (:class:`db.schema.NearPair`: ingest records each new film's pairs,
+    migration 0005 backfilled older films) joined to both patients' splits, so the cost follows the
+    number of near pairs, not the square of the catalogue (the former all-pairs scan took 146 s at
+    100,000 images). ``max_distance`` above NEAR_PAIR_MAX_DISTANCE is refused: the table holds no more.
     """
-    rows = session.execute(
-        select(Image.id, Image.sha256, Image.phash, Patient.split, Image.original_name, Image.patient_id)
-        .join(Patient, Patient.patient_id == Image.patient_id)
-        .where(Patient.split.is_not(None))
-        .order_by(Image.id)
-    ).all()
-    if len(rows) < 2:
-        return 0, []
-    ids = np.array([r[0] for r in rows])
-    hashes = np.array([r[2] for r in rows], dtype=np.int64).view(np.uint64)
-    split_codes = np.array([SPLITS.index(r[3]) for r in rows])
-    total, found = 0, []
-    block = 1024
-    for start in range(0, len(rows), block):
-        a = hashes[start : start + block, None]
-        x = np.bitwise_xor(a, hashes[None, :])
-        dist = _popcount64(x)
-        ii, jj = np.nonzero(dist <= max_distance)
-        ii = ii + start
-        keep = (jj > ii) & (split_codes[ii] != split_codes[jj])
-        total += int(keep.sum())
-        # Only the first ``limit`` pairs become dicts: similar-looking catalogues can hold millions.
-        room = max(limit - len(found), 0)
-        for i, j in zip(ii[keep][:room], jj[keep][:room]):
-            found.append({
-                "image_a": int(ids[i]), "sha256_a": rows[i][1], "split_a": rows[i][3],
-                "file_a": rows[i][4], "patient_a": rows[i][5],
-                "image_b": int(ids[j]), "sha256_b": rows[j][1], "split_b": rows[j][3],
-                "file_b": rows[j][4], "patient_b": rows[j][5],
-                "distance": int(dist[i - start, j]),
-            })
-    return total, found
-
-
-# Set bits per byte value, for NumPy releases without np.bitwise_count (added in NumPy 2.0).
-_BYTE_POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
-
-
-def _popcount64(x: np.ndarray) -> np.ndarray:
-    """Set bits of each uint64, as uint8. (Unpacking every value to 64 one-bit bytes took 6.5 s and
-    0.9 GB for 10,000 hashes; np.bitwise_count takes 0.15 s.)"""
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x)
-    per_byte = _BYTE_POPCOUNT[np.ascontiguousarray(x).view(np.uint8)]
-    return per_byte.reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+    if max_distance > NEAR_PAIR_MAX_DISTANCE:
+        raise ValueError(f"max_distance {max_distance} is above {NEAR_PAIR_MAX_DISTANCE}, the widest "
+                         "distance near_pairs records (db.near_pairs.NEAR_PAIR_MAX_DISTANCE)")
+    image_a, image_b = aliased(Image), aliased(Image)
+    patient_a, patient_b = aliased(Patient), aliased(Patient)
+    across = (select(NearPair.image_a, NearPair.image_b, NearPair.distance,
+                     image_a.sha256, patient_a.split, image_a.original_name, image_a.patient_id,
+                     image_b.sha256, patient_b.split, image_b.original_name, image_b.patient_id)
+              .join(image_a, image_a.id == NearPair.image_a)
+              .join(patient_a, patient_a.patient_id == image_a.patient_id)
+              .join(image_b, image_b.id == NearPair.image_b)
+              .join(patient_b, patient_b.patient_id == image_b.patient_id)
+              .where(NearPair.distance <= max_distance, patient_a.split.is_not(None),
+                     patient_b.split.is_not(None), patient_a.split != patient_b.split))
+    total = session.scalar(select(func.count()).select_from(across.subquery())) or 0
+    found = [{"image_a": a, "sha256_a": sha_a, "split_a": split_a, "file_a": file_a, "patient_a": pat_a,
+              "image_b": b, "sha256_b": sha_b, "split_b": split_b, "file_b": file_b, "patient_b": pat_b,
+              "distance": int(d)}
+             for a, b, d, sha_a, split_a, file_a, pat_a, sha_b, split_b, file_b, pat_b
+             in session.execute(across.order_by(NearPair.image_a, NearPair.image_b).limit(limit))]
+    return int(total), found
 
 
 def label_history(session: Session, *, limit: int = 50) -> dict[str, Any]:
@@ -163,11 +178,19 @@ def label_history(session: Session, *, limit: int = 50) -> dict[str, Any]:
     the count, how many sit in the test split, and up to ``limit`` patients with their films in order.
     """
     changed = (select(Image.patient_id).group_by(Image.patient_id)
-               .having(func.count(func.distinct(Image.label)) > 1))
+               .having(func.count(func.distinct(Image.label)) > 1)).subquery()
+    # Counted in SQL, and films read only for the ``limit`` patients listed: a catalogue where many
+    # patients' labels changed (a relabelling) would otherwise build every patient's film list.
+    n_changed, in_test = session.execute(
+        select(func.count(), func.coalesce(func.sum(case((Patient.split == "test", 1), else_=0)), 0))
+        .select_from(changed).join(Patient, Patient.patient_id == changed.c.patient_id)).one()
+    # Grouped, ordered and cut in the order of ix_images_patient_label: stops after ``limit`` patients.
+    listed_ids = (select(Image.patient_id).group_by(Image.patient_id)
+                  .having(func.count(func.distinct(Image.label)) > 1).order_by(Image.patient_id).limit(limit))
     rows = session.execute(
         select(Image.patient_id, Patient.split, Image.label, Image.original_name, Image.added_at, Image.id)
         .join(Patient, Patient.patient_id == Image.patient_id)
-        .where(Image.patient_id.in_(changed))
+        .where(Image.patient_id.in_(listed_ids))
         .order_by(Image.patient_id, Image.added_at, Image.id)
     ).all()
     patients: dict[str, dict[str, Any]] = {}
@@ -176,16 +199,16 @@ def label_history(session: Session, *, limit: int = 50) -> dict[str, Any]:
         entry["films"].append({"label": label, "file": name, "added_at": added.isoformat() if added else None})
     for entry in patients.values():
         entry["labels"] = sorted({f["label"] for f in entry["films"]})
-    listed = list(patients.values())
-    return {"patients": len(listed), "in_test": sum(1 for e in listed if e["split"] == "test"),
-            "examples": listed[:limit]}
+    return {"patients": int(n_changed), "in_test": int(in_test), "examples": list(patients.values())}
 
 
-def catalogue_summary(settings: Settings) -> dict[str, Any]:
-    """Everything ``xray status`` shows about the catalogue (images, patients, rejections, sources)."""
+def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None) -> dict[str, Any]:
+    """Everything ``xray status`` shows about the catalogue (images, patients, rejections, sources);
+    ``rows``: a :func:`census` already taken (status shares one with its per-site table)."""
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
-        by_label_split = counts_by_label_and_split(s)
+        rows = census(s) if rows is None else rows
+        by_label_split = counts_by_label_and_split(s, rows)
         rejections = dict(
             s.execute(select(Rejection.reason, func.count()).group_by(Rejection.reason)).all()
         )
@@ -199,10 +222,11 @@ def catalogue_summary(settings: Settings) -> dict[str, Any]:
         n_sources = s.scalar(select(func.count()).select_from(Source)) or 0
         near_total, near_pairs = near_duplicate_pairs(s, limit=20)
         history = label_history(s, limit=20)
-        views = {str(v or "unknown"): n for v, n in s.execute(select(Image.view, func.count()).group_by(Image.view))}
+        views: dict[str, int] = defaultdict(int)
+        for row in rows:
+            views[str(row.view or "unknown")] += sum(_split_counts(row).values())
         # DICOM films whose BodyPartExamined is not CHEST (or absent): kept unless XRAY_REQUIRE_CHEST.
-        not_chest = s.scalar(select(func.count()).select_from(Image).where(
-            Image.format == "dicom", func.coalesce(Image.body_part, "") != "CHEST")) or 0
+        not_chest = sum(row.dicom_not_chest for row in rows)
     notes = []
     if not_chest:
         notes.append(f"{not_chest} DICOM film(s) are not marked CHEST (BodyPartExamined); "

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 from sqlalchemy import select
 
 from db import session_scope
+from db.near_pairs import NEAR_PAIR_MAX_DISTANCE
 from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest_pool import Prepared, PreparePool, resolve_workers
@@ -31,7 +32,7 @@ from xray_core.faults import crash_point
 from xray_core.errors import SettingsError, SourceError
 from xray_core.io.fsutil import printable
 from xray_core.settings import Settings
-from xray_core.data.admission import NearCopyIndex, SiteRule, admit
+from xray_core.data.admission import NearCopyIndex, SiteRule, admit, record_near_pairs
 from xray_core.data.quarantine import quarantine_copy
 from xray_core.data.scan import Candidate, scan_folder, scan_manifest, validate_manifest
 from xray_core.data.sources import close_interrupted_ingests, ingest_owner
@@ -138,7 +139,8 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         seen_root = printable(str(manifest.parent if manifest else path)).rstrip("/") + "/"
         seen = {v.path: (v.size, v.mtime_ns, v.label_key) for v in s.scalars(select(SeenFile).where(
             SeenFile.path.like(f"{_like_prefix(Path(seen_root))}%", escape="\\")))}
-        admission = (NearCopyIndex.load(s), SiteRule.for_source(site, str(manifest or path)))
+        radius = max(settings.near_copy_distance, NEAR_PAIR_MAX_DISTANCE)
+        admission = (NearCopyIndex.load(s, radius=radius), SiteRule.for_source(site, str(manifest or path)))
 
     summary = IngestSummary(source_id, printable(str(path)), printable(str(manifest)) if manifest else None)
     def known_sha(sha: str) -> str | None:
@@ -220,6 +222,7 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
     """One write transaction for a group of prepared files; sha256 re-checked under the lock."""
     quarantined: dict[int, str | None] = {}
     with session_scope(engine) as s:
+        admission[0].refresh(s)  # films another ingest catalogued meanwhile (this transaction holds the lock)
         for i, prep in enumerate(group):
             outcome, reject, existing = "rejected", prep.reject, None
             if reject is None and prep.sha256:
@@ -252,8 +255,9 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                                 patient_id=prep.patient_id, original_name=prep.cand.rel,
                                 source_id=source_id, **prep.meta))
                     s.flush()
-                    admission[0].add(s.scalar(select(Image.id).where(Image.sha256 == prep.sha256)),
-                                     prep.meta["phash"], prep.patient_id, prep.cand.rel)
+                    image_id = s.scalar(select(Image.id).where(Image.sha256 == prep.sha256))
+                    record_near_pairs(s, admission[0], image_id, prep.meta["phash"], prep.patient_id)
+                    admission[0].add(image_id, prep.meta["phash"], prep.patient_id, prep.cand.rel)
                     outcome = "added"
             if reject is not None:
                 if i not in quarantined:

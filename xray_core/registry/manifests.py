@@ -18,6 +18,7 @@ from db.schema import Image, SplitManifest
 from db.split_manifest import ENCODING, ROLES, decode, encode
 
 _CHUNK = 900  # ids per IN (...) query: under SQLite's oldest bound-parameter limit (999)
+_RANGE_CHUNK = 50_000  # ids per range read, when they fill at least half their id range
 
 
 def put_split_manifest(session: Session, train_ids: Iterable[int], val_ids: Iterable[int]) -> str:
@@ -48,9 +49,16 @@ def split_manifest_images(session: Session, sha: str | None) -> list[tuple[str, 
     role_of = {i: role for role in ROLES for i in ids[role]}
     ordered = sorted(role_of)
     rows: list[Any] = []
-    for start in range(0, len(ordered), _CHUNK):
-        chunk = ordered[start:start + _CHUNK]
-        rows.extend(session.execute(select(Image.id, Image.sha256, Image.label, Image.patient_id, Image.source_id)
-                                    .where(Image.id.in_(chunk))).all())
+    columns = select(Image.id, Image.sha256, Image.label, Image.patient_id, Image.source_id)
+    for start in range(0, len(ordered), _RANGE_CHUNK):
+        block = ordered[start:start + _RANGE_CHUNK]
+        if block[-1] - block[0] < 2 * len(block):
+            # Dense ids (a large manifest): one range read, others dropped here, instead of one IN (...)
+            # query per 900 ids (850,000 ids: 945 queries, 19 s on a loaded machine).
+            rows.extend(r for r in session.execute(columns.where(Image.id.between(block[0], block[-1])))
+                        if r[0] in role_of)
+            continue
+        for at in range(0, len(block), _CHUNK):
+            rows.extend(session.execute(columns.where(Image.id.in_(block[at:at + _CHUNK]))).all())
     rows.sort(key=lambda r: r[0])
     return [(role_of[r[0]], *r) for r in rows]
