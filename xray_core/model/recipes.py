@@ -13,8 +13,24 @@ ImageNet features the MLP may win; the data should decide, not a default. The ca
 Selection is by macro one-vs-rest AUROC on held-out patients (ties: lower log loss, then the earlier,
 simpler candidate). When validation has fewer than ``min_val_per_class`` images of some class its
 AUROC cannot tell recipes apart, so the candidates are scored by patient-grouped stratified k-fold
-inside train+val instead (``StratifiedGroupKFold``), then the winner is refitted on the training
-split: validation stays held out for the temperature and the threshold.
+inside train+val instead (``StratifiedGroupKFold``).
+
+What happens after the choice (:func:`fit_calibrated`) depends on how it was made:
+
+* chosen on validation (or the only candidate): the winner is refitted on the training split, and
+  the temperature and threshold are fitted on validation, which stayed held out;
+* chosen by grouped k-fold: every image of train+val already has a held-out prediction from the
+  k-fold fits (out-of-fold, OOF). The temperature and threshold are fitted on those OOF predictions
+  of the winner, and the winner is refitted on train+val. Why: validation is small by definition
+  here (that is why k-fold ran). A temperature fitted on ~20 validation films is noisy: on the 64 px
+  sample it ranged 0.25-4.8 between folds, so models of different runs put the same evidence at
+  different probabilities, and a threshold chosen on ~20 films is noisier still. The OOF predictions
+  cover all of train+val (5x the films) at no extra fitting cost. Once validation is not needed to
+  fit the temperature, holding it out of the final fit only throws away a fifth of the labelled
+  patients. This is scikit-learn's ``CalibratedClassifierCV(ensemble=False)`` scheme: the OOF
+  logits come from models fitted on (k-1)/k of train+val rather than from the refit itself, a
+  mismatch that is small next to the noise of a 20-film temperature. A recipe that early-stops on
+  validation (the MLP with ``keep_best``) cannot be refitted on it, so it keeps the first route.
 
 Everything is seeded: the fold assignment, each MLP fit, and L-BFGS (deterministic) give the same
 choice and the same weights on every CPU run.
@@ -32,7 +48,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from xray_core.errors import NotEnoughDataError
-from xray_core.model.train import Head, HeadConfig, build_head, fit_normaliser, load_head, predict_proba, train_head
+from xray_core.model.calibrate import fit_temperature, softmax
+from xray_core.model.train import (Head, HeadConfig, build_head, fit_normaliser, load_head, predict_logits, predict_proba,
+                                   train_head)
 
 HEAD_RECIPES = ("auto", "linear", "mlp")
 
@@ -59,6 +77,10 @@ class Selection:
     method: str  # "only candidate" | "validation" | "grouped k-fold"
     reason: str  # one sentence for the card and the report
     scores: list[dict[str, Any]] = field(default_factory=list)  # per candidate: name, auroc, log_loss
+    # grouped k-fold only: the winner's out-of-fold logits (temperature 1) for every train+val image,
+    # train images first, and their labels; what fit_calibrated fits the temperature on
+    oof_logits: np.ndarray | None = None
+    oof_y: np.ndarray | None = None
 
 
 def candidate_recipes(config: HeadConfig, *, choice: str = "auto",
@@ -163,18 +185,58 @@ def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.nda
     pooled_eval = np.concatenate([train_eval_x, val_x]).astype(np.float32)
     splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
                   .split(pooled_eval, pooled_y, pooled_groups))
-    scores = []
+    scores, oofs = [], []
     for r in candidates:
         oof = np.zeros((len(pooled_y), n_classes))
         for fit_idx, held_idx in splits:
             head, _ = fit_recipe(r, pooled_views[fit_idx], pooled_y[fit_idx], pooled_eval[held_idx],
                                  pooled_y[held_idx], n_classes)
-            oof[held_idx] = predict_proba(head, pooled_eval[held_idx])
-        scores.append({"name": r.name, **score(pooled_y, oof, n_classes)})
+            oof[held_idx] = predict_logits(head, pooled_eval[held_idx])  # a fresh head: temperature 1
+        oofs.append(oof)
+        scores.append({"name": r.name, **score(pooled_y, softmax(oof), n_classes)})
     best = _best(scores)
     why = (f"by patient-grouped {k}-fold cross-validation inside train+val ({len(pooled_y)} images), because "
            f"validation has fewer than {min_val_per_class} images of some class ({val_counts.tolist()})")
-    return Selection(candidates[best], "grouped k-fold", _reason(scores[best], why), scores)
+    return Selection(candidates[best], "grouped k-fold", _reason(scores[best], why), scores,
+                     oof_logits=oofs[best], oof_y=pooled_y)
+
+
+@dataclass
+class Calibrated:
+    """A head refitted, with its temperature set, and the held-out evidence its calibration used."""
+
+    head: Head
+    record: dict[str, Any]  # fit_recipe's training record
+    selection: Selection
+    temperature: float
+    fitted_on: str  # "train" | "train+val": the rows of the final fit
+    calibrated_on: str  # "validation" | "out-of-fold": where the temperature was fitted
+    held_logits: np.ndarray  # (n, classes) held-out logits at temperature 1 the temperature was fitted on
+    held_y: np.ndarray  # their labels: validation, or train+val (train images first) when out-of-fold
+
+
+def fit_calibrated(selection: Selection, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
+                   val_y: np.ndarray, n_classes: int, progress=None) -> Calibrated:  # noqa: ANN001
+    """Refit the chosen recipe and fit its temperature; see the module docstring for which rows each
+    uses and why. ``train_x`` (n, views, D), ``val_x`` (m, D) the validation images' eval view. The
+    caller chooses the operating threshold on ``softmax(held_logits / temperature)``."""
+    recipe = selection.recipe
+    early_stops = recipe.kind == "mlp" and recipe.config.keep_best
+    if selection.oof_logits is not None and not early_stops:
+        views = train_x.shape[1]
+        pooled_x = np.concatenate([train_x, np.repeat(val_x[:, None, :], views, axis=1)]).astype(np.float32)
+        pooled_y = np.r_[train_y, val_y]
+        # val_x is passed as the "validation" of an MLP refit only for its loss history: a cosine
+        # schedule runs every epoch and keeps the last, so nothing is chosen on it
+        head, record = fit_recipe(recipe, pooled_x, pooled_y, val_x, val_y, n_classes, progress=progress)
+        held_logits, held_y, fitted_on, calibrated_on = selection.oof_logits, selection.oof_y, "train+val", "out-of-fold"
+    else:
+        head, record = fit_recipe(recipe, train_x, train_y, val_x, val_y, n_classes, progress=progress)
+        held_logits, held_y, fitted_on, calibrated_on = predict_logits(head, val_x), val_y, "train", "validation"
+    temperature = fit_temperature(held_logits, held_y)
+    head.set_temperature(temperature)
+    return Calibrated(head, record, selection, temperature, fitted_on, calibrated_on,
+                      np.asarray(held_logits, dtype=np.float64), np.asarray(held_y, dtype=np.int64))
 
 
 def _reason(s: dict[str, Any], how: str) -> str:
@@ -182,5 +244,5 @@ def _reason(s: dict[str, Any], how: str) -> str:
     return f"{s['name']} had the best held-out macro AUROC ({auc}, log loss {s['log_loss']:.3f}) {how}"
 
 
-__all__ = ["HEAD_RECIPES", "Recipe", "Selection", "candidate_recipes", "fit_linear", "fit_recipe", "score",
-           "select_recipe"]
+__all__ = ["HEAD_RECIPES", "Calibrated", "Recipe", "Selection", "candidate_recipes", "fit_calibrated", "fit_linear",
+           "fit_recipe", "score", "select_recipe"]
