@@ -2,7 +2,8 @@
 
 Patient-grouped, label-stratified 5-fold cross-validation (scikit-learn ``StratifiedGroupKFold``) on
 ``../shared/data/cxr-sample`` with a random-init densenet161 (the only backbone offline). Features come
-from the project's own feature cache (``FeatureCache``: view 0 for scoring, views 1..K for training).
+from the project's own feature cache (``FeatureCache``: view 0 for scoring; view 0 and views 1..K for training,
+as ``train_step`` has them).
 In each fold, on the same training patients:
 
 * **ours**: the training part is split again by patient into train/val (one grouped fold of it), then
@@ -77,7 +78,7 @@ def ours(settings, x_views, x_eval, y, groups, fit_idx, n_classes: int) -> tuple
     tr, va = fit_idx[tr_rel], fit_idx[va_rel]
     config = HeadConfig.from_settings(settings)
     cands = candidate_recipes(config, choice=settings.head_recipe, l2_grid=tuple(settings.head_l2_grid))
-    # held-out training images in k-fold: their first cached training view, as train_step has it
+    # held-out training images in k-fold: their eval view (column 0), as train_step has it
     sel = select_recipe(cands, x_views[tr], y[tr], groups[tr], x_views[tr][:, 0], x_eval[va], y[va], groups[va],
                         n_classes, folds=settings.recipe_folds, min_val_per_class=settings.recipe_min_val_per_class,
                         seed=settings.train_seed)
@@ -132,8 +133,10 @@ def main() -> None:
                                   "XRAY_INPUT_SIZE": str(args.size), "XRAY_VIEWS": str(args.views),
                                   "XRAY_PATIENT_SALT": "bench"})
         t0 = time.perf_counter()
-        x_eval, x_views = cached_features(settings, [data / r["file"] for r in rows], list(range(1, args.views + 1)))
+        x_eval, x_aug = cached_features(settings, [data / r["file"] for r in rows], list(range(1, args.views + 1)))
         embed_s = time.perf_counter() - t0
+        # training features as train_step has them (snapshot.train_views): the eval view, then views 1..K
+        x_views = np.concatenate([x_eval[:, None], x_aug], axis=1) if x_aug is not None else x_eval[:, None]
         foreign = Path(args.foreign) if args.foreign else None
         x_foreign = None
         if foreign is not None and (foreign / "manifest.csv").is_file():
@@ -182,7 +185,7 @@ def main() -> None:
         # one head trained as train_step would on the whole sample (its own inner train/val split),
         # scored on films from another population (adults, other hospitals): is p(positive) still
         # spread out there, or squeezed into a band as the old default head's ~0.03-wide one was?
-        p_foreign, _, name, _ = ours(settings, np.concatenate([x_views, x_foreign[:, None].repeat(args.views, 1)]),
+        p_foreign, _, name, _ = ours(settings, np.concatenate([x_views, x_foreign[:, None].repeat(x_views.shape[1], 1)]),
                                      np.concatenate([x_eval, x_foreign]), np.r_[y, np.zeros(len(x_foreign), int)],
                                      np.r_[groups, [f"foreign-{i}" for i in range(len(x_foreign))]],
                                      np.arange(len(y)), len(labels))

@@ -35,8 +35,8 @@ POLICY_ENV = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0.0", "
 
 
 def pairs_needed(rows_by_split: dict[str, list], views: int) -> int:
-    """(image, view) pairs embed_step needs: train images get views 1..K, val and test view 0."""
-    return views * len(rows_by_split["train"]) + len(rows_by_split["val"]) + len(rows_by_split["test"])
+    """(image, view) pairs embed_step needs: train images get views 0..K, val and test view 0."""
+    return (views + 1) * len(rows_by_split["train"]) + len(rows_by_split["val"]) + len(rows_by_split["test"])
 
 
 @pytest.fixture(scope="module")

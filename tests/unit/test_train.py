@@ -298,9 +298,10 @@ def test_kfold_choice_refits_on_train_and_val_with_the_temperature_from_out_of_f
     assert fitted.temperature == fit_temperature(sel.oof_logits, sel.oof_y)
     assert float(fitted.head.temperature) == pytest.approx(fitted.temperature)
     # validation rows were fitted on: the normaliser is train+val's (val's eval view repeated per view)
+    # (a linear winner trains on column 0, the eval view)
     pooled = np.concatenate([xt, np.repeat(xv[:, :1], 2, axis=1)])
-    assert np.array_equal(fitted.head.feature_mean.numpy(), fit_normaliser(pooled)[0])
-    assert not np.array_equal(fitted.head.feature_mean.numpy(), fit_normaliser(xt)[0])
+    assert np.array_equal(fitted.head.feature_mean.numpy(), fit_normaliser(pooled[:, :1])[0])
+    assert not np.array_equal(fitted.head.feature_mean.numpy(), fit_normaliser(xt[:, :1])[0])
     again = fit_calibrated(sel, xt, yt, xv[:, 0], yv, 2)
     for key, value in fitted.head.state_dict().items():
         assert torch.equal(value, again.head.state_dict()[key]), key
@@ -318,8 +319,8 @@ def test_validation_choice_refits_on_train_and_calibrates_on_validation():
     assert sel.method == "validation" and sel.oof_logits is None
     fitted = fit_calibrated(sel, xt, yt, xv[:, 0], yv, 2)
     assert (fitted.fitted_on, fitted.calibrated_on) == ("train", "validation")
-    assert np.array_equal(fitted.head.feature_mean.numpy(), fit_normaliser(xt)[0])
-    uncalibrated = fit_linear(xt, yt, 2, sel.recipe.c)
+    assert np.array_equal(fitted.head.feature_mean.numpy(), fit_normaliser(xt[:, :1])[0])
+    uncalibrated = fit_linear(xt[:, :1], yt, 2, sel.recipe.c)
     logits = predict_logits(uncalibrated, xv[:, 0])
     assert np.array_equal(fitted.held_logits, logits) and np.array_equal(fitted.held_y, yv)
     assert fitted.temperature == fit_temperature(logits, yv)
@@ -336,3 +337,17 @@ def test_an_early_stopping_mlp_is_not_refitted_on_the_validation_it_stops_on():
     fitted = fit_calibrated(chosen, xt, yt, xv[:, 0], yv, 2)
     assert (fitted.fitted_on, fitted.calibrated_on) == ("train", "validation")
     assert np.array_equal(fitted.held_y, yv)
+
+
+def test_linear_recipes_train_on_the_eval_view_and_the_mlp_on_every_view():
+    xt, yt = features(40, views=3)
+    xt[:, 1:] += 5.0  # augmented views shifted away from the eval view (column 0)
+    linear, mlp = candidate_recipes(config(epochs=2, schedule="cosine"), l2_grid=(0.1,))
+    assert (linear.views, mlp.views) == ("eval", "all")
+    head, _ = fit_recipe(linear, xt, yt, xt[:5, 0], yt[:5], 2)
+    expected = fit_linear(xt[:, :1], yt, 2, 0.1)
+    for key, value in head.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[key]), key
+    assert np.array_equal(head.feature_mean.numpy(), fit_normaliser(xt[:, :1])[0])
+    head, _ = fit_recipe(mlp, xt, yt, xt[:5, 0], yt[:5], 2)
+    assert np.array_equal(head.feature_mean.numpy(), fit_normaliser(xt)[0])

@@ -60,7 +60,7 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     candidates = candidate_recipes(config, choice=settings.head_recipe, l2_grid=tuple(settings.head_l2_grid))
     selection = select_recipe(
         candidates, x_train, y_train, np.array([r[4] for r in data.train], dtype=object),
-        x_train[:, 0], x_val, y_val,  # held-out training images in k-fold: their first cached view
+        x_train[:, 0], x_val, y_val,  # held-out training images in k-fold: their eval view
         np.array([r[4] for r in data.val], dtype=object), len(labels), folds=settings.recipe_folds,
         min_val_per_class=settings.recipe_min_val_per_class, seed=settings.train_seed)
     fitted = fit_calibrated(selection, x_train, y_train, x_val, y_val, len(labels), progress=progress)
