@@ -59,8 +59,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from xray_core.errors import NotEnoughDataError
 from xray_core.model.calibrate import fit_temperature, softmax
-from xray_core.model.train import (Head, HeadConfig, build_head, fit_normaliser, load_head, predict_logits, predict_proba,
-                                   train_head)
+from xray_core.model.train import (Head, HeadConfig, build_head, fit_normaliser, load_head, predict_logits,
+                                   predict_proba, train_head)
 
 HEAD_RECIPES = ("auto", "linear", "mlp")
 
@@ -243,7 +243,8 @@ def fit_calibrated(selection: Selection, train_x: np.ndarray, train_y: np.ndarra
         # val_x is passed as the "validation" of an MLP refit only for its loss history: a cosine
         # schedule runs every epoch and keeps the last, so nothing is chosen on it
         head, record = fit_recipe(recipe, pooled_x, pooled_y, val_x, val_y, n_classes, progress=progress)
-        held_logits, held_y, fitted_on, calibrated_on = selection.oof_logits, selection.oof_y, "train+val", "out-of-fold"
+        held_logits, held_y = selection.oof_logits, selection.oof_y
+        fitted_on, calibrated_on = "train+val", "out-of-fold"
     else:
         head, record = fit_recipe(recipe, train_x, train_y, val_x, val_y, n_classes, progress=progress)
         held_logits, held_y, fitted_on, calibrated_on = predict_logits(head, val_x), val_y, "train", "validation"
