@@ -71,7 +71,8 @@ def fit_model(settings, x_views, x_eval, y, tr, va, n_classes):
     from xray_core.model.train import HeadConfig, predict_logits, predict_proba
 
     (recipe,) = candidate_recipes(HeadConfig.from_settings(settings), choice="linear", l2_grid=(0.1,))
-    head, _ = fit_recipe(recipe, x_views[tr], y[tr], x_eval[va], y[va], n_classes)
+    train_x = np.concatenate([x_eval[tr][:, None], x_views[tr]], axis=1)  # column 0: the eval view
+    head, _ = fit_recipe(recipe, train_x, y[tr], x_eval[va], y[va], n_classes)
     head.set_temperature(fit_temperature(predict_logits(head, x_eval[va]), y[va]))
     return head, choose_threshold(y[va] == 1, predict_proba(head, x_eval[va])[:, 1])
 

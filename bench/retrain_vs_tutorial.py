@@ -20,7 +20,8 @@ The tutorial's cost is a lower bound: it runs no per-epoch validation pass. Wall
 headline; process CPU seconds (all threads) are reported beside them because they are far less
 disturbed by other work on a shared machine (the load average before and after is recorded).
 
-Prints one JSON line and writes bench/results/retrain_vs_tutorial.json.
+Prints one JSON line and writes bench/results/retrain_vs_tutorial.json (at 64 px; retrain_vs_tutorial_<size>.json
+otherwise).
 
     python bench/retrain_vs_tutorial.py [--size 64] [--epochs 20] [--views 4] [--data DIR] [--holdout 0.1]
 """
@@ -308,7 +309,8 @@ def main() -> None:
         "tutorial": tutorial, "cold": cold, "warm": warm,
         "python": platform.python_version(), "torch": torch.__version__,
     }
-    publish("retrain_vs_tutorial", result)
+    # the 64 px default keeps its historical name; other sizes get their own file beside it
+    publish("retrain_vs_tutorial" if args.size == 64 else f"retrain_vs_tutorial_{args.size}", result)
 
 
 if __name__ == "__main__":

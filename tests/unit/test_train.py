@@ -277,3 +277,77 @@ def test_linear_recipe_equals_logistic_regression_probabilities():
 def test_unknown_recipe_lists_allowed():
     with pytest.raises(ValueError, match="auto, linear, mlp"):
         candidate_recipes(config(), choice="forest")
+
+
+def test_kfold_choice_refits_on_train_and_val_with_the_temperature_from_out_of_fold_predictions():
+    from xray_core.model.calibrate import fit_temperature, softmax
+    from xray_core.model.recipes import fit_calibrated, score
+
+    xt, yt, gt = _grouped(48, 0, views=2)
+    xv, yv, gv = _grouped(12, 1, views=1)
+    cands = candidate_recipes(config(), choice="linear", l2_grid=(0.01, 1.0))
+    sel = select_recipe(cands, xt, yt, gt, xt[:, 0], xv[:, 0], yv, gv, 2, folds=3, min_val_per_class=1000, seed=0)
+    assert sel.method == "grouped k-fold"
+    # the winner's out-of-fold logits cover train then val, and are what its score was computed from
+    assert sel.oof_logits.shape == (60, 2) and np.array_equal(sel.oof_y, np.r_[yt, yv])
+    winner = next(s for s in sel.scores if s["name"] == sel.recipe.name)
+    assert score(sel.oof_y, softmax(sel.oof_logits), 2) == {k: winner[k] for k in ("auroc", "log_loss")}
+
+    fitted = fit_calibrated(sel, xt, yt, xv[:, 0], yv, 2)
+    assert (fitted.fitted_on, fitted.calibrated_on) == ("train+val", "out-of-fold")
+    assert fitted.temperature == fit_temperature(sel.oof_logits, sel.oof_y)
+    assert float(fitted.head.temperature) == pytest.approx(fitted.temperature)
+    # validation rows were fitted on: the normaliser is train+val's (val's eval view repeated per view)
+    # (a linear winner trains on column 0, the eval view)
+    pooled = np.concatenate([xt, np.repeat(xv[:, :1], 2, axis=1)])
+    assert np.array_equal(fitted.head.feature_mean.numpy(), fit_normaliser(pooled[:, :1])[0])
+    assert not np.array_equal(fitted.head.feature_mean.numpy(), fit_normaliser(xt[:, :1])[0])
+    again = fit_calibrated(sel, xt, yt, xv[:, 0], yv, 2)
+    for key, value in fitted.head.state_dict().items():
+        assert torch.equal(value, again.head.state_dict()[key]), key
+
+
+def test_validation_choice_refits_on_train_and_calibrates_on_validation():
+    from xray_core.model.calibrate import fit_temperature
+    from xray_core.model.recipes import fit_calibrated
+    from xray_core.model.train import predict_logits
+
+    xt, yt, gt = _grouped(48, 0, views=2)
+    xv, yv, gv = _grouped(24, 1, views=1)
+    cands = candidate_recipes(config(), choice="linear", l2_grid=(0.01, 1.0))
+    sel = select_recipe(cands, xt, yt, gt, xt[:, 0], xv[:, 0], yv, gv, 2, folds=3, min_val_per_class=0, seed=0)
+    assert sel.method == "validation" and sel.oof_logits is None
+    fitted = fit_calibrated(sel, xt, yt, xv[:, 0], yv, 2)
+    assert (fitted.fitted_on, fitted.calibrated_on) == ("train", "validation")
+    assert np.array_equal(fitted.head.feature_mean.numpy(), fit_normaliser(xt[:, :1])[0])
+    uncalibrated = fit_linear(xt[:, :1], yt, 2, sel.recipe.c)
+    logits = predict_logits(uncalibrated, xv[:, 0])
+    assert np.array_equal(fitted.held_logits, logits) and np.array_equal(fitted.held_y, yv)
+    assert fitted.temperature == fit_temperature(logits, yv)
+
+
+def test_an_early_stopping_mlp_is_not_refitted_on_the_validation_it_stops_on():
+    from xray_core.model.recipes import Selection, fit_calibrated
+
+    xt, yt, _ = _grouped(48, 0, views=2)
+    xv, yv, _ = _grouped(12, 1, views=1)
+    (mlp,) = candidate_recipes(config(epochs=3, schedule="none"), choice="mlp")
+    assert mlp.config.keep_best
+    chosen = Selection(mlp, "grouped k-fold", "k-fold", [], oof_logits=np.zeros((60, 2)), oof_y=np.r_[yt, yv])
+    fitted = fit_calibrated(chosen, xt, yt, xv[:, 0], yv, 2)
+    assert (fitted.fitted_on, fitted.calibrated_on) == ("train", "validation")
+    assert np.array_equal(fitted.held_y, yv)
+
+
+def test_linear_recipes_train_on_the_eval_view_and_the_mlp_on_every_view():
+    xt, yt = features(40, views=3)
+    xt[:, 1:] += 5.0  # augmented views shifted away from the eval view (column 0)
+    linear, mlp = candidate_recipes(config(epochs=2, schedule="cosine"), l2_grid=(0.1,))
+    assert (linear.views, mlp.views) == ("eval", "all")
+    head, _ = fit_recipe(linear, xt, yt, xt[:5, 0], yt[:5], 2)
+    expected = fit_linear(xt[:, :1], yt, 2, 0.1)
+    for key, value in head.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[key]), key
+    assert np.array_equal(head.feature_mean.numpy(), fit_normaliser(xt[:, :1])[0])
+    head, _ = fit_recipe(mlp, xt, yt, xt[:5, 0], yt[:5], 2)
+    assert np.array_equal(head.feature_mean.numpy(), fit_normaliser(xt)[0])

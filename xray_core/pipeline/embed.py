@@ -25,10 +25,9 @@ def embed_step(settings: Settings, data: SplitData, progress: EmbedProgress | No
             return None
         return lambda done, _n: progress(offset + done, total)
 
-    # Training films: their augmented views for the head, and the eval view the reference's OOD
-    # threshold is calibrated on (scored as prediction will score films: xray_core.monitor.reference).
-    stats_train = cache.ensure(embed_items(settings, data.train), sorted({0, *train_views(settings)}),
-                               progress=_progress(0))
+    # Training films: views 0..K. The eval view 0 trains the linear recipes and calibrates the
+    # reference's OOD threshold (scored as prediction scores films); the MLP also samples 1..K.
+    stats_train = cache.ensure(embed_items(settings, data.train), train_views(settings), progress=_progress(0))
     stats_eval = cache.ensure(embed_items(settings, data.val + data.test), [0], progress=_progress(len(data.train)))
     merged = {k: getattr(stats_train, k) + getattr(stats_eval, k)
               for k in ("requested", "cached", "computed", "recomputed_corrupt", "images")}

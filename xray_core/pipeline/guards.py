@@ -39,7 +39,7 @@ def evaluation_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs:
 
 def audit_step(settings: Settings, data: SplitData) -> dict[str, Any]:
     """The shortcut audit over every image of the run's split, with the site of each and its embedding
-    (training images: their first augmented view; validation and test: the eval view)."""
+    (the eval view of every image)."""
     from xray_core.data.facts import image_facts
     from xray_core.evaluate.audit import shortcut_audit
 
@@ -47,7 +47,7 @@ def audit_step(settings: Settings, data: SplitData) -> dict[str, Any]:
     facts = image_facts(settings, [r[0] for r in rows]).loc[[r[0] for r in rows]]
     parts = []
     if data.train:
-        parts.append(features_for(settings, data.train, [train_views(settings)[0]])[:, 0, :])
+        parts.append(features_for(settings, data.train, [train_views(settings)[0]])[:, 0, :])  # view 0
     if data.val or data.test:
         parts.append(features_for(settings, data.val + data.test))
     embeddings = np.concatenate(parts) if parts else None

@@ -77,8 +77,13 @@ def embed_items(settings: Settings, rows: list[Row]) -> list:
 
 
 def train_views(settings: Settings) -> list[int]:
-    """Training samples the augmented views 1..K; with K = 0 it trains on the eval view."""
-    return list(range(1, settings.views + 1)) or [0]
+    """The views cached for training images: the eval view 0 first, then the augmented views 1..K.
+
+    The linear recipes train on the eval view (what they are scored on) and the MLP on all of them
+    (see :mod:`xray_core.model.recipes`); k-fold recipe selection scores a held-out training image
+    on its eval view, as prediction will.
+    """
+    return [0, *range(1, settings.views + 1)]
 
 
 def features_for(settings: Settings, rows: list[Row], views: list[int] | None = None) -> np.ndarray:

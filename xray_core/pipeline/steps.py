@@ -31,18 +31,22 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
                progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train a challenger head on cached features, pick its operating point, save and smoke-test it.
 
-    Recipe chosen on held-out patients (:mod:`xray_core.model.recipes`), refitted on the training
-    split; temperature fitted on validation; threshold chosen on the calibrated validation
-    probabilities. The normaliser and temperature are saved inside ``head.safetensors``.
+    Recipe chosen on held-out patients (:mod:`xray_core.model.recipes`), then refitted and
+    calibrated by :func:`~xray_core.model.recipes.fit_calibrated`: on the training split with the
+    temperature fitted on validation, or, when validation was too small and the choice ran grouped
+    k-fold inside train+val, on train+val with the temperature fitted on the k-fold's out-of-fold
+    predictions. The threshold is chosen on the same calibrated held-out probabilities, and the
+    card's ``val_metrics`` are computed on them (``val_metrics_on`` says which). The normaliser and
+    temperature are saved inside ``head.safetensors``.
     """
     from xray_core.model.backbone import FEATURE_DIM, load_backbone
     from xray_core.evaluate.metrics import (brier_score, choose_threshold, compute_metrics,
                                             expected_calibration_error, positive_index)
-    from xray_core.model.calibrate import fit_temperature, softmax
+    from xray_core.model.calibrate import softmax
     from xray_core.model.preprocess import spec_dict
-    from xray_core.model.recipes import candidate_recipes, fit_recipe, select_recipe
+    from xray_core.model.recipes import candidate_recipes, fit_calibrated, select_recipe
     from xray_core.registry.versions import load_model, save_model
-    from xray_core.model.train import HeadConfig, predict_logits, predict_proba
+    from xray_core.model.train import HeadConfig, predict_proba
 
     labels = data.labels
     backbone = load_backbone(settings)
@@ -56,26 +60,32 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     candidates = candidate_recipes(config, choice=settings.head_recipe, l2_grid=tuple(settings.head_l2_grid))
     selection = select_recipe(
         candidates, x_train, y_train, np.array([r[4] for r in data.train], dtype=object),
-        x_train[:, 0], x_val, y_val,  # held-out training images in k-fold: their first cached view
+        x_train[:, 0], x_val, y_val,  # held-out training images in k-fold: their eval view
         np.array([r[4] for r in data.val], dtype=object), len(labels), folds=settings.recipe_folds,
         min_val_per_class=settings.recipe_min_val_per_class, seed=settings.train_seed)
-    recipe = selection.recipe
-    head, record = fit_recipe(recipe, x_train, y_train, x_val, y_val, len(labels), progress=progress)
-    logits = predict_logits(head, x_val)  # temperature 1 so far
-    temperature = fit_temperature(logits, y_val)
-    head.set_temperature(temperature)
-    before, val_probs = softmax(logits), predict_proba(head, x_val)
-    calibration = {"method": "temperature scaling (scipy.optimize, validation NLL)", "temperature": temperature,
-                   "fitted_on": "validation", "n": int(len(y_val)),
-                   "ece_before": expected_calibration_error(before, y_val),
-                   "ece_after": expected_calibration_error(val_probs, y_val),
-                   "brier_before": brier_score(before, y_val), "brier_after": brier_score(val_probs, y_val)}
+    fitted = fit_calibrated(selection, x_train, y_train, x_val, y_val, len(labels), progress=progress)
+    recipe, head, record, temperature = selection.recipe, fitted.head, fitted.record, fitted.temperature
+    # held-out probabilities: validation, or out-of-fold over train+val when the head was refitted on both
+    # (on validation through the head itself, exactly as prediction computes them, so a validation
+    # image's score and the threshold chosen among those scores compare as they will in use)
+    on_val = fitted.calibrated_on == "validation"
+    before = softmax(fitted.held_logits)
+    held_probs = predict_proba(head, x_val) if on_val else softmax(fitted.held_logits, temperature)
+    held_y = fitted.held_y
+    held_on = "validation" if on_val else "out-of-fold predictions over train+val (grouped k-fold of the recipe choice)"
+    calibration = {"method": f"temperature scaling (scipy.optimize, NLL on {held_on})", "temperature": temperature,
+                   "fitted_on": held_on, "n": int(len(held_y)),
+                   "ece_before": expected_calibration_error(before, held_y),
+                   "ece_after": expected_calibration_error(held_probs, held_y),
+                   "brier_before": brier_score(before, held_y), "brier_after": brier_score(held_probs, held_y)}
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     threshold = None
     if pos is not None:  # on the calibrated probabilities: the threshold is a probability that means it
-        threshold = choose_threshold((y_val == pos).astype(np.int64), val_probs[:, pos],
+        threshold = choose_threshold((held_y == pos).astype(np.int64), held_probs[:, pos],
                                      target_sensitivity=settings.target_sensitivity)
-    val_metrics = compute_metrics(y_val, val_probs, labels, threshold=threshold,
+    # the validation images' held-out probabilities (for the monitoring reference): OOF rows come last
+    val_probs = held_probs[-len(y_val):] if fitted.fitted_on == "train+val" else held_probs
+    val_metrics = compute_metrics(held_y, held_probs, labels, threshold=threshold,
                                   negative_label=settings.negative_label,
                                   target_specificity=settings.target_specificity)
     hidden = [] if recipe.kind == "linear" else list(recipe.config.hidden)
@@ -84,22 +94,23 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
         "labels": labels, "threshold": threshold, "input_size": settings.input_size,
         "threshold_rule": (f"sensitivity >= {settings.target_sensitivity} (XRAY_TARGET_SENSITIVITY)"
                            if settings.target_sensitivity is not None else "Youden's J")
-        + " on calibrated validation probabilities",
+        + f" on calibrated held-out probabilities ({held_on})",
         "normalisation": spec_dict(settings).get("normalisation", {}),
         "preprocessing": spec_dict(settings),
         "backbone_fingerprint": backbone.fingerprint, "backbone_weights": settings.backbone_weights,
         "backbone_random_init": backbone.random_init,
         "head": {"in_dim": FEATURE_DIM, "hidden": hidden, "dropout": dropout,
-                 "feature_standardisation": "per-dimension mean/std of the training features, in head.safetensors",
+                 "feature_standardisation": f"per-dimension mean/std of the rows the head was fitted on "
+                                            f"({fitted.fitted_on}), in head.safetensors",
                  "temperature": temperature},
         "training": {"best_epoch": record["best_epoch"], "epochs_run": record["epochs_run"],
                      "history": record["history"], "train_views": train_views(settings),
-                     "n_train": len(data.train), "n_val": len(data.val),
+                     "n_train": len(data.train), "n_val": len(data.val), "fitted_on": fitted.fitted_on,
                      "recipe": {**recipe.as_dict(), "method": selection.method, "reason": selection.reason,
                                 "candidates": selection.scores}},
         "calibration": calibration,
         "training_set_fingerprint": training_set_fingerprint(data),
-        "settings": settings.public_dict(), "val_metrics": val_metrics,
+        "settings": settings.public_dict(), "val_metrics": val_metrics, "val_metrics_on": held_on,
     }
     reference = build_model_reference(settings, data, head, x_train, x_val, val_probs, y_val)
     card["reference"] = reference.describe()
@@ -129,6 +140,8 @@ def build_model_reference(settings: Settings, data: SplitData, head: Any, x_trai
     rows the normaliser was fitted on); the drift sample comes from the validation films' eval view,
     which is what prediction sees. The OOD threshold is calibrated on the validation films and on the
     training films' eval view (embedded for this by ``embed_step``), each scored cross-fitted.
+    ``val_probs`` are held-out probabilities of the validation films (out-of-fold ones when the head was
+    refitted on train+val), so the reference does not expect in-sample confidence.
     """
     from xray_core.monitor.reference import build_reference
 
