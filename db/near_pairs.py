@@ -27,6 +27,7 @@ import numpy as np
 import sqlalchemy as sa
 
 NEAR_PAIR_MAX_DISTANCE = 6  # bits of 64: the pairs ``near_pairs`` holds, and what ``xray status`` lists
+NEAR_PAIRS_PER_FILM = 32  # the closest pairs a new film records at ingest (xray_core.data.admission.record_near_pairs)
 MIN_BAND_BITS = 8  # narrower bands (d >= 8) fall back to a linear scan
 _U64 = (1 << 64) - 1
 _BYTE_POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
@@ -173,8 +174,9 @@ def _close_pairs_in_runs(keys: np.ndarray, h: np.ndarray, distance: int) -> tupl
 
 
 def backfill_near_pairs(conn: sa.Connection, *, distance: int = NEAR_PAIR_MAX_DISTANCE) -> int:
-    """Fill ``near_pairs`` with every pair of catalogued images of different patients within
-    ``distance`` bits (migration 0005; idempotent: rows already there are kept). Returns pairs added."""
+    """Fill ``near_pairs`` with the pairs of catalogued images of different patients within ``distance``
+    bits, each film with at most its NEAR_PAIRS_PER_FILM closest earlier films, as ingest records them
+    (migration 0005; idempotent: rows already there are kept). Returns pairs added."""
     rows = conn.execute(sa.text("SELECT id, phash, patient_id FROM images ORDER BY id")).all()
     if len(rows) < 2:
         return 0
@@ -182,6 +184,13 @@ def backfill_near_pairs(conn: sa.Connection, *, distance: int = NEAR_PAIR_MAX_DI
     hashes = np.array([r[1] for r in rows], dtype=np.int64).view(np.uint64)
     _, codes = np.unique(np.array([r[2] for r in rows], dtype=object).astype(str), return_inverse=True)
     lo, hi, dist = pairs_within(hashes, distance, groups=codes)
+    # As ingest records them: each film (the later id, hi) keeps its NEAR_PAIRS_PER_FILM closest earlier films.
+    order = np.lexsort((lo, dist, hi))
+    lo, hi, dist = lo[order], hi[order], dist[order]
+    first = np.flatnonzero(np.concatenate(([True], hi[1:] != hi[:-1])))
+    rank = np.arange(len(hi)) - np.repeat(first, np.diff(np.append(first, len(hi))))
+    keep = rank < NEAR_PAIRS_PER_FILM
+    lo, hi, dist = lo[keep], hi[keep], dist[keep]
     existing = {tuple(r) for r in conn.execute(sa.text("SELECT image_a, image_b FROM near_pairs"))}
     values = [{"a": int(ids[a]), "b": int(ids[b]), "d": int(d)} for a, b, d in zip(lo, hi, dist)
               if (int(ids[a]), int(ids[b])) not in existing]

@@ -317,3 +317,41 @@ def test_a_0003s_catalogue_upgrades_and_its_pairs_are_backfilled(database_url: s
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM near_pairs")).scalar() == len(got)
     engine.dispose()
+
+
+def test_a_film_near_many_others_records_only_its_closest_and_status_says_so(settings: Settings) -> None:
+    """A collection of near-identical films must not grow near_pairs quadratically: each film records at
+    most NEAR_PAIRS_PER_FILM pairs (its closest, ties by the earlier film), ingest and backfill alike."""
+    from db.near_pairs import NEAR_PAIRS_PER_FILM
+
+    n = NEAR_PAIRS_PER_FILM + 8
+    rng = np.random.default_rng(3)
+    base = int(rng.integers(0, 1 << 62))
+    hashes = [base ^ (1 << int(b)) if k else base for k, b in enumerate(rng.integers(0, 64, n))]  # all within 2 bits
+    engine = open_catalogue(settings)
+    with session_scope(engine) as s:
+        s.add(Source(id=1, kind="folder", path="/data/same", status="done", counts={}))
+        for k in range(n):
+            s.add(Patient(patient_id=f"p{k}", id_source="manifest", split=SPLITS[k % 3]))
+            s.add(Image(id=k + 1, sha256=f"{k:064x}", stored_path="store/x.png", label="normal", patient_id=f"p{k}",
+                        width=64, height=64, bit_depth=8, format="png", phash=hashes[k], original_name=f"f{k}.png",
+                        source_id=1))
+    index = NearCopyIndex()
+    with session_scope(engine) as s:
+        counts = []
+        for k in range(n):
+            counts.append(record_near_pairs(s, index, k + 1, hashes[k], f"p{k}"))
+            index.add(k + 1, hashes[k], f"p{k}", f"f{k}.png")
+    assert counts == [min(k, NEAR_PAIRS_PER_FILM) for k in range(n)]
+    with session_scope(engine) as s:
+        recorded = s.execute(select(NearPair.image_a, NearPair.image_b, NearPair.distance)
+                             .order_by(NearPair.image_a, NearPair.image_b)).all()
+        s.execute(text("DELETE FROM near_pairs"))
+        assert backfill_near_pairs(s.connection()) == len(recorded)
+    with session_scope(engine) as s:
+        assert s.execute(select(NearPair.image_a, NearPair.image_b, NearPair.distance)
+                         .order_by(NearPair.image_a, NearPair.image_b)).all() == recorded
+    near = catalogue_summary(settings)
+    assert near["near_duplicates"]["films_at_record_cap"] == n - NEAR_PAIRS_PER_FILM
+    assert any("lower bounds" in note for note in near["notes"])
+    dispose_engines()

@@ -40,7 +40,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, BandIndex
+from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, NEAR_PAIRS_PER_FILM, BandIndex
 from db.schema import Image, NearPair, Patient
 from xray_core.data.facts import normalise_view, source_site
 from xray_core.settings import Settings
@@ -133,9 +133,16 @@ class NearCopyIndex:
 
 
 def record_near_pairs(session: Session, index: NearCopyIndex, image_id: int, phash: int, patient: str) -> int:
-    """Write ``near_pairs`` rows for a film just catalogued (before ``index.add`` of it): every film of
-    another patient within NEAR_PAIR_MAX_DISTANCE bits, whatever the splits are now. Returns how many."""
-    found = index.other_patients_within(phash, patient, NEAR_PAIR_MAX_DISTANCE, session)
+    """Write ``near_pairs`` rows for a film just catalogued (before ``index.add`` of it): the films of
+    other patients within NEAR_PAIR_MAX_DISTANCE bits, whatever the splits are now, at most the
+    NEAR_PAIRS_PER_FILM closest. Returns how many.
+
+    Why a cap: in a collection of near-identical films (a phantom series, blank or synthetic films; 32 px
+    synthetic films of 16 anatomies wrote 2 million pairs for the first 44,000 films, and ingest slowed to
+    5 films/s) every new film is near thousands; status only needs to know that a film has near copies
+    across splits, and :func:`xray_core.data.catalogue.near_duplicate_pairs` says how many films reached
+    the cap (their totals are then lower bounds)."""
+    found = index.other_patients_within(phash, patient, NEAR_PAIR_MAX_DISTANCE, session)[:NEAR_PAIRS_PER_FILM]
     for pos, distance in found:
         other = index.ids[pos]
         session.add(NearPair(image_a=min(other, image_id), image_b=max(other, image_id), distance=distance))

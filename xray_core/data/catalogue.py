@@ -12,7 +12,7 @@ from sqlalchemy import Engine, case, func, select
 from sqlalchemy.orm import Session, aliased
 
 from db import get_engine, session_scope
-from db.near_pairs import NEAR_PAIR_MAX_DISTANCE
+from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, NEAR_PAIRS_PER_FILM
 from db.schema import SPLITS, Image, NearPair, Patient, Rejection, Source
 from xray_core.settings import Settings
 
@@ -221,6 +221,9 @@ def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None
         n_images = s.scalar(select(func.count()).select_from(Image)) or 0
         n_sources = s.scalar(select(func.count()).select_from(Source)) or 0
         near_total, near_pairs = near_duplicate_pairs(s, limit=20)
+        at_cap = s.scalar(select(func.count()).select_from(  # films that recorded only their closest pairs
+            select(NearPair.image_b).group_by(NearPair.image_b)
+            .having(func.count() >= NEAR_PAIRS_PER_FILM).subquery())) or 0
         history = label_history(s, limit=20)
         views: dict[str, int] = defaultdict(int)
         for row in rows:
@@ -239,6 +242,9 @@ def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None
         )
     if near_total:
         notes.append(f"{near_total} near-duplicate image pair(s) sit in different splits (see near_duplicates).")
+    if at_cap:
+        notes.append(f"{at_cap} film(s) are near {NEAR_PAIRS_PER_FILM} or more films of other patients; only their "
+                     f"{NEAR_PAIRS_PER_FILM} closest are recorded, so near-duplicate counts are lower bounds.")
     if history["patients"]:
         notes.append(f"{history['patients']} patient(s) have films with different labels ({history['in_test']} in "
                      "the test split); see label_history.")
@@ -253,7 +259,7 @@ def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None
         },
         "rejections": {"total": sum(rejections.values()), "by_reason": dict(sorted(rejections.items()))},
         "near_duplicates": {"max_distance": NEAR_DUPLICATE_MAX_DISTANCE, "pairs_across_splits": near_total,
-                            "examples": near_pairs},
+                            "films_at_record_cap": at_cap, "examples": near_pairs},
         "label_history": history,
         "views": dict(sorted(views.items())),  # films per view; "unknown" are kept and counted (XRAY_ALLOWED_VIEWS)
         "dicom_not_marked_chest": not_chest,
