@@ -45,11 +45,10 @@ demo: $(STAMP)
 	$(DEMO_ENV) $(VENV)/bin/xray demo --fresh --sample $(SAMPLE)
 
 # The whole suite on two pytest-xdist workers, one file per worker at a time (a module's fixtures are
-# built once), each with one OpenMP/BLAS thread: two processes with two threads each on two cores
-# spin against each other. `make test PYTEST_WORKERS=0` runs it in one process.
+# built once). `make test PYTEST_WORKERS=0` runs it in one process.
 PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # The fast lane: pure unit tests (no backbone run, no subprocess, no Prefect), well under a minute.
 test-fast: $(STAMP)
