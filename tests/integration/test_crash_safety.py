@@ -30,9 +30,6 @@ ENV = {
     "XRAY_MIN_IMAGE_SIDE": "32", "XRAY_EPOCHS": "4", "XRAY_BOOTSTRAP_SAMPLES": "50", "XRAY_EMBED_BATCH_SIZE": "4",
     "XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0.0", "XRAY_FLOOR_SENSITIVITY": "0.0",
     "XRAY_PROMOTION_MARGIN": "1.0", "XRAY_GUARDRAIL_SENSITIVITY_DROP": "1.0", "XRAY_PATIENT_SALT": "crash-test",
-    # One OpenMP thread per retrain subprocess: under `make test`'s two workers, two threads each on two
-    # cores spin against each other (what is checked here is crash safety, not numerics).
-    "OMP_NUM_THREADS": "1",
 }
 
 # (crash point, n-th hit): at least 20 distinct moments across ingest, embedding and cache writes,
