@@ -166,9 +166,18 @@ def alembic_config(engine: Engine):  # noqa: ANN201 - alembic.config.Config
     return cfg
 
 
+def migrate(engine: Engine, revision: str, *, downgrade: bool = False) -> None:
+    """Run Alembic's upgrade (or downgrade) to ``revision`` on ``engine`` in one transaction."""
+    from alembic import command
+
+    cfg = alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        (command.downgrade if downgrade else command.upgrade)(cfg, revision)
+
+
 def upgrade_to_head(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (a no-op when it already is)."""
-    from alembic import command
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
@@ -184,9 +193,7 @@ def upgrade_to_head(engine: Engine) -> None:
             current = MigrationContext.configure(conn).get_current_revision()
         if current == head:
             return
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        migrate(engine, "head")
 
 
 @contextlib.contextmanager

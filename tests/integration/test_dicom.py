@@ -249,15 +249,10 @@ def test_original_store_mode_keeps_the_bytes_and_site_by_name(dicom_env, tmp_pat
 
 @pytest.mark.sqlite_only
 def test_a_catalogue_at_revision_0001_upgrades_in_place(tmp_path: Path) -> None:
-    from alembic import command
-
-    from db.engine import alembic_config, make_engine, upgrade_to_head
+    from db.engine import make_engine, migrate, upgrade_to_head
 
     engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
-    cfg = alembic_config(engine)
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0001")
+    migrate(engine, "0001")
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO sources (id, kind, path, status, started_at, counts) "
                           "VALUES (1, 'folder', '/x', 'done', '2026-01-01 00:00:00', '{}')"))

@@ -275,20 +275,12 @@ def test_pairs_recorded_one_film_at_a_time_equal_the_backfill(settings: Settings
 
 def test_a_0003s_catalogue_upgrades_and_its_pairs_are_backfilled(database_url: str) -> None:
     """SQLite, and PostgreSQL in its lane: an existing catalogue gains every pair on upgrade."""
-    from alembic import command
     from sqlalchemy import inspect
 
-    from db.engine import alembic_config, make_engine
+    from db.engine import make_engine, migrate
 
     engine = make_engine(database_url)
-    cfg = alembic_config(engine)
-
-    def migrate(step, revision: str) -> None:  # noqa: ANN001 - an alembic command
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            step(cfg, revision)
-
-    migrate(command.upgrade, "0003s")
+    migrate(engine, "0003s")
     hashes = clustered_hashes(300, seed=21, centres=10, max_flips=7)
     signed = hashes.view(np.int64)
     with engine.begin() as conn:
@@ -302,7 +294,7 @@ def test_a_0003s_catalogue_upgrades_and_its_pairs_are_backfilled(database_url: s
                           "'normal', :p, 64, 64, 8, 'png', :h, :n, 1, '2026-01-01 00:00:00')"),
                      [{"id": k + 1, "sha": f"{k:064x}", "p": f"p{k // 3}", "h": int(signed[k]), "n": f"{k}.png"}
                       for k in range(300)])
-    migrate(command.upgrade, "head")
+    migrate(engine, "head")
     patients = np.arange(300) // 3
     dist = popcount64(hashes[:, None] ^ hashes[None, :]).astype(np.int64)
     i, j = np.nonzero(np.triu(dist <= NEAR_PAIR_MAX_DISTANCE, 1) & (patients[:, None] != patients[None, :]))
@@ -311,9 +303,9 @@ def test_a_0003s_catalogue_upgrades_and_its_pairs_are_backfilled(database_url: s
         revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert revision == "0005" and len(got) > 0
     assert got == [(int(a) + 1, int(b) + 1, int(dist[a, b])) for a, b in zip(i, j)]
-    migrate(command.downgrade, "0003s")
+    migrate(engine, downgrade=True, revision="0003s")
     assert "near_pairs" not in inspect(engine).get_table_names()
-    migrate(command.upgrade, "head")
+    migrate(engine, "head")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM near_pairs")).scalar() == len(got)
     engine.dispose()

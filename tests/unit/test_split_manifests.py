@@ -82,16 +82,11 @@ def _insert_images(conn) -> None:  # noqa: ANN001 - a SQLAlchemy connection
 def test_an_old_catalogue_upgrades_and_models_show_gives_the_same_answers(settings: Settings, capsys) -> None:
     """Built at revision 0002 with model_images rows; the lineage read the old way (the query
     model_lineage used before 0003s) equals ``xray models show N`` after the upgrade."""
-    from alembic import command
-
-    from db.engine import alembic_config, make_engine
+    from db.engine import make_engine, migrate
 
     settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
-    cfg = alembic_config(engine)
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0002")
+    migrate(engine, "0002")
     with engine.begin() as conn:
         _insert_images(conn)
         for version, (train, val) in OLD_LINEAGE.items():
@@ -146,19 +141,10 @@ def test_versions_with_identical_sets_share_one_manifest(settings: Settings) -> 
 
 @pytest.mark.sqlite_only
 def test_a_downgrade_to_0002_gives_back_the_rows_and_upgrading_again_the_manifest(tmp_path) -> None:
-    from alembic import command
-
-    from db.engine import alembic_config, make_engine
+    from db.engine import make_engine, migrate
 
     engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
-    cfg = alembic_config(engine)
-
-    def migrate(step, revision: str) -> None:  # noqa: ANN001 - an alembic command
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            step(cfg, revision)
-
-    migrate(command.upgrade, "0002")
+    migrate(engine, "0002")
     rows = [(1, 1, "train"), (1, 2, "train"), (1, 4, "val")]
     with engine.begin() as conn:
         _insert_images(conn)
@@ -166,13 +152,13 @@ def test_a_downgrade_to_0002_gives_back_the_rows_and_upgrading_again_the_manifes
                           "backbone_fingerprint, backbone_weights, training_set_fingerprint, labels, config, metrics) "
                           "VALUES (1, '2026-01-01', 'champion', 'm', '0', '0', 'b', 'r', 't', '[]', '{}', '{}')"))
         conn.execute(text("INSERT INTO model_images VALUES (:m, :i, :r)"), [{"m": m, "i": i, "r": r} for m, i, r in rows])
-    migrate(command.upgrade, "head")
+    migrate(engine, "head")
     with engine.connect() as conn:
         manifest = conn.execute(text("SELECT split_manifest FROM models")).scalar()
-    migrate(command.downgrade, "0002")
+    migrate(engine, downgrade=True, revision="0002")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT model_id, image_id, role FROM model_images ORDER BY image_id")).all() == rows
-    migrate(command.upgrade, "head")
+    migrate(engine, "head")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT split_manifest FROM models")).scalar() == manifest is not None
     engine.dispose()
