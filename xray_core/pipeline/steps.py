@@ -148,7 +148,7 @@ def build_model_reference(settings: Settings, data: SplitData, head: Any, x_trai
     return build_reference(x_train, x_val, np.array([r[4] for r in data.val], dtype=str), val_probs, y_val,
                            mean=head.feature_mean.numpy(), std=head.feature_std.numpy(),
                            quantile=settings.ood_quantile, seed=settings.train_seed,
-                           train_eval=features_for(settings, data.train),
+                           train_eval=x_train[:, 0],  # train_views starts with the eval view 0
                            train_groups=np.array([r[4] for r in data.train], dtype=str))
 
 
