@@ -74,35 +74,49 @@ class Backbone:
     random_init: bool  # True for untrained weights: fine for tests, useless for diagnosis
     device: torch.device
     calls: int = field(default=0)  # forward batches run so far (tests count these)
+    forward_batch: int = 16  # images per forward, padded up to it (see embed); the effective embed batch size
     weights_sha256: str = ""  # content hash of the weights alone (lets callers re-derive the fingerprint)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised float -> (N, 2208) float32 on the CPU.
+
+        Every forward runs on exactly ``forward_batch`` images: the input is cut into chunks of that
+        size and the last chunk is padded with copies of its last image (their outputs are dropped).
+        Why: CPU convolution kernels pick their blocking by batch size, so an image's features differ
+        in the last bits with the size of the batch it was embedded in. With two threads batches of
+        2-16 happened to agree, with one thread (``OMP_NUM_THREADS=1``) every size differed from every
+        other, and a resumed run, a Dask shard or ``xray predict`` embed different batch sizes than a
+        single uninterrupted run. A fixed forward size makes features a function of the image, the
+        fingerprint, the thread count and ``forward_batch`` only (an image's result does not depend
+        on its position or on the other images in the batch). The price is the padding: at most
+        ``forward_batch - 1`` extra images per call.
 
         On CUDA the forward runs under autocast (bf16 where supported, else fp16): features are
         stored as float16 anyway, and it roughly halves the time. On the CPU it runs in float32.
         """
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (N, 3, S, S) batch, got shape {tuple(batch.shape)}")
-        self.calls += 1
-        n = batch.shape[0]
-        if n == 1:
-            # A batch of one takes another convolution kernel path on the CPU whose results differ in
-            # the last bits; padding it to two makes every image's features independent of how the
-            # images were batched (checked for batches of 2-16), so shards, resumed runs and
-            # single-process runs cache byte-identical features.
-            batch = torch.cat([batch, batch])
-        x = batch.to(self.device, dtype=torch.float32, non_blocking=True)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=_cuda_autocast_dtype()):
+        size = max(1, int(self.forward_batch))
+        outs = []
+        for start in range(0, batch.shape[0], size):
+            chunk = batch[start : start + size]
+            n = chunk.shape[0]
+            if n < size:
+                chunk = torch.cat([chunk, chunk[-1:].expand(size - n, -1, -1, -1)])
+            self.calls += 1
+            x = chunk.to(self.device, dtype=torch.float32, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                if self.device.type == "cuda":
+                    with torch.autocast("cuda", dtype=_cuda_autocast_dtype()):
+                        out = self.features(x)
+                else:
                     out = self.features(x)
-            else:
-                out = self.features(x)
-            out = out[:n].float().cpu()
+                outs.append(out[:n].float().cpu())
+        if not outs:
+            return torch.empty(0, FEATURE_DIM)
         # A copy made outside inference mode is an ordinary tensor: callers may feed it to autograd.
-        return out.clone()
+        return torch.cat(outs).clone()
 
 
 def _cuda_autocast_dtype() -> torch.dtype:
@@ -128,8 +142,10 @@ def load_backbone(settings: Any) -> Backbone:
         if path.is_file():
             st = path.stat()
             file_key = (st.st_size, st.st_mtime_ns)
+    from xray_core.model.features import effective_batch_size
+
     spec_json = json.dumps(spec_dict(settings), sort_keys=True)
-    return _cached_backbone(weights, seed, str(device), file_key, spec_json)
+    return _cached_backbone(weights, seed, str(device), file_key, spec_json, effective_batch_size(settings))
 
 
 def clear_backbone_cache() -> None:
@@ -140,7 +156,7 @@ def clear_backbone_cache() -> None:
 
 @functools.lru_cache(maxsize=4)
 def _cached_backbone(
-    weights: str, seed: int, device: str, file_key: tuple[int, int] | None, spec_json: str
+    weights: str, seed: int, device: str, file_key: tuple[int, int] | None, spec_json: str, forward_batch: int
 ) -> Backbone:
     module, weights_hash, random_init = _load_module(weights, seed, device, file_key)
     return Backbone(
@@ -150,6 +166,7 @@ def _cached_backbone(
         random_init=random_init,
         device=torch.device(device),
         weights_sha256=weights_hash,
+        forward_batch=forward_batch,
     )
 
 
