@@ -23,16 +23,19 @@ from xray_core.settings import Settings, get_settings
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=transient_io, cache_policy=NO_CACHE)
-def embed_shard_task(snapshot: str, shard: int, shards: int, threads: int) -> dict[str, Any]:
+def embed_shard_task(snapshot: str, shard: int, shards: int, threads: int,
+                     precision: str | None = None) -> dict[str, Any]:
     """Embed the missing pairs of one shard of the run's images."""
-    return embed_shard(get_settings(), load_snapshot(Path(snapshot)), shard, shards, threads=threads)
+    return embed_shard(get_settings(), load_snapshot(Path(snapshot)), shard, shards, threads=threads,
+                       precision=precision)
 
 
 @flow(name="embed-parallel")
-def embed_parallel(snapshot: str, shards: int, threads: int = 1) -> dict[str, Any]:
+def embed_parallel(snapshot: str, shards: int, threads: int = 1, precision: str | None = None) -> dict[str, Any]:
     """Map the shards over the flow's task runner (a DaskTaskRunner) and merge their stats."""
     start = time.perf_counter()
-    futures = embed_shard_task.map(snapshot, list(range(shards)), unmapped(shards), unmapped(threads))
+    futures = embed_shard_task.map(snapshot, list(range(shards)), unmapped(shards), unmapped(threads),
+                                   unmapped(precision))
     return merge_embed_stats([f.result() for f in futures], time.perf_counter() - start)
 
 
@@ -50,13 +53,17 @@ def dask_task_runner(settings: Settings):  # noqa: ANN201 - prefect_dask.DaskTas
 def run_parallel_embed(settings: Settings, snapshot: str, *, threads: int | None = None) -> dict[str, Any]:
     """Run :func:`embed_parallel` on Dask.
 
-    Each worker computes with the same number of torch threads as this process (or ``threads``):
-    CPU convolution results depend in their last bits on the thread count for small batches, so
-    equal counts are what makes the shards' features byte-identical to the single-process path.
+    Each worker computes with the same number of torch threads as this process (or ``threads``) and
+    this process's resolved ``XRAY_EMBED_PRECISION``: CPU convolution results depend in their last
+    bits on the thread count, so equal counts are what makes the shards' features byte-identical to
+    the single-process path.
     On one host that oversubscribes the cores; the speed-up comes from more hosts (XRAY_DASK_ADDRESS).
     """
     import torch
 
+    from xray_core.model.device import pick_device, pick_precision
+
     shards = settings.embed_dask_workers
     threads = threads or torch.get_num_threads()
-    return embed_parallel.with_options(task_runner=dask_task_runner(settings))(snapshot, shards, threads)
+    precision = pick_precision(settings.embed_precision, pick_device(settings.device))
+    return embed_parallel.with_options(task_runner=dask_task_runner(settings))(snapshot, shards, threads, precision)

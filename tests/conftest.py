@@ -18,6 +18,9 @@ SAMPLE = PROJECT.parent / "shared" / "data" / "cxr-sample"
 TEST_ENV = {
     "XRAY_BACKBONE_WEIGHTS": "random",
     "XRAY_DEVICE": "cpu",
+    # fp32, not auto: auto is bf16 only on CPUs with native bf16, and the suite must compute the same
+    # numbers on every machine; tests/integration/test_backbone.py sets auto and bf16 on purpose.
+    "XRAY_EMBED_PRECISION": "fp32",
     "XRAY_INPUT_SIZE": "32",
     "XRAY_VIEWS": "2",
     "XRAY_MIN_IMAGE_SIDE": "32",

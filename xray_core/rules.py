@@ -198,6 +198,7 @@ RULES: dict[str, Rule] = {
     "aug_hflip": Rule("must be one of 1/0, true/false, yes/no, on/off", lambda v: isinstance(v, bool), "off",
                       ("maybe",)),
     "embed_batch_size": integer_in(1, 4096, "images per backbone call"),
+    "embed_precision": one_of(("auto", "fp32", "bf16"), "fp8"),
     "embed_workers": integer_in(0, 256, "decode processes; 0 decodes in the main process"),
     "embed_memory_mb": integer_in(1, 2**20, "MiB of decoded batches held while embedding, at most 1 TiB"),
     "embed_dask_workers": integer_in(0, 1024, "Dask embedding shards; 0 = off"),
@@ -252,8 +253,9 @@ RULES: dict[str, Rule] = {
     "dicom_store": one_of(("deidentified", "original"), "raw"),
     "allowed_views": Rule("must be empty (any view) or comma-separated view names such as PA,AP",
                           lambda v: all(x.replace(" ", "").isalnum() for x in v), "PA,AP", ("PA,<script>",)),
-    "ood_quantile": number_in(0.5, 1, "fraction of the model's validation films scored in-distribution; the OOD "
-                              "threshold is their quantile", open_hi=True),
+    "ood_quantile": number_in(0.5, 1, "fraction of in-distribution films scored in-distribution; the OOD "
+                              "threshold is a conformal quantile of the validation films' and cross-fitted "
+                              "training films' scores", open_hi=True),
     "drift_alpha": number_in(0, 0.5, "p-value below which a batch drift test warns", open_lo=True),
     "drift_permutations": integer_in(19, 100_000, "permutations of the batch drift test"),
     "ingest_workers": integer_in(0, 256, "processes that prepare files during ingest; 0 = one per core, "

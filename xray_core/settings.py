@@ -64,6 +64,7 @@ class Settings:
     aug_crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area scale
     aug_hflip: bool = True
     embed_batch_size: int = 16
+    embed_precision: str = "auto"  # auto | fp32 | bf16: the backbone forward's arithmetic (see model.backbone)
     embed_workers: int = 0  # DataLoader decode workers; 0 decodes in the main process
     embed_memory_mb: int = 2048  # cap on memory held by decoded batches while embedding
     embed_dask_workers: int = 0  # >0: the retrain flow fans embedding out over this many Dask shards
@@ -230,6 +231,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "aug_crop_scale": ("XRAY_AUG_CROP_SCALE", _floats),
     "aug_hflip": ("XRAY_AUG_HFLIP", _bool),
     "embed_batch_size": ("XRAY_EMBED_BATCH_SIZE", _int),
+    "embed_precision": ("XRAY_EMBED_PRECISION", lambda n, r: r.strip().lower()),
     "embed_workers": ("XRAY_EMBED_WORKERS", _int),
     "embed_memory_mb": ("XRAY_EMBED_MEMORY_MB", _int),
     "embed_dask_workers": ("XRAY_EMBED_DASK_WORKERS", _int),

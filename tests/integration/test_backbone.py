@@ -158,8 +158,9 @@ def test_imagenet_without_network_says_where_to_put_the_file(settings, monkeypat
     assert "random" in msg
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_features_do_not_depend_on_how_images_are_batched(settings, threads):
+def test_features_do_not_depend_on_how_images_are_batched(settings, threads, precision):
     """Byte-identical float16 features whether images are embedded alone, in pairs or all at once,
     on one thread (where every batch size gave different last bits before forwards were padded to a
     fixed size) and on two."""
@@ -168,7 +169,8 @@ def test_features_do_not_depend_on_how_images_are_batched(settings, threads):
 
     from xray_core.model.backbone import load_backbone
 
-    backbone = load_backbone(settings)
+    backbone = load_backbone(settings.with_overrides(embed_precision=precision))
+    assert backbone.precision == precision
     # 18 images: more than one forward batch (16); on one thread a forward of 16 or more images took
     # another kernel path than smaller ones, so the whole set and its parts differed before padding
     n = 18
@@ -183,3 +185,53 @@ def test_features_do_not_depend_on_how_images_are_batched(settings, threads):
             assert np.array_equal(whole, parts), f"batches of {step} changed the features on {threads} thread(s)"
     finally:
         torch.set_num_threads(before)
+
+
+# -- precision --------------------------------------------------------------------------------------
+
+
+def test_pick_precision_follows_the_setting_and_auto_the_hardware(monkeypatch) -> None:
+    from xray_core.model import device as device_mod
+    from xray_core.model.device import pick_precision
+
+    cpu = torch.device("cpu")
+    assert pick_precision("fp32", cpu) == "fp32" and pick_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(device_mod, "native_bf16", lambda d: True)
+    assert pick_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(device_mod, "native_bf16", lambda d: False)
+    assert pick_precision("auto", cpu) == "fp32"
+    assert pick_precision("auto", torch.device("cuda")) == "fp16"  # CUDA without bf16: fp16 autocast
+    with pytest.raises(SettingsError, match="XRAY_EMBED_PRECISION='fp8': use auto, fp32 or bf16"):
+        pick_precision("fp8", cpu)
+
+
+def test_the_setting_is_validated_at_start_up(xray_env, monkeypatch) -> None:
+    from xray_core.settings import load_settings
+
+    monkeypatch.setenv("XRAY_EMBED_PRECISION", "half")
+    with pytest.raises(SettingsError, match=r"XRAY_EMBED_PRECISION=half: must be one of auto, fp32, bf16"):
+        load_settings()
+
+
+def test_fp32_keeps_the_fingerprint_of_before_and_bf16_gets_its_own(settings) -> None:
+    """Caches and model cards from before the setting carry fp32 fingerprints computed without a
+    precision field: fp32 must reproduce them, any other precision must not share them."""
+    import hashlib
+    import json
+
+    from xray_core.model.backbone import ARCH, fingerprint
+    from xray_core.model.preprocess import spec_dict
+
+    fp32 = load_backbone(settings.with_overrides(embed_precision="fp32"))
+    bf16 = load_backbone(settings.with_overrides(embed_precision="bf16"))
+    spec = spec_dict(settings)
+    before = hashlib.sha256(json.dumps({"arch": ARCH, "weights_sha256": fp32.weights_sha256, "preprocess": spec},
+                                       sort_keys=True).encode()).hexdigest()
+    assert fp32.fingerprint == before == fingerprint(fp32.weights_sha256, spec)
+    assert bf16.fingerprint == fingerprint(fp32.weights_sha256, spec, "bf16") != before
+    assert bf16.weights_sha256 == fp32.weights_sha256  # the same weights, another arithmetic
+    x = _batch(4)
+    a, b = fp32.embed(x), bf16.embed(x)
+    assert not torch.equal(a, b)
+    # bf16 keeps ~3 significant digits: the features agree to well within their own spread
+    assert float((a - b).norm() / a.norm()) < 0.05

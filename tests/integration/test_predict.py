@@ -304,3 +304,39 @@ def test_a_features_area_that_cannot_be_written_only_costs_the_cache(home, tmp_p
     assert result["predicted"] == 1 and result["rows"][0]["status"] == "ok"
     assert result["feature_cache"]["filled"] == 0
     assert "Permission denied" in result["feature_cache"]["note"]
+
+
+def test_auto_precision_serves_an_existing_model_with_the_precision_it_was_trained_with(home, films, predicted,
+                                                                                         monkeypatch, tmp_path):
+    """Where auto now means bf16 (new models embed in bf16), a champion trained in fp32 keeps
+    predicting on fp32 features, with the same probabilities; an explicit bf16 refuses it as a model
+    of another backbone, naming the setting."""
+    from xray_core.errors import CheckpointError
+    from xray_core.model import device as device_mod
+    from xray_core.pipeline.predict import predict_folder
+
+    assert _card(home)["backbone_precision"] == "fp32"
+    monkeypatch.setattr(device_mod, "native_bf16", lambda device: True)
+    auto = predict_folder(home.settings.with_overrides(embed_precision="auto"), films, out=tmp_path / "auto.csv")
+    _, rows, _ = predicted
+    before = {r["sha256"]: r for r in rows if r["status"] == "ok"}
+    after = [r for r in auto["rows"] if r["status"] == "ok"]
+    assert len(after) == len(before) == 7
+    labels = _card(home)["labels"]
+    for r in after:
+        assert r["backbone_fingerprint"] == _card(home)["backbone_fingerprint"]
+        assert [float(r[f"p_{lab}"]) for lab in labels] == pytest.approx(
+            [float(before[r["sha256"]][f"p_{lab}"]) for lab in labels], abs=1e-6)
+    with pytest.raises(CheckpointError, match="XRAY_EMBED_PRECISION"):
+        predict_folder(home.settings.with_overrides(embed_precision="bf16"), films, out=tmp_path / "bf16.csv")
+
+
+def test_a_card_without_a_precision_is_an_fp32_model(settings):
+    """Cards from before the precision was recorded: their features were computed in fp32."""
+    from xray_core.pipeline.steps import settings_for_card, settings_for_model
+
+    auto = settings.with_overrides(embed_precision="auto")
+    assert settings_for_model(auto, {}).embed_precision == "fp32"
+    assert settings_for_model(auto, {"backbone_precision": "bf16"}).embed_precision == "bf16"
+    assert settings_for_model(settings.with_overrides(embed_precision="bf16"), {}).embed_precision == "bf16"
+    assert settings_for_card(auto, {"settings": {}}).embed_precision == "fp32"

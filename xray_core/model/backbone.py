@@ -1,9 +1,10 @@
 """The frozen densenet161 feature extractor, its weights, and its fingerprint.
 
 The backbone never trains, so every (image, view) is embedded once and cached under the backbone's
-*fingerprint*: a sha256 over the architecture name, the weights' actual tensor bytes and the
-preprocessing spec. Any change in any of them gives a new fingerprint and so a fresh feature
-folder; nothing stale is ever reused. The fingerprint hashes weight *content*, not the setting's
+*fingerprint*: a sha256 over the architecture name, the weights' actual tensor bytes, the
+preprocessing spec and the forward's precision (``XRAY_EMBED_PRECISION``, named only when it is not
+fp32, so fingerprints from before the setting are the fp32 ones). Any change in any of them gives a
+new fingerprint and so a fresh feature folder; nothing stale is ever reused. The fingerprint hashes weight *content*, not the setting's
 text, so the same weights reached via ``random`` or via a saved file share their cached features.
 
 Weights (``XRAY_BACKBONE_WEIGHTS``):
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xray_core.model.device import pick_device
+from xray_core.model.device import pick_device, pick_precision
 from xray_core.errors import BackboneWeightsError
 
 ARCH = "torchvision.densenet161"
@@ -75,6 +76,7 @@ class Backbone:
     device: torch.device
     calls: int = field(default=0)  # forward batches run so far (tests count these)
     forward_batch: int = 16  # images per forward, padded up to it (see embed); the effective embed batch size
+    precision: str = "fp32"  # the forward's arithmetic: fp32 | bf16 | fp16 (autocast), part of the fingerprint
     weights_sha256: str = ""  # content hash of the weights alone (lets callers re-derive the fingerprint)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -91,8 +93,9 @@ class Backbone:
         on its position or on the other images in the batch). The price is the padding: at most
         ``forward_batch - 1`` extra images per call.
 
-        On CUDA the forward runs under autocast (bf16 where supported, else fp16): features are
-        stored as float16 anyway, and it roughly halves the time. On the CPU it runs in float32.
+        With ``precision`` bf16 or fp16 the forward runs under autocast (on the CPU too): features are
+        stored as float16 anyway, and it roughly halves the time where the device does bf16 in
+        hardware (:func:`xray_core.model.device.pick_precision`).
         """
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected a (N, 3, S, S) batch, got shape {tuple(batch.shape)}")
@@ -107,8 +110,8 @@ class Backbone:
             x = chunk.to(self.device, dtype=torch.float32, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
-                if self.device.type == "cuda":
-                    with torch.autocast("cuda", dtype=_cuda_autocast_dtype()):
+                if self.precision != "fp32":
+                    with torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision]):
                         out = self.features(x)
                 else:
                     out = self.features(x)
@@ -119,8 +122,7 @@ class Backbone:
         return torch.cat(outs).clone()
 
 
-def _cuda_autocast_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_backbone(settings: Any) -> Backbone:
@@ -144,8 +146,10 @@ def load_backbone(settings: Any) -> Backbone:
             file_key = (st.st_size, st.st_mtime_ns)
     from xray_core.model.features import effective_batch_size
 
+    precision = pick_precision(getattr(settings, "embed_precision", "auto"), device)
     spec_json = json.dumps(spec_dict(settings), sort_keys=True)
-    return _cached_backbone(weights, seed, str(device), file_key, spec_json, effective_batch_size(settings))
+    return _cached_backbone(weights, seed, str(device), file_key, spec_json, effective_batch_size(settings),
+                            precision)
 
 
 def clear_backbone_cache() -> None:
@@ -156,23 +160,29 @@ def clear_backbone_cache() -> None:
 
 @functools.lru_cache(maxsize=4)
 def _cached_backbone(
-    weights: str, seed: int, device: str, file_key: tuple[int, int] | None, spec_json: str, forward_batch: int
+    weights: str, seed: int, device: str, file_key: tuple[int, int] | None, spec_json: str, forward_batch: int,
+    precision: str,
 ) -> Backbone:
     module, weights_hash, random_init = _load_module(weights, seed, device, file_key)
     return Backbone(
         features=module,
-        fingerprint=fingerprint(weights_hash, json.loads(spec_json)),
+        fingerprint=fingerprint(weights_hash, json.loads(spec_json), precision),
         weights=weights,
         random_init=random_init,
         device=torch.device(device),
         weights_sha256=weights_hash,
         forward_batch=forward_batch,
+        precision=precision,
     )
 
 
-def fingerprint(weights_sha256: str, spec: Mapping[str, Any]) -> str:
-    """sha256 over architecture, weights content hash and preprocessing spec."""
-    payload = json.dumps({"arch": ARCH, "weights_sha256": weights_sha256, "preprocess": spec}, sort_keys=True)
+def fingerprint(weights_sha256: str, spec: Mapping[str, Any], precision: str = "fp32") -> str:
+    """sha256 over architecture, weights content hash, preprocessing spec and, unless fp32, the
+    forward's precision (so an fp32 fingerprint is the one computed before precision was a setting)."""
+    content: dict[str, Any] = {"arch": ARCH, "weights_sha256": weights_sha256, "preprocess": spec}
+    if precision != "fp32":
+        content["precision"] = precision
+    payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

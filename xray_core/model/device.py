@@ -1,4 +1,5 @@
-"""Turn the ``XRAY_DEVICE`` setting into a ``torch.device``.
+"""Turn the ``XRAY_DEVICE`` setting into a ``torch.device``, and ``XRAY_EMBED_PRECISION`` into the
+arithmetic the backbone forward runs in on it.
 
 Asking for a GPU that is not there is a usage error, not a silent fall back to the CPU: an embedding
 run that the user expected to take minutes on a GPU would otherwise take hours without a word.
@@ -41,4 +42,37 @@ def pick_device(setting: str) -> torch.device:
     raise SettingsError(f"XRAY_DEVICE={setting!r}: use {ALLOWED}")
 
 
-__all__ = ["pick_device"]
+PRECISIONS = ("fp32", "bf16", "fp16")  # what a resolved precision can be (fp16: CUDA without bf16 only)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` does bfloat16 arithmetic in hardware: a CUDA device that supports it, or a
+    CPU with AVX512-BF16 or AMX tiles. On other CPUs bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def pick_precision(setting: str, device: torch.device) -> str:
+    """The backbone forward's precision for ``setting`` (auto | fp32 | bf16) on ``device``.
+
+    ``auto`` is bf16 where the device does it natively (features are stored as float16 anyway; on
+    this project's 2-core AVX512-BF16 machine a 224 px forward ran 2.2x faster, relative error of
+    the features 0.7%), fp16 on a CUDA device without bf16 (what CUDA always used), fp32 otherwise.
+    ``bf16`` on a device without native support is allowed (emulated: slow but the same numbers).
+    """
+    value = (setting or "auto").strip().lower()
+    if value == "fp32":
+        return "fp32"
+    if value == "bf16":
+        return "bf16"
+    if value == "auto":
+        if native_bf16(device):
+            return "bf16"
+        return "fp16" if device.type == "cuda" else "fp32"
+    raise SettingsError(f"XRAY_EMBED_PRECISION={setting!r}: use auto, fp32 or bf16")
+
+
+__all__ = ["PRECISIONS", "native_bf16", "pick_device", "pick_precision"]

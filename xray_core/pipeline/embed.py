@@ -44,16 +44,20 @@ def shard_of(sha256: str, shards: int) -> int:
 
 
 def embed_shard(settings: Settings, data: SplitData, shard: int, shards: int, *,
-                threads: int | None = None) -> dict[str, Any]:
+                threads: int | None = None, precision: str | None = None) -> dict[str, Any]:
     """:func:`embed_step` for the images of one shard (for fan-out over Dask workers).
 
     Features do not depend on how images are batched (see ``Backbone.embed``), so any sharding
-    caches byte-identical files to the single-process path.
+    caches byte-identical files to the single-process path, given the same thread count and
+    precision: ``precision`` is the coordinator's resolved one, so a worker host whose hardware
+    would resolve ``auto`` differently still files its features under the run's fingerprint.
     """
     import torch
 
     if threads:
         torch.set_num_threads(threads)  # n workers on one host share its cores
+    if precision:
+        settings = settings.with_overrides(embed_precision=precision)
     pick = lambda rows: [r for r in rows if shard_of(r[1], shards) == shard]  # noqa: E731
     stats = embed_step(settings, SplitData(data.labels, pick(data.train), pick(data.val), pick(data.test)))
     return {**stats, "shard": shard, "torch_threads": torch.get_num_threads()}

@@ -94,8 +94,11 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id
     from xray_core.pipeline.snapshot import embed_items
     from xray_core.registry.versions import load_model
 
-    backbone = load_backbone(settings)
+    from xray_core.pipeline.steps import settings_for_model
+
     model = load_model(settings, version)
+    settings = settings_for_model(settings, model.card)  # auto precision: the champion's own
+    backbone = load_backbone(settings)
     reference = model_reference(model)
     if reference is None:
         return {"summary": f"unknown: champion v{version} was saved without a reference (retrain to get one)"}

@@ -139,7 +139,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     from xray_core.model.features import FeatureCache, FeatureCacheError
     from xray_core.evaluate.metrics import predict_labels, positive_index
     from xray_core.model.preprocess import make_view
-    from xray_core.registry.versions import champion_version, load_model
+    from xray_core.pipeline.steps import settings_for_model
+    from xray_core.registry.versions import champion_version, load_model, require_backbone
     from xray_core.model.train import predict_proba
     from xray_core.monitor.reference import model_reference
     from db import session_scope
@@ -151,8 +152,10 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             version = champion_version(s)
         if version is None:
             raise UsageError("there is no champion yet; train and promote a model first, or pass --version N")
+    model = load_model(settings, version)
+    settings = settings_for_model(settings, model.card)  # auto precision: the model's own
     backbone = load_backbone(settings)
-    model = load_model(settings, version, backbone_fingerprint=backbone.fingerprint)
+    require_backbone(model.card, version, backbone.fingerprint)
     labels, threshold = model.labels, model.threshold
     reference = model_reference(model)  # None for models saved before references: OOD "unknown"
     scored: list[tuple[np.ndarray, np.ndarray]] = []  # (features, probabilities): the batch drift test

@@ -98,7 +98,7 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
         "normalisation": spec_dict(settings).get("normalisation", {}),
         "preprocessing": spec_dict(settings),
         "backbone_fingerprint": backbone.fingerprint, "backbone_weights": settings.backbone_weights,
-        "backbone_random_init": backbone.random_init,
+        "backbone_random_init": backbone.random_init, "backbone_precision": backbone.precision,
         "head": {"in_dim": FEATURE_DIM, "hidden": hidden, "dropout": dropout,
                  "feature_standardisation": f"per-dimension mean/std of the rows the head was fitted on "
                                             f"({fitted.fitted_on}), in head.safetensors",
@@ -185,12 +185,31 @@ def model_test_probs(settings: Settings, version: int, rows: list[Row]) -> tuple
 
 
 def settings_for_card(settings: Settings, card: dict[str, Any]) -> Settings:
+    """``settings`` with everything that shapes a model's features taken from its card: weights,
+    preprocessing and the forward's precision (fp32 for cards from before it was recorded)."""
     saved = card.get("settings", {})
     keys = ("backbone_weights", "backbone_seed", "input_size", "aug_rotation", "aug_hflip")
     changes = {k: saved[k] for k in keys if k in saved}
     if "aug_crop_scale" in saved:
         changes["aug_crop_scale"] = tuple(saved["aug_crop_scale"])
+    changes["embed_precision"] = card_precision(card)
     return settings.with_overrides(**changes)
+
+
+def card_precision(card: dict[str, Any]) -> str:
+    """The backbone precision a model was trained with: fp32 for cards from before it was recorded
+    (their fingerprints are the fp32 ones, see ``xray_core.model.backbone.fingerprint``)."""
+    return str(card.get("backbone_precision") or "fp32")
+
+
+def settings_for_model(settings: Settings, card: dict[str, Any]) -> Settings:
+    """The settings to embed films for an existing model with: with ``XRAY_EMBED_PRECISION=auto`` the
+    model's own precision, so a champion trained in fp32 keeps predicting (and being monitored) on
+    fp32 features on a machine where auto now picks bf16 for new models. An explicit setting wins
+    (a model from another precision is then refused as from another backbone, as before)."""
+    if settings.embed_precision != "auto":
+        return settings
+    return settings.with_overrides(embed_precision=card_precision(card))
 
 
 def evaluate_step(settings: Settings, version: int, data: SplitData, *,

@@ -191,6 +191,15 @@ def _move_aside(store: Storage, folder: str) -> None:
     store.rename_prefix(folder, f".orphaned/{folder}-{uuid.uuid4().hex[:8]}")
 
 
+def require_backbone(card: dict[str, Any], version: int, backbone_fingerprint: str) -> None:
+    """CheckpointError unless the model was trained on the backbone with this fingerprint."""
+    if card["backbone_fingerprint"] != backbone_fingerprint:
+        raise CheckpointError(
+            f"model {version} was trained on backbone {card['backbone_fingerprint'][:12]}… but the current "
+            f"backbone is {backbone_fingerprint[:12]}… (XRAY_BACKBONE_WEIGHTS / preprocessing / "
+            "XRAY_EMBED_PRECISION changed)")
+
+
 def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | None = None) -> LoadedModel:
     """Load a registered version, verifying both files' sha256 against the catalogue.
 
@@ -210,10 +219,8 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
     card = validate_card(json.loads(blobs["card.json"]))
     for name, expected in card.get("files", {}).items():  # verified through the card's own sha256
         blobs[name] = _read_verified(store, folder, name, expected, version, against="the card's")
-    if backbone_fingerprint is not None and card["backbone_fingerprint"] != backbone_fingerprint:
-        raise CheckpointError(
-            f"model {version} was trained on backbone {card['backbone_fingerprint'][:12]}… but the current "
-            f"backbone is {backbone_fingerprint[:12]}… (XRAY_BACKBONE_WEIGHTS / preprocessing changed)")
+    if backbone_fingerprint is not None:
+        require_backbone(card, version, backbone_fingerprint)
     try:
         state = load(blobs["head.safetensors"])  # safetensors: tensors only, never a pickle
     except Exception as exc:  # SafetensorError: only possible if the catalogue row was altered too
