@@ -45,10 +45,13 @@ demo: $(STAMP)
 	$(DEMO_ENV) $(VENV)/bin/xray demo --fresh --sample $(SAMPLE)
 
 # The whole suite on two pytest-xdist workers, one file per worker at a time (a module's fixtures are
-# built once). `make test PYTEST_WORKERS=0` runs it in one process.
+# built once), each on one OpenMP thread: two workers with two threads each spun against each other on
+# two cores (user time 17 min instead of 8). `make test PYTEST_WORKERS=0 TEST_THREADS=2` runs it in one
+# process on two threads.
 PYTEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # The fast lane: pure unit tests (no backbone run, no subprocess, no Prefect), well under a minute.
 test-fast: $(STAMP)

@@ -2,10 +2,13 @@
 
 Tutorial-style loop: torchvision ``ImageFolder`` + ``DataLoader`` + transforms (RandomRotation,
 RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize) and the *full* frozen densenet161
-forward on every batch of every epoch, only the head trained (same head as ``build_head``, Adam,
-cross-entropy, same epochs). Its backbone is the very module this system embeds with
-(``load_backbone(settings).features``, random-init weights from ``XRAY_BACKBONE_SEED``), at the same
-input size. It trains on this system's train split and is scored on this system's test split.
+forward on every batch of every epoch in fp32, only the head trained (same head as ``build_head``,
+Adam, cross-entropy, same epochs). Its backbone has the very weights this system embeds with
+(``load_backbone(settings)``, random-init weights from ``XRAY_BACKBONE_SEED``), at the same input
+size; by default (``--tutorial-batch-norm train``) it runs as the tutorial wrote it, ``model.train()``
+reaching the backbone's batch norm (on a copy of the module), with ``eval`` the module as this system
+runs it. It trains on this system's train split and is scored on this system's test split. This
+system runs with its defaults, so ``XRAY_EMBED_PRECISION=auto`` (bf16 on a CPU that does it natively).
 
 This system, timed in the same process:
   cold: ingest 90% of the patients -> embed_step (empty cache, K views) -> train_step -> evaluate_step;
@@ -21,7 +24,8 @@ headline; process CPU seconds (all threads) are reported beside them because the
 disturbed by other work on a shared machine (the load average before and after is recorded).
 
 Prints one JSON line and writes bench/results/retrain_vs_tutorial.json (at 64 px; retrain_vs_tutorial_<size>.json
-otherwise).
+otherwise; with ``_tutorial-bn-eval`` appended for ``--tutorial-batch-norm eval`` and ``_<precision>``
+for ``--precision`` other than auto).
 
     python bench/retrain_vs_tutorial.py [--size 64] [--epochs 20] [--views 4] [--data DIR] [--holdout 0.1]
 """
@@ -140,8 +144,16 @@ def our_retrain(settings, source: Path) -> dict:
 
 
 def tutorial_loop(settings, backbone, train_dir: Path, test_dir: Path, *, epochs: int, batch_size: int,
-                  seed: int) -> dict:
-    """ImageFolder + DataLoader + augmenting transforms + full frozen forward every epoch; head only trained."""
+                  seed: int, batch_norm: str = "train") -> dict:
+    """ImageFolder + DataLoader + augmenting transforms + full frozen forward every epoch; head only trained.
+
+    ``batch_norm="train"`` is the tutorial as written: ``model.train()`` on the whole network, so the
+    frozen backbone's batch-norm layers normalise with each batch's statistics while training and
+    re-estimate their running statistics on the training X-rays (which the test pass then uses). It
+    runs on a copy of the backbone's weights, so this system's module is not touched. ``"eval"`` keeps
+    the backbone in eval mode (the module this system embeds with, as it is).
+    """
+    import copy
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -165,7 +177,14 @@ def tutorial_loop(settings, backbone, train_dir: Path, test_dir: Path, *, epochs
 
     torch.manual_seed(seed)  # a script, not a library: the tutorial's global seed
     head = build_head(2208, len(train_set.classes), hidden=tuple(settings.head_hidden), dropout=settings.head_dropout)
-    model = nn.Sequential(backbone.features, head)  # the same frozen module this system embeds with
+    if batch_norm == "train":
+        features = copy.deepcopy(backbone.features.features)  # plain nn.Module: train() reaches batch norm
+        trunk = nn.Sequential(features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # = FrozenDenseNetFeatures
+        for p in trunk.parameters():
+            p.requires_grad_(False)
+    else:
+        trunk = backbone.features  # the same frozen module this system embeds with (train() pinned to eval)
+    model = nn.Sequential(trunk, head)
     optimizer = torch.optim.Adam(head.parameters(), lr=settings.learning_rate)
     loss_fn = nn.CrossEntropyLoss()
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=0)
@@ -173,7 +192,7 @@ def tutorial_loop(settings, backbone, train_dir: Path, test_dir: Path, *, epochs
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(epochs):
         t0 = time.perf_counter()
-        model.train()  # the backbone module stays in eval mode (its train() is pinned to eval)
+        model.train()  # batch_norm="train": the backbone's batch norm too, as in the tutorial
         for x, y in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
@@ -193,7 +212,7 @@ def tutorial_loop(settings, backbone, train_dir: Path, test_dir: Path, *, epochs
                               target_specificity=settings.target_specificity)
     return {"seconds": round(seconds, 2), "cpu_s": round(cpu, 2), "epochs": epochs,
             "epoch_s": [round(e, 2) for e in epoch_seconds], "median_epoch_x_epochs_s": round(float(np.median(epoch_seconds)) * epochs, 2), "train_images": len(train_set),
-            "test_images": len(test_set), "macro_auroc": metrics["macro_auroc"], "accuracy": metrics["accuracy"],
+            "test_images": len(test_set), "batch_norm": batch_norm, "macro_auroc": metrics["macro_auroc"], "accuracy": metrics["accuracy"],
             "classes": train_set.classes}
 
 
@@ -212,6 +231,11 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for our interval")
     parser.add_argument("--device", default="cpu", help="XRAY_DEVICE (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="tutorial head seed (default 0)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="XRAY_EMBED_PRECISION of this system (default auto: its default); the tutorial runs fp32")
+    parser.add_argument("--tutorial-batch-norm", choices=("train", "eval"), default="train",
+                        help="train: the tutorial as written (model.train() reaches the backbone's batch norm); "
+                             "eval: the backbone pinned in eval mode as this system uses it (default train)")
     parser.add_argument("--warm-repeats", type=int, default=3,
                         help="warm retrains, each on a copy of the cold run's home; the median is reported")
     args = parser.parse_args()
@@ -226,7 +250,7 @@ def main() -> None:
             "XRAY_BACKBONE_WEIGHTS": "random", "XRAY_DEVICE": args.device,
             "XRAY_INPUT_SIZE": str(args.size), "XRAY_VIEWS": str(args.views), "XRAY_EPOCHS": str(args.epochs),
             "XRAY_BATCH_SIZE": str(args.batch), "XRAY_BOOTSTRAP_SAMPLES": str(args.bootstrap),
-            "XRAY_PATIENT_SALT": "bench",
+            "XRAY_PATIENT_SALT": "bench", "XRAY_EMBED_PRECISION": args.precision,
         }
 
         def settings_for(home: Path):
@@ -264,7 +288,8 @@ def main() -> None:
         train_dir = image_folder(settings_for(first_home), data.train, tmp / "tutorial" / "train")
         test_dir = image_folder(settings_for(first_home), data.test, tmp / "tutorial" / "test")
         tutorial = tutorial_loop(settings, backbone, train_dir, test_dir, epochs=args.epochs,
-                                 batch_size=args.batch, seed=args.seed)
+                                 batch_size=args.batch, seed=args.seed,
+                                 batch_norm=args.tutorial_batch_norm)
         load_after = os.getloadavg()
         dispose_engines()
 
@@ -278,7 +303,9 @@ def main() -> None:
         "data": data_name,
         "images": len(rows), "held_back_images": len(later), "held_back_patients": len({r["patient_id"] for r in later}),
         "input_size": args.size, "epochs": args.epochs, "views": args.views, "device": str(backbone.device),
-        "torch_threads": torch.get_num_threads(), "backbone": "densenet161 random-init (same module both sides)",
+        "torch_threads": torch.get_num_threads(), "backbone": "densenet161 random-init (same weights both sides)",
+        "precision_ours": backbone.precision, "precision_tutorial": "fp32",
+        "tutorial_batch_norm": args.tutorial_batch_norm,
         "backbone_load_s_excluded": round(backbone_load_s, 2),
         "tutorial_s": tutorial["seconds"], "cold_s": cold["seconds"], "warm_s": warm["seconds"],
         "warm_runs_s": warm["all_runs_s"],
@@ -310,7 +337,9 @@ def main() -> None:
         "python": platform.python_version(), "torch": torch.__version__,
     }
     # the 64 px default keeps its historical name; other sizes get their own file beside it
-    publish("retrain_vs_tutorial" if args.size == 64 else f"retrain_vs_tutorial_{args.size}", result)
+    name = "retrain_vs_tutorial" if args.size == 64 else f"retrain_vs_tutorial_{args.size}"
+    name += "" if args.tutorial_batch_norm == "train" else "_tutorial-bn-eval"
+    publish(name if args.precision == "auto" else f"{name}_{args.precision}", result)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,20 @@ def test_cli_models_rescores_and_labels_rows(scenario, capsys: pytest.CaptureFix
     assert f"on older test set {r.fp2[:8]}" in text and r.fp2[:8] in text
     assert f"note: v{r.v1}, v{r.v2} not re-scored:" in text and "no cached features" in text
     assert f"note: v{r.v3} not re-scored: trained on backbone ffffffffffff" in text
+
+
+def test_with_auto_precision_an_fp32_model_stays_scorable_where_auto_means_bf16(scenario, monkeypatch):
+    """A model trained in fp32 on a machine where auto now picks bf16: its cached fp32 test features
+    count as current (it is scored with the precision it was trained with); an explicit bf16 does not."""
+    from xray_core.model import device as device_mod
+    from xray_core.pipeline.rescore import _current_backbone, _why_not
+
+    r = scenario
+    trained_on = r.before[r.v1]["backbone_fingerprint"]
+    monkeypatch.setattr(device_mod, "native_bf16", lambda device: True)
+    auto = r.settings.with_overrides(embed_precision="auto")
+    current = _current_backbone(auto, r.data2, trained_on, {})
+    assert current["fingerprint"] == trained_on and current["missing"] == 0
+    assert _why_not(trained_on, current) is None
+    forced = _current_backbone(r.settings.with_overrides(embed_precision="bf16"), r.data2, trained_on, {})
+    assert forced["fingerprint"] != trained_on and "not the current" in _why_not(trained_on, forced)

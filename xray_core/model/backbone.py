@@ -4,8 +4,9 @@ The backbone never trains, so every (image, view) is embedded once and cached un
 *fingerprint*: a sha256 over the architecture name, the weights' actual tensor bytes, the
 preprocessing spec and the forward's precision (``XRAY_EMBED_PRECISION``, named only when it is not
 fp32, so fingerprints from before the setting are the fp32 ones). Any change in any of them gives a
-new fingerprint and so a fresh feature folder; nothing stale is ever reused. The fingerprint hashes weight *content*, not the setting's
-text, so the same weights reached via ``random`` or via a saved file share their cached features.
+new fingerprint and so a fresh feature folder; nothing stale is ever reused. The fingerprint hashes
+weight *content*, not the setting's text, so the same weights reached via ``random`` or via a saved
+file share their cached features.
 
 Weights (``XRAY_BACKBONE_WEIGHTS``):
 - ``imagenet``: torchvision's ``DenseNet161_Weights.IMAGENET1K_V1`` (downloaded once into the torch
@@ -85,13 +86,14 @@ class Backbone:
         Every forward runs on exactly ``forward_batch`` images: the input is cut into chunks of that
         size and the last chunk is padded with copies of its last image (their outputs are dropped).
         Why: CPU convolution kernels pick their blocking by batch size, so an image's features differ
-        in the last bits with the size of the batch it was embedded in. With two threads batches of
-        2-16 happened to agree, with one thread (``OMP_NUM_THREADS=1``) every size differed from every
-        other, and a resumed run, a Dask shard or ``xray predict`` embed different batch sizes than a
-        single uninterrupted run. A fixed forward size makes features a function of the image, the
-        fingerprint, the thread count and ``forward_batch`` only (an image's result does not depend
-        on its position or on the other images in the batch). The price is the padding: at most
-        ``forward_batch - 1`` extra images per call.
+        in the last bits with the size of the batch it was embedded in. Measured at 32 and 64 px: on
+        two threads batches of 2-16 agreed (a batch of 1 did not); on one thread
+        (``OMP_NUM_THREADS=1``) batches of 2-15 agreed and a batch of 16 differed from them. A resumed
+        run, a Dask shard or ``xray predict`` embed other batch sizes than one uninterrupted run. A
+        fixed forward size makes features a function of the image, the fingerprint, the thread count
+        and ``forward_batch`` only (an image's result does not depend on its position or on the other
+        images in the batch). The price is the padding: at most ``forward_batch - 1`` extra images
+        per call.
 
         With ``precision`` bf16 or fp16 the forward runs under autocast (on the CPU too): features are
         stored as float16 anyway, and it roughly halves the time where the device does bf16 in

@@ -64,10 +64,8 @@ def pick_precision(setting: str, device: torch.device) -> str:
     ``bf16`` on a device without native support is allowed (emulated: slow but the same numbers).
     """
     value = (setting or "auto").strip().lower()
-    if value == "fp32":
-        return "fp32"
-    if value == "bf16":
-        return "bf16"
+    if value in PRECISIONS:  # fp16 only arrives from a model card (CUDA without bf16), never from the setting
+        return value
     if value == "auto":
         if native_bf16(device):
             return "bf16"

@@ -57,14 +57,14 @@ def rescore_models(settings: Settings, data: SplitData, *, versions: list[int] |
                                                                 Evaluation.test_set_fingerprint == fingerprint)
                                        .order_by(Evaluation.id))}
     out: list[dict[str, Any]] = []
-    current: dict[str, Any] | None = None  # the current backbone and cache coverage, loaded when first needed
+    seen: dict[str, dict[str, Any]] = {}  # the current backbone and cache coverage per precision, loaded when needed
     for version in wanted:
         if version not in backbones:
             out.append(_skipped(version, f"model version {version} does not exist"))
         elif version in existing:
             out.append({"version": version, "status": "reused", "reason": None, "evaluation": existing[version]})
         else:
-            current = current or _current_backbone(settings, data)
+            current = _current_backbone(settings, data, backbones[version], seen)
             reason = _why_not(backbones[version], current)
             if reason is None:
                 try:
@@ -78,14 +78,32 @@ def rescore_models(settings: Settings, data: SplitData, *, versions: list[int] |
     return out
 
 
-def _current_backbone(settings: Settings, data: SplitData) -> dict[str, Any]:
-    """The current backbone's fingerprint and how many test images lack a cached view-0 feature."""
+def _current_backbone(settings: Settings, data: SplitData, model_fingerprint: str,
+                      seen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The current backbone's fingerprint and how many test images lack a cached view-0 feature.
+
+    With ``XRAY_EMBED_PRECISION=auto`` the current weights and preprocessing at any precision count
+    as current (a model is scored with the precision it was trained with, see
+    ``steps.settings_for_model``): the first whose fingerprint is the model's, else the resolved one.
+    """
     from xray_core.model.backbone import load_backbone
     from xray_core.model.features import FeatureCache
 
-    backbone = load_backbone(settings)
-    coverage = FeatureCache(backbone, settings).coverage([r[1] for r in data.test], [0])
-    return {"fingerprint": backbone.fingerprint, "missing": coverage["pairs_needed"], "images": coverage["images"]}
+    precisions = ["auto", "fp32", "bf16"] if settings.embed_precision == "auto" else [settings.embed_precision]
+    for precision in precisions:
+        if precision not in seen:
+            own = settings.with_overrides(embed_precision=precision)
+            seen[precision] = {"settings": own, "fingerprint": load_backbone(own).fingerprint}
+        if seen[precision]["fingerprint"] == model_fingerprint:
+            break
+    else:
+        precision = precisions[0]
+    current = seen[precision]
+    if "missing" not in current:
+        backbone = load_backbone(current["settings"])
+        coverage = FeatureCache(backbone, current["settings"]).coverage([r[1] for r in data.test], [0])
+        current.update(missing=coverage["pairs_needed"], images=coverage["images"])
+    return current
 
 
 def _why_not(model_backbone: str, current: dict[str, Any]) -> str | None:
