@@ -82,7 +82,7 @@ def test_csv_columns_and_values_for_a_known_model(home, films, predicted):
         header = next(csv.reader(fh))
     # For people first (file, prediction, probabilities, threshold), provenance last.
     assert header == ["file", "predicted_label", *[f"p_{lab}" for lab in labels], "threshold", "ood_score",
-                      "in_distribution", "sha256", "status", "error", "true_label", "model_version",
+                      "ood_p", "in_distribution", "sha256", "status", "error", "true_label", "model_version",
                       "backbone_fingerprint", "heatmap"]
     assert result["model_version"] == home.versions[0]  # the champion by default
     ok = [r for r in rows if r["status"] == "ok"]
@@ -120,11 +120,16 @@ def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, 
     ok = [r for r in rows if r["status"] == "ok"]
     for r in ok:
         assert r["in_distribution"] == ("true" if float(r["ood_score"]) <= reference.threshold else "false")
+        assert float(r["ood_p"]) == pytest.approx(float(reference.p_values(np.array([float(r["ood_score"])]))[0]),
+                                                  abs=1e-4)
     for r in rows:
         if r["status"] != "ok":
-            assert r["ood_score"] == "" and r["in_distribution"] == ""
+            assert r["ood_score"] == "" and r["ood_p"] == "" and r["in_distribution"] == ""
     flagged = sum(r["in_distribution"] == "false" for r in ok)
-    assert result["ood"]["line"] == f"{flagged} of 7 films look unlike this model's training data"
+    unusual = sum(float(r["ood_p"]) <= 0.05 for r in ok)
+    assert result["ood"]["unusual"] == unusual
+    assert result["ood"]["line"] == (f"{flagged} of 7 films look unlike this model's training data; {unusual} score "
+                                     f"in the top 5% of its in-distribution films ({0.05 * 7:.1f} expected by chance)")
     assert result["drift"]["n"] == 7 and "mmd_p" in result["drift"]
     stored = [c for c in fetch(home.settings, DriftCheck) if c.id == result["drift"]["id"]]
     assert stored[0].kind == "predict" and stored[0].n_images == 7 and stored[0].model_id == home.versions[0]

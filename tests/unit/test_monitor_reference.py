@@ -57,6 +57,24 @@ def test_unreadable_reference_is_a_checkpoint_error():
 
 def test_summary_line_names_the_counts():
     assert summary_line(37, 93) == "37 of 93 films look unlike this model's training data"
+    assert summary_line(0, 42, 22) == ("0 of 42 films look unlike this model's training data; 22 score in the "
+                                       "top 5% of its in-distribution films (2.1 expected by chance)")
+
+
+def test_p_values_are_the_conformal_rank_among_the_calibration_scores():
+    """(1 + calibration scores >= s) / (n + 1), by hand for n = 4; ties count as at least."""
+    ref, _ = make_reference()
+    ref = Reference(**{**ref.__dict__, "cal_scores": np.array([1.0, 2.0, 3.0, 4.0])})
+    got = ref.p_values(np.array([0.5, 1.0, 2.5, 4.0, 9.0]))
+    np.testing.assert_allclose(got, [5 / 5, 5 / 5, 3 / 5, 2 / 5, 1 / 5])
+
+
+def test_p_values_are_about_uniform_in_distribution_and_small_for_shifted_films():
+    ref, rng = make_reference()
+    fresh = ref.p_values(ref.scores(features(rng, 600)))
+    assert 0.02 <= np.mean(fresh <= 0.05) <= 0.09  # valid at the 5% level (within sampling noise)
+    shifted = ref.p_values(ref.scores(features(rng, 50, shift=0.3)))
+    assert np.mean(shifted <= 0.05) > 0.5
 
 
 def test_reference_is_saved_verified_and_optional(settings):

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from xray_core.monitor.ood import summary_line
+from xray_core.monitor.ood import UNUSUAL_LEVEL, summary_line
 from xray_core.monitor.reference import Reference
 
 MIN_BATCH = 5  # fewer films say nothing a permutation test can resolve
@@ -111,7 +111,10 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
     n = len(features)
     scores = reference.scores(features)
     flagged = int((scores > reference.threshold).sum())
-    out: dict[str, Any] = {"n": n, "ood_flagged": flagged, "ood_line": summary_line(flagged, n),
+    unusual = int((reference.p_values(scores) <= UNUSUAL_LEVEL).sum())
+    out: dict[str, Any] = {"n": n, "ood_flagged": flagged, "ood_unusual": unusual,
+                           "ood_unusual_expected": round(UNUSUAL_LEVEL * n, 2),
+                           "ood_line": summary_line(flagged, n, unusual),
                            "ood_expected_rate": round(1 - reference.quantile, 6), "alpha": alpha}
     if n < MIN_BATCH:
         return {**out, "drift": False, "input_shift": False, "output_shift": False, "ood_excess": False,

@@ -220,12 +220,14 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         preds = predict_labels(probs, threshold=threshold, positive_index=pos)
         maps = write_heatmaps(probs, preds) if heatmaps is not None else [""] * len(batch)
         ood = reference.scores(feats) if reference is not None else [None] * len(batch)
+        ood_p = reference.p_values(ood) if reference is not None else [None] * len(batch)
         scored.append((feats, probs))
-        for (f, sha, _), p, k, hm, o in zip(batch, probs, preds, maps, ood):
+        for (f, sha, _), p, k, hm, o, op in zip(batch, probs, preds, maps, ood, ood_p):
             rows.append({"file": f.rel, "predicted_label": labels[int(k)],
                          **{f"p_{lab}": round(float(v), 6) for lab, v in zip(labels, p)},
                          "threshold": "" if threshold is None else threshold,
                          "ood_score": "" if o is None else round(float(o), 4),
+                         "ood_p": "" if op is None else round(float(op), 4),
                          "in_distribution": "" if o is None else str(bool(o <= reference.threshold)).lower(),
                          "sha256": sha, "status": "ok",
                          "error": "", "true_label": f.label or "", "model_version": version,
@@ -235,7 +237,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     for i, (f, sha, pixels, error) in enumerate(_decoded(files, settings), start=1):
         if error is not None:
             rows.append({"file": f.rel, "predicted_label": "", **{f"p_{lab}": "" for lab in labels},
-                         "threshold": "" if threshold is None else threshold, "ood_score": "",
+                         "threshold": "" if threshold is None else threshold, "ood_score": "", "ood_p": "",
                          "in_distribution": "", "sha256": sha or "", "status": "rejected", "error": error,
                          "true_label": f.label or "",
                          "model_version": version, "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
@@ -248,7 +250,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     flush()
     rows.sort(key=lambda r: r["file"])
     # For people first (what was predicted, how sure, against which threshold), provenance last.
-    columns = ["file", "predicted_label", *[f"p_{lab}" for lab in labels], "threshold", "ood_score",
+    columns = ["file", "predicted_label", *[f"p_{lab}" for lab in labels], "threshold", "ood_score", "ood_p",
                "in_distribution", "sha256", "status",
                "error", "true_label", "model_version", "backbone_fingerprint", "heatmap"]
     if out is not None:
@@ -271,14 +273,16 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
 
 def ood_summary(ok_rows: list[dict[str, Any]], reference: Any) -> dict[str, Any]:
     """How many predicted films look unlike the model's training data, as numbers and one sentence."""
-    from xray_core.monitor.ood import summary_line
+    from xray_core.monitor.ood import UNUSUAL_LEVEL, summary_line
 
     if reference is None:
         return {"known": False, "flagged": None, "scored": 0, "threshold": None,
                 "line": "out-of-distribution check unknown: this model was saved without a reference"}
     flagged = sum(r["in_distribution"] == "false" for r in ok_rows)
-    return {"known": True, "flagged": flagged, "scored": len(ok_rows), "threshold": reference.threshold,
-            "quantile": reference.quantile, "line": summary_line(flagged, len(ok_rows))}
+    unusual = sum(float(r["ood_p"]) <= UNUSUAL_LEVEL for r in ok_rows)
+    return {"known": True, "flagged": flagged, "unusual": unusual, "unusual_level": UNUSUAL_LEVEL,
+            "scored": len(ok_rows), "threshold": reference.threshold,
+            "quantile": reference.quantile, "line": summary_line(flagged, len(ok_rows), unusual)}
 
 
 def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]], *,
