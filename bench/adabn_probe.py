@@ -4,7 +4,8 @@ Issue 12 asked to consider, with evidence, offering batch-norm statistics re-est
 fixed calibration set as a backbone option. This measures the evidence: the same films' view-0
 features from the frozen random-init densenet161 (a) as this system embeds them (the weights'
 own running statistics) and (b) after AdaBN: every batch-norm layer's running mean and variance
-re-estimated as the plain average over the calibration films (momentum None), then eval mode.
+re-estimated on the calibration films (momentum None: the average of the per-batch means and
+variances over batches of ``--batch``), then eval mode.
 Each feature set gets the same standardised logistic-regression probe (C=1, balanced) in
 patient-grouped stratified 5-fold cross-validation; AUROC pooled over folds and per fold.
 

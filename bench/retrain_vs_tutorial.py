@@ -339,7 +339,9 @@ def main() -> None:
     # the 64 px default keeps its historical name; other sizes get their own file beside it
     name = "retrain_vs_tutorial" if args.size == 64 else f"retrain_vs_tutorial_{args.size}"
     name += "" if args.tutorial_batch_norm == "train" else "_tutorial-bn-eval"
-    publish(name if args.precision == "auto" else f"{name}_{args.precision}", result)
+    name += "" if args.precision == "auto" else f"_{args.precision}"
+    result["name"] = name
+    publish(name, result)
 
 
 if __name__ == "__main__":

@@ -228,7 +228,11 @@ def test_fp32_keeps_the_fingerprint_of_before_and_bf16_gets_its_own(settings) ->
     before = hashlib.sha256(json.dumps({"arch": ARCH, "weights_sha256": fp32.weights_sha256, "preprocess": spec},
                                        sort_keys=True).encode()).hexdigest()
     assert fp32.fingerprint == before == fingerprint(fp32.weights_sha256, spec)
+    assert fingerprint(fp32.weights_sha256, spec, "legacy", "cpu") == before  # cards without a precision
+    assert fingerprint(fp32.weights_sha256, spec, "legacy", "cuda") == before  # CUDA autocast, as filed then
     assert bf16.fingerprint == fingerprint(fp32.weights_sha256, spec, "bf16") != before
+    assert fingerprint(fp32.weights_sha256, spec, "bf16", "cuda") not in (before, bf16.fingerprint)
+    assert fingerprint(fp32.weights_sha256, spec, "fp32", "cuda") != before  # a true fp32 GPU forward: its own
     assert bf16.weights_sha256 == fp32.weights_sha256  # the same weights, another arithmetic
     x = _batch(4)
     a, b = fp32.embed(x), bf16.embed(x)

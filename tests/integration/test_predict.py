@@ -127,9 +127,11 @@ def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, 
             assert r["ood_score"] == "" and r["ood_p"] == "" and r["in_distribution"] == ""
     flagged = sum(r["in_distribution"] == "false" for r in ok)
     unusual = sum(float(r["ood_p"]) <= 0.05 for r in ok)
-    assert result["ood"]["unusual"] == unusual
+    n_cal = len(reference.calibration_scores)
+    expected = np.floor(0.05 * (n_cal + 1)) / (n_cal + 1) * 7  # p-values take the values k / (n + 1)
+    assert result["ood"]["unusual"] == unusual and result["ood"]["unusual_expected"] == round(expected, 2)
     assert result["ood"]["line"] == (f"{flagged} of 7 films look unlike this model's training data; {unusual} score "
-                                     f"in the top 5% of its in-distribution films ({0.05 * 7:.1f} expected by chance)")
+                                     f"in the top 5% of its in-distribution films ({expected:.1f} expected by chance)")
     assert result["drift"]["n"] == 7 and "mmd_p" in result["drift"]
     stored = [c for c in fetch(home.settings, DriftCheck) if c.id == result["drift"]["id"]]
     assert stored[0].kind == "predict" and stored[0].n_images == 7 and stored[0].model_id == home.versions[0]
@@ -336,12 +338,20 @@ def test_auto_precision_serves_an_existing_model_with_the_precision_it_was_train
         predict_folder(home.settings.with_overrides(embed_precision="bf16"), films, out=tmp_path / "bf16.csv")
 
 
-def test_a_card_without_a_precision_is_an_fp32_model(settings):
-    """Cards from before the precision was recorded: their features were computed in fp32."""
-    from xray_core.pipeline.steps import settings_for_card, settings_for_model
+def test_a_card_without_a_precision_is_served_as_before_the_setting(settings):
+    """Cards from before the precision was recorded get ``legacy``: fp32 on the CPU (autocast on CUDA, as
+    the backbone did then) under the very fingerprint those models and caches were filed under."""
+    import torch
+
+    from xray_core.model.backbone import autocast_dtype, load_backbone
+    from xray_core.pipeline.model_settings import settings_for_card, settings_for_model
 
     auto = settings.with_overrides(embed_precision="auto")
-    assert settings_for_model(auto, {}).embed_precision == "fp32"
+    assert settings_for_model(auto, {}).embed_precision == "legacy"
     assert settings_for_model(auto, {"backbone_precision": "bf16"}).embed_precision == "bf16"
     assert settings_for_model(settings.with_overrides(embed_precision="bf16"), {}).embed_precision == "bf16"
-    assert settings_for_card(auto, {"settings": {}}).embed_precision == "fp32"
+    legacy = settings_for_card(auto, {"settings": {}})
+    assert legacy.embed_precision == "legacy"
+    assert load_backbone(legacy).fingerprint == load_backbone(settings.with_overrides(embed_precision="fp32")).fingerprint
+    assert autocast_dtype("legacy", torch.device("cpu")) is None  # fp32 on the CPU, as before
+    assert autocast_dtype("legacy", torch.device("cuda")) in (torch.bfloat16, torch.float16)  # autocast, as before

@@ -67,6 +67,8 @@ def test_p_values_are_the_conformal_rank_among_the_calibration_scores():
     ref = Reference(**{**ref.__dict__, "cal_scores": np.array([1.0, 2.0, 3.0, 4.0])})
     got = ref.p_values(np.array([0.5, 1.0, 2.5, 4.0, 9.0]))
     np.testing.assert_allclose(got, [5 / 5, 5 / 5, 3 / 5, 2 / 5, 1 / 5])
+    assert ref.p_value_rate(0.05) == 0.0  # with 4 films no p-value is at most 0.05: 1/5 is the smallest
+    assert ref.p_value_rate(0.4) == 2 / 5
 
 
 def test_p_values_are_about_uniform_in_distribution_and_small_for_shifted_films():

@@ -2,8 +2,9 @@
 
 The backbone never trains, so every (image, view) is embedded once and cached under the backbone's
 *fingerprint*: a sha256 over the architecture name, the weights' actual tensor bytes, the
-preprocessing spec and the forward's precision (``XRAY_EMBED_PRECISION``, named only when it is not
-fp32, so fingerprints from before the setting are the fp32 ones). Any change in any of them gives a
+preprocessing spec and the forward's arithmetic (``XRAY_EMBED_PRECISION`` and the device type, named
+only when it is not what the backbone computed before the setting existed, so those fingerprints
+stay as they were; see :func:`fingerprint`). Any change in any of them gives a
 new fingerprint and so a fresh feature folder; nothing stale is ever reused. The fingerprint hashes
 weight *content*, not the setting's text, so the same weights reached via ``random`` or via a saved
 file share their cached features.
@@ -77,7 +78,7 @@ class Backbone:
     device: torch.device
     calls: int = field(default=0)  # forward batches run so far (tests count these)
     forward_batch: int = 16  # images per forward, padded up to it (see embed); the effective embed batch size
-    precision: str = "fp32"  # the forward's arithmetic: fp32 | bf16 | fp16 (autocast), part of the fingerprint
+    precision: str = "fp32"  # the forward's arithmetic: fp32 | bf16 | fp16 | legacy (see device.PRECISIONS)
     weights_sha256: str = ""  # content hash of the weights alone (lets callers re-derive the fingerprint)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
@@ -111,9 +112,10 @@ class Backbone:
             self.calls += 1
             x = chunk.to(self.device, dtype=torch.float32, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last)
+            dtype = autocast_dtype(self.precision, self.device)
             with torch.inference_mode():
-                if self.precision != "fp32":
-                    with torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision]):
+                if dtype is not None:
+                    with torch.autocast(self.device.type, dtype=dtype):
                         out = self.features(x)
                 else:
                     out = self.features(x)
@@ -124,7 +126,13 @@ class Backbone:
         return torch.cat(outs).clone()
 
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision on ``device``; None for a plain fp32 forward."""
+    if precision == "legacy":  # as before the setting: autocast on CUDA only
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def load_backbone(settings: Any) -> Backbone:
@@ -168,7 +176,7 @@ def _cached_backbone(
     module, weights_hash, random_init = _load_module(weights, seed, device, file_key)
     return Backbone(
         features=module,
-        fingerprint=fingerprint(weights_hash, json.loads(spec_json), precision),
+        fingerprint=fingerprint(weights_hash, json.loads(spec_json), precision, torch.device(device).type),
         weights=weights,
         random_init=random_init,
         device=torch.device(device),
@@ -178,12 +186,17 @@ def _cached_backbone(
     )
 
 
-def fingerprint(weights_sha256: str, spec: Mapping[str, Any], precision: str = "fp32") -> str:
-    """sha256 over architecture, weights content hash, preprocessing spec and, unless fp32, the
-    forward's precision (so an fp32 fingerprint is the one computed before precision was a setting)."""
+def fingerprint(weights_sha256: str, spec: Mapping[str, Any], precision: str = "fp32",
+                device_type: str = "cpu") -> str:
+    """sha256 over architecture, weights content hash, preprocessing spec and the forward's arithmetic.
+
+    The arithmetic is named as ``<device type>-<precision>`` (bf16 from a CPU and from a GPU differ in
+    more than the last bits), except for what the backbone computed before precision was a setting
+    (fp32 on the CPU, ``legacy`` autocast on CUDA): those keep the fingerprint they were filed under.
+    """
     content: dict[str, Any] = {"arch": ARCH, "weights_sha256": weights_sha256, "preprocess": spec}
-    if precision != "fp32":
-        content["precision"] = precision
+    if not (precision == "legacy" or (precision == "fp32" and device_type == "cpu")):
+        content["precision"] = f"{device_type}-{precision}"
     payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 

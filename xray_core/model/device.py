@@ -42,7 +42,10 @@ def pick_device(setting: str) -> torch.device:
     raise SettingsError(f"XRAY_DEVICE={setting!r}: use {ALLOWED}")
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # what a resolved precision can be (fp16: CUDA without bf16 only)
+# What a resolved precision can be. fp16: autocast on CUDA without bf16. legacy: what the backbone did
+# before the precision was a setting (fp32 on the CPU, bf16/fp16 autocast on CUDA), for model cards that
+# do not record one; its fingerprint is the one those models and caches were filed under.
+PRECISIONS = ("fp32", "bf16", "fp16", "legacy")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -50,8 +53,9 @@ def native_bf16(device: torch.device) -> bool:
     CPU with AVX512-BF16 or AMX tiles. On other CPUs bf16 is emulated and slower than fp32."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if device.type == "cpu":  # private torch helpers (torch.cpu): absent in some release -> not native
+        checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+        return any(bool(check()) for check in checks if check is not None)
     return False
 
 
@@ -61,10 +65,11 @@ def pick_precision(setting: str, device: torch.device) -> str:
     ``auto`` is bf16 where the device does it natively (features are stored as float16 anyway; on
     this project's 2-core AVX512-BF16 machine a 224 px forward ran 2.2x faster, relative error of
     the features 0.7%), fp16 on a CUDA device without bf16 (what CUDA always used), fp32 otherwise.
-    ``bf16`` on a device without native support is allowed (emulated: slow but the same numbers).
+    ``bf16`` on a device without native support is allowed (emulated: slow, and its last bits may
+    differ from native bf16 as they differ between thread counts).
     """
     value = (setting or "auto").strip().lower()
-    if value in PRECISIONS:  # fp16 only arrives from a model card (CUDA without bf16), never from the setting
+    if value in PRECISIONS:  # fp16 and legacy only arrive from a model card, never from the setting
         return value
     if value == "auto":
         if native_bf16(device):

@@ -146,8 +146,8 @@ class FeatureCache:
 
         # Features are filed under the backbone's fingerprint, which includes the preprocessing
         # spec; settings with another spec would file wrong features under it.
-        if (backbone.weights_sha256
-                and fingerprint(backbone.weights_sha256, spec_dict(settings), backbone.precision) != backbone.fingerprint):
+        own = fingerprint(backbone.weights_sha256, spec_dict(settings), backbone.precision, backbone.device.type)
+        if backbone.weights_sha256 and own != backbone.fingerprint:
             raise FeatureCacheError(
                 "the settings' preprocessing (input size, augmentation) differs from the one the backbone "
                 "was loaded with; load the backbone with the same settings (load_backbone(settings))"

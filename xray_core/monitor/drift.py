@@ -112,9 +112,10 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
     scores = reference.scores(features)
     flagged = int((scores > reference.threshold).sum())
     unusual = int((reference.p_values(scores) <= UNUSUAL_LEVEL).sum())
+    expected = reference.p_value_rate(UNUSUAL_LEVEL) * n
     out: dict[str, Any] = {"n": n, "ood_flagged": flagged, "ood_unusual": unusual,
-                           "ood_unusual_expected": round(UNUSUAL_LEVEL * n, 2),
-                           "ood_line": summary_line(flagged, n, unusual),
+                           "ood_unusual_expected": round(expected, 2),
+                           "ood_line": summary_line(flagged, n, unusual, expected),
                            "ood_expected_rate": round(1 - reference.quantile, 6), "alpha": alpha}
     if n < MIN_BATCH:
         return {**out, "drift": False, "input_shift": False, "output_shift": False, "ood_excess": False,

@@ -64,14 +64,14 @@ def ood_scores(z: np.ndarray, pca_mean: np.ndarray, components: np.ndarray, vari
 UNUSUAL_LEVEL = 0.05  # the graded per-film evidence beside the flag: conformal p-value at most this
 
 
-def summary_line(flagged: int, total: int, unusual: int | None = None) -> str:
+def summary_line(flagged: int, total: int, unusual: int | None = None, expected: float | None = None) -> str:
     """The sentence predict, status and the reports print; with ``unusual`` (films whose conformal
-    p-value is at most UNUSUAL_LEVEL) also that count against the number expected by chance."""
+    p-value is at most UNUSUAL_LEVEL) also that count against the ``expected`` number by chance."""
     line = f"{flagged} of {total} films look unlike this model's training data"
     if unusual is None:
         return line
     return (f"{line}; {unusual} score in the top {UNUSUAL_LEVEL:.0%} of its in-distribution films "
-            f"({UNUSUAL_LEVEL * total:.1f} expected by chance)")
+            f"({expected if expected is not None else UNUSUAL_LEVEL * total:.1f} expected by chance)")
 
 
 @dataclass(frozen=True)

@@ -73,11 +73,17 @@ class Reference:
         level a, so p-values grade the evidence where the flag at ``threshold`` is one cut: with ~70
         calibration films the 0.99 flag is "above every one of them", which one odd in-distribution
         film can push out of reach of a whole foreign site (the demo's adult films: 0 of 42 flagged,
-        22 with p <= 0.05 against 2.1 expected).
+        22 with p <= 0.05 against 1.7 expected).
         """
         cal = np.sort(np.asarray(self.calibration_scores, dtype=np.float64))
         at_least = len(cal) - np.searchsorted(cal, np.asarray(scores, dtype=np.float64), side="left")
         return (1.0 + at_least) / (len(cal) + 1.0)
+
+    def p_value_rate(self, level: float) -> float:
+        """P(p <= level) for an in-distribution film: floor(level (n + 1)) / (n + 1), at most ``level``
+        (p-values take the values k / (n + 1) only)."""
+        n = len(self.calibration_scores)
+        return float(np.floor(level * (n + 1)) / (n + 1))
 
     def standardise(self, x: np.ndarray) -> np.ndarray:
         return standardise(x, self.mean, self.std)

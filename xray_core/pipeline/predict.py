@@ -136,10 +136,10 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
 
     from xray_core.model.backbone import load_backbone
     from xray_core.data.catalogue import open_catalogue
-    from xray_core.model.features import FeatureCache, FeatureCacheError
+    from xray_core.model.features import FeatureCache, FeatureCacheError, effective_batch_size
     from xray_core.evaluate.metrics import predict_labels, positive_index
     from xray_core.model.preprocess import make_view
-    from xray_core.pipeline.steps import settings_for_model
+    from xray_core.pipeline.model_settings import settings_for_model
     from xray_core.registry.versions import champion_version, load_model, require_backbone
     from xray_core.model.train import predict_proba
     from xray_core.monitor.reference import model_reference
@@ -159,6 +159,9 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     labels, threshold = model.labels, model.threshold
     reference = model_reference(model)  # None for models saved before references: OOD "unknown"
     scored: list[tuple[np.ndarray, np.ndarray]] = []  # (features, probabilities): the batch drift test
+    ood_exact: list[float] = []  # unrounded OOD scores of the predicted films (the summary counts from them)
+    # films per flush = images per backbone forward (the backbone pads every forward to it)
+    flush_size = effective_batch_size(settings)
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     cache = FeatureCache(backbone, settings)
     files = list_files(Path(path), manifest)
@@ -222,6 +225,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         ood = reference.scores(feats) if reference is not None else [None] * len(batch)
         ood_p = reference.p_values(ood) if reference is not None else [None] * len(batch)
         scored.append((feats, probs))
+        if reference is not None:
+            ood_exact.extend(float(o) for o in ood)
         for (f, sha, _), p, k, hm, o, op in zip(batch, probs, preds, maps, ood, ood_p):
             rows.append({"file": f.rel, "predicted_label": labels[int(k)],
                          **{f"p_{lab}": round(float(v), 6) for lab, v in zip(labels, p)},
@@ -243,7 +248,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
                          "model_version": version, "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
         else:
             batch.append((f, sha, pixels))
-            if len(batch) >= settings.embed_batch_size:
+            if len(batch) >= flush_size:
                 flush()
         if progress:
             progress(i, len(files))
@@ -267,11 +272,11 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init,
             "feature_cache": {"reused": cache_fill["reused"], "filled": cache_fill["filled"],
                               "note": cache_fill["error"]},
-            "ood": ood_summary(ok, reference),
+            "ood": ood_summary(ok, reference, ood_exact),
             "drift": batch_drift(settings, model, reference, scored, subject=str(path)), "rows": rows}
 
 
-def ood_summary(ok_rows: list[dict[str, Any]], reference: Any) -> dict[str, Any]:
+def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[float] | None = None) -> dict[str, Any]:
     """How many predicted films look unlike the model's training data, as numbers and one sentence."""
     from xray_core.monitor.ood import UNUSUAL_LEVEL, summary_line
 
@@ -279,10 +284,13 @@ def ood_summary(ok_rows: list[dict[str, Any]], reference: Any) -> dict[str, Any]
         return {"known": False, "flagged": None, "scored": 0, "threshold": None,
                 "line": "out-of-distribution check unknown: this model was saved without a reference"}
     flagged = sum(r["in_distribution"] == "false" for r in ok_rows)
-    unusual = sum(float(r["ood_p"]) <= UNUSUAL_LEVEL for r in ok_rows)
+    # from the unrounded scores (``scores``, one per ok row): the CSV rounds them to 4 places
+    exact = np.asarray(scores if scores is not None else [r["ood_score"] for r in ok_rows], dtype=np.float64)
+    unusual = int((reference.p_values(exact) <= UNUSUAL_LEVEL).sum())
+    expected = reference.p_value_rate(UNUSUAL_LEVEL) * len(ok_rows)
     return {"known": True, "flagged": flagged, "unusual": unusual, "unusual_level": UNUSUAL_LEVEL,
-            "scored": len(ok_rows), "threshold": reference.threshold,
-            "quantile": reference.quantile, "line": summary_line(flagged, len(ok_rows), unusual)}
+            "unusual_expected": round(expected, 2), "scored": len(ok_rows), "threshold": reference.threshold,
+            "quantile": reference.quantile, "line": summary_line(flagged, len(ok_rows), unusual, expected)}
 
 
 def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]], *,

@@ -84,26 +84,19 @@ def _current_backbone(settings: Settings, data: SplitData, model_fingerprint: st
 
     With ``XRAY_EMBED_PRECISION=auto`` the current weights and preprocessing at any precision count
     as current (a model is scored with the precision it was trained with, see
-    ``steps.settings_for_model``): the first whose fingerprint is the model's, else the resolved one.
+    ``model_settings.settings_for_fingerprint``): the model's own when it is one of them, else the resolved one.
     """
     from xray_core.model.backbone import load_backbone
     from xray_core.model.features import FeatureCache
+    from xray_core.pipeline.model_settings import settings_for_fingerprint
 
-    precisions = ["auto", "fp32", "bf16"] if settings.embed_precision == "auto" else [settings.embed_precision]
-    for precision in precisions:
-        if precision not in seen:
-            own = settings.with_overrides(embed_precision=precision)
-            seen[precision] = {"settings": own, "fingerprint": load_backbone(own).fingerprint}
-        if seen[precision]["fingerprint"] == model_fingerprint:
-            break
-    else:
-        precision = precisions[0]
-    current = seen[precision]
-    if "missing" not in current:
-        backbone = load_backbone(current["settings"])
-        coverage = FeatureCache(backbone, current["settings"]).coverage([r[1] for r in data.test], [0])
-        current.update(missing=coverage["pairs_needed"], images=coverage["images"])
-    return current
+    own = settings_for_fingerprint(settings, model_fingerprint) or settings
+    backbone = load_backbone(own)
+    if backbone.fingerprint not in seen:
+        coverage = FeatureCache(backbone, own).coverage([r[1] for r in data.test], [0])
+        seen[backbone.fingerprint] = {"fingerprint": backbone.fingerprint, "missing": coverage["pairs_needed"],
+                                      "images": coverage["images"]}
+    return seen[backbone.fingerprint]
 
 
 def _why_not(model_backbone: str, current: dict[str, Any]) -> str | None:

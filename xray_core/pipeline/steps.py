@@ -21,6 +21,7 @@ from xray_core.monitor.reference import REFERENCE_FILE
 from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.guards import apply_guards, evaluation_slices
 from xray_core.pipeline.lock import retrain_lock
+from xray_core.pipeline.model_settings import settings_for_card, settings_for_fingerprint
 from xray_core.pipeline.snapshot import (Row, SplitData, embed_items, features_for, label_indices,
                                          load_split_data, test_set_fingerprint, train_views,
                                          training_set_fingerprint)
@@ -184,34 +185,6 @@ def model_test_probs(settings: Settings, version: int, rows: list[Row]) -> tuple
     return predict_proba(model.head, x), model
 
 
-def settings_for_card(settings: Settings, card: dict[str, Any]) -> Settings:
-    """``settings`` with everything that shapes a model's features taken from its card: weights,
-    preprocessing and the forward's precision (fp32 for cards from before it was recorded)."""
-    saved = card.get("settings", {})
-    keys = ("backbone_weights", "backbone_seed", "input_size", "aug_rotation", "aug_hflip")
-    changes = {k: saved[k] for k in keys if k in saved}
-    if "aug_crop_scale" in saved:
-        changes["aug_crop_scale"] = tuple(saved["aug_crop_scale"])
-    changes["embed_precision"] = card_precision(card)
-    return settings.with_overrides(**changes)
-
-
-def card_precision(card: dict[str, Any]) -> str:
-    """The backbone precision a model was trained with: fp32 for cards from before it was recorded
-    (their fingerprints are the fp32 ones, see ``xray_core.model.backbone.fingerprint``)."""
-    return str(card.get("backbone_precision") or "fp32")
-
-
-def settings_for_model(settings: Settings, card: dict[str, Any]) -> Settings:
-    """The settings to embed films for an existing model with: with ``XRAY_EMBED_PRECISION=auto`` the
-    model's own precision, so a champion trained in fp32 keeps predicting (and being monitored) on
-    fp32 features on a machine where auto now picks bf16 for new models. An explicit setting wins
-    (a model from another precision is then refused as from another backbone, as before)."""
-    if settings.embed_precision != "auto":
-        return settings
-    return settings.with_overrides(embed_precision=card_precision(card))
-
-
 def evaluate_step(settings: Settings, version: int, data: SplitData, *,
                   flow_run_id: str | None = None) -> dict[str, Any]:
     """Score one version on the current test split; store an evaluation row; return its metrics."""
@@ -276,7 +249,6 @@ def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | Non
     itself, replace the champion with a copy every night). The scheduled run skips instead.
     """
     from db.schema import Model
-    from xray_core.model.backbone import load_backbone
 
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
@@ -285,7 +257,9 @@ def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | Non
             return None
         version, trained_on = champion.id, champion.training_set_fingerprint
         backbone, config = champion.backbone_fingerprint, dict(champion.config)
-    if trained_on != training_set_fingerprint(data) or backbone != load_backbone(settings).fingerprint:
+    # any precision auto would serve the champion with: an fp32 champion is not retrained nightly
+    # only because auto now embeds new models in bf16 (the next data change retrains in bf16)
+    if trained_on != training_set_fingerprint(data) or settings_for_fingerprint(settings, backbone) is None:
         return None
     now = settings.public_dict()
     changed = [k for k in TRAINING_SETTINGS if config.get(k) != now.get(k)]
