@@ -118,10 +118,15 @@ def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, 
     result, rows, _ = predicted
     reference = model_reference(load_model(home.settings, home.versions[0]))
     ok = [r for r in rows if r["status"] == "ok"]
+    step = 1 / (len(reference.calibration_scores) + 1)  # p-values move in steps of 1 / (n + 1)
     for r in ok:
         assert r["in_distribution"] == ("true" if float(r["ood_score"]) <= reference.threshold else "false")
-        assert float(r["ood_p"]) == pytest.approx(float(reference.p_values(np.array([float(r["ood_score"])]))[0]),
-                                                  abs=1e-4)
+        # the CSV's score is rounded to 4 places: a film tied with a calibration film (a validation film
+        # predicted again) may land one step either side when recomputed from it
+        again = float(reference.p_values(np.array([float(r["ood_score"])]))[0])
+        assert abs(float(r["ood_p"]) - again) <= step + 1e-4
+    by_score = sorted(ok, key=lambda r: float(r["ood_score"]))
+    assert all(float(a["ood_p"]) >= float(b["ood_p"]) for a, b in zip(by_score, by_score[1:]))  # stranger, smaller
     for r in rows:
         if r["status"] != "ok":
             assert r["ood_score"] == "" and r["ood_p"] == "" and r["in_distribution"] == ""
