@@ -42,3 +42,36 @@ def test_nothing_new_skips_unless_forced_or_settings_changed(xray_env, tmp_path,
     write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64, seed=9, patient_offset=50)
     grown = run_cycle(load_settings(), RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test"))
     assert grown["status"] == "completed" and _models(settings) == 4
+
+
+def test_a_challenger_not_promoted_is_not_retrained_until_something_changes(xray_env, tmp_path, monkeypatch):
+    """Two triggers for one ingest (or a nightly schedule) must not train the same rejected challenger
+    twice: nothing changed since v2 was kept, so the rerun skips; a decision setting that changes, or
+    new films, run again."""
+    for key, value in POLICY.items():
+        monkeypatch.setenv(key, value)
+    reset_settings()
+    write_dataset(tmp_path / "src", patients_per_label=8, images_per_patient=1, size=64, seed=3)
+    first = run_cycle(load_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test"))
+    assert first["status"] == "completed" and first["champion_after"] == first["version"]
+
+    # another training setting (so not "nothing new since the champion") and a bar no challenger clears
+    for key, value in {"XRAY_EPOCHS": "3", "XRAY_PROMOTION_MODE": "superiority", "XRAY_PROMOTION_MARGIN": "0.9"}.items():
+        monkeypatch.setenv(key, value)
+    kept = run_cycle(load_settings(), RetrainRequest(trigger="test"))
+    assert kept["status"] == "completed" and kept["decision"]["decision"] == "keep"
+    assert kept["champion_after"] == first["version"] and _models(load_settings()) == 2
+
+    again = run_cycle(load_settings(), RetrainRequest(trigger="test"))
+    assert again["status"] == "skipped" and _models(load_settings()) == 2
+    assert f"nothing new since v{kept['version']} was not promoted (keep," in again["summary"]
+
+    monkeypatch.setenv("XRAY_INGEST_WORKERS", "2")  # how work is spread: still nothing new
+    assert run_cycle(load_settings(), RetrainRequest(trigger="test"))["status"] == "skipped"
+
+    monkeypatch.setenv("XRAY_PROMOTION_MARGIN", "0.5")  # a decision setting changed: the decision may too
+    changed = run_cycle(load_settings(), RetrainRequest(trigger="test"))
+    assert changed["status"] == "completed" and _models(load_settings()) == 3
+
+    forced = run_cycle(load_settings(), RetrainRequest(trigger="test", force=True))
+    assert forced["status"] == "completed" and _models(load_settings()) == 4

@@ -297,7 +297,8 @@ def _run_steps(settings: Settings, request: RetrainRequest, run: Executor, resul
     result["split_counts"] = data.counts()
     summary = _catalogue(settings)
     result["near_duplicates"], result["label_history"] = summary["near_duplicates"], summary["label_history"]
-    reason = None if request.force else steps.nothing_new_since_champion(settings, data)
+    reason = None if request.force else (steps.nothing_new_since_champion(settings, data)
+                                         or steps.nothing_new_since_last_decision(settings, data))
     if reason:
         _skip(result, "; ".join([*result["notes"], reason]), settings)
         return

@@ -270,6 +270,46 @@ def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | Non
             "run anyway")
 
 
+# Decisions a rerun on the same inputs would repeat (training, evaluation and policy are deterministic);
+# a failed run is retried, a promotion leaves a champion that nothing_new_since_champion covers.
+REPEATABLE_DECISIONS = ("keep", "blocked", "insufficient_evidence")
+# Settings that change where and how fast work runs, not the features, weights or decision.
+EXECUTION_SETTINGS = frozenset({"home", "database_url", "incoming_dir", "storage_url", "ingest_workers",
+                                "embed_workers", "embed_dask_workers", "dask_address", "embed_precision"})
+
+
+def nothing_new_since_last_decision(settings: Settings, data: SplitData) -> str | None:
+    """Why retraining would only repeat the newest challenger's decision not to promote, or None.
+
+    When the newest model was kept, blocked or judged on insufficient evidence, and since then neither
+    the training and validation images, the test set, the backbone (any precision ``auto`` would serve
+    it with), any setting but how work is spread (``EXECUTION_SETTINGS``) nor the champion changed, a
+    rerun trains the same weights and reaches the same decision. Without this, an ingest that drifts
+    (which sends both ``xray.batch.ingested`` and ``xray.drift.detected``) queued two identical
+    retrains, and a nightly schedule retrained a rejected challenger every night.
+    """
+    from db.schema import Model, Promotion
+
+    with session_scope(open_catalogue(settings)) as s:
+        newest = s.scalar(select(Model).order_by(Model.id.desc()).limit(1))
+        last = s.scalar(select(Promotion).order_by(Promotion.id.desc()).limit(1))
+        if newest is None or last is None or last.to_version != newest.id or last.decision not in REPEATABLE_DECISIONS:
+            return None
+        champion = s.scalar(select(Model.id).where(Model.status == "champion"))
+        scored_on = set(s.scalars(select(Evaluation.test_set_fingerprint).where(Evaluation.model_id == newest.id)))
+        version, decision, when = newest.id, last.decision, last.created_at
+        trained_on, backbone, config = newest.training_set_fingerprint, newest.backbone_fingerprint, dict(newest.config)
+        champion_then = last.champion_after
+    now = settings.public_dict()
+    changed = [k for k in set(now) | set(config) if k not in EXECUTION_SETTINGS and config.get(k) != now.get(k)]
+    if (champion != champion_then or trained_on != training_set_fingerprint(data) or changed
+            or test_set_fingerprint(data.test) not in scored_on or settings_for_fingerprint(settings, backbone) is None):
+        return None
+    return (f"nothing new since v{version} was not promoted ({decision}, {when:%Y-%m-%d %H:%M}): the same images, "
+            f"test set, backbone, settings and champion would repeat that decision; retrain with force=True "
+            "(CLI --force) to run anyway")
+
+
 def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
                 data: SplitData, audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply the promotion policy to two evaluations on the identical test set, then the per-site
