@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", action="append", help="manifest CSV to ingest first (repeatable)")
     p.add_argument("--no-incoming", action="store_true", help="do not scan XRAY_INCOMING")
     p.add_argument("--wait", type=_seconds, default=0.0, help="seconds to wait for a running retrain (default 0)")
-    p.add_argument("--force", action="store_true", help="train even when nothing changed since the champion")
+    p.add_argument("--force", action="store_true", help="train even when nothing changed since the champion or the last decision not to promote")
     p.add_argument("--local", action="store_true",
                    help="run the same recipe without Prefect (same reports and audit rows; no UI artifacts)")
     p = sub.add_parser("models", help=COMMANDS["models"][1])

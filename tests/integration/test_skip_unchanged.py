@@ -8,6 +8,8 @@ from db import session_scope
 from db.schema import Model
 from xray_core.data.catalogue import open_catalogue
 from xray_core.pipeline.cycle import RetrainRequest, run_cycle
+from xray_core.pipeline.snapshot import SplitData, load_split_data
+from xray_core.pipeline.steps import evaluate_step, nothing_new_since_last_decision
 from xray_core.settings import load_settings, reset_settings
 from xray_core.data.synthetic import write_dataset
 
@@ -65,6 +67,14 @@ def test_a_challenger_not_promoted_is_not_retrained_until_something_changes(xray
     again = run_cycle(load_settings(), RetrainRequest(trigger="test"))
     assert again["status"] == "skipped" and _models(load_settings()) == 2
     assert f"nothing new since v{kept['version']} was not promoted (keep," in again["summary"]
+
+    # another test set (as when new patients land in test only), even one the kept model was re-scored
+    # on since (`xray models`), was not the one the decision was made on: not "nothing new"
+    data = load_split_data(load_settings())
+    fewer = SplitData(data.labels, data.train, data.val, data.test[:-1])
+    evaluate_step(load_settings(), kept["version"], fewer)
+    assert nothing_new_since_last_decision(load_settings(), fewer) is None
+    assert nothing_new_since_last_decision(load_settings(), data) is not None
 
     monkeypatch.setenv("XRAY_INGEST_WORKERS", "2")  # how work is spread: still nothing new
     assert run_cycle(load_settings(), RetrainRequest(trigger="test"))["status"] == "skipped"

@@ -65,7 +65,7 @@ class RetrainRequest:
     manifests: tuple[str, ...] = ()  # manifest CSVs to ingest first
     incoming: str | None = None  # folder scanned every run; missing or empty means "nothing new", not failure
     trigger: str = "cli"  # schedule | manual | cli | demo | test: recorded in the audit row
-    force: bool = False  # train even when nothing changed since the champion
+    force: bool = False  # train even when nothing changed since the champion or the last decision not to promote
     flow_run_id: str | None = None
     run_name: str | None = None
 

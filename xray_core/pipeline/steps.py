@@ -274,7 +274,8 @@ def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | Non
 # a failed run is retried, a promotion leaves a champion that nothing_new_since_champion covers.
 REPEATABLE_DECISIONS = ("keep", "blocked", "insufficient_evidence")
 # Settings that change where and how fast work runs, not the features, weights or decision.
-EXECUTION_SETTINGS = frozenset({"home", "database_url", "incoming_dir", "storage_url", "ingest_workers",
+EXECUTION_SETTINGS = frozenset({"home", "database_url", "incoming_dir", "storage_url", "store_dir", "features_dir",
+                                "models_dir", "reports_dir", "quarantine_dir", "file_mode", "ingest_workers",
                                 "embed_workers", "embed_dask_workers", "dask_address", "embed_precision"})
 
 
@@ -282,11 +283,14 @@ def nothing_new_since_last_decision(settings: Settings, data: SplitData) -> str 
     """Why retraining would only repeat the newest challenger's decision not to promote, or None.
 
     When the newest model was kept, blocked or judged on insufficient evidence, and since then neither
-    the training and validation images, the test set, the backbone (any precision ``auto`` would serve
-    it with), any setting but how work is spread (``EXECUTION_SETTINGS``) nor the champion changed, a
+    the training and validation images, the test set the decision was made on, the backbone, any
+    setting but where and how fast work runs (``EXECUTION_SETTINGS``) nor the champion changed, a
     rerun trains the same weights and reaches the same decision. Without this, an ingest that drifts
     (which sends both ``xray.batch.ingested`` and ``xray.drift.detected``) queued two identical
-    retrains, and a nightly schedule retrained a rejected challenger every night.
+    retrains, and a nightly schedule retrained a rejected challenger every night. The backbone counts
+    as unchanged at any precision ``auto`` would serve the model with (as for the champion): an fp32
+    challenger is not retrained only because ``auto`` now picks bf16. Code changes are not seen: after
+    an upgrade that changes training or the policy, retrain with ``force``.
     """
     from db.schema import Model, Promotion
 
@@ -296,14 +300,16 @@ def nothing_new_since_last_decision(settings: Settings, data: SplitData) -> str 
         if newest is None or last is None or last.to_version != newest.id or last.decision not in REPEATABLE_DECISIONS:
             return None
         champion = s.scalar(select(Model.id).where(Model.status == "champion"))
-        scored_on = set(s.scalars(select(Evaluation.test_set_fingerprint).where(Evaluation.model_id == newest.id)))
+        # the test set of the decision itself, not any evaluation of the model: `xray models` re-scores
+        # a model on a newer test set without deciding anything
+        decided_on = ((last.metrics or {}).get("challenger") or {}).get("test_set_fingerprint")
         version, decision, when = newest.id, last.decision, last.created_at
         trained_on, backbone, config = newest.training_set_fingerprint, newest.backbone_fingerprint, dict(newest.config)
         champion_then = last.champion_after
     now = settings.public_dict()
     changed = [k for k in set(now) | set(config) if k not in EXECUTION_SETTINGS and config.get(k) != now.get(k)]
     if (champion != champion_then or trained_on != training_set_fingerprint(data) or changed
-            or test_set_fingerprint(data.test) not in scored_on or settings_for_fingerprint(settings, backbone) is None):
+            or test_set_fingerprint(data.test) != decided_on or settings_for_fingerprint(settings, backbone) is None):
         return None
     return (f"nothing new since v{version} was not promoted ({decision}, {when:%Y-%m-%d %H:%M}): the same images, "
             f"test set, backbone, settings and champion would repeat that decision; retrain with force=True "
