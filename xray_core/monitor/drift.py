@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from xray_core.monitor.ood import UNUSUAL_LEVEL, summary_line
+from xray_core.monitor.ood import summary_line
 from xray_core.monitor.reference import Reference
 
 MIN_BATCH = 5  # fewer films say nothing a permutation test can resolve
@@ -109,10 +109,7 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
     from scipy.stats import betabinom
 
     n = len(features)
-    scores = reference.scores(features)
-    flagged = int((scores > reference.threshold).sum())
-    unusual = int((reference.p_values(scores) <= UNUSUAL_LEVEL).sum())
-    expected = reference.p_value_rate(UNUSUAL_LEVEL) * n
+    flagged, unusual, expected = reference.ood_counts(reference.scores(features))
     out: dict[str, Any] = {"n": n, "ood_flagged": flagged, "ood_unusual": unusual,
                            "ood_unusual_expected": round(expected, 2),
                            "ood_line": summary_line(flagged, n, unusual, expected),

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from xray_core.errors import CheckpointError
-from xray_core.monitor.ood import (OodBasis, conformal_threshold, crossfit_scores, fit_basis, ood_parts, ood_scores,
+from xray_core.monitor.ood import (UNUSUAL_LEVEL, OodBasis, conformal_threshold, crossfit_scores, fit_basis, ood_parts, ood_scores,
                                    standardise)
 
 REFERENCE_FILE = "reference.safetensors"
@@ -78,6 +78,14 @@ class Reference:
         cal = np.sort(np.asarray(self.calibration_scores, dtype=np.float64))
         at_least = len(cal) - np.searchsorted(cal, np.asarray(scores, dtype=np.float64), side="left")
         return (1.0 + at_least) / (len(cal) + 1.0)
+
+    def ood_counts(self, scores: np.ndarray) -> tuple[int, int, float]:
+        """(flagged above the threshold, p-value at most UNUSUAL_LEVEL, how many of those are expected
+        by chance) for a batch's scores: the numbers of every OOD summary line."""
+        scores = np.asarray(scores, dtype=np.float64)
+        flagged = int((scores > self.threshold).sum())
+        unusual = int((self.p_values(scores) <= UNUSUAL_LEVEL).sum())
+        return flagged, unusual, self.p_value_rate(UNUSUAL_LEVEL) * len(scores)
 
     def p_value_rate(self, level: float) -> float:
         """P(p <= level) for an in-distribution film: floor(level (n + 1)) / (n + 1), at most ``level``

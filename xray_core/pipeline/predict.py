@@ -276,18 +276,15 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             "drift": batch_drift(settings, model, reference, scored, subject=str(path)), "rows": rows}
 
 
-def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[float] | None = None) -> dict[str, Any]:
-    """How many predicted films look unlike the model's training data, as numbers and one sentence."""
+def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[float]) -> dict[str, Any]:
+    """How many predicted films look unlike the model's training data, as numbers and one sentence;
+    ``scores``: the ok rows' unrounded OOD scores (the CSV rounds them to 4 places)."""
     from xray_core.monitor.ood import UNUSUAL_LEVEL, summary_line
 
     if reference is None:
         return {"known": False, "flagged": None, "scored": 0, "threshold": None,
                 "line": "out-of-distribution check unknown: this model was saved without a reference"}
-    flagged = sum(r["in_distribution"] == "false" for r in ok_rows)
-    # from the unrounded scores (``scores``, one per ok row): the CSV rounds them to 4 places
-    exact = np.asarray(scores if scores is not None else [r["ood_score"] for r in ok_rows], dtype=np.float64)
-    unusual = int((reference.p_values(exact) <= UNUSUAL_LEVEL).sum())
-    expected = reference.p_value_rate(UNUSUAL_LEVEL) * len(ok_rows)
+    flagged, unusual, expected = reference.ood_counts(np.asarray(scores, dtype=np.float64))
     return {"known": True, "flagged": flagged, "unusual": unusual, "unusual_level": UNUSUAL_LEVEL,
             "unusual_expected": round(expected, 2), "scored": len(ok_rows), "threshold": reference.threshold,
             "quantile": reference.quantile, "line": summary_line(flagged, len(ok_rows), unusual, expected)}

@@ -57,7 +57,7 @@ def rescore_models(settings: Settings, data: SplitData, *, versions: list[int] |
                                                                 Evaluation.test_set_fingerprint == fingerprint)
                                        .order_by(Evaluation.id))}
     out: list[dict[str, Any]] = []
-    seen: dict[str, dict[str, Any]] = {}  # the current backbone and cache coverage per precision, loaded when needed
+    seen: dict[str, dict[str, Any]] = {}  # cache coverage per current backbone fingerprint, loaded when needed
     for version in wanted:
         if version not in backbones:
             out.append(_skipped(version, f"model version {version} does not exist"))
