@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flows.retrain import retrain
+from xray_core.io.allowed_roots import caller_paths
 from xray_core.report.demo import closing_summary, render_arrival
 from xray_core.report.terminal import render_models, render_status
 from xray_core.settings import Settings
@@ -291,7 +292,9 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
               f"{settings.shortcut_policy}.\n\n")
     headlines, results = [], []
     for n, arrival in enumerate(arrivals, start=1):
-        headline = retrain(manifests=[str(arrival.manifest)], use_incoming=False, trigger="demo")
+        # The demo staged these manifests itself, under XRAY_HOME: allowed for its own calls only.
+        with caller_paths(arrival.manifest):
+            headline = retrain(manifests=[str(arrival.manifest)], use_incoming=False, trigger="demo")
         result = full_result(headline)
         result["shortcuts"] = label_shortcut(settings, result.get("audit"))
         results.append(result)

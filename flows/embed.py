@@ -17,6 +17,7 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import transient_io
+from xray_core.io.allowed_roots import confine_to
 from xray_core.pipeline.embed import embed_shard, merge_embed_stats
 from xray_core.pipeline.snapshot import load_snapshot
 from xray_core.settings import Settings, get_settings
@@ -32,7 +33,11 @@ def embed_shard_task(snapshot: str, shard: int, shards: int, threads: int,
 
 @flow(name="embed-parallel")
 def embed_parallel(snapshot: str, shards: int, threads: int = 1, precision: str | None = None) -> dict[str, Any]:
-    """Map the shards over the flow's task runner (a DaskTaskRunner) and merge their stats."""
+    """Map the shards over the flow's task runner (a DaskTaskRunner) and merge their stats.
+
+    ``snapshot`` must be a run's split under XRAY_HOME/reports (where the retrain flow writes it); any
+    other path is refused (PathRefusedError) before a worker reads it."""
+    snapshot = confine_to(snapshot, get_settings().reports_dir, name="snapshot")
     start = time.perf_counter()
     futures = embed_shard_task.map(snapshot, list(range(shards)), unmapped(shards), unmapped(threads),
                                    unmapped(precision))

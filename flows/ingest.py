@@ -9,9 +9,11 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import progress_reporter, transient_io
+from flows.common import progress_reporter, refused, transient_io
 from flows.events import emit_drift, emit_ingested
 from xray_core.data.ingest import ingest_source
+from xray_core.errors import PathRefusedError
+from xray_core.io.allowed_roots import confine_parameters
 from xray_core.report.terminal import render_ingest
 from xray_core.settings import get_settings
 
@@ -40,9 +42,16 @@ def ingest(path: str, manifest: str | None = None, site: str | None = None,
     ``site``: where these films come from (a manifest's ``site`` column wins); default: the folder's name.
     ``check_drift``: then check the new films against the champion's reference (embeds them once,
     view 0; the ``drift-report`` artifact and ``xray.drift.detected`` events say what it found).
+    Both paths must be absolute and inside the allowed roots (see SECURITY.md); otherwise the run ends
+    ``Refused`` before anything is read.
     """
     from prefect.runtime import flow_run
 
+    try:
+        paths = confine_parameters(get_settings(), read={"path": path, "manifest": manifest})
+    except PathRefusedError as exc:
+        return refused(exc)  # type: ignore[return-value] - the run's final state, not a summary
+    path, manifest = paths["path"], paths["manifest"]
     summary = ingest_task(path, manifest, site)
     create_markdown_artifact(markdown=f"```\n{render_ingest(summary)}\n```", key="ingest-summary",
                              description="what the last ingest added, skipped and quarantined")

@@ -16,8 +16,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
-from flows.common import epoch_reporter, progress_reporter, transient_io
+from flows.common import epoch_reporter, progress_reporter, refused, transient_io
 from flows.events import emit_retrain_outcome
+from xray_core.errors import PathRefusedError
+from xray_core.io.allowed_roots import confine_parameters
 from xray_core.pipeline.cycle import RetrainRequest, headline_result, run_cycle, summary_line
 from xray_core.registry.listing import list_models
 from xray_core.report.markdown import artifact_description, metrics_rows, registry_rows, retrain_markdown
@@ -77,10 +79,17 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
     ``incoming``: a folder scanned every run (default XRAY_INCOMING when ``use_incoming``); a missing
     or empty one means "nothing new", not a failure. Only one retrain runs at a time: a second one
     waits ``wait_seconds`` and then fails with a clear message. When nothing changed since the
-    champion was trained, the run is ``Skipped`` unless ``force``.
+    champion was trained, the run is ``Skipped`` unless ``force``. Every path must be absolute and inside
+    the allowed roots (see SECURITY.md); otherwise the run ends ``Refused`` before anything is read.
     """
     settings = get_settings()
     logger = get_run_logger()
+    try:
+        paths = confine_parameters(settings, read={"sources": sources, "manifests": manifests,
+                                                   "incoming": incoming or None})
+    except PathRefusedError as exc:
+        return refused(exc)
+    sources, manifests, incoming = paths["sources"], paths["manifests"], paths["incoming"]
     folder = incoming or (str(settings.incoming_dir) if use_incoming and settings.incoming_dir else None)
     request = RetrainRequest(sources=tuple(sources or ()), manifests=tuple(manifests or ()), incoming=folder,
                              trigger=trigger, force=force, flow_run_id=flow_run.id, run_name=flow_run.name)

@@ -17,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from xray_core.rules import RULES  # noqa: E402
 from xray_core.settings import ENV_BY_FIELD, Settings  # noqa: E402
 
-PATH_DEFAULTS = {"home": "`./var`", "database_url": "`sqlite:///$XRAY_HOME/catalogue.db`", "incoming_dir": "unset"}
+PATH_DEFAULTS = {"home": "`./var`", "database_url": "`sqlite:///$XRAY_HOME/catalogue.db`",
+                 "incoming_dir": "unset",
+                 "allowed_roots": "`XRAY_INCOMING`'s parent (itself if that is `/`), else none"}
 
 
 def _default(name: str) -> str:

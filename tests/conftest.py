@@ -82,8 +82,11 @@ def database_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def xray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str) -> dict[str, str]:
-    """Point XRAY_HOME at a fresh temp folder and apply the small test settings."""
-    env = {"XRAY_HOME": str(tmp_path / "home"), **TEST_ENV}
+    """Point XRAY_HOME at a fresh temp folder and apply the small test settings.
+
+    Flows called in a test may name any path under the test's temp folder (XRAY_ALLOWED_ROOTS): the
+    tests of the confinement itself set their own roots."""
+    env = {"XRAY_HOME": str(tmp_path / "home"), "XRAY_ALLOWED_ROOTS": str(tmp_path), **TEST_ENV}
     if POSTGRES_URL:
         env["XRAY_DATABASE_URL"] = database_url
     for key, value in env.items():

@@ -25,6 +25,11 @@ class SourceError(UsageError):
     """An ingest source path does not exist or is not a folder/file we can read."""
 
 
+class PathRefusedError(UsageError):
+    """A path named by a flow parameter is relative, or resolves outside the allowed roots
+    (``XRAY_ALLOWED_ROOTS``, ``XRAY_INCOMING``, the caller's own paths): refused before anything is read."""
+
+
 class ImageRejected(XrayError):
     """One file cannot be used; ``reason`` is a stable code stored in the rejections table."""
 

@@ -171,6 +171,10 @@ RULES: dict[str, Rule] = {
     "incoming_dir": Rule("must be a folder path (it need not exist yet), not a file", is_folder, "in", ("in\0",)),
     "storage_url": Rule("must be a folder path or an fsspec URL of a protocol fsspec knows (memory://, file://, "
                         "s3://, ...), or unset", is_storage_url, "memory://xray", ("nosuchproto://bucket/xray",)),
+    "allowed_roots": Rule("must be comma-separated absolute folder paths (flow parameters may name paths "
+                          "only inside them, XRAY_INCOMING, or what the xray command was given), or none",
+                          lambda v: all(isinstance(p, Path) and p.is_absolute() and is_folder(p) for p in v),
+                          "/data,/srv/films", ("data/incoming", "/data,films", "/data\0x")),
     "labels": Rule(f"must be empty (any label) or two or more comma-separated labels of {LABEL_TEXT}",
                    is_label_list, "normal,pneumonia", ("normal", "normal,x/y")),
     "negative_label": Rule(f"must be one label of {LABEL_TEXT}", is_label, "healthy", ("no/such",)),

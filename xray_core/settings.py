@@ -40,6 +40,10 @@ class Settings:
     # XRAY_STORAGE_URL: where store/, quarantine/, features/ and models/ live, as an fsspec URL
     # (memory://xray, s3://bucket/xray) or a path; None = the folders under home above (xray_core.io.storage)
     storage_url: str | None = None
+    # XRAY_ALLOWED_ROOTS: folders (resolved) that paths named by flow parameters must lie in, besides
+    # incoming_dir and the paths typed on the command line (xray_core.io.allowed_roots). Unset: the
+    # parent of incoming_dir (incoming_dir itself when that parent is "/"), else none.
+    allowed_roots: tuple[Path, ...] = ()
 
     # ingest
     labels: tuple[str, ...] = ()  # allowed labels after normalisation; empty = any well-formed name
@@ -142,7 +146,7 @@ class Settings:
             elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [str(v) if isinstance(v, Path) else v for v in value]
             out[f.name] = value
         return out
 
@@ -195,6 +199,26 @@ def _octal_mode(name: str, raw: str) -> int:
     return mode
 
 
+def _folders(name: str, raw: str) -> tuple[Path, ...]:
+    """``/data,/srv/films`` -> absolute folders, resolved (links and ``..``), so that a resolved flow
+    path can be compared with them; ``none`` -> (). A relative entry is refused: it would depend on the
+    folder each process happens to start in."""
+    if raw.strip().lower() == "none":
+        return ()
+    parts = [Path(p.strip()).expanduser() for p in raw.split(",") if p.strip()]
+    if not parts or not all(p.is_absolute() for p in parts):
+        raise ValueError(f"{name}={raw!r}: every entry must be an absolute folder path")
+    return tuple(dict.fromkeys(p.resolve() for p in parts))  # ValueError for a NUL byte
+
+
+def default_allowed_roots(incoming_dir: Path | None) -> tuple[Path, ...]:
+    """Without XRAY_ALLOWED_ROOTS: the incoming folder's parent (``/data/incoming`` -> ``/data``, where
+    the other drop folders usually sit); the folder itself when its parent is the file system's root."""
+    if incoming_dir is None:
+        return ()
+    return (incoming_dir if incoming_dir.parent == incoming_dir.parent.parent else incoming_dir.parent,)
+
+
 def _labels(name: str, raw: str) -> tuple[str, ...]:
     from xray_core.data.labels import normalise_label
 
@@ -213,6 +237,7 @@ def _modalities(name: str, raw: str) -> tuple[str, ...]:
 
 _FIELDS: dict[str, tuple[str, Any]] = {
     "storage_url": ("XRAY_STORAGE_URL", lambda n, r: r.strip().rstrip("/") or None),
+    "allowed_roots": ("XRAY_ALLOWED_ROOTS", _folders),
     "labels": ("XRAY_LABELS", _labels),
     "negative_label": ("XRAY_NEGATIVE_LABEL", lambda n, r: r.strip().lower()),
     "patient_regex": ("XRAY_PATIENT_REGEX", lambda n, r: r),
@@ -340,6 +365,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raw = env.get(var)
         if raw is not None and (raw != "" or name in _EMPTY_IS_A_VALUE):
             values[name], raws[name] = parse(name, var, raw, parser, defaults[name]), raw
+    if "allowed_roots" not in raws:
+        values["allowed_roots"] = default_allowed_roots(incoming_dir)
     settings = Settings(
         home=home,
         database_url=database_url,
