@@ -1037,6 +1037,129 @@ def unexpected_error_is_one_line_and_debug_shows_the_traceback(xray_env, capsys,
     assert code == 1 and "Traceback" in err
 
 
+# ---- round three: flow parameters confined to allowed roots (issue 23, item 5)
+# Each case is what a Prefect "Run" form could send to a flow; the flows call confine_parameters first
+# (tests/flows/test_allowed_roots.py runs them under the Prefect harness).
+
+
+def _roots(tmp_path: Path, **env: str) -> Settings:
+    """Settings with XRAY_ALLOWED_ROOTS=<tmp>/allowed (created, with a folder ``src``) unless ``env`` says."""
+    (tmp_path / "allowed" / "src").mkdir(parents=True, exist_ok=True)
+    return load_settings({"XRAY_HOME": str(tmp_path / "home"),
+                          "XRAY_ALLOWED_ROOTS": str(tmp_path / "allowed"), **env})
+
+
+def _refused(settings: Settings, *words: str, **params) -> str:
+    """The one line ``confine_parameters`` refuses ``params`` with (``out``/``heatmaps`` are outputs)."""
+    from xray_core.errors import PathRefusedError
+    from xray_core.io.allowed_roots import confine_parameters
+
+    write = {k: params.pop(k) for k in ("out", "heatmaps") if k in params}
+    with pytest.raises(PathRefusedError) as err:
+        confine_parameters(settings, read=params, write=write)
+    message = str(err.value)
+    assert isinstance(err.value, UsageError) and "\n" not in message and len(message) < 1000, message
+    assert all(w in message for w in words), message
+    return message
+
+
+@attack
+def flow_sources_etc_is_refused(tmp_path) -> None:
+    _refused(_roots(tmp_path), "sources[0]=/etc is outside the allowed roots", str(tmp_path / "allowed"),
+             sources=["/etc"])
+
+
+@attack
+def flow_path_dotdot_out_of_the_root_is_refused(tmp_path) -> None:
+    _refused(_roots(tmp_path), f"resolves to {tmp_path / 'elsewhere'}",
+             path=f"{tmp_path}/allowed/src/../../elsewhere")
+
+
+@attack
+def flow_path_relative_is_refused(tmp_path, monkeypatch) -> None:
+    settings = _roots(tmp_path)
+    monkeypatch.chdir(tmp_path / "allowed")  # even where "src" would land inside the root
+    _refused(settings, "path=src is a relative path", "worker's working folder", path="src")
+
+
+@attack
+def flow_path_link_out_of_the_root_is_refused(tmp_path) -> None:
+    settings = _roots(tmp_path)
+    (tmp_path / "allowed" / "etc").symlink_to("/etc")
+    _refused(settings, "resolves to /etc", path=str(tmp_path / "allowed" / "etc"))
+
+
+@attack
+def flow_path_link_loop_is_refused(tmp_path) -> None:
+    settings = _roots(tmp_path)
+    (tmp_path / "allowed" / "loop").symlink_to(tmp_path / "allowed" / "loop")
+    _refused(settings, "symbolic link loop", path=str(tmp_path / "allowed" / "loop"))
+
+
+@attack
+def flow_path_sibling_sharing_the_roots_prefix_is_refused(tmp_path) -> None:
+    _refused(_roots(tmp_path), "outside the allowed roots", path=str(tmp_path / "allowed-evil"))
+
+
+@attack
+def flow_path_with_a_nul_byte_is_refused(tmp_path) -> None:
+    _refused(_roots(tmp_path), "cannot be resolved", path=f"{tmp_path}/allowed/src\0/etc")
+
+
+@attack
+def flow_path_of_10000_characters_is_one_short_line(tmp_path) -> None:
+    message = _refused(_roots(tmp_path), "(10005 characters)", "outside the allowed roots",
+                       path="/" + "a" * 10004)
+    assert len(message) < 800
+
+
+@attack
+def flow_path_with_a_newline_and_escape_stays_one_line(tmp_path) -> None:
+    message = _refused(_roots(tmp_path), "\\x0a", "\\x1b", path="/etc/\n\x1b[31mok")
+    assert "\x1b" not in message
+
+
+@attack
+def flow_path_that_is_not_text_is_refused(tmp_path) -> None:
+    _refused(_roots(tmp_path), "is not a path", sources=[{"path": "/etc"}])
+
+
+@attack
+def flow_predict_out_outside_predictions_is_refused(tmp_path) -> None:
+    _refused(_roots(tmp_path), "out=/etc/cron.d/x.csv", "XRAY_HOME/predictions", out="/etc/cron.d/x.csv")
+
+
+@attack
+def flow_predict_overlays_into_an_ingested_folder_are_refused(tmp_path) -> None:
+    # Overlay PNGs written into an allowed (read) root would be ingested as films by the next run.
+    _refused(_roots(tmp_path), "heatmaps=", "XRAY_HOME/predictions",
+             heatmaps=str(tmp_path / "allowed" / "src"))
+
+
+@attack
+def flow_incoming_at_the_file_system_root_does_not_allow_everything(tmp_path) -> None:
+    settings = _roots(tmp_path, XRAY_ALLOWED_ROOTS="", XRAY_INCOMING="/incoming-xray-test")
+    assert settings.allowed_roots == (Path("/incoming-xray-test"),)
+    _refused(settings, "sources[0]=/etc", sources=["/etc"])
+
+
+@attack
+def flow_cli_exemption_ends_with_its_call(tmp_path) -> None:
+    from xray_core.io.allowed_roots import caller_paths, confine_parameters
+
+    settings = _roots(tmp_path)
+    with caller_paths(str(tmp_path / "typed")):
+        assert confine_parameters(settings, read={"path": str(tmp_path / "typed")})["path"]
+    _refused(settings, "outside the allowed roots", path=str(tmp_path / "typed"))
+
+
+@attack
+def allowed_roots_setting_that_is_relative_exits_2(xray_env, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("XRAY_ALLOWED_ROOTS", "data/incoming")
+    code, err = _cli(capsys, "status")
+    assert code == 2 and "XRAY_ALLOWED_ROOTS=data/incoming: must be comma-separated absolute folder" in err
+
+
 def test_round_two_covers_at_least_60_kinds() -> None:
     assert len(KINDS) + len(ATTACKS) >= 60, (len(KINDS), len(ATTACKS))
 
