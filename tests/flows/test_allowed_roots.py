@@ -144,3 +144,39 @@ def test_make_serve_defaults_allow_the_incoming_folders_parent(tmp_path):
     assert paths == {"incoming": "/data/incoming", "sources": ["/data/2026-11-20"]}
     with pytest.raises(PathRefusedError, match=r"^sources\[0\]=/etc is outside the allowed roots \(/data; "):
         confine_parameters(settings, read={"sources": ["/etc"]})
+
+
+def test_a_deployment_run_gets_no_exemption(roots, prefect_server, tmp_path):
+    """What a worker does with a run from the UI or `prefect deployment run`: a fresh process loads the
+    flow from its entrypoint and runs the stored parameters. Nothing there sets the caller's paths, and
+    the path outside the roots ends the run Refused on the server, with no task run."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+
+    from flows.ingest import ingest
+
+    project = Path(__file__).resolve().parents[2]
+
+    async def create() -> str:
+        deployment_id = await (await ingest.ato_deployment(name="roots-test")).apply()
+        async with get_client() as client:
+            run = await client.create_flow_run_from_deployment(
+                deployment_id, parameters={"path": str(tmp_path / "outside"), "check_drift": False})
+        return str(run.id)
+
+    run_id = asyncio.run(create())
+    env = {**os.environ, "PREFECT_API_URL": prefect_server["api_url"], "PREFECT__FLOW_RUN_ID": run_id}
+    done = subprocess.run([sys.executable, "-m", "prefect.engine"], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+    async def state():
+        async with get_client() as client:
+            return (await client.read_flow_run(run_id)).state
+
+    final = asyncio.run(state())
+    assert final.name == "Refused" and final.is_failed(), (final, done.stdout[-2000:], done.stderr[-2000:])
+    assert "outside the allowed roots" in final.message and "\n" not in final.message
+    assert _task_runs(run_id) == [] and fetch(get_settings(), Source) == []
