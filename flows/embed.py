@@ -35,9 +35,10 @@ def embed_shard_task(snapshot: str, shard: int, shards: int, threads: int,
 def embed_parallel(snapshot: str, shards: int, threads: int = 1, precision: str | None = None) -> dict[str, Any]:
     """Map the shards over the flow's task runner (a DaskTaskRunner) and merge their stats.
 
-    ``snapshot`` must be a run's split under XRAY_HOME/reports (where the retrain flow writes it); any
-    other path is refused (PathRefusedError) before a worker reads it."""
-    snapshot = confine_to(snapshot, get_settings().reports_dir, name="snapshot")
+    ``snapshot`` must be a run's split under XRAY_HOME/reports (where the retrain flow writes it) or in
+    the allowed roots; any other path is refused (PathRefusedError) before a worker reads it."""
+    settings = get_settings()
+    snapshot = confine_to(settings, snapshot, settings.reports_dir, name="snapshot")
     start = time.perf_counter()
     futures = embed_shard_task.map(snapshot, list(range(shards)), unmapped(shards), unmapped(threads),
                                    unmapped(precision))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from xray_core.errors import UsageError, XrayError
+from xray_core.io.allowed_roots import caller_paths
 from xray_core.settings import get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -75,7 +76,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     manifest = str(Path(args.manifest).absolute()) if args.manifest else None
     if _use_flow():
         from flows.ingest import ingest
-        from xray_core.io.allowed_roots import caller_paths
 
         with caller_paths(args.path, manifest):  # typed by this user: allowed for this call (SECURITY.md)
             summary = ingest(str(Path(args.path).absolute()), manifest, site=args.site)
@@ -97,7 +97,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     heatmaps = str(Path(args.heatmaps).absolute()) if args.heatmaps else None
     if _use_flow():
         from flows.predict import predict
-        from xray_core.io.allowed_roots import caller_paths
 
         with caller_paths(args.path, out, manifest, heatmaps):  # typed by this user: allowed for this call
             result = predict(str(Path(args.path).absolute()), out=out, manifest=manifest,
@@ -204,14 +203,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         result = headline_result(run_cycle(settings, request, executor, wait_seconds=args.wait))
     else:
         from flows.retrain import retrain
-        from xray_core.io.allowed_roots import caller_paths
 
-        # The flow runs in this process (on PREFECT_API_URL's server, else Prefect's ephemeral one): the
-        # folders this user typed are allowed for this call; a flow takes absolute paths only.
-        sources = [str(Path(p).absolute()) for p in args.source or []]
-        manifests = [str(Path(p).absolute()) for p in args.manifest or []]
-        with caller_paths(*sources, *manifests):
-            result = retrain(sources=sources, manifests=manifests, trigger="cli",
+        with caller_paths(*args.source or [], *args.manifest or []):  # typed by this user (SECURITY.md)
+            result = retrain(sources=args.source or [], manifests=args.manifest or [], trigger="cli",
                              use_incoming=not args.no_incoming, wait_seconds=args.wait, force=args.force)
     _emit(result, args.json, render_retrain)
     return EXIT_OK if result.get("status") != "failed" else EXIT_FAILED

@@ -180,3 +180,25 @@ def test_a_deployment_run_gets_no_exemption(roots, prefect_server, tmp_path):
     assert final.name == "Refused" and final.is_failed(), (final, done.stdout[-2000:], done.stderr[-2000:])
     assert "outside the allowed roots" in final.message and "\n" not in final.message
     assert _task_runs(run_id) == [] and fetch(get_settings(), Source) == []
+
+
+def test_the_cli_retrain_passes_a_relative_source_as_its_user_typed_it(roots, prefect_server, monkeypatch,
+                                                                      capsys, tmp_path):
+    """`xray retrain --source outside` from the user's shell: the flow gets "outside" as typed and takes it
+    against this process's folder (the user's own), because this call typed it; the source is recorded
+    resolved. Four films are too few to train on: the run gets as far as that (exit 2 saying so), past
+    the confinement, which would have refused the relative path from anyone else."""
+    from xray_cli.main import main
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server["api_url"])
+    monkeypatch.chdir(tmp_path)
+    reset_settings()
+    code = main(["retrain", "--source", "outside", "--no-incoming", "--json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "training needs images" in err and "allowed roots" not in err, err[-2000:]
+    assert [s.path for s in fetch(get_settings(), Source)] == [str((tmp_path / "outside").resolve())]
+    from flows.retrain import retrain
+
+    # The same text in a run nobody typed it for (the UI, a deployment) is refused.
+    state = retrain(sources=["outside"], use_incoming=False, trigger="test", return_state=True)
+    assert state.name == "Refused" and "sources[0]=outside is a relative path" in state.message

@@ -1144,13 +1144,26 @@ def flow_incoming_at_the_file_system_root_does_not_allow_everything(tmp_path) ->
 
 
 @attack
-def flow_cli_exemption_ends_with_its_call(tmp_path) -> None:
+def flow_cli_exemption_ends_with_its_call(tmp_path, monkeypatch) -> None:
     from xray_core.io.allowed_roots import caller_paths, confine_parameters
 
     settings = _roots(tmp_path)
-    with caller_paths(str(tmp_path / "typed")):
-        assert confine_parameters(settings, read={"path": str(tmp_path / "typed")})["path"]
+    monkeypatch.chdir(tmp_path)
+    with caller_paths(str(tmp_path / "typed"), "rel"):  # a relative one as typed in the user's shell
+        assert confine_parameters(settings, read={"path": str(tmp_path / "typed"), "sources": ["rel"]}) == {
+            "path": str(tmp_path / "typed"), "sources": [str(tmp_path / "rel")]}
     _refused(settings, "outside the allowed roots", path=str(tmp_path / "typed"))
+    _refused(settings, "sources[0]=rel is a relative path", sources=["rel"])
+
+
+@attack
+def flow_embed_snapshot_outside_reports_is_refused(tmp_path) -> None:
+    from xray_core.errors import PathRefusedError
+    from xray_core.io.allowed_roots import confine_to
+
+    settings = _roots(tmp_path)
+    with pytest.raises(PathRefusedError, match=r"^snapshot=/etc/passwd is outside the allowed roots"):
+        confine_to(settings, "/etc/passwd", settings.reports_dir, name="snapshot")
 
 
 @attack

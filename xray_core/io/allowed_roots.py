@@ -38,8 +38,9 @@ from xray_core.settings import Settings
 
 SHOWN_CHARS = 200  # characters of a path shown in a message (a 10,000-character path stays one line)
 
-# The paths typed by the person running this process, allowed for the calls made inside caller_paths().
-_CALLER_PATHS: ContextVar[tuple[Path, ...]] = ContextVar("xray_caller_paths", default=())
+# The paths typed by the person running this process, allowed for the calls made inside caller_paths():
+# (text as typed, resolved path) pairs.
+_CALLER_PATHS: ContextVar[tuple[tuple[str, Path], ...]] = ContextVar("xray_caller_paths", default=())
 
 Value = str | os.PathLike[str] | None
 
@@ -62,30 +63,34 @@ def caller_paths(*paths: Value) -> Iterator[tuple[Path, ...]]:
     """Allow ``paths`` (and everything under them) to flows called inside this block, in this context.
 
     For the ``xray`` CLI: the person running it already has a shell, so the folders they typed are
-    theirs to read. Relative paths are taken against this process's working folder (the user's
-    shell), before the flow sees anything. Entries that cannot be resolved are skipped: the flow then
-    refuses them with its own message.
+    theirs to read. A relative one is taken against this process's working folder (the user's shell,
+    not a worker's), here and when the flow is given it as typed. Entries that cannot be resolved are
+    skipped: the flow then refuses them with its own message.
     """
-    allowed = list(_CALLER_PATHS.get())
+    typed = list(_CALLER_PATHS.get())
     for raw in paths:
-        if raw is None or raw == "":
+        if raw is None or os.fspath(raw) == "":
             continue
         try:
-            allowed.append(_resolve(Path(raw).expanduser().absolute()))
+            typed.append((os.fspath(raw), _resolve(Path(raw).expanduser().absolute())))
         except (OSError, RuntimeError, ValueError):  # a NUL byte, a link loop
             continue
-    token = _CALLER_PATHS.set(tuple(allowed))
+    token = _CALLER_PATHS.set(tuple(typed))
     try:
-        yield tuple(allowed)
+        yield tuple(path for _, path in typed)
     finally:
         _CALLER_PATHS.reset(token)
+
+
+def _caller_roots() -> list[Path]:
+    return [path for _, path in _CALLER_PATHS.get()]
 
 
 def allowed_roots(settings: Settings) -> tuple[Path, ...]:
     """Where a flow parameter may point to read: ``XRAY_ALLOWED_ROOTS``, ``XRAY_INCOMING`` and the
     caller's own paths (in that order, without repeats)."""
     roots = [*map(_resolve, settings.allowed_roots),
-             *([_resolve(settings.incoming_dir)] if settings.incoming_dir else []), *_CALLER_PATHS.get()]
+             *([_resolve(settings.incoming_dir)] if settings.incoming_dir else []), *_caller_roots()]
     return tuple(dict.fromkeys(roots))
 
 
@@ -94,7 +99,7 @@ def output_roots(settings: Settings) -> tuple[Path, ...]:
 
     Not the read roots: a form that could write there could plant files (overlay PNGs) that the next
     ingest of that folder takes as films."""
-    return tuple(dict.fromkeys([_resolve(settings.home / "predictions"), *_CALLER_PATHS.get()]))
+    return tuple(dict.fromkeys([_resolve(settings.home / "predictions"), *_caller_roots()]))
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -105,11 +110,15 @@ def confine(raw: Any, *, name: str, roots: Sequence[Path], hint: str) -> Path:
     """The resolved ``raw`` if it lies in one of ``roots``; else :class:`PathRefusedError`, one line.
 
     ``name`` is the parameter as the message shows it (``sources[0]``); ``hint`` says where such a path
-    may point and how to allow another one.
+    may point and how to allow another one. A relative path is refused unless the caller typed it
+    (:func:`caller_paths`).
     """
     if not isinstance(raw, (str, os.PathLike)) or not os.fspath(raw):
         raise PathRefusedError(f"{name}={shown(raw)} is not a path; give an absolute path {hint}")
     path = Path(raw)
+    typed = dict(_CALLER_PATHS.get())
+    if not path.is_absolute() and os.fspath(raw) in typed:
+        path = typed[os.fspath(raw)]  # typed on this process's command line: its user's own folder
     if not path.is_absolute():
         raise PathRefusedError(f"{name}={shown(raw)} is a relative path; a flow resolves nothing against the "
                                f"worker's working folder, so give an absolute path {hint}")
@@ -158,11 +167,11 @@ def confine_parameters(settings: Settings, *, read: Mapping[str, Value | Sequenc
     return out
 
 
-def confine_to(path: Value, folder: Path, *, name: str) -> str:
+def confine_to(settings: Settings, path: Value, folder: Path, *, name: str) -> str:
     """``path`` resolved if it lies under ``folder`` (a folder the system itself writes, e.g. the run
-    reports a sub-flow reads back); else :class:`PathRefusedError`."""
-    return str(confine(path, name=name, roots=(_resolve(folder),),
-                       hint=f"under {shown(folder)}, where the system writes it"))
+    reports a sub-flow reads back) or in the allowed roots; else :class:`PathRefusedError`."""
+    return str(confine(path, name=name, roots=(_resolve(folder), *allowed_roots(settings)),
+                       hint=f"under {shown(folder)}, where the system writes it, or {READ_HINT}"))
 
 
 __all__ = ["caller_paths", "allowed_roots", "output_roots", "confine", "confine_parameters", "confine_to",
