@@ -114,37 +114,41 @@ def open_sqlite(path: Path, *, read_only: bool = False):  # noqa: ANN201 - sqlit
 def open_through_wal(path: Path, *, checkpoint: bool = True, check: str = "quick_check") -> str | None:
     """Let SQLite itself judge a catalogue whose committed pages may live in its WAL.
 
-    Opens it (SQLite replays the WAL), runs ``PRAGMA quick_check`` (or ``check="integrity_check"``)
-    and, with ``checkpoint``, a PASSIVE checkpoint (never waits for other connections). A checkpoint
-    that fails for lack of space is not fatal: every row stays readable through the WAL, and the next
-    open retries it. Without ``checkpoint`` the file is opened read-only and nothing is written.
-    Returns None when SQLite reads the database whole, else why it cannot (it is then damaged).
+    Opens it read-only (SQLite reads through the WAL; nothing on disk changes, so a damaged file
+    stays exactly as it was for whoever recovers it) and runs ``PRAGMA quick_check`` (or
+    ``check="integrity_check"``). Only when that passes and ``checkpoint`` is set, a read-write
+    connection runs a PASSIVE checkpoint (never waits for other connections). A checkpoint that fails
+    for lack of space is not fatal: every row stays readable through the WAL, and the next open
+    retries it. Returns None when SQLite reads the database whole, else why it cannot (damaged).
     """
     import sqlite3
 
     try:
-        conn = open_sqlite(path, read_only=not checkpoint)
+        conn = open_sqlite(path, read_only=True)
     except sqlite3.Error as exc:
         return f"SQLite cannot open it ({exc})"
     try:
-        try:
-            rows = [r[0] for r in conn.execute(f"PRAGMA {check}").fetchall()]
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise  # another process holds it: not damage; the caller's error says so
-            return f"SQLite cannot read it ({exc})"
-        except sqlite3.DatabaseError as exc:
-            return f"SQLite cannot read it ({exc})"
-        if rows != ["ok"]:
-            return f"PRAGMA {check} failed: {'; '.join(map(str, rows[:3]))}"
-        if checkpoint:
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.OperationalError:
-                pass  # SQLITE_FULL or busy: the WAL keeps the rows; a later open checkpoints them
-        return None
+        rows = [r[0] for r in conn.execute(f"PRAGMA {check}").fetchall()]
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise  # another process holds it: not damage; the caller's error says so
+        return f"SQLite cannot read it ({exc})"
+    except sqlite3.DatabaseError as exc:
+        return f"SQLite cannot read it ({exc})"
     finally:
         conn.close()
+    if rows != ["ok"]:
+        return f"PRAGMA {check} failed: {'; '.join(map(str, rows[:3]))}"
+    if checkpoint:
+        try:
+            conn = open_sqlite(path)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.OperationalError:
+            pass  # SQLITE_FULL or busy: the WAL keeps the rows; a later open checkpoints them
+    return None
 
 
 def check_sqlite_file(path: Path) -> None:
