@@ -69,7 +69,7 @@ def damaged_advice(path: Path) -> str:
     """What to do with a catalogue that cannot be used. Never "move the main file" alone: with a
     ``-wal`` beside it that drops every row committed since the last checkpoint (issue 23)."""
     files = " ".join(str(p) for p in [path, *sqlite_sidecars(path)])
-    together = "all three files together" if sqlite_sidecars(path) else "it"
+    together = "the main file and its -wal/-shm together" if sqlite_sidecars(path) else "it"
     return (f"Run `xray doctor` to see what is wrong (`xray doctor --repair` keeps a copy before it changes "
             f"anything); or restore it from a backup, or move {together} aside to start a new catalogue "
             f"(mkdir {path}.damaged && mv {files} {path}.damaged/); nothing was changed")
