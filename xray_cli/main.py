@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from xray_cli import doctor
 from xray_core.errors import UsageError, XrayError
 from xray_core.settings import get_settings
 
@@ -207,17 +208,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return EXIT_OK if result.get("status") != "failed" else EXIT_FAILED
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from xray_core.data.doctor import examine
-    from xray_core.data.doctor_repair import repair
-    from xray_core.report.doctor import render_doctor
-
-    settings = get_settings()
-    report = repair(settings, verify=args.verify) if args.repair else examine(settings, verify=args.verify)
-    _emit(report.as_dict(), args.json, render_doctor)
-    return EXIT_OK if report.healthy else EXIT_FAILED
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -248,8 +238,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "predict": (cmd_predict, "predict a folder or manifest with the champion (or --version N); CSV out"),
     "demo": (cmd_demo, "three arrivals: first champion, a challenger decision, then a second site the shortcut "
                          "audit catches"),
-    "doctor": (cmd_doctor, "check the catalogue (after a crash or a full disk) against the store, quarantine "
-                           "and models; --repair fixes what loses nothing, after a backup"),
+    "doctor": (doctor.cmd_doctor, doctor.HELP),
     "monitor": (cmd_monitor, "check films ingested (and list predict batches) since the last check against the "
                              "champion's reference: out-of-distribution and drift warnings"),
 }
@@ -290,11 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", metavar="DIR",
                    help="write a Grad-CAM overlay PNG per predicted image into DIR (see README: limits)")
     sub.add_parser("monitor", help=COMMANDS["monitor"][1])
-    p = sub.add_parser("doctor", help=COMMANDS["doctor"][1])
-    p.add_argument("--repair", action="store_true", help="back up, checkpoint the WAL, move orphaned files "
-                                                         "aside (never deletes)")
-    p.add_argument("--verify", action="store_true", help="integrity_check and sha256 of every store and "
-                                                         "checkpoint file (reads every byte)")
+    doctor.add_arguments(sub.add_parser("doctor", help=doctor.HELP))
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--sample", help="real sample folder with manifest.csv; synthetic images when absent")
     p.add_argument("--fresh", action="store_true", help="delete XRAY_HOME first (the Makefile's demo home only)")
