@@ -30,5 +30,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     settings = get_settings()
     report = repair(settings, verify=args.verify) if args.repair else examine(settings, verify=args.verify)
     result = report.as_dict()
-    sys.stdout.write((json.dumps(result, indent=2, default=str) if args.json else render_doctor(result)) + "\n")
+    text = json.dumps(result, indent=2, default=str) if args.json else render_doctor(result)
+    sys.stdout.write(text + "\n")
     return 0 if report.healthy else 1

@@ -247,7 +247,8 @@ def test_doctor_reconciles_through_the_storage_url(xray_env, tmp_path, capsys, m
     code, report = doctor(capsys, "--repair")
     assert code == 0 and report["healthy"]
     assert not storage.exists("store/zz/orphan.png")
-    assert (Path(report["backup"]) / "orphans" / "store" / "zz" / "orphan.png").read_bytes() == b"no row names me"
+    moved = Path(report["backup"]) / "orphans" / "store" / "zz" / "orphan.png"
+    assert moved.read_bytes() == b"no row names me"
 
 
 def test_doctor_bad_usage_exits_2(xray_env, capsys) -> None:

@@ -1121,7 +1121,8 @@ def zero_byte_catalogue_is_damaged_for_doctor(xray_env, capsys) -> None:
     db_file.parent.mkdir(parents=True, exist_ok=True)
     db_file.write_bytes(b"")
     code, report = _doctor(capsys, "--repair")
-    assert code == 1 and _open_codes(report) == {"catalogue_damaged"} and "empty (0 bytes)" in str(report)
+    assert code == 1 and _open_codes(report) == {"catalogue_damaged"}
+    assert "empty (0 bytes)" in report["findings"][0]["detail"]
     assert db_file.stat().st_size == 0
 
 

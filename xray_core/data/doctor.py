@@ -105,8 +105,9 @@ def examine(settings: Settings, *, verify: bool = False) -> DoctorReport:
         files = storage.list("store")
         report.notes.append(f"no catalogue at {path} yet (the first ingest creates it)")
         if files:
-            report.findings.append(Finding("catalogue_missing", f"the store holds {len(files)} files but there "
-                                           f"is no catalogue at {path}; restore it from a backup", len(files)))
+            report.findings.append(Finding(
+                "catalogue_missing", f"the store holds {len(files)} files but there is no catalogue at "
+                f"{path}; restore it from a backup", len(files)))
         return report
     if path is not None:
         _sqlite_findings(report, path, verify)
@@ -188,13 +189,14 @@ def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify:
         quarantined = {r[0] for r in conn.execute(select(Rejection.quarantine_path)) if r[0]}
         models = conn.execute(select(Model.id, Model.checkpoint_dir, Model.checkpoint_sha256,
                                      Model.card_sha256)).all()
-        running = [s.id for s in conn.execute(select(Source.id, Source.counts).where(Source.status == "running"))
-                   if owner_alive(s.counts)]
+        sources = conn.execute(select(Source.id, Source.counts).where(Source.status == "running"))
+        running = [s.id for s in sources if owner_alive(s.counts)]
     store_files = set(storage.list("store"))
     quarantine_files = set(storage.list("quarantine"))
     named = {r.stored_path for r in images}
-    report.counts.update(images=len(images), store_files=len(store_files), rejections_with_copy=len(quarantined),
-                         quarantine_files=len(quarantine_files), models=len(models))
+    report.counts.update(images=len(images), store_files=len(store_files),
+                         rejections_with_copy=len(quarantined), quarantine_files=len(quarantine_files),
+                         models=len(models))
     if running:
         report.notes.append(f"ingest running (source {', '.join(map(str, running))}): its newest store and "
                             "quarantine files may not have their rows yet")
@@ -207,8 +209,10 @@ def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify:
     _add(report, "quarantine_missing", sorted(quarantined - quarantine_files),
          "rejection rows whose quarantine copy is missing (reported only)")
     if verify:
-        _add(report, "store_altered", [r.stored_path for r in images if r.stored_path in store_files
-                                       and _sha(storage, r.stored_path) not in (r.stored_sha256 or r.sha256,)],
+        # A de-identified DICOM's store copy has its own sha256 (stored_sha256); others are the original.
+        altered = [r.stored_path for r in images if r.stored_path in store_files
+                   and _sha(storage, r.stored_path) != (r.stored_sha256 or r.sha256)]
+        _add(report, "store_altered", altered,
              "store files whose bytes no longer match their row's sha256 (reported only)")
     _models(report, storage, models, verify)
 

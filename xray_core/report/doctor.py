@@ -17,14 +17,16 @@ def render_doctor(report: dict[str, Any]) -> str:
         behind = "" if cat["revision"] == cat["head"] else " (the next command upgrades it)"
         lines.append(f"  schema revision: {cat['revision']} (newest {cat['head']}){behind}")
     if report["counts"]:
-        lines.append("counts: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report["counts"].items()))
+        counts = report["counts"].items()
+        lines.append("counts: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts))
     for f in report["findings"]:
-        lines.append(f"{'REPAIRED' if f['repaired'] else 'PROBLEM'} {f['code']} ({f['count']}): {f['detail']}")
+        state = "REPAIRED" if f["repaired"] else "PROBLEM"
+        lines.append(f"{state} {f['code']} ({f['count']}): {f['detail']}")
         if f["repaired"]:
             lines.append(f"  -> {f['repaired']}")
         lines += [f"    {e}" for e in f["examples"]]
         if f["count"] > len(f["examples"]) and f["examples"]:
-            lines.append(f"    ... and {f['count'] - len(f['examples'])} more (--json lists the same examples)")
+            lines.append(f"    ... and {f['count'] - len(f['examples'])} more")
     lines += [f"note: {n}" for n in report["notes"]]
     if report["backup"]:
         lines.append(f"backup and moved files: {report['backup']}")
