@@ -254,3 +254,14 @@ def test_doctor_reconciles_through_the_storage_url(xray_env, tmp_path, capsys, m
 def test_doctor_bad_usage_exits_2(xray_env, capsys) -> None:
     code, _, err = cli(capsys, "doctor", "--repiar")
     assert code == 2 and "unrecognized arguments" in err
+
+
+def test_doctor_names_a_schema_revision_it_does_not_know(xray_env, tmp_path, capsys) -> None:
+    settings = load_settings()
+    write_films(tmp_path / "src", range(2))
+    ingest_source(tmp_path / "src", settings=settings)
+    dispose_engines()
+    with sqlite3.connect(settings.home / "catalogue.db") as conn:
+        conn.execute("update alembic_version set version_num = '0999'")
+    code, report = doctor(capsys)
+    assert code == 1 and codes(report) == {"schema_unknown"} and report["catalogue"]["revision"] == "0999"

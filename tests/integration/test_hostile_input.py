@@ -1052,6 +1052,14 @@ def _doctor(capsys, *flags: str) -> tuple[int, dict]:
     return code, json.loads(out)
 
 
+def _sqlite_file_only() -> None:
+    """These attacks write the SQLite file itself; the PostgreSQL lane has none to write."""
+    from conftest import POSTGRES_URL
+
+    if POSTGRES_URL:
+        pytest.skip("attacks the SQLite catalogue file; the PostgreSQL lane has none")
+
+
 def _open_codes(report: dict) -> set[str]:
     return {f["code"] for f in report["findings"] if f["open"]}
 
@@ -1064,6 +1072,7 @@ def _data_files(root: Path) -> dict[str, bytes]:
 
 @attack
 def wal_only_catalogue_after_a_full_disk_keeps_every_row(xray_env, tmp_path, capsys) -> None:
+    _sqlite_file_only()
     from catalogue_faults import catalogue_with_wal_only
 
     settings = load_settings()
@@ -1075,6 +1084,7 @@ def wal_only_catalogue_after_a_full_disk_keeps_every_row(xray_env, tmp_path, cap
 
 @attack
 def header_short_main_file_with_wal_takes_new_rows(xray_env, tmp_path, capsys) -> None:
+    _sqlite_file_only()
     from catalogue_faults import catalogue_with_wal_only, write_films
 
     settings = load_settings()
@@ -1087,6 +1097,7 @@ def header_short_main_file_with_wal_takes_new_rows(xray_env, tmp_path, capsys) -
 
 @attack
 def damaged_catalogue_advice_never_moves_the_main_file_alone(xray_env, tmp_path, capsys) -> None:
+    _sqlite_file_only()
     settings = load_settings()
     _real_home(settings, tmp_path)
     dispose_engines()
@@ -1102,6 +1113,7 @@ def damaged_catalogue_advice_never_moves_the_main_file_alone(xray_env, tmp_path,
 
 @attack
 def garbage_wal_beside_truncated_main_is_damaged_and_untouched(xray_env, tmp_path, capsys) -> None:
+    _sqlite_file_only()
     settings = load_settings()
     _real_home(settings, tmp_path)
     dispose_engines()
@@ -1117,6 +1129,7 @@ def garbage_wal_beside_truncated_main_is_damaged_and_untouched(xray_env, tmp_pat
 
 @attack
 def zero_byte_catalogue_is_damaged_for_doctor(xray_env, capsys) -> None:
+    _sqlite_file_only()
     db_file = Path(xray_env["XRAY_HOME"]) / "catalogue.db"
     db_file.parent.mkdir(parents=True, exist_ok=True)
     db_file.write_bytes(b"")
@@ -1175,6 +1188,7 @@ def model_checkpoint_file_missing_is_reported(xray_env, tmp_path, capsys) -> Non
 
 @attack
 def doctor_repair_without_space_for_a_backup_changes_nothing(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    _sqlite_file_only()
     import errno
     import shutil
 

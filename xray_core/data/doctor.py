@@ -115,8 +115,9 @@ def examine(settings: Settings, *, verify: bool = False) -> DoctorReport:
         return report
     try:
         with reader(settings, path) as engine:
-            _revision(report.catalogue, engine)
-            reconcile(report, engine, storage, verify=verify)
+            _revision(report, engine)
+            if report.find("schema_missing") is None:
+                reconcile(report, engine, storage, verify=verify)
     except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
         report.findings.append(Finding("catalogue_unreadable", f"the catalogue cannot be read "
                                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"))
@@ -169,17 +170,30 @@ class reader:
         self.engine.dispose()
 
 
-def _revision(cat: Catalogue, engine: Engine) -> None:
+def _revision(report: DoctorReport, engine: Engine) -> None:
+    """The schema revision against the newest migration: behind is fine (the next command upgrades
+    it); none at all, or one this code does not know, is a finding."""
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
     from db.engine import alembic_config
 
+    cat = report.catalogue
     with engine.connect() as conn:
         cat.revision = MigrationContext.configure(conn).get_current_revision()
     cat.readable = True
     cat.check = cat.check or "connected"
-    cat.head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    scripts = ScriptDirectory.from_config(alembic_config(engine))
+    cat.head = scripts.get_current_head()
+    known = {s.revision for s in scripts.walk_revisions()}
+    if cat.revision is None:
+        report.findings.append(Finding(
+            "schema_missing", "the database has no schema revision (not a catalogue, or never created); "
+            "check XRAY_DATABASE_URL"))
+    elif cat.revision not in known:
+        report.findings.append(Finding(
+            "schema_unknown", f"schema revision {cat.revision} is not one this code knows (newest "
+            f"{cat.head}): written by a newer xray-retrain? Upgrade it"))
 
 
 def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify: bool = False) -> None:
