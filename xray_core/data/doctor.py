@@ -14,6 +14,7 @@ changes nothing. Repairs (:mod:`xray_core.data.doctor_repair`) run only when ask
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from xray_core.io.storage import Storage, get_storage
 from xray_core.settings import Settings
 
 SAMPLE = 20  # paths listed per finding; the count is always whole
+REPAIRABLE = ("catalogue_wal_only", "store_orphan", "quarantine_orphan")  # what --repair may fix
 MODEL_FILES = ("head.safetensors", "card.json")
 
 
@@ -74,11 +76,17 @@ class DoctorReport:
     def healthy(self) -> bool:
         return not any(f.open for f in self.findings)
 
+    @property
+    def repairable(self) -> bool:
+        """Whether --repair has something to do (the other findings are reported only)."""
+        return any(f.open and f.code in REPAIRABLE for f in self.findings)
+
     def find(self, code: str) -> Finding | None:
         return next((f for f in self.findings if f.code == code), None)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"healthy": self.healthy, "catalogue": asdict(self.catalogue), "counts": self.counts,
+        return {"healthy": self.healthy, "repairable": self.repairable, "catalogue": asdict(self.catalogue),
+                "counts": self.counts,
                 "findings": [{**asdict(f), "open": f.open} for f in self.findings],
                 "notes": self.notes, "backup": self.backup}
 
@@ -114,7 +122,7 @@ def examine(settings: Settings, *, verify: bool = False) -> DoctorReport:
     if not report.catalogue.readable and path is not None:
         return report
     try:
-        with reader(settings, path) as engine:
+        with read_only_engine(settings, path) as engine:
             _revision(report, engine)
             if report.find("schema_missing") is None:
                 reconcile(report, engine, storage, verify=verify)
@@ -138,13 +146,15 @@ def _sqlite_findings(report: DoctorReport, path: Path, verify: bool) -> None:
     wal = Path(f"{path}-wal")
     through_wal = problem is not None and problem.startswith("truncated") and wal.exists() \
         and wal.stat().st_size > 0
-    if problem is not None and not through_wal:
-        report.findings.append(Finding("catalogue_damaged", f"the catalogue {path} is {problem}"))
-        return
     check = "integrity_check" if verify else "quick_check"
-    why = open_through_wal(path, checkpoint=False, check=check)
+    why = problem if problem is not None and not through_wal else \
+        open_through_wal(path, checkpoint=False, check=check)
     if why is not None:
-        report.findings.append(Finding("catalogue_damaged", f"the catalogue {path} is damaged: {why}"))
+        files = " ".join(str(p) for p in [path, *sqlite_sidecars(path)])
+        report.findings.append(Finding(
+            "catalogue_damaged", f"the catalogue {path} is {_damage(why, problem, through_wal)}. "
+            f"Reported only (--repair never moves it): restore it from a backup, or move it with its -wal "
+            f"and -shm together to start a new one (mkdir {path}.damaged && mv {files} {path}.damaged/)"))
         return
     cat.readable, cat.check = True, f"{check} ok"
     if through_wal:
@@ -154,20 +164,24 @@ def _sqlite_findings(report: DoctorReport, path: Path, verify: bool) -> None:
             "space); --repair checkpoints the WAL into the main file once space allows"))
 
 
-class reader:
-    """A read-only engine: SQLite through ``mode=ro`` (never checkpoints), others as configured."""
+def _damage(why: str, problem: str | None, through_wal: bool) -> str:
+    if through_wal:
+        return f"damaged: its main file is {problem} and, with its WAL, {why}"
+    return why if why == problem else f"damaged: {why}"
 
-    def __init__(self, settings: Settings, path: Path | None) -> None:
-        if path is not None:
-            self.engine = create_engine("sqlite://", creator=lambda: open_sqlite(path, read_only=True))
-        else:
-            self.engine = make_engine(settings.database_url)
 
-    def __enter__(self) -> Engine:
-        return self.engine
-
-    def __exit__(self, *exc: object) -> None:
-        self.engine.dispose()
+@contextlib.contextmanager
+def read_only_engine(settings: Settings, path: Path | None) -> Iterator[Engine]:
+    """SQLite through ``mode=ro`` (reads the WAL, never checkpoints); another database as configured
+    (doctor only reads). Never :func:`db.get_engine`: that would upgrade the schema first."""
+    if path is not None:
+        engine = create_engine("sqlite://", creator=lambda: open_sqlite(path, read_only=True))
+    else:
+        engine = make_engine(settings.database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def _revision(report: DoctorReport, engine: Engine) -> None:

@@ -22,22 +22,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from db.engine import header_problem, open_sqlite, sqlite_sidecars
-from xray_core.data.doctor import DoctorReport, examine, orphan_keys, reader, sqlite_path
+from xray_core.data.doctor import DoctorReport, examine, orphan_keys, read_only_engine, sqlite_path
 from xray_core.errors import StorageFullError
 from xray_core.io.fsutil import atomic_write_bytes
 from xray_core.io.storage import LocalStorage, Storage, get_storage
 from xray_core.settings import Settings
 
-REPAIRABLE = ("catalogue_wal_only", "store_orphan", "quarantine_orphan")
-
 
 def repair(settings: Settings, *, verify: bool = False) -> DoctorReport:
-    """Examine, back up, repair what :data:`REPAIRABLE` names, then examine again to confirm.
+    """Examine, back up, repair what ``doctor.REPAIRABLE`` names, then examine again to confirm.
 
     Returns the first report with ``repaired`` set on what was fixed; a finding the second
     examination still shows stays open, so the exit code never claims a repair that did not hold."""
     report = examine(settings, verify=verify)
-    if report.healthy or not any(f.code in REPAIRABLE and f.open for f in report.findings):
+    if not report.repairable:
         report.notes.append("nothing to repair" if report.healthy else
                             "nothing --repair may fix: see each finding for what to do")
         return report
@@ -127,7 +125,7 @@ def _move_orphans(report: DoctorReport, settings: Settings, folder: Path) -> Non
         codes["store"] = None
     storage = get_storage(settings)
     moved = {"store": 0, "quarantine": 0}
-    with reader(settings, sqlite_path(settings)) as engine:
+    with read_only_engine(settings, sqlite_path(settings)) as engine:
         keys = list(orphan_keys(storage, engine))
     for key in keys:
         area = key.split("/", 1)[0]

@@ -33,6 +33,7 @@ def render_doctor(report: dict[str, Any]) -> str:
     if report["healthy"]:
         lines.append("healthy")
     else:
-        hint = "" if report["backup"] else "; `xray doctor --repair` fixes what it can after keeping a copy"
+        hint = "; `xray doctor --repair` fixes what it can after keeping a copy" \
+            if report["repairable"] and not report["backup"] else ""
         lines.append(f"problems found{hint}")
     return "\n".join(lines)
