@@ -59,35 +59,121 @@ class CatalogueFileError(RuntimeError):
     into a new, empty catalogue, and a truncated one fails later with a bare "malformed" error."""
 
 
-def check_sqlite_file(path: Path) -> None:
-    """Raise CatalogueFileError when ``path`` exists but cannot be a whole SQLite database.
+def sqlite_sidecars(path: Path) -> list[Path]:
+    """The ``-wal`` and ``-shm`` files beside the catalogue that exist: they are part of the database
+    (committed rows may live only in the WAL), so they move, copy and restore together with it."""
+    return [p for p in (Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()]
+
+
+def damaged_advice(path: Path) -> str:
+    """What to do with a catalogue that cannot be used. Never "move the main file" alone: with a
+    ``-wal`` beside it that drops every row committed since the last checkpoint (issue 23)."""
+    files = " ".join(str(p) for p in [path, *sqlite_sidecars(path)])
+    together = "the main file and its -wal/-shm together" if sqlite_sidecars(path) else "it"
+    return (f"Run `xray doctor` to see what is wrong (`xray doctor --repair` keeps a copy before it changes "
+            f"anything); or restore it from a backup, or move {together} aside to start a new catalogue "
+            f"(mkdir {path}.damaged && mv {files} {path}.damaged/); nothing was changed")
+
+
+def header_problem(path: Path) -> str | None:
+    """Why the main file alone cannot be a whole SQLite database, or None when its header is consistent.
 
     Reads only the 100-byte header (https://www.sqlite.org/fileformat.html#the_database_header):
     the magic string, the page size (offset 16) and the in-header page count (offset 28, valid when
     the version-valid-for number at 92 equals the change counter at 24). A file shorter than page
-    size x page count, or not a whole number of pages, was cut short. No schema is read or changed.
+    size x page count, or not a whole number of pages, is short: cut, or (with a WAL beside it) a
+    checkpoint that ran out of space after rewriting page 1 (the WAL still holds every page).
     """
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return
-    advice = (f"Restore it from a backup, or move it aside to start a new catalogue (mv {path} {path}.damaged); "
-              "nothing was changed")
+    size = path.stat().st_size
     if size == 0:
-        raise CatalogueFileError(f"the catalogue {path} is empty (0 bytes), not a SQLite database; it was "
-                                 f"not replaced by a new empty one. {advice}")
+        return "empty (0 bytes), not a SQLite database"
     with open(path, "rb") as fh:
         header = fh.read(100)
     if len(header) < 100 or not header.startswith(SQLITE_MAGIC):
-        raise CatalogueFileError(f"the catalogue {path} is not a SQLite database (no SQLite header). {advice}")
+        return "not a SQLite database (no SQLite header)"
     page_size = int.from_bytes(header[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size
     pages = int.from_bytes(header[28:32], "big")
     counted = header[24:28] == header[92:96] and pages > 0
     if page_size < 512 or size % page_size or (counted and size < pages * page_size):
         expected = f"{pages * page_size:,} bytes" if counted else f"a multiple of {page_size} bytes"
-        raise CatalogueFileError(f"the catalogue {path} is truncated ({size:,} bytes; its header says "
-                                 f"{expected}). {advice}")
+        return f"truncated ({size:,} bytes; its header says {expected})"
+    return None
+
+
+def open_sqlite(path: Path, *, read_only: bool = False):  # noqa: ANN201 - sqlite3.Connection
+    """A plain sqlite3 connection to the catalogue file. ``read_only`` opens it with ``mode=ro``: it
+    still reads through the WAL, but never checkpoints (not even when it closes), so a report changes
+    nothing on disk."""
+    import sqlite3
+
+    target, uri = (f"{Path(path).resolve().as_uri()}?mode=ro", True) if read_only else (str(path), False)
+    return sqlite3.connect(target, uri=uri, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+
+
+def open_through_wal(path: Path, *, checkpoint: bool = True, check: str = "quick_check") -> str | None:
+    """Let SQLite itself judge a catalogue whose committed pages may live in its WAL.
+
+    Opens it read-only (SQLite reads through the WAL; nothing on disk changes, so a damaged file
+    stays exactly as it was for whoever recovers it) and runs ``PRAGMA quick_check`` (or
+    ``check="integrity_check"``). Only when that passes and ``checkpoint`` is set, a read-write
+    connection runs a PASSIVE checkpoint (never waits for other connections). A checkpoint that fails
+    for lack of space is not fatal: every row stays readable through the WAL, and the next open
+    retries it. Returns None when SQLite reads the database whole, else why it cannot (damaged).
+    """
+    import sqlite3
+
+    try:
+        conn = open_sqlite(path, read_only=True)
+    except sqlite3.Error as exc:
+        return f"SQLite cannot open it ({exc})"
+    try:
+        rows = [r[0] for r in conn.execute(f"PRAGMA {check}").fetchall()]
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise  # another process holds it: not damage; the caller's error says so
+        return f"SQLite cannot read it ({exc})"
+    except sqlite3.DatabaseError as exc:
+        return f"SQLite cannot read it ({exc})"
+    finally:
+        conn.close()
+    if rows != ["ok"]:
+        return f"PRAGMA {check} failed: {'; '.join(map(str, rows[:3]))}"
+    if checkpoint:
+        try:
+            conn = open_sqlite(path)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.OperationalError:
+            pass  # SQLITE_FULL or busy: the WAL keeps the rows; a later open checkpoints them
+    return None
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Raise CatalogueFileError when ``path`` exists but cannot be a whole SQLite database.
+
+    A 0-byte file and a file that is not SQLite are refused from the header alone (SQLite would make
+    a new empty catalogue of the first). A main file shorter than its header says is refused only
+    when no non-empty ``-wal`` sits beside it; with one, SQLite opens it through the WAL, checkpoints
+    when space allows and runs ``PRAGMA quick_check`` (:func:`open_through_wal`): after a full disk
+    the committed rows live in the WAL and must not be declared lost. No schema is read or changed.
+    """
+    try:
+        problem = header_problem(path)
+    except FileNotFoundError:
+        return
+    if problem is None:
+        return
+    wal = Path(f"{path}-wal")
+    if problem.startswith("truncated") and wal.exists() and wal.stat().st_size > 0:
+        why = open_through_wal(path)
+        if why is None:
+            return
+        problem = f"damaged: its main file is {problem} and {why}"
+    raise CatalogueFileError(f"the catalogue {path} is {problem}; it was not replaced by a new empty one. "
+                             f"{damaged_advice(path)}")
 
 
 def make_engine(url: str) -> Engine:

@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from xray_cli import doctor
 from xray_core.errors import UsageError, XrayError
 from xray_core.io.allowed_roots import caller_paths
 from xray_core.settings import get_settings
@@ -241,6 +242,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "predict": (cmd_predict, "predict a folder or manifest with the champion (or --version N); CSV out"),
     "demo": (cmd_demo, "three arrivals: first champion, a challenger decision, then a second site the shortcut "
                          "audit catches"),
+    "doctor": (doctor.cmd_doctor, doctor.HELP),
     "monitor": (cmd_monitor, "check films ingested (and list predict batches) since the last check against the "
                              "champion's reference: out-of-distribution and drift warnings"),
 }
@@ -281,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", metavar="DIR",
                    help="write a Grad-CAM overlay PNG per predicted image into DIR (see README: limits)")
     sub.add_parser("monitor", help=COMMANDS["monitor"][1])
+    doctor.add_arguments(sub.add_parser("doctor", help=doctor.HELP))
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--sample", help="real sample folder with manifest.csv; synthetic images when absent")
     p.add_argument("--fresh", action="store_true", help="delete XRAY_HOME first (the Makefile's demo home only)")

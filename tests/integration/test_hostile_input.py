@@ -1173,6 +1173,193 @@ def allowed_roots_setting_that_is_relative_exits_2(xray_env, capsys, monkeypatch
     assert code == 2 and "XRAY_ALLOWED_ROOTS=data/incoming: must be comma-separated absolute folder" in err
 
 
+# ---- round three: doctor (issue 23 item 1: a full disk never becomes catalogue loss; xray doctor)
+
+
+def _doctor(capsys, *flags: str) -> tuple[int, dict]:
+    """``xray doctor --json flags``: (exit code, report); never a traceback."""
+    reset_settings()
+    dispose_engines()
+    capsys.readouterr()
+    code = main(["doctor", "--json", *flags])
+    out, err = capsys.readouterr()
+    dispose_engines()
+    assert "Traceback" not in err, err
+    return code, json.loads(out)
+
+
+def _sqlite_file_only() -> None:
+    """These attacks write the SQLite file itself; the PostgreSQL lane has none to write."""
+    from conftest import POSTGRES_URL
+
+    if POSTGRES_URL:
+        pytest.skip("attacks the SQLite catalogue file; the PostgreSQL lane has none")
+
+
+def _open_codes(report: dict) -> set[str]:
+    return {f["code"] for f in report["findings"] if f["open"]}
+
+
+def _data_files(root: Path) -> dict[str, bytes]:
+    """Every file that holds data (the -shm index and an empty -wal are SQLite's to recreate)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and not p.name.endswith("-shm") and not (p.name.endswith("-wal") and p.stat().st_size == 0)}
+
+
+@attack
+def wal_only_catalogue_after_a_full_disk_keeps_every_row(xray_env, tmp_path, capsys) -> None:
+    _sqlite_file_only()
+    from catalogue_faults import catalogue_with_wal_only
+
+    settings = load_settings()
+    n = catalogue_with_wal_only(settings, tmp_path / "src")
+    code, err = _cli(capsys, "status")
+    assert code == 0 and "truncated" not in err, err
+    assert len(rows(settings, Image)) == n
+
+
+@attack
+def header_short_main_file_with_wal_takes_new_rows(xray_env, tmp_path, capsys) -> None:
+    _sqlite_file_only()
+    from catalogue_faults import catalogue_with_wal_only, write_films
+
+    settings = load_settings()
+    n = catalogue_with_wal_only(settings, tmp_path / "src")
+    write_films(tmp_path / "more", range(100, 104))
+    code, err = _cli(capsys, "ingest", str(tmp_path / "more"))
+    assert code == 0, err
+    assert len(rows(settings, Image)) == n + 4
+
+
+@attack
+def damaged_catalogue_advice_never_moves_the_main_file_alone(xray_env, tmp_path, capsys) -> None:
+    _sqlite_file_only()
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    dispose_engines()
+    db_file = settings.home / "catalogue.db"
+    data = db_file.read_bytes()
+    db_file.write_bytes(data[: len(data) // 2 + 100])
+    Path(f"{db_file}-wal").write_bytes(b"")  # an empty WAL cannot hold the missing pages
+    Path(f"{db_file}-shm").write_bytes(bytes(32768))
+    code, err = _cli(capsys, "status")
+    assert code == 2 and "truncated" in err and "xray doctor" in err
+    assert f"mv {db_file} {db_file}-wal {db_file}-shm " in err and f"mv {db_file} {db_file}.damaged" not in err
+
+
+@attack
+def garbage_wal_beside_truncated_main_is_damaged_and_untouched(xray_env, tmp_path, capsys) -> None:
+    _sqlite_file_only()
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    dispose_engines()
+    db_file = settings.home / "catalogue.db"
+    data = db_file.read_bytes()
+    db_file.write_bytes(data[: len(data) // 2 + 100])
+    Path(f"{db_file}-wal").write_bytes(b"not a WAL " * 500)
+    before = _data_files(settings.home)
+    code, err = _cli(capsys, "status")
+    assert code == 2 and "damaged" in err and "SQLite cannot read it" in err and "Traceback" not in err
+    assert _data_files(settings.home) == before, "a damaged catalogue is left exactly as it was"
+
+
+@attack
+def zero_byte_catalogue_is_damaged_for_doctor(xray_env, capsys) -> None:
+    _sqlite_file_only()
+    db_file = Path(xray_env["XRAY_HOME"]) / "catalogue.db"
+    db_file.parent.mkdir(parents=True, exist_ok=True)
+    db_file.write_bytes(b"")
+    code, report = _doctor(capsys, "--repair")
+    assert code == 1 and _open_codes(report) == {"catalogue_damaged"}
+    assert "empty (0 bytes)" in report["findings"][0]["detail"]
+    assert db_file.stat().st_size == 0
+
+
+@attack
+def orphaned_store_file_is_moved_aside_not_deleted(xray_env, tmp_path, capsys) -> None:
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    orphan = settings.home / "store" / "00" / "stray.png"
+    put(orphan, b"stray bytes")
+    code, report = _doctor(capsys)
+    assert code == 1 and _open_codes(report) == {"store_orphan"} and orphan.exists()
+    code, report = _doctor(capsys, "--repair")
+    assert code == 0 and not orphan.exists()
+    assert (Path(report["backup"]) / "orphans" / "store" / "00" / "stray.png").read_bytes() == b"stray bytes"
+
+
+@attack
+def missing_store_file_is_reported_never_deleted(xray_env, tmp_path, capsys) -> None:
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    (image,) = rows(settings, Image)
+    (settings.home / image.stored_path).unlink()
+    code, report = _doctor(capsys, "--repair")
+    assert code == 1 and _open_codes(report) == {"store_missing"}
+    assert [i.sha256 for i in rows(settings, Image)] == [image.sha256]
+
+
+@attack
+def quarantine_copy_and_rejection_row_out_of_step(xray_env, tmp_path, capsys) -> None:
+    settings = load_settings()
+    put(tmp_path / "src" / "normal" / "text.png", b"not an image at all")
+    put(tmp_path / "src" / "normal" / "ok.png", png_bytes(91))
+    ingest_source(tmp_path / "src", settings=settings)
+    (rejection,) = rows(settings, Rejection)
+    (settings.home / rejection.quarantine_path).unlink()
+    put(settings.home / "quarantine" / "no-row.png", b"stray")
+    code, report = _doctor(capsys)
+    assert code == 1 and _open_codes(report) == {"quarantine_missing", "quarantine_orphan"}
+
+
+@attack
+def model_checkpoint_file_missing_is_reported(xray_env, tmp_path, capsys) -> None:
+    settings = load_settings()
+    version = _save_model(settings, 3)
+    (settings.home / "models" / str(version) / "head.safetensors").unlink()
+    code, report = _doctor(capsys, "--repair")
+    assert code == 1 and _open_codes(report) == {"model_file_missing"}
+    assert report["backup"] is None, "nothing --repair may fix: no backup, no change"
+
+
+@attack
+def doctor_repair_without_space_for_a_backup_changes_nothing(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    _sqlite_file_only()
+    import errno
+    import shutil
+
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    put(settings.home / "store" / "00" / "stray.png", b"stray bytes")
+    dispose_engines()
+    before = _data_files(settings.home)
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - what copying onto a full disk raises
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "copy2", full)
+    code, err = _cli(capsys, "doctor", "--repair")
+    assert code == 1 and "no space to keep a copy" in err and "Traceback" not in err
+    assert _data_files(settings.home) == before and not any((settings.home / "doctor").iterdir())
+
+
+@attack
+def doctor_moves_no_orphan_while_an_ingest_runs(xray_env, tmp_path, capsys) -> None:
+    from db import session_scope
+    from xray_core.data.catalogue import open_catalogue
+    from xray_core.data.sources import ingest_owner
+
+    settings = load_settings()
+    _real_home(settings, tmp_path)
+    with session_scope(open_catalogue(settings)) as s:  # a running ingest (this live process owns it)
+        s.add(Source(kind="folder", path=str(tmp_path), status="running", counts={"owner": ingest_owner()}))
+    orphan = settings.home / "store" / "00" / "new.png"
+    put(orphan, b"written before its row")
+    code, report = _doctor(capsys, "--repair")
+    assert code == 1 and _open_codes(report) == {"store_orphan"} and orphan.exists()
+    assert any("ingest is running" in note for note in report["notes"])
+
+
 def test_round_two_covers_at_least_60_kinds() -> None:
     assert len(KINDS) + len(ATTACKS) >= 60, (len(KINDS), len(ATTACKS))
 
