@@ -553,7 +553,8 @@ def _check_cap(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
     q = summary.quarantine
     assert (q["copies_written"], q["copies_skipped"]) == (1, 1)
     assert "XRAY_QUARANTINE_MAX_BYTES" in q["skipped_because"]
-    assert "1 copies skipped: XRAY_QUARANTINE_MAX_BYTES=1,000 reached" in render_ingest(summary.as_dict())
+    assert ("1 copies skipped: each would take quarantine/ (120 bytes) past XRAY_QUARANTINE_MAX_BYTES=1,000"
+            in render_ingest(summary.as_dict()))
     assert json.loads(json.dumps(summary.as_dict()))["quarantine"]["copies_skipped"] == 1
 
 
@@ -1178,7 +1179,7 @@ def conflicting_rows_at_the_quarantine_cap_are_rows_without_copies(xray_env, tmp
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["rejected_by_reason"] == {"label_conflict": 100}
     assert out["quarantine"]["copies_skipped"] == 100 and out["quarantine"]["copies_written"] == 0
-    assert "XRAY_QUARANTINE_MAX_BYTES=1,000 reached" in out["quarantine"]["skipped_because"]
+    assert "past XRAY_QUARANTINE_MAX_BYTES=1,000" in out["quarantine"]["skipped_because"]
     settings = load_settings()
     rejections = rows(settings, Rejection)
     assert len(rejections) == 100

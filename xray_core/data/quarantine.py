@@ -112,8 +112,8 @@ class Quarantine:
         """What the ingest summary reports (``quarantine``)."""
         why = None
         if self.skipped:
-            why = (f"XRAY_QUARANTINE_MAX_BYTES={self.max_bytes:,} reached (quarantine/ holds "
-                   f"{self._held or 0:,} bytes); their rejection rows are written without a copy")
+            why = (f"each would take quarantine/ ({self._held or 0:,} bytes) past XRAY_QUARANTINE_MAX_BYTES="
+                   f"{self.max_bytes:,}; their rejection rows are written without a copy")
         return {"copies_written": self.written, "bytes_written": self.bytes_written,
                 "rows_sharing_a_copy": self.shared, "copies_skipped": self.skipped, "skipped_because": why,
                 "max_bytes": self.max_bytes}
