@@ -103,6 +103,15 @@ def _link_problem(link: Path, real_root: Path, label: str | None = None) -> tupl
     return None
 
 
+def _is_link(path: Path) -> bool:
+    """``is_symlink`` that says False where the OS cannot even look (a path over PATH_MAX): os.walk
+    reports such a folder itself, as ``unreadable_path``."""
+    try:
+        return path.is_symlink()
+    except OSError:
+        return False
+
+
 def _linked_folder_problem(link: Path, real_root: Path) -> tuple[str, str] | None:
     """``outside_root`` for a linked folder whose target is outside the root, else None.
 
@@ -149,7 +158,7 @@ def scan_folder(root: Path) -> Iterator[Candidate]:
         here = Path(dirpath)
         for name in dirnames:  # os.walk lists linked folders here but does not descend them
             folder = here / name
-            if folder.is_symlink() and (problem := _linked_folder_problem(folder, real_root)) is not None:
+            if _is_link(folder) and (problem := _linked_folder_problem(folder, real_root)) is not None:
                 rel_parts = folder.relative_to(root).parts
                 yield Candidate(folder, printable("/".join(rel_parts)), printable(rel_parts[0]),
                                 problem=problem)
