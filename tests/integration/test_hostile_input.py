@@ -538,6 +538,18 @@ def _check_dicom_twice(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: 
     assert summary.quarantine["copies_written"] == 1 and summary.quarantine["rows_sharing_a_copy"] == 1
 
 
+def _same_bad_bytes_three_times(ctx: Ctx) -> None:
+    for name in ("normal/x.png", "normal/y.png", "normal/sub/z.png"):
+        put(ctx.src / name, b"the same broken bytes")
+
+
+def _check_one_shared_copy(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (key,) = {r.quarantine_path for r in rows(settings, Rejection)}
+    assert key == f"quarantine/{sha(b'the same broken bytes')[:2]}/{sha(b'the same broken bytes')}"
+    assert [p for p in (settings.home / "quarantine").rglob("*") if p.is_file()] == [settings.home / key]
+    assert {r.path.rsplit("/", 1)[1] for r in rows(settings, Rejection)} == {"x.png", "y.png", "z.png"}
+
+
 def _two_bad_files(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "a_small.png", b"not an image" * 10)  # 120 bytes: fits the cap below
     put(ctx.src / "normal" / "b_large.png", b"not an image" * 1000)  # 12,000 bytes: does not
@@ -572,6 +584,9 @@ KINDS.update({
     "same_bytes_under_another_patient_id": Kind(_same_bytes_two_patients,
                                                 {"person8_b.png": "duplicate_other_patient"}, added=1,
                                                 check=_check_same_bytes_two_patients),
+    "identical_bad_files_share_one_copy": Kind(
+        _same_bad_bytes_three_times, {name: "not_an_image" for name in ("x.png", "y.png", "z.png")},
+        check=_check_one_shared_copy),
     "dicom_quarantined_twice": Kind(_dicom_twice, {"a.dcm": "wrong_modality", "b.dcm": "wrong_modality"},
                                     check=_check_dicom_twice),
     "quarantine_at_its_cap": Kind(
