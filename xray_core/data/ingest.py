@@ -250,8 +250,9 @@ def _duplicate_of_another_patient(s, prep: Prepared,  # noqa: ANN001
     first_id = existing.patient_id  # as the catalogue stores it: a DICOM PatientID only salted
     return ("duplicate_other_patient",
             f"{prep.cand.rel} (patient {claimed}) is byte for byte image {existing.id} "
-            f"{existing.original_name} (patient {first_id}); the film stays catalogued once, under patient "
-            f"{first_id}. Not copied to quarantine: the stored film ({existing.stored_path}) is the same bytes")
+            f"{existing.original_name} (patient {first_id}); the film stays catalogued once, under "
+            f"patient {first_id}. Not copied to quarantine: the stored film ({existing.stored_path}) is "
+            "the same bytes")
 
 
 def _write_group(engine, settings: Settings, source_id: int, group: list[Prepared],  # noqa: ANN001
