@@ -241,9 +241,9 @@ def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None
             "real patient could sit in different splits."
         )
     if rejections.get("duplicate_other_patient"):
-        notes.append(f"{rejections['duplicate_other_patient']} file(s) were exact copies of a film catalogued under "
-                     "another patient (duplicate_other_patient): each film stays under its first patient; the "
-                     "rejection rows name both patients.")
+        notes.append(f"{rejections['duplicate_other_patient']} file(s) were exact copies of a film "
+                     "catalogued under another patient (duplicate_other_patient): each film stays under its "
+                     "first patient; the rejection rows name both patients.")
     if near_total:
         notes.append(f"{near_total} near-duplicate image pair(s) sit in different splits (see near_duplicates).")
     if at_cap:
