@@ -185,6 +185,8 @@ RULES: dict[str, Rule] = {
     "min_image_side": integer_in(1, 65535, "pixels; smaller images are rejected as too_small"),
     "max_pixels": integer_in(1, 10**9, "width x height above which an image is refused as a decompression bomb"),
     "max_file_bytes": integer_in(1, 2**36, "bytes, at most 64 GiB; larger files are refused unread"),
+    "quarantine_max_bytes": integer_in(0, 2**50, "bytes quarantine/ may hold; copies of rejected files that "
+                                   "would take it past this are skipped, their rows kept; 0 = copy none"),
     "split_ratios": Rule("must be three comma-separated fractions train,val,test in [0, 1] that sum to 1 with "
                          "train above 0, e.g. 0.7,0.15,0.15", is_split_ratios, "0.8,0.1,0.1",
                          ("nan,nan,nan", "0.5,0.5", "0.7,0.2,0.2", "0,0.5,0.5", "1.2,-0.1,-0.1", "a,b,c")),

@@ -53,6 +53,9 @@ class Settings:
     min_image_side: int = 64  # pixels; smaller images are rejected as too_small
     max_pixels: int = 50_000_000  # width*height above this is a decompression bomb (a 7000x7000 film fits)
     max_file_bytes: int = 512 * 1024 * 1024  # files larger than this are rejected unread
+    # XRAY_QUARANTINE_MAX_BYTES: copies of rejected files stop once quarantine/ would hold more than
+    # this (rejection rows are still written); 0 = copy nothing. 10 GiB is about 10,000 typical films.
+    quarantine_max_bytes: int = 10 * 1024**3
 
     # split
     split_ratios: tuple[float, float, float] = (0.70, 0.15, 0.15)  # train / val / test
@@ -245,6 +248,7 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "min_image_side": ("XRAY_MIN_IMAGE_SIDE", _int),
     "max_pixels": ("XRAY_MAX_PIXELS", _int),
     "max_file_bytes": ("XRAY_MAX_FILE_BYTES", _int),
+    "quarantine_max_bytes": ("XRAY_QUARANTINE_MAX_BYTES", _int),
     "split_ratios": ("XRAY_SPLIT_RATIOS", _floats),
     "split_seed": ("XRAY_SPLIT_SEED", _int),
     "backbone_weights": ("XRAY_BACKBONE_WEIGHTS", lambda n, r: r.strip()),

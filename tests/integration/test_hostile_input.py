@@ -376,7 +376,9 @@ KINDS: dict[str, Kind] = {
     "file_over_xray_max_file_bytes": Kind(_file("normal/large.png", png_bytes(71, size=512)),
                                           {"large.png": "file_too_large"}, env={"XRAY_MAX_FILE_BYTES": "100000"}),
     # ---- links and names
-    "symlink_outside_root": Kind(_symlink_outside, {"link_out.png": "outside_root"}, check=_check_secret_absent),
+    "symlink_outside_root": Kind(_symlink_outside, {"link_out.png": "outside_root",
+                                                    "linked_dir": "outside_root"},  # a linked folder
+                                 check=_check_secret_absent),
     "cyclic_symlinks": Kind(_cyclic_links, {"self.png": "missing_file", "ping.png": "missing_file",
                                             "pong.png": "missing_file"}),
     "deeply_nested_symlink_chain": Kind(_deep_link_chain, {"long59.png": "missing_file", **{
@@ -484,6 +486,117 @@ KINDS.update({
     "symlink_into_another_label_folder": Kind(_link_across_labels, {"normal/l.png": "link_across_labels"},
                                               added=1, check=_check_link_across_labels),
 })
+
+# ---- round three: quarantine (table rows; issue 23 items 2 and 7)
+
+
+def _linked_label_folder_outside(ctx: Ctx) -> None:
+    """A whole label folder that is a link to a folder outside the source root."""
+    put(ctx.outside / "films" / "x.png", png_bytes(110))
+    (ctx.src / "covid").symlink_to(ctx.outside / "films", target_is_directory=True)
+    ctx.never_read.append(ctx.outside / "films" / "x.png")
+
+
+def _check_linked_label_folder(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (rej,) = rows(settings, Rejection)
+    assert rej.path.endswith("/covid") and "folder outside the source folder" in rej.detail
+    assert rej.sha256 is None and rej.quarantine_path is None  # nothing under it listed, read or copied
+    assert sha(png_bytes(110)) not in {i.sha256 for i in rows(settings, Image)}
+
+
+def _same_bytes_two_patients(ctx: Ctx) -> None:
+    """One film under two patient ids (XRAY_PATIENT_REGEX reads person7 and person8 from the names)."""
+    data = put(ctx.src / "normal" / "person7_a.png", png_bytes(111))
+    put(ctx.src / "normal" / "person8_b.png", data)
+    put(ctx.src / "normal" / "person7_c.png", data)  # the same patient again: a plain duplicate
+
+
+def _check_same_bytes_two_patients(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (img,) = [i for i in rows(settings, Image) if i.sha256 == sha(png_bytes(111))]
+    assert img.patient_id == "person7" and summary.duplicates == 1
+    (rej,) = rows(settings, Rejection)
+    assert "patient person8" in rej.detail and "patient person7" in rej.detail
+    assert rej.quarantine_path is None and "Not copied to quarantine" in rej.detail
+    assert not any((settings.home / "quarantine").rglob("*.png"))
+
+
+def _dicom_twice(ctx: Ctx) -> None:
+    data = dicom_bytes("Doe^John-12345", patient_name="Doe^John", Modality="CT")
+    put(ctx.src / "normal" / "a.dcm", data)
+    put(ctx.src / "normal" / "sub" / "b.dcm", data)
+
+
+def _check_dicom_twice(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    a, b = rows(settings, Rejection)
+    assert a.quarantine_path == b.quarantine_path  # one copy for both rows
+    copy = (settings.home / a.quarantine_path).read_bytes()
+    assert a.quarantine_path == f"quarantine/{sha(copy)[:2]}/{sha(copy)}.dcm"  # named by what was written
+    assert sha(copy) != a.sha256 and b"Doe^John" not in copy  # the de-identified copy, not the original
+    assert pydicom.dcmread(io.BytesIO(copy)).PatientIdentityRemoved == "YES"
+    files = [p for p in (settings.home / "quarantine").rglob("*") if p.is_file()]
+    assert files == [settings.home / a.quarantine_path]
+    assert summary.quarantine["copies_written"] == 1 and summary.quarantine["rows_sharing_a_copy"] == 1
+
+
+def _same_bad_bytes_three_times(ctx: Ctx) -> None:
+    for name in ("normal/x.png", "normal/y.png", "normal/sub/z.png"):
+        put(ctx.src / name, b"the same broken bytes")
+
+
+def _check_one_shared_copy(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (key,) = {r.quarantine_path for r in rows(settings, Rejection)}
+    assert key == f"quarantine/{sha(b'the same broken bytes')[:2]}/{sha(b'the same broken bytes')}"
+    assert [p for p in (settings.home / "quarantine").rglob("*") if p.is_file()] == [settings.home / key]
+    assert {r.path.rsplit("/", 1)[1] for r in rows(settings, Rejection)} == {"x.png", "y.png", "z.png"}
+
+
+def _two_bad_files(ctx: Ctx) -> None:
+    put(ctx.src / "normal" / "a_small.png", b"not an image" * 10)  # 120 bytes: fits the cap below
+    put(ctx.src / "normal" / "b_large.png", b"not an image" * 1000)  # 12,000 bytes: does not
+
+
+def _check_cap(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    from xray_core.report.terminal import render_ingest
+
+    small, large = sorted(rows(settings, Rejection), key=lambda r: r.path)
+    assert (settings.home / small.quarantine_path).read_bytes() == b"not an image" * 10
+    assert large.quarantine_path is None and "XRAY_QUARANTINE_MAX_BYTES=1,000" in large.detail
+    assert large.sha256 == sha(b"not an image" * 1000)  # the row is whole: only the copy is missing
+    q = summary.quarantine
+    assert (q["copies_written"], q["copies_skipped"]) == (1, 1)
+    assert "XRAY_QUARANTINE_MAX_BYTES" in q["skipped_because"]
+    assert ("1 copies skipped: each would take quarantine/ (120 bytes) past XRAY_QUARANTINE_MAX_BYTES=1,000"
+            in render_ingest(summary.as_dict()))
+    assert json.loads(json.dumps(summary.as_dict()))["quarantine"]["copies_skipped"] == 1
+
+
+def _check_cap_zero(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    assert all(r.quarantine_path is None and "not copied to quarantine" in r.detail
+               for r in rows(settings, Rejection))
+    assert not (settings.home / "quarantine").exists() or not any(
+        p.is_file() for p in (settings.home / "quarantine").rglob("*"))
+    assert summary.quarantine["copies_skipped"] == 2
+
+
+KINDS.update({
+    "linked_label_folder_outside_root": Kind(_linked_label_folder_outside, {"covid": "outside_root"},
+                                             check=_check_linked_label_folder),
+    "same_bytes_under_another_patient_id": Kind(_same_bytes_two_patients,
+                                                {"person8_b.png": "duplicate_other_patient"}, added=1,
+                                                check=_check_same_bytes_two_patients),
+    "identical_bad_files_share_one_copy": Kind(
+        _same_bad_bytes_three_times, {name: "not_an_image" for name in ("x.png", "y.png", "z.png")},
+        check=_check_one_shared_copy),
+    "dicom_quarantined_twice": Kind(_dicom_twice, {"a.dcm": "wrong_modality", "b.dcm": "wrong_modality"},
+                                    check=_check_dicom_twice),
+    "quarantine_at_its_cap": Kind(
+        _two_bad_files, {"a_small.png": "not_an_image", "b_large.png": "not_an_image"},
+        env={"XRAY_QUARANTINE_MAX_BYTES": "1000"}, check=_check_cap),
+    "quarantine_cap_zero_copies_nothing": Kind(
+        _two_bad_files, {"a_small.png": "not_an_image", "b_large.png": "not_an_image"},
+        env={"XRAY_QUARANTINE_MAX_BYTES": "0"}, check=_check_cap_zero),
+})
+
 
 
 
@@ -1358,6 +1471,154 @@ def doctor_moves_no_orphan_while_an_ingest_runs(xray_env, tmp_path, capsys) -> N
     code, report = _doctor(capsys, "--repair")
     assert code == 1 and _open_codes(report) == {"store_orphan"} and orphan.exists()
     assert any("ingest is running" in note for note in report["notes"])
+
+
+# ---- round three: quarantine (issue 23 items 2 and 7)
+
+
+def _one_film_many_rows(root: Path, n_rows: int) -> tuple[bytes, Path]:
+    """One film and a manifest naming it ``n_rows`` times with alternating labels (every second row a
+    label_conflict), as the hostile pass's million-row export did."""
+    film = put(root / "img" / "film.png", png_bytes(120))
+    labels = ("normal", "pneumonia")
+    return film, write_manifest(root, [["img/film.png", labels[i % 2]] for i in range(n_rows)])
+
+
+def _quarantine_files(settings: Settings) -> list[Path]:
+    folder = settings.home / "quarantine"
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@attack
+def ten_thousand_conflicting_rows_to_one_file_add_one_quarantine_copy(settings, tmp_path) -> None:
+    film, manifest = _one_film_many_rows(tmp_path / "batch", 10_000)
+    summary = ingest_source(tmp_path / "batch", manifest=manifest, settings=settings)
+    assert (summary.added, summary.duplicates) == (1, 4_999)
+    assert summary.rejected_by_reason == {"label_conflict": 5_000}
+    (copy,) = _quarantine_files(settings)
+    assert copy.read_bytes() == film and copy.name == f"{sha(film)}.png"
+    assert {r.quarantine_path for r in rows(settings, Rejection)} == {str(copy.relative_to(settings.home))}
+    q = summary.quarantine
+    assert (q["copies_written"], q["bytes_written"], q["rows_sharing_a_copy"]) == (1, len(film), 4_999)
+    # The next export of the same rows (a touched manifest, new row paths) still adds no copy.
+    again = write_manifest(tmp_path / "batch2", [["film.png", "pneumonia"]] * 3)
+    put(tmp_path / "batch2" / "film.png", film)
+    second = ingest_source(tmp_path / "batch2", manifest=again, settings=settings)
+    assert second.rejected_by_reason == {"label_conflict": 3} and second.quarantine["copies_written"] == 0
+    assert _quarantine_files(settings) == [copy]
+
+
+@attack
+def conflicting_rows_at_the_quarantine_cap_are_rows_without_copies(xray_env, tmp_path, capsys,
+                                                                    monkeypatch) -> None:
+    monkeypatch.setenv("XRAY_QUARANTINE_MAX_BYTES", "1000")  # below the film's size
+    film, manifest = _one_film_many_rows(tmp_path / "batch", 200)
+    code = main(["ingest", str(tmp_path / "batch"), "--manifest", str(manifest), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["rejected_by_reason"] == {"label_conflict": 100}
+    assert out["quarantine"]["copies_skipped"] == 100 and out["quarantine"]["copies_written"] == 0
+    assert "past XRAY_QUARANTINE_MAX_BYTES=1,000" in out["quarantine"]["skipped_because"]
+    settings = load_settings()
+    rejections = rows(settings, Rejection)
+    assert len(rejections) == 100
+    assert all(r.quarantine_path is None and r.sha256 == sha(film) for r in rejections)
+    assert all("XRAY_QUARANTINE_MAX_BYTES" in r.detail for r in rejections)
+    assert _quarantine_files(settings) == []
+
+
+@attack
+def quarantine_cap_counts_older_copies_and_leaves_their_names(settings, tmp_path) -> None:
+    """A quarantine written by an older version (``<sha16>-<random>-<name>`` files, rows naming them):
+    nothing is renamed or lost, and its bytes count towards the cap."""
+    from db import session_scope
+    from xray_core.data.catalogue import open_catalogue
+
+    old = settings.home / "quarantine" / "0123456789abcdef-1a2b3c4d-old.png"
+    put(old, b"old quarantined bytes" * 40)  # 840 bytes
+    with session_scope(open_catalogue(settings)) as s:
+        s.add(Source(kind="folder", path="/old", status="done"))
+        s.flush()
+        s.add(Rejection(source_id=1, path="/old/normal/old.png", reason="not_an_image", detail="old row",
+                        quarantine_path="quarantine/0123456789abcdef-1a2b3c4d-old.png"))
+    capped = settings.with_overrides(quarantine_max_bytes=1000)
+    put(tmp_path / "src" / "normal" / "a.png", b"x" * 100)  # fits beside the old copy
+    put(tmp_path / "src" / "normal" / "b.png", b"y" * 100)  # would pass 1,000 bytes
+    summary = ingest_source(tmp_path / "src", settings=capped)
+    assert summary.quarantine["copies_written"] == 1 and summary.quarantine["copies_skipped"] == 1
+    by_path = {r.path: r for r in rows(settings, Rejection)}
+    assert by_path["/old/normal/old.png"].quarantine_path == "quarantine/0123456789abcdef-1a2b3c4d-old.png"
+    assert old.read_bytes() == b"old quarantined bytes" * 40
+    a = next(r for p, r in by_path.items() if p.endswith("a.png"))
+    b = next(r for p, r in by_path.items() if p.endswith("b.png"))
+    # Named by the bytes' sha256; no suffix, as no image format was recognised.
+    assert a.quarantine_path == f"quarantine/{sha(b'x' * 100)[:2]}/{sha(b'x' * 100)}"
+    assert b.quarantine_path is None and "quarantine/ (940 bytes)" in b.detail  # 840 old + 100 new
+
+
+@attack
+def damaged_quarantine_copy_is_replaced_not_shared(settings, tmp_path) -> None:
+    bad = put(tmp_path / "src" / "normal" / "a.png", b"not an image at all")
+    key = f"quarantine/{sha(bad)[:2]}/{sha(bad)}"
+    put(settings.home / key, b"not an image at aXX")  # same name and size, other bytes
+    ingest_source(tmp_path / "src", settings=settings)
+    (rej,) = rows(settings, Rejection)
+    assert rej.quarantine_path == key and (settings.home / key).read_bytes() == bad
+
+
+@attack
+def exact_copy_under_another_manifest_patient_is_recorded_and_counted(xray_env, tmp_path, capsys,
+                                                                       monkeypatch) -> None:
+    """Known bytes (catalogued by an earlier ingest, so not decoded again) under another manifest
+    patient: a row naming both, counted by status; the same patient again stays a duplicate. Both in
+    this process and through the worker pool (which decodes, then learns the bytes are known)."""
+    from xray_core.report.status import status_report
+
+    film = put(tmp_path / "first" / "img" / "f.png", png_bytes(121))
+    header = ("file", "label", "patient_id")
+    ingest_source(tmp_path / "first", settings=load_settings(),
+                  manifest=write_manifest(tmp_path / "first", [["img/f.png", "normal", "P1"]], header))
+    for workers in ("1", "2"):
+        monkeypatch.setenv("XRAY_INGEST_WORKERS", workers)
+        root = tmp_path / f"again{workers}"
+        put(root / "img" / "f.png", film)
+        manifest = write_manifest(root, [["img/f.png", "normal", "P1"],
+                                         ["img/f.png", "normal", f"P{workers}9"]], header)
+        summary = ingest_source(root, manifest=manifest, settings=load_settings())
+        assert summary.duplicates == 1, workers
+        assert summary.rejected_by_reason == {"duplicate_other_patient": 1}, workers
+    settings = load_settings()
+    assert [i.patient_id for i in rows(settings, Image)] == ["P1"]
+    details = sorted(r.detail for r in rows(settings, Rejection))
+    assert len(details) == 2 and all("(patient P1)" in d for d in details)
+    assert "(patient P19)" in details[0] and "(patient P29)" in details[1]
+    assert all(r.quarantine_path is None for r in rows(settings, Rejection))
+    catalogue = status_report(settings)["catalogue"]
+    assert catalogue["rejections"]["by_reason"] == {"duplicate_other_patient": 2}
+    assert any("duplicate_other_patient" in note for note in catalogue["notes"])
+    code, _ = _cli(capsys, "status")
+    assert code == 0
+
+
+@attack
+def exact_copy_of_a_dicom_film_never_shows_its_raw_patient_id(xray_env, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XRAY_NEAR_COPY_DISTANCE", "-1")
+    settings = load_settings()
+    data = put(tmp_path / "first" / "normal" / "scan.dcm",
+               dicom_bytes("Doe^John-12345", patient_name="Doe^John"))
+    ingest_source(tmp_path / "first", settings=settings)
+    root = tmp_path / "again"
+    put(root / "img" / "scan.dcm", data)
+    put(root / "img" / "scan-same.dcm", data)
+    manifest = write_manifest(root, [["img/scan.dcm", "normal", "P7"], ["img/scan-same.dcm", "normal", ""]],
+                              ("file", "label", "patient_id"))
+    summary = ingest_source(root, manifest=manifest, settings=settings)
+    # The manifest names P7: another patient than the stored film's (its salted DICOM id); with no
+    # manifest id, the file's own PatientID is the stored film's: a plain duplicate.
+    assert (summary.duplicates, summary.rejected_by_reason) == (1, {"duplicate_other_patient": 1})
+    (rej,) = rows(settings, Rejection)
+    (img,) = rows(settings, Image)
+    assert f"(patient {img.patient_id})" in rej.detail and img.patient_id.startswith("dcm-")
+    assert "Doe^John" not in rej.detail and "12345" not in rej.detail
 
 
 def test_round_two_covers_at_least_60_kinds() -> None:

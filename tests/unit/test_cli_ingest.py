@@ -20,7 +20,7 @@ from xray_core.data.synthetic import write_dataset
 INGEST_KEYS = {
     "source_id", "source", "manifest", "files", "added", "duplicates", "skipped_unchanged", "rejected",
     "rejected_by_reason", "added_by_label", "new_patients", "patients_without_id", "split_assignments",
-    "near_copies_linked",
+    "near_copies_linked", "quarantine",
     "seconds",
 }
 

@@ -407,11 +407,13 @@ def test_symlink_outside_the_root_is_rejected_and_not_followed(settings: Setting
 
     summary = ingest_source(src, settings=settings)
 
-    assert summary.files == 3  # the linked folder is not descended
-    assert (summary.added, summary.duplicates, summary.rejected_by_reason) == (1, 1, {"outside_root": 1})
-    (rej,) = fetch(settings, Rejection)
-    assert Path(rej.path).name == "link_out.png" and "outside" in rej.detail
-    assert rej.sha256 is None and rej.quarantine_path is None  # never read, never copied
+    assert summary.files == 4  # the linked folder is one row, not descended
+    assert (summary.added, summary.duplicates, summary.rejected_by_reason) == (1, 1, {"outside_root": 2})
+    rejections = {Path(r.path).name: r for r in fetch(settings, Rejection)}
+    assert set(rejections) == {"link_out.png", "linked_dir"}
+    assert "outside" in rejections["link_out.png"].detail and "folder" in rejections["linked_dir"].detail
+    for rej in rejections.values():
+        assert rej.sha256 is None and rej.quarantine_path is None  # never read, never copied
     assert {img.sha256 for img in fetch(settings, Image)} == {sha(kept)}
     store_and_quarantine = [p.read_bytes() for p in settings.home.rglob("*") if p.is_file()
                             and ("store" in p.parts or "quarantine" in p.parts)]
@@ -513,7 +515,9 @@ def test_ingesting_the_same_source_twice_adds_nothing(settings: Settings, tmp_pa
         "source_id": 0, "source": str(src), "manifest": None, "files": 11, "added": 0, "duplicates": 0,
         "skipped_unchanged": 11, "rejected": 0, "rejected_by_reason": {}, "added_by_label": {},
         "new_patients": 0, "patients_without_id": 0,
-        "split_assignments": {"train": 0, "val": 0, "test": 0}, "near_copies_linked": [], "seconds": 0}
+        "split_assignments": {"train": 0, "val": 0, "test": 0}, "near_copies_linked": [], "seconds": 0,
+        "quarantine": {"copies_written": 0, "bytes_written": 0, "rows_sharing_a_copy": 0, "copies_skipped": 0,
+                       "skipped_because": None, "max_bytes": settings.quarantine_max_bytes}}
     after = snapshot(settings)
     for table in ("images", "patients", "rejections"):
         assert after["tables"][table] == before["tables"][table]

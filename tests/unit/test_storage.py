@@ -67,6 +67,15 @@ def test_list_folders_delete(storage: Storage) -> None:
     assert storage.list("features") == [] and storage.list("models") == ["models/1/card.json"]
 
 
+def test_total_size_is_every_file_below_a_prefix(storage: Storage) -> None:
+    """What the quarantine cap is seeded from (one listing per ingest, not one request per file)."""
+    assert storage.total_size("quarantine") == 0  # no folder yet
+    storage.write_bytes("quarantine/ab/x.png", b"12345")
+    storage.write_bytes("quarantine/old-name.png", b"123")
+    storage.write_bytes("store/ab/y.png", b"not counted")
+    assert storage.total_size("quarantine") == 8
+
+
 def test_copy_and_rename_prefix(storage: Storage) -> None:
     storage.write_bytes("store/ab/x.png", b"original")
     storage.copy("store/ab/x.png", "quarantine/x.png")

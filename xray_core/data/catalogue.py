@@ -240,6 +240,10 @@ def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None
             "PatientID or XRAY_PATIENT_REGEX match): each counts as its own patient, so images of one "
             "real patient could sit in different splits."
         )
+    if rejections.get("duplicate_other_patient"):
+        notes.append(f"{rejections['duplicate_other_patient']} file(s) were exact copies of a film "
+                     "catalogued under another patient (duplicate_other_patient): each film stays under its "
+                     "first patient; the rejection rows name both patients.")
     if near_total:
         notes.append(f"{near_total} near-duplicate image pair(s) sit in different splits (see near_duplicates).")
     if at_cap:

@@ -33,7 +33,7 @@ from xray_core.errors import SettingsError, SourceError
 from xray_core.io.fsutil import printable
 from xray_core.settings import Settings
 from xray_core.data.admission import NearCopyIndex, SiteRule, admit, record_near_pairs
-from xray_core.data.quarantine import quarantine_copy
+from xray_core.data.quarantine import Quarantine
 from xray_core.data.scan import Candidate, scan_folder, scan_manifest, validate_manifest
 from xray_core.data.sources import close_interrupted_ingests, ingest_owner
 from xray_core.data.split import assign_splits
@@ -44,6 +44,9 @@ GROUP_SIZE = 32  # files prepared outside a transaction, then written in one sho
 # so the next ingest tries again even though size and mtime are unchanged (chmod leaves mtime alone).
 # A folder that cannot be listed and a file that changed while read are retried for the same reason.
 TRANSIENT_REASONS = {"unreadable_file", "unreadable_path", "file_changing"}
+# Rejections whose bytes are already kept elsewhere: an exact copy of another patient's film is the
+# stored film itself, so quarantine would only hold a second copy of the same bytes.
+NO_COPY_REASONS = {"duplicate_other_patient"}
 
 Progress = Callable[[int, int], None]
 
@@ -64,6 +67,8 @@ class IngestSummary:
     patients_without_id: int = 0
     split_assignments: dict[str, int] = field(default_factory=dict)
     near_copies_linked: list[dict] = field(default_factory=list)  # near copies stored and reported
+    # copies written, rows sharing one, copies skipped at the cap and why (Quarantine.summary)
+    quarantine: dict = field(default_factory=dict)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -143,6 +148,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         admission = (NearCopyIndex.load(s, radius=radius), SiteRule.for_source(site, str(manifest or path)))
 
     summary = IngestSummary(source_id, printable(str(path)), printable(str(manifest)) if manifest else None)
+    quarantine = Quarantine.for_ingest(settings)
     def known_sha(sha: str) -> str | None:
         with session_scope(engine) as s:
             return s.scalar(select(Image.label).where(Image.sha256 == sha))
@@ -164,7 +170,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             if item is not None:  # None: skipped as unchanged
                 group.append(item)
             if len(group) >= GROUP_SIZE:
-                _write_group(engine, settings, source_id, group, summary, rules, admission)
+                _write_group(engine, settings, source_id, group, summary, rules, admission, quarantine)
                 group = []
             done += 1
             if progress:
@@ -195,7 +201,8 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             while len(pool):
                 take_one()
         if group:
-            _write_group(engine, settings, source_id, group, summary, rules, admission)
+            _write_group(engine, settings, source_id, group, summary, rules, admission, quarantine)
+        summary.quarantine = quarantine.summary()
         crash_point("ingest.before_splits")
         with session_scope(engine) as s:
             summary.split_assignments = assign_splits(s, ratios=settings.split_ratios, seed=settings.split_seed)
@@ -207,6 +214,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             src = s.get(Source, source_id)
             if src is not None:
                 src.status, src.finished_at = "failed", datetime.now(timezone.utc)
+                summary.quarantine = quarantine.summary()
                 src.counts = summary.as_dict()
         raise
     return summary
@@ -217,10 +225,41 @@ def _like_prefix(root: Path) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def _claimed_patient(prep: Prepared) -> str | None:
+    """The patient id the row itself names (a manifest cell, or XRAY_PATIENT_REGEX on a non-DICOM
+    file name), or None. A DICOM's own PatientID is not a claim: the same bytes carry the same one."""
+    named = prep.id_source == "manifest"
+    if named or (prep.id_source == "filename" and (prep.meta or {}).get("format") != "dicom"):
+        return prep.patient_id
+    return None
+
+
+def _duplicate_of_another_patient(s, prep: Prepared,  # noqa: ANN001
+                                  existing: Image) -> tuple[str, str] | None:
+    """``duplicate_other_patient`` when the row names a patient other than the stored film's, else None.
+
+    The film stays catalogued once, under its first patient: which one is right is for a person to
+    decide, and the row names both. A stored film whose patient is only the image itself (no id
+    anywhere) is not contradicted, as for near copies (:mod:`xray_core.data.admission`)."""
+    claimed = _claimed_patient(prep)
+    if claimed is None or claimed == existing.patient_id:
+        return None
+    first = s.get(Patient, existing.patient_id)  # one query per group at most: the session caches it
+    if first is None or first.id_source == "image":
+        return None
+    first_id = existing.patient_id  # as the catalogue stores it: a DICOM PatientID only salted
+    return ("duplicate_other_patient",
+            f"{prep.cand.rel} (patient {claimed}) is byte for byte image {existing.id} "
+            f"{existing.original_name} (patient {first_id}); the film stays catalogued once, under "
+            f"patient {first_id}. Not copied to quarantine: the stored film ({existing.stored_path}) is "
+            "the same bytes")
+
+
 def _write_group(engine, settings: Settings, source_id: int, group: list[Prepared],  # noqa: ANN001
-                 summary: IngestSummary, rules: str, admission: tuple[NearCopyIndex, SiteRule]) -> None:
+                 summary: IngestSummary, rules: str, admission: tuple[NearCopyIndex, SiteRule],
+                 quarantine: Quarantine) -> None:
     """One write transaction for a group of prepared files; sha256 re-checked under the lock."""
-    quarantined: dict[int, str | None] = {}
+    quarantined: dict[int, tuple[str | None, str | None]] = {}
     with session_scope(engine) as s:
         admission[0].refresh(s)  # films another ingest catalogued meanwhile (this transaction holds the lock)
         for i, prep in enumerate(group):
@@ -228,12 +267,13 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
             if reject is None and prep.sha256:
                 existing = s.scalar(select(Image).where(Image.sha256 == prep.sha256))
                 if existing is not None:
-                    if existing.label == prep.label:
-                        outcome = "duplicate"
-                    else:
+                    if existing.label != prep.label:
                         reject = ("label_conflict",
                                   f"the same bytes are already catalogued as {existing.label!r} "
                                   f"(image {existing.id}); this file says {prep.label!r}")
+                    else:
+                        reject = _duplicate_of_another_patient(s, prep, existing)
+                        outcome = "duplicate" if reject is None else outcome
                 elif prep.meta is None:
                     # Known when prepared but gone now (cannot happen: images are never deleted).
                     reject = ("internal", "image vanished from the catalogue during ingest")
@@ -261,10 +301,13 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                     outcome = "added"
             if reject is not None:
                 if i not in quarantined:
-                    quarantined[i] = quarantine_copy(settings, name=prep.cand.path.name, sha256=prep.sha256,
-                                                     data=prep.data, stored_rel=prep.stored_rel, reason=reject[0])
+                    quarantined[i] = (None, None) if reject[0] in NO_COPY_REASONS else quarantine.copy(
+                        sha256=prep.sha256, data=prep.data, stored_rel=prep.stored_rel, reason=reject[0],
+                        stored_sha256=(prep.meta or {}).get("stored_sha256"))
+                copied, skipped = quarantined[i]
+                detail = reject[1] if skipped is None else f"{reject[1]}; {skipped}"
                 s.add(Rejection(source_id=source_id, path=prep.cand.key, sha256=prep.sha256,
-                                reason=reject[0], detail=printable(reject[1]), quarantine_path=quarantined[i]))
+                                reason=reject[0], detail=printable(detail), quarantine_path=copied))
             if reject is None or reject[0] not in TRANSIENT_REASONS:
                 # size -1 / mtime -1: missing; skipped next time unless the file has appeared.
                 context = prep.cand.context_key if reject is None else f"{prep.cand.context_key}|{rules}"

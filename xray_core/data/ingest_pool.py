@@ -91,6 +91,22 @@ def patient_from_filename(name: str, regex: re.Pattern[str] | None) -> str | Non
     return match.group(1) if match.groups() else match.group(0)
 
 
+def given_patient(cand: Candidate, data: bytes | None,
+                  regex: re.Pattern[str] | None) -> tuple[str | None, str | None]:
+    """(patient id, id source) that a known file's row itself names, without decoding it: the
+    manifest's cell, else XRAY_PATIENT_REGEX on the name of a non-DICOM file (a DICOM's own
+    PatientID is the stored copy's: the bytes are the same). The writer compares it with the stored
+    film's patient (``duplicate_other_patient`` in :mod:`xray_core.data.ingest`)."""
+    from xray_core.data.images import sniff_format
+
+    if cand.patient_id:
+        return cand.patient_id, "manifest"
+    if data is None or sniff_format(data) == "dicom":
+        return None, None
+    pid = patient_from_filename(cand.path.name, regex)
+    return (pid, "filename") if pid is not None else (None, None)
+
+
 def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.Pattern[str] | None,
             known_sha: Callable[[str], str | None] | None = None) -> Prepared:
     """Read, hash, check and decode one file; no catalogue or store access (safe in a worker).
@@ -133,8 +149,10 @@ def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.P
     if known_sha is not None:
         prep.known_checked = True
         if known_sha(prep.sha256) is not None:
-            # Already catalogued: no need to decode again; the transaction decides duplicate vs conflict.
+            # Already catalogued: no need to decode again; the transaction decides duplicate vs conflict
+            # (or another patient's copy).
             prep.data = data
+            prep.patient_id, prep.id_source = given_patient(cand, data, regex)
             return prep
     try:
         decoded = decode_image(data, min_side=settings.min_image_side, max_pixels=settings.max_pixels,
@@ -174,12 +192,14 @@ def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.P
     return prep
 
 
-def settle(prep: Prepared, settings: Settings, known_sha: Callable[[str], str | None]) -> Prepared:
+def settle(prep: Prepared, settings: Settings, known_sha: Callable[[str], str | None],
+           regex: re.Pattern[str] | None = None) -> Prepared:
     """Writer side: the catalogue check a worker could not make, then the store copy of a good file."""
     if not prep.known_checked and prep.sha256 and prep.label is not None and known_sha(prep.sha256) is not None:
         # As if examined in-process: a known file is not decoded, so nothing the decode said counts.
+        pid, id_source = given_patient(prep.cand, prep.data, regex)
         return Prepared(prep.cand, prep.size, prep.mtime_ns, sha256=prep.sha256, label=prep.label,
-                        data=prep.data, known_checked=True)
+                        data=prep.data, known_checked=True, patient_id=pid, id_source=id_source)
     if prep.meta is not None and prep.payload is not None:
         store = get_storage(settings)
         if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(prep.payload)):
@@ -255,7 +275,7 @@ class PreparePool:
                     raise _worker_died() from None
             else:
                 item = settle(examine(cand, st, self.settings, self.regex, self.known_sha), self.settings,
-                              self.known_sha)
+                              self.known_sha, self.regex)
         self._queue.append(item)
 
     def ready(self) -> bool:
@@ -271,7 +291,7 @@ class PreparePool:
                 prep = item.result()
             except BrokenProcessPool:
                 raise _worker_died() from None
-            return settle(prep, self.settings, self.known_sha)
+            return settle(prep, self.settings, self.known_sha, self.regex)
         return item
 
 

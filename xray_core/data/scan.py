@@ -103,6 +103,33 @@ def _link_problem(link: Path, real_root: Path, label: str | None = None) -> tupl
     return None
 
 
+def _is_link(path: Path) -> bool:
+    """``is_symlink`` that says False where the OS cannot even look (a path over PATH_MAX): os.walk
+    reports such a folder itself, as ``unreadable_path``."""
+    try:
+        return path.is_symlink()
+    except OSError:
+        return False
+
+
+def _linked_folder_problem(link: Path, real_root: Path) -> tuple[str, str] | None:
+    """``outside_root`` for a linked folder whose target is outside the root, else None.
+
+    Linked folders are never descended (they could be cyclic or lead anywhere). One that points
+    inside the root loses nothing: the walk reads its files where they really are. One that points
+    outside used to vanish from the batch with no row; it is now one row, as a linked file outside
+    the root is, and nothing under it is listed or read."""
+    try:
+        target = link.resolve()
+    except (RuntimeError, OSError):  # a loop: os.walk lists it as a file, so this is not reached
+        return None
+    if _inside(target, real_root):
+        return None
+    return ("outside_root", "symbolic link to a folder outside the source folder "
+                            f"({printable(str(target))}); nothing in it was read. Copy the folder into the "
+                            "source instead")
+
+
 def walk_error_problem(exc: OSError, root: Path) -> tuple[Path, tuple[str, str]]:
     """Where a folder walk failed and the ``unreadable_path`` problem to record for it.
 
@@ -120,13 +147,21 @@ def scan_folder(root: Path) -> Iterator[Candidate]:
     """Files under ``root/<label>/``; hidden files and folders skipped; links never followed out.
 
     A link to a file is used only when it resolves inside ``root`` (else an ``outside_root``
-    rejection); linked folders are not descended (they could be cyclic or lead anywhere).
+    rejection); linked folders are not descended (they could be cyclic or lead anywhere), and one
+    that leads outside ``root`` is an ``outside_root`` rejection of its own (a linked label folder
+    included), so nothing is dropped without a row.
     """
     real_root = root.resolve()
     errors: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         here = Path(dirpath)
+        for name in dirnames:  # os.walk lists linked folders here but does not descend them
+            folder = here / name
+            if _is_link(folder) and (problem := _linked_folder_problem(folder, real_root)) is not None:
+                rel_parts = folder.relative_to(root).parts
+                yield Candidate(folder, printable("/".join(rel_parts)), printable(rel_parts[0]),
+                                problem=problem)
         for name in sorted(filenames):
             if is_hidden(name):
                 continue

@@ -79,6 +79,11 @@ class Storage:
         """Sorted names of the immediate sub-folders of ``prefix``."""
         raise NotImplementedError
 
+    def total_size(self, prefix: str) -> int:
+        """Bytes of every file below ``prefix`` (0 when there is none), in one listing: callers that
+        need a folder's size keep a running total from this rather than asking per file."""
+        return sum(self.size(key) for key in self.list(prefix))
+
     def copy(self, src: str, dst: str) -> None:
         """Copy the file ``src`` to ``dst`` atomically."""
         self.write_bytes(dst, self.read_bytes(src))
@@ -146,6 +151,14 @@ class LocalStorage(Storage):
         if not base.is_dir():
             return []
         return sorted(p.name for p in base.iterdir() if p.is_dir())
+
+    def total_size(self, prefix: str) -> int:
+        total = 0
+        for dirpath, _, filenames in os.walk(self._p(prefix)):  # no folder: nothing to walk, 0
+            for name in filenames:
+                with contextlib.suppress(OSError):  # removed meanwhile
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+        return total
 
     def copy(self, src: str, dst: str) -> None:
         atomic_copy(self._p(src), self._p(dst))  # streamed: memory stays bounded
@@ -234,6 +247,13 @@ class FsspecStorage(Storage):
         except FileNotFoundError:
             return []
         return sorted(e["name"].rstrip("/").rpartition("/")[2] for e in entries if e.get("type") == "directory")
+
+    def total_size(self, prefix: str) -> int:
+        try:
+            # One listing with sizes, not a request per file.
+            return int(self.fs.du(self._p(prefix), total=True))
+        except FileNotFoundError:
+            return 0
 
     def rename_prefix(self, src: str, dst: str) -> None:
         keys = self.list(src)

@@ -276,7 +276,8 @@ REPEATABLE_DECISIONS = ("keep", "blocked", "insufficient_evidence")
 # Settings that change where and how fast work runs, not the features, weights or decision.
 EXECUTION_SETTINGS = frozenset({"home", "database_url", "incoming_dir", "storage_url", "store_dir", "features_dir",
                                 "models_dir", "reports_dir", "quarantine_dir", "file_mode", "ingest_workers",
-                                "embed_workers", "embed_dask_workers", "dask_address", "embed_precision"})
+                                "embed_workers", "embed_dask_workers", "dask_address", "embed_precision",
+                                "quarantine_max_bytes"})
 
 
 def nothing_new_since_last_decision(settings: Settings, data: SplitData) -> str | None:

@@ -21,6 +21,12 @@ def render_ingest(s: dict[str, Any]) -> str:
         out.append("  added by label: " + ", ".join(f"{k} {v}" for k, v in sorted(s["added_by_label"].items())))
     if s["rejected_by_reason"]:
         out.append("  rejected by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())))
+    q = s.get("quarantine") or {}  # absent in summaries stored before content-addressed quarantine
+    if q.get("copies_written") or q.get("rows_sharing_a_copy"):
+        out.append(f"  quarantine: {q['copies_written']} new copies ({q['bytes_written']:,} bytes); "
+                   f"{q['rows_sharing_a_copy']} row(s) point at a copy already there")
+    if q.get("copies_skipped"):
+        out.append(f"  quarantine: {q['copies_skipped']} copies skipped: {q['skipped_because']}")
     out.append(f"  new patients {s['new_patients']}; new splits: "
                + ", ".join(f"{k} {v}" for k, v in s["split_assignments"].items()))
     if s["patients_without_id"]:
