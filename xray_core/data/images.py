@@ -5,12 +5,13 @@ Every file the system ingests passes :func:`decode_image`; a file it cannot use 
 and a ``detail`` sentence saying what was found and what is allowed:
 
 ``empty_file`` · ``not_an_image`` · ``unsupported_format`` · ``truncated`` · ``decompression_bomb`` ·
-``too_small`` · ``constant_image`` · ``unreadable_dicom`` · ``dicom_no_pixels`` · ``wrong_modality`` ·
+``too_small`` · ``constant_image`` · ``blank_image`` · ``unreadable_dicom`` · ``dicom_no_pixels`` · ``wrong_modality`` ·
 ``not_chest`` (the DICOM steps and their reasons live in :mod:`xray_core.data.dicom`)
 
 The output is one convention for every format (torchxrayvision's single checked normalisation):
 float32, shape (H, W), 0 = black, 1 = white, EXIF orientation applied; DICOM windowed (VOI LUT,
-window centre/width or a percentile window) with MONOCHROME1 / INVERSE inverted. Global
+window centre/width or a percentile window) with MONOCHROME1 / INVERSE inverted. A JPEG above
+:data:`REDUCED_DECODE_PIXELS` is decoded reduced (``DecodedImage.scale``), to bound memory. Global
 PIL state (``LOAD_TRUNCATED_IMAGES``, ``MAX_IMAGE_PIXELS``) and pydicom's config are never changed:
 other code in the process may rely on them.
 """
@@ -18,13 +19,15 @@ other code in the process may rely on them.
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from xray_core.data import dicom
 from xray_core.data.dicom import DicomFacts, DicomPolicy
@@ -40,6 +43,23 @@ DEFAULT_MAX_PIXELS: int = Settings.max_pixels
 
 # ITU-R BT.601 luma, the weights PIL's own RGB -> L conversion uses, but kept in float.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_BAND_PIXELS = 1 << 20  # pixels leave PIL in bands of about 1 M (12 MB as float32 RGB)
+
+# A JPEG declaring more pixels than this is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling via
+# Image.draft), whichever first fits: decoding memory stays near that of a 25 MP film. Chest films are
+# under 20 MP, so every ordinary film is decoded at full size, to exactly the pixels it always had.
+REDUCED_DECODE_PIXELS: int = 25_000_000
+
+# More than this share of the pixels at one value is a blank film (a detector fault, an empty cassette,
+# a placeholder), not an X-ray. The 162 real films in shared/data peak at 0.074 (a black border).
+BLANK_FRACTION: float = 0.99
+
+_EXIF_ORIENTATION = 0x0112
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+# Adam7 passes as (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_INFLATE_STEP = 1 << 20  # counting a PNG's inflated bytes keeps at most this many at a time
+_PNG_TEXT_LIMIT = PngImagePlugin.MAX_TEXT_CHUNK  # read, never changed (global PIL state)
 
 # What a corrupt or cut-off PNG/JPEG raises inside PIL's decoders (PIL reports broken chunks as
 # SyntaxError, short data as OSError, bad zlib streams as zlib.error, short headers as struct.error).
@@ -65,6 +85,7 @@ class DecodedImage:
     dicom_patient_id: str | None  # raw DICOM PatientID: the caller hashes it; never log or store it
     view: str | None  # DICOM ViewPosition, e.g. "PA"; None for PNG/JPEG or when absent
     dicom: DicomFacts | None = None  # acquisition facts (raw: hash before storing); None for PNG/JPEG
+    scale: int = 1  # 1, or 2/4/8 for a JPEG above REDUCED_DECODE_PIXELS: pixels is width/scale wide
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -141,7 +162,30 @@ def _decode(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy 
             "constant_image",
             f"every pixel has the same value ({image.width}x{image.height}); an X-ray needs contrast",
         )
+    share, value = dominant_share(pixels)
+    if share > BLANK_FRACTION:
+        raise ImageRejected(
+            "blank_image",
+            f"{share:.2%} of the pixels have one value ({value:.3f} on a 0..1 scale); at most "
+            f"{BLANK_FRACTION:.0%} may: a blank or failed exposure is not an X-ray",
+        )
     return image
+
+
+def dominant_share(pixels: np.ndarray, *, blocks: int = 64) -> tuple[float, float]:
+    """(share of the pixels equal to a candidate value, that value), the candidate being the most
+    frequent median of ``blocks`` equal slices of the pixels.
+
+    Whenever one value holds more than 99% of the pixels, the candidate is that value, so the blank
+    test is exact: such a value holds more than half of at least 63 of 64 slices, so it is their
+    median. O(n), without sorting the whole image or a histogram of float values.
+    """
+    flat = np.asarray(pixels).reshape(-1)
+    slices = np.array_split(flat, min(blocks, flat.size))
+    medians = np.array([np.partition(s, len(s) // 2)[len(s) // 2] for s in slices])
+    values, counts = np.unique(medians, return_counts=True)
+    value = values[counts.argmax()]
+    return float(np.count_nonzero(flat == value)) / flat.size, float(value)
 
 
 def _check_size(width: int, height: int, *, min_side: int, max_pixels: int, fmt: str) -> None:
@@ -161,49 +205,167 @@ def _check_size(width: int, height: int, *, min_side: int, max_pixels: int, fmt:
 
 
 def _decode_pil(data: bytes, fmt: str, *, min_side: int, max_pixels: int) -> DecodedImage:
-    try:
-        # formats=: only the plugin the magic bytes named may parse the file.
-        im = Image.open(BytesIO(data), formats=[fmt.upper()])
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # PIL's own guard fires inside open() for sizes above its global limit (2x MAX_IMAGE_PIXELS
-        # is an error; the warning only reaches here if a caller turned warnings into errors).
-        raise ImageRejected(
-            "decompression_bomb",
-            f"the {fmt.upper()} header declares more pixels than PIL's safety limit ({exc}); "
-            f"at most {max_pixels} pixels are allowed (XRAY_MAX_PIXELS)",
-        ) from None
-    except (UnidentifiedImageError, *_PIL_DECODE_ERRORS) as exc:
-        raise ImageRejected(
-            "truncated", f"the {fmt.upper()} header is cut off or corrupt ({exc}); the file cannot be read"
-        ) from None
-    with im:
-        width, height = im.size
-        _check_size(width, height, min_side=min_side, max_pixels=max_pixels, fmt=fmt)
+    # Pillow reports some findings as warnings (DecompressionBombWarning above its own limit, corrupt
+    # EXIF, ...). They are recorded for this call only and dropped instead of reaching stderr: the
+    # decision is XRAY_MAX_PIXELS's and the checks below; a global filter would hide other code's warnings.
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
         try:
-            im.load()  # full decode now: LOAD_TRUNCATED_IMAGES stays False, so short data raises
-            ImageOps.exif_transpose(im, in_place=True)
-            pixels, bit_depth = _pil_to_gray(im)
-        except _PIL_DECODE_ERRORS as exc:
+            # formats=: only the plugin the magic bytes named may parse the file.
+            im = Image.open(BytesIO(data), formats=[fmt.upper()])
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            # PIL's own guard fires inside open() for sizes above twice its global limit.
             raise ImageRejected(
-                "truncated",
-                f"the {fmt.upper()} pixel data is cut off or corrupt ({exc}); re-export the complete file",
+                "decompression_bomb",
+                f"the {fmt.upper()} header declares more pixels than PIL's safety limit ({exc}); "
+                f"at most {max_pixels} pixels are allowed (XRAY_MAX_PIXELS)",
             ) from None
+        except (UnidentifiedImageError, *_PIL_DECODE_ERRORS) as exc:
+            raise _pil_rejection(exc, fmt, "header is cut off or corrupt; the file cannot be read") from None
+        with im:
+            width, height = im.size
+            # Checked before any pixel is decoded or expanded (RGBA, 16-bit): the header alone decides.
+            _check_size(width, height, min_side=min_side, max_pixels=max_pixels, fmt=fmt)
+            try:
+                scale = _draft(im) if fmt == "jpeg" else 1
+                im.load()  # full decode now: LOAD_TRUNCATED_IMAGES stays False, so short data raises
+                if fmt == "png":
+                    _check_png_rows(data, width, height)
+                else:
+                    _check_jpeg_fill(im, scale)
+                if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # a quarter turn swaps the sides
+                    width, height = height, width
+                ImageOps.exif_transpose(im, in_place=True)
+                pixels, bit_depth = _pil_to_gray(im)
+            except _PIL_DECODE_ERRORS as exc:
+                raise _pil_rejection(exc, fmt, "pixel data is cut off or corrupt; re-export the complete file") from None
     return DecodedImage(
         pixels=pixels,
-        width=int(pixels.shape[1]),
-        height=int(pixels.shape[0]),
+        width=width,
+        height=height,
         bit_depth=bit_depth,
         format=fmt,
         dicom_patient_id=None,
         view=None,
+        scale=scale,
     )
 
 
+def _pil_rejection(exc: BaseException, fmt: str, what: str) -> ImageRejected:
+    """The reason for an error PIL raised while parsing or decoding: a text or ICC chunk that inflates
+    past PIL's cap (``ValueError: Decompressed data too large ...``, ``Too much memory used in text
+    chunks``) is a decompression bomb, not a cut-off file; anything else is ``truncated``."""
+    message = str(exc)
+    if isinstance(exc, ValueError) and ("too large" in message.lower() or "too much memory" in message.lower()):
+        return ImageRejected(
+            "decompression_bomb",
+            f"a compressed {fmt.upper()} metadata chunk (zTXt, iTXt or iCCP) inflates beyond PIL's limit of "
+            f"{_PNG_TEXT_LIMIT} bytes per chunk ({message}); only images with small metadata are accepted",
+        )
+    return ImageRejected("truncated", f"the {fmt.upper()} {what} ({message})")
+
+
+def _draft(im: Image.Image) -> int:
+    """Decode a JPEG above :data:`REDUCED_DECODE_PIXELS` at 1/2, 1/4 or 1/8 scale; return the factor.
+
+    libjpeg scales in the DCT domain, so a 50 MP film never exists at full size in memory. Films at
+    or below the budget are decoded at full size, exactly as before (the feature cache is keyed by the
+    file's sha256, so its pixels must not change).
+    """
+    width, height = im.size
+    scale = 1
+    while scale < 8 and -(-width // scale) * -(-height // scale) > REDUCED_DECODE_PIXELS:
+        scale *= 2
+    if scale > 1:
+        im.draft(None, (width // scale, height // scale))
+    return scale
+
+
+def _check_jpeg_fill(im: Image.Image, scale: int) -> None:
+    """Refuse a JPEG whose entropy-coded data ran out before its last MCU row (``truncated``).
+
+    When a scan ends early (a cut file with an end marker, or a header declaring more rows than the data
+    holds), libjpeg only warns (Pillow does not expose the warning) and fills every missing block with
+    zero coefficients: mid-grey, exactly 128 in every channel. A film whose bottom MCU row(s) are all
+    exactly 128 is that fill; a real exposure always has noise there.
+    """
+    if im.mode not in ("L", "RGB"):
+        return  # CMYK and YCbCr keep their own fill values; they are rare for X-rays
+    width, height = im.size
+    # One MCU row: 8 pixels times the largest vertical sampling factor, divided by the draft scale.
+    mcu = max(1, 8 * max((v for _, _, v, _ in getattr(im, "layer", [])), default=1) // scale)
+    if height <= mcu or not _rows_are_fill(im, height - mcu, height):
+        return
+    # Rejected whatever follows: one full-size copy (at most REDUCED_DECODE_PIXELS) to size the fill.
+    arr = np.asarray(im)
+    fill = (arr == 128).reshape(height, -1).all(axis=1)
+    rows = height - int(np.flatnonzero(~fill)[-1]) - 1 if not fill.all() else height
+    reduced = f" (decoded at 1/{scale} scale)" if scale > 1 else ""
+    raise ImageRejected(
+        "truncated",
+        f"the JPEG's pixel data ends early: its last {rows} of {height} decoded rows{reduced} are the "
+        "decoder's flat grey fill for missing data (every pixel exactly 128); re-export the complete file",
+    )
+
+
+def _rows_are_fill(im: Image.Image, top: int, bottom: int) -> bool:
+    band = np.asarray(im.crop((0, top, im.size[0], bottom)))
+    return bool(band.size) and bool((band == 128).all())
+
+
+def _check_png_rows(data: bytes, width: int, height: int) -> None:
+    """Refuse a PNG whose compressed pixel stream (IDAT) ends before its last row (``truncated``).
+
+    A zlib stream that is complete but short (valid CRCs, an IEND) is decoded by Pillow without an
+    error: the missing rows stay black. Inflating the IDAT data again, counting bytes without keeping
+    them, says how many scanlines the file really holds.
+    """
+    depth, colour, interlace = data[24], data[25], data[28]
+    bits = depth * _PNG_CHANNELS.get(colour, 1)
+    passes = _ADAM7 if interlace == 1 else ((0, 0, 1, 1),)
+    needed = 0
+    for x0, y0, dx, dy in passes:
+        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if w > 0 and h > 0:
+            needed += h * (1 + -(-(w * bits) // 8))
+    inflater = zlib.decompressobj()
+    got = 0
+    for chunk in _png_idat(data):
+        got += len(inflater.decompress(chunk, _INFLATE_STEP))
+        while inflater.unconsumed_tail and got < needed:
+            got += len(inflater.decompress(inflater.unconsumed_tail, _INFLATE_STEP))
+        if got >= needed:
+            return
+    rows = got * height // needed if needed else 0
+    raise ImageRejected(
+        "truncated",
+        f"the PNG's pixel data ends early: its compressed stream holds {got} of the {needed} bytes that "
+        f"{width}x{height} pixels need (about {rows} of {height} rows); re-export the complete file",
+    )
+
+
+def _png_idat(data: bytes) -> Iterator[bytes]:
+    """The IDAT chunks' payloads, in file order (Pillow has already checked the chunk structure)."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IDAT":
+            yield data[pos + 8 : pos + 8 + length]
+        elif kind == b"IEND":
+            return
+        pos += 12 + length
+
+
 def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, int]:
-    """Any PIL mode -> float32 (H, W) in [0, 1] and the source bit depth (8 or 16)."""
+    """Any PIL mode -> float32 (H, W) in [0, 1] and the source bit depth (8 or 16).
+
+    Memory: one channel is taken inside PIL and rows are copied out in bands of about 1 M pixels, so
+    the peak is the PIL image plus the float32 result; colour never exists as a float32 (H, W, 3).
+    The arithmetic per pixel is unchanged (same dtype, same operations), so pixels are identical.
+    """
     mode = im.mode
     if mode.startswith("I;16"):  # 16-bit PNG: keep every one of the 65536 levels
-        return np.asarray(im).astype(np.float32) / 65535.0, 16
+        return _scaled(im, 65535.0), 16
     if mode == "I":
         arr = np.asarray(im).astype(np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -213,14 +375,34 @@ def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, int]:
     if mode == "F":
         return _minmax(np.asarray(im).astype(np.float64)), 16
     if mode == "L":
-        return np.asarray(im).astype(np.float32) / 255.0, 8
+        return _scaled(im, 255.0), 8
     if mode in ("LA", "La"):  # alpha is ignored: an X-ray's grey level is the L channel
-        return np.asarray(im.getchannel("L")).astype(np.float32) / 255.0, 8
+        return _scaled(im.getchannel("L"), 255.0), 8
     if mode == "1":
-        return np.asarray(im.convert("L")).astype(np.float32) / 255.0, 8
+        return _scaled(im.convert("L"), 255.0), 8
     # RGB, RGBA, P, PA, CMYK, YCbCr, ...: colour -> float luminance (alpha dropped)
-    rgb = np.asarray(im.convert("RGB")).astype(np.float32)
-    return (rgb @ _LUMA) / 255.0, 8
+    rgb = im if mode in ("RGB", "RGBA") else im.convert("RGB")
+    out = np.empty((rgb.height, rgb.width), dtype=np.float32)
+    for top, band in _bands(rgb):
+        np.matmul(band[..., :3].astype(np.float32), _LUMA, out=out[top : top + len(band)])
+    out /= 255.0
+    return out, 8
+
+
+def _bands(im: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, array) for bands of about :data:`_BAND_PIXELS` pixels, top to bottom."""
+    step = max(1, _BAND_PIXELS // max(1, im.width))
+    for top in range(0, im.height, step):
+        yield top, np.asarray(im.crop((0, top, im.width, min(im.height, top + step))))
+
+
+def _scaled(im: Image.Image, full: float) -> np.ndarray:
+    """A one-channel image as ``float32 / full``, built band by band into one float32 array."""
+    out = np.empty((im.height, im.width), dtype=np.float32)
+    for top, band in _bands(im):
+        out[top : top + len(band)] = band
+    out /= full
+    return out
 
 
 def _minmax(arr: np.ndarray) -> np.ndarray:
@@ -324,6 +506,9 @@ __all__ = [
     "DicomPolicy",
     "SUPPORTED_FORMATS",
     "DEFAULT_MAX_PIXELS",
+    "REDUCED_DECODE_PIXELS",
+    "BLANK_FRACTION",
+    "dominant_share",
     "decode_image",
     "load_grayscale",
     "decode_stored",
