@@ -36,7 +36,7 @@ import pytest
 from PIL import Image as PILImage
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRBigEndian, JPEGLSLossless
-from badfiles import header_bomb_png, make_bad_corpus
+from badfiles import blank_film, header_bomb_png, make_bad_corpus
 from conftest import PROJECT, TEST_ENV, sha, snapshot
 from conftest import fetch as rows
 from db import dispose_engines
@@ -372,7 +372,8 @@ KINDS: dict[str, Kind] = {
     "dicom_declared_bomb_rows_columns": Kind(
         _file("normal/bomb.dcm", lambda: dicom_bytes("BOMB-1", Rows=65535, Columns=65535)),
         {"bomb.dcm": "decompression_bomb"}),
-    "png_ztxt_text_bomb": Kind(_file("normal/text_bomb.png", png_with_text_bomb), {"text_bomb.png": "truncated"}),
+    "png_ztxt_text_bomb": Kind(_file("normal/text_bomb.png", png_with_text_bomb),
+                               {"text_bomb.png": "decompression_bomb"}),
     "file_over_xray_max_file_bytes": Kind(_file("normal/large.png", png_bytes(71, size=512)),
                                           {"large.png": "file_too_large"}, env={"XRAY_MAX_FILE_BYTES": "100000"}),
     # ---- links and names
@@ -483,6 +484,113 @@ KINDS.update({
     "path_longer_than_path_max": Kind(_long_path_folder, {"xxxx": "unreadable_path"}, check=_check_long_path),
     "symlink_into_another_label_folder": Kind(_link_across_labels, {"normal/l.png": "link_across_labels"},
                                               added=1, check=_check_link_across_labels),
+})
+
+
+# ---- round three: decode (issue 23, items 4, 5 and 8)
+# Files Pillow decodes without an error although their pixel data ends early, blank films, metadata-chunk
+# bombs and Pillow's warnings. The decoder's own tests: tests/unit/test_decode_checks.py.
+
+
+def _jpeg(arr: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(arr).save(buf, format="JPEG", **kwargs)
+    return buf.getvalue()
+
+
+def _film(seed: int, size: int = 256) -> np.ndarray:
+    return make_xray("normal", size=size, rng=np.random.default_rng(seed), patient_seed=seed)
+
+
+def jpeg_cut_with_end_marker(seed: int = 110) -> bytes:
+    """A baseline JPEG cut at 60% with an end-of-image marker added: libjpeg fills the rest, only warning."""
+    whole = _jpeg(_film(seed), quality=90)
+    return whole[: len(whole) * 6 // 10] + b"\xff\xd9"
+
+
+def progressive_jpeg_cut(seed: int, *, in_first_scan: bool) -> bytes:
+    whole = _jpeg(_film(seed), quality=90, progressive=True)
+    if in_first_scan:  # 200 bytes into the first (DC) scan, then an end marker: the rest is fill
+        return whole[: whole.index(b"\xff\xda") + 200] + b"\xff\xd9"
+    return whole[: len(whole) * 6 // 10]
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_raw(width: int, height: int, raw: bytes, *, depth: int = 8, colour: int = 0) -> bytes:
+    """A PNG (valid CRCs) whose IDAT is one complete zlib stream of ``raw`` scanline bytes."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw))
+            + _chunk(b"IEND", b""))
+
+
+def png_short_idat(seed: int = 111) -> bytes:
+    """A PNG whose zlib stream is complete but holds half the rows its header declares (Pillow: black)."""
+    arr = _film(seed, 128)
+    return png_raw(128, 128, b"".join(b"\x00" + row.tobytes() for row in arr[:64]))
+
+
+def png_16bit_rgba(seed: int = 112) -> bytes:
+    grey = _film(seed, 64).astype(np.uint16) * 257
+    rgba = np.dstack([grey, grey, grey, np.full_like(grey, 65535)]).astype(">u2").reshape(64, -1)
+    return png_raw(64, 64, b"".join(b"\x00" + row.tobytes() for row in rgba), depth=16, colour=6)
+
+
+_BOMB_TEXT = zlib.compress(b"A" * (16 * 1024 * 1024), 9)  # inflates to 16 MB; PIL allows 1 MB per chunk
+
+
+def png_chunk_bomb(kind: bytes, payload: bytes, *, before_idat: bool, seed: int) -> bytes:
+    good = png_bytes(seed)
+    at = good.index(b"IDAT") - 4 if before_idat else good.rindex(b"IEND") - 4
+    return good[:at] + _chunk(kind, payload) + good[at:]
+
+
+def _check_16bit_rgba(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (img,) = [i for i in rows(settings, Image) if i.original_name.endswith("rgba16.png")]
+    assert (img.width, img.height, img.format) == (64, 64, "png")
+
+
+def _check_detail_names_the_fill(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (rej,) = rows(settings, Rejection)
+    assert "ends early" in rej.detail and "flat grey fill" in rej.detail, rej.detail
+
+
+def _blank_jpeg() -> bytes:
+    return _jpeg(blank_film(256, 0.995), quality=100)
+
+
+KINDS.update({
+    "jpeg_header_7000x7000_over_64x64_data": Kind(
+        _file("normal/corrupt.jpeg", lambda: jpeg_declaring(7000, 7000)), {"corrupt.jpeg": "truncated"},
+        check=_check_detail_names_the_fill),
+    "jpeg_cut_with_end_marker": Kind(_file("normal/cut_eoi.jpeg", jpeg_cut_with_end_marker),
+                                     {"cut_eoi.jpeg": "truncated"}, check=_check_detail_names_the_fill),
+    "progressive_jpeg_cut_in_its_first_scan": Kind(
+        _file("normal/prog_dc.jpeg", lambda: progressive_jpeg_cut(113, in_first_scan=True)),
+        {"prog_dc.jpeg": "truncated"}),
+    "progressive_jpeg_cut": Kind(_file("normal/prog.jpeg", lambda: progressive_jpeg_cut(114, in_first_scan=False)),
+                                 {"prog.jpeg": "truncated"}),
+    "png_idat_stream_ends_early": Kind(_file("normal/short.png", png_short_idat), {"short.png": "truncated"}),
+    "blank_film_99_5_percent": Kind(_badfile("blank.png"), {"blank.png": "blank_image"}),
+    "blank_jpeg_99_5_percent": Kind(_file("normal/blank.jpeg", _blank_jpeg), {"blank.jpeg": "blank_image"}),
+    "png_itxt_text_bomb": Kind(
+        _file("normal/itxt.png", lambda: png_chunk_bomb(b"iTXt", b"Comment\x00\x01\x00\x00\x00" + _BOMB_TEXT,
+                                                        before_idat=False, seed=115)),
+        {"itxt.png": "decompression_bomb"}),
+    "png_iccp_bomb": Kind(
+        _file("normal/iccp.png", lambda: png_chunk_bomb(b"iCCP", b"icc\x00\x00" + _BOMB_TEXT, before_idat=True,
+                                                        seed=116)),
+        {"iccp.png": "decompression_bomb"}),
+    "png_ztxt_bomb_before_pixel_data": Kind(
+        _file("normal/ztxt_first.png", lambda: png_chunk_bomb(b"zTXt", b"Comment\x00\x00" + _BOMB_TEXT,
+                                                              before_idat=True, seed=117)),
+        {"ztxt_first.png": "decompression_bomb"}),
+    "jpeg_header_between_pil_warning_and_xray_max_pixels": Kind(
+        _file("normal/warn.jpeg", lambda: jpeg_declaring(9500, 9500)), {"warn.jpeg": "truncated"},
+        env={"XRAY_MAX_PIXELS": "100000000"}),
+    "png_16bit_rgba_film": Kind(_file("normal/rgba16.png", png_16bit_rgba), added=1, check=_check_16bit_rgba),
 })
 
 
