@@ -1145,6 +1145,104 @@ def unexpected_error_is_one_line_and_debug_shows_the_traceback(xray_env, capsys,
     assert code == 1 and "Traceback" in err
 
 
+# ---- round three: decode (issue 23, items 4, 5 and 8): predict refuses what ingest quarantines, per film;
+# Pillow's warnings never reach stderr.
+
+
+@pytest.fixture(scope="module")
+def decode_champion(tmp_path_factory):
+    """A tiny catalogue with a champion (tests/tinymodel.py), for the predict attacks below."""
+    from tinymodel import tiny_home
+    from xray_core.registry.versions import promote_manually
+
+    with tiny_home(tmp_path_factory.mktemp("decode-champion")) as home:
+        promote_manually(home.settings, home.versions[0], reason="test champion")
+        yield home
+
+
+def _predict_rows(home, files: dict[str, bytes], tmp_path: Path) -> dict[str, dict]:  # noqa: ANN001
+    """Predict a folder of ``files`` (plus one good film) with the champion; the CSV's rows by file."""
+    from xray_core.pipeline.predict import predict_folder
+
+    root = tmp_path / "films"
+    for name, data in {"good.png": png_bytes(130), **files}.items():
+        put(root / name, data)
+    result = predict_folder(home.settings, root, out=tmp_path / "p.csv")
+    with open(tmp_path / "p.csv", newline="") as fh:
+        by_file = {r["file"]: r for r in csv.DictReader(fh)}
+    assert result["files"] == len(files) + 1 and by_file["good.png"]["status"] == "ok"
+    return by_file
+
+
+@attack
+def predict_refuses_a_blank_film(decode_champion, tmp_path) -> None:
+    out = _predict_rows(decode_champion, {"blank.png": _png_of(blank_film(128, 0.995))}, tmp_path)
+    assert out["blank.png"]["status"] == "rejected" and out["blank.png"]["error"].startswith("blank_image: ")
+    assert out["blank.png"]["predicted_label"] == ""
+
+
+@attack
+def predict_refuses_the_7000x7000_jpeg_over_64x64_data(decode_champion, tmp_path) -> None:
+    out = _predict_rows(decode_champion, {"corrupt.jpeg": jpeg_declaring(7000, 7000)}, tmp_path)
+    assert out["corrupt.jpeg"]["status"] == "rejected" and out["corrupt.jpeg"]["error"].startswith("truncated: ")
+    assert "ends early" in out["corrupt.jpeg"]["error"]
+
+
+@attack
+def predict_refuses_a_jpeg_cut_with_an_end_marker(decode_champion, tmp_path) -> None:
+    out = _predict_rows(decode_champion, {"cut.jpeg": jpeg_cut_with_end_marker(131)}, tmp_path)
+    assert out["cut.jpeg"]["status"] == "rejected" and out["cut.jpeg"]["error"].startswith("truncated: ")
+
+
+@attack
+def predict_refuses_a_png_whose_pixel_data_ends_early(decode_champion, tmp_path) -> None:
+    out = _predict_rows(decode_champion, {"short.png": png_short_idat(132)}, tmp_path)
+    assert out["short.png"]["status"] == "rejected" and out["short.png"]["error"].startswith("truncated: ")
+
+
+@attack
+def predict_embeds_before_holding_many_large_films(decode_champion, tmp_path, monkeypatch) -> None:
+    """With the held-pixel budget below one film, every film is embedded on its own (the path large
+    films take), and the probabilities are the ones a single full batch gives."""
+    import xray_core.pipeline.predict as predict
+    from xray_core.model import train
+
+    films = {f"f{i}.png": png_bytes(140 + i) for i in range(3)}
+    together = _predict_rows(decode_champion, films, tmp_path / "together")
+    calls: list[int] = []
+    real = train.predict_proba
+    monkeypatch.setattr(train, "predict_proba", lambda head, feats: (calls.append(len(feats)), real(head, feats))[1])
+    monkeypatch.setattr(predict, "HELD_PIXELS", 64 * 64)
+    alone = _predict_rows(decode_champion, films, tmp_path / "alone")
+    assert calls == [1, 1, 1, 1]  # good.png and the three films, one at a time
+    for name in films:
+        assert alone[name]["p_normal"] == together[name]["p_normal"]
+
+
+def _png_of(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@attack
+def pil_decompression_bomb_warning_never_reaches_stderr(tmp_path) -> None:
+    """A real 9500 x 9500 film (90 M pixels: above PIL's warning limit, below XRAY_MAX_PIXELS=100 M) is
+    ingested by the CLI in a fresh process, where Python's default filters would print the warning."""
+    side = 9500
+    gradient = np.add.outer(np.arange(side) % 251, np.arange(side) % 241).astype(np.uint8)
+    put(tmp_path / "src" / "normal" / "big.jpeg", _jpeg(gradient, quality=50))
+    del gradient
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XRAY_", "PREFECT_API_URL", "PYTHONWARNINGS"))}
+    env.update({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), "XRAY_MAX_PIXELS": "100000000",
+                "PYTHONPATH": str(PROJECT)})
+    done = subprocess.run([sys.executable, "-m", "xray_cli.main", "ingest", str(tmp_path / "src"), "--json"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=PROJECT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["added"] == 1
+    assert "Warning" not in done.stderr and "decompression bomb" not in done.stderr.lower(), done.stderr
+
+
 def test_round_two_covers_at_least_60_kinds() -> None:
     assert len(KINDS) + len(ATTACKS) >= 60, (len(KINDS), len(ATTACKS))
 
