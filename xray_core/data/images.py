@@ -484,10 +484,16 @@ def perceptual_hash(pixels: np.ndarray) -> int:
     Near-duplicates (re-encoded, resized, slightly noised) differ in a few bits; compare with
     :func:`hamming`.
     """
-    arr = np.asarray(pixels, dtype=np.float64)
+    arr = np.asarray(pixels)
     if arr.ndim != 2 or min(arr.shape) < 1:
         raise ValueError(f"perceptual_hash needs a 2-D grayscale array, got shape {arr.shape}")
-    small = _box_matrix(_HASH_SIDE, arr.shape[0]) @ arr @ _box_matrix(_HASH_SIDE, arr.shape[1]).T
+    # Row bands in float64, never the whole image (a 50 MP film would take 400 MB as float64).
+    rows = _box_matrix(_HASH_SIDE, arr.shape[0])
+    step = max(1, _BAND_PIXELS // arr.shape[1])
+    small = np.zeros((_HASH_SIDE, arr.shape[1]))
+    for top in range(0, arr.shape[0], step):
+        small += rows[:, top : top + step] @ arr[top : top + step].astype(np.float64)
+    small = small @ _box_matrix(_HASH_SIDE, arr.shape[1]).T
     low = (_DCT32 @ small @ _DCT32.T)[:_HASH_KEEP, :_HASH_KEEP].ravel()
     bits = low > np.median(low)
     value = 0
