@@ -570,8 +570,9 @@ KINDS.update({
     "progressive_jpeg_cut_in_its_first_scan": Kind(
         _file("normal/prog_dc.jpeg", lambda: progressive_jpeg_cut(113, in_first_scan=True)),
         {"prog_dc.jpeg": "truncated"}),
-    "progressive_jpeg_cut": Kind(_file("normal/prog.jpeg", lambda: progressive_jpeg_cut(114, in_first_scan=False)),
-                                 {"prog.jpeg": "truncated"}),
+    "progressive_jpeg_cut": Kind(
+        _file("normal/prog.jpeg", lambda: progressive_jpeg_cut(114, in_first_scan=False)),
+        {"prog.jpeg": "truncated"}),
     "png_idat_stream_ends_early": Kind(_file("normal/short.png", png_short_idat), {"short.png": "truncated"}),
     "blank_film_99_5_percent": Kind(_badfile("blank.png"), {"blank.png": "blank_image"}),
     "blank_jpeg_99_5_percent": Kind(_file("normal/blank.jpeg", _blank_jpeg), {"blank.jpeg": "blank_image"}),
@@ -580,8 +581,8 @@ KINDS.update({
                                                         before_idat=False, seed=115)),
         {"itxt.png": "decompression_bomb"}),
     "png_iccp_bomb": Kind(
-        _file("normal/iccp.png", lambda: png_chunk_bomb(b"iCCP", b"icc\x00\x00" + _BOMB_TEXT, before_idat=True,
-                                                        seed=116)),
+        _file("normal/iccp.png",
+              lambda: png_chunk_bomb(b"iCCP", b"icc\x00\x00" + _BOMB_TEXT, before_idat=True, seed=116)),
         {"iccp.png": "decompression_bomb"}),
     "png_ztxt_bomb_before_pixel_data": Kind(
         _file("normal/ztxt_first.png", lambda: png_chunk_bomb(b"zTXt", b"Comment\x00\x00" + _BOMB_TEXT,
@@ -1184,8 +1185,9 @@ def predict_refuses_a_blank_film(decode_champion, tmp_path) -> None:
 @attack
 def predict_refuses_the_7000x7000_jpeg_over_64x64_data(decode_champion, tmp_path) -> None:
     out = _predict_rows(decode_champion, {"corrupt.jpeg": jpeg_declaring(7000, 7000)}, tmp_path)
-    assert out["corrupt.jpeg"]["status"] == "rejected" and out["corrupt.jpeg"]["error"].startswith("truncated: ")
-    assert "ends early" in out["corrupt.jpeg"]["error"]
+    row = out["corrupt.jpeg"]
+    assert row["status"] == "rejected" and row["error"].startswith("truncated: ")
+    assert "ends early" in row["error"]
 
 
 @attack
@@ -1211,7 +1213,8 @@ def predict_embeds_before_holding_many_large_films(decode_champion, tmp_path, mo
     together = _predict_rows(decode_champion, films, tmp_path / "together")
     calls: list[int] = []
     real = train.predict_proba
-    monkeypatch.setattr(train, "predict_proba", lambda head, feats: (calls.append(len(feats)), real(head, feats))[1])
+    monkeypatch.setattr(train, "predict_proba",
+                        lambda head, feats: (calls.append(len(feats)), real(head, feats))[1])
     monkeypatch.setattr(predict, "HELD_PIXELS", 64 * 64)
     alone = _predict_rows(decode_champion, films, tmp_path / "alone")
     assert calls == [1, 1, 1, 1]  # good.png and the three films, one at a time
@@ -1233,7 +1236,8 @@ def pil_decompression_bomb_warning_never_reaches_stderr(tmp_path) -> None:
     gradient = np.add.outer(np.arange(side) % 251, np.arange(side) % 241).astype(np.uint8)
     put(tmp_path / "src" / "normal" / "big.jpeg", _jpeg(gradient, quality=50))
     del gradient
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XRAY_", "PREFECT_API_URL", "PYTHONWARNINGS"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("XRAY_", "PREFECT_API_URL", "PYTHONWARNINGS"))}
     env.update({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), "XRAY_MAX_PIXELS": "100000000",
                 "PYTHONPATH": str(PROJECT)})
     done = subprocess.run([sys.executable, "-m", "xray_cli.main", "ingest", str(tmp_path / "src"), "--json"],

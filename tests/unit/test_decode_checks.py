@@ -17,7 +17,8 @@ from PIL import Image
 
 from badfiles import blank_film
 from xray_core.data import images
-from xray_core.data.images import BLANK_FRACTION, decode_image, dominant_share
+from xray_core.data.images import decode_image
+from xray_core.data.plausibility import BLANK_FRACTION, dominant_share
 from xray_core.data.synthetic import make_xray
 from xray_core.errors import ImageRejected
 
@@ -36,7 +37,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _png(width: int, height: int, raw: bytes, *, depth: int = 8, colour: int = 0, interlace: int = 0) -> bytes:
+def _png(width: int, height: int, raw: bytes, *, depth: int = 8, colour: int = 0,
+         interlace: int = 0) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw))
             + _chunk(b"IEND", b""))
@@ -99,7 +101,8 @@ def _adam7(arr: np.ndarray) -> bytes:
 def test_interlaced_png_row_count_follows_adam7() -> None:
     arr = _xray(67)[:, :61]  # odd sides: some passes are narrower than others
     raw = _adam7(arr)
-    np.testing.assert_array_equal(_decode(_png(61, 67, raw, interlace=1)).pixels, arr.astype(np.float32) / 255.0)
+    decoded = _decode(_png(61, 67, raw, interlace=1)).pixels
+    np.testing.assert_array_equal(decoded, arr.astype(np.float32) / 255.0)
     assert _reason(_png(61, 67, raw[: len(raw) - 40], interlace=1)).reason == "truncated"
 
 

@@ -5,8 +5,8 @@ Every file the system ingests passes :func:`decode_image`; a file it cannot use 
 and a ``detail`` sentence saying what was found and what is allowed:
 
 ``empty_file`` · ``not_an_image`` · ``unsupported_format`` · ``truncated`` · ``decompression_bomb`` ·
-``too_small`` · ``constant_image`` · ``blank_image`` · ``unreadable_dicom`` · ``dicom_no_pixels`` · ``wrong_modality`` ·
-``not_chest`` (the DICOM steps and their reasons live in :mod:`xray_core.data.dicom`)
+``too_small`` · ``constant_image`` · ``blank_image`` · ``unreadable_dicom`` · ``dicom_no_pixels`` ·
+``wrong_modality`` · ``not_chest`` (the DICOM steps and their reasons live in :mod:`xray_core.data.dicom`)
 
 The output is one convention for every format (torchxrayvision's single checked normalisation):
 float32, shape (H, W), 0 = black, 1 = white, EXIF orientation applied; DICOM windowed (VOI LUT,
@@ -31,6 +31,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from xray_core.data import dicom
 from xray_core.data.dicom import DicomFacts, DicomPolicy
+from xray_core.data.plausibility import check_blank, check_jpeg_fill, check_png_rows
 from xray_core.errors import ImageRejected
 from xray_core.io.fsutil import printable
 from xray_core.settings import Settings
@@ -50,15 +51,7 @@ _BAND_PIXELS = 1 << 20  # pixels leave PIL in bands of about 1 M (12 MB as float
 # under 20 MP, so every ordinary film is decoded at full size, to exactly the pixels it always had.
 REDUCED_DECODE_PIXELS: int = 25_000_000
 
-# More than this share of the pixels at one value is a blank film (a detector fault, an empty cassette,
-# a placeholder), not an X-ray. The 162 real films in shared/data peak at 0.074 (a black border).
-BLANK_FRACTION: float = 0.99
-
 _EXIF_ORIENTATION = 0x0112
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
-# Adam7 passes as (first column, first row, column step, row step).
-_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
-_INFLATE_STEP = 1 << 20  # counting a PNG's inflated bytes keeps at most this many at a time
 _PNG_TEXT_LIMIT = PngImagePlugin.MAX_TEXT_CHUNK  # read, never changed (global PIL state)
 
 # What a corrupt or cut-off PNG/JPEG raises inside PIL's decoders (PIL reports broken chunks as
@@ -162,30 +155,8 @@ def _decode(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy 
             "constant_image",
             f"every pixel has the same value ({image.width}x{image.height}); an X-ray needs contrast",
         )
-    share, value = dominant_share(pixels)
-    if share > BLANK_FRACTION:
-        raise ImageRejected(
-            "blank_image",
-            f"{share:.2%} of the pixels have one value ({value:.3f} on a 0..1 scale); at most "
-            f"{BLANK_FRACTION:.0%} may: a blank or failed exposure is not an X-ray",
-        )
+    check_blank(pixels)
     return image
-
-
-def dominant_share(pixels: np.ndarray, *, blocks: int = 64) -> tuple[float, float]:
-    """(share of the pixels equal to a candidate value, that value), the candidate being the most
-    frequent median of ``blocks`` equal slices of the pixels.
-
-    Whenever one value holds more than 99% of the pixels, the candidate is that value, so the blank
-    test is exact: such a value holds more than half of at least 63 of 64 slices, so it is their
-    median. O(n), without sorting the whole image or a histogram of float values.
-    """
-    flat = np.asarray(pixels).reshape(-1)
-    slices = np.array_split(flat, min(blocks, flat.size))
-    medians = np.array([np.partition(s, len(s) // 2)[len(s) // 2] for s in slices])
-    values, counts = np.unique(medians, return_counts=True)
-    value = values[counts.argmax()]
-    return float(np.count_nonzero(flat == value)) / flat.size, float(value)
 
 
 def _check_size(width: int, height: int, *, min_side: int, max_pixels: int, fmt: str) -> None:
@@ -208,12 +179,13 @@ def _decode_pil(data: bytes, fmt: str, *, min_side: int, max_pixels: int) -> Dec
     # Pillow reports some findings as warnings (DecompressionBombWarning above its own limit, corrupt
     # EXIF, ...). They are recorded for this call only and dropped instead of reaching stderr: the
     # decision is XRAY_MAX_PIXELS's and the checks below; a global filter would hide other code's warnings.
+    # (catch_warnings swaps process-wide state while it runs: decoding runs in one thread per process.)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         try:
             # formats=: only the plugin the magic bytes named may parse the file.
             im = Image.open(BytesIO(data), formats=[fmt.upper()])
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except Image.DecompressionBombError as exc:
             # PIL's own guard fires inside open() for sizes above twice its global limit.
             raise ImageRejected(
                 "decompression_bomb",
@@ -230,15 +202,16 @@ def _decode_pil(data: bytes, fmt: str, *, min_side: int, max_pixels: int) -> Dec
                 scale = _draft(im) if fmt == "jpeg" else 1
                 im.load()  # full decode now: LOAD_TRUNCATED_IMAGES stays False, so short data raises
                 if fmt == "png":
-                    _check_png_rows(data, width, height)
+                    check_png_rows(data, width, height)
                 else:
-                    _check_jpeg_fill(im, scale)
+                    check_jpeg_fill(im, scale)
                 if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # a quarter turn swaps the sides
                     width, height = height, width
                 ImageOps.exif_transpose(im, in_place=True)
                 pixels, bit_depth = _pil_to_gray(im)
             except _PIL_DECODE_ERRORS as exc:
-                raise _pil_rejection(exc, fmt, "pixel data is cut off or corrupt; re-export the complete file") from None
+                what = "pixel data is cut off or corrupt; re-export the complete file"
+                raise _pil_rejection(exc, fmt, what) from None
     return DecodedImage(
         pixels=pixels,
         width=width,
@@ -256,7 +229,8 @@ def _pil_rejection(exc: BaseException, fmt: str, what: str) -> ImageRejected:
     past PIL's cap (``ValueError: Decompressed data too large ...``, ``Too much memory used in text
     chunks``) is a decompression bomb, not a cut-off file; anything else is ``truncated``."""
     message = str(exc)
-    if isinstance(exc, ValueError) and ("too large" in message.lower() or "too much memory" in message.lower()):
+    lower = message.lower()
+    if isinstance(exc, ValueError) and ("too large" in lower or "too much memory" in lower):
         return ImageRejected(
             "decompression_bomb",
             f"a compressed {fmt.upper()} metadata chunk (zTXt, iTXt or iCCP) inflates beyond PIL's limit of "
@@ -279,81 +253,6 @@ def _draft(im: Image.Image) -> int:
     if scale > 1:
         im.draft(None, (width // scale, height // scale))
     return scale
-
-
-def _check_jpeg_fill(im: Image.Image, scale: int) -> None:
-    """Refuse a JPEG whose entropy-coded data ran out before its last MCU row (``truncated``).
-
-    When a scan ends early (a cut file with an end marker, or a header declaring more rows than the data
-    holds), libjpeg only warns (Pillow does not expose the warning) and fills every missing block with
-    zero coefficients: mid-grey, exactly 128 in every channel. A film whose bottom MCU row(s) are all
-    exactly 128 is that fill; a real exposure always has noise there.
-    """
-    if im.mode not in ("L", "RGB"):
-        return  # CMYK and YCbCr keep their own fill values; they are rare for X-rays
-    width, height = im.size
-    # One MCU row: 8 pixels times the largest vertical sampling factor, divided by the draft scale.
-    mcu = max(1, 8 * max((v for _, _, v, _ in getattr(im, "layer", [])), default=1) // scale)
-    if height <= mcu or not _rows_are_fill(im, height - mcu, height):
-        return
-    # Rejected whatever follows: one full-size copy (at most REDUCED_DECODE_PIXELS) to size the fill.
-    arr = np.asarray(im)
-    fill = (arr == 128).reshape(height, -1).all(axis=1)
-    rows = height - int(np.flatnonzero(~fill)[-1]) - 1 if not fill.all() else height
-    reduced = f" (decoded at 1/{scale} scale)" if scale > 1 else ""
-    raise ImageRejected(
-        "truncated",
-        f"the JPEG's pixel data ends early: its last {rows} of {height} decoded rows{reduced} are the "
-        "decoder's flat grey fill for missing data (every pixel exactly 128); re-export the complete file",
-    )
-
-
-def _rows_are_fill(im: Image.Image, top: int, bottom: int) -> bool:
-    band = np.asarray(im.crop((0, top, im.size[0], bottom)))
-    return bool(band.size) and bool((band == 128).all())
-
-
-def _check_png_rows(data: bytes, width: int, height: int) -> None:
-    """Refuse a PNG whose compressed pixel stream (IDAT) ends before its last row (``truncated``).
-
-    A zlib stream that is complete but short (valid CRCs, an IEND) is decoded by Pillow without an
-    error: the missing rows stay black. Inflating the IDAT data again, counting bytes without keeping
-    them, says how many scanlines the file really holds.
-    """
-    depth, colour, interlace = data[24], data[25], data[28]
-    bits = depth * _PNG_CHANNELS.get(colour, 1)
-    passes = _ADAM7 if interlace == 1 else ((0, 0, 1, 1),)
-    needed = 0
-    for x0, y0, dx, dy in passes:
-        w, h = -(-(width - x0) // dx), -(-(height - y0) // dy)
-        if w > 0 and h > 0:
-            needed += h * (1 + -(-(w * bits) // 8))
-    inflater = zlib.decompressobj()
-    got = 0
-    for chunk in _png_idat(data):
-        got += len(inflater.decompress(chunk, _INFLATE_STEP))
-        while inflater.unconsumed_tail and got < needed:
-            got += len(inflater.decompress(inflater.unconsumed_tail, _INFLATE_STEP))
-        if got >= needed:
-            return
-    rows = got * height // needed if needed else 0
-    raise ImageRejected(
-        "truncated",
-        f"the PNG's pixel data ends early: its compressed stream holds {got} of the {needed} bytes that "
-        f"{width}x{height} pixels need (about {rows} of {height} rows); re-export the complete file",
-    )
-
-
-def _png_idat(data: bytes) -> Iterator[bytes]:
-    """The IDAT chunks' payloads, in file order (Pillow has already checked the chunk structure)."""
-    pos = 8
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        if kind == b"IDAT":
-            yield data[pos + 8 : pos + 8 + length]
-        elif kind == b"IEND":
-            return
-        pos += 12 + length
 
 
 def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, int]:
@@ -513,8 +412,6 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "DEFAULT_MAX_PIXELS",
     "REDUCED_DECODE_PIXELS",
-    "BLANK_FRACTION",
-    "dominant_share",
     "decode_image",
     "load_grayscale",
     "decode_stored",
