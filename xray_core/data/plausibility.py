@@ -106,11 +106,16 @@ def check_png_rows(data: bytes, width: int, height: int) -> None:
     inflater = zlib.decompressobj()
     got = 0
     for chunk in _png_idat(data):
-        got += len(inflater.decompress(chunk, _INFLATE_STEP))
-        while inflater.unconsumed_tail and got < needed:
-            got += len(inflater.decompress(inflater.unconsumed_tail, _INFLATE_STEP))
-        if got >= needed:
-            return
+        pending = chunk
+        while True:
+            out = len(inflater.decompress(pending, _INFLATE_STEP))
+            got += out
+            if got >= needed:
+                return
+            pending = inflater.unconsumed_tail
+            # A full step with no input left may still hold output inside zlib: ask again.
+            if not pending and out < _INFLATE_STEP:
+                break
     rows = got * height // needed if needed else 0
     raise ImageRejected(
         "truncated",
