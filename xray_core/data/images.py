@@ -56,15 +56,7 @@ _PNG_TEXT_LIMIT = PngImagePlugin.MAX_TEXT_CHUNK  # read, never changed (global P
 
 # What a corrupt or cut-off PNG/JPEG raises inside PIL's decoders (PIL reports broken chunks as
 # SyntaxError, short data as OSError, bad zlib streams as zlib.error, short headers as struct.error).
-_PIL_DECODE_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    EOFError,
-    IndexError,
-    struct.error,
-    zlib.error,
-)
+_PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
 class DecodedImage:
