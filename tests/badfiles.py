@@ -39,6 +39,7 @@ BAD_CASES: dict[str, str] = {
     "image.webp": "unsupported_format",
     "tiny.png": "too_small",
     "constant.png": "constant_image",
+    "blank.png": "blank_image",
     "bomb_header.png": "decompression_bomb",
     "bomb_real.png": "decompression_bomb",
     "bomb_real.jpeg": "decompression_bomb",
@@ -78,6 +79,15 @@ def _encode(im: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def _xray(size: int, seed: int) -> np.ndarray:
     return make_xray("normal", size=size, rng=np.random.default_rng(seed), patient_seed=seed)
+
+
+def blank_film(side: int, share: float) -> np.ndarray:
+    """A ``side`` x ``side`` uint8 film with ``share`` of its pixels at one grey (a blank exposure) and
+    the rest a gradient of other values (so it is not constant)."""
+    arr = np.full(side * side, 40, dtype=np.uint8)
+    rest = side * side - int(round(share * side * side))
+    arr[:rest] = 41 + np.arange(rest) % 200
+    return arr.reshape(side, side)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -139,6 +149,7 @@ def make_bad_corpus(root: Path, *, label: str = "normal") -> dict[str, str]:
     add("image.webp", b"RIFF" + struct.pack("<I", 30) + b"WEBPVP8 " + bytes(22), "unsupported_format")
     add("tiny.png", _png(_xray(8, 4)), "too_small")
     add("constant.png", _png(np.full((64, 64), 128, dtype=np.uint8)), "constant_image")
+    add("blank.png", _png(blank_film(64, 0.995)), "blank_image")
     add("bomb_header.png", header_bomb_png(), "decompression_bomb")
     # 2100 x 2000 = 4.2 M real pixels > CORPUS_MAX_PIXELS; a smooth gradient keeps the files small.
     gradient = np.add.outer(np.arange(2000) % 256, np.arange(2100) % 256).astype(np.uint8)

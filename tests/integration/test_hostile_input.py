@@ -36,7 +36,7 @@ import pytest
 from PIL import Image as PILImage
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRBigEndian, JPEGLSLossless
-from badfiles import header_bomb_png, make_bad_corpus
+from badfiles import blank_film, header_bomb_png, make_bad_corpus
 from conftest import PROJECT, TEST_ENV, sha, snapshot
 from conftest import fetch as rows
 from db import dispose_engines
@@ -372,7 +372,8 @@ KINDS: dict[str, Kind] = {
     "dicom_declared_bomb_rows_columns": Kind(
         _file("normal/bomb.dcm", lambda: dicom_bytes("BOMB-1", Rows=65535, Columns=65535)),
         {"bomb.dcm": "decompression_bomb"}),
-    "png_ztxt_text_bomb": Kind(_file("normal/text_bomb.png", png_with_text_bomb), {"text_bomb.png": "truncated"}),
+    "png_ztxt_text_bomb": Kind(_file("normal/text_bomb.png", png_with_text_bomb),
+                               {"text_bomb.png": "decompression_bomb"}),
     "file_over_xray_max_file_bytes": Kind(_file("normal/large.png", png_bytes(71, size=512)),
                                           {"large.png": "file_too_large"}, env={"XRAY_MAX_FILE_BYTES": "100000"}),
     # ---- links and names
@@ -597,6 +598,114 @@ KINDS.update({
         env={"XRAY_QUARANTINE_MAX_BYTES": "0"}, check=_check_cap_zero),
 })
 
+
+
+# ---- round three: decode (issue 23, items 4, 5 and 8)
+# Files Pillow decodes without an error although their pixel data ends early, blank films, metadata-chunk
+# bombs and Pillow's warnings. The decoder's own tests: tests/unit/test_decode_checks.py.
+
+
+def _jpeg(arr: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(arr).save(buf, format="JPEG", **kwargs)
+    return buf.getvalue()
+
+
+def _film(seed: int, size: int = 256) -> np.ndarray:
+    return make_xray("normal", size=size, rng=np.random.default_rng(seed), patient_seed=seed)
+
+
+def jpeg_cut_with_end_marker(seed: int = 110) -> bytes:
+    """A baseline JPEG cut at 60% with an end-of-image marker added: libjpeg fills the rest, only warning."""
+    whole = _jpeg(_film(seed), quality=90)
+    return whole[: len(whole) * 6 // 10] + b"\xff\xd9"
+
+
+def progressive_jpeg_cut(seed: int, *, in_first_scan: bool) -> bytes:
+    whole = _jpeg(_film(seed), quality=90, progressive=True)
+    if in_first_scan:  # 200 bytes into the first (DC) scan, then an end marker: the rest is fill
+        return whole[: whole.index(b"\xff\xda") + 200] + b"\xff\xd9"
+    return whole[: len(whole) * 6 // 10]
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_raw(width: int, height: int, raw: bytes, *, depth: int = 8, colour: int = 0) -> bytes:
+    """A PNG (valid CRCs) whose IDAT is one complete zlib stream of ``raw`` scanline bytes."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw))
+            + _chunk(b"IEND", b""))
+
+
+def png_short_idat(seed: int = 111) -> bytes:
+    """A PNG whose zlib stream is complete but holds half the rows its header declares (Pillow: black)."""
+    arr = _film(seed, 128)
+    return png_raw(128, 128, b"".join(b"\x00" + row.tobytes() for row in arr[:64]))
+
+
+def png_16bit_rgba(seed: int = 112) -> bytes:
+    grey = _film(seed, 64).astype(np.uint16) * 257
+    rgba = np.dstack([grey, grey, grey, np.full_like(grey, 65535)]).astype(">u2").reshape(64, -1)
+    return png_raw(64, 64, b"".join(b"\x00" + row.tobytes() for row in rgba), depth=16, colour=6)
+
+
+_BOMB_TEXT = zlib.compress(b"A" * (16 * 1024 * 1024), 9)  # inflates to 16 MB; PIL allows 1 MB per chunk
+
+
+def png_chunk_bomb(kind: bytes, payload: bytes, *, before_idat: bool, seed: int) -> bytes:
+    good = png_bytes(seed)
+    at = good.index(b"IDAT") - 4 if before_idat else good.rindex(b"IEND") - 4
+    return good[:at] + _chunk(kind, payload) + good[at:]
+
+
+def _check_16bit_rgba(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (img,) = [i for i in rows(settings, Image) if i.original_name.endswith("rgba16.png")]
+    assert (img.width, img.height, img.format) == (64, 64, "png")
+
+
+def _check_detail_names_the_fill(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (rej,) = rows(settings, Rejection)
+    assert "ends early" in rej.detail and "flat grey fill" in rej.detail, rej.detail
+
+
+def _blank_jpeg() -> bytes:
+    return _jpeg(blank_film(256, 0.995), quality=100)
+
+
+KINDS.update({
+    "jpeg_header_7000x7000_over_64x64_data": Kind(
+        _file("normal/corrupt.jpeg", lambda: jpeg_declaring(7000, 7000)), {"corrupt.jpeg": "truncated"},
+        check=_check_detail_names_the_fill),
+    "jpeg_cut_with_end_marker": Kind(_file("normal/cut_eoi.jpeg", jpeg_cut_with_end_marker),
+                                     {"cut_eoi.jpeg": "truncated"}, check=_check_detail_names_the_fill),
+    "progressive_jpeg_cut_in_its_first_scan": Kind(
+        _file("normal/prog_dc.jpeg", lambda: progressive_jpeg_cut(113, in_first_scan=True)),
+        {"prog_dc.jpeg": "truncated"}),
+    "progressive_jpeg_cut": Kind(
+        _file("normal/prog.jpeg", lambda: progressive_jpeg_cut(114, in_first_scan=False)),
+        {"prog.jpeg": "truncated"}),
+    "png_idat_stream_ends_early": Kind(_file("normal/short.png", png_short_idat), {"short.png": "truncated"}),
+    "blank_film_99_5_percent": Kind(_badfile("blank.png"), {"blank.png": "blank_image"}),
+    "blank_jpeg_99_5_percent": Kind(_file("normal/blank.jpeg", _blank_jpeg), {"blank.jpeg": "blank_image"}),
+    "png_itxt_text_bomb": Kind(
+        _file("normal/itxt.png", lambda: png_chunk_bomb(b"iTXt", b"Comment\x00\x01\x00\x00\x00" + _BOMB_TEXT,
+                                                        before_idat=False, seed=115)),
+        {"itxt.png": "decompression_bomb"}),
+    "png_iccp_bomb": Kind(
+        _file("normal/iccp.png",
+              lambda: png_chunk_bomb(b"iCCP", b"icc\x00\x00" + _BOMB_TEXT, before_idat=True, seed=116)),
+        {"iccp.png": "decompression_bomb"}),
+    "png_ztxt_bomb_before_pixel_data": Kind(
+        _file("normal/ztxt_first.png", lambda: png_chunk_bomb(b"zTXt", b"Comment\x00\x00" + _BOMB_TEXT,
+                                                              before_idat=True, seed=117)),
+        {"ztxt_first.png": "decompression_bomb"}),
+    "jpeg_header_between_pil_warning_and_xray_max_pixels": Kind(
+        _file("normal/warn.jpeg", lambda: jpeg_declaring(9500, 9500)), {"warn.jpeg": "truncated"},
+        env={"XRAY_MAX_PIXELS": "100000000"}),
+    "png_16bit_rgba_film": Kind(_file("normal/rgba16.png", png_16bit_rgba), added=1, check=_check_16bit_rgba),
+})
 
 
 
@@ -1619,6 +1728,107 @@ def exact_copy_of_a_dicom_film_never_shows_its_raw_patient_id(xray_env, tmp_path
     (img,) = rows(settings, Image)
     assert f"(patient {img.patient_id})" in rej.detail and img.patient_id.startswith("dcm-")
     assert "Doe^John" not in rej.detail and "12345" not in rej.detail
+
+
+# ---- round three: decode (issue 23, items 4, 5 and 8): predict refuses what ingest quarantines, per film;
+# Pillow's warnings never reach stderr.
+
+
+@pytest.fixture(scope="module")
+def decode_champion(tmp_path_factory):
+    """A tiny catalogue with a champion (tests/tinymodel.py), for the predict attacks below."""
+    from tinymodel import tiny_home
+    from xray_core.registry.versions import promote_manually
+
+    with tiny_home(tmp_path_factory.mktemp("decode-champion")) as home:
+        promote_manually(home.settings, home.versions[0], reason="test champion")
+        yield home
+
+
+def _predict_rows(home, files: dict[str, bytes], tmp_path: Path) -> dict[str, dict]:  # noqa: ANN001
+    """Predict a folder of ``files`` (plus one good film) with the champion; the CSV's rows by file."""
+    from xray_core.pipeline.predict import predict_folder
+
+    root = tmp_path / "films"
+    for name, data in {"good.png": png_bytes(130), **files}.items():
+        put(root / name, data)
+    result = predict_folder(home.settings, root, out=tmp_path / "p.csv")
+    with open(tmp_path / "p.csv", newline="") as fh:
+        by_file = {r["file"]: r for r in csv.DictReader(fh)}
+    assert result["files"] == len(files) + 1 and by_file["good.png"]["status"] == "ok"
+    return by_file
+
+
+@attack
+def predict_refuses_a_blank_film(decode_champion, tmp_path) -> None:
+    out = _predict_rows(decode_champion, {"blank.png": _png_of(blank_film(128, 0.995))}, tmp_path)
+    assert out["blank.png"]["status"] == "rejected" and out["blank.png"]["error"].startswith("blank_image: ")
+    assert out["blank.png"]["predicted_label"] == ""
+
+
+@attack
+def predict_refuses_the_7000x7000_jpeg_over_64x64_data(decode_champion, tmp_path) -> None:
+    out = _predict_rows(decode_champion, {"corrupt.jpeg": jpeg_declaring(7000, 7000)}, tmp_path)
+    row = out["corrupt.jpeg"]
+    assert row["status"] == "rejected" and row["error"].startswith("truncated: ")
+    assert "ends early" in row["error"]
+
+
+@attack
+def predict_refuses_a_jpeg_cut_with_an_end_marker(decode_champion, tmp_path) -> None:
+    out = _predict_rows(decode_champion, {"cut.jpeg": jpeg_cut_with_end_marker(131)}, tmp_path)
+    assert out["cut.jpeg"]["status"] == "rejected" and out["cut.jpeg"]["error"].startswith("truncated: ")
+
+
+@attack
+def predict_refuses_a_png_whose_pixel_data_ends_early(decode_champion, tmp_path) -> None:
+    out = _predict_rows(decode_champion, {"short.png": png_short_idat(132)}, tmp_path)
+    assert out["short.png"]["status"] == "rejected" and out["short.png"]["error"].startswith("truncated: ")
+
+
+@attack
+def predict_embeds_before_holding_many_large_films(decode_champion, tmp_path, monkeypatch) -> None:
+    """With the held-pixel budget below one film, every film is embedded on its own (the path large
+    films take), and the probabilities are the ones a single full batch gives."""
+    import xray_core.pipeline.predict as predict
+    from xray_core.model import train
+
+    films = {f"f{i}.png": png_bytes(140 + i) for i in range(3)}
+    together = _predict_rows(decode_champion, films, tmp_path / "together")
+    calls: list[int] = []
+    real = train.predict_proba
+    monkeypatch.setattr(train, "predict_proba",
+                        lambda head, feats: (calls.append(len(feats)), real(head, feats))[1])
+    monkeypatch.setattr(predict, "HELD_PIXELS", 64 * 64)
+    alone = _predict_rows(decode_champion, films, tmp_path / "alone")
+    assert calls == [1, 1, 1, 1]  # good.png and the three films, one at a time
+    for name in films:
+        assert alone[name]["p_normal"] == together[name]["p_normal"]
+
+
+def _png_of(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@attack
+def pil_decompression_bomb_warning_never_reaches_stderr(tmp_path) -> None:
+    """A real 9500 x 9500 film (90 M pixels: above PIL's warning limit, below XRAY_MAX_PIXELS=100 M) is
+    ingested by the CLI in a fresh process, where Python's default filters would print the warning."""
+    side = 9500
+    gradient = np.add.outer(np.arange(side) % 251, np.arange(side) % 241).astype(np.uint8)
+    put(tmp_path / "src" / "normal" / "big.jpeg", _jpeg(gradient, quality=50))
+    del gradient
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("XRAY_", "PREFECT_API_URL", "PYTHONWARNINGS"))}
+    env.update({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), "XRAY_MAX_PIXELS": "100000000",
+                "PYTHONPATH": str(PROJECT)})
+    done = subprocess.run([sys.executable, "-m", "xray_cli.main", "ingest", str(tmp_path / "src"), "--json"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=PROJECT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["added"] == 1
+    assert "Warning" not in done.stderr and "decompression bomb" not in done.stderr.lower(), done.stderr
 
 
 def test_round_two_covers_at_least_60_kinds() -> None:

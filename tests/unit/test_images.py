@@ -38,7 +38,7 @@ from xray_core.data.synthetic import make_xray, write_dicom
 
 REASONS = {
     "empty_file", "not_an_image", "unsupported_format", "truncated", "decompression_bomb",
-    "too_small", "constant_image", "unreadable_dicom", "dicom_no_pixels",
+    "too_small", "constant_image", "blank_image", "unreadable_dicom", "dicom_no_pixels",
 }
 
 

@@ -5,12 +5,13 @@ Every file the system ingests passes :func:`decode_image`; a file it cannot use 
 and a ``detail`` sentence saying what was found and what is allowed:
 
 ``empty_file`` · ``not_an_image`` · ``unsupported_format`` · ``truncated`` · ``decompression_bomb`` ·
-``too_small`` · ``constant_image`` · ``unreadable_dicom`` · ``dicom_no_pixels`` · ``wrong_modality`` ·
-``not_chest`` (the DICOM steps and their reasons live in :mod:`xray_core.data.dicom`)
+``too_small`` · ``constant_image`` · ``blank_image`` · ``unreadable_dicom`` · ``dicom_no_pixels`` ·
+``wrong_modality`` · ``not_chest`` (the DICOM steps and their reasons live in :mod:`xray_core.data.dicom`)
 
 The output is one convention for every format (torchxrayvision's single checked normalisation):
 float32, shape (H, W), 0 = black, 1 = white, EXIF orientation applied; DICOM windowed (VOI LUT,
-window centre/width or a percentile window) with MONOCHROME1 / INVERSE inverted. Global
+window centre/width or a percentile window) with MONOCHROME1 / INVERSE inverted. A JPEG above
+:data:`REDUCED_DECODE_PIXELS` is decoded reduced (``DecodedImage.scale``), to bound memory. Global
 PIL state (``LOAD_TRUNCATED_IMAGES``, ``MAX_IMAGE_PIXELS``) and pydicom's config are never changed:
 other code in the process may rely on them.
 """
@@ -18,16 +19,19 @@ other code in the process may rely on them.
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from xray_core.data import dicom
 from xray_core.data.dicom import DicomFacts, DicomPolicy
+from xray_core.data.plausibility import check_blank, check_jpeg_fill, check_png_rows
 from xray_core.errors import ImageRejected
 from xray_core.io.fsutil import printable
 from xray_core.settings import Settings
@@ -40,18 +44,19 @@ DEFAULT_MAX_PIXELS: int = Settings.max_pixels
 
 # ITU-R BT.601 luma, the weights PIL's own RGB -> L conversion uses, but kept in float.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_BAND_PIXELS = 1 << 20  # pixels leave PIL in bands of about 1 M (12 MB as float32 RGB)
+
+# A JPEG declaring more pixels than this is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling via
+# Image.draft), whichever first fits: decoding memory stays near that of a 25 MP film. Chest films are
+# under 20 MP, so every ordinary film is decoded at full size, to exactly the pixels it always had.
+REDUCED_DECODE_PIXELS: int = 25_000_000
+
+_EXIF_ORIENTATION = 0x0112
+_PNG_TEXT_LIMIT = PngImagePlugin.MAX_TEXT_CHUNK  # read, never changed (global PIL state)
 
 # What a corrupt or cut-off PNG/JPEG raises inside PIL's decoders (PIL reports broken chunks as
 # SyntaxError, short data as OSError, bad zlib streams as zlib.error, short headers as struct.error).
-_PIL_DECODE_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    EOFError,
-    IndexError,
-    struct.error,
-    zlib.error,
-)
+_PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing arrays with == is ambiguous
 class DecodedImage:
@@ -65,6 +70,7 @@ class DecodedImage:
     dicom_patient_id: str | None  # raw DICOM PatientID: the caller hashes it; never log or store it
     view: str | None  # DICOM ViewPosition, e.g. "PA"; None for PNG/JPEG or when absent
     dicom: DicomFacts | None = None  # acquisition facts (raw: hash before storing); None for PNG/JPEG
+    scale: int = 1  # 1, or 2/4/8 for a JPEG above REDUCED_DECODE_PIXELS: pixels is width/scale wide
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -141,6 +147,7 @@ def _decode(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy 
             "constant_image",
             f"every pixel has the same value ({image.width}x{image.height}); an X-ray needs contrast",
         )
+    check_blank(pixels)
     return image
 
 
@@ -161,49 +168,95 @@ def _check_size(width: int, height: int, *, min_side: int, max_pixels: int, fmt:
 
 
 def _decode_pil(data: bytes, fmt: str, *, min_side: int, max_pixels: int) -> DecodedImage:
-    try:
-        # formats=: only the plugin the magic bytes named may parse the file.
-        im = Image.open(BytesIO(data), formats=[fmt.upper()])
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # PIL's own guard fires inside open() for sizes above its global limit (2x MAX_IMAGE_PIXELS
-        # is an error; the warning only reaches here if a caller turned warnings into errors).
-        raise ImageRejected(
-            "decompression_bomb",
-            f"the {fmt.upper()} header declares more pixels than PIL's safety limit ({exc}); "
-            f"at most {max_pixels} pixels are allowed (XRAY_MAX_PIXELS)",
-        ) from None
-    except (UnidentifiedImageError, *_PIL_DECODE_ERRORS) as exc:
-        raise ImageRejected(
-            "truncated", f"the {fmt.upper()} header is cut off or corrupt ({exc}); the file cannot be read"
-        ) from None
-    with im:
-        width, height = im.size
-        _check_size(width, height, min_side=min_side, max_pixels=max_pixels, fmt=fmt)
+    # Pillow reports some findings as warnings (DecompressionBombWarning above its own limit, corrupt
+    # EXIF, ...). They are recorded for this call only and dropped instead of reaching stderr: the
+    # decision is XRAY_MAX_PIXELS's and the checks below; a global filter would hide other code's warnings.
+    # (catch_warnings swaps process-wide state while it runs: decoding runs in one thread per process.)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
         try:
-            im.load()  # full decode now: LOAD_TRUNCATED_IMAGES stays False, so short data raises
-            ImageOps.exif_transpose(im, in_place=True)
-            pixels, bit_depth = _pil_to_gray(im)
-        except _PIL_DECODE_ERRORS as exc:
+            # formats=: only the plugin the magic bytes named may parse the file.
+            im = Image.open(BytesIO(data), formats=[fmt.upper()])
+        except Image.DecompressionBombError as exc:
+            # PIL's own guard fires inside open() for sizes above twice its global limit.
             raise ImageRejected(
-                "truncated",
-                f"the {fmt.upper()} pixel data is cut off or corrupt ({exc}); re-export the complete file",
+                "decompression_bomb",
+                f"the {fmt.upper()} header declares more pixels than PIL's safety limit ({exc}); "
+                f"at most {max_pixels} pixels are allowed (XRAY_MAX_PIXELS)",
             ) from None
+        except (UnidentifiedImageError, *_PIL_DECODE_ERRORS) as exc:
+            raise _pil_rejection(exc, fmt, "header is cut off or corrupt; the file cannot be read") from None
+        with im:
+            width, height = im.size
+            # Checked before any pixel is decoded or expanded (RGBA, 16-bit): the header alone decides.
+            _check_size(width, height, min_side=min_side, max_pixels=max_pixels, fmt=fmt)
+            try:
+                scale = _draft(im) if fmt == "jpeg" else 1
+                im.load()  # full decode now: LOAD_TRUNCATED_IMAGES stays False, so short data raises
+                if fmt == "png":
+                    check_png_rows(data, width, height)
+                else:
+                    check_jpeg_fill(im, scale)
+                if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # a quarter turn swaps the sides
+                    width, height = height, width
+                ImageOps.exif_transpose(im, in_place=True)
+                pixels, bit_depth = _pil_to_gray(im)
+            except _PIL_DECODE_ERRORS as exc:
+                what = "pixel data is cut off or corrupt; re-export the complete file"
+                raise _pil_rejection(exc, fmt, what) from None
     return DecodedImage(
         pixels=pixels,
-        width=int(pixels.shape[1]),
-        height=int(pixels.shape[0]),
+        width=width,
+        height=height,
         bit_depth=bit_depth,
         format=fmt,
         dicom_patient_id=None,
         view=None,
+        scale=scale,
     )
 
 
+def _pil_rejection(exc: BaseException, fmt: str, what: str) -> ImageRejected:
+    """The reason for an error PIL raised while parsing or decoding: a text or ICC chunk that inflates
+    past PIL's cap (``ValueError: Decompressed data too large ...``, ``Too much memory used in text
+    chunks``) is a decompression bomb, not a cut-off file; anything else is ``truncated``."""
+    message = str(exc)
+    lower = message.lower()
+    if isinstance(exc, ValueError) and ("too large" in lower or "too much memory" in lower):
+        return ImageRejected(
+            "decompression_bomb",
+            f"a compressed {fmt.upper()} metadata chunk (zTXt, iTXt or iCCP) inflates beyond PIL's limit of "
+            f"{_PNG_TEXT_LIMIT} bytes per chunk ({message}); only images with small metadata are accepted",
+        )
+    return ImageRejected("truncated", f"the {fmt.upper()} {what} ({message})")
+
+
+def _draft(im: Image.Image) -> int:
+    """Decode a JPEG above :data:`REDUCED_DECODE_PIXELS` at 1/2, 1/4 or 1/8 scale; return the factor.
+
+    libjpeg scales in the DCT domain, so a 50 MP film never exists at full size in memory. Films at
+    or below the budget are decoded at full size, exactly as before (the feature cache is keyed by the
+    file's sha256, so its pixels must not change).
+    """
+    width, height = im.size
+    scale = 1
+    while scale < 8 and -(-width // scale) * -(-height // scale) > REDUCED_DECODE_PIXELS:
+        scale *= 2
+    if scale > 1:
+        im.draft(None, (width // scale, height // scale))
+    return scale
+
+
 def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, int]:
-    """Any PIL mode -> float32 (H, W) in [0, 1] and the source bit depth (8 or 16)."""
+    """Any PIL mode -> float32 (H, W) in [0, 1] and the source bit depth (8 or 16).
+
+    Memory: one channel is taken inside PIL and rows are copied out in bands of about 1 M pixels, so
+    the peak is the PIL image plus the float32 result; colour never exists as a float32 (H, W, 3).
+    The arithmetic per pixel is unchanged (same dtype, same operations), so pixels are identical.
+    """
     mode = im.mode
     if mode.startswith("I;16"):  # 16-bit PNG: keep every one of the 65536 levels
-        return np.asarray(im).astype(np.float32) / 65535.0, 16
+        return _scaled(im, 65535.0), 16
     if mode == "I":
         arr = np.asarray(im).astype(np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -213,14 +266,34 @@ def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, int]:
     if mode == "F":
         return _minmax(np.asarray(im).astype(np.float64)), 16
     if mode == "L":
-        return np.asarray(im).astype(np.float32) / 255.0, 8
+        return _scaled(im, 255.0), 8
     if mode in ("LA", "La"):  # alpha is ignored: an X-ray's grey level is the L channel
-        return np.asarray(im.getchannel("L")).astype(np.float32) / 255.0, 8
+        return _scaled(im.getchannel("L"), 255.0), 8
     if mode == "1":
-        return np.asarray(im.convert("L")).astype(np.float32) / 255.0, 8
+        return _scaled(im.convert("L"), 255.0), 8
     # RGB, RGBA, P, PA, CMYK, YCbCr, ...: colour -> float luminance (alpha dropped)
-    rgb = np.asarray(im.convert("RGB")).astype(np.float32)
-    return (rgb @ _LUMA) / 255.0, 8
+    rgb = im if mode in ("RGB", "RGBA") else im.convert("RGB")
+    out = np.empty((rgb.height, rgb.width), dtype=np.float32)
+    for top, band in _bands(rgb):
+        np.matmul(band[..., :3].astype(np.float32), _LUMA, out=out[top : top + len(band)])
+    out /= 255.0
+    return out, 8
+
+
+def _bands(im: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, array) for bands of about :data:`_BAND_PIXELS` pixels, top to bottom."""
+    step = max(1, _BAND_PIXELS // max(1, im.width))
+    for top in range(0, im.height, step):
+        yield top, np.asarray(im.crop((0, top, im.width, min(im.height, top + step))))
+
+
+def _scaled(im: Image.Image, full: float) -> np.ndarray:
+    """A one-channel image as ``float32 / full``, built band by band into one float32 array."""
+    out = np.empty((im.height, im.width), dtype=np.float32)
+    for top, band in _bands(im):
+        out[top : top + len(band)] = band
+    out /= full
+    return out
 
 
 def _minmax(arr: np.ndarray) -> np.ndarray:
@@ -302,10 +375,16 @@ def perceptual_hash(pixels: np.ndarray) -> int:
     Near-duplicates (re-encoded, resized, slightly noised) differ in a few bits; compare with
     :func:`hamming`.
     """
-    arr = np.asarray(pixels, dtype=np.float64)
+    arr = np.asarray(pixels)
     if arr.ndim != 2 or min(arr.shape) < 1:
         raise ValueError(f"perceptual_hash needs a 2-D grayscale array, got shape {arr.shape}")
-    small = _box_matrix(_HASH_SIDE, arr.shape[0]) @ arr @ _box_matrix(_HASH_SIDE, arr.shape[1]).T
+    # Row bands in float64, never the whole image (a 50 MP film would take 400 MB as float64).
+    rows = _box_matrix(_HASH_SIDE, arr.shape[0])
+    step = max(1, _BAND_PIXELS // arr.shape[1])
+    small = np.zeros((_HASH_SIDE, arr.shape[1]))
+    for top in range(0, arr.shape[0], step):
+        small += rows[:, top : top + step] @ arr[top : top + step].astype(np.float64)
+    small = small @ _box_matrix(_HASH_SIDE, arr.shape[1]).T
     low = (_DCT32 @ small @ _DCT32.T)[:_HASH_KEEP, :_HASH_KEEP].ravel()
     bits = low > np.median(low)
     value = 0
@@ -324,6 +403,7 @@ __all__ = [
     "DicomPolicy",
     "SUPPORTED_FORMATS",
     "DEFAULT_MAX_PIXELS",
+    "REDUCED_DECODE_PIXELS",
     "decode_image",
     "load_grayscale",
     "decode_stored",

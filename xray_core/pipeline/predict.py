@@ -25,6 +25,12 @@ from xray_core.settings import Settings
 
 Progress = Callable[[int, int], None]
 
+# Decoded films waiting for one backbone forward hold at most about this many pixels (128 MB as float32)
+# plus the film that crossed it: a batch of 50 MP films is embedded a film or two at a time instead of
+# holding a whole forward batch of them. The backbone pads every forward to the batch size, so an early
+# flush changes no number.
+HELD_PIXELS = 32_000_000
+
 
 @dataclass
 class PredictFile:
@@ -248,7 +254,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
                          "model_version": version, "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
         else:
             batch.append((f, sha, pixels))
-            if len(batch) >= flush_size:
+            if len(batch) >= flush_size or sum(px.size for _, _, px in batch) >= HELD_PIXELS:
                 flush()
         if progress:
             progress(i, len(files))
