@@ -18,6 +18,7 @@ from prefect.states import Completed, State
 
 from flows.common import epoch_reporter, progress_reporter, transient_io
 from flows.events import emit_retrain_outcome
+from xray_core.io.fsutil import utf8_safe
 from xray_core.pipeline.cycle import RetrainRequest, headline_result, run_cycle, summary_line
 from xray_core.registry.listing import list_models
 from xray_core.report.markdown import artifact_description, metrics_rows, registry_rows, retrain_markdown
@@ -57,8 +58,10 @@ class PrefectExecutor:
 
 def publish_artifacts(settings: Settings, result: dict[str, Any]) -> None:
     """The report, metrics and registry tables as keyed artifacts; descriptions lead with the decision."""
-    headline = artifact_description(result)
-    create_markdown_artifact(markdown=retrain_markdown(result), key="retrain-report", description=headline)
+    # utf8_safe: a run folder under a home whose name is not UTF-8 shows as \xNN, never a lone surrogate.
+    headline = utf8_safe(artifact_description(result))
+    create_markdown_artifact(markdown=utf8_safe(retrain_markdown(result)), key="retrain-report",
+                             description=headline)
     if result.get("challenger_eval"):
         create_table_artifact(table=metrics_rows(result["challenger_eval"], result.get("champion_eval")),
                               key="retrain-metrics", description=f"{headline[:120]} · 95% intervals, same test set")

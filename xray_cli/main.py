@@ -7,7 +7,6 @@ lazily, so ``xray status`` never pays Prefect's import time.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -39,10 +38,14 @@ def _seconds(text: str) -> float:
 
 
 def _emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    """Print the result; a path with a byte that is not UTF-8 shows as ``\\xNN``, never a lone surrogate
+    (which strict JSON parsers refuse and a UTF-8 stdout cannot even write)."""
+    from xray_core.io.fsutil import json_text, utf8_safe
+
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str, sort_keys=False) + "\n")
+        sys.stdout.write(json_text(result, indent=2, default=str, sort_keys=False) + "\n")
     else:
-        sys.stdout.write(render(result).rstrip() + "\n")
+        sys.stdout.write(utf8_safe(render(result)).rstrip() + "\n")
 
 
 def _progress_bar(enabled: bool, label: str) -> Callable[[int, int], None] | None:
