@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
-from flows.common import epoch_reporter, progress_reporter, transient_io
+from flows.common import epoch_reporter, failed_for_user_error, progress_reporter, transient_io
 from flows.events import emit_retrain_outcome
 from xray_core.io.fsutil import utf8_safe
 from xray_core.pipeline.cycle import RetrainRequest, headline_result, run_cycle, summary_line
@@ -96,6 +96,10 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
                 publish_artifacts(settings, failed)
             except Exception as also:  # noqa: BLE001 - the run's own failure is what must surface
                 logger.warning("could not publish the failed run's artifacts: %s: %s", type(also).__name__, also)
+        failed_state = failed_for_user_error(exc)  # the CLI's one line as the Failed state's message
+        if failed_state is not None:
+            logger.error(failed_state.message)
+            return failed_state
         raise
     publish_artifacts(settings, result)
     emit_retrain_outcome(result)

@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from xray_core.errors import UsageError, XrayError
+from xray_core.errors import TerminatedBySignal, UsageError, XrayError, path_error
 from xray_core.settings import get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -397,9 +397,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"xray {args.command}: interrupted\n")
         return 130
+    except TerminatedBySignal as exc:  # SIGTERM during `retrain --local`: say what was recorded, exit 143
+        sys.stderr.write(f"xray {args.command}: {_terminated(exc)}\n")
+        return int(exc.code)
     except Exception as exc:  # the last line of defence: one line, not a traceback, unless --debug
         if _is_catalogue_file_error(exc):
             sys.stderr.write(f"xray {args.command}: {exc}\n")
+            return EXIT_USAGE
+        mapped = path_error(exc)  # a path too long, a read-only file system, no permission: the user's to fix
+        if mapped is not None:
+            if debug:
+                traceback.print_exc()
+            sys.stderr.write(f"xray {args.command}: {mapped}\n")
             return EXIT_USAGE
         if debug:
             traceback.print_exc()
@@ -407,6 +416,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"xray {args.command}: failed: unexpected {type(exc).__name__}: {first}"
                          + ("" if debug else " (run again with --debug for the traceback)") + "\n")
         return EXIT_FAILED
+
+
+def _terminated(exc: TerminatedBySignal) -> str:
+    """The one line a SIGTERM'd command prints: what the run's audit row (if any) now says."""
+    result = getattr(exc, "xray_result", None) or {}
+    if result.get("audit_recorded"):
+        return f"terminated; the audit row says: {result.get('state_message')}"
+    if result:
+        return (f"terminated; its audit row could not be recorded ({result.get('state_message')}); the next "
+                "retrain closes what it left (xray models --history)")
+    return "terminated (SIGTERM) before a retrain started or after it finished: nothing to record"
 
 
 def _is_catalogue_file_error(exc: BaseException) -> bool:

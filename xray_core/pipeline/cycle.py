@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
-from xray_core.errors import NotEnoughDataError
+from xray_core.errors import NotEnoughDataError, TerminatedBySignal, path_error
 from xray_core.evaluate.promotion import DECISION_STATES
 from xray_core.faults import crash_point
 from xray_core.pipeline import steps
@@ -352,8 +352,9 @@ def _record_failure(settings: Settings, request: RetrainRequest, result: dict[st
     kind = "cancelled" if not isinstance(exc, Exception) else "failed"
     if isinstance(exc, TerminatedBySignal):
         error = "terminated by a signal (SIGTERM)"
-    else:
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    else:  # a path the user must fix: one line, cut to ~200 characters (not 10,000 in the audit row)
+        mapped = path_error(exc)
+        error = str(mapped) if mapped else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
     already = "champion_after" in result and result.get("decision") is not None  # the decision row exists
     if already:
         message = (f"run {kind} after its decision ({result['decision']['decision']}; champion "
@@ -367,6 +368,7 @@ def _record_failure(settings: Settings, request: RetrainRequest, result: dict[st
             record_decision(settings, challenger=result.get("version"), decision="failed", trigger=request.trigger,
                             flow_run_id=request.flow_run_id, metrics={},
                             rationale=f"run {kind} before a decision; champion unchanged. {error}")
+        result["audit_recorded"] = True  # what the CLI's "terminated; the audit row says ..." line relies on
         result.update(write_reports(settings, result, folder))
     except Exception:  # noqa: BLE001 - the original failure is what the caller must see
         pass
@@ -392,15 +394,13 @@ def headline_result(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class TerminatedBySignal(SystemExit):
-    """SIGTERM turned into an exception, so ``xray retrain --local`` records its failure before exiting."""
-
-
 def terminate_as_exception() -> None:
-    """Install a SIGTERM handler raising :class:`TerminatedBySignal` (a BaseException, exit code 143).
+    """Install a SIGTERM handler raising :class:`~xray_core.errors.TerminatedBySignal` (a BaseException,
+    exit code 143).
 
     Prefect does this itself for flow runs; the CLI's local run needs it so that a cancelled run
-    still writes its ``failed`` audit row (SIGKILL, by design, leaves only crash-safe state).
+    still writes its ``failed`` audit row (SIGKILL, by design, leaves only crash-safe state), and the
+    CLI then prints one line saying what that row says (``result["audit_recorded"]``).
     """
     def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
         raise TerminatedBySignal(128 + signum)
