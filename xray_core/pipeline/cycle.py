@@ -236,7 +236,7 @@ def run_cycle(settings: Settings, request: RetrainRequest, executor: Executor | 
                 result["notes"].append(f"closed candidate(s) {', '.join(f'v{v}' for v in closed)} left by a "
                                        "retrain that was killed before its decision")
             _run_steps(settings, request, run, result, str(folder))
-            result.update(run.run("report", write_reports, settings, result, str(folder)))
+            _report_outcome(settings, run, result, str(folder))
         except BaseException as exc:
             _record_failure(settings, request, result, exc, str(folder))
             try:
@@ -245,6 +245,25 @@ def run_cycle(settings: Settings, request: RetrainRequest, executor: Executor | 
                 pass
             raise
         return result
+
+
+def _report_outcome(settings: Settings, run: Executor, result: dict[str, Any], folder: str) -> None:
+    """Write the reports of a run whose outcome is already recorded.
+
+    The decision row and the champion switch are committed before this: a report that cannot be
+    written (a full disk, a read-only reports folder) must not turn the run into a plain failure while
+    the champion changed. The run keeps its state (and the CLI its exit code 0); its message and
+    ``report_error`` say the report is missing. A signal or Ctrl-C still propagates (BaseException).
+    """
+    try:
+        result.update(run.run("report", write_reports, settings, result, folder))
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        mapped = path_error(exc)  # a read-only or too long path: one line, the path cut
+        error = str(mapped) if mapped else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        result["report_error"] = error
+        result["state_message"] = (f"{result['state_message']} (the report could not be written: {error}; "
+                                   "the outcome stands, see xray models --history)")
+        result["summary"] = summary_line(result)
 
 
 def close_interrupted(settings: Settings, since: Any, trigger: str) -> list[int]:
@@ -377,7 +396,8 @@ def _record_failure(settings: Settings, request: RetrainRequest, result: dict[st
 def headline_result(result: dict[str, Any]) -> dict[str, Any]:
     """What the flow and the CLI return: the headline numbers, not the full metric dicts (those are in the report)."""
     keep = ("flow_run_id", "status", "state", "state_message", "summary", "trigger", "ingests", "split_counts",
-            "embed", "champion_after", "report", "report_html", "description", "notes", "backbone_random_init")
+            "embed", "champion_after", "report", "report_html", "description", "notes",
+            "backbone_random_init", "report_error")
     out = {k: result.get(k) for k in keep}
     out["decision"] = result.get("decision")
     out["drift"] = result.get("drift")
