@@ -8,8 +8,8 @@ from typing import Any, Callable
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.states import Failed, State
 
-from xray_core.errors import is_transient_io, user_error
 from xray_core.io.fsutil import utf8_safe
+from xray_core.io.oserrors import is_transient_io, user_error
 
 
 def progress_reporter(key: str, description: str, *, min_interval_s: float = 2.0) -> Callable[[int, int], None]:
@@ -41,7 +41,7 @@ def epoch_reporter(key: str, description: str) -> Callable[[int, int, dict], Non
 def transient_io(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
     """Retry only on transient I/O errors (a flaky network share: EIO, ESTALE, a timeout, a reset
     connection), never on what the user must fix (a path too long, a read-only file system, no
-    permission), a full disk, bad data or code errors: :func:`xray_core.errors.is_transient_io`."""
+    permission), a full disk, bad data or code errors: :func:`xray_core.io.oserrors.is_transient_io`."""
     return is_transient_io(state.result(raise_on_failure=False))
 
 

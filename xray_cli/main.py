@@ -14,7 +14,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from xray_core.errors import TerminatedBySignal, UsageError, XrayError, path_error
+from xray_core.errors import TerminatedBySignal, UsageError, XrayError
+from xray_core.io.fsutil import json_text, utf8_safe
+from xray_core.io.oserrors import path_error
+from xray_core.report.terminal import render_terminated  # no imports of its own: cheap
 from xray_core.settings import get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -38,10 +41,7 @@ def _seconds(text: str) -> float:
 
 
 def _emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
-    """Print the result; a path with a byte that is not UTF-8 shows as ``\\xNN``, never a lone surrogate
-    (which strict JSON parsers refuse and a UTF-8 stdout cannot even write)."""
-    from xray_core.io.fsutil import json_text, utf8_safe
-
+    """Print the result; a byte that is not UTF-8 in a path shows as ``\\xNN``, never a lone surrogate."""
     if as_json:
         sys.stdout.write(json_text(result, indent=2, default=str, sort_keys=False) + "\n")
     else:
@@ -192,7 +192,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     if args.local:
-        from xray_core.pipeline.cycle import DirectExecutor, RetrainRequest, run_cycle, terminate_as_exception
+        from xray_core.errors import terminate_as_exception
+        from xray_core.pipeline.cycle import DirectExecutor, RetrainRequest, run_cycle
 
         terminate_as_exception()  # a SIGTERM'd local run still records its failure
         incoming = None if args.no_incoming or settings.incoming_dir is None else str(settings.incoming_dir)
@@ -398,17 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"xray {args.command}: interrupted\n")
         return 130
     except TerminatedBySignal as exc:  # SIGTERM during `retrain --local`: say what was recorded, exit 143
-        sys.stderr.write(f"xray {args.command}: {_terminated(exc)}\n")
+        sys.stderr.write(f"xray {args.command}: {render_terminated(getattr(exc, 'xray_result', None))}\n")
         return int(exc.code)
     except Exception as exc:  # the last line of defence: one line, not a traceback, unless --debug
-        if _is_catalogue_file_error(exc):
-            sys.stderr.write(f"xray {args.command}: {exc}\n")
-            return EXIT_USAGE
-        mapped = path_error(exc)  # a path too long, a read-only file system, no permission: the user's to fix
-        if mapped is not None:
-            if debug:
-                traceback.print_exc()
-            sys.stderr.write(f"xray {args.command}: {mapped}\n")
+        from db.engine import CatalogueFileError
+
+        user = exc if isinstance(exc, CatalogueFileError) else path_error(exc)
+        if user is not None:  # a damaged catalogue, a path too long, read-only, no permission: exit 2
+            sys.stderr.write(f"xray {args.command}: {user}\n")
             return EXIT_USAGE
         if debug:
             traceback.print_exc()
@@ -416,23 +414,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"xray {args.command}: failed: unexpected {type(exc).__name__}: {first}"
                          + ("" if debug else " (run again with --debug for the traceback)") + "\n")
         return EXIT_FAILED
-
-
-def _terminated(exc: TerminatedBySignal) -> str:
-    """The one line a SIGTERM'd command prints: what the run's audit row (if any) now says."""
-    result = getattr(exc, "xray_result", None) or {}
-    if result.get("audit_recorded"):
-        return f"terminated; the audit row says: {result.get('state_message')}"
-    if result:
-        return (f"terminated; its audit row could not be recorded ({result.get('state_message')}); the next "
-                "retrain closes what it left (xray models --history)")
-    return "terminated (SIGTERM) before a retrain started or after it finished: nothing to record"
-
-
-def _is_catalogue_file_error(exc: BaseException) -> bool:
-    from db.engine import CatalogueFileError
-
-    return isinstance(exc, CatalogueFileError)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,13 @@
 
 The CLI maps :class:`UsageError` (and its subclasses) to exit code 2 and every other
 :class:`XrayError` to exit code 1. An ``OSError`` that the user can fix (a path too long, a read-only
-file system, no permission: :data:`USER_ERRNOS`) becomes a :class:`PathError` through
-:func:`path_error`, in the CLI and in the flows alike, and is never retried as transient
-(:func:`is_transient_io`).
+file system, no permission) becomes a :class:`PathError` (:mod:`xray_core.io.oserrors`).
 """
 
 from __future__ import annotations
 
-import errno
-import os
+import signal
+from typing import Any
 
 
 class XrayError(Exception):
@@ -71,67 +69,17 @@ class PathError(UsageError):
 
 class TerminatedBySignal(SystemExit):
     """SIGTERM turned into an exception (exit code 143), so that a local retrain records its failure
-    and the CLI says what was recorded before exiting (``pipeline.cycle.terminate_as_exception``)."""
+    and the CLI says what was recorded before exiting."""
 
 
-# errno -> what the user can do about it. These are not transient: retrying cannot change the outcome.
-USER_ERRNOS: dict[int, str] = {
-    errno.ENAMETOOLONG: "a file name may have at most 255 bytes and a path 4,096; use a shorter path",
-    errno.EROFS: "that file system is mounted read-only; make it writable or point XRAY_HOME (or the output "
-                 "path) at a writable one",
-    errno.EACCES: "this user may not read or write there; fix the permissions or use another path",
-    errno.EPERM: "the operation is not permitted there; fix the permissions or use another path",
-    errno.ENOTDIR: "a part of the path is a file where a folder is needed",
-    errno.EISDIR: "it is a folder where a file is needed",
-    errno.ELOOP: "too many symbolic links (or a link loop) in the path",
-}
-# What may succeed a few seconds later: a flaky network share or disk, a busy file, a dropped connection.
-TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET, errno.ECONNABORTED,
-                              errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
-                              errno.EAGAIN, errno.EBUSY, errno.EINTR})
-PATH_SHOWN = 200  # characters of a path a message shows; a 10,000-character path is cut in the middle
+def terminate_as_exception() -> None:
+    """Install a SIGTERM handler raising :class:`TerminatedBySignal` (a BaseException, exit code 143).
 
-
-def cut_path(path: object, limit: int = PATH_SHOWN) -> str:
-    """``path`` as printable text of at most about ``limit`` characters: its start and its end (where the
-    file name is), with the total length in the middle. Bytes that are not UTF-8 show as ``\\xNN``."""
-    from xray_core.io.fsutil import printable  # fsutil imports this module
-
-    text = printable(os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path))
-    if len(text) <= limit:
-        return text
-    half = (limit - 30) // 2
-    return f"{text[:half]}…[{len(text):,} characters]…{text[-half:]}"
-
-
-def path_error(exc: BaseException) -> PathError | None:
-    """The :class:`PathError` for an OSError the user can fix (:data:`USER_ERRNOS`), else None.
-
-    One line: ``cannot use <path, cut>: <strerror> (<ERRNO>); <what to do>``. The CLI prints it
-    (exit 2); the retrain flow ends Failed with it as the state's message.
+    Prefect does this itself for flow runs; the CLI's local run needs it so that a cancelled run
+    still writes its ``failed`` audit row (SIGKILL, by design, leaves only crash-safe state), and the
+    CLI then prints one line saying what that row says.
     """
-    if not isinstance(exc, OSError) or exc.errno not in USER_ERRNOS:
-        return None
-    name = errno.errorcode.get(exc.errno, str(exc.errno))
-    paths = [cut_path(p) for p in (exc.filename, exc.filename2) if p is not None]
-    where = f"cannot use {' -> '.join(paths)}" if paths else "a file operation failed"
-    error = PathError(f"{where}: {exc.strerror or os.strerror(exc.errno)} ({name}); {USER_ERRNOS[exc.errno]}")
-    error.__cause__ = exc
-    return error
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        raise TerminatedBySignal(128 + signum)
 
-
-def user_error(exc: BaseException) -> UsageError | None:
-    """The error as the user must see it when it is theirs to fix: a :class:`UsageError` itself, or the
-    :class:`PathError` of an OSError in :data:`USER_ERRNOS`; None for anything else (a failure)."""
-    return exc if isinstance(exc, UsageError) else path_error(exc)
-
-
-def is_transient_io(exc: BaseException | None) -> bool:
-    """Worth one retry: a timeout, a dropped connection, or an OSError whose errno is in
-    :data:`TRANSIENT_ERRNOS` (or that carries none: a library's own I/O error, as before). Never a
-    user error (:data:`USER_ERRNOS`), a full disk, a missing file, nor bad data or a code error."""
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    if not isinstance(exc, OSError) or isinstance(exc, (FileNotFoundError, PermissionError)):
-        return False
-    return exc.errno is None or exc.errno in TRANSIENT_ERRNOS
+    signal.signal(signal.SIGTERM, handler)

@@ -15,15 +15,15 @@ termination signal (BaseException) records a ``failed`` audit row and a report b
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
-from xray_core.errors import NotEnoughDataError, TerminatedBySignal, path_error
+from xray_core.errors import NotEnoughDataError, TerminatedBySignal
 from xray_core.evaluate.promotion import DECISION_STATES
 from xray_core.faults import crash_point
+from xray_core.io.oserrors import path_error
 from xray_core.pipeline import steps
 from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.lock import retrain_lock
@@ -412,17 +412,3 @@ def headline_result(result: dict[str, Any]) -> dict[str, Any]:
             **{k: ev["metrics"].get(k) for k in ("accuracy", "balanced_accuracy", "macro_auroc")},
             "intervals": {k: ev["metrics"].get("intervals", {}).get(k) for k in ("macro_auroc", "balanced_accuracy")}}
     return out
-
-
-def terminate_as_exception() -> None:
-    """Install a SIGTERM handler raising :class:`~xray_core.errors.TerminatedBySignal` (a BaseException,
-    exit code 143).
-
-    Prefect does this itself for flow runs; the CLI's local run needs it so that a cancelled run
-    still writes its ``failed`` audit row (SIGKILL, by design, leaves only crash-safe state), and the
-    CLI then prints one line saying what that row says (``result["audit_recorded"]``).
-    """
-    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
-        raise TerminatedBySignal(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
