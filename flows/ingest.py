@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.common import progress_reporter, transient_io
 from flows.events import emit_drift, emit_ingested
 from xray_core.data.ingest import ingest_source
+from xray_core.io.fsutil import utf8_safe
 from xray_core.report.terminal import render_ingest
 from xray_core.settings import get_settings
 
@@ -44,12 +45,12 @@ def ingest(path: str, manifest: str | None = None, site: str | None = None,
     from prefect.runtime import flow_run
 
     summary = ingest_task(path, manifest, site)
-    create_markdown_artifact(markdown=f"```\n{render_ingest(summary)}\n```", key="ingest-summary",
+    create_markdown_artifact(markdown=utf8_safe(f"```\n{render_ingest(summary)}\n```"), key="ingest-summary",
                              description="what the last ingest added, skipped and quarantined")
     emit_ingested(summary, site or Path(path).name)
     if check_drift and summary.get("added"):
         drift = drift_task(flow_run.id)
-        create_markdown_artifact(markdown=drift.pop("markdown"), key="drift-report",
+        create_markdown_artifact(markdown=utf8_safe(drift.pop("markdown")), key="drift-report",
                                  description=str(drift["summary"])[:250])
         summary["drift"] = {"summary": drift["summary"], "drift": drift["drift"], "report": drift["report"],
                             "events": emit_drift(drift)}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from xray_core.errors import TerminatedBySignal, UsageError, XrayError
-from xray_core.io.fsutil import json_text, utf8_safe
+from xray_core.io.fsutil import json_text, require_utf8_args, utf8_safe
 from xray_core.io.oserrors import path_error
 from xray_core.report.terminal import render_terminated  # no imports of its own: cheap
 from xray_core.settings import get_settings
@@ -41,8 +41,7 @@ def _seconds(text: str) -> float:
 
 
 def _emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
-    """Print the result; a byte that is not UTF-8 in a path shows as ``\\xNN``, never a lone surrogate."""
-    if as_json:
+    if as_json:  # json_text/utf8_safe: a byte that is not UTF-8 in a path shows as \xNN, never as \udcNN
         sys.stdout.write(json_text(result, indent=2, default=str, sort_keys=False) + "\n")
     else:
         sys.stdout.write(utf8_safe(render(result)).rstrip() + "\n")
@@ -316,6 +315,7 @@ def check_environment(command: str, args: argparse.Namespace) -> None:
     # The raw value: settings strip trailing slashes, which turns "bogus://" into a local folder "bogus:".
     _check_storage_url(os.environ.get("XRAY_STORAGE_URL", "").strip() or getattr(settings, "storage_url", None))
     if command in FLOW_COMMANDS and _use_flow() and not (command == "retrain" and getattr(args, "local", False)):
+        require_utf8_args({k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")})
         _check_prefect_api(os.environ["PREFECT_API_URL"])
 
 

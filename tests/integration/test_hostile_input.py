@@ -1149,6 +1149,49 @@ def non_utf8_home_status_json_has_no_lone_surrogate(xray_env, tmp_path, capsys, 
     assert "r\\xff" in capsys.readouterr().out
 
 
+@attack
+def non_utf8_home_predict_flow_artifacts_reach_the_server_escaped(xray_env, tmp_path, capsys, monkeypatch,
+                                                                  prefect_server) -> None:
+    """The predict flow's default CSV path lies under the home: its artifacts (the CSV path in the
+    description, heatmap paths in the table) go to the Prefect server as JSON, escaped; the run
+    completes (httpx used to refuse the lone surrogate after the CSV was written)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.predict import predict
+    from xray_core.data.synthetic import write_dataset
+
+    base = _non_utf8_dir(tmp_path)
+    code, _, err = _retrain_local_under(monkeypatch, capsys, base)
+    assert code == 0, err
+    films = tmp_path / "films"  # a UTF-8 folder: flow parameters themselves must be UTF-8 (next attack)
+    write_dataset(films, patients_per_label=2, images_per_patient=1, size=64, seed=5, patient_offset=90)
+    state = predict(str(films), return_state=True)
+    assert state.is_completed(), state.message
+    assert (base / "home" / "predictions" / "films.csv").is_file()
+
+    async def artifacts():  # noqa: ANN202
+        async with get_client() as client:
+            only = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            return await client.read_artifacts(artifact_filter=only)
+
+    found = {a.key: a for a in asyncio.run(artifacts())}
+    assert "r\\xff" in found["predict-summary"].data and "\\udc" not in found["predict-summary"].data
+
+
+@attack
+def non_utf8_path_for_a_flow_is_refused_before_the_run(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    """With PREFECT_API_URL set, a path argument that is not UTF-8 cannot become a flow parameter (JSON):
+    exit 2 naming it and the way out, before any server is asked (it used to fail creating the run)."""
+    base = _non_utf8_dir(tmp_path)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached: refused before
+    code, err = _cli(capsys, "predict", str(base))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "r\\xff is not valid UTF-8" in err and "--local" in err and "PREFECT_API_URL=" not in err
+
+
 _LONG = "/".join(["d" * 200] * 50)  # 10,049 characters: more than PATH_MAX (4,096)
 
 

@@ -191,6 +191,21 @@ def json_text(value: Any, **dumps_kwargs: Any) -> str:
     return json.dumps(json_safe(value, dumps_kwargs.get("default")), **dumps_kwargs)
 
 
+def require_utf8_args(args: dict[str, Any]) -> None:
+    """Refuse (UsageError, exit 2) a command-line path that is not valid UTF-8 when it is about to become
+    a Prefect flow parameter: parameters travel to the server as JSON, which cannot carry the byte, and
+    the run would fail before it starts. Run without the server (``--local``) for such a path."""
+    from xray_core.errors import UsageError
+
+    for name, value in args.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and utf8_safe(text) != text:
+                shown = name if name == "path" else f"--{name.replace('_', '-')}"
+                raise UsageError(f"{shown} {printable(text)} is not valid UTF-8: a Prefect flow's parameters "
+                                 "are JSON and cannot carry it. Rename it, or unset PREFECT_API_URL to run "
+                                 "without the server (retrain: --local)")
+
+
 def atomic_write_text(path: Path, text: str, *, durable: bool = True, mode: int | None = None) -> None:
     """:func:`atomic_write_bytes` of ``text`` as UTF-8, made safe first (:func:`utf8_safe`): writing a
     report can never fail on a path with an undecodable byte in it."""
