@@ -1182,6 +1182,29 @@ def non_utf8_home_predict_flow_artifacts_reach_the_server_escaped(xray_env, tmp_
 
 
 @attack
+def non_utf8_home_retrain_flow_is_promoted_with_its_reports(xray_env, tmp_path, monkeypatch,
+                                                            prefect_server) -> None:
+    """The retrain flow under a non-UTF-8 home: Promoted, report files and artifacts written (the
+    report path under the home reaches the server escaped)."""
+    from flows.retrain import retrain
+    from xray_core.data.synthetic import write_dataset
+
+    base = _non_utf8_dir(tmp_path)
+    write_dataset(tmp_path / "src", patients_per_label=6, images_per_patient=1, size=64, seed=1)
+    monkeypatch.setenv("XRAY_HOME", str(base / "home"))
+    for key, value in _POLICY_FIRST_CHAMPION.items():
+        monkeypatch.setenv(key, value)
+    reset_settings()
+    dispose_engines()
+    state = retrain(sources=[str(tmp_path / "src")], use_incoming=False, trigger="test", return_state=True)
+    assert state.name == "Promoted", state.message
+    result = state.result()
+    assert Path(result["report"]).is_file()  # the flow's own return value keeps the real path
+    (run,) = (base / "home" / "reports").iterdir()
+    assert _strict_json((run / "result.json").read_text())["state"] == "Promoted"
+
+
+@attack
 def non_utf8_path_for_a_flow_is_refused_before_the_run(xray_env, tmp_path, capsys, monkeypatch) -> None:
     """With PREFECT_API_URL set, a path argument that is not UTF-8 cannot become a flow parameter (JSON):
     exit 2 naming it and the way out, before any server is asked (it used to fail creating the run)."""
