@@ -187,7 +187,18 @@ def json_safe(value: Any, default: Callable[[Any], Any] | None = None) -> Any:
 
 def json_text(value: Any, **dumps_kwargs: Any) -> str:
     """``json.dumps`` of :func:`json_safe` ``(value)``: every JSON the project writes or prints (``--json``
-    output, result.json, card.json) goes through here, so none carries a lone surrogate."""
+    output, result.json, card.json) goes through here, so none carries a lone surrogate.
+
+    Dumped once as it is first: with no ``\\ud`` escape and no raw surrogate in it there is nothing to
+    make safe (walking a 140,000-row split.json first cost 0.28 s on top of json.dumps's 0.71 s).
+    """
+    text = json.dumps(value, **dumps_kwargs)
+    if "\\ud" not in text:  # a surrogate escape (ensure_ascii, the default) or a pair of an emoji's
+        try:
+            text.encode("utf-8")  # raw surrogates (ensure_ascii=False) fail here
+            return text
+        except UnicodeEncodeError:
+            pass
     return json.dumps(json_safe(value, dumps_kwargs.get("default")), **dumps_kwargs)
 
 
