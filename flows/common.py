@@ -4,13 +4,15 @@ final state of a flow that refuses a path outside the allowed roots."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.states import Failed, State
 
 from xray_core.errors import PathRefusedError
+from xray_core.io.fsutil import utf8_safe
+from xray_core.io.oserrors import is_transient_io, user_error
 
 
 def progress_reporter(key: str, description: str, *, min_interval_s: float = 2.0) -> Callable[[int, int], None]:
@@ -40,9 +42,25 @@ def epoch_reporter(key: str, description: str) -> Callable[[int, int, dict], Non
 
 
 def transient_io(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
-    """Retry only on I/O errors (a flaky network share), never on bad data or code errors."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, (FileNotFoundError, PermissionError))
+    """Retry only on transient I/O errors (a flaky network share: EIO, ESTALE, a timeout, a reset
+    connection), never on what the user must fix (a path too long, a read-only file system, no
+    permission), a full disk, bad data or code errors: :func:`xray_core.io.oserrors.is_transient_io`."""
+    return is_transient_io(state.result(raise_on_failure=False))
+
+
+def failed_for_user_error(exc: BaseException) -> State[Any] | None:
+    """A ``Failed`` state whose message is the one line the CLI prints for an error the user must fix
+    (not enough data, a path too long, a read-only file system), or None for any other failure.
+
+    Raised, such an error would end the run as "Flow run encountered an exception: NotEnoughDataError:
+    ..." with a traceback in the log; returned as a state, the runs list shows the line itself. The
+    state carries the exception, so a flow called as a function (``xray retrain`` with a server)
+    still raises it and the CLI exits 2.
+    """
+    error = user_error(exc)
+    if error is None:
+        return None
+    return Failed(message=utf8_safe(str(error))[:1000], data=error)
 
 
 def refused(exc: PathRefusedError) -> State:
@@ -53,5 +71,6 @@ def refused(exc: PathRefusedError) -> State:
     option applies. The exception is the state's data: a direct caller (the CLI) gets it back from
     the call and prints the same line, exit 2.
     """
-    get_run_logger().error(str(exc))
-    return Failed(name="Refused", message=str(exc), data=exc)
+    message = utf8_safe(str(exc))[:1000]
+    get_run_logger().error(message)
+    return Failed(name="Refused", message=message, data=exc)

@@ -14,6 +14,7 @@ from flows.events import emit_drift, emit_ingested
 from xray_core.data.ingest import ingest_source
 from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
+from xray_core.io.fsutil import utf8_safe
 from xray_core.report.terminal import render_ingest
 from xray_core.settings import get_settings
 
@@ -53,12 +54,12 @@ def ingest(path: str, manifest: str | None = None, site: str | None = None,
         return refused(exc)  # type: ignore[return-value] - the run's final state, not a summary
     path, manifest = paths["path"], paths["manifest"]
     summary = ingest_task(path, manifest, site)
-    create_markdown_artifact(markdown=f"```\n{render_ingest(summary)}\n```", key="ingest-summary",
+    create_markdown_artifact(markdown=utf8_safe(f"```\n{render_ingest(summary)}\n```"), key="ingest-summary",
                              description="what the last ingest added, skipped and quarantined")
     emit_ingested(summary, site or Path(path).name)
     if check_drift and summary.get("added"):
         drift = drift_task(flow_run.id)
-        create_markdown_artifact(markdown=drift.pop("markdown"), key="drift-report",
+        create_markdown_artifact(markdown=utf8_safe(drift.pop("markdown")), key="drift-report",
                                  description=str(drift["summary"])[:250])
         summary["drift"] = {"summary": drift["summary"], "drift": drift["drift"], "report": drift["report"],
                             "events": emit_drift(drift)}

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.common import progress_reporter, refused
 from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
+from xray_core.io.fsutil import json_safe, utf8_safe
 from xray_core.pipeline.predict import predict_folder
 from xray_core.settings import get_settings
 
@@ -43,16 +44,19 @@ def predict(path: str, out: str | None = None, manifest: str | None = None, vers
         out = str(get_settings().home / "predictions" / f"{Path(path).name or 'batch'}.csv")
     result = predict_task(path, out, manifest, version, heatmaps)
     rows = result.pop("rows")
-    create_table_artifact(table=rows[:200], key="predictions", description=f"first 200 rows of {out}")
+    # json_safe/utf8_safe: a CSV or heatmap path whose name is not UTF-8 reaches the server as \xNN.
+    create_table_artifact(table=json_safe(rows[:200]), key="predictions",
+                          description=utf8_safe(f"first 200 rows of {out}"))
     create_markdown_artifact(
-        markdown=(f"Model v{result['model_version']} predicted {result['predicted']} of {result['files']} files "
-                  f"({result['rejected']} unreadable, listed with reasons). CSV: `{out}`"
-                  + (f"\n\nGrad-CAM overlays: `{heatmaps}`" if heatmaps else "")
-                  + f"\n\n{result['ood']['line']}"
-                  + ("\n\n> backbone is random-init (offline mode)" if result["backbone_random_init"] else "")),
+        markdown=utf8_safe(
+            f"Model v{result['model_version']} predicted {result['predicted']} of {result['files']} files "
+            f"({result['rejected']} unreadable, listed with reasons). CSV: `{out}`"
+            + (f"\n\nGrad-CAM overlays: `{heatmaps}`" if heatmaps else "")
+            + f"\n\n{result['ood']['line']}"
+            + ("\n\n> backbone is random-init (offline mode)" if result["backbone_random_init"] else "")),
         key="predict-summary", description="batch prediction summary")
     if result.get("drift"):
-        create_markdown_artifact(markdown=drift_markdown(result["drift"], out), key="drift-report",
+        create_markdown_artifact(markdown=utf8_safe(drift_markdown(result["drift"], out)), key="drift-report",
                                  description=result["drift"]["verdict"][:250])
     return result
 

@@ -16,10 +16,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
-from flows.common import epoch_reporter, progress_reporter, refused, transient_io
+from flows.common import epoch_reporter, failed_for_user_error, progress_reporter, refused, transient_io
 from flows.events import emit_retrain_outcome
 from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
+from xray_core.io.fsutil import utf8_safe
 from xray_core.pipeline.cycle import RetrainRequest, headline_result, run_cycle, summary_line
 from xray_core.registry.listing import list_models
 from xray_core.report.markdown import artifact_description, metrics_rows, registry_rows, retrain_markdown
@@ -59,8 +60,10 @@ class PrefectExecutor:
 
 def publish_artifacts(settings: Settings, result: dict[str, Any]) -> None:
     """The report, metrics and registry tables as keyed artifacts; descriptions lead with the decision."""
-    headline = artifact_description(result)
-    create_markdown_artifact(markdown=retrain_markdown(result), key="retrain-report", description=headline)
+    # utf8_safe: a run folder under a home whose name is not UTF-8 shows as \xNN, never a lone surrogate.
+    headline = utf8_safe(artifact_description(result))
+    create_markdown_artifact(markdown=utf8_safe(retrain_markdown(result)), key="retrain-report",
+                             description=headline)
     if result.get("challenger_eval"):
         create_table_artifact(table=metrics_rows(result["challenger_eval"], result.get("champion_eval")),
                               key="retrain-metrics", description=f"{headline[:120]} · 95% intervals, same test set")
@@ -102,6 +105,10 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
                 publish_artifacts(settings, failed)
             except Exception as also:  # noqa: BLE001 - the run's own failure is what must surface
                 logger.warning("could not publish the failed run's artifacts: %s: %s", type(also).__name__, also)
+        failed_state = failed_for_user_error(exc)  # the CLI's one line as the Failed state's message
+        if failed_state is not None:
+            logger.error(failed_state.message)
+            return failed_state
         raise
     publish_artifacts(settings, result)
     emit_retrain_outcome(result)

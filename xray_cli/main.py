@@ -7,7 +7,6 @@ lazily, so ``xray status`` never pays Prefect's import time.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -16,8 +15,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from xray_cli import doctor
-from xray_core.errors import UsageError, XrayError
+from xray_cli.environment import check_environment, use_flow as _use_flow
+from xray_core.errors import TerminatedBySignal, UsageError, XrayError
 from xray_core.io.allowed_roots import caller_paths
+from xray_core.io.fsutil import json_text, utf8_safe
+from xray_core.io.oserrors import path_error
+from xray_core.report.terminal import render_terminated  # no imports of its own: cheap
 from xray_core.settings import get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -41,10 +44,10 @@ def _seconds(text: str) -> float:
 
 
 def _emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str, sort_keys=False) + "\n")
+    if as_json:  # json_text/utf8_safe: a byte that is not UTF-8 in a path shows as \xNN, never as \udcNN
+        sys.stdout.write(json_text(result, indent=2, default=str, sort_keys=False) + "\n")
     else:
-        sys.stdout.write(render(result).rstrip() + "\n")
+        sys.stdout.write(utf8_safe(render(result)).rstrip() + "\n")
 
 
 def _progress_bar(enabled: bool, label: str) -> Callable[[int, int], None] | None:
@@ -64,11 +67,6 @@ def _progress_bar(enabled: bool, label: str) -> Callable[[int, int], None] | Non
 
 
 # --------------------------------------------------------------------------- commands
-
-
-def _use_flow() -> bool:
-    """Run as a Prefect flow when a Prefect server is configured, so the run shows in the UI."""
-    return bool(os.environ.get("PREFECT_API_URL"))
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -193,7 +191,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     if args.local:
-        from xray_core.pipeline.cycle import DirectExecutor, RetrainRequest, run_cycle, terminate_as_exception
+        from xray_core.errors import terminate_as_exception
+        from xray_core.pipeline.cycle import DirectExecutor, RetrainRequest, run_cycle
 
         terminate_as_exception()  # a SIGTERM'd local run still records its failure
         incoming = None if args.no_incoming or settings.incoming_dir is None else str(settings.incoming_dir)
@@ -295,90 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that run a Prefect flow when PREFECT_API_URL is set (see _use_flow).
-FLOW_COMMANDS = {"ingest", "predict", "retrain", "demo", "monitor"}
-
-
-def check_environment(command: str, args: argparse.Namespace) -> None:
-    """Refuse, with a message naming the setting, an environment every command would trip over.
-
-    Each of these used to end in a Python traceback from deep inside SQLAlchemy, fsspec or httpx:
-    XRAY_HOME that is a file or cannot be written, an XRAY_DATABASE_URL or XRAY_STORAGE_URL that is
-    not a URL we can open, and (for commands that run a flow) a PREFECT_API_URL nobody answers.
-    """
-    settings = get_settings()  # SettingsError (exit 2) for an invalid XRAY_* value
-    home = Path(settings.home)
-    if os.path.lexists(home) and not home.is_dir():
-        raise UsageError(f"XRAY_HOME={home} is not a folder (it is a file or a broken link); point XRAY_HOME "
-                         "at a folder (it is created when missing)")
-    if home.is_dir() and not os.access(home, os.W_OK | os.X_OK):
-        raise UsageError(f"XRAY_HOME={home} is not writable by this user; the catalogue, store and reports "
-                         "are written there (SQLite needs write access even to read). Fix its permissions "
-                         "or point XRAY_HOME at a writable folder")
-    _check_database_url(settings.database_url)
-    # The raw value: settings strip trailing slashes, which turns "bogus://" into a local folder "bogus:".
-    _check_storage_url(os.environ.get("XRAY_STORAGE_URL", "").strip() or getattr(settings, "storage_url", None))
-    if command in FLOW_COMMANDS and _use_flow() and not (command == "retrain" and getattr(args, "local", False)):
-        _check_prefect_api(os.environ["PREFECT_API_URL"])
-
-
-def _check_database_url(url: str) -> None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    allowed = "use e.g. sqlite:////abs/path/catalogue.db or postgresql+psycopg://user@host/db (or unset it)"
-    try:
-        parsed = make_url(url)
-        parsed.get_dialect()
-    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
-        raise UsageError(f"XRAY_DATABASE_URL={_mask(url)} is not a database URL we can open ({exc}); {allowed}") from None
-    except ImportError as exc:
-        raise UsageError(f"XRAY_DATABASE_URL={_mask(url)} needs a driver that is not installed ({exc}); {allowed}") from None
-
-
-def _mask(url: str) -> str:
-    """The URL without a password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: nothing to hide
-        return repr(url)
-
-
-def _check_storage_url(url: str | None) -> None:
-    if not url:
-        return
-    import re
-
-    from xray_core.io.storage import open_storage
-
-    try:
-        if "://" not in url and re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url):
-            raise ValueError("a URL scheme without '//'")
-        open_storage(url)
-    except (ValueError, ImportError, OSError) as exc:
-        raise UsageError(f"XRAY_STORAGE_URL={url!r} cannot be opened ({type(exc).__name__}: {exc}); use a "
-                         "folder, file:///path, memory://name, or s3://bucket/prefix with s3fs installed "
-                         "(or unset it to use XRAY_HOME)") from None
-
-
-def _check_prefect_api(url: str) -> None:
-    """A quick GET of ``<PREFECT_API_URL>/health``: Prefect itself would retry for minutes and then
-    print a long traceback."""
-    import urllib.error
-    import urllib.request
-
-    health = url.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - the user's own server URL
-            resp.read(64)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UsageError(f"PREFECT_API_URL={url} does not answer ({reason}); start the server (make serve), "
-                         "or unset PREFECT_API_URL to run without Prefect (retrain: --local)") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     # A hospital tool does not phone home: Prefect's anonymous server telemetry is off unless the user
     # turns it on (and without internet it only logs connection errors).
@@ -401,9 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"xray {args.command}: interrupted\n")
         return 130
+    except TerminatedBySignal as exc:  # SIGTERM during `retrain --local`: say what was recorded, exit 143
+        sys.stderr.write(f"xray {args.command}: {render_terminated(getattr(exc, 'xray_result', None))}\n")
+        return int(exc.code)
     except Exception as exc:  # the last line of defence: one line, not a traceback, unless --debug
-        if _is_catalogue_file_error(exc):
-            sys.stderr.write(f"xray {args.command}: {exc}\n")
+        from db.engine import CatalogueFileError
+
+        user = exc if isinstance(exc, CatalogueFileError) else path_error(exc)
+        if user is not None:  # a damaged catalogue, a path too long, read-only, no permission: exit 2
+            sys.stderr.write(f"xray {args.command}: {user}\n")
             return EXIT_USAGE
         if debug:
             traceback.print_exc()
@@ -411,12 +332,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"xray {args.command}: failed: unexpected {type(exc).__name__}: {first}"
                          + ("" if debug else " (run again with --debug for the traceback)") + "\n")
         return EXIT_FAILED
-
-
-def _is_catalogue_file_error(exc: BaseException) -> bool:
-    from db.engine import CatalogueFileError
-
-    return isinstance(exc, CatalogueFileError)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """Specific exceptions raised at the system's boundaries.
 
 The CLI maps :class:`UsageError` (and its subclasses) to exit code 2 and every other
-:class:`XrayError` to exit code 1.
+:class:`XrayError` to exit code 1. An ``OSError`` that the user can fix (a path too long, a read-only
+file system, no permission) becomes a :class:`PathError` (:mod:`xray_core.io.oserrors`).
 """
+
+from __future__ import annotations
+
+import signal
+from typing import Any
 
 
 class XrayError(Exception):
@@ -58,3 +64,27 @@ class StorageFullError(XrayError):
 
 class RetrainBusyError(XrayError):
     """Another retrain holds the retrain lock."""
+
+
+class PathError(UsageError):
+    """An OSError the user can fix: a path too long, a read-only file system, no permission, a file
+    where a folder should be. Its message is one line naming the path (cut to about 200 characters),
+    the error and what to do."""
+
+
+class TerminatedBySignal(SystemExit):
+    """SIGTERM turned into an exception (exit code 143), so that a local retrain records its failure
+    and the CLI says what was recorded before exiting."""
+
+
+def terminate_as_exception() -> None:
+    """Install a SIGTERM handler raising :class:`TerminatedBySignal` (a BaseException, exit code 143).
+
+    Prefect does this itself for flow runs; the CLI's local run needs it so that a cancelled run
+    still writes its ``failed`` audit row (SIGKILL, by design, leaves only crash-safe state), and the
+    CLI then prints one line saying what that row says.
+    """
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        raise TerminatedBySignal(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -1831,6 +1831,385 @@ def pil_decompression_bomb_warning_never_reaches_stderr(tmp_path) -> None:
     assert "Warning" not in done.stderr and "decompression bomb" not in done.stderr.lower(), done.stderr
 
 
+# ---- round three: paths (issue 23 items 3 and 6: bytes-safe paths, clear failures)
+# A home whose folder name holds the byte 0xff (Python sees a lone surrogate "\udcff"), a 10,000-character
+# path, a read-only store, an unreadable manifest, user errors through the retrain flow, and SIGTERM.
+
+_POLICY_FIRST_CHAMPION = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0.0",
+                          "XRAY_FLOOR_SENSITIVITY": "0.0"}  # a tiny synthetic set still gets a first champion
+
+
+def _non_utf8_dir(tmp_path: Path) -> Path:
+    """``tmp_path/r\\xff`` (a folder name that is not UTF-8), as the str Python gives for it."""
+    folder = os.path.join(os.fsencode(tmp_path), b"r\xff")
+    os.makedirs(folder)
+    return Path(os.fsdecode(folder))
+
+
+def _strict_json(text: str) -> object:
+    """Parse as a strict consumer would: UTF-8 bytes, then JSON with no lone surrogate in any string
+    (Python's json.loads alone accepts a ``"\\udcff"`` escape, which Go, Rust and browsers refuse)."""
+    data = json.loads(text.encode("utf-8").decode("utf-8", "strict"))
+    for s in _strings(data):
+        assert not any(0xD800 <= ord(c) <= 0xDFFF for c in s), repr(s)
+    return data
+
+
+def _strings(value: object):  # noqa: ANN202
+    """Every string in a parsed JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _retrain_local_under(monkeypatch, capsys, base: Path) -> tuple[int, str, str]:  # noqa: ANN001
+    """A first retrain (--local) of 12 synthetic films with XRAY_HOME=base/home: (exit, stdout, stderr)."""
+    from xray_core.data.synthetic import write_dataset
+
+    write_dataset(base / "src", patients_per_label=6, images_per_patient=1, size=64, seed=1)
+    monkeypatch.setenv("XRAY_HOME", str(base / "home"))
+    for key, value in _POLICY_FIRST_CHAMPION.items():
+        monkeypatch.setenv(key, value)
+    reset_settings()
+    dispose_engines()
+    capsys.readouterr()
+    code = main(["retrain", "--local", "--no-incoming", "--source", str(base / "src"), "--json"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _decision_rows(settings: Settings) -> list[tuple[str, int | None]]:
+    from db.schema import Promotion
+
+    return [(p.decision, p.champion_after) for p in sorted(rows(settings, Promotion), key=lambda p: p.id)]
+
+
+@attack
+def non_utf8_home_retrain_local_writes_every_report(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    """Promoted, then every report written: report.md, report.html, result.json, card.json valid UTF-8
+    and strict JSON (it used to promote, then die on report.html with exit 1 and no result.json)."""
+    base = _non_utf8_dir(tmp_path)
+    code, out, err = _retrain_local_under(monkeypatch, capsys, base)
+    assert code == 0, err
+    result = _strict_json(out)
+    assert result["state"] == "Promoted" and "\\xff" in result["report"], result
+    settings = load_settings()
+    assert _decision_rows(settings) == [("promote", 1)]
+    (run,) = (settings.home / "reports").iterdir()
+    for name in ("report.md", "report.html", "result.json"):
+        (run / name).read_bytes().decode("utf-8")  # strict: no raw 0xff byte, no encoded surrogate
+    assert _strict_json((run / "result.json").read_text())["state"] == "Promoted"
+    assert "r\\xff" in (run / "report.html").read_text()
+    cards = list(settings.home.rglob("card.json"))
+    assert cards and all(_strict_json(c.read_text()) for c in cards)
+
+
+@attack
+def non_utf8_home_predict_heatmaps_writes_the_csv(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    """--out and --heatmaps under a 0xff folder: overlays and the CSV written (the CSV used to be lost)."""
+    base = _non_utf8_dir(tmp_path)
+    code, _, err = _retrain_local_under(monkeypatch, capsys, base)
+    assert code == 0, err
+    out, heatmaps = base / "out.csv", base / "heatmaps"
+    code, err = _cli(capsys, "predict", str(base / "src"), "--out", str(out), "--heatmaps", str(heatmaps))
+    assert code == 0, err
+    table = list(csv.DictReader(io.StringIO(out.read_bytes().decode("utf-8"))))
+    assert len(table) == 12 and all(r["status"] == "ok" for r in table)
+    assert all("r\\xff" in r["heatmap"] for r in table)  # shown escaped, the file itself is there
+    assert len(list(heatmaps.glob("*.png"))) == 12
+
+
+@attack
+def non_utf8_home_status_json_has_no_lone_surrogate(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    base = _non_utf8_dir(tmp_path)
+    monkeypatch.setenv("XRAY_HOME", str(base / "home"))
+    put(base / "src" / "normal" / "a.png", png_bytes(110))
+    code, err = _cli(capsys, "ingest", str(base / "src"))
+    assert code == 0, err
+    reset_settings()
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "\\udc" not in text  # not even as a JSON escape
+    status = _strict_json(text)
+    assert any("r\\xff" in s for s in _strings(status))  # the home is shown, escaped
+    assert main(["status"]) == 0  # the text rendering writes to a UTF-8 stdout too
+    assert "r\\xff" in capsys.readouterr().out
+
+
+@attack
+def non_utf8_home_predict_flow_artifacts_reach_the_server_escaped(xray_env, tmp_path, capsys, monkeypatch,
+                                                                  prefect_server) -> None:
+    """The predict flow's default CSV path lies under the home: its artifacts (the CSV path in the
+    description, heatmap paths in the table) go to the Prefect server as JSON, escaped; the run
+    completes (httpx used to refuse the lone surrogate after the CSV was written)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.predict import predict
+    from xray_core.data.synthetic import write_dataset
+
+    base = _non_utf8_dir(tmp_path)
+    code, _, err = _retrain_local_under(monkeypatch, capsys, base)
+    assert code == 0, err
+    films = tmp_path / "films"  # a UTF-8 folder: flow parameters themselves must be UTF-8 (next attack)
+    write_dataset(films, patients_per_label=2, images_per_patient=1, size=64, seed=5, patient_offset=90)
+    state = predict(str(films), return_state=True)
+    assert state.is_completed(), state.message
+    assert (base / "home" / "predictions" / "films.csv").is_file()
+
+    async def artifacts():  # noqa: ANN202
+        async with get_client() as client:
+            only = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            return await client.read_artifacts(artifact_filter=only)
+
+    found = {a.key: a for a in asyncio.run(artifacts())}
+    assert "r\\xff" in found["predict-summary"].data and "\\udc" not in found["predict-summary"].data
+
+
+@attack
+def non_utf8_home_retrain_flow_is_promoted_with_its_reports(xray_env, tmp_path, monkeypatch,
+                                                            prefect_server) -> None:
+    """The retrain flow under a non-UTF-8 home: Promoted, report files and artifacts written (the
+    report path under the home reaches the server escaped)."""
+    from flows.retrain import retrain
+    from xray_core.data.synthetic import write_dataset
+
+    base = _non_utf8_dir(tmp_path)
+    write_dataset(tmp_path / "src", patients_per_label=6, images_per_patient=1, size=64, seed=1)
+    monkeypatch.setenv("XRAY_HOME", str(base / "home"))
+    for key, value in _POLICY_FIRST_CHAMPION.items():
+        monkeypatch.setenv(key, value)
+    reset_settings()
+    dispose_engines()
+    state = retrain(sources=[str(tmp_path / "src")], use_incoming=False, trigger="test", return_state=True)
+    assert state.name == "Promoted", state.message
+    result = state.result()
+    assert Path(result["report"]).is_file()  # the flow's own return value keeps the real path
+    (run,) = (base / "home" / "reports").iterdir()
+    assert _strict_json((run / "result.json").read_text())["state"] == "Promoted"
+
+
+@attack
+def non_utf8_path_for_a_flow_is_refused_before_the_run(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    """With PREFECT_API_URL set, a path argument that is not UTF-8 cannot become a flow parameter (JSON):
+    exit 2 naming it and the way out, before any server is asked (it used to fail creating the run)."""
+    base = _non_utf8_dir(tmp_path)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached: refused before
+    code, err = _cli(capsys, "predict", str(base))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "r\\xff is not valid UTF-8" in err and "--local" in err and "PREFECT_API_URL=" not in err
+
+
+_LONG = "/".join(["d" * 200] * 50)  # 10,049 characters: more than PATH_MAX (4,096)
+
+
+def _assert_one_line_path_error(code: int, err: str, *, says: str) -> None:
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "unexpected" not in err, err
+    assert says in err and len(err) < 700, err  # the path is cut to ~200 characters, not 10,000
+    assert "characters]" in err  # the cut says how long the path was
+
+
+@attack
+def long_path_ingest_is_one_line_exit_2(xray_env, tmp_path, capsys) -> None:
+    code, err = _cli(capsys, "ingest", str(tmp_path / _LONG))
+    _assert_one_line_path_error(code, err, says="ENAMETOOLONG")
+
+
+@attack
+def long_path_predict_out_is_one_line_exit_2(xray_env, tmp_path, capsys) -> None:
+    code, err = _cli(capsys, "predict", str(tmp_path), "--out", str(tmp_path / _LONG / "p.csv"))
+    _assert_one_line_path_error(code, err, says="ENAMETOOLONG")
+
+
+@attack
+def long_path_retrain_source_is_one_line_exit_2(xray_env, tmp_path, capsys) -> None:
+    from db.schema import Promotion
+
+    code, err = _cli(capsys, "retrain", "--local", "--no-incoming", "--source", str(tmp_path / _LONG))
+    _assert_one_line_path_error(code, err, says="ENAMETOOLONG")
+    (row,) = rows(load_settings(), Promotion)  # the audit row names the error the same short way
+    assert row.decision == "failed" and "ENAMETOOLONG" in row.rationale and len(row.rationale) < 700
+
+
+def _refuse_writes_under(monkeypatch, folder: Path, err: int) -> None:  # noqa: ANN001
+    """mkdir and mkstemp below ``folder`` fail with ``err``, as on a read-only mount (the tests run as
+    root, whom chmod does not stop)."""
+    import tempfile as tempfile_module
+
+    real_mkdir, real_mkstemp = os.mkdir, tempfile_module.mkstemp
+
+    def below(path) -> bool:  # noqa: ANN001
+        return path is not None and os.fspath(path).startswith(os.fspath(folder))
+
+    def mkdir(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        if below(path):
+            raise OSError(err, os.strerror(err), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    def mkstemp(*args, dir=None, **kwargs):  # noqa: ANN001, ANN202, A002
+        if below(dir):
+            raise OSError(err, os.strerror(err), os.fspath(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(tempfile_module, "mkstemp", mkstemp)
+
+
+@attack
+def read_only_store_is_one_line_exit_2(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    import errno
+
+    settings = load_settings()
+    before = _real_home(settings, tmp_path)
+    put(tmp_path / "more" / "normal" / "b.png", png_bytes(111))
+    _refuse_writes_under(monkeypatch, settings.home / "store", errno.EROFS)
+    code, err = _cli(capsys, "ingest", str(tmp_path / "more"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "unexpected" not in err, err
+    assert "Read-only file system (EROFS)" in err and str(settings.home / "store") in err
+    monkeypatch.undo()  # writable again: nothing was lost, the next ingest takes the new film
+    (img,) = rows(settings, Image)
+    assert (settings.home / img.stored_path).read_bytes() == before
+    assert ingest_source(tmp_path / "more", settings=settings).added == 1
+
+
+@attack
+def unreadable_manifest_is_one_line_exit_2(xray_env, tmp_path, capsys, monkeypatch) -> None:
+    import builtins
+
+    manifest = write_manifest(tmp_path / "src", [["normal/a.png", "normal"]])
+    real_open = builtins.open
+
+    def refuse(file, *args, **kwargs):  # noqa: ANN001, ANN202 - EACCES, as for another user's file
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(manifest):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    code, err = _cli(capsys, "ingest", str(manifest))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "unexpected" not in err, err
+    assert f"cannot use {manifest}: Permission denied (EACCES)" in err
+
+
+@attack
+def user_oserrors_are_never_retried_as_transient(tmp_path) -> None:
+    import errno
+    from types import SimpleNamespace
+
+    from flows.common import transient_io
+
+    def retried(exc: BaseException) -> bool:
+        return transient_io(None, None, SimpleNamespace(result=lambda raise_on_failure: exc))
+
+    for code in (errno.ENAMETOOLONG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                 errno.ELOOP, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EINVAL):
+        assert not retried(OSError(code, os.strerror(code), "/x")), errno.errorcode[code]
+    for code in (errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET, errno.EAGAIN):
+        assert retried(OSError(code, os.strerror(code), "/x")), errno.errorcode[code]
+    assert retried(TimeoutError()) and not retried(ValueError("bad data"))
+
+
+def _flow_task_runs(flow_run_id) -> list:  # noqa: ANN001
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():  # noqa: ANN202
+        async with get_client() as client:
+            flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            return await client.read_task_runs(flow_run_filter=flow_runs)
+
+    return asyncio.run(read())
+
+
+@attack
+def long_path_in_the_retrain_flow_fails_once_with_one_line(xray_env, tmp_path, prefect_server) -> None:
+    """ENAMETOOLONG is the user's to fix: the ingest task is not retried, and the run ends Failed
+    with the CLI's one line (it used to be retried as transient, then fail with a traceback)."""
+    from flows.retrain import retrain
+
+    reset_settings()
+    state = retrain(sources=[str(tmp_path / _LONG)], use_incoming=False, trigger="test", return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("cannot use ") and "ENAMETOOLONG" in state.message, state.message
+    assert len(state.message) < 700 and "\n" not in state.message
+    runs = [r for r in _flow_task_runs(state.state_details.flow_run_id) if r.name.startswith("ingest")]
+    assert [r.run_count for r in runs] == [1], [(r.name, r.run_count) for r in runs]
+
+
+@attack
+def not_enough_data_as_a_flow_fails_with_the_cli_line(xray_env, tmp_path, capsys, prefect_server) -> None:
+    """The same one line as ``xray retrain --local`` (exit 2), as the Failed state's message; called as
+    a function, the flow still raises the NotEnoughDataError itself (so the CLI exits 2 either way)."""
+    from flows.retrain import retrain
+    from xray_core.data.synthetic import write_dataset
+    from xray_core.errors import NotEnoughDataError
+
+    write_dataset(tmp_path / "few", patients_per_label=2, images_per_patient=1, size=64, seed=1)
+    reset_settings()
+    state = retrain(sources=[str(tmp_path / "few")], use_incoming=False, trigger="test", return_state=True)
+    assert state.is_failed() and state.message.startswith("training needs images in the train and val"), state
+    with pytest.raises(NotEnoughDataError) as raised:
+        state.result()
+    assert str(raised.value) == state.message
+    dispose_engines()
+    code, err = _cli(capsys, "retrain", "--local", "--no-incoming")  # same catalogue, same shortage
+    assert code == 2 and err == f"xray retrain: {state.message}\n"
+
+
+@attack
+def report_that_cannot_be_written_after_promotion_keeps_the_decision(xray_env, tmp_path, capsys,
+                                                                     monkeypatch) -> None:
+    """The champion changed, then report writing failed: the run stays Promoted (exit 0) and says the
+    report is missing, never "failed" beside a new champion."""
+    import errno
+
+    import xray_core.report.files as files
+
+    def refuse(settings, result, run_dir):  # noqa: ANN001, ANN202
+        raise OSError(errno.EROFS, "Read-only file system", str(run_dir / "report.html"))
+
+    monkeypatch.setattr(files, "write_run_reports", refuse)
+    code, out, err = _retrain_local_under(monkeypatch, capsys, tmp_path / "run")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["status"] == "completed" and result["state"] == "Promoted", result
+    assert "the report could not be written" in result["state_message"] and "EROFS" in result["report_error"]
+    assert _decision_rows(load_settings()) == [("promote", 1)]  # no "failed" row beside the promotion
+
+
+@attack
+def sigterm_during_a_local_retrain_prints_what_the_audit_row_says(tmp_path) -> None:
+    from xray_core.data.synthetic import write_dataset
+
+    write_dataset(tmp_path / "src", patients_per_label=6, images_per_patient=1, size=64, seed=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XRAY_")}
+    env.update(TEST_ENV, **_POLICY_FIRST_CHAMPION, XRAY_HOME=str(tmp_path / "home"),
+               XRAY_FAULT_KILL_AT="retrain.after_train:1:TERM")
+    done = subprocess.run([sys.executable, "-m", "xray_cli.main", "retrain", "--local", "--no-incoming",
+                           "--source", str(tmp_path / "src")], env=env, cwd=PROJECT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 143, done.stderr[-2000:]
+    settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home")})
+    from db.schema import Promotion
+
+    (row,) = rows(settings, Promotion)
+    assert row.decision == "failed" and "terminated by a signal (SIGTERM)" in row.rationale
+    assert done.stderr == ("xray retrain: terminated; the audit row says: run cancelled before a decision "
+                           "(terminated by a signal (SIGTERM)); champion unchanged\n")
+    dispose_engines()
+
+
 def test_round_two_covers_at_least_60_kinds() -> None:
     assert len(KINDS) + len(ATTACKS) >= 60, (len(KINDS), len(ATTACKS))
 

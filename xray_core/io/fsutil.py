@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from xray_core.errors import StorageFullError
 from xray_core.faults import crash_point
@@ -132,20 +133,94 @@ def _raise_if_full(exc: BaseException, path: Path, needed: int | None) -> None:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def printable(text: str) -> str:
-    """A file name or path as text that any database, terminal and UTF-8 file accepts.
+def utf8_safe(text: str) -> str:
+    """``text`` with every lone surrogate turned into a visible ``\\xNN`` escape; otherwise unchanged.
 
     POSIX names are bytes: one that is not UTF-8 reaches Python with lone surrogates (``b'\\xff'`` ->
-    ``'\\udcff'``), which SQLite/PostgreSQL drivers and ``print`` refuse. Those bytes, and control
-    characters (newlines, terminal escapes), become visible ``\\xNN`` escapes. Valid names are
-    unchanged. Used for every path or name the catalogue stores, and as the key of the "seen files"
-    table, so the same file always maps to the same text.
+    ``'\\udcff'``), which UTF-8 encoding, strict JSON parsers, SQL drivers and ``print`` refuse. A
+    file name shown with a ``\\xff`` escape stays readable and valid everywhere; writing the raw byte
+    instead (``surrogateescape``) would make report.html, the CSV and result.json invalid UTF-8. The one
+    place text is made safe: :func:`printable`, :func:`json_text` and :func:`atomic_write_text` use it.
     """
+    try:
+        text.encode("utf-8")
+        return text  # the common case: nothing to do, no copy
+    except UnicodeEncodeError:
+        pass
     try:
         raw = text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a surrogate that no undecodable byte produced
         raw = text.encode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", raw.decode("utf-8", "backslashreplace"))
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """A file name or path as text that any database, terminal and UTF-8 file accepts.
+
+    Bytes that are not UTF-8 (see :func:`utf8_safe`) and control characters (newlines, terminal
+    escapes) become visible ``\\xNN`` escapes. Valid names are unchanged. Used for every path or name
+    the catalogue stores, and as the key of the "seen files" table, so the same file always maps to
+    the same text.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", utf8_safe(text))
+
+
+def json_safe(value: Any, default: Callable[[Any], Any] | None = None) -> Any:
+    """``value`` with every string in it (keys too) passed through :func:`utf8_safe`.
+
+    ``default`` converts what JSON cannot hold (as ``json.dumps``'s ``default=str`` does); its result
+    is made safe too, so a ``Path`` with an undecodable byte never reaches the output as ``\\udcff``.
+    Without ``default`` such values are left for ``json.dumps`` to refuse, as before.
+    """
+    if isinstance(value, str):
+        return utf8_safe(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {(utf8_safe(k) if isinstance(k, str) else k): json_safe(v, default) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, default) for v in value]
+    if default is not None:
+        return json_safe(default(value), default)
+    return value
+
+
+def json_text(value: Any, **dumps_kwargs: Any) -> str:
+    """``json.dumps`` of :func:`json_safe` ``(value)``: every JSON the project writes or prints (``--json``
+    output, result.json, card.json) goes through here, so none carries a lone surrogate.
+
+    Dumped once as it is first: with no ``\\ud`` escape and no raw surrogate in it there is nothing to
+    make safe (walking a 140,000-row split.json first cost 0.28 s on top of json.dumps's 0.71 s).
+    """
+    text = json.dumps(value, **dumps_kwargs)
+    if "\\ud" not in text:  # a surrogate escape (ensure_ascii, the default) or a pair of an emoji's
+        try:
+            text.encode("utf-8")  # raw surrogates (ensure_ascii=False) fail here
+            return text
+        except UnicodeEncodeError:
+            pass
+    return json.dumps(json_safe(value, dumps_kwargs.get("default")), **dumps_kwargs)
+
+
+def require_utf8_args(args: dict[str, Any]) -> None:
+    """Refuse (UsageError, exit 2) a command-line path that is not valid UTF-8 when it is about to become
+    a Prefect flow parameter: parameters travel to the server as JSON, which cannot carry the byte, and
+    the run would fail before it starts. Run without the server (``--local``) for such a path."""
+    from xray_core.errors import UsageError
+
+    for name, value in args.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and utf8_safe(text) != text:
+                shown = name if name == "path" else f"--{name.replace('_', '-')}"
+                raise UsageError(f"{shown} {printable(text)} is not valid UTF-8: a Prefect flow's parameters "
+                                 "are JSON and cannot carry it. Rename it, or unset PREFECT_API_URL to run "
+                                 "without the server (retrain: --local)")
+
+
+def atomic_write_text(path: Path, text: str, *, durable: bool = True, mode: int | None = None) -> None:
+    """:func:`atomic_write_bytes` of ``text`` as UTF-8, made safe first (:func:`utf8_safe`): writing a
+    report can never fail on a path with an undecodable byte in it."""
+    atomic_write_bytes(path, utf8_safe(text).encode("utf-8"), durable=durable, mode=mode)
 
 
 def sha256_bytes(data: bytes) -> str:

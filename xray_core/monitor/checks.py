@@ -17,6 +17,7 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import DriftCheck, Image
 from xray_core.data.catalogue import open_catalogue
+from xray_core.io.fsutil import json_text, utf8_safe
 from xray_core.settings import Settings
 
 KINDS = ("ingest", "predict", "monitor", "retrain")  # retrain: its check of new arrivals before training
@@ -27,11 +28,12 @@ def record_check(settings: Settings, *, model_id: int | None, kind: str, subject
     """Store one check (its whole result as JSON); return its id."""
     if kind not in KINDS:
         raise ValueError(f"drift check kind {kind!r}; allowed: {', '.join(KINDS)}")
-    result = json.loads(json.dumps(check, default=_plain))
+    result = json.loads(json_text(check, default=_plain))  # a batch's path may hold undecodable bytes
     with session_scope(open_catalogue(settings)) as s:
-        row = DriftCheck(model_id=model_id, kind=kind, subject=subject[:1000], n_images=int(check["n"]),
-                         ood_flagged=int(check["ood_flagged"]), drift=bool(check["drift"]),
-                         verdict=str(check["verdict"]), result=result, flow_run_id=flow_run_id)
+        row = DriftCheck(model_id=model_id, kind=kind, subject=utf8_safe(subject)[:1000],
+                         n_images=int(check["n"]), ood_flagged=int(check["ood_flagged"]),
+                         drift=bool(check["drift"]), verdict=str(check["verdict"]), result=result,
+                         flow_run_id=flow_run_id)
         s.add(row)
         s.flush()
         return int(row.id)

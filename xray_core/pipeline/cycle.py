@@ -15,15 +15,15 @@ termination signal (BaseException) records a ``failed`` audit row and a report b
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
-from xray_core.errors import NotEnoughDataError
+from xray_core.errors import NotEnoughDataError, TerminatedBySignal
 from xray_core.evaluate.promotion import DECISION_STATES
 from xray_core.faults import crash_point
+from xray_core.io.oserrors import path_error
 from xray_core.pipeline import steps
 from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.lock import retrain_lock
@@ -236,7 +236,7 @@ def run_cycle(settings: Settings, request: RetrainRequest, executor: Executor | 
                 result["notes"].append(f"closed candidate(s) {', '.join(f'v{v}' for v in closed)} left by a "
                                        "retrain that was killed before its decision")
             _run_steps(settings, request, run, result, str(folder))
-            result.update(run.run("report", write_reports, settings, result, str(folder)))
+            _report_outcome(settings, run, result, str(folder))
         except BaseException as exc:
             _record_failure(settings, request, result, exc, str(folder))
             try:
@@ -245,6 +245,25 @@ def run_cycle(settings: Settings, request: RetrainRequest, executor: Executor | 
                 pass
             raise
         return result
+
+
+def _report_outcome(settings: Settings, run: Executor, result: dict[str, Any], folder: str) -> None:
+    """Write the reports of a run whose outcome is already recorded.
+
+    The decision row and the champion switch are committed before this: a report that cannot be
+    written (a full disk, a read-only reports folder) must not turn the run into a plain failure while
+    the champion changed. The run keeps its state (and the CLI its exit code 0); its message and
+    ``report_error`` say the report is missing. A signal or Ctrl-C still propagates (BaseException).
+    """
+    try:
+        result.update(run.run("report", write_reports, settings, result, folder))
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        mapped = path_error(exc)  # a read-only or too long path: one line, the path cut
+        error = str(mapped) if mapped else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        result["report_error"] = error
+        result["state_message"] = (f"{result['state_message']} (the report could not be written: {error}; "
+                                   "the outcome stands, see xray models --history)")
+        result["summary"] = summary_line(result)
 
 
 def close_interrupted(settings: Settings, since: Any, trigger: str) -> list[int]:
@@ -352,8 +371,9 @@ def _record_failure(settings: Settings, request: RetrainRequest, result: dict[st
     kind = "cancelled" if not isinstance(exc, Exception) else "failed"
     if isinstance(exc, TerminatedBySignal):
         error = "terminated by a signal (SIGTERM)"
-    else:
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    else:  # a path the user must fix: one line, cut to ~200 characters (not 10,000 in the audit row)
+        mapped = path_error(exc)
+        error = str(mapped) if mapped else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
     already = "champion_after" in result and result.get("decision") is not None  # the decision row exists
     if already:
         message = (f"run {kind} after its decision ({result['decision']['decision']}; champion "
@@ -367,6 +387,7 @@ def _record_failure(settings: Settings, request: RetrainRequest, result: dict[st
             record_decision(settings, challenger=result.get("version"), decision="failed", trigger=request.trigger,
                             flow_run_id=request.flow_run_id, metrics={},
                             rationale=f"run {kind} before a decision; champion unchanged. {error}")
+        result["audit_recorded"] = True  # what the CLI's "terminated; the audit row says ..." line relies on
         result.update(write_reports(settings, result, folder))
     except Exception:  # noqa: BLE001 - the original failure is what the caller must see
         pass
@@ -375,7 +396,8 @@ def _record_failure(settings: Settings, request: RetrainRequest, result: dict[st
 def headline_result(result: dict[str, Any]) -> dict[str, Any]:
     """What the flow and the CLI return: the headline numbers, not the full metric dicts (those are in the report)."""
     keep = ("flow_run_id", "status", "state", "state_message", "summary", "trigger", "ingests", "split_counts",
-            "embed", "champion_after", "report", "report_html", "description", "notes", "backbone_random_init")
+            "embed", "champion_after", "report", "report_html", "description", "notes",
+            "backbone_random_init", "report_error")
     out = {k: result.get(k) for k in keep}
     out["decision"] = result.get("decision")
     out["drift"] = result.get("drift")
@@ -390,19 +412,3 @@ def headline_result(result: dict[str, Any]) -> dict[str, Any]:
             **{k: ev["metrics"].get(k) for k in ("accuracy", "balanced_accuracy", "macro_auroc")},
             "intervals": {k: ev["metrics"].get("intervals", {}).get(k) for k in ("macro_auroc", "balanced_accuracy")}}
     return out
-
-
-class TerminatedBySignal(SystemExit):
-    """SIGTERM turned into an exception, so ``xray retrain --local`` records its failure before exiting."""
-
-
-def terminate_as_exception() -> None:
-    """Install a SIGTERM handler raising :class:`TerminatedBySignal` (a BaseException, exit code 143).
-
-    Prefect does this itself for flow runs; the CLI's local run needs it so that a cancelled run
-    still writes its ``failed`` audit row (SIGKILL, by design, leaves only crash-safe state).
-    """
-    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
-        raise TerminatedBySignal(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)

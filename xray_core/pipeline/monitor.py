@@ -50,7 +50,7 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
     from db import session_scope
     from db.schema import Model
     from xray_core.data.catalogue import open_catalogue
-    from xray_core.io.fsutil import atomic_write_bytes
+    from xray_core.io.fsutil import atomic_write_text
     from xray_core.monitor.checks import images_since, last_check_time, predict_checks_since, record_check
     from xray_core.registry.versions import champion_version
 
@@ -74,7 +74,7 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = settings.reports_dir / (f"monitor-{stamp}" if kind == "monitor" else f"{kind}-check-{stamp}")
     markdown = Template(REPORT).render(r=result, stamp=stamp, fmt=lambda p: "" if p is None else f"{p:.3g}")
-    atomic_write_bytes(folder / "report.md", markdown.encode(), mode=settings.file_mode)
+    atomic_write_text(folder / "report.md", markdown, mode=settings.file_mode)
     result["report"] = str(folder / "report.md")
     result["markdown"] = markdown
     return result

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from xray_core.errors import ImageRejected, SourceError, UsageError
-from xray_core.io.fsutil import atomic_write_bytes, printable, sha256_bytes
+from xray_core.io.fsutil import atomic_write_bytes, atomic_write_text, printable, sha256_bytes
 from xray_core.settings import Settings
 
 Progress = Callable[[int, int], None]
@@ -270,7 +270,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         writer.writeheader()
         for r in rows:
             writer.writerow({k: _csv_safe(v) for k, v in r.items()})
-        atomic_write_bytes(Path(out), buf.getvalue().encode(), mode=settings.file_mode)
+        atomic_write_text(Path(out), buf.getvalue(), mode=settings.file_mode)
     ok = [r for r in rows if r["status"] == "ok"]
     return {"model_version": version, "labels": labels, "threshold": threshold, "files": len(rows),
             "predicted": len(ok), "rejected": len(rows) - len(ok), "out": str(out) if out else None,

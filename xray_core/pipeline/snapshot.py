@@ -103,9 +103,9 @@ def label_indices(rows: list[Row], labels: list[str]) -> np.ndarray:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    from xray_core.io.fsutil import atomic_write_bytes
+    from xray_core.io.fsutil import atomic_write_text, json_text
 
-    atomic_write_bytes(path, json.dumps(payload, indent=2, default=str).encode())
+    atomic_write_text(path, json_text(payload, indent=2, default=str))
 
 
 def save_snapshot(path: Path, data: SplitData) -> Path:

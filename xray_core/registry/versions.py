@@ -33,7 +33,7 @@ from db.schema import Model, Promotion
 from xray_core.data.catalogue import open_catalogue
 from xray_core.faults import crash_point
 from xray_core.errors import CheckpointError, UsageError
-from xray_core.io.fsutil import sha256_bytes
+from xray_core.io.fsutil import json_text, sha256_bytes
 from xray_core.data.labels import is_safe_label
 from xray_core.registry.manifests import put_split_manifest
 from xray_core.settings import Settings
@@ -136,7 +136,7 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
     store = get_storage(settings, "models")
     staging = f".staging/{uuid.uuid4().hex}"
     head_bytes = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
-    card_bytes = json.dumps(card, indent=2, sort_keys=True, default=str).encode()
+    card_bytes = json_text(card, indent=2, sort_keys=True, default=str).encode()
     try:
         for name, data in extra.items():
             store.write_bytes(f"{staging}/{name}", data)

@@ -8,7 +8,6 @@ of the store, features and models. Both executors of the retrain recipe (the Pre
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ def write_run_reports(settings: Settings, result: dict[str, Any], run_dir: Path)
     links to it promising only that. ``result`` itself is not changed; the written copy carries the
     report paths.
     """
-    from xray_core.io.fsutil import atomic_write_bytes
+    from xray_core.io.fsutil import atomic_write_text, json_text
     from xray_core.report.html import write_run_html
     from xray_core.report.markdown import artifact_description, write_run_markdown
 
@@ -41,7 +40,7 @@ def write_run_reports(settings: Settings, result: dict[str, Any], run_dir: Path)
     result["report_html"] = str(write_run_html(settings, result, run_dir))
     markdown_path, markdown = write_run_markdown(settings, result, run_dir)
     result_path = run_dir / "result.json"
-    atomic_write_bytes(result_path, json.dumps(result, indent=2, default=str).encode(), mode=settings.file_mode)
+    atomic_write_text(result_path, json_text(result, indent=2, default=str), mode=settings.file_mode)
     return RunReport(markdown_path=markdown_path, html_path=Path(result["report_html"]), result_path=result_path,
                      markdown=markdown, description=artifact_description(result))
 

@@ -307,7 +307,7 @@ def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) ->
     rendered from the same dict afterwards links to it without promising figures it lacks.
     """
     from xray_core.errors import XrayError
-    from xray_core.io.fsutil import atomic_write_bytes
+    from xray_core.io.fsutil import atomic_write_bytes, atomic_write_text
     from xray_core.report.data import collect_report_data
     from xray_core.pipeline.snapshot import load_snapshot
 
@@ -329,7 +329,7 @@ def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) ->
         links[x.sha256] = f"{HEATMAPS_DIR}/{name}"
     context = html_context(result, data, negative_label=settings.negative_label, notes=notes, heatmap_links=links)
     path = run_dir / "report.html"
-    atomic_write_bytes(path, render_template("report.html.j2", context).encode(), mode=settings.file_mode)
+    atomic_write_text(path, render_template("report.html.j2", context), mode=settings.file_mode)
     result["report_html_contents"] = html_contents(context)
     return path
 

@@ -310,11 +310,11 @@ def retrain_markdown(result: dict[str, Any]) -> str:
 
 def write_run_markdown(settings: Settings, result: dict[str, Any], run_dir: Path) -> tuple[Path, str]:
     """Write ``run_dir/report.md`` (mode ``settings.file_mode``: people open it); return path and text."""
-    from xray_core.io.fsutil import atomic_write_bytes
+    from xray_core.io.fsutil import atomic_write_text, utf8_safe
 
-    markdown = retrain_markdown(result)
+    markdown = utf8_safe(retrain_markdown(result))  # the artifact gets the same (valid UTF-8) text
     path = Path(run_dir) / "report.md"
-    atomic_write_bytes(path, markdown.encode(), mode=settings.file_mode)
+    atomic_write_text(path, markdown, mode=settings.file_mode)
     return path, markdown
 
 

@@ -220,6 +220,16 @@ def render_retrain(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_terminated(result: dict[str, Any] | None) -> str:
+    """The one line a SIGTERM'd ``retrain --local`` prints: what its audit row (if any) now says."""
+    if not result:
+        return "terminated (SIGTERM) before a retrain started or after it finished: nothing to record"
+    if result.get("audit_recorded"):
+        return f"terminated; the audit row says: {result.get('state_message')}"
+    return (f"terminated; its audit row could not be recorded ({result.get('state_message')}); the next "
+            "retrain closes what it left (xray models --history)")
+
+
 def render_predict(r: dict[str, Any]) -> str:
     out = [f"model v{r['model_version']} (labels {', '.join(r['labels'])}, threshold {r['threshold']}): "
            f"{r['predicted']} predicted, {r['rejected']} unreadable of {r['files']} files"]
