@@ -190,13 +190,22 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_retrain_manual(flow_env,
     worker = _cli(["worker", "start", "--pool", "xray-process", "--run-once"], env, timeout=480)
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
 
+    import yaml
+
+    yaml_names = {d["name"] for d in yaml.safe_load((PROJECT / "prefect.yaml").read_text())["deployments"]}
+
     async def states():
         async with get_client() as client:
             runs = await client.read_flow_runs()
-            return [(r.name, r.state.type.value if r.state else None, r.deployment_id) for r in runs if r.deployment_id]
+            # Only the deployments of prefect.yaml: other tests on the same session server (e.g. the
+            # allowed-roots test's own deployment, whose run ends Refused on purpose) are not this test's.
+            ours = {d.id: d.name for d in await client.read_deployments() if d.name in yaml_names}
+            return [(r.name, r.state.type.value if r.state else None, ours[r.deployment_id],
+                     r.state.name if r.state else None, (r.state.message or "")[:300] if r.state else None)
+                    for r in runs if r.deployment_id in ours]
 
     runs = asyncio.run(states())
-    assert runs and all(state == "COMPLETED" for _, state, _ in runs), (runs, worker.stdout[-4000:],
+    assert runs and all(state == "COMPLETED" for _, state, *_ in runs), (runs, worker.stdout[-4000:],
                                                                         worker.stderr[-4000:])
     with session_scope(open_catalogue(get_settings())) as s:
         audit = s.scalars(select(Promotion)).all()

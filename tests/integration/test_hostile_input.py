@@ -2210,8 +2210,8 @@ def sigterm_during_a_local_retrain_prints_what_the_audit_row_says(tmp_path) -> N
     dispose_engines()
 
 
-def test_round_two_covers_at_least_60_kinds() -> None:
-    assert len(KINDS) + len(ATTACKS) >= 60, (len(KINDS), len(ATTACKS))
+def test_round_three_covers_at_least_90_kinds() -> None:
+    assert len(KINDS) + len(ATTACKS) >= 90, (len(KINDS), len(ATTACKS))
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
