@@ -107,6 +107,6 @@ stop:
 	done
 
 # With `make serve` running: a headless-Chromium screenshot of the flow-runs page, where each retrain's
-# final state (Promoted, Kept, Skipped, ...) shows; see README "The Prefect UI path".
+# final state (Promoted, Kept, Skipped, ...) shows; see docs/operations.md "The Prefect UI path".
 ui-screenshot: $(STAMP)
 	$(PY) scripts/ui_screenshot.py --url $(SERVE_URL)/runs --out var/ui/runs.png

@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="CSV with file[,label] rows relative to it")
     p.add_argument("--version", type=int, help="model version (default: the champion)")
     p.add_argument("--heatmaps", metavar="DIR",
-                   help="write a Grad-CAM overlay PNG per predicted image into DIR (see README: limits)")
+                   help="write a Grad-CAM overlay PNG per image into DIR (limits: docs/evaluation.md)")
     sub.add_parser("monitor", help=COMMANDS["monitor"][1])
     doctor.add_arguments(sub.add_parser("doctor", help=doctor.HELP))
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])

@@ -1,7 +1,7 @@
 """DICOM as hospitals export it (issue 17), through real ingests.
 
 Every transfer syntax is tried on pydicom's own bundled test files, copied into a temp folder (never
-committed) with Modality set to DX so the modality check lets them through; each row of the README's
+committed) with Modality set to DX so the modality check lets them through; each row of docs/data.md's
 transfer-syntax table is one parameter of :data:`SYNTAXES`. Also: CT and MR refused by default,
 the de-identified store copy checked tag by tag, re-ingest of the original still a duplicate, and
 an existing catalogue upgraded in place by migration 0002.
