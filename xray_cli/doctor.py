@@ -7,7 +7,6 @@ Its own module so that the main parser stays short; exit codes follow the CLI's 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 HELP = ("check the catalogue (after a crash or a full disk) against the store, quarantine and models; "
@@ -24,12 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from xray_core.data.doctor import examine
     from xray_core.data.doctor_repair import repair
+    from xray_core.io.fsutil import json_text, utf8_safe
     from xray_core.report.doctor import render_doctor
     from xray_core.settings import get_settings
 
     settings = get_settings()
     report = repair(settings, verify=args.verify) if args.repair else examine(settings, verify=args.verify)
     result = report.as_dict()
-    text = json.dumps(result, indent=2, default=str) if args.json else render_doctor(result)
+    # json_text / utf8_safe: a home whose name is not UTF-8 prints as \xNN, never a lone surrogate.
+    text = json_text(result, indent=2, default=str) if args.json else utf8_safe(render_doctor(result))
     sys.stdout.write(text + "\n")
     return 0 if report.healthy else 1

@@ -191,10 +191,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     if args.local:
-        from xray_core.errors import terminate_as_exception
         from xray_core.pipeline.cycle import DirectExecutor, RetrainRequest, run_cycle
 
-        terminate_as_exception()  # a SIGTERM'd local run still records its failure
         incoming = None if args.no_incoming or settings.incoming_dir is None else str(settings.incoming_dir)
         request = RetrainRequest(sources=tuple(args.source or ()), manifests=tuple(args.manifest or ()),
                                  incoming=incoming, trigger="cli", force=args.force)
@@ -304,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         args.manifest, args.path = args.path, str(Path(args.path).parent)
     handler = COMMANDS[args.command][0]
     debug = bool(getattr(args, "debug", False))
+    from xray_core.errors import terminate_as_exception
+
+    terminate_as_exception()  # SIGTERM unwinds like an error: rows roll back or record failure, one line
     try:
         check_environment(args.command, args)
         return handler(args)
@@ -316,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"xray {args.command}: interrupted\n")
         return 130
-    except TerminatedBySignal as exc:  # SIGTERM during `retrain --local`: say what was recorded, exit 143
-        sys.stderr.write(f"xray {args.command}: {render_terminated(getattr(exc, 'xray_result', None))}\n")
+    except TerminatedBySignal as exc:  # SIGTERM: say what was recorded, exit 143
+        result = getattr(exc, "xray_result", None)
+        sys.stderr.write(f"xray {args.command}: {render_terminated(result, command=args.command)}\n")
         return int(exc.code)
     except Exception as exc:  # the last line of defence: one line, not a traceback, unless --debug
         from db.engine import CatalogueFileError

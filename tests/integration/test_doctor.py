@@ -265,3 +265,97 @@ def test_doctor_names_a_schema_revision_it_does_not_know(xray_env, tmp_path, cap
         conn.execute("update alembic_version set version_num = '0999'")
     code, report = doctor(capsys)
     assert code == 1 and codes(report) == {"schema_unknown"} and report["catalogue"]["revision"] == "0999"
+
+
+def _blank_film() -> bytes:
+    """A PNG that ingest accepted before round three and refuses now: 99.5% of its pixels one value."""
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    arr = np.full((64, 64), 40, dtype=np.uint8)
+    arr[:4, :5] = np.arange(20, dtype=np.uint8).reshape(4, 5) * 10  # 20 of 4096 pixels differ
+    buf = io.BytesIO()
+    PILImage.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_film_an_older_ingest_stored_still_decodes_and_verify_lists_it(xray_env, tmp_path, capsys,
+                                                                         monkeypatch) -> None:
+    """A check added after a film was stored must not make it undecodable (every retrain would fail to
+    embed it, with no command to take it out); ``doctor --verify`` names it instead."""
+    from xray_core.data import images
+    from xray_core.errors import ImageRejected
+    from xray_core.io.storage import get_storage
+
+    settings = load_settings()
+    write_films(tmp_path / "src", range(4))
+    film = _blank_film()
+    with pytest.raises(ImageRejected, match="blank_image"):
+        images.decode_image(film, min_side=32, max_pixels=settings.max_pixels)
+    (tmp_path / "src" / "normal" / "person9_old.png").write_bytes(film)
+    with monkeypatch.context() as m:  # the ingest of an older version: no plausibility checks
+        m.setattr(images, "check_blank", lambda pixels: None)
+        assert ingest_source(tmp_path / "src", settings=settings).added == 5
+    stored = [k for k in get_storage(settings).list("store")
+              if get_storage(settings).read_bytes(k) == film]
+    assert len(stored) == 1
+    assert images.decode_stored(get_storage(settings).read_bytes(stored[0])).shape == (64, 64)
+    code, report = doctor(capsys)
+    assert code == 0 and report["healthy"]  # only --verify decodes every film
+    code, report = doctor(capsys, "--verify")
+    assert code == 1 and codes(report) == {"store_implausible"}
+    found = next(f for f in report["findings"] if f["code"] == "store_implausible")
+    assert found["examples"] == [f"{stored[0]} (blank_image)"]
+
+
+def test_repair_moves_no_orphan_when_an_ingest_starts_during_the_backup(xray_env, tmp_path, capsys,
+                                                                        monkeypatch) -> None:
+    """The backup may take minutes; an ingest started meanwhile writes store files before their rows."""
+    from db import session_scope
+    from db.schema import Source
+    from xray_core.data import doctor_repair
+    from xray_core.data.catalogue import open_catalogue
+    from xray_core.data.sources import ingest_owner
+
+    settings = load_settings()
+    write_films(tmp_path / "src", range(4))
+    ingest_source(tmp_path / "src", settings=settings)
+    old = settings.home / "store" / "zz" / "old-orphan.png"
+    old.parent.mkdir()
+    old.write_bytes(b"left by a killed ingest")
+    fresh = settings.home / "store" / "zz" / "being-ingested.png"
+    backup = doctor_repair._backup_sqlite
+
+    def slow_backup(*args, **kwargs):  # noqa: ANN202 - the backup's own signature
+        result = backup(*args, **kwargs)
+        with session_scope(open_catalogue(settings)) as s:
+            s.add(Source(kind="folder", path=str(tmp_path / "new"), status="running",
+                         counts={"owner": ingest_owner()}))
+        fresh.write_bytes(b"a film whose row is not committed yet")
+        return result
+
+    monkeypatch.setattr(doctor_repair, "_backup_sqlite", slow_backup)
+    code, report = doctor(capsys, "--repair")
+    assert old.exists() and fresh.exists()
+    assert code == 1 and "store_orphan" in codes(report)
+    assert any("an ingest started meanwhile" in note for note in report["notes"])
+
+
+def test_doctor_output_has_no_lone_surrogate_under_a_non_utf8_home(xray_env, tmp_path, capsys,
+                                                                   monkeypatch) -> None:
+    import os
+
+    home = os.fsdecode(os.fsencode(str(tmp_path)) + b"/h\xff")
+    monkeypatch.setenv("XRAY_HOME", home)
+    monkeypatch.setenv("XRAY_ALLOWED_ROOTS", str(tmp_path))
+    write_films(tmp_path / "src", range(2))
+    ingest_source(tmp_path / "src", settings=load_settings())
+    code, out, err = cli(capsys, "doctor", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert "\\xff" in report["catalogue"]["where"] and "\udcff" not in out
+    out.encode("utf-8")  # strict: a lone surrogate would raise here
+    code, out, err = cli(capsys, "doctor")
+    assert code == 0 and "\\xff" in out and "\udcff" not in out

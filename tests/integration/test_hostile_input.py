@@ -1292,6 +1292,24 @@ def flow_sources_etc_is_refused(tmp_path) -> None:
 
 
 @attack
+def flow_reading_xray_home_inside_a_root_is_refused(tmp_path) -> None:
+    """XRAY_HOME=/data/xray beside XRAY_INCOMING=/data/incoming: the home lies in the default root /data,
+    but a form must not ingest the system's own files (overlays it had predict write there) as films."""
+    from xray_core.io.allowed_roots import caller_paths, confine_parameters
+
+    home = tmp_path / "allowed" / "xray"
+    settings = _roots(tmp_path, XRAY_HOME=str(home), XRAY_INCOMING=str(tmp_path / "allowed" / "incoming"))
+    (home / "predictions" / "pneumonia").mkdir(parents=True)
+    _refused(settings, "is inside XRAY_HOME", path=str(home / "predictions"))
+    _refused(settings, "sources[0]=", "is inside XRAY_HOME", sources=[str(home)])
+    # Outputs still go there, the rest of the root is still readable, and the caller's own path passes.
+    assert confine_parameters(settings, write={"heatmaps": str(home / "predictions" / "pneumonia")})
+    assert confine_parameters(settings, read={"path": str(tmp_path / "allowed" / "src")})
+    with caller_paths(str(home / "predictions")):
+        assert confine_parameters(settings, read={"path": str(home / "predictions")})
+
+
+@attack
 def flow_path_dotdot_out_of_the_root_is_refused(tmp_path) -> None:
     _refused(_roots(tmp_path), f"resolves to {tmp_path / 'elsewhere'}",
              path=f"{tmp_path}/allowed/src/../../elsewhere")
@@ -1715,19 +1733,48 @@ def exact_copy_of_a_dicom_film_never_shows_its_raw_patient_id(xray_env, tmp_path
     data = put(tmp_path / "first" / "normal" / "scan.dcm",
                dicom_bytes("Doe^John-12345", patient_name="Doe^John"))
     ingest_source(tmp_path / "first", settings=settings)
+    (img,) = rows(settings, Image)
+    assert img.patient_id.startswith("dcm-")  # the DICOM's own PatientID, salted
     root = tmp_path / "again"
     put(root / "img" / "scan.dcm", data)
     put(root / "img" / "scan-same.dcm", data)
     manifest = write_manifest(root, [["img/scan.dcm", "normal", "P7"], ["img/scan-same.dcm", "normal", ""]],
                               ("file", "label", "patient_id"))
     summary = ingest_source(root, manifest=manifest, settings=settings)
-    # The manifest names P7: another patient than the stored film's (its salted DICOM id); with no
-    # manifest id, the file's own PatientID is the stored film's: a plain duplicate.
-    assert (summary.duplicates, summary.rejected_by_reason) == (1, {"duplicate_other_patient": 1})
+    # The manifest's P7 and the film's own (salted) DICOM PatientID are ids of two schemes (a pseudonymised
+    # export names every patient otherwise): no contradiction, both rows are plain duplicates.
+    assert (summary.duplicates, summary.rejected_by_reason) == (2, {})
+    # Two manifests that name two patients for the same bytes do contradict each other: the row names
+    # both as the catalogue stores them, and the raw DICOM PatientID nowhere.
+    film = put(tmp_path / "one" / "a.dcm", dicom_bytes("Roe^Jane-777", patient_name="Roe^Jane"))
+    put(tmp_path / "two" / "b.dcm", film)
+    first = write_manifest(tmp_path / "one", [["a.dcm", "normal", "P1"]], ("file", "label", "patient_id"))
+    ingest_source(tmp_path / "one", manifest=first, settings=settings)
+    second = write_manifest(tmp_path / "two", [["b.dcm", "normal", "P2"]], ("file", "label", "patient_id"))
+    summary = ingest_source(tmp_path / "two", manifest=second, settings=settings)
+    assert summary.rejected_by_reason == {"duplicate_other_patient": 1}
     (rej,) = rows(settings, Rejection)
-    (img,) = rows(settings, Image)
-    assert f"(patient {img.patient_id})" in rej.detail and img.patient_id.startswith("dcm-")
-    assert "Doe^John" not in rej.detail and "12345" not in rej.detail
+    assert "(patient P1)" in rej.detail and "(patient P2)" in rej.detail
+    assert not any(secret in rej.detail for secret in ("Doe^John", "12345", "Roe^Jane", "777"))
+
+
+@attack
+def a_folder_ingested_with_its_manifest_then_by_file_names_is_duplicates_only(xray_env, tmp_path) -> None:
+    """The same patients under two id schemes (the manifest's "kermany-person3", the file name's
+    "person3") are not copies under another patient: re-ingesting the folder is plain duplicates."""
+    settings = load_settings()
+    root = tmp_path / "sample"
+    table = []
+    for seed in range(4):
+        label = ("normal", "pneumonia")[seed % 2]
+        put(root / label / f"person{seed}_x.png", png_bytes(100 + seed))
+        table.append([f"{label}/person{seed}_x.png", label, f"kermany-person{seed}"])
+    manifest = write_manifest(root, table, ("file", "label", "patient_id"))
+    assert ingest_source(root, manifest=manifest, settings=settings).added == 4
+    manifest.unlink()
+    again = ingest_source(root, settings=settings)
+    assert (again.duplicates, again.rejected, again.added) == (4, 0, 0)
+    assert rows(settings, Rejection) == []
 
 
 # ---- round three: decode (issue 23, items 4, 5 and 8): predict refuses what ingest quarantines, per film;
@@ -2207,6 +2254,25 @@ def sigterm_during_a_local_retrain_prints_what_the_audit_row_says(tmp_path) -> N
     assert row.decision == "failed" and "terminated by a signal (SIGTERM)" in row.rationale
     assert done.stderr == ("xray retrain: terminated; the audit row says: run cancelled before a decision "
                            "(terminated by a signal (SIGTERM)); champion unchanged\n")
+    dispose_engines()
+
+
+@attack
+def sigterm_during_an_ingest_prints_one_line_and_records_it_failed(tmp_path) -> None:
+    from xray_core.data.synthetic import write_dataset
+
+    write_dataset(tmp_path / "src", patients_per_label=20, images_per_patient=1, size=64, seed=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XRAY_")}
+    env.update(TEST_ENV, XRAY_HOME=str(tmp_path / "home"), XRAY_FAULT_KILL_AT="ingest.group_committed:1:TERM")
+    done = subprocess.run([sys.executable, "-m", "xray_cli.main", "ingest", str(tmp_path / "src")], env=env,
+                          cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert done.stderr == ("xray ingest: terminated (SIGTERM); what was committed before stays, the transaction "
+                           "in progress was rolled back and this ingest is recorded as failed; the next ingest "
+                           "takes up the rest\n")
+    settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home")})
+    (source,) = rows(settings, Source)
+    assert source.status == "failed" and len(rows(settings, Image)) == 32  # the first group of 32 stands
     dispose_engines()
 
 

@@ -27,6 +27,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import header_problem, make_engine, open_sqlite, open_through_wal, sqlite_sidecars
 from db.schema import Image, Model, Rejection, Source
+from xray_core.data.images import DEFAULT_MAX_PIXELS, decode_image
+from xray_core.errors import ImageRejected
 from xray_core.data.sources import owner_alive
 from xray_core.io.storage import Storage, get_storage
 from xray_core.settings import Settings
@@ -210,6 +212,12 @@ def _revision(report: DoctorReport, engine: Engine) -> None:
             f"{cat.head}): written by a newer xray-retrain? Upgrade it"))
 
 
+def running_ingests(conn: Any) -> list[int]:
+    """Sources of ingests still running (their process alive): their newest files may lack rows yet."""
+    sources = conn.execute(select(Source.id, Source.counts).where(Source.status == "running"))
+    return [s.id for s in sources if owner_alive(s.counts)]
+
+
 def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify: bool = False) -> None:
     """Store, quarantine and model files against the rows that name them (see the module docstring)."""
     with engine.connect() as conn:
@@ -217,8 +225,7 @@ def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify:
         quarantined = {r[0] for r in conn.execute(select(Rejection.quarantine_path)) if r[0]}
         models = conn.execute(select(Model.id, Model.checkpoint_dir, Model.checkpoint_sha256,
                                      Model.card_sha256)).all()
-        sources = conn.execute(select(Source.id, Source.counts).where(Source.status == "running"))
-        running = [s.id for s in sources if owner_alive(s.counts)]
+        running = running_ingests(conn)
     store_files = set(storage.list("store"))
     quarantine_files = set(storage.list("quarantine"))
     named = {r.stored_path for r in images}
@@ -237,11 +244,21 @@ def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify:
     _add(report, "quarantine_missing", sorted(quarantined - quarantine_files),
          "rejection rows whose quarantine copy is missing (reported only)")
     if verify:
-        # A de-identified DICOM's store copy has its own sha256 (stored_sha256); others are the original.
-        altered = [r.stored_path for r in images if r.stored_path in store_files
-                   and _sha(storage, r.stored_path) != (r.stored_sha256 or r.sha256)]
+        altered, implausible = [], []
+        for r in images:
+            if r.stored_path not in store_files:
+                continue
+            data = storage.read_bytes(r.stored_path)
+            # A de-identified DICOM's store copy has its own sha256 (stored_sha256); others are the original.
+            if hashlib.sha256(data).hexdigest() != (r.stored_sha256 or r.sha256):
+                altered.append(r.stored_path)
+            elif (why := _implausible(data)) is not None:
+                implausible.append(f"{r.stored_path} ({why})")
         _add(report, "store_altered", altered,
              "store files whose bytes no longer match their row's sha256 (reported only)")
+        _add(report, "store_implausible", implausible,
+             "stored films today's ingest would refuse (blank or truncated), accepted by an older ingest; "
+             "retrains still use them (reported only: judge them, and re-label or restore as needed)")
     _models(report, storage, models, verify)
 
 
@@ -264,6 +281,18 @@ def _models(report: DoctorReport, storage: Storage, models: list, verify: bool) 
     unnamed = [f"models/{f}" for f in storage.folders("models") if not f.startswith(".") and f not in named]
     _add(report, "model_folder_orphan", unnamed, "model folders no models row names (reported only: a save "
          "killed before its commit leaves one; they are never loaded)")
+
+
+def _implausible(data: bytes) -> str | None:
+    """The reason today's decode checks (blank, truncated) give for a stored film, or None.
+
+    Stored films are decoded without these checks (``images.decode_stored``), so that a check added
+    after a film was accepted never makes every retrain fail; this is where they are reported."""
+    try:
+        decode_image(data, min_side=1, max_pixels=DEFAULT_MAX_PIXELS)
+    except ImageRejected as exc:
+        return exc.reason if exc.reason in ("blank_image", "truncated") else None
+    return None
 
 
 def _sha(storage: Storage, key: str) -> str:

@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from db.engine import header_problem, open_sqlite, sqlite_sidecars
-from xray_core.data.doctor import DoctorReport, examine, orphan_keys, read_only_engine, sqlite_path
+from xray_core.data.doctor import (DoctorReport, examine, orphan_keys, read_only_engine, running_ingests,
+                                   sqlite_path)
 from xray_core.errors import StorageFullError
 from xray_core.io.fsutil import atomic_write_bytes
 from xray_core.io.storage import LocalStorage, Storage, get_storage
@@ -126,6 +127,14 @@ def _move_orphans(report: DoctorReport, settings: Settings, folder: Path) -> Non
     storage = get_storage(settings)
     moved = {"store": 0, "quarantine": 0}
     with read_only_engine(settings, sqlite_path(settings)) as engine:
+        # Again now, not only as examined: the backup may have taken minutes, and an ingest started
+        # meanwhile writes its store files before their rows.
+        with engine.connect() as conn:
+            running = running_ingests(conn)
+        if running:
+            report.notes.append(f"orphans not moved: an ingest started meanwhile (source "
+                                f"{', '.join(map(str, running))}); run --repair again when it is done")
+            return
         keys = list(orphan_keys(storage, engine))
     for key in keys:
         area = key.split("/", 1)[0]

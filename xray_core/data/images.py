@@ -122,11 +122,17 @@ def load_grayscale(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
 
 
 def decode_stored(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """:func:`load_grayscale` for bytes already read (from :mod:`xray_core.io.storage`, any backend)."""
-    return _decode(data, min_side=1, max_pixels=max_pixels).pixels
+    """:func:`load_grayscale` for bytes already read (from :mod:`xray_core.io.storage`, any backend).
+
+    Without the plausibility checks (blank, truncated): a stored film was accepted by the ingest of its
+    day, and a check added since must not make it undecodable (every retrain would then fail to embed
+    it, with no command to take it out). ``xray doctor --verify`` lists stored films today's checks
+    would refuse."""
+    return _decode(data, min_side=1, max_pixels=max_pixels, plausible=False).pixels
 
 
-def _decode(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy | None = None) -> DecodedImage:
+def _decode(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy | None = None,
+            plausible: bool = True) -> DecodedImage:
     if len(data) == 0:
         raise ImageRejected("empty_file", f"the file is empty (0 bytes); {_ALLOWED}")
     fmt = sniff_format(data)
@@ -140,14 +146,15 @@ def _decode(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy 
     if fmt == "dicom":
         image = _decode_dicom(data, min_side=min_side, max_pixels=max_pixels, policy=policy)
     else:
-        image = _decode_pil(data, fmt, min_side=min_side, max_pixels=max_pixels)
+        image = _decode_pil(data, fmt, min_side=min_side, max_pixels=max_pixels, plausible=plausible)
     pixels = image.pixels
     if pixels.max() == pixels.min():
         raise ImageRejected(
             "constant_image",
             f"every pixel has the same value ({image.width}x{image.height}); an X-ray needs contrast",
         )
-    check_blank(pixels)
+    if plausible:
+        check_blank(pixels)
     return image
 
 
@@ -167,7 +174,7 @@ def _check_size(width: int, height: int, *, min_side: int, max_pixels: int, fmt:
         )
 
 
-def _decode_pil(data: bytes, fmt: str, *, min_side: int, max_pixels: int) -> DecodedImage:
+def _decode_pil(data: bytes, fmt: str, *, min_side: int, max_pixels: int, plausible: bool = True) -> DecodedImage:
     # Pillow reports some findings as warnings (DecompressionBombWarning above its own limit, corrupt
     # EXIF, ...). They are recorded for this call only and dropped instead of reaching stderr: the
     # decision is XRAY_MAX_PIXELS's and the checks below; a global filter would hide other code's warnings.
@@ -193,9 +200,9 @@ def _decode_pil(data: bytes, fmt: str, *, min_side: int, max_pixels: int) -> Dec
             try:
                 scale = _draft(im) if fmt == "jpeg" else 1
                 im.load()  # full decode now: LOAD_TRUNCATED_IMAGES stays False, so short data raises
-                if fmt == "png":
+                if plausible and fmt == "png":
                     check_png_rows(data, width, height)
-                else:
+                elif plausible:
                     check_jpeg_fill(im, scale)
                 if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # a quarter turn swaps the sides
                     width, height = height, width

@@ -240,12 +240,15 @@ def _duplicate_of_another_patient(s, prep: Prepared,  # noqa: ANN001
 
     The film stays catalogued once, under its first patient: which one is right is for a person to
     decide, and the row names both. A stored film whose patient is only the image itself (no id
-    anywhere) is not contradicted, as for near copies (:mod:`xray_core.data.admission`)."""
+    anywhere) is not contradicted, as for near copies (:mod:`xray_core.data.admission`), and nor is one
+    whose patient id came from another kind of source (manifest vs file name)."""
     claimed = _claimed_patient(prep)
     if claimed is None or claimed == existing.patient_id:
         return None
     first = s.get(Patient, existing.patient_id)  # one query per group at most: the session caches it
-    if first is None or first.id_source == "image":
+    # Only ids of one kind contradict each other: a folder first ingested with its manifest
+    # ("kermany-IM-0216") and again by file name ("IM-0216") names the same patient in two schemes.
+    if first is None or first.id_source != prep.id_source:
         return None
     first_id = existing.patient_id  # as the catalogue stores it: a DICOM PatientID only salted
     return ("duplicate_other_patient",

@@ -153,18 +153,38 @@ def confine_parameters(settings: Settings, *, read: Mapping[str, Value | Sequenc
     """
     out: dict[str, Any] = {}
     readable = allowed_roots(settings)
+
+    def read_path(value: Value, name: str) -> str:
+        path = confine(value, name=name, roots=readable, hint=READ_HINT)
+        _outside_home(settings, path, name=name)
+        return str(path)
+
     for name, value in (read or {}).items():
         if value is None:
             out[name] = None
         elif isinstance(value, (list, tuple)):
-            out[name] = [str(confine(v, name=f"{name}[{i}]", roots=readable, hint=READ_HINT))
-                         for i, v in enumerate(value)]
+            out[name] = [read_path(v, f"{name}[{i}]") for i, v in enumerate(value)]
         else:
-            out[name] = str(confine(value, name=name, roots=readable, hint=READ_HINT))
+            out[name] = read_path(value, name)
     writable = output_roots(settings)
     for name, value in (write or {}).items():
         out[name] = None if value is None else str(confine(value, name=name, roots=writable, hint=WRITE_HINT))
     return out
+
+
+def _outside_home(settings: Settings, path: Path, *, name: str) -> None:
+    """Refuse a read path inside XRAY_HOME, even where a root holds the home (``XRAY_HOME=/data/xray``
+    beside ``XRAY_INCOMING=/data/incoming``): a form could otherwise ingest the system's own files,
+    e.g. Grad-CAM overlays it had ``predict`` write under ``XRAY_HOME/predictions``, as films. Allowed
+    when the path is inside XRAY_INCOMING or was typed by the caller."""
+    home = _resolve(settings.home)
+    if not _inside(path, home):
+        return
+    exempt = [*([_resolve(settings.incoming_dir)] if settings.incoming_dir else []), *_caller_roots()]
+    if any(_inside(path, root) for root in exempt):
+        return
+    raise PathRefusedError(f"{name}={shown(path)} is inside XRAY_HOME ({shown(home)}), where the system keeps "
+                           f"its own files; give an absolute path {READ_HINT}")
 
 
 def confine_to(settings: Settings, path: Value, folder: Path, *, name: str) -> str:

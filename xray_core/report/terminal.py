@@ -220,8 +220,12 @@ def render_retrain(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_terminated(result: dict[str, Any] | None) -> str:
-    """The one line a SIGTERM'd ``retrain --local`` prints: what its audit row (if any) now says."""
+def render_terminated(result: dict[str, Any] | None, *, command: str = "retrain") -> str:
+    """The one line a SIGTERM'd command prints: for a retrain, what its audit row (if any) now says."""
+    if command != "retrain":
+        return ("terminated (SIGTERM); what was committed before stays, the transaction in progress was rolled "
+                "back" + (" and this ingest is recorded as failed; the next ingest takes up the rest"
+                          if command == "ingest" else ""))
     if not result:
         return "terminated (SIGTERM) before a retrain started or after it finished: nothing to record"
     if result.get("audit_recorded"):
