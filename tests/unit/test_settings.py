@@ -15,7 +15,10 @@ from pydantic import ValidationError
 
 from xray_cli.main import main
 from xray_core import rules
+from xray_core.data.dicom import DicomPolicy
 from xray_core.errors import SettingsError
+from xray_core.evaluate.promotion import PolicyConfig
+from xray_core.model.train import HeadConfig
 from xray_core.pipeline.steps import EXECUTION_SETTINGS, TRAINING_SETTINGS
 from xray_core.settings import (ENV_BY_FIELD, ENV_VARS, FIELDS, Settings, load_settings, reset_settings,
                                 settings_page, validate)
@@ -147,6 +150,17 @@ def test_the_cli_exits_2_naming_the_setting(xray_env, monkeypatch: pytest.Monkey
     assert main(["status", "--json"]) == 2
     err = capsys.readouterr().err
     assert "XRAY_HEAD_DROPOUT=1.5: must be in [0, 1) (fraction of units dropped)" in err
+
+
+def test_policy_and_head_configs_take_their_defaults_from_the_declaration(tmp_path: Path) -> None:
+    defaults = _load(tmp_path)
+    assert PolicyConfig() == PolicyConfig.from_settings(defaults)
+    assert HeadConfig() == HeadConfig.from_settings(defaults)
+    assert HeadConfig().schedule == defaults.lr_schedule == "cosine"
+    assert DicomPolicy() == DicomPolicy(defaults.allowed_modalities, defaults.require_chest)
+    changed = _load(tmp_path, XRAY_EPOCHS="3", XRAY_PROMOTION_MARGIN="0.05")
+    assert HeadConfig.from_settings(changed).epochs == 3
+    assert PolicyConfig.from_settings(changed).margin == 0.05
 
 
 def test_the_rerun_markers_name_settings() -> None:
