@@ -41,10 +41,10 @@ def setting(default: Any = None, *, description: str, allowed: str | None = None
     only (the folders under XRAY_HOME); ``secret``: never echoed; ``empty_is_a_value``: ``XRAY_X=``
     means "" rather than unset; ``default_text``: the docs' words for a default computed at load time.
     """
-    extra = {key: value for key, value in dict(
-        allowed=allowed, good=good, bad=list(bad) or None, affects=affects, env=env,
-        from_env=None if from_env else False, secret=secret or None,
-        empty_is_a_value=empty_is_a_value or None, default_text=default_text).items() if value is not None}
+    marks = {"allowed": allowed, "good": good, "bad": list(bad) or None, "affects": affects, "env": env,
+             "from_env": None if from_env else False, "secret": secret or None,
+             "empty_is_a_value": empty_is_a_value or None, "default_text": default_text}
+    extra = {key: value for key, value in marks.items() if value is not None}
     if "default_factory" in kwargs:
         return Field(description=description, json_schema_extra=extra, **kwargs)
     return Field(default, description=description, json_schema_extra=extra, **kwargs)

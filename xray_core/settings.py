@@ -41,7 +41,7 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 
 Folder = Annotated[Path, BeforeValidator(r.path), check(r.is_folder)]  # a default Path is resolved too
 Word = parse(r.words)  # stripped, lower case
-_SEED = dict(ge=0, le=r.SEED_MAX)
+_SEED = {"ge": 0, "le": r.SEED_MAX}
 _DASK = r"(tcp|tls|ucx|inproc|ws|wss)://[\w.\-\[\]:/]+|[\w.\-\[\]]+:\d{1,5}"
 _SALT = r"(?!\s)[^\x00-\x1f\x7f]*(?<!\s)"  # a stray newline from a secrets file would change every hash
 _YES_NO = "one of 1/0, true/false, yes/no, on/off"
