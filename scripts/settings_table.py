@@ -1,48 +1,35 @@
-"""Print the README's settings table (variable | default | allowed) from the one rules table.
+"""Print or write ``docs/settings.md``, generated from the one settings declaration.
 
-    .venv/bin/python scripts/settings_table.py
+    .venv/bin/python scripts/settings_table.py            # print the page
+    .venv/bin/python scripts/settings_table.py --write    # update docs/settings.md
 
-The README's table is this output; tests/unit/test_settings.py checks that every XRAY_* variable
-appears in the README, so a new setting cannot go undocumented.
+tests/unit/test_settings.py fails when the committed page and the declaration differ, so a setting
+added, changed or removed without regenerating the page cannot go unnoticed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from xray_core.rules import RULES  # noqa: E402
-from xray_core.settings import ENV_BY_FIELD, Settings  # noqa: E402
-
-PATH_DEFAULTS = {"home": "`./var`", "database_url": "`sqlite:///$XRAY_HOME/catalogue.db`",
-                 "incoming_dir": "unset",
-                 "allowed_roots": "`XRAY_INCOMING`'s parent (itself if that is `/`), else none"}
+from xray_core.settings import settings_page  # noqa: E402 - after the project root is importable
 
 
-def _default(name: str) -> str:
-    if name in PATH_DEFAULTS:
-        return PATH_DEFAULTS[name]
-    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
-    value = field.default
-    if value is None or value == ():
-        return "unset"
-    if name == "file_mode":
-        return f"`{value:04o}`"
-    if isinstance(value, tuple):
-        return "`" + ",".join(str(v) for v in value) + "`"
-    return f"`{value}`"
-
-
-def main() -> None:
-    env = ENV_BY_FIELD
-    print("| variable | default | allowed |\n|---|---|---|")
-    for name, rule in RULES.items():
-        allowed = rule.allowed.removeprefix("must be ").replace("|", "\\|")
-        print(f"| `{env[name]}` | {_default(name)} | {allowed} |")
+def main(argv: list[str]) -> int:
+    page = settings_page()
+    if argv == ["--write"]:
+        (ROOT / "docs").mkdir(exist_ok=True)
+        (ROOT / "docs" / "settings.md").write_text(page)
+    elif not argv:
+        sys.stdout.write(page)
+    else:
+        sys.stderr.write("usage: settings_table.py [--write]\n")
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -1,8 +1,11 @@
-"""The words settings are checked with: a :class:`Rule` says in one line what a value may be.
+"""What a setting may be, in words and as checks: the pieces :class:`xray_core.settings.Settings`
+declares its fields with, and the words errors and ``docs/settings.md`` repeat.
 
-``xray_core.settings`` keeps one table, setting name -> Rule, and checks every ``XRAY_*`` value
-against it at start-up. The checks live here so that table stays one line per setting and
-``settings.py`` stays short enough to read as the list of knobs.
+A field is declared once, with :func:`setting`: its default, its range (``ge``/``le``/``gt``/``lt``, or
+a ``Literal`` type), a description, and, where the range is not a number or a choice, ``allowed``
+(the words) with a check from here. The words of a numeric or choice field are derived from its
+range (:func:`allowed_text`), and so are its examples (:func:`examples`): one raw value the loader
+must accept and some it must refuse, which the table-driven unit test loads for every setting.
 
 May import: ``data`` (label names), lazily. Nothing runs at import time.
 """
@@ -11,78 +14,186 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Mapping, get_args, get_origin
+
+import annotated_types
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # what model.backbone can load
-SEED_RANGE = (0, 2**32 - 1)  # every RNG we seed (numpy, torch, hashing) accepts this range
-PROMOTION_METRICS = ("macro_auroc", "balanced_accuracy", "sensitivity_at_specificity")
-PROMOTION_MODES = ("non-inferiority", "superiority")
+SEED_MAX = 2**32 - 1  # every RNG we seed (numpy, torch, hashing) accepts 0..SEED_MAX
 LABEL_TEXT = "1-64 of a-z, 0-9, '_' or '-', starting with a letter or digit"
+Affects = Literal["execution", "training"]
 
 
-@dataclass(frozen=True)
-class Rule:
-    """What one setting allows.
+def setting(default: Any = None, *, description: str, allowed: str | None = None, good: str | None = None,
+            bad: tuple[str, ...] = (), affects: Affects | None = None, env: str | None = None,
+            from_env: bool = True, secret: bool = False, empty_is_a_value: bool = False,
+            default_text: str | None = None, **kwargs: Any) -> Any:
+    """One setting's ``Field``. Beyond pydantic's own arguments (``ge``, ``le``, ``default_factory``...):
 
-    ``allowed`` is the text every error repeats after ``XRAY_NAME=value:``; ``check`` is True for an
-    allowed *parsed* value. ``good`` and ``bad`` are raw environment strings, one allowed and some
-    not: the table-driven test loads each, so the words, the predicate and the parser cannot drift
-    apart, and they double as examples for a reader.
+    ``allowed``: the words after "must be" when the range is not a number interval or a choice;
+    ``good``/``bad``: raw examples (derived for intervals and choices); ``affects``: ``execution``
+    (where and how fast work runs: a rerun may skip) or ``training`` (what training produces from
+    the same features); ``env``: the variable when it is not ``XRAY_<NAME>``; ``from_env=False``: derived
+    only (the folders under XRAY_HOME); ``secret``: never echoed; ``empty_is_a_value``: ``XRAY_X=``
+    means "" rather than unset; ``default_text``: the docs' words for a default computed at load time.
     """
+    marks = {"allowed": allowed, "good": good, "bad": list(bad) or None, "affects": affects, "env": env,
+             "from_env": None if from_env else False, "secret": secret or None,
+             "empty_is_a_value": empty_is_a_value or None, "default_text": default_text}
+    extra = {key: value for key, value in marks.items() if value is not None}
+    if "default_factory" in kwargs:
+        return Field(description=description, json_schema_extra=extra, **kwargs)
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
-    allowed: str
-    check: Callable[[Any], bool]
-    good: str
-    bad: tuple[str, ...]
 
-    def passes(self, value: Any) -> bool:
-        """``check`` that treats a value of the wrong type (say via ``with_overrides``) as not allowed."""
-        try:
-            return bool(self.check(value))
-        except (TypeError, ValueError, AttributeError):
-            return False
+def extra(field: FieldInfo) -> dict[str, Any]:
+    """The markers :func:`setting` stored on a field."""
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
+def _bounds(field: FieldInfo) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in field.metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if isinstance(item, getattr(annotated_types, key.capitalize())):
+                out[key] = getattr(item, key)
+    return out
+
+
+def choices(field: FieldInfo) -> tuple[str, ...]:
+    """The options of a ``Literal`` field; () for any other."""
+    return tuple(get_args(field.annotation)) if get_origin(field.annotation) is Literal else ()
 
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
+def allowed_text(field: FieldInfo, *, why: bool = True) -> str:
+    """What the field allows, in the words every error repeats after ``XRAY_NAME=value: ``; for an
+    interval or a choice, with the description in brackets unless ``why`` is False (the docs table)."""
+    given = extra(field).get("allowed")
+    if given:
+        return f"must be {given}"
+    why_text = f" ({field.description})" if field.description and why else ""
+    if choices(field):
+        return f"must be one of {', '.join(choices(field))}{why_text}"
+    b = _bounds(field)
+    if ("ge" in b or "gt" in b) and ("le" in b or "lt" in b):
+        span = (f"{'(' if 'gt' in b else '['}{_num(b.get('gt', b.get('ge', 0)))}, "
+                f"{_num(b.get('lt', b.get('le', 0)))}{')' if 'lt' in b else ']'}")
+        return f"must be {'an integer ' if field.annotation is int else ''}in {span}{why_text}"
+    raise TypeError(f"setting {field.description!r} needs allowed=..., a Literal type or both bounds")
+
+
+def examples(field: FieldInfo) -> tuple[str, tuple[str, ...]]:
+    """(one raw value that must load, raw values that must be refused): given, else derived from the
+    range. The allowed one differs from the default, so loading it shows the variable is read; the
+    refused ones are the first values outside each end, plus malformed text (and nan/inf for floats)."""
+    given = extra(field)
+    if given.get("good") is not None:
+        return given["good"], tuple(given.get("bad", ()))
+    if choices(field):
+        options = [c for c in choices(field) if c != field.default]
+        return options[-1], tuple(given.get("bad", ("no-such-choice",)))
+    b = _bounds(field)
+    lo, hi = b.get("gt", b.get("ge", 0)), b.get("lt", b.get("le", 0))
+    outside = (_num(lo if "gt" in b else lo - 1), _num(hi if "lt" in b else hi + 1))
+    if field.annotation is int:
+        inside = [lo + ("gt" in b), hi - ("lt" in b)]
+        return _num(next(v for v in inside if v != field.default)), (*outside, "1.5", "abc")
+    return _num((lo + hi) / 2), (*outside, "nan", "inf", "abc")
+
+
+# --------------------------------------------------------------------------------------------------
+# checks (after parsing) and parsers (raw environment text -> value; a parsed value passes through)
+
+
+def check(predicate: Callable[[Any], bool]) -> AfterValidator:
+    """An after-validator refusing values ``predicate`` rejects (the field's words say why)."""
+    def run(value: Any) -> Any:
+        try:
+            ok = bool(predicate(value))
+        except (TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise ValueError("not allowed")
+        return value
+
+    return AfterValidator(run)
+
+
+def parse(parser: Callable[[str], Any]) -> BeforeValidator:
+    """A before-validator applying ``parser`` to environment text only, so re-validating a loaded
+    (or overridden) Settings sees values, not text."""
+    return BeforeValidator(lambda value: parser(value) if isinstance(value, str) else value)
+
+
 def is_number(value: Any, integer: bool = False) -> bool:
-    """A finite int (or float, unless ``integer``). Bools are not numbers here; nan and inf never pass:
-    ``nan`` compares False with everything, so a plain ``lo <= v <= hi`` test would wave it through."""
+    """A finite int (or float, unless ``integer``). Bools are not numbers here; nan and inf never pass."""
     kinds = int if integer else (int, float)
     return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def number_in(lo: float, hi: float, why: str, *, integer: bool = False, open_lo: bool = False,
-              open_hi: bool = False) -> Rule:
-    """A finite number in an interval, worded ``must be in [0, 1) (fraction of units dropped)``.
-
-    Its bad examples are the first values outside each end, plus malformed text (and nan/inf)."""
-    def check(v: Any) -> bool:
-        return is_number(v, integer) and (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)
-
-    span = f"{'(' if open_lo else '['}{_num(lo)}, {_num(hi)}{')' if open_hi else ']'}"
-    outside = (_num(lo if open_lo else lo - 1), _num(hi if open_hi else hi + 1))
-    if integer:
-        return Rule(f"must be an integer in {span} ({why})", check, _num(lo + open_lo), (*outside, "1.5", "abc"))
-    return Rule(f"must be in {span} ({why})", check, _num((lo + hi) / 2), (*outside, "nan", "inf", "abc"))
+def words(raw: str) -> str:
+    return raw.strip().lower()
 
 
-def integer_in(lo: int, hi: int, why: str) -> Rule:
-    return number_in(lo, hi, why, integer=True)
+def floats(raw: str) -> tuple[float, ...]:
+    return tuple(float(p) for p in raw.replace("/", ",").split(",") if p.strip())
 
 
-def one_of(options: tuple[str, ...], bad: str) -> Rule:
-    return Rule(f"must be one of {', '.join(options)}", lambda v: v in options, options[-1], (bad,))
+def widths(raw: str) -> tuple[int, ...]:
+    if raw.strip().lower() in ("none", "linear"):
+        return ()
+    return tuple(int(p) for p in raw.split(",") if p.strip())
 
 
-def matching(pattern: str, allowed: str, good: str, bad: tuple[str, ...], optional: bool = False) -> Rule:
-    """Text that fully matches ``pattern`` (or None, the setting unset, when ``optional``)."""
-    regex = re.compile(pattern)
-    return Rule(allowed, lambda v: (optional and v is None) or bool(regex.fullmatch(v)), good, bad)
+def octal_mode(raw: str) -> int:
+    """File permission bits from an octal string (``0640``, ``640`` or ``0o640``)."""
+    return int(raw.strip().lower().removeprefix("0o"), 8)
+
+
+def is_file_mode(value: int) -> bool:
+    """0..0o777 without write access for others: a report anyone can rewrite cannot be trusted."""
+    return is_number(value, integer=True) and 0 <= value <= 0o777 and not value & 0o002
+
+
+def folders(raw: str) -> tuple[Path, ...]:
+    """``/data,/srv/films`` -> absolute folders, resolved (links and ``..``), so that a resolved flow
+    path can be compared with them; ``none`` -> (). A relative entry is refused: it would depend on the
+    folder each process happens to start in."""
+    if raw.strip().lower() == "none":
+        return ()
+    parts = [Path(p.strip()).expanduser() for p in raw.split(",") if p.strip()]
+    if not parts or not all(p.is_absolute() for p in parts):
+        raise ValueError("every entry must be an absolute folder path")
+    return tuple(dict.fromkeys(p.resolve() for p in parts))  # ValueError for a NUL byte
+
+
+def path(raw: str | Path) -> Path:
+    return Path(raw).expanduser().resolve()  # ValueError for a NUL byte
+
+
+def labels(raw: str) -> tuple[str, ...]:
+    from xray_core.data.labels import normalise_label
+
+    return tuple(sorted({normalise_label(p) for p in raw.split(",") if p.strip()}))
+
+
+def modalities(raw: str) -> tuple[str, ...]:
+    """``CR,DX`` -> ("CR", "DX"); ``any`` -> () (every modality accepted)."""
+    parts = tuple(sorted({p.strip().upper() for p in raw.split(",") if p.strip()}))
+    return () if parts == ("ANY",) else parts
+
+
+def views(raw: str) -> tuple[str, ...]:
+    """``pa, ap`` -> ("AP", "PA"): upper case, ``_`` as a space, spaces collapsed."""
+    return tuple(sorted({" ".join(p.upper().replace("_", " ").split()) for p in raw.split(",") if p.strip()}))
 
 
 def is_folder(value: Any) -> bool:
@@ -94,6 +205,10 @@ def is_folder(value: Any) -> bool:
         return value is None or isinstance(value, Path) and (value.is_dir() or not value.exists())
     except OSError:
         return True
+
+
+def are_roots(value: tuple[Path, ...]) -> bool:
+    return all(isinstance(p, Path) and p.is_absolute() and is_folder(p) for p in value)
 
 
 def is_database_url(value: str) -> bool:
@@ -135,6 +250,12 @@ def is_regex(value: str) -> bool:
         return False
 
 
+def matches(pattern: str, optional: bool = False) -> Callable[[Any], bool]:
+    """Text that fully matches ``pattern`` (or None, the setting unset, when ``optional``)."""
+    regex = re.compile(pattern)
+    return lambda v: (optional and v is None) or bool(regex.fullmatch(v))
+
+
 def is_split_ratios(value: tuple[float, ...]) -> bool:
     """train,val,test fractions summing to 1 with some training data."""
     return (len(value) == 3 and all(is_number(r) and 0 <= r <= 1 for r in value) and value[0] > 0
@@ -150,120 +271,122 @@ def is_widths(value: tuple[int, ...]) -> bool:
     return len(value) <= 8 and all(is_number(w, integer=True) and 1 <= w <= 16384 for w in value)
 
 
+def is_l2_grid(value: tuple[float, ...]) -> bool:
+    return bool(value) and all(is_number(c) and 0 < c <= 1e6 for c in value)
+
+
 def is_weights(value: str) -> bool:
     return value.lower() in ("imagenet", "random") or Path(value).suffix.lower() in WEIGHT_SUFFIXES
 
 
-__all__ = ["Rule", "is_number", "number_in", "integer_in", "one_of", "matching", "is_folder", "is_database_url",
-           "is_storage_url", "is_label", "is_label_list", "is_regex", "is_split_ratios", "is_crop_scale",
-           "is_widths", "is_weights", "WEIGHT_SUFFIXES", "SEED_RANGE", "LABEL_TEXT"]
+# --------------------------------------------------------------------------------------------------
+# reading the environment, reporting what is wrong, and the docs page
 
 
-# One line per setting (field name -> Rule: allowed values in words and as a predicate), checked by
-# validate() at start-up; every error names the variable and repeats the words. The unit test fails
-# when a field of settings._FIELDS or settings._PATH_FIELDS has no line here.
-_DASK = r"(tcp|tls|ucx|inproc|ws|wss)://[\w.\-\[\]:/]+|[\w.\-\[\]]+:\d{1,5}"
-_SALT = r"(?!\s)[^\x00-\x1f\x7f]*(?<!\s)"  # a stray newline from a secrets file would change every hash
-RULES: dict[str, Rule] = {
-    "home": Rule("must be a folder path (created if missing), not a file", is_folder, "var", ("var\0x",)),
-    "database_url": Rule("must be a SQLAlchemy URL such as sqlite:///path/catalogue.db or postgresql+psycopg://"
-                         "user@host/db", is_database_url, "sqlite:///catalogue.db", ("catalogue.db", "nosuch://h/db")),
-    "incoming_dir": Rule("must be a folder path (it need not exist yet), not a file", is_folder, "in", ("in\0",)),
-    "storage_url": Rule("must be a folder path or an fsspec URL of a protocol fsspec knows (memory://, file://, "
-                        "s3://, ...), or unset", is_storage_url, "memory://xray", ("nosuchproto://bucket/xray",)),
-    "allowed_roots": Rule("must be comma-separated absolute folder paths (flow parameters may name paths "
-                          "only inside them, XRAY_INCOMING, or what the xray command was given), or none",
-                          lambda v: all(isinstance(p, Path) and p.is_absolute() and is_folder(p) for p in v),
-                          "/data,/srv/films", ("data/incoming", "/data,films", "/data\0x")),
-    "labels": Rule(f"must be empty (any label) or two or more comma-separated labels of {LABEL_TEXT}",
-                   is_label_list, "normal,pneumonia", ("normal", "normal,x/y")),
-    "negative_label": Rule(f"must be one label of {LABEL_TEXT}", is_label, "healthy", ("no/such",)),
-    "patient_regex": Rule("must be a regular expression (group 1, else the whole match, is the patient id), or "
-                          "empty for none", is_regex, r"^(p\d+)", ("(person",)),
-    "patient_salt": matching(_SALT, "must be text without leading or trailing spaces or control characters; "
-                             "unset = a per-home salt file", "hospital-salt", (" salt\n",), optional=True),
-    "min_image_side": integer_in(1, 65535, "pixels; smaller images are rejected as too_small"),
-    "max_pixels": integer_in(1, 10**9, "width x height above which an image is refused as a decompression bomb"),
-    "max_file_bytes": integer_in(1, 2**36, "bytes, at most 64 GiB; larger files are refused unread"),
-    "quarantine_max_bytes": integer_in(0, 2**50, "bytes quarantine/ may hold; copies of rejected files that "
-                                   "would take it past this are skipped, their rows kept; 0 = copy none"),
-    "split_ratios": Rule("must be three comma-separated fractions train,val,test in [0, 1] that sum to 1 with "
-                         "train above 0, e.g. 0.7,0.15,0.15", is_split_ratios, "0.8,0.1,0.1",
-                         ("nan,nan,nan", "0.5,0.5", "0.7,0.2,0.2", "0,0.5,0.5", "1.2,-0.1,-0.1", "a,b,c")),
-    "split_seed": integer_in(*SEED_RANGE, "seed of the patient-to-split hash"),
-    "backbone_weights": Rule(f"must be imagenet, random or the path of a state dict ending "
-                             f"{', '.join(WEIGHT_SUFFIXES)}",
-                             is_weights, "random", ("imagenet22k", "weights.pkl")),
-    "backbone_seed": integer_in(*SEED_RANGE, "init seed of a random backbone"),
-    "device": matching(r"auto|cpu|cuda(:\d+)?", "must be auto, cpu, cuda or cuda:N", "cpu", ("gpu", "cuda:x")),
-    "input_size": integer_in(32, 1024, "square side in pixels fed to densenet161"),
-    "views": integer_in(0, 64, "augmented views per image, each a full backbone pass"),
-    "aug_rotation": number_in(0, 180, "degrees, +-; 0 disables"),
-    "aug_crop_scale": Rule("must be two fractions lo,hi with 0 < lo <= hi <= 1, e.g. 0.8,1.0", is_crop_scale,
-                           "0.5,1", ("0,1", "0.9,0.8", "0.8", "nan,1")),
-    "aug_hflip": Rule("must be one of 1/0, true/false, yes/no, on/off", lambda v: isinstance(v, bool), "off",
-                      ("maybe",)),
-    "embed_batch_size": integer_in(1, 4096, "images per backbone call"),
-    "embed_precision": one_of(("auto", "fp32", "bf16"), "fp8"),
-    "embed_workers": integer_in(0, 256, "decode processes; 0 decodes in the main process"),
-    "embed_memory_mb": integer_in(1, 2**20, "MiB of decoded batches held while embedding, at most 1 TiB"),
-    "embed_dask_workers": integer_in(0, 1024, "Dask embedding shards; 0 = off"),
-    "dask_address": matching(_DASK, "must be a Dask scheduler address such as tcp://host:8786 or host:8786, or "
-                             "unset", "tcp://127.0.0.1:8786", ("http://host:8786", "tcp://two hosts"), optional=True),
-    "head_hidden": Rule("must be none (a linear head) or up to 8 comma-separated widths, each an integer in "
-                        "[1, 16384]", is_widths, "256,128", ("-3", "0", "512,abc", "100000")),
-    "head_dropout": number_in(0, 1, "fraction of units dropped", open_hi=True),
-    "epochs": integer_in(1, 100_000, "passes over the training features"),
-    "batch_size": integer_in(1, 65536, "training rows per step"),
-    "learning_rate": number_in(0, 1, "Adam step size", open_lo=True),
-    "weight_decay": number_in(0, 1, "Adam L2 penalty; 0 = none"),
-    "patience": integer_in(1, 100_000, "epochs without a val-loss improvement before stopping"),
-    "train_seed": integer_in(*SEED_RANGE, "seed of head init and batch order"),
-    "bootstrap_samples": integer_in(1, 1_000_000, "resamples per confidence interval"),
-    "bootstrap_seed": integer_in(*SEED_RANGE, "seed of the bootstrap"),
-    "min_test_per_class": integer_in(1, 1_000_000, "test images per class before a promotion is decided"),
-    "floor_macro_auroc": number_in(0, 1, "macro AUROC a first model must reach; 0 = no floor"),
-    "floor_sensitivity": number_in(0, 1, "per-class sensitivity a first model must reach; 0 = no floor"),
-    "promotion_metric": one_of(PROMOTION_METRICS, "accuracy"),
-    "promotion_mode": one_of(PROMOTION_MODES, "better"),
-    "promotion_margin": number_in(0, 1, "metric difference: shortfall allowed if non-inferiority, gain needed if "
-                                  "superiority"),
-    "target_specificity": number_in(0, 1, "a fraction: 0.9 means 90%", open_lo=True, open_hi=True),
-    "guardrail_sensitivity_drop": number_in(0, 1, "largest per-class sensitivity drop a promotion may cause"),
-    "file_mode": Rule("must be an octal file mode from 000 to 777 without write access for others, e.g. 0640 "
-                      "or 0644", lambda v: isinstance(v, int) and 0 <= v <= 0o777 and not v & 0o002, "0644",
-                      ("0666", "999", "rw-r-----")),
-    "guardrail_site_drop": number_in(0, 1, "largest AUROC or per-class sensitivity drop allowed on any site with "
-                                     "enough test images"),
-    "shortcut_auroc": number_in(0.5, 1, "AUROC of a shortcut probe above which the audit warns"),
-    "shortcut_policy": one_of(("warn", "block"), "ignore"),
-    "head_recipe": one_of(("auto", "linear", "mlp"), "svm"),
-    "head_l2_grid": Rule("must be one or more comma-separated positive numbers (inverse L2 strengths C of the "
-                         "linear candidates), e.g. 0.001,0.01,0.1,1",
-                         lambda v: bool(v) and all(is_number(c) and 0 < c <= 1e6 for c in v), "0.01,1",
-                         ("0", "-1,1", "nan", "a")),
-    "lr_schedule": one_of(("cosine", "none"), "step"),
-    "recipe_folds": integer_in(2, 20, "patient-grouped folds inside train+val for choosing the head recipe"),
-    "recipe_min_val_per_class": integer_in(0, 1_000_000, "validation images per class below which the recipe is "
-                                           "chosen by k-fold"),
-    "target_sensitivity": Rule("must be a fraction in (0, 1], e.g. 0.95, or unset (Youden's J)",
-                               lambda v: v is None or (is_number(v) and 0 < v <= 1), "0.95", ("0", "1.5", "nan")),
-    "near_copy_distance": integer_in(-1, 16, "pHash bits within which a film of another patient is a near copy; "
-                                     "-1 = off"),
-    "allowed_modalities": Rule("must be any, or comma-separated DICOM Modality codes (1-16 of A-Z, 0-9, _) such "
-                               "as CR,DX", lambda v: all(re.fullmatch(r"[A-Z0-9_]{1,16}", x) for x in v), "CR,DX,DR",
-                               ("CR;DX", "C R")),
-    "require_chest": Rule("must be one of 1/0, true/false, yes/no, on/off", lambda v: isinstance(v, bool), "on",
-                          ("chest",)),
-    "site_from_dicom": one_of(("hash", "name", "off"), "plain"),
-    "dicom_store": one_of(("deidentified", "original"), "raw"),
-    "allowed_views": Rule("must be empty (any view) or comma-separated view names such as PA,AP",
-                          lambda v: all(x.replace(" ", "").isalnum() for x in v), "PA,AP", ("PA,<script>",)),
-    "ood_quantile": number_in(0.5, 1, "fraction of in-distribution films scored in-distribution; the OOD "
-                              "threshold is a conformal quantile of the validation films' and cross-fitted "
-                              "training films' scores", open_hi=True),
-    "drift_alpha": number_in(0, 0.5, "p-value below which a batch drift test warns", open_lo=True),
-    "drift_permutations": integer_in(19, 100_000, "permutations of the batch drift test"),
-    "ingest_workers": integer_in(0, 256, "processes that prepare files during ingest; 0 = one per core, "
-                                 "1 = in the ingesting process"),
-}
+def env_names(fields: Mapping[str, FieldInfo]) -> dict[str, str]:
+    """field -> its variable: ``XRAY_`` + the upper-cased name unless the field names its own; the
+    derived fields (``from_env=False``) have none."""
+    return {name: extra(f).get("env", f"XRAY_{name.upper()}") for name, f in fields.items()
+            if extra(f).get("from_env", True)}
+
+
+class Environment(EnvSettingsSource):
+    """pydantic-settings' reader of ``XRAY_*`` variables, over a given mapping (``os.environ`` by default).
+
+    Names are matched exactly (``XRAY_HOME``, not ``xray_home``, as before); an empty value means unset
+    except where the field says ``empty_is_a_value``; derived fields are never read; a field may name
+    its own variable (``incoming_dir`` is ``XRAY_INCOMING``). Values stay text: each field's parser
+    reads the list syntax people write (``XRAY_LABELS=a,b``, ``XRAY_HEAD_HIDDEN=none``), not JSON."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._env = {key.lower(): value for key, value in env.items()
+                     if key.startswith("XRAY_") and key == key.upper()}
+        self._names = env_names(settings_cls.model_fields)
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return self._env
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if field_name not in self._names:
+            return None, field_name, False
+        value = self.env_vars.get(self._names[field_name].lower())
+        if value == "" and not extra(field).get("empty_is_a_value"):
+            value = None
+        return value, field_name, False
+
+
+def as_text(value: Any) -> str:
+    """A value as it would be written in the environment."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value is None else str(value)
+
+
+def refusal(exc: ValidationError, fields: Mapping[str, FieldInfo], shown: Mapping[str, str]) -> str:
+    """One line per bad variable, in declaration order: ``XRAY_NAME=value: must be ...``, with secrets
+    hidden, URL credentials masked and odd text quoted. pydantic reports every field at once; a field
+    whose default depends on a bad one is not reported again."""
+    names = env_names(fields)
+    bad = {str(e["loc"][0]) for e in exc.errors() if e["loc"] and e["type"] != "default_factory_not_called"}
+    lines = []
+    for name in (n for n in fields if n in bad):
+        text = "(hidden)" if extra(fields[name]).get("secret") else shown.get(name, "")
+        text = re.sub(r"//[^/@\s]*@", "//***@", text)
+        if not text.isprintable() or text != text.strip() or not text:
+            text = repr(text)
+        lines.append(f"{names.get(name, name)}={text}: {allowed_text(fields[name])}")
+    return "\n".join(lines)
+
+
+def _default_text(field: FieldInfo) -> str:
+    given = extra(field).get("default_text")
+    if given:
+        return given
+    value = field.get_default()
+    return "unset" if value is None or value == () else f"`{as_text(value)}`"
+
+
+def settings_page(fields: Mapping[str, FieldInfo]) -> str:
+    """The markdown of ``docs/settings.md``: one row per variable, in declaration order."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = [f"| `{var}` | {cell(_default_text(fields[name]))} | "
+            f"{cell(allowed_text(fields[name], why=False).removeprefix('must be '))} | "
+            f"{cell(fields[name].description or '')} |" for name, var in env_names(fields).items()]
+    return "\n".join([SETTINGS_PAGE_HEAD, "| variable | default | allowed | what for |", "|---|---|---|---|",
+                      *rows, ""])
+
+
+SETTINGS_PAGE_HEAD = """# Settings
+
+<!-- Generated from xray_core/settings.py by `python scripts/settings_table.py --write`; do not edit.
+     tests/unit/test_settings.py fails when this file and the declaration differ. -->
+
+Every setting is an environment variable, read the first time a command or flow needs its settings.
+A value that is not allowed stops the command before it touches anything, with exit code 2 and one
+line per bad variable naming it and what it allows, for example
+
+```
+xray status: XRAY_HEAD_DROPOUT=1.5: must be in [0, 1) (fraction of units dropped)
+```
+
+Numbers must be finite (`nan` and `inf` are refused). Lists are comma-separated
+(`XRAY_LABELS=normal,pneumonia`); an empty value is the same as unset, except for `XRAY_PATIENT_REGEX`,
+where empty turns it off. Secrets are not echoed (`XRAY_PATIENT_SALT=(hidden)`, passwords in URLs
+as `***`). `xray status` shows the values in use.
+
+Adding a setting is one field in `Settings` (`xray_core/settings.py`): its type, default, range and
+description; the error words, the examples the tests load, and this page follow from it.
+"""
+
+
+__all__ = ["setting", "extra", "choices", "allowed_text", "examples", "check", "parse", "is_number", "words",
+           "floats", "widths", "octal_mode", "is_file_mode", "folders", "path", "labels", "modalities",
+           "views", "is_folder", "are_roots", "is_database_url", "is_storage_url", "is_label",
+           "is_label_list", "is_regex", "matches", "is_split_ratios", "is_crop_scale", "is_widths",
+           "is_l2_grid", "is_weights", "env_names", "Environment", "as_text", "refusal", "settings_page",
+           "WEIGHT_SUFFIXES", "SEED_MAX", "LABEL_TEXT", "Affects"]

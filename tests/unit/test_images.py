@@ -200,7 +200,7 @@ def test_load_grayscale_matches_decode_and_skips_min_side(good_dir: Path, bad_di
 
 
 def test_default_max_pixels_follows_settings() -> None:
-    assert DEFAULT_MAX_PIXELS == Settings.max_pixels
+    assert DEFAULT_MAX_PIXELS == load_settings({}).max_pixels
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,9 @@ def features(n: int, *, n_classes: int = 2, views: int = 2, separation: float = 
 
 
 def config(**changes) -> HeadConfig:
-    base = dict(hidden=(32,), dropout=0.1, epochs=15, batch_size=8, learning_rate=3e-3, patience=50, seed=0)
+    # schedule="none": what HeadConfig's own default was before it took XRAY_LR_SCHEDULE's (cosine)
+    base = dict(hidden=(32,), dropout=0.1, epochs=15, batch_size=8, learning_rate=3e-3, patience=50, seed=0,
+                schedule="none")
     base.update(changes)
     return HeadConfig(**base)
 

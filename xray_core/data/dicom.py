@@ -36,6 +36,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from xray_core.errors import ImageRejected
 from xray_core.io.fsutil import printable
+from xray_core.settings import setting_default
 
 # The percentile window used when the file carries no VOI LUT and no window centre/width: robust to
 # the few saturated pixels (collimator edges, burned-in text) that would squash a min-max window.
@@ -72,8 +73,8 @@ _DEFAULT_NEED = "pylibjpeg with pylibjpeg-libjpeg, pylibjpeg-openjpeg and pylibj
 class DicomPolicy:
     """Which acquisitions ingest accepts. ``modalities`` empty = any (XRAY_ALLOWED_MODALITIES=any)."""
 
-    modalities: tuple[str, ...] = ("CR", "DX")
-    require_chest: bool = False  # XRAY_REQUIRE_CHEST: refuse films whose BodyPartExamined is not CHEST
+    modalities: tuple[str, ...] = setting_default("allowed_modalities")  # XRAY_ALLOWED_MODALITIES
+    require_chest: bool = setting_default("require_chest")  # True: only BodyPartExamined CHEST
 
 
 @dataclass(frozen=True)

@@ -34,13 +34,13 @@ from xray_core.data.dicom import DicomFacts, DicomPolicy
 from xray_core.data.plausibility import check_blank, check_jpeg_fill, check_png_rows
 from xray_core.errors import ImageRejected
 from xray_core.io.fsutil import printable
-from xray_core.settings import Settings
+from xray_core.settings import setting_default
 
 SUPPORTED_FORMATS = ("png", "jpeg", "dicom")
 _ALLOWED = "only PNG, JPEG and DICOM (.dcm) X-rays are supported"
 
 # Same bomb limit as the settings' default, so a stored original that ingest accepted always reloads.
-DEFAULT_MAX_PIXELS: int = Settings.max_pixels
+DEFAULT_MAX_PIXELS: int = setting_default("max_pixels")
 
 # ITU-R BT.601 luma, the weights PIL's own RGB -> L conversion uses, but kept in float.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)

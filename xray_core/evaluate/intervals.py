@@ -27,6 +27,7 @@ from scipy.stats import binomtest
 
 from xray_core.evaluate.metrics import (EPS, PAIRED_METRICS, check_inputs, compute_metrics, disease_indices,
                                         json_float, positive_index, predict_labels)
+from xray_core.settings import setting_default
 
 # Top-level metrics that get bootstrap intervals (per-class ones are added per label).
 INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece", "sensitivity_at_specificity")
@@ -208,11 +209,11 @@ def bootstrap_intervals(
     patient_ids: np.ndarray,
     *,
     threshold: float | None,
-    negative_label: str = "normal",
+    negative_label: str = setting_default("negative_label"),
     n_samples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
-    target_specificity: float = 0.9,
+    target_specificity: float = setting_default("target_specificity"),
     ece_bins: int = 10,
 ) -> dict[str, dict[str, float | int | None]]:
     """Patient-clustered percentile bootstrap intervals of one model's metrics.
@@ -289,11 +290,11 @@ def paired_bootstrap_difference(
     *,
     metric: str,
     thresholds: tuple[float | None, float | None],
-    negative_label: str = "normal",
+    negative_label: str = setting_default("negative_label"),
     n_samples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
-    target_specificity: float = 0.9,
+    target_specificity: float = setting_default("target_specificity"),
 ) -> dict:
     """Challenger minus champion on the same test images, with a paired patient-clustered interval.
 

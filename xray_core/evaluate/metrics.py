@@ -14,7 +14,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-PAIRED_METRICS = ("macro_auroc", "balanced_accuracy", "sensitivity_at_specificity")
+from xray_core.settings import PROMOTION_METRICS, setting_default
+
+# the declared defaults of XRAY_NEGATIVE_LABEL and XRAY_TARGET_SPECIFICITY
+NEGATIVE_LABEL: str = setting_default("negative_label")
+TARGET_SPECIFICITY: float = setting_default("target_specificity")
+
+PAIRED_METRICS: tuple[str, ...] = PROMOTION_METRICS  # the paired bootstrap supports every promotion metric
 PER_CLASS_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc")
 
 # Exact comparisons of ratios of integer counts against a float target (e.g. 9/10 >= 0.9) must not
@@ -26,7 +32,7 @@ EPS = 1e-12
 # small helpers
 
 
-def positive_index(labels: Sequence[str], negative_label: str = "normal") -> int | None:
+def positive_index(labels: Sequence[str], negative_label: str = NEGATIVE_LABEL) -> int | None:
     """Index of the positive (disease) class for a 2-class problem; None for any other class count.
 
     The positive class is the one that is not ``negative_label``; when neither label is the negative
@@ -40,7 +46,7 @@ def positive_index(labels: Sequence[str], negative_label: str = "normal") -> int
     return 1
 
 
-def disease_indices(labels: Sequence[str], negative_label: str = "normal") -> list[int]:
+def disease_indices(labels: Sequence[str], negative_label: str = NEGATIVE_LABEL) -> list[int]:
     """Indices of the disease classes: every class except ``negative_label``.
 
     Without a negative label, a 2-class problem has one disease class (index 1) and a multi-class
@@ -221,9 +227,9 @@ def compute_metrics(
     labels: list[str],
     *,
     threshold: float | None,
-    negative_label: str = "normal",
+    negative_label: str = NEGATIVE_LABEL,
     ece_bins: int = 10,
-    target_specificity: float = 0.9,
+    target_specificity: float = TARGET_SPECIFICITY,
 ) -> dict:
     """Every test-set metric of one model, as a JSON-able dict (floats, ints, lists; nan -> None).
 

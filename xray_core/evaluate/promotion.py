@@ -24,7 +24,7 @@ from typing import Any
 
 from xray_core.errors import UsageError
 from xray_core.evaluate.evidence import plan_evidence
-from xray_core.settings import PROMOTION_METRICS, PROMOTION_MODES, Settings
+from xray_core.settings import PROMOTION_METRICS, PROMOTION_MODES, Settings, setting_default
 
 # Metrics are ratios of counts and percentiles of float differences: values that are equal on
 # paper can differ in the last bits. Comparisons treat anything within this as equal.
@@ -38,18 +38,19 @@ class PolicyError(UsageError, ValueError):
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """The knobs of :func:`decide`; build it with :meth:`from_settings` (``XRAY_*`` variables)."""
+    """The knobs of :func:`decide`; build it with :meth:`from_settings` (``XRAY_*`` variables). Each
+    default is the setting's declared one (:mod:`xray_core.settings`), named in the comment."""
 
-    min_test_per_class: int = 20  # XRAY_MIN_TEST_PER_CLASS: fewer test images of a class -> no decision
-    floor_macro_auroc: float = 0.80  # XRAY_FLOOR_MACRO_AUROC: first model only
-    floor_sensitivity: float = 0.70  # XRAY_FLOOR_SENSITIVITY: every disease class, first model only
-    metric: str = "macro_auroc"  # XRAY_PROMOTION_METRIC: one of PROMOTION_METRICS
-    mode: str = "non-inferiority"  # XRAY_PROMOTION_MODE: non-inferiority | superiority
-    margin: float = 0.01  # XRAY_PROMOTION_MARGIN: how much worse the CI's lower bound may be
-    guardrail_sensitivity_drop: float = 0.02  # XRAY_GUARDRAIL_SENSITIVITY_DROP: max point drop per disease class
-    negative_label: str = "normal"  # XRAY_NEGATIVE_LABEL: every other label is a disease class
-    target_specificity: float = 0.90  # XRAY_TARGET_SPECIFICITY: only names the metric in the rationale
-    test_fraction: float = 0.15  # XRAY_SPLIT_RATIOS' test share: for evidence planning only
+    min_test_per_class: int = setting_default("min_test_per_class")  # fewer test images per class: none
+    floor_macro_auroc: float = setting_default("floor_macro_auroc")  # first model only
+    floor_sensitivity: float = setting_default("floor_sensitivity")  # every disease class, first model only
+    metric: str = setting_default("promotion_metric")  # one of PROMOTION_METRICS
+    mode: str = setting_default("promotion_mode")  # non-inferiority | superiority
+    margin: float = setting_default("promotion_margin")  # how much worse the CI's lower bound may be
+    guardrail_sensitivity_drop: float = setting_default("guardrail_sensitivity_drop")  # per disease class
+    negative_label: str = setting_default("negative_label")  # every other label is a disease class
+    target_specificity: float = setting_default("target_specificity")  # names the metric in the rationale
+    test_fraction: float = setting_default("split_ratios")[2]  # the test share: for evidence planning only
 
     def __post_init__(self) -> None:
         if self.metric not in PROMOTION_METRICS:

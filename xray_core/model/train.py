@@ -30,9 +30,7 @@ from torch import nn
 
 from xray_core.faults import crash_point
 from xray_core.errors import NotEnoughDataError, XrayError
-
-
-LR_SCHEDULES = ("none", "cosine")
+from xray_core.settings import LR_SCHEDULES, Settings, setting_default
 
 
 class TrainingDivergedError(XrayError):
@@ -41,21 +39,25 @@ class TrainingDivergedError(XrayError):
 
 @dataclass(frozen=True)
 class HeadConfig:
-    hidden: tuple[int, ...] = (512,)  # hidden widths; () gives a linear head
-    dropout: float = 0.2
-    epochs: int = 20
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 5  # epochs without a val-loss improvement before stopping
-    seed: int = 0
-    schedule: str = "none"  # "cosine": anneal the learning rate to 0 over `epochs`; "none": constant
+    """How :func:`train_head` trains; build it with :meth:`from_settings`. Each default is the declared
+    default of the setting named in the comment (:mod:`xray_core.settings`)."""
+
+    hidden: tuple[int, ...] = setting_default("head_hidden")  # hidden widths; () gives a linear head
+    dropout: float = setting_default("head_dropout")
+    epochs: int = setting_default("epochs")
+    batch_size: int = setting_default("batch_size")
+    learning_rate: float = setting_default("learning_rate")
+    weight_decay: float = setting_default("weight_decay")
+    patience: int = setting_default("patience")  # epochs without a val-loss improvement before stopping
+    seed: int = setting_default("train_seed")
+    # lr_schedule: "cosine" anneals the learning rate to 0 over `epochs`; "none" keeps it constant
+    schedule: str = setting_default("lr_schedule")
     # True: keep the epoch with the lowest val loss (early stopping). False: keep the last epoch's
     # weights and run every epoch (a cosine schedule is meant to be run to its end).
     keep_best: bool = True
 
     @classmethod
-    def from_settings(cls, s) -> "HeadConfig":  # noqa: ANN001 - Settings
+    def from_settings(cls, s: Settings) -> "HeadConfig":
         return cls(hidden=tuple(s.head_hidden), dropout=s.head_dropout, epochs=s.epochs,
                    batch_size=s.batch_size, learning_rate=s.learning_rate,
                    weight_decay=s.weight_decay, patience=s.patience, seed=s.train_seed,

@@ -25,7 +25,7 @@ from xray_core.pipeline.model_settings import settings_for_card, settings_for_fi
 from xray_core.pipeline.snapshot import (Row, SplitData, embed_items, features_for, label_indices,
                                          load_split_data, test_set_fingerprint, train_views,
                                          training_set_fingerprint)
-from xray_core.settings import Settings
+from xray_core.settings import Settings, affecting
 
 
 def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None = None,
@@ -235,10 +235,8 @@ def current_champion(settings: Settings) -> int | None:
         return champion_version(s)
 
 
-# Settings that change what training produces from the same features.
-TRAINING_SETTINGS = ("head_hidden", "head_dropout", "epochs", "batch_size", "learning_rate", "weight_decay",
-                     "patience", "train_seed", "views", "negative_label", "head_recipe", "head_l2_grid",
-                     "lr_schedule", "recipe_folds", "recipe_min_val_per_class", "target_sensitivity")
+# Settings that change what training produces from the same features (marked affects="training").
+TRAINING_SETTINGS = affecting("training")
 
 
 def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | None:
@@ -273,11 +271,9 @@ def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | Non
 # Decisions a rerun on the same inputs would repeat (training, evaluation and policy are deterministic);
 # a failed run is retried, a promotion leaves a champion that nothing_new_since_champion covers.
 REPEATABLE_DECISIONS = ("keep", "blocked", "insufficient_evidence")
-# Settings that change where and how fast work runs, not the features, weights or decision.
-EXECUTION_SETTINGS = frozenset({"home", "database_url", "incoming_dir", "storage_url", "store_dir", "features_dir",
-                                "models_dir", "reports_dir", "quarantine_dir", "file_mode", "ingest_workers",
-                                "embed_workers", "embed_dask_workers", "dask_address", "embed_precision",
-                                "quarantine_max_bytes"})
+# Settings that change where and how fast work runs, not the features, weights or decision
+# (marked affects="execution" in xray_core.settings).
+EXECUTION_SETTINGS = frozenset(affecting("execution"))
 
 
 def nothing_new_since_last_decision(settings: Settings, data: SplitData) -> str | None:

@@ -29,7 +29,9 @@ from typing import Any, Mapping, Sequence
 from xray_core.report.markdown import KEY_METRICS, interval, render_template, report_context
 from xray_core.report.terminal import format_interval
 from xray_core.report.data import ModelCurves, ReportData, SiteCurves
-from xray_core.settings import Settings
+from xray_core.settings import Settings, setting_default
+
+NEGATIVE_LABEL: str = setting_default("negative_label")  # XRAY_NEGATIVE_LABEL's default
 
 PER_CLASS_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc")
 _COLOURS = {"challenger": "#d62728", "champion": "#1f77b4"}
@@ -61,7 +63,7 @@ def _roc_classes(curves: Sequence[ModelCurves], negative_label: str) -> list[str
     return list(labels)
 
 
-def roc_png(curves: Sequence[ModelCurves], *, negative_label: str = "normal") -> bytes:
+def roc_png(curves: Sequence[ModelCurves], *, negative_label: str = NEGATIVE_LABEL) -> bytes:
     from matplotlib.figure import Figure
 
     classes = _roc_classes(curves, negative_label)
@@ -82,7 +84,7 @@ def roc_png(curves: Sequence[ModelCurves], *, negative_label: str = "normal") ->
     return _png(fig)
 
 
-def site_roc_png(site_curves: Sequence[SiteCurves], *, negative_label: str = "normal") -> bytes:
+def site_roc_png(site_curves: Sequence[SiteCurves], *, negative_label: str = NEGATIVE_LABEL) -> bytes:
     """One panel per site, both models in each: where pooled curves hide a collapse, a panel shows it.
 
     Binary: the disease class; more classes: each one-vs-rest, told apart by line style. A site whose
@@ -272,7 +274,7 @@ def html_contents(context: dict[str, Any]) -> list[str]:
     return out
 
 
-def html_context(result: dict[str, Any], data: ReportData | None, *, negative_label: str = "normal",
+def html_context(result: dict[str, Any], data: ReportData | None, *, negative_label: str = NEGATIVE_LABEL,
                  notes: Sequence[str] = (), heatmap_links: Mapping[str, str] | None = None) -> dict[str, Any]:
     evals = _evals(result)
     context = report_context(result)
@@ -287,7 +289,7 @@ def html_context(result: dict[str, Any], data: ReportData | None, *, negative_la
     return context
 
 
-def render_html(result: dict[str, Any], data: ReportData | None, *, negative_label: str = "normal",
+def render_html(result: dict[str, Any], data: ReportData | None, *, negative_label: str = NEGATIVE_LABEL,
                 notes: Sequence[str] = (), heatmap_links: Mapping[str, str] | None = None) -> str:
     """The whole report as one HTML document (no external resources; links to full-size heatmaps
     only for the shas in ``heatmap_links``, sha256 -> href relative to the report)."""
