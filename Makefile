@@ -53,7 +53,8 @@ TEST_THREADS ?= 1
 test: $(STAMP)
 	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
-# The fast lane: pure unit tests (no backbone run, no subprocess, no Prefect), well under a minute.
+# The fast lane: pure unit tests (no backbone run, subprocess, server, fork or Prefect flow run), well under a
+# minute. tests/unit/conftest.py enforces it: such a call fails, saying to move the test to tests/integration.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
