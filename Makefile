@@ -53,7 +53,8 @@ TEST_THREADS ?= 1
 test: $(STAMP)
 	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
-# The fast lane: pure unit tests (no backbone run, no subprocess, no Prefect), well under a minute.
+# The fast lane: pure unit tests (no backbone run, subprocess, server, fork or Prefect flow run), well under a
+# minute. tests/unit/conftest.py enforces it: such a call fails, saying to move the test to tests/integration.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
@@ -63,7 +64,8 @@ PG_PORT ?= 54329
 PG_LANE := tests/unit/test_db.py tests/unit/test_split.py tests/unit/test_ingest.py tests/unit/test_registry.py \
 	tests/unit/test_split_manifests.py tests/unit/test_admission.py tests/unit/test_near_pairs.py \
 	tests/integration/test_retrain_steps.py tests/integration/test_ingest_concurrency.py \
-	tests/integration/test_concurrency.py tests/integration/test_rescore.py
+	tests/integration/test_concurrency.py tests/integration/test_rescore.py \
+	tests/integration/test_registry_race.py
 test-postgres: $(STAMP)
 	scripts/postgres.sh start $(PG_PORT)
 	XRAY_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:$(PG_PORT)/postgres \

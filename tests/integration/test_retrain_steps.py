@@ -197,16 +197,39 @@ def test_champion_and_challenger_are_scored_on_the_identical_grown_test_set(scen
 def test_second_cycle_records_a_decision_with_a_rationale(scenario):
     r = scenario
     v1, v2 = r.train1["version"], r.train2["version"]
-    assert r.decision2["decision"] in ("promote", "keep", "insufficient_evidence")
+    # The decision follows from its checks: with enough test images of each class
+    # (XRAY_MIN_TEST_PER_CLASS=1 here), promote exactly when the paired comparison, the sensitivity
+    # guardrail and the per-site guardrail all pass; otherwise keep the champion.
+    checks = {c["name"]: c["passed"] for c in r.decision2["checks"]}
+    assert set(checks) == {"test_size", "comparison", "guardrail", "per_site_guardrail"}
+    assert checks["test_size"]
+    promoted = r.decision2["promote"]
+    assert promoted == all(checks.values())
+    assert r.decision2["decision"] == ("promote" if promoted else "keep")
+    # The comparison is made on the two evaluations' own numbers, and the rationale quotes them.
+    comparison, metric = r.decision2["comparison"], r.settings.promotion_metric
+    assert comparison["challenger"] == pytest.approx(r.eval2["metrics"][metric])
+    assert comparison["champion"] == pytest.approx(r.eval_champion2["metrics"][metric])
     rows = rows_of(r.settings, Promotion)
     assert len(rows) == 2
     row = rows[1]
     assert (row.from_version, row.to_version, row.decision) == (v1, v2, r.decision2["decision"])
-    assert row.rationale == r.decision2["rationale"] and len(row.rationale) > 40
+    assert row.rationale == r.decision2["rationale"]
+    assert (f"{comparison['challenger']:.3f} vs champion {comparison['champion']:.3f}: "
+            f"difference {comparison['difference']:+.3f}, 95% CI [{comparison['low']:+.3f}, "
+            f"{comparison['high']:+.3f}]") in row.rationale
+    # ... and ends with the reason of the first check that failed (promotion.py's and guards.py's order).
+    if promoted:
+        assert row.rationale.endswith("Promote.") and not row.rationale.startswith("Keep")
+    elif not checks["comparison"]:
+        assert row.rationale.endswith("Keep the champion.")
+    elif not checks["guardrail"]:
+        assert row.rationale.endswith("comparison passes but the guardrail vetoes it.")
+    else:
+        assert row.rationale.startswith("Keep, because")
     assert row.trigger == "test" and row.flow_run_id == "cycle-2"
     assert row.metrics["challenger"]["test_set_fingerprint"] == row.metrics["champion"]["test_set_fingerprint"]
     assert row.metrics["checks"] == r.decision2["checks"]
-    promoted = r.decision2["promote"]
     assert row.champion_after == (v2 if promoted else v1) == current_champion(r.settings)
     [model2] = rows_of(r.settings, Model, Model.id == v2)
     assert model2.status == ("champion" if promoted else "rejected")

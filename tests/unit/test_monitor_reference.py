@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_registry import make_card, make_state  # noqa: F401 - shared tiny-head helpers
 from xray_core.errors import CheckpointError
 from xray_core.monitor.ood import conformal_threshold, crossfit_scores, fit_basis, summary_line
 from xray_core.monitor.reference import REFERENCE_FILE, Reference, build_reference, model_reference
 from xray_core.registry.versions import load_model, save_model
+
+from registry_heads import make_card, make_state
 
 DIM = 24
 

@@ -6,15 +6,12 @@ Heads here are tiny (8 -> 4 -> 2) and saved straight from a state dict, so no ba
 from __future__ import annotations
 
 import json
-import multiprocessing
-import queue
 
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import func, select
 
-from db import dispose_engines, session_scope
+from db import session_scope
 from db.schema import Model, Promotion
 from xray_cli import main as cli
 from xray_core.registry import listing
@@ -33,46 +30,8 @@ from xray_core.registry.versions import (
 from xray_core.settings import Settings
 from xray_core.model.train import build_head, predict_proba
 
-IN_DIM, HIDDEN = 8, (4,)
-BACKBONE = "b" * 64
-REQUIRED = ("schema", "labels", "input_size", "normalisation", "backbone_fingerprint", "backbone_weights",
-            "head", "training_set_fingerprint")
-
-
-def make_card(**changes) -> dict:
-    card = {"labels": ["normal", "pneumonia"], "threshold": 0.4, "input_size": 32,
-            "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-            "backbone_fingerprint": BACKBONE, "backbone_weights": "random",
-            "head": {"in_dim": IN_DIM, "hidden": list(HIDDEN), "dropout": 0.0},
-            "training_set_fingerprint": "t" * 64}
-    card.update(changes)
-    return card
-
-
-def make_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        return build_head(IN_DIM, 2, hidden=HIDDEN, dropout=0.0).state_dict()
-
-
-def save(settings: Settings, seed: int = 0, **kwargs) -> int:
-    return save_model(settings, state_dict=make_state(seed), card=make_card(), train_image_ids=[],
-                      val_image_ids=[], **kwargs)
-
-
-def db_count(settings: Settings, what, *where) -> int:
-    with session_scope(open_catalogue(settings)) as s:
-        return s.scalar(select(func.count()).select_from(what).where(*where))
-
-
-def champions(settings: Settings) -> list[int]:
-    with session_scope(open_catalogue(settings)) as s:
-        return list(s.scalars(select(Model.id).where(Model.status == "champion")))
-
-
-def status_of(settings: Settings, version: int) -> str:
-    with session_scope(open_catalogue(settings)) as s:
-        return s.get(Model, version).status
+from registry_heads import (BACKBONE, HIDDEN, IN_DIM, REQUIRED, champions, db_count, make_card, make_state, save,
+                            status_of)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -292,56 +251,6 @@ def test_cli_models_history_and_json(settings: Settings, capsys: pytest.CaptureF
     assert "no earlier champion" in capsys.readouterr().err
     assert cli.main(["promote", "99", "--reason", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------- racing processes
-
-
-def _promote_in_child(settings: Settings, version: int, barrier, results) -> None:
-    torch.set_num_threads(1)
-    try:
-        barrier.wait(timeout=30)
-        row = promote_manually(settings, version, reason=f"race for {version}", trigger="test", actor=str(version))
-        results.put(("ok", version, row["from_version"], row["champion_after"]))
-    except Exception as exc:  # reported to the parent, which fails the test
-        results.put(("error", version, f"{type(exc).__name__}: {exc}", None))
-
-
-def test_two_processes_promoting_at_once_leave_one_champion_and_two_audit_rows(settings: Settings):
-    ctx = multiprocessing.get_context("fork")
-    champion = None
-    for round_ in range(4):
-        a, b = save(settings, seed=10 + 2 * round_), save(settings, seed=11 + 2 * round_)
-        rows_before = db_count(settings, Promotion)
-        dispose_engines()  # no SQLite connection crosses the fork
-        barrier, results = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_promote_in_child, args=(settings, v, barrier, results)) for v in (a, b)]
-        for p in procs:
-            p.start()
-        outcomes = []
-        try:
-            for _ in procs:
-                outcomes.append(results.get(timeout=60))
-        except queue.Empty:
-            pytest.fail(f"round {round_}: a promoting process did not report within 60 s")
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-        assert all(o[0] == "ok" for o in outcomes), outcomes
-        assert [p.exitcode for p in procs] == [0, 0]
-        now = champions(settings)
-        assert len(now) == 1 and now[0] in (a, b), now
-        assert db_count(settings, Promotion) == rows_before + 2
-        # The two switches serialised: the first replaced the old champion, the second the first.
-        first, second = sorted(outcomes, key=lambda o: o[2] != champion)
-        assert first[2] == champion and second[2] == first[1] and second[3] == now[0] == second[1]
-        loser = first[1]
-        assert status_of(settings, loser) == "retired"
-        champion = now[0]
-    assert db_count(settings, Model, Model.status == "champion") == 1
-    assert len(history(settings)) == 8
 
 
 # --------------------------------------------------------------------------- numbers that compare
