@@ -261,7 +261,7 @@ def _skip_and_show(settings, engine, result: dict) -> None:  # noqa: ANN001
     """A champion trained on exactly the current train/val sets, then the skip check and its lineage."""
     from xray_core.model.backbone import load_backbone
     from xray_core.pipeline.cycle import freeze_split
-    from xray_core.pipeline.snapshot import load_snapshot, load_split_data, training_set_fingerprint
+    from xray_core.data.snapshot import load_snapshot, load_split_data, training_set_fingerprint
     from xray_core.pipeline.steps import TRAINING_SETTINGS, nothing_new_since_champion
     from xray_core.registry.listing import model_lineage
     from xray_core.registry.manifests import put_split_manifest

@@ -63,7 +63,7 @@ def _evaluation(settings, data, version, probs):
     from xray_core.evaluate.intervals import bootstrap_intervals
     from xray_core.evaluate.metrics import compute_metrics
     from xray_core.pipeline.guards import evaluation_slices
-    from xray_core.pipeline.snapshot import label_indices, test_set_fingerprint
+    from xray_core.data.snapshot import label_indices, test_set_fingerprint
 
     labels = ["normal", "pneumonia"]
     rows = data.test
@@ -77,7 +77,7 @@ def _evaluation(settings, data, version, probs):
 
 
 def test_pooled_numbers_hide_a_site_collapse_that_the_guardrail_keeps_out(env, tmp_path):
-    from xray_core.pipeline.snapshot import label_indices, load_split_data
+    from xray_core.data.snapshot import label_indices, load_split_data
     from xray_core.pipeline.steps import decide_step
     from xray_core.data.ingest import ingest_source
 

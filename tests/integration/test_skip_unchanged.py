@@ -8,7 +8,7 @@ from db import session_scope
 from db.schema import Model
 from xray_core.data.catalogue import open_catalogue
 from xray_core.pipeline.cycle import RetrainRequest, run_cycle
-from xray_core.pipeline.snapshot import SplitData, load_split_data
+from xray_core.data.snapshot import SplitData, load_split_data
 from xray_core.pipeline.steps import evaluate_step, nothing_new_since_last_decision
 from xray_core.settings import load_settings, reset_settings
 from xray_core.data.synthetic import write_dataset

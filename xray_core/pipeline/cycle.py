@@ -27,7 +27,7 @@ from xray_core.io.oserrors import path_error
 from xray_core.pipeline import steps
 from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.lock import retrain_lock
-from xray_core.pipeline.snapshot import SplitData, load_snapshot, load_split_data, save_snapshot
+from xray_core.data.snapshot import SplitData, load_snapshot, load_split_data, save_snapshot
 from xray_core.settings import Settings
 
 T = TypeVar("T")

@@ -22,9 +22,9 @@ from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.guards import apply_guards, evaluation_slices
 from xray_core.pipeline.lock import retrain_lock
 from xray_core.pipeline.model_settings import settings_for_card, settings_for_fingerprint
-from xray_core.pipeline.snapshot import (Row, SplitData, embed_items, features_for, label_indices,
-                                         load_split_data, test_set_fingerprint, train_views,
-                                         training_set_fingerprint)
+from xray_core.data.snapshot import (Row, SplitData, label_indices, load_split_data, test_set_fingerprint,
+                                     training_set_fingerprint)
+from xray_core.pipeline.features import embed_items, features_for, train_views
 from xray_core.settings import Settings
 
 

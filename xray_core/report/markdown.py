@@ -20,7 +20,7 @@ from typing import Any
 
 from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
 from xray_core.evaluate.promotion import DECISION_STATES, RUN_STATES
-from xray_core.report.terminal import format_interval
+from xray_core.report.format import format_interval
 from xray_core.settings import Settings
 
 KEY_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece")
