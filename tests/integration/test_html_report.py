@@ -247,7 +247,8 @@ def test_a_two_site_run_reports_by_site_with_per_site_roc_and_status_and_lineage
     the by-site table and one ROC panel per site; report.md, ``xray status`` and ``xray models show``
     carry the same sites."""
     from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
-    from xray_core.pipeline.cycle import RetrainRequest, run_cycle
+    from xray_core.pipeline.cycle import run_retrain
+    from xray_core.pipeline.recipe import RetrainRequest
     from xray_core.registry.listing import model_lineage
     from xray_core.report.status import status_report
     from xray_core.report.terminal import render_lineage, render_status
@@ -262,7 +263,7 @@ def test_a_two_site_run_reports_by_site_with_per_site_roc_and_status_and_lineage
         write_site_dataset(tmp_path / style.name, style, patients_per_label=8, seed=seed)
         manifests.append(str(tmp_path / style.name / "manifest.csv"))
     settings = load_settings()
-    result = run_cycle(settings, RetrainRequest(manifests=tuple(manifests), trigger="test"))
+    result = run_retrain(settings, RetrainRequest(manifests=tuple(manifests), trigger="test")).as_dict()
     test_sites = set(result["challenger_eval"]["sites"])
     assert test_sites == {"adult", "paeds"}, test_sites  # both sites in the test split, or nothing to show
 

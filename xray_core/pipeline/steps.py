@@ -127,7 +127,7 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
         raise CheckpointError(f"model {version}: the reloaded checkpoint does not reproduce its predictions")
     return {"version": version, "labels": labels, "threshold": threshold, "best_epoch": record["best_epoch"],
             "epochs_run": record["epochs_run"], "recipe": recipe.name, "recipe_reason": selection.reason,
-            "temperature": temperature, "val_metrics": headline(val_metrics),
+            "temperature": temperature, "val_metrics": key_metrics(val_metrics),
             "smoke_test": "passed: reloaded checkpoint (sha256 verified) reproduces in-memory predictions",
             "training_set_fingerprint": card["training_set_fingerprint"],
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init}
@@ -153,7 +153,7 @@ def build_model_reference(settings: Settings, data: SplitData, head: Any, x_trai
                            train_groups=np.array([r[4] for r in data.train], dtype=str))
 
 
-def headline(m: dict[str, Any]) -> dict[str, Any]:
+def key_metrics(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m.get(k) for k in ("n", "accuracy", "balanced_accuracy", "macro_auroc")}
 
 

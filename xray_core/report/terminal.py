@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from xray_core.report.format import format_interval, table
+
+if TYPE_CHECKING:  # xray_cli imports this module at start-up: render_terminated must stay cheap
+    from xray_core.results import RunResult
 
 
 def render_ingest(s: dict[str, Any]) -> str:
@@ -207,13 +210,13 @@ def render_retrain(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_terminated(result: dict[str, Any] | None) -> str:
+def render_terminated(result: RunResult | None) -> str:
     """The one line a SIGTERM'd ``retrain --local`` prints: what its audit row (if any) now says."""
-    if not result:
+    if result is None:
         return "terminated (SIGTERM) before a retrain started or after it finished: nothing to record"
-    if result.get("audit_recorded"):
-        return f"terminated; the audit row says: {result.get('state_message')}"
-    return (f"terminated; its audit row could not be recorded ({result.get('state_message')}); the next "
+    if result.audit_recorded:
+        return f"terminated; the audit row says: {result.state_message}"
+    return (f"terminated; its audit row could not be recorded ({result.state_message}); the next "
             "retrain closes what it left (xray models --history)")
 
 
