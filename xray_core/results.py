@@ -47,6 +47,34 @@ def run_state(status: str | None, decision: str | None, *, error: Any = None) ->
         return "Skipped"
     return DECISION_STATES.get(decision or "")
 
+
+def outcome_sentence(state: str | None, challenger: int | None, before: int | None,
+                     after: int | None) -> str | None:
+    """What happened to the champion, in versions: ``v3 replaces v2``, ``champion v2 stays (v3 not
+    promoted)``. The one wording of a run's outcome: the report's title after the state, and the start
+    of the state's message (the policy's rationale follows). ``before``: the champion the challenger
+    was compared with; ``after``: the champion once the decision was recorded (another process may
+    have moved it: a ``stale`` decision)."""
+    new = "the challenger" if challenger is None else f"v{challenger}"
+    stays = after if after is not None else before
+    if state == "Promoted":
+        return f"{new} replaces v{before}" if before is not None else f"{new} becomes the first champion"
+    if state == "Kept":
+        return (f"champion v{stays} stays ({new} not promoted)" if stays is not None
+                else f"no champion yet ({new} not promoted)")
+    if state == "Blocked":
+        return (f"champion v{stays} stays ({new} blocked by the shortcut audit)" if stays is not None
+                else f"no champion yet ({new} blocked by the shortcut audit)")
+    if state == "Insufficient evidence":
+        return (f"champion v{stays} stays; too few test images to judge {new}" if stays is not None
+                else f"too few test images to judge {new}; no champion yet")
+    if state == "Skipped":
+        return f"champion v{after} stays; nothing new to train on" if after is not None else (
+            "nothing new to train on")
+    if state == "Failed":
+        return f"champion v{stays} unchanged" if stays is not None else "the champion was not changed"
+    return None
+
 @dataclass(frozen=True)
 class Snapshot:
     """The split one run works on, frozen to ``<run dir>/split.json`` so every step (a Prefect task,

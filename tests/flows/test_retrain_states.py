@@ -51,7 +51,7 @@ def test_each_outcome_is_a_named_final_state(policy, tmp_path):
     state = retrain(sources=[str(tmp_path / "b1")], use_incoming=False, trigger="test", return_state=True)
     first = state.result()
     assert state.name == "Promoted" and state.is_completed()
-    assert state.message.startswith(f"v{first['train']['version']} is the first champion")
+    assert state.message.startswith(f"v{first['train']['version']} becomes the first champion")
     server = _server_state(first["flow_run_id"])  # what the runs list shows
     assert server.name == "Promoted" and server.message == state.message
 

@@ -27,7 +27,9 @@ from xray_core.results import (
     RunResult,
     Snapshot,
     TrainResult,
+    NOT_REACHED,
     Verdict,
+    outcome_sentence,
     run_state,
 )
 from xray_core.settings import Settings
@@ -326,18 +328,9 @@ def skip(settings: Settings, result: RunResult, reason: str) -> None:
 
 
 def outcome_message(result: RunResult) -> str:
-    """The state's message of a decided run: what happened to the champion, then the rationale."""
-    assert result.decision is not None and result.train is not None  # only called once decided
-    dec, version, after = result.decision, result.train.version, result.champion_after
+    """The state's message of a decided run: what happened to the champion (the report's title says the
+    same), then the policy's rationale."""
+    assert result.decision is not None  # only called once decided
     before = result.champion_eval.version if result.champion_eval else None
-    if dec.decision == "stale":
-        return f"v{version} not promoted: {dec.rationale}"
-    if dec.decision == "blocked":
-        head = f"v{version} not promoted: blocked by the shortcut audit"
-    elif dec.decision == "promote":
-        head = f"v{version} replaces v{before}" if before else f"v{version} is the first champion"
-    elif before:
-        head = f"champion v{after} stays; challenger v{version} not promoted"
-    else:
-        head = f"no champion yet; challenger v{version} not promoted"
-    return f"{head}. {dec.rationale}"
+    after = None if result.champion_after is NOT_REACHED else result.champion_after
+    return f"{outcome_sentence(result.state, result.version, before, after)}. {result.decision.rationale}"

@@ -21,7 +21,7 @@ from typing import Any
 from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
 from xray_core.evaluate.promotion import RUN_STATES
 from xray_core.report.format import format_interval
-from xray_core.results import run_state as derive_state
+from xray_core.results import outcome_sentence, run_state as derive_state
 from xray_core.settings import Settings
 
 KEY_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece")
@@ -90,27 +90,9 @@ def _v(version: int | None, fallback: str) -> str:
 
 
 def champion_change(result: dict[str, Any]) -> str | None:
-    """What happened to the champion, in versions: ``v3 replaces v2``, ``champion v2 stays (v3 ...)``."""
-    state, new, old = run_state(result), challenger_version(result), champion_before(result)
-    after = result.get("champion_after")
-    challenger = _v(new, "the challenger")
-    if state == "Promoted":
-        return f"{challenger} replaces v{old}" if old is not None else f"{challenger} becomes the first champion"
-    if state == "Kept":
-        return (f"champion v{old} stays ({challenger} not promoted)" if old is not None
-                else f"no champion yet ({challenger} not promoted)")
-    if state == "Blocked":
-        return (f"champion v{old} stays ({challenger} blocked by the shortcut audit)" if old is not None
-                else f"no champion yet ({challenger} blocked by the shortcut audit)")
-    if state == "Insufficient evidence":
-        return (f"champion v{old} stays; too few test images to judge {challenger}" if old is not None
-                else f"too few test images to judge {challenger}; no champion yet")
-    if state == "Skipped":
-        return f"champion v{after} stays; nothing new to train on" if after is not None else "nothing new to train on"
-    if state == "Failed":
-        unchanged = after if after is not None else old
-        return f"champion v{unchanged} unchanged" if unchanged is not None else "the champion was not changed"
-    return None
+    """What happened to the champion, in versions (:func:`xray_core.results.outcome_sentence`)."""
+    return outcome_sentence(run_state(result), challenger_version(result), champion_before(result),
+                            result.get("champion_after"))
 
 
 def state_message(result: dict[str, Any]) -> str | None:
