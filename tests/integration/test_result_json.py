@@ -81,8 +81,8 @@ def three_runs(xray_env, tmp_path, monkeypatch) -> dict[str, dict[str, Any]]:
         RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test", flow_run_id="run-three"),
     )
     return {
-        name: normalise(json.loads((Path(run.run_dir) / "result.json").read_text()), str(tmp_path))
-        for name, run in runs.items()
+        name: normalise(json.loads((Path(outcome.run_dir) / "result.json").read_text()), str(tmp_path))
+        for name, outcome in runs.items()
     }
 
 
