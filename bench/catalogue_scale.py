@@ -260,8 +260,8 @@ def _drop_database(server_url: str) -> None:
 def _skip_and_show(settings, engine, result: dict) -> None:  # noqa: ANN001
     """A champion trained on exactly the current train/val sets, then the skip check and its lineage."""
     from xray_core.model.backbone import load_backbone
-    from xray_core.pipeline.cycle import freeze_split
-    from xray_core.pipeline.snapshot import load_snapshot, load_split_data, training_set_fingerprint
+    from xray_core.data.snapshot import load_split_data, training_set_fingerprint
+    from xray_core.pipeline.recipe import freeze_split
     from xray_core.pipeline.steps import TRAINING_SETTINGS, nothing_new_since_champion
     from xray_core.registry.listing import model_lineage
     from xray_core.registry.manifests import put_split_manifest
@@ -279,8 +279,8 @@ def _skip_and_show(settings, engine, result: dict) -> None:  # noqa: ANN001
                  lambda: nothing_new_since_champion(settings, load_split_data(settings)))
     assert why is not None and why.startswith("nothing new"), why
 
-    def skipped_run() -> str | None:  # the recipe's way to the same decision (pipeline.cycle)
-        data = load_snapshot(Path(freeze_split(settings, str(settings.home / "reports" / "bench"))))
+    def skipped_run() -> str | None:  # the recipe's way to the same decision (pipeline.recipe)
+        data = freeze_split(settings, str(settings.home / "reports" / "bench")).load()
         catalogue_summary(settings)  # the run's near-duplicate and label-history notes
         return nothing_new_since_champion(settings, data)
 

@@ -37,7 +37,8 @@ def main() -> None:
     import torch
 
     from flows.embed import run_parallel_embed
-    from xray_core.pipeline import embed, snapshot
+    from xray_core.data import snapshot
+    from xray_core.pipeline import embed
     from xray_core.model.backbone import load_backbone
     from xray_core.data.ingest import ingest_source
     from xray_core.settings import load_settings

@@ -114,7 +114,7 @@ def our_retrain(settings, source: Path) -> dict:
     from xray_core.data.ingest import ingest_source
     from xray_core.pipeline.embed import embed_step
     from xray_core.pipeline.steps import evaluate_step, train_step
-    from xray_core.pipeline.snapshot import load_split_data
+    from xray_core.data.snapshot import load_split_data
 
     t = {}
     start, cpu_start = time.perf_counter(), time.process_time()

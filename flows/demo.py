@@ -222,7 +222,7 @@ def label_shortcut(settings: Settings, audit: dict[str, Any] | None) -> dict[str
     """
     from xray_core.data.facts import image_facts
     from xray_core.evaluate.audit import metadata_probe, site_only_auroc
-    from xray_core.pipeline.snapshot import load_split_data
+    from xray_core.data.snapshot import load_split_data
 
     single = {k: v for k, v in ((audit or {}).get("label_site") or {}).get("single_site_labels", {}).items()
               if k != settings.negative_label}

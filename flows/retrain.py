@@ -1,4 +1,4 @@
-"""The retrain flow: the recipe of :mod:`xray_core.pipeline.cycle`, each step a Prefect task.
+"""The retrain flow: the recipe of :mod:`xray_core.pipeline.recipe`, each step a Prefect task.
 
 The flow ends in a state named after the decision (``Promoted``, ``Kept``, ``Skipped``,
 ``Insufficient evidence``; a failure is ``Failed``) with the one-line rationale as its message, so the
@@ -8,7 +8,8 @@ keeps their history; each description starts with the decision.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, TypeVar
+import functools
+from typing import Any, Callable, Literal, ParamSpec, TypeVar, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -21,55 +22,70 @@ from flows.events import emit_retrain_outcome
 from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
 from xray_core.io.fsutil import utf8_safe
-from xray_core.pipeline.cycle import RetrainRequest, headline_result, run_cycle, summary_line
+from xray_core.pipeline.cycle import run_retrain
+from xray_core.pipeline.executor import ProgressKey, options_of
+from xray_core.pipeline.recipe import RetrainRequest
 from xray_core.registry.listing import list_models
 from xray_core.report.markdown import artifact_description, metrics_rows, registry_rows, retrain_markdown
+from xray_core.results import RunResult, Snapshot
 from xray_core.settings import Settings, get_settings
 
+P = ParamSpec("P")
 T = TypeVar("T")
 Trigger = Literal["schedule", "manual", "cli", "demo", "test", "event"]
-# Steps that touch files which may sit on a flaky share: retried once on transient I/O errors only.
-RETRIED = {"ingest", "embed"}
+
+
+def progress_artifact(key: ProgressKey) -> Callable[..., None]:
+    """The progress artifact a step with ``progress=key`` updates (keyed: the UI keeps its history)."""
+    if key == "embed":
+        return progress_reporter("retrain-embedding", "feature cache: images embedded")
+    if key == "train":
+        return epoch_reporter("retrain-training", "head training: epochs")
+    return progress_reporter("ingest-progress", "ingest: files processed")
 
 
 class PrefectExecutor:
-    """Runs each step of the recipe as a Prefect task named after it, with progress artifacts."""
+    """Runs each step of the recipe as a Prefect task named after it, with the options the step
+    declares (:func:`xray_core.pipeline.executor.step`): retried once on transient I/O
+    (:func:`flows.common.transient_io`), a progress artifact, and the embedding fanned out over Dask
+    (:func:`flows.embed.run_parallel_embed`) when ``XRAY_EMBED_DASK_WORKERS`` > 0."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def run(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        if name == "embed" and self.settings.embed_dask_workers > 0:
-            from flows.embed import run_parallel_embed
+    def step(self, fn: Callable[P, T]) -> Callable[P, T]:
+        options = options_of(fn)
+        prefect_options: dict[str, Any] = {"name": options.name, "cache_policy": NO_CACHE}
+        if options.retry_transient_io:
+            prefect_options.update(retries=1, retry_delay_seconds=5, retry_condition_fn=transient_io)
+        injected: dict[str, Any] = {}
+        if options.progress:
+            injected["progress"] = progress_artifact(options.progress)
+        if options.dask_fan_out and self.settings.embed_dask_workers > 0:
+            injected["fan_out"] = self._dask_fan_out
+        return cast(Callable[P, T], functools.partial(task(fn, **prefect_options), **injected))
 
-            return run_parallel_embed(self.settings, args[1])  # args: settings, snapshot path, progress
-        options: dict[str, Any] = {"name": name, "cache_policy": NO_CACHE}
-        if name in RETRIED:
-            options.update(retries=1, retry_delay_seconds=5, retry_condition_fn=transient_io)
-        return task(fn, **options)(*args, **kwargs)
+    def _dask_fan_out(self, snapshot: Snapshot) -> dict[str, Any]:
+        from flows.embed import run_parallel_embed
 
-    def progress(self, name: str) -> Callable[..., None] | None:
-        if name == "embed":
-            return progress_reporter("retrain-embedding", "feature cache: images embedded")
-        if name == "train":
-            return epoch_reporter("retrain-training", "head training: epochs")
-        if name == "ingest":
-            return progress_reporter("ingest-progress", "ingest: files processed")
-        return None
+        return run_parallel_embed(self.settings, str(snapshot.path))
 
 
-def publish_artifacts(settings: Settings, result: dict[str, Any]) -> None:
+def publish_artifacts(settings: Settings, run: RunResult) -> None:
     """The report, metrics and registry tables as keyed artifacts; descriptions lead with the decision."""
+    result = run.as_dict()
     # utf8_safe: a run folder under a home whose name is not UTF-8 shows as \xNN, never a lone surrogate.
-    headline = utf8_safe(artifact_description(result))
+    description = utf8_safe(artifact_description(result))
     create_markdown_artifact(markdown=utf8_safe(retrain_markdown(result)), key="retrain-report",
-                             description=headline)
+                             description=description)
     if result.get("challenger_eval"):
         create_table_artifact(table=metrics_rows(result["challenger_eval"], result.get("champion_eval")),
-                              key="retrain-metrics", description=f"{headline[:120]} · 95% intervals, same test set")
-    current = (result.get("challenger_eval") or {}).get("test_set_fingerprint")
-    create_table_artifact(table=registry_rows(list_models(settings, current_test_set=current)), key="model-registry",
-                          description=f"model versions after this run · {headline[:120]}")
+                              key="retrain-metrics",
+                              description=f"{description[:120]} · 95% intervals, same test set")
+    current = run.challenger_eval.test_set_fingerprint if run.challenger_eval else None
+    create_table_artifact(table=registry_rows(list_models(settings, current_test_set=current)),
+                          key="model-registry",
+                          description=f"model versions after this run · {description[:120]}")
 
 
 @flow(name="retrain", log_prints=False)
@@ -97,20 +113,21 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
     request = RetrainRequest(sources=tuple(sources or ()), manifests=tuple(manifests or ()), incoming=folder,
                              trigger=trigger, force=force, flow_run_id=flow_run.id, run_name=flow_run.name)
     try:
-        result = run_cycle(settings, request, PrefectExecutor(settings), wait_seconds=wait_seconds)
+        result = run_retrain(settings, request, PrefectExecutor(settings), wait_seconds=wait_seconds)
     except BaseException as exc:
         failed = getattr(exc, "xray_result", None)
         if failed:
             try:
                 publish_artifacts(settings, failed)
             except Exception as also:  # noqa: BLE001 - the run's own failure is what must surface
-                logger.warning("could not publish the failed run's artifacts: %s: %s", type(also).__name__, also)
+                logger.warning("could not publish the failed run's artifacts: %s: %s",
+                               type(also).__name__, also)
         failed_state = failed_for_user_error(exc)  # the CLI's one line as the Failed state's message
         if failed_state is not None:
             logger.error(failed_state.message)
             return failed_state
         raise
     publish_artifacts(settings, result)
-    emit_retrain_outcome(result)
-    logger.info(summary_line(result))
-    return Completed(name=result["state"], message=result["state_message"][:1000], data=headline_result(result))
+    emit_retrain_outcome(result.as_dict())
+    logger.info(result.state_line)
+    return Completed(name=result.state, message=result.state_message[:1000], data=result.digest())

@@ -36,7 +36,7 @@ def tiny_home(root: Path, *, models: int = 1, patients_per_label: int = 10,
     from xray_core.data.ingest import ingest_source
     from xray_core.pipeline.embed import embed_step
     from xray_core.pipeline.steps import evaluate_step, train_step
-    from xray_core.pipeline.snapshot import load_split_data
+    from xray_core.data.snapshot import load_split_data
     from xray_core.settings import load_settings, reset_settings
     from xray_core.data.synthetic import write_dataset
 

@@ -186,19 +186,20 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from xray_core.pipeline.cycle import headline_result
     from xray_core.report.terminal import render_retrain
 
     settings = get_settings()
     if args.local:
-        from xray_core.pipeline.cycle import DirectExecutor, RetrainRequest, run_cycle
+        from xray_core.pipeline.cycle import run_retrain
+        from xray_core.pipeline.executor import DirectExecutor
+        from xray_core.pipeline.recipe import RetrainRequest
 
         incoming = None if args.no_incoming or settings.incoming_dir is None else str(settings.incoming_dir)
         request = RetrainRequest(sources=tuple(args.source or ()), manifests=tuple(args.manifest or ()),
                                  incoming=incoming, trigger="cli", force=args.force)
         executor = DirectExecutor({"embed": _progress_bar(not args.json, "embed"),
                                    "ingest": _progress_bar(not args.json, "ingest")})
-        result = headline_result(run_cycle(settings, request, executor, wait_seconds=args.wait))
+        result = run_retrain(settings, request, executor, wait_seconds=args.wait).digest()
     else:
         from flows.retrain import retrain
 

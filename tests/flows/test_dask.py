@@ -24,7 +24,8 @@ def features_for(folder: Path) -> dict[str, dict]:
 
 
 def test_dask_fan_out_matches_the_single_process_features(xray_env, prefect_server, tmp_path, monkeypatch):
-    from xray_core.pipeline import embed, snapshot
+    from xray_core.data import snapshot
+    from xray_core.pipeline import embed
     from xray_core.data.ingest import ingest_source
     from xray_core.settings import load_settings, reset_settings
     from xray_core.data.synthetic import write_dataset

@@ -47,7 +47,7 @@ def test_the_three_arrivals_tell_the_story(story):
     assert "SYNTHETIC second site" in text  # said on screen when the real collection is absent
 
     assert first["state"] == "Promoted" and first["champion_after"] == first["train"]["version"]
-    assert first["state_message"].startswith(f"v{first['train']['version']} is the first champion")
+    assert first["state_message"].startswith(f"v{first['train']['version']} becomes the first champion")
     assert second["champion_eval"]["version"] == first["champion_after"]  # scored against the champion
     assert second["decision"]["decision"] in {"promote", "keep", "insufficient_evidence", "blocked"}
     assert second["challenger_eval"]["test_set_fingerprint"] == second["champion_eval"]["test_set_fingerprint"]

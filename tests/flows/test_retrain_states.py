@@ -51,7 +51,7 @@ def test_each_outcome_is_a_named_final_state(policy, tmp_path):
     state = retrain(sources=[str(tmp_path / "b1")], use_incoming=False, trigger="test", return_state=True)
     first = state.result()
     assert state.name == "Promoted" and state.is_completed()
-    assert state.message.startswith(f"v{first['train']['version']} is the first champion")
+    assert state.message.startswith(f"v{first['train']['version']} becomes the first champion")
     server = _server_state(first["flow_run_id"])  # what the runs list shows
     assert server.name == "Promoted" and server.message == state.message
 
@@ -82,7 +82,8 @@ def test_each_outcome_is_a_named_final_state(policy, tmp_path):
 
 def test_local_and_flow_runs_write_the_same_report_files(policy, tmp_path, monkeypatch):
     from flows.retrain import retrain
-    from xray_core.pipeline.cycle import RetrainRequest, run_cycle
+    from xray_core.pipeline.cycle import run_retrain
+    from xray_core.pipeline.recipe import RetrainRequest
 
     write_dataset(tmp_path / "src", patients_per_label=10, images_per_patient=1, size=64, seed=4)
     runs = {}
@@ -91,7 +92,7 @@ def test_local_and_flow_runs_write_the_same_report_files(policy, tmp_path, monke
         monkeypatch.setenv("XRAY_DATABASE_URL", f"sqlite:///{tmp_path / f'home-{name}' / 'catalogue.db'}")
         reset_settings()
         if name == "local":
-            out = run_cycle(load_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test"))
+            out = run_retrain(load_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
         else:
             out = retrain(sources=[str(tmp_path / "src")], use_incoming=False, trigger="test")
         folder = Path(out["report"]).parent
@@ -108,7 +109,8 @@ def test_local_and_flow_runs_write_the_same_report_files(policy, tmp_path, monke
 def test_a_cancelled_run_records_a_failed_audit_row(policy, tmp_path, monkeypatch):
     """KeyboardInterrupt, Prefect's TerminationSignal and SIGTERM are BaseExceptions: still audited."""
     from xray_core.pipeline import steps
-    from xray_core.pipeline.cycle import RetrainRequest, run_cycle
+    from xray_core.pipeline.cycle import run_retrain
+    from xray_core.pipeline.recipe import RetrainRequest
 
     write_dataset(tmp_path / "src", patients_per_label=8, images_per_patient=1, size=64, seed=5)
 
@@ -117,7 +119,7 @@ def test_a_cancelled_run_records_a_failed_audit_row(policy, tmp_path, monkeypatc
 
     monkeypatch.setattr(steps, "evaluate_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_cycle(get_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test"))
+        run_retrain(get_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
     with session_scope(open_catalogue(get_settings())) as s:
         row = s.scalars(select(Promotion)).one()
         assert row.decision == "failed" and "cancelled" in row.rationale and row.champion_after is None

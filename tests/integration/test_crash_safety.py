@@ -60,9 +60,9 @@ def _run_cycle_subprocess(home: Path, source: Path, kill_at: str | None) -> subp
     env = _env(home)
     if kill_at:
         env["XRAY_FAULT_KILL_AT"] = kill_at
-    code = ("from xray_core.pipeline.cycle import RetrainRequest, run_cycle; "
+    code = ("from xray_core.pipeline.cycle import run_retrain; from xray_core.pipeline.recipe import RetrainRequest; "
             "from xray_core.settings import get_settings; "
-            f"run_cycle(get_settings(), RetrainRequest(sources=({str(source)!r},), trigger='test'))")
+            f"run_retrain(get_settings(), RetrainRequest(sources=({str(source)!r},), trigger='test')).as_dict()")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -147,9 +147,10 @@ def test_sigkill_leaves_a_valid_state_and_a_rerun_completes(scenario, point, nth
     monkeypatch.delenv("XRAY_FAULT_KILL_AT", raising=False)
     reset_settings()
     dispose_engines()
-    from xray_core.pipeline.cycle import RetrainRequest, run_cycle
+    from xray_core.pipeline.cycle import run_retrain
+    from xray_core.pipeline.recipe import RetrainRequest
 
-    result = run_cycle(load_settings(), RetrainRequest(sources=(str(scenario["batch2"]),), trigger="test"))
+    result = run_retrain(load_settings(), RetrainRequest(sources=(str(scenario["batch2"]),), trigger="test")).as_dict()
     # "skipped": the killed run had already promoted a champion trained on exactly this data.
     assert result["status"] in ("completed", "skipped")
     dispose_engines()

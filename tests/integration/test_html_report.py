@@ -84,7 +84,7 @@ def _mode(path) -> int:
 def run(tmp_path_factory):
     """A tiny home with two versions, and the result dict of a run that compared them (as the flow builds it)."""
     from xray_core.pipeline.steps import decide_step
-    from xray_core.pipeline.snapshot import save_snapshot
+    from xray_core.data.snapshot import save_snapshot
 
     with tiny_home(tmp_path_factory.mktemp("report"), models=2, patients_per_label=14) as h:
         champion, challenger = (h.evaluations[v] for v in h.versions)
@@ -178,7 +178,7 @@ def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_repo
     """Four 2000 x 2000 films: full-resolution overlays would be megabytes each; report.html stays <= 2 MB."""
     from xray_core.data.synthetic import make_xray
     from xray_core.model.heatmap import overlay_png
-    from xray_core.pipeline.snapshot import save_snapshot
+    from xray_core.data.snapshot import save_snapshot
     from xray_core.report import data as report_data
     from xray_core.report.data import ExampleHeatmap, ReportData
     from xray_core.report.html import HEATMAP_EMBED_PX, write_run_html
@@ -213,7 +213,7 @@ def test_report_renders_with_a_note_when_curves_cannot_be_computed(run, tmp_path
     from xray_core.report import data as report_data
     from xray_core.errors import CheckpointError
     from xray_core.report.html import write_run_html
-    from xray_core.pipeline.snapshot import save_snapshot
+    from xray_core.data.snapshot import save_snapshot
 
     h, result, _ = run
 
@@ -247,7 +247,8 @@ def test_a_two_site_run_reports_by_site_with_per_site_roc_and_status_and_lineage
     the by-site table and one ROC panel per site; report.md, ``xray status`` and ``xray models show``
     carry the same sites."""
     from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
-    from xray_core.pipeline.cycle import RetrainRequest, run_cycle
+    from xray_core.pipeline.cycle import run_retrain
+    from xray_core.pipeline.recipe import RetrainRequest
     from xray_core.registry.listing import model_lineage
     from xray_core.report.status import status_report
     from xray_core.report.terminal import render_lineage, render_status
@@ -262,7 +263,7 @@ def test_a_two_site_run_reports_by_site_with_per_site_roc_and_status_and_lineage
         write_site_dataset(tmp_path / style.name, style, patients_per_label=8, seed=seed)
         manifests.append(str(tmp_path / style.name / "manifest.csv"))
     settings = load_settings()
-    result = run_cycle(settings, RetrainRequest(manifests=tuple(manifests), trigger="test"))
+    result = run_retrain(settings, RetrainRequest(manifests=tuple(manifests), trigger="test")).as_dict()
     test_sites = set(result["challenger_eval"]["sites"])
     assert test_sites == {"adult", "paeds"}, test_sites  # both sites in the test split, or nothing to show
 

@@ -27,7 +27,7 @@ from xray_core.data.synthetic import write_dataset
 from xray_core.model.train import build_head
 from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.rescore import default_versions, rescore_models
-from xray_core.pipeline.snapshot import load_split_data, test_set_fingerprint
+from xray_core.data.snapshot import load_split_data, test_set_fingerprint
 from xray_core.pipeline.steps import evaluate_step, train_step
 from xray_core.registry.versions import promote_manually, record_decision, save_model
 from xray_core.registry.listing import list_models

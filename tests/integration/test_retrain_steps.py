@@ -25,7 +25,7 @@ from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest import ingest_source
 from xray_core.pipeline.steps import current_champion, decide_step, evaluate_step, promote_step, train_step
 from xray_core.pipeline.embed import embed_step
-from xray_core.pipeline.snapshot import load_split_data, test_set_fingerprint
+from xray_core.data.snapshot import load_split_data, test_set_fingerprint
 from xray_core.settings import load_settings, reset_settings
 from xray_core.data.synthetic import write_dataset
 

@@ -286,7 +286,7 @@ def test_no_report_artifact_or_log_holds_a_dicom_patient_id(tmp_path: Path, capl
     from xray_core.report.markdown import retrain_markdown
     from xray_core.pipeline.steps import current_champion, decide_step, evaluate_step, promote_step, train_step
     from xray_core.pipeline.embed import embed_step
-    from xray_core.pipeline.snapshot import load_split_data
+    from xray_core.data.snapshot import load_split_data
 
     settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), **POLICY_ENV})
     dispose_engines()

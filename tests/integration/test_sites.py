@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
-from xray_core.pipeline.cycle import RetrainRequest, run_cycle
+from xray_core.pipeline.cycle import run_retrain
+from xray_core.pipeline.recipe import RetrainRequest
 from xray_core.settings import load_settings, reset_settings
 
 POLICY = {"XRAY_MIN_TEST_PER_CLASS": "2", "XRAY_FLOOR_MACRO_AUROC": "0.5", "XRAY_FLOOR_SENSITIVITY": "0.3",
@@ -38,7 +39,7 @@ def _confounded(tmp_path):
 
 def test_a_confounded_collection_is_flagged_and_blocked(env, tmp_path):
     env.setenv("XRAY_SHORTCUT_POLICY", "block")
-    result = run_cycle(load_settings(), RetrainRequest(manifests=tuple(_confounded(tmp_path)), trigger="test"))
+    result = run_retrain(load_settings(), RetrainRequest(manifests=tuple(_confounded(tmp_path)), trigger="test")).as_dict()
     audit = result["audit"]
     assert audit["flagged"] and audit["sites"] == ["adult", "paeds"]
     assert audit["label_site"]["single_site_labels"] == {"covid19": "adult", "normal": "paeds"}
@@ -51,7 +52,7 @@ def test_a_confounded_collection_is_flagged_and_blocked(env, tmp_path):
 
 
 def test_the_same_collection_under_warn_is_promoted_with_the_warning_recorded(env, tmp_path):
-    result = run_cycle(load_settings(), RetrainRequest(manifests=tuple(_confounded(tmp_path)), trigger="test"))
+    result = run_retrain(load_settings(), RetrainRequest(manifests=tuple(_confounded(tmp_path)), trigger="test")).as_dict()
     assert result["audit"]["flagged"]
     check = next(c for c in result["decision"]["checks"] if c["name"] == "shortcut_audit")
     assert not check["passed"] and "XRAY_SHORTCUT_POLICY=warn" in check["detail"]
@@ -63,7 +64,7 @@ def _evaluation(settings, data, version, probs):
     from xray_core.evaluate.intervals import bootstrap_intervals
     from xray_core.evaluate.metrics import compute_metrics
     from xray_core.pipeline.guards import evaluation_slices
-    from xray_core.pipeline.snapshot import label_indices, test_set_fingerprint
+    from xray_core.data.snapshot import label_indices, test_set_fingerprint
 
     labels = ["normal", "pneumonia"]
     rows = data.test
@@ -77,7 +78,7 @@ def _evaluation(settings, data, version, probs):
 
 
 def test_pooled_numbers_hide_a_site_collapse_that_the_guardrail_keeps_out(env, tmp_path):
-    from xray_core.pipeline.snapshot import label_indices, load_split_data
+    from xray_core.data.snapshot import label_indices, load_split_data
     from xray_core.pipeline.steps import decide_step
     from xray_core.data.ingest import ingest_source
 

@@ -7,8 +7,9 @@ from sqlalchemy import func, select
 from db import session_scope
 from db.schema import Model
 from xray_core.data.catalogue import open_catalogue
-from xray_core.pipeline.cycle import RetrainRequest, run_cycle
-from xray_core.pipeline.snapshot import SplitData, load_split_data
+from xray_core.pipeline.cycle import run_retrain
+from xray_core.pipeline.recipe import RetrainRequest
+from xray_core.data.snapshot import SplitData, load_split_data
 from xray_core.pipeline.steps import evaluate_step, nothing_new_since_last_decision
 from xray_core.settings import load_settings, reset_settings
 from xray_core.data.synthetic import write_dataset
@@ -27,22 +28,22 @@ def test_nothing_new_skips_unless_forced_or_settings_changed(xray_env, tmp_path,
     reset_settings()
     settings = load_settings()
     write_dataset(tmp_path / "src", patients_per_label=8, images_per_patient=1, size=64, seed=3)
-    first = run_cycle(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test"))
+    first = run_retrain(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
     assert first["status"] == "completed" and first["champion_after"] == first["version"]
 
-    again = run_cycle(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test"))  # same files, nothing new
+    again = run_retrain(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()  # same files, nothing new
     assert again["status"] == "skipped" and "nothing new since champion" in again["summary"]
     assert again["champion_after"] == first["version"] and _models(settings) == 1
 
-    forced = run_cycle(settings, RetrainRequest(trigger="test", force=True))
+    forced = run_retrain(settings, RetrainRequest(trigger="test", force=True)).as_dict()
     assert forced["status"] == "completed" and _models(settings) == 2
 
     monkeypatch.setenv("XRAY_EPOCHS", "3")  # a training setting changed: not "nothing new"
-    changed = run_cycle(load_settings(), RetrainRequest(trigger="test"))
+    changed = run_retrain(load_settings(), RetrainRequest(trigger="test")).as_dict()
     assert changed["status"] == "completed" and _models(settings) == 3
 
     write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64, seed=9, patient_offset=50)
-    grown = run_cycle(load_settings(), RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test"))
+    grown = run_retrain(load_settings(), RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test")).as_dict()
     assert grown["status"] == "completed" and _models(settings) == 4
 
 
@@ -54,17 +55,17 @@ def test_a_challenger_not_promoted_is_not_retrained_until_something_changes(xray
         monkeypatch.setenv(key, value)
     reset_settings()
     write_dataset(tmp_path / "src", patients_per_label=8, images_per_patient=1, size=64, seed=3)
-    first = run_cycle(load_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test"))
+    first = run_retrain(load_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
     assert first["status"] == "completed" and first["champion_after"] == first["version"]
 
     # another training setting (so not "nothing new since the champion") and a bar no challenger clears
     for key, value in {"XRAY_EPOCHS": "3", "XRAY_PROMOTION_MODE": "superiority", "XRAY_PROMOTION_MARGIN": "0.9"}.items():
         monkeypatch.setenv(key, value)
-    kept = run_cycle(load_settings(), RetrainRequest(trigger="test"))
+    kept = run_retrain(load_settings(), RetrainRequest(trigger="test")).as_dict()
     assert kept["status"] == "completed" and kept["decision"]["decision"] == "keep"
     assert kept["champion_after"] == first["version"] and _models(load_settings()) == 2
 
-    again = run_cycle(load_settings(), RetrainRequest(trigger="test"))
+    again = run_retrain(load_settings(), RetrainRequest(trigger="test")).as_dict()
     assert again["status"] == "skipped" and _models(load_settings()) == 2
     assert f"nothing new since v{kept['version']} was not promoted (keep," in again["summary"]
 
@@ -77,11 +78,11 @@ def test_a_challenger_not_promoted_is_not_retrained_until_something_changes(xray
     assert nothing_new_since_last_decision(load_settings(), data) is not None
 
     monkeypatch.setenv("XRAY_INGEST_WORKERS", "2")  # how work is spread: still nothing new
-    assert run_cycle(load_settings(), RetrainRequest(trigger="test"))["status"] == "skipped"
+    assert run_retrain(load_settings(), RetrainRequest(trigger="test")).as_dict()["status"] == "skipped"
 
     monkeypatch.setenv("XRAY_PROMOTION_MARGIN", "0.5")  # a decision setting changed: the decision may too
-    changed = run_cycle(load_settings(), RetrainRequest(trigger="test"))
+    changed = run_retrain(load_settings(), RetrainRequest(trigger="test")).as_dict()
     assert changed["status"] == "completed" and _models(load_settings()) == 3
 
-    forced = run_cycle(load_settings(), RetrainRequest(trigger="test", force=True))
+    forced = run_retrain(load_settings(), RetrainRequest(trigger="test", force=True)).as_dict()
     assert forced["status"] == "completed" and _models(load_settings()) == 4

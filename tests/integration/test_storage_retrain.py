@@ -26,7 +26,7 @@ def test_retrain_cycle_on_memory_storage(xray_env, tmp_path: Path, monkeypatch: 
     from xray_core.report.data import collect_report_data
     from xray_core.pipeline.embed import embed_step
     from xray_core.pipeline.steps import evaluate_step, train_step
-    from xray_core.pipeline.snapshot import load_split_data
+    from xray_core.data.snapshot import load_split_data
     from xray_core.report.status import status_report
     from xray_core.data.synthetic import write_dataset
 

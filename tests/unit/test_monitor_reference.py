@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from xray_core.errors import CheckpointError
-from xray_core.monitor.ood import conformal_threshold, crossfit_scores, fit_basis, summary_line
+from xray_core.monitor.ood import conformal_threshold, crossfit_scores, fit_basis, ood_line
 from xray_core.monitor.reference import REFERENCE_FILE, Reference, build_reference, model_reference
 from xray_core.registry.versions import load_model, save_model
 
@@ -57,8 +57,8 @@ def test_unreadable_reference_is_a_checkpoint_error():
 
 
 def test_summary_line_names_the_counts():
-    assert summary_line(37, 93) == "37 of 93 films look unlike this model's training data"
-    assert summary_line(0, 42, 22) == ("0 of 42 films look unlike this model's training data; 22 score in the "
+    assert ood_line(37, 93) == "37 of 93 films look unlike this model's training data"
+    assert ood_line(0, 42, 22) == ("0 of 42 films look unlike this model's training data; 22 score in the "
                                        "top 5% of its in-distribution films (2.1 expected by chance)")
 
 

@@ -215,9 +215,14 @@ def test_run_report_files_are_written_with_the_file_mode(tmp_path):
     import json
 
     from xray_core.report.files import write_run_reports
+    from xray_core.results import RunResult
 
     settings = load_settings({"XRAY_HOME": str(tmp_path / "home"), "XRAY_FILE_MODE": "0644"})
-    out = write_run_reports(settings, SKIPPED, tmp_path / "run")
+    # the writer takes the typed result of a run (the renderers below it still read its as_dict())
+    skipped = RunResult(flow_run_id=None, run_name="nightly-7", trigger="schedule", backbone_weights="imagenet",
+                        backbone_random_init=False, run_dir=str(tmp_path / "run"), status="skipped",
+                        state="Skipped", state_message="nothing new since champion v2", champion_after=2)
+    out = write_run_reports(settings, skipped, tmp_path / "run")
     for path in (out.markdown_path, out.html_path, out.result_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert out.markdown_path.read_text() == out.markdown and out.markdown.startswith("# Skipped: ")

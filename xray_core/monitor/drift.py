@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from xray_core.monitor.ood import summary_line
+from xray_core.monitor.ood import ood_line
 from xray_core.monitor.reference import Reference
 
 MIN_BATCH = 5  # fewer films say nothing a permutation test can resolve
@@ -112,7 +112,7 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
     flagged, unusual, expected = reference.ood_counts(reference.scores(features))
     out: dict[str, Any] = {"n": n, "ood_flagged": flagged, "ood_unusual": unusual,
                            "ood_unusual_expected": round(expected, 2),
-                           "ood_line": summary_line(flagged, n, unusual, expected),
+                           "ood_line": ood_line(flagged, n, unusual, expected),
                            "ood_expected_rate": round(1 - reference.quantile, 6), "alpha": alpha}
     if n < MIN_BATCH:
         return {**out, "drift": False, "input_shift": False, "output_shift": False, "ood_excess": False,

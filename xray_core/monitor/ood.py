@@ -64,7 +64,7 @@ def ood_scores(z: np.ndarray, pca_mean: np.ndarray, components: np.ndarray, vari
 UNUSUAL_LEVEL = 0.05  # the graded per-film evidence beside the flag: conformal p-value at most this
 
 
-def summary_line(flagged: int, total: int, unusual: int | None = None, expected: float | None = None) -> str:
+def ood_line(flagged: int, total: int, unusual: int | None = None, expected: float | None = None) -> str:
     """The sentence predict, status and the reports print; with ``unusual`` (films whose conformal
     p-value is at most UNUSUAL_LEVEL) also that count against the ``expected`` number by chance."""
     line = f"{flagged} of {total} films look unlike this model's training data"

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from xray_core.pipeline.snapshot import SplitData, embed_items, train_views
+from xray_core.data.snapshot import SplitData
+from xray_core.pipeline.features import embed_items, train_views
 from xray_core.settings import Settings
 
 EmbedProgress = Callable[[int, int], None]

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from xray_core.pipeline.snapshot import Row, SplitData, features_for, train_views
+from xray_core.data.snapshot import Row, SplitData
+from xray_core.pipeline.features import features_for, train_views
 from xray_core.settings import Settings
 
 

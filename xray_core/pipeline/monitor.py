@@ -91,7 +91,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id
     from xray_core.model.train import predict_proba
     from xray_core.monitor.drift import MIN_BATCH, check_batch
     from xray_core.monitor.reference import model_reference
-    from xray_core.pipeline.snapshot import embed_items
+    from xray_core.pipeline.features import embed_items
     from xray_core.pipeline.model_settings import settings_for_model
     from xray_core.registry.versions import load_model
 

@@ -285,7 +285,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
 def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[float]) -> dict[str, Any]:
     """How many predicted films look unlike the model's training data, as numbers and one sentence;
     ``scores``: the ok rows' unrounded OOD scores (the CSV rounds them to 4 places)."""
-    from xray_core.monitor.ood import UNUSUAL_LEVEL, summary_line
+    from xray_core.monitor.ood import UNUSUAL_LEVEL, ood_line
 
     if reference is None:
         return {"known": False, "flagged": None, "scored": 0, "threshold": None,
@@ -293,7 +293,7 @@ def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[floa
     flagged, unusual, expected = reference.ood_counts(np.asarray(scores, dtype=np.float64))
     return {"known": True, "flagged": flagged, "unusual": unusual, "unusual_level": UNUSUAL_LEVEL,
             "unusual_expected": round(expected, 2), "scored": len(ok_rows), "threshold": reference.threshold,
-            "quantile": reference.quantile, "line": summary_line(flagged, len(ok_rows), unusual, expected)}
+            "quantile": reference.quantile, "line": ood_line(flagged, len(ok_rows), unusual, expected)}
 
 
 def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]], *,

@@ -17,7 +17,7 @@ from db import session_scope
 from db.schema import Evaluation, Model
 from xray_core.data.catalogue import open_catalogue
 from xray_core.errors import CheckpointError, NotEnoughDataError, XrayError
-from xray_core.pipeline.snapshot import SplitData, load_split_data, test_set_fingerprint
+from xray_core.data.snapshot import SplitData, load_split_data, test_set_fingerprint
 from xray_core.pipeline.steps import evaluate_step
 from xray_core.settings import Settings
 

@@ -22,9 +22,9 @@ from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.guards import apply_guards, evaluation_slices
 from xray_core.pipeline.lock import retrain_lock
 from xray_core.pipeline.model_settings import settings_for_card, settings_for_fingerprint
-from xray_core.pipeline.snapshot import (Row, SplitData, embed_items, features_for, label_indices,
-                                         load_split_data, test_set_fingerprint, train_views,
-                                         training_set_fingerprint)
+from xray_core.data.snapshot import (Row, SplitData, label_indices, load_split_data, test_set_fingerprint,
+                                     training_set_fingerprint)
+from xray_core.pipeline.features import embed_items, features_for, train_views
 from xray_core.settings import Settings, affecting
 
 
@@ -127,7 +127,7 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
         raise CheckpointError(f"model {version}: the reloaded checkpoint does not reproduce its predictions")
     return {"version": version, "labels": labels, "threshold": threshold, "best_epoch": record["best_epoch"],
             "epochs_run": record["epochs_run"], "recipe": recipe.name, "recipe_reason": selection.reason,
-            "temperature": temperature, "val_metrics": headline(val_metrics),
+            "temperature": temperature, "val_metrics": key_metrics(val_metrics),
             "smoke_test": "passed: reloaded checkpoint (sha256 verified) reproduces in-memory predictions",
             "training_set_fingerprint": card["training_set_fingerprint"],
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init}
@@ -153,7 +153,7 @@ def build_model_reference(settings: Settings, data: SplitData, head: Any, x_trai
                            train_groups=np.array([r[4] for r in data.train], dtype=str))
 
 
-def headline(m: dict[str, Any]) -> dict[str, Any]:
+def key_metrics(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m.get(k) for k in ("n", "accuracy", "balanced_accuracy", "macro_auroc")}
 
 

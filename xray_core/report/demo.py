@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xray_core.report.terminal import table
+from xray_core.report.format import table
 
 
 def _n(x: float | None) -> str:

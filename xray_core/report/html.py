@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from xray_core.report.markdown import KEY_METRICS, interval, render_template, report_context
-from xray_core.report.terminal import format_interval
+from xray_core.report.format import format_interval
 from xray_core.report.data import ModelCurves, ReportData, SiteCurves
 from xray_core.settings import Settings, setting_default
 
@@ -311,7 +311,7 @@ def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) ->
     from xray_core.errors import XrayError
     from xray_core.io.fsutil import atomic_write_bytes, atomic_write_text
     from xray_core.report.data import collect_report_data
-    from xray_core.pipeline.snapshot import load_snapshot
+    from xray_core.data.snapshot import load_snapshot
 
     run_dir = Path(run_dir)
     snapshot = run_dir / "split.json"

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
-from xray_core.evaluate.promotion import DECISION_STATES, RUN_STATES
-from xray_core.report.terminal import format_interval
+from xray_core.evaluate.promotion import RUN_STATES
+from xray_core.report.format import format_interval
+from xray_core.results import outcome_sentence, run_state as derive_state
 from xray_core.settings import Settings
 
 KEY_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece")
@@ -68,11 +69,8 @@ def run_state(result: dict[str, Any]) -> str | None:
     """
     if result.get("state") in RUN_STATES:
         return result["state"]
-    if result.get("status") == "failed" or result.get("error"):
-        return "Failed"
-    if result.get("status") == "skipped":
-        return "Skipped"
-    return DECISION_STATES.get((result.get("decision") or {}).get("decision"))
+    return derive_state(result.get("status"), (result.get("decision") or {}).get("decision"),
+                        error=result.get("error"))
 
 
 def challenger_version(result: dict[str, Any]) -> int | None:
@@ -91,28 +89,10 @@ def _v(version: int | None, fallback: str) -> str:
     return fallback if version is None else f"v{version}"
 
 
-def headline(result: dict[str, Any]) -> str | None:
-    """What happened to the champion, in versions: ``v3 replaces v2``, ``champion v2 stays (v3 ...)``."""
-    state, new, old = run_state(result), challenger_version(result), champion_before(result)
-    after = result.get("champion_after")
-    challenger = _v(new, "the challenger")
-    if state == "Promoted":
-        return f"{challenger} replaces v{old}" if old is not None else f"{challenger} becomes the first champion"
-    if state == "Kept":
-        return (f"champion v{old} stays ({challenger} not promoted)" if old is not None
-                else f"no champion yet ({challenger} not promoted)")
-    if state == "Blocked":
-        return (f"champion v{old} stays ({challenger} blocked by the shortcut audit)" if old is not None
-                else f"no champion yet ({challenger} blocked by the shortcut audit)")
-    if state == "Insufficient evidence":
-        return (f"champion v{old} stays; too few test images to judge {challenger}" if old is not None
-                else f"too few test images to judge {challenger}; no champion yet")
-    if state == "Skipped":
-        return f"champion v{after} stays; nothing new to train on" if after is not None else "nothing new to train on"
-    if state == "Failed":
-        unchanged = after if after is not None else old
-        return f"champion v{unchanged} unchanged" if unchanged is not None else "the champion was not changed"
-    return None
+def champion_change(result: dict[str, Any]) -> str | None:
+    """What happened to the champion, in versions (:func:`xray_core.results.outcome_sentence`)."""
+    return outcome_sentence(run_state(result), challenger_version(result), champion_before(result),
+                            result.get("champion_after"))
 
 
 def state_message(result: dict[str, Any]) -> str | None:
@@ -133,7 +113,7 @@ def title(result: dict[str, Any]) -> str:
     state = run_state(result)
     if state is None:
         return f"Retrain run {result.get('run_name') or result.get('flow_run_id') or ''}".rstrip()
-    return f"{state}: {headline(result)}"
+    return f"{state}: {champion_change(result)}"
 
 
 def artifact_description(result: dict[str, Any]) -> str:
@@ -157,7 +137,7 @@ def artifact_description(result: dict[str, Any]) -> str:
         text = ("Insufficient evidence: " + (f"kept v{old}; " if old is not None else "no champion; ")
                 + f"challenger {challenger} not judged")
     elif state in ("Skipped", "Failed"):
-        text, message = f"{state}: {message or headline(result)}", None
+        text, message = f"{state}: {message or champion_change(result)}", None
     else:
         text = title(result)
     if message:
@@ -319,5 +299,5 @@ def write_run_markdown(settings: Settings, result: dict[str, Any], run_dir: Path
 
 
 __all__ = ["KEY_METRICS", "retrain_markdown", "write_run_markdown", "artifact_description", "run_state",
-           "title", "headline", "state_message", "metrics_rows", "registry_rows", "report_context",
+           "title", "champion_change", "state_message", "metrics_rows", "registry_rows", "report_context",
            "template_environment", "render_template"]

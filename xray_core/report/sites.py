@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from xray_core.evaluate.slices import UNKNOWN  # the slice of films whose site or view is not known
-from xray_core.report.terminal import format_interval
+from xray_core.report.format import format_interval
 
 NOT_JUDGED = "not judged"
 DIMENSIONS = (("site", "By site"), ("view", "By view"))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+from xray_core.report.format import format_interval, table
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+if TYPE_CHECKING:  # xray_cli imports this module at start-up: render_terminated must stay cheap
+    from xray_core.results import RunResult
 
 
 def render_ingest(s: dict[str, Any]) -> str:
@@ -123,13 +120,6 @@ def render_slices(slices: dict[str, Any] | None) -> list[str]:
     return out
 
 
-def format_interval(m: dict[str, Any] | None) -> str:
-    if not m or m.get("point") is None:
-        return "-"
-    lo, hi = m.get("low"), m.get("high")
-    return f"{m['point']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
-
-
 def render_models(models: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
     """The registry table: each model's latest numbers with the test set (size, fingerprint, date)
     they were measured on, so numbers on different test sets are never read side by side unmarked."""
@@ -220,17 +210,17 @@ def render_retrain(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_terminated(result: dict[str, Any] | None, *, command: str = "retrain") -> str:
+def render_terminated(result: RunResult | None, *, command: str = "retrain") -> str:
     """The one line a SIGTERM'd command prints: for a retrain, what its audit row (if any) now says."""
     if command != "retrain":
         return ("terminated (SIGTERM); what was committed before stays, the transaction in progress was rolled "
                 "back" + (" and this ingest is recorded as failed; the next ingest takes up the rest"
                           if command == "ingest" else ""))
-    if not result:
+    if result is None:
         return "terminated (SIGTERM) before a retrain started or after it finished: nothing to record"
-    if result.get("audit_recorded"):
-        return f"terminated; the audit row says: {result.get('state_message')}"
-    return (f"terminated; its audit row could not be recorded ({result.get('state_message')}); the next "
+    if result.audit_recorded:
+        return f"terminated; the audit row says: {result.state_message}"
+    return (f"terminated; its audit row could not be recorded ({result.state_message}); the next "
             "retrain closes what it left (xray models --history)")
 
 

@@ -1,5 +1,5 @@
-"""The data a run works on: the patient-grouped split frozen in a snapshot, its fingerprints, and the
-cached features and label indices of its rows.
+"""The data a run works on: the patient-grouped split frozen in a snapshot, its fingerprints and the
+label indices of its rows (the cached features of those rows: :mod:`xray_core.pipeline.features`).
 
 A run freezes the split once (``split.json`` in its report folder) so every step, and the report, see
 the same images even while another process ingests more.
@@ -70,31 +70,10 @@ def test_set_fingerprint(rows: list[Row]) -> str:
 test_set_fingerprint.__test__ = False  # not a test: pytest would collect it wherever it is imported
 
 
-def embed_items(settings: Settings, rows: list[Row]) -> list:
-    from xray_core.model.features import EmbedItem
-
-    return [EmbedItem(sha256=r[1], path=settings.home / r[2], key=r[2]) for r in rows]
 
 
-def train_views(settings: Settings) -> list[int]:
-    """The views cached for training images: the eval view 0 first, then the augmented views 1..K.
-
-    The linear recipes train on the eval view (what they are scored on) and the MLP on all of them
-    (see :mod:`xray_core.model.recipes`); k-fold recipe selection scores a held-out training image
-    on its eval view, as prediction will.
-    """
-    return [0, *range(1, settings.views + 1)]
 
 
-def features_for(settings: Settings, rows: list[Row], views: list[int] | None = None) -> np.ndarray:
-    from xray_core.model.backbone import load_backbone
-    from xray_core.model.features import FeatureCache
-
-    cache = FeatureCache(load_backbone(settings), settings)
-    shas = [r[1] for r in rows]
-    if views is None:
-        return cache.load(shas, 0)
-    return cache.load_views(shas, views)
 
 
 def label_indices(rows: list[Row], labels: list[str]) -> np.ndarray:

@@ -1,0 +1,92 @@
+"""``result.json`` keeps its format: three real runs (a first champion, a skip, a challenger kept
+against the champion) written by today's recipe match, key for key and in order, the files the
+recipe wrote before it became typed (``result_json/*.json``, captured with the dict-based
+``cycle.py`` at commit d1016d1). One change on purpose: the outcome sentence at the start of
+``state_message`` and ``summary`` is worded once since (``results.outcome_sentence``; see the migration
+notes in docs/architecture.md), so the two files that carry one say ``v1 becomes the first champion``
+and ``champion v1 stays (v2 not promoted)``.
+
+Only what differs between two identical runs is masked: the temp folder, the run folders' UTC
+stamps and wall-clock ``seconds``. Floats compare to 1e-6 relative, because the CPU convolutions
+behind the features change in their last bits with the thread count (see ``Backbone.embed``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xray_core.data.synthetic import write_dataset
+from xray_core.pipeline.cycle import run_retrain
+from xray_core.pipeline.recipe import RetrainRequest
+from xray_core.settings import load_settings, reset_settings
+
+GOLDEN = Path(__file__).parent / "result_json"
+POLICY = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}
+STAMP = re.compile(r"\d{8}T\d{6}Z")
+
+
+def normalise(value: Any, root: str) -> Any:
+    """The run's JSON with the temp root, UTC stamps and wall-clock seconds masked."""
+    if isinstance(value, dict):
+        return {k: None if k == "seconds" else normalise(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalise(v, root) for v in value]
+    if isinstance(value, str):
+        return STAMP.sub("<stamp>", value.replace(root, "<tmp>"))
+    return value
+
+
+def same(got: Any, want: Any, where: str = "") -> None:
+    """Assert equal JSON, key order included; floats to 1e-6 relative."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want), f"{where}: keys {list(got)} != {list(want)}"
+        for key in want:
+            same(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), f"{where}: {got!r} != {want!r}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            same(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9), (
+            f"{where}: {got!r} != {want!r}"
+        )
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+@pytest.fixture
+def three_runs(xray_env, tmp_path, monkeypatch) -> dict[str, dict[str, Any]]:
+    for key, value in POLICY.items():
+        monkeypatch.setenv(key, value)
+    reset_settings()
+    write_dataset(tmp_path / "src", patients_per_label=8, images_per_patient=1, size=64, seed=3)
+    runs = {
+        "promoted": run_retrain(
+            load_settings(),
+            RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test", flow_run_id="run-one"),
+        ),
+        "skipped": run_retrain(load_settings(), RetrainRequest(trigger="test", flow_run_id="run-two")),
+    }
+    write_dataset(
+        tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64, seed=9, patient_offset=50
+    )
+    runs["second"] = run_retrain(
+        load_settings(),
+        RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test", flow_run_id="run-three"),
+    )
+    return {
+        name: normalise(json.loads((Path(outcome.run_dir) / "result.json").read_text()), str(tmp_path))
+        for name, outcome in runs.items()
+    }
+
+
+def test_result_json_keeps_its_format(three_runs):
+    assert [run["state"] for run in three_runs.values()] == ["Promoted", "Skipped", "Kept"]
+    for name, got in three_runs.items():
+        same(got, json.loads((GOLDEN / f"{name}.json").read_text()), name)

@@ -1,0 +1,36 @@
+"""The cached features of a split's rows: which (image, view) pairs a run embeds and trains on, and
+loading them from the feature cache of the current backbone."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xray_core.data.snapshot import Row
+from xray_core.settings import Settings
+
+
+def embed_items(settings: Settings, rows: list[Row]) -> list:
+    from xray_core.model.features import EmbedItem
+
+    return [EmbedItem(sha256=r[1], path=settings.home / r[2], key=r[2]) for r in rows]
+
+
+def train_views(settings: Settings) -> list[int]:
+    """The views cached for training images: the eval view 0 first, then the augmented views 1..K.
+
+    The linear recipes train on the eval view (what they are scored on) and the MLP on all of them
+    (see :mod:`xray_core.model.recipes`); k-fold recipe selection scores a held-out training image
+    on its eval view, as prediction will.
+    """
+    return [0, *range(1, settings.views + 1)]
+
+
+def features_for(settings: Settings, rows: list[Row], views: list[int] | None = None) -> np.ndarray:
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.features import FeatureCache
+
+    cache = FeatureCache(load_backbone(settings), settings)
+    shas = [r[1] for r in rows]
+    if views is None:
+        return cache.load(shas, 0)
+    return cache.load_views(shas, views)

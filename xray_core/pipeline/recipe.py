@@ -1,0 +1,336 @@
+"""The retrain recipe, top to bottom: ingest → split → embed → audit → train → evaluate → decide →
+promote → report (the flow diagram in the README, and ``docs/architecture.md``).
+
+:func:`recipe` is the order of the steps and nothing else; each step below it is a plain function over
+typed values (:mod:`xray_core.results`) whose options (retries on transient I/O, progress, Dask
+fan-out) are declared with ``@step`` above it (:mod:`xray_core.pipeline.executor`). The run around
+the recipe (the lock, the failure report, the report files) is :func:`xray_core.pipeline.cycle.run_retrain`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from xray_core.data.ingest import IngestSummary
+from xray_core.data.snapshot import SplitData, load_split_data, save_snapshot
+from xray_core.errors import NotEnoughDataError
+from xray_core.faults import crash_point
+from xray_core.pipeline import steps
+from xray_core.pipeline.embed import EmbedProgress, embed_step
+from xray_core.pipeline.executor import Executor, step
+from xray_core.results import (
+    EmbedResult,
+    Evaluation,
+    Recorded,
+    RunResult,
+    Snapshot,
+    TrainResult,
+    NOT_REACHED,
+    Verdict,
+    outcome_sentence,
+    run_state,
+)
+from xray_core.settings import Settings
+
+@dataclass(frozen=True)
+class RetrainRequest:
+    """What one run is asked to do (flow parameters and CLI flags map onto this)."""
+
+    sources: tuple[str, ...] = ()  # folders <root>/<label>/<image> to ingest first
+    manifests: tuple[str, ...] = ()  # manifest CSVs to ingest first
+    incoming: str | None = None  # folder scanned every run; missing or empty means "nothing new", not failure
+    trigger: str = "cli"  # schedule | manual | cli | demo | test: recorded in the audit row
+    force: bool = (
+        False  # train even when nothing changed since the champion or the last decision not to promote
+    )
+    flow_run_id: str | None = None
+    run_name: str | None = None
+
+
+def recipe(
+    settings: Settings, request: RetrainRequest, run: Executor, result: RunResult, folder: Path
+) -> None:
+    """One retrain's steps in order, each run by ``run`` (an executor), filling ``result`` as they end.
+
+    Ends ``Skipped`` (nothing new, or not enough data) or with the decision recorded; an exception
+    propagates with ``result`` holding what the run reached (the caller reports it).
+    """
+    for path, manifest in arrivals(request, result):
+        result.ingests.append(run.step(ingest)(settings, path, manifest))
+    crash_point("retrain.after_ingest")
+    if any(i.added for i in result.ingests) and steps.current_champion(settings) is not None:
+        result.drift = run.step(check_arrivals)(settings, request.flow_run_id)
+    try:
+        snapshot = run.step(freeze_split)(settings, str(folder))
+    except NotEnoughDataError as exc:
+        return skip(settings, result, f"not enough data to train: {exc}")
+    data = snapshot.load()
+    result.split_counts = data.counts()
+    result.near_duplicates, result.label_history = catalogue_notes(settings)
+    if not request.force and (reason := nothing_new(settings, data)):
+        return skip(settings, result, reason)
+
+    result.embed = run.step(embed)(settings, snapshot)
+    result.backbone_random_init = result.embed.backbone_random_init
+    result.audit = run.step(audit)(settings, snapshot)
+    result.train = run.step(train)(settings, snapshot, request.flow_run_id)
+    crash_point("retrain.after_train")
+    result.challenger_eval = run.step(evaluate_challenger)(
+        settings, result.train, snapshot, request.flow_run_id
+    )
+    crash_point("retrain.after_evaluate")
+    champion = steps.current_champion(settings)
+    result.champion_eval = (
+        run.step(evaluate_champion)(settings, champion, snapshot, request.flow_run_id) if champion else None
+    )
+    verdict = run.step(decide)(settings, result.challenger_eval, result.champion_eval, snapshot, result.audit)
+    result.decision = verdict  # a failure while recording still reports what was decided
+    recorded = run.step(promote)(
+        settings,
+        result.challenger_eval,
+        result.champion_eval,
+        verdict,
+        request.trigger,
+        request.flow_run_id,
+        result.audit,
+    )
+    result.decision = replace(verdict, decision=recorded.decision, rationale=recorded.rationale)
+    result.champion_after = recorded.champion_after
+    result.registry = run.step(rescore)(settings, snapshot, request.flow_run_id)
+    result.status, result.state = "completed", run_state("completed", result.decision.decision)
+    result.state_message = outcome_message(result)
+
+
+# --------------------------------------------------------------------------- the steps, in order
+
+
+@step("ingest", retry_transient_io=True, progress="ingest")
+def ingest(
+    settings: Settings, path: str, manifest: str | None, *, progress: Callable[[int, int], None] | None = None
+) -> IngestSummary:
+    """Ingest one folder or manifest into the catalogue (bad files to quarantine, with reasons)."""
+    from xray_core.data.ingest import ingest_source
+
+    return ingest_source(
+        Path(path), manifest=Path(manifest) if manifest else None, settings=settings, progress=progress
+    )
+
+
+@step("drift")
+def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any]:
+    """Drift and out-of-distribution checks of what arrived since the last check, against the
+    champion's reference (recorded in ``drift_checks``). Best effort: a check that cannot run says why
+    and never fails the retrain."""
+    from xray_core.pipeline.monitor import run_monitor
+
+    try:
+        out = run_monitor(settings, flow_run_id=flow_run_id, kind="retrain")
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        return {"flagged": False, "summary": f"not checked: {type(exc).__name__}: {exc}", "warnings": []}
+    checks = out.get("checks") or []
+    warnings = [f"{c['subject']}: {c['verdict']}" for c in checks if c.get("drift")]
+    flagged = [c for c in checks if c.get("ood_flagged")]
+    if flagged and not warnings:
+        warnings = [
+            f"{c['subject']}: {c['ood_flagged']} of {c['n']} films look unlike the champion's training data"
+            for c in flagged[:1]
+        ]
+    return {
+        "flagged": bool(out.get("drift")),
+        "summary": out.get("summary"),
+        "warnings": warnings,
+        "checks": [
+            {k: c.get(k) for k in ("subject", "n", "ood_flagged", "mmd_p", "ks_p", "verdict", "drift")}
+            for c in checks
+        ],
+        "report": out.get("report"),
+    }
+
+
+@step("snapshot")
+def freeze_split(settings: Settings, run_dir: str) -> Snapshot:
+    """Freeze the current patient-grouped split for this run (``<run dir>/split.json``)."""
+    return Snapshot(save_snapshot(Path(run_dir) / "split.json", load_split_data(settings)))
+
+
+@step("embed", retry_transient_io=True, progress="embed", dask_fan_out=True)
+def embed(
+    settings: Settings,
+    snapshot: Snapshot,
+    *,
+    progress: EmbedProgress | None = None,
+    fan_out: Callable[[Snapshot], dict[str, Any]] | None = None,
+) -> EmbedResult:
+    """Embed every (image, view) pair of the frozen split that the feature cache lacks.
+
+    ``fan_out`` (given by an executor when ``XRAY_EMBED_DASK_WORKERS`` > 0) spreads the pairs over Dask
+    workers; its shards report once, when all are done."""
+    if fan_out is None:
+        return EmbedResult.from_stats(embed_step(settings, snapshot.load(), progress))
+    stats = fan_out(snapshot)
+    if progress is not None:
+        progress(stats["images"], stats["images"])
+    return EmbedResult.from_stats(stats)
+
+
+@step("audit")
+def audit(settings: Settings, snapshot: Snapshot) -> dict[str, Any]:
+    """The shortcut audit (label × site, metadata probe, site probe) over the run's split."""
+    from xray_core.pipeline.guards import audit_step
+
+    return audit_step(settings, snapshot.load())
+
+
+@step("train", progress="train")
+def train(
+    settings: Settings,
+    snapshot: Snapshot,
+    flow_run_id: str | None,
+    *,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train the challenger head on cached features and register it as a candidate."""
+    return TrainResult(
+        **steps.train_step(settings, snapshot.load(), flow_run_id=flow_run_id, progress=progress)
+    )
+
+
+@step("evaluate-challenger")
+def evaluate_challenger(
+    settings: Settings, trained: TrainResult, snapshot: Snapshot, flow_run_id: str | None
+) -> Evaluation:
+    """Score the challenger on the run's test split (its test probabilities travel with the result)."""
+    return Evaluation(
+        **steps.evaluate_step(settings, trained.version, snapshot.load(), flow_run_id=flow_run_id)
+    )
+
+
+@step("evaluate-champion")
+def evaluate_champion(
+    settings: Settings, version: int, snapshot: Snapshot, flow_run_id: str | None
+) -> Evaluation:
+    """Score the champion on the same test split as the challenger."""
+    return Evaluation(**steps.evaluate_step(settings, version, snapshot.load(), flow_run_id=flow_run_id))
+
+
+@step("decide")
+def decide(
+    settings: Settings,
+    challenger: Evaluation,
+    champion: Evaluation | None,
+    snapshot: Snapshot,
+    audit: dict[str, Any] | None,
+) -> Verdict:
+    """Apply the promotion policy to the two evaluations, with the per-site guardrail and the audit."""
+    return Verdict.from_dict(
+        steps.decide_step(
+            settings, challenger.as_dict(), champion.as_dict() if champion else None, snapshot.load(), audit
+        )
+    )
+
+
+@step("promote")
+def promote(
+    settings: Settings,
+    challenger: Evaluation,
+    champion: Evaluation | None,
+    verdict: Verdict,
+    trigger: str,
+    flow_run_id: str | None,
+    audit: dict[str, Any] | None,
+) -> Recorded:
+    """Record the decision; promote only if the champion is still the one that was evaluated
+    (compare-and-set: otherwise the decision is recorded ``stale``)."""
+    flags = None if audit is None else {k: audit.get(k) for k in ("flagged", "warnings", "policy", "sites")}
+    row = steps.promote_step(
+        settings,
+        challenger=challenger.version,
+        decision=verdict.as_dict(),
+        trigger=trigger,
+        champion_eval=champion.as_dict() if champion else None,
+        challenger_eval=challenger.as_dict(),
+        flow_run_id=flow_run_id,
+        expect_champion=champion.version if champion else None,
+        audit=flags,
+    )
+    decision = row.get("decision", verdict.decision)
+    rationale = (row.get("rationale") or verdict.rationale) if decision == "stale" else verdict.rationale
+    return Recorded(decision=decision, rationale=rationale, champion_after=row["champion_after"])
+
+
+@step("rescore")
+def rescore(settings: Settings, snapshot: Snapshot, flow_run_id: str | None) -> list[dict[str, Any]]:
+    """Score the registry's other models on this run's test set from cached features, so tables compare.
+
+    Best effort: the decision is already recorded, so a model that cannot be re-scored is listed with
+    the reason and never fails the run.
+    """
+    from xray_core.pipeline.rescore import rescore_models
+
+    try:
+        return rescore_models(settings, snapshot.load(), flow_run_id=flow_run_id)
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        return [{"status": "skipped", "reason": f"re-scoring failed: {type(exc).__name__}: {exc}"}]
+
+
+# --------------------------------------------------------------------------- helpers of the recipe
+
+
+def arrivals(request: RetrainRequest, result: RunResult) -> list[tuple[str, str | None]]:
+    """(folder, manifest) to ingest, in order: sources, manifests, then the incoming folder if it holds
+    anything (a missing or empty one is a quiet night: noted, not an error)."""
+    worth, note = incoming_status(request.incoming)
+    if note:
+        result.notes.append(note)
+    jobs: list[tuple[str, str | None]] = [(src, None) for src in request.sources]
+    jobs += [(str(Path(m).parent), m) for m in request.manifests]
+    return jobs + ([(request.incoming, None)] if worth and request.incoming else [])
+
+
+def incoming_status(folder: str | None) -> tuple[bool, str | None]:
+    """(worth ingesting, note): a missing or empty incoming folder is a quiet night, not an error."""
+    if not folder:
+        return False, None
+    path = Path(folder)
+    if not path.exists():
+        return False, f"nothing new in {folder} (the folder does not exist)"
+    if not path.is_dir():
+        return False, f"nothing new in {folder} (not a folder)"
+    try:
+        next(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    except StopIteration:
+        return False, f"nothing new in {folder} (the folder is empty)"
+    return True, None
+
+
+def nothing_new(settings: Settings, data: SplitData) -> str | None:
+    """Why training would only repeat the champion or the last decision not to promote (None: train)."""
+    return steps.nothing_new_since_champion(settings, data) or steps.nothing_new_since_last_decision(
+        settings, data
+    )
+
+
+def catalogue_notes(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(near-duplicate pairs, label history) of the catalogue, for the report."""
+    from xray_core.data.catalogue import catalogue_summary
+
+    summary = catalogue_summary(settings)
+    return summary["near_duplicates"], summary["label_history"]
+
+
+def skip(settings: Settings, result: RunResult, reason: str) -> None:
+    """End the run ``Skipped``: the notes so far and the reason are its message."""
+    result.status, result.state = "skipped", run_state("skipped", None)
+    result.state_message = "; ".join([*result.notes, reason])
+    result.champion_after = steps.current_champion(settings)
+
+
+def outcome_message(result: RunResult) -> str:
+    """The state's message of a decided run: what happened to the champion (the report's title says the
+    same), then the policy's rationale."""
+    assert result.decision is not None  # only called once decided
+    before = result.champion_eval.version if result.champion_eval else None
+    after = None if result.champion_after is NOT_REACHED else result.champion_after
+    return f"{outcome_sentence(result.state, result.version, before, after)}. {result.decision.rationale}"
