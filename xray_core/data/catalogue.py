@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, aliased
 from db import get_engine, session_scope
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, NEAR_PAIRS_PER_FILM
 from db.schema import SPLITS, Image, NearPair, Patient, Rejection, Source
+from xray_core.data.sites import source_site
 from xray_core.settings import Settings
 
 NEAR_DUPLICATE_MAX_DISTANCE = NEAR_PAIR_MAX_DISTANCE  # bits of 64: pHash distance at or below this counts
@@ -118,11 +119,9 @@ def counts_by_label_site_split(session: Session, rows: list[CensusRow] | None = 
     """Images per site × label × split: ``{site: {label: {"train", "val", "test", "unassigned"}}}``.
 
     The site is the image's own (manifest ``site`` column, ``--site``, DICOM), else the default site of
-    the ingest it came from (:func:`xray_core.data.facts.source_site` of the source path), the same
+    the ingest it came from (:func:`xray_core.data.sites.source_site` of the source path), the same
     rule the slices and the shortcut audit use, so ``xray status`` shows the sites they will see.
     """
-    from xray_core.data.facts import source_site  # facts imports this module: import when called
-
     rows = census(session) if rows is None else rows
     paths = dict(session.execute(select(Source.id, Source.path)
                                  .where(Source.id.in_(sorted({r.source_id for r in rows})))).all())
