@@ -188,7 +188,8 @@ def model_test_probs(settings: Settings, version: int, rows: list[Row]) -> tuple
 def evaluate_step(settings: Settings, version: int, data: SplitData, *,
                   flow_run_id: str | None = None) -> dict[str, Any]:
     """Score one version on the current test split; store an evaluation row; return its metrics."""
-    from xray_core.evaluate.metrics import bootstrap_intervals, compute_metrics
+    from xray_core.evaluate.intervals import bootstrap_intervals
+    from xray_core.evaluate.metrics import compute_metrics
 
     if not data.test:
         raise NotEnoughDataError("the test split is empty: ingest more patients before evaluating")
@@ -321,7 +322,7 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
                 data: SplitData, audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply the promotion policy to two evaluations on the identical test set, then the per-site
     guardrail and the shortcut audit (:func:`xray_core.pipeline.guards.apply_guards`)."""
-    from xray_core.evaluate.metrics import paired_bootstrap_difference
+    from xray_core.evaluate.intervals import paired_bootstrap_difference
     from xray_core.evaluate.promotion import PolicyConfig, decide
 
     config = PolicyConfig.from_settings(settings)
