@@ -142,7 +142,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
 
     from xray_core.model.backbone import load_backbone
     from xray_core.data.catalogue import open_catalogue
-    from xray_core.model.features import FeatureCache, FeatureCacheError, effective_batch_size
+    from xray_core.model.backbone import effective_batch_size
+    from xray_core.model.features import FeatureCache, FeatureCacheError
     from xray_core.evaluate.metrics import predict_labels, positive_index
     from xray_core.model.preprocess import make_view
     from xray_core.pipeline.model_settings import settings_for_model
