@@ -106,7 +106,8 @@ def _describe(found: set[frozenset[str]]) -> str:
 
 def test_no_two_files_import_each_other() -> None:
     new = cycles(import_graph(ROOT)) - KNOWN_FILE_CYCLES
-    assert not new, "files that import each other (move the shared piece where it belongs):\n" + _describe(new)
+    assert not new, "files that import each other (move the shared piece where it belongs):\n" + _describe(
+        new)
 
 
 def test_no_two_xray_core_packages_import_each_other() -> None:
