@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import header_problem, make_engine, open_sqlite, open_through_wal, sqlite_sidecars
 from db.schema import Image, Model, Rejection, Source
+from db.urls import mask_url
 from xray_core.data.sources import owner_alive
 from xray_core.io.storage import Storage, get_storage
 from xray_core.settings import Settings
@@ -107,7 +108,7 @@ def examine(settings: Settings, *, verify: bool = False) -> DoctorReport:
     path = sqlite_path(settings)
     report = DoctorReport(_examine_sqlite(path) if path else Catalogue(
         backend=make_url(settings.database_url).get_backend_name(),
-        where=make_url(settings.database_url).render_as_string(hide_password=True)))
+        where=mask_url(settings.database_url)))
     storage = get_storage(settings)
     if path is not None and not path.exists():
         files = storage.list("store")
