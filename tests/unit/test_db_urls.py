@@ -8,7 +8,8 @@ from db.urls import DatabaseUrlError, check_database_url, mask_url
 from xray_core.rules import is_database_url
 
 
-@pytest.mark.parametrize("url", ["sqlite:///catalogue.db", "sqlite:////abs/x.db", "postgresql+psycopg://u@h/db"])
+@pytest.mark.parametrize("url", ["sqlite:///catalogue.db", "sqlite:////abs/x.db",
+                                 "postgresql+psycopg://u@h/db"])
 def test_urls_we_can_open_pass(url: str) -> None:
     check_database_url(url)
     assert is_database_url(url)

@@ -124,7 +124,7 @@ def validate_card(card: Any) -> dict[str, Any]:
 
 def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card: dict[str, Any],
                train_image_ids: list[int], val_image_ids: list[int], flow_run_id: str | None = None,
-               fail_before_commit: bool = False, extra_files: dict[str, bytes] | None = None) -> int:
+               extra_files: dict[str, bytes] | None = None) -> int:
     """Write and verify the checkpoint, then register it as a candidate version. Returns the version.
 
     ``extra_files`` (name -> bytes, e.g. ``reference.safetensors``) are written beside the head; each
@@ -173,8 +173,7 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
             model.checkpoint_dir = f"models/{model.id}"
             # One shared manifest, not a row per image: see xray_core.registry.manifests.
             model.split_manifest = put_split_manifest(s, train_image_ids, val_image_ids)
-            if fail_before_commit:
-                raise RuntimeError("injected failure between checkpoint write and commit")
+            crash_point("registry.before_commit")  # the folder renamed, the rows added, not yet committed
             version = model.id
     except BaseException:
         # The transaction rolled back: no row names the folder. Move it aside (never trusted, kept
@@ -257,8 +256,7 @@ _ANY = object()  # sentinel: record_decision does not check which version is cha
 def record_decision(settings: Settings, *, challenger: int | None, decision: str, rationale: str,
                     metrics: dict[str, Any], trigger: str, actor: str | None = None,
                     flow_run_id: str | None = None, promote: bool = False,
-                    expect_champion: Any = _ANY, expected_champion: Any = _ANY,
-                    fail_between_switch_and_audit: bool = False) -> dict[str, Any]:
+                    expect_champion: Any = _ANY, expected_champion: Any = _ANY) -> dict[str, Any]:
     """Record a decision; when ``promote``, switch the champion in the same transaction.
 
     ``expect_champion`` (a version or None): refuse, writing nothing, unless that is still the
@@ -286,8 +284,7 @@ def record_decision(settings: Settings, *, challenger: int | None, decision: str
             if challenger is None:
                 raise UsageError("a promotion needs a version to promote")
             _switch(s, previous, challenger)
-            if fail_between_switch_and_audit:
-                raise RuntimeError("injected failure between champion switch and audit row")
+            crash_point("registry.switched_before_audit")
         elif challenger is not None and decision in ("keep", "insufficient_evidence", "reject", "failed"):
             model = s.get(Model, challenger)
             if model is not None and model.status == "candidate":
