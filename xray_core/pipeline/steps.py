@@ -383,7 +383,7 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"], metrics=json.loads(json.dumps(metrics, default=str)),
                            trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]),
-                           **({} if expect_champion is ... else {"expected_champion": expect_champion}))
+                           **({} if expect_champion is ... else {"record_stale_unless_champion": expect_champion}))
 
 
 def summary_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:

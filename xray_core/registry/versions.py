@@ -256,29 +256,31 @@ _ANY = object()  # sentinel: record_decision does not check which version is cha
 def record_decision(settings: Settings, *, challenger: int | None, decision: str, rationale: str,
                     metrics: dict[str, Any], trigger: str, actor: str | None = None,
                     flow_run_id: str | None = None, promote: bool = False,
-                    expect_champion: Any = _ANY, expected_champion: Any = _ANY) -> dict[str, Any]:
+                    raise_unless_champion: Any = _ANY,
+                    record_stale_unless_champion: Any = _ANY) -> dict[str, Any]:
     """Record a decision; when ``promote``, switch the champion in the same transaction.
 
-    ``expect_champion`` (a version or None): refuse, writing nothing, unless that is still the
-    champion inside this transaction; a caller that chose its target from an earlier read (rollback)
-    so never acts on a champion that changed meanwhile. Returns the audit row as a dict.
+    ``raise_unless_champion`` (a version or None): raise UsageError, writing nothing, unless that is
+    still the champion inside this transaction; a caller that chose its target from an earlier read
+    (rollback) so never acts on a champion that changed meanwhile. Returns the audit row as a dict.
 
-    ``expected_champion`` (a version or None): compare-and-set for an automatic decision. The retrain
-    compared the challenger with the champion it read at evaluation time; if someone promoted or
-    rolled back since, that comparison says nothing about the new champion. The decision is then
-    recorded as ``stale`` (its rationale says what changed) and nothing is promoted, instead of
-    silently overriding the manual change and auditing a comparison that never happened.
+    ``record_stale_unless_champion`` (a version or None): compare-and-set for an automatic decision.
+    The retrain compared the challenger with the champion it read at evaluation time; if someone
+    promoted or rolled back since, that comparison says nothing about the new champion. The decision
+    is then recorded as ``stale`` (its rationale says what changed) and nothing is promoted, instead
+    of silently overriding the manual change and auditing a comparison that never happened.
     """
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         previous = champion_version(s)
-        if expect_champion is not _ANY and previous != expect_champion:
-            raise UsageError(f"the champion changed meanwhile (now {previous}, expected {expect_champion}); "
-                             "check xray models --history and retry")
-        if expected_champion is not _ANY and previous != expected_champion:
-            rationale = (f"champion changed from {_v(expected_champion)} to {_v(previous)} since evaluation; "
+        if raise_unless_champion is not _ANY and previous != raise_unless_champion:
+            raise UsageError(f"the champion changed meanwhile (now {previous}, expected "
+                             f"{raise_unless_champion}); check xray models --history and retry")
+        expected = record_stale_unless_champion
+        if expected is not _ANY and previous != expected:
+            rationale = (f"champion changed from {_v(expected)} to {_v(previous)} since evaluation; "
                          f"nothing promoted (the {decision!r} decision compared v{challenger} with "
-                         f"{_v(expected_champion)}). Original rationale: {rationale}")
+                         f"{_v(expected)}). Original rationale: {rationale}")
             decision, promote = "stale", False
         if promote:
             if challenger is None:
@@ -353,7 +355,7 @@ def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: st
     return record_decision(settings, challenger=target, decision="rollback",
                            rationale=f"rollback from {current} to {target}: {reason}", metrics={},
                            trigger=trigger, actor=actor, flow_run_id=flow_run_id, promote=True,
-                           expect_champion=current)
+                           raise_unless_champion=current)
 
 
 def promotion_dict(r: Promotion) -> dict[str, Any]:
