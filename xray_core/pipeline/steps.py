@@ -22,8 +22,8 @@ from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.guards import apply_guards, evaluation_slices
 from xray_core.pipeline.lock import retrain_lock
 from xray_core.pipeline.model_settings import settings_for_card, settings_for_fingerprint
-from xray_core.pipeline.snapshot import (Row, SplitData, embed_items, features_for, label_indices,
-                                         load_split_data, test_set_fingerprint, train_views,
+from xray_core.pipeline.snapshot import (Row, SplitData, embed_items, features_for, fingerprint_test_set,
+                                         label_indices, load_split_data, train_views,
                                          training_set_fingerprint)
 from xray_core.settings import Settings
 
@@ -209,7 +209,7 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
     metrics["bootstrap"] = {"samples": settings.bootstrap_samples, "seed": settings.bootstrap_seed,
                             "clustered_by": "patient", "patients": int(len(set(patients)))}
     metrics["slices"], sites, views = evaluation_slices(settings, rows, y, probs, labels, model.threshold)
-    fingerprint = test_set_fingerprint(data.test)
+    fingerprint = fingerprint_test_set(data.test)
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         s.add(Evaluation(model_id=version, test_set_fingerprint=fingerprint,
@@ -311,7 +311,7 @@ def nothing_new_since_last_decision(settings: Settings, data: SplitData) -> str 
     now = settings.public_dict()
     changed = [k for k in set(now) | set(config) if k not in EXECUTION_SETTINGS and config.get(k) != now.get(k)]
     if (champion != champion_then or trained_on != training_set_fingerprint(data) or changed
-            or test_set_fingerprint(data.test) != decided_on or settings_for_fingerprint(settings, backbone) is None):
+            or fingerprint_test_set(data.test) != decided_on or settings_for_fingerprint(settings, backbone) is None):
         return None
     return (f"nothing new since v{version} was not promoted ({decision}, {when:%Y-%m-%d %H:%M}): the same images, "
             f"test set, backbone, settings and champion would repeat that decision; retrain with force=True "
