@@ -206,9 +206,7 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
     """
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
-        model = s.get(Model, version)
-        if model is None:
-            raise UsageError(f"model version {version} does not exist (see xray models)")
+        model = existing_model(s, version)
         folder = model.checkpoint_dir  # "models/<version>", relative to the storage root
         head_sha, card_sha = model.checkpoint_sha256, model.card_sha256
     store = get_storage(settings)
@@ -248,6 +246,14 @@ def _read_verified(store: Storage, folder: str, name: str, expected: str, versio
 
 def champion_version(session: Session) -> int | None:
     return session.scalar(select(Model.id).where(Model.status == "champion"))
+
+
+def existing_model(session: Session, version: int) -> Model:
+    """The registry row of ``version``; a UsageError (exit 2) that points at ``xray models`` if none."""
+    model = session.get(Model, version)
+    if model is None:
+        raise UsageError(f"model version {version} does not exist (see xray models)")
+    return model
 
 
 _ANY = object()  # sentinel: record_decision does not check which version is champion beforehand
@@ -307,9 +313,7 @@ def _v(version: int | None) -> str:
 
 
 def _switch(s: Session, previous: int | None, new: int) -> None:
-    model = s.get(Model, new)
-    if model is None:
-        raise UsageError(f"model version {new} does not exist (see xray models)")
+    model = existing_model(s, new)
     if model.status == "champion":
         raise UsageError(f"model version {new} is already the champion")
     if previous is not None:
