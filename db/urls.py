@@ -1,11 +1,13 @@
-"""Database URLs as users write them: the one check that a URL can be opened, and the one way to show
-it without its password (``xray status``, ``xray doctor``, start-up errors)."""
+"""Database URLs as users write them: the one check that a URL can be opened, the one way to show it
+without its password (``xray status``, ``xray doctor``, start-up errors) and the one reading of the
+SQLite file a URL names (engine, doctor, ``predict --out``)."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 ALLOWED_DATABASE_URLS = "e.g. sqlite:////abs/path/catalogue.db or postgresql+psycopg://user@host/db"
@@ -33,6 +35,18 @@ def check_database_url(url: str) -> None:
 _USER_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")  # scheme://user:password@ in what SQLAlchemy refused
 
 
+def sqlite_file(url: str | URL) -> Path | None:
+    """The database file of a SQLite URL; None for another database, an in-memory one, or a string
+    that is not a URL (that fails clearly where the catalogue is opened)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return Path(parsed.database)
+    return None
+
+
 def mask_url(url: str) -> str:
     """``url`` with its password replaced by ``***``. A string SQLAlchemy cannot parse comes back
     quoted, so an empty or blank value is visible in a message, with anything that looks like
@@ -44,4 +58,4 @@ def mask_url(url: str) -> str:
         return repr(_USER_PASSWORD.sub(r"\1***@", url))
 
 
-__all__ = ["ALLOWED_DATABASE_URLS", "DatabaseUrlError", "check_database_url", "mask_url"]
+__all__ = ["ALLOWED_DATABASE_URLS", "DatabaseUrlError", "check_database_url", "mask_url", "sqlite_file"]

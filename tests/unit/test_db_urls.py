@@ -37,3 +37,19 @@ def test_urls_we_cannot_open_say_why(url: str, why: str) -> None:
 ])
 def test_mask_url_hides_the_password_and_never_raises(url: str, shown: str) -> None:
     assert mask_url(url) == shown
+
+
+@pytest.mark.parametrize("url, path", [
+    ("sqlite:////var/xray/catalogue.db", "/var/xray/catalogue.db"),
+    ("sqlite:///relative.db", "relative.db"),
+    ("sqlite://", None),
+    ("sqlite:///:memory:", None),
+    ("postgresql+psycopg://u@h/db", None),
+    ("not a url", None),
+])
+def test_sqlite_file_is_the_file_a_sqlite_url_names(url: str, path: str | None) -> None:
+    from pathlib import Path
+
+    from db.urls import sqlite_file
+
+    assert sqlite_file(url) == (None if path is None else Path(path))

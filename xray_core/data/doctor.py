@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import header_problem, make_engine, open_sqlite, open_through_wal, sqlite_sidecars
 from db.schema import Image, Model, Rejection, Source
-from db.urls import mask_url
+from db.urls import mask_url, sqlite_file
 from xray_core.data.sources import owner_alive
 from xray_core.io.storage import Storage, get_storage
 from xray_core.settings import Settings
@@ -94,10 +94,7 @@ class DoctorReport:
 
 def sqlite_path(settings: Settings) -> Path | None:
     """The catalogue file of a SQLite URL (None for another database, or an in-memory one)."""
-    url = make_url(settings.database_url)
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return None
-    return Path(url.database)
+    return sqlite_file(settings.database_url)
 
 
 def examine(settings: Settings, *, verify: bool = False) -> DoctorReport:
