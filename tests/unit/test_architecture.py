@@ -36,9 +36,9 @@ ALLOWED = {
                  "monitor"},
 }
 # Import cycles still present while issue 24 is being worked on in parallel branches. The "recipe"
-# branch removes both (report/ renders a RunResult and no longer imports pipeline/; shared formatting
-# moves to report/format.py); the merge of that branch empties these sets. An entry that no longer
-# exists fails test_known_cycles_still_exist, so the sets can only shrink. Add nothing here.
+# branch removes the two in report/ (report/ renders a RunResult and no longer imports pipeline/;
+# shared formatting moves to report/format.py); its merge deletes those two entries. An entry that
+# no longer exists fails test_known_cycles_still_exist, so the sets can only shrink. Add nothing here.
 KNOWN_FILE_CYCLES: set[frozenset[str]] = {
     frozenset({"xray_core.report.sites", "xray_core.report.terminal"}),
 }
