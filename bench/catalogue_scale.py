@@ -270,7 +270,7 @@ def _skip_and_show(settings, engine, result: dict) -> None:  # noqa: ANN001
     data = load_split_data(settings)
     now = settings.public_dict()
     with session_scope(engine) as s:
-        manifest = put_split_manifest(s, [r[0] for r in data.train], [r[0] for r in data.val])
+        manifest = put_split_manifest(s, [r.id for r in data.train], [r.id for r in data.val])
         s.add(Model(id=1, status="champion", checkpoint_dir="models/1", checkpoint_sha256="0" * 64,
                     card_sha256="0" * 64, backbone_fingerprint=backbone, backbone_weights="random",
                     training_set_fingerprint=training_set_fingerprint(data), labels=data.labels,

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from xray_core.model.backbone import load_backbone
-from xray_core.model.features import EmbedItem, FeatureCache, effective_batch_size
+from xray_core.model.backbone import effective_batch_size
+from xray_core.model.features import EmbedItem, FeatureCache
 from xray_core.io.fsutil import sha256_file
 from xray_core.settings import load_settings
 

@@ -17,6 +17,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.urls import sqlite_file
+
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 PG_LOCK_KEY = 0x58524159  # "XRAY": the advisory lock every catalogue transaction takes on PostgreSQL
 
@@ -216,16 +218,16 @@ def dispose_engines() -> None:
 @contextlib.contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
     """Serialise schema upgrades between processes (two first-time users of one SQLite file)."""
-    url = engine.url
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        lock_path = Path(url.database).with_suffix(".migrate.lock")
+    database = sqlite_file(engine.url)
+    if database is not None:
+        lock_path = database.with_suffix(".migrate.lock")
         with open(lock_path, "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
-    elif url.get_backend_name() == "postgresql":
+    elif engine.url.get_backend_name() == "postgresql":
         # A session-level lock on a raw DB-API connection (outside SQLAlchemy's begin hook above).
         raw = engine.raw_connection()
         try:
@@ -270,11 +272,11 @@ def upgrade_to_head(engine: Engine) -> None:
     cfg = alembic_config(engine)
     head = ScriptDirectory.from_config(cfg).get_current_head()
     with _migration_lock(engine):
-        url = engine.url
-        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        database = sqlite_file(engine.url)
+        if database is not None:
             # Under the migration lock: a first-time creator holds it until the schema is committed,
             # so a 0-byte file seen here is not one that another process is just creating.
-            check_sqlite_file(Path(url.database))
+            check_sqlite_file(database)
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
         if current == head:

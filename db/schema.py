@@ -24,7 +24,9 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 SPLITS = ("train", "val", "test")
 MODEL_STATUSES = ("candidate", "champion", "retired", "rejected")
@@ -32,6 +34,30 @@ MODEL_STATUSES = ("candidate", "champion", "retired", "rejected")
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def as_utc(when: datetime) -> datetime:
+    """``when`` as an aware UTC time; a naive ``when`` is taken to be UTC already (what this project
+    writes, and what SQLite hands back: it stores no offset)."""
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """``DateTime(timezone=True)`` that always reads back an aware UTC datetime, on every backend.
+
+    PostgreSQL returns aware times but SQLite returns naive ones, so callers comparing a stored time
+    with ``utcnow()`` used to patch the offset back on by hand. The column's DDL is unchanged
+    (``impl``), so the migrations still match this schema.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
 
 
 class Base(DeclarativeBase):
@@ -47,8 +73,8 @@ class Source(Base):
     path: Mapped[str] = mapped_column(Text)
     manifest_path: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="running")  # running | done | failed
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
@@ -59,7 +85,7 @@ class Patient(Base):
     patient_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     id_source: Mapped[str] = mapped_column(String(16))  # manifest | dicom | filename | image
     split: Mapped[str | None] = mapped_column(String(8))
-    assigned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    assigned_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     __table_args__ = (
         CheckConstraint("split IS NULL OR split IN ('train','val','test')", name="ck_patient_split"),
     )
@@ -82,7 +108,7 @@ class Image(Base):
     phash: Mapped[int] = mapped_column(BigInteger)  # 64-bit perceptual hash, as signed int64
     original_name: Mapped[str] = mapped_column(Text)  # path relative to the source root
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id"), index=True)
-    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    added_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     # Acquisition facts (migration 0002), from DICOM tags or manifest columns; NULL when unknown.
     # Slices and audits (per site, device, sex, age, view) read them; no column holds a clear identifier.
     site: Mapped[str | None] = mapped_column(String(64), index=True)  # salted hash, name or manifest value
@@ -131,7 +157,7 @@ class SeenFile(Base):
     label_key: Mapped[str] = mapped_column(Text, default="")  # label/patient context it was seen with
     sha256: Mapped[str | None] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(16))  # added | duplicate | rejected
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Rejection(Base):
@@ -145,7 +171,7 @@ class Rejection(Base):
     reason: Mapped[str] = mapped_column(String(32), index=True)
     detail: Mapped[str] = mapped_column(Text)
     quarantine_path: Mapped[str | None] = mapped_column(Text)  # relative to XRAY_HOME
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Model(Base):
@@ -153,7 +179,7 @@ class Model(Base):
 
     __tablename__ = "models"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     status: Mapped[str] = mapped_column(String(16), default="candidate")
     checkpoint_dir: Mapped[str] = mapped_column(Text)  # relative to XRAY_HOME
     checkpoint_sha256: Mapped[str] = mapped_column(String(64))  # of head.safetensors
@@ -193,7 +219,7 @@ class SplitManifest(Base):
     n_train: Mapped[int] = mapped_column(Integer)
     n_val: Mapped[int] = mapped_column(Integer)
     body: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Evaluation(Base):
@@ -206,7 +232,7 @@ class Evaluation(Base):
     backbone_fingerprint: Mapped[str] = mapped_column(String(64))
     n_images: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
 
 
@@ -215,7 +241,7 @@ class Promotion(Base):
 
     __tablename__ = "promotions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     from_version: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     to_version: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     decision: Mapped[str] = mapped_column(String(32))  # promote|keep|insufficient_evidence|manual_promote|rollback|reject
@@ -233,7 +259,7 @@ class DriftCheck(Base):
 
     __tablename__ = "drift_checks"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))  # ingest | predict | monitor
     subject: Mapped[str] = mapped_column(Text)  # what was checked: a source path, a predict folder, a site

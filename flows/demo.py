@@ -229,7 +229,7 @@ def label_shortcut(settings: Settings, audit: dict[str, Any] | None) -> dict[str
     if not single:
         return {}
     data = load_split_data(settings)
-    frame = image_facts(settings, [r[0] for r in data.train + data.val + data.test]).reset_index(drop=True)
+    frame = image_facts(settings, [r.id for r in data.train + data.val + data.test]).reset_index(drop=True)
     out = {}
     for label, site in single.items():
         rest = f"not-{label}"

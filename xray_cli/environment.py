@@ -49,27 +49,13 @@ def check_environment(command: str, args: argparse.Namespace) -> None:
 
 
 def _check_database_url(url: str) -> None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    allowed = "use e.g. sqlite:////abs/path/catalogue.db or postgresql+psycopg://user@host/db (or unset it)"
-    try:
-        parsed = make_url(url)
-        parsed.get_dialect()
-    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
-        raise UsageError(f"XRAY_DATABASE_URL={_mask(url)} is not a database URL we can open ({exc}); {allowed}") from None
-    except ImportError as exc:
-        raise UsageError(f"XRAY_DATABASE_URL={_mask(url)} needs a driver that is not installed ({exc}); {allowed}") from None
-
-
-def _mask(url: str) -> str:
-    """The URL without a password, for messages."""
-    from sqlalchemy.engine import make_url
+    from db.urls import ALLOWED_DATABASE_URLS, DatabaseUrlError, check_database_url, mask_url
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: nothing to hide
-        return repr(url)
+        check_database_url(url)
+    except DatabaseUrlError as exc:
+        raise UsageError(f"XRAY_DATABASE_URL={mask_url(url)} {exc}; use {ALLOWED_DATABASE_URLS} (or unset it)"
+                         ) from None
 
 
 def _check_storage_url(url: str | None) -> None:

@@ -212,14 +212,15 @@ def are_roots(value: tuple[Path, ...]) -> bool:
 
 
 def is_database_url(value: str) -> bool:
-    """A URL SQLAlchemy parses, of a dialect it knows (the driver itself is imported only on connect)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    """A URL SQLAlchemy parses, of a dialect it knows: :func:`db.urls.check_database_url`, the same
+    check ``xray`` runs at start-up."""
+    from db.urls import DatabaseUrlError, check_database_url
 
     try:
-        return make_url(value).get_dialect() is not None  # NoSuchModuleError is an ArgumentError
-    except ArgumentError:
+        check_database_url(value)
+    except DatabaseUrlError:
         return False
+    return True
 
 
 def is_storage_url(value: str | None) -> bool:

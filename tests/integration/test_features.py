@@ -10,13 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from xray_core.model.backbone import FEATURE_DIM, load_backbone
+from xray_core.model.backbone import FEATURE_DIM, effective_batch_size, load_backbone
 from xray_core.model.features import (
     EmbedItem,
     FeatureCache,
     FeatureCacheError,
     cache_summary,
-    effective_batch_size,
 )
 from xray_core.io.fsutil import sha256_file
 from xray_core.model.preprocess import EvalTransform, TrainTransform, make_view, spec_dict, view_generator

@@ -1090,14 +1090,14 @@ def manual_promotion_during_a_decision_makes_it_stale(xray_env, tmp_path) -> Non
     # The retrain evaluated v3 against v1; meanwhile someone promoted v2 by hand.
     promote_manually(settings, versions[1], reason="by hand, during the retrain")
     row = record_decision(settings, challenger=versions[2], decision="promote", rationale="v3 beat v1",
-                          metrics={}, trigger="test", promote=True, expected_champion=versions[0])
+                          metrics={}, trigger="test", promote=True, record_stale_unless_champion=versions[0])
     assert row["decision"] == "stale" and row["champion_after"] == versions[1]
     assert f"champion changed from v{versions[0]} to v{versions[1]} since evaluation; nothing promoted" in row["rationale"]
     from xray_core.registry.listing import registry_summary
 
     assert registry_summary(settings)["champion"] == versions[1]
     ok = record_decision(settings, challenger=versions[2], decision="promote", rationale="v3 beat v2",
-                         metrics={}, trigger="test", promote=True, expected_champion=versions[1])
+                         metrics={}, trigger="test", promote=True, record_stale_unless_champion=versions[1])
     assert ok["decision"] == "promote" and registry_summary(settings)["champion"] == versions[2]
 
 

@@ -126,7 +126,7 @@ def test_report_html_is_valid_with_every_section_and_embedded_images(run):
         assert w > 200 and hgt > 200
     n_test = len(h.data.test)
     assert len(heatmaps) == min(4, n_test) and n_test >= 2
-    test_sizes = {Image.open(h.settings.home / r[2]).size for r in h.data.test}
+    test_sizes = {Image.open(h.settings.home / r.stored_path).size for r in h.data.test}
     assert {_png_size(i["src"], "jpeg") for i in heatmaps} <= test_sizes  # small films are not enlarged
     full = sorted((run_dir / "heatmaps").iterdir())
     assert len(full) == len(heatmaps) and {Image.open(f).size for f in full} <= test_sizes

@@ -101,11 +101,11 @@ def test_csv_columns_and_values_for_a_known_model(home, films, predicted):
 
     # The same numbers the evaluation uses for the same images (cached features, same head).
     rows_by_sha = {r["sha256"]: r for r in ok}
-    known = [row for row in home.data.train + home.data.val + home.data.test if row[1] in rows_by_sha]
+    known = [row for row in home.data.train + home.data.val + home.data.test if row.sha256 in rows_by_sha]
     assert known
     probs, _ = model_test_probs(home.settings, home.versions[0], known)
     for row, p in zip(known, probs):
-        got = [float(rows_by_sha[row[1]][f"p_{lab}"]) for lab in labels]
+        got = [float(rows_by_sha[row.sha256][f"p_{lab}"]) for lab in labels]
         assert got == pytest.approx(p.tolist(), abs=1e-5)
 
 

@@ -27,7 +27,7 @@ from xray_core.data.synthetic import write_dataset
 from xray_core.model.train import build_head
 from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.rescore import default_versions, rescore_models
-from xray_core.data.snapshot import load_split_data, test_set_fingerprint
+from xray_core.data.snapshot import load_split_data, fingerprint_test_set
 from xray_core.pipeline.steps import evaluate_step, train_step
 from xray_core.registry.versions import promote_manually, record_decision, save_model
 from xray_core.registry.listing import list_models
@@ -66,7 +66,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):
         r.eval2 = evaluate_step(settings, r.v2, r.data2)
         record_decision(settings, challenger=r.v2, decision="keep", rationale="not better", metrics={}, trigger="test")
         r.v3 = foreign_model(settings)
-        r.fp2 = test_set_fingerprint(r.data2.test)
+        r.fp2 = fingerprint_test_set(r.data2.test)
 
         r.before = {m["version"]: m for m in list_models(settings, current_test_set=r.fp2)}
         r.evaluations_before = evaluation_count(settings)
@@ -81,7 +81,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):
         write_dataset(tmp / "batch3", patients_per_label=8, images_per_patient=1, size=64, patient_offset=200, seed=2)
         ingest_source(tmp / "batch3", settings=settings)
         r.data3 = load_split_data(settings)
-        r.fp3 = test_set_fingerprint(r.data3.test)
+        r.fp3 = fingerprint_test_set(r.data3.test)
         r.evaluations_before3 = evaluation_count(settings)
         r.rescored3 = {x["version"]: x for x in rescore_models(settings, r.data3)}
         r.evaluations_after3 = evaluation_count(settings)

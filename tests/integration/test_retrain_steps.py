@@ -25,7 +25,7 @@ from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest import ingest_source
 from xray_core.pipeline.steps import current_champion, decide_step, evaluate_step, promote_step, train_step
 from xray_core.pipeline.embed import embed_step
-from xray_core.data.snapshot import load_split_data, test_set_fingerprint
+from xray_core.data.snapshot import load_split_data, fingerprint_test_set
 from xray_core.settings import load_settings, reset_settings
 from xray_core.data.synthetic import write_dataset
 
@@ -140,7 +140,7 @@ def test_the_policy_gates_the_first_model(scenario):
 def test_the_evaluation_row_stores_the_test_set_fingerprint(scenario):
     r = scenario
     v1 = r.train1["version"]
-    expected = test_set_fingerprint(r.data1.test)
+    expected = fingerprint_test_set(r.data1.test)
     assert r.eval1["test_set_fingerprint"] == expected and len(expected) == 64
     first = rows_of(r.settings, Evaluation, Evaluation.model_id == v1)[0]
     assert first.test_set_fingerprint == expected
@@ -167,8 +167,8 @@ def test_embedding_computes_each_pair_once(scenario):
 
 def test_second_cycle_embeds_only_the_new_images(scenario):
     r = scenario
-    old = {row[1] for row in r.data1.train + r.data1.val + r.data1.test}
-    new = {name: [row for row in rows if row[1] not in old] for name, rows in split_rows(r.data2).items()}
+    old = {row.sha256 for row in r.data1.train + r.data1.val + r.data1.test}
+    new = {name: [row for row in rows if row.sha256 not in old] for name, rows in split_rows(r.data2).items()}
     assert r.ingest2.added == 12 and sum(len(v) for v in new.values()) == 12
     assert r.embed2["computed"] == pairs_needed(new, r.settings.views) > 0
     assert r.embed2["cached"] == pairs_needed(split_rows(r.data1), r.settings.views)
@@ -181,8 +181,8 @@ def test_champion_and_challenger_are_scored_on_the_identical_grown_test_set(scen
     v1, v2 = r.train1["version"], r.train2["version"]
     assert r.champion_before2 == v1 and v2 == v1 + 1
     # the test split only grows, so the fingerprint of cycle 2 differs from cycle 1's
-    assert {row[1] for row in r.data1.test} < {row[1] for row in r.data2.test}
-    fingerprint2 = test_set_fingerprint(r.data2.test)
+    assert {row.sha256 for row in r.data1.test} < {row.sha256 for row in r.data2.test}
+    fingerprint2 = fingerprint_test_set(r.data2.test)
     assert fingerprint2 != r.eval1["test_set_fingerprint"]
     assert r.eval2["test_set_fingerprint"] == r.eval_champion2["test_set_fingerprint"] == fingerprint2
     stored = {(e.model_id, e.test_set_fingerprint, e.n_images, e.flow_run_id) for e in rows_of(r.settings, Evaluation)}
@@ -245,9 +245,9 @@ def test_models_show_lists_the_lineage(cli_env, capsys: pytest.CaptureFixture):
     assert cli.main(["models", "show", str(v1), "--json"]) == 0
     lineage = json.loads(capsys.readouterr().out)
     assert lineage["version"] == v1
-    assert [img["id"] for img in lineage["images"]["train"]] == [row[0] for row in r.data1.train]
-    assert [img["id"] for img in lineage["images"]["val"]] == [row[0] for row in r.data1.val]
-    assert {img["sha256"] for img in lineage["images"]["train"]} == {row[1] for row in r.data1.train}
+    assert [img["id"] for img in lineage["images"]["train"]] == [row.id for row in r.data1.train]
+    assert [img["id"] for img in lineage["images"]["val"]] == [row.id for row in r.data1.val]
+    assert {img["sha256"] for img in lineage["images"]["train"]} == {row.sha256 for row in r.data1.train}
     assert [Path(s["path"]) for s in lineage["sources"]] == [r.batch1.absolute()]
     assert lineage["backbone_fingerprint"] == load_backbone(r.settings).fingerprint
     assert lineage["training_set_fingerprint"] == r.train1["training_set_fingerprint"]
@@ -273,7 +273,7 @@ def test_xray_train_json_is_parseable_and_reproducible(cli_env, capsys: pytest.C
     version = out["train"]["version"]
     assert isinstance(version, int) and version == r.train2["version"] + 1
     assert out["embed"]["computed"] == 0 and load_backbone(r.settings).calls == calls  # all cached
-    assert out["test"]["test_set_fingerprint"] == test_set_fingerprint(r.data2.test)
+    assert out["test"]["test_set_fingerprint"] == fingerprint_test_set(r.data2.test)
     assert out["train"]["training_set_fingerprint"] == r.train2["training_set_fingerprint"]
     assert out["data"] == r.data2.counts()
     # Same catalogue, same settings and seed as cycle 2: bit-identical weights, so identical file bytes.

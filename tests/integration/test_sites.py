@@ -64,16 +64,16 @@ def _evaluation(settings, data, version, probs):
     from xray_core.evaluate.intervals import bootstrap_intervals
     from xray_core.evaluate.metrics import compute_metrics
     from xray_core.pipeline.guards import evaluation_slices
-    from xray_core.data.snapshot import label_indices, test_set_fingerprint
+    from xray_core.data.snapshot import label_indices, fingerprint_test_set
 
     labels = ["normal", "pneumonia"]
     rows = data.test
     y = label_indices(rows, labels)
     metrics = compute_metrics(y, probs, labels, threshold=0.5, negative_label="normal")
-    metrics["intervals"] = bootstrap_intervals(y, probs, labels, np.array([r[4] for r in rows]), threshold=0.5,
-                                               n_samples=200, seed=0)
+    patients = np.array([r.patient_id for r in rows])
+    metrics["intervals"] = bootstrap_intervals(y, probs, labels, patients, threshold=0.5, n_samples=200, seed=0)
     metrics["slices"], sites, _ = evaluation_slices(settings, rows, y, probs, labels, 0.5)
-    return {"version": version, "test_set_fingerprint": test_set_fingerprint(rows), "n_images": len(rows),
+    return {"version": version, "test_set_fingerprint": fingerprint_test_set(rows), "n_images": len(rows),
             "metrics": metrics, "labels": labels, "probabilities": probs.tolist(), "sites": sites}
 
 
@@ -92,8 +92,8 @@ def test_pooled_numbers_hide_a_site_collapse_that_the_guardrail_keeps_out(env, t
     y = label_indices(data.test, ["normal", "pneumonia"])
     from xray_core.data.facts import image_facts
 
-    facts = image_facts(settings, [r[0] for r in data.test])
-    site = np.array([facts.at[r[0], "site"] for r in data.test])
+    facts = image_facts(settings, [r.id for r in data.test])
+    site = np.array([facts.at[r.id, "site"] for r in data.test])
     assert set(site) == {"paeds", "adult"} and all(((site == s) & (y == c)).sum() >= 2 for s in ("paeds", "adult")
                                                      for c in (0, 1))
     rng = np.random.default_rng(0)

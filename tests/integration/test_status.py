@@ -21,7 +21,7 @@ def test_status_reports_cache_coverage_and_models(tmp_path, capsys):
         assert report["models"]["versions"] == home.versions[0]
 
         # Remove one image's cache file: coverage drops by one, and the text table says so.
-        sha = home.data.train[0][1]
+        sha = home.data.train[0].sha256
         (home.settings.features_dir / row["fingerprint"] / sha[:2] / f"{sha}.safetensors").unlink()
         assert main(["status"]) == 0
         text = capsys.readouterr().out

@@ -75,3 +75,20 @@ def test_database_refuses_unknown_status_and_dangling_foreign_keys(engine):
     with pytest.raises(exc.IntegrityError):  # lineage naming a split manifest that does not exist
         with session_scope(engine) as s:
             s.add(_model(status="candidate", split_manifest="f" * 64))
+
+
+def test_times_read_back_aware_utc_whatever_was_written(engine):
+    """SQLite keeps no offset: a naive time is taken as UTC and an aware one is stored as its UTC
+    instant, so every reader gets the same aware UTC time back and can compare it with utcnow()."""
+    from datetime import datetime, timedelta, timezone
+
+    naive = datetime(2026, 1, 2, 3, 4, 5)
+    paris = datetime(2026, 1, 2, 4, 4, 5, tzinfo=timezone(timedelta(hours=1)))  # the same instant
+    with session_scope(engine) as s:
+        s.add_all([_model(status="retired", created_at=naive), _model(status="retired", created_at=paris)])
+    with session_scope(engine) as s:
+        times = s.scalars(select(Model.created_at).order_by(Model.id)).all()
+        later = s.scalar(select(text("count(*)")).select_from(Model).where(Model.created_at >= paris))
+    assert times == [datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)] * 2
+    assert all(t.tzinfo is timezone.utc for t in times)
+    assert later == 2  # the bound parameter is compared as the same UTC instant

@@ -534,9 +534,3 @@ def test_choose_threshold_for_target_sensitivity():
     assert choose_threshold(y, s, target_sensitivity=0.75) == 0.6
     assert choose_threshold(y, s, target_sensitivity=0.9) == 0.3
     assert choose_threshold(y, s, target_sensitivity=0.2) == 0.9
-
-
-def test_old_import_path_still_works():
-    from xray_core.evaluate import metrics
-
-    assert metrics.bootstrap_intervals is bootstrap_intervals

@@ -182,7 +182,7 @@ def old_label_history(session, *, limit: int) -> dict:  # noqa: ANN001
 
 def old_counts(session) -> dict:  # noqa: ANN001
     """The group-bys status ran before the census (one per table)."""
-    from xray_core.data.facts import source_site
+    from xray_core.data.sites import source_site
 
     by_label: dict = {}
     for label, split, n in session.execute(select(Image.label, Patient.split, func.count())

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from xray_core.errors import UsageError
-from xray_core.evaluate.metrics import compute_metrics, paired_bootstrap_difference
+from xray_core.evaluate.intervals import paired_bootstrap_difference
+from xray_core.evaluate.metrics import compute_metrics
 from xray_core.evaluate.promotion import Decision, PolicyConfig, PolicyError, decide
 from xray_core.settings import load_settings
 

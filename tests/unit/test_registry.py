@@ -14,6 +14,7 @@ import torch
 from db import session_scope
 from db.schema import Model, Promotion
 from xray_cli import main as cli
+from xray_core import faults
 from xray_core.registry import listing
 from xray_core.registry import versions as registry
 from xray_core.data.catalogue import open_catalogue
@@ -113,9 +114,11 @@ def test_save_refuses_an_invalid_card_and_writes_nothing(settings: Settings):
     assert not (settings.models_dir / ".staging").exists() or not any((settings.models_dir / ".staging").iterdir())
 
 
-def test_a_crash_before_commit_leaves_no_row_and_the_next_save_works(settings: Settings):
-    with pytest.raises(RuntimeError, match="injected"):
-        save(settings, seed=1, fail_before_commit=True)
+def test_a_crash_before_commit_leaves_no_row_and_the_next_save_works(settings: Settings, monkeypatch):
+    monkeypatch.setenv(faults.ENV, "registry.before_commit:1:RAISE")
+    with pytest.raises(faults.InjectedFault, match="registry.before_commit"):
+        save(settings, seed=1)
+    monkeypatch.delenv(faults.ENV)
     assert db_count(settings, Model) == 0
     assert listing.list_models(settings) == []
     version = save(settings, seed=2)
@@ -133,15 +136,18 @@ def test_a_crash_before_commit_leaves_no_row_and_the_next_save_works(settings: S
 
 
 @pytest.mark.parametrize("with_champion", [False, True])
-def test_a_crash_between_switch_and_audit_changes_nothing(settings: Settings, with_champion: bool):
+def test_a_crash_between_switch_and_audit_changes_nothing(settings: Settings, with_champion: bool,
+                                                           monkeypatch):
     old = save(settings, seed=1)
     new = save(settings, seed=2)
     if with_champion:
         promote_manually(settings, old, reason="first")
     rows_before = db_count(settings, Promotion)
-    with pytest.raises(RuntimeError, match="injected"):
+    monkeypatch.setenv(faults.ENV, "registry.switched_before_audit:1:RAISE")
+    with pytest.raises(faults.InjectedFault, match="registry.switched_before_audit"):
         record_decision(settings, challenger=new, decision="promote", rationale="r", metrics={}, trigger="test",
-                        promote=True, fail_between_switch_and_audit=True)
+                        promote=True)
+    monkeypatch.delenv(faults.ENV)
     assert champions(settings) == ([old] if with_champion else [])
     assert status_of(settings, old) == ("champion" if with_champion else "candidate")
     assert status_of(settings, new) == "candidate"

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, NEAR_PAIRS_PER_FILM, BandIndex
 from db.schema import Image, NearPair, Patient
-from xray_core.data.facts import normalise_view, source_site
+from xray_core.data.sites import normalise_view, source_site
 from xray_core.settings import Settings
 
 

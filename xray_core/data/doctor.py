@@ -29,6 +29,7 @@ from db.engine import header_problem, make_engine, open_sqlite, open_through_wal
 from db.schema import Image, Model, Rejection, Source
 from xray_core.data.images import DEFAULT_MAX_PIXELS, decode_image
 from xray_core.errors import ImageRejected
+from db.urls import mask_url, sqlite_file
 from xray_core.data.sources import owner_alive
 from xray_core.io.storage import Storage, get_storage
 from xray_core.settings import Settings
@@ -95,10 +96,7 @@ class DoctorReport:
 
 def sqlite_path(settings: Settings) -> Path | None:
     """The catalogue file of a SQLite URL (None for another database, or an in-memory one)."""
-    url = make_url(settings.database_url)
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return None
-    return Path(url.database)
+    return sqlite_file(settings.database_url)
 
 
 def examine(settings: Settings, *, verify: bool = False) -> DoctorReport:
@@ -109,7 +107,7 @@ def examine(settings: Settings, *, verify: bool = False) -> DoctorReport:
     path = sqlite_path(settings)
     report = DoctorReport(_examine_sqlite(path) if path else Catalogue(
         backend=make_url(settings.database_url).get_backend_name(),
-        where=make_url(settings.database_url).render_as_string(hide_password=True)))
+        where=mask_url(settings.database_url)))
     storage = get_storage(settings)
     if path is not None and not path.exists():
         files = storage.list("store")

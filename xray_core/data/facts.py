@@ -9,7 +9,6 @@ said so. Views are upper-cased (``PA``, ``AP``, ``AP SUPINE``, ``LATERAL``); unk
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
@@ -18,30 +17,12 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import Image, Source
 from xray_core.data.catalogue import open_catalogue
+from xray_core.data.sites import normalise_view, source_site
 from xray_core.settings import Settings
 
 COLUMNS = ("id", "label", "patient", "site", "view", "width", "height", "aspect", "bit_depth", "format",
            "file_bytes", "source")
 _CHUNK = 900  # ids per IN (...) query: below SQLite's default 999 bound parameters
-
-
-def source_site(path: str | None) -> str:
-    """The default site of an ingest: the source folder's name (``/data/hospital-b/2026-11`` → ``2026-11``
-    is rarely right, so a dated leaf folder falls back to its parent's name)."""
-    if not path:
-        return "unknown"
-    p = Path(path)
-    name = p.name if p.suffix.lower() != ".csv" else p.parent.name
-    parent = p.parent if p.suffix.lower() != ".csv" else p.parent.parent
-    if name[:4].isdigit() and parent.name:  # 2026-11-20, 20261120: a delivery, not a place
-        return parent.name
-    return name or "unknown"
-
-
-def normalise_view(view: str | None) -> str | None:
-    if view is None or not str(view).strip():
-        return None
-    return " ".join(str(view).upper().replace("_", " ").split())
 
 
 def image_facts(settings: Settings, image_ids: Iterable[int]) -> pd.DataFrame:

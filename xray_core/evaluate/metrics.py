@@ -3,8 +3,7 @@
 :func:`compute_metrics` is the plain, readable implementation: it scores one test set and is what
 reports show. Intervals (the patient-clustered bootstrap and its exact fallback) live in
 :mod:`xray_core.evaluate.intervals`, which re-scores many resamples at once with a vectorised twin of
-these metrics; ``bootstrap_intervals`` and ``paired_bootstrap_difference`` are still importable from
-here for older callers.
+these metrics and imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -306,14 +305,6 @@ def brier_score(probs: np.ndarray, y: np.ndarray) -> float:
     vector and the one-hot truth (0 = perfect, 2 = worst)."""
     p = np.asarray(probs, dtype=np.float64)
     return float(np.mean(np.sum((p - np.eye(p.shape[1])[np.asarray(y)]) ** 2, axis=1)))
-
-
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562 re-export for callers of the old single module
-    if name in ("bootstrap_intervals", "paired_bootstrap_difference", "INTERVAL_METRICS"):
-        from xray_core.evaluate import intervals
-
-        return getattr(intervals, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 The flow scores both models on the identical current test split (:func:`xray_core.evaluate.metrics.
 compute_metrics`), compares them with a paired patient-clustered bootstrap
-(:func:`xray_core.evaluate.metrics.paired_bootstrap_difference`) and hands the numbers to :func:`decide`.
+(:func:`xray_core.evaluate.intervals.paired_bootstrap_difference`) and hands the numbers to :func:`decide`.
 Keeping the rule pure means it is table-tested exhaustively and its rationale, stored in the audit
 row, can be re-derived from the stored metrics.
 
@@ -133,7 +133,7 @@ def decide(
     """Promote, keep, or refuse to decide; see the module docstring for the rules and their order.
 
     ``challenger`` and ``champion`` are :func:`~xray_core.evaluate.metrics.compute_metrics` dicts on the same
-    test set; ``comparison`` the :func:`~xray_core.evaluate.metrics.paired_bootstrap_difference` output for
+    test set; ``comparison`` the :func:`~xray_core.evaluate.intervals.paired_bootstrap_difference` output for
     ``config.metric`` (ignored, and may be None, when there is no champion).
     """
     _validate(challenger, champion, comparison, config)

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from xray_core.evaluate.metrics import bootstrap_intervals, compute_metrics
+from xray_core.evaluate.intervals import bootstrap_intervals
+from xray_core.evaluate.metrics import compute_metrics
 
 UNKNOWN = "(unknown)"
 # What the guardrail compares per site: the slice's macro AUROC and every class's sensitivity

@@ -39,6 +39,10 @@ ARCH = "torchvision.densenet161"
 FEATURE_DIM = 2208
 ALLOWED_WEIGHTS = "imagenet | random | /path/to/weights.safetensors | /path/to/weights.pth (.pt)"
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+# Peak inference memory of densenet161 per view, as a multiple of the input tensor's size
+# (measured on the CPU at 224 px: ~36 MB per image for a 0.57 MB input, i.e. ~64x). Used only to
+# shrink the embedding batch so that XRAY_EMBED_MEMORY_MB is respected.
+ACTIVATION_FACTOR = 64
 # Old densenet checkpoints (including torchvision's own download) name layers 'norm.1' etc.;
 # torchvision renames them on load, and so do we (torchvision.models.densenet's pattern, plus
 # num_batches_tracked for files re-saved from a newer model in the old naming).
@@ -135,6 +139,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def effective_batch_size(settings: Any) -> int:
+    """Views per backbone call: XRAY_EMBED_BATCH_SIZE, shrunk to fit XRAY_EMBED_MEMORY_MB.
+
+    Estimate per view = input bytes (3 * S * S * 4) * ACTIVATION_FACTOR. Decoded images waiting
+    in the DataLoader's prefetch queue (2 per worker) come on top of this.
+    """
+    per_view = 3 * settings.input_size * settings.input_size * 4 * ACTIVATION_FACTOR
+    fits = (settings.embed_memory_mb * 1024 * 1024) // per_view
+    return int(max(1, min(settings.embed_batch_size, fits)))
+
+
 def load_backbone(settings: Any) -> Backbone:
     """Load (or reuse) the backbone named by ``settings``; raises BackboneWeightsError if it cannot.
 
@@ -154,8 +169,6 @@ def load_backbone(settings: Any) -> Backbone:
         if path.is_file():
             st = path.stat()
             file_key = (st.st_size, st.st_mtime_ns)
-    from xray_core.model.features import effective_batch_size
-
     precision = pick_precision(getattr(settings, "embed_precision", "auto"), device)
     spec_json = json.dumps(spec_dict(settings), sort_keys=True)
     return _cached_backbone(weights, seed, str(device), file_key, spec_json, effective_batch_size(settings),
@@ -331,10 +344,12 @@ def _load_into(features: nn.Module, state: Mapping[str, Any], *, source: str) ->
 
 
 __all__ = [
+    "ACTIVATION_FACTOR",
     "ARCH",
     "FEATURE_DIM",
     "Backbone",
     "FrozenDenseNetFeatures",
+    "effective_batch_size",
     "load_backbone",
     "clear_backbone_cache",
     "fingerprint",

@@ -28,16 +28,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from xray_core.model.backbone import FEATURE_DIM, Backbone, fingerprint
+from xray_core.model.backbone import FEATURE_DIM, Backbone, effective_batch_size, fingerprint
 from xray_core.errors import XrayError
 from xray_core.faults import crash_point
 from xray_core.io.fsutil import sha256_bytes
 from xray_core.io.storage import LocalStorage, Storage, get_storage
 
-# Peak inference memory of densenet161 per view, as a multiple of the input tensor's size
-# (measured on the CPU at 224 px: ~36 MB per image for a 0.57 MB input, i.e. ~64x). Used only to
-# shrink the embedding batch so that XRAY_EMBED_MEMORY_MB is respected.
-ACTIVATION_FACTOR = 64
 _VIEW_KEY = re.compile(r"^v(\d+)$")
 
 
@@ -72,17 +68,6 @@ class EmbedStats:
     recomputed_corrupt: int  # pairs whose file was corrupt or truncated, embedded again
     images: int  # images decoded and embedded now (those with at least one computed pair)
     seconds: float  # wall time of the call
-
-
-def effective_batch_size(settings: Any) -> int:
-    """Views per backbone call: XRAY_EMBED_BATCH_SIZE, shrunk to fit XRAY_EMBED_MEMORY_MB.
-
-    Estimate per view = input bytes (3 * S * S * 4) * ACTIVATION_FACTOR. Decoded images waiting
-    in the DataLoader's prefetch queue (2 per worker) come on top of this.
-    """
-    per_view = 3 * settings.input_size * settings.input_size * 4 * ACTIVATION_FACTOR
-    fits = (settings.embed_memory_mb * 1024 * 1024) // per_view
-    return int(max(1, min(settings.embed_batch_size, fits)))
 
 
 @dataclass
@@ -416,5 +401,4 @@ def cache_summary(features: Path | Storage) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["ACTIVATION_FACTOR", "EmbedItem", "EmbedStats", "FeatureCache", "FeatureCacheError", "cache_summary",
-           "effective_batch_size"]
+__all__ = ["EmbedItem", "EmbedStats", "FeatureCache", "FeatureCacheError", "cache_summary"]

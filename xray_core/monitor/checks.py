@@ -8,7 +8,7 @@ champion.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -59,9 +59,7 @@ def last_check_time(settings: Settings, kinds: tuple[str, ...] = ("monitor", "in
     with session_scope(open_catalogue(settings)) as s:
         when = s.scalar(select(DriftCheck.created_at).where(DriftCheck.kind.in_(kinds))
                         .order_by(DriftCheck.id.desc()).limit(1))
-    if when is not None and when.tzinfo is None:  # SQLite returns naive UTC
-        when = when.replace(tzinfo=timezone.utc)
-    return when
+    return when  # aware UTC on every backend (db.schema.UtcDateTime)
 
 
 def images_since(settings: Settings, since: datetime | None) -> list[tuple[int, str, str, str, str, str]]:

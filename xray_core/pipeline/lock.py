@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import Iterator
 
+from db.schema import as_utc
 from xray_core.errors import RetrainBusyError
 from xray_core.settings import Settings
 
@@ -64,4 +65,4 @@ def _started(line: str) -> datetime | None:
         started = datetime.fromisoformat(when)
     except ValueError:
         return None
-    return started if started.tzinfo else started.replace(tzinfo=timezone.utc)
+    return as_utc(started)

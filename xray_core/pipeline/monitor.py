@@ -58,7 +58,7 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
         version = champion_version(s)
         created = s.get(Model, version).created_at if version is not None else None
     last = last_check_time(settings)
-    since = max([t for t in (last, _utc(created)) if t is not None], default=None)
+    since = max([t for t in (last, created) if t is not None], default=None)
     result: dict[str, Any] = {"model": version, "since": since.isoformat() if since else None, "checks": [],
                               "predict_checks": predict_checks_since(settings, last), "n": 0, "drift": False}
     rows = images_since(settings, since) if version is not None else []
@@ -78,10 +78,6 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
     result["report"] = str(folder / "report.md")
     result["markdown"] = markdown
     return result
-
-
-def _utc(when: datetime | None) -> datetime | None:
-    return when.replace(tzinfo=timezone.utc) if when is not None and when.tzinfo is None else when
 
 
 def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id: str | None) -> dict[str, Any]:

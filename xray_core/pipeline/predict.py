@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from db.urls import sqlite_file
 from xray_core.errors import ImageRejected, SourceError, UsageError
 from xray_core.io.fsutil import atomic_write_bytes, atomic_write_text, printable, sha256_bytes
 from xray_core.settings import Settings
@@ -142,7 +143,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
 
     from xray_core.model.backbone import load_backbone
     from xray_core.data.catalogue import open_catalogue
-    from xray_core.model.features import FeatureCache, FeatureCacheError, effective_batch_size
+    from xray_core.model.backbone import effective_batch_size
+    from xray_core.model.features import FeatureCache, FeatureCacheError
     from xray_core.evaluate.metrics import predict_labels, positive_index
     from xray_core.model.preprocess import make_view
     from xray_core.pipeline.model_settings import settings_for_model
@@ -338,7 +340,7 @@ def check_out_path(settings: Settings, out: Path) -> None:
         raise UsageError(f"--out {out}: {target.parent} is not a folder; {allowed}")
     protected = [Path(settings.store_dir), Path(settings.features_dir), Path(settings.models_dir),
                  Path(settings.quarantine_dir)]
-    database = _sqlite_file(settings.database_url)
+    database = sqlite_file(settings.database_url)
     for folder in protected:
         if target == folder.resolve() or target.is_relative_to(folder.resolve()):
             raise UsageError(f"--out {out} is inside {folder}, which holds the system's own files; {allowed}")
@@ -346,18 +348,6 @@ def check_out_path(settings: Settings, out: Path) -> None:
         for suffix in ("", "-wal", "-shm", "-journal"):
             if target == Path(str(database.resolve()) + suffix):
                 raise UsageError(f"--out {out} is the catalogue database {database}; {allowed}")
-
-
-def _sqlite_file(url: str) -> Path | None:
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:  # an unparsable URL fails clearly where the catalogue is opened
-        return None
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        return Path(parsed.database)
-    return None
 
 
 def _csv_safe(value: Any) -> Any:

@@ -17,7 +17,7 @@ from db import session_scope
 from db.schema import Evaluation, Model
 from xray_core.data.catalogue import open_catalogue
 from xray_core.errors import CheckpointError, NotEnoughDataError, XrayError
-from xray_core.data.snapshot import SplitData, load_split_data, test_set_fingerprint
+from xray_core.data.snapshot import SplitData, load_split_data, fingerprint_test_set
 from xray_core.pipeline.steps import evaluate_step
 from xray_core.settings import Settings
 
@@ -47,7 +47,7 @@ def rescore_models(settings: Settings, data: SplitData, *, versions: list[int] |
     """
     if not data.test:
         raise NotEnoughDataError("the test split is empty: ingest more patients before re-scoring")
-    fingerprint = test_set_fingerprint(data.test)
+    fingerprint = fingerprint_test_set(data.test)
     wanted = default_versions(settings) if versions is None else sorted(set(versions))
     with session_scope(open_catalogue(settings)) as s:
         backbones = dict(s.execute(select(Model.id, Model.backbone_fingerprint).where(Model.id.in_(wanted))).all())
@@ -136,7 +136,7 @@ def models_on_current_test_set(settings: Settings) -> dict[str, Any]:
     except XrayError as exc:  # e.g. the backbone cannot be loaded: list what is stored, say why
         done = {}
         notes.append(f"not re-scored: {exc}")
-    rows = list_models(settings, current_test_set=test_set_fingerprint(data.test))
+    rows = list_models(settings, current_test_set=fingerprint_test_set(data.test))
     for row in rows:
         r = done.get(row["version"])
         row["rescore"] = ({"status": r["status"], "reason": r["reason"]} if r else

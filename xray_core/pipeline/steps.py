@@ -22,7 +22,7 @@ from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.guards import apply_guards, evaluation_slices
 from xray_core.pipeline.lock import retrain_lock
 from xray_core.pipeline.model_settings import settings_for_card, settings_for_fingerprint
-from xray_core.data.snapshot import (Row, SplitData, label_indices, load_split_data, test_set_fingerprint,
+from xray_core.data.snapshot import (Row, SplitData, label_indices, load_split_data, fingerprint_test_set,
                                      training_set_fingerprint)
 from xray_core.pipeline.features import embed_items, features_for, train_views
 from xray_core.settings import Settings, affecting
@@ -188,7 +188,8 @@ def model_test_probs(settings: Settings, version: int, rows: list[Row]) -> tuple
 def evaluate_step(settings: Settings, version: int, data: SplitData, *,
                   flow_run_id: str | None = None) -> dict[str, Any]:
     """Score one version on the current test split; store an evaluation row; return its metrics."""
-    from xray_core.evaluate.metrics import bootstrap_intervals, compute_metrics
+    from xray_core.evaluate.intervals import bootstrap_intervals
+    from xray_core.evaluate.metrics import compute_metrics
 
     if not data.test:
         raise NotEnoughDataError("the test split is empty: ingest more patients before evaluating")
@@ -208,7 +209,7 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
     metrics["bootstrap"] = {"samples": settings.bootstrap_samples, "seed": settings.bootstrap_seed,
                             "clustered_by": "patient", "patients": int(len(set(patients)))}
     metrics["slices"], sites, views = evaluation_slices(settings, rows, y, probs, labels, model.threshold)
-    fingerprint = test_set_fingerprint(data.test)
+    fingerprint = fingerprint_test_set(data.test)
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         s.add(Evaluation(model_id=version, test_set_fingerprint=fingerprint,
@@ -306,7 +307,7 @@ def nothing_new_since_last_decision(settings: Settings, data: SplitData) -> str 
     now = settings.public_dict()
     changed = [k for k in set(now) | set(config) if k not in EXECUTION_SETTINGS and config.get(k) != now.get(k)]
     if (champion != champion_then or trained_on != training_set_fingerprint(data) or changed
-            or test_set_fingerprint(data.test) != decided_on or settings_for_fingerprint(settings, backbone) is None):
+            or fingerprint_test_set(data.test) != decided_on or settings_for_fingerprint(settings, backbone) is None):
         return None
     return (f"nothing new since v{version} was not promoted ({decision}, {when:%Y-%m-%d %H:%M}): the same images, "
             f"test set, backbone, settings and champion would repeat that decision; retrain with force=True "
@@ -317,7 +318,7 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
                 data: SplitData, audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply the promotion policy to two evaluations on the identical test set, then the per-site
     guardrail and the shortcut audit (:func:`xray_core.pipeline.guards.apply_guards`)."""
-    from xray_core.evaluate.metrics import paired_bootstrap_difference
+    from xray_core.evaluate.intervals import paired_bootstrap_difference
     from xray_core.evaluate.promotion import PolicyConfig, decide
 
     config = PolicyConfig.from_settings(settings)
@@ -378,7 +379,7 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"], metrics=json.loads(json.dumps(metrics, default=str)),
                            trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]),
-                           **({} if expect_champion is ... else {"expected_champion": expect_champion}))
+                           **({} if expect_champion is ... else {"record_stale_unless_champion": expect_champion}))
 
 
 def summary_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:

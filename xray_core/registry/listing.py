@@ -14,9 +14,8 @@ from sqlalchemy.orm import Session
 from db import session_scope
 from db.schema import Model, Promotion
 from xray_core.data.catalogue import open_catalogue
-from xray_core.errors import UsageError
 from xray_core.registry.manifests import split_manifest_images
-from xray_core.registry.versions import champion_version, promotion_dict
+from xray_core.registry.versions import champion_version, existing_model, promotion_dict
 from xray_core.settings import Settings
 
 
@@ -87,9 +86,7 @@ def model_lineage(settings: Settings, version: int) -> dict[str, Any]:
 
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
-        model = s.get(Model, version)
-        if model is None:
-            raise UsageError(f"model version {version} does not exist (see xray models)")
+        model = existing_model(s, version)
         rows = split_manifest_images(s, model.split_manifest)
         source_ids = sorted({r[5] for r in rows})
         sources = [{"id": src.id, "kind": src.kind, "path": src.path, "manifest": src.manifest_path,

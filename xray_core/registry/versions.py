@@ -124,7 +124,7 @@ def validate_card(card: Any) -> dict[str, Any]:
 
 def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card: dict[str, Any],
                train_image_ids: list[int], val_image_ids: list[int], flow_run_id: str | None = None,
-               fail_before_commit: bool = False, extra_files: dict[str, bytes] | None = None) -> int:
+               extra_files: dict[str, bytes] | None = None) -> int:
     """Write and verify the checkpoint, then register it as a candidate version. Returns the version.
 
     ``extra_files`` (name -> bytes, e.g. ``reference.safetensors``) are written beside the head; each
@@ -173,8 +173,7 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
             model.checkpoint_dir = f"models/{model.id}"
             # One shared manifest, not a row per image: see xray_core.registry.manifests.
             model.split_manifest = put_split_manifest(s, train_image_ids, val_image_ids)
-            if fail_before_commit:
-                raise RuntimeError("injected failure between checkpoint write and commit")
+            crash_point("registry.before_commit")  # the folder renamed, the rows added, not yet committed
             version = model.id
     except BaseException:
         # The transaction rolled back: no row names the folder. Move it aside (never trusted, kept
@@ -207,9 +206,7 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
     """
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
-        model = s.get(Model, version)
-        if model is None:
-            raise UsageError(f"model version {version} does not exist (see xray models)")
+        model = existing_model(s, version)
         folder = model.checkpoint_dir  # "models/<version>", relative to the storage root
         head_sha, card_sha = model.checkpoint_sha256, model.card_sha256
     store = get_storage(settings)
@@ -251,43 +248,51 @@ def champion_version(session: Session) -> int | None:
     return session.scalar(select(Model.id).where(Model.status == "champion"))
 
 
+def existing_model(session: Session, version: int) -> Model:
+    """The registry row of ``version``; a UsageError (exit 2) that points at ``xray models`` if none."""
+    model = session.get(Model, version)
+    if model is None:
+        raise UsageError(f"model version {version} does not exist (see xray models)")
+    return model
+
+
 _ANY = object()  # sentinel: record_decision does not check which version is champion beforehand
 
 
 def record_decision(settings: Settings, *, challenger: int | None, decision: str, rationale: str,
                     metrics: dict[str, Any], trigger: str, actor: str | None = None,
                     flow_run_id: str | None = None, promote: bool = False,
-                    expect_champion: Any = _ANY, expected_champion: Any = _ANY,
-                    fail_between_switch_and_audit: bool = False) -> dict[str, Any]:
+                    raise_unless_champion: Any = _ANY,
+                    record_stale_unless_champion: Any = _ANY) -> dict[str, Any]:
     """Record a decision; when ``promote``, switch the champion in the same transaction.
 
-    ``expect_champion`` (a version or None): refuse, writing nothing, unless that is still the
-    champion inside this transaction; a caller that chose its target from an earlier read (rollback)
-    so never acts on a champion that changed meanwhile. Returns the audit row as a dict.
+    ``raise_unless_champion`` (a version or None): raise UsageError, writing nothing, unless that is
+    still the champion inside this transaction; a caller that chose its target from an earlier read
+    (rollback) so never acts on a champion that changed meanwhile. Returns the audit row as a dict.
 
-    ``expected_champion`` (a version or None): compare-and-set for an automatic decision. The retrain
-    compared the challenger with the champion it read at evaluation time; if someone promoted or
-    rolled back since, that comparison says nothing about the new champion. The decision is then
-    recorded as ``stale`` (its rationale says what changed) and nothing is promoted, instead of
-    silently overriding the manual change and auditing a comparison that never happened.
+    ``record_stale_unless_champion`` (a version or None): compare-and-set for an automatic decision.
+    The retrain compared the challenger with the champion it read at evaluation time; if someone
+    promoted or rolled back since, that comparison says nothing about the new champion. The decision
+    is then recorded as ``stale`` (its rationale says what changed) and nothing is promoted, instead
+    of silently overriding the manual change and auditing a comparison that never happened.
     """
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         previous = champion_version(s)
-        if expect_champion is not _ANY and previous != expect_champion:
-            raise UsageError(f"the champion changed meanwhile (now {previous}, expected {expect_champion}); "
-                             "check xray models --history and retry")
-        if expected_champion is not _ANY and previous != expected_champion:
-            rationale = (f"champion changed from {_v(expected_champion)} to {_v(previous)} since evaluation; "
+        if raise_unless_champion is not _ANY and previous != raise_unless_champion:
+            raise UsageError(f"the champion changed meanwhile (now {previous}, expected "
+                             f"{raise_unless_champion}); check xray models --history and retry")
+        expected = record_stale_unless_champion
+        if expected is not _ANY and previous != expected:
+            rationale = (f"champion changed from {_v(expected)} to {_v(previous)} since evaluation; "
                          f"nothing promoted (the {decision!r} decision compared v{challenger} with "
-                         f"{_v(expected_champion)}). Original rationale: {rationale}")
+                         f"{_v(expected)}). Original rationale: {rationale}")
             decision, promote = "stale", False
         if promote:
             if challenger is None:
                 raise UsageError("a promotion needs a version to promote")
             _switch(s, previous, challenger)
-            if fail_between_switch_and_audit:
-                raise RuntimeError("injected failure between champion switch and audit row")
+            crash_point("registry.switched_before_audit")
         elif challenger is not None and decision in ("keep", "insufficient_evidence", "reject", "failed"):
             model = s.get(Model, challenger)
             if model is not None and model.status == "candidate":
@@ -308,9 +313,7 @@ def _v(version: int | None) -> str:
 
 
 def _switch(s: Session, previous: int | None, new: int) -> None:
-    model = s.get(Model, new)
-    if model is None:
-        raise UsageError(f"model version {new} does not exist (see xray models)")
+    model = existing_model(s, new)
     if model.status == "champion":
         raise UsageError(f"model version {new} is already the champion")
     if previous is not None:
@@ -356,7 +359,7 @@ def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: st
     return record_decision(settings, challenger=target, decision="rollback",
                            rationale=f"rollback from {current} to {target}: {reason}", metrics={},
                            trigger=trigger, actor=actor, flow_run_id=flow_run_id, promote=True,
-                           expect_champion=current)
+                           raise_unless_champion=current)
 
 
 def promotion_dict(r: Promotion) -> dict[str, Any]:

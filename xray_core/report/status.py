@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from db.urls import mask_url
 from xray_core.data.catalogue import catalogue_summary
 from xray_core.settings import Settings
 
@@ -13,7 +14,7 @@ def status_report(settings: Settings) -> dict[str, Any]:
     from db import session_scope
     from xray_core.data.catalogue import census, open_catalogue
 
-    report: dict[str, Any] = {"home": str(settings.home), "database_url": _safe_url(settings.database_url),
+    report: dict[str, Any] = {"home": str(settings.home), "database_url": mask_url(settings.database_url),
                               "storage_url": settings.public_dict()["storage_url"]}
     with session_scope(open_catalogue(settings)) as s:
         rows = census(s)  # one pass over the images for both tables (1M images: about a second)
@@ -25,7 +26,7 @@ def status_report(settings: Settings) -> dict[str, Any]:
     report["interrupted"] = interrupted_runs(settings)
     report["drift_checks"] = latest_checks(settings)
     report["settings"] = settings.public_dict()
-    report["settings"]["database_url"] = _safe_url(settings.database_url)
+    report["settings"]["database_url"] = mask_url(settings.database_url)
     return report
 
 
@@ -109,12 +110,6 @@ def _retrain_running(settings: Settings) -> bool:
             return True
         fcntl.flock(fh, fcntl.LOCK_UN)
     return False
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _feature_cache(settings: Settings) -> list[dict[str, Any]]:
