@@ -20,6 +20,7 @@ def embed_step(settings: Settings, data: SplitData, progress: EmbedProgress | No
     backbone = load_backbone(settings)
     cache = FeatureCache(backbone, settings)
     total = len(data.train) + len(data.val) + len(data.test)
+    calls_before = backbone.calls  # the backbone is cached per process: count this run's forwards only
 
     def _progress(offset: int) -> EmbedProgress | None:
         if progress is None:
@@ -35,7 +36,7 @@ def embed_step(settings: Settings, data: SplitData, progress: EmbedProgress | No
     merged["seconds"] = round(stats_train.seconds + stats_eval.seconds, 3)
     merged["backbone_fingerprint"] = backbone.fingerprint
     merged["backbone_random_init"] = backbone.random_init
-    merged["backbone_calls"] = backbone.calls
+    merged["backbone_calls"] = backbone.calls - calls_before
     return merged
 
 
