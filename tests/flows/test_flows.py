@@ -136,8 +136,8 @@ def test_failing_task_leaves_champion_unchanged_and_is_recorded(flow_env, tmp_pa
         assert last.decision == "failed" and "injected" in last.rationale and last.champion_after == champion
 
     monkeypatch.undo()
-    for key, value in flow_env.items():
-        os.environ[key] = value
+    for key, value in flow_env.items():  # again through monkeypatch: undone at teardown, never leaked
+        monkeypatch.setenv(key, value)
     from xray_core.settings import reset_settings
 
     reset_settings()
