@@ -122,7 +122,7 @@ def close_interrupted(settings: Settings, since: Any, trigger: str) -> list[int]
     from sqlalchemy import select
 
     from db import session_scope
-    from db.schema import Model, Promotion
+    from db.schema import Model, Promotion, as_utc
     from xray_core.data.catalogue import open_catalogue
     from xray_core.registry.versions import record_decision
 
@@ -131,7 +131,7 @@ def close_interrupted(settings: Settings, since: Any, trigger: str) -> list[int]
         versions = [
             m.id
             for m in s.scalars(select(Model).where(Model.status == "candidate", Model.id.not_in(decided)))
-            if m.created_at is not None and _aware(m.created_at) >= since
+            if m.created_at is not None and as_utc(m.created_at) >= since
         ]
     for version in versions:
         record_decision(
@@ -146,10 +146,6 @@ def close_interrupted(settings: Settings, since: Any, trigger: str) -> list[int]
             ),
         )
     return versions
-
-
-def _aware(when: Any) -> Any:
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def _record_failure(

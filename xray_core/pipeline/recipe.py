@@ -252,7 +252,7 @@ def promote(
         champion_eval=champion.as_dict() if champion else None,
         challenger_eval=challenger.as_dict(),
         flow_run_id=flow_run_id,
-        expect_champion=champion.version if champion else None,
+        record_stale_unless_champion=champion.version if champion else None,
         audit=flags,
     )
     decision = row.get("decision", verdict.decision)

@@ -360,13 +360,13 @@ def _probabilities(evaluation: dict[str, Any], settings: Settings, data: SplitDa
 
 def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any], trigger: str,
                  champion_eval: dict[str, Any] | None, challenger_eval: dict[str, Any],
-                 flow_run_id: str | None = None, expect_champion: Any = ...,
+                 flow_run_id: str | None = None, record_stale_unless_champion: Any = ...,
                  audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Record the decision; on promote, re-verify the checkpoint and switch the champion atomically.
 
-    ``expect_champion``: the version evaluated as champion (None: there was none); when given, the
-    switch is compare-and-set: if another process changed the champion since, the decision is recorded
-    as ``stale`` and nothing is promoted.
+    ``record_stale_unless_champion``: the version evaluated as champion (None: there was none); when
+    given, the switch is compare-and-set: if another process changed the champion since, the decision
+    is recorded as ``stale`` and nothing is promoted.
     """
     from xray_core.registry.versions import load_model, record_decision
 
@@ -379,7 +379,8 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"], metrics=json.loads(json.dumps(metrics, default=str)),
                            trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]),
-                           **({} if expect_champion is ... else {"record_stale_unless_champion": expect_champion}))
+                           **({} if record_stale_unless_champion is ...
+                              else {"record_stale_unless_champion": record_stale_unless_champion}))
 
 
 def summary_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
