@@ -1476,8 +1476,8 @@ def header_short_main_file_with_wal_takes_new_rows(xray_env, tmp_path, capsys) -
     assert len(rows(settings, Image)) == n + 4
 
 
-@attack
-def damaged_catalogue_advice_never_moves_the_main_file_alone(xray_env, tmp_path, capsys) -> None:
+def _cut_catalogue(tmp_path: Path, wal: bytes) -> tuple[Settings, Path]:
+    """A real home whose catalogue.db is cut to half (plus 100 bytes), with ``wal`` as its -wal."""
     _sqlite_file_only()
     settings = load_settings()
     _real_home(settings, tmp_path)
@@ -1485,7 +1485,13 @@ def damaged_catalogue_advice_never_moves_the_main_file_alone(xray_env, tmp_path,
     db_file = settings.home / "catalogue.db"
     data = db_file.read_bytes()
     db_file.write_bytes(data[: len(data) // 2 + 100])
-    Path(f"{db_file}-wal").write_bytes(b"")  # an empty WAL cannot hold the missing pages
+    Path(f"{db_file}-wal").write_bytes(wal)
+    return settings, db_file
+
+
+@attack
+def damaged_catalogue_advice_never_moves_the_main_file_alone(xray_env, tmp_path, capsys) -> None:
+    _, db_file = _cut_catalogue(tmp_path, b"")  # an empty WAL cannot hold the missing pages
     Path(f"{db_file}-shm").write_bytes(bytes(32768))
     code, err = _cli(capsys, "status")
     assert code == 2 and "truncated" in err and "xray doctor" in err
@@ -1494,14 +1500,7 @@ def damaged_catalogue_advice_never_moves_the_main_file_alone(xray_env, tmp_path,
 
 @attack
 def garbage_wal_beside_truncated_main_is_damaged_and_untouched(xray_env, tmp_path, capsys) -> None:
-    _sqlite_file_only()
-    settings = load_settings()
-    _real_home(settings, tmp_path)
-    dispose_engines()
-    db_file = settings.home / "catalogue.db"
-    data = db_file.read_bytes()
-    db_file.write_bytes(data[: len(data) // 2 + 100])
-    Path(f"{db_file}-wal").write_bytes(b"not a WAL " * 500)
+    settings, _ = _cut_catalogue(tmp_path, b"not a WAL " * 500)
     before = _data_files(settings.home)
     code, err = _cli(capsys, "status")
     assert code == 2 and "damaged" in err and "SQLite cannot read it" in err and "Traceback" not in err
