@@ -1919,16 +1919,21 @@ def _strings(value: object):  # noqa: ANN202
             yield from _strings(v)
 
 
-def _retrain_local_under(monkeypatch, capsys, base: Path) -> tuple[int, str, str]:  # noqa: ANN001
-    """A first retrain (--local) of 12 synthetic films with XRAY_HOME=base/home: (exit, stdout, stderr)."""
+def _twelve_films_for_a_first_champion(monkeypatch, src: Path, home: Path) -> None:  # noqa: ANN001
+    """12 synthetic films in ``src``, XRAY_HOME=``home`` and the policy that lets them make v1 champion."""
     from xray_core.data.synthetic import write_dataset
 
-    write_dataset(base / "src", patients_per_label=6, images_per_patient=1, size=64, seed=1)
-    monkeypatch.setenv("XRAY_HOME", str(base / "home"))
+    write_dataset(src, patients_per_label=6, images_per_patient=1, size=64, seed=1)
+    monkeypatch.setenv("XRAY_HOME", str(home))
     for key, value in _POLICY_FIRST_CHAMPION.items():
         monkeypatch.setenv(key, value)
     reset_settings()
     dispose_engines()
+
+
+def _retrain_local_under(monkeypatch, capsys, base: Path) -> tuple[int, str, str]:  # noqa: ANN001
+    """A first retrain (--local) of 12 synthetic films with XRAY_HOME=base/home: (exit, stdout, stderr)."""
+    _twelve_films_for_a_first_champion(monkeypatch, base / "src", base / "home")
     capsys.readouterr()
     code = main(["retrain", "--local", "--no-incoming", "--source", str(base / "src"), "--json"])
     out = capsys.readouterr()
@@ -2032,15 +2037,9 @@ def non_utf8_home_retrain_flow_is_promoted_with_its_reports(xray_env, tmp_path, 
     """The retrain flow under a non-UTF-8 home: Promoted, report files and artifacts written (the
     report path under the home reaches the server escaped)."""
     from flows.retrain import retrain
-    from xray_core.data.synthetic import write_dataset
 
     base = _non_utf8_dir(tmp_path)
-    write_dataset(tmp_path / "src", patients_per_label=6, images_per_patient=1, size=64, seed=1)
-    monkeypatch.setenv("XRAY_HOME", str(base / "home"))
-    for key, value in _POLICY_FIRST_CHAMPION.items():
-        monkeypatch.setenv(key, value)
-    reset_settings()
-    dispose_engines()
+    _twelve_films_for_a_first_champion(monkeypatch, tmp_path / "src", base / "home")
     state = retrain(sources=[str(tmp_path / "src")], use_incoming=False, trigger="test", return_state=True)
     assert state.name == "Promoted", state.message
     result = state.result()
