@@ -33,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from xray_core.errors import PathRefusedError
-from xray_core.io.fsutil import printable
+from xray_core.io.oserrors import cut_path
 from xray_core.settings import Settings
-
-SHOWN_CHARS = 200  # characters of a path shown in a message (a 10,000-character path stays one line)
 
 # The paths typed by the person running this process, allowed for the calls made inside caller_paths():
 # (text as typed, resolved path) pairs.
@@ -46,10 +44,9 @@ Value = str | os.PathLike[str] | None
 
 
 def shown(path: Any) -> str:
-    """``path`` for a one-line message: control characters and undecodable bytes escaped, cut to
-    :data:`SHOWN_CHARS`."""
-    text = printable(os.fspath(path) if isinstance(path, (str, os.PathLike)) else repr(path))
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f"... ({len(text)} characters)"
+    """``path`` for a one-line message (:func:`xray_core.io.oserrors.cut_path`, the one cut every path
+    message uses); a value that is not a path is shown as its repr, cut the same way."""
+    return cut_path(path if isinstance(path, (str, os.PathLike)) else repr(path))
 
 
 def _resolve(path: Path) -> Path:
@@ -195,4 +192,4 @@ def confine_to(settings: Settings, path: Value, folder: Path, *, name: str) -> s
 
 
 __all__ = ["caller_paths", "allowed_roots", "output_roots", "confine", "confine_parameters", "confine_to",
-           "shown", "SHOWN_CHARS"]
+           "shown"]
