@@ -58,9 +58,7 @@ def failed_for_user_error(exc: BaseException) -> State[Any] | None:
     still raises it and the CLI exits 2.
     """
     error = user_error(exc)
-    if error is None:
-        return None
-    return Failed(message=utf8_safe(str(error))[:1000], data=error)
+    return None if error is None else _one_line_failure(error)
 
 
 def refused(exc: PathRefusedError) -> State:
@@ -71,6 +69,12 @@ def refused(exc: PathRefusedError) -> State:
     option applies. The exception is the state's data: a direct caller (the CLI) gets it back from
     the call and prints the same line, exit 2.
     """
+    return _one_line_failure(exc, name="Refused")
+
+
+def _one_line_failure(exc: BaseException, *, name: str = "Failed") -> State[Any]:
+    """``Failed`` (named ``name``) whose message is the exception's one line, logged once; the exception
+    is the state's data, so calling the flow as a function raises it again."""
     message = utf8_safe(str(exc))[:1000]
     get_run_logger().error(message)
-    return Failed(name="Refused", message=message, data=exc)
+    return Failed(name=name, message=message, data=exc)

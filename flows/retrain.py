@@ -124,7 +124,6 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
                                type(also).__name__, also)
         failed_state = failed_for_user_error(exc)  # the CLI's one line as the Failed state's message
         if failed_state is not None:
-            logger.error(failed_state.message)
             return failed_state
         raise
     publish_artifacts(settings, result)
