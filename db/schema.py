@@ -269,3 +269,27 @@ class DriftCheck(Base):
     verdict: Mapped[str] = mapped_column(Text)
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class IncomingBatch(Base):
+    """A batch folder of ``XRAY_INCOMING`` that a retrain took (migration 0006b), by name and content
+    digest (:mod:`xray_core.data.incoming`): each arrival is ingested once, and a later change to the
+    folder (another digest) is a new arrival. Batches waiting or refused are not recorded: they are
+    looked at again by every run."""
+
+    __tablename__ = "incoming_batches"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)  # the batch folder's name under XRAY_INCOMING (printable)
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 of each file's path, size and mtime
+    folder: Mapped[str] = mapped_column(Text)  # the incoming folder it was taken from
+    layout: Mapped[str] = mapped_column(String(16))  # folders | manifest
+    taken_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    files: Mapped[int] = mapped_column(Integer)  # files the digest covers
+    added: Mapped[int] = mapped_column(Integer)
+    duplicates: Mapped[int] = mapped_column(Integer)
+    quarantined: Mapped[int] = mapped_column(Integer)
+    site: Mapped[str | None] = mapped_column(String(64))  # from batch.toml, when it names one
+    source_id: Mapped[int | None] = mapped_column(ForeignKey("sources.id"))  # the ingest that took it
+    note: Mapped[str] = mapped_column(Text, default="")  # e.g. the side files left alone
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    __table_args__ = (Index("uq_incoming_batches_name_digest", "name", "digest", unique=True),)

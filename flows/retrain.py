@@ -95,9 +95,11 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
     """Ingest new data, train a challenger, compare it with the champion on the same test set, decide.
 
     ``sources``: folders (``<root>/<label>/<image>``) to ingest first; ``manifests``: manifest CSVs;
-    ``incoming``: a folder scanned every run (default XRAY_INCOMING when ``use_incoming``); a missing
-    or empty one means "nothing new", not a failure. Only one retrain runs at a time: a second one
-    waits ``wait_seconds`` and then fails with a clear message. When nothing changed since the
+    ``incoming``: a folder of batch folders scanned every run (default XRAY_INCOMING when
+    ``use_incoming``): each complete batch (READY, or settled) is taken once, others wait or are refused
+    in one line (:mod:`xray_core.data.incoming`); a missing or empty one means "nothing new", not a
+    failure. Only one retrain runs at a time: a second one waits ``wait_seconds`` and then fails with a
+    clear message. When nothing changed since the
     champion was trained, the run is ``Skipped`` unless ``force``. Every path must be absolute and inside
     the allowed roots (see SECURITY.md); otherwise the run ends ``Refused`` before anything is read.
     """

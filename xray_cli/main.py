@@ -137,6 +137,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_incoming(args: argparse.Namespace) -> int:
+    from xray_core.data.incoming import scan
+    from xray_core.report.terminal import render_incoming
+
+    settings = get_settings()
+    folder = args.folder or settings.incoming_dir
+    if folder is None:
+        raise UsageError("XRAY_INCOMING is not set; name the folder: xray incoming /data/incoming")
+    _emit(scan(settings, Path(folder).absolute()).as_dict(), args.json, render_incoming)
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from xray_core.report.terminal import render_train
     from xray_core.pipeline.steps import run_train
@@ -232,6 +244,8 @@ def _actor() -> str:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "ingest": (cmd_ingest, "ingest a folder <root>/<label>/**/<image> or a manifest CSV"),
     "status": (cmd_status, "catalogue counts, rejections, near-duplicates, feature cache, models, settings"),
+    "incoming": (cmd_incoming, "the incoming folder's batches: taken, ready for the next retrain, waiting "
+                               "(still changing) or refused (and why), without running anything"),
     "train": (cmd_train, "core path, no Prefect: embed what is missing, train a challenger, evaluate it"),
     "retrain": (cmd_retrain, "run the Prefect retrain flow: ingest, train, evaluate both, decide, promote"),
     "models": (cmd_models, "versions, status and key metrics; --history for the audit trail; show N for lineage"),
@@ -255,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", help="where these films come from (a manifest's site column wins); default: the "
                                   "source folder's name")
     p = sub.add_parser("status", help=COMMANDS["status"][1])
+    p = sub.add_parser("incoming", help=COMMANDS["incoming"][1])
+    p.add_argument("folder", nargs="?", help="the incoming folder (default: XRAY_INCOMING)")
     sub.add_parser("train", help=COMMANDS["train"][1])
     p = sub.add_parser("retrain", help=COMMANDS["retrain"][1])
     p.add_argument("--source", action="append", help="folder to ingest first (repeatable)")

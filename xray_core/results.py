@@ -49,12 +49,13 @@ def run_state(status: str | None, decision: str | None, *, error: Any = None) ->
 
 
 def outcome_sentence(state: str | None, challenger: int | None, before: int | None,
-                     after: int | None) -> str | None:
+                     after: int | None, *, pending: str | None = None) -> str | None:
     """What happened to the champion, in versions: ``v3 replaces v2``, ``champion v2 stays (v3 not
     promoted)``. The one wording of a run's outcome: the report's title after the state, and the start
     of the state's message (the policy's rationale follows). ``before``: the champion the challenger
     was compared with; ``after``: the champion once the decision was recorded (another process may
-    have moved it: a ``stale`` decision)."""
+    have moved it: a ``stale`` decision). ``pending``: batches of the incoming folder still waiting or
+    refused (:func:`xray_core.data.incoming.pending_phrase`): a skip then says so, not "nothing new"."""
     new = "the challenger" if challenger is None else f"v{challenger}"
     stays = after if after is not None else before
     if state == "Promoted":
@@ -69,8 +70,8 @@ def outcome_sentence(state: str | None, challenger: int | None, before: int | No
         return (f"champion v{stays} stays; too few test images to judge {new}" if stays is not None
                 else f"too few test images to judge {new}; no champion yet")
     if state == "Skipped":
-        return f"champion v{after} stays; nothing new to train on" if after is not None else (
-            "nothing new to train on")
+        why = pending or "nothing new to train on"
+        return f"champion v{after} stays; {why}" if after is not None else why
     if state == "Failed":
         return f"champion v{stays} unchanged" if stays is not None else "the champion was not changed"
     return None
@@ -204,6 +205,9 @@ class RunResult:
     backbone_random_init: bool
     run_dir: str
     ingests: list[IngestSummary] = field(default_factory=list)  # one per folder or manifest
+    # the incoming folder's batches: taken, waiting, refused (xray_core.data.incoming.run_record);
+    # None when the run scanned no incoming folder (the key is then absent from result.json)
+    incoming: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     drift: dict[str, Any] | None = None  # checked only when films arrived and a champion exists
     split_counts: dict[str, dict[str, int]] | None = None
@@ -241,7 +245,10 @@ class RunResult:
             k: getattr(self, k)
             for k in ("flow_run_id", "run_name", "trigger", "backbone_weights", "backbone_random_init")
         }
-        out.update(ingests=[i.as_dict() for i in self.ingests], notes=list(self.notes), run_dir=self.run_dir)
+        out["ingests"] = [i.as_dict() for i in self.ingests]
+        if self.incoming is not None:
+            out["incoming"] = self.incoming
+        out.update(notes=list(self.notes), run_dir=self.run_dir)
         if self.drift is not None:
             out["drift"] = self.drift
         if self.split_counts is not None:
@@ -304,6 +311,7 @@ class RunResult:
             "summary",
             "trigger",
             "ingests",
+            "incoming",
             "split_counts",
             "embed",
             "champion_after",

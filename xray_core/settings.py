@@ -95,6 +95,9 @@ class Settings(BaseSettings):
         description="folder the nightly retrain scans; unset = only explicit sources",
         allowed="a folder path (it need not exist yet), not a file", good="in",
         bad=("in\0",))
+    incoming_settle_s: int = setting(
+        900, ge=0, le=7 * 24 * 3600, description="seconds a batch folder of XRAY_INCOMING without a READY "
+        "file must be unchanged (no file or folder modified) before a retrain takes it; 0 = take it at once")
     storage_url: Annotated[str | None, parse(_url), check(r.is_storage_url)] = setting(
         None, affects="execution", description="where store/, quarantine/, features/ and models/ live, as "
         "an fsspec URL (memory://xray, s3://bucket/xray) or a path; unset = the folders under XRAY_HOME",

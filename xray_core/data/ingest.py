@@ -98,10 +98,12 @@ def _unchanged(prev: tuple[int, int, str] | None, size: int, mtime_ns: int, cont
 
 def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = None,
                   progress: Progress | None = None, source_kind: str | None = None,
-                  site: str | None = None) -> IngestSummary:
+                  site: str | None = None, skip_top_files: bool = False) -> IngestSummary:
     """Ingest one folder or manifest; return what happened. Bad files never stop the batch.
 
     ``site``: where these films come from, unless a manifest row says (see :mod:`xray_core.data.admission`).
+    ``skip_top_files``: files directly in a folder source are left alone, not rejected (an incoming batch's
+    side files; see :func:`~xray_core.data.scan.scan_folder`).
     """
     start = time.perf_counter()
     path = Path(path).expanduser().absolute()
@@ -113,7 +115,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
     else:
         if not path.is_dir():
             raise SourceError(f"source {path} is not a folder; use <root>/<label>/<image> or --manifest CSV")
-        listed = list(scan_folder(path))
+        listed = list(scan_folder(path, skip_top_files=skip_top_files))
         total, candidates, kind = len(listed), iter(listed), "folder"
     kind = source_kind or kind
     try:

@@ -143,8 +143,11 @@ def walk_error_problem(exc: OSError, root: Path) -> tuple[Path, tuple[str, str]]
                                       "Fix its permissions or shorten the path, then ingest again")
 
 
-def scan_folder(root: Path) -> Iterator[Candidate]:
+def scan_folder(root: Path, *, skip_top_files: bool = False) -> Iterator[Candidate]:
     """Files under ``root/<label>/``; hidden files and folders skipped; links never followed out.
+
+    ``skip_top_files``: every file directly in ``root`` is left alone (an incoming batch's side files:
+    READY, batch.toml, ATTRIBUTION.md ...; :mod:`xray_core.data.incoming` refuses a batch with films there).
 
     A link to a file is used only when it resolves inside ``root`` (else an ``outside_root``
     rejection); linked folders are not descended (they could be cyclic or lead anywhere), and one
@@ -169,7 +172,7 @@ def scan_folder(root: Path) -> Iterator[Candidate]:
             rel_parts = path.relative_to(root).parts
             rel = printable("/".join(rel_parts))
             if len(rel_parts) < 2:
-                if path.suffix.lower() in ROOT_METADATA_SUFFIXES:
+                if skip_top_files or path.suffix.lower() in ROOT_METADATA_SUFFIXES:
                     continue  # a manifest or README beside the label folders
                 yield Candidate(path, rel, "", problem=(
                     "unknown_label", "file is not inside a label folder: use <root>/<label>/<image>"))

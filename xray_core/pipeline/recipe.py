@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from xray_core.data.incoming import Batch, IncomingScan, batch_line, pending_phrase, run_record
 from xray_core.data.ingest import IngestSummary
 from xray_core.data.snapshot import SplitData, load_split_data, save_snapshot
 from xray_core.errors import NotEnoughDataError
@@ -40,7 +41,8 @@ class RetrainRequest:
 
     sources: tuple[str, ...] = ()  # folders <root>/<label>/<image> to ingest first
     manifests: tuple[str, ...] = ()  # manifest CSVs to ingest first
-    incoming: str | None = None  # folder scanned every run; missing or empty means "nothing new", not failure
+    # folder of batch folders scanned every run (xray_core.data.incoming); missing or empty: "nothing new"
+    incoming: str | None = None
     trigger: str = "cli"  # schedule | manual | cli | demo | test: recorded in the audit row
     force: bool = (
         False  # train even when nothing changed since the champion or the last decision not to promote
@@ -57,8 +59,13 @@ def recipe(
     Ends ``Skipped`` (nothing new, or not enough data) or with the decision recorded; an exception
     propagates with ``result`` holding what the run reached (the caller reports it).
     """
-    for path, manifest in arrivals(request, result):
+    for path, manifest in arrivals(request):
         result.ingests.append(run.step(ingest)(settings, path, manifest))
+    if request.incoming:
+        found = run.step(scan_incoming)(settings, request.incoming)
+        taken = {b.name: run.step(take_batch)(settings, b, request.flow_run_id) for b in found.of("ready")}
+        result.ingests += taken.values()
+        note_incoming(result, found, taken)
     crash_point("retrain.after_ingest")
     if any(i.added for i in result.ingests) and steps.current_champion(settings) is not None:
         result.drift = run.step(check_arrivals)(settings, request.flow_run_id)
@@ -116,6 +123,28 @@ def ingest(
     return ingest_source(
         Path(path), manifest=Path(manifest) if manifest else None, settings=settings, progress=progress
     )
+
+
+@step("scan-incoming", retry_transient_io=True)
+def scan_incoming(settings: Settings, folder: str) -> IncomingScan:
+    """Each batch folder of the incoming folder: ready (complete, new), waiting, refused or taken before."""
+    from xray_core.data.incoming import scan
+
+    return scan(settings, folder)
+
+
+@step("ingest-batch", retry_transient_io=True, progress="ingest")
+def take_batch(
+    settings: Settings,
+    batch: Batch,
+    flow_run_id: str | None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> IngestSummary:
+    """Ingest one ready batch of the incoming folder and record it as taken (once, by name and digest)."""
+    from xray_core.data.incoming import take_batch as take
+
+    return take(settings, batch, flow_run_id=flow_run_id, progress=progress)
 
 
 @step("drift")
@@ -278,31 +307,23 @@ def rescore(settings: Settings, snapshot: Snapshot, flow_run_id: str | None) -> 
 # --------------------------------------------------------------------------- helpers of the recipe
 
 
-def arrivals(request: RetrainRequest, result: RunResult) -> list[tuple[str, str | None]]:
-    """(folder, manifest) to ingest, in order: sources, manifests, then the incoming folder if it holds
-    anything (a missing or empty one is a quiet night: noted, not an error)."""
-    worth, note = incoming_status(request.incoming)
-    if note:
-        result.notes.append(note)
+def arrivals(request: RetrainRequest) -> list[tuple[str, str | None]]:
+    """(folder, manifest) to ingest first, in order: the sources, then the manifests (the incoming
+    folder's batches come after them, batch by batch)."""
     jobs: list[tuple[str, str | None]] = [(src, None) for src in request.sources]
-    jobs += [(str(Path(m).parent), m) for m in request.manifests]
-    return jobs + ([(request.incoming, None)] if worth and request.incoming else [])
+    return jobs + [(str(Path(m).parent), m) for m in request.manifests]
 
 
-def incoming_status(folder: str | None) -> tuple[bool, str | None]:
-    """(worth ingesting, note): a missing or empty incoming folder is a quiet night, not an error."""
-    if not folder:
-        return False, None
-    path = Path(folder)
-    if not path.exists():
-        return False, f"nothing new in {folder} (the folder does not exist)"
-    if not path.is_dir():
-        return False, f"nothing new in {folder} (not a folder)"
-    try:
-        next(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    except StopIteration:
-        return False, f"nothing new in {folder} (the folder is empty)"
-    return True, None
+def note_incoming(result: RunResult, found: IncomingScan, taken: dict[str, IngestSummary]) -> None:
+    """The run's ``incoming`` record and one note per batch taken, waiting or refused (a missing or empty
+    folder is a quiet night: one note, not an error)."""
+    result.incoming = run_record(found, taken)
+    if found.note:
+        result.notes.append(found.note)
+    result.notes += [batch_line(row) for row in result.incoming["batches"]]
+    if found.batches and not result.incoming["batches"]:
+        result.notes.append(f"nothing new in {found.folder} ({len(found.batches)} batch folder(s), all "
+                            "taken by earlier runs)")
 
 
 def nothing_new(settings: Settings, data: SplitData) -> str | None:
@@ -323,7 +344,8 @@ def catalogue_notes(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]
 def skip(settings: Settings, result: RunResult, reason: str) -> None:
     """End the run ``Skipped``: the notes so far and the reason are its message."""
     result.status, result.state = "skipped", run_state("skipped", None)
-    result.state_message = "; ".join([*result.notes, reason])
+    pending = pending_phrase(result.incoming)  # batches waiting or refused lead, not "nothing new"
+    result.state_message = "; ".join([*([pending] if pending else []), *result.notes, reason])
     result.champion_after = steps.current_champion(settings)
 
 

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from xray_core.data.incoming import pending_phrase
 from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
 from xray_core.evaluate.promotion import RUN_STATES
 from xray_core.report.format import format_interval
@@ -92,7 +93,7 @@ def _v(version: int | None, fallback: str) -> str:
 def champion_change(result: dict[str, Any]) -> str | None:
     """What happened to the champion, in versions (:func:`xray_core.results.outcome_sentence`)."""
     return outcome_sentence(run_state(result), challenger_version(result), champion_before(result),
-                            result.get("champion_after"))
+                            result.get("champion_after"), pending=pending_phrase(result.get("incoming")))
 
 
 def state_message(result: dict[str, Any]) -> str | None:
@@ -213,9 +214,16 @@ def _data_context(result: dict[str, Any]) -> dict[str, Any] | None:
     counts = result.get("split_counts") or {}
     labels = sorted({label for split in counts.values() for label in split})
     embed = result.get("embed") or None
+    incoming = result.get("incoming") or {}
     return {
         "ingest_headers": ["source", "new", "duplicate", "unchanged", "quarantined", "quarantine reasons"],
         "ingests": ingests,
+        "incoming": None if not incoming else {
+            "folder": incoming.get("folder"), "taken_earlier": incoming.get("taken_earlier", 0),
+            "headers": ["batch", "state", "detail"],
+            "rows": [[b["name"], b["state"], b["detail"] if b["state"] != "taken" else
+                      f"{b.get('added', 0)} added, {b.get('duplicates', 0)} duplicates, "
+                      f"{b.get('quarantined', 0)} quarantined"] for b in incoming.get("batches") or []]},
         "split_headers": ["split", *labels, "total"],
         "splits": [[s, *[counts[s].get(lab, 0) for lab in labels], sum(counts[s].values())] for s in counts],
         "near_duplicates": result.get("near_duplicates"),

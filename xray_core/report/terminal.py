@@ -224,6 +224,19 @@ def render_terminated(result: RunResult | None, *, command: str = "retrain") -> 
             "retrain closes what it left (xray models --history)")
 
 
+def render_incoming(r: dict[str, Any]) -> str:
+    """``xray incoming``: one line per batch folder, its state and why (taken, ready, waiting, refused)."""
+    counts = ", ".join(f"{n} {state}" for state, n in (r.get("counts") or {}).items() if n)
+    out = [f"incoming {r['folder']} (XRAY_INCOMING_SETTLE_S={r['settle_s']}): {counts or 'no batch folders'}"]
+    if r.get("note"):
+        out.append(r["note"])
+    width = max([len(b["name"]) for b in r.get("batches") or []] + [5])
+    for b in r.get("batches") or []:
+        ready = " (the next retrain takes it)" if b["state"] == "ready" else ""
+        out.append(f"  {b['name']:<{width}}  {b['state']:<8} {b['detail']}{ready}")
+    return "\n".join(out)
+
+
 def render_predict(r: dict[str, Any]) -> str:
     out = [f"model v{r['model_version']} (labels {', '.join(r['labels'])}, threshold {r['threshold']}): "
            f"{r['predicted']} predicted, {r['rejected']} unreadable of {r['files']} files"]
