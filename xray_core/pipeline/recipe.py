@@ -47,6 +47,8 @@ class RetrainRequest:
     )
     flow_run_id: str | None = None
     run_name: str | None = None
+    # (known name, the export's column) for ``manifests`` (``--columns``; see xray_core.data.columns)
+    columns: tuple[tuple[str, str], ...] = ()
 
 
 def recipe(
@@ -58,7 +60,8 @@ def recipe(
     propagates with ``result`` holding what the run reached (the caller reports it).
     """
     for path, manifest in arrivals(request, result):
-        result.ingests.append(run.step(ingest)(settings, path, manifest))
+        columns = dict(request.columns) if manifest in request.manifests else None
+        result.ingests.append(run.step(ingest)(settings, path, manifest, columns=columns))
     crash_point("retrain.after_ingest")
     if any(i.added for i in result.ingests) and steps.current_champion(settings) is not None:
         result.drift = run.step(check_arrivals)(settings, request.flow_run_id)
@@ -108,13 +111,20 @@ def recipe(
 
 @step("ingest", retry_transient_io=True, progress="ingest")
 def ingest(
-    settings: Settings, path: str, manifest: str | None, *, progress: Callable[[int, int], None] | None = None
+    settings: Settings,
+    path: str,
+    manifest: str | None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> IngestSummary:
-    """Ingest one folder or manifest into the catalogue (bad files to quarantine, with reasons)."""
+    """Ingest one folder or manifest into the catalogue (bad files to quarantine, with reasons);
+    ``columns``: the manifest's names for known columns (``--columns``)."""
     from xray_core.data.ingest import ingest_source
 
     return ingest_source(
-        Path(path), manifest=Path(manifest) if manifest else None, settings=settings, progress=progress
+        Path(path), manifest=Path(manifest) if manifest else None, settings=settings, progress=progress,
+        columns=columns,
     )
 
 
