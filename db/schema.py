@@ -125,6 +125,10 @@ class Image(Base):
     windowing: Mapped[str | None] = mapped_column(String(32))  # voi_lut | window | percentile [+invert]
     # sha256 of the stored bytes when they are not the original's (a de-identified DICOM copy); None = same
     stored_sha256: Mapped[str | None] = mapped_column(String(64))
+    # A manifest's own columns, as exported (migration 0006a; xray_core.data.attributes): name -> value.
+    # NULL when the film has none. attribute_set: a hash of the names, so status counts them from an index.
+    attributes: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    attribute_set: Mapped[str | None] = mapped_column(String(16), index=True)
     patient: Mapped[Patient] = relationship()
     __table_args__ = (
         # Migration 0005, for xray status at 1M images: its census groups in this order and reads

@@ -20,11 +20,12 @@ from xray_core.settings import get_settings
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=transient_io, cache_policy=NO_CACHE)
-def ingest_task(path: str, manifest: str | None = None, site: str | None = None) -> dict[str, Any]:
+def ingest_task(path: str, manifest: str | None = None, site: str | None = None,
+                columns: dict[str, str] | None = None) -> dict[str, Any]:
     """Ingest one source; bad files are quarantined, never fatal."""
     progress = progress_reporter("ingest-progress", f"ingest {manifest or path}")
     return ingest_source(Path(path), manifest=Path(manifest) if manifest else None, settings=get_settings(),
-                         progress=progress, site=site).as_dict()
+                         progress=progress, site=site, columns=columns).as_dict()
 
 
 @task(cache_policy=NO_CACHE)
@@ -37,10 +38,12 @@ def drift_task(flow_run_id: str | None) -> dict[str, Any]:
 
 @flow(name="ingest")
 def ingest(path: str, manifest: str | None = None, site: str | None = None,
-           check_drift: bool = True) -> dict[str, Any]:
+           check_drift: bool = True, columns: dict[str, str] | None = None) -> dict[str, Any]:
     """Ingest ``path`` (``<root>/<label>/<image>``), or the manifest CSV ``manifest`` (paths relative to it).
 
     ``site``: where these films come from (a manifest's ``site`` column wins); default: the folder's name.
+    ``columns``: the manifest's names for known columns, e.g. ``{"patient_id": "patientid"}``
+    (``xray ingest --columns``); the manifest's other columns are kept as attributes.
     ``check_drift``: then check the new films against the champion's reference (embeds them once,
     view 0; the ``drift-report`` artifact and ``xray.drift.detected`` events say what it found).
     Both paths must be absolute and inside the allowed roots (see SECURITY.md); otherwise the run ends
@@ -53,7 +56,7 @@ def ingest(path: str, manifest: str | None = None, site: str | None = None,
     except PathRefusedError as exc:
         return refused(exc)  # type: ignore[return-value] - the run's final state, not a summary
     path, manifest = paths["path"], paths["manifest"]
-    summary = ingest_task(path, manifest, site)
+    summary = ingest_task(path, manifest, site, columns)
     create_markdown_artifact(markdown=utf8_safe(f"```\n{render_ingest(summary)}\n```"), key="ingest-summary",
                              description="what the last ingest added, skipped and quarantined")
     emit_ingested(summary, site or Path(path).name)

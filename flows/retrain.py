@@ -91,7 +91,7 @@ def publish_artifacts(settings: Settings, run: RunResult) -> None:
 @flow(name="retrain", log_prints=False)
 def retrain(sources: list[str] | None = None, manifests: list[str] | None = None, incoming: str | None = None,
             use_incoming: bool = True, trigger: Trigger = "manual", wait_seconds: float = 0.0,
-            force: bool = False) -> State:
+            force: bool = False, columns: dict[str, str] | None = None) -> State:
     """Ingest new data, train a challenger, compare it with the champion on the same test set, decide.
 
     ``sources``: folders (``<root>/<label>/<image>``) to ingest first; ``manifests``: manifest CSVs;
@@ -100,7 +100,9 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
     in one line (:mod:`xray_core.data.incoming`); a missing or empty one means "nothing new", not a
     failure. Only one retrain runs at a time: a second one waits ``wait_seconds`` and then fails with a
     clear message. When nothing changed since the
-    champion was trained, the run is ``Skipped`` unless ``force``. Every path must be absolute and inside
+    champion was trained, the run is ``Skipped`` unless ``force``. ``columns``: the ``manifests``' names
+    for known columns, e.g. ``{"patient_id": "patientid"}`` (``xray retrain --columns``).
+    Every path must be absolute and inside
     the allowed roots (see SECURITY.md); otherwise the run ends ``Refused`` before anything is read.
     """
     settings = get_settings()
@@ -113,7 +115,8 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
     sources, manifests, incoming = paths["sources"], paths["manifests"], paths["incoming"]
     folder = incoming or (str(settings.incoming_dir) if use_incoming and settings.incoming_dir else None)
     request = RetrainRequest(sources=tuple(sources or ()), manifests=tuple(manifests or ()), incoming=folder,
-                             trigger=trigger, force=force, flow_run_id=flow_run.id, run_name=flow_run.name)
+                             trigger=trigger, force=force, flow_run_id=flow_run.id, run_name=flow_run.name,
+                             columns=tuple((columns or {}).items()))
     try:
         result = run_retrain(settings, request, PrefectExecutor(settings), wait_seconds=wait_seconds)
     except BaseException as exc:

@@ -69,21 +69,33 @@ def _progress_bar(enabled: bool, label: str) -> Callable[[int, int], None] | Non
 # --------------------------------------------------------------------------- commands
 
 
+def _columns(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--columns known=export,...`` checked (exit 2 on a bad item); None when not given."""
+    from xray_core.data.columns import parse_columns
+
+    if args.columns is None:
+        return None
+    if not args.manifest:
+        raise UsageError("--columns maps a manifest's column names: give it with --manifest")
+    return parse_columns(args.columns) or None
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from xray_core.report.terminal import render_ingest
 
     manifest = str(Path(args.manifest).absolute()) if args.manifest else None
+    columns = _columns(args)
     if _use_flow():
         from flows.ingest import ingest
 
         with caller_paths(args.path, manifest):  # typed by this user: allowed for this call (SECURITY.md)
-            summary = ingest(str(Path(args.path).absolute()), manifest, site=args.site)
+            summary = ingest(str(Path(args.path).absolute()), manifest, site=args.site, columns=columns)
     else:
         from xray_core.data.ingest import ingest_source
 
         summary = ingest_source(Path(args.path), manifest=Path(manifest) if manifest else None,
                                 settings=get_settings(), progress=_progress_bar(True, "ingest"),
-                                site=args.site).as_dict()
+                                site=args.site, columns=columns).as_dict()
     _emit(summary, args.json, render_ingest)
     return EXIT_OK
 
@@ -201,6 +213,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from xray_core.report.terminal import render_retrain
 
     settings = get_settings()
+    columns = _columns(args)
     if args.local:
         from xray_core.pipeline.cycle import run_retrain
         from xray_core.pipeline.executor import DirectExecutor
@@ -208,7 +221,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
         incoming = None if args.no_incoming or settings.incoming_dir is None else str(settings.incoming_dir)
         request = RetrainRequest(sources=tuple(args.source or ()), manifests=tuple(args.manifest or ()),
-                                 incoming=incoming, trigger="cli", force=args.force)
+                                 incoming=incoming, trigger="cli", force=args.force,
+                                 columns=tuple((columns or {}).items()))
         executor = DirectExecutor({"embed": _progress_bar(not args.json, "embed"),
                                    "ingest": _progress_bar(not args.json, "ingest")})
         result = run_retrain(settings, request, executor, wait_seconds=args.wait).digest()
@@ -217,7 +231,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
         with caller_paths(*args.source or [], *args.manifest or []):  # typed by this user (SECURITY.md)
             result = retrain(sources=args.source or [], manifests=args.manifest or [], trigger="cli",
-                             use_incoming=not args.no_incoming, wait_seconds=args.wait, force=args.force)
+                             use_incoming=not args.no_incoming, wait_seconds=args.wait, force=args.force,
+                             columns=columns)
     _emit(result, args.json, render_retrain)
     return EXIT_OK if result.get("status") != "failed" else EXIT_FAILED
 
@@ -260,14 +275,20 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 }
 
 
+COLUMNS_HELP = ("the manifest's names for known columns, e.g. "
+                "patient_id=patientid,label=finding,file=filename (docs/data.md#manifests)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="xray", description="Catalogue, retrain and promote a chest X-ray classifier.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("ingest", help=COMMANDS["ingest"][1])
     p.add_argument("path", help="source folder (for --manifest: the folder the manifest sits in, or the manifest)")
-    p.add_argument("--manifest", help="CSV with columns file,label[,patient_id][,view][,site]...; paths relative to it")
+    p.add_argument("--manifest", help="CSV with columns file,label[,patient_id][,view][,site]...; paths "
+                                      "relative to it; other columns are kept as attributes")
     p.add_argument("--site", help="where these films come from (a manifest's site column wins); default: the "
                                   "source folder's name")
+    p.add_argument("--columns", metavar="KNOWN=COLUMN,...", help=COLUMNS_HELP)
     p = sub.add_parser("status", help=COMMANDS["status"][1])
     p = sub.add_parser("incoming", help=COMMANDS["incoming"][1])
     p.add_argument("folder", nargs="?", help="the incoming folder (default: XRAY_INCOMING)")
@@ -275,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retrain", help=COMMANDS["retrain"][1])
     p.add_argument("--source", action="append", help="folder to ingest first (repeatable)")
     p.add_argument("--manifest", action="append", help="manifest CSV to ingest first (repeatable)")
+    p.add_argument("--columns", metavar="KNOWN=COLUMN,...", help=COLUMNS_HELP + " (every --manifest)")
     p.add_argument("--no-incoming", action="store_true", help="do not scan XRAY_INCOMING")
     p.add_argument("--wait", type=_seconds, default=0.0, help="seconds to wait for a running retrain (default 0)")
     p.add_argument("--force", action="store_true", help="train even when nothing changed since the champion or the last decision not to promote")

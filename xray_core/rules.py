@@ -196,6 +196,18 @@ def views(raw: str) -> tuple[str, ...]:
     return tuple(sorted({" ".join(p.upper().replace("_", " ").split()) for p in raw.split(",") if p.strip()}))
 
 
+def slice_names(raw: str) -> tuple[str, ...]:
+    """``site, View,Age_Band`` -> ("site", "view", "age_band"): as manifest attribute names are stored
+    (stripped, lower case, inner spaces collapsed), each once, in the order given."""
+    return tuple(dict.fromkeys(" ".join(p.split()).lower() for p in raw.split(",") if p.strip()))
+
+
+def are_slice_names(value: tuple[str, ...]) -> bool:
+    """1 to 16 names of 1 to 64 printable characters (no control characters)."""
+    return 0 < len(value) <= 16 and all(isinstance(v, str) and 0 < len(v) <= 64 and v.isprintable()
+                                        for v in value)
+
+
 def is_folder(value: Any) -> bool:
     """Unset, a folder, or a path that does not exist yet (created when needed); never a file.
 

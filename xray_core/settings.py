@@ -232,6 +232,14 @@ class Settings(BaseSettings):
         (), description="films of other known views are quarantined; empty = any", allowed=(
             "empty (any view) or comma-separated view names such as PA,AP"), good="PA,AP",
         bad=("PA,<script>",))
+    slice_by: Annotated[tuple[str, ...], parse(r.slice_names), check(r.are_slice_names)] = setting(
+        ("site", "view"), description="what each evaluation is cut by, with intervals: site and view "
+        "(always; the per-site guardrail reads site), and, reported only, sex, age_band (0-17, 18-39, 40-64, "
+        "65+), device, laterality, modality, body_part or any manifest attribute",
+        allowed="1 to 16 comma-separated names of 1 to 64 characters: site, view, sex, age_band, device, "
+        "laterality, modality, body_part or a manifest attribute's column name",
+        good="site,view,sex,age_band",
+        bad=("site,view,\x01", "a" * 65))
     near_copy_distance: int = setting(3, ge=-1, le=16, description="pHash bits within which a film of "
                                       "another patient is a near copy; -1 = off")
 

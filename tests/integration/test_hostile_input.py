@@ -480,12 +480,38 @@ KINDS.update({
     "manifest_duplicate_column_other_case": Kind(
         _manifest_rows(["normal/good0.png", "normal", "P1"], header=("file", "label", "File")),
         manifest_error="duplicate column(s) 'file'"),
-    "manifest_unknown_column": Kind(
+    "manifest_near_miss_column": Kind(  # a misspelt patient_id must not pass silently (issue 25)
         _manifest_rows(["normal/good0.png", "normal", "P1"], header=("file", "label", "patientid")),
-        manifest_error="unknown column(s) 'patientid'"),
+        manifest_error="column 'patientid' looks like 'patient_id': rename it or map it with --columns"),
     "path_longer_than_path_max": Kind(_long_path_folder, {"xxxx": "unreadable_path"}, check=_check_long_path),
     "symlink_into_another_label_folder": Kind(_link_across_labels, {"normal/l.png": "link_across_labels"},
                                               added=1, check=_check_link_across_labels),
+})
+
+# ---- manifests as exported (issue 25): other columns are kept as attributes, within bounds
+
+
+def _check_attribute_escaped(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+    (img,) = [i for i in rows(settings, Image) if i.original_name == "normal/esc.png"]
+    assert img.attributes == {"notes": "a\\x1b[2Jb"}  # the terminal escape stored as visible text
+
+
+KINDS.update({
+    "manifest_65_attribute_columns": Kind(
+        _manifest_rows(header=("file", "label", *(f"c{i}" for i in range(65)))),
+        manifest_error="has 65 columns besides the known ones; at most 64 are kept as attributes"),
+    "manifest_column_name_with_terminal_escape": Kind(
+        _manifest_rows(header=("file", "label", "notes\x1b[2J")), manifest_error="holds control characters"),
+    "manifest_attribute_value_of_5000_characters": Kind(
+        lambda ctx: (put(ctx.src / "normal" / "long.png", png_bytes(120)),
+                     _manifest_rows(["normal/long.png", "normal", "n" * 5000],
+                                    header=("file", "label", "notes"))(ctx)),
+        {"long.png": "bad_metadata"}),
+    "manifest_attribute_value_with_terminal_escape": Kind(
+        lambda ctx: (put(ctx.src / "normal" / "esc.png", png_bytes(121)),
+                     _manifest_rows(["normal/esc.png", "normal", "a\x1b[2Jb"],
+                                    header=("file", "label", "notes"))(ctx)),
+        added=1, check=_check_attribute_escaped),
 })
 
 # ---- round three: quarantine (table rows; issue 23 items 2 and 7)

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from db.schema import SPLITS
+from conftest import fetch
+from db.schema import SPLITS, Image
 from xray_cli.main import main
-from xray_core.settings import reset_settings
+from xray_core.settings import load_settings, reset_settings
 from xray_core.data.synthetic import write_dataset
 
 INGEST_KEYS = {
     "source_id", "source", "manifest", "files", "added", "duplicates", "skipped_unchanged", "rejected",
     "rejected_by_reason", "added_by_label", "new_patients", "patients_without_id", "split_assignments",
-    "near_copies_linked", "quarantine",
+    "near_copies_linked", "quarantine", "attributes",
     "seconds",
 }
 
@@ -154,6 +155,9 @@ def test_manifest_as_the_path_argument(xray_env, capsys, tmp_path: Path) -> None
      "not valid UTF-8"),
     (b"file,label\nnormal/person0_normal_0.png,normal\nnormal/person1_normal_0.png,normal,P1\n",
      "more cells than header"),
+    (b"file,label,Patient ID\nnormal/person0_normal_0.png,normal,P1\n",
+     "column 'Patient ID' looks like 'patient_id': rename it or map it with "
+     "--columns patient_id='Patient ID'"),
 ])
 def test_malformed_manifest_exits_2_and_writes_nothing(xray_env, capsys, source: Path, tmp_path: Path,
                                                        content: bytes, message: str) -> None:
@@ -171,3 +175,33 @@ def test_malformed_manifest_exits_2_and_writes_nothing(xray_env, capsys, source:
     assert err.startswith("xray ingest: manifest ") and message in err
     assert catalogue_rows(home) == before
     assert sorted((home / "store").rglob("*")) == store_before
+
+
+def test_an_export_with_its_own_names_ingests_with_one_columns_flag(xray_env, capsys, tmp_path: Path) -> None:
+    """Issue 25: ``patientid``, ``finding``, ``filename`` and free-text columns, mapped with --columns."""
+    batch = tmp_path / "export"
+    records = write_dataset(batch, patients_per_label=2, images_per_patient=1, size=48, seed=3)
+    lines = ["filename,finding,patientid,Original Finding,comment"]
+    lines += [f"{r.path.relative_to(batch)},{r.label},{r.patient_id},{r.label.upper()} (chart),\"a, b\""
+              for r in records]
+    (batch / "export.csv").write_text("\n".join(lines) + "\n")
+
+    code, _, err = run(capsys, "ingest", batch / "export.csv")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "'patientid' looks like 'patient_id'" in err and "lacks column(s) file, label" in err
+    code, _, err = run(capsys, "ingest", batch / "export.csv", "--columns", "file=filename,lable=finding")
+    assert code == 2 and err == (
+        "xray ingest: --columns lable=finding: 'lable' is not a manifest column name; known names: file, "
+        "label, patient_id, view, site, device, sex, age_years, age, study_date, laterality\n")
+
+    result = run_json(capsys, "ingest", batch / "export.csv", "--columns",
+                      "file=filename,label=finding,patient_id=patientid")
+
+    assert result["added"] == 4 and result["rejected"] == 0 and result["new_patients"] == 4
+    assert result["attributes"]["columns"] == ["original finding", "comment"]
+    images = sorted(fetch(load_settings(), Image), key=lambda i: i.id)
+    assert [(i.patient_id, i.label) for i in images] == [(r.patient_id, r.label) for r in records]
+    assert images[0].attributes == {"original finding": f"{records[0].label.upper()} (chart)",
+                                    "comment": "a, b"}
+    status = run_json(capsys, "status")
+    assert status["attributes"] == {"films": 4, "by_name": {"comment": 4, "original finding": 4}}

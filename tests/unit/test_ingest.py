@@ -517,7 +517,8 @@ def test_ingesting_the_same_source_twice_adds_nothing(settings: Settings, tmp_pa
         "new_patients": 0, "patients_without_id": 0,
         "split_assignments": {"train": 0, "val": 0, "test": 0}, "near_copies_linked": [], "seconds": 0,
         "quarantine": {"copies_written": 0, "bytes_written": 0, "rows_sharing_a_copy": 0, "copies_skipped": 0,
-                       "skipped_because": None, "max_bytes": settings.quarantine_max_bytes}}
+                       "skipped_because": None, "max_bytes": settings.quarantine_max_bytes},
+        "attributes": {}}
     after = snapshot(settings)
     for table in ("images", "patients", "rejections"):
         assert after["tables"][table] == before["tables"][table]

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 from sqlalchemy import select
 
@@ -33,8 +33,10 @@ from xray_core.errors import SettingsError, SourceError
 from xray_core.io.fsutil import printable
 from xray_core.settings import Settings
 from xray_core.data.admission import NearCopyIndex, SiteRule, admit, record_near_pairs
+from xray_core.data.attributes import EXAMPLES as ATTRIBUTE_EXAMPLES, merge
+from xray_core.data.columns import check_mapping
 from xray_core.data.quarantine import Quarantine
-from xray_core.data.scan import Candidate, scan_folder, scan_manifest, validate_manifest
+from xray_core.data.scan import Candidate, manifest_attributes, scan_folder, scan_manifest, validate_manifest
 from xray_core.data.sources import close_interrupted_ingests, ingest_owner
 from xray_core.data.split import assign_splits
 from xray_core.io.storage import get_storage
@@ -70,6 +72,9 @@ class IngestSummary:
     # copies written, rows sharing one, copies skipped at the cap and why (Quarantine.summary)
     quarantine: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # A manifest's own columns kept per film (xray_core.data.attributes): {"columns", "conflicts",
+    # "examples"}; conflicts: films already catalogued whose stored value differs (the stored one stays).
+    attributes: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -98,19 +103,22 @@ def _unchanged(prev: tuple[int, int, str] | None, size: int, mtime_ns: int, cont
 
 def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = None,
                   progress: Progress | None = None, source_kind: str | None = None,
-                  site: str | None = None, skip_top_files: bool = False) -> IngestSummary:
+                  site: str | None = None, skip_top_files: bool = False,
+                  columns: Mapping[str, str] | None = None) -> IngestSummary:
     """Ingest one folder or manifest; return what happened. Bad files never stop the batch.
 
     ``site``: where these films come from, unless a manifest row says (see :mod:`xray_core.data.admission`).
     ``skip_top_files``: files directly in a folder source are left alone, not rejected (an incoming batch's
     side files; see :func:`~xray_core.data.scan.scan_folder`).
+    ``columns``: the manifest's names for known columns (``--columns``, :mod:`xray_core.data.columns`).
     """
     start = time.perf_counter()
     path = Path(path).expanduser().absolute()
     if manifest is not None:
         manifest = Path(manifest).expanduser().absolute()
-        total = validate_manifest(manifest)
-        candidates: Iterator[Candidate] = scan_manifest(manifest)
+        columns = check_mapping(columns)
+        total = validate_manifest(manifest, columns)
+        candidates: Iterator[Candidate] = scan_manifest(manifest, columns)
         kind = "manifest"
     else:
         if not path.is_dir():
@@ -150,6 +158,8 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         admission = (NearCopyIndex.load(s, radius=radius), SiteRule.for_source(site, str(manifest or path)))
 
     summary = IngestSummary(source_id, printable(str(path)), printable(str(manifest)) if manifest else None)
+    if manifest is not None and (kept := manifest_attributes(manifest, columns)):
+        summary.attributes = {"columns": kept, "conflicts": 0, "examples": []}
     quarantine = Quarantine.for_ingest(settings)
     def known_sha(sha: str) -> str | None:
         with session_scope(engine) as s:
@@ -222,6 +232,15 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
     return summary
 
 
+def _note_conflicts(summary: IngestSummary, conflicts: list[dict[str, str]], rel: str) -> None:
+    """Count attribute values a duplicate row gives differently from the stored film (which keeps its own)."""
+    if not conflicts:
+        return
+    summary.attributes["conflicts"] = summary.attributes.get("conflicts", 0) + len(conflicts)
+    examples = summary.attributes.setdefault("examples", [])
+    examples += [{**c, "file": rel} for c in conflicts][:max(0, ATTRIBUTE_EXAMPLES - len(examples))]
+
+
 def _like_prefix(root: Path) -> str:
     text = str(root).rstrip("/") + "/"
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -279,6 +298,8 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                     else:
                         reject = _duplicate_of_another_patient(s, prep, existing)
                         outcome = "duplicate" if reject is None else outcome
+                        if reject is None and prep.cand.attributes:
+                            _note_conflicts(summary, merge(existing, prep.cand.attributes), prep.cand.rel)
                 elif prep.meta is None:
                     # Known when prepared but gone now (cannot happen: images are never deleted).
                     reject = ("internal", "image vanished from the catalogue during ingest")

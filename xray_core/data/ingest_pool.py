@@ -35,6 +35,7 @@ from datetime import date
 from pathlib import Path
 from typing import Callable
 
+from xray_core.data.attributes import catalogue_values
 from xray_core.data.deidentify import deidentify
 from xray_core.data.dicom import DicomPolicy, catalogue_fields, patient_pseudonym
 from xray_core.data.labels import check_label
@@ -187,6 +188,7 @@ def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.P
         "format": decoded.format, "phash": perceptual_hash(decoded.pixels),
         "stored_sha256": sha256_bytes(prep.payload) if prep.payload is not data else None,
         "view": cand.view or decoded.view, **acquisition, **manifest_facts(cand),
+        **catalogue_values(cand.attributes),
     }
     crash_point("ingest.worker_prepared")
     return prep

@@ -11,15 +11,17 @@ import re
 from datetime import date
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping, TextIO
 
+from xray_core.data.attributes import digest, row_values
+from xray_core.data.columns import OPTIONAL, REQUIRED, Layout, layout
 from xray_core.errors import ManifestError, SourceError
 from xray_core.io.fsutil import printable
 
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 # Files beside the label folders that describe the source rather than being images of a label.
 ROOT_METADATA_SUFFIXES = {".csv", ".md", ".txt", ".json", ".yaml", ".yml", ".pdf"}
-MANIFEST_REQUIRED = ("file", "label")
+MANIFEST_REQUIRED = REQUIRED
 # Optional manifest columns for the catalogue's acquisition facts (issue 17), each with its check.
 MANIFEST_METADATA: dict[str, tuple[str, str]] = {
     "site": (r"[^\x00-\x1f]{1,64}", "1 to 64 characters"),
@@ -30,10 +32,8 @@ MANIFEST_METADATA: dict[str, tuple[str, str]] = {
     "study_date": (r"\d{4}-\d{2}-\d{2}", "an ISO date YYYY-MM-DD"),
     "laterality": (r"[RLBU]", "R, L, B or U"),
 }
-MANIFEST_OPTIONAL = ("patient_id", "view", *MANIFEST_METADATA)
-# Descriptive columns that published manifests carry (e.g. ../shared/data/cxr-sample): read, never used.
-MANIFEST_DESCRIPTIVE = ("finding", "width", "height", "mode", "bytes", "sha256", "notes", "license", "licence",
-                        "source_url", "doi", "url", "attribution")
+MANIFEST_OPTIONAL = OPTIONAL
+# Any other column is kept as a per-film attribute (xray_core.data.columns, xray_core.data.attributes).
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class Candidate:
     # Acquisition facts from manifest columns (MANIFEST_METADATA), checked: (column, value) pairs.
     # They override what a DICOM header says, as the manifest's view does.
     acquisition: tuple[tuple[str, str], ...] = ()
+    # The manifest's other columns, as exported (xray_core.data.attributes): sorted (name, value) pairs.
+    attributes: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -59,6 +61,7 @@ class Candidate:
     def context_key(self) -> str:
         """What else besides the bytes decides the outcome: a manifest edit re-evaluates the file."""
         extra = "".join(f"|{k}={v}" for k, v in self.acquisition)
+        extra += f"|attributes={digest(self.attributes)}" if self.attributes else ""
         return f"{self.label}|{self.patient_id or ''}|{self.view or ''}{extra}"
 
 
@@ -196,41 +199,26 @@ def _walk_errors(errors: list[OSError], root: Path) -> Iterator[Candidate]:
                         problem=problem)
 
 
-def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, str]]:
+def _open_manifest(manifest: Path, columns: Mapping[str, str] | None = None
+                   ) -> tuple[csv.DictReader, TextIO, Layout]:
     fh = open(manifest, newline="", encoding="utf-8-sig", errors="strict")
     reader = csv.DictReader(fh)
     try:
         header = reader.fieldnames or []
-    except BaseException:  # a header that is not UTF-8 or not CSV: the caller reports it
+        return reader, fh, layout(header, manifest, columns)
+    except BaseException:  # a header that is not UTF-8 or not CSV, or refused: the caller reports it
         fh.close()
         raise
-    names = [n for n in (h.strip().lower() for h in header if h is not None) if n]  # a blank column is ignored
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    allowed = ("Required: file,label; optional: " + ",".join(MANIFEST_OPTIONAL) + "; ignored: "
-               + ",".join(MANIFEST_DESCRIPTIVE))
-    if duplicated:
-        # csv.DictReader keeps the last of two same-named columns: "file,label,file" would silently
-        # take the wrong file or label (a pneumonia film ingested as normal).
-        fh.close()
-        raise ManifestError(f"manifest {manifest} has duplicate column(s) {', '.join(map(repr, duplicated))}; "
-                            f"each column may appear once. {allowed}")
-    columns = {h.strip().lower(): h for h in header if h is not None}
-    missing = [c for c in MANIFEST_REQUIRED if c not in columns]
-    if missing:
-        fh.close()
-        raise ManifestError(
-            f"manifest {manifest} lacks column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}. "
-            "Required: file,label; optional: patient_id,view,site"
-        )
-    unknown = [h for h in names if h not in (*MANIFEST_REQUIRED, *MANIFEST_OPTIONAL, *MANIFEST_DESCRIPTIVE)]
-    if unknown:
-        fh.close()
-        raise ManifestError(f"manifest {manifest} has unknown column(s) {', '.join(map(repr, unknown))} "
-                            f"(a misspelt patient_id would silently be ignored). {allowed}")
-    return reader, fh, columns
 
 
-def validate_manifest(manifest: Path) -> int:
+def manifest_attributes(manifest: Path, columns: Mapping[str, str] | None = None) -> list[str]:
+    """The names of the (validated) manifest's columns kept as attributes, in the header's order."""
+    _, fh, found = _open_manifest(manifest, columns)
+    fh.close()
+    return list(found.attributes)
+
+
+def validate_manifest(manifest: Path, columns: Mapping[str, str] | None = None) -> int:
     """Read the whole manifest once (streamed) and return its row count, or raise ManifestError.
 
     Done before anything is written so that a malformed manifest writes nothing.
@@ -238,7 +226,7 @@ def validate_manifest(manifest: Path) -> int:
     if not manifest.is_file():
         raise SourceError(f"manifest {manifest} does not exist or is not a file")
     try:
-        reader, fh, _ = _open_manifest(manifest)
+        reader, fh, _ = _open_manifest(manifest, columns)
         try:
             rows = 0
             for row in reader:
@@ -248,7 +236,7 @@ def validate_manifest(manifest: Path) -> int:
                 rows += 1
             return rows
         finally:
-            fh.close()  # type: ignore[attr-defined]
+            fh.close()
     except UnicodeDecodeError as exc:
         raise ManifestError(f"manifest {manifest} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
@@ -274,7 +262,8 @@ def _manifest_path_problem(raw_file: str, listed: Path, root: Path, where: str) 
     return None
 
 
-def _manifest_metadata(row: dict, cols: dict[str, str], where: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None]:
+def _manifest_metadata(row: dict, cols: Mapping[str, str],
+                       where: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None]:
     """The row's non-empty MANIFEST_METADATA cells, and a ``bad_metadata`` problem for one that fails its check."""
     out = []
     for name, (pattern, allowed) in MANIFEST_METADATA.items():
@@ -298,10 +287,14 @@ def _iso_date(value: str) -> bool:
         return False
 
 
-def scan_manifest(manifest: Path) -> Iterator[Candidate]:
-    """Rows of a (validated) manifest; paths are relative to the manifest's folder and must stay in it."""
+def scan_manifest(manifest: Path, columns: Mapping[str, str] | None = None) -> Iterator[Candidate]:
+    """Rows of a (validated) manifest; paths are relative to the manifest's folder and must stay in it.
+
+    ``columns``: known name -> the export's column name (``--columns``, see :mod:`xray_core.data.columns`).
+    """
     root = manifest.parent.resolve()
-    reader, fh, cols = _open_manifest(manifest)
+    reader, fh, found = _open_manifest(manifest, columns)
+    cols = found.known
     try:
         for row in reader:
             raw_file = (row.get(cols["file"]) or "").strip()
@@ -311,15 +304,17 @@ def scan_manifest(manifest: Path) -> Iterator[Candidate]:
             listed = root / raw_file
             where = f"manifest line {reader.line_num}"
             acquisition, bad = _manifest_metadata(row, cols, where)
-            problem = _manifest_path_problem(raw_file, listed, root, where) or bad
+            attributes, too_long = row_values(row, found.attributes, where)
+            problem = _manifest_path_problem(raw_file, listed, root, where) or bad or too_long
             if problem is None and len(pid) > 128:
                 problem = ("bad_patient_id", f"{where}: patient_id longer than 128 characters")
             elif problem is None and len(view) > 32:
                 problem = ("bad_view", f"{where}: view longer than 32 characters (e.g. PA, AP, LL)")
             yield Candidate(listed, printable(raw_file), label, patient_id=printable(pid) or None,
-                            view=printable(view) or None, problem=problem, acquisition=acquisition)
+                            view=printable(view) or None, problem=problem, acquisition=acquisition,
+                            attributes=attributes)
     finally:
-        fh.close()  # type: ignore[attr-defined]
+        fh.close()
 
 
 # --------------------------------------------------------------------------- per file

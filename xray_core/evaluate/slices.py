@@ -21,6 +21,9 @@ from xray_core.evaluate.intervals import bootstrap_intervals
 from xray_core.evaluate.metrics import compute_metrics
 
 UNKNOWN = "(unknown)"
+# Slices per reported-only dimension (XRAY_SLICE_BY): a free-text attribute (a DOI per film) would
+# otherwise give one slice, and one bootstrap, per film. The rarest values share one slice.
+MAX_SLICES = 12
 # What the guardrail compares per site: the slice's macro AUROC and every class's sensitivity
 # (for two classes the negative class's sensitivity is the disease's specificity).
 GUARDED = ("macro_auroc", "sensitivity")
@@ -48,6 +51,20 @@ def slice_metrics(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], patie
                 threshold=threshold, negative_label=negative_label, min_per_class=min_per_class,
                 n_samples=n_samples, seed=seed, target_specificity=target_specificity)
     return out
+
+
+def fold_rare(values: Sequence[str | None], *, most: int = MAX_SLICES) -> list[str | None]:
+    """``values`` with at most ``most`` distinct known values: the ``most - 1`` commonest (ties by name)
+    are kept, the others become one ``(other: k values)`` slice. Unknown (None) stays unknown."""
+    counts: dict[str, int] = {}
+    for v in values:
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    if len(counts) <= most:
+        return list(values)
+    kept = {v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:most - 1]}
+    other = f"(other: {len(counts) - len(kept)} values)"
+    return [v if v is None or v in kept else other for v in values]
 
 
 def _one_slice(y: np.ndarray, probs: np.ndarray, labels: list[str], patients: np.ndarray, *,

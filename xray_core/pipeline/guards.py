@@ -1,5 +1,6 @@
-"""Where films come from, in the recipe: slices per site and view for every evaluation, the shortcut
-audit at every retrain, and the two guards they put on promotion.
+"""Where films come from, in the recipe: slices per site and view for every evaluation (and, reported
+only, per ``XRAY_SLICE_BY`` subgroup), the shortcut audit at every retrain, and the two guards they put
+on promotion.
 
 - The **per-site guardrail** turns a pooled "promote" into "keep" when the challenger collapses on a
   site the test set can judge (``XRAY_GUARDRAIL_SITE_DROP``).
@@ -36,6 +37,23 @@ def evaluation_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs:
                            min_per_class=settings.min_test_per_class, n_samples=settings.bootstrap_samples,
                            seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
     return slices, sites, views
+
+
+def subgroup_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs: np.ndarray, labels: list[str],
+                    threshold: float | None) -> dict[str, Any]:
+    """Metrics per value of each reported-only ``XRAY_SLICE_BY`` dimension (sex, age_band, an attribute...),
+    with the same intervals and "too small" reasons as the per-site slices; {} when none is named."""
+    from xray_core.data.subgroups import reported_dimensions, subgroup_values
+    from xray_core.evaluate.slices import fold_rare, slice_metrics
+
+    dimensions = reported_dimensions(settings.slice_by)
+    if not dimensions:
+        return {}
+    values = subgroup_values(settings, [r[0] for r in rows], dimensions)
+    return slice_metrics(y, probs, labels, [r[4] for r in rows], {d: fold_rare(v) for d, v in values.items()},
+                         threshold=threshold, negative_label=settings.negative_label,
+                         min_per_class=settings.min_test_per_class, n_samples=settings.bootstrap_samples,
+                         seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
 
 
 def audit_step(settings: Settings, data: SplitData) -> dict[str, Any]:

@@ -49,6 +49,8 @@ class RetrainRequest:
     )
     flow_run_id: str | None = None
     run_name: str | None = None
+    # (known name, the export's column) for ``manifests`` (``--columns``; see xray_core.data.columns)
+    columns: tuple[tuple[str, str], ...] = ()
 
 
 def recipe(
@@ -60,7 +62,8 @@ def recipe(
     propagates with ``result`` holding what the run reached (the caller reports it).
     """
     for path, manifest in arrivals(request):
-        result.ingests.append(run.step(ingest)(settings, path, manifest))
+        columns = dict(request.columns) if manifest in request.manifests else None
+        result.ingests.append(run.step(ingest)(settings, path, manifest, columns=columns))
     if request.incoming:
         found = run.step(scan_incoming)(settings, request.incoming)
         taken = {b.name: run.step(take_batch)(settings, b, request.flow_run_id) for b in found.of("ready")}
@@ -115,13 +118,20 @@ def recipe(
 
 @step("ingest", retry_transient_io=True, progress="ingest")
 def ingest(
-    settings: Settings, path: str, manifest: str | None, *, progress: Callable[[int, int], None] | None = None
+    settings: Settings,
+    path: str,
+    manifest: str | None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> IngestSummary:
-    """Ingest one folder or manifest into the catalogue (bad files to quarantine, with reasons)."""
+    """Ingest one folder or manifest into the catalogue (bad files to quarantine, with reasons);
+    ``columns``: the manifest's names for known columns (``--columns``)."""
     from xray_core.data.ingest import ingest_source
 
     return ingest_source(
-        Path(path), manifest=Path(manifest) if manifest else None, settings=settings, progress=progress
+        Path(path), manifest=Path(manifest) if manifest else None, settings=settings, progress=progress,
+        columns=columns,
     )
 
 

@@ -19,7 +19,7 @@ from xray_core.data.catalogue import open_catalogue
 from xray_core.errors import CheckpointError, NotEnoughDataError
 from xray_core.monitor.reference import REFERENCE_FILE
 from xray_core.pipeline.embed import EmbedProgress, embed_step
-from xray_core.pipeline.guards import apply_guards, evaluation_slices
+from xray_core.pipeline.guards import apply_guards, evaluation_slices, subgroup_slices
 from xray_core.pipeline.lock import retrain_lock
 from xray_core.pipeline.model_settings import settings_for_card, settings_for_fingerprint
 from xray_core.data.snapshot import (Row, SplitData, label_indices, load_split_data, fingerprint_test_set,
@@ -209,6 +209,8 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
     metrics["bootstrap"] = {"samples": settings.bootstrap_samples, "seed": settings.bootstrap_seed,
                             "clustered_by": "patient", "patients": int(len(set(patients)))}
     metrics["slices"], sites, views = evaluation_slices(settings, rows, y, probs, labels, model.threshold)
+    if subgroups := subgroup_slices(settings, rows, y, probs, labels, model.threshold):
+        metrics["subgroups"] = subgroups  # XRAY_SLICE_BY beyond site and view: reported only
     fingerprint = fingerprint_test_set(data.test)
     engine = open_catalogue(settings)
     with session_scope(engine) as s:

@@ -13,6 +13,7 @@ why (e.g. ``1 pneumonia (< 5 per class)``), so a missing site is never mistaken 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 from xray_core.evaluate.slices import UNKNOWN  # the slice of films whose site or view is not known
@@ -95,6 +96,24 @@ def slice_sections(evals: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str
                 tables.append({"title": f"{role} v{ev['version']}", **slice_table(dimension, slices)})
         if tables:
             out.append({"id": f"by-{dimension}", "title": heading, "dimension": dimension, "tables": tables})
+    return out + subgroup_sections(evals)
+
+
+def subgroup_sections(evals: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A "By sex (reported only)" section per ``XRAY_SLICE_BY`` dimension beyond site and view (the
+    evaluations' ``metrics.subgroups``), shaped as :func:`slice_sections`' sections. A dimension is shown
+    even when no test film has a value for it (one ``(unknown)`` row): it was asked for by name."""
+    dimensions: list[str] = []
+    for _, ev in evals:
+        dimensions += [d for d in ((ev.get("metrics") or {}).get("subgroups") or {}) if d not in dimensions]
+    out = []
+    for dimension in dimensions:
+        tables = [{"title": f"{role} v{ev['version']}", **slice_table(dimension, slices)}
+                  for role, ev in evals
+                  if (slices := ((ev.get("metrics") or {}).get("subgroups") or {}).get(dimension))]
+        slug = re.sub(r"[^a-z0-9]+", "-", dimension.lower()).strip("-") or "attribute"
+        out.append({"id": f"by-{slug}", "title": f"By {dimension} (reported only)", "dimension": dimension,
+                    "tables": tables})
     return out
 
 
@@ -184,5 +203,6 @@ def label_history_context(history: dict[str, Any] | None, *, limit: int = LABEL_
             "headers": ["patient", "split", "labels", "films (added, file: label)"], "rows": rows}
 
 
-__all__ = ["slice_table", "slice_sections", "slice_metric", "slice_note", "site_metric_rows", "audit_context",
+__all__ = ["slice_table", "slice_sections", "subgroup_sections",
+           "slice_metric", "slice_note", "site_metric_rows", "audit_context",
            "label_history_context", "films_text", "worth_showing", "UNKNOWN", "NOT_JUDGED"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from db.urls import mask_url
+from xray_core.data.attributes import census as attribute_census
 from xray_core.data.catalogue import catalogue_summary
 from xray_core.settings import Settings
 
@@ -18,7 +19,9 @@ def status_report(settings: Settings) -> dict[str, Any]:
                               "storage_url": settings.public_dict()["storage_url"]}
     with session_scope(open_catalogue(settings)) as s:
         rows = census(s)  # one pass over the images for both tables (1M images: about a second)
+        attributes = attribute_census(s)  # from the attribute_set index (migration 0006a)
     report["catalogue"] = catalogue_summary(settings, rows=rows)
+    report["attributes"] = attributes
     report["sites"] = sites_summary(settings, rows=rows)
     report["audit"] = latest_audit(settings)
     report["feature_cache"] = _feature_cache(settings)

@@ -28,6 +28,14 @@ def render_ingest(s: dict[str, Any]) -> str:
                + ", ".join(f"{k} {v}" for k, v in s["split_assignments"].items()))
     if s["patients_without_id"]:
         out.append(f"  note: {s['patients_without_id']} image(s) had no patient id; each is its own patient")
+    attributes = s.get("attributes") or {}  # absent in summaries stored before issue 25
+    if attributes.get("columns"):
+        out.append("  kept as attributes: " + ", ".join(attributes["columns"]))
+    if attributes.get("conflicts"):
+        out.append(f"  attributes: {attributes['conflicts']} value(s) differ from what films already "
+                   "catalogued hold; the stored values stay, e.g. " + "; ".join(
+                       f"{e['file']} {e['name']}: stored {e['stored'][:40]!r}, given {e['given'][:40]!r}"
+                       for e in attributes.get("examples", [])[:3]))
     return "\n".join(out)
 
 
@@ -49,6 +57,7 @@ def render_status(r: dict[str, Any]) -> str:
                    f"(patient {e.get('patient_b')}, {e['split_b']}): {e['distance']} bits")
     if cat.get("views"):
         out.append("films per view: " + ", ".join(f"{k} {v}" for k, v in cat["views"].items()))
+    out += render_attributes(r.get("attributes"))
     out += _status_sites(r)
     for note in cat["notes"]:
         out.append(f"note: {note}")
@@ -74,6 +83,15 @@ def render_status(r: dict[str, Any]) -> str:
     s = r["settings"]
     out += ["", "settings:"] + [f"  {k} = {v}" for k, v in s.items()]
     return "\n".join(out)
+
+
+def render_attributes(attributes: dict[str, Any] | None) -> list[str]:
+    """``manifest attributes on 42 films: license 42, doi 40``: films carrying each name, most first."""
+    if not attributes or not attributes.get("films"):
+        return []
+    names = ", ".join(f"{name} {n}" for name, n in attributes["by_name"].items())
+    return [f"manifest attributes on {attributes['films']} film(s), films per name: {names}",
+            *([f"  note: {attributes['note']}"] if attributes.get("note") else [])]
 
 
 def _status_sites(r: dict[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 
 revision = '0006b'
-down_revision = '0005'
+down_revision = '0006a'
 branch_labels = None
 depends_on = None
 
