@@ -12,6 +12,7 @@ from typing import Any
 from prefect.events import emit_event as _prefect_emit_event
 
 from xray_core.io.fsutil import json_safe
+from xray_core.results import NOT_REACHED, RunResult
 
 def emit_event(event: str, **kwargs: Any) -> None:
     """Prefect's ``emit_event`` with every string made valid UTF-8 (a site or report path named by a
@@ -29,18 +30,18 @@ def model_resource(version: Any) -> dict[str, str]:
             "prefect.resource.name": f"model v{version}" if version is not None else "catalogue"}
 
 
-def emit_retrain_outcome(result: dict[str, Any]) -> str | None:
+def emit_retrain_outcome(run: RunResult) -> str | None:
     """One event for a finished retrain (none for Blocked or Failed); returns its name."""
-    name = RETRAIN_EVENTS.get(result.get("state", ""))
+    name = RETRAIN_EVENTS.get(run.state or "")
     if name is None:
         return None
-    challenger = result.get("challenger_eval") or {}
-    metrics = challenger.get("metrics") or {}
-    payload = {"state": result["state"], "message": str(result.get("state_message", ""))[:500],
-               "challenger": result.get("version"), "champion_after": result.get("champion_after"),
-               "macro_auroc": metrics.get("macro_auroc"), "n_test": challenger.get("n_images"),
-               "trigger": result.get("trigger")}
-    version = result.get("version") if name.startswith("xray.model.") else result.get("champion_after")
+    challenger = run.challenger_eval
+    after = None if run.champion_after is NOT_REACHED else run.champion_after
+    payload = {"state": run.state, "message": run.state_message[:500],
+               "challenger": run.version, "champion_after": after,
+               "macro_auroc": challenger.metrics.get("macro_auroc") if challenger else None,
+               "n_test": challenger.n_images if challenger else None, "trigger": run.trigger}
+    version = run.version if name.startswith("xray.model.") else after
     emit_event(name, resource=model_resource(version), payload=payload)
     return name
 

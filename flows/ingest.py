@@ -15,6 +15,7 @@ from xray_core.data.ingest import ingest_source
 from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
 from xray_core.io.fsutil import utf8_safe
+from xray_core.report.format import cut_words
 from xray_core.report.terminal import render_ingest
 from xray_core.settings import get_settings
 
@@ -63,7 +64,7 @@ def ingest(path: str, manifest: str | None = None, site: str | None = None,
     if check_drift and summary.get("added"):
         drift = drift_task(flow_run.id)
         create_markdown_artifact(markdown=utf8_safe(drift.pop("markdown")), key="drift-report",
-                                 description=str(drift["summary"])[:250])
+                                 description=cut_words(str(drift["summary"]), 250))
         summary["drift"] = {"summary": drift["summary"], "drift": drift["drift"], "report": drift["report"],
                             "events": emit_drift(drift)}
     return summary

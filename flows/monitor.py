@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 
 from flows.events import emit_drift
 from xray_core.pipeline.monitor import run_monitor
+from xray_core.report.format import cut_words
 from xray_core.settings import get_settings
 
 
@@ -30,6 +31,6 @@ def monitor() -> dict[str, Any]:
     """Check new films (and list predict batches) against the champion's reference; warn on drift."""
     result = check_task(flow_run.id)
     create_markdown_artifact(markdown=result.pop("markdown"), key="drift-report",
-                             description=str(result["summary"])[:250])
+                             description=cut_words(str(result["summary"]), 250))
     result["events"] = emit_drift(result)
     return result

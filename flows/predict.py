@@ -14,6 +14,7 @@ from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
 from xray_core.io.fsutil import json_safe, utf8_safe
 from xray_core.pipeline.predict import predict_folder
+from xray_core.report.format import cut_words
 from xray_core.settings import get_settings
 
 
@@ -57,7 +58,7 @@ def predict(path: str, out: str | None = None, manifest: str | None = None, vers
         key="predict-summary", description="batch prediction summary")
     if result.get("drift"):
         create_markdown_artifact(markdown=utf8_safe(drift_markdown(result["drift"], out)), key="drift-report",
-                                 description=result["drift"]["verdict"][:250])
+                                 description=cut_words(result["drift"]["verdict"], 250))
     return result
 
 

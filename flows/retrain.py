@@ -26,7 +26,10 @@ from xray_core.pipeline.cycle import run_retrain
 from xray_core.pipeline.executor import ProgressKey, options_of
 from xray_core.pipeline.recipe import RetrainRequest
 from xray_core.registry.listing import list_models
-from xray_core.report.markdown import artifact_description, metrics_rows, registry_rows, retrain_markdown
+from xray_core.report.drift import drift_description
+from xray_core.report.format import cut_words
+from xray_core.report.markdown import (artifact_description, comparison_words, drift_markdown, metrics_rows,
+                                       registry_rows, retrain_markdown)
 from xray_core.results import RunResult, Snapshot
 from xray_core.settings import Settings, get_settings
 
@@ -72,20 +75,25 @@ class PrefectExecutor:
 
 
 def publish_artifacts(settings: Settings, run: RunResult) -> None:
-    """The report, metrics and registry tables as keyed artifacts; descriptions lead with the decision."""
-    result = run.as_dict()
+    """The report, drift, metrics and registry tables as keyed artifacts; descriptions lead with the
+    decision (cut at a word: :func:`~xray_core.report.format.cut_words`)."""
     # utf8_safe: a run folder under a home whose name is not UTF-8 shows as \xNN, never a lone surrogate.
-    description = utf8_safe(artifact_description(result))
-    create_markdown_artifact(markdown=utf8_safe(retrain_markdown(result)), key="retrain-report",
+    description = utf8_safe(artifact_description(run))
+    create_markdown_artifact(markdown=utf8_safe(retrain_markdown(run)), key="retrain-report",
                              description=description)
-    if result.get("challenger_eval"):
-        create_table_artifact(table=metrics_rows(result["challenger_eval"], result.get("champion_eval")),
+    drift = drift_markdown(run)  # only a run that checked its new films against the champion
+    if drift is not None and run.drift is not None:
+        create_markdown_artifact(markdown=utf8_safe(drift), key="drift-report",
+                                 description=utf8_safe(drift_description(run.drift)))
+    if run.challenger_eval is not None:
+        create_table_artifact(table=metrics_rows(run.challenger_eval, run.champion_eval),
                               key="retrain-metrics",
-                              description=f"{description[:120]} · 95% intervals, same test set")
+                              description=f"{cut_words(description, 120)} · 95% intervals, "
+                                          f"{comparison_words(run)}")
     current = run.challenger_eval.test_set_fingerprint if run.challenger_eval else None
     create_table_artifact(table=registry_rows(list_models(settings, current_test_set=current)),
                           key="model-registry",
-                          description=f"model versions after this run · {description[:120]}")
+                          description=f"model versions after this run · {cut_words(description, 120)}")
 
 
 @flow(name="retrain", log_prints=False)
@@ -132,6 +140,6 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
             return failed_state
         raise
     publish_artifacts(settings, result)
-    emit_retrain_outcome(result.as_dict())
+    emit_retrain_outcome(result)
     logger.info(result.state_line)
     return Completed(name=result.state, message=result.state_message[:1000], data=result.digest())

@@ -16,9 +16,9 @@ recipe was typed (``tests/integration/test_result_json.py`` holds real runs' fil
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, TypeVar
 
 from xray_core.data.ingest import IngestSummary
 from xray_core.data.snapshot import SplitData, load_snapshot
@@ -33,6 +33,25 @@ class NotReached(enum.Enum):
 
 
 NOT_REACHED = NotReached.NOT_REACHED
+
+_T = TypeVar("_T")
+
+
+def _lenient(cls: type[_T], d: Mapping[str, Any], **fallback: Any) -> _T:
+    """``cls`` from the keys of ``d`` it names (others ignored): a field ``d`` lacks takes its default,
+    else ``fallback``'s value, else None. For ``result.json`` files written by older versions, which
+    lack keys added since; a current file carries every key."""
+    values = {}
+    for f in fields(cls):  # type: ignore[arg-type]  # cls is a dataclass (every caller's is)
+        if f.name in d:
+            values[f.name] = d[f.name]
+        elif f.default is not MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            values[f.name] = f.default_factory()
+        else:
+            values[f.name] = fallback.get(f.name)
+    return cls(**values)
 
 
 
@@ -108,6 +127,15 @@ class EmbedResult:
         own = {f.name for f in fields(cls)} - {"fan_out"}
         return cls(**{k: stats[k] for k in own}, fan_out={k: v for k, v in stats.items() if k not in own})
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, backbone_fingerprint: str | None = None) -> EmbedResult:
+        """From ``result.json``'s ``embed`` (:meth:`as_dict`); the fingerprint is a top-level key there."""
+        own = {f.name for f in fields(cls)} - {"fan_out"}
+        return _lenient(cls, {**d, "fan_out": {k: v for k, v in d.items() if k not in own}},
+                        requested=0, cached=0, computed=0, recomputed_corrupt=0, images=0, seconds=0.0,
+                        backbone_fingerprint=backbone_fingerprint or "",
+                        backbone_random_init=False, backbone_calls=0)
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         return {**{k: v for k, v in out.items() if k != "fan_out"}, **self.fan_out}
@@ -131,6 +159,13 @@ class TrainResult:
     backbone_fingerprint: str
     backbone_random_init: bool
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainResult:
+        """From ``result.json``'s ``train`` (:meth:`as_dict`)."""
+        return _lenient(cls, d, labels=[], best_epoch=0, epochs_run=0, recipe="", recipe_reason="",
+                        temperature=1.0, val_metrics={}, smoke_test="", training_set_fingerprint="",
+                        backbone_fingerprint="", backbone_random_init=False)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -148,7 +183,15 @@ class Evaluation:
     probabilities: list[list[float]]  # n x classes, in test-split order
     shas: list[str]
     sites: list[str]
-    views: list[str]
+    views: list[str | None]  # None: the film's view is not recorded
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Evaluation:
+        """From ``result.json``'s ``challenger_eval``/``champion_eval`` or an evaluate step's dict."""
+        metrics = d.get("metrics") or {}
+        return _lenient(cls, d, test_set_fingerprint="", n_images=len(d.get("probabilities") or []),
+                        metrics=metrics, labels=list(metrics.get("labels") or []), probabilities=[], shas=[],
+                        sites=[], views=[])
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,8 +210,8 @@ class Verdict:
     comparison: dict[str, Any] | None = None  # paired bootstrap against the champion
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Verdict:
-        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+    def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
+        return _lenient(cls, d, promote=d.get("decision") == "promote", rationale="", checks=[])
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +234,7 @@ class ReportFiles:
     html: str
     result_json: str
     description: str
+    html_contents: tuple[str, ...] | None = None  # what report.html shows (None: not recorded)
 
 
 @dataclass
@@ -238,6 +282,31 @@ class RunResult:
     def state_line(self) -> str:
         """``<State>: <message>``: the CLI's first line, the flow's log line (``summary`` in result.json)."""
         return f"{self.state}: {self.state_message}"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunResult:
+        """A run from its ``result.json`` (:meth:`as_dict` plus the report paths the writer adds), so
+        that a run written earlier renders through the same typed renderers. Keys an older file lacks
+        take their defaults; a file without ``state_message`` takes it from its ``summary``."""
+        state, summary = d.get("state"), str(d.get("summary") or "")
+        message = d.get("state_message", summary.removeprefix(f"{state}: ") if state else summary)
+        train = d.get("train") or ({"version": d["version"]} if d.get("version") is not None else None)
+        contents = d.get("report_html_contents")
+        report = ReportFiles(markdown=d.get("report") or d.get("report_path") or "",
+                             html=d.get("report_html") or "", result_json=d.get("result_json") or "",
+                             description=d.get("description") or "",
+                             html_contents=None if contents is None else tuple(contents))
+        return replace(
+            _lenient(cls, d, trigger="", backbone_weights="", backbone_random_init=False, run_dir=""),
+            ingests=[_lenient(IngestSummary, i, source_id=0, source="") for i in d.get("ingests") or []],
+            embed=(EmbedResult.from_dict(d["embed"], backbone_fingerprint=d.get("backbone_fingerprint"))
+                   if d.get("embed") else None),
+            train=TrainResult.from_dict(train) if train else None,
+            challenger_eval=Evaluation.from_dict(d["challenger_eval"]) if d.get("challenger_eval") else None,
+            champion_eval=Evaluation.from_dict(d["champion_eval"]) if d.get("champion_eval") else None,
+            decision=Verdict.from_dict(d["decision"]) if d.get("decision") else None,
+            champion_after=d.get("champion_after", NOT_REACHED), state_message=message or "",
+            report=report if report.markdown or report.html else None)
 
     def as_dict(self, *, with_report: bool = True) -> dict[str, Any]:
         """The ``result.json`` format; ``with_report`` adds the report files' paths (once written)."""

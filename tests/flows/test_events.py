@@ -8,6 +8,7 @@ import asyncio
 import time
 
 from xray_core.data.synthetic import write_dataset
+from xray_core.results import RunResult
 
 
 def _events(prefix: str, expected: int, resource: str | None = None) -> list:
@@ -44,10 +45,12 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
     assert ingested.resource.id == "xray.site.clinic-a"
     assert ingested.payload["added"] == summary["added"] == 4 and ingested.payload["site"] == "clinic-a"
 
-    assert emit_retrain_outcome({"state": "Promoted", "state_message": "v7 replaces v6", "version": 7,
-                                 "champion_after": 7, "trigger": "test",
-                                 "challenger_eval": {"n_images": 40, "metrics": {"macro_auroc": 0.83}}})
-    assert emit_retrain_outcome({"state": "Failed", "state_message": "boom"}) is None  # no event for failures
+    promoted_run = RunResult.from_dict({
+        "state": "Promoted", "state_message": "v7 replaces v6", "version": 7, "champion_after": 7,
+        "trigger": "test", "challenger_eval": {"n_images": 40, "metrics": {"macro_auroc": 0.83}}})
+    assert emit_retrain_outcome(promoted_run)
+    failed_run = RunResult.from_dict({"state": "Failed", "state_message": "boom"})
+    assert emit_retrain_outcome(failed_run) is None  # no event for failures
     (promoted,) = [e for e in _events("xray.model.promoted", 1, "xray.model.v7") if e.payload.get("trigger") == "test"
                    and e.payload.get("n_test") == 40]
     assert promoted.resource.id == "xray.model.v7"

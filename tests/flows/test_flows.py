@@ -82,6 +82,7 @@ def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_p
     assert {row["metric"] for row in arts["retrain-metrics"][0].data if isinstance(row, dict)} >= {"macro_auroc"} or \
         "macro_auroc" in str(arts["retrain-metrics"][0].data)
     assert "model-registry" in arts
+    assert "drift-report" not in arts  # no champion to check the first films against
     assert "retrain-embedding" in arts or any(a.type == "progress" for v in arts.values() for a in v)
     assert Path(first["report"]).is_file()
     html_report = Path(first["report"]).with_name("report.html")  # self-contained, linked from the artifact
@@ -99,6 +100,12 @@ def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_p
     assert second["decision"]["decision"] in ("promote", "keep")
     assert second["embed"]["computed"] > 0  # only the new images were embedded ...
     assert second["embed"]["cached"] > 0  # ... the first batch came from the cache
+    # New films and a champion: the retrain's drift check is a keyed artifact and a section of the report.
+    arts = _artifacts(second["flow_run_id"])
+    (drift,) = arts["drift-report"]
+    assert drift.data.startswith("# Drift of the new films: ") and second["drift"]["summary"] in drift.data
+    assert drift.description.startswith("Drift flagged: " if second["drift"]["flagged"] else "No drift flagged: ")
+    assert "## Drift of the new films" in arts["retrain-report"][0].data
     with session_scope(open_catalogue(get_settings())) as s:
         decisions = [p.decision for p in s.scalars(select(Promotion).order_by(Promotion.id))]
         champions = s.scalars(select(Model.id).where(Model.status == "champion")).all()

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from ondrift import on_drift_spec, wait_for_server
+from xray_core.results import RunResult
 
 PROJECT = Path(__file__).resolve().parents[2]
 SERVER_START_S = 90.0
@@ -153,8 +154,9 @@ def test_each_drift_or_ingest_event_starts_one_retrain_and_the_second_waits(on_d
             print(f"deployments registered after {time.monotonic() - started:.1f} s")
             # Events the trigger must not match first: they go down the same connection, so by the time the
             # matching events' runs exist they have been judged; any run they started is counted below.
-            assert emit_retrain_outcome({"state": "Promoted", "state_message": "v8 replaces v7", "version": 8,
-                                         "champion_after": 8, "trigger": "event"}) == "xray.model.promoted"
+            promoted = RunResult.from_dict({"state": "Promoted", "state_message": "v8 replaces v7",
+                                            "version": 8, "champion_after": 8, "trigger": "event"})
+            assert emit_retrain_outcome(promoted) == "xray.model.promoted"
             emit_event("xray.drift.detected", resource={"prefect.resource.id": "elsewhere.site.far"},
                        payload={"subject": "not an xray resource"})
             sent_at = time.time()

@@ -16,6 +16,9 @@ from PIL import Image
 from tinymodel import tiny_home
 from xray_core.evaluate.metrics import auroc, compute_metrics
 from xray_core.report.data import reliability_bins, roc_curve
+from xray_core.results import Evaluation, RunResult
+
+R, E = RunResult.from_dict, Evaluation.from_dict  # the result dicts below (result.json's shape), typed
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 SECTIONS = {"summary", "decision", "data", "metrics", "per-class", "roc", "confusion", "calibration", "heatmaps"}
@@ -108,7 +111,7 @@ def test_report_html_is_valid_with_every_section_and_embedded_images(run):
     from xray_core.report.html import write_run_html
 
     h, result, run_dir = run
-    path = write_run_html(h.settings, result, run_dir)
+    path, contents = write_run_html(h.settings, R(result), run_dir)
     assert path == run_dir / "report.html"
     text = path.read_text(encoding="utf-8")
     p = parse(text)
@@ -131,7 +134,7 @@ def test_report_html_is_valid_with_every_section_and_embedded_images(run):
     full = sorted((run_dir / "heatmaps").iterdir())
     assert len(full) == len(heatmaps) and {Image.open(f).size for f in full} <= test_sizes
     assert {_mode(f) for f in [path, *full]} == {h.settings.file_mode}
-    assert result["report_html_contents"][-1] == "Grad-CAM heatmaps"
+    assert contents[-1] == "Grad-CAM heatmaps"
     # The key content, readable as text.
     assert result["decision"]["rationale"][:40] in text.replace("&#x27;", "'").replace("&quot;", '"')
     assert "random-init" in text
@@ -147,8 +150,8 @@ def test_curves_cover_both_models_on_the_same_test_set(run):
     from xray_core.report.data import collect_report_data
 
     h, result, _ = run
-    data = collect_report_data(h.settings, h.data, challenger=result["challenger_eval"],
-                               champion=result["champion_eval"])
+    data = collect_report_data(h.settings, h.data, challenger=E(result["challenger_eval"]),
+                               champion=E(result["champion_eval"]))
     assert [(c.role, c.version) for c in data.curves] == [("challenger", h.versions[1]), ("champion", h.versions[0])]
     for curve, ev in zip(data.curves, (result["challenger_eval"], result["champion_eval"])):
         assert curve.n == ev["n_images"]
@@ -165,7 +168,7 @@ def test_a_failed_run_still_renders_without_curves(run, tmp_path):
     h, _, _ = run
     result = {"run_name": "broken-run", "status": "failed", "error": "OSError: injected: disk unplugged",
               "backbone_weights": "random", "ingests": [], "split_counts": h.data.counts()}
-    text = write_run_html(h.settings, result, tmp_path).read_text()
+    text = write_run_html(h.settings, R(result), tmp_path)[0].read_text()
     p = parse(text)
     assert set(p.sections) == {"summary", "data"}  # no empty decision, comparison or figure sections
     assert p.images == []
@@ -184,8 +187,8 @@ def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_repo
     from xray_core.report.html import HEATMAP_EMBED_PX, write_run_html
 
     h, result, _ = run
-    real = report_data.collect_report_data(h.settings, h.data, challenger=result["challenger_eval"],
-                                           champion=result["champion_eval"])
+    real = report_data.collect_report_data(h.settings, h.data, challenger=E(result["challenger_eval"]),
+                                           champion=E(result["champion_eval"]))
     side = 2000
     yy, xx = np.mgrid[0:side, 0:side] / side
     examples = []
@@ -198,7 +201,7 @@ def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_repo
     monkeypatch.setattr(report_data, "collect_report_data",
                         lambda *a, **k: ReportData(curves=real.curves, examples=examples))
     save_snapshot(tmp_path / "split.json", h.data)
-    path = write_run_html(h.settings, dict(result), tmp_path)
+    path, _ = write_run_html(h.settings, R(result), tmp_path)
     assert path.stat().st_size <= 2_000_000
     p = parse(path.read_text())
     heatmaps = [i for i in p.images if i.get("class") == "heatmap"]
@@ -222,7 +225,7 @@ def test_report_renders_with_a_note_when_curves_cannot_be_computed(run, tmp_path
 
     monkeypatch.setattr(report_data, "collect_report_data", broken)
     save_snapshot(tmp_path / "split.json", h.data)
-    text = write_run_html(h.settings, result, tmp_path).read_text()
+    text = write_run_html(h.settings, R(result), tmp_path)[0].read_text()
     p = parse(text)
     assert "confusion" in p.sections and "roc" not in p.sections  # from the evaluations alone
     assert "Curves and heatmaps unavailable: CheckpointError" in text
@@ -232,13 +235,13 @@ def test_markdown_links_the_html_report_and_repeats_key_numbers(run):
     from xray_core.report.markdown import retrain_markdown
 
     h, result, run_dir = run
-    md = retrain_markdown({**result, "report_html": str(run_dir / "report.html")})
+    md = retrain_markdown(R({**result, "report_html": str(run_dir / "report.html")}))
     assert f"`{run_dir / 'report.html'}`" in md
     state = {"promote": "Promoted", "keep": "Kept", "insufficient_evidence": "Insufficient evidence"}
     assert md.startswith(f"# {state[result['decision']['decision']]}: ")
     assert f"**{result['decision']['decision']}**" in md and result["decision"]["rationale"] in md
     assert f"challenger v{h.versions[1]}: macro AUROC" in md and f"champion v{h.versions[0]}: macro AUROC" in md
-    assert "report.html" not in retrain_markdown({k: v for k, v in result.items() if k != "report_html"})
+    assert "report.html" not in retrain_markdown(R({k: v for k, v in result.items() if k != "report_html"}))
 
 
 def test_a_two_site_run_reports_by_site_with_per_site_roc_and_status_and_lineage_show_the_sites(

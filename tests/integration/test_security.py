@@ -284,6 +284,7 @@ def test_no_report_artifact_or_log_holds_a_dicom_patient_id(tmp_path: Path, capl
     from xray_core.data.catalogue import catalogue_summary
     from xray_core.registry.listing import history, list_models, model_lineage
     from xray_core.report.markdown import retrain_markdown
+    from xray_core.results import RunResult
     from xray_core.pipeline.steps import current_champion, decide_step, evaluate_step, promote_step, train_step
     from xray_core.pipeline.embed import embed_step
     from xray_core.data.snapshot import load_split_data
@@ -317,7 +318,7 @@ def test_no_report_artifact_or_log_holds_a_dicom_patient_id(tmp_path: Path, capl
                          champion_eval=champion, challenger_eval=challenger)
     result["champion_after"], result["status"] = audit["champion_after"], "completed"
 
-    markdown = retrain_markdown(result)
+    markdown = retrain_markdown(RunResult.from_dict(result))
     assert "## Decision" in markdown and "| source |" in markdown
     lineage = model_lineage(settings, trained["version"])
     hashed = {img["patient_id"] for role in ("train", "val") for img in lineage["images"][role]}

@@ -29,6 +29,7 @@ def test_retrain_cycle_on_memory_storage(xray_env, tmp_path: Path, monkeypatch: 
     from xray_core.data.snapshot import load_split_data
     from xray_core.report.status import status_report
     from xray_core.data.synthetic import write_dataset
+    from xray_core.results import Evaluation
 
     url = f"memory://xray-e2e-{uuid.uuid4().hex[:12]}"
     monkeypatch.setenv("XRAY_STORAGE_URL", url)
@@ -60,7 +61,8 @@ def test_retrain_cycle_on_memory_storage(xray_env, tmp_path: Path, monkeypatch: 
         assert store.list("models/.staging") == []
         evaluated = evaluate_step(settings, version, data)
         assert evaluated["n_images"] == len(data.test)
-        report = collect_report_data(settings, data, challenger=evaluated, champion=None, n_examples=2)
+        report = collect_report_data(settings, data, challenger=Evaluation.from_dict(evaluated),
+                                     champion=None, n_examples=2)
         assert report.examples, report.notes  # heatmaps decoded the originals from memory://
 
         model = load_model(settings, version)

@@ -17,7 +17,10 @@ from xray_core.model.heatmap import heatmap_caption
 from xray_core.report.html import HEATMAP_EMBED_PX, embeddable_heatmap, render_html
 from xray_core.report.markdown import (DESCRIPTION_MAX_CHARS, artifact_description, retrain_markdown, run_state,
                                        template_environment)
+from xray_core.results import RunResult
 from xray_core.settings import load_settings
+
+R = RunResult.from_dict  # the hand-built result.json dicts below, typed
 
 
 def evaluation(version: int) -> dict:
@@ -35,6 +38,7 @@ BASE = {"run_name": "nightly-7", "trigger": "schedule", "backbone_weights": "ima
 
 def decided(decision: str, *, champion: int | None = 2, after: int | None = 2, **extra) -> dict:
     return {**BASE, "status": "completed", "backbone_fingerprint": "c" * 64,
+            "embed": {"backbone_fingerprint": "c" * 64},
             "challenger_eval": evaluation(3), "champion_eval": evaluation(champion) if champion else None,
             "decision": {"decision": decision, "promote": decision == "promote", "rationale": f"Because: {decision}.",
                          "checks": [{"name": "comparison", "passed": decision == "promote", "detail": "d"}]},
@@ -67,44 +71,45 @@ def h1(html: str) -> str:
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_decision_comes_first_without_a_state_key(case):
     result, title, description = CASES[case]
-    assert first_line(retrain_markdown(result)) == f"# {title}"
-    assert h1(render_html(result, None)) == title
-    assert artifact_description(result) == description
+    assert first_line(retrain_markdown(R(result))) == f"# {title}"
+    assert h1(render_html(R(result), None)) == title
+    assert artifact_description(R(result)) == description
 
 
 def test_state_and_state_message_from_the_cycle_win():
     result = decided("keep", state="Kept", state_message="not shown non-inferior: 0.042 lower")
-    md = retrain_markdown(result)
+    md = retrain_markdown(R(result))
     assert md.splitlines()[:3] == ["# Kept: champion v2 stays (v3 not promoted)", "",
                                    "not shown non-inferior: 0.042 lower"]
-    assert artifact_description(result) == "Kept v2; challenger v3 rejected — not shown non-inferior: 0.042 lower"
+    assert artifact_description(R(result)) == ("Kept v2; challenger v3 rejected — not shown non-inferior: "
+                                                "0.042 lower")
     skipped = {**SKIPPED, "state": "Skipped", "state_message": "nothing new in /data/incoming"}
-    assert artifact_description(skipped) == "Skipped: nothing new in /data/incoming"
-    assert run_state({"decision": None}) is None
+    assert artifact_description(R(skipped)) == "Skipped: nothing new in /data/incoming"
+    assert run_state(R({"decision": None})) is None
 
 
 def test_description_is_at_most_200_characters():
     result = {**FAILED, "error": "RuntimeError: " + "x" * 500}
-    text = artifact_description(result)
+    text = artifact_description(R(result))
     assert len(text) == DESCRIPTION_MAX_CHARS and text.startswith("Failed: RuntimeError: xxx") and text.endswith("…")
 
 
 @pytest.mark.parametrize("case", ["failed", "skipped"])
 def test_failed_and_skipped_reports_show_only_sections_with_content(case):
     result = CASES[case][0]
-    md = retrain_markdown(result)
+    md = retrain_markdown(R(result))
     for absent in ("fingerprint", "Champion vs challenger", "ROC curves", "heatmap", "## Decision", "random-init"):
         assert absent not in md, absent
-    html = render_html(result, None)
+    html = render_html(R(result), None)
     assert "<h2>Data</h2>" in html and "No new sources this run." in html
     for absent in ('id="decision"', 'id="metrics"', 'id="roc"', 'id="heatmaps"', "fingerprint", "<img"):
         assert absent not in html, absent
 
 
 def test_an_error_is_shown_once_and_gets_its_own_section_when_the_message_is_another():
-    md = retrain_markdown(FAILED)
+    md = retrain_markdown(R(FAILED))
     assert md.count("injected: disk unplugged") == 1 and "## Failure" not in md
-    own = retrain_markdown({**FAILED, "state": "Failed", "state_message": "embedding failed"})
+    own = retrain_markdown(R({**FAILED, "state": "Failed", "state_message": "embedding failed"}))
     assert "## Failure" in own and "`OSError: injected: disk unplugged`" in own
 
 
@@ -112,8 +117,8 @@ def test_an_error_is_shown_once_and_gets_its_own_section_when_the_message_is_ano
 @pytest.mark.parametrize("flag", [{"backbone_weights": "random"}, {"backbone_random_init": True}])
 def test_random_init_warning_on_every_kind_of_run(case, flag):
     result = {**CASES[case][0], **flag}
-    assert "random-init" in retrain_markdown(result)
-    assert '<p class="warning"><strong>Warning: the backbone is random-init' in render_html(result, None)
+    assert "random-init" in retrain_markdown(R(result))
+    assert '<p class="warning"><strong>Warning: the backbone is random-init' in render_html(R(result), None)
 
 
 def test_html_escaping_comes_from_autoescape_and_markdown_cells_stay_cells():
@@ -121,9 +126,9 @@ def test_html_escaping_comes_from_autoescape_and_markdown_cells_stay_cells():
     result = {**FAILED, "run_name": hostile, "error": hostile,
               "ingests": [{"source": "/in/a|b", "added": 1, "duplicates": 0, "skipped_unchanged": 0, "rejected": 0,
                            "rejected_by_reason": {}}]}
-    html = render_html(result, None)
+    html = render_html(R(result), None)
     assert "<script>" not in html and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; | co" in html
-    md = retrain_markdown(result)
+    md = retrain_markdown(R(result))
     assert "| /in/a\\|b | 1 | 0 | 0 | 0 | - |" in md
 
 
@@ -136,16 +141,17 @@ def test_templates_fail_loudly_on_a_missing_value():
 
 def test_the_markdown_link_promises_only_what_the_html_has():
     result = decided("keep", report_html="/r/report.html")
-    assert "ROC curves" not in retrain_markdown(result) and "confusion matrices" in retrain_markdown(result)
-    shown = retrain_markdown({**result, "report_html_contents": ["ROC curves", "Grad-CAM heatmaps"]})
+    md = retrain_markdown(R(result))
+    assert "ROC curves" not in md and "confusion matrices" in md
+    shown = retrain_markdown(R({**result, "report_html_contents": ["ROC curves", "Grad-CAM heatmaps"]}))
     assert "`/r/report.html` (self-contained HTML; open it in a browser). It shows ROC curves, Grad-CAM heatmaps." in shown
 
 
 def test_a_decided_report_has_the_comparison_and_the_rationale():
-    md = retrain_markdown(decided("keep"))
+    md = retrain_markdown(R(decided("keep")))
     assert "## Champion vs challenger (same test set)" in md and "| metric | challenger (v3) | champion (v2) |" in md
     assert "Because: keep." in md and "fingerprint `cccccccccccccccc`" in md
-    html = render_html(decided("keep"), None)
+    html = render_html(R(decided("keep")), None)
     assert 'id="metrics"' in html and 'id="confusion"' in html and "Because: keep." in html
 
 
@@ -215,10 +221,8 @@ def test_run_report_files_are_written_with_the_file_mode(tmp_path):
     import json
 
     from xray_core.report.files import write_run_reports
-    from xray_core.results import RunResult
 
     settings = load_settings({"XRAY_HOME": str(tmp_path / "home"), "XRAY_FILE_MODE": "0644"})
-    # the writer takes the typed result of a run (the renderers below it still read its as_dict())
     skipped = RunResult(flow_run_id=None, run_name="nightly-7", trigger="schedule", backbone_weights="imagenet",
                         backbone_random_init=False, run_dir=str(tmp_path / "run"), status="skipped",
                         state="Skipped", state_message="nothing new since champion v2", champion_after=2)

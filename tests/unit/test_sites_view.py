@@ -1,6 +1,7 @@
 """Where films come from, as people see it: the shortcut audit (flagged and clean), tables by site and
 by view (a judged and a not-judged slice), per-site ROC panels, label history, the Blocked state, the
-per-site artifact rows, ``xray status`` and ``xray models show``, all from hand-built result dicts."""
+per-site artifact rows, ``xray status`` and ``xray models show``, all from hand-built result dicts
+(``result.json``'s shape) loaded as the typed run they describe."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from xray_core.report.data import ReportData, site_curves
 from xray_core.report.html import html_contents, html_context, render_html
 from xray_core.report.markdown import artifact_description, metrics_rows, retrain_markdown, run_state
 from xray_core.report.terminal import render_lineage, render_status
+from xray_core.results import Evaluation, RunResult
+
+R, E = RunResult.from_dict, Evaluation.from_dict  # the hand-built result.json dicts below, typed
 
 LABELS = ["normal", "pneumonia"]
 # paeds: 6 + 6 films (judged); adult: 5 normal + 1 pneumonia (too few pneumonia to judge, min 2 per class).
@@ -49,7 +53,8 @@ def evaluation(version: int, good: bool) -> dict:
 
 
 FLAGGED = {"flagged": True, "warnings": ["covid19 films come only from site adult: the label is predictable from "
-                                         "the site (AUROC 1.00 from the site alone)",
+                                         "the site (AUROC 1.00 from the site alone, covid19 against the "
+                                         "rest)",
                                          "site paeds holds only normal films"],
            "label_site": {"table": {"adult": {"covid19": 16, "normal": 0}, "paeds": {"covid19": 0, "normal": 16}},
                           "single_label_sites": {"adult": "covid19", "paeds": "normal"},
@@ -87,29 +92,29 @@ def section(md: str, heading: str) -> str:
 
 
 def test_a_flagged_audit_leads_with_its_warnings_then_the_table_and_probes():
-    md = retrain_markdown(result(audit=FLAGGED))
+    md = retrain_markdown(R(result(audit=FLAGGED)))
     audit = section(md, "Shortcut audit")
     assert audit.index("**Flagged.**") < audit.index(FLAGGED["warnings"][0]) < audit.index("| site |")
     assert "| adult | 16 | 0 | 16 | only covid19; every covid19 film is from here |" in audit
-    assert "AUROC from the site alone: 1.000" in audit
+    assert "AUROC from the site alone (any disease vs normal): 1.000" in audit
     assert "Metadata probe (any disease vs normal; from width, bit_depth): AUROC 0.970" in audit
     assert "Site probe from the embeddings (other sites vs adult): AUROC 0.990" in audit
     assert "XRAY_SHORTCUT_POLICY=block: a flagged audit stops automatic promotion" in audit
-    html = render_html(result(audit=FLAGGED), None)
+    html = render_html(R(result(audit=FLAGGED)), None)
     assert '<div class="flagged">' in html and f"<li>{FLAGGED['warnings'][1]}</li>" in html
 
 
 def test_a_clean_audit_says_so_and_a_probe_not_run_says_why():
-    audit = section(retrain_markdown(result(audit=CLEAN)), "Shortcut audit")
+    audit = section(retrain_markdown(R(result(audit=CLEAN))), "Shortcut audit")
     assert "No shortcut found" in audit and "Flagged" not in audit
     assert "AUROC - (not run: too few patients for grouped cross-validation)" in audit
     assert "XRAY_SHORTCUT_POLICY=warn: a flagged audit is reported here and does not stop promotion" in audit
-    assert 'class="clean"' in render_html(result(audit=CLEAN), None)
-    assert "Shortcut audit" not in retrain_markdown(result(audit=None))  # only sections with content
+    assert 'class="clean"' in render_html(R(result(audit=CLEAN)), None)
+    assert "Shortcut audit" not in retrain_markdown(R(result(audit=None)))  # only sections with content
 
 
 def test_by_site_table_shows_a_judged_slice_with_intervals_and_a_small_one_with_its_reason():
-    md = retrain_markdown(result())
+    md = retrain_markdown(R(result()))
     by_site = section(md, "By site")
     assert "### challenger v3" in by_site and "### champion v2" in by_site
     cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in by_site.splitlines()
@@ -128,7 +133,7 @@ def test_views_all_unknown_are_not_a_section():
     r = result()
     for key in ("challenger_eval", "champion_eval"):
         r[key]["metrics"]["slices"]["view"] = {"(unknown)": r[key]["metrics"]["slices"]["site"]["paeds"]}
-    md = retrain_markdown(r)
+    md = retrain_markdown(R(r))
     assert "## By site" in md and "## By view" not in md
 
 
@@ -143,7 +148,7 @@ def test_html_has_by_site_tables_a_per_site_roc_panel_and_label_history():
     assert champion_paeds.roc["pneumonia"]["auroc"] == pytest.approx(
         r["champion_eval"]["metrics"]["slices"]["site"]["paeds"]["per_class"]["pneumonia"]["auroc"])
     data = ReportData(curves=[], site_curves=curves)
-    html = render_html(r, data)
+    html = render_html(R(r), data)
     for sid in ('id="audit"', 'id="by-site"', 'id="by-view"', 'id="site-roc"', 'id="label-history"'):
         assert sid in html, sid
     src = html.split('alt="ROC curves by site" src="', 1)[1].split('"', 1)[0]
@@ -152,7 +157,7 @@ def test_html_has_by_site_tables_a_per_site_roc_panel_and_label_history():
     assert "not judged: 1 pneumonia (&lt; 2 per class)" in html
     assert "<strong>1</strong> of them in the test split, where the test set disagrees with itself" in html
     assert "2026-11-01 a.png: covid19; 2026-11-20 c.png: No Finding" in html
-    contents = html_contents(html_context(r, data))
+    contents = html_contents(html_context(R(r), data))
     assert {"the shortcut audit", "tables by site", "tables by view", "label history",
             "per-site ROC curves"} <= set(contents)
 
@@ -160,42 +165,44 @@ def test_html_has_by_site_tables_a_per_site_roc_panel_and_label_history():
 def test_one_site_draws_no_per_site_panel():
     ev = evaluation(3, good=True)
     curves = site_curves(3, "challenger", LABELS, Y, np.asarray(ev["probabilities"]), ["only"] * Y.size)
-    html = render_html(result(), ReportData(curves=[], site_curves=curves))
+    html = render_html(R(result()), ReportData(curves=[], site_curves=curves))
     assert 'id="site-roc"' not in html and 'id="by-site"' in html
 
 
 def test_label_history_in_markdown_and_absent_without_changed_labels():
-    md = retrain_markdown(result())
+    md = retrain_markdown(R(result()))
     history = section(md, "Label history")
     assert "1 patient(s) have films with different labels; **1** of them in the test split" in history
     assert "| P7 | test | No Finding, covid19 |" in history
-    assert "## Label history" not in retrain_markdown(result(label_history={"patients": 0, "in_test": 0,
-                                                                           "examples": []}))
+    assert "## Label history" not in retrain_markdown(R(result(label_history={"patients": 0, "in_test": 0,
+                                                                           "examples": []})))
 
 
 def test_a_blocked_run_is_named_blocked_everywhere():
     r = result("blocked", audit=FLAGGED, champion_after=2)
-    assert run_state(r) == "Blocked"
-    assert retrain_markdown(r).startswith("# Blocked: champion v2 stays (v3 blocked by the shortcut audit)\n")
-    assert artifact_description(r) == "Blocked v3 (shortcut audit); kept v2"
+    assert run_state(R(r)) == "Blocked"
+    assert retrain_markdown(R(r)).startswith(
+        "# Blocked: champion v2 stays (v3 blocked by the shortcut audit)\n")
+    assert artifact_description(R(r)) == "Blocked v3 (shortcut audit); kept v2"
     first = result("blocked", audit=FLAGGED, champion_eval=None, champion_after=None,
                    state="Blocked", state_message="v3 not promoted: blocked by the shortcut audit.")
-    assert retrain_markdown(first).startswith("# Blocked: no champion yet (v3 blocked by the shortcut audit)")
-    assert 'class="decision failure">v3 not promoted: blocked' in render_html(first, None)
+    assert retrain_markdown(R(first)).startswith(
+        "# Blocked: no champion yet (v3 blocked by the shortcut audit)")
+    assert 'class="decision failure">v3 not promoted: blocked' in render_html(R(first), None)
 
 
 def test_retrain_metrics_artifact_has_per_site_rows_and_the_report_table_does_not():
     r = result()
-    rows = {row["metric"]: row for row in metrics_rows(r["challenger_eval"], r["champion_eval"])}
+    rows = {row["metric"]: row for row in metrics_rows(E(r["challenger_eval"]), E(r["champion_eval"]))}
     paeds = rows["macro_auroc @ site paeds"]
     assert paeds["champion"].startswith("1.000") and float(paeds["challenger"].split()[0]) < 0.2
     assert rows["sensitivity[pneumonia] @ site paeds"]["challenger"] != "-"
     assert rows["macro_auroc @ site adult"] == {"metric": "macro_auroc @ site adult",
                                                 "challenger": "not judged: 1 pneumonia (< 2 per class)",
                                                 "champion": "not judged: 1 pneumonia (< 2 per class)"}
-    only = {row["metric"]: row for row in metrics_rows(r["challenger_eval"], None)}
+    only = {row["metric"]: row for row in metrics_rows(E(r["challenger_eval"]), None)}
     assert only["macro_auroc @ site paeds"]["champion"] == "-"
-    comparison = section(retrain_markdown(r), "Champion vs challenger (same test set)")
+    comparison = section(retrain_markdown(R(r)), "Champion vs challenger (same test set)")
     assert "@ site" not in comparison
 
 

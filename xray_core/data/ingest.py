@@ -30,7 +30,7 @@ from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest_pool import Prepared, PreparePool, resolve_workers
 from xray_core.faults import crash_point
 from xray_core.errors import SettingsError, SourceError
-from xray_core.io.fsutil import printable
+from xray_core.io.fsutil import printable, private_dir
 from xray_core.settings import Settings
 from xray_core.data.admission import NearCopyIndex, SiteRule, admit, record_near_pairs
 from xray_core.data.attributes import EXAMPLES as ATTRIBUTE_EXAMPLES, merge
@@ -140,7 +140,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         # (Under XRAY_STORAGE_URL, access is the bucket's or share's policy.)
         folder = get_storage(settings).local_path(private)
         if folder is not None:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(folder)
 
     with session_scope(engine) as s:
         close_interrupted_ingests(s)  # left 'running' by a killed ingest

@@ -56,6 +56,16 @@ def site_only_auroc(frame: pd.DataFrame, negative_label: str) -> float | None:
     return float(roc_auc_score(y, score))
 
 
+def label_site_auroc(frame: pd.DataFrame, label: str) -> float | None:
+    """AUROC of telling ``label`` from every other label by the site alone (each film scored by its
+    site's share of ``label``): the number a sentence about *that* label must quote, where
+    :func:`site_only_auroc` pools every disease against the negative label."""
+    rest = f"not {label}"
+    while rest in set(frame["label"]):  # a label literally named "not <label>"
+        rest = f"not {rest}"
+    return site_only_auroc(frame.assign(label=frame["label"].where(frame["label"] == label, rest)), rest)
+
+
 def _grouped_cv_scores(x: np.ndarray, y: np.ndarray, groups: Sequence[str], model: Any, *, seed: int,
                        folds: int = 5) -> np.ndarray | None:
     """Out-of-fold probabilities from patient-grouped stratified k-fold (None when too few data).
@@ -139,8 +149,10 @@ def shortcut_audit(frame: pd.DataFrame, embeddings: np.ndarray | None, *, negati
     warnings = []
     for label, site in sites["single_site_labels"].items():
         if label != negative_label:
+            own = label_site_auroc(frame, label)
             warnings.append(f"{label} films come only from site {site}: the label is predictable from the site"
-                            + (f" (AUROC {by_site:.2f} from the site alone)" if by_site is not None else ""))
+                            + (f" (AUROC {own:.2f} from the site alone, {label} against the rest)"
+                               if own is not None else ""))
     for site, label in sites["single_label_sites"].items():
         warnings.append(f"site {site} holds only {label} films")
     if by_site is not None and by_site > auroc_threshold and not sites["single_site_labels"]:

@@ -29,6 +29,14 @@ MAX_SLICES = 12
 GUARDED = ("macro_auroc", "sensitivity")
 
 
+def slice_name(value: Any) -> str:
+    """The slice a film's site or view puts it in: :data:`UNKNOWN` when not recorded (None, blank, or
+    pandas' NaN: a NaN group would be dropped by ``groupby`` and the films would vanish from the table)."""
+    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+        return UNKNOWN
+    return str(value)
+
+
 def slice_metrics(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], patients: Sequence[str],
                   slices: dict[str, Sequence[str | None]], *, threshold: float | None, negative_label: str,
                   min_per_class: int, n_samples: int, seed: int, target_specificity: float) -> dict[str, Any]:
@@ -42,7 +50,7 @@ def slice_metrics(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], patie
     frame = pd.DataFrame({"y": np.asarray(y, dtype=np.int64), "patient": list(patients)})
     out: dict[str, Any] = {}
     for dimension, values in slices.items():
-        frame[dimension] = [v if v not in (None, "") else UNKNOWN for v in values]
+        frame[dimension] = [slice_name(v) for v in values]
         out[dimension] = {}
         for value, part in frame.groupby(dimension, sort=True):
             idx = part.index.to_numpy()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -185,14 +186,45 @@ def json_safe(value: Any, default: Callable[[Any], Any] | None = None) -> Any:
     return value
 
 
+PRIVATE_DIR_MODE = 0o700  # store/, quarantine/, features/, models/: owner only (SECURITY.md)
+
+
+def private_dir(path: Path) -> Path:
+    """Create the folder ``path`` (and missing parents) owner-only (:data:`PRIVATE_DIR_MODE`): the
+    store, the quarantine, the feature cache and the models hold films or what is derived from them.
+    An existing folder keeps its permissions: they are the administrator's choice."""
+    path = Path(path)
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    return path
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (numpy's included) replaced by None: JSON has no
+    token for them, and Python's ``NaN``/``Infinity`` make a file that strict parsers refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def json_text(value: Any, **dumps_kwargs: Any) -> str:
     """``json.dumps`` of :func:`json_safe` ``(value)``: every JSON the project writes or prints (``--json``
-    output, result.json, card.json) goes through here, so none carries a lone surrogate.
+    output, result.json, card.json, split.json) goes through here, so none carries a lone surrogate,
+    and all of it is strict JSON: a NaN or infinite number (an AUROC a slice could not have, a view
+    pandas read as NaN) is written as ``null`` (:func:`finite_json`), never as a ``NaN`` token.
 
     Dumped once as it is first: with no ``\\ud`` escape and no raw surrogate in it there is nothing to
     make safe (walking a 140,000-row split.json first cost 0.28 s on top of json.dumps's 0.71 s).
     """
-    text = json.dumps(value, **dumps_kwargs)
+    dumps_kwargs["allow_nan"] = False
+    try:
+        text = json.dumps(value, **dumps_kwargs)
+    except ValueError:  # a NaN or infinity: the rare case pays for one walk
+        value = finite_json(value)
+        text = json.dumps(value, **dumps_kwargs)
     if "\\ud" not in text:  # a surrogate escape (ensure_ascii, the default) or a pair of an emoji's
         try:
             text.encode("utf-8")  # raw surrogates (ensure_ascii=False) fail here

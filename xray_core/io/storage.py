@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xray_core.faults import crash_point
-from xray_core.io.fsutil import atomic_copy, atomic_write_bytes, fsync_dir
+from xray_core.io.fsutil import atomic_copy, atomic_write_bytes, fsync_dir, private_dir
 
 # fsspec protocols whose mv is a rename: a reader never sees a partly written file under the key.
 RENAME_PROTOCOLS = frozenset({"file", "local", "memory"})
@@ -102,20 +102,33 @@ class Storage:
 
 
 class LocalStorage(Storage):
-    """A local (or NFS-mounted) folder, written with :mod:`xray_core.io.fsutil`'s crash-safe functions."""
+    """A local (or NFS-mounted) folder, written with :mod:`xray_core.io.fsutil`'s crash-safe functions.
 
-    def __init__(self, root: Path) -> None:
+    ``private``: the folder to create owner-only (0700, :func:`~xray_core.io.fsutil.private_dir`)
+    before the first write, when it does not exist yet: the feature cache's and the models' roots.
+    Reading never creates it.
+    """
+
+    def __init__(self, root: Path, *, private: Path | None = None) -> None:
         self.root = Path(root)
         self.url = str(self.root)
+        self.private = private
+        self._private_ready = private is None
 
     def _p(self, key: str) -> Path:
         return self.root / key if key else self.root
 
+    def _writable(self, key: str) -> Path:
+        if not self._private_ready and self.private is not None:
+            private_dir(self.private)
+            self._private_ready = True
+        return self._p(key)
+
     def child(self, prefix: str) -> "LocalStorage":
-        return LocalStorage(self._p(prefix))
+        return LocalStorage(self._p(prefix), private=self.private)
 
     def write_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
-        atomic_write_bytes(self._p(key), data, durable=durable)
+        atomic_write_bytes(self._writable(key), data, durable=durable)
 
     def read_bytes(self, key: str) -> bytes:
         return self._p(key).read_bytes()
@@ -161,10 +174,10 @@ class LocalStorage(Storage):
         return total
 
     def copy(self, src: str, dst: str) -> None:
-        atomic_copy(self._p(src), self._p(dst))  # streamed: memory stays bounded
+        atomic_copy(self._p(src), self._writable(dst))  # streamed: memory stays bounded
 
     def rename_prefix(self, src: str, dst: str) -> None:
-        target = self._p(dst)
+        target = self._writable(dst)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._p(src), target)  # one rename: the folder appears whole or not at all
         fsync_dir(target.parent)
@@ -296,8 +309,10 @@ def get_storage(settings: Any, area: str | None = None) -> Storage:
     """
     url = getattr(settings, "storage_url", None)
     if not url:
-        roots = {None: settings.home, "features": settings.features_dir, "models": settings.models_dir}
-        return LocalStorage(roots[area])
+        if area is None:
+            return LocalStorage(settings.home)
+        root = {"features": settings.features_dir, "models": settings.models_dir}[area]
+        return LocalStorage(root, private=Path(root))  # created 0700, as store/ and quarantine/ are
     base = open_storage(url)
     return base if area is None else base.child(area)
 

@@ -91,6 +91,7 @@ def write_reports(settings: Settings, result: RunResult, run_dir: Path) -> Repor
         html=str(written.html_path),
         result_json=str(written.result_path),
         description=written.description,
+        html_contents=written.html_contents,
     )
 
 

@@ -12,7 +12,7 @@ from xray_core.settings import Settings
 def embed_items(settings: Settings, rows: list[Row]) -> list:
     from xray_core.model.features import EmbedItem
 
-    return [EmbedItem(sha256=r[1], path=settings.home / r[2], key=r[2]) for r in rows]
+    return [EmbedItem(sha256=r.sha256, path=settings.home / r.stored_path, key=r.stored_path) for r in rows]
 
 
 def train_views(settings: Settings) -> list[int]:
@@ -30,7 +30,7 @@ def features_for(settings: Settings, rows: list[Row], views: list[int] | None = 
     from xray_core.model.features import FeatureCache
 
     cache = FeatureCache(load_backbone(settings), settings)
-    shas = [r[1] for r in rows]
+    shas = [r.sha256 for r in rows]
     if views is None:
         return cache.load(shas, 0)
     return cache.load_views(shas, views)

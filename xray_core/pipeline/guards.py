@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from xray_core.data.snapshot import Row, SplitData
 from xray_core.pipeline.features import features_for, train_views
@@ -28,11 +29,16 @@ def evaluation_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs:
     from xray_core.data.facts import image_facts
     from xray_core.evaluate.slices import slice_metrics
 
-    facts = image_facts(settings, [r[0] for r in rows])
+    facts = image_facts(settings, [r.id for r in rows])
     known = set(facts.index)
-    pick = lambda r, col: facts.at[r[0], col] if r[0] in known else None  # noqa: E731
+    def pick(row: Row, column: str) -> str | None:
+        # pandas holds a missing view as NaN: as None it becomes the "(unknown)" slice and JSON null
+        # (a NaN vanished from the by-view table and wrote a NaN token into result.json)
+        value = facts.at[row.id, column] if row.id in known else None
+        return None if value is None or pd.isna(value) else str(value)
+
     sites, views = [pick(r, "site") for r in rows], [pick(r, "view") for r in rows]
-    slices = slice_metrics(y, probs, labels, [r[4] for r in rows], {"site": sites, "view": views},
+    slices = slice_metrics(y, probs, labels, [r.patient_id for r in rows], {"site": sites, "view": views},
                            threshold=threshold, negative_label=settings.negative_label,
                            min_per_class=settings.min_test_per_class, n_samples=settings.bootstrap_samples,
                            seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
@@ -63,7 +69,7 @@ def audit_step(settings: Settings, data: SplitData) -> dict[str, Any]:
     from xray_core.evaluate.audit import shortcut_audit
 
     rows = data.train + data.val + data.test
-    facts = image_facts(settings, [r[0] for r in rows]).loc[[r[0] for r in rows]]
+    facts = image_facts(settings, [r.id for r in rows]).loc[[r.id for r in rows]]
     parts = []
     if data.train:
         parts.append(features_for(settings, data.train, [train_views(settings)[0]])[:, 0, :])  # view 0

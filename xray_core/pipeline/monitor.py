@@ -81,6 +81,7 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
 
 
 def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id: str | None) -> dict[str, Any]:
+    from xray_core.data.catalogue import Row
     from xray_core.evaluate.metrics import positive_index
     from xray_core.model.backbone import load_backbone
     from xray_core.model.features import FeatureCache
@@ -102,7 +103,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id
     if not rows:
         return {"summary": "nothing new since the last check"}
     cache = FeatureCache(backbone, settings)
-    cache.ensure(embed_items(settings, [r[:5] for r in rows]), [0])
+    cache.ensure(embed_items(settings, [Row._make(r[:5]) for r in rows]), [0])
     x = cache.load([r[1] for r in rows], 0)
     probs = predict_proba(model.head, x)
     labels = model.labels

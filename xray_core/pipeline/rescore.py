@@ -93,7 +93,7 @@ def _current_backbone(settings: Settings, data: SplitData, model_fingerprint: st
     own = settings_for_fingerprint(settings, model_fingerprint) or settings
     backbone = load_backbone(own)
     if backbone.fingerprint not in seen:
-        coverage = FeatureCache(backbone, own).coverage([r[1] for r in data.test], [0])
+        coverage = FeatureCache(backbone, own).coverage([r.sha256 for r in data.test], [0])
         seen[backbone.fingerprint] = {"fingerprint": backbone.fingerprint, "missing": coverage["pairs_needed"],
                                       "images": coverage["images"]}
     return seen[backbone.fingerprint]

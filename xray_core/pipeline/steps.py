@@ -17,6 +17,7 @@ from db import session_scope
 from db.schema import Evaluation
 from xray_core.data.catalogue import open_catalogue
 from xray_core.errors import CheckpointError, NotEnoughDataError
+from xray_core.io.fsutil import json_text
 from xray_core.monitor.reference import REFERENCE_FILE
 from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.guards import apply_guards, evaluation_slices, subgroup_slices
@@ -60,9 +61,9 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
                                  f"{len(x_val)}): ingest more patients (xray ingest PATH)")
     candidates = candidate_recipes(config, choice=settings.head_recipe, l2_grid=tuple(settings.head_l2_grid))
     selection = select_recipe(
-        candidates, x_train, y_train, np.array([r[4] for r in data.train], dtype=object),
+        candidates, x_train, y_train, np.array([r.patient_id for r in data.train], dtype=object),
         x_train[:, 0], x_val, y_val,  # held-out training images in k-fold: their eval view
-        np.array([r[4] for r in data.val], dtype=object), len(labels), folds=settings.recipe_folds,
+        np.array([r.patient_id for r in data.val], dtype=object), len(labels), folds=settings.recipe_folds,
         min_val_per_class=settings.recipe_min_val_per_class, seed=settings.train_seed)
     fitted = fit_calibrated(selection, x_train, y_train, x_val, y_val, len(labels), progress=progress)
     recipe, head, record, temperature = selection.recipe, fitted.head, fitted.record, fitted.temperature
@@ -117,7 +118,7 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     card["reference"] = reference.describe()
     state_dict = {k: v.detach().clone() for k, v in head.state_dict().items()}
     version = save_model(settings, state_dict=state_dict, card=card,
-                         train_image_ids=[r[0] for r in data.train], val_image_ids=[r[0] for r in data.val],
+                         train_image_ids=[r.id for r in data.train], val_image_ids=[r.id for r in data.val],
                          flow_run_id=flow_run_id, extra_files={REFERENCE_FILE: reference.to_bytes()})
     # Smoke test: the checkpoint reloaded from disk (sha256-verified) reproduces in-memory predictions.
     reloaded = load_model(settings, version, backbone_fingerprint=backbone.fingerprint)
@@ -146,11 +147,12 @@ def build_model_reference(settings: Settings, data: SplitData, head: Any, x_trai
     """
     from xray_core.monitor.reference import build_reference
 
-    return build_reference(x_train, x_val, np.array([r[4] for r in data.val], dtype=str), val_probs, y_val,
+    return build_reference(x_train, x_val, np.array([r.patient_id for r in data.val], dtype=str), val_probs,
+                           y_val,
                            mean=head.feature_mean.numpy(), std=head.feature_std.numpy(),
                            quantile=settings.ood_quantile, seed=settings.train_seed,
                            train_eval=x_train[:, 0],  # train_views starts with the eval view 0
-                           train_groups=np.array([r[4] for r in data.train], dtype=str))
+                           train_groups=np.array([r.patient_id for r in data.train], dtype=str))
 
 
 def key_metrics(m: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +183,7 @@ def model_test_probs(settings: Settings, version: int, rows: list[Row]) -> tuple
                 f"({model.card['backbone_weights']}), which can no longer be rebuilt here")
     cache = FeatureCache(backbone, own)
     cache.ensure(embed_items(own, rows), [0])
-    x = cache.load([r[1] for r in rows], 0)
+    x = cache.load([r.sha256 for r in rows], 0)
     return predict_proba(model.head, x), model
 
 
@@ -195,11 +197,11 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
         raise NotEnoughDataError("the test split is empty: ingest more patients before evaluating")
     probs, model = model_test_probs(settings, version, data.test)
     labels = model.labels
-    rows = [r for r in data.test if r[3] in labels]
-    keep = np.array([r[3] in labels for r in data.test])
+    rows = [r for r in data.test if r.label in labels]
+    keep = np.array([r.label in labels for r in data.test])
     probs = probs[keep]
     y = label_indices(rows, labels)
-    patients = np.array([r[4] for r in rows])
+    patients = np.array([r.patient_id for r in rows])
     metrics = compute_metrics(y, probs, labels, threshold=model.threshold, negative_label=settings.negative_label,
                               target_specificity=settings.target_specificity)
     metrics["intervals"] = bootstrap_intervals(
@@ -227,7 +229,7 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
     # model's labels only), so deciding and reporting never re-read the test features.
     return {"version": version, "test_set_fingerprint": fingerprint, "n_images": len(rows), "metrics": metrics,
             "labels": labels, "probabilities": np.round(probs.astype(np.float64), 8).tolist(),
-            "shas": [r[1] for r in rows], "sites": sites, "views": views}
+            "shas": [r.sha256 for r in rows], "sites": sites, "views": views}
 
 
 def current_champion(settings: Settings) -> int | None:
@@ -338,10 +340,10 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
                               "automatically. Keep; promote by hand (xray promote) after review.")},
                 challenger, None, audit)
         labels = challenger["metrics"]["labels"]
-        rows = [r for r in data.test if r[3] in labels]
+        rows = [r for r in data.test if r.label in labels]
         p_new, p_old = (_probabilities(ev, settings, data) for ev in (challenger, champion))
         comparison = paired_bootstrap_difference(
-            label_indices(rows, labels), p_new, p_old, labels, np.array([r[4] for r in rows]),
+            label_indices(rows, labels), p_new, p_old, labels, np.array([r.patient_id for r in rows]),
             metric=settings.promotion_metric,
             thresholds=(challenger["metrics"].get("threshold"), champion["metrics"].get("threshold")),
             negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
@@ -357,7 +359,7 @@ def _probabilities(evaluation: dict[str, Any], settings: Settings, data: SplitDa
     if evaluation.get("probabilities") is not None:
         return np.asarray(evaluation["probabilities"], dtype=np.float64)
     probs, model = model_test_probs(settings, evaluation["version"], data.test)
-    return probs[np.array([r[3] in model.labels for r in data.test])]
+    return probs[np.array([r.label in model.labels for r in data.test])]
 
 
 def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any], trigger: str,
@@ -379,7 +381,8 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
                "comparison": decision.get("comparison"), "checks": decision.get("checks"),
                "site_drops": decision.get("site_drops"), "audit": audit}
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
-                           rationale=decision["rationale"], metrics=json.loads(json.dumps(metrics, default=str)),
+                           rationale=decision["rationale"],
+                           metrics=json.loads(json_text(metrics, default=str)),  # strict: NaN -> null
                            trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]),
                            **({} if record_stale_unless_champion is ...
                               else {"record_stale_unless_champion": record_stale_unless_champion}))

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from xray_core.data.snapshot import Row, SplitData
+from xray_core.results import Evaluation
 from xray_core.settings import Settings
 
 RELIABILITY_BINS = 10  # the same equal-width bins as the ECE in metrics.compute_metrics
@@ -120,9 +122,9 @@ def site_curves(version: int, role: str, labels: list[str], y: np.ndarray, probs
     ``sites`` is the evaluation's per-row site, aligned with ``y`` and ``probs`` (the evaluation step
     records both in the same order), so these are exactly the slices the per-site guardrail judged.
     """
-    from xray_core.evaluate.slices import UNKNOWN
+    from xray_core.evaluate.slices import slice_name
 
-    names = np.array([s if s not in (None, "") else UNKNOWN for s in sites], dtype=object)
+    names = np.array([slice_name(s) for s in sites], dtype=object)
     out = []
     for site in sorted(set(names.tolist())):
         keep = names == site
@@ -132,10 +134,10 @@ def site_curves(version: int, role: str, labels: list[str], y: np.ndarray, probs
     return out
 
 
-def _example_rows(rows: list, y: np.ndarray, n: int) -> list[int]:
+def _example_rows(rows: list[Row], y: np.ndarray, n: int) -> list[int]:
     """Up to ``n`` test images, taking each true label in turn (by sha256 within a label): deterministic."""
     by_label: dict[int, list[int]] = {}
-    for i in sorted(range(len(rows)), key=lambda i: rows[i][1]):
+    for i in sorted(range(len(rows)), key=lambda i: rows[i].sha256):
         by_label.setdefault(int(y[i]), []).append(i)
     picked: list[int] = []
     queues = [by_label[k] for k in sorted(by_label)]
@@ -146,13 +148,13 @@ def _example_rows(rows: list, y: np.ndarray, n: int) -> list[int]:
     return picked
 
 
-def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, Any],
-                        champion: dict[str, Any] | None, n_examples: int = 4) -> ReportData:
+def collect_report_data(settings: Settings, data: SplitData, *, challenger: Evaluation,
+                        champion: Evaluation | None, n_examples: int = 4) -> ReportData:
     """Curves of both models on the run's test split (``data``: its frozen SplitData) and up to
     ``n_examples`` test images with the challenger's Grad-CAM overlays.
 
-    ``challenger``/``champion`` are evaluations (:func:`xray_core.pipeline.steps.evaluate_step`): their
-    test probabilities travel with them, so no test feature is read again here.
+    ``challenger``/``champion`` are the run's evaluations: their test probabilities travel with them,
+    so no test feature is read again here.
     """
     from xray_core.model.backbone import load_backbone
     from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
@@ -168,17 +170,17 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, 
     for evaluation, role in ((challenger, "challenger"), (champion, "champion")):
         if evaluation is None:
             continue
-        version = evaluation["version"]
-        model_labels = list(evaluation["labels"])
-        rows = [r for r in data.test if r[3] in model_labels]
-        probs = np.asarray(evaluation["probabilities"], dtype=np.float64)
+        version = evaluation.version
+        model_labels = list(evaluation.labels)
+        rows = [r for r in data.test if r.label in model_labels]
+        probs = np.asarray(evaluation.probabilities, dtype=np.float64)
         index = {label: i for i, label in enumerate(model_labels)}
-        y = np.array([index[r[3]] for r in rows], dtype=np.int64)
+        y = np.array([index[r.label] for r in rows], dtype=np.int64)
         curves.append(_curves(version, role, model_labels, y, probs))
-        sites = evaluation.get("sites")
-        if sites is not None and len(sites) == len(y):
+        sites = evaluation.sites
+        if len(sites) == len(y):
             by_site += site_curves(version, role, model_labels, y, probs, list(sites))
-        elif sites is not None:
+        elif sites:  # none recorded (an evaluation from before sites were): no panels, nothing to say
             notes.append(f"no per-site curves for v{version}: its evaluation lists {len(sites)} sites for {len(y)} "
                          "test images")
         if role != "challenger" or n_examples <= 0 or not rows:
@@ -193,14 +195,15 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, 
         preds = predict_labels(probs, threshold=model.threshold, positive_index=pos)
         picked = _example_rows(rows, y, n_examples)
         store = get_storage(settings)
-        grays = [decode_stored(store.read_bytes(rows[i][2]), max_pixels=settings.max_pixels) for i in picked]
+        grays = [decode_stored(store.read_bytes(rows[i].stored_path), max_pixels=settings.max_pixels)
+                 for i in picked]
         cams = gradcam_batch(backbone, model.head, grays, class_indices=[int(preds[i]) for i in picked],
                              settings=settings)
         for i, gray, cam in zip(picked, grays, cams):
             k = int(preds[i])
             p = float(probs[i, k])
             examples.append(ExampleHeatmap(
-                sha256=rows[i][1], true_label=rows[i][3], predicted_label=labels[k], probability=p,
+                sha256=rows[i].sha256, true_label=rows[i].label, predicted_label=labels[k], probability=p,
                 version=version, png=overlay_png(gray, cam, text=heatmap_caption(
                     labels[k], p, version, threshold=model.threshold,
                     positive_label=labels[pos] if pos is not None else None))))

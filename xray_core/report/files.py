@@ -8,10 +8,10 @@ of the store, features and models. Both executors of the retrain recipe (the Pre
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from xray_core.results import RunResult
+from xray_core.results import ReportFiles, RunResult
 from xray_core.settings import Settings
 
 
@@ -21,28 +21,35 @@ class RunReport:
     html_path: Path
     result_path: Path
     markdown: str  # the same text as report.md, for the Prefect markdown artifact
-    description: str  # artifact_description(result): the decision first, <= 200 characters
+    description: str  # artifact_description(run): the decision first, <= 200 characters
+    html_contents: tuple[str, ...]  # what report.html shows beyond its summary
 
 
 def write_run_reports(settings: Settings, run: RunResult, run_dir: Path) -> RunReport:
     """Write ``report.html``, ``report.md`` and ``result.json`` into ``run_dir``.
 
-    The HTML goes first: it records what it could show (``report_html_contents``), and the markdown
-    links to it promising only that. ``run`` itself is not changed; the written ``result.json`` (its
-    :meth:`~xray_core.results.RunResult.as_dict`) carries the report paths.
+    The HTML goes first: it says what it could show, and the markdown links to it promising only
+    that. ``run`` itself is not changed; the written ``result.json`` is its
+    :meth:`~xray_core.results.RunResult.as_dict` with the report files' paths (``report_path``,
+    ``report_html_contents``, ``report_html``), strict JSON (:func:`~xray_core.io.fsutil.json_text`).
     """
     from xray_core.io.fsutil import atomic_write_text, json_text
     from xray_core.report.html import write_run_html
     from xray_core.report.markdown import artifact_description, write_run_markdown
 
     run_dir = Path(run_dir)
-    result = {**run.as_dict(with_report=False), "report_path": str(run_dir / "report.md")}
-    result["report_html"] = str(write_run_html(settings, result, run_dir))
-    markdown_path, markdown = write_run_markdown(settings, result, run_dir)
-    result_path = run_dir / "result.json"
+    description = artifact_description(run)
+    files = ReportFiles(markdown=str(run_dir / "report.md"), html=str(run_dir / "report.html"),
+                        result_json=str(run_dir / "result.json"), description=description)
+    html_path, contents = write_run_html(settings, run, run_dir, files)
+    files = replace(files, html=str(html_path), html_contents=tuple(contents))
+    markdown_path, markdown = write_run_markdown(settings, run, run_dir, files)
+    result = {**run.as_dict(with_report=False), "report_path": files.markdown,
+              "report_html_contents": contents, "report_html": files.html}
+    result_path = Path(files.result_json)
     atomic_write_text(result_path, json_text(result, indent=2, default=str), mode=settings.file_mode)
-    return RunReport(markdown_path=markdown_path, html_path=Path(result["report_html"]), result_path=result_path,
-                     markdown=markdown, description=artifact_description(result))
+    return RunReport(markdown_path=markdown_path, html_path=html_path, result_path=result_path,
+                     markdown=markdown, description=description, html_contents=files.html_contents or ())
 
 
 __all__ = ["RunReport", "write_run_reports"]

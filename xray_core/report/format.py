@@ -19,3 +19,25 @@ def format_interval(m: dict[str, Any] | None) -> str:
         return "-"
     lo, hi = m.get("low"), m.get("high")
     return f"{m['point']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+ELLIPSIS = "…"
+
+
+def cut_words(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters: unchanged when it fits, else cut at the last word
+    boundary that leaves room for an ellipsis (``"… kept v2; challenger v3…"``), never mid-word.
+
+    Only when the last word boundary lies in the first half of the room (a long path, a hash) is the
+    word cut inside: dropping it whole would leave less than half of what fits. The one cut of every
+    artifact description (Prefect shows them in one table cell)."""
+    if len(text) <= limit:
+        return text
+    if limit <= len(ELLIPSIS):
+        return ELLIPSIS[:limit]
+    head = text[: limit - len(ELLIPSIS)]
+    if not text[len(head)].isspace():  # the cut falls inside a word: go back to its start
+        boundary = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+        if boundary >= len(head) // 2:
+            head = head[:boundary]
+    return head.rstrip(" \t\n,;:·—-") + ELLIPSIS

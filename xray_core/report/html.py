@@ -15,7 +15,8 @@ radiograph gives a ~5 MB PNG) but are shown 260 px wide, so each is embedded dow
 report (``heatmaps/<sha256[:12]>.png``) with a link from the thumbnail.
 
 Plots use ``matplotlib.figure.Figure`` directly, without pyplot: no global backend or figure state,
-safe in worker threads. Rendering is a pure function of the run's result and :class:`ReportData`.
+safe in worker threads. Rendering is a pure function of the run's :class:`~xray_core.results.RunResult`
+and :class:`ReportData`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from xray_core.report.markdown import KEY_METRICS, interval, render_template, report_context
-from xray_core.report.format import format_interval
 from xray_core.report.data import ModelCurves, ReportData, SiteCurves
+from xray_core.report.format import format_interval
+from xray_core.report.markdown import KEY_METRICS, evaluations, interval, render_template, report_context
+from xray_core.results import Evaluation, ReportFiles, RunResult
 from xray_core.settings import Settings, setting_default
 
 NEGATIVE_LABEL: str = setting_default("negative_label")  # XRAY_NEGATIVE_LABEL's default
@@ -64,9 +66,13 @@ def _roc_classes(curves: Sequence[ModelCurves], negative_label: str) -> list[str
 
 
 def roc_png(curves: Sequence[ModelCurves], *, negative_label: str = NEGATIVE_LABEL) -> bytes:
+    """One panel per class, both models in each; every curve's legend names the images it was drawn
+    from (a champion that lacks a label is scored on fewer test images than the challenger)."""
     from matplotlib.figure import Figure
 
     classes = _roc_classes(curves, negative_label)
+    sizes = {c.n for c in curves}
+    shared = f" (n={curves[0].n})" if len(sizes) == 1 else ""
     fig = Figure(figsize=(4.2 * len(classes), 4.0), layout="constrained")
     axes = fig.subplots(1, len(classes), squeeze=False)[0]
     for ax, label in zip(axes, classes):
@@ -76,9 +82,9 @@ def roc_png(curves: Sequence[ModelCurves], *, negative_label: str = NEGATIVE_LAB
             if r is None:
                 continue
             ax.plot(r["fpr"], r["tpr"], color=_COLOURS.get(c.role), linewidth=2, alpha=0.85,
-                    label=f"{c.role} v{c.version} (AUROC {r['auroc']:.3f})")
+                    label=f"{c.role} v{c.version} (AUROC {r['auroc']:.3f}, n={c.n})")
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="1 - specificity (false-positive rate)",
-               ylabel="sensitivity (true-positive rate)", title=f"ROC: {label} vs rest (n={curves[0].n})")
+               ylabel="sensitivity (true-positive rate)", title=f"ROC: {label} vs rest{shared}")
         ax.set_aspect("equal")
         ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
@@ -110,10 +116,12 @@ def site_roc_png(site_curves: Sequence[SiteCurves], *, negative_label: str = NEG
                     continue
                 name = f"{c.role} v{c.version}" + (f" {label}" if len(classes) > 1 else "")
                 ax.plot(r["fpr"], r["tpr"], color=_COLOURS.get(c.role), linestyle=styles[k % len(styles)],
-                        linewidth=2, alpha=0.85, label=f"{name} ({r['auroc']:.2f})")
+                        linewidth=2, alpha=0.85, label=f"{name} ({r['auroc']:.2f}, n={c.n})")
                 drawn += 1
         counts = ", ".join(f"{label} {n}" for label, n in here[0].counts.items())
-        ax.set(xlim=(0, 1), ylim=(0, 1.02), title=f"{site} (n={here[0].n})", xlabel="1 - specificity",
+        sizes = {c.n for c in here}
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), title=f"{site} (n={here[0].n})" if len(sizes) == 1 else site,
+               xlabel="1 - specificity",
                ylabel="sensitivity")
         ax.title.set_fontsize(10)
         ax.set_aspect("equal")
@@ -139,14 +147,14 @@ def _site_panels(site_curves: Sequence[SiteCurves]) -> tuple[list[SiteCurves], l
     return [c for c in site_curves if c.site in keep], notes
 
 
-def confusion_png(evals: Sequence[tuple[str, dict[str, Any]]]) -> bytes:
+def confusion_png(evals: Sequence[tuple[str, Evaluation]]) -> bytes:
     """One matrix per model: rows = true label, columns = predicted label, counts (and row share)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.4 * len(evals), 3.9), layout="constrained")
     axes = fig.subplots(1, len(evals), squeeze=False)[0]
     for ax, (role, ev) in zip(axes, evals):
-        m = ev["metrics"]
+        m = ev.metrics
         cm, labels = m["confusion_matrix"], m["labels"]
         totals = [max(sum(row), 1) for row in cm]
         ax.imshow([[v / t for v in row] for row, t in zip(cm, totals)], cmap="Blues", vmin=0, vmax=1)
@@ -158,7 +166,7 @@ def confusion_png(evals: Sequence[tuple[str, dict[str, Any]]]) -> bytes:
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
         ax.set_yticks(range(len(labels)), labels)
         threshold = f" (threshold {m['threshold']:.3f})" if m.get("threshold") is not None else ""
-        ax.set(xlabel="predicted", ylabel="true", title=f"{role} v{ev['version']}{threshold}")
+        ax.set(xlabel="predicted", ylabel="true", title=f"{role} v{ev.version}{threshold}")
     return _png(fig)
 
 
@@ -214,37 +222,32 @@ def heatmap_file_name(sha256: str) -> str:
 # --------------------------------------------------------------------------- the context
 
 
-def _evals(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [(role, result[key]) for role, key in (("challenger", "challenger_eval"), ("champion", "champion_eval"))
-            if result.get(key)]
-
-
-def _metric_table(evals: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    return {"headers": ["metric", *[f"{role} v{ev['version']}" for role, ev in evals]],
-            "rows": [[key, *[interval(ev["metrics"], key) for _, ev in evals]]
+def _metric_table(evals: list[tuple[str, Evaluation]]) -> dict[str, Any]:
+    return {"headers": ["metric", *[f"{role} v{ev.version} (n={ev.n_images})" for role, ev in evals]],
+            "rows": [[key, *[interval(ev.metrics, key) for _, ev in evals]]
                      for key in KEY_METRICS + ("sensitivity_at_specificity",)]}
 
 
-def _per_class_tables(evals: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def _per_class_tables(evals: list[tuple[str, Evaluation]]) -> list[dict[str, Any]]:
     out = []
     for role, ev in evals:
-        m = ev["metrics"]
+        m = ev.metrics
         iv = m.get("intervals", {})
         rows = [[label, pc.get("support"),
                  *[format_interval({"point": pc.get(k), **iv.get(f"per_class.{label}.{k}", {})}) for k in PER_CLASS_METRICS]]
                 for label, pc in m.get("per_class", {}).items()]
-        out.append({"title": f"{role} v{ev['version']}", "headers": ["class", "test images", *PER_CLASS_METRICS],
+        out.append({"title": f"{role} v{ev.version}", "headers": ["class", "test images", *PER_CLASS_METRICS],
                     "rows": rows})
     return out
 
 
-def _figures(result: dict[str, Any], data: ReportData | None, negative_label: str,
+def _figures(run: RunResult, data: ReportData | None, negative_label: str,
              heatmap_links: Mapping[str, str]) -> dict[str, Any]:
     """Figures as data URIs (None when there is nothing to draw) and the heatmap thumbnails."""
-    evals = _evals(result)
+    evals = evaluations(run)
     curves = data.curves if data is not None else []
     panels, _ = _site_panels(data.site_curves if data is not None else [])
-    eces = ", ".join(f"{role} v{ev['version']} {_num(ev['metrics'].get('ece'))}" for role, ev in evals)
+    eces = ", ".join(f"{role} v{ev.version} {_num(ev.metrics.get('ece'))}" for role, ev in evals)
     return {
         "roc": data_uri(roc_png(curves, negative_label=negative_label)) if curves else None,
         "site_roc": data_uri(site_roc_png(panels, negative_label=negative_label)) if panels else None,
@@ -274,66 +277,70 @@ def html_contents(context: dict[str, Any]) -> list[str]:
     return out
 
 
-def html_context(result: dict[str, Any], data: ReportData | None, *, negative_label: str = NEGATIVE_LABEL,
-                 notes: Sequence[str] = (), heatmap_links: Mapping[str, str] | None = None) -> dict[str, Any]:
-    evals = _evals(result)
-    context = report_context(result)
+def html_context(run: RunResult, data: ReportData | None, *, negative_label: str = NEGATIVE_LABEL,
+                 notes: Sequence[str] = (), heatmap_links: Mapping[str, str] | None = None,
+                 files: ReportFiles | None = None) -> dict[str, Any]:
+    evals = evaluations(run)
+    context = report_context(run, files)
     context.update(
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         metric_table=_metric_table(evals) if evals else None,
         per_class=_per_class_tables(evals),
-        figures=_figures(result, data, negative_label, heatmap_links or {}),
+        figures=_figures(run, data, negative_label, heatmap_links or {}),
         notes=[*notes, *(data.notes if data else []), *_site_panels(data.site_curves if data else [])[1]],
         heatmap_display_px=HEATMAP_DISPLAY_PX,
     )
     return context
 
 
-def render_html(result: dict[str, Any], data: ReportData | None, *, negative_label: str = NEGATIVE_LABEL,
-                notes: Sequence[str] = (), heatmap_links: Mapping[str, str] | None = None) -> str:
+def render_html(run: RunResult, data: ReportData | None, *, negative_label: str = NEGATIVE_LABEL,
+                notes: Sequence[str] = (), heatmap_links: Mapping[str, str] | None = None,
+                files: ReportFiles | None = None) -> str:
     """The whole report as one HTML document (no external resources; links to full-size heatmaps
     only for the shas in ``heatmap_links``, sha256 -> href relative to the report)."""
-    return render_template("report.html.j2", html_context(result, data, negative_label=negative_label, notes=notes,
-                                                          heatmap_links=heatmap_links))
+    context = html_context(run, data, negative_label=negative_label, notes=notes, heatmap_links=heatmap_links,
+                           files=files)
+    return render_template("report.html.j2", context)
 
 
-def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) -> Path:
-    """Write ``run_dir/report.html`` for a retrain run (completed, skipped or failed) and return its path.
+def write_run_html(settings: Settings, run: RunResult, run_dir: Path,
+                   files: ReportFiles | None = None) -> tuple[Path, list[str]]:
+    """Write ``run_dir/report.html`` for a retrain run (completed, skipped or failed); return its path
+    and what it shows beyond the summary (:func:`html_contents`: the markdown report links to it
+    promising only that).
 
     Curves and heatmaps need the run's frozen split (``run_dir/split.json``) and the challenger's
     evaluation; without them (a run that failed early) the report has the other sections only.
     If computing them fails, the report says why instead: a report must not fail a finished run.
     Full-size heatmaps go to ``run_dir/heatmaps/``; every file gets ``settings.file_mode``.
-
-    Also records in ``result["report_html_contents"]`` what the file shows, so the markdown report
-    rendered from the same dict afterwards links to it without promising figures it lacks.
+    ``files``: where the other report files are, for the report to name them.
     """
+    from xray_core.data.snapshot import load_snapshot
     from xray_core.errors import XrayError
     from xray_core.io.fsutil import atomic_write_bytes, atomic_write_text
     from xray_core.report.data import collect_report_data
-    from xray_core.data.snapshot import load_snapshot
 
     run_dir = Path(run_dir)
     snapshot = run_dir / "split.json"
     data, notes = None, []
-    challenger, champion = result.get("challenger_eval"), result.get("champion_eval")
-    if challenger and snapshot.is_file():
+    challenger, champion = run.challenger_eval, run.champion_eval
+    if challenger is not None and snapshot.is_file():
         try:
             data = collect_report_data(settings, load_snapshot(snapshot), challenger=challenger, champion=champion)
         except (XrayError, OSError, ValueError, RuntimeError) as exc:
             notes.append(f"Curves and heatmaps unavailable: {type(exc).__name__}: {exc}")
-    elif result.get("status") == "failed":
+    elif run.status == "failed":
         notes.append("The run failed before both models were evaluated: no curves or heatmaps.")
     links = {}
     for x in data.examples if data is not None else []:
         name = heatmap_file_name(x.sha256)
         atomic_write_bytes(run_dir / HEATMAPS_DIR / name, x.png, mode=settings.file_mode)
         links[x.sha256] = f"{HEATMAPS_DIR}/{name}"
-    context = html_context(result, data, negative_label=settings.negative_label, notes=notes, heatmap_links=links)
+    context = html_context(run, data, negative_label=settings.negative_label, notes=notes,
+                           heatmap_links=links, files=files)
     path = run_dir / "report.html"
     atomic_write_text(path, render_template("report.html.j2", context), mode=settings.file_mode)
-    result["report_html_contents"] = html_contents(context)
-    return path
+    return path, html_contents(context)
 
 
 __all__ = ["render_html", "write_run_html", "html_context", "embeddable_heatmap", "roc_png", "site_roc_png",

@@ -3,9 +3,10 @@ label history, and the per-site rows of the ``retrain-metrics`` artifact.
 
 Pooled numbers can hide opposite failures (a champion good on one collection and useless on another,
 a challenger the other way round), so the report, ``xray status`` and ``xray models show`` all show
-the same slice tables built here. Pure functions of the dicts the pipeline produced
-(:mod:`xray_core.evaluate.slices`, :mod:`xray_core.evaluate.audit`, ``catalogue.label_history``):
-nothing is recomputed, so every table shows the numbers the decision was made on.
+the same slice tables built here. Pure functions of what the pipeline produced (the evaluations of a
+:class:`~xray_core.results.RunResult`, whose slices come from :mod:`xray_core.evaluate.slices`; the
+audit of :mod:`xray_core.evaluate.audit`; ``catalogue.label_history``): nothing is recomputed, so
+every table shows the numbers the decision was made on.
 
 A slice that is too small to judge keeps its row: its metrics read ``not judged`` and its note says
 why (e.g. ``1 pneumonia (< 5 per class)``), so a missing site is never mistaken for a healthy one.
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 from xray_core.evaluate.slices import UNKNOWN  # the slice of films whose site or view is not known
 from xray_core.report.format import format_interval
+from xray_core.results import Evaluation
 
 NOT_JUDGED = "not judged"
 DIMENSIONS = (("site", "By site"), ("view", "By view"))
@@ -78,10 +80,10 @@ def slice_table(dimension: str, slices: dict[str, dict[str, Any]]) -> dict[str, 
 def worth_showing(slices: dict[str, Any] | None) -> bool:
     """A dimension is shown when at least one of its slices has a known value (all-unknown views say
     nothing a reader can act on; the pooled table already has those numbers)."""
-    return bool(slices) and any(name != UNKNOWN for name in slices)
+    return bool(slices) and any(name != UNKNOWN for name in slices or {})
 
 
-def slice_sections(evals: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def slice_sections(evals: Sequence[tuple[str, Evaluation]]) -> list[dict[str, Any]]:
     """The report's "By site" and "By view" sections: one table per model, only dimensions with content.
 
     ``evals``: (role, evaluation) pairs, challenger first. Each section: ``{"id", "title",
@@ -91,9 +93,9 @@ def slice_sections(evals: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str
     for dimension, heading in DIMENSIONS:
         tables = []
         for role, ev in evals:
-            slices = ((ev.get("metrics") or {}).get("slices") or {}).get(dimension)
+            slices: dict[str, Any] = (ev.metrics.get("slices") or {}).get(dimension) or {}
             if worth_showing(slices):
-                tables.append({"title": f"{role} v{ev['version']}", **slice_table(dimension, slices)})
+                tables.append({"title": f"{role} v{ev.version}", **slice_table(dimension, slices)})
         if tables:
             out.append({"id": f"by-{dimension}", "title": heading, "dimension": dimension, "tables": tables})
     return out + subgroup_sections(evals)
@@ -117,10 +119,10 @@ def subgroup_sections(evals: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[
     return out
 
 
-def site_metric_rows(challenger: dict[str, Any] | None, champion: dict[str, Any] | None) -> list[dict[str, Any]]:
+def site_metric_rows(challenger: Evaluation | None, champion: Evaluation | None) -> list[dict[str, Any]]:
     """Per-site rows for the ``retrain-metrics`` artifact: ``macro_auroc @ site paeds`` and each class's
     ``sensitivity[label] @ site paeds``, both models side by side; a slice not judged says why."""
-    site_slices = {role: ((ev or {}).get("metrics") or {}).get("slices", {}).get("site") or {}
+    site_slices = {role: ((ev.metrics.get("slices") or {}).get("site") or {}) if ev is not None else {}
                    for role, ev in (("challenger", challenger), ("champion", champion))}
     sites = sorted(set(site_slices["challenger"]) | set(site_slices["champion"]))
     labels = slice_labels({**site_slices["champion"], **site_slices["challenger"]})

@@ -1,0 +1,62 @@
+"""The retrain's drift step, as people read it: whether the films that arrived look like the champion's
+training data (the reference saved with it), in report.md, report.html and the ``drift-report``
+artifact.
+
+The retrain checks drift only when films were added and a champion exists
+(:func:`xray_core.pipeline.recipe.check_arrivals`); its result is ``RunResult.drift``: ``flagged``,
+the one-line ``summary``, ``warnings``, one ``checks`` entry per batch (all new films, then each
+site with enough films: ``n``, ``ood_flagged``, ``mmd_p``, ``ks_p``, ``verdict``, ``drift``) and the
+monitor's own ``report``. Nothing is recomputed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xray_core.report.format import cut_words
+
+DESCRIPTION_MAX_CHARS = 200  # Prefect shows artifact descriptions in one table cell
+
+
+def _p(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def unlike_line(check: dict[str, Any]) -> str | None:
+    """``15 of 42 films look unlike the champion's training data`` (None when the check has no count)."""
+    if check.get("n") is None or check.get("ood_flagged") is None:
+        return None
+    return f"{check['ood_flagged']} of {check['n']} films look unlike the champion's training data"
+
+
+def drift_context(drift: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The "Drift of the new films" section: flagged or not, the one-line summary, the MMD p and how
+    many films look unlike the reference (of all new films), then a table with one row per batch (its
+    verdict: the check's warnings say no more). None when the run did not check (no champion, or no
+    film added)."""
+    if not drift:
+        return None
+    checks = list(drift.get("checks") or [])
+    first = checks[0] if checks else {}
+    return {
+        "flagged": bool(drift.get("flagged")),
+        "checked": bool(checks),
+        "summary": str(drift.get("summary") or ("drift flagged" if drift.get("flagged") else "no drift")),
+        "subject": first.get("subject"),
+        "mmd_p": _p(first.get("mmd_p")) if first else None,
+        "unlike": unlike_line(first) if first else None,
+        "headers": ["films", "n", "unlike the reference", "MMD p", "KS p", "drift", "verdict"],
+        "rows": [[c.get("subject"), c.get("n"), c.get("ood_flagged"), _p(c.get("mmd_p")), _p(c.get("ks_p")),
+                  "yes" if c.get("drift") else "no", c.get("verdict") or ""] for c in checks],
+        "report": drift.get("report"),
+    }
+
+
+def drift_description(drift: dict[str, Any]) -> str:
+    """The ``drift-report`` artifact's description: ``Drift flagged: <summary>`` or ``No drift: ...``."""
+    context = drift_context(drift) or {"flagged": False, "summary": "not checked"}
+    lead = "Drift flagged" if context["flagged"] else "No drift flagged"
+    return cut_words(f"{lead}: {context['summary']}", DESCRIPTION_MAX_CHARS)
+
+
+__all__ = ["drift_context", "drift_description", "unlike_line"]
