@@ -22,6 +22,7 @@ from xray_core.data.synthetic import write_dataset
 from xray_core.errors import ManifestError, UsageError
 from xray_core.evaluate.slices import fold_rare
 from xray_core.report.sites import slice_sections
+from xray_core.results import Evaluation
 from xray_core.report.status import status_report
 from xray_core.report.terminal import render_ingest, render_status
 from xray_core.settings import Settings
@@ -242,7 +243,8 @@ def test_subgroups_by_sex_age_band_and_attribute_have_intervals_and_say_what_is_
     assert out["scanner"]["dev-b"]["reason"] == "2 pneumonia (< 3 per class)"
     assert subgroup_slices(settings, test_rows, y, probs, ["normal", "pneumonia"], 0.5) == {}  # default: none
 
-    sections = slice_sections([("challenger", {"version": 2, "metrics": {"slices": {}, "subgroups": out}})])
+    challenger = Evaluation.from_dict({"version": 2, "metrics": {"slices": {}, "subgroups": out}})
+    sections = slice_sections([("challenger", challenger)])
     assert [s["title"] for s in sections] == ["By sex (reported only)", "By age_band (reported only)",
                                               "By scanner (reported only)"]
     (table,) = sections[2]["tables"]

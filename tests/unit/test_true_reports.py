@@ -266,6 +266,9 @@ def test_a_result_json_reads_back_into_a_run_with_the_same_format(name):
     assert run.report is not None and run.report.html == written["report_html"]
     added = ("report_path", "report_html_contents", "report_html")  # the writer's, beside as_dict()
     same = {k: v for k, v in written.items() if k not in added}
-    assert json.loads(json.dumps(run.as_dict(with_report=False))) == same
+    again = json.loads(json.dumps(run.as_dict(with_report=False)))
+    for ingest in again["ingests"]:  # added after these files were written (issue 25: manifest attributes)
+        assert ingest.pop("attributes") == {}
+    assert again == same
     assert list(run.as_dict(with_report=False)) == list(same)
     assert retrain_markdown(run).startswith(f"# {written['state']}: ")

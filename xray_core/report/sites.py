@@ -101,18 +101,17 @@ def slice_sections(evals: Sequence[tuple[str, Evaluation]]) -> list[dict[str, An
     return out + subgroup_sections(evals)
 
 
-def subgroup_sections(evals: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def subgroup_sections(evals: Sequence[tuple[str, Evaluation]]) -> list[dict[str, Any]]:
     """A "By sex (reported only)" section per ``XRAY_SLICE_BY`` dimension beyond site and view (the
     evaluations' ``metrics.subgroups``), shaped as :func:`slice_sections`' sections. A dimension is shown
     even when no test film has a value for it (one ``(unknown)`` row): it was asked for by name."""
     dimensions: list[str] = []
     for _, ev in evals:
-        dimensions += [d for d in ((ev.get("metrics") or {}).get("subgroups") or {}) if d not in dimensions]
+        dimensions += [d for d in (ev.metrics.get("subgroups") or {}) if d not in dimensions]
     out = []
     for dimension in dimensions:
-        tables = [{"title": f"{role} v{ev['version']}", **slice_table(dimension, slices)}
-                  for role, ev in evals
-                  if (slices := ((ev.get("metrics") or {}).get("subgroups") or {}).get(dimension))]
+        tables = [{"title": f"{role} v{ev.version}", **slice_table(dimension, slices)}
+                  for role, ev in evals if (slices := (ev.metrics.get("subgroups") or {}).get(dimension))]
         slug = re.sub(r"[^a-z0-9]+", "-", dimension.lower()).strip("-") or "attribute"
         out.append({"id": f"by-{slug}", "title": f"By {dimension} (reported only)", "dimension": dimension,
                     "tables": tables})
