@@ -19,7 +19,7 @@ from typing import Any, Literal
 from prefect.events import emit_event as _prefect_emit_event
 
 from xray_core.io.fsutil import json_safe
-from xray_core.results import NOT_REACHED, RunResult
+from xray_core.results import NotReached, RunResult
 
 
 def emit_event(event: str, **kwargs: Any) -> None:
@@ -100,9 +100,10 @@ def emit_retrain_drift(run: RunResult) -> int:
         return 0
     # The champion the new films were checked against: the one this run evaluated, else (no
     # evaluation: a skip) the one it left, which is the same.
+    champion: int | None = None
     if run.champion_eval is not None:
         champion = run.champion_eval.version
-    else:
-        champion = None if run.champion_after is NOT_REACHED or run.state == "Promoted" else run.champion_after
+    elif not isinstance(run.champion_after, NotReached) and run.state != "Promoted":
+        champion = run.champion_after
     return emit_drift({"model": champion, "report": run.drift.get("report"), "checks": run.drift.get("checks") or []},
                       source="retrain")
