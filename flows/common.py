@@ -110,7 +110,8 @@ def tag_decision(state: State) -> State:
     try:
         write_decision_tag(UUID(run_id), tag)
     except Exception as exc:  # noqa: BLE001 - a tag must never change the run's outcome
-        get_run_logger().warning("could not tag this run %s: %s: %s", tag, type(exc).__name__, utf8_safe(str(exc)))
+        get_run_logger().warning("could not tag this run %s: %s: %s", tag, type(exc).__name__,
+                                 utf8_safe(str(exc)))
     return state
 
 

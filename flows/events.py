@@ -30,7 +30,8 @@ def emit_event(event: str, **kwargs: Any) -> None:
 
 # A retrain's final state -> the event it emits.
 RETRAIN_EVENTS = {"Promoted": "xray.model.promoted", "Kept": "xray.model.kept", "Skipped": "xray.retrain.skipped",
-                  "Insufficient evidence": "xray.retrain.insufficient_evidence", "Blocked": "xray.retrain.blocked"}
+                  "Insufficient evidence": "xray.retrain.insufficient_evidence",
+                  "Blocked": "xray.retrain.blocked"}
 # Events about the challenger (on its model resource; a Blocked one waits for a reviewer: `xray promote N`);
 # the others are on the champion the run left.
 ON_CHALLENGER = ("xray.model.promoted", "xray.model.kept", "xray.retrain.blocked")
@@ -67,8 +68,9 @@ def emit_ingested(summary: dict[str, Any], site: str | None) -> bool:
         return False
     where = site or "unknown"
     keys = ("source_id", "files", "added", "duplicates", "rejected", "new_patients", "added_by_label")
-    emit_event("xray.batch.ingested", resource={"prefect.resource.id": f"xray.site.{where}",
-                                                "prefect.resource.name": f"site {where}", "xray.source": "ingest"},
+    emit_event("xray.batch.ingested",
+               resource={"prefect.resource.id": f"xray.site.{where}",
+                         "prefect.resource.name": f"site {where}", "xray.source": "ingest"},
                payload={"site": where, "source": "ingest", **{k: summary[k] for k in keys if k in summary}})
     return True
 
@@ -105,5 +107,5 @@ def emit_retrain_drift(run: RunResult) -> int:
         champion = run.champion_eval.version
     elif not isinstance(run.champion_after, NotReached) and run.state != "Promoted":
         champion = run.champion_after
-    return emit_drift({"model": champion, "report": run.drift.get("report"), "checks": run.drift.get("checks") or []},
-                      source="retrain")
+    check = {"model": champion, "report": run.drift.get("report"), "checks": run.drift.get("checks") or []}
+    return emit_drift(check, source="retrain")

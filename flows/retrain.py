@@ -140,4 +140,5 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
     emit_retrain_outcome(result.as_dict())
     emit_retrain_drift(result)
     logger.info(result.state_line)
-    return tag_decision(Completed(name=result.state, message=result.state_message[:1000], data=result.digest()))
+    final = Completed(name=result.state, message=result.state_message[:1000], data=result.digest())
+    return tag_decision(final)

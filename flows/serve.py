@@ -84,7 +84,7 @@ def nightly_config(env: Mapping[str, str]) -> NightlyConfig:
 
 
 def nightly_description(cron: str, timezone: str) -> str:
-    """retrain/nightly's description: its schedule with the time zone first (the deployments list shows it)."""
+    """retrain/nightly's description: its schedule and time zone first (the deployments list shows it)."""
     return (f"Runs at cron `{cron}`, time zone {timezone}. Scans the incoming folder (parameter incoming), "
             "retrains, compares with the champion, promotes or keeps.")
 
@@ -136,8 +136,9 @@ async def apply_overrides(config: NightlyConfig) -> list[str]:
             try:
                 deployment = await client.read_deployment_by_name(change.deployment)
             except ObjectNotFound:
-                raise DeployConfigError(f"no deployment {change.deployment} on the server; deploy prefect.yaml "
-                                        "first (`prefect --no-prompt deploy --all`, or `make deploy`)") from None
+                raise DeployConfigError(
+                    f"no deployment {change.deployment} on the server; deploy prefect.yaml first "
+                    "(`prefect --no-prompt deploy --all`, or `make deploy`)") from None
             update: dict[str, Any] = {}
             if change.incoming is not None:
                 update["parameters"] = {**deployment.parameters, "incoming": str(change.incoming)}
@@ -147,8 +148,8 @@ async def apply_overrides(config: NightlyConfig) -> list[str]:
                 await client.update_deployment(deployment.id, DeploymentUpdate(**update))
             if change.cron is not None:
                 for schedule in deployment.schedules:
-                    await client.update_deployment_schedule(
-                        deployment.id, schedule.id, schedule=CronSchedule(cron=change.cron, timezone=change.timezone))
+                    cron = CronSchedule(cron=change.cron, timezone=change.timezone)
+                    await client.update_deployment_schedule(deployment.id, schedule.id, schedule=cron)
             said = [f"incoming {change.incoming}"] if change.incoming is not None else []
             said += [f"schedule '{change.cron}' in {change.timezone}"] if change.cron is not None else []
             done.append(f"{change.deployment}: {', '.join(said)} (set on the server)")
@@ -190,8 +191,8 @@ def main(argv: list[str]) -> int:
             return 1
         except (OSError, httpx.HTTPError) as exc:
             api = os.environ.get("PREFECT_API_URL", "(PREFECT_API_URL unset)")
-            print(f"error: could not set the deployments through the Prefect API at {api} ({type(exc).__name__}: "
-                  f"{exc}); is its server running (`make serve`)?", file=sys.stderr)
+            print(f"error: could not set the deployments through the Prefect API at {api} "
+                  f"({type(exc).__name__}: {exc}); is its server running (`make serve`)?", file=sys.stderr)
             return 1
         return 0
     print("usage: python -m flows.serve {wait-for-server | check-deploy | override}", file=sys.stderr)

@@ -8,8 +8,9 @@ where an operator looks. Two pages:
 
 (A third capture, a paused run's review form, belongs beside them in :func:`captures`.)
 
-    make ui-screenshot                      # with `make serve` running: var/ui/runs.png, var/ui/deployment.png
-    python scripts/ui_screenshot.py --url http://127.0.0.1:4311/runs --out-dir /tmp/ui --deployment retrain/nightly
+    make ui-screenshot          # with `make serve` running: var/ui/runs.png, var/ui/deployment.png
+    python scripts/ui_screenshot.py --url http://127.0.0.1:4311/runs --out-dir /tmp/ui \
+        --deployment retrain/nightly
 
 It also prints the latest flow runs, their state names and decision tags as the API has them, so the
 pictures can be checked against them. Exit codes: 0 written, 1 the server or the browser failed, 2 bad
@@ -93,12 +94,13 @@ def deployment_id(api: str, name: str | None) -> str:
         name = "retrain/nightly"
     flow, _, deployment = name.partition("/")
     try:
-        with urllib.request.urlopen(f"{api}/deployments/name/{quote(flow)}/{quote(deployment)}", timeout=10) as resp:
+        url = f"{api}/deployments/name/{quote(flow)}/{quote(deployment)}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
             return str(json.load(resp)["id"])
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
-            raise SystemExit(_usage_error(f"no deployment {name!r} on the server; e.g. --deployment retrain/nightly "
-                                          "(`prefect deployment ls` lists them)")) from None
+            raise SystemExit(_usage_error(f"no deployment {name!r} on the server; e.g. --deployment "
+                                          "retrain/nightly (`prefect deployment ls` lists them)")) from None
         raise
 
 
@@ -112,7 +114,7 @@ class Capture(NamedTuple):
 def captures(runs_url: str, deployment: str, out_dir: Path) -> list[Capture]:
     """The pages ``make ui-screenshot`` pictures, in order: the runs list, then the deployment's page on
     its Runs tab (the UI's default there lists every state type but Scheduled, so custom-named states
-    such as Kept show; the classic UI's name filter may hide them: README "Finding every run")."""
+    such as Kept show; a filter by state names hides them: README "Every run on a deployment page")."""
     parts = urlsplit(runs_url)
     base = f"{parts.scheme}://{parts.netloc}"
     return [Capture(runs_url, out_dir / "runs.png"),
@@ -143,7 +145,7 @@ def screenshot(browser: str, url: str, out: Path, *, width: int, height: int, wa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:4200/runs",
-                        help="the UI's runs page; the other pages are on the same server (default: %(default)s)")
+                        help="the UI's runs page; the other pages are on its server (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=Path("var/ui"),
                         help="folder for runs.png and deployment.png (default: %(default)s)")
     parser.add_argument("--deployment", help="flow/deployment to picture, e.g. retrain/nightly (default: the "
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<28} {state_name} ({state_type}) {decision}".rstrip())
     for capture in captures(args.url, deployment, args.out_dir):
         try:
-            screenshot(browser, capture.url, capture.out, width=args.width, height=args.height, wait_ms=args.wait_ms)
+            screenshot(browser, capture.url, capture.out, width=args.width, height=args.height,
+                       wait_ms=args.wait_ms)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -48,7 +48,8 @@ def fresh_server(tmp_path):
 def _run(cmd: list[str], env: dict[str, str]) -> str:
     done = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                                  f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout
 
 
@@ -62,7 +63,8 @@ def _ui_screenshot():
 
 
 def _deployed(env: dict[str, str]) -> dict[str, dict]:
-    """flow/deployment -> what the API has: id, parameters, (cron, timezone) of each schedule, description, pull steps."""
+    """flow/deployment -> what the API has: id, parameters, (cron, timezone) of each schedule, description,
+    pull steps."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -70,7 +72,8 @@ def _deployed(env: dict[str, str]) -> dict[str, dict]:
         async with get_client() as client:
             flows = {f.id: f.name for f in await client.read_flows()}
             return {f"{flows[d.flow_id]}/{d.name}": {
-                "id": str(d.id), "parameters": d.parameters, "description": d.description, "pull_steps": d.pull_steps,
+                "id": str(d.id), "parameters": d.parameters, "description": d.description,
+                "pull_steps": d.pull_steps,
                 "schedules": [(s.schedule.cron, s.schedule.timezone) for s in d.schedules]}
                 for d in await client.read_deployments()}
 
@@ -92,16 +95,18 @@ def test_a_bare_deploy_gives_the_defaults_and_make_deploy_sets_its_own(fresh_ser
     assert nightly["schedules"] == [("0 2 * * *", "Europe/Zurich")]
     assert nightly["parameters"]["incoming"] == on_drift["parameters"]["incoming"] == "/data/incoming"
     assert daily["schedules"] == [("30 6 * * *", "Europe/Zurich")]
-    assert "time zone Europe/Zurich" in nightly["description"] and "time zone Europe/Zurich" in daily["description"]
+    assert all("time zone Europe/Zurich" in d["description"] for d in (nightly, daily))
     # No pull step in the file: Prefect records the folder it deployed from, where the worker runs flows.
     workdir = [{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT)}}]
-    assert all(d["pull_steps"] == workdir for d in bare.values()), {n: d["pull_steps"] for n, d in bare.items()}
+    assert all(d["pull_steps"] == workdir for d in bare.values()), {n: d["pull_steps"]
+                                                                    for n, d in bare.items()}
     assert not any("{{" in repr(d) for d in bare.values())  # no template deployed as text
 
     # `make ui-screenshot` finds the deployment page it pictures through the same API (no run yet: nightly).
     shot = _ui_screenshot()
     api = env["PREFECT_API_URL"]
-    assert shot.deployment_id(api, None) == shot.deployment_id(api, "retrain/nightly") == bare["retrain/nightly"]["id"]
+    nightly_id = bare["retrain/nightly"]["id"]
+    assert shot.deployment_id(api, None) == shot.deployment_id(api, "retrain/nightly") == nightly_id
     with pytest.raises(SystemExit) as refused:
         shot.deployment_id(api, "retrain/weekly")
     assert refused.value.code == 2
@@ -112,7 +117,8 @@ def test_a_bare_deploy_gives_the_defaults_and_make_deploy_sets_its_own(fresh_ser
             f"SERVE_PORT={fresh_server['port']}", f"SERVE_HOME={fresh_server['home']}",
             *(f"{k}={v}" for k, v in OTHER.items())]
     out = _run(make, env)
-    assert f"retrain/nightly: incoming {OTHER['INCOMING']}, schedule '{OTHER['SCHEDULE']}' in {OTHER['TIMEZONE']}" in out
+    said = f"incoming {OTHER['INCOMING']}, schedule '{OTHER['SCHEDULE']}' in {OTHER['TIMEZONE']}"
+    assert f"retrain/nightly: {said}" in out
     made = _deployed(env)
     nightly, on_drift, daily = made["retrain/nightly"], made["retrain/on-drift"], made["monitor/daily"]
     assert nightly["schedules"] == [(OTHER["SCHEDULE"], OTHER["TIMEZONE"])]
@@ -121,5 +127,6 @@ def test_a_bare_deploy_gives_the_defaults_and_make_deploy_sets_its_own(fresh_ser
     assert daily["schedules"] == [("30 6 * * *", OTHER["TIMEZONE"])]
     assert f"`{OTHER['SCHEDULE']}`, time zone {OTHER['TIMEZONE']}" in nightly["description"]
     assert f"time zone {OTHER['TIMEZONE']}" in daily["description"]
-    assert {n: d for n, d in made.items() if n not in ("retrain/nightly", "retrain/on-drift", "monitor/daily")} == {
-        n: d for n, d in bare.items() if n not in ("retrain/nightly", "retrain/on-drift", "monitor/daily")}
+    changed = ("retrain/nightly", "retrain/on-drift", "monitor/daily")
+    assert {n: d for n, d in made.items() if n not in changed} == {
+        n: d for n, d in bare.items() if n not in changed}

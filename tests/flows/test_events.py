@@ -67,8 +67,9 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
     assert promoted.payload["macro_auroc"] == 0.83 and promoted.payload["n_test"] == 40
 
     # Blocked: on the challenger's resource, the one a reviewer would promote.
-    assert emit_retrain_outcome({"state": "Blocked", "state_message": "v9 not promoted: shortcut audit", "version": 9,
-                                 "champion_after": 7, "trigger": "test"}) == "xray.retrain.blocked"
+    blocked_run = {"state": "Blocked", "state_message": "v9 not promoted: shortcut audit", "version": 9,
+                   "champion_after": 7, "trigger": "test"}
+    assert emit_retrain_outcome(blocked_run) == "xray.retrain.blocked"
     (blocked,) = _events("xray.retrain.blocked", 1, "xray.model.v9")
     assert blocked.payload["challenger"] == 9 and blocked.payload["champion_after"] == 7
 

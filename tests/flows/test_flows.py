@@ -199,7 +199,8 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_retrain_manual(flow_env,
     assert runs and all(state == "COMPLETED" for _, state, *_ in runs), (runs, worker.stdout[-4000:],
                                                                         worker.stderr[-4000:])
     # The deployment's tags, and the decision the run added to them from the worker's process.
-    assert all({"xray", "retrain", f"decision:{name.lower()}"} <= set(tags) for _, _, _, name, _, tags in runs), runs
+    assert all({"xray", "retrain", f"decision:{name.lower()}"} <= set(tags)
+               for _, _, _, name, _, tags in runs), runs
     with session_scope(open_catalogue(get_settings())) as s:
         audit = s.scalars(select(Promotion)).all()
     assert audit and audit[-1].trigger == "manual" and audit[-1].flow_run_id

@@ -52,7 +52,8 @@ def test_bad_values_name_the_variable_and_what_is_allowed(change, named, allowed
 
 def test_unset_or_empty_values_are_the_defaults():
     config = nightly_config({"XRAY_TIMEZONE": " "})
-    assert (str(config.incoming), config.cron, config.timezone) == ("/data/incoming", "0 2 * * *", "Europe/Zurich")
+    assert (str(config.incoming), config.cron, config.timezone) == ("/data/incoming", "0 2 * * *",
+                                                                    "Europe/Zurich")
     assert nightly_config({}) == config
 
 
@@ -99,7 +100,8 @@ def test_prefect_yaml_holds_the_defaults_and_no_templates():
     on_drift = by_name[("flows/retrain.py:retrain", "on-drift")]
     daily = by_name[("flows/monitor.py:monitor", "daily")]
     config = nightly_config({})
-    assert nightly["parameters"]["incoming"] == on_drift["parameters"]["incoming"] == DEFAULTS["XRAY_INCOMING"]
+    incoming = DEFAULTS["XRAY_INCOMING"]
+    assert nightly["parameters"]["incoming"] == on_drift["parameters"]["incoming"] == incoming
     assert [(s["cron"], s["timezone"]) for s in nightly["schedules"]] == [(config.cron, config.timezone)]
     assert [(s["cron"], s["timezone"]) for s in daily["schedules"]] == [(MONITOR_CRON, config.timezone)]
     assert nightly["description"] == nightly_description(config.cron, config.timezone)

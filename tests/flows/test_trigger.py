@@ -10,7 +10,8 @@ two runs, the second waits in ``AwaitingConcurrencySlot`` until the first has fi
 trigger must not match (a promotion, a drift event on a non-xray resource, the drift a retrain's own
 check found: no retrain loop) start nothing; the shipped trigger schedules its runs an hour after
 the event. What queues the second run here is the deployment's own concurrency limit (served runs
-take no work queue; `make serve`'s retrain queue, limit 1, is a second guard not exercised here). Skipped, with the server's log, if no server starts.
+take no work queue; `make serve`'s retrain queue, limit 1, is a second guard not exercised here).
+Skipped, with the server's log, if no server starts.
 """
 
 from __future__ import annotations
