@@ -16,8 +16,9 @@ DEMO_ENV := XRAY_HOME=var/demo PREFECT_HOME=$(CURDIR)/var/demo-prefect \
 	XRAY_FLOOR_MACRO_AUROC=$${XRAY_FLOOR_MACRO_AUROC:-0.7} XRAY_FLOOR_SENSITIVITY=$${XRAY_FLOOR_SENSITIVITY:-0.6} \
 	XRAY_SHORTCUT_POLICY=$${XRAY_SHORTCUT_POLICY:-block} XRAY_HEAD_RECIPE=$${XRAY_HEAD_RECIPE:-linear} \
 	XRAY_HEAD_L2_GRID=$${XRAY_HEAD_L2_GRID:-0.1}
-# `make serve` settings (override on the command line). INCOMING, SCHEDULE and TIMEZONE go into the
-# nightly retrain through prefect.yaml; an XRAY_INCOMING already in the environment is the default folder.
+# `make serve` settings (override on the command line). prefect.yaml deploys with the same defaults;
+# `make deploy` then sets INCOMING, SCHEDULE and TIMEZONE on the deployments (`flows.serve override`).
+# An XRAY_INCOMING already in the environment is the default folder.
 INCOMING ?= $(or $(XRAY_INCOMING),/data/incoming)
 SCHEDULE ?= 0 2 * * *
 TIMEZONE ?= Europe/Zurich
@@ -28,7 +29,7 @@ SERVE_URL := http://127.0.0.1:$(SERVE_PORT)
 SERVE_ENV := PREFECT_HOME='$(SERVE_HOME)' PREFECT_API_URL=$(SERVE_URL)/api \
 	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(SERVE_PORT) \
 	PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
-	XRAY_PROJECT_DIR='$(CURDIR)' XRAY_INCOMING='$(INCOMING)' XRAY_SCHEDULE='$(SCHEDULE)' XRAY_TIMEZONE='$(TIMEZONE)'
+	XRAY_INCOMING='$(INCOMING)' XRAY_SCHEDULE='$(SCHEDULE)' XRAY_TIMEZONE='$(TIMEZONE)'
 
 .PHONY: venv demo test test-fast test-postgres bench serve deploy stop ui-screenshot clean
 
@@ -92,14 +93,15 @@ serve: $(STAMP)
 		$(SERVE_ENV) $(VENV)/bin/prefect work-queue set-concurrency-limit retrain 1 --pool xray-process
 	$(MAKE) --no-print-directory deploy
 	$(SERVE_ENV) nohup $(VENV)/bin/prefect worker start --pool xray-process > '$(SERVE_HOME)/worker.log' 2>&1 & echo $$! > '$(SERVE_HOME)/worker.pid'
-	@$(SERVE_ENV) $(PY) -m flows.serve check-deploy
 	@echo "Prefect UI: $(SERVE_URL)  (export PREFECT_API_URL=$(SERVE_URL)/api to use it from this shell)"
 
 # Deploy prefect.yaml again, e.g. with another schedule, to the server `make serve` started (same
-# variables). The check prints what it sets and stops on a bad value before anything is deployed.
+# variables): the file as it is (its defaults), then INCOMING, SCHEDULE and TIMEZONE set through the API.
+# The check prints what it sets and stops on a bad value before anything is deployed.
 deploy: $(STAMP)
 	$(SERVE_ENV) $(PY) -m flows.serve check-deploy
 	$(SERVE_ENV) $(VENV)/bin/prefect --no-prompt deploy --all
+	$(SERVE_ENV) $(PY) -m flows.serve override
 
 stop:
 	@for name in worker server; do \
@@ -108,7 +110,8 @@ stop:
 		kill -9 $$pid 2>/dev/null; rm -f "$$f"; echo "stopped prefect $$name ($$pid)"; \
 	done
 
-# With `make serve` running: a headless-Chromium screenshot of the flow-runs page, where each retrain's
-# final state (Promoted, Kept, Skipped, ...) shows; see docs/operations.md "The Prefect UI path".
+# With `make serve` running: headless-Chromium screenshots of the flow-runs page, where each retrain's
+# final state (Promoted, Kept, Skipped, ...) shows, and of the newest retrain's deployment page
+# (var/ui/runs.png, var/ui/deployment.png); see docs/operations.md "The Prefect UI path".
 ui-screenshot: $(STAMP)
-	$(PY) scripts/ui_screenshot.py --url $(SERVE_URL)/runs --out var/ui/runs.png
+	$(PY) scripts/ui_screenshot.py --url $(SERVE_URL)/runs --out-dir var/ui

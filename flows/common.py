@@ -1,10 +1,11 @@
-"""Shared flow helpers: progress artifacts for the Prefect UI, the retry condition for transient I/O, and the
-final state of a flow that refuses a path outside the allowed roots."""
+"""Shared flow helpers: progress artifacts for the Prefect UI, the retry condition for transient I/O, the
+final state of a flow that refuses a path outside the allowed roots, and a run's decision tag."""
 
 from __future__ import annotations
 
 import time
 from typing import Any, Callable
+from uuid import UUID
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -78,3 +79,46 @@ def _one_line_failure(exc: BaseException, *, name: str = "Failed") -> State[Any]
     message = utf8_safe(str(exc))[:1000]
     get_run_logger().error(message)
     return Failed(name=name, message=message, data=exc)
+
+
+DECISION_TAG_PREFIX = "decision:"
+
+
+def decision_tag(state_name: str) -> str:
+    """The tag of a retrain's final state: ``Promoted`` -> ``decision:promoted``, ``Insufficient evidence``
+    -> ``decision:insufficient-evidence``; likewise kept, skipped, blocked, failed and refused."""
+    return DECISION_TAG_PREFIX + state_name.strip().lower().replace(" ", "-")
+
+
+def tag_decision(state: State) -> State:
+    """Tag this flow run with its decision (:func:`decision_tag` of ``state``'s name) and return ``state``.
+
+    Prefect sets a run's tags when the run is created; the decision is known only at its end, so the
+    tag is added here, from inside the run, before it returns: read the run's tags from the API,
+    keep them (a ``decision:`` tag of an earlier attempt is replaced), write them back with this one.
+    The UI's default filter on a deployment's runs can hide states with a custom name
+    (PrefectHQ/prefect#12006, #16402); a tag is found by any filter, automation or API query. A tag
+    that cannot be written (the API is down) is logged as a warning and changes nothing else: the
+    run keeps its state.
+    """
+    from prefect.runtime import flow_run
+
+    tag = decision_tag(state.name or state.type.value)
+    run_id = flow_run.id
+    if run_id is None:  # not inside a flow run
+        return state
+    try:
+        write_decision_tag(UUID(run_id), tag)
+    except Exception as exc:  # noqa: BLE001 - a tag must never change the run's outcome
+        get_run_logger().warning("could not tag this run %s: %s: %s", tag, type(exc).__name__,
+                                 utf8_safe(str(exc)))
+    return state
+
+
+def write_decision_tag(flow_run_id: UUID, tag: str) -> None:
+    """Set ``tag`` on the flow run, keeping its other tags (Prefect's update replaces the whole list)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        tags = [t for t in client.read_flow_run(flow_run_id).tags if not t.startswith(DECISION_TAG_PREFIX)]
+        client.update_flow_run(flow_run_id, tags=[*tags, tag])

@@ -60,11 +60,11 @@ def ingest(path: str, manifest: str | None = None, site: str | None = None,
     summary = ingest_task(path, manifest, site, columns)
     create_markdown_artifact(markdown=utf8_safe(f"```\n{render_ingest(summary)}\n```"), key="ingest-summary",
                              description="what the last ingest added, skipped and quarantined")
-    emit_ingested(summary, site or Path(path).name)
+    emit_ingested(summary, site or Path(path).name)  # only when films were added: nothing new queues nothing
     if check_drift and summary.get("added"):
         drift = drift_task(flow_run.id)
         create_markdown_artifact(markdown=utf8_safe(drift.pop("markdown")), key="drift-report",
                                  description=cut_words(str(drift["summary"]), 250))
         summary["drift"] = {"summary": drift["summary"], "drift": drift["drift"], "report": drift["report"],
-                            "events": emit_drift(drift)}
+                            "events": emit_drift(drift, source="ingest")}
     return summary

@@ -1,9 +1,10 @@
 """The retrain flow: the recipe of :mod:`xray_core.pipeline.recipe`, each step a Prefect task.
 
-The flow ends in a state named after the decision (``Promoted``, ``Kept``, ``Skipped``,
-``Insufficient evidence``; a failure is ``Failed``) with the one-line rationale as its message, so the
-runs list and ``prefect deployment run --watch`` show what happened. Artifacts are keyed, so the UI
-keeps their history; each description starts with the decision.
+The flow ends in a state named after the decision (``Promoted``, ``Kept``, ``Skipped``, ``Blocked``,
+``Insufficient evidence``; a failure is ``Failed``, a path outside the allowed roots ``Refused``) with
+the one-line rationale as its message, so the runs list and ``prefect deployment run --watch`` show
+what happened, and carries it as a tag (``decision:promoted``, ..., :func:`flows.common.tag_decision`).
+Artifacts are keyed, so the UI keeps their history; each description starts with the decision.
 """
 
 from __future__ import annotations
@@ -15,10 +16,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 
-from flows.common import epoch_reporter, failed_for_user_error, progress_reporter, refused, transient_io
-from flows.events import emit_retrain_outcome
+from flows.common import (
+    epoch_reporter,
+    failed_for_user_error,
+    progress_reporter,
+    refused,
+    tag_decision,
+    transient_io,
+)
+from flows.events import emit_retrain_drift, emit_retrain_outcome
 from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
 from xray_core.io.fsutil import utf8_safe
@@ -119,7 +127,7 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
         paths = confine_parameters(settings, read={"sources": sources, "manifests": manifests,
                                                    "incoming": incoming or None})
     except PathRefusedError as exc:
-        return refused(exc)
+        return tag_decision(refused(exc))
     sources, manifests, incoming = paths["sources"], paths["manifests"], paths["incoming"]
     folder = incoming or (str(settings.incoming_dir) if use_incoming and settings.incoming_dir else None)
     request = RetrainRequest(sources=tuple(sources or ()), manifests=tuple(manifests or ()), incoming=folder,
@@ -137,9 +145,13 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
                                type(also).__name__, also)
         failed_state = failed_for_user_error(exc)  # the CLI's one line as the Failed state's message
         if failed_state is not None:
-            return failed_state
+            return tag_decision(failed_state)
+        if isinstance(exc, Exception):  # not a cancellation or Ctrl-C: those end Cancelled, untagged
+            tag_decision(Failed())
         raise
     publish_artifacts(settings, result)
     emit_retrain_outcome(result)
+    emit_retrain_drift(result)
     logger.info(result.state_line)
-    return Completed(name=result.state, message=result.state_message[:1000], data=result.digest())
+    final = Completed(name=result.state, message=result.state_message[:1000], data=result.digest())
+    return tag_decision(final)

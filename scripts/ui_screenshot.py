@@ -1,13 +1,20 @@
-"""Screenshot the Prefect UI's flow-runs page in headless Chromium: the manual check that each retrain's
-decision (its final state name: Promoted, Kept, Skipped, Insufficient evidence, Failed) shows in the
-runs list, where an operator looks first.
+"""Screenshot the Prefect UI in headless Chromium: the manual check that each retrain's decision shows
+where an operator looks. Two pages:
 
-    make ui-screenshot                      # with `make serve` running: var/ui/runs.png
-    python scripts/ui_screenshot.py --url http://127.0.0.1:4311/runs --out /tmp/runs.png
+- the flow-runs list (``runs.png``): each run's final state name (Promoted, Kept, Skipped, Blocked,
+  Insufficient evidence, Failed) as its badge;
+- a deployment page, Runs tab (``deployment.png``): by default the deployment of the newest retrain
+  run; its description names the schedule's time zone.
 
-It also prints the latest flow runs and their state names as the API has them, so the picture can be
-checked against them. Exit codes: 0 written, 1 the server or the browser failed, 2 bad usage (e.g. no
-Chromium: the message says how to install it).
+(A third capture, a paused run's review form, belongs beside them in :func:`captures`.)
+
+    make ui-screenshot          # with `make serve` running: var/ui/runs.png, var/ui/deployment.png
+    python scripts/ui_screenshot.py --url http://127.0.0.1:4311/runs --out-dir /tmp/ui \
+        --deployment retrain/nightly
+
+It also prints the latest flow runs, their state names and decision tags as the API has them, so the
+pictures can be checked against them. Exit codes: 0 written, 1 the server or the browser failed, 2 bad
+usage (e.g. no Chromium: the message says how to install it; a --deployment that does not exist).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import NamedTuple
+from urllib.parse import quote, urlsplit
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,18 +64,61 @@ def api_base(page_url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/api"
 
 
-def latest_runs(api: str, limit: int = 8) -> list[tuple[str, str, str]]:
-    """(flow-run name, state type, state name) of the newest runs that have started, newest first.
+def _post(api: str, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+
+def latest_runs(api: str, limit: int = 8) -> list[tuple[str, str, str, list[str]]]:
+    """(flow-run name, state type, state name, tags) of the newest runs that have started, newest first.
 
     Scheduled runs (the nightly's next ones) are left out: the runs page lists past runs by default.
     """
-    body = json.dumps({"limit": limit, "sort": "START_TIME_DESC",
-                       "flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}}}).encode()
-    req = urllib.request.Request(f"{api}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        runs = json.load(resp)
-    return [(r["name"], (r.get("state") or {}).get("type", "?"), (r.get("state") or {}).get("name", "?"))
-            for r in runs]
+    runs = _post(api, "/flow_runs/filter", {"limit": limit, "sort": "START_TIME_DESC",
+                                            "flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}}})
+    return [(r["name"], (r.get("state") or {}).get("type", "?"), (r.get("state") or {}).get("name", "?"),
+             list(r.get("tags") or [])) for r in runs]
+
+
+def deployment_id(api: str, name: str | None) -> str:
+    """The id of deployment ``name`` (``flow/deployment``); without a name, the deployment of the newest
+    retrain run, else ``retrain/nightly``. A name that is not deployed is bad usage (exit 2)."""
+    if name is None:
+        newest = _post(api, "/flow_runs/filter", {
+            "limit": 1, "sort": "START_TIME_DESC", "flows": {"name": {"any_": ["retrain"]}},
+            "flow_runs": {"deployment_id": {"is_null_": False}, "start_time": {"is_null_": False}}})
+        if newest:
+            return str(newest[0]["deployment_id"])
+        name = "retrain/nightly"
+    flow, _, deployment = name.partition("/")
+    try:
+        url = f"{api}/deployments/name/{quote(flow)}/{quote(deployment)}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return str(json.load(resp)["id"])
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise SystemExit(_usage_error(f"no deployment {name!r} on the server; e.g. --deployment "
+                                          "retrain/nightly (`prefect deployment ls` lists them)")) from None
+        raise
+
+
+class Capture(NamedTuple):
+    """One picture: the page's URL and the file it is written to."""
+
+    url: str
+    out: Path
+
+
+def captures(runs_url: str, deployment: str, out_dir: Path) -> list[Capture]:
+    """The pages ``make ui-screenshot`` pictures, in order: the runs list, then the deployment's page on
+    its Runs tab (the UI's default there lists every state type but Scheduled, so custom-named states
+    such as Kept show; a filter by state names hides them: README "Every run on a deployment page")."""
+    parts = urlsplit(runs_url)
+    base = f"{parts.scheme}://{parts.netloc}"
+    return [Capture(runs_url, out_dir / "runs.png"),
+            Capture(f"{base}/deployments/deployment/{deployment}?tab=Runs", out_dir / "deployment.png")]
 
 
 def screenshot(browser: str, url: str, out: Path, *, width: int, height: int, wait_ms: int) -> None:
@@ -93,34 +144,44 @@ def screenshot(browser: str, url: str, out: Path, *, width: int, height: int, wa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:4200/runs", help="the UI page (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("var/ui/runs.png"), help="PNG to write (default: %(default)s)")
+    parser.add_argument("--url", default="http://127.0.0.1:4200/runs",
+                        help="the UI's runs page; the other pages are on its server (default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=Path("var/ui"),
+                        help="folder for runs.png and deployment.png (default: %(default)s)")
+    parser.add_argument("--deployment", help="flow/deployment to picture, e.g. retrain/nightly (default: the "
+                                             "deployment of the newest retrain run, else retrain/nightly)")
     parser.add_argument("--width", type=int, default=1440, help="viewport width in px (default: %(default)s)")
     # 1500 px leaves room for about ten runs below the filters and the duration chart.
     parser.add_argument("--height", type=int, default=1500, help="viewport height in px (default: %(default)s)")
     parser.add_argument("--wait-ms", type=int, default=15000,
-                        help="virtual time for the page to load its data, ms (default: %(default)s)")
+                        help="virtual time for each page to load its data, ms (default: %(default)s)")
     parser.add_argument("--chromium", help="the browser binary (default: $CHROMIUM, else chromium on PATH)")
     args = parser.parse_args(argv)
     for name in ("width", "height", "wait_ms"):
         if getattr(args, name) <= 0:
             return _usage_error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.deployment is not None and args.deployment.count("/") != 1:
+        return _usage_error(f"--deployment {args.deployment!r} is not flow/deployment, e.g. retrain/nightly")
     browser = find_browser(args.chromium)
     api = api_base(args.url)
     try:
         runs = latest_runs(api)
+        deployment = deployment_id(api, args.deployment)
     except (OSError, ValueError) as exc:
         print(f"error: the Prefect API at {api} did not answer ({exc}); start it with `make serve`", file=sys.stderr)
         return 1
-    print("latest flow runs (the state name is what the runs list shows):")
-    for name, state_type, state_name in runs:
-        print(f"  {name:<28} {state_name} ({state_type})")
-    try:
-        screenshot(browser, args.url, args.out, width=args.width, height=args.height, wait_ms=args.wait_ms)
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB) from {args.url}")
+    print("latest flow runs (the state name is what the runs list shows; the decision tag filters find):")
+    for name, state_type, state_name, tags in runs:
+        decision = next((t for t in tags if t.startswith("decision:")), "")
+        print(f"  {name:<28} {state_name} ({state_type}) {decision}".rstrip())
+    for capture in captures(args.url, deployment, args.out_dir):
+        try:
+            screenshot(browser, capture.url, capture.out, width=args.width, height=args.height,
+                       wait_ms=args.wait_ms)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {capture.out} ({capture.out.stat().st_size // 1024} KB) from {capture.url}")
     return 0
 
 

@@ -97,9 +97,7 @@ def serve() -> None:
     if not wait_for_server(os.environ["PREFECT_API_URL"], float(os.environ.get("ONDRIFT_SERVER_WAIT_S", "90"))):
         sys.exit("no Prefect server answered")
     entry = on_drift_spec()
-    # The deployment's parameters, with the one templated value ({{ $XRAY_INCOMING }}) filled in.
-    params = {k: (os.environ.get("XRAY_INCOMING", "/data/incoming") if "{{" in str(v) else v)
-              for k, v in entry["parameters"].items()}
+    params = entry["parameters"]
     tested = retrain.to_deployment(name=entry["name"], parameters=params, tags=entry.get("tags"),
                                    triggers=shipped_triggers(schedule_after=0),
                                    concurrency_limit=ConcurrencyLimitConfig(**entry["concurrency_limit"]))

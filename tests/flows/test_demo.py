@@ -3,17 +3,20 @@
 Both sites are synthetic here (:mod:`xray_core.data.synthetic_sites`), the way the demo runs when the
 real folders are absent: paediatric normal/pneumonia in two batches, then an adult site that holds
 every covid19 film. The story's key outputs are checked: a first champion, a decision at arrival 2,
-the shortcut audit firing at arrival 3 with the per-site rows, and nothing promoted under ``block``.
-The drift flag (issue 14) is not built yet: only its placeholder line is checked.
+the shortcut audit firing at arrival 3 with the per-site rows, and nothing promoted under ``block``:
+the run is tagged ``decision:blocked`` and sends ``xray.retrain.blocked``, and the drift its own check
+flags in the new site is sent as ``xray.drift.detected`` from source ``retrain``. The settings line names
+every setting that differs from its default; a second test holds it and the README to the Makefile.
 """
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
-from flows.demo import COVID_SITE, DEMO_MARKER, PAEDIATRIC_SITE, SyntheticSize, run_demo
+from flows.demo import COVID_SITE, DEMO_MARKER, PAEDIATRIC_SITE, SyntheticSize, run_demo, settings_line
 from xray_core.settings import load_settings, reset_settings
 
 DEMO_ENV = {
@@ -26,7 +29,43 @@ DEMO_ENV = {
     "XRAY_PATIENT_REGEX": "",
     "XRAY_SHORTCUT_POLICY": "block",  # the Makefile's default for the demo
 }
+PROJECT = Path(__file__).resolve().parents[2]
 SMALL = SyntheticSize(paediatric_patients=20, covid_patients=8, covid_normal_patients=3, size=64)
+
+
+def _events(name: str, resource: str | None) -> list:
+    """Events named ``name`` (on ``resource``, when given) on the session's server, once sent."""
+    import asyncio
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+
+    async def read() -> list:
+        async with get_client() as client:
+            page = await client.read_events(filter=EventFilter(event=EventNameFilter(name=[name])), limit=50)
+            return [e for e in page.events if resource is None or e.resource.id == resource]
+
+    deadline, found = time.monotonic() + 60, asyncio.run(read())
+    while not found and time.monotonic() < deadline:  # persisted by the server shortly after
+        time.sleep(0.5)
+        found = asyncio.run(read())
+    return found
+
+
+def _tags(flow_run_id: str) -> list[str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run_id)).tags
+
+    return asyncio.run(read())
 
 
 @pytest.fixture
@@ -73,6 +112,28 @@ def test_the_three_arrivals_tell_the_story(story):
     assert "XRAY_SHORTCUT_POLICY=block: nothing was promoted" in summary
     assert "$ xray models" in text and "$ xray status" in text
 
+    # The settings line names every setting that differs from its default, the lowered floors included.
+    line = next(row for row in text.splitlines() if row.startswith("Demo settings: "))
+    for shown in ("XRAY_MIN_TEST_PER_CLASS=2", "XRAY_FLOOR_MACRO_AUROC=0.5", "XRAY_FLOOR_SENSITIVITY=0.0",
+                  "XRAY_GUARDRAIL_SENSITIVITY_DROP=1.0", "XRAY_SHORTCUT_POLICY=block", "XRAY_INPUT_SIZE=32"):
+        assert shown in line, line
+
+    # Arrival 3 was Blocked: its run is tagged so, and xray.retrain.blocked names the waiting challenger; a
+    # drift its own check flagged was sent as xray.drift.detected from source "retrain".
+    blocked = _events("xray.retrain.blocked", f"xray.model.v{third['train']['version']}")
+    assert [e.payload["trigger"] for e in blocked] == ["demo"]
+    assert "decision:blocked" in _tags(third["flow_run_id"])
+    assert third["drift"]["flagged"]  # the adult site against the paediatric champion
+    drifted = [c["subject"] for c in third["drift"]["checks"] if c.get("drift")]
+    champion = f"xray.model.v{third['champion_after']}"  # blocked: the champion it was checked against stays
+    for subject in drifted:
+        resource = f"xray.site.{subject.removeprefix('site ')}" if subject.startswith("site ") else champion
+        sent = [e for e in _events("xray.drift.detected", resource) if e.payload.get("source") == "retrain"]
+        assert [e.payload["subject"] for e in sent] == [subject], sent
+        assert sent[0].resource["xray.source"] == "retrain"
+        related = {r.id for r in sent[0].related}  # Prefect adds the run's own resources (flow run, flow)
+        assert champion in related and f"prefect.flow-run.{third['flow_run_id']}" in related
+
 
 def test_fresh_refuses_a_home_without_the_marker(xray_env, tmp_path):
     from xray_core.errors import UsageError
@@ -83,3 +144,29 @@ def test_fresh_refuses_a_home_without_the_marker(xray_env, tmp_path):
     with pytest.raises(UsageError, match=DEMO_MARKER):
         run_demo(settings, sample=None, out=io.StringIO(), fresh=True)
     assert (settings.home / "catalogue.db").read_bytes() == b"real"
+
+
+def _makefile_demo_env() -> dict[str, str]:
+    """The XRAY_* variables the Makefile's DEMO_ENV sets, with the values it gives them by default."""
+    import re
+
+    text = (PROJECT / "Makefile").read_text()
+    block = text.split("DEMO_ENV :=", 1)[1].split("\n# ", 1)[0]
+    return {var: plain or default for var, default, plain in
+            re.findall(r"(XRAY_[A-Z0-9_]+)=(?:\$\$\{\1:-([^}]*)\}|(\S+))", block)}
+
+
+def test_the_settings_line_and_the_readme_say_every_setting_the_makefile_gives_the_demo():
+    """No hand list: the line comes from the settings that differ from their defaults, so whatever
+    DEMO_ENV sets (the lowered floors included) is said, and the README's demo section names each."""
+    demo_env = _makefile_demo_env()
+    assert {"XRAY_FLOOR_MACRO_AUROC", "XRAY_FLOOR_SENSITIVITY", "XRAY_MIN_TEST_PER_CLASS"} <= set(demo_env)
+    line = settings_line(load_settings(demo_env))
+    for var, value in demo_env.items():
+        shown = Path(value).resolve() if var == "XRAY_HOME" else value  # a folder is shown absolute
+        assert f"{var}={shown}" in line, (var, line)
+    readme = (PROJECT / "README.md").read_text()
+    demo_section = readme.split("## What the demo shows", 1)[1].split("\n## ", 1)[0]
+    missing = [f"{var}={value}" for var, value in demo_env.items()
+               if var != "XRAY_HOME" and f"{var}={value}" not in demo_section]
+    assert not missing, f"the README's demo section does not say {missing}"

@@ -1,6 +1,8 @@
 """Prefect events, read back from the test server's event store: an ingest flow emits
-``xray.batch.ingested`` on its site; a retrain outcome and a drift result emit theirs with the
-resource ids and key numbers automations match on. Small: four synthetic films, no training."""
+``xray.batch.ingested`` on its site (and nothing when it added no film); a retrain outcome (Blocked
+included), a drift result and a retrain's own flagged drift check emit theirs with the resource ids,
+``xray.source`` labels and key numbers automations match on; the on-drift trigger's match rule takes
+the ingest's and the monitor's events and not the retrain's. Small: four synthetic films, no training."""
 
 from __future__ import annotations
 
@@ -34,16 +36,27 @@ def _events(prefix: str, expected: int, resource: str | None = None) -> list:
     return found
 
 
-def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_server, tmp_path):
-    from flows.events import emit_drift, emit_retrain_outcome
+def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_server, tmp_path, monkeypatch):
+    from flows import events
+    from flows.events import emit_drift, emit_retrain_drift, emit_retrain_outcome
     from flows.ingest import ingest
+    from xray_core.results import RunResult
 
     source = tmp_path / "clinic-a"
     write_dataset(source, patients_per_label=2, images_per_patient=1, size=64, seed=3)
     summary = ingest(str(source))
     (ingested,) = _events("xray.batch.ingested", 1, "xray.site.clinic-a")
-    assert ingested.resource.id == "xray.site.clinic-a"
+    assert ingested.resource.id == "xray.site.clinic-a" and ingested.resource["xray.source"] == "ingest"
     assert ingested.payload["added"] == summary["added"] == 4 and ingested.payload["site"] == "clinic-a"
+
+    # The same folder again adds nothing: no xray.batch.ingested (it would queue a retrain for nothing).
+    sent: list[str] = []
+    real_emit = events.emit_event
+    monkeypatch.setattr(events, "emit_event", lambda name, **kw: (sent.append(name), real_emit(name, **kw)))
+    again = ingest(str(source))
+    assert again["added"] == 0
+    assert "xray.batch.ingested" not in sent, sent
+    monkeypatch.setattr(events, "emit_event", real_emit)
 
     promoted_run = RunResult.from_dict({
         "state": "Promoted", "state_message": "v7 replaces v6", "version": 7, "champion_after": 7,
@@ -56,6 +69,13 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
     assert promoted.resource.id == "xray.model.v7"
     assert promoted.payload["macro_auroc"] == 0.83 and promoted.payload["n_test"] == 40
 
+    # Blocked: on the challenger's resource, the one a reviewer would promote.
+    blocked_run = RunResult.from_dict({"state": "Blocked", "state_message": "v9 not promoted: shortcut audit",
+                                       "version": 9, "champion_after": 7, "trigger": "test"})
+    assert emit_retrain_outcome(blocked_run) == "xray.retrain.blocked"
+    (blocked,) = _events("xray.retrain.blocked", 1, "xray.model.v9")
+    assert blocked.payload["challenger"] == 9 and blocked.payload["champion_after"] == 7
+
     drifted = {"model": 7, "report": "r.md", "checks": [
         {"subject": "all new films", "drift": False, "n": 30},
         {"subject": "site far", "drift": True, "n": 16, "ood_flagged": 15, "mmd_p": 0.005, "ks_p": 0.2,
@@ -63,13 +83,31 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
     assert emit_drift(drifted) == 1
     (drift,) = _events("xray.drift.detected", 1, "xray.site.far")
     assert drift.resource.id == "xray.site.far" and drift.payload["ood_flagged"] == 15
+    assert drift.resource["xray.source"] == drift.payload["source"] == "monitor"
     assert [r.id for r in drift.related] == ["xray.model.v7"]
+
+    # The retrain's own drift check (RunResult.drift, as recipe.check_arrivals writes it): the same event
+    # on the same resource with the same payload, from source "retrain"; nothing when it is not flagged.
+    run = RunResult(flow_run_id=None, run_name="r", trigger="test", backbone_weights="random",
+                    backbone_random_init=True, run_dir=str(tmp_path), state="Kept", champion_after=7,
+                    drift={"flagged": True, "summary": "drift detected in site near", "warnings": [],
+                           "report": "reports/retrain-check/report.md",
+                           "checks": [{"subject": "site near", "n": 12, "ood_flagged": 9, "mmd_p": 0.001,
+                                       "ks_p": 0.01, "verdict": "drift: inputs differ", "drift": True}]})
+    assert emit_retrain_drift(run) == 1
+    run.drift = {**run.drift, "flagged": False}
+    assert emit_retrain_drift(run) == 0
+    (own,) = _events("xray.drift.detected", 1, "xray.site.near")
+    assert own.resource["xray.source"] == own.payload["source"] == "retrain"
+    assert own.payload["ood_flagged"] == 9 and own.payload["report"] == "reports/retrain-check/report.md"
+    assert set(own.payload) == set(drift.payload) and [r.id for r in own.related] == ["xray.model.v7"]
 
 
 def test_on_drift_trigger_is_a_valid_prefect_trigger_on_the_one_at_a_time_queue():
     """The deployment trigger as Prefect itself parses it: one run per xray.drift.detected or
-    xray.batch.ingested event, after the review window, on the retrain queue whose limit of 1 queues a
-    second run instead of running it (tests/flows/test_trigger.py shows it on a real server)."""
+    xray.batch.ingested event from the ingest or monitor flow (not from a retrain's own drift check:
+    no retrain loop), after the review window, on the retrain queue whose limit of 1 queues a second run
+    instead of running it (tests/flows/test_trigger.py shows it on a real server)."""
     from datetime import timedelta
     from pathlib import Path
 
@@ -84,8 +122,14 @@ def test_on_drift_trigger_is_a_valid_prefect_trigger_on_the_one_at_a_time_queue(
     trigger = DeploymentEventTrigger.model_validate({k: v for k, v in raw.items() if k != "type"})
     assert trigger.expect == {"xray.drift.detected", "xray.batch.ingested"} and trigger.threshold == 1 and trigger.posture == "Reactive"
     assert trigger.schedule_after == timedelta(hours=1)
-    for resource_id, matched in (("xray.site.far", True), ("xray.model.v7", True), ("prefect.flow-run.1", False)):
-        assert trigger.match.matches(Resource({"prefect.resource.id": resource_id})) is matched
+    for labels, matched in (({"prefect.resource.id": "xray.site.far", "xray.source": "monitor"}, True),
+                            ({"prefect.resource.id": "xray.model.v7", "xray.source": "monitor"}, True),
+                            ({"prefect.resource.id": "xray.site.far", "xray.source": "ingest"}, True),
+                            # a retrain's own drift check: that run has just trained on those films
+                            ({"prefect.resource.id": "xray.site.far", "xray.source": "retrain"}, False),
+                            ({"prefect.resource.id": "xray.site.far"}, False),  # not sent by these flows
+                            ({"prefect.resource.id": "prefect.flow-run.1", "xray.source": "monitor"}, False)):
+        assert trigger.match.matches(Resource(labels)) is matched, labels
     assert on_drift["work_pool"]["work_queue_name"] == "retrain"
     assert on_drift["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     assert on_drift["parameters"]["trigger"] == "event"

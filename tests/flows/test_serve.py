@@ -1,4 +1,6 @@
-"""`make serve`'s deploy check: the values prefect.yaml templates into retrain/nightly, and its errors."""
+"""`make serve`'s deploy check and override: the values `make deploy` sets on retrain/nightly (and
+monitor/daily's time zone), their defaults (the ones prefect.yaml deploys), and the errors.
+tests/flows/test_deploy.py deploys the file and applies the override on a real server."""
 
 from __future__ import annotations
 
@@ -6,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from flows.serve import DeployConfigError, describe, main, nightly_config
+from flows.serve import (
+    DEFAULTS,
+    MONITOR_CRON,
+    DeployConfigError,
+    describe,
+    main,
+    monitor_description,
+    nightly_config,
+    nightly_description,
+)
 
 GOOD = {"XRAY_INCOMING": "/data/incoming", "XRAY_SCHEDULE": "0 2 * * *", "XRAY_TIMEZONE": "Europe/Zurich"}
 
@@ -32,7 +43,6 @@ def test_an_existing_folder_is_not_flagged(tmp_path):
     ({"XRAY_SCHEDULE": "0 25 * * *"}, "SCHEDULE='0 25 * * *'", "five fields"),
     ({"XRAY_TIMEZONE": "Mars/Olympus"}, "TIMEZONE='Mars/Olympus'", "Europe/Zurich"),
     ({"XRAY_INCOMING": "data/incoming"}, "INCOMING='data/incoming' is relative", "absolute path"),
-    ({"XRAY_TIMEZONE": ""}, "XRAY_TIMEZONE (make serve TIMEZONE=...)", "make deploy"),
 ])
 def test_bad_values_name_the_variable_and_what_is_allowed(change, named, allowed):
     with pytest.raises(DeployConfigError) as err:
@@ -40,10 +50,11 @@ def test_bad_values_name_the_variable_and_what_is_allowed(change, named, allowed
     assert named in str(err.value) and allowed in str(err.value)
 
 
-def test_unset_values_are_all_listed():
-    with pytest.raises(DeployConfigError) as err:
-        nightly_config({})
-    assert all(var in str(err.value) for var in ("XRAY_INCOMING", "XRAY_SCHEDULE", "XRAY_TIMEZONE"))
+def test_unset_or_empty_values_are_the_defaults():
+    config = nightly_config({"XRAY_TIMEZONE": " "})
+    assert (str(config.incoming), config.cron, config.timezone) == ("/data/incoming", "0 2 * * *",
+                                                                    "Europe/Zurich")
+    assert nightly_config({}) == config
 
 
 def test_check_deploy_exits_2_on_bad_input_and_0_with_a_summary(monkeypatch, capsys):
@@ -58,11 +69,41 @@ def test_check_deploy_exits_2_on_bad_input_and_0_with_a_summary(monkeypatch, cap
     assert "usage" in capsys.readouterr().err
 
 
-def test_prefect_yaml_reads_the_nightly_values_from_the_environment():
+def test_override_without_a_server_is_one_line_and_exit_1(monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    for var in DEFAULTS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")  # what the message names
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}):
+        assert main(["override"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not set the deployments through the Prefect API at http://127.0.0.1:{port}")
+    assert "make serve" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_prefect_yaml_holds_the_defaults_and_no_templates():
+    """A bare `prefect deploy --all` deploys what `make deploy` would set with no variables given: the
+    same folder, cron and time zone, and the descriptions `override` writes (time zone included)."""
     import yaml
 
-    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
-    nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
-    assert nightly["parameters"]["incoming"] == "{{ $XRAY_INCOMING }}"
-    assert nightly["schedules"][0]["cron"] == "{{ $XRAY_SCHEDULE }}"
-    assert nightly["schedules"][0]["timezone"] == "{{ $XRAY_TIMEZONE }}"
+    text = (Path(__file__).resolve().parents[2] / "prefect.yaml").read_text()
+    assert "{{" not in text  # Prefect fills `{{ $VAR }}` with no default: a bare deploy got literal text
+    spec = yaml.safe_load(text)
+    by_name = {(d["entrypoint"], d["name"]): d for d in spec["deployments"]}
+    nightly = by_name[("flows/retrain.py:retrain", "nightly")]
+    on_drift = by_name[("flows/retrain.py:retrain", "on-drift")]
+    daily = by_name[("flows/monitor.py:monitor", "daily")]
+    config = nightly_config({})
+    incoming = DEFAULTS["XRAY_INCOMING"]
+    assert nightly["parameters"]["incoming"] == on_drift["parameters"]["incoming"] == incoming
+    assert [(s["cron"], s["timezone"]) for s in nightly["schedules"]] == [(config.cron, config.timezone)]
+    assert [(s["cron"], s["timezone"]) for s in daily["schedules"]] == [(MONITOR_CRON, config.timezone)]
+    assert nightly["description"] == nightly_description(config.cron, config.timezone)
+    assert daily["description"] == monitor_description(config.timezone)
+    assert spec["pull"] is None  # Prefect records the folder deployed from: no variable to set

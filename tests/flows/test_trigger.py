@@ -7,18 +7,16 @@ serves a stand-in retrain flow (tests/ondrift.py says what differs: the stand-in
 ``schedule_after`` 0 instead of an hour, which a second deployment keeps as shipped). Events are sent
 with the project's own emitters (flows/events.py). Shows: two events (a drift, an ingest) give exactly
 two runs, the second waits in ``AwaitingConcurrencySlot`` until the first has finished; events the
-trigger must not match (a promotion, a drift event on a non-xray resource) start nothing; the shipped
-trigger schedules its runs an hour after the event. What queues the second run here is the
-deployment's own concurrency limit (served runs take no work queue; `make serve`'s retrain queue,
-limit 1, is a second guard not exercised here). Skipped, with the server's log, if no server starts.
+trigger must not match (a promotion, a drift event on a non-xray resource, the drift a retrain's own
+check found: no retrain loop) start nothing; the shipped trigger schedules its runs an hour after
+the event. What queues the second run here is the deployment's own concurrency limit (served runs
+take no work queue; `make serve`'s retrain queue, limit 1, is a second guard not exercised here).
+Skipped, with the server's log, if no server starts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,9 +24,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from ondrift import on_drift_spec, wait_for_server
 from xray_core.results import RunResult
+from prefect_server import free_port, server_env, start_server, stop, tail
 
 PROJECT = Path(__file__).resolve().parents[2]
 SERVER_START_S = 90.0
@@ -36,59 +34,28 @@ RUNS_DONE_S = 90.0
 FIRST_RUN_S = 30.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """End a process this fixture started, and its process group (the runner's flow-run children)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no log)"
-
-
 @pytest.fixture
 def on_drift_server(tmp_path):
     """A Prefect server with its services and the served on-drift stand-in; both ended afterwards."""
     home = tmp_path / "prefect-home"
     home.mkdir()
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({
-        "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false",
-        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING", "PREFECT_LOGGING_LEVEL": "WARNING",
+    port = free_port()
+    env = server_env(
+        home, port,
         # A run refused a concurrency slot is retried after this many seconds (default 30): 1 keeps the
         # test short without changing what is tested (the refusal itself).
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1",
         # Services with nothing to do here (no schedules, work pools or late runs): off, to spare CPU.
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false", "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false", PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
+        PREFECT_SERVER_SERVICES_FOREMAN_ENABLED="false",
         # The served runner looks for runs to start every second (default 10).
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        "XRAY_INCOMING": str(tmp_path / "incoming"),
-    })
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+    )
+    api_url = env["PREFECT_API_URL"]
     server_log, runner_log = home / "server.log", home / "runner.log"
     procs = []
     try:
-        with open(server_log, "wb") as out:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                 "--no-ui"], env=env, cwd=home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(start_server(port, env, server_log))
         # Started at once: it imports Prefect while the server migrates its database, then waits for it.
         with open(runner_log, "wb") as out:
             procs.append(subprocess.Popen([sys.executable, "tests/ondrift.py", "serve"], env=env, cwd=PROJECT,
@@ -96,12 +63,12 @@ def on_drift_server(tmp_path):
         t0 = time.monotonic()
         if not wait_for_server(api_url, SERVER_START_S):
             pytest.skip(f"no Prefect server answered at {api_url} within {SERVER_START_S:.0f} s; "
-                        f"its log:\n{_tail(server_log)}")
+                        f"its log:\n{tail(server_log)}")
         print(f"\nPrefect server answered after {time.monotonic() - t0:.1f} s")
         yield {"api_url": api_url, "server_log": server_log, "runner_log": runner_log, "runner": procs[1]}
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
 
 
 async def _deployments(client, names: list[str], runner, runner_log: Path, timeout_s: float = 60.0) -> dict:
@@ -109,7 +76,7 @@ async def _deployments(client, names: list[str], runner, runner_log: Path, timeo
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if runner.poll() is not None:
-            pytest.fail(f"the served stand-in exited ({runner.returncode}):\n{_tail(runner_log)}")
+            pytest.fail(f"the served stand-in exited ({runner.returncode}):\n{tail(runner_log)}")
         try:
             found = {name: await client.read_deployment_by_name(f"retrain/{name}") for name in names}
             automations = [await client.read_resource_related_automations(f"prefect.deployment.{d.id}")
@@ -119,7 +86,7 @@ async def _deployments(client, names: list[str], runner, runner_log: Path, timeo
         except Exception:  # noqa: BLE001 - not registered yet (404)
             pass
         await asyncio.sleep(0.25)
-    pytest.fail(f"the on-drift deployments were not registered within {timeout_s:.0f} s:\n{_tail(runner_log)}")
+    pytest.fail(f"the on-drift deployments were not registered within {timeout_s:.0f} s:\n{tail(runner_log)}")
 
 
 async def _runs(client, deployment_id) -> list:
@@ -159,6 +126,9 @@ def test_each_drift_or_ingest_event_starts_one_retrain_and_the_second_waits(on_d
             assert emit_retrain_outcome(promoted) == "xray.model.promoted"
             emit_event("xray.drift.detected", resource={"prefect.resource.id": "elsewhere.site.far"},
                        payload={"subject": "not an xray resource"})
+            # A retrain's own drift check: the same event on an xray site, from source "retrain". A run for
+            # it would retrain on what was just trained on (and could loop): the trigger must skip it.
+            assert emit_drift(drift("near"), source="retrain") == 1
             sent_at = time.time()
             assert emit_drift(drift("far")) == 1
             emit_ingested({"source_id": 12, "files": 50, "added": 48, "duplicates": 2, "rejected": 0}, "clinic-b")
@@ -184,9 +154,9 @@ def test_each_drift_or_ingest_event_starts_one_retrain_and_the_second_waits(on_d
             seen = asyncio.run(scenario())
     finally:
         EventsWorker.set_client_override(None)
-    log = _tail(on_drift_server["runner_log"])
+    log = tail(on_drift_server["runner_log"])
 
-    # Exactly one run per event (a drift, an ingest), none for the two unrelated events; both finished.
+    # Exactly one run per event (a drift, an ingest), none for the three others; both finished.
     runs = sorted(seen["runs"], key=lambda r: r.start_time or r.expected_start_time)
     assert len(runs) == 2, f"{len(runs)} runs for 2 events: {[(r.name, r.state_name) for r in runs]}\n{log}"
     assert [r.state_name for r in runs] == ["Completed", "Completed"], log

@@ -20,8 +20,8 @@ from xray_core.errors import SettingsError
 from xray_core.evaluate.promotion import PolicyConfig
 from xray_core.model.train import HeadConfig
 from xray_core.pipeline.steps import EXECUTION_SETTINGS, TRAINING_SETTINGS
-from xray_core.settings import (ENV_BY_FIELD, ENV_VARS, FIELDS, Settings, load_settings, reset_settings,
-                                settings_page, validate)
+from xray_core.settings import (ENV_BY_FIELD, ENV_VARS, FIELDS, Settings, changed_settings, load_settings,
+                                reset_settings, settings_page, validate)
 
 PROJECT = Path(__file__).resolve().parents[2]
 EXAMPLES = {name: rules.examples(FIELDS[name]) for name in ENV_BY_FIELD}
@@ -96,6 +96,24 @@ def test_a_bad_home_is_reported_alone_not_with_the_paths_derived_from_it(tmp_pat
     with pytest.raises(SettingsError) as err:
         load_settings({"XRAY_HOME": "var\0x", "XRAY_VIEWS": "-1"})
     assert [line.split("=")[0] for line in str(err.value).splitlines()] == ["XRAY_HOME", "XRAY_VIEWS"]
+
+
+@pytest.mark.parametrize("name", sorted(ENV_BY_FIELD))
+def test_changed_settings_name_exactly_what_was_set(tmp_path: Path, name: str) -> None:
+    """Each variable set to an allowed value is named, and nothing else is: not the defaults derived from
+    it (the database under XRAY_HOME, the allowed roots beside XRAY_INCOMING)."""
+    var = ENV_BY_FIELD[name]
+    allowed = str(tmp_path / "other") if name == "home" else EXAMPLES[name][0]  # its example is the default
+    changed = changed_settings(_load(tmp_path, **{var: allowed}))
+    assert set(changed) == {"XRAY_HOME", var}, changed
+
+
+def test_changed_settings_of_the_defaults_is_empty_and_values_read_as_set(tmp_path: Path) -> None:
+    assert changed_settings(load_settings({})) == {}
+    changed = changed_settings(_load(tmp_path, XRAY_HEAD_L2_GRID="0.1, 1", XRAY_FLOOR_SENSITIVITY="0.6",
+                                     XRAY_PATIENT_SALT="s3cret"))
+    assert changed == {"XRAY_HOME": str(tmp_path / "home"), "XRAY_PATIENT_SALT": "(set)",
+                       "XRAY_FLOOR_SENSITIVITY": "0.6", "XRAY_HEAD_L2_GRID": "0.1,1.0"}
 
 
 def test_list_syntax_empty_values_and_names(tmp_path: Path) -> None:

@@ -51,11 +51,24 @@ def test_a_server_that_does_not_answer_fails_before_the_browser_runs(shot, tmp_p
     fake = tmp_path / "chromium"
     fake.write_text("#!/bin/sh\nexit 99\n")
     fake.chmod(0o755)
-    out = tmp_path / "runs.png"
-    assert shot.main(["--url", f"http://127.0.0.1:{port}/runs", "--chromium", str(fake), "--out", str(out)]) == 1
+    out = tmp_path / "ui"
+    argv = ["--url", f"http://127.0.0.1:{port}/runs", "--chromium", str(fake), "--out-dir", str(out)]
+    assert shot.main(argv) == 1
     assert "make serve" in capsys.readouterr().err and not out.exists()
 
 
 def test_non_positive_sizes_are_bad_usage(shot, capsys):
     assert shot.main(["--height", "0"]) == 2
     assert "--height must be a positive integer" in capsys.readouterr().err
+
+
+def test_the_runs_list_and_the_deployment_page_are_captured(shot, tmp_path):
+    pages = shot.captures("http://127.0.0.1:4311/runs", "0b5e-id", tmp_path)
+    assert [(c.url, c.out.name) for c in pages] == [
+        ("http://127.0.0.1:4311/runs", "runs.png"),
+        ("http://127.0.0.1:4311/deployments/deployment/0b5e-id?tab=Runs", "deployment.png")]
+
+
+def test_a_deployment_that_is_not_flow_slash_name_is_bad_usage(shot, capsys):
+    assert shot.main(["--deployment", "nightly"]) == 2
+    assert "retrain/nightly" in capsys.readouterr().err
