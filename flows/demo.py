@@ -34,7 +34,8 @@ from flows.retrain import retrain
 from xray_core.io.allowed_roots import caller_paths
 from xray_core.report.demo import closing_summary, render_arrival
 from xray_core.report.terminal import render_models, render_status
-from xray_core.settings import Settings, changed_settings
+from xray_core.report.settings_line import changed_settings
+from xray_core.settings import Settings
 
 BATCH_1_SHARE = 0.7  # of the paediatric patients arrive first; the rest arrive in batch 2
 PAEDIATRIC_SITE = "paediatric"
@@ -269,7 +270,7 @@ def review_first_champion(result: dict[str, Any]) -> tuple[str, list[str]]:
 
 def settings_line(settings: Settings) -> str:
     """The demo's first words on its settings: the task, then every setting that differs from its default
-    (:func:`xray_core.settings.changed_settings`: the Makefile's DEMO_ENV, lowered floors included, and
+    (:func:`xray_core.report.settings_line.changed_settings`: the Makefile's DEMO_ENV, lowered floors included, and
     whatever the user set on top), so no lowered bar goes unsaid."""
     changed = ", ".join(f"{var}={value}" for var, value in changed_settings(settings).items())
     return (f"Demo settings: task {TASK}; every setting that differs from its default (docs/settings.md): "
