@@ -67,7 +67,7 @@ def _near_copy(h: np.ndarray, rng: np.random.Generator, max_bits: int) -> np.nda
     return out
 
 
-def _bulk(engine, table: str, columns: list[str], rows) -> None:  # noqa: ANN001
+def _bulk(engine, table: str, columns: list[str], rows) -> None:
     """Rows straight in: COPY on PostgreSQL, executemany on SQLite (one transaction)."""
     raw = engine.raw_connection()
     try:
@@ -90,7 +90,7 @@ IMAGE_COLUMNS = ["id", "sha256", "stored_path", "label", "patient_id", "view", "
                  "format", "phash", "original_name", "source_id", "added_at"]
 
 
-def _fill(engine, n: int, rng: np.random.Generator) -> None:  # noqa: ANN001
+def _fill(engine, n: int, rng: np.random.Generator) -> None:
     """N images of N/2 patients, PLANTED of them near copies of another patient's film."""
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO sources (id, kind, path, status, started_at, counts) "
@@ -131,7 +131,7 @@ def _model_images_bytes(tmp: Path, n_train: int, n_val: int) -> int:
         con.close()
 
 
-def _timed(result: dict, key: str, fn):  # noqa: ANN001, ANN202
+def _timed(result: dict, key: str, fn):
     t0 = time.perf_counter()
     out = fn()
     result[key] = round(time.perf_counter() - t0, 2)
@@ -139,7 +139,7 @@ def _timed(result: dict, key: str, fn):  # noqa: ANN001, ANN202
     return out
 
 
-def _near_10k(settings, n: int, rng: np.random.Generator, result: dict) -> None:  # noqa: ANN001
+def _near_10k(settings, n: int, rng: np.random.Generator, result: dict) -> None:
     """The ingest's near-copy work for NEW films, as ``_write_group`` does it (verdict, record, add);
     the pairs are not written (the films are not), which ingest does with each film in its group."""
     engine = open_catalogue(settings)
@@ -163,13 +163,13 @@ def _near_10k(settings, n: int, rng: np.random.Generator, result: dict) -> None:
     _log(f"near: {result['near_10k_films_seconds']} s for {NEW} films ({verdicts} with a near copy)")
 
 
-def _catalogued_hashes(engine) -> np.ndarray:  # noqa: ANN001
+def _catalogued_hashes(engine) -> np.ndarray:
     with engine.connect() as conn:
         return np.array(conn.execute(text("SELECT phash FROM images ORDER BY id")).scalars().all(),
                         dtype=np.int64).view(np.uint64)
 
 
-def _load_index(engine) -> NearCopyIndex:  # noqa: ANN001
+def _load_index(engine) -> NearCopyIndex:
     with session_scope(engine) as s:
         return NearCopyIndex.load(s)
 
@@ -257,7 +257,7 @@ def _drop_database(server_url: str) -> None:
     admin.dispose()
 
 
-def _skip_and_show(settings, engine, result: dict) -> None:  # noqa: ANN001
+def _skip_and_show(settings, engine, result: dict) -> None:
     """A champion trained on exactly the current train/val sets, then the skip check and its lineage."""
     from xray_core.model.backbone import load_backbone
     from xray_core.data.snapshot import load_split_data, training_set_fingerprint

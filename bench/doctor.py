@@ -37,10 +37,10 @@ from xray_core.settings import load_settings
 from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from catalogue_faults import make_wal_only  # noqa: E402 - the tests' own builder of the full-disk state
+from catalogue_faults import make_wal_only  # the tests' own builder of the full-disk state
 
 
-def _fill(settings, n: int) -> None:  # noqa: ANN001
+def _fill(settings, n: int) -> None:
     engine = open_catalogue(settings)
     rng = os.urandom
     images, patients = [], []
@@ -61,7 +61,7 @@ def _fill(settings, n: int) -> None:  # noqa: ANN001
         s.execute(insert(Image), images)
 
 
-def _timed(result: dict, key: str, fn):  # noqa: ANN001, ANN202
+def _timed(result: dict, key: str, fn):
     start = time.perf_counter()
     out = fn()
     result[f"{key}_s"] = round(time.perf_counter() - start, 3)

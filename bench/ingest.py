@@ -94,7 +94,7 @@ def main() -> None:
         tmp_path = Path(tmp)
         workers = [int(w) for w in args.workers.split(",")]
 
-        def settings_for(w: int, **extra: str):  # noqa: ANN202 - Settings
+        def settings_for(w: int, **extra: str):  # -> Settings
             return load_settings({"XRAY_HOME": str(tmp_path / f"home-{w}"), "XRAY_PATIENT_SALT": "bench",
                                   "XRAY_MIN_IMAGE_SIDE": str(min(64, args.rescan_size, args.size)),
                                   "XRAY_INGEST_WORKERS": str(w), **extra})

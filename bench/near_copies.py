@@ -20,8 +20,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.publish import publish  # noqa: E402
-from xray_core.data.images import hamming, perceptual_hash  # noqa: E402
+from bench.publish import publish  # noqa: E402 - after ROOT is on sys.path (run as a script)
+from xray_core.data.images import hamming, perceptual_hash  # noqa: E402 - after ROOT is on sys.path
 
 SETS = {"paediatric": ROOT.parent / "shared" / "data" / "cxr-sample",
         "adult": ROOT.parent / "shared" / "data" / "cxr-adult-covid"}

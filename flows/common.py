@@ -41,7 +41,7 @@ def epoch_reporter(key: str, description: str) -> Callable[[int, int, dict], Non
     return lambda epoch, epochs, _row: progress(epoch, epochs)
 
 
-def transient_io(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
+def transient_io(task, task_run, state) -> bool:  # Prefect's retry_condition_fn signature
     """Retry only on transient I/O errors (a flaky network share: EIO, ESTALE, a timeout, a reset
     connection), never on what the user must fix (a path too long, a read-only file system, no
     permission), a full disk, bad data or code errors: :func:`xray_core.io.oserrors.is_transient_io`."""

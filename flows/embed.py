@@ -45,7 +45,7 @@ def embed_parallel(snapshot: str, shards: int, threads: int = 1, precision: str 
     return merge_embed_stats([f.result() for f in futures], time.perf_counter() - start)
 
 
-def dask_task_runner(settings: Settings):  # noqa: ANN201 - prefect_dask.DaskTaskRunner
+def dask_task_runner(settings: Settings):  # -> prefect_dask.DaskTaskRunner
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:  # pragma: no cover - the extra is installed by the Makefile

@@ -130,7 +130,7 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fetch(settings: Settings, model) -> list:  # noqa: ANN001 - a mapped class
+def fetch(settings: Settings, model) -> list:  # model: a mapped class
     """Every row of one catalogue table."""
     from sqlalchemy import select
 

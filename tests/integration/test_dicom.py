@@ -73,7 +73,7 @@ def _as_dx(name: str, dest: Path) -> bytes:
     return dest.read_bytes()
 
 
-def _store_bytes(settings, image: Image) -> bytes:  # noqa: ANN001
+def _store_bytes(settings, image: Image) -> bytes:
     return (settings.home / image.stored_path).read_bytes()
 
 

@@ -47,7 +47,7 @@ class _FullFile:
         self._fh.flush()
         raise OSError(self._code, os.strerror(self._code))
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - flush, fileno, close, ...
+    def __getattr__(self, name: str):  # flush, fileno, close, ... of the real file
         return getattr(self._fh, name)
 
     def __enter__(self) -> "_FullFile":
@@ -64,7 +64,7 @@ class DiskFull:
         self.opened = 0
         real_fdopen = os.fdopen
 
-        def fdopen(fd: int, mode: str = "r", *args, **kwargs):  # noqa: ANN202
+        def fdopen(fd: int, mode: str = "r", *args, **kwargs):
             fh = real_fdopen(fd, mode, *args, **kwargs)
             if "w" not in mode:
                 return fh
@@ -244,7 +244,7 @@ def test_a_small_memory_cap_makes_the_backbone_see_smaller_batches(settings: Set
     sizes: list[int] = []
     real_embed = Backbone.embed
 
-    def spy(self: Backbone, batch):  # noqa: ANN001, ANN202
+    def spy(self: Backbone, batch):
         sizes.append(int(batch.shape[0]))
         return real_embed(self, batch)
 

@@ -204,7 +204,7 @@ def _symlink_outside(ctx: Ctx) -> None:
     ctx.facts["secret_sha"] = sha(secret)
 
 
-def _check_secret_absent(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_secret_absent(ctx: Ctx, settings: Settings, summary) -> None:
     shas = {i.sha256 for i in rows(settings, Image)} | {r.sha256 for r in rows(settings, Rejection)}
     assert ctx.facts["secret_sha"] not in shas
     (rej,) = [r for r in rows(settings, Rejection) if r.path.endswith("link_out.png")]
@@ -244,7 +244,7 @@ def _non_utf8_name(ctx: Ctx) -> None:
     put(os.path.join(label, b"caf\xe9.png"), b"")  # a bad one, so its path lands in a rejection row
 
 
-def _check_non_utf8(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_non_utf8(ctx: Ctx, settings: Settings, summary) -> None:
     names = {i.original_name for i in rows(settings, Image)}
     assert "normal/\\xff\\xfe.png" in names
     (rej,) = rows(settings, Rejection)
@@ -266,7 +266,7 @@ def _long_names(ctx: Ctx) -> None:
     ctx.facts["names"] = (good_name, bad_name)
 
 
-def _check_long_names(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_long_names(ctx: Ctx, settings: Settings, summary) -> None:
     good_name, bad_name = ctx.facts["names"]
     assert f"normal/{good_name}" in {i.original_name for i in rows(settings, Image)}
     (rej,) = rows(settings, Rejection)
@@ -277,12 +277,12 @@ def _control_chars(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "new\nline\x1b[31m.png", png_bytes(64))
 
 
-def _check_control_chars(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_control_chars(ctx: Ctx, settings: Settings, summary) -> None:
     names = {i.original_name for i in rows(settings, Image)}
     assert "normal/new\\x0aline\\x1b[31m.png" in names  # escaped: nothing for a terminal to act on
 
 
-def _check_no_label_path(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_no_label_path(ctx: Ctx, settings: Settings, summary) -> None:
     """A label is never used as a path: no file or folder under XRAY_HOME is named after one."""
     names = {p.name for p in settings.home.rglob("*")}
     assert not names & {"a", "b", "x\\y", "calc'!A0"}
@@ -305,7 +305,7 @@ def _dicom_with_identifiers(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "scan1.dcm", dicom_bytes("Doe^John-12345", patient_name="Doe^John"))
 
 
-def _check_dicom_hashed(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_dicom_hashed(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.format == "dicom"]
     assert img.patient_id.startswith("dcm-") and "12345" not in img.patient_id
 
@@ -314,19 +314,19 @@ def _big_endian(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "be.dcm", dicom_big_endian())
 
 
-def _check_big_endian(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_big_endian(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.format == "dicom"]
     assert (img.width, img.height) == (64, 64)
 
 
-def _check_dangling_link_heals(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_dangling_link_heals(ctx: Ctx, settings: Settings, summary) -> None:
     """Recorded as missing, not as a bad file: once its target exists, the next ingest takes it."""
     target = put(ctx.src / "nowhere.png", png_bytes(66))
     again = ingest_source(ctx.src, settings=settings)
     assert again.added == 1 and sha(target) in {i.sha256 for i in rows(settings, Image)}
 
 
-def _check_fifo(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_fifo(ctx: Ctx, settings: Settings, summary) -> None:
     (rej,) = rows(settings, Rejection)
     assert "regular file" in rej.detail and rej.quarantine_path is None
 
@@ -459,13 +459,13 @@ def _link_across_labels(ctx: Ctx) -> None:
     ctx.facts["real"] = sha((ctx.src / "pneumonia" / "b.png").read_bytes())
 
 
-def _check_link_across_labels(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_link_across_labels(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.sha256 == ctx.facts["real"]]
     assert img.label == "pneumonia"  # the real file keeps its folder's label; nothing quarantined as a conflict
     assert "label_conflict" not in {r.reason for r in rows(settings, Rejection)}
 
 
-def _check_long_path(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_long_path(ctx: Ctx, settings: Settings, summary) -> None:
     (rej,) = rows(settings, Rejection)
     assert "cannot be listed" in rej.detail and rej.quarantine_path is None
 
@@ -498,7 +498,7 @@ def _linked_label_folder_outside(ctx: Ctx) -> None:
     ctx.never_read.append(ctx.outside / "films" / "x.png")
 
 
-def _check_linked_label_folder(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_linked_label_folder(ctx: Ctx, settings: Settings, summary) -> None:
     (rej,) = rows(settings, Rejection)
     assert rej.path.endswith("/covid") and "folder outside the source folder" in rej.detail
     assert rej.sha256 is None and rej.quarantine_path is None  # nothing under it listed, read or copied
@@ -512,7 +512,7 @@ def _same_bytes_two_patients(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "person7_c.png", data)  # the same patient again: a plain duplicate
 
 
-def _check_same_bytes_two_patients(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_same_bytes_two_patients(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.sha256 == sha(png_bytes(111))]
     assert img.patient_id == "person7" and summary.duplicates == 1
     (rej,) = rows(settings, Rejection)
@@ -527,7 +527,7 @@ def _dicom_twice(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "sub" / "b.dcm", data)
 
 
-def _check_dicom_twice(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_dicom_twice(ctx: Ctx, settings: Settings, summary) -> None:
     a, b = rows(settings, Rejection)
     assert a.quarantine_path == b.quarantine_path  # one copy for both rows
     copy = (settings.home / a.quarantine_path).read_bytes()
@@ -544,7 +544,7 @@ def _same_bad_bytes_three_times(ctx: Ctx) -> None:
         put(ctx.src / name, b"the same broken bytes")
 
 
-def _check_one_shared_copy(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_one_shared_copy(ctx: Ctx, settings: Settings, summary) -> None:
     (key,) = {r.quarantine_path for r in rows(settings, Rejection)}
     assert key == f"quarantine/{sha(b'the same broken bytes')[:2]}/{sha(b'the same broken bytes')}"
     assert [p for p in (settings.home / "quarantine").rglob("*") if p.is_file()] == [settings.home / key]
@@ -556,7 +556,7 @@ def _two_bad_files(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "b_large.png", b"not an image" * 1000)  # 12,000 bytes: does not
 
 
-def _check_cap(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_cap(ctx: Ctx, settings: Settings, summary) -> None:
     from xray_core.report.terminal import render_ingest
 
     small, large = sorted(rows(settings, Rejection), key=lambda r: r.path)
@@ -571,7 +571,7 @@ def _check_cap(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
     assert json.loads(json.dumps(summary.as_dict()))["quarantine"]["copies_skipped"] == 1
 
 
-def _check_cap_zero(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_cap_zero(ctx: Ctx, settings: Settings, summary) -> None:
     assert all(r.quarantine_path is None and "not copied to quarantine" in r.detail
                for r in rows(settings, Rejection))
     assert not (settings.home / "quarantine").exists() or not any(
@@ -660,12 +660,12 @@ def png_chunk_bomb(kind: bytes, payload: bytes, *, before_idat: bool, seed: int)
     return good[:at] + _chunk(kind, payload) + good[at:]
 
 
-def _check_16bit_rgba(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_16bit_rgba(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.original_name.endswith("rgba16.png")]
     assert (img.width, img.height, img.format) == (64, 64, "png")
 
 
-def _check_detail_names_the_fill(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_detail_names_the_fill(ctx: Ctx, settings: Settings, summary) -> None:
     (rej,) = rows(settings, Rejection)
     assert "ends early" in rej.detail and "flat grey fill" in rej.detail, rej.detail
 
@@ -1036,7 +1036,7 @@ def _refuse_listing(monkeypatch, folder: Path) -> None:
     root, which chmod 000 does not stop)."""
     real = os.scandir
 
-    def scandir(path="."):  # noqa: ANN001, ANN202
+    def scandir(path="."):
         if os.fspath(path) == os.fspath(folder):
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real(path)
@@ -1253,7 +1253,7 @@ def unexpected_error_is_one_line_and_debug_shows_the_traceback(xray_env, capsys,
 
     import sqlite3
 
-    def boom(settings):  # noqa: ANN001, ANN202 - what SQLite raises on a full disk
+    def boom(settings):  # what SQLite raises on a full disk
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(status, "status_report", boom)
@@ -1578,7 +1578,7 @@ def doctor_repair_without_space_for_a_backup_changes_nothing(xray_env, tmp_path,
     dispose_engines()
     before = _data_files(settings.home)
 
-    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - what copying onto a full disk raises
+    def full(*args, **kwargs):  # what copying onto a full disk raises
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(shutil, "copy2", full)
@@ -1796,7 +1796,7 @@ def decode_champion(tmp_path_factory):
         yield home
 
 
-def _predict_rows(home, files: dict[str, bytes], tmp_path: Path) -> dict[str, dict]:  # noqa: ANN001
+def _predict_rows(home, files: dict[str, bytes], tmp_path: Path) -> dict[str, dict]:
     """Predict a folder of ``files`` (plus one good film) with the champion; the CSV's rows by file."""
     from xray_core.pipeline.predict import predict_folder
 
@@ -1906,7 +1906,7 @@ def _strict_json(text: str) -> object:
     return data
 
 
-def _strings(value: object):  # noqa: ANN202
+def _strings(value: object):
     """Every string in a parsed JSON value, keys included."""
     if isinstance(value, str):
         yield value
@@ -1919,7 +1919,7 @@ def _strings(value: object):  # noqa: ANN202
             yield from _strings(v)
 
 
-def _twelve_films_for_a_first_champion(monkeypatch, src: Path, home: Path) -> None:  # noqa: ANN001
+def _twelve_films_for_a_first_champion(monkeypatch, src: Path, home: Path) -> None:
     """12 synthetic films in ``src``, XRAY_HOME=``home`` and the policy that lets them make v1 champion."""
     from xray_core.data.synthetic import write_dataset
 
@@ -1931,7 +1931,7 @@ def _twelve_films_for_a_first_champion(monkeypatch, src: Path, home: Path) -> No
     dispose_engines()
 
 
-def _retrain_local_under(monkeypatch, capsys, base: Path) -> tuple[int, str, str]:  # noqa: ANN001
+def _retrain_local_under(monkeypatch, capsys, base: Path) -> tuple[int, str, str]:
     """A first retrain (--local) of 12 synthetic films with XRAY_HOME=base/home: (exit, stdout, stderr)."""
     _twelve_films_for_a_first_champion(monkeypatch, base / "src", base / "home")
     capsys.readouterr()
@@ -2022,7 +2022,7 @@ def non_utf8_home_predict_flow_artifacts_reach_the_server_escaped(xray_env, tmp_
     assert state.is_completed(), state.message
     assert (base / "home" / "predictions" / "films.csv").is_file()
 
-    async def artifacts():  # noqa: ANN202
+    async def artifacts():
         async with get_client() as client:
             only = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
             return await client.read_artifacts(artifact_filter=only)
@@ -2091,22 +2091,22 @@ def long_path_retrain_source_is_one_line_exit_2(xray_env, tmp_path, capsys) -> N
     assert row.decision == "failed" and "ENAMETOOLONG" in row.rationale and len(row.rationale) < 700
 
 
-def _refuse_writes_under(monkeypatch, folder: Path, err: int) -> None:  # noqa: ANN001
+def _refuse_writes_under(monkeypatch, folder: Path, err: int) -> None:
     """mkdir and mkstemp below ``folder`` fail with ``err``, as on a read-only mount (the tests run as
     root, whom chmod does not stop)."""
     import tempfile as tempfile_module
 
     real_mkdir, real_mkstemp = os.mkdir, tempfile_module.mkstemp
 
-    def below(path) -> bool:  # noqa: ANN001
+    def below(path) -> bool:
         return path is not None and os.fspath(path).startswith(os.fspath(folder))
 
-    def mkdir(path, *args, **kwargs):  # noqa: ANN001, ANN202
+    def mkdir(path, *args, **kwargs):
         if below(path):
             raise OSError(err, os.strerror(err), os.fspath(path))
         return real_mkdir(path, *args, **kwargs)
 
-    def mkstemp(*args, dir=None, **kwargs):  # noqa: ANN001, ANN202, A002
+    def mkstemp(*args, dir=None, **kwargs):
         if below(dir):
             raise OSError(err, os.strerror(err), os.fspath(dir))
         return real_mkstemp(*args, dir=dir, **kwargs)
@@ -2139,7 +2139,7 @@ def unreadable_manifest_is_one_line_exit_2(xray_env, tmp_path, capsys, monkeypat
     manifest = write_manifest(tmp_path / "src", [["normal/a.png", "normal"]])
     real_open = builtins.open
 
-    def refuse(file, *args, **kwargs):  # noqa: ANN001, ANN202 - EACCES, as for another user's file
+    def refuse(file, *args, **kwargs):  # EACCES, as for another user's file
         if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(manifest):
             raise PermissionError(13, "Permission denied", os.fspath(file))
         return real_open(file, *args, **kwargs)
@@ -2168,13 +2168,13 @@ def user_oserrors_are_never_retried_as_transient(tmp_path) -> None:
     assert retried(TimeoutError()) and not retried(ValueError("bad data"))
 
 
-def _flow_task_runs(flow_run_id) -> list:  # noqa: ANN001
+def _flow_task_runs(flow_run_id) -> list:
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    async def read():  # noqa: ANN202
+    async def read():
         async with get_client() as client:
             flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             return await client.read_task_runs(flow_run_filter=flow_runs)
@@ -2226,7 +2226,7 @@ def report_that_cannot_be_written_after_promotion_keeps_the_decision(xray_env, t
 
     import xray_core.report.files as files
 
-    def refuse(settings, result, run_dir):  # noqa: ANN001, ANN202
+    def refuse(settings, result, run_dir):
         raise OSError(errno.EROFS, "Read-only file system", str(run_dir / "report.html"))
 
     monkeypatch.setattr(files, "write_run_reports", refuse)

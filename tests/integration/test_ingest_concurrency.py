@@ -103,7 +103,7 @@ def test_two_processes_ingest_at_once(tmp_path: Path, make_sources, database_url
 
     engine = create_engine(database_url)
     with engine.connect() as con:
-        q = lambda sql: con.exec_driver_sql(sql)  # noqa: E731
+        q = lambda sql: con.exec_driver_sql(sql)
         if engine.dialect.name == "sqlite":
             assert q("PRAGMA integrity_check").scalar() == "ok"
         rows = q("SELECT sha256, stored_path FROM images").fetchall()

@@ -60,7 +60,7 @@ def _outcomes(settings: Settings) -> dict:
     return {"images": images, "rejections": rejections, "seen": seen, "patients": patients, "files": files}
 
 
-def _summary(summary) -> dict:  # noqa: ANN001 - IngestSummary
+def _summary(summary) -> dict:  # summary: an IngestSummary
     return {k: v for k, v in summary.as_dict().items() if k not in ("seconds", "source_id")}
 
 

@@ -308,7 +308,7 @@ def test_a_features_area_that_cannot_be_written_only_costs_the_cache(home, tmp_p
 
     new = _png(tmp_path / "films" / "new.png", make_xray("normal", size=80, rng=np.random.default_rng(11)))
 
-    def refuse(self, sha256, features):  # noqa: ANN001 - a read-only share
+    def refuse(self, sha256, features):  # a read-only share
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(FeatureCache, "put", refuse)

@@ -111,7 +111,7 @@ class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 

@@ -103,7 +103,7 @@ def test_pooled_numbers_hide_a_site_collapse_that_the_guardrail_keeps_out(env, t
     # challenger the other way round; pooled, the two look alike (and the challenger slightly better).
     champion_p = np.where(site == "paeds", right, lean_wrong)
     challenger_p = np.where(site == "paeds", lean_wrong, right)
-    as_probs = lambda p1: np.stack([1 - np.clip(p1, 0.01, 0.99), np.clip(p1, 0.01, 0.99)], axis=1)  # noqa: E731
+    as_probs = lambda p1: np.stack([1 - np.clip(p1, 0.01, 0.99), np.clip(p1, 0.01, 0.99)], axis=1)
     champion = _evaluation(settings, data, 1, as_probs(champion_p))
     challenger = _evaluation(settings, data, 2, as_probs(challenger_p))
 

@@ -125,7 +125,7 @@ def test_the_ingest_index_answers_as_the_linear_scan_did() -> None:
 # --------------------------------------------------------------------------- the catalogue
 
 
-def fill(session, n: int, seed: int) -> None:  # noqa: ANN001 - a Session
+def fill(session, n: int, seed: int) -> None:  # session: a Session
     """n images of n/3 patients with clustered pHashes, mixed labels, views, sites, sources and DICOM body
     parts; a fifth of the patients without a split yet."""
     rng = np.random.default_rng(seed)
@@ -145,7 +145,7 @@ def fill(session, n: int, seed: int) -> None:  # noqa: ANN001 - a Session
     session.flush()
 
 
-def old_near_duplicate_pairs(session, *, max_distance: int, limit: int):  # noqa: ANN001, ANN201
+def old_near_duplicate_pairs(session, *, max_distance: int, limit: int):
     """xray status's all-pairs scan before near_pairs (catalogue.near_duplicate_pairs, up to 0003s)."""
     rows = session.execute(
         select(Image.id, Image.sha256, Image.phash, Patient.split, Image.original_name, Image.patient_id)
@@ -161,7 +161,7 @@ def old_near_duplicate_pairs(session, *, max_distance: int, limit: int):  # noqa
                        for i, j in keep[:limit]]
 
 
-def old_label_history(session, *, limit: int) -> dict:  # noqa: ANN001
+def old_label_history(session, *, limit: int) -> dict:
     """catalogue.label_history before it counted in SQL (every changed patient's films read)."""
     changed = (select(Image.patient_id).group_by(Image.patient_id)
                .having(func.count(func.distinct(Image.label)) > 1))
@@ -180,7 +180,7 @@ def old_label_history(session, *, limit: int) -> dict:  # noqa: ANN001
             "examples": listed[:limit]}
 
 
-def old_counts(session) -> dict:  # noqa: ANN001
+def old_counts(session) -> dict:
     """The group-bys status ran before the census (one per table)."""
     from xray_core.data.sites import source_site
 

@@ -66,7 +66,7 @@ OLD_LINEAGE = {1: ([1, 2, 3, 5, 8], [4, 9]), 2: ([1, 2, 3, 5, 8], [4, 9]), 3: ([
                4: ([], [])}
 
 
-def _insert_images(conn) -> None:  # noqa: ANN001 - a SQLAlchemy connection
+def _insert_images(conn) -> None:  # conn: a SQLAlchemy connection
     conn.execute(text("INSERT INTO sources (id, kind, path, status, started_at, counts) "
                       "VALUES (1, 'folder', '/x', 'done', '2026-01-01 00:00:00', '{}')"))
     for i, sha, label, pid in IMAGES:

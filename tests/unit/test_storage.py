@@ -95,7 +95,7 @@ def test_failed_overwrite_keeps_old_content(storage: Storage, monkeypatch: pytes
     if isinstance(storage, FsspecStorage):
         real = storage.fs.pipe_file
 
-        def broken(path: str, value: bytes, **kwargs) -> None:  # noqa: ANN003
+        def broken(path: str, value: bytes, **kwargs) -> None:
             real(path, value[: len(value) // 2], **kwargs)  # half the bytes reach the temp key
             raise OSError("connection reset")
 

@@ -201,7 +201,7 @@ def test_standardised_head_learns_narrow_band_features():
     """Features squeezed into a band 0.07 wide (as random-init densenet161 gives) are still learned."""
     xt, yt = features(64, separation=3.0)
     xv, yv = features(32, seed=1, separation=3.0)
-    squeeze = lambda x: x * 0.01 + 0.43  # noqa: E731
+    squeeze = lambda x: x * 0.01 + 0.43
     cfg = config(epochs=20)
     result = train_head(squeeze(xt), yt, squeeze(xv[:, 0]), yv, 2, cfg)
     head = load_head(result.state_dict, D, 2, hidden=cfg.hidden, dropout=cfg.dropout)

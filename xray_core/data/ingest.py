@@ -234,7 +234,7 @@ def _claimed_patient(prep: Prepared) -> str | None:
     return None
 
 
-def _duplicate_of_another_patient(s, prep: Prepared,  # noqa: ANN001
+def _duplicate_of_another_patient(s, prep: Prepared,
                                   existing: Image) -> tuple[str, str] | None:
     """``duplicate_other_patient`` when the row names a patient other than the stored film's, else None.
 
@@ -258,7 +258,7 @@ def _duplicate_of_another_patient(s, prep: Prepared,  # noqa: ANN001
             "the same bytes")
 
 
-def _write_group(engine, settings: Settings, source_id: int, group: list[Prepared],  # noqa: ANN001
+def _write_group(engine, settings: Settings, source_id: int, group: list[Prepared],
                  summary: IngestSummary, rules: str, admission: tuple[NearCopyIndex, SiteRule],
                  quarantine: Quarantine) -> None:
     """One write transaction for a group of prepared files; sha256 re-checked under the lock."""

@@ -33,7 +33,7 @@ def owner_alive(counts: dict | None) -> bool:
     return True
 
 
-def close_interrupted_ingests(s) -> list[int]:  # noqa: ANN001 - a Session
+def close_interrupted_ingests(s) -> list[int]:  # s: a Session
     """Mark ``running`` sources whose process is gone as ``interrupted`` (what they had written stays:
     every group was committed whole). Returns their ids."""
     closed = []

@@ -132,7 +132,7 @@ def fit_linear(train_x: np.ndarray, train_y: np.ndarray, n_classes: int, c: floa
 
 
 def fit_recipe(recipe: Recipe, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-               n_classes: int, progress=None) -> tuple[Head, dict[str, Any]]:  # noqa: ANN001
+               n_classes: int, progress=None) -> tuple[Head, dict[str, Any]]:
     """Fit one recipe on (n, views, D) training features (column 0: the eval view); returns the head
     and its training record."""
     if recipe.views == "eval":
@@ -230,7 +230,7 @@ class Calibrated:
 
 
 def fit_calibrated(selection: Selection, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
-                   val_y: np.ndarray, n_classes: int, progress=None) -> Calibrated:  # noqa: ANN001
+                   val_y: np.ndarray, n_classes: int, progress=None) -> Calibrated:
     """Refit the chosen recipe and fit its temperature; see the module docstring for which rows each
     uses and why. ``train_x`` (n, views, D), ``val_x`` (m, D) the validation images' eval view. The
     caller chooses the operating threshold on ``softmax(held_logits / temperature)``."""

@@ -90,7 +90,7 @@ class Head(nn.Sequential):
         self.register_buffer("feature_std", torch.ones(in_dim))
         self.register_buffer("temperature", torch.ones(()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward((x - self.feature_mean) / self.feature_std) / self.temperature
 
     def set_normaliser(self, mean: np.ndarray, std: np.ndarray) -> None:

@@ -60,7 +60,7 @@ def embed_shard(settings: Settings, data: SplitData, shard: int, shards: int, *,
         torch.set_num_threads(threads)  # n workers on one host share its cores
     if precision:
         settings = settings.with_overrides(embed_precision=precision)
-    pick = lambda rows: [r for r in rows if shard_of(r[1], shards) == shard]  # noqa: E731
+    pick = lambda rows: [r for r in rows if shard_of(r[1], shards) == shard]
     stats = embed_step(settings, SplitData(data.labels, pick(data.train), pick(data.val), pick(data.test)))
     return {**stats, "shard": shard, "torch_threads": torch.get_num_threads()}
 

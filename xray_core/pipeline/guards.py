@@ -29,7 +29,7 @@ def evaluation_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs:
 
     facts = image_facts(settings, [r[0] for r in rows])
     known = set(facts.index)
-    pick = lambda r, col: facts.at[r[0], col] if r[0] in known else None  # noqa: E731
+    pick = lambda r, col: facts.at[r[0], col] if r[0] in known else None
     sites, views = [pick(r, "site") for r in rows], [pick(r, "view") for r in rows]
     slices = slice_metrics(y, probs, labels, [r[4] for r in rows], {"site": sites, "view": views},
                            threshold=threshold, negative_label=settings.negative_label,
