@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 from sqlalchemy import text
 
 from db import dispose_engines, session_scope
@@ -46,8 +47,6 @@ from xray_core.data.admission import NearCopyIndex, record_near_pairs
 from xray_core.data.catalogue import catalogue_summary, open_catalogue
 from xray_core.data.split import assign_splits
 from xray_core.settings import load_settings
-
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 
 NEW = 10_000
 PLANTED = 0.002  # share of catalogued films that are near copies of another patient's film
@@ -259,8 +258,8 @@ def _drop_database(server_url: str) -> None:
 
 def _skip_and_show(settings, engine, result: dict) -> None:
     """A champion trained on exactly the current train/val sets, then the skip check and its lineage."""
-    from xray_core.model.backbone import load_backbone
     from xray_core.data.snapshot import load_split_data, training_set_fingerprint
+    from xray_core.model.backbone import load_backbone
     from xray_core.pipeline.recipe import freeze_split
     from xray_core.pipeline.steps import TRAINING_SETTINGS, nothing_new_since_champion
     from xray_core.registry.listing import model_lineage

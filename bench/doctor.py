@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 from sqlalchemy import insert
 
 from db import dispose_engines, session_scope
@@ -33,8 +34,6 @@ from xray_core.data.catalogue import open_catalogue
 from xray_core.data.doctor import examine
 from xray_core.data.doctor_repair import repair
 from xray_core.settings import load_settings
-
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from catalogue_faults import make_wal_only  # the tests' own builder of the full-disk state

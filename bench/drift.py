@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import GroupShuffleSplit
-
 from publish import publish, read_manifest  # bench/ is on sys.path when a benchmark runs as a script
+from sklearn.model_selection import GroupShuffleSplit
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "cxr-sample"

@@ -38,11 +38,11 @@ def main() -> None:
 
     from flows.embed import run_parallel_embed
     from xray_core.data import snapshot
-    from xray_core.pipeline import embed
-    from xray_core.model.backbone import load_backbone
     from xray_core.data.ingest import ingest_source
-    from xray_core.settings import load_settings
     from xray_core.data.synthetic import write_dataset
+    from xray_core.model.backbone import load_backbone
+    from xray_core.pipeline import embed
+    from xray_core.settings import load_settings
 
     settings = load_settings()
     write_dataset(tmp / "src", patients_per_label=args.n // 2, images_per_patient=1, size=512, seed=0)

@@ -25,14 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-from xray_core.model.backbone import load_backbone
-from xray_core.model.backbone import effective_batch_size
-from xray_core.model.features import EmbedItem, FeatureCache
-from xray_core.io.fsutil import sha256_file
-from xray_core.settings import load_settings
-
 from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
+
+from xray_core.io.fsutil import sha256_file
+from xray_core.model.backbone import effective_batch_size, load_backbone
+from xray_core.model.features import EmbedItem, FeatureCache
+from xray_core.settings import load_settings
 
 
 def write_images(folder: Path, n: int, side: int, seed: int = 0) -> list[EmbedItem]:

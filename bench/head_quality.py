@@ -39,11 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from publish import publish, read_manifest  # bench/ is on sys.path when a benchmark runs as a script
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
-
-from publish import publish, read_manifest  # bench/ is on sys.path when a benchmark runs as a script
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "cxr-sample"

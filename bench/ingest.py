@@ -35,14 +35,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 
 from db import dispose_engines
 from xray_core.data.catalogue import catalogue_summary
 from xray_core.data.ingest import ingest_source
-from xray_core.settings import load_settings
 from xray_core.data.synthetic import make_xray
+from xray_core.settings import load_settings
 
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 LABELS = ("normal", "pneumonia")
 N_ANATOMIES = 16  # distinct make_xray bases per (label, size); every image adds its own noise
 

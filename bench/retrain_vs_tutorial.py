@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 from torch import nn
 
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "cxr-sample"
 
@@ -112,9 +112,9 @@ def image_folder(settings, rows, folder: Path) -> Path:
 def our_retrain(settings, source: Path) -> dict:
     """ingest -> load_split_data -> embed_step -> train_step -> evaluate_step, each timed."""
     from xray_core.data.ingest import ingest_source
+    from xray_core.data.snapshot import load_split_data
     from xray_core.pipeline.embed import embed_step
     from xray_core.pipeline.steps import evaluate_step, train_step
-    from xray_core.data.snapshot import load_split_data
 
     t = {}
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -154,6 +154,7 @@ def tutorial_loop(settings, backbone, train_dir: Path, test_dir: Path, *, epochs
     the backbone in eval mode (the module this system embeds with, as it is).
     """
     import copy
+
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 

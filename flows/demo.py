@@ -221,8 +221,8 @@ def label_shortcut(settings: Settings, audit: dict[str, Any] | None) -> dict[str
     about *COVID-19*, which is the tutorial's question. Same public probes, one label against the rest.
     """
     from xray_core.data.facts import image_facts
-    from xray_core.evaluate.audit import metadata_probe, site_only_auroc
     from xray_core.data.snapshot import load_split_data
+    from xray_core.evaluate.audit import metadata_probe, site_only_auroc
 
     single = {k: v for k, v in ((audit or {}).get("label_site") or {}).get("single_site_labels", {}).items()
               if k != settings.negative_label}

@@ -17,9 +17,9 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import transient_io
+from xray_core.data.snapshot import load_snapshot
 from xray_core.io.allowed_roots import confine_to
 from xray_core.pipeline.embed import embed_shard, merge_embed_stats
-from xray_core.data.snapshot import load_snapshot
 from xray_core.settings import Settings, get_settings
 
 

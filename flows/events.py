@@ -13,6 +13,7 @@ from prefect.events import emit_event as _prefect_emit_event
 
 from xray_core.io.fsutil import json_safe
 
+
 def emit_event(event: str, **kwargs: Any) -> None:
     """Prefect's ``emit_event`` with every string made valid UTF-8 (a site or report path named by a
     folder whose name is not UTF-8 would otherwise send a lone surrogate to the server)."""

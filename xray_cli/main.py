@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from xray_cli import doctor
-from xray_cli.environment import check_environment, use_flow as _use_flow
+from xray_cli.environment import check_environment
+from xray_cli.environment import use_flow as _use_flow
 from xray_core.errors import TerminatedBySignal, UsageError, XrayError
 from xray_core.io.allowed_roots import caller_paths
 from xray_core.io.fsutil import json_text, utf8_safe
@@ -130,16 +131,16 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from xray_core.report.terminal import render_status
     from xray_core.report.status import status_report
+    from xray_core.report.terminal import render_status
 
     _emit(status_report(get_settings()), args.json, render_status)
     return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from xray_core.report.terminal import render_train
     from xray_core.pipeline.steps import run_train
+    from xray_core.report.terminal import render_train
 
     result = run_train(get_settings(), progress=_progress_bar(True, "embed"))
     _emit(result, args.json, render_train)

@@ -25,10 +25,10 @@ def features_for(folder: Path) -> dict[str, dict]:
 
 def test_dask_fan_out_matches_the_single_process_features(xray_env, prefect_server, tmp_path, monkeypatch):
     from xray_core.data import snapshot
-    from xray_core.pipeline import embed
     from xray_core.data.ingest import ingest_source
-    from xray_core.settings import load_settings, reset_settings
     from xray_core.data.synthetic import write_dataset
+    from xray_core.pipeline import embed
+    from xray_core.settings import load_settings, reset_settings
 
     monkeypatch.setenv("XRAY_EMBED_DASK_WORKERS", "2")
     reset_settings()
@@ -56,8 +56,8 @@ def test_dask_fan_out_matches_the_single_process_features(xray_env, prefect_serv
 
 def test_retrain_flow_embeds_through_dask_when_asked(xray_env, prefect_server, tmp_path, monkeypatch):
     from flows.retrain import retrain
-    from xray_core.settings import reset_settings
     from xray_core.data.synthetic import write_dataset
+    from xray_core.settings import reset_settings
 
     for key, value in {"XRAY_EMBED_DASK_WORKERS": "2", "XRAY_MIN_TEST_PER_CLASS": "1",
                        "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}.items():

@@ -19,9 +19,9 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import Model, Promotion
 from xray_core.data.catalogue import open_catalogue
+from xray_core.data.synthetic import write_dataset
 from xray_core.errors import RetrainBusyError
 from xray_core.settings import get_settings
-from xray_core.data.synthetic import write_dataset
 
 PROJECT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent

@@ -26,7 +26,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from ondrift import on_drift_spec, wait_for_server
 
 PROJECT = Path(__file__).resolve().parents[2]

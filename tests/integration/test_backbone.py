@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from xray_core.errors import BackboneWeightsError, SettingsError
 from xray_core.model.backbone import FEATURE_DIM, clear_backbone_cache, load_backbone
 from xray_core.model.device import pick_device
-from xray_core.errors import BackboneWeightsError, SettingsError
-
 
 
 def _batch(n: int = 2, size: int = 32) -> torch.Tensor:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from xray_core.io.fsutil import sha256_file
 from xray_core.data.synthetic import write_dataset
+from xray_core.io.fsutil import sha256_file
 
 XRAY = str(Path(sys.executable).parent / "xray")
 

@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 
 from db import dispose_engines
+from xray_core.data.synthetic import write_dataset
 from xray_core.io.fsutil import sha256_file
 from xray_core.settings import load_settings, reset_settings
-from xray_core.data.synthetic import write_dataset
-
 
 ENV = {
     "XRAY_BACKBONE_WEIGHTS": "random", "XRAY_DEVICE": "cpu", "XRAY_INPUT_SIZE": "32", "XRAY_VIEWS": "1",

@@ -21,11 +21,11 @@ import pydicom
 import pydicom.data
 import pydicom.pixels
 import pytest
+from badfiles import make_bad_corpus
+from conftest import fetch, sha
 from pydicom import uid as U
 from sqlalchemy import text
 
-from badfiles import make_bad_corpus
-from conftest import fetch, sha
 from db.schema import Image, Rejection
 from xray_core.data.catalogue import catalogue_summary
 from xray_core.data.images import decode_stored

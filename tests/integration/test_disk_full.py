@@ -22,16 +22,15 @@ from sqlalchemy import select
 
 from db import session_scope
 from db.schema import Image, Model, Rejection, Source
-from xray_core.model.backbone import Backbone, load_backbone
 from xray_core.data.catalogue import open_catalogue
-from xray_core.errors import StorageFullError, XrayError
-from xray_core.model.backbone import effective_batch_size
-from xray_core.model.features import EmbedItem, FeatureCache
 from xray_core.data.ingest import ingest_source
+from xray_core.data.synthetic import make_xray
+from xray_core.errors import StorageFullError, XrayError
+from xray_core.model.backbone import Backbone, effective_batch_size, load_backbone
+from xray_core.model.features import EmbedItem, FeatureCache
+from xray_core.model.train import build_head
 from xray_core.registry.versions import champion_version, load_model, record_decision, save_model
 from xray_core.settings import Settings, load_settings
-from xray_core.data.synthetic import make_xray
-from xray_core.model.train import build_head
 
 # --------------------------------------------------------------------------- the full disk
 

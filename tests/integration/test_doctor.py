@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from catalogue_faults import catalogue_with_wal_only, fill, small_filesystem, write_films
+
 from db import dispose_engines
 from db.engine import check_sqlite_file, header_problem
 from xray_cli.main import main

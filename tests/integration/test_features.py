@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from xray_core.io.fsutil import sha256_file
 from xray_core.model.backbone import FEATURE_DIM, effective_batch_size, load_backbone
 from xray_core.model.features import (
     EmbedItem,
@@ -17,7 +18,6 @@ from xray_core.model.features import (
     FeatureCacheError,
     cache_summary,
 )
-from xray_core.io.fsutil import sha256_file
 from xray_core.model.preprocess import EvalTransform, TrainTransform, make_view, spec_dict, view_generator
 
 SHA = "ab" * 32

@@ -33,19 +33,20 @@ from typing import Callable
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image as PILImage
-from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRBigEndian, JPEGLSLossless
 from badfiles import blank_film, header_bomb_png, make_bad_corpus
 from conftest import PROJECT, TEST_ENV, sha, snapshot
 from conftest import fetch as rows
+from PIL import Image as PILImage
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRBigEndian, JPEGLSLossless
+
 from db import dispose_engines
 from db.schema import Image, Rejection, Source
 from xray_cli.main import main
-from xray_core.errors import ManifestError, UsageError
 from xray_core.data.ingest import ingest_source
-from xray_core.settings import Settings, load_settings, reset_settings
 from xray_core.data.synthetic import make_xray, write_dicom
+from xray_core.errors import ManifestError, UsageError
+from xray_core.settings import Settings, load_settings, reset_settings
 
 # --------------------------------------------------------------------------- helpers
 
@@ -1249,9 +1250,9 @@ def truncated_catalogue_is_named(xray_env, tmp_path, capsys) -> None:
 
 @attack
 def unexpected_error_is_one_line_and_debug_shows_the_traceback(xray_env, capsys, monkeypatch) -> None:
-    import xray_core.report.status as status
-
     import sqlite3
+
+    import xray_core.report.status as status
 
     def boom(settings):  # what SQLite raises on a full disk
         raise sqlite3.OperationalError("database or disk is full")
@@ -1789,6 +1790,7 @@ def a_folder_ingested_with_its_manifest_then_by_file_names_is_duplicates_only(xr
 def decode_champion(tmp_path_factory):
     """A tiny catalogue with a champion (tests/tinymodel.py), for the predict attacks below."""
     from tinymodel import tiny_home
+
     from xray_core.registry.versions import promote_manually
 
     with tiny_home(tmp_path_factory.mktemp("decode-champion")) as home:

@@ -12,8 +12,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from PIL import Image
-
 from tinymodel import tiny_home
+
 from xray_core.evaluate.metrics import auroc, compute_metrics
 from xray_core.report.data import reliability_bins, roc_curve
 
@@ -83,8 +83,8 @@ def _mode(path) -> int:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny home with two versions, and the result dict of a run that compared them (as the flow builds it)."""
-    from xray_core.pipeline.steps import decide_step
     from xray_core.data.snapshot import save_snapshot
+    from xray_core.pipeline.steps import decide_step
 
     with tiny_home(tmp_path_factory.mktemp("report"), models=2, patients_per_label=14) as h:
         champion, challenger = (h.evaluations[v] for v in h.versions)
@@ -176,9 +176,9 @@ def test_a_failed_run_still_renders_without_curves(run, tmp_path):
 
 def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_report(run, tmp_path, monkeypatch):
     """Four 2000 x 2000 films: full-resolution overlays would be megabytes each; report.html stays <= 2 MB."""
+    from xray_core.data.snapshot import save_snapshot
     from xray_core.data.synthetic import make_xray
     from xray_core.model.heatmap import overlay_png
-    from xray_core.data.snapshot import save_snapshot
     from xray_core.report import data as report_data
     from xray_core.report.data import ExampleHeatmap, ReportData
     from xray_core.report.html import HEATMAP_EMBED_PX, write_run_html
@@ -210,10 +210,10 @@ def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_repo
 
 
 def test_report_renders_with_a_note_when_curves_cannot_be_computed(run, tmp_path, monkeypatch):
-    from xray_core.report import data as report_data
-    from xray_core.errors import CheckpointError
-    from xray_core.report.html import write_run_html
     from xray_core.data.snapshot import save_snapshot
+    from xray_core.errors import CheckpointError
+    from xray_core.report import data as report_data
+    from xray_core.report.html import write_run_html
 
     h, result, _ = run
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PROJECT, TEST_ENV
+
 from xray_core.data.synthetic import write_dataset
 
 # Import first (seconds), then start both ingests on the same signal.

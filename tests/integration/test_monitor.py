@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from tinymodel import tiny_home
+
 from xray_cli.main import main
 
 

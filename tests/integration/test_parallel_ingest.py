@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
-
 from badfiles import CORPUS_MAX_PIXELS, make_bad_corpus, make_good_variants
 from conftest import TEST_ENV
+from sqlalchemy import select
+
 from db import dispose_engines, session_scope
 from db.schema import Image, Patient, Rejection, SeenFile
 from xray_core.data.catalogue import open_catalogue

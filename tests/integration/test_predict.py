@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from tinymodel import tiny_home
+
 from xray_cli.main import main
 from xray_core.data.synthetic import make_xray
-
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +109,9 @@ def test_csv_columns_and_values_for_a_known_model(home, films, predicted):
 
 
 def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, predicted):
-    from db.schema import DriftCheck
     from conftest import fetch
+
+    from db.schema import DriftCheck
     from xray_core.monitor.reference import model_reference
     from xray_core.registry.versions import load_model
 

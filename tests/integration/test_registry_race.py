@@ -11,14 +11,13 @@ import queue
 
 import pytest
 import torch
+from registry_heads import champions, db_count, save, status_of
 
 from db import dispose_engines
 from db.schema import Model, Promotion
 from xray_core.registry.listing import history
 from xray_core.registry.versions import promote_manually
 from xray_core.settings import Settings
-
-from registry_heads import champions, db_count, save, status_of
 
 
 def _promote_in_child(settings: Settings, version: int, barrier, results) -> None:

@@ -16,21 +16,21 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy import func, select
+from tinymodel import tiny_home
 
 from db import session_scope
 from db.schema import Evaluation
-from tinymodel import tiny_home
 from xray_cli import main as cli
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest import ingest_source
+from xray_core.data.snapshot import fingerprint_test_set, load_split_data
 from xray_core.data.synthetic import write_dataset
 from xray_core.model.train import build_head
 from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.rescore import default_versions, rescore_models
-from xray_core.data.snapshot import load_split_data, fingerprint_test_set
 from xray_core.pipeline.steps import evaluate_step, train_step
-from xray_core.registry.versions import promote_manually, record_decision, save_model
 from xray_core.registry.listing import list_models
+from xray_core.registry.versions import promote_manually, record_decision, save_model
 
 
 def evaluation_count(settings) -> int:

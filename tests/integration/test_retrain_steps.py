@@ -20,14 +20,14 @@ from sqlalchemy import select
 from db import dispose_engines, session_scope
 from db.schema import Evaluation, Model, Promotion
 from xray_cli import main as cli
-from xray_core.model.backbone import load_backbone
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest import ingest_source
-from xray_core.pipeline.steps import current_champion, decide_step, evaluate_step, promote_step, train_step
-from xray_core.pipeline.embed import embed_step
-from xray_core.data.snapshot import load_split_data, fingerprint_test_set
-from xray_core.settings import load_settings, reset_settings
+from xray_core.data.snapshot import fingerprint_test_set, load_split_data
 from xray_core.data.synthetic import write_dataset
+from xray_core.model.backbone import load_backbone
+from xray_core.pipeline.embed import embed_step
+from xray_core.pipeline.steps import current_champion, decide_step, evaluate_step, promote_step, train_step
+from xray_core.settings import load_settings, reset_settings
 
 # Tiny test splits: lower the minimum test size per class and the first-model floors so that the
 # policy may promote (the decision table itself is tested in test_promotion.py).

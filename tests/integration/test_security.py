@@ -24,22 +24,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PROJECT, TEST_ENV
 from sqlalchemy import update
 
-from conftest import PROJECT, TEST_ENV
 from db import dispose_engines, session_scope
 from db.schema import Model
-from xray_core.registry import versions as registry
-from xray_core.model.backbone import load_backbone
 from xray_core.data.catalogue import open_catalogue
-from xray_core.errors import BackboneWeightsError, CheckpointError, ManifestError, SourceError
-from xray_core.io.fsutil import sha256_file
 from xray_core.data.ingest import ingest_source
 from xray_core.data.scan import validate_manifest
+from xray_core.data.synthetic import make_xray, write_dicom
+from xray_core.errors import BackboneWeightsError, CheckpointError, ManifestError, SourceError
+from xray_core.io.fsutil import sha256_file
+from xray_core.model.backbone import load_backbone
+from xray_core.model.train import build_head
+from xray_core.registry import versions as registry
 from xray_core.registry.versions import load_model, save_model, validate_card
 from xray_core.settings import Settings, load_settings
-from xray_core.data.synthetic import make_xray, write_dicom
-from xray_core.model.train import build_head
 
 PACKAGES = ("xray_core", "flows", "db", "xray_cli")
 
@@ -282,11 +282,17 @@ def test_no_report_artifact_or_log_holds_a_dicom_patient_id(tmp_path: Path, capl
     like "Doe^John-00003": the markdown report, the result dict, the ingest summary, the model list,
     lineage and audit trail, and every log record carry hashed ids only."""
     from xray_core.data.catalogue import catalogue_summary
+    from xray_core.data.snapshot import load_split_data
+    from xray_core.pipeline.embed import embed_step
+    from xray_core.pipeline.steps import (
+        current_champion,
+        decide_step,
+        evaluate_step,
+        promote_step,
+        train_step,
+    )
     from xray_core.registry.listing import history, list_models, model_lineage
     from xray_core.report.markdown import retrain_markdown
-    from xray_core.pipeline.steps import current_champion, decide_step, evaluate_step, promote_step, train_step
-    from xray_core.pipeline.embed import embed_step
-    from xray_core.data.snapshot import load_split_data
 
     settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), **POLICY_ENV})
     dispose_engines()

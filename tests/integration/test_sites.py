@@ -61,10 +61,10 @@ def test_the_same_collection_under_warn_is_promoted_with_the_warning_recorded(en
 
 def _evaluation(settings, data, version, probs):
     """An evaluation of hand-made test probabilities, through the project's own metrics and slices."""
+    from xray_core.data.snapshot import fingerprint_test_set, label_indices
     from xray_core.evaluate.intervals import bootstrap_intervals
     from xray_core.evaluate.metrics import compute_metrics
     from xray_core.pipeline.guards import evaluation_slices
-    from xray_core.data.snapshot import label_indices, fingerprint_test_set
 
     labels = ["normal", "pneumonia"]
     rows = data.test
@@ -78,9 +78,9 @@ def _evaluation(settings, data, version, probs):
 
 
 def test_pooled_numbers_hide_a_site_collapse_that_the_guardrail_keeps_out(env, tmp_path):
+    from xray_core.data.ingest import ingest_source
     from xray_core.data.snapshot import label_indices, load_split_data
     from xray_core.pipeline.steps import decide_step
-    from xray_core.data.ingest import ingest_source
 
     env.setenv("XRAY_SPLIT_RATIOS", "0.5,0.1,0.4")
     reset_settings()

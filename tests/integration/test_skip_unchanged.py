@@ -7,12 +7,12 @@ from sqlalchemy import func, select
 from db import session_scope
 from db.schema import Model
 from xray_core.data.catalogue import open_catalogue
+from xray_core.data.snapshot import SplitData, load_split_data
+from xray_core.data.synthetic import write_dataset
 from xray_core.pipeline.cycle import run_retrain
 from xray_core.pipeline.recipe import RetrainRequest
-from xray_core.data.snapshot import SplitData, load_split_data
 from xray_core.pipeline.steps import evaluate_step, nothing_new_since_last_decision
 from xray_core.settings import load_settings, reset_settings
-from xray_core.data.synthetic import write_dataset
 
 POLICY = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}
 

@@ -14,8 +14,8 @@ import pytest
 
 from db.schema import SPLITS
 from xray_cli.main import main
-from xray_core.settings import reset_settings
 from xray_core.data.synthetic import write_dataset
+from xray_core.settings import reset_settings
 
 INGEST_KEYS = {
     "source_id", "source", "manifest", "files", "added", "duplicates", "skipped_unchanged", "rejected",

@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-from PIL import Image, ImageFile
-
 from badfiles import (
     BAD_CASES,
     CORPUS_MAX_PIXELS,
@@ -21,7 +18,11 @@ from badfiles import (
     make_bad_corpus,
     make_good_variants,
 )
-from xray_core.errors import ImageRejected, SettingsError
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from PIL import Image, ImageFile
+
 from xray_core.data.dicom import WINDOWING_SPEC, catalogue_fields
 from xray_core.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -33,8 +34,9 @@ from xray_core.data.images import (
     perceptual_hash,
     sniff_format,
 )
-from xray_core.settings import Settings, load_settings
 from xray_core.data.synthetic import make_xray, write_dicom
+from xray_core.errors import ImageRejected, SettingsError
+from xray_core.settings import Settings, load_settings
 
 REASONS = {
     "empty_file", "not_an_image", "unsupported_format", "truncated", "decompression_bomb",

@@ -18,21 +18,21 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from badfiles import BAD_CASES, CORPUS_MAX_PIXELS, GOOD_CASES, make_bad_corpus, make_good_variants
+from conftest import TEST_ENV, fetch, sha, snapshot
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from badfiles import BAD_CASES, CORPUS_MAX_PIXELS, GOOD_CASES, make_bad_corpus, make_good_variants
-from conftest import TEST_ENV, fetch, sha, snapshot
 from db import dispose_engines, session_scope
 from db.schema import SPLITS, Image, Patient, Rejection, Source
-from xray_core.data.catalogue import catalogue_summary, open_catalogue
 from xray_cli.main import main
-from xray_core.errors import ManifestError
-from xray_core.io.fsutil import sha256_file
+from xray_core.data.catalogue import catalogue_summary, open_catalogue
 from xray_core.data.images import load_grayscale
 from xray_core.data.ingest import ingest_source
-from xray_core.settings import Settings, load_settings, reset_settings
 from xray_core.data.synthetic import make_xray, write_dataset
+from xray_core.errors import ManifestError
+from xray_core.io.fsutil import sha256_file
+from xray_core.settings import Settings, load_settings, reset_settings
 
 # --------------------------------------------------------------------------- helpers
 

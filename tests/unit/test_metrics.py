@@ -11,13 +11,14 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
-
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from xray_core.evaluate.intervals import (
-    _Plan,
     _cluster_index,
+    _Plan,
     _resample_weights,
     bootstrap_intervals,
     paired_bootstrap_difference,

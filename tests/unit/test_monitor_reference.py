@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from registry_heads import make_card, make_state
 
 from xray_core.errors import CheckpointError
 from xray_core.monitor.ood import conformal_threshold, crossfit_scores, fit_basis, ood_line
 from xray_core.monitor.reference import REFERENCE_FILE, Reference, build_reference, model_reference
 from xray_core.registry.versions import load_model, save_model
-
-from registry_heads import make_card, make_state
 
 DIM = 24
 

@@ -10,15 +10,28 @@ import json
 import numpy as np
 import pytest
 import torch
+from registry_heads import (
+    BACKBONE,
+    HIDDEN,
+    IN_DIM,
+    REQUIRED,
+    champions,
+    db_count,
+    make_card,
+    make_state,
+    save,
+    status_of,
+)
 
 from db import session_scope
 from db.schema import Model, Promotion
 from xray_cli import main as cli
 from xray_core import faults
-from xray_core.registry import listing
-from xray_core.registry import versions as registry
 from xray_core.data.catalogue import open_catalogue
 from xray_core.errors import CheckpointError, UsageError
+from xray_core.model.train import build_head, predict_proba
+from xray_core.registry import listing
+from xray_core.registry import versions as registry
 from xray_core.registry.listing import history
 from xray_core.registry.versions import (
     load_model,
@@ -29,11 +42,6 @@ from xray_core.registry.versions import (
     validate_card,
 )
 from xray_core.settings import Settings
-from xray_core.model.train import build_head, predict_proba
-
-from registry_heads import (BACKBONE, HIDDEN, IN_DIM, REQUIRED, champions, db_count, make_card, make_state, save,
-                            status_of)
-
 
 # --------------------------------------------------------------------------- checkpoints
 

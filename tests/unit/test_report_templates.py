@@ -15,8 +15,13 @@ from xray_core.errors import SettingsError
 from xray_core.io.fsutil import atomic_write_bytes
 from xray_core.model.heatmap import heatmap_caption
 from xray_core.report.html import HEATMAP_EMBED_PX, embeddable_heatmap, render_html
-from xray_core.report.markdown import (DESCRIPTION_MAX_CHARS, artifact_description, retrain_markdown, run_state,
-                                       template_environment)
+from xray_core.report.markdown import (
+    DESCRIPTION_MAX_CHARS,
+    artifact_description,
+    retrain_markdown,
+    run_state,
+    template_environment,
+)
 from xray_core.settings import load_settings
 
 

@@ -20,8 +20,16 @@ from xray_core.errors import SettingsError
 from xray_core.evaluate.promotion import PolicyConfig
 from xray_core.model.train import HeadConfig
 from xray_core.pipeline.steps import EXECUTION_SETTINGS, TRAINING_SETTINGS
-from xray_core.settings import (ENV_BY_FIELD, ENV_VARS, FIELDS, Settings, load_settings, reset_settings,
-                                settings_page, validate)
+from xray_core.settings import (
+    ENV_BY_FIELD,
+    ENV_VARS,
+    FIELDS,
+    Settings,
+    load_settings,
+    reset_settings,
+    settings_page,
+    validate,
+)
 
 PROJECT = Path(__file__).resolve().parents[2]
 EXAMPLES = {name: rules.examples(FIELDS[name]) for name in ENV_BY_FIELD}

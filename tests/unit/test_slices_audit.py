@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from xray_core.evaluate.audit import label_site_table, metadata_probe, shortcut_audit, site_only_auroc, site_probe
+from xray_core.evaluate.audit import (
+    label_site_table,
+    metadata_probe,
+    shortcut_audit,
+    site_only_auroc,
+    site_probe,
+)
 from xray_core.evaluate.slices import site_guardrail, slice_metrics
 
 LABELS = ["normal", "pneumonia"]

@@ -19,10 +19,10 @@ from db.schema import Model, SplitManifest
 from db.split_manifest import decode, encode
 from xray_cli import main as cli
 from xray_core.data.catalogue import open_catalogue
+from xray_core.model.train import build_head
 from xray_core.registry.listing import model_lineage
 from xray_core.registry.versions import save_model
 from xray_core.settings import Settings
-from xray_core.model.train import build_head
 
 
 def test_a_manifest_round_trips_and_its_name_ignores_input_order() -> None:

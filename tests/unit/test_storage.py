@@ -13,8 +13,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from xray_core.settings import load_settings
 from xray_core.io.storage import FsspecStorage, LocalStorage, Storage, get_storage, open_storage
+from xray_core.settings import load_settings
 
 
 @pytest.fixture(params=["local", "fsspec-file", "memory"])

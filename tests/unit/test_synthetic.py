@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from xray_core.data.images import decode_image
-from xray_core.settings import DEFAULT_PATIENT_REGEX
 from xray_core.data.synthetic import SyntheticRecord, make_xray, write_dataset, write_dicom
+from xray_core.settings import DEFAULT_PATIENT_REGEX
 
 
 def _lungs(img: np.ndarray) -> np.ndarray:

@@ -27,10 +27,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import header_problem, make_engine, open_sqlite, open_through_wal, sqlite_sidecars
 from db.schema import Image, Model, Rejection, Source
-from xray_core.data.images import DEFAULT_MAX_PIXELS, decode_image
-from xray_core.errors import ImageRejected
 from db.urls import mask_url, sqlite_file
+from xray_core.data.images import DEFAULT_MAX_PIXELS, decode_image
 from xray_core.data.sources import owner_alive
+from xray_core.errors import ImageRejected
 from xray_core.io.storage import Storage, get_storage
 from xray_core.settings import Settings
 

@@ -22,8 +22,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from db.engine import header_problem, open_sqlite, sqlite_sidecars
-from xray_core.data.doctor import (DoctorReport, examine, orphan_keys, read_only_engine, running_ingests,
-                                   sqlite_path)
+from xray_core.data.doctor import (
+    DoctorReport,
+    examine,
+    orphan_keys,
+    read_only_engine,
+    running_ingests,
+    sqlite_path,
+)
 from xray_core.errors import StorageFullError
 from xray_core.io.fsutil import atomic_write_bytes
 from xray_core.io.storage import LocalStorage, Storage, get_storage

@@ -26,18 +26,18 @@ from sqlalchemy import select
 from db import session_scope
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE
 from db.schema import Image, Patient, Rejection, SeenFile, Source
+from xray_core.data.admission import NearCopyIndex, SiteRule, admit, record_near_pairs
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest_pool import Prepared, PreparePool, resolve_workers
-from xray_core.faults import crash_point
-from xray_core.errors import SettingsError, SourceError
-from xray_core.io.fsutil import printable
-from xray_core.settings import Settings
-from xray_core.data.admission import NearCopyIndex, SiteRule, admit, record_near_pairs
 from xray_core.data.quarantine import Quarantine
 from xray_core.data.scan import Candidate, scan_folder, scan_manifest, validate_manifest
 from xray_core.data.sources import close_interrupted_ingests, ingest_owner
 from xray_core.data.split import assign_splits
+from xray_core.errors import SettingsError, SourceError
+from xray_core.faults import crash_point
+from xray_core.io.fsutil import printable
 from xray_core.io.storage import get_storage
+from xray_core.settings import Settings
 
 GROUP_SIZE = 32  # files prepared outside a transaction, then written in one short transaction
 # Rejections that say nothing about the file's bytes (e.g. permissions): not remembered as "seen",

@@ -8,8 +8,8 @@ from __future__ import annotations
 import csv
 import os
 import re
-from datetime import date
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Iterator
 

@@ -25,8 +25,16 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
-from xray_core.evaluate.metrics import (EPS, PAIRED_METRICS, check_inputs, compute_metrics, disease_indices,
-                                        json_float, positive_index, predict_labels)
+from xray_core.evaluate.metrics import (
+    EPS,
+    PAIRED_METRICS,
+    check_inputs,
+    compute_metrics,
+    disease_indices,
+    json_float,
+    positive_index,
+    predict_labels,
+)
 from xray_core.settings import setting_default
 
 # Top-level metrics that get bootstrap intervals (per-class ones are added per label).

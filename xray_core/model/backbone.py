@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xray_core.model.device import pick_device, pick_precision
 from xray_core.errors import BackboneWeightsError
+from xray_core.model.device import pick_device, pick_precision
 
 ARCH = "torchvision.densenet161"
 FEATURE_DIM = 2208

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from xray_core.model.backbone import FEATURE_DIM, Backbone, effective_batch_size, fingerprint
 from xray_core.errors import XrayError
 from xray_core.faults import crash_point
 from xray_core.io.fsutil import sha256_bytes
 from xray_core.io.storage import LocalStorage, Storage, get_storage
+from xray_core.model.backbone import FEATURE_DIM, Backbone, effective_batch_size, fingerprint
 
 _VIEW_KEY = re.compile(r"^v(\d+)$")
 
@@ -97,7 +97,9 @@ class _ViewsDataset(Dataset):
         return len(self.jobs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from xray_core.data.catalogue import stored_sha256_of  # asked only after a mismatch (de-identified DICOM)
+        from xray_core.data.catalogue import (
+            stored_sha256_of,  # asked only after a mismatch (de-identified DICOM)
+        )
         from xray_core.data.images import decode_stored
         from xray_core.model.preprocess import make_view
 

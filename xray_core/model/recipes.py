@@ -59,8 +59,16 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from xray_core.errors import NotEnoughDataError
 from xray_core.model.calibrate import fit_temperature, softmax
-from xray_core.model.train import (Head, HeadConfig, build_head, fit_normaliser, load_head, predict_logits,
-                                   predict_proba, train_head)
+from xray_core.model.train import (
+    Head,
+    HeadConfig,
+    build_head,
+    fit_normaliser,
+    load_head,
+    predict_logits,
+    predict_proba,
+    train_head,
+)
 
 HEAD_RECIPES = ("auto", "linear", "mlp")
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from xray_core.faults import crash_point
 from xray_core.errors import NotEnoughDataError, XrayError
+from xray_core.faults import crash_point
 from xray_core.settings import LR_SCHEDULES, Settings, setting_default
 
 

@@ -32,8 +32,16 @@ from typing import Any
 import numpy as np
 
 from xray_core.errors import CheckpointError
-from xray_core.monitor.ood import (UNUSUAL_LEVEL, OodBasis, conformal_threshold, crossfit_scores, fit_basis, ood_parts, ood_scores,
-                                   standardise)
+from xray_core.monitor.ood import (
+    UNUSUAL_LEVEL,
+    OodBasis,
+    conformal_threshold,
+    crossfit_scores,
+    fit_basis,
+    ood_parts,
+    ood_scores,
+    standardise,
+)
 
 REFERENCE_FILE = "reference.safetensors"
 MAX_COMPONENTS = 32  # enough for the few directions a frozen backbone's features vary in; small on disk

@@ -25,6 +25,7 @@ from xray_core.pipeline.recipe import RetrainRequest, recipe
 from xray_core.results import ReportFiles, RunResult, run_state
 from xray_core.settings import Settings
 
+
 def run_retrain(
     settings: Settings,
     request: RetrainRequest,

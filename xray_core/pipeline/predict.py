@@ -141,17 +141,16 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     """
     import torch
 
-    from xray_core.model.backbone import load_backbone
+    from db import session_scope
     from xray_core.data.catalogue import open_catalogue
-    from xray_core.model.backbone import effective_batch_size
+    from xray_core.evaluate.metrics import positive_index, predict_labels
+    from xray_core.model.backbone import effective_batch_size, load_backbone
     from xray_core.model.features import FeatureCache, FeatureCacheError
-    from xray_core.evaluate.metrics import predict_labels, positive_index
     from xray_core.model.preprocess import make_view
-    from xray_core.pipeline.model_settings import settings_for_model
-    from xray_core.registry.versions import champion_version, load_model, require_backbone
     from xray_core.model.train import predict_proba
     from xray_core.monitor.reference import model_reference
-    from db import session_scope
+    from xray_core.pipeline.model_settings import settings_for_model
+    from xray_core.registry.versions import champion_version, load_model, require_backbone
 
     if out is not None:
         check_out_path(settings, Path(out))

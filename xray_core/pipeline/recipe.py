@@ -21,18 +21,19 @@ from xray_core.pipeline import steps
 from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.executor import Executor, step
 from xray_core.results import (
+    NOT_REACHED,
     EmbedResult,
     Evaluation,
     Recorded,
     RunResult,
     Snapshot,
     TrainResult,
-    NOT_REACHED,
     Verdict,
     outcome_sentence,
     run_state,
 )
 from xray_core.settings import Settings
+
 
 @dataclass(frozen=True)
 class RetrainRequest:

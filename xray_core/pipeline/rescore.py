@@ -16,8 +16,8 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import Evaluation, Model
 from xray_core.data.catalogue import open_catalogue
+from xray_core.data.snapshot import SplitData, fingerprint_test_set, load_split_data
 from xray_core.errors import CheckpointError, NotEnoughDataError, XrayError
-from xray_core.data.snapshot import SplitData, load_split_data, fingerprint_test_set
 from xray_core.pipeline.steps import evaluate_step
 from xray_core.settings import Settings
 

@@ -16,15 +16,21 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import Evaluation
 from xray_core.data.catalogue import open_catalogue
+from xray_core.data.snapshot import (
+    Row,
+    SplitData,
+    fingerprint_test_set,
+    label_indices,
+    load_split_data,
+    training_set_fingerprint,
+)
 from xray_core.errors import CheckpointError, NotEnoughDataError
 from xray_core.monitor.reference import REFERENCE_FILE
 from xray_core.pipeline.embed import EmbedProgress, embed_step
+from xray_core.pipeline.features import embed_items, features_for, train_views
 from xray_core.pipeline.guards import apply_guards, evaluation_slices
 from xray_core.pipeline.lock import retrain_lock
 from xray_core.pipeline.model_settings import settings_for_card, settings_for_fingerprint
-from xray_core.data.snapshot import (Row, SplitData, label_indices, load_split_data, fingerprint_test_set,
-                                     training_set_fingerprint)
-from xray_core.pipeline.features import embed_items, features_for, train_views
 from xray_core.settings import Settings, affecting
 
 
@@ -40,14 +46,19 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     card's ``val_metrics`` are computed on them (``val_metrics_on`` says which). The normaliser and
     temperature are saved inside ``head.safetensors``.
     """
+    from xray_core.evaluate.metrics import (
+        brier_score,
+        choose_threshold,
+        compute_metrics,
+        expected_calibration_error,
+        positive_index,
+    )
     from xray_core.model.backbone import FEATURE_DIM, load_backbone
-    from xray_core.evaluate.metrics import (brier_score, choose_threshold, compute_metrics,
-                                            expected_calibration_error, positive_index)
     from xray_core.model.calibrate import softmax
     from xray_core.model.preprocess import spec_dict
     from xray_core.model.recipes import candidate_recipes, fit_calibrated, select_recipe
-    from xray_core.registry.versions import load_model, save_model
     from xray_core.model.train import HeadConfig, predict_proba
+    from xray_core.registry.versions import load_model, save_model
 
     labels = data.labels
     backbone = load_backbone(settings)
@@ -165,8 +176,8 @@ def model_test_probs(settings: Settings, version: int, rows: list[Row]) -> tuple
     """
     from xray_core.model.backbone import load_backbone
     from xray_core.model.features import FeatureCache
-    from xray_core.registry.versions import load_model
     from xray_core.model.train import predict_proba
+    from xray_core.registry.versions import load_model
 
     current = load_backbone(settings)
     model = load_model(settings, version)

@@ -31,14 +31,14 @@ from sqlalchemy.orm import Session
 from db import session_scope
 from db.schema import Model, Promotion
 from xray_core.data.catalogue import open_catalogue
-from xray_core.faults import crash_point
-from xray_core.errors import CheckpointError, UsageError
-from xray_core.io.fsutil import json_text, sha256_bytes
 from xray_core.data.labels import is_safe_label
-from xray_core.registry.manifests import put_split_manifest
-from xray_core.settings import Settings
+from xray_core.errors import CheckpointError, UsageError
+from xray_core.faults import crash_point
+from xray_core.io.fsutil import json_text, sha256_bytes
 from xray_core.io.storage import Storage, get_storage
 from xray_core.model.train import load_head
+from xray_core.registry.manifests import put_split_manifest
+from xray_core.settings import Settings
 
 CARD_SCHEMA_VERSION = 1
 CODE_VERSION = "0.1.0"

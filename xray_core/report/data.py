@@ -154,12 +154,12 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, 
     ``challenger``/``champion`` are evaluations (:func:`xray_core.pipeline.steps.evaluate_step`): their
     test probabilities travel with them, so no test feature is read again here.
     """
-    from xray_core.model.backbone import load_backbone
-    from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
     from xray_core.data.images import decode_stored
     from xray_core.evaluate.metrics import positive_index, predict_labels
-    from xray_core.registry.versions import load_model
     from xray_core.io.storage import get_storage
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
+    from xray_core.registry.versions import load_model
 
     curves: list[ModelCurves] = []
     notes: list[str] = []

@@ -26,9 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from xray_core.report.markdown import KEY_METRICS, interval, render_template, report_context
-from xray_core.report.format import format_interval
 from xray_core.report.data import ModelCurves, ReportData, SiteCurves
+from xray_core.report.format import format_interval
+from xray_core.report.markdown import KEY_METRICS, interval, render_template, report_context
 from xray_core.settings import Settings, setting_default
 
 NEGATIVE_LABEL: str = setting_default("negative_label")  # XRAY_NEGATIVE_LABEL's default
@@ -308,10 +308,10 @@ def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) ->
     Also records in ``result["report_html_contents"]`` what the file shows, so the markdown report
     rendered from the same dict afterwards links to it without promising figures it lacks.
     """
+    from xray_core.data.snapshot import load_snapshot
     from xray_core.errors import XrayError
     from xray_core.io.fsutil import atomic_write_bytes, atomic_write_text
     from xray_core.report.data import collect_report_data
-    from xray_core.data.snapshot import load_snapshot
 
     run_dir = Path(run_dir)
     snapshot = run_dir / "split.json"

@@ -18,10 +18,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
 from xray_core.evaluate.promotion import RUN_STATES
 from xray_core.report.format import format_interval
-from xray_core.results import outcome_sentence, run_state as derive_state
+from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
+from xray_core.results import outcome_sentence
+from xray_core.results import run_state as derive_state
 from xray_core.settings import Settings
 
 KEY_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece")

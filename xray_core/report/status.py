@@ -120,9 +120,8 @@ def _feature_cache(settings: Settings) -> list[dict[str, Any]]:
     from db import session_scope
     from db.schema import Image, Model
     from xray_core.data.catalogue import open_catalogue
-    from xray_core.model.features import cache_summary
-
     from xray_core.io.storage import get_storage
+    from xray_core.model.features import cache_summary
 
     storage = get_storage(settings, "features")
     rows = cache_summary(storage)

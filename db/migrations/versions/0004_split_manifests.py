@@ -9,11 +9,10 @@ Revision ID: 0003s
 Revises: 0002
 Create Date: 2026-11-30 20:30:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 from db.split_manifest import ENCODING, decode, encode
-
 
 revision = '0003s'
 down_revision = '0003'
