@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url

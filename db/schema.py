@@ -5,7 +5,7 @@ Alembic migrations in ``db/migrations`` create exactly this schema; ``tests`` co
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -33,13 +33,13 @@ MODEL_STATUSES = ("candidate", "champion", "retired", "rejected")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(when: datetime) -> datetime:
     """``when`` as an aware UTC time; a naive ``when`` is taken to be UTC already (what this project
     writes, and what SQLite hands back: it stores no offset)."""
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 class UtcDateTime(TypeDecorator[datetime]):

@@ -9,7 +9,8 @@ keeps their history; each description starts with the decision.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Literal, ParamSpec, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact

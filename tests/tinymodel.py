@@ -8,9 +8,10 @@ Takes a few seconds on two CPU cores.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from conftest import TEST_ENV

@@ -11,8 +11,9 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from xray_cli import doctor
 from xray_cli.environment import check_environment

@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, ValidationError
 from pydantic.fields import FieldInfo
@@ -309,7 +310,7 @@ class Settings(BaseSettings):
             out[name] = value
         return out
 
-    def with_overrides(self, **changes: Any) -> "Settings":
+    def with_overrides(self, **changes: Any) -> Settings:
         """A copy with ``changes``, not validated (as :func:`dataclasses.replace`): callers set values
         the environment may not (``embed_precision="legacy"`` for old cards); :func:`validate` checks."""
         unknown = set(changes) - set(type(self).model_fields)

@@ -117,7 +117,7 @@ def test_second_retrain_is_refused_while_one_runs(flow_env, tmp_path):
 
 def test_failing_task_leaves_champion_unchanged_and_is_recorded(flow_env, tmp_path, monkeypatch):
     from flows.retrain import retrain
-    
+
     first = retrain(sources=[str(_batch(tmp_path / "b1", offset=0, seed=1))], use_incoming=False, trigger="test")
     champion = first["champion_after"]
     assert champion is not None

@@ -49,7 +49,7 @@ class _FullFile:
     def __getattr__(self, name: str):  # flush, fileno, close, ... of the real file
         return getattr(self._fh, name)
 
-    def __enter__(self) -> "_FullFile":
+    def __enter__(self) -> _FullFile:
         return self
 
     def __exit__(self, *exc: object) -> None:

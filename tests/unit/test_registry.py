@@ -6,6 +6,7 @@ Heads here are tiny (8 -> 4 -> 2) and saved straight from a state dict, so no ba
 from __future__ import annotations
 
 import json
+from datetime import UTC
 
 import numpy as np
 import pytest
@@ -271,7 +272,7 @@ def test_cli_models_history_and_json(settings: Settings, capsys: pytest.CaptureF
 
 
 def add_evaluation(settings: Settings, version: int, fingerprint: str, n: int, auroc: float, when: str) -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from db.schema import Evaluation
 
@@ -280,7 +281,7 @@ def add_evaluation(settings: Settings, version: int, fingerprint: str, n: int, a
     with session_scope(open_catalogue(settings)) as s:
         s.add(Evaluation(model_id=version, test_set_fingerprint=fingerprint, backbone_fingerprint=BACKBONE,
                          n_images=n, metrics=metrics,
-                         created_at=datetime.fromisoformat(when).replace(tzinfo=timezone.utc)))
+                         created_at=datetime.fromisoformat(when).replace(tzinfo=UTC)))
 
 
 def test_list_models_labels_numbers_with_their_test_set(settings: Settings):

@@ -66,7 +66,7 @@ class NearCopyIndex:
     _last: tuple[int, int, np.ndarray, np.ndarray] | None = None  # (phash, searched distance, positions, dists)
 
     @classmethod
-    def load(cls, session: Session, *, radius: int = NEAR_PAIR_MAX_DISTANCE) -> "NearCopyIndex":
+    def load(cls, session: Session, *, radius: int = NEAR_PAIR_MAX_DISTANCE) -> NearCopyIndex:
         """Every catalogued film, indexed for questions within ``radius`` bits (ingest passes the larger
         of XRAY_NEAR_COPY_DISTANCE and the distance ``near_pairs`` records)."""
         rows = session.execute(select(Image.id, Image.phash).order_by(Image.id)).all()
@@ -194,7 +194,7 @@ class SiteRule:
     folder: str  # the source folder's name: the last resort
 
     @classmethod
-    def for_source(cls, explicit: str | None, source: str) -> "SiteRule":
+    def for_source(cls, explicit: str | None, source: str) -> SiteRule:
         return cls(explicit.strip() if explicit and explicit.strip() else None, source_site(source))
 
     def site_of(self, manifest_site: str | None, dicom_site: str | None) -> str:

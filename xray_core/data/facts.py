@@ -9,7 +9,7 @@ said so. Views are upper-cased (``PA``, ``AP``, ``AP SUPINE``, ``LATERAL``); unk
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import pandas as pd
 from sqlalchemy import select

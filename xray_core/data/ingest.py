@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 from sqlalchemy import select
 
@@ -208,12 +208,12 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             summary.split_assignments = assign_splits(s, ratios=settings.split_ratios, seed=settings.split_seed)
             summary.seconds = round(time.perf_counter() - start, 3)
             src = s.get(Source, source_id)
-            src.status, src.finished_at, src.counts = "done", datetime.now(timezone.utc), summary.as_dict()
+            src.status, src.finished_at, src.counts = "done", datetime.now(UTC), summary.as_dict()
     except BaseException:
         with session_scope(engine) as s:
             src = s.get(Source, source_id)
             if src is not None:
-                src.status, src.finished_at = "failed", datetime.now(timezone.utc)
+                src.status, src.finished_at = "failed", datetime.now(UTC)
                 summary.quarantine = quarantine.summary()
                 src.counts = summary.as_dict()
         raise
@@ -316,7 +316,7 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                 context = prep.cand.context_key if reject is None else f"{prep.cand.context_key}|{rules}"
                 s.merge(SeenFile(path=prep.cand.key, size=prep.size, mtime_ns=prep.mtime_ns,
                                  label_key=context, sha256=prep.sha256, outcome=outcome,
-                                 updated_at=datetime.now(timezone.utc)))
+                                 updated_at=datetime.now(UTC)))
             prep.data = None
             if outcome == "added":
                 summary.added += 1

@@ -28,12 +28,12 @@ import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Callable
 
 from xray_core.data.deidentify import deidentify
 from xray_core.data.dicom import DicomPolicy, catalogue_fields, patient_pseudonym
@@ -244,7 +244,7 @@ class PreparePool:
         self._queue: deque = deque()
         self._executor: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> "PreparePool":
+    def __enter__(self) -> PreparePool:
         return self
 
     def __exit__(self, *exc: object) -> None:

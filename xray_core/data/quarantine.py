@@ -22,8 +22,8 @@ quarantined twice is still one file). Copies written by older versions
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from xray_core.data.catalogue import patient_salt
 from xray_core.data.deidentify import deidentify
@@ -75,7 +75,7 @@ class Quarantine:
     _placed: dict[object, str] = field(default_factory=dict)
 
     @classmethod
-    def for_ingest(cls, settings: Settings) -> "Quarantine":
+    def for_ingest(cls, settings: Settings) -> Quarantine:
         return cls(settings, settings.quarantine_max_bytes, get_storage(settings))
 
     def copy(self, *, sha256: str | None, data: bytes | None, stored_rel: str | None,

@@ -8,10 +8,10 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Iterator
 
 from xray_core.errors import ManifestError, SourceError
 from xray_core.io.fsutil import printable

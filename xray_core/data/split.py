@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import Select, bindparam, func, select, update
 from sqlalchemy.orm import Session
@@ -72,7 +72,7 @@ def assign_splits(session: Session, *, ratios: tuple[float, float, float], seed:
     for stratum, split, n in session.execute(assigned_per_stratum(session)):
         counts[stratum][split] += n
     assigned = {name: 0 for name in SPLITS}
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     updates = []
     for pid in sorted(pending, key=lambda p: patient_order_key(p, seed)):
         if not labels_of.get(pid):

@@ -20,7 +20,8 @@ data, the report shows the result. A flagged audit is a warning, or a block (``X
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -9,7 +9,8 @@ these metrics and imports this module, never the other way round.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -65,7 +65,7 @@ class PolicyConfig:
             raise PolicyError("margin, guardrail_sensitivity_drop and min_test_per_class must not be negative")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "PolicyConfig":
+    def from_settings(cls, settings: Settings) -> PolicyConfig:
         return cls(
             min_test_per_class=settings.min_test_per_class,
             floor_macro_auroc=settings.floor_macro_auroc,

@@ -12,7 +12,8 @@ too small to judge are listed with the reason, never silently dropped.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -38,7 +38,7 @@ class Storage:
 
     url: str  # the root, for messages
 
-    def child(self, prefix: str) -> "Storage":
+    def child(self, prefix: str) -> Storage:
         """The same storage rooted at ``prefix`` (e.g. ``features``)."""
         raise NotImplementedError
 
@@ -111,7 +111,7 @@ class LocalStorage(Storage):
     def _p(self, key: str) -> Path:
         return self.root / key if key else self.root
 
-    def child(self, prefix: str) -> "LocalStorage":
+    def child(self, prefix: str) -> LocalStorage:
         return LocalStorage(self._p(prefix))
 
     def write_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
@@ -189,7 +189,7 @@ class FsspecStorage(Storage):
     def _p(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
-    def child(self, prefix: str) -> "FsspecStorage":
+    def child(self, prefix: str) -> FsspecStorage:
         return FsspecStorage(self.fs, self._p(prefix), url=self.url_for(prefix))
 
     def write_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:

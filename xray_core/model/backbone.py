@@ -23,9 +23,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -64,7 +65,7 @@ class FrozenDenseNetFeatures(nn.Module):
             p.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "FrozenDenseNetFeatures":
+    def train(self, mode: bool = True) -> FrozenDenseNetFeatures:
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

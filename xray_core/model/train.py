@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ class HeadConfig:
     keep_best: bool = True
 
     @classmethod
-    def from_settings(cls, s: Settings) -> "HeadConfig":
+    def from_settings(cls, s: Settings) -> HeadConfig:
         return cls(hidden=tuple(s.head_hidden), dropout=s.head_dropout, epochs=s.epochs,
                    batch_size=s.batch_size, learning_rate=s.learning_rate,
                    weight_decay=s.weight_decay, patience=s.patience, seed=s.train_seed,

@@ -137,7 +137,7 @@ class Reference:
         return save(arrays, metadata={"format": "xray-reference/2", "calibration": json.dumps(self.calibration)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Reference":
+    def from_bytes(cls, data: bytes) -> Reference:
         from safetensors.numpy import load
 
         try:

@@ -3,7 +3,8 @@ feature cache; also sharded, for fan-out over Dask workers."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from xray_core.data.snapshot import SplitData
 from xray_core.pipeline.features import embed_items, train_views

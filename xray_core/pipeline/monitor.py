@@ -12,7 +12,7 @@ A drift warning is evidence that the inputs changed, not proof that performance 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -71,7 +71,7 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
                "drift": result["drift"], "verdict": result["summary"], "checks": result["checks"]}
     result["id"] = record_check(settings, model_id=version, kind=kind, subject=kind, check=overall,
                                 flow_run_id=flow_run_id)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = settings.reports_dir / (f"monitor-{stamp}" if kind == "monitor" else f"{kind}-check-{stamp}")
     markdown = Template(REPORT).render(r=result, stamp=stamp, fmt=lambda p: "" if p is None else f"{p:.3g}")
     atomic_write_text(folder / "report.md", markdown, mode=settings.file_mode)

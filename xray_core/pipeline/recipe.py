@@ -9,9 +9,10 @@ the recipe (the lock, the failure report, the report files) is :func:`xray_core.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from xray_core.data.ingest import IngestSummary
 from xray_core.data.snapshot import SplitData, load_split_data, save_snapshot

@@ -8,7 +8,8 @@ nothing here holds images in memory.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select

@@ -20,7 +20,7 @@ import math
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -363,7 +363,7 @@ def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: st
 
 
 def promotion_dict(r: Promotion) -> dict[str, Any]:
-    return {"id": r.id, "time": (r.created_at or datetime.now(timezone.utc)).isoformat(),
+    return {"id": r.id, "time": (r.created_at or datetime.now(UTC)).isoformat(),
             "from_version": r.from_version, "to_version": r.to_version, "decision": r.decision,
             "champion_after": r.champion_after, "rationale": r.rationale, "trigger": r.trigger,
             "actor": r.actor, "flow_run_id": r.flow_run_id, "metrics": r.metrics}

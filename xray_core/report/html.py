@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import base64
 import io
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from xray_core.report.data import ModelCurves, ReportData, SiteCurves
 from xray_core.report.format import format_interval
@@ -279,7 +280,7 @@ def html_context(result: dict[str, Any], data: ReportData | None, *, negative_la
     evals = _evals(result)
     context = report_context(result)
     context.update(
-        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         metric_table=_metric_table(evals) if evals else None,
         per_class=_per_class_tables(evals),
         figures=_figures(result, data, negative_label, heatmap_links or {}),

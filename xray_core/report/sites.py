@@ -13,7 +13,8 @@ why (e.g. ``1 pneumonia (< 5 per class)``), so a missing site is never mistaken 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from xray_core.evaluate.slices import UNKNOWN  # the slice of films whose site or view is not known
 from xray_core.report.format import format_interval
