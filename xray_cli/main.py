@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         result = getattr(exc, "xray_result", None)
         sys.stderr.write(f"xray {args.command}: {render_terminated(result, command=args.command)}\n")
         return int(exc.code)
-    except Exception as exc:  # the last line of defence: one line, not a traceback, unless --debug
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback, unless --debug
         from db.engine import CatalogueFileError
 
         user = exc if isinstance(exc, CatalogueFileError) else path_error(exc)

@@ -92,7 +92,7 @@ def _check_invariants(home: Path, *, had_champion: bool) -> None:
     for _, folder, head_sha, card_sha in champions:
         assert sha256_file(home / folder / "head.safetensors") == head_sha
         assert sha256_file(home / folder / "card.json") == card_sha
-    for folder, head_sha, card_sha in models:  # every version the catalogue names has complete files
+    for folder, head_sha, _card_sha in models:  # every version the catalogue names has complete files
         assert sha256_file(home / folder / "head.safetensors") == head_sha
     for sha, rel in stored:  # the store holds every ingested image, complete
         assert sha256_file(home / rel) == sha

@@ -263,7 +263,7 @@ def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify:
 
 def _models(report: DoctorReport, storage: Storage, models: list, verify: bool) -> None:
     missing, altered = [], []
-    for version, folder, head_sha, card_sha in models:
+    for _version, folder, head_sha, card_sha in models:
         if not folder:
             continue
         for name, expected in zip(MODEL_FILES, (head_sha, card_sha)):

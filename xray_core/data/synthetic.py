@@ -134,7 +134,7 @@ def _finding(label: str, x: np.ndarray, y: np.ndarray, lungs: list[_Lung], rng: 
     if label == "covid":
         # Bilateral, peripheral, lower-zone ground-glass haze with a fine mottled texture.
         texture = 0.75 + 0.25 * _smooth_noise(rng, size, 8)
-        for metric, cx, cy, la, lb in lungs:
+        for metric, _cx, cy, _la, lb in lungs:
             periphery = np.clip(np.sqrt(metric), 0, 1) ** 1.5
             lower = np.clip(0.55 + 0.45 * (y - cy) / lb, 0, 1)
             out += 0.45 * periphery * lower * texture

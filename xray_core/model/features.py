@@ -118,7 +118,7 @@ class _ViewsDataset(Dataset):
             gray = decode_stored(data, max_pixels=self.settings.max_pixels)
             x = torch.stack([make_view(gray, v, sha, self.settings) for v in views])
             return {"sha": sha, "path": path, "views": views, "x": x, "error": None}
-        except Exception as exc:  # reported by the main process as FeatureCacheError
+        except Exception as exc:  # noqa: BLE001 - reported by the main process as FeatureCacheError
             return {"sha": sha, "path": path, "views": views, "x": None, "error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -172,7 +172,7 @@ class FeatureCache:
                 raise ValueError("truncated header")
             meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
             tensors = st_load(data)
-        except Exception:  # any parse failure means: not usable, recompute
+        except Exception:  # noqa: BLE001 - any parse failure means: not usable, recompute
             entry.unreadable = True
             return entry
         if meta.get("fingerprint") != self.backbone.fingerprint or meta.get("feature_dim") != str(FEATURE_DIM):

@@ -211,7 +211,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         if not batch:
             return
         cached = {}
-        for f, sha, pixels in batch:
+        for _f, sha, _pixels in batch:
             try:
                 cached[sha] = cache.load([sha], 0)[0]
             except FeatureCacheError:  # not cached (or unusable): embedded below

@@ -220,7 +220,7 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
         require_backbone(card, version, backbone_fingerprint)
     try:
         state = load(blobs["head.safetensors"])  # safetensors: tensors only, never a pickle
-    except Exception as exc:  # SafetensorError: only possible if the catalogue row was altered too
+    except Exception as exc:  # noqa: BLE001 - SafetensorError: only possible if the catalogue row was altered too
         raise CheckpointError(f"model {version}: head.safetensors is not a readable safetensors file "
                               f"({type(exc).__name__}: {exc})") from None
     head_cfg = card["head"]

@@ -60,7 +60,7 @@ def _roc_classes(curves: Sequence[ModelCurves], negative_label: str) -> list[str
     """Binary: the disease class only (the other curve is its mirror); more classes: each one-vs-rest."""
     labels = curves[0].labels
     if len(labels) == 2:
-        return [l for l in labels if l != negative_label][:1] or labels[1:]
+        return [label for label in labels if label != negative_label][:1] or labels[1:]
     return list(labels)
 
 

@@ -1,7 +1,7 @@
 """initial catalogue and registry
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-26 00:09:10.258751
 """
 import sqlalchemy as sa
