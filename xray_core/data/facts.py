@@ -29,8 +29,8 @@ def image_facts(settings: Settings, image_ids: Iterable[int]) -> pd.DataFrame:
     """The facts of the given images (any order; unknown ids are absent), indexed by image id."""
     ids = sorted({int(i) for i in image_ids})
     site_col = getattr(Image, "site", None)
-    columns = [Image.id, Image.label, Image.patient_id, Image.view, Image.width, Image.height, Image.bit_depth,
-               Image.format, Image.stored_path, Source.path]
+    columns = [Image.id, Image.label, Image.patient_id, Image.view, Image.width,
+               Image.height, Image.bit_depth, Image.format, Image.stored_path, Source.path]
     if site_col is not None:
         columns.append(site_col)
     rows = []

@@ -119,8 +119,9 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
     try:
         regex = re.compile(settings.patient_regex) if settings.patient_regex else None
     except re.error as exc:
-        raise SettingsError(f"XRAY_PATIENT_REGEX={settings.patient_regex!r} is not a valid regular expression "
-                            f"({exc}); use e.g. ^(person\\d+) or an empty value for none") from None
+        raise SettingsError(f"XRAY_PATIENT_REGEX={settings.patient_regex!r} is not a "
+                            f"valid regular expression ({exc}); use e.g. ^(person\\d+) or an empty "
+                            "value for none") from None
     rules = _rules_key(settings)
     engine = open_catalogue(settings)
     for private in ("store", "quarantine"):
@@ -205,7 +206,8 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         summary.quarantine = quarantine.summary()
         crash_point("ingest.before_splits")
         with session_scope(engine) as s:
-            summary.split_assignments = assign_splits(s, ratios=settings.split_ratios, seed=settings.split_seed)
+            summary.split_assignments = assign_splits(s, ratios=settings.split_ratios,
+                                                      seed=settings.split_seed)
             summary.seconds = round(time.perf_counter() - start, 3)
             src = s.get(Source, source_id)
             src.status, src.finished_at, src.counts = "done", datetime.now(UTC), summary.as_dict()
@@ -283,7 +285,8 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                 else:
                     verdict = admit(s, settings, admission[0], meta=prep.meta, sites=admission[1],
                                     manifest_site=dict(prep.cand.acquisition).get("site"),
-                                    patient=prep.patient_id, name=prep.cand.rel, id_given=prep.id_source != "image")
+                                    patient=prep.patient_id, name=prep.cand.rel,
+                                    id_given=prep.id_source != "image")
                     if isinstance(verdict, dict):
                         summary.near_copies_linked.append(verdict)
                     reject = verdict if isinstance(verdict, tuple) else None

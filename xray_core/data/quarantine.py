@@ -41,7 +41,8 @@ def quarantine_bytes(settings: Settings, data: bytes, reason: str | None) -> byt
     (XRAY_DICOM_STORE); one that does not even parse cannot be, and keeps its bytes (SECURITY.md)."""
     from xray_core.data.images import sniff_format
 
-    if settings.dicom_store != "deidentified" or reason == "unreadable_dicom" or sniff_format(data) != "dicom":
+    if (settings.dicom_store != "deidentified" or reason == "unreadable_dicom"
+            or sniff_format(data) != "dicom"):
         return data
     try:
         return deidentify(data, salt=patient_salt(settings), site_mode=settings.site_from_dicom)

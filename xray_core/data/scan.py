@@ -32,8 +32,8 @@ MANIFEST_METADATA: dict[str, tuple[str, str]] = {
 }
 MANIFEST_OPTIONAL = ("patient_id", "view", *MANIFEST_METADATA)
 # Descriptive columns that published manifests carry (e.g. ../shared/data/cxr-sample): read, never used.
-MANIFEST_DESCRIPTIVE = ("finding", "width", "height", "mode", "bytes", "sha256", "notes", "license", "licence",
-                        "source_url", "doi", "url", "attribution")
+MANIFEST_DESCRIPTIVE = ("finding", "width", "height", "mode", "bytes", "sha256",
+                        "notes", "license", "licence", "source_url", "doi", "url", "attribution")
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,8 @@ def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, st
     except BaseException:  # a header that is not UTF-8 or not CSV: the caller reports it
         fh.close()
         raise
-    names = [n for n in (h.strip().lower() for h in header if h is not None) if n]  # a blank column is ignored
+    # a blank column is ignored
+    names = [n for n in (h.strip().lower() for h in header if h is not None) if n]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     allowed = ("Required: file,label; optional: " + ",".join(MANIFEST_OPTIONAL) + "; ignored: "
                + ",".join(MANIFEST_DESCRIPTIVE))
@@ -209,8 +210,8 @@ def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, st
         # csv.DictReader keeps the last of two same-named columns: "file,label,file" would silently
         # take the wrong file or label (a pneumonia film ingested as normal).
         fh.close()
-        raise ManifestError(f"manifest {manifest} has duplicate column(s) {', '.join(map(repr, duplicated))}; "
-                            f"each column may appear once. {allowed}")
+        raise ManifestError(f"manifest {manifest} has duplicate column(s) "
+                            f"{', '.join(map(repr, duplicated))}; each column may appear once. {allowed}")
     columns = {h.strip().lower(): h for h in header if h is not None}
     missing = [c for c in MANIFEST_REQUIRED if c not in columns]
     if missing:
@@ -247,7 +248,8 @@ def validate_manifest(manifest: Path) -> int:
         finally:
             fh.close()  # type: ignore[attr-defined]
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"manifest {manifest} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise ManifestError(
+            f"manifest {manifest} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
         raise ManifestError(f"manifest {manifest} is not a valid CSV file: {exc}") from None
 
@@ -267,12 +269,15 @@ def _manifest_path_problem(raw_file: str, listed: Path, root: Path, where: str) 
         if not listed.is_file():
             return ("missing_file", f"{where}: {shown} does not exist")
     except (OSError, RuntimeError, ValueError) as exc:  # ENAMETOOLONG, ELOOP (RuntimeError on 3.11)
-        return ("missing_file", f"{where}: {shown} cannot be opened ({getattr(exc, 'strerror', None) or exc})")
+        return ("missing_file",
+                f"{where}: {shown} cannot be opened ({getattr(exc, 'strerror', None) or exc})")
     return None
 
 
-def _manifest_metadata(row: dict, cols: dict[str, str], where: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None]:
-    """The row's non-empty MANIFEST_METADATA cells, and a ``bad_metadata`` problem for one that fails its check."""
+def _manifest_metadata(row: dict, cols: dict[str, str],
+                       where: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None]:
+    """The row's non-empty MANIFEST_METADATA cells, and a ``bad_metadata`` problem for one that fails its
+    check."""
     out = []
     for name, (pattern, allowed) in MANIFEST_METADATA.items():
         value = (row.get(cols[name]) or "").strip() if name in cols else ""

@@ -99,7 +99,8 @@ def assigned_per_stratum(session: Session) -> Select:
     whose default collation may sort otherwise; SQLite compares bytes)."""
     per_label = (select(Image.patient_id, Image.label, func.count().label("n"))
                  .group_by(Image.patient_id, Image.label)).subquery()
-    label = per_label.c.label.collate("C") if session.get_bind().dialect.name == "postgresql" else per_label.c.label
+    label = (per_label.c.label.collate("C")
+             if session.get_bind().dialect.name == "postgresql" else per_label.c.label)
     ranked = select(per_label.c.patient_id, per_label.c.label, func.row_number().over(
         partition_by=per_label.c.patient_id, order_by=(per_label.c.n.desc(), label)).label("rank")).subquery()
     return (select(ranked.c.label, Patient.split, func.count())

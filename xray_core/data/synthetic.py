@@ -117,7 +117,8 @@ def _lung_metrics(x: np.ndarray, y: np.ndarray, a: _Anatomy) -> list[_Lung]:
     return out
 
 
-def _finding(label: str, x: np.ndarray, y: np.ndarray, lungs: list[_Lung], rng: np.random.Generator) -> np.ndarray:
+def _finding(label: str, x: np.ndarray, y: np.ndarray, lungs: list[_Lung],
+             rng: np.random.Generator) -> np.ndarray:
     """Brightness added inside the lungs for ``label``; zeros for "normal"."""
     size = x.shape[0]
     out = np.zeros_like(x)
@@ -189,7 +190,8 @@ def make_xray(label: str, *, size: int = 64, rng: np.random.Generator, patient_s
 
     img = 0.04 + 0.42 * body  # soft tissue over a dark background
     # Ribs: thin bright arcs, clearer inside the lungs where nothing overlays them.
-    ribs = (0.5 + 0.5 * np.cos(2 * np.pi * (y - a.rib_tilt * np.abs(x - a.body_cx)) / a.rib_spacing + a.rib_phase)) ** 4
+    ribs = (0.5 + 0.5 * np.cos(2 * np.pi * (y - a.rib_tilt * np.abs(x - a.body_cx)) / a.rib_spacing
+                               + a.rib_phase)) ** 4
     lung_level = 0.18 + 0.03 * _smooth_noise(rng, size, 6) + 0.12 * ribs  # aerated lung is dark
     img = img * (1 - lung_mask) + lung_level * lung_mask
     img += 0.06 * ribs * body * (1 - lung_mask)

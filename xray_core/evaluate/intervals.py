@@ -38,7 +38,8 @@ from xray_core.evaluate.metrics import (
 from xray_core.settings import setting_default
 
 # Top-level metrics that get bootstrap intervals (per-class ones are added per label).
-INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece", "sensitivity_at_specificity")
+INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece",
+                    "sensitivity_at_specificity")
 # Cap on the elements of one (resamples x images) weight block, ~32 MB of float64.
 _BLOCK_ELEMENTS = 4_000_000
 
@@ -127,7 +128,8 @@ class _Plan:
             )
         return out
 
-    def _sens_at_spec(self, pos: np.ndarray, neg: np.ndarray, n_pos: np.ndarray, n_neg: np.ndarray) -> np.ndarray:
+    def _sens_at_spec(self, pos: np.ndarray, neg: np.ndarray, n_pos: np.ndarray,
+                      n_neg: np.ndarray) -> np.ndarray:
         """Weighted twin of :func:`sensitivity_at_specificity`; threshold k = the k-th run (G = +inf)."""
         zeros = np.zeros((pos.shape[0], 1))
         neg_below = np.concatenate([zeros, np.cumsum(neg, axis=1)], axis=1)  # (B, G+1)
@@ -247,7 +249,8 @@ def bootstrap_intervals(
         lo, hi, used = _percentile_interval(np.concatenate([b[path] for b in blocks]), level)
         out[path] = {"point": json_float(_get_path(point, path)), "low": lo, "high": hi, "n_used": used,
                      "method": "bootstrap"}
-    pred = predict_labels(p, threshold=threshold if positive_index(labels, negative_label) is not None else None,
+    pred = predict_labels(p,
+                          threshold=threshold if positive_index(labels, negative_label) is not None else None,
                           positive_index=positive_index(labels, negative_label))
     for path, n_eff in _patient_denominators(y, pred, labels, clusters).items():
         iv = out.get(path)
@@ -318,7 +321,8 @@ def paired_bootstrap_difference(
     difference, low, high}} for the policy's guardrail.
     """
     if metric not in PAIRED_METRICS:
-        raise ValueError(f"Invalid comparison metric {metric!r}. Only {', '.join(PAIRED_METRICS)} are supported.")
+        raise ValueError(f"Invalid comparison metric {metric!r}. Only {', '.join(PAIRED_METRICS)} "
+                         "are supported.")
     labels = list(labels)
     _check_bootstrap_args(n_samples, level)
     y, p_new = check_inputs(y_true, probs_challenger, labels)

@@ -180,8 +180,8 @@ def _outside_home(settings: Settings, path: Path, *, name: str) -> None:
     exempt = [*([_resolve(settings.incoming_dir)] if settings.incoming_dir else []), *_caller_roots()]
     if any(_inside(path, root) for root in exempt):
         return
-    raise PathRefusedError(f"{name}={shown(path)} is inside XRAY_HOME ({shown(home)}), where the system keeps "
-                           f"its own files; give an absolute path {READ_HINT}")
+    raise PathRefusedError(f"{name}={shown(path)} is inside XRAY_HOME ({shown(home)}), where the system "
+                           f"keeps its own files; give an absolute path {READ_HINT}")
 
 
 def confine_to(settings: Settings, path: Value, folder: Path, *, name: str) -> str:

@@ -246,7 +246,8 @@ class FsspecStorage(Storage):
             entries = self.fs.ls(self._p(prefix), detail=True)
         except FileNotFoundError:
             return []
-        return sorted(e["name"].rstrip("/").rpartition("/")[2] for e in entries if e.get("type") == "directory")
+        return sorted(e["name"].rstrip("/").rpartition("/")[2]
+                      for e in entries if e.get("type") == "directory")
 
     def total_size(self, prefix: str) -> int:
         try:

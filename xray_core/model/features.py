@@ -108,18 +108,20 @@ class _ViewsDataset(Dataset):
         try:
             store = get_storage(self.settings)
             data = store.read_bytes(key) if key else Path(path).read_bytes()
-            if key and (actual := sha256_bytes(data)) != sha and actual != stored_sha256_of(self.settings, sha):
+            if (key and (actual := sha256_bytes(data)) != sha
+                    and actual != stored_sha256_of(self.settings, sha)):
                 evidence = f"quarantine/store-mismatch/{sha}-{actual[:12]}"
                 store.copy(key, evidence)  # kept for inspection; the entry stays, so every run refuses it
                 return {"sha": sha, "path": path, "views": views, "x": None, "error": None, "mismatch": (
-                    f"store entry {key} holds bytes with sha256 {actual[:12]}…, not {sha[:12]}…: it was replaced "
-                    f"or corrupted. A copy is in {evidence}; restore {key} from a backup")}
+                    f"store entry {key} holds bytes with sha256 {actual[:12]}…, not {sha[:12]}…: it was "
+                    f"replaced or corrupted. A copy is in {evidence}; restore {key} from a backup")}
             # Same pixel cap as ingest, so an image ingest accepted under a raised cap still loads.
             gray = decode_stored(data, max_pixels=self.settings.max_pixels)
             x = torch.stack([make_view(gray, v, sha, self.settings) for v in views])
             return {"sha": sha, "path": path, "views": views, "x": x, "error": None}
         except Exception as exc:  # noqa: BLE001 - reported by the main process as FeatureCacheError
-            return {"sha": sha, "path": path, "views": views, "x": None, "error": f"{type(exc).__name__}: {exc}"}
+            return {"sha": sha, "path": path, "views": views, "x": None,
+                    "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _identity(sample: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +136,8 @@ class FeatureCache:
 
         # Features are filed under the backbone's fingerprint, which includes the preprocessing
         # spec; settings with another spec would file wrong features under it.
-        own = fingerprint(backbone.weights_sha256, spec_dict(settings), backbone.precision, backbone.device.type)
+        own = fingerprint(backbone.weights_sha256, spec_dict(settings),
+                          backbone.precision, backbone.device.type)
         if backbone.weights_sha256 and own != backbone.fingerprint:
             raise FeatureCacheError(
                 "the settings' preprocessing (input size, augmentation) differs from the one the backbone "
@@ -175,7 +178,8 @@ class FeatureCache:
         except Exception:  # noqa: BLE001 - any parse failure means: not usable, recompute
             entry.unreadable = True
             return entry
-        if meta.get("fingerprint") != self.backbone.fingerprint or meta.get("feature_dim") != str(FEATURE_DIM):
+        if (meta.get("fingerprint") != self.backbone.fingerprint
+                or meta.get("feature_dim") != str(FEATURE_DIM)):
             entry.unreadable = True
             return entry
         for name, arr in tensors.items():
@@ -338,7 +342,8 @@ class FeatureCache:
         self._write(sha256, {int(v): np.asarray(arr, dtype=np.float16) for v, arr in features.items()})
 
     def load(self, sha256s: Sequence[str], view: int) -> np.ndarray:
-        """(n, 2208) float32 features of ``view`` for each image, in order; FeatureCacheError if any is missing."""
+        """(n, 2208) float32 features of ``view`` for each image, in order; FeatureCacheError if any is
+        missing."""
         return self.load_views(sha256s, [view])[:, 0, :]
 
     def load_views(self, sha256s: Sequence[str], views: Sequence[int]) -> np.ndarray:
@@ -400,7 +405,8 @@ def cache_summary(features: Path | Storage) -> list[dict[str, Any]]:
             files += 1
             n_bytes += storage.size(key)
             images += name.endswith(".safetensors") and not name.startswith(".")
-        rows.append({"fingerprint": fp, "path": storage.url_for(fp), "files": files, "bytes": n_bytes, "images": images})
+        rows.append({"fingerprint": fp, "path": storage.url_for(fp), "files": files,
+                     "bytes": n_bytes, "images": images})
     return rows
 
 

@@ -86,7 +86,8 @@ class Recipe:
         if self.c is not None:
             out["c"] = self.c
         if self.config is not None:
-            out["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
+            out["config"] = {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in asdict(self.config).items()}
         return out
 
 
@@ -160,7 +161,8 @@ def score(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float |
     auc = None
     if present.size == n_classes:
         auc = float(roc_auc_score(y, probs[:, 1]) if n_classes == 2
-                    else roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+                    else roc_auc_score(y, probs, multi_class="ovr", average="macro",
+                                       labels=list(range(n_classes))))
     p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
     p /= p.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 only within ~1e-7
     return {"auroc": auc, "log_loss": float(log_loss(y, p, labels=list(range(n_classes))))}
@@ -173,9 +175,10 @@ def _best(scores: list[dict[str, Any]]) -> int:
     return min(range(len(scores)), key=key)
 
 
-def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
-                  train_eval_x: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, val_groups: np.ndarray,
-                  n_classes: int, *, folds: int = 5, min_val_per_class: int = 20, seed: int = 0) -> Selection:
+def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.ndarray,
+                  train_groups: np.ndarray, train_eval_x: np.ndarray, val_x: np.ndarray,
+                  val_y: np.ndarray, val_groups: np.ndarray, n_classes: int, *, folds: int = 5,
+                  min_val_per_class: int = 20, seed: int = 0) -> Selection:
     """Choose among ``candidates``; see the module docstring for how. ``train_x`` (n, views, D) are the
     training images' eval view (column 0) and augmented views, ``train_eval_x`` (n, D) how a training
     image is scored when it is held out in k-fold (its eval view), ``val_x`` (m, D) the validation
@@ -183,7 +186,8 @@ def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.nda
     if not candidates:
         raise ValueError("no head recipes to choose from")
     if len(candidates) == 1:
-        return Selection(candidates[0], "only candidate", f"{candidates[0].name} is the only recipe configured "
+        return Selection(candidates[0], "only candidate",
+                         f"{candidates[0].name} is the only recipe configured "
                          "(XRAY_HEAD_RECIPE)")
     val_counts = np.bincount(val_y, minlength=n_classes)
     if val_counts.min() >= min_val_per_class:
@@ -194,14 +198,15 @@ def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.nda
         best = _best(scores)
         return Selection(candidates[best], "validation", _reason(scores[best], "on the validation split "
                          f"({len(val_y)} images)"), scores)
-    pooled_groups = np.r_[np.asarray(train_groups, dtype=object), np.asarray(val_groups, dtype=object)].astype(str)
+    pooled_groups = np.r_[np.asarray(train_groups, dtype=object),
+                          np.asarray(val_groups, dtype=object)].astype(str)
     pooled_y = np.r_[train_y, val_y]
     patients_per_class = [len(set(pooled_groups[pooled_y == c])) for c in range(n_classes)]
     k = min(folds, min(patients_per_class))
     if k < 2:
         return Selection(candidates[0], "only candidate",
-                         f"too few patients to compare recipes (fewest of one class: {min(patients_per_class)}); "
-                         f"kept the first candidate {candidates[0].name}")
+                         "too few patients to compare recipes (fewest of one class: "
+                         f"{min(patients_per_class)}); kept the first candidate {candidates[0].name}")
     views = train_x.shape[1]
     pooled_views = np.concatenate([train_x, np.repeat(val_x[:, None, :], views, axis=1)]).astype(np.float32)
     pooled_eval = np.concatenate([train_eval_x, val_x]).astype(np.float32)
@@ -255,7 +260,8 @@ def fit_calibrated(selection: Selection, train_x: np.ndarray, train_y: np.ndarra
         fitted_on, calibrated_on = "train+val", "out-of-fold"
     else:
         head, record = fit_recipe(recipe, train_x, train_y, val_x, val_y, n_classes, progress=progress)
-        held_logits, held_y, fitted_on, calibrated_on = predict_logits(head, val_x), val_y, "train", "validation"
+        held_logits, held_y, fitted_on, calibrated_on = (predict_logits(head, val_x),
+                                                         val_y, "train", "validation")
     temperature = fit_temperature(held_logits, held_y)
     head.set_temperature(temperature)
     return Calibrated(head, record, selection, temperature, fitted_on, calibrated_on,
@@ -267,5 +273,5 @@ def _reason(s: dict[str, Any], how: str) -> str:
     return f"{s['name']} had the best held-out macro AUROC ({auc}, log loss {s['log_loss']:.3f}) {how}"
 
 
-__all__ = ["HEAD_RECIPES", "Calibrated", "Recipe", "Selection", "candidate_recipes", "fit_calibrated", "fit_linear",
-           "fit_recipe", "score", "select_recipe"]
+__all__ = ["HEAD_RECIPES", "Calibrated", "Recipe", "Selection", "candidate_recipes",
+           "fit_calibrated", "fit_linear", "fit_recipe", "score", "select_recipe"]

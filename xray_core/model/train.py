@@ -139,8 +139,9 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def train_one_epoch(head: nn.Module, x_views: torch.Tensor, y: torch.Tensor, *, optimizer: torch.optim.Optimizer,
-                    loss_fn: nn.Module, batch_size: int, generator: torch.Generator) -> float:
+def train_one_epoch(head: nn.Module, x_views: torch.Tensor, y: torch.Tensor, *,
+                    optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batch_size: int,
+                    generator: torch.Generator) -> float:
     """One pass over the training images, each seen through one randomly drawn view. Returns mean loss."""
     head.train()
     n, n_views = x_views.shape[0], x_views.shape[1]
@@ -194,8 +195,8 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
     With ``config.schedule == "cosine"`` the learning rate anneals to 0 over ``config.epochs``.
     """
     if config.schedule not in LR_SCHEDULES:
-        raise ValueError(f"Invalid learning-rate schedule {config.schedule!r}. Only {', '.join(LR_SCHEDULES)} "
-                         "are supported.")
+        raise ValueError(f"Invalid learning-rate schedule {config.schedule!r}. Only "
+                         f"{', '.join(LR_SCHEDULES)} are supported.")
     if len(train_x) == 0:
         raise NotEnoughDataError("no training images: ingest data first (xray ingest PATH)")
     if len(val_x) == 0:
@@ -211,7 +212,8 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
         head.set_normaliser(*fit_normaliser(train_x))
         weights = class_weights(train_y, n_classes)
         loss_fn = nn.CrossEntropyLoss(weight=weights)
-        optimizer = torch.optim.Adam(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.Adam(head.parameters(), lr=config.learning_rate,
+                                     weight_decay=config.weight_decay)
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
                      if config.schedule == "cosine" else None)
         xt = torch.as_tensor(train_x, dtype=torch.float32)

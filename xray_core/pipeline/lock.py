@@ -38,8 +38,8 @@ def retrain_lock(settings: Settings, *, wait_seconds: float = 0.0) -> Iterator[d
                 if time.monotonic() >= deadline:
                     fh.seek(0)
                     holder = fh.read().strip() or "another process"
-                    raise RetrainBusyError(
-                        f"another retrain is running ({holder}); wait for it to finish, or retry later") from None
+                    raise RetrainBusyError(f"another retrain is running ({holder}); wait for it to finish, "
+                                           "or retry later") from None
                 time.sleep(0.5)
         fh.seek(0)
         previous = _started(fh.read())

@@ -37,10 +37,11 @@ A drift warning is evidence that the inputs changed, not proof that performance 
 films (a retrain's evaluation) can show that. MMD: embeddings of the new films against held-out
 validation films of the champion; KS: its predicted probabilities against theirs; prevalence: BBSE
 from its validation confusion matrix (meaningful under label shift only).
-"""
+"""  # noqa: E501 - a Markdown table row is one line, and so is a Jinja line without whitespace control
 
 
-def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str = "monitor") -> dict[str, Any]:
+def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
+                kind: str = "monitor") -> dict[str, Any]:
     """Run every check of what arrived since the last one; record them; write the report.
 
     ``kind``: ``monitor`` (``xray monitor``, the daily deployment) or ``ingest`` (right after an ingest
@@ -80,7 +81,8 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
     return result
 
 
-def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id: str | None) -> dict[str, Any]:
+def _check_rows(settings: Settings, version: int, rows: list[tuple],
+                flow_run_id: str | None) -> dict[str, Any]:
     from xray_core.evaluate.metrics import positive_index
     from xray_core.model.backbone import load_backbone
     from xray_core.model.features import FeatureCache
@@ -98,7 +100,8 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id
     if reference is None:
         return {"summary": f"unknown: champion v{version} was saved without a reference (retrain to get one)"}
     if model.card["backbone_fingerprint"] != backbone.fingerprint:
-        return {"summary": f"unknown: champion v{version} was trained on another backbone than the current one"}
+        return {"summary": f"unknown: champion v{version} was trained on another backbone than "
+                           "the current one"}
     if not rows:
         return {"summary": "nothing new since the last check"}
     cache = FeatureCache(backbone, settings)
@@ -120,4 +123,5 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id
     summary = (f"drift detected in {', '.join(c['subject'] for c in drifted)}: {drifted[0]['verdict']}"
                if drifted else checks[0]["verdict"])
     return {"checks": checks, "drift": bool(drifted), "summary": summary,
-            "sites": sorted(c["subject"].removeprefix("site ") for c in drifted if c["subject"].startswith("site "))}
+            "sites": sorted(c["subject"].removeprefix("site ")
+                            for c in drifted if c["subject"].startswith("site "))}

@@ -84,7 +84,8 @@ def _relative(where: Path, root: Path) -> str:
         return str(where)
 
 
-def _decoded(files: list[PredictFile], settings: Settings) -> Iterator[tuple[PredictFile, str | None, Any, str | None]]:
+def _decoded(files: list[PredictFile],
+             settings: Settings) -> Iterator[tuple[PredictFile, str | None, Any, str | None]]:
     from xray_core.data.images import decode_image
 
     for f in files:
@@ -253,7 +254,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
                          "threshold": "" if threshold is None else threshold, "ood_score": "", "ood_p": "",
                          "in_distribution": "", "sha256": sha or "", "status": "rejected", "error": error,
                          "true_label": f.label or "",
-                         "model_version": version, "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
+                         "model_version": version,
+                         "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
         else:
             batch.append((f, sha, pixels))
             if len(batch) >= flush_size or sum(px.size for _, _, px in batch) >= HELD_PIXELS:
@@ -298,8 +300,8 @@ def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[floa
             "quantile": reference.quantile, "line": ood_line(flagged, len(ok_rows), unusual, expected)}
 
 
-def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]], *,
-                subject: str) -> dict[str, Any] | None:
+def batch_drift(settings: Settings, model: Any, reference: Any,
+                scored: list[tuple[np.ndarray, np.ndarray]], *, subject: str) -> dict[str, Any] | None:
     """The batch drift tests of the predicted films against the model's reference, recorded in the
     catalogue (``drift_checks``, kind ``predict``); None without a reference or films.
 
@@ -314,7 +316,8 @@ def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tup
     labels = model.labels
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     check = check_batch(reference, feats, probs, labels=labels, threshold=model.threshold, positive=pos,
-                        alpha=settings.drift_alpha, permutations=settings.drift_permutations, seed=settings.train_seed)
+                        alpha=settings.drift_alpha, permutations=settings.drift_permutations,
+                        seed=settings.train_seed)
     check["id"] = record_check(settings, model_id=model.version, kind="predict", subject=subject, check=check)
     return check
 
@@ -327,7 +330,8 @@ def check_out_path(settings: Settings, out: Path) -> None:
     a stored original; a folder would fail only after the whole batch was predicted. All of these
     raise UsageError (exit 2) before anything is read.
     """
-    allowed = "give a new file name or an existing regular file outside XRAY_HOME's catalogue, store, features and models"
+    allowed = ("give a new file name or an existing regular file outside XRAY_HOME's catalogue, store, "
+               "features and models")
     if os.path.lexists(out):
         if out.is_symlink():
             raise UsageError(f"--out {out} is a symbolic link; it would be replaced, not followed. {allowed}")

@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import select
 
 from db import session_scope
-from db.schema import Evaluation
+from db.schema import Evaluation, Model
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.snapshot import (
     Row,
@@ -85,12 +85,14 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     before = softmax(fitted.held_logits)
     held_probs = predict_proba(head, x_val) if on_val else softmax(fitted.held_logits, temperature)
     held_y = fitted.held_y
-    held_on = "validation" if on_val else "out-of-fold predictions over train+val (grouped k-fold of the recipe choice)"
-    calibration = {"method": f"temperature scaling (scipy.optimize, NLL on {held_on})", "temperature": temperature,
-                   "fitted_on": held_on, "n": int(len(held_y)),
+    held_on = ("validation" if on_val
+               else "out-of-fold predictions over train+val (grouped k-fold of the recipe choice)")
+    calibration = {"method": f"temperature scaling (scipy.optimize, NLL on {held_on})",
+                   "temperature": temperature, "fitted_on": held_on, "n": int(len(held_y)),
                    "ece_before": expected_calibration_error(before, held_y),
                    "ece_after": expected_calibration_error(held_probs, held_y),
-                   "brier_before": brier_score(before, held_y), "brier_after": brier_score(held_probs, held_y)}
+                   "brier_before": brier_score(before, held_y),
+                   "brier_after": brier_score(held_probs, held_y)}
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     threshold = None
     if pos is not None:  # on the calibrated probabilities: the threshold is a probability that means it
@@ -145,8 +147,8 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init}
 
 
-def build_model_reference(settings: Settings, data: SplitData, head: Any, x_train: np.ndarray, x_val: np.ndarray,
-                          val_probs: np.ndarray, y_val: np.ndarray) -> Any:
+def build_model_reference(settings: Settings, data: SplitData, head: Any, x_train: np.ndarray,
+                          x_val: np.ndarray, val_probs: np.ndarray, y_val: np.ndarray) -> Any:
     """The model's reference (:mod:`xray_core.monitor.reference`), standardised by the head's normaliser.
 
     The PCA bases are fitted on the training features the head saw (every cached training view, the
@@ -212,7 +214,8 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
     probs = probs[keep]
     y = label_indices(rows, labels)
     patients = np.array([r[4] for r in rows])
-    metrics = compute_metrics(y, probs, labels, threshold=model.threshold, negative_label=settings.negative_label,
+    metrics = compute_metrics(y, probs, labels, threshold=model.threshold,
+                              negative_label=settings.negative_label,
                               target_specificity=settings.target_specificity)
     metrics["intervals"] = bootstrap_intervals(
         y, probs, labels, patients, threshold=model.threshold, negative_label=settings.negative_label,
@@ -222,29 +225,27 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
                             "clustered_by": "patient", "patients": int(len(set(patients)))}
     metrics["slices"], sites, views = evaluation_slices(settings, rows, y, probs, labels, model.threshold)
     fingerprint = fingerprint_test_set(data.test)
-    engine = open_catalogue(settings)
-    with session_scope(engine) as s:
+    with session_scope(open_catalogue(settings)) as s:
         s.add(Evaluation(model_id=version, test_set_fingerprint=fingerprint,
                          backbone_fingerprint=model.card["backbone_fingerprint"], n_images=len(rows),
                          metrics=metrics, flow_run_id=flow_run_id))
-        from db.schema import Model
-
         row = s.get(Model, version)
         if row is not None and not row.metrics.get("test"):
-            row.metrics = {**row.metrics, **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_auroc")},
+            row.metrics = {**row.metrics,
+                           **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_auroc")},
                            "intervals": metrics["intervals"], "test": True}
     # The probabilities travel with the evaluation (n x classes, in test-split order, rows of the
     # model's labels only), so deciding and reporting never re-read the test features.
-    return {"version": version, "test_set_fingerprint": fingerprint, "n_images": len(rows), "metrics": metrics,
-            "labels": labels, "probabilities": np.round(probs.astype(np.float64), 8).tolist(),
+    return {"version": version, "test_set_fingerprint": fingerprint, "n_images": len(rows),
+            "metrics": metrics, "labels": labels,
+            "probabilities": np.round(probs.astype(np.float64), 8).tolist(),
             "shas": [r[1] for r in rows], "sites": sites, "views": views}
 
 
 def current_champion(settings: Settings) -> int | None:
     from xray_core.registry.versions import champion_version
 
-    engine = open_catalogue(settings)
-    with session_scope(engine) as s:
+    with session_scope(open_catalogue(settings)) as s:
         return champion_version(s)
 
 
@@ -259,10 +260,7 @@ def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | Non
     and training settings a new run would train the same weights again (and, being non-inferior to
     itself, replace the champion with a copy every night). The scheduled run skips instead.
     """
-    from db.schema import Model
-
-    engine = open_catalogue(settings)
-    with session_scope(engine) as s:
+    with session_scope(open_catalogue(settings)) as s:
         champion = s.scalar(select(Model).where(Model.status == "champion"))
         if champion is None:
             return None
@@ -302,28 +300,32 @@ def nothing_new_since_last_decision(settings: Settings, data: SplitData) -> str 
     challenger is not retrained only because ``auto`` now picks bf16. Code changes are not seen: after
     an upgrade that changes training or the policy, retrain with ``force``.
     """
-    from db.schema import Model, Promotion
+    from db.schema import Promotion
 
     with session_scope(open_catalogue(settings)) as s:
         newest = s.scalar(select(Model).order_by(Model.id.desc()).limit(1))
         last = s.scalar(select(Promotion).order_by(Promotion.id.desc()).limit(1))
-        if newest is None or last is None or last.to_version != newest.id or last.decision not in REPEATABLE_DECISIONS:
+        if (newest is None or last is None or last.to_version != newest.id
+                or last.decision not in REPEATABLE_DECISIONS):
             return None
         champion = s.scalar(select(Model.id).where(Model.status == "champion"))
         # the test set of the decision itself, not any evaluation of the model: `xray models` re-scores
         # a model on a newer test set without deciding anything
         decided_on = ((last.metrics or {}).get("challenger") or {}).get("test_set_fingerprint")
         version, decision, when = newest.id, last.decision, last.created_at
-        trained_on, backbone, config = newest.training_set_fingerprint, newest.backbone_fingerprint, dict(newest.config)
+        trained_on, backbone, config = (newest.training_set_fingerprint,
+                                        newest.backbone_fingerprint, dict(newest.config))
         champion_then = last.champion_after
     now = settings.public_dict()
-    changed = [k for k in set(now) | set(config) if k not in EXECUTION_SETTINGS and config.get(k) != now.get(k)]
+    changed = [k for k in set(now) | set(config) if k not in EXECUTION_SETTINGS
+               and config.get(k) != now.get(k)]
     if (champion != champion_then or trained_on != training_set_fingerprint(data) or changed
-            or fingerprint_test_set(data.test) != decided_on or settings_for_fingerprint(settings, backbone) is None):
+            or fingerprint_test_set(data.test) != decided_on
+            or settings_for_fingerprint(settings, backbone) is None):
         return None
-    return (f"nothing new since v{version} was not promoted ({decision}, {when:%Y-%m-%d %H:%M}): the same images, "
-            f"test set, backbone, settings and champion would repeat that decision; retrain with force=True "
-            "(CLI --force) to run anyway")
+    return (f"nothing new since v{version} was not promoted ({decision}, {when:%Y-%m-%d %H:%M}): the same "
+            "images, test set, backbone, settings and champion would repeat that decision; retrain with "
+            "force=True (CLI --force) to run anyway")
 
 
 def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
@@ -389,8 +391,9 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
                "comparison": decision.get("comparison"), "checks": decision.get("checks"),
                "site_drops": decision.get("site_drops"), "audit": audit}
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
-                           rationale=decision["rationale"], metrics=json.loads(json.dumps(metrics, default=str)),
-                           trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]),
+                           rationale=decision["rationale"],
+                           metrics=json.loads(json.dumps(metrics, default=str)), trigger=trigger,
+                           flow_run_id=flow_run_id, promote=bool(decision["promote"]),
                            **({} if record_stale_unless_champion is ...
                               else {"record_stale_unless_champion": record_stale_unless_champion}))
 

@@ -109,8 +109,8 @@ def _roc_by_class(labels: list[str], y: np.ndarray, probs: np.ndarray) -> dict[s
 
 
 def _curves(version: int, role: str, labels: list[str], y: np.ndarray, probs: np.ndarray) -> ModelCurves:
-    return ModelCurves(version=version, role=role, labels=labels, n=int(y.size), roc=_roc_by_class(labels, y, probs),
-                       reliability=reliability_bins(probs, y))
+    return ModelCurves(version=version, role=role, labels=labels, n=int(y.size),
+                       roc=_roc_by_class(labels, y, probs), reliability=reliability_bins(probs, y))
 
 
 def site_curves(version: int, role: str, labels: list[str], y: np.ndarray, probs: np.ndarray,
@@ -179,8 +179,8 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, 
         if sites is not None and len(sites) == len(y):
             by_site += site_curves(version, role, model_labels, y, probs, list(sites))
         elif sites is not None:
-            notes.append(f"no per-site curves for v{version}: its evaluation lists {len(sites)} sites for {len(y)} "
-                         "test images")
+            notes.append(f"no per-site curves for v{version}: its evaluation lists {len(sites)} sites for "
+                         f"{len(y)} test images")
         if role != "challenger" or n_examples <= 0 or not rows:
             continue
         model = load_model(settings, version)
@@ -208,5 +208,5 @@ def collect_report_data(settings: Settings, data: Any, *, challenger: dict[str, 
     return ReportData(curves=curves, examples=examples, notes=notes, site_curves=by_site)
 
 
-__all__ = ["ModelCurves", "SiteCurves", "ExampleHeatmap", "ReportData", "roc_curve", "reliability_bins", "site_curves",
-           "collect_report_data"]
+__all__ = ["ModelCurves", "SiteCurves", "ExampleHeatmap", "ReportData", "roc_curve",
+           "reliability_bins", "site_curves", "collect_report_data"]

@@ -41,8 +41,9 @@ def write_run_reports(settings: Settings, run: RunResult, run_dir: Path) -> RunR
     markdown_path, markdown = write_run_markdown(settings, result, run_dir)
     result_path = run_dir / "result.json"
     atomic_write_text(result_path, json_text(result, indent=2, default=str), mode=settings.file_mode)
-    return RunReport(markdown_path=markdown_path, html_path=Path(result["report_html"]), result_path=result_path,
-                     markdown=markdown, description=artifact_description(result))
+    return RunReport(markdown_path=markdown_path,
+                     html_path=Path(result["report_html"]), result_path=result_path, markdown=markdown,
+                     description=artifact_description(result))
 
 
 __all__ = ["RunReport", "write_run_reports"]

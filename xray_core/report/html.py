@@ -135,8 +135,8 @@ def _site_panels(site_curves: Sequence[SiteCurves]) -> tuple[list[SiteCurves], l
     if len(sizes) < 2:  # one site: its panel would repeat the pooled figure
         return [], []
     keep = set(sorted(sizes, key=lambda s: (-sizes[s], s))[:SITE_PANELS_MAX])
-    notes = ([f"Per-site ROC: the {SITE_PANELS_MAX} largest of {len(sizes)} sites are drawn; the by-site table "
-              "lists them all."] if len(sizes) > SITE_PANELS_MAX else [])
+    notes = ([f"Per-site ROC: the {SITE_PANELS_MAX} largest of {len(sizes)} sites are drawn; the by-site "
+              "table lists them all."] if len(sizes) > SITE_PANELS_MAX else [])
     return [c for c in site_curves if c.site in keep], notes
 
 
@@ -216,7 +216,8 @@ def heatmap_file_name(sha256: str) -> str:
 
 
 def _evals(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [(role, result[key]) for role, key in (("challenger", "challenger_eval"), ("champion", "champion_eval"))
+    return [(role, result[key])
+            for role, key in (("challenger", "challenger_eval"), ("champion", "champion_eval"))
             if result.get(key)]
 
 
@@ -232,10 +233,11 @@ def _per_class_tables(evals: list[tuple[str, dict[str, Any]]]) -> list[dict[str,
         m = ev["metrics"]
         iv = m.get("intervals", {})
         rows = [[label, pc.get("support"),
-                 *[format_interval({"point": pc.get(k), **iv.get(f"per_class.{label}.{k}", {})}) for k in PER_CLASS_METRICS]]
+                 *[format_interval({"point": pc.get(k), **iv.get(f"per_class.{label}.{k}", {})})
+                   for k in PER_CLASS_METRICS]]
                 for label, pc in m.get("per_class", {}).items()]
-        out.append({"title": f"{role} v{ev['version']}", "headers": ["class", "test images", *PER_CLASS_METRICS],
-                    "rows": rows})
+        out.append({"title": f"{role} v{ev['version']}",
+                    "headers": ["class", "test images", *PER_CLASS_METRICS], "rows": rows})
     return out
 
 
@@ -294,7 +296,8 @@ def render_html(result: dict[str, Any], data: ReportData | None, *, negative_lab
                 notes: Sequence[str] = (), heatmap_links: Mapping[str, str] | None = None) -> str:
     """The whole report as one HTML document (no external resources; links to full-size heatmaps
     only for the shas in ``heatmap_links``, sha256 -> href relative to the report)."""
-    return render_template("report.html.j2", html_context(result, data, negative_label=negative_label, notes=notes,
+    return render_template("report.html.j2",
+                           html_context(result, data, negative_label=negative_label, notes=notes,
                                                           heatmap_links=heatmap_links))
 
 
@@ -320,7 +323,8 @@ def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) ->
     challenger, champion = result.get("challenger_eval"), result.get("champion_eval")
     if challenger and snapshot.is_file():
         try:
-            data = collect_report_data(settings, load_snapshot(snapshot), challenger=challenger, champion=champion)
+            data = collect_report_data(settings, load_snapshot(snapshot),
+                                       challenger=challenger, champion=champion)
         except (XrayError, OSError, ValueError, RuntimeError) as exc:
             notes.append(f"Curves and heatmaps unavailable: {type(exc).__name__}: {exc}")
     elif result.get("status") == "failed":
@@ -330,7 +334,8 @@ def write_run_html(settings: Settings, result: dict[str, Any], run_dir: Path) ->
         name = heatmap_file_name(x.sha256)
         atomic_write_bytes(run_dir / HEATMAPS_DIR / name, x.png, mode=settings.file_mode)
         links[x.sha256] = f"{HEATMAPS_DIR}/{name}"
-    context = html_context(result, data, negative_label=settings.negative_label, notes=notes, heatmap_links=links)
+    context = html_context(result, data, negative_label=settings.negative_label,
+                           notes=notes, heatmap_links=links)
     path = run_dir / "report.html"
     atomic_write_text(path, render_template("report.html.j2", context), mode=settings.file_mode)
     result["report_html_contents"] = html_contents(context)

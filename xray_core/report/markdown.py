@@ -6,8 +6,8 @@ sentences are built here, in Python, as a plain context dict; the layout lives i
 wording or order is a template edit, not a string-concatenation hunt.
 
 The report leads with the run's decision (``result["state"]``: Promoted, Kept, Blocked, Skipped,
-Insufficient evidence or Failed, with ``result["state_message"]``), derived from the decision or status when the
-result predates those keys, and shows only sections that have content: a failed or skipped run has
+Insufficient evidence or Failed, with ``result["state_message"]``), derived from the decision or status when
+the result predates those keys, and shows only sections that have content: a failed or skipped run has
 no empty comparison heading and promises no figures it lacks.
 """
 
@@ -63,7 +63,8 @@ def md_cell(value: Any) -> str:
 
 
 def run_state(result: dict[str, Any]) -> str | None:
-    """The run's state as the flow names it (one of :data:`~xray_core.evaluate.promotion.RUN_STATES`), or None when unknown.
+    """The run's state as the flow names it (one of :data:`~xray_core.evaluate.promotion.RUN_STATES`), or
+    None when unknown.
 
     ``result["state"]`` when present; otherwise derived: a failure or skip from ``status``, else the
     policy's ``decision``. A result without any of these (a run still in progress) has no state.
@@ -133,7 +134,8 @@ def artifact_description(result: dict[str, Any]) -> str:
         text = (f"Kept v{old}; challenger {challenger} rejected" if old is not None
                 else f"Kept: no champion; challenger {challenger} rejected")
     elif state == "Blocked":
-        text = (f"Blocked {challenger} (shortcut audit); " + (f"kept v{old}" if old is not None else "no champion"))
+        text = (f"Blocked {challenger} (shortcut audit); "
+                + (f"kept v{old}" if old is not None else "no champion"))
     elif state == "Insufficient evidence":
         text = ("Insufficient evidence: " + (f"kept v{old}; " if old is not None else "no champion; ")
                 + f"challenger {challenger} not judged")
@@ -170,7 +172,9 @@ def metrics_rows(challenger: dict[str, Any] | None, champion: dict[str, Any] | N
                 row[name] = "-"
                 continue
             m = ev["metrics"]
-            row[name] = format_interval({"point": m.get(key), **{b: m.get("intervals", {}).get(key, {}).get(b) for b in ("low", "high")}})
+            row[name] = format_interval({"point": m.get(key),
+                                         **{b: m.get("intervals", {}).get(key, {}).get(b)
+                                            for b in ("low", "high")}})
         rows.append(row)
     for name, ev in (("challenger", challenger), ("champion", champion)):
         if ev is None:
@@ -178,7 +182,8 @@ def metrics_rows(challenger: dict[str, Any] | None, champion: dict[str, Any] | N
         for label, pc in ev["metrics"].get("per_class", {}).items():
             iv = ev["metrics"].get("intervals", {}).get(f"per_class.{label}.sensitivity", {})
             rows.append({"metric": f"sensitivity[{label}] ({name})",
-                         name: format_interval({"point": pc.get("sensitivity"), "low": iv.get("low"), "high": iv.get("high")}),
+                         name: format_interval({"point": pc.get("sensitivity"), "low": iv.get("low"),
+                                                "high": iv.get("high")}),
                          "challenger" if name == "champion" else "champion": ""})
     return rows + (site_metric_rows(challenger, champion) if sites else [])
 
@@ -207,8 +212,8 @@ def _data_context(result: dict[str, Any]) -> dict[str, Any] | None:
     """Ingests, split counts, near-duplicates and embedding; None when the run recorded none of them."""
     if not any(k in result for k in ("ingests", "split_counts", "near_duplicates", "embed")):
         return None
-    ingests = [[i.get("manifest") or i.get("source"), i.get("added"), i.get("duplicates"), i.get("skipped_unchanged"),
-                i.get("rejected"),
+    ingests = [[i.get("manifest") or i.get("source"), i.get("added"), i.get("duplicates"),
+                i.get("skipped_unchanged"), i.get("rejected"),
                 ", ".join(f"{k}: {v}" for k, v in sorted((i.get("rejected_by_reason") or {}).items())) or "-"]
                for i in result.get("ingests") or []]
     counts = result.get("split_counts") or {}
@@ -220,13 +225,16 @@ def _data_context(result: dict[str, Any]) -> dict[str, Any] | None:
         "split_headers": ["split", *labels, "total"],
         "splits": [[s, *[counts[s].get(lab, 0) for lab in labels], sum(counts[s].values())] for s in counts],
         "near_duplicates": result.get("near_duplicates"),
-        "embed": None if embed is None else {k: embed.get(k, 0) for k in ("computed", "cached", "recomputed_corrupt", "seconds")},
+        "embed": None if embed is None else {k: embed.get(k, 0)
+                                             for k in ("computed", "cached",
+                                                       "recomputed_corrupt", "seconds")},
     }
 
 
 def report_context(result: dict[str, Any]) -> dict[str, Any]:
     """Everything both templates show, as plain values (numbers already formatted)."""
-    evals = [(role, result[key]) for role, key in (("challenger", "challenger_eval"), ("champion", "champion_eval"))
+    evals = [(role, result[key])
+             for role, key in (("challenger", "challenger_eval"), ("champion", "champion_eval"))
              if result.get(key)]
     ch = result.get("challenger_eval")
     boot = (ch or {}).get("metrics", {}).get("bootstrap", {}) if ch else {}
@@ -245,9 +253,11 @@ def report_context(result: dict[str, Any]) -> dict[str, Any]:
         "models": [{"role": role, "version": ev["version"], "n_images": ev["n_images"],
                     "macro_auroc": interval(ev["metrics"], "macro_auroc"),
                     "balanced_accuracy": interval(ev["metrics"], "balanced_accuracy")} for role, ev in evals],
-        "test_set": None if not ch else {"fingerprint": ch["test_set_fingerprint"][:16], "n_images": ch["n_images"],
-                                         "bootstrap_samples": boot.get("samples"), "patients": boot.get("patients")},
-        "decision": None if not dec else {"decision": dec["decision"], "rationale": dec.get("rationale") or "",
+        "test_set": None if not ch else {"fingerprint": ch["test_set_fingerprint"][:16],
+                                         "n_images": ch["n_images"], "bootstrap_samples": boot.get("samples"),
+                                         "patients": boot.get("patients")},
+        "decision": None if not dec else {"decision": dec["decision"],
+                                          "rationale": dec.get("rationale") or "",
                                           "checks": [[c["name"], "yes" if c["passed"] else "no", c["detail"]]
                                                      for c in dec.get("checks") or []]},
         "champion_after": result.get("champion_after"),
@@ -280,9 +290,11 @@ def retrain_markdown(result: dict[str, Any]) -> str:
     context.update(
         report_html=result.get("report_html"),
         report_html_contents=html_report_contents(result),
-        metrics_header=(["metric", f"challenger (v{ch['version']})", f"champion (v{champ['version']})" if champ else "champion"]
+        metrics_header=(["metric", f"challenger (v{ch['version']})",
+                         f"champion (v{champ['version']})" if champ else "champion"]
                         if ch else []),
-        metrics_rows=[[r["metric"], r.get("challenger", ""), r.get("champion", "")] for r in metrics_rows(ch, champ, sites=False)]
+        metrics_rows=[[r["metric"], r.get("challenger", ""), r.get("champion", "")]
+                      for r in metrics_rows(ch, champ, sites=False)]
         if ch else [],
     )
     # Skipped blocks leave runs of blank lines; markdown reads one blank line the same, the raw text doesn't.

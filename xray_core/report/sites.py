@@ -99,7 +99,8 @@ def slice_sections(evals: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str
     return out
 
 
-def site_metric_rows(challenger: dict[str, Any] | None, champion: dict[str, Any] | None) -> list[dict[str, Any]]:
+def site_metric_rows(challenger: dict[str, Any] | None,
+                     champion: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Per-site rows for the ``retrain-metrics`` artifact: ``macro_auroc @ site paeds`` and each class's
     ``sensitivity[label] @ site paeds``, both models side by side; a slice not judged says why."""
     site_slices = {role: ((ev or {}).get("metrics") or {}).get("slices", {}).get("site") or {}
@@ -109,7 +110,8 @@ def site_metric_rows(challenger: dict[str, Any] | None, champion: dict[str, Any]
     rows = []
     for site in sites:
         for name, path in [("macro_auroc", "macro_auroc"),
-                           *[(f"sensitivity[{label}]", f"per_class.{label}.sensitivity") for label in labels]]:
+                           *[(f"sensitivity[{label}]",
+                              f"per_class.{label}.sensitivity") for label in labels]]:
             row: dict[str, Any] = {"metric": f"{name} @ site {site}"}
             for role, ev in (("challenger", challenger), ("champion", champion)):
                 sl = site_slices[role].get(site)
@@ -174,7 +176,8 @@ def films_text(films: Sequence[dict[str, Any]]) -> str:
     return "; ".join(f"{(f.get('added_at') or '')[:10]} {f.get('file')}: {f.get('label')}" for f in films)
 
 
-def label_history_context(history: dict[str, Any] | None, *, limit: int = LABEL_HISTORY_SHOWN) -> dict[str, Any] | None:
+def label_history_context(history: dict[str, Any] | None, *,
+                          limit: int = LABEL_HISTORY_SHOWN) -> dict[str, Any] | None:
     """The "Label history" section: patients whose films carry different labels, with dates and files,
     and whether any sit in the test split (then the test set disagrees with itself). None when none."""
     if not history or not history.get("patients"):
