@@ -16,7 +16,8 @@ from xray_core.io.fsutil import utf8_safe
 from xray_core.io.oserrors import is_transient_io, user_error
 
 
-def progress_reporter(key: str, description: str, *, min_interval_s: float = 2.0) -> Callable[[int, int], None]:
+def progress_reporter(key: str, description: str, *,
+                      min_interval_s: float = 2.0) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback backed by a Prefect progress artifact.
 
     Updates are throttled (at most one per ``min_interval_s``, plus the final one) so that a long

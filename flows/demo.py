@@ -69,7 +69,8 @@ class SyntheticSize:
 
 
 def _stage_sample(sample: Path, incoming: Path) -> list[Path]:
-    """Copy the sample into two batch folders with their own manifests (site ``paediatric``), split by patient."""
+    """Copy the sample into two batch folders with their own manifests (site ``paediatric``), split by
+    patient."""
     with open(sample / "manifest.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     patients = sorted({r["patient_id"] for r in rows}, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
@@ -121,7 +122,8 @@ def _stage_synthetic_paediatric(incoming: Path, size: SyntheticSize) -> list[Pat
     first = max(2, round(size.paediatric_patients * BATCH_1_SHARE))
     manifests = []
     for n, (offset, patients) in enumerate(((0, first), (1000, size.paediatric_patients - first)), start=1):
-        write_site_dataset(incoming / f"batch-{n}", style, patients_per_label=patients, seed=n, patient_offset=offset)
+        write_site_dataset(incoming / f"batch-{n}", style, patients_per_label=patients,
+                           seed=n, patient_offset=offset)
         manifests.append(incoming / f"batch-{n}" / "manifest.csv")
     return manifests
 
@@ -133,8 +135,8 @@ def _stage_synthetic_covid(incoming: Path, size: SyntheticSize) -> Path:
 
     style = SiteStyle(COVID_SITE, size=size.size + 32, bit_depth=16, gamma=0.7, border=6, marker="PORTABLE")
     target = incoming / "arrival-3"
-    covid = write_site_dataset(target / "covid", style, labels=("covid19",), patients_per_label=size.covid_patients,
-                               seed=3, manifest=False)
+    covid = write_site_dataset(target / "covid", style, labels=("covid19",),
+                               patients_per_label=size.covid_patients, seed=3, manifest=False)
     normal = write_site_dataset(target / "normal", style, labels=("normal",),
                                 patients_per_label=size.covid_normal_patients, seed=4,
                                 patient_offset=size.covid_patients, manifest=False)
@@ -150,8 +152,8 @@ def stage_arrivals(incoming: Path, *, sample: Path | None, covid: Path | None,
     lines = []
     if sample is not None and (sample / "manifest.csv").is_file():
         paeds = _stage_sample(sample, incoming)
-        lines.append(f"Site {PAEDIATRIC_SITE}: the real sample {sample} (120 paediatric chest X-rays, normal/pneumonia, "
-                     "CC BY 4.0), split by patient into two arriving batches.")
+        lines.append(f"Site {PAEDIATRIC_SITE}: the real sample {sample} (120 paediatric chest X-rays, "
+                     "normal/pneumonia, CC BY 4.0), split by patient into two arriving batches.")
         paeds_synthetic = False
     else:
         paeds = _stage_synthetic_paediatric(incoming, synthetic)
@@ -160,13 +162,14 @@ def stage_arrivals(incoming: Path, *, sample: Path | None, covid: Path | None,
         paeds_synthetic = True
     if covid is not None and (covid / "manifest.csv").is_file():
         third = _stage_covid(covid, incoming)
-        lines.append(f"Site {COVID_SITE}: the real adult collection {covid} (42 films, 34 COVID-19 and 8 normal, "
-                     "from the COVID-19 image data collection, CC BY 3.0/4.0; see its ATTRIBUTION.md).")
+        lines.append(f"Site {COVID_SITE}: the real adult collection {covid} (42 films, 34 COVID-19 and 8 "
+                     "normal, from the COVID-19 image data collection, CC BY 3.0/4.0; see its "
+                     "ATTRIBUTION.md).")
         covid_synthetic = False
     else:
         third = _stage_synthetic_covid(incoming, synthetic)
-        lines.append(f"Site {COVID_SITE}: the SYNTHETIC second site (no real collection at {covid}): covid19 and a few "
-                     "normal films, made bigger, 16-bit, with a border and a PORTABLE marker.")
+        lines.append(f"Site {COVID_SITE}: the SYNTHETIC second site (no real collection at {covid}): covid19 "
+                     "and a few normal films, made bigger, 16-bit, with a border and a PORTABLE marker.")
         covid_synthetic = True
     arrivals = [Arrival(f"{PAEDIATRIC_SITE} batch 1", paeds[0], paeds_synthetic),
                 Arrival(f"{PAEDIATRIC_SITE} batch 2", paeds[1], paeds_synthetic),
@@ -192,15 +195,15 @@ def prepare_demo_home(home: Path, *, fresh: bool) -> None:
     if fresh and exists and not empty:
         if not (home / DEMO_MARKER).is_file():
             raise UsageError(
-                f"refusing --fresh: XRAY_HOME={home} was not created by `xray demo` (no {DEMO_MARKER} marker), "
-                "so it may hold a real catalogue, store or models. Only a demo home is deleted; point "
-                "XRAY_HOME at a new folder (e.g. XRAY_HOME=var/demo) or remove this one yourself.")
+                f"refusing --fresh: XRAY_HOME={home} was not created by `xray demo` (no {DEMO_MARKER} "
+                "marker), so it may hold a real catalogue, store or models. Only a demo home is deleted; "
+                "point XRAY_HOME at a new folder (e.g. XRAY_HOME=var/demo) or remove this one yourself.")
         shutil.rmtree(home)
         exists = empty = False
     if not exists or empty:
         home.mkdir(parents=True, exist_ok=True)
-        (home / DEMO_MARKER).write_text("created by `xray demo`; `xray demo --fresh` may delete this folder\n",
-                                        encoding="utf-8")
+        marker = "created by `xray demo`; `xray demo --fresh` may delete this folder\n"
+        (home / DEMO_MARKER).write_text(marker, encoding="utf-8")
 
 
 def full_result(headline: dict[str, Any]) -> dict[str, Any]:
@@ -259,11 +262,11 @@ def review_first_champion(result: dict[str, Any]) -> tuple[str, list[str]]:
     warnings = "; ".join((result.get("audit") or {}).get("warnings") or [])
     version = result["version"]
     reason = (f"demo, as the reviewer: v{version} was blocked only by the shortcut audit ({warnings}); every "
-              "other check passed. Promoted by hand so that later arrivals have a champion to beat; the warning "
-              "stays in the audit trail.")
-    lines = [f"review: v{version} passed every check except the shortcut audit. The demo plays the reviewer and "
-             f"promotes it by hand (xray promote {version} --reason ...), recorded with the audit's warning; a real "
-             "reviewer might decide otherwise."]
+              "other check passed. Promoted by hand so that later arrivals have a champion to beat; the "
+              "warning stays in the audit trail.")
+    lines = [f"review: v{version} passed every check except the shortcut audit. The demo plays the reviewer "
+             f"and promotes it by hand (xray promote {version} --reason ...), recorded with the audit's "
+             "warning; a real reviewer might decide otherwise."]
     return reason, lines
 
 
@@ -280,16 +283,17 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
     prepare_demo_home(settings.home, fresh=fresh)
     if covid is None and sample is not None:
         covid = sample.parent / COVID_FOLDER
-    arrivals, data_lines = stage_arrivals(settings.home / "incoming", sample=sample, covid=covid, synthetic=synthetic)
+    arrivals, data_lines = stage_arrivals(settings.home / "incoming", sample=sample,
+                                          covid=covid, synthetic=synthetic)
     for line in data_lines:
         out.write(line + "\n")
     if settings.backbone_weights == "random":
         out.write("Backbone: RANDOM-INIT densenet161 (offline: no ImageNet download). The numbers show the "
                   "system works end to end, not a clinically useful model.\n")
-    out.write(f"Demo settings: task {TASK}; input {settings.input_size} px, {settings.views} augmented views, "
-              f"head recipe {settings.head_recipe} (L2 grid {', '.join(f'{c:g}' for c in settings.head_l2_grid)}), minimum test films per class {settings.min_test_per_class}, "
-              "XRAY_SHORTCUT_POLICY="
-              f"{settings.shortcut_policy}.\n\n")
+    out.write(f"Demo settings: task {TASK}; input {settings.input_size} px, {settings.views} augmented "
+              f"views, head recipe {settings.head_recipe} (L2 grid "
+              f"{', '.join(f'{c:g}' for c in settings.head_l2_grid)}), minimum test films per class "
+              f"{settings.min_test_per_class}, XRAY_SHORTCUT_POLICY={settings.shortcut_policy}.\n\n")
     headlines, results = [], []
     for n, arrival in enumerate(arrivals, start=1):
         # The demo staged these manifests itself, under XRAY_HOME: allowed for its own calls only.
@@ -313,6 +317,7 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
     out.write("$ xray models\n" + render_models(list_models(settings)) + "\n\n")
     status = status_report(settings)
     out.write("$ xray status\n" + render_status(status).split("\nsettings:")[0] + "\n")
-    out.write(f"\nEverything is under {settings.home} (catalogue.db, store/, features/, models/, reports/).\n")
+    out.write(
+        f"\nEverything is under {settings.home} (catalogue.db, store/, features/, models/, reports/).\n")
     return {"runs": headlines, "summary": summary, "home": str(settings.home),
             "synthetic": [a.title for a in arrivals if a.synthetic]}

@@ -32,7 +32,8 @@ def embed_shard_task(snapshot: str, shard: int, shards: int, threads: int,
 
 
 @flow(name="embed-parallel")
-def embed_parallel(snapshot: str, shards: int, threads: int = 1, precision: str | None = None) -> dict[str, Any]:
+def embed_parallel(snapshot: str, shards: int, threads: int = 1,
+                   precision: str | None = None) -> dict[str, Any]:
     """Map the shards over the flow's task runner (a DaskTaskRunner) and merge their stats.
 
     ``snapshot`` must be a run's split under XRAY_HOME/reports (where the retrain flow writes it) or in
@@ -72,4 +73,5 @@ def run_parallel_embed(settings: Settings, snapshot: str, *, threads: int | None
     shards = settings.embed_dask_workers
     threads = threads or torch.get_num_threads()
     precision = pick_precision(settings.embed_precision, pick_device(settings.device))
-    return embed_parallel.with_options(task_runner=dask_task_runner(settings))(snapshot, shards, threads, precision)
+    runner = dask_task_runner(settings)
+    return embed_parallel.with_options(task_runner=runner)(snapshot, shards, threads, precision)

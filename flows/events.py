@@ -21,7 +21,8 @@ def emit_event(event: str, **kwargs: Any) -> None:
 
 
 # A retrain's final state -> the event it emits.
-RETRAIN_EVENTS = {"Promoted": "xray.model.promoted", "Kept": "xray.model.kept", "Skipped": "xray.retrain.skipped",
+RETRAIN_EVENTS = {"Promoted": "xray.model.promoted", "Kept": "xray.model.kept",
+                  "Skipped": "xray.retrain.skipped",
                   "Insufficient evidence": "xray.retrain.insufficient_evidence"}
 
 
@@ -61,11 +62,12 @@ def emit_drift(result: dict[str, Any]) -> int:
     sent = 0
     for check in drifted:
         subject = check["subject"]
-        resource = ({"prefect.resource.id": f"xray.site.{subject.removeprefix('site ')}"} if subject.startswith("site ")
-                    else model_resource(result.get("model")))
+        resource = ({"prefect.resource.id": f"xray.site.{subject.removeprefix('site ')}"}
+                    if subject.startswith("site ") else model_resource(result.get("model")))
         emit_event("xray.drift.detected", resource=resource,
                    related=[{**model_resource(result.get("model")), "prefect.resource.role": "champion"}],
-                   payload={k: check.get(k) for k in ("n", "ood_flagged", "mmd_p", "ks_p", "prevalence", "verdict")}
+                   payload={k: check.get(k)
+                            for k in ("n", "ood_flagged", "mmd_p", "ks_p", "prevalence", "verdict")}
                    | {"subject": subject, "report": result.get("report")})
         sent += 1
     return sent

@@ -63,12 +63,15 @@ def predict(path: str, out: str | None = None, manifest: str | None = None, vers
 
 def drift_markdown(check: dict[str, Any], subject: str) -> str:
     """The predict batch's drift check as a short markdown note (same key as the monitor's report)."""
-    lines = [f"# Drift check: predict batch `{subject}`", "", f"**{check['verdict']}**", "", check["ood_line"]]
+    lines = [f"# Drift check: predict batch `{subject}`", "",
+             f"**{check['verdict']}**", "", check["ood_line"]]
     if "mmd_p" in check:
         lines += ["", "| test | statistic | p |", "|---|---|---|",
                   f"| MMD on embeddings (input shift) | {check['mmd']:.4g} | {check['mmd_p']:.3g} |",
-                  f"| KS on predicted probabilities (output shift) | {check['ks']:.3g} | {check['ks_p']:.3g} |",
-                  f"| excess of out-of-distribution films (binomial) | {check['ood_flagged']} of {check['n']} | "
-                  f"{check['ood_p']:.3g} |", "", f"Estimated prevalence (BBSE): {check['prevalence']}"]
+                  f"| KS on predicted probabilities (output shift) | {check['ks']:.3g} | "
+                  f"{check['ks_p']:.3g} |",
+                  f"| excess of out-of-distribution films (binomial) | {check['ood_flagged']} of "
+                  f"{check['n']} | {check['ood_p']:.3g} |", "",
+                  f"Estimated prevalence (BBSE): {check['prevalence']}"]
     lines += ["", "A drift warning is evidence that the inputs changed, not proof that performance fell."]
     return "\n".join(lines)

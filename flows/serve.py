@@ -43,7 +43,8 @@ def wait_for_server(url: str, timeout_s: float = 90.0) -> None:
                     return
         except OSError:
             time.sleep(1)
-    raise SystemExit(f"the Prefect server at {url} did not answer within {timeout_s:.0f} s; see its server.log")
+    raise SystemExit(f"the Prefect server at {url} did not answer within {timeout_s:.0f} s; see "
+                     "its server.log")
 
 
 def nightly_config(env: Mapping[str, str]) -> NightlyConfig:
@@ -56,14 +57,15 @@ def nightly_config(env: Mapping[str, str]) -> NightlyConfig:
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
-    missing = [f"{var} (make serve {make}=...)" for var, make in DEPLOY_VARS.items() if not env.get(var, "").strip()]
+    missing = [f"{var} (make serve {make}=...)"
+               for var, make in DEPLOY_VARS.items() if not env.get(var, "").strip()]
     if missing:
         raise DeployConfigError(f"not set: {', '.join(missing)}; prefect.yaml reads them, so deploy with "
                                 "`make serve` or `make deploy`, which set defaults")
     incoming = Path(env["XRAY_INCOMING"]).expanduser()
     if not incoming.is_absolute():
-        raise DeployConfigError(f"INCOMING={env['XRAY_INCOMING']!r} is relative; the worker runs flows in the "
-                                "project folder, so give an absolute path, e.g. INCOMING=/data/incoming")
+        raise DeployConfigError(f"INCOMING={env['XRAY_INCOMING']!r} is relative; the worker runs flows in "
+                                "the project folder, so give an absolute path, e.g. INCOMING=/data/incoming")
     cron, timezone = env["XRAY_SCHEDULE"].strip(), env["XRAY_TIMEZONE"].strip()
     try:
         CronSchedule(cron=cron, timezone=timezone)
