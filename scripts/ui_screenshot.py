@@ -40,7 +40,8 @@ def find_browser(explicit: str | None) -> str:
         if found := shutil.which(name):
             return found
     raise SystemExit(_usage_error(f"no Chromium on PATH (looked for {', '.join(BROWSERS)}); install it with "
-                                  "`sudo apt-get install -y chromium` (Debian/Ubuntu), or pass --chromium PATH"))
+                                  "`sudo apt-get install -y chromium` (Debian/Ubuntu), or pass "
+                                  "--chromium PATH"))
 
 
 def _usage_error(message: str) -> int:
@@ -63,7 +64,8 @@ def latest_runs(api: str, limit: int = 8) -> list[tuple[str, str, str]]:
     """
     body = json.dumps({"limit": limit, "sort": "START_TIME_DESC",
                        "flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}}}).encode()
-    req = urllib.request.Request(f"{api}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(f"{api}/flow_runs/filter", data=body,
+                                 headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         runs = json.load(resp)
     return [(r["name"], (r.get("state") or {}).get("type", "?"), (r.get("state") or {}).get("name", "?"))
@@ -93,11 +95,14 @@ def screenshot(browser: str, url: str, out: Path, *, width: int, height: int, wa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:4200/runs", help="the UI page (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("var/ui/runs.png"), help="PNG to write (default: %(default)s)")
+    parser.add_argument("--url", default="http://127.0.0.1:4200/runs",
+                        help="the UI page (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("var/ui/runs.png"),
+                        help="PNG to write (default: %(default)s)")
     parser.add_argument("--width", type=int, default=1440, help="viewport width in px (default: %(default)s)")
     # 1500 px leaves room for about ten runs below the filters and the duration chart.
-    parser.add_argument("--height", type=int, default=1500, help="viewport height in px (default: %(default)s)")
+    parser.add_argument("--height", type=int, default=1500,
+                        help="viewport height in px (default: %(default)s)")
     parser.add_argument("--wait-ms", type=int, default=15000,
                         help="virtual time for the page to load its data, ms (default: %(default)s)")
     parser.add_argument("--chromium", help="the browser binary (default: $CHROMIUM, else chromium on PATH)")
@@ -110,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = latest_runs(api)
     except (OSError, ValueError) as exc:
-        print(f"error: the Prefect API at {api} did not answer ({exc}); start it with `make serve`", file=sys.stderr)
+        print(f"error: the Prefect API at {api} did not answer ({exc}); start it with `make serve`",
+              file=sys.stderr)
         return 1
     print("latest flow runs (the state name is what the runs list shows):")
     for name, state_type, state_name in runs:

@@ -34,7 +34,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('models', schema=None) as batch_op:
-        batch_op.create_index('uq_models_one_champion', ['status'], unique=True, sqlite_where=sa.text("status = 'champion'"), postgresql_where=sa.text("status = 'champion'"))
+        batch_op.create_index('uq_models_one_champion', ['status'], unique=True,
+                              sqlite_where=sa.text("status = 'champion'"),
+                              postgresql_where=sa.text("status = 'champion'"))
 
     op.create_table('patients',
     sa.Column('patient_id', sa.String(length=128), nullable=False),
@@ -171,7 +173,8 @@ def downgrade() -> None:
     op.drop_table('seen_files')
     op.drop_table('patients')
     with op.batch_alter_table('models', schema=None) as batch_op:
-        batch_op.drop_index('uq_models_one_champion', sqlite_where=sa.text("status = 'champion'"), postgresql_where=sa.text("status = 'champion'"))
+        batch_op.drop_index('uq_models_one_champion', sqlite_where=sa.text("status = 'champion'"),
+                            postgresql_where=sa.text("status = 'champion'"))
 
     op.drop_table('models')
     # ### end Alembic commands ###
