@@ -77,7 +77,8 @@ def _bulk(engine, table: str, columns: list[str], rows) -> None:
         else:
             cur = raw.cursor()  # the engine's connections are in autocommit mode: one BEGIN for all rows
             cur.execute("BEGIN")
-            cur.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            cur.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                            f"({', '.join('?' * len(columns))})",
                             rows)
             cur.execute("COMMIT")
         raw.commit()
@@ -100,7 +101,8 @@ def _fill(engine, n: int, rng: np.random.Generator) -> None:
           ((f"p{i}", "filename", str(s)) for i, s in enumerate(splits)))
     phash = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
     copies = rng.choice(n, size=int(n * PLANTED), replace=False)
-    phash[copies] = _near_copy(phash[(copies + 1) % n], rng, 6)  # image k+1 is another patient's (k+1 % n_pat)
+    # image k+1 is another patient's (k+1 % n_pat)
+    phash[copies] = _near_copy(phash[(copies + 1) % n], rng, 6)
     signed = phash.view(np.int64)
     labels = rng.choice(["normal", "pneumonia"], size=n)
     _bulk(engine, "images", IMAGE_COLUMNS,
@@ -174,9 +176,11 @@ def _load_index(engine) -> NearCopyIndex:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000, help="catalogued images (default 100000)")
-    parser.add_argument("--database-url", help="a PostgreSQL server (any database on it): the benchmark creates "
+    parser.add_argument("--database-url",
+                        help="a PostgreSQL server (any database on it): the benchmark creates "
                         "a new database there and drops it at the end (default: a new SQLite file)")
     parser.add_argument("--suffix", default="", help="results file catalogue_scale-<suffix>.json")
     parser.add_argument("--workdir", help="folder for XRAY_HOME (default: a temp folder, removed)")
@@ -187,7 +191,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-catalogue-", dir=args.workdir) as tmp:
         tmp_path = Path(tmp)
-        env = {"XRAY_HOME": str(tmp_path / "home"), "XRAY_PATIENT_SALT": "bench", "XRAY_BACKBONE_WEIGHTS": "random"}
+        env = {"XRAY_HOME": str(tmp_path / "home"), "XRAY_PATIENT_SALT": "bench",
+               "XRAY_BACKBONE_WEIGHTS": "random"}
         if args.database_url:
             env["XRAY_DATABASE_URL"] = _new_database(args.database_url)
         settings = load_settings(env)
@@ -195,7 +200,8 @@ def main() -> None:
         result["database"] = engine.dialect.name
         _timed(result, "fill_seconds", lambda: _fill(engine, args.n, rng))
         with engine.begin() as conn:
-            result["near_pairs"] = _timed(result, "near_pairs_backfill_seconds", lambda: backfill_near_pairs(conn))
+            result["near_pairs"] = _timed(result, "near_pairs_backfill_seconds",
+                                          lambda: backfill_near_pairs(conn))
 
         from xray_core.report.status import status_report
 
@@ -209,8 +215,8 @@ def main() -> None:
 
         _bulk(engine, "patients", ["patient_id", "id_source"], ((f"new{i}", "filename") for i in range(NEW)))
         _bulk(engine, "images", IMAGE_COLUMNS,
-              ((args.n + i + 1, f"n{i:063x}", "store/x.png", "normal", f"new{i}", "PA", 1024, 1024, 8, "png", 0,
-                "n.png", 1, "2026-01-02 00:00:00") for i in range(NEW)))
+              ((args.n + i + 1, f"n{i:063x}", "store/x.png", "normal", f"new{i}",
+                "PA", 1024, 1024, 8, "png", 0, "n.png", 1, "2026-01-02 00:00:00") for i in range(NEW)))
 
         def split() -> dict:
             with session_scope(engine) as s:

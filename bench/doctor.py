@@ -50,9 +50,9 @@ def _fill(settings, n: int) -> None:
         (settings.home / rel).parent.mkdir(parents=True, exist_ok=True)
         (settings.home / rel).write_bytes(data)
         patients.append({"patient_id": f"p{i}", "id_source": "filename", "split": "train"})
-        images.append({"sha256": sha, "stored_path": rel, "label": "normal", "patient_id": f"p{i}", "width": 64,
-                       "height": 64, "bit_depth": 8, "format": "png", "phash": i, "original_name": f"{i}.png",
-                       "source_id": 1})
+        images.append({"sha256": sha, "stored_path": rel, "label": "normal",
+                       "patient_id": f"p{i}", "width": 64, "height": 64, "bit_depth": 8, "format": "png",
+                       "phash": i, "original_name": f"{i}.png", "source_id": 1})
     with session_scope(engine) as s:
         s.add(Source(kind="folder", path="/bench", status="done"))
         s.flush()

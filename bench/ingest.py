@@ -80,14 +80,17 @@ def _log(message: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="images for the first ingest (default 1000)")
     parser.add_argument("--size", type=int, default=1024, help="their side in pixels (default 1024)")
-    parser.add_argument("--rescan-n", type=int, default=10_000, help="unchanged files to re-scan (default 10000)")
+    parser.add_argument("--rescan-n", type=int, default=10_000,
+                        help="unchanged files to re-scan (default 10000)")
     parser.add_argument("--rescan-size", type=int, default=64, help="their side in pixels (default 64)")
     parser.add_argument("--workers", default="1,2",
                         help="XRAY_INGEST_WORKERS values for the first ingest, compared (default 1,2)")
-    parser.add_argument("--workdir", help="folder for sources and XRAY_HOME (default: a temp folder, removed)")
+    parser.add_argument("--workdir",
+                        help="folder for sources and XRAY_HOME (default: a temp folder, removed)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.workdir) as tmp:

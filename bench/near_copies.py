@@ -58,7 +58,8 @@ def main() -> None:
                 moved.setdefault(kind, []).append(hamming(h, perceptual_hash(copy)))
         out[name] = {"films": len(films), "different_patient_pairs": len(other),
                      "closest_different_patients": int(min(other)),
-                     "different_patient_pairs_within": {d: int(sum(x <= d for x in other)) for d in (2, 3, 4, 6)},
+                     "different_patient_pairs_within": {d: int(sum(x <= d for x in other))
+                                                        for d in (2, 3, 4, 6)},
                      "copy_bits_moved_max": {k: int(max(v)) for k, v in moved.items()},
                      "copy_bits_moved_median": {k: float(np.median(v)) for k, v in moved.items()}}
     publish("near_copies", out)
