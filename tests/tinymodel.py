@@ -1,7 +1,7 @@
 """A tiny catalogue with trained model versions, for prediction and report tests (module-scoped).
 
-Synthetic 64 px images (by default 10 patients per label, one image each), the conftest's small settings (32 px input,
-random-init backbone, 2 views), then the retrain steps: split -> embed -> train -> evaluate.
+Synthetic 64 px images (by default 10 patients per label, one image each), the conftest's small settings (32
+px input, random-init backbone, 2 views), then the retrain steps: split -> embed -> train -> evaluate.
 Takes a few seconds on two CPU cores.
 """
 

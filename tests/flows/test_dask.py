@@ -19,7 +19,8 @@ def features_for(folder: Path) -> dict[str, dict]:
     for path in sorted(folder.rglob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as fh:
             out[str(path.relative_to(folder))] = {
-                "tensors": {k: fh.get_tensor(k).tobytes() for k in sorted(fh.keys())}, "metadata": fh.metadata()}
+                "tensors": {k: fh.get_tensor(k).tobytes() for k in sorted(fh.keys())},
+                "metadata": fh.metadata()}
     return out
 
 
@@ -47,7 +48,8 @@ def test_dask_fan_out_matches_the_single_process_features(xray_env, prefect_serv
 
     parallel = run_parallel_embed(settings, snapshot)
     assert parallel["shards"] == 2
-    assert parallel["computed"] == single["computed"] and parallel["backbone_fingerprint"] == single["backbone_fingerprint"]
+    assert (parallel["computed"] == single["computed"]
+            and parallel["backbone_fingerprint"] == single["backbone_fingerprint"])
     assert features_for(settings.features_dir) == reference  # same images, views and feature bytes
 
     again = embed.embed_step(settings, data)  # the single-process path finds everything cached

@@ -22,7 +22,8 @@ def _events(prefix: str, expected: int, resource: str | None = None) -> list:
 
     async def read():
         async with get_client() as client:
-            page = await client.read_events(filter=EventFilter(event=EventNameFilter(prefix=[prefix])), limit=50)
+            page = await client.read_events(filter=EventFilter(event=EventNameFilter(prefix=[prefix])),
+                                            limit=50)
             return [e for e in page.events if resource is None or e.resource.id == resource]
 
     deadline = time.monotonic() + 60
@@ -48,8 +49,8 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
                                  "champion_after": 7, "trigger": "test",
                                  "challenger_eval": {"n_images": 40, "metrics": {"macro_auroc": 0.83}}})
     assert emit_retrain_outcome({"state": "Failed", "state_message": "boom"}) is None  # no event for failures
-    (promoted,) = [e for e in _events("xray.model.promoted", 1, "xray.model.v7") if e.payload.get("trigger") == "test"
-                   and e.payload.get("n_test") == 40]
+    (promoted,) = [e for e in _events("xray.model.promoted", 1, "xray.model.v7")
+                   if e.payload.get("trigger") == "test" and e.payload.get("n_test") == 40]
     assert promoted.resource.id == "xray.model.v7"
     assert promoted.payload["macro_auroc"] == 0.83 and promoted.payload["n_test"] == 40
 
@@ -79,9 +80,11 @@ def test_on_drift_trigger_is_a_valid_prefect_trigger_on_the_one_at_a_time_queue(
     on_drift = by_name[("flows/retrain.py:retrain", "on-drift")]
     (raw,) = on_drift["triggers"]
     trigger = DeploymentEventTrigger.model_validate({k: v for k, v in raw.items() if k != "type"})
-    assert trigger.expect == {"xray.drift.detected", "xray.batch.ingested"} and trigger.threshold == 1 and trigger.posture == "Reactive"
+    assert (trigger.expect == {"xray.drift.detected", "xray.batch.ingested"} and trigger.threshold == 1
+            and trigger.posture == "Reactive")
     assert trigger.schedule_after == timedelta(hours=1)
-    for resource_id, matched in (("xray.site.far", True), ("xray.model.v7", True), ("prefect.flow-run.1", False)):
+    for resource_id, matched in (("xray.site.far", True), ("xray.model.v7", True),
+                                 ("prefect.flow-run.1", False)):
         assert trigger.match.matches(Resource({"prefect.resource.id": resource_id})) is matched
     assert on_drift["work_pool"]["work_queue_name"] == "retrain"
     assert on_drift["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}

@@ -30,7 +30,8 @@ FLOW_ENV = {
     "XRAY_MIN_TEST_PER_CLASS": "2",
     "XRAY_FLOOR_MACRO_AUROC": "0.5",
     "XRAY_FLOOR_SENSITIVITY": "0.3",
-    "XRAY_PROMOTION_MARGIN": "0.5",  # the second run's decision may go either way; the test checks it is recorded
+    # the second run's decision may go either way; the test checks it is recorded
+    "XRAY_PROMOTION_MARGIN": "0.5",
     "XRAY_GUARDRAIL_SENSITIVITY_DROP": "1.0",
 }
 
@@ -46,7 +47,8 @@ def flow_env(xray_env, monkeypatch, prefect_server):
 
 
 def _batch(root: Path, *, offset: int, seed: int) -> Path:
-    write_dataset(root, patients_per_label=14, images_per_patient=1, size=64, seed=seed, patient_offset=offset)
+    write_dataset(root, patients_per_label=14, images_per_patient=1, size=64,
+                  seed=seed, patient_offset=offset)
     return root
 
 
@@ -70,7 +72,8 @@ def _artifacts(flow_run_id: str) -> dict[str, list]:
 def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_path):
     from flows.retrain import retrain
 
-    first = retrain(sources=[str(_batch(tmp_path / "b1", offset=0, seed=1))], use_incoming=False, trigger="test")
+    first = retrain(sources=[str(_batch(tmp_path / "b1", offset=0, seed=1))],
+                    use_incoming=False, trigger="test")
     assert first["status"] == "completed"
     assert first["decision"]["decision"] == "promote", first["decision"]["rationale"]
     assert first["champion_after"] == first["train"]["version"]
@@ -79,8 +82,9 @@ def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_p
     arts = _artifacts(first["flow_run_id"])
     report = arts["retrain-report"][0].data
     assert "random-init" in report and "## Decision" in report and "promote" in report
-    assert {row["metric"] for row in arts["retrain-metrics"][0].data if isinstance(row, dict)} >= {"macro_auroc"} or \
-        "macro_auroc" in str(arts["retrain-metrics"][0].data)
+    metrics = arts["retrain-metrics"][0].data
+    assert {row["metric"] for row in metrics if isinstance(row, dict)} >= {"macro_auroc"} or \
+        "macro_auroc" in str(metrics)
     assert "model-registry" in arts
     assert "retrain-embedding" in arts or any(a.type == "progress" for v in arts.values() for a in v)
     assert Path(first["report"]).is_file()
@@ -91,7 +95,8 @@ def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_p
     assert 'id="roc"' in html_text and 'id="heatmaps"' in html_text and "data:image/png;base64," in html_text
     assert str(html_report) in report
 
-    second = retrain(sources=[str(_batch(tmp_path / "b2", offset=500, seed=2))], use_incoming=False, trigger="test")
+    second = retrain(sources=[str(_batch(tmp_path / "b2", offset=500, seed=2))],
+                     use_incoming=False, trigger="test")
     assert second["status"] == "completed"
     ch, champ = second["challenger_eval"], second["champion_eval"]
     assert champ is not None and champ["version"] == first["train"]["version"]
@@ -118,7 +123,8 @@ def test_second_retrain_is_refused_while_one_runs(flow_env, tmp_path):
 def test_failing_task_leaves_champion_unchanged_and_is_recorded(flow_env, tmp_path, monkeypatch):
     from flows.retrain import retrain
 
-    first = retrain(sources=[str(_batch(tmp_path / "b1", offset=0, seed=1))], use_incoming=False, trigger="test")
+    first = retrain(sources=[str(_batch(tmp_path / "b1", offset=0, seed=1))],
+                    use_incoming=False, trigger="test")
     champion = first["champion_after"]
     assert champion is not None
 
@@ -129,7 +135,8 @@ def test_failing_task_leaves_champion_unchanged_and_is_recorded(flow_env, tmp_pa
 
     monkeypatch.setattr(steps, "evaluate_step", broken)
     with pytest.raises(Exception, match="injected"):
-        retrain(sources=[str(_batch(tmp_path / "b2", offset=500, seed=2))], use_incoming=False, trigger="test")
+        retrain(sources=[str(_batch(tmp_path / "b2", offset=500, seed=2))],
+                use_incoming=False, trigger="test")
     with session_scope(open_catalogue(get_settings())) as s:
         assert s.scalars(select(Model.id).where(Model.status == "champion")).all() == [champion]
         last = s.scalars(select(Promotion).order_by(Promotion.id.desc())).first()
@@ -156,7 +163,8 @@ def _cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess
 
 
 def test_prefect_yaml_deploys_and_a_process_worker_runs_retrain_manual(flow_env, prefect_server, tmp_path):
-    # What `make serve INCOMING=... SCHEDULE=... TIMEZONE=...` sets; the folder does not exist (not a deploy error).
+    # What `make serve INCOMING=... SCHEDULE=... TIMEZONE=...` sets; the folder does not exist (not a deploy
+    # error).
     nightly = {"XRAY_INCOMING": str(tmp_path / "not-there-yet"), "XRAY_SCHEDULE": "15 4 * * 1-5",
                "XRAY_TIMEZONE": "America/New_York"}
     env = {**os.environ, **flow_env, "PREFECT_API_URL": prefect_server["api_url"],

@@ -74,7 +74,8 @@ def on_drift_server(tmp_path):
         # test short without changing what is tested (the refusal itself).
         "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
         # Services with nothing to do here (no schedules, work pools or late runs): off, to spare CPU.
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false", "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
         # The served runner looks for runs to start every second (default 10).
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
@@ -85,8 +86,9 @@ def on_drift_server(tmp_path):
     try:
         with open(server_log, "wb") as out:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                 "--no-ui"], env=env, cwd=home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+                [sys.executable, "-m", "prefect", "server", "start", "--host",
+                 "127.0.0.1", "--port", str(port), "--no-ui"], env=env, cwd=home, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True))
         # Started at once: it imports Prefect while the server migrates its database, then waits for it.
         with open(runner_log, "wb") as out:
             procs.append(subprocess.Popen([sys.executable, "tests/ondrift.py", "serve"], env=env, cwd=PROJECT,
@@ -117,13 +119,15 @@ async def _deployments(client, names: list[str], runner, runner_log: Path, timeo
         except Exception:  # noqa: BLE001 - not registered yet (404)
             pass
         await asyncio.sleep(0.25)
-    pytest.fail(f"the on-drift deployments were not registered within {timeout_s:.0f} s:\n{_tail(runner_log)}")
+    pytest.fail(
+        f"the on-drift deployments were not registered within {timeout_s:.0f} s:\n{_tail(runner_log)}")
 
 
 async def _runs(client, deployment_id) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    return await client.read_flow_runs(deployment_filter=DeploymentFilter(
+        id=DeploymentFilterId(any_=[deployment_id])))
 
 
 def test_each_drift_or_ingest_event_starts_one_retrain_and_the_second_waits(on_drift_server):
@@ -137,13 +141,14 @@ def test_each_drift_or_ingest_event_starts_one_retrain_and_the_second_waits(on_d
 
     spec = on_drift_spec()
     (trigger,) = spec["triggers"]
-    assert {"xray.drift.detected", "xray.batch.ingested"} <= set(trigger["expect"]) and trigger["threshold"] == 1
+    assert {"xray.drift.detected", "xray.batch.ingested"} <= set(trigger["expect"])
+    assert trigger["threshold"] == 1
     api_url, started = on_drift_server["api_url"], time.monotonic()
 
     def drift(site: str) -> dict:
         return {"model": 7, "report": f"reports/monitor-{site}/report.md", "checks": [
-            {"subject": f"site {site}", "drift": True, "n": 50, "ood_flagged": 37, "mmd_p": 0.001, "ks_p": 0.01,
-             "verdict": "drift: inputs differ"}]}
+            {"subject": f"site {site}", "drift": True, "n": 50, "ood_flagged": 37,
+             "mmd_p": 0.001, "ks_p": 0.01, "verdict": "drift: inputs differ"}]}
 
     async def scenario() -> dict:
         async with get_client() as client:
@@ -158,7 +163,8 @@ def test_each_drift_or_ingest_event_starts_one_retrain_and_the_second_waits(on_d
                        payload={"subject": "not an xray resource"})
             sent_at = time.time()
             assert emit_drift(drift("far")) == 1
-            emit_ingested({"source_id": 12, "files": 50, "added": 48, "duplicates": 2, "rejected": 0}, "clinic-b")
+            emit_ingested({"source_id": 12, "files": 50, "added": 48, "duplicates": 2,
+                           "rejected": 0}, "clinic-b")
             await EventsWorker.instance().drain()  # this server's events worker: sent, then stopped
 
             sent, runs = time.monotonic(), []

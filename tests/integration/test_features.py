@@ -206,7 +206,8 @@ def test_decode_workers_and_small_memory_budget(settings, items) -> None:
     assert stats.computed == 6 and cache.backbone.calls - calls == 6  # one view per backbone call
 
 
-def test_unreadable_image_is_reported_and_finished_images_are_kept(cache: FeatureCache, items, tmp_path) -> None:
+def test_unreadable_image_is_reported_and_finished_images_are_kept(cache: FeatureCache,
+                                                                   items, tmp_path) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png at all")
     with pytest.raises(FeatureCacheError, match="cannot embed 1 image"):

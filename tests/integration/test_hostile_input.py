@@ -271,7 +271,8 @@ def _check_long_names(ctx: Ctx, settings: Settings, summary) -> None:
     good_name, bad_name = ctx.facts["names"]
     assert f"normal/{good_name}" in {i.original_name for i in rows(settings, Image)}
     (rej,) = rows(settings, Rejection)
-    assert len(Path(rej.quarantine_path).name.encode()) <= 255 and (settings.home / rej.quarantine_path).is_file()
+    assert (len(Path(rej.quarantine_path).name.encode()) <= 255
+            and (settings.home / rej.quarantine_path).is_file())
 
 
 def _control_chars(ctx: Ctx) -> None:
@@ -352,17 +353,21 @@ KINDS: dict[str, Kind] = {
     "unknown_label": Kind(_file("covid/a.png", png_bytes(70)), {"covid/a.png": "unknown_label"},
                           env={"XRAY_LABELS": "normal,pneumonia"}),
     "label_conflict": Kind(_conflict, {"pneumonia/again.png": "label_conflict"}),
-    "manifest_missing_file": Kind(_manifest_rows(["img/missing.png", "normal"]), {"img/missing.png": "missing_file"}),
+    "manifest_missing_file": Kind(_manifest_rows(["img/missing.png", "normal"]),
+                                  {"img/missing.png": "missing_file"}),
     "manifest_malformed_ragged_row": Kind(
-        _manifest_rows(["normal/good0.png", "normal", "extra cell"]), manifest_error="more cells than header"),
+        _manifest_rows(["normal/good0.png", "normal", "extra cell"]),
+        manifest_error="more cells than header"),
     "manifest_not_utf8": Kind(
-        lambda ctx: (_manifest_rows()(ctx), ctx.manifest.write_bytes(ctx.manifest.read_bytes() + b"n\xe9w.png,normal\n")),
+        lambda ctx: (_manifest_rows()(ctx),
+                     ctx.manifest.write_bytes(ctx.manifest.read_bytes() + b"n\xe9w.png,normal\n")),
         manifest_error="not valid UTF-8"),
     "manifest_missing_columns": Kind(
         lambda ctx: setattr(ctx, "manifest", write_manifest(ctx.src, [["normal/good0.png"]], ("path",))),
         manifest_error="lacks column(s) file, label"),
     # ---- decompression bombs by declared size
-    "png_declared_bomb_100000x100000": Kind(_file("normal/bomb.png", header_bomb_png()), {"bomb.png": "decompression_bomb"}),
+    "png_declared_bomb_100000x100000": Kind(_file("normal/bomb.png", header_bomb_png()),
+                                            {"bomb.png": "decompression_bomb"}),
     "png_declared_2pow31_minus_1_squared": Kind(
         _file("normal/huge.png", png_declaring(2**31 - 1, 2**31 - 1)), {"huge.png": "decompression_bomb"}),
     "jpeg_declared_bomb_65535x65535": Kind(
@@ -376,7 +381,8 @@ KINDS: dict[str, Kind] = {
     "png_ztxt_text_bomb": Kind(_file("normal/text_bomb.png", png_with_text_bomb),
                                {"text_bomb.png": "decompression_bomb"}),
     "file_over_xray_max_file_bytes": Kind(_file("normal/large.png", png_bytes(71, size=512)),
-                                          {"large.png": "file_too_large"}, env={"XRAY_MAX_FILE_BYTES": "100000"}),
+                                          {"large.png": "file_too_large"},
+                                          env={"XRAY_MAX_FILE_BYTES": "100000"}),
     # ---- links and names
     "symlink_outside_root": Kind(_symlink_outside, {"link_out.png": "outside_root",
                                                     "linked_dir": "outside_root"},  # a linked folder
@@ -386,20 +392,24 @@ KINDS: dict[str, Kind] = {
     "deeply_nested_symlink_chain": Kind(_deep_link_chain, {"long59.png": "missing_file", **{
         f"long{i:02d}.png": "missing_file" for i in range(40, 59)}}),
     "deeply_nested_folders": Kind(_deep_folders, added=1),
-    "dangling_symlink": Kind(lambda ctx: (ctx.src / "normal" / "gone.png").symlink_to(ctx.src / "nowhere.png"),
+    "dangling_symlink": Kind(lambda c: (c.src / "normal" / "gone.png").symlink_to(c.src / "nowhere.png"),
                              {"gone.png": "missing_file"}, check=_check_dangling_link_heals),
     "named_pipe": Kind(_fifo, {"pipe.png": "not_an_image"}, check=_check_fifo),
-    "non_utf8_file_name": Kind(_non_utf8_name, {"caf\\xe9.png": "empty_file"}, added=1, check=_check_non_utf8),
+    "non_utf8_file_name": Kind(_non_utf8_name, {"caf\\xe9.png": "empty_file"},
+                               added=1, check=_check_non_utf8),
     "non_utf8_label_folder": Kind(_non_utf8_label, {"norm\\xe4l/a.png": "unknown_label"}),
-    "file_name_255_bytes": Kind(_long_names, {"b" * 251 + ".png": "not_an_image"}, added=1, check=_check_long_names),
+    "file_name_255_bytes": Kind(_long_names, {"b" * 251 + ".png": "not_an_image"}, added=1,
+                                check=_check_long_names),
     "control_characters_in_name": Kind(_control_chars, added=1, check=_check_control_chars),
     "sql_in_file_name": Kind(_sql_name, added=1),
-    "homoglyph_label_folder": Kind(_file("n\u043ermal/a.png", png_bytes(72)), {"n\u043ermal/a.png": "unknown_label"}),
+    "homoglyph_label_folder": Kind(_file("n\u043ermal/a.png", png_bytes(72)),
+                                   {"n\u043ermal/a.png": "unknown_label"}),
     # ---- manifests
     "manifest_dotdot_traversal": Kind(_manifest_rows(["../outside/secret.png", "normal"],
                                                      ["img/../../outside/secret.png", "normal"]),
                                       {"../outside/secret.png": "outside_root"}),
-    "manifest_absolute_path": Kind(_manifest_rows(["{outside}/secret.png", "normal"], ["/etc/passwd", "normal"]),
+    "manifest_absolute_path": Kind(_manifest_rows(["{outside}/secret.png", "normal"],
+                                                  ["/etc/passwd", "normal"]),
                                    {"outside/secret.png": "outside_root", "/etc/passwd": "outside_root"}),
     "manifest_link_inside_pointing_outside": Kind(
         lambda ctx: (_manifest_rows(["normal/link.png", "normal"])(ctx),
@@ -412,7 +422,8 @@ KINDS: dict[str, Kind] = {
          "normal/self.png": "missing_file"}),
     "csv_injection_label": Kind(_manifest_rows(["normal/good0.png", "=cmd|' /C calc'!A0"],
                                                ["normal/good1.png", "@SUM(1+1)*cmd|' /C calc'!A0"]),
-                                {"good0.png": "unknown_label", "good1.png": "unknown_label"}, check=_check_no_label_path),
+                                {"good0.png": "unknown_label", "good1.png": "unknown_label"},
+                                check=_check_no_label_path),
     "label_with_path_separators": Kind(
         _manifest_rows(["normal/good0.png", "a/b"], ["normal/good0.png", ".."], ["normal/good1.png", "x\\y"],
                        ["normal/good1.png", "../../b"]),
@@ -462,7 +473,8 @@ def _link_across_labels(ctx: Ctx) -> None:
 
 def _check_link_across_labels(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.sha256 == ctx.facts["real"]]
-    assert img.label == "pneumonia"  # the real file keeps its folder's label; nothing quarantined as a conflict
+    # the real file keeps its folder's label; nothing quarantined as a conflict
+    assert img.label == "pneumonia"
     assert "label_conflict" not in {r.reason for r in rows(settings, Rejection)}
 
 
@@ -473,7 +485,8 @@ def _check_long_path(ctx: Ctx, settings: Settings, summary) -> None:
 
 KINDS.update({
     "manifest_duplicate_file_column": Kind(
-        _manifest_rows(["pneumonia/p.png", "pneumonia", "normal/good0.png"], header=("file", "label", "file")),
+        _manifest_rows(["pneumonia/p.png", "pneumonia", "normal/good0.png"],
+                       header=("file", "label", "file")),
         manifest_error="duplicate column(s) 'file'"),
     "manifest_duplicate_label_column": Kind(
         _manifest_rows(["normal/good0.png", "pneumonia", "normal"], header=("file", "label", "label")),
@@ -721,7 +734,8 @@ def test_every_kind_says_what_becomes_of_its_hostile_input() -> None:
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own; we reject it anyway
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_hostile_kind_is_rejected_cleanly_and_the_batch_goes_on(kind: str, tmp_path: Path, monkeypatch) -> None:
+def test_hostile_kind_is_rejected_cleanly_and_the_batch_goes_on(kind: str,
+                                                                tmp_path: Path, monkeypatch) -> None:
     spec = KINDS[kind]
     settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), **spec.env})
     dispose_engines()
@@ -765,7 +779,8 @@ def test_hostile_kind_is_rejected_cleanly_and_the_batch_goes_on(kind: str, tmp_p
     rejections = rows(settings, Rejection)
     for suffix, reason in spec.rejected.items():
         hits = [r for r in rejections if r.path.endswith(suffix)]
-        assert hits, f"no rejection row for {suffix!r}; rows: {[(r.path[-60:], r.reason) for r in rejections]}"
+        assert hits, \
+            f"no rejection row for {suffix!r}; rows: {[(r.path[-60:], r.reason) for r in rejections]}"
         assert {r.reason for r in hits} == {reason}, [(r.path[-60:], r.reason, r.detail) for r in hits]
         assert all(len(r.detail) > 10 for r in hits)
     expected = _ROW_COUNTS.get(kind) or dict(Counter(spec.rejected.values()))
@@ -848,11 +863,12 @@ def test_dicom_patient_identifiers_never_appear_in_clear(xray_env, tmp_path: Pat
     settings = load_settings()
     src = tmp_path / "src"
     put(src / "normal" / "scan1.dcm", dicom_bytes("Doe^John-12345", patient_name="Doe^John"))
-    put(src / "pneumonia" / "scan2.dcm", dicom_bytes("Roe^Jane-67890", patient_name="Roe^Jane", PatientSex="F",
+    put(src / "pneumonia" / "scan2.dcm",
+        dicom_bytes("Roe^Jane-67890", patient_name="Roe^Jane", PatientSex="F",
                                                      ViewPosition="AP"))
     # Rejected DICOMs carrying identifiers: a header-only file and an over-long, odd PatientID.
-    write_dicom(src / "normal" / "header_only.dcm", np.zeros((64, 64), np.uint16), patient_id="Doe^John-12345",
-                with_pixels=False)
+    write_dicom(src / "normal" / "header_only.dcm", np.zeros((64, 64), np.uint16),
+                patient_id="Doe^John-12345", with_pixels=False)
     put(src / "normal" / "constant.dcm", dicom_bytes("Roe^Jane-67890" * 10, patient_name="Roe^Jane",
                                                      PixelData=np.full((64, 64), 7, np.uint16).tobytes()))
 
@@ -868,7 +884,8 @@ def test_dicom_patient_identifiers_never_appear_in_clear(xray_env, tmp_path: Pat
     status_out = capsys.readouterr().out
     db_bytes = b"".join(p.read_bytes() for p in settings.home.glob("catalogue.db*"))
     names = " ".join(str(p.relative_to(settings.home)) for p in settings.home.rglob("*"))
-    logs = caplog.text + " ".join(str(r.args) for r in caplog.records) + " ".join(str(w.message) for w in caught)
+    logs = (caplog.text + " ".join(str(r.args) for r in caplog.records)
+            + " ".join(str(w.message) for w in caught))
     summary_text = json.dumps(summary.as_dict())
     for raw in RAW_IDS:
         assert raw.encode() not in db_bytes, f"{raw} in the catalogue"
@@ -879,7 +896,8 @@ def test_dicom_patient_identifiers_never_appear_in_clear(xray_env, tmp_path: Pat
     assert len(ids) == 2 and all(p.startswith("dcm-") for p in ids)
     # Store and quarantine hold de-identified copies by default (XRAY_DICOM_STORE, SECURITY.md).
     stored = b"".join((settings.home / i.stored_path).read_bytes() for i in rows(settings, Image))
-    quarantined = b"".join((settings.home / r.quarantine_path).read_bytes() for r in rows(settings, Rejection))
+    quarantined = b"".join((settings.home / r.quarantine_path).read_bytes()
+                           for r in rows(settings, Rejection))
     assert len(quarantined) > 0
     for raw in RAW_IDS:
         assert raw.encode() not in stored + quarantined, f"{raw} in the store or quarantine"
@@ -1016,7 +1034,8 @@ def predict_manifest_rows_outside_its_folder_are_never_read(tmp_path, monkeypatc
     assert out["normal/good.png"][1] is None
     for rel in ("/etc/passwd", "/proc/self/environ", "../secret/x.png"):
         assert out[rel][0] is None and out[rel][1].startswith("outside_root"), out[rel]
-    assert not {"/etc/passwd", "/proc/self/environ", os.path.realpath(tmp_path / "secret" / "x.png")} & set(read)
+    assert not {"/etc/passwd", "/proc/self/environ",
+                os.path.realpath(tmp_path / "secret" / "x.png")} & set(read)
     assert sha(secret) not in {s for s, _ in out.values()}
 
 
@@ -1093,7 +1112,8 @@ def manual_promotion_during_a_decision_makes_it_stale(xray_env, tmp_path) -> Non
     row = record_decision(settings, challenger=versions[2], decision="promote", rationale="v3 beat v1",
                           metrics={}, trigger="test", promote=True, record_stale_unless_champion=versions[0])
     assert row["decision"] == "stale" and row["champion_after"] == versions[1]
-    assert f"champion changed from v{versions[0]} to v{versions[1]} since evaluation; nothing promoted" in row["rationale"]
+    stale = f"champion changed from v{versions[0]} to v{versions[1]} since evaluation; nothing promoted"
+    assert stale in row["rationale"]
     from xray_core.registry.listing import registry_summary
 
     assert registry_summary(settings)["champion"] == versions[1]
@@ -1496,7 +1516,8 @@ def damaged_catalogue_advice_never_moves_the_main_file_alone(xray_env, tmp_path,
     Path(f"{db_file}-shm").write_bytes(bytes(32768))
     code, err = _cli(capsys, "status")
     assert code == 2 and "truncated" in err and "xray doctor" in err
-    assert f"mv {db_file} {db_file}-wal {db_file}-shm " in err and f"mv {db_file} {db_file}.damaged" not in err
+    assert (f"mv {db_file} {db_file}-wal {db_file}-shm " in err
+            and f"mv {db_file} {db_file}.damaged" not in err)
 
 
 @attack
@@ -2272,9 +2293,9 @@ def sigterm_during_an_ingest_prints_one_line_and_records_it_failed(tmp_path) -> 
     done = subprocess.run([sys.executable, "-m", "xray_cli.main", "ingest", str(tmp_path / "src")], env=env,
                           cwd=PROJECT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 143, done.stderr[-2000:]
-    assert done.stderr == ("xray ingest: terminated (SIGTERM); what was committed before stays, the transaction "
-                           "in progress was rolled back and this ingest is recorded as failed; the next ingest "
-                           "takes up the rest\n")
+    assert done.stderr == ("xray ingest: terminated (SIGTERM); what was committed before stays, the "
+                           "transaction in progress was rolled back and this ingest is recorded as failed; "
+                           "the next ingest takes up the rest\n")
     settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home")})
     (source,) = rows(settings, Source)
     assert source.status == "failed" and len(rows(settings, Image)) == 32  # the first group of 32 stands

@@ -24,7 +24,8 @@ def _promote_in_child(settings: Settings, version: int, barrier, results) -> Non
     torch.set_num_threads(1)
     try:
         barrier.wait(timeout=30)
-        row = promote_manually(settings, version, reason=f"race for {version}", trigger="test", actor=str(version))
+        row = promote_manually(settings, version, reason=f"race for {version}",
+                               trigger="test", actor=str(version))
         results.put(("ok", version, row["from_version"], row["champion_after"]))
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the test
         results.put(("error", version, f"{type(exc).__name__}: {exc}", None))

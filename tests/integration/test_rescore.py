@@ -58,13 +58,15 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):
         settings = home.settings
         promote_manually(settings, r.v1, reason="first model")
 
-        write_dataset(tmp / "batch2", patients_per_label=8, images_per_patient=1, size=64, patient_offset=100, seed=1)
+        write_dataset(tmp / "batch2", patients_per_label=8, images_per_patient=1, size=64,
+                      patient_offset=100, seed=1)
         ingest_source(tmp / "batch2", settings=settings)
         r.data2 = load_split_data(settings)
         embed_step(settings, r.data2)
         r.v2 = train_step(settings.with_overrides(train_seed=1), r.data2)["version"]
         r.eval2 = evaluate_step(settings, r.v2, r.data2)
-        record_decision(settings, challenger=r.v2, decision="keep", rationale="not better", metrics={}, trigger="test")
+        record_decision(settings, challenger=r.v2, decision="keep", rationale="not better",
+                        metrics={}, trigger="test")
         r.v3 = foreign_model(settings)
         r.fp2 = fingerprint_test_set(r.data2.test)
 
@@ -78,7 +80,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):
         r.direct_v1 = evaluate_step(settings, r.v1, r.data2)  # what an explicit evaluation gives
 
         # A third batch arrives and is not embedded: the cache cannot score the new test set.
-        write_dataset(tmp / "batch3", patients_per_label=8, images_per_patient=1, size=64, patient_offset=200, seed=2)
+        write_dataset(tmp / "batch3", patients_per_label=8, images_per_patient=1, size=64,
+                      patient_offset=200, seed=2)
         ingest_source(tmp / "batch3", settings=settings)
         r.data3 = load_split_data(settings)
         r.fp3 = fingerprint_test_set(r.data3.test)

@@ -57,7 +57,8 @@ def _dotted(node: ast.AST) -> str:
 
 
 def _kw_is(call: ast.Call, name: str, value: object) -> bool:
-    return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value for k in call.keywords)
+    return any(k.arg == name and isinstance(k.value, ast.Constant)
+               and k.value.value is value for k in call.keywords)
 
 
 def unpickling_sites(source: str, filename: str = "<src>") -> list[str]:
@@ -77,7 +78,8 @@ def unpickling_sites(source: str, filename: str = "<src>") -> list[str]:
                     found.append(f"{filename}:{node.lineno} {name}( without weights_only=True")
             elif name in ("np.load", "numpy.load") and _kw_is(node, "allow_pickle", True):
                 found.append(f"{filename}:{node.lineno} {name}(allow_pickle=True)")
-            elif name.endswith("read_pickle") or name.endswith("pickle.load") or name.endswith("pickle.loads"):
+            elif (name.endswith("read_pickle") or name.endswith("pickle.load")
+                  or name.endswith("pickle.loads")):
                 found.append(f"{filename}:{node.lineno} {name}(")
     return found
 
@@ -130,10 +132,12 @@ def test_the_malicious_pickle_really_runs_its_payload_when_unpickled(tmp_path: P
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".pt", ".safetensors"])
-def test_a_malicious_pickle_as_backbone_weights_is_refused_without_running(tmp_path: Path, suffix: str) -> None:
+def test_a_malicious_pickle_as_backbone_weights_is_refused_without_running(
+        tmp_path: Path, suffix: str) -> None:
     marker = tmp_path / "marker"
     weights = malicious_pth(tmp_path / f"evil{suffix}", marker)
-    settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), "XRAY_BACKBONE_WEIGHTS": str(weights)})
+    settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"),
+                              "XRAY_BACKBONE_WEIGHTS": str(weights)})
     with pytest.raises(BackboneWeightsError) as err:
         load_backbone(settings)
     assert str(weights) in str(err.value)
@@ -158,7 +162,8 @@ def saved_version(settings: Settings) -> int:
     return save_model(settings, state_dict=state, card=make_card(), train_image_ids=[], val_image_ids=[])
 
 
-def test_a_checkpoint_whose_head_is_replaced_by_a_pickle_is_refused(settings: Settings, tmp_path: Path) -> None:
+def test_a_checkpoint_whose_head_is_replaced_by_a_pickle_is_refused(
+        settings: Settings, tmp_path: Path) -> None:
     version = saved_version(settings)
     head = settings.models_dir / str(version) / "head.safetensors"
     marker = tmp_path / "marker"
@@ -269,8 +274,9 @@ def test_make_serve_binds_the_prefect_server_to_localhost() -> None:
 
 # --------------------------------------------------------------------------- DICOM identifiers in artifacts
 
-POLICY_ENV = {"XRAY_VIEWS": "1", "XRAY_EPOCHS": "3", "XRAY_BOOTSTRAP_SAMPLES": "50", "XRAY_MIN_TEST_PER_CLASS": "1",
-              "XRAY_FLOOR_MACRO_AUROC": "0.0", "XRAY_FLOOR_SENSITIVITY": "0.0", "XRAY_PATIENT_REGEX": ""}
+POLICY_ENV = {"XRAY_VIEWS": "1", "XRAY_EPOCHS": "3", "XRAY_BOOTSTRAP_SAMPLES": "50",
+              "XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0.0",
+              "XRAY_FLOOR_SENSITIVITY": "0.0", "XRAY_PATIENT_REGEX": ""}
 
 
 def raw_id(label_index: int, patient: int) -> str:
@@ -299,7 +305,8 @@ def test_no_report_artifact_or_log_holds_a_dicom_patient_id(tmp_path: Path, capl
     src = tmp_path / "incoming"
     for li, label in enumerate(("normal", "pneumonia")):
         for j in range(6):
-            pixels = make_xray(label, size=64, rng=np.random.default_rng(10 * li + j), patient_seed=10 * li + j)
+            pixels = make_xray(label, size=64, rng=np.random.default_rng(10 * li + j),
+                               patient_seed=10 * li + j)
             (src / label).mkdir(parents=True, exist_ok=True)
             write_dicom(src / label / f"img{j}.dcm", pixels.astype(np.uint16) * 16, patient_id=raw_id(li, j),
                         bits_stored=12)
@@ -329,7 +336,8 @@ def test_no_report_artifact_or_log_holds_a_dicom_patient_id(tmp_path: Path, capl
     hashed = {img["patient_id"] for role in ("train", "val") for img in lineage["images"][role]}
     assert hashed and all(p.startswith("dcm-") for p in hashed)
     texts = {"markdown report": markdown, "result": json.dumps(result, default=str),
-             "lineage": json.dumps(lineage, default=str), "models": json.dumps(list_models(settings), default=str),
+             "lineage": json.dumps(lineage, default=str),
+             "models": json.dumps(list_models(settings), default=str),
              "history": json.dumps(history(settings), default=str),
              "logs": caplog.text + " ".join(str(r.args) for r in caplog.records),
              "home file names": " ".join(str(p) for p in settings.home.rglob("*"))}
@@ -352,7 +360,8 @@ def test_store_quarantine_and_salt_are_private_to_their_owner(tmp_path: Path) ->
     try:
         settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), "XRAY_PATIENT_SALT": ""})
         src = tmp_path / "src"
-        write_dicom(src / "normal" / "a.dcm", (np.add.outer(np.arange(64), np.arange(64)) * 30).astype(np.uint16),
+        write_dicom(src / "normal" / "a.dcm",
+                    (np.add.outer(np.arange(64), np.arange(64)) * 30).astype(np.uint16),
                     patient_id="Doe^John-1")
         (src / "normal" / "bad.png").write_bytes(b"")
         summary = ingest_source(src, settings=settings)

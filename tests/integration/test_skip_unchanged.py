@@ -31,7 +31,8 @@ def test_nothing_new_skips_unless_forced_or_settings_changed(xray_env, tmp_path,
     first = run_retrain(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
     assert first["status"] == "completed" and first["champion_after"] == first["version"]
 
-    again = run_retrain(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()  # same files, nothing new
+    # same files, nothing new
+    again = run_retrain(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
     assert again["status"] == "skipped" and "nothing new since champion" in again["summary"]
     assert again["champion_after"] == first["version"] and _models(settings) == 1
 
@@ -42,8 +43,10 @@ def test_nothing_new_skips_unless_forced_or_settings_changed(xray_env, tmp_path,
     changed = run_retrain(load_settings(), RetrainRequest(trigger="test")).as_dict()
     assert changed["status"] == "completed" and _models(settings) == 3
 
-    write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64, seed=9, patient_offset=50)
-    grown = run_retrain(load_settings(), RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test")).as_dict()
+    write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64,
+                  seed=9, patient_offset=50)
+    grown = run_retrain(load_settings(),
+                        RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test")).as_dict()
     assert grown["status"] == "completed" and _models(settings) == 4
 
 
@@ -55,11 +58,13 @@ def test_a_challenger_not_promoted_is_not_retrained_until_something_changes(xray
         monkeypatch.setenv(key, value)
     reset_settings()
     write_dataset(tmp_path / "src", patients_per_label=8, images_per_patient=1, size=64, seed=3)
-    first = run_retrain(load_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
+    first = run_retrain(load_settings(),
+                        RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
     assert first["status"] == "completed" and first["champion_after"] == first["version"]
 
     # another training setting (so not "nothing new since the champion") and a bar no challenger clears
-    for key, value in {"XRAY_EPOCHS": "3", "XRAY_PROMOTION_MODE": "superiority", "XRAY_PROMOTION_MARGIN": "0.9"}.items():
+    for key, value in {"XRAY_EPOCHS": "3", "XRAY_PROMOTION_MODE": "superiority",
+                       "XRAY_PROMOTION_MARGIN": "0.9"}.items():
         monkeypatch.setenv(key, value)
     kept = run_retrain(load_settings(), RetrainRequest(trigger="test")).as_dict()
     assert kept["status"] == "completed" and kept["decision"]["decision"] == "keep"

@@ -76,7 +76,8 @@ def test_retrain_cycle_on_memory_storage(xray_env, tmp_path: Path, monkeypatch: 
         home = Path(xray_env["XRAY_HOME"])
         for area in ("store", "quarantine", "features", "models"):
             local = home / area
-            assert not local.exists() or not any(p.is_file() for p in local.rglob("*")), f"{area} written locally"
+            assert (not local.exists()
+                    or not any(p.is_file() for p in local.rglob("*"))), f"{area} written locally"
         assert (home / "catalogue.db").exists() or settings.database_url.startswith("postgresql")
     finally:
         if fs.exists(root):

@@ -79,10 +79,12 @@ def test_a_value_outside_the_range_is_a_settings_error_naming_what_is_allowed(tm
 
 @pytest.mark.parametrize("var, raw, message", [
     # the holes users found, with the whole message they now get
-    ("XRAY_TARGET_SPECIFICITY", "90", "XRAY_TARGET_SPECIFICITY=90: must be in (0, 1) (a fraction: 0.9 means 90%)"),
+    ("XRAY_TARGET_SPECIFICITY", "90",
+     "XRAY_TARGET_SPECIFICITY=90: must be in (0, 1) (a fraction: 0.9 means 90%)"),
     ("XRAY_HEAD_DROPOUT", "1.5", "XRAY_HEAD_DROPOUT=1.5: must be in [0, 1) (fraction of units dropped)"),
     ("XRAY_PROMOTION_MARGIN", "-0.01", "XRAY_PROMOTION_MARGIN=-0.01: must be in [0, 1] "),
-    ("XRAY_SPLIT_RATIOS", "nan,nan,nan", "XRAY_SPLIT_RATIOS=nan,nan,nan: must be three comma-separated fractions"),
+    ("XRAY_SPLIT_RATIOS", "nan,nan,nan",
+     "XRAY_SPLIT_RATIOS=nan,nan,nan: must be three comma-separated fractions"),
     ("XRAY_HEAD_HIDDEN", "-3", "XRAY_HEAD_HIDDEN=-3: must be none (a linear head) or up to 8"),
     ("XRAY_INPUT_SIZE", "100000", "XRAY_INPUT_SIZE=100000: must be an integer in [32, 1024] (square side"),
     ("XRAY_LEARNING_RATE", "inf", "XRAY_LEARNING_RATE=inf: must be in (0, 1] (Adam step size)"),

@@ -52,7 +52,8 @@ def test_a_server_that_does_not_answer_fails_before_the_browser_runs(shot, tmp_p
     fake.write_text("#!/bin/sh\nexit 99\n")
     fake.chmod(0o755)
     out = tmp_path / "runs.png"
-    assert shot.main(["--url", f"http://127.0.0.1:{port}/runs", "--chromium", str(fake), "--out", str(out)]) == 1
+    assert shot.main(["--url", f"http://127.0.0.1:{port}/runs", "--chromium",
+                      str(fake), "--out", str(out)]) == 1
     assert "make serve" in capsys.readouterr().err and not out.exists()
 
 
