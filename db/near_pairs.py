@@ -92,7 +92,7 @@ class BandIndex:
         live = self._hashes[: self._n]
         self._keys, self._order = [], []
         for shift, mask in self._layout:
-            values = ((live >> np.uint64(shift)) & np.uint64(mask)).astype(_band_dtype(mask))
+            values: np.ndarray = ((live >> np.uint64(shift)) & np.uint64(mask)).astype(_band_dtype(mask))
             order = np.argsort(values, kind="stable")
             self._order.append(order.astype(np.int64))
             self._keys.append(values[order])

@@ -105,7 +105,8 @@ class NearCopyIndex:
             raise ValueError("films loaded from the catalogue need a session to read their patients")
         ids = sorted(missing)
         for start in range(0, len(ids), 900):  # under SQLite's oldest bound-parameter limit (999)
-            for image_id, patient, name in session.execute(  # type: ignore[union-attr]
+            assert session is not None  # films are missing: checked above
+            for image_id, patient, name in session.execute(
                     select(Image.id, Image.patient_id, Image.original_name)
                     .where(Image.id.in_(ids[start:start + 900]))):
                 self._facts[missing[image_id]] = (patient, name)

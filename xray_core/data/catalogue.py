@@ -140,7 +140,7 @@ def counts_by_label_site_split(session: Session, rows: list[CensusRow] | None = 
     """
     rows = census(session) if rows is None else rows
     paths = dict(session.execute(select(Source.id, Source.path)
-                                 .where(Source.id.in_(sorted({r.source_id for r in rows})))).all())
+                                 .where(Source.id.in_(sorted({r.source_id for r in rows})))).tuples().all())
     table: dict[str, dict[str, dict[str, int]]] = {}
     for row in rows:
         cell = table.setdefault(row.site or source_site(paths.get(row.source_id)), {}).setdefault(
@@ -226,13 +226,13 @@ def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None
         rows = census(s) if rows is None else rows
         by_label_split = counts_by_label_and_split(s, rows)
         rejections = dict(
-            s.execute(select(Rejection.reason, func.count()).group_by(Rejection.reason)).all()
+            s.execute(select(Rejection.reason, func.count()).group_by(Rejection.reason)).tuples().all()
         )
         patients_by_source = dict(
-            s.execute(select(Patient.id_source, func.count()).group_by(Patient.id_source)).all()
+            s.execute(select(Patient.id_source, func.count()).group_by(Patient.id_source)).tuples().all()
         )
         patients_by_split = dict(
-            s.execute(select(Patient.split, func.count()).group_by(Patient.split)).all()
+            s.execute(select(Patient.split, func.count()).group_by(Patient.split)).tuples().all()
         )
         n_images = s.scalar(select(func.count()).select_from(Image)) or 0
         n_sources = s.scalar(select(func.count()).select_from(Source)) or 0

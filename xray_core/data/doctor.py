@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,7 +261,7 @@ def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify:
     _models(report, storage, models, verify)
 
 
-def _models(report: DoctorReport, storage: Storage, models: list, verify: bool) -> None:
+def _models(report: DoctorReport, storage: Storage, models: Sequence[Any], verify: bool) -> None:
     missing, altered = [], []
     for _version, folder, head_sha, card_sha in models:
         if not folder:

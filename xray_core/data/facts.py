@@ -10,6 +10,7 @@ said so. Views are upper-cased (``PA``, ``AP``, ``AP SUPINE``, ``LATERAL``); unk
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import pandas as pd
 from sqlalchemy import select
@@ -33,7 +34,7 @@ def image_facts(settings: Settings, image_ids: Iterable[int]) -> pd.DataFrame:
                Image.height, Image.bit_depth, Image.format, Image.stored_path, Source.path]
     if site_col is not None:
         columns.append(site_col)
-    rows = []
+    rows: list[Any] = []
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         for start in range(0, len(ids), _CHUNK):

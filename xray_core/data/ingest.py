@@ -210,6 +210,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
                                                       seed=settings.split_seed)
             summary.seconds = round(time.perf_counter() - start, 3)
             src = s.get(Source, source_id)
+            assert src is not None  # this ingest's own row, added above
             src.status, src.finished_at, src.counts = "done", datetime.now(UTC), summary.as_dict()
     except BaseException:
         with session_scope(engine) as s:
@@ -283,6 +284,7 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                     # Known when prepared but gone now (cannot happen: images are never deleted).
                     reject = ("internal", "image vanished from the catalogue during ingest")
                 else:
+                    assert prep.patient_id is not None  # a prepared good file has its patient
                     verdict = admit(s, settings, admission[0], meta=prep.meta, sites=admission[1],
                                     manifest_site=dict(prep.cand.acquisition).get("site"),
                                     patient=prep.patient_id, name=prep.cand.rel,
@@ -302,6 +304,7 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                                 source_id=source_id, **prep.meta))
                     s.flush()
                     image_id = s.scalar(select(Image.id).where(Image.sha256 == prep.sha256))
+                    assert image_id is not None and prep.patient_id is not None  # the row just flushed
                     record_near_pairs(s, admission[0], image_id, prep.meta["phash"], prep.patient_id)
                     admission[0].add(image_id, prep.meta["phash"], prep.patient_id, prep.cand.rel)
                     outcome = "added"
@@ -322,11 +325,13 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                                  updated_at=datetime.now(UTC)))
             prep.data = None
             if outcome == "added":
+                assert prep.label is not None  # an added film passed the label check
                 summary.added += 1
                 summary.added_by_label[prep.label] = summary.added_by_label.get(prep.label, 0) + 1
             elif outcome == "duplicate":
                 summary.duplicates += 1
             else:
+                assert reject is not None  # neither added nor a duplicate: rejected
                 summary.rejected += 1
                 summary.rejected_by_reason[reject[0]] = summary.rejected_by_reason.get(reject[0], 0) + 1
         crash_point("ingest.group_before_commit")

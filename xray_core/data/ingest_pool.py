@@ -203,6 +203,7 @@ def settle(prep: Prepared, settings: Settings, known_sha: Callable[[str], str | 
         return Prepared(prep.cand, prep.size, prep.mtime_ns, sha256=prep.sha256, label=prep.label,
                         data=prep.data, known_checked=True, patient_id=pid, id_source=id_source)
     if prep.meta is not None and prep.payload is not None:
+        assert prep.stored_rel is not None  # set with meta and payload by examine
         store = get_storage(settings)
         if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(prep.payload)):
             store.write_bytes(prep.stored_rel, prep.payload)
@@ -225,10 +226,9 @@ def changed_while_read(path: Path, before: os.stat_result, n_read: int) -> bool:
 
 def manifest_facts(cand: Candidate) -> dict:
     """Manifest acquisition columns (checked by scan) as catalogue values; they win over DICOM tags."""
-    typed = {"age_years": float, "study_date": date.fromisoformat}
-    return {("age_years" if name == "age" else name): typed.get(name,
-                                                                typed["age_years"]
-                                                                if name == "age" else str)(value)
+    typed: dict[str, Callable[[str], object]] = {"age_years": float, "age": float,
+                                                 "study_date": date.fromisoformat}
+    return {("age_years" if name == "age" else name): typed.get(name, str)(value)
             for name, value in cand.acquisition}
 
 
@@ -289,7 +289,7 @@ class PreparePool:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def take(self) -> object:
+    def take(self) -> Prepared | None:
         item = self._queue.popleft()
         if isinstance(item, Future):
             try:

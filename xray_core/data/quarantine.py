@@ -97,13 +97,13 @@ class Quarantine:
             key = quarantine_key(content_sha, _extension(payload))
             return self._place(memo, key, content_sha, len(payload),
                                lambda: self.storage.write_bytes(key, payload))
-        if stored_rel is not None and (stored_sha256 or sha256):
+        if stored_rel is not None and (stored_content := stored_sha256 or sha256):
             # Decoded fine, then found in conflict under the write lock (the same bytes with another
             # label earlier in this batch, or from a concurrent ingest): the bytes were stored, and the
             # store file holds exactly what the quarantine keeps (de-identified for DICOM).
             if stored_rel in self._placed:
                 return self._reuse(self._placed[stored_rel])
-            content_sha = stored_sha256 or sha256
+            content_sha = stored_content
             key = quarantine_key(content_sha, _suffix(stored_rel))
             return self._place(stored_rel, key, content_sha, self.storage.size(stored_rel),
                                lambda: self.storage.copy(stored_rel, key))

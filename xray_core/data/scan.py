@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import TextIO
 
 from xray_core.errors import ManifestError, SourceError
 from xray_core.io.fsutil import printable
@@ -193,7 +194,7 @@ def _walk_errors(errors: list[OSError], root: Path) -> Iterator[Candidate]:
                         problem=problem)
 
 
-def _open_manifest(manifest: Path) -> tuple[csv.DictReader, object, dict[str, str]]:
+def _open_manifest(manifest: Path) -> tuple[csv.DictReader, TextIO, dict[str, str]]:
     fh = open(manifest, newline="", encoding="utf-8-sig", errors="strict")
     reader = csv.DictReader(fh)
     try:
@@ -246,7 +247,7 @@ def validate_manifest(manifest: Path) -> int:
                 rows += 1
             return rows
         finally:
-            fh.close()  # type: ignore[attr-defined]
+            fh.close()
     except UnicodeDecodeError as exc:
         raise ManifestError(
             f"manifest {manifest} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
@@ -321,7 +322,7 @@ def scan_manifest(manifest: Path) -> Iterator[Candidate]:
             yield Candidate(listed, printable(raw_file), label, patient_id=printable(pid) or None,
                             view=printable(view) or None, problem=problem, acquisition=acquisition)
     finally:
-        fh.close()  # type: ignore[attr-defined]
+        fh.close()
 
 
 # --------------------------------------------------------------------------- per file

@@ -17,18 +17,19 @@ import hashlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, generate_uid
 
 # Stream tags mixed into seeds so that anatomy, label patterns and image noise never share draws.
 _ANATOMY_STREAM = 0xA7A70
 _LABEL_STREAM = 0x1ABE1
 _IMAGE_STREAM = 0x13A6E
 
-_CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # SOP class: Computed Radiography Image Storage
+_CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")  # SOP class: Computed Radiography Image Storage
 _FORMATS = {"png": "png", "jpeg": "jpeg", "dicom": "dcm"}  # fmt -> file extension
 
 
@@ -286,7 +287,7 @@ def write_dicom(
         ds.PixelData = arr.astype("<u2").tobytes()
         if transfer_syntax and transfer_syntax != ExplicitVRLittleEndian:
             # Lossy JPEG 2000 needs a compression ratio; 10:1 is a typical archive setting.
-            lossy = {"j2k_cr": [10]} if transfer_syntax == JPEG2000 else {}
+            lossy: dict[str, Any] = {"j2k_cr": [10]} if transfer_syntax == JPEG2000 else {}
             ds.compress(transfer_syntax, arr.astype(np.uint16), generate_instance_uid=False, **lossy)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
