@@ -167,7 +167,8 @@ class Verdict:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Verdict:
-        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+        values: dict[str, Any] = {f.name: d.get(f.name) for f in fields(cls)}
+        return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

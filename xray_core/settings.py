@@ -42,7 +42,7 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 
 Folder = Annotated[Path, BeforeValidator(r.path), check(r.is_folder)]  # a default Path is resolved too
 Word = parse(r.words)  # stripped, lower case
-_SEED = {"ge": 0, "le": r.SEED_MAX}
+_SEED: dict[str, Any] = {"ge": 0, "le": r.SEED_MAX}
 _DASK = r"(tcp|tls|ucx|inproc|ws|wss)://[\w.\-\[\]:/]+|[\w.\-\[\]]+:\d{1,5}"
 _SALT = r"(?!\s)[^\x00-\x1f\x7f]*(?<!\s)"  # a stray newline from a secrets file would change every hash
 _YES_NO = "one of 1/0, true/false, yes/no, on/off"
@@ -288,7 +288,10 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
                                    init_settings: PydanticBaseSettingsSource,
-                                   **others: Any) -> tuple[PydanticBaseSettingsSource, ...]:
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Values given to the constructor only: :func:`load_settings` reads the environment it is given."""
         return (init_settings,)
 

@@ -106,7 +106,7 @@ def metadata_probe(frame: pd.DataFrame, negative_label: str, *, seed: int = 0) -
                                                [columns.index(c) for c in categorical] or None))
     oof = _grouped_cv_scores(x.to_numpy(dtype=np.float64), y, frame["patient"].tolist(), model, seed=seed)
     ok = oof is not None and not np.isnan(oof).all()
-    auroc = float(roc_auc_score(y[~np.isnan(oof)], oof[~np.isnan(oof)])) if ok else None
+    auroc = float(roc_auc_score(y[~np.isnan(oof)], oof[~np.isnan(oof)])) if ok and oof is not None else None
     return {"auroc": auroc, "target": target, "features": columns, "n": int(len(y)),
             "note": None if ok else "not run: too few patients for grouped cross-validation"}
 
@@ -140,6 +140,7 @@ def shortcut_audit(frame: pd.DataFrame, embeddings: np.ndarray | None, *, negati
     sites = label_site_table(frame)
     by_site = site_only_auroc(frame, negative_label)
     meta = metadata_probe(frame, negative_label, seed=seed)
+    probe: dict[str, Any]
     probe = (site_probe(embeddings, frame["site"].tolist(), frame["patient"].tolist(), seed=seed)
              if embeddings is not None else {"auroc": None, "note": "no embeddings"})
     warnings = []

@@ -225,7 +225,7 @@ def bootstrap_intervals(
     level: float = 0.95,
     target_specificity: float = setting_default("target_specificity"),
     ece_bins: int = 10,
-) -> dict[str, dict[str, float | int | None]]:
+) -> dict[str, dict[str, Any]]:
     """Patient-clustered percentile bootstrap intervals of one model's metrics.
 
     Returns ``{path: {"point", "low", "high", "n_used", "method"}}`` for accuracy, balanced_accuracy,
@@ -244,7 +244,7 @@ def bootstrap_intervals(
                             ece_bins=ece_bins, target_specificity=target_specificity)
     plan = _plan_for(y, p, labels, threshold, negative_label, target_specificity, ece_bins)
     blocks = [plan.evaluate(w) for w in _resample_weights(clusters, n_samples, seed)]
-    out: dict[str, dict[str, float | int | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for path in blocks[0]:
         lo, hi, used = _percentile_interval(np.concatenate([b[path] for b in blocks]), level)
         out[path] = {"point": json_float(_get_path(point, path)), "low": lo, "high": hi, "n_used": used,
@@ -328,7 +328,7 @@ def paired_bootstrap_difference(
     y, p_new = check_inputs(y_true, probs_challenger, labels)
     _, p_old = check_inputs(y_true, probs_champion, labels)
     clusters = _cluster_index(patient_ids, y.size)
-    kw = dict(negative_label=negative_label, target_specificity=target_specificity)
+    kw: dict[str, Any] = dict(negative_label=negative_label, target_specificity=target_specificity)
     m_new = compute_metrics(y, p_new, labels, threshold=thresholds[0], **kw)
     m_old = compute_metrics(y, p_old, labels, threshold=thresholds[1], **kw)
     plan_new = _plan_for(y, p_new, labels, thresholds[0], negative_label, target_specificity, 10)

@@ -18,6 +18,7 @@ Atomic writes, per backend (the README has the table):
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import os
@@ -75,7 +76,7 @@ class Storage:
         """Sorted keys of every file below ``prefix`` (relative to this storage's root)."""
         raise NotImplementedError
 
-    def folders(self, prefix: str = "") -> list[str]:
+    def folders(self, prefix: str = "") -> builtins.list[str]:  # `list` is the method above
         """Sorted names of the immediate sub-folders of ``prefix``."""
         raise NotImplementedError
 
@@ -146,7 +147,7 @@ class LocalStorage(Storage):
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
 
-    def folders(self, prefix: str = "") -> list[str]:
+    def folders(self, prefix: str = "") -> builtins.list[str]:  # `list` is the method above
         base = self._p(prefix)
         if not base.is_dir():
             return []
@@ -241,7 +242,7 @@ class FsspecStorage(Storage):
         start = len(self.root.lstrip("/")) + 1
         return sorted(p.lstrip("/")[start:] for p in found)
 
-    def folders(self, prefix: str = "") -> list[str]:
+    def folders(self, prefix: str = "") -> builtins.list[str]:  # `list` is the method above
         try:
             entries = self.fs.ls(self._p(prefix), detail=True)
         except FileNotFoundError:

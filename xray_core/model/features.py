@@ -124,7 +124,7 @@ class _ViewsDataset(Dataset):
                     "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _identity(sample: dict[str, Any]) -> dict[str, Any]:
+def _identity(sample: Any) -> Any:  # collate_fn with batch_size=None: one sample, not a list
     return sample
 
 

@@ -49,13 +49,14 @@ choice and the same weights on every CPU run.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
+from torch import nn
 
 from xray_core.errors import NotEnoughDataError
 from xray_core.model.calibrate import fit_temperature, softmax
@@ -80,6 +81,13 @@ class Recipe:
     c: float | None = None  # linear: inverse L2 strength (scikit-learn's C; larger = weaker penalty)
     config: HeadConfig | None = None  # mlp: how train_head trains it
     views: str = "all"  # training columns: "eval" (column 0, the eval view) | "all" (eval + augmented views)
+
+    @property
+    def mlp(self) -> HeadConfig:
+        """``config``, which an MLP recipe always has."""
+        if self.config is None:
+            raise ValueError(f"recipe {self.name!r} ({self.kind}) has no MLP config")
+        return self.config
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "views": self.views}
@@ -133,9 +141,10 @@ def fit_linear(train_x: np.ndarray, train_y: np.ndarray, n_classes: int, c: floa
     if n_classes == 2:  # one logit z for class 1: softmax([-z/2, z/2]) = sigmoid(z)
         coef, bias = np.r_[-coef / 2, coef / 2], np.r_[-bias / 2, bias / 2]
     head = build_head(train_x.shape[-1], n_classes, hidden=(), dropout=0.0)
+    linear = cast(nn.Linear, head[0])
     with torch.no_grad():
-        head[0].weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
-        head[0].bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+        linear.weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
+        linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
         head.set_normaliser(mean, std)
     return head.eval()
 
@@ -147,9 +156,10 @@ def fit_recipe(recipe: Recipe, train_x: np.ndarray, train_y: np.ndarray, val_x: 
     if recipe.views == "eval":
         train_x = np.asarray(train_x)[:, :1]
     if recipe.kind == "linear":
+        assert recipe.c is not None  # a linear recipe has its C
         return fit_linear(train_x, train_y, n_classes, recipe.c), {"best_epoch": None, "epochs_run": None,
                                                                    "history": []}
-    cfg = recipe.config
+    cfg = recipe.mlp
     result = train_head(train_x, train_y, val_x, val_y, n_classes, cfg, progress=progress)
     head = load_head(result.state_dict, train_x.shape[-1], n_classes, hidden=cfg.hidden, dropout=cfg.dropout)
     return head, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history}
@@ -248,7 +258,7 @@ def fit_calibrated(selection: Selection, train_x: np.ndarray, train_y: np.ndarra
     uses and why. ``train_x`` (n, views, D), ``val_x`` (m, D) the validation images' eval view. The
     caller chooses the operating threshold on ``softmax(held_logits / temperature)``."""
     recipe = selection.recipe
-    early_stops = recipe.kind == "mlp" and recipe.config.keep_best
+    early_stops = recipe.kind == "mlp" and recipe.mlp.keep_best
     if selection.oof_logits is not None and not early_stops:
         views = train_x.shape[1]
         pooled_x = np.concatenate([train_x, np.repeat(val_x[:, None, :], views, axis=1)]).astype(np.float32)
@@ -257,6 +267,7 @@ def fit_calibrated(selection: Selection, train_x: np.ndarray, train_y: np.ndarra
         # schedule runs every epoch and keeps the last, so nothing is chosen on it
         head, record = fit_recipe(recipe, pooled_x, pooled_y, val_x, val_y, n_classes, progress=progress)
         held_logits, held_y = selection.oof_logits, selection.oof_y
+        assert held_y is not None  # set with oof_logits
         fitted_on, calibrated_on = "train+val", "out-of-fold"
     else:
         head, record = fit_recipe(recipe, train_x, train_y, val_x, val_y, n_classes, progress=progress)

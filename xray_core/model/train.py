@@ -84,6 +84,10 @@ class Head(nn.Sequential):
     ...) and checkpoints from before the buffers existed still load.
     """
 
+    feature_mean: torch.Tensor  # buffers, registered in __init__
+    feature_std: torch.Tensor
+    temperature: torch.Tensor
+
     def __init__(self, layers: list[nn.Module], in_dim: int):
         super().__init__(*layers)
         self.register_buffer("feature_mean", torch.zeros(in_dim))

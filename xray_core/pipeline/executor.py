@@ -91,4 +91,4 @@ class DirectExecutor:
         reporter = self._progress.get(options.progress) if options.progress else None
         if reporter is None:
             return fn
-        return cast(Callable[P, T], functools.partial(fn, progress=reporter))
+        return cast(Callable[P, T], functools.partial(cast(Callable[..., T], fn), progress=reporter))

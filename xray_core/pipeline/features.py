@@ -3,13 +3,16 @@ loading them from the feature cache of the current backbone."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 from xray_core.data.snapshot import Row
 from xray_core.settings import Settings
 
 
-def embed_items(settings: Settings, rows: list[Row]) -> list:
+def embed_items(settings: Settings, rows: Sequence[tuple[Any, ...]]) -> list:
     from xray_core.model.features import EmbedItem
 
     return [EmbedItem(sha256=r[1], path=settings.home / r[2], key=r[2]) for r in rows]

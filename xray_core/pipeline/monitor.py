@@ -57,7 +57,8 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
 
     with session_scope(open_catalogue(settings)) as s:
         version = champion_version(s)
-        created = s.get(Model, version).created_at if version is not None else None
+        champion = s.get(Model, version) if version is not None else None
+        created = champion.created_at if champion is not None else None
     last = last_check_time(settings)
     since = max([t for t in (last, created) if t is not None], default=None)
     result: dict[str, Any] = {"model": version, "since": since.isoformat() if since else None, "checks": [],
@@ -110,8 +111,9 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple],
     probs = predict_proba(model.head, x)
     labels = model.labels
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
-    common = dict(labels=labels, threshold=model.threshold, positive=pos, alpha=settings.drift_alpha,
-                  permutations=settings.drift_permutations, seed=settings.train_seed)
+    common: dict[str, Any] = dict(labels=labels, threshold=model.threshold, positive=pos,
+                                  alpha=settings.drift_alpha, permutations=settings.drift_permutations,
+                                  seed=settings.train_seed)
     patients, sites = np.array([r[4] for r in rows]), np.array([r[5] for r in rows])
     checks = [{"subject": "all new films", **check_batch(reference, x, probs, groups=patients, **common)}]
     for site in sorted(set(sites.tolist())) if len(set(sites.tolist())) > 1 else []:

@@ -176,10 +176,13 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     files = list_files(Path(path), manifest)
     rows: list[dict[str, Any]] = []
     batch: list[tuple[PredictFile, str, Any]] = []
+    ood_limit = reference.threshold if reference is not None else None  # an OOD score above is unusual
     heatmap_names: set[str] = set()
 
     def write_heatmaps(probs: np.ndarray, preds: np.ndarray) -> list[str]:
         from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
+
+        assert heatmaps is not None  # called only with a heatmaps folder
 
         cams = gradcam_batch(backbone, model.head, [px for _, _, px in batch],
                              class_indices=[int(k) for k in preds], settings=settings)
@@ -231,8 +234,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         probs = predict_proba(model.head, feats)
         preds = predict_labels(probs, threshold=threshold, positive_index=pos)
         maps = write_heatmaps(probs, preds) if heatmaps is not None else [""] * len(batch)
-        ood = reference.scores(feats) if reference is not None else [None] * len(batch)
-        ood_p = reference.p_values(ood) if reference is not None else [None] * len(batch)
+        ood: Any = reference.scores(feats) if reference is not None else [None] * len(batch)
+        ood_p: Any = reference.p_values(ood) if reference is not None else [None] * len(batch)
         scored.append((feats, probs))
         if reference is not None:
             ood_exact.extend(float(o) for o in ood)
@@ -242,7 +245,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
                          "threshold": "" if threshold is None else threshold,
                          "ood_score": "" if o is None else round(float(o), 4),
                          "ood_p": "" if op is None else round(float(op), 4),
-                         "in_distribution": "" if o is None else str(bool(o <= reference.threshold)).lower(),
+                         "in_distribution": "" if o is None else str(bool(o <= ood_limit)).lower(),
                          "sha256": sha, "status": "ok",
                          "error": "", "true_label": f.label or "", "model_version": version,
                          "backbone_fingerprint": backbone.fingerprint, "heatmap": hm})
@@ -257,6 +260,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
                          "model_version": version,
                          "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
         else:
+            assert sha is not None  # a decoded file has its sha256
             batch.append((f, sha, pixels))
             if len(batch) >= flush_size or sum(px.size for _, _, px in batch) >= HELD_PIXELS:
                 flush()

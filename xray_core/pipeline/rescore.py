@@ -51,8 +51,8 @@ def rescore_models(settings: Settings, data: SplitData, *, versions: list[int] |
     fingerprint = fingerprint_test_set(data.test)
     wanted = default_versions(settings) if versions is None else sorted(set(versions))
     with session_scope(open_catalogue(settings)) as s:
-        backbones = dict(s.execute(select(Model.id,
-                                          Model.backbone_fingerprint).where(Model.id.in_(wanted))).all())
+        query = select(Model.id, Model.backbone_fingerprint).where(Model.id.in_(wanted))
+        backbones = dict(s.execute(query).tuples().all())
         existing = {e.model_id: {"version": e.model_id, "test_set_fingerprint": e.test_set_fingerprint,
                                  "n_images": e.n_images, "metrics": e.metrics}
                     for e in s.scalars(select(Evaluation)

@@ -103,8 +103,8 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     val_metrics = compute_metrics(held_y, held_probs, labels, threshold=threshold,
                                   negative_label=settings.negative_label,
                                   target_specificity=settings.target_specificity)
-    hidden = [] if recipe.kind == "linear" else list(recipe.config.hidden)
-    dropout = 0.0 if recipe.kind == "linear" else recipe.config.dropout
+    hidden = [] if recipe.kind == "linear" else list(recipe.mlp.hidden)
+    dropout = 0.0 if recipe.kind == "linear" else recipe.mlp.dropout
     card = {
         "labels": labels, "threshold": threshold, "input_size": settings.input_size,
         "threshold_rule": (f"sensitivity >= {settings.target_sensitivity} (XRAY_TARGET_SENSITIVITY)"

@@ -323,7 +323,9 @@ def _switch(s: Session, previous: int | None, new: int) -> None:
     if model.status == "champion":
         raise UsageError(f"model version {new} is already the champion")
     if previous is not None:
-        s.get(Model, previous).status = "retired"
+        retired = s.get(Model, previous)
+        assert retired is not None  # the champion this transaction read
+        retired.status = "retired"
         s.flush()  # retire first: the unique index allows one champion at a time
     model.status = "champion"
     s.flush()

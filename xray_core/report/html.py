@@ -56,7 +56,7 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _roc_classes(curves: Sequence[ModelCurves], negative_label: str) -> list[str]:
+def _roc_classes(curves: Sequence[ModelCurves] | Sequence[SiteCurves], negative_label: str) -> list[str]:
     """Binary: the disease class only (the other curve is its mirror); more classes: each one-vs-rest."""
     labels = curves[0].labels
     if len(labels) == 2:
@@ -94,7 +94,7 @@ def site_roc_png(site_curves: Sequence[SiteCurves], *, negative_label: str = NEG
     from matplotlib.figure import Figure
 
     sites = sorted({c.site for c in site_curves})
-    classes = _roc_classes(site_curves, negative_label)  # type: ignore[arg-type]  # same .labels
+    classes = _roc_classes(site_curves, negative_label)
     cols = min(SITE_PANELS_PER_ROW, len(sites))
     rows = -(-len(sites) // cols)
     fig = Figure(figsize=(3.3 * cols, 3.3 * rows), layout="constrained")
@@ -200,8 +200,8 @@ def embeddable_heatmap(png: bytes, *, max_side: int = HEATMAP_EMBED_PX) -> bytes
     """
     from PIL import Image
 
-    with Image.open(io.BytesIO(png)) as img:
-        img = img.convert("RGB")
+    with Image.open(io.BytesIO(png)) as opened:
+        img = opened.convert("RGB")
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=HEATMAP_JPEG_QUALITY, optimize=True)

@@ -14,7 +14,7 @@ why (e.g. ``1 pneumonia (< 5 per class)``), so a missing site is never mistaken 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from xray_core.evaluate.slices import UNKNOWN  # the slice of films whose site or view is not known
 from xray_core.report.format import format_interval
@@ -75,10 +75,10 @@ def slice_table(dimension: str, slices: dict[str, dict[str, Any]]) -> dict[str, 
     return {"headers": headers, "rows": rows}
 
 
-def worth_showing(slices: dict[str, Any] | None) -> bool:
+def worth_showing(slices: dict[str, Any] | None) -> TypeGuard[dict[str, dict[str, Any]]]:
     """A dimension is shown when at least one of its slices has a known value (all-unknown views say
     nothing a reader can act on; the pooled table already has those numbers)."""
-    return bool(slices) and any(name != UNKNOWN for name in slices)
+    return slices is not None and bool(slices) and any(name != UNKNOWN for name in slices)
 
 
 def slice_sections(evals: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
