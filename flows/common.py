@@ -23,7 +23,7 @@ def progress_reporter(key: str, description: str, *,
     Updates are throttled (at most one per ``min_interval_s``, plus the final one) so that a long
     embedding does not flood the API.
     """
-    state: dict[str, object] = {"id": None, "last": 0.0}
+    state: dict[str, Any] = {"id": None, "last": 0.0}
 
     def update(done: int, total: int) -> None:
         pct = 100.0 * done / total if total else 100.0
@@ -32,7 +32,7 @@ def progress_reporter(key: str, description: str, *,
             state["id"] = create_progress_artifact(progress=pct, key=key, description=description)
             state["last"] = now
         elif done >= total or now - float(state["last"]) >= min_interval_s:
-            update_progress_artifact(artifact_id=state["id"], progress=pct)  # type: ignore[arg-type]
+            update_progress_artifact(artifact_id=state["id"], progress=pct)
             state["last"] = now
 
     return update

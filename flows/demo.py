@@ -28,7 +28,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from flows.retrain import retrain
 from xray_core.io.allowed_roots import caller_paths
@@ -298,7 +298,9 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
     for n, arrival in enumerate(arrivals, start=1):
         # The demo staged these manifests itself, under XRAY_HOME: allowed for its own calls only.
         with caller_paths(arrival.manifest):
-            headline = retrain(manifests=[str(arrival.manifest)], use_incoming=False, trigger="demo")
+            # A flow called as a function returns its final state's data: the headline dict.
+            headline = cast(dict[str, Any], retrain(manifests=[str(arrival.manifest)], use_incoming=False,
+                                                    trigger="demo"))
         result = full_result(headline)
         result["shortcuts"] = label_shortcut(settings, result.get("audit"))
         results.append(result)
