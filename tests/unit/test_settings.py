@@ -124,7 +124,7 @@ def test_list_syntax_empty_values_and_names(tmp_path: Path) -> None:
 def test_settings_are_frozen_and_overrides_name_real_fields(tmp_path: Path) -> None:
     settings = _load(tmp_path)
     with pytest.raises(ValidationError):
-        settings.epochs = 3  # type: ignore[misc] - the assignment frozen settings refuse
+        settings.epochs = 3  # type: ignore[misc]  # the assignment frozen settings refuse
     # not validated, as dataclasses.replace was: old model cards are served at precision "legacy"
     assert settings.with_overrides(embed_precision="legacy").embed_precision == "legacy"
     with pytest.raises(TypeError, match="no_such_setting"):
