@@ -83,7 +83,7 @@ bench: $(STAMP)
 	$(PY) bench/retrain_vs_tutorial.py
 
 clean:
-	rm -rf var .pytest_cache .hypothesis
+	rm -rf var .pytest_cache .hypothesis .mypy_cache .ruff_cache
 
 # A local Prefect server on 127.0.0.1:$(SERVE_PORT) (SQLite under $(SERVE_HOME)), the process pool with a
 # one-at-a-time retrain queue, every deployment in prefect.yaml, and a worker. `make stop` ends them.
