@@ -31,14 +31,14 @@ SERVE_ENV := PREFECT_HOME='$(SERVE_HOME)' PREFECT_API_URL=$(SERVE_URL)/api \
 	PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
 	XRAY_INCOMING='$(INCOMING)' XRAY_SCHEDULE='$(SCHEDULE)' XRAY_TIMEZONE='$(TIMEZONE)'
 
-.PHONY: venv demo test test-fast test-postgres bench serve deploy stop ui-screenshot clean
+.PHONY: venv demo test test-fast test-postgres lint bench serve deploy stop ui-screenshot clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dask]'
+	$(PY) -m pip install --quiet -e '.[dask,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -72,13 +72,19 @@ test-postgres: $(STAMP)
 	XRAY_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:$(PG_PORT)/postgres \
 		$(PY) -m pytest -q $(PG_LANE); rc=$$?; scripts/postgres.sh stop; exit $$rc
 
+# ruff (the rules in pyproject.toml, lines <= 110) over the whole tree, then mypy on xray_core/ and flows/;
+# see docs/testing.md "Lint and types". `$(PY) -m ruff check --fix .` sorts imports and modernises syntax.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
 bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/embed_efficiency.py
 	$(PY) bench/retrain_vs_tutorial.py
 
 clean:
-	rm -rf var .pytest_cache .hypothesis
+	rm -rf var .pytest_cache .hypothesis .mypy_cache .ruff_cache
 
 # A local Prefect server on 127.0.0.1:$(SERVE_PORT) (SQLite under $(SERVE_HOME)), the process pool with a
 # one-at-a-time retrain queue, every deployment in prefect.yaml, and a worker. `make stop` ends them.

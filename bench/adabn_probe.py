@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from publish import publish, read_manifest  # bench/ is on sys.path when a benchmark runs as a script
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
-
-from publish import publish, read_manifest  # bench/ is on sys.path when a benchmark runs as a script
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "cxr-sample"
@@ -45,7 +44,8 @@ def probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5) -> d
     per_fold = []
     for fit, held in StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0).split(x, y, groups):
         mean, std = x[fit].mean(0), x[fit].std(0) + 1e-6
-        model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000).fit((x[fit] - mean) / std, y[fit])
+        model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000).fit(
+            (x[fit] - mean) / std, y[fit])
         oof[held] = model.predict_proba((x[held] - mean) / std)[:, 1]
         per_fold.append(round(float(roc_auc_score(y[held], oof[held])), 4))
     return {"auroc_pooled": round(float(roc_auc_score(y, oof)), 4), "auroc_per_fold": per_fold,
@@ -77,9 +77,11 @@ def pooled(trunk: nn.Module, x: torch.Tensor, batch: int) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=224, help="input size in pixels (default 224)")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with manifest.csv (file,label,patient_id)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA),
+                        help="folder with manifest.csv (file,label,patient_id)")
     parser.add_argument("--batch", type=int, default=16, help="images per forward (default 16)")
     args = parser.parse_args()
 
@@ -96,7 +98,8 @@ def main() -> None:
                                   "XRAY_INPUT_SIZE": str(args.size), "XRAY_EMBED_PRECISION": "fp32"})
         backbone = load_backbone(settings)
         start = time.perf_counter()
-        x = torch.stack([make_view(load_grayscale(data / r["file"]), 0, sha256_file(data / r["file"]), settings)
+        x = torch.stack([make_view(load_grayscale(data / r["file"]), 0,
+                                   sha256_file(data / r["file"]), settings)
                          for r in rows])
         decode_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -117,7 +120,8 @@ def main() -> None:
         "decode_s": round(decode_s, 1), "embed_s": round(embed_s, 1),
         "python": platform.python_version(), "torch": torch.__version__,
     }
-    result["adabn_minus_plain_auroc_pooled"] = round(result["adabn"]["auroc_pooled"] - result["plain"]["auroc_pooled"], 4)
+    result["adabn_minus_plain_auroc_pooled"] = round(result["adabn"]["auroc_pooled"]
+                                                     - result["plain"]["auroc_pooled"], 4)
     publish(result["name"], result)
 
 

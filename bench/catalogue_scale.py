@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 from sqlalchemy import text
 
 from db import dispose_engines, session_scope
@@ -46,8 +47,6 @@ from xray_core.data.admission import NearCopyIndex, record_near_pairs
 from xray_core.data.catalogue import catalogue_summary, open_catalogue
 from xray_core.data.split import assign_splits
 from xray_core.settings import load_settings
-
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 
 NEW = 10_000
 PLANTED = 0.002  # share of catalogued films that are near copies of another patient's film
@@ -67,7 +66,7 @@ def _near_copy(h: np.ndarray, rng: np.random.Generator, max_bits: int) -> np.nda
     return out
 
 
-def _bulk(engine, table: str, columns: list[str], rows) -> None:  # noqa: ANN001
+def _bulk(engine, table: str, columns: list[str], rows) -> None:
     """Rows straight in: COPY on PostgreSQL, executemany on SQLite (one transaction)."""
     raw = engine.raw_connection()
     try:
@@ -78,7 +77,8 @@ def _bulk(engine, table: str, columns: list[str], rows) -> None:  # noqa: ANN001
         else:
             cur = raw.cursor()  # the engine's connections are in autocommit mode: one BEGIN for all rows
             cur.execute("BEGIN")
-            cur.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            cur.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                            f"({', '.join('?' * len(columns))})",
                             rows)
             cur.execute("COMMIT")
         raw.commit()
@@ -90,7 +90,7 @@ IMAGE_COLUMNS = ["id", "sha256", "stored_path", "label", "patient_id", "view", "
                  "format", "phash", "original_name", "source_id", "added_at"]
 
 
-def _fill(engine, n: int, rng: np.random.Generator) -> None:  # noqa: ANN001
+def _fill(engine, n: int, rng: np.random.Generator) -> None:
     """N images of N/2 patients, PLANTED of them near copies of another patient's film."""
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO sources (id, kind, path, status, started_at, counts) "
@@ -101,7 +101,8 @@ def _fill(engine, n: int, rng: np.random.Generator) -> None:  # noqa: ANN001
           ((f"p{i}", "filename", str(s)) for i, s in enumerate(splits)))
     phash = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
     copies = rng.choice(n, size=int(n * PLANTED), replace=False)
-    phash[copies] = _near_copy(phash[(copies + 1) % n], rng, 6)  # image k+1 is another patient's (k+1 % n_pat)
+    # image k+1 is another patient's (k+1 % n_pat)
+    phash[copies] = _near_copy(phash[(copies + 1) % n], rng, 6)
     signed = phash.view(np.int64)
     labels = rng.choice(["normal", "pneumonia"], size=n)
     _bulk(engine, "images", IMAGE_COLUMNS,
@@ -131,7 +132,7 @@ def _model_images_bytes(tmp: Path, n_train: int, n_val: int) -> int:
         con.close()
 
 
-def _timed(result: dict, key: str, fn):  # noqa: ANN001, ANN202
+def _timed(result: dict, key: str, fn):
     t0 = time.perf_counter()
     out = fn()
     result[key] = round(time.perf_counter() - t0, 2)
@@ -139,7 +140,7 @@ def _timed(result: dict, key: str, fn):  # noqa: ANN001, ANN202
     return out
 
 
-def _near_10k(settings, n: int, rng: np.random.Generator, result: dict) -> None:  # noqa: ANN001
+def _near_10k(settings, n: int, rng: np.random.Generator, result: dict) -> None:
     """The ingest's near-copy work for NEW films, as ``_write_group`` does it (verdict, record, add);
     the pairs are not written (the films are not), which ingest does with each film in its group."""
     engine = open_catalogue(settings)
@@ -163,21 +164,23 @@ def _near_10k(settings, n: int, rng: np.random.Generator, result: dict) -> None:
     _log(f"near: {result['near_10k_films_seconds']} s for {NEW} films ({verdicts} with a near copy)")
 
 
-def _catalogued_hashes(engine) -> np.ndarray:  # noqa: ANN001
+def _catalogued_hashes(engine) -> np.ndarray:
     with engine.connect() as conn:
         return np.array(conn.execute(text("SELECT phash FROM images ORDER BY id")).scalars().all(),
                         dtype=np.int64).view(np.uint64)
 
 
-def _load_index(engine) -> NearCopyIndex:  # noqa: ANN001
+def _load_index(engine) -> NearCopyIndex:
     with session_scope(engine) as s:
         return NearCopyIndex.load(s)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000, help="catalogued images (default 100000)")
-    parser.add_argument("--database-url", help="a PostgreSQL server (any database on it): the benchmark creates "
+    parser.add_argument("--database-url",
+                        help="a PostgreSQL server (any database on it): the benchmark creates "
                         "a new database there and drops it at the end (default: a new SQLite file)")
     parser.add_argument("--suffix", default="", help="results file catalogue_scale-<suffix>.json")
     parser.add_argument("--workdir", help="folder for XRAY_HOME (default: a temp folder, removed)")
@@ -188,7 +191,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-catalogue-", dir=args.workdir) as tmp:
         tmp_path = Path(tmp)
-        env = {"XRAY_HOME": str(tmp_path / "home"), "XRAY_PATIENT_SALT": "bench", "XRAY_BACKBONE_WEIGHTS": "random"}
+        env = {"XRAY_HOME": str(tmp_path / "home"), "XRAY_PATIENT_SALT": "bench",
+               "XRAY_BACKBONE_WEIGHTS": "random"}
         if args.database_url:
             env["XRAY_DATABASE_URL"] = _new_database(args.database_url)
         settings = load_settings(env)
@@ -196,7 +200,8 @@ def main() -> None:
         result["database"] = engine.dialect.name
         _timed(result, "fill_seconds", lambda: _fill(engine, args.n, rng))
         with engine.begin() as conn:
-            result["near_pairs"] = _timed(result, "near_pairs_backfill_seconds", lambda: backfill_near_pairs(conn))
+            result["near_pairs"] = _timed(result, "near_pairs_backfill_seconds",
+                                          lambda: backfill_near_pairs(conn))
 
         from xray_core.report.status import status_report
 
@@ -210,8 +215,8 @@ def main() -> None:
 
         _bulk(engine, "patients", ["patient_id", "id_source"], ((f"new{i}", "filename") for i in range(NEW)))
         _bulk(engine, "images", IMAGE_COLUMNS,
-              ((args.n + i + 1, f"n{i:063x}", "store/x.png", "normal", f"new{i}", "PA", 1024, 1024, 8, "png", 0,
-                "n.png", 1, "2026-01-02 00:00:00") for i in range(NEW)))
+              ((args.n + i + 1, f"n{i:063x}", "store/x.png", "normal", f"new{i}",
+                "PA", 1024, 1024, 8, "png", 0, "n.png", 1, "2026-01-02 00:00:00") for i in range(NEW)))
 
         def split() -> dict:
             with session_scope(engine) as s:
@@ -257,12 +262,12 @@ def _drop_database(server_url: str) -> None:
     admin.dispose()
 
 
-def _skip_and_show(settings, engine, result: dict) -> None:  # noqa: ANN001
+def _skip_and_show(settings, engine, result: dict) -> None:
     """A champion trained on exactly the current train/val sets, then the skip check and its lineage."""
-    from xray_core.model.backbone import load_backbone
     from xray_core.data.snapshot import load_split_data, training_set_fingerprint
+    from xray_core.model.backbone import load_backbone
     from xray_core.pipeline.recipe import freeze_split
-    from xray_core.pipeline.steps import TRAINING_SETTINGS, nothing_new_since_champion
+    from xray_core.pipeline.unchanged import TRAINING_SETTINGS, nothing_new_since_champion
     from xray_core.registry.listing import model_lineage
     from xray_core.registry.manifests import put_split_manifest
 

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -114,7 +113,8 @@ def _run(code: str, *args: str, tree: Path, home: Path) -> subprocess.CompletedP
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", type=Path, default=PROJECT)
-    parser.add_argument("--name", default="decode_memory", help="results file name (e.g. decode_memory-before)")
+    parser.add_argument("--name", default="decode_memory",
+                        help="results file name (e.g. decode_memory-before)")
     parser.add_argument("--make-films", type=Path, help=argparse.SUPPRESS)  # the child that writes them
     args = parser.parse_args()
     if args.make_films:

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 from sqlalchemy import insert
 
 from db import dispose_engines, session_scope
@@ -34,13 +35,11 @@ from xray_core.data.doctor import examine
 from xray_core.data.doctor_repair import repair
 from xray_core.settings import load_settings
 
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from catalogue_faults import make_wal_only  # noqa: E402 - the tests' own builder of the full-disk state
+from catalogue_faults import make_wal_only  # the tests' own builder of the full-disk state
 
 
-def _fill(settings, n: int) -> None:  # noqa: ANN001
+def _fill(settings, n: int) -> None:
     engine = open_catalogue(settings)
     rng = os.urandom
     images, patients = [], []
@@ -51,9 +50,9 @@ def _fill(settings, n: int) -> None:  # noqa: ANN001
         (settings.home / rel).parent.mkdir(parents=True, exist_ok=True)
         (settings.home / rel).write_bytes(data)
         patients.append({"patient_id": f"p{i}", "id_source": "filename", "split": "train"})
-        images.append({"sha256": sha, "stored_path": rel, "label": "normal", "patient_id": f"p{i}", "width": 64,
-                       "height": 64, "bit_depth": 8, "format": "png", "phash": i, "original_name": f"{i}.png",
-                       "source_id": 1})
+        images.append({"sha256": sha, "stored_path": rel, "label": "normal",
+                       "patient_id": f"p{i}", "width": 64, "height": 64, "bit_depth": 8, "format": "png",
+                       "phash": i, "original_name": f"{i}.png", "source_id": 1})
     with session_scope(engine) as s:
         s.add(Source(kind="folder", path="/bench", status="done"))
         s.flush()
@@ -61,7 +60,7 @@ def _fill(settings, n: int) -> None:  # noqa: ANN001
         s.execute(insert(Image), images)
 
 
-def _timed(result: dict, key: str, fn):  # noqa: ANN001, ANN202
+def _timed(result: dict, key: str, fn):
     start = time.perf_counter()
     out = fn()
     result[f"{key}_s"] = round(time.perf_counter() - start, 3)

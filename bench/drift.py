@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import GroupShuffleSplit
-
 from publish import publish, read_manifest  # bench/ is on sys.path when a benchmark runs as a script
+from sklearn.model_selection import GroupShuffleSplit
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "cxr-sample"
@@ -78,13 +77,15 @@ def fit_model(settings, x_views, x_eval, y, tr, va, n_classes):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=20, help="repetitions (splits, batches) (default 20)")
     parser.add_argument("--size", type=int, default=64, help="backbone input size in pixels (default 64)")
     parser.add_argument("--views", type=int, default=2, help="K augmented training views (default 2)")
     parser.add_argument("--batch", type=int, default=50, help="films per shifted-site batch (default 50)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with manifest.csv")
-    parser.add_argument("--home", default=None, help="keep the feature cache in this XRAY_HOME (default: a temp dir)")
+    parser.add_argument("--home", default=None,
+                        help="keep the feature cache in this XRAY_HOME (default: a temp dir)")
     args = parser.parse_args()
 
     from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
@@ -108,7 +109,8 @@ def main() -> None:
         for rep in range(args.reps):
             folder = Path(tmp) / f"site-{rep}"
             folder.mkdir(parents=True, exist_ok=True)
-            recs = write_site_dataset(folder, style, patients_per_label=args.batch // 2, seed=rep, manifest=False)
+            recs = write_site_dataset(folder, style, patients_per_label=args.batch // 2,
+                                      seed=rep, manifest=False)
             site_x.append(features(settings, [r.path for r in recs], [])[0])
         restyled_dir = Path(tmp) / "restyled"
         restyled_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,8 @@ def main() -> None:
         same, site, restyled = [], [], []
         ood_in, ood_site, ood_restyled = [], [], []
         calibrated = []  # films the OOD threshold was calibrated on, per repetition
-        common = dict(labels=labels, positive=1, alpha=settings.drift_alpha, permutations=settings.drift_permutations)
+        common = dict(labels=labels, positive=1, alpha=settings.drift_alpha,
+                      permutations=settings.drift_permutations)
         for rep in range(args.reps):
             outer = GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=rep)
             fit, held = next(outer.split(x_eval, y, groups))
@@ -156,7 +159,8 @@ def main() -> None:
         "false_alarm_rate": rate(same),
         "false_alarm_by_test": {k: rate(same, k) for k in ("input_shift", "output_shift", "ood_excess")},
         "detection_rate_synthetic_site": rate(site),
-        "detection_by_test_synthetic_site": {k: rate(site, k) for k in ("input_shift", "output_shift", "ood_excess")},
+        "detection_by_test_synthetic_site": {k: rate(site, k)
+                                             for k in ("input_shift", "output_shift", "ood_excess")},
         "detection_rate_restyled_real": rate(restyled),
         "detection_by_test_restyled_real": {k: rate(restyled, k)
                                             for k in ("input_shift", "output_shift", "ood_excess")},

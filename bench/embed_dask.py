@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=2, help="augmented views per training image")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="xray-bench-dask-"))
-    os.environ.update({"XRAY_HOME": str(tmp / "home"), "XRAY_BACKBONE_WEIGHTS": "random", "XRAY_DEVICE": "cpu",
+    os.environ.update({"XRAY_HOME": str(tmp / "home"),
+                       "XRAY_BACKBONE_WEIGHTS": "random", "XRAY_DEVICE": "cpu",
                        "XRAY_INPUT_SIZE": str(args.size), "XRAY_VIEWS": str(args.views),
                        "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     sys.path.insert(0, str(ROOT))
@@ -38,11 +39,11 @@ def main() -> None:
 
     from flows.embed import run_parallel_embed
     from xray_core.data import snapshot
-    from xray_core.pipeline import embed
-    from xray_core.model.backbone import load_backbone
     from xray_core.data.ingest import ingest_source
-    from xray_core.settings import load_settings
     from xray_core.data.synthetic import write_dataset
+    from xray_core.model.backbone import load_backbone
+    from xray_core.pipeline import embed
+    from xray_core.settings import load_settings
 
     settings = load_settings()
     write_dataset(tmp / "src", patients_per_label=args.n // 2, images_per_patient=1, size=512, seed=0)
@@ -73,9 +74,10 @@ def main() -> None:
            "torch_threads_per_worker": torch.get_num_threads(), **results,
            "embedding_ratio_2_vs_1_workers": round(results["dask_2_workers"]["embedding_pairs_per_s"]
                                                    / results["dask_1_worker"]["embedding_pairs_per_s"], 2),
-           "wall_ratio_2_vs_1_workers": round(results["dask_2_workers"]["pairs_per_s"] / results["dask_1_worker"]["pairs_per_s"], 2),
-           "note": "seconds/pairs_per_s include starting a local Dask cluster and its workers (importing torch, "
-                   "loading the backbone); embedding_* is the slowest shard's own embedding time"}
+           "wall_ratio_2_vs_1_workers": round(results["dask_2_workers"]["pairs_per_s"]
+                                              / results["dask_1_worker"]["pairs_per_s"], 2),
+           "note": "seconds/pairs_per_s include starting a local Dask cluster and its workers (importing "
+                   "torch, loading the backbone); embedding_* is the slowest shard's own embedding time"}
     publish("embed_dask", out)
     shutil.rmtree(tmp, ignore_errors=True)
 

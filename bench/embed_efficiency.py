@@ -25,14 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-from xray_core.model.backbone import load_backbone
-from xray_core.model.backbone import effective_batch_size
-from xray_core.model.features import EmbedItem, FeatureCache
-from xray_core.io.fsutil import sha256_file
-from xray_core.settings import load_settings
-
 from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
+
+from xray_core.io.fsutil import sha256_file
+from xray_core.model.backbone import effective_batch_size, load_backbone
+from xray_core.model.features import EmbedItem, FeatureCache
+from xray_core.settings import load_settings
 
 
 def write_images(folder: Path, n: int, side: int, seed: int = 0) -> list[EmbedItem]:
@@ -52,14 +50,17 @@ def write_images(folder: Path, n: int, side: int, seed: int = 0) -> list[EmbedIt
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--size", type=int, default=64, help="backbone input size in pixels (default 64)")
     parser.add_argument("--batch", type=int, default=16, help="embedding batch size (default 16)")
-    parser.add_argument("--image-side", type=int, default=512, help="side of the synthetic PNGs (default 512)")
+    parser.add_argument("--image-side", type=int, default=512,
+                        help="side of the synthetic PNGs (default 512)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader decode workers (default 0)")
     parser.add_argument("--weights", default="random", help="XRAY_BACKBONE_WEIGHTS (default random)")
-    parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; best kept (default 3)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="interleaved repetitions; best kept (default 3)")
     parser.add_argument("--device", default="auto", help="XRAY_DEVICE (default auto)")
     args = parser.parse_args()
 

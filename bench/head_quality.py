@@ -1,9 +1,10 @@
-"""Does the project's head reach the linear-probe ceiling on its own cached features? (a benchmark, not a test)
+"""Does the project's head reach the linear-probe ceiling on its own cached features?
+(a benchmark, not a test)
 
 Patient-grouped, label-stratified 5-fold cross-validation (scikit-learn ``StratifiedGroupKFold``) on
 ``../shared/data/cxr-sample`` with a random-init densenet161 (the only backbone offline). Features come
-from the project's own feature cache (``FeatureCache``: view 0 for scoring; view 0 and views 1..K for training,
-as ``train_step`` has them).
+from the project's own feature cache (``FeatureCache``: view 0 for scoring; view 0 and views 1..K for
+training, as ``train_step`` has them).
 In each fold, on the same training patients:
 
 * **ours**: the training part is split again by patient into train/val (one grouped fold of it), then
@@ -39,11 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from publish import publish, read_manifest  # bench/ is on sys.path when a benchmark runs as a script
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
-
-from publish import publish, read_manifest  # bench/ is on sys.path when a benchmark runs as a script
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "cxr-sample"
@@ -79,9 +79,9 @@ def ours(settings, x_views, x_eval, y, groups, fit_idx, n_classes: int) -> tuple
     config = HeadConfig.from_settings(settings)
     cands = candidate_recipes(config, choice=settings.head_recipe, l2_grid=tuple(settings.head_l2_grid))
     # held-out training images in k-fold: their eval view (column 0), as train_step has it
-    sel = select_recipe(cands, x_views[tr], y[tr], groups[tr], x_views[tr][:, 0], x_eval[va], y[va], groups[va],
-                        n_classes, folds=settings.recipe_folds, min_val_per_class=settings.recipe_min_val_per_class,
-                        seed=settings.train_seed)
+    sel = select_recipe(cands, x_views[tr], y[tr], groups[tr], x_views[tr][:, 0],
+                        x_eval[va], y[va], groups[va], n_classes, folds=settings.recipe_folds,
+                        min_val_per_class=settings.recipe_min_val_per_class, seed=settings.train_seed)
     fitted = fit_calibrated(sel, x_views[tr], y[tr], x_eval[va], y[va], n_classes)
     held = (predict_proba(fitted.head, x_eval[va]) if fitted.calibrated_on == "validation"
             else softmax(fitted.held_logits, fitted.temperature))
@@ -101,7 +101,8 @@ def summarise(y, probs, pred_threshold, labels, patients, settings) -> dict:
     from xray_core.evaluate.metrics import compute_metrics
 
     m = compute_metrics(y, probs, labels, threshold=pred_threshold, negative_label=settings.negative_label)
-    iv = bootstrap_intervals(y, probs, labels, patients, threshold=pred_threshold, negative_label=settings.negative_label,
+    iv = bootstrap_intervals(y, probs, labels, patients, threshold=pred_threshold,
+                             negative_label=settings.negative_label,
                              n_samples=settings.bootstrap_samples, seed=0)
     out = {}
     for key in ("macro_auroc", "accuracy", "ece"):
@@ -113,14 +114,16 @@ def summarise(y, probs, pred_threshold, labels, patients, settings) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=64, help="backbone input size in pixels (default 64)")
     parser.add_argument("--views", type=int, default=4, help="K augmented training views (default 4)")
     parser.add_argument("--folds", type=int, default=5, help="patient-grouped outer folds (default 5)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with manifest.csv")
     parser.add_argument("--foreign", default=str(DEFAULT_FOREIGN),
                         help="foreign films (manifest.csv) to measure the spread of p(positive) on; '' skips")
-    parser.add_argument("--home", default=None, help="keep the feature cache in this XRAY_HOME (default: a temp dir)")
+    parser.add_argument("--home", default=None,
+                        help="keep the feature cache in this XRAY_HOME (default: a temp dir)")
     args = parser.parse_args()
 
     from xray_core.settings import load_settings
@@ -133,7 +136,8 @@ def main() -> None:
                                   "XRAY_INPUT_SIZE": str(args.size), "XRAY_VIEWS": str(args.views),
                                   "XRAY_PATIENT_SALT": "bench"})
         t0 = time.perf_counter()
-        x_eval, x_aug = cached_features(settings, [data / r["file"] for r in rows], list(range(1, args.views + 1)))
+        x_eval, x_aug = cached_features(settings, [data / r["file"] for r in rows],
+                                        list(range(1, args.views + 1)))
         embed_s = time.perf_counter() - t0
         # training features as train_step has them (snapshot.train_views): the eval view, then views 1..K
         x_views = np.concatenate([x_eval[:, None], x_aug], axis=1) if x_aug is not None else x_eval[:, None]
@@ -168,7 +172,8 @@ def main() -> None:
         folds = [roc_auc_score(y[h], p[h, 1]) for _, h in outer.split(x_eval, y, groups)]
         summary["auroc_per_fold"] = [round(float(a), 4) for a in folds]
         summary["auroc_mean_per_fold"] = float(np.mean(folds))
-    ours_summary["accuracy_at_fold_thresholds"] = float(((p_ours[:, 1] >= per_image_thr).astype(int) == y).mean())
+    fold_pred = (p_ours[:, 1] >= per_image_thr).astype(int)
+    ours_summary["accuracy_at_fold_thresholds"] = float((fold_pred == y).mean())
     result = {
         "name": f"head_quality_{args.size}", "data": str(data), "images": len(y),
         "patients": int(len(set(groups))), "input_size": args.size, "views": args.views, "folds": args.folds,
@@ -185,14 +190,18 @@ def main() -> None:
         # one head trained as train_step would on the whole sample (its own inner train/val split),
         # scored on films from another population (adults, other hospitals): is p(positive) still
         # spread out there, or squeezed into a band as the old default head's ~0.03-wide one was?
-        p_foreign, _, name, _ = ours(settings, np.concatenate([x_views, x_foreign[:, None].repeat(x_views.shape[1], 1)]),
-                                     np.concatenate([x_eval, x_foreign]), np.r_[y, np.zeros(len(x_foreign), int)],
+        p_foreign, _, name, _ = ours(settings,
+                                     np.concatenate([x_views,
+                                                     x_foreign[:, None].repeat(x_views.shape[1], 1)]),
+                                     np.concatenate([x_eval, x_foreign]),
+                                     np.r_[y, np.zeros(len(x_foreign), int)],
                                      np.r_[groups, [f"foreign-{i}" for i in range(len(x_foreign))]],
                                      np.arange(len(y)), len(labels))
         p = p_foreign[len(y):, 1]
         result["foreign"] = {"data": str(foreign), "images": len(p), "recipe": name,
-                             "p_positive_p05": float(np.percentile(p, 5)), "p_positive_p95": float(np.percentile(p, 95)),
-                             "p_positive_std": float(p.std()), "p_positive_median": float(np.median(p))}
+                             "p_positive_p05": float(np.percentile(p, 5)),
+                             "p_positive_p95": float(np.percentile(p, 95)), "p_positive_std": float(p.std()),
+                             "p_positive_median": float(np.median(p))}
     result["goal_within_0.01_of_probe"] = a is not None and b is not None and a >= b - 0.01
     result["goal_auroc_0.90"] = a is not None and a >= 0.90
     publish(f"head_quality_{args.size}", result)

@@ -35,14 +35,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 
 from db import dispose_engines
 from xray_core.data.catalogue import catalogue_summary
 from xray_core.data.ingest import ingest_source
-from xray_core.settings import load_settings
 from xray_core.data.synthetic import make_xray
+from xray_core.settings import load_settings
 
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 LABELS = ("normal", "pneumonia")
 N_ANATOMIES = 16  # distinct make_xray bases per (label, size); every image adds its own noise
 
@@ -80,21 +80,24 @@ def _log(message: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="images for the first ingest (default 1000)")
     parser.add_argument("--size", type=int, default=1024, help="their side in pixels (default 1024)")
-    parser.add_argument("--rescan-n", type=int, default=10_000, help="unchanged files to re-scan (default 10000)")
+    parser.add_argument("--rescan-n", type=int, default=10_000,
+                        help="unchanged files to re-scan (default 10000)")
     parser.add_argument("--rescan-size", type=int, default=64, help="their side in pixels (default 64)")
     parser.add_argument("--workers", default="1,2",
                         help="XRAY_INGEST_WORKERS values for the first ingest, compared (default 1,2)")
-    parser.add_argument("--workdir", help="folder for sources and XRAY_HOME (default: a temp folder, removed)")
+    parser.add_argument("--workdir",
+                        help="folder for sources and XRAY_HOME (default: a temp folder, removed)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.workdir) as tmp:
         tmp_path = Path(tmp)
         workers = [int(w) for w in args.workers.split(",")]
 
-        def settings_for(w: int, **extra: str):  # noqa: ANN202 - Settings
+        def settings_for(w: int, **extra: str):  # -> Settings
             return load_settings({"XRAY_HOME": str(tmp_path / f"home-{w}"), "XRAY_PATIENT_SALT": "bench",
                                   "XRAY_MIN_IMAGE_SIDE": str(min(64, args.rescan_size, args.size)),
                                   "XRAY_INGEST_WORKERS": str(w), **extra})

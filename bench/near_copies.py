@@ -20,8 +20,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.publish import publish  # noqa: E402
-from xray_core.data.images import hamming, perceptual_hash  # noqa: E402
+from bench.publish import publish  # noqa: E402 - after ROOT is on sys.path (run as a script)
+from xray_core.data.images import hamming, perceptual_hash  # noqa: E402 - after ROOT is on sys.path
 
 SETS = {"paediatric": ROOT.parent / "shared" / "data" / "cxr-sample",
         "adult": ROOT.parent / "shared" / "data" / "cxr-adult-covid"}
@@ -58,7 +58,8 @@ def main() -> None:
                 moved.setdefault(kind, []).append(hamming(h, perceptual_hash(copy)))
         out[name] = {"films": len(films), "different_patient_pairs": len(other),
                      "closest_different_patients": int(min(other)),
-                     "different_patient_pairs_within": {d: int(sum(x <= d for x in other)) for d in (2, 3, 4, 6)},
+                     "different_patient_pairs_within": {d: int(sum(x <= d for x in other))
+                                                        for d in (2, 3, 4, 6)},
                      "copy_bits_moved_max": {k: int(max(v)) for k, v in moved.items()},
                      "copy_bits_moved_median": {k: float(np.median(v)) for k, v in moved.items()}}
     publish("near_copies", out)

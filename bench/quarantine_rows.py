@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 
 from db import dispose_engines
 from xray_core.data.ingest import ingest_source
 from xray_core.data.synthetic import make_xray
 from xray_core.settings import load_settings
-
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-sample"
 REAL_FILM = SAMPLE / "normal" / "IM-0629-0001-0001.jpeg"

@@ -17,15 +17,16 @@ This system, timed in the same process:
 The backbone is loaded (and its weights hashed) once before all timings and excluded from all of them.
 
 Reported: seconds of each, ratios tutorial/cold and tutorial/warm, test AUROC and accuracy of the
-tutorial head and of the warm model (with the head recipe this system chose and its temperature) (both trained on the final train split, scored on the final test split) with this
-system's patient-clustered bootstrap interval, and whether the tutorial's AUROC lies inside it.
-The tutorial's cost is a lower bound: it runs no per-epoch validation pass. Wall seconds are the
-headline; process CPU seconds (all threads) are reported beside them because they are far less
-disturbed by other work on a shared machine (the load average before and after is recorded).
+tutorial head and of the warm model (with the head recipe this system chose and its temperature) (both
+trained on the final train split, scored on the final test split) with this system's patient-clustered
+bootstrap interval, and whether the tutorial's AUROC lies inside it. The tutorial's cost is a lower bound: it
+runs no per-epoch validation pass. Wall seconds are the headline; process CPU seconds (all threads) are
+reported beside them because they are far less disturbed by other work on a shared machine (the load average
+before and after is recorded).
 
-Prints one JSON line and writes bench/results/retrain_vs_tutorial.json (at 64 px; retrain_vs_tutorial_<size>.json
-otherwise; with ``_tutorial-bn-eval`` appended for ``--tutorial-batch-norm eval`` and ``_<precision>``
-for ``--precision`` other than auto).
+Prints one JSON line and writes bench/results/retrain_vs_tutorial.json (at 64 px;
+retrain_vs_tutorial_<size>.json otherwise; with ``_tutorial-bn-eval`` appended for ``--tutorial-batch-norm
+eval`` and ``_<precision>`` for ``--precision`` other than auto).
 
     python bench/retrain_vs_tutorial.py [--size 64] [--epochs 20] [--views 4] [--data DIR] [--holdout 0.1]
 """
@@ -45,9 +46,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 from torch import nn
 
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "cxr-sample"
 
@@ -65,7 +66,8 @@ def read_images(data: Path | None, tmp: Path) -> tuple[list[dict], str]:
     from xray_core.data.synthetic import write_dataset
 
     records = write_dataset(tmp / "synthetic", patients_per_label=60, images_per_patient=1, size=256)
-    return [{"path": r.path, "label": r.label, "patient_id": r.patient_id} for r in records], "synthetic (120 images)"
+    return [{"path": r.path, "label": r.label, "patient_id": r.patient_id}
+            for r in records], "synthetic (120 images)"
 
 
 def hold_back(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
@@ -112,9 +114,9 @@ def image_folder(settings, rows, folder: Path) -> Path:
 def our_retrain(settings, source: Path) -> dict:
     """ingest -> load_split_data -> embed_step -> train_step -> evaluate_step, each timed."""
     from xray_core.data.ingest import ingest_source
+    from xray_core.data.snapshot import load_split_data
     from xray_core.pipeline.embed import embed_step
     from xray_core.pipeline.steps import evaluate_step, train_step
-    from xray_core.data.snapshot import load_split_data
 
     t = {}
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -131,12 +133,12 @@ def our_retrain(settings, source: Path) -> dict:
     evaluation = evaluate_step(settings, trained["version"], data)
     t["evaluate"] = time.perf_counter() - mark
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"seconds": round(seconds, 2), "cpu_s": round(cpu, 2), "breakdown_s": {k: round(v, 2) for k, v in t.items()},
-            "added_images": ingest.added, "rejected": ingest.rejected, "split": data.counts(),
-            "pairs_computed": embed["computed"], "pairs_cached": embed["cached"],
-            "best_epoch": trained["best_epoch"], "epochs_run": trained["epochs_run"],
-            "recipe": trained.get("recipe"), "recipe_reason": trained.get("recipe_reason"),
-            "temperature": trained.get("temperature"),
+    return {"seconds": round(seconds, 2), "cpu_s": round(cpu, 2),
+            "breakdown_s": {k: round(v, 2) for k, v in t.items()}, "added_images": ingest.added,
+            "rejected": ingest.rejected, "split": data.counts(), "pairs_computed": embed["computed"],
+            "pairs_cached": embed["cached"], "best_epoch": trained["best_epoch"],
+            "epochs_run": trained["epochs_run"], "recipe": trained.get("recipe"),
+            "recipe_reason": trained.get("recipe_reason"), "temperature": trained.get("temperature"),
             "version": trained["version"], "data": data, "evaluation": evaluation}
 
 
@@ -154,6 +156,7 @@ def tutorial_loop(settings, backbone, train_dir: Path, test_dir: Path, *, epochs
     the backbone in eval mode (the module this system embeds with, as it is).
     """
     import copy
+
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -176,10 +179,12 @@ def tutorial_loop(settings, backbone, train_dir: Path, test_dir: Path, *, epochs
     assert train_set.classes == test_set.classes
 
     torch.manual_seed(seed)  # a script, not a library: the tutorial's global seed
-    head = build_head(2208, len(train_set.classes), hidden=tuple(settings.head_hidden), dropout=settings.head_dropout)
+    head = build_head(2208, len(train_set.classes), hidden=tuple(settings.head_hidden),
+                      dropout=settings.head_dropout)
     if batch_norm == "train":
         features = copy.deepcopy(backbone.features.features)  # plain nn.Module: train() reaches batch norm
-        trunk = nn.Sequential(features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # = FrozenDenseNetFeatures
+        # = FrozenDenseNetFeatures
+        trunk = nn.Sequential(features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         for p in trunk.parameters():
             p.requires_grad_(False)
     else:
@@ -211,8 +216,10 @@ def tutorial_loop(settings, backbone, train_dir: Path, test_dir: Path, *, epochs
     metrics = compute_metrics(y, p, train_set.classes, threshold=None, negative_label=settings.negative_label,
                               target_specificity=settings.target_specificity)
     return {"seconds": round(seconds, 2), "cpu_s": round(cpu, 2), "epochs": epochs,
-            "epoch_s": [round(e, 2) for e in epoch_seconds], "median_epoch_x_epochs_s": round(float(np.median(epoch_seconds)) * epochs, 2), "train_images": len(train_set),
-            "test_images": len(test_set), "batch_norm": batch_norm, "macro_auroc": metrics["macro_auroc"], "accuracy": metrics["accuracy"],
+            "epoch_s": [round(e, 2) for e in epoch_seconds],
+            "median_epoch_x_epochs_s": round(float(np.median(epoch_seconds)) * epochs, 2),
+            "train_images": len(train_set), "test_images": len(test_set), "batch_norm": batch_norm,
+            "macro_auroc": metrics["macro_auroc"], "accuracy": metrics["accuracy"],
             "classes": train_set.classes}
 
 
@@ -220,22 +227,29 @@ def tutorial_loop(settings, backbone, train_dir: Path, test_dir: Path, *, epochs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=64, help="backbone input size in pixels (default 64)")
     parser.add_argument("--epochs", type=int, default=20, help="head epochs, both sides (default 20)")
-    parser.add_argument("--views", type=int, default=4, help="K augmented views per training image (default 4)")
+    parser.add_argument("--views", type=int, default=4,
+                        help="K augmented views per training image (default 4)")
     parser.add_argument("--data", default=str(DEFAULT_DATA),
-                        help="folder with manifest.csv (default ../shared/data/cxr-sample; synthetic if absent)")
-    parser.add_argument("--holdout", type=float, default=0.1, help="fraction of patients held back for the warm run")
-    parser.add_argument("--batch", type=int, default=32, help="tutorial batch size = XRAY_BATCH_SIZE (default 32)")
+                        help="folder with manifest.csv (default ../shared/data/cxr-sample; "
+                             "synthetic if absent)")
+    parser.add_argument("--holdout", type=float, default=0.1,
+                        help="fraction of patients held back for the warm run")
+    parser.add_argument("--batch", type=int, default=32,
+                        help="tutorial batch size = XRAY_BATCH_SIZE (default 32)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap samples for our interval")
     parser.add_argument("--device", default="cpu", help="XRAY_DEVICE (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="tutorial head seed (default 0)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="XRAY_EMBED_PRECISION of this system (default auto: its default); the tutorial runs fp32")
+                        help="XRAY_EMBED_PRECISION of this system (default auto: its default); the "
+                             "tutorial runs fp32")
     parser.add_argument("--tutorial-batch-norm", choices=("train", "eval"), default="train",
-                        help="train: the tutorial as written (model.train() reaches the backbone's batch norm); "
-                             "eval: the backbone pinned in eval mode as this system uses it (default train)")
+                        help="train: the tutorial as written (model.train() reaches the backbone's batch "
+                             "norm); eval: the backbone pinned in eval mode as this system uses it "
+                             "(default train)")
     parser.add_argument("--warm-repeats", type=int, default=3,
                         help="warm retrains, each on a copy of the cold run's home; the median is reported")
     args = parser.parse_args()
@@ -301,14 +315,14 @@ def main() -> None:
     result = {
         "name": "retrain_vs_tutorial",
         "data": data_name,
-        "images": len(rows), "held_back_images": len(later), "held_back_patients": len({r["patient_id"] for r in later}),
-        "input_size": args.size, "epochs": args.epochs, "views": args.views, "device": str(backbone.device),
-        "torch_threads": torch.get_num_threads(), "backbone": "densenet161 random-init (same weights both sides)",
-        "precision_ours": backbone.precision, "precision_tutorial": "fp32",
-        "tutorial_batch_norm": args.tutorial_batch_norm,
-        "backbone_load_s_excluded": round(backbone_load_s, 2),
-        "tutorial_s": tutorial["seconds"], "cold_s": cold["seconds"], "warm_s": warm["seconds"],
-        "warm_runs_s": warm["all_runs_s"],
+        "images": len(rows), "held_back_images": len(later),
+        "held_back_patients": len({r["patient_id"] for r in later}), "input_size": args.size,
+        "epochs": args.epochs, "views": args.views, "device": str(backbone.device),
+        "torch_threads": torch.get_num_threads(),
+        "backbone": "densenet161 random-init (same weights both sides)", "precision_ours": backbone.precision,
+        "precision_tutorial": "fp32", "tutorial_batch_norm": args.tutorial_batch_norm,
+        "backbone_load_s_excluded": round(backbone_load_s, 2), "tutorial_s": tutorial["seconds"],
+        "cold_s": cold["seconds"], "warm_s": warm["seconds"], "warm_runs_s": warm["all_runs_s"],
         "tutorial_steady_s": tutorial["median_epoch_x_epochs_s"],
         "ratio_steady_tutorial_over_warm": round(tutorial["median_epoch_x_epochs_s"] / warm["seconds"], 2),
         "ratio_tutorial_over_cold": round(tutorial["seconds"] / cold["seconds"], 2),

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -31,7 +31,7 @@ _lock = threading.Lock()
 
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # noqa: ANN001 - DB-API objects
+    def _on_connect(dbapi_conn, _record):  # DB-API connection and record
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves, below
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
@@ -41,7 +41,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn):  # noqa: ANN001
+    def _on_begin(conn):
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -51,7 +51,7 @@ def _configure_postgresql(engine: Engine) -> None:
     champion switch) cannot interleave between processes. Released at commit or rollback."""
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn):  # noqa: ANN001
+    def _on_begin(conn):
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
 
 
@@ -103,7 +103,7 @@ def header_problem(path: Path) -> str | None:
     return None
 
 
-def open_sqlite(path: Path, *, read_only: bool = False):  # noqa: ANN201 - sqlite3.Connection
+def open_sqlite(path: Path, *, read_only: bool = False):  # -> sqlite3.Connection
     """A plain sqlite3 connection to the catalogue file. ``read_only`` opens it with ``mode=ro``: it
     still reads through the WAL, but never checkpoints (not even when it closes), so a report changes
     nothing on disk."""
@@ -245,7 +245,7 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
         yield
 
 
-def alembic_config(engine: Engine):  # noqa: ANN201 - alembic.config.Config
+def alembic_config(engine: Engine):  # -> alembic.config.Config
     from alembic.config import Config
 
     cfg = Config()

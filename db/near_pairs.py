@@ -27,7 +27,8 @@ import numpy as np
 import sqlalchemy as sa
 
 NEAR_PAIR_MAX_DISTANCE = 6  # bits of 64: the pairs ``near_pairs`` holds, and what ``xray status`` lists
-NEAR_PAIRS_PER_FILM = 32  # the closest pairs a new film records at ingest (xray_core.data.admission.record_near_pairs)
+# the closest pairs a new film records at ingest (xray_core.data.admission.record_near_pairs)
+NEAR_PAIRS_PER_FILM = 32
 MIN_BAND_BITS = 8  # narrower bands (d >= 8) fall back to a linear scan
 _U64 = (1 << 64) - 1
 _BYTE_POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
@@ -91,7 +92,7 @@ class BandIndex:
         live = self._hashes[: self._n]
         self._keys, self._order = [], []
         for shift, mask in self._layout:
-            values = ((live >> np.uint64(shift)) & np.uint64(mask)).astype(_band_dtype(mask))
+            values: np.ndarray = ((live >> np.uint64(shift)) & np.uint64(mask)).astype(_band_dtype(mask))
             order = np.argsort(values, kind="stable")
             self._order.append(order.astype(np.int64))
             self._keys.append(values[order])
@@ -184,7 +185,8 @@ def backfill_near_pairs(conn: sa.Connection, *, distance: int = NEAR_PAIR_MAX_DI
     hashes = np.array([r[1] for r in rows], dtype=np.int64).view(np.uint64)
     _, codes = np.unique(np.array([r[2] for r in rows], dtype=object).astype(str), return_inverse=True)
     lo, hi, dist = pairs_within(hashes, distance, groups=codes)
-    # As ingest records them: each film (the later id, hi) keeps its NEAR_PAIRS_PER_FILM closest earlier films.
+    # As ingest records them: each film (the later id, hi) keeps its NEAR_PAIRS_PER_FILM closest earlier
+    # films.
     order = np.lexsort((lo, dist, hi))
     lo, hi, dist = lo[order], hi[order], dist[order]
     first = np.flatnonzero(np.concatenate(([True], hi[1:] != hi[:-1])))

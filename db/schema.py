@@ -5,7 +5,7 @@ Alembic migrations in ``db/migrations`` create exactly this schema; ``tests`` co
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -33,13 +33,13 @@ MODEL_STATUSES = ("candidate", "champion", "retired", "rejected")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(when: datetime) -> datetime:
     """``when`` as an aware UTC time; a naive ``when`` is taken to be UTC already (what this project
     writes, and what SQLite hands back: it stores no offset)."""
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -248,7 +248,8 @@ class Promotion(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     from_version: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     to_version: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
-    decision: Mapped[str] = mapped_column(String(32))  # promote|keep|insufficient_evidence|manual_promote|rollback|reject
+    # promote|keep|insufficient_evidence|manual_promote|rollback|reject
+    decision: Mapped[str] = mapped_column(String(32))
     champion_after: Mapped[int | None] = mapped_column(Integer)
     rationale: Mapped[str] = mapped_column(Text)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -4,7 +4,8 @@ final state of a flow that refuses a path outside the allowed roots, and a run's
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger
@@ -16,13 +17,14 @@ from xray_core.io.fsutil import utf8_safe
 from xray_core.io.oserrors import is_transient_io, user_error
 
 
-def progress_reporter(key: str, description: str, *, min_interval_s: float = 2.0) -> Callable[[int, int], None]:
+def progress_reporter(key: str, description: str, *,
+                      min_interval_s: float = 2.0) -> Callable[[int, int], None]:
     """A ``progress(done, total)`` callback backed by a Prefect progress artifact.
 
     Updates are throttled (at most one per ``min_interval_s``, plus the final one) so that a long
     embedding does not flood the API.
     """
-    state: dict[str, object] = {"id": None, "last": 0.0}
+    state: dict[str, Any] = {"id": None, "last": 0.0}
 
     def update(done: int, total: int) -> None:
         pct = 100.0 * done / total if total else 100.0
@@ -31,7 +33,7 @@ def progress_reporter(key: str, description: str, *, min_interval_s: float = 2.0
             state["id"] = create_progress_artifact(progress=pct, key=key, description=description)
             state["last"] = now
         elif done >= total or now - float(state["last"]) >= min_interval_s:
-            update_progress_artifact(artifact_id=state["id"], progress=pct)  # type: ignore[arg-type]
+            update_progress_artifact(artifact_id=state["id"], progress=pct)
             state["last"] = now
 
     return update
@@ -42,7 +44,7 @@ def epoch_reporter(key: str, description: str) -> Callable[[int, int, dict], Non
     return lambda epoch, epochs, _row: progress(epoch, epochs)
 
 
-def transient_io(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
+def transient_io(task, task_run, state) -> bool:  # Prefect's retry_condition_fn signature
     """Retry only on transient I/O errors (a flaky network share: EIO, ESTALE, a timeout, a reset
     connection), never on what the user must fix (a path too long, a read-only file system, no
     permission), a full disk, bad data or code errors: :func:`xray_core.io.oserrors.is_transient_io`."""

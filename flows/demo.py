@@ -28,13 +28,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from flows.retrain import retrain
 from xray_core.io.allowed_roots import caller_paths
 from xray_core.report.demo import closing_summary, render_arrival
-from xray_core.report.terminal import render_models, render_status
 from xray_core.report.settings_line import changed_settings
+from xray_core.report.terminal import render_models, render_status
 from xray_core.settings import Settings
 
 BATCH_1_SHARE = 0.7  # of the paediatric patients arrive first; the rest arrive in batch 2
@@ -70,7 +70,8 @@ class SyntheticSize:
 
 
 def _stage_sample(sample: Path, incoming: Path) -> list[Path]:
-    """Copy the sample into two batch folders with their own manifests (site ``paediatric``), split by patient."""
+    """Copy the sample into two batch folders with their own manifests (site ``paediatric``), split by
+    patient."""
     with open(sample / "manifest.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     patients = sorted({r["patient_id"] for r in rows}, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
@@ -122,7 +123,8 @@ def _stage_synthetic_paediatric(incoming: Path, size: SyntheticSize) -> list[Pat
     first = max(2, round(size.paediatric_patients * BATCH_1_SHARE))
     manifests = []
     for n, (offset, patients) in enumerate(((0, first), (1000, size.paediatric_patients - first)), start=1):
-        write_site_dataset(incoming / f"batch-{n}", style, patients_per_label=patients, seed=n, patient_offset=offset)
+        write_site_dataset(incoming / f"batch-{n}", style, patients_per_label=patients,
+                           seed=n, patient_offset=offset)
         manifests.append(incoming / f"batch-{n}" / "manifest.csv")
     return manifests
 
@@ -134,8 +136,8 @@ def _stage_synthetic_covid(incoming: Path, size: SyntheticSize) -> Path:
 
     style = SiteStyle(COVID_SITE, size=size.size + 32, bit_depth=16, gamma=0.7, border=6, marker="PORTABLE")
     target = incoming / "arrival-3"
-    covid = write_site_dataset(target / "covid", style, labels=("covid19",), patients_per_label=size.covid_patients,
-                               seed=3, manifest=False)
+    covid = write_site_dataset(target / "covid", style, labels=("covid19",),
+                               patients_per_label=size.covid_patients, seed=3, manifest=False)
     normal = write_site_dataset(target / "normal", style, labels=("normal",),
                                 patients_per_label=size.covid_normal_patients, seed=4,
                                 patient_offset=size.covid_patients, manifest=False)
@@ -151,8 +153,8 @@ def stage_arrivals(incoming: Path, *, sample: Path | None, covid: Path | None,
     lines = []
     if sample is not None and (sample / "manifest.csv").is_file():
         paeds = _stage_sample(sample, incoming)
-        lines.append(f"Site {PAEDIATRIC_SITE}: the real sample {sample} (120 paediatric chest X-rays, normal/pneumonia, "
-                     "CC BY 4.0), split by patient into two arriving batches.")
+        lines.append(f"Site {PAEDIATRIC_SITE}: the real sample {sample} (120 paediatric chest X-rays, "
+                     "normal/pneumonia, CC BY 4.0), split by patient into two arriving batches.")
         paeds_synthetic = False
     else:
         paeds = _stage_synthetic_paediatric(incoming, synthetic)
@@ -161,13 +163,14 @@ def stage_arrivals(incoming: Path, *, sample: Path | None, covid: Path | None,
         paeds_synthetic = True
     if covid is not None and (covid / "manifest.csv").is_file():
         third = _stage_covid(covid, incoming)
-        lines.append(f"Site {COVID_SITE}: the real adult collection {covid} (42 films, 34 COVID-19 and 8 normal, "
-                     "from the COVID-19 image data collection, CC BY 3.0/4.0; see its ATTRIBUTION.md).")
+        lines.append(f"Site {COVID_SITE}: the real adult collection {covid} (42 films, 34 COVID-19 and 8 "
+                     "normal, from the COVID-19 image data collection, CC BY 3.0/4.0; see its "
+                     "ATTRIBUTION.md).")
         covid_synthetic = False
     else:
         third = _stage_synthetic_covid(incoming, synthetic)
-        lines.append(f"Site {COVID_SITE}: the SYNTHETIC second site (no real collection at {covid}): covid19 and a few "
-                     "normal films, made bigger, 16-bit, with a border and a PORTABLE marker.")
+        lines.append(f"Site {COVID_SITE}: the SYNTHETIC second site (no real collection at {covid}): covid19 "
+                     "and a few normal films, made bigger, 16-bit, with a border and a PORTABLE marker.")
         covid_synthetic = True
     arrivals = [Arrival(f"{PAEDIATRIC_SITE} batch 1", paeds[0], paeds_synthetic),
                 Arrival(f"{PAEDIATRIC_SITE} batch 2", paeds[1], paeds_synthetic),
@@ -193,15 +196,15 @@ def prepare_demo_home(home: Path, *, fresh: bool) -> None:
     if fresh and exists and not empty:
         if not (home / DEMO_MARKER).is_file():
             raise UsageError(
-                f"refusing --fresh: XRAY_HOME={home} was not created by `xray demo` (no {DEMO_MARKER} marker), "
-                "so it may hold a real catalogue, store or models. Only a demo home is deleted; point "
-                "XRAY_HOME at a new folder (e.g. XRAY_HOME=var/demo) or remove this one yourself.")
+                f"refusing --fresh: XRAY_HOME={home} was not created by `xray demo` (no {DEMO_MARKER} "
+                "marker), so it may hold a real catalogue, store or models. Only a demo home is deleted; "
+                "point XRAY_HOME at a new folder (e.g. XRAY_HOME=var/demo) or remove this one yourself.")
         shutil.rmtree(home)
         exists = empty = False
     if not exists or empty:
         home.mkdir(parents=True, exist_ok=True)
-        (home / DEMO_MARKER).write_text("created by `xray demo`; `xray demo --fresh` may delete this folder\n",
-                                        encoding="utf-8")
+        marker = "created by `xray demo`; `xray demo --fresh` may delete this folder\n"
+        (home / DEMO_MARKER).write_text(marker, encoding="utf-8")
 
 
 def full_result(headline: dict[str, Any]) -> dict[str, Any]:
@@ -222,8 +225,8 @@ def label_shortcut(settings: Settings, audit: dict[str, Any] | None) -> dict[str
     about *COVID-19*, which is the tutorial's question. Same public probes, one label against the rest.
     """
     from xray_core.data.facts import image_facts
-    from xray_core.evaluate.audit import metadata_probe, site_only_auroc
     from xray_core.data.snapshot import load_split_data
+    from xray_core.evaluate.audit import metadata_probe, site_only_auroc
 
     single = {k: v for k, v in ((audit or {}).get("label_site") or {}).get("single_site_labels", {}).items()
               if k != settings.negative_label}
@@ -260,18 +263,18 @@ def review_first_champion(result: dict[str, Any]) -> tuple[str, list[str]]:
     warnings = "; ".join((result.get("audit") or {}).get("warnings") or [])
     version = result["version"]
     reason = (f"demo, as the reviewer: v{version} was blocked only by the shortcut audit ({warnings}); every "
-              "other check passed. Promoted by hand so that later arrivals have a champion to beat; the warning "
-              "stays in the audit trail.")
-    lines = [f"review: v{version} passed every check except the shortcut audit. The demo plays the reviewer and "
-             f"promotes it by hand (xray promote {version} --reason ...), recorded with the audit's warning; a real "
-             "reviewer might decide otherwise."]
+              "other check passed. Promoted by hand so that later arrivals have a champion to beat; the "
+              "warning stays in the audit trail.")
+    lines = [f"review: v{version} passed every check except the shortcut audit. The demo plays the reviewer "
+             f"and promotes it by hand (xray promote {version} --reason ...), recorded with the audit's "
+             "warning; a real reviewer might decide otherwise."]
     return reason, lines
 
 
 def settings_line(settings: Settings) -> str:
     """The demo's first words on its settings: the task, then every setting that differs from its default
-    (:func:`xray_core.report.settings_line.changed_settings`: the Makefile's DEMO_ENV, lowered floors included, and
-    whatever the user set on top), so no lowered bar goes unsaid."""
+    (:func:`xray_core.report.settings_line.changed_settings`: the Makefile's DEMO_ENV, lowered floors
+    included, and whatever the user set on top), so no lowered bar goes unsaid."""
     changed = ", ".join(f"{var}={value}" for var, value in changed_settings(settings).items())
     return (f"Demo settings: task {TASK}; every setting that differs from its default (docs/settings.md): "
             f"{changed or 'none'}.")
@@ -290,7 +293,8 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
     prepare_demo_home(settings.home, fresh=fresh)
     if covid is None and sample is not None:
         covid = sample.parent / COVID_FOLDER
-    arrivals, data_lines = stage_arrivals(settings.home / "incoming", sample=sample, covid=covid, synthetic=synthetic)
+    arrivals, data_lines = stage_arrivals(settings.home / "incoming", sample=sample,
+                                          covid=covid, synthetic=synthetic)
     for line in data_lines:
         out.write(line + "\n")
     if settings.backbone_weights == "random":
@@ -301,7 +305,9 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
     for n, arrival in enumerate(arrivals, start=1):
         # The demo staged these manifests itself, under XRAY_HOME: allowed for its own calls only.
         with caller_paths(arrival.manifest):
-            headline = retrain(manifests=[str(arrival.manifest)], use_incoming=False, trigger="demo")
+            # A flow called as a function returns its final state's data: the headline dict.
+            headline = cast(dict[str, Any], retrain(manifests=[str(arrival.manifest)], use_incoming=False,
+                                                    trigger="demo"))
         result = full_result(headline)
         result["shortcuts"] = label_shortcut(settings, result.get("audit"))
         results.append(result)
@@ -320,6 +326,7 @@ def run_demo(settings: Settings, *, sample: Path | None, out: TextIO, fresh: boo
     out.write("$ xray models\n" + render_models(list_models(settings)) + "\n\n")
     status = status_report(settings)
     out.write("$ xray status\n" + render_status(status).split("\nsettings:")[0] + "\n")
-    out.write(f"\nEverything is under {settings.home} (catalogue.db, store/, features/, models/, reports/).\n")
+    out.write(
+        f"\nEverything is under {settings.home} (catalogue.db, store/, features/, models/, reports/).\n")
     return {"runs": headlines, "summary": summary, "home": str(settings.home),
             "synthetic": [a.title for a in arrivals if a.synthetic]}

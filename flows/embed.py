@@ -17,9 +17,9 @@ from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import transient_io
+from xray_core.data.snapshot import load_snapshot
 from xray_core.io.allowed_roots import confine_to
 from xray_core.pipeline.embed import embed_shard, merge_embed_stats
-from xray_core.data.snapshot import load_snapshot
 from xray_core.settings import Settings, get_settings
 
 
@@ -32,7 +32,8 @@ def embed_shard_task(snapshot: str, shard: int, shards: int, threads: int,
 
 
 @flow(name="embed-parallel")
-def embed_parallel(snapshot: str, shards: int, threads: int = 1, precision: str | None = None) -> dict[str, Any]:
+def embed_parallel(snapshot: str, shards: int, threads: int = 1,
+                   precision: str | None = None) -> dict[str, Any]:
     """Map the shards over the flow's task runner (a DaskTaskRunner) and merge their stats.
 
     ``snapshot`` must be a run's split under XRAY_HOME/reports (where the retrain flow writes it) or in
@@ -45,7 +46,7 @@ def embed_parallel(snapshot: str, shards: int, threads: int = 1, precision: str 
     return merge_embed_stats([f.result() for f in futures], time.perf_counter() - start)
 
 
-def dask_task_runner(settings: Settings):  # noqa: ANN201 - prefect_dask.DaskTaskRunner
+def dask_task_runner(settings: Settings):  # -> prefect_dask.DaskTaskRunner
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:  # pragma: no cover - the extra is installed by the Makefile
@@ -72,4 +73,5 @@ def run_parallel_embed(settings: Settings, snapshot: str, *, threads: int | None
     shards = settings.embed_dask_workers
     threads = threads or torch.get_num_threads()
     precision = pick_precision(settings.embed_precision, pick_device(settings.device))
-    return embed_parallel.with_options(task_runner=dask_task_runner(settings))(snapshot, shards, threads, precision)
+    runner = dask_task_runner(settings)
+    return embed_parallel.with_options(task_runner=runner)(snapshot, shards, threads, precision)

@@ -29,7 +29,8 @@ def emit_event(event: str, **kwargs: Any) -> None:
 
 
 # A retrain's final state -> the event it emits.
-RETRAIN_EVENTS = {"Promoted": "xray.model.promoted", "Kept": "xray.model.kept", "Skipped": "xray.retrain.skipped",
+RETRAIN_EVENTS = {"Promoted": "xray.model.promoted", "Kept": "xray.model.kept",
+                  "Skipped": "xray.retrain.skipped",
                   "Insufficient evidence": "xray.retrain.insufficient_evidence",
                   "Blocked": "xray.retrain.blocked"}
 # Events about the challenger (on its model resource; a Blocked one waits for a reviewer: `xray promote N`);
@@ -84,11 +85,12 @@ def emit_drift(result: dict[str, Any], source: Source = "monitor") -> int:
     sent = 0
     for check in drifted:
         subject = check["subject"]
-        resource = ({"prefect.resource.id": f"xray.site.{subject.removeprefix('site ')}"} if subject.startswith("site ")
-                    else model_resource(result.get("model")))
+        resource = ({"prefect.resource.id": f"xray.site.{subject.removeprefix('site ')}"}
+                    if subject.startswith("site ") else model_resource(result.get("model")))
         emit_event("xray.drift.detected", resource={**resource, "xray.source": source},
                    related=[{**model_resource(result.get("model")), "prefect.resource.role": "champion"}],
-                   payload={k: check.get(k) for k in ("n", "ood_flagged", "mmd_p", "ks_p", "prevalence", "verdict")}
+                   payload={k: check.get(k)
+                            for k in ("n", "ood_flagged", "mmd_p", "ks_p", "prevalence", "verdict")}
                    | {"subject": subject, "report": result.get("report"), "source": source})
         sent += 1
     return sent

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from flows.common import progress_reporter, refused, transient_io
 from flows.events import emit_drift, emit_ingested
@@ -39,7 +40,7 @@ def drift_task(flow_run_id: str | None) -> dict[str, Any]:
 
 @flow(name="ingest")
 def ingest(path: str, manifest: str | None = None, site: str | None = None,
-           check_drift: bool = True, columns: dict[str, str] | None = None) -> dict[str, Any]:
+           check_drift: bool = True, columns: dict[str, str] | None = None) -> dict[str, Any] | State:
     """Ingest ``path`` (``<root>/<label>/<image>``), or the manifest CSV ``manifest`` (paths relative to it).
 
     ``site``: where these films come from (a manifest's ``site`` column wins); default: the folder's name.
@@ -55,7 +56,7 @@ def ingest(path: str, manifest: str | None = None, site: str | None = None,
     try:
         paths = confine_parameters(get_settings(), read={"path": path, "manifest": manifest})
     except PathRefusedError as exc:
-        return refused(exc)  # type: ignore[return-value] - the run's final state, not a summary
+        return refused(exc)  # the run's final state, not a summary
     path, manifest = paths["path"], paths["manifest"]
     summary = ingest_task(path, manifest, site, columns)
     create_markdown_artifact(markdown=utf8_safe(f"```\n{render_ingest(summary)}\n```"), key="ingest-summary",

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from flows.common import progress_reporter, refused
 from xray_core.errors import PathRefusedError
@@ -30,7 +31,7 @@ def predict_task(path: str, out: str | None, manifest: str | None, version: int 
 
 @flow(name="predict")
 def predict(path: str, out: str | None = None, manifest: str | None = None, version: int | None = None,
-            heatmaps: str | None = None) -> dict[str, Any]:
+            heatmaps: str | None = None) -> dict[str, Any] | State:
     """Predict a folder; ``out`` defaults to XRAY_HOME/predictions/<folder name>.csv; ``heatmaps``: a
     folder for one Grad-CAM overlay PNG per predicted image (none when unset). ``path`` and ``manifest``
     must be inside the allowed roots, ``out`` and ``heatmaps`` under XRAY_HOME/predictions (see
@@ -39,7 +40,7 @@ def predict(path: str, out: str | None = None, manifest: str | None = None, vers
         paths = confine_parameters(get_settings(), read={"path": path, "manifest": manifest},
                                    write={"out": out, "heatmaps": heatmaps})
     except PathRefusedError as exc:
-        return refused(exc)  # type: ignore[return-value] - the run's final state, not a result
+        return refused(exc)  # the run's final state, not a result
     path, manifest, out, heatmaps = paths["path"], paths["manifest"], paths["out"], paths["heatmaps"]
     if out is None:
         out = str(get_settings().home / "predictions" / f"{Path(path).name or 'batch'}.csv")
@@ -64,12 +65,15 @@ def predict(path: str, out: str | None = None, manifest: str | None = None, vers
 
 def drift_markdown(check: dict[str, Any], subject: str) -> str:
     """The predict batch's drift check as a short markdown note (same key as the monitor's report)."""
-    lines = [f"# Drift check: predict batch `{subject}`", "", f"**{check['verdict']}**", "", check["ood_line"]]
+    lines = [f"# Drift check: predict batch `{subject}`", "",
+             f"**{check['verdict']}**", "", check["ood_line"]]
     if "mmd_p" in check:
         lines += ["", "| test | statistic | p |", "|---|---|---|",
                   f"| MMD on embeddings (input shift) | {check['mmd']:.4g} | {check['mmd_p']:.3g} |",
-                  f"| KS on predicted probabilities (output shift) | {check['ks']:.3g} | {check['ks_p']:.3g} |",
-                  f"| excess of out-of-distribution films (binomial) | {check['ood_flagged']} of {check['n']} | "
-                  f"{check['ood_p']:.3g} |", "", f"Estimated prevalence (BBSE): {check['prevalence']}"]
+                  f"| KS on predicted probabilities (output shift) | {check['ks']:.3g} | "
+                  f"{check['ks_p']:.3g} |",
+                  f"| excess of out-of-distribution films (binomial) | {check['ood_flagged']} of "
+                  f"{check['n']} | {check['ood_p']:.3g} |", "",
+                  f"Estimated prevalence (BBSE): {check['prevalence']}"]
     lines += ["", "A drift warning is evidence that the inputs changed, not proof that performance fell."]
     return "\n".join(lines)

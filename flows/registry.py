@@ -21,4 +21,5 @@ def promote(version: int, reason: str, actor: str | None = None) -> dict[str, An
 @flow(name="rollback")
 def rollback(reason: str, actor: str | None = None) -> dict[str, Any]:
     """Return to the champion before the current one."""
-    return registry.rollback(get_settings(), reason=reason, trigger="manual", actor=actor, flow_run_id=flow_run.id)
+    return registry.rollback(get_settings(), reason=reason, trigger="manual",
+                             actor=actor, flow_run_id=flow_run.id)

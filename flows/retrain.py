@@ -10,7 +10,8 @@ Artifacts are keyed, so the UI keeps their history; each description starts with
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Literal, ParamSpec, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -36,8 +37,14 @@ from xray_core.pipeline.recipe import RetrainRequest
 from xray_core.registry.listing import list_models
 from xray_core.report.drift import drift_description
 from xray_core.report.format import cut_words
-from xray_core.report.markdown import (artifact_description, comparison_words, drift_markdown, metrics_rows,
-                                       registry_rows, retrain_markdown)
+from xray_core.report.markdown import (
+    artifact_description,
+    comparison_words,
+    drift_markdown,
+    metrics_rows,
+    registry_rows,
+    retrain_markdown,
+)
 from xray_core.results import RunResult, Snapshot
 from xray_core.settings import Settings, get_settings
 
@@ -153,5 +160,5 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
     emit_retrain_outcome(result)
     emit_retrain_drift(result)
     logger.info(result.state_line)
-    final = Completed(name=result.state, message=result.state_message[:1000], data=result.digest())
+    final: State = Completed(name=result.state, message=result.state_message[:1000], data=result.digest())
     return tag_decision(final)

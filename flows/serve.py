@@ -50,7 +50,8 @@ def wait_for_server(url: str, timeout_s: float = 90.0) -> None:
                     return
         except OSError:
             time.sleep(1)
-    raise SystemExit(f"the Prefect server at {url} did not answer within {timeout_s:.0f} s; see its server.log")
+    raise SystemExit(f"the Prefect server at {url} did not answer within {timeout_s:.0f} s; see "
+                     "its server.log")
 
 
 def nightly_config(env: Mapping[str, str]) -> NightlyConfig:

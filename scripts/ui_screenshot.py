@@ -48,7 +48,8 @@ def find_browser(explicit: str | None) -> str:
         if found := shutil.which(name):
             return found
     raise SystemExit(_usage_error(f"no Chromium on PATH (looked for {', '.join(BROWSERS)}); install it with "
-                                  "`sudo apt-get install -y chromium` (Debian/Ubuntu), or pass --chromium PATH"))
+                                  "`sudo apt-get install -y chromium` (Debian/Ubuntu), or pass "
+                                  "--chromium PATH"))
 
 
 def _usage_error(message: str) -> int:
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "deployment of the newest retrain run, else retrain/nightly)")
     parser.add_argument("--width", type=int, default=1440, help="viewport width in px (default: %(default)s)")
     # 1500 px leaves room for about ten runs below the filters and the duration chart.
-    parser.add_argument("--height", type=int, default=1500, help="viewport height in px (default: %(default)s)")
+    parser.add_argument("--height", type=int, default=1500,
+                        help="viewport height in px (default: %(default)s)")
     parser.add_argument("--wait-ms", type=int, default=15000,
                         help="virtual time for each page to load its data, ms (default: %(default)s)")
     parser.add_argument("--chromium", help="the browser binary (default: $CHROMIUM, else chromium on PATH)")
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = latest_runs(api)
         deployment = deployment_id(api, args.deployment)
     except (OSError, ValueError) as exc:
-        print(f"error: the Prefect API at {api} did not answer ({exc}); start it with `make serve`", file=sys.stderr)
+        print(f"error: the Prefect API at {api} did not answer ({exc}); start it with `make serve`",
+              file=sys.stderr)
         return 1
     print("latest flow runs (the state name is what the runs list shows; the decision tag filters find):")
     for name, state_type, state_name, tags in runs:

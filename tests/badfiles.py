@@ -102,7 +102,8 @@ def header_bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+            + _png_chunk(b"IEND", b""))
 
 
 def _mpeg2_dicom(path: Path) -> None:
@@ -161,7 +162,8 @@ def make_bad_corpus(root: Path, *, label: str = "normal") -> dict[str, str]:
 
     for name, data in files.items():
         (folder / name).write_bytes(data)
-    write_dicom(folder / "nopixels.dcm", np.zeros((64, 64), np.uint16), patient_id="bad-nopixels", with_pixels=False)
+    write_dicom(folder / "nopixels.dcm", np.zeros((64, 64), np.uint16),
+                patient_id="bad-nopixels", with_pixels=False)
     expected["nopixels.dcm"] = "dicom_no_pixels"
     _mpeg2_dicom(folder / "mpeg2.dcm")
     expected["mpeg2.dcm"] = "unsupported_format"
@@ -200,7 +202,8 @@ def make_good_variants(root: Path, label: str = "normal") -> dict[str, dict]:
     # Stored 96 wide x 64 high; EXIF orientation 6 means "rotate 90 degrees clockwise to display".
     exif = Image.Exif()
     exif[0x0112] = 6
-    add("exif6.jpeg", _encode(Image.fromarray(base[:64, :96]), "JPEG", quality=95, exif=exif), 64, 96, 8, "jpeg")
+    add("exif6.jpeg",
+        _encode(Image.fromarray(base[:64, :96]), "JPEG", quality=95, exif=exif), 64, 96, 8, "jpeg")
     # Same 12-bit data twice: MONOCHROME1 (with a rescale) must decode to 1 - MONOCHROME2.
     data12 = base[:80, :64].astype(np.uint16) * 16
     write_dicom(folder / "mono1.dcm", data12, patient_id="PAT-MONO1", photometric="MONOCHROME1",
@@ -209,7 +212,8 @@ def make_good_variants(root: Path, label: str = "normal") -> dict[str, dict]:
     write_dicom(folder / "mono2.dcm", data12, patient_id="PAT-MONO2", photometric="MONOCHROME2",
                 view="PA", bits_stored=12)
     add("mono2.dcm", None, 64, 80, 12, "dicom")
-    write_dicom(folder / "mono2_16bit.dcm", base[:64, :64].astype(np.uint16) * 257, patient_id="PAT-16", view=None)
+    write_dicom(folder / "mono2_16bit.dcm", base[:64, :64].astype(np.uint16) * 257,
+                patient_id="PAT-16", view=None)
     add("mono2_16bit.dcm", None, 64, 64, 16, "dicom")
     assert expected == GOOD_CASES, "make_good_variants and GOOD_CASES disagree"
     return {name: dict(exp) for name, exp in expected.items()}

@@ -39,13 +39,15 @@ POSTGRES_URL = os.environ.get("XRAY_TEST_POSTGRES_URL", "")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "sqlite_only: reads the SQLite file itself; skipped in the PostgreSQL lane")
+    config.addinivalue_line("markers",
+                            "sqlite_only: reads the SQLite file itself; skipped in the PostgreSQL lane")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not POSTGRES_URL:
         return
-    skip = pytest.mark.skip(reason="reads the SQLite catalogue file directly; not part of the PostgreSQL lane")
+    skip = pytest.mark.skip(
+        reason="reads the SQLite catalogue file directly; not part of the PostgreSQL lane")
     for item in items:
         if "sqlite_only" in item.keywords:
             item.add_marker(skip)
@@ -130,7 +132,7 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fetch(settings: Settings, model) -> list:  # noqa: ANN001 - a mapped class
+def fetch(settings: Settings, model) -> list:  # model: a mapped class
     """Every row of one catalogue table."""
     from sqlalchemy import select
 

@@ -94,7 +94,8 @@ def serve() -> None:
     from prefect import serve as prefect_serve
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
 
-    if not wait_for_server(os.environ["PREFECT_API_URL"], float(os.environ.get("ONDRIFT_SERVER_WAIT_S", "90"))):
+    if not wait_for_server(os.environ["PREFECT_API_URL"],
+                           float(os.environ.get("ONDRIFT_SERVER_WAIT_S", "90"))):
         sys.exit("no Prefect server answered")
     entry = on_drift_spec()
     params = entry["parameters"]

@@ -1,19 +1,19 @@
 """A tiny catalogue with trained model versions, for prediction and report tests (module-scoped).
 
-Synthetic 64 px images (by default 10 patients per label, one image each), the conftest's small settings (32 px input,
-random-init backbone, 2 views), then the retrain steps: split -> embed -> train -> evaluate.
+Synthetic 64 px images (by default 10 patients per label, one image each), the conftest's small settings (32
+px input, random-init backbone, 2 views), then the retrain steps: split -> embed -> train -> evaluate.
 Takes a few seconds on two CPU cores.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
 from conftest import TEST_ENV
 
 
@@ -34,11 +34,11 @@ def tiny_home(root: Path, *, models: int = 1, patients_per_label: int = 10,
     set for the duration and restored afterwards."""
     from db import dispose_engines
     from xray_core.data.ingest import ingest_source
+    from xray_core.data.snapshot import load_split_data
+    from xray_core.data.synthetic import write_dataset
     from xray_core.pipeline.embed import embed_step
     from xray_core.pipeline.steps import evaluate_step, train_step
-    from xray_core.data.snapshot import load_split_data
     from xray_core.settings import load_settings, reset_settings
-    from xray_core.data.synthetic import write_dataset
 
     env = {"XRAY_HOME": str(root / "home"), **TEST_ENV, **(extra_env or {})}
     with pytest.MonkeyPatch.context() as mp:

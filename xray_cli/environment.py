@@ -42,8 +42,10 @@ def check_environment(command: str, args: argparse.Namespace) -> None:
                          "or point XRAY_HOME at a writable folder")
     _check_database_url(settings.database_url)
     # The raw value: settings strip trailing slashes, which turns "bogus://" into a local folder "bogus:".
-    _check_storage_url(os.environ.get("XRAY_STORAGE_URL", "").strip() or getattr(settings, "storage_url", None))
-    if command in FLOW_COMMANDS and use_flow() and not (command == "retrain" and getattr(args, "local", False)):
+    _check_storage_url(os.environ.get("XRAY_STORAGE_URL", "").strip()
+                       or getattr(settings, "storage_url", None))
+    local_retrain = command == "retrain" and getattr(args, "local", False)
+    if command in FLOW_COMMANDS and use_flow() and not local_retrain:
         require_utf8_args({k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")})
         _check_prefect_api(os.environ["PREFECT_API_URL"])
 
@@ -83,7 +85,7 @@ def _check_prefect_api(url: str) -> None:
 
     health = url.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - the user's own server URL
+        with urllib.request.urlopen(health, timeout=5) as resp:  # the user's own server URL
             resp.read(64)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)

@@ -11,11 +11,13 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from xray_cli import doctor
-from xray_cli.environment import check_environment, use_flow as _use_flow
+from xray_cli.environment import check_environment
+from xray_cli.environment import use_flow as _use_flow
 from xray_core.errors import TerminatedBySignal, UsageError, XrayError
 from xray_core.io.allowed_roots import caller_paths
 from xray_core.io.fsutil import json_text, utf8_safe
@@ -33,13 +35,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _seconds(text: str) -> float:
-    """argparse type for ``--wait``: a finite number of seconds >= 0 (``nan`` or ``inf`` would wait forever)."""
+    """argparse type for ``--wait``: a finite number of seconds >= 0 (``nan`` or ``inf`` would wait
+    forever)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give a finite number of seconds >= 0 (e.g. 60)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give a finite number of seconds "
+                                         ">= 0 (e.g. 60)")
     return value
 
 
@@ -142,8 +146,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from xray_core.report.terminal import render_status
     from xray_core.report.status import status_report
+    from xray_core.report.terminal import render_status
 
     _emit(status_report(get_settings()), args.json, render_status)
     return EXIT_OK
@@ -162,8 +166,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from xray_core.report.terminal import render_train
     from xray_core.pipeline.steps import run_train
+    from xray_core.report.terminal import render_train
 
     result = run_train(get_settings(), progress=_progress_bar(True, "embed"))
     _emit(result, args.json, render_train)
@@ -263,15 +267,18 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
                                "(still changing) or refused (and why), without running anything"),
     "train": (cmd_train, "core path, no Prefect: embed what is missing, train a challenger, evaluate it"),
     "retrain": (cmd_retrain, "run the Prefect retrain flow: ingest, train, evaluate both, decide, promote"),
-    "models": (cmd_models, "versions, status and key metrics; --history for the audit trail; show N for lineage"),
+    "models": (cmd_models,
+               "versions, status and key metrics; --history for the audit trail; show N for lineage"),
     "promote": (cmd_promote, "make a version the champion by hand (audited)"),
     "rollback": (cmd_rollback, "return to the previous champion (audited)"),
     "predict": (cmd_predict, "predict a folder or manifest with the champion (or --version N); CSV out"),
-    "demo": (cmd_demo, "three arrivals: first champion, a challenger decision, then a second site the shortcut "
-                         "audit catches"),
+    "demo": (cmd_demo,
+             "three arrivals: first champion, a challenger decision, then a second site the shortcut "
+             "audit catches"),
     "doctor": (doctor.cmd_doctor, doctor.HELP),
-    "monitor": (cmd_monitor, "check films ingested (and list predict batches) since the last check against the "
-                             "champion's reference: out-of-distribution and drift warnings"),
+    "monitor": (cmd_monitor,
+                "check films ingested (and list predict batches) since the last check against the "
+                "champion's reference: out-of-distribution and drift warnings"),
 }
 
 
@@ -283,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="xray", description="Catalogue, retrain and promote a chest X-ray classifier.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("ingest", help=COMMANDS["ingest"][1])
-    p.add_argument("path", help="source folder (for --manifest: the folder the manifest sits in, or the manifest)")
+    p.add_argument("path", help="source folder (for --manifest: the folder the manifest sits in, or the "
+                   "manifest)")
     p.add_argument("--manifest", help="CSV with columns file,label[,patient_id][,view][,site]...; paths "
                                       "relative to it; other columns are kept as attributes")
     p.add_argument("--site", help="where these films come from (a manifest's site column wins); default: the "
@@ -298,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", action="append", help="manifest CSV to ingest first (repeatable)")
     p.add_argument("--columns", metavar="KNOWN=COLUMN,...", help=COLUMNS_HELP + " (every --manifest)")
     p.add_argument("--no-incoming", action="store_true", help="do not scan XRAY_INCOMING")
-    p.add_argument("--wait", type=_seconds, default=0.0, help="seconds to wait for a running retrain (default 0)")
-    p.add_argument("--force", action="store_true", help="train even when nothing changed since the champion or the last decision not to promote")
+    p.add_argument("--wait", type=_seconds, default=0.0,
+                   help="seconds to wait for a running retrain (default 0)")
+    p.add_argument("--force", action="store_true",
+                   help="train even when nothing changed since the champion or the last decision "
+                        "not to promote")
     p.add_argument("--local", action="store_true",
                    help="run the same recipe without Prefect (same reports and audit rows; no UI artifacts)")
     p = sub.add_parser("models", help=COMMANDS["models"][1])
@@ -312,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", help=COMMANDS["rollback"][1])
     p.add_argument("--reason", required=True)
     p = sub.add_parser("predict", help=COMMANDS["predict"][1])
-    p.add_argument("path", help="folder of images (any layout; a first-level folder name is taken as the true label)")
+    p.add_argument("path",
+                   help="folder of images (any layout; a first-level folder name is taken as the true label)")
     p.add_argument("--out", help="CSV to write (without it, rows are printed)")
     p.add_argument("--manifest", help="CSV with file[,label] rows relative to it")
     p.add_argument("--version", type=int, help="model version (default: the champion)")
@@ -322,12 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_arguments(sub.add_parser("doctor", help=doctor.HELP))
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--sample", help="real sample folder with manifest.csv; synthetic images when absent")
-    p.add_argument("--fresh", action="store_true", help="delete XRAY_HOME first (the Makefile's demo home only)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete XRAY_HOME first (the Makefile's demo home only)")
     for name in sub.choices:
         sub.choices[name].add_argument("--json", action="store_true", help="machine-readable output")
         sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                        help="show the Python traceback of an unexpected error")
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an unexpected error")
     return parser
 
 
@@ -360,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         result = getattr(exc, "xray_result", None)
         sys.stderr.write(f"xray {args.command}: {render_terminated(result, command=args.command)}\n")
         return int(exc.code)
-    except Exception as exc:  # the last line of defence: one line, not a traceback, unless --debug
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback, unless --debug
         from db.engine import CatalogueFileError
 
         user = exc if isinstance(exc, CatalogueFileError) else path_error(exc)

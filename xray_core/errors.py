@@ -84,7 +84,7 @@ def terminate_as_exception() -> None:
     still writes its ``failed`` audit row (SIGKILL, by design, leaves only crash-safe state), and the
     CLI then prints one line saying what that row says.
     """
-    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+    def handler(signum: int, frame: Any) -> None:
         raise TerminatedBySignal(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

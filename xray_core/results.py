@@ -16,9 +16,10 @@ recipe was typed (``tests/integration/test_result_json.py`` holds real runs' fil
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from xray_core.data.ingest import IngestSummary
 from xray_core.data.snapshot import SplitData, load_snapshot
@@ -66,34 +67,6 @@ def run_state(status: str | None, decision: str | None, *, error: Any = None) ->
         return "Skipped"
     return DECISION_STATES.get(decision or "")
 
-
-def outcome_sentence(state: str | None, challenger: int | None, before: int | None,
-                     after: int | None, *, pending: str | None = None) -> str | None:
-    """What happened to the champion, in versions: ``v3 replaces v2``, ``champion v2 stays (v3 not
-    promoted)``. The one wording of a run's outcome: the report's title after the state, and the start
-    of the state's message (the policy's rationale follows). ``before``: the champion the challenger
-    was compared with; ``after``: the champion once the decision was recorded (another process may
-    have moved it: a ``stale`` decision). ``pending``: batches of the incoming folder still waiting or
-    refused (:func:`xray_core.data.incoming.pending_phrase`): a skip then says so, not "nothing new"."""
-    new = "the challenger" if challenger is None else f"v{challenger}"
-    stays = after if after is not None else before
-    if state == "Promoted":
-        return f"{new} replaces v{before}" if before is not None else f"{new} becomes the first champion"
-    if state == "Kept":
-        return (f"champion v{stays} stays ({new} not promoted)" if stays is not None
-                else f"no champion yet ({new} not promoted)")
-    if state == "Blocked":
-        return (f"champion v{stays} stays ({new} blocked by the shortcut audit)" if stays is not None
-                else f"no champion yet ({new} blocked by the shortcut audit)")
-    if state == "Insufficient evidence":
-        return (f"champion v{stays} stays; too few test images to judge {new}" if stays is not None
-                else f"too few test images to judge {new}; no champion yet")
-    if state == "Skipped":
-        why = pending or "nothing new to train on"
-        return f"champion v{after} stays; {why}" if after is not None else why
-    if state == "Failed":
-        return f"champion v{stays} unchanged" if stays is not None else "the champion was not changed"
-    return None
 
 @dataclass(frozen=True)
 class Snapshot:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import annotated_types
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
@@ -44,7 +45,7 @@ def setting(default: Any = None, *, description: str, allowed: str | None = None
     marks = {"allowed": allowed, "good": good, "bad": list(bad) or None, "affects": affects, "env": env,
              "from_env": None if from_env else False, "secret": secret or None,
              "empty_is_a_value": empty_is_a_value or None, "default_text": default_text}
-    extra = {key: value for key, value in marks.items() if value is not None}
+    extra: dict[str, Any] = {key: value for key, value in marks.items() if value is not None}
     if "default_factory" in kwargs:
         return Field(description=description, json_schema_extra=extra, **kwargs)
     return Field(default, description=description, json_schema_extra=extra, **kwargs)

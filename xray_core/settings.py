@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, ValidationError
 from pydantic.fields import FieldInfo
@@ -41,7 +42,7 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 
 Folder = Annotated[Path, BeforeValidator(r.path), check(r.is_folder)]  # a default Path is resolved too
 Word = parse(r.words)  # stripped, lower case
-_SEED = {"ge": 0, "le": r.SEED_MAX}
+_SEED: dict[str, Any] = {"ge": 0, "le": r.SEED_MAX}
 _DASK = r"(tcp|tls|ucx|inproc|ws|wss)://[\w.\-\[\]:/]+|[\w.\-\[\]]+:\d{1,5}"
 _SALT = r"(?!\s)[^\x00-\x1f\x7f]*(?<!\s)"  # a stray newline from a secrets file would change every hash
 _YES_NO = "one of 1/0, true/false, yes/no, on/off"
@@ -298,7 +299,10 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
                                    init_settings: PydanticBaseSettingsSource,
-                                   **others: Any) -> tuple[PydanticBaseSettingsSource, ...]:
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Values given to the constructor only: :func:`load_settings` reads the environment it is given."""
         return (init_settings,)
 
@@ -320,7 +324,7 @@ class Settings(BaseSettings):
             out[name] = value
         return out
 
-    def with_overrides(self, **changes: Any) -> "Settings":
+    def with_overrides(self, **changes: Any) -> Settings:
         """A copy with ``changes``, not validated (as :func:`dataclasses.replace`): callers set values
         the environment may not (``embed_precision="legacy"`` for old cards); :func:`validate` checks."""
         unknown = set(changes) - set(type(self).model_fields)

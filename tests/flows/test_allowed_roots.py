@@ -13,12 +13,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from conftest import fetch
 
 from db.schema import Source
 from xray_core.data.synthetic import write_dataset
 from xray_core.errors import PathRefusedError
 from xray_core.settings import get_settings, load_settings, reset_settings
-from conftest import fetch
 
 
 @pytest.fixture

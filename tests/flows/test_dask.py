@@ -19,16 +19,17 @@ def features_for(folder: Path) -> dict[str, dict]:
     for path in sorted(folder.rglob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as fh:
             out[str(path.relative_to(folder))] = {
-                "tensors": {k: fh.get_tensor(k).tobytes() for k in sorted(fh.keys())}, "metadata": fh.metadata()}
+                "tensors": {k: fh.get_tensor(k).tobytes() for k in sorted(fh.keys())},
+                "metadata": fh.metadata()}
     return out
 
 
 def test_dask_fan_out_matches_the_single_process_features(xray_env, prefect_server, tmp_path, monkeypatch):
     from xray_core.data import snapshot
-    from xray_core.pipeline import embed
     from xray_core.data.ingest import ingest_source
-    from xray_core.settings import load_settings, reset_settings
     from xray_core.data.synthetic import write_dataset
+    from xray_core.pipeline import embed
+    from xray_core.settings import load_settings, reset_settings
 
     monkeypatch.setenv("XRAY_EMBED_DASK_WORKERS", "2")
     reset_settings()
@@ -47,7 +48,8 @@ def test_dask_fan_out_matches_the_single_process_features(xray_env, prefect_serv
 
     parallel = run_parallel_embed(settings, snapshot)
     assert parallel["shards"] == 2
-    assert parallel["computed"] == single["computed"] and parallel["backbone_fingerprint"] == single["backbone_fingerprint"]
+    assert (parallel["computed"] == single["computed"]
+            and parallel["backbone_fingerprint"] == single["backbone_fingerprint"])
     assert features_for(settings.features_dir) == reference  # same images, views and feature bytes
 
     again = embed.embed_step(settings, data)  # the single-process path finds everything cached
@@ -56,8 +58,8 @@ def test_dask_fan_out_matches_the_single_process_features(xray_env, prefect_serv
 
 def test_retrain_flow_embeds_through_dask_when_asked(xray_env, prefect_server, tmp_path, monkeypatch):
     from flows.retrain import retrain
-    from xray_core.settings import reset_settings
     from xray_core.data.synthetic import write_dataset
+    from xray_core.settings import reset_settings
 
     for key, value in {"XRAY_EMBED_DASK_WORKERS": "2", "XRAY_MIN_TEST_PER_CLASS": "1",
                        "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}.items():

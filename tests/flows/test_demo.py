@@ -82,20 +82,22 @@ def story(xray_env, monkeypatch, prefect_server):
 def test_the_three_arrivals_tell_the_story(story):
     result, text = story
     first, second, third = result["runs"]
-    assert result["synthetic"] == [f"{PAEDIATRIC_SITE} batch 1", f"{PAEDIATRIC_SITE} batch 2", f"the {COVID_SITE} site"]
+    assert result["synthetic"] == [f"{PAEDIATRIC_SITE} batch 1", f"{PAEDIATRIC_SITE} batch 2",
+                                   f"the {COVID_SITE} site"]
     assert "SYNTHETIC second site" in text  # said on screen when the real collection is absent
 
     assert first["state"] == "Promoted" and first["champion_after"] == first["train"]["version"]
     assert first["state_message"].startswith(f"v{first['train']['version']} becomes the first champion")
     assert second["champion_eval"]["version"] == first["champion_after"]  # scored against the champion
     assert second["decision"]["decision"] in {"promote", "keep", "insufficient_evidence", "blocked"}
-    assert second["challenger_eval"]["test_set_fingerprint"] == second["champion_eval"]["test_set_fingerprint"]
+    assert (second["challenger_eval"]["test_set_fingerprint"]
+            == second["champion_eval"]["test_set_fingerprint"])
 
     audit = third["audit"]
     assert audit["flagged"] and audit["sites"] == sorted([COVID_SITE, PAEDIATRIC_SITE])
     assert any(f"covid19 films come only from site {COVID_SITE}" in w for w in audit["warnings"])
-    assert f"shortcut audit: covid19 films come only from site {COVID_SITE}; the label is predictable from the " \
-           "site (AUROC" in text
+    assert (f"shortcut audit: covid19 films come only from site {COVID_SITE}; the label is predictable from "
+            "the site (AUROC") in text
     assert "and from film metadata (AUROC" in text
 
     assert third["state"] == "Blocked" and third["decision"]["decision"] == "blocked"

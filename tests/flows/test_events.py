@@ -25,7 +25,8 @@ def _events(prefix: str, expected: int, resource: str | None = None) -> list:
 
     async def read():
         async with get_client() as client:
-            page = await client.read_events(filter=EventFilter(event=EventNameFilter(prefix=[prefix])), limit=50)
+            page = await client.read_events(filter=EventFilter(event=EventNameFilter(prefix=[prefix])),
+                                            limit=50)
             return [e for e in page.events if resource is None or e.resource.id == resource]
 
     deadline = time.monotonic() + 60
@@ -40,7 +41,6 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
     from flows import events
     from flows.events import emit_drift, emit_retrain_drift, emit_retrain_outcome
     from flows.ingest import ingest
-    from xray_core.results import RunResult
 
     source = tmp_path / "clinic-a"
     write_dataset(source, patients_per_label=2, images_per_patient=1, size=64, seed=3)
@@ -64,8 +64,8 @@ def test_ingest_retrain_and_drift_events_reach_the_server(xray_env, prefect_serv
     assert emit_retrain_outcome(promoted_run)
     failed_run = RunResult.from_dict({"state": "Failed", "state_message": "boom"})
     assert emit_retrain_outcome(failed_run) is None  # no event for failures
-    (promoted,) = [e for e in _events("xray.model.promoted", 1, "xray.model.v7") if e.payload.get("trigger") == "test"
-                   and e.payload.get("n_test") == 40]
+    (promoted,) = [e for e in _events("xray.model.promoted", 1, "xray.model.v7")
+                   if e.payload.get("trigger") == "test" and e.payload.get("n_test") == 40]
     assert promoted.resource.id == "xray.model.v7"
     assert promoted.payload["macro_auroc"] == 0.83 and promoted.payload["n_test"] == 40
 
@@ -120,7 +120,8 @@ def test_on_drift_trigger_is_a_valid_prefect_trigger_on_the_one_at_a_time_queue(
     on_drift = by_name[("flows/retrain.py:retrain", "on-drift")]
     (raw,) = on_drift["triggers"]
     trigger = DeploymentEventTrigger.model_validate({k: v for k, v in raw.items() if k != "type"})
-    assert trigger.expect == {"xray.drift.detected", "xray.batch.ingested"} and trigger.threshold == 1 and trigger.posture == "Reactive"
+    assert (trigger.expect == {"xray.drift.detected", "xray.batch.ingested"} and trigger.threshold == 1
+            and trigger.posture == "Reactive")
     assert trigger.schedule_after == timedelta(hours=1)
     for labels, matched in (({"prefect.resource.id": "xray.site.far", "xray.source": "monitor"}, True),
                             ({"prefect.resource.id": "xray.model.v7", "xray.source": "monitor"}, True),

@@ -19,9 +19,9 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import Model, Promotion
 from xray_core.data.catalogue import open_catalogue
+from xray_core.data.synthetic import write_dataset
 from xray_core.errors import RetrainBusyError
 from xray_core.settings import get_settings
-from xray_core.data.synthetic import write_dataset
 
 PROJECT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -30,7 +30,8 @@ FLOW_ENV = {
     "XRAY_MIN_TEST_PER_CLASS": "2",
     "XRAY_FLOOR_MACRO_AUROC": "0.5",
     "XRAY_FLOOR_SENSITIVITY": "0.3",
-    "XRAY_PROMOTION_MARGIN": "0.5",  # the second run's decision may go either way; the test checks it is recorded
+    # the second run's decision may go either way; the test checks it is recorded
+    "XRAY_PROMOTION_MARGIN": "0.5",
     "XRAY_GUARDRAIL_SENSITIVITY_DROP": "1.0",
 }
 
@@ -46,7 +47,8 @@ def flow_env(xray_env, monkeypatch, prefect_server):
 
 
 def _batch(root: Path, *, offset: int, seed: int) -> Path:
-    write_dataset(root, patients_per_label=14, images_per_patient=1, size=64, seed=seed, patient_offset=offset)
+    write_dataset(root, patients_per_label=14, images_per_patient=1, size=64,
+                  seed=seed, patient_offset=offset)
     return root
 
 
@@ -70,7 +72,8 @@ def _artifacts(flow_run_id: str) -> dict[str, list]:
 def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_path):
     from flows.retrain import retrain
 
-    first = retrain(sources=[str(_batch(tmp_path / "b1", offset=0, seed=1))], use_incoming=False, trigger="test")
+    first = retrain(sources=[str(_batch(tmp_path / "b1", offset=0, seed=1))],
+                    use_incoming=False, trigger="test")
     assert first["status"] == "completed"
     assert first["decision"]["decision"] == "promote", first["decision"]["rationale"]
     assert first["champion_after"] == first["train"]["version"]
@@ -79,8 +82,9 @@ def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_p
     arts = _artifacts(first["flow_run_id"])
     report = arts["retrain-report"][0].data
     assert "random-init" in report and "## Decision" in report and "promote" in report
-    assert {row["metric"] for row in arts["retrain-metrics"][0].data if isinstance(row, dict)} >= {"macro_auroc"} or \
-        "macro_auroc" in str(arts["retrain-metrics"][0].data)
+    metrics = arts["retrain-metrics"][0].data
+    assert {row["metric"] for row in metrics if isinstance(row, dict)} >= {"macro_auroc"} or \
+        "macro_auroc" in str(metrics)
     assert "model-registry" in arts
     assert "drift-report" not in arts  # no champion to check the first films against
     assert "retrain-embedding" in arts or any(a.type == "progress" for v in arts.values() for a in v)
@@ -92,7 +96,8 @@ def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_p
     assert 'id="roc"' in html_text and 'id="heatmaps"' in html_text and "data:image/png;base64," in html_text
     assert str(html_report) in report
 
-    second = retrain(sources=[str(_batch(tmp_path / "b2", offset=500, seed=2))], use_incoming=False, trigger="test")
+    second = retrain(sources=[str(_batch(tmp_path / "b2", offset=500, seed=2))],
+                     use_incoming=False, trigger="test")
     assert second["status"] == "completed"
     ch, champ = second["challenger_eval"], second["champion_eval"]
     assert champ is not None and champ["version"] == first["train"]["version"]
@@ -104,7 +109,8 @@ def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_p
     arts = _artifacts(second["flow_run_id"])
     (drift,) = arts["drift-report"]
     assert drift.data.startswith("# Drift of the new films: ") and second["drift"]["summary"] in drift.data
-    assert drift.description.startswith("Drift flagged: " if second["drift"]["flagged"] else "No drift flagged: ")
+    flagged = second["drift"]["flagged"]
+    assert drift.description.startswith("Drift flagged: " if flagged else "No drift flagged: ")
     assert "## Drift of the new films" in arts["retrain-report"][0].data
     with session_scope(open_catalogue(get_settings())) as s:
         decisions = [p.decision for p in s.scalars(select(Promotion).order_by(Promotion.id))]
@@ -124,8 +130,9 @@ def test_second_retrain_is_refused_while_one_runs(flow_env, tmp_path):
 
 def test_failing_task_leaves_champion_unchanged_and_is_recorded(flow_env, tmp_path, monkeypatch):
     from flows.retrain import retrain
-    
-    first = retrain(sources=[str(_batch(tmp_path / "b1", offset=0, seed=1))], use_incoming=False, trigger="test")
+
+    first = retrain(sources=[str(_batch(tmp_path / "b1", offset=0, seed=1))],
+                    use_incoming=False, trigger="test")
     champion = first["champion_after"]
     assert champion is not None
 
@@ -136,7 +143,8 @@ def test_failing_task_leaves_champion_unchanged_and_is_recorded(flow_env, tmp_pa
 
     monkeypatch.setattr(steps, "evaluate_step", broken)
     with pytest.raises(Exception, match="injected"):
-        retrain(sources=[str(_batch(tmp_path / "b2", offset=500, seed=2))], use_incoming=False, trigger="test")
+        retrain(sources=[str(_batch(tmp_path / "b2", offset=500, seed=2))],
+                use_incoming=False, trigger="test")
     with session_scope(open_catalogue(get_settings())) as s:
         assert s.scalars(select(Model.id).where(Model.status == "champion")).all() == [champion]
         last = s.scalars(select(Promotion).order_by(Promotion.id.desc())).first()

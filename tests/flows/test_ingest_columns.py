@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import fetch
+
 from db.schema import Image
 from xray_core.data.synthetic import write_dataset
 from xray_core.errors import ManifestError

@@ -9,7 +9,7 @@ from xray_core.pipeline import recipe
 from xray_core.settings import load_settings
 
 
-def _task(settings, fn):  # noqa: ANN001, ANN202
+def _task(settings, fn):
     call = PrefectExecutor(settings).step(fn)
     return call.func, call.keywords  # functools.partial over the Prefect task
 

@@ -135,17 +135,21 @@ def test_local_and_flow_runs_write_the_same_report_files(policy, tmp_path, monke
         monkeypatch.setenv("XRAY_DATABASE_URL", f"sqlite:///{tmp_path / f'home-{name}' / 'catalogue.db'}")
         reset_settings()
         if name == "local":
-            out = run_retrain(load_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
+            out = run_retrain(load_settings(),
+                              RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
         else:
             out = retrain(sources=[str(tmp_path / "src")], use_incoming=False, trigger="test")
         folder = Path(out["report"]).parent
-        runs[name] = (sorted(p.name for p in folder.iterdir()), json.loads((folder / "result.json").read_text()))
+        runs[name] = (sorted(p.name for p in folder.iterdir()),
+                      json.loads((folder / "result.json").read_text()))
     (local_files, local), (flow_files, flow) = runs["local"], runs["flow"]
-    assert local_files == flow_files and {"report.md", "report.html", "result.json", "split.json"} <= set(flow_files)
+    assert local_files == flow_files and {"report.md", "report.html", "result.json",
+                                          "split.json"} <= set(flow_files)
     for key in ("state", "state_message", "status", "split_counts", "champion_after"):
         assert local[key] == flow[key], key
     assert local["decision"]["decision"] == flow["decision"]["decision"]
-    assert local["challenger_eval"]["metrics"]["macro_auroc"] == flow["challenger_eval"]["metrics"]["macro_auroc"]
+    assert (local["challenger_eval"]["metrics"]["macro_auroc"]
+            == flow["challenger_eval"]["metrics"]["macro_auroc"])
     assert local["challenger_eval"]["probabilities"] == flow["challenger_eval"]["probabilities"]
 
 
@@ -162,7 +166,8 @@ def test_a_cancelled_run_records_a_failed_audit_row(policy, tmp_path, monkeypatc
 
     monkeypatch.setattr(steps, "evaluate_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_retrain(get_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
+        run_retrain(get_settings(),
+                    RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
     with session_scope(open_catalogue(get_settings())) as s:
         row = s.scalars(select(Promotion)).one()
         assert row.decision == "failed" and "cancelled" in row.rationale and row.champion_after is None

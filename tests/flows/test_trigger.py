@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pytest
 from ondrift import on_drift_spec, wait_for_server
-from xray_core.results import RunResult
 from prefect_server import free_port, server_env, start_server, stop, tail
+
+from xray_core.results import RunResult
 
 PROJECT = Path(__file__).resolve().parents[2]
 SERVER_START_S = 90.0
@@ -92,7 +93,8 @@ async def _deployments(client, names: list[str], runner, runner_log: Path, timeo
 async def _runs(client, deployment_id) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    return await client.read_flow_runs(deployment_filter=DeploymentFilter(
+        id=DeploymentFilterId(any_=[deployment_id])))
 
 
 def test_each_drift_or_ingest_event_starts_one_retrain_and_the_second_waits(on_drift_server):
@@ -106,13 +108,14 @@ def test_each_drift_or_ingest_event_starts_one_retrain_and_the_second_waits(on_d
 
     spec = on_drift_spec()
     (trigger,) = spec["triggers"]
-    assert {"xray.drift.detected", "xray.batch.ingested"} <= set(trigger["expect"]) and trigger["threshold"] == 1
+    assert {"xray.drift.detected", "xray.batch.ingested"} <= set(trigger["expect"])
+    assert trigger["threshold"] == 1
     api_url, started = on_drift_server["api_url"], time.monotonic()
 
     def drift(site: str) -> dict:
         return {"model": 7, "report": f"reports/monitor-{site}/report.md", "checks": [
-            {"subject": f"site {site}", "drift": True, "n": 50, "ood_flagged": 37, "mmd_p": 0.001, "ks_p": 0.01,
-             "verdict": "drift: inputs differ"}]}
+            {"subject": f"site {site}", "drift": True, "n": 50, "ood_flagged": 37,
+             "mmd_p": 0.001, "ks_p": 0.01, "verdict": "drift: inputs differ"}]}
 
     async def scenario() -> dict:
         async with get_client() as client:
@@ -131,7 +134,8 @@ def test_each_drift_or_ingest_event_starts_one_retrain_and_the_second_waits(on_d
             assert emit_drift(drift("near"), source="retrain") == 1
             sent_at = time.time()
             assert emit_drift(drift("far")) == 1
-            emit_ingested({"source_id": 12, "files": 50, "added": 48, "duplicates": 2, "rejected": 0}, "clinic-b")
+            emit_ingested({"source_id": 12, "files": 50, "added": 48, "duplicates": 2,
+                           "rejected": 0}, "clinic-b")
             await EventsWorker.instance().drain()  # this server's events worker: sent, then stopped
 
             sent, runs = time.monotonic(), []

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from xray_core.errors import BackboneWeightsError, SettingsError
 from xray_core.model.backbone import FEATURE_DIM, clear_backbone_cache, load_backbone
 from xray_core.model.device import pick_device
-from xray_core.errors import BackboneWeightsError, SettingsError
-
 
 
 def _batch(n: int = 2, size: int = 32) -> torch.Tensor:
@@ -174,7 +173,8 @@ def test_features_do_not_depend_on_how_images_are_batched(settings, threads, pre
     # 18 images: more than one forward batch (16); on one thread a forward of 16 or more images took
     # another kernel path than smaller ones, so the whole set and its parts differed before padding
     n = 18
-    x = torch.randn(n, 3, settings.input_size, settings.input_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(n, 3, settings.input_size, settings.input_size,
+                    generator=torch.Generator().manual_seed(0))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -182,7 +182,8 @@ def test_features_do_not_depend_on_how_images_are_batched(settings, threads, pre
         for step in (1, 2, 5):
             parts = np.concatenate([backbone.embed(x[i : i + step]).numpy().astype(np.float16)
                                     for i in range(0, n, step)])
-            assert np.array_equal(whole, parts), f"batches of {step} changed the features on {threads} thread(s)"
+            assert np.array_equal(whole, parts), \
+                f"batches of {step} changed the features on {threads} thread(s)"
     finally:
         torch.set_num_threads(before)
 
@@ -225,14 +226,16 @@ def test_fp32_keeps_the_fingerprint_of_before_and_bf16_gets_its_own(settings) ->
     fp32 = load_backbone(settings.with_overrides(embed_precision="fp32"))
     bf16 = load_backbone(settings.with_overrides(embed_precision="bf16"))
     spec = spec_dict(settings)
-    before = hashlib.sha256(json.dumps({"arch": ARCH, "weights_sha256": fp32.weights_sha256, "preprocess": spec},
+    before = hashlib.sha256(json.dumps({"arch": ARCH,
+                                        "weights_sha256": fp32.weights_sha256, "preprocess": spec},
                                        sort_keys=True).encode()).hexdigest()
     assert fp32.fingerprint == before == fingerprint(fp32.weights_sha256, spec)
     assert fingerprint(fp32.weights_sha256, spec, "legacy", "cpu") == before  # cards without a precision
     assert fingerprint(fp32.weights_sha256, spec, "legacy", "cuda") == before  # CUDA autocast, as filed then
     assert bf16.fingerprint == fingerprint(fp32.weights_sha256, spec, "bf16") != before
     assert fingerprint(fp32.weights_sha256, spec, "bf16", "cuda") not in (before, bf16.fingerprint)
-    assert fingerprint(fp32.weights_sha256, spec, "fp32", "cuda") != before  # a true fp32 GPU forward: its own
+    # a true fp32 GPU forward: its own
+    assert fingerprint(fp32.weights_sha256, spec, "fp32", "cuda") != before
     assert bf16.weights_sha256 == fp32.weights_sha256  # the same weights, another arithmetic
     x = _batch(4)
     a, b = fp32.embed(x), bf16.embed(x)

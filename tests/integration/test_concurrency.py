@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from xray_core.io.fsutil import sha256_file
 from xray_core.data.synthetic import write_dataset
+from xray_core.io.fsutil import sha256_file
 
 XRAY = str(Path(sys.executable).parent / "xray")
 
@@ -29,8 +29,8 @@ def _env(home: Path, url: str) -> dict[str, str]:
 
 
 def _start(args: list[str], home: Path, url: str) -> subprocess.Popen:
-    return subprocess.Popen([XRAY, *args], env=_env(home, url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([XRAY, *args], env=_env(home, url),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
@@ -61,7 +61,8 @@ def _check_catalogue(home: Path, url: str) -> dict:
     for path in (home / "features").rglob("*.safetensors"):  # no corrupt cache file
         with safe_open(str(path), framework="pt") as fh:
             assert fh.keys()
-    return {"champions": champions, "images": {sha for sha, _ in images}, "decisions": decisions, "models": models}
+    return {"champions": champions, "images": {sha for sha, _ in images},
+            "decisions": decisions, "models": models}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,8 @@ def test_two_retrains_at_once_one_ends_clearly(batches, tmp_path, database_url):
     results = [_finish(a), _finish(b)]
     codes = sorted(code for code, _, _ in results)
     if codes == [0, 0]:
-        pytest.skip("the two runs did not overlap on this machine (the first had finished)")  # pragma: no cover
+        reason = "the two runs did not overlap on this machine (the first had finished)"
+        pytest.skip(reason)  # pragma: no cover
     assert codes == [0, 1], results
     loser = next(r for r in results if r[0] == 1)
     assert "another retrain is running" in loser[2]

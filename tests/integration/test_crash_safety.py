@@ -20,16 +20,16 @@ from pathlib import Path
 import pytest
 
 from db import dispose_engines
+from xray_core.data.synthetic import write_dataset
 from xray_core.io.fsutil import sha256_file
 from xray_core.settings import load_settings, reset_settings
-from xray_core.data.synthetic import write_dataset
-
 
 ENV = {
     "XRAY_BACKBONE_WEIGHTS": "random", "XRAY_DEVICE": "cpu", "XRAY_INPUT_SIZE": "32", "XRAY_VIEWS": "1",
-    "XRAY_MIN_IMAGE_SIDE": "32", "XRAY_EPOCHS": "4", "XRAY_BOOTSTRAP_SAMPLES": "50", "XRAY_EMBED_BATCH_SIZE": "4",
-    "XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0.0", "XRAY_FLOOR_SENSITIVITY": "0.0",
-    "XRAY_PROMOTION_MARGIN": "1.0", "XRAY_GUARDRAIL_SENSITIVITY_DROP": "1.0", "XRAY_PATIENT_SALT": "crash-test",
+    "XRAY_MIN_IMAGE_SIDE": "32", "XRAY_EPOCHS": "4", "XRAY_BOOTSTRAP_SAMPLES": "50",
+    "XRAY_EMBED_BATCH_SIZE": "4", "XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0.0",
+    "XRAY_FLOOR_SENSITIVITY": "0.0", "XRAY_PROMOTION_MARGIN": "1.0", "XRAY_GUARDRAIL_SENSITIVITY_DROP": "1.0",
+    "XRAY_PATIENT_SALT": "crash-test",
 }
 
 # (crash point, n-th hit): at least 20 distinct moments across ingest, embedding and cache writes,
@@ -60,9 +60,10 @@ def _run_cycle_subprocess(home: Path, source: Path, kill_at: str | None) -> subp
     env = _env(home)
     if kill_at:
         env["XRAY_FAULT_KILL_AT"] = kill_at
-    code = ("from xray_core.pipeline.cycle import run_retrain; from xray_core.pipeline.recipe import RetrainRequest; "
-            "from xray_core.settings import get_settings; "
-            f"run_retrain(get_settings(), RetrainRequest(sources=({str(source)!r},), trigger='test')).as_dict()")
+    code = ("from xray_core.pipeline.cycle import run_retrain; from xray_core.pipeline.recipe import "
+            "RetrainRequest; from xray_core.settings import get_settings; "
+            f"run_retrain(get_settings(), RetrainRequest(sources=({str(source)!r},), "
+            "trigger='test')).as_dict()")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -72,8 +73,8 @@ def _state(home: Path) -> dict:
     try:
         images = sorted(con.execute(
             "SELECT i.sha256, i.label, p.split FROM images i JOIN patients p ON p.patient_id = i.patient_id"))
-        champion = con.execute(
-            "SELECT checkpoint_sha256, training_set_fingerprint FROM models WHERE status = 'champion'").fetchall()
+        champion = con.execute("SELECT checkpoint_sha256, training_set_fingerprint FROM models "
+                               "WHERE status = 'champion'").fetchall()
     finally:
         con.close()
     return {"images": images, "champion": champion}
@@ -93,7 +94,7 @@ def _check_invariants(home: Path, *, had_champion: bool) -> None:
     for _, folder, head_sha, card_sha in champions:
         assert sha256_file(home / folder / "head.safetensors") == head_sha
         assert sha256_file(home / folder / "card.json") == card_sha
-    for folder, head_sha, card_sha in models:  # every version the catalogue names has complete files
+    for folder, head_sha, _card_sha in models:  # every version the catalogue names has complete files
         assert sha256_file(home / folder / "head.safetensors") == head_sha
     for sha, rel in stored:  # the store holds every ingested image, complete
         assert sha256_file(home / rel) == sha
@@ -137,7 +138,8 @@ def test_sigkill_leaves_a_valid_state_and_a_rerun_completes(scenario, point, nth
     shutil.copytree(scenario["after_cycle1"], home)
     killed = _run_cycle_subprocess(home, scenario["batch2"], f"{point}:{nth}")
     assert killed.returncode == -signal.SIGKILL, (
-        f"the run was not killed at {point}:{nth} (exit {killed.returncode}); stderr:\n{killed.stderr[-2000:]}")
+        f"the run was not killed at {point}:{nth} (exit {killed.returncode}); "
+        f"stderr:\n{killed.stderr[-2000:]}")
     _check_invariants(home, had_champion=True)
 
     # The re-run (no fault) completes and reaches the uninterrupted run's state.
@@ -150,7 +152,8 @@ def test_sigkill_leaves_a_valid_state_and_a_rerun_completes(scenario, point, nth
     from xray_core.pipeline.cycle import run_retrain
     from xray_core.pipeline.recipe import RetrainRequest
 
-    result = run_retrain(load_settings(), RetrainRequest(sources=(str(scenario["batch2"]),), trigger="test")).as_dict()
+    result = run_retrain(load_settings(),
+                         RetrainRequest(sources=(str(scenario["batch2"]),), trigger="test")).as_dict()
     # "skipped": the killed run had already promoted a champion trained on exactly this data.
     assert result["status"] in ("completed", "skipped")
     dispose_engines()
@@ -193,7 +196,8 @@ def test_the_next_retrain_closes_the_candidate_a_killed_one_left(tmp_path):
     write_dataset(tmp_path / "src", patients_per_label=6, images_per_patient=1, size=64, seed=1)
     killed = _run_cycle_subprocess(home, tmp_path / "src", "retrain.after_train:1")
     assert killed.returncode == -9
-    write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64, seed=2, patient_offset=50)
+    write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64,
+                  seed=2, patient_offset=50)
     done = _run_cycle_subprocess(home, tmp_path / "more", None)
     assert done.returncode == 0, done.stderr[-3000:]
     con = sqlite3.connect(home / "catalogue.db")
@@ -202,5 +206,6 @@ def test_the_next_retrain_closes_the_candidate_a_killed_one_left(tmp_path):
         status = dict(con.execute("SELECT id, status FROM models"))
     finally:
         con.close()
-    assert first and first[0][0] == "failed" and first[0][1].startswith("interrupted: the retrain that trained v1")
+    assert first and first[0][0] == "failed"
+    assert first[0][1].startswith("interrupted: the retrain that trained v1")
     assert status[1] == "rejected" and "candidate" not in status.values()

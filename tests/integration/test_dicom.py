@@ -21,11 +21,11 @@ import pydicom
 import pydicom.data
 import pydicom.pixels
 import pytest
+from badfiles import make_bad_corpus
+from conftest import fetch, sha
 from pydicom import uid as U
 from sqlalchemy import text
 
-from badfiles import make_bad_corpus
-from conftest import fetch, sha
 from db.schema import Image, Rejection
 from xray_core.data.catalogue import catalogue_summary
 from xray_core.data.images import decode_stored
@@ -73,7 +73,7 @@ def _as_dx(name: str, dest: Path) -> bytes:
     return dest.read_bytes()
 
 
-def _store_bytes(settings, image: Image) -> bytes:  # noqa: ANN001
+def _store_bytes(settings, image: Image) -> bytes:
     return (settings.home / image.stored_path).read_bytes()
 
 
@@ -133,7 +133,8 @@ def test_ct_and_mr_are_quarantined_as_wrong_modality_by_default(dicom_env, tmp_p
         (tmp_path / "src" / "normal").mkdir(parents=True, exist_ok=True)
         shutil.copy(TEST_FILES / name, tmp_path / "src" / "normal" / name)
     pixels = make_xray("normal", size=64, rng=np.random.default_rng(4)).astype(np.uint16) * 16
-    write_dicom(tmp_path / "src" / "normal" / "ct.dcm", pixels, patient_id="P2", bits_stored=12, modality="CT")
+    write_dicom(tmp_path / "src" / "normal" / "ct.dcm", pixels, patient_id="P2",
+                bits_stored=12, modality="CT")
     settings = load_settings()
     summary = ingest_source(tmp_path / "src", settings=settings)
     assert summary.rejected_by_reason == {"wrong_modality": 3} and summary.added == 0
@@ -147,7 +148,8 @@ def test_ct_and_mr_are_quarantined_as_wrong_modality_by_default(dicom_env, tmp_p
 
 def test_require_chest_quarantines_other_body_parts(dicom_env, tmp_path: Path, monkeypatch) -> None:
     pixels = make_xray("normal", size=64, rng=np.random.default_rng(5)).astype(np.uint16) * 16
-    write_dicom(tmp_path / "src" / "normal" / "abd.dcm", pixels, patient_id="P3", bits_stored=12, body_part="ABDOMEN")
+    write_dicom(tmp_path / "src" / "normal" / "abd.dcm", pixels, patient_id="P3",
+                bits_stored=12, body_part="ABDOMEN")
     write_dicom(tmp_path / "src" / "normal" / "chest.dcm", pixels + 1, patient_id="P3", bits_stored=12)
     settings = load_settings()
     assert ingest_source(tmp_path / "src", settings=settings).added == 2  # recorded, not refused
@@ -234,7 +236,8 @@ def test_deidentification_is_deterministic(dicom_env, tmp_path: Path) -> None:
     assert one == deidentify(raw, salt="s", patient_id="dcm-x", site_mode="hash")
     assert pydicom.dcmread(BytesIO(one)).StudyInstanceUID != pydicom.dcmread(
         BytesIO(deidentify(raw, salt="other", patient_id="dcm-x", site_mode="hash"))).StudyInstanceUID
-    assert "InstitutionName" not in pydicom.dcmread(BytesIO(deidentify(raw, salt="s", patient_id="", site_mode="off")))
+    scrubbed = deidentify(raw, salt="s", patient_id="", site_mode="off")
+    assert "InstitutionName" not in pydicom.dcmread(BytesIO(scrubbed))
 
 
 def test_original_store_mode_keeps_the_bytes_and_site_by_name(dicom_env, tmp_path: Path, monkeypatch) -> None:
@@ -256,10 +259,11 @@ def test_a_catalogue_at_revision_0001_upgrades_in_place(tmp_path: Path) -> None:
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO sources (id, kind, path, status, started_at, counts) "
                           "VALUES (1, 'folder', '/x', 'done', '2026-01-01 00:00:00', '{}')"))
-        conn.execute(text("INSERT INTO patients (patient_id, id_source, split) VALUES ('p1', 'filename', 'train')"))
-        conn.execute(text("INSERT INTO images (id, sha256, stored_path, label, patient_id, view, width, height, "
-                          "bit_depth, format, phash, original_name, source_id, added_at) VALUES (7, :sha, "
-                          "'store/ab/x.png', 'normal', 'p1', 'PA', 64, 64, 8, 'png', -5, 'a.png', 1, "
+        conn.execute(text("INSERT INTO patients (patient_id, id_source, split) VALUES ('p1', "
+                          "'filename', 'train')"))
+        conn.execute(text("INSERT INTO images (id, sha256, stored_path, label, patient_id, view, width, "
+                          "height, bit_depth, format, phash, original_name, source_id, added_at) VALUES (7, "
+                          ":sha, 'store/ab/x.png', 'normal', 'p1', 'PA', 64, 64, 8, 'png', -5, 'a.png', 1, "
                           "'2026-01-01 00:00:00')"), {"sha": "ab" * 32})
     upgrade_to_head(engine)
     with engine.connect() as conn:
@@ -279,8 +283,10 @@ def test_manifest_columns_supply_the_same_facts(dicom_env, tmp_path: Path) -> No
     src = tmp_path / "src"
     _phi_film(src / "films" / "film.dcm")  # DICOM says sex F, 45 years, hashed site
     (src / "films").mkdir(parents=True, exist_ok=True)
-    PILImage.fromarray(make_xray("normal", size=64, rng=np.random.default_rng(8))).save(src / "films" / "a.png")
-    PILImage.fromarray(make_xray("normal", size=64, rng=np.random.default_rng(9))).save(src / "films" / "b.png")
+    PILImage.fromarray(make_xray("normal", size=64,
+                                 rng=np.random.default_rng(8))).save(src / "films" / "a.png")
+    PILImage.fromarray(make_xray("normal", size=64,
+                                 rng=np.random.default_rng(9))).save(src / "films" / "b.png")
     (src / "manifest.csv").write_text(
         "file,label,site,device,sex,age_years,study_date,laterality\n"
         "films/film.dcm,normal,north,,m,61.5,,\n"

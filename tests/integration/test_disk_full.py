@@ -22,16 +22,15 @@ from sqlalchemy import select
 
 from db import session_scope
 from db.schema import Image, Model, Rejection, Source
-from xray_core.model.backbone import Backbone, load_backbone
 from xray_core.data.catalogue import open_catalogue
-from xray_core.errors import StorageFullError, XrayError
-from xray_core.model.backbone import effective_batch_size
-from xray_core.model.features import EmbedItem, FeatureCache
 from xray_core.data.ingest import ingest_source
+from xray_core.data.synthetic import make_xray
+from xray_core.errors import StorageFullError, XrayError
+from xray_core.model.backbone import Backbone, effective_batch_size, load_backbone
+from xray_core.model.features import EmbedItem, FeatureCache
+from xray_core.model.train import build_head
 from xray_core.registry.versions import champion_version, load_model, record_decision, save_model
 from xray_core.settings import Settings, load_settings
-from xray_core.data.synthetic import make_xray
-from xray_core.model.train import build_head
 
 # --------------------------------------------------------------------------- the full disk
 
@@ -47,10 +46,10 @@ class _FullFile:
         self._fh.flush()
         raise OSError(self._code, os.strerror(self._code))
 
-    def __getattr__(self, name: str):  # noqa: ANN204 - flush, fileno, close, ...
+    def __getattr__(self, name: str):  # flush, fileno, close, ... of the real file
         return getattr(self._fh, name)
 
-    def __enter__(self) -> "_FullFile":
+    def __enter__(self) -> _FullFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -64,7 +63,7 @@ class DiskFull:
         self.opened = 0
         real_fdopen = os.fdopen
 
-        def fdopen(fd: int, mode: str = "r", *args, **kwargs):  # noqa: ANN202
+        def fdopen(fd: int, mode: str = "r", *args, **kwargs):
             fh = real_fdopen(fd, mode, *args, **kwargs)
             if "w" not in mode:
                 return fh
@@ -123,7 +122,8 @@ def stored(settings: Settings, tmp_path: Path) -> list[EmbedItem]:
     write_batch(tmp_path / "src", range(4))
     ingest_source(tmp_path / "src", settings=settings)
     with session_scope(open_catalogue(settings)) as s:
-        return [EmbedItem(i.sha256, settings.home / i.stored_path) for i in s.scalars(select(Image).order_by(Image.id))]
+        return [EmbedItem(i.sha256, settings.home / i.stored_path)
+                for i in s.scalars(select(Image).order_by(Image.id))]
 
 
 def cache_files(cache: FeatureCache) -> dict[str, bytes]:
@@ -131,7 +131,8 @@ def cache_files(cache: FeatureCache) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
-def test_disk_full_while_writing_the_feature_cache(settings: Settings, stored, monkeypatch, code: int) -> None:
+def test_disk_full_while_writing_the_feature_cache(settings: Settings, stored,
+                                                   monkeypatch, code: int) -> None:
     cache = FeatureCache(load_backbone(settings), settings)
     cache.ensure(stored[:2], [0])
     before = cache_files(cache)
@@ -157,7 +158,8 @@ IN_DIM, HIDDEN = 8, (4,)
 CARD = {"labels": ["normal", "pneumonia"], "threshold": 0.5, "input_size": 32,
         "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         "backbone_fingerprint": "b" * 64, "backbone_weights": "random",
-        "head": {"in_dim": IN_DIM, "hidden": list(HIDDEN), "dropout": 0.0}, "training_set_fingerprint": "t" * 64}
+        "head": {"in_dim": IN_DIM, "hidden": list(HIDDEN), "dropout": 0.0},
+        "training_set_fingerprint": "t" * 64}
 
 
 def _save(settings: Settings) -> int:
@@ -237,14 +239,15 @@ def test_xray_embed_memory_mb_caps_the_batch(memory_mb: int, size: int, expected
     assert effective_batch_size(settings) == expected
 
 
-def test_a_small_memory_cap_makes_the_backbone_see_smaller_batches(settings: Settings, stored, monkeypatch) -> None:
+def test_a_small_memory_cap_makes_the_backbone_see_smaller_batches(settings: Settings,
+                                                                   stored, monkeypatch) -> None:
     # At 32 px one view is 3*32*32*4 B * 64 = 786,432 B: a 2 MB cap allows 2 views per call.
     capped = settings.with_overrides(embed_memory_mb=2, embed_batch_size=16)
     assert effective_batch_size(capped) == 2 < effective_batch_size(settings)
     sizes: list[int] = []
     real_embed = Backbone.embed
 
-    def spy(self: Backbone, batch):  # noqa: ANN001, ANN202
+    def spy(self: Backbone, batch):
         sizes.append(int(batch.shape[0]))
         return real_embed(self, batch)
 

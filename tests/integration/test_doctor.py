@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from catalogue_faults import catalogue_with_wal_only, fill, small_filesystem, write_films
+
 from db import dispose_engines
 from db.engine import check_sqlite_file, header_problem
 from xray_cli.main import main
@@ -328,7 +328,7 @@ def test_repair_moves_no_orphan_when_an_ingest_starts_during_the_backup(xray_env
     fresh = settings.home / "store" / "zz" / "being-ingested.png"
     backup = doctor_repair._backup_sqlite
 
-    def slow_backup(*args, **kwargs):  # noqa: ANN202 - the backup's own signature
+    def slow_backup(*args, **kwargs):  # the backup's own signature
         result = backup(*args, **kwargs)
         with session_scope(open_catalogue(settings)) as s:
             s.add(Source(kind="folder", path=str(tmp_path / "new"), status="running",

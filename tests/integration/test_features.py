@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from xray_core.io.fsutil import sha256_file
 from xray_core.model.backbone import FEATURE_DIM, effective_batch_size, load_backbone
 from xray_core.model.features import (
     EmbedItem,
@@ -17,7 +18,6 @@ from xray_core.model.features import (
     FeatureCacheError,
     cache_summary,
 )
-from xray_core.io.fsutil import sha256_file
 from xray_core.model.preprocess import EvalTransform, TrainTransform, make_view, spec_dict, view_generator
 
 SHA = "ab" * 32
@@ -206,7 +206,8 @@ def test_decode_workers_and_small_memory_budget(settings, items) -> None:
     assert stats.computed == 6 and cache.backbone.calls - calls == 6  # one view per backbone call
 
 
-def test_unreadable_image_is_reported_and_finished_images_are_kept(cache: FeatureCache, items, tmp_path) -> None:
+def test_unreadable_image_is_reported_and_finished_images_are_kept(cache: FeatureCache,
+                                                                   items, tmp_path) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png at all")
     with pytest.raises(FeatureCacheError, match="cannot embed 1 image"):

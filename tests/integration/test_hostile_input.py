@@ -26,26 +26,27 @@ import tempfile
 import warnings
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image as PILImage
-from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRBigEndian, JPEGLSLossless
 from badfiles import blank_film, header_bomb_png, make_bad_corpus
 from conftest import PROJECT, TEST_ENV, sha, snapshot
 from conftest import fetch as rows
+from PIL import Image as PILImage
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRBigEndian, JPEGLSLossless
+
 from db import dispose_engines
 from db.schema import Image, Rejection, Source
 from xray_cli.main import main
-from xray_core.errors import ManifestError, UsageError
 from xray_core.data.ingest import ingest_source
-from xray_core.settings import Settings, load_settings, reset_settings
 from xray_core.data.synthetic import make_xray, write_dicom
+from xray_core.errors import ManifestError, UsageError
+from xray_core.settings import Settings, load_settings, reset_settings
 
 # --------------------------------------------------------------------------- helpers
 
@@ -204,7 +205,7 @@ def _symlink_outside(ctx: Ctx) -> None:
     ctx.facts["secret_sha"] = sha(secret)
 
 
-def _check_secret_absent(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_secret_absent(ctx: Ctx, settings: Settings, summary) -> None:
     shas = {i.sha256 for i in rows(settings, Image)} | {r.sha256 for r in rows(settings, Rejection)}
     assert ctx.facts["secret_sha"] not in shas
     (rej,) = [r for r in rows(settings, Rejection) if r.path.endswith("link_out.png")]
@@ -244,7 +245,7 @@ def _non_utf8_name(ctx: Ctx) -> None:
     put(os.path.join(label, b"caf\xe9.png"), b"")  # a bad one, so its path lands in a rejection row
 
 
-def _check_non_utf8(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_non_utf8(ctx: Ctx, settings: Settings, summary) -> None:
     names = {i.original_name for i in rows(settings, Image)}
     assert "normal/\\xff\\xfe.png" in names
     (rej,) = rows(settings, Rejection)
@@ -266,23 +267,24 @@ def _long_names(ctx: Ctx) -> None:
     ctx.facts["names"] = (good_name, bad_name)
 
 
-def _check_long_names(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_long_names(ctx: Ctx, settings: Settings, summary) -> None:
     good_name, bad_name = ctx.facts["names"]
     assert f"normal/{good_name}" in {i.original_name for i in rows(settings, Image)}
     (rej,) = rows(settings, Rejection)
-    assert len(Path(rej.quarantine_path).name.encode()) <= 255 and (settings.home / rej.quarantine_path).is_file()
+    assert (len(Path(rej.quarantine_path).name.encode()) <= 255
+            and (settings.home / rej.quarantine_path).is_file())
 
 
 def _control_chars(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "new\nline\x1b[31m.png", png_bytes(64))
 
 
-def _check_control_chars(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_control_chars(ctx: Ctx, settings: Settings, summary) -> None:
     names = {i.original_name for i in rows(settings, Image)}
     assert "normal/new\\x0aline\\x1b[31m.png" in names  # escaped: nothing for a terminal to act on
 
 
-def _check_no_label_path(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_no_label_path(ctx: Ctx, settings: Settings, summary) -> None:
     """A label is never used as a path: no file or folder under XRAY_HOME is named after one."""
     names = {p.name for p in settings.home.rglob("*")}
     assert not names & {"a", "b", "x\\y", "calc'!A0"}
@@ -305,7 +307,7 @@ def _dicom_with_identifiers(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "scan1.dcm", dicom_bytes("Doe^John-12345", patient_name="Doe^John"))
 
 
-def _check_dicom_hashed(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_dicom_hashed(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.format == "dicom"]
     assert img.patient_id.startswith("dcm-") and "12345" not in img.patient_id
 
@@ -314,19 +316,19 @@ def _big_endian(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "be.dcm", dicom_big_endian())
 
 
-def _check_big_endian(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_big_endian(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.format == "dicom"]
     assert (img.width, img.height) == (64, 64)
 
 
-def _check_dangling_link_heals(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_dangling_link_heals(ctx: Ctx, settings: Settings, summary) -> None:
     """Recorded as missing, not as a bad file: once its target exists, the next ingest takes it."""
     target = put(ctx.src / "nowhere.png", png_bytes(66))
     again = ingest_source(ctx.src, settings=settings)
     assert again.added == 1 and sha(target) in {i.sha256 for i in rows(settings, Image)}
 
 
-def _check_fifo(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_fifo(ctx: Ctx, settings: Settings, summary) -> None:
     (rej,) = rows(settings, Rejection)
     assert "regular file" in rej.detail and rej.quarantine_path is None
 
@@ -351,17 +353,21 @@ KINDS: dict[str, Kind] = {
     "unknown_label": Kind(_file("covid/a.png", png_bytes(70)), {"covid/a.png": "unknown_label"},
                           env={"XRAY_LABELS": "normal,pneumonia"}),
     "label_conflict": Kind(_conflict, {"pneumonia/again.png": "label_conflict"}),
-    "manifest_missing_file": Kind(_manifest_rows(["img/missing.png", "normal"]), {"img/missing.png": "missing_file"}),
+    "manifest_missing_file": Kind(_manifest_rows(["img/missing.png", "normal"]),
+                                  {"img/missing.png": "missing_file"}),
     "manifest_malformed_ragged_row": Kind(
-        _manifest_rows(["normal/good0.png", "normal", "extra cell"]), manifest_error="more cells than header"),
+        _manifest_rows(["normal/good0.png", "normal", "extra cell"]),
+        manifest_error="more cells than header"),
     "manifest_not_utf8": Kind(
-        lambda ctx: (_manifest_rows()(ctx), ctx.manifest.write_bytes(ctx.manifest.read_bytes() + b"n\xe9w.png,normal\n")),
+        lambda ctx: (_manifest_rows()(ctx),
+                     ctx.manifest.write_bytes(ctx.manifest.read_bytes() + b"n\xe9w.png,normal\n")),
         manifest_error="not valid UTF-8"),
     "manifest_missing_columns": Kind(
         lambda ctx: setattr(ctx, "manifest", write_manifest(ctx.src, [["normal/good0.png"]], ("path",))),
         manifest_error="lacks column(s) file, label"),
     # ---- decompression bombs by declared size
-    "png_declared_bomb_100000x100000": Kind(_file("normal/bomb.png", header_bomb_png()), {"bomb.png": "decompression_bomb"}),
+    "png_declared_bomb_100000x100000": Kind(_file("normal/bomb.png", header_bomb_png()),
+                                            {"bomb.png": "decompression_bomb"}),
     "png_declared_2pow31_minus_1_squared": Kind(
         _file("normal/huge.png", png_declaring(2**31 - 1, 2**31 - 1)), {"huge.png": "decompression_bomb"}),
     "jpeg_declared_bomb_65535x65535": Kind(
@@ -375,7 +381,8 @@ KINDS: dict[str, Kind] = {
     "png_ztxt_text_bomb": Kind(_file("normal/text_bomb.png", png_with_text_bomb),
                                {"text_bomb.png": "decompression_bomb"}),
     "file_over_xray_max_file_bytes": Kind(_file("normal/large.png", png_bytes(71, size=512)),
-                                          {"large.png": "file_too_large"}, env={"XRAY_MAX_FILE_BYTES": "100000"}),
+                                          {"large.png": "file_too_large"},
+                                          env={"XRAY_MAX_FILE_BYTES": "100000"}),
     # ---- links and names
     "symlink_outside_root": Kind(_symlink_outside, {"link_out.png": "outside_root",
                                                     "linked_dir": "outside_root"},  # a linked folder
@@ -385,20 +392,24 @@ KINDS: dict[str, Kind] = {
     "deeply_nested_symlink_chain": Kind(_deep_link_chain, {"long59.png": "missing_file", **{
         f"long{i:02d}.png": "missing_file" for i in range(40, 59)}}),
     "deeply_nested_folders": Kind(_deep_folders, added=1),
-    "dangling_symlink": Kind(lambda ctx: (ctx.src / "normal" / "gone.png").symlink_to(ctx.src / "nowhere.png"),
+    "dangling_symlink": Kind(lambda c: (c.src / "normal" / "gone.png").symlink_to(c.src / "nowhere.png"),
                              {"gone.png": "missing_file"}, check=_check_dangling_link_heals),
     "named_pipe": Kind(_fifo, {"pipe.png": "not_an_image"}, check=_check_fifo),
-    "non_utf8_file_name": Kind(_non_utf8_name, {"caf\\xe9.png": "empty_file"}, added=1, check=_check_non_utf8),
+    "non_utf8_file_name": Kind(_non_utf8_name, {"caf\\xe9.png": "empty_file"},
+                               added=1, check=_check_non_utf8),
     "non_utf8_label_folder": Kind(_non_utf8_label, {"norm\\xe4l/a.png": "unknown_label"}),
-    "file_name_255_bytes": Kind(_long_names, {"b" * 251 + ".png": "not_an_image"}, added=1, check=_check_long_names),
+    "file_name_255_bytes": Kind(_long_names, {"b" * 251 + ".png": "not_an_image"}, added=1,
+                                check=_check_long_names),
     "control_characters_in_name": Kind(_control_chars, added=1, check=_check_control_chars),
     "sql_in_file_name": Kind(_sql_name, added=1),
-    "homoglyph_label_folder": Kind(_file("n\u043ermal/a.png", png_bytes(72)), {"n\u043ermal/a.png": "unknown_label"}),
+    "homoglyph_label_folder": Kind(_file("n\u043ermal/a.png", png_bytes(72)),
+                                   {"n\u043ermal/a.png": "unknown_label"}),
     # ---- manifests
     "manifest_dotdot_traversal": Kind(_manifest_rows(["../outside/secret.png", "normal"],
                                                      ["img/../../outside/secret.png", "normal"]),
                                       {"../outside/secret.png": "outside_root"}),
-    "manifest_absolute_path": Kind(_manifest_rows(["{outside}/secret.png", "normal"], ["/etc/passwd", "normal"]),
+    "manifest_absolute_path": Kind(_manifest_rows(["{outside}/secret.png", "normal"],
+                                                  ["/etc/passwd", "normal"]),
                                    {"outside/secret.png": "outside_root", "/etc/passwd": "outside_root"}),
     "manifest_link_inside_pointing_outside": Kind(
         lambda ctx: (_manifest_rows(["normal/link.png", "normal"])(ctx),
@@ -411,7 +422,8 @@ KINDS: dict[str, Kind] = {
          "normal/self.png": "missing_file"}),
     "csv_injection_label": Kind(_manifest_rows(["normal/good0.png", "=cmd|' /C calc'!A0"],
                                                ["normal/good1.png", "@SUM(1+1)*cmd|' /C calc'!A0"]),
-                                {"good0.png": "unknown_label", "good1.png": "unknown_label"}, check=_check_no_label_path),
+                                {"good0.png": "unknown_label", "good1.png": "unknown_label"},
+                                check=_check_no_label_path),
     "label_with_path_separators": Kind(
         _manifest_rows(["normal/good0.png", "a/b"], ["normal/good0.png", ".."], ["normal/good1.png", "x\\y"],
                        ["normal/good1.png", "../../b"]),
@@ -459,20 +471,22 @@ def _link_across_labels(ctx: Ctx) -> None:
     ctx.facts["real"] = sha((ctx.src / "pneumonia" / "b.png").read_bytes())
 
 
-def _check_link_across_labels(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_link_across_labels(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.sha256 == ctx.facts["real"]]
-    assert img.label == "pneumonia"  # the real file keeps its folder's label; nothing quarantined as a conflict
+    # the real file keeps its folder's label; nothing quarantined as a conflict
+    assert img.label == "pneumonia"
     assert "label_conflict" not in {r.reason for r in rows(settings, Rejection)}
 
 
-def _check_long_path(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_long_path(ctx: Ctx, settings: Settings, summary) -> None:
     (rej,) = rows(settings, Rejection)
     assert "cannot be listed" in rej.detail and rej.quarantine_path is None
 
 
 KINDS.update({
     "manifest_duplicate_file_column": Kind(
-        _manifest_rows(["pneumonia/p.png", "pneumonia", "normal/good0.png"], header=("file", "label", "file")),
+        _manifest_rows(["pneumonia/p.png", "pneumonia", "normal/good0.png"],
+                       header=("file", "label", "file")),
         manifest_error="duplicate column(s) 'file'"),
     "manifest_duplicate_label_column": Kind(
         _manifest_rows(["normal/good0.png", "pneumonia", "normal"], header=("file", "label", "label")),
@@ -491,7 +505,7 @@ KINDS.update({
 # ---- manifests as exported (issue 25): other columns are kept as attributes, within bounds
 
 
-def _check_attribute_escaped(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_attribute_escaped(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.original_name == "normal/esc.png"]
     assert img.attributes == {"notes": "a\\x1b[2Jb"}  # the terminal escape stored as visible text
 
@@ -524,7 +538,7 @@ def _linked_label_folder_outside(ctx: Ctx) -> None:
     ctx.never_read.append(ctx.outside / "films" / "x.png")
 
 
-def _check_linked_label_folder(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_linked_label_folder(ctx: Ctx, settings: Settings, summary) -> None:
     (rej,) = rows(settings, Rejection)
     assert rej.path.endswith("/covid") and "folder outside the source folder" in rej.detail
     assert rej.sha256 is None and rej.quarantine_path is None  # nothing under it listed, read or copied
@@ -538,7 +552,7 @@ def _same_bytes_two_patients(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "person7_c.png", data)  # the same patient again: a plain duplicate
 
 
-def _check_same_bytes_two_patients(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_same_bytes_two_patients(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.sha256 == sha(png_bytes(111))]
     assert img.patient_id == "person7" and summary.duplicates == 1
     (rej,) = rows(settings, Rejection)
@@ -553,7 +567,7 @@ def _dicom_twice(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "sub" / "b.dcm", data)
 
 
-def _check_dicom_twice(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_dicom_twice(ctx: Ctx, settings: Settings, summary) -> None:
     a, b = rows(settings, Rejection)
     assert a.quarantine_path == b.quarantine_path  # one copy for both rows
     copy = (settings.home / a.quarantine_path).read_bytes()
@@ -570,7 +584,7 @@ def _same_bad_bytes_three_times(ctx: Ctx) -> None:
         put(ctx.src / name, b"the same broken bytes")
 
 
-def _check_one_shared_copy(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_one_shared_copy(ctx: Ctx, settings: Settings, summary) -> None:
     (key,) = {r.quarantine_path for r in rows(settings, Rejection)}
     assert key == f"quarantine/{sha(b'the same broken bytes')[:2]}/{sha(b'the same broken bytes')}"
     assert [p for p in (settings.home / "quarantine").rglob("*") if p.is_file()] == [settings.home / key]
@@ -582,7 +596,7 @@ def _two_bad_files(ctx: Ctx) -> None:
     put(ctx.src / "normal" / "b_large.png", b"not an image" * 1000)  # 12,000 bytes: does not
 
 
-def _check_cap(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_cap(ctx: Ctx, settings: Settings, summary) -> None:
     from xray_core.report.terminal import render_ingest
 
     small, large = sorted(rows(settings, Rejection), key=lambda r: r.path)
@@ -597,7 +611,7 @@ def _check_cap(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
     assert json.loads(json.dumps(summary.as_dict()))["quarantine"]["copies_skipped"] == 1
 
 
-def _check_cap_zero(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_cap_zero(ctx: Ctx, settings: Settings, summary) -> None:
     assert all(r.quarantine_path is None and "not copied to quarantine" in r.detail
                for r in rows(settings, Rejection))
     assert not (settings.home / "quarantine").exists() or not any(
@@ -686,12 +700,12 @@ def png_chunk_bomb(kind: bytes, payload: bytes, *, before_idat: bool, seed: int)
     return good[:at] + _chunk(kind, payload) + good[at:]
 
 
-def _check_16bit_rgba(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_16bit_rgba(ctx: Ctx, settings: Settings, summary) -> None:
     (img,) = [i for i in rows(settings, Image) if i.original_name.endswith("rgba16.png")]
     assert (img.width, img.height, img.format) == (64, 64, "png")
 
 
-def _check_detail_names_the_fill(ctx: Ctx, settings: Settings, summary) -> None:  # noqa: ANN001
+def _check_detail_names_the_fill(ctx: Ctx, settings: Settings, summary) -> None:
     (rej,) = rows(settings, Rejection)
     assert "ends early" in rej.detail and "flat grey fill" in rej.detail, rej.detail
 
@@ -746,7 +760,8 @@ def test_every_kind_says_what_becomes_of_its_hostile_input() -> None:
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own; we reject it anyway
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_hostile_kind_is_rejected_cleanly_and_the_batch_goes_on(kind: str, tmp_path: Path, monkeypatch) -> None:
+def test_hostile_kind_is_rejected_cleanly_and_the_batch_goes_on(kind: str,
+                                                                tmp_path: Path, monkeypatch) -> None:
     spec = KINDS[kind]
     settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), **spec.env})
     dispose_engines()
@@ -790,7 +805,8 @@ def test_hostile_kind_is_rejected_cleanly_and_the_batch_goes_on(kind: str, tmp_p
     rejections = rows(settings, Rejection)
     for suffix, reason in spec.rejected.items():
         hits = [r for r in rejections if r.path.endswith(suffix)]
-        assert hits, f"no rejection row for {suffix!r}; rows: {[(r.path[-60:], r.reason) for r in rejections]}"
+        assert hits, \
+            f"no rejection row for {suffix!r}; rows: {[(r.path[-60:], r.reason) for r in rejections]}"
         assert {r.reason for r in hits} == {reason}, [(r.path[-60:], r.reason, r.detail) for r in hits]
         assert all(len(r.detail) > 10 for r in hits)
     expected = _ROW_COUNTS.get(kind) or dict(Counter(spec.rejected.values()))
@@ -873,11 +889,12 @@ def test_dicom_patient_identifiers_never_appear_in_clear(xray_env, tmp_path: Pat
     settings = load_settings()
     src = tmp_path / "src"
     put(src / "normal" / "scan1.dcm", dicom_bytes("Doe^John-12345", patient_name="Doe^John"))
-    put(src / "pneumonia" / "scan2.dcm", dicom_bytes("Roe^Jane-67890", patient_name="Roe^Jane", PatientSex="F",
+    put(src / "pneumonia" / "scan2.dcm",
+        dicom_bytes("Roe^Jane-67890", patient_name="Roe^Jane", PatientSex="F",
                                                      ViewPosition="AP"))
     # Rejected DICOMs carrying identifiers: a header-only file and an over-long, odd PatientID.
-    write_dicom(src / "normal" / "header_only.dcm", np.zeros((64, 64), np.uint16), patient_id="Doe^John-12345",
-                with_pixels=False)
+    write_dicom(src / "normal" / "header_only.dcm", np.zeros((64, 64), np.uint16),
+                patient_id="Doe^John-12345", with_pixels=False)
     put(src / "normal" / "constant.dcm", dicom_bytes("Roe^Jane-67890" * 10, patient_name="Roe^Jane",
                                                      PixelData=np.full((64, 64), 7, np.uint16).tobytes()))
 
@@ -893,7 +910,8 @@ def test_dicom_patient_identifiers_never_appear_in_clear(xray_env, tmp_path: Pat
     status_out = capsys.readouterr().out
     db_bytes = b"".join(p.read_bytes() for p in settings.home.glob("catalogue.db*"))
     names = " ".join(str(p.relative_to(settings.home)) for p in settings.home.rglob("*"))
-    logs = caplog.text + " ".join(str(r.args) for r in caplog.records) + " ".join(str(w.message) for w in caught)
+    logs = (caplog.text + " ".join(str(r.args) for r in caplog.records)
+            + " ".join(str(w.message) for w in caught))
     summary_text = json.dumps(summary.as_dict())
     for raw in RAW_IDS:
         assert raw.encode() not in db_bytes, f"{raw} in the catalogue"
@@ -904,7 +922,8 @@ def test_dicom_patient_identifiers_never_appear_in_clear(xray_env, tmp_path: Pat
     assert len(ids) == 2 and all(p.startswith("dcm-") for p in ids)
     # Store and quarantine hold de-identified copies by default (XRAY_DICOM_STORE, SECURITY.md).
     stored = b"".join((settings.home / i.stored_path).read_bytes() for i in rows(settings, Image))
-    quarantined = b"".join((settings.home / r.quarantine_path).read_bytes() for r in rows(settings, Rejection))
+    quarantined = b"".join((settings.home / r.quarantine_path).read_bytes()
+                           for r in rows(settings, Rejection))
     assert len(quarantined) > 0
     for raw in RAW_IDS:
         assert raw.encode() not in stored + quarantined, f"{raw} in the store or quarantine"
@@ -1041,7 +1060,8 @@ def predict_manifest_rows_outside_its_folder_are_never_read(tmp_path, monkeypatc
     assert out["normal/good.png"][1] is None
     for rel in ("/etc/passwd", "/proc/self/environ", "../secret/x.png"):
         assert out[rel][0] is None and out[rel][1].startswith("outside_root"), out[rel]
-    assert not {"/etc/passwd", "/proc/self/environ", os.path.realpath(tmp_path / "secret" / "x.png")} & set(read)
+    assert not {"/etc/passwd", "/proc/self/environ",
+                os.path.realpath(tmp_path / "secret" / "x.png")} & set(read)
     assert sha(secret) not in {s for s, _ in out.values()}
 
 
@@ -1062,7 +1082,7 @@ def _refuse_listing(monkeypatch, folder: Path) -> None:
     root, which chmod 000 does not stop)."""
     real = os.scandir
 
-    def scandir(path="."):  # noqa: ANN001, ANN202
+    def scandir(path="."):
         if os.fspath(path) == os.fspath(folder):
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real(path)
@@ -1118,7 +1138,8 @@ def manual_promotion_during_a_decision_makes_it_stale(xray_env, tmp_path) -> Non
     row = record_decision(settings, challenger=versions[2], decision="promote", rationale="v3 beat v1",
                           metrics={}, trigger="test", promote=True, record_stale_unless_champion=versions[0])
     assert row["decision"] == "stale" and row["champion_after"] == versions[1]
-    assert f"champion changed from v{versions[0]} to v{versions[1]} since evaluation; nothing promoted" in row["rationale"]
+    stale = f"champion changed from v{versions[0]} to v{versions[1]} since evaluation; nothing promoted"
+    assert stale in row["rationale"]
     from xray_core.registry.listing import registry_summary
 
     assert registry_summary(settings)["champion"] == versions[1]
@@ -1275,11 +1296,11 @@ def truncated_catalogue_is_named(xray_env, tmp_path, capsys) -> None:
 
 @attack
 def unexpected_error_is_one_line_and_debug_shows_the_traceback(xray_env, capsys, monkeypatch) -> None:
-    import xray_core.report.status as status
-
     import sqlite3
 
-    def boom(settings):  # noqa: ANN001, ANN202 - what SQLite raises on a full disk
+    import xray_core.report.status as status
+
+    def boom(settings):  # what SQLite raises on a full disk
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(status, "status_report", boom)
@@ -1521,7 +1542,8 @@ def damaged_catalogue_advice_never_moves_the_main_file_alone(xray_env, tmp_path,
     Path(f"{db_file}-shm").write_bytes(bytes(32768))
     code, err = _cli(capsys, "status")
     assert code == 2 and "truncated" in err and "xray doctor" in err
-    assert f"mv {db_file} {db_file}-wal {db_file}-shm " in err and f"mv {db_file} {db_file}.damaged" not in err
+    assert (f"mv {db_file} {db_file}-wal {db_file}-shm " in err
+            and f"mv {db_file} {db_file}.damaged" not in err)
 
 
 @attack
@@ -1604,7 +1626,7 @@ def doctor_repair_without_space_for_a_backup_changes_nothing(xray_env, tmp_path,
     dispose_engines()
     before = _data_files(settings.home)
 
-    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - what copying onto a full disk raises
+    def full(*args, **kwargs):  # what copying onto a full disk raises
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(shutil, "copy2", full)
@@ -1815,6 +1837,7 @@ def a_folder_ingested_with_its_manifest_then_by_file_names_is_duplicates_only(xr
 def decode_champion(tmp_path_factory):
     """A tiny catalogue with a champion (tests/tinymodel.py), for the predict attacks below."""
     from tinymodel import tiny_home
+
     from xray_core.registry.versions import promote_manually
 
     with tiny_home(tmp_path_factory.mktemp("decode-champion")) as home:
@@ -1822,7 +1845,7 @@ def decode_champion(tmp_path_factory):
         yield home
 
 
-def _predict_rows(home, files: dict[str, bytes], tmp_path: Path) -> dict[str, dict]:  # noqa: ANN001
+def _predict_rows(home, files: dict[str, bytes], tmp_path: Path) -> dict[str, dict]:
     """Predict a folder of ``files`` (plus one good film) with the champion; the CSV's rows by file."""
     from xray_core.pipeline.predict import predict_folder
 
@@ -1932,7 +1955,7 @@ def _strict_json(text: str) -> object:
     return data
 
 
-def _strings(value: object):  # noqa: ANN202
+def _strings(value: object):
     """Every string in a parsed JSON value, keys included."""
     if isinstance(value, str):
         yield value
@@ -1945,7 +1968,7 @@ def _strings(value: object):  # noqa: ANN202
             yield from _strings(v)
 
 
-def _twelve_films_for_a_first_champion(monkeypatch, src: Path, home: Path) -> None:  # noqa: ANN001
+def _twelve_films_for_a_first_champion(monkeypatch, src: Path, home: Path) -> None:
     """12 synthetic films in ``src``, XRAY_HOME=``home`` and the policy that lets them make v1 champion."""
     from xray_core.data.synthetic import write_dataset
 
@@ -1957,7 +1980,7 @@ def _twelve_films_for_a_first_champion(monkeypatch, src: Path, home: Path) -> No
     dispose_engines()
 
 
-def _retrain_local_under(monkeypatch, capsys, base: Path) -> tuple[int, str, str]:  # noqa: ANN001
+def _retrain_local_under(monkeypatch, capsys, base: Path) -> tuple[int, str, str]:
     """A first retrain (--local) of 12 synthetic films with XRAY_HOME=base/home: (exit, stdout, stderr)."""
     _twelve_films_for_a_first_champion(monkeypatch, base / "src", base / "home")
     capsys.readouterr()
@@ -2048,7 +2071,7 @@ def non_utf8_home_predict_flow_artifacts_reach_the_server_escaped(xray_env, tmp_
     assert state.is_completed(), state.message
     assert (base / "home" / "predictions" / "films.csv").is_file()
 
-    async def artifacts():  # noqa: ANN202
+    async def artifacts():
         async with get_client() as client:
             only = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
             return await client.read_artifacts(artifact_filter=only)
@@ -2117,22 +2140,22 @@ def long_path_retrain_source_is_one_line_exit_2(xray_env, tmp_path, capsys) -> N
     assert row.decision == "failed" and "ENAMETOOLONG" in row.rationale and len(row.rationale) < 700
 
 
-def _refuse_writes_under(monkeypatch, folder: Path, err: int) -> None:  # noqa: ANN001
+def _refuse_writes_under(monkeypatch, folder: Path, err: int) -> None:
     """mkdir and mkstemp below ``folder`` fail with ``err``, as on a read-only mount (the tests run as
     root, whom chmod does not stop)."""
     import tempfile as tempfile_module
 
     real_mkdir, real_mkstemp = os.mkdir, tempfile_module.mkstemp
 
-    def below(path) -> bool:  # noqa: ANN001
+    def below(path) -> bool:
         return path is not None and os.fspath(path).startswith(os.fspath(folder))
 
-    def mkdir(path, *args, **kwargs):  # noqa: ANN001, ANN202
+    def mkdir(path, *args, **kwargs):
         if below(path):
             raise OSError(err, os.strerror(err), os.fspath(path))
         return real_mkdir(path, *args, **kwargs)
 
-    def mkstemp(*args, dir=None, **kwargs):  # noqa: ANN001, ANN202, A002
+    def mkstemp(*args, dir=None, **kwargs):
         if below(dir):
             raise OSError(err, os.strerror(err), os.fspath(dir))
         return real_mkstemp(*args, dir=dir, **kwargs)
@@ -2165,7 +2188,7 @@ def unreadable_manifest_is_one_line_exit_2(xray_env, tmp_path, capsys, monkeypat
     manifest = write_manifest(tmp_path / "src", [["normal/a.png", "normal"]])
     real_open = builtins.open
 
-    def refuse(file, *args, **kwargs):  # noqa: ANN001, ANN202 - EACCES, as for another user's file
+    def refuse(file, *args, **kwargs):  # EACCES, as for another user's file
         if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(manifest):
             raise PermissionError(13, "Permission denied", os.fspath(file))
         return real_open(file, *args, **kwargs)
@@ -2194,13 +2217,13 @@ def user_oserrors_are_never_retried_as_transient(tmp_path) -> None:
     assert retried(TimeoutError()) and not retried(ValueError("bad data"))
 
 
-def _flow_task_runs(flow_run_id) -> list:  # noqa: ANN001
+def _flow_task_runs(flow_run_id) -> list:
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    async def read():  # noqa: ANN202
+    async def read():
         async with get_client() as client:
             flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             return await client.read_task_runs(flow_run_filter=flow_runs)
@@ -2252,7 +2275,7 @@ def report_that_cannot_be_written_after_promotion_keeps_the_decision(xray_env, t
 
     import xray_core.report.files as files
 
-    def refuse(settings, result, run_dir):  # noqa: ANN001, ANN202
+    def refuse(settings, result, run_dir):
         raise OSError(errno.EROFS, "Read-only file system", str(run_dir / "report.html"))
 
     monkeypatch.setattr(files, "write_run_reports", refuse)
@@ -2296,9 +2319,9 @@ def sigterm_during_an_ingest_prints_one_line_and_records_it_failed(tmp_path) -> 
     done = subprocess.run([sys.executable, "-m", "xray_cli.main", "ingest", str(tmp_path / "src")], env=env,
                           cwd=PROJECT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 143, done.stderr[-2000:]
-    assert done.stderr == ("xray ingest: terminated (SIGTERM); what was committed before stays, the transaction "
-                           "in progress was rolled back and this ingest is recorded as failed; the next ingest "
-                           "takes up the rest\n")
+    assert done.stderr == ("xray ingest: terminated (SIGTERM); what was committed before stays, the "
+                           "transaction in progress was rolled back and this ingest is recorded as failed; "
+                           "the next ingest takes up the rest\n")
     settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home")})
     (source,) = rows(settings, Source)
     assert source.status == "failed" and len(rows(settings, Image)) == 32  # the first group of 32 stands

@@ -12,8 +12,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from PIL import Image
-
 from tinymodel import tiny_home
+
 from xray_core.evaluate.metrics import auroc, compute_metrics
 from xray_core.report.data import reliability_bins, roc_curve
 from xray_core.results import Evaluation, RunResult
@@ -21,7 +21,8 @@ from xray_core.results import Evaluation, RunResult
 R, E = RunResult.from_dict, Evaluation.from_dict  # the result dicts below (result.json's shape), typed
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
-SECTIONS = {"summary", "decision", "data", "metrics", "per-class", "roc", "confusion", "calibration", "heatmaps"}
+SECTIONS = {"summary", "decision", "data", "metrics", "per-class", "roc", "confusion",
+            "calibration", "heatmaps"}
 
 
 class StrictParser(HTMLParser):
@@ -54,7 +55,8 @@ class StrictParser(HTMLParser):
             self.stack.append(tag)
 
     def handle_endtag(self, tag):
-        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
+        assert self.stack and self.stack[-1] == tag, \
+            f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
         self.stack.pop()
         self._in_h2 = False
 
@@ -85,21 +87,24 @@ def _mode(path) -> int:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny home with two versions, and the result dict of a run that compared them (as the flow builds it)."""
-    from xray_core.pipeline.steps import decide_step
+    """A tiny home with two versions, and the result dict of a run that compared them (as the flow builds
+    it)."""
     from xray_core.data.snapshot import save_snapshot
+    from xray_core.pipeline.steps import decide_step
 
     with tiny_home(tmp_path_factory.mktemp("report"), models=2, patients_per_label=14) as h:
         champion, challenger = (h.evaluations[v] for v in h.versions)
         decision = decide_step(h.settings, challenger, champion, h.data)
         run_dir = tmp_path_factory.mktemp("run")
         save_snapshot(run_dir / "split.json", h.data)
-        result = {"run_name": "tiny-run", "flow_run_id": "0000-test", "trigger": "test", "status": "completed",
-                  "backbone_weights": "random", "backbone_random_init": True,
-                  "backbone_fingerprint": "f" * 64,
+        result = {"run_name": "tiny-run", "flow_run_id": "0000-test",
+                  "trigger": "test", "status": "completed", "backbone_weights": "random",
+                  "backbone_random_init": True, "backbone_fingerprint": "f" * 64,
                   "ingests": [{"source": str(h.source), "manifest": None, "added": 28, "duplicates": 0,
-                               "skipped_unchanged": 0, "rejected": 1, "rejected_by_reason": {"not_an_image": 1}}],
-                  "split_counts": h.data.counts(), "near_duplicates": {"max_distance": 6, "pairs_across_splits": 0},
+                               "skipped_unchanged": 0, "rejected": 1,
+                               "rejected_by_reason": {"not_an_image": 1}}],
+                  "split_counts": h.data.counts(),
+                  "near_duplicates": {"max_distance": 6, "pairs_across_splits": 0},
                   "embed": {"computed": 48, "cached": 0, "recomputed_corrupt": 0, "seconds": 1.0},
                   "challenger_eval": challenger, "champion_eval": champion,
                   "decision": {k: decision[k] for k in ("decision", "promote", "rationale", "checks")},
@@ -152,7 +157,8 @@ def test_curves_cover_both_models_on_the_same_test_set(run):
     h, result, _ = run
     data = collect_report_data(h.settings, h.data, challenger=E(result["challenger_eval"]),
                                champion=E(result["champion_eval"]))
-    assert [(c.role, c.version) for c in data.curves] == [("challenger", h.versions[1]), ("champion", h.versions[0])]
+    assert [(c.role, c.version) for c in data.curves] == [("challenger", h.versions[1]),
+                                                          ("champion", h.versions[0])]
     for curve, ev in zip(data.curves, (result["challenger_eval"], result["champion_eval"])):
         assert curve.n == ev["n_images"]
         for label, r in curve.roc.items():  # the plotted area is the reported AUROC
@@ -177,11 +183,12 @@ def test_a_failed_run_still_renders_without_curves(run, tmp_path):
     assert "random-init" in text  # the warning also on a failed run
 
 
-def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_report(run, tmp_path, monkeypatch):
+def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_report(
+        run, tmp_path, monkeypatch):
     """Four 2000 x 2000 films: full-resolution overlays would be megabytes each; report.html stays <= 2 MB."""
+    from xray_core.data.snapshot import save_snapshot
     from xray_core.data.synthetic import make_xray
     from xray_core.model.heatmap import overlay_png
-    from xray_core.data.snapshot import save_snapshot
     from xray_core.report import data as report_data
     from xray_core.report.data import ExampleHeatmap, ReportData
     from xray_core.report.html import HEATMAP_EMBED_PX, write_run_html
@@ -195,8 +202,9 @@ def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_repo
     for k, label in enumerate(("normal", "pneumonia", "normal", "pneumonia")):
         gray = make_xray(label, size=side, rng=np.random.default_rng(k), patient_seed=k) / 255.0
         cam = np.exp(-((xx - 0.3 - 0.1 * k) ** 2 + (yy - 0.5) ** 2) / 0.02)
-        examples.append(ExampleHeatmap(sha256=f"{k:x}" * 64, true_label=label, predicted_label=label, probability=0.9,
-                                       version=h.versions[1], png=overlay_png(gray, cam, text=f"{label} p=0.900 · v3")))
+        examples.append(ExampleHeatmap(sha256=f"{k:x}" * 64, true_label=label,
+                                       predicted_label=label, probability=0.9, version=h.versions[1],
+                                       png=overlay_png(gray, cam, text=f"{label} p=0.900 · v3")))
     assert sum(len(x.png) for x in examples) > 2_000_000  # embedded as they are, the report would be too big
     monkeypatch.setattr(report_data, "collect_report_data",
                         lambda *a, **k: ReportData(curves=real.curves, examples=examples))
@@ -213,10 +221,10 @@ def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_repo
 
 
 def test_report_renders_with_a_note_when_curves_cannot_be_computed(run, tmp_path, monkeypatch):
-    from xray_core.report import data as report_data
-    from xray_core.errors import CheckpointError
-    from xray_core.report.html import write_run_html
     from xray_core.data.snapshot import save_snapshot
+    from xray_core.errors import CheckpointError
+    from xray_core.report import data as report_data
+    from xray_core.report.html import write_run_html
 
     h, result, _ = run
 
@@ -240,7 +248,8 @@ def test_markdown_links_the_html_report_and_repeats_key_numbers(run):
     state = {"promote": "Promoted", "keep": "Kept", "insufficient_evidence": "Insufficient evidence"}
     assert md.startswith(f"# {state[result['decision']['decision']]}: ")
     assert f"**{result['decision']['decision']}**" in md and result["decision"]["rationale"] in md
-    assert f"challenger v{h.versions[1]}: macro AUROC" in md and f"champion v{h.versions[0]}: macro AUROC" in md
+    assert f"challenger v{h.versions[1]}: macro AUROC" in md
+    assert f"champion v{h.versions[0]}: macro AUROC" in md
     assert "report.html" not in retrain_markdown(R({k: v for k, v in result.items() if k != "report_html"}))
 
 
@@ -257,8 +266,9 @@ def test_a_two_site_run_reports_by_site_with_per_site_roc_and_status_and_lineage
     from xray_core.report.terminal import render_lineage, render_status
     from xray_core.settings import load_settings, reset_settings
 
-    for key, value in {"XRAY_MIN_TEST_PER_CLASS": "2", "XRAY_FLOOR_MACRO_AUROC": "0.5", "XRAY_FLOOR_SENSITIVITY": "0.3",
-                       "XRAY_PATIENT_REGEX": "", "XRAY_SPLIT_RATIOS": "0.5,0.1,0.4"}.items():
+    for key, value in {"XRAY_MIN_TEST_PER_CLASS": "2", "XRAY_FLOOR_MACRO_AUROC": "0.5",
+                       "XRAY_FLOOR_SENSITIVITY": "0.3", "XRAY_PATIENT_REGEX": "",
+                       "XRAY_SPLIT_RATIOS": "0.5,0.1,0.4"}.items():
         monkeypatch.setenv(key, value)
     reset_settings()
     manifests = []
@@ -286,7 +296,8 @@ def test_a_two_site_run_reports_by_site_with_per_site_roc_and_status_and_lineage
     status = status_report(settings)
     assert status["sites"]["sites"] == ["adult", "paeds"]
     counts = status["sites"]["by_site_label_split"]
-    assert sum(sum(v.values()) for labels in counts.values() for v in labels.values()) == status["catalogue"]["images"]
+    assert sum(sum(v.values()) for labels in counts.values()
+               for v in labels.values()) == status["catalogue"]["images"]
     assert all(counts[site]["normal"]["test"] >= 2 for site in ("adult", "paeds"))
     assert status["audit"]["challenger"] == result["version"]
     assert status["audit"]["flagged"] == result["audit"]["flagged"]

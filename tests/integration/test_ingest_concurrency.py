@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PROJECT, TEST_ENV
+
 from xray_core.data.synthetic import write_dataset
 
 # Import first (seconds), then start both ingests on the same signal.
@@ -45,8 +45,8 @@ def _ingest_both(home: Path, go: Path, sources: list[Path], url: str) -> list[di
     # Near copies off: these 40 px synthetic films hold two cross-patient pairs within 3 pHash bits,
     # which one ingest quarantines or not depending on whether the other's rows were committed before
     # it loaded its near-copy index; this test is about exact duplicates.
-    env = {**os.environ, **TEST_ENV, "XRAY_HOME": str(home), "XRAY_DATABASE_URL": url, "XRAY_INGEST_WORKERS": "2",
-           "XRAY_NEAR_COPY_DISTANCE": "-1"}
+    env = {**os.environ, **TEST_ENV, "XRAY_HOME": str(home), "XRAY_DATABASE_URL": url,
+           "XRAY_INGEST_WORKERS": "2", "XRAY_NEAR_COPY_DISTANCE": "-1"}
     procs = [subprocess.Popen([sys.executable, "-c", RUNNER, str(go), "ingest", str(src), "--json"],
                               cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for src in sources]
@@ -103,7 +103,7 @@ def test_two_processes_ingest_at_once(tmp_path: Path, make_sources, database_url
 
     engine = create_engine(database_url)
     with engine.connect() as con:
-        q = lambda sql: con.exec_driver_sql(sql)  # noqa: E731
+        q = lambda sql: con.exec_driver_sql(sql)
         if engine.dialect.name == "sqlite":
             assert q("PRAGMA integrity_check").scalar() == "ok"
         rows = q("SELECT sha256, stored_path FROM images").fetchall()

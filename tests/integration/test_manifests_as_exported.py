@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import PROJECT, fetch
+
 from db.schema import Image
 from xray_cli.main import main
 from xray_core.data.ingest import ingest_source

@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
-
 from badfiles import CORPUS_MAX_PIXELS, make_bad_corpus, make_good_variants
 from conftest import TEST_ENV
+from sqlalchemy import select
+
 from db import dispose_engines, session_scope
 from db.schema import Image, Patient, Rejection, SeenFile
 from xray_core.data.catalogue import open_catalogue
@@ -60,7 +60,7 @@ def _outcomes(settings: Settings) -> dict:
     return {"images": images, "rejections": rejections, "seen": seen, "patients": patients, "files": files}
 
 
-def _summary(summary) -> dict:  # noqa: ANN001 - IngestSummary
+def _summary(summary) -> dict:  # summary: an IngestSummary
     return {k: v for k, v in summary.as_dict().items() if k not in ("seconds", "source_id")}
 
 
@@ -82,11 +82,13 @@ def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path
     results = {}
     for workers in (1, 2):
         settings = _settings(tmp_path / f"home{workers}", workers)
-        summary = ingest_source(source, settings=settings, progress=lambda d, t, w=workers: progress[w].append((d, t)))
+        summary = ingest_source(source, settings=settings,
+                                progress=lambda d, t, w=workers: progress[w].append((d, t)))
         results[workers] = (_summary(summary), _outcomes(settings))
         dispose_engines()
     one, two = results[1], results[2]
-    assert one[0]["added"] > 0 and one[0]["duplicates"] == 1 and one[0]["rejected_by_reason"]["label_conflict"] == 1
+    assert (one[0]["added"] > 0 and one[0]["duplicates"] == 1
+            and one[0]["rejected_by_reason"]["label_conflict"] == 1)
     assert two[0] == one[0]
     for table in one[1]:
         assert two[1][table] == one[1][table], table
@@ -94,7 +96,8 @@ def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path
     assert progress[2] == progress[1] == [(i, total) for i in range(1, total + 1)]
 
 
-def test_a_known_film_is_a_duplicate_even_where_its_decode_would_now_fail(source: Path, tmp_path: Path) -> None:
+def test_a_known_film_is_a_duplicate_even_where_its_decode_would_now_fail(
+        source: Path, tmp_path: Path) -> None:
     """In one process a catalogued sha256 is never decoded again; workers decode it anyway, and the
     writer must discard what that decode said (here: too_small under a raised XRAY_MIN_IMAGE_SIDE)."""
     copies = tmp_path / "again" / "normal"

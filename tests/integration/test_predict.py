@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from tinymodel import tiny_home
+
 from xray_cli.main import main
 from xray_core.data.synthetic import make_xray
-
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,8 @@ def predicted(home, films, tmp_path_factory):
     from xray_core.pipeline.predict import predict_folder
 
     out_dir = tmp_path_factory.mktemp("out")
-    result = predict_folder(home.settings, films, out=out_dir / "predictions.csv", heatmaps=out_dir / "heatmaps")
+    result = predict_folder(home.settings, films, out=out_dir / "predictions.csv",
+                            heatmaps=out_dir / "heatmaps")
     with open(out_dir / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     return result, rows, out_dir
@@ -110,8 +110,9 @@ def test_csv_columns_and_values_for_a_known_model(home, films, predicted):
 
 
 def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, predicted):
-    from db.schema import DriftCheck
     from conftest import fetch
+
+    from db.schema import DriftCheck
     from xray_core.monitor.reference import model_reference
     from xray_core.registry.versions import load_model
 
@@ -126,7 +127,8 @@ def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, 
         again = float(reference.p_values(np.array([float(r["ood_score"])]))[0])
         assert abs(float(r["ood_p"]) - again) <= step + 1e-4
     by_score = sorted(ok, key=lambda r: float(r["ood_score"]))
-    assert all(float(a["ood_p"]) >= float(b["ood_p"]) for a, b in zip(by_score, by_score[1:]))  # stranger, smaller
+    # stranger, smaller
+    assert all(float(a["ood_p"]) >= float(b["ood_p"]) for a, b in zip(by_score, by_score[1:]))
     for r in rows:
         if r["status"] != "ok":
             assert r["ood_score"] == "" and r["ood_p"] == "" and r["in_distribution"] == ""
@@ -135,8 +137,9 @@ def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, 
     n_cal = len(reference.calibration_scores)
     expected = np.floor(0.05 * (n_cal + 1)) / (n_cal + 1) * 7  # p-values take the values k / (n + 1)
     assert result["ood"]["unusual"] == unusual and result["ood"]["unusual_expected"] == round(expected, 2)
-    assert result["ood"]["line"] == (f"{flagged} of 7 films look unlike this model's training data; {unusual} score "
-                                     f"in the top 5% of its in-distribution films ({expected:.1f} expected by chance)")
+    assert result["ood"]["line"] == (f"{flagged} of 7 films look unlike this model's training data; "
+                                     f"{unusual} score in the top 5% of its in-distribution films "
+                                     f"({expected:.1f} expected by chance)")
     assert result["drift"]["n"] == 7 and "mmd_p" in result["drift"]
     stored = [c for c in fetch(home.settings, DriftCheck) if c.id == result["drift"]["id"]]
     assert stored[0].kind == "predict" and stored[0].n_images == 7 and stored[0].model_id == home.versions[0]
@@ -261,7 +264,8 @@ def test_progress_bar_on_a_terminal_does_not_break_json(home, films, capsys, mon
     assert len(json.loads(out)["rows"]) == 9
 
     text = render_predict({**result, "rows": []})  # what the terminal shows instead of --json
-    assert "7 predicted, 2 unreadable of 9 files" in text and f"Grad-CAM overlays: {result['heatmaps']}" in text
+    assert ("7 predicted, 2 unreadable of 9 files" in text
+            and f"Grad-CAM overlays: {result['heatmaps']}" in text)
 
 
 def test_status_and_models_print_tables_and_exact_json(home, capsys, monkeypatch):
@@ -308,7 +312,7 @@ def test_a_features_area_that_cannot_be_written_only_costs_the_cache(home, tmp_p
 
     new = _png(tmp_path / "films" / "new.png", make_xray("normal", size=80, rng=np.random.default_rng(11)))
 
-    def refuse(self, sha256, features):  # noqa: ANN001 - a read-only share
+    def refuse(self, sha256, features):  # a read-only share
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(FeatureCache, "put", refuse)
@@ -318,8 +322,8 @@ def test_a_features_area_that_cannot_be_written_only_costs_the_cache(home, tmp_p
     assert "Permission denied" in result["feature_cache"]["note"]
 
 
-def test_auto_precision_serves_an_existing_model_with_the_precision_it_was_trained_with(home, films, predicted,
-                                                                                         monkeypatch, tmp_path):
+def test_auto_precision_serves_an_existing_model_with_the_precision_it_was_trained_with(
+        home, films, predicted, monkeypatch, tmp_path):
     """Where auto now means bf16 (new models embed in bf16), a champion trained in fp32 keeps
     predicting on fp32 features, with the same probabilities; an explicit bf16 refuses it as a model
     of another backbone, naming the setting."""
@@ -329,7 +333,8 @@ def test_auto_precision_serves_an_existing_model_with_the_precision_it_was_train
 
     assert _card(home)["backbone_precision"] == "fp32"
     monkeypatch.setattr(device_mod, "native_bf16", lambda device: True)
-    auto = predict_folder(home.settings.with_overrides(embed_precision="auto"), films, out=tmp_path / "auto.csv")
+    auto = predict_folder(home.settings.with_overrides(embed_precision="auto"), films,
+                          out=tmp_path / "auto.csv")
     _, rows, _ = predicted
     before = {r["sha256"]: r for r in rows if r["status"] == "ok"}
     after = [r for r in auto["rows"] if r["status"] == "ok"]
@@ -357,6 +362,8 @@ def test_a_card_without_a_precision_is_served_as_before_the_setting(settings):
     assert settings_for_model(settings.with_overrides(embed_precision="bf16"), {}).embed_precision == "bf16"
     legacy = settings_for_card(auto, {"settings": {}})
     assert legacy.embed_precision == "legacy"
-    assert load_backbone(legacy).fingerprint == load_backbone(settings.with_overrides(embed_precision="fp32")).fingerprint
+    assert (load_backbone(legacy).fingerprint
+            == load_backbone(settings.with_overrides(embed_precision="fp32")).fingerprint)
     assert autocast_dtype("legacy", torch.device("cpu")) is None  # fp32 on the CPU, as before
-    assert autocast_dtype("legacy", torch.device("cuda")) in (torch.bfloat16, torch.float16)  # autocast, as before
+    # autocast, as before
+    assert autocast_dtype("legacy", torch.device("cuda")) in (torch.bfloat16, torch.float16)

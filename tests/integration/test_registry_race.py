@@ -11,6 +11,7 @@ import queue
 
 import pytest
 import torch
+from registry_heads import champions, db_count, save, status_of
 
 from db import dispose_engines
 from db.schema import Model, Promotion
@@ -18,16 +19,15 @@ from xray_core.registry.listing import history
 from xray_core.registry.versions import promote_manually
 from xray_core.settings import Settings
 
-from registry_heads import champions, db_count, save, status_of
-
 
 def _promote_in_child(settings: Settings, version: int, barrier, results) -> None:
     torch.set_num_threads(1)
     try:
         barrier.wait(timeout=30)
-        row = promote_manually(settings, version, reason=f"race for {version}", trigger="test", actor=str(version))
+        row = promote_manually(settings, version, reason=f"race for {version}",
+                               trigger="test", actor=str(version))
         results.put(("ok", version, row["from_version"], row["champion_after"]))
-    except Exception as exc:  # reported to the parent, which fails the test
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the test
         results.put(("error", version, f"{type(exc).__name__}: {exc}", None))
 
 

@@ -16,21 +16,21 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy import func, select
+from tinymodel import tiny_home
 
 from db import session_scope
 from db.schema import Evaluation
-from tinymodel import tiny_home
 from xray_cli import main as cli
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest import ingest_source
+from xray_core.data.snapshot import fingerprint_test_set, load_split_data
 from xray_core.data.synthetic import write_dataset
 from xray_core.model.train import build_head
 from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.rescore import default_versions, rescore_models
-from xray_core.data.snapshot import load_split_data, fingerprint_test_set
 from xray_core.pipeline.steps import evaluate_step, train_step
-from xray_core.registry.versions import promote_manually, record_decision, save_model
 from xray_core.registry.listing import list_models
+from xray_core.registry.versions import promote_manually, record_decision, save_model
 
 
 def evaluation_count(settings) -> int:
@@ -58,13 +58,15 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):
         settings = home.settings
         promote_manually(settings, r.v1, reason="first model")
 
-        write_dataset(tmp / "batch2", patients_per_label=8, images_per_patient=1, size=64, patient_offset=100, seed=1)
+        write_dataset(tmp / "batch2", patients_per_label=8, images_per_patient=1, size=64,
+                      patient_offset=100, seed=1)
         ingest_source(tmp / "batch2", settings=settings)
         r.data2 = load_split_data(settings)
         embed_step(settings, r.data2)
         r.v2 = train_step(settings.with_overrides(train_seed=1), r.data2)["version"]
         r.eval2 = evaluate_step(settings, r.v2, r.data2)
-        record_decision(settings, challenger=r.v2, decision="keep", rationale="not better", metrics={}, trigger="test")
+        record_decision(settings, challenger=r.v2, decision="keep", rationale="not better",
+                        metrics={}, trigger="test")
         r.v3 = foreign_model(settings)
         r.fp2 = fingerprint_test_set(r.data2.test)
 
@@ -78,7 +80,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):
         r.direct_v1 = evaluate_step(settings, r.v1, r.data2)  # what an explicit evaluation gives
 
         # A third batch arrives and is not embedded: the cache cannot score the new test set.
-        write_dataset(tmp / "batch3", patients_per_label=8, images_per_patient=1, size=64, patient_offset=200, seed=2)
+        write_dataset(tmp / "batch3", patients_per_label=8, images_per_patient=1, size=64,
+                      patient_offset=200, seed=2)
         ingest_source(tmp / "batch3", settings=settings)
         r.data3 = load_split_data(settings)
         r.fp3 = fingerprint_test_set(r.data3.test)

@@ -2,7 +2,7 @@
 against the champion) written by today's recipe match, key for key and in order, the files the
 recipe wrote before it became typed (``result_json/*.json``, captured with the dict-based
 ``cycle.py`` at commit d1016d1). One change on purpose: the outcome sentence at the start of
-``state_message`` and ``summary`` is worded once since (``results.outcome_sentence``; see the migration
+``state_message`` and ``summary`` is worded once since (``report.format.outcome_sentence``; see the migration
 notes in docs/architecture.md), so the two files that carry one say ``v1 becomes the first champion``
 and ``champion v1 stays (v2 not promoted)``.
 

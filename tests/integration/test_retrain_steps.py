@@ -1,4 +1,5 @@
-"""The retraining recipe end to end without Prefect: ingest → split → embed → train → evaluate → decide → promote.
+"""The retraining recipe end to end without Prefect: ingest → split → embed → train → evaluate → decide →
+promote.
 
 One module-scoped scenario (the expensive part: densenet161 at 32 px on 36 small synthetic images)
 runs two cycles and records what every step returned; the tests then check the records and the
@@ -20,18 +21,20 @@ from sqlalchemy import select
 from db import dispose_engines, session_scope
 from db.schema import Evaluation, Model, Promotion
 from xray_cli import main as cli
-from xray_core.model.backbone import load_backbone
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest import ingest_source
-from xray_core.pipeline.steps import current_champion, decide_step, evaluate_step, promote_step, train_step
-from xray_core.pipeline.embed import embed_step
-from xray_core.data.snapshot import load_split_data, fingerprint_test_set
-from xray_core.settings import load_settings, reset_settings
+from xray_core.data.snapshot import fingerprint_test_set, load_split_data
 from xray_core.data.synthetic import write_dataset
+from xray_core.model.backbone import load_backbone
+from xray_core.pipeline.embed import embed_step
+from xray_core.pipeline.steps import decide_step, evaluate_step, promote_step, train_step
+from xray_core.pipeline.unchanged import current_champion
+from xray_core.settings import load_settings, reset_settings
 
 # Tiny test splits: lower the minimum test size per class and the first-model floors so that the
 # policy may promote (the decision table itself is tested in test_promotion.py).
-POLICY_ENV = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0.0", "XRAY_FLOOR_SENSITIVITY": "0.0"}
+POLICY_ENV = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0.0",
+              "XRAY_FLOOR_SENSITIVITY": "0.0"}
 
 
 def pairs_needed(rows_by_split: dict[str, list], views: int) -> int:
@@ -64,8 +67,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):
     r.eval1 = evaluate_step(settings, r.train1["version"], r.data1, flow_run_id="cycle-1")
     r.champion_before1 = current_champion(settings)
     r.decision1 = decide_step(settings, r.eval1, None, r.data1)
-    r.promotion1 = promote_step(settings, challenger=r.train1["version"], decision=r.decision1, trigger="test",
-                                champion_eval=None, challenger_eval=r.eval1, flow_run_id="cycle-1")
+    r.promotion1 = promote_step(settings, challenger=r.train1["version"],
+                                decision=r.decision1, trigger="test", champion_eval=None,
+                                challenger_eval=r.eval1, flow_run_id="cycle-1")
 
     # ---- the same catalogue again: nothing new to embed
     r.embed_again = embed_step(settings, load_split_data(settings))
@@ -82,8 +86,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):
     r.champion_before2 = current_champion(settings)
     r.eval_champion2 = evaluate_step(settings, r.champion_before2, r.data2, flow_run_id="cycle-2")
     r.decision2 = decide_step(settings, r.eval2, r.eval_champion2, r.data2)
-    r.promotion2 = promote_step(settings, challenger=r.train2["version"], decision=r.decision2, trigger="test",
-                                champion_eval=r.eval_champion2, challenger_eval=r.eval2, flow_run_id="cycle-2")
+    r.promotion2 = promote_step(settings, challenger=r.train2["version"],
+                                decision=r.decision2, trigger="test", champion_eval=r.eval_champion2,
+                                challenger_eval=r.eval2, flow_run_id="cycle-2")
     yield r
     dispose_engines()
     reset_settings()
@@ -114,14 +119,17 @@ def split_rows(data) -> dict[str, list]:
 def test_first_model_is_promoted_when_the_floors_hold(scenario):
     r = scenario
     assert r.ingest1.added == 24 and r.data1.labels == ["normal", "pneumonia"]
-    assert all(r.data1.counts()[split][label] >= 1 for split in ("train", "val", "test") for label in r.data1.labels)
+    assert all(r.data1.counts()[split][label] >= 1 for split in ("train", "val", "test")
+               for label in r.data1.labels)
     v1 = r.train1["version"]
     assert r.champion_before1 is None
     assert r.decision1["decision"] == "promote" and r.decision1["promote"] is True
-    assert {c["name"] for c in r.decision1["checks"]} >= {"test_size", "floor_macro_auroc", "floor_sensitivity"}
+    assert {c["name"] for c in r.decision1["checks"]} >= {"test_size", "floor_macro_auroc",
+                                                          "floor_sensitivity"}
     assert all(c["passed"] for c in r.decision1["checks"])
     assert "floor" in r.decision1["rationale"].lower()
-    assert (r.promotion1["from_version"], r.promotion1["to_version"], r.promotion1["champion_after"]) == (None, v1, v1)
+    assert (r.promotion1["from_version"], r.promotion1["to_version"],
+            r.promotion1["champion_after"]) == (None, v1, v1)
     assert r.promotion1["trigger"] == "test" and r.promotion1["flow_run_id"] == "cycle-1"
     [model] = rows_of(r.settings, Model, Model.id == v1)
     assert model.training_set_fingerprint == r.train1["training_set_fingerprint"]
@@ -188,7 +196,8 @@ def test_champion_and_challenger_are_scored_on_the_identical_grown_test_set(scen
     fingerprint2 = fingerprint_test_set(r.data2.test)
     assert fingerprint2 != r.eval1["test_set_fingerprint"]
     assert r.eval2["test_set_fingerprint"] == r.eval_champion2["test_set_fingerprint"] == fingerprint2
-    stored = {(e.model_id, e.test_set_fingerprint, e.n_images, e.flow_run_id) for e in rows_of(r.settings, Evaluation)}
+    stored = {(e.model_id, e.test_set_fingerprint, e.n_images, e.flow_run_id)
+              for e in rows_of(r.settings, Evaluation)}
     assert stored == {(v1, r.eval1["test_set_fingerprint"], len(r.data1.test), "cycle-1"),
                       (v1, fingerprint2, len(r.data2.test), "cycle-2"),
                       (v2, fingerprint2, len(r.data2.test), "cycle-2")}
@@ -231,7 +240,8 @@ def test_second_cycle_records_a_decision_with_a_rationale(scenario):
     else:
         assert row.rationale.startswith("Keep, because")
     assert row.trigger == "test" and row.flow_run_id == "cycle-2"
-    assert row.metrics["challenger"]["test_set_fingerprint"] == row.metrics["champion"]["test_set_fingerprint"]
+    assert (row.metrics["challenger"]["test_set_fingerprint"]
+            == row.metrics["champion"]["test_set_fingerprint"])
     assert row.metrics["checks"] == r.decision2["checks"]
     assert row.champion_after == (v2 if promoted else v1) == current_champion(r.settings)
     [model2] = rows_of(r.settings, Model, Model.id == v2)
@@ -260,7 +270,8 @@ def test_models_show_lists_the_lineage(cli_env, capsys: pytest.CaptureFixture):
     assert cli.main(["models", "show", str(v2), "--json"]) == 0
     lineage2 = json.loads(capsys.readouterr().out)
     assert len(lineage2["images"]["train"]) == len(r.data2.train)
-    assert sorted(Path(s["path"]) for s in lineage2["sources"]) == sorted([r.batch1.absolute(), r.batch2.absolute()])
+    sources = sorted(Path(s["path"]) for s in lineage2["sources"])
+    assert sources == sorted([r.batch1.absolute(), r.batch2.absolute()])
 
     assert cli.main(["models", "show", str(v1)]) == 0
     text = capsys.readouterr().out

@@ -24,22 +24,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PROJECT, TEST_ENV
 from sqlalchemy import update
 
-from conftest import PROJECT, TEST_ENV
 from db import dispose_engines, session_scope
 from db.schema import Model
-from xray_core.registry import versions as registry
-from xray_core.model.backbone import load_backbone
 from xray_core.data.catalogue import open_catalogue
-from xray_core.errors import BackboneWeightsError, CheckpointError, ManifestError, SourceError
-from xray_core.io.fsutil import sha256_file
 from xray_core.data.ingest import ingest_source
 from xray_core.data.scan import validate_manifest
+from xray_core.data.synthetic import make_xray, write_dicom
+from xray_core.errors import BackboneWeightsError, CheckpointError, ManifestError, SourceError
+from xray_core.io.fsutil import sha256_file
+from xray_core.model.backbone import load_backbone
+from xray_core.model.train import build_head
+from xray_core.registry import versions as registry
 from xray_core.registry.versions import load_model, save_model, validate_card
 from xray_core.settings import Settings, load_settings
-from xray_core.data.synthetic import make_xray, write_dicom
-from xray_core.model.train import build_head
 
 PACKAGES = ("xray_core", "flows", "db", "xray_cli")
 
@@ -57,7 +57,8 @@ def _dotted(node: ast.AST) -> str:
 
 
 def _kw_is(call: ast.Call, name: str, value: object) -> bool:
-    return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value for k in call.keywords)
+    return any(k.arg == name and isinstance(k.value, ast.Constant)
+               and k.value.value is value for k in call.keywords)
 
 
 def unpickling_sites(source: str, filename: str = "<src>") -> list[str]:
@@ -77,7 +78,8 @@ def unpickling_sites(source: str, filename: str = "<src>") -> list[str]:
                     found.append(f"{filename}:{node.lineno} {name}( without weights_only=True")
             elif name in ("np.load", "numpy.load") and _kw_is(node, "allow_pickle", True):
                 found.append(f"{filename}:{node.lineno} {name}(allow_pickle=True)")
-            elif name.endswith("read_pickle") or name.endswith("pickle.load") or name.endswith("pickle.loads"):
+            elif (name.endswith("read_pickle") or name.endswith("pickle.load")
+                  or name.endswith("pickle.loads")):
                 found.append(f"{filename}:{node.lineno} {name}(")
     return found
 
@@ -111,7 +113,7 @@ class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
 
 
@@ -130,10 +132,12 @@ def test_the_malicious_pickle_really_runs_its_payload_when_unpickled(tmp_path: P
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".pt", ".safetensors"])
-def test_a_malicious_pickle_as_backbone_weights_is_refused_without_running(tmp_path: Path, suffix: str) -> None:
+def test_a_malicious_pickle_as_backbone_weights_is_refused_without_running(
+        tmp_path: Path, suffix: str) -> None:
     marker = tmp_path / "marker"
     weights = malicious_pth(tmp_path / f"evil{suffix}", marker)
-    settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), "XRAY_BACKBONE_WEIGHTS": str(weights)})
+    settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"),
+                              "XRAY_BACKBONE_WEIGHTS": str(weights)})
     with pytest.raises(BackboneWeightsError) as err:
         load_backbone(settings)
     assert str(weights) in str(err.value)
@@ -158,7 +162,8 @@ def saved_version(settings: Settings) -> int:
     return save_model(settings, state_dict=state, card=make_card(), train_image_ids=[], val_image_ids=[])
 
 
-def test_a_checkpoint_whose_head_is_replaced_by_a_pickle_is_refused(settings: Settings, tmp_path: Path) -> None:
+def test_a_checkpoint_whose_head_is_replaced_by_a_pickle_is_refused(
+        settings: Settings, tmp_path: Path) -> None:
     version = saved_version(settings)
     head = settings.models_dir / str(version) / "head.safetensors"
     marker = tmp_path / "marker"
@@ -269,8 +274,9 @@ def test_make_serve_binds_the_prefect_server_to_localhost() -> None:
 
 # --------------------------------------------------------------------------- DICOM identifiers in artifacts
 
-POLICY_ENV = {"XRAY_VIEWS": "1", "XRAY_EPOCHS": "3", "XRAY_BOOTSTRAP_SAMPLES": "50", "XRAY_MIN_TEST_PER_CLASS": "1",
-              "XRAY_FLOOR_MACRO_AUROC": "0.0", "XRAY_FLOOR_SENSITIVITY": "0.0", "XRAY_PATIENT_REGEX": ""}
+POLICY_ENV = {"XRAY_VIEWS": "1", "XRAY_EPOCHS": "3", "XRAY_BOOTSTRAP_SAMPLES": "50",
+              "XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0.0",
+              "XRAY_FLOOR_SENSITIVITY": "0.0", "XRAY_PATIENT_REGEX": ""}
 
 
 def raw_id(label_index: int, patient: int) -> str:
@@ -282,19 +288,21 @@ def test_no_report_artifact_or_log_holds_a_dicom_patient_id(tmp_path: Path, capl
     like "Doe^John-00003": the markdown report, the result dict, the ingest summary, the model list,
     lineage and audit trail, and every log record carry hashed ids only."""
     from xray_core.data.catalogue import catalogue_summary
+    from xray_core.data.snapshot import load_split_data
+    from xray_core.pipeline.embed import embed_step
+    from xray_core.pipeline.steps import decide_step, evaluate_step, promote_step, train_step
+    from xray_core.pipeline.unchanged import current_champion
     from xray_core.registry.listing import history, list_models, model_lineage
     from xray_core.report.markdown import retrain_markdown
     from xray_core.results import RunResult
-    from xray_core.pipeline.steps import current_champion, decide_step, evaluate_step, promote_step, train_step
-    from xray_core.pipeline.embed import embed_step
-    from xray_core.data.snapshot import load_split_data
 
     settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), **POLICY_ENV})
     dispose_engines()
     src = tmp_path / "incoming"
     for li, label in enumerate(("normal", "pneumonia")):
         for j in range(6):
-            pixels = make_xray(label, size=64, rng=np.random.default_rng(10 * li + j), patient_seed=10 * li + j)
+            pixels = make_xray(label, size=64, rng=np.random.default_rng(10 * li + j),
+                               patient_seed=10 * li + j)
             (src / label).mkdir(parents=True, exist_ok=True)
             write_dicom(src / label / f"img{j}.dcm", pixels.astype(np.uint16) * 16, patient_id=raw_id(li, j),
                         bits_stored=12)
@@ -324,7 +332,8 @@ def test_no_report_artifact_or_log_holds_a_dicom_patient_id(tmp_path: Path, capl
     hashed = {img["patient_id"] for role in ("train", "val") for img in lineage["images"][role]}
     assert hashed and all(p.startswith("dcm-") for p in hashed)
     texts = {"markdown report": markdown, "result": json.dumps(result, default=str),
-             "lineage": json.dumps(lineage, default=str), "models": json.dumps(list_models(settings), default=str),
+             "lineage": json.dumps(lineage, default=str),
+             "models": json.dumps(list_models(settings), default=str),
              "history": json.dumps(history(settings), default=str),
              "logs": caplog.text + " ".join(str(r.args) for r in caplog.records),
              "home file names": " ".join(str(p) for p in settings.home.rglob("*"))}
@@ -347,7 +356,8 @@ def test_store_quarantine_and_salt_are_private_to_their_owner(tmp_path: Path) ->
     try:
         settings = load_settings({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), "XRAY_PATIENT_SALT": ""})
         src = tmp_path / "src"
-        write_dicom(src / "normal" / "a.dcm", (np.add.outer(np.arange(64), np.arange(64)) * 30).astype(np.uint16),
+        write_dicom(src / "normal" / "a.dcm",
+                    (np.add.outer(np.arange(64), np.arange(64)) * 30).astype(np.uint16),
                     patient_id="Doe^John-1")
         (src / "normal" / "bad.png").write_bytes(b"")
         summary = ingest_source(src, settings=settings)

@@ -39,7 +39,8 @@ def _confounded(tmp_path):
 
 def test_a_confounded_collection_is_flagged_and_blocked(env, tmp_path):
     env.setenv("XRAY_SHORTCUT_POLICY", "block")
-    result = run_retrain(load_settings(), RetrainRequest(manifests=tuple(_confounded(tmp_path)), trigger="test")).as_dict()
+    result = run_retrain(load_settings(),
+                         RetrainRequest(manifests=tuple(_confounded(tmp_path)), trigger="test")).as_dict()
     audit = result["audit"]
     assert audit["flagged"] and audit["sites"] == ["adult", "paeds"]
     assert audit["label_site"]["single_site_labels"] == {"covid19": "adult", "normal": "paeds"}
@@ -52,7 +53,8 @@ def test_a_confounded_collection_is_flagged_and_blocked(env, tmp_path):
 
 
 def test_the_same_collection_under_warn_is_promoted_with_the_warning_recorded(env, tmp_path):
-    result = run_retrain(load_settings(), RetrainRequest(manifests=tuple(_confounded(tmp_path)), trigger="test")).as_dict()
+    result = run_retrain(load_settings(),
+                         RetrainRequest(manifests=tuple(_confounded(tmp_path)), trigger="test")).as_dict()
     assert result["audit"]["flagged"]
     check = next(c for c in result["decision"]["checks"] if c["name"] == "shortcut_audit")
     assert not check["passed"] and "XRAY_SHORTCUT_POLICY=warn" in check["detail"]
@@ -61,41 +63,43 @@ def test_the_same_collection_under_warn_is_promoted_with_the_warning_recorded(en
 
 def _evaluation(settings, data, version, probs):
     """An evaluation of hand-made test probabilities, through the project's own metrics and slices."""
+    from xray_core.data.snapshot import fingerprint_test_set, label_indices
     from xray_core.evaluate.intervals import bootstrap_intervals
     from xray_core.evaluate.metrics import compute_metrics
     from xray_core.pipeline.guards import evaluation_slices
-    from xray_core.data.snapshot import label_indices, fingerprint_test_set
 
     labels = ["normal", "pneumonia"]
     rows = data.test
     y = label_indices(rows, labels)
     metrics = compute_metrics(y, probs, labels, threshold=0.5, negative_label="normal")
     patients = np.array([r.patient_id for r in rows])
-    metrics["intervals"] = bootstrap_intervals(y, probs, labels, patients, threshold=0.5, n_samples=200, seed=0)
+    metrics["intervals"] = bootstrap_intervals(y, probs, labels, patients,
+                                               threshold=0.5, n_samples=200, seed=0)
     metrics["slices"], sites, _ = evaluation_slices(settings, rows, y, probs, labels, 0.5)
     return {"version": version, "test_set_fingerprint": fingerprint_test_set(rows), "n_images": len(rows),
             "metrics": metrics, "labels": labels, "probabilities": probs.tolist(), "sites": sites}
 
 
 def test_pooled_numbers_hide_a_site_collapse_that_the_guardrail_keeps_out(env, tmp_path):
+    from xray_core.data.ingest import ingest_source
     from xray_core.data.snapshot import label_indices, load_split_data
     from xray_core.pipeline.steps import decide_step
-    from xray_core.data.ingest import ingest_source
 
     env.setenv("XRAY_SPLIT_RATIOS", "0.5,0.1,0.4")
     reset_settings()
     settings = load_settings()
     for style, seed in ((PAEDS, 3), (ADULT, 4)):
         write_site_dataset(tmp_path / style.name, style, patients_per_label=10, seed=seed)
-        ingest_source(tmp_path / style.name, manifest=tmp_path / style.name / "manifest.csv", settings=settings)
+        ingest_source(tmp_path / style.name,
+                      manifest=tmp_path / style.name / "manifest.csv", settings=settings)
     data = load_split_data(settings)
     y = label_indices(data.test, ["normal", "pneumonia"])
     from xray_core.data.facts import image_facts
 
     facts = image_facts(settings, [r.id for r in data.test])
     site = np.array([facts.at[r.id, "site"] for r in data.test])
-    assert set(site) == {"paeds", "adult"} and all(((site == s) & (y == c)).sum() >= 2 for s in ("paeds", "adult")
-                                                     for c in (0, 1))
+    assert set(site) == {"paeds", "adult"} and all(((site == s) & (y == c)).sum() >= 2
+                                                   for s in ("paeds", "adult") for c in (0, 1))
     rng = np.random.default_rng(0)
     right = np.where(y == 1, 0.8, 0.2) + rng.normal(0, 0.02, y.size)
     lean_wrong = np.where(y == 1, 0.45, 0.55) + rng.normal(0, 0.1, y.size)
@@ -103,7 +107,7 @@ def test_pooled_numbers_hide_a_site_collapse_that_the_guardrail_keeps_out(env, t
     # challenger the other way round; pooled, the two look alike (and the challenger slightly better).
     champion_p = np.where(site == "paeds", right, lean_wrong)
     challenger_p = np.where(site == "paeds", lean_wrong, right)
-    as_probs = lambda p1: np.stack([1 - np.clip(p1, 0.01, 0.99), np.clip(p1, 0.01, 0.99)], axis=1)  # noqa: E731
+    as_probs = lambda p1: np.stack([1 - np.clip(p1, 0.01, 0.99), np.clip(p1, 0.01, 0.99)], axis=1)
     champion = _evaluation(settings, data, 1, as_probs(champion_p))
     challenger = _evaluation(settings, data, 2, as_probs(challenger_p))
 

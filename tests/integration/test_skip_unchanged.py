@@ -7,12 +7,13 @@ from sqlalchemy import func, select
 from db import session_scope
 from db.schema import Model
 from xray_core.data.catalogue import open_catalogue
+from xray_core.data.snapshot import SplitData, load_split_data
+from xray_core.data.synthetic import write_dataset
 from xray_core.pipeline.cycle import run_retrain
 from xray_core.pipeline.recipe import RetrainRequest
-from xray_core.data.snapshot import SplitData, load_split_data
-from xray_core.pipeline.steps import evaluate_step, nothing_new_since_last_decision
+from xray_core.pipeline.steps import evaluate_step
+from xray_core.pipeline.unchanged import nothing_new_since_last_decision
 from xray_core.settings import load_settings, reset_settings
-from xray_core.data.synthetic import write_dataset
 
 POLICY = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}
 
@@ -31,7 +32,8 @@ def test_nothing_new_skips_unless_forced_or_settings_changed(xray_env, tmp_path,
     first = run_retrain(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
     assert first["status"] == "completed" and first["champion_after"] == first["version"]
 
-    again = run_retrain(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()  # same files, nothing new
+    # same files, nothing new
+    again = run_retrain(settings, RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
     assert again["status"] == "skipped" and "nothing new since champion" in again["summary"]
     assert again["champion_after"] == first["version"] and _models(settings) == 1
 
@@ -42,8 +44,10 @@ def test_nothing_new_skips_unless_forced_or_settings_changed(xray_env, tmp_path,
     changed = run_retrain(load_settings(), RetrainRequest(trigger="test")).as_dict()
     assert changed["status"] == "completed" and _models(settings) == 3
 
-    write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64, seed=9, patient_offset=50)
-    grown = run_retrain(load_settings(), RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test")).as_dict()
+    write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64,
+                  seed=9, patient_offset=50)
+    grown = run_retrain(load_settings(),
+                        RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test")).as_dict()
     assert grown["status"] == "completed" and _models(settings) == 4
 
 
@@ -55,11 +59,13 @@ def test_a_challenger_not_promoted_is_not_retrained_until_something_changes(xray
         monkeypatch.setenv(key, value)
     reset_settings()
     write_dataset(tmp_path / "src", patients_per_label=8, images_per_patient=1, size=64, seed=3)
-    first = run_retrain(load_settings(), RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
+    first = run_retrain(load_settings(),
+                        RetrainRequest(sources=(str(tmp_path / "src"),), trigger="test")).as_dict()
     assert first["status"] == "completed" and first["champion_after"] == first["version"]
 
     # another training setting (so not "nothing new since the champion") and a bar no challenger clears
-    for key, value in {"XRAY_EPOCHS": "3", "XRAY_PROMOTION_MODE": "superiority", "XRAY_PROMOTION_MARGIN": "0.9"}.items():
+    for key, value in {"XRAY_EPOCHS": "3", "XRAY_PROMOTION_MODE": "superiority",
+                       "XRAY_PROMOTION_MARGIN": "0.9"}.items():
         monkeypatch.setenv(key, value)
     kept = run_retrain(load_settings(), RetrainRequest(trigger="test")).as_dict()
     assert kept["status"] == "completed" and kept["decision"]["decision"] == "keep"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from tinymodel import tiny_home
+
 from xray_cli.main import main
 
 

@@ -19,16 +19,16 @@ from xray_core.settings import load_settings, reset_settings
 
 def test_retrain_cycle_on_memory_storage(xray_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ingest, embed, train, evaluate, report heatmaps, load and predict with everything in memory://."""
-    from xray_core.model.features import cache_summary
     from xray_core.data.ingest import ingest_source
+    from xray_core.data.snapshot import load_split_data
+    from xray_core.data.synthetic import write_dataset
+    from xray_core.model.features import cache_summary
+    from xray_core.pipeline.embed import embed_step
     from xray_core.pipeline.predict import predict_folder
+    from xray_core.pipeline.steps import evaluate_step, train_step
     from xray_core.registry.versions import load_model
     from xray_core.report.data import collect_report_data
-    from xray_core.pipeline.embed import embed_step
-    from xray_core.pipeline.steps import evaluate_step, train_step
-    from xray_core.data.snapshot import load_split_data
     from xray_core.report.status import status_report
-    from xray_core.data.synthetic import write_dataset
     from xray_core.results import Evaluation
 
     url = f"memory://xray-e2e-{uuid.uuid4().hex[:12]}"
@@ -78,7 +78,8 @@ def test_retrain_cycle_on_memory_storage(xray_env, tmp_path: Path, monkeypatch: 
         home = Path(xray_env["XRAY_HOME"])
         for area in ("store", "quarantine", "features", "models"):
             local = home / area
-            assert not local.exists() or not any(p.is_file() for p in local.rglob("*")), f"{area} written locally"
+            assert (not local.exists()
+                    or not any(p.is_file() for p in local.rglob("*"))), f"{area} written locally"
         assert (home / "catalogue.db").exists() or settings.database_url.startswith("postgresql")
     finally:
         if fs.exists(root):

@@ -135,8 +135,8 @@ class _GuardOnImport(importlib.abc.MetaPathFinder):
             run(module)
             apply(self.lane, module)
 
-        # type: ignore: a method replaced on purpose; a fresh loader serves each spec, so only this module
-        spec.loader.exec_module = exec_then_guard  # type: ignore[method-assign]
+        # A fresh loader serves each spec, so replacing its method guards only this module.
+        spec.loader.exec_module = exec_then_guard  # type: ignore[method-assign]  # replaced on purpose
         return spec
 
 

@@ -69,17 +69,20 @@ def test_different_synthetic_patients_are_not_near_copies(xray_env, tmp_path):
     assert summary.added == 40 and "near_duplicate_other_patient" not in summary.rejected_by_reason
 
 
-def test_views_outside_the_allowed_list_are_quarantined_and_unknown_views_kept(xray_env, tmp_path, monkeypatch):
+def test_views_outside_the_allowed_list_are_quarantined_and_unknown_views_kept(
+        xray_env, tmp_path, monkeypatch):
     monkeypatch.setenv("XRAY_ALLOWED_VIEWS", "PA,AP")
     settings = load_settings()
     write_dataset(tmp_path / "v", patients_per_label=3, images_per_patient=1, size=64, seed=5)
     files = sorted((tmp_path / "v").rglob("*.png"))
     views = ["PA", "lateral", "", "AP", "ap_supine", "PA"]
-    manifest = _manifest(tmp_path / "v", [{"file": f.relative_to(tmp_path / "v").as_posix(), "label": f.parent.name,
-                                           "patient_id": f"v{i}", "view": v} for i, (f, v) in enumerate(zip(files, views))])
+    manifest = _manifest(tmp_path / "v",
+                         [{"file": f.relative_to(tmp_path / "v").as_posix(), "label": f.parent.name,
+                           "patient_id": f"v{i}", "view": v} for i, (f, v) in enumerate(zip(files, views))])
     summary = ingest_source(tmp_path / "v", manifest=manifest, settings=settings)
     assert summary.rejected_by_reason == {"view_not_allowed": 2}
-    assert any("LATERAL is not in XRAY_ALLOWED_VIEWS=AP,PA" in d for d in _rejections(settings)["view_not_allowed"])
+    assert any("LATERAL is not in XRAY_ALLOWED_VIEWS=AP,PA" in d
+               for d in _rejections(settings)["view_not_allowed"])
     with session_scope(open_catalogue(settings)) as s:
         stored = sorted((v or "") for v in s.scalars(select(Image.view)))
     assert stored == ["", "AP", "PA", "PA"]  # the film of unknown view is kept ...
@@ -91,12 +94,14 @@ def test_views_outside_the_allowed_list_are_quarantined_and_unknown_views_kept(x
 def test_the_site_comes_from_the_manifest_then_the_flag_then_the_folder(xray_env, tmp_path):
     settings = load_settings()
     write_site_dataset(tmp_path / "hospital-a", SiteStyle("a-from-manifest"), patients_per_label=2, seed=1)
-    ingest_source(tmp_path / "hospital-a", manifest=tmp_path / "hospital-a" / "manifest.csv", settings=settings,
+    ingest_source(tmp_path / "hospital-a",
+                  manifest=tmp_path / "hospital-a" / "manifest.csv", settings=settings,
                   site="ignored-by-manifest")
     write_dataset(tmp_path / "hospital-b" / "2026-11-20", patients_per_label=2, images_per_patient=1, size=64,
                   seed=2, patient_offset=100)
     ingest_source(tmp_path / "hospital-b" / "2026-11-20", settings=settings)  # a dated delivery folder
-    write_dataset(tmp_path / "c", patients_per_label=2, images_per_patient=1, size=64, seed=3, patient_offset=200)
+    write_dataset(tmp_path / "c", patients_per_label=2, images_per_patient=1, size=64,
+                  seed=3, patient_offset=200)
     ingest_source(tmp_path / "c", settings=settings, site="Site C")
     with session_scope(open_catalogue(settings)) as s:
         sites = sorted(set(s.scalars(select(Image.site))))

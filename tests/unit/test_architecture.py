@@ -183,13 +183,15 @@ def test_every_stage_package_says_what_lives_there() -> None:
     for pkg in (ROOT / "xray_core").iterdir():
         if pkg.is_dir() and (pkg / "__init__.py").exists():
             doc = ast.get_docstring(ast.parse((pkg / "__init__.py").read_text()))
-            assert doc and "import" in doc, f"{pkg.name}/__init__.py needs a docstring saying what it may import"
+            assert doc and "import" in doc, \
+                f"{pkg.name}/__init__.py needs a docstring saying what it may import"
 
 
 def test_no_module_imports_another_modules_private_names() -> None:
     bad = [f"{p.relative_to(ROOT)}: from {mod} import {name}"
            for layer in LAYERS for p in _modules(layer) for mod, names in _imports(p)
-           if mod.split(".")[0] in LAYERS for name in names if name.startswith("_") and not name.startswith("__")]
+           if mod.split(".")[0] in LAYERS
+           for name in names if name.startswith("_") and not name.startswith("__")]
     assert not bad, "\n".join(bad)
 
 

@@ -11,12 +11,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from conftest import fetch
+
 from db.schema import SPLITS, Image
 from xray_cli.main import main
-from xray_core.settings import load_settings, reset_settings
 from xray_core.data.synthetic import write_dataset
+from xray_core.settings import load_settings, reset_settings
 
 INGEST_KEYS = {
     "source_id", "source", "manifest", "files", "added", "duplicates", "skipped_unchanged", "rejected",

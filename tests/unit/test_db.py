@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -89,6 +91,6 @@ def test_times_read_back_aware_utc_whatever_was_written(engine):
     with session_scope(engine) as s:
         times = s.scalars(select(Model.created_at).order_by(Model.id)).all()
         later = s.scalar(select(text("count(*)")).select_from(Model).where(Model.created_at >= paris))
-    assert times == [datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)] * 2
-    assert all(t.tzinfo is timezone.utc for t in times)
+    assert times == [datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)] * 2
+    assert all(t.tzinfo is UTC for t in times)
     assert later == 2  # the bound parameter is compared as the same UTC instant

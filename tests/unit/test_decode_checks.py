@@ -13,9 +13,9 @@ from io import BytesIO
 
 import numpy as np
 import pytest
+from badfiles import blank_film
 from PIL import Image
 
-from badfiles import blank_film
 from xray_core.data import images
 from xray_core.data.images import decode_image
 from xray_core.data.plausibility import BLANK_FRACTION, dominant_share

@@ -18,8 +18,8 @@ def test_hand_computed_plan():
     plan = plan_evidence({"normal": 12, "pneumonia": 5}, 20, test_fraction=0.15, images_per_patient=1.25)
     assert plan["per_class"]["normal"] == {"test_images": 12, "more_test_images": 8, "more_test_patients": 7,
                                            "new_labelled_patients": 47}
-    assert plan["per_class"]["pneumonia"] == {"test_images": 5, "more_test_images": 15, "more_test_patients": 12,
-                                              "new_labelled_patients": 80}
+    assert plan["per_class"]["pneumonia"] == {"test_images": 5, "more_test_images": 15,
+                                              "more_test_patients": 12, "new_labelled_patients": 80}
     assert plan["new_labelled_patients"] == 127
     assert "8 more 'normal' and 15 more 'pneumonia'" in plan["summary"] and "127 in all" in plan["summary"]
 

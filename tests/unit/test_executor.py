@@ -40,7 +40,7 @@ def test_direct_executor_passes_the_progress_reporter_a_step_asks_for():
     calls: list[tuple] = []
 
     @step("test-progress", progress="embed")
-    def counts(n: int, *, progress=None) -> int:  # noqa: ANN001 - a callback or None
+    def counts(n: int, *, progress=None) -> int:  # progress: a callback or None
         if progress is not None:
             progress(n, n)
         return n

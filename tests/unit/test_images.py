@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-from PIL import Image, ImageFile
-
 from badfiles import (
     BAD_CASES,
     CORPUS_MAX_PIXELS,
@@ -21,7 +18,11 @@ from badfiles import (
     make_bad_corpus,
     make_good_variants,
 )
-from xray_core.errors import ImageRejected, SettingsError
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from PIL import Image, ImageFile
+
 from xray_core.data.dicom import WINDOWING_SPEC, catalogue_fields
 from xray_core.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -33,8 +34,9 @@ from xray_core.data.images import (
     perceptual_hash,
     sniff_format,
 )
-from xray_core.settings import Settings, load_settings
 from xray_core.data.synthetic import make_xray, write_dicom
+from xray_core.errors import ImageRejected, SettingsError
+from xray_core.settings import Settings, load_settings
 
 REASONS = {
     "empty_file", "not_an_image", "unsupported_format", "truncated", "decompression_bomb",
@@ -165,7 +167,8 @@ def test_multiframe_dicom_uses_the_first_frame(tmp_path: Path) -> None:
     ds.PixelData = np.concatenate([frame0, frame1]).astype("<u2").tobytes()
     ds.save_as(path)
     image = _decode(path.read_bytes())
-    single = _decode(write_dicom(tmp_path / "single.dcm", frame0, patient_id="P", bits_stored=12).read_bytes())
+    single = _decode(write_dicom(tmp_path / "single.dcm", frame0, patient_id="P",
+                                 bits_stored=12).read_bytes())
     np.testing.assert_allclose(image.pixels, single.pixels)
 
 
@@ -261,7 +264,8 @@ def test_garbage_after_magic_is_rejected_not_crashed(magic: bytes, tail: bytes) 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about each garbage element
 @hsettings(max_examples=60, deadline=None)
-@given(fmt=st.sampled_from(sorted(_GOOD)), cut=st.floats(0.0, 1.0), flips=st.lists(st.integers(0, 10**6), max_size=4))
+@given(fmt=st.sampled_from(sorted(_GOOD)), cut=st.floats(0.0, 1.0),
+       flips=st.lists(st.integers(0, 10**6), max_size=4))
 def test_cut_or_bit_flipped_files_are_rejected_not_crashed(fmt: str, cut: float, flips: list[int]) -> None:
     data = bytearray(_GOOD[fmt][: max(1, int(len(_GOOD[fmt]) * cut))])
     for pos in flips:
@@ -272,7 +276,8 @@ def test_cut_or_bit_flipped_files_are_rejected_not_crashed(fmt: str, cut: float,
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about each garbage element
 @hsettings(max_examples=40, deadline=None)
 @given(cut=st.integers(132, 4000), flips=st.lists(st.integers(132, 10**6), max_size=3))
-def test_cut_or_bit_flipped_dicom_is_rejected_not_crashed(tmp_path_factory, cut: int, flips: list[int]) -> None:
+def test_cut_or_bit_flipped_dicom_is_rejected_not_crashed(tmp_path_factory, cut: int,
+                                                          flips: list[int]) -> None:
     data = bytearray(_dicom_bytes(tmp_path_factory)[:cut])
     for pos in flips:
         data[pos % len(data)] ^= 0x5A
@@ -305,7 +310,8 @@ def _film(tmp_path: Path, name: str = "f.dcm", **kwargs) -> bytes:
     ("CT", DicomPolicy(()), None),  # XRAY_ALLOWED_MODALITIES=any
     ("CT", None, None),  # decode_stored / predict: no policy
 ])
-def test_modality_policy(tmp_path: Path, modality: str, policy: DicomPolicy | None, reason: str | None) -> None:
+def test_modality_policy(tmp_path: Path, modality: str, policy: DicomPolicy | None,
+                         reason: str | None) -> None:
     data = _film(tmp_path, modality=modality)
     if reason is None:
         assert decode_image(data, min_side=32, max_pixels=10**6, policy=policy).dicom.modality == modality
@@ -319,7 +325,8 @@ def test_modality_policy(tmp_path: Path, modality: str, policy: DicomPolicy | No
 @pytest.mark.parametrize("body_part", ["ABDOMEN", None])
 def test_require_chest_refuses_other_or_missing_body_parts(tmp_path: Path, body_part: str | None) -> None:
     data = _film(tmp_path, body_part=body_part)
-    assert decode_image(data, min_side=32, max_pixels=10**6, policy=DicomPolicy()).dicom.body_part == body_part
+    assert decode_image(data, min_side=32, max_pixels=10**6,
+                        policy=DicomPolicy()).dicom.body_part == body_part
     with pytest.raises(ImageRejected) as info:
         decode_image(data, min_side=32, max_pixels=10**6, policy=DicomPolicy(require_chest=True))
     assert info.value.reason == "not_chest" and "XRAY_REQUIRE_CHEST" in info.value.detail
@@ -357,7 +364,8 @@ def test_voi_lut_sequence_wins_and_is_applied(tmp_path: Path) -> None:
 ])
 def test_monochrome1_and_inverse_invert_once(tmp_path: Path, photometric: str, shape: str | None) -> None:
     plain, _ = _pixels(_film(tmp_path, "a.dcm"))
-    inverted, method = _pixels(_film(tmp_path, "b.dcm", photometric=photometric, presentation_lut_shape=shape))
+    inverted, method = _pixels(_film(tmp_path, "b.dcm", photometric=photometric,
+                                     presentation_lut_shape=shape))
     assert method == "percentile+invert"
     np.testing.assert_allclose(inverted, 1.0 - plain, atol=1e-6)
 
@@ -380,14 +388,16 @@ def test_facts_and_catalogue_fields(tmp_path: Path) -> None:
     assert (facts.sex, facts.age_years, facts.study_date) == ("M", 0.5, date(2024, 2, 29))
     assert (facts.laterality, facts.pixel_spacing, facts.institution) == ("L", 0.2, "Clinic")
     hashed = catalogue_fields(facts, salt="a", site_mode="hash")
-    assert hashed["device"] == "ACME" and hashed["site"].startswith("site-") and "Clinic" not in hashed["site"]
+    assert (hashed["device"] == "ACME" and hashed["site"].startswith("site-")
+            and "Clinic" not in hashed["site"])
     assert hashed["study_hash"] != catalogue_fields(facts, salt="b", site_mode="hash")["study_hash"]
     assert catalogue_fields(facts, salt="a", site_mode="name")["site"] == "Clinic"
     assert catalogue_fields(facts, salt="a", site_mode="off")["site"] is None
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR AS")  # writing the malformed '45' on purpose
-@pytest.mark.parametrize(("raw", "years"), [("045Y", 45.0), ("006M", 0.5), ("052W", 0.997), ("", None), ("45", None)])
+@pytest.mark.parametrize(("raw", "years"),
+                         [("045Y", 45.0), ("006M", 0.5), ("052W", 0.997), ("", None), ("45", None)])
 def test_dicom_age_strings(tmp_path: Path, raw: str, years: float | None) -> None:
     data = _film(tmp_path, tags={"PatientAge": raw} if raw else None)
     assert decode_image(data, min_side=32, max_pixels=10**6).dicom.age_years == years
@@ -422,7 +432,8 @@ def test_windowing_is_in_the_preprocessing_fingerprint() -> None:
     assert spec_dict(Settings(**_PATHS))["dicom_windowing"] == WINDOWING_SPEC
 
 
-_PATHS = {k: Path("/x") for k in ("home", "store_dir", "features_dir", "models_dir", "reports_dir", "quarantine_dir")}
+_PATHS = {k: Path("/x")
+          for k in ("home", "store_dir", "features_dir", "models_dir", "reports_dir", "quarantine_dir")}
 _PATHS.update(database_url="sqlite://", incoming_dir=None)
 
 
@@ -445,7 +456,8 @@ def test_phash_tolerates_noise_and_resizing_but_tells_patients_apart() -> None:
     hashes = [perceptual_hash(img / 255.0) for img in images]
     for img, h in zip(images, hashes):
         noisy = np.clip(img / 255.0 + rng.normal(0, 0.02, img.shape), 0, 1)
-        resized = np.asarray(Image.fromarray(np.uint8(noisy * 255)).resize((48, 48), Image.Resampling.BILINEAR))
+        small = Image.fromarray(np.uint8(noisy * 255)).resize((48, 48), Image.Resampling.BILINEAR)
+        resized = np.asarray(small)
         assert hamming(h, perceptual_hash(resized / 255.0)) <= 10
     for i in range(len(hashes)):
         for j in range(i + 1, len(hashes)):
@@ -459,7 +471,8 @@ def test_phash_rejects_non_2d() -> None:
 
 @pytest.mark.parametrize(
     ("a", "b", "expected"),
-    [(0, 0, 0), (-1, 0, 64), (-1, -1, 0), (-(2**63), 0, 1), (2**63 - 1, -(2**63), 64), (-2, -1, 1), (5, 3, 2)],
+    [(0, 0, 0), (-1, 0, 64), (-1, -1, 0), (-(2**63), 0, 1),
+     (2**63 - 1, -(2**63), 64), (-2, -1, 1), (5, 3, 2)],
 )
 def test_hamming(a: int, b: int, expected: int) -> None:
     assert hamming(a, b) == expected == hamming(b, a)

@@ -24,7 +24,7 @@ from xray_core.data.incoming import (
     take_batch,
 )
 from xray_core.data.synthetic import write_dataset
-from xray_core.results import outcome_sentence
+from xray_core.report.format import outcome_sentence
 from xray_core.settings import Settings, load_settings
 
 HOUR_AGO = time.time() - 3600

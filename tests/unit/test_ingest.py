@@ -18,26 +18,27 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from badfiles import BAD_CASES, CORPUS_MAX_PIXELS, GOOD_CASES, make_bad_corpus, make_good_variants
+from conftest import TEST_ENV, fetch, sha, snapshot
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from badfiles import BAD_CASES, CORPUS_MAX_PIXELS, GOOD_CASES, make_bad_corpus, make_good_variants
-from conftest import TEST_ENV, fetch, sha, snapshot
 from db import dispose_engines, session_scope
 from db.schema import SPLITS, Image, Patient, Rejection, Source
-from xray_core.data.catalogue import catalogue_summary, open_catalogue
 from xray_cli.main import main
-from xray_core.errors import ManifestError
-from xray_core.io.fsutil import sha256_file
+from xray_core.data.catalogue import catalogue_summary, open_catalogue
 from xray_core.data.images import load_grayscale
 from xray_core.data.ingest import ingest_source
-from xray_core.settings import Settings, load_settings, reset_settings
 from xray_core.data.synthetic import make_xray, write_dataset
+from xray_core.errors import ManifestError
+from xray_core.io.fsutil import sha256_file
+from xray_core.settings import Settings, load_settings, reset_settings
 
 # --------------------------------------------------------------------------- helpers
 
 
-def xray_array(seed: int, *, label: str = "normal", size: int = 64, patient_seed: int | None = None) -> np.ndarray:
+def xray_array(seed: int, *, label: str = "normal", size: int = 64,
+               patient_seed: int | None = None) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return make_xray(label, size=size, rng=rng, patient_seed=seed if patient_seed is None else patient_seed)
 
@@ -78,7 +79,8 @@ def home_settings(home: Path, **env: str) -> Settings:
     return load_settings({**TEST_ENV, "XRAY_HOME": str(home), **env})
 
 
-def status_json(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, env: dict[str, str]) -> tuple[str, dict]:
+def status_json(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                env: dict[str, str]) -> tuple[str, dict]:
     """`xray status --json` in-process under ``env``; returns (raw stdout, parsed)."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -190,7 +192,8 @@ def _good_rows_then(bad_tail: bytes, root: Path) -> Path:
     write_png(root / "normal" / "a.png", 1)
     write_png(root / "normal" / "b.png", 2)
     manifest = root / "manifest.csv"
-    manifest.write_bytes(b"file,label,patient_id\nnormal/a.png,normal,P1\nnormal/b.png,normal,P2\n" + bad_tail)
+    manifest.write_bytes(b"file,label,patient_id\nnormal/a.png,normal,P1\nnormal/b.png,normal,P2\n"
+                         + bad_tail)
     return manifest
 
 
@@ -335,7 +338,8 @@ def test_a_second_run_of_the_corpus_changes_nothing(corpus) -> None:
 # --------------------------------------------------------------------------- labels
 
 
-def test_unknown_label_under_xray_labels_and_reevaluated_when_labels_change(settings: Settings, tmp_path: Path) -> None:
+def test_unknown_label_under_xray_labels_and_reevaluated_when_labels_change(
+        settings: Settings, tmp_path: Path) -> None:
     strict = settings.with_overrides(labels=("normal", "pneumonia"))
     src = tmp_path / "src"
     write_png(src / "Pneumonia" / "a.png", 1)
@@ -372,7 +376,8 @@ def test_label_conflict_in_one_batch_keeps_the_first(settings: Settings, tmp_pat
     assert (settings.home / rej.quarantine_path).read_bytes() == data
 
 
-def test_label_conflict_across_ingests_leaves_the_catalogued_image_as_it_was(settings: Settings, tmp_path: Path) -> None:
+def test_label_conflict_across_ingests_leaves_the_catalogued_image_as_it_was(
+        settings: Settings, tmp_path: Path) -> None:
     first_src = tmp_path / "monday"
     data = write_png(first_src / "normal" / "person5_a.png", 1)
     ingest_source(first_src, settings=settings)
@@ -434,7 +439,8 @@ def test_patient_id_from_the_file_name(settings: Settings, tmp_path: Path) -> No
         f"person{n}": "filename" for n in range(6)}
 
 
-def test_empty_patient_regex_makes_each_image_its_own_patient(xray_env, monkeypatch, capsys, tmp_path: Path) -> None:
+def test_empty_patient_regex_makes_each_image_its_own_patient(xray_env, monkeypatch,
+                                                              capsys, tmp_path: Path) -> None:
     monkeypatch.setenv("XRAY_PATIENT_REGEX", "")
     settings = load_settings()
     assert settings.patient_regex == ""
@@ -593,7 +599,8 @@ def test_editing_a_manifest_row_reevaluates_the_file(settings: Settings, tmp_pat
     assert (img.sha256, img.label) == (sha(data), "normal")
 
 
-def test_a_file_that_could_not_be_read_is_tried_again(settings: Settings, tmp_path: Path, monkeypatch) -> None:
+def test_a_file_that_could_not_be_read_is_tried_again(settings: Settings,
+                                                      tmp_path: Path, monkeypatch) -> None:
     src = tmp_path / "src"
     write_png(src / "normal" / "a.png", 1)
     locked = write_png(src / "normal" / "locked.png", 2)
@@ -616,7 +623,8 @@ def test_a_file_that_could_not_be_read_is_tried_again(settings: Settings, tmp_pa
     assert sha(locked) in {img.sha256 for img in fetch(settings, Image)}
 
 
-def test_a_rejection_by_a_limit_is_reevaluated_when_the_limit_changes(settings: Settings, tmp_path: Path) -> None:
+def test_a_rejection_by_a_limit_is_reevaluated_when_the_limit_changes(
+        settings: Settings, tmp_path: Path) -> None:
     src = tmp_path / "src"
     write_png(src / "normal" / "small.png", 1, size=40)
     strict = settings.with_overrides(min_image_side=48)
@@ -753,7 +761,8 @@ def test_real_sample_slice_through_a_manifest(sample_dir: Path, settings: Settin
         reader = csv.DictReader(fh)
         header = reader.fieldnames
         all_rows = list(reader)
-    chosen = [r for r in all_rows if r["label"] == "normal"][:6] + [r for r in all_rows if r["label"] == "pneumonia"][:6]
+    chosen = ([r for r in all_rows if r["label"] == "normal"][:6]
+              + [r for r in all_rows if r["label"] == "pneumonia"][:6])
     assert len(chosen) == 12
     root = tmp_path / "sample"
     for row in chosen:

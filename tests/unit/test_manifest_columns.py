@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fetch
 from sqlalchemy import select
 
-from conftest import fetch
 from db import session_scope
 from db.schema import Image, Rejection
 from xray_core.data.catalogue import Row, open_catalogue
@@ -22,9 +22,9 @@ from xray_core.data.synthetic import write_dataset
 from xray_core.errors import ManifestError, UsageError
 from xray_core.evaluate.slices import fold_rare
 from xray_core.report.sites import slice_sections
-from xray_core.results import Evaluation
 from xray_core.report.status import status_report
 from xray_core.report.terminal import render_ingest, render_status
+from xray_core.results import Evaluation
 from xray_core.settings import Settings
 
 MANIFEST = Path("/batch/manifest.csv")
@@ -270,8 +270,8 @@ def test_a_0005_catalogue_upgrades_in_place_and_its_films_gain_attributes(databa
         conn.execute(text("INSERT INTO patients (patient_id, id_source, split) "
                           "VALUES ('p1', 'manifest', 'test')"))
         conn.execute(text("INSERT INTO images (id, sha256, stored_path, label, patient_id, width, height, "
-                          "bit_depth, format, phash, original_name, source_id, added_at, sex) VALUES (7, :sha, "
-                          "'store/x.png', 'normal', 'p1', 64, 64, 8, 'png', -5, 'a.png', 1, "
+                          "bit_depth, format, phash, original_name, source_id, added_at, sex) "
+                          "VALUES (7, :sha, 'store/x.png', 'normal', 'p1', 64, 64, 8, 'png', -5, 'a.png', 1, "
                           "'2026-01-01 00:00:00', 'F')"),
                      {"sha": "ab" * 32})
 

@@ -11,13 +11,14 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
-
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
 from xray_core.evaluate.intervals import (
-    _Plan,
     _cluster_index,
+    _Plan,
     _resample_weights,
     bootstrap_intervals,
     paired_bootstrap_difference,
@@ -364,7 +365,8 @@ def binary_set():
 def test_intervals_contain_point_and_cover_every_metric(binary_set):
     y, probs, pids = binary_set
     out = bootstrap_intervals(y, probs, BINARY, pids, threshold=0.5, n_samples=400, seed=0)
-    expected_paths = {"accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece", "sensitivity_at_specificity"}
+    expected_paths = {"accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece",
+                      "sensitivity_at_specificity"}
     expected_paths |= {f"per_class.{c}.{k}" for c in BINARY
                        for k in ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc")}
     assert set(out) == expected_paths

@@ -4,8 +4,8 @@ and BBSE recovers a changed prevalence from predictions alone."""
 from __future__ import annotations
 
 import numpy as np
-
 from test_monitor_reference import features, make_reference
+
 from xray_core.monitor.drift import bbse_prevalence, check_batch, mmd_permutation_test
 
 LABELS = ["normal", "pneumonia"]

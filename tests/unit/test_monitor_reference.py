@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from registry_heads import make_card, make_state
 
 from xray_core.errors import CheckpointError
 from xray_core.monitor.ood import conformal_threshold, crossfit_scores, fit_basis, ood_line
 from xray_core.monitor.reference import REFERENCE_FILE, Reference, build_reference, model_reference
 from xray_core.registry.versions import load_model, save_model
-
-from registry_heads import make_card, make_state
 
 DIM = 24
 
@@ -19,7 +18,8 @@ DIM = 24
 def features(rng: np.random.Generator, n: int, shift: float = 0.0) -> np.ndarray:
     """Rows that vary mostly in 3 directions (like a frozen backbone's features), plus small noise."""
     basis = np.random.default_rng(99).normal(size=(3, DIM))
-    return (rng.normal(size=(n, 3)) @ basis + 0.05 * rng.normal(size=(n, DIM)) + 5.0 + shift).astype(np.float32)
+    return (rng.normal(size=(n, 3)) @ basis + 0.05 * rng.normal(size=(n, DIM)) + 5.0
+            + shift).astype(np.float32)
 
 
 def make_reference(quantile: float = 0.99) -> tuple[Reference, np.random.Generator]:
@@ -87,7 +87,8 @@ def test_reference_is_saved_verified_and_optional(settings):
     model = load_model(settings, v)
     assert len(model.card["files"][REFERENCE_FILE]) == 64
     assert model_reference(model).threshold == ref.threshold
-    old = save_model(settings, state_dict=make_state(), card=make_card(), train_image_ids=[], val_image_ids=[])
+    old = save_model(settings, state_dict=make_state(), card=make_card(),
+                     train_image_ids=[], val_image_ids=[])
     assert model_reference(load_model(settings, old)) is None  # older models: OOD "unknown"
     path = settings.models_dir / str(v) / REFERENCE_FILE
     path.write_bytes(path.read_bytes()[:-1] + b"\x00")

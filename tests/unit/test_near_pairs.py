@@ -125,7 +125,7 @@ def test_the_ingest_index_answers_as_the_linear_scan_did() -> None:
 # --------------------------------------------------------------------------- the catalogue
 
 
-def fill(session, n: int, seed: int) -> None:  # noqa: ANN001 - a Session
+def fill(session, n: int, seed: int) -> None:  # session: a Session
     """n images of n/3 patients with clustered pHashes, mixed labels, views, sites, sources and DICOM body
     parts; a fifth of the patients without a split yet."""
     rng = np.random.default_rng(seed)
@@ -137,15 +137,16 @@ def fill(session, n: int, seed: int) -> None:  # noqa: ANN001 - a Session
     for k, value in enumerate(clustered_hashes(n, seed, centres=30, max_flips=8)):
         signed = int(value) - (1 << 64) if int(value) >= 1 << 63 else int(value)
         dicom = k % 7 == 0
-        session.add(Image(id=k + 1, sha256=f"{k:064x}", stored_path="store/x.png", label=str(rng.choice(LABELS)),
-                          patient_id=f"p{k // 3}", width=64, height=64, bit_depth=8, format="dicom" if dicom else "png",
+        session.add(Image(id=k + 1, sha256=f"{k:064x}", stored_path="store/x.png",
+                          label=str(rng.choice(LABELS)), patient_id=f"p{k // 3}",
+                          width=64, height=64, bit_depth=8, format="dicom" if dicom else "png",
                           body_part=("CHEST", "ABDOMEN", None)[k % 3] if dicom else None,
-                          view=("PA", "AP", None)[k % 3], site="north" if k % 4 == 0 else None,
-                          phash=signed, original_name=f"f{k}.png", source_id=1 + k % 2))
+                          view=("PA", "AP", None)[k % 3], site="north" if k % 4 == 0 else None, phash=signed,
+                          original_name=f"f{k}.png", source_id=1 + k % 2))
     session.flush()
 
 
-def old_near_duplicate_pairs(session, *, max_distance: int, limit: int):  # noqa: ANN001, ANN201
+def old_near_duplicate_pairs(session, *, max_distance: int, limit: int):
     """xray status's all-pairs scan before near_pairs (catalogue.near_duplicate_pairs, up to 0003s)."""
     rows = session.execute(
         select(Image.id, Image.sha256, Image.phash, Patient.split, Image.original_name, Image.patient_id)
@@ -155,13 +156,15 @@ def old_near_duplicate_pairs(session, *, max_distance: int, limit: int):  # noqa
     dist = popcount64(hashes[:, None] ^ hashes[None, :])
     ii, jj = np.nonzero(np.triu(dist <= max_distance, 1))
     keep = [(i, j) for i, j in zip(ii, jj) if rows[i][3] != rows[j][3]]
-    return len(keep), [{"image_a": rows[i][0], "sha256_a": rows[i][1], "split_a": rows[i][3], "file_a": rows[i][4],
-                        "patient_a": rows[i][5], "image_b": rows[j][0], "sha256_b": rows[j][1], "split_b": rows[j][3],
-                        "file_b": rows[j][4], "patient_b": rows[j][5], "distance": int(dist[i, j])}
+    return len(keep), [{"image_a": rows[i][0], "sha256_a": rows[i][1],
+                        "split_a": rows[i][3], "file_a": rows[i][4],
+                        "patient_a": rows[i][5], "image_b": rows[j][0], "sha256_b": rows[j][1],
+                        "split_b": rows[j][3], "file_b": rows[j][4], "patient_b": rows[j][5],
+                        "distance": int(dist[i, j])}
                        for i, j in keep[:limit]]
 
 
-def old_label_history(session, *, limit: int) -> dict:  # noqa: ANN001
+def old_label_history(session, *, limit: int) -> dict:
     """catalogue.label_history before it counted in SQL (every changed patient's films read)."""
     changed = (select(Image.patient_id).group_by(Image.patient_id)
                .having(func.count(func.distinct(Image.label)) > 1))
@@ -172,7 +175,8 @@ def old_label_history(session, *, limit: int) -> dict:  # noqa: ANN001
     patients: dict = {}
     for pid, split, label, name, added, _ in rows:
         entry = patients.setdefault(pid, {"patient_id": pid, "split": split, "films": []})
-        entry["films"].append({"label": label, "file": name, "added_at": added.isoformat() if added else None})
+        entry["films"].append({"label": label, "file": name,
+                               "added_at": added.isoformat() if added else None})
     for entry in patients.values():
         entry["labels"] = sorted({f["label"] for f in entry["films"]})
     listed = list(patients.values())
@@ -180,7 +184,7 @@ def old_label_history(session, *, limit: int) -> dict:  # noqa: ANN001
             "examples": listed[:limit]}
 
 
-def old_counts(session) -> dict:  # noqa: ANN001
+def old_counts(session) -> dict:
     """The group-bys status ran before the census (one per table)."""
     from xray_core.data.sites import source_site
 
@@ -192,15 +196,18 @@ def old_counts(session) -> dict:  # noqa: ANN001
     by_site: dict = {}
     for site, path, label, split, n in session.execute(
             select(Image.site, Source.path, Image.label, Patient.split, func.count())
-            .join(Patient, Patient.patient_id == Image.patient_id).outerjoin(Source, Source.id == Image.source_id)
+            .join(Patient, Patient.patient_id == Image.patient_id)
+            .outerjoin(Source, Source.id == Image.source_id)
             .group_by(Image.site, Source.path, Image.label, Patient.split)):
         cell = by_site.setdefault(site or source_site(path), {}).setdefault(
             label, {**{s: 0 for s in SPLITS}, "unassigned": 0})
         cell[split or "unassigned"] += n
-    views = {str(v or "unknown"): n for v, n in session.execute(select(Image.view, func.count()).group_by(Image.view))}
+    views = {str(v or "unknown"): n
+             for v, n in session.execute(select(Image.view, func.count()).group_by(Image.view))}
     not_chest = session.scalar(select(func.count()).select_from(Image).where(
         Image.format == "dicom", func.coalesce(Image.body_part, "") != "CHEST"))
-    return {"by_label": dict(sorted(by_label.items())), "views": dict(sorted(views.items())), "not_chest": not_chest,
+    return {"by_label": dict(sorted(by_label.items())),
+            "views": dict(sorted(views.items())), "not_chest": not_chest,
             "by_site": {site: dict(sorted(labels.items())) for site, labels in sorted(by_site.items())}}
 
 
@@ -287,19 +294,22 @@ def test_a_0003s_catalogue_upgrades_and_its_pairs_are_backfilled(database_url: s
         conn.execute(text("INSERT INTO sources (id, kind, path, status, started_at, counts) "
                           "VALUES (1, 'folder', '/x', 'done', '2026-01-01 00:00:00', '{}')"))
         for p in range(100):
-            conn.execute(text("INSERT INTO patients (patient_id, id_source, split) VALUES (:p, 'manifest', :s)"),
+            conn.execute(text("INSERT INTO patients (patient_id, id_source, split) VALUES (:p, "
+                              "'manifest', :s)"),
                          {"p": f"p{p}", "s": SPLITS[p % 3]})
-        conn.execute(text("INSERT INTO images (id, sha256, stored_path, label, patient_id, width, height, bit_depth, "
-                          "format, phash, original_name, source_id, added_at) VALUES (:id, :sha, 'store/x.png', "
-                          "'normal', :p, 64, 64, 8, 'png', :h, :n, 1, '2026-01-01 00:00:00')"),
-                     [{"id": k + 1, "sha": f"{k:064x}", "p": f"p{k // 3}", "h": int(signed[k]), "n": f"{k}.png"}
+        conn.execute(text("INSERT INTO images (id, sha256, stored_path, label, patient_id, width, height, "
+                          "bit_depth, format, phash, original_name, source_id, added_at) VALUES (:id, :sha, "
+                          "'store/x.png', 'normal', :p, 64, 64, 8, 'png', :h, :n, 1, '2026-01-01 00:00:00')"),
+                     [{"id": k + 1, "sha": f"{k:064x}", "p": f"p{k // 3}",
+                       "h": int(signed[k]), "n": f"{k}.png"}
                       for k in range(300)])
     migrate(engine, "head")
     patients = np.arange(300) // 3
     dist = popcount64(hashes[:, None] ^ hashes[None, :]).astype(np.int64)
     i, j = np.nonzero(np.triu(dist <= NEAR_PAIR_MAX_DISTANCE, 1) & (patients[:, None] != patients[None, :]))
     with engine.connect() as conn:
-        got = conn.execute(text("SELECT image_a, image_b, distance FROM near_pairs ORDER BY image_a, image_b")).all()
+        got = conn.execute(text(
+            "SELECT image_a, image_b, distance FROM near_pairs ORDER BY image_a, image_b")).all()
         revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert revision == "0006b" and len(got) > 0
     assert got == [(int(a) + 1, int(b) + 1, int(dist[a, b])) for a, b in zip(i, j)]
@@ -319,15 +329,16 @@ def test_a_film_near_many_others_records_only_its_closest_and_status_says_so(set
     n = NEAR_PAIRS_PER_FILM + 8
     rng = np.random.default_rng(3)
     base = int(rng.integers(0, 1 << 62))
-    hashes = [base ^ (1 << int(b)) if k else base for k, b in enumerate(rng.integers(0, 64, n))]  # all within 2 bits
+    # all within 2 bits
+    hashes = [base ^ (1 << int(b)) if k else base for k, b in enumerate(rng.integers(0, 64, n))]
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         s.add(Source(id=1, kind="folder", path="/data/same", status="done", counts={}))
         for k in range(n):
             s.add(Patient(patient_id=f"p{k}", id_source="manifest", split=SPLITS[k % 3]))
-            s.add(Image(id=k + 1, sha256=f"{k:064x}", stored_path="store/x.png", label="normal", patient_id=f"p{k}",
-                        width=64, height=64, bit_depth=8, format="png", phash=hashes[k], original_name=f"f{k}.png",
-                        source_id=1))
+            s.add(Image(id=k + 1, sha256=f"{k:064x}", stored_path="store/x.png",
+                        label="normal", patient_id=f"p{k}", width=64, height=64, bit_depth=8,
+                        format="png", phash=hashes[k], original_name=f"f{k}.png", source_id=1))
     index = NearCopyIndex()
     with session_scope(engine) as s:
         counts = []

@@ -36,7 +36,8 @@ def test_json_text_has_no_lone_surrogate_in_values_keys_or_default_output() -> N
     value = {"path": NON_UTF8, NON_UTF8: [Path(NON_UTF8), ("x", 1.5, None, True)]}
     text = json_text(value, default=str)
     assert "\\ud" not in text and json.loads(text)["path"] == "/data/r\\xff/caf\\xe9.png"
-    assert json.loads(text)["/data/r\\xff/caf\\xe9.png"] == ["/data/r\\xff/caf\\xe9.png", ["x", 1.5, None, True]]
+    assert json.loads(text)["/data/r\\xff/caf\\xe9.png"] == ["/data/r\\xff/caf\\xe9.png",
+                                                             ["x", 1.5, None, True]]
     assert json_text({"a": [1, 2]}, sort_keys=True) == json.dumps({"a": [1, 2]}, sort_keys=True)
     with pytest.raises(TypeError):  # without default=, what JSON cannot hold is still refused
         json_text({"p": Path("x")})

@@ -44,7 +44,8 @@ def comparison(diff, low, high=None, metric="macro_auroc", challenger=0.90, sens
         "n_samples": 1000,
         "level": 0.95,
         "target_specificity": 0.9,
-        "sensitivity_differences": {"pneumonia": {"difference": sens_diff or 0.0, "low": -0.01, "high": 0.01}},
+        "sensitivity_differences": {"pneumonia": {"difference": sens_diff or 0.0,
+                                                  "low": -0.01, "high": 0.01}},
     }
 
 
@@ -163,7 +164,8 @@ def test_first_model_floors(macro, sens, expected, named):
         ("sensitivity_at_specificity", "sensitivity at 90% specificity"),
     ],
 )
-@pytest.mark.parametrize("mode, low, expected", [("non-inferiority", -0.004, "promote"), ("superiority", -0.004, "keep"),
+@pytest.mark.parametrize("mode, low, expected",
+                         [("non-inferiority", -0.004, "promote"), ("superiority", -0.004, "keep"),
                                                   ("superiority", +0.002, "promote")])
 def test_each_metric_and_mode(metric, name, mode, low, expected):
     config = PolicyConfig(metric=metric, mode=mode)
@@ -178,9 +180,9 @@ def test_rationale_carries_the_numbers():
     d = decide(metrics(), metrics(), comp, NI)
     assert d.rationale == (
         "Challenger macro AUROC 0.941 vs champion 0.932: difference +0.009, 95% CI [-0.004, +0.021] over "
-        "1000 patient-clustered bootstrap resamples; shown non-inferior (margin 0.01): the challenger's macro "
-        "AUROC is 0.009 higher, and the 95% lower bound of the difference (-0.004) is above the allowed -0.010. "
-        "Guardrail: no disease-class sensitivity dropped more than 0.02. Promote."
+        "1000 patient-clustered bootstrap resamples; shown non-inferior (margin 0.01): the challenger's "
+        "macro AUROC is 0.009 higher, and the 95% lower bound of the difference (-0.004) is above the "
+        "allowed -0.010. Guardrail: no disease-class sensitivity dropped more than 0.02. Promote."
     )
     json.dumps(d.as_dict())
 
@@ -189,16 +191,20 @@ def test_rationale_carries_the_numbers():
     "diff, low, expected",
     [
         # both conditions fail: two facts joined by "and", not a contrast between failures
-        (-0.042, -0.143, "not shown non-inferior (margin 0.01): the challenger's macro AUROC is 0.042 lower, and "
-                         "the 95% lower bound of the difference (-0.143) is at or below the allowed -0.010."),
-        (+0.005, -0.020, "not shown non-inferior (margin 0.01): the challenger's macro AUROC is 0.005 higher, but "
-                         "the 95% lower bound of the difference (-0.020) is at or below the allowed -0.010, so a "
-                         "drop larger than the margin is not ruled out."),
-        (-0.002, -0.008, "not shown non-inferior (margin 0.01): the 95% lower bound of the difference (-0.008) is "
-                         "above the allowed -0.010, but the challenger's macro AUROC is 0.002 lower, and the rule "
-                         "also requires the point difference to be at least 0."),
-        (0.000, -0.004, "shown non-inferior (margin 0.01): the challenger's macro AUROC equals the champion's, and "
-                        "the 95% lower bound of the difference (-0.004) is above the allowed -0.010."),
+        (-0.042, -0.143,
+         "not shown non-inferior (margin 0.01): the challenger's macro AUROC is 0.042 lower, and "
+         "the 95% lower bound of the difference (-0.143) is at or below the allowed -0.010."),
+        (+0.005, -0.020,
+         "not shown non-inferior (margin 0.01): the challenger's macro AUROC is 0.005 higher, but "
+         "the 95% lower bound of the difference (-0.020) is at or below the allowed -0.010, "
+         "so a drop larger than the margin is not ruled out."),
+        (-0.002, -0.008,
+         "not shown non-inferior (margin 0.01): the 95% lower bound of the difference (-0.008) is "
+         "above the allowed -0.010, but the challenger's macro AUROC is 0.002 lower, and the "
+         "rule also requires the point difference to be at least 0."),
+        (0.000, -0.004,
+         "shown non-inferior (margin 0.01): the challenger's macro AUROC equals the champion's, and "
+         "the 95% lower bound of the difference (-0.004) is above the allowed -0.010."),
     ],
 )
 def test_non_inferiority_wording_is_plain(diff, low, expected):
@@ -209,8 +215,8 @@ def test_non_inferiority_wording_is_plain(diff, low, expected):
 
 @pytest.mark.parametrize("low, expected", [(+0.005, "shown superior: the 95% lower bound of the difference "
                                                     "(+0.005) is above 0."),
-                                           (-0.004, "not shown superior: the 95% lower bound of the difference "
-                                                    "(-0.004) is not above 0.")])
+                                           (-0.004, "not shown superior: the 95% lower bound of the "
+                                                    "difference (-0.004) is not above 0.")])
 def test_superiority_wording(low, expected):
     assert expected in decide(metrics(), metrics(), comparison(+0.01, low), SUP).rationale
 

@@ -6,19 +6,33 @@ Heads here are tiny (8 -> 4 -> 2) and saved straight from a state dict, so no ba
 from __future__ import annotations
 
 import json
+from datetime import UTC
 
 import numpy as np
 import pytest
 import torch
+from registry_heads import (
+    BACKBONE,
+    HIDDEN,
+    IN_DIM,
+    REQUIRED,
+    champions,
+    db_count,
+    make_card,
+    make_state,
+    save,
+    status_of,
+)
 
 from db import session_scope
 from db.schema import Model, Promotion
 from xray_cli import main as cli
 from xray_core import faults
-from xray_core.registry import listing
-from xray_core.registry import versions as registry
 from xray_core.data.catalogue import open_catalogue
 from xray_core.errors import CheckpointError, UsageError
+from xray_core.model.train import build_head, predict_proba
+from xray_core.registry import listing
+from xray_core.registry import versions as registry
 from xray_core.registry.listing import history
 from xray_core.registry.versions import (
     load_model,
@@ -29,11 +43,6 @@ from xray_core.registry.versions import (
     validate_card,
 )
 from xray_core.settings import Settings
-from xray_core.model.train import build_head, predict_proba
-
-from registry_heads import (BACKBONE, HIDDEN, IN_DIM, REQUIRED, champions, db_count, make_card, make_state, save,
-                            status_of)
-
 
 # --------------------------------------------------------------------------- checkpoints
 
@@ -111,7 +120,8 @@ def test_save_refuses_an_invalid_card_and_writes_nothing(settings: Settings):
     with pytest.raises(CheckpointError, match="backbone_fingerprint"):
         save_model(settings, state_dict=make_state(), card=card, train_image_ids=[], val_image_ids=[])
     assert db_count(settings, Model) == 0
-    assert not (settings.models_dir / ".staging").exists() or not any((settings.models_dir / ".staging").iterdir())
+    assert (not (settings.models_dir / ".staging").exists()
+            or not any((settings.models_dir / ".staging").iterdir()))
 
 
 def test_a_crash_before_commit_leaves_no_row_and_the_next_save_works(settings: Settings, monkeypatch):
@@ -145,8 +155,8 @@ def test_a_crash_between_switch_and_audit_changes_nothing(settings: Settings, wi
     rows_before = db_count(settings, Promotion)
     monkeypatch.setenv(faults.ENV, "registry.switched_before_audit:1:RAISE")
     with pytest.raises(faults.InjectedFault, match="registry.switched_before_audit"):
-        record_decision(settings, challenger=new, decision="promote", rationale="r", metrics={}, trigger="test",
-                        promote=True)
+        record_decision(settings, challenger=new, decision="promote", rationale="r",
+                        metrics={}, trigger="test", promote=True)
     monkeypatch.delenv(faults.ENV)
     assert champions(settings) == ([old] if with_champion else [])
     assert status_of(settings, old) == ("champion" if with_champion else "candidate")
@@ -175,7 +185,8 @@ def test_manual_promotions_and_rollback_are_audited(settings: Settings):
 
     back = rollback(settings, reason="v3 misses cases", trigger="cli", actor="carol")
     assert champions(settings) == [v2] and status_of(settings, v3) == "retired"
-    assert (back["decision"], back["from_version"], back["to_version"], back["champion_after"]) == ("rollback", v3, v2, v2)
+    assert (back["decision"], back["from_version"], back["to_version"],
+            back["champion_after"]) == ("rollback", v3, v2, v2)
     assert back["trigger"] == "cli" and back["actor"] == "carol"
     assert "v3 misses cases" in back["rationale"] and f"from {v3} to {v2}" in back["rationale"]
 
@@ -188,7 +199,8 @@ def test_manual_promotions_and_rollback_are_audited(settings: Settings):
 
     rows = history(settings)
     assert [r["decision"] for r in rows] == ["manual_promote"] * 3 + ["rollback"] * 2
-    assert [(r["from_version"], r["champion_after"]) for r in rows] == [(None, v1), (v1, v2), (v2, v3), (v3, v2), (v2, v1)]
+    assert [(r["from_version"], r["champion_after"]) for r in rows] == [(None, v1), (v1, v2),
+                                                                        (v2, v3), (v3, v2), (v2, v1)]
     assert [r["id"] for r in rows[:3]] == [r1["id"], r2["id"], r3["id"]]
     assert [(r["trigger"], r["actor"]) for r in rows] == [("cli", "alice"), ("cli", "bob"), ("flow", None),
                                                          ("cli", "carol"), ("cli", "carol")]
@@ -196,7 +208,8 @@ def test_manual_promotions_and_rollback_are_audited(settings: Settings):
     assert all(r["time"] for r in rows)
 
 
-def test_rollback_refuses_when_the_champion_changes_meanwhile(settings: Settings, monkeypatch: pytest.MonkeyPatch):
+def test_rollback_refuses_when_the_champion_changes_meanwhile(settings: Settings,
+                                                              monkeypatch: pytest.MonkeyPatch):
     v1, v2, v3 = (save(settings, seed=i) for i in (1, 2, 3))
     promote_manually(settings, v1, reason="a")
     promote_manually(settings, v2, reason="b")
@@ -262,8 +275,9 @@ def test_cli_models_history_and_json(settings: Settings, capsys: pytest.CaptureF
 # --------------------------------------------------------------------------- numbers that compare
 
 
-def add_evaluation(settings: Settings, version: int, fingerprint: str, n: int, auroc: float, when: str) -> None:
-    from datetime import datetime, timezone
+def add_evaluation(settings: Settings, version: int, fingerprint: str, n: int,
+                   auroc: float, when: str) -> None:
+    from datetime import datetime
 
     from db.schema import Evaluation
 
@@ -272,7 +286,7 @@ def add_evaluation(settings: Settings, version: int, fingerprint: str, n: int, a
     with session_scope(open_catalogue(settings)) as s:
         s.add(Evaluation(model_id=version, test_set_fingerprint=fingerprint, backbone_fingerprint=BACKBONE,
                          n_images=n, metrics=metrics,
-                         created_at=datetime.fromisoformat(when).replace(tzinfo=timezone.utc)))
+                         created_at=datetime.fromisoformat(when).replace(tzinfo=UTC)))
 
 
 def test_list_models_labels_numbers_with_their_test_set(settings: Settings):
@@ -289,7 +303,8 @@ def test_list_models_labels_numbers_with_their_test_set(settings: Settings):
 
     rows = {m["version"]: m for m in listing.list_models(settings, current_test_set=new)}
     assert (rows[v1]["n_images"], rows[v1]["metrics"]["macro_auroc"]["point"]) == (17, 0.847)
-    assert (rows[v2]["n_images"], rows[v2]["metrics"]["macro_auroc"]["point"]) == (17, 0.806)  # current preferred
+    # current preferred
+    assert (rows[v2]["n_images"], rows[v2]["metrics"]["macro_auroc"]["point"]) == (17, 0.806)
     assert rows[v1]["on_current_test_set"] and rows[v1]["note"] is None
     assert rows[v3]["test_set_fingerprint"] == old and not rows[v3]["on_current_test_set"]
     assert rows[v3]["scored_at"].startswith("2026-11-20T11:00")
@@ -300,7 +315,8 @@ def test_list_models_labels_numbers_with_their_test_set(settings: Settings):
     # Without the current fingerprint, the test set of the newest evaluation row stands in for it
     # (here v2's re-run on the old set, so every model shows its numbers on that set).
     implicit = {m["version"]: m for m in listing.list_models(settings)}
-    assert all(implicit[v]["test_set_fingerprint"] == old and implicit[v]["on_current_test_set"] for v in (v1, v2, v3))
+    assert all(implicit[v]["test_set_fingerprint"] == old
+               and implicit[v]["on_current_test_set"] for v in (v1, v2, v3))
     assert (implicit[v1]["n_images"], implicit[v1]["metrics"]["macro_auroc"]["point"]) == (8, 0.912)
 
     text = render_models(list(rows.values()), ["v3 not re-scored: a reason"])
@@ -311,8 +327,9 @@ def test_list_models_labels_numbers_with_their_test_set(settings: Settings):
     assert lines[-1] == "note: v3 not re-scored: a reason"
     table_rows = {r["version"]: r for r in registry_rows(list(rows.values()))}
     assert table_rows[v1] | {"promoted": ""} == {
-        "version": v1, "status": "candidate", "macro_auroc": "0.847 [0.747, 0.897]", "balanced_accuracy": "0.500",
-        "n_images": 17, "test_set": "e5f6a7b8", "scored": "2026-11-21", "note": "", "promoted": ""}
+        "version": v1, "status": "candidate", "macro_auroc": "0.847 [0.747, 0.897]",
+        "balanced_accuracy": "0.500", "n_images": 17, "test_set": "e5f6a7b8", "scored": "2026-11-21",
+        "note": "", "promoted": ""}
     assert table_rows[v3]["note"] == "n=8 on older test set a1b2c3d4, 2026-11-20"
     assert v4 not in table_rows
 

@@ -15,8 +15,13 @@ from xray_core.errors import SettingsError
 from xray_core.io.fsutil import atomic_write_bytes
 from xray_core.model.heatmap import heatmap_caption
 from xray_core.report.html import HEATMAP_EMBED_PX, embeddable_heatmap, render_html
-from xray_core.report.markdown import (DESCRIPTION_MAX_CHARS, artifact_description, retrain_markdown, run_state,
-                                       template_environment)
+from xray_core.report.markdown import (
+    DESCRIPTION_MAX_CHARS,
+    artifact_description,
+    retrain_markdown,
+    run_state,
+    template_environment,
+)
 from xray_core.results import RunResult
 from xray_core.settings import load_settings
 
@@ -29,7 +34,8 @@ def evaluation(version: int) -> dict:
                "labels": ["normal", "pneumonia"], "confusion_matrix": [[18, 2], [4, 16]], "threshold": 0.5,
                "intervals": {"macro_auroc": {"low": 0.85, "high": 0.96}},
                "bootstrap": {"samples": 200, "patients": 30},
-               "per_class": {lab: {"sensitivity": 0.8, "specificity": 0.9, "support": 20} for lab in ("normal", "pneumonia")}}
+               "per_class": {lab: {"sensitivity": 0.8, "specificity": 0.9, "support": 20}
+                             for lab in ("normal", "pneumonia")}}
     return {"version": version, "n_images": 40, "test_set_fingerprint": "ab" * 32, "metrics": metrics}
 
 
@@ -40,7 +46,8 @@ def decided(decision: str, *, champion: int | None = 2, after: int | None = 2, *
     return {**BASE, "status": "completed", "backbone_fingerprint": "c" * 64,
             "embed": {"backbone_fingerprint": "c" * 64},
             "challenger_eval": evaluation(3), "champion_eval": evaluation(champion) if champion else None,
-            "decision": {"decision": decision, "promote": decision == "promote", "rationale": f"Because: {decision}.",
+            "decision": {"decision": decision, "promote": decision == "promote",
+                         "rationale": f"Because: {decision}.",
                          "checks": [{"name": "comparison", "passed": decision == "promote", "detail": "d"}]},
             "champion_after": after, **extra}
 
@@ -53,9 +60,11 @@ CASES = {
     "first champion": (decided("promote", champion=None, after=3), "Promoted: v3 becomes the first champion",
                        "Promoted v3 (first champion)"),
     "kept": (decided("keep"), "Kept: champion v2 stays (v3 not promoted)", "Kept v2; challenger v3 rejected"),
-    "insufficient": (decided("insufficient_evidence"), "Insufficient evidence: champion v2 stays; too few test "
-                     "images to judge v3", "Insufficient evidence: kept v2; challenger v3 not judged"),
-    "skipped": (SKIPPED, "Skipped: champion v2 stays; nothing new to train on", "Skipped: nothing new since champion v2"),
+    "insufficient": (decided("insufficient_evidence"),
+                     "Insufficient evidence: champion v2 stays; too few test images to judge v3",
+                     "Insufficient evidence: kept v2; challenger v3 not judged"),
+    "skipped": (SKIPPED, "Skipped: champion v2 stays; nothing new to train on",
+                "Skipped: nothing new since champion v2"),
     "failed": (FAILED, "Failed: the champion was not changed", "Failed: OSError: injected: disk unplugged"),
 }
 
@@ -91,14 +100,16 @@ def test_state_and_state_message_from_the_cycle_win():
 def test_description_is_at_most_200_characters():
     result = {**FAILED, "error": "RuntimeError: " + "x" * 500}
     text = artifact_description(R(result))
-    assert len(text) == DESCRIPTION_MAX_CHARS and text.startswith("Failed: RuntimeError: xxx") and text.endswith("…")
+    assert len(text) == DESCRIPTION_MAX_CHARS
+    assert text.startswith("Failed: RuntimeError: xxx") and text.endswith("…")
 
 
 @pytest.mark.parametrize("case", ["failed", "skipped"])
 def test_failed_and_skipped_reports_show_only_sections_with_content(case):
     result = CASES[case][0]
     md = retrain_markdown(R(result))
-    for absent in ("fingerprint", "Champion vs challenger", "ROC curves", "heatmap", "## Decision", "random-init"):
+    for absent in ("fingerprint", "Champion vs challenger", "ROC curves", "heatmap", "## Decision",
+                   "random-init"):
         assert absent not in md, absent
     html = render_html(R(result), None)
     assert "<h2>Data</h2>" in html and "No new sources this run." in html
@@ -124,8 +135,8 @@ def test_random_init_warning_on_every_kind_of_run(case, flag):
 def test_html_escaping_comes_from_autoescape_and_markdown_cells_stay_cells():
     hostile = "<script>alert('x')</script> & | co"
     result = {**FAILED, "run_name": hostile, "error": hostile,
-              "ingests": [{"source": "/in/a|b", "added": 1, "duplicates": 0, "skipped_unchanged": 0, "rejected": 0,
-                           "rejected_by_reason": {}}]}
+              "ingests": [{"source": "/in/a|b", "added": 1, "duplicates": 0, "skipped_unchanged": 0,
+                           "rejected": 0, "rejected_by_reason": {}}]}
     html = render_html(R(result), None)
     assert "<script>" not in html and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; | co" in html
     md = retrain_markdown(R(result))
@@ -144,12 +155,14 @@ def test_the_markdown_link_promises_only_what_the_html_has():
     md = retrain_markdown(R(result))
     assert "ROC curves" not in md and "confusion matrices" in md
     shown = retrain_markdown(R({**result, "report_html_contents": ["ROC curves", "Grad-CAM heatmaps"]}))
-    assert "`/r/report.html` (self-contained HTML; open it in a browser). It shows ROC curves, Grad-CAM heatmaps." in shown
+    assert ("`/r/report.html` (self-contained HTML; open it in a browser). "
+            "It shows ROC curves, Grad-CAM heatmaps.") in shown
 
 
 def test_a_decided_report_has_the_comparison_and_the_rationale():
     md = retrain_markdown(R(decided("keep")))
-    assert "## Champion vs challenger (same test set)" in md and "| metric | challenger (v3) | champion (v2) |" in md
+    assert "## Champion vs challenger (same test set)" in md
+    assert "| metric | challenger (v3) | champion (v2) |" in md
     assert "Because: keep." in md and "fingerprint `cccccccccccccccc`" in md
     html = render_html(R(decided("keep")), None)
     assert 'id="metrics"' in html and 'id="confusion"' in html and "Because: keep." in html
@@ -223,7 +236,8 @@ def test_run_report_files_are_written_with_the_file_mode(tmp_path):
     from xray_core.report.files import write_run_reports
 
     settings = load_settings({"XRAY_HOME": str(tmp_path / "home"), "XRAY_FILE_MODE": "0644"})
-    skipped = RunResult(flow_run_id=None, run_name="nightly-7", trigger="schedule", backbone_weights="imagenet",
+    skipped = RunResult(flow_run_id=None, run_name="nightly-7", trigger="schedule",
+                        backbone_weights="imagenet",
                         backbone_random_init=False, run_dir=str(tmp_path / "run"), status="skipped",
                         state="Skipped", state_message="nothing new since champion v2", champion_after=2)
     out = write_run_reports(settings, skipped, tmp_path / "run")

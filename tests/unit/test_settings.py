@@ -19,10 +19,18 @@ from xray_core.data.dicom import DicomPolicy
 from xray_core.errors import SettingsError
 from xray_core.evaluate.promotion import PolicyConfig
 from xray_core.model.train import HeadConfig
-from xray_core.pipeline.steps import EXECUTION_SETTINGS, TRAINING_SETTINGS
+from xray_core.pipeline.unchanged import EXECUTION_SETTINGS, TRAINING_SETTINGS
 from xray_core.report.settings_line import changed_settings
-from xray_core.settings import (ENV_BY_FIELD, ENV_VARS, FIELDS, Settings, load_settings, reset_settings,
-                                settings_page, validate)
+from xray_core.settings import (
+    ENV_BY_FIELD,
+    ENV_VARS,
+    FIELDS,
+    Settings,
+    load_settings,
+    reset_settings,
+    settings_page,
+    validate,
+)
 
 PROJECT = Path(__file__).resolve().parents[2]
 EXAMPLES = {name: rules.examples(FIELDS[name]) for name in ENV_BY_FIELD}
@@ -72,10 +80,12 @@ def test_a_value_outside_the_range_is_a_settings_error_naming_what_is_allowed(tm
 
 @pytest.mark.parametrize("var, raw, message", [
     # the holes users found, with the whole message they now get
-    ("XRAY_TARGET_SPECIFICITY", "90", "XRAY_TARGET_SPECIFICITY=90: must be in (0, 1) (a fraction: 0.9 means 90%)"),
+    ("XRAY_TARGET_SPECIFICITY", "90",
+     "XRAY_TARGET_SPECIFICITY=90: must be in (0, 1) (a fraction: 0.9 means 90%)"),
     ("XRAY_HEAD_DROPOUT", "1.5", "XRAY_HEAD_DROPOUT=1.5: must be in [0, 1) (fraction of units dropped)"),
     ("XRAY_PROMOTION_MARGIN", "-0.01", "XRAY_PROMOTION_MARGIN=-0.01: must be in [0, 1] "),
-    ("XRAY_SPLIT_RATIOS", "nan,nan,nan", "XRAY_SPLIT_RATIOS=nan,nan,nan: must be three comma-separated fractions"),
+    ("XRAY_SPLIT_RATIOS", "nan,nan,nan",
+     "XRAY_SPLIT_RATIOS=nan,nan,nan: must be three comma-separated fractions"),
     ("XRAY_HEAD_HIDDEN", "-3", "XRAY_HEAD_HIDDEN=-3: must be none (a linear head) or up to 8"),
     ("XRAY_INPUT_SIZE", "100000", "XRAY_INPUT_SIZE=100000: must be an integer in [32, 1024] (square side"),
     ("XRAY_LEARNING_RATE", "inf", "XRAY_LEARNING_RATE=inf: must be in (0, 1] (Adam step size)"),
@@ -133,7 +143,7 @@ def test_list_syntax_empty_values_and_names(tmp_path: Path) -> None:
 def test_settings_are_frozen_and_overrides_name_real_fields(tmp_path: Path) -> None:
     settings = _load(tmp_path)
     with pytest.raises(ValidationError):
-        settings.epochs = 3  # type: ignore[misc] - the assignment frozen settings refuse
+        settings.epochs = 3  # type: ignore[misc]  # the assignment frozen settings refuse
     # not validated, as dataclasses.replace was: old model cards are served at precision "legacy"
     assert settings.with_overrides(embed_precision="legacy").embed_precision == "legacy"
     with pytest.raises(TypeError, match="no_such_setting"):

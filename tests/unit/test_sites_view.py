@@ -45,27 +45,31 @@ def evaluation(version: int, good: bool) -> dict:
                            target_specificity=0.9)
     metrics = {"macro_auroc": 0.74, "balanced_accuracy": 0.7, "accuracy": 0.7, "brier": 0.2, "ece": 0.1,
                "labels": LABELS, "confusion_matrix": [[8, 3], [2, 5]], "threshold": 0.5,
-               "intervals": {"macro_auroc": {"low": 0.5, "high": 0.9}}, "bootstrap": {"samples": 50, "patients": 18},
+               "intervals": {"macro_auroc": {"low": 0.5, "high": 0.9}},
+               "bootstrap": {"samples": 50, "patients": 18},
                "per_class": {lab: {"sensitivity": 0.7, "specificity": 0.7, "support": 9} for lab in LABELS},
                "slices": slices}
-    return {"version": version, "n_images": int(Y.size), "test_set_fingerprint": "ab" * 32, "metrics": metrics,
-            "labels": LABELS, "probabilities": probs.tolist(), "sites": SITES, "views": VIEWS}
+    return {"version": version, "n_images": int(Y.size),
+            "test_set_fingerprint": "ab" * 32, "metrics": metrics, "labels": LABELS,
+            "probabilities": probs.tolist(), "sites": SITES, "views": VIEWS}
 
 
-FLAGGED = {"flagged": True, "warnings": ["covid19 films come only from site adult: the label is predictable from "
-                                         "the site (AUROC 1.00 from the site alone, covid19 against the "
-                                         "rest)",
+FLAGGED = {"flagged": True, "warnings": ["covid19 films come only from site adult: the label is "
+                                         "predictable from the site (AUROC 1.00 from the site alone, "
+                                         "covid19 against the rest)",
                                          "site paeds holds only normal films"],
-           "label_site": {"table": {"adult": {"covid19": 16, "normal": 0}, "paeds": {"covid19": 0, "normal": 16}},
+           "label_site": {"table": {"adult": {"covid19": 16, "normal": 0},
+                                    "paeds": {"covid19": 0, "normal": 16}},
                           "single_label_sites": {"adult": "covid19", "paeds": "normal"},
                           "single_site_labels": {"covid19": "adult", "normal": "paeds"}},
            "site_only_auroc": 1.0,
-           "metadata_probe": {"auroc": 0.97, "target": "any disease vs normal", "features": ["width", "bit_depth"],
-                              "n": 32, "note": None},
+           "metadata_probe": {"auroc": 0.97, "target": "any disease vs normal",
+                              "features": ["width", "bit_depth"], "n": 32, "note": None},
            "site_probe": {"auroc": 0.99, "task": "other sites vs adult", "note": None},
            "threshold": 0.8, "policy": "block", "sites": ["adult", "paeds"]}
 CLEAN = {"flagged": False, "warnings": [],
-         "label_site": {"table": {"adult": {"normal": 8, "pneumonia": 8}, "paeds": {"normal": 8, "pneumonia": 8}},
+         "label_site": {"table": {"adult": {"normal": 8, "pneumonia": 8},
+                                  "paeds": {"normal": 8, "pneumonia": 8}},
                         "single_label_sites": {}, "single_site_labels": {}},
          "site_only_auroc": 0.5,
          "metadata_probe": {"auroc": None, "target": "any disease vs normal", "features": [], "n": 32,
@@ -80,8 +84,10 @@ HISTORY = {"patients": 1, "in_test": 1, "examples": [
 
 def result(decision: str = "keep", *, audit: dict | None = CLEAN, **extra) -> dict:
     return {"run_name": "sites-1", "trigger": "test", "backbone_weights": "imagenet", "ingests": [],
-            "status": "completed", "challenger_eval": evaluation(3, good=False), "champion_eval": evaluation(2, True),
-            "decision": {"decision": decision, "promote": decision == "promote", "rationale": f"Because: {decision}.",
+            "status": "completed", "challenger_eval": evaluation(3, good=False),
+            "champion_eval": evaluation(2, True),
+            "decision": {"decision": decision, "promote": decision == "promote",
+                         "rationale": f"Because: {decision}.",
                          "checks": [{"name": "shortcut_audit", "passed": not (audit or {}).get("flagged"),
                                      "detail": "d"}]},
             "champion_after": 2, "audit": audit, "label_history": HISTORY, **extra}
@@ -209,7 +215,8 @@ def test_retrain_metrics_artifact_has_per_site_rows_and_the_report_table_does_no
 def _status(audit: dict | None) -> dict:
     nothing = {"train": 0, "val": 0, "test": 0, "unassigned": 0}
     return {"home": "/h", "database_url": "sqlite:///h/c.db",
-            "catalogue": {"images": 34, "sources": 2, "patients": {"total": 34, "by_id_source": {"manifest": 34}},
+            "catalogue": {"images": 34, "sources": 2,
+                          "patients": {"total": 34, "by_id_source": {"manifest": 34}},
                           "by_label_and_split": {}, "rejections": {"total": 0, "by_reason": {}},
                           "near_duplicates": {"max_distance": 6, "pairs_across_splits": 0}, "notes": [],
                           "label_history": HISTORY},
@@ -228,7 +235,8 @@ def test_status_shows_counts_per_site_label_and_split_the_label_history_and_the_
     assert any(line.split() == ["paeds", "normal", "12", "2", "4", "0", "18"] for line in lines)
     assert "patients with films of different labels: 1 (1 in the test split)" in text
     assert "  P7 (test): 2026-11-01 a.png: covid19; 2026-11-20 c.png: No Finding" in lines
-    assert ("shortcut audit (decision #4 blocked of v3, 2026-11-30T10:00:00; XRAY_SHORTCUT_POLICY=block): FLAGGED"
+    assert ("shortcut audit (decision #4 blocked of v3, 2026-11-30T10:00:00; "
+            "XRAY_SHORTCUT_POLICY=block): FLAGGED"
             in lines)
     assert f"  warning: {FLAGGED['warnings'][0]}" in lines
     assert "shortcut audit: none yet (runs at every retrain)" in render_status(_status(None))
@@ -236,12 +244,13 @@ def test_status_shows_counts_per_site_label_and_split_the_label_history_and_the_
 
 def test_models_show_renders_the_latest_evaluations_slices():
     ev = evaluation(3, good=True)
-    lineage = {"version": 3, "status": "champion", "created_at": "2026-11-30T10:00:00", "checkpoint_dir": "m/3",
-               "checkpoint_sha256": "e" * 64, "backbone_weights": "imagenet", "backbone_fingerprint": "f" * 16,
+    lineage = {"version": 3, "status": "champion",
+               "created_at": "2026-11-30T10:00:00", "checkpoint_dir": "m/3", "checkpoint_sha256": "e" * 64,
+               "backbone_weights": "imagenet", "backbone_fingerprint": "f" * 16,
                "training_set_fingerprint": "t" * 16, "labels": LABELS, "threshold": 0.5,
                "images": {"train": [], "val": []}, "sources": [], "evaluations": [],
-               "slices": {"test_set_fingerprint": "ab" * 32, "n_images": 18, "scored_at": "2026-11-30T11:00:00",
-                          **ev["metrics"]["slices"]}}
+               "slices": {"test_set_fingerprint": "ab" * 32, "n_images": 18,
+                          "scored_at": "2026-11-30T11:00:00", **ev["metrics"]["slices"]}}
     text = render_lineage(lineage)
     assert "latest evaluation (test set abababababab, 18 images, 2026-11-30T11:00:00), sliced:" in text
     assert "by site:" in text and "by view:" in text

@@ -7,11 +7,18 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from xray_core.evaluate.audit import label_site_table, metadata_probe, shortcut_audit, site_only_auroc, site_probe
+from xray_core.evaluate.audit import (
+    label_site_table,
+    metadata_probe,
+    shortcut_audit,
+    site_only_auroc,
+    site_probe,
+)
 from xray_core.evaluate.slices import site_guardrail, slice_metrics
 
 LABELS = ["normal", "pneumonia"]
-KW = dict(threshold=0.5, negative_label="normal", min_per_class=4, n_samples=100, seed=0, target_specificity=0.9)
+KW = dict(threshold=0.5, negative_label="normal", min_per_class=4, n_samples=100,
+          seed=0, target_specificity=0.9)
 
 
 def _site_data(rng, n_per_class, good):
@@ -42,8 +49,8 @@ def test_slices_match_the_pooled_metric_on_each_site_and_mark_small_ones():
         assert out["site"][site]["n"] == mask.sum() and out["site"][site]["judged"]
     assert set(out["view"]) == {"PA", "(unknown)"}
     few = [0, 1, 2, 6, 7]  # 3 normal, 2 pneumonia of the paediatric site
-    small = slice_metrics(y[few], p[few], LABELS, [patients[i] for i in few], {"site": [sites[i] for i in few]},
-                          **KW)["site"]["paediatric"]
+    small = slice_metrics(y[few], p[few], LABELS, [patients[i] for i in few],
+                          {"site": [sites[i] for i in few]}, **KW)["site"]["paediatric"]
     assert not small["judged"] and "< 4 per class" in small["reason"]
 
 
@@ -75,9 +82,10 @@ def _confounded_frame(n=24):
     for i in range(n):
         disease = i % 2
         rows.append({"label": "covid19" if disease else "normal", "site": "B" if disease else "A",
-                     "patient": f"pt{i}", "width": 2000 + i if disease else 512 + i, "height": 2000 if disease else 512,
-                     "bit_depth": 16 if disease else 8, "format": "dicom" if disease else "png",
-                     "file_bytes": 4e6 if disease else 2e5, "view": "AP" if disease else "PA"})
+                     "patient": f"pt{i}", "width": 2000 + i if disease else 512 + i,
+                     "height": 2000 if disease else 512, "bit_depth": 16 if disease else 8,
+                     "format": "dicom" if disease else "png", "file_bytes": 4e6 if disease else 2e5,
+                     "view": "AP" if disease else "PA"})
     frame = pd.DataFrame(rows)
     frame["aspect"] = frame["width"] / frame["height"]
     return frame

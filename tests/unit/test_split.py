@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
@@ -157,7 +159,8 @@ def test_majority_label_breaks_ties_by_name():
 
 
 @hsettings(max_examples=30, deadline=None)
-@given(films=st.lists(st.tuples(st.integers(0, 30), st.sampled_from(["normal", "Normal", "b", "a_x", "aX", "é"])),
+@given(films=st.lists(st.tuples(st.integers(0, 30),
+                                st.sampled_from(["normal", "Normal", "b", "a_x", "aX", "é"])),
                       min_size=1, max_size=60),
        splits=st.lists(st.sampled_from([*SPLITS, None]), min_size=31, max_size=31))
 def test_strata_counted_in_the_database_match_majority_label(films, splits):
@@ -174,8 +177,9 @@ def test_strata_counted_in_the_database_match_majority_label(films, splits):
             session.add(Patient(patient_id=pid, id_source="manifest", split=splits[pnum]))
             session.flush()
         labels.setdefault(pid, Counter())[label] += 1
-        session.add(Image(sha256=f"{k:064x}", stored_path="s", label=label, patient_id=pid, width=64, height=64,
-                          bit_depth=8, format="png", phash=0, original_name="f", source_id=1))
+        session.add(Image(sha256=f"{k:064x}", stored_path="s", label=label,
+                          patient_id=pid, width=64, height=64, bit_depth=8, format="png", phash=0,
+                          original_name="f", source_id=1))
     session.flush()
     want = Counter((majority_label(c), splits[int(pid[1:])]) for pid, c in labels.items()
                    if splits[int(pid[1:])] is not None)

@@ -19,10 +19,10 @@ from db.schema import Model, SplitManifest
 from db.split_manifest import decode, encode
 from xray_cli import main as cli
 from xray_core.data.catalogue import open_catalogue
+from xray_core.model.train import build_head
 from xray_core.registry.listing import model_lineage
 from xray_core.registry.versions import save_model
 from xray_core.settings import Settings
-from xray_core.model.train import build_head
 
 
 def test_a_manifest_round_trips_and_its_name_ignores_input_order() -> None:
@@ -62,19 +62,21 @@ def _card() -> dict:
 
 
 IMAGES = [(i, f"{i:02x}" * 32, "normal" if i % 2 else "pneumonia", f"p{i // 2}") for i in range(1, 13)]
-OLD_LINEAGE = {1: ([1, 2, 3, 5, 8], [4, 9]), 2: ([1, 2, 3, 5, 8], [4, 9]), 3: ([1, 2, 3, 5, 8, 10, 11], [4, 9, 12]),
-               4: ([], [])}
+OLD_LINEAGE = {1: ([1, 2, 3, 5, 8], [4, 9]), 2: ([1, 2, 3, 5, 8], [4, 9]),
+               3: ([1, 2, 3, 5, 8, 10, 11], [4, 9, 12]), 4: ([], [])}
 
 
-def _insert_images(conn) -> None:  # noqa: ANN001 - a SQLAlchemy connection
+def _insert_images(conn) -> None:  # conn: a SQLAlchemy connection
     conn.execute(text("INSERT INTO sources (id, kind, path, status, started_at, counts) "
                       "VALUES (1, 'folder', '/x', 'done', '2026-01-01 00:00:00', '{}')"))
     for i, sha, label, pid in IMAGES:
-        conn.execute(text("INSERT OR IGNORE INTO patients (patient_id, id_source, split) VALUES (:p, 'filename', 'train')"),
+        conn.execute(text("INSERT OR IGNORE INTO patients (patient_id, id_source, split) VALUES (:p, "
+                          "'filename', 'train')"),
                      {"p": pid})
-        conn.execute(text("INSERT INTO images (id, sha256, stored_path, label, patient_id, view, width, height, "
-                          "bit_depth, format, phash, original_name, source_id, added_at) VALUES (:id, :sha, "
-                          "'store/x.png', :label, :pid, 'PA', 64, 64, 8, 'png', 1, :name, 1, '2026-01-01 00:00:00')"),
+        conn.execute(text("INSERT INTO images (id, sha256, stored_path, label, patient_id, view, width, "
+                          "height, bit_depth, format, phash, original_name, source_id, added_at) VALUES "
+                          "(:id, :sha, 'store/x.png', :label, :pid, 'PA', 64, 64, 8, 'png', 1, :name, 1, "
+                          "'2026-01-01 00:00:00')"),
                      {"id": i, "sha": sha, "label": label, "pid": pid, "name": f"{i}.png"})
 
 
@@ -90,19 +92,22 @@ def test_an_old_catalogue_upgrades_and_models_show_gives_the_same_answers(settin
     with engine.begin() as conn:
         _insert_images(conn)
         for version, (train, val) in OLD_LINEAGE.items():
-            conn.execute(text("INSERT INTO models (id, created_at, status, checkpoint_dir, checkpoint_sha256, "
-                              "card_sha256, backbone_fingerprint, backbone_weights, training_set_fingerprint, labels, "
-                              "config, metrics) VALUES (:v, '2026-01-01 00:00:00', 'retired', 'models/x', :z, :z, "
-                              "'b', 'random', :t, '[\"normal\", \"pneumonia\"]', '{}', '{}')"),
+            conn.execute(text("INSERT INTO models (id, created_at, status, checkpoint_dir, "
+                              "checkpoint_sha256, card_sha256, backbone_fingerprint, backbone_weights, "
+                              "training_set_fingerprint, labels, config, metrics) VALUES (:v, '2026-01-01 "
+                              "00:00:00', 'retired', 'models/x', :z, :z, 'b', 'random', :t, '[\"normal\", "
+                              "\"pneumonia\"]', '{}', '{}')"),
                          {"v": version, "z": "0" * 64, "t": f"t{version}"})
             for role, ids in (("train", train), ("val", val)):
                 for image_id in ids:
-                    conn.execute(text("INSERT INTO model_images (model_id, image_id, role) VALUES (:m, :i, :r)"),
+                    conn.execute(text("INSERT INTO model_images (model_id, image_id, role) "
+                                      "VALUES (:m, :i, :r)"),
                                  {"m": version, "i": image_id, "r": role})
         before = {}
         for version in OLD_LINEAGE:  # what `xray models show` listed at 0002
-            rows = conn.execute(text("SELECT mi.role, i.id, i.sha256, i.label, i.patient_id FROM model_images mi "
-                                     "JOIN images i ON i.id = mi.image_id WHERE mi.model_id = :v ORDER BY i.id"),
+            rows = conn.execute(text("SELECT mi.role, i.id, i.sha256, i.label, i.patient_id FROM "
+                                     "model_images mi JOIN images i ON i.id = mi.image_id WHERE mi.model_id "
+                                     "= :v ORDER BY i.id"),
                                 {"v": version}).all()
             before[version] = {role: [{"id": r[1], "sha256": r[2], "label": r[3], "patient_id": r[4]}
                                       for r in rows if r[0] == role] for role in ("train", "val")}
@@ -128,15 +133,20 @@ def test_an_old_catalogue_upgrades_and_models_show_gives_the_same_answers(settin
 def test_versions_with_identical_sets_share_one_manifest(settings: Settings) -> None:
     with open_catalogue(settings).begin() as conn:
         _insert_images(conn)
-    v1 = save_model(settings, state_dict=_state(), card=_card(), train_image_ids=[5, 1, 3], val_image_ids=[9, 4])
-    v2 = save_model(settings, state_dict=_state(), card=_card(), train_image_ids=[1, 3, 5], val_image_ids=[4, 9])
-    v3 = save_model(settings, state_dict=_state(), card=_card(), train_image_ids=[1, 3, 5, 11], val_image_ids=[4, 9])
+    v1 = save_model(settings, state_dict=_state(), card=_card(),
+                    train_image_ids=[5, 1, 3], val_image_ids=[9, 4])
+    v2 = save_model(settings, state_dict=_state(), card=_card(),
+                    train_image_ids=[1, 3, 5], val_image_ids=[4, 9])
+    v3 = save_model(settings, state_dict=_state(), card=_card(),
+                    train_image_ids=[1, 3, 5, 11], val_image_ids=[4, 9])
     with session_scope(open_catalogue(settings)) as s:
-        assert s.get(Model, v1).split_manifest == s.get(Model, v2).split_manifest != s.get(Model, v3).split_manifest
+        assert (s.get(Model, v1).split_manifest == s.get(Model, v2).split_manifest
+                != s.get(Model, v3).split_manifest)
         assert s.scalar(select(func.count()).select_from(SplitManifest)) == 2
     images = model_lineage(settings, v1)["images"]
     assert [i["id"] for i in images["train"]] == [1, 3, 5] and [i["id"] for i in images["val"]] == [4, 9]
-    assert images["train"][0] == {"id": 1, "sha256": IMAGES[0][1], "label": IMAGES[0][2], "patient_id": IMAGES[0][3]}
+    assert images["train"][0] == {"id": 1, "sha256": IMAGES[0][1], "label": IMAGES[0][2],
+                                  "patient_id": IMAGES[0][3]}
 
 
 @pytest.mark.sqlite_only
@@ -148,16 +158,19 @@ def test_a_downgrade_to_0002_gives_back_the_rows_and_upgrading_again_the_manifes
     rows = [(1, 1, "train"), (1, 2, "train"), (1, 4, "val")]
     with engine.begin() as conn:
         _insert_images(conn)
-        conn.execute(text("INSERT INTO models (id, created_at, status, checkpoint_dir, checkpoint_sha256, card_sha256, "
-                          "backbone_fingerprint, backbone_weights, training_set_fingerprint, labels, config, metrics) "
-                          "VALUES (1, '2026-01-01', 'champion', 'm', '0', '0', 'b', 'r', 't', '[]', '{}', '{}')"))
-        conn.execute(text("INSERT INTO model_images VALUES (:m, :i, :r)"), [{"m": m, "i": i, "r": r} for m, i, r in rows])
+        conn.execute(text("INSERT INTO models (id, created_at, status, checkpoint_dir, checkpoint_sha256, "
+                          "card_sha256, backbone_fingerprint, backbone_weights, training_set_fingerprint, "
+                          "labels, config, metrics) VALUES (1, '2026-01-01', 'champion', 'm', '0', '0', 'b', "
+                          "'r', 't', '[]', '{}', '{}')"))
+        conn.execute(text("INSERT INTO model_images VALUES (:m, :i, :r)"),
+                     [{"m": m, "i": i, "r": r} for m, i, r in rows])
     migrate(engine, "head")
     with engine.connect() as conn:
         manifest = conn.execute(text("SELECT split_manifest FROM models")).scalar()
     migrate(engine, downgrade=True, revision="0002")
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT model_id, image_id, role FROM model_images ORDER BY image_id")).all() == rows
+        assert (conn.execute(text(
+            "SELECT model_id, image_id, role FROM model_images ORDER BY image_id")).all() == rows)
     migrate(engine, "head")
     with engine.connect() as conn:
         assert conn.execute(text("SELECT split_manifest FROM models")).scalar() == manifest is not None

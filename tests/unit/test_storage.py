@@ -13,8 +13,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from xray_core.settings import load_settings
 from xray_core.io.storage import FsspecStorage, LocalStorage, Storage, get_storage, open_storage
+from xray_core.settings import load_settings
 
 
 @pytest.fixture(params=["local", "fsspec-file", "memory"])
@@ -47,8 +47,8 @@ def test_write_read_exists_size(storage: Storage) -> None:
 
 
 def test_list_folders_delete(storage: Storage) -> None:
-    for key in ("features/fp1/ab/a.safetensors", "features/fp1/cd/c.safetensors", "features/fp2/ef/e.safetensors",
-                "models/1/card.json"):
+    for key in ("features/fp1/ab/a.safetensors", "features/fp1/cd/c.safetensors",
+                "features/fp2/ef/e.safetensors", "models/1/card.json"):
         storage.write_bytes(key, key.encode())
     assert storage.list("features") == ["features/fp1/ab/a.safetensors", "features/fp1/cd/c.safetensors",
                                         "features/fp2/ef/e.safetensors"]
@@ -95,7 +95,7 @@ def test_failed_overwrite_keeps_old_content(storage: Storage, monkeypatch: pytes
     if isinstance(storage, FsspecStorage):
         real = storage.fs.pipe_file
 
-        def broken(path: str, value: bytes, **kwargs) -> None:  # noqa: ANN003
+        def broken(path: str, value: bytes, **kwargs) -> None:
             real(path, value[: len(value) // 2], **kwargs)  # half the bytes reach the temp key
             raise OSError("connection reset")
 
@@ -120,7 +120,8 @@ def test_object_store_writes_once_and_copies_folders(monkeypatch: pytest.MonkeyP
     storage.renames = False  # behave as s3fs/gcsfs would: no mv
     puts: list[str] = []
     real = fs.pipe_file
-    monkeypatch.setattr(fs, "pipe_file", lambda path, value, **kw: (puts.append(path), real(path, value, **kw)))
+    monkeypatch.setattr(fs, "pipe_file",
+                        lambda path, value, **kw: (puts.append(path), real(path, value, **kw)))
     monkeypatch.setattr(fs, "mv", lambda *a, **kw: pytest.fail("an object store has no rename"))
     try:
         storage.write_bytes(".staging/u/head.safetensors", b"head")

@@ -11,20 +11,22 @@ import numpy as np
 import pytest
 
 from xray_core.data.images import decode_image
-from xray_core.settings import DEFAULT_PATIENT_REGEX
 from xray_core.data.synthetic import SyntheticRecord, make_xray, write_dataset, write_dicom
+from xray_core.settings import DEFAULT_PATIENT_REGEX
 
 
 def _lungs(img: np.ndarray) -> np.ndarray:
     """Pixels of two boxes well inside where every patient's lungs lie."""
     n = img.shape[0]
     rows = slice(int(0.40 * n), int(0.60 * n))
-    return np.concatenate([img[rows, int(0.20 * n): int(0.30 * n)], img[rows, int(0.70 * n): int(0.80 * n)]], axis=1)
+    return np.concatenate([img[rows, int(0.20 * n): int(0.30 * n)],
+                           img[rows, int(0.70 * n): int(0.80 * n)]], axis=1)
 
 
 def _many(label: str, count: int = 24, size: int = 64) -> list[np.ndarray]:
     return [
-        make_xray(label, size=size, rng=np.random.default_rng([1, i]), patient_seed=i).astype(np.float64) / 255
+        make_xray(label, size=size, rng=np.random.default_rng([1, i]),
+                  patient_seed=i).astype(np.float64) / 255
         for i in range(count)
     ]
 

@@ -83,7 +83,8 @@ def test_early_stopping_keeps_the_best_epochs_weights():
     assert val_losses[-1] > min(val_losses)  # the last epoch's weights are not the best ones
     assert val_losses[result.best_epoch - 1] == min(val_losses)
     # The returned weights, re-scored with the class-weighted loss, give exactly the best val loss.
-    assert weighted_val_loss(result, yt, xv[:, 0], yv, 2, cfg) == pytest.approx(min(val_losses), rel=1e-6, abs=1e-7)
+    assert (weighted_val_loss(result, yt, xv[:, 0], yv, 2, cfg)
+            == pytest.approx(min(val_losses), rel=1e-6, abs=1e-7))
 
 
 def test_same_seed_gives_bit_identical_weights_and_another_seed_does_not():
@@ -201,7 +202,7 @@ def test_standardised_head_learns_narrow_band_features():
     """Features squeezed into a band 0.07 wide (as random-init densenet161 gives) are still learned."""
     xt, yt = features(64, separation=3.0)
     xv, yv = features(32, seed=1, separation=3.0)
-    squeeze = lambda x: x * 0.01 + 0.43  # noqa: E731
+    squeeze = lambda x: x * 0.01 + 0.43
     cfg = config(epochs=20)
     result = train_head(squeeze(xt), yt, squeeze(xv[:, 0]), yv, 2, cfg)
     head = load_head(result.state_dict, D, 2, hidden=cfg.hidden, dropout=cfg.dropout)
@@ -254,8 +255,8 @@ def test_recipe_selection_is_deterministic(min_val):
     xv, yv, gv = _grouped(24, 1, views=1)
     cands = candidate_recipes(config(epochs=4, schedule="cosine"), l2_grid=(0.01, 1.0))
     assert [r.name for r in cands] == ["linear-l2-C=0.01", "linear-l2-C=1", "mlp-32-cosine"]
-    runs = [select_recipe(cands, xt, yt, gt, xt[:, 0], xv[:, 0], yv, gv, 2, folds=3, min_val_per_class=min_val,
-                          seed=0) for _ in range(2)]
+    runs = [select_recipe(cands, xt, yt, gt, xt[:, 0], xv[:, 0], yv, gv, 2, folds=3,
+                          min_val_per_class=min_val, seed=0) for _ in range(2)]
     assert runs[0].recipe == runs[1].recipe and runs[0].scores == runs[1].scores
     assert runs[0].method == ("validation" if min_val == 0 else "grouped k-fold")
     assert runs[0].recipe.name in runs[0].reason and len(runs[0].scores) == 3
@@ -288,7 +289,8 @@ def test_kfold_choice_refits_on_train_and_val_with_the_temperature_from_out_of_f
     xt, yt, gt = _grouped(48, 0, views=2)
     xv, yv, gv = _grouped(12, 1, views=1)
     cands = candidate_recipes(config(), choice="linear", l2_grid=(0.01, 1.0))
-    sel = select_recipe(cands, xt, yt, gt, xt[:, 0], xv[:, 0], yv, gv, 2, folds=3, min_val_per_class=1000, seed=0)
+    sel = select_recipe(cands, xt, yt, gt, xt[:, 0], xv[:, 0], yv, gv, 2, folds=3,
+                        min_val_per_class=1000, seed=0)
     assert sel.method == "grouped k-fold"
     # the winner's out-of-fold logits cover train then val, and are what its score was computed from
     assert sel.oof_logits.shape == (60, 2) and np.array_equal(sel.oof_y, np.r_[yt, yv])
@@ -317,7 +319,8 @@ def test_validation_choice_refits_on_train_and_calibrates_on_validation():
     xt, yt, gt = _grouped(48, 0, views=2)
     xv, yv, gv = _grouped(24, 1, views=1)
     cands = candidate_recipes(config(), choice="linear", l2_grid=(0.01, 1.0))
-    sel = select_recipe(cands, xt, yt, gt, xt[:, 0], xv[:, 0], yv, gv, 2, folds=3, min_val_per_class=0, seed=0)
+    sel = select_recipe(cands, xt, yt, gt, xt[:, 0], xv[:, 0], yv, gv, 2, folds=3,
+                        min_val_per_class=0, seed=0)
     assert sel.method == "validation" and sel.oof_logits is None
     fitted = fit_calibrated(sel, xt, yt, xv[:, 0], yv, 2)
     assert (fitted.fitted_on, fitted.calibrated_on) == ("train", "validation")

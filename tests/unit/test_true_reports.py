@@ -32,8 +32,13 @@ from xray_core.report.data import ModelCurves
 from xray_core.report.drift import drift_description
 from xray_core.report.format import cut_words
 from xray_core.report.html import render_html
-from xray_core.report.markdown import (artifact_description, comparison_words, drift_markdown, metrics_rows,
-                                       retrain_markdown)
+from xray_core.report.markdown import (
+    artifact_description,
+    comparison_words,
+    drift_markdown,
+    metrics_rows,
+    retrain_markdown,
+)
 from xray_core.results import EmbedResult, Evaluation, RunResult, Verdict
 from xray_core.settings import load_settings
 

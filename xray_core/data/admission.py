@@ -17,8 +17,9 @@ byte duplicates are caught by sha256; near copies need the perceptual hash.
 Calibrated on the real films beside the project (``python bench/near_copies.py``): a JPEG re-encode at
 quality 75 moves at most 2 bits of the 64-bit pHash (0 on the paediatric films), a half-size resize
 at most 2, while the closest two *different* paediatric patients of the 120-film sample are 6 bits
-apart and the closest two adult patients 10. ``XRAY_NEAR_COPY_DISTANCE`` (default 3) sits between them. A crop of a few per cent moves
-the hash up to 10 bits and is not caught: that is a limit of a global hash, said in the README.
+apart and the closest two adult patients 10. ``XRAY_NEAR_COPY_DISTANCE`` (default 3) sits between them. A
+crop of a few per cent moves the hash up to 10 bits and is not caught: that is a limit of a global hash, said
+in the README.
 
 A new film within the distance of another patient's film is quarantined as
 ``near_duplicate_other_patient`` (naming both) unless the two patients are already known to sit in
@@ -63,10 +64,11 @@ class NearCopyIndex:
     _facts: dict[int, tuple[str, str]] = field(default_factory=dict)  # position -> (patient id, file name)
     _seen_up_to: int = 0  # the highest image id read from the catalogue
     _own: set[int] = field(default_factory=set)  # ids this process added after that
-    _last: tuple[int, int, np.ndarray, np.ndarray] | None = None  # (phash, searched distance, positions, dists)
+    # (phash, searched distance, positions, dists)
+    _last: tuple[int, int, np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def load(cls, session: Session, *, radius: int = NEAR_PAIR_MAX_DISTANCE) -> "NearCopyIndex":
+    def load(cls, session: Session, *, radius: int = NEAR_PAIR_MAX_DISTANCE) -> NearCopyIndex:
         """Every catalogued film, indexed for questions within ``radius`` bits (ingest passes the larger
         of XRAY_NEAR_COPY_DISTANCE and the distance ``near_pairs`` records)."""
         rows = session.execute(select(Image.id, Image.phash).order_by(Image.id)).all()
@@ -103,7 +105,8 @@ class NearCopyIndex:
             raise ValueError("films loaded from the catalogue need a session to read their patients")
         ids = sorted(missing)
         for start in range(0, len(ids), 900):  # under SQLite's oldest bound-parameter limit (999)
-            for image_id, patient, name in session.execute(  # type: ignore[union-attr]
+            assert session is not None  # films are missing: checked above
+            for image_id, patient, name in session.execute(
                     select(Image.id, Image.patient_id, Image.original_name)
                     .where(Image.id.in_(ids[start:start + 900]))):
                 self._facts[missing[image_id]] = (patient, name)
@@ -181,8 +184,9 @@ def near_copy_verdict(session: Session, index: NearCopyIndex, *, phash: int, pat
             where = f"{theirs or 'no split yet'} vs {mine or 'a new patient'}"
             return ("near_duplicate_other_patient",
                     f"{name} (patient {patient}) and image {index.ids[pos]} {other_file} (patient "
-                    f"{other_patient}) are {distance} pHash bits apart (<= {max_distance}, XRAY_NEAR_COPY_DISTANCE);"
-                    f" their splits ({where}) could differ, which would leak a film between train and test")
+                    f"{other_patient}) are {distance} pHash bits apart (<= {max_distance}, "
+                    f"XRAY_NEAR_COPY_DISTANCE); their splits ({where}) could differ, which would leak a film "
+                    "between train and test")
     return links[0]
 
 
@@ -194,15 +198,16 @@ class SiteRule:
     folder: str  # the source folder's name: the last resort
 
     @classmethod
-    def for_source(cls, explicit: str | None, source: str) -> "SiteRule":
+    def for_source(cls, explicit: str | None, source: str) -> SiteRule:
         return cls(explicit.strip() if explicit and explicit.strip() else None, source_site(source))
 
     def site_of(self, manifest_site: str | None, dicom_site: str | None) -> str:
         return manifest_site or self.explicit or dicom_site or self.folder
 
 
-def admit(session: Session, settings: Settings, index: NearCopyIndex, *, meta: dict, manifest_site: str | None,
-          sites: SiteRule, patient: str, name: str, id_given: bool = True) -> tuple[str, str] | dict | None:
+def admit(session: Session, settings: Settings, index: NearCopyIndex, *, meta: dict,
+          manifest_site: str | None, sites: SiteRule, patient: str, name: str,
+          id_given: bool = True) -> tuple[str, str] | dict | None:
     """Fill ``meta``'s site and view in place; return a rejection, a same-split near-copy link, or None."""
     meta["site"] = sites.site_of(manifest_site, meta.get("site"))
     meta["view"] = normalise_view(meta.get("view"))

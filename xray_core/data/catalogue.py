@@ -120,7 +120,8 @@ def _split_counts(row: CensusRow) -> dict[str, int]:
     return {"train": row.train, "val": row.val, "test": row.test, "unassigned": row.unassigned}
 
 
-def counts_by_label_and_split(session: Session, rows: list[CensusRow] | None = None) -> dict[str, dict[str, int]]:
+def counts_by_label_and_split(session: Session,
+                              rows: list[CensusRow] | None = None) -> dict[str, dict[str, int]]:
     """Images per label × split (``rows``: a census already taken, else one is)."""
     table: dict[str, dict[str, int]] = defaultdict(lambda: {**{s: 0 for s in SPLITS}, "unassigned": 0})
     for row in census(session) if rows is None else rows:
@@ -139,7 +140,7 @@ def counts_by_label_site_split(session: Session, rows: list[CensusRow] | None = 
     """
     rows = census(session) if rows is None else rows
     paths = dict(session.execute(select(Source.id, Source.path)
-                                 .where(Source.id.in_(sorted({r.source_id for r in rows})))).all())
+                                 .where(Source.id.in_(sorted({r.source_id for r in rows})))).tuples().all())
     table: dict[str, dict[str, dict[str, int]]] = {}
     for row in rows:
         cell = table.setdefault(row.site or source_site(paths.get(row.source_id)), {}).setdefault(
@@ -210,7 +211,8 @@ def label_history(session: Session, *, limit: int = 50) -> dict[str, Any]:
     patients: dict[str, dict[str, Any]] = {}
     for pid, split, label, name, added, _ in rows:
         entry = patients.setdefault(pid, {"patient_id": pid, "split": split, "films": []})
-        entry["films"].append({"label": label, "file": name, "added_at": added.isoformat() if added else None})
+        entry["films"].append({"label": label, "file": name,
+                               "added_at": added.isoformat() if added else None})
     for entry in patients.values():
         entry["labels"] = sorted({f["label"] for f in entry["films"]})
     return {"patients": int(n_changed), "in_test": int(in_test), "examples": list(patients.values())}
@@ -224,13 +226,13 @@ def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None
         rows = census(s) if rows is None else rows
         by_label_split = counts_by_label_and_split(s, rows)
         rejections = dict(
-            s.execute(select(Rejection.reason, func.count()).group_by(Rejection.reason)).all()
+            s.execute(select(Rejection.reason, func.count()).group_by(Rejection.reason)).tuples().all()
         )
         patients_by_source = dict(
-            s.execute(select(Patient.id_source, func.count()).group_by(Patient.id_source)).all()
+            s.execute(select(Patient.id_source, func.count()).group_by(Patient.id_source)).tuples().all()
         )
         patients_by_split = dict(
-            s.execute(select(Patient.split, func.count()).group_by(Patient.split)).all()
+            s.execute(select(Patient.split, func.count()).group_by(Patient.split)).tuples().all()
         )
         n_images = s.scalar(select(func.count()).select_from(Image)) or 0
         n_sources = s.scalar(select(func.count()).select_from(Source)) or 0
@@ -259,13 +261,15 @@ def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None
                      "catalogued under another patient (duplicate_other_patient): each film stays under its "
                      "first patient; the rejection rows name both patients.")
     if near_total:
-        notes.append(f"{near_total} near-duplicate image pair(s) sit in different splits (see near_duplicates).")
+        notes.append(f"{near_total} near-duplicate image pair(s) sit in different splits (see "
+                     "near_duplicates).")
     if at_cap:
-        notes.append(f"{at_cap} film(s) are near {NEAR_PAIRS_PER_FILM} or more films of other patients; only their "
-                     f"{NEAR_PAIRS_PER_FILM} closest are recorded, so near-duplicate counts are lower bounds.")
+        notes.append(f"{at_cap} film(s) are near {NEAR_PAIRS_PER_FILM} or more films of other patients; only "
+                     f"their {NEAR_PAIRS_PER_FILM} closest are recorded, so near-duplicate counts are "
+                     "lower bounds.")
     if history["patients"]:
-        notes.append(f"{history['patients']} patient(s) have films with different labels ({history['in_test']} in "
-                     "the test split); see label_history.")
+        notes.append(f"{history['patients']} patient(s) have films with different labels "
+                     f"({history['in_test']} in the test split); see label_history.")
     return {
         "images": n_images,
         "sources": n_sources,
@@ -279,7 +283,8 @@ def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None
         "near_duplicates": {"max_distance": NEAR_DUPLICATE_MAX_DISTANCE, "pairs_across_splits": near_total,
                             "films_at_record_cap": at_cap, "examples": near_pairs},
         "label_history": history,
-        "views": dict(sorted(views.items())),  # films per view; "unknown" are kept and counted (XRAY_ALLOWED_VIEWS)
+        # films per view; "unknown" are kept and counted (XRAY_ALLOWED_VIEWS)
+        "views": dict(sorted(views.items())),
         "dicom_not_marked_chest": not_chest,
         "notes": notes,
     }

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from xray_core.errors import ManifestError, UsageError
 
@@ -199,7 +199,8 @@ def known_pair(known: str, cell: str) -> str:
 def _check_attribute_names(names: list[str], where: str) -> None:
     if len(names) > MAX_ATTRIBUTES:
         raise ManifestError(f"{where} has {len(names)} columns besides the known ones; at most "
-                            f"{MAX_ATTRIBUTES} are kept as attributes. Drop columns nobody needs from the export")
+                            f"{MAX_ATTRIBUTES} are kept as attributes. Drop columns nobody needs from the "
+                            "export")
     for name in names:
         if not name.isprintable():
             raise ManifestError(f"{where}: column name {name[:40]!r} holds control characters; rename it")

@@ -63,7 +63,8 @@ def _scrub(ds: Dataset, salt: str) -> None:
         if elem.VR == "SQ":
             for item in elem.value or ():
                 _scrub(item, salt)
-        if elem.VR == "PN" or keyword in REMOVED or (elem.VR in ("DA", "DT", "TM") and keyword not in KEPT_DATES):
+        if elem.VR == "PN" or keyword in REMOVED or (elem.VR in ("DA", "DT", "TM")
+                                                     and keyword not in KEPT_DATES):
             del ds[elem.tag]
         elif elem.VR == "UI" and _is_instance_uid(keyword) and elem.value:
             elem.value = _new_uid(salt, str(elem.value))

@@ -3,8 +3,8 @@ facts, and write a de-identified copy.
 
 :mod:`xray_core.data.images` drives these steps for a file whose magic bytes say DICOM, in this order:
 :func:`read_dataset` → :func:`image_size` (the caller checks it against its limits before any pixel
-is decoded) → :func:`check_decoder` → :func:`check_acquisition` → :func:`render` → :func:`facts`. Rejections raise
-:class:`~xray_core.errors.ImageRejected` with a stable reason code:
+is decoded) → :func:`check_decoder` → :func:`check_acquisition` → :func:`render` → :func:`facts`. Rejections
+raise :class:`~xray_core.errors.ImageRejected` with a stable reason code:
 
 ``unreadable_dicom`` · ``dicom_no_pixels`` · ``unsupported_format`` (a transfer syntax nobody here can
 decode; the detail names the syntax and the package that would) · ``wrong_modality`` (Modality not
@@ -126,7 +126,8 @@ def read_dataset(data: bytes) -> Dataset:
         for _ in ds.iterall():
             pass
     except DICOM_ERRORS as exc:
-        raise ImageRejected("unreadable_dicom", f"the DICOM data is corrupt ({type(exc).__name__}: {exc})") from None
+        raise ImageRejected("unreadable_dicom",
+                            f"the DICOM data is corrupt ({type(exc).__name__}: {exc})") from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageRejected(
             "dicom_no_pixels",
@@ -141,7 +142,8 @@ def image_size(ds: Dataset) -> tuple[int, int]:
     try:
         return int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
-        raise ImageRejected("unreadable_dicom", "the DICOM image lacks valid Rows/Columns, so its size is unknown") from None
+        raise ImageRejected("unreadable_dicom",
+                            "the DICOM image lacks valid Rows/Columns, so its size is unknown") from None
 
 
 def check_acquisition(ds: Dataset, policy: DicomPolicy) -> None:
@@ -213,7 +215,8 @@ def render(ds: Dataset) -> tuple[np.ndarray, str]:
     if colour:  # colour DICOM (pydicom already converted YBR to RGB): ITU-R BT.601 luminance
         arr = arr[..., :3] @ np.array([0.299, 0.587, 0.114])
     if arr.ndim != 2 or arr.shape != (rows, cols):
-        raise ImageRejected("unreadable_dicom", f"the DICOM pixel data has shape {arr.shape}, not the declared {rows}x{cols}")
+        raise ImageRejected("unreadable_dicom",
+                            f"the DICOM pixel data has shape {arr.shape}, not the declared {rows}x{cols}")
     if not np.isfinite(arr).all():
         raise ImageRejected("unreadable_dicom", "the DICOM pixel data holds NaN or infinite values")
     if has_voi:

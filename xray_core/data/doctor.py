@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sqlite3
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.engine import make_url
@@ -27,10 +28,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import header_problem, make_engine, open_sqlite, open_through_wal, sqlite_sidecars
 from db.schema import Image, Model, Rejection, Source
-from xray_core.data.images import DEFAULT_MAX_PIXELS, decode_image
-from xray_core.errors import ImageRejected
 from db.urls import mask_url, sqlite_file
+from xray_core.data.images import DEFAULT_MAX_PIXELS, decode_image
 from xray_core.data.sources import owner_alive
+from xray_core.errors import ImageRejected
 from xray_core.io.storage import Storage, get_storage
 from xray_core.settings import Settings
 
@@ -260,9 +261,9 @@ def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify:
     _models(report, storage, models, verify)
 
 
-def _models(report: DoctorReport, storage: Storage, models: list, verify: bool) -> None:
+def _models(report: DoctorReport, storage: Storage, models: Sequence[Any], verify: bool) -> None:
     missing, altered = [], []
-    for version, folder, head_sha, card_sha in models:
+    for _version, folder, head_sha, card_sha in models:
         if not folder:
             continue
         for name, expected in zip(MODEL_FILES, (head_sha, card_sha)):

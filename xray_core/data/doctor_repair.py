@@ -18,12 +18,18 @@ from __future__ import annotations
 import errno
 import shutil
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from db.engine import header_problem, open_sqlite, sqlite_sidecars
-from xray_core.data.doctor import (DoctorReport, examine, orphan_keys, read_only_engine, running_ingests,
-                                   sqlite_path)
+from xray_core.data.doctor import (
+    DoctorReport,
+    examine,
+    orphan_keys,
+    read_only_engine,
+    running_ingests,
+    sqlite_path,
+)
 from xray_core.errors import StorageFullError
 from xray_core.io.fsutil import atomic_write_bytes
 from xray_core.io.storage import LocalStorage, Storage, get_storage
@@ -61,7 +67,7 @@ def repair(settings: Settings, *, verify: bool = False) -> DoctorReport:
 
 
 def _dated_folder(base: Path) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     for n in range(1, 1000):
         folder = base / (stamp if n == 1 else f"{stamp}-{n}")
         try:

@@ -9,7 +9,8 @@ said so. Views are upper-cased (``PA``, ``AP``, ``AP SUPINE``, ``LATERAL``); unk
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pandas as pd
 from sqlalchemy import select
@@ -29,11 +30,11 @@ def image_facts(settings: Settings, image_ids: Iterable[int]) -> pd.DataFrame:
     """The facts of the given images (any order; unknown ids are absent), indexed by image id."""
     ids = sorted({int(i) for i in image_ids})
     site_col = getattr(Image, "site", None)
-    columns = [Image.id, Image.label, Image.patient_id, Image.view, Image.width, Image.height, Image.bit_depth,
-               Image.format, Image.stored_path, Source.path]
+    columns = [Image.id, Image.label, Image.patient_id, Image.view, Image.width,
+               Image.height, Image.bit_depth, Image.format, Image.stored_path, Source.path]
     if site_col is not None:
         columns.append(site_col)
-    rows = []
+    rows: list[Any] = []
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         for start in range(0, len(ids), _CHUNK):

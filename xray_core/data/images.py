@@ -21,10 +21,10 @@ from __future__ import annotations
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -101,7 +101,8 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, min_side: int, max_pixels: int, policy: DicomPolicy | None = None) -> DecodedImage:
+def decode_image(data: bytes, *, min_side: int, max_pixels: int,
+                 policy: DicomPolicy | None = None) -> DecodedImage:
     """Decode and validate one file's bytes; raise ImageRejected if it cannot be used.
 
     ``min_side``: the shorter side must be at least this many pixels. ``max_pixels``: width*height
@@ -174,7 +175,8 @@ def _check_size(width: int, height: int, *, min_side: int, max_pixels: int, fmt:
         )
 
 
-def _decode_pil(data: bytes, fmt: str, *, min_side: int, max_pixels: int, plausible: bool = True) -> DecodedImage:
+def _decode_pil(data: bytes, fmt: str, *, min_side: int, max_pixels: int,
+                plausible: bool = True) -> DecodedImage:
     # Pillow reports some findings as warnings (DecompressionBombWarning above its own limit, corrupt
     # EXIF, ...). They are recorded for this call only and dropped instead of reaching stderr: the
     # decision is XRAY_MAX_PIXELS's and the checks below; a global filter would hide other code's warnings.
@@ -358,7 +360,8 @@ def _box_matrix(n_out: int, n_in: int) -> np.ndarray:
     edges = np.linspace(0.0, n_in, n_out + 1)
     starts = np.arange(n_in, dtype=np.float64)
     ends = starts + 1.0
-    overlap = np.clip(np.minimum(ends[None, :], edges[1:, None]) - np.maximum(starts[None, :], edges[:-1, None]), 0.0, None)
+    overlap = np.clip(np.minimum(ends[None, :], edges[1:, None])
+                      - np.maximum(starts[None, :], edges[:-1, None]), 0.0, None)
     return overlap / overlap.sum(axis=1, keepdims=True)
 
 
@@ -405,16 +408,5 @@ def hamming(a: int, b: int) -> int:
     return ((a ^ b) & _U64).bit_count()
 
 
-__all__ = [
-    "DecodedImage",
-    "DicomPolicy",
-    "SUPPORTED_FORMATS",
-    "DEFAULT_MAX_PIXELS",
-    "REDUCED_DECODE_PIXELS",
-    "decode_image",
-    "load_grayscale",
-    "decode_stored",
-    "perceptual_hash",
-    "hamming",
-    "sniff_format",
-]
+__all__ = ["DecodedImage", "DicomPolicy", "SUPPORTED_FORMATS", "DEFAULT_MAX_PIXELS", "REDUCED_DECODE_PIXELS",
+           "decode_image", "load_grayscale", "decode_stored", "perceptual_hash", "hamming", "sniff_format"]

@@ -16,30 +16,31 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 from sqlalchemy import select
 
 from db import session_scope
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE
 from db.schema import Image, Patient, Rejection, SeenFile, Source
-from xray_core.data.catalogue import open_catalogue
-from xray_core.data.ingest_pool import Prepared, PreparePool, resolve_workers
-from xray_core.faults import crash_point
-from xray_core.errors import SettingsError, SourceError
-from xray_core.io.fsutil import printable, private_dir
-from xray_core.settings import Settings
 from xray_core.data.admission import NearCopyIndex, SiteRule, admit, record_near_pairs
-from xray_core.data.attributes import EXAMPLES as ATTRIBUTE_EXAMPLES, merge
+from xray_core.data.attributes import EXAMPLES as ATTRIBUTE_EXAMPLES
+from xray_core.data.attributes import merge
+from xray_core.data.catalogue import open_catalogue
 from xray_core.data.columns import check_mapping
+from xray_core.data.ingest_pool import Prepared, PreparePool, resolve_workers
 from xray_core.data.quarantine import Quarantine
 from xray_core.data.scan import Candidate, manifest_attributes, scan_folder, scan_manifest, validate_manifest
 from xray_core.data.sources import close_interrupted_ingests, ingest_owner
 from xray_core.data.split import assign_splits
+from xray_core.errors import SettingsError, SourceError
+from xray_core.faults import crash_point
+from xray_core.io.fsutil import printable, private_dir
 from xray_core.io.storage import get_storage
+from xray_core.settings import Settings
 
 GROUP_SIZE = 32  # files prepared outside a transaction, then written in one short transaction
 # Rejections that say nothing about the file's bytes (e.g. permissions): not remembered as "seen",
@@ -129,8 +130,9 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
     try:
         regex = re.compile(settings.patient_regex) if settings.patient_regex else None
     except re.error as exc:
-        raise SettingsError(f"XRAY_PATIENT_REGEX={settings.patient_regex!r} is not a valid regular expression "
-                            f"({exc}); use e.g. ^(person\\d+) or an empty value for none") from None
+        raise SettingsError(f"XRAY_PATIENT_REGEX={settings.patient_regex!r} is not a "
+                            f"valid regular expression ({exc}); use e.g. ^(person\\d+) or an empty "
+                            "value for none") from None
     rules = _rules_key(settings)
     engine = open_catalogue(settings)
     for private in ("store", "quarantine"):
@@ -217,15 +219,17 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         summary.quarantine = quarantine.summary()
         crash_point("ingest.before_splits")
         with session_scope(engine) as s:
-            summary.split_assignments = assign_splits(s, ratios=settings.split_ratios, seed=settings.split_seed)
+            summary.split_assignments = assign_splits(s, ratios=settings.split_ratios,
+                                                      seed=settings.split_seed)
             summary.seconds = round(time.perf_counter() - start, 3)
             src = s.get(Source, source_id)
-            src.status, src.finished_at, src.counts = "done", datetime.now(timezone.utc), summary.as_dict()
+            assert src is not None  # this ingest's own row, added above
+            src.status, src.finished_at, src.counts = "done", datetime.now(UTC), summary.as_dict()
     except BaseException:
         with session_scope(engine) as s:
             src = s.get(Source, source_id)
             if src is not None:
-                src.status, src.finished_at = "failed", datetime.now(timezone.utc)
+                src.status, src.finished_at = "failed", datetime.now(UTC)
                 summary.quarantine = quarantine.summary()
                 src.counts = summary.as_dict()
         raise
@@ -255,7 +259,7 @@ def _claimed_patient(prep: Prepared) -> str | None:
     return None
 
 
-def _duplicate_of_another_patient(s, prep: Prepared,  # noqa: ANN001
+def _duplicate_of_another_patient(s, prep: Prepared,
                                   existing: Image) -> tuple[str, str] | None:
     """``duplicate_other_patient`` when the row names a patient other than the stored film's, else None.
 
@@ -279,7 +283,7 @@ def _duplicate_of_another_patient(s, prep: Prepared,  # noqa: ANN001
             "the same bytes")
 
 
-def _write_group(engine, settings: Settings, source_id: int, group: list[Prepared],  # noqa: ANN001
+def _write_group(engine, settings: Settings, source_id: int, group: list[Prepared],
                  summary: IngestSummary, rules: str, admission: tuple[NearCopyIndex, SiteRule],
                  quarantine: Quarantine) -> None:
     """One write transaction for a group of prepared files; sha256 re-checked under the lock."""
@@ -304,9 +308,11 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                     # Known when prepared but gone now (cannot happen: images are never deleted).
                     reject = ("internal", "image vanished from the catalogue during ingest")
                 else:
+                    assert prep.patient_id is not None  # a prepared good file has its patient
                     verdict = admit(s, settings, admission[0], meta=prep.meta, sites=admission[1],
                                     manifest_site=dict(prep.cand.acquisition).get("site"),
-                                    patient=prep.patient_id, name=prep.cand.rel, id_given=prep.id_source != "image")
+                                    patient=prep.patient_id, name=prep.cand.rel,
+                                    id_given=prep.id_source != "image")
                     if isinstance(verdict, dict):
                         summary.near_copies_linked.append(verdict)
                     reject = verdict if isinstance(verdict, tuple) else None
@@ -322,6 +328,7 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                                 source_id=source_id, **prep.meta))
                     s.flush()
                     image_id = s.scalar(select(Image.id).where(Image.sha256 == prep.sha256))
+                    assert image_id is not None and prep.patient_id is not None  # the row just flushed
                     record_near_pairs(s, admission[0], image_id, prep.meta["phash"], prep.patient_id)
                     admission[0].add(image_id, prep.meta["phash"], prep.patient_id, prep.cand.rel)
                     outcome = "added"
@@ -339,14 +346,16 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                 context = prep.cand.context_key if reject is None else f"{prep.cand.context_key}|{rules}"
                 s.merge(SeenFile(path=prep.cand.key, size=prep.size, mtime_ns=prep.mtime_ns,
                                  label_key=context, sha256=prep.sha256, outcome=outcome,
-                                 updated_at=datetime.now(timezone.utc)))
+                                 updated_at=datetime.now(UTC)))
             prep.data = None
             if outcome == "added":
+                assert prep.label is not None  # an added film passed the label check
                 summary.added += 1
                 summary.added_by_label[prep.label] = summary.added_by_label.get(prep.label, 0) + 1
             elif outcome == "duplicate":
                 summary.duplicates += 1
             else:
+                assert reject is not None  # neither added nor a duplicate: rejected
                 summary.rejected += 1
                 summary.rejected_by_reason[reject[0]] = summary.rejected_by_reason.get(reject[0], 0) + 1
         crash_point("ingest.group_before_commit")

@@ -28,12 +28,12 @@ import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Callable
 
 from xray_core.data.attributes import catalogue_values
 from xray_core.data.deidentify import deidentify
@@ -178,7 +178,8 @@ def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.P
     prep.stored_rel = f"store/{prep.sha256[:2]}/{prep.sha256}.{STORE_EXT[decoded.format]}"
     prep.payload = data
     if decoded.dicom is not None and settings.dicom_store == "deidentified":
-        prep.payload = deidentify(data, salt=salt, patient_id=dicom_pid or "", site_mode=settings.site_from_dicom)
+        prep.payload = deidentify(data, salt=salt, patient_id=dicom_pid or "",
+                                  site_mode=settings.site_from_dicom)
     if not prep.known_checked:
         prep.data = data  # the writer may still learn the file is known (see settle)
     acquisition = (catalogue_fields(decoded.dicom, salt=salt, site_mode=settings.site_from_dicom)
@@ -197,12 +198,14 @@ def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.P
 def settle(prep: Prepared, settings: Settings, known_sha: Callable[[str], str | None],
            regex: re.Pattern[str] | None = None) -> Prepared:
     """Writer side: the catalogue check a worker could not make, then the store copy of a good file."""
-    if not prep.known_checked and prep.sha256 and prep.label is not None and known_sha(prep.sha256) is not None:
+    if (not prep.known_checked and prep.sha256 and prep.label is not None
+            and known_sha(prep.sha256) is not None):
         # As if examined in-process: a known file is not decoded, so nothing the decode said counts.
         pid, id_source = given_patient(prep.cand, prep.data, regex)
         return Prepared(prep.cand, prep.size, prep.mtime_ns, sha256=prep.sha256, label=prep.label,
                         data=prep.data, known_checked=True, patient_id=pid, id_source=id_source)
     if prep.meta is not None and prep.payload is not None:
+        assert prep.stored_rel is not None  # set with meta and payload by examine
         store = get_storage(settings)
         if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(prep.payload)):
             store.write_bytes(prep.stored_rel, prep.payload)
@@ -219,13 +222,15 @@ def changed_while_read(path: Path, before: os.stat_result, n_read: int) -> bool:
         after = path.stat()
     except OSError:
         return True
-    return n_read != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+    return (n_read != before.st_size
+            or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns))
 
 
 def manifest_facts(cand: Candidate) -> dict:
     """Manifest acquisition columns (checked by scan) as catalogue values; they win over DICOM tags."""
-    typed = {"age_years": float, "study_date": date.fromisoformat}
-    return {("age_years" if name == "age" else name): typed.get(name, typed["age_years"] if name == "age" else str)(value)
+    typed: dict[str, Callable[[str], object]] = {"age_years": float, "age": float,
+                                                 "study_date": date.fromisoformat}
+    return {("age_years" if name == "age" else name): typed.get(name, str)(value)
             for name, value in cand.acquisition}
 
 
@@ -246,7 +251,7 @@ class PreparePool:
         self._queue: deque = deque()
         self._executor: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> "PreparePool":
+    def __enter__(self) -> PreparePool:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -286,7 +291,7 @@ class PreparePool:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def take(self) -> object:
+    def take(self) -> Prepared | None:
         item = self._queue.popleft()
         if isinstance(item, Future):
             try:

@@ -22,8 +22,8 @@ quarantined twice is still one file). Copies written by older versions
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from xray_core.data.catalogue import patient_salt
 from xray_core.data.deidentify import deidentify
@@ -41,7 +41,8 @@ def quarantine_bytes(settings: Settings, data: bytes, reason: str | None) -> byt
     (XRAY_DICOM_STORE); one that does not even parse cannot be, and keeps its bytes (SECURITY.md)."""
     from xray_core.data.images import sniff_format
 
-    if settings.dicom_store != "deidentified" or reason == "unreadable_dicom" or sniff_format(data) != "dicom":
+    if (settings.dicom_store != "deidentified" or reason == "unreadable_dicom"
+            or sniff_format(data) != "dicom"):
         return data
     try:
         return deidentify(data, salt=patient_salt(settings), site_mode=settings.site_from_dicom)
@@ -75,7 +76,7 @@ class Quarantine:
     _placed: dict[object, str] = field(default_factory=dict)
 
     @classmethod
-    def for_ingest(cls, settings: Settings) -> "Quarantine":
+    def for_ingest(cls, settings: Settings) -> Quarantine:
         return cls(settings, settings.quarantine_max_bytes, get_storage(settings))
 
     def copy(self, *, sha256: str | None, data: bytes | None, stored_rel: str | None,
@@ -96,13 +97,13 @@ class Quarantine:
             key = quarantine_key(content_sha, _extension(payload))
             return self._place(memo, key, content_sha, len(payload),
                                lambda: self.storage.write_bytes(key, payload))
-        if stored_rel is not None and (stored_sha256 or sha256):
+        if stored_rel is not None and (stored_content := stored_sha256 or sha256):
             # Decoded fine, then found in conflict under the write lock (the same bytes with another
             # label earlier in this batch, or from a concurrent ingest): the bytes were stored, and the
             # store file holds exactly what the quarantine keeps (de-identified for DICOM).
             if stored_rel in self._placed:
                 return self._reuse(self._placed[stored_rel])
-            content_sha = stored_sha256 or sha256
+            content_sha = stored_content
             key = quarantine_key(content_sha, _suffix(stored_rel))
             return self._place(stored_rel, key, content_sha, self.storage.size(stored_rel),
                                lambda: self.storage.copy(stored_rel, key))

@@ -8,10 +8,11 @@ from __future__ import annotations
 import csv
 import os
 import re
-from datetime import date
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
-from typing import Iterator, Mapping, TextIO
+from typing import TextIO
 
 from xray_core.data.attributes import digest, row_values
 from xray_core.data.columns import OPTIONAL, REQUIRED, Layout, layout
@@ -238,7 +239,8 @@ def validate_manifest(manifest: Path, columns: Mapping[str, str] | None = None) 
         finally:
             fh.close()
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"manifest {manifest} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise ManifestError(
+            f"manifest {manifest} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:
         raise ManifestError(f"manifest {manifest} is not a valid CSV file: {exc}") from None
 
@@ -258,13 +260,15 @@ def _manifest_path_problem(raw_file: str, listed: Path, root: Path, where: str) 
         if not listed.is_file():
             return ("missing_file", f"{where}: {shown} does not exist")
     except (OSError, RuntimeError, ValueError) as exc:  # ENAMETOOLONG, ELOOP (RuntimeError on 3.11)
-        return ("missing_file", f"{where}: {shown} cannot be opened ({getattr(exc, 'strerror', None) or exc})")
+        return ("missing_file",
+                f"{where}: {shown} cannot be opened ({getattr(exc, 'strerror', None) or exc})")
     return None
 
 
 def _manifest_metadata(row: dict, cols: Mapping[str, str],
                        where: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None]:
-    """The row's non-empty MANIFEST_METADATA cells, and a ``bad_metadata`` problem for one that fails its check."""
+    """The row's non-empty MANIFEST_METADATA cells, and a ``bad_metadata`` problem for one that fails
+    its check."""
     out = []
     for name, (pattern, allowed) in MANIFEST_METADATA.items():
         value = (row.get(cols[name]) or "").strip() if name in cols else ""

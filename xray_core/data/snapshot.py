@@ -20,6 +20,7 @@ from xray_core.data.catalogue import Row, open_catalogue, split_image_rows
 from xray_core.errors import NotEnoughDataError
 from xray_core.settings import Settings
 
+
 @dataclass(frozen=True)
 class SplitData:
     labels: list[str]  # class order of the model to train: sorted labels present in train

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 
@@ -33,12 +33,12 @@ def owner_alive(counts: dict | None) -> bool:
     return True
 
 
-def close_interrupted_ingests(s) -> list[int]:  # noqa: ANN001 - a Session
+def close_interrupted_ingests(s) -> list[int]:  # s: a Session
     """Mark ``running`` sources whose process is gone as ``interrupted`` (what they had written stays:
     every group was committed whole). Returns their ids."""
     closed = []
     for src in s.scalars(select(Source).where(Source.status == "running")):
         if not owner_alive(src.counts):
-            src.status, src.finished_at = "interrupted", datetime.now(timezone.utc)
+            src.status, src.finished_at = "interrupted", datetime.now(UTC)
             closed.append(src.id)
     return closed

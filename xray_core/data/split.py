@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import cast
 
-from sqlalchemy import Select, bindparam, func, select, update
+from sqlalchemy import Select, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import SPLITS, Image, Patient
@@ -27,7 +28,7 @@ def patient_order_key(patient_id: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{patient_id}".encode()).hexdigest()
 
 
-def choose_split(counts: dict[str, int], ratios: tuple[float, float, float]) -> str:
+def choose_split(counts: dict[str, int], ratios: tuple[float, ...]) -> str:
     """The split with the largest deficit against its target share after adding one patient.
 
     Ties go to the earlier split in train, val, test order (deterministic).
@@ -48,7 +49,7 @@ def majority_label(labels: Counter[str]) -> str:
     return sorted(label for label, n in labels.items() if n == top)[0]
 
 
-def assign_splits(session: Session, *, ratios: tuple[float, float, float], seed: int) -> dict[str, int]:
+def assign_splits(session: Session, *, ratios: tuple[float, ...], seed: int) -> dict[str, int]:
     """Give every patient without a split one; return how many went to each split.
 
     Runs inside the caller's transaction (ingest calls it in the same write transaction as the
@@ -72,7 +73,7 @@ def assign_splits(session: Session, *, ratios: tuple[float, float, float], seed:
     for stratum, split, n in session.execute(assigned_per_stratum(session)):
         counts[stratum][split] += n
     assigned = {name: 0 for name in SPLITS}
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     updates = []
     for pid in sorted(pending, key=lambda p: patient_order_key(p, seed)):
         if not labels_of.get(pid):
@@ -84,7 +85,7 @@ def assign_splits(session: Session, *, ratios: tuple[float, float, float], seed:
         assigned[split] += 1
     if updates:
         # One executemany UPDATE (the ORM's per-object flush took 2.5 s for 10,000 new patients).
-        table = Patient.__table__
+        table = cast(Table, Patient.__table__)
         session.execute(update(table).where(table.c.patient_id == bindparam("pid"))
                         .values(split=bindparam("split"), assigned_at=bindparam("at")), updates)
         for obj in list(session.identity_map.values()):  # loaded Patient objects must not keep split None
@@ -99,7 +100,8 @@ def assigned_per_stratum(session: Session) -> Select:
     whose default collation may sort otherwise; SQLite compares bytes)."""
     per_label = (select(Image.patient_id, Image.label, func.count().label("n"))
                  .group_by(Image.patient_id, Image.label)).subquery()
-    label = per_label.c.label.collate("C") if session.get_bind().dialect.name == "postgresql" else per_label.c.label
+    label = (per_label.c.label.collate("C")
+             if session.get_bind().dialect.name == "postgresql" else per_label.c.label)
     ranked = select(per_label.c.patient_id, per_label.c.label, func.row_number().over(
         partition_by=per_label.c.patient_id, order_by=(per_label.c.n.desc(), label)).label("rank")).subquery()
     return (select(ranked.c.label, Patient.split, func.count())

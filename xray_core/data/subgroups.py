@@ -11,7 +11,8 @@ manifest (those names are known columns), except ``age_band``, which is always t
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from sqlalchemy import select
 

@@ -17,18 +17,19 @@ import hashlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, generate_uid
 
 # Stream tags mixed into seeds so that anatomy, label patterns and image noise never share draws.
 _ANATOMY_STREAM = 0xA7A70
 _LABEL_STREAM = 0x1ABE1
 _IMAGE_STREAM = 0x13A6E
 
-_CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # SOP class: Computed Radiography Image Storage
+_CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")  # SOP class: Computed Radiography Image Storage
 _FORMATS = {"png": "png", "jpeg": "jpeg", "dicom": "dcm"}  # fmt -> file extension
 
 
@@ -117,7 +118,8 @@ def _lung_metrics(x: np.ndarray, y: np.ndarray, a: _Anatomy) -> list[_Lung]:
     return out
 
 
-def _finding(label: str, x: np.ndarray, y: np.ndarray, lungs: list[_Lung], rng: np.random.Generator) -> np.ndarray:
+def _finding(label: str, x: np.ndarray, y: np.ndarray, lungs: list[_Lung],
+             rng: np.random.Generator) -> np.ndarray:
     """Brightness added inside the lungs for ``label``; zeros for "normal"."""
     size = x.shape[0]
     out = np.zeros_like(x)
@@ -134,7 +136,7 @@ def _finding(label: str, x: np.ndarray, y: np.ndarray, lungs: list[_Lung], rng: 
     if label == "covid":
         # Bilateral, peripheral, lower-zone ground-glass haze with a fine mottled texture.
         texture = 0.75 + 0.25 * _smooth_noise(rng, size, 8)
-        for metric, cx, cy, la, lb in lungs:
+        for metric, _cx, cy, _la, lb in lungs:
             periphery = np.clip(np.sqrt(metric), 0, 1) ** 1.5
             lower = np.clip(0.55 + 0.45 * (y - cy) / lb, 0, 1)
             out += 0.45 * periphery * lower * texture
@@ -189,7 +191,8 @@ def make_xray(label: str, *, size: int = 64, rng: np.random.Generator, patient_s
 
     img = 0.04 + 0.42 * body  # soft tissue over a dark background
     # Ribs: thin bright arcs, clearer inside the lungs where nothing overlays them.
-    ribs = (0.5 + 0.5 * np.cos(2 * np.pi * (y - a.rib_tilt * np.abs(x - a.body_cx)) / a.rib_spacing + a.rib_phase)) ** 4
+    ribs = (0.5 + 0.5 * np.cos(2 * np.pi * (y - a.rib_tilt * np.abs(x - a.body_cx)) / a.rib_spacing
+                               + a.rib_phase)) ** 4
     lung_level = 0.18 + 0.03 * _smooth_noise(rng, size, 6) + 0.12 * ribs  # aerated lung is dark
     img = img * (1 - lung_mask) + lung_level * lung_mask
     img += 0.06 * ribs * body * (1 - lung_mask)
@@ -284,7 +287,7 @@ def write_dicom(
         ds.PixelData = arr.astype("<u2").tobytes()
         if transfer_syntax and transfer_syntax != ExplicitVRLittleEndian:
             # Lossy JPEG 2000 needs a compression ratio; 10:1 is a typical archive setting.
-            lossy = {"j2k_cr": [10]} if transfer_syntax == JPEG2000 else {}
+            lossy: dict[str, Any] = {"j2k_cr": [10]} if transfer_syntax == JPEG2000 else {}
             ds.compress(transfer_syntax, arr.astype(np.uint16), generate_instance_uid=False, **lossy)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)

@@ -94,7 +94,8 @@ def write_site_dataset(root: Path, style: SiteStyle, *, labels: tuple[str, ...] 
             writer = csv.writer(fh)
             writer.writerow(["file", "label", "patient_id", "site"])
             for rec in records:
-                writer.writerow([rec.path.relative_to(root).as_posix(), rec.label, rec.patient_id, style.name])
+                writer.writerow([rec.path.relative_to(root).as_posix(), rec.label,
+                                 rec.patient_id, style.name])
     return records
 
 

@@ -20,7 +20,8 @@ data, the report shows the result. A flagged audit is a warning, or a block (``X
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -84,7 +85,8 @@ def _grouped_cv_scores(x: np.ndarray, y: np.ndarray, groups: Sequence[str], mode
         return None
     oof = np.full(len(y), np.nan)
     with threadpool_limits(limits=1):
-        for train, test in StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y, groups):
+        for train, test in StratifiedGroupKFold(n_splits=k, shuffle=True,
+                                                random_state=seed).split(x, y, groups):
             if len(set(y[train])) < 2:
                 continue
             fitted = clone(model).fit(x[train], y[train])
@@ -101,7 +103,8 @@ def metadata_probe(frame: pd.DataFrame, negative_label: str, *, seed: int = 0) -
     columns = [c for c in METADATA_COLUMNS if c in frame and frame[c].notna().any()]
     if min(np.bincount(y, minlength=2)) < MIN_PER_CLASS_FOR_PROBE or not columns:
         return {"auroc": None, "target": target, "features": columns,
-                "note": f"not run: needs at least {MIN_PER_CLASS_FOR_PROBE} images of each class and some metadata"}
+                "note": f"not run: needs at least {MIN_PER_CLASS_FOR_PROBE} images of each class and "
+                        "some metadata"}
     x = pd.DataFrame({c: frame[c] for c in columns})
     categorical = [c for c in columns if not pd.api.types.is_numeric_dtype(x[c])]
     for c in categorical:
@@ -109,15 +112,17 @@ def metadata_probe(frame: pd.DataFrame, negative_label: str, *, seed: int = 0) -
     # Small leaves: audits run on tens to thousands of films, and the default (20) cannot split a small set.
     model = HistGradientBoostingClassifier(max_iter=100, max_depth=3, learning_rate=0.1, random_state=seed,
                                            min_samples_leaf=max(2, min(20, len(y) // 10)),
-                                           categorical_features=[columns.index(c) for c in categorical] or None)
+                                           categorical_features=(
+                                               [columns.index(c) for c in categorical] or None))
     oof = _grouped_cv_scores(x.to_numpy(dtype=np.float64), y, frame["patient"].tolist(), model, seed=seed)
     ok = oof is not None and not np.isnan(oof).all()
-    auroc = float(roc_auc_score(y[~np.isnan(oof)], oof[~np.isnan(oof)])) if ok else None
+    auroc = float(roc_auc_score(y[~np.isnan(oof)], oof[~np.isnan(oof)])) if ok and oof is not None else None
     return {"auroc": auroc, "target": target, "features": columns, "n": int(len(y)),
             "note": None if ok else "not run: too few patients for grouped cross-validation"}
 
 
-def site_probe(embeddings: np.ndarray, sites: Sequence[str], patients: Sequence[str], *, seed: int = 0) -> dict[str, Any]:
+def site_probe(embeddings: np.ndarray, sites: Sequence[str], patients: Sequence[str], *,
+               seed: int = 0) -> dict[str, Any]:
     """How well the embeddings tell the sites apart (one site vs the rest, the largest site as 'rest')."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -134,7 +139,8 @@ def site_probe(embeddings: np.ndarray, sites: Sequence[str], patients: Sequence[
     if oof is None or np.isnan(oof).all():
         return {"auroc": None, "note": "not run: too few images or patients per site"}
     keep = ~np.isnan(oof)
-    return {"auroc": float(roc_auc_score(y[keep], oof[keep])), "task": f"other sites vs {largest}", "note": None}
+    return {"auroc": float(roc_auc_score(y[keep], oof[keep])),
+            "task": f"other sites vs {largest}", "note": None}
 
 
 def shortcut_audit(frame: pd.DataFrame, embeddings: np.ndarray | None, *, negative_label: str,
@@ -144,27 +150,31 @@ def shortcut_audit(frame: pd.DataFrame, embeddings: np.ndarray | None, *, negati
     sites = label_site_table(frame)
     by_site = site_only_auroc(frame, negative_label)
     meta = metadata_probe(frame, negative_label, seed=seed)
+    probe: dict[str, Any]
     probe = (site_probe(embeddings, frame["site"].tolist(), frame["patient"].tolist(), seed=seed)
              if embeddings is not None else {"auroc": None, "note": "no embeddings"})
     warnings = []
     for label, site in sites["single_site_labels"].items():
         if label != negative_label:
             own = label_site_auroc(frame, label)
-            warnings.append(f"{label} films come only from site {site}: the label is predictable from the site"
+            warnings.append(f"{label} films come only from site {site}: the label is predictable from the "
+                            "site"
                             + (f" (AUROC {own:.2f} from the site alone, {label} against the rest)"
                                if own is not None else ""))
     for site, label in sites["single_label_sites"].items():
         warnings.append(f"site {site} holds only {label} films")
     if by_site is not None and by_site > auroc_threshold and not sites["single_site_labels"]:
-        warnings.append(f"the label is predictable from the site alone (AUROC {by_site:.2f} > {auroc_threshold:.2f})")
+        warnings.append(f"the label is predictable from the site alone (AUROC {by_site:.2f} > "
+                        f"{auroc_threshold:.2f})")
     if meta["auroc"] is not None and meta["auroc"] > auroc_threshold:
-        warnings.append(f"the label is predictable from how the films were made (metadata AUROC {meta['auroc']:.2f} "
-                        f"> {auroc_threshold:.2f}; from {', '.join(meta['features'])})")
+        warnings.append("the label is predictable from how the films were made (metadata AUROC "
+                        f"{meta['auroc']:.2f} > {auroc_threshold:.2f}; from {', '.join(meta['features'])})")
     if probe["auroc"] is not None and probe["auroc"] > auroc_threshold and warnings:
-        warnings.append(f"the embeddings tell the sites apart (AUROC {probe['auroc']:.2f}), so the model can use the "
-                        "site as a shortcut")
-    return {"flagged": bool(warnings), "warnings": warnings, "label_site": sites, "site_only_auroc": _f(by_site),
-            "metadata_probe": meta, "site_probe": probe, "threshold": auroc_threshold}
+        warnings.append(f"the embeddings tell the sites apart (AUROC {probe['auroc']:.2f}), so the model can "
+                        "use the site as a shortcut")
+    return {"flagged": bool(warnings), "warnings": warnings, "label_site": sites,
+            "site_only_auroc": _f(by_site), "metadata_probe": meta, "site_probe": probe,
+            "threshold": auroc_threshold}
 
 
 def _f(x: float | None) -> float | None:

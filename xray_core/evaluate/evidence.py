@@ -44,7 +44,8 @@ def plan_evidence(support: dict[str, int], min_per_class: int, *, test_fraction:
     total = None if any(t is None for t in totals) else sum(totals)
     return {"min_test_per_class": int(min_per_class), "test_fraction": float(test_fraction),
             "images_per_patient": float(images_per_patient), "per_class": per_class,
-            "new_labelled_patients": total, "summary": _summary(short, test_fraction, images_per_patient, total)}
+            "new_labelled_patients": total,
+            "summary": _summary(short, test_fraction, images_per_patient, total)}
 
 
 def _summary(short: dict[str, dict[str, Any]], test_fraction: float, images_per_patient: float,

@@ -25,12 +25,21 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
-from xray_core.evaluate.metrics import (EPS, PAIRED_METRICS, check_inputs, compute_metrics, disease_indices,
-                                        json_float, positive_index, predict_labels)
+from xray_core.evaluate.metrics import (
+    EPS,
+    PAIRED_METRICS,
+    check_inputs,
+    compute_metrics,
+    disease_indices,
+    json_float,
+    positive_index,
+    predict_labels,
+)
 from xray_core.settings import setting_default
 
 # Top-level metrics that get bootstrap intervals (per-class ones are added per label).
-INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece", "sensitivity_at_specificity")
+INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ece",
+                    "sensitivity_at_specificity")
 # Cap on the elements of one (resamples x images) weight block, ~32 MB of float64.
 _BLOCK_ELEMENTS = 4_000_000
 
@@ -119,7 +128,8 @@ class _Plan:
             )
         return out
 
-    def _sens_at_spec(self, pos: np.ndarray, neg: np.ndarray, n_pos: np.ndarray, n_neg: np.ndarray) -> np.ndarray:
+    def _sens_at_spec(self, pos: np.ndarray, neg: np.ndarray, n_pos: np.ndarray,
+                      n_neg: np.ndarray) -> np.ndarray:
         """Weighted twin of :func:`sensitivity_at_specificity`; threshold k = the k-th run (G = +inf)."""
         zeros = np.zeros((pos.shape[0], 1))
         neg_below = np.concatenate([zeros, np.cumsum(neg, axis=1)], axis=1)  # (B, G+1)
@@ -215,7 +225,7 @@ def bootstrap_intervals(
     level: float = 0.95,
     target_specificity: float = setting_default("target_specificity"),
     ece_bins: int = 10,
-) -> dict[str, dict[str, float | int | None]]:
+) -> dict[str, dict[str, Any]]:
     """Patient-clustered percentile bootstrap intervals of one model's metrics.
 
     Returns ``{path: {"point", "low", "high", "n_used", "method"}}`` for accuracy, balanced_accuracy,
@@ -234,12 +244,13 @@ def bootstrap_intervals(
                             ece_bins=ece_bins, target_specificity=target_specificity)
     plan = _plan_for(y, p, labels, threshold, negative_label, target_specificity, ece_bins)
     blocks = [plan.evaluate(w) for w in _resample_weights(clusters, n_samples, seed)]
-    out: dict[str, dict[str, float | int | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for path in blocks[0]:
         lo, hi, used = _percentile_interval(np.concatenate([b[path] for b in blocks]), level)
         out[path] = {"point": json_float(_get_path(point, path)), "low": lo, "high": hi, "n_used": used,
                      "method": "bootstrap"}
-    pred = predict_labels(p, threshold=threshold if positive_index(labels, negative_label) is not None else None,
+    pred = predict_labels(p,
+                          threshold=threshold if positive_index(labels, negative_label) is not None else None,
                           positive_index=positive_index(labels, negative_label))
     for path, n_eff in _patient_denominators(y, pred, labels, clusters).items():
         iv = out.get(path)
@@ -310,13 +321,14 @@ def paired_bootstrap_difference(
     difference, low, high}} for the policy's guardrail.
     """
     if metric not in PAIRED_METRICS:
-        raise ValueError(f"Invalid comparison metric {metric!r}. Only {', '.join(PAIRED_METRICS)} are supported.")
+        raise ValueError(f"Invalid comparison metric {metric!r}. Only {', '.join(PAIRED_METRICS)} "
+                         "are supported.")
     labels = list(labels)
     _check_bootstrap_args(n_samples, level)
     y, p_new = check_inputs(y_true, probs_challenger, labels)
     _, p_old = check_inputs(y_true, probs_champion, labels)
     clusters = _cluster_index(patient_ids, y.size)
-    kw = dict(negative_label=negative_label, target_specificity=target_specificity)
+    kw: dict[str, Any] = dict(negative_label=negative_label, target_specificity=target_specificity)
     m_new = compute_metrics(y, p_new, labels, threshold=thresholds[0], **kw)
     m_old = compute_metrics(y, p_old, labels, threshold=thresholds[1], **kw)
     plan_new = _plan_for(y, p_new, labels, thresholds[0], negative_label, target_specificity, 10)

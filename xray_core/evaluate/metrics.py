@@ -9,7 +9,8 @@ these metrics and imports this module, never the other way round.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,8 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else math.nan
 
 
-def check_inputs(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def check_inputs(y_true: np.ndarray, probs: np.ndarray,
+                 labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true)
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2:
@@ -152,7 +154,8 @@ def predict_labels(
     if p.shape[1] == 2 and threshold is not None and positive_index is not None:
         if positive_index not in (0, 1):
             raise ValueError(f"positive_index must be 0 or 1 for two classes, got {positive_index}")
-        return np.where(p[:, positive_index] >= threshold, positive_index, 1 - positive_index).astype(np.int64)
+        return np.where(p[:, positive_index] >= threshold, positive_index,
+                        1 - positive_index).astype(np.int64)
     return np.argmax(p, axis=1).astype(np.int64)
 
 

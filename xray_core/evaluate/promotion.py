@@ -55,17 +55,19 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.metric not in PROMOTION_METRICS:
             raise PolicyError(
-                f"Invalid promotion metric {self.metric!r}. Only {', '.join(PROMOTION_METRICS)} are supported."
+                f"Invalid promotion metric {self.metric!r}. Only {', '.join(PROMOTION_METRICS)} "
+                "are supported."
             )
         if self.mode not in PROMOTION_MODES:
             raise PolicyError(
                 f"Invalid promotion mode {self.mode!r}. Only {', '.join(PROMOTION_MODES)} are supported."
             )
         if self.margin < 0 or self.guardrail_sensitivity_drop < 0 or self.min_test_per_class < 0:
-            raise PolicyError("margin, guardrail_sensitivity_drop and min_test_per_class must not be negative")
+            raise PolicyError(
+                "margin, guardrail_sensitivity_drop and min_test_per_class must not be negative")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "PolicyConfig":
+    def from_settings(cls, settings: Settings) -> PolicyConfig:
         return cls(
             min_test_per_class=settings.min_test_per_class,
             floor_macro_auroc=settings.floor_macro_auroc,
@@ -153,15 +155,17 @@ def decide(
             f"Insufficient evidence: the test set has too few images of {named}; "
             f"XRAY_MIN_TEST_PER_CLASS={config.min_test_per_class} requires at least "
             f"{config.min_test_per_class} test images per class before any decision. "
-            "No promotion, whatever the metrics say; add labelled test images or lower XRAY_MIN_TEST_PER_CLASS."
+            "No promotion, whatever the metrics say; add labelled test images or lower "
+            "XRAY_MIN_TEST_PER_CLASS."
         )
         patients = (challenger.get("bootstrap") or {}).get("patients")
-        evidence = plan_evidence({lab: int(per_class[lab]["support"]) for lab in labels}, config.min_test_per_class,
-                                 test_fraction=config.test_fraction,
+        evidence = plan_evidence({lab: int(per_class[lab]["support"]) for lab in labels},
+                                 config.min_test_per_class, test_fraction=config.test_fraction,
                                  images_per_patient=challenger["n"] / patients if patients else 1.0)
         return Decision("insufficient_evidence", False, f"{rationale} {evidence['summary']}",
                         [_check("test_size", False, detail)], evidence=evidence)
-    checks = [_check("test_size", True, f"test images per class: {counts} (minimum {config.min_test_per_class})")]
+    checks = [_check("test_size", True,
+                     f"test images per class: {counts} (minimum {config.min_test_per_class})")]
 
     if champion is None:
         return _decide_first_model(challenger, diseases, config, checks)
@@ -174,24 +178,28 @@ def _validate(challenger: dict, champion: dict | None, comparison: dict | None, 
     if champion is None:
         return
     if comparison is None:
-        raise PolicyError("a champion exists but no comparison was given: run paired_bootstrap_difference first")
+        raise PolicyError("a champion exists but no comparison was given: run "
+                          "paired_bootstrap_difference first")
     if comparison.get("metric") != config.metric:
         raise PolicyError(
             f"the comparison is of {comparison.get('metric')!r} but the policy decides on {config.metric!r} "
             "(XRAY_PROMOTION_METRIC); recompute the comparison for that metric"
         )
-    same_set = champion.get("labels") == challenger.get("labels") and champion.get("n") == challenger.get("n") and all(
-        champion["per_class"][lab]["support"] == challenger["per_class"][lab]["support"] for lab in challenger["labels"]
-    )
+    same_set = (champion.get("labels") == challenger.get("labels")
+                and champion.get("n") == challenger.get("n")
+                and all(champion["per_class"][lab]["support"] == challenger["per_class"][lab]["support"]
+                        for lab in challenger["labels"]))
     if not same_set:
-        raise PolicyError("challenger and champion metrics come from different test sets; score both on the same one")
+        raise PolicyError("challenger and champion metrics come from different test sets; score both "
+                          "on the same one")
 
 
 def _decide_first_model(challenger: dict, diseases: list[str], config: PolicyConfig,
                         checks: list[dict[str, Any]]) -> Decision:
     macro = challenger.get("macro_auroc")
     macro_ok = macro is not None and macro >= config.floor_macro_auroc - _TOL
-    macro_text = f"macro AUROC {_f(macro)} {'>=' if macro_ok else '<'} floor {config.floor_macro_auroc:.3f} (XRAY_FLOOR_MACRO_AUROC)"
+    macro_text = (f"macro AUROC {_f(macro)} {'>=' if macro_ok else '<'} floor {config.floor_macro_auroc:.3f} "
+                  "(XRAY_FLOOR_MACRO_AUROC)")
     checks.append(_check("floor_macro_auroc", macro_ok, macro_text))
 
     sens_parts, failed_sens = [], []
@@ -201,27 +209,31 @@ def _decide_first_model(challenger: dict, diseases: list[str], config: PolicyCon
         sens_parts.append(f"{lab} {_f(s)} {'>=' if ok else '<'} {config.floor_sensitivity:.3f}")
         if not ok:
             failed_sens.append(f"{lab} sensitivity {_f(s)} < floor {config.floor_sensitivity:.3f}")
-    sens_text = "disease-class sensitivity: " + ("; ".join(sens_parts) or "no disease classes") + " (XRAY_FLOOR_SENSITIVITY)"
+    sens_text = ("disease-class sensitivity: " + ("; ".join(sens_parts) or "no disease classes")
+                 + " (XRAY_FLOOR_SENSITIVITY)")
     checks.append(_check("floor_sensitivity", not failed_sens, sens_text))
 
     lead = "No champion yet, so the challenger is judged against absolute floors. "
     if macro_ok and not failed_sens:
         rationale = lead + f"{macro_text[0].upper()}{macro_text[1:]}; {sens_text}. All floors hold. Promote."
         return Decision("promote", True, rationale, checks)
-    failed = ([] if macro_ok else [f"macro AUROC {_f(macro)} < floor {config.floor_macro_auroc:.3f} (XRAY_FLOOR_MACRO_AUROC)"])
+    macro_failed = f"macro AUROC {_f(macro)} < floor {config.floor_macro_auroc:.3f} (XRAY_FLOOR_MACRO_AUROC)"
+    failed = [] if macro_ok else [macro_failed]
     failed += [f + " (XRAY_FLOOR_SENSITIVITY)" for f in failed_sens]
     rationale = lead + "Failed floors: " + "; ".join(failed) + ". Keep: no model is promoted."
     return Decision("keep", False, rationale, checks)
 
 
 def _direction(name: str, diff: float) -> str:
-    """``the challenger's macro AUROC is 0.042 lower`` (or higher, or equal): the point difference in words."""
+    """``the challenger's macro AUROC is 0.042 lower`` (or higher, or equal): the point difference in
+    words."""
     if abs(diff) <= _TOL:
         return f"the challenger's {name} equals the champion's"
     return f"the challenger's {name} is {abs(diff):.3f} {'higher' if diff > 0 else 'lower'}"
 
 
-def _non_inferiority_verdict(name: str, diff: float, low: float, level: float, margin: float) -> tuple[bool, str]:
+def _non_inferiority_verdict(name: str, diff: float, low: float, level: float,
+                             margin: float) -> tuple[bool, str]:
     """Whether non-inferiority is shown, and why in one plain sentence.
 
     Both conditions are stated as facts about the challenger, each with its own number, so a reader
@@ -231,7 +243,8 @@ def _non_inferiority_verdict(name: str, diff: float, low: float, level: float, m
     sign_ok = diff >= -_TOL
     point = _direction(name, diff)
     bound = (f"the {level:.0%} lower bound of the difference ({_signed(low)}) is "
-             + (f"above the allowed {-margin:+.3f}" if bound_ok else f"at or below the allowed {-margin:+.3f}"))
+             + (f"above the allowed {-margin:+.3f}" if bound_ok
+                else f"at or below the allowed {-margin:+.3f}"))
     if bound_ok and sign_ok:
         return True, f"shown non-inferior (margin {margin:g}): {point}, and {bound}"
     if not bound_ok and not sign_ok:
@@ -251,9 +264,9 @@ def _decide_against_champion(challenger: dict, champion: dict, comparison: dict,
     level = comparison.get("level", 0.95)
     used, total = comparison.get("n_samples_used"), comparison.get("n_samples")
     resamples = f"{used}" if total in (None, used) else f"{used} of {total}"
-    head = (f"Challenger {name} {_f(comparison.get('challenger'))} vs champion {_f(comparison.get('champion'))}: "
-            f"difference {_signed(diff)}, {level:.0%} CI [{_signed(low)}, {_signed(high)}] over {resamples} "
-            "patient-clustered bootstrap resamples; ")
+    head = (f"Challenger {name} {_f(comparison.get('challenger'))} vs champion "
+            f"{_f(comparison.get('champion'))}: difference {_signed(diff)}, {level:.0%} CI [{_signed(low)}, "
+            f"{_signed(high)}] over {resamples} patient-clustered bootstrap resamples; ")
 
     if diff is None or low is None:
         metric_ok = False
@@ -284,9 +297,11 @@ def _decide_against_champion(challenger: dict, champion: dict, comparison: dict,
     guard_ok = not drops
     checks.append(_check("guardrail", guard_ok,
                          "disease-class sensitivity, champion -> challenger: " + ("; ".join(parts) or "none")
-                         + f"; allowed drop {config.guardrail_sensitivity_drop:g} (XRAY_GUARDRAIL_SENSITIVITY_DROP)"))
+                         + f"; allowed drop {config.guardrail_sensitivity_drop:g} "
+                           "(XRAY_GUARDRAIL_SENSITIVITY_DROP)"))
     if guard_ok:
-        guard_text = f"Guardrail: no disease-class sensitivity dropped more than {config.guardrail_sensitivity_drop:g}."
+        guard_text = ("Guardrail: no disease-class sensitivity dropped more than "
+                      f"{config.guardrail_sensitivity_drop:g}.")
     else:
         guard_text = (f"Guardrail tripped: {'; '.join(drops)}, more than the allowed "
                       f"{config.guardrail_sensitivity_drop:g} (XRAY_GUARDRAIL_SENSITIVITY_DROP).")

@@ -12,7 +12,8 @@ too small to judge are listed with the reason, never silently dropped.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -89,8 +90,9 @@ def _one_slice(y: np.ndarray, probs: np.ndarray, labels: list[str], patients: np
         reason = None
     metrics = compute_metrics(y, probs, labels, threshold=threshold, negative_label=negative_label,
                               target_specificity=target_specificity)
-    intervals = bootstrap_intervals(y, probs, labels, patients, threshold=threshold, negative_label=negative_label,
-                                    n_samples=n_samples, seed=seed, target_specificity=target_specificity)
+    intervals = bootstrap_intervals(y, probs, labels, patients, threshold=threshold,
+                                    negative_label=negative_label, n_samples=n_samples, seed=seed,
+                                    target_specificity=target_specificity)
     return {"n": int(y.size), "counts": counts, "patients": int(len(set(patients))),
             "judged": not small, "auroc_judged": reason is None, "reason": reason,
             "macro_auroc": metrics["macro_auroc"] if len(present) >= 2 else None,
@@ -124,7 +126,8 @@ def site_guardrail(challenger: dict[str, Any] | None, champion: dict[str, Any] |
         for metric, a, b in pairs:
             if a is not None and b is not None and b - a > max_drop + 1e-12:
                 drops.append({"site": site, "metric": metric, "challenger": a, "champion": b, "drop": b - a})
-    judged = [s for s in sorted(set(ch_sites) & set(champ_sites)) if ch_sites[s]["judged"] and champ_sites[s]["judged"]]
+    judged = [s for s in sorted(set(ch_sites) & set(champ_sites))
+              if ch_sites[s]["judged"] and champ_sites[s]["judged"]]
     if drops:
         worst = max(drops, key=lambda d: d["drop"])
         detail = (f"site {worst['site']} collapsed: {worst['metric']} {worst['challenger']:.3f} vs champion "

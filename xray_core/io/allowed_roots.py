@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from xray_core.errors import PathRefusedError
 from xray_core.io.oserrors import cut_path
@@ -162,7 +162,7 @@ def confine_parameters(settings: Settings, *, read: Mapping[str, Value | Sequenc
         elif isinstance(value, (list, tuple)):
             out[name] = [read_path(v, f"{name}[{i}]") for i, v in enumerate(value)]
         else:
-            out[name] = read_path(value, name)
+            out[name] = read_path(cast(Value, value), name)  # one path: not a list or tuple
     writable = output_roots(settings)
     for name, value in (write or {}).items():
         out[name] = None if value is None else str(confine(value, name=name, roots=writable, hint=WRITE_HINT))
@@ -180,8 +180,8 @@ def _outside_home(settings: Settings, path: Path, *, name: str) -> None:
     exempt = [*([_resolve(settings.incoming_dir)] if settings.incoming_dir else []), *_caller_roots()]
     if any(_inside(path, root) for root in exempt):
         return
-    raise PathRefusedError(f"{name}={shown(path)} is inside XRAY_HOME ({shown(home)}), where the system keeps "
-                           f"its own files; give an absolute path {READ_HINT}")
+    raise PathRefusedError(f"{name}={shown(path)} is inside XRAY_HOME ({shown(home)}), where the system "
+                           f"keeps its own files; give an absolute path {READ_HINT}")
 
 
 def confine_to(settings: Settings, path: Value, folder: Path, *, name: str) -> str:

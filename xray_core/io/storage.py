@@ -18,6 +18,7 @@ Atomic writes, per backend (the README has the table):
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import os
@@ -38,7 +39,7 @@ class Storage:
 
     url: str  # the root, for messages
 
-    def child(self, prefix: str) -> "Storage":
+    def child(self, prefix: str) -> Storage:
         """The same storage rooted at ``prefix`` (e.g. ``features``)."""
         raise NotImplementedError
 
@@ -75,7 +76,7 @@ class Storage:
         """Sorted keys of every file below ``prefix`` (relative to this storage's root)."""
         raise NotImplementedError
 
-    def folders(self, prefix: str = "") -> list[str]:
+    def folders(self, prefix: str = "") -> builtins.list[str]:  # `list` is the method above
         """Sorted names of the immediate sub-folders of ``prefix``."""
         raise NotImplementedError
 
@@ -124,7 +125,7 @@ class LocalStorage(Storage):
             self._private_ready = True
         return self._p(key)
 
-    def child(self, prefix: str) -> "LocalStorage":
+    def child(self, prefix: str) -> LocalStorage:
         return LocalStorage(self._p(prefix), private=self.private)
 
     def write_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
@@ -159,7 +160,7 @@ class LocalStorage(Storage):
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
 
-    def folders(self, prefix: str = "") -> list[str]:
+    def folders(self, prefix: str = "") -> builtins.list[str]:  # `list` is the method above
         base = self._p(prefix)
         if not base.is_dir():
             return []
@@ -202,7 +203,7 @@ class FsspecStorage(Storage):
     def _p(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
-    def child(self, prefix: str) -> "FsspecStorage":
+    def child(self, prefix: str) -> FsspecStorage:
         return FsspecStorage(self.fs, self._p(prefix), url=self.url_for(prefix))
 
     def write_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
@@ -254,12 +255,13 @@ class FsspecStorage(Storage):
         start = len(self.root.lstrip("/")) + 1
         return sorted(p.lstrip("/")[start:] for p in found)
 
-    def folders(self, prefix: str = "") -> list[str]:
+    def folders(self, prefix: str = "") -> builtins.list[str]:  # `list` is the method above
         try:
             entries = self.fs.ls(self._p(prefix), detail=True)
         except FileNotFoundError:
             return []
-        return sorted(e["name"].rstrip("/").rpartition("/")[2] for e in entries if e.get("type") == "directory")
+        return sorted(e["name"].rstrip("/").rpartition("/")[2]
+                      for e in entries if e.get("type") == "directory")
 
     def total_size(self, prefix: str) -> int:
         try:

@@ -23,17 +23,18 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xray_core.model.device import pick_device, pick_precision
 from xray_core.errors import BackboneWeightsError
+from xray_core.model.device import pick_device, pick_precision
 
 ARCH = "torchvision.densenet161"
 FEATURE_DIM = 2208
@@ -46,7 +47,8 @@ ACTIVATION_FACTOR = 64
 # Old densenet checkpoints (including torchvision's own download) name layers 'norm.1' etc.;
 # torchvision renames them on load, and so do we (torchvision.models.densenet's pattern, plus
 # num_batches_tracked for files re-saved from a newer model in the old naming).
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                      r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 class FrozenDenseNetFeatures(nn.Module):
@@ -64,7 +66,7 @@ class FrozenDenseNetFeatures(nn.Module):
             p.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "FrozenDenseNetFeatures":
+    def train(self, mode: bool = True) -> FrozenDenseNetFeatures:
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,8 +185,8 @@ def clear_backbone_cache() -> None:
 
 @functools.lru_cache(maxsize=4)
 def _cached_backbone(
-    weights: str, seed: int, device: str, file_key: tuple[int, int] | None, spec_json: str, forward_batch: int,
-    precision: str,
+    weights: str, seed: int, device: str, file_key: tuple[int, int] | None,
+    spec_json: str, forward_batch: int, precision: str,
 ) -> Backbone:
     module, weights_hash, random_init = _load_module(weights, seed, device, file_key)
     return Backbone(
@@ -330,7 +332,8 @@ def _load_into(features: nn.Module, state: Mapping[str, Any], *, source: str) ->
     # it does not affect eval-mode outputs and BatchNorm fills it in on load.
     missing = sorted(k for k in set(expected) - set(picked) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(picked) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(picked) if tuple(picked[k].shape) != tuple(expected[k].shape))
+    wrong_shape = sorted(k for k in set(expected) & set(picked)
+                         if tuple(picked[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or wrong_shape:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):

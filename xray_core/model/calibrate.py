@@ -5,9 +5,10 @@ Why a single temperature: with tens of validation images, anything richer (Platt
 overfits; one parameter cannot. Dividing every logit by the same T > 0 keeps each image's argmax and,
 with two classes, the order of images by the positive class's probability, so the binary AUROC and
 ranking are unchanged: only the confidence moves. (With three or more classes a one-vs-rest
-probability can reorder slightly, since it depends on all logits; the argmax never changes.) T is fitted on validation (never training, where the head is over-confident by
-construction) by minimising the negative log-likelihood with ``scipy.optimize``, and stored in the
-head (:class:`xray_core.model.train.Head`) so prediction, Grad-CAM and evaluation all apply it.
+probability can reorder slightly, since it depends on all logits; the argmax never changes.) T is fitted on
+validation (never training, where the head is over-confident by construction) by minimising the negative
+log-likelihood with ``scipy.optimize``, and stored in the head (:class:`xray_core.model.train.Head`) so
+prediction, Grad-CAM and evaluation all apply it.
 """
 
 from __future__ import annotations

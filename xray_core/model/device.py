@@ -54,7 +54,8 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":  # private torch helpers (torch.cpu): absent in some release -> not native
-        checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+        checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+                  getattr(torch.cpu, "_is_amx_tile_supported", None))
         return any(bool(check()) for check in checks if check is not None)
     return False
 

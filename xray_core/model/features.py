@@ -20,19 +20,20 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from xray_core.model.backbone import FEATURE_DIM, Backbone, effective_batch_size, fingerprint
 from xray_core.errors import XrayError
 from xray_core.faults import crash_point
 from xray_core.io.fsutil import sha256_bytes
 from xray_core.io.storage import LocalStorage, Storage, get_storage
+from xray_core.model.backbone import FEATURE_DIM, Backbone, effective_batch_size, fingerprint
 
 _VIEW_KEY = re.compile(r"^v(\d+)$")
 
@@ -97,7 +98,9 @@ class _ViewsDataset(Dataset):
         return len(self.jobs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from xray_core.data.catalogue import stored_sha256_of  # asked only after a mismatch (de-identified DICOM)
+        from xray_core.data.catalogue import (
+            stored_sha256_of,  # asked only after a mismatch (de-identified DICOM)
+        )
         from xray_core.data.images import decode_stored
         from xray_core.model.preprocess import make_view
 
@@ -105,21 +108,23 @@ class _ViewsDataset(Dataset):
         try:
             store = get_storage(self.settings)
             data = store.read_bytes(key) if key else Path(path).read_bytes()
-            if key and (actual := sha256_bytes(data)) != sha and actual != stored_sha256_of(self.settings, sha):
+            if (key and (actual := sha256_bytes(data)) != sha
+                    and actual != stored_sha256_of(self.settings, sha)):
                 evidence = f"quarantine/store-mismatch/{sha}-{actual[:12]}"
                 store.copy(key, evidence)  # kept for inspection; the entry stays, so every run refuses it
                 return {"sha": sha, "path": path, "views": views, "x": None, "error": None, "mismatch": (
-                    f"store entry {key} holds bytes with sha256 {actual[:12]}…, not {sha[:12]}…: it was replaced "
-                    f"or corrupted. A copy is in {evidence}; restore {key} from a backup")}
+                    f"store entry {key} holds bytes with sha256 {actual[:12]}…, not {sha[:12]}…: it was "
+                    f"replaced or corrupted. A copy is in {evidence}; restore {key} from a backup")}
             # Same pixel cap as ingest, so an image ingest accepted under a raised cap still loads.
             gray = decode_stored(data, max_pixels=self.settings.max_pixels)
             x = torch.stack([make_view(gray, v, sha, self.settings) for v in views])
             return {"sha": sha, "path": path, "views": views, "x": x, "error": None}
-        except Exception as exc:  # reported by the main process as FeatureCacheError
-            return {"sha": sha, "path": path, "views": views, "x": None, "error": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:  # noqa: BLE001 - reported by the main process as FeatureCacheError
+            return {"sha": sha, "path": path, "views": views, "x": None,
+                    "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _identity(sample: dict[str, Any]) -> dict[str, Any]:
+def _identity(sample: Any) -> Any:  # collate_fn with batch_size=None: one sample, not a list
     return sample
 
 
@@ -131,7 +136,8 @@ class FeatureCache:
 
         # Features are filed under the backbone's fingerprint, which includes the preprocessing
         # spec; settings with another spec would file wrong features under it.
-        own = fingerprint(backbone.weights_sha256, spec_dict(settings), backbone.precision, backbone.device.type)
+        own = fingerprint(backbone.weights_sha256, spec_dict(settings),
+                          backbone.precision, backbone.device.type)
         if backbone.weights_sha256 and own != backbone.fingerprint:
             raise FeatureCacheError(
                 "the settings' preprocessing (input size, augmentation) differs from the one the backbone "
@@ -169,10 +175,11 @@ class FeatureCache:
                 raise ValueError("truncated header")
             meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
             tensors = st_load(data)
-        except Exception:  # any parse failure means: not usable, recompute
+        except Exception:  # noqa: BLE001 - any parse failure means: not usable, recompute
             entry.unreadable = True
             return entry
-        if meta.get("fingerprint") != self.backbone.fingerprint or meta.get("feature_dim") != str(FEATURE_DIM):
+        if (meta.get("fingerprint") != self.backbone.fingerprint
+                or meta.get("feature_dim") != str(FEATURE_DIM)):
             entry.unreadable = True
             return entry
         for name, arr in tensors.items():
@@ -335,7 +342,8 @@ class FeatureCache:
         self._write(sha256, {int(v): np.asarray(arr, dtype=np.float16) for v, arr in features.items()})
 
     def load(self, sha256s: Sequence[str], view: int) -> np.ndarray:
-        """(n, 2208) float32 features of ``view`` for each image, in order; FeatureCacheError if any is missing."""
+        """(n, 2208) float32 features of ``view`` for each image, in order; FeatureCacheError if any is
+        missing."""
         return self.load_views(sha256s, [view])[:, 0, :]
 
     def load_views(self, sha256s: Sequence[str], views: Sequence[int]) -> np.ndarray:
@@ -397,7 +405,8 @@ def cache_summary(features: Path | Storage) -> list[dict[str, Any]]:
             files += 1
             n_bytes += storage.size(key)
             images += name.endswith(".safetensors") and not name.startswith(".")
-        rows.append({"fingerprint": fp, "path": storage.url_for(fp), "files": files, "bytes": n_bytes, "images": images})
+        rows.append({"fingerprint": fp, "path": storage.url_for(fp), "files": files,
+                     "bytes": n_bytes, "images": images})
     return rows
 
 

@@ -49,18 +49,27 @@ choice and the same weights on every CPU run.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
+from torch import nn
 
 from xray_core.errors import NotEnoughDataError
 from xray_core.model.calibrate import fit_temperature, softmax
-from xray_core.model.train import (Head, HeadConfig, build_head, fit_normaliser, load_head, predict_logits,
-                                   predict_proba, train_head)
+from xray_core.model.train import (
+    Head,
+    HeadConfig,
+    build_head,
+    fit_normaliser,
+    load_head,
+    predict_logits,
+    predict_proba,
+    train_head,
+)
 
 HEAD_RECIPES = ("auto", "linear", "mlp")
 
@@ -73,12 +82,20 @@ class Recipe:
     config: HeadConfig | None = None  # mlp: how train_head trains it
     views: str = "all"  # training columns: "eval" (column 0, the eval view) | "all" (eval + augmented views)
 
+    @property
+    def mlp(self) -> HeadConfig:
+        """``config``, which an MLP recipe always has."""
+        if self.config is None:
+            raise ValueError(f"recipe {self.name!r} ({self.kind}) has no MLP config")
+        return self.config
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "views": self.views}
         if self.c is not None:
             out["c"] = self.c
         if self.config is not None:
-            out["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
+            out["config"] = {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in asdict(self.config).items()}
         return out
 
 
@@ -124,23 +141,25 @@ def fit_linear(train_x: np.ndarray, train_y: np.ndarray, n_classes: int, c: floa
     if n_classes == 2:  # one logit z for class 1: softmax([-z/2, z/2]) = sigmoid(z)
         coef, bias = np.r_[-coef / 2, coef / 2], np.r_[-bias / 2, bias / 2]
     head = build_head(train_x.shape[-1], n_classes, hidden=(), dropout=0.0)
+    linear = cast(nn.Linear, head[0])
     with torch.no_grad():
-        head[0].weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
-        head[0].bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+        linear.weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
+        linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
         head.set_normaliser(mean, std)
     return head.eval()
 
 
 def fit_recipe(recipe: Recipe, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-               n_classes: int, progress=None) -> tuple[Head, dict[str, Any]]:  # noqa: ANN001
+               n_classes: int, progress=None) -> tuple[Head, dict[str, Any]]:
     """Fit one recipe on (n, views, D) training features (column 0: the eval view); returns the head
     and its training record."""
     if recipe.views == "eval":
         train_x = np.asarray(train_x)[:, :1]
     if recipe.kind == "linear":
+        assert recipe.c is not None  # a linear recipe has its C
         return fit_linear(train_x, train_y, n_classes, recipe.c), {"best_epoch": None, "epochs_run": None,
                                                                    "history": []}
-    cfg = recipe.config
+    cfg = recipe.mlp
     result = train_head(train_x, train_y, val_x, val_y, n_classes, cfg, progress=progress)
     head = load_head(result.state_dict, train_x.shape[-1], n_classes, hidden=cfg.hidden, dropout=cfg.dropout)
     return head, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "history": result.history}
@@ -152,7 +171,8 @@ def score(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float |
     auc = None
     if present.size == n_classes:
         auc = float(roc_auc_score(y, probs[:, 1]) if n_classes == 2
-                    else roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+                    else roc_auc_score(y, probs, multi_class="ovr", average="macro",
+                                       labels=list(range(n_classes))))
     p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
     p /= p.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 only within ~1e-7
     return {"auroc": auc, "log_loss": float(log_loss(y, p, labels=list(range(n_classes))))}
@@ -165,9 +185,10 @@ def _best(scores: list[dict[str, Any]]) -> int:
     return min(range(len(scores)), key=key)
 
 
-def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
-                  train_eval_x: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, val_groups: np.ndarray,
-                  n_classes: int, *, folds: int = 5, min_val_per_class: int = 20, seed: int = 0) -> Selection:
+def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.ndarray,
+                  train_groups: np.ndarray, train_eval_x: np.ndarray, val_x: np.ndarray,
+                  val_y: np.ndarray, val_groups: np.ndarray, n_classes: int, *, folds: int = 5,
+                  min_val_per_class: int = 20, seed: int = 0) -> Selection:
     """Choose among ``candidates``; see the module docstring for how. ``train_x`` (n, views, D) are the
     training images' eval view (column 0) and augmented views, ``train_eval_x`` (n, D) how a training
     image is scored when it is held out in k-fold (its eval view), ``val_x`` (m, D) the validation
@@ -175,7 +196,8 @@ def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.nda
     if not candidates:
         raise ValueError("no head recipes to choose from")
     if len(candidates) == 1:
-        return Selection(candidates[0], "only candidate", f"{candidates[0].name} is the only recipe configured "
+        return Selection(candidates[0], "only candidate",
+                         f"{candidates[0].name} is the only recipe configured "
                          "(XRAY_HEAD_RECIPE)")
     val_counts = np.bincount(val_y, minlength=n_classes)
     if val_counts.min() >= min_val_per_class:
@@ -186,14 +208,15 @@ def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.nda
         best = _best(scores)
         return Selection(candidates[best], "validation", _reason(scores[best], "on the validation split "
                          f"({len(val_y)} images)"), scores)
-    pooled_groups = np.r_[np.asarray(train_groups, dtype=object), np.asarray(val_groups, dtype=object)].astype(str)
+    pooled_groups = np.r_[np.asarray(train_groups, dtype=object),
+                          np.asarray(val_groups, dtype=object)].astype(str)
     pooled_y = np.r_[train_y, val_y]
     patients_per_class = [len(set(pooled_groups[pooled_y == c])) for c in range(n_classes)]
     k = min(folds, min(patients_per_class))
     if k < 2:
         return Selection(candidates[0], "only candidate",
-                         f"too few patients to compare recipes (fewest of one class: {min(patients_per_class)}); "
-                         f"kept the first candidate {candidates[0].name}")
+                         "too few patients to compare recipes (fewest of one class: "
+                         f"{min(patients_per_class)}); kept the first candidate {candidates[0].name}")
     views = train_x.shape[1]
     pooled_views = np.concatenate([train_x, np.repeat(val_x[:, None, :], views, axis=1)]).astype(np.float32)
     pooled_eval = np.concatenate([train_eval_x, val_x]).astype(np.float32)
@@ -230,12 +253,12 @@ class Calibrated:
 
 
 def fit_calibrated(selection: Selection, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
-                   val_y: np.ndarray, n_classes: int, progress=None) -> Calibrated:  # noqa: ANN001
+                   val_y: np.ndarray, n_classes: int, progress=None) -> Calibrated:
     """Refit the chosen recipe and fit its temperature; see the module docstring for which rows each
     uses and why. ``train_x`` (n, views, D), ``val_x`` (m, D) the validation images' eval view. The
     caller chooses the operating threshold on ``softmax(held_logits / temperature)``."""
     recipe = selection.recipe
-    early_stops = recipe.kind == "mlp" and recipe.config.keep_best
+    early_stops = recipe.kind == "mlp" and recipe.mlp.keep_best
     if selection.oof_logits is not None and not early_stops:
         views = train_x.shape[1]
         pooled_x = np.concatenate([train_x, np.repeat(val_x[:, None, :], views, axis=1)]).astype(np.float32)
@@ -244,10 +267,12 @@ def fit_calibrated(selection: Selection, train_x: np.ndarray, train_y: np.ndarra
         # schedule runs every epoch and keeps the last, so nothing is chosen on it
         head, record = fit_recipe(recipe, pooled_x, pooled_y, val_x, val_y, n_classes, progress=progress)
         held_logits, held_y = selection.oof_logits, selection.oof_y
+        assert held_y is not None  # set with oof_logits
         fitted_on, calibrated_on = "train+val", "out-of-fold"
     else:
         head, record = fit_recipe(recipe, train_x, train_y, val_x, val_y, n_classes, progress=progress)
-        held_logits, held_y, fitted_on, calibrated_on = predict_logits(head, val_x), val_y, "train", "validation"
+        held_logits, held_y, fitted_on, calibrated_on = (predict_logits(head, val_x),
+                                                         val_y, "train", "validation")
     temperature = fit_temperature(held_logits, held_y)
     head.set_temperature(temperature)
     return Calibrated(head, record, selection, temperature, fitted_on, calibrated_on,
@@ -259,5 +284,5 @@ def _reason(s: dict[str, Any], how: str) -> str:
     return f"{s['name']} had the best held-out macro AUROC ({auc}, log loss {s['log_loss']:.3f}) {how}"
 
 
-__all__ = ["HEAD_RECIPES", "Calibrated", "Recipe", "Selection", "candidate_recipes", "fit_calibrated", "fit_linear",
-           "fit_recipe", "score", "select_recipe"]
+__all__ = ["HEAD_RECIPES", "Calibrated", "Recipe", "Selection", "candidate_recipes",
+           "fit_calibrated", "fit_linear", "fit_recipe", "score", "select_recipe"]

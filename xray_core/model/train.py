@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from xray_core.faults import crash_point
 from xray_core.errors import NotEnoughDataError, XrayError
+from xray_core.faults import crash_point
 from xray_core.settings import LR_SCHEDULES, Settings, setting_default
 
 
@@ -57,7 +57,7 @@ class HeadConfig:
     keep_best: bool = True
 
     @classmethod
-    def from_settings(cls, s: Settings) -> "HeadConfig":
+    def from_settings(cls, s: Settings) -> HeadConfig:
         return cls(hidden=tuple(s.head_hidden), dropout=s.head_dropout, epochs=s.epochs,
                    batch_size=s.batch_size, learning_rate=s.learning_rate,
                    weight_decay=s.weight_decay, patience=s.patience, seed=s.train_seed,
@@ -84,13 +84,17 @@ class Head(nn.Sequential):
     ...) and checkpoints from before the buffers existed still load.
     """
 
+    feature_mean: torch.Tensor  # buffers, registered in __init__
+    feature_std: torch.Tensor
+    temperature: torch.Tensor
+
     def __init__(self, layers: list[nn.Module], in_dim: int):
         super().__init__(*layers)
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
         self.register_buffer("temperature", torch.ones(()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward((x - self.feature_mean) / self.feature_std) / self.temperature
 
     def set_normaliser(self, mean: np.ndarray, std: np.ndarray) -> None:
@@ -139,8 +143,9 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def train_one_epoch(head: nn.Module, x_views: torch.Tensor, y: torch.Tensor, *, optimizer: torch.optim.Optimizer,
-                    loss_fn: nn.Module, batch_size: int, generator: torch.Generator) -> float:
+def train_one_epoch(head: nn.Module, x_views: torch.Tensor, y: torch.Tensor, *,
+                    optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batch_size: int,
+                    generator: torch.Generator) -> float:
     """One pass over the training images, each seen through one randomly drawn view. Returns mean loss."""
     head.train()
     n, n_views = x_views.shape[0], x_views.shape[1]
@@ -194,8 +199,8 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
     With ``config.schedule == "cosine"`` the learning rate anneals to 0 over ``config.epochs``.
     """
     if config.schedule not in LR_SCHEDULES:
-        raise ValueError(f"Invalid learning-rate schedule {config.schedule!r}. Only {', '.join(LR_SCHEDULES)} "
-                         "are supported.")
+        raise ValueError(f"Invalid learning-rate schedule {config.schedule!r}. Only "
+                         f"{', '.join(LR_SCHEDULES)} are supported.")
     if len(train_x) == 0:
         raise NotEnoughDataError("no training images: ingest data first (xray ingest PATH)")
     if len(val_x) == 0:
@@ -211,7 +216,8 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
         head.set_normaliser(*fit_normaliser(train_x))
         weights = class_weights(train_y, n_classes)
         loss_fn = nn.CrossEntropyLoss(weight=weights)
-        optimizer = torch.optim.Adam(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.Adam(head.parameters(), lr=config.learning_rate,
+                                     weight_decay=config.weight_decay)
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
                      if config.schedule == "cosine" else None)
         xt = torch.as_tensor(train_x, dtype=torch.float32)

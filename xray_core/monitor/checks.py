@@ -54,7 +54,8 @@ def latest_checks(settings: Settings, limit: int = 5) -> list[dict[str, Any]]:
                  "verdict": r.verdict} for r in rows]
 
 
-def last_check_time(settings: Settings, kinds: tuple[str, ...] = ("monitor", "ingest", "retrain")) -> datetime | None:
+def last_check_time(settings: Settings,
+                    kinds: tuple[str, ...] = ("monitor", "ingest", "retrain")) -> datetime | None:
     """When catalogued films were last checked (by ``xray monitor`` or after an ingest), or None."""
     with session_scope(open_catalogue(settings)) as s:
         when = s.scalar(select(DriftCheck.created_at).where(DriftCheck.kind.in_(kinds))
@@ -69,7 +70,8 @@ def images_since(settings: Settings, since: datetime | None) -> list[tuple[int, 
     if since is not None:
         query = query.where(Image.added_at > since)
     with session_scope(open_catalogue(settings)) as s:
-        return [(r[0], r[1], r[2], r[3], r[4], r[5] or "unknown") for r in s.execute(query.order_by(Image.id)).all()]
+        return [(r[0], r[1], r[2], r[3], r[4], r[5] or "unknown")
+                for r in s.execute(query.order_by(Image.id)).all()]
 
 
 def predict_checks_since(settings: Settings, since: datetime | None) -> list[dict[str, Any]]:

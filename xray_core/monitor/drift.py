@@ -18,8 +18,9 @@ Three questions, answered separately so input shift and label shift are not conf
 * **OOD excess**: is the batch's count of flagged films more than chance? The threshold is an order
   statistic of the reference's n calibration scores (the k-th smallest; see :mod:`.reference`), so
   for exchangeable films the count among m new ones is beta-binomial(m, n - k + 1, k)
-  (``scipy.stats.betabinom``), not binomial: with a small calibration set the threshold itself is random and shared by the whole batch, and a binomial test
-  against 1 - XRAY_OOD_QUANTILE raised false alarms in 10% of same-distribution batches (bench/drift.py).
+  (``scipy.stats.betabinom``), not binomial: with a small calibration set the threshold itself is random and
+  shared by the whole batch, and a binomial test against 1 - XRAY_OOD_QUANTILE raised false alarms in 10% of
+  same-distribution batches (bench/drift.py).
 
 The three tests share XRAY_DRIFT_ALPHA (Bonferroni: each warns below alpha / 3), so a batch from the
 training distribution raises a warning with probability at most about alpha.
@@ -57,7 +58,8 @@ def mmd_permutation_test(x: np.ndarray, y: np.ndarray, x_groups: np.ndarray, y_g
     def mmd(a: np.ndarray, b: np.ndarray) -> float:
         ia = np.concatenate([rows[int(g)] for g in a])
         ib = np.concatenate([rows[int(g)] for g in b])
-        return float(kernel[np.ix_(ia, ia)].mean() + kernel[np.ix_(ib, ib)].mean() - 2 * kernel[np.ix_(ia, ib)].mean())
+        return float(kernel[np.ix_(ia, ia)].mean() + kernel[np.ix_(ib, ib)].mean()
+                     - 2 * kernel[np.ix_(ia, ib)].mean())
 
     res = permutation_test((np.unique(gx), np.unique(gy) + gx.max() + 1), mmd, permutation_type="independent",
                            vectorized=False, n_resamples=permutations, alternative="greater",
@@ -65,7 +67,8 @@ def mmd_permutation_test(x: np.ndarray, y: np.ndarray, x_groups: np.ndarray, y_g
     return float(res.statistic), float(res.pvalue)
 
 
-def ks_probabilities(ref_probs: np.ndarray, new_probs: np.ndarray, positive: int | None) -> tuple[float, float]:
+def ks_probabilities(ref_probs: np.ndarray, new_probs: np.ndarray,
+                     positive: int | None) -> tuple[float, float]:
     """(KS statistic, p) of the disease probability; with more classes, the largest statistic over
     classes and its Bonferroni-corrected p."""
     from scipy.stats import ks_2samp
@@ -124,12 +127,13 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
     out["ood_expected_rate"] = round(a / (a + b), 6)
     new_groups = np.arange(n) if groups is None else np.asarray(groups)
     out["mmd"], out["mmd_p"] = mmd_permutation_test(
-        reference.embed_for_drift(reference.sample), reference.embed_for_drift(reference.standardise(features)),
-        reference.sample_groups, new_groups, permutations=permutations, seed=seed)
+        reference.embed_for_drift(reference.sample),
+        reference.embed_for_drift(reference.standardise(features)), reference.sample_groups, new_groups,
+        permutations=permutations, seed=seed)
     out["ks"], out["ks_p"] = ks_probabilities(reference.val_probs, probs, positive)
     val_pred = predicted_labels(reference.val_probs, threshold, positive)
-    prevalence, cond = bbse_prevalence(val_pred, reference.val_labels, predicted_labels(probs, threshold, positive),
-                                       len(labels))
+    prevalence, cond = bbse_prevalence(val_pred, reference.val_labels,
+                                       predicted_labels(probs, threshold, positive), len(labels))
     ref_prev = np.bincount(reference.val_labels, minlength=len(labels)) / max(len(reference.val_labels), 1)
     out["prevalence"] = {lab: round(float(v), 4) for lab, v in zip(labels, prevalence)}
     out["reference_prevalence"] = {lab: round(float(v), 4) for lab, v in zip(labels, ref_prev)}

@@ -99,7 +99,8 @@ class OodBasis:
         return t2 + q / max(self.residual_scale, 1e-12)
 
 
-def fit_basis(rows: np.ndarray, *, max_components: int, max_rows: int | None = None, seed: int = 0) -> OodBasis:
+def fit_basis(rows: np.ndarray, *, max_components: int, max_rows: int | None = None,
+              seed: int = 0) -> OodBasis:
     """Fit an :class:`OodBasis` on training rows (films x views flattened, raw features); at most
     ``max_rows`` of them, a seeded random subset (a basis of a few directions needs no more).
 

@@ -32,8 +32,16 @@ from typing import Any
 import numpy as np
 
 from xray_core.errors import CheckpointError
-from xray_core.monitor.ood import (UNUSUAL_LEVEL, OodBasis, conformal_threshold, crossfit_scores, fit_basis, ood_parts, ood_scores,
-                                   standardise)
+from xray_core.monitor.ood import (
+    UNUSUAL_LEVEL,
+    OodBasis,
+    conformal_threshold,
+    crossfit_scores,
+    fit_basis,
+    ood_parts,
+    ood_scores,
+    standardise,
+)
 
 REFERENCE_FILE = "reference.safetensors"
 MAX_COMPONENTS = 32  # enough for the few directions a frozen backbone's features vary in; small on disk
@@ -100,10 +108,12 @@ class Reference:
         """OOD scores of raw backbone features (n x d)."""
         if self.basis is not None:
             return self.basis.scores(x)
-        return ood_scores(self.standardise(x), self.pca_mean, self.components, self.variance, self.residual_scale)
+        return ood_scores(self.standardise(x), self.pca_mean, self.components,
+                          self.variance, self.residual_scale)
 
     def embed_for_drift(self, z: np.ndarray) -> np.ndarray:
-        """Standardised rows → PCA coordinates plus the scaled residual: the space the batch test compares in."""
+        """Standardised rows → PCA coordinates plus the scaled residual: the space the batch test compares
+        in."""
         t2, q = ood_parts(z, self.pca_mean, self.components, self.variance)
         coords = (z - self.pca_mean) @ self.components.T / np.sqrt(np.maximum(self.variance, 1e-12))
         return np.column_stack([coords, np.sqrt(q / max(self.residual_scale, 1e-12))])
@@ -125,11 +135,13 @@ class Reference:
         arrays.update({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in {
             "ood_centre": b.centre, "ood_scale": np.array([b.scale]), "ood_components": b.components,
             "ood_location": b.location, "ood_precision": b.precision,
-            "ood_residual_scale": np.array([b.residual_scale]), "cal_scores": self.calibration_scores}.items()})
-        return save(arrays, metadata={"format": "xray-reference/2", "calibration": json.dumps(self.calibration)})
+            "ood_residual_scale": np.array([b.residual_scale]),
+            "cal_scores": self.calibration_scores}.items()})
+        return save(arrays,
+                    metadata={"format": "xray-reference/2", "calibration": json.dumps(self.calibration)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Reference":
+    def from_bytes(cls, data: bytes) -> Reference:
         from safetensors.numpy import load
 
         try:
@@ -138,16 +150,18 @@ class Reference:
             if "ood_components" in a:  # format 2
                 basis = OodBasis(centre=a["ood_centre"], scale=float(a["ood_scale"][0]),
                                  components=a["ood_components"], location=a["ood_location"],
-                                 precision=a["ood_precision"], residual_scale=float(a["ood_residual_scale"][0]))
-                cal_scores, calibration = a["cal_scores"], json.loads(_metadata(data).get("calibration", "{}"))
+                                 precision=a["ood_precision"],
+                                 residual_scale=float(a["ood_residual_scale"][0]))
+                cal_scores, calibration = (a["cal_scores"],
+                                           json.loads(_metadata(data).get("calibration", "{}")))
             return cls(mean=a["mean"].astype(np.float64), std=a["std"].astype(np.float64),
-                       pca_mean=a["pca_mean"].astype(np.float64), components=a["components"].astype(np.float64),
-                       variance=a["variance"], residual_scale=float(a["residual_scale"][0]),
-                       sample=a["sample"].astype(np.float64), sample_groups=a["sample_groups"],
-                       val_probs=a["val_probs"].astype(np.float64), val_labels=a["val_labels"],
-                       val_scores=a["val_scores"], threshold=float(a["threshold"][0]),
-                       quantile=float(a["quantile"][0]), basis=basis, cal_scores=cal_scores,
-                       calibration=calibration)
+                       pca_mean=a["pca_mean"].astype(np.float64),
+                       components=a["components"].astype(np.float64), variance=a["variance"],
+                       residual_scale=float(a["residual_scale"][0]), sample=a["sample"].astype(np.float64),
+                       sample_groups=a["sample_groups"], val_probs=a["val_probs"].astype(np.float64),
+                       val_labels=a["val_labels"], val_scores=a["val_scores"],
+                       threshold=float(a["threshold"][0]), quantile=float(a["quantile"][0]),
+                       basis=basis, cal_scores=cal_scores, calibration=calibration)
         except Exception as exc:  # noqa: BLE001 - any parse problem is one kind of error here
             raise CheckpointError(f"{REFERENCE_FILE} is not a readable reference "
                                   f"({type(exc).__name__}: {exc})") from None
@@ -156,8 +170,9 @@ class Reference:
         """What the card records about the reference (numbers, not arrays)."""
         score = ("T²/k (Ledoit-Wolf) in the PCA space of globally scaled features + Q/mean training Q"
                  if self.basis is not None else "T²/k in the PCA space + Q/mean training Q")
-        return {"file": REFERENCE_FILE, "components": int(len(self.variance)), "sample_rows": int(len(self.sample)),
-                "n_val": int(len(self.val_scores)), "ood_threshold": self.threshold, "ood_quantile": self.quantile,
+        return {"file": REFERENCE_FILE, "components": int(len(self.variance)),
+                "sample_rows": int(len(self.sample)), "n_val": int(len(self.val_scores)),
+                "ood_threshold": self.threshold, "ood_quantile": self.quantile,
                 "ood_score": f"{score} (xray_core.monitor.ood)",
                 "ood_calibration": self.calibration or {"method": "quantile of the validation scores",
                                                         "n": int(len(self.val_scores))}}
@@ -199,19 +214,23 @@ def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarr
     val_scores = basis.scores(x_val)
     crossfit = np.zeros(0)
     if films is not None and train_eval is not None and train_groups is not None:
-        crossfit = crossfit_scores(films, np.asarray(train_eval), np.asarray(train_groups), folds=CROSSFIT_FOLDS,
+        crossfit = crossfit_scores(films, np.asarray(train_eval),
+                                   np.asarray(train_groups), folds=CROSSFIT_FOLDS,
                                    max_components=MAX_COMPONENTS, max_rows=MAX_BASIS_ROWS, seed=seed)
     cal_scores = np.concatenate([val_scores, crossfit])
     threshold, rank = conformal_threshold(cal_scores, quantile)
-    calibration = {"method": "split-conformal quantile: validation films + training films cross-fitted by patient fold",
-                   "n": int(len(cal_scores)), "n_val": int(len(val_scores)), "n_train_crossfit": int(len(crossfit)),
+    calibration = {"method": "split-conformal quantile: validation films + training films cross-fitted "
+                             "by patient fold",
+                   "n": int(len(cal_scores)), "n_val": int(len(val_scores)),
+                   "n_train_crossfit": int(len(crossfit)),
                    "folds": CROSSFIT_FOLDS if len(crossfit) else 0, "rank": rank,
                    "expected_flag_rate": round((len(cal_scores) + 1 - rank) / (len(cal_scores) + 1), 6)}
     return Reference(mean=mean, std=std, pca_mean=pca.mean_.astype(np.float64), components=components,
                      variance=variance, residual_scale=residual_scale, sample=z_val[pick],
-                     sample_groups=group_index[pick].astype(np.int64), val_probs=np.asarray(val_probs, np.float64),
-                     val_labels=np.asarray(val_labels, np.int64), val_scores=val_scores, threshold=threshold,
-                     quantile=float(quantile), basis=basis, cal_scores=cal_scores, calibration=calibration)
+                     sample_groups=group_index[pick].astype(np.int64),
+                     val_probs=np.asarray(val_probs, np.float64), val_labels=np.asarray(val_labels, np.int64),
+                     val_scores=val_scores, threshold=threshold, quantile=float(quantile), basis=basis,
+                     cal_scores=cal_scores, calibration=calibration)
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -13,7 +13,7 @@ report before it propagates.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from xray_core.pipeline.lock import retrain_lock
 from xray_core.pipeline.recipe import RetrainRequest, recipe
 from xray_core.results import ReportFiles, RunResult, run_state
 from xray_core.settings import Settings
+
 
 def run_retrain(
     settings: Settings,
@@ -74,7 +75,7 @@ def run_retrain(
 
 def run_dir_for(settings: Settings, run_id: str | None) -> Path:
     """``reports/<UTC stamp>-<run id[:8]>``: one folder per run, sortable by time."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = settings.reports_dir / f"{stamp}-{(run_id or 'local')[:8]}"
     path.mkdir(parents=True, exist_ok=True)
     return path

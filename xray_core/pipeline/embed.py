@@ -3,7 +3,8 @@ feature cache; also sharded, for fan-out over Dask workers."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from xray_core.data.snapshot import SplitData
 from xray_core.pipeline.features import embed_items, train_views
@@ -29,8 +30,10 @@ def embed_step(settings: Settings, data: SplitData, progress: EmbedProgress | No
 
     # Training films: views 0..K. The eval view 0 trains the linear recipes and calibrates the
     # reference's OOD threshold (scored as prediction scores films); the MLP also samples 1..K.
-    stats_train = cache.ensure(embed_items(settings, data.train), train_views(settings), progress=_progress(0))
-    stats_eval = cache.ensure(embed_items(settings, data.val + data.test), [0], progress=_progress(len(data.train)))
+    stats_train = cache.ensure(embed_items(settings, data.train),
+                               train_views(settings), progress=_progress(0))
+    stats_eval = cache.ensure(embed_items(settings, data.val + data.test), [0],
+                              progress=_progress(len(data.train)))
     merged = {k: getattr(stats_train, k) + getattr(stats_eval, k)
               for k in ("requested", "cached", "computed", "recomputed_corrupt", "images")}
     merged["seconds"] = round(stats_train.seconds + stats_eval.seconds, 3)
@@ -60,16 +63,18 @@ def embed_shard(settings: Settings, data: SplitData, shard: int, shards: int, *,
         torch.set_num_threads(threads)  # n workers on one host share its cores
     if precision:
         settings = settings.with_overrides(embed_precision=precision)
-    pick = lambda rows: [r for r in rows if shard_of(r.sha256, shards) == shard]  # noqa: E731
+    pick = lambda rows: [r for r in rows if shard_of(r.sha256, shards) == shard]
     stats = embed_step(settings, SplitData(data.labels, pick(data.train), pick(data.val), pick(data.test)))
     return {**stats, "shard": shard, "torch_threads": torch.get_num_threads()}
 
 
 def merge_embed_stats(parts: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """One embed summary from the shards' (wall time measured by the caller)."""
-    merged = {k: sum(p[k] for p in parts) for k in ("requested", "cached", "computed", "recomputed_corrupt", "images")}
+    merged = {k: sum(p[k] for p in parts)
+              for k in ("requested", "cached", "computed", "recomputed_corrupt", "images")}
     first = parts[0]
     return {**merged, "seconds": round(seconds, 3), "backbone_fingerprint": first["backbone_fingerprint"],
-            "backbone_random_init": first["backbone_random_init"], "backbone_calls": sum(p["backbone_calls"] for p in parts),
-            "shards": len(parts), "shard_seconds": [p["seconds"] for p in parts],
+            "backbone_random_init": first["backbone_random_init"],
+            "backbone_calls": sum(p["backbone_calls"] for p in parts), "shards": len(parts),
+            "shard_seconds": [p["seconds"] for p in parts],
             "threads": [p.get("torch_threads") for p in parts]}

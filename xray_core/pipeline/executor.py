@@ -14,8 +14,9 @@ keeps its parameters and return type); no step is chosen by a string or by an ar
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, ParamSpec, Protocol, TypeVar, cast
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -90,4 +91,4 @@ class DirectExecutor:
         reporter = self._progress.get(options.progress) if options.progress else None
         if reporter is None:
             return fn
-        return cast(Callable[P, T], functools.partial(fn, progress=reporter))
+        return cast(Callable[P, T], functools.partial(cast(Callable[..., T], fn), progress=reporter))

@@ -3,13 +3,15 @@ loading them from the feature cache of the current backbone."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from xray_core.data.snapshot import Row
 from xray_core.settings import Settings
 
 
-def embed_items(settings: Settings, rows: list[Row]) -> list:
+def embed_items(settings: Settings, rows: Sequence[Row]) -> list:
     from xray_core.model.features import EmbedItem
 
     return [EmbedItem(sha256=r.sha256, path=settings.home / r.stored_path, key=r.stored_path) for r in rows]

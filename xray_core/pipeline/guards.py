@@ -22,7 +22,8 @@ from xray_core.pipeline.features import features_for, train_views
 from xray_core.settings import Settings
 
 
-def evaluation_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs: np.ndarray, labels: list[str],
+def evaluation_slices(settings: Settings, rows: list[Row], y: np.ndarray,
+                      probs: np.ndarray, labels: list[str],
                       threshold: float | None) -> tuple[dict[str, Any], list[str | None], list[str | None]]:
     """Metrics per site and per view of one evaluation (same engine and seed as the pooled metrics),
     with each test row's site and view (for per-site curves in the report)."""
@@ -110,7 +111,7 @@ def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[
             said = "the policy said" if out.get("promote") else "the policy would not have promoted either"
             out.update(decision="blocked", promote=False,
                        rationale=(f"Not promoted: the shortcut audit flagged the data ({detail}), and "
-                                  "XRAY_SHORTCUT_POLICY=block stops automatic promotion. The challenger stays a "
-                                  "candidate: review the audit, then promote it by hand (xray promote) or not. "
-                                  f"Without the audit {said}: {out['rationale']}"))
+                                  "XRAY_SHORTCUT_POLICY=block stops automatic promotion. The challenger "
+                                  "stays a candidate: review the audit, then promote it by hand (xray "
+                                  f"promote) or not. Without the audit {said}: {out['rationale']}"))
     return out

@@ -6,8 +6,8 @@ import contextlib
 import fcntl
 import os
 import time
-from datetime import datetime, timezone
-from typing import Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
 from db.schema import as_utc
 from xray_core.errors import RetrainBusyError
@@ -38,14 +38,14 @@ def retrain_lock(settings: Settings, *, wait_seconds: float = 0.0) -> Iterator[d
                 if time.monotonic() >= deadline:
                     fh.seek(0)
                     holder = fh.read().strip() or "another process"
-                    raise RetrainBusyError(
-                        f"another retrain is running ({holder}); wait for it to finish, or retry later") from None
+                    raise RetrainBusyError(f"another retrain is running ({holder}); wait for it to finish, "
+                                           "or retry later") from None
                 time.sleep(0.5)
         fh.seek(0)
         previous = _started(fh.read())
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='microseconds')}")
+        fh.write(f"pid {os.getpid()} since {datetime.now(UTC).isoformat(timespec='microseconds')}")
         fh.flush()
         try:
             yield previous

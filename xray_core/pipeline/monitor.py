@@ -12,7 +12,7 @@ A drift warning is evidence that the inputs changed, not proof that performance 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -37,10 +37,11 @@ A drift warning is evidence that the inputs changed, not proof that performance 
 films (a retrain's evaluation) can show that. MMD: embeddings of the new films against held-out
 validation films of the champion; KS: its predicted probabilities against theirs; prevalence: BBSE
 from its validation confusion matrix (meaningful under label shift only).
-"""
+"""  # noqa: E501 - a Markdown table row is one line, and so is a Jinja line without whitespace control
 
 
-def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str = "monitor") -> dict[str, Any]:
+def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
+                kind: str = "monitor") -> dict[str, Any]:
     """Run every check of what arrived since the last one; record them; write the report.
 
     ``kind``: ``monitor`` (``xray monitor``, the daily deployment) or ``ingest`` (right after an ingest
@@ -56,7 +57,8 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
 
     with session_scope(open_catalogue(settings)) as s:
         version = champion_version(s)
-        created = s.get(Model, version).created_at if version is not None else None
+        champion = s.get(Model, version) if version is not None else None
+        created = champion.created_at if champion is not None else None
     last = last_check_time(settings)
     since = max([t for t in (last, created) if t is not None], default=None)
     result: dict[str, Any] = {"model": version, "since": since.isoformat() if since else None, "checks": [],
@@ -71,7 +73,7 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
                "drift": result["drift"], "verdict": result["summary"], "checks": result["checks"]}
     result["id"] = record_check(settings, model_id=version, kind=kind, subject=kind, check=overall,
                                 flow_run_id=flow_run_id)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = settings.reports_dir / (f"monitor-{stamp}" if kind == "monitor" else f"{kind}-check-{stamp}")
     markdown = Template(REPORT).render(r=result, stamp=stamp, fmt=lambda p: "" if p is None else f"{p:.3g}")
     atomic_write_text(folder / "report.md", markdown, mode=settings.file_mode)
@@ -80,7 +82,8 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None, kind: str
     return result
 
 
-def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id: str | None) -> dict[str, Any]:
+def _check_rows(settings: Settings, version: int, rows: list[tuple],
+                flow_run_id: str | None) -> dict[str, Any]:
     from xray_core.data.catalogue import Row
     from xray_core.evaluate.metrics import positive_index
     from xray_core.model.backbone import load_backbone
@@ -99,7 +102,8 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id
     if reference is None:
         return {"summary": f"unknown: champion v{version} was saved without a reference (retrain to get one)"}
     if model.card["backbone_fingerprint"] != backbone.fingerprint:
-        return {"summary": f"unknown: champion v{version} was trained on another backbone than the current one"}
+        return {"summary": f"unknown: champion v{version} was trained on another backbone than "
+                           "the current one"}
     if not rows:
         return {"summary": "nothing new since the last check"}
     cache = FeatureCache(backbone, settings)
@@ -108,8 +112,9 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id
     probs = predict_proba(model.head, x)
     labels = model.labels
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
-    common = dict(labels=labels, threshold=model.threshold, positive=pos, alpha=settings.drift_alpha,
-                  permutations=settings.drift_permutations, seed=settings.train_seed)
+    common: dict[str, Any] = dict(labels=labels, threshold=model.threshold, positive=pos,
+                                  alpha=settings.drift_alpha, permutations=settings.drift_permutations,
+                                  seed=settings.train_seed)
     patients, sites = np.array([r[4] for r in rows]), np.array([r[5] for r in rows])
     checks = [{"subject": "all new films", **check_batch(reference, x, probs, groups=patients, **common)}]
     for site in sorted(set(sites.tolist())) if len(set(sites.tolist())) > 1 else []:
@@ -121,4 +126,5 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], flow_run_id
     summary = (f"drift detected in {', '.join(c['subject'] for c in drifted)}: {drifted[0]['verdict']}"
                if drifted else checks[0]["verdict"])
     return {"checks": checks, "drift": bool(drifted), "summary": summary,
-            "sites": sorted(c["subject"].removeprefix("site ") for c in drifted if c["subject"].startswith("site "))}
+            "sites": sorted(c["subject"].removeprefix("site ")
+                            for c in drifted if c["subject"].startswith("site "))}

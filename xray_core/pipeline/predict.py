@@ -13,9 +13,10 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,8 @@ def _relative(where: Path, root: Path) -> str:
         return str(where)
 
 
-def _decoded(files: list[PredictFile], settings: Settings) -> Iterator[tuple[PredictFile, str | None, Any, str | None]]:
+def _decoded(files: list[PredictFile],
+             settings: Settings) -> Iterator[tuple[PredictFile, str | None, Any, str | None]]:
     from xray_core.data.images import decode_image
 
     for f in files:
@@ -141,17 +143,16 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     """
     import torch
 
-    from xray_core.model.backbone import load_backbone
+    from db import session_scope
     from xray_core.data.catalogue import open_catalogue
-    from xray_core.model.backbone import effective_batch_size
+    from xray_core.evaluate.metrics import positive_index, predict_labels
+    from xray_core.model.backbone import effective_batch_size, load_backbone
     from xray_core.model.features import FeatureCache, FeatureCacheError
-    from xray_core.evaluate.metrics import predict_labels, positive_index
     from xray_core.model.preprocess import make_view
-    from xray_core.pipeline.model_settings import settings_for_model
-    from xray_core.registry.versions import champion_version, load_model, require_backbone
     from xray_core.model.train import predict_proba
     from xray_core.monitor.reference import model_reference
-    from db import session_scope
+    from xray_core.pipeline.model_settings import settings_for_model
+    from xray_core.registry.versions import champion_version, load_model, require_backbone
 
     if out is not None:
         check_out_path(settings, Path(out))
@@ -175,10 +176,13 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     files = list_files(Path(path), manifest)
     rows: list[dict[str, Any]] = []
     batch: list[tuple[PredictFile, str, Any]] = []
+    ood_limit = reference.threshold if reference is not None else None  # an OOD score above is unusual
     heatmap_names: set[str] = set()
 
     def write_heatmaps(probs: np.ndarray, preds: np.ndarray) -> list[str]:
         from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
+
+        assert heatmaps is not None  # called only with a heatmaps folder
 
         cams = gradcam_batch(backbone, model.head, [px for _, _, px in batch],
                              class_indices=[int(k) for k in preds], settings=settings)
@@ -211,7 +215,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         if not batch:
             return
         cached = {}
-        for f, sha, pixels in batch:
+        for _f, sha, _pixels in batch:
             try:
                 cached[sha] = cache.load([sha], 0)[0]
             except FeatureCacheError:  # not cached (or unusable): embedded below
@@ -230,8 +234,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         probs = predict_proba(model.head, feats)
         preds = predict_labels(probs, threshold=threshold, positive_index=pos)
         maps = write_heatmaps(probs, preds) if heatmaps is not None else [""] * len(batch)
-        ood = reference.scores(feats) if reference is not None else [None] * len(batch)
-        ood_p = reference.p_values(ood) if reference is not None else [None] * len(batch)
+        ood: Any = reference.scores(feats) if reference is not None else [None] * len(batch)
+        ood_p: Any = reference.p_values(ood) if reference is not None else [None] * len(batch)
         scored.append((feats, probs))
         if reference is not None:
             ood_exact.extend(float(o) for o in ood)
@@ -241,7 +245,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
                          "threshold": "" if threshold is None else threshold,
                          "ood_score": "" if o is None else round(float(o), 4),
                          "ood_p": "" if op is None else round(float(op), 4),
-                         "in_distribution": "" if o is None else str(bool(o <= reference.threshold)).lower(),
+                         "in_distribution": "" if o is None else str(bool(o <= ood_limit)).lower(),
                          "sha256": sha, "status": "ok",
                          "error": "", "true_label": f.label or "", "model_version": version,
                          "backbone_fingerprint": backbone.fingerprint, "heatmap": hm})
@@ -253,8 +257,10 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
                          "threshold": "" if threshold is None else threshold, "ood_score": "", "ood_p": "",
                          "in_distribution": "", "sha256": sha or "", "status": "rejected", "error": error,
                          "true_label": f.label or "",
-                         "model_version": version, "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
+                         "model_version": version,
+                         "backbone_fingerprint": backbone.fingerprint, "heatmap": ""})
         else:
+            assert sha is not None  # a decoded file has its sha256
             batch.append((f, sha, pixels))
             if len(batch) >= flush_size or sum(px.size for _, _, px in batch) >= HELD_PIXELS:
                 flush()
@@ -298,8 +304,8 @@ def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[floa
             "quantile": reference.quantile, "line": ood_line(flagged, len(ok_rows), unusual, expected)}
 
 
-def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]], *,
-                subject: str) -> dict[str, Any] | None:
+def batch_drift(settings: Settings, model: Any, reference: Any,
+                scored: list[tuple[np.ndarray, np.ndarray]], *, subject: str) -> dict[str, Any] | None:
     """The batch drift tests of the predicted films against the model's reference, recorded in the
     catalogue (``drift_checks``, kind ``predict``); None without a reference or films.
 
@@ -314,7 +320,8 @@ def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tup
     labels = model.labels
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     check = check_batch(reference, feats, probs, labels=labels, threshold=model.threshold, positive=pos,
-                        alpha=settings.drift_alpha, permutations=settings.drift_permutations, seed=settings.train_seed)
+                        alpha=settings.drift_alpha, permutations=settings.drift_permutations,
+                        seed=settings.train_seed)
     check["id"] = record_check(settings, model_id=model.version, kind="predict", subject=subject, check=check)
     return check
 
@@ -327,7 +334,8 @@ def check_out_path(settings: Settings, out: Path) -> None:
     a stored original; a folder would fail only after the whole batch was predicted. All of these
     raise UsageError (exit 2) before anything is read.
     """
-    allowed = "give a new file name or an existing regular file outside XRAY_HOME's catalogue, store, features and models"
+    allowed = ("give a new file name or an existing regular file outside XRAY_HOME's catalogue, store, "
+               "features and models")
     if os.path.lexists(out):
         if out.is_symlink():
             raise UsageError(f"--out {out} is a symbolic link; it would be replaced, not followed. {allowed}")

@@ -9,31 +9,33 @@ the recipe (the lock, the failure report, the report files) is :func:`xray_core.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from xray_core.data.incoming import Batch, IncomingScan, batch_line, pending_phrase, run_record
 from xray_core.data.ingest import IngestSummary
 from xray_core.data.snapshot import SplitData, load_split_data, save_snapshot
 from xray_core.errors import NotEnoughDataError
 from xray_core.faults import crash_point
-from xray_core.pipeline import steps
+from xray_core.pipeline import steps, unchanged
 from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.executor import Executor, step
+from xray_core.report.format import outcome_sentence
 from xray_core.results import (
+    NOT_REACHED,
     EmbedResult,
     Evaluation,
     Recorded,
     RunResult,
     Snapshot,
     TrainResult,
-    NOT_REACHED,
     Verdict,
-    outcome_sentence,
     run_state,
 )
 from xray_core.settings import Settings
+
 
 @dataclass(frozen=True)
 class RetrainRequest:
@@ -70,7 +72,7 @@ def recipe(
         result.ingests += taken.values()
         note_incoming(result, found, taken)
     crash_point("retrain.after_ingest")
-    if any(i.added for i in result.ingests) and steps.current_champion(settings) is not None:
+    if any(i.added for i in result.ingests) and unchanged.current_champion(settings) is not None:
         result.drift = run.step(check_arrivals)(settings, request.flow_run_id)
     try:
         snapshot = run.step(freeze_split)(settings, str(folder))
@@ -91,7 +93,7 @@ def recipe(
         settings, result.train, snapshot, request.flow_run_id
     )
     crash_point("retrain.after_evaluate")
-    champion = steps.current_champion(settings)
+    champion = unchanged.current_champion(settings)
     result.champion_eval = (
         run.step(evaluate_champion)(settings, champion, snapshot, request.flow_run_id) if champion else None
     )
@@ -338,7 +340,7 @@ def note_incoming(result: RunResult, found: IncomingScan, taken: dict[str, Inges
 
 def nothing_new(settings: Settings, data: SplitData) -> str | None:
     """Why training would only repeat the champion or the last decision not to promote (None: train)."""
-    return steps.nothing_new_since_champion(settings, data) or steps.nothing_new_since_last_decision(
+    return unchanged.nothing_new_since_champion(settings, data) or unchanged.nothing_new_since_last_decision(
         settings, data
     )
 
@@ -356,7 +358,7 @@ def skip(settings: Settings, result: RunResult, reason: str) -> None:
     result.status, result.state = "skipped", run_state("skipped", None)
     pending = pending_phrase(result.incoming)  # batches waiting or refused lead, not "nothing new"
     result.state_message = "; ".join([*([pending] if pending else []), *result.notes, reason])
-    result.champion_after = steps.current_champion(settings)
+    result.champion_after = unchanged.current_champion(settings)
 
 
 def outcome_message(result: RunResult) -> str:

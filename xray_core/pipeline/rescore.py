@@ -16,8 +16,8 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import Evaluation, Model
 from xray_core.data.catalogue import open_catalogue
+from xray_core.data.snapshot import SplitData, fingerprint_test_set, load_split_data
 from xray_core.errors import CheckpointError, NotEnoughDataError, XrayError
-from xray_core.data.snapshot import SplitData, load_split_data, fingerprint_test_set
 from xray_core.pipeline.steps import evaluate_step
 from xray_core.settings import Settings
 
@@ -28,7 +28,8 @@ MAX_RESCORED = 20
 
 
 def default_versions(settings: Settings, limit: int = MAX_RESCORED) -> list[int]:
-    """The versions worth re-scoring, oldest first: champion, other non-rejected, then rejected (newest first)."""
+    """The versions worth re-scoring, oldest first: champion, other non-rejected, then rejected (newest
+    first)."""
     with session_scope(open_catalogue(settings)) as s:
         rows = s.execute(select(Model.id, Model.status).order_by(Model.id.desc())).all()
     rank = {"champion": 0, "rejected": 2}
@@ -50,19 +51,23 @@ def rescore_models(settings: Settings, data: SplitData, *, versions: list[int] |
     fingerprint = fingerprint_test_set(data.test)
     wanted = default_versions(settings) if versions is None else sorted(set(versions))
     with session_scope(open_catalogue(settings)) as s:
-        backbones = dict(s.execute(select(Model.id, Model.backbone_fingerprint).where(Model.id.in_(wanted))).all())
+        query = select(Model.id, Model.backbone_fingerprint).where(Model.id.in_(wanted))
+        backbones = dict(s.execute(query).tuples().all())
         existing = {e.model_id: {"version": e.model_id, "test_set_fingerprint": e.test_set_fingerprint,
                                  "n_images": e.n_images, "metrics": e.metrics}
-                    for e in s.scalars(select(Evaluation).where(Evaluation.model_id.in_(wanted),
-                                                                Evaluation.test_set_fingerprint == fingerprint)
+                    for e in s.scalars(select(Evaluation)
+                                       .where(Evaluation.model_id.in_(wanted),
+                                              Evaluation.test_set_fingerprint == fingerprint)
                                        .order_by(Evaluation.id))}
     out: list[dict[str, Any]] = []
-    seen: dict[str, dict[str, Any]] = {}  # cache coverage per current backbone fingerprint, loaded when needed
+    # cache coverage per current backbone fingerprint, loaded when needed
+    seen: dict[str, dict[str, Any]] = {}
     for version in wanted:
         if version not in backbones:
             out.append(_skipped(version, f"model version {version} does not exist"))
         elif version in existing:
-            out.append({"version": version, "status": "reused", "reason": None, "evaluation": existing[version]})
+            out.append({"version": version, "status": "reused", "reason": None,
+                        "evaluation": existing[version]})
         else:
             current = _current_backbone(settings, data, backbones[version], seen)
             reason = _why_not(backbones[version], current)
@@ -72,7 +77,8 @@ def rescore_models(settings: Settings, data: SplitData, *, versions: list[int] |
                 except CheckpointError as exc:  # files missing or altered: say so, keep going
                     reason = str(exc)
                 else:
-                    out.append({"version": version, "status": "scored", "reason": None, "evaluation": evaluation})
+                    out.append({"version": version, "status": "scored", "reason": None,
+                                "evaluation": evaluation})
                     continue
             out.append(_skipped(version, reason))
     return out
@@ -84,7 +90,8 @@ def _current_backbone(settings: Settings, data: SplitData, model_fingerprint: st
 
     With ``XRAY_EMBED_PRECISION=auto`` the current weights and preprocessing at any precision count
     as current (a model is scored with the precision it was trained with, see
-    ``model_settings.settings_for_fingerprint``): the model's own when it is one of them, else the resolved one.
+    ``model_settings.settings_for_fingerprint``): the model's own when it is one of them, else the resolved
+    one.
     """
     from xray_core.model.backbone import load_backbone
     from xray_core.model.features import FeatureCache
@@ -94,8 +101,8 @@ def _current_backbone(settings: Settings, data: SplitData, model_fingerprint: st
     backbone = load_backbone(own)
     if backbone.fingerprint not in seen:
         coverage = FeatureCache(backbone, own).coverage([r.sha256 for r in data.test], [0])
-        seen[backbone.fingerprint] = {"fingerprint": backbone.fingerprint, "missing": coverage["pairs_needed"],
-                                      "images": coverage["images"]}
+        seen[backbone.fingerprint] = {"fingerprint": backbone.fingerprint,
+                                      "missing": coverage["pairs_needed"], "images": coverage["images"]}
     return seen[backbone.fingerprint]
 
 
@@ -128,7 +135,8 @@ def models_on_current_test_set(settings: Settings) -> dict[str, Any]:
             raise NotEnoughDataError("the test split is empty (ingest more patients)")
     except NotEnoughDataError as exc:
         note = f"not re-scored on a current test set: {exc}"
-        return {"models": [{**m, "rescore": {"status": "skipped", "reason": note}} for m in list_models(settings)],
+        return {"models": [{**m, "rescore": {"status": "skipped", "reason": note}}
+                           for m in list_models(settings)],
                 "notes": [note]}
     notes = []
     try:

@@ -8,25 +8,31 @@ nothing here holds images in memory.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 
 from db import session_scope
-from db.schema import Evaluation
+from db.schema import Evaluation, Model
 from xray_core.data.catalogue import open_catalogue
+from xray_core.data.snapshot import (
+    Row,
+    SplitData,
+    fingerprint_test_set,
+    label_indices,
+    load_split_data,
+    training_set_fingerprint,
+)
 from xray_core.errors import CheckpointError, NotEnoughDataError
 from xray_core.io.fsutil import json_text
 from xray_core.monitor.reference import REFERENCE_FILE
 from xray_core.pipeline.embed import EmbedProgress, embed_step
+from xray_core.pipeline.features import embed_items, features_for, train_views
 from xray_core.pipeline.guards import apply_guards, evaluation_slices, subgroup_slices
 from xray_core.pipeline.lock import retrain_lock
-from xray_core.pipeline.model_settings import settings_for_card, settings_for_fingerprint
-from xray_core.data.snapshot import (Row, SplitData, label_indices, load_split_data, fingerprint_test_set,
-                                     training_set_fingerprint)
-from xray_core.pipeline.features import embed_items, features_for, train_views
-from xray_core.settings import Settings, affecting
+from xray_core.pipeline.model_settings import settings_for_card
+from xray_core.settings import Settings
 
 
 def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None = None,
@@ -41,14 +47,19 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     card's ``val_metrics`` are computed on them (``val_metrics_on`` says which). The normaliser and
     temperature are saved inside ``head.safetensors``.
     """
+    from xray_core.evaluate.metrics import (
+        brier_score,
+        choose_threshold,
+        compute_metrics,
+        expected_calibration_error,
+        positive_index,
+    )
     from xray_core.model.backbone import FEATURE_DIM, load_backbone
-    from xray_core.evaluate.metrics import (brier_score, choose_threshold, compute_metrics,
-                                            expected_calibration_error, positive_index)
     from xray_core.model.calibrate import softmax
     from xray_core.model.preprocess import spec_dict
     from xray_core.model.recipes import candidate_recipes, fit_calibrated, select_recipe
-    from xray_core.registry.versions import load_model, save_model
     from xray_core.model.train import HeadConfig, predict_proba
+    from xray_core.registry.versions import load_model, save_model
 
     labels = data.labels
     backbone = load_backbone(settings)
@@ -74,12 +85,14 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     before = softmax(fitted.held_logits)
     held_probs = predict_proba(head, x_val) if on_val else softmax(fitted.held_logits, temperature)
     held_y = fitted.held_y
-    held_on = "validation" if on_val else "out-of-fold predictions over train+val (grouped k-fold of the recipe choice)"
-    calibration = {"method": f"temperature scaling (scipy.optimize, NLL on {held_on})", "temperature": temperature,
-                   "fitted_on": held_on, "n": int(len(held_y)),
+    held_on = ("validation" if on_val
+               else "out-of-fold predictions over train+val (grouped k-fold of the recipe choice)")
+    calibration = {"method": f"temperature scaling (scipy.optimize, NLL on {held_on})",
+                   "temperature": temperature, "fitted_on": held_on, "n": int(len(held_y)),
                    "ece_before": expected_calibration_error(before, held_y),
                    "ece_after": expected_calibration_error(held_probs, held_y),
-                   "brier_before": brier_score(before, held_y), "brier_after": brier_score(held_probs, held_y)}
+                   "brier_before": brier_score(before, held_y),
+                   "brier_after": brier_score(held_probs, held_y)}
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     threshold = None
     if pos is not None:  # on the calibrated probabilities: the threshold is a probability that means it
@@ -90,8 +103,8 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     val_metrics = compute_metrics(held_y, held_probs, labels, threshold=threshold,
                                   negative_label=settings.negative_label,
                                   target_specificity=settings.target_specificity)
-    hidden = [] if recipe.kind == "linear" else list(recipe.config.hidden)
-    dropout = 0.0 if recipe.kind == "linear" else recipe.config.dropout
+    hidden = [] if recipe.kind == "linear" else list(recipe.mlp.hidden)
+    dropout = 0.0 if recipe.kind == "linear" else recipe.mlp.dropout
     card = {
         "labels": labels, "threshold": threshold, "input_size": settings.input_size,
         "threshold_rule": (f"sensitivity >= {settings.target_sensitivity} (XRAY_TARGET_SENSITIVITY)"
@@ -134,8 +147,8 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init}
 
 
-def build_model_reference(settings: Settings, data: SplitData, head: Any, x_train: np.ndarray, x_val: np.ndarray,
-                          val_probs: np.ndarray, y_val: np.ndarray) -> Any:
+def build_model_reference(settings: Settings, data: SplitData, head: Any, x_train: np.ndarray,
+                          x_val: np.ndarray, val_probs: np.ndarray, y_val: np.ndarray) -> Any:
     """The model's reference (:mod:`xray_core.monitor.reference`), standardised by the head's normaliser.
 
     The PCA bases are fitted on the training features the head saw (every cached training view, the
@@ -167,8 +180,8 @@ def model_test_probs(settings: Settings, version: int, rows: list[Row]) -> tuple
     """
     from xray_core.model.backbone import load_backbone
     from xray_core.model.features import FeatureCache
-    from xray_core.registry.versions import load_model
     from xray_core.model.train import predict_proba
+    from xray_core.registry.versions import load_model
 
     current = load_backbone(settings)
     model = load_model(settings, version)
@@ -202,7 +215,8 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
     probs = probs[keep]
     y = label_indices(rows, labels)
     patients = np.array([r.patient_id for r in rows])
-    metrics = compute_metrics(y, probs, labels, threshold=model.threshold, negative_label=settings.negative_label,
+    metrics = compute_metrics(y, probs, labels, threshold=model.threshold,
+                              negative_label=settings.negative_label,
                               target_specificity=settings.target_specificity)
     metrics["intervals"] = bootstrap_intervals(
         y, probs, labels, patients, threshold=model.threshold, negative_label=settings.negative_label,
@@ -214,108 +228,21 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
     if subgroups := subgroup_slices(settings, rows, y, probs, labels, model.threshold):
         metrics["subgroups"] = subgroups  # XRAY_SLICE_BY beyond site and view: reported only
     fingerprint = fingerprint_test_set(data.test)
-    engine = open_catalogue(settings)
-    with session_scope(engine) as s:
+    with session_scope(open_catalogue(settings)) as s:
         s.add(Evaluation(model_id=version, test_set_fingerprint=fingerprint,
                          backbone_fingerprint=model.card["backbone_fingerprint"], n_images=len(rows),
                          metrics=metrics, flow_run_id=flow_run_id))
-        from db.schema import Model
-
         row = s.get(Model, version)
         if row is not None and not row.metrics.get("test"):
-            row.metrics = {**row.metrics, **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_auroc")},
+            row.metrics = {**row.metrics,
+                           **{k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_auroc")},
                            "intervals": metrics["intervals"], "test": True}
     # The probabilities travel with the evaluation (n x classes, in test-split order, rows of the
     # model's labels only), so deciding and reporting never re-read the test features.
-    return {"version": version, "test_set_fingerprint": fingerprint, "n_images": len(rows), "metrics": metrics,
+    return {"version": version, "test_set_fingerprint": fingerprint, "n_images": len(rows),
+            "metrics": metrics,
             "labels": labels, "probabilities": np.round(probs.astype(np.float64), 8).tolist(),
             "shas": [r.sha256 for r in rows], "sites": sites, "views": views}
-
-
-def current_champion(settings: Settings) -> int | None:
-    from xray_core.registry.versions import champion_version
-
-    engine = open_catalogue(settings)
-    with session_scope(engine) as s:
-        return champion_version(s)
-
-
-# Settings that change what training produces from the same features (marked affects="training").
-TRAINING_SETTINGS = affecting("training")
-
-
-def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | None:
-    """Why retraining would only reproduce the champion, or None when there is something new.
-
-    Training is deterministic, so with the champion's exact training and validation images, backbone
-    and training settings a new run would train the same weights again (and, being non-inferior to
-    itself, replace the champion with a copy every night). The scheduled run skips instead.
-    """
-    from db.schema import Model
-
-    engine = open_catalogue(settings)
-    with session_scope(engine) as s:
-        champion = s.scalar(select(Model).where(Model.status == "champion"))
-        if champion is None:
-            return None
-        version, trained_on = champion.id, champion.training_set_fingerprint
-        backbone, config = champion.backbone_fingerprint, dict(champion.config)
-    # any precision auto would serve the champion with: an fp32 champion is not retrained nightly
-    # only because auto now embeds new models in bf16 (the next data change retrains in bf16)
-    if trained_on != training_set_fingerprint(data) or settings_for_fingerprint(settings, backbone) is None:
-        return None
-    now = settings.public_dict()
-    changed = [k for k in TRAINING_SETTINGS if config.get(k) != now.get(k)]
-    if changed:
-        return None
-    return (f"nothing new since champion v{version}: the same training and validation images, backbone and "
-            "training settings would train the same weights again; retrain with force=True (CLI --force) to "
-            "run anyway")
-
-
-# Decisions a rerun on the same inputs would repeat (training, evaluation and policy are deterministic);
-# a failed run is retried, a promotion leaves a champion that nothing_new_since_champion covers.
-REPEATABLE_DECISIONS = ("keep", "blocked", "insufficient_evidence")
-# Settings that change where and how fast work runs, not the features, weights or decision
-# (marked affects="execution" in xray_core.settings).
-EXECUTION_SETTINGS = frozenset(affecting("execution"))
-
-
-def nothing_new_since_last_decision(settings: Settings, data: SplitData) -> str | None:
-    """Why retraining would only repeat the newest challenger's decision not to promote, or None.
-
-    When the newest model was kept, blocked or judged on insufficient evidence, and since then neither
-    the training and validation images, the test set the decision was made on, the backbone, any
-    setting but where and how fast work runs (``EXECUTION_SETTINGS``) nor the champion changed, a
-    rerun trains the same weights and reaches the same decision. Without this, an ingest that drifts
-    (which sends both ``xray.batch.ingested`` and ``xray.drift.detected``) queued two identical
-    retrains, and a nightly schedule retrained a rejected challenger every night. The backbone counts
-    as unchanged at any precision ``auto`` would serve the model with (as for the champion): an fp32
-    challenger is not retrained only because ``auto`` now picks bf16. Code changes are not seen: after
-    an upgrade that changes training or the policy, retrain with ``force``.
-    """
-    from db.schema import Model, Promotion
-
-    with session_scope(open_catalogue(settings)) as s:
-        newest = s.scalar(select(Model).order_by(Model.id.desc()).limit(1))
-        last = s.scalar(select(Promotion).order_by(Promotion.id.desc()).limit(1))
-        if newest is None or last is None or last.to_version != newest.id or last.decision not in REPEATABLE_DECISIONS:
-            return None
-        champion = s.scalar(select(Model.id).where(Model.status == "champion"))
-        # the test set of the decision itself, not any evaluation of the model: `xray models` re-scores
-        # a model on a newer test set without deciding anything
-        decided_on = ((last.metrics or {}).get("challenger") or {}).get("test_set_fingerprint")
-        version, decision, when = newest.id, last.decision, last.created_at
-        trained_on, backbone, config = newest.training_set_fingerprint, newest.backbone_fingerprint, dict(newest.config)
-        champion_then = last.champion_after
-    now = settings.public_dict()
-    changed = [k for k in set(now) | set(config) if k not in EXECUTION_SETTINGS and config.get(k) != now.get(k)]
-    if (champion != champion_then or trained_on != training_set_fingerprint(data) or changed
-            or fingerprint_test_set(data.test) != decided_on or settings_for_fingerprint(settings, backbone) is None):
-        return None
-    return (f"nothing new since v{version} was not promoted ({decision}, {when:%Y-%m-%d %H:%M}): the same images, "
-            f"test set, backbone, settings and champion would repeat that decision; retrain with force=True "
-            "(CLI --force) to run anyway")
 
 
 def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,

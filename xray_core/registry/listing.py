@@ -35,7 +35,8 @@ def list_models(settings: Settings, *, current_test_set: str | None = None) -> l
     with session_scope(engine) as s:
         models = s.scalars(select(Model).order_by(Model.id)).all()
         promoted = {}
-        for p in s.scalars(select(Promotion).where(Promotion.champion_after.is_not(None)).order_by(Promotion.id)):
+        promotions = select(Promotion).where(Promotion.champion_after.is_not(None)).order_by(Promotion.id)
+        for p in s.scalars(promotions):
             if p.champion_after == p.to_version and p.to_version is not None:
                 promoted[p.to_version] = {"time": p.created_at.isoformat(), "trigger": p.trigger,
                                           "decision": p.decision, "actor": p.actor}
@@ -59,9 +60,10 @@ def _scored(e: Any, current: str | None) -> dict[str, Any]:
         return {"metrics": {}, "n_images": None, "test_set_fingerprint": None, "scored_at": None,
                 "on_current_test_set": False, "note": "not scored on a test set yet"}
     on_current = e.test_set_fingerprint == current
-    return {"metrics": _key_metrics(e.metrics), "n_images": e.n_images, "test_set_fingerprint": e.test_set_fingerprint,
-            "scored_at": e.created_at.isoformat(), "on_current_test_set": on_current,
-            "note": None if on_current else (f"n={e.n_images} on older test set {e.test_set_fingerprint[:8]}, "
+    return {"metrics": _key_metrics(e.metrics), "n_images": e.n_images,
+            "test_set_fingerprint": e.test_set_fingerprint, "scored_at": e.created_at.isoformat(),
+            "on_current_test_set": on_current, "note": None if on_current
+            else (f"n={e.n_images} on older test set {e.test_set_fingerprint[:8]}, "
                                              f"{e.created_at.date().isoformat()}")}
 
 
@@ -94,7 +96,8 @@ def model_lineage(settings: Settings, version: int) -> dict[str, Any]:
                    for src in s.scalars(select(Source).where(Source.id.in_(source_ids)))]
         rows_eval = model_evaluations(s, version)
         evaluations = [{"test_set_fingerprint": e.test_set_fingerprint, "n_images": e.n_images,
-                        "backbone_fingerprint": e.backbone_fingerprint, "created_at": e.created_at.isoformat(),
+                        "backbone_fingerprint": e.backbone_fingerprint,
+                        "created_at": e.created_at.isoformat(),
                         "metrics": _key_metrics(e.metrics)} for e in rows_eval]
         last = rows_eval[-1] if rows_eval else None
         slices = None
@@ -103,10 +106,12 @@ def model_lineage(settings: Settings, version: int) -> dict[str, Any]:
                       "scored_at": last.created_at.isoformat(), **last.metrics["slices"]}
         return {"version": model.id, "status": model.status, "created_at": model.created_at.isoformat(),
                 "checkpoint_dir": model.checkpoint_dir, "checkpoint_sha256": model.checkpoint_sha256,
-                "backbone_fingerprint": model.backbone_fingerprint, "backbone_weights": model.backbone_weights,
+                "backbone_fingerprint": model.backbone_fingerprint,
+                "backbone_weights": model.backbone_weights,
                 "training_set_fingerprint": model.training_set_fingerprint, "labels": model.labels,
                 "threshold": model.threshold, "settings": model.config, "metrics": model.metrics,
-                "flow_run_id": model.flow_run_id, "sources": sources, "evaluations": evaluations, "slices": slices,
+                "flow_run_id": model.flow_run_id, "sources": sources,
+                "evaluations": evaluations, "slices": slices,
                 "images": {role: [{"id": r[1], "sha256": r[2], "label": r[3], "patient_id": r[4]}
                                   for r in rows if r[0] == role] for role in ("train", "val")}}
 

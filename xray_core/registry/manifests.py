@@ -8,7 +8,8 @@ show`` lists them.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -40,6 +41,7 @@ def split_manifest_ids(session: Session, sha: str | None) -> dict[str, list[int]
     if sha is None:
         return {role: [] for role in ROLES}
     row = session.get(SplitManifest, sha)
+    assert row is not None  # models.split_manifest is a foreign key to split_manifests
     return decode(row.body, row.encoding)
 
 

@@ -20,7 +20,7 @@ import math
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -31,14 +31,14 @@ from sqlalchemy.orm import Session
 from db import session_scope
 from db.schema import Model, Promotion
 from xray_core.data.catalogue import open_catalogue
-from xray_core.faults import crash_point
-from xray_core.errors import CheckpointError, UsageError
-from xray_core.io.fsutil import json_text, sha256_bytes
 from xray_core.data.labels import is_safe_label
-from xray_core.registry.manifests import put_split_manifest
-from xray_core.settings import Settings
+from xray_core.errors import CheckpointError, UsageError
+from xray_core.faults import crash_point
+from xray_core.io.fsutil import json_text, sha256_bytes
 from xray_core.io.storage import Storage, get_storage
 from xray_core.model.train import load_head
+from xray_core.registry.manifests import put_split_manifest
+from xray_core.settings import Settings
 
 CARD_SCHEMA_VERSION = 1
 CODE_VERSION = "0.1.0"
@@ -86,12 +86,14 @@ def validate_card(card: Any) -> dict[str, Any]:
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise CheckpointError(f"card.json: field {key!r} missing or not a {typ.__name__}")
     if card["schema"] != CARD_SCHEMA_VERSION:
-        raise CheckpointError(f"card.json schema {card['schema']} is not supported (expected {CARD_SCHEMA_VERSION})")
+        raise CheckpointError(f"card.json schema {card['schema']} is not supported (expected "
+                              f"{CARD_SCHEMA_VERSION})")
     labels = card["labels"]
     if len(labels) < 2 or not all(isinstance(x, str) for x in labels):
         raise CheckpointError("card.json: labels must be a list of at least two names")
     if len(set(labels)) != len(labels) or not all(is_safe_label(x) for x in labels):
-        raise CheckpointError("card.json: labels must be distinct names of 1-64 characters a-z, 0-9, '_' or '-'")
+        raise CheckpointError("card.json: labels must be distinct names of 1-64 characters a-z, "
+                              "0-9, '_' or '-'")
     threshold = card.get("threshold")
     if threshold is not None and not (_number(threshold) and 0.0 <= threshold <= 1.0):
         raise CheckpointError("card.json: threshold must be null or a number between 0 and 1")
@@ -113,8 +115,8 @@ def validate_card(card: Any) -> dict[str, Any]:
     if not (isinstance(files, dict) and all(
             isinstance(n, str) and re.fullmatch(r"[a-z0-9_]+\.safetensors", n) and n != "head.safetensors"
             and isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for n, h in files.items())):
-        raise CheckpointError("card.json: files must map extra file names (a-z, 0-9, '_', ending .safetensors) "
-                              "to their sha256 (64 hex digits)")
+        raise CheckpointError("card.json: files must map extra file names (a-z, 0-9, '_', ending "
+                              ".safetensors) to their sha256 (64 hex digits)")
     recipe = card.get("training", {}).get("recipe")
     if recipe is not None and not (isinstance(recipe, dict) and isinstance(recipe.get("name"), str)
                                    and isinstance(recipe.get("reason"), str)):
@@ -157,8 +159,10 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
     renamed: str | None = None
     try:
         with session_scope(engine) as s:
-            model = Model(status="candidate", checkpoint_dir="", checkpoint_sha256=head_sha, card_sha256=card_sha,
-                          backbone_fingerprint=card["backbone_fingerprint"], backbone_weights=card["backbone_weights"],
+            model = Model(status="candidate", checkpoint_dir="",
+                          checkpoint_sha256=head_sha, card_sha256=card_sha,
+                          backbone_fingerprint=card["backbone_fingerprint"],
+                          backbone_weights=card["backbone_weights"],
                           training_set_fingerprint=card["training_set_fingerprint"], labels=card["labels"],
                           threshold=card.get("threshold"), config=card.get("settings", {}),
                           metrics=card.get("metrics", {}), flow_run_id=flow_run_id)
@@ -220,7 +224,7 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
         require_backbone(card, version, backbone_fingerprint)
     try:
         state = load(blobs["head.safetensors"])  # safetensors: tensors only, never a pickle
-    except Exception as exc:  # SafetensorError: only possible if the catalogue row was altered too
+    except Exception as exc:  # noqa: BLE001 - SafetensorError: only possible if the catalogue row was altered too
         raise CheckpointError(f"model {version}: head.safetensors is not a readable safetensors file "
                               f"({type(exc).__name__}: {exc})") from None
     head_cfg = card["head"]
@@ -230,8 +234,10 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
                        files={name: blobs[name] for name in card.get("files", {})})
 
 
-def _read_verified(store: Storage, folder: str, name: str, expected: str, version: int, *, against: str) -> bytes:
-    """A model file's bytes, hashed against the sha256 recorded for it (the caller parses these same bytes)."""
+def _read_verified(store: Storage, folder: str, name: str, expected: str, version: int,
+                   *, against: str) -> bytes:
+    """A model file's bytes, hashed against the sha256 recorded for it (the caller parses these same
+    bytes)."""
     key = f"{folder}/{name}"
     try:
         data = store.read_bytes(key)
@@ -317,7 +323,9 @@ def _switch(s: Session, previous: int | None, new: int) -> None:
     if model.status == "champion":
         raise UsageError(f"model version {new} is already the champion")
     if previous is not None:
-        s.get(Model, previous).status = "retired"
+        retired = s.get(Model, previous)
+        assert retired is not None  # the champion this transaction read
+        retired.status = "retired"
         s.flush()  # retire first: the unique index allows one champion at a time
     model.status = "champion"
     s.flush()
@@ -363,7 +371,7 @@ def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: st
 
 
 def promotion_dict(r: Promotion) -> dict[str, Any]:
-    return {"id": r.id, "time": (r.created_at or datetime.now(timezone.utc)).isoformat(),
+    return {"id": r.id, "time": (r.created_at or datetime.now(UTC)).isoformat(),
             "from_version": r.from_version, "to_version": r.to_version, "decision": r.decision,
             "champion_after": r.champion_after, "rationale": r.rationale, "trigger": r.trigger,
             "actor": r.actor, "flow_run_id": r.flow_run_id, "metrics": r.metrics}

@@ -111,8 +111,8 @@ def _roc_by_class(labels: list[str], y: np.ndarray, probs: np.ndarray) -> dict[s
 
 
 def _curves(version: int, role: str, labels: list[str], y: np.ndarray, probs: np.ndarray) -> ModelCurves:
-    return ModelCurves(version=version, role=role, labels=labels, n=int(y.size), roc=_roc_by_class(labels, y, probs),
-                       reliability=reliability_bins(probs, y))
+    return ModelCurves(version=version, role=role, labels=labels, n=int(y.size),
+                       roc=_roc_by_class(labels, y, probs), reliability=reliability_bins(probs, y))
 
 
 def site_curves(version: int, role: str, labels: list[str], y: np.ndarray, probs: np.ndarray,
@@ -156,12 +156,12 @@ def collect_report_data(settings: Settings, data: SplitData, *, challenger: Eval
     ``challenger``/``champion`` are the run's evaluations: their test probabilities travel with them,
     so no test feature is read again here.
     """
-    from xray_core.model.backbone import load_backbone
-    from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
     from xray_core.data.images import decode_stored
     from xray_core.evaluate.metrics import positive_index, predict_labels
-    from xray_core.registry.versions import load_model
     from xray_core.io.storage import get_storage
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
+    from xray_core.registry.versions import load_model
 
     curves: list[ModelCurves] = []
     notes: list[str] = []
@@ -181,8 +181,8 @@ def collect_report_data(settings: Settings, data: SplitData, *, challenger: Eval
         if len(sites) == len(y):
             by_site += site_curves(version, role, model_labels, y, probs, list(sites))
         elif sites:  # none recorded (an evaluation from before sites were): no panels, nothing to say
-            notes.append(f"no per-site curves for v{version}: its evaluation lists {len(sites)} sites for {len(y)} "
-                         "test images")
+            notes.append(f"no per-site curves for v{version}: its evaluation lists {len(sites)} sites "
+                         f"for {len(y)} test images")
         if role != "challenger" or n_examples <= 0 or not rows:
             continue
         model = load_model(settings, version)
@@ -211,5 +211,5 @@ def collect_report_data(settings: Settings, data: SplitData, *, challenger: Eval
     return ReportData(curves=curves, examples=examples, notes=notes, site_curves=by_site)
 
 
-__all__ = ["ModelCurves", "SiteCurves", "ExampleHeatmap", "ReportData", "roc_curve", "reliability_bins", "site_curves",
-           "collect_report_data"]
+__all__ = ["ModelCurves", "SiteCurves", "ExampleHeatmap", "ReportData", "roc_curve",
+           "reliability_bins", "site_curves", "collect_report_data"]

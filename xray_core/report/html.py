@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import base64
 import io
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from xray_core.report.data import ModelCurves, ReportData, SiteCurves
 from xray_core.report.format import format_interval
@@ -57,11 +58,11 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _roc_classes(curves: Sequence[ModelCurves], negative_label: str) -> list[str]:
+def _roc_classes(curves: Sequence[ModelCurves] | Sequence[SiteCurves], negative_label: str) -> list[str]:
     """Binary: the disease class only (the other curve is its mirror); more classes: each one-vs-rest."""
     labels = curves[0].labels
     if len(labels) == 2:
-        return [l for l in labels if l != negative_label][:1] or labels[1:]
+        return [label for label in labels if label != negative_label][:1] or labels[1:]
     return list(labels)
 
 
@@ -99,7 +100,7 @@ def site_roc_png(site_curves: Sequence[SiteCurves], *, negative_label: str = NEG
     from matplotlib.figure import Figure
 
     sites = sorted({c.site for c in site_curves})
-    classes = _roc_classes(site_curves, negative_label)  # type: ignore[arg-type]  # same .labels
+    classes = _roc_classes(site_curves, negative_label)
     cols = min(SITE_PANELS_PER_ROW, len(sites))
     rows = -(-len(sites) // cols)
     fig = Figure(figsize=(3.3 * cols, 3.3 * rows), layout="constrained")
@@ -142,8 +143,8 @@ def _site_panels(site_curves: Sequence[SiteCurves]) -> tuple[list[SiteCurves], l
     if len(sizes) < 2:  # one site: its panel would repeat the pooled figure
         return [], []
     keep = set(sorted(sizes, key=lambda s: (-sizes[s], s))[:SITE_PANELS_MAX])
-    notes = ([f"Per-site ROC: the {SITE_PANELS_MAX} largest of {len(sizes)} sites are drawn; the by-site table "
-              "lists them all."] if len(sizes) > SITE_PANELS_MAX else [])
+    notes = ([f"Per-site ROC: the {SITE_PANELS_MAX} largest of {len(sizes)} sites are drawn; the by-site "
+              "table lists them all."] if len(sizes) > SITE_PANELS_MAX else [])
     return [c for c in site_curves if c.site in keep], notes
 
 
@@ -207,8 +208,8 @@ def embeddable_heatmap(png: bytes, *, max_side: int = HEATMAP_EMBED_PX) -> bytes
     """
     from PIL import Image
 
-    with Image.open(io.BytesIO(png)) as img:
-        img = img.convert("RGB")
+    with Image.open(io.BytesIO(png)) as opened:
+        img = opened.convert("RGB")
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=HEATMAP_JPEG_QUALITY, optimize=True)
@@ -234,7 +235,8 @@ def _per_class_tables(evals: list[tuple[str, Evaluation]]) -> list[dict[str, Any
         m = ev.metrics
         iv = m.get("intervals", {})
         rows = [[label, pc.get("support"),
-                 *[format_interval({"point": pc.get(k), **iv.get(f"per_class.{label}.{k}", {})}) for k in PER_CLASS_METRICS]]
+                 *[format_interval({"point": pc.get(k), **iv.get(f"per_class.{label}.{k}", {})})
+                   for k in PER_CLASS_METRICS]]
                 for label, pc in m.get("per_class", {}).items()]
         out.append({"title": f"{role} v{ev.version}", "headers": ["class", "test images", *PER_CLASS_METRICS],
                     "rows": rows})
@@ -283,7 +285,7 @@ def html_context(run: RunResult, data: ReportData | None, *, negative_label: str
     evals = evaluations(run)
     context = report_context(run, files)
     context.update(
-        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         metric_table=_metric_table(evals) if evals else None,
         per_class=_per_class_tables(evals),
         figures=_figures(run, data, negative_label, heatmap_links or {}),
@@ -326,7 +328,8 @@ def write_run_html(settings: Settings, run: RunResult, run_dir: Path,
     challenger, champion = run.challenger_eval, run.champion_eval
     if challenger is not None and snapshot.is_file():
         try:
-            data = collect_report_data(settings, load_snapshot(snapshot), challenger=challenger, champion=champion)
+            data = collect_report_data(settings, load_snapshot(snapshot),
+                                       challenger=challenger, champion=champion)
         except (XrayError, OSError, ValueError, RuntimeError) as exc:
             notes.append(f"Curves and heatmaps unavailable: {type(exc).__name__}: {exc}")
     elif run.status == "failed":

@@ -22,9 +22,9 @@ from typing import Any
 from xray_core.data.incoming import pending_phrase
 from xray_core.evaluate.promotion import RUN_STATES
 from xray_core.report.drift import drift_context
-from xray_core.report.format import cut_words, format_interval
+from xray_core.report.format import cut_words, format_interval, outcome_sentence
 from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
-from xray_core.results import NOT_REACHED, Evaluation, ReportFiles, RunResult, outcome_sentence
+from xray_core.results import Evaluation, NotReached, ReportFiles, RunResult
 from xray_core.results import run_state as derive_state
 from xray_core.settings import Settings
 
@@ -85,7 +85,7 @@ def champion_before(run: RunResult) -> int | None:
 
 def champion_after(run: RunResult) -> int | None:
     """The champion once the run ended (None: none, or the run did not get that far)."""
-    return None if run.champion_after is NOT_REACHED else run.champion_after  # type: ignore[return-value]
+    return None if isinstance(run.champion_after, NotReached) else run.champion_after
 
 
 def _v(version: int | None, fallback: str) -> str:
@@ -93,7 +93,7 @@ def _v(version: int | None, fallback: str) -> str:
 
 
 def champion_change(run: RunResult) -> str | None:
-    """What happened to the champion, in versions (:func:`xray_core.results.outcome_sentence`)."""
+    """What happened to the champion, in versions (:func:`xray_core.report.format.outcome_sentence`)."""
     return outcome_sentence(run_state(run), challenger_version(run), champion_before(run),
                             champion_after(run), pending=pending_phrase(run.incoming))
 
@@ -133,7 +133,8 @@ def artifact_description(run: RunResult) -> str:
         text = (f"Kept v{old}; challenger {challenger} rejected" if old is not None
                 else f"Kept: no champion; challenger {challenger} rejected")
     elif state == "Blocked":
-        text = (f"Blocked {challenger} (shortcut audit); " + (f"kept v{old}" if old is not None else "no champion"))
+        text = (f"Blocked {challenger} (shortcut audit); "
+                + (f"kept v{old}" if old is not None else "no champion"))
     elif state == "Insufficient evidence":
         text = ("Insufficient evidence: " + (f"kept v{old}; " if old is not None else "no champion; ")
                 + f"challenger {challenger} not judged")

@@ -40,4 +40,5 @@ def changed_settings(settings: Settings) -> dict[str, str]:
 def field_type(name: str) -> TypeAdapter[Any]:
     """A validator of one setting's values on their own (its type and checks, as the model applies them)."""
     field = FIELDS[name]
-    return TypeAdapter(Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
+    declared: Any = field.annotation  # a type form; pydantic's own annotation says Optional
+    return TypeAdapter(Annotated[(declared, *field.metadata)] if field.metadata else declared)

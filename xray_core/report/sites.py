@@ -15,7 +15,8 @@ why (e.g. ``1 pneumonia (< 5 per class)``), so a missing site is never mistaken 
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, TypeGuard
 
 from xray_core.evaluate.slices import UNKNOWN  # the slice of films whose site or view is not known
 from xray_core.report.format import format_interval
@@ -77,7 +78,7 @@ def slice_table(dimension: str, slices: dict[str, dict[str, Any]]) -> dict[str, 
     return {"headers": headers, "rows": rows}
 
 
-def worth_showing(slices: dict[str, Any] | None) -> bool:
+def worth_showing(slices: dict[str, Any] | None) -> TypeGuard[dict[str, dict[str, Any]]]:
     """A dimension is shown when at least one of its slices has a known value (all-unknown views say
     nothing a reader can act on; the pooled table already has those numbers)."""
     return bool(slices) and any(name != UNKNOWN for name in slices or {})
@@ -128,7 +129,8 @@ def site_metric_rows(challenger: Evaluation | None, champion: Evaluation | None)
     rows = []
     for site in sites:
         for name, path in [("macro_auroc", "macro_auroc"),
-                           *[(f"sensitivity[{label}]", f"per_class.{label}.sensitivity") for label in labels]]:
+                           *[(f"sensitivity[{label}]",
+                              f"per_class.{label}.sensitivity") for label in labels]]:
             row: dict[str, Any] = {"metric": f"{name} @ site {site}"}
             for role, ev in (("challenger", challenger), ("champion", champion)):
                 sl = site_slices[role].get(site)
@@ -193,7 +195,8 @@ def films_text(films: Sequence[dict[str, Any]]) -> str:
     return "; ".join(f"{(f.get('added_at') or '')[:10]} {f.get('file')}: {f.get('label')}" for f in films)
 
 
-def label_history_context(history: dict[str, Any] | None, *, limit: int = LABEL_HISTORY_SHOWN) -> dict[str, Any] | None:
+def label_history_context(history: dict[str, Any] | None, *,
+                          limit: int = LABEL_HISTORY_SHOWN) -> dict[str, Any] | None:
     """The "Label history" section: patients whose films carry different labels, with dates and files,
     and whether any sit in the test split (then the test set disagrees with itself). None when none."""
     if not history or not history.get("patients"):

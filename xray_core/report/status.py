@@ -68,7 +68,8 @@ def latest_audit(settings: Settings) -> dict[str, Any] | None:
         for row in s.scalars(select(Promotion).order_by(Promotion.id.desc())):
             audit = (row.metrics or {}).get("audit")
             if audit:
-                return {"promotion_id": row.id, "time": row.created_at.isoformat() if row.created_at else None,
+                return {"promotion_id": row.id,
+                        "time": row.created_at.isoformat() if row.created_at else None,
                         "decision": row.decision, "challenger": row.to_version,
                         "flagged": bool(audit.get("flagged")), "warnings": list(audit.get("warnings") or []),
                         "policy": audit.get("policy"), "sites": list(audit.get("sites") or [])}
@@ -94,8 +95,8 @@ def interrupted_runs(settings: Settings) -> dict[str, Any]:
                                         .order_by(Source.id))
                    if src.status == "interrupted" or not owner_alive(src.counts)]
         decided = set(s.scalars(select(Promotion.to_version).where(Promotion.to_version.is_not(None))))
-        undecided = [m for m in s.scalars(select(Model.id).where(Model.status == "candidate").order_by(Model.id))
-                     if m not in decided]
+        candidates = s.scalars(select(Model.id).where(Model.status == "candidate").order_by(Model.id))
+        undecided = [m for m in candidates if m not in decided]
     return {"ingests": ingests, "undecided_candidates": [] if _retrain_running(settings) else undecided}
 
 
@@ -123,9 +124,8 @@ def _feature_cache(settings: Settings) -> list[dict[str, Any]]:
     from db import session_scope
     from db.schema import Image, Model
     from xray_core.data.catalogue import open_catalogue
-    from xray_core.model.features import cache_summary
-
     from xray_core.io.storage import get_storage
+    from xray_core.model.features import cache_summary
 
     storage = get_storage(settings, "features")
     rows = cache_summary(storage)

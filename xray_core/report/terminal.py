@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from xray_core.report.format import format_interval, table
 
@@ -15,9 +16,11 @@ def render_ingest(s: dict[str, Any]) -> str:
            f"  files {s['files']}: added {s['added']}, duplicates {s['duplicates']}, "
            f"unchanged (skipped) {s['skipped_unchanged']}, rejected {s['rejected']}  ({s['seconds']} s)"]
     if s["added_by_label"]:
-        out.append("  added by label: " + ", ".join(f"{k} {v}" for k, v in sorted(s["added_by_label"].items())))
+        out.append("  added by label: " + ", ".join(f"{k} {v}"
+                                                    for k, v in sorted(s["added_by_label"].items())))
     if s["rejected_by_reason"]:
-        out.append("  rejected by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())))
+        out.append("  rejected by reason: " + ", ".join(f"{k} {v}"
+                                                        for k, v in sorted(s["rejected_by_reason"].items())))
     q = s.get("quarantine") or {}  # absent in summaries stored before content-addressed quarantine
     if q.get("copies_written") or q.get("rows_sharing_a_copy"):
         out.append(f"  quarantine: {q['copies_written']} new copies ({q['bytes_written']:,} bytes); "
@@ -47,11 +50,15 @@ def render_status(r: dict[str, Any]) -> str:
             for label, v in cat["by_label_and_split"].items()]
     if rows:
         out += ["", table(["label", "train", "val", "test", "unassigned", "total"], rows)]
-    out += ["", "patients by id source: " + (", ".join(f"{k} {v}" for k, v in cat["patients"]["by_id_source"].items()) or "none")]
+    out += ["",
+            "patients by id source: "
+            + (", ".join(f"{k} {v}" for k, v in cat["patients"]["by_id_source"].items()) or "none")]
     rej = cat["rejections"]
-    out.append(f"rejections {rej['total']}" + (": " + ", ".join(f"{k} {v}" for k, v in rej["by_reason"].items()) if rej["total"] else ""))
+    out.append(f"rejections {rej['total']}"
+               + (": " + ", ".join(f"{k} {v}" for k, v in rej["by_reason"].items()) if rej["total"] else ""))
     nd = cat["near_duplicates"]
-    out.append(f"near-duplicate pairs across splits (pHash distance <= {nd['max_distance']}): {nd['pairs_across_splits']}")
+    out.append(f"near-duplicate pairs across splits (pHash distance <= {nd['max_distance']}): "
+               f"{nd['pairs_across_splits']}")
     for e in (nd.get("examples") or [])[:5]:
         out.append(f"  {e.get('file_a')} (patient {e.get('patient_a')}, {e['split_a']}) ~ {e.get('file_b')} "
                    f"(patient {e.get('patient_b')}, {e['split_b']}): {e['distance']} bits")
@@ -63,23 +70,29 @@ def render_status(r: dict[str, Any]) -> str:
         out.append(f"note: {note}")
     gone = r.get("interrupted") or {}
     for src in gone.get("ingests", []):
-        out.append(f"interrupted ingest: source {src['source_id']} {src['path']} (started {src['started_at']})")
+        out.append(f"interrupted ingest: source {src['source_id']} {src['path']} (started "
+                   f"{src['started_at']})")
     if gone.get("undecided_candidates"):
         out.append("candidates with no decision (a killed retrain, or `xray train`): "
                    + ", ".join(f"v{v}" for v in gone["undecided_candidates"]))
     if r.get("feature_cache"):
-        out += ["", table(["feature cache (backbone fingerprint)", "files", "MiB", "catalogued images cached", "models"],
+        header = ["feature cache (backbone fingerprint)", "files", "MiB", "catalogued images cached",
+                  "models"]
+        out += ["", table(header,
                           [[c["fingerprint"][:16], c.get("files", ""), round(c.get("bytes", 0) / 2**20, 1),
-                            c.get("coverage", ""), ", ".join(f"v{m['version']} {m['status']}" for m in c.get("models", []))
+                            c.get("coverage", ""),
+                            ", ".join(f"v{m['version']} {m['status']}" for m in c.get("models", []))
                             or "-"] for c in r["feature_cache"]])]
     models = r.get("models") or {}
     if models:
         out += ["", f"champion: {models.get('champion') or 'none'}; versions: {models.get('versions', 0)}"]
     checks = r.get("drift_checks") or []
     if checks:
-        out += ["", "drift checks (newest first; evidence that inputs changed, not proof that performance fell):"]
-        out += [f"  {c['created_at'][:19]} {c['kind']} {c['subject'][:60]}: {c['n']} films, {c['ood_flagged']} unlike "
-                f"the training data; {'DRIFT ' if c['drift'] else ''}{c['verdict'][:160]}" for c in checks]
+        out += ["",
+                "drift checks (newest first; evidence that inputs changed, not proof that performance fell):"]
+        out += [f"  {c['created_at'][:19]} {c['kind']} {c['subject'][:60]}: {c['n']} films, "
+                f"{c['ood_flagged']} unlike the training data; "
+                f"{'DRIFT ' if c['drift'] else ''}{c['verdict'][:160]}" for c in checks]
     s = r["settings"]
     out += ["", "settings:"] + [f"  {k} = {v}" for k, v in s.items()]
     return "\n".join(out)
@@ -160,7 +173,8 @@ def render_history(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         out.append(f"#{r['id']} {r['time'][:19]} {r['decision']}: {r['from_version']} -> champion "
                    f"{r['champion_after']} (challenger {r['to_version']}; trigger {r['trigger']}"
-                   f"{'; by ' + r['actor'] if r.get('actor') else ''}{'; flow run ' + r['flow_run_id'] if r.get('flow_run_id') else ''})")
+                   f"{'; by ' + r['actor'] if r.get('actor') else ''}"
+                   f"{'; flow run ' + r['flow_run_id'] if r.get('flow_run_id') else ''})")
         out.append(f"    {r['rationale']}")
     return "\n".join(out)
 
@@ -180,8 +194,9 @@ def render_lineage(m: dict[str, Any]) -> str:
     if latest:
         shown = render_slices(latest)
         if shown:
-            out += ["", f"latest evaluation (test set {latest['test_set_fingerprint'][:12]}, {latest['n_images']} "
-                        f"images, {(latest.get('scored_at') or '')[:19]}), sliced:", *shown]
+            out += ["",
+                    f"latest evaluation (test set {latest['test_set_fingerprint'][:12]}, "
+                    f"{latest['n_images']} images, {(latest.get('scored_at') or '')[:19]}), sliced:", *shown]
     return "\n".join(out)
 
 
@@ -189,11 +204,14 @@ def render_train(r: dict[str, Any]) -> str:
     t, e = r["train"], r["embed"]
     m = r["test"]["metrics"]
     out = [f"embedded {e['computed']} new (image, view) pairs, {e['cached']} from cache ({e['seconds']} s); "
-           f"backbone {e['backbone_fingerprint'][:12]}" + (" (RANDOM-INIT: offline test weights)" if e["backbone_random_init"] else ""),
-           f"trained model {t['version']}: best epoch {t['best_epoch']} of {t['epochs_run']}, threshold {t['threshold']}",
+           f"backbone {e['backbone_fingerprint'][:12]}"
+           + (" (RANDOM-INIT: offline test weights)" if e["backbone_random_init"] else ""),
+           f"trained model {t['version']}: best epoch {t['best_epoch']} of {t['epochs_run']}, threshold "
+           f"{t['threshold']}",
            f"  {t['smoke_test']}",
-           f"test set ({r['test']['n_images']} images): accuracy {format_interval(m['accuracy'])}, balanced accuracy "
-           f"{format_interval(m['balanced_accuracy'])}, macro AUROC {format_interval(m['macro_auroc'])}"]
+           f"test set ({r['test']['n_images']} images): accuracy {format_interval(m['accuracy'])}, balanced "
+           f"accuracy {format_interval(m['balanced_accuracy'])}, macro AUROC "
+           f"{format_interval(m['macro_auroc'])}"]
     return "\n".join(out)
 
 
@@ -202,8 +220,8 @@ def render_retrain(r: dict[str, Any]) -> str:
     state = r.get("state") or str(r.get("status"))
     out = [f"{state}: {r.get('state_message') or r.get('summary') or ''}".rstrip()]
     if r.get("backbone_random_init"):
-        out.append("warning: the backbone is RANDOM-INIT (XRAY_BACKBONE_WEIGHTS=random): the numbers show the "
-                   "pipeline works, not a clinically useful model")
+        out.append("warning: the backbone is RANDOM-INIT (XRAY_BACKBONE_WEIGHTS=random): the numbers show "
+                   "the pipeline works, not a clinically useful model")
     for note in r.get("notes") or []:
         out.append(f"note: {note}")
     for warning in (r.get("drift") or {}).get("warnings") or []:
@@ -212,15 +230,17 @@ def render_retrain(r: dict[str, Any]) -> str:
     for warning in audit.get("warnings") or []:
         out.append(f"shortcut audit: {warning} (XRAY_SHORTCUT_POLICY={audit.get('policy')})")
     for drop in (r.get("decision") or {}).get("site_drops") or []:
-        out.append(f"site {drop['site']}: {drop['metric']} {drop['challenger']:.3f} vs champion {drop['champion']:.3f}")
+        out.append(f"site {drop['site']}: {drop['metric']} {drop['challenger']:.3f} vs champion "
+                   f"{drop['champion']:.3f}")
     for name in ("challenger_eval", "champion_eval"):
         ev = r.get(name)
         if ev:
             iv = ev.get("intervals") or {}
             auroc = format_interval({"point": ev.get("macro_auroc"), **(iv.get("macro_auroc") or {})})
-            bacc = format_interval({"point": ev.get("balanced_accuracy"), **(iv.get("balanced_accuracy") or {})})
-            out.append(f"{name.split('_')[0]:<10} v{ev['version']}: macro AUROC {auroc}, balanced accuracy {bacc} "
-                       f"on {ev['n_images']} test images (test set {ev['test_set_fingerprint'][:8]})")
+            bacc = format_interval({"point": ev.get("balanced_accuracy"),
+                                    **(iv.get("balanced_accuracy") or {})})
+            out.append(f"{name.split('_')[0]:<10} v{ev['version']}: macro AUROC {auroc}, balanced accuracy "
+                       f"{bacc} on {ev['n_images']} test images (test set {ev['test_set_fingerprint'][:8]})")
     if r.get("champion_after") is not None:
         out.append(f"champion now: v{r['champion_after']}")
     if r.get("report"):
@@ -231,8 +251,8 @@ def render_retrain(r: dict[str, Any]) -> str:
 def render_terminated(result: RunResult | None, *, command: str = "retrain") -> str:
     """The one line a SIGTERM'd command prints: for a retrain, what its audit row (if any) now says."""
     if command != "retrain":
-        return ("terminated (SIGTERM); what was committed before stays, the transaction in progress was rolled "
-                "back" + (" and this ingest is recorded as failed; the next ingest takes up the rest"
+        return ("terminated (SIGTERM); what was committed before stays, the transaction in progress was "
+                "rolled back" + (" and this ingest is recorded as failed; the next ingest takes up the rest"
                           if command == "ingest" else ""))
     if result is None:
         return "terminated (SIGTERM) before a retrain started or after it finished: nothing to record"
@@ -271,7 +291,8 @@ def render_predict(r: dict[str, Any]) -> str:
     for row in r.get("rows", []):
         probs = ", ".join(f"{k[2:]} {v}" for k, v in row.items() if k.startswith("p_") and v != "")
         ood = " [unlike the training data]" if row.get("in_distribution") == "false" else ""
-        out.append(f"  {row['file']}: {row['predicted_label'] or row['error']}" + (f" ({probs})" if probs else "") + ood)
+        out.append(f"  {row['file']}: {row['predicted_label'] or row['error']}"
+                   + (f" ({probs})" if probs else "") + ood)
     return "\n".join(out)
 
 

@@ -1,12 +1,11 @@
 """initial catalogue and registry
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-26 00:09:10.258751
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
@@ -35,7 +34,9 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('models', schema=None) as batch_op:
-        batch_op.create_index('uq_models_one_champion', ['status'], unique=True, sqlite_where=sa.text("status = 'champion'"), postgresql_where=sa.text("status = 'champion'"))
+        batch_op.create_index('uq_models_one_champion', ['status'], unique=True,
+                              sqlite_where=sa.text("status = 'champion'"),
+                              postgresql_where=sa.text("status = 'champion'"))
 
     op.create_table('patients',
     sa.Column('patient_id', sa.String(length=128), nullable=False),
@@ -172,7 +173,8 @@ def downgrade() -> None:
     op.drop_table('seen_files')
     op.drop_table('patients')
     with op.batch_alter_table('models', schema=None) as batch_op:
-        batch_op.drop_index('uq_models_one_champion', sqlite_where=sa.text("status = 'champion'"), postgresql_where=sa.text("status = 'champion'"))
+        batch_op.drop_index('uq_models_one_champion', sqlite_where=sa.text("status = 'champion'"),
+                            postgresql_where=sa.text("status = 'champion'"))
 
     op.drop_table('models')
     # ### end Alembic commands ###

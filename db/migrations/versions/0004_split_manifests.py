@@ -9,11 +9,10 @@ Revision ID: 0003s
 Revises: 0002
 Create Date: 2026-11-30 20:30:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 from db.split_manifest import ENCODING, decode, encode
-
 
 revision = '0003s'
 down_revision = '0003'
@@ -35,22 +34,25 @@ def upgrade() -> None:
     # models table, with its partial unique index on the champion, is not rebuilt as batch mode would.
     # (Already there after a downgrade on SQLite, which cannot drop it: see downgrade.)
     if 'split_manifest' not in {c['name'] for c in sa.inspect(op.get_bind()).get_columns('models')}:
-        op.execute("ALTER TABLE models ADD COLUMN split_manifest VARCHAR(64) REFERENCES split_manifests (sha256)")
+        op.execute("ALTER TABLE models ADD COLUMN split_manifest VARCHAR(64) REFERENCES "
+                   "split_manifests (sha256)")
     op.create_index(op.f('ix_models_split_manifest'), 'models', ['split_manifest'], unique=False)
 
     bind = op.get_bind()
     by_model: dict[int, dict[str, list[int]]] = {}
-    for model_id, image_id, role in bind.execute(sa.text("SELECT model_id, image_id, role FROM model_images")):
+    rows = bind.execute(sa.text("SELECT model_id, image_id, role FROM model_images"))
+    for model_id, image_id, role in rows:
         by_model.setdefault(model_id, {"train": [], "val": []}).setdefault(role, []).append(image_id)
     written: set[str] = set()
     for model_id, roles in sorted(by_model.items()):
         sha, body, n_train, n_val = encode(roles.get("train", []), roles.get("val", []))
         if sha not in written:
-            bind.execute(sa.text("INSERT INTO split_manifests (sha256, encoding, n_train, n_val, body, created_at) "
-                                 "VALUES (:sha, :enc, :nt, :nv, :body, CURRENT_TIMESTAMP)"),
+            bind.execute(sa.text("INSERT INTO split_manifests (sha256, encoding, n_train, n_val, body, "
+                                 "created_at) VALUES (:sha, :enc, :nt, :nv, :body, CURRENT_TIMESTAMP)"),
                          {"sha": sha, "enc": ENCODING, "nt": n_train, "nv": n_val, "body": body})
             written.add(sha)
-        bind.execute(sa.text("UPDATE models SET split_manifest = :sha WHERE id = :id"), {"sha": sha, "id": model_id})
+        bind.execute(sa.text("UPDATE models SET split_manifest = :sha WHERE id = :id"),
+                     {"sha": sha, "id": model_id})
     op.drop_table('model_images')
 
 
@@ -69,7 +71,8 @@ def downgrade() -> None:
     for model_id, body, encoding in rows:
         for role, ids in decode(body, encoding).items():
             if ids:
-                bind.execute(sa.text("INSERT INTO model_images (model_id, image_id, role) VALUES (:m, :i, :r)"),
+                bind.execute(sa.text("INSERT INTO model_images (model_id, image_id, role) "
+                                     "VALUES (:m, :i, :r)"),
                              [{"m": model_id, "i": i, "r": role} for i in ids])
     op.drop_index(op.f('ix_models_split_manifest'), table_name='models')
     if bind.dialect.name == 'sqlite':

@@ -11,11 +11,10 @@ Revision ID: 0005
 Revises: 0003s
 Create Date: 2026-11-30 22:30:00
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 from db.near_pairs import backfill_near_pairs
-
 
 revision = '0005'
 down_revision = '0003s'
