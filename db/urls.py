@@ -32,6 +32,7 @@ def check_database_url(url: str) -> None:
         raise DatabaseUrlError(f"needs a driver that is not installed ({exc})") from None
 
 
+_USERINFO = re.compile(r"//[^/@]*@")
 _USER_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")  # scheme://user:password@ in what SQLAlchemy refused
 
 
@@ -58,4 +59,11 @@ def mask_url(url: str) -> str:
         return repr(_USER_PASSWORD.sub(r"\1***@", url))
 
 
-__all__ = ["ALLOWED_DATABASE_URLS", "DatabaseUrlError", "check_database_url", "mask_url", "sqlite_file"]
+def mask_userinfo(url: str) -> str:
+    """``url`` with any ``//user:password@`` or ``//token@`` part replaced by ``//***@``: an fsspec
+    storage URL (``s3://key:secret@bucket/xray``) carries its credentials there, user name included."""
+    return _USERINFO.sub("//***@", url)
+
+
+__all__ = ["ALLOWED_DATABASE_URLS", "DatabaseUrlError", "check_database_url", "mask_url", "mask_userinfo",
+           "sqlite_file"]

@@ -28,6 +28,7 @@ from pydantic import BeforeValidator, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from db.urls import mask_url, mask_userinfo
 from xray_core import rules as r
 from xray_core.errors import SettingsError
 from xray_core.rules import check, parse, setting
@@ -307,14 +308,16 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     def public_dict(self) -> dict[str, Any]:
-        """Settings as JSON-able values, without secrets (the patient salt)."""
+        """Settings as JSON-able values, without secrets (the patient salt, passwords in URLs)."""
         out: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
             if name == "patient_salt":
                 value = "(set)" if value else "(per-home file)"
-            elif name == "storage_url" and value and "@" in value:
-                value = re.sub(r"//[^/@]*@", "//***@", value)  # credentials in the URL
+            elif name == "database_url":
+                value = mask_url(value)  # a PostgreSQL password must not reach a model card or status
+            elif name == "storage_url" and value:
+                value = mask_userinfo(value)  # credentials in the URL
             elif name == "file_mode":
                 value = f"{value:04o}"  # as people write it (XRAY_FILE_MODE=0640), not 416
             elif isinstance(value, Path):

@@ -8,6 +8,7 @@ the declaration are checked against it too.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,15 @@ def test_docs_settings_page_is_generated_from_the_declaration() -> None:
     page = (PROJECT / "docs" / "settings.md").read_text()
     assert page == settings_page(), "regenerate docs/settings.md: python scripts/settings_table.py --write"
     assert all(f"| `{var}` |" in page for var in ENV_VARS)
+
+
+def test_public_settings_never_show_a_password_in_a_url(tmp_path: Path) -> None:
+    """public_dict feeds model cards, `xray status --json` and the demo's settings line: a PostgreSQL
+    password or storage credentials must not reach them (the database URL used to be shown as set)."""
+    settings = _load(tmp_path, XRAY_DATABASE_URL="postgresql+psycopg://xray:pw-db-7@db.local/xray",
+                     XRAY_STORAGE_URL="memory://key-9:secret-9@bucket/xray")
+    shown = json.dumps(settings.public_dict()) + json.dumps(changed_settings(settings))
+    assert "pw-db-7" not in shown and "secret-9" not in shown and "key-9" not in shown
+    assert settings.public_dict()["database_url"] == "postgresql+psycopg://xray:***@db.local/xray"
+    assert settings.public_dict()["storage_url"] == "memory://***@bucket/xray"
+    assert settings.database_url.endswith("pw-db-7@db.local/xray")  # the value itself is kept
