@@ -271,7 +271,8 @@ def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | Non
 
 # Decisions a rerun on the same inputs would repeat (training, evaluation and policy are deterministic);
 # a failed run is retried, a promotion leaves a champion that nothing_new_since_champion covers.
-REPEATABLE_DECISIONS = ("keep", "blocked", "insufficient_evidence")
+# A reviewer's "no" and a review nobody answered count too: the same run would ask the same question.
+REPEATABLE_DECISIONS = ("keep", "blocked", "insufficient_evidence", "rejected", "review_expired")
 # Settings that change where and how fast work runs, not the features, weights or decision
 # (marked affects="execution" in xray_core.settings).
 EXECUTION_SETTINGS = frozenset(affecting("execution"))
@@ -361,7 +362,7 @@ def _probabilities(evaluation: dict[str, Any], settings: Settings, data: SplitDa
 def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any], trigger: str,
                  champion_eval: dict[str, Any] | None, challenger_eval: dict[str, Any],
                  flow_run_id: str | None = None, record_stale_unless_champion: Any = ...,
-                 audit: dict[str, Any] | None = None) -> dict[str, Any]:
+                 audit: dict[str, Any] | None = None, actor: str | None = None) -> dict[str, Any]:
     """Record the decision; on promote, re-verify the checkpoint and switch the champion atomically.
 
     ``record_stale_unless_champion``: the version evaluated as champion (None: there was none); when
@@ -378,7 +379,8 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
                "site_drops": decision.get("site_drops"), "audit": audit}
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"], metrics=json.loads(json.dumps(metrics, default=str)),
-                           trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]),
+                           trigger=trigger, actor=actor, flow_run_id=flow_run_id,
+                           promote=bool(decision["promote"]),
                            **({} if record_stale_unless_champion is ...
                               else {"record_stale_unless_champion": record_stale_unless_champion}))
 
