@@ -12,6 +12,8 @@ from typing import Any
 from prefect.events import emit_event as _prefect_emit_event
 
 from xray_core.io.fsutil import json_safe
+from xray_core.pipeline.review import ReviewRequest
+
 
 def emit_event(event: str, **kwargs: Any) -> None:
     """Prefect's ``emit_event`` with every string made valid UTF-8 (a site or report path named by a
@@ -68,3 +70,16 @@ def emit_drift(result: dict[str, Any]) -> int:
                    | {"subject": subject, "report": result.get("report")})
         sent += 1
     return sent
+
+
+def emit_review_requested(ask: ReviewRequest, ui_url: str | None) -> None:
+    """``xray.review.requested`` when a run starts waiting for its reviewer, on the challenger's resource
+    (the champion related), with what an automation needs to notify someone: the run, its form's link,
+    the deadline and the decision without review."""
+    champion = [{**model_resource(ask.champion), "prefect.resource.role": "champion"}]
+    related = champion if ask.champion is not None else []
+    emit_event("xray.review.requested", resource=model_resource(ask.version), related=related,
+               payload={"challenger": ask.version, "champion": ask.champion, "decision": ask.decision,
+                        "mode": ask.mode, "flow_run_id": ask.flow_run_id, "run_name": ask.run_name,
+                        "url": ui_url, "deadline": ask.deadline.isoformat(),
+                        "rationale": ask.rationale[:500]})
