@@ -289,3 +289,31 @@ def test_always_asks_before_a_promotion_and_without_a_reviewer_promotes_as_befor
     assert (recorded.decision, recorded.champion_after) == ("promote", v3)
     assert "XRAY_REVIEW=always asks for a reviewer, but" in recorded.rationale
     assert recorded.rationale.endswith("so the policy's decision stands, as without review.")
+
+
+def test_xray_review_refuses_in_one_line_without_an_api_or_a_prefect_run(
+    blocking: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.review import send_review
+    from xray_cli import main as cli
+    from xray_core.errors import UsageError
+
+    v1 = save(blocking, seed=1)  # registered without a flow run, as xray retrain --local does
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        code = cli.main(["review", str(v1), "--approve", "--reason", "fine"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("xray review: no Prefect API is configured: set PREFECT_API_URL")
+    assert len(err.splitlines()) == 1
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # never reached
+        with pytest.raises(
+            UsageError, match=f"v{v1} was trained without Prefect .* xray promote {v1} --reason"
+        ):
+            send_review(f"v{v1}", approve=True, reason="fine", reviewer="alice", settings=blocking)
+        with pytest.raises(UsageError, match="model version 99 does not exist"):
+            send_review("99", approve=False, reason="no", reviewer="alice", settings=blocking)
+        with pytest.raises(UsageError, match="needs --reason"):
+            send_review("1", approve=True, reason="  ", reviewer="alice", settings=blocking)

@@ -156,8 +156,8 @@ def render_review(sent: dict[str, Any]) -> str:
     if outcome:
         lines.append(f"the run ended {outcome['state']}: {outcome.get('message') or ''}".rstrip())
     else:
-        lines.append("the run records the answer when it resumes: see xray models --history"
-                     + (f" or {sent['url']}" if sent.get("url") else ""))
+        lines.append("the run has not ended yet (it records the answer, then re-scores and reports): see "
+                     "xray models --history" + (f" or {sent['url']}" if sent.get("url") else ""))
     return "\n".join(lines)
 
 
