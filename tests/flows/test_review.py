@@ -132,14 +132,20 @@ class Run:
 
 
 def flow_run_of(home: Path, version: int) -> str | None:
-    """The flow run that trained ``version`` (None before it is registered)."""
+    """The flow run that trained ``version`` (None before it is registered), read-only: the run may be
+    creating the catalogue at that moment (no table yet, or locked while it migrates)."""
     import sqlite3
 
     db = home / "catalogue.db"
     if not db.exists():
         return None
-    with sqlite3.connect(db) as conn:
+    conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
         row = conn.execute("SELECT flow_run_id FROM models WHERE id = ?", (version,)).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        conn.close()
     return row[0] if row else None
 
 
