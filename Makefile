@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 SAMPLE ?= ../shared/data/cxr-sample
 # The demo has its own home (var/demo; its Prefect in var/demo-prefect, outside the home that --fresh
 # deletes) so it never touches a real catalogue; offline settings, said on screen. The shortcut audit
-# blocks by default: arrival 3 (the adult COVID-19 site, found beside SAMPLE) must not be promoted.
+# blocks by default: arrival 3 (the adult COVID-19 site, found beside SAMPLE) must not be promoted. Its
+# runs do not wait for a reviewer (XRAY_REVIEW=off): the demo plays the reviewer itself, with xray promote.
 # One linear head (no recipe search: XRAY_HEAD_L2_GRID is one value) keeps it near 2 minutes on 2
 # cores. Telemetry off, as for `make serve`.
 DEMO_ENV := XRAY_HOME=var/demo PREFECT_HOME=$(CURDIR)/var/demo-prefect \
@@ -14,7 +15,8 @@ DEMO_ENV := XRAY_HOME=var/demo PREFECT_HOME=$(CURDIR)/var/demo-prefect \
 	XRAY_BACKBONE_WEIGHTS=$${XRAY_BACKBONE_WEIGHTS:-random} XRAY_INPUT_SIZE=$${XRAY_INPUT_SIZE:-64} \
 	XRAY_VIEWS=$${XRAY_VIEWS:-2} XRAY_MIN_TEST_PER_CLASS=$${XRAY_MIN_TEST_PER_CLASS:-4} \
 	XRAY_FLOOR_MACRO_AUROC=$${XRAY_FLOOR_MACRO_AUROC:-0.7} XRAY_FLOOR_SENSITIVITY=$${XRAY_FLOOR_SENSITIVITY:-0.6} \
-	XRAY_SHORTCUT_POLICY=$${XRAY_SHORTCUT_POLICY:-block} XRAY_HEAD_RECIPE=$${XRAY_HEAD_RECIPE:-linear} \
+	XRAY_SHORTCUT_POLICY=$${XRAY_SHORTCUT_POLICY:-block} XRAY_REVIEW=$${XRAY_REVIEW:-off} \
+	XRAY_HEAD_RECIPE=$${XRAY_HEAD_RECIPE:-linear} \
 	XRAY_HEAD_L2_GRID=$${XRAY_HEAD_L2_GRID:-0.1}
 # `make serve` settings (override on the command line). prefect.yaml deploys with the same defaults;
 # `make deploy` then sets INCOMING, SCHEDULE and TIMEZONE on the deployments (`flows.serve override`).

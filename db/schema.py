@@ -248,7 +248,8 @@ class Promotion(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     from_version: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     to_version: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
-    # promote|keep|insufficient_evidence|manual_promote|rollback|reject
+    # promote|keep|blocked|insufficient_evidence|stale|failed|manual_promote|rollback|reject, and a
+    # reviewer's approved|rejected|review_expired (actor: the reviewer)
     decision: Mapped[str] = mapped_column(String(32))
     champion_after: Mapped[int | None] = mapped_column(Integer)
     rationale: Mapped[str] = mapped_column(Text)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from prefect.events import emit_event as _prefect_emit_event
 
 from xray_core.io.fsutil import json_safe
+from xray_core.pipeline.review import ReviewRequest
 from xray_core.results import NOT_REACHED, RunResult
 
 
@@ -111,3 +112,16 @@ def emit_retrain_drift(run: RunResult) -> int:
         champion = run.champion_after
     check = {"model": champion, "report": run.drift.get("report"), "checks": run.drift.get("checks") or []}
     return emit_drift(check, source="retrain")
+
+
+def emit_review_requested(ask: ReviewRequest, ui_url: str | None) -> None:
+    """``xray.review.requested`` when a run starts waiting for its reviewer, on the challenger's resource
+    (the champion related), with what an automation needs to notify someone: the run, its form's link,
+    the deadline and the decision without review."""
+    champion = [{**model_resource(ask.champion), "prefect.resource.role": "champion"}]
+    related = champion if ask.champion is not None else []
+    emit_event("xray.review.requested", resource=model_resource(ask.version), related=related,
+               payload={"challenger": ask.version, "champion": ask.champion, "decision": ask.decision,
+                        "mode": ask.mode, "flow_run_id": ask.flow_run_id, "run_name": ask.run_name,
+                        "url": ui_url, "deadline": ask.deadline.isoformat(),
+                        "rationale": ask.rationale[:500]})

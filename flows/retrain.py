@@ -28,12 +28,14 @@ from flows.common import (
     transient_io,
 )
 from flows.events import emit_retrain_drift, emit_retrain_outcome
+from flows.review import wait_for_review
 from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
 from xray_core.io.fsutil import utf8_safe
 from xray_core.pipeline.cycle import run_retrain
 from xray_core.pipeline.executor import ProgressKey, options_of
 from xray_core.pipeline.recipe import RetrainRequest
+from xray_core.pipeline.review import ReviewAnswer, ReviewRequest
 from xray_core.registry.listing import list_models
 from xray_core.report.drift import drift_description
 from xray_core.report.format import cut_words
@@ -66,7 +68,8 @@ class PrefectExecutor:
     """Runs each step of the recipe as a Prefect task named after it, with the options the step
     declares (:func:`xray_core.pipeline.executor.step`): retried once on transient I/O
     (:func:`flows.common.transient_io`), a progress artifact, and the embedding fanned out over Dask
-    (:func:`flows.embed.run_parallel_embed`) when ``XRAY_EMBED_DASK_WORKERS`` > 0."""
+    (:func:`flows.embed.run_parallel_embed`) when ``XRAY_EMBED_DASK_WORKERS`` > 0. A review pauses the
+    run with a form in the UI (:mod:`flows.review`)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -82,6 +85,11 @@ class PrefectExecutor:
         if options.dask_fan_out and self.settings.embed_dask_workers > 0:
             injected["fan_out"] = self._dask_fan_out
         return cast(Callable[P, T], functools.partial(task(fn, **prefect_options), **injected))
+
+    def review(self, ask: ReviewRequest, *, before_waiting: Callable[[], None] | None = None) -> ReviewAnswer:
+        """Pause the run with the review form until a reviewer answers (:func:`flows.review.wait_for_review`).
+        """
+        return wait_for_review(ask, before_waiting)
 
     def _dask_fan_out(self, snapshot: Snapshot) -> dict[str, Any]:
         from flows.embed import run_parallel_embed

@@ -1,16 +1,25 @@
 """A throw-away ``prefect server start`` for the tests that need a real, fresh server (a deployment
 trigger firing, ``prefect deploy`` on an empty server): a free port, its own PREFECT_HOME, no UI, no
-telemetry, and the stopping of what was started (its process group). Used by tests/flows/test_trigger.py
-and tests/flows/test_deploy.py."""
+telemetry, and the stopping of what was started (its process group). Used by tests/flows/test_trigger.py,
+tests/flows/test_deploy.py and tests/flows/test_review.py (:func:`prefect_server`: a server
+the test's own processes and the test both reach)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+
+SERVER_START_S = 90.0
 
 
 def free_port() -> int:
@@ -56,3 +65,78 @@ def stop(proc: subprocess.Popen) -> None:
 
 def tail(path: Path, n: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no log)"
+
+
+def answers(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def client_env(api_url: str, home: Path) -> dict[str, str]:
+    """The environment of a process that talks to the server: no other PREFECT_* setting leaks in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
+    )
+    return env
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """Start a server with PREFECT_HOME ``home``; yield its API URL; skip the test if none answers."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = client_env(api_url, home)
+    env.update(
+        {
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+            # Services with nothing to do here: off, to spare the CPU (events are still stored).
+            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+        }
+    )
+    log = home / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-ui",
+            ],
+            env=env,
+            cwd=home,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while not answers(api_url):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.skip(
+                    f"no Prefect server answered at {api_url} within {SERVER_START_S:.0f} s; "
+                    f"its log:\n{tail(log)}"
+                )
+            time.sleep(0.5)
+        yield api_url
+    finally:
+        stop(proc)

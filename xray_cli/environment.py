@@ -20,8 +20,9 @@ def use_flow() -> bool:
     return bool(os.environ.get("PREFECT_API_URL"))
 
 
-# Commands that run a Prefect flow when PREFECT_API_URL is set (see _use_flow).
-FLOW_COMMANDS = {"ingest", "predict", "retrain", "demo", "monitor"}
+# Commands that run a Prefect flow when PREFECT_API_URL is set (see _use_flow), and review, which answers
+# a paused run through that API.
+FLOW_COMMANDS = {"ingest", "predict", "retrain", "demo", "monitor", "review"}
 
 
 def check_environment(command: str, args: argparse.Namespace) -> None:

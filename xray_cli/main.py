@@ -213,6 +213,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    from flows.review import send_review, wait_for_outcome
+    from xray_core.report.terminal import render_review
+
+    sent = send_review(args.target, approve=args.approve, reason=args.reason,
+                       reviewer=args.reviewer or _actor(), settings=get_settings())
+    sent["outcome"] = wait_for_outcome(sent["flow_run_id"], args.wait) if args.wait > 0 else None
+    _emit(sent, args.json, render_review)
+    return EXIT_OK
+
+
 def cmd_retrain(args: argparse.Namespace) -> int:
     from xray_core.report.terminal import render_retrain
 
@@ -271,6 +282,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
                "versions, status and key metrics; --history for the audit trail; show N for lineage"),
     "promote": (cmd_promote, "make a version the champion by hand (audited)"),
     "rollback": (cmd_rollback, "return to the previous champion (audited)"),
+    "review": (cmd_review, "approve or reject the challenger a paused retrain run waits on (as its UI form)"),
     "predict": (cmd_predict, "predict a folder or manifest with the champion (or --version N); CSV out"),
     "demo": (cmd_demo,
              "three arrivals: first champion, a challenger decision, then a second site the shortcut "
@@ -322,6 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True)
     p = sub.add_parser("rollback", help=COMMANDS["rollback"][1])
     p.add_argument("--reason", required=True)
+    p = sub.add_parser("review", help=COMMANDS["review"][1])
+    p.add_argument("target", help="the challenger's version (5 or v5), or the paused flow run's id or name")
+    answer = p.add_mutually_exclusive_group(required=True)
+    answer.add_argument("--approve", action="store_true", help="promote it (if the champion has not changed)")
+    answer.add_argument("--reject", action="store_true", help="keep the champion")
+    p.add_argument("--reason", required=True, help="why (goes into the audit trail)")
+    p.add_argument("--reviewer", help="your name in the audit trail (default: the login name)")
+    p.add_argument("--wait", type=_seconds, default=60.0,
+                   help="seconds to wait for the run to record the answer (default 60; 0: do not wait)")
     p = sub.add_parser("predict", help=COMMANDS["predict"][1])
     p.add_argument("path",
                    help="folder of images (any layout; a first-level folder name is taken as the true label)")

@@ -174,13 +174,18 @@ class Evaluation:
 class Verdict:
     """The promotion policy's decision after the per-site guardrail and the shortcut audit."""
 
-    decision: str  # promote | keep | blocked | insufficient_evidence; stale once recorded too late
+    # promote | keep | blocked | insufficient_evidence; after a review approved | rejected | review_expired;
+    # stale once recorded too late
+    decision: str
     promote: bool
     rationale: str
     checks: list[dict[str, Any]]  # {"name", "passed", "detail"}
     evidence: dict[str, Any] | None = None  # insufficient_evidence: the numbers a decision would need
     site_drops: Any = None  # per-site metric drops against the champion (none without a champion)
     comparison: dict[str, Any] | None = None  # paired bootstrap against the champion
+    # The reviewer's answer when the verdict waited for one (xray_core.pipeline.review.reviewed): mode,
+    # answer, reviewer, reason, requested_at, deadline, answered_at; None when no review was asked.
+    review: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
@@ -315,6 +320,8 @@ class RunResult:
                 k: getattr(self.decision, k)
                 for k in ("decision", "promote", "rationale", "checks", "evidence", "site_drops")
             }
+            if self.decision.review is not None:  # only a reviewed run has it: older files stay as they were
+                out["decision"]["review"] = self.decision.review
             if self.champion_after is not NOT_REACHED:
                 out["champion_after"] = self.champion_after
         if self.registry is not None:

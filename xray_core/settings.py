@@ -37,9 +37,11 @@ DEFAULT_PATIENT_REGEX = r"^(person\d+|(?:NORMAL2-)?IM-\d{4})"
 PromotionMetric = Literal["macro_auroc", "balanced_accuracy", "sensitivity_at_specificity"]
 PromotionMode = Literal["non-inferiority", "superiority"]
 LrSchedule = Literal["none", "cosine"]
+ReviewMode = Literal["off", "blocked", "always"]
 PROMOTION_METRICS: tuple[str, ...] = get_args(PromotionMetric)
 PROMOTION_MODES: tuple[str, ...] = get_args(PromotionMode)
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+REVIEW_MODES: tuple[str, ...] = get_args(ReviewMode)
 
 Folder = Annotated[Path, BeforeValidator(r.path), check(r.is_folder)]  # a default Path is resolved too
 Word = parse(r.words)  # stripped, lower case
@@ -229,6 +231,14 @@ class Settings(BaseSettings):
                                     "the audit warns")
     shortcut_policy: Annotated[Literal["warn", "block"], Word] = setting(
         "warn", bad=("ignore",), description="block: a flagged audit blocks automatic promotion")
+    # After shortcut_policy: its default is derived from it (a default_factory sees the fields above).
+    review: Annotated[ReviewMode, Word] = setting(
+        default_factory=lambda data: "blocked" if data.get("shortcut_policy") == "block" else "off",
+        default_text="`blocked` under `XRAY_SHORTCUT_POLICY=block`, else `off`", bad=("sometimes",),
+        description="which runs wait for a reviewer (a form on the paused Prefect run, or xray review): "
+        "blocked = a run the shortcut audit would block, always = also every promotion; off = none")
+    review_timeout_h: float = setting(72.0, gt=0, le=720, description="hours a run waits for its reviewer; "
+                                      "then it ends Kept (review expired)")
     allowed_views: Annotated[tuple[str, ...], parse(r.views), check(lambda v: all(
             x.replace(" ", "").isalnum() for x in v))] = setting(
         (), description="films of other known views are quarantined; empty = any", allowed=(
@@ -393,5 +403,6 @@ def reset_settings() -> None:
 
 
 __all__ = ["Settings", "FIELDS", "ENV_BY_FIELD", "ENV_VARS", "PROMOTION_METRICS", "PROMOTION_MODES",
-           "LR_SCHEDULES", "DEFAULT_PATIENT_REGEX", "default_allowed_roots", "setting_default", "affecting",
-           "load_settings", "validate", "get_settings", "reset_settings", "settings_page"]
+           "LR_SCHEDULES", "REVIEW_MODES", "DEFAULT_PATIENT_REGEX", "default_allowed_roots",
+           "setting_default",
+           "affecting", "load_settings", "validate", "get_settings", "reset_settings", "settings_page"]

@@ -28,6 +28,7 @@ DEMO_ENV = {
     "XRAY_GUARDRAIL_SENSITIVITY_DROP": "1.0",
     "XRAY_PATIENT_REGEX": "",
     "XRAY_SHORTCUT_POLICY": "block",  # the Makefile's default for the demo
+    "XRAY_REVIEW": "off",  # the Makefile's too: the demo plays the reviewer (xray promote), no run waits
 }
 PROJECT = Path(__file__).resolve().parents[2]
 SMALL = SyntheticSize(paediatric_patients=20, covid_patients=8, covid_normal_patients=3, size=64)

@@ -86,7 +86,9 @@ class PolicyConfig:
 # Skipped and Failed come from the run itself, not from a decision of the policy.
 RUN_STATES = ("Promoted", "Kept", "Blocked", "Skipped", "Insufficient evidence", "Failed")
 DECISION_STATES = {"promote": "Promoted", "keep": "Kept", "stale": "Kept", "blocked": "Blocked",
-                   "insufficient_evidence": "Insufficient evidence", "failed": "Failed"}
+                   "insufficient_evidence": "Insufficient evidence", "failed": "Failed",
+                   # a reviewer's answer (xray_core.pipeline.review)
+                   "approved": "Promoted", "rejected": "Kept", "review_expired": "Kept"}
 
 
 @dataclass(frozen=True)

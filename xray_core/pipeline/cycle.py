@@ -20,7 +20,7 @@ from typing import Any
 from xray_core.errors import TerminatedBySignal
 from xray_core.io.oserrors import path_error
 from xray_core.pipeline.executor import DirectExecutor, Executor, step
-from xray_core.pipeline.lock import retrain_lock
+from xray_core.pipeline.lock import hold_retrain_lock
 from xray_core.pipeline.recipe import RetrainRequest, recipe
 from xray_core.results import ReportFiles, RunResult, run_state
 from xray_core.settings import Settings
@@ -38,13 +38,14 @@ def run_retrain(
     decision, report paths).
 
     Holds ``XRAY_HOME/retrain.lock`` for the whole run (a second retrain waits ``wait_seconds``, then
-    fails with :class:`~xray_core.errors.RetrainBusyError`). On any exception, KeyboardInterrupt and a
-    termination signal included, a ``failed`` audit row and a failure report are written, the champion
-    is unchanged, and the exception propagates carrying the result as ``xray_result`` (the flow
-    publishes it as artifacts, the CLI prints what its audit row says).
+    fails with :class:`~xray_core.errors.RetrainBusyError`), except from the moment it starts waiting
+    for a reviewer (``XRAY_REVIEW``; see :func:`~xray_core.pipeline.recipe.ask_reviewer`). On any
+    exception, KeyboardInterrupt and a termination signal included, a ``failed`` audit row and a failure
+    report are written, the champion is unchanged, and the exception propagates carrying the result as
+    ``xray_result`` (the flow publishes it as artifacts, the CLI prints what its audit row says).
     """
     run = executor or DirectExecutor()
-    with retrain_lock(settings, wait_seconds=wait_seconds) as killed_run_started:
+    with hold_retrain_lock(settings, wait_seconds=wait_seconds) as lock:
         folder = run_dir or run_dir_for(settings, request.flow_run_id)
         result = RunResult(
             flow_run_id=request.flow_run_id,
@@ -55,13 +56,13 @@ def run_retrain(
             run_dir=str(folder),
         )
         try:
-            closed = close_interrupted(settings, killed_run_started, request.trigger)
+            closed = close_interrupted(settings, lock.previous, request.trigger)
             if closed:
                 result.notes.append(
                     f"closed candidate(s) {', '.join(f'v{v}' for v in closed)} left by a "
                     "retrain that was killed before its decision"
                 )
-            recipe(settings, request, run, result, folder)
+            recipe(settings, request, run, result, folder, lock)
             _report_outcome(settings, run, result, folder)
         except BaseException as exc:
             _record_failure(settings, request, result, exc, folder)

@@ -16,7 +16,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, cast
+
+if TYPE_CHECKING:  # the recipe's module imports this one
+    from xray_core.pipeline.review import ReviewAnswer, ReviewRequest
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -74,9 +77,18 @@ def options_of(fn: Callable[..., Any]) -> StepOptions:
 
 
 class Executor(Protocol):
-    """Runs the recipe's steps; ``step(fn)`` returns a callable with ``fn``'s signature."""
+    """Runs the recipe's steps; ``step(fn)`` returns a callable with ``fn``'s signature.
+
+    ``review(ask, before_waiting=...)`` asks a person and waits for the answer
+    (:mod:`xray_core.pipeline.review`), calling ``before_waiting`` (it gives up the retrain lock) just
+    before it starts to wait; an executor with nobody to ask returns ``ReviewAnswer.nobody(why)`` at once.
+    """
 
     def step(self, fn: Callable[P, T]) -> Callable[P, T]: ...
+
+    def review(
+        self, ask: ReviewRequest, *, before_waiting: Callable[[], None] | None = None
+    ) -> ReviewAnswer: ...
 
 
 class DirectExecutor:
@@ -92,3 +104,9 @@ class DirectExecutor:
         if reporter is None:
             return fn
         return cast(Callable[P, T], functools.partial(cast(Callable[..., T], fn), progress=reporter))
+
+    def review(self, ask: ReviewRequest, *, before_waiting: Callable[[], None] | None = None) -> ReviewAnswer:
+        """Nobody to ask: the run keeps the recipe's decision, as before review existed, and says so."""
+        from xray_core.pipeline.review import ReviewAnswer
+
+        return ReviewAnswer.nobody("a run without Prefect (xray retrain --local) has no reviewer")

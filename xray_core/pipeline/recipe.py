@@ -1,5 +1,5 @@
 """The retrain recipe, top to bottom: ingest → split → embed → audit → train → evaluate → decide →
-promote → report (the flow diagram in the README, and ``docs/architecture.md``).
+(review) → promote → report (the flow diagram in the README, and ``docs/architecture.md``).
 
 :func:`recipe` is the order of the steps and nothing else; each step below it is a plain function over
 typed values (:mod:`xray_core.results`) whose options (retries on transient I/O, progress, Dask
@@ -22,6 +22,8 @@ from xray_core.faults import crash_point
 from xray_core.pipeline import steps, unchanged
 from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.executor import Executor, step
+from xray_core.pipeline.lock import HeldLock
+from xray_core.pipeline.review import nothing_new_since_pending_review, review_request, reviewed
 from xray_core.report.format import outcome_sentence
 from xray_core.results import (
     NOT_REACHED,
@@ -56,12 +58,18 @@ class RetrainRequest:
 
 
 def recipe(
-    settings: Settings, request: RetrainRequest, run: Executor, result: RunResult, folder: Path
+    settings: Settings,
+    request: RetrainRequest,
+    run: Executor,
+    result: RunResult,
+    folder: Path,
+    lock: HeldLock | None = None,
 ) -> None:
     """One retrain's steps in order, each run by ``run`` (an executor), filling ``result`` as they end.
 
     Ends ``Skipped`` (nothing new, or not enough data) or with the decision recorded; an exception
-    propagates with ``result`` holding what the run reached (the caller reports it).
+    propagates with ``result`` holding what the run reached (the caller reports it). ``lock``: the
+    retrain lock the caller holds, given up while the run waits for a reviewer.
     """
     for path, manifest in arrivals(request):
         columns = dict(request.columns) if manifest in request.manifests else None
@@ -98,20 +106,9 @@ def recipe(
         run.step(evaluate_champion)(settings, champion, snapshot, request.flow_run_id) if champion else None
     )
     verdict = run.step(decide)(settings, result.challenger_eval, result.champion_eval, snapshot, result.audit)
-    result.decision = verdict  # a failure while recording still reports what was decided
-    recorded = run.step(promote)(
-        settings,
-        result.challenger_eval,
-        result.champion_eval,
-        verdict,
-        request.trigger,
-        request.flow_run_id,
-        result.audit,
-    )
-    result.decision = replace(verdict, decision=recorded.decision, rationale=recorded.rationale)
-    result.champion_after = recorded.champion_after
+    recorded = record(settings, request, run, result, verdict, lock)
     result.registry = run.step(rescore)(settings, snapshot, request.flow_run_id)
-    result.status, result.state = "completed", run_state("completed", result.decision.decision)
+    result.status, result.state = "completed", run_state("completed", recorded.decision)
     result.state_message = outcome_message(result)
 
 
@@ -281,9 +278,11 @@ def promote(
     trigger: str,
     flow_run_id: str | None,
     audit: dict[str, Any] | None,
+    actor: str | None = None,
 ) -> Recorded:
     """Record the decision; promote only if the champion is still the one that was evaluated
-    (compare-and-set: otherwise the decision is recorded ``stale``)."""
+    (compare-and-set: otherwise the decision is recorded ``stale``). ``actor``: the reviewer, when a
+    person decided."""
     flags = None if audit is None else {k: audit.get(k) for k in ("flagged", "warnings", "policy", "sites")}
     row = steps.promote_step(
         settings,
@@ -295,6 +294,7 @@ def promote(
         flow_run_id=flow_run_id,
         record_stale_unless_champion=champion.version if champion else None,
         audit=flags,
+        actor=actor,
     )
     decision = row.get("decision", verdict.decision)
     rationale = (row.get("rationale") or verdict.rationale) if decision == "stale" else verdict.rationale
@@ -338,10 +338,47 @@ def note_incoming(result: RunResult, found: IncomingScan, taken: dict[str, Inges
                             "taken by earlier runs)")
 
 
+def record(settings: Settings, request: RetrainRequest, run: Executor, result: RunResult, verdict: Verdict,
+           lock: HeldLock | None) -> Recorded:
+    """Record the decision (the ``promote`` step: compare-and-set), after a reviewer's answer when
+    ``XRAY_REVIEW`` asks for one (:func:`ask_reviewer`); fills ``result.decision`` and
+    ``champion_after``. The audit row names the reviewer as its actor."""
+    assert result.challenger_eval is not None  # only called once evaluated
+    result.decision = verdict  # a failure while recording still reports what was decided
+    verdict = result.decision = ask_reviewer(settings, request, run, result, verdict, lock)
+    recorded = run.step(promote)(settings, result.challenger_eval, result.champion_eval, verdict,
+                                 request.trigger, request.flow_run_id, result.audit,
+                                 actor=(verdict.review or {}).get("reviewer"))
+    result.decision = replace(verdict, decision=recorded.decision, rationale=recorded.rationale)
+    result.champion_after = recorded.champion_after
+    return recorded
+
+
+def ask_reviewer(settings: Settings, request: RetrainRequest, run: Executor, result: RunResult,
+                 verdict: Verdict, lock: HeldLock | None) -> Verdict:
+    """The verdict to record: ``verdict`` itself, or, when ``XRAY_REVIEW`` asks a person about it, the
+    verdict after the reviewer's answer (:func:`xray_core.pipeline.review.reviewed`).
+
+    The retrain lock is given up just before the executor starts waiting (a review may take days, and
+    nightly retrains must go on meanwhile); an approval is therefore promoted with compare-and-set
+    against the champion this run evaluated, ``stale`` if another run or a person moved it since.
+    """
+    assert result.challenger_eval is not None  # only called once evaluated
+    ask = review_request(settings, verdict, result.challenger_eval, result.champion_eval,
+                         flow_run_id=request.flow_run_id, run_name=request.run_name)
+    if ask is None:
+        return verdict
+    answer = run.review(ask, before_waiting=lock.unlock if lock is not None else None)
+    return reviewed(verdict, ask, answer)
+
+
 def nothing_new(settings: Settings, data: SplitData) -> str | None:
-    """Why training would only repeat the champion or the last decision not to promote (None: train)."""
-    return unchanged.nothing_new_since_champion(settings, data) or unchanged.nothing_new_since_last_decision(
-        settings, data
+    """Why training would only repeat the champion, the last decision not to promote, or a review still
+    waiting for its answer (None: train)."""
+    return (
+        unchanged.nothing_new_since_champion(settings, data)
+        or unchanged.nothing_new_since_last_decision(settings, data)
+        or nothing_new_since_pending_review(settings, data)
     )
 
 

@@ -292,7 +292,7 @@ def _probabilities(evaluation: dict[str, Any], settings: Settings, data: SplitDa
 def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any], trigger: str,
                  champion_eval: dict[str, Any] | None, challenger_eval: dict[str, Any],
                  flow_run_id: str | None = None, record_stale_unless_champion: Any = ...,
-                 audit: dict[str, Any] | None = None) -> dict[str, Any]:
+                 audit: dict[str, Any] | None = None, actor: str | None = None) -> dict[str, Any]:
     """Record the decision; on promote, re-verify the checkpoint and switch the champion atomically.
 
     ``record_stale_unless_champion``: the version evaluated as champion (None: there was none); when

@@ -52,7 +52,8 @@ def nothing_new_since_champion(settings: Settings, data: SplitData) -> str | Non
 
 # Decisions a rerun on the same inputs would repeat (training, evaluation and policy are deterministic);
 # a failed run is retried, a promotion leaves a champion that nothing_new_since_champion covers.
-REPEATABLE_DECISIONS = ("keep", "blocked", "insufficient_evidence")
+# A reviewer's "no" and a review nobody answered count too: the same run would ask the same question.
+REPEATABLE_DECISIONS = ("keep", "blocked", "insufficient_evidence", "rejected", "review_expired")
 # Settings that change where and how fast work runs, not the features, weights or decision
 # (marked affects="execution" in xray_core.settings).
 EXECUTION_SETTINGS = frozenset(affecting("execution"))

@@ -262,6 +262,9 @@ def existing_model(session: Session, version: int) -> Model:
     return model
 
 
+# Decisions that close a candidate (status rejected). A blocked or stale one stays a candidate: a person
+# may still promote it by hand.
+CLOSING_DECISIONS = ("keep", "insufficient_evidence", "reject", "failed", "rejected", "review_expired")
 _ANY = object()  # sentinel: record_decision does not check which version is champion beforehand
 
 
@@ -299,7 +302,7 @@ def record_decision(settings: Settings, *, challenger: int | None, decision: str
                 raise UsageError("a promotion needs a version to promote")
             _switch(s, previous, challenger)
             crash_point("registry.switched_before_audit")
-        elif challenger is not None and decision in ("keep", "insufficient_evidence", "reject", "failed"):
+        elif challenger is not None and decision in CLOSING_DECISIONS:
             model = s.get(Model, challenger)
             if model is not None and model.status == "candidate":
                 model.status = "rejected"

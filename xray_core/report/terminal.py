@@ -179,6 +179,20 @@ def render_history(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def render_review(sent: dict[str, Any]) -> str:
+    """``xray review``: what was sent to which run, then how the run ended (or that it has not yet)."""
+    target = f"v{sent['version']}: " if sent.get("version") is not None else ""
+    lines = [f"{target}{sent['decision']} sent to flow run {sent['flow_run_name']} ({sent['flow_run_id']}) "
+             f"as {sent['reviewer']}: {sent['reason']}"]
+    outcome = sent.get("outcome")
+    if outcome:
+        lines.append(f"the run ended {outcome['state']}: {outcome.get('message') or ''}".rstrip())
+    else:
+        lines.append("the run has not ended yet (it records the answer, then re-scores and reports): see "
+                     "xray models --history" + (f" or {sent['url']}" if sent.get("url") else ""))
+    return "\n".join(lines)
+
+
 def render_lineage(m: dict[str, Any]) -> str:
     out = [f"model {m['version']} ({m['status']}), created {m['created_at'][:19]}",
            f"  checkpoint {m['checkpoint_dir']} sha256 {m['checkpoint_sha256']}",
