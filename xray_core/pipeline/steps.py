@@ -310,7 +310,8 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"],
                            metrics=json.loads(json_text(metrics, default=str)),  # strict: NaN -> null
-                           trigger=trigger, flow_run_id=flow_run_id, promote=bool(decision["promote"]),
+                           trigger=trigger, actor=actor, flow_run_id=flow_run_id,
+                           promote=bool(decision["promote"]),
                            **({} if record_stale_unless_champion is ...
                               else {"record_stale_unless_champion": record_stale_unless_champion}))
 
