@@ -32,6 +32,20 @@ TEST_ENV = {
     "XRAY_INGEST_WORKERS": "1",
 }
 
+# Low floors on tiny synthetic sites, and the shortcut audit blocking (so XRAY_REVIEW defaults to
+# "blocked"): what the review tests (tests/flows/test_review.py, tests/integration/test_review_wait.py)
+# need for a run that waits for its reviewer.
+BLOCKING_POLICY = {
+    "XRAY_MIN_TEST_PER_CLASS": "2",
+    "XRAY_FLOOR_MACRO_AUROC": "0.5",
+    "XRAY_FLOOR_SENSITIVITY": "0.3",
+    "XRAY_GUARDRAIL_SENSITIVITY_DROP": "1.0",
+    "XRAY_PATIENT_REGEX": "",
+    "XRAY_SHORTCUT_POLICY": "block",
+    "XRAY_HEAD_RECIPE": "linear",
+    "XRAY_HEAD_L2_GRID": "0.1",
+}
+
 
 # The PostgreSQL lane: with XRAY_TEST_POSTGRES_URL set (`make test-postgres`, run by .ci/run), the
 # catalogue tests run against a fresh PostgreSQL database per test instead of a SQLite file.

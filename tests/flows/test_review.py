@@ -24,24 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PROJECT, TEST_ENV
+from conftest import BLOCKING_POLICY, PROJECT, TEST_ENV
 from prefect_server import client_env, prefect_server, stop, tail
 
 from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
 
 PAUSED_WITHIN_S = 300.0  # ingest, embed, train and evaluate on two busy cores, then the pause
 ENDED_WITHIN_S = 120.0
-POLICY = {
-    "XRAY_MIN_TEST_PER_CLASS": "2",
-    "XRAY_FLOOR_MACRO_AUROC": "0.5",
-    "XRAY_FLOOR_SENSITIVITY": "0.3",
-    "XRAY_GUARDRAIL_SENSITIVITY_DROP": "1.0",
-    "XRAY_PATIENT_REGEX": "",
-    "XRAY_SHORTCUT_POLICY": "block",
-    "XRAY_HEAD_RECIPE": "linear",
-    "XRAY_HEAD_L2_GRID": "0.1",
-    "OMP_NUM_THREADS": "1",
-}
+POLICY = {**BLOCKING_POLICY, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")

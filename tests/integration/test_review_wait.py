@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from conftest import BLOCKING_POLICY
+
 from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
 from xray_core.pipeline.cycle import run_retrain
 from xray_core.pipeline.executor import DirectExecutor
@@ -22,16 +24,7 @@ from xray_core.pipeline.review import ReviewAnswer, ReviewRequest
 from xray_core.registry.listing import history
 from xray_core.settings import load_settings, reset_settings
 
-POLICY = {
-    "XRAY_MIN_TEST_PER_CLASS": "2",
-    "XRAY_FLOOR_MACRO_AUROC": "0.5",
-    "XRAY_FLOOR_SENSITIVITY": "0.3",
-    "XRAY_GUARDRAIL_SENSITIVITY_DROP": "1.0",
-    "XRAY_PATIENT_REGEX": "",
-    "XRAY_SHORTCUT_POLICY": "block",
-    "XRAY_HEAD_RECIPE": "linear",
-    "XRAY_HEAD_L2_GRID": "0.1",
-}
+POLICY = BLOCKING_POLICY
 
 
 class NightlyWhileWaiting(DirectExecutor):

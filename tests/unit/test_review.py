@@ -70,7 +70,7 @@ class Reviewer(DirectExecutor):
 def answer(
     decision: str, reviewer: str | None = "alice", reason: str = "site confound explained"
 ) -> ReviewAnswer:
-    return ReviewAnswer(decision, reviewer, reason, datetime.now(UTC))  # type: ignore[arg-type]
+    return ReviewAnswer(decision, reviewer, reason, datetime.now(UTC))  # type: ignore[arg-type]  # any word, on purpose
 
 
 @pytest.fixture
