@@ -13,6 +13,9 @@ from xray_core.evaluate.intervals import proportion_interval
 from xray_core.evaluate.promotion import negative_flip_check
 from xray_core.pipeline.guards import apply_guards, flips_step
 from xray_core.report.flips import flip_rows, flips_context
+from xray_core.report.html import render_html
+from xray_core.report.markdown import retrain_markdown
+from xray_core.results import RunResult
 
 # Ten films, eight patients (pA has f0 and f1, pE has f5 and f6), two sites. N = normal, P = pneumonia.
 #   film        f0 f1 f2 f3 f4 | f5 f6 f7 f8 f9
@@ -130,3 +133,22 @@ def test_report_section_and_metric_rows(flips):
     assert overall.startswith("0.200 [") and overall.endswith("(2 of 10 films)")
     assert rows["negative_flip_rate @ site A"].startswith("0.400") and "positive_congruence @ site B" in rows
     assert flips_context(None) is None and flip_rows(None) == []
+
+
+def test_result_json_round_trip_and_both_reports_show_the_section(flips):
+    ev = {"version": 3, "n_images": 10, "test_set_fingerprint": "ab" * 32,
+          "metrics": {"labels": ["N", "P"], "macro_auroc": 0.9, "per_class": {}, "intervals": {},
+                      "confusion_matrix": [[4, 1], [1, 4]]}}
+    run = RunResult.from_dict({
+        "run_name": "nightly-7", "trigger": "test", "backbone_weights": "imagenet", "ingests": [],
+        "status": "completed", "challenger_eval": ev, "champion_eval": {**ev, "version": 2},
+        "decision": {"decision": "keep", "promote": False, "rationale": "Keep.", "checks": []},
+        "champion_after": 2, "negative_flips": flips})
+    assert run.as_dict()["negative_flips"] == flips  # result.json's new key survives a reload
+    md = retrain_markdown(run)
+    assert "## Negative flips" in md and "**2**, a negative flip rate of 0.200 [" in md
+    assert "| A | 5 | 4 | 2 | 0.400" in md and "`f1`, `f3`" in md
+    html = render_html(run, None)
+    assert 'id="negative-flips"' in html and "<code>f1</code>" in html
+    without = RunResult.from_dict({**run.as_dict(), "negative_flips": None})
+    assert "Negative flips" not in retrain_markdown(without) and "negative_flips" not in without.as_dict()

@@ -331,8 +331,8 @@ def negative_flip_check(flips: dict[str, Any], max_rate: float) -> dict[str, Any
     rate, counts = flips.get("negative_flip_rate") or {}, flips.get("counts") or {}
     high, level = rate.get("high"), flips.get("level", 0.95)
     numbers = (f"negative flip rate {_f(rate.get('point'))} ({counts.get('negative_flips', 0)} of "
-               f"{flips.get('n', 0)} films the champion got right), {level:.0%} CI [{_f(rate.get('low'))}, "
-               f"{_f(high)}]")
+               f"{flips.get('n', 0)} films: champion right, challenger wrong), {level:.0%} CI "
+               f"[{_f(rate.get('low'))}, {_f(high)}]")
     if high is None:
         passed, verdict = False, "could not be estimated: no test film was scored by both models"
     elif high > max_rate + _TOL:

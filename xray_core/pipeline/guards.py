@@ -90,7 +90,8 @@ def flips_step(settings: Settings, challenger: dict[str, Any], champion: dict[st
                data: SplitData) -> dict[str, Any] | None:
     """Negative flips of the challenger against the champion (:mod:`xray_core.evaluate.flips`) on the
     test films both scored: those whose label both models know. Each model's prediction is its own
-    operating point's, as in its confusion matrix. None when an evaluation lacks its probabilities."""
+    operating point's, as in its confusion matrix. None when an evaluation lacks its probabilities or
+    films."""
     from xray_core.evaluate.flips import negative_flips
     from xray_core.evaluate.metrics import positive_index, predict_labels
 
@@ -101,7 +102,7 @@ def flips_step(settings: Settings, challenger: dict[str, Any], champion: dict[st
                              positive_index=pos)
         return dict(zip(ev["shas"], (labels[i] for i in idx)))
 
-    if not (challenger.get("probabilities") and champion.get("probabilities")):
+    if not all(ev.get("probabilities") and ev.get("shas") for ev in (challenger, champion)):
         return None
     new, old = predicted(challenger), predicted(champion)
     site_of = dict(zip(challenger["shas"], challenger.get("sites") or [None] * len(challenger["shas"])))

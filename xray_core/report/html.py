@@ -268,8 +268,7 @@ def _figures(run: RunResult, data: ReportData | None, negative_label: str,
 def html_contents(context: dict[str, Any]) -> list[str]:
     """What a rendered report shows beyond its summary, in words (for the markdown's link to it)."""
     fig = context["figures"]
-    out = ["negative flips"] if context["negative_flips"] else []
-    out += ["the shortcut audit"] if context["audit"] else []
+    out = ["the shortcut audit"] if context["audit"] else []
     out += ["metrics with 95% intervals", "per-class metrics"] if context["metric_table"] else []
     out += [f"tables {s['title'].lower()}" for s in context["slice_sections"]]
     out += ["label history"] if context["label_history"] else []
