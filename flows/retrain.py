@@ -109,7 +109,8 @@ def publish_artifacts(settings: Settings, run: RunResult) -> None:
         create_markdown_artifact(markdown=utf8_safe(drift), key="drift-report",
                                  description=utf8_safe(drift_description(run.drift)))
     if run.challenger_eval is not None:
-        create_table_artifact(table=metrics_rows(run.challenger_eval, run.champion_eval),
+        flips = run.decision.negative_flips if run.decision else None
+        create_table_artifact(table=metrics_rows(run.challenger_eval, run.champion_eval, flips=flips),
                               key="retrain-metrics",
                               description=f"{cut_words(description, 120)} · 95% intervals, "
                                           f"{comparison_words(run)}")

@@ -183,6 +183,9 @@ class Verdict:
     evidence: dict[str, Any] | None = None  # insufficient_evidence: the numbers a decision would need
     site_drops: Any = None  # per-site metric drops against the champion (none without a champion)
     comparison: dict[str, Any] | None = None  # paired bootstrap against the champion
+    # films the champion got right and the challenger gets wrong (xray_core.evaluate.flips); None
+    # without a champion. ``negative_flips`` in result.json.
+    negative_flips: dict[str, Any] | None = None
     # The reviewer's answer when the verdict waited for one (xray_core.pipeline.review.reviewed): mode,
     # answer, reviewer, reason, requested_at, deadline, answered_at; None when no review was asked.
     review: dict[str, Any] | None = None
@@ -282,7 +285,8 @@ class RunResult:
             train=TrainResult.from_dict(train) if train else None,
             challenger_eval=Evaluation.from_dict(d["challenger_eval"]) if d.get("challenger_eval") else None,
             champion_eval=Evaluation.from_dict(d["champion_eval"]) if d.get("champion_eval") else None,
-            decision=Verdict.from_dict(d["decision"]) if d.get("decision") else None,
+            decision=(Verdict.from_dict({**d["decision"], "negative_flips": d.get("negative_flips")})
+                      if d.get("decision") else None),
             champion_after=d.get("champion_after", NOT_REACHED), state_message=message or "",
             report=report if report.markdown or report.html else None)
 
@@ -324,6 +328,8 @@ class RunResult:
                 out["decision"]["review"] = self.decision.review
             if self.champion_after is not NOT_REACHED:
                 out["champion_after"] = self.champion_after
+            if self.decision.negative_flips is not None:  # only against a champion (issue 26)
+                out["negative_flips"] = self.decision.negative_flips
         if self.registry is not None:
             out["registry"] = self.registry
         if self.status is not None:

@@ -227,6 +227,10 @@ class Settings(BaseSettings):
     # sites, views and shortcuts
     guardrail_site_drop: float = setting(0.10, ge=0, le=1, description="largest AUROC or per-class "
                                          "sensitivity drop allowed on any site with enough test images")
+    max_negative_flip: float | None = setting(None, ge=0, le=1, description="largest upper 95% bound of the "
+        "negative flip rate (films the champion got right, the challenger wrong) a promotion may have; "
+        "unset = no veto", allowed="a fraction in [0, 1], e.g. 0.05, or unset (no veto)", good="0.05",
+        bad=("1.5", "nan"))
     shortcut_auroc: float = setting(0.80, ge=0.5, le=1, description="AUROC of a shortcut probe above which "
                                     "the audit warns")
     shortcut_policy: Annotated[Literal["warn", "block"], Word] = setting(

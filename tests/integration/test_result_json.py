@@ -29,8 +29,9 @@ from xray_core.settings import load_settings, reset_settings
 
 GOLDEN = Path(__file__).parent / "result_json"
 # Keys added since the capture, each with where it may appear: the old keys keep their order and values.
-# ``attributes``: an ingest summary's manifest attributes (issue 25; {} for a folder).
-ADDED_KEYS = {"ingests": {"attributes"}}
+# ``attributes``: an ingest summary's manifest attributes (issue 25; {} for a folder). At the top level
+# (""): ``negative_flips`` against the champion (issue 26), in a run that had one.
+ADDED_KEYS = {"ingests": {"attributes"}, "": {"negative_flips"}}
 POLICY = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}
 STAMP = re.compile(r"\d{8}T\d{6}Z")
 
@@ -48,12 +49,14 @@ def normalise(value: Any, root: str) -> Any:
 
 def same(got: Any, want: Any, where: str = "") -> None:
     """Assert equal JSON, key order included; floats to 1e-6 relative. Keys in :data:`ADDED_KEYS` may
-    follow the old ones where listed."""
+    appear where listed (the old keys keep their order around them)."""
     if isinstance(want, dict):
-        added = next((keys for part, keys in ADDED_KEYS.items() if f"/{part}[" in where), set())
+        top = "/" not in where
+        added = next((keys for part, keys in ADDED_KEYS.items()
+                      if (top and not part) or (part and f"/{part}[" in where)), set())
         assert isinstance(got, dict), f"{where}: {got!r} is not an object"
         old = [k for k in got if k not in added or k in want]
-        assert old == list(want) and list(got)[:len(old)] == old, f"{where}: keys {list(got)} != {list(want)}"
+        assert old == list(want), f"{where}: keys {list(got)} != {list(want)}"
         for key in want:
             same(got[key], want[key], f"{where}/{key}")
     elif isinstance(want, list):
@@ -90,13 +93,24 @@ def three_runs(xray_env, tmp_path, monkeypatch) -> dict[str, dict[str, Any]]:
         load_settings(),
         RetrainRequest(sources=(str(tmp_path / "more"),), trigger="test", flow_run_id="run-three"),
     )
+    second = Path(runs["second"].run_dir) / "report.md"
     return {
-        name: normalise(json.loads((Path(outcome.run_dir) / "result.json").read_text()), str(tmp_path))
-        for name, outcome in runs.items()
+        **{name: normalise(json.loads((Path(outcome.run_dir) / "result.json").read_text()), str(tmp_path))
+           for name, outcome in runs.items()},
+        "second report.md": second.read_text(),
     }
 
 
 def test_result_json_keeps_its_format(three_runs):
+    report = three_runs.pop("second report.md")
     assert [run["state"] for run in three_runs.values()] == ["Promoted", "Skipped", "Kept"]
     for name, got in three_runs.items():
         same(got, json.loads((GOLDEN / f"{name}.json").read_text()), name)
+    # negative flips against the champion (issue 26): only the run that had one, on every test film
+    assert "negative_flips" not in three_runs["promoted"] and "negative_flips" not in three_runs["skipped"]
+    flips = three_runs["second"]["negative_flips"]
+    counts = flips["counts"]
+    assert flips["n"] == three_runs["second"]["challenger_eval"]["n_images"] == sum(counts.values())
+    assert len(flips["flipped"]) == counts["negative_flips"] and set(flips["by_site"])
+    assert flips["negative_flip_rate"]["high"] is not None and flips["samples"] > 0
+    assert "## Negative flips" in report and f"**{counts['negative_flips']}**, a negative flip rate" in report

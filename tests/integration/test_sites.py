@@ -77,7 +77,8 @@ def _evaluation(settings, data, version, probs):
                                                threshold=0.5, n_samples=200, seed=0)
     metrics["slices"], sites, _ = evaluation_slices(settings, rows, y, probs, labels, 0.5)
     return {"version": version, "test_set_fingerprint": fingerprint_test_set(rows), "n_images": len(rows),
-            "metrics": metrics, "labels": labels, "probabilities": probs.tolist(), "sites": sites}
+            "metrics": metrics, "labels": labels, "probabilities": probs.tolist(), "sites": sites,
+            "shas": [r.sha256 for r in rows]}
 
 
 def test_pooled_numbers_hide_a_site_collapse_that_the_guardrail_keeps_out(env, tmp_path):
@@ -121,3 +122,14 @@ def test_pooled_numbers_hide_a_site_collapse_that_the_guardrail_keeps_out(env, t
     assert drop["champion"] > 0.9 and drop["challenger"] < 0.5
     pooled = [ev["metrics"]["macro_auroc"] for ev in (champion, challenger)]
     assert abs(pooled[0] - pooled[1]) < 0.1, pooled
+    # negative flips (issue 26) fall where the challenger collapsed: paeds films the champion read right
+    flips = decision["negative_flips"]
+    paeds, adult = flips["by_site"]["paeds"], flips["by_site"]["adult"]
+    assert flips["n"] == len(data.test) and adult["counts"]["negative_flips"] == 0
+    assert paeds["counts"]["negative_flips"] > paeds["n"] / 2
+    assert "negative_flips" not in [c["name"] for c in decision["checks"]]  # XRAY_MAX_NEGATIVE_FLIP unset
+    env.setenv("XRAY_MAX_NEGATIVE_FLIP", "0.05")
+    reset_settings()
+    vetoed = decide_step(load_settings(), challenger, champion, data)
+    check = next(c for c in vetoed["checks"] if c["name"] == "negative_flips")
+    assert not check["passed"] and "exceeds the allowed 0.05" in check["detail"]

@@ -262,6 +262,28 @@ def bootstrap_intervals(
     return out
 
 
+def proportion_interval(hits: np.ndarray, patient_ids: np.ndarray, *, n_samples: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, Any]:
+    """The share of images with ``hits`` (one bool per image), with the same patient-clustered
+    bootstrap as :func:`bootstrap_intervals`, and its Wilson interval on the patients where every
+    resample gave the same share (0 of n, n of n). ``{"point", "low", "high", "n_used", "method"}``
+    (plus ``n_effective`` for Wilson); all None for no images."""
+    _check_bootstrap_args(n_samples, level)
+    h = np.asarray(hits, dtype=np.float64).ravel()
+    if h.size == 0:
+        return {"point": None, "low": None, "high": None, "n_used": 0, "method": "bootstrap"}
+    clusters = _cluster_index(patient_ids, h.size)
+    shares = np.concatenate([(w @ h) / w.sum(axis=1) for w in _resample_weights(clusters, n_samples, seed)])
+    lo, hi, used = _percentile_interval(shares, level)
+    out: dict[str, Any] = {"point": float(h.mean()), "low": lo, "high": hi, "n_used": used,
+                           "method": "bootstrap"}
+    if lo is None or hi is None or hi - lo <= EPS:
+        n_eff = int(clusters.max()) + 1
+        lo, hi = wilson_interval(round(out["point"] * n_eff), n_eff, level)
+        out.update(low=lo, high=hi, method="wilson", n_effective=n_eff)
+    return out
+
+
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion ``successes``/``n`` (scipy.stats.binomtest); unlike a
     bootstrap it has non-zero width at 0/n and n/n."""
@@ -365,4 +387,5 @@ def paired_bootstrap_difference(
     }
 
 
-__all__ = ["INTERVAL_METRICS", "bootstrap_intervals", "paired_bootstrap_difference", "wilson_interval"]
+__all__ = ["INTERVAL_METRICS", "bootstrap_intervals", "paired_bootstrap_difference", "proportion_interval",
+           "wilson_interval"]

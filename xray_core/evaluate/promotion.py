@@ -15,6 +15,10 @@ Rules, in order:
    point difference >= 0) or superiority (lower bound above 0).
 4. Guardrail: a disease class whose sensitivity drops by more than the allowed amount vetoes
    promotion even when the headline metric passes (a better macro AUROC must not buy missed pneumonia).
+
+After the policy, the recipe applies the vetoes that need more than the pooled metrics
+(:func:`xray_core.pipeline.guards.apply_guards`): the per-site guardrail, the negative-flip veto
+(:func:`negative_flip_check`, with ``XRAY_MAX_NEGATIVE_FLIP``) and the shortcut audit.
 """
 
 from __future__ import annotations
@@ -319,4 +323,23 @@ def _decide_against_champion(challenger: dict, champion: dict, comparison: dict,
     return Decision("promote" if promote else "keep", promote, rationale, checks)
 
 
-__all__ = ["Decision", "PolicyConfig", "PolicyError", "decide"]
+def negative_flip_check(flips: dict[str, Any], max_rate: float) -> dict[str, Any]:
+    """The negative-flip veto as a policy check ``{"name", "passed", "detail"}``: it fails when the upper
+    bound of the negative flip rate's interval (:func:`xray_core.evaluate.flips.negative_flips`: films the
+    champion got right and the challenger gets wrong) exceeds ``max_rate`` (``XRAY_MAX_NEGATIVE_FLIP``),
+    or when the rate could not be estimated (no film scored by both)."""
+    rate, counts = flips.get("negative_flip_rate") or {}, flips.get("counts") or {}
+    high, level = rate.get("high"), flips.get("level", 0.95)
+    numbers = (f"negative flip rate {_f(rate.get('point'))} ({counts.get('negative_flips', 0)} of "
+               f"{flips.get('n', 0)} films: champion right, challenger wrong), {level:.0%} CI "
+               f"[{_f(rate.get('low'))}, {_f(high)}]")
+    if high is None:
+        passed, verdict = False, "could not be estimated: no test film was scored by both models"
+    elif high > max_rate + _TOL:
+        passed, verdict = False, f"the upper bound {_f(high)} exceeds the allowed {max_rate:g}"
+    else:
+        passed, verdict = True, f"the upper bound {_f(high)} is within the allowed {max_rate:g}"
+    return _check("negative_flips", passed, f"{numbers}: {verdict} (XRAY_MAX_NEGATIVE_FLIP)")
+
+
+__all__ = ["Decision", "PolicyConfig", "PolicyError", "decide", "negative_flip_check"]

@@ -4,6 +4,8 @@ on promotion.
 
 - The **per-site guardrail** turns a pooled "promote" into "keep" when the challenger collapses on a
   site the test set can judge (``XRAY_GUARDRAIL_SITE_DROP``).
+- The **negative-flip veto** (``XRAY_MAX_NEGATIVE_FLIP``, off by default) turns "promote" into "keep"
+  when too many films the champion got right would be read wrong (:func:`flips_step`).
 - The **shortcut audit** warns when the label is predictable from the site, from how the films were
   made, or when the embeddings tell the sites apart; with ``XRAY_SHORTCUT_POLICY=block`` a flagged
   audit stops automatic promotion (decision ``blocked``: the challenger stays a candidate for review),
@@ -84,9 +86,40 @@ def audit_step(settings: Settings, data: SplitData) -> dict[str, Any]:
     return audit
 
 
+def flips_step(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any],
+               data: SplitData) -> dict[str, Any] | None:
+    """Negative flips of the challenger against the champion (:mod:`xray_core.evaluate.flips`) on the
+    test films both scored: those whose label both models know. Each model's prediction is its own
+    operating point's, as in its confusion matrix. None when an evaluation lacks its probabilities or
+    films."""
+    from xray_core.evaluate.flips import negative_flips
+    from xray_core.evaluate.metrics import positive_index, predict_labels
+
+    def predicted(ev: dict[str, Any]) -> dict[str, str]:
+        labels, probs = list(ev["labels"]), np.asarray(ev["probabilities"], dtype=np.float64)
+        pos = positive_index(labels, settings.negative_label)
+        idx = predict_labels(probs, threshold=ev["metrics"].get("threshold") if pos is not None else None,
+                             positive_index=pos)
+        return dict(zip(ev["shas"], (labels[i] for i in idx)))
+
+    if not all(ev.get("probabilities") and ev.get("shas") for ev in (challenger, champion)):
+        return None
+    new, old = predicted(challenger), predicted(champion)
+    site_of = dict(zip(challenger["shas"], challenger.get("sites") or [None] * len(challenger["shas"])))
+    rows = [r for r in data.test if r.sha256 in new and r.sha256 in old]
+    return negative_flips([r.label for r in rows], [old[r.sha256] for r in rows],
+                          [new[r.sha256] for r in rows],
+                          [r.patient_id for r in rows], [site_of.get(r.sha256) for r in rows],
+                          n_samples=settings.bootstrap_samples, seed=settings.bootstrap_seed,
+                          films=[r.sha256 for r in rows])
+
+
 def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[str, Any],
-                 champion: dict[str, Any] | None, audit: dict[str, Any] | None) -> dict[str, Any]:
-    """The policy's decision after the per-site guardrail and the shortcut audit (a new dict)."""
+                 champion: dict[str, Any] | None, audit: dict[str, Any] | None,
+                 flips: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The policy's decision after the per-site guardrail, the negative-flip veto (``flips``: from
+    :func:`flips_step`, kept in the result) and the shortcut audit (a new dict)."""
+    from xray_core.evaluate.promotion import negative_flip_check
     from xray_core.evaluate.slices import site_guardrail
 
     out = {**decision, "checks": list(decision.get("checks") or [])}
@@ -99,6 +132,15 @@ def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[
             out.update(decision="keep", promote=False,
                        rationale=f"Keep, because {guard['detail']}. Pooled, the policy would have promoted: "
                                  f"{decision['rationale']}")
+    if flips is not None:
+        out["negative_flips"] = flips
+        if settings.max_negative_flip is not None:
+            check = negative_flip_check(flips, settings.max_negative_flip)
+            out["checks"].append(check)
+            if not check["passed"] and out.get("promote"):
+                out.update(decision="keep", promote=False,
+                           rationale=f"Keep, because {check['detail']}. Without this veto the policy would "
+                                     f"have promoted: {out['rationale']}")
     if audit is not None:
         flagged = bool(audit.get("flagged"))
         detail = "; ".join(audit.get("warnings") or []) or "no shortcut found"

@@ -29,7 +29,7 @@ from xray_core.io.fsutil import json_text
 from xray_core.monitor.reference import REFERENCE_FILE
 from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.features import embed_items, features_for, train_views
-from xray_core.pipeline.guards import apply_guards, evaluation_slices, subgroup_slices
+from xray_core.pipeline.guards import apply_guards, evaluation_slices, flips_step, subgroup_slices
 from xray_core.pipeline.lock import retrain_lock
 from xray_core.pipeline.model_settings import settings_for_card
 from xray_core.settings import Settings
@@ -253,10 +253,11 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
     from xray_core.evaluate.promotion import PolicyConfig, decide
 
     config = PolicyConfig.from_settings(settings)
-    comparison = None
+    comparison = flips = None
     if champion is not None:
         if champion["test_set_fingerprint"] != challenger["test_set_fingerprint"]:
             raise CheckpointError("champion and challenger were scored on different test sets")
+        flips = flips_step(settings, challenger, champion, data)  # also when the label sets differ
         if champion["metrics"]["labels"] != challenger["metrics"]["labels"]:
             # No per-site comparison either (champion None), but the shortcut audit still applies: a
             # new label often arrives with a new site, which is exactly when the label follows the site.
@@ -265,7 +266,7 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
                 "rationale": (f"The challenger's labels {challenger['metrics']['labels']} differ from the "
                               f"champion's {champion['metrics']['labels']}: the two cannot be compared "
                               "automatically. Keep; promote by hand (xray promote) after review.")},
-                challenger, None, audit)
+                challenger, None, audit, flips)
         labels = challenger["metrics"]["labels"]
         rows = [r for r in data.test if r.label in labels]
         p_new, p_old = (_probabilities(ev, settings, data) for ev in (challenger, champion))
@@ -276,7 +277,7 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
             negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
             seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
     decision = decide(challenger["metrics"], champion["metrics"] if champion else None, comparison, config)
-    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit)
+    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips)
     out["comparison"] = comparison
     return out
 
@@ -306,7 +307,8 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
     metrics = {"challenger": summary_metrics(challenger_eval),
                "champion": summary_metrics(champion_eval) if champion_eval else None,
                "comparison": decision.get("comparison"), "checks": decision.get("checks"),
-               "site_drops": decision.get("site_drops"), "audit": audit}
+               "site_drops": decision.get("site_drops"), "audit": audit,
+               "negative_flips": decision.get("negative_flips")}
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"],
                            metrics=json.loads(json_text(metrics, default=str)),  # strict: NaN -> null

@@ -22,6 +22,7 @@ from typing import Any
 from xray_core.data.incoming import pending_phrase
 from xray_core.evaluate.promotion import RUN_STATES
 from xray_core.report.drift import drift_context
+from xray_core.report.flips import flip_rows, flips_context
 from xray_core.report.format import cut_words, format_interval, outcome_sentence
 from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
 from xray_core.results import Evaluation, NotReached, ReportFiles, RunResult
@@ -203,12 +204,13 @@ def comparison_words(run: RunResult) -> str:
 
 
 def metrics_rows(challenger: Evaluation | None, champion: Evaluation | None, *,
-                 sites: bool = True) -> list[dict[str, Any]]:
+                 sites: bool = True, flips: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rows for the metrics table artifact: one per metric, both models side by side, with intervals.
 
     With ``sites`` (the ``retrain-metrics`` artifact), per-site rows follow (``macro_auroc @ site
     paeds``, ...), because pooled numbers can hide a collapse on one site; report.md has its own
-    "By site" section instead.
+    "By site" section instead. ``flips`` (the run's ``negative_flips``) adds the challenger's negative
+    flip rate and positive congruence against the champion, overall and per site.
     """
     rows = []
     for key in KEY_METRICS:
@@ -225,7 +227,7 @@ def metrics_rows(challenger: Evaluation | None, champion: Evaluation | None, *,
                          name: format_interval({"point": pc.get("sensitivity"), "low": iv.get("low"),
                                                 "high": iv.get("high")}),
                          "challenger" if name == "champion" else "champion": ""})
-    return rows + (site_metric_rows(challenger, champion) if sites else [])
+    return rows + (site_metric_rows(challenger, champion) if sites else []) + flip_rows(flips)
 
 
 def registry_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -308,6 +310,7 @@ def report_context(run: RunResult, files: ReportFiles | None = None) -> dict[str
         "champion_after": champion_after(run),
         "data": _data_context(run),
         "drift": drift_context(run.drift),
+        "negative_flips": flips_context(dec.negative_flips if dec else None),
         "audit": audit_context(run.audit),
         "slice_sections": slice_sections(evals),
         "label_history": label_history_context(run.label_history),
