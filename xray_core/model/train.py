@@ -258,6 +258,23 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
     return TrainResult(state_dict=best_state, best_epoch=best_epoch, epochs_run=epoch, history=history)
 
 
+def training_environment() -> dict[str, str | int]:
+    """What the head's bytes depend on besides its inputs and settings: library versions and torch's
+    thread count (recorded on the card; ``xray reproduce`` rebuilds with the same thread count and names
+    a version that differs)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | int] = {"python": platform.python_version(), "machine": platform.machine(),
+                                 "torch_threads": torch.get_num_threads()}
+    for package in ("torch", "numpy", "scipy", "scikit-learn", "safetensors"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:  # a source build without metadata
+            out[package] = "unknown"
+    return out
+
+
 def load_head(state_dict: dict[str, torch.Tensor], in_dim: int, n_classes: int, *,
               hidden: tuple[int, ...], dropout: float) -> Head:
     """Rebuild a head from its weights. A checkpoint without the standardisation or temperature

@@ -7,8 +7,10 @@ nothing here holds images in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,9 +37,56 @@ from xray_core.pipeline.model_settings import settings_for_card
 from xray_core.settings import Settings
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """A challenger head fitted on cached features, not yet saved: what ``train_step`` registers and
+    ``xray reproduce`` (:mod:`xray_core.pipeline.reproduce`) hashes."""
+
+    head: Any  # xray_core.model.train.Head, with its normaliser and temperature
+    card: dict[str, Any]  # the model card, without the monitoring reference
+    x_train: np.ndarray  # (n, views, D) the training features it was fitted on
+    x_val: np.ndarray  # (m, D) the validation films' eval view
+    val_probs: np.ndarray  # held-out probabilities of the validation films
+    y_val: np.ndarray
+
+
 def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None = None,
                progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train a challenger head on cached features, pick its operating point, save and smoke-test it.
+    """Train a challenger head (:func:`fit_challenger`), save it with its monitoring reference, and
+    smoke-test the checkpoint reloaded from disk."""
+    from xray_core.model.backbone import load_backbone
+    from xray_core.model.train import predict_proba
+    from xray_core.registry.versions import load_model, save_model
+
+    backbone = load_backbone(settings)
+    fitted = fit_challenger(settings, data, progress=progress)
+    head, card = fitted.head, dict(fitted.card)
+    reference = build_model_reference(settings, data, head, fitted.x_train, fitted.x_val, fitted.val_probs,
+                                      fitted.y_val)
+    card["reference"] = reference.describe()
+    state_dict = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    version = save_model(settings, state_dict=state_dict, card=card,
+                         train_image_ids=[r.id for r in data.train], val_image_ids=[r.id for r in data.val],
+                         flow_run_id=flow_run_id, extra_files={REFERENCE_FILE: reference.to_bytes()})
+    # Smoke test: the checkpoint reloaded from disk (sha256-verified) reproduces in-memory predictions.
+    reloaded = load_model(settings, version, backbone_fingerprint=backbone.fingerprint)
+    x_check = features_for(settings, data.test) if data.test else fitted.x_val
+    same = np.array_equal(predict_proba(head, x_check), predict_proba(reloaded.head, x_check))
+    if not same:
+        raise CheckpointError(f"model {version}: the reloaded checkpoint does not reproduce its predictions")
+    training = card["training"]
+    return {"version": version, "labels": card["labels"], "threshold": card["threshold"],
+            "best_epoch": training["best_epoch"], "epochs_run": training["epochs_run"],
+            "recipe": training["recipe"]["name"], "recipe_reason": training["recipe"]["reason"],
+            "temperature": card["head"]["temperature"], "val_metrics": key_metrics(card["val_metrics"]),
+            "smoke_test": "passed: reloaded checkpoint (sha256 verified) reproduces in-memory predictions",
+            "training_set_fingerprint": card["training_set_fingerprint"],
+            "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init}
+
+
+def fit_challenger(settings: Settings, data: SplitData, *,
+                   progress: Callable[[int, int, dict[str, float]], None] | None = None) -> Fitted:
+    """Fit a challenger head on cached features and pick its operating point; nothing is written.
 
     Recipe chosen on held-out patients (:mod:`xray_core.model.recipes`), then refitted and
     calibrated by :func:`~xray_core.model.recipes.fit_calibrated`: on the training split with the
@@ -45,7 +94,8 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     k-fold inside train+val, on train+val with the temperature fitted on the k-fold's out-of-fold
     predictions. The threshold is chosen on the same calibrated held-out probabilities, and the
     card's ``val_metrics`` are computed on them (``val_metrics_on`` says which). The normaliser and
-    temperature are saved inside ``head.safetensors``.
+    temperature are part of the head's weights. Deterministic on the CPU: the same rows (in id order),
+    features and training settings give the same bytes, which ``xray reproduce`` checks.
     """
     from xray_core.evaluate.metrics import (
         brier_score,
@@ -58,11 +108,10 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
     from xray_core.model.calibrate import softmax
     from xray_core.model.preprocess import spec_dict
     from xray_core.model.recipes import candidate_recipes, fit_calibrated, select_recipe
-    from xray_core.model.train import HeadConfig, predict_proba
-    from xray_core.registry.versions import load_model, save_model
+    from xray_core.model.train import HeadConfig, predict_proba, training_environment
 
     labels = data.labels
-    backbone = load_backbone(settings)
+    backbone = load_backbone(settings)  # the card's fingerprint; features_for loads the same one
     config = HeadConfig.from_settings(settings)
     x_train = features_for(settings, data.train, train_views(settings))
     x_val = features_for(settings, data.val)
@@ -126,25 +175,19 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
         "calibration": calibration,
         "training_set_fingerprint": training_set_fingerprint(data),
         "settings": settings.public_dict(), "val_metrics": val_metrics, "val_metrics_on": held_on,
+        "features_sha256": features_sha256(x_train, x_val), "environment": training_environment(),
     }
-    reference = build_model_reference(settings, data, head, x_train, x_val, val_probs, y_val)
-    card["reference"] = reference.describe()
-    state_dict = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    version = save_model(settings, state_dict=state_dict, card=card,
-                         train_image_ids=[r.id for r in data.train], val_image_ids=[r.id for r in data.val],
-                         flow_run_id=flow_run_id, extra_files={REFERENCE_FILE: reference.to_bytes()})
-    # Smoke test: the checkpoint reloaded from disk (sha256-verified) reproduces in-memory predictions.
-    reloaded = load_model(settings, version, backbone_fingerprint=backbone.fingerprint)
-    x_check = features_for(settings, data.test) if data.test else x_val
-    same = np.array_equal(predict_proba(head, x_check), predict_proba(reloaded.head, x_check))
-    if not same:
-        raise CheckpointError(f"model {version}: the reloaded checkpoint does not reproduce its predictions")
-    return {"version": version, "labels": labels, "threshold": threshold, "best_epoch": record["best_epoch"],
-            "epochs_run": record["epochs_run"], "recipe": recipe.name, "recipe_reason": selection.reason,
-            "temperature": temperature, "val_metrics": key_metrics(val_metrics),
-            "smoke_test": "passed: reloaded checkpoint (sha256 verified) reproduces in-memory predictions",
-            "training_set_fingerprint": card["training_set_fingerprint"],
-            "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init}
+    return Fitted(head=head, card=card, x_train=x_train, x_val=x_val, val_probs=val_probs, y_val=y_val)
+
+
+def features_sha256(x_train: np.ndarray, x_val: np.ndarray) -> str:
+    """sha256 of the float32 training and validation features a head was fitted on, in row order: tells
+    ``xray reproduce`` whether the cache still holds the very features (re-embedded ones may differ)."""
+    digest = hashlib.sha256()
+    for x in (x_train, x_val):
+        digest.update(str(x.shape).encode())
+        digest.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    return digest.hexdigest()
 
 
 def build_model_reference(settings: Settings, data: SplitData, head: Any, x_train: np.ndarray,

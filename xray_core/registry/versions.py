@@ -137,7 +137,7 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
     card = validate_card({"schema": CARD_SCHEMA_VERSION, "code_version": CODE_VERSION, **card})
     store = get_storage(settings, "models")
     staging = f".staging/{uuid.uuid4().hex}"
-    head_bytes = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    head_bytes = checkpoint_bytes(state_dict)
     card_bytes = json_text(card, indent=2, sort_keys=True, default=str).encode()
     try:
         for name, data in extra.items():
@@ -188,6 +188,11 @@ def save_model(settings: Settings, *, state_dict: dict[str, torch.Tensor], card:
         raise
     crash_point("registry.saved")
     return version
+
+
+def checkpoint_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    """``head.safetensors`` as saved (``xray reproduce`` hashes a rebuilt head through this too)."""
+    return save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
 
 
 def _move_aside(store: Storage, folder: str) -> None:
