@@ -101,6 +101,34 @@ def test_a_taken_batch_is_left_alone_until_it_changes(settings: Settings, tmp_pa
     assert len(fetch(settings, IncomingBatch)) == 2
 
 
+def test_a_manifest_batch_maps_an_exports_own_column_names_in_batch_toml(settings: Settings,
+                                                                        tmp_path: Path) -> None:
+    """An export whose columns have other names (``filename``, ``finding``, ``patientid``) is taken as
+    dropped, its batch.toml mapping them as ``xray ingest --columns`` would; without the mapping it is
+    refused in one line naming the near miss, and nothing is read."""
+    incoming = tmp_path / "incoming"
+    batch = _batch(incoming / "2026-11-23", manifest=True)
+    rows = (batch / "manifest.csv").read_text().splitlines()
+    (batch / "manifest.csv").write_text("\n".join(["filename,finding,patientid,licence", *[
+        f"{row},CC BY 4.0" for row in rows[1:]]]) + "\n")
+    _age(batch)
+    refused = _one(scan(settings, incoming), "2026-11-23")
+    assert refused.state == "refused" and "manifest.csv cannot be read" in refused.detail
+    assert not fetch(settings, Image)
+    (batch / "batch.toml").write_text('site = "hospital-b"\n[columns]\nfile = "filename"\nlabel = "finding"\n'
+                                      'patient_id = "patientid"\n')
+    _age(batch)
+    ready = _one(scan(settings, incoming), "2026-11-23")
+    assert ready.state == "ready" and dict(ready.columns) == {"file": "filename", "label": "finding",
+                                                              "patient_id": "patientid"}
+    assert take_batch(settings, ready).added == 4
+    images = fetch(settings, Image)
+    assert {(i.label, i.patient_id, i.site) for i in images} == {
+        ("normal", "person0", "hospital-b"), ("normal", "person1", "hospital-b"),
+        ("pneumonia", "person2", "hospital-b"), ("pneumonia", "person3", "hospital-b")}
+    assert {(i.attributes or {}).get("licence") for i in images} == {"CC BY 4.0"}
+
+
 def _old_layout(batch: Path) -> None:
     """Films directly in the batch folder, as the old INCOMING/<label>/<image> layout had them."""
     for film in sorted((batch / "normal").iterdir()):
@@ -127,7 +155,11 @@ def _write(name: str, text: str):
     (_no_layout, "neither label folders nor manifest.csv; expected INCOMING/<batch>/<label>/**/<image>"),
     (_write("manifest.csv", "file,label\nnormal/person0_normal_0.png,normal\n"),
      "manifest.csv does not name 3 film(s) of the batch (e.g. normal/person1_normal_0.png)"),
-    (_write("batch.toml", 'sitee = "a"\n'), "batch.toml has unknown key(s) 'sitee'; allowed: site"),
+    (_write("batch.toml", 'sitee = "a"\n'), "batch.toml has unknown key(s) 'sitee'; allowed: site, columns"),
+    (_write("batch.toml", '[columns]\npatient_id = "patientid"\n'),
+     "batch.toml maps [columns], but the batch has no manifest.csv"),
+    (_write("batch.toml", '[columns]\npatient = "patientid"\n'),
+     "batch.toml [columns]: --columns patient=patientid: 'patient' is not a manifest column name"),
     (_write("batch.toml", 'site = "a\n'), "batch.toml is not valid TOML"),
     (_write("manifest.csv", "film,label\n"), "manifest.csv cannot be read: manifest"),
 ])

@@ -45,15 +45,16 @@ from sqlalchemy import select
 from db import session_scope
 from db.schema import IncomingBatch
 from xray_core.data.catalogue import open_catalogue
+from xray_core.data.columns import check_mapping
 from xray_core.data.images import sniff_format
 from xray_core.data.ingest import IngestSummary, ingest_source
 from xray_core.data.scan import is_hidden, scan_manifest, validate_manifest
-from xray_core.errors import ManifestError, SourceError
+from xray_core.errors import ManifestError, SourceError, UsageError
 from xray_core.io.fsutil import printable
 from xray_core.settings import Settings
 
 MANIFEST, BATCH_TOML, READY = "manifest.csv", "batch.toml", "READY"  # matched in any case
-BATCH_KEYS = ("site",)  # what batch.toml may say
+BATCH_KEYS = ("site", "columns")  # what batch.toml may say
 FILM_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 EXPECTED = "expected INCOMING/<batch>/<label>/**/<image> or INCOMING/<batch>/manifest.csv"
 _SITE = re.compile(r"[^\x00-\x1f]{1,64}")  # as a manifest's site cell
@@ -74,6 +75,7 @@ class Batch:
     digest: str | None = None
     files: int = 0
     site: str | None = None  # from batch.toml
+    columns: tuple[tuple[str, str], ...] = ()  # batch.toml's [columns]: known name -> the manifest's name
     side_files: tuple[str, ...] = ()  # left alone at the batch's top
     manifest: str | None = None  # the manifest's path (layout manifest)
 
@@ -157,13 +159,13 @@ def look_at_batch(path: Path, *, settle_s: int, taken: Callable[[str, str], str 
     if not ready and ago < settle_s:
         why = f"no {READY} file; last change {max(ago, 0)} s ago, under XRAY_INCOMING_SETTLE_S={settle_s} s"
         return Batch(name, str(path), "waiting", why, digest=digest, files=files)
-    layout, site, side, problem = _layout(path, listing)
+    layout, (site, columns), side, problem = _layout(path, listing)
     if problem:
         return Batch(name, str(path), "refused", problem, digest=digest, files=files)
     how = f"{READY} file" if ready else f"unchanged for {ago} s"
     manifest = next((str(path / rel) for rel, *_ in listing.files if rel.lower() == MANIFEST), None)
-    return Batch(name, str(path), "ready", how, layout, digest, files, site, tuple(side),
-                 manifest if layout == "manifest" else None)
+    return Batch(name, str(path), "ready", how, layout, digest, files, site, tuple(columns.items()),
+                 tuple(side), manifest if layout == "manifest" else None)
 
 
 def batch_digest(files: list[tuple[str, int, int]]) -> str:
@@ -213,56 +215,75 @@ def _is_film(path: Path) -> bool:
         return False
 
 
-def _layout(path: Path, listing: _Listing) -> tuple[str | None, str | None, list[str], str | None]:
-    """(layout, site, side files, problem) of a complete batch."""
+BatchToml = tuple[str | None, dict[str, str]]  # (site, columns)
+
+
+def _layout(path: Path, listing: _Listing) -> tuple[str | None, BatchToml, list[str], str | None]:
+    """(layout, (site, columns), side files, problem) of a complete batch."""
     top = [rel for rel, *_ in listing.files if "/" not in rel]
     known = {MANIFEST, BATCH_TOML, READY.lower()}
     films_at_top = [n for n in top if n.lower() not in known and _is_film(path / n)]
     side = [n for n in top if n.lower() not in known and n not in films_at_top]
-    site, problem = None, None
+    spec: BatchToml = (None, {})
+    problem = None
     toml = [n for n in top if n.lower() == BATCH_TOML]
     if toml:
-        site, problem = read_batch_toml(path / toml[0])
+        spec, problem = read_batch_toml(path / toml[0])
     manifest = [n for n in top if n.lower() == MANIFEST]
     if problem:
-        return None, None, side, problem
+        return None, spec, side, problem
     if manifest:
-        return "manifest", site, side, _manifest_problem(path, path / manifest[0], listing, films_at_top)
+        return "manifest", spec, side, _manifest_problem(path, path / manifest[0], listing, films_at_top,
+                                                         spec[1])
+    if spec[1]:
+        return None, spec, side, (f"{BATCH_TOML} maps [columns], but the batch has no {MANIFEST}: columns "
+                                  "name a manifest's columns; remove them or add the manifest")
     if films_at_top:
-        return None, None, side, (f"{len(films_at_top)} film(s) directly in the batch folder (e.g. "
+        return None, spec, side, (f"{len(films_at_top)} film(s) directly in the batch folder (e.g. "
                                   f"{films_at_top[0]}), as in the old INCOMING/<label>/<image> layout; "
                                   f"{EXPECTED}")
     if not listing.top_dirs:
-        return None, None, side, f"neither label folders nor {MANIFEST}; {EXPECTED}"
-    return "folders", site, side, None
+        return None, spec, side, f"neither label folders nor {MANIFEST}; {EXPECTED}"
+    return "folders", spec, side, None
 
 
-def read_batch_toml(path: Path) -> tuple[str | None, str | None]:
-    """(site, problem) from a batch's batch.toml: ``site = "..."`` is the one key allowed."""
+def read_batch_toml(path: Path) -> tuple[BatchToml, str | None]:
+    """((site, columns), problem) from a batch's batch.toml: ``site = "..."`` and a ``[columns]`` table
+    mapping known manifest names to the export's own (as ``xray ingest --columns``) are what it may say."""
+    example = 'site = "hospital-a"'
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        return None, (f"{BATCH_TOML} is not valid TOML ({str(exc).splitlines()[0]}); write e.g. "
-                      'site = "hospital-a"')
+        first = str(exc).splitlines()[0]
+        return (None, {}), f"{BATCH_TOML} is not valid TOML ({first}); write e.g. {example}"
     except OSError as exc:
-        return None, f"{BATCH_TOML} cannot be read ({exc.strerror or exc})"
+        return (None, {}), f"{BATCH_TOML} cannot be read ({exc.strerror or exc})"
     unknown = sorted(set(data) - set(BATCH_KEYS))
     if unknown:
-        return None, (f"{BATCH_TOML} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
-                      f"{', '.join(BATCH_KEYS)} (e.g. site = \"hospital-a\")")
+        return (None, {}), (f"{BATCH_TOML} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
+                            f"{', '.join(BATCH_KEYS)} (e.g. {example})")
     site = data.get("site")
     if site is not None and (not isinstance(site, str) or not _SITE.fullmatch(site.strip())):
-        return None, f"{BATCH_TOML}: site must be text of 1 to 64 characters (e.g. site = \"hospital-a\")"
-    return (site.strip() if site else None), None
+        return (None, {}), f"{BATCH_TOML}: site must be text of 1 to 64 characters (e.g. {example})"
+    columns = data.get("columns", {})
+    if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
+        return (None, {}), (f"{BATCH_TOML}: [columns] maps known names to the manifest's column names, "
+                            'e.g. [columns] patient_id = "patientid"')
+    try:
+        mapping = check_mapping(columns)
+    except UsageError as exc:
+        return (None, {}), f"{BATCH_TOML} [columns]: {exc}"
+    return ((site.strip() if site else None), mapping), None
 
 
-def _manifest_problem(path: Path, manifest: Path, listing: _Listing, films_at_top: list[str]) -> str | None:
+def _manifest_problem(path: Path, manifest: Path, listing: _Listing, films_at_top: list[str],
+                      columns: dict[str, str]) -> str | None:
     """Why a manifest batch cannot be taken: the manifest does not read, or films in the batch that it
     does not name (a batch is label folders or a manifest naming every film, never half of each)."""
     try:
-        validate_manifest(manifest)
+        validate_manifest(manifest, columns)
         root = manifest.parent.resolve()
-        named = {os.path.normpath(c.path.relative_to(root)) for c in scan_manifest(manifest)
+        named = {os.path.normpath(c.path.relative_to(root)) for c in scan_manifest(manifest, columns)
                  if c.path.is_relative_to(root)}
     except (ManifestError, SourceError) as exc:
         return f"{manifest.name} cannot be read: {str(exc).splitlines()[0]}"
@@ -306,7 +327,7 @@ def take_batch(settings: Settings, batch: Batch, *, flow_run_id: str | None = No
         raise ValueError(f"batch {batch.name} is {batch.state}, not ready")
     summary = ingest_source(Path(batch.path), manifest=Path(batch.manifest) if batch.manifest else None,
                             settings=settings, progress=progress,
-                            site=batch.site, skip_top_files=True)
+                            site=batch.site, skip_top_files=True, columns=dict(batch.columns) or None)
     note = f"side files left alone: {', '.join(batch.side_files)}" if batch.side_files else ""
     with session_scope(open_catalogue(settings)) as s:
         if s.scalar(select(IncomingBatch.id).where(IncomingBatch.name == batch.name,
