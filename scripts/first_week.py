@@ -222,6 +222,7 @@ def first_week(incoming: Path, *, reviewer: str, stop_at_review: bool, say: Any)
         out["night"]["state"] = ended.state.name
         say(f"Approved by {reviewer}: run {night.name} ended {ended.state.name}: {ended.state.message}")
         folder, result = run_result(reports, night.id)
+        out["challenger"], out["champion_after"] = result["train"]["version"], result.get("champion_after")
         out["batches"] = {b["name"]: b["state"] for b in result["incoming"]["batches"]}
         out["drift"] = result.get("drift") or {}
         report = (folder / "report.md").read_text()
