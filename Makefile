@@ -119,7 +119,8 @@ stop:
 	done
 
 # With `make serve` running: headless-Chromium screenshots of the flow-runs page, where each retrain's
-# final state (Promoted, Kept, Skipped, ...) shows, and of the newest retrain's deployment page
-# (var/ui/runs.png, var/ui/deployment.png); see docs/operations.md "The Prefect UI path".
+# final state (Promoted, Kept, Skipped, ...) shows, of the newest retrain's deployment page and of the newest
+# paused run's review form (var/ui/runs.png, deployment.png, review-form.png); see docs/operations.md
+# "The Prefect UI path" and "Your first week".
 ui-screenshot: $(STAMP)
 	$(PY) scripts/ui_screenshot.py --url $(SERVE_URL)/runs --out-dir var/ui

@@ -1,14 +1,17 @@
 """Screenshot the Prefect UI in headless Chromium: the manual check that each retrain's decision shows
-where an operator looks. Two pages:
+where an operator looks. Three pages:
 
 - the flow-runs list (``runs.png``): each run's final state name (Promoted, Kept, Skipped, Blocked,
   Insufficient evidence, Failed) as its badge;
 - a deployment page, Runs tab (``deployment.png``): by default the deployment of the newest retrain
-  run; its description names the schedule's time zone.
+  run; its description names the schedule's time zone. **All run states** is chosen in the tab's state
+  filter first, so runs with a custom state name show (README "Every run on a deployment page");
+- a paused run's page with its review form open (``review-form.png``): the newest paused run (a retrain
+  waiting for its reviewer, e.g. ``scripts/first_week.py --stop-at-review``); the form is behind the
+  page's Resume button, so the browser is driven (Chrome DevTools protocol) to click it first. With no
+  paused run on the server, that picture is skipped and the output says so.
 
-(A third capture, a paused run's review form, belongs beside them in :func:`captures`.)
-
-    make ui-screenshot          # with `make serve` running: var/ui/runs.png, var/ui/deployment.png
+    make ui-screenshot          # with `make serve` running: var/ui/runs.png, deployment.png, review-form.png
     python scripts/ui_screenshot.py --url http://127.0.0.1:4311/runs --out-dir /tmp/ui \
         --deployment retrain/nightly
 
@@ -26,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -105,21 +109,35 @@ def deployment_id(api: str, name: str | None) -> str:
         raise
 
 
+def paused_run(api: str) -> str | None:
+    """The id of the newest paused flow run (a retrain waiting for its reviewer), or None."""
+    runs = _post(api, "/flow_runs/filter", {"limit": 1, "sort": "START_TIME_DESC",
+                                            "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}})
+    return str(runs[0]["id"]) if runs else None
+
+
 class Capture(NamedTuple):
-    """One picture: the page's URL and the file it is written to."""
+    """One picture: the page's URL, the file it is written to, and a button to click first (if any)."""
 
     url: str
     out: Path
+    click: tuple[str, ...] = ()
 
 
-def captures(runs_url: str, deployment: str, out_dir: Path) -> list[Capture]:
+def captures(runs_url: str, deployment: str, out_dir: Path, paused: str | None = None) -> list[Capture]:
     """The pages ``make ui-screenshot`` pictures, in order: the runs list, then the deployment's page on
     its Runs tab (the UI's default there lists every state type but Scheduled, so custom-named states
-    such as Kept show; a filter by state names hides them: README "Every run on a deployment page")."""
+    such as Kept show; a filter by state names hides them: README "Every run on a deployment page"),
+    then the paused run ``paused`` with its Resume button clicked: the review form."""
     parts = urlsplit(runs_url)
     base = f"{parts.scheme}://{parts.netloc}"
-    return [Capture(runs_url, out_dir / "runs.png"),
-            Capture(f"{base}/deployments/deployment/{deployment}?tab=Runs", out_dir / "deployment.png")]
+    pages = [Capture(runs_url, out_dir / "runs.png"),
+             Capture(f"{base}/deployments/deployment/{deployment}?tab=Runs", out_dir / "deployment.png",
+                    click=("All run states",))]
+    if paused is not None:
+        pages.append(Capture(f"{base}/runs/flow-run/{paused}", out_dir / "review-form.png",
+                             click=("Resume",)))
+    return pages
 
 
 def screenshot(browser: str, url: str, out: Path, *, width: int, height: int, wait_ms: int) -> None:
@@ -131,15 +149,100 @@ def screenshot(browser: str, url: str, out: Path, *, width: int, height: int, wa
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
     with tempfile.TemporaryDirectory(prefix="ui-screenshot-") as profile:
-        cmd = [browser, "--headless", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-               f"--user-data-dir={profile}", f"--window-size={width},{height}",
-               f"--virtual-time-budget={wait_ms}", f"--screenshot={tmp}", url]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            cmd.insert(1, "--no-sandbox")  # Chromium refuses to start as root with its sandbox on
+        cmd = [*_browser_cmd(browser, profile, width, height), f"--virtual-time-budget={wait_ms}",
+               f"--screenshot={tmp}", url]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     if done.returncode != 0 or not tmp.exists() or tmp.read_bytes()[:8] != PNG_MAGIC:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"Chromium wrote no screenshot (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    tmp.replace(out)
+
+
+def _browser_cmd(browser: str, profile: str, width: int, height: int) -> list[str]:
+    cmd = [browser, "--headless", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+           f"--user-data-dir={profile}", f"--window-size={width},{height}"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.insert(1, "--no-sandbox")  # Chromium refuses to start as root with its sandbox on
+    return cmd
+
+
+# Choose the option of a visible <select> whose text is exactly the given one (the UI's state filter is a
+# native select), else click the innermost visible element with that text (a button); true when found.
+_CLICK_JS = """(() => { const text = %s;
+  for (const select of document.querySelectorAll('select')) {
+    const option = [...select.options].find(o => o.textContent.trim() === text);
+    if (option && select.offsetParent !== null) {
+      select.value = option.value;
+      for (const type of ['input', 'change']) select.dispatchEvent(new Event(type, {bubbles: true}));
+      return true; } }
+  const hits = [...document.querySelectorAll('button, [role=option], li, span, div, a')].filter(
+    e => e.offsetParent !== null && e.textContent.trim() === text);
+  const el = hits.find(e => ![...e.children].some(c => hits.includes(c))) || hits[0];
+  if (!el) return false;
+  for (const type of ['pointerdown', 'mousedown', 'pointerup', 'mouseup'])
+    el.dispatchEvent(new MouseEvent(type, {bubbles: true}));
+  el.click(); return true; })()"""
+
+
+def screenshot_after_click(browser: str, url: str, out: Path, buttons: tuple[str, ...], *, width: int,
+                           height: int, wait_ms: int) -> None:
+    """Open ``url`` in headless Chromium driven through the DevTools protocol, click the elements that
+    read ``buttons`` in turn once the page has loaded, and write a PNG of what then shows to ``out``."""
+    import base64
+    import itertools
+
+    from websockets.sync.client import connect  # installed with prefect
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ui-screenshot-") as profile:
+        cmd = [*_browser_cmd(browser, profile, width, height), "--remote-debugging-port=0", "about:blank"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            port_file, deadline = Path(profile) / "DevToolsActivePort", time.monotonic() + 30
+            while not port_file.exists() or not port_file.read_text().strip():
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("Chromium did not open its DevTools port")
+                time.sleep(0.2)
+            port = port_file.read_text().split()[0]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
+                page = next(t for t in json.load(resp) if t.get("type") == "page")
+            ids = itertools.count(1)
+            with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+                def call(method: str, **params: object) -> dict:
+                    n = next(ids)
+                    ws.send(json.dumps({"id": n, "method": method, "params": params}))
+                    while (reply := json.loads(ws.recv(timeout=60))).get("id") != n:
+                        pass
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply.get("result", {})
+
+                call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                     mobile=False)
+                call("Page.navigate", url=url)
+                deadline = time.monotonic() + wait_ms / 1000
+                for text in buttons:
+                    clicked = False
+                    while not clicked and time.monotonic() < deadline:
+                        time.sleep(1.0)
+                        clicked = call("Runtime.evaluate", expression=_CLICK_JS % json.dumps(text),
+                                       userGesture=True)["result"].get("value") is True
+                    if not clicked:
+                        raise RuntimeError(f"nothing to click reading {text!r} on {url} within {wait_ms} ms")
+                time.sleep(3.0)  # what the click opened renders
+                data = call("Page.captureScreenshot", format="png")["data"]
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    png = base64.b64decode(data)
+    if png[:8] != PNG_MAGIC:
+        raise RuntimeError("Chromium returned no PNG")
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    tmp.write_bytes(png)
     tmp.replace(out)
 
 
@@ -169,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = latest_runs(api)
         deployment = deployment_id(api, args.deployment)
+        paused = paused_run(api)
     except (OSError, ValueError) as exc:
         print(f"error: the Prefect API at {api} did not answer ({exc}); start it with `make serve`",
               file=sys.stderr)
@@ -177,11 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, state_type, state_name, tags in runs:
         decision = next((t for t in tags if t.startswith("decision:")), "")
         print(f"  {name:<28} {state_name} ({state_type}) {decision}".rstrip())
-    for capture in captures(args.url, deployment, args.out_dir):
+    if paused is None:
+        print("no paused run on the server: the review form is not pictured (scripts/first_week.py "
+              "--stop-at-review leaves one)")
+    for capture in captures(args.url, deployment, args.out_dir, paused):
+        size = {"width": args.width, "height": args.height, "wait_ms": args.wait_ms}
         try:
-            screenshot(browser, capture.url, capture.out, width=args.width, height=args.height,
-                       wait_ms=args.wait_ms)
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            if capture.click:
+                screenshot_after_click(browser, capture.url, capture.out, capture.click, **size)
+            else:
+                screenshot(browser, capture.url, capture.out, **size)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(f"wrote {capture.out} ({capture.out.stat().st_size // 1024} KB) from {capture.url}")

@@ -72,3 +72,10 @@ def test_the_runs_list_and_the_deployment_page_are_captured(shot, tmp_path):
 def test_a_deployment_that_is_not_flow_slash_name_is_bad_usage(shot, capsys):
     assert shot.main(["--deployment", "nightly"]) == 2
     assert "retrain/nightly" in capsys.readouterr().err
+
+
+def test_a_paused_run_is_pictured_with_its_resume_button_clicked(shot, tmp_path):
+    pages = shot.captures("http://127.0.0.1:4311/runs", "0b5e-id", tmp_path, paused="9a1f-run")
+    assert [(c.url, c.out.name, c.click) for c in pages][2:] == [
+        ("http://127.0.0.1:4311/runs/flow-run/9a1f-run", "review-form.png", ("Resume",))]
+    assert [c.click for c in pages[:2]] == [(), ("All run states",)]  # every run, custom states included
