@@ -33,7 +33,7 @@ TEST_ENV = {
 }
 
 # Low floors on tiny synthetic sites, and the shortcut audit blocking (so XRAY_REVIEW defaults to
-# "blocked"): what the review tests (tests/flows/test_review.py, tests/integration/test_review_wait.py)
+# "blocked"): what the review tests (tests/flows/test_review_server.py, tests/integration/test_review_wait.py)
 # need for a run that waits for its reviewer.
 BLOCKING_POLICY = {
     "XRAY_MIN_TEST_PER_CLASS": "2",
@@ -57,7 +57,14 @@ def pytest_configure(config: pytest.Config) -> None:
                             "sqlite_only: reads the SQLite file itself; skipped in the PostgreSQL lane")
 
 
+# Files that mostly wait (on a real Prefect server's lease renewal, ~4 to 5 minutes for the first week's
+# approval): collected first, so that under `make test`'s two workers (--dist loadfile hands out files in
+# collection order) the wait overlaps the rest of the suite instead of ending it.
+WAIT_FIRST = ("tests/flows/test_first_week.py", "tests/flows/test_review_server.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: 0 if item.nodeid.startswith(WAIT_FIRST) else 1)  # stable: else as collected
     if not POSTGRES_URL:
         return
     skip = pytest.mark.skip(

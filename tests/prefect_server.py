@@ -1,7 +1,7 @@
 """A throw-away ``prefect server start`` for the tests that need a real, fresh server (a deployment
 trigger firing, ``prefect deploy`` on an empty server): a free port, its own PREFECT_HOME, no UI, no
 telemetry, and the stopping of what was started (its process group). Used by tests/flows/test_trigger.py,
-tests/flows/test_deploy.py and tests/flows/test_review.py (:func:`prefect_server`: a server
+tests/flows/test_deploy.py and tests/flows/test_review_server.py (:func:`prefect_server`: a server
 the test's own processes and the test both reach)."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ for a reviewer. The executor here plays the waiting run: while it "waits", a nig
 full. It gets the retrain lock at once (the waiting run gave it up), and skips, because training on the
 same films would only ask the same reviewer the same question. Then the reviewer approves, and the
 challenger becomes champion with the reviewer in the audit row. The same over a real Prefect server, with
-the form: tests/flows/test_review.py.
+the form: tests/flows/test_review_server.py.
 """
 
 from __future__ import annotations

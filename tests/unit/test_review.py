@@ -5,7 +5,7 @@ review when the setting says so, then records the decision with the real ``promo
 catalogue (tiny heads from tests/registry_heads.py, no backbone). Shown: approve promotes (one audit row,
 the reviewer as its actor), reject and expiry keep the champion, an approval after the champion moved is
 recorded ``stale``, the retrain lock is free while the run waits, and a run with nobody to ask keeps its
-decision and says so. The same against a real Prefect server: tests/flows/test_review.py.
+decision and says so. The same against a real Prefect server: tests/flows/test_review_server.py.
 """
 
 from __future__ import annotations
