@@ -60,12 +60,12 @@ def lock_reference(settings: Settings, version: int, *, reason: str, trigger: st
         raise UsageError("locking a reference needs --reason")
     with session_scope(open_catalogue(settings)) as s:
         existing_model(s, version)
-        if s.scalar(select(Evaluation.id).where(Evaluation.model_id == version).limit(1)) is None:
-            raise UsageError(f"model version {version} was never scored on a test set, so it cannot be the "
-                             "locked reference; lock an evaluated version (see xray models)")
         previous, _ = locked_reference(s)
         if previous == version:
             raise UsageError(f"model version {version} is already the locked reference")
+        if s.scalar(select(Evaluation.id).where(Evaluation.model_id == version).limit(1)) is None:
+            raise UsageError(f"model version {version} was never scored on a test set, so it cannot be the "
+                             "locked reference; lock an evaluated version (see xray models)")
     load_model(settings, version)
     with session_scope(open_catalogue(settings)) as s:
         champion = champion_version(s)
