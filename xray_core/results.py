@@ -186,6 +186,8 @@ class Verdict:
     # films the champion got right and the challenger gets wrong (xray_core.evaluate.flips); None
     # without a champion. ``negative_flips`` in result.json.
     negative_flips: dict[str, Any] | None = None
+    # the locked reference: version, metric, margin, comparison, passed (pipeline.guards.reference_summary)
+    reference: dict[str, Any] | None = None
     # The reviewer's answer when the verdict waited for one (xray_core.pipeline.review.reviewed): mode,
     # answer, reviewer, reason, requested_at, deadline, answered_at; None when no review was asked.
     review: dict[str, Any] | None = None
@@ -245,6 +247,8 @@ class RunResult:
     champion_eval: Evaluation | None = None
     decision: Verdict | None = None
     champion_after: int | None | NotReached = NOT_REACHED
+    # decisions this test set informed, with XRAY_TEST_REUSE_BUDGET (registry.reference.count_test_set_reuse)
+    test_set_reuse: dict[str, Any] | None = None
     registry: list[dict[str, Any]] | None = None  # the registry re-scored on this test set
     status: str | None = None  # completed | skipped | failed
     state: str | None = None  # one of RUN_STATES
@@ -285,7 +289,8 @@ class RunResult:
             train=TrainResult.from_dict(train) if train else None,
             challenger_eval=Evaluation.from_dict(d["challenger_eval"]) if d.get("challenger_eval") else None,
             champion_eval=Evaluation.from_dict(d["champion_eval"]) if d.get("champion_eval") else None,
-            decision=(Verdict.from_dict({**d["decision"], "negative_flips": d.get("negative_flips")})
+            decision=(Verdict.from_dict({**d["decision"], "negative_flips": d.get("negative_flips"),
+                                         "reference": d.get("reference")})
                       if d.get("decision") else None),
             champion_after=d.get("champion_after", NOT_REACHED), state_message=message or "",
             report=report if report.markdown or report.html else None)
@@ -330,6 +335,10 @@ class RunResult:
                 out["champion_after"] = self.champion_after
             if self.decision.negative_flips is not None:  # only against a champion (issue 26)
                 out["negative_flips"] = self.decision.negative_flips
+            if self.decision.reference is not None:  # the locked reference (issue 26)
+                out["reference"] = self.decision.reference
+        if self.test_set_reuse is not None:
+            out["test_set_reuse"] = self.test_set_reuse
         if self.registry is not None:
             out["registry"] = self.registry
         if self.status is not None:

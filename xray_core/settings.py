@@ -223,6 +223,11 @@ class Settings(BaseSettings):
     target_specificity: float = setting(0.90, gt=0, lt=1, description="a fraction: 0.9 means 90%")
     guardrail_sensitivity_drop: float = setting(0.02, ge=0, le=1, description="largest per-class sensitivity "
                                                 "drop a promotion may cause")
+    reference_margin: float = setting(0.02, ge=0, le=1, description="how far the lower 95% bound of the "
+        "challenger's XRAY_PROMOTION_METRIC may fall below the locked reference's on the same test films "
+        "(xray lock; the bio-creep guard)")
+    test_reuse_budget: int = setting(20, ge=1, le=1_000_000, description="decisions one test set may inform "
+        "before reports warn that it is overused (adaptive overfitting)")
 
     # sites, views and shortcuts
     guardrail_site_drop: float = setting(0.10, ge=0, le=1, description="largest AUROC or per-class "

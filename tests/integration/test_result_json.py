@@ -30,8 +30,11 @@ from xray_core.settings import load_settings, reset_settings
 GOLDEN = Path(__file__).parent / "result_json"
 # Keys added since the capture, each with where it may appear: the old keys keep their order and values.
 # ``attributes``: an ingest summary's manifest attributes (issue 25; {} for a folder). At the top level
-# (""): ``negative_flips`` against the champion (issue 26), in a run that had one.
-ADDED_KEYS = {"ingests": {"attributes"}, "": {"negative_flips"}}
+# (""): ``negative_flips`` against the champion (issue 26), in a run that had one; ``reference`` (the locked
+# reference) and ``test_set_reuse`` in a decided run (issue 26). ADDED_CHECKS: checks a decision may have
+# gained since (the locked reference's, whenever there is one), skipped in ``decision/checks``.
+ADDED_KEYS = {"ingests": {"attributes"}, "": {"negative_flips", "reference", "test_set_reuse"}}
+ADDED_CHECKS = {"reference"}
 POLICY = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}
 STAMP = re.compile(r"\d{8}T\d{6}Z")
 
@@ -60,6 +63,8 @@ def same(got: Any, want: Any, where: str = "") -> None:
         for key in want:
             same(got[key], want[key], f"{where}/{key}")
     elif isinstance(want, list):
+        if where.endswith("/decision/checks"):
+            got = [c for c in got if c.get("name") not in ADDED_CHECKS]
         assert isinstance(got, list) and len(got) == len(want), f"{where}: {got!r} != {want!r}"
         for i, (g, w) in enumerate(zip(got, want)):
             same(g, w, f"{where}[{i}]")
@@ -114,3 +119,14 @@ def test_result_json_keeps_its_format(three_runs):
     assert len(flips["flipped"]) == counts["negative_flips"] and set(flips["by_site"])
     assert flips["negative_flip_rate"]["high"] is not None and flips["samples"] > 0
     assert "## Negative flips" in report and f"**{counts['negative_flips']}**, a negative flip rate" in report
+    # the locked reference and the test set's reuse (issue 26): none before the first champion, then the
+    # first champion, which is this run's champion too (scored once, its comparison reused)
+    first, second = three_runs["promoted"], three_runs["second"]
+    assert first["reference"]["version"] is None and "reference" not in [c["name"] for c in
+                                                                          first["decision"]["checks"]]
+    ref = second["reference"]
+    assert (ref["version"], ref["same_as_champion"], ref["margin"]) == (1, True, 0.02)
+    check = next(c for c in second["decision"]["checks"] if c["name"] == "reference")
+    assert check["passed"] == ref["passed"] and "locked reference v1" in check["detail"]
+    assert first["test_set_reuse"]["decisions"] == 1 and second["test_set_reuse"]["decisions"] >= 1
+    assert "Locked reference v1 (the champion)" in report and "This test set (" in report

@@ -18,7 +18,8 @@ Rules, in order:
 
 After the policy, the recipe applies the vetoes that need more than the pooled metrics
 (:func:`xray_core.pipeline.guards.apply_guards`): the per-site guardrail, the negative-flip veto
-(:func:`negative_flip_check`, with ``XRAY_MAX_NEGATIVE_FLIP``) and the shortcut audit.
+(:func:`negative_flip_check`, with ``XRAY_MAX_NEGATIVE_FLIP``), the locked reference (:func:`reference_check`,
+with ``XRAY_REFERENCE_MARGIN``) and the shortcut audit.
 """
 
 from __future__ import annotations
@@ -342,4 +343,28 @@ def negative_flip_check(flips: dict[str, Any], max_rate: float) -> dict[str, Any
     return _check("negative_flips", passed, f"{numbers}: {verdict} (XRAY_MAX_NEGATIVE_FLIP)")
 
 
-__all__ = ["Decision", "PolicyConfig", "PolicyError", "decide", "negative_flip_check"]
+def reference_check(comparison: dict[str, Any] | None, version: int, margin: float, metric: str,
+                    target_specificity: float, why_not: str | None = None) -> dict[str, Any]:
+    """The bio-creep guard as a policy check ``{"name": "reference", "passed", "detail"}``: the challenger
+    must be non-inferior to the locked reference ``version`` on the same test films, i.e. the lower bound
+    of the paired difference (``comparison``: challenger minus reference, from
+    :func:`~xray_core.evaluate.intervals.paired_bootstrap_difference`) above ``-margin``
+    (``XRAY_REFERENCE_MARGIN``), whatever ``XRAY_PROMOTION_MODE`` is. It fails when the difference
+    cannot be estimated; ``why_not`` says why there is no comparison at all."""
+    name = _metric_name(metric, target_specificity)
+    low = None if comparison is None else comparison.get("low")
+    if comparison is None or low is None or comparison.get("difference") is None:
+        reason = why_not or f"the difference could not be estimated ({name} is undefined on this test set)"
+        return _check("reference", False, f"locked reference v{version}: {reason} (XRAY_REFERENCE_MARGIN)")
+    level = comparison.get("level", 0.95)
+    numbers = (f"locked reference v{version}: challenger {name} {_f(comparison.get('challenger'))} vs "
+               f"reference {_f(comparison.get('champion'))}, difference {_signed(comparison['difference'])}, "
+               f"{level:.0%} CI [{_signed(low)}, {_signed(comparison.get('high'))}]")
+    passed = low > -margin + _TOL
+    verdict = (f"the lower bound is above the allowed {-margin:+.3f}" if passed
+               else f"the lower bound is at or below the allowed {-margin:+.3f}: a drop larger than the "
+                    "margin below the locked reference is not ruled out")
+    return _check("reference", passed, f"{numbers}; {verdict} (XRAY_REFERENCE_MARGIN)")
+
+
+__all__ = ["Decision", "PolicyConfig", "PolicyError", "decide", "negative_flip_check", "reference_check"]

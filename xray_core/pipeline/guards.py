@@ -6,6 +6,8 @@ on promotion.
   site the test set can judge (``XRAY_GUARDRAIL_SITE_DROP``).
 - The **negative-flip veto** (``XRAY_MAX_NEGATIVE_FLIP``, off by default) turns "promote" into "keep"
   when too many films the champion got right would be read wrong (:func:`flips_step`).
+- The **locked reference** (the bio-creep guard, ``XRAY_REFERENCE_MARGIN``) turns "promote" into "keep"
+  when the challenger is not shown non-inferior to the locked reference (:func:`reference_summary`).
 - The **shortcut audit** warns when the label is predictable from the site, from how the films were
   made, or when the embeddings tell the sites apart; with ``XRAY_SHORTCUT_POLICY=block`` a flagged
   audit stops automatic promotion (decision ``blocked``: the challenger stays a candidate for review),
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xray_core.data.snapshot import Row, SplitData
+from xray_core.data.snapshot import Row, SplitData, label_indices
 from xray_core.pipeline.features import features_for, train_views
 from xray_core.settings import Settings
 
@@ -114,11 +116,57 @@ def flips_step(settings: Settings, challenger: dict[str, Any], champion: dict[st
                           films=[r.sha256 for r in rows])
 
 
+def reference_summary(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
+                      reference: dict[str, Any] | None, comparison: dict[str, Any] | None,
+                      data: SplitData) -> dict[str, Any]:
+    """The run's ``reference`` record: which version, its metric, the margin, the paired comparison with
+    the challenger and the ``reference`` check (:func:`~xray_core.evaluate.promotion.reference_check`).
+    ``comparison``: the challenger-vs-champion one, reused when the reference is the champion. Without a
+    reference yet (no champion ever), no check: the first champion becomes the reference."""
+    from xray_core.evaluate.intervals import paired_bootstrap_difference
+    from xray_core.evaluate.promotion import reference_check
+
+    metric, margin = settings.promotion_metric, settings.reference_margin
+    if reference is None:
+        return {"version": None, "metric": metric, "margin": margin, "passed": None, "check": None,
+                "detail": "no locked reference yet: the first champion becomes it (or xray lock N)"}
+    version = int(reference["version"])
+    same = champion is not None and champion["version"] == version
+    labels = list(challenger["metrics"]["labels"])
+    why_not = None
+    if reference["test_set_fingerprint"] != challenger["test_set_fingerprint"]:
+        why_not = "it was scored on another test set than the challenger"
+    elif list(reference["metrics"]["labels"]) != labels:
+        why_not = (f"its labels {reference['metrics']['labels']} differ from the challenger's {labels}, so "
+                   "the two cannot be compared; lock one with these labels (xray lock N --reason ...)")
+    elif not (same and comparison):
+        if not (challenger.get("probabilities") and reference.get("probabilities")):
+            why_not = "an evaluation lacks its test probabilities"
+        else:
+            rows = [r for r in data.test if r.label in labels]
+            comparison = paired_bootstrap_difference(
+                label_indices(rows, labels), np.asarray(challenger["probabilities"], dtype=np.float64),
+                np.asarray(reference["probabilities"], dtype=np.float64), labels,
+                np.array([r.patient_id for r in rows]), metric=metric,
+                thresholds=(challenger["metrics"].get("threshold"), reference["metrics"].get("threshold")),
+                negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
+                seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+    used = None if why_not else comparison
+    check = reference_check(used, version, margin, metric, settings.target_specificity, why_not)
+    keys = ("challenger", "champion", "difference", "low", "high", "level")
+    numbers = {k: (used or {}).get(k) for k in keys}
+    return {"version": version, "metric": metric, "margin": margin, "same_as_champion": same,
+            "reference": numbers.pop("champion"), **numbers, "passed": check["passed"], "check": check,
+            "detail": check["detail"]}
+
+
 def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[str, Any],
                  champion: dict[str, Any] | None, audit: dict[str, Any] | None,
-                 flips: dict[str, Any] | None = None) -> dict[str, Any]:
+                 flips: dict[str, Any] | None = None,
+                 reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """The policy's decision after the per-site guardrail, the negative-flip veto (``flips``: from
-    :func:`flips_step`, kept in the result) and the shortcut audit (a new dict)."""
+    :func:`flips_step`, kept in the result), the locked reference (``reference``: from
+    :func:`reference_summary`, kept in the result) and the shortcut audit (a new dict)."""
     from xray_core.evaluate.promotion import negative_flip_check
     from xray_core.evaluate.slices import site_guardrail
 
@@ -140,6 +188,15 @@ def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[
             if not check["passed"] and out.get("promote"):
                 out.update(decision="keep", promote=False,
                            rationale=f"Keep, because {check['detail']}. Without this veto the policy would "
+                                     f"have promoted: {out['rationale']}")
+    if reference is not None:
+        out["reference"] = {k: v for k, v in reference.items() if k != "check"}
+        if reference.get("check") is not None:
+            out["checks"].append(reference["check"])
+            if not reference["passed"] and out.get("promote"):
+                out.update(decision="keep", promote=False,
+                           rationale=f"Keep, because the challenger is not shown non-inferior to the locked "
+                                     f"reference: {reference['detail']}. Without this guard the policy would "
                                      f"have promoted: {out['rationale']}")
     if audit is not None:
         flagged = bool(audit.get("flagged"))

@@ -23,7 +23,9 @@ from xray_core.pipeline import steps, unchanged
 from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.executor import Executor, step
 from xray_core.pipeline.lock import HeldLock
+from xray_core.pipeline.reference import reference_evaluation
 from xray_core.pipeline.review import nothing_new_since_pending_review, review_request, reviewed
+from xray_core.registry.reference import count_test_set_reuse
 from xray_core.report.format import outcome_sentence
 from xray_core.results import (
     NOT_REACHED,
@@ -105,8 +107,11 @@ def recipe(
     result.champion_eval = (
         run.step(evaluate_champion)(settings, champion, snapshot, request.flow_run_id) if champion else None
     )
-    verdict = run.step(decide)(settings, result.challenger_eval, result.champion_eval, snapshot, result.audit)
+    reference = reference_evaluation(settings, run, result.champion_eval, snapshot, request.flow_run_id)
+    verdict = run.step(decide)(settings, result.challenger_eval, result.champion_eval, snapshot, result.audit,
+                               reference)
     recorded = record(settings, request, run, result, verdict, lock)
+    result.test_set_reuse = count_test_set_reuse(settings, result.challenger_eval.test_set_fingerprint)
     result.registry = run.step(rescore)(settings, snapshot, request.flow_run_id)
     result.status, result.state = "completed", run_state("completed", recorded.decision)
     result.state_message = outcome_message(result)
@@ -260,13 +265,13 @@ def decide(
     champion: Evaluation | None,
     snapshot: Snapshot,
     audit: dict[str, Any] | None,
+    reference: Evaluation | None = None,
 ) -> Verdict:
-    """Apply the promotion policy to the two evaluations, with the per-site guardrail and the audit."""
-    return Verdict.from_dict(
-        steps.decide_step(
-            settings, challenger.as_dict(), champion.as_dict() if champion else None, snapshot.load(), audit
-        )
-    )
+    """Apply the promotion policy to the two evaluations, with the per-site guardrail, the locked reference
+    (its evaluation: the champion's when it is the champion) and the audit."""
+    return Verdict.from_dict(steps.decide_step(
+        settings, challenger.as_dict(), champion.as_dict() if champion else None, snapshot.load(), audit,
+        reference.as_dict() if reference else None))
 
 
 @step("promote")

@@ -31,7 +31,13 @@ from xray_core.io.fsutil import json_text
 from xray_core.monitor.reference import REFERENCE_FILE
 from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.features import embed_items, features_for, train_views
-from xray_core.pipeline.guards import apply_guards, evaluation_slices, flips_step, subgroup_slices
+from xray_core.pipeline.guards import (
+    apply_guards,
+    evaluation_slices,
+    flips_step,
+    reference_summary,
+    subgroup_slices,
+)
 from xray_core.pipeline.lock import retrain_lock
 from xray_core.pipeline.model_settings import settings_for_card
 from xray_core.settings import Settings
@@ -289,9 +295,11 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
 
 
 def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
-                data: SplitData, audit: dict[str, Any] | None = None) -> dict[str, Any]:
+                data: SplitData, audit: dict[str, Any] | None = None,
+                reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Apply the promotion policy to two evaluations on the identical test set, then the per-site
-    guardrail and the shortcut audit (:func:`xray_core.pipeline.guards.apply_guards`)."""
+    guardrail, the locked reference (``reference``: its evaluation, None before the first champion) and
+    the shortcut audit (:func:`xray_core.pipeline.guards.apply_guards`)."""
     from xray_core.evaluate.intervals import paired_bootstrap_difference
     from xray_core.evaluate.promotion import PolicyConfig, decide
 
@@ -309,7 +317,8 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
                 "rationale": (f"The challenger's labels {challenger['metrics']['labels']} differ from the "
                               f"champion's {champion['metrics']['labels']}: the two cannot be compared "
                               "automatically. Keep; promote by hand (xray promote) after review.")},
-                challenger, None, audit, flips)
+                challenger, None, audit, flips,
+                reference_summary(settings, challenger, champion, reference, None, data))
         labels = challenger["metrics"]["labels"]
         rows = [r for r in data.test if r.label in labels]
         p_new, p_old = (_probabilities(ev, settings, data) for ev in (challenger, champion))
@@ -320,7 +329,8 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
             negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
             seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
     decision = decide(challenger["metrics"], champion["metrics"] if champion else None, comparison, config)
-    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips)
+    ref = reference_summary(settings, challenger, champion, reference, comparison, data)
+    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips, ref)
     out["comparison"] = comparison
     return out
 
@@ -351,7 +361,7 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
                "champion": summary_metrics(champion_eval) if champion_eval else None,
                "comparison": decision.get("comparison"), "checks": decision.get("checks"),
                "site_drops": decision.get("site_drops"), "audit": audit,
-               "negative_flips": decision.get("negative_flips")}
+               "negative_flips": decision.get("negative_flips"), "reference": decision.get("reference")}
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"],
                            metrics=json.loads(json_text(metrics, default=str)),  # strict: NaN -> null

@@ -15,6 +15,7 @@ from db import session_scope
 from db.schema import Model, Promotion
 from xray_core.data.catalogue import open_catalogue
 from xray_core.registry.manifests import split_manifest_images
+from xray_core.registry.reference import locked_reference
 from xray_core.registry.versions import champion_version, existing_model, promotion_dict
 from xray_core.settings import Settings
 
@@ -37,9 +38,10 @@ def list_models(settings: Settings, *, current_test_set: str | None = None) -> l
         promoted = {}
         promotions = select(Promotion).where(Promotion.champion_after.is_not(None)).order_by(Promotion.id)
         for p in s.scalars(promotions):
-            if p.champion_after == p.to_version and p.to_version is not None:
+            if p.champion_after == p.to_version and p.to_version is not None and p.decision != "lock":
                 promoted[p.to_version] = {"time": p.created_at.isoformat(), "trigger": p.trigger,
                                           "decision": p.decision, "actor": p.actor}
+        reference = locked_reference(s)[0]
         evaluations = list(s.scalars(select(Evaluation).order_by(Evaluation.id)))
         current = current_test_set or (evaluations[-1].test_set_fingerprint if evaluations else None)
         latest: dict[int, Any] = {}
@@ -51,7 +53,7 @@ def list_models(settings: Settings, *, current_test_set: str | None = None) -> l
                  "backbone_fingerprint": m.backbone_fingerprint, "backbone_weights": m.backbone_weights,
                  "training_set_fingerprint": m.training_set_fingerprint, "labels": m.labels,
                  "threshold": m.threshold, **_scored(latest.get(m.id), current),
-                 "last_promoted": promoted.get(m.id)} for m in models]
+                 "last_promoted": promoted.get(m.id), "locked_reference": m.id == reference} for m in models]
 
 
 def _scored(e: Any, current: str | None) -> dict[str, Any]:

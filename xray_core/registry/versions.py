@@ -366,7 +366,7 @@ def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: st
             raise UsageError("there is no champion to roll back from")
         crowned = s.scalars(select(Promotion).where(Promotion.champion_after == current,
                                                     Promotion.to_version == current,
-                                                    Promotion.decision != "rollback")
+                                                    Promotion.decision.not_in(("rollback", "lock")))
                             .order_by(Promotion.id.desc())).first()
         target = crowned.from_version if crowned is not None else None
         if target is None or target == current:

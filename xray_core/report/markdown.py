@@ -24,6 +24,7 @@ from xray_core.evaluate.promotion import RUN_STATES
 from xray_core.report.drift import drift_context
 from xray_core.report.flips import flip_rows, flips_context
 from xray_core.report.format import cut_words, format_interval, outcome_sentence
+from xray_core.report.reference import reference_context
 from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
 from xray_core.results import Evaluation, NotReached, ReportFiles, RunResult
 from xray_core.results import run_state as derive_state
@@ -233,7 +234,8 @@ def metrics_rows(challenger: Evaluation | None, champion: Evaluation | None, *,
 def registry_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of the ``model-registry`` table artifact: each model's latest numbers with the size,
     fingerprint and date of the test set they were measured on, and a note when that set is older."""
-    return [{"version": m["version"], "status": m["status"],
+    return [{"version": m["version"],
+             "status": m["status"] + (" (locked reference)" if m.get("locked_reference") else ""),
              "macro_auroc": format_interval(m["metrics"].get("macro_auroc")),
              "balanced_accuracy": format_interval(m["metrics"].get("balanced_accuracy")),
              "n_images": m.get("n_images"), "test_set": (m.get("test_set_fingerprint") or "")[:8],
@@ -311,6 +313,7 @@ def report_context(run: RunResult, files: ReportFiles | None = None) -> dict[str
         "data": _data_context(run),
         "drift": drift_context(run.drift),
         "negative_flips": flips_context(dec.negative_flips if dec else None),
+        "reference": reference_context(dec.reference if dec else None), "test_set_reuse": run.test_set_reuse,
         "audit": audit_context(run.audit),
         "slice_sections": slice_sections(evals),
         "label_history": label_history_context(run.label_history),

@@ -156,7 +156,8 @@ def render_models(models: list[dict[str, Any]], notes: Sequence[str] = ()) -> st
     they were measured on, so numbers on different test sets are never read side by side unmarked."""
     if not models:
         return "no model versions yet (xray train or xray retrain)"
-    rows = [[m["version"], m["status"], format_interval(m["metrics"].get("macro_auroc")),
+    rows = [[m["version"], m["status"] + (" (locked reference)" if m.get("locked_reference") else ""),
+             format_interval(m["metrics"].get("macro_auroc")),
              format_interval(m["metrics"].get("balanced_accuracy")), m.get("n_images") or "-",
              (m.get("test_set_fingerprint") or "-")[:8], (m.get("scored_at") or "-")[:10],
              (m["last_promoted"] or {}).get("time", "")[:19], m.get("note") or ""]
