@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xray_cli import doctor, reproduce
+from xray_cli import gc as retention  # not `gc`: the standard library has one
 from xray_cli.environment import check_environment
 from xray_cli.environment import use_flow as _use_flow
 from xray_core.errors import TerminatedBySignal, UsageError, XrayError
@@ -289,6 +290,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
              "audit catches"),
     "doctor": (doctor.cmd_doctor, doctor.HELP),
     "reproduce": (reproduce.cmd_reproduce, reproduce.HELP),
+    "gc": (retention.cmd_gc, retention.HELP),
     "monitor": (cmd_monitor,
                 "check films ingested (and list predict batches) since the last check against the "
                 "champion's reference: out-of-distribution and drift warnings"),
@@ -355,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("monitor", help=COMMANDS["monitor"][1])
     doctor.add_arguments(sub.add_parser("doctor", help=doctor.HELP))
     reproduce.add_arguments(sub.add_parser("reproduce", help=reproduce.HELP))
+    retention.add_arguments(sub.add_parser("gc", help=retention.HELP))
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--sample", help="real sample folder with manifest.csv; synthetic images when absent")
     p.add_argument("--fresh", action="store_true",
