@@ -199,6 +199,9 @@ class Model(Base):
     # Lineage (migration 0003s): the training and validation image ids, shared between versions.
     split_manifest: Mapped[str | None] = mapped_column(
         ForeignKey("split_manifests.sha256"), index=True)
+    # Retention (migration 0007g): when ``xray gc`` deleted this version's files. The row, its lineage,
+    # evaluations and audit rows stay; loading a pruned version is refused by name. NULL = files kept.
+    pruned_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     __table_args__ = (
         CheckConstraint(
             "status IN ('candidate','champion','retired','rejected')", name="ck_model_status"

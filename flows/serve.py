@@ -5,10 +5,11 @@ nightly retrain's folder, schedule and time zone.
 :data:`DEFAULTS`. `make serve` and `make deploy` deploy it the same way, then ``override`` sets their
 ``INCOMING``, ``SCHEDULE`` and ``TIMEZONE`` (environment ``XRAY_INCOMING``, ``XRAY_SCHEDULE``,
 ``XRAY_TIMEZONE``) on the deployments through the API: the ``incoming`` parameter of retrain/nightly
-and retrain/on-drift, the schedule of retrain/nightly and the time zone of monitor/daily, and the
-descriptions that name them. Prefect's own ``{{ $VAR }}`` templating has no defaults (an unset variable
-was deployed as literal text), and ``prefect deploy --cron`` adds a schedule beside the file's instead
-of replacing it, hence the API. ``check-deploy`` checks the values first and says what will be set.
+and retrain/on-drift, the schedule of retrain/nightly and the time zone of monitor/daily and
+maintenance/weekly, and the descriptions that name them. Prefect's own ``{{ $VAR }}`` templating has no
+defaults (an unset variable was deployed as literal text), and ``prefect deploy --cron`` adds a schedule
+beside the file's instead of replacing it, hence the API. ``check-deploy`` checks the values first and
+says what will be set.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 # deploys, and what an unset or empty variable means; tests/flows/test_serve.py checks the file agrees.
 DEFAULTS = {"XRAY_INCOMING": "/data/incoming", "XRAY_SCHEDULE": "0 2 * * *", "XRAY_TIMEZONE": "Europe/Zurich"}
 MONITOR_CRON = "30 6 * * *"  # monitor/daily's schedule; only its time zone follows TIMEZONE
+MAINTENANCE_CRON = "0 4 * * 0"  # maintenance/weekly's (Sundays 04:00); only its time zone follows TIMEZONE
 # The settings that keep a local server and its clients from sending anonymous usage data to Prefect.
 TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 
@@ -97,6 +99,13 @@ def monitor_description(timezone: str) -> str:
             "reports/monitor-<stamp>/report.md and the drift-report artifact, emits xray.drift.detected.")
 
 
+def maintenance_description(timezone: str) -> str:
+    """maintenance/weekly's description, its schedule and time zone first."""
+    return (f"Runs at cron `{MAINTENANCE_CRON}`, time zone {timezone}. Retention (xray gc): deletes the "
+            "files of old never-promoted models (their catalogue rows stay, marked pruned), unused feature "
+            "folders and old report files (result.json stays); publishes the gc-report artifact.")
+
+
 @dataclass(frozen=True)
 class Override:
     """What ``override`` sets on one deployed deployment (None: left as deployed)."""
@@ -116,6 +125,8 @@ def overrides(config: NightlyConfig) -> list[Override]:
         Override("retrain/on-drift", incoming=config.incoming),
         Override("monitor/daily", cron=MONITOR_CRON, timezone=config.timezone,
                  description=monitor_description(config.timezone)),
+        Override("maintenance/weekly", cron=MAINTENANCE_CRON, timezone=config.timezone,
+                 description=maintenance_description(config.timezone)),
     ]
 
 

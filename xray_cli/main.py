@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xray_cli import doctor, lock, reproduce
+from xray_cli import gc as retention  # not `gc`: the standard library has one
 from xray_cli.environment import check_environment
 from xray_cli.environment import use_flow as _use_flow
 from xray_core.errors import TerminatedBySignal, UsageError, XrayError
@@ -290,6 +291,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "doctor": (doctor.cmd_doctor, doctor.HELP),
     "reproduce": (reproduce.cmd_reproduce, reproduce.HELP),
     "lock": (lock.cmd_lock, lock.HELP),
+    "gc": (retention.cmd_gc, retention.HELP),
     "monitor": (cmd_monitor,
                 "check films ingested (and list predict batches) since the last check against the "
                 "champion's reference: out-of-distribution and drift warnings"),
@@ -354,9 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", metavar="DIR",
                    help="write a Grad-CAM overlay PNG per image into DIR (limits: docs/evaluation.md)")
     sub.add_parser("monitor", help=COMMANDS["monitor"][1])
-    doctor.add_arguments(sub.add_parser("doctor", help=doctor.HELP))
-    reproduce.add_arguments(sub.add_parser("reproduce", help=reproduce.HELP))
-    lock.add_arguments(sub.add_parser("lock", help=lock.HELP))
+    for name, module in (("doctor", doctor), ("reproduce", reproduce), ("lock", lock), ("gc", retention)):
+        module.add_arguments(sub.add_parser(name, help=module.HELP))
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--sample", help="real sample folder with manifest.csv; synthetic images when absent")
     p.add_argument("--fresh", action="store_true",

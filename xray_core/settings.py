@@ -270,6 +270,12 @@ class Settings(BaseSettings):
         "open (reports, result.json, heatmaps, prediction CSVs and overlays); the store, features and models "
         "stay 0600/0700", allowed="an octal file mode from 000 to 777 without write access for others, e.g. "
         "0640 or 0644", good="0644", bad=("0666", "999", "rw-r-----"))
+    # retention: what `xray gc` and maintenance/weekly keep (xray_core.registry.retention)
+    keep_rejected: int = setting(5, ge=0, le=100_000, affects="execution", description="model versions never "
+                                 "promoted whose files xray gc keeps, newest first; the champion, every "
+                                 "model ever promoted and candidates awaiting a decision are always kept")
+    keep_reports_days: int = setting(90, ge=1, le=36_500, affects="execution", description="days xray gc "
+                                     "keeps a run's report files; result.json and audit rows stay forever")
 
     # DICOM: which acquisitions ingest accepts, where the site comes from, what is stored
     allowed_modalities: Annotated[tuple[str, ...], parse(r.modalities), check(lambda v: all(

@@ -1,5 +1,6 @@
 """`make serve`'s deploy check and override: the values `make deploy` sets on retrain/nightly (and
-monitor/daily's time zone), their defaults (the ones prefect.yaml deploys), and the errors.
+monitor/daily's and maintenance/weekly's time zone), their defaults (the ones prefect.yaml deploys), and
+the errors.
 tests/flows/test_deploy.py deploys the file and applies the override on a real server."""
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import pytest
 
 from flows.serve import (
     DEFAULTS,
+    MAINTENANCE_CRON,
     MONITOR_CRON,
     DeployConfigError,
     describe,
     main,
+    maintenance_description,
     monitor_description,
     nightly_config,
     nightly_description,
@@ -106,4 +109,7 @@ def test_prefect_yaml_holds_the_defaults_and_no_templates():
     assert [(s["cron"], s["timezone"]) for s in daily["schedules"]] == [(MONITOR_CRON, config.timezone)]
     assert nightly["description"] == nightly_description(config.cron, config.timezone)
     assert daily["description"] == monitor_description(config.timezone)
+    weekly = by_name[("flows/maintenance.py:maintenance", "weekly")]
+    assert [(s["cron"], s["timezone"]) for s in weekly["schedules"]] == [(MAINTENANCE_CRON, config.timezone)]
+    assert weekly["description"] == maintenance_description(config.timezone)
     assert spec["pull"] is None  # Prefect records the folder deployed from: no variable to set

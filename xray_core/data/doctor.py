@@ -223,7 +223,7 @@ def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify:
         images = conn.execute(select(Image.stored_path, Image.sha256, Image.stored_sha256)).all()
         quarantined = {r[0] for r in conn.execute(select(Rejection.quarantine_path)) if r[0]}
         models = conn.execute(select(Model.id, Model.checkpoint_dir, Model.checkpoint_sha256,
-                                     Model.card_sha256)).all()
+                                     Model.card_sha256, Model.pruned_at)).all()
         running = running_ingests(conn)
     store_files = set(storage.list("store"))
     quarantine_files = set(storage.list("quarantine"))
@@ -263,8 +263,8 @@ def reconcile(report: DoctorReport, engine: Engine, storage: Storage, *, verify:
 
 def _models(report: DoctorReport, storage: Storage, models: Sequence[Any], verify: bool) -> None:
     missing, altered = [], []
-    for _version, folder, head_sha, card_sha in models:
-        if not folder:
+    for _version, folder, head_sha, card_sha, pruned_at in models:
+        if not folder or pruned_at is not None:  # xray gc deleted its files on purpose; its row stays
             continue
         for name, expected in zip(MODEL_FILES, (head_sha, card_sha)):
             key = f"{folder}/{name}"
@@ -275,7 +275,7 @@ def _models(report: DoctorReport, storage: Storage, models: Sequence[Any], verif
     _add(report, "model_file_missing", missing, "checkpoint files a models row names that are missing "
          "(reported only: that version cannot be loaded)")
     _add(report, "model_file_altered", altered, "checkpoint files whose sha256 differs from the models row")
-    named = {str(folder).rstrip("/").rpartition("/")[2] for _, folder, _, _ in models if folder}
+    named = {str(m.checkpoint_dir).rstrip("/").rpartition("/")[2] for m in models if m.checkpoint_dir}
     # .staging and .orphaned are the registry's own: a save in progress, folders it moved aside.
     unnamed = [f"models/{f}" for f in storage.folders("models") if not f.startswith(".") and f not in named]
     _add(report, "model_folder_orphan", unnamed, "model folders no models row names (reported only: a save "

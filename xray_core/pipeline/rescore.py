@@ -29,9 +29,10 @@ MAX_RESCORED = 20
 
 def default_versions(settings: Settings, limit: int = MAX_RESCORED) -> list[int]:
     """The versions worth re-scoring, oldest first: champion, other non-rejected, then rejected (newest
-    first)."""
+    first). Pruned versions (``xray gc``) have no files left to score."""
     with session_scope(open_catalogue(settings)) as s:
-        rows = s.execute(select(Model.id, Model.status).order_by(Model.id.desc())).all()
+        rows = s.execute(select(Model.id, Model.status).where(Model.pruned_at.is_(None))  # files deleted
+                         .order_by(Model.id.desc())).all()
     rank = {"champion": 0, "rejected": 2}
     ordered = sorted(rows, key=lambda r: rank.get(r[1], 1))  # stable: newest first within a rank
     return sorted(v for v, _ in ordered[:limit])

@@ -53,6 +53,7 @@ def list_models(settings: Settings, *, current_test_set: str | None = None) -> l
                  "backbone_fingerprint": m.backbone_fingerprint, "backbone_weights": m.backbone_weights,
                  "training_set_fingerprint": m.training_set_fingerprint, "labels": m.labels,
                  "threshold": m.threshold, **_scored(latest.get(m.id), current),
+                 "pruned_at": m.pruned_at.isoformat() if m.pruned_at else None,
                  "last_promoted": promoted.get(m.id), "locked_reference": m.id == reference} for m in models]
 
 
@@ -113,6 +114,7 @@ def model_lineage(settings: Settings, version: int) -> dict[str, Any]:
                 "training_set_fingerprint": model.training_set_fingerprint, "labels": model.labels,
                 "threshold": model.threshold, "settings": model.config, "metrics": model.metrics,
                 "flow_run_id": model.flow_run_id, "sources": sources,
+                "pruned_at": model.pruned_at.isoformat() if model.pruned_at else None,
                 "evaluations": evaluations, "slices": slices,
                 "images": {role: [{"id": r[1], "sha256": r[2], "label": r[3], "patient_id": r[4]}
                                   for r in rows if r[0] == role] for role in ("train", "val")}}

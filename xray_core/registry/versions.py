@@ -216,6 +216,7 @@ def load_model(settings: Settings, version: int, *, backbone_fingerprint: str | 
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
         model = existing_model(s, version)
+        refuse_pruned(model)
         folder = model.checkpoint_dir  # "models/<version>", relative to the storage root
         head_sha, card_sha = model.checkpoint_sha256, model.card_sha256
     store = get_storage(settings)
@@ -265,6 +266,14 @@ def existing_model(session: Session, version: int) -> Model:
     if model is None:
         raise UsageError(f"model version {version} does not exist (see xray models)")
     return model
+
+
+def refuse_pruned(model: Model) -> None:
+    """UsageError (exit 2) naming the version as pruned when ``xray gc`` deleted its files."""
+    if model.pruned_at is not None:
+        raise UsageError(f"model version {model.id} was pruned by xray gc on {model.pruned_at:%Y-%m-%d} (its "
+                         "files are deleted; its row and lineage stay: xray models show "
+                         f"{model.id}); it cannot be loaded, promoted or used to predict")
 
 
 # Decisions that close a candidate (status rejected). A blocked or stale one stays a candidate: a person
@@ -328,6 +337,7 @@ def _v(version: int | None) -> str:
 
 def _switch(s: Session, previous: int | None, new: int) -> None:
     model = existing_model(s, new)
+    refuse_pruned(model)  # in the switch's transaction: gc cannot prune it between a check and this
     if model.status == "champion":
         raise UsageError(f"model version {new} is already the champion")
     if previous is not None:

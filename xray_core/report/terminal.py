@@ -156,7 +156,8 @@ def render_models(models: list[dict[str, Any]], notes: Sequence[str] = ()) -> st
     they were measured on, so numbers on different test sets are never read side by side unmarked."""
     if not models:
         return "no model versions yet (xray train or xray retrain)"
-    rows = [[m["version"], m["status"] + (" (locked reference)" if m.get("locked_reference") else ""),
+    rows = [[m["version"], m["status"] + (" (locked reference)" if m.get("locked_reference") else "")
+             + (" (pruned)" if m.get("pruned_at") else ""),
              format_interval(m["metrics"].get("macro_auroc")),
              format_interval(m["metrics"].get("balanced_accuracy")), m.get("n_images") or "-",
              (m.get("test_set_fingerprint") or "-")[:8], (m.get("scored_at") or "-")[:10],
@@ -196,7 +197,8 @@ def render_review(sent: dict[str, Any]) -> str:
 
 def render_lineage(m: dict[str, Any]) -> str:
     out = [f"model {m['version']} ({m['status']}), created {m['created_at'][:19]}",
-           f"  checkpoint {m['checkpoint_dir']} sha256 {m['checkpoint_sha256']}",
+           f"  checkpoint {m['checkpoint_dir']} sha256 {m['checkpoint_sha256']}"
+           + (f" (pruned {m['pruned_at'][:10]} by xray gc: files deleted)" if m.get("pruned_at") else ""),
            f"  backbone {m['backbone_weights']} fingerprint {m['backbone_fingerprint']}",
            f"  training set fingerprint {m['training_set_fingerprint']}",
            f"  labels {m['labels']} threshold {m['threshold']}",
