@@ -93,7 +93,7 @@ def test_patients_assigned_before_keep_their_split_and_are_not_caught_up():
 
 def test_the_routine_splits_never_read_sequestered_patients(xray_env, settings):
     from db import session_scope
-    from xray_core.data.catalogue import open_catalogue
+    from xray_core.data.catalogue import catalogue_summary, open_catalogue
 
     with session_scope(open_catalogue(settings)) as s:
         s.add(Source(id=1, kind="test", path="/data/north"))
@@ -106,6 +106,9 @@ def test_the_routine_splits_never_read_sequestered_patients(xray_env, settings):
     data = load_split_data(settings)
     routine = {r.sha256 for rows in (data.train, data.val, data.test) for r in rows}
     assert len(routine) == 30 and not routine & hidden
+    summary = catalogue_summary(settings)  # xray status says where the other films are
+    assert summary["patients"]["by_split"][SEQUESTERED] == 10
+    assert any(n.startswith("10 patient(s) are sequestered") for n in summary["notes"])
 
 
 def test_migration_0008_upgrades_a_catalogue_in_place(database_url):
