@@ -33,7 +33,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def render(r: dict[str, Any]) -> str:
-    lines = [f"audit {r['status']}: {r['verdict']}"]
+    lines = [f"nothing to audit: {r['verdict']}" if r["status"] == "skipped" else f"audit {r['status']}: "
+             f"{r['verdict']}"]
     if r["status"] != "skipped":
         lines.append(f"sequestered set: {r['n_images']} film(s) of {r['sequestered_patients']} patient(s); "
                      f"recorded as audit {r['id']}")

@@ -102,17 +102,17 @@ def run_audit(settings: Settings, *, trigger: str = "cli", flow_run_id: str | No
             "fraction": settings.sequester_fraction}
     if champion is None:
         return {**base, "status": "skipped", "degraded": False, "id": None,
-                "verdict": "nothing to audit: there is no champion yet"}
+                "verdict": "there is no champion yet"}
     if not rows:
         hint = ("XRAY_SEQUESTER_FRACTION is 0 (off)" if settings.sequester_fraction <= 0 else
                 f"new patients are set aside at XRAY_SEQUESTER_FRACTION={settings.sequester_fraction}, "
                 "per site and label, as they are ingested")
         return {**base, "status": "skipped", "degraded": False, "id": None,
-                "verdict": f"nothing to audit: no patient is sequestered yet ({hint})"}
+                "verdict": f"no patient is sequestered yet ({hint})"}
     ours = score(settings, champion, rows)
     if ours.n_images == 0:
         return {**base, "status": "skipped", "degraded": False, "id": None,
-                "verdict": f"nothing to audit: no sequestered film has a label of v{champion}"}
+                "verdict": f"no sequestered film has a label of v{champion}"}
     if reference is None or reference == champion:
         judged: dict[str, Any] = {"status": "ok", "degraded": False, "comparison": None, "check": None}
         verdict = f"champion v{champion} is the locked reference: scored alone, nothing to compare"
