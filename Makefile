@@ -67,7 +67,7 @@ test-fast: $(STAMP)
 # (installed from the system's packages when missing, started on 127.0.0.1, removed afterwards).
 PG_PORT ?= 54329
 PG_LANE := tests/unit/test_db.py tests/unit/test_split.py tests/unit/test_ingest.py tests/unit/test_registry.py \
-	tests/unit/test_split_manifests.py tests/unit/test_admission.py tests/unit/test_near_pairs.py \
+	tests/unit/test_split_manifests.py tests/unit/test_admission.py tests/unit/test_near_pairs.py tests/unit/test_sequester.py \
 	tests/integration/test_retrain_steps.py tests/integration/test_ingest_concurrency.py \
 	tests/integration/test_concurrency.py tests/integration/test_rescore.py \
 	tests/integration/test_registry_race.py

@@ -29,6 +29,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 SPLITS = ("train", "val", "test")
+# Patients set aside for the audit (migration 0008, XRAY_SEQUESTER_FRACTION): never in a routine split.
+SEQUESTERED = "sequestered"
 MODEL_STATUSES = ("candidate", "champion", "retired", "rejected")
 
 
@@ -79,15 +81,17 @@ class Source(Base):
 
 
 class Patient(Base):
-    """A patient's split is assigned once and never changes; all its images follow it."""
+    """A patient's split is assigned once and never changes; all its images follow it. ``sequestered``
+    (migration 0008) is no routine split: only the audit reads it (xray_core.pipeline.sequester)."""
 
     __tablename__ = "patients"
     patient_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     id_source: Mapped[str] = mapped_column(String(16))  # manifest | dicom | filename | image
-    split: Mapped[str | None] = mapped_column(String(8))
+    split: Mapped[str | None] = mapped_column(String(16))
     assigned_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     __table_args__ = (
-        CheckConstraint("split IS NULL OR split IN ('train','val','test')", name="ck_patient_split"),
+        CheckConstraint("split IS NULL OR split IN ('train','val','test','sequestered')",
+                        name="ck_patient_split"),
     )
 
 
@@ -302,3 +306,22 @@ class IncomingBatch(Base):
     note: Mapped[str] = mapped_column(Text, default="")  # e.g. the side files left alone
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
     __table_args__ = (Index("uq_incoming_batches_name_digest", "name", "digest", unique=True),)
+
+
+class SequesterAudit(Base):
+    """One audit of the champion against the locked reference on the sequestered patients (migration
+    0008; ``xray audit``, ``audit/monthly``). ``result`` holds both models' metrics and the paired
+    comparison; ``degraded``: the champion fell below the reference by more than XRAY_REFERENCE_MARGIN."""
+
+    __tablename__ = "sequester_audits"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+    champion: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    reference: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    test_set_fingerprint: Mapped[str] = mapped_column(String(64))  # of the sequestered films scored
+    n_images: Mapped[int] = mapped_column(Integer)
+    degraded: Mapped[bool] = mapped_column(Boolean)
+    verdict: Mapped[str] = mapped_column(Text)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    trigger: Mapped[str] = mapped_column(String(32))  # cli | schedule | manual | test
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))

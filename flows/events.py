@@ -125,3 +125,20 @@ def emit_review_requested(ask: ReviewRequest, ui_url: str | None) -> None:
                         "mode": ask.mode, "flow_run_id": ask.flow_run_id, "run_name": ask.run_name,
                         "url": ui_url, "deadline": ask.deadline.isoformat(),
                         "rationale": ask.rationale[:500]})
+
+
+def emit_audit_degraded(result: dict[str, Any]) -> bool:
+    """``xray.audit.degraded`` when an audit of the sequestered test set found the champion below the
+    locked reference by more than XRAY_REFERENCE_MARGIN (:mod:`xray_core.pipeline.sequester`), on the
+    champion's resource with the reference related. Returns whether it sent one."""
+    if result.get("status") != "degraded":
+        return False
+    comparison = result.get("comparison") or {}
+    emit_event("xray.audit.degraded", resource=model_resource(result.get("champion")),
+               related=[{**model_resource(result.get("reference")), "prefect.resource.role": "reference"}],
+               payload={"audit": result.get("id"), "champion": result.get("champion"),
+                        "reference": result.get("reference"), "n_images": result.get("n_images"),
+                        "metric": result.get("metric"), "margin": result.get("margin"),
+                        **{k: comparison.get(k) for k in ("difference", "low", "high")},
+                        "verdict": str(result.get("verdict"))[:500]})
+    return True

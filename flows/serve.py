@@ -5,11 +5,11 @@ nightly retrain's folder, schedule and time zone.
 :data:`DEFAULTS`. `make serve` and `make deploy` deploy it the same way, then ``override`` sets their
 ``INCOMING``, ``SCHEDULE`` and ``TIMEZONE`` (environment ``XRAY_INCOMING``, ``XRAY_SCHEDULE``,
 ``XRAY_TIMEZONE``) on the deployments through the API: the ``incoming`` parameter of retrain/nightly
-and retrain/on-drift, the schedule of retrain/nightly and the time zone of monitor/daily and
-maintenance/weekly, and the descriptions that name them. Prefect's own ``{{ $VAR }}`` templating has no
-defaults (an unset variable was deployed as literal text), and ``prefect deploy --cron`` adds a schedule
-beside the file's instead of replacing it, hence the API. ``check-deploy`` checks the values first and
-says what will be set.
+and retrain/on-drift, the schedule of retrain/nightly and the time zone of monitor/daily,
+maintenance/weekly and audit/monthly, and the descriptions that name them. Prefect's own
+``{{ $VAR }}`` templating has no defaults (an unset variable was deployed as literal text), and
+``prefect deploy --cron`` adds a schedule beside the file's instead of replacing it, hence the API.
+``check-deploy`` checks the values first and says what will be set.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 DEFAULTS = {"XRAY_INCOMING": "/data/incoming", "XRAY_SCHEDULE": "0 2 * * *", "XRAY_TIMEZONE": "Europe/Zurich"}
 MONITOR_CRON = "30 6 * * *"  # monitor/daily's schedule; only its time zone follows TIMEZONE
 MAINTENANCE_CRON = "0 4 * * 0"  # maintenance/weekly's (Sundays 04:00); only its time zone follows TIMEZONE
+AUDIT_CRON = "0 5 1 * *"  # audit/monthly's (the 1st, 05:00); only its time zone follows TIMEZONE
 # The settings that keep a local server and its clients from sending anonymous usage data to Prefect.
 TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 
@@ -106,6 +107,14 @@ def maintenance_description(timezone: str) -> str:
             "folders and old report files (result.json stays); publishes the gc-report artifact.")
 
 
+def audit_description(timezone: str) -> str:
+    """audit/monthly's description, its schedule and time zone first."""
+    return (f"Runs at cron `{AUDIT_CRON}`, time zone {timezone}. Scores the champion and the locked "
+            "reference on the sequestered test set (xray audit), records the result, publishes the "
+            "sequester-audit artifact and emits xray.audit.degraded when the champion falls below the "
+            "reference by more than XRAY_REFERENCE_MARGIN.")
+
+
 @dataclass(frozen=True)
 class Override:
     """What ``override`` sets on one deployed deployment (None: left as deployed)."""
@@ -127,6 +136,8 @@ def overrides(config: NightlyConfig) -> list[Override]:
                  description=monitor_description(config.timezone)),
         Override("maintenance/weekly", cron=MAINTENANCE_CRON, timezone=config.timezone,
                  description=maintenance_description(config.timezone)),
+        Override("audit/monthly", cron=AUDIT_CRON, timezone=config.timezone,
+                 description=audit_description(config.timezone)),
     ]
 
 

@@ -30,6 +30,9 @@ TEST_ENV = {
     # Files prepared in the test process, so monkeypatched readers and decoders apply; the worker
     # pool is tested on purpose (tests/integration/test_parallel_ingest.py, crash and concurrency tests).
     "XRAY_INGEST_WORKERS": "1",
+    # No sequestered test set: the suite's split tests expect train/val/test at XRAY_SPLIT_RATIOS exactly;
+    # the tests of the sequestered set turn it on (tests/unit/test_sequester.py).
+    "XRAY_SEQUESTER_FRACTION": "0",
 }
 
 # Low floors on tiny synthetic sites, and the shortcut audit blocking (so XRAY_REVIEW defaults to

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xray_cli import doctor, lock, reproduce
+from xray_cli import audit, doctor, lock, reproduce
 from xray_cli import gc as retention  # not `gc`: the standard library has one
 from xray_cli.environment import check_environment
 from xray_cli.environment import use_flow as _use_flow
@@ -292,6 +292,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "reproduce": (reproduce.cmd_reproduce, reproduce.HELP),
     "lock": (lock.cmd_lock, lock.HELP),
     "gc": (retention.cmd_gc, retention.HELP),
+    "audit": (audit.cmd_audit, audit.HELP),
     "monitor": (cmd_monitor,
                 "check films ingested (and list predict batches) since the last check against the "
                 "champion's reference: out-of-distribution and drift warnings"),
@@ -356,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", metavar="DIR",
                    help="write a Grad-CAM overlay PNG per image into DIR (limits: docs/evaluation.md)")
     sub.add_parser("monitor", help=COMMANDS["monitor"][1])
-    for name, module in (("doctor", doctor), ("reproduce", reproduce), ("lock", lock), ("gc", retention)):
-        module.add_arguments(sub.add_parser(name, help=module.HELP))
+    for name, mod in dict(doctor=doctor, reproduce=reproduce, lock=lock, gc=retention, audit=audit).items():
+        mod.add_arguments(sub.add_parser(name, help=mod.HELP))
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--sample", help="real sample folder with manifest.csv; synthetic images when absent")
     p.add_argument("--fresh", action="store_true",

@@ -150,6 +150,9 @@ class Settings(BaseSettings):
             "e.g. 0.7,0.15,0.15"), good="0.8,0.1,0.1",
         bad=("nan,nan,nan", "0.5,0.5", "0.7,0.2,0.2", "0,0.5,0.5", "1.2,-0.1,-0.1", "a,b,c"))
     split_seed: int = setting(0, **_SEED, description="seed of the patient-to-split hash")
+    sequester_fraction: float = setting(0.05, ge=0, le=0.5, description="share of NEW patients, per site "
+        "and label, set aside as the sequestered test set that only the audit reads (xray audit); 0 = off; "
+        "patients already assigned keep their split")
 
     # backbone and features
     backbone_weights: Annotated[str, parse(str.strip), check(r.is_weights)] = setting(

@@ -1,7 +1,7 @@
 """prefect.yaml deploys as it is: a bare ``prefect --no-prompt deploy --all`` on a fresh ``prefect server
 start`` (only the pool created first, as the README says) gives every deployment with the documented
 defaults, read back from the API: retrain/nightly at ``0 2 * * *`` in Europe/Zurich on
-``/data/incoming``, monitor/daily's and maintenance/weekly's time zone, the descriptions naming them,
+``/data/incoming``, the time zone of monitor/daily, maintenance/weekly and audit/monthly, the descriptions,
 and the pull step that runs the flows in this project. Then ``make deploy`` (the same deploy, then
 ``flows.serve override``) with other values sets those instead, one schedule each. Skipped, with the
 server's log, if no server starts. About a minute: every deployment's flow module is imported twice."""
@@ -98,7 +98,9 @@ def test_a_bare_deploy_gives_the_defaults_and_make_deploy_sets_its_own(fresh_ser
     assert daily["schedules"] == [("30 6 * * *", "Europe/Zurich")]
     assert weekly["schedules"] == [("0 4 * * 0", "Europe/Zurich")]
     assert weekly["parameters"] == {"dry_run": False, "wait_seconds": 3600}
-    assert all("time zone Europe/Zurich" in d["description"] for d in (nightly, daily, weekly))
+    monthly = bare["audit/monthly"]
+    assert monthly["schedules"] == [("0 5 1 * *", "Europe/Zurich")] and monthly["parameters"] == {}
+    assert all("time zone Europe/Zurich" in d["description"] for d in (nightly, daily, weekly, monthly))
     # No pull step in the file: Prefect records the folder it deployed from, where the worker runs flows.
     workdir = [{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT)}}]
     assert all(d["pull_steps"] == workdir for d in bare.values()), {n: d["pull_steps"]
@@ -133,6 +135,9 @@ def test_a_bare_deploy_gives_the_defaults_and_make_deploy_sets_its_own(fresh_ser
     weekly = made["maintenance/weekly"]
     assert weekly["schedules"] == [("0 4 * * 0", OTHER["TIMEZONE"])]  # the time zone follows, not the cron
     assert f"time zone {OTHER['TIMEZONE']}" in weekly["description"]
-    changed = ("retrain/nightly", "retrain/on-drift", "monitor/daily", "maintenance/weekly")
+    monthly = made["audit/monthly"]
+    assert monthly["schedules"] == [("0 5 1 * *", OTHER["TIMEZONE"])]  # the time zone follows, not the cron
+    assert f"time zone {OTHER['TIMEZONE']}" in monthly["description"]
+    changed = ("retrain/nightly", "retrain/on-drift", "monitor/daily", "maintenance/weekly", "audit/monthly")
     assert {n: d for n, d in made.items() if n not in changed} == {
         n: d for n, d in bare.items() if n not in changed}

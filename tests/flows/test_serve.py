@@ -1,6 +1,6 @@
 """`make serve`'s deploy check and override: the values `make deploy` sets on retrain/nightly (and
-monitor/daily's and maintenance/weekly's time zone), their defaults (the ones prefect.yaml deploys), and
-the errors.
+the time zone of monitor/daily, maintenance/weekly and audit/monthly), their defaults (the ones
+prefect.yaml deploys), and the errors.
 tests/flows/test_deploy.py deploys the file and applies the override on a real server."""
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from flows.serve import (
+    AUDIT_CRON,
     DEFAULTS,
     MAINTENANCE_CRON,
     MONITOR_CRON,
     DeployConfigError,
+    audit_description,
     describe,
     main,
     maintenance_description,
@@ -112,4 +114,7 @@ def test_prefect_yaml_holds_the_defaults_and_no_templates():
     weekly = by_name[("flows/maintenance.py:maintenance", "weekly")]
     assert [(s["cron"], s["timezone"]) for s in weekly["schedules"]] == [(MAINTENANCE_CRON, config.timezone)]
     assert weekly["description"] == maintenance_description(config.timezone)
+    monthly = by_name[("flows/audit.py:audit", "monthly")]
+    assert [(s["cron"], s["timezone"]) for s in monthly["schedules"]] == [(AUDIT_CRON, config.timezone)]
+    assert monthly["description"] == audit_description(config.timezone)
     assert spec["pull"] is None  # Prefect records the folder deployed from: no variable to set

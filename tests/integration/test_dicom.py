@@ -273,7 +273,7 @@ def test_a_catalogue_at_revision_0001_upgrades_in_place(tmp_path: Path) -> None:
         revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert tuple(row[:6]) == (7, "ab" * 32, "normal", "p1", "PA", -5)
     assert set(row[6:]) == {None}
-    assert revision == "0007g"
+    assert revision == "0008"
     engine.dispose()
 
 

@@ -39,7 +39,7 @@ def test_upgrade_is_idempotent_and_records_head(engine, database_url):
 
     head = ScriptDirectory.from_config(alembic_config(again)).get_current_head()
     with again.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == head == "0007g"
+        assert MigrationContext.configure(conn).get_current_revision() == head == "0008"
 
 
 @pytest.mark.sqlite_only

@@ -165,7 +165,7 @@ def test_the_0006b_catalogue_upgrades_in_place_and_its_models_are_not_pruned(dat
     with Session(engine) as s:
         model = s.get(Model, 3)
         assert (model.status, model.checkpoint_dir, model.pruned_at) == ("champion", "models/3", None)
-        assert s.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0007g"
+        assert s.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0008"
     migrate(engine, downgrade=True, revision="0006b")
     migrate(engine, "head")
     engine.dispose()

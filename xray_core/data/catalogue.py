@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, aliased
 
 from db import get_engine, session_scope
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, NEAR_PAIRS_PER_FILM
-from db.schema import SPLITS, Image, NearPair, Patient, Rejection, Source
+from db.schema import SEQUESTERED, SPLITS, Image, NearPair, Patient, Rejection, Source
 from xray_core.data.sites import source_site
 from xray_core.settings import Settings
 
@@ -267,6 +267,10 @@ def catalogue_summary(settings: Settings, *, rows: list[CensusRow] | None = None
         notes.append(f"{at_cap} film(s) are near {NEAR_PAIRS_PER_FILM} or more films of other patients; only "
                      f"their {NEAR_PAIRS_PER_FILM} closest are recorded, so near-duplicate counts are "
                      "lower bounds.")
+    if patients_by_split.get(SEQUESTERED):
+        notes.append(f"{patients_by_split[SEQUESTERED]} patient(s) are sequestered "
+                     "(XRAY_SEQUESTER_FRACTION): their films are in no split or view count here; only "
+                     "xray audit reads them.")
     if history["patients"]:
         notes.append(f"{history['patients']} patient(s) have films with different labels "
                      f"({history['in_test']} in the test split); see label_history.")

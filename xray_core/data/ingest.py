@@ -220,7 +220,8 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         crash_point("ingest.before_splits")
         with session_scope(engine) as s:
             summary.split_assignments = assign_splits(s, ratios=settings.split_ratios,
-                                                      seed=settings.split_seed)
+                                                      seed=settings.split_seed,
+                                                      sequester=settings.sequester_fraction)
             summary.seconds = round(time.perf_counter() - start, 3)
             src = s.get(Source, source_id)
             assert src is not None  # this ingest's own row, added above
