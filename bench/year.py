@@ -279,11 +279,17 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
             "rows": rows, "summary": summarise(rows, margin, world)}
 
 
-def _gain(row: dict[str, Any]) -> float | None:
+def _gain(row: dict[str, Any], *, by_site: bool = False) -> float | None:
+    """The challenger's true AUROC minus the champion's before the night: pooled over the night's sites,
+    or (``by_site``) the mean of the per-site differences (pooling also rewards calibration across sites)."""
     t = row["truth"]
     if not t["challenger"] or not t["champion_before"]:
         return None
-    return round(t["challenger"]["auroc"] - t["champion_before"]["auroc"], 4)
+    new, old = t["challenger"], t["champion_before"]
+    if by_site:
+        diffs = [new["sites"][s]["auroc"] - old["sites"][s]["auroc"] for s in new["sites"]]
+        return round(float(np.mean(diffs)), 4)
+    return round(new["auroc"] - old["auroc"], 4)
 
 
 def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[str, Any]:
@@ -301,12 +307,14 @@ def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[s
     gains = [_gain(r) for r in promoted]
     not_promoted = [r for r in rows if r["decision"] and r["state"] != "Promoted"]
     missed = [r["night"] for r in not_promoted if (_gain(r) or 0) > margin]
+    missed_sites = [r["night"] for r in not_promoted if (_gain(r, by_site=True) or 0) > margin]
     events = {}
     for kind in ("flip_labels", "one_label", "restyle"):
         r = next((r for r in rows if any(h.startswith(kind) for h in r["events"])), None)
         if r:
             events[kind] = {"night": r["night"], "state": r["state"], "failed_checks": r["failed_checks"],
-                            "true_gain": _gain(r), "harmful_promotion": r["state"] == "Promoted"
+                            "true_gain": _gain(r), "true_gain_by_site_mean": _gain(r, by_site=True),
+                            "harmful_promotion": r["state"] == "Promoted"
                             and (_gain(r) or 0) < -margin}
     n5 = 5 if len(rows) > 5 else None
     ran = [r for r in rows if r["decision"]]
@@ -322,7 +330,8 @@ def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[s
         "promotions": len(promoted),
         "promotions_with_positive_true_gain": sum(1 for g in gains if g and g > 0),
         "share_positive_gain": round(sum(1 for g in gains if g and g > 0) / len(gains), 3) if gains else None,
-        "missed_improvements_nights": missed, "events": events,
+        "missed_improvements_nights": missed, "missed_improvements_nights_by_site_mean": missed_sites,
+        "events": events,
         "failed_check_counts": {name: sum(name in r["failed_checks"] for r in rows)
                                 for name in sorted({c for r in rows for c in r["failed_checks"]})},
         "seconds_without_embed": {"night_5": round(no_embed(rows[n5]), 3) if n5 else None,

@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from sqlalchemy import select
+
+from db import session_scope
+from db.schema import Image
+from xray_core.data.catalogue import open_catalogue
 from xray_core.evaluate.promotion import RUN_STATES
+from xray_core.io.fsutil import sha256_file
+from xray_core.settings import load_settings
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -50,6 +57,10 @@ def test_eight_nights_of_the_default_scenario(xray_env, tmp_path, monkeypatch):
         champion, reference = r["truth"]["champion"], r["truth"]["reference"]
         assert champion["auroc"] >= reference["auroc"] - margin, r  # the bio-creep guard held
         assert set(champion["sites"]) == set(year.World(scenario, 8, 32, root).active(r["night"]))
+    with session_scope(open_catalogue(load_settings())) as s:
+        stored = set(s.scalars(select(Image.sha256)))
+    truth_films = {sha256_file(p) for p in (root / "truth").rglob("*.png")}
+    assert stored and len(truth_films) >= 40 and not stored & truth_films  # the truth is never ingested
     flip = next(r for r in rows if any(e.startswith("flip_labels") for e in r["events"]))
     gain = year._gain(flip)
     assert not (flip["state"] == "Promoted" and gain is not None and gain < -margin), flip
