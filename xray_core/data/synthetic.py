@@ -165,13 +165,16 @@ def _finding(label: str, x: np.ndarray, y: np.ndarray, lungs: list[_Lung],
     return out
 
 
-def make_xray(label: str, *, size: int = 64, rng: np.random.Generator, patient_seed: int = 0) -> np.ndarray:
+def make_xray(label: str, *, size: int = 64, rng: np.random.Generator, patient_seed: int = 0,
+              signal: float = 1.0) -> np.ndarray:
     """One synthetic chest X-ray: uint8 array (size, size), 0 = black.
 
     ``patient_seed`` fixes the anatomy (lung shape and position, ribs), so one patient's images look
     alike; ``rng`` supplies everything that varies per image (finding placement, exposure, noise).
     ``label`` "normal" gives clear lungs; "pneumonia" bright blurred opacities; "covid" peripheral
     ground-glass haze; any other label a distinct pattern derived from a hash of the label.
+    ``signal`` scales the finding's brightness (1.0: as drawn; 0: no disease signal at all), so a
+    benchmark can make the labels as hard to tell apart as it needs.
     """
     if size < 8:
         raise ValueError(f"size={size}: must be at least 8 pixels")
@@ -197,7 +200,7 @@ def make_xray(label: str, *, size: int = 64, rng: np.random.Generator, patient_s
     img = img * (1 - lung_mask) + lung_level * lung_mask
     img += 0.06 * ribs * body * (1 - lung_mask)
     # The finding goes in before the mediastinum and heart, which overlay the lungs' inner edges.
-    img += _finding(label, x, y, lungs, rng) * lung_mask
+    img += signal * _finding(label, x, y, lungs, rng) * lung_mask
     # Mediastinum and heart: the brightest structures between the lungs.
     mediastinum = _soft(((x - a.body_cx) / a.mediastinum_half_width) ** 2 + ((y + 0.05) / 0.9) ** 4, 8.0)
     heart = _soft(((x - a.body_cx - 0.1) / 0.28) ** 2 + ((y - 0.32) / 0.25) ** 2, 8.0)

@@ -34,11 +34,13 @@ class SiteStyle:
     border: int = 0  # pixels of black frame (a digitiser's mask)
     marker: str = ""  # burned-in text in the top-left corner, e.g. "PORTABLE"
     fmt: str = "png"  # png | jpeg (8-bit only)
+    signal: float = 1.0  # disease-signal strength: the finding's brightness scale (0: none)
 
 
 def styled_xray(label: str, style: SiteStyle, *, rng: np.random.Generator, patient_seed: int) -> np.ndarray:
     """One film of ``label`` as ``style`` makes it: uint8 or uint16 array (size, size)."""
-    base = make_xray(label, size=style.size, rng=rng, patient_seed=patient_seed).astype(np.float64) / 255.0
+    base = make_xray(label, size=style.size, rng=rng, patient_seed=patient_seed,
+                     signal=style.signal).astype(np.float64) / 255.0
     img = np.clip(base, 0.0, 1.0) ** style.gamma
     if style.border:
         b = style.border

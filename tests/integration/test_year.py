@@ -1,0 +1,79 @@
+"""bench/year.py at CI size (issue 26): 8 weekly nights at 32 px with tiny arrivals through the real
+recipe (direct executor), every champion scored on truth pools that are never ingested. Asserts what
+the year must show, not how fast it runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from sqlalchemy import select
+
+from db import session_scope
+from db.schema import Image
+from xray_core.data.catalogue import open_catalogue
+from xray_core.evaluate.promotion import RUN_STATES
+from xray_core.io.fsutil import sha256_file
+from xray_core.settings import load_settings
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eight_nights_of_the_default_scenario(xray_env, tmp_path, monkeypatch):
+    year, year_plot = _load("year"), _load("year_plot")
+    scenario = year.load_scenario()
+    scenario["arrivals"].update(patients_per_label=3, truth_patients_per_label=20)
+    root = tmp_path / "year"
+    root.mkdir()
+    for key, value in year.year_env(root, 32, scenario).items():
+        monkeypatch.setenv(key, value)  # restored after the test
+    out = year.run_year(8, 32, root, scenario, log=lambda line: None)
+    rows, margin = out["rows"], out["margin"]
+    assert [r["night"] for r in rows] == list(range(8)) and margin == 0.02
+
+    # every night ends in a named outcome; every night with arrivals reached a decision
+    assert all(r["state"] in RUN_STATES for r in rows)
+    assert rows[-1]["events"] == ["quiet"] and rows[-1]["state"] == "Skipped" and rows[-1]["version"] is None
+    assert all(r["decision"] is not None for r in rows if r["events"] != ["quiet"])
+    assert any(r["state"] == "Promoted" for r in rows)
+    assert {"new_site:C", "restyle:A", "one_label:normal"} <= {e for r in rows for e in r["events"]}
+
+    # the truth: champions and the locked reference scored on pools that were never ingested
+    scored = [r for r in rows if r["truth"]["champion"]]
+    assert scored and all(r["truth"]["reference"] for r in scored)
+    for r in scored:
+        champion, reference = r["truth"]["champion"], r["truth"]["reference"]
+        assert champion["auroc"] >= reference["auroc"] - margin, r  # the bio-creep guard held
+        assert set(champion["sites"]) == set(year.World(scenario, 8, 32, root).active(r["night"]))
+    with session_scope(open_catalogue(load_settings())) as s:
+        stored = set(s.scalars(select(Image.sha256)))
+    truth_films = {sha256_file(p) for p in (root / "truth").rglob("*.png")}
+    assert stored and len(truth_films) >= 40 and not stored & truth_films  # the truth is never ingested
+    flip = next(r for r in rows if any(e.startswith("flip_labels") for e in r["events"]))
+    gain = year._gain(flip)
+    assert not (flip["state"] == "Promoted" and gain is not None and gain < -margin), flip
+    assert out["summary"]["events"]["flip_labels"]["harmful_promotion"] is False
+
+    # what each night reports, as year.json holds it
+    for r in rows:
+        assert {"decision", "champion_after", "failed_checks", "reference", "negative_flip_rate",
+                "test_set_reuse", "seconds", "disk", "truth"} <= set(r)
+        assert r["disk"]["catalogue"] > 0 and r["seconds"]["total"] > 0
+    assert any(r["negative_flip_rate"] is not None for r in rows)
+    assert all(r["test_set_reuse"] >= 1 for r in rows if r["decision"] and r["state"] != "Skipped")
+    assert "reference_guard_held" in out["summary"] and "share_positive_gain" in out["summary"]
+    json.dumps(out)  # year.json is plain JSON
+    year_plot.plot(out, tmp_path / "year.png")
+    assert (tmp_path / "year.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
