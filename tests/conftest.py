@@ -50,6 +50,18 @@ BLOCKING_POLICY = {
 }
 
 
+def write_confounded_sites(root: Path) -> tuple[str, str]:
+    """Two synthetic sites whose label goes with the site (paeds: normal; adult: covid19, larger 16-bit
+    films with a border and a PORTABLE marker), so the shortcut audit blocks; their manifests' paths."""
+    from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
+
+    write_site_dataset(root / "paeds", SiteStyle("paeds", size=64), labels=("normal",), patients_per_label=12,
+                       seed=1)
+    adult = SiteStyle("adult", size=96, bit_depth=16, gamma=0.7, border=6, marker="PORTABLE")
+    write_site_dataset(root / "adult", adult, labels=("covid19",), patients_per_label=12, seed=2)
+    return str(root / "paeds" / "manifest.csv"), str(root / "adult" / "manifest.csv")
+
+
 # The PostgreSQL lane: with XRAY_TEST_POSTGRES_URL set (`make test-postgres`, run by .ci/run), the
 # catalogue tests run against a fresh PostgreSQL database per test instead of a SQLite file.
 POSTGRES_URL = os.environ.get("XRAY_TEST_POSTGRES_URL", "")

@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BLOCKING_POLICY, PROJECT, TEST_ENV
+from conftest import BLOCKING_POLICY, PROJECT, TEST_ENV, write_confounded_sites
 from prefect_server import client_env, prefect_server, stop, tail
-
-from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
 
 PAUSED_WITHIN_S = 300.0  # ingest, embed, train and evaluate on two busy cores, then the pause
 ENDED_WITHIN_S = 120.0
@@ -38,21 +36,12 @@ POLICY = {**BLOCKING_POLICY, "OMP_NUM_THREADS": "1"}
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The module's Prefect server and the confounded collection's two manifests."""
     root = tmp_path_factory.mktemp("review")
-    write_site_dataset(
-        root / "paeds", SiteStyle("paeds", size=64), labels=("normal",), patients_per_label=12, seed=1
-    )
-    write_site_dataset(
-        root / "adult",
-        SiteStyle("adult", size=96, bit_depth=16, gamma=0.7, border=6, marker="PORTABLE"),
-        labels=("covid19",),
-        patients_per_label=12,
-        seed=2,
-    )
+    manifests = write_confounded_sites(root)
     with prefect_server(root / "prefect-server") as api_url:
         yield {
             "api_url": api_url,
             "root": root,
-            "manifests": [str(root / site / "manifest.csv") for site in ("paeds", "adult")],
+            "manifests": list(manifests),
         }
 
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from conftest import BLOCKING_POLICY
+from conftest import BLOCKING_POLICY, write_confounded_sites
 
-from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
 from xray_core.pipeline.cycle import run_retrain
 from xray_core.pipeline.executor import DirectExecutor
 from xray_core.pipeline.recipe import RetrainRequest
@@ -45,17 +44,7 @@ def test_a_nightly_run_while_a_review_waits_runs_and_skips(xray_env, tmp_path, m
     for key, value in POLICY.items():
         monkeypatch.setenv(key, value)
     reset_settings()
-    write_site_dataset(
-        tmp_path / "paeds", SiteStyle("paeds", size=64), labels=("normal",), patients_per_label=12, seed=1
-    )
-    write_site_dataset(
-        tmp_path / "adult",
-        SiteStyle("adult", size=96, bit_depth=16, gamma=0.7, border=6, marker="PORTABLE"),
-        labels=("covid19",),
-        patients_per_label=12,
-        seed=2,
-    )
-    manifests = tuple(str(tmp_path / site / "manifest.csv") for site in ("paeds", "adult"))
+    manifests = write_confounded_sites(tmp_path)
     executor = NightlyWhileWaiting()
     result = run_retrain(
         load_settings(), RetrainRequest(manifests=manifests, trigger="manual"), executor
