@@ -73,7 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Files that mostly wait (on a real Prefect server's lease renewal, ~4 to 5 minutes for the first week's
-# approval): collected first, so that under `make test`'s two workers (--dist loadfile
+# approval): collected first, so that under `make test`'s workers (--dist loadfile
 # --no-loadscope-reorder hands out files in collection order) the wait overlaps the rest of the suite
 # instead of ending it.
 WAIT_FIRST = ("tests/flows/test_first_week.py", "tests/flows/test_review_server.py")
