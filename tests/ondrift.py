@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import flow
+from prefect_server import wait_for_server
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 # How long a run keeps going after the second run exists (seconds); the served runner polls every
@@ -74,19 +74,6 @@ def retrain(incoming: str | None = None, use_incoming: bool = False, trigger: st
             time.sleep(0.2)
     time.sleep(HOLD_AFTER_SECOND_S)
     return f"stand-in retrain (trigger={trigger})"
-
-
-def wait_for_server(api_url: str, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.25)
-    return False
 
 
 def serve() -> None:

@@ -31,9 +31,15 @@ def free_port() -> int:
 def server_env(home: Path, port: int, **extra: str) -> dict[str, str]:
     """The environment of a server on ``port`` with PREFECT_HOME ``home``, and of its clients: this
     process's environment without its PREFECT_* settings (the session's test harness), plus ``extra``."""
+    return client_env(f"http://127.0.0.1:{port}/api", home, **extra)
+
+
+def client_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a process that talks to the server at ``api_url`` with PREFECT_HOME ``home``
+    (a server reads the same): no other PREFECT_* setting leaks in, telemetry off, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({
-        "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false",
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING", "PREFECT_LOGGING_LEVEL": "WARNING", **extra,
     })
@@ -75,19 +81,14 @@ def answers(api_url: str) -> bool:
         return False
 
 
-def client_env(api_url: str, home: Path) -> dict[str, str]:
-    """The environment of a process that talks to the server: no other PREFECT_* setting leaks in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        {
-            "PREFECT_HOME": str(home),
-            "PREFECT_API_URL": api_url,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "DO_NOT_TRACK": "1",
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-        }
-    )
-    return env
+def wait_for_server(api_url: str, timeout_s: float) -> bool:
+    """Whether the server at ``api_url`` answered its health check within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not answers(api_url):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
 
 
 @contextlib.contextmanager
@@ -96,38 +97,11 @@ def prefect_server(home: Path) -> Iterator[str]:
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = client_env(api_url, home)
-    env.update(
-        {
-            "PREFECT_UI_ENABLED": "false",
-            "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-            # Services with nothing to do here: off, to spare the CPU (events are still stored).
-            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-            "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
-            "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
-        }
-    )
+    # Services with nothing to do here: off, to spare the CPU (events are still stored).
+    env = server_env(home, port, **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false"
+                                    for name in ("SCHEDULER", "LATE_RUNS", "FOREMAN")})
     log = home / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-ui",
-            ],
-            env=env,
-            cwd=home,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_server(port, env, log)
     try:
         deadline = time.monotonic() + SERVER_START_S
         while not answers(api_url):

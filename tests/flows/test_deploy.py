@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ondrift import wait_for_server
-from prefect_server import free_port, server_env, start_server, stop, tail
+from prefect_server import free_port, server_env, start_server, stop, tail, wait_for_server
 
 PROJECT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent

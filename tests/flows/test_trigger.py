@@ -24,8 +24,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from ondrift import on_drift_spec, wait_for_server
-from prefect_server import free_port, server_env, start_server, stop, tail
+from ondrift import on_drift_spec
+from prefect_server import free_port, server_env, start_server, stop, tail, wait_for_server
 
 from xray_core.results import RunResult
 
