@@ -233,13 +233,19 @@ def year_env(root: Path, size: int, scenario: dict[str, Any]) -> dict[str, str]:
 
 
 def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc_every: int = 1,
-             log: Any = print, partial: Path | None = None) -> dict[str, Any]:
+             audit_every: int | None = None, log: Any = print, partial: Path | None = None) -> dict[str, Any]:
     """Run ``nights`` cycles of ``scenario`` under ``root``; return year.json's content (``partial``:
-    also write the nights so far there after each night, so a stopped run leaves its rows)."""
+    also write the nights so far there after each night, so a stopped run leaves its rows).
+
+    Every ``audit_every`` nights (default: monthly, nights / 12) the sequestered-set audit runs, as the
+    ``audit/monthly`` deployment would (``xray audit``: champion against the locked reference on films
+    no routine decision sees).
+    """
     from xray_core.errors import XrayError
     from xray_core.pipeline.cycle import run_retrain
     from xray_core.pipeline.recipe import RetrainRequest
     from xray_core.pipeline.retention import run_gc
+    from xray_core.pipeline.sequester import run_audit
     from xray_core.pipeline.timing import TimedExecutor, cpu_seconds
     from xray_core.registry.reference import reference_version
     from xray_core.settings import load_settings, reset_settings
@@ -251,6 +257,7 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
     world, truth = World(scenario, nights, size, root), Truth(settings, root / "truth-home")
     rows: list[dict[str, Any]] = []
     champion: int | None = None
+    audit_every = audit_every if audit_every is not None else max(1, round(nights / 12))
     for night in range(nights):
         manifests, happened = world.arrivals(night)
         pools = {s: world.pool(s, night) for s in world.active(night)}
@@ -270,6 +277,10 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
                         "reference": truth.of(reference_version(settings), pools)}
         if gc_every and (night + 1) % gc_every == 0:
             row["gc_bytes"] = run_gc(settings)["bytes"]
+        if audit_every and (night + 1) % audit_every == 0:
+            audit = run_audit(settings, trigger="schedule")
+            row["audit"] = {k: audit.get(k) for k in ("status", "champion", "reference", "n_images",
+                                                      "sequestered_patients")}
         row["disk"] = disk_use(home)
         rows.append(row)
         if partial is not None:
@@ -389,6 +400,8 @@ def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[s
         "failed_check_counts": {name: sum(name in r["failed_checks"] for r in rows)
                                 for name in sorted({c for r in rows for c in r["failed_checks"]})},
         "cost_growth": cost_growth(rows),
+        "audits": {status: [r["night"] for r in rows if (r.get("audit") or {}).get("status") == status]
+                   for status in ("ok", "degraded", "inconclusive", "skipped")},
         "home_bytes": {f"night_{ten['night']}": sum(ten["disk"].values()),
                        f"night_{rows[-1]['night']}": sum(rows[-1]["disk"].values())},
         "disk_check": disk_check(ten, rows[-1]),
@@ -403,6 +416,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="film and input size in pixels (default 32)")
     parser.add_argument("--scenario", default=str(SCENARIO), help="the scenario TOML")
     parser.add_argument("--gc-every", type=int, default=1, help="xray gc after every N nights (0: never)")
+    parser.add_argument("--audit-every", type=int, default=None,
+                        help="sequestered-set audit every N nights (default: monthly, nights / 12; 0: never)")
     parser.add_argument("--out", default=str(HERE / "results" / "year.json"))
     parser.add_argument("--png", default=str(HERE / "results" / "year.png"))
     parser.add_argument("--keep", default=None, help="run in this folder and keep it (default: a temp dir)")
@@ -412,7 +427,7 @@ def main() -> None:
         root = Path(args.keep or tmp)
         root.mkdir(parents=True, exist_ok=True)
         out = run_year(args.nights, args.size, root, load_scenario(Path(args.scenario)),
-                       gc_every=args.gc_every, partial=Path(args.out))
+                       gc_every=args.gc_every, audit_every=args.audit_every, partial=Path(args.out))
     out["command"] = " ".join(["python", "bench/year.py", *sys.argv[1:]])
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
