@@ -1,0 +1,94 @@
+"""CBPE (xray_core.monitor.performance): expected performance from calibrated probabilities, checked on
+cases whose calibration is known by construction (labels drawn Bernoulli(p) from the probabilities)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from xray_core.monitor.performance import (
+    ASSUMPTION,
+    UNRELIABLE,
+    beside_line,
+    estimate,
+    estimate_line,
+    expected_auroc,
+    realised,
+)
+
+
+def _binary(p: np.ndarray) -> np.ndarray:
+    return np.column_stack([1 - p, p])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_estimate_matches_realised_when_calibrated(seed: int) -> None:
+    """Probabilities drawn, then labels drawn Bernoulli(p): the model is calibrated by construction, so
+    every expected number must match the realised one within sampling noise (4000 films)."""
+    rng = np.random.default_rng(seed)
+    p = rng.beta(0.7, 0.7, size=4000)
+    y = (rng.random(4000) < p).astype(int)
+    est = estimate(_binary(p), threshold=0.4, positive=1, drift=False)
+    real = realised(_binary(p), y, threshold=0.4, positive=1)
+    assert abs(est["accuracy"] - real["accuracy"]) < 4 * est["accuracy_sd"] + 1e-3
+    for key in ("sensitivity", "specificity", "auroc"):
+        assert abs(est[key] - real[key]) < 0.03, key
+    assert est["reliable"] and est["assumption"] == ASSUMPTION
+
+
+def test_estimate_is_wrong_when_probabilities_are_overconfident() -> None:
+    """The estimate leans on calibration: overconfident probabilities (true chance 0.6, model says
+    0.95) promise accuracy the labels do not deliver. A test that CBPE is not just the realised value."""
+    rng = np.random.default_rng(3)
+    y = (rng.random(2000) < 0.6).astype(int)
+    p = np.full(2000, 0.95)
+    est = estimate(_binary(p), threshold=0.5, positive=1)
+    real = realised(_binary(p), y, threshold=0.5, positive=1)
+    assert est["accuracy"] == pytest.approx(0.95)
+    assert abs(real["accuracy"] - 0.6) < 0.04
+
+
+def test_expected_auroc_is_the_pair_sum() -> None:
+    """The sorted O(n log n) form equals the explicit sum over pairs i != j (ties half)."""
+    rng = np.random.default_rng(4)
+    p = np.round(rng.random(60), 1)  # many ties
+    num = den = 0.0
+    for i in range(60):
+        for j in range(60):
+            if i != j:
+                w = p[i] * (1 - p[j])
+                num += w * (1.0 if p[i] > p[j] else 0.5 if p[i] == p[j] else 0.0)
+                den += w
+    assert expected_auroc(p) == pytest.approx(num / den, abs=1e-4)
+    hard = np.array([0.0, 0.0, 1.0, 1.0])  # certain labels: the expected AUROC is the realised one
+    assert expected_auroc(hard, np.array([0.1, 0.3, 0.2, 0.9])) == pytest.approx(
+        roc_auc_score([0, 0, 1, 1], [0.1, 0.3, 0.2, 0.9]))
+
+
+def test_multiclass_accuracy_is_the_mean_top_probability() -> None:
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet([1, 1, 1], size=3000)
+    y = np.array([rng.choice(3, p=row) for row in probs])
+    est = estimate(probs, threshold=None, positive=None)
+    real = realised(probs, y, threshold=None, positive=None)
+    assert est["accuracy"] == pytest.approx(float(probs.max(axis=1).mean()), abs=1e-4)
+    assert abs(est["accuracy"] - real["accuracy"]) < 4 * est["accuracy_sd"] + 1e-3
+    assert "sensitivity" not in est and abs(est["auroc"] - real["auroc"]) < 0.03
+
+
+def test_beside_a_drift_flag_the_estimate_is_marked_unreliable() -> None:
+    p = _binary(np.array([0.1, 0.8, 0.9, 0.3, 0.6]))
+    calm, drifted = (estimate(p, threshold=0.5, positive=1, drift=d) for d in (False, True))
+    assert calm["reliable"] and calm["note"] is None and "unreliable" not in estimate_line(calm)
+    assert not drifted["reliable"] and drifted["note"] == UNRELIABLE
+    assert UNRELIABLE in estimate_line(drifted) and ASSUMPTION in estimate_line(drifted)
+    assert estimate(p, threshold=0.5, positive=1, drift=None)["reliable"]  # untested: no flag to mark it
+    assert "unreliable" in beside_line(drifted, {"n": 5, "accuracy": 0.4})
+    assert beside_line(calm, {"n": 5, "accuracy": 0.4}) == (
+        "accuracy estimated 78% before labels, realised 40% on 5 labelled films")
+
+
+def test_empty_batch_estimates_nothing() -> None:
+    est = estimate(np.zeros((0, 2)), threshold=0.5, positive=1)
+    assert est["accuracy"] is None and estimate_line(est) == "performance not estimated (no films)"
