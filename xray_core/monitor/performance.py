@@ -52,12 +52,13 @@ def expected_auroc(p: np.ndarray, scores: np.ndarray | None = None) -> float | N
     return _ratio(wins, pairs)
 
 
-def estimate(probs: np.ndarray, *, threshold: float | None, positive: int | None,
+def estimate(probs: np.ndarray, *, threshold: float | np.ndarray | None, positive: int | None,
              drift: bool | None = None) -> dict[str, Any]:
     """The expected performance of a batch from its calibrated probabilities ``(n, classes)``.
 
     Binary (``positive`` and ``threshold`` given): accuracy, sensitivity and specificity at the
-    threshold, and AUROC. More classes: accuracy of the arg-max and the macro one-vs-rest AUROC.
+    threshold (one, or one per film when films come from several models), and AUROC. More classes:
+    accuracy of the arg-max and the macro one-vs-rest AUROC.
     ``drift``: the batch's drift verdict (None: not tested); True marks the estimate unreliable."""
     probs = np.asarray(probs, dtype=np.float64)
     n = len(probs)
@@ -83,7 +84,7 @@ def estimate(probs: np.ndarray, *, threshold: float | None, positive: int | None
     return out
 
 
-def realised(probs: np.ndarray, y: np.ndarray, *, threshold: float | None,
+def realised(probs: np.ndarray, y: np.ndarray, *, threshold: float | np.ndarray | None,
              positive: int | None) -> dict[str, Any]:
     """The same numbers from the labels ``y`` (class indices): what the estimate is checked against."""
     from sklearn.metrics import roc_auc_score
