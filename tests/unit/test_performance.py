@@ -92,3 +92,58 @@ def test_beside_a_drift_flag_the_estimate_is_marked_unreliable() -> None:
 def test_empty_batch_estimates_nothing() -> None:
     est = estimate(np.zeros((0, 2)), threshold=0.5, positive=1)
     assert est["accuracy"] is None and estimate_line(est) == "performance not estimated (no films)"
+
+
+def test_check_batch_carries_the_estimate_and_marks_it_beside_drift() -> None:
+    """Every batch check carries the CBPE estimate of its own probabilities; the drifted batch's is marked
+    unreliable, the quiet one's is not."""
+    from test_monitor_drift import LABELS, probs_for
+    from test_monitor_reference import features, make_reference
+
+    from xray_core.monitor.drift import check_batch
+
+    ref, rng = make_reference()
+    ref = type(ref)(**{**ref.__dict__, "val_probs": probs_for(rng, len(ref.val_probs))})
+    common: dict = dict(labels=LABELS, threshold=0.5, positive=1, alpha=0.01, permutations=199)
+    probs = probs_for(rng, 40)
+    same = check_batch(ref, features(rng, 40), probs, **common)
+    assert not same["drift"] and same["performance"]["reliable"]
+    assert same["performance"] == estimate(probs, threshold=0.5, positive=1, drift=False)
+    shifted = features(rng, 40)
+    shifted[:, :8] += 0.6
+    loud = check_batch(ref, shifted, probs_for(rng, 40, a=8.0), **common)
+    assert loud["drift"] and not loud["performance"]["reliable"]
+    assert loud["performance"]["note"] == UNRELIABLE
+
+
+def test_retrain_report_puts_the_estimate_beside_the_realised_value() -> None:
+    """The retrain's drift section (report.md and the drift-report artifact): for each checked batch whose
+    labels are catalogued, the estimate made from probabilities alone beside the realised accuracy, the
+    drifted site's estimate marked unreliable; a batch without a comparison shows the estimate alone."""
+    from xray_core.report.drift import drift_context
+    from xray_core.report.markdown import drift_markdown
+    from xray_core.results import RunResult
+
+    p = _binary(np.array([0.9, 0.8, 0.2, 0.1, 0.7]))
+    y = np.array([1, 0, 0, 0, 1])
+    calm = estimate(p, threshold=0.5, positive=1, drift=False)
+    drifted = estimate(p, threshold=0.5, positive=1, drift=True)
+    real = realised(p, y, threshold=0.5, positive=1)
+    drift = {"flagged": True, "summary": "drift detected in site b", "checks": [
+        {"subject": "all new films", "n": 5, "ood_flagged": 0, "drift": False, "performance": calm,
+         "realised": real},
+        {"subject": "site b", "n": 5, "ood_flagged": 3, "drift": True, "performance": drifted,
+         "realised": real},
+        {"subject": "site c", "n": 5, "ood_flagged": 0, "drift": False, "performance": calm}]}
+    context = drift_context(drift)
+    assert context is not None
+    lines = context["performance"]
+    assert lines[0] == "all new films: accuracy estimated 82% before labels, realised 80% on 5 labelled films"
+    assert lines[1].startswith("site b: accuracy estimated 82%") and lines[1].endswith(
+        "(estimate marked unreliable: drift)")
+    assert lines[2] == f"site c: {estimate_line(calm)}"
+    text = drift_markdown(RunResult(flow_run_id=None, run_name=None, trigger="test", backbone_weights="random",
+                                    backbone_random_init=True, run_dir="", drift=drift))
+    assert text is not None and all(f"- {line}" in text for line in lines)
+    quiet = drift_context({"flagged": False, "checks": [{"subject": "x", "n": 2}]})
+    assert quiet is not None and quiet["performance"] == []

@@ -286,8 +286,8 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init,
             "feature_cache": {"reused": cache_fill["reused"], "filled": cache_fill["filled"],
                               "note": cache_fill["error"]},
-            "ood": ood_summary(ok, reference, ood_exact),
-            "drift": batch_drift(settings, model, reference, scored, subject=str(path)), "rows": rows}
+            "ood": ood_summary(ok, reference, ood_exact), **batch_checks(settings, model, reference, scored,
+                                                                      subject=str(path)), "rows": rows}
 
 
 def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[float]) -> dict[str, Any]:
@@ -302,6 +302,22 @@ def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[floa
     return {"known": True, "flagged": flagged, "unusual": unusual, "unusual_level": UNUSUAL_LEVEL,
             "unusual_expected": round(expected, 2), "scored": len(ok_rows), "threshold": reference.threshold,
             "quantile": reference.quantile, "line": ood_line(flagged, len(ok_rows), unusual, expected)}
+
+
+def batch_checks(settings: Settings, model: Any, reference: Any,
+                 scored: list[tuple[np.ndarray, np.ndarray]], *, subject: str) -> dict[str, Any]:
+    """``drift`` (the batch tests, or None) and ``performance``: the CBPE estimate of the predicted
+    films (:mod:`xray_core.monitor.performance`), the drift check's own when there is one (marked
+    unreliable beside a drift warning), else from the probabilities alone (drift untested)."""
+    from xray_core.evaluate.metrics import positive_index
+    from xray_core.monitor.performance import estimate
+
+    drift = batch_drift(settings, model, reference, scored, subject=subject)
+    if drift is not None:
+        return {"drift": drift, "performance": drift["performance"]}
+    probs = np.concatenate([p for _, p in scored]) if scored else np.zeros((0, len(model.labels)))
+    pos = positive_index(model.labels, settings.negative_label) if len(model.labels) == 2 else None
+    return {"drift": None, "performance": estimate(probs, threshold=model.threshold, positive=pos)}
 
 
 def batch_drift(settings: Settings, model: Any, reference: Any,
