@@ -43,6 +43,10 @@ def test_monitor_checks_new_films_once_records_and_reports(home, tmp_path, capsy
     assert result["drift"] and check["ood_flagged"] >= 12  # a border and another contrast: unlike training
     report = open(result["report"]).read()
     assert "not proof that performance fell" in report and "all new films" in report
+    # performance before labels (CBPE): carried by the check, stored with it, unreliable beside drift
+    assert check["performance"]["n"] == 16 and not check["performance"]["reliable"]
+    assert result["performance"] == check["performance"] and "realised" not in check  # monitor: no labels
+    assert "estimated accuracy (before labels)" in report and "(unreliable)" in report
 
     assert main(["monitor", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)

@@ -85,6 +85,10 @@ def test_beside_a_drift_flag_the_estimate_is_marked_unreliable() -> None:
     assert UNRELIABLE in estimate_line(drifted) and ASSUMPTION in estimate_line(drifted)
     assert estimate(p, threshold=0.5, positive=1, drift=None)["reliable"]  # untested: no flag to mark it
     assert "unreliable" in beside_line(drifted, {"n": 5, "accuracy": 0.4})
+    none = {"n": 0, "note": "2 films carry labels the champion was not trained on (x)"}
+    assert beside_line(calm, none) == (
+        "accuracy estimated 78% before labels, not realised: 2 films carry labels the champion was not "
+        "trained on (x)")
     assert beside_line(calm, {"n": 5, "accuracy": 0.4}) == (
         "accuracy estimated 78% before labels, realised 40% on 5 labelled films")
 
@@ -142,8 +146,9 @@ def test_retrain_report_puts_the_estimate_beside_the_realised_value() -> None:
     assert lines[1].startswith("site b: accuracy estimated 82%") and lines[1].endswith(
         "(estimate marked unreliable: drift)")
     assert lines[2] == f"site c: {estimate_line(calm)}"
-    text = drift_markdown(RunResult(flow_run_id=None, run_name=None, trigger="test", backbone_weights="random",
-                                    backbone_random_init=True, run_dir="", drift=drift))
+    run = RunResult(flow_run_id=None, run_name=None, trigger="test", backbone_weights="random",
+                    backbone_random_init=True, run_dir="", drift=drift)
+    text = drift_markdown(run)
     assert text is not None and all(f"- {line}" in text for line in lines)
     quiet = drift_context({"flagged": False, "checks": [{"subject": "x", "n": 2}]})
     assert quiet is not None and quiet["performance"] == []

@@ -128,8 +128,10 @@ def estimate_line(est: dict[str, Any] | None) -> str:
 def beside_line(est: dict[str, Any], real: dict[str, Any]) -> str:
     """``accuracy estimated 84% (before labels), realised 80% on 50 labelled films[, unreliable]``."""
     flag = "" if est.get("reliable", True) else " (estimate marked unreliable: drift)"
-    return (f"accuracy estimated {_pct(est.get('accuracy'))} before labels, realised "
-            f"{_pct(real.get('accuracy'))} on {real.get('n')} labelled films{flag}")
+    head = f"accuracy estimated {_pct(est.get('accuracy'))} before labels"
+    if not real.get("n"):
+        return f"{head}, not realised: {real.get('note')}"
+    return f"{head}, realised {_pct(real.get('accuracy'))} on {real.get('n')} labelled films{flag}"
 
 
 __all__ = ["ASSUMPTION", "UNRELIABLE", "beside_line", "estimate", "estimate_line", "expected_auroc",

@@ -142,8 +142,13 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_lab
     def one(subject: str, keep: np.ndarray) -> dict[str, Any]:
         out = {"subject": subject,
                **check_batch(reference, x[keep], probs[keep], groups=patients[keep], **common)}
-        if with_labels and (y[keep] >= 0).all():  # a label the model does not know: nothing to compare
-            out["realised"] = realised(probs[keep], y[keep], threshold=model.threshold, positive=pos)
+        if not with_labels:
+            return out
+        unknown = sorted({r[3] for r, k in zip(rows, keep) if k and r[3] not in labels})
+        out["realised"] = (realised(probs[keep], y[keep], threshold=model.threshold, positive=pos)
+                           if not unknown else  # the champion cannot be right on them: no comparison
+                           {"n": 0, "note": f"{int((y[keep] < 0).sum())} films carry labels the champion "
+                                            f"was not trained on ({', '.join(unknown)})"})
         return out
 
     checks = [one("all new films", np.ones(len(rows), dtype=bool))]
