@@ -47,6 +47,13 @@ def test_monitor_checks_new_films_once_records_and_reports(home, tmp_path, capsy
     assert check["performance"]["n"] == 16 and not check["performance"]["reliable"]
     assert result["performance"] == check["performance"] and "realised" not in check  # monitor: no labels
     assert "estimated accuracy (before labels)" in report and "(unreliable)" in report
+    # its films are labelled in the catalogue: the next retrain finds the stored estimate and realises it
+    from xray_core.monitor.checks import estimates_since
+
+    (earlier,) = estimates_since(home.settings, None)
+    assert earlier["id"] == result["id"] and earlier["kind"] == "monitor" and earlier["labelled"] == 16
+    assert earlier["estimate"]["accuracy"] == pytest.approx(check["performance"]["accuracy"], abs=2e-3)
+    assert earlier["realised"]["n"] == 16 and 0 <= earlier["realised"]["accuracy"] <= 1
 
     assert main(["monitor", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)

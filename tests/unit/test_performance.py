@@ -152,3 +152,33 @@ def test_retrain_report_puts_the_estimate_beside_the_realised_value() -> None:
     assert text is not None and all(f"- {line}" in text for line in lines)
     quiet = drift_context({"flagged": False, "checks": [{"subject": "x", "n": 2}]})
     assert quiet is not None and quiet["performance"] == []
+
+
+def test_a_stored_batch_is_realised_on_the_films_now_labelled() -> None:
+    """A check stores its films' sha256 and probabilities; once some arrive labelled, the estimate is
+    recomputed on those films and set beside their realised value (films with unknown or no labels left
+    out, fewer than 5 labelled: nothing to say)."""
+    from xray_core.monitor.performance import MIN_LABELLED, film_record, realise_record
+    from xray_core.report.drift import earlier_lines
+
+    rng = np.random.default_rng(6)
+    p = rng.random(40)
+    shas = [f"{i:064x}" for i in range(40)]
+    record = film_record(shas, _binary(p), labels=["normal", "pneumonia"], threshold=0.5, positive=1)
+    assert record["sha256"] == shas and not record["truncated"] and record["probs"][0][1] == round(p[0], 4)
+    y = (rng.random(40) < p).astype(int)
+    label_of = {sha: ["normal", "pneumonia"][k] for sha, k in zip(shas[:30], y[:30])}
+    label_of[shas[0]] = "covid19"  # a label the model does not know: left out
+    out = realise_record(record, True, label_of)
+    assert out is not None and out["labelled"] == 29 and out["films"] == 40
+    p29 = np.round(p[1:30], 4)
+    assert out["estimate"] == estimate(_binary(p29), threshold=0.5, positive=1, drift=False)
+    assert out["realised"] == realised(_binary(p29), y[1:30], threshold=0.5, positive=1)
+    drifted = realise_record(record, False, label_of)
+    assert drifted is not None and not drifted["estimate"]["reliable"]
+    few = {sha: "normal" for sha in shas[:MIN_LABELLED - 1]}
+    assert realise_record(record, True, few) is None
+    check = {"kind": "predict", "subject": "/data/new", "id": 12, "created_at": "2026-12-01T06:30", **out}
+    assert earlier_lines([check])[0] == (
+        f"predict /data/new (check 12, 2026-12-01): {beside_line(out['estimate'], out['realised'])}"
+        " (29 of its 40 films labelled now)")

@@ -134,5 +134,36 @@ def beside_line(est: dict[str, Any], real: dict[str, Any]) -> str:
     return f"{head}, realised {_pct(real.get('accuracy'))} on {real.get('n')} labelled films{flag}"
 
 
-__all__ = ["ASSUMPTION", "UNRELIABLE", "beside_line", "estimate", "estimate_line", "expected_auroc",
-           "realised"]
+MAX_FILMS = 20_000  # films whose probabilities a check stores for a later comparison (~1.7 MB of JSON)
+MIN_LABELLED = 5  # labelled films of an earlier batch needed to set a realised value beside its estimate
+
+
+def film_record(shas: list[str], probs: np.ndarray, *, labels: list[str], threshold: float | None,
+                positive: int | None) -> dict[str, Any]:
+    """What a check stores so that, once its films are labelled, the realised value can be set beside
+    its estimate: each film's sha256 and rounded probabilities, and the model's labels and threshold
+    (at most MAX_FILMS films; ``truncated`` says when more were checked)."""
+    keep = min(len(shas), MAX_FILMS)
+    return {"labels": list(labels), "threshold": threshold, "positive": positive, "sha256": list(shas[:keep]),
+            "probs": np.round(np.asarray(probs[:keep], dtype=np.float64), 4).tolist(),
+            "truncated": len(shas) > keep}
+
+
+def realise_record(record: dict[str, Any], reliable: bool, label_of: dict[str, str]) -> dict[str, Any] | None:
+    """Estimate and realised value on the films of a stored ``record`` that are now labelled
+    (``label_of``: sha256 -> catalogue label); None when fewer than MIN_LABELLED are. The estimate is
+    recomputed on the same films, so both numbers describe the same films."""
+    labels = list(record.get("labels") or [])
+    pairs = [(i, labels.index(label_of[sha])) for i, sha in enumerate(record.get("sha256") or [])
+             if label_of.get(sha) in labels]
+    if len(pairs) < MIN_LABELLED:
+        return None
+    rows, y = np.array([i for i, _ in pairs]), np.array([c for _, c in pairs])
+    probs = np.asarray(record["probs"], dtype=np.float64)[rows]
+    kw: dict[str, Any] = {"threshold": record.get("threshold"), "positive": record.get("positive")}
+    return {"labelled": len(pairs), "films": len(record["sha256"]),
+            "estimate": estimate(probs, drift=not reliable, **kw), "realised": realised(probs, y, **kw)}
+
+
+__all__ = ["ASSUMPTION", "MAX_FILMS", "MIN_LABELLED", "UNRELIABLE", "beside_line", "estimate",
+           "estimate_line", "expected_auroc", "film_record", "realise_record", "realised"]

@@ -77,10 +77,12 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
         result["summary"] = "no champion yet: nothing to check against"
     else:
         result.update(_check_rows(settings, version, rows, with_labels=kind == "retrain"))
+    films = result.pop("films", None)  # stored with the check, not returned: a retrain realises it later
     if result["checks"]:
         result["performance"] = result["checks"][0].get("performance")
     overall = {"n": len(rows), "ood_flagged": sum(c["ood_flagged"] for c in result["checks"][:1]),
-               "drift": result["drift"], "verdict": result["summary"], "checks": result["checks"]}
+               "drift": result["drift"], "verdict": result["summary"], "checks": result["checks"],
+               **({"performance": result["performance"], "films": films} if films else {})}
     result["id"] = record_check(settings, model_id=version, kind=kind, subject=kind, check=overall,
                                 flow_run_id=flow_run_id)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -110,7 +112,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_lab
     from xray_core.model.features import FeatureCache
     from xray_core.model.train import predict_proba
     from xray_core.monitor.drift import MIN_BATCH, check_batch
-    from xray_core.monitor.performance import realised
+    from xray_core.monitor.performance import film_record, realised
     from xray_core.monitor.reference import model_reference
     from xray_core.pipeline.features import embed_items
     from xray_core.pipeline.model_settings import settings_for_model
@@ -159,6 +161,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_lab
     drifted = [c for c in checks if c["drift"]]
     summary = (f"drift detected in {', '.join(c['subject'] for c in drifted)}: {drifted[0]['verdict']}"
                if drifted else checks[0]["verdict"])
-    return {"checks": checks, "drift": bool(drifted), "summary": summary,
+    films = film_record([r[1] for r in rows], probs, labels=labels, threshold=model.threshold, positive=pos)
+    return {"checks": checks, "drift": bool(drifted), "summary": summary, "films": films,
             "sites": sorted(c["subject"].removeprefix("site ")
                             for c in drifted if c["subject"].startswith("site "))}
