@@ -112,6 +112,8 @@ def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_p
     flagged = second["drift"]["flagged"]
     assert drift.description.startswith("Drift flagged: " if flagged else "No drift flagged: ")
     assert "## Drift of the new films" in arts["retrain-report"][0].data
+    estimated = second["drift"]["checks"][0]["performance"]["accuracy"]  # before labels, beside the realised
+    assert f"accuracy estimated {100 * estimated:.0f}% before labels, realised" in drift.data
     with session_scope(open_catalogue(get_settings())) as s:
         decisions = [p.decision for p in s.scalars(select(Promotion).order_by(Promotion.id))]
         champions = s.scalars(select(Model.id).where(Model.status == "champion")).all()
