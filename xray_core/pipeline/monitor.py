@@ -59,7 +59,13 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
     from db.schema import Model
     from xray_core.data.catalogue import open_catalogue
     from xray_core.io.fsutil import atomic_write_text
-    from xray_core.monitor.checks import images_since, last_check_time, predict_checks_since, record_check
+    from xray_core.monitor.checks import (
+        estimates_since,
+        images_since,
+        last_check_time,
+        predict_checks_since,
+        record_check,
+    )
     from xray_core.monitor.performance import estimate_line
     from xray_core.registry.versions import champion_version
 
@@ -68,6 +74,7 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
         champion = s.get(Model, version) if version is not None else None
         created = champion.created_at if champion is not None else None
     last = last_check_time(settings)
+    last_retrain = last_check_time(settings, ("retrain",)) if kind == "retrain" else None
     since = max([t for t in (last, created) if t is not None], default=None)
     result: dict[str, Any] = {"model": version, "since": since.isoformat() if since else None, "checks": [],
                               "predict_checks": predict_checks_since(settings, last), "n": 0, "drift": False}
@@ -85,6 +92,8 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
                **({"performance": result["performance"], "films": films} if films else {})}
     result["id"] = record_check(settings, model_id=version, kind=kind, subject=kind, check=overall,
                                 flow_run_id=flow_run_id)
+    if kind == "retrain":  # earlier checks since the last retrain's whose films arrived labelled now
+        result["earlier"] = estimates_since(settings, last_retrain)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = settings.reports_dir / (f"monitor-{stamp}" if kind == "monitor" else f"{kind}-check-{stamp}")
     markdown = Template(REPORT).render(r=result, stamp=stamp, fmt=lambda p: "" if p is None else f"{p:.3g}",

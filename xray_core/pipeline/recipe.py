@@ -166,13 +166,10 @@ def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any
     """Drift and out-of-distribution checks of what arrived since the last check, against the
     champion's reference (recorded in ``drift_checks``). Best effort: a check that cannot run says why
     and never fails the retrain."""
-    from xray_core.monitor.checks import estimates_since, last_check_time
     from xray_core.pipeline.monitor import run_monitor
 
     try:
-        since = last_check_time(settings, ("retrain",))  # earlier estimates: since the last retrain's check
         out = run_monitor(settings, flow_run_id=flow_run_id, kind="retrain")
-        earlier = estimates_since(settings, since)  # films of earlier checks that arrived labelled now
     except Exception as exc:  # noqa: BLE001 - see docstring
         return {"flagged": False, "summary": f"not checked: {type(exc).__name__}: {exc}", "warnings": []}
     checks = out.get("checks") or []
@@ -193,7 +190,7 @@ def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any
             for c in checks
         ],
         "report": out.get("report"),
-        **({"earlier": earlier} if earlier else {}),
+        **({"earlier": out["earlier"]} if out.get("earlier") else {}),  # estimates realised now
     }
 
 
