@@ -14,6 +14,7 @@ from flows.common import progress_reporter, refused
 from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
 from xray_core.io.fsutil import json_safe, utf8_safe
+from xray_core.monitor.performance import estimate_line
 from xray_core.pipeline.predict import predict_folder
 from xray_core.report.format import cut_words
 from xray_core.settings import get_settings
@@ -55,6 +56,7 @@ def predict(path: str, out: str | None = None, manifest: str | None = None, vers
             f"({result['rejected']} unreadable, listed with reasons). CSV: `{out}`"
             + (f"\n\nGrad-CAM overlays: `{heatmaps}`" if heatmaps else "")
             + f"\n\n{result['ood']['line']}"
+            + f"\n\n{estimate_line(result.get('performance'))}"
             + ("\n\n> backbone is random-init (offline mode)" if result["backbone_random_init"] else "")),
         key="predict-summary", description="batch prediction summary")
     if result.get("drift"):
@@ -75,5 +77,7 @@ def drift_markdown(check: dict[str, Any], subject: str) -> str:
                   f"| excess of out-of-distribution films (binomial) | {check['ood_flagged']} of "
                   f"{check['n']} | {check['ood_p']:.3g} |", "",
                   f"Estimated prevalence (BBSE): {check['prevalence']}"]
+    if check.get("performance"):
+        lines += ["", f"Performance before labels (CBPE): {estimate_line(check['performance'])}"]
     lines += ["", "A drift warning is evidence that the inputs changed, not proof that performance fell."]
     return "\n".join(lines)

@@ -43,7 +43,10 @@ def test_monitor_checks_new_films_once_records_and_reports(home, tmp_path, capsy
     assert result["drift"] and check["ood_flagged"] >= 12  # a border and another contrast: unlike training
     report = open(result["report"]).read()
     assert "not proof that performance fell" in report and "all new films" in report
-
+    # performance before labels (CBPE): carried by the check, stored with it, unreliable beside drift
+    assert check["performance"]["n"] == 16 and not check["performance"]["reliable"]
+    assert result["performance"] == check["performance"] and "realised" not in check  # monitor: no labels
+    assert "estimated accuracy (before labels)" in report and "(unreliable)" in report
     assert main(["monitor", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["n"] == 0  # already checked
@@ -52,3 +55,12 @@ def test_monitor_checks_new_films_once_records_and_reports(home, tmp_path, capsy
     assert [c["kind"] for c in checks[:3]] == ["monitor"] * 3 and checks[1]["drift"] is True
     assert main(["status"]) == 0
     assert "drift checks (newest first" in capsys.readouterr().out
+
+    # its films are labelled in the catalogue: the next retrain's check finds the stored estimate and
+    # realises it (it has nothing new of its own to check)
+    retrain_check = run_monitor(home.settings, kind="retrain")
+    assert retrain_check["n"] == 0
+    (earlier,) = retrain_check["earlier"]
+    assert earlier["id"] == result["id"] and earlier["kind"] == "monitor" and earlier["labelled"] == 16
+    assert earlier["estimate"]["accuracy"] == pytest.approx(check["performance"]["accuracy"], abs=2e-3)
+    assert earlier["realised"]["n"] == 16 and 0 <= earlier["realised"]["accuracy"] <= 1

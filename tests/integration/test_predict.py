@@ -143,6 +143,13 @@ def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, 
     assert result["drift"]["n"] == 7 and "mmd_p" in result["drift"]
     stored = [c for c in fetch(home.settings, DriftCheck) if c.id == result["drift"]["id"]]
     assert stored[0].kind == "predict" and stored[0].n_images == 7 and stored[0].model_id == home.versions[0]
+    # performance before labels: the drift check's CBPE estimate, stored with it and shown in the summary
+    from xray_core.monitor.performance import estimate_line
+    from xray_core.report.terminal import render_predict
+
+    assert result["performance"] == result["drift"]["performance"] == stored[0].result["performance"]
+    assert result["performance"]["n"] == 7 and 0.5 <= result["performance"]["accuracy"] <= 1
+    assert estimate_line(result["performance"]) in render_predict(result)
 
 
 def test_bad_files_are_listed_with_reasons_and_the_rest_predicted(predicted):

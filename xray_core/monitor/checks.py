@@ -74,6 +74,34 @@ def images_since(settings: Settings, since: datetime | None) -> list[tuple[int, 
                 for r in s.execute(query.order_by(Image.id)).all()]
 
 
+def estimates_since(settings: Settings, since: datetime | None, limit: int = 20) -> list[dict[str, Any]]:
+    """Earlier checks (predict, monitor, ingest) after ``since`` whose films are now labelled in the
+    catalogue: each one's performance estimate beside the realised value on those films (newest
+    ``limit`` checks; a check without stored films, or with fewer than 5 labelled, is left out)."""
+    from xray_core.monitor.performance import realise_record
+
+    query = select(DriftCheck).where(DriftCheck.kind.in_(("predict", "monitor", "ingest")))
+    if since is not None:
+        query = query.where(DriftCheck.created_at > since)
+    out: list[dict[str, Any]] = []
+    with session_scope(open_catalogue(settings)) as s:
+        for row in s.scalars(query.order_by(DriftCheck.id.desc()).limit(limit)).all():
+            record = (row.result or {}).get("films")
+            performance = (row.result or {}).get("performance")
+            if not record or not performance:
+                continue
+            shas = list(record.get("sha256") or [])
+            label_of: dict[str, str] = {}
+            for start in range(0, len(shas), 500):  # an IN list per 500: SQLite's variable limit
+                label_of.update(s.execute(select(Image.sha256, Image.label)
+                                          .where(Image.sha256.in_(shas[start:start + 500]))).tuples().all())
+            realised = realise_record(record, bool(performance.get("reliable", True)), label_of)
+            if realised is not None:
+                out.append({"id": row.id, "kind": row.kind, "subject": row.subject, "model": row.model_id,
+                            "created_at": row.created_at.isoformat(), **realised})
+    return out[::-1]
+
+
 def predict_checks_since(settings: Settings, since: datetime | None) -> list[dict[str, Any]]:
     """The predict batches checked after ``since``: their features are not kept, their verdicts are."""
     query = select(DriftCheck).where(DriftCheck.kind == "predict").order_by(DriftCheck.id)

@@ -22,6 +22,10 @@ Three questions, answered separately so input shift and label shift are not conf
   shared by the whole batch, and a binomial test against 1 - XRAY_OOD_QUANTILE raised false alarms in 10% of
   same-distribution batches (bench/drift.py).
 
+Every check also carries ``performance``: the batch's expected accuracy, sensitivity, specificity and
+AUROC from its calibrated probabilities (CBPE, :mod:`.performance`), marked unreliable when the batch
+drifts.
+
 The three tests share XRAY_DRIFT_ALPHA (Bonferroni: each warns below alpha / 3), so a batch from the
 training distribution raises a warning with probability at most about alpha.
 
@@ -35,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from xray_core.monitor.ood import ood_line
+from xray_core.monitor.performance import estimate
 from xray_core.monitor.reference import Reference
 
 MIN_BATCH = 5  # fewer films say nothing a permutation test can resolve
@@ -119,7 +124,8 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
                            "ood_expected_rate": round(1 - reference.quantile, 6), "alpha": alpha}
     if n < MIN_BATCH:
         return {**out, "drift": False, "input_shift": False, "output_shift": False, "ood_excess": False,
-                "verdict": f"not tested: {n} films (a batch test needs at least {MIN_BATCH})"}
+                "verdict": f"not tested: {n} films (a batch test needs at least {MIN_BATCH})",
+                "performance": estimate(probs, threshold=threshold, positive=positive, drift=None)}
     calibration = reference.calibration_scores  # format 1: the validation films' scores
     k = int((calibration <= reference.threshold).sum())  # the threshold's rank among the calibration scores
     a, b = max(len(calibration) - k + 1, 1), max(k, 1)
@@ -144,6 +150,7 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
     out["ood_excess"] = out["ood_p"] < each
     out["drift"] = bool(out["input_shift"] or out["output_shift"] or out["ood_excess"])
     out["verdict"] = verdict(out)
+    out["performance"] = estimate(probs, threshold=threshold, positive=positive, drift=out["drift"])
     return out
 
 

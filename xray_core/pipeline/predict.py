@@ -168,6 +168,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     labels, threshold = model.labels, model.threshold
     reference = model_reference(model)  # None for models saved before references: OOD "unknown"
     scored: list[tuple[np.ndarray, np.ndarray]] = []  # (features, probabilities): the batch drift test
+    scored_shas: list[str] = []  # their films, in the same order (stored for a later realised value)
     ood_exact: list[float] = []  # unrounded OOD scores of the predicted films (the summary counts from them)
     # films per flush = images per backbone forward (the backbone pads every forward to it)
     flush_size = effective_batch_size(settings)
@@ -237,6 +238,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         ood: Any = reference.scores(feats) if reference is not None else [None] * len(batch)
         ood_p: Any = reference.p_values(ood) if reference is not None else [None] * len(batch)
         scored.append((feats, probs))
+        scored_shas.extend(sha for _, sha, _ in batch)
         if reference is not None:
             ood_exact.extend(float(o) for o in ood)
         for (f, sha, _), p, k, hm, o, op in zip(batch, probs, preds, maps, ood, ood_p):
@@ -287,7 +289,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             "feature_cache": {"reused": cache_fill["reused"], "filled": cache_fill["filled"],
                               "note": cache_fill["error"]},
             "ood": ood_summary(ok, reference, ood_exact),
-            "drift": batch_drift(settings, model, reference, scored, subject=str(path)), "rows": rows}
+            **batch_checks(settings, model, reference, scored, scored_shas, subject=str(path)), "rows": rows}
 
 
 def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[float]) -> dict[str, Any]:
@@ -304,15 +306,34 @@ def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[floa
             "quantile": reference.quantile, "line": ood_line(flagged, len(ok_rows), unusual, expected)}
 
 
-def batch_drift(settings: Settings, model: Any, reference: Any,
-                scored: list[tuple[np.ndarray, np.ndarray]], *, subject: str) -> dict[str, Any] | None:
+def batch_checks(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]],
+                 shas: list[str], *, subject: str) -> dict[str, Any]:
+    """``drift`` (the batch tests, or None) and ``performance``: the CBPE estimate of the predicted
+    films (:mod:`xray_core.monitor.performance`), the drift check's own when there is one (marked
+    unreliable beside a drift warning), else from the probabilities alone (drift untested)."""
+    from xray_core.evaluate.metrics import positive_index
+    from xray_core.monitor.performance import estimate
+
+    drift = batch_drift(settings, model, reference, scored, shas, subject=subject)
+    if drift is not None:
+        return {"drift": drift, "performance": drift["performance"]}
+    probs = np.concatenate([p for _, p in scored]) if scored else np.zeros((0, len(model.labels)))
+    pos = positive_index(model.labels, settings.negative_label) if len(model.labels) == 2 else None
+    return {"drift": None, "performance": estimate(probs, threshold=model.threshold, positive=pos)}
+
+
+def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]],
+                shas: list[str], *, subject: str) -> dict[str, Any] | None:
     """The batch drift tests of the predicted films against the model's reference, recorded in the
-    catalogue (``drift_checks``, kind ``predict``); None without a reference or films.
+    catalogue (``drift_checks``, kind ``predict``; with the films' sha256 and probabilities, so a retrain
+    that later ingests them labelled sets the realised performance beside the estimate); None without a
+    reference or films.
 
     Each film counts as its own patient: prediction does not know patients."""
     from xray_core.evaluate.metrics import positive_index
     from xray_core.monitor.checks import record_check
     from xray_core.monitor.drift import check_batch
+    from xray_core.monitor.performance import film_record
 
     if reference is None or not scored:
         return None
@@ -322,7 +343,9 @@ def batch_drift(settings: Settings, model: Any, reference: Any,
     check = check_batch(reference, feats, probs, labels=labels, threshold=model.threshold, positive=pos,
                         alpha=settings.drift_alpha, permutations=settings.drift_permutations,
                         seed=settings.train_seed)
-    check["id"] = record_check(settings, model_id=model.version, kind="predict", subject=subject, check=check)
+    films = film_record(shas, probs, labels=labels, threshold=model.threshold, positive=pos)
+    check["id"] = record_check(settings, model_id=model.version, kind="predict", subject=subject,
+                               check={**check, "films": films})
     return check
 
 

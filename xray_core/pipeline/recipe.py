@@ -185,10 +185,12 @@ def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any
         "summary": out.get("summary"),
         "warnings": warnings,
         "checks": [
-            {k: c.get(k) for k in ("subject", "n", "ood_flagged", "mmd_p", "ks_p", "verdict", "drift")}
+            {k: c.get(k) for k in ("subject", "n", "ood_flagged", "mmd_p", "ks_p", "verdict", "drift",
+                                   "performance", "realised")}
             for c in checks
         ],
         "report": out.get("report"),
+        **({"earlier": out["earlier"]} if out.get("earlier") else {}),  # estimates realised now
     }
 
 

@@ -305,6 +305,10 @@ def render_predict(r: dict[str, Any]) -> str:
         out.append(r["ood"]["line"])
     if r.get("drift"):
         out.append(r["drift"]["verdict"])
+    if r.get("performance"):
+        from xray_core.monitor.performance import estimate_line
+
+        out.append(estimate_line(r["performance"]))
     for row in r.get("rows", []):
         probs = ", ".join(f"{k[2:]} {v}" for k, v in row.items() if k.startswith("p_") and v != "")
         ood = " [unlike the training data]" if row.get("in_distribution") == "false" else ""
@@ -314,10 +318,15 @@ def render_predict(r: dict[str, Any]) -> str:
 
 
 def render_monitor(r: dict[str, Any]) -> str:
-    """``xray monitor``: the summary, one line per checked batch, predict batches, the report's path."""
+    """``xray monitor``: the summary, one line per checked batch (its performance estimate below it),
+    predict batches, the report's path."""
+    from xray_core.monitor.performance import estimate_line
+
     out = [r["summary"]]
     for c in r.get("checks", []):
         out.append(f"  {c['subject']}: {c['ood_line']}; {c['verdict']}")
+        if c.get("performance"):
+            out.append(f"    {estimate_line(c['performance'])}")
     for c in r.get("predict_checks", []):
         out.append(f"  predict {c['subject']}: {c['n']} films, {c['ood_flagged']} unlike the training data; "
                    f"{c['verdict']}")
