@@ -49,12 +49,14 @@ def predict(path: str, out: str | None = None, manifest: str | None = None, vers
     # json_safe/utf8_safe: a CSV or heatmap path whose name is not UTF-8 reaches the server as \xNN.
     create_table_artifact(table=json_safe(rows[:200]), key="predictions",
                           description=utf8_safe(f"first 200 rows of {out}"))
+    # The count of films unlike the training data leads: it is what a reader must see first.
     create_markdown_artifact(
         markdown=utf8_safe(
+            f"**{result['ood']['line']}**\n\n"
             f"Model v{result['model_version']} predicted {result['predicted']} of {result['files']} files "
-            f"({result['rejected']} unreadable, listed with reasons). CSV: `{out}`"
+            f"({result['rejected']} unreadable, listed with reasons). CSV: `{out}` (columns `ood_p`, "
+            "`in_distribution` per film)"
             + (f"\n\nGrad-CAM overlays: `{heatmaps}`" if heatmaps else "")
-            + f"\n\n{result['ood']['line']}"
             + ("\n\n> backbone is random-init (offline mode)" if result["backbone_random_init"] else "")),
         key="predict-summary", description="batch prediction summary")
     if result.get("drift"):
@@ -72,7 +74,7 @@ def drift_markdown(check: dict[str, Any], subject: str) -> str:
                   f"| MMD on embeddings (input shift) | {check['mmd']:.4g} | {check['mmd_p']:.3g} |",
                   f"| KS on predicted probabilities (output shift) | {check['ks']:.3g} | "
                   f"{check['ks_p']:.3g} |",
-                  f"| excess of out-of-distribution films (binomial) | {check['ood_flagged']} of "
+                  f"| excess of out-of-distribution films (beta-binomial) | {check['ood_flagged']} of "
                   f"{check['n']} | {check['ood_p']:.3g} |", "",
                   f"Estimated prevalence (BBSE): {check['prevalence']}"]
     lines += ["", "A drift warning is evidence that the inputs changed, not proof that performance fell."]

@@ -28,6 +28,8 @@ Champion: {% if r.model %}v{{ r.model }}{% else %}none{% endif %} · images sinc
 {% if r.checks %}| batch | films | unlike training data | MMD p | KS p (probabilities) | estimated prevalence | verdict |
 |---|---|---|---|---|---|---|
 {% for c in r.checks %}| {{ c.subject }} | {{ c.n }} | {{ c.ood_flagged }} | {{ fmt(c.mmd_p) }} | {{ fmt(c.ks_p) }} | {{ c.prevalence or "" }} | {{ c.verdict }} |
+{% endfor %}{% for c in r.checks[:1] %}
+Per-film flag: {{ c.ood_rule }}{% if c.ood_coarse %}; {{ c.ood_coarse }}{% endif %}.
 {% endfor %}{% endif %}
 {% if r.predict_checks %}
 ## Predict batches since the last check
@@ -90,6 +92,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple],
     from xray_core.model.features import FeatureCache
     from xray_core.model.train import predict_proba
     from xray_core.monitor.drift import MIN_BATCH, check_batch
+    from xray_core.monitor.ood import FlagRule
     from xray_core.monitor.reference import model_reference
     from xray_core.pipeline.features import embed_items
     from xray_core.pipeline.model_settings import settings_for_model
@@ -114,7 +117,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple],
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     common: dict[str, Any] = dict(labels=labels, threshold=model.threshold, positive=pos,
                                   alpha=settings.drift_alpha, permutations=settings.drift_permutations,
-                                  seed=settings.train_seed)
+                                  seed=settings.train_seed, rule=FlagRule.from_settings(settings))
     patients, sites = np.array([r[4] for r in rows]), np.array([r[5] for r in rows])
     checks = [{"subject": "all new films", **check_batch(reference, x, probs, groups=patients, **common)}]
     for site in sorted(set(sites.tolist())) if len(set(sites.tolist())) > 1 else []:
