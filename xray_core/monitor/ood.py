@@ -1,6 +1,12 @@
-"""Per-film out-of-distribution score: how unlike the model's training films one film's features are.
+"""Per-film out-of-distribution scores of references format 1 and 2, and the flag every format uses.
 
-The score is the classic PCA monitoring pair, summed so one number ranks films:
+**The flag** (:class:`FlagRule`, :func:`flag_cut`): a film is out of distribution when its conformal
+p-value among the reference's calibration scores is at most XRAY_OOD_ALPHA (0.05), or, when
+XRAY_OOD_QUANTILE is set explicitly, the stricter alternative: its score is above that conformal
+quantile. :func:`coarse_note` says when too few calibration films resolve the level. Format 3's score
+(kNN, the default since bench/ood.py compared them on a real foreign site) is in :mod:`.scores`.
+
+The format-2 score is the classic PCA monitoring pair, summed so one number ranks films:
 
 * Hotelling's T² in the PCA space of the training features, divided by the number of components (a
   film that is extreme *along* the directions training varied in), plus
