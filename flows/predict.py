@@ -16,6 +16,7 @@ from xray_core.io.allowed_roots import confine_parameters
 from xray_core.io.fsutil import json_safe, utf8_safe
 from xray_core.pipeline.predict import predict_folder
 from xray_core.report.format import cut_words
+from xray_core.report.terminal import predict_markdown
 from xray_core.settings import get_settings
 
 
@@ -49,16 +50,8 @@ def predict(path: str, out: str | None = None, manifest: str | None = None, vers
     # json_safe/utf8_safe: a CSV or heatmap path whose name is not UTF-8 reaches the server as \xNN.
     create_table_artifact(table=json_safe(rows[:200]), key="predictions",
                           description=utf8_safe(f"first 200 rows of {out}"))
-    # The count of films unlike the training data leads: it is what a reader must see first.
-    create_markdown_artifact(
-        markdown=utf8_safe(
-            f"**{result['ood']['line']}**\n\n"
-            f"Model v{result['model_version']} predicted {result['predicted']} of {result['files']} files "
-            f"({result['rejected']} unreadable, listed with reasons). CSV: `{out}` (columns `ood_p`, "
-            "`in_distribution` per film)"
-            + (f"\n\nGrad-CAM overlays: `{heatmaps}`" if heatmaps else "")
-            + ("\n\n> backbone is random-init (offline mode)" if result["backbone_random_init"] else "")),
-        key="predict-summary", description="batch prediction summary")
+    create_markdown_artifact(markdown=utf8_safe(predict_markdown(result, out, heatmaps)),
+                             key="predict-summary", description="batch prediction summary")
     if result.get("drift"):
         create_markdown_artifact(markdown=utf8_safe(drift_markdown(result["drift"], out)), key="drift-report",
                                  description=cut_words(result["drift"]["verdict"], 250))

@@ -177,3 +177,15 @@ def test_a_new_reference_is_format_3_knn_and_round_trips():
     assert back.describe()["format"] == 3 and "nearest" in back.describe()["ood_score"]
     assert back.calibration["n"] == 130 and ref.coarse(FlagRule()) is None
 
+
+
+def test_the_predict_artifact_leads_with_the_count_and_its_coarse_note():
+    from xray_core.report.terminal import predict_markdown
+
+    rule = FlagRule()
+    line = ood_line(3, 7, 0.3, rule, coarse_note(40, rule))
+    result = {"ood": {"line": line}, "model_version": 2, "predicted": 7, "files": 8, "rejected": 1,
+              "backbone_random_init": True}
+    text = predict_markdown(result, "/p/out.csv", "/p/maps")
+    assert text.splitlines()[0] == f"**{line}**" and "the flag is coarse" in text.splitlines()[0]
+    assert "`ood_p`" in text and "`in_distribution`" in text and "/p/maps" in text
