@@ -202,8 +202,9 @@ def build_model_reference(settings: Settings, data: SplitData, head: Any, x_trai
 
     The PCA bases are fitted on the training features the head saw (every cached training view, the
     rows the normaliser was fitted on); the drift sample comes from the validation films' eval view,
-    which is what prediction sees. The OOD threshold is calibrated on the validation films and on the
-    training films' eval view (embedded for this by ``embed_step``), each scored cross-fitted.
+    which is what prediction sees. The per-film OOD score (kNN to the training films' eval view, embedded
+    for this by ``embed_step``) is calibrated on the validation films and the training films, each
+    training film scored cross-fitted (without its own patients' fold).
     ``val_probs`` are held-out probabilities of the validation films (out-of-fold ones when the head was
     refitted on train+val), so the reference does not expect in-sample confidence.
     """
