@@ -23,7 +23,7 @@ def test_same_distribution_batch_is_quiet_and_shifted_batch_is_flagged():
     same = check_batch(ref, features(rng, 40), probs_for(rng, 40), **common)
     assert not same["drift"] and same["mmd_p"] > 0.01 and same["verdict"].startswith("no drift")
     shifted = features(rng, 40)
-    shifted[:, :8] += 2.0
+    shifted[:, :8] += 0.6
     loud = check_batch(ref, shifted, probs_for(rng, 40, a=8.0), **common)
     assert loud["input_shift"] and loud["output_shift"] and loud["drift"]
     assert "inputs differ" in loud["verdict"] and loud["ood_flagged"] > 30 and loud["ood_excess"]

@@ -1,6 +1,7 @@
 """The per-film flag (``ood_p <= XRAY_OOD_ALPHA``) and the scores bench/ood.py compares: valid on
 exchangeable films, each score separating a hand-made second cluster, honest about a calibration set
-too small to resolve alpha, and old references (formats 1 and 2) still loading, scoring and flagging."""
+too small to resolve alpha, XRAY_OOD_SCORE choosing format 2 (T² + Q, the default) or 3 (kNN), and format-1
+and hand-laid format-2 references loading, scoring and flagging."""
 
 from __future__ import annotations
 
@@ -106,9 +107,9 @@ def test_a_reference_with_too_few_calibration_films_says_the_flag_is_coarse():
     assert "no film can be flagged" in str(coarse_note(15, rule))
     rng = np.random.default_rng(3)
     train, val = cluster(rng, 30, 0.0), cluster(rng, 10, 0.0)
-    ref = build_reference(train, val, np.arange(10).astype(str), np.full((10, 2), 0.5), np.zeros(10, int),
-                          mean=train.mean(0), std=train.std(0), quantile=0.99, train_eval=train,
-                          train_groups=np.arange(30).astype(str))
+    ref = build_reference(train[:, None], val, np.arange(10).astype(str), np.full((10, 2), 0.5),
+                          np.zeros(10, int), mean=train.mean(0), std=train.std(0), quantile=0.99,
+                          train_eval=train, train_groups=np.arange(30).astype(str))  # one view per film
     assert len(ref.calibration_scores) == 40 and ref.coarse(rule) == coarse_note(40, rule)
     flagged, expected = ref.ood_counts(ref.scores(cluster(rng, 10, 4.0)), rule)
     line = ood_line(flagged, 10, expected, rule, ref.coarse(rule))
@@ -124,7 +125,7 @@ def test_the_rule_is_alpha_unless_xray_ood_quantile_is_set():
 
 
 def old_reference(fmt: int) -> Reference:
-    """A reference as format 1 or 2 models stored it: T² + Q scorers, no kNN rows."""
+    """A reference as format 1 or 2 models store it, laid out by hand: T² + Q scorers, no kNN rows."""
     rng = np.random.default_rng(4)
     x = cluster(rng, 150, 0.0)
     mean, std = x.mean(0), x.std(0)
@@ -163,20 +164,37 @@ def test_old_format_references_still_load_score_and_flag(fmt):
     assert back.coarse(rule) is None  # 119 calibration films resolve 0.05
 
 
-def test_a_new_reference_is_format_3_knn_and_round_trips():
+def two_cluster_reference(score: str) -> tuple[Reference, np.ndarray]:
+    """A reference built from one cluster, and 10 new films of it followed by 10 of a second cluster."""
     rng = np.random.default_rng(6)
     train, val = cluster(rng, 100, 0.0), cluster(rng, 30, 0.0)
-    ref = build_reference(train, val, np.arange(30).astype(str), np.full((30, 2), 0.5), np.zeros(30, int),
-                          mean=train.mean(0), std=train.std(0), quantile=0.99, train_eval=train,
-                          train_groups=np.arange(100).astype(str))
-    back = Reference.from_bytes(ref.to_bytes())
-    assert back.format == 3 and back.basis is None and back.knn is not None and back.knn.k == 1
-    new = np.vstack([cluster(rng, 10, 0.0), cluster(rng, 10, 4.0)])
-    np.testing.assert_array_equal(back.scores(new), ref.scores(new))  # float16 rows either side
-    assert back.flags(back.scores(new), FlagRule())[10:].all()
-    assert back.describe()["format"] == 3 and "nearest" in back.describe()["ood_score"]
-    assert back.calibration["n"] == 130 and ref.coarse(FlagRule()) is None
+    ref = build_reference(train[:, None], val, np.arange(30).astype(str), np.full((30, 2), 0.5),
+                          np.zeros(30, int), mean=train.mean(0), std=train.std(0), quantile=0.99,
+                          train_eval=train, train_groups=np.arange(100).astype(str), score=score)
+    return ref, np.vstack([cluster(rng, 10, 0.0), cluster(rng, 10, 4.0)])
 
+
+@pytest.mark.parametrize(("env", "fmt"), [({}, 2), ({"XRAY_OOD_SCORE": "knn"}, 3)])
+def test_xray_ood_score_picks_the_format_and_either_flags_a_second_cluster(env, fmt):
+    """By default (t2q) a new reference is format 2, T² + Q, no training films stored; XRAY_OOD_SCORE=knn
+    builds format 3. Either round-trips, is calibrated on 130 films and flags the second cluster."""
+    ref, new = two_cluster_reference(load_settings(env).ood_score)
+    back = Reference.from_bytes(ref.to_bytes())
+    assert back.format == fmt and (back.knn is None) == (fmt == 2) and (back.basis is None) == (fmt == 3)
+    np.testing.assert_allclose(back.scores(new), ref.scores(new), rtol=1e-12)
+    flags = back.flags(back.scores(new), FlagRule())
+    assert flags[10:].all() and flags[:10].sum() <= 2
+    described = back.describe()
+    assert described["format"] == fmt and back.calibration["n"] == 130 and ref.coarse(FlagRule()) is None
+    assert f"XRAY_OOD_SCORE={'knn' if fmt == 3 else 't2q'}" in described["ood_score"]
+    assert back.calibration["score"] == ("knn" if fmt == 3 else "t2q")
+    if fmt == 3:
+        assert back.knn is not None and back.knn.k == 1 and "nearest" in described["ood_score"]
+
+
+def test_an_unknown_ood_score_is_refused():
+    with pytest.raises(ValueError, match="unknown OOD score 'lof'"):
+        two_cluster_reference("lof")
 
 
 def test_the_predict_artifact_leads_with_the_count_and_its_coarse_note():

@@ -4,9 +4,10 @@
 p-value among the reference's calibration scores is at most XRAY_OOD_ALPHA (0.05), or, when
 XRAY_OOD_QUANTILE is set explicitly, the stricter alternative: its score is above that conformal
 quantile. :func:`coarse_note` says when too few calibration films resolve the level. Format 3's score
-(kNN, the default since bench/ood.py compared them on a real foreign site) is in :mod:`.scores`.
+(kNN, opt-in with XRAY_OOD_SCORE=knn; bench/ood.py found it tied with T² + Q) is in :mod:`.scores`.
 
-The format-2 score is the classic PCA monitoring pair, summed so one number ranks films:
+The format-2 score (the default, XRAY_OOD_SCORE=t2q) is the classic PCA monitoring pair, summed so one
+number ranks films:
 
 * Hotelling's T² in the PCA space of the training features, divided by the number of components (a
   film that is extreme *along* the directions training varied in), plus

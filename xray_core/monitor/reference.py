@@ -14,10 +14,11 @@ films, standardised by the head's own normaliser, and saved as ``models/<v>/refe
 * the validation films' calibrated probabilities, labels and OOD scores, for the KS and BBSE tests;
 * the per-film scorer and its calibration scores: the validation films plus each training film scored
   without its own patients' fold, the split-conformal threshold at XRAY_OOD_QUANTILE and how it was
-  calibrated (how many films of each). Format 3 (now): kNN distance on L2-normalised features
-  (:class:`xray_core.monitor.scores.KnnScorer`, k = KNN_K, at most MAX_KNN_ROWS training films as
-  float16), chosen by ``bench/ood.py`` on a real foreign site (docs/monitoring.md). Format 2:
-  T² + Q on globally scaled features (:class:`xray_core.monitor.ood.OodBasis`).
+  calibrated (how many films of each). XRAY_OOD_SCORE picks the scorer: ``t2q`` (the default), format
+  2: T² + Q on globally scaled features (:class:`xray_core.monitor.ood.OodBasis`); ``knn``, format 3:
+  kNN distance on L2-normalised features (:class:`xray_core.monitor.scores.KnnScorer`, k = KNN_K, at
+  most MAX_KNN_ROWS training films stored as float16). ``bench/ood.py`` found them tied on a real
+  foreign site; T² + Q stores no training films (docs/monitoring.md).
 
 A format-1 file (saved before the scorer) has no basis: it scores as it always did (standardised
 T² + Q, threshold = a quantile of the validation scores) and its validation scores are its calibration.
@@ -41,6 +42,8 @@ from xray_core.monitor.ood import (
     OodBasis,
     coarse_note,
     conformal_threshold,
+    crossfit_scores,
+    fit_basis,
     flag_cut,
     ood_parts,
     ood_scores,
@@ -54,6 +57,7 @@ MAX_BASIS_ROWS = 4096  # training rows (films x views) the PCA basis is fitted o
 MAX_SAMPLE = 256  # rows kept for the drift test: ~1 MB as float16 at 2208 dimensions
 CROSSFIT_FOLDS = 5  # patient folds for the training films' calibration scores
 KNN_K = 1  # the nearest training film's distance: bench/ood.py's best k of 1, 5, 10, 20 at 64 and 224 px
+OOD_SCORES = ("t2q", "knn")  # XRAY_OOD_SCORE: format 2 (T² + Q, the default) or format 3 (kNN)
 MAX_KNN_ROWS = 2048  # training films kept for the kNN score: ~9 MB as float16 at 2208 dimensions
 
 
@@ -206,15 +210,17 @@ class Reference:
 
     def describe(self) -> dict[str, Any]:
         """What the card records about the reference (numbers, not arrays)."""
-        score = ("T²/k (Ledoit-Wolf) in the PCA space of globally scaled features + Q/mean training Q"
-                 if self.basis is not None else "T²/k in the PCA space + Q/mean training Q")
+        score = ("T² + Q (XRAY_OOD_SCORE=t2q): T²/k (Ledoit-Wolf) in the PCA space of globally scaled "
+                 "features + Q/mean training Q (xray_core.monitor.ood)" if self.basis is not None else
+                 "T² + Q (format 1): T²/k in the PCA space + Q/mean training Q (xray_core.monitor.ood)")
         if self.knn is not None:
-            score = (f"distance to the {self.knn.k}-th nearest of {len(self.knn.rows)} training films, "
-                     "L2-normalised features (xray_core.monitor.scores)")
+            score = (f"kNN (XRAY_OOD_SCORE=knn): distance to the {self.knn.k}-th nearest of "
+                     f"{len(self.knn.rows)} training films, L2-normalised features "
+                     "(xray_core.monitor.scores)")
         return {"file": REFERENCE_FILE, "format": self.format, "components": int(len(self.variance)),
                 "sample_rows": int(len(self.sample)), "n_val": int(len(self.val_scores)),
                 "ood_threshold": self.threshold, "ood_quantile": self.quantile,
-                "ood_score": f"{score} (xray_core.monitor.ood)",
+                "ood_score": score,
                 "ood_calibration": self.calibration or {"method": "quantile of the validation scores",
                                                         "n": int(len(self.val_scores))}}
 
@@ -222,21 +228,25 @@ class Reference:
 def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarray, val_probs: np.ndarray,
                     val_labels: np.ndarray, *, mean: np.ndarray, std: np.ndarray, quantile: float,
                     seed: int = 0, train_eval: np.ndarray | None = None,
-                    train_groups: np.ndarray | None = None) -> Reference:
+                    train_groups: np.ndarray | None = None, score: str = "t2q") -> Reference:
     """Summarise features for OOD and drift checks.
 
+    ``score`` (XRAY_OOD_SCORE, passed by the caller): ``"t2q"`` builds format 2, ``"knn"`` format 3.
     ``x_train``: the training rows the head saw, (films, views, d) or already flattened (rows, d); the
-    drift test's PCA basis comes from them. ``x_val``: the validation films' eval view (one row per
-    film), the drift sample and part of the OOD calibration. ``train_eval`` (films, d): each training
-    film's eval view, the kNN scorer's rows (without it, ``x_train``'s rows); with ``train_groups``
-    (patient ids) also scored cross-fitted for the rest of the calibration (without them, the
-    validation films alone calibrate the flag).
+    drift test's PCA basis and the T² + Q basis come from them. ``x_val``: the validation films' eval view
+    (one row per film), the drift sample and part of the OOD calibration. ``train_eval`` (films, d) and
+    ``train_groups`` (patient ids): each training film's eval view, scored cross-fitted for the rest of
+    the calibration (t2q: only with a 3-D ``x_train``, whose fold rows fit each basis; without them the
+    validation films alone calibrate the flag); for knn also the scorer's rows (else ``x_train``'s).
     ``mean``/``std`` are the head's own normaliser, so the drift test sees features as the head does.
     ``val_groups`` are patient ids: sample rows keep a group index so the drift test permutes whole
     patients. ``seed``: a reproducible sample (local RNG).
     """
     from sklearn.decomposition import PCA
 
+    if score not in OOD_SCORES:
+        raise ValueError(f"unknown OOD score {score!r}: one of {', '.join(OOD_SCORES)}")
+    films = np.asarray(x_train) if np.ndim(x_train) == 3 else None
     d = np.shape(x_train)[-1]
     knn_rows = np.asarray(train_eval if train_eval is not None else x_train).reshape(-1, d)
     x_train = np.asarray(x_train).reshape(-1, np.shape(x_train)[-1])
@@ -253,18 +263,26 @@ def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarr
     z_val = standardise(x_val, mean, std)
     pick = np.sort(rng.choice(len(z_val), size=min(MAX_SAMPLE, len(z_val)), replace=False))
     _, group_index = np.unique(np.asarray(val_groups, dtype=str), return_inverse=True)
-    def fit(rows: np.ndarray) -> Any:
-        return fit_knn(rows, k=KNN_K, max_rows=MAX_KNN_ROWS, seed=seed).scores
+    basis, knn, cross = None, None, np.zeros(0)
+    if score == "knn":
+        def fit(rows: np.ndarray) -> Any:
+            return fit_knn(rows, k=KNN_K, max_rows=MAX_KNN_ROWS, seed=seed).scores
 
-    knn = fit_knn(knn_rows, k=KNN_K, max_rows=MAX_KNN_ROWS, seed=seed)
-    val_scores = knn.scores(x_val)
-    cross = np.zeros(0)
-    if train_eval is not None and train_groups is not None:
-        cross = crossfit(np.asarray(train_eval), np.asarray(train_groups), fit, folds=CROSSFIT_FOLDS)
+        knn = fit_knn(knn_rows, k=KNN_K, max_rows=MAX_KNN_ROWS, seed=seed)
+        val_scores = knn.scores(x_val)
+        if train_eval is not None and train_groups is not None:
+            cross = crossfit(np.asarray(train_eval), np.asarray(train_groups), fit, folds=CROSSFIT_FOLDS)
+    else:
+        basis = fit_basis(x_train, max_components=MAX_COMPONENTS, seed=seed)
+        val_scores = basis.scores(x_val)
+        if films is not None and train_eval is not None and train_groups is not None:
+            cross = crossfit_scores(films, np.asarray(train_eval), np.asarray(train_groups),
+                                    folds=CROSSFIT_FOLDS, max_components=MAX_COMPONENTS,
+                                    max_rows=MAX_BASIS_ROWS, seed=seed)
     cal_scores = np.concatenate([val_scores, cross])
     threshold, rank = conformal_threshold(cal_scores, quantile)
     calibration = {"method": "split-conformal quantile: validation films + training films cross-fitted "
-                             "by patient fold",
+                             "by patient fold", "score": score,
                    "n": int(len(cal_scores)), "n_val": int(len(val_scores)),
                    "n_train_crossfit": int(len(cross)),
                    "folds": CROSSFIT_FOLDS if len(cross) else 0, "rank": rank,
@@ -273,8 +291,8 @@ def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarr
                      variance=variance, residual_scale=residual_scale, sample=z_val[pick],
                      sample_groups=group_index[pick].astype(np.int64),
                      val_probs=np.asarray(val_probs, np.float64), val_labels=np.asarray(val_labels, np.int64),
-                     val_scores=val_scores, threshold=threshold, quantile=float(quantile), knn=knn,
-                     cal_scores=cal_scores, calibration=calibration)
+                     val_scores=val_scores, threshold=threshold, quantile=float(quantile), basis=basis,
+                     knn=knn, cal_scores=cal_scores, calibration=calibration)
 
 
 def _metadata(data: bytes) -> dict[str, str]:
