@@ -35,10 +35,11 @@ def test_monitor_checks_new_films_once_records_and_reports(home, tmp_path, capsy
     result = run_monitor(home.settings)
     assert result["n"] == 16 and result["checks"][0]["subject"] == "all new films"
     check = result["checks"][0]
-    assert check["ood_line"] == (f"{check['ood_flagged']} of 16 films look unlike this model's training "
-                                 f"data; {check['ood_unusual']} score in the top 5% of its in-distribution "
-                                 f"films ({check['ood_unusual_expected']:.1f} expected by chance)")
-    assert 0 < check["ood_unusual_expected"] <= 0.05 * 16
+    assert check["ood_line"].startswith(f"{check['ood_flagged']} of 16 films look unlike this model's "
+                                        f"training data (conformal p <= 0.05; "
+                                        f"{check['ood_expected']:.1f} expected by chance)")
+    assert (check["ood_coarse"] is None) == (check["ood_line"].endswith(")"))  # a small home: said if coarse
+    assert 0 <= check["ood_expected"] <= 0.05 * 16
     assert {"mmd_p", "ks_p", "prevalence", "verdict"} <= set(check)
     assert result["drift"] and check["ood_flagged"] >= 12  # a border and another contrast: unlike training
     report = open(result["report"]).read()

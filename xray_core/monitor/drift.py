@@ -15,12 +15,12 @@ Three questions, answered separately so input shift and label shift are not conf
   C[i, j] = P(predicted i, true j) and the batch's predicted mix mu: solve C w = mu for w >= 0
   (``scipy.optimize.nnls``), prevalence = w * P_val(true j), normalised. Valid under label shift only;
   a batch that also shows input shift makes it a rough guide.
-* **OOD excess**: is the batch's count of flagged films more than chance? The threshold is an order
-  statistic of the reference's n calibration scores (the k-th smallest; see :mod:`.reference`), so
-  for exchangeable films the count among m new ones is beta-binomial(m, n - k + 1, k)
-  (``scipy.stats.betabinom``), not binomial: with a small calibration set the threshold itself is random and
-  shared by the whole batch, and a binomial test against 1 - XRAY_OOD_QUANTILE raised false alarms in 10% of
-  same-distribution batches (bench/drift.py).
+* **OOD excess**: is the batch's count of flagged films more than chance? The flag's cut (``ood_p <=
+  XRAY_OOD_ALPHA``, or the XRAY_OOD_QUANTILE threshold) is an order statistic of the reference's n
+  calibration scores (the k-th smallest; see :meth:`.reference.Reference.cut`), so for exchangeable
+  films the count among m new ones is beta-binomial(m, n - k + 1, k) (``scipy.stats.betabinom``), not
+  binomial: with a small calibration set the cut itself is random and shared by the whole batch, and a
+  binomial test raised false alarms in 10% of same-distribution batches (bench/drift.py).
 
 Every check also carries ``performance``: the batch's expected accuracy, sensitivity, specificity and
 AUROC from its calibrated probabilities (CBPE, :mod:`.performance`), marked unreliable when the batch
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from xray_core.monitor.ood import ood_line
+from xray_core.monitor.ood import FlagRule, ood_line
 from xray_core.monitor.performance import estimate
 from xray_core.monitor.reference import Reference
 
@@ -108,26 +108,30 @@ def predicted_labels(probs: np.ndarray, threshold: float | None, positive: int |
 
 def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *, labels: list[str],
                 threshold: float | None, positive: int | None, alpha: float, permutations: int,
-                groups: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+                groups: np.ndarray | None = None, seed: int = 0,
+                rule: FlagRule | None = None) -> dict[str, Any]:
     """Every batch test of one batch against a model's reference; a small JSON-able dict.
 
     ``features`` are the batch's raw backbone features (view 0), ``probs`` the model's calibrated
     probabilities for them, ``groups`` their patients (None: each film its own patient, as in predict).
+    ``rule``: when a film is flagged (default ``ood_p <= 0.05``; callers pass XRAY_OOD_ALPHA's).
     """
     from scipy.stats import betabinom
 
     n = len(features)
-    flagged, unusual, expected = reference.ood_counts(reference.scores(features))
-    out: dict[str, Any] = {"n": n, "ood_flagged": flagged, "ood_unusual": unusual,
-                           "ood_unusual_expected": round(expected, 2),
-                           "ood_line": ood_line(flagged, n, unusual, expected),
-                           "ood_expected_rate": round(1 - reference.quantile, 6), "alpha": alpha}
+    rule = rule or FlagRule()
+    flagged, expected = reference.ood_counts(reference.scores(features), rule)
+    coarse = reference.coarse(rule)
+    out: dict[str, Any] = {"n": n, "ood_flagged": flagged, "ood_expected": round(expected, 2),
+                           "ood_rule": rule.describe(), "ood_coarse": coarse,
+                           "ood_line": ood_line(flagged, n, expected, rule, coarse),
+                           "ood_expected_rate": round(reference.flag_rate(rule), 6), "alpha": alpha}
     if n < MIN_BATCH:
         return {**out, "drift": False, "input_shift": False, "output_shift": False, "ood_excess": False,
                 "verdict": f"not tested: {n} films (a batch test needs at least {MIN_BATCH})",
                 "performance": estimate(probs, threshold=threshold, positive=positive, drift=None)}
     calibration = reference.calibration_scores  # format 1: the validation films' scores
-    k = int((calibration <= reference.threshold).sum())  # the threshold's rank among the calibration scores
+    k = min(reference.cut(rule)[1], len(calibration))  # the cut's rank among the calibration scores
     a, b = max(len(calibration) - k + 1, 1), max(k, 1)
     out["ood_p"] = float(betabinom.sf(flagged - 1, n, a, b)) if flagged else 1.0
     out["ood_expected_rate"] = round(a / (a + b), 6)

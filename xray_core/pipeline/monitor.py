@@ -34,7 +34,9 @@ Champion: {% if r.model %}v{{ r.model }}{% else %}none{% endif %} · images sinc
 {% for c in r.checks %}| {{ c.subject }} | {{ c.n }} | {{ c.ood_flagged }} | {{ fmt(c.mmd_p) }} | {{ fmt(c.ks_p) }} | {{ c.prevalence or "" }} | {{ acc(c.performance) }} | {{ c.verdict }} |
 {% endfor %}
 Performance before labels ({{ r.checks[0].subject }}): {{ line(r.checks[0].performance) }}.
-{% endif %}
+{% for c in r.checks[:1] %}
+Per-film flag: {{ c.ood_rule }}{% if c.ood_coarse %}; {{ c.ood_coarse }}{% endif %}.
+{% endfor %}{% endif %}
 {% if r.predict_checks %}
 ## Predict batches since the last check
 {% for c in r.predict_checks %}- {{ c.subject }}: {{ c.n }} films, {{ c.ood_flagged }} unlike the training data; {{ c.verdict }}
@@ -121,6 +123,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_lab
     from xray_core.model.features import FeatureCache
     from xray_core.model.train import predict_proba
     from xray_core.monitor.drift import MIN_BATCH, check_batch
+    from xray_core.monitor.ood import FlagRule
     from xray_core.monitor.performance import film_record, realised
     from xray_core.monitor.reference import model_reference
     from xray_core.pipeline.features import embed_items
@@ -146,7 +149,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_lab
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     common: dict[str, Any] = dict(labels=labels, threshold=model.threshold, positive=pos,
                                   alpha=settings.drift_alpha, permutations=settings.drift_permutations,
-                                  seed=settings.train_seed)
+                                  seed=settings.train_seed, rule=FlagRule.from_settings(settings))
     patients, sites = np.array([r[4] for r in rows]), np.array([r[5] for r in rows])
     y = np.array([labels.index(r[3]) if r[3] in labels else -1 for r in rows])
 

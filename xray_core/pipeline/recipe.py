@@ -178,6 +178,7 @@ def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any
     if flagged and not warnings:
         warnings = [
             f"{c['subject']}: {c['ood_flagged']} of {c['n']} films look unlike the champion's training data"
+            + (f"; {c['ood_coarse']}" if c.get("ood_coarse") else "")
             for c in flagged[:1]
         ]
     return {
@@ -185,8 +186,8 @@ def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any
         "summary": out.get("summary"),
         "warnings": warnings,
         "checks": [
-            {k: c.get(k) for k in ("subject", "n", "ood_flagged", "mmd_p", "ks_p", "verdict", "drift",
-                                   "performance", "realised")}
+            {k: c.get(k) for k in ("subject", "n", "ood_flagged", "ood_coarse", "mmd_p", "ks_p", "verdict",
+                                   "drift", "performance", "realised")}
             for c in checks
         ],
         "report": out.get("report"),

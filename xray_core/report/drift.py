@@ -29,7 +29,8 @@ def unlike_line(check: dict[str, Any]) -> str | None:
     """``15 of 42 films look unlike the champion's training data`` (None when the check has no count)."""
     if check.get("n") is None or check.get("ood_flagged") is None:
         return None
-    return f"{check['ood_flagged']} of {check['n']} films look unlike the champion's training data"
+    line = f"{check['ood_flagged']} of {check['n']} films look unlike the champion's training data"
+    return f"{line}; {check['ood_coarse']}" if check.get("ood_coarse") else line
 
 
 def drift_context(drift: dict[str, Any] | None) -> dict[str, Any] | None:

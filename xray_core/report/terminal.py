@@ -317,6 +317,25 @@ def render_predict(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def predict_markdown(r: dict[str, Any], out: str, heatmaps: str | None) -> str:
+    """The ``predict-summary`` artifact of a predict batch: the count of films unlike the model's
+    training data leads (with its rule, and the coarse-flag note when there is one), then what was
+    predicted and where the CSV (``ood_p``, ``in_distribution`` per film) and the overlays are."""
+    lines = [f"**{r['ood']['line']}**", "",
+             f"Model v{r['model_version']} predicted {r['predicted']} of {r['files']} files "
+             f"({r['rejected']} unreadable, listed with reasons). CSV: `{out}` (per film: `ood_p`, "
+             "`in_distribution`)"]
+    if heatmaps:
+        lines += ["", f"Grad-CAM overlays: `{heatmaps}` (films out of distribution say so on the overlay)"]
+    if r.get("performance"):
+        from xray_core.monitor.performance import estimate_line
+
+        lines += ["", estimate_line(r["performance"])]
+    if r.get("backbone_random_init"):
+        lines += ["", "> backbone is random-init (offline mode)"]
+    return "\n".join(lines)
+
+
 def render_monitor(r: dict[str, Any]) -> str:
     """``xray monitor``: the summary, one line per checked batch (its performance estimate below it),
     predict batches, the report's path."""
