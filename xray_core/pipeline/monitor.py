@@ -17,6 +17,7 @@ A drift warning is evidence that the inputs changed, not proof that performance 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,11 +51,13 @@ its calibrated probabilities, unreliable where drift is flagged (docs/monitoring
 
 
 def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
-                kind: str = "monitor") -> dict[str, Any]:
+                kind: str = "monitor", folder: Path | None = None) -> dict[str, Any]:
     """Run every check of what arrived since the last one; record them; write the report.
 
     ``kind``: ``monitor`` (``xray monitor``, the daily deployment) or ``ingest`` (right after an ingest
-    flow); either way a film is checked once."""
+    flow); either way a film is checked once. ``folder``: where the report goes (a retrain passes a
+    folder inside its own report folder, so the two are kept and pruned together); by default
+    ``reports/monitor-<stamp>`` or ``reports/<kind>-check-<stamp>``."""
     from jinja2 import Template
 
     from db import session_scope
@@ -97,7 +100,8 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
     if kind == "retrain":  # earlier checks since the last retrain's whose films arrived labelled now
         result["earlier"] = estimates_since(settings, last_retrain)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    folder = settings.reports_dir / (f"monitor-{stamp}" if kind == "monitor" else f"{kind}-check-{stamp}")
+    if folder is None:
+        folder = settings.reports_dir / (f"monitor-{stamp}" if kind == "monitor" else f"{kind}-check-{stamp}")
     markdown = Template(REPORT).render(r=result, stamp=stamp, fmt=lambda p: "" if p is None else f"{p:.3g}",
                                        acc=accuracy_cell, line=estimate_line)
     atomic_write_text(folder / "report.md", markdown, mode=settings.file_mode)

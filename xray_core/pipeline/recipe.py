@@ -83,7 +83,7 @@ def recipe(
         note_incoming(result, found, taken)
     crash_point("retrain.after_ingest")
     if any(i.added for i in result.ingests) and unchanged.current_champion(settings) is not None:
-        result.drift = run.step(check_arrivals)(settings, request.flow_run_id)
+        result.drift = run.step(check_arrivals)(settings, request.flow_run_id, str(folder / "drift-check"))
     try:
         snapshot = run.step(freeze_split)(settings, str(folder))
     except NotEnoughDataError as exc:
@@ -162,14 +162,15 @@ def take_batch(
 
 
 @step("drift")
-def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any]:
+def check_arrivals(settings: Settings, flow_run_id: str | None, folder: str | None = None) -> dict[str, Any]:
     """Drift and out-of-distribution checks of what arrived since the last check, against the
-    champion's reference (recorded in ``drift_checks``). Best effort: a check that cannot run says why
-    and never fails the retrain."""
+    champion's reference (recorded in ``drift_checks``; the report in ``folder``, inside the run's own
+    report folder). Best effort: a check that cannot run says why and never fails the retrain."""
     from xray_core.pipeline.monitor import run_monitor
 
     try:
-        out = run_monitor(settings, flow_run_id=flow_run_id, kind="retrain")
+        out = run_monitor(settings, flow_run_id=flow_run_id, kind="retrain",
+                          folder=Path(folder) if folder else None)
     except Exception as exc:  # noqa: BLE001 - see docstring
         return {"flagged": False, "summary": f"not checked: {type(exc).__name__}: {exc}", "warnings": []}
     checks = out.get("checks") or []
