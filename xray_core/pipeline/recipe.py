@@ -24,6 +24,7 @@ from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.executor import Executor, step
 from xray_core.pipeline.lock import HeldLock
 from xray_core.pipeline.reference import reference_evaluation
+from xray_core.pipeline.rescore import for_result
 from xray_core.pipeline.review import nothing_new_since_pending_review, review_request, reviewed
 from xray_core.registry.reference import count_test_set_reuse
 from xray_core.report.format import outcome_sentence
@@ -112,7 +113,7 @@ def recipe(
                                reference)
     recorded = record(settings, request, run, result, verdict, lock)
     result.test_set_reuse = count_test_set_reuse(settings, result.challenger_eval.test_set_fingerprint)
-    result.registry = run.step(rescore)(settings, snapshot, request.flow_run_id)
+    result.registry = for_result(run.step(rescore)(settings, snapshot, request.flow_run_id))
     result.status, result.state = "completed", run_state("completed", recorded.decision)
     result.state_message = outcome_message(result)
 
