@@ -15,13 +15,12 @@ Split in two so that a worker never touches the catalogue or the store:
   one query, and for a known file drops what the decode said (the transaction decides duplicate vs
   label conflict, as before); the good files' store copies are written with their fsyncs batched.
 
-Results come back in submission order through a bounded window of files in flight, so memory stays
-at about ``window x file size`` and progress, groups and outcomes follow the source's order.
+Results come back in submission order through a bounded window of files in flight (at most
+:data:`IN_FLIGHT_BYTES` of them, by size), so progress, groups and outcomes follow the source's order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import multiprocessing
 import os
@@ -36,7 +35,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from xray_core.data.attributes import catalogue_values
 from xray_core.data.deidentify import deidentify
@@ -49,11 +48,10 @@ from xray_core.io.fsutil import sha256_bytes
 from xray_core.io.storage import get_storage
 from xray_core.settings import Settings
 
-if TYPE_CHECKING:
-    from threadpoolctl import ThreadpoolController
-
 STORE_EXT = {"png": "png", "jpeg": "jpg", "dicom": "dcm"}
-FILES_IN_FLIGHT_PER_WORKER = 4  # enough to keep a worker busy while the writer commits a group
+# In flight: 4 files per worker, plus a write group's worth, so that workers keep going while the
+# writer writes a group (store copies, fsyncs, transaction); and at most this many of their bytes.
+FILES_IN_FLIGHT_PER_WORKER, FILES_AHEAD, IN_FLIGHT_BYTES = 4, 32, 128 * 2**20
 HEAD_START_FILES = 32  # at most this many files examined in the writer while the workers start
 
 
@@ -274,8 +272,10 @@ class PreparePool:
     def __init__(self, workers: int, settings: Settings, regex: re.Pattern[str] | None,
                  known_sha: Callable[[str], str | None]):
         self.workers, self.settings, self.regex, self.known_sha = workers, settings, regex, known_sha
-        self.window = workers * FILES_IN_FLIGHT_PER_WORKER if workers > 1 else 0
+        self.window = workers * FILES_IN_FLIGHT_PER_WORKER + FILES_AHEAD if workers > 1 else 0
         self._queue: deque = deque()
+        self._sizes: deque[int] = deque()  # the queue's file sizes (stat), summed in _bytes
+        self._bytes = 0
         self._executor: ProcessPoolExecutor | None = None
         self._starter: threading.Thread | None = None
         self._started = threading.Event()
@@ -325,6 +325,7 @@ class PreparePool:
 
     def put(self, item: object) -> None:
         """A ready item, or a ``(cand, st)`` pair to examine."""
+        size = item[1].st_size if isinstance(item, tuple) else 0
         if isinstance(item, tuple):
             cand, st = item
             pool = self._pool() if self.workers > 1 else None
@@ -338,18 +339,23 @@ class PreparePool:
                     raise _worker_died() from None
             else:
                 self._head_start += 1
-                with _one_blas_thread():
+                # One BLAS thread here too, as in a worker (init_worker): with 1 worker on a loaded 2-core
+                # machine the pHash's BLAS threads spun (23 s of CPU for 162 films, against about 6 s).
+                with _blas().limit(limits=1):
                     item = examine(cand, st, self.settings, self.regex, self.known_sha)
         self._queue.append(item)
+        self._sizes.append(size)
+        self._bytes += size
 
     def ready(self) -> bool:
-        return len(self._queue) > self.window
+        return len(self._queue) > self.window or (len(self._queue) > 1 and self._bytes > IN_FLIGHT_BYTES)
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def take(self) -> Prepared | None:
         item = self._queue.popleft()
+        self._bytes -= self._sizes.popleft()
         if isinstance(item, Future):
             try:
                 return item.result()
@@ -359,16 +365,10 @@ class PreparePool:
 
 
 @functools.cache
-def _blas() -> ThreadpoolController:
+def _blas() -> Any:  # threadpoolctl's ThreadpoolController, made once: its limit() then costs ~10 us
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
-
-
-def _one_blas_thread() -> contextlib.AbstractContextManager:
-    """One BLAS thread while this process examines a file, as a worker has (see :func:`init_worker`;
-    1 worker, load 8 on 2 cores: the threads spun, 23 s of CPU for 162 films against about 6 s)."""
-    return _blas().limit(limits=1)
 
 
 def init_worker(pid: int) -> None:
