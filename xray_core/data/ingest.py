@@ -9,7 +9,10 @@ Crash safety: store and quarantine files are written atomically *before* the tra
 them, so a crash leaves at most an unreferenced store file (reused by the next ingest), never a row
 pointing at a missing or partial file. Rows are written in small groups, each in one ``BEGIN
 IMMEDIATE`` transaction that re-checks the sha256 under the write lock, so two ingests running at
-once cannot insert the same image twice or lose rows.
+once cannot insert the same image twice or lose rows. A group's store files are written first, with
+their fsyncs batched (:func:`~xray_core.io.fsutil.atomic_write_many`), all durable before its
+transaction begins; a kill in between leaves unreferenced store files or temp files (``xray doctor``
+lists both as ``store_orphan``), never a row without its file.
 """
 
 from __future__ import annotations
