@@ -93,7 +93,7 @@ def atomic_write_many(items: Sequence[tuple[Path, bytes]]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             pending.append((fd, tmp, path, len(data)))
-            with open(fd, "wb", closefd=False) as fh:
+            with os.fdopen(fd, "wb", closefd=False) as fh:
                 fh.write(data)
         _in_threads(os.fsync, [fd for fd, *_ in pending])
         for i, (fd, *_) in enumerate(pending):
