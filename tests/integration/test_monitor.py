@@ -65,3 +65,29 @@ def test_monitor_checks_new_films_once_records_and_reports(home, tmp_path, capsy
     assert earlier["id"] == result["id"] and earlier["kind"] == "monitor" and earlier["labelled"] == 16
     assert earlier["estimate"]["accuracy"] == pytest.approx(check["performance"]["accuracy"], abs=2e-3)
     assert earlier["realised"]["n"] == 16 and 0 <= earlier["realised"]["accuracy"] <= 1
+
+
+def test_per_site_checks_name_sites_the_champion_was_not_validated_on(home, tmp_path):
+    from xray_core.data.ingest import ingest_source
+    from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
+    from xray_core.monitor.checks import images_since
+    from xray_core.monitor.drift import NEW_SITE
+    from xray_core.monitor.reference import model_reference
+    from xray_core.pipeline.monitor import run_monitor
+    from xray_core.registry.versions import load_model
+
+    model = load_model(home.settings, home.versions[0])
+    reference = model_reference(model)
+    assert reference is not None and reference.sites and reference.val_sites is not None
+    # the reference records sites by the rule the monitor reads them by (an ingest's default site too)
+    assert set(reference.sites) <= {r[5] for r in images_since(home.settings, None)}
+    run_monitor(home.settings)  # anything earlier tests left unchecked
+    for seed, name in enumerate(("north", "south")):  # another seed: identical films would be deduplicated
+        write_site_dataset(tmp_path / name, SiteStyle(name=name, size=64, border=6), patients_per_label=3,
+                           seed=seed)
+        ingest_source(tmp_path / name, manifest=tmp_path / name / "manifest.csv", settings=home.settings)
+    result = run_monitor(home.settings)
+    per_site = {c["subject"]: c for c in result["checks"][1:]}
+    assert set(per_site) == {"site north", "site south"} and result["drift"]
+    assert all(c["new_site"] and NEW_SITE in c["verdict"] for c in per_site.values())
+    assert result["sites"] == ["north", "south"]

@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import select
 
 from db import session_scope
-from db.schema import DriftCheck, Image
+from db.schema import DriftCheck, Image, Source
 from xray_core.data.catalogue import open_catalogue
 from xray_core.io.fsutil import json_text, utf8_safe
 from xray_core.settings import Settings
@@ -64,13 +64,18 @@ def last_check_time(settings: Settings,
 
 
 def images_since(settings: Settings, since: datetime | None) -> list[tuple[int, str, str, str, str, str]]:
-    """(id, sha256, stored path, label, patient id, site or "unknown") of every catalogued image added
-    after ``since`` (all when None), oldest first: the pipeline's row shape plus the site."""
-    query = select(Image.id, Image.sha256, Image.stored_path, Image.label, Image.patient_id, Image.site)
+    """(id, sha256, stored path, label, patient id, site) of every catalogued image added after ``since``
+    (all when None), oldest first: the pipeline's row shape plus the site. The site is the image's own,
+    else its ingest's default (:func:`xray_core.data.sites.source_site`), the rule the model's reference
+    records its validation films' sites by (``xray_core.data.facts.image_facts``)."""
+    from xray_core.data.sites import source_site
+
+    query = (select(Image.id, Image.sha256, Image.stored_path, Image.label, Image.patient_id, Image.site,
+                    Source.path).outerjoin(Source, Source.id == Image.source_id))
     if since is not None:
         query = query.where(Image.added_at > since)
     with session_scope(open_catalogue(settings)) as s:
-        return [(r[0], r[1], r[2], r[3], r[4], r[5] or "unknown")
+        return [(r[0], r[1], r[2], r[3], r[4], r[5] or source_site(r[6]))
                 for r in s.execute(query.order_by(Image.id)).all()]
 
 

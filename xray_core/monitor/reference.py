@@ -12,6 +12,11 @@ films, standardised by the head's own normaliser, and saved as ``models/<v>/refe
   against them would flag every batch; validation films are held out from the head and the basis,
   exactly like films met in use;
 * the validation films' calibrated probabilities, labels and OOD scores, for the KS and BBSE tests;
+* the site of each validation film and so of each drift-sample row (``val_sites``/``sample_sites``: an
+  index into the site names kept in the file's metadata), so a per-site check compares a site's new
+  films with that site's validation films (:meth:`Reference.for_site`): one site differs from a mix of
+  sites by construction. A file saved before sites were recorded lacks both and loads with ``sites``
+  empty; readers before them ignore both;
 * the per-film scorer and its calibration scores: the validation films plus each training film scored
   without its own patients' fold, the split-conformal threshold at XRAY_OOD_QUANTILE and how it was
   calibrated (how many films of each). XRAY_OOD_SCORE picks the scorer: ``t2q`` (the default), format
@@ -31,7 +36,8 @@ its OOD status is then "unknown", never a guess.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -80,6 +86,10 @@ class Reference:
     cal_scores: np.ndarray | None = None  # (n_cal,) in-distribution scores the threshold is a quantile of
     calibration: dict[str, Any] = field(default_factory=dict)  # how: method, n films, folds
     knn: KnnScorer | None = None  # the per-film scorer of format 3
+    sites: tuple[str, ...] = ()  # site names (empty: saved before sites were recorded)
+    val_sites: np.ndarray | None = None  # (n_val,) index into ``sites`` of each validation film
+    sample_sites: np.ndarray | None = None  # (m,) index into ``sites`` of each drift-sample row
+    site: str | None = None  # set by ``for_site``: the one site this reference holds the films of
 
     @property
     def format(self) -> int:
@@ -134,6 +144,26 @@ class Reference:
         n = len(self.calibration_scores)
         return float(np.floor(level * (n + 1)) / (n + 1))
 
+    def site_rows(self, site: str) -> int | None:
+        """Drift-sample rows of ``site`` (0: none of the validation films came from it); None: the
+        reference records no sites."""
+        if self.sample_sites is None or not self.sites:
+            return None
+        return int((self.sample_sites == self.sites.index(site)).sum()) if site in self.sites else 0
+
+    def for_site(self, site: str) -> Reference:
+        """This reference restricted to ``site``'s validation films: their drift-sample rows, probabilities,
+        labels and OOD scores (the MMD, KS, BBSE and OOD-excess tests' side). The per-film flag (scorer,
+        calibration, cut) stays the pooled one."""
+        if self.sample_sites is None or self.val_sites is None or site not in self.sites:
+            raise ValueError(f"the reference holds no validation films of site {site!r}")
+        i = self.sites.index(site)
+        s, v = self.sample_sites == i, self.val_sites == i
+        return replace(self, sample=self.sample[s], sample_groups=self.sample_groups[s],
+                       sample_sites=self.sample_sites[s], val_sites=self.val_sites[v],
+                       val_probs=self.val_probs[v], val_labels=self.val_labels[v],
+                       val_scores=self.val_scores[v], cal_scores=self.calibration_scores, site=site)
+
     def standardise(self, x: np.ndarray) -> np.ndarray:
         return standardise(x, self.mean, self.std)
 
@@ -164,8 +194,13 @@ class Reference:
             "val_probs": self.val_probs.astype(np.float32), "val_labels": self.val_labels.astype(np.int64),
             "val_scores": self.val_scores.astype(np.float64), "threshold": np.array([self.threshold]),
             "quantile": np.array([self.quantile])}.items()}
+        sites: dict[str, str] = {}
+        if self.sites and self.val_sites is not None and self.sample_sites is not None:
+            arrays["val_sites"] = np.ascontiguousarray(self.val_sites, dtype=np.int64)
+            arrays["sample_sites"] = np.ascontiguousarray(self.sample_sites, dtype=np.int64)
+            sites["sites"] = json.dumps(list(self.sites))
         if self.format == 1:
-            return save(arrays, metadata={"format": "xray-reference/1"})
+            return save(arrays, metadata={"format": "xray-reference/1", **sites})
         arrays["cal_scores"] = np.ascontiguousarray(self.calibration_scores, dtype=np.float64)
         if self.knn is not None:
             arrays["ood_knn_rows"] = np.ascontiguousarray(self.knn.rows, dtype=np.float16)
@@ -177,7 +212,7 @@ class Reference:
                 "ood_location": b.location, "ood_precision": b.precision,
                 "ood_residual_scale": np.array([b.residual_scale])}.items()})
         return save(arrays, metadata={"format": f"xray-reference/{self.format}",
-                                      "calibration": json.dumps(self.calibration)})
+                                      "calibration": json.dumps(self.calibration), **sites})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Reference:
@@ -196,6 +231,9 @@ class Reference:
             if "cal_scores" in a:
                 cal_scores, calibration = (a["cal_scores"],
                                            json.loads(_metadata(data).get("calibration", "{}")))
+            sites: tuple[str, ...] = ()
+            if "sample_sites" in a:  # recorded since per-site drift checks
+                sites = tuple(str(n) for n in json.loads(_metadata(data)["sites"]))
             return cls(mean=a["mean"].astype(np.float64), std=a["std"].astype(np.float64),
                        pca_mean=a["pca_mean"].astype(np.float64),
                        components=a["components"].astype(np.float64), variance=a["variance"],
@@ -203,7 +241,8 @@ class Reference:
                        sample_groups=a["sample_groups"], val_probs=a["val_probs"].astype(np.float64),
                        val_labels=a["val_labels"], val_scores=a["val_scores"],
                        threshold=float(a["threshold"][0]), quantile=float(a["quantile"][0]),
-                       basis=basis, cal_scores=cal_scores, calibration=calibration, knn=knn)
+                       basis=basis, cal_scores=cal_scores, calibration=calibration, knn=knn,
+                       sites=sites, val_sites=a.get("val_sites"), sample_sites=a.get("sample_sites"))
         except Exception as exc:  # noqa: BLE001 - any parse problem is one kind of error here
             raise CheckpointError(f"{REFERENCE_FILE} is not a readable reference "
                                   f"({type(exc).__name__}: {exc})") from None
@@ -228,7 +267,8 @@ class Reference:
 def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarray, val_probs: np.ndarray,
                     val_labels: np.ndarray, *, mean: np.ndarray, std: np.ndarray, quantile: float,
                     seed: int = 0, train_eval: np.ndarray | None = None,
-                    train_groups: np.ndarray | None = None, score: str = "t2q") -> Reference:
+                    train_groups: np.ndarray | None = None, score: str = "t2q",
+                    val_sites: Sequence[str] | None = None) -> Reference:
     """Summarise features for OOD and drift checks.
 
     ``score`` (XRAY_OOD_SCORE, passed by the caller): ``"t2q"`` builds format 2, ``"knn"`` format 3.
@@ -240,7 +280,9 @@ def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarr
     validation films alone calibrate the flag); for knn also the scorer's rows (else ``x_train``'s).
     ``mean``/``std`` are the head's own normaliser, so the drift test sees features as the head does.
     ``val_groups`` are patient ids: sample rows keep a group index so the drift test permutes whole
-    patients. ``seed``: a reproducible sample (local RNG).
+    patients. ``val_sites``: each validation film's site (None: not recorded), kept per sample row for
+    the per-site checks; the sample itself does not depend on them. ``seed``: a reproducible sample
+    (local RNG).
     """
     from sklearn.decomposition import PCA
 
@@ -263,6 +305,10 @@ def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarr
     z_val = standardise(x_val, mean, std)
     pick = np.sort(rng.choice(len(z_val), size=min(MAX_SAMPLE, len(z_val)), replace=False))
     _, group_index = np.unique(np.asarray(val_groups, dtype=str), return_inverse=True)
+    site_names, site_index = (np.unique(np.asarray(val_sites, dtype=str), return_inverse=True)
+                              if val_sites is not None else (np.zeros(0, dtype=str), None))
+    if site_index is not None and len(site_index) != len(z_val):
+        raise ValueError(f"{len(site_index)} validation sites for {len(z_val)} validation films")
     basis, knn, cross = None, None, np.zeros(0)
     if score == "knn":
         def fit(rows: np.ndarray) -> Any:
@@ -292,7 +338,10 @@ def build_reference(x_train: np.ndarray, x_val: np.ndarray, val_groups: np.ndarr
                      sample_groups=group_index[pick].astype(np.int64),
                      val_probs=np.asarray(val_probs, np.float64), val_labels=np.asarray(val_labels, np.int64),
                      val_scores=val_scores, threshold=threshold, quantile=float(quantile), basis=basis,
-                     knn=knn, cal_scores=cal_scores, calibration=calibration)
+                     knn=knn, cal_scores=cal_scores, calibration=calibration,
+                     sites=tuple(str(n) for n in site_names),
+                     val_sites=None if site_index is None else site_index.astype(np.int64),
+                     sample_sites=None if site_index is None else site_index[pick].astype(np.int64))
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -3,7 +3,8 @@
 Everything ingested after the later of the last monitor check and the champion's creation is
 embedded (view 0, cached) and scored by the champion; the batch tests of
 :mod:`xray_core.monitor.drift` run on it as a whole and per site (sites with at least
-``MIN_BATCH`` films, patients permuted as wholes). Predict batches checked meanwhile are listed with
+``MIN_BATCH`` films, patients permuted as wholes; each site against the reference's films of that site,
+:func:`xray_core.monitor.drift.check_site`). Predict batches checked meanwhile are listed with
 their verdicts (their features are not kept). Each batch check carries the champion's performance
 estimated before labels (CBPE, :mod:`xray_core.monitor.performance`); the retrain's own check of its
 arrivals, whose labels are catalogued, adds the realised value beside it (``realised``), so the
@@ -118,6 +119,12 @@ def accuracy_cell(est: dict[str, Any] | None) -> str:
     return cell if est.get("reliable", True) else f"{cell} (unreliable)"
 
 
+def drifted_checks(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The checks that set the run's drift flag: a per-site check made against the pooled reference (a
+    model saved before its reference recorded sites) is reported but does not count."""
+    return [c for c in checks if c["drift"] and c.get("counts", True)]
+
+
 def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_labels: bool) -> dict[str, Any]:
     """The batch checks of ``rows``; ``with_labels`` (the retrain's check of its arrivals, whose labels
     are in the catalogue): each check's ``realised`` performance beside the estimate."""
@@ -126,7 +133,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_lab
     from xray_core.model.backbone import load_backbone
     from xray_core.model.features import FeatureCache
     from xray_core.model.train import predict_proba
-    from xray_core.monitor.drift import MIN_BATCH, check_batch
+    from xray_core.monitor.drift import MIN_BATCH, check_batch, check_site
     from xray_core.monitor.ood import FlagRule
     from xray_core.monitor.performance import film_record, realised
     from xray_core.monitor.reference import model_reference
@@ -157,9 +164,11 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_lab
     patients, sites = np.array([r[4] for r in rows]), np.array([r[5] for r in rows])
     y = np.array([labels.index(r[3]) if r[3] in labels else -1 for r in rows])
 
-    def one(subject: str, keep: np.ndarray) -> dict[str, Any]:
+    def one(subject: str, keep: np.ndarray, site: str | None = None) -> dict[str, Any]:
+        args = (x[keep], probs[keep])
         out = {"subject": subject,
-               **check_batch(reference, x[keep], probs[keep], groups=patients[keep], **common)}
+               **(check_batch(reference, *args, groups=patients[keep], **common) if site is None
+                  else check_site(reference, site, *args, groups=patients[keep], **common))}
         if not with_labels:
             return out
         unknown = sorted({r[3] for r, k in zip(rows, keep) if k and r[3] not in labels})
@@ -173,8 +182,8 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_lab
     for site in sorted(set(sites.tolist())) if len(set(sites.tolist())) > 1 else []:
         keep = sites == site
         if keep.sum() >= MIN_BATCH:
-            checks.append(one(f"site {site}", keep))
-    drifted = [c for c in checks if c["drift"]]
+            checks.append(one(f"site {site}", keep, site))
+    drifted = drifted_checks(checks)
     summary = (f"drift detected in {', '.join(c['subject'] for c in drifted)}: {drifted[0]['verdict']}"
                if drifted else checks[0]["verdict"])
     films = film_record([r[1] for r in rows], probs, labels=labels, threshold=model.threshold, positive=pos)
