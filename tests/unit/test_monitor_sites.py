@@ -9,7 +9,7 @@ from test_monitor_ood_flag import old_reference
 
 from xray_core.monitor.drift import NEW_SITE, POOLED, check_batch, check_site
 from xray_core.monitor.reference import Reference, build_reference
-from xray_core.pipeline.monitor import drifted_checks
+from xray_core.pipeline.monitor import drifted_checks, single_known_site
 
 DIM = 24
 LABELS = ["normal", "pneumonia"]
@@ -95,3 +95,17 @@ def test_a_reference_without_sites_loads_and_its_per_site_checks_do_not_flag_the
     assert out["pooled_drift"] and not out["drift"] and not out["counts"] and POOLED in out["verdict"]
     overall = {"subject": "all new films", "drift": False}
     assert drifted_checks([overall, {"subject": "site A", **out}, {**out, "drift": True}]) == []
+
+
+def test_a_batch_from_one_known_site_is_compared_with_that_sites_films_not_the_mix():
+    ref = two_site_reference()
+    assert single_known_site(["A"] * 20, ref) == "A"  # check_site against site A's reference films
+    assert single_known_site(["A"] * 10 + ["B"] * 10, ref) is None  # a mix: the pooled comparison
+    assert single_known_site(["C"] * 20, ref) is None  # a site the reference never saw: pooled
+    alone, pooled = [], []
+    for seed in range(3):
+        x, p = site_films(np.random.default_rng(10 + seed), "A", 40)
+        alone.append(check_site(ref, "A", x, p, groups=np.arange(40) // 2, **COMMON))
+        pooled.append(check_batch(ref, x, p, groups=np.arange(40) // 2, **COMMON))
+    assert all(c["reference"] == "site" for c in alone)
+    assert sum(c["drift"] for c in alone) <= 1 and all(c["drift"] for c in pooled)
