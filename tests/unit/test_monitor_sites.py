@@ -109,3 +109,19 @@ def test_a_batch_from_one_known_site_is_compared_with_that_sites_films_not_the_m
         pooled.append(check_batch(ref, x, p, groups=np.arange(40) // 2, **COMMON))
     assert all(c["reference"] == "site" for c in alone)
     assert sum(c["drift"] for c in alone) <= 1 and all(c["drift"] for c in pooled)
+
+
+def test_a_site_too_thin_in_the_reference_is_not_new_and_does_not_count():
+    rng = np.random.default_rng(0)
+    parts = [site_films(rng, s, n) for s, n in (("A", 150), ("B", 150), ("A", 3), ("B", 150))]
+    x_train, x_val = np.vstack([parts[0][0], parts[1][0]]), np.vstack([parts[2][0], parts[3][0]])
+    probs = np.vstack([parts[2][1], parts[3][1]])
+    ref = build_reference(x_train, x_val, np.array([f"p{i}" for i in range(153)]), probs,
+                          (probs[:, 1] > 0.5).astype(int), mean=x_train.mean(0), std=x_train.std(0),
+                          quantile=0.99, val_sites=["A"] * 3 + ["B"] * 150)
+    assert ref.site_rows("A") == 3
+    x, p = site_films(rng, "A", 30)
+    out = check_site(ref, "A", x, p, groups=np.arange(30), **COMMON)
+    assert out["reference"] == "pooled" and not out["counts"] and not out["drift"]
+    assert "only 3 of this site's films" in out["verdict"] and not out.get("new_site")
+    assert drifted_checks([out]) == []
