@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from drift import DEFAULT_DATA, features, fit_model, restyle
+from drift import ADULT, DEFAULT_DATA, bench_settings, fit_model, real_sets
 from publish import publish, read_manifest
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-ADULT = DEFAULT_DATA.parent / "cxr-adult-covid"
 KEYS = ("accuracy", "sensitivity", "specificity", "auroc")
 WITHIN = 0.05
 
@@ -78,7 +77,6 @@ def main() -> None:
 
     from xray_core.model.train import predict_proba
     from xray_core.monitor.performance import estimate, realised
-    from xray_core.settings import load_settings
 
     rows, labels, y, groups = read_manifest(DEFAULT_DATA)
     adult_rows, adult_labels, _, _ = read_manifest(ADULT)
@@ -87,14 +85,8 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xray-cbpe-") as tmp:
         home = Path(args.home or tmp)
-        settings = load_settings({"XRAY_HOME": str(home), "XRAY_BACKBONE_WEIGHTS": "random",
-                                  "XRAY_DEVICE": "cpu", "XRAY_INPUT_SIZE": "64", "XRAY_VIEWS": "2",
-                                  "XRAY_PATIENT_SALT": "bench"})
-        x_eval, x_views = features(settings, [DEFAULT_DATA / r["file"] for r in rows], [1, 2])
-        adult_x = features(settings, [ADULT / r["file"] for r in adult_rows], [])[0]
-        (home / "restyled").mkdir(parents=True, exist_ok=True)
-        restyled_x = features(settings, [restyle(DEFAULT_DATA / r["file"], home / "restyled" / f"{i}.png", 96)
-                                         for i, r in enumerate(rows)], [])[0]
+        settings = bench_settings(home)
+        x_eval, x_views, adult_x, restyled_x = real_sets(settings, home, rows, adult_rows)
     embed_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()

@@ -29,6 +29,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -60,6 +61,29 @@ def restyle(src: Path, dst: Path, size: int) -> Path:
     img[:BORDER, :], img[-BORDER:, :], img[:, :BORDER], img[:, -BORDER:] = 0.0, 0.0, 0.0, 0.0
     Image.fromarray(np.rint(img * 255).astype(np.uint8), mode="L").save(dst)
     return dst
+
+
+ADULT = DEFAULT_DATA.parent / "cxr-adult-covid"
+
+
+def bench_settings(home: Path) -> Any:
+    """The settings the monitoring benches embed real films with: random-init backbone, 64 px, 2 views."""
+    from xray_core.settings import load_settings
+
+    return load_settings({"XRAY_HOME": str(home), "XRAY_BACKBONE_WEIGHTS": "random", "XRAY_DEVICE": "cpu",
+                          "XRAY_INPUT_SIZE": "64", "XRAY_VIEWS": "2", "XRAY_PATIENT_SALT": "bench"})
+
+
+def real_sets(settings: Any, home: Path, rows: list[dict[str, str]],
+              adult_rows: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(paediatric eval view, paediatric views 1-2, adult eval view, restyled paediatric eval view):
+    the real feature sets bench/cbpe.py and bench/drift_power.py share."""
+    x_eval, x_views = features(settings, [DEFAULT_DATA / r["file"] for r in rows], [1, 2])
+    adult_x = features(settings, [ADULT / r["file"] for r in adult_rows], [])[0]
+    (home / "restyled").mkdir(parents=True, exist_ok=True)
+    restyled_x = features(settings, [restyle(DEFAULT_DATA / r["file"], home / "restyled" / f"{i}.png", 96)
+                                     for i, r in enumerate(rows)], [])[0]
+    return x_eval, x_views, adult_x, restyled_x
 
 
 def fit_model(settings, x_views, x_eval, y, tr, va, n_classes):

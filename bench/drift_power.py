@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from drift import BORDER, DEFAULT_DATA, GAMMA, features, fit_model, restyle
+from drift import ADULT, BORDER, DEFAULT_DATA, GAMMA, bench_settings, features, fit_model, real_sets
 from publish import RESULTS, publish, read_manifest
 from sklearn.model_selection import GroupShuffleSplit
 
-ADULT = DEFAULT_DATA.parent / "cxr-adult-covid"
 GRID = (10, 20, 50, 100, 200)
 HOME_PER_LABEL = 360  # synthetic home films per label: 160 fit a model, the rest are batches
 FAR_PER_LABEL = 110
@@ -132,21 +131,14 @@ def main() -> None:
     from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
     from xray_core.model.train import predict_proba
     from xray_core.monitor.drift import check_batch
-    from xray_core.settings import load_settings
 
     rows, labels, y, groups = read_manifest(DEFAULT_DATA)
     adult_rows, _, _, adult_groups = read_manifest(ADULT)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xray-power-") as tmp:
         home = Path(args.home or tmp)
-        settings = load_settings({"XRAY_HOME": str(home), "XRAY_BACKBONE_WEIGHTS": "random",
-                                  "XRAY_DEVICE": "cpu", "XRAY_INPUT_SIZE": "64", "XRAY_VIEWS": "2",
-                                  "XRAY_PATIENT_SALT": "bench"})
-        x_eval, x_views = features(settings, [DEFAULT_DATA / r["file"] for r in rows], [1, 2])
-        adult_x = features(settings, [ADULT / r["file"] for r in adult_rows], [])[0]
-        (home / "restyled").mkdir(parents=True, exist_ok=True)
-        restyled_x = features(settings, [restyle(DEFAULT_DATA / r["file"], home / "restyled" / f"{i}.png", 96)
-                                         for i, r in enumerate(rows)], [])[0]
+        settings = bench_settings(home)
+        x_eval, x_views, adult_x, restyled_x = real_sets(settings, home, rows, adult_rows)
         recs = write_site_dataset(home / "syn-home", SiteStyle(name="home", size=64),
                                   patients_per_label=HOME_PER_LABEL, seed=1, manifest=False)
         s_eval, s_views = features(settings, [r.path for r in recs], [1, 2])
