@@ -204,13 +204,16 @@ def disk_use(home: Path) -> dict[str, int]:
     return out
 
 
-def night_row(night: int, result: dict[str, Any], wall: float, happened: list[str]) -> dict[str, Any]:
+def night_row(night: int, result: dict[str, Any], wall: float, happened: list[str],
+              cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One night of year.json; ``cost``: the night's CPU seconds and per-step costs (TimedExecutor)."""
     decision = result.get("decision") or {}
     flips = (result.get("negative_flips") or {}).get("negative_flip_rate") or {}
     reference = result.get("reference") or {}
     ingest_s = sum(float(i.get("seconds") or 0) for i in result.get("ingests") or [])
     embed_s = float((result.get("embed") or {}).get("seconds") or 0)
     return {"night": night, "events": happened, "state": result.get("state"),
+            "films": sum(int(i.get("added") or 0) for i in result.get("ingests") or []),
             "decision": decision.get("decision"), "version": result.get("version"),
             "champion_after": result.get("champion_after"),
             "failed_checks": [c["name"] for c in decision.get("checks", []) if not c.get("passed")],
@@ -219,7 +222,7 @@ def night_row(night: int, result: dict[str, Any], wall: float, happened: list[st
             "negative_flip_rate": flips.get("point"), "negative_flip_high": flips.get("high"),
             "test_set_reuse": (result.get("test_set_reuse") or {}).get("decisions"),
             "seconds": {"total": round(wall, 3), "ingest": round(ingest_s, 3), "embed": round(embed_s, 3),
-                        "rest": round(wall - ingest_s - embed_s, 3)}}
+                        "rest": round(wall - ingest_s - embed_s, 3), **(cost or {})}}
 
 
 def year_env(root: Path, size: int, scenario: dict[str, Any]) -> dict[str, str]:
@@ -230,13 +233,20 @@ def year_env(root: Path, size: int, scenario: dict[str, Any]) -> dict[str, str]:
 
 
 def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc_every: int = 1,
-             log: Any = print, partial: Path | None = None) -> dict[str, Any]:
+             audit_every: int | None = None, log: Any = print, partial: Path | None = None) -> dict[str, Any]:
     """Run ``nights`` cycles of ``scenario`` under ``root``; return year.json's content (``partial``:
-    also write the nights so far there after each night, so a stopped run leaves its rows)."""
+    also write the nights so far there after each night, so a stopped run leaves its rows).
+
+    Every ``audit_every`` nights (default: monthly, nights / 12) the sequestered-set audit runs, as the
+    ``audit/monthly`` deployment would (``xray audit``: champion against the locked reference on films
+    no routine decision sees).
+    """
     from xray_core.errors import XrayError
     from xray_core.pipeline.cycle import run_retrain
     from xray_core.pipeline.recipe import RetrainRequest
     from xray_core.pipeline.retention import run_gc
+    from xray_core.pipeline.sequester import run_audit
+    from xray_core.pipeline.timing import TimedExecutor, cpu_seconds
     from xray_core.registry.reference import reference_version
     from xray_core.settings import load_settings, reset_settings
 
@@ -247,17 +257,19 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
     world, truth = World(scenario, nights, size, root), Truth(settings, root / "truth-home")
     rows: list[dict[str, Any]] = []
     champion: int | None = None
+    audit_every = audit_every if audit_every is not None else max(1, round(nights / 12))
     for night in range(nights):
         manifests, happened = world.arrivals(night)
         pools = {s: world.pool(s, night) for s in world.active(night)}
-        t0 = time.perf_counter()
+        timer = TimedExecutor()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         try:
             result = run_retrain(settings, RetrainRequest(manifests=tuple(manifests), trigger="schedule",
-                                                          run_name=f"night-{night}")).as_dict()
+                                                          run_name=f"night-{night}"), timer).as_dict()
         except XrayError as exc:  # a failed night is a row too (the run recorded its audit row)
             result = {**exc.xray_result.as_dict(), "error": str(exc)}  # type: ignore[attr-defined]
-        wall = time.perf_counter() - t0
-        row = night_row(night, result, wall, happened)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+        row = night_row(night, result, wall, happened, cost={"cpu": round(cpu, 3), "steps": timer.totals()})
         before = champion
         champion = result.get("champion_after") if isinstance(result.get("champion_after"), int) else before
         row["truth"] = {"champion_before": truth.of(before, pools), "champion": truth.of(champion, pools),
@@ -265,6 +277,10 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
                         "reference": truth.of(reference_version(settings), pools)}
         if gc_every and (night + 1) % gc_every == 0:
             row["gc_bytes"] = run_gc(settings)["bytes"]
+        if audit_every and (night + 1) % audit_every == 0:
+            audit = run_audit(settings, trigger="schedule")
+            row["audit"] = {k: audit.get(k) for k in ("status", "champion", "reference", "n_images",
+                                                      "sequestered_patients")}
         row["disk"] = disk_use(home)
         rows.append(row)
         if partial is not None:
@@ -292,6 +308,62 @@ def _gain(row: dict[str, Any], *, by_site: bool = False) -> float | None:
     return round(new["auroc"] - old["auroc"], 4)
 
 
+PER_FILM_STEPS = ("ingest", "embed")  # their cost follows the night's new films, not the past nights
+
+
+def night_cost(row: dict[str, Any]) -> dict[str, float]:
+    """The night's wall and CPU seconds without the steps that work per new film (ingest, embed)."""
+    steps = row["seconds"].get("steps") or {}
+    per_film = [steps.get(s, {}) for s in PER_FILM_STEPS]
+    wall = row["seconds"]["total"] - sum(s.get("seconds", 0) for s in per_film)
+    cpu = row["seconds"].get("cpu", 0) - sum(s.get("cpu_seconds", 0) for s in per_film)
+    return {"seconds": round(wall, 3), "cpu_seconds": round(cpu, 3)}
+
+
+def cost_growth(rows: list[dict[str, Any]], early: int = 5) -> dict[str, Any] | None:
+    """Night ``early`` against the last night that ran the recipe, ingest and embedding excluded.
+
+    CPU seconds are the criterion on a shared machine (wall time measures the load too); the step whose
+    CPU time grew most is named. Each side is also given as the median of three nights around it, since
+    one night's decision (a promotion renders more) moves its cost.
+    """
+    ran = [r for r in rows if r["decision"] and r["seconds"].get("steps")]
+    first = next((i for i, r in enumerate(ran) if r["night"] >= early), None)
+    if first is None or ran[first] is ran[-1]:
+        return None
+    a, b = ran[first], ran[-1]
+    ca, cb = night_cost(a), night_cost(b)
+    window_a, window_b = ran[max(first - 1, 0):first + 2], ran[-3:]
+
+    def median(window: list[dict[str, Any]], key: str) -> float:
+        return round(float(np.median([night_cost(r)[key] for r in window])), 3)
+
+    steps_a, steps_b = a["seconds"]["steps"], b["seconds"]["steps"]
+    growth = {s: round(steps_b[s]["cpu_seconds"] - steps_a.get(s, {}).get("cpu_seconds", 0.0), 3)
+              for s in steps_b if s not in PER_FILM_STEPS}
+    return {"early_night": a["night"], "late_night": b["night"],
+            "early": ca, "late": cb,
+            "ratio_cpu": round(cb["cpu_seconds"] / ca["cpu_seconds"], 3) if ca["cpu_seconds"] else None,
+            "ratio_wall": round(cb["seconds"] / ca["seconds"], 3) if ca["seconds"] else None,
+            "ratio_cpu_median3": round(median(window_b, "cpu_seconds") / median(window_a, "cpu_seconds"), 3)
+            if median(window_a, "cpu_seconds") else None,
+            "films_early": a.get("films"), "films_late": b.get("films"),
+            "step_cpu_growth": dict(sorted(growth.items(), key=lambda kv: -kv[1])),
+            "grows_most": max(growth, key=lambda s: growth[s]) if growth else None}
+
+
+def disk_check(ten: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """The issue's disk criterion: the home at the last night is at most twice its size at night 10 plus
+    what the films that arrived since take in the store and the feature cache."""
+    new_films = sum(max(last["disk"].get(k, 0) - ten["disk"].get(k, 0), 0) for k in ("store", "features"))
+    home_ten, home_last = sum(ten["disk"].values()), sum(last["disk"].values())
+    bound = 2 * home_ten + new_films
+    return {"night_10": home_ten, "last": home_last, "new_films_store_and_features": new_films,
+            "bound": bound, "held": home_last <= bound,
+            "growth_by_folder": {k: last["disk"].get(k, 0) - ten["disk"].get(k, 0)
+                                 for k in sorted(set(ten["disk"]) | set(last["disk"]))}}
+
+
 def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[str, Any]:
     """The issue's Done-when numbers that a year of nights can answer."""
     worst: dict[str, Any] = {"gap": None}
@@ -316,14 +388,7 @@ def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[s
                             "true_gain": _gain(r), "true_gain_by_site_mean": _gain(r, by_site=True),
                             "harmful_promotion": r["state"] == "Promoted"
                             and (_gain(r) or 0) < -margin}
-    n5 = 5 if len(rows) > 5 else None
-    ran = [r for r in rows if r["decision"]]
-    last = ran[-1] if ran else rows[-1]
     ten = rows[min(10, len(rows) - 1)]
-
-    def no_embed(r: dict[str, Any]) -> float:
-        return r["seconds"]["total"] - r["seconds"]["embed"]
-
     return {
         "reference_guard_held": worst["gap"] is None or worst["gap"] >= -margin,
         "worst_champion_minus_reference": worst,
@@ -334,11 +399,12 @@ def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[s
         "events": events,
         "failed_check_counts": {name: sum(name in r["failed_checks"] for r in rows)
                                 for name in sorted({c for r in rows for c in r["failed_checks"]})},
-        "seconds_without_embed": {"night_5": round(no_embed(rows[n5]), 3) if n5 else None,
-                                  f"night_{last['night']}": round(no_embed(last), 3),
-                                  "ratio": round(no_embed(last) / no_embed(rows[n5]), 3) if n5 else None},
+        "cost_growth": cost_growth(rows),
+        "audits": {status: [r["night"] for r in rows if (r.get("audit") or {}).get("status") == status]
+                   for status in ("ok", "degraded", "inconclusive", "skipped")},
         "home_bytes": {f"night_{ten['night']}": sum(ten["disk"].values()),
                        f"night_{rows[-1]['night']}": sum(rows[-1]["disk"].values())},
+        "disk_check": disk_check(ten, rows[-1]),
         "sites": {s: {"first_night": n} for s, n in world.start.items()},
     }
 
@@ -350,6 +416,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="film and input size in pixels (default 32)")
     parser.add_argument("--scenario", default=str(SCENARIO), help="the scenario TOML")
     parser.add_argument("--gc-every", type=int, default=1, help="xray gc after every N nights (0: never)")
+    parser.add_argument("--audit-every", type=int, default=None,
+                        help="sequestered-set audit every N nights (default: monthly, nights / 12; 0: never)")
     parser.add_argument("--out", default=str(HERE / "results" / "year.json"))
     parser.add_argument("--png", default=str(HERE / "results" / "year.png"))
     parser.add_argument("--keep", default=None, help="run in this folder and keep it (default: a temp dir)")
@@ -359,7 +427,7 @@ def main() -> None:
         root = Path(args.keep or tmp)
         root.mkdir(parents=True, exist_ok=True)
         out = run_year(args.nights, args.size, root, load_scenario(Path(args.scenario)),
-                       gc_every=args.gc_every, partial=Path(args.out))
+                       gc_every=args.gc_every, audit_every=args.audit_every, partial=Path(args.out))
     out["command"] = " ".join(["python", "bench/year.py", *sys.argv[1:]])
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}

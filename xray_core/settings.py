@@ -241,6 +241,10 @@ class Settings(BaseSettings):
     # sites, views and shortcuts
     guardrail_site_drop: float = setting(0.10, ge=0, le=1, description="largest AUROC or per-class "
                                          "sensitivity drop allowed on any site with enough test images")
+    guardrail_site_evidence: Annotated[Literal["interval", "point"], Word] = setting(
+        "interval", bad=("ci",), description="interval: a site's drop vetoes only when the champion's value "
+        "is above the challenger's 95% interval on that site (a drop the site's films can tell from noise); "
+        "point: any point drop above XRAY_GUARDRAIL_SITE_DROP vetoes (noisy on small sites)")
     max_negative_flip: float | None = setting(None, ge=0, le=1, description="largest upper 95% bound of the "
         "negative flip rate (films the champion got right, the challenger wrong) a promotion may have; "
         "unset = no veto", allowed="a fraction in [0, 1], e.g. 0.05, or unset (no veto)", good="0.05",

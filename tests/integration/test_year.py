@@ -35,6 +35,7 @@ def test_eight_nights_of_the_default_scenario(xray_env, tmp_path, monkeypatch):
     year, year_plot = _load("year"), _load("year_plot")
     scenario = year.load_scenario()
     scenario["arrivals"].update(patients_per_label=3, truth_patients_per_label=20)
+    scenario["settings"]["XRAY_SEQUESTER_FRACTION"] = "0.15"  # tests/conftest turns it off; the year audits
     root = tmp_path / "year"
     root.mkdir()
     for key, value in year.year_env(root, 32, scenario).items():
@@ -74,6 +75,18 @@ def test_eight_nights_of_the_default_scenario(xray_env, tmp_path, monkeypatch):
     assert any(r["negative_flip_rate"] is not None for r in rows)
     assert all(r["test_set_reuse"] >= 1 for r in rows if r["decision"] and r["state"] != "Skipped")
     assert "reference_guard_held" in out["summary"] and "share_positive_gain" in out["summary"]
+    # what each step of a night cost, and the step that grew most between night 5 and the last night
+    decided = [r for r in rows if r["decision"] and r["state"] != "Skipped"]
+    assert all({"train", "decide"} <= set(r["seconds"]["steps"]) and r["seconds"]["cpu"] > 0 for r in decided)
+    growth = out["summary"]["cost_growth"]
+    assert growth["early_night"] == 5 and growth["late_night"] == decided[-1]["night"]
+    assert growth["grows_most"] in decided[-1]["seconds"]["steps"] and growth["ratio_cpu"] > 0
+    assert all(r["films"] > 0 for r in decided) and out["summary"]["disk_check"]["bound"] > 0
+    # the monthly audit on the sequestered films ran (8 nights: every night), and is summarised
+    audits = [r["audit"] for r in rows if "audit" in r]
+    assert len(audits) == 8 and {a["status"] for a in audits} <= {"ok", "degraded", "inconclusive", "skipped"}
+    assert sum(len(v) for v in out["summary"]["audits"].values()) == 8
+    assert any(a["status"] != "skipped" and a["n_images"] > 0 for a in audits), audits
     json.dumps(out)  # year.json is plain JSON
     year_plot.plot(out, tmp_path / "year.png")
     assert (tmp_path / "year.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -67,6 +67,34 @@ def test_pooled_numbers_can_hide_a_collapse_that_the_site_guardrail_catches():
     assert site_guardrail(champ, champ, max_drop=0.10)["passed"]
 
 
+def _small_site(missed: int):
+    """One site, 4 normal and 4 pneumonia films (one per patient); the model misses ``missed`` positives."""
+    y = np.repeat([0, 1], 4)
+    p1 = np.where(y == 1, 0.9, 0.1)
+    p1[4:4 + missed] = 0.2
+    return slice_metrics(y, np.stack([1 - p1, p1], axis=1), LABELS, [f"p{i}" for i in range(8)],
+                         {"site": ["small"] * 8}, **KW)
+
+
+def test_a_drop_within_a_small_sites_noise_is_reported_but_does_not_veto():
+    champion, one_missed = _small_site(0), _small_site(1)  # sensitivity 1.00 -> 0.75: one film of four
+    check = site_guardrail(one_missed, champion, max_drop=0.10)
+    assert check["passed"] and not check["drops"]
+    [noise] = check["within_noise"]
+    assert noise["metric"] == "sensitivity[pneumonia]" and noise["drop"] == pytest.approx(0.25)
+    assert noise["challenger_high"] >= 1.0 and "within the site's noise" in check["detail"]
+    # the guardrail as it was (XRAY_GUARDRAIL_SITE_EVIDENCE=point) vetoes the same one film
+    assert not site_guardrail(one_missed, champion, max_drop=0.10, evidence="point")["passed"]
+
+
+def test_a_collapse_a_small_site_can_tell_from_noise_still_vetoes():
+    champion, collapsed = _small_site(0), _small_site(4)  # every positive of the site missed
+    check = site_guardrail(collapsed, champion, max_drop=0.10)
+    assert not check["passed"] and "site small collapsed" in check["detail"]
+    drop = next(d for d in check["drops"] if d["metric"] == "sensitivity[pneumonia]")
+    assert drop["challenger"] == 0.0 and drop["challenger_high"] < 1.0
+
+
 def test_single_label_site_has_no_auroc_but_is_judged_on_sensitivity():
     y = np.array([1] * 6)
     p = np.tile([0.3, 0.7], (6, 1))

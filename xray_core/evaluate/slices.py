@@ -105,13 +105,21 @@ def _one_slice(y: np.ndarray, probs: np.ndarray, labels: list[str], patients: np
 
 
 def site_guardrail(challenger: dict[str, Any] | None, champion: dict[str, Any] | None, *,
-                   max_drop: float) -> dict[str, Any]:
-    """The per-site guardrail as a policy check: ``{"name", "passed", "detail", "drops"}``.
+                   max_drop: float, evidence: str = "interval") -> dict[str, Any]:
+    """The per-site guardrail as a policy check: ``{"name", "passed", "detail", "drops", "within_noise"}``.
 
     On every site that both evaluations judge, the challenger's macro AUROC (where the site has two
     classes) and each class's sensitivity may not fall more than ``max_drop`` below the champion's.
+
+    ``evidence="interval"`` (the default): a drop vetoes only when the champion's value also lies above
+    the upper bound of the challenger's 95% patient-clustered interval on that site. On a site with a
+    handful of test films one film moves sensitivity by a third, and a guardrail that fires on such
+    drops vetoes every challenger, so a champion that has broken keeps its place (bench/year.py: a
+    champion with sensitivity 0 on a restyled site stayed 13 nights while per-site noise vetoed
+    challengers that restored it). Drops within the noise are listed in ``within_noise`` and the detail.
+    ``evidence="point"``: every point drop above ``max_drop`` vetoes (the guardrail before issue 26).
     """
-    drops = []
+    drops, noise = [], []
     ch_sites, champ_sites = (challenger or {}).get("site", {}), (champion or {}).get("site", {})
     for site in sorted(set(ch_sites) & set(champ_sites)):
         new, old = ch_sites[site], champ_sites[site]
@@ -119,13 +127,20 @@ def site_guardrail(challenger: dict[str, Any] | None, champion: dict[str, Any] |
             continue
         pairs = []
         if new.get("auroc_judged") and old.get("auroc_judged"):
-            pairs.append(("macro AUROC", new["macro_auroc"], old["macro_auroc"]))
+            pairs.append(("macro AUROC", "macro_auroc", new["macro_auroc"], old["macro_auroc"]))
         for label in sorted(set(new["per_class"]) & set(old["per_class"])):
-            pairs.append((f"sensitivity[{label}]", new["per_class"][label]["sensitivity"],
-                          old["per_class"][label]["sensitivity"]))
-        for metric, a, b in pairs:
-            if a is not None and b is not None and b - a > max_drop + 1e-12:
-                drops.append({"site": site, "metric": metric, "challenger": a, "champion": b, "drop": b - a})
+            pairs.append((f"sensitivity[{label}]", f"per_class.{label}.sensitivity",
+                          new["per_class"][label]["sensitivity"], old["per_class"][label]["sensitivity"]))
+        for metric, path, a, b in pairs:
+            if a is None or b is None or b - a <= max_drop + 1e-12:
+                continue
+            high = ((new.get("intervals") or {}).get(path) or {}).get("high")
+            drop = {"site": site, "metric": metric, "challenger": a, "champion": b, "drop": b - a,
+                    "challenger_high": high}
+            if evidence == "point" or high is None or b > high + 1e-12:
+                drops.append(drop)
+            else:
+                noise.append(drop)
     judged = [s for s in sorted(set(ch_sites) & set(champ_sites))
               if ch_sites[s]["judged"] and champ_sites[s]["judged"]]
     if drops:
@@ -140,4 +155,10 @@ def site_guardrail(challenger: dict[str, Any] | None, champion: dict[str, Any] |
         detail = f"no site dropped more than {max_drop:.3f} (sites judged: {', '.join(judged)})"
     else:
         detail = "no site has enough test images of each class in both evaluations to judge"
-    return {"name": "per_site_guardrail", "passed": not drops, "detail": detail, "drops": drops}
+    if noise:
+        detail += ("; within the site's noise, not vetoing (champion inside the challenger's 95% interval, "
+                   "XRAY_GUARDRAIL_SITE_EVIDENCE=interval): "
+                   + "; ".join(f"{d['site']} {d['metric']} {d['challenger']:.3f} vs {d['champion']:.3f} "
+                               f"(interval up to {d['challenger_high']:.3f})" for d in noise))
+    return {"name": "per_site_guardrail", "passed": not drops, "detail": detail, "drops": drops,
+            "within_noise": noise}

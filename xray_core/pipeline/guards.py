@@ -174,9 +174,12 @@ def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[
     out = {**decision, "checks": list(decision.get("checks") or [])}
     if champion is not None:
         guard = site_guardrail(challenger["metrics"].get("slices"), champion["metrics"].get("slices"),
-                               max_drop=settings.guardrail_site_drop)
+                               max_drop=settings.guardrail_site_drop,
+                               evidence=settings.guardrail_site_evidence)
         out["checks"].append({k: guard[k] for k in ("name", "passed", "detail")})
         out["site_drops"] = guard["drops"]
+        if guard["within_noise"]:
+            out["site_drops_within_noise"] = guard["within_noise"]
         if not guard["passed"] and out.get("promote"):
             out.update(decision="keep", promote=False,
                        rationale=f"Keep, because {guard['detail']}. Pooled, the policy would have promoted: "
