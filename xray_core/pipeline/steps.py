@@ -129,7 +129,7 @@ def fit_challenger(settings: Settings, data: SplitData, *,
     candidates = candidate_recipes(config, choice=settings.head_recipe, l2_grid=tuple(settings.head_l2_grid))
     # above XRAY_SUBSAMPLE_FILMS training films the recipes are compared on a subsample (stratified by
     # label); the winner is refitted on every film below, and the card says so
-    pick = stratified_subsample(y_train, settings.subsample_films, seed=settings.train_seed)
+    pick = stratified_subsample(y_train.tolist(), settings.subsample_films, seed=settings.train_seed)
     some = slice(None) if pick is None else pick
     train_groups = np.array([r.patient_id for r in data.train], dtype=object)
     selection = select_recipe(
@@ -204,7 +204,8 @@ def features_sha256(x_train: np.ndarray, x_val: np.ndarray) -> str:
     digest = hashlib.sha256()
     for x in (x_train, x_val):
         digest.update(str(x.shape).encode())
-        digest.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+        for start in range(0, len(x), 4096):  # the same bytes in order, without a copy of all of them
+            digest.update(np.ascontiguousarray(x[start:start + 4096], dtype=np.float32).tobytes())
     return digest.hexdigest()
 
 
@@ -282,7 +283,7 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
     metrics["intervals"] = bootstrap_intervals(
         y, probs, labels, patients, threshold=model.threshold, negative_label=settings.negative_label,
         n_samples=settings.bootstrap_samples, seed=settings.bootstrap_seed,
-        target_specificity=settings.target_specificity)
+        target_specificity=settings.target_specificity, memory_mb=settings.memory_mb)
     metrics["bootstrap"] = {"samples": settings.bootstrap_samples, "seed": settings.bootstrap_seed,
                             "clustered_by": "patient", "patients": int(len(set(patients)))}
     metrics["slices"], sites, views = evaluation_slices(settings, rows, y, probs, labels, model.threshold)
@@ -339,7 +340,8 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
             metric=settings.promotion_metric,
             thresholds=(challenger["metrics"].get("threshold"), champion["metrics"].get("threshold")),
             negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
-            seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+            seed=settings.bootstrap_seed, target_specificity=settings.target_specificity,
+            memory_mb=settings.memory_mb)
     decision = decide(challenger["metrics"], champion["metrics"] if champion else None, comparison, config)
     ref = reference_summary(settings, challenger, champion, reference, comparison, data)
     out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips, ref)
