@@ -69,8 +69,9 @@ def test_bootstrap_under_a_small_memory_budget_gives_the_same_intervals() -> Non
     chunked = intervals.bootstrap_intervals(y, p_new, labels, patients, threshold=None, memory_mb=1, **kw)
     assert_close(whole, chunked)
     pair = dict(metric="macro_auroc", thresholds=(None, None), **kw)
-    assert_close(intervals.paired_bootstrap_difference(y, p_new, p_old, labels, patients, **pair),
-                 intervals.paired_bootstrap_difference(y, p_new, p_old, labels, patients, memory_mb=1, **pair))
+    paired = intervals.paired_bootstrap_difference
+    assert_close(paired(y, p_new, p_old, labels, patients, **pair),
+                 paired(y, p_new, p_old, labels, patients, memory_mb=1, **pair))
     assert intervals.block_elements(2048) == intervals.block_elements(None)  # the default budget: as before
 
 
@@ -117,7 +118,8 @@ def test_audit_probes_on_a_subsample_say_so_and_every_film_keeps_the_table() -> 
     pick = stratified_subsample(list(zip(frame["label"], frame["site"])), 60, seed=0)
     assert pick is not None
     sub = shortcut_audit(frame, emb[pick], probe_rows=pick, **kw)
-    assert sub["probe_subsample"] == {"films": len(pick), "of": 120, "stratified_by": "label x site", "seed": 0}
+    assert sub["probe_subsample"] == {"films": len(pick), "of": 120, "stratified_by": "label x site",
+                                      "seed": 0}
     assert sub["label_site"] == full["label_site"] and sub["site_only_auroc"] == full["site_only_auroc"]
     assert sub["metadata_probe"]["n"] == len(pick) and full["metadata_probe"]["n"] == 120
     alone = shortcut_audit(frame.iloc[pick].reset_index(drop=True), emb[pick], **kw)
