@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import resource
 import shutil
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from publish import publish  # bench/ is on sys.path when a benchmark runs as a script
+from publish import RESULTS, publish  # bench/ is on sys.path when a benchmark runs as a script
 from sqlalchemy import text
 
 from db import dispose_engines, session_scope
@@ -251,6 +252,8 @@ def timed_retrain(settings: Any, label: str, *, extra: list[Any] | None = None) 
            "steps": [r.as_dict() for r in run.records], "process_peak_rss_mb": _peak_mb(),
            "macro_auroc": (result.challenger_eval.metrics.get("macro_auroc")
                            if result.challenger_eval else None)}
+    for r in run.records:
+        _log(f"  {label} {r.step}: {r.seconds:.1f} s wall, {r.cpu_seconds:.1f} s CPU, {r.peak_rss_mb:.0f} MB peak")
     slowest = max(run.records, key=lambda r: r.seconds)
     _log(f"{label}: {result.state} in {out['seconds']} s; slowest step {slowest.step} {slowest.seconds} s; "
          f"peak step RSS {max(r.peak_rss_mb for r in run.records)} MB")
@@ -296,6 +299,8 @@ def main() -> None:
 
         promote_manually(settings, result["cold"]["version"], reason="bench: a champion for the warm run")
         result["cold"]["promoted_by_hand"] = True
+    # what the cold run measured, kept should the warm run not finish (a long run killed)
+    (RESULTS / f"retrain_scale_{args.n}.partial.json").write_text(json.dumps(result, indent=2, default=str))
     arrivals = args.n // 10
     t0 = time.perf_counter()
     add_films(settings, fit, first_id=args.n + 1, n=arrivals, patient_prefix="q", rng=rng, stored=stored)
@@ -309,6 +314,7 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(home, ignore_errors=True)
     publish(f"retrain_scale_{args.n}", result)
+    (RESULTS / f"retrain_scale_{args.n}.partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
