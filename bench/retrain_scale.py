@@ -253,7 +253,8 @@ def timed_retrain(settings: Any, label: str, *, extra: list[Any] | None = None) 
            "macro_auroc": (result.challenger_eval.metrics.get("macro_auroc")
                            if result.challenger_eval else None)}
     for r in run.records:
-        _log(f"  {label} {r.step}: {r.seconds:.1f} s wall, {r.cpu_seconds:.1f} s CPU, {r.peak_rss_mb:.0f} MB peak")
+        _log(f"  {label} {r.step}: {r.seconds:.1f} s wall, {r.cpu_seconds:.1f} s CPU, "
+             f"{r.peak_rss_mb:.0f} MB peak")
     slowest = max(run.records, key=lambda r: r.seconds)
     _log(f"{label}: {result.state} in {out['seconds']} s; slowest step {slowest.step} {slowest.seconds} s; "
          f"peak step RSS {max(r.peak_rss_mb for r in run.records)} MB")
