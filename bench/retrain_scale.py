@@ -308,6 +308,7 @@ def main() -> None:
         promote_manually(settings, result["cold"]["version"], reason="bench: a champion for the warm run")
         result["cold"]["promoted_by_hand"] = True
     # what the cold run measured, kept should the warm run not finish (a long run killed)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"retrain_scale_{args.n}.partial.json").write_text(json.dumps(result, indent=2, default=str))
     arrivals = args.n // 10
     t0 = time.perf_counter()
