@@ -17,16 +17,30 @@ Images: a few patients' anatomies from ``xray_core.data.synthetic.make_xray`` (0
 image that anatomy plus its own detector noise, so every file has distinct bytes (generation is not
 timed and runs on all cores).
 
-Prints one JSON line and writes bench/results/ingest.json.
+Prints one JSON line and writes bench/results/ingest_synthetic.json.
 
     python bench/ingest.py [--n 1000] [--size 1024] [--rescan-n 10000] [--workers 1,2]
+
+``--real DIR[,DIR...]``: instead, the real films of those folders (each with its manifest.csv, e.g.
+../shared/data/cxr-sample,../shared/data/cxr-adult-covid) as a new user ingests them: one fresh process
+per folder (``xray ingest DIR --manifest DIR/manifest.csv``'s work: worker start-up included), the
+folders one after the other into one new XRAY_HOME, once per --workers value, the values interleaved
+and the whole round repeated --repeat times (the best round per value is the headline; every round and
+the load average around it are kept: on a shared machine other people's work takes cores).
+``--before-code DIR`` adds the same rounds with the project at DIR (e.g. an older checkout) on
+PYTHONPATH, interleaved with these, so before and after are measured side by side. Writes
+bench/results/ingest.json.
+
+    python bench/ingest.py --real ../shared/data/cxr-sample,../shared/data/cxr-adult-covid --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +93,86 @@ def _log(message: str) -> None:
     sys.stderr.flush()
 
 
+ONE_INGEST = """
+import json, os, sys, time
+from multiprocessing import forkserver
+from pathlib import Path
+t0 = time.perf_counter()
+from xray_core.data.ingest import ingest_source
+from xray_core.settings import get_settings
+src = Path(sys.argv[1])
+t1, c1 = time.perf_counter(), time.process_time()
+summary = ingest_source(src, settings=get_settings(), manifest=src / "manifest.csv")
+t2, c2 = time.perf_counter(), time.process_time()
+workers_cpu = 0.0  # the forkserver's CPU and its reaped children's (the workers, shut down by now)
+pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+if pid:
+    time.sleep(0.3)  # the forkserver reaps its exited workers
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    workers_cpu = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+print(json.dumps({"added": summary.added, "files": summary.files, "ingest_s": t2 - t1, "imports_s": t1 - t0,
+                  "writer_cpu_s": c2 - c1, "workers_cpu_s": workers_cpu}))
+"""
+
+
+def _ingest_process(src: Path, home: Path, workers: int, code: Path) -> dict:
+    """One folder ingested by a fresh Python process (as ``xray ingest`` runs it); its timings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XRAY_")}
+    env.update({"XRAY_HOME": str(home), "XRAY_PATIENT_SALT": "bench", "XRAY_INGEST_WORKERS": str(workers),
+                "PYTHONPATH": str(code)})
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", ONE_INGEST, str(src)], env=env, capture_output=True,
+                          text=True, cwd=code)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"ingest of {src} failed:\n{done.stderr[-3000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "process_s": wall}
+
+
+def real_films(args: argparse.Namespace) -> None:
+    folders = [Path(f).expanduser().resolve() for f in args.real.split(",")]
+    workers = [int(w) for w in args.workers.split(",")]
+    codes = {"after": Path(__file__).resolve().parents[1]}
+    if args.before_code:
+        codes["before"] = Path(args.before_code).expanduser().resolve()
+    rounds: dict[str, dict[str, list[dict]]] = {c: {str(w): [] for w in workers} for c in codes}
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-real-", dir=args.workdir) as tmp:
+        for r in range(args.repeat):
+            for code_name, code in codes.items():
+                for w in workers if r % 2 == 0 else workers[::-1]:  # interleaved, order alternating
+                    home = Path(tmp) / f"{code_name}-{w}-{r}"
+                    load = os.getloadavg()[0]
+                    runs = [_ingest_process(folder, home, w, code) for folder in folders]
+                    trial = {"ingest_s": round(sum(x["ingest_s"] for x in runs), 3),
+                             "process_s": round(sum(x["process_s"] for x in runs), 3),
+                             "added": sum(x["added"] for x in runs),
+                             "writer_cpu_s": round(sum(x["writer_cpu_s"] for x in runs), 3),
+                             "workers_cpu_s": round(sum(x["workers_cpu_s"] for x in runs), 3),
+                             "load_before_after": [round(load, 2), round(os.getloadavg()[0], 2)]}
+                    if trial["added"] != sum(x["files"] for x in runs):
+                        raise SystemExit(f"not every film was added: {runs}")
+                    rounds[code_name][str(w)].append(trial)
+                    _log(f"round {r + 1} {code_name} workers={w}: {trial}")
+    result: dict = {"name": "ingest", "mode": "real films", "folders": [str(f) for f in folders],
+                    "films": rounds["after"][str(workers[0])][0]["added"], "repeat": args.repeat,
+                    "cpu_count": os.cpu_count()}
+    for code_name, by_workers in rounds.items():
+        best = {w: min(t["ingest_s"] for t in trials) for w, trials in by_workers.items()}
+        best_process = {w: min(t["process_s"] for t in trials) for w, trials in by_workers.items()}
+        base, base_process = best.get("1"), best_process.get("1")
+        result[code_name] = {
+            "best_ingest_s_by_workers": best,
+            "speedup_vs_1_worker": {w: round(base / s, 2) for w, s in best.items()} if base else None,
+            "best_process_s_by_workers": best_process,
+            "process_speedup_vs_1_worker": ({w: round(base_process / s, 2) for w, s in best_process.items()}
+                                            if base_process else None),
+            "rounds": by_workers,
+        }
+        if code_name == "before":
+            result[code_name]["code"] = str(codes["before"])
+    publish("ingest", result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,7 +185,13 @@ def main() -> None:
                         help="XRAY_INGEST_WORKERS values for the first ingest, compared (default 1,2)")
     parser.add_argument("--workdir",
                         help="folder for sources and XRAY_HOME (default: a temp folder, removed)")
+    parser.add_argument("--real", help="comma-separated folders of real films with manifest.csv (see above)")
+    parser.add_argument("--repeat", type=int, default=3, help="--real: rounds (default 3)")
+    parser.add_argument("--before-code", help="--real: also measure the project at this folder")
     args = parser.parse_args()
+    if args.real:
+        real_films(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.workdir) as tmp:
         tmp_path = Path(tmp)
@@ -166,7 +266,7 @@ def main() -> None:
         "status_images": summary["images"],
         "cpu_count": os.cpu_count(),
     }
-    publish("ingest", result)
+    publish("ingest_synthetic", result)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import tempfile
 import time
 import tomllib
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,16 @@ BASE_ENV = {"XRAY_BACKBONE_WEIGHTS": "random", "XRAY_DEVICE": "cpu", "XRAY_EMBED
             "XRAY_VIEWS": "2", "XRAY_EPOCHS": "8", "XRAY_BOOTSTRAP_SAMPLES": "200",
             "XRAY_PATIENT_SALT": "year", "XRAY_INGEST_WORKERS": "1"}
 LABELS = ("normal", "pneumonia")
+YEAR_START = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)  # night 0 of the simulated year (a Monday, 02:00 UTC)
+
+
+def night_date(night: int, nights: int) -> datetime:
+    """The simulated date of ``night``: the year's nights spread over 52 weeks (weekly at 52 nights).
+
+    Each night's report folder is named with this date and ``xray gc`` runs as of it, so the retention of
+    reports (``XRAY_KEEP_REPORTS_DAYS``, by the date in the folder's name) sees a year go by rather than
+    the minutes the benchmark takes."""
+    return YEAR_START + timedelta(days=night * 364 / nights)
 POSITIVE = "pneumonia"
 
 
@@ -221,6 +232,9 @@ def night_row(night: int, result: dict[str, Any], wall: float, happened: list[st
             if reference else None,
             "negative_flip_rate": flips.get("point"), "negative_flip_high": flips.get("high"),
             "test_set_reuse": (result.get("test_set_reuse") or {}).get("decisions"),
+            "drift": {"flagged": (result.get("drift") or {}).get("flagged"),
+                      "sites": [c.get("subject") for c in (result.get("drift") or {}).get("checks") or []
+                                if c.get("drift")]} if result.get("drift") else None,
             "seconds": {"total": round(wall, 3), "ingest": round(ingest_s, 3), "embed": round(embed_s, 3),
                         "rest": round(wall - ingest_s - embed_s, 3), **(cost or {})}}
 
@@ -261,11 +275,14 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
     for night in range(nights):
         manifests, happened = world.arrivals(night)
         pools = {s: world.pool(s, night) for s in world.active(night)}
-        timer = TimedExecutor()
+        timer, today = TimedExecutor(), night_date(night, nights)
+        run_dir = settings.reports_dir / f"{today:%Y%m%dT%H%M%SZ}-night{night:03d}"
+        run_dir.mkdir(parents=True, exist_ok=True)
         t0, cpu0 = time.perf_counter(), cpu_seconds()
         try:
             result = run_retrain(settings, RetrainRequest(manifests=tuple(manifests), trigger="schedule",
-                                                          run_name=f"night-{night}"), timer).as_dict()
+                                                          run_name=f"night-{night}"), timer,
+                                 run_dir=run_dir).as_dict()
         except XrayError as exc:  # a failed night is a row too (the run recorded its audit row)
             result = {**exc.xray_result.as_dict(), "error": str(exc)}  # type: ignore[attr-defined]
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
@@ -276,7 +293,7 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
                         "challenger": truth.of(result.get("version"), pools),
                         "reference": truth.of(reference_version(settings), pools)}
         if gc_every and (night + 1) % gc_every == 0:
-            row["gc_bytes"] = run_gc(settings)["bytes"]
+            row["gc_bytes"] = run_gc(settings, now=today + timedelta(hours=6))["bytes"]
         if audit_every and (night + 1) % audit_every == 0:
             audit = run_audit(settings, trigger="schedule")
             row["audit"] = {k: audit.get(k) for k in ("status", "champion", "reference", "n_images",
@@ -400,6 +417,7 @@ def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[s
         "failed_check_counts": {name: sum(name in r["failed_checks"] for r in rows)
                                 for name in sorted({c for r in rows for c in r["failed_checks"]})},
         "cost_growth": cost_growth(rows),
+        "drift_flagged_nights": [r["night"] for r in rows if (r.get("drift") or {}).get("flagged")],
         "audits": {status: [r["night"] for r in rows if (r.get("audit") or {}).get("status") == status]
                    for status in ("ok", "degraded", "inconclusive", "skipped")},
         "home_bytes": {f"night_{ten['night']}": sum(ten["disk"].values()),

@@ -14,8 +14,10 @@ from flows.common import progress_reporter, refused
 from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
 from xray_core.io.fsutil import json_safe, utf8_safe
+from xray_core.monitor.performance import estimate_line
 from xray_core.pipeline.predict import predict_folder
 from xray_core.report.format import cut_words
+from xray_core.report.terminal import predict_markdown
 from xray_core.settings import get_settings
 
 
@@ -49,14 +51,8 @@ def predict(path: str, out: str | None = None, manifest: str | None = None, vers
     # json_safe/utf8_safe: a CSV or heatmap path whose name is not UTF-8 reaches the server as \xNN.
     create_table_artifact(table=json_safe(rows[:200]), key="predictions",
                           description=utf8_safe(f"first 200 rows of {out}"))
-    create_markdown_artifact(
-        markdown=utf8_safe(
-            f"Model v{result['model_version']} predicted {result['predicted']} of {result['files']} files "
-            f"({result['rejected']} unreadable, listed with reasons). CSV: `{out}`"
-            + (f"\n\nGrad-CAM overlays: `{heatmaps}`" if heatmaps else "")
-            + f"\n\n{result['ood']['line']}"
-            + ("\n\n> backbone is random-init (offline mode)" if result["backbone_random_init"] else "")),
-        key="predict-summary", description="batch prediction summary")
+    create_markdown_artifact(markdown=utf8_safe(predict_markdown(result, out, heatmaps)),
+                             key="predict-summary", description="batch prediction summary")
     if result.get("drift"):
         create_markdown_artifact(markdown=utf8_safe(drift_markdown(result["drift"], out)), key="drift-report",
                                  description=cut_words(result["drift"]["verdict"], 250))
@@ -72,8 +68,10 @@ def drift_markdown(check: dict[str, Any], subject: str) -> str:
                   f"| MMD on embeddings (input shift) | {check['mmd']:.4g} | {check['mmd_p']:.3g} |",
                   f"| KS on predicted probabilities (output shift) | {check['ks']:.3g} | "
                   f"{check['ks_p']:.3g} |",
-                  f"| excess of out-of-distribution films (binomial) | {check['ood_flagged']} of "
+                  f"| excess of out-of-distribution films (beta-binomial) | {check['ood_flagged']} of "
                   f"{check['n']} | {check['ood_p']:.3g} |", "",
                   f"Estimated prevalence (BBSE): {check['prevalence']}"]
+    if check.get("performance"):
+        lines += ["", f"Performance before labels (CBPE): {estimate_line(check['performance'])}"]
     lines += ["", "A drift warning is evidence that the inputs changed, not proof that performance fell."]
     return "\n".join(lines)

@@ -327,9 +327,16 @@ class Settings(BaseSettings):
                                   "files during ingest; 0 = one per core, 1 = in the ingesting process")
 
     # monitoring between retrains (xray_core.monitor)
-    ood_quantile: float = setting(0.99, ge=0.5, lt=1, description="fraction of in-distribution films "
-                                  "scored in-distribution; the OOD threshold is a conformal quantile of the "
-                                  "validation films' and cross-fitted training films' scores")
+    ood_score: Annotated[Literal["t2q", "knn"], Word] = setting(
+        "t2q", bad=("lof",), description="the per-film OOD score a new model's reference stores: t2q = "
+        "Hotelling's T² + Q residual of a PCA basis; knn = distance to the nearest training film (keeps up "
+        "to 2048 of them, ~9 MB per model)")
+    ood_alpha: float = setting(0.05, gt=0, le=0.5, description="a film is flagged out of distribution when "
+                               "its conformal p-value (ood_p) is at most this: about this fraction of "
+                               "in-distribution films is flagged")
+    ood_quantile: float = setting(0.99, ge=0.5, lt=1, description="the stricter alternative, used only when "
+                                  "set: flag films scoring above this conformal quantile of the calibration "
+                                  "films instead (at most 1 - q of in-distribution films flagged)")
     drift_alpha: float = setting(0.01, gt=0, le=0.5,
                                  description="p-value below which a batch drift test warns")
     drift_permutations: int = setting(999, ge=19, le=100_000,

@@ -112,6 +112,8 @@ def test_retrain_flow_twice_promotes_then_decides_with_artifacts(flow_env, tmp_p
     flagged = second["drift"]["flagged"]
     assert drift.description.startswith("Drift flagged: " if flagged else "No drift flagged: ")
     assert "## Drift of the new films" in arts["retrain-report"][0].data
+    estimated = second["drift"]["checks"][0]["performance"]["accuracy"]  # before labels, beside the realised
+    assert f"accuracy estimated {100 * estimated:.0f}% before labels, realised" in drift.data
     with session_scope(open_catalogue(get_settings())) as s:
         decisions = [p.decision for p in s.scalars(select(Promotion).order_by(Promotion.id))]
         champions = s.scalars(select(Model.id).where(Model.status == "champion")).all()
@@ -219,3 +221,16 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_retrain_manual(flow_env,
     with session_scope(open_catalogue(get_settings())) as s:
         audit = s.scalars(select(Promotion)).all()
     assert audit and audit[-1].trigger == "manual" and audit[-1].flow_run_id
+
+
+def test_predict_drift_note_carries_the_performance_estimate():
+    """The predict flow's drift-report note ends with the CBPE estimate, marked unreliable beside drift."""
+    import numpy as np
+
+    from flows.predict import drift_markdown
+    from xray_core.monitor.performance import UNRELIABLE, estimate
+
+    est = estimate(np.array([[0.2, 0.8], [0.9, 0.1], [0.4, 0.6]]), threshold=0.5, positive=1, drift=True)
+    check = {"verdict": "drift: inputs differ", "ood_line": "3 of 3 films look unlike", "performance": est}
+    note = drift_markdown(check, "/data/new")
+    assert "Performance before labels (CBPE): estimated accuracy 77%" in note and UNRELIABLE in note

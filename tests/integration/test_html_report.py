@@ -166,6 +166,9 @@ def test_curves_cover_both_models_on_the_same_test_set(run):
         assert sum(b["count"] for b in curve.reliability) == ev["n_images"]
     assert len(data.examples) == min(4, len(h.data.test))
     assert all(x.version == h.versions[1] and x.png.startswith(b"\x89PNG") for x in data.examples)
+    # each example carries the challenger reference's OOD p-value and flag (ood_p <= XRAY_OOD_ALPHA)
+    assert all(x.ood_p is not None and x.out_of_distribution == (x.ood_p <= h.settings.ood_alpha)
+               for x in data.examples)
 
 
 def test_a_failed_run_still_renders_without_curves(run, tmp_path):
@@ -204,7 +207,8 @@ def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_repo
         cam = np.exp(-((xx - 0.3 - 0.1 * k) ** 2 + (yy - 0.5) ** 2) / 0.02)
         examples.append(ExampleHeatmap(sha256=f"{k:x}" * 64, true_label=label,
                                        predicted_label=label, probability=0.9, version=h.versions[1],
-                                       png=overlay_png(gray, cam, text=f"{label} p=0.900 · v3")))
+                                       png=overlay_png(gray, cam, text=f"{label} p=0.900 · v3"),
+                                       ood_p=0.01 if k == 0 else 0.5, out_of_distribution=k == 0))
     assert sum(len(x.png) for x in examples) > 2_000_000  # embedded as they are, the report would be too big
     monkeypatch.setattr(report_data, "collect_report_data",
                         lambda *a, **k: ReportData(curves=real.curves, examples=examples))
@@ -218,6 +222,9 @@ def test_large_heatmaps_are_embedded_small_and_written_full_size_beside_the_repo
         full = tmp_path / "heatmaps" / f"{x.sha256[:12]}.png"
         assert full.read_bytes() == x.png and _mode(full) == h.settings.file_mode
         assert f'href="heatmaps/{full.name}"' in path.read_text()
+    gallery = path.read_text().split('id="heatmaps"')[1]  # the gallery marks the one flagged film
+    assert gallery.count('<figure class="ood">') == 1 and gallery.count("OOD p=0.500") == 3
+    assert '<span class="ood-mark">out of distribution</span> (OOD p=0.010)' in gallery
 
 
 def test_report_renders_with_a_note_when_curves_cannot_be_computed(run, tmp_path, monkeypatch):

@@ -113,6 +113,7 @@ def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, 
     from conftest import fetch
 
     from db.schema import DriftCheck
+    from xray_core.monitor.ood import FlagRule
     from xray_core.monitor.reference import model_reference
     from xray_core.registry.versions import load_model
 
@@ -121,7 +122,9 @@ def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, 
     ok = [r for r in rows if r["status"] == "ok"]
     step = 1 / (len(reference.calibration_scores) + 1)  # p-values move in steps of 1 / (n + 1)
     for r in ok:
-        assert r["in_distribution"] == ("true" if float(r["ood_score"]) <= reference.threshold else "false")
+        # the flag is the conformal p-value at most XRAY_OOD_ALPHA (0.05); the CSV rounds p to 4 places
+        if abs(float(r["ood_p"]) - 0.05) > 1e-4:
+            assert r["in_distribution"] == ("false" if float(r["ood_p"]) <= 0.05 else "true")
         # the CSV's score is rounded to 4 places: a film tied with a calibration film (a validation film
         # predicted again) may land one step either side when recomputed from it
         again = float(reference.p_values(np.array([float(r["ood_score"])]))[0])
@@ -133,16 +136,24 @@ def test_ood_columns_summary_and_drift_check_for_a_model_with_a_reference(home, 
         if r["status"] != "ok":
             assert r["ood_score"] == "" and r["ood_p"] == "" and r["in_distribution"] == ""
     flagged = sum(r["in_distribution"] == "false" for r in ok)
-    unusual = sum(float(r["ood_p"]) <= 0.05 for r in ok)
     n_cal = len(reference.calibration_scores)
     expected = np.floor(0.05 * (n_cal + 1)) / (n_cal + 1) * 7  # p-values take the values k / (n + 1)
-    assert result["ood"]["unusual"] == unusual and result["ood"]["unusual_expected"] == round(expected, 2)
-    assert result["ood"]["line"] == (f"{flagged} of 7 films look unlike this model's training data; "
-                                     f"{unusual} score in the top 5% of its in-distribution films "
-                                     f"({expected:.1f} expected by chance)")
+    assert result["ood"]["flagged"] == flagged and result["ood"]["expected"] == round(expected, 2)
+    coarse = reference.coarse(FlagRule())
+    assert result["ood"]["coarse"] == coarse and result["ood"]["calibration_films"] == n_cal
+    assert result["ood"]["line"] == (f"{flagged} of 7 films look unlike this model's training data "
+                                     f"(conformal p <= 0.05; {expected:.1f} expected by chance)"
+                                     + (f"; {coarse}" if coarse else ""))
     assert result["drift"]["n"] == 7 and "mmd_p" in result["drift"]
     stored = [c for c in fetch(home.settings, DriftCheck) if c.id == result["drift"]["id"]]
     assert stored[0].kind == "predict" and stored[0].n_images == 7 and stored[0].model_id == home.versions[0]
+    # performance before labels: the drift check's CBPE estimate, stored with it and shown in the summary
+    from xray_core.monitor.performance import estimate_line
+    from xray_core.report.terminal import render_predict
+
+    assert result["performance"] == result["drift"]["performance"] == stored[0].result["performance"]
+    assert result["performance"]["n"] == 7 and 0.5 <= result["performance"]["accuracy"] <= 1
+    assert estimate_line(result["performance"]) in render_predict(result)
 
 
 def test_bad_files_are_listed_with_reasons_and_the_rest_predicted(predicted):

@@ -33,7 +33,12 @@ GOLDEN = Path(__file__).parent / "result_json"
 # (""): ``negative_flips`` against the champion (issue 26), in a run that had one; ``reference`` (the locked
 # reference) and ``test_set_reuse`` in a decided run (issue 26). ADDED_CHECKS: checks a decision may have
 # gained since (the locked reference's, whenever there is one), skipped in ``decision/checks``.
-ADDED_KEYS = {"ingests": {"attributes"}, "": {"negative_flips", "reference", "test_set_reuse"}}
+# ``performance`` and ``realised`` in each drift check: the champion's performance estimated before labels
+# (CBPE) and the realised value on the new films, and ``ood_coarse`` (why the per-film flag is coarse,
+# or None; issue 27). ``challenger_high`` in a per-site drop: the challenger's interval the drop was judged
+# against (XRAY_GUARDRAIL_SITE_EVIDENCE, issue 26).
+ADDED_KEYS = {"ingests": {"attributes"}, "": {"negative_flips", "reference", "test_set_reuse"},
+              "checks": {"performance", "realised", "ood_coarse"}, "site_drops": {"challenger_high"}}
 ADDED_CHECKS = {"reference"}
 POLICY = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}
 STAMP = re.compile(r"\d{8}T\d{6}Z")

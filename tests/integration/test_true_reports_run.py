@@ -128,6 +128,16 @@ def test_the_drift_check_is_in_both_reports(runs):
             "look unlike the champion's training data") in section
     html = (runs["run_dir"] / "report.html").read_text()
     assert '<section id="drift">' in html and f"MMD p={first['mmd_p']:.3g}" in html
+    # the new films are labelled: the champion's estimate made from probabilities alone beside the realised
+    from xray_core.monitor.performance import beside_line
+
+    assert first["performance"]["n"] == first["n"]
+    if not first["realised"]["n"]:  # covid19 arrives, a label the first champion does not know
+        assert "labels the champion was not trained on (covid19)" in first["realised"]["note"]
+    else:
+        assert first["realised"]["n"] == first["n"]
+    line = f"- {first['subject']}: {beside_line(first['performance'], first['realised'])}"
+    assert line in section and beside_line(first["performance"], first["realised"]) in html
 
 
 def test_the_audit_sentence_quotes_the_number_of_the_label_it_names(runs):

@@ -87,6 +87,10 @@ def test_eight_nights_of_the_default_scenario(xray_env, tmp_path, monkeypatch):
     assert len(audits) == 8 and {a["status"] for a in audits} <= {"ok", "degraded", "inconclusive", "skipped"}
     assert sum(len(v) for v in out["summary"]["audits"].values()) == 8
     assert any(a["status"] != "skipped" and a["n_images"] > 0 for a in audits), audits
+    # reports are named by the simulated date, so retention sees the weeks go by (8 nights: 6.5 weeks)
+    reports = sorted(p.name for p in (root / "home" / "reports").iterdir() if "night" in p.name)
+    assert reports[0].startswith(f"{year.night_date(0, 8):%Y%m%d}") and len(reports) >= 7
+    assert all("drift" in r for r in rows)
     json.dumps(out)  # year.json is plain JSON
     year_plot.plot(out, tmp_path / "year.png")
     assert (tmp_path / "year.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

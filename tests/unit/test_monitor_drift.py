@@ -26,11 +26,12 @@ def test_same_distribution_batch_is_quiet_and_shifted_batch_is_flagged():
     shifted[:, :8] += 0.6
     loud = check_batch(ref, shifted, probs_for(rng, 40, a=8.0), **common)
     assert loud["input_shift"] and loud["output_shift"] and loud["drift"]
-    assert "inputs differ" in loud["verdict"] and loud["ood_flagged"] > 30
+    assert "inputs differ" in loud["verdict"] and loud["ood_flagged"] > 30 and loud["ood_excess"]
     n_cal = len(ref.calibration_scores)
-    assert loud["ood_unusual"] >= loud["ood_flagged"]
-    assert loud["ood_unusual_expected"] == round(np.floor(0.05 * (n_cal + 1)) / (n_cal + 1) * 40, 2)
-    assert f"{loud['ood_unusual']} score in the top 5%" in loud["verdict"]
+    assert loud["ood_flagged"] == int((ref.p_values(ref.scores(shifted)) <= 0.05).sum())  # the default rule
+    assert loud["ood_expected"] == round(np.floor(0.05 * (n_cal + 1)) / (n_cal + 1) * 40, 2)
+    assert f"{loud['ood_flagged']} of 40 films look unlike" in loud["verdict"]
+    assert "(conformal p <= 0.05; " in loud["verdict"] and loud["ood_coarse"] is None
 
 
 def test_tiny_batch_is_not_tested():

@@ -57,9 +57,11 @@ def test_unreadable_reference_is_a_checkpoint_error():
 
 
 def test_summary_line_names_the_counts():
+    from xray_core.monitor.ood import FlagRule
+
     assert ood_line(37, 93) == "37 of 93 films look unlike this model's training data"
-    assert ood_line(0, 42, 22) == ("0 of 42 films look unlike this model's training data; 22 score in the "
-                                       "top 5% of its in-distribution films (2.1 expected by chance)")
+    assert ood_line(22, 42, 2.06, FlagRule()) == ("22 of 42 films look unlike this model's training data "
+                                                  "(conformal p <= 0.05; 2.1 expected by chance)")
 
 
 def test_p_values_are_the_conformal_rank_among_the_calibration_scores():

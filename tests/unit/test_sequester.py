@@ -179,6 +179,25 @@ def test_the_audit_flags_a_champion_below_the_reference_by_more_than_the_margin(
     assert unclear["status"] == "inconclusive" and unclear["degraded"] is None
 
 
+@pytest.mark.parametrize(("difference", "low", "status"), [
+    (-0.01, -0.15, "inconclusive"),  # inside the margin at the point; too few films to rule a drop out
+    (-0.05, -0.15, "degraded"),  # measured below the reference by more than the margin
+    (+0.01, -0.01, "ok"),  # non-inferior
+])
+def test_the_audit_alarms_on_a_measured_drop_not_on_a_wide_interval(settings, monkeypatch, difference, low,
+                                                                     status):
+    import xray_core.evaluate.intervals as intervals
+
+    monkeypatch.setattr(intervals, "paired_bootstrap_difference", lambda *a, **k: {
+        "challenger": 0.9, "champion": 0.9 - difference, "difference": difference, "low": low, "high": 0.1,
+        "level": 0.95})
+    rows = _rows()
+    p = np.linspace(0, 1, len(rows))
+    out = judge(settings, _evaluation(3, rows, p), _evaluation(1, rows, p), rows)
+    assert out["status"] == status and out["degraded"] is {"ok": False, "degraded": True}.get(status)
+    assert ("not a measured drop" in out["check"]["detail"]) is (status == "inconclusive")
+
+
 def test_xray_audit_with_nothing_to_audit_says_why_and_exits_0(xray_env, settings, capsys):
     from registry_heads import save
 

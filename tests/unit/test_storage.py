@@ -46,6 +46,23 @@ def test_write_read_exists_size(storage: Storage) -> None:
     assert storage.read_bytes("store/ab/x.png") == b"bye"
 
 
+def test_write_many_writes_every_file(storage: Storage) -> None:
+    """Ingest's batched store write: every file complete under its final key, nothing else left."""
+    items = [(f"store/{i % 3:02x}/f{i}.png", bytes([i]) * (1000 + i)) for i in range(7)]
+    storage.write_many(items)
+    assert storage.list("store") == sorted(key for key, _ in items)
+    assert all(storage.read_bytes(key) == data for key, data in items)
+
+
+def test_write_many_error_leaves_no_file_behind(tmp_path: Path) -> None:
+    """A write that fails part-way (here: a folder that is a file) renames nothing and leaves no temp file."""
+    storage = LocalStorage(tmp_path / "root")
+    storage.write_bytes("store/xx", b"a file where a folder is needed")
+    with pytest.raises(OSError):
+        storage.write_many([("store/aa/one.png", b"1"), ("store/xx/two.png", b"2")])
+    assert storage.list("store") == ["store/xx"]
+
+
 def test_list_folders_delete(storage: Storage) -> None:
     for key in ("features/fp1/ab/a.safetensors", "features/fp1/cd/c.safetensors",
                 "features/fp2/ef/e.safetensors", "models/1/card.json"):

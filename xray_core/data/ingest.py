@@ -9,7 +9,10 @@ Crash safety: store and quarantine files are written atomically *before* the tra
 them, so a crash leaves at most an unreferenced store file (reused by the next ingest), never a row
 pointing at a missing or partial file. Rows are written in small groups, each in one ``BEGIN
 IMMEDIATE`` transaction that re-checks the sha256 under the write lock, so two ingests running at
-once cannot insert the same image twice or lose rows.
+once cannot insert the same image twice or lose rows. A group's store files are written first, with
+their fsyncs batched (:func:`~xray_core.io.fsutil.atomic_write_many`), all durable before its
+transaction begins; a kill in between leaves unreferenced store files or temp files (``xray doctor``
+lists both as ``store_orphan``), never a row without its file.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from xray_core.data.attributes import EXAMPLES as ATTRIBUTE_EXAMPLES
 from xray_core.data.attributes import merge
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.columns import check_mapping
-from xray_core.data.ingest_pool import Prepared, PreparePool, resolve_workers
+from xray_core.data.ingest_pool import Prepared, PreparePool, resolve_workers, settle_group
 from xray_core.data.quarantine import Quarantine
 from xray_core.data.scan import Candidate, manifest_attributes, scan_folder, scan_manifest, validate_manifest
 from xray_core.data.sources import close_interrupted_ingests, ingest_owner
@@ -43,6 +46,8 @@ from xray_core.io.storage import get_storage
 from xray_core.settings import Settings
 
 GROUP_SIZE = 32  # files prepared outside a transaction, then written in one short transaction
+GROUP_BYTES = 64 * 2**20  # ... or fewer, when their bytes (held until the group is written) reach this
+IN_CHUNK = 900  # sha256s or paths per IN (...) query: under SQLite's oldest bound-parameter limit (999)
 # Rejections that say nothing about the file's bytes (e.g. permissions): not remembered as "seen",
 # so the next ingest tries again even though size and mtime are unchanged (chmod leaves mtime alone).
 # A folder that cannot be listed and a file that changed while read are retried for the same reason.
@@ -167,6 +172,16 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         with session_scope(engine) as s:
             return s.scalar(select(Image.label).where(Image.sha256 == sha))
 
+    def known_shas(shas: list[str]) -> set[str]:
+        with session_scope(engine) as s:
+            return {sha for start in range(0, len(shas), IN_CHUNK) for sha in s.scalars(
+                select(Image.sha256).where(Image.sha256.in_(shas[start:start + IN_CHUNK])))}
+
+    def write(group: list[Prepared]) -> None:
+        # Store copies first, durable together (fsyncs batched), then the group's rows in one transaction.
+        _write_group(engine, settings, source_id, settle_group(group, settings, known_shas, regex), summary,
+                     rules, admission, quarantine)
+
     def seen_before(key: str) -> tuple[int, int, str] | None:
         if key.startswith(seen_root):
             return seen.get(key)
@@ -176,16 +191,17 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
 
     try:
         group: list[Prepared] = []
-        done = 0
+        done = held = 0
 
         def take_one() -> None:
-            nonlocal group, done
+            nonlocal group, done, held
             item = pool.take()
             if item is not None:  # None: skipped as unchanged
                 group.append(item)
-            if len(group) >= GROUP_SIZE:
-                _write_group(engine, settings, source_id, group, summary, rules, admission, quarantine)
-                group = []
+                held += payload_bytes(item)
+            if len(group) >= GROUP_SIZE or held >= GROUP_BYTES:
+                write(group)
+                group, held = [], 0
             done += 1
             if progress:
                 progress(done, total)
@@ -215,7 +231,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             while len(pool):
                 take_one()
         if group:
-            _write_group(engine, settings, source_id, group, summary, rules, admission, quarantine)
+            write(group)
         summary.quarantine = quarantine.summary()
         crash_point("ingest.before_splits")
         with session_scope(engine) as s:
@@ -244,6 +260,19 @@ def _note_conflicts(summary: IngestSummary, conflicts: list[dict[str, str]], rel
     summary.attributes["conflicts"] = summary.attributes.get("conflicts", 0) + len(conflicts)
     examples = summary.attributes.setdefault("examples", [])
     examples += [{**c, "file": rel} for c in conflicts][:max(0, ATTRIBUTE_EXAMPLES - len(examples))]
+
+
+def payload_bytes(prep: Prepared) -> int:
+    """Bytes an item holds until its group is written (a group is bounded by them too)."""
+    held = len(prep.payload) if prep.payload is not None else 0
+    return held + (len(prep.data) if prep.data is not None and prep.data is not prep.payload else 0)
+
+
+def _rows_by_key(s, model, column, keys: list) -> dict:
+    """{key: row} of ``model``'s rows whose ``column`` is one of ``keys`` (loaded into the session)."""
+    wanted = sorted(set(keys))
+    return {getattr(row, column.key): row for start in range(0, len(wanted), IN_CHUNK)
+            for row in s.scalars(select(model).where(column.in_(wanted[start:start + IN_CHUNK])))}
 
 
 def _like_prefix(root: Path) -> str:
@@ -291,10 +320,15 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
     quarantined: dict[int, tuple[str | None, str | None]] = {}
     with session_scope(engine) as s:
         admission[0].refresh(s)  # films another ingest catalogued meanwhile (this transaction holds the lock)
+        # The group's catalogued films, patients and seen-rows, read under the lock in one query each
+        # (grown below as the group adds its own), instead of a query per file.
+        images = _rows_by_key(s, Image, Image.sha256, [p.sha256 for p in group if p.sha256])
+        patients = _rows_by_key(s, Patient, Patient.patient_id, [p.patient_id for p in group if p.patient_id])
+        seen_rows = _rows_by_key(s, SeenFile, SeenFile.path, [p.cand.key for p in group])
         for i, prep in enumerate(group):
             outcome, reject, existing = "rejected", prep.reject, None
             if reject is None and prep.sha256:
-                existing = s.scalar(select(Image).where(Image.sha256 == prep.sha256))
+                existing = images.get(prep.sha256)
                 if existing is not None:
                     if existing.label != prep.label:
                         reject = ("label_conflict",
@@ -318,17 +352,20 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                         summary.near_copies_linked.append(verdict)
                     reject = verdict if isinstance(verdict, tuple) else None
                 if reject is None and outcome != "duplicate" and prep.meta is not None and existing is None:
-                    patient = s.get(Patient, prep.patient_id)
-                    if patient is None:
-                        s.add(Patient(patient_id=prep.patient_id, id_source=prep.id_source))
+                    if prep.patient_id not in patients:
+                        patient = Patient(patient_id=prep.patient_id, id_source=prep.id_source)
+                        patients[prep.patient_id] = patient
+                        s.add(patient)
                         summary.new_patients += 1
                         if prep.id_source == "image":
                             summary.patients_without_id += 1
-                    s.add(Image(sha256=prep.sha256, stored_path=prep.stored_rel, label=prep.label,
-                                patient_id=prep.patient_id, original_name=prep.cand.rel,
-                                source_id=source_id, **prep.meta))
+                    image = Image(sha256=prep.sha256, stored_path=prep.stored_rel, label=prep.label,
+                                  patient_id=prep.patient_id, original_name=prep.cand.rel,
+                                  source_id=source_id, **prep.meta)
+                    s.add(image)
                     s.flush()
-                    image_id = s.scalar(select(Image.id).where(Image.sha256 == prep.sha256))
+                    images[prep.sha256] = image
+                    image_id = image.id
                     assert image_id is not None and prep.patient_id is not None  # the row just flushed
                     record_near_pairs(s, admission[0], image_id, prep.meta["phash"], prep.patient_id)
                     admission[0].add(image_id, prep.meta["phash"], prep.patient_id, prep.cand.rel)
@@ -345,10 +382,16 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
             if reject is None or reject[0] not in TRANSIENT_REASONS:
                 # size -1 / mtime -1: missing; skipped next time unless the file has appeared.
                 context = prep.cand.context_key if reject is None else f"{prep.cand.context_key}|{rules}"
-                s.merge(SeenFile(path=prep.cand.key, size=prep.size, mtime_ns=prep.mtime_ns,
-                                 label_key=context, sha256=prep.sha256, outcome=outcome,
-                                 updated_at=datetime.now(UTC)))
+                values = {"size": prep.size, "mtime_ns": prep.mtime_ns, "label_key": context,
+                          "sha256": prep.sha256, "outcome": outcome, "updated_at": datetime.now(UTC)}
+                if (row := seen_rows.get(prep.cand.key)) is not None:
+                    for name, value in values.items():
+                        setattr(row, name, value)
+                else:
+                    seen_rows[prep.cand.key] = SeenFile(path=prep.cand.key, **values)
+                    s.add(seen_rows[prep.cand.key])
             prep.data = None
+            crash_point("ingest.group_row")  # a row added, the group's transaction still open
             if outcome == "added":
                 assert prep.label is not None  # an added film passed the label check
                 summary.added += 1

@@ -11,16 +11,17 @@ Split in two so that a worker never touches the catalogue or the store:
 * :func:`examine` (worker side): everything that needs only the file's bytes and the settings. It
   cannot ask the catalogue whether the sha256 is already known, so it decodes every file; with
   ``known_sha`` (in-process) it skips the decode of a known file exactly as ingest always did.
-* :func:`settle` (writer side): asks the catalogue about the sha256, and for a known file drops what
-  the decode said (the transaction decides duplicate vs label conflict, as before), else writes the
-  store copy.
+* :func:`settle_group` (writer side, per write group): asks the catalogue about the group's sha256s in
+  one query, and for a known file drops what the decode said (the transaction decides duplicate vs
+  label conflict, as before); the good files' store copies are written with their fsyncs batched.
 
-Results come back in submission order through a bounded window of files in flight, so memory stays
-at about ``window x file size`` and progress, groups and outcomes follow the source's order.
+Results come back in submission order through a bounded window of files in flight (at most
+:data:`IN_FLIGHT_BYTES` of them, by size), so progress, groups and outcomes follow the source's order.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import re
@@ -34,6 +35,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from xray_core.data.attributes import catalogue_values
 from xray_core.data.deidentify import deidentify
@@ -47,7 +49,10 @@ from xray_core.io.storage import get_storage
 from xray_core.settings import Settings
 
 STORE_EXT = {"png": "png", "jpeg": "jpg", "dicom": "dcm"}
-FILES_IN_FLIGHT_PER_WORKER = 4  # enough to keep a worker busy while the writer commits a group
+# In flight: 4 files per worker, plus a write group's worth, so that workers keep going while the
+# writer writes a group (store copies, fsyncs, transaction); and at most this many of their bytes.
+FILES_IN_FLIGHT_PER_WORKER, FILES_AHEAD, IN_FLIGHT_BYTES = 4, 32, 128 * 2**20
+HEAD_START_FILES = 32  # at most this many files examined in the writer while the workers start
 
 
 class IngestWorkerError(XrayError):
@@ -181,7 +186,7 @@ def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.P
         prep.payload = deidentify(data, salt=salt, patient_id=dicom_pid or "",
                                   site_mode=settings.site_from_dicom)
     if not prep.known_checked:
-        prep.data = data  # the writer may still learn the file is known (see settle)
+        prep.data = data  # the writer may still learn the file is known (see settle_group)
     acquisition = (catalogue_fields(decoded.dicom, salt=salt, site_mode=settings.site_from_dicom)
                    if decoded.dicom is not None else {})
     prep.meta = {
@@ -191,28 +196,42 @@ def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.P
         "view": cand.view or decoded.view, **acquisition, **manifest_facts(cand),
         **catalogue_values(cand.attributes),
     }
+    return prep
+
+
+def examine_in_worker(cand: Candidate, st: os.stat_result, settings: Settings,
+                      regex: re.Pattern[str] | None) -> Prepared:
+    prep = examine(cand, st, settings, regex)  # as a worker process runs it
     crash_point("ingest.worker_prepared")
     return prep
 
 
-def settle(prep: Prepared, settings: Settings, known_sha: Callable[[str], str | None],
-           regex: re.Pattern[str] | None = None) -> Prepared:
-    """Writer side: the catalogue check a worker could not make, then the store copy of a good file."""
-    if (not prep.known_checked and prep.sha256 and prep.label is not None
-            and known_sha(prep.sha256) is not None):
-        # As if examined in-process: a known file is not decoded, so nothing the decode said counts.
-        pid, id_source = given_patient(prep.cand, prep.data, regex)
-        return Prepared(prep.cand, prep.size, prep.mtime_ns, sha256=prep.sha256, label=prep.label,
-                        data=prep.data, known_checked=True, patient_id=pid, id_source=id_source)
-    if prep.meta is not None and prep.payload is not None:
-        assert prep.stored_rel is not None  # set with meta and payload by examine
-        store = get_storage(settings)
-        if not (store.exists(prep.stored_rel) and store.size(prep.stored_rel) == len(prep.payload)):
-            store.write_bytes(prep.stored_rel, prep.payload)
-            crash_point("ingest.store_written")
-        prep.data = None  # a good file's quarantine copy, if it comes to that, is taken from the store
-    prep.payload = None
-    return prep
+def settle_group(group: list[Prepared], settings: Settings, known_shas: Callable[[list[str]], set[str]],
+                 regex: re.Pattern[str] | None = None) -> list[Prepared]:
+    """Writer side, per write group: the catalogue check a worker could not make (one query), then the
+    good files' store copies, durable together (fsyncs batched) before the group's rows commit."""
+    asked = [p.sha256 for p in group if not p.known_checked and p.sha256 and p.label is not None]
+    known = known_shas(asked) if asked else set()
+    settled: list[Prepared] = []
+    writes: dict[str, bytes] = {}
+    for prep in group:
+        if not prep.known_checked and prep.sha256 in known and prep.label is not None:
+            # As if examined in-process: a known file is not decoded, so nothing the decode said counts.
+            pid, id_source = given_patient(prep.cand, prep.data, regex)
+            prep = Prepared(prep.cand, prep.size, prep.mtime_ns, sha256=prep.sha256, label=prep.label,
+                            data=prep.data, known_checked=True, patient_id=pid, id_source=id_source)
+        elif prep.meta is not None and prep.payload is not None:
+            assert prep.stored_rel is not None  # set with meta and payload by examine
+            writes.setdefault(prep.stored_rel, prep.payload)
+            prep.data = None  # a good file's quarantine copy, if it comes to that, is taken from the store
+        prep.payload = None
+        settled.append(prep)
+    store = get_storage(settings)  # a file already there (a crash after its write, before its row) is reused
+    todo = [(k, data) for k, data in writes.items() if not (store.exists(k) and store.size(k) == len(data))]
+    store.write_many(todo)
+    for _ in todo:
+        crash_point("ingest.store_written")
+    return settled
 
 
 def changed_while_read(path: Path, before: os.stat_result, n_read: int) -> bool:
@@ -240,27 +259,42 @@ class PreparePool:
 
     ``put`` takes a file to examine or a ready item (a skipped file, a known rejection); ``ready``
     says whether the oldest item must be taken before more are put; ``take`` returns items in the
-    order they were put. A worker that dies (SIGKILL, out of memory) fails the ingest with
-    :class:`IngestWorkerError`: the rows already committed stay, and the next ingest carries on.
+    order they were put, not yet settled (:func:`settle_group` does that per write group). A worker that
+    dies (SIGKILL, out of memory) fails the ingest with :class:`IngestWorkerError`: the rows already
+    committed stay, and the next ingest carries on.
+
+    Start-up: the workers are started in a background thread when the first file needs examining
+    (a re-scan of unchanged files starts none); until they answer, the first files (at most
+    :data:`HEAD_START_FILES`) are examined in this process, so the ~1 s the worker processes take to
+    start (importing pydicom, Pillow, numpy) is not spent waiting.
     """
 
     def __init__(self, workers: int, settings: Settings, regex: re.Pattern[str] | None,
                  known_sha: Callable[[str], str | None]):
         self.workers, self.settings, self.regex, self.known_sha = workers, settings, regex, known_sha
-        self.window = workers * FILES_IN_FLIGHT_PER_WORKER if workers > 1 else 0
+        self.window = workers * FILES_IN_FLIGHT_PER_WORKER + FILES_AHEAD if workers > 1 else 0
         self._queue: deque = deque()
+        self._sizes: deque[int] = deque()  # the queue's file sizes (stat), summed in _bytes
+        self._bytes = 0
         self._executor: ProcessPoolExecutor | None = None
+        self._starter: threading.Thread | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._head_start = 0  # files examined here while the workers started
 
     def __enter__(self) -> PreparePool:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._starter is not None:
+            self._starter.join()
         if self._executor is not None:
             self._executor.shutdown(wait=exc[0] is None, cancel_futures=True)
             self._executor = None
 
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
+    def _start(self) -> None:
+        """Background thread: create the executor and wait until every worker has answered once."""
+        try:
             # forkserver: workers start from a clean, single-threaded server process, never by forking
             # this one (which may hold Prefect's or SQLAlchemy's threads and locks); spawn elsewhere.
             method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -269,37 +303,72 @@ class PreparePool:
                 ctx.set_forkserver_preload([__name__, "xray_core.data.images"])
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
                                                  initializer=init_worker, initargs=(os.getpid(),))
+            for probe in [self._executor.submit(os.getpid) for _ in range(self.workers)]:
+                probe.result()
+        except BaseException as exc:  # noqa: BLE001 - handed to the ingesting thread, which raises it
+            self._start_error = exc
+        finally:
+            self._started.set()
+
+    def _pool(self) -> ProcessPoolExecutor | None:
+        """The started executor, or None while it starts (the first call starts it)."""
+        if self._starter is None:
+            self._starter = threading.Thread(target=self._start, name="xray-ingest-workers", daemon=True)
+            self._starter.start()
+        if not self._started.is_set():
+            return None
+        if self._start_error is not None:
+            if isinstance(self._start_error, BrokenProcessPool):
+                raise _worker_died()
+            raise self._start_error
         return self._executor
 
     def put(self, item: object) -> None:
         """A ready item, or a ``(cand, st)`` pair to examine."""
+        size = item[1].st_size if isinstance(item, tuple) else 0
         if isinstance(item, tuple):
             cand, st = item
-            if self.workers > 1:
+            pool = self._pool() if self.workers > 1 else None
+            if pool is None and self.workers > 1 and self._head_start >= HEAD_START_FILES:
+                self._started.wait()
+                pool = self._pool()
+            if pool is not None:
                 try:
-                    item = self._pool().submit(examine, cand, st, self.settings, self.regex)
+                    item = pool.submit(examine_in_worker, cand, st, self.settings, self.regex)
                 except BrokenProcessPool:
                     raise _worker_died() from None
             else:
-                item = settle(examine(cand, st, self.settings, self.regex, self.known_sha), self.settings,
-                              self.known_sha, self.regex)
+                self._head_start += 1
+                # One BLAS thread here too, as in a worker (init_worker): with 1 worker on a loaded 2-core
+                # machine the pHash's BLAS threads spun (23 s of CPU for 162 films, against about 6 s).
+                with _blas().limit(limits=1):
+                    item = examine(cand, st, self.settings, self.regex, self.known_sha)
         self._queue.append(item)
+        self._sizes.append(size)
+        self._bytes += size
 
     def ready(self) -> bool:
-        return len(self._queue) > self.window
+        return len(self._queue) > self.window or (len(self._queue) > 1 and self._bytes > IN_FLIGHT_BYTES)
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def take(self) -> Prepared | None:
         item = self._queue.popleft()
+        self._bytes -= self._sizes.popleft()
         if isinstance(item, Future):
             try:
-                prep = item.result()
+                return item.result()
             except BrokenProcessPool:
                 raise _worker_died() from None
-            return settle(prep, self.settings, self.known_sha, self.regex)
         return item
+
+
+@functools.cache
+def _blas() -> Any:  # threadpoolctl's ThreadpoolController, made once: its limit() then costs ~10 us
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def init_worker(pid: int) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from xray_core.faults import crash_point
-from xray_core.io.fsutil import atomic_copy, atomic_write_bytes, fsync_dir, private_dir
+from xray_core.io.fsutil import atomic_copy, atomic_write_bytes, atomic_write_many, fsync_dir, private_dir
 
 # fsspec protocols whose mv is a rename: a reader never sees a partly written file under the key.
 RENAME_PROTOCOLS = frozenset({"file", "local", "memory"})
@@ -48,6 +48,12 @@ class Storage:
 
         ``durable=False`` skips fsync where there is one (for content verified on every read)."""
         raise NotImplementedError
+
+    def write_many(self, items: builtins.list[tuple[str, bytes]]) -> None:
+        """:meth:`write_bytes` of several files; durable all together when it returns (locally, their
+        fsyncs are batched: :func:`~xray_core.io.fsutil.atomic_write_many`)."""
+        for key, data in items:
+            self.write_bytes(key, data)
 
     def read_bytes(self, key: str) -> bytes:
         raise NotImplementedError
@@ -130,6 +136,9 @@ class LocalStorage(Storage):
 
     def write_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
         atomic_write_bytes(self._writable(key), data, durable=durable)
+
+    def write_many(self, items: builtins.list[tuple[str, bytes]]) -> None:
+        atomic_write_many([(self._writable(key), data) for key, data in items])
 
     def read_bytes(self, key: str) -> bytes:
         return self._p(key).read_bytes()

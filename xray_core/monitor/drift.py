@@ -15,12 +15,24 @@ Three questions, answered separately so input shift and label shift are not conf
   C[i, j] = P(predicted i, true j) and the batch's predicted mix mu: solve C w = mu for w >= 0
   (``scipy.optimize.nnls``), prevalence = w * P_val(true j), normalised. Valid under label shift only;
   a batch that also shows input shift makes it a rough guide.
-* **OOD excess**: is the batch's count of flagged films more than chance? The threshold is an order
-  statistic of the reference's n calibration scores (the k-th smallest; see :mod:`.reference`), so
-  for exchangeable films the count among m new ones is beta-binomial(m, n - k + 1, k)
-  (``scipy.stats.betabinom``), not binomial: with a small calibration set the threshold itself is random and
-  shared by the whole batch, and a binomial test against 1 - XRAY_OOD_QUANTILE raised false alarms in 10% of
-  same-distribution batches (bench/drift.py).
+* **OOD excess**: is the batch's count of flagged films more than chance? The flag's cut (``ood_p <=
+  XRAY_OOD_ALPHA``, or the XRAY_OOD_QUANTILE threshold) is an order statistic of the reference's n
+  calibration scores (the k-th smallest; see :meth:`.reference.Reference.cut`), so for exchangeable
+  films the count among m new ones is beta-binomial(m, n - k + 1, k) (``scipy.stats.betabinom``), not
+  binomial: with a small calibration set the cut itself is random and shared by the whole batch, and a
+  binomial test raised false alarms in 10% of same-distribution batches (bench/drift.py).
+
+Every check also carries ``performance``: the batch's expected accuracy, sensitivity, specificity and
+AUROC from its calibrated probabilities (CBPE, :mod:`.performance`), marked unreliable when the batch
+drifts.
+
+**Per site** (:func:`check_site`): a site's new films are compared with the reference's validation films
+of *that site* (its drift-sample rows, probabilities, labels and OOD scores), because one site's films
+differ from a mix of sites by construction: against the pooled reference, the sites of a simulated year
+(bench/year.py) got MMD p = 0.001 every night with no shift at all. A site the reference has fewer than
+``MIN_BATCH`` rows of is a new site: that is drift, and its tests run against the pooled reference. A
+reference saved before sites were recorded can only give the pooled comparison, which then does not
+count toward the run's drift flag.
 
 The three tests share XRAY_DRIFT_ALPHA (Bonferroni: each warns below alpha / 3), so a batch from the
 training distribution raises a warning with probability at most about alpha.
@@ -34,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from xray_core.monitor.ood import ood_line
+from xray_core.monitor.ood import FlagRule, ood_line
+from xray_core.monitor.performance import estimate
 from xray_core.monitor.reference import Reference
 
 MIN_BATCH = 5  # fewer films say nothing a permutation test can resolve
@@ -43,6 +56,8 @@ MIN_BATCH = 5  # fewer films say nothing a permutation test can resolve
 # 10,000 arrivals would hold 0.8 GB and take hours; past a few times the sample's size more films add
 # little power (the 256 reference rows bound it). Recorded in the check as ``mmd_subsample``.
 MMD_MAX_FILMS = 1024
+NEW_SITE = "new site: not in the model's validation films"
+POOLED = "against the pooled reference: a site differs from a mix of sites by construction"
 
 
 def mmd_permutation_test(x: np.ndarray, y: np.ndarray, x_groups: np.ndarray, y_groups: np.ndarray, *,
@@ -108,28 +123,39 @@ def predicted_labels(probs: np.ndarray, threshold: float | None, positive: int |
 
 def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *, labels: list[str],
                 threshold: float | None, positive: int | None, alpha: float, permutations: int,
-                groups: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+                groups: np.ndarray | None = None, seed: int = 0,
+                rule: FlagRule | None = None) -> dict[str, Any]:
     """Every batch test of one batch against a model's reference; a small JSON-able dict.
 
     ``features`` are the batch's raw backbone features (view 0), ``probs`` the model's calibrated
     probabilities for them, ``groups`` their patients (None: each film its own patient, as in predict).
+    ``rule``: when a film is flagged (default ``ood_p <= 0.05``; callers pass XRAY_OOD_ALPHA's).
     """
     from scipy.stats import betabinom
 
     n = len(features)
-    flagged, unusual, expected = reference.ood_counts(reference.scores(features))
-    out: dict[str, Any] = {"n": n, "ood_flagged": flagged, "ood_unusual": unusual,
-                           "ood_unusual_expected": round(expected, 2),
-                           "ood_line": ood_line(flagged, n, unusual, expected),
-                           "ood_expected_rate": round(1 - reference.quantile, 6), "alpha": alpha}
+    rule = rule or FlagRule()
+    flagged, expected = reference.ood_counts(reference.scores(features), rule)
+    coarse = reference.coarse(rule)
+    out: dict[str, Any] = {"n": n, "ood_flagged": flagged, "ood_expected": round(expected, 2),
+                           "ood_rule": rule.describe(), "ood_coarse": coarse,
+                           "ood_line": ood_line(flagged, n, expected, rule, coarse),
+                           "ood_expected_rate": round(reference.flag_rate(rule), 6), "alpha": alpha}
     if n < MIN_BATCH:
         return {**out, "drift": False, "input_shift": False, "output_shift": False, "ood_excess": False,
-                "verdict": f"not tested: {n} films (a batch test needs at least {MIN_BATCH})"}
+                "verdict": f"not tested: {n} films (a batch test needs at least {MIN_BATCH})",
+                "performance": estimate(probs, threshold=threshold, positive=positive, drift=None)}
     calibration = reference.calibration_scores  # format 1: the validation films' scores
-    k = int((calibration <= reference.threshold).sum())  # the threshold's rank among the calibration scores
+    k = min(reference.cut(rule)[1], len(calibration))  # the cut's rank among the calibration scores
+    if reference.site is not None:  # one site's validation films: how many of them the pooled cut passes
+        calibration = reference.val_scores
+        k = int((np.asarray(calibration) <= reference.cut(rule)[0]).sum())
     a, b = max(len(calibration) - k + 1, 1), max(k, 1)
     out["ood_p"] = float(betabinom.sf(flagged - 1, n, a, b)) if flagged else 1.0
     out["ood_expected_rate"] = round(a / (a + b), 6)
+    if reference.site is not None:
+        out["ood_expected"] = round(n * a / (a + b), 2)
+        out["ood_line"] = ood_line(flagged, n, out["ood_expected"], rule, coarse)
     new_groups = np.arange(n) if groups is None else np.asarray(groups)
     pick = np.arange(n)
     if n > MMD_MAX_FILMS:
@@ -153,7 +179,39 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
     out["ood_excess"] = out["ood_p"] < each
     out["drift"] = bool(out["input_shift"] or out["output_shift"] or out["ood_excess"])
     out["verdict"] = verdict(out)
+    out["performance"] = estimate(probs, threshold=threshold, positive=positive, drift=out["drift"])
     return out
+
+
+def check_site(reference: Reference, site: str, features: np.ndarray, probs: np.ndarray,
+               **kwargs: Any) -> dict[str, Any]:
+    """:func:`check_batch` of one site's new films against the reference's films of that site.
+
+    Adds ``reference`` (what they were compared with: ``site``, ``pooled`` or ``pooled: new site``) and
+    ``counts`` (False: the reference records no sites, so only the pooled comparison was possible; it
+    must not set the run's drift flag, so ``drift`` is False and the tests' flag is ``pooled_drift``).
+    A site with fewer than ``MIN_BATCH`` drift-sample rows is new: its tests run against the pooled
+    reference and it is drift whatever they say."""
+    rows = reference.site_rows(site)
+    if rows is None:
+        out = check_batch(reference, features, probs, **kwargs)
+        return {**out, "drift": False, "pooled_drift": out["drift"], "reference": "pooled", "counts": False,
+                "verdict": f"not counted, {POOLED} (this model's reference records no sites: a retrain "
+                           f"records them): {out['verdict']}"}
+    if rows < MIN_BATCH:
+        out = check_batch(reference, features, probs, **kwargs)
+        if out["n"] < MIN_BATCH:
+            return {**out, "reference": "pooled: new site", "counts": True}
+        new = NEW_SITE if site not in reference.sites else (
+            f"new site: {rows} of the model's drift-sample films are of it (fewer than {MIN_BATCH})")
+        perf = estimate(probs, threshold=kwargs.get("threshold"), positive=kwargs.get("positive"), drift=True)
+        return {**out, "reference": "pooled: new site", "counts": True, "drift": True, "new_site": True,
+                "performance": perf,
+                "verdict": f"drift: {new}; against the pooled reference: {out['verdict']}"}
+    own = reference.for_site(site)
+    out = check_batch(own, features, probs, **kwargs)
+    return {**out, "reference": "site", "reference_rows": rows, "counts": True,
+            "verdict": f"{out['verdict']} (against this site's {len(own.val_labels)} validation films)"}
 
 
 def verdict(c: dict[str, Any]) -> str:

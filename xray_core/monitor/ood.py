@@ -1,6 +1,13 @@
-"""Per-film out-of-distribution score: how unlike the model's training films one film's features are.
+"""Per-film out-of-distribution scores of references format 1 and 2, and the flag every format uses.
 
-The score is the classic PCA monitoring pair, summed so one number ranks films:
+**The flag** (:class:`FlagRule`, :func:`flag_cut`): a film is out of distribution when its conformal
+p-value among the reference's calibration scores is at most XRAY_OOD_ALPHA (0.05), or, when
+XRAY_OOD_QUANTILE is set explicitly, the stricter alternative: its score is above that conformal
+quantile. :func:`coarse_note` says when too few calibration films resolve the level. Format 3's score
+(kNN, opt-in with XRAY_OOD_SCORE=knn; bench/ood.py found it tied with T² + Q) is in :mod:`.scores`.
+
+The format-2 score (the default, XRAY_OOD_SCORE=t2q) is the classic PCA monitoring pair, summed so one
+number ranks films:
 
 * Hotelling's T² in the PCA space of the training features, divided by the number of components (a
   film that is extreme *along* the directions training varied in), plus
@@ -29,6 +36,7 @@ the folds; the sums are a line of numpy each.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -61,17 +69,78 @@ def ood_scores(z: np.ndarray, pca_mean: np.ndarray, components: np.ndarray, vari
     return t2 + q / max(residual_scale, 1e-12)
 
 
-UNUSUAL_LEVEL = 0.05  # the graded per-film evidence beside the flag: conformal p-value at most this
+MIN_AT_CUT = 5  # calibration films at or beyond the flag's cut for it to resolve alpha (else "coarse")
 
 
-def ood_line(flagged: int, total: int, unusual: int | None = None, expected: float | None = None) -> str:
-    """The sentence predict, status and the reports print; with ``unusual`` (films whose conformal
-    p-value is at most UNUSUAL_LEVEL) also that count against the ``expected`` number by chance."""
+@dataclass(frozen=True)
+class FlagRule:
+    """When one film counts as out of distribution.
+
+    By default ``ood_p <= alpha`` (XRAY_OOD_ALPHA): about ``alpha`` of in-distribution films are
+    flagged. With ``quantile`` (XRAY_OOD_QUANTILE, only when set explicitly) the stricter alternative:
+    a score above that conformal quantile of the calibration scores (at most ``1 - quantile`` flagged).
+    """
+
+    alpha: float = 0.05
+    quantile: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> FlagRule:
+        """XRAY_OOD_ALPHA, and XRAY_OOD_QUANTILE only if it was set (pydantic's ``model_fields_set``)."""
+        explicit = "ood_quantile" in settings.model_fields_set
+        return cls(alpha=float(settings.ood_alpha),
+                   quantile=float(settings.ood_quantile) if explicit else None)
+
+    def describe(self) -> str:
+        if self.quantile is not None:
+            return f"score above the {self.quantile:g} conformal quantile (XRAY_OOD_QUANTILE)"
+        return f"conformal p <= {self.alpha:g}"
+
+
+def flag_cut(calibration: np.ndarray, rule: FlagRule) -> tuple[float, int]:
+    """(cut, rank) on the calibration scores: a film is flagged when its score is above ``cut``, the
+    ``rank``-th smallest calibration score.
+
+    ``ood_p <= alpha`` is exactly ``score > `` the (n + 1 - floor(alpha (n + 1)))-th smallest of the n
+    calibration scores (p = (1 + #calibration >= score) / (n + 1)); when alpha (n + 1) < 1 no p-value
+    reaches alpha and nothing is flagged (cut = inf). The quantile rule is :func:`conformal_threshold`.
+    """
+    cal = np.sort(np.asarray(calibration, dtype=np.float64))
+    n = len(cal)
+    if rule.quantile is not None:
+        return conformal_threshold(cal, rule.quantile)
+    beyond = int(np.floor(rule.alpha * (n + 1) + 1e-9))  # calibration films with p <= alpha
+    if beyond < 1:
+        return float("inf"), n + 1
+    return float(cal[n - beyond]), n + 1 - beyond
+
+
+def coarse_note(n: int, rule: FlagRule) -> str | None:
+    """Why the flag cannot resolve its level with ``n`` calibration films (None when it can).
+
+    Conformal p-values move in steps of 1 / (n + 1): the cut rests on the floor(alpha (n + 1)) most
+    unusual calibration films, and with fewer than MIN_AT_CUT of them it is little more than the
+    largest calibration score (at alpha 0.05 that needs n >= 99)."""
+    level = 1 - rule.quantile if rule.quantile is not None else rule.alpha
+    beyond = int(np.floor(level * (n + 1) + 1e-9))
+    if beyond >= MIN_AT_CUT:
+        return None
+    need = int(np.ceil(MIN_AT_CUT / level)) - 1
+    why = (f"no film can be flagged (the smallest p-value is 1/{n + 1})" if beyond < 1 else
+           f"the cut rests on {beyond} calibration film{'s' if beyond != 1 else ''}")
+    return (f"the flag is coarse: {n} calibration films resolve p-values in steps of 1/{n + 1}, so at "
+            f"{level:g} {why}; {need} or more films make it reliable")
+
+
+def ood_line(flagged: int, total: int, expected: float | None = None, rule: FlagRule | None = None,
+             coarse: str | None = None) -> str:
+    """The sentence predict, status and the reports print: the flagged count, and with ``rule`` how a
+    film is flagged and how many of ``total`` in-distribution films would be (``expected``)."""
     line = f"{flagged} of {total} films look unlike this model's training data"
-    if unusual is None:
-        return line
-    return (f"{line}; {unusual} score in the top {UNUSUAL_LEVEL:.0%} of its in-distribution films "
-            f"({expected if expected is not None else UNUSUAL_LEVEL * total:.1f} expected by chance)")
+    if rule is not None:
+        chance = f"; {expected:.1f} expected by chance" if expected is not None else ""
+        line += f" ({rule.describe()}{chance})"
+    return f"{line}; {coarse}" if coarse else line
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 from db.urls import sqlite_file
 from xray_core.errors import ImageRejected, SourceError, UsageError
 from xray_core.io.fsutil import atomic_write_bytes, atomic_write_text, printable, sha256_bytes
+from xray_core.monitor.ood import FlagRule
 from xray_core.settings import Settings
 
 Progress = Callable[[int, int], None]
@@ -168,6 +169,7 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     labels, threshold = model.labels, model.threshold
     reference = model_reference(model)  # None for models saved before references: OOD "unknown"
     scored: list[tuple[np.ndarray, np.ndarray]] = []  # (features, probabilities): the batch drift test
+    scored_shas: list[str] = []  # their films, in the same order (stored for a later realised value)
     ood_exact: list[float] = []  # unrounded OOD scores of the predicted films (the summary counts from them)
     # films per flush = images per backbone forward (the backbone pads every forward to it)
     flush_size = effective_batch_size(settings)
@@ -176,10 +178,10 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
     files = list_files(Path(path), manifest)
     rows: list[dict[str, Any]] = []
     batch: list[tuple[PredictFile, str, Any]] = []
-    ood_limit = reference.threshold if reference is not None else None  # an OOD score above is unusual
+    rule = FlagRule.from_settings(settings)  # ood_p <= XRAY_OOD_ALPHA, or XRAY_OOD_QUANTILE when set
     heatmap_names: set[str] = set()
 
-    def write_heatmaps(probs: np.ndarray, preds: np.ndarray) -> list[str]:
+    def write_heatmaps(probs: np.ndarray, preds: np.ndarray, out_of: Any) -> list[str]:
         from xray_core.model.heatmap import gradcam_batch, heatmap_caption, overlay_png
 
         assert heatmaps is not None  # called only with a heatmaps folder
@@ -187,13 +189,14 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         cams = gradcam_batch(backbone, model.head, [px for _, _, px in batch],
                              class_indices=[int(k) for k in preds], settings=settings)
         paths = []
-        for (f, sha, px), cam, p, k in zip(batch, cams, probs, preds):
+        for (f, sha, px), cam, p, k, oo in zip(batch, cams, probs, preds, out_of):
             name = heatmap_name(f.rel)
             if name in heatmap_names:  # e.g. "a/b.png" and "a__b.png": keep both
                 name = f"{name[:-4]}-{sha[:8]}.png"
             heatmap_names.add(name)
             target = Path(heatmaps) / name
             caption = heatmap_caption(labels[int(k)], float(p[int(k)]), version)
+            caption += " · OUT OF DISTRIBUTION" if oo else ""  # the overlay says it where people look
             atomic_write_bytes(target, overlay_png(px, cam, text=caption), mode=settings.file_mode)
             paths.append(str(target))
         return paths
@@ -233,19 +236,21 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
         feats = np.stack([cached[sha] for _, sha, _ in batch])
         probs = predict_proba(model.head, feats)
         preds = predict_labels(probs, threshold=threshold, positive_index=pos)
-        maps = write_heatmaps(probs, preds) if heatmaps is not None else [""] * len(batch)
         ood: Any = reference.scores(feats) if reference is not None else [None] * len(batch)
         ood_p: Any = reference.p_values(ood) if reference is not None else [None] * len(batch)
+        out_of: Any = reference.flags(ood, rule) if reference is not None else [None] * len(batch)
+        maps = write_heatmaps(probs, preds, out_of) if heatmaps is not None else [""] * len(batch)
         scored.append((feats, probs))
+        scored_shas.extend(sha for _, sha, _ in batch)
         if reference is not None:
             ood_exact.extend(float(o) for o in ood)
-        for (f, sha, _), p, k, hm, o, op in zip(batch, probs, preds, maps, ood, ood_p):
+        for (f, sha, _), p, k, hm, o, op, oo in zip(batch, probs, preds, maps, ood, ood_p, out_of):
             rows.append({"file": f.rel, "predicted_label": labels[int(k)],
                          **{f"p_{lab}": round(float(v), 6) for lab, v in zip(labels, p)},
                          "threshold": "" if threshold is None else threshold,
                          "ood_score": "" if o is None else round(float(o), 4),
                          "ood_p": "" if op is None else round(float(op), 4),
-                         "in_distribution": "" if o is None else str(bool(o <= ood_limit)).lower(),
+                         "in_distribution": "" if oo is None else str(not oo).lower(),
                          "sha256": sha, "status": "ok",
                          "error": "", "true_label": f.label or "", "model_version": version,
                          "backbone_fingerprint": backbone.fingerprint, "heatmap": hm})
@@ -286,33 +291,55 @@ def predict_folder(settings: Settings, path: Path, *, out: Path | None = None, m
             "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.random_init,
             "feature_cache": {"reused": cache_fill["reused"], "filled": cache_fill["filled"],
                               "note": cache_fill["error"]},
-            "ood": ood_summary(ok, reference, ood_exact),
-            "drift": batch_drift(settings, model, reference, scored, subject=str(path)), "rows": rows}
+            "ood": ood_summary(ok, reference, ood_exact, rule),
+            **batch_checks(settings, model, reference, scored, scored_shas, subject=str(path)), "rows": rows}
 
 
-def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[float]) -> dict[str, Any]:
-    """How many predicted films look unlike the model's training data, as numbers and one sentence;
-    ``scores``: the ok rows' unrounded OOD scores (the CSV rounds them to 4 places)."""
-    from xray_core.monitor.ood import UNUSUAL_LEVEL, ood_line
+def ood_summary(ok_rows: list[dict[str, Any]], reference: Any, scores: list[float],
+                rule: FlagRule) -> dict[str, Any]:
+    """How many predicted films look unlike the model's training data (flagged by ``rule``), as numbers
+    and one sentence; ``scores``: the ok rows' unrounded OOD scores (the CSV rounds them to 4 places)."""
+    from xray_core.monitor.ood import ood_line
 
     if reference is None:
         return {"known": False, "flagged": None, "scored": 0, "threshold": None,
                 "line": "out-of-distribution check unknown: this model was saved without a reference"}
-    flagged, unusual, expected = reference.ood_counts(np.asarray(scores, dtype=np.float64))
-    return {"known": True, "flagged": flagged, "unusual": unusual, "unusual_level": UNUSUAL_LEVEL,
-            "unusual_expected": round(expected, 2), "scored": len(ok_rows), "threshold": reference.threshold,
-            "quantile": reference.quantile, "line": ood_line(flagged, len(ok_rows), unusual, expected)}
+    flagged, expected = reference.ood_counts(np.asarray(scores, dtype=np.float64), rule)
+    coarse = reference.coarse(rule)
+    return {"known": True, "flagged": flagged, "expected": round(expected, 2), "scored": len(ok_rows),
+            "rule": rule.describe(), "alpha": rule.alpha, "quantile": rule.quantile,
+            "threshold": reference.cut(rule)[0], "calibration_films": len(reference.calibration_scores),
+            "coarse": coarse, "line": ood_line(flagged, len(ok_rows), expected, rule, coarse)}
 
 
-def batch_drift(settings: Settings, model: Any, reference: Any,
-                scored: list[tuple[np.ndarray, np.ndarray]], *, subject: str) -> dict[str, Any] | None:
+def batch_checks(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]],
+                 shas: list[str], *, subject: str) -> dict[str, Any]:
+    """``drift`` (the batch tests, or None) and ``performance``: the CBPE estimate of the predicted
+    films (:mod:`xray_core.monitor.performance`), the drift check's own when there is one (marked
+    unreliable beside a drift warning), else from the probabilities alone (drift untested)."""
+    from xray_core.evaluate.metrics import positive_index
+    from xray_core.monitor.performance import estimate
+
+    drift = batch_drift(settings, model, reference, scored, shas, subject=subject)
+    if drift is not None:
+        return {"drift": drift, "performance": drift["performance"]}
+    probs = np.concatenate([p for _, p in scored]) if scored else np.zeros((0, len(model.labels)))
+    pos = positive_index(model.labels, settings.negative_label) if len(model.labels) == 2 else None
+    return {"drift": None, "performance": estimate(probs, threshold=model.threshold, positive=pos)}
+
+
+def batch_drift(settings: Settings, model: Any, reference: Any, scored: list[tuple[np.ndarray, np.ndarray]],
+                shas: list[str], *, subject: str) -> dict[str, Any] | None:
     """The batch drift tests of the predicted films against the model's reference, recorded in the
-    catalogue (``drift_checks``, kind ``predict``); None without a reference or films.
+    catalogue (``drift_checks``, kind ``predict``; with the films' sha256 and probabilities, so a retrain
+    that later ingests them labelled sets the realised performance beside the estimate); None without a
+    reference or films.
 
     Each film counts as its own patient: prediction does not know patients."""
     from xray_core.evaluate.metrics import positive_index
     from xray_core.monitor.checks import record_check
     from xray_core.monitor.drift import check_batch
+    from xray_core.monitor.performance import film_record
 
     if reference is None or not scored:
         return None
@@ -320,9 +347,12 @@ def batch_drift(settings: Settings, model: Any, reference: Any,
     labels = model.labels
     pos = positive_index(labels, settings.negative_label) if len(labels) == 2 else None
     check = check_batch(reference, feats, probs, labels=labels, threshold=model.threshold, positive=pos,
+                        rule=FlagRule.from_settings(settings),
                         alpha=settings.drift_alpha, permutations=settings.drift_permutations,
                         seed=settings.train_seed)
-    check["id"] = record_check(settings, model_id=model.version, kind="predict", subject=subject, check=check)
+    films = film_record(shas, probs, labels=labels, threshold=model.threshold, positive=pos)
+    check["id"] = record_check(settings, model_id=model.version, kind="predict", subject=subject,
+                               check={**check, "films": films})
     return check
 
 

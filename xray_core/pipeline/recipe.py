@@ -24,6 +24,7 @@ from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.executor import Executor, step
 from xray_core.pipeline.lock import HeldLock
 from xray_core.pipeline.reference import reference_evaluation
+from xray_core.pipeline.rescore import for_result
 from xray_core.pipeline.review import nothing_new_since_pending_review, review_request, reviewed
 from xray_core.registry.reference import count_test_set_reuse
 from xray_core.report.format import outcome_sentence
@@ -83,7 +84,7 @@ def recipe(
         note_incoming(result, found, taken)
     crash_point("retrain.after_ingest")
     if any(i.added for i in result.ingests) and unchanged.current_champion(settings) is not None:
-        result.drift = run.step(check_arrivals)(settings, request.flow_run_id)
+        result.drift = run.step(check_arrivals)(settings, request.flow_run_id, str(folder / "drift-check"))
     try:
         snapshot = run.step(freeze_split)(settings, str(folder))
     except NotEnoughDataError as exc:
@@ -112,7 +113,7 @@ def recipe(
                                reference)
     recorded = record(settings, request, run, result, verdict, lock)
     result.test_set_reuse = count_test_set_reuse(settings, result.challenger_eval.test_set_fingerprint)
-    result.registry = run.step(rescore)(settings, snapshot, request.flow_run_id)
+    result.registry = for_result(run.step(rescore)(settings, snapshot, request.flow_run_id))
     result.status, result.state = "completed", run_state("completed", recorded.decision)
     result.state_message = outcome_message(result)
 
@@ -162,14 +163,15 @@ def take_batch(
 
 
 @step("drift")
-def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any]:
+def check_arrivals(settings: Settings, flow_run_id: str | None, folder: str | None = None) -> dict[str, Any]:
     """Drift and out-of-distribution checks of what arrived since the last check, against the
-    champion's reference (recorded in ``drift_checks``). Best effort: a check that cannot run says why
-    and never fails the retrain."""
+    champion's reference (recorded in ``drift_checks``; the report in ``folder``, inside the run's own
+    report folder). Best effort: a check that cannot run says why and never fails the retrain."""
     from xray_core.pipeline.monitor import run_monitor
 
     try:
-        out = run_monitor(settings, flow_run_id=flow_run_id, kind="retrain")
+        out = run_monitor(settings, flow_run_id=flow_run_id, kind="retrain",
+                          folder=Path(folder) if folder else None)
     except Exception as exc:  # noqa: BLE001 - see docstring
         return {"flagged": False, "summary": f"not checked: {type(exc).__name__}: {exc}", "warnings": []}
     checks = out.get("checks") or []
@@ -178,6 +180,7 @@ def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any
     if flagged and not warnings:
         warnings = [
             f"{c['subject']}: {c['ood_flagged']} of {c['n']} films look unlike the champion's training data"
+            + (f"; {c['ood_coarse']}" if c.get("ood_coarse") else "")
             for c in flagged[:1]
         ]
     return {
@@ -185,10 +188,12 @@ def check_arrivals(settings: Settings, flow_run_id: str | None) -> dict[str, Any
         "summary": out.get("summary"),
         "warnings": warnings,
         "checks": [
-            {k: c.get(k) for k in ("subject", "n", "ood_flagged", "mmd_p", "ks_p", "verdict", "drift")}
+            {k: c.get(k) for k in ("subject", "n", "ood_flagged", "ood_coarse", "mmd_p", "ks_p", "verdict",
+                                   "drift", "performance", "realised")}
             for c in checks
         ],
         "report": out.get("report"),
+        **({"earlier": out["earlier"]} if out.get("earlier") else {}),  # estimates realised now
     }
 
 

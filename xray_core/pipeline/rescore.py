@@ -157,3 +157,23 @@ def models_on_current_test_set(settings: Settings) -> dict[str, Any]:
             why.setdefault(r["reason"], []).append(f"v{r['version']}")
     notes += [f"{', '.join(vs)} not re-scored: {reason}" for reason, vs in why.items()]
     return {"models": rows, "notes": notes}
+
+
+HEADLINE = ("n", "labels", "threshold", "accuracy", "balanced_accuracy", "macro_auroc")
+
+
+def for_result(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a run's result.json keeps of the re-scored registry: each model's status and headline
+    numbers on this test set. The full evaluations (per-class metrics, intervals, per-film scores) are
+    rows of the catalogue's ``evaluations`` table; result.json is kept forever (``xray gc``), and with
+    them it grew by ~110 KB a night at 9 models and 44 test films (bench/year.py)."""
+    out = []
+    for e in entries:
+        ev = e.get("evaluation")
+        headline = None if ev is None else {
+            "version": ev.get("version"), "test_set_fingerprint": ev.get("test_set_fingerprint"),
+            "n_images": ev.get("n_images"),
+            "metrics": {k: (ev.get("metrics") or {}).get(k) for k in HEADLINE}}
+        out.append({**e, "evaluation": headline} if "evaluation" in e else dict(e))
+    return out
+

@@ -59,7 +59,10 @@ def score(settings: Settings, version: int, rows: list[Row]) -> Evaluation:
 
 def judge(settings: Settings, champion: Evaluation, reference: Evaluation, rows: list[Row]) -> dict[str, Any]:
     """Compare two evaluations of the same sequestered ``rows``: ``status`` ok | degraded | inconclusive,
-    ``degraded`` (None when inconclusive), the paired ``comparison`` and the ``check`` with its words."""
+    ``degraded`` (None when inconclusive), the paired ``comparison`` and the ``check`` with its words.
+
+    ok: non-inferior (the lower bound above -margin); degraded: the champion's point difference is below
+    -margin; inconclusive: no comparison, or the interval too wide to tell."""
     from xray_core.evaluate.intervals import paired_bootstrap_difference
     from xray_core.evaluate.promotion import reference_check
 
@@ -81,9 +84,19 @@ def judge(settings: Settings, champion: Evaluation, reference: Evaluation, rows:
     check = reference_check(comparison, reference.version, margin, metric, settings.target_specificity,
                             why_not)
     defined = why_not is None and comparison is not None and comparison.get("low") is not None
-    degraded = None if not defined else not check["passed"]
-    status = "inconclusive" if degraded is None else ("degraded" if degraded else "ok")
     detail = check["detail"].replace("challenger", f"champion v{champion.version}", 1)
+    # Degraded means the champion measured below the reference by more than the margin. A lower bound
+    # below -margin with the point estimate inside it only says the sequestered films are too few to
+    # rule a drop out: inconclusive, said in words, no alarm (bench/year.py: on ~25 sequestered patients
+    # the non-inferiority reading raised the alarm for a champion better than the reference at every site).
+    degraded: bool | None = None
+    if defined and comparison is not None:
+        degraded = bool(comparison["difference"] < -margin)
+        if not degraded and not check["passed"]:
+            degraded = None
+            detail += (f"; the point difference {comparison['difference']:+.3f} is within the margin: "
+                       "too few sequestered films to rule a larger drop out, not a measured drop")
+    status = "inconclusive" if degraded is None else ("degraded" if degraded else "ok")
     return {"status": status, "degraded": degraded, "metric": metric, "margin": margin,
             "comparison": comparison, "check": {**check, "detail": detail}}
 

@@ -215,19 +215,26 @@ def build_model_reference(settings: Settings, data: SplitData, head: Any, x_trai
 
     The PCA bases are fitted on the training features the head saw (every cached training view, the
     rows the normaliser was fitted on); the drift sample comes from the validation films' eval view,
-    which is what prediction sees. The OOD threshold is calibrated on the validation films and on the
-    training films' eval view (embedded for this by ``embed_step``), each scored cross-fitted.
+    which is what prediction sees. The per-film OOD score is XRAY_OOD_SCORE's (t2q: T² + Q, format 2;
+    knn: distance to the training films' eval view, format 3), calibrated on the validation films and the
+    training films' eval view (embedded for this by ``embed_step``), each scored cross-fitted (without
+    its own patients' fold). Each validation film's site (the catalogue's rule, ``image_facts``) is
+    recorded for the per-site drift checks.
     ``val_probs`` are held-out probabilities of the validation films (out-of-fold ones when the head was
     refitted on train+val), so the reference does not expect in-sample confidence.
     """
+    from xray_core.data.facts import image_facts
     from xray_core.monitor.reference import build_reference
 
+    site_of = image_facts(settings, [r.id for r in data.val])["site"].to_dict()
     return build_reference(x_train, x_val, np.array([r.patient_id for r in data.val], dtype=str), val_probs,
                            y_val,
                            mean=head.feature_mean.numpy(), std=head.feature_std.numpy(),
                            quantile=settings.ood_quantile, seed=settings.train_seed,
                            train_eval=x_train[:, 0],  # train_views starts with the eval view 0
-                           train_groups=np.array([r.patient_id for r in data.train], dtype=str))
+                           train_groups=np.array([r.patient_id for r in data.train], dtype=str),
+                           score=settings.ood_score,
+                           val_sites=[str(site_of.get(r.id) or "unknown") for r in data.val])
 
 
 def key_metrics(m: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,8 @@ class ExampleHeatmap:
     probability: float  # the challenger's probability of its predicted label
     version: int
     png: bytes  # Grad-CAM overlay of the predicted class, at the original image's size
+    ood_p: float | None = None  # conformal OOD p-value against the challenger's reference (None: unknown)
+    out_of_distribution: bool | None = None  # flagged by XRAY_OOD_ALPHA's rule (None: no reference)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ def collect_report_data(settings: Settings, data: SplitData, *, challenger: Eval
     ``n_examples`` test images with the challenger's Grad-CAM overlays.
 
     ``challenger``/``champion`` are the run's evaluations: their test probabilities travel with them,
-    so no test feature is read again here.
+    so no test feature is read again here, except the examples' own (view 0, cached by the embed step),
+    to mark the ones the challenger's reference flags as out of distribution.
     """
     from xray_core.data.images import decode_stored
     from xray_core.evaluate.metrics import positive_index, predict_labels
@@ -199,16 +202,38 @@ def collect_report_data(settings: Settings, data: SplitData, *, challenger: Eval
                  for i in picked]
         cams = gradcam_batch(backbone, model.head, grays, class_indices=[int(preds[i]) for i in picked],
                              settings=settings)
-        for i, gray, cam in zip(picked, grays, cams):
+        ood = example_ood(settings, backbone, model, [rows[i].sha256 for i in picked])
+        for i, gray, cam, (ood_p, flagged) in zip(picked, grays, cams, ood):
             k = int(preds[i])
             p = float(probs[i, k])
             examples.append(ExampleHeatmap(
                 sha256=rows[i].sha256, true_label=rows[i].label, predicted_label=labels[k], probability=p,
                 version=version, png=overlay_png(gray, cam, text=heatmap_caption(
                     labels[k], p, version, threshold=model.threshold,
-                    positive_label=labels[pos] if pos is not None else None))))
+                    positive_label=labels[pos] if pos is not None else None)),
+                ood_p=ood_p, out_of_distribution=flagged))
     by_site.sort(key=lambda c: (c.site, c.role != "challenger"))
     return ReportData(curves=curves, examples=examples, notes=notes, site_curves=by_site)
+
+
+def example_ood(settings: Settings, backbone: Any, model: Any,
+                shas: list[str]) -> list[tuple[float | None, bool | None]]:
+    """(conformal OOD p-value, flagged) of each film against the model's reference, by XRAY_OOD_ALPHA's
+    rule; (None, None) each without a reference or cached features (the gallery then marks nothing)."""
+    from xray_core.model.features import FeatureCache, FeatureCacheError
+    from xray_core.monitor.ood import FlagRule
+    from xray_core.monitor.reference import model_reference
+
+    reference = model_reference(model)
+    if reference is None or not shas:
+        return [(None, None)] * len(shas)
+    try:
+        x = FeatureCache(backbone, settings).load(shas, 0)
+    except FeatureCacheError:
+        return [(None, None)] * len(shas)
+    scores = reference.scores(x)
+    flags = reference.flags(scores, FlagRule.from_settings(settings))
+    return [(float(p), bool(f)) for p, f in zip(reference.p_values(scores), flags)]
 
 
 __all__ = ["ModelCurves", "SiteCurves", "ExampleHeatmap", "ReportData", "roc_curve",

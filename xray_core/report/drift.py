@@ -5,8 +5,11 @@ artifact.
 The retrain checks drift only when films were added and a champion exists
 (:func:`xray_core.pipeline.recipe.check_arrivals`); its result is ``RunResult.drift``: ``flagged``,
 the one-line ``summary``, ``warnings``, one ``checks`` entry per batch (all new films, then each
-site with enough films: ``n``, ``ood_flagged``, ``mmd_p``, ``ks_p``, ``verdict``, ``drift``) and the
-monitor's own ``report``. Nothing is recomputed here.
+site with enough films: ``n``, ``ood_flagged``, ``mmd_p``, ``ks_p``, ``verdict``, ``drift``, the
+champion's ``performance`` estimated before labels and, the new films' labels being catalogued, the
+``realised`` value beside it), ``earlier``: earlier checks (predict batches, monitor runs) whose films
+arrived labelled since, each with its estimate beside the realised value, and the monitor's own
+``report``. Nothing is recomputed here.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ def unlike_line(check: dict[str, Any]) -> str | None:
     """``15 of 42 films look unlike the champion's training data`` (None when the check has no count)."""
     if check.get("n") is None or check.get("ood_flagged") is None:
         return None
-    return f"{check['ood_flagged']} of {check['n']} films look unlike the champion's training data"
+    line = f"{check['ood_flagged']} of {check['n']} films look unlike the champion's training data"
+    return f"{line}; {check['ood_coarse']}" if check.get("ood_coarse") else line
 
 
 def drift_context(drift: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -49,7 +53,32 @@ def drift_context(drift: dict[str, Any] | None) -> dict[str, Any] | None:
         "rows": [[c.get("subject"), c.get("n"), c.get("ood_flagged"), _p(c.get("mmd_p")), _p(c.get("ks_p")),
                   "yes" if c.get("drift") else "no", c.get("verdict") or ""] for c in checks],
         "report": drift.get("report"),
+        "performance": performance_lines(checks) + earlier_lines(drift.get("earlier") or []),
     }
+
+
+def performance_lines(checks: list[dict[str, Any]]) -> list[str]:
+    """One line per check that carries a CBPE estimate: ``all new films: accuracy estimated 84% before
+    labels, realised 80% on 50 labelled films`` (the estimate alone when no labels were compared)."""
+    from xray_core.monitor.performance import beside_line, estimate_line
+
+    lines = []
+    for c in checks:
+        est, real = c.get("performance"), c.get("realised")
+        if est and est.get("accuracy") is not None:
+            lines.append(f"{c.get('subject')}: " + (beside_line(est, real) if real else estimate_line(est)))
+    return lines
+
+
+def earlier_lines(earlier: list[dict[str, Any]]) -> list[str]:
+    """One line per earlier check (a predict batch, a monitor run) whose films have arrived labelled since:
+    ``predict /data/new (check 12, 2026-12-01): accuracy estimated 84% before labels, realised 80% on 45
+    labelled films (45 of its 50 films labelled now)``."""
+    from xray_core.monitor.performance import beside_line
+
+    return [f"{e.get('kind')} {e.get('subject')} (check {e.get('id')}, {str(e.get('created_at'))[:10]}): "
+            f"{beside_line(e['estimate'], e['realised'])} ({e.get('labelled')} of its {e.get('films')} films "
+            "labelled now)" for e in earlier if e.get("estimate") and e.get("realised")]
 
 
 def drift_description(drift: dict[str, Any]) -> str:
@@ -59,4 +88,4 @@ def drift_description(drift: dict[str, Any]) -> str:
     return cut_words(f"{lead}: {context['summary']}", DESCRIPTION_MAX_CHARS)
 
 
-__all__ = ["drift_context", "drift_description", "unlike_line"]
+__all__ = ["drift_context", "drift_description", "earlier_lines", "performance_lines", "unlike_line"]

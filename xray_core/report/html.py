@@ -260,7 +260,9 @@ def _figures(run: RunResult, data: ReportData | None, negative_label: str,
         "heatmaps": [{"src": data_uri(embeddable_heatmap(x.png), "image/jpeg"), "sha": x.sha256[:12],
                       "alt": f"Grad-CAM of test image {x.sha256[:12]}", "true_label": x.true_label,
                       "predicted_label": x.predicted_label, "probability": f"{x.probability:.3f}",
-                      "version": x.version, "href": heatmap_links.get(x.sha256)}
+                      "version": x.version, "href": heatmap_links.get(x.sha256),
+                      "ood": x.out_of_distribution,
+                      "ood_p": None if x.ood_p is None else f"{x.ood_p:.3f}"}
                      for x in (data.examples if data is not None else [])],
     }
 

@@ -305,6 +305,10 @@ def render_predict(r: dict[str, Any]) -> str:
         out.append(r["ood"]["line"])
     if r.get("drift"):
         out.append(r["drift"]["verdict"])
+    if r.get("performance"):
+        from xray_core.monitor.performance import estimate_line
+
+        out.append(estimate_line(r["performance"]))
     for row in r.get("rows", []):
         probs = ", ".join(f"{k[2:]} {v}" for k, v in row.items() if k.startswith("p_") and v != "")
         ood = " [unlike the training data]" if row.get("in_distribution") == "false" else ""
@@ -313,11 +317,35 @@ def render_predict(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def predict_markdown(r: dict[str, Any], out: str, heatmaps: str | None) -> str:
+    """The ``predict-summary`` artifact of a predict batch: the count of films unlike the model's
+    training data leads (with its rule, and the coarse-flag note when there is one), then what was
+    predicted and where the CSV (``ood_p``, ``in_distribution`` per film) and the overlays are."""
+    lines = [f"**{r['ood']['line']}**", "",
+             f"Model v{r['model_version']} predicted {r['predicted']} of {r['files']} files "
+             f"({r['rejected']} unreadable, listed with reasons). CSV: `{out}` (per film: `ood_p`, "
+             "`in_distribution`)"]
+    if heatmaps:
+        lines += ["", f"Grad-CAM overlays: `{heatmaps}` (films out of distribution say so on the overlay)"]
+    if r.get("performance"):
+        from xray_core.monitor.performance import estimate_line
+
+        lines += ["", estimate_line(r["performance"])]
+    if r.get("backbone_random_init"):
+        lines += ["", "> backbone is random-init (offline mode)"]
+    return "\n".join(lines)
+
+
 def render_monitor(r: dict[str, Any]) -> str:
-    """``xray monitor``: the summary, one line per checked batch, predict batches, the report's path."""
+    """``xray monitor``: the summary, one line per checked batch (its performance estimate below it),
+    predict batches, the report's path."""
+    from xray_core.monitor.performance import estimate_line
+
     out = [r["summary"]]
     for c in r.get("checks", []):
         out.append(f"  {c['subject']}: {c['ood_line']}; {c['verdict']}")
+        if c.get("performance"):
+            out.append(f"    {estimate_line(c['performance'])}")
     for c in r.get("predict_checks", []):
         out.append(f"  predict {c['subject']}: {c['n']} films, {c['ood_flagged']} unlike the training data; "
                    f"{c['verdict']}")
