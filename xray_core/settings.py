@@ -180,6 +180,12 @@ class Settings(BaseSettings):
                                  description="decode processes; 0 decodes in the main process")
     embed_memory_mb: int = setting(2048, ge=1, le=2**20, description="MiB of decoded batches held while "
                                    "embedding, at most 1 TiB")
+    memory_mb: int = setting(2048, ge=64, le=2**20, description=(
+        "MiB a step's chunked working arrays may hold (the bootstrap's resample blocks); results do not "
+        "depend on it"))
+    subsample_films: int = setting(10_000, ge=100, le=10**9, description=(
+        "films at most that the shortcut audit's probes and the head-recipe comparison use; a larger split "
+        "is subsampled, stratified by label (and site), and the audit or the model card says so"))
     embed_dask_workers: int = setting(0, ge=0, le=1024, affects="execution",
                                       description="Dask embedding shards; 0 = off")
     dask_address: Annotated[str | None, parse(_text), check(r.matches(_DASK, True))] = setting(

@@ -294,3 +294,18 @@ def test_xray_train_json_is_parseable_and_reproducible(cli_env, capsys: pytest.C
     [again, cycle2] = [rows_of(r.settings, Model, Model.id == v)[0] for v in (version, r.train2["version"])]
     assert again.checkpoint_sha256 == cycle2.checkpoint_sha256
     assert again.status == "candidate"  # xray train trains and evaluates; it never promotes
+
+
+def test_recipes_are_compared_on_a_subsample_above_the_cap_and_the_winner_fits_every_film(scenario):
+    """XRAY_SUBSAMPLE_FILMS (a hospital-scale split): the card says what the comparison saw."""
+    from xray_core.pipeline.steps import fit_challenger
+
+    data, n = scenario.data2, len(scenario.data2.train)
+    whole = fit_challenger(scenario.settings, data)
+    assert "subsample" not in whole.card["training"]["recipe"]  # below the cap: as before
+    sub = fit_challenger(scenario.settings.with_overrides(subsample_films=n // 2), data)
+    recipe = sub.card["training"]["recipe"]
+    films = recipe["subsample"]["films"]
+    assert recipe["subsample"] == {"films": films, "of": n, "stratified_by": "label", "seed": 0} and films < n
+    assert f"compared on {films} of {n} training films" in recipe["reason"]
+    assert sub.card["training"]["n_train"] == n and len(sub.x_train) == n

@@ -144,14 +144,19 @@ def site_probe(embeddings: np.ndarray, sites: Sequence[str], patients: Sequence[
 
 
 def shortcut_audit(frame: pd.DataFrame, embeddings: np.ndarray | None, *, negative_label: str,
-                   auroc_threshold: float, seed: int = 0) -> dict[str, Any]:
+                   auroc_threshold: float, seed: int = 0,
+                   probe_rows: np.ndarray | None = None) -> dict[str, Any]:
     """All three checks and the warnings they raise, in plain words. ``frame`` has one row per image
-    with ``label``, ``site``, ``patient`` and the metadata columns available."""
+    with ``label``, ``site``, ``patient`` and the metadata columns available.
+
+    ``probe_rows``: positions in ``frame`` of the films the two probes use (``embeddings`` then has one
+    row per such film), a subsample of a large split; recorded as ``probe_subsample``. None: every film."""
     sites = label_site_table(frame)
     by_site = site_only_auroc(frame, negative_label)
-    meta = metadata_probe(frame, negative_label, seed=seed)
+    probed = frame if probe_rows is None else frame.iloc[probe_rows].reset_index(drop=True)
+    meta = metadata_probe(probed, negative_label, seed=seed)
     probe: dict[str, Any]
-    probe = (site_probe(embeddings, frame["site"].tolist(), frame["patient"].tolist(), seed=seed)
+    probe = (site_probe(embeddings, probed["site"].tolist(), probed["patient"].tolist(), seed=seed)
              if embeddings is not None else {"auroc": None, "note": "no embeddings"})
     warnings = []
     for label, site in sites["single_site_labels"].items():
@@ -172,9 +177,13 @@ def shortcut_audit(frame: pd.DataFrame, embeddings: np.ndarray | None, *, negati
     if probe["auroc"] is not None and probe["auroc"] > auroc_threshold and warnings:
         warnings.append(f"the embeddings tell the sites apart (AUROC {probe['auroc']:.2f}), so the model can "
                         "use the site as a shortcut")
-    return {"flagged": bool(warnings), "warnings": warnings, "label_site": sites,
-            "site_only_auroc": _f(by_site), "metadata_probe": meta, "site_probe": probe,
-            "threshold": auroc_threshold}
+    out = {"flagged": bool(warnings), "warnings": warnings, "label_site": sites,
+           "site_only_auroc": _f(by_site), "metadata_probe": meta, "site_probe": probe,
+           "threshold": auroc_threshold}
+    if probe_rows is not None:
+        out["probe_subsample"] = {"films": int(len(probed)), "of": int(len(frame)),
+                                  "stratified_by": "label x site", "seed": seed}
+    return out
 
 
 def _f(x: float | None) -> float | None:

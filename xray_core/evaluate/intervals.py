@@ -42,6 +42,18 @@ INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc", "brier", "ec
                     "sensitivity_at_specificity")
 # Cap on the elements of one (resamples x images) weight block, ~32 MB of float64.
 _BLOCK_ELEMENTS = 4_000_000
+# (resamples x images) float64 arrays alive at once while a block is scored (_Plan.evaluate): weights,
+# their sorted copy, the positive and negative parts, cumulative sums. XRAY_MEMORY_MB / this bounds a block.
+_BLOCK_ARRAYS = 8
+
+
+def block_elements(memory_mb: int | None = None) -> int:
+    """Elements of one resample block: at most _BLOCK_ELEMENTS, fewer under a small ``memory_mb`` budget.
+    The resamples are the same whatever the block (one generator, drawn in order); only the arithmetic's
+    grouping changes, by ~1e-16."""
+    if memory_mb is None:
+        return _BLOCK_ELEMENTS
+    return max(1, min(_BLOCK_ELEMENTS, memory_mb * 2**20 // (8 * _BLOCK_ARRAYS)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,12 +176,12 @@ def _cluster_index(patient_ids: np.ndarray, n: int) -> np.ndarray:
     return np.unique(np.asarray(keys), return_inverse=True)[1].ravel()
 
 
-def _resample_weights(clusters: np.ndarray, n_samples: int, seed: int):
+def _resample_weights(clusters: np.ndarray, n_samples: int, seed: int, memory_mb: int | None = None):
     """Yield (B, n) blocks of image weights: each row draws the patients with replacement (as many
     draws as there are patients) and gives every image its patient's draw count."""
     n_patients = int(clusters.max()) + 1
     rng = np.random.default_rng(seed)
-    block = max(1, min(n_samples, _BLOCK_ELEMENTS // max(clusters.size, n_patients)))
+    block = max(1, min(n_samples, block_elements(memory_mb) // max(clusters.size, n_patients)))
     done = 0
     while done < n_samples:
         b = min(block, n_samples - done)
@@ -225,6 +237,7 @@ def bootstrap_intervals(
     level: float = 0.95,
     target_specificity: float = setting_default("target_specificity"),
     ece_bins: int = 10,
+    memory_mb: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Patient-clustered percentile bootstrap intervals of one model's metrics.
 
@@ -234,7 +247,8 @@ def bootstrap_intervals(
     ``n_used`` counts the resamples where the metric was defined (a resample without any image of a
     class has no sensitivity for it and is skipped, not counted as 0). Seeded locally: the same
     seed gives the same intervals. ``method`` is "bootstrap", or "wilson" (with ``n_effective``
-    patients) where the bootstrap interval had zero width; see the module docstring.
+    patients) where the bootstrap interval had zero width; see the module docstring. ``memory_mb``
+    (XRAY_MEMORY_MB) bounds the resample blocks (:func:`block_elements`).
     """
     labels = list(labels)
     _check_bootstrap_args(n_samples, level)
@@ -243,7 +257,7 @@ def bootstrap_intervals(
     point = compute_metrics(y, p, labels, threshold=threshold, negative_label=negative_label,
                             ece_bins=ece_bins, target_specificity=target_specificity)
     plan = _plan_for(y, p, labels, threshold, negative_label, target_specificity, ece_bins)
-    blocks = [plan.evaluate(w) for w in _resample_weights(clusters, n_samples, seed)]
+    blocks = [plan.evaluate(w) for w in _resample_weights(clusters, n_samples, seed, memory_mb)]
     out: dict[str, dict[str, Any]] = {}
     for path in blocks[0]:
         lo, hi, used = _percentile_interval(np.concatenate([b[path] for b in blocks]), level)
@@ -328,6 +342,7 @@ def paired_bootstrap_difference(
     seed: int = 0,
     level: float = 0.95,
     target_specificity: float = setting_default("target_specificity"),
+    memory_mb: int | None = None,
 ) -> dict:
     """Challenger minus champion on the same test images, with a paired patient-clustered interval.
 
@@ -358,7 +373,7 @@ def paired_bootstrap_difference(
     diseases = [labels[c] for c in disease_indices(labels, negative_label)]
     paths = [metric] + [f"per_class.{d}.sensitivity" for d in diseases]
     diffs: dict[str, list[np.ndarray]] = {path: [] for path in paths}
-    for w in _resample_weights(clusters, n_samples, seed):
+    for w in _resample_weights(clusters, n_samples, seed, memory_mb):
         new, old = plan_new.evaluate(w), plan_old.evaluate(w)
         for path in paths:
             diffs[path].append(new[path] - old[path])

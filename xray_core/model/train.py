@@ -107,6 +107,23 @@ class Head(nn.Sequential):
         self.temperature.fill_(float(temperature))
 
 
+NORMALISER_CHUNK = 4096  # rows converted to float64 at a time (2208 dimensions: 72 MB)
+
+
+def _row_sum(rows: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+    """Sum over rows of ``rows`` (or of their squared deviations from ``mean``) in float64, a chunk of
+    rows at a time, bit for bit what ``x.mean(axis=0) * n`` / ``x.var(axis=0) * n`` sum: numpy adds the
+    rows of an axis-0 reduction one after another, and so does this, carrying the running sum into the
+    next chunk as its first row. Memory: two float64 chunks, not two float64 copies of every row."""
+    total: np.ndarray | None = None
+    for start in range(0, len(rows), NORMALISER_CHUNK):
+        chunk = np.asarray(rows[start:start + NORMALISER_CHUNK], dtype=np.float64)
+        if mean is not None:
+            chunk = np.abs(chunk - mean) ** 2  # as numpy's var: x - mean, squared
+        total = chunk.sum(axis=0) if total is None else np.add.reduce(np.vstack([total[None], chunk]), axis=0)
+    return total if total is not None else np.full(rows.shape[-1], np.nan)
+
+
 def fit_normaliser(train_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std of the training features (all views), float32.
 
@@ -114,10 +131,10 @@ def fit_normaliser(train_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     not contribute to. A dimension that is constant in training gets std 1 (left unscaled) instead
     of dividing by ~0.
     """
-    rows = np.asarray(train_x, dtype=np.float64).reshape(-1, np.asarray(train_x).shape[-1])
+    flat = np.asarray(train_x).reshape(-1, np.asarray(train_x).shape[-1])
     with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN features: training reports divergence
-        mean = rows.mean(axis=0)
-        std = rows.std(axis=0)
+        mean = _row_sum(flat, None) / len(flat)
+        std = np.sqrt(_row_sum(flat, mean) / len(flat))
     std = np.where(std > 1e-6, std, 1.0)
     return mean.astype(np.float32), std.astype(np.float32)
 

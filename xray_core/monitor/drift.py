@@ -51,6 +51,11 @@ from xray_core.monitor.performance import estimate
 from xray_core.monitor.reference import Reference
 
 MIN_BATCH = 5  # fewer films say nothing a permutation test can resolve
+# Films of a batch the MMD test compares with the reference's sample (at most 256 rows), at most: a seeded
+# subsample above it. The kernel matrix is (films + 256)² and each permutation gathers it, so a night's
+# 10,000 arrivals would hold 0.8 GB and take hours; past a few times the sample's size more films add
+# little power (the 256 reference rows bound it). Recorded in the check as ``mmd_subsample``.
+MMD_MAX_FILMS = 1024
 NEW_SITE = "new site: not in the model's validation films"
 POOLED = "against the pooled reference: a site differs from a mix of sites by construction"
 
@@ -152,10 +157,14 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
         out["ood_expected"] = round(n * a / (a + b), 2)
         out["ood_line"] = ood_line(flagged, n, out["ood_expected"], rule, coarse)
     new_groups = np.arange(n) if groups is None else np.asarray(groups)
+    pick = np.arange(n)
+    if n > MMD_MAX_FILMS:
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=MMD_MAX_FILMS, replace=False))
+        out["mmd_subsample"] = {"films": MMD_MAX_FILMS, "of": n, "permutations": permutations, "seed": seed}
     out["mmd"], out["mmd_p"] = mmd_permutation_test(
         reference.embed_for_drift(reference.sample),
-        reference.embed_for_drift(reference.standardise(features)), reference.sample_groups, new_groups,
-        permutations=permutations, seed=seed)
+        reference.embed_for_drift(reference.standardise(np.asarray(features)[pick])), reference.sample_groups,
+        new_groups[pick], permutations=permutations, seed=seed)
     out["ks"], out["ks_p"] = ks_probabilities(reference.val_probs, probs, positive)
     val_pred = predicted_labels(reference.val_probs, threshold, positive)
     prevalence, cond = bbse_prevalence(val_pred, reference.val_labels,

@@ -211,9 +211,16 @@ def crossfit_scores(train_views: np.ndarray, train_eval: np.ndarray, groups: np.
     if n_groups < 2:
         return np.zeros(0)
     scores = np.empty(len(train_eval), dtype=np.float64)
+    views = train_views.shape[1]
     for fit, held in GroupKFold(n_splits=min(folds, n_groups)).split(train_eval, groups=groups):
-        basis = fit_basis(train_views[fit].reshape(-1, train_views.shape[-1]), max_components=max_components,
-                          max_rows=max_rows, seed=seed)
+        if max_rows is not None and len(fit) * views > max_rows:
+            # fit_basis's own seeded subset of the fold's flattened rows, picked before they are copied:
+            # the same rows, without a copy of 4/5 of every training view (70,000 films: 2.5 GB)
+            flat = np.sort(np.random.default_rng(seed).choice(len(fit) * views, size=max_rows, replace=False))
+            rows = train_views[fit[flat // views], flat % views]
+        else:
+            rows = train_views[fit].reshape(-1, train_views.shape[-1])
+        basis = fit_basis(rows, max_components=max_components, max_rows=max_rows, seed=seed)
         scores[held] = basis.scores(train_eval[held])
     return scores
 

@@ -69,20 +69,21 @@ def subgroup_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs: n
 
 def audit_step(settings: Settings, data: SplitData) -> dict[str, Any]:
     """The shortcut audit over every image of the run's split, with the site of each and its embedding
-    (the eval view of every image)."""
+    (the eval view of every image). The label × site table covers every film; the two probes run on at
+    most ``XRAY_SUBSAMPLE_FILMS`` of them (stratified by label × site; the audit's ``probe_subsample``
+    says how many), and only those films' features are read."""
     from xray_core.data.facts import image_facts
+    from xray_core.data.subsample import stratified_subsample
     from xray_core.evaluate.audit import shortcut_audit
 
     rows = data.train + data.val + data.test
     facts = image_facts(settings, [r.id for r in rows]).loc[[r.id for r in rows]]
-    parts = []
-    if data.train:
-        parts.append(features_for(settings, data.train, [train_views(settings)[0]])[:, 0, :])  # view 0
-    if data.val or data.test:
-        parts.append(features_for(settings, data.val + data.test))
-    embeddings = np.concatenate(parts) if parts else None
+    pick = stratified_subsample(list(zip(facts["label"], facts["site"])), settings.subsample_films,
+                                seed=settings.split_seed)
+    chosen = rows if pick is None else [rows[i] for i in pick]
+    embeddings = features_for(settings, chosen, [train_views(settings)[0]])[:, 0, :] if chosen else None
     audit = shortcut_audit(facts.reset_index(drop=True), embeddings, negative_label=settings.negative_label,
-                           auroc_threshold=settings.shortcut_auroc, seed=settings.split_seed)
+                           auroc_threshold=settings.shortcut_auroc, seed=settings.split_seed, probe_rows=pick)
     audit["policy"] = settings.shortcut_policy
     audit["sites"] = sorted(facts["site"].dropna().unique().tolist())
     return audit

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -103,6 +103,7 @@ def fit_challenger(settings: Settings, data: SplitData, *,
     temperature are part of the head's weights. Deterministic on the CPU: the same rows (in id order),
     features and training settings give the same bytes, which ``xray reproduce`` checks.
     """
+    from xray_core.data.subsample import stratified_subsample
     from xray_core.evaluate.metrics import (
         brier_score,
         choose_threshold,
@@ -126,11 +127,21 @@ def fit_challenger(settings: Settings, data: SplitData, *,
         raise NotEnoughDataError(f"training needs images in the train and val splits (now {len(x_train)} and "
                                  f"{len(x_val)}): ingest more patients (xray ingest PATH)")
     candidates = candidate_recipes(config, choice=settings.head_recipe, l2_grid=tuple(settings.head_l2_grid))
+    # above XRAY_SUBSAMPLE_FILMS training films the recipes are compared on a subsample (stratified by
+    # label); the winner is refitted on every film below, and the card says so
+    pick = stratified_subsample(y_train.tolist(), settings.subsample_films, seed=settings.train_seed)
+    some = slice(None) if pick is None else pick
+    train_groups = np.array([r.patient_id for r in data.train], dtype=object)
     selection = select_recipe(
-        candidates, x_train, y_train, np.array([r.patient_id for r in data.train], dtype=object),
-        x_train[:, 0], x_val, y_val,  # held-out training images in k-fold: their eval view
+        candidates, x_train[some], y_train[some], train_groups[some],
+        x_train[some, 0], x_val, y_val,  # held-out training images in k-fold: their eval view
         np.array([r.patient_id for r in data.val], dtype=object), len(labels), folds=settings.recipe_folds,
         min_val_per_class=settings.recipe_min_val_per_class, seed=settings.train_seed)
+    if pick is not None:
+        subsample = {"films": int(len(pick)), "of": int(len(y_train)), "stratified_by": "label",
+                     "seed": settings.train_seed}
+        selection = replace(selection, reason=f"{selection.reason} (compared on {len(pick)} of "
+                            f"{len(y_train)} training films, stratified by label; winner refitted on all)")
     fitted = fit_calibrated(selection, x_train, y_train, x_val, y_val, len(labels), progress=progress)
     recipe, head, record, temperature = selection.recipe, fitted.head, fitted.record, fitted.temperature
     # held-out probabilities: validation, or out-of-fold over train+val when the head was refitted on both
@@ -177,7 +188,8 @@ def fit_challenger(settings: Settings, data: SplitData, *,
                      "history": record["history"], "train_views": train_views(settings),
                      "n_train": len(data.train), "n_val": len(data.val), "fitted_on": fitted.fitted_on,
                      "recipe": {**recipe.as_dict(), "method": selection.method, "reason": selection.reason,
-                                "candidates": selection.scores}},
+                                "candidates": selection.scores,
+                                **({} if pick is None else {"subsample": subsample})}},
         "calibration": calibration,
         "training_set_fingerprint": training_set_fingerprint(data),
         "settings": settings.public_dict(), "val_metrics": val_metrics, "val_metrics_on": held_on,
@@ -192,7 +204,8 @@ def features_sha256(x_train: np.ndarray, x_val: np.ndarray) -> str:
     digest = hashlib.sha256()
     for x in (x_train, x_val):
         digest.update(str(x.shape).encode())
-        digest.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+        for start in range(0, len(x), 4096):  # the same bytes in order, without a copy of all of them
+            digest.update(np.ascontiguousarray(x[start:start + 4096], dtype=np.float32).tobytes())
     return digest.hexdigest()
 
 
@@ -277,7 +290,7 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
     metrics["intervals"] = bootstrap_intervals(
         y, probs, labels, patients, threshold=model.threshold, negative_label=settings.negative_label,
         n_samples=settings.bootstrap_samples, seed=settings.bootstrap_seed,
-        target_specificity=settings.target_specificity)
+        target_specificity=settings.target_specificity, memory_mb=settings.memory_mb)
     metrics["bootstrap"] = {"samples": settings.bootstrap_samples, "seed": settings.bootstrap_seed,
                             "clustered_by": "patient", "patients": int(len(set(patients)))}
     metrics["slices"], sites, views = evaluation_slices(settings, rows, y, probs, labels, model.threshold)
@@ -334,7 +347,8 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
             metric=settings.promotion_metric,
             thresholds=(challenger["metrics"].get("threshold"), champion["metrics"].get("threshold")),
             negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
-            seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+            seed=settings.bootstrap_seed, target_specificity=settings.target_specificity,
+            memory_mb=settings.memory_mb)
     decision = decide(challenger["metrics"], champion["metrics"] if champion else None, comparison, config)
     ref = reference_summary(settings, challenger, champion, reference, comparison, data)
     out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips, ref)
