@@ -204,25 +204,22 @@ def crossfit_scores(train_views: np.ndarray, train_eval: np.ndarray, groups: np.
     scored by a basis that saw it looks more typical than a new film would; held out, it does not.
     Empty when there are fewer than two patients.
     """
-    from sklearn.model_selection import GroupKFold
+    from xray_core.monitor.scores import crossfit
 
-    groups = np.asarray(groups, dtype=str)
-    n_groups = len(np.unique(groups))
-    if n_groups < 2:
-        return np.zeros(0)
-    scores = np.empty(len(train_eval), dtype=np.float64)
     views = train_views.shape[1]
-    for fit, held in GroupKFold(n_splits=min(folds, n_groups)).split(train_eval, groups=groups):
+
+    def fold_rows(fit: np.ndarray) -> np.ndarray:
         if max_rows is not None and len(fit) * views > max_rows:
             # fit_basis's own seeded subset of the fold's flattened rows, picked before they are copied:
             # the same rows, without a copy of 4/5 of every training view (70,000 films: 2.5 GB)
             flat = np.sort(np.random.default_rng(seed).choice(len(fit) * views, size=max_rows, replace=False))
-            rows = train_views[fit[flat // views], flat % views]
-        else:
-            rows = train_views[fit].reshape(-1, train_views.shape[-1])
-        basis = fit_basis(rows, max_components=max_components, max_rows=max_rows, seed=seed)
-        scores[held] = basis.scores(train_eval[held])
-    return scores
+            return train_views[fit[flat // views], flat % views]
+        return train_views[fit].reshape(-1, train_views.shape[-1])
+
+    return crossfit(train_eval, groups,
+                    lambda rows: fit_basis(rows, max_components=max_components, max_rows=max_rows,
+                                           seed=seed).scores,
+                    folds=folds, fit_rows=fold_rows)
 
 
 def conformal_threshold(scores: np.ndarray, quantile: float) -> tuple[float, int]:

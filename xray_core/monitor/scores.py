@@ -59,10 +59,12 @@ ScoreFn = Callable[[np.ndarray], np.ndarray]
 
 
 def crossfit(x: np.ndarray, groups: np.ndarray, fit: Callable[[np.ndarray], ScoreFn], *,
-             folds: int) -> np.ndarray:
+             folds: int, fit_rows: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Each row's score from a scorer fitted (``fit(rows)`` -> scoring function) without its own
     patients' fold (sklearn ``GroupKFold``): held out, a training film looks as new as a new film.
-    Empty when there are fewer than two patients."""
+    ``fit_rows(indices)``: the rows a fold's scorer is fitted on (default ``x[indices]``; format 2 fits
+    on every view of those films while ``x`` holds the view that is scored). Empty when there are fewer
+    than two patients."""
     from sklearn.model_selection import GroupKFold
 
     groups = np.asarray(groups, dtype=str)
@@ -71,7 +73,7 @@ def crossfit(x: np.ndarray, groups: np.ndarray, fit: Callable[[np.ndarray], Scor
         return np.zeros(0)
     out = np.empty(len(x), dtype=np.float64)
     for a, b in GroupKFold(n_splits=min(folds, n_groups)).split(x, groups=groups):
-        out[b] = fit(x[a])(x[b])
+        out[b] = fit(x[a] if fit_rows is None else fit_rows(a))(x[b])
     return out
 
 
