@@ -145,13 +145,20 @@ def test_a_worker_killed_mid_batch_fails_the_ingest_and_the_rerun_completes(tmp_
     finally:
         con.close()
 
+    got, expected = _rerun_matches(home, src, reference)
+    assert got["files"] == expected["files"]
+
+
+def _rerun_matches(home: Path, src: Path, reference: Path) -> tuple[dict, dict]:
+    """Ingest ``src`` again into the killed ``home``: it succeeds, and its images and patients are an
+    uninterrupted ingest's (``reference``); returns both outcomes for the caller's further checks."""
     again = _ingest_subprocess(home, src, None)
     assert again.returncode == 0, again.stderr[-3000:]
     expected = _outcomes(_settings(reference, 2))
     got = _outcomes(_settings(home, 2))
     dispose_engines()
     assert got["images"] == expected["images"] and got["patients"] == expected["patients"]
-    assert got["files"] == expected["files"]
+    return got, expected
 
 
 def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:
@@ -199,12 +206,7 @@ def test_a_kill_inside_a_write_group_leaves_a_valid_catalogue(kill_at: str, tmp_
         if path.is_file() and not path.name.startswith("."):
             assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name.split(".")[0]
 
-    again = _ingest_subprocess(home, src, None)
-    assert again.returncode == 0, again.stderr[-3000:]
-    expected = _outcomes(_settings(reference, 2))
-    got = _outcomes(_settings(home, 2))
-    dispose_engines()
-    assert got["images"] == expected["images"] and got["patients"] == expected["patients"]
+    got, expected = _rerun_matches(home, src, reference)
     assert got["seen"] == expected["seen"]
     leftovers = set(got["files"]) - set(expected["files"])  # temp files a kill left: xray doctor lists them
     assert {k: v for k, v in got["files"].items() if k not in leftovers} == expected["files"]

@@ -105,6 +105,8 @@ def test_a_reference_with_too_few_calibration_films_says_the_flag_is_coarse():
     assert note is not None and "coarse" in note and "1/61" in note and "3 calibration films" in note
     assert "99 or more" in note
     assert "no film can be flagged" in str(coarse_note(15, rule))
+    # the quantile rule's cut is capped at the largest calibration score: films above it are flagged
+    assert "the cut is the largest calibration score" in str(coarse_note(98, FlagRule(quantile=0.99)))
     rng = np.random.default_rng(3)
     train, val = cluster(rng, 30, 0.0), cluster(rng, 10, 0.0)
     ref = build_reference(train[:, None], val, np.arange(10).astype(str), np.full((10, 2), 0.5),

@@ -9,7 +9,7 @@ from test_monitor_ood_flag import old_reference
 
 from xray_core.monitor.drift import NEW_SITE, POOLED, check_batch, check_site
 from xray_core.monitor.reference import Reference, build_reference
-from xray_core.pipeline.monitor import drifted_checks, single_known_site
+from xray_core.pipeline.monitor import drifted_checks, single_site
 
 DIM = 24
 LABELS = ["normal", "pneumonia"]
@@ -99,9 +99,12 @@ def test_a_reference_without_sites_loads_and_its_per_site_checks_do_not_flag_the
 
 def test_a_batch_from_one_known_site_is_compared_with_that_sites_films_not_the_mix():
     ref = two_site_reference()
-    assert single_known_site(["A"] * 20, ref) == "A"  # check_site against site A's reference films
-    assert single_known_site(["A"] * 10 + ["B"] * 10, ref) is None  # a mix: the pooled comparison
-    assert single_known_site(["C"] * 20, ref) is None  # a site the reference never saw: pooled
+    assert single_site(["A"] * 20, ref) == "A"  # check_site against site A's reference films
+    assert single_site(["A"] * 10 + ["B"] * 10, ref) is None  # a mix: the pooled comparison
+    assert single_site(["C"] * 20, ref) == "C"  # a site the reference never saw: check_site calls it new
+    assert single_site(["A"] * 20, old_reference(2)) is None  # no sites recorded: the pooled, counted check
+    new = check_site(ref, "C", *site_films(np.random.default_rng(4), "C", 20), groups=np.arange(20), **COMMON)
+    assert new["drift"] and new.get("new_site")
     alone, pooled = [], []
     for seed in range(3):
         x, p = site_films(np.random.default_rng(10 + seed), "A", 40)

@@ -118,6 +118,11 @@ def site_guardrail(challenger: dict[str, Any] | None, champion: dict[str, Any] |
     champion with sensitivity 0 on a restyled site stayed 13 nights while per-site noise vetoed
     challengers that restored it). Drops within the noise are listed in ``within_noise`` and the detail.
     ``evidence="point"``: every point drop above ``max_drop`` vetoes (the guardrail before issue 26).
+
+    The trade-off, stated: the interval is the challenger's alone, so on a small site even a large drop
+    from a perfect champion passes (7 of 10 positives found has the interval [0.40, 1.00]: a champion at
+    1.00 lies inside it). The pooled guardrail, the comparison, the locked reference and the negative
+    flips still judge those films; a site that needs the stricter rule sets ``point``.
     """
     drops, noise = [], []
     ch_sites, champ_sites = (challenger or {}).get("site", {}), (champion or {}).get("site", {})
@@ -152,7 +157,9 @@ def site_guardrail(challenger: dict[str, Any] | None, champion: dict[str, Any] |
             detail += "; also " + "; ".join(f"{d['site']} {d['metric']} −{d['drop']:.3f}" for d in drops
                                             if d is not worst)
     elif judged:
-        detail = f"no site dropped more than {max_drop:.3f} (sites judged: {', '.join(judged)})"
+        detail = (f"no site dropped more than {max_drop:.3f}" if not noise else
+                  f"no site's drop beyond {max_drop:.3f} can be told from noise") + \
+            f" (sites judged: {', '.join(judged)})"
     else:
         detail = "no site has enough test images of each class in both evaluations to judge"
     if noise:

@@ -87,9 +87,11 @@ def atomic_write_many(items: Sequence[tuple[Path, bytes]]) -> None:
     partial file under a final name. A full disk raises :class:`StorageFullError`.
     """
     pending: list[tuple[int, str, Path, int]] = []  # (fd, temp name, final path, bytes)
+    current: tuple[Path, int] | None = None  # the file being written or renamed: named by a full-disk error
     try:
         for path, data in items:
             path = Path(path)
+            current = (path, len(data))
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             pending.append((fd, tmp, path, len(data)))
@@ -99,21 +101,23 @@ def atomic_write_many(items: Sequence[tuple[Path, bytes]]) -> None:
         for i, (fd, *_) in enumerate(pending):
             pending[i] = (-1, *pending[i][1:])
             os.close(fd)
+        current = None  # a batched fsync's failure is the group's: named by its first file below
         while pending:
-            _, tmp, path, _ = pending[0]
+            _, tmp, path, size = pending[0]
+            current = (path, size)
             crash_point("fsutil.tmp_written")
             os.replace(tmp, path)
             pending.pop(0)
         _in_threads(fsync_dir, sorted({Path(path).parent for path, _ in items}))
     except BaseException as exc:
-        failed = pending[0] if pending else None
+        failed = current or ((pending[0][2], pending[0][3]) if pending else None)
         for fd, tmp, _, _ in pending:
             if fd >= 0:
                 with _suppress_oserror():
                     os.close(fd)
             _remove(tmp)
         if failed is not None:
-            _raise_if_full(exc, failed[2], failed[3])
+            _raise_if_full(exc, failed[0], failed[1])
         raise
 
 

@@ -126,8 +126,11 @@ def coarse_note(n: int, rule: FlagRule) -> str | None:
     if beyond >= MIN_AT_CUT:
         return None
     need = int(np.ceil(MIN_AT_CUT / level)) - 1
-    why = (f"no film can be flagged (the smallest p-value is 1/{n + 1})" if beyond < 1 else
-           f"the cut rests on {beyond} calibration film{'s' if beyond != 1 else ''}")
+    if beyond < 1 and rule.quantile is not None:  # conformal_threshold caps its rank at the largest score
+        why = "the cut is the largest calibration score"
+    else:
+        why = (f"no film can be flagged (the smallest p-value is 1/{n + 1})" if beyond < 1 else
+               f"the cut rests on {beyond} calibration film{'s' if beyond != 1 else ''}")
     return (f"the flag is coarse: {n} calibration films resolve p-values in steps of 1/{n + 1}, so at "
             f"{level:g} {why}; {need} or more films make it reliable")
 

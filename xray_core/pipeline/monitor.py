@@ -111,18 +111,19 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
     return result
 
 
-def single_known_site(sites: Any, reference: Any) -> str | None:
-    """The site of a batch whose films all come from one site the reference has films of (at least
-    MIN_BATCH drift-sample rows), else None. Such a batch is compared with that site's reference films:
-    against the pooled mix of sites, one site's films differ by construction, a false alarm on every
-    night only one site sends films."""
-    from xray_core.monitor.drift import MIN_BATCH
+def single_site(sites: Any, reference: Any) -> str | None:
+    """The site of a batch whose films all come from one site, when the reference records sites; else
+    None (a mix of sites, or a reference saved before sites were recorded: the pooled comparison).
 
+    Such a batch is checked by :func:`~xray_core.monitor.drift.check_site`, as each site of a mixed batch
+    is: against that site's reference films (against the pooled mix of sites one site's films differ by
+    construction, a false alarm every night only one site sends films), as a new site when the reference
+    has none of it (drift), and pooled but not counted when it has too few to test the site alone."""
     names = {str(s) for s in sites}
     if len(names) != 1:
         return None
     site = names.pop()
-    return site if (reference.site_rows(site) or 0) >= MIN_BATCH else None
+    return site if reference.site_rows(site) is not None else None
 
 
 def accuracy_cell(est: dict[str, Any] | None) -> str:
@@ -192,7 +193,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_lab
                                             f"was not trained on ({', '.join(unknown)})"})
         return out
 
-    checks = [one("all new films", np.ones(len(rows), dtype=bool), single_known_site(sites, reference))]
+    checks = [one("all new films", np.ones(len(rows), dtype=bool), single_site(sites, reference))]
     for site in sorted(set(sites.tolist())) if len(set(sites.tolist())) > 1 else []:
         keep = sites == site
         if keep.sum() >= MIN_BATCH:

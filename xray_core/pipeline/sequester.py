@@ -7,10 +7,12 @@ validated model (bio-creep). ``XRAY_SEQUESTER_FRACTION`` of the new patients go 
 split instead (:mod:`xray_core.data.split`), which the snapshot, the skip checks, re-scoring and the
 monitor reference never read (they read train, val and test by name). ``xray audit`` and the
 ``audit/monthly`` deployment score both models here, on the identical sequestered films, and record a
-``sequester_audits`` row. The champion is **degraded** when the lower bound of the paired, patient-
-clustered difference (champion minus reference, in ``XRAY_PROMOTION_METRIC``) is at or below
-``-XRAY_REFERENCE_MARGIN``: the same rule as the locked-reference check of every challenger
-(:func:`~xray_core.evaluate.promotion.reference_check`).
+``sequester_audits`` row. The paired, patient-clustered difference (champion minus reference, in
+``XRAY_PROMOTION_METRIC``) is judged as the locked-reference check of every challenger
+(:func:`~xray_core.evaluate.promotion.reference_check`): ok when its lower bound is above
+``-XRAY_REFERENCE_MARGIN``. Otherwise the champion is **degraded** when the difference itself is below
+``-XRAY_REFERENCE_MARGIN`` (a measured drop), and the audit is inconclusive when only the interval
+reaches there (too few sequestered films to rule a drop out).
 
 No ``evaluations`` row is written: the registry's listing and re-scoring read those, and sequestered
 numbers must not reach a routine view. Nothing is audited (status ``skipped``, no row) before the first
@@ -91,7 +93,7 @@ def judge(settings: Settings, champion: Evaluation, reference: Evaluation, rows:
     # the non-inferiority reading raised the alarm for a champion better than the reference at every site).
     degraded: bool | None = None
     if defined and comparison is not None:
-        degraded = bool(comparison["difference"] < -margin)
+        degraded = bool(comparison["difference"] < -margin) and not check["passed"]
         if not degraded and not check["passed"]:
             degraded = None
             detail += (f"; the point difference {comparison['difference']:+.3f} is within the margin: "
