@@ -68,7 +68,7 @@ def test_in_distribution_site_batches_are_quiet_against_their_own_site_but_not_t
     assert pooled["drift"] and pooled["output_shift"]  # the false alarm per-site checks avoid
 
 
-def test_a_shifted_site_batch_flags_and_a_new_site_flags_as_new():
+def test_a_shifted_site_batch_flags_and_a_new_site_is_judged_by_its_tests():
     ref = two_site_reference()
     rng = np.random.default_rng(30)
     x, p = site_films(rng, "A", 40)
@@ -77,7 +77,8 @@ def test_a_shifted_site_batch_flags_and_a_new_site_flags_as_new():
     assert shifted["drift"] and shifted["input_shift"] and shifted["reference"] == "site"
     x, p = site_films(rng, "C", 40)
     new = check_site(ref, "C", x, p, **COMMON)
-    assert new["drift"] and new["new_site"] and new["verdict"].startswith(f"drift: {NEW_SITE}")
+    assert new["drift"] and new["new_site"] and new["verdict"].startswith(f"{NEW_SITE}; against the pooled")
+    assert "drift: inputs differ" in new["verdict"]  # flagged by its tests, not by its name
     assert new["reference"] == "pooled: new site" and drifted_checks([new]) == [new]
     assert not new["performance"]["reliable"]
 
@@ -101,7 +102,7 @@ def test_a_batch_from_one_known_site_is_compared_with_that_sites_films_not_the_m
     ref = two_site_reference()
     assert single_site(["A"] * 20, ref) == "A"  # check_site against site A's reference films
     assert single_site(["A"] * 10 + ["B"] * 10, ref) is None  # a mix: the pooled comparison
-    assert single_site(["C"] * 20, ref) == "C"  # a site the reference never saw: check_site calls it new
+    assert single_site(["C"] * 20, ref) is None  # a site the reference never saw: the pooled check decides
     assert single_site(["A"] * 20, old_reference(2)) is None  # no sites recorded: the pooled, counted check
     new = check_site(ref, "C", *site_films(np.random.default_rng(4), "C", 20), groups=np.arange(20), **COMMON)
     assert new["drift"] and new.get("new_site")
@@ -128,3 +129,14 @@ def test_a_site_too_thin_in_the_reference_is_not_new_and_does_not_count():
     assert out["reference"] == "pooled" and not out["counts"] and not out["drift"]
     assert "only 3 of this site's films" in out["verdict"] and not out.get("new_site")
     assert drifted_checks([out]) == []
+
+
+def test_a_new_site_name_on_films_like_the_reference_raises_no_alarm():
+    ref = two_site_reference()
+    rng = np.random.default_rng(8)
+    (xa, pa), (xb, pb) = site_films(rng, "A", 20), site_films(rng, "B", 20)
+    # the reference's own mix of films, under a folder's name it never saw (a plain `xray ingest DIR`)
+    x, p = np.vstack([xa, xb]), np.vstack([pa, pb])
+    out = check_site(ref, "deliveries-2026-12", x, p, groups=np.arange(40) // 2, **COMMON)
+    assert out["new_site"] and out["verdict"].startswith(NEW_SITE) and out["counts"]
+    assert not out["drift"], out["verdict"]

@@ -190,10 +190,11 @@ def check_site(reference: Reference, site: str, features: np.ndarray, probs: np.
     Adds ``reference`` (what they were compared with: ``site``, ``pooled`` or ``pooled: new site``) and
     ``counts`` (False: the reference records no sites, so only the pooled comparison was possible; it
     must not set the run's drift flag, so ``drift`` is False and the tests' flag is ``pooled_drift``).
-    A site with no drift-sample rows is new: its tests run against the pooled reference and it is drift
-    whatever they say. A site with 1 to ``MIN_BATCH - 1`` rows is known to the model but too thin in the
-    reference to test alone: pooled, not counted (calling it new raised an alarm every night for a site
-    of small weekly batches in bench/year.py)."""
+    A site with no drift-sample rows is new: its tests run against the pooled reference and decide (a
+    site's name is often only its folder's, so the name alone raises no alarm). A site with 1 to
+    ``MIN_BATCH - 1`` rows is known to the model but too thin in the reference to test alone: pooled,
+    not counted (calling it new raised an alarm every night for a site of small weekly batches in
+    bench/year.py)."""
     rows = reference.site_rows(site)
     if rows is None:
         out = check_batch(reference, features, probs, **kwargs)
@@ -205,14 +206,12 @@ def check_site(reference: Reference, site: str, features: np.ndarray, probs: np.
         return {**out, "drift": False, "pooled_drift": out["drift"], "reference": "pooled", "counts": False,
                 "verdict": f"not counted, {POOLED} (only {rows} of this site's films are in the model's "
                            f"drift sample, fewer than {MIN_BATCH} to test the site alone): {out['verdict']}"}
-    if rows == 0:
+    if rows == 0:  # judged on evidence: a site's name alone (often its folder's) says little
         out = check_batch(reference, features, probs, **kwargs)
         if out["n"] < MIN_BATCH:
             return {**out, "reference": "pooled: new site", "counts": True}
-        perf = estimate(probs, threshold=kwargs.get("threshold"), positive=kwargs.get("positive"), drift=True)
-        return {**out, "reference": "pooled: new site", "counts": True, "drift": True, "new_site": True,
-                "performance": perf,
-                "verdict": f"drift: {NEW_SITE}; against the pooled reference: {out['verdict']}"}
+        return {**out, "reference": "pooled: new site", "counts": True, "new_site": True,
+                "verdict": f"{NEW_SITE}; against the pooled reference: {out['verdict']}"}
     own = reference.for_site(site)
     out = check_batch(own, features, probs, **kwargs)
     return {**out, "reference": "site", "reference_rows": rows, "counts": True,

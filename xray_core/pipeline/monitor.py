@@ -112,18 +112,20 @@ def run_monitor(settings: Settings, *, flow_run_id: str | None = None,
 
 
 def single_site(sites: Any, reference: Any) -> str | None:
-    """The site of a batch whose films all come from one site, when the reference records sites; else
-    None (a mix of sites, or a reference saved before sites were recorded: the pooled comparison).
+    """The site of a batch whose films all come from one site the reference has films of (at least
+    MIN_BATCH drift-sample rows), else None (the pooled comparison: a mix of sites, a site the reference
+    has too few or none of, or a reference saved before sites were recorded).
 
-    Such a batch is checked by :func:`~xray_core.monitor.drift.check_site`, as each site of a mixed batch
-    is: against that site's reference films (against the pooled mix of sites one site's films differ by
-    construction, a false alarm every night only one site sends films), as a new site when the reference
-    has none of it (drift), and pooled but not counted when it has too few to test the site alone."""
+    Such a batch is compared with that site's reference films (:func:`~xray_core.monitor.drift.check_site`),
+    as each site of a mixed batch is: against the pooled mix of sites one site's films differ by
+    construction, a false alarm every night only one site sends films."""
+    from xray_core.monitor.drift import MIN_BATCH
+
     names = {str(s) for s in sites}
     if len(names) != 1:
         return None
     site = names.pop()
-    return site if reference.site_rows(site) is not None else None
+    return site if (reference.site_rows(site) or 0) >= MIN_BATCH else None
 
 
 def accuracy_cell(est: dict[str, Any] | None) -> str:
