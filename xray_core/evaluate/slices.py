@@ -40,7 +40,8 @@ def slice_name(value: Any) -> str:
 
 def slice_metrics(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], patients: Sequence[str],
                   slices: dict[str, Sequence[str | None]], *, threshold: float | None, negative_label: str,
-                  min_per_class: int, n_samples: int, seed: int, target_specificity: float) -> dict[str, Any]:
+                  min_per_class: int, n_samples: int, seed: int, target_specificity: float,
+                  memory_mb: int | None = None) -> dict[str, Any]:
     """``{dimension: {value: slice}}`` for each dimension in ``slices`` (e.g. ``site``, ``view``).
 
     Each slice: ``n``, ``counts`` per label, ``patients``, ``judged`` with ``reason`` when not,
@@ -58,7 +59,7 @@ def slice_metrics(y: np.ndarray, probs: np.ndarray, labels: Sequence[str], patie
             out[dimension][str(value)] = _one_slice(
                 frame["y"].to_numpy()[idx], np.asarray(probs)[idx], labels, part["patient"].to_numpy(),
                 threshold=threshold, negative_label=negative_label, min_per_class=min_per_class,
-                n_samples=n_samples, seed=seed, target_specificity=target_specificity)
+                n_samples=n_samples, seed=seed, target_specificity=target_specificity, memory_mb=memory_mb)
     return out
 
 
@@ -78,7 +79,7 @@ def fold_rare(values: Sequence[str | None], *, most: int = MAX_SLICES) -> list[s
 
 def _one_slice(y: np.ndarray, probs: np.ndarray, labels: list[str], patients: np.ndarray, *,
                threshold: float | None, negative_label: str, min_per_class: int, n_samples: int, seed: int,
-               target_specificity: float) -> dict[str, Any]:
+               target_specificity: float, memory_mb: int | None = None) -> dict[str, Any]:
     counts = {label: int((y == c).sum()) for c, label in enumerate(labels)}
     present = {label: n for label, n in counts.items() if n > 0}
     small = {label: n for label, n in present.items() if n < min_per_class}
@@ -92,7 +93,7 @@ def _one_slice(y: np.ndarray, probs: np.ndarray, labels: list[str], patients: np
                               target_specificity=target_specificity)
     intervals = bootstrap_intervals(y, probs, labels, patients, threshold=threshold,
                                     negative_label=negative_label, n_samples=n_samples, seed=seed,
-                                    target_specificity=target_specificity)
+                                    target_specificity=target_specificity, memory_mb=memory_mb)
     return {"n": int(y.size), "counts": counts, "patients": int(len(set(patients))),
             "judged": not small, "auroc_judged": reason is None, "reason": reason,
             "macro_auroc": metrics["macro_auroc"] if len(present) >= 2 else None,

@@ -46,7 +46,8 @@ def evaluation_slices(settings: Settings, rows: list[Row], y: np.ndarray,
     slices = slice_metrics(y, probs, labels, [r.patient_id for r in rows], {"site": sites, "view": views},
                            threshold=threshold, negative_label=settings.negative_label,
                            min_per_class=settings.min_test_per_class, n_samples=settings.bootstrap_samples,
-                           seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+                           seed=settings.bootstrap_seed, target_specificity=settings.target_specificity,
+                           memory_mb=settings.memory_mb)
     return slices, sites, views
 
 
@@ -64,7 +65,8 @@ def subgroup_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs: n
     return slice_metrics(y, probs, labels, [r[4] for r in rows], {d: fold_rare(v) for d, v in values.items()},
                          threshold=threshold, negative_label=settings.negative_label,
                          min_per_class=settings.min_test_per_class, n_samples=settings.bootstrap_samples,
-                         seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+                         seed=settings.bootstrap_seed, target_specificity=settings.target_specificity,
+                           memory_mb=settings.memory_mb)
 
 
 def audit_step(settings: Settings, data: SplitData) -> dict[str, Any]:
@@ -151,7 +153,8 @@ def reference_summary(settings: Settings, challenger: dict[str, Any], champion: 
                 np.array([r.patient_id for r in rows]), metric=metric,
                 thresholds=(challenger["metrics"].get("threshold"), reference["metrics"].get("threshold")),
                 negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
-                seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+                seed=settings.bootstrap_seed, target_specificity=settings.target_specificity,
+                memory_mb=settings.memory_mb)
     used = None if why_not else comparison
     check = reference_check(used, version, margin, metric, settings.target_specificity, why_not)
     keys = ("challenger", "champion", "difference", "low", "high", "level")

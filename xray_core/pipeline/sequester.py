@@ -82,7 +82,8 @@ def judge(settings: Settings, champion: Evaluation, reference: Evaluation, rows:
             np.array([r.patient_id for r in kept]), metric=metric,
             thresholds=(champion.metrics.get("threshold"), reference.metrics.get("threshold")),
             negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
-            seed=settings.bootstrap_seed, target_specificity=settings.target_specificity)
+            seed=settings.bootstrap_seed, target_specificity=settings.target_specificity,
+            memory_mb=settings.memory_mb)
     check = reference_check(comparison, reference.version, margin, metric, settings.target_specificity,
                             why_not)
     defined = why_not is None and comparison is not None and comparison.get("low") is not None
