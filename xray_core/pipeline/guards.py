@@ -66,7 +66,7 @@ def subgroup_slices(settings: Settings, rows: list[Row], y: np.ndarray, probs: n
                          threshold=threshold, negative_label=settings.negative_label,
                          min_per_class=settings.min_test_per_class, n_samples=settings.bootstrap_samples,
                          seed=settings.bootstrap_seed, target_specificity=settings.target_specificity,
-                           memory_mb=settings.memory_mb)
+                         memory_mb=settings.memory_mb)
 
 
 def audit_step(settings: Settings, data: SplitData) -> dict[str, Any]:
