@@ -29,10 +29,10 @@ drifts.
 **Per site** (:func:`check_site`): a site's new films are compared with the reference's validation films
 of *that site* (its drift-sample rows, probabilities, labels and OOD scores), because one site's films
 differ from a mix of sites by construction: against the pooled reference, the sites of a simulated year
-(bench/year.py) got MMD p = 0.001 every night with no shift at all. A site the reference has fewer than
-``MIN_BATCH`` rows of is a new site: that is drift, and its tests run against the pooled reference. A
-reference saved before sites were recorded can only give the pooled comparison, which then does not
-count toward the run's drift flag.
+(bench/year.py) got MMD p = 0.001 every night with no shift at all. A site the reference has no rows of
+is a new site, judged by its tests against the pooled reference. A site with fewer than ``MIN_BATCH``
+rows, or any site of a reference saved before sites were recorded, can only get the pooled comparison,
+which then does not count toward the run's drift flag.
 
 The three tests share XRAY_DRIFT_ALPHA (Bonferroni: each warns below alpha / 3), so a batch from the
 training distribution raises a warning with probability at most about alpha.
@@ -146,10 +146,11 @@ def check_batch(reference: Reference, features: np.ndarray, probs: np.ndarray, *
                 "verdict": f"not tested: {n} films (a batch test needs at least {MIN_BATCH})",
                 "performance": estimate(probs, threshold=threshold, positive=positive, drift=None)}
     calibration = reference.calibration_scores  # format 1: the validation films' scores
-    k = min(reference.cut(rule)[1], len(calibration))  # the cut's rank among the calibration scores
+    cut, rank = reference.cut(rule)
+    k = min(rank, len(calibration))  # the cut's rank among the calibration scores
     if reference.site is not None:  # one site's validation films: how many of them the pooled cut passes
         calibration = reference.val_scores
-        k = int((np.asarray(calibration) <= reference.cut(rule)[0]).sum())
+        k = int((np.asarray(calibration) <= cut).sum())
     a, b = max(len(calibration) - k + 1, 1), max(k, 1)
     out["ood_p"] = float(betabinom.sf(flagged - 1, n, a, b)) if flagged else 1.0
     out["ood_expected_rate"] = round(a / (a + b), 6)
@@ -196,16 +197,13 @@ def check_site(reference: Reference, site: str, features: np.ndarray, probs: np.
     not counted (calling it new raised an alarm every night for a site of small weekly batches in
     bench/year.py)."""
     rows = reference.site_rows(site)
-    if rows is None:
+    if rows is None or 0 < rows < MIN_BATCH:  # only the pooled comparison is possible: reported, not counted
+        why = ("this model's reference records no sites: a retrain records them" if rows is None else
+               f"only {rows} of this site's films are in the model's drift sample, fewer than {MIN_BATCH} "
+               "to test the site alone")
         out = check_batch(reference, features, probs, **kwargs)
         return {**out, "drift": False, "pooled_drift": out["drift"], "reference": "pooled", "counts": False,
-                "verdict": f"not counted, {POOLED} (this model's reference records no sites: a retrain "
-                           f"records them): {out['verdict']}"}
-    if 0 < rows < MIN_BATCH:  # the model has films of this site, too few to test the site alone
-        out = check_batch(reference, features, probs, **kwargs)
-        return {**out, "drift": False, "pooled_drift": out["drift"], "reference": "pooled", "counts": False,
-                "verdict": f"not counted, {POOLED} (only {rows} of this site's films are in the model's "
-                           f"drift sample, fewer than {MIN_BATCH} to test the site alone): {out['verdict']}"}
+                "verdict": f"not counted, {POOLED} ({why}): {out['verdict']}"}
     if rows == 0:  # judged on evidence: a site's name alone (often its folder's) says little
         out = check_batch(reference, features, probs, **kwargs)
         if out["n"] < MIN_BATCH:
