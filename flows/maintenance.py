@@ -24,7 +24,8 @@ def gc_task(dry_run: bool, wait_seconds: float) -> dict[str, Any]:
 
 @flow(name="maintenance")
 def maintenance(dry_run: bool = False, wait_seconds: float = 3600.0) -> dict[str, Any]:
-    """Retention: old rejected models' files, unused feature folders, old report files."""
+    """Retention: old rejected models' files, unused feature folders, old report files, superseded
+    evaluations' slices."""
     result = gc_task(dry_run, wait_seconds)
     verb = "Would free" if dry_run else "Freed"
     rows = [f"| {r['kind']} | {r['target']} | {r['bytes']} | {r['reason']} |" for r in result["removals"]]

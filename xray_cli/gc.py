@@ -11,7 +11,8 @@ import sys
 from typing import Any
 
 HELP = ("delete what retention does not keep (old rejected models' files, unused feature folders, old "
-        "report files); the catalogue rows stay, marked pruned; --dry-run lists it with its bytes")
+        "report files, superseded evaluations' per-site slices); the catalogue rows stay, marked pruned; "
+        "--dry-run lists it with its bytes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,15 +42,33 @@ def size(n: int) -> str:
 
 def render(r: dict[str, Any]) -> str:
     verb = "would remove" if r["dry_run"] else "removed"
-    lines = [f"{verb} {what}: {size(x['bytes'])} ({x['keys']} file(s); {x['reason']})"
+    lines = [f"{verb} {what}: {size(x['bytes'])} ({x['keys']} {unit}; {x['reason']})"
              for x in r["removals"]
-             for what in [{"model": f"model {x['target']}'s files", "features": f"feature folder "
-                           f"{x['target'][:12]}…", "report": f"report files of {x['target']}"}[x["kind"]]]]
+             for what, unit in [{"model": (f"model {x['target']}'s files", "file(s)"),
+                                 "features": (f"feature folder {x['target'][:12]}…", "file(s)"),
+                                 "report": (f"report files of {x['target']}", "file(s)"),
+                                 "evaluations": (f"the slices of {x['target']}'s old evaluations",
+                                                 "row(s) in the catalogue")}[x["kind"]]]]
     if not lines:
         lines.append("nothing to remove")
     dry = " (dry run: nothing changed)" if r["dry_run"] else ""
     lines.append(f"total: {size(r['bytes'])} ({r['bytes']} bytes){dry}")
+    lines += catalogue_lines(r.get("catalogue") or {})
     lines += [f"kept v{v}: {why}" for v, why in r["kept_models"].items()]
     lines += [f"kept feature folder {fp[:12]}…: {why}" for fp, why in r["kept_backbones"].items()]
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
+
+
+def catalogue_lines(c: dict[str, Any]) -> list[str]:
+    """The SQLite catalogue's size: freed rows stay in the file as free pages that new rows reuse; gc
+    vacuums it (the file shrinks) only when enough of it is free."""
+    def line(s: dict[str, Any]) -> str:
+        return (f"{size(s['database_bytes'])}, of which {size(s['free_bytes'])} free pages (reused by new "
+                f"rows); on disk: {size(s['file_bytes'])} + WAL {size(s['wal_bytes'])}")
+
+    out = [f"catalogue: {line(c['before'])}"] if c.get("before") else []
+    if c.get("after"):
+        vacuumed = " (vacuumed)" if c.get("vacuumed") else ""
+        out.append(f"catalogue after gc{vacuumed}: {line(c['after'])}")
+    return out

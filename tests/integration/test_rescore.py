@@ -189,3 +189,33 @@ def test_with_auto_precision_an_fp32_model_stays_scorable_where_auto_means_bf16(
     assert _why_not(trained_on, current) is None
     forced = _current_backbone(r.settings.with_overrides(embed_precision="bf16"), r.data2, trained_on, {})
     assert forced["fingerprint"] != trained_on and "not the current" in _why_not(trained_on, forced)
+
+
+def test_gc_slims_v1s_superseded_evaluation_and_a_slimmed_row_is_scored_again_not_reused(scenario):
+    """Last in this module: it changes the catalogue. v1's first evaluation (on the first, smaller test set)
+    is superseded by its evaluations on the second; gc drops its slices, keeps its numbers, and the
+    re-score scores v1 on the first test set again rather than reuse the slimmed row."""
+    from xray_core.pipeline.evaluation_retention import is_slimmed
+    from xray_core.pipeline.retention import run_gc
+    from xray_core.registry.listing import model_lineage
+
+    r = scenario
+    before = list_models(r.settings, current_test_set=r.fp2)
+    done = run_gc(r.settings, backbone=r.before[r.v1]["backbone_fingerprint"])
+    slimmed = [x for x in done["removals"] if x["kind"] == "evaluations"]
+    assert [(x["target"], x["keys"]) for x in slimmed] == [(f"v{r.v1}", 1)] and slimmed[0]["bytes"] > 0
+    assert list_models(r.settings, current_test_set=r.fp2) == before
+    lineage = model_lineage(r.settings, r.v1)
+    assert [bool(e["detail_pruned"]) for e in lineage["evaluations"]] == [True, False, False]
+    assert lineage["slices"]["site"]
+    assert lineage["evaluations"][0]["metrics"]["macro_auroc"]["low"] is not None
+    with session_scope(open_catalogue(r.settings)) as s:
+        first = s.scalars(select(Evaluation).where(Evaluation.model_id == r.v1)
+                          .order_by(Evaluation.id)).first()
+        assert first.test_set_fingerprint == fingerprint_test_set(r.data1.test) and is_slimmed(first.metrics)
+        assert "slices" not in first.metrics and first.metrics["intervals"]["macro_auroc"]["high"] is not None
+    count = evaluation_count(r.settings)
+    again = rescore_models(r.settings, r.data1, versions=[r.v1, r.v2])
+    assert [x["status"] for x in again] == ["scored", "scored"]  # v1's row there is slimmed; v2 never was
+    assert again[0]["evaluation"]["metrics"]["slices"]["site"]
+    assert evaluation_count(r.settings) == count + 2

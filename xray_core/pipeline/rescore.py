@@ -18,6 +18,7 @@ from db.schema import Evaluation, Model
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.snapshot import SplitData, fingerprint_test_set, load_split_data
 from xray_core.errors import CheckpointError, NotEnoughDataError, XrayError
+from xray_core.pipeline.evaluation_retention import is_slimmed
 from xray_core.pipeline.steps import evaluate_step
 from xray_core.settings import Settings
 
@@ -43,9 +44,10 @@ def rescore_models(settings: Settings, data: SplitData, *, versions: list[int] |
     """Score ``versions`` (default :func:`default_versions`) on ``data.test`` from cached features.
 
     One dict per version: ``status`` is ``reused`` (an evaluation on this exact test set already
-    exists; it is returned, not recomputed), ``scored`` (:func:`evaluate_step` ran and stored a new
-    evaluation row) or ``skipped`` with ``reason``. ``evaluation`` is evaluate_step's result shape
-    (version, test_set_fingerprint, n_images, metrics) for reused and scored models, else None.
+    exists, whole: not slimmed by ``xray gc``; it is returned, not recomputed), ``scored``
+    (:func:`evaluate_step` ran and stored a new evaluation row) or ``skipped`` with ``reason``.
+    ``evaluation`` is evaluate_step's result shape (version, test_set_fingerprint, n_images, metrics) for
+    reused and scored models, else None.
     """
     if not data.test:
         raise NotEnoughDataError("the test split is empty: ingest more patients before re-scoring")
@@ -59,7 +61,8 @@ def rescore_models(settings: Settings, data: SplitData, *, versions: list[int] |
                     for e in s.scalars(select(Evaluation)
                                        .where(Evaluation.model_id.in_(wanted),
                                               Evaluation.test_set_fingerprint == fingerprint)
-                                       .order_by(Evaluation.id))}
+                                       .order_by(Evaluation.id))
+                    if not is_slimmed(e.metrics)}  # its slices dropped by xray gc: scored again
     out: list[dict[str, Any]] = []
     # cache coverage per current backbone fingerprint, loaded when needed
     seen: dict[str, dict[str, Any]] = {}
@@ -164,9 +167,10 @@ HEADLINE = ("n", "labels", "threshold", "accuracy", "balanced_accuracy", "macro_
 
 def for_result(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What a run's result.json keeps of the re-scored registry: each model's status and headline
-    numbers on this test set. The full evaluations (per-class metrics, intervals, per-film scores) are
-    rows of the catalogue's ``evaluations`` table; result.json is kept forever (``xray gc``), and with
-    them it grew by ~110 KB a night at 9 models and 44 test films (bench/year.py)."""
+    numbers on this test set. The full evaluations (per-class metrics, intervals, per-site and per-view
+    slices) are rows of the catalogue's ``evaluations`` table (``xray gc`` slims superseded ones);
+    result.json is kept forever (``xray gc``), and with them it grew by ~110 KB a night at 9 models and 44
+    test films (bench/year.py)."""
     out = []
     for e in entries:
         ev = e.get("evaluation")

@@ -14,7 +14,9 @@ evaluations and audit rows stay, marked pruned (``models.pruned_at``), and loadi
 name. Feature folders (``features/<backbone fingerprint>/``) go unless a kept model or the current
 settings' backbone uses them (the next run would re-embed everything otherwise). Report folders
 older than ``XRAY_KEEP_REPORTS_DAYS`` (and than the review timeout: a run waiting for its reviewer
-still reads its ``split.json``) lose every file but ``result.json``.
+still reads its ``split.json``) lose every file but ``result.json``. Superseded evaluation rows lose
+their per-site/view/subgroup slices, keeping every pooled number and interval, and the catalogue is
+vacuumed when enough of it is free (:mod:`xray_core.pipeline.evaluation_retention`).
 
 Crash safety: the catalogue is marked first (one transaction, re-checking inside it that no marked
 version is or became the champion or another kept model), files are deleted after. A crash in
@@ -41,6 +43,7 @@ from db import session_scope
 from db.schema import Model, Promotion, as_utc
 from xray_core.data.catalogue import open_catalogue
 from xray_core.io.storage import get_storage
+from xray_core.pipeline import evaluation_retention as evals
 from xray_core.pipeline.lock import hold_retrain_lock
 from xray_core.registry.reference import LOCK
 from xray_core.settings import Settings
@@ -102,10 +105,11 @@ def models_to_keep(s: Session, settings: Settings) -> dict[int, str]:
 class Removal:
     """One thing gc deletes: a model's files, a feature folder, or a report folder's files."""
 
-    kind: str  # model | features | report
-    target: str  # v3 | the backbone fingerprint | the report folder's name
+    kind: str  # model | features | report | evaluations
+    target: str  # v3 | the backbone fingerprint | the report folder's name | v3
     reason: str
-    keys: tuple[str, ...]  # model and feature keys of their storage area; report paths under reports/
+    keys: tuple[str, ...]  # model and feature keys of their storage area; report paths under reports/;
+    # evaluation row ids (their slices go; the bytes are the JSON's, inside the catalogue file)
     bytes: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -118,6 +122,7 @@ class GcPlan:
     kept_models: dict[int, str] = field(default_factory=dict)
     kept_backbones: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    catalogue: dict[str, Any] = field(default_factory=dict)  # the SQLite file's bytes, before and after
 
     @property
     def bytes(self) -> int:
@@ -125,7 +130,8 @@ class GcPlan:
 
     def as_dict(self, *, dry_run: bool) -> dict[str, Any]:
         return {"dry_run": dry_run, "bytes": self.bytes, "removals": [r.as_dict() for r in self.removals],
-                "kept_models": self.kept_models, "kept_backbones": self.kept_backbones, "notes": self.notes}
+                "kept_models": self.kept_models, "kept_backbones": self.kept_backbones, "notes": self.notes,
+                "catalogue": self.catalogue}
 
 
 def current_backbone(settings: Settings) -> str:
@@ -174,7 +180,16 @@ def plan_gc(settings: Settings, *, backbone: str | None = None, now: datetime | 
         plan.removals.append(Removal("features", folder, "no kept model and not the current backbone uses it",
                                      keys, _sizes(features, keys)))
     plan.removals += _old_reports(settings, now)
+    plan.removals += [_slimming(e) for e in evals.plan_slimming(settings, now)]
+    if (path := evals.catalogue_file(settings)) is not None:
+        plan.catalogue = {"before": evals.catalogue_space(path)}
     return plan
+
+
+def _slimming(entry: dict[str, Any]) -> Removal:
+    return Removal("evaluations", f"v{entry['version']}",
+                   "superseded: scored again on a newer test set; per-site/view slices go, every pooled "
+                   "number and interval stays", tuple(str(i) for i in entry["ids"]), int(entry["bytes"]))
 
 
 def _sizes(storage: Any, keys: tuple[str, ...]) -> int:
@@ -223,7 +238,8 @@ def run_gc(settings: Settings, *, dry_run: bool = False, backbone: str | None = 
             plan.notes.append(f"kept {', '.join(f'v{v}' for v in sorted(planned - marked))} (the policy "
                               "changed while gc ran); feature folders are left for the next gc")
         plan.removals = [r for r in plan.removals if (r.kind == "model" and int(r.target[1:]) in marked)
-                         or r.kind == "report" or (r.kind == "features" and planned <= marked)]
+                         or r.kind in ("report", "evaluations")
+                         or (r.kind == "features" and planned <= marked)]
         models, features = get_storage(settings, "models"), get_storage(settings, "features")
         for r in plan.removals:
             if r.kind == "model":
@@ -232,9 +248,21 @@ def run_gc(settings: Settings, *, dry_run: bool = False, backbone: str | None = 
                 _drop_empty(models, r.keys)
             elif r.kind == "features":
                 features.delete_prefix(r.target)
-            else:
+            elif r.kind == "report":
                 _prune_report(Path(settings.reports_dir), r.keys)
+        _slim_and_tidy(settings, plan, now)
     return plan.as_dict(dry_run=False)
+
+
+def _slim_and_tidy(settings: Settings, plan: GcPlan, now: datetime | None) -> None:
+    """Slim the planned evaluations still superseded (one transaction), then VACUUM when worth it."""
+    planned = [int(k) for r in plan.removals if r.kind == "evaluations" for k in r.keys]
+    plan.removals = [r for r in plan.removals if r.kind != "evaluations"]
+    plan.removals += [_slimming(e) for e in evals.slim_evaluations(settings, planned, now)]
+    if (path := evals.catalogue_file(settings)) is not None:
+        plan.catalogue["vacuumed"], notes = evals.tidy_catalogue(path)
+        plan.catalogue["after"] = evals.catalogue_space(path)
+        plan.notes += notes
 
 
 def _mark_pruned(settings: Settings, versions: list[int], now: datetime | None) -> set[int]:

@@ -100,8 +100,8 @@ def model_lineage(settings: Settings, version: int) -> dict[str, Any]:
         rows_eval = model_evaluations(s, version)
         evaluations = [{"test_set_fingerprint": e.test_set_fingerprint, "n_images": e.n_images,
                         "backbone_fingerprint": e.backbone_fingerprint,
-                        "created_at": e.created_at.isoformat(),
-                        "metrics": _key_metrics(e.metrics)} for e in rows_eval]
+                        "created_at": e.created_at.isoformat(), "metrics": _key_metrics(e.metrics),
+                        "detail_pruned": (e.metrics or {}).get("detail_pruned")} for e in rows_eval]
         last = rows_eval[-1] if rows_eval else None
         slices = None
         if last is not None and (last.metrics or {}).get("slices"):

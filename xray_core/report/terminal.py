@@ -206,7 +206,8 @@ def render_lineage(m: dict[str, Any]) -> str:
            "  sources: " + "; ".join(f"{s['id']} {s['manifest'] or s['path']}" for s in m["sources"])]
     for e in m["evaluations"]:
         out.append(f"  evaluated on test set {e['test_set_fingerprint'][:12]} ({e['n_images']} images): "
-                   f"macro AUROC {format_interval(e['metrics'].get('macro_auroc'))}")
+                   f"macro AUROC {format_interval(e['metrics'].get('macro_auroc'))}"
+                   + (" (per-site slices dropped by xray gc)" if e.get("detail_pruned") else ""))
     latest = m.get("slices")
     if latest:
         shown = render_slices(latest)
