@@ -103,7 +103,8 @@ def models_to_keep(s: Session, settings: Settings) -> dict[int, str]:
 
 @dataclass(frozen=True)
 class Removal:
-    """One thing gc deletes: a model's files, a feature folder, or a report folder's files."""
+    """One thing gc deletes: a model's files, a feature folder, a report folder's files, or the slices of
+    a model's superseded evaluations."""
 
     kind: str  # model | features | report | evaluations
     target: str  # v3 | the backbone fingerprint | the report folder's name | v3
