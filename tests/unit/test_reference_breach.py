@@ -169,3 +169,18 @@ def test_the_outcome_names_a_restored_reference():
     assert (outcome_sentence("Kept", 22, 17, 2, restored=True)
             == "locked reference v2 restored as champion in place of v17 (v22 not promoted)")
     assert outcome_sentence("Kept", 22, 17, 17) == "champion v17 stays (v22 not promoted)"
+
+
+def test_the_report_names_the_breach_and_a_site_that_held(tmp_path):
+    from xray_core.report.markdown import retrain_markdown
+    from xray_core.results import Verdict
+
+    held = replace(_breach(status="held"), site="B", detail="no breach: ...")
+    run = RunResult(flow_run_id=None, run_name="r", trigger="test", backbone_weights="random",
+                    backbone_random_init=True, run_dir=str(tmp_path), status="completed", state="Kept",
+                    decision=Verdict(decision="keep", promote=False, rationale="Keep.", checks=[]),
+                    breach_checks=[replace(_breach(), detail="champion v17 measured 0.114 below ..."), held])
+    text = retrain_markdown(run)
+    assert ("**Breach of the locked reference at site A**: champion v17 measured 0.114 below ... "
+            "(XRAY_REFERENCE_BREACH=lift: none).") in text
+    assert "Locked reference at drifted site B: held: no breach: ..." in text
