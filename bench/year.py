@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -228,8 +229,8 @@ def night_row(night: int, result: dict[str, Any], wall: float, happened: list[st
             "decision": decision.get("decision"), "version": result.get("version"),
             "champion_after": result.get("champion_after"),
             "failed_checks": [c["name"] for c in decision.get("checks", []) if not c.get("passed")],
-            "reference": {k: reference.get(k) for k in ("version", "passed", "same_as_champion", "low")}
-            if reference else None,
+            "reference": {**{k: reference.get(k) for k in ("version", "passed", "same_as_champion", "low")},
+                          "breach": breach_rows(result)} if reference else None,
             "negative_flip_rate": flips.get("point"), "negative_flip_high": flips.get("high"),
             "test_set_reuse": (result.get("test_set_reuse") or {}).get("decisions"),
             "drift": {"flagged": (result.get("drift") or {}).get("flagged"),
@@ -237,6 +238,15 @@ def night_row(night: int, result: dict[str, Any], wall: float, happened: list[st
                                 if c.get("drift")]} if result.get("drift") else None,
             "seconds": {"total": round(wall, 3), "ingest": round(ingest_s, 3), "embed": round(embed_s, 3),
                         "rest": round(wall - ingest_s - embed_s, 3), **(cost or {})}}
+
+
+def breach_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The night's measures of the champion against the locked reference at each site the drift check
+    flagged (result.json's ``breach_checks``): site, status, gap (champion minus reference), films, action."""
+    return [{"site": b.get("site"), "status": b.get("status"), "gap": b.get("difference"),
+             "films": b.get("films"), "action": b.get("action"),
+             "challenger_check": (b.get("challenger_check") or {}).get("passed")}
+            for b in result.get("breach_checks") or []]
 
 
 def year_env(root: Path, size: int, scenario: dict[str, Any]) -> dict[str, str]:
@@ -369,6 +379,17 @@ def cost_growth(rows: list[dict[str, Any]], early: int = 5) -> dict[str, Any] | 
             "grows_most": max(growth, key=lambda s: growth[s]) if growth else None}
 
 
+def breach_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How often the champion was measured below the locked reference at a drifted site, and what was done
+    (XRAY_REFERENCE_BREACH), over the year."""
+    measured = [(r["night"], b) for r in rows for b in (r.get("reference") or {}).get("breach") or []]
+    breaches = [(night, b) for night, b in measured if b["status"] == "breach"]
+    return {"measured": len(measured), "breaches": len(breaches),
+            "nights": sorted({night for night, _ in breaches}),
+            "by_action": dict(sorted(Counter(str(b["action"]) for _, b in breaches).items())),
+            "not_enough_films": sum(b["status"] == "not enough films" for _, b in measured)}
+
+
 def disk_check(ten: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
     """The issue's disk criterion: the home at the last night is at most twice its size at night 10 plus
     what the films that arrived since take in the store and the feature cache."""
@@ -418,6 +439,7 @@ def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[s
                                 for name in sorted({c for r in rows for c in r["failed_checks"]})},
         "cost_growth": cost_growth(rows),
         "drift_flagged_nights": [r["night"] for r in rows if (r.get("drift") or {}).get("flagged")],
+        "reference_breaches": breach_summary(rows),
         "audits": {status: [r["night"] for r in rows if (r.get("audit") or {}).get("status") == status]
                    for status in ("ok", "degraded", "inconclusive", "skipped")},
         "home_bytes": {f"night_{ten['night']}": sum(ten["disk"].values()),

@@ -142,3 +142,22 @@ def emit_audit_degraded(result: dict[str, Any]) -> bool:
                         **{k: comparison.get(k) for k in ("difference", "low", "high")},
                         "verdict": str(result.get("verdict"))[:500]})
     return True
+
+
+def emit_reference_breach(run: RunResult) -> int:
+    """``xray.reference.breach`` for each drifted site where the retrain measured the champion below the
+    locked reference by more than XRAY_REFERENCE_MARGIN (``RunResult.breach_checks``,
+    :mod:`xray_core.pipeline.breach`), on the champion's resource with the reference related, as
+    ``xray.audit.degraded``. Returns how many were sent."""
+    sent, after = 0, None if run.champion_after is NOT_REACHED else run.champion_after
+    for check in (c for c in run.breach_checks if c.breached):
+        emit_event("xray.reference.breach", resource=model_resource(check.champion),
+                   related=[{**model_resource(check.reference), "prefect.resource.role": "reference"}],
+                   payload={"site": check.site, "champion": check.champion, "reference": check.reference,
+                            "films": check.films, "metric": check.metric, "margin": check.margin,
+                            "difference": check.difference, "low": check.low, "high": check.high,
+                            "mode": check.mode, "action": check.action, "challenger": run.version,
+                            "champion_after": after,
+                            "detail": check.detail[:500]})
+        sent += 1
+    return sent

@@ -27,7 +27,7 @@ from flows.common import (
     tag_decision,
     transient_io,
 )
-from flows.events import emit_retrain_drift, emit_retrain_outcome
+from flows.events import emit_reference_breach, emit_retrain_drift, emit_retrain_outcome
 from flows.review import wait_for_review
 from xray_core.errors import PathRefusedError
 from xray_core.io.allowed_roots import confine_parameters
@@ -168,6 +168,7 @@ def retrain(sources: list[str] | None = None, manifests: list[str] | None = None
     publish_artifacts(settings, result)
     emit_retrain_outcome(result)
     emit_retrain_drift(result)
+    emit_reference_breach(result)
     logger.info(result.state_line)
     final: State = Completed(name=result.state, message=result.state_message[:1000], data=result.digest())
     return tag_decision(final)

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from xray_core.data.ingest import IngestSummary
 from xray_core.data.snapshot import SplitData, load_snapshot
+from xray_core.evaluate.breach import RESTORED, BreachCheck
 from xray_core.evaluate.promotion import DECISION_STATES
 
 
@@ -245,6 +246,9 @@ class RunResult:
     train: TrainResult | None = None
     challenger_eval: Evaluation | None = None
     champion_eval: Evaluation | None = None
+    # the champion against the locked reference at each site the drift check flagged (issue 26,
+    # xray_core.pipeline.breach); ``breach_checks`` in result.json, absent when none was measured
+    breach_checks: list[BreachCheck] = field(default_factory=list)
     decision: Verdict | None = None
     champion_after: int | None | NotReached = NOT_REACHED
     # decisions this test set informed, with XRAY_TEST_REUSE_BUDGET (registry.reference.count_test_set_reuse)
@@ -262,6 +266,11 @@ class RunResult:
     def version(self) -> int | None:
         """The challenger's version (None before training)."""
         return self.train.version if self.train else None
+
+    @property
+    def reference_restored(self) -> bool:
+        """XRAY_REFERENCE_BREACH=rollback restored the locked reference as champion in this run."""
+        return any(b.action == RESTORED for b in self.breach_checks)
 
     @property
     def state_line(self) -> str:
@@ -289,6 +298,7 @@ class RunResult:
             train=TrainResult.from_dict(train) if train else None,
             challenger_eval=Evaluation.from_dict(d["challenger_eval"]) if d.get("challenger_eval") else None,
             champion_eval=Evaluation.from_dict(d["champion_eval"]) if d.get("champion_eval") else None,
+            breach_checks=[BreachCheck.from_dict(b) for b in d.get("breach_checks") or []],
             decision=(Verdict.from_dict({**d["decision"], "negative_flips": d.get("negative_flips"),
                                          "reference": d.get("reference")})
                       if d.get("decision") else None),
@@ -324,6 +334,8 @@ class RunResult:
                 challenger_eval=self.challenger_eval.as_dict(),
                 champion_eval=self.champion_eval.as_dict() if self.champion_eval else None,
             )
+        if self.breach_checks:  # only a run whose drift check flagged a site (issue 26)
+            out["breach_checks"] = [b.as_dict() for b in self.breach_checks]
         if self.decision is not None:
             out["decision"] = {
                 k: getattr(self.decision, k)
@@ -367,25 +379,9 @@ class RunResult:
         """What the flow and the CLI return: the key numbers, not the full metric dicts (those are in
         the report and ``result.json``)."""
         full = self.as_dict()
-        keep = (
-            "flow_run_id",
-            "status",
-            "state",
-            "state_message",
-            "summary",
-            "trigger",
-            "ingests",
-            "incoming",
-            "split_counts",
-            "embed",
-            "champion_after",
-            "report",
-            "report_html",
-            "description",
-            "notes",
-            "backbone_random_init",
-            "report_error",
-        )
+        keep = ("flow_run_id", "status", "state", "state_message", "summary", "trigger", "ingests",
+                "incoming", "split_counts", "embed", "champion_after", "report", "report_html", "description",
+                "notes", "backbone_random_init", "report_error")
         out = {k: full.get(k) for k in keep}
         out["decision"] = full.get("decision")
         out["drift"] = self.drift

@@ -136,3 +136,25 @@ def test_on_drift_trigger_is_a_valid_prefect_trigger_on_the_one_at_a_time_queue(
     assert on_drift["parameters"]["trigger"] == "event"
     daily = by_name[("flows/monitor.py:monitor", "daily")]
     assert daily["schedules"][0]["cron"] == "30 6 * * *"
+
+
+def test_a_breach_of_the_locked_reference_emits_its_event(xray_env, prefect_server, tmp_path):
+    """``xray.reference.breach`` once per site measured in breach (not for a site that held), on the
+    champion's resource with the reference related, as ``xray.audit.degraded``."""
+    from flows.events import emit_reference_breach
+    from xray_core.evaluate.breach import BreachCheck
+
+    def check(site: str, status: str, difference: float) -> BreachCheck:
+        return BreachCheck(site=site, champion=17, reference=2, status=status, films=40, since=None,
+                           metric="macro_auroc", margin=0.02, mode="rollback", detail=f"at site {site}",
+                           difference=difference, low=difference - 0.05, high=difference + 0.05,
+                           action="reference restored" if status == "breach" else "none")
+
+    run = RunResult(flow_run_id=None, run_name="r", trigger="test", backbone_weights="random",
+                    backbone_random_init=True, run_dir=str(tmp_path), state="Kept", champion_after=2,
+                    breach_checks=[check("A", "breach", -0.114), check("B", "held", 0.01)])
+    assert emit_reference_breach(run) == 1
+    (event,) = _events("xray.reference.breach", 1, "xray.model.v17")
+    assert [r.id for r in event.related] == ["xray.model.v2"] and event.related[0].role == "reference"
+    assert event.payload["site"] == "A" and event.payload["difference"] == -0.114
+    assert event.payload["action"] == "reference restored" and event.payload["champion_after"] == 2

@@ -36,8 +36,10 @@ GOLDEN = Path(__file__).parent / "result_json"
 # ``performance`` and ``realised`` in each drift check: the champion's performance estimated before labels
 # (CBPE) and the realised value on the new films, and ``ood_coarse`` (why the per-film flag is coarse,
 # or None; issue 27). ``challenger_high`` in a per-site drop: the challenger's interval the drop was judged
-# against (XRAY_GUARDRAIL_SITE_EVIDENCE, issue 26).
-ADDED_KEYS = {"ingests": {"attributes"}, "": {"negative_flips", "reference", "test_set_reuse"},
+# against (XRAY_GUARDRAIL_SITE_EVIDENCE, issue 26). ``breach_checks`` at the top level: the champion against
+# the locked reference at each site the drift check flagged (issue 26), only in a run that flagged one.
+ADDED_KEYS = {"ingests": {"attributes"},
+              "": {"negative_flips", "reference", "test_set_reuse", "breach_checks"},
               "checks": {"performance", "realised", "ood_coarse"}, "site_drops": {"challenger_high"}}
 ADDED_CHECKS = {"reference"}
 POLICY = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}

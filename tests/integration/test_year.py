@@ -72,9 +72,15 @@ def test_eight_nights_of_the_default_scenario(xray_env, tmp_path, monkeypatch):
         assert {"decision", "champion_after", "failed_checks", "reference", "negative_flip_rate",
                 "test_set_reuse", "seconds", "disk", "truth"} <= set(r)
         assert r["disk"]["catalogue"] > 0 and r["seconds"]["total"] > 0
+        # the champion against the locked reference at each site the drift check flagged (issue 26)
+        assert r["reference"] is None or all(
+            {"site", "status", "gap", "films", "action"} <= set(b) for b in r["reference"]["breach"])
     assert any(r["negative_flip_rate"] is not None for r in rows)
     assert all(r["test_set_reuse"] >= 1 for r in rows if r["decision"] and r["state"] != "Skipped")
     assert "reference_guard_held" in out["summary"] and "share_positive_gain" in out["summary"]
+    breaches = out["summary"]["reference_breaches"]
+    assert breaches["breaches"] == len([b for r in rows for b in (r["reference"] or {}).get("breach") or []
+                                        if b["status"] == "breach"])
     # what each step of a night cost, and the step that grew most between night 5 and the last night
     decided = [r for r in rows if r["decision"] and r["state"] != "Skipped"]
     assert all({"train", "decide"} <= set(r["seconds"]["steps"]) and r["seconds"]["cpu"] > 0 for r in decided)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xray_core.pipeline import cycle, recipe, reference
+from xray_core.pipeline import breach, cycle, recipe, reference
 from xray_core.pipeline.executor import STEPS, DirectExecutor, StepOptions, options_of, step
 
 # What the executors used to pick by name (RETRIED = {"ingest", "embed"}, progress by step name, the
@@ -19,6 +19,8 @@ EXPECTED = {
     recipe.evaluate_challenger: StepOptions("evaluate-challenger"),
     recipe.evaluate_champion: StepOptions("evaluate-champion"),
     reference.evaluate_reference: StepOptions("evaluate-reference"),
+    breach.measure_breaches: StepOptions("breach"),
+    breach.rollback_to_reference: StepOptions("restore-reference"),
     recipe.decide: StepOptions("decide"),
     recipe.promote: StepOptions("promote"),
     recipe.rescore: StepOptions("rescore"),

@@ -16,12 +16,14 @@ on promotion.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from xray_core.data.snapshot import Row, SplitData, label_indices
+from xray_core.evaluate.breach import BreachCheck
 from xray_core.pipeline.features import features_for, train_views
 from xray_core.settings import Settings
 
@@ -167,14 +169,17 @@ def reference_summary(settings: Settings, challenger: dict[str, Any], champion: 
 def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[str, Any],
                  champion: dict[str, Any] | None, audit: dict[str, Any] | None,
                  flips: dict[str, Any] | None = None,
-                 reference: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The policy's decision after the per-site guardrail, the negative-flip veto (``flips``: from
-    :func:`flips_step`, kept in the result), the locked reference (``reference``: from
+                 reference: dict[str, Any] | None = None,
+                 breaches: Sequence[BreachCheck] = ()) -> dict[str, Any]:
+    """The policy's decision after a breach of the locked reference at a drifted site (``breaches``:
+    :func:`~xray_core.evaluate.breach.apply_breaches`), the per-site guardrail, the negative-flip veto
+    (``flips``: from :func:`flips_step`, kept in the result), the locked reference (``reference``: from
     :func:`reference_summary`, kept in the result) and the shortcut audit (a new dict)."""
+    from xray_core.evaluate.breach import apply_breaches
     from xray_core.evaluate.promotion import negative_flip_check
     from xray_core.evaluate.slices import site_guardrail
 
-    out = {**decision, "checks": list(decision.get("checks") or [])}
+    out = apply_breaches({**decision, "checks": list(decision.get("checks") or [])}, breaches)
     if champion is not None:
         guard = site_guardrail(challenger["metrics"].get("slices"), champion["metrics"].get("slices"),
                                max_drop=settings.guardrail_site_drop,
@@ -186,7 +191,7 @@ def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[
         if not guard["passed"] and out.get("promote"):
             out.update(decision="keep", promote=False,
                        rationale=f"Keep, because {guard['detail']}. Pooled, the policy would have promoted: "
-                                 f"{decision['rationale']}")
+                                 f"{out['rationale']}")
     if flips is not None:
         out["negative_flips"] = flips
         if settings.max_negative_flip is not None:

@@ -9,7 +9,7 @@ the recipe (the lock, the failure report, the report files) is :func:`xray_core.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,10 @@ from xray_core.data.incoming import Batch, IncomingScan, batch_line, pending_phr
 from xray_core.data.ingest import IngestSummary
 from xray_core.data.snapshot import SplitData, load_split_data, save_snapshot
 from xray_core.errors import NotEnoughDataError
+from xray_core.evaluate.breach import BreachCheck
 from xray_core.faults import crash_point
 from xray_core.pipeline import steps, unchanged
+from xray_core.pipeline.breach import measure_breaches, restore_reference
 from xray_core.pipeline.embed import EmbedProgress, embed_step
 from xray_core.pipeline.executor import Executor, step
 from xray_core.pipeline.lock import HeldLock
@@ -27,9 +29,8 @@ from xray_core.pipeline.reference import reference_evaluation
 from xray_core.pipeline.rescore import for_result
 from xray_core.pipeline.review import nothing_new_since_pending_review, review_request, reviewed
 from xray_core.registry.reference import count_test_set_reuse
-from xray_core.report.format import outcome_sentence
+from xray_core.report.format import outcome_message
 from xray_core.results import (
-    NOT_REACHED,
     EmbedResult,
     Evaluation,
     Recorded,
@@ -51,9 +52,8 @@ class RetrainRequest:
     # folder of batch folders scanned every run (xray_core.data.incoming); missing or empty: "nothing new"
     incoming: str | None = None
     trigger: str = "cli"  # schedule | manual | cli | demo | test: recorded in the audit row
-    force: bool = (
-        False  # train even when nothing changed since the champion or the last decision not to promote
-    )
+    # train even when nothing changed since the champion or the last decision not to promote
+    force: bool = False
     flow_run_id: str | None = None
     run_name: str | None = None
     # (known name, the export's column) for ``manifests`` (``--columns``; see xray_core.data.columns)
@@ -109,9 +109,12 @@ def recipe(
         run.step(evaluate_champion)(settings, champion, snapshot, request.flow_run_id) if champion else None
     )
     reference = reference_evaluation(settings, run, result.champion_eval, snapshot, request.flow_run_id)
+    result.breach_checks = run.step(measure_breaches)(settings, result.drift, champion, result.train.version,
+                                                      snapshot)  # the reference at a drifted site
     verdict = run.step(decide)(settings, result.challenger_eval, result.champion_eval, snapshot, result.audit,
-                               reference)
+                               reference, result.breach_checks)
     recorded = record(settings, request, run, result, verdict, lock)
+    restore_reference(settings, run, result, request.trigger, request.flow_run_id)  # XRAY_REFERENCE_BREACH
     result.test_set_reuse = count_test_set_reuse(settings, result.challenger_eval.test_set_fingerprint)
     result.registry = for_result(run.step(rescore)(settings, snapshot, request.flow_run_id))
     result.status, result.state = "completed", run_state("completed", recorded.decision)
@@ -271,12 +274,13 @@ def decide(
     snapshot: Snapshot,
     audit: dict[str, Any] | None,
     reference: Evaluation | None = None,
+    breaches: Sequence[BreachCheck] = (),
 ) -> Verdict:
     """Apply the promotion policy to the two evaluations, with the per-site guardrail, the locked reference
-    (its evaluation: the champion's when it is the champion) and the audit."""
+    (its evaluation: the champion's when it is the champion; ``breaches``: at a drifted site), the audit."""
     return Verdict.from_dict(steps.decide_step(
         settings, challenger.as_dict(), champion.as_dict() if champion else None, snapshot.load(), audit,
-        reference.as_dict() if reference else None))
+        reference.as_dict() if reference else None, breaches))
 
 
 @step("promote")
@@ -407,11 +411,3 @@ def skip(settings: Settings, result: RunResult, reason: str) -> None:
     result.state_message = "; ".join([*([pending] if pending else []), *result.notes, reason])
     result.champion_after = unchanged.current_champion(settings)
 
-
-def outcome_message(result: RunResult) -> str:
-    """The state's message of a decided run: what happened to the champion (the report's title says the
-    same), then the policy's rationale."""
-    assert result.decision is not None  # only called once decided
-    before = result.champion_eval.version if result.champion_eval else None
-    after = None if result.champion_after is NOT_REACHED else result.champion_after
-    return f"{outcome_sentence(result.state, result.version, before, after)}. {result.decision.rationale}"

@@ -59,13 +59,28 @@ def score(settings: Settings, version: int, rows: list[Row]) -> Evaluation:
                       shas=[r.sha256 for r in kept], sites=[], views=[])
 
 
+def paired(settings: Settings, first: Evaluation, second: Evaluation, rows: list[Row]) -> dict[str, Any]:
+    """``first`` minus ``second`` in ``XRAY_PROMOTION_METRIC`` on the same ``rows`` (those of their labels,
+    which are the same), with the paired, patient-clustered bootstrap interval of every decision."""
+    from xray_core.evaluate.intervals import paired_bootstrap_difference
+
+    kept = [r for r in rows if r.label in first.labels]
+    return paired_bootstrap_difference(
+        label_indices(kept, first.labels), np.asarray(first.probabilities, dtype=np.float64),
+        np.asarray(second.probabilities, dtype=np.float64), first.labels,
+        np.array([r.patient_id for r in kept]), metric=settings.promotion_metric,
+        thresholds=(first.metrics.get("threshold"), second.metrics.get("threshold")),
+        negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
+        seed=settings.bootstrap_seed, target_specificity=settings.target_specificity,
+        memory_mb=settings.memory_mb)
+
+
 def judge(settings: Settings, champion: Evaluation, reference: Evaluation, rows: list[Row]) -> dict[str, Any]:
     """Compare two evaluations of the same sequestered ``rows``: ``status`` ok | degraded | inconclusive,
     ``degraded`` (None when inconclusive), the paired ``comparison`` and the ``check`` with its words.
 
     ok: non-inferior (the lower bound above -margin); degraded: the champion's point difference is below
     -margin; inconclusive: no comparison, or the interval too wide to tell."""
-    from xray_core.evaluate.intervals import paired_bootstrap_difference
     from xray_core.evaluate.promotion import reference_check
 
     metric, margin = settings.promotion_metric, settings.reference_margin
@@ -75,15 +90,7 @@ def judge(settings: Settings, champion: Evaluation, reference: Evaluation, rows:
     elif champion.shas != reference.shas:
         why_not = "the two models were scored on different films"
     else:
-        kept = [r for r in rows if r.label in champion.labels]
-        comparison = paired_bootstrap_difference(
-            label_indices(kept, champion.labels), np.asarray(champion.probabilities, dtype=np.float64),
-            np.asarray(reference.probabilities, dtype=np.float64), champion.labels,
-            np.array([r.patient_id for r in kept]), metric=metric,
-            thresholds=(champion.metrics.get("threshold"), reference.metrics.get("threshold")),
-            negative_label=settings.negative_label, n_samples=settings.bootstrap_samples,
-            seed=settings.bootstrap_seed, target_specificity=settings.target_specificity,
-            memory_mb=settings.memory_mb)
+        comparison = paired(settings, champion, reference, rows)
     check = reference_check(comparison, reference.version, margin, metric, settings.target_specificity,
                             why_not)
     defined = why_not is None and comparison is not None and comparison.get("low") is not None
@@ -178,4 +185,4 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json_text(value, default=str))
 
 
-__all__ = ["audit_markdown", "judge", "run_audit", "score", "sequestered_rows"]
+__all__ = ["audit_markdown", "judge", "paired", "run_audit", "score", "sequestered_rows"]

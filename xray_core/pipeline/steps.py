@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,6 +27,7 @@ from xray_core.data.snapshot import (
     training_set_fingerprint,
 )
 from xray_core.errors import CheckpointError, NotEnoughDataError
+from xray_core.evaluate.breach import BreachCheck
 from xray_core.io.fsutil import json_text
 from xray_core.monitor.reference import REFERENCE_FILE
 from xray_core.pipeline.embed import EmbedProgress, embed_step
@@ -316,10 +317,11 @@ def evaluate_step(settings: Settings, version: int, data: SplitData, *,
 
 def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[str, Any] | None,
                 data: SplitData, audit: dict[str, Any] | None = None,
-                reference: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Apply the promotion policy to two evaluations on the identical test set, then the per-site
-    guardrail, the locked reference (``reference``: its evaluation, None before the first champion) and
-    the shortcut audit (:func:`xray_core.pipeline.guards.apply_guards`)."""
+                reference: dict[str, Any] | None = None,
+                breaches: Sequence[BreachCheck] = ()) -> dict[str, Any]:
+    """Apply the promotion policy to two evaluations on the identical test set, then a breach of the
+    locked reference at a drifted site, the per-site guardrail, the locked reference (``reference``: its
+    evaluation, None before the first champion) and the shortcut audit (:func:`~.guards.apply_guards`)."""
     from xray_core.evaluate.intervals import paired_bootstrap_difference
     from xray_core.evaluate.promotion import PolicyConfig, decide
 
@@ -351,7 +353,7 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
             memory_mb=settings.memory_mb)
     decision = decide(challenger["metrics"], champion["metrics"] if champion else None, comparison, config)
     ref = reference_summary(settings, challenger, champion, reference, comparison, data)
-    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips, ref)
+    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips, ref, breaches)
     out["comparison"] = comparison
     return out
 

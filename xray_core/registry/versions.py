@@ -360,12 +360,15 @@ def promote_manually(settings: Settings, version: int, *, reason: str, trigger: 
 
 
 def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: str | None = None,
-             flow_run_id: str | None = None) -> dict[str, Any]:
+             flow_run_id: str | None = None, to: int | None = None,
+             from_champion: int | None = None) -> dict[str, Any]:
     """Return to the champion that the current one replaced, audited with ``reason``.
 
     The target is the ``from`` of the latest promotion (automatic or manual, not a rollback) that
     made the current version champion, so repeated rollbacks walk back through earlier champions
     (3 -> 2 -> 1) instead of bouncing back to the version just rolled back from (3 -> 2 -> 3).
+    ``to``: that version instead (a retrain restoring the locked reference, XRAY_REFERENCE_BREACH=rollback),
+    only while ``from_champion`` (when given) is still the champion.
     """
     if not reason.strip():
         raise UsageError("a rollback needs --reason")
@@ -374,11 +377,13 @@ def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: st
         current = champion_version(s)
         if current is None:
             raise UsageError("there is no champion to roll back from")
+        if from_champion is not None and current != from_champion:
+            raise UsageError(f"the champion changed meanwhile (now {current}, expected {from_champion})")
         crowned = s.scalars(select(Promotion).where(Promotion.champion_after == current,
                                                     Promotion.to_version == current,
                                                     Promotion.decision.not_in(("rollback", "lock")))
                             .order_by(Promotion.id.desc())).first()
-        target = crowned.from_version if crowned is not None else None
+        target = to if to is not None else crowned.from_version if crowned is not None else None
         if target is None or target == current:
             raise UsageError(f"champion {current} has no earlier champion to roll back to")
     load_model(settings, target)

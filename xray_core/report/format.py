@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from xray_core.results import NOT_REACHED, RunResult
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
@@ -45,15 +47,18 @@ def cut_words(text: str, limit: int) -> str:
 
 
 def outcome_sentence(state: str | None, challenger: int | None, before: int | None,
-                     after: int | None, *, pending: str | None = None) -> str | None:
+                     after: int | None, *, pending: str | None = None, restored: bool = False) -> str | None:
     """What happened to the champion, in versions: ``v3 replaces v2``, ``champion v2 stays (v3 not
     promoted)``. The one wording of a run's outcome: the report's title after the state, and the start
     of the state's message (the policy's rationale follows). ``before``: the champion the challenger
     was compared with; ``after``: the champion once the decision was recorded (another process may
     have moved it: a ``stale`` decision). ``pending``: batches of the incoming folder still waiting or
-    refused (:func:`xray_core.data.incoming.pending_phrase`): a skip then says so, not "nothing new"."""
+    refused (:func:`xray_core.data.incoming.pending_phrase`): a skip then says so, not "nothing new".
+    ``restored``: the run restored the locked reference ``after`` as champion (XRAY_REFERENCE_BREACH)."""
     new = "the challenger" if challenger is None else f"v{challenger}"
     stays = after if after is not None else before
+    if restored and state != "Promoted":  # XRAY_REFERENCE_BREACH=rollback
+        return f"locked reference v{after} restored as champion in place of v{before} ({new} not promoted)"
     if state == "Promoted":
         return f"{new} replaces v{before}" if before is not None else f"{new} becomes the first champion"
     if state == "Kept":
@@ -71,3 +76,13 @@ def outcome_sentence(state: str | None, challenger: int | None, before: int | No
     if state == "Failed":
         return f"champion v{stays} unchanged" if stays is not None else "the champion was not changed"
     return None
+
+
+def outcome_message(result: RunResult) -> str:
+    """The state's message of a decided run: what happened to the champion (the report's title says the
+    same), then the policy's rationale."""
+    assert result.decision is not None  # only called once decided
+    before = result.champion_eval.version if result.champion_eval else None
+    after = None if result.champion_after is NOT_REACHED else result.champion_after
+    said = outcome_sentence(result.state, result.version, before, after, restored=result.reference_restored)
+    return f"{said}. {result.decision.rationale}"

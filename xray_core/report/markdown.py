@@ -24,7 +24,7 @@ from xray_core.evaluate.promotion import RUN_STATES
 from xray_core.report.drift import drift_context
 from xray_core.report.flips import flip_rows, flips_context
 from xray_core.report.format import cut_words, format_interval, outcome_sentence
-from xray_core.report.reference import reference_context
+from xray_core.report.reference import breach_lines, reference_context
 from xray_core.report.sites import audit_context, label_history_context, site_metric_rows, slice_sections
 from xray_core.results import Evaluation, NotReached, ReportFiles, RunResult
 from xray_core.results import run_state as derive_state
@@ -97,7 +97,8 @@ def _v(version: int | None, fallback: str) -> str:
 def champion_change(run: RunResult) -> str | None:
     """What happened to the champion, in versions (:func:`xray_core.report.format.outcome_sentence`)."""
     return outcome_sentence(run_state(run), challenger_version(run), champion_before(run),
-                            champion_after(run), pending=pending_phrase(run.incoming))
+                            champion_after(run), pending=pending_phrase(run.incoming),
+                            restored=run.reference_restored)
 
 
 def state_message(run: RunResult) -> str | None:
@@ -314,6 +315,7 @@ def report_context(run: RunResult, files: ReportFiles | None = None) -> dict[str
         "drift": drift_context(run.drift),
         "negative_flips": flips_context(dec.negative_flips if dec else None),
         "reference": reference_context(dec.reference if dec else None), "test_set_reuse": run.test_set_reuse,
+        "breach": breach_lines(run.breach_checks),
         "audit": audit_context(run.audit),
         "slice_sections": slice_sections(evals),
         "label_history": label_history_context(run.label_history),

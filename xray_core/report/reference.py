@@ -1,10 +1,14 @@
 """The run report's line about the locked reference (the bio-creep guard) and the test set's reuse, from
 the run's ``reference`` (:func:`xray_core.pipeline.guards.reference_summary`) and ``test_set_reuse``
-(:func:`xray_core.registry.reference.count_test_set_reuse`)."""
+(:func:`xray_core.registry.reference.count_test_set_reuse`), and one line per drifted site where the
+champion was measured against the reference (``breach_checks``: :mod:`xray_core.pipeline.breach`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from xray_core.evaluate.breach import BreachCheck
 
 
 def _signed(x: float | None) -> str:
@@ -30,4 +34,15 @@ def reference_context(reference: dict[str, Any] | None) -> dict[str, Any] | None
                     f"margin {margin:g} (XRAY_REFERENCE_MARGIN)", "verdict": verdict}
 
 
-__all__ = ["reference_context"]
+def breach_lines(checks: Sequence[BreachCheck]) -> list[dict[str, Any]]:
+    """One line per drifted site where the champion was measured against the locked reference: ``head``
+    (``Breach of the locked reference at site A``, bold when ``breached``) and ``text`` (the measure, and
+    under a breach what XRAY_REFERENCE_BREACH did); [] when no site was measured."""
+    return [{"breached": c.breached,
+             "head": (f"Breach of the locked reference at site {c.site}" if c.breached
+                      else f"Locked reference at drifted site {c.site}: {c.status}"),
+             "text": c.detail + (f" (XRAY_REFERENCE_BREACH={c.mode}: {c.action})" if c.breached else "")}
+            for c in checks]
+
+
+__all__ = ["breach_lines", "reference_context"]

@@ -1,0 +1,152 @@
+"""The locked reference at a drifted site (issue 26): what a measured breach is, and what it does to the
+promotion decision. Pure functions over numbers; :mod:`xray_core.pipeline.breach` measures them.
+
+The routine test split judges the challenger against the champion; when one site's scanner changes, that
+split still holds mostly the site's old films, so a champion that fell below the locked reference on the
+new ones can veto every better challenger for weeks. When the retrain's drift check flags a site, the
+champion and the reference are scored on that site's labelled films that neither was trained on. A
+**breach** is the champion measured below the reference by more than ``XRAY_REFERENCE_MARGIN`` (the point
+difference, as the sequestered audit's "degraded"). ``XRAY_REFERENCE_BREACH`` says what it does:
+
+- ``lift``: the champion has lost its standing at the site, so the challenger-vs-champion ``comparison``
+  check does not veto (:func:`apply_breaches`); every other check still does, and the challenger must not
+  measure below the champion on the site's new films outside its own training split (check
+  ``breach_site``; too few films: not measurable, no veto).
+- ``alert``: reported only.
+- ``rollback``: as ``lift``; a challenger still not promoted restores the reference as champion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+_TOL = 1e-9  # as the policy's: equal on paper may differ in the last bits
+
+BREACH, HELD, THIN = "breach", "held", "not enough films"
+LIFTED, REPORTED, RESTORED = "comparison lifted", "reported", "reference restored"
+
+
+@dataclass(frozen=True)
+class BreachCheck:
+    """The champion against the locked reference on one drifted site's new films (result.json
+    ``breach_checks``, one per site the drift check flagged)."""
+
+    site: str
+    champion: int
+    reference: int
+    status: str  # breach | held | not enough films
+    films: int  # labelled films of the site catalogued after both models were trained (any split)
+    since: str | None  # ISO time: the later of the two models' creation
+    metric: str  # XRAY_PROMOTION_METRIC
+    margin: float  # XRAY_REFERENCE_MARGIN
+    mode: str  # XRAY_REFERENCE_BREACH
+    detail: str
+    difference: float | None = None  # champion minus reference, with its paired 95% interval
+    low: float | None = None
+    high: float | None = None
+    champion_value: float | None = None
+    reference_value: float | None = None
+    action: str = "none"  # none | reported | comparison lifted | reference restored | ...: what it did
+    # the challenger against the champion on the site's films outside its training split (lift, rollback):
+    # {"name": "breach_site", "passed", "detail", "measurable", "films", "difference", "low", "high"}
+    challenger_check: dict[str, Any] | None = None
+
+    @property
+    def breached(self) -> bool:
+        return self.status == BREACH
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BreachCheck:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
+
+
+def breach_words(check: BreachCheck) -> str:
+    """``champion v17 measured 0.114 below the locked reference v2 at site A on 40 new films``."""
+    gap = abs(check.difference or 0.0)
+    return (f"champion v{check.champion} measured {gap:.3f} below the locked reference v{check.reference} "
+            f"at site {check.site} on {check.films} new films")
+
+
+def measure_words(check: BreachCheck) -> str:
+    """The numbers of a measured site and what they mean, in one sentence."""
+    numbers = (f"{check.metric} champion v{check.champion} {_f(check.champion_value)} vs locked reference "
+               f"v{check.reference} {_f(check.reference_value)} on {check.films} new films of site "
+               f"{check.site}, difference {_signed(check.difference)}, 95% CI [{_signed(check.low)}, "
+               f"{_signed(check.high)}]")
+    if check.breached:
+        return f"{breach_words(check)} ({numbers}; XRAY_REFERENCE_MARGIN={check.margin:g})"
+    return (f"no breach: {numbers}; not measured more than XRAY_REFERENCE_MARGIN={check.margin:g} below "
+            "(a wide interval alone is not a measured drop)")
+
+
+def site_condition(comparison: Mapping[str, Any] | None, site: str, films: int, champion: int,
+                   why_not: str | None = None) -> dict[str, Any]:
+    """The ``breach_site`` check: the challenger (minus the champion, ``comparison``) must not measure
+    below the champion on site ``site``'s new films outside its training split; ``why_not``: why it could
+    not be measured (reported, passed: no veto)."""
+    base = {"name": "breach_site", "films": films}
+    diff = None if comparison is None else comparison.get("difference")
+    if why_not is not None or comparison is None or diff is None:
+        reason = why_not or "the difference could not be estimated on them"
+        return {**base, "passed": True, "measurable": False,
+                "detail": f"challenger vs champion v{champion} at site {site}: not measurable ({reason}); "
+                          "no veto (XRAY_REFERENCE_BREACH)"}
+    passed = bool(diff >= -_TOL)
+    numbers = (f"challenger {_f(comparison.get('challenger'))} vs champion v{champion} "
+               f"{_f(comparison.get('champion'))} on {films} new films of site {site} outside its "
+               f"training split, difference {_signed(diff)} [{_signed(comparison.get('low'))}, "
+               f"{_signed(comparison.get('high'))}]")
+    verdict = "not below the champion there" if passed else "below the champion it would replace there"
+    return {**base, "passed": passed, "measurable": True, "difference": diff, "low": comparison.get("low"),
+            "high": comparison.get("high"), "detail": f"{numbers}: {verdict} (XRAY_REFERENCE_BREACH)"}
+
+
+def apply_breaches(decision: dict[str, Any], breaches: Sequence[BreachCheck]) -> dict[str, Any]:
+    """The policy's decision after the breaches (``lift``/``rollback``; ``alert`` and held sites change
+    nothing): a failed ``comparison`` check no longer vetoes (it stays failed, ``lifted``, its detail says
+    why), so the policy's keep becomes promote when it was the only failed check; then each breached site's
+    ``breach_site`` check vetoes a challenger measured below the champion there. The other guards
+    (per-site guardrail, flips, locked reference, audit) apply after this, as before. A new dict."""
+    acting = [b for b in breaches if b.breached and b.mode in ("lift", "rollback")]
+    if not acting:
+        return decision
+    out = {**decision, "checks": [dict(c) for c in decision.get("checks") or []]}
+    why = (f"{'; '.join(breach_words(b) for b in acting)}, so the champion has lost its standing "
+           f"(XRAY_REFERENCE_BREACH={acting[0].mode})")
+    failed = [c for c in out["checks"] if not c.get("passed")]
+    comparison = next((c for c in failed if c.get("name") == "comparison"), None)
+    if comparison is not None:
+        comparison.update(lifted=True, detail=f"no veto: {why}; {comparison['detail']}")
+        if len(failed) == 1 and out.get("decision") == "keep":
+            out.update(decision="promote", promote=True,
+                       rationale=f"Promote unless a guard vetoes: {why}, and the comparison with it does not "
+                                 f"veto. The comparison said: {decision['rationale']}")
+    for b in acting:
+        check = b.challenger_check
+        if check is None:
+            continue
+        out["checks"].append({k: check[k] for k in ("name", "passed", "detail")})
+        if not check["passed"] and out.get("promote"):
+            out.update(decision="keep", promote=False,
+                       rationale=f"Keep, because the challenger must not be worse than the champion it "
+                                 f"replaces at the drifted site: {check['detail']}. Without this check: "
+                                 f"{out['rationale']}")
+    return out
+
+
+__all__ = ["BREACH", "HELD", "LIFTED", "REPORTED", "RESTORED", "THIN", "BreachCheck", "apply_breaches",
+           "breach_words", "measure_words", "site_condition"]
