@@ -38,9 +38,10 @@ GOLDEN = Path(__file__).parent / "result_json"
 # or None; issue 27). ``challenger_high`` in a per-site drop: the challenger's interval the drop was judged
 # against (XRAY_GUARDRAIL_SITE_EVIDENCE, issue 26). ``breach_checks`` at the top level: the champion against
 # the locked reference at each site the drift check flagged (issue 26), only in a run that flagged one.
+# ``site`` in a drift check of one known site's films (the breach reads it; issue 26).
 ADDED_KEYS = {"ingests": {"attributes"},
               "": {"negative_flips", "reference", "test_set_reuse", "breach_checks"},
-              "checks": {"performance", "realised", "ood_coarse"}, "site_drops": {"challenger_high"}}
+              "checks": {"performance", "realised", "ood_coarse", "site"}, "site_drops": {"challenger_high"}}
 ADDED_CHECKS = {"reference"}
 POLICY = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}
 STAMP = re.compile(r"\d{8}T\d{6}Z")

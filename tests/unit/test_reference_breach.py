@@ -6,14 +6,23 @@ champion there; ``alert`` changes nothing; result.json and the report name it.""
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pytest
 
 from xray_core.data.catalogue import Row
+from xray_core.data.snapshot import SplitData
 from xray_core.evaluate.breach import BreachCheck, apply_breaches, site_condition
-from xray_core.pipeline.breach import flagged_sites, judge_site
+from xray_core.pipeline.breach import (
+    drift_episode,
+    episode,
+    flagged_sites,
+    judge_site,
+    measure_breaches,
+    site_flags,
+)
 from xray_core.pipeline.guards import apply_guards
 from xray_core.report.format import outcome_sentence
 from xray_core.results import Evaluation, RunResult
@@ -123,23 +132,38 @@ def test_lift_does_not_let_a_challenger_past_a_failing_reference_check(settings)
     assert "Promote unless a guard vetoes" in out["rationale"]  # what the lift alone would have done
 
 
-def test_a_challenger_below_the_champion_at_the_drifted_site_is_kept():
-    below = site_condition({"challenger": 0.80, "champion": 0.85, "difference": -0.05, "low": -0.12,
-                            "high": 0.02}, "A", 12, 17)
+# The challenger against the champion on the site's films outside its training split: the same standard as
+# the breach (point difference below -XRAY_REFERENCE_MARGIN), not any difference below 0.
+def _vs_champion(difference: float) -> dict[str, float]:
+    return {"challenger": 0.85 + difference, "champion": 0.85, "difference": difference,
+            "low": difference - 0.07, "high": difference + 0.07}
+
+
+def test_a_challenger_measured_below_the_champion_by_more_than_the_margin_at_the_site_is_kept():
+    below = site_condition(_vs_champion(-0.05), "A", 12, 17, 0.02)  # -0.05 < -0.02
     assert below["name"] == "breach_site" and below["passed"] is False and below["measurable"] is True
+    assert below["detail"].endswith("measured 0.050 below the champion it would replace there, more than "
+                                    "XRAY_REFERENCE_MARGIN=0.02 (XRAY_REFERENCE_BREACH)")
     out = apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=below)])
     assert out["decision"] == "keep" and not out["promote"]
     assert out["checks"][-1] == {k: below[k] for k in ("name", "passed", "detail")}
     assert "must not be worse than the champion it replaces" in out["rationale"]
 
-    level = site_condition({"challenger": 0.85, "champion": 0.85, "difference": 0.0, "low": -0.1,
-                            "high": 0.1}, "A", 12, 17)
-    assert level["passed"] is True
+
+@pytest.mark.parametrize("difference", [0.0, -0.01, -0.02])
+def test_a_challenger_within_the_margin_of_the_champion_at_the_site_is_not_vetoed(difference):
+    # -0.01 and -0.02 are below the champion, by no more than XRAY_REFERENCE_MARGIN=0.02: noise on ~10 films
+    level = site_condition(_vs_champion(difference), "A", 12, 17, 0.02)
+    assert level["passed"] is True and level["measurable"] is True
+    assert "not measured more than XRAY_REFERENCE_MARGIN=0.02 below the champion there" in level["detail"]
     assert apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=level)])["promote"] is True
+    # with no margin the same difference below 0 vetoes
+    assert site_condition(_vs_champion(difference), "A", 12, 17, 0.0)["passed"] is (difference == 0.0)
 
 
 def test_a_challenger_not_measurable_at_the_site_is_reported_and_not_vetoed():
-    unknown = site_condition(None, "A", 3, 17, why_not="3 films outside its training split: normal 1 film(s)")
+    unknown = site_condition(None, "A", 3, 17, 0.02,
+                             why_not="3 films outside its training split: normal 1 film(s)")
     assert unknown["passed"] is True and unknown["measurable"] is False
     assert "not measurable" in unknown["detail"]
     out = apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=unknown)])
@@ -147,7 +171,7 @@ def test_a_challenger_not_measurable_at_the_site_is_reported_and_not_vetoed():
 
 
 @pytest.mark.parametrize("breach", [_breach(mode="alert"), _breach(status="held"),
-                                    _breach(status="not enough films")])
+                                    _breach(status="not enough films"), _breach(status="failed")])
 def test_alert_a_held_site_and_too_few_films_change_nothing(breach):
     decision = _kept_by_the_comparison()
     assert apply_breaches(decision, [breach]) == decision
@@ -179,8 +203,164 @@ def test_the_report_names_the_breach_and_a_site_that_held(tmp_path):
     run = RunResult(flow_run_id=None, run_name="r", trigger="test", backbone_weights="random",
                     backbone_random_init=True, run_dir=str(tmp_path), status="completed", state="Kept",
                     decision=Verdict(decision="keep", promote=False, rationale="Keep.", checks=[]),
-                    breach_checks=[replace(_breach(), detail="champion v17 measured 0.114 below ..."), held])
+                    breach_checks=[replace(_breach(), detail="champion v17 measured 0.114 below ..."), held,
+                                   replace(_breach(status="failed"), site="C",
+                                           detail="breach check failed: OSError: disk; no action")])
     text = retrain_markdown(run)
+    assert "Locked reference at drifted site C: breach check failed: OSError: disk; no action." in text
     assert ("**Breach of the locked reference at site A**: champion v17 measured 0.114 below ... "
             "(XRAY_REFERENCE_BREACH=lift: none).") in text
     assert "Locked reference at drifted site B: held: no breach: ..." in text
+
+
+# ---------------------------------------------------------------- which films: the site's drift episode
+
+def test_a_batch_from_one_known_site_flags_that_site_for_the_breach():
+    # every new film from site A, checked against A's own reference films ("site": A): that check is A's
+    one_site = {"flagged": True,
+                "checks": [{"subject": "all new films", "site": "A", "n": 12, "drift": True}]}
+    assert flagged_sites(one_site) == ["A"]
+    # a mix of sites (no "site"), or a batch compared with the pooled reference only: no site named
+    assert flagged_sites({"checks": [{"subject": "all new films", "n": 12, "drift": True}]}) == []
+    assert site_flags([{"subject": "all new films", "site": "A", "n": 12, "drift": False,
+                        "counts": False, "pooled_drift": True}]) == {}
+    # tested and not flagged (12 films), not tested (3 films, fewer than MIN_BATCH=5: says nothing)
+    assert site_flags([{"subject": "all new films", "site": "A", "n": 12, "drift": False}]) == {"A": False}
+    assert site_flags([{"subject": "all new films", "site": "A", "n": 3, "drift": False}]) == {}
+    assert site_flags([{"subject": "all new films", "n": 20, "drift": True},
+                       {"subject": "site A", "n": 12, "drift": True},
+                       {"subject": "site B", "n": 8, "drift": False}]) == {"A": True, "B": False}
+
+
+T = [datetime(2026, 5, day, 2, 0, tzinfo=UTC) for day in range(1, 8)]  # one check a night, T[0]..T[6]
+A_FLAGGED = [{"subject": "site A", "n": 10, "drift": True}, {"subject": "site B", "n": 10, "drift": False}]
+A_HELD = [{"subject": "site A", "n": 10, "drift": False}, {"subject": "site B", "n": 10, "drift": False}]
+ONLY_B = [{"subject": "all new films", "site": "B", "n": 10, "drift": False}]  # A sent no films that night
+A_ALONE = [{"subject": "all new films", "site": "A", "n": 10, "drift": True}]  # A sent all the films
+
+
+def _newest_first(*nights: list[dict[str, Any]]) -> list[tuple[datetime, list[dict[str, Any]]]]:
+    return [(T[i], checks) for i, checks in enumerate(nights)][::-1]
+
+
+def test_the_episode_starts_after_the_last_check_that_held_and_a_night_without_films_does_not_end_it():
+    # T0 A held; T1 A flagged (its films came after T0); T2 only B; T3 A alone flagged; T4 tonight flagged
+    found = episode(_newest_first(A_HELD, A_FLAGGED, ONLY_B, A_ALONE, A_FLAGGED), "A")
+    assert found == (T[0], T[1])  # films added after T0's check; the drift began at T1
+    assert episode(_newest_first(A_HELD, A_FLAGGED, ONLY_B, A_ALONE, A_FLAGGED), "B") is None  # B held
+
+
+def test_a_check_that_held_ends_the_episode():
+    # T0 flagged, T1 held, T2 flagged, T3 flagged: the episode is T2..T3, its films those after T1
+    assert episode(_newest_first(A_FLAGGED, A_HELD, A_FLAGGED, A_FLAGGED), "A") == (T[1], T[2])
+    # a night with no films of A just before the episode: the films are still those after that night's check
+    assert episode(_newest_first(A_HELD, ONLY_B, A_FLAGGED), "A") == (T[1], T[2])
+
+
+def test_no_episode_when_the_newest_check_of_the_site_held_and_none_bound_when_every_check_flagged():
+    assert episode(_newest_first(A_FLAGGED, A_HELD, ONLY_B), "A") is None  # tonight's said nothing of A
+    assert episode([], "A") is None
+    assert episode(_newest_first(A_FLAGGED, ONLY_B, A_FLAGGED), "A") == (None, T[0])  # from the first check
+
+
+def test_the_episode_is_read_from_the_recorded_checks_of_catalogued_films(settings):
+    from xray_core.monitor.checks import latest_checks, record_check
+
+    def check(kind: str, checks: list[dict[str, Any]]) -> None:
+        drift = any(c["drift"] for c in checks)
+        record_check(settings, model_id=None, kind=kind, subject=kind,
+                     check={"n": 10, "ood_flagged": 0, "drift": drift, "verdict": "v", "checks": checks})
+
+    check("retrain", A_HELD)
+    check("retrain", A_FLAGGED)
+    check("predict", A_HELD)  # a predict batch is not a catalogued film: it neither ends nor bounds it
+    check("monitor", ONLY_B)
+    check("retrain", A_FLAGGED)
+    rows = {r["id"]: datetime.fromisoformat(r["created_at"]) for r in latest_checks(settings, limit=10)}
+    assert drift_episode(settings, "A") == (rows[1], rows[2])
+    assert drift_episode(settings, "B") is None and drift_episode(settings, "C") is None
+
+
+class _Snapshot:
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+
+    def load(self) -> SplitData:
+        return SplitData(labels=LABELS, train=[], val=[], test=self.rows)
+
+
+HALF_HOUR = timedelta(minutes=30)
+
+
+def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool = False) -> list[datetime]:
+    """measure_breaches with the catalogue faked: both models (champion v17, locked reference v2) created
+    at T[0]; of the 8 films, rows 0 (normal) and 4 (pneumonia) added 10 minutes after, the others an hour
+    after; the drift episode ``(bound, T[4])`` (None: none recorded). The champion scores WORSE, the
+    reference PERFECT. Returns the times ``by_site`` was asked for films since."""
+    import xray_core.pipeline.breach as breach
+    import xray_core.pipeline.sequester as sequester
+    import xray_core.registry.reference as reference
+
+    asked: list[datetime] = []
+    added = {r.id: T[0] + timedelta(minutes=10 if r.id in (0, 4) else 60) for r in rows}
+
+    def by_site(settings, routine, since):
+        asked.append(since)
+        return {"A": [r for r in routine.values() if added[r.id] > since]}
+
+    def score(settings, version, scored):
+        if fail:
+            raise RuntimeError("feature cache unreadable")
+        p = dict(zip([r.id for r in rows], WORSE if version == 17 else PERFECT))
+        return _scored(version, scored, [p[r.id] for r in scored])
+
+    monkeypatch.setattr(reference, "reference_version", lambda settings: 2)
+    monkeypatch.setattr(breach, "model_facts", lambda settings, version: (T[0], LABELS))
+    monkeypatch.setattr(breach, "by_site", by_site)
+    monkeypatch.setattr(breach, "drift_episode",
+                        lambda settings, site: None if bound is None else (bound, T[4]))
+    monkeypatch.setattr(sequester, "score", score)
+    return asked
+
+
+def test_the_breach_is_measured_on_the_films_of_the_episode_and_says_since_when(small, monkeypatch):
+    rows = _rows(4)
+    asked = _wired(monkeypatch, rows, T[0] + HALF_HOUR)  # the check before the episode: after rows 0 and 4
+    alert = small.with_overrides(reference_breach="alert")
+    (check,) = measure_breaches(alert, {"checks": A_FLAGGED}, 17, 22, _Snapshot(rows))
+    assert asked == [T[0], T[0] + HALF_HOUR] and check.since == (T[0] + HALF_HOUR).isoformat()
+    assert (check.drift_began, check.films_from, check.status, check.films) == (T[4].isoformat(), "drift",
+                                                                                "breach", 6)
+    # the champion on the 6 films: normal 0.2 0.7 0.8 vs pneumonia 0.6 0.85 0.9, 7 of 9 pairs right
+    assert check.difference == pytest.approx(7 / 9 - 1)
+    assert check.detail.startswith("champion v17 measured 0.222 below the locked reference v2 on site A's 6 "
+                                   "films since the drift began on 2026-05-05 02:00 UTC")
+
+
+def test_an_episode_older_than_the_models_and_none_recorded_keep_the_films_since_both_models(small,
+                                                                                           monkeypatch):
+    rows, alert = _rows(4), small.with_overrides(reference_breach="alert")
+    _wired(monkeypatch, rows, T[0] - HALF_HOUR)  # the drift began before the newer model was created
+    (check,) = measure_breaches(alert, {"checks": A_FLAGGED}, 17, 22, _Snapshot(rows))
+    assert (check.films, check.films_from, check.since) == (8, "models", T[0].isoformat())
+    assert check.difference == pytest.approx(-0.25)
+    assert ("on site A's 8 films since both models were created (2026-05-01 02:00 UTC; the drift began on "
+            "2026-05-05 02:00 UTC)") in check.detail
+    _wired(monkeypatch, rows, None)  # no recorded episode (checks stored before the breach step)
+    (check,) = measure_breaches(alert, {"checks": A_FLAGGED}, 17, 22, _Snapshot(rows))
+    assert check.drift_began is None and check.films_from == "models" and check.films == 8
+    assert "at site A on 8 new films" in check.detail
+
+
+def test_a_failing_breach_step_is_reported_and_changes_nothing(small, monkeypatch):
+    rows = _rows(4)
+    _wired(monkeypatch, rows, T[0], fail=True)
+    checks = measure_breaches(small, {"checks": A_FLAGGED + [{"subject": "site C", "n": 9, "drift": True}]},
+                              17, 22, _Snapshot(rows))
+    assert [(c.site, c.status, c.action, c.reference) for c in checks] == [("A", "failed", "none", 2),
+                                                                          ("C", "failed", "none", 2)]
+    assert checks[0].detail == "breach check failed: RuntimeError: feature cache unreadable; no action"
+    decision = _kept_by_the_comparison()
+    assert apply_breaches(decision, checks) == decision
+    assert (apply_guards(small, decision, {"metrics": {}}, None, None, None, None, checks)
+            == apply_guards(small, decision, {"metrics": {}}, None, None, None, None, ()))

@@ -10,21 +10,25 @@ difference, as the sequestered audit's "degraded"). ``XRAY_REFERENCE_BREACH`` sa
 
 - ``lift``: the champion has lost its standing at the site, so the challenger-vs-champion ``comparison``
   check does not veto (:func:`apply_breaches`); every other check still does, and the challenger must not
-  measure below the champion on the site's new films outside its own training split (check
-  ``breach_site``; too few films: not measurable, no veto).
+  measure below the champion by more than ``XRAY_REFERENCE_MARGIN`` on the site's new films outside its
+  own training split (check ``breach_site``, the breach's own standard; too few films: not measurable,
+  no veto).
 - ``alert``: reported only.
 - ``rollback``: as ``lift``; a challenger still not promoted restores the reference as champion.
+
+A breach step that fails (status ``failed``) is reported and changes nothing, as a failed drift check.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 _TOL = 1e-9  # as the policy's: equal on paper may differ in the last bits
 
-BREACH, HELD, THIN = "breach", "held", "not enough films"
+BREACH, HELD, THIN, FAILED = "breach", "held", "not enough films", "failed"
 LIFTED, REPORTED, RESTORED = "comparison lifted", "reported", "reference restored"
 
 
@@ -35,10 +39,10 @@ class BreachCheck:
 
     site: str
     champion: int
-    reference: int
-    status: str  # breach | held | not enough films
-    films: int  # labelled films of the site catalogued after both models were trained (any split)
-    since: str | None  # ISO time: the later of the two models' creation
+    reference: int | None  # None only in a failed check that could not read it
+    status: str  # breach | held | not enough films | failed
+    films: int  # labelled films of the site catalogued after ``since`` (any split)
+    since: str | None  # ISO time: the later of the two models' creation and the drift episode's start
     metric: str  # XRAY_PROMOTION_METRIC
     margin: float  # XRAY_REFERENCE_MARGIN
     mode: str  # XRAY_REFERENCE_BREACH
@@ -52,6 +56,10 @@ class BreachCheck:
     # the challenger against the champion on the site's films outside its training split (lift, rollback):
     # {"name": "breach_site", "passed", "detail", "measurable", "films", "difference", "low", "high"}
     challenger_check: dict[str, Any] | None = None
+    # ISO time of the first drift check of the site's current episode (None: none recorded, the films are
+    # those since both models were created); films_from: which bound ``since`` is, "drift" or "models"
+    drift_began: str | None = None
+    films_from: str = "models"
 
     @property
     def breached(self) -> bool:
@@ -74,30 +82,49 @@ def _signed(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
 
 
+def when(iso: str | None) -> str:
+    """``2026-05-25 02:13 UTC`` from an ISO time (``?`` for None)."""
+    return "?" if iso is None else datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def films_words(check: BreachCheck) -> str:
+    """Which films were measured: ``site A's 12 films since the drift began on 2026-05-25 02:13 UTC``;
+    ``... since both models were created (2026-06-01 ...; the drift began on ...)`` when a model is newer
+    than the episode; ``40 new films of site A`` without a recorded episode (films since both models)."""
+    if check.drift_began is None:
+        return f"{check.films} new films of site {check.site}"
+    if check.films_from == "drift":
+        return f"site {check.site}'s {check.films} films since the drift began on {when(check.drift_began)}"
+    return (f"site {check.site}'s {check.films} films since both models were created ({when(check.since)}; "
+            f"the drift began on {when(check.drift_began)})")
+
+
 def breach_words(check: BreachCheck) -> str:
     """``champion v17 measured 0.114 below the locked reference v2 at site A on 40 new films``."""
     gap = abs(check.difference or 0.0)
-    return (f"champion v{check.champion} measured {gap:.3f} below the locked reference v{check.reference} "
-            f"at site {check.site} on {check.films} new films")
+    head = f"champion v{check.champion} measured {gap:.3f} below the locked reference v{check.reference}"
+    if check.drift_began is None:
+        return f"{head} at site {check.site} on {check.films} new films"
+    return f"{head} on {films_words(check)}"
 
 
 def measure_words(check: BreachCheck) -> str:
     """The numbers of a measured site and what they mean, in one sentence."""
     numbers = (f"{check.metric} champion v{check.champion} {_f(check.champion_value)} vs locked reference "
-               f"v{check.reference} {_f(check.reference_value)} on {check.films} new films of site "
-               f"{check.site}, difference {_signed(check.difference)}, 95% CI [{_signed(check.low)}, "
-               f"{_signed(check.high)}]")
+               f"v{check.reference} {_f(check.reference_value)} on {films_words(check)}, difference "
+               f"{_signed(check.difference)}, 95% CI [{_signed(check.low)}, {_signed(check.high)}]")
     if check.breached:
         return f"{breach_words(check)} ({numbers}; XRAY_REFERENCE_MARGIN={check.margin:g})"
     return (f"no breach: {numbers}; not measured more than XRAY_REFERENCE_MARGIN={check.margin:g} below "
             "(a wide interval alone is not a measured drop)")
 
 
-def site_condition(comparison: Mapping[str, Any] | None, site: str, films: int, champion: int,
+def site_condition(comparison: Mapping[str, Any] | None, site: str, films: int, champion: int, margin: float,
                    why_not: str | None = None) -> dict[str, Any]:
     """The ``breach_site`` check: the challenger (minus the champion, ``comparison``) must not measure
-    below the champion on site ``site``'s new films outside its training split; ``why_not``: why it could
-    not be measured (reported, passed: no veto)."""
+    below the champion by more than ``margin`` (XRAY_REFERENCE_MARGIN: the point difference, as the breach
+    itself and the sequestered audit's "degraded") on site ``site``'s new films outside its training split;
+    ``why_not``: why it could not be measured (reported, passed: no veto)."""
     base = {"name": "breach_site", "films": films}
     diff = None if comparison is None else comparison.get("difference")
     if why_not is not None or comparison is None or diff is None:
@@ -105,12 +132,14 @@ def site_condition(comparison: Mapping[str, Any] | None, site: str, films: int, 
         return {**base, "passed": True, "measurable": False,
                 "detail": f"challenger vs champion v{champion} at site {site}: not measurable ({reason}); "
                           "no veto (XRAY_REFERENCE_BREACH)"}
-    passed = bool(diff >= -_TOL)
+    passed = bool(diff >= -margin - _TOL)
     numbers = (f"challenger {_f(comparison.get('challenger'))} vs champion v{champion} "
                f"{_f(comparison.get('champion'))} on {films} new films of site {site} outside its "
                f"training split, difference {_signed(diff)} [{_signed(comparison.get('low'))}, "
                f"{_signed(comparison.get('high'))}]")
-    verdict = "not below the champion there" if passed else "below the champion it would replace there"
+    verdict = (f"not measured more than XRAY_REFERENCE_MARGIN={margin:g} below the champion there" if passed
+               else f"measured {abs(diff):.3f} below the champion it would replace there, more than "
+                    f"XRAY_REFERENCE_MARGIN={margin:g}")
     return {**base, "passed": passed, "measurable": True, "difference": diff, "low": comparison.get("low"),
             "high": comparison.get("high"), "detail": f"{numbers}: {verdict} (XRAY_REFERENCE_BREACH)"}
 
@@ -148,5 +177,5 @@ def apply_breaches(decision: dict[str, Any], breaches: Sequence[BreachCheck]) ->
     return out
 
 
-__all__ = ["BREACH", "HELD", "LIFTED", "REPORTED", "RESTORED", "THIN", "BreachCheck", "apply_breaches",
-           "breach_words", "measure_words", "site_condition"]
+__all__ = ["BREACH", "FAILED", "HELD", "LIFTED", "REPORTED", "RESTORED", "THIN", "BreachCheck",
+           "apply_breaches", "breach_words", "films_words", "measure_words", "site_condition", "when"]

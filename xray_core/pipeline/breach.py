@@ -2,17 +2,25 @@
 :mod:`xray_core.evaluate.breach`).
 
 When the run's drift step flags a site (a counted per-site check, as the ``xray.drift.detected`` events
-name it) and the locked reference is not the champion, :func:`measure_breaches` scores both on the site's
-labelled films catalogued after both models were created (``images.added_at`` after the later
-``models.created_at``; a model is created after its training snapshot, so neither trained on them), in
-every routine split (train, val and test of this run's snapshot; sequestered films never reach a routine
-decision), from the feature cache (:func:`xray_core.pipeline.sequester.score`). The paired,
-patient-clustered difference (champion minus reference, ``XRAY_PROMOTION_METRIC``) is judged as the
-sequestered audit judges it (:func:`xray_core.pipeline.sequester.judge`): a breach when the champion is
-*measured* more than ``XRAY_REFERENCE_MARGIN`` below. Fewer than ``XRAY_MIN_TEST_PER_CLASS`` films of a
-class: "not enough films", no action. Under ``lift`` and ``rollback`` a breached site also measures the
-challenger against the champion on the site's films catalogued after the champion that are outside the
-challenger's training split (val and test, or test only when its head was fitted on train+val).
+name it, or the check of a batch that came from that one site alone: :func:`site_flags`) and the locked
+reference is not the champion, :func:`measure_breaches` scores both on the site's labelled films of the
+current **drift episode** catalogued after both models were created (``images.added_at`` after the later
+``models.created_at``; a model is created after its training snapshot, so neither trained on them). The
+episode (:func:`drift_episode`, from the ``drift_checks`` table) is the site's run of consecutive flagged
+drift checks, tonight's included, back to the last check that tested the site and did not flag it (a
+check that did not test it, e.g. a night it sent no films, does not end it); its films are those added
+after the check before its first. Without a recorded episode (older checks) the films are all the site's
+since both models were created. Scored in every routine split (train, val and test of this run's
+snapshot; sequestered films never reach a routine decision), from the feature cache
+(:func:`xray_core.pipeline.sequester.score`). The paired, patient-clustered difference (champion minus
+reference, ``XRAY_PROMOTION_METRIC``) is judged as the sequestered audit judges it
+(:func:`xray_core.pipeline.sequester.judge`): a breach when the champion is *measured* more than
+``XRAY_REFERENCE_MARGIN`` below. Fewer than ``XRAY_MIN_TEST_PER_CLASS`` films of a class: "not enough
+films", no action. Under ``lift`` and ``rollback`` a breached site also measures the
+challenger against the champion on the site's films of the episode catalogued after the champion that are
+outside the challenger's training split (val and test, or test only when its head was fitted on
+train+val); it vetoes when the challenger measures more than ``XRAY_REFERENCE_MARGIN`` below. The step is
+best effort, as the drift step: an error is a ``failed`` check, reported, with no lift and no rollback.
 
 :func:`restore_reference` (``XRAY_REFERENCE_BREACH=rollback``) runs after the decision is recorded: a
 challenger not promoted leaves the champion in place, so the locked reference is restored through
@@ -22,6 +30,7 @@ challenger not promoted leaves the champion in place, so the locked reference is
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -31,6 +40,7 @@ from xray_core.data.snapshot import SplitData
 from xray_core.errors import UsageError
 from xray_core.evaluate.breach import (
     BREACH,
+    FAILED,
     HELD,
     LIFTED,
     REPORTED,
@@ -38,6 +48,7 @@ from xray_core.evaluate.breach import (
     THIN,
     BreachCheck,
     breach_words,
+    films_words,
     measure_words,
     site_condition,
 )
@@ -46,12 +57,68 @@ from xray_core.results import NOT_REACHED, Evaluation, RunResult, Snapshot
 from xray_core.settings import Settings
 
 
+def site_flags(checks: Sequence[Mapping[str, Any]]) -> dict[str, bool]:
+    """What one drift check said of each site it tested: True flagged, False tested and not flagged (a site
+    it did not test is absent). A site's own check (``site S``) counts, and so does the check of ``all new
+    films`` when they all came from one site the model's reference knows (``site``, set by
+    :func:`xray_core.pipeline.monitor.single_site`: that check was made against the site's own films). A
+    check against the pooled reference that does not count (``counts`` False, ``drift`` False) and a batch
+    too small to test (fewer than ``MIN_BATCH`` films, never flagged) say nothing of the site."""
+    from xray_core.monitor.drift import MIN_BATCH
+
+    out: dict[str, bool] = {}
+    for c in checks:
+        subject = str(c.get("subject", ""))
+        site = subject.removeprefix("site ") if subject.startswith("site ") else c.get("site")
+        if site is None or subject not in (f"site {site}", "all new films") or c.get("counts") is False:
+            continue
+        if c.get("drift") or int(c.get("n") or 0) >= MIN_BATCH:
+            out[str(site)] = out.get(str(site), False) or bool(c.get("drift"))
+    return out
+
+
 def flagged_sites(drift: dict[str, Any] | None) -> list[str]:
-    """The sites the run's drift step flagged: its per-site checks (``site S``) that set the run's flag
-    (a check made against the pooled reference reports ``drift`` False: it does not count)."""
-    checks = (drift or {}).get("checks") or []
-    return sorted({c["subject"].removeprefix("site ") for c in checks
-                   if c.get("drift") and str(c.get("subject", "")).startswith("site ")})
+    """The sites the run's drift step flagged (:func:`site_flags` of its checks): a per-site check that set
+    the run's flag, or the check of a batch that came from one known site (a check made against the
+    pooled reference reports ``drift`` False: it does not count)."""
+    return sorted(site for site, flagged in site_flags((drift or {}).get("checks") or []).items() if flagged)
+
+
+def episode(newest_first: Iterable[tuple[datetime, Sequence[Mapping[str, Any]]]],
+            site: str) -> tuple[datetime | None, datetime] | None:
+    """The site's current drift episode from the recorded drift checks, newest first (each: when, and its
+    batch checks): the run of consecutive checks that flagged it, back to the last check that tested it
+    and did not (one that did not test it, e.g. a night the site sent no films, does not end the run).
+    Returns (the films' bound: when the check before the episode's first ran, None when there was none;
+    when the first flagged check ran), or None when the newest check that tested the site did not flag it
+    (or none did)."""
+    began: datetime | None = None
+    bound: datetime | None = None
+    for created, checks in newest_first:
+        if began is not None and bound is None:
+            bound = created  # the check before the episode's first so far: its films came after it
+        flag = site_flags(checks).get(site)
+        if flag is False:
+            break
+        if flag:
+            began, bound = created, None
+    return None if began is None else (bound, began)
+
+
+def drift_episode(settings: Settings, site: str) -> tuple[datetime | None, datetime] | None:
+    """:func:`episode` of ``site`` from the ``drift_checks`` table (the checks of catalogued films: those of
+    ``xray monitor``, an ingest and a retrain, the ones that set the next check's start), newest first."""
+    from sqlalchemy import select
+
+    from db import session_scope
+    from db.schema import DriftCheck
+    from xray_core.data.catalogue import open_catalogue
+
+    query = (select(DriftCheck.created_at, DriftCheck.result)
+             .where(DriftCheck.kind.in_(("monitor", "ingest", "retrain"))).order_by(DriftCheck.id.desc()))
+    with session_scope(open_catalogue(settings)) as s:
+        rows = s.execute(query.execution_options(yield_per=50))
+        return episode(((when, list((result or {}).get("checks") or [])) for when, result in rows), site)
 
 
 def too_few(rows: list[Row], labels: list[str], minimum: int) -> str | None:
@@ -63,23 +130,36 @@ def too_few(rows: list[Row], labels: list[str], minimum: int) -> str | None:
 
 
 def thin(settings: Settings, site: str, versions: tuple[int, int], films: int, since: str | None,
-         short: str) -> BreachCheck:
-    """The check of a site with too few films to judge (``short`` says which): reported, no action."""
-    return BreachCheck(site=site, champion=versions[0], reference=versions[1], status=THIN, films=films,
-                       since=since, metric=settings.promotion_metric, margin=settings.reference_margin,
+         short: str, **about: Any) -> BreachCheck:
+    """The check of a site with too few films to judge (``short`` says which): reported, no action.
+    ``about``: the check's ``drift_began`` and ``films_from``."""
+    check = BreachCheck(site=site, champion=versions[0], reference=versions[1], status=THIN, films=films,
+                        since=since, metric=settings.promotion_metric, margin=settings.reference_margin,
+                        mode=settings.reference_breach, detail="", **about)
+    which = (f"at site {site} since both models were trained" if check.drift_began is None
+             else f"among {films_words(check)}")
+    return replace(check, detail=f"not enough films {which}: {short}")
+
+
+def failed(settings: Settings, site: str, champion: int, reference: int | None,
+           exc: Exception) -> BreachCheck:
+    """A breach check that could not be made: reported, no action (as a drift check that fails)."""
+    return BreachCheck(site=site, champion=champion, reference=reference, status=FAILED, films=0, since=None,
+                       metric=settings.promotion_metric, margin=settings.reference_margin,
                        mode=settings.reference_breach,
-                       detail=f"not enough films at site {site} since both models were trained: {short}")
+                       detail=f"breach check failed: {type(exc).__name__}: {exc}; no action")
 
 
 def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluation, reference: Evaluation,
-               since: str | None) -> BreachCheck:
-    """The breach check of one site from the two models' scores of the same ``rows``."""
+               since: str | None, **about: Any) -> BreachCheck:
+    """The breach check of one site from the two models' scores of the same ``rows``; ``about``: the
+    check's ``drift_began`` and ``films_from`` (the words of its films)."""
     from xray_core.pipeline.sequester import judge
 
     kept = [r for r in rows if r.label in champion.labels]
     versions = (champion.version, reference.version)
     if (short := too_few(kept, champion.labels, settings.min_test_per_class)) is not None:
-        return thin(settings, site, versions, len(kept), since, short)
+        return thin(settings, site, versions, len(kept), since, short, **about)
     judged = judge(settings, champion, reference, rows)
     comparison = judged["comparison"] or {}
     check = BreachCheck(site=site, champion=versions[0], reference=versions[1],
@@ -88,7 +168,7 @@ def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluat
                         mode=settings.reference_breach, detail="",
                         difference=comparison.get("difference"), low=comparison.get("low"),
                         high=comparison.get("high"), champion_value=comparison.get("challenger"),
-                        reference_value=comparison.get("champion"))
+                        reference_value=comparison.get("champion"), **about)
     if judged["comparison"] is None:  # e.g. the two models' labels differ: said by the check
         return replace(check, detail=f"not measured at site {site}: {judged['check']['detail']}")
     action = (REPORTED if settings.reference_breach == "alert" else LIFTED) if check.breached else "none"
@@ -99,29 +179,55 @@ def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluat
 def measure_breaches(settings: Settings, drift: dict[str, Any] | None, champion: int | None,
                      challenger: int, snapshot: Snapshot) -> list[BreachCheck]:
     """The breach check of each site the drift step flagged (none without a flag, a champion, or a locked
-    reference other than the champion); with ``lift``/``rollback``, a breached site's challenger check."""
-    from xray_core.pipeline.sequester import score
+    reference other than the champion); with ``lift``/``rollback``, a breached site's challenger check.
+    Best effort, as the drift step: an error is a ``failed`` check per flagged site, which changes nothing
+    (the run goes on; the result and the report say "breach check failed: <reason>")."""
     from xray_core.registry.reference import reference_version
 
-    sites, reference = flagged_sites(drift), reference_version(settings)
-    if not sites or champion is None or reference is None or reference == champion:
+    sites = flagged_sites(drift)
+    if not sites or champion is None:
         return []
+    reference: int | None = None
+    try:
+        reference = reference_version(settings)
+        if reference is None or reference == champion:
+            return []
+        return measure_sites(settings, sites, champion, reference, challenger, snapshot)
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        return [failed(settings, site, champion, reference, exc) for site in sites]
+
+
+def measure_sites(settings: Settings, sites: list[str], champion: int, reference: int, challenger: int,
+                  snapshot: Snapshot) -> list[BreachCheck]:
+    """:func:`measure_breaches` of ``sites``: each on its films of the current drift episode
+    (:func:`drift_episode`) catalogued after both models were created; without a recorded episode
+    (e.g. checks stored before the breach step), on all its films since both models were created."""
+    from xray_core.pipeline.sequester import score
+
     (created, labels), (created_ref, _) = model_facts(settings, champion), model_facts(settings, reference)
-    since = max(created, created_ref)
+    models = max(created, created_ref)
     data = snapshot.load()
     routine = {r.id: r for r in (*data.train, *data.val, *data.test)}
-    newer = by_site(settings, routine, since)
+    newer = by_site(settings, routine, models)
     out = []
     for site in sites:
-        rows = [r for r in newer.get(site, []) if r.label in labels]
+        found = drift_episode(settings, site)
+        bound, began = found if found is not None else (None, None)
+        since = max(models, bound) if bound is not None else models
+        about = {"drift_began": began.isoformat() if began is not None else None,
+                   "films_from": "drift" if bound is not None and bound >= models else "models"}
+        rows = [r for r in (newer if since == models else by_site(settings, routine, since)).get(site, [])
+                if r.label in labels]
         short = too_few(rows, labels, settings.min_test_per_class)
         if short is not None:  # nothing scored
-            out.append(thin(settings, site, (champion, reference), len(rows), since.isoformat(), short))
+            out.append(thin(settings, site, (champion, reference), len(rows), since.isoformat(), short,
+                            **about))
             continue
         check = judge_site(settings, site, rows, score(settings, champion, rows),
-                           score(settings, reference, rows), since.isoformat())
+                           score(settings, reference, rows), since.isoformat(), **about)
         if check.breached and settings.reference_breach != "alert":
-            mine = rows if since == created else by_site(settings, routine, created).get(site, [])
+            start = max(created, bound) if bound is not None else created  # the episode since the champion
+            mine = rows if start == since else by_site(settings, routine, start).get(site, [])
             check = replace(check, challenger_check=challenger_at_site(settings, site, champion, challenger,
                                                                        mine, data))
         out.append(check)
@@ -153,21 +259,23 @@ def by_site(settings: Settings, routine: dict[int, Row], since: datetime) -> dic
 def challenger_at_site(settings: Settings, site: str, champion: int, challenger: int, rows: list[Row],
                        data: SplitData) -> dict[str, Any]:
     """The ``breach_site`` check: the challenger against the champion on ``rows`` (the site's films since
-    the champion) outside the challenger's training split."""
+    the champion, of the drift episode) outside the challenger's training split."""
     from xray_core.pipeline.sequester import paired, score
     from xray_core.registry.versions import load_model
 
+    margin = settings.reference_margin
     model = load_model(settings, challenger)
     fitted_on = model.card["training"].get("fitted_on")
     held = {r.id for r in (data.test if fitted_on == "train+val" else (*data.val, *data.test))}
     kept = [r for r in rows if r.id in held and r.label in model.labels]
     if (short := too_few(kept, model.labels, settings.min_test_per_class)) is not None:
-        return site_condition(None, site, len(kept), champion,
+        return site_condition(None, site, len(kept), champion, margin,
                               why_not=f"{len(kept)} films outside its training split: {short}")
     new, old = score(settings, challenger, kept), score(settings, champion, kept)
     if old.labels != new.labels:
-        return site_condition(None, site, len(kept), champion, why_not="the two models' labels differ")
-    return site_condition(paired(settings, new, old, kept), site, len(kept), champion)
+        return site_condition(None, site, len(kept), champion, margin,
+                              why_not="the two models' labels differ")
+    return site_condition(paired(settings, new, old, kept), site, len(kept), champion, margin)
 
 
 @step("restore-reference")
@@ -189,6 +297,8 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
     if settings.reference_breach != "rollback" or not breached or result.champion_after is NOT_REACHED:
         return
     first = breached[0]
+    if first.reference is None:  # a breach is measured against a known reference: never here
+        return
     if result.champion_after == result.version:
         action = f"{LIFTED}; challenger v{result.version} promoted"
     elif result.champion_after != first.champion:  # a stale decision: someone moved the champion
@@ -206,5 +316,6 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
     result.breach_checks = [replace(b, action=action) if b.breached else b for b in result.breach_checks]
 
 
-__all__ = ["by_site", "challenger_at_site", "flagged_sites", "judge_site", "measure_breaches", "model_facts",
-           "restore_reference", "rollback_to_reference", "thin", "too_few"]
+__all__ = ["by_site", "challenger_at_site", "drift_episode", "episode", "failed", "flagged_sites",
+           "judge_site", "measure_breaches", "measure_sites", "model_facts", "restore_reference",
+           "rollback_to_reference", "site_flags", "thin", "too_few"]

@@ -183,7 +183,7 @@ def _check_rows(settings: Settings, version: int, rows: list[tuple], *, with_lab
 
     def one(subject: str, keep: np.ndarray, site: str | None = None) -> dict[str, Any]:
         args = (x[keep], probs[keep])
-        out = {"subject": subject,
+        out = {"subject": subject, **({"site": site} if site is not None else {}),  # the site it judged
                **(check_batch(reference, *args, groups=patients[keep], **common) if site is None
                   else check_site(reference, site, *args, groups=patients[keep], **common))}
         if not with_labels:

@@ -191,8 +191,9 @@ def check_arrivals(settings: Settings, flow_run_id: str | None, folder: str | No
         "summary": out.get("summary"),
         "warnings": warnings,
         "checks": [
-            {k: c.get(k) for k in ("subject", "n", "ood_flagged", "ood_coarse", "mmd_p", "ks_p", "verdict",
-                                   "drift", "performance", "realised")}
+            {**{k: c.get(k) for k in ("subject", "n", "ood_flagged", "ood_coarse", "mmd_p", "ks_p", "verdict",
+                                      "drift", "performance", "realised")},
+             **({"site": c["site"]} if c.get("site") is not None else {})}  # one site's batch (the breach)
             for c in checks
         ],
         "report": out.get("report"),
