@@ -215,7 +215,7 @@ def measure_sites(settings: Settings, sites: list[str], champion: int, reference
         bound, began = found if found is not None else (None, None)
         since = max(models, bound) if bound is not None else models
         about = {"drift_began": began.isoformat() if began is not None else None,
-                   "films_from": "drift" if bound is not None and bound >= models else "models"}
+                 "films_from": "drift" if bound is not None and bound >= models else "models"}
         rows = [r for r in (newer if since == models else by_site(settings, routine, since)).get(site, [])
                 if r.label in labels]
         short = too_few(rows, labels, settings.min_test_per_class)
