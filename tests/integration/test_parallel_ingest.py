@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from sqlalchemy import select
 
 from db import dispose_engines, session_scope
 from db.schema import Image, Patient, Rejection, SeenFile
+from xray_core.data import ingest_pool
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest import ingest_source
 from xray_core.data.synthetic import write_dataset
@@ -77,7 +79,15 @@ def source(tmp_path_factory) -> Path:
     return src
 
 
-def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path, method: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forked workers (a process without other threads, e.g. ``xray ingest``) and workers from a
+    forkserver (a process with threads, e.g. a Prefect flow run) alike."""
+    if method == "fork" and ingest_pool.start_method() != "fork":
+        pytest.skip("another thread runs in this test process: workers are not forked from it")
+    used: list[str] = []
+    monkeypatch.setattr(ingest_pool, "start_method", lambda: used.append(method) or method)
     progress: dict[int, list] = {1: [], 2: []}
     results = {}
     for workers in (1, 2):
@@ -94,6 +104,19 @@ def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path
         assert two[1][table] == one[1][table], table
     total = one[0]["files"]
     assert progress[2] == progress[1] == [(i, total) for i in range(1, total + 1)]
+    assert used == [method]  # one pool, started the chosen way
+
+
+def test_workers_are_forked_only_from_a_process_without_other_threads() -> None:
+    assert ingest_pool.start_method() in ("fork", "forkserver")  # Linux: both exist
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert ingest_pool.start_method() == "forkserver"
+    finally:
+        stop.set()
+        other.join()
 
 
 def test_a_known_film_is_a_duplicate_even_where_its_decode_would_now_fail(

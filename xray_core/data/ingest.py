@@ -34,7 +34,8 @@ from xray_core.data.attributes import EXAMPLES as ATTRIBUTE_EXAMPLES
 from xray_core.data.attributes import merge
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.columns import check_mapping
-from xray_core.data.ingest_pool import Prepared, PreparePool, resolve_workers, settle_group
+from xray_core.data.ingest_pool import PreparePool, resolve_workers
+from xray_core.data.prepare import Prepared, settle_group
 from xray_core.data.quarantine import Quarantine
 from xray_core.data.scan import Candidate, manifest_attributes, scan_folder, scan_manifest, validate_manifest
 from xray_core.data.sources import close_interrupted_ingests, ingest_owner
