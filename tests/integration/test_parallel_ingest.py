@@ -104,7 +104,34 @@ def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path
         assert two[1][table] == one[1][table], table
     total = one[0]["files"]
     assert progress[2] == progress[1] == [(i, total) for i in range(1, total + 1)]
-    assert used == [method]  # one pool, started the chosen way
+    assert used and set(used) == {method}  # the pool started the chosen way
+
+
+def test_files_examined_while_the_catalogue_opens_are_dropped_when_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forked workers begin on the first files before the catalogue is open (PreparePool.prefetch); on
+    a re-scan those files are unchanged, so what the workers made of them is dropped, as skipped."""
+    if ingest_pool.start_method() != "fork":
+        pytest.skip("another thread runs in this test process: workers are not forked from it")
+    src = tmp_path / "src"
+    write_dataset(src, patients_per_label=3, images_per_patient=2, size=48, seed=11)  # 12 films
+    ahead: list[int] = []
+    real = ingest_pool.PreparePool.prefetch
+
+    def spy(self, candidates):
+        out = real(self, candidates)
+        ahead.append(len(self._ahead))
+        return out
+
+    monkeypatch.setattr(ingest_pool.PreparePool, "prefetch", spy)
+    settings = _settings(tmp_path / "home", 2)
+    first = ingest_source(src, settings=settings)
+    stored = _outcomes(settings)
+    again = ingest_source(src, settings=settings)
+    assert _outcomes(settings) == stored
+    dispose_engines()
+    assert ahead == [12, 12]  # every file begun before the catalogue opened, both times
+    assert first.added == 12 and (again.skipped_unchanged, again.added, again.rejected) == (12, 0, 0)
 
 
 def test_workers_are_forked_only_from_a_process_without_other_threads() -> None:
