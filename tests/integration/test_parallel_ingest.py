@@ -175,7 +175,10 @@ def _ingest_subprocess(home: Path, src: Path, kill_at: str | None) -> subprocess
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-def test_a_worker_killed_mid_batch_fails_the_ingest_and_the_rerun_completes(tmp_path: Path) -> None:
+# TERM: a forked worker must not inherit the CLI's handler (SIGTERM -> an exception sent back as a result).
+@pytest.mark.parametrize("signal_name", ["KILL", "TERM"])
+def test_a_worker_killed_mid_batch_fails_the_ingest_and_the_rerun_completes(tmp_path: Path,
+                                                                            signal_name: str) -> None:
     src = tmp_path / "src"
     write_dataset(src, patients_per_label=12, images_per_patient=2, size=48, seed=9)  # 48 files
     reference = tmp_path / "reference"
@@ -183,7 +186,7 @@ def test_a_worker_killed_mid_batch_fails_the_ingest_and_the_rerun_completes(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
 
     home = tmp_path / "home"
-    killed = _ingest_subprocess(home, src, "ingest.worker_prepared:3")  # each worker dies at its 3rd file
+    killed = _ingest_subprocess(home, src, f"ingest.worker_prepared:3:{signal_name}")  # each at its 3rd file
     assert killed.returncode == 1, killed.stderr[-3000:]
     assert "worker process died" in killed.stderr
     con = sqlite3.connect(home / "catalogue.db")

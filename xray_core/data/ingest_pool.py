@@ -21,6 +21,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import signal
 import threading
 import time
 from collections import deque
@@ -268,9 +269,13 @@ def init_worker(pid: int) -> None:
     Exit once the ingesting process is gone: a SIGKILLed ingest cannot shut its pool down, and
     workers blocked on their queue would otherwise live on, holding its output pipes open (a caller
     reading them would wait forever).
+
+    SIGTERM ends a worker, as it would a fresh process: a forked one inherits the CLI's handler that
+    turns SIGTERM into an exception, which the pool would carry back as that file's result.
     """
     from threadpoolctl import threadpool_limits
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threadpool_limits(limits=1)
     threading.Thread(target=_watch, args=(pid,), name="xray-watch-parent", daemon=True).start()
 
