@@ -148,8 +148,8 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
     # process alone writes the store and the catalogue (see xray_core.data.ingest_pool). Forked
     # workers start on the first files now, while the catalogue opens.
     pool = PreparePool(resolve_workers(settings), settings, regex, known_sha)
-    candidates = pool.prefetch(candidates)
     try:
+        candidates = pool.prefetch(candidates)
         engine = open_catalogue(settings)
         for private in ("store", "quarantine"):
             # Quarantined files (and, with XRAY_DICOM_STORE=original, stored DICOM) keep every byte,
