@@ -109,10 +109,14 @@ def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path
 
 def test_files_examined_while_the_catalogue_opens_are_dropped_when_unchanged(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forked workers begin on the first files before the catalogue is open (PreparePool.prefetch); on
-    a re-scan those files are unchanged, so what the workers made of them is dropped, as skipped."""
+    """Forked workers begin on the first files before the catalogue is open (PreparePool.prefetch),
+    unless the catalogue may have seen files under the source (a re-scan); a prefetched file then
+    found unchanged is dropped, as skipped."""
     if ingest_pool.start_method() != "fork":
         pytest.skip("another thread runs in this test process: workers are not forked from it")
+    from xray_core.data import ingest
+    from xray_core.data.catalogue import may_have_seen
+
     src = tmp_path / "src"
     write_dataset(src, patients_per_label=3, images_per_patient=2, size=48, seed=11)  # 12 films
     ahead: list[int] = []
@@ -125,13 +129,21 @@ def test_files_examined_while_the_catalogue_opens_are_dropped_when_unchanged(
 
     monkeypatch.setattr(ingest_pool.PreparePool, "prefetch", spy)
     settings = _settings(tmp_path / "home", 2)
+    root = f"{src}/"
+    assert not may_have_seen(settings, root)  # no catalogue yet
     first = ingest_source(src, settings=settings)
+    assert may_have_seen(settings, root) and not may_have_seen(settings, f"{tmp_path}/elsewhere/")
+    assert not may_have_seen(settings, f"{src}x/")  # shares a prefix, not the folder
     stored = _outcomes(settings)
-    again = ingest_source(src, settings=settings)
+    again = ingest_source(src, settings=settings)  # a re-scan: nothing prefetched
+    monkeypatch.setattr(ingest, "may_have_seen", lambda settings, root: False)
+    forced = ingest_source(src, settings=settings)  # prefetched, then every file found unchanged
     assert _outcomes(settings) == stored
     dispose_engines()
-    assert ahead == [12, 12]  # every file begun before the catalogue opened, both times
-    assert first.added == 12 and (again.skipped_unchanged, again.added, again.rejected) == (12, 0, 0)
+    assert ahead == [12, 12]  # the first ingest and the forced one began every file early
+    assert first.added == 12
+    for rescan in (again, forced):
+        assert (rescan.skipped_unchanged, rescan.added, rescan.rejected) == (12, 0, 0)
 
 
 def test_workers_are_forked_only_from_a_process_without_other_threads() -> None:

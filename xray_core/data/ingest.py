@@ -32,7 +32,7 @@ from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.data.admission import NearCopyIndex, SiteRule, admit, record_near_pairs
 from xray_core.data.attributes import EXAMPLES as ATTRIBUTE_EXAMPLES
 from xray_core.data.attributes import merge
-from xray_core.data.catalogue import open_catalogue
+from xray_core.data.catalogue import may_have_seen, open_catalogue
 from xray_core.data.columns import check_mapping
 from xray_core.data.ingest_pool import PreparePool, resolve_workers
 from xray_core.data.prepare import Prepared, settle_group
@@ -146,10 +146,12 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
 
     # Files are prepared ahead in worker processes (XRAY_INGEST_WORKERS), taken back in order; this
     # process alone writes the store and the catalogue (see xray_core.data.ingest_pool). Forked
-    # workers start on the first files now, while the catalogue opens.
+    # workers start on the first files now, while the catalogue opens, unless the catalogue may have
+    # seen files here (a re-scan would examine them for nothing).
     pool = PreparePool(resolve_workers(settings), settings, regex, known_sha)
+    seen_root = printable(str(manifest.parent if manifest else path)).rstrip("/") + "/"
     try:
-        candidates = pool.prefetch(candidates)
+        candidates = candidates if may_have_seen(settings, seen_root) else pool.prefetch(candidates)
         engine = open_catalogue(settings)
         for private in ("store", "quarantine"):
             # Quarantined files (and, with XRAY_DICOM_STORE=original, stored DICOM) keep every byte,
@@ -169,7 +171,6 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             source_id = source.id
             # One query for every path under the source root; a manifest's absolute or ../ rows that
             # leave it are looked up one by one below (they are rare and always rejected).
-            seen_root = printable(str(manifest.parent if manifest else path)).rstrip("/") + "/"
             seen = {v.path: (v.size, v.mtime_ns, v.label_key) for v in s.scalars(select(SeenFile).where(
                 SeenFile.path.like(f"{_like_prefix(Path(seen_root))}%", escape="\\")))}
             radius = max(settings.near_copy_distance, NEAR_PAIR_MAX_DISTANCE)

@@ -55,8 +55,13 @@ def resolve_workers(settings: Settings) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_STOP: list[Any] = []  # in a worker: the pool's "results no longer wanted" event (init_worker)
+
+
 def examine_in_worker(cand: Candidate, st: os.stat_result, settings: Settings,
-                      regex: re.Pattern[str] | None) -> Prepared:
+                      regex: re.Pattern[str] | None) -> Prepared | None:
+    if _STOP and _STOP[0].is_set():
+        return None  # the pool is closing: files still queued to a worker are not examined
     prep = examine(cand, st, settings, regex)  # as a worker process runs it
     crash_point("ingest.worker_prepared")
     return prep
@@ -105,6 +110,7 @@ class PreparePool:
         self._sizes: deque[int] = deque()  # the queue's file sizes (stat), summed in _bytes
         self._bytes = 0
         self._executor: ProcessPoolExecutor | None = None
+        self._stop: Any = None  # a multiprocessing Event the workers see, made with the executor
         self._starter: threading.Thread | None = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -164,6 +170,7 @@ class PreparePool:
         if self._starter is not None:
             self._starter.join()
         if self._executor is not None:
+            self._stop.set()  # nothing still in flight is wanted now: queued files are not examined
             self._executor.shutdown(wait=exc[0] is None, cancel_futures=True)
             self._executor = None
 
@@ -171,8 +178,9 @@ class PreparePool:
         ctx = multiprocessing.get_context(method)
         if method == "forkserver":
             ctx.set_forkserver_preload([__name__, "xray_core.data.images"])
+        self._stop = ctx.Event()
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=init_worker,
-                                   initargs=(os.getpid(),))
+                                   initargs=(os.getpid(), self._stop))
 
     def _start(self, method: str) -> None:
         """Background thread: create the executor and wait until every worker has answered once."""
@@ -259,7 +267,7 @@ def _blas() -> Any:  # threadpoolctl's ThreadpoolController, made once: its limi
     return ThreadpoolController()
 
 
-def init_worker(pid: int) -> None:
+def init_worker(pid: int, stop: Any) -> None:
     """Worker initializer.
 
     One BLAS thread per worker: the pHash's matrix products would otherwise start a thread per core
@@ -272,10 +280,14 @@ def init_worker(pid: int) -> None:
 
     SIGTERM ends a worker, as it would a fresh process: a forked one inherits the CLI's handler that
     turns SIGTERM into an exception, which the pool would carry back as that file's result.
+
+    ``stop``: set by the pool when it closes, so that files already queued to a worker (prefetched
+    files found unchanged, or an ingest that failed) are not examined while the pool waits for it.
     """
     from threadpoolctl import threadpool_limits
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _STOP[:] = [stop]
     threadpool_limits(limits=1)
     threading.Thread(target=_watch, args=(pid,), name="xray-watch-parent", daemon=True).start()
 
