@@ -94,22 +94,25 @@ def _log(message: str) -> None:
 
 
 ONE_INGEST = """
-import json, os, sys, time
+import json, os, resource, sys, time
 from multiprocessing import forkserver
 from pathlib import Path
 t0 = time.perf_counter()
 from xray_core.data.ingest import ingest_source
 from xray_core.settings import get_settings
 src = Path(sys.argv[1])
-t1, c1 = time.perf_counter(), time.process_time()
+t1, c1 = time.perf_counter(), time.process_time()  # process_time: this process's user + system CPU
 summary = ingest_source(src, settings=get_settings(), manifest=src / "manifest.csv")
 t2, c2 = time.perf_counter(), time.process_time()
-workers_cpu = 0.0  # the forkserver's CPU and its reaped children's (the workers, shut down by now)
+# Forked workers are this process's children, reaped by the executor's shutdown; a forkserver's own CPU
+# and its reaped children's (the workers, shut down by now) are read from /proc.
+children = resource.getrusage(resource.RUSAGE_CHILDREN)
+workers_cpu = children.ru_utime + children.ru_stime
 pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
 if pid:
     time.sleep(0.3)  # the forkserver reaps its exited workers
     fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
-    workers_cpu = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    workers_cpu += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 print(json.dumps({"added": summary.added, "files": summary.files, "ingest_s": t2 - t1, "imports_s": t1 - t0,
                   "writer_cpu_s": c2 - c1, "workers_cpu_s": workers_cpu}))
 """
@@ -136,6 +139,7 @@ def real_films(args: argparse.Namespace) -> None:
     if args.before_code:
         codes["before"] = Path(args.before_code).expanduser().resolve()
     rounds: dict[str, dict[str, list[dict]]] = {c: {str(w): [] for w in workers} for c in codes}
+    load_start = [round(x, 2) for x in os.getloadavg()]  # 1, 5 and 15 minutes, as uptime shows them
     with tempfile.TemporaryDirectory(prefix="bench-ingest-real-", dir=args.workdir) as tmp:
         for r in range(args.repeat):
             for code_name, code in codes.items():
@@ -148,6 +152,7 @@ def real_films(args: argparse.Namespace) -> None:
                              "added": sum(x["added"] for x in runs),
                              "writer_cpu_s": round(sum(x["writer_cpu_s"] for x in runs), 3),
                              "workers_cpu_s": round(sum(x["workers_cpu_s"] for x in runs), 3),
+                             "cpu_s": round(sum(x["writer_cpu_s"] + x["workers_cpu_s"] for x in runs), 3),
                              "load_before_after": [round(load, 2), round(os.getloadavg()[0], 2)]}
                     if trial["added"] != sum(x["files"] for x in runs):
                         raise SystemExit(f"not every film was added: {runs}")
@@ -155,10 +160,12 @@ def real_films(args: argparse.Namespace) -> None:
                     _log(f"round {r + 1} {code_name} workers={w}: {trial}")
     result: dict = {"name": "ingest", "mode": "real films", "folders": [str(f) for f in folders],
                     "films": rounds["after"][str(workers[0])][0]["added"], "repeat": args.repeat,
-                    "cpu_count": os.cpu_count()}
+                    "cpu_count": os.cpu_count(),
+                    "load_average_start_end": [load_start, [round(x, 2) for x in os.getloadavg()]]}
     for code_name, by_workers in rounds.items():
         best = {w: min(t["ingest_s"] for t in trials) for w, trials in by_workers.items()}
         best_process = {w: min(t["process_s"] for t in trials) for w, trials in by_workers.items()}
+        best_cpu = {w: min(t["cpu_s"] for t in trials) for w, trials in by_workers.items()}
         base, base_process = best.get("1"), best_process.get("1")
         result[code_name] = {
             "best_ingest_s_by_workers": best,
@@ -166,6 +173,7 @@ def real_films(args: argparse.Namespace) -> None:
             "best_process_s_by_workers": best_process,
             "process_speedup_vs_1_worker": ({w: round(base_process / s, 2) for w, s in best_process.items()}
                                             if base_process else None),
+            "best_cpu_s_by_workers": best_cpu,  # user + system, writer and workers
             "rounds": by_workers,
         }
         if code_name == "before":

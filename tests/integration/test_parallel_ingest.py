@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from sqlalchemy import select
 
 from db import dispose_engines, session_scope
 from db.schema import Image, Patient, Rejection, SeenFile
+from xray_core.data import ingest_pool
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest import ingest_source
 from xray_core.data.synthetic import write_dataset
@@ -77,7 +79,15 @@ def source(tmp_path_factory) -> Path:
     return src
 
 
-def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path, method: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forked workers (a process without other threads, e.g. ``xray ingest``) and workers from a
+    forkserver (a process with threads, e.g. a Prefect flow run) alike."""
+    if method == "fork" and ingest_pool.start_method() != "fork":
+        pytest.skip("another thread runs in this test process: workers are not forked from it")
+    used: list[str] = []
+    monkeypatch.setattr(ingest_pool, "start_method", lambda: used.append(method) or method)
     progress: dict[int, list] = {1: [], 2: []}
     results = {}
     for workers in (1, 2):
@@ -94,6 +104,58 @@ def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path
         assert two[1][table] == one[1][table], table
     total = one[0]["files"]
     assert progress[2] == progress[1] == [(i, total) for i in range(1, total + 1)]
+    assert used and set(used) == {method}  # the pool started the chosen way
+
+
+def test_files_examined_while_the_catalogue_opens_are_dropped_when_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forked workers begin on the first files before the catalogue is open (PreparePool.prefetch),
+    unless the catalogue may have seen files under the source (a re-scan); a prefetched file then
+    found unchanged is dropped, as skipped."""
+    if ingest_pool.start_method() != "fork":
+        pytest.skip("another thread runs in this test process: workers are not forked from it")
+    from xray_core.data import ingest
+    from xray_core.data.catalogue import may_have_seen
+
+    src = tmp_path / "src"
+    write_dataset(src, patients_per_label=3, images_per_patient=2, size=48, seed=11)  # 12 films
+    ahead: list[int] = []
+    real = ingest_pool.PreparePool.prefetch
+
+    def spy(self, candidates):
+        out = real(self, candidates)
+        ahead.append(len(self._ahead))
+        return out
+
+    monkeypatch.setattr(ingest_pool.PreparePool, "prefetch", spy)
+    settings = _settings(tmp_path / "home", 2)
+    root = f"{src}/"
+    assert not may_have_seen(settings, root)  # no catalogue yet
+    first = ingest_source(src, settings=settings)
+    assert may_have_seen(settings, root) and not may_have_seen(settings, f"{tmp_path}/elsewhere/")
+    assert not may_have_seen(settings, f"{src}x/")  # shares a prefix, not the folder
+    stored = _outcomes(settings)
+    again = ingest_source(src, settings=settings)  # a re-scan: nothing prefetched
+    monkeypatch.setattr(ingest, "may_have_seen", lambda settings, root: False)
+    forced = ingest_source(src, settings=settings)  # prefetched, then every file found unchanged
+    assert _outcomes(settings) == stored
+    dispose_engines()
+    assert ahead == [12, 12]  # the first ingest and the forced one began every file early
+    assert first.added == 12
+    for rescan in (again, forced):
+        assert (rescan.skipped_unchanged, rescan.added, rescan.rejected) == (12, 0, 0)
+
+
+def test_workers_are_forked_only_from_a_process_without_other_threads() -> None:
+    assert ingest_pool.start_method() in ("fork", "forkserver")  # Linux: both exist
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert ingest_pool.start_method() == "forkserver"
+    finally:
+        stop.set()
+        other.join()
 
 
 def test_a_known_film_is_a_duplicate_even_where_its_decode_would_now_fail(
@@ -125,7 +187,10 @@ def _ingest_subprocess(home: Path, src: Path, kill_at: str | None) -> subprocess
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-def test_a_worker_killed_mid_batch_fails_the_ingest_and_the_rerun_completes(tmp_path: Path) -> None:
+# TERM: a forked worker must not inherit the CLI's handler (SIGTERM -> an exception sent back as a result).
+@pytest.mark.parametrize("signal_name", ["KILL", "TERM"])
+def test_a_worker_killed_mid_batch_fails_the_ingest_and_the_rerun_completes(tmp_path: Path,
+                                                                            signal_name: str) -> None:
     src = tmp_path / "src"
     write_dataset(src, patients_per_label=12, images_per_patient=2, size=48, seed=9)  # 48 files
     reference = tmp_path / "reference"
@@ -133,7 +198,7 @@ def test_a_worker_killed_mid_batch_fails_the_ingest_and_the_rerun_completes(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
 
     home = tmp_path / "home"
-    killed = _ingest_subprocess(home, src, "ingest.worker_prepared:3")  # each worker dies at its 3rd file
+    killed = _ingest_subprocess(home, src, f"ingest.worker_prepared:3:{signal_name}")  # each at its 3rd file
     assert killed.returncode == 1, killed.stderr[-3000:]
     assert "worker process died" in killed.stderr
     con = sqlite3.connect(home / "catalogue.db")

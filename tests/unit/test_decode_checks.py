@@ -18,7 +18,7 @@ from PIL import Image
 
 from xray_core.data import images
 from xray_core.data.images import decode_image
-from xray_core.data.plausibility import BLANK_FRACTION, dominant_share
+from xray_core.data.plausibility import BLANK_FRACTION, could_be_blank, dominant_share
 from xray_core.data.synthetic import make_xray
 from xray_core.errors import ImageRejected
 
@@ -139,6 +139,45 @@ def test_dominant_share_is_exact_when_a_value_holds_most_pixels() -> None:
     assert value == np.float32(0.25) and share == pytest.approx(np.mean(arr == np.float32(0.25)))
     ordered = np.sort(arr)  # the same pixels in one run: slices see the value unevenly
     assert dominant_share(ordered) == (share, value)
+
+
+def _arrangements(share: float, seed: int) -> list[np.ndarray]:
+    """Pixels with ``share`` of them at one value, laid out scattered, in one run, as a run that starts
+    in the middle, and with every other value in one slice (the case the shortcut must not miss)."""
+    rng = np.random.default_rng(seed)
+    n = 13 * 479  # slices of unequal lengths (64 * 97 + 19)
+    arr = rng.random(n).astype(np.float32)
+    scattered = arr.copy()
+    scattered[rng.permutation(n)[: int(share * n)]] = 0.25
+    ordered = np.sort(scattered)
+    middle = np.roll(ordered, n // 2)
+    one_slice = np.full(n, 0.25, np.float32)  # the others, all brighter, from the middle slice (32) on
+    others = n - int(share * n)
+    start = sum(len(part) for part in np.array_split(arr, 64)[:32])
+    one_slice[start : start + others] = 0.5 + arr[:others] / 2
+    return [scattered, ordered, middle, one_slice, scattered.reshape(-1, 13)]
+
+
+@pytest.mark.parametrize("share", [0.9995, 0.995, 0.9905, 0.99, 0.985, 0.95, 0.6])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_blank_shortcut_never_changes_a_verdict(share: float, seed: int) -> None:
+    """could_be_blank only skips dominant_share where its verdict is 'not blank' anyway."""
+    for arr in _arrangements(share, seed):
+        blank = dominant_share(arr)[0] > BLANK_FRACTION
+        assert could_be_blank(arr) or not blank
+        assert blank == (share > BLANK_FRACTION)  # dominant_share itself is exact
+
+
+def test_the_blank_shortcut_decides_an_ordinary_film_from_a_few_slices(monkeypatch) -> None:
+    from xray_core.data import plausibility
+
+    looked: list[int] = []
+    real = plausibility._median
+    monkeypatch.setattr(plausibility, "_median", lambda part: looked.append(len(part)) or real(part))
+    assert not could_be_blank(_xray(256).astype(np.float32) / 255.0)
+    assert 3 <= len(looked) <= 8  # of 64 slices
+    looked.clear()
+    assert could_be_blank(blank_film(128, 0.995).astype(np.float32)) and len(looked) == 64
 
 
 # ---- metadata-chunk bombs and Pillow's warnings ----------------------------------------------------

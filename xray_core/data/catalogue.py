@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,7 +14,8 @@ from sqlalchemy.orm import Session, aliased
 
 from db import get_engine, session_scope
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, NEAR_PAIRS_PER_FILM
-from db.schema import SEQUESTERED, SPLITS, Image, NearPair, Patient, Rejection, Source
+from db.schema import SEQUESTERED, SPLITS, Image, NearPair, Patient, Rejection, SeenFile, Source
+from db.urls import sqlite_file
 from xray_core.data.sites import source_site
 from xray_core.settings import Settings
 
@@ -24,6 +26,28 @@ def open_catalogue(settings: Settings) -> Engine:
     """The engine for ``settings.database_url``, with the schema upgraded to head on first use."""
     settings.home.mkdir(parents=True, exist_ok=True)
     return get_engine(settings.database_url)
+
+
+def may_have_seen(settings: Settings, root: str) -> bool:
+    """Whether the catalogue may hold a seen-row for a path under ``root`` (ending in ``/``), asked
+    without opening it (no schema check: ~1 ms against ~0.3 s). False only when it certainly holds
+    none: a SQLite catalogue not created yet, or one whose seen-rows are all elsewhere; another
+    database, or any error, says True. A hint for ingest's prefetch, never a verdict."""
+    database = sqlite_file(settings.database_url)
+    if database is None:
+        return True
+    if not database.exists():
+        return False
+    try:
+        con = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=0.1)
+        try:  # the primary key's range [root, root with its last "/" raised to "0"): one index seek
+            row = con.execute(f"SELECT 1 FROM {SeenFile.__tablename__} WHERE path >= ? AND path < ? LIMIT 1",
+                              (root, root[:-1] + "0")).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return True
+    return row is not None
 
 
 def patient_salt(settings: Settings) -> str:

@@ -32,9 +32,10 @@ from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.data.admission import NearCopyIndex, SiteRule, admit, record_near_pairs
 from xray_core.data.attributes import EXAMPLES as ATTRIBUTE_EXAMPLES
 from xray_core.data.attributes import merge
-from xray_core.data.catalogue import open_catalogue
+from xray_core.data.catalogue import may_have_seen, open_catalogue
 from xray_core.data.columns import check_mapping
-from xray_core.data.ingest_pool import Prepared, PreparePool, resolve_workers, settle_group
+from xray_core.data.ingest_pool import PreparePool, resolve_workers
+from xray_core.data.prepare import Prepared, settle_group
 from xray_core.data.quarantine import Quarantine
 from xray_core.data.scan import Candidate, manifest_attributes, scan_folder, scan_manifest, validate_manifest
 from xray_core.data.sources import close_interrupted_ingests, ingest_owner
@@ -139,38 +140,50 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
                             f"valid regular expression ({exc}); use e.g. ^(person\\d+) or an empty "
                             "value for none") from None
     rules = _rules_key(settings)
-    engine = open_catalogue(settings)
-    for private in ("store", "quarantine"):
-        # Quarantined files (and, with XRAY_DICOM_STORE=original, stored DICOM) keep every byte,
-        # patient identifiers included (see SECURITY.md): owner only when we create them; an
-        # existing folder's permissions are the administrator's choice.
-        # (Under XRAY_STORAGE_URL, access is the bucket's or share's policy.)
-        folder = get_storage(settings).local_path(private)
-        if folder is not None:
-            private_dir(folder)
+    def known_sha(sha: str) -> str | None:
+        with session_scope(engine) as s:
+            return s.scalar(select(Image.label).where(Image.sha256 == sha))
 
-    with session_scope(engine) as s:
-        close_interrupted_ingests(s)  # left 'running' by a killed ingest
-        source = Source(kind=kind, path=printable(str(path)), counts={"owner": ingest_owner()},
-                        manifest_path=printable(str(manifest)) if manifest else None)
-        s.add(source)
-        s.flush()
-        source_id = source.id
-        # One query for every path under the source root; a manifest's absolute or ../ rows that
-        # leave it are looked up one by one below (they are rare and always rejected).
-        seen_root = printable(str(manifest.parent if manifest else path)).rstrip("/") + "/"
-        seen = {v.path: (v.size, v.mtime_ns, v.label_key) for v in s.scalars(select(SeenFile).where(
-            SeenFile.path.like(f"{_like_prefix(Path(seen_root))}%", escape="\\")))}
-        radius = max(settings.near_copy_distance, NEAR_PAIR_MAX_DISTANCE)
-        admission = (NearCopyIndex.load(s, radius=radius), SiteRule.for_source(site, str(manifest or path)))
+    # Files are prepared ahead in worker processes (XRAY_INGEST_WORKERS), taken back in order; this
+    # process alone writes the store and the catalogue (see xray_core.data.ingest_pool). Forked
+    # workers start on the first files now, while the catalogue opens, unless the catalogue may have
+    # seen files here (a re-scan would examine them for nothing).
+    pool = PreparePool(resolve_workers(settings), settings, regex, known_sha)
+    seen_root = printable(str(manifest.parent if manifest else path)).rstrip("/") + "/"
+    try:
+        candidates = candidates if may_have_seen(settings, seen_root) else pool.prefetch(candidates)
+        engine = open_catalogue(settings)
+        for private in ("store", "quarantine"):
+            # Quarantined files (and, with XRAY_DICOM_STORE=original, stored DICOM) keep every byte,
+            # patient identifiers included (see SECURITY.md): owner only when we create them; an
+            # existing folder's permissions are the administrator's choice.
+            # (Under XRAY_STORAGE_URL, access is the bucket's or share's policy.)
+            folder = get_storage(settings).local_path(private)
+            if folder is not None:
+                private_dir(folder)
+
+        with session_scope(engine) as s:
+            close_interrupted_ingests(s)  # left 'running' by a killed ingest
+            source = Source(kind=kind, path=printable(str(path)), counts={"owner": ingest_owner()},
+                            manifest_path=printable(str(manifest)) if manifest else None)
+            s.add(source)
+            s.flush()
+            source_id = source.id
+            # One query for every path under the source root; a manifest's absolute or ../ rows that
+            # leave it are looked up one by one below (they are rare and always rejected).
+            seen = {v.path: (v.size, v.mtime_ns, v.label_key) for v in s.scalars(select(SeenFile).where(
+                SeenFile.path.like(f"{_like_prefix(Path(seen_root))}%", escape="\\")))}
+            radius = max(settings.near_copy_distance, NEAR_PAIR_MAX_DISTANCE)
+            admission = (NearCopyIndex.load(s, radius=radius),
+                         SiteRule.for_source(site, str(manifest or path)))
+    except BaseException as exc:
+        pool.__exit__(type(exc), exc, exc.__traceback__)
+        raise
 
     summary = IngestSummary(source_id, printable(str(path)), printable(str(manifest)) if manifest else None)
     if manifest is not None and (kept := manifest_attributes(manifest, columns)):
         summary.attributes = {"columns": kept, "conflicts": 0, "examples": []}
     quarantine = Quarantine.for_ingest(settings)
-    def known_sha(sha: str) -> str | None:
-        with session_scope(engine) as s:
-            return s.scalar(select(Image.label).where(Image.sha256 == sha))
 
     def known_shas(shas: list[str]) -> set[str]:
         with session_scope(engine) as s:
@@ -206,15 +219,14 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             if progress:
                 progress(done, total)
 
-        # Files are prepared ahead in worker processes (XRAY_INGEST_WORKERS), taken back in order;
-        # this process alone writes the store and the catalogue (see xray_core.data.ingest_pool).
-        with PreparePool(resolve_workers(settings), settings, regex, known_sha) as pool:
+        with pool:
             for cand in candidates:
                 summary.files += 1
                 key = cand.key
                 stat_error = "the file vanished or cannot be opened"
+                st = pool.prefetched_stat(cand)  # the stat a prefetched file's examination began with
                 try:
-                    st = cand.path.lstat() if cand.problem else cand.path.stat()
+                    st = st or (cand.path.lstat() if cand.problem else cand.path.stat())
                 except (OSError, ValueError) as exc:  # missing; ELOOP (links deeper than the OS follows); NUL
                     st, stat_error = None, ("the file vanished or cannot be opened "
                                             f"({getattr(exc, 'strerror', None) or exc})")

@@ -1,54 +1,41 @@
-"""Per-file preparation for ingest, in this process or in a pool of worker processes.
+"""Where files are prepared for ingest: in this process, or in a pool of worker processes.
 
-Preparing a file is independent, CPU-bound work: read, sha256, decode and validate, pHash, and (for
-DICOM) the de-identified copy. With ``XRAY_INGEST_WORKERS`` above 1 it runs in worker processes
-(:class:`PreparePool`) while this process stays the *single writer*: it alone writes store files and
-catalogue rows (:mod:`xray_core.data.ingest`), so the crash-safety argument (store file first, then
-the row, in short transactions) and the per-file outcomes are the same as with one process.
+Preparing a file (:func:`~xray_core.data.prepare.examine`: read, sha256, decode and validate, pHash,
+and for DICOM the de-identified copy) is independent, CPU-bound work. With ``XRAY_INGEST_WORKERS``
+above 1 it runs in worker processes (:class:`PreparePool`) while this process stays the *single
+writer*: it alone writes store files and catalogue rows (:mod:`xray_core.data.ingest`), so the
+crash-safety argument (store file first, then the row, in short transactions) and the per-file
+outcomes are the same as with one process. A worker reads the file from its path itself and sends
+back everything the writer needs (sha256, facts, pHash, verdict, the bytes to store).
 
-Split in two so that a worker never touches the catalogue or the store:
-
-* :func:`examine` (worker side): everything that needs only the file's bytes and the settings. It
-  cannot ask the catalogue whether the sha256 is already known, so it decodes every file; with
-  ``known_sha`` (in-process) it skips the decode of a known file exactly as ingest always did.
-* :func:`settle_group` (writer side, per write group): asks the catalogue about the group's sha256s in
-  one query, and for a known file drops what the decode said (the transaction decides duplicate vs
-  label conflict, as before); the good files' store copies are written with their fsyncs batched.
-
-Results come back in submission order through a bounded window of files in flight (at most
-:data:`IN_FLIGHT_BYTES` of them, by size), so progress, groups and outcomes follow the source's order.
+Workers start by ``fork`` when this process runs no other thread, else from a ``forkserver`` (see
+:func:`start_method`). Results come back in submission order through a bounded window of files in
+flight (at most :data:`IN_FLIGHT_BYTES` of them, by size), so progress, groups and outcomes follow
+the source's order.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import multiprocessing
 import os
 import re
-import stat
+import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from datetime import date
-from pathlib import Path
 from typing import Any
 
-from xray_core.data.attributes import catalogue_values
-from xray_core.data.deidentify import deidentify
-from xray_core.data.dicom import DicomPolicy, catalogue_fields, patient_pseudonym
-from xray_core.data.labels import check_label
+from xray_core.data.prepare import Prepared, examine
 from xray_core.data.scan import Candidate
-from xray_core.errors import ImageRejected, XrayError
+from xray_core.errors import XrayError
 from xray_core.faults import crash_point
-from xray_core.io.fsutil import sha256_bytes
-from xray_core.io.storage import get_storage
 from xray_core.settings import Settings
 
-STORE_EXT = {"png": "png", "jpeg": "jpg", "dicom": "dcm"}
 # In flight: 4 files per worker, plus a write group's worth, so that workers keep going while the
 # writer writes a group (store copies, fsyncs, transaction); and at most this many of their bytes.
 FILES_IN_FLIGHT_PER_WORKER, FILES_AHEAD, IN_FLIGHT_BYTES = 4, 32, 128 * 2**20
@@ -57,26 +44,6 @@ HEAD_START_FILES = 32  # at most this many files examined in the writer while th
 
 class IngestWorkerError(XrayError):
     """A worker process died (killed, or out of memory) while preparing files (exit code 1)."""
-
-
-@dataclass
-class Prepared:
-    """One file, ready for the writer. Picklable: workers send it back to the writer."""
-
-    cand: Candidate
-    size: int
-    mtime_ns: int
-    sha256: str | None = None
-    label: str | None = None  # set only once the label check passed
-    reject: tuple[str, str] | None = None
-    data: bytes | None = None  # the original bytes: kept for rejected and already-known files (quarantine)
-    meta: dict | None = None  # image facts for a good file
-    patient_id: str | None = None
-    id_source: str | None = None
-    stored_rel: str | None = None
-    payload: bytes | None = None  # bytes the writer stores at stored_rel (de-identified for DICOM)
-    known_checked: bool = False  # the catalogue was already asked about sha256 (in-process path)
-
 
 def resolve_workers(settings: Settings) -> int:
     """XRAY_INGEST_WORKERS, with 0 meaning the cores this process may use."""
@@ -88,169 +55,34 @@ def resolve_workers(settings: Settings) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def patient_from_filename(name: str, regex: re.Pattern[str] | None) -> str | None:
-    if regex is None:
-        return None
-    match = regex.search(name)
-    if not match:
-        return None
-    return match.group(1) if match.groups() else match.group(0)
-
-
-def given_patient(cand: Candidate, data: bytes | None,
-                  regex: re.Pattern[str] | None) -> tuple[str | None, str | None]:
-    """(patient id, id source) that a known file's row itself names, without decoding it: the
-    manifest's cell, else XRAY_PATIENT_REGEX on the name of a non-DICOM file (a DICOM's own
-    PatientID is the stored copy's: the bytes are the same). The writer compares it with the stored
-    film's patient (``duplicate_other_patient`` in :mod:`xray_core.data.ingest`)."""
-    from xray_core.data.images import sniff_format
-
-    if cand.patient_id:
-        return cand.patient_id, "manifest"
-    if data is None or sniff_format(data) == "dicom":
-        return None, None
-    pid = patient_from_filename(cand.path.name, regex)
-    return (pid, "filename") if pid is not None else (None, None)
-
-
-def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.Pattern[str] | None,
-            known_sha: Callable[[str], str | None] | None = None) -> Prepared:
-    """Read, hash, check and decode one file; no catalogue or store access (safe in a worker).
-
-    ``known_sha`` (in-process only): a catalogued sha256 is not decoded again.
-    """
-    from xray_core.data.catalogue import patient_salt  # a file under XRAY_HOME, never the database
-    from xray_core.data.images import decode_image, perceptual_hash
-
-    prep = Prepared(cand, st.st_size, st.st_mtime_ns)
-    if cand.problem:
-        prep.reject = cand.problem
-        return prep
-    if not stat.S_ISREG(st.st_mode):
-        # A named pipe would block the read forever; a device could stream without end.
-        prep.reject = ("not_an_image", "not a regular file (a named pipe, socket or device); "
-                                       "only image files are read")
-        return prep
-    if st.st_size > settings.max_file_bytes:
-        prep.reject = ("file_too_large",
-                       f"{st.st_size} bytes is over XRAY_MAX_FILE_BYTES={settings.max_file_bytes}")
-        return prep
-    try:
-        data = cand.path.read_bytes()
-    except OSError as exc:
-        prep.reject = ("unreadable_file", f"cannot read the file: {exc.strerror or exc}")
-        return prep
-    if changed_while_read(cand.path, st, len(data)):
-        # A file still being copied in: its partial bytes would be stored as one image and the full
-        # bytes as another (two images of one film, possibly in two splits). Retried next time.
-        prep.reject = ("file_changing", "the file changed while it was being read (still being written?); "
-                                        "it is tried again by the next ingest")
-        return prep
-    prep.sha256 = sha256_bytes(data)
-    try:
-        prep.label = check_label(cand.label, settings.labels)
-    except ImageRejected as rej:
-        prep.reject, prep.data = (rej.reason, rej.detail), data
-        return prep
-    if known_sha is not None:
-        prep.known_checked = True
-        if known_sha(prep.sha256) is not None:
-            # Already catalogued: no need to decode again; the transaction decides duplicate vs conflict
-            # (or another patient's copy).
-            prep.data = data
-            prep.patient_id, prep.id_source = given_patient(cand, data, regex)
-            return prep
-    try:
-        decoded = decode_image(data, min_side=settings.min_image_side, max_pixels=settings.max_pixels,
-                               policy=DicomPolicy(settings.allowed_modalities, settings.require_chest))
-    except ImageRejected as rej:
-        prep.reject, prep.data = (rej.reason, rej.detail), data
-        return prep
-    salt = patient_salt(settings) if decoded.dicom is not None else ""
-    dicom_pid = None  # the salted PatientID: the only form it is ever stored in
-    if decoded.dicom_patient_id:
-        dicom_pid = patient_pseudonym(salt, decoded.dicom_patient_id)
-    if cand.patient_id:
-        prep.patient_id, prep.id_source = cand.patient_id, "manifest"
-    elif dicom_pid:
-        prep.patient_id, prep.id_source = dicom_pid, "dicom"
-    elif (pid := patient_from_filename(cand.path.name, regex)) is not None:
-        prep.patient_id, prep.id_source = pid, "filename"
-    else:
-        prep.patient_id, prep.id_source = f"img-{prep.sha256[:16]}", "image"
-    # Named by the original's sha256 even when a de-identified copy is stored: deduplication and
-    # idempotent re-scans work on what arrived (see xray_core.data.deidentify).
-    prep.stored_rel = f"store/{prep.sha256[:2]}/{prep.sha256}.{STORE_EXT[decoded.format]}"
-    prep.payload = data
-    if decoded.dicom is not None and settings.dicom_store == "deidentified":
-        prep.payload = deidentify(data, salt=salt, patient_id=dicom_pid or "",
-                                  site_mode=settings.site_from_dicom)
-    if not prep.known_checked:
-        prep.data = data  # the writer may still learn the file is known (see settle_group)
-    acquisition = (catalogue_fields(decoded.dicom, salt=salt, site_mode=settings.site_from_dicom)
-                   if decoded.dicom is not None else {})
-    prep.meta = {
-        "width": decoded.width, "height": decoded.height, "bit_depth": decoded.bit_depth,
-        "format": decoded.format, "phash": perceptual_hash(decoded.pixels),
-        "stored_sha256": sha256_bytes(prep.payload) if prep.payload is not data else None,
-        "view": cand.view or decoded.view, **acquisition, **manifest_facts(cand),
-        **catalogue_values(cand.attributes),
-    }
-    return prep
+_STOP: list[Any] = []  # in a worker: the pool's "results no longer wanted" event (init_worker)
 
 
 def examine_in_worker(cand: Candidate, st: os.stat_result, settings: Settings,
-                      regex: re.Pattern[str] | None) -> Prepared:
+                      regex: re.Pattern[str] | None) -> Prepared | None:
+    if _STOP and _STOP[0].is_set():
+        return None  # the pool is closing: files still queued to a worker are not examined
     prep = examine(cand, st, settings, regex)  # as a worker process runs it
     crash_point("ingest.worker_prepared")
     return prep
 
 
-def settle_group(group: list[Prepared], settings: Settings, known_shas: Callable[[list[str]], set[str]],
-                 regex: re.Pattern[str] | None = None) -> list[Prepared]:
-    """Writer side, per write group: the catalogue check a worker could not make (one query), then the
-    good files' store copies, durable together (fsyncs batched) before the group's rows commit."""
-    asked = [p.sha256 for p in group if not p.known_checked and p.sha256 and p.label is not None]
-    known = known_shas(asked) if asked else set()
-    settled: list[Prepared] = []
-    writes: dict[str, bytes] = {}
-    for prep in group:
-        if not prep.known_checked and prep.sha256 in known and prep.label is not None:
-            # As if examined in-process: a known file is not decoded, so nothing the decode said counts.
-            pid, id_source = given_patient(prep.cand, prep.data, regex)
-            prep = Prepared(prep.cand, prep.size, prep.mtime_ns, sha256=prep.sha256, label=prep.label,
-                            data=prep.data, known_checked=True, patient_id=pid, id_source=id_source)
-        elif prep.meta is not None and prep.payload is not None:
-            assert prep.stored_rel is not None  # set with meta and payload by examine
-            writes.setdefault(prep.stored_rel, prep.payload)
-            prep.data = None  # a good file's quarantine copy, if it comes to that, is taken from the store
-        prep.payload = None
-        settled.append(prep)
-    store = get_storage(settings)  # a file already there (a crash after its write, before its row) is reused
-    todo = [(k, data) for k, data in writes.items() if not (store.exists(k) and store.size(k) == len(data))]
-    store.write_many(todo)
-    for _ in todo:
-        crash_point("ingest.store_written")
-    return settled
+def start_method() -> str:
+    """How worker processes start: ``fork`` when this process runs no other Python thread (the ``xray
+    ingest`` command, the benchmark), else ``forkserver``, or ``spawn`` where neither exists.
 
-
-def changed_while_read(path: Path, before: os.stat_result, n_read: int) -> bool:
-    """Whether the bytes read may not be the whole, settled file: a size other than the one stat
-    gave before reading, or a size or mtime that changed during the read."""
-    try:
-        after = path.stat()
-    except OSError:
-        return True
-    return (n_read != before.st_size
-            or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns))
-
-
-def manifest_facts(cand: Candidate) -> dict:
-    """Manifest acquisition columns (checked by scan) as catalogue values; they win over DICOM tags."""
-    typed: dict[str, Callable[[str], object]] = {"age_years": float, "age": float,
-                                                 "study_date": date.fromisoformat}
-    return {("age_years" if name == "age" else name): typed.get(name, str)(value)
-            for name, value in cand.acquisition}
+    A forked worker is a copy of this process, which has imported everything already: it starts in
+    milliseconds, where a forkserver spends ~0.8 s of CPU importing pydicom, Pillow, numpy and the
+    settings once per ingest (on 2 cores, a fifth of the 162 shared films' whole preparation). Forking
+    while another thread runs could copy a lock that thread holds into the worker (a deadlock there),
+    so a process with threads (a Prefect flow run: its event loop, log and API threads) keeps the
+    forkserver: workers forked from a clean single-threaded server. Threads that native libraries
+    start are not Python threads: numpy's OpenBLAS stops its own around ``fork`` (pthread_atfork).
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
 
 
 class PreparePool:
@@ -259,14 +91,15 @@ class PreparePool:
 
     ``put`` takes a file to examine or a ready item (a skipped file, a known rejection); ``ready``
     says whether the oldest item must be taken before more are put; ``take`` returns items in the
-    order they were put, not yet settled (:func:`settle_group` does that per write group). A worker that
-    dies (SIGKILL, out of memory) fails the ingest with :class:`IngestWorkerError`: the rows already
-    committed stay, and the next ingest carries on.
+    order they were put, not yet settled (:func:`~xray_core.data.prepare.settle_group` does that per
+    write group). A worker that dies (SIGKILL, out of memory) fails the ingest with
+    :class:`IngestWorkerError`: the rows already committed stay, and the next ingest carries on.
 
-    Start-up: the workers are started in a background thread when the first file needs examining
-    (a re-scan of unchanged files starts none); until they answer, the first files (at most
-    :data:`HEAD_START_FILES`) are examined in this process, so the ~1 s the worker processes take to
-    start (importing pydicom, Pillow, numpy) is not spent waiting.
+    Start-up: the workers are started when the first file needs examining (a re-scan of unchanged
+    files starts none). Forked workers (:func:`start_method`) are ready at once. Otherwise they start
+    in a background thread, and until they answer the first files (at most :data:`HEAD_START_FILES`)
+    are examined in this process, so the ~1 s a forkserver takes to start (importing pydicom,
+    Pillow, numpy) is not spent waiting.
     """
 
     def __init__(self, workers: int, settings: Settings, regex: re.Pattern[str] | None,
@@ -277,32 +110,82 @@ class PreparePool:
         self._sizes: deque[int] = deque()  # the queue's file sizes (stat), summed in _bytes
         self._bytes = 0
         self._executor: ProcessPoolExecutor | None = None
+        self._stop: Any = None  # a multiprocessing Event the workers see, made with the executor
         self._starter: threading.Thread | None = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._head_start = 0  # files examined here while the workers started
+        # Files whose examination began before the catalogue was open (prefetch): id(cand) -> entry,
+        # and the entry that put((cand, st)) hands over next (its stat was just taken by the caller).
+        self._ahead: dict[int, tuple[Candidate, os.stat_result, Future]] = {}
+        self._handover: tuple[Candidate, os.stat_result, Future] | None = None
 
     def __enter__(self) -> PreparePool:
         return self
 
+    def prefetch(self, candidates: Iterator[Candidate]) -> Iterator[Candidate]:
+        """Forked workers only: stat the first files and start examining them now, while the caller
+        opens the catalogue (~0.3 s of CPU in a new process: importing Alembic, checking or upgrading
+        the schema), then return the same candidates in the same order.
+
+        The caller takes each one's stat back with :meth:`prefetched_stat` and then ``put((cand,
+        st))`` hands over the examination already under way; a file the caller skips as unchanged
+        since last seen was examined for nothing (at most :attr:`window` files on a re-scan, in the
+        workers, while this process opens the catalogue). Started here, before this process opens a
+        database connection or any thread: the workers are forked from a process holding neither."""
+        if self.workers < 2 or start_method() != "fork":
+            return candidates
+        head = list(itertools.islice(candidates, self.window))
+        held = 0
+        for cand in head:
+            if cand.problem or held > IN_FLIGHT_BYTES:
+                continue
+            try:
+                st = cand.path.stat()
+            except (OSError, ValueError):
+                continue  # the caller's own stat says why
+            pool = self._pool()
+            assert pool is not None  # forked: started at once
+            self._ahead[id(cand)] = (cand, st, pool.submit(examine_in_worker, cand, st, self.settings,
+                                                           self.regex))
+            held += st.st_size
+        return itertools.chain(head, candidates)
+
+    def prefetched_stat(self, cand: Candidate) -> os.stat_result | None:
+        """The stat taken when ``cand`` was prefetched, or None (then the caller stats it itself)."""
+        self._drop_handover()
+        self._handover = self._ahead.pop(id(cand), None)
+        return self._handover[1] if self._handover is not None else None
+
+    def _drop_handover(self) -> None:
+        if self._handover is not None:
+            self._handover[2].cancel()  # the file was skipped: its result, if any, is not needed
+            self._handover = None
+
     def __exit__(self, *exc: object) -> None:
+        self._drop_handover()
+        for _, _, future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
         if self._starter is not None:
             self._starter.join()
         if self._executor is not None:
+            self._stop.set()  # nothing still in flight is wanted now: queued files are not examined
             self._executor.shutdown(wait=exc[0] is None, cancel_futures=True)
             self._executor = None
 
-    def _start(self) -> None:
+    def _new_executor(self, method: str) -> ProcessPoolExecutor:
+        ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload([__name__, "xray_core.data.images"])
+        self._stop = ctx.Event()
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=init_worker,
+                                   initargs=(os.getpid(), self._stop))
+
+    def _start(self, method: str) -> None:
         """Background thread: create the executor and wait until every worker has answered once."""
         try:
-            # forkserver: workers start from a clean, single-threaded server process, never by forking
-            # this one (which may hold Prefect's or SQLAlchemy's threads and locks); spawn elsewhere.
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            ctx = multiprocessing.get_context(method)
-            if method == "forkserver":
-                ctx.set_forkserver_preload([__name__, "xray_core.data.images"])
-            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx,
-                                                 initializer=init_worker, initargs=(os.getpid(),))
+            self._executor = self._new_executor(method)
             for probe in [self._executor.submit(os.getpid) for _ in range(self.workers)]:
                 probe.result()
         except BaseException as exc:  # noqa: BLE001 - handed to the ingesting thread, which raises it
@@ -312,8 +195,16 @@ class PreparePool:
 
     def _pool(self) -> ProcessPoolExecutor | None:
         """The started executor, or None while it starts (the first call starts it)."""
-        if self._starter is None:
-            self._starter = threading.Thread(target=self._start, name="xray-ingest-workers", daemon=True)
+        if self._starter is None and not self._started.is_set():
+            method = start_method()
+            if method == "fork":
+                # The workers are forked at the first submit, from this thread, before the executor
+                # starts its own threads: copies of this process, ready in milliseconds.
+                self._executor = self._new_executor(method)
+                self._started.set()
+                return self._executor
+            self._starter = threading.Thread(target=self._start, args=(method,), name="xray-ingest-workers",
+                                             daemon=True)
             self._starter.start()
         if not self._started.is_set():
             return None
@@ -326,6 +217,11 @@ class PreparePool:
     def put(self, item: object) -> None:
         """A ready item, or a ``(cand, st)`` pair to examine."""
         size = item[1].st_size if isinstance(item, tuple) else 0
+        handover, self._handover = self._handover, None
+        if isinstance(item, tuple) and handover is not None and handover[0] is item[0]:
+            item = handover[2]  # examined since prefetch, with the same stat
+        elif handover is not None:
+            handover[2].cancel()
         if isinstance(item, tuple):
             cand, st = item
             pool = self._pool() if self.workers > 1 else None
@@ -371,7 +267,7 @@ def _blas() -> Any:  # threadpoolctl's ThreadpoolController, made once: its limi
     return ThreadpoolController()
 
 
-def init_worker(pid: int) -> None:
+def init_worker(pid: int, stop: Any) -> None:
     """Worker initializer.
 
     One BLAS thread per worker: the pHash's matrix products would otherwise start a thread per core
@@ -381,9 +277,17 @@ def init_worker(pid: int) -> None:
     Exit once the ingesting process is gone: a SIGKILLed ingest cannot shut its pool down, and
     workers blocked on their queue would otherwise live on, holding its output pipes open (a caller
     reading them would wait forever).
+
+    SIGTERM ends a worker, as it would a fresh process: a forked one inherits the CLI's handler that
+    turns SIGTERM into an exception, which the pool would carry back as that file's result.
+
+    ``stop``: set by the pool when it closes, so that files already queued to a worker (prefetched
+    files found unchanged, or an ingest that failed) are not examined while the pool waits for it.
     """
     from threadpoolctl import threadpool_limits
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _STOP[:] = [stop]
     threadpool_limits(limits=1)
     threading.Thread(target=_watch, args=(pid,), name="xray-watch-parent", daemon=True).start()
 

@@ -31,6 +31,8 @@ _INFLATE_STEP = 1 << 20  # counting a PNG's inflated bytes keeps at most this ma
 
 def check_blank(pixels: np.ndarray) -> None:
     """Refuse a film with more than :data:`BLANK_FRACTION` of its pixels at one value (``blank_image``)."""
+    if not could_be_blank(pixels):
+        return  # most films: a few slices' medians already rule it out (the same verdict, ~20x cheaper)
     share, value = dominant_share(pixels)
     if share > BLANK_FRACTION:
         raise ImageRejected(
@@ -38,6 +40,44 @@ def check_blank(pixels: np.ndarray) -> None:
             f"{share:.2%} of the pixels have one value ({value:.3f} on a 0..1 scale); at most "
             f"{BLANK_FRACTION:.0%} may: a blank or failed exposure is not an X-ray",
         )
+
+
+def _slices(pixels: np.ndarray, blocks: int) -> list[np.ndarray]:
+    flat = np.asarray(pixels).reshape(-1)
+    return np.array_split(flat, min(blocks, flat.size))
+
+
+def _median(part: np.ndarray) -> float:
+    return np.partition(part, len(part) // 2)[len(part) // 2]
+
+
+def could_be_blank(pixels: np.ndarray, *, blocks: int = 64) -> bool:
+    """False when no value can hold more than :data:`BLANK_FRACTION` of the pixels, judged from as few
+    of :func:`dominant_share`'s slice medians as that takes; True when that needs a full look.
+
+    Exact: a value holding more than 99% of the pixels is the median of all but at most one of the 64
+    slices (see :func:`dominant_share`), so medians that no single value matches in all but one
+    (three distinct ones, or two pairs) prove the film is not blank. Slices are visited from the
+    middle of the film outwards (borders are often one flat value). Used only for the verdict:
+    a film that may be blank goes through :func:`dominant_share` as before (the reported share and
+    value are its)."""
+    slices = _slices(pixels, blocks)
+    seen: dict[float, int] = {}
+    for i in _middle_out(len(slices)):
+        m = _median(slices[i])
+        seen[m] = seen.get(m, 0) + 1
+        if len(seen) > 2 or (len(seen) == 2 and min(seen.values()) > 1):
+            return False
+    return True
+
+
+def _middle_out(n: int) -> list[int]:
+    """0..n-1 ordered middle first, then alternately further up and down (every index once)."""
+    mid = n // 2
+    order = [mid]
+    for step in range(1, n):
+        order += [i for i in (mid - step, mid + step) if 0 <= i < n]
+    return order[:n]
 
 
 def dominant_share(pixels: np.ndarray, *, blocks: int = 64) -> tuple[float, float]:
@@ -49,8 +89,7 @@ def dominant_share(pixels: np.ndarray, *, blocks: int = 64) -> tuple[float, floa
     median. O(n), without sorting the whole image or a histogram of float values.
     """
     flat = np.asarray(pixels).reshape(-1)
-    slices = np.array_split(flat, min(blocks, flat.size))
-    medians = np.array([np.partition(s, len(s) // 2)[len(s) // 2] for s in slices])
+    medians = np.array([_median(s) for s in _slices(flat, blocks)])
     values, counts = np.unique(medians, return_counts=True)
     value = values[counts.argmax()]
     return float(np.count_nonzero(flat == value)) / flat.size, float(value)
