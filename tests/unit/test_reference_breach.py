@@ -104,20 +104,48 @@ def _kept_by_the_comparison() -> dict[str, Any]:
                        {"name": "guardrail", "passed": True, "detail": "ok"}]}
 
 
-def test_lift_lets_a_challenger_past_a_failing_comparison_and_says_why():
-    out = apply_breaches(_kept_by_the_comparison(), [_breach()])
+# the policy's comparison failed by a wide interval: its point estimate -0.005 is within the promotion
+# margin (0.02): no measured drop
+WIDE = {"challenger": 0.845, "champion": 0.85, "difference": -0.005, "low": -0.09, "high": 0.08}
+
+
+def test_lift_lets_a_challenger_past_a_comparison_that_failed_without_a_measured_drop_and_says_why():
+    out = apply_breaches(_kept_by_the_comparison(), [_breach()], WIDE, 0.02)
     assert out["decision"] == "promote" and out["promote"] is True
     comparison = next(c for c in out["checks"] if c["name"] == "comparison")
     assert comparison["passed"] is False and comparison["lifted"] is True  # it failed; it no longer vetoes
     assert comparison["detail"].startswith("no veto: champion v17 measured 0.114 below the locked reference "
                                            "v2 at site A on 40 new films")
+    assert "failed without a measured drop (difference -0.005, not below -0.02)" in comparison["detail"]
     assert "Challenger ... Keep the champion." in out["rationale"]
+
+
+def test_lift_does_not_lift_a_comparison_that_measured_a_drop(settings):
+    # the reviewer's probe: a challenger measured 0.06 below the champion overall (CI -0.09..-0.03) was
+    # promoted by the lift; its breach_site check passed (as bad as the breached champion at site A)
+    dropped = {"challenger": 0.79, "champion": 0.85, "difference": -0.06, "low": -0.09, "high": -0.03}
+    level = site_condition({"challenger": 0.80, "champion": 0.80, "difference": 0.0, "low": -0.05,
+                            "high": 0.05}, "A", 30, 17, 0.02)
+    reference = {"version": 2, "passed": True, "detail": "ok",
+                 "check": {"name": "reference", "passed": True, "detail": "lower bound -0.015"}}
+    breach = replace(_breach(mode="rollback", challenger_check=level), films=60, low=-0.2, high=-0.05)
+    for comparison in (dropped, None):  # a measured drop, or no number at all: not lifted
+        out = apply_guards(settings, _kept_by_the_comparison(), {"metrics": {}}, None, None, None, reference,
+                           [breach], comparison)
+        assert out["decision"] == "keep" and out["promote"] is False
+        check = next(c for c in out["checks"] if c["name"] == "comparison")
+        assert check["lifted"] is False and check["detail"].startswith("still vetoes (")
+    assert ("it measured the challenger 0.060 below the champion, more than the promotion margin 0.02"
+            in apply_breaches(_kept_by_the_comparison(), [breach], dropped, 0.02)["checks"][1]["detail"])
+    # the same failure within the margin is lifted
+    assert apply_guards(settings, _kept_by_the_comparison(), {"metrics": {}}, None, None, None, reference,
+                        [breach], WIDE)["promote"] is True
 
 
 def test_lift_does_not_lift_another_failed_check_of_the_policy():
     decision = _kept_by_the_comparison()
     decision["checks"][2]["passed"] = False  # the guardrail vetoes too
-    out = apply_breaches(decision, [_breach()])
+    out = apply_breaches(decision, [_breach()], WIDE, 0.02)
     assert out["decision"] == "keep" and out["promote"] is False
 
 
@@ -125,15 +153,15 @@ def test_lift_does_not_let_a_challenger_past_a_failing_reference_check(settings)
     reference = {"version": 2, "passed": False, "detail": "lower bound -0.08",
                  "check": {"name": "reference", "passed": False, "detail": "lower bound -0.08"}}
     out = apply_guards(settings, _kept_by_the_comparison(), {"metrics": {}}, None, None, None, reference,
-                       [_breach()])
+                       [_breach()], WIDE)
     assert out["decision"] == "keep" and not out["promote"]
     assert out["rationale"].startswith("Keep, because the challenger is not shown non-inferior to the locked "
                                        "reference")
     assert "Promote unless a guard vetoes" in out["rationale"]  # what the lift alone would have done
 
 
-# The challenger against the champion on the site's films outside its training split: the same standard as
-# the breach (point difference below -XRAY_REFERENCE_MARGIN), not any difference below 0.
+# The challenger against the champion on the site's test films: the same standard as the breach (point
+# difference below -XRAY_REFERENCE_MARGIN), not any difference below 0.
 def _vs_champion(difference: float) -> dict[str, float]:
     return {"challenger": 0.85 + difference, "champion": 0.85, "difference": difference,
             "low": difference - 0.07, "high": difference + 0.07}
@@ -144,10 +172,25 @@ def test_a_challenger_measured_below_the_champion_by_more_than_the_margin_at_the
     assert below["name"] == "breach_site" and below["passed"] is False and below["measurable"] is True
     assert below["detail"].endswith("measured 0.050 below the champion it would replace there, more than "
                                     "XRAY_REFERENCE_MARGIN=0.02 (XRAY_REFERENCE_BREACH)")
-    out = apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=below)])
+    out = apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=below)], WIDE, 0.02)
     assert out["decision"] == "keep" and not out["promote"]
     assert out["checks"][-1] == {k: below[k] for k in ("name", "passed", "detail")}
     assert "must not be worse than the champion it replaces" in out["rationale"]
+
+
+def test_a_challenger_itself_in_breach_of_the_reference_at_the_site_is_kept():
+    # +0.05 above the breached champion, but 0.04 below the locked reference there: in breach itself
+    vs_reference = {"challenger": 0.90, "champion": 0.94, "difference": -0.04, "low": -0.1, "high": 0.01}
+    check = site_condition(_vs_champion(0.05), "A", 12, 17, 0.02, reference=2, vs_reference=vs_reference)
+    assert check["passed"] is False and check["reference_difference"] == -0.04
+    assert "measured 0.040 below the locked reference v2 (in breach itself) there" in check["detail"]
+    assert "challenger 0.900 vs locked reference v2 0.940, difference -0.040" in check["detail"]
+    assert apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=check)], WIDE,
+                          0.02)["promote"] is False
+    vs_reference["difference"] = -0.02  # within the margin of both: passes
+    check = site_condition(_vs_champion(0.05), "A", 12, 17, 0.02, reference=2, vs_reference=vs_reference)
+    assert check["passed"] is True
+    assert "below the champion or the locked reference there" in check["detail"]
 
 
 @pytest.mark.parametrize("difference", [0.0, -0.01, -0.02])
@@ -156,7 +199,8 @@ def test_a_challenger_within_the_margin_of_the_champion_at_the_site_is_not_vetoe
     level = site_condition(_vs_champion(difference), "A", 12, 17, 0.02)
     assert level["passed"] is True and level["measurable"] is True
     assert "not measured more than XRAY_REFERENCE_MARGIN=0.02 below the champion there" in level["detail"]
-    assert apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=level)])["promote"] is True
+    assert apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=level)], WIDE,
+                          0.02)["promote"] is True
     # with no margin the same difference below 0 vetoes
     assert site_condition(_vs_champion(difference), "A", 12, 17, 0.0)["passed"] is (difference == 0.0)
 
@@ -166,7 +210,7 @@ def test_a_challenger_not_measurable_at_the_site_is_reported_and_not_vetoed():
                              why_not="3 films outside its training split: normal 1 film(s)")
     assert unknown["passed"] is True and unknown["measurable"] is False
     assert "not measurable" in unknown["detail"]
-    out = apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=unknown)])
+    out = apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=unknown)], WIDE, 0.02)
     assert out["promote"] is True and out["checks"][-1]["name"] == "breach_site"
 
 

@@ -17,9 +17,9 @@ reference, ``XRAY_PROMOTION_METRIC``) is judged as the sequestered audit judges 
 (:func:`xray_core.pipeline.sequester.judge`): a breach when the champion is *measured* more than
 ``XRAY_REFERENCE_MARGIN`` below. Fewer than ``XRAY_MIN_TEST_PER_CLASS`` films of a class: "not enough
 films", no action. Under ``lift`` and ``rollback`` a breached site also measures the
-challenger against the champion on the site's films of the episode catalogued after the champion that are
-outside the challenger's training split (val and test, or test only when its head was fitted on
-train+val); it vetoes when the challenger measures more than ``XRAY_REFERENCE_MARGIN`` below. The step is
+challenger against the champion and the reference on the site's films of the episode catalogued after the
+champion that are in the run's TEST split (never val: the challenger was tuned there); it vetoes when the
+challenger measures more than ``XRAY_REFERENCE_MARGIN`` below either. The step is
 best effort, as the drift step: an error is a ``failed`` check, reported, with no lift and no rollback.
 
 :func:`restore_reference` (``XRAY_REFERENCE_BREACH=rollback``) runs after the decision is recorded: a
@@ -229,7 +229,7 @@ def measure_sites(settings: Settings, sites: list[str], champion: int, reference
             start = max(created, bound) if bound is not None else created  # the episode since the champion
             mine = rows if start == since else by_site(settings, routine, start).get(site, [])
             check = replace(check, challenger_check=challenger_at_site(settings, site, champion, challenger,
-                                                                       mine, data))
+                                                                       mine, data, reference))
         out.append(check)
     return out
 
@@ -257,25 +257,30 @@ def by_site(settings: Settings, routine: dict[int, Row], since: datetime) -> dic
 
 
 def challenger_at_site(settings: Settings, site: str, champion: int, challenger: int, rows: list[Row],
-                       data: SplitData) -> dict[str, Any]:
-    """The ``breach_site`` check: the challenger against the champion on ``rows`` (the site's films since
-    the champion, of the drift episode) outside the challenger's training split."""
+                       data: SplitData, reference: int | None = None) -> dict[str, Any]:
+    """The ``breach_site`` check: the challenger against the champion and the locked reference on ``rows``
+    (the site's films since the champion, of the drift episode) of the run's TEST split only: the
+    challenger trained on train and chose its recipe, epoch, temperature and threshold on val."""
     from xray_core.pipeline.sequester import paired, score
     from xray_core.registry.versions import load_model
 
     margin = settings.reference_margin
     model = load_model(settings, challenger)
-    fitted_on = model.card["training"].get("fitted_on")
-    held = {r.id for r in (data.test if fitted_on == "train+val" else (*data.val, *data.test))}
+    held = {r.id for r in data.test}
     kept = [r for r in rows if r.id in held and r.label in model.labels]
     if (short := too_few(kept, model.labels, settings.min_test_per_class)) is not None:
         return site_condition(None, site, len(kept), champion, margin,
-                              why_not=f"{len(kept)} films outside its training split: {short}")
+                              why_not=f"{len(kept)} of them in the test split: {short}")
     new, old = score(settings, challenger, kept), score(settings, champion, kept)
     if old.labels != new.labels:
         return site_condition(None, site, len(kept), champion, margin,
                               why_not="the two models' labels differ")
-    return site_condition(paired(settings, new, old, kept), site, len(kept), champion, margin)
+    vs_reference = None
+    if reference is not None:
+        ref = score(settings, reference, kept)
+        vs_reference = paired(settings, new, ref, kept) if ref.labels == new.labels else None
+    return site_condition(paired(settings, new, old, kept), site, len(kept), champion, margin,
+                          reference=reference, vs_reference=vs_reference)
 
 
 @step("restore-reference")

@@ -353,7 +353,8 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
             memory_mb=settings.memory_mb)
     decision = decide(challenger["metrics"], champion["metrics"] if champion else None, comparison, config)
     ref = reference_summary(settings, challenger, champion, reference, comparison, data)
-    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips, ref, breaches)
+    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips, ref, breaches,
+                       comparison)
     out["comparison"] = comparison
     return out
 
