@@ -21,6 +21,7 @@ from xray_core.pipeline.breach import (
     flagged_sites,
     judge_site,
     measure_breaches,
+    open_sites,
     site_flags,
 )
 from xray_core.pipeline.guards import apply_guards
@@ -336,11 +337,13 @@ class _Snapshot:
 HALF_HOUR = timedelta(minutes=30)
 
 
-def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool = False) -> list[datetime]:
+def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool = False,
+           recorded: bool = False) -> list[datetime]:
     """measure_breaches with the catalogue faked: both models (champion v17, locked reference v2) created
     at T[0]; of the 8 films, rows 0 (normal) and 4 (pneumonia) added 10 minutes after, the others an hour
     after; the drift episode ``(bound, T[4])`` (None: none recorded). The champion scores WORSE, the
-    reference PERFECT. Returns the times ``by_site`` was asked for films since."""
+    reference PERFECT; ``recorded``: the open drift episodes are read from the recorded checks (else none).
+    Returns the times ``by_site`` was asked for films since."""
     import xray_core.pipeline.breach as breach
     import xray_core.pipeline.sequester as sequester
     import xray_core.registry.reference as reference
@@ -364,6 +367,8 @@ def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool =
     monkeypatch.setattr(breach, "drift_episode",
                         lambda settings, site: None if bound is None else (bound, T[4]))
     monkeypatch.setattr(sequester, "score", score)
+    if not recorded:
+        monkeypatch.setattr(breach, "drifting_sites", lambda settings, after: set())
     return asked
 
 
@@ -408,3 +413,27 @@ def test_a_failing_breach_step_is_reported_and_changes_nothing(small, monkeypatc
     assert apply_breaches(decision, checks) == decision
     assert (apply_guards(small, decision, {"metrics": {}}, None, None, None, None, checks)
             == apply_guards(small, decision, {"metrics": {}}, None, None, None, None, ()))
+
+
+# ------------------------------------------------- a retrain on drift: no films, so no drift step of its own
+
+def test_a_site_is_drifting_while_the_newest_check_that_tested_it_flagged_it_after_the_champion():
+    nights = _newest_first(A_HELD, A_FLAGGED, ONLY_B, [{"subject": "site C", "n": 10, "drift": True}],
+                           A_HELD[1:])  # T4 tested B only
+    assert open_sites(nights, T[0]) == {"A", "C"}  # A: T1 (T2 did not test it); B held at T2 and T4
+    assert open_sites(nights, T[1]) == {"C"}  # A's flag at T1 is not after the champion (created at T1)
+    assert open_sites(_newest_first(A_FLAGGED, A_HELD), T[0] - HALF_HOUR) == set()  # held at T1: closed
+
+
+def test_a_run_without_new_films_measures_a_site_flagged_by_a_recorded_monitor_check(small, monkeypatch):
+    from xray_core.monitor.checks import record_check
+
+    rows = _rows(4)
+    _wired(monkeypatch, rows, None, recorded=True)  # the champion created at T[0], before the check
+    alert = small.with_overrides(reference_breach="alert")
+    assert measure_breaches(alert, None, 17, 22, _Snapshot(rows)) == []  # no check recorded: none
+    record_check(small, model_id=None, kind="monitor", subject="monitor",
+                 check={"n": 20, "ood_flagged": 0, "drift": True, "verdict": "v", "checks": A_FLAGGED})
+    (check,) = measure_breaches(alert, None, 17, 22, _Snapshot(rows))  # the run's own drift: none
+    assert (check.site, check.status, check.films) == ("A", "breach", 8)
+    assert check.difference == pytest.approx(-0.25)

@@ -2,7 +2,10 @@
 :mod:`xray_core.evaluate.breach`).
 
 When the run's drift step flags a site (a counted per-site check, as the ``xray.drift.detected`` events
-name it, or the check of a batch that came from that one site alone: :func:`site_flags`) and the locked
+name it, or the check of a batch that came from that one site alone: :func:`site_flags`), or a site's
+drift episode is open (:func:`drifting_sites`: the newest recorded drift check that tested it flagged it,
+after the champion was created; a retrain on drift ingests nothing, so its own drift step never runs), and
+the locked
 reference is not the champion, :func:`measure_breaches` scores both on the site's labelled films of the
 current **drift episode** catalogued after both models were created (``images.added_at`` after the later
 ``models.created_at``; a model is created after its training snapshot, so neither trained on them). The
@@ -30,7 +33,7 @@ challenger not promoted leaves the champion in place, so the locked reference is
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -105,9 +108,30 @@ def episode(newest_first: Iterable[tuple[datetime, Sequence[Mapping[str, Any]]]]
     return None if began is None else (bound, began)
 
 
-def drift_episode(settings: Settings, site: str) -> tuple[datetime | None, datetime] | None:
-    """:func:`episode` of ``site`` from the ``drift_checks`` table (the checks of catalogued films: those of
-    ``xray monitor``, an ingest and a retrain, the ones that set the next check's start), newest first."""
+def open_sites(newest_first: Iterable[tuple[datetime, Sequence[Mapping[str, Any]]]],
+               after: datetime) -> set[str]:
+    """The sites whose current drift episode is open (the recorded drift checks, newest first, each: when,
+    and its batch checks): the newest check that tested the site flagged it, and it ran after ``after``
+    (when the champion was created). Reads no check older than ``after``."""
+    seen: dict[str, bool] = {}
+    for created, checks in newest_first:
+        if created <= after:
+            break
+        for site, flagged in site_flags(checks).items():
+            seen.setdefault(site, flagged)
+    return {site for site, flagged in seen.items() if flagged}
+
+
+def drifting_sites(settings: Settings, after: datetime) -> set[str]:
+    """:func:`open_sites` from the ``drift_checks`` table: the retrain on drift (``retrain/on-drift``)
+    ingests nothing, so its own drift step does not run; the monitor's and the ingests' checks say which
+    sites drift."""
+    return open_sites(recorded_checks(settings), after)
+
+
+def recorded_checks(settings: Settings) -> Iterator[tuple[datetime, list[Mapping[str, Any]]]]:
+    """The recorded drift checks of catalogued films (those of ``xray monitor``, an ingest and a retrain,
+    the ones that set the next check's start), newest first: when, and its batch checks."""
     from sqlalchemy import select
 
     from db import session_scope
@@ -117,8 +141,13 @@ def drift_episode(settings: Settings, site: str) -> tuple[datetime | None, datet
     query = (select(DriftCheck.created_at, DriftCheck.result)
              .where(DriftCheck.kind.in_(("monitor", "ingest", "retrain"))).order_by(DriftCheck.id.desc()))
     with session_scope(open_catalogue(settings)) as s:
-        rows = s.execute(query.execution_options(yield_per=50))
-        return episode(((when, list((result or {}).get("checks") or [])) for when, result in rows), site)
+        for when, result in s.execute(query.execution_options(yield_per=50)):
+            yield when, list((result or {}).get("checks") or [])
+
+
+def drift_episode(settings: Settings, site: str) -> tuple[datetime | None, datetime] | None:
+    """:func:`episode` of ``site`` from the ``drift_checks`` table (:func:`recorded_checks`)."""
+    return episode(recorded_checks(settings), site)
 
 
 def too_few(rows: list[Row], labels: list[str], minimum: int) -> str | None:
@@ -178,21 +207,23 @@ def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluat
 @step("breach")
 def measure_breaches(settings: Settings, drift: dict[str, Any] | None, champion: int | None,
                      challenger: int, snapshot: Snapshot) -> list[BreachCheck]:
-    """The breach check of each site the drift step flagged (none without a flag, a champion, or a locked
-    reference other than the champion); with ``lift``/``rollback``, a breached site's challenger check.
+    """The breach check of each site the run's drift step flagged and each site whose drift episode is open
+    (:func:`drifting_sites`: the newest recorded check that tested it flagged it, after the champion was
+    created; none without a flag, a champion, or a locked reference other than the champion); with
+    ``lift``/``rollback``, a breached site's challenger check.
     Best effort, as the drift step: an error is a ``failed`` check per flagged site, which changes nothing
     (the run goes on; the result and the report say "breach check failed: <reason>")."""
     from xray_core.registry.reference import reference_version
 
-    sites = flagged_sites(drift)
-    if not sites or champion is None:
+    if champion is None:
         return []
-    reference: int | None = None
+    sites, reference = flagged_sites(drift), None
     try:
         reference = reference_version(settings)
         if reference is None or reference == champion:
             return []
-        return measure_sites(settings, sites, champion, reference, challenger, snapshot)
+        sites = sorted(set(sites) | drifting_sites(settings, model_facts(settings, champion)[0]))
+        return measure_sites(settings, sites, champion, reference, challenger, snapshot) if sites else []
     except Exception as exc:  # noqa: BLE001 - see docstring
         return [failed(settings, site, champion, reference, exc) for site in sites]
 
@@ -321,6 +352,6 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
     result.breach_checks = [replace(b, action=action) if b.breached else b for b in result.breach_checks]
 
 
-__all__ = ["by_site", "challenger_at_site", "drift_episode", "episode", "failed", "flagged_sites",
-           "judge_site", "measure_breaches", "measure_sites", "model_facts", "restore_reference",
-           "rollback_to_reference", "site_flags", "thin", "too_few"]
+__all__ = ["by_site", "challenger_at_site", "drift_episode", "drifting_sites", "episode", "failed",
+           "flagged_sites", "judge_site", "measure_breaches", "measure_sites", "model_facts", "open_sites",
+           "recorded_checks", "restore_reference", "rollback_to_reference", "site_flags", "thin", "too_few"]
