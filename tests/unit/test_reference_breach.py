@@ -22,6 +22,7 @@ from xray_core.pipeline.breach import (
     judge_site,
     measure_breaches,
     open_sites,
+    restore_reference,
     site_flags,
 )
 from xray_core.pipeline.guards import apply_guards
@@ -437,3 +438,47 @@ def test_a_run_without_new_films_measures_a_site_flagged_by_a_recorded_monitor_c
     (check,) = measure_breaches(alert, None, 17, 22, _Snapshot(rows))  # the run's own drift: none
     assert (check.site, check.status, check.films) == ("A", "breach", 8)
     assert check.difference == pytest.approx(-0.25)
+
+
+# ------------------------------------------------------------------- rollback after the decision is recorded
+
+def _kept_run(tmp_path, review: dict[str, Any] | None = None) -> RunResult:
+    from xray_core.results import TrainResult, Verdict
+
+    return RunResult(flow_run_id=None, run_name="r", trigger="test", backbone_weights="random",
+                     backbone_random_init=True, run_dir=str(tmp_path), champion_after=17,
+                     train=TrainResult.from_dict({"version": 22}),
+                     decision=Verdict(decision="rejected" if review else "keep", promote=False,
+                                      rationale="Keep.", checks=[], review=review),
+                     breach_checks=[_breach(mode="rollback")])
+
+
+@pytest.mark.parametrize("answer", ["reject", "expired"])
+def test_a_reviewed_decision_does_not_restore_the_reference(settings, monkeypatch, tmp_path, answer):
+    import xray_core.registry.versions as versions
+    from xray_core.pipeline.executor import DirectExecutor
+
+    called: list[int] = []
+    monkeypatch.setattr(versions, "rollback", lambda *a, **k: called.append(1) or {"champion_after": 2})
+    rollback = settings.with_overrides(reference_breach="rollback")
+    run = _kept_run(tmp_path, {"answer": answer, "reviewer": "dr x" if answer == "reject" else None})
+    restore_reference(rollback, DirectExecutor(), run, "test", None)
+    assert called == [] and run.champion_after == 17 and not run.reference_restored
+    assert run.breach_checks[0].action == "comparison lifted; not restored: the decision came from a review"
+    run = _kept_run(tmp_path)  # no review: restored
+    restore_reference(rollback, DirectExecutor(), run, "test", None)
+    assert called == [1] and run.champion_after == 2 and run.reference_restored
+
+
+def test_the_review_form_says_a_breach_was_measured(settings):
+    from xray_core.pipeline.review import review_markdown, review_request
+    from xray_core.results import Verdict
+
+    rows = _rows(4)
+    blocked = Verdict(decision="blocked", promote=False, rationale="Not promoted.", checks=[])
+    ask = review_request(settings.with_overrides(review="blocked"), blocked, _scored(22, rows, PERFECT),
+                         _scored(17, rows, WORSE), breaches=["champion v17 measured 0.114 below ..."])
+    assert ask is not None and ask.breaches == ("champion v17 measured 0.114 below ...",)
+    assert ("**A breach of the locked reference was measured:** champion v17 measured 0.114 below .... The "
+            "champion stays if you reject or nobody answers: the reference is not restored after a review"
+            in review_markdown(ask))

@@ -56,6 +56,7 @@ from xray_core.evaluate.breach import (
     site_condition,
 )
 from xray_core.pipeline.executor import Executor, step
+from xray_core.pipeline.review import REVIEWED_DECISIONS as REVIEWED
 from xray_core.results import NOT_REACHED, Evaluation, RunResult, Snapshot
 from xray_core.settings import Settings
 
@@ -328,7 +329,9 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
                       flow_run_id: str | None) -> None:
     """``XRAY_REFERENCE_BREACH=rollback``, once the decision is recorded: a breach with the challenger not
     promoted (the champion unchanged) restores the locked reference as champion; ``result``'s
-    ``champion_after`` and each breach's ``action`` say what happened. Nothing under lift or alert."""
+    ``champion_after`` and each breach's ``action`` say what happened. Nothing under lift or alert, nor
+    when a reviewer decided (rejected, or nobody answered in time): that may be days after the breach was
+    measured, and the review form said it was."""
     breached = [b for b in result.breach_checks if b.breached]
     if settings.reference_breach != "rollback" or not breached or result.champion_after is NOT_REACHED:
         return
@@ -339,6 +342,8 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
         action = f"{LIFTED}; challenger v{result.version} promoted"
     elif result.champion_after != first.champion:  # a stale decision: someone moved the champion
         action = f"{LIFTED}; not restored: the champion is v{result.champion_after} now"
+    elif result.decision is not None and (result.decision.review or {}).get("answer") in REVIEWED:
+        action = f"{LIFTED}; not restored: the decision came from a review"  # maybe days after the breach
     else:
         reason = (f"XRAY_REFERENCE_BREACH=rollback: {'; '.join(breach_words(b) for b in breached)}; "
                   f"challenger v{result.version} not promoted")

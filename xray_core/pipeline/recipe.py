@@ -380,7 +380,8 @@ def ask_reviewer(settings: Settings, request: RetrainRequest, run: Executor, res
     """
     assert result.challenger_eval is not None  # only called once evaluated
     ask = review_request(settings, verdict, result.challenger_eval, result.champion_eval,
-                         flow_run_id=request.flow_run_id, run_name=request.run_name)
+                         flow_run_id=request.flow_run_id, run_name=request.run_name,
+                         breaches=[b.detail for b in result.breach_checks if b.breached])
     if ask is None:
         return verdict
     answer = run.review(ask, before_waiting=lock.unlock if lock is not None else None)
