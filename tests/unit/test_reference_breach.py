@@ -482,3 +482,19 @@ def test_the_review_form_says_a_breach_was_measured(settings):
     assert ("**A breach of the locked reference was measured:** champion v17 measured 0.114 below .... The "
             "champion stays if you reject or nobody answers: the reference is not restored after a review"
             in review_markdown(ask))
+
+
+def test_a_failed_restore_is_reported_and_does_not_fail_the_run(settings, monkeypatch, tmp_path):
+    import xray_core.registry.versions as versions
+    from xray_core.errors import CheckpointError
+    from xray_core.pipeline.executor import DirectExecutor
+
+    def unreadable(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise CheckpointError("model v2's weights are unreadable")
+
+    monkeypatch.setattr(versions, "rollback", unreadable)
+    run = _kept_run(tmp_path)
+    rollback = settings.with_overrides(reference_breach="rollback")
+    restore_reference(rollback, DirectExecutor(), run, "test", None)
+    assert run.champion_after == 17 and not run.reference_restored
+    assert run.breach_checks[0].action == "comparison lifted; not restored: model v2's weights are unreadable"

@@ -40,7 +40,7 @@ from typing import Any
 
 from xray_core.data.catalogue import Row
 from xray_core.data.snapshot import SplitData
-from xray_core.errors import UsageError
+from xray_core.errors import XrayError
 from xray_core.evaluate.breach import (
     BREACH,
     FAILED,
@@ -350,7 +350,8 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
         try:
             row = run.step(rollback_to_reference)(settings, first.champion, first.reference, reason, trigger,
                                                   flow_run_id)
-        except UsageError as exc:  # the champion moved meanwhile: nothing restored, said in the result
+        except XrayError as exc:  # the champion moved meanwhile, the reference's files are unreadable...:
+            # nothing restored, said in the result; the decision is recorded and the run ends as it did
             action = f"{LIFTED}; not restored: {exc}"
         else:
             result.champion_after, action = row["champion_after"], RESTORED
