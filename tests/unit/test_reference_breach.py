@@ -75,6 +75,22 @@ def test_a_champion_as_good_as_the_reference_is_no_breach(small):
     assert check.detail.startswith("no breach")
 
 
+def test_a_site_where_the_metric_is_undefined_is_not_measured_not_held(small):
+    rows = [r for r in _rows(4) if r.label == "normal"]  # one class: AUROC undefined
+    lone = small.with_overrides(min_test_per_class=0)
+    check = judge_site(lone, "A", rows, _scored(17, rows, WORSE[:4]), _scored(2, rows, PERFECT[:4]), None)
+    assert check.status == "not measured" and not check.breached and check.action == "none"
+    assert check.detail == ("not measured at site A: locked reference v2: the difference could not be "
+                            "estimated (macro AUROC is undefined on this test set) (XRAY_REFERENCE_MARGIN)")
+    other = replace(_scored(2, _rows(4), PERFECT), labels=["normal", "covid19"])  # labels differ
+    check = judge_site(small, "A", _rows(4), _scored(17, _rows(4), WORSE), other, None)
+    assert check.status == "not measured" and "labels" in check.detail
+    from xray_core.report.reference import breach_lines
+
+    assert breach_lines([check]) == [{"breached": False, "head": "Locked reference at drifted site A",
+                                      "text": check.detail}]  # the report line
+
+
 def test_too_few_films_of_a_class_is_not_enough_films(small):
     rows = _rows(4)[3:6]  # 1 normal, 2 pneumonia
     scores = [0.9, 0.1, 0.2]  # the champion would be below the reference on them

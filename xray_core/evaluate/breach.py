@@ -31,6 +31,7 @@ from typing import Any
 _TOL = 1e-9  # as the policy's: equal on paper may differ in the last bits
 
 BREACH, HELD, THIN, FAILED = "breach", "held", "not enough films", "failed"
+UNMEASURED = "not measured"  # the difference is undefined on the films (e.g. one class), or the labels differ
 LIFTED, REPORTED, RESTORED = "comparison lifted", "reported", "reference restored"
 
 
@@ -42,7 +43,7 @@ class BreachCheck:
     site: str
     champion: int
     reference: int | None  # None only in a failed check that could not read it
-    status: str  # breach | held | not enough films | failed
+    status: str  # breach | held | not enough films | not measured | failed
     films: int  # labelled films of the site catalogued after ``since`` (any split)
     since: str | None  # ISO time: the later of the two models' creation and the drift episode's start
     metric: str  # XRAY_PROMOTION_METRIC
@@ -206,5 +207,5 @@ def apply_breaches(decision: dict[str, Any], breaches: Sequence[BreachCheck],
     return out
 
 
-__all__ = ["BREACH", "FAILED", "HELD", "LIFTED", "REPORTED", "RESTORED", "THIN", "BreachCheck",
+__all__ = ["BREACH", "FAILED", "HELD", "LIFTED", "REPORTED", "RESTORED", "THIN", "UNMEASURED", "BreachCheck",
            "apply_breaches", "breach_words", "films_words", "measure_words", "site_condition", "when"]

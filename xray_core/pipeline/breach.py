@@ -49,6 +49,7 @@ from xray_core.evaluate.breach import (
     REPORTED,
     RESTORED,
     THIN,
+    UNMEASURED,
     BreachCheck,
     breach_words,
     films_words,
@@ -199,8 +200,9 @@ def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluat
                         difference=comparison.get("difference"), low=comparison.get("low"),
                         high=comparison.get("high"), champion_value=comparison.get("challenger"),
                         reference_value=comparison.get("champion"), **about)
-    if judged["comparison"] is None:  # e.g. the two models' labels differ: said by the check
-        return replace(check, detail=f"not measured at site {site}: {judged['check']['detail']}")
+    if check.difference is None or check.low is None:  # the labels differ, one class...: said by the check
+        return replace(check, status=UNMEASURED,
+                       detail=f"not measured at site {site}: {judged['check']['detail']}")
     action = (REPORTED if settings.reference_breach == "alert" else LIFTED) if check.breached else "none"
     return replace(check, action=action, detail=measure_words(check))
 
