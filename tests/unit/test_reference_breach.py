@@ -474,8 +474,8 @@ def test_a_reviewed_decision_does_not_restore_the_reference(settings, monkeypatc
     import xray_core.registry.versions as versions
     from xray_core.pipeline.executor import DirectExecutor
 
-    called: list[int] = []
-    monkeypatch.setattr(versions, "rollback", lambda *a, **k: called.append(1) or {"champion_after": 2})
+    called: list[dict[str, Any]] = []
+    monkeypatch.setattr(versions, "rollback", lambda *a, **k: called.append(k) or {"champion_after": 2})
     rollback = settings.with_overrides(reference_breach="rollback")
     run = _kept_run(tmp_path, {"answer": answer, "reviewer": "dr x" if answer == "reject" else None})
     restore_reference(rollback, DirectExecutor(), run, "test", None)
@@ -483,7 +483,11 @@ def test_a_reviewed_decision_does_not_restore_the_reference(settings, monkeypatc
     assert run.breach_checks[0].action == "comparison lifted; not restored: the decision came from a review"
     run = _kept_run(tmp_path)  # no review: restored
     restore_reference(rollback, DirectExecutor(), run, "test", None)
-    assert called == [1] and run.champion_after == 2 and run.reference_restored
+    assert len(called) == 1 and run.champion_after == 2 and run.reference_restored
+    # the restore's audit row keeps the breach's numbers (metrics), with the action it took
+    assert called[0]["metrics"] == {"breach": [
+        {"site": "A", "status": "breach", "champion": 17, "reference": 2, "gap": -0.114, "low": -0.2,
+         "high": -0.03, "films": 40, "since": None, "action": "reference restored", "breach_site": None}]}
 
 
 def test_the_review_form_says_a_breach_was_measured(settings):
@@ -514,3 +518,19 @@ def test_a_failed_restore_is_reported_and_does_not_fail_the_run(settings, monkey
     restore_reference(rollback, DirectExecutor(), run, "test", None)
     assert run.champion_after == 17 and not run.reference_restored
     assert run.breach_checks[0].action == "comparison lifted; not restored: model v2's weights are unreadable"
+
+
+def test_the_decisions_audit_row_keeps_the_breach_numbers(settings, monkeypatch):
+    import xray_core.registry.versions as versions
+    from xray_core.pipeline.steps import promote_step
+
+    kept: list[dict[str, Any]] = []
+    monkeypatch.setattr(versions, "record_decision", lambda settings, **k: kept.append(k["metrics"]) or {})
+    level = site_condition(_vs_champion(0.0), "A", 12, 17, 0.02)
+    check = replace(_breach(challenger_check=level), action="comparison lifted")
+    evaluation = {"version": 22, "test_set_fingerprint": "f", "metrics": {"intervals": {}}}
+    promote_step(settings, challenger=22, decision={"decision": "keep", "promote": False, "rationale": "K."},
+                 trigger="test", champion_eval=None, challenger_eval=evaluation, breach=[check.audit_row()])
+    assert kept[0]["breach"] == [{"site": "A", "status": "breach", "champion": 17, "reference": 2,
+                                  "gap": -0.114, "low": -0.2, "high": -0.03, "films": 40, "since": None,
+                                  "action": "comparison lifted", "breach_site": True}]

@@ -76,6 +76,16 @@ class BreachCheck:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def audit_row(self) -> dict[str, Any]:
+        """The numbers the promotion/keep and the restore audit rows keep (their ``metrics["breach"]``):
+        site, status, gap (champion minus reference) and its interval, films, action, and whether the
+        challenger passed ``breach_site``."""
+        site = self.challenger_check
+        return {"site": self.site, "status": self.status, "champion": self.champion,
+                "reference": self.reference, "gap": self.difference, "low": self.low, "high": self.high,
+                "films": self.films, "since": self.since, "action": self.action,
+                "breach_site": None if site is None else site.get("passed")}
+
 
 def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"

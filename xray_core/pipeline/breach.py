@@ -319,12 +319,14 @@ def challenger_at_site(settings: Settings, site: str, champion: int, challenger:
 
 @step("restore-reference")
 def rollback_to_reference(settings: Settings, champion: int, reference: int, reason: str, trigger: str,
-                          flow_run_id: str | None) -> dict[str, Any]:
-    """Restore the locked reference as champion while ``champion`` still is (audited as a rollback)."""
+                          flow_run_id: str | None,
+                          breach: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Restore the locked reference as champion while ``champion`` still is (audited as a rollback; the
+    row's ``metrics["breach"]``: the run's breach checks, ``BreachCheck.audit_row``)."""
     from xray_core.registry.versions import rollback
 
     return rollback(settings, reason=reason, trigger=trigger, flow_run_id=flow_run_id, to=reference,
-                    from_champion=champion)
+                    from_champion=champion, metrics={"breach": breach or []})
 
 
 def restore_reference(settings: Settings, run: Executor, result: RunResult, trigger: str,
@@ -350,8 +352,10 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
         reason = (f"XRAY_REFERENCE_BREACH=rollback: {'; '.join(breach_words(b) for b in breached)}; "
                   f"challenger v{result.version} not promoted")
         try:
+            rows = [(replace(b, action=RESTORED) if b.breached else b).audit_row()
+                    for b in result.breach_checks]
             row = run.step(rollback_to_reference)(settings, first.champion, first.reference, reason, trigger,
-                                                  flow_run_id)
+                                                  flow_run_id, rows)
         except XrayError as exc:  # the champion moved meanwhile, the reference's files are unreadable...:
             # nothing restored, said in the result; the decision is recorded and the run ends as it did
             action = f"{LIFTED}; not restored: {exc}"
