@@ -355,17 +355,19 @@ HALF_HOUR = timedelta(minutes=30)
 
 
 def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool = False,
-           recorded: bool = False) -> list[datetime]:
+           recorded: bool = False, trained: dict[int, set[str]] | None = None) -> list[datetime]:
     """measure_breaches with the catalogue faked: both models (champion v17, locked reference v2) created
     at T[0]; of the 8 films, rows 0 (normal) and 4 (pneumonia) added 10 minutes after, the others an hour
     after; the drift episode ``(bound, T[4])`` (None: none recorded). The champion scores WORSE, the
-    reference PERFECT; ``recorded``: the open drift episodes are read from the recorded checks (else none).
+    reference PERFECT; ``recorded``: the open drift episodes are read from the recorded checks (else none);
+    ``trained``: the patients of each model's split manifest (else none).
     Returns the times ``by_site`` was asked for films since."""
     import xray_core.pipeline.breach as breach
     import xray_core.pipeline.sequester as sequester
     import xray_core.registry.reference as reference
 
     asked: list[datetime] = []
+    trained = trained or {}
     added = {r.id: T[0] + timedelta(minutes=10 if r.id in (0, 4) else 60) for r in rows}
 
     def by_site(settings, routine, since):
@@ -380,6 +382,7 @@ def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool =
 
     monkeypatch.setattr(reference, "reference_version", lambda settings: 2)
     monkeypatch.setattr(breach, "model_facts", lambda settings, version: (T[0], LABELS))
+    monkeypatch.setattr(breach, "trained_patients", lambda settings, version: trained.get(version, set()))
     monkeypatch.setattr(breach, "by_site", by_site)
     monkeypatch.setattr(breach, "drift_episode",
                         lambda settings, site: None if bound is None else (bound, T[4]))
@@ -534,3 +537,12 @@ def test_the_decisions_audit_row_keeps_the_breach_numbers(settings, monkeypatch)
     assert kept[0]["breach"] == [{"site": "A", "status": "breach", "champion": 17, "reference": 2,
                                   "gap": -0.114, "low": -0.2, "high": -0.03, "films": 40, "since": None,
                                   "action": "comparison lifted", "breach_site": True}]
+
+
+def test_new_films_of_patients_either_model_trained_on_are_not_counted(small, monkeypatch):
+    rows = _rows(4)  # patients p0..p7; the champion trained on p5's earlier films, the reference on p2's
+    _wired(monkeypatch, rows, None, trained={17: {"p5"}, 2: {"p2"}})
+    (check,) = measure_breaches(small.with_overrides(reference_breach="alert"), {"checks": A_FLAGGED}, 17, 22,
+                                _Snapshot(rows))
+    assert check.films == 6  # normal 0.1 0.2 0.8 vs pneumonia 0.5 0.85 0.9 for the champion: 8 of 9 right
+    assert check.difference == pytest.approx(8 / 9 - 1)

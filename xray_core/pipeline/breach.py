@@ -8,7 +8,9 @@ after the champion was created; a retrain on drift ingests nothing, so its own d
 the locked
 reference is not the champion, :func:`measure_breaches` scores both on the site's labelled films of the
 current **drift episode** catalogued after both models were created (``images.added_at`` after the later
-``models.created_at``; a model is created after its training snapshot, so neither trained on them). The
+``models.created_at``; a model is created after its training snapshot, so neither trained on them), less
+the films of patients in either model's split manifest (:func:`trained_patients`: a new film of a patient
+a model trained on is not new to it). The
 episode (:func:`drift_episode`, from the ``drift_checks`` table) is the site's run of consecutive flagged
 drift checks, tonight's included, back to the last check that tested the site and did not flag it (a
 check that did not test it, e.g. a night it sent no films, does not end it); its films are those added
@@ -241,7 +243,8 @@ def measure_sites(settings: Settings, sites: list[str], champion: int, reference
     (created, labels), (created_ref, _) = model_facts(settings, champion), model_facts(settings, reference)
     models = max(created, created_ref)
     data = snapshot.load()
-    routine = {r.id: r for r in (*data.train, *data.val, *data.test)}
+    seen = trained_patients(settings, champion) | trained_patients(settings, reference)
+    routine = {r.id: r for r in (*data.train, *data.val, *data.test) if r.patient_id not in seen}
     newer = by_site(settings, routine, models)
     out = []
     for site in sites:
@@ -277,6 +280,20 @@ def model_facts(settings: Settings, version: int) -> tuple[datetime, list[str]]:
     with session_scope(open_catalogue(settings)) as s:
         model = existing_model(s, version)
         return model.created_at, list(model.labels)
+
+
+def trained_patients(settings: Settings, version: int) -> set[str]:
+    """The patients of ``version``'s recorded training and validation images (its split manifest, as
+    ``xray reproduce`` reads it): a new film of one of them is not new to the model (empty without a
+    manifest)."""
+    from db import session_scope
+    from xray_core.data.catalogue import open_catalogue
+    from xray_core.registry.manifests import split_manifest_images
+    from xray_core.registry.versions import existing_model
+
+    with session_scope(open_catalogue(settings)) as s:
+        manifest = existing_model(s, version).split_manifest
+        return {str(image[4]) for image in split_manifest_images(s, manifest)}
 
 
 def by_site(settings: Settings, routine: dict[int, Row], since: datetime) -> dict[str, list[Row]]:
@@ -366,4 +383,5 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
 
 __all__ = ["by_site", "challenger_at_site", "drift_episode", "drifting_sites", "episode", "failed",
            "flagged_sites", "judge_site", "measure_breaches", "measure_sites", "model_facts", "open_sites",
-           "recorded_checks", "restore_reference", "rollback_to_reference", "site_flags", "thin", "too_few"]
+           "recorded_checks", "restore_reference", "rollback_to_reference", "site_flags", "thin", "too_few",
+           "trained_patients"]
