@@ -388,7 +388,8 @@ def breach_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"measured": len(measured), "breaches": len(breaches),
             "nights": sorted({night for night, _ in breaches}),
             "by_action": dict(sorted(Counter(str(b["action"]) for _, b in breaches).items())),
-            "not_enough_films": sum(b["status"] == "not enough films" for _, b in measured)}
+            "not_enough_films": sum(b["status"] == "not enough films" for _, b in measured),
+            "not_measured": sum(b["status"] == "not measured" for _, b in measured)}
 
 
 def disk_check(ten: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:

@@ -238,8 +238,10 @@ class Settings(BaseSettings):
     reference_breach: Annotated[Literal["lift", "alert", "rollback"], Word] = setting(
         "lift", bad=("off",), description="when a retrain's drift check flags a site and the champion "
         "measures more than XRAY_REFERENCE_MARGIN below the locked reference on that site's films since "
-        "the drift began: lift = the challenger-vs-champion comparison no longer vetoes (every other check "
-        "still does, and the challenger must not measure more than the margin below the champion there); "
+        "the drift began: lift = a challenger-vs-champion comparison that failed without a measured drop "
+        "(point estimate at or above -XRAY_PROMOTION_MARGIN) no longer vetoes (every other check still "
+        "does, and the challenger must not measure more than the margin below the champion or the reference "
+        "on the site's test films); "
         "alert = report only; rollback = as "
         "lift, and a challenger still kept restores the reference as champion (audited, as xray rollback)")
     test_reuse_budget: int = setting(20, ge=1, le=1_000_000, description="decisions one test set may inform "

@@ -1,7 +1,9 @@
 """The locked reference at a drifted site with real models (issue 26): the breach step scores the champion
 and the locked reference from the feature cache on the flagged site's films catalogued after both were
-created (every routine split), and ``XRAY_REFERENCE_BREACH=rollback`` restores the reference as champion
-through ``registry.rollback`` (compare-and-set, an audit row with the reason). Tiny 32 px models."""
+created (every routine split: not the site's older films, nor a sequestered patient's), the challenger on
+those of the test split only (not val), and ``XRAY_REFERENCE_BREACH=rollback`` restores the reference as
+champion through ``registry.rollback`` (compare-and-set, an audit row with the reason and the numbers).
+Tiny models."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
 from xray_core.pipeline.breach import measure_breaches, restore_reference
 from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.executor import DirectExecutor
-from xray_core.pipeline.steps import train_step
+from xray_core.pipeline.sequester import sequestered_rows
+from xray_core.pipeline.steps import evaluate_step, train_step
 from xray_core.registry.listing import history
 from xray_core.registry.reference import lock_reference, reference_version
 from xray_core.registry.versions import promote_manually
@@ -24,25 +27,41 @@ ENV = {"XRAY_REFERENCE_BREACH": "rollback", "XRAY_REFERENCE_MARGIN": "0", "XRAY_
 
 
 def test_a_breach_is_measured_on_the_sites_new_films_and_rollback_restores_the_reference(tmp_path):
-    with tiny_home(tmp_path, models=2, patients_per_label=8, extra_env=ENV) as home:
+    style = SiteStyle("clinic-b", gamma=1.8, border=3, marker="PORTABLE", signal=0.15)
+    with tiny_home(tmp_path, models=0, patients_per_label=8, extra_env=ENV) as home:
         settings = home.settings
-        first, second = home.versions
+        # 6 films of the site catalogued BEFORE the models were created: not new to them, never counted
+        old = tmp_path / "clinic-b-old"
+        write_site_dataset(old, style, patients_per_label=3, seed=4, patient_offset=100)
+        ingest_source(old, manifest=old / "manifest.csv", settings=settings)
+        data = load_split_data(settings)
+        embed_step(settings, data)
+        first, second = (train_step(settings.with_overrides(train_seed=k), data)["version"] for k in (0, 1))
+        for version in (first, second):
+            evaluate_step(settings, version, data)
         promote_manually(settings, first, reason="first champion: the locked reference")
         promote_manually(settings, second, reason="second champion")
-        # a restyled site with a faint finding: the two models tell its films apart differently
+        # a restyled site with a faint finding: the two models tell its films apart differently; a quarter
+        # of its new patients sequestered (only the audit reads them)
         new = tmp_path / "clinic-b"
-        write_site_dataset(new, SiteStyle("clinic-b", gamma=1.8, border=3, marker="PORTABLE", signal=0.15),
-                           patients_per_label=8, seed=5)
-        ingest_source(new, manifest=new / "manifest.csv", settings=settings)  # after both models
+        write_site_dataset(new, style, patients_per_label=8, seed=5)
+        ingest_source(new, manifest=new / "manifest.csv",
+                      settings=settings.with_overrides(sequester_fraction=0.25))  # after both models
         data = load_split_data(settings)
         embed_step(settings, data)
         snapshot = Snapshot(save_snapshot(tmp_path / "split.json", data))
         challenger = train_step(settings, data)["version"]
         drift = {"flagged": True, "checks": [{"subject": "all new films", "drift": True},
                                              {"subject": "site clinic-b", "drift": True}]}
+        newer = {f"clinic-b-p{n}" for n in range(16)}
+        sequestered = [r for r in sequestered_rows(settings) if r.patient_id in newer]
+        counted = 16 - len(sequestered)
+        in_test = len([r for r in data.test if r.patient_id in newer])
+        assert sequestered and 0 < in_test < counted
+        assert [r for r in data.val if r.patient_id in newer]  # val films of the site: not the challenger's
 
         (check,) = measure_breaches(settings, drift, second, challenger, snapshot)
-        assert check.site == "clinic-b" and check.films == 16 and check.difference is not None
+        assert check.site == "clinic-b" and check.films == counted and check.difference is not None
         if not check.breached:  # the other way round: champion `first`, reference `second` (xray lock)
             assert check.difference > 0, check
             lock_reference(settings, second, reason="the better one here", trigger="test")
@@ -51,7 +70,7 @@ def test_a_breach_is_measured_on_the_sites_new_films_and_rollback_restores_the_r
         champion, reference = check.champion, check.reference
         assert check.breached and check.difference < 0 and reference_version(settings) == reference
         assert check.challenger_check is not None and check.challenger_check["name"] == "breach_site"
-        assert 0 < check.challenger_check["films"] < 16  # outside its training split only
+        assert check.challenger_check["films"] == in_test  # the test split only: no val film
 
         # nothing is measured without a flagged site, nor with too few films of a class
         quiet = {"flagged": False, "checks": []}
@@ -76,4 +95,8 @@ def test_a_breach_is_measured_on_the_sites_new_films_and_rollback_restores_the_r
         row = history(settings)[-1]
         assert (row["decision"], row["from_version"], row["to_version"]) == ("rollback", champion, reference)
         assert row["rationale"].startswith(f"rollback from {champion} to {reference}: XRAY_REFERENCE_BREACH=")
-        assert f"at site clinic-b on 16 new films; challenger v{challenger} not promoted" in row["rationale"]
+        said = f"at site clinic-b on {counted} new films; challenger v{challenger} not promoted"
+        assert said in row["rationale"]
+        (kept,) = row["metrics"]["breach"]  # the numbers, in the restore's audit row
+        assert (kept["site"], kept["films"], kept["action"]) == ("clinic-b", counted, "reference restored")
+        assert kept["gap"] == check.difference and kept["low"] == check.low

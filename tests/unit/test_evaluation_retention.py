@@ -105,6 +105,19 @@ def test_dry_run_lists_superseded_rows_with_bytes_and_gc_slims_exactly_those(nig
                 if r["kind"] == "evaluations"]  # nothing left to slim
 
 
+def test_a_gc_reads_no_detail_of_rows_already_slimmed_and_reads_ids_in_blocks(nights, monkeypatch) -> None:
+    read: list[dict] = []
+    real = evals.is_slimmed
+    monkeypatch.setattr(evals, "is_slimmed", lambda metrics: read.append(metrics) or real(metrics))
+    monkeypatch.setattr(evals, "IN_CHUNK", 1)  # one id per IN list: the same rows
+    with session_scope(open_catalogue(nights)) as s:
+        assert evals.superseded(s) == [2, 3] and len(read) == 2
+    run_gc(nights, backbone=BACKBONE, now=NOW)
+    read.clear()
+    with session_scope(open_catalogue(nights)) as s:  # 2 and 3 are superseded, and slimmed: left out in SQL
+        assert evals.superseded(s) == [] and read == []
+
+
 def test_rows_of_the_latest_decision_and_the_champions_decision_stay_until_a_newer_decision(nights) -> None:
     run_gc(nights, backbone=BACKBONE, now=NOW)
     _evaluate(nights, 1, T4, 0.84)  # `xray models` after an ingest: v1 re-scored on a newer test set

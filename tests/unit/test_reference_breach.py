@@ -21,6 +21,8 @@ from xray_core.pipeline.breach import (
     flagged_sites,
     judge_site,
     measure_breaches,
+    open_sites,
+    restore_reference,
     site_flags,
 )
 from xray_core.pipeline.guards import apply_guards
@@ -73,6 +75,22 @@ def test_a_champion_as_good_as_the_reference_is_no_breach(small):
     assert check.detail.startswith("no breach")
 
 
+def test_a_site_where_the_metric_is_undefined_is_not_measured_not_held(small):
+    rows = [r for r in _rows(4) if r.label == "normal"]  # one class: AUROC undefined
+    lone = small.with_overrides(min_test_per_class=0)
+    check = judge_site(lone, "A", rows, _scored(17, rows, WORSE[:4]), _scored(2, rows, PERFECT[:4]), None)
+    assert check.status == "not measured" and not check.breached and check.action == "none"
+    assert check.detail == ("not measured at site A: locked reference v2: the difference could not be "
+                            "estimated (macro AUROC is undefined on this test set) (XRAY_REFERENCE_MARGIN)")
+    other = replace(_scored(2, _rows(4), PERFECT), labels=["normal", "covid19"])  # labels differ
+    check = judge_site(small, "A", _rows(4), _scored(17, _rows(4), WORSE), other, None)
+    assert check.status == "not measured" and "labels" in check.detail
+    from xray_core.report.reference import breach_lines
+
+    assert breach_lines([check]) == [{"breached": False, "head": "Locked reference at drifted site A",
+                                      "text": check.detail}]  # the report line
+
+
 def test_too_few_films_of_a_class_is_not_enough_films(small):
     rows = _rows(4)[3:6]  # 1 normal, 2 pneumonia
     scores = [0.9, 0.1, 0.2]  # the champion would be below the reference on them
@@ -104,20 +122,48 @@ def _kept_by_the_comparison() -> dict[str, Any]:
                        {"name": "guardrail", "passed": True, "detail": "ok"}]}
 
 
-def test_lift_lets_a_challenger_past_a_failing_comparison_and_says_why():
-    out = apply_breaches(_kept_by_the_comparison(), [_breach()])
+# the policy's comparison failed by a wide interval: its point estimate -0.005 is within the promotion
+# margin (0.02): no measured drop
+WIDE = {"challenger": 0.845, "champion": 0.85, "difference": -0.005, "low": -0.09, "high": 0.08}
+
+
+def test_lift_lets_a_challenger_past_a_comparison_that_failed_without_a_measured_drop_and_says_why():
+    out = apply_breaches(_kept_by_the_comparison(), [_breach()], WIDE, 0.02)
     assert out["decision"] == "promote" and out["promote"] is True
     comparison = next(c for c in out["checks"] if c["name"] == "comparison")
     assert comparison["passed"] is False and comparison["lifted"] is True  # it failed; it no longer vetoes
     assert comparison["detail"].startswith("no veto: champion v17 measured 0.114 below the locked reference "
                                            "v2 at site A on 40 new films")
+    assert "failed without a measured drop (difference -0.005, not below -0.02)" in comparison["detail"]
     assert "Challenger ... Keep the champion." in out["rationale"]
+
+
+def test_lift_does_not_lift_a_comparison_that_measured_a_drop(settings):
+    # the reviewer's probe: a challenger measured 0.06 below the champion overall (CI -0.09..-0.03) was
+    # promoted by the lift; its breach_site check passed (as bad as the breached champion at site A)
+    dropped = {"challenger": 0.79, "champion": 0.85, "difference": -0.06, "low": -0.09, "high": -0.03}
+    level = site_condition({"challenger": 0.80, "champion": 0.80, "difference": 0.0, "low": -0.05,
+                            "high": 0.05}, "A", 30, 17, 0.02)
+    reference = {"version": 2, "passed": True, "detail": "ok",
+                 "check": {"name": "reference", "passed": True, "detail": "lower bound -0.015"}}
+    breach = replace(_breach(mode="rollback", challenger_check=level), films=60, low=-0.2, high=-0.05)
+    for comparison in (dropped, None):  # a measured drop, or no number at all: not lifted
+        out = apply_guards(settings, _kept_by_the_comparison(), {"metrics": {}}, None, None, None, reference,
+                           [breach], comparison)
+        assert out["decision"] == "keep" and out["promote"] is False
+        check = next(c for c in out["checks"] if c["name"] == "comparison")
+        assert check["lifted"] is False and check["detail"].startswith("still vetoes (")
+    assert ("it measured the challenger 0.060 below the champion, more than the promotion margin 0.02"
+            in apply_breaches(_kept_by_the_comparison(), [breach], dropped, 0.02)["checks"][1]["detail"])
+    # the same failure within the margin is lifted
+    assert apply_guards(settings, _kept_by_the_comparison(), {"metrics": {}}, None, None, None, reference,
+                        [breach], WIDE)["promote"] is True
 
 
 def test_lift_does_not_lift_another_failed_check_of_the_policy():
     decision = _kept_by_the_comparison()
     decision["checks"][2]["passed"] = False  # the guardrail vetoes too
-    out = apply_breaches(decision, [_breach()])
+    out = apply_breaches(decision, [_breach()], WIDE, 0.02)
     assert out["decision"] == "keep" and out["promote"] is False
 
 
@@ -125,15 +171,15 @@ def test_lift_does_not_let_a_challenger_past_a_failing_reference_check(settings)
     reference = {"version": 2, "passed": False, "detail": "lower bound -0.08",
                  "check": {"name": "reference", "passed": False, "detail": "lower bound -0.08"}}
     out = apply_guards(settings, _kept_by_the_comparison(), {"metrics": {}}, None, None, None, reference,
-                       [_breach()])
+                       [_breach()], WIDE)
     assert out["decision"] == "keep" and not out["promote"]
     assert out["rationale"].startswith("Keep, because the challenger is not shown non-inferior to the locked "
                                        "reference")
     assert "Promote unless a guard vetoes" in out["rationale"]  # what the lift alone would have done
 
 
-# The challenger against the champion on the site's films outside its training split: the same standard as
-# the breach (point difference below -XRAY_REFERENCE_MARGIN), not any difference below 0.
+# The challenger against the champion on the site's test films: the same standard as the breach (point
+# difference below -XRAY_REFERENCE_MARGIN), not any difference below 0.
 def _vs_champion(difference: float) -> dict[str, float]:
     return {"challenger": 0.85 + difference, "champion": 0.85, "difference": difference,
             "low": difference - 0.07, "high": difference + 0.07}
@@ -144,10 +190,25 @@ def test_a_challenger_measured_below_the_champion_by_more_than_the_margin_at_the
     assert below["name"] == "breach_site" and below["passed"] is False and below["measurable"] is True
     assert below["detail"].endswith("measured 0.050 below the champion it would replace there, more than "
                                     "XRAY_REFERENCE_MARGIN=0.02 (XRAY_REFERENCE_BREACH)")
-    out = apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=below)])
+    out = apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=below)], WIDE, 0.02)
     assert out["decision"] == "keep" and not out["promote"]
     assert out["checks"][-1] == {k: below[k] for k in ("name", "passed", "detail")}
     assert "must not be worse than the champion it replaces" in out["rationale"]
+
+
+def test_a_challenger_itself_in_breach_of_the_reference_at_the_site_is_kept():
+    # +0.05 above the breached champion, but 0.04 below the locked reference there: in breach itself
+    vs_reference = {"challenger": 0.90, "champion": 0.94, "difference": -0.04, "low": -0.1, "high": 0.01}
+    check = site_condition(_vs_champion(0.05), "A", 12, 17, 0.02, reference=2, vs_reference=vs_reference)
+    assert check["passed"] is False and check["reference_difference"] == -0.04
+    assert "measured 0.040 below the locked reference v2 (in breach itself) there" in check["detail"]
+    assert "challenger 0.900 vs locked reference v2 0.940, difference -0.040" in check["detail"]
+    assert apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=check)], WIDE,
+                          0.02)["promote"] is False
+    vs_reference["difference"] = -0.02  # within the margin of both: passes
+    check = site_condition(_vs_champion(0.05), "A", 12, 17, 0.02, reference=2, vs_reference=vs_reference)
+    assert check["passed"] is True
+    assert "below the champion or the locked reference there" in check["detail"]
 
 
 @pytest.mark.parametrize("difference", [0.0, -0.01, -0.02])
@@ -156,7 +217,8 @@ def test_a_challenger_within_the_margin_of_the_champion_at_the_site_is_not_vetoe
     level = site_condition(_vs_champion(difference), "A", 12, 17, 0.02)
     assert level["passed"] is True and level["measurable"] is True
     assert "not measured more than XRAY_REFERENCE_MARGIN=0.02 below the champion there" in level["detail"]
-    assert apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=level)])["promote"] is True
+    assert apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=level)], WIDE,
+                          0.02)["promote"] is True
     # with no margin the same difference below 0 vetoes
     assert site_condition(_vs_champion(difference), "A", 12, 17, 0.0)["passed"] is (difference == 0.0)
 
@@ -166,7 +228,7 @@ def test_a_challenger_not_measurable_at_the_site_is_reported_and_not_vetoed():
                              why_not="3 films outside its training split: normal 1 film(s)")
     assert unknown["passed"] is True and unknown["measurable"] is False
     assert "not measurable" in unknown["detail"]
-    out = apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=unknown)])
+    out = apply_breaches(_kept_by_the_comparison(), [_breach(challenger_check=unknown)], WIDE, 0.02)
     assert out["promote"] is True and out["checks"][-1]["name"] == "breach_site"
 
 
@@ -292,16 +354,20 @@ class _Snapshot:
 HALF_HOUR = timedelta(minutes=30)
 
 
-def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool = False) -> list[datetime]:
+def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool = False,
+           recorded: bool = False, trained: dict[int, set[str]] | None = None) -> list[datetime]:
     """measure_breaches with the catalogue faked: both models (champion v17, locked reference v2) created
     at T[0]; of the 8 films, rows 0 (normal) and 4 (pneumonia) added 10 minutes after, the others an hour
     after; the drift episode ``(bound, T[4])`` (None: none recorded). The champion scores WORSE, the
-    reference PERFECT. Returns the times ``by_site`` was asked for films since."""
+    reference PERFECT; ``recorded``: the open drift episodes are read from the recorded checks (else none);
+    ``trained``: the patients of each model's split manifest (else none).
+    Returns the times ``by_site`` was asked for films since."""
     import xray_core.pipeline.breach as breach
     import xray_core.pipeline.sequester as sequester
     import xray_core.registry.reference as reference
 
     asked: list[datetime] = []
+    trained = trained or {}
     added = {r.id: T[0] + timedelta(minutes=10 if r.id in (0, 4) else 60) for r in rows}
 
     def by_site(settings, routine, since):
@@ -316,10 +382,13 @@ def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool =
 
     monkeypatch.setattr(reference, "reference_version", lambda settings: 2)
     monkeypatch.setattr(breach, "model_facts", lambda settings, version: (T[0], LABELS))
+    monkeypatch.setattr(breach, "trained_patients", lambda settings, version: trained.get(version, set()))
     monkeypatch.setattr(breach, "by_site", by_site)
     monkeypatch.setattr(breach, "drift_episode",
                         lambda settings, site: None if bound is None else (bound, T[4]))
     monkeypatch.setattr(sequester, "score", score)
+    if not recorded:
+        monkeypatch.setattr(breach, "drifting_sites", lambda settings, after: set())
     return asked
 
 
@@ -364,3 +433,116 @@ def test_a_failing_breach_step_is_reported_and_changes_nothing(small, monkeypatc
     assert apply_breaches(decision, checks) == decision
     assert (apply_guards(small, decision, {"metrics": {}}, None, None, None, None, checks)
             == apply_guards(small, decision, {"metrics": {}}, None, None, None, None, ()))
+
+
+# ------------------------------------------------- a retrain on drift: no films, so no drift step of its own
+
+def test_a_site_is_drifting_while_the_newest_check_that_tested_it_flagged_it_after_the_champion():
+    nights = _newest_first(A_HELD, A_FLAGGED, ONLY_B, [{"subject": "site C", "n": 10, "drift": True}],
+                           A_HELD[1:])  # T4 tested B only
+    assert open_sites(nights, T[0]) == {"A", "C"}  # A: T1 (T2 did not test it); B held at T2 and T4
+    assert open_sites(nights, T[1]) == {"C"}  # A's flag at T1 is not after the champion (created at T1)
+    assert open_sites(_newest_first(A_FLAGGED, A_HELD), T[0] - HALF_HOUR) == set()  # held at T1: closed
+
+
+def test_a_run_without_new_films_measures_a_site_flagged_by_a_recorded_monitor_check(small, monkeypatch):
+    from xray_core.monitor.checks import record_check
+
+    rows = _rows(4)
+    _wired(monkeypatch, rows, None, recorded=True)  # the champion created at T[0], before the check
+    alert = small.with_overrides(reference_breach="alert")
+    assert measure_breaches(alert, None, 17, 22, _Snapshot(rows)) == []  # no check recorded: none
+    record_check(small, model_id=None, kind="monitor", subject="monitor",
+                 check={"n": 20, "ood_flagged": 0, "drift": True, "verdict": "v", "checks": A_FLAGGED})
+    (check,) = measure_breaches(alert, None, 17, 22, _Snapshot(rows))  # the run's own drift: none
+    assert (check.site, check.status, check.films) == ("A", "breach", 8)
+    assert check.difference == pytest.approx(-0.25)
+
+
+# ------------------------------------------------------------------- rollback after the decision is recorded
+
+def _kept_run(tmp_path, review: dict[str, Any] | None = None) -> RunResult:
+    from xray_core.results import TrainResult, Verdict
+
+    return RunResult(flow_run_id=None, run_name="r", trigger="test", backbone_weights="random",
+                     backbone_random_init=True, run_dir=str(tmp_path), champion_after=17,
+                     train=TrainResult.from_dict({"version": 22}),
+                     decision=Verdict(decision="rejected" if review else "keep", promote=False,
+                                      rationale="Keep.", checks=[], review=review),
+                     breach_checks=[_breach(mode="rollback")])
+
+
+@pytest.mark.parametrize("answer", ["reject", "expired"])
+def test_a_reviewed_decision_does_not_restore_the_reference(settings, monkeypatch, tmp_path, answer):
+    import xray_core.registry.versions as versions
+    from xray_core.pipeline.executor import DirectExecutor
+
+    called: list[dict[str, Any]] = []
+    monkeypatch.setattr(versions, "rollback", lambda *a, **k: called.append(k) or {"champion_after": 2})
+    rollback = settings.with_overrides(reference_breach="rollback")
+    run = _kept_run(tmp_path, {"answer": answer, "reviewer": "dr x" if answer == "reject" else None})
+    restore_reference(rollback, DirectExecutor(), run, "test", None)
+    assert called == [] and run.champion_after == 17 and not run.reference_restored
+    assert run.breach_checks[0].action == "comparison lifted; not restored: the decision came from a review"
+    run = _kept_run(tmp_path)  # no review: restored
+    restore_reference(rollback, DirectExecutor(), run, "test", None)
+    assert len(called) == 1 and run.champion_after == 2 and run.reference_restored
+    # the restore's audit row keeps the breach's numbers (metrics), with the action it took
+    assert called[0]["metrics"] == {"breach": [
+        {"site": "A", "status": "breach", "champion": 17, "reference": 2, "gap": -0.114, "low": -0.2,
+         "high": -0.03, "films": 40, "since": None, "action": "reference restored", "breach_site": None}]}
+
+
+def test_the_review_form_says_a_breach_was_measured(settings):
+    from xray_core.pipeline.review import review_markdown, review_request
+    from xray_core.results import Verdict
+
+    rows = _rows(4)
+    blocked = Verdict(decision="blocked", promote=False, rationale="Not promoted.", checks=[])
+    ask = review_request(settings.with_overrides(review="blocked"), blocked, _scored(22, rows, PERFECT),
+                         _scored(17, rows, WORSE), breaches=["champion v17 measured 0.114 below ..."])
+    assert ask is not None and ask.breaches == ("champion v17 measured 0.114 below ...",)
+    assert ("**A breach of the locked reference was measured:** champion v17 measured 0.114 below .... The "
+            "champion stays if you reject or nobody answers: the reference is not restored after a review"
+            in review_markdown(ask))
+
+
+def test_a_failed_restore_is_reported_and_does_not_fail_the_run(settings, monkeypatch, tmp_path):
+    import xray_core.registry.versions as versions
+    from xray_core.errors import CheckpointError
+    from xray_core.pipeline.executor import DirectExecutor
+
+    def unreadable(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise CheckpointError("model v2's weights are unreadable")
+
+    monkeypatch.setattr(versions, "rollback", unreadable)
+    run = _kept_run(tmp_path)
+    rollback = settings.with_overrides(reference_breach="rollback")
+    restore_reference(rollback, DirectExecutor(), run, "test", None)
+    assert run.champion_after == 17 and not run.reference_restored
+    assert run.breach_checks[0].action == "comparison lifted; not restored: model v2's weights are unreadable"
+
+
+def test_the_decisions_audit_row_keeps_the_breach_numbers(settings, monkeypatch):
+    import xray_core.registry.versions as versions
+    from xray_core.pipeline.steps import promote_step
+
+    kept: list[dict[str, Any]] = []
+    monkeypatch.setattr(versions, "record_decision", lambda settings, **k: kept.append(k["metrics"]) or {})
+    level = site_condition(_vs_champion(0.0), "A", 12, 17, 0.02)
+    check = replace(_breach(challenger_check=level), action="comparison lifted")
+    evaluation = {"version": 22, "test_set_fingerprint": "f", "metrics": {"intervals": {}}}
+    promote_step(settings, challenger=22, decision={"decision": "keep", "promote": False, "rationale": "K."},
+                 trigger="test", champion_eval=None, challenger_eval=evaluation, breach=[check.audit_row()])
+    assert kept[0]["breach"] == [{"site": "A", "status": "breach", "champion": 17, "reference": 2,
+                                  "gap": -0.114, "low": -0.2, "high": -0.03, "films": 40, "since": None,
+                                  "action": "comparison lifted", "breach_site": True}]
+
+
+def test_new_films_of_patients_either_model_trained_on_are_not_counted(small, monkeypatch):
+    rows = _rows(4)  # patients p0..p7; the champion trained on p5's earlier films, the reference on p2's
+    _wired(monkeypatch, rows, None, trained={17: {"p5"}, 2: {"p2"}})
+    (check,) = measure_breaches(small.with_overrides(reference_breach="alert"), {"checks": A_FLAGGED}, 17, 22,
+                                _Snapshot(rows))
+    assert check.films == 6  # normal 0.1 0.2 0.8 vs pneumonia 0.5 0.85 0.9 for the champion: 8 of 9 right
+    assert check.difference == pytest.approx(8 / 9 - 1)

@@ -8,11 +8,13 @@ champion and the reference are scored on that site's labelled films that neither
 **breach** is the champion measured below the reference by more than ``XRAY_REFERENCE_MARGIN`` (the point
 difference, as the sequestered audit's "degraded"). ``XRAY_REFERENCE_BREACH`` says what it does:
 
-- ``lift``: the champion has lost its standing at the site, so the challenger-vs-champion ``comparison``
-  check does not veto (:func:`apply_breaches`); every other check still does, and the challenger must not
-  measure below the champion by more than ``XRAY_REFERENCE_MARGIN`` on the site's new films outside its
-  own training split (check ``breach_site``, the breach's own standard; too few films: not measurable,
-  no veto).
+- ``lift``: the champion has lost its standing at the site, so a challenger-vs-champion ``comparison``
+  check that failed without a measured drop (its point estimate at or above ``-XRAY_PROMOTION_MARGIN``:
+  only the interval was too wide) does not veto (:func:`apply_breaches`); a measured drop still does, and
+  so does every other check. The challenger must also not measure below the champion, nor below the locked
+  reference, by more than ``XRAY_REFERENCE_MARGIN`` on the site's TEST films of the drift episode (check
+  ``breach_site``, the breach's own standard; never val, where the challenger was tuned; too few films:
+  not measurable, no veto).
 - ``alert``: reported only.
 - ``rollback``: as ``lift``; a challenger still not promoted restores the reference as champion.
 
@@ -29,6 +31,7 @@ from typing import Any
 _TOL = 1e-9  # as the policy's: equal on paper may differ in the last bits
 
 BREACH, HELD, THIN, FAILED = "breach", "held", "not enough films", "failed"
+UNMEASURED = "not measured"  # the difference is undefined on the films (e.g. one class), or the labels differ
 LIFTED, REPORTED, RESTORED = "comparison lifted", "reported", "reference restored"
 
 
@@ -40,7 +43,7 @@ class BreachCheck:
     site: str
     champion: int
     reference: int | None  # None only in a failed check that could not read it
-    status: str  # breach | held | not enough films | failed
+    status: str  # breach | held | not enough films | not measured | failed
     films: int  # labelled films of the site catalogued after ``since`` (any split)
     since: str | None  # ISO time: the later of the two models' creation and the drift episode's start
     metric: str  # XRAY_PROMOTION_METRIC
@@ -72,6 +75,16 @@ class BreachCheck:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def audit_row(self) -> dict[str, Any]:
+        """The numbers the promotion/keep and the restore audit rows keep (their ``metrics["breach"]``):
+        site, status, gap (champion minus reference) and its interval, films, action, and whether the
+        challenger passed ``breach_site``."""
+        site = self.challenger_check
+        return {"site": self.site, "status": self.status, "champion": self.champion,
+                "reference": self.reference, "gap": self.difference, "low": self.low, "high": self.high,
+                "films": self.films, "since": self.since, "action": self.action,
+                "breach_site": None if site is None else site.get("passed")}
 
 
 def _f(x: float | None) -> str:
@@ -119,12 +132,22 @@ def measure_words(check: BreachCheck) -> str:
             "(a wide interval alone is not a measured drop)")
 
 
+def _site_numbers(comparison: Mapping[str, Any], other: str) -> str:
+    return (f"challenger {_f(comparison.get('challenger'))} vs {other} {_f(comparison.get('champion'))}, "
+            f"difference {_signed(comparison.get('difference'))} [{_signed(comparison.get('low'))}, "
+            f"{_signed(comparison.get('high'))}]")
+
+
 def site_condition(comparison: Mapping[str, Any] | None, site: str, films: int, champion: int, margin: float,
-                   why_not: str | None = None) -> dict[str, Any]:
-    """The ``breach_site`` check: the challenger (minus the champion, ``comparison``) must not measure
-    below the champion by more than ``margin`` (XRAY_REFERENCE_MARGIN: the point difference, as the breach
-    itself and the sequestered audit's "degraded") on site ``site``'s new films outside its training split;
-    ``why_not``: why it could not be measured (reported, passed: no veto)."""
+                   why_not: str | None = None, *, reference: int | None = None,
+                   vs_reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``breach_site`` check: on site ``site``'s test films of the drift episode (never val: the
+    challenger chose its recipe, epoch, temperature and threshold on val) the challenger must not measure
+    below the champion (``comparison``: challenger minus champion) by more than ``margin``
+    (XRAY_REFERENCE_MARGIN: the point difference, as the breach itself and the sequestered audit's
+    "degraded"), nor below the locked reference v``reference`` (``vs_reference``: challenger minus
+    reference) by more than ``margin``: it must not itself be in breach there. ``why_not``: why it could not
+    be measured (reported, passed: no veto)."""
     base = {"name": "breach_site", "films": films}
     diff = None if comparison is None else comparison.get("difference")
     if why_not is not None or comparison is None or diff is None:
@@ -132,24 +155,33 @@ def site_condition(comparison: Mapping[str, Any] | None, site: str, films: int, 
         return {**base, "passed": True, "measurable": False,
                 "detail": f"challenger vs champion v{champion} at site {site}: not measurable ({reason}); "
                           "no veto (XRAY_REFERENCE_BREACH)"}
-    passed = bool(diff >= -margin - _TOL)
-    numbers = (f"challenger {_f(comparison.get('challenger'))} vs champion v{champion} "
-               f"{_f(comparison.get('champion'))} on {films} new films of site {site} outside its "
-               f"training split, difference {_signed(diff)} [{_signed(comparison.get('low'))}, "
-               f"{_signed(comparison.get('high'))}]")
-    verdict = (f"not measured more than XRAY_REFERENCE_MARGIN={margin:g} below the champion there" if passed
-               else f"measured {abs(diff):.3f} below the champion it would replace there, more than "
-                    f"XRAY_REFERENCE_MARGIN={margin:g}")
+    ref_diff = None if vs_reference is None else vs_reference.get("difference")
+    below = [f"{abs(diff):.3f} below the champion it would replace"] if diff < -margin - _TOL else []
+    if ref_diff is not None and ref_diff < -margin - _TOL:
+        below.append(f"{abs(ref_diff):.3f} below the locked reference v{reference} (in breach itself)")
+    numbers = f"{_site_numbers(comparison, f'champion v{champion}')}"
+    if vs_reference is not None:
+        numbers += f"; {_site_numbers(vs_reference, f'locked reference v{reference}')}"
+    numbers += f", on {films} test films of site {site}"
+    passed = not below
+    verdict = (f"not measured more than XRAY_REFERENCE_MARGIN={margin:g} below the champion "
+               + ("or the locked reference " if vs_reference is not None else "") + "there" if passed
+               else f"measured {' and '.join(below)} there, more than XRAY_REFERENCE_MARGIN={margin:g}")
     return {**base, "passed": passed, "measurable": True, "difference": diff, "low": comparison.get("low"),
-            "high": comparison.get("high"), "detail": f"{numbers}: {verdict} (XRAY_REFERENCE_BREACH)"}
+            "high": comparison.get("high"), "reference_difference": ref_diff,
+            "detail": f"{numbers}: {verdict} (XRAY_REFERENCE_BREACH)"}
 
 
-def apply_breaches(decision: dict[str, Any], breaches: Sequence[BreachCheck]) -> dict[str, Any]:
+def apply_breaches(decision: dict[str, Any], breaches: Sequence[BreachCheck],
+                   comparison: Mapping[str, Any] | None = None, margin: float = 0.0) -> dict[str, Any]:
     """The policy's decision after the breaches (``lift``/``rollback``; ``alert`` and held sites change
-    nothing): a failed ``comparison`` check no longer vetoes (it stays failed, ``lifted``, its detail says
-    why), so the policy's keep becomes promote when it was the only failed check; then each breached site's
-    ``breach_site`` check vetoes a challenger measured below the champion there. The other guards
-    (per-site guardrail, flips, locked reference, audit) apply after this, as before. A new dict."""
+    nothing): a ``comparison`` check that failed WITHOUT a measured drop (``comparison``, the policy's
+    challenger-minus-champion difference: its point estimate at or above ``-margin``, the promotion margin)
+    no longer vetoes (it stays failed, ``lifted``, its detail says why), so the policy's keep becomes
+    promote when it was the only failed check; a measured drop (or an unknown difference) still vetoes,
+    its detail says so. Then each breached site's ``breach_site`` check vetoes a challenger measured below
+    the champion or the reference there. The other guards (per-site guardrail, flips, locked reference,
+    audit) apply after this, as before. A new dict."""
     acting = [b for b in breaches if b.breached and b.mode in ("lift", "rollback")]
     if not acting:
         return decision
@@ -157,25 +189,33 @@ def apply_breaches(decision: dict[str, Any], breaches: Sequence[BreachCheck]) ->
     why = (f"{'; '.join(breach_words(b) for b in acting)}, so the champion has lost its standing "
            f"(XRAY_REFERENCE_BREACH={acting[0].mode})")
     failed = [c for c in out["checks"] if not c.get("passed")]
-    comparison = next((c for c in failed if c.get("name") == "comparison"), None)
-    if comparison is not None:
-        comparison.update(lifted=True, detail=f"no veto: {why}; {comparison['detail']}")
+    check = next((c for c in failed if c.get("name") == "comparison"), None)
+    diff = None if comparison is None else comparison.get("difference")
+    if check is not None and (diff is None or diff < -margin - _TOL):
+        measured = ("its difference is unknown" if diff is None
+                    else f"it measured the challenger {abs(diff):.3f} below the champion, more than the "
+                         f"promotion margin {margin:g}")
+        check.update(lifted=False, detail=f"still vetoes ({measured}), although {why}; {check['detail']}")
+    elif check is not None:
+        check.update(lifted=True,
+                     detail=f"no veto: {why}, and the comparison failed without a measured drop "
+                            f"(difference {diff:+.3f}, not below -{margin:g}); {check['detail']}")
         if len(failed) == 1 and out.get("decision") == "keep":
             out.update(decision="promote", promote=True,
                        rationale=f"Promote unless a guard vetoes: {why}, and the comparison with it does not "
                                  f"veto. The comparison said: {decision['rationale']}")
     for b in acting:
-        check = b.challenger_check
-        if check is None:
+        site = b.challenger_check
+        if site is None:
             continue
-        out["checks"].append({k: check[k] for k in ("name", "passed", "detail")})
-        if not check["passed"] and out.get("promote"):
+        out["checks"].append({k: site[k] for k in ("name", "passed", "detail")})
+        if not site["passed"] and out.get("promote"):
             out.update(decision="keep", promote=False,
                        rationale=f"Keep, because the challenger must not be worse than the champion it "
-                                 f"replaces at the drifted site: {check['detail']}. Without this check: "
-                                 f"{out['rationale']}")
+                                 f"replaces, nor in breach itself, at the drifted site: {site['detail']}. "
+                                 f"Without this check: {out['rationale']}")
     return out
 
 
-__all__ = ["BREACH", "FAILED", "HELD", "LIFTED", "REPORTED", "RESTORED", "THIN", "BreachCheck",
+__all__ = ["BREACH", "FAILED", "HELD", "LIFTED", "REPORTED", "RESTORED", "THIN", "UNMEASURED", "BreachCheck",
            "apply_breaches", "breach_words", "films_words", "measure_words", "site_condition", "when"]

@@ -2,10 +2,15 @@
 :mod:`xray_core.evaluate.breach`).
 
 When the run's drift step flags a site (a counted per-site check, as the ``xray.drift.detected`` events
-name it, or the check of a batch that came from that one site alone: :func:`site_flags`) and the locked
+name it, or the check of a batch that came from that one site alone: :func:`site_flags`), or a site's
+drift episode is open (:func:`drifting_sites`: the newest recorded drift check that tested it flagged it,
+after the champion was created; a retrain on drift ingests nothing, so its own drift step never runs), and
+the locked
 reference is not the champion, :func:`measure_breaches` scores both on the site's labelled films of the
 current **drift episode** catalogued after both models were created (``images.added_at`` after the later
-``models.created_at``; a model is created after its training snapshot, so neither trained on them). The
+``models.created_at``; a model is created after its training snapshot, so neither trained on them), less
+the films of patients in either model's split manifest (:func:`trained_patients`: a new film of a patient
+a model trained on is not new to it). The
 episode (:func:`drift_episode`, from the ``drift_checks`` table) is the site's run of consecutive flagged
 drift checks, tonight's included, back to the last check that tested the site and did not flag it (a
 check that did not test it, e.g. a night it sent no films, does not end it); its films are those added
@@ -17,9 +22,9 @@ reference, ``XRAY_PROMOTION_METRIC``) is judged as the sequestered audit judges 
 (:func:`xray_core.pipeline.sequester.judge`): a breach when the champion is *measured* more than
 ``XRAY_REFERENCE_MARGIN`` below. Fewer than ``XRAY_MIN_TEST_PER_CLASS`` films of a class: "not enough
 films", no action. Under ``lift`` and ``rollback`` a breached site also measures the
-challenger against the champion on the site's films of the episode catalogued after the champion that are
-outside the challenger's training split (val and test, or test only when its head was fitted on
-train+val); it vetoes when the challenger measures more than ``XRAY_REFERENCE_MARGIN`` below. The step is
+challenger against the champion and the reference on the site's films of the episode catalogued after the
+champion that are in the run's TEST split (never val: the challenger was tuned there); it vetoes when the
+challenger measures more than ``XRAY_REFERENCE_MARGIN`` below either. The step is
 best effort, as the drift step: an error is a ``failed`` check, reported, with no lift and no rollback.
 
 :func:`restore_reference` (``XRAY_REFERENCE_BREACH=rollback``) runs after the decision is recorded: a
@@ -30,14 +35,14 @@ challenger not promoted leaves the champion in place, so the locked reference is
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from xray_core.data.catalogue import Row
 from xray_core.data.snapshot import SplitData
-from xray_core.errors import UsageError
+from xray_core.errors import XrayError
 from xray_core.evaluate.breach import (
     BREACH,
     FAILED,
@@ -46,6 +51,7 @@ from xray_core.evaluate.breach import (
     REPORTED,
     RESTORED,
     THIN,
+    UNMEASURED,
     BreachCheck,
     breach_words,
     films_words,
@@ -53,6 +59,7 @@ from xray_core.evaluate.breach import (
     site_condition,
 )
 from xray_core.pipeline.executor import Executor, step
+from xray_core.pipeline.review import REVIEWED_DECISIONS as REVIEWED
 from xray_core.results import NOT_REACHED, Evaluation, RunResult, Snapshot
 from xray_core.settings import Settings
 
@@ -105,9 +112,30 @@ def episode(newest_first: Iterable[tuple[datetime, Sequence[Mapping[str, Any]]]]
     return None if began is None else (bound, began)
 
 
-def drift_episode(settings: Settings, site: str) -> tuple[datetime | None, datetime] | None:
-    """:func:`episode` of ``site`` from the ``drift_checks`` table (the checks of catalogued films: those of
-    ``xray monitor``, an ingest and a retrain, the ones that set the next check's start), newest first."""
+def open_sites(newest_first: Iterable[tuple[datetime, Sequence[Mapping[str, Any]]]],
+               after: datetime) -> set[str]:
+    """The sites whose current drift episode is open (the recorded drift checks, newest first, each: when,
+    and its batch checks): the newest check that tested the site flagged it, and it ran after ``after``
+    (when the champion was created). Reads no check older than ``after``."""
+    seen: dict[str, bool] = {}
+    for created, checks in newest_first:
+        if created <= after:
+            break
+        for site, flagged in site_flags(checks).items():
+            seen.setdefault(site, flagged)
+    return {site for site, flagged in seen.items() if flagged}
+
+
+def drifting_sites(settings: Settings, after: datetime) -> set[str]:
+    """:func:`open_sites` from the ``drift_checks`` table: the retrain on drift (``retrain/on-drift``)
+    ingests nothing, so its own drift step does not run; the monitor's and the ingests' checks say which
+    sites drift."""
+    return open_sites(recorded_checks(settings), after)
+
+
+def recorded_checks(settings: Settings) -> Iterator[tuple[datetime, list[Mapping[str, Any]]]]:
+    """The recorded drift checks of catalogued films (those of ``xray monitor``, an ingest and a retrain,
+    the ones that set the next check's start), newest first: when, and its batch checks."""
     from sqlalchemy import select
 
     from db import session_scope
@@ -117,8 +145,13 @@ def drift_episode(settings: Settings, site: str) -> tuple[datetime | None, datet
     query = (select(DriftCheck.created_at, DriftCheck.result)
              .where(DriftCheck.kind.in_(("monitor", "ingest", "retrain"))).order_by(DriftCheck.id.desc()))
     with session_scope(open_catalogue(settings)) as s:
-        rows = s.execute(query.execution_options(yield_per=50))
-        return episode(((when, list((result or {}).get("checks") or [])) for when, result in rows), site)
+        for when, result in s.execute(query.execution_options(yield_per=50)):
+            yield when, list((result or {}).get("checks") or [])
+
+
+def drift_episode(settings: Settings, site: str) -> tuple[datetime | None, datetime] | None:
+    """:func:`episode` of ``site`` from the ``drift_checks`` table (:func:`recorded_checks`)."""
+    return episode(recorded_checks(settings), site)
 
 
 def too_few(rows: list[Row], labels: list[str], minimum: int) -> str | None:
@@ -169,8 +202,9 @@ def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluat
                         difference=comparison.get("difference"), low=comparison.get("low"),
                         high=comparison.get("high"), champion_value=comparison.get("challenger"),
                         reference_value=comparison.get("champion"), **about)
-    if judged["comparison"] is None:  # e.g. the two models' labels differ: said by the check
-        return replace(check, detail=f"not measured at site {site}: {judged['check']['detail']}")
+    if check.difference is None or check.low is None:  # the labels differ, one class...: said by the check
+        return replace(check, status=UNMEASURED,
+                       detail=f"not measured at site {site}: {judged['check']['detail']}")
     action = (REPORTED if settings.reference_breach == "alert" else LIFTED) if check.breached else "none"
     return replace(check, action=action, detail=measure_words(check))
 
@@ -178,21 +212,23 @@ def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluat
 @step("breach")
 def measure_breaches(settings: Settings, drift: dict[str, Any] | None, champion: int | None,
                      challenger: int, snapshot: Snapshot) -> list[BreachCheck]:
-    """The breach check of each site the drift step flagged (none without a flag, a champion, or a locked
-    reference other than the champion); with ``lift``/``rollback``, a breached site's challenger check.
+    """The breach check of each site the run's drift step flagged and each site whose drift episode is open
+    (:func:`drifting_sites`: the newest recorded check that tested it flagged it, after the champion was
+    created; none without a flag, a champion, or a locked reference other than the champion); with
+    ``lift``/``rollback``, a breached site's challenger check.
     Best effort, as the drift step: an error is a ``failed`` check per flagged site, which changes nothing
     (the run goes on; the result and the report say "breach check failed: <reason>")."""
     from xray_core.registry.reference import reference_version
 
-    sites = flagged_sites(drift)
-    if not sites or champion is None:
+    if champion is None:
         return []
-    reference: int | None = None
+    sites, reference = flagged_sites(drift), None
     try:
         reference = reference_version(settings)
         if reference is None or reference == champion:
             return []
-        return measure_sites(settings, sites, champion, reference, challenger, snapshot)
+        sites = sorted(set(sites) | drifting_sites(settings, model_facts(settings, champion)[0]))
+        return measure_sites(settings, sites, champion, reference, challenger, snapshot) if sites else []
     except Exception as exc:  # noqa: BLE001 - see docstring
         return [failed(settings, site, champion, reference, exc) for site in sites]
 
@@ -207,7 +243,8 @@ def measure_sites(settings: Settings, sites: list[str], champion: int, reference
     (created, labels), (created_ref, _) = model_facts(settings, champion), model_facts(settings, reference)
     models = max(created, created_ref)
     data = snapshot.load()
-    routine = {r.id: r for r in (*data.train, *data.val, *data.test)}
+    seen = trained_patients(settings, champion) | trained_patients(settings, reference)
+    routine = {r.id: r for r in (*data.train, *data.val, *data.test) if r.patient_id not in seen}
     newer = by_site(settings, routine, models)
     out = []
     for site in sites:
@@ -229,7 +266,7 @@ def measure_sites(settings: Settings, sites: list[str], champion: int, reference
             start = max(created, bound) if bound is not None else created  # the episode since the champion
             mine = rows if start == since else by_site(settings, routine, start).get(site, [])
             check = replace(check, challenger_check=challenger_at_site(settings, site, champion, challenger,
-                                                                       mine, data))
+                                                                       mine, data, reference))
         out.append(check)
     return out
 
@@ -245,6 +282,20 @@ def model_facts(settings: Settings, version: int) -> tuple[datetime, list[str]]:
         return model.created_at, list(model.labels)
 
 
+def trained_patients(settings: Settings, version: int) -> set[str]:
+    """The patients of ``version``'s recorded training and validation images (its split manifest, as
+    ``xray reproduce`` reads it): a new film of one of them is not new to the model (empty without a
+    manifest)."""
+    from db import session_scope
+    from xray_core.data.catalogue import open_catalogue
+    from xray_core.registry.manifests import split_manifest_images
+    from xray_core.registry.versions import existing_model
+
+    with session_scope(open_catalogue(settings)) as s:
+        manifest = existing_model(s, version).split_manifest
+        return {str(image[4]) for image in split_manifest_images(s, manifest)}
+
+
 def by_site(settings: Settings, routine: dict[int, Row], since: datetime) -> dict[str, list[Row]]:
     """The run's routine rows catalogued after ``since``, by site (the drift check's site rule)."""
     from xray_core.monitor.checks import images_since
@@ -257,42 +308,51 @@ def by_site(settings: Settings, routine: dict[int, Row], since: datetime) -> dic
 
 
 def challenger_at_site(settings: Settings, site: str, champion: int, challenger: int, rows: list[Row],
-                       data: SplitData) -> dict[str, Any]:
-    """The ``breach_site`` check: the challenger against the champion on ``rows`` (the site's films since
-    the champion, of the drift episode) outside the challenger's training split."""
+                       data: SplitData, reference: int | None = None) -> dict[str, Any]:
+    """The ``breach_site`` check: the challenger against the champion and the locked reference on ``rows``
+    (the site's films since the champion, of the drift episode) of the run's TEST split only: the
+    challenger trained on train and chose its recipe, epoch, temperature and threshold on val."""
     from xray_core.pipeline.sequester import paired, score
     from xray_core.registry.versions import load_model
 
     margin = settings.reference_margin
     model = load_model(settings, challenger)
-    fitted_on = model.card["training"].get("fitted_on")
-    held = {r.id for r in (data.test if fitted_on == "train+val" else (*data.val, *data.test))}
+    held = {r.id for r in data.test}
     kept = [r for r in rows if r.id in held and r.label in model.labels]
     if (short := too_few(kept, model.labels, settings.min_test_per_class)) is not None:
         return site_condition(None, site, len(kept), champion, margin,
-                              why_not=f"{len(kept)} films outside its training split: {short}")
+                              why_not=f"{len(kept)} of them in the test split: {short}")
     new, old = score(settings, challenger, kept), score(settings, champion, kept)
     if old.labels != new.labels:
         return site_condition(None, site, len(kept), champion, margin,
                               why_not="the two models' labels differ")
-    return site_condition(paired(settings, new, old, kept), site, len(kept), champion, margin)
+    vs_reference = None
+    if reference is not None:
+        ref = score(settings, reference, kept)
+        vs_reference = paired(settings, new, ref, kept) if ref.labels == new.labels else None
+    return site_condition(paired(settings, new, old, kept), site, len(kept), champion, margin,
+                          reference=reference, vs_reference=vs_reference)
 
 
 @step("restore-reference")
 def rollback_to_reference(settings: Settings, champion: int, reference: int, reason: str, trigger: str,
-                          flow_run_id: str | None) -> dict[str, Any]:
-    """Restore the locked reference as champion while ``champion`` still is (audited as a rollback)."""
+                          flow_run_id: str | None,
+                          breach: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Restore the locked reference as champion while ``champion`` still is (audited as a rollback; the
+    row's ``metrics["breach"]``: the run's breach checks, ``BreachCheck.audit_row``)."""
     from xray_core.registry.versions import rollback
 
     return rollback(settings, reason=reason, trigger=trigger, flow_run_id=flow_run_id, to=reference,
-                    from_champion=champion)
+                    from_champion=champion, metrics={"breach": breach or []})
 
 
 def restore_reference(settings: Settings, run: Executor, result: RunResult, trigger: str,
                       flow_run_id: str | None) -> None:
     """``XRAY_REFERENCE_BREACH=rollback``, once the decision is recorded: a breach with the challenger not
     promoted (the champion unchanged) restores the locked reference as champion; ``result``'s
-    ``champion_after`` and each breach's ``action`` say what happened. Nothing under lift or alert."""
+    ``champion_after`` and each breach's ``action`` say what happened. Nothing under lift or alert, nor
+    when a reviewer decided (rejected, or nobody answered in time): that may be days after the breach was
+    measured, and the review form said it was."""
     breached = [b for b in result.breach_checks if b.breached]
     if settings.reference_breach != "rollback" or not breached or result.champion_after is NOT_REACHED:
         return
@@ -303,19 +363,25 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
         action = f"{LIFTED}; challenger v{result.version} promoted"
     elif result.champion_after != first.champion:  # a stale decision: someone moved the champion
         action = f"{LIFTED}; not restored: the champion is v{result.champion_after} now"
+    elif result.decision is not None and (result.decision.review or {}).get("answer") in REVIEWED:
+        action = f"{LIFTED}; not restored: the decision came from a review"  # maybe days after the breach
     else:
         reason = (f"XRAY_REFERENCE_BREACH=rollback: {'; '.join(breach_words(b) for b in breached)}; "
                   f"challenger v{result.version} not promoted")
         try:
+            rows = [(replace(b, action=RESTORED) if b.breached else b).audit_row()
+                    for b in result.breach_checks]
             row = run.step(rollback_to_reference)(settings, first.champion, first.reference, reason, trigger,
-                                                  flow_run_id)
-        except UsageError as exc:  # the champion moved meanwhile: nothing restored, said in the result
+                                                  flow_run_id, rows)
+        except XrayError as exc:  # the champion moved meanwhile, the reference's files are unreadable...:
+            # nothing restored, said in the result; the decision is recorded and the run ends as it did
             action = f"{LIFTED}; not restored: {exc}"
         else:
             result.champion_after, action = row["champion_after"], RESTORED
     result.breach_checks = [replace(b, action=action) if b.breached else b for b in result.breach_checks]
 
 
-__all__ = ["by_site", "challenger_at_site", "drift_episode", "episode", "failed", "flagged_sites",
-           "judge_site", "measure_breaches", "measure_sites", "model_facts", "restore_reference",
-           "rollback_to_reference", "site_flags", "thin", "too_few"]
+__all__ = ["by_site", "challenger_at_site", "drift_episode", "drifting_sites", "episode", "failed",
+           "flagged_sites", "judge_site", "measure_breaches", "measure_sites", "model_facts", "open_sites",
+           "recorded_checks", "restore_reference", "rollback_to_reference", "site_flags", "thin", "too_few",
+           "trained_patients"]

@@ -294,6 +294,7 @@ def promote(
     flow_run_id: str | None,
     audit: dict[str, Any] | None,
     actor: str | None = None,
+    breach: list[dict[str, Any]] | None = None,
 ) -> Recorded:
     """Record the decision; promote only if the champion is still the one that was evaluated
     (compare-and-set: otherwise the decision is recorded ``stale``). ``actor``: the reviewer, when a
@@ -310,6 +311,7 @@ def promote(
         record_stale_unless_champion=champion.version if champion else None,
         audit=flags,
         actor=actor,
+        breach=breach,
     )
     decision = row.get("decision", verdict.decision)
     rationale = (row.get("rationale") or verdict.rationale) if decision == "stale" else verdict.rationale
@@ -363,7 +365,8 @@ def record(settings: Settings, request: RetrainRequest, run: Executor, result: R
     verdict = result.decision = ask_reviewer(settings, request, run, result, verdict, lock)
     recorded = run.step(promote)(settings, result.challenger_eval, result.champion_eval, verdict,
                                  request.trigger, request.flow_run_id, result.audit,
-                                 actor=(verdict.review or {}).get("reviewer"))
+                                 actor=(verdict.review or {}).get("reviewer"),
+                                 breach=[b.audit_row() for b in result.breach_checks])
     result.decision = replace(verdict, decision=recorded.decision, rationale=recorded.rationale)
     result.champion_after = recorded.champion_after
     return recorded
@@ -380,7 +383,8 @@ def ask_reviewer(settings: Settings, request: RetrainRequest, run: Executor, res
     """
     assert result.challenger_eval is not None  # only called once evaluated
     ask = review_request(settings, verdict, result.challenger_eval, result.champion_eval,
-                         flow_run_id=request.flow_run_id, run_name=request.run_name)
+                         flow_run_id=request.flow_run_id, run_name=request.run_name,
+                         breaches=[b.detail for b in result.breach_checks if b.breached])
     if ask is None:
         return verdict
     answer = run.review(ask, before_waiting=lock.unlock if lock is not None else None)

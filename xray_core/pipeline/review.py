@@ -20,6 +20,7 @@ skips instead of asking the same question again (:func:`nothing_new_since_pendin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -48,6 +49,7 @@ class ReviewRequest:
     run_name: str | None = None
     checks: tuple[str, ...] = ()  # one line per check: "passed|FAILED name: detail"
     scores: tuple[str, ...] = ()  # one line per model: "v5: macro AUROC 0.91 [0.85, 0.95], n=26"
+    breaches: tuple[str, ...] = ()  # one line per breach of the locked reference at a drifted site
 
     @property
     def deadline(self) -> datetime:
@@ -87,8 +89,11 @@ def review_applies(settings: Settings, verdict: Verdict) -> bool:
 
 
 def review_request(settings: Settings, verdict: Verdict, challenger: Evaluation, champion: Evaluation | None,
-                   *, flow_run_id: str | None = None, run_name: str | None = None) -> ReviewRequest | None:
-    """The question for a reviewer, or None when this verdict does not wait for one."""
+                   *, flow_run_id: str | None = None, run_name: str | None = None,
+                   breaches: Sequence[str] = ()) -> ReviewRequest | None:
+    """The question for a reviewer, or None when this verdict does not wait for one. ``breaches``: the
+    details of the run's breaches of the locked reference (said on the form: a rejection or no answer keeps
+    the champion, and the reference is not restored after a review)."""
     if not review_applies(settings, verdict):
         return None
     checks = tuple(f"{'passed' if c.get('passed') else 'FAILED'} {c.get('name')}: {c.get('detail')}"
@@ -98,7 +103,8 @@ def review_request(settings: Settings, verdict: Verdict, challenger: Evaluation,
     return ReviewRequest(version=challenger.version, champion=champion.version if champion else None,
                          decision=verdict.decision, rationale=verdict.rationale, mode=settings.review,
                          timeout_h=settings.review_timeout_h, requested_at=datetime.now(UTC),
-                         flow_run_id=flow_run_id, run_name=run_name, checks=checks, scores=scores)
+                         flow_run_id=flow_run_id, run_name=run_name, checks=checks, scores=scores,
+                         breaches=tuple(breaches))
 
 
 def _score(ev: Evaluation, role: str) -> str:
@@ -145,6 +151,9 @@ def review_markdown(ask: ReviewRequest) -> str:
              f"This run waits for a reviewer: {why} (XRAY_REVIEW={ask.mode}).", "",
              f"**Without review:** {ask.decision}. {ask.rationale}", ""]
     lines += [f"- {s}" for s in ask.scores] + ([""] if ask.scores else [])
+    lines += [(f"**A breach of the locked reference was measured:** {b}. The champion stays if you reject or "
+               "nobody answers: the reference is not restored after a review (xray rollback can).")
+              for b in ask.breaches] + ([""] if ask.breaches else [])
     lines += [f"- {c}" for c in ask.checks] + ([""] if ask.checks else [])
     lines += [(f"- **approve**: v{ask.version} becomes champion, if {champion} is still the champion when "
                "the answer arrives (otherwise nothing is promoted and the run records `stale`);"),

@@ -353,7 +353,8 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
             memory_mb=settings.memory_mb)
     decision = decide(challenger["metrics"], champion["metrics"] if champion else None, comparison, config)
     ref = reference_summary(settings, challenger, champion, reference, comparison, data)
-    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips, ref, breaches)
+    out = apply_guards(settings, decision.as_dict(), challenger, champion, audit, flips, ref, breaches,
+                       comparison)
     out["comparison"] = comparison
     return out
 
@@ -369,8 +370,10 @@ def _probabilities(evaluation: dict[str, Any], settings: Settings, data: SplitDa
 def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any], trigger: str,
                  champion_eval: dict[str, Any] | None, challenger_eval: dict[str, Any],
                  flow_run_id: str | None = None, record_stale_unless_champion: Any = ...,
-                 audit: dict[str, Any] | None = None, actor: str | None = None) -> dict[str, Any]:
+                 audit: dict[str, Any] | None = None, actor: str | None = None,
+                 breach: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Record the decision; on promote, re-verify the checkpoint and switch the champion atomically.
+    ``breach``: the run's breach checks (``BreachCheck.audit_row``), kept in the row's metrics.
 
     ``record_stale_unless_champion``: the version evaluated as champion (None: there was none); when
     given, the switch is compare-and-set: if another process changed the champion since, the decision
@@ -384,7 +387,8 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
                "champion": summary_metrics(champion_eval) if champion_eval else None,
                "comparison": decision.get("comparison"), "checks": decision.get("checks"),
                "site_drops": decision.get("site_drops"), "audit": audit,
-               "negative_flips": decision.get("negative_flips"), "reference": decision.get("reference")}
+               "negative_flips": decision.get("negative_flips"), "reference": decision.get("reference"),
+               "breach": breach or []}
     return record_decision(settings, challenger=challenger, decision=decision["decision"],
                            rationale=decision["rationale"],
                            metrics=json.loads(json_text(metrics, default=str)),  # strict: NaN -> null

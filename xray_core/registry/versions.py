@@ -361,8 +361,8 @@ def promote_manually(settings: Settings, version: int, *, reason: str, trigger: 
 
 def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: str | None = None,
              flow_run_id: str | None = None, to: int | None = None,
-             from_champion: int | None = None) -> dict[str, Any]:
-    """Return to the champion that the current one replaced, audited with ``reason``.
+             from_champion: int | None = None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return to the champion that the current one replaced, audited with ``reason`` (and ``metrics``).
 
     The target is the ``from`` of the latest promotion (automatic or manual, not a rollback) that
     made the current version champion, so repeated rollbacks walk back through earlier champions
@@ -388,7 +388,7 @@ def rollback(settings: Settings, *, reason: str, trigger: str = "cli", actor: st
             raise UsageError(f"champion {current} has no earlier champion to roll back to")
     load_model(settings, target)
     return record_decision(settings, challenger=target, decision="rollback",
-                           rationale=f"rollback from {current} to {target}: {reason}", metrics={},
+                           rationale=f"rollback from {current} to {target}: {reason}", metrics=metrics or {},
                            trigger=trigger, actor=actor, flow_run_id=flow_run_id, promote=True,
                            raise_unless_champion=current)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from xray_core.evaluate.breach import FAILED, BreachCheck
+from xray_core.evaluate.breach import FAILED, UNMEASURED, BreachCheck
 
 
 def _signed(x: float | None) -> str:
@@ -40,7 +40,7 @@ def breach_lines(checks: Sequence[BreachCheck]) -> list[dict[str, Any]]:
     under a breach what XRAY_REFERENCE_BREACH did); [] when no site was measured."""
     return [{"breached": c.breached,
              "head": (f"Breach of the locked reference at site {c.site}" if c.breached
-                      else f"Locked reference at drifted site {c.site}" if c.status == FAILED  # detail says
+                      else f"Locked reference at drifted site {c.site}" if c.status in (FAILED, UNMEASURED)
                       else f"Locked reference at drifted site {c.site}: {c.status}"),
              "text": c.detail + (f" (XRAY_REFERENCE_BREACH={c.mode}: {c.action})" if c.breached else "")}
             for c in checks]
