@@ -5,6 +5,8 @@
 DICOM's institution (``XRAY_SITE_FROM_DICOM``), else the source folder's name, so a second collection
 is a second site even when nobody said so.
 
+**Exact copies** of a catalogued film under another patient id: :func:`duplicate_of_another_patient`.
+
 **Views**: with ``XRAY_ALLOWED_VIEWS=PA,AP`` a film of another *known* view (``LATERAL``) is quarantined
 as ``view_not_allowed``; a film of unknown view is kept and counted.
 
@@ -43,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, NEAR_PAIRS_PER_FILM, BandIndex
 from db.schema import Image, NearPair, Patient
+from xray_core.data.prepare import Prepared
 from xray_core.data.sites import normalise_view, source_site
 from xray_core.settings import Settings
 
@@ -218,3 +221,35 @@ def admit(session: Session, settings: Settings, index: NearCopyIndex, *, meta: d
         return None
     return near_copy_verdict(session, index, phash=meta["phash"], patient=patient, name=name,
                              max_distance=settings.near_copy_distance, id_given=id_given)
+
+
+def claimed_patient(prep: Prepared) -> str | None:
+    """The patient id the row itself names (a manifest cell, or XRAY_PATIENT_REGEX on a non-DICOM
+    file name), or None. A DICOM's own PatientID is not a claim: the same bytes carry the same one."""
+    named = prep.id_source == "manifest"
+    if named or (prep.id_source == "filename" and (prep.meta or {}).get("format") != "dicom"):
+        return prep.patient_id
+    return None
+
+
+def duplicate_of_another_patient(s: Session, prep: Prepared, existing: Image) -> tuple[str, str] | None:
+    """``duplicate_other_patient`` when a known film's row names another patient than the stored film's.
+
+    The film stays catalogued once, under its first patient: which one is right is for a person to
+    decide, and the row names both. A stored film whose patient is only the image itself (no id
+    anywhere) is not contradicted, as for near copies (:func:`near_copy_verdict`), and nor is one
+    whose patient id came from another kind of source (manifest vs file name)."""
+    claimed = claimed_patient(prep)
+    if claimed is None or claimed == existing.patient_id:
+        return None
+    first = s.get(Patient, existing.patient_id)  # one query per group at most: the session caches it
+    # Only ids of one kind contradict each other: a folder first ingested with its manifest
+    # ("kermany-IM-0216") and again by file name ("IM-0216") names the same patient in two schemes.
+    if first is None or first.id_source != prep.id_source:
+        return None
+    first_id = existing.patient_id  # as the catalogue stores it: a DICOM PatientID only salted
+    return ("duplicate_other_patient",
+            f"{prep.cand.rel} (patient {claimed}) is byte for byte image {existing.id} "
+            f"{existing.original_name} (patient {first_id}); the film stays catalogued once, under "
+            f"patient {first_id}. Not copied to quarantine: the stored film ({existing.stored_path}) is "
+            "the same bytes")

@@ -12,7 +12,10 @@ IMMEDIATE`` transaction that re-checks the sha256 under the write lock, so two i
 once cannot insert the same image twice or lose rows. A group's store files are written first, with
 their fsyncs batched (:func:`~xray_core.io.fsutil.atomic_write_many`), all durable before its
 transaction begins; a kill in between leaves unreferenced store files or temp files (``xray doctor``
-lists both as ``store_orphan``), never a row without its file.
+lists both as ``store_orphan``), never a row without its file. A film the transaction rejects (a near
+copy, a view, a label conflict) has the store file the group wrote for it removed before the commit,
+and a row's file is checked under the lock first, so ingests that do not crash leave no orphan, even
+two at once (:mod:`xray_core.data.store_guard`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from sqlalchemy import select
 from db import session_scope
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE
 from db.schema import Image, Patient, Rejection, SeenFile, Source
-from xray_core.data.admission import NearCopyIndex, SiteRule, admit, record_near_pairs
+from xray_core.data.admission import (
+    NearCopyIndex,
+    SiteRule,
+    admit,
+    duplicate_of_another_patient,
+    record_near_pairs,
+)
 from xray_core.data.attributes import EXAMPLES as ATTRIBUTE_EXAMPLES
 from xray_core.data.attributes import merge
 from xray_core.data.catalogue import may_have_seen, open_catalogue
@@ -40,6 +49,7 @@ from xray_core.data.quarantine import Quarantine
 from xray_core.data.scan import Candidate, manifest_attributes, scan_folder, scan_manifest, validate_manifest
 from xray_core.data.sources import close_interrupted_ingests, ingest_owner
 from xray_core.data.split import assign_splits
+from xray_core.data.store_guard import STORE_GONE, drop_unnamed, quarantine_copy, restore
 from xray_core.errors import SettingsError, SourceError
 from xray_core.faults import crash_point
 from xray_core.io.fsutil import printable, private_dir
@@ -52,7 +62,7 @@ IN_CHUNK = 900  # sha256s or paths per IN (...) query: under SQLite's oldest bou
 # Rejections that say nothing about the file's bytes (e.g. permissions): not remembered as "seen",
 # so the next ingest tries again even though size and mtime are unchanged (chmod leaves mtime alone).
 # A folder that cannot be listed and a file that changed while read are retried for the same reason.
-TRANSIENT_REASONS = {"unreadable_file", "unreadable_path", "file_changing"}
+TRANSIENT_REASONS = {"unreadable_file", "unreadable_path", "file_changing", STORE_GONE[0]}
 # Rejections whose bytes are already kept elsewhere: an exact copy of another patient's film is the
 # stored film itself, so quarantine would only hold a second copy of the same bytes.
 NO_COPY_REASONS = {"duplicate_other_patient"}
@@ -192,7 +202,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
 
     def write(group: list[Prepared]) -> None:
         # Store copies first, durable together (fsyncs batched), then the group's rows in one transaction.
-        _write_group(engine, settings, source_id, settle_group(group, settings, known_shas, regex), summary,
+        _write_group(engine, settings, source_id, *settle_group(group, settings, known_shas, regex), summary,
                      rules, admission, quarantine)
 
     def seen_before(key: str) -> tuple[int, int, str] | None:
@@ -292,44 +302,13 @@ def _like_prefix(root: Path) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _claimed_patient(prep: Prepared) -> str | None:
-    """The patient id the row itself names (a manifest cell, or XRAY_PATIENT_REGEX on a non-DICOM
-    file name), or None. A DICOM's own PatientID is not a claim: the same bytes carry the same one."""
-    named = prep.id_source == "manifest"
-    if named or (prep.id_source == "filename" and (prep.meta or {}).get("format") != "dicom"):
-        return prep.patient_id
-    return None
-
-
-def _duplicate_of_another_patient(s, prep: Prepared,
-                                  existing: Image) -> tuple[str, str] | None:
-    """``duplicate_other_patient`` when the row names a patient other than the stored film's, else None.
-
-    The film stays catalogued once, under its first patient: which one is right is for a person to
-    decide, and the row names both. A stored film whose patient is only the image itself (no id
-    anywhere) is not contradicted, as for near copies (:mod:`xray_core.data.admission`), and nor is one
-    whose patient id came from another kind of source (manifest vs file name)."""
-    claimed = _claimed_patient(prep)
-    if claimed is None or claimed == existing.patient_id:
-        return None
-    first = s.get(Patient, existing.patient_id)  # one query per group at most: the session caches it
-    # Only ids of one kind contradict each other: a folder first ingested with its manifest
-    # ("kermany-IM-0216") and again by file name ("IM-0216") names the same patient in two schemes.
-    if first is None or first.id_source != prep.id_source:
-        return None
-    first_id = existing.patient_id  # as the catalogue stores it: a DICOM PatientID only salted
-    return ("duplicate_other_patient",
-            f"{prep.cand.rel} (patient {claimed}) is byte for byte image {existing.id} "
-            f"{existing.original_name} (patient {first_id}); the film stays catalogued once, under "
-            f"patient {first_id}. Not copied to quarantine: the stored film ({existing.stored_path}) is "
-            "the same bytes")
-
-
-def _write_group(engine, settings: Settings, source_id: int, group: list[Prepared],
+def _write_group(engine, settings: Settings, source_id: int, group: list[Prepared], written: set[str],
                  summary: IngestSummary, rules: str, admission: tuple[NearCopyIndex, SiteRule],
                  quarantine: Quarantine) -> None:
-    """One write transaction for a group of prepared files; sha256 re-checked under the lock."""
+    """One write transaction for a group of prepared files; sha256 re-checked under the lock.
+    ``written``: the store files the group wrote (those of films it rejects are removed: store_guard)."""
     quarantined: dict[int, tuple[str | None, str | None]] = {}
+    store, rejected = get_storage(settings), []
     with session_scope(engine) as s:
         admission[0].refresh(s)  # films another ingest catalogued meanwhile (this transaction holds the lock)
         # The group's catalogued films, patients and seen-rows, read under the lock in one query each
@@ -347,7 +326,7 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                                   f"the same bytes are already catalogued as {existing.label!r} "
                                   f"(image {existing.id}); this file says {prep.label!r}")
                     else:
-                        reject = _duplicate_of_another_patient(s, prep, existing)
+                        reject = duplicate_of_another_patient(s, prep, existing)
                         outcome = "duplicate" if reject is None else outcome
                         if reject is None and prep.cand.attributes:
                             _note_conflicts(summary, merge(existing, prep.cand.attributes), prep.cand.rel)
@@ -363,6 +342,8 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                     if isinstance(verdict, dict):
                         summary.near_copies_linked.append(verdict)
                     reject = verdict if isinstance(verdict, tuple) else None
+                    if reject is None and not restore(store, prep, written):  # removed by another ingest
+                        reject = STORE_GONE
                 if reject is None and outcome != "duplicate" and prep.meta is not None and existing is None:
                     if prep.patient_id not in patients:
                         patient = Patient(patient_id=prep.patient_id, id_source=prep.id_source)
@@ -384,9 +365,9 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                     outcome = "added"
             if reject is not None:
                 if i not in quarantined:
-                    quarantined[i] = (None, None) if reject[0] in NO_COPY_REASONS else quarantine.copy(
-                        sha256=prep.sha256, data=prep.data, stored_rel=prep.stored_rel, reason=reject[0],
-                        stored_sha256=(prep.meta or {}).get("stored_sha256"))
+                    quarantined[i] = (None, None) if reject[0] in NO_COPY_REASONS else quarantine_copy(
+                        quarantine, store, prep, reject[0], written)
+                    rejected.append(prep)
                 copied, skipped = quarantined[i]
                 detail = reject[1] if skipped is None else f"{reject[1]}; {skipped}"
                 s.add(Rejection(source_id=source_id, path=prep.cand.key, sha256=prep.sha256,
@@ -402,7 +383,7 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                 else:
                     seen_rows[prep.cand.key] = SeenFile(path=prep.cand.key, **values)
                     s.add(seen_rows[prep.cand.key])
-            prep.data = None
+            prep.data = prep.payload = None
             crash_point("ingest.group_row")  # a row added, the group's transaction still open
             if outcome == "added":
                 assert prep.label is not None  # an added film passed the label check
@@ -414,5 +395,8 @@ def _write_group(engine, settings: Settings, source_id: int, group: list[Prepare
                 assert reject is not None  # neither added nor a duplicate: rejected
                 summary.rejected += 1
                 summary.rejected_by_reason[reject[0]] = summary.rejected_by_reason.get(reject[0], 0) + 1
+        # Store files of films rejected here that no row names: removed under the lock, before the
+        # commit (why that order is crash-safe: store_guard.drop_unnamed).
+        drop_unnamed(s, store, rejected, written)
         crash_point("ingest.group_before_commit")
     crash_point("ingest.group_committed")

@@ -71,7 +71,7 @@ def given_patient(cand: Candidate, data: bytes | None,
     """(patient id, id source) that a known file's row itself names, without decoding it: the
     manifest's cell, else XRAY_PATIENT_REGEX on the name of a non-DICOM file (a DICOM's own
     PatientID is the stored copy's: the bytes are the same). The writer compares it with the stored
-    film's patient (``duplicate_other_patient`` in :mod:`xray_core.data.ingest`)."""
+    film's patient (``duplicate_other_patient``, :mod:`xray_core.data.admission`)."""
     from xray_core.data.images import sniff_format
 
     if cand.patient_id:
@@ -170,9 +170,14 @@ def examine(cand: Candidate, st: os.stat_result, settings: Settings, regex: re.P
 
 
 def settle_group(group: list[Prepared], settings: Settings, known_shas: Callable[[list[str]], set[str]],
-                 regex: re.Pattern[str] | None = None) -> list[Prepared]:
+                 regex: re.Pattern[str] | None = None) -> tuple[list[Prepared], set[str]]:
     """Writer side, per write group: the catalogue check a worker could not make (one query), then the
-    good files' store copies, durable together (fsyncs batched) before the group's rows commit."""
+    good files' store copies, durable together (fsyncs batched) before the group's rows commit.
+
+    Returns the settled files and the store keys this call wrote (not those already there): the group
+    may remove those of films its transaction rejects (:mod:`xray_core.data.store_guard`). A good
+    file keeps its ``payload`` until its row is written, to write the file again should another ingest
+    remove it meanwhile (bounded like the group itself, by GROUP_BYTES in ingest)."""
     asked = [p.sha256 for p in group if not p.known_checked and p.sha256 and p.label is not None]
     known = known_shas(asked) if asked else set()
     settled: list[Prepared] = []
@@ -187,14 +192,15 @@ def settle_group(group: list[Prepared], settings: Settings, known_shas: Callable
             assert prep.stored_rel is not None  # set with meta and payload by examine
             writes.setdefault(prep.stored_rel, prep.payload)
             prep.data = None  # a good file's quarantine copy, if it comes to that, is taken from the store
-        prep.payload = None
+        else:
+            prep.payload = None
         settled.append(prep)
     store = get_storage(settings)  # a file already there (a crash after its write, before its row) is reused
     todo = [(k, data) for k, data in writes.items() if not (store.exists(k) and store.size(k) == len(data))]
     store.write_many(todo)
     for _ in todo:
         crash_point("ingest.store_written")
-    return settled
+    return settled, {key for key, _ in todo}
 
 
 def changed_while_read(path: Path, before: os.stat_result, n_read: int) -> bool:
