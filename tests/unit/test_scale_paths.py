@@ -234,3 +234,38 @@ def test_knn_rows_are_picked_before_the_float64_copy() -> None:
     pick = np.sort(np.random.default_rng(3).choice(50, size=20, replace=False))  # the old way's rows
     want = l2_normalise(x16.astype(np.float64)[pick]).astype(np.float16).astype(np.float64)
     assert np.array_equal(fit_knn(x16, k=1, max_rows=20, seed=3).rows, want)
+
+
+def test_the_drawn_roc_keeps_every_corner_and_at_most_its_cap_of_points() -> None:
+    from xray_core.report.data import drawn_roc, roc_curve, site_curves
+
+    rng = np.random.default_rng(4)
+    y = rng.random(400) < 0.4
+    score = np.round(rng.random(400) * 40) / 40 + 0.3 * y  # ties, and straight runs between them
+    full, drawn = roc_curve(y, score), drawn_roc(y, score)
+    assert full is not None and drawn is not None
+    keep = [int(np.flatnonzero((full[0] == a) & (full[1] == b))[0]) for a, b in zip(*drawn)]
+    assert keep[0] == 0 and keep[-1] == len(full[0]) - 1 and keep == sorted(keep)  # a subset, in order
+    assert len(keep) < len(full[0])  # straight runs lost their inner points
+    for a, b in zip(keep, keep[1:]):  # every dropped point lies on the segment between its kept neighbours
+        fx, fy = full[0][a:b + 1] - full[0][a], full[1][a:b + 1] - full[1][a]
+        assert np.allclose(fx * (full[1][b] - full[1][a]), fy * (full[0][b] - full[0][a]), atol=1e-12)
+    assert np.trapezoid(drawn[1], drawn[0]) == pytest.approx(np.trapezoid(full[1], full[0]), abs=1e-12)
+
+    big_y = rng.random(20_000) < 0.3
+    big = rng.random(20_000) + 0.5 * big_y  # 20,000 distinct scores, thousands of corners
+    full, corners = roc_curve(big_y, big), drawn_roc(big_y, big, max_points=10**6)
+    drawn = drawn_roc(big_y, big, max_points=500)
+    assert full is not None and corners is not None and drawn is not None
+    assert len(drawn[0]) <= 500 < len(corners[0])
+    assert (drawn[0][0], drawn[1][0], drawn[0][-1], drawn[1][-1]) == (0.0, 0.0, 1.0, 1.0)
+    # every corner is within 2 / (500 - 2) (fpr + tpr: the length along a monotone curve) of the kept
+    # point before it
+    at = np.searchsorted(drawn[0] + drawn[1], corners[0] + corners[1], side="right") - 1
+    assert np.all((corners[0] - drawn[0][at]) + (corners[1] - drawn[1][at]) < 2 / 498)
+    # the report's curve: thinned points, the area (AUROC) of every point
+    probs = np.column_stack([1 - big / 2, big / 2])
+    (curve,) = site_curves(1, "challenger", ["normal", "pneumonia"], big_y.astype(int), probs,
+                           [None] * len(big))
+    assert len(curve.roc["pneumonia"]["fpr"]) <= 2000
+    assert curve.roc["pneumonia"]["auroc"] == float(np.trapezoid(full[1], full[0]))
