@@ -120,7 +120,7 @@ def fit_challenger(settings: Settings, data: SplitData, *,
     labels = data.labels
     backbone = load_backbone(settings)  # the card's fingerprint; features_for loads the same one
     config = HeadConfig.from_settings(settings)
-    # float16, the cached values as stored: 100,000 films' 5 views are 1.7 GB so, 3.4 GB as float32. Every
+    # float16, the cached values as stored: 77,000 films' 5 views are 1.7 GB so, 3.4 GB as float32. Every
     # use upcasts exactly (float32 batches in the MLP and predict_*, float64 in the linear fit, the
     # normaliser's chunks and the reference), so the numbers are those of a float32 load
     x_train = features_for(settings, data.train, train_views(settings), dtype=np.float16)
