@@ -183,7 +183,8 @@ class Settings(BaseSettings):
     memory_mb: int = setting(2048, ge=64, le=2**20, description=(
         "MiB a step's chunked working arrays may hold (the bootstrap's resample blocks); results do not "
         "depend on it"))
-    subsample_films: int = setting(10_000, ge=100, le=10**9, description=(
+    # affects training: above it the recipes are compared on a subsample, which can change the winner
+    subsample_films: int = setting(10_000, ge=100, le=10**9, affects="training", description=(
         "films at most that the shortcut audit's probes and the head-recipe comparison use; a larger split "
         "is subsampled, stratified by label (and site), and the audit or the model card says so"))
     embed_dask_workers: int = setting(0, ge=0, le=1024, affects="execution",

@@ -130,6 +130,9 @@ def test_second_ensure_runs_no_backbone_and_features_round_trip(cache: FeatureCa
     assert feats.shape == (6, 3, FEATURE_DIM) and feats.dtype == np.float32
     assert np.array_equal(feats, cache.load_views(shas, [0, 1, 2]))
     assert np.array_equal(cache.load(shas, 1), feats[:, 1])
+    half = cache.load_views(shas, [0, 1, 2], dtype=np.float16)  # the stored values, as the train step holds
+    assert half.dtype == np.float16 and np.array_equal(half.astype(np.float32), feats)
+    assert np.array_equal(cache.load(shas, 1, dtype=np.float16), half[:, 1])
     # The cached view equals a fresh embedding of the same view, to float16 precision.
     from xray_core.data.images import load_grayscale
 

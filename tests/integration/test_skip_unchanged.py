@@ -12,7 +12,7 @@ from xray_core.data.synthetic import write_dataset
 from xray_core.pipeline.cycle import run_retrain
 from xray_core.pipeline.recipe import RetrainRequest
 from xray_core.pipeline.steps import evaluate_step
-from xray_core.pipeline.unchanged import nothing_new_since_last_decision
+from xray_core.pipeline.unchanged import nothing_new_since_champion, nothing_new_since_last_decision
 from xray_core.settings import load_settings, reset_settings
 
 POLICY = {"XRAY_MIN_TEST_PER_CLASS": "1", "XRAY_FLOOR_MACRO_AUROC": "0", "XRAY_FLOOR_SENSITIVITY": "0"}
@@ -39,6 +39,13 @@ def test_nothing_new_skips_unless_forced_or_settings_changed(xray_env, tmp_path,
 
     forced = run_retrain(settings, RetrainRequest(trigger="test", force=True)).as_dict()
     assert forced["status"] == "completed" and _models(settings) == 2
+
+    # XRAY_SUBSAMPLE_FILMS decides which films the recipes are compared on: a training setting too
+    data = load_split_data(settings)
+    assert nothing_new_since_champion(load_settings(), data) is not None
+    monkeypatch.setenv("XRAY_SUBSAMPLE_FILMS", "100")
+    assert nothing_new_since_champion(load_settings(), data) is None
+    monkeypatch.delenv("XRAY_SUBSAMPLE_FILMS")
 
     monkeypatch.setenv("XRAY_EPOCHS", "3")  # a training setting changed: not "nothing new"
     changed = run_retrain(load_settings(), RetrainRequest(trigger="test")).as_dict()

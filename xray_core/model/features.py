@@ -3,7 +3,8 @@
 Layout: ``<features>/<fingerprint>/<sha[:2]>/<sha>.safetensors``, one file per image, holding a
 float16 tensor ``v<k>`` of shape (2208,) for each cached view k, and metadata
 ``{"fingerprint", "feature_dim", "sha256_<k>": sha256 of v<k>'s bytes}``. float16 halves the disk
-and read cost; the head is trained in float32 from it (``load*`` returns float32).
+and read cost; the head is trained in float32 from it (``load*`` returns float32, or with
+``dtype=np.float16`` the stored values themselves: the train step holds them so, at half the memory).
 
 ``<features>`` is ``XRAY_HOME/features`` or ``<XRAY_STORAGE_URL>/features`` (:mod:`xray_core.io.storage`).
 Files are written atomically (see that module, per backend) as soon as all of an image's views are
@@ -341,15 +342,19 @@ class FeatureCache:
                                     "for views 0 and above")
         self._write(sha256, {int(v): np.asarray(arr, dtype=np.float16) for v, arr in features.items()})
 
-    def load(self, sha256s: Sequence[str], view: int) -> np.ndarray:
-        """(n, 2208) float32 features of ``view`` for each image, in order; FeatureCacheError if any is
-        missing."""
-        return self.load_views(sha256s, [view])[:, 0, :]
+    def load(self, sha256s: Sequence[str], view: int, *, dtype: type[np.floating] = np.float32) -> np.ndarray:
+        """(n, 2208) features of ``view`` for each image, in order (float32 unless ``dtype``);
+        FeatureCacheError if any is missing."""
+        return self.load_views(sha256s, [view], dtype=dtype)[:, 0, :]
 
-    def load_views(self, sha256s: Sequence[str], views: Sequence[int]) -> np.ndarray:
-        """(n, len(views), 2208) float32; FeatureCacheError naming the missing pairs if any."""
+    def load_views(self, sha256s: Sequence[str], views: Sequence[int], *,
+                   dtype: type[np.floating] = np.float32) -> np.ndarray:
+        """(n, len(views), 2208) float32 (or ``dtype``); FeatureCacheError naming the missing pairs if any.
+
+        ``dtype=np.float16``: the cached values themselves at half the memory. Converting them to float32
+        or float64 later gives exactly what a float32 load gives: both hold every float16 value."""
         wanted = [int(v) for v in views]
-        out = np.empty((len(sha256s), len(wanted), FEATURE_DIM), dtype=np.float32)
+        out = np.empty((len(sha256s), len(wanted), FEATURE_DIM), dtype=dtype)
         missing: list[str] = []
         for i, sha in enumerate(sha256s):
             entry = self._read(sha)

@@ -134,7 +134,9 @@ def fit_linear(train_x: np.ndarray, train_y: np.ndarray, n_classes: int, c: floa
                                  f"got {present.size}")
     mean, std = fit_normaliser(train_x)
     views = train_x.shape[1] if train_x.ndim == 3 else 1
-    # one float64 copy of the rows, standardised in place (not three: 70,000 films are 1.2 GB each)
+    # one float64 copy of the rows, standardised in place (not three: 70,000 films are 1.2 GB each). It
+    # stays: L-BFGS here fits float64 rows (scikit-learn would copy float32 ones to float64 itself), and
+    # these values, converted straight from float16 or float32 features, are the ones it always fitted
     rows = np.array(train_x, dtype=np.float64).reshape(-1, train_x.shape[-1])
     rows -= mean
     rows /= std
@@ -188,6 +190,12 @@ def _best(scores: list[dict[str, Any]]) -> int:
     return min(range(len(scores)), key=key)
 
 
+def pooled_dtype(*features: np.ndarray) -> type[np.floating]:
+    """float16 when every input is (the train step's cached values: pooling them keeps half the memory,
+    and each fit upcasts them exactly), else float32 as train+val were always pooled."""
+    return np.float16 if all(np.asarray(x).dtype == np.float16 for x in features) else np.float32
+
+
 def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.ndarray,
                   train_groups: np.ndarray, train_eval_x: np.ndarray, val_x: np.ndarray,
                   val_y: np.ndarray, val_groups: np.ndarray, n_classes: int, *, folds: int = 5,
@@ -220,9 +228,10 @@ def select_recipe(candidates: list[Recipe], train_x: np.ndarray, train_y: np.nda
         return Selection(candidates[0], "only candidate",
                          "too few patients to compare recipes (fewest of one class: "
                          f"{min(patients_per_class)}); kept the first candidate {candidates[0].name}")
-    views = train_x.shape[1]
-    pooled_views = np.concatenate([train_x, np.repeat(val_x[:, None, :], views, axis=1)]).astype(np.float32)
-    pooled_eval = np.concatenate([train_eval_x, val_x]).astype(np.float32)
+    views, dtype = train_x.shape[1], pooled_dtype(train_x, val_x)
+    pooled_views = np.concatenate([train_x, np.repeat(val_x[:, None, :], views, axis=1)]
+                                  ).astype(dtype, copy=False)
+    pooled_eval = np.concatenate([train_eval_x, val_x]).astype(dtype, copy=False)
     splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
                   .split(pooled_eval, pooled_y, pooled_groups))
     scores, oofs = [], []
@@ -263,8 +272,9 @@ def fit_calibrated(selection: Selection, train_x: np.ndarray, train_y: np.ndarra
     recipe = selection.recipe
     early_stops = recipe.kind == "mlp" and recipe.mlp.keep_best
     if selection.oof_logits is not None and not early_stops:
-        views = train_x.shape[1]
-        pooled_x = np.concatenate([train_x, np.repeat(val_x[:, None, :], views, axis=1)]).astype(np.float32)
+        views, dtype = train_x.shape[1], pooled_dtype(train_x, val_x)
+        pooled_x = np.concatenate([train_x, np.repeat(val_x[:, None, :], views, axis=1)]
+                                  ).astype(dtype, copy=False)
         pooled_y = np.r_[train_y, val_y]
         # val_x is passed as the "validation" of an MLP refit only for its loss history: a cosine
         # schedule runs every epoch and keeps the last, so nothing is chosen on it

@@ -163,7 +163,10 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
 def train_one_epoch(head: nn.Module, x_views: torch.Tensor, y: torch.Tensor, *,
                     optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batch_size: int,
                     generator: torch.Generator) -> float:
-    """One pass over the training images, each seen through one randomly drawn view. Returns mean loss."""
+    """One pass over the training images, each seen through one randomly drawn view. Returns mean loss.
+
+    ``x_views`` may be float16 (the cached values, held so at scale): each batch is upcast to float32
+    after it is gathered, which gives exactly the batch a float32 ``x_views`` would."""
     head.train()
     n, n_views = x_views.shape[0], x_views.shape[1]
     order = torch.randperm(n, generator=generator)
@@ -171,7 +174,7 @@ def train_one_epoch(head: nn.Module, x_views: torch.Tensor, y: torch.Tensor, *,
     total = 0.0
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
-        xb = x_views[idx, view_pick[idx]]
+        xb = x_views[idx, view_pick[idx]].to(torch.float32)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(head(xb), y[idx])
         loss.backward()
@@ -206,12 +209,21 @@ def predict_logits(head: nn.Module, x: np.ndarray | torch.Tensor) -> np.ndarray:
     return head(torch.as_tensor(np.asarray(x), dtype=torch.float32)).double().numpy()
 
 
+def training_tensor(train_x: np.ndarray) -> torch.Tensor:
+    """The training features as a tensor without a float32 copy of float16 ones (which
+    :func:`train_one_epoch` upcasts per batch); any other dtype as float32, as before."""
+    if isinstance(train_x, np.ndarray) and train_x.dtype == np.float16:
+        return torch.from_numpy(np.ascontiguousarray(train_x))
+    return torch.as_tensor(train_x, dtype=torch.float32)
+
+
 def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                n_classes: int, config: HeadConfig,
                progress: Callable[[int, int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train on (n, views, D) features, early-stop on validation loss, return the best epoch's weights.
 
-    ``train_x`` holds the sampled views of each training image; ``val_x`` (m, D) the eval view. The
+    ``train_x`` holds the sampled views of each training image (float16 stays float16 in memory, see
+    :func:`training_tensor`); ``val_x`` (m, D) the eval view. The
     inputs are standardised with :func:`fit_normaliser` on ``train_x`` (stored in the weights).
     With ``config.schedule == "cosine"`` the learning rate anneals to 0 over ``config.epochs``.
     """
@@ -237,7 +249,7 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
                                      weight_decay=config.weight_decay)
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
                      if config.schedule == "cosine" else None)
-        xt = torch.as_tensor(train_x, dtype=torch.float32)
+        xt = training_tensor(train_x)
         yt = torch.as_tensor(train_y, dtype=torch.long)
         xv = torch.as_tensor(val_x, dtype=torch.float32)
         yv = torch.as_tensor(val_y, dtype=torch.long)

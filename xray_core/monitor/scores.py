@@ -49,8 +49,8 @@ def fit_knn(rows: np.ndarray, *, k: int, max_rows: int | None = None, seed: int 
 
     The normalised rows are rounded through float16, as a reference stores them, so a film scores the
     same before and after the reference is saved."""
-    rows = np.asarray(rows, dtype=np.float64)
-    if max_rows is not None and len(rows) > max_rows:
+    rows = np.asarray(rows)
+    if max_rows is not None and len(rows) > max_rows:  # picked before the float64 copy: the same rows
         rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), size=max_rows, replace=False))]
     return KnnScorer(rows=l2_normalise(rows).astype(np.float16).astype(np.float64), k=int(k))
 

@@ -27,12 +27,15 @@ def train_views(settings: Settings) -> list[int]:
     return [0, *range(1, settings.views + 1)]
 
 
-def features_for(settings: Settings, rows: list[Row], views: list[int] | None = None) -> np.ndarray:
+def features_for(settings: Settings, rows: list[Row], views: list[int] | None = None, *,
+                 dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """The cached features of ``rows``: (n, 2208) of the eval view, or (n, len(views), 2208). ``dtype``
+    float16 holds the cached values as they are stored, at half float32's memory (the train step's)."""
     from xray_core.model.backbone import load_backbone
     from xray_core.model.features import FeatureCache
 
     cache = FeatureCache(load_backbone(settings), settings)
     shas = [r.sha256 for r in rows]
     if views is None:
-        return cache.load(shas, 0)
-    return cache.load_views(shas, views)
+        return cache.load(shas, 0, dtype=dtype)
+    return cache.load_views(shas, views, dtype=dtype)
