@@ -469,7 +469,7 @@ def _kept_run(tmp_path, review: dict[str, Any] | None = None) -> RunResult:
                      train=TrainResult.from_dict({"version": 22}),
                      decision=Verdict(decision="rejected" if review else "keep", promote=False,
                                       rationale="Keep.", checks=[], review=review),
-                     breach_checks=[_breach(mode="rollback")])
+                     breach_checks=[replace(_breach(mode="rollback"), action="comparison lifted")])
 
 
 @pytest.mark.parametrize("answer", ["reject", "expired"])
@@ -546,3 +546,21 @@ def test_new_films_of_patients_either_model_trained_on_are_not_counted(small, mo
                                 _Snapshot(rows))
     assert check.films == 6  # normal 0.1 0.2 0.8 vs pneumonia 0.5 0.85 0.9 for the champion: 8 of 9 right
     assert check.difference == pytest.approx(8 / 9 - 1)
+
+
+def test_a_breach_says_what_its_lift_did_once_the_decision_is_made():
+    """Night 44 of the year: a breach with a comparison that had passed was recorded as 'comparison
+    lifted' though nothing was lifted; the action now says what happened."""
+    from xray_core.evaluate.breach import LIFTED, settled_actions
+
+    lifting = replace(_breach(), action=LIFTED)
+    held = replace(_breach(status="held"), action="none")
+    passed = [{"name": "comparison", "passed": True, "detail": "non-inferior"}]
+    lifted = [{"name": "comparison", "passed": False, "lifted": True, "detail": "no veto: ..."}]
+    vetoed = [{"name": "comparison", "passed": False, "lifted": False, "detail": "still vetoes ..."}]
+    assert [b.action for b in settled_actions([lifting, held], passed)] == [
+        "nothing to lift: the comparison did not veto", "none"]
+    assert settled_actions([lifting], lifted)[0].action == LIFTED
+    assert settled_actions([lifting], vetoed)[0].action == "not lifted: the comparison measured a drop"
+    alert = replace(_breach(mode="alert"), action="reported")
+    assert settled_actions([alert], vetoed)[0].action == "reported"

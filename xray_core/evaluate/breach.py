@@ -24,7 +24,7 @@ A breach step that fails (status ``failed``) is reported and changes nothing, as
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -217,5 +217,21 @@ def apply_breaches(decision: dict[str, Any], breaches: Sequence[BreachCheck],
     return out
 
 
+def settled_actions(breaches: Sequence[BreachCheck],
+                    checks: Sequence[Mapping[str, Any]]) -> list[BreachCheck]:
+    """Each lifting breach's ``action`` once the decision is made, saying what the lift did: the
+    comparison's veto lifted, not lifted (a measured drop), or nothing to lift (it did not veto); a breach
+    is measured before the decision, so its first action only says what it was allowed to do."""
+    comparison = next((c for c in checks if c.get("name") == "comparison"), None)
+    if comparison is None or comparison.get("passed"):
+        done = "nothing to lift: the comparison did not veto"
+    elif comparison.get("lifted"):
+        done = LIFTED
+    else:
+        done = "not lifted: the comparison measured a drop"
+    return [replace(b, action=done) if b.breached and b.action == LIFTED else b for b in breaches]
+
+
 __all__ = ["BREACH", "FAILED", "HELD", "LIFTED", "REPORTED", "RESTORED", "THIN", "UNMEASURED", "BreachCheck",
-           "apply_breaches", "breach_words", "films_words", "measure_words", "site_condition", "when"]
+           "apply_breaches", "breach_words", "films_words", "measure_words", "settled_actions",
+           "site_condition", "when"]

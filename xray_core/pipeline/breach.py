@@ -360,11 +360,12 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
     if first.reference is None:  # a breach is measured against a known reference: never here
         return
     if result.champion_after == result.version:
-        action = f"{LIFTED}; challenger v{result.version} promoted"
+        action = f"{first.action}; challenger v{result.version} promoted"
     elif result.champion_after != first.champion:  # a stale decision: someone moved the champion
-        action = f"{LIFTED}; not restored: the champion is v{result.champion_after} now"
+        action = f"{first.action}; not restored: the champion is v{result.champion_after} now"
     elif result.decision is not None and (result.decision.review or {}).get("answer") in REVIEWED:
-        action = f"{LIFTED}; not restored: the decision came from a review"  # maybe days after the breach
+        # maybe days after the breach
+        action = f"{first.action}; not restored: the decision came from a review"
     else:
         reason = (f"XRAY_REFERENCE_BREACH=rollback: {'; '.join(breach_words(b) for b in breached)}; "
                   f"challenger v{result.version} not promoted")
@@ -375,7 +376,7 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
                                                   flow_run_id, rows)
         except XrayError as exc:  # the champion moved meanwhile, the reference's files are unreadable...:
             # nothing restored, said in the result; the decision is recorded and the run ends as it did
-            action = f"{LIFTED}; not restored: {exc}"
+            action = f"{first.action}; not restored: {exc}"
         else:
             result.champion_after, action = row["champion_after"], RESTORED
     result.breach_checks = [replace(b, action=action) if b.breached else b for b in result.breach_checks]

@@ -18,7 +18,7 @@ from xray_core.data.incoming import Batch, IncomingScan, batch_line, pending_phr
 from xray_core.data.ingest import IngestSummary
 from xray_core.data.snapshot import SplitData, load_split_data, save_snapshot
 from xray_core.errors import NotEnoughDataError
-from xray_core.evaluate.breach import BreachCheck
+from xray_core.evaluate.breach import BreachCheck, settled_actions
 from xray_core.faults import crash_point
 from xray_core.pipeline import steps, unchanged
 from xray_core.pipeline.breach import measure_breaches, restore_reference
@@ -113,6 +113,7 @@ def recipe(
                                                       snapshot)  # the reference at a drifted site
     verdict = run.step(decide)(settings, result.challenger_eval, result.champion_eval, snapshot, result.audit,
                                reference, result.breach_checks)
+    result.breach_checks = settled_actions(result.breach_checks, verdict.checks)  # what a lift did
     recorded = record(settings, request, run, result, verdict, lock)
     restore_reference(settings, run, result, request.trigger, request.flow_run_id)  # XRAY_REFERENCE_BREACH
     result.test_set_reuse = count_test_set_reuse(settings, result.challenger_eval.test_set_fingerprint)
