@@ -121,9 +121,8 @@ def fit_challenger(settings: Settings, data: SplitData, *,
     labels = data.labels
     backbone = load_backbone(settings)  # the card's fingerprint; features_for loads the same one
     config = HeadConfig.from_settings(settings)
-    # float16, the cached values as stored: 77,000 films' 5 views are 1.7 GB so, 3.4 GB as float32. Every
-    # use upcasts exactly (float32 batches in the MLP and predict_*, float64 in the linear fit, the
-    # normaliser's chunks and the reference), so the numbers are those of a float32 load
+    # float16 as cached (77,000 films' 5 views: 1.7 GB, not 3.4): every use upcasts exactly (float32 batches,
+    # float64 in the linear fit, normaliser and reference), so the numbers are a float32 load's
     x_train = features_for(settings, data.train, train_views(settings), dtype=np.float16)
     x_val = features_for(settings, data.val, dtype=np.float16)
     y_train, y_val = label_indices(data.train, labels), label_indices(data.val, labels)
@@ -322,9 +321,8 @@ def decide_step(settings: Settings, challenger: dict[str, Any], champion: dict[s
                 data: SplitData, audit: dict[str, Any] | None = None,
                 reference: dict[str, Any] | None = None,
                 breaches: Sequence[BreachCheck] = ()) -> dict[str, Any]:
-    """Apply the promotion policy to two evaluations on the identical test set, then a breach of the
-    locked reference at a drifted site, the per-site guardrail, the locked reference (``reference``: its
-    evaluation, None before the first champion) and the shortcut audit (:func:`~.guards.apply_guards`)."""
+    """The promotion policy on two evaluations of the same test set, then the guards (``apply_guards``: a
+    breach at a drifted site, per-site, the locked ``reference`` (its evaluation, or None), the audit)."""
     from xray_core.evaluate.intervals import paired_bootstrap_difference
     from xray_core.evaluate.promotion import PolicyConfig, decide
 
@@ -375,8 +373,8 @@ def promote_step(settings: Settings, *, challenger: int, decision: dict[str, Any
                  flow_run_id: str | None = None, record_stale_unless_champion: Any = ...,
                  audit: dict[str, Any] | None = None, actor: str | None = None,
                  breach: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Record the decision; on promote, re-verify the checkpoint and switch the champion atomically.
-    ``breach``: the run's breach checks (``BreachCheck.audit_row``), kept in the row's metrics.
+    """Record the decision (with ``breach``, the run's ``BreachCheck.audit_row``s, in its metrics); on
+    promote, re-verify the checkpoint and switch the champion atomically.
 
     ``record_stale_unless_champion``: the version evaluated as champion (None: there was none); when
     given, the switch is compare-and-set: if another process changed the champion since, the decision
