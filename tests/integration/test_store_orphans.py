@@ -76,6 +76,28 @@ def test_a_quarantined_near_copy_leaves_no_store_file(xray_env, tmp_path) -> Non
     _check_store(settings)
 
 
+def test_a_store_that_refuses_deletes_keeps_an_orphan_and_the_ingest_goes_on(xray_env, tmp_path,
+                                                                           monkeypatch) -> None:
+    """An object lock or a read-only folder: the rejected film's store file stays (an orphan doctor lists,
+    as before the removal existed); the group is not failed on every ingest for it."""
+    from xray_core.io.storage import LocalStorage
+
+    settings = load_settings()
+    write_dataset(tmp_path / "first", patients_per_label=2, images_per_patient=1, seed=1)
+    ingest_source(tmp_path / "first", settings=settings)
+    _near_copies(tmp_path / "copies", tmp_path / "first")
+
+    def refuse(self, key: str) -> None:
+        raise PermissionError(f"deletes are not allowed here: {key}")
+
+    monkeypatch.setattr(LocalStorage, "delete", refuse)
+    summary = ingest_source(tmp_path / "copies", settings=settings)
+    assert summary.rejected_by_reason == {"near_duplicate_other_patient": 2}, summary.rejected_by_reason
+    images, _ = _rows(settings)
+    assert len(images) == 4 and len(set(get_storage(settings).list("store")) - set(images)) == 2
+    assert "store_orphan" in _findings(settings)
+
+
 def test_a_label_conflict_in_one_group_keeps_the_file_its_first_row_names(xray_env, tmp_path) -> None:
     """The same bytes twice in one write group under two labels: the first row is added, the second is
     a label conflict whose store file is the first row's, which must stay."""

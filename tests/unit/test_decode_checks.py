@@ -244,3 +244,14 @@ def test_colour_goes_to_the_same_float_luma_as_before(mode: str, monkeypatch: py
     expected = (rgb[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / 255.0
     monkeypatch.setattr(images, "_BAND_PIXELS", 7 * 1500)  # bands of 7 rows, the last one short
     np.testing.assert_array_equal(_decode(_encode(rgb, "PNG")).pixels, expected)
+
+
+def test_the_blank_shortcut_stands_down_where_its_proof_does_not_hold(monkeypatch) -> None:
+    """Below a 0.985 share two slices' medians can move, so a lowered BLANK_FRACTION sends every film to
+    the full count rather than letting the shortcut pass a blank one."""
+    from xray_core.data import plausibility
+
+    film = _xray(256).astype(np.float32) / 255.0
+    assert not plausibility.could_be_blank(film)
+    monkeypatch.setattr(plausibility, "BLANK_FRACTION", 0.98)
+    assert plausibility.could_be_blank(film)

@@ -166,3 +166,18 @@ def test_open_storage_and_settings(tmp_path: Path) -> None:
     assert get_storage(remote, "models").url_for("3/card.json") == "memory://bucket/xray/models/3/card.json"
     secret = load_settings({"XRAY_HOME": str(home), "XRAY_STORAGE_URL": "s3://key:secret@bucket/xray"})
     assert "secret" not in str(secret.public_dict())
+
+
+def test_exists_now_asks_the_storage_not_a_cache(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the ingest writer checks before a row names a store file another ingest may have removed
+    (xray_core.data.store_guard.restore): a stale cached "yes" would commit a row naming a missing file."""
+    storage.write_bytes("store/ab/x.png", b"x")
+    assert storage.exists_now("store/ab/x.png") and not storage.exists_now("store/ab/y.png")
+    assert not storage.exists_now("store")  # a folder is not a file
+    if isinstance(storage, FsspecStorage):
+        invalidated: list[str] = []
+        real = storage.fs.invalidate_cache
+        monkeypatch.setattr(storage.fs, "invalidate_cache",
+                            lambda path=None: invalidated.append(path) or real(path))
+        storage.delete("store/ab/x.png")
+        assert not storage.exists_now("store/ab/x.png") and invalidated  # asked afresh

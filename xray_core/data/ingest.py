@@ -186,14 +186,14 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
             radius = max(settings.near_copy_distance, NEAR_PAIR_MAX_DISTANCE)
             admission = (NearCopyIndex.load(s, radius=radius),
                          SiteRule.for_source(site, str(manifest or path)))
-    except BaseException as exc:
+        summary = IngestSummary(source_id, printable(str(path)),
+                                printable(str(manifest)) if manifest else None)
+        if manifest is not None and (kept := manifest_attributes(manifest, columns)):
+            summary.attributes = {"columns": kept, "conflicts": 0, "examples": []}
+        quarantine = Quarantine.for_ingest(settings)
+    except BaseException as exc:  # the pool, started above, is shut down before anything is raised
         pool.__exit__(type(exc), exc, exc.__traceback__)
         raise
-
-    summary = IngestSummary(source_id, printable(str(path)), printable(str(manifest)) if manifest else None)
-    if manifest is not None and (kept := manifest_attributes(manifest, columns)):
-        summary.attributes = {"columns": kept, "conflicts": 0, "examples": []}
-    quarantine = Quarantine.for_ingest(settings)
 
     def known_shas(shas: list[str]) -> set[str]:
         with session_scope(engine) as s:

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,11 @@ class Storage:
     def exists(self, key: str) -> bool:
         """Whether ``key`` is a file."""
         raise NotImplementedError
+
+    def exists_now(self, key: str) -> bool:
+        """Whether ``key`` is a file, asked of the storage itself rather than a cache: what a writer checks,
+        under the catalogue's lock, before a row names a file another ingest may have just removed."""
+        return self.exists(key)
 
     def has_prefix(self, prefix: str) -> bool:
         """Whether anything (a file or a "folder") exists at ``prefix``."""
@@ -145,6 +151,18 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self._p(key).is_file()
+
+    def exists_now(self, key: str) -> bool:
+        # Opening, unlike a stat, makes an NFS client ask the server (close-to-open consistency): a stat may
+        # answer from attributes cached before another host removed the file (docs/operations.md, NFS homes).
+        try:
+            fd = os.open(self._p(key), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            return stat.S_ISREG(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
 
     def has_prefix(self, prefix: str) -> bool:
         return self._p(prefix).exists()
@@ -237,6 +255,11 @@ class FsspecStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return bool(self.fs.isfile(self._p(key)))
+
+    def exists_now(self, key: str) -> bool:
+        path = self._p(key)
+        self.fs.invalidate_cache(path)  # s3fs/gcsfs may answer from a folder listing cached long ago
+        return bool(self.fs.isfile(path))
 
     def has_prefix(self, prefix: str) -> bool:
         return self.exists(prefix) or bool(self.list(prefix))
