@@ -51,6 +51,17 @@ def test_reference_round_trips_through_bytes():
     assert ref.describe()["components"] == len(ref.variance)
 
 
+def test_the_same_reference_gives_the_same_bytes_every_time():
+    """safetensors writes its metadata keys in a random order per call: the card's sha256 of the reference
+    changed from one save to the next (and a float16-vs-float32 identity test failed at random)."""
+    ref, _ = make_reference()
+    first = ref.to_bytes()
+    assert all(ref.to_bytes() == first for _ in range(20))
+    assert int.from_bytes(first[:8], "little") % 8 == 0  # the header stays padded as safetensors pads it
+    back = Reference.from_bytes(first)
+    assert back.to_bytes() == first  # read back and written again: the same bytes
+
+
 def test_unreadable_reference_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match=REFERENCE_FILE):
         Reference.from_bytes(b"not a safetensors file")

@@ -67,6 +67,24 @@ OOD_SCORES = ("t2q", "knn")  # XRAY_OOD_SCORE: format 2 (T² + Q, the default) o
 MAX_KNN_ROWS = 2048  # training films kept for the kNN score: ~9 MB as float16 at 2208 dimensions
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (safetensors bytes) with its header in one order: metadata keys sorted, tensors by offset.
+
+    safetensors keeps the metadata in a Rust HashMap and writes its keys in a per-map random order, so the
+    same arrays and metadata gave different bytes (and a different sha256 on the card) from call to call.
+    Only the header's JSON is rewritten (padded to 8 bytes, as safetensors pads it); the data is untouched
+    and the file is a plain safetensors file, read as before."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))
+    if meta is not None:
+        ordered = {"__metadata__": dict(sorted(meta.items())), **ordered}
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
 @dataclass(frozen=True)
 class Reference:
     mean: np.ndarray  # (d,) the head's feature mean
@@ -200,7 +218,7 @@ class Reference:
             arrays["sample_sites"] = np.ascontiguousarray(self.sample_sites, dtype=np.int64)
             sites["sites"] = json.dumps(list(self.sites))
         if self.format == 1:
-            return save(arrays, metadata={"format": "xray-reference/1", **sites})
+            return canonical_safetensors(save(arrays, metadata={"format": "xray-reference/1", **sites}))
         arrays["cal_scores"] = np.ascontiguousarray(self.calibration_scores, dtype=np.float64)
         if self.knn is not None:
             arrays["ood_knn_rows"] = np.ascontiguousarray(self.knn.rows, dtype=np.float16)
@@ -211,8 +229,9 @@ class Reference:
                 "ood_centre": b.centre, "ood_scale": np.array([b.scale]), "ood_components": b.components,
                 "ood_location": b.location, "ood_precision": b.precision,
                 "ood_residual_scale": np.array([b.residual_scale])}.items()})
-        return save(arrays, metadata={"format": f"xray-reference/{self.format}",
-                                      "calibration": json.dumps(self.calibration), **sites})
+        metadata = {"format": f"xray-reference/{self.format}", "calibration": json.dumps(self.calibration),
+                    **sites}
+        return canonical_safetensors(save(arrays, metadata=metadata))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Reference:
