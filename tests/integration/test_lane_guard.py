@@ -1,4 +1,6 @@
-"""The unit lane's guard (tests/unit/conftest.py) refuses each thing the lane promises not to run.
+"""The unit lane's guard (tests/lanes.py, put over every unit test by tests/unit/conftest.py) refuses each
+thing the lane promises not to run. These tests make the refused calls, so they run here, under the same
+guard, rather than in the lane that promises never to make them.
 
 Each test makes the refused call inside ``pytest.raises`` and then forgets the recorded violation, so the
 guard's teardown check (a violation that the code under test swallowed fails a passing test) stays quiet.
@@ -15,8 +17,22 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import pytest
+from lanes import Lane, guarded
 
 Refused = Callable[[str], AbstractContextManager[None]]
+
+
+@pytest.fixture(scope="module")
+def lane_guard() -> Iterator[Lane]:
+    """The unit lane's guard, as tests/unit/conftest.py puts it over each unit test module."""
+    with guarded() as lane:
+        yield lane
+
+
+@pytest.fixture
+def unit_lane(lane_guard: Lane) -> Lane:
+    lane_guard.violations.clear()
+    return lane_guard
 
 
 @pytest.fixture
