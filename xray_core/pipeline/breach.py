@@ -313,13 +313,12 @@ def challenger_at_site(settings: Settings, site: str, champion: int, challenger:
     (the site's films since the champion, of the drift episode) of the run's TEST split only: the
     challenger trained on train and chose its recipe, epoch, temperature and threshold on val."""
     from xray_core.pipeline.sequester import paired, score
-    from xray_core.registry.versions import load_model
 
     margin = settings.reference_margin
-    model = load_model(settings, challenger)
+    labels = model_facts(settings, challenger)[1]  # the catalogue's: score() loads the checkpoint itself
     held = {r.id for r in data.test}
-    kept = [r for r in rows if r.id in held and r.label in model.labels]
-    if (short := too_few(kept, model.labels, settings.min_test_per_class)) is not None:
+    kept = [r for r in rows if r.id in held and r.label in labels]
+    if (short := too_few(kept, labels, settings.min_test_per_class)) is not None:
         return site_condition(None, site, len(kept), champion, margin,
                               why_not=f"{len(kept)} of them in the test split: {short}")
     new, old = score(settings, challenger, kept), score(settings, champion, kept)
