@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from year_guard import guard_summary  # bench/ is on sys.path when a benchmark runs as a script
 
 HERE = Path(__file__).resolve().parent
 SCENARIO = HERE / "scenarios" / "year.toml"
@@ -320,7 +321,7 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
             f"{sum(row['disk'].values()) / 1e6:.1f} MB {' '.join(happened)}")
     margin = float(settings.reference_margin)
     return {"nights": nights, "size": size, "margin": margin, "scenario": scenario,
-            "rows": rows, "summary": summarise(rows, margin, world)}
+            "rows": rows, "summary": summarise(rows, margin, world.start)}
 
 
 def _gain(row: dict[str, Any], *, by_site: bool = False) -> float | None:
@@ -404,8 +405,8 @@ def disk_check(ten: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
                                  for k in sorted(set(ten["disk"]) | set(last["disk"]))}}
 
 
-def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[str, Any]:
-    """The issue's Done-when numbers that a year of nights can answer."""
+def summarise(rows: list[dict[str, Any]], margin: float, starts: dict[str, int]) -> dict[str, Any]:
+    """The issue's Done-when numbers a year of nights can answer (``starts``: each site's first night)."""
     worst: dict[str, Any] = {"gap": None}
     for r in rows:
         champ, ref = r["truth"]["champion"], r["truth"]["reference"]
@@ -432,6 +433,7 @@ def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[s
     return {
         "reference_guard_held": worst["gap"] is None or worst["gap"] >= -margin,
         "worst_champion_minus_reference": worst,
+        "reference_guard_by_cause": guard_summary(rows, margin),
         "promotions": len(promoted),
         "promotions_with_positive_true_gain": sum(1 for g in gains if g and g > 0),
         "share_positive_gain": round(sum(1 for g in gains if g and g > 0) / len(gains), 3) if gains else None,
@@ -447,7 +449,7 @@ def summarise(rows: list[dict[str, Any]], margin: float, world: World) -> dict[s
         "home_bytes": {f"night_{ten['night']}": sum(ten["disk"].values()),
                        f"night_{rows[-1]['night']}": sum(rows[-1]["disk"].values())},
         "disk_check": disk_check(ten, rows[-1]),
-        "sites": {s: {"first_night": n} for s, n in world.start.items()},
+        "sites": {s: {"first_night": n} for s, n in starts.items()},
     }
 
 
@@ -463,7 +465,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "year.json"))
     parser.add_argument("--png", default=str(HERE / "results" / "year.png"))
     parser.add_argument("--keep", default=None, help="run in this folder and keep it (default: a temp dir)")
+    parser.add_argument("--summarise", action="store_true",
+                        help="run nothing: recompute --out's summary (and --png) from the nights it holds")
     args = parser.parse_args()
+    if args.summarise:
+        out = json.loads(Path(args.out).read_text())
+        starts = {s: v["first_night"] for s, v in out["summary"]["sites"].items()}
+        out["summary"] = summarise(out["rows"], out["margin"], starts)
+        out["summarised"] = " ".join(["python", "bench/year.py", *sys.argv[1:]])
+        return publish_year(out, args)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xray-year-") as tmp:
         root = Path(args.keep or tmp)
@@ -473,6 +483,11 @@ def main() -> None:
     out["command"] = " ".join(["python", "bench/year.py", *sys.argv[1:]])
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    publish_year(out, args)
+
+
+def publish_year(out: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write year.json and the timeline PNG, and print the summary."""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
     if args.png:

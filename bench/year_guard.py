@@ -1,0 +1,87 @@
+"""Why the bio-creep guard was not held on a night: each night and site where the champion's true AUROC
+fell more than the margin below the locked reference's, with what opened the gap.
+
+The issue's criterion ("never more than the margin below the reference, at any site, on any night") counts
+two different things alike. Bio-creep is a chain of *promotions* drifting below the first validated
+model; the promotion policy can prevent it. A site whose films change under a champion (a new scanner)
+can open a gap with no decision taken at all, on the night the first changed films arrive, before any of
+them could be measured. Telling the two apart is what says whether the guard failed or the world moved.
+
+Causes, from the truth scores year.json keeps per night (every model scored on the same night's pools):
+- ``world change``: no promotion tonight, and the same champion was within the margin at that site the
+  night before (or the site is new): its gap opened because the site's films changed;
+- ``promotion opened it``: promoted tonight, and the champion it replaced was within the margin;
+- ``promotion widened it``: promoted tonight, the replaced champion was already beyond the margin, and the
+  new one is further below;
+- ``promotion narrowed it``: promoted tonight from a champion further below (the gap shrank, not enough);
+- ``carried``: the gap was there the night before: the same champion was already beyond the margin, or
+  tonight's promotion replaced one exactly as far below.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+SAME = 1e-9  # gaps this close are the same gap
+CAUSES = ("world change", "promotion opened it", "promotion widened it", "promotion narrowed it", "carried")
+
+
+def _gap(model: dict[str, Any] | None, reference: dict[str, Any], site: str) -> float | None:
+    if not model or site not in model["sites"] or site not in reference["sites"]:
+        return None
+    return float(model["sites"][site]["auroc"] - reference["sites"][site]["auroc"])
+
+
+def guard_gaps(rows: list[dict[str, Any]], margin: float) -> list[dict[str, Any]]:
+    """One entry per night and site beyond the margin: night, site, version, gap, gap_before, cause."""
+    out: list[dict[str, Any]] = []
+    last: dict[str, tuple[int, float]] = {}  # site -> (champion version, gap) on the night before
+    for r in rows:
+        truth = r["truth"]
+        champion, before = truth.get("champion"), truth.get("champion_before")
+        reference = truth.get("reference")
+        if not champion or not reference:
+            last = {}
+            continue
+        now: dict[str, tuple[int, float]] = {}
+        for site in champion["sites"]:
+            gap = _gap(champion, reference, site)
+            if gap is None:
+                continue
+            now[site] = (champion["version"], gap)
+            if gap >= -margin:
+                continue
+            promoted = before is not None and before["version"] != champion["version"]
+            gap_before = _gap(before, reference, site) if promoted else None
+            if promoted and (gap_before is None or gap_before >= -margin):
+                cause = "promotion opened it"
+            elif promoted and gap_before is not None and gap < gap_before - SAME:
+                cause = "promotion widened it"
+            elif promoted and gap_before is not None and gap > gap_before + SAME:
+                cause = "promotion narrowed it"
+            elif promoted:  # the new champion is exactly as far below as the one it replaced
+                cause = "carried"
+            elif site in last and last[site][0] == champion["version"] and last[site][1] < -margin:
+                cause = "carried"
+            else:
+                cause = "world change"
+            out.append({"night": r["night"], "site": site, "version": champion["version"],
+                        "gap": round(gap, 4), "cause": cause,
+                        "gap_before": None if gap_before is None else round(gap_before, 4)})
+        last = now
+    return out
+
+
+def guard_summary(rows: list[dict[str, Any]], margin: float) -> dict[str, Any]:
+    """The nights beyond the margin grouped by cause, and whether any promotion opened or widened a gap
+    (the bio-creep the locked reference exists to stop)."""
+    gaps = guard_gaps(rows, margin)
+    nights: dict[str, list[int]] = defaultdict(list)
+    for g in gaps:
+        if g["night"] not in nights[g["cause"]]:
+            nights[g["cause"]].append(g["night"])
+    made_worse = [g for g in gaps if g["cause"] in ("promotion opened it", "promotion widened it")]
+    return {"nights_by_cause": {cause: nights[cause] for cause in CAUSES},
+            "promotions_that_opened_or_widened_a_gap": len(made_worse),
+            "held_by_promotions": not made_worse, "gaps": gaps}
