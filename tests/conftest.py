@@ -72,15 +72,20 @@ def pytest_configure(config: pytest.Config) -> None:
                             "sqlite_only: reads the SQLite file itself; skipped in the PostgreSQL lane")
 
 
-# Files that mostly wait (on a real Prefect server's lease renewal, ~4 to 5 minutes for the first week's
-# approval): collected first, so that under `make test`'s workers (--dist loadfile
-# --no-loadscope-reorder hands out files in collection order) the wait overlaps the rest of the suite
-# instead of ending it.
-WAIT_FIRST = ("tests/flows/test_first_week.py", "tests/flows/test_review_server.py")
+# Collected first, so that under `make test`'s workers (--dist loadfile --no-loadscope-reorder hands out
+# files in collection order, a file to one worker) they do not end the suite: the files that mostly wait
+# (on a real Prefect server's lease renewal, ~4 to 5 minutes for the first week's approval), then the
+# longest file (the kill points, ~6 minutes of subprocesses on one worker; collected in place it started
+# after the flows and was the last to finish: `--durations`).
+FIRST = ("tests/flows/test_first_week.py", "tests/flows/test_review_server.py",
+         "tests/integration/test_crash_safety.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: 0 if item.nodeid.startswith(WAIT_FIRST) else 1)  # stable: else as collected
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, path in enumerate(FIRST) if item.nodeid.startswith(path)), len(FIRST))
+
+    items.sort(key=rank)  # stable: else as collected
     if not POSTGRES_URL:
         return
     skip = pytest.mark.skip(
