@@ -167,67 +167,6 @@ def test_lift_does_not_lift_another_failed_check_of_the_policy():
     assert out["decision"] == "keep" and out["promote"] is False
 
 
-def _kept_by_comparison_and_guardrail() -> dict[str, Any]:
-    decision = _kept_by_the_comparison()
-    decision["checks"][2].update(passed=False, detail="pneumonia sensitivity fell from 0.900 to 0.867")
-    return decision
-
-
-def _with_sensitivity(comparison: dict[str, Any], **classes: tuple[float, float, float]) -> dict[str, Any]:
-    return {**comparison, "sensitivity_differences": {
-        lab: {"difference": d, "low": lo, "high": hi} for lab, (d, lo, hi) in classes.items()}}
-
-
-def test_lift_lifts_a_sensitivity_guardrail_that_tripped_on_noise_and_says_why():
-    # one film of 30 moves sensitivity by 0.033, over the allowed 0.02; its paired interval reaches 0
-    noisy = _with_sensitivity(WIDE, pneumonia=(-0.033, -0.133, 0.067))
-    out = apply_breaches(_kept_by_comparison_and_guardrail(), [_breach()], noisy, 0.02, 0.02)
-    assert out["decision"] == "promote" and out["promote"] is True
-    guard = next(c for c in out["checks"] if c["name"] == "guardrail")
-    assert guard["passed"] is False and guard["lifted"] is True
-    assert guard["detail"].startswith("no veto: champion v17 measured 0.114 below the locked reference")
-    assert "no class's drop is measured: pneumonia -0.033, 95% CI [-0.133, +0.067]" in guard["detail"]
-    assert "the comparison and the guardrail with it do not veto" in out["rationale"]
-    # without the allowed drop (an older caller) the guardrail is not judged, and still vetoes
-    assert apply_breaches(_kept_by_comparison_and_guardrail(), [_breach()], noisy, 0.02)["promote"] is False
-
-
-def test_lift_does_not_lift_a_measured_sensitivity_drop_or_one_not_on_record():
-    measured = _with_sensitivity(WIDE, pneumonia=(-0.10, -0.18, -0.02))  # the interval is below 0
-    out = apply_breaches(_kept_by_comparison_and_guardrail(), [_breach()], measured, 0.02, 0.02)
-    assert out["decision"] == "keep" and out["promote"] is False
-    guard = next(c for c in out["checks"] if c["name"] == "guardrail")
-    assert guard["lifted"] is False and guard["detail"].startswith(
-        "still vetoes (a measured sensitivity drop: pneumonia -0.100, 95% CI [-0.180, -0.020], the interval "
-        "below 0), although champion v17")
-    for missing in (WIDE, _with_sensitivity(WIDE, pneumonia=(-0.05, None, None))):
-        out = apply_breaches(_kept_by_comparison_and_guardrail(), [_breach()], missing, 0.02, 0.02)
-        assert out["promote"] is False and out["checks"][2]["lifted"] is False
-
-
-def test_only_the_classes_that_tripped_the_guardrail_are_judged():
-    # covid fell 0.01 (within the allowed 0.02) with a tight interval below 0; pneumonia tripped on noise
-    both = _with_sensitivity(WIDE, covid=(-0.01, -0.015, -0.005), pneumonia=(-0.05, -0.15, 0.05))
-    kept = _kept_by_comparison_and_guardrail
-    assert apply_breaches(kept(), [_breach()], both, 0.02, 0.02)["promote"] is True
-    # a breach that is not acting (alert, or a held site) lifts nothing
-    for quiet in (_breach(mode="alert"), _breach(status="held")):
-        assert apply_breaches(kept(), [quiet], both, 0.02, 0.02)["promote"] is False
-
-
-def test_apply_guards_judges_the_guardrail_with_the_allowed_drop_of_the_settings(settings):
-    noisy = _with_sensitivity(WIDE, pneumonia=(-0.033, -0.133, 0.067))
-    reference = {"version": 2, "passed": True, "detail": "ok",
-                 "check": {"name": "reference", "passed": True, "detail": "lower bound -0.015"}}
-    out = apply_guards(settings, _kept_by_comparison_and_guardrail(), {"metrics": {}}, None, None, None,
-                       reference, [_breach()], noisy)
-    assert out["promote"] is True and out["checks"][2]["lifted"] is True
-    strict = settings.model_copy(update={"guardrail_sensitivity_drop": 0.05})  # -0.033 no longer trips
-    out = apply_guards(strict, _kept_by_comparison_and_guardrail(), {"metrics": {}}, None, None, None,
-                       reference, [_breach()], noisy)
-    assert out["promote"] is False and out["checks"][2]["lifted"] is False  # not on record as tripping
-
-
 def test_lift_does_not_let_a_challenger_past_a_failing_reference_check(settings):
     reference = {"version": 2, "passed": False, "detail": "lower bound -0.08",
                  "check": {"name": "reference", "passed": False, "detail": "lower bound -0.08"}}
@@ -623,14 +562,5 @@ def test_a_breach_says_what_its_lift_did_once_the_decision_is_made():
         "nothing to lift: the comparison did not veto", "none"]
     assert settled_actions([lifting], lifted)[0].action == LIFTED
     assert settled_actions([lifting], vetoed)[0].action == "not lifted: the comparison measured a drop"
-    both = [{"name": "comparison", "passed": False, "lifted": True, "detail": "no veto: ..."},
-            {"name": "guardrail", "passed": False, "lifted": True, "detail": "no veto: ..."}]
-    assert settled_actions([lifting], both)[0].action == "comparison and guardrail lifted"
-    both[1]["lifted"] = False
-    assert settled_actions([lifting], both)[0].action == (
-        "not lifted: the guardrail measured a sensitivity drop (comparison lifted)")
-    only_guard = [{"name": "comparison", "passed": True, "detail": "ok"},
-                  {"name": "guardrail", "passed": False, "lifted": True, "detail": "no veto: ..."}]
-    assert settled_actions([lifting], only_guard)[0].action == "guardrail lifted"
     alert = replace(_breach(mode="alert"), action="reported")
     assert settled_actions([alert], vetoed)[0].action == "reported"

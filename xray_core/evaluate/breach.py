@@ -10,11 +10,8 @@ difference, as the sequestered audit's "degraded"). ``XRAY_REFERENCE_BREACH`` sa
 
 - ``lift``: the champion has lost its standing at the site, so a challenger-vs-champion ``comparison``
   check that failed without a measured drop (its point estimate at or above ``-XRAY_PROMOTION_MARGIN``:
-  only the interval was too wide) does not veto (:func:`apply_breaches`); a measured drop still does. The
-  same for the pooled sensitivity ``guardrail``: a class whose point drop trips it vetoes only when its
-  paired 95% interval lies below 0 (one film moves a small test set's sensitivity by more than
-  ``XRAY_GUARDRAIL_SENSITIVITY_DROP``; with the champion in breach, noise no longer keeps it). Every other
-  check still vetoes. The challenger must also not measure below the champion, nor below the locked
+  only the interval was too wide) does not veto (:func:`apply_breaches`); a measured drop still does, and
+  so does every other check. The challenger must also not measure below the champion, nor below the locked
   reference, by more than ``XRAY_REFERENCE_MARGIN`` on the site's TEST films of the drift episode (check
   ``breach_site``, the breach's own standard; never val, where the challenger was tuned; too few films:
   not measurable, no veto).
@@ -175,35 +172,14 @@ def site_condition(comparison: Mapping[str, Any] | None, site: str, films: int, 
             "detail": f"{numbers}: {verdict} (XRAY_REFERENCE_BREACH)"}
 
 
-def _guardrail_noise(comparison: Mapping[str, Any] | None, allowed: float) -> tuple[bool, str]:
-    """Whether a tripped sensitivity guardrail shows only noise: every disease class whose point drop is
-    beyond ``allowed`` has a paired 95% interval reaching 0 (``high`` >= 0). (True, the classes' numbers) or
-    (False, why it still vetoes)."""
-    diffs = (comparison or {}).get("sensitivity_differences") or {}
-    tripped = {lab: d for lab, d in diffs.items()
-               if d.get("difference") is None or d["difference"] < -allowed - _TOL}
-    if not tripped:
-        return False, "its sensitivity differences are not on record"
-    numbers = {lab: (f"{lab} {_signed(d.get('difference'))}, 95% CI [{_signed(d.get('low'))}, "
-                     f"{_signed(d.get('high'))}]") for lab, d in tripped.items()}
-    measured = [numbers[lab] for lab, d in tripped.items()
-                if d.get("difference") is None or d.get("high") is None or d["high"] < -_TOL]
-    if measured:
-        return False, f"a measured sensitivity drop: {'; '.join(measured)}, the interval below 0"
-    return True, f"no class's drop is measured: {'; '.join(numbers.values())}, each interval reaching 0"
-
-
 def apply_breaches(decision: dict[str, Any], breaches: Sequence[BreachCheck],
-                   comparison: Mapping[str, Any] | None = None, margin: float = 0.0,
-                   guardrail_drop: float | None = None) -> dict[str, Any]:
+                   comparison: Mapping[str, Any] | None = None, margin: float = 0.0) -> dict[str, Any]:
     """The policy's decision after the breaches (``lift``/``rollback``; ``alert`` and held sites change
     nothing): a ``comparison`` check that failed WITHOUT a measured drop (``comparison``, the policy's
     challenger-minus-champion difference: its point estimate at or above ``-margin``, the promotion margin)
-    no longer vetoes (it stays failed, ``lifted``, its detail says why); a measured drop (or an unknown
-    difference) still vetoes, its detail says so. With ``guardrail_drop`` (XRAY_GUARDRAIL_SENSITIVITY_DROP),
-    a failed ``guardrail`` is lifted the same way when no tripping class's drop is measured
-    (:func:`_guardrail_noise`). The policy's keep becomes promote when every failed check was lifted.
-    Then each breached site's ``breach_site`` check vetoes a challenger measured below
+    no longer vetoes (it stays failed, ``lifted``, its detail says why), so the policy's keep becomes
+    promote when it was the only failed check; a measured drop (or an unknown difference) still vetoes,
+    its detail says so. Then each breached site's ``breach_site`` check vetoes a challenger measured below
     the champion or the reference there. The other guards (per-site guardrail, flips, locked reference,
     audit) apply after this, as before. A new dict."""
     acting = [b for b in breaches if b.breached and b.mode in ("lift", "rollback")]
@@ -224,17 +200,10 @@ def apply_breaches(decision: dict[str, Any], breaches: Sequence[BreachCheck],
         check.update(lifted=True,
                      detail=f"no veto: {why}, and the comparison failed without a measured drop "
                             f"(difference {diff:+.3f}, not below -{margin:g}); {check['detail']}")
-    guard = next((c for c in failed if c.get("name") == "guardrail"), None)
-    if guard is not None and guardrail_drop is not None:
-        noise, words = _guardrail_noise(comparison, guardrail_drop)
-        verdict = f"no veto: {why}, and {words}" if noise else f"still vetoes ({words}), although {why}"
-        guard.update(lifted=noise, detail=f"{verdict}; {guard['detail']}")
-    lifted = [c["name"] for c in failed if c.get("lifted")]
-    if lifted and len(lifted) == len(failed) and out.get("decision") == "keep":
-        out.update(decision="promote", promote=True,
-                   rationale=f"Promote unless a guard vetoes: {why}, and the {' and the '.join(lifted)} "
-                             f"with it {'does' if len(lifted) == 1 else 'do'} not veto. The policy said: "
-                             f"{decision['rationale']}")
+        if len(failed) == 1 and out.get("decision") == "keep":
+            out.update(decision="promote", promote=True,
+                       rationale=f"Promote unless a guard vetoes: {why}, and the comparison with it does not "
+                                 f"veto. The comparison said: {decision['rationale']}")
     for b in acting:
         site = b.challenger_check
         if site is None:
@@ -253,22 +222,13 @@ def settled_actions(breaches: Sequence[BreachCheck],
     """Each lifting breach's ``action`` once the decision is made, saying what the lift did: the
     comparison's veto lifted, not lifted (a measured drop), or nothing to lift (it did not veto); a breach
     is measured before the decision, so its first action only says what it was allowed to do."""
-    by_name = {c.get("name"): c for c in checks if c.get("name") in ("comparison", "guardrail")}
-    failed = [c for c in by_name.values() if not c.get("passed")]
-    lifted = [str(c["name"]) for c in failed if c.get("lifted")]
-    still = [c for c in failed if not c.get("lifted")]
-    if not failed:
+    comparison = next((c for c in checks if c.get("name") == "comparison"), None)
+    if comparison is None or comparison.get("passed"):
         done = "nothing to lift: the comparison did not veto"
-    elif still:
-        first = still[0]
-        kept = ("the comparison measured a drop" if first["name"] == "comparison"
-                else "the guardrail measured a sensitivity drop" if "lifted" in first
-                else "the guardrail vetoes")
-        done = f"not lifted: {kept}" + (f" ({' and '.join(lifted)} lifted)" if lifted else "")
-    elif lifted == ["comparison"]:
+    elif comparison.get("lifted"):
         done = LIFTED
     else:
-        done = f"{' and '.join(lifted)} lifted"
+        done = "not lifted: the comparison measured a drop"
     return [replace(b, action=done) if b.breached and b.action == LIFTED else b for b in breaches]
 
 

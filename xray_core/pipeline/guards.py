@@ -173,17 +173,17 @@ def apply_guards(settings: Settings, decision: dict[str, Any], challenger: dict[
                  breaches: Sequence[BreachCheck] = (),
                  comparison: dict[str, Any] | None = None) -> dict[str, Any]:
     """The policy's decision after a breach of the locked reference at a drifted site (``breaches``:
-    :func:`~xray_core.evaluate.breach.apply_breaches`, which lifts a failed comparison or sensitivity
-    guardrail only when ``comparison``, the policy's challenger-vs-champion numbers, measured no drop), the
-    per-site guardrail, the negative-flip veto (``flips``: from :func:`flips_step`, kept in the result), the
-    locked reference (``reference``: from :func:`reference_summary`, kept in the result) and the shortcut
-    audit (a new dict)."""
+    :func:`~xray_core.evaluate.breach.apply_breaches`, which lifts a failed comparison only when
+    ``comparison``, the policy's challenger-vs-champion difference, measured no drop), the per-site
+    guardrail, the negative-flip veto (``flips``: from :func:`flips_step`, kept in the result), the locked
+    reference (``reference``: from :func:`reference_summary`, kept in the result) and the shortcut audit
+    (a new dict)."""
     from xray_core.evaluate.breach import apply_breaches
     from xray_core.evaluate.promotion import negative_flip_check
     from xray_core.evaluate.slices import site_guardrail
 
     out = apply_breaches({**decision, "checks": list(decision.get("checks") or [])}, breaches, comparison,
-                         settings.promotion_margin, settings.guardrail_sensitivity_drop)
+                         settings.promotion_margin)
     if champion is not None:
         guard = site_guardrail(challenger["metrics"].get("slices"), champion["metrics"].get("slices"),
                                max_drop=settings.guardrail_site_drop,
