@@ -49,9 +49,9 @@ demo: $(STAMP)
 
 # The whole suite on three pytest-xdist workers, one file per worker at a time (a module's fixtures are
 # built once), each on one OpenMP thread (two workers with two threads each spun against each other on
-# two cores: user time 17 min instead of 8). Three on two cores because the longest files mostly wait on
-# a real Prefect server (test_first_week: ~5 min on the server's concurrency lease): the third worker
-# uses the core they leave idle (measured: 502 s wall with 3 workers, 609 s with 2, same commit).
+# two cores: user time 17 min instead of 8). Three on two cores because many files mostly wait on a
+# real Prefect server or on subprocesses: the third worker uses the core they leave idle (measured: 502 s
+# wall with 3 workers, 609 s with 2, same commit).
 # Files go out in collection order (--no-loadscope-reorder; xdist's default sends files with the most
 # tests first, so a one-test file that waits came last): tests/conftest.py puts those first.
 # `make test PYTEST_WORKERS=0 TEST_THREADS=2` runs it in one process on two threads.

@@ -17,7 +17,9 @@ The run waits in a loop of its own rather than in ``pause_flow_run``, for two Pr
   slot back when it pauses (good: nightly retrains go on), but the engine keeps renewing the lease it
   no longer has; about four minutes later the renewal fails and cancels the run (a ``CancelledError``
   injected into the flow's thread; PrefectHQ/prefect#22885 is the same for retries), which ends a
-  ``pause_flow_run`` wait as ``Crashed``. The loop survives that one cancellation and goes on waiting.
+  ``pause_flow_run`` wait as ``Crashed``. Once paused, the run stops that renewal as the engine does when
+  a run ends (:func:`_stop_renewal`), so an approved run goes on at once; where it cannot (another
+  Prefect version), the loop survives that one cancellation and goes on once the renewal has ended.
 - When a pause times out, the server fails the run ("paused and never resumed"). The run's own
   deadline comes an hour before the server's, so it sets itself back to ``Running`` first and records
   ``review_expired`` and its report as any other outcome.
@@ -25,6 +27,7 @@ The run waits in a loop of its own rather than in ``pause_flow_run``, for two Pr
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -116,6 +119,10 @@ def wait_for_review(ask: ReviewRequest, before_waiting: Callable[[], None] | Non
             logger.warning("review: %s", why)
             return ReviewAnswer.nobody(why)
         form.save(KEYSET)  # the schema the UI's form and the server's check of an answer use
+    if lease is not None and _stop_renewal(lease):
+        lease.join(5.0)
+        logger.info("review: the pause gave the run's concurrency slot back; Prefect's renewal of its "
+                    "lease is stopped")
     link = run_link(str(run_id))
     emit_review_requested(ask, link)
     logger.info("review: v%s waits for a reviewer until %s UTC%s", ask.version,
@@ -135,8 +142,9 @@ def _wait(run_id: UUID, form: type[ReviewInput], deadline: float, poll_s: int, l
           logger: Any) -> ReviewInput | None:
     """Poll until a reviewer resumes the run (their answer) or ``deadline`` passes (None; the run is set
     back to Running). With ``lease`` (the engine's renewal of the concurrency lease the pause gave
-    back), return only once it has ended: it cancels the run once when it fails, and that cancellation
-    must land here, not in the steps after the review (module docstring)."""
+    back, still running when :func:`_stop_renewal` could not stop it), return only once it has ended:
+    it cancels the run once when it fails, and that cancellation must land here, not in the steps after
+    the review (module docstring)."""
     waiting, got, noted = True, None, False
     with get_client(sync_client=True) as client:
         while True:
@@ -181,6 +189,33 @@ def _lease_renewal(client: Any, run_id: UUID) -> threading.Thread | None:
     lease_id = state.state_details.deployment_concurrency_lease_id if state is not None else None
     name = f"concurrency-lease-renewal-{lease_id}"
     return next((t for t in threading.enumerate() if lease_id and t.name == name), None)
+
+
+def _stop_renewal(lease: threading.Thread) -> bool:
+    """Stop the engine's renewal of the lease the pause gave back, as the engine itself stops it when a
+    run ends (it sets the renewal loop's stop event; a renewal that fails after that cancels nothing).
+    The lease is gone, so its next renewal could only fail and cancel the run. Prefect 3.9.1 keeps the
+    event in the closure of the thread's target (``prefect.concurrency._leases``,
+    ``_start_lease_renewal_thread``); no public handle reaches it. False where it is not found (another
+    Prefect): the run then waits out the renewal, as :func:`_wait` says."""
+    seen: set[int] = set()
+    todo = [getattr(lease, "_target", None)]
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(value, threading.Event):
+                value.set()
+                return True
+            if inspect.isfunction(value):
+                todo.append(value)
+    return False
 
 
 def _this_run() -> UUID:

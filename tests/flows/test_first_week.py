@@ -6,10 +6,10 @@ Shown: Monday's batch makes the first champion; of the week's three batches two 
 half-copied one waits; the new site's films drift from the champion (the report's drift section says
 "Flagged"); the shortcut audit blocks, so the run pauses for a reviewer; the deployment's runs are all
 found by the deployment filter with every state, and by their decision tags; ``xray review --approve``
-makes the challenger champion, and ``xray models --history`` names the reviewer. About five minutes on
-two busy cores: two flow runs in worker subprocesses, and the approved run goes on only once Prefect's
-renewal of the concurrency lease its pause gave back has failed (up to 225 s after the run started;
-flows/review.py).
+makes the challenger champion, and ``xray models --history`` names the reviewer. About a minute and a
+half: two flow runs in worker subprocesses; the approved run goes on at once, since the paused run
+stopped Prefect's renewal of the concurrency lease its pause gave back (flows/review.py; before, it
+waited up to 225 s for that renewal to fail).
 """
 
 from __future__ import annotations
