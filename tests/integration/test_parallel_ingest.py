@@ -111,12 +111,12 @@ def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path
     total = one[0]["files"]
     assert progress[2] == progress[1] == [(i, total) for i in range(1, total + 1)]
     assert used and set(used) == {method}  # the pool started the chosen way
-    # Groups of GROUP_SIZE files in one process; with workers, the last GROUP_SIZE files are written
-    # in smaller groups while the workers finish (ingest.tail_group), the last one of a few files.
+    # Groups of GROUP_SIZE files in one process; with workers, the last files are written in smaller
+    # groups while the workers finish (ingest.tail_group), the last one of a few files.
     assert total > ingest.GROUP_SIZE and sum(sizes[1]) == sum(sizes[2]) == total - one[0]["skipped_unchanged"]
     assert sizes[1] == [ingest.GROUP_SIZE] * (len(sizes[1]) - 1) + [sizes[1][-1]]
-    assert sizes[2][0] == ingest.GROUP_SIZE and len(sizes[2]) > len(sizes[1])
-    assert sizes[2][-1] <= ingest.TAIL_GROUP < sizes[1][-1]
+    assert max(sizes[2]) <= ingest.GROUP_SIZE and len(sizes[2]) > len(sizes[1]), sizes
+    assert sizes[2][-1] <= ingest.TAIL_GROUP < sizes[1][-1], sizes
 
 
 BLAS_CHECK = """
@@ -292,22 +292,23 @@ def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
 
 
-# A write group (xray_core.data.ingest.GROUP_SIZE = 32 files; with workers the last 32 in smaller groups:
-# here 32, 8, 4, 4) writes its store files with their fsyncs batched, then its rows in one transaction.
+# A write group (xray_core.data.ingest.GROUP_SIZE = 32 files; with workers the last ones in halves,
+# ingest.tail_group: here 24, 12, 6, 4, 2) writes its store files with their fsyncs batched, then its
+# rows in one transaction.
 # Killed anywhere inside a group: the catalogue holds whole groups only, every row names a complete
 # store file, no final-named store file is partial, and the next ingest completes with the same rows
 # and files as an uninterrupted one.
 MID_GROUP_KILLS = [
     "fsutil.tmp_written:3",  # first group: 2 store files renamed, the others fsynced temp files
     "ingest.store_written:5",  # first group's store files all durable, none of its rows written
-    "ingest.group_row:40",  # second group: first committed, its 8 rows added, not committed
+    "ingest.group_row:40",  # third group: the first two (36 rows) committed, 4 of its rows added
 ]
 
 
 @pytest.mark.parametrize("kill_at", MID_GROUP_KILLS)
 def test_a_kill_inside_a_write_group_leaves_a_valid_catalogue(kill_at: str, tmp_path: Path) -> None:
     src = tmp_path / "src"
-    write_dataset(src, patients_per_label=12, images_per_patient=2, size=48, seed=9)  # 48 files: 4 groups
+    write_dataset(src, patients_per_label=12, images_per_patient=2, size=48, seed=9)  # 48 files: 5 groups
     reference = tmp_path / "reference"
     assert _ingest_subprocess(reference, src, None).returncode == 0
 
@@ -320,7 +321,7 @@ def test_a_kill_inside_a_write_group_leaves_a_valid_catalogue(kill_at: str, tmp_
         rows = con.execute("SELECT sha256, stored_path FROM images").fetchall()
     finally:
         con.close()
-    assert len(rows) == (32 if kill_at.startswith("ingest.group_row") else 0)  # whole groups only
+    assert len(rows) == (36 if kill_at.startswith("ingest.group_row") else 0)  # whole groups only
     for sha, rel in rows:  # rows name complete files
         assert hashlib.sha256((home / rel).read_bytes()).hexdigest() == sha
     for path in (home / "store").rglob("*"):  # no final-named store file is partial

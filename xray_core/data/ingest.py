@@ -58,8 +58,8 @@ from xray_core.settings import Settings
 
 GROUP_SIZE = 32  # files prepared outside a transaction, then written in one short transaction
 GROUP_BYTES = 64 * 2**20  # ... or fewer, when their bytes (held until the group is written) reach this
-# With worker processes, the last GROUP_SIZE files are written in halves (see tail_group): the
-# workers examine the rest meanwhile, so that only the last few files' write follows their end.
+# With worker processes, the last files are written in halves (see tail_group): the workers examine
+# the rest meanwhile, so that only the last few files' write follows their end.
 TAIL_GROUP = 4
 IN_CHUNK = 900  # sha256s or paths per IN (...) query: under SQLite's oldest bound-parameter limit (999)
 # Rejections that say nothing about the file's bytes (e.g. permissions): not remembered as "seen",
@@ -290,11 +290,12 @@ def _note_conflicts(summary: IngestSummary, conflicts: list[dict[str, str]], rel
 
 def tail_group(taken: int, in_flight: int) -> bool:
     """Whether to write a group of ``taken`` files now, once every file is handed to the pool and
-    ``in_flight`` are still to come back: the last group's files (at most GROUP_SIZE) are written in
-    halves, each while the workers examine the files after it, down to TAIL_GROUP files. Otherwise the
-    whole last group would be written after the workers' end, with nothing to do for them meanwhile
-    (for one worker there is nothing in flight: groups are as before)."""
-    return taken + in_flight <= GROUP_SIZE and taken >= max(TAIL_GROUP, in_flight)
+    ``in_flight`` are still to come back: as soon as it holds as many as are in flight (and at least
+    TAIL_GROUP), so the last files are written in halves, each while the workers examine the files
+    after it. Otherwise the whole last group (up to GROUP_SIZE files: for a batch of 42, the first 32)
+    would be written after the workers' end, with nothing to do for them meanwhile. With one worker
+    nothing is in flight: groups are as before."""
+    return taken >= max(TAIL_GROUP, in_flight)
 
 
 def payload_bytes(prep: Prepared) -> int:
