@@ -8,6 +8,7 @@ Integration lane: each test starts worker processes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from sqlalchemy import select
 
 from db import dispose_engines, session_scope
 from db.schema import Image, Patient, Rejection, SeenFile
-from xray_core.data import ingest_pool
+from xray_core.data import ingest, ingest_pool
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.ingest import ingest_source
 from xray_core.data.synthetic import write_dataset
@@ -88,13 +89,18 @@ def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path
         pytest.skip("another thread runs in this test process: workers are not forked from it")
     used: list[str] = []
     monkeypatch.setattr(ingest_pool, "start_method", lambda: used.append(method) or method)
+    groups: list[int] = []  # files per write group, of the ingest running now
+    write_group = ingest._write_group
+    monkeypatch.setattr(ingest, "_write_group", lambda engine, settings, source_id, group, *rest: (
+        groups.append(len(group)), write_group(engine, settings, source_id, group, *rest))[1])
     progress: dict[int, list] = {1: [], 2: []}
-    results = {}
+    results, sizes = {}, {}
     for workers in (1, 2):
         settings = _settings(tmp_path / f"home{workers}", workers)
         summary = ingest_source(source, settings=settings,
                                 progress=lambda d, t, w=workers: progress[w].append((d, t)))
         results[workers] = (_summary(summary), _outcomes(settings))
+        sizes[workers], groups[:] = groups[:], []
         dispose_engines()
     one, two = results[1], results[2]
     assert (one[0]["added"] > 0 and one[0]["duplicates"] == 1
@@ -105,6 +111,56 @@ def test_one_and_two_workers_give_the_same_outcomes(source: Path, tmp_path: Path
     total = one[0]["files"]
     assert progress[2] == progress[1] == [(i, total) for i in range(1, total + 1)]
     assert used and set(used) == {method}  # the pool started the chosen way
+    # Groups of GROUP_SIZE files in one process; with workers, the last files are written in smaller
+    # groups while the workers finish (ingest.tail_group), the last one of a few files.
+    assert total > ingest.GROUP_SIZE and sum(sizes[1]) == sum(sizes[2]) == total - one[0]["skipped_unchanged"]
+    assert sizes[1] == [ingest.GROUP_SIZE] * (len(sizes[1]) - 1) + [sizes[1][-1]]
+    assert max(sizes[2]) <= ingest.GROUP_SIZE and len(sizes[2]) > len(sizes[1]), sizes
+    assert sizes[2][-1] <= ingest.TAIL_GROUP < sizes[1][-1], sizes
+
+
+BLAS_CHECK = """
+import json, os, threading
+import numpy as np
+from threadpoolctl import threadpool_info
+from xray_core.data import ingest_pool
+from xray_core.settings import get_settings
+
+def blas_limits():
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+def in_worker():  # after a matrix product large enough for BLAS to split
+    np.ones((400, 400)) @ np.ones((400, 400))
+    return blas_limits(), len(os.listdir("/proc/self/task")), threading.active_count()
+
+before = blas_limits()
+with ingest_pool.PreparePool(2, get_settings(), None, lambda sha: None) as pool:
+    executor = pool._pool()
+    seen = [executor.submit(in_worker).result() for _ in range(4)]
+print(json.dumps({"method": ingest_pool.start_method(), "before": before, "after": blas_limits(),
+                  "workers": seen}))
+"""
+
+
+def test_forked_workers_start_no_blas_thread_and_the_limit_is_restored(tmp_path: Path) -> None:
+    """A forked worker inherits one BLAS thread from the pool (PreparePool._fork_workers) instead of
+    setting it itself, which would start an OpenBLAS thread that spins (~0.1 s of CPU) before it
+    sleeps; the ingesting process gets its own limit back when the pool closes. In a process of its
+    own, with two BLAS threads (the tests otherwise run with one)."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("no /proc: threads are not counted")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XRAY_")}
+    env.update({**TEST_ENV, "XRAY_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT),
+                "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"})
+    done = subprocess.run([sys.executable, "-c", BLAS_CHECK], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["method"] == "fork" and max(got["before"]) == 2
+    assert got["after"] == got["before"]
+    for blas, tasks, python_threads in got["workers"]:
+        assert set(blas) == {1}
+        assert tasks == python_threads  # no native (BLAS) thread besides the Python ones
 
 
 def test_files_examined_while_the_catalogue_opens_are_dropped_when_unchanged(
@@ -114,7 +170,6 @@ def test_files_examined_while_the_catalogue_opens_are_dropped_when_unchanged(
     found unchanged is dropped, as skipped."""
     if ingest_pool.start_method() != "fork":
         pytest.skip("another thread runs in this test process: workers are not forked from it")
-    from xray_core.data import ingest
     from xray_core.data.catalogue import may_have_seen
 
     src = tmp_path / "src"
@@ -237,21 +292,23 @@ def test_a_killed_ingest_leaves_no_worker_behind(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
 
 
-# A write group (xray_core.data.ingest.GROUP_SIZE = 32 files) writes its store files with their fsyncs
-# batched, then its rows in one transaction. Killed anywhere inside a group: the catalogue holds whole
-# groups only, every row names a complete store file, no final-named store file is partial, and the
-# next ingest completes with the same rows and files as an uninterrupted one.
+# A write group (xray_core.data.ingest.GROUP_SIZE = 32 files; with workers the last ones in halves,
+# ingest.tail_group: here 24, 12, 6, 4, 2) writes its store files with their fsyncs batched, then its
+# rows in one transaction.
+# Killed anywhere inside a group: the catalogue holds whole groups only, every row names a complete
+# store file, no final-named store file is partial, and the next ingest completes with the same rows
+# and files as an uninterrupted one.
 MID_GROUP_KILLS = [
     "fsutil.tmp_written:3",  # first group: 2 store files renamed, the others fsynced temp files
     "ingest.store_written:5",  # first group's store files all durable, none of its rows written
-    "ingest.group_row:40",  # second group: first group committed, 8 of its rows added, not committed
+    "ingest.group_row:40",  # third group: the first two (36 rows) committed, 4 of its rows added
 ]
 
 
 @pytest.mark.parametrize("kill_at", MID_GROUP_KILLS)
 def test_a_kill_inside_a_write_group_leaves_a_valid_catalogue(kill_at: str, tmp_path: Path) -> None:
     src = tmp_path / "src"
-    write_dataset(src, patients_per_label=12, images_per_patient=2, size=48, seed=9)  # 48 files: 2 groups
+    write_dataset(src, patients_per_label=12, images_per_patient=2, size=48, seed=9)  # 48 files: 5 groups
     reference = tmp_path / "reference"
     assert _ingest_subprocess(reference, src, None).returncode == 0
 
@@ -264,7 +321,7 @@ def test_a_kill_inside_a_write_group_leaves_a_valid_catalogue(kill_at: str, tmp_
         rows = con.execute("SELECT sha256, stored_path FROM images").fetchall()
     finally:
         con.close()
-    assert len(rows) == (32 if kill_at.startswith("ingest.group_row") else 0)  # whole groups only
+    assert len(rows) == (36 if kill_at.startswith("ingest.group_row") else 0)  # whole groups only
     for sha, rel in rows:  # rows name complete files
         assert hashlib.sha256((home / rel).read_bytes()).hexdigest() == sha
     for path in (home / "store").rglob("*"):  # no final-named store file is partial

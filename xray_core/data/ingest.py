@@ -58,6 +58,9 @@ from xray_core.settings import Settings
 
 GROUP_SIZE = 32  # files prepared outside a transaction, then written in one short transaction
 GROUP_BYTES = 64 * 2**20  # ... or fewer, when their bytes (held until the group is written) reach this
+# With worker processes, the last files are written in halves (see tail_group): the workers examine
+# the rest meanwhile, so that only the last few files' write follows their end.
+TAIL_GROUP = 4
 IN_CHUNK = 900  # sha256s or paths per IN (...) query: under SQLite's oldest bound-parameter limit (999)
 # Rejections that say nothing about the file's bytes (e.g. permissions): not remembered as "seen",
 # so the next ingest tries again even though size and mtime are unchanged (chmod leaves mtime alone).
@@ -216,13 +219,14 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
         group: list[Prepared] = []
         done = held = 0
 
-        def take_one() -> None:
+        def take_one(draining: bool = False) -> None:
             nonlocal group, done, held
             item = pool.take()
             if item is not None:  # None: skipped as unchanged
                 group.append(item)
                 held += payload_bytes(item)
-            if len(group) >= GROUP_SIZE or held >= GROUP_BYTES:
+            if len(group) >= GROUP_SIZE or held >= GROUP_BYTES or (draining and tail_group(len(group),
+                                                                                           len(pool))):
                 write(group)
                 group, held = [], 0
             done += 1
@@ -251,7 +255,7 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
                 while pool.ready():
                     take_one()
             while len(pool):
-                take_one()
+                take_one(draining=True)
         if group:
             write(group)
         summary.quarantine = quarantine.summary()
@@ -282,6 +286,16 @@ def _note_conflicts(summary: IngestSummary, conflicts: list[dict[str, str]], rel
     summary.attributes["conflicts"] = summary.attributes.get("conflicts", 0) + len(conflicts)
     examples = summary.attributes.setdefault("examples", [])
     examples += [{**c, "file": rel} for c in conflicts][:max(0, ATTRIBUTE_EXAMPLES - len(examples))]
+
+
+def tail_group(taken: int, in_flight: int) -> bool:
+    """Whether to write a group of ``taken`` files now, once every file is handed to the pool and
+    ``in_flight`` are still to come back: as soon as it holds as many as are in flight (and at least
+    TAIL_GROUP), so the last files are written in halves, each while the workers examine the files
+    after it. Otherwise the whole last group (up to GROUP_SIZE files: for a batch of 42, the first 32)
+    would be written after the workers' end, with nothing to do for them meanwhile. With one worker
+    nothing is in flight: groups are as before."""
+    return taken >= max(TAIL_GROUP, in_flight)
 
 
 def payload_bytes(prep: Prepared) -> int:

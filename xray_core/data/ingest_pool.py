@@ -17,6 +17,7 @@ the source's order.
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import multiprocessing
 import os
@@ -115,6 +116,7 @@ class PreparePool:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._head_start = 0  # files examined here while the workers started
+        self._blas_limit: Any = None  # this process's BLAS limit while forked workers run (_fork_workers)
         # Files whose examination began before the catalogue was open (prefetch): id(cand) -> entry,
         # and the entry that put((cand, st)) hands over next (its stat was just taken by the caller).
         self._ahead: dict[int, tuple[Candidate, os.stat_result, Future]] = {}
@@ -173,14 +175,38 @@ class PreparePool:
             self._stop.set()  # nothing still in flight is wanted now: queued files are not examined
             self._executor.shutdown(wait=exc[0] is None, cancel_futures=True)
             self._executor = None
+        if self._blas_limit is not None:
+            self._blas_limit.restore_original_limits()
+            self._blas_limit = None
 
-    def _new_executor(self, method: str) -> ProcessPoolExecutor:
+    def _new_executor(self, method: str, limit_blas: bool = True) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context(method)
         if method == "forkserver":
             ctx.set_forkserver_preload([__name__, "xray_core.data.images"])
         self._stop = ctx.Event()
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=init_worker,
-                                   initargs=(os.getpid(), self._stop))
+                                   initargs=(os.getpid(), self._stop, limit_blas))
+
+    def _fork_workers(self) -> ProcessPoolExecutor:
+        """The executor, its workers forked now (its first submit forks them all) with one BLAS thread
+        and the garbage collector's objects frozen.
+
+        BLAS: OpenBLAS stops its threads around ``fork``; a worker setting its own limit would start
+        them again, and a new OpenBLAS thread spins for ~0.1 s of CPU before it sleeps (each worker,
+        each ingest). Set here, the workers inherit the limit and never start one; this process keeps
+        it until the pool closes (:meth:`__exit__`), as it needs no BLAS threads meanwhile.
+
+        ``gc.freeze``: the objects this process holds (modules, settings, SQLAlchemy's tables) are
+        never visited by a worker's collections, which would otherwise copy every page they touch.
+        """
+        executor = self._new_executor("fork", limit_blas=False)
+        self._blas_limit = _blas().limit(limits=1)
+        gc.freeze()
+        try:
+            executor.submit(os.getpid)  # forks the workers (the "fork" start method starts them all)
+        finally:
+            gc.unfreeze()
+        return executor
 
     def _start(self, method: str) -> None:
         """Background thread: create the executor and wait until every worker has answered once."""
@@ -200,7 +226,7 @@ class PreparePool:
             if method == "fork":
                 # The workers are forked at the first submit, from this thread, before the executor
                 # starts its own threads: copies of this process, ready in milliseconds.
-                self._executor = self._new_executor(method)
+                self._executor = self._fork_workers()
                 self._started.set()
                 return self._executor
             self._starter = threading.Thread(target=self._start, args=(method,), name="xray-ingest-workers",
@@ -267,7 +293,7 @@ def _blas() -> Any:  # threadpoolctl's ThreadpoolController, made once: its limi
     return ThreadpoolController()
 
 
-def init_worker(pid: int, stop: Any) -> None:
+def init_worker(pid: int, stop: Any, limit_blas: bool = True) -> None:
     """Worker initializer.
 
     One BLAS thread per worker: the pHash's matrix products would otherwise start a thread per core
@@ -288,7 +314,8 @@ def init_worker(pid: int, stop: Any) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _STOP[:] = [stop]
-    threadpool_limits(limits=1)
+    if limit_blas:  # not when forked with the limit already set (PreparePool._fork_workers)
+        threadpool_limits(limits=1)
     threading.Thread(target=_watch, args=(pid,), name="xray-watch-parent", daemon=True).start()
 
 
