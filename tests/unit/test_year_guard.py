@@ -84,3 +84,16 @@ def test_a_night_without_truth_breaks_the_chain_and_a_new_site_is_a_world_change
             _night(2, v5, v5, ref), _night(3, _model(5, A=0.80, C=0.70), v5, ref)]
     assert [(g["night"], g["site"], g["cause"]) for g in year_guard.guard_gaps(rows, 0.02)] == [
         (0, "A", "world change"), (2, "A", "world change"), (3, "A", "carried"), (3, "C", "world change")]
+
+
+def test_a_champion_exactly_at_the_margin_is_not_beyond_it(year_guard):
+    # year.json's AUROCs have 4 places; 0.83 - 0.85 is -0.020000000000000018 in floats. summarise (bench/
+    # year.py) rounds the gap and counts -0.02 as held with a margin of 0.02: so must the causes, or the
+    # summary says the guard held and lists a night beyond the margin.
+    ref = _model(1, A=0.85, B=0.75)
+    v5, v7 = _model(5, A=0.83, B=0.73), _model(7, A=0.83, B=0.70)
+    rows = [_night(0, v5, v5, ref), _night(1, v5, v5, ref), _night(2, v7, v5, ref)]
+    assert 0.83 - 0.85 < -0.02  # the float difference alone would count it
+    gaps = year_guard.guard_gaps(rows, 0.02)
+    assert [(g["night"], g["site"], g["cause"]) for g in gaps] == [(2, "B", "promotion opened it")]
+    assert gaps[0]["gap_before"] == pytest.approx(-0.02)
