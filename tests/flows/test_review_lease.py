@@ -57,3 +57,18 @@ def test_a_thread_without_the_stop_event_is_left_alone():
 
     thread = threading.Thread(target=target)
     assert review._stop_renewal(thread) is False and values["lease"] is not None
+
+
+def test_only_the_renewal_loops_stop_event_is_set():
+    # another Prefect's thread whose closures hold some other Event (here one that says the renewal
+    # started): setting it would not stop the renewal, so _stop_renewal must say it found nothing
+    started = threading.Event()
+
+    def renew() -> None:
+        started.set()
+
+    def target() -> None:
+        renew()
+
+    thread = threading.Thread(target=target)
+    assert review._stop_renewal(thread) is False and not started.is_set()
