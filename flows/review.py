@@ -196,21 +196,21 @@ def _stop_renewal(lease: threading.Thread) -> bool:
     run ends (it sets the renewal loop's stop event; a renewal that fails after that cancels nothing).
     The lease is gone, so its next renewal could only fail and cancel the run. Prefect 3.9.1 keeps the
     event in the closure of the thread's target (``prefect.concurrency._leases``,
-    ``_start_lease_renewal_thread``); no public handle reaches it. False where it is not found (another
-    Prefect): the run then waits out the renewal, as :func:`_wait` says."""
+    ``_start_lease_renewal_thread``, as ``stop_event``); no public handle reaches it. False where it is
+    not found (another Prefect): the run then waits out the renewal, as :func:`_wait` says."""
     seen: set[int] = set()
     todo = [getattr(lease, "_target", None)]
     while todo:
         fn = todo.pop()
-        if fn is None or id(fn) in seen:
+        if not inspect.isfunction(fn) or id(fn) in seen:
             continue
         seen.add(id(fn))
-        for cell in getattr(fn, "__closure__", None) or ():
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True):
             try:
                 value = cell.cell_contents
             except ValueError:  # an empty cell
                 continue
-            if isinstance(value, threading.Event):
+            if name == "stop_event" and isinstance(value, threading.Event):  # not any other Event
                 value.set()
                 return True
             if inspect.isfunction(value):
