@@ -192,6 +192,26 @@ class Truth:
                                          "sensitivity": float(np.mean(p[y] >= threshold)), "p": p.tolist()}
         return self.memo[(version, key)]
 
+    def gaps(self, version: int | None, reference: int | None,
+             pools: dict[str, tuple[str, list]]) -> dict[str, dict[str, float | None]] | None:
+        """Per site, ``version``'s true AUROC minus the reference's with a paired 95% bootstrap interval
+        over the truth pool's films (one per patient; 2,000 resamples): the pool is finite, so a "true"
+        gap has its own uncertainty."""
+        from xray_core.evaluate.intervals import paired_bootstrap_difference
+
+        if version is None or reference is None:
+            return None
+        out = {}
+        for site, (key, pool) in pools.items():
+            y = self._x(key, pool)[1].astype(int)  # 1 = POSITIVE, as LABELS orders them
+            a, b = (np.asarray(self.score(v, key, pool)["p"]) for v in (version, reference))
+            d = paired_bootstrap_difference(y, np.column_stack([1 - a, a]), np.column_stack([1 - b, b]),
+                                            list(LABELS), np.arange(y.size), metric="macro_auroc",
+                                            thresholds=(0.5, 0.5), negative_label=LABELS[0], n_samples=2000)
+            out[site] = {k: None if d[k] is None else round(float(d[k]), 4)
+                         for k in ("difference", "low", "high")}
+        return out
+
     def of(self, version: int | None, pools: dict[str, tuple[str, list]]) -> dict[str, Any] | None:
         """Overall (pooled over the night's sites) and per-site truth of ``version``."""
         from sklearn.metrics import roc_auc_score
@@ -303,7 +323,8 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
         champion = result.get("champion_after") if isinstance(result.get("champion_after"), int) else before
         row["truth"] = {"champion_before": truth.of(before, pools), "champion": truth.of(champion, pools),
                         "challenger": truth.of(result.get("version"), pools),
-                        "reference": truth.of(reference_version(settings), pools)}
+                        "reference": truth.of(reference_version(settings), pools),
+                        "champion_gap": truth.gaps(champion, reference_version(settings), pools)}
         if gc_every and (night + 1) % gc_every == 0:
             row["gc_bytes"] = run_gc(settings, now=today + timedelta(hours=6))["bytes"]
         if audit_every and (night + 1) % audit_every == 0:

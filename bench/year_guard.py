@@ -6,6 +6,8 @@ two different things alike. Bio-creep is a chain of *promotions* drifting below 
 model; the promotion policy can prevent it. A site whose films change under a champion (a new scanner)
 can open a gap with no decision taken at all, on the night the first changed films arrive, before any of
 them could be measured. Telling the two apart is what says whether the guard failed or the world moved.
+And a "true" AUROC is measured on a finite truth pool: each gap carries its paired 95% interval over the
+pool (year.py ``Truth.gaps``), which says whether the pool itself can tell it from the margin.
 
 Causes, from the truth scores year.json keeps per night (every model scored on the same night's pools):
 - ``world change``: no promotion tonight, and the same champion was within the margin at that site the
@@ -37,7 +39,9 @@ def _gap(model: dict[str, Any] | None, reference: dict[str, Any], site: str) -> 
 
 
 def guard_gaps(rows: list[dict[str, Any]], margin: float) -> list[dict[str, Any]]:
-    """One entry per night and site beyond the margin: night, site, version, gap, gap_before, cause."""
+    """One entry per night and site beyond the margin: night, site, version, gap, gap_before, cause, and
+    the gap's paired 95% interval over the truth pool (``low``/``high``; None in a year.json without
+    ``truth.champion_gap``)."""
     out: list[dict[str, Any]] = []
     last: dict[str, tuple[int, float]] = {}  # site -> (champion version, gap) on the night before
     for r in rows:
@@ -69,8 +73,10 @@ def guard_gaps(rows: list[dict[str, Any]], margin: float) -> list[dict[str, Any]
                 cause = "carried"
             else:
                 cause = "world change"
+            interval = (truth.get("champion_gap") or {}).get(site) or {}
             out.append({"night": r["night"], "site": site, "version": champion["version"],
-                        "gap": gap, "cause": cause, "gap_before": gap_before})
+                        "gap": gap, "cause": cause, "gap_before": gap_before,
+                        "low": interval.get("low"), "high": interval.get("high")})
         last = now
     return out
 
@@ -84,6 +90,11 @@ def guard_summary(rows: list[dict[str, Any]], margin: float) -> dict[str, Any]:
         if g["night"] not in nights[g["cause"]]:
             nights[g["cause"]].append(g["night"])
     made_worse = [g for g in gaps if g["cause"] in ("promotion opened it", "promotion widened it")]
+    # the truth pool is finite too: nights whose whole interval lies beyond the margin, and nights where
+    # it reaches back within it (the pool cannot tell the gap from the margin)
+    sure = sorted({g["night"] for g in gaps if g["high"] is not None and g["high"] < -margin})
+    unsure = sorted({g["night"] for g in gaps if g["high"] is not None and g["high"] >= -margin})
     return {"nights_by_cause": {cause: nights[cause] for cause in CAUSES},
+            "nights_beyond_the_margin_by_the_interval": sure, "nights_within_the_interval": unsure,
             "promotions_that_opened_or_widened_a_gap": len(made_worse),
             "held_by_promotions": not made_worse, "gaps": gaps}

@@ -58,6 +58,13 @@ def test_eight_nights_of_the_default_scenario(xray_env, tmp_path, monkeypatch):
     for r in scored:
         champion, reference = r["truth"]["champion"], r["truth"]["reference"]
         assert champion["auroc"] >= reference["auroc"] - margin, r  # the bio-creep guard held
+        # the champion's gap to the reference per site, with its paired interval over the truth pool
+        gaps = r["truth"]["champion_gap"]
+        assert set(gaps) == set(champion["sites"])
+        for site, g in gaps.items():
+            assert g["low"] <= g["difference"] <= g["high"]
+            shown = champion["sites"][site]["auroc"] - reference["sites"][site]["auroc"]
+            assert abs(g["difference"] - shown) <= 2e-4  # both from the same scores, rounded to 4 places
         assert set(champion["sites"]) == set(year.World(scenario, 8, 32, root).active(r["night"]))
     with session_scope(open_catalogue(load_settings())) as s:
         stored = set(s.scalars(select(Image.sha256)))

@@ -97,3 +97,17 @@ def test_a_champion_exactly_at_the_margin_is_not_beyond_it(year_guard):
     gaps = year_guard.guard_gaps(rows, 0.02)
     assert [(g["night"], g["site"], g["cause"]) for g in gaps] == [(2, "B", "promotion opened it")]
     assert gaps[0]["gap_before"] == pytest.approx(-0.02)
+
+
+def test_each_gap_carries_its_truth_pool_interval_and_the_nights_are_split_by_it(year_guard):
+    ref, v5 = _model(1, A=0.90, B=0.90), _model(5, A=0.87, B=0.80)
+    rows = [_night(0, v5, v5, ref), _night(1, v5, v5, ref)]
+    rows[0]["truth"]["champion_gap"] = {"A": {"difference": -0.03, "low": -0.06, "high": 0.0},
+                                        "B": {"difference": -0.10, "low": -0.15, "high": -0.05}}
+    rows[1]["truth"]["champion_gap"] = {"A": {"difference": -0.03, "low": -0.06, "high": 0.0}}
+    gaps = year_guard.guard_gaps(rows, 0.02)
+    assert [(g["night"], g["site"], g["low"], g["high"]) for g in gaps] == [
+        (0, "A", -0.06, 0.0), (0, "B", -0.15, -0.05), (1, "A", -0.06, 0.0), (1, "B", None, None)]
+    summary = year_guard.guard_summary(rows, 0.02)
+    assert summary["nights_beyond_the_margin_by_the_interval"] == [0]  # B's whole interval is beyond
+    assert summary["nights_within_the_interval"] == [0, 1]  # A's reaches back within the margin
