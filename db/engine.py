@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,21 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 _engines: dict[str, Engine] = {}
 _upgraded: set[str] = set()
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child (ingest workers, any ``fork``): leave the parent's pooled database connections
+    to the parent. SQLAlchemy's way, ``engine.dispose(close=False)``: the child's copies are dropped
+    unclosed and the engine starts a new pool, so the child never uses, closes or ends a transaction of a
+    connection the parent holds (SQLite forbids carrying one across ``fork``). The lock is new too: the
+    parent may have held it while another of its threads forked."""
+    global _lock
+    _lock = threading.Lock()
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _configure_sqlite(engine: Engine) -> None:
