@@ -34,4 +34,5 @@ def test_a_forked_child_gets_its_own_pool_and_the_parents_connection_still_works
     done = subprocess.run([sys.executable, "-c", SCRIPT, url], cwd=PROJECT, capture_output=True, text=True,
                           env={**TEST_ENV, "PYTHONPATH": str(PROJECT)}, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["0", "1"], done.stderr[-3000:]  # the child's pool was new; the parent's connection answers
+    # the child's pool was new (exit 0); the parent's connection answers (1)
+    assert done.stdout.split() == ["0", "1"], done.stderr[-3000:]
