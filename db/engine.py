@@ -30,15 +30,20 @@ _upgraded: set[str] = set()
 _lock = threading.Lock()
 
 
+_inherited_pools: list[object] = []  # in a forked child: the parent's pools, kept so they are never closed
+
+
 def _after_fork_in_child() -> None:
     """In a forked child (ingest workers, any ``fork``): leave the parent's pooled database connections
-    to the parent. SQLAlchemy's way, ``engine.dispose(close=False)``: the child's copies are dropped
-    unclosed and the engine starts a new pool, so the child never uses, closes or ends a transaction of a
-    connection the parent holds (SQLite forbids carrying one across ``fork``). The lock is new too: the
-    parent may have held it while another of its threads forked."""
+    to the parent. SQLAlchemy's way, ``engine.dispose(close=False)``: the engine starts a new pool, so the
+    child never uses or ends a transaction of a connection the parent holds (SQLite forbids carrying one
+    across ``fork``). The old pool is kept referenced, not dropped: collected, its connections would be
+    closed here, and a PostgreSQL driver closing a copied connection may say goodbye on the parent's
+    socket. The lock is new too: the parent may have held it while another of its threads forked."""
     global _lock
     _lock = threading.Lock()
     for engine in _engines.values():
+        _inherited_pools.append(engine.pool)
         engine.dispose(close=False)
 
 

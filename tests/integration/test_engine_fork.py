@@ -20,7 +20,9 @@ held.commit()  # its transaction ends (every one is BEGIN IMMEDIATE); the connec
 parent_pool = id(engine.pool)
 pid = os.fork()
 if pid == 0:
-    new_pool = id(engine.pool) != parent_pool
+    import gc, db.engine
+    gc.collect()                               # the parent's pool is kept, not collected (and closed)
+    new_pool = id(engine.pool) != parent_pool and id(db.engine._inherited_pools[0]) == parent_pool
     with engine.connect() as conn:             # the child's own connection
         conn.exec_driver_sql("SELECT count(*) FROM images").scalar()
     os._exit(0 if new_pool else 3)
