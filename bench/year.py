@@ -163,6 +163,7 @@ class Truth:
                              "XRAY_HOME": str(truth_home)})
         self.cache = FeatureCache(load_backbone(own), own)
         self.memo: dict[tuple[int, str], dict[str, float | None]] = {}
+        self.gap_memo: dict[tuple[int, int, str], dict[str, float | None]] = {}  # a champion kept for nights
         self.features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _x(self, key: str, pool: list[tuple[Path, str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -203,13 +204,16 @@ class Truth:
             return None
         out = {}
         for site, (key, pool) in pools.items():
-            y = self._x(key, pool)[1].astype(int)  # 1 = POSITIVE, as LABELS orders them
-            a, b = (np.asarray(self.score(v, key, pool)["p"]) for v in (version, reference))
-            d = paired_bootstrap_difference(y, np.column_stack([1 - a, a]), np.column_stack([1 - b, b]),
-                                            list(LABELS), np.arange(y.size), metric="macro_auroc",
-                                            thresholds=(0.5, 0.5), negative_label=LABELS[0], n_samples=2000)
-            out[site] = {k: None if d[k] is None else round(float(d[k]), 4)
-                         for k in ("difference", "low", "high")}
+            if (version, reference, key) not in self.gap_memo:
+                y = self._x(key, pool)[1].astype(int)  # 1 = POSITIVE, as LABELS orders them
+                a, b = (np.asarray(self.score(v, key, pool)["p"]) for v in (version, reference))
+                d = paired_bootstrap_difference(y, np.column_stack([1 - a, a]), np.column_stack([1 - b, b]),
+                                                list(LABELS), np.arange(y.size), metric="macro_auroc",
+                                                thresholds=(0.5, 0.5), negative_label=LABELS[0],
+                                                n_samples=2000)
+                self.gap_memo[(version, reference, key)] = {
+                    k: None if d[k] is None else round(float(d[k]), 4) for k in ("difference", "low", "high")}
+            out[site] = self.gap_memo[(version, reference, key)]
         return out
 
     def of(self, version: int | None, pools: dict[str, tuple[str, list]]) -> dict[str, Any] | None:
