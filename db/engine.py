@@ -11,8 +11,9 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -24,6 +25,8 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 PG_LOCK_KEY = 0x58524159  # "XRAY": the advisory lock every catalogue transaction takes on PostgreSQL
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+IN_BLOCK = 900  # values per IN (...) list: under SQLite's oldest bound-parameter limit (999)
+T = TypeVar("T")
 
 _engines: dict[str, Engine] = {}
 _upgraded: set[str] = set()
@@ -31,6 +34,13 @@ _lock = threading.Lock()
 
 
 _inherited_pools: list[object] = []  # in a forked child: the parent's pools, kept so they are never closed
+
+
+def in_blocks(values: Sequence[T]) -> Iterator[Sequence[T]]:
+    """``values`` in order, ``IN_BLOCK`` at a time: one ``IN (...)`` list each, within every database's
+    bound-parameter limit (SQLite's oldest is 999)."""
+    for at in range(0, len(values), IN_BLOCK):
+        yield values[at:at + IN_BLOCK]
 
 
 def _after_fork_in_child() -> None:

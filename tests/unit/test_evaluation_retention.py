@@ -14,6 +14,7 @@ import pytest
 from registry_heads import BACKBONE, save
 from sqlalchemy import select
 
+import db.engine
 from db import session_scope
 from db.schema import Evaluation
 from xray_cli.gc import render
@@ -109,7 +110,7 @@ def test_a_gc_reads_no_detail_of_rows_already_slimmed_and_reads_ids_in_blocks(ni
     read: list[dict] = []
     real = evals.is_slimmed
     monkeypatch.setattr(evals, "is_slimmed", lambda metrics: read.append(metrics) or real(metrics))
-    monkeypatch.setattr(evals, "IN_CHUNK", 1)  # one id per IN list: the same rows
+    monkeypatch.setattr(db.engine, "IN_BLOCK", 1)  # one id per IN list (db.in_blocks): the same rows
     with session_scope(open_catalogue(nights)) as s:
         assert evals.superseded(s) == [2, 3] and len(read) == 2
     run_gc(nights, backbone=BACKBONE, now=NOW)

@@ -43,6 +43,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db import in_blocks
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE, NEAR_PAIRS_PER_FILM, BandIndex
 from db.schema import Image, NearPair, Patient
 from xray_core.data.prepare import Prepared
@@ -107,11 +108,10 @@ class NearCopyIndex:
         if missing and session is None:
             raise ValueError("films loaded from the catalogue need a session to read their patients")
         ids = sorted(missing)
-        for start in range(0, len(ids), 900):  # under SQLite's oldest bound-parameter limit (999)
+        for block in in_blocks(ids):
             assert session is not None  # films are missing: checked above
             for image_id, patient, name in session.execute(
-                    select(Image.id, Image.patient_id, Image.original_name)
-                    .where(Image.id.in_(ids[start:start + 900]))):
+                    select(Image.id, Image.patient_id, Image.original_name).where(Image.id.in_(block))):
                 self._facts[missing[image_id]] = (patient, name)
         return {p: self._facts[p] for p in positions}
 

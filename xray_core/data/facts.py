@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import select
 
-from db import session_scope
+from db import in_blocks, session_scope
 from db.schema import Image, Source
 from xray_core.data.catalogue import open_catalogue
 from xray_core.data.sites import normalise_view, source_site
@@ -23,7 +23,6 @@ from xray_core.settings import Settings
 
 COLUMNS = ("id", "label", "patient", "site", "view", "width", "height", "aspect", "bit_depth", "format",
            "file_bytes", "source")
-_CHUNK = 900  # ids per IN (...) query: below SQLite's default 999 bound parameters
 
 
 def image_facts(settings: Settings, image_ids: Iterable[int]) -> pd.DataFrame:
@@ -37,10 +36,9 @@ def image_facts(settings: Settings, image_ids: Iterable[int]) -> pd.DataFrame:
     rows: list[Any] = []
     engine = open_catalogue(settings)
     with session_scope(engine) as s:
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start:start + _CHUNK]
+        for block in in_blocks(ids):
             rows += s.execute(select(*columns).join(Source, Source.id == Image.source_id)
-                              .where(Image.id.in_(chunk))).all()
+                              .where(Image.id.in_(block))).all()
     store = settings.store_dir.parent
     records = []
     for row in rows:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from db import session_scope
+from db import in_blocks, session_scope
 from db.near_pairs import NEAR_PAIR_MAX_DISTANCE
 from db.schema import Image, Patient, Rejection, SeenFile, Source
 from xray_core.data.admission import (
@@ -61,7 +61,6 @@ GROUP_BYTES = 64 * 2**20  # ... or fewer, when their bytes (held until the group
 # With worker processes, the last files are written in halves (see tail_group): the workers examine
 # the rest meanwhile, so that only the last few files' write follows their end.
 TAIL_GROUP = 4
-IN_CHUNK = 900  # sha256s or paths per IN (...) query: under SQLite's oldest bound-parameter limit (999)
 # Rejections that say nothing about the file's bytes (e.g. permissions): not remembered as "seen",
 # so the next ingest tries again even though size and mtime are unchanged (chmod leaves mtime alone).
 # A folder that cannot be listed and a file that changed while read are retried for the same reason.
@@ -200,8 +199,8 @@ def ingest_source(path: Path, *, settings: Settings, manifest: Path | None = Non
 
     def known_shas(shas: list[str]) -> set[str]:
         with session_scope(engine) as s:
-            return {sha for start in range(0, len(shas), IN_CHUNK) for sha in s.scalars(
-                select(Image.sha256).where(Image.sha256.in_(shas[start:start + IN_CHUNK])))}
+            return {sha for block in in_blocks(shas) for sha in s.scalars(
+                select(Image.sha256).where(Image.sha256.in_(block)))}
 
     def write(group: list[Prepared]) -> None:
         # Store copies first, durable together (fsyncs batched), then the group's rows in one transaction.
@@ -307,8 +306,8 @@ def payload_bytes(prep: Prepared) -> int:
 def _rows_by_key(s, model, column, keys: list) -> dict:
     """{key: row} of ``model``'s rows whose ``column`` is one of ``keys`` (loaded into the session)."""
     wanted = sorted(set(keys))
-    return {getattr(row, column.key): row for start in range(0, len(wanted), IN_CHUNK)
-            for row in s.scalars(select(model).where(column.in_(wanted[start:start + IN_CHUNK])))}
+    return {getattr(row, column.key): row for block in in_blocks(wanted)
+            for row in s.scalars(select(model).where(column.in_(block)))}
 
 
 def _like_prefix(root: Path) -> str:

@@ -21,12 +21,12 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db import in_blocks
 from db.schema import Image
 from xray_core.data.prepare import Prepared
 from xray_core.data.quarantine import Quarantine
 from xray_core.io.storage import Storage
 
-IN_CHUNK = 900  # sha256s per IN (...) query: under SQLite's oldest bound-parameter limit (999)
 # A film whose store file another ingest removed (it rejected the same bytes) after this one had let go
 # of the bytes: not stored now, and not remembered as seen, so the next ingest tries it again.
 STORE_GONE = ("store_file_gone", "its store file was removed by another ingest that rejected the same bytes "
@@ -80,9 +80,8 @@ def drop_unnamed(s: Session, store: Storage, rejected: list[Prepared], written: 
     mine = {p.sha256: p.stored_rel for p in rejected if p.sha256 and p.stored_rel in written}
     if not mine:
         return 0
-    shas = sorted(mine)
-    named = {path for start in range(0, len(shas), IN_CHUNK) for path in s.scalars(  # this group's too
-        select(Image.stored_path).where(Image.sha256.in_(shas[start:start + IN_CHUNK])))}
+    named = {path for block in in_blocks(sorted(mine)) for path in s.scalars(  # this group's too
+        select(Image.stored_path).where(Image.sha256.in_(block)))}
     gone = {rel for rel in mine.values() if rel is not None and rel not in named}
     removed = 0
     for rel in sorted(gone):

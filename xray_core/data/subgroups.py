@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from db import session_scope
+from db import in_blocks, session_scope
 from db.schema import Image
 from xray_core.data.catalogue import open_catalogue
 from xray_core.settings import Settings
@@ -25,7 +25,6 @@ from xray_core.settings import Settings
 AGE_BANDS: tuple[tuple[float, str], ...] = ((18, "0-17"), (40, "18-39"), (65, "40-64"), (math.inf, "65+"))
 FACTS = ("sex", "device", "laterality", "modality", "body_part")
 SLICED_BY_EVALUATION = ("site", "view")
-_CHUNK = 900  # ids per IN (...) query: below SQLite's default 999 bound parameters
 
 
 def age_band(years: Any) -> str | None:
@@ -56,9 +55,8 @@ def subgroup_values(settings: Settings, image_ids: Iterable[int],
     found: dict[int, dict[str, Any]] = {}
     columns = [Image.id, Image.age_years, Image.attributes, *(getattr(Image, f) for f in FACTS)]
     with session_scope(open_catalogue(settings)) as s:
-        for start in range(0, len(wanted), _CHUNK):
-            chunk = wanted[start:start + _CHUNK]
-            for row in s.execute(select(*columns).where(Image.id.in_(chunk))):
+        for block in in_blocks(wanted):
+            for row in s.execute(select(*columns).where(Image.id.in_(block))):
                 found[row[0]] = {"age_band": age_band(row[1]), "attributes": row[2] or {},
                                  **dict(zip(FACTS, row[3:]))}
     out: dict[str, list[str | None]] = {}

@@ -50,7 +50,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import session_scope
+from db import in_blocks, session_scope
 from db.engine import open_sqlite
 from db.schema import Evaluation, Model, Promotion
 from db.urls import sqlite_file
@@ -59,7 +59,6 @@ from xray_core.settings import Settings
 
 DETAIL_KEYS = ("slices", "subgroups")  # what a superseded evaluation loses
 MARK = "detail_pruned"  # metrics[MARK]: {"at", "dropped", "reason"} once slimmed
-IN_CHUNK = 500  # ids per IN (...) list: under every database's bound-parameter limit
 VACUUM_MIN_FREE_SHARE = 0.25  # VACUUM when free pages are this share of the file...
 VACUUM_MIN_FREE_BYTES = 1 << 20  # ...and at least this many bytes
 VACUUM_BUSY_MS = 10_000  # how long VACUUM waits for a writer, and the WAL truncation for readers
@@ -114,12 +113,12 @@ def superseded(s: Session) -> list[int]:
         if fingerprint not in protected and seen - {fingerprint}:
             out.append(eid)
         seen.add(fingerprint)
-    # Rows a gc already slimmed are left out in SQL (their marker is set) and the rest read in blocks of
-    # IN_CHUNK ids: a gc reads the detail of the rows it may slim, not the whole history's.
+    # Rows a gc already slimmed are left out in SQL (their marker is set) and the rest read in blocks
+    # (in_blocks): a gc reads the detail of the rows it may slim, not the whole history's.
     fresh = Evaluation.metrics[MARK].as_string().is_(None)
-    detail = [row for at in range(0, len(out), IN_CHUNK)
+    detail = [row for block in in_blocks(out)
               for row in s.execute(select(Evaluation.id, Evaluation.metrics)
-                                   .where(Evaluation.id.in_(out[at:at + IN_CHUNK]), fresh))]
+                                   .where(Evaluation.id.in_(block), fresh))]
     return sorted(eid for eid, metrics in detail if not is_slimmed(metrics) and _dropped(metrics))
 
 
@@ -143,9 +142,7 @@ def _collect(s: Session, ids: set[int], when: datetime, *, apply: bool) -> list[
     """Per model: ``version``, evaluation ``ids`` and ``bytes`` of stored JSON that go (the marker's few
     bytes deducted); with ``apply`` the rows are slimmed too."""
     per: dict[int, dict[str, Any]] = {}
-    ordered = sorted(ids)
-    blocks = (ordered[at:at + IN_CHUNK] for at in range(0, len(ordered), IN_CHUNK))
-    for e in (e for block in blocks
+    for e in (e for block in in_blocks(sorted(ids))
               for e in s.scalars(select(Evaluation).where(Evaluation.id.in_(block)).order_by(Evaluation.id))):
         slim = _slim(e.metrics, when)
         entry = per.setdefault(e.model_id, {"version": e.model_id, "ids": [], "bytes": 0})

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from db import session_scope
+from db import in_blocks, session_scope
 from db.schema import Image
 from xray_core.data.catalogue import Row, open_catalogue
 from xray_core.data.snapshot import SplitData, training_set_fingerprint
@@ -164,8 +164,8 @@ def _split_data(settings: Settings, version: int, recorded: dict[str, Any]) -> S
         rows: dict[int, Row] = {}
         wanted = sorted(ids["train"] + ids["val"])
         columns = select(Image.id, Image.sha256, Image.stored_path, Image.label, Image.patient_id)
-        for at in range(0, len(wanted), 900):  # under SQLite's oldest bound-parameter limit
-            for r in s.execute(columns.where(Image.id.in_(wanted[at:at + 900]))):
+        for block in in_blocks(wanted):
+            for r in s.execute(columns.where(Image.id.in_(block))):
                 rows[r[0]] = Row._make(r)
     gone = [i for i in wanted if i not in rows]
     if gone:

@@ -15,10 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from db import in_blocks
 from db.schema import Image, SplitManifest
 from db.split_manifest import ENCODING, ROLES, decode, encode
 
-_CHUNK = 900  # ids per IN (...) query: under SQLite's oldest bound-parameter limit (999)
 _RANGE_CHUNK = 50_000  # ids per range read, when they fill at least half their id range
 
 
@@ -60,7 +60,7 @@ def split_manifest_images(session: Session, sha: str | None) -> list[tuple[str, 
             rows.extend(r for r in session.execute(columns.where(Image.id.between(block[0], block[-1])))
                         if r[0] in role_of)
             continue
-        for at in range(0, len(block), _CHUNK):
-            rows.extend(session.execute(columns.where(Image.id.in_(block[at:at + _CHUNK]))).all())
+        for part in in_blocks(block):
+            rows.extend(session.execute(columns.where(Image.id.in_(part))).all())
     rows.sort(key=lambda r: r[0])
     return [(role_of[r[0]], *r) for r in rows]
