@@ -102,9 +102,11 @@ def drawn_roc(y_binary: np.ndarray, score: np.ndarray, *,
     that distance of a kept point, under a pixel of the drawing. Only the drawing uses these; areas
     (AUROC) come from every point. None when one class is absent."""
     counts = _roc_counts(y_binary, score)
-    if counts is None:
-        return None
-    fp, tp = counts
+    return None if counts is None else _drawn(*counts, max_points=max_points)
+
+
+def _drawn(fp: np.ndarray, tp: np.ndarray, *, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`drawn_roc` from the cumulative counts of :func:`_roc_counts`."""
     corner = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True]
     fpr, tpr = fp[corner] / fp[-1], tp[corner] / tp[-1]
     if len(fpr) > max_points:
@@ -137,11 +139,12 @@ def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int = RELIABILITY_B
 def _roc_by_class(labels: list[str], y: np.ndarray, probs: np.ndarray) -> dict[str, dict[str, Any]]:
     roc = {}
     for c, label in enumerate(labels):
-        points, drawn = roc_curve(y == c, probs[:, c]), drawn_roc(y == c, probs[:, c])
-        if points is not None and drawn is not None:  # the area of every point; the drawn points thinned
-            fpr, tpr = points
+        counts = _roc_counts(y == c, probs[:, c])  # sorted once: the area of every point, the drawing thinned
+        if counts is not None:
+            fp, tp = counts
+            drawn = _drawn(fp, tp, max_points=ROC_MAX_POINTS)
             roc[label] = {"fpr": drawn[0].tolist(), "tpr": drawn[1].tolist(),
-                          "auroc": float(np.trapezoid(tpr, fpr))}
+                          "auroc": float(np.trapezoid(tp / tp[-1], fp / fp[-1]))}
     return roc
 
 
