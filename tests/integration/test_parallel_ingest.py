@@ -163,6 +163,30 @@ def test_forked_workers_start_no_blas_thread_and_the_limit_is_restored(tmp_path:
         assert tasks == python_threads  # no native (BLAS) thread besides the Python ones
 
 
+def test_a_fork_that_fails_while_starting_workers_stops_those_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If forking the workers fails partway (``fork`` out of memory after the first worker), the
+    executor is shut down before the error goes on: the pool never stored it, so its ``__exit__`` could
+    not; the BLAS limit is still restored there."""
+    shut: list[dict] = []
+
+    class Failing:
+        def submit(self, *args, **kwargs):
+            raise OSError(12, "Cannot allocate memory")
+
+        def shutdown(self, **kwargs):
+            shut.append(kwargs)
+
+    monkeypatch.setattr(ingest_pool.PreparePool, "_new_executor",
+                        lambda self, method, limit_blas=True: Failing())
+    settings = _settings(tmp_path / "home", 2)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        with ingest_pool.PreparePool(2, settings, None, lambda sha: None) as pool:
+            pool._fork_workers()
+    assert shut == [{"wait": False, "cancel_futures": True}]
+    assert pool._blas_limit is None and pool._executor is None
+
+
 def test_files_examined_while_the_catalogue_opens_are_dropped_when_unchanged(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Forked workers begin on the first files before the catalogue is open (PreparePool.prefetch),

@@ -204,6 +204,9 @@ class PreparePool:
         gc.freeze()
         try:
             executor.submit(os.getpid)  # forks the workers (the "fork" start method starts them all)
+        except BaseException:  # e.g. fork failing for memory after the first worker: stop those started
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
         finally:
             gc.unfreeze()
         return executor
