@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from year_guard import guard_summary  # bench/ is on sys.path when a benchmark runs as a script
+from year_guard import guard_summary, truth_resolution, worst_gap  # bench/ is on sys.path as a script runs
 
 HERE = Path(__file__).resolve().parent
 SCENARIO = HERE / "scenarios" / "year.toml"
@@ -59,6 +59,11 @@ def load_scenario(path: Path = SCENARIO) -> dict[str, Any]:
 
 def night_of(month: float, nights: int) -> int:
     return min(int(month / 12 * nights), nights - 1)
+
+
+def truth_patients(scenario: dict[str, Any]) -> int:
+    """Patients per label in each truth pool (one film each)."""
+    return int(scenario["arrivals"].get("truth_patients_per_label", 500))
 
 
 class World:
@@ -101,7 +106,7 @@ class World:
 
         key, style = self.style(site, night)
         if key not in self.pools:
-            n = int(self.scenario["arrivals"].get("truth_patients_per_label", 60))
+            n = truth_patients(self.scenario)
             recs = write_site_dataset(self.root / "truth" / key.replace("@", "_"), style, labels=LABELS,
                                       patients_per_label=n, seed=900_001 + len(self.pools),
                                       patient_offset=10_000_000, manifest=False)
@@ -346,7 +351,8 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
             f"{sum(row['disk'].values()) / 1e6:.1f} MB {' '.join(happened)}")
     margin = float(settings.reference_margin)
     return {"nights": nights, "size": size, "margin": margin, "scenario": scenario,
-            "rows": rows, "summary": summarise(rows, margin, world.start)}
+            "rows": rows,
+            "summary": summarise(rows, margin, world.start, 2 * truth_patients(scenario))}
 
 
 def _gain(row: dict[str, Any], *, by_site: bool = False) -> float | None:
@@ -430,17 +436,11 @@ def disk_check(ten: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
                                  for k in sorted(set(ten["disk"]) | set(last["disk"]))}}
 
 
-def summarise(rows: list[dict[str, Any]], margin: float, starts: dict[str, int]) -> dict[str, Any]:
-    """The issue's Done-when numbers a year of nights can answer (``starts``: each site's first night)."""
-    worst: dict[str, Any] = {"gap": None}
-    for r in rows:
-        champ, ref = r["truth"]["champion"], r["truth"]["reference"]
-        if not champ or not ref:
-            continue
-        for site, v in champ["sites"].items():
-            gap = round(v["auroc"] - ref["sites"][site]["auroc"], 4)
-            if worst["gap"] is None or gap < worst["gap"]:
-                worst = {"gap": gap, "night": r["night"], "site": site}
+def summarise(rows: list[dict[str, Any]], margin: float, starts: dict[str, int],
+              truth_films: int) -> dict[str, Any]:
+    """The issue's Done-when numbers a year of nights can answer (``starts``: each site's first night;
+    ``truth_films``: films in each truth pool)."""
+    worst = worst_gap(rows)
     promoted = [r for r in rows if r["state"] == "Promoted" and r["truth"]["champion_before"]]
     gains = [_gain(r) for r in promoted]
     not_promoted = [r for r in rows if r["decision"] and r["state"] != "Promoted"]
@@ -459,6 +459,7 @@ def summarise(rows: list[dict[str, Any]], margin: float, starts: dict[str, int])
         "reference_guard_held": worst["gap"] is None or worst["gap"] >= -margin,
         "worst_champion_minus_reference": worst,
         "reference_guard_by_cause": guard_summary(rows, margin),
+        "truth_pool": truth_resolution(rows, margin, truth_films),
         "promotions": len(promoted),
         "promotions_with_positive_true_gain": sum(1 for g in gains if g and g > 0),
         "share_positive_gain": round(sum(1 for g in gains if g and g > 0) / len(gains), 3) if gains else None,
@@ -496,7 +497,7 @@ def main() -> None:
     if args.summarise:
         out = json.loads(Path(args.out).read_text())
         starts = {s: v["first_night"] for s, v in out["summary"]["sites"].items()}
-        out["summary"] = summarise(out["rows"], out["margin"], starts)
+        out["summary"] = summarise(out["rows"], out["margin"], starts, 2 * truth_patients(out["scenario"]))
         out["summarised"] = " ".join(["python", "bench/year.py", *sys.argv[1:]])
         return publish_year(out, args)
     t0 = time.perf_counter()

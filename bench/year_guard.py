@@ -32,7 +32,9 @@ PLACES = 4
 CAUSES = ("world change", "promotion opened it", "promotion widened it", "promotion narrowed it", "carried")
 
 
-def _gap(model: dict[str, Any] | None, reference: dict[str, Any], site: str) -> float | None:
+def site_gap(model: dict[str, Any] | None, reference: dict[str, Any], site: str) -> float | None:
+    """``model``'s true AUROC at ``site`` minus the reference's, rounded as year.json's AUROCs (None: a
+    site one of them was not scored on)."""
     if not model or site not in model["sites"] or site not in reference["sites"]:
         return None
     return round(float(model["sites"][site]["auroc"] - reference["sites"][site]["auroc"]), PLACES)
@@ -53,14 +55,14 @@ def guard_gaps(rows: list[dict[str, Any]], margin: float) -> list[dict[str, Any]
             continue
         now: dict[str, tuple[int, float]] = {}
         for site in champion["sites"]:
-            gap = _gap(champion, reference, site)
+            gap = site_gap(champion, reference, site)
             if gap is None:
                 continue
             now[site] = (champion["version"], gap)
             if gap >= -margin:
                 continue
             promoted = before is not None and before["version"] != champion["version"]
-            gap_before = _gap(before, reference, site) if promoted else None
+            gap_before = site_gap(before, reference, site) if promoted else None
             if promoted and (gap_before is None or gap_before >= -margin):
                 cause = "promotion opened it"
             elif promoted and gap_before is not None and gap < gap_before - SAME:
@@ -98,3 +100,32 @@ def guard_summary(rows: list[dict[str, Any]], margin: float) -> dict[str, Any]:
             "nights_beyond_the_margin_by_the_interval": sure, "nights_within_the_interval": unsure,
             "promotions_that_opened_or_widened_a_gap": len(made_worse),
             "held_by_promotions": not made_worse, "gaps": gaps}
+
+
+def worst_gap(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The lowest champion-minus-reference gap of the year: ``{"gap", "night", "site"}`` (gap None: no
+    night had both a champion and a reference)."""
+    worst: dict[str, Any] = {"gap": None}
+    for r in rows:
+        champion, reference = r["truth"].get("champion"), r["truth"].get("reference")
+        for site in (champion or {}).get("sites", {}) if reference else ():
+            gap = site_gap(champion, reference, site)
+            if gap is not None and (worst["gap"] is None or gap < worst["gap"]):
+                worst = {"gap": gap, "night": r["night"], "site": site}
+    return worst
+
+
+def truth_resolution(rows: list[dict[str, Any]], margin: float, films: int) -> dict[str, Any]:
+    """Can the truth pool tell each night's gap from the margin? ``undecided``: the nights and sites whose
+    champion-minus-reference interval over the pool (``truth.champion_gap``) holds ``-margin`` (its point
+    may lie on either side: a bigger pool would be needed to say which), and the intervals' half-widths.
+    A champion that is the reference has no interval. ``films``: each pool's films (one per patient)."""
+    found = [(r["night"], site, g) for r in rows for site, g in (r["truth"].get("champion_gap") or {}).items()
+             if g and g.get("low") is not None and g.get("high") is not None and g["high"] > g["low"]]
+    widths = sorted((g["high"] - g["low"]) / 2 for _, _, g in found)
+    undecided = [{"night": night, "site": site, "gap": g["difference"], "low": g["low"], "high": g["high"]}
+                 for night, site, g in found if g["low"] < -margin <= g["high"]]
+    return {"films_per_pool": films, "gaps_with_an_interval": len(found),
+            "half_width_median": round(widths[len(widths) // 2], 4) if widths else None,
+            "half_width_max": round(widths[-1], 4) if widths else None,
+            "undecided": undecided}

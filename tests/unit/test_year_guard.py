@@ -111,3 +111,25 @@ def test_each_gap_carries_its_truth_pool_interval_and_the_nights_are_split_by_it
     summary = year_guard.guard_summary(rows, 0.02)
     assert summary["nights_beyond_the_margin_by_the_interval"] == [0]  # B's whole interval is beyond
     assert summary["nights_within_the_interval"] == [0, 1]  # A's reaches back within the margin
+
+
+def test_the_truth_pool_names_the_nights_it_cannot_place_on_either_side_of_the_margin(year_guard):
+    ref, v5, v7 = _model(1, A=0.90, B=0.90), _model(5, A=0.89, B=0.95), _model(7, A=0.85, B=0.96)
+    rows = [_night(0, ref, ref, ref), _night(1, v5, ref, ref), _night(2, v7, v5, ref)]
+    rows[1]["truth"]["champion_gap"] = {"A": {"difference": -0.01, "low": -0.03, "high": 0.01},  # holds -0.02
+                                        "B": {"difference": 0.05, "low": 0.03, "high": 0.07}}
+    rows[2]["truth"]["champion_gap"] = {"A": {"difference": -0.05, "low": -0.08, "high": -0.02},  # -0.02 in
+                                        "B": {"difference": 0.06, "low": 0.05, "high": 0.07}}
+    got = year_guard.truth_resolution(rows, 0.02, 1000)
+    assert [(u["night"], u["site"]) for u in got["undecided"]] == [(1, "A"), (2, "A")]
+    assert got["films_per_pool"] == 1000 and got["gaps_with_an_interval"] == 4
+    assert got["half_width_max"] == pytest.approx(0.03) and got["half_width_median"] == pytest.approx(0.02)
+    assert year_guard.truth_resolution(rows[:1], 0.02, 1000)["half_width_max"] is None  # the reference only
+
+
+def test_the_worst_gap_is_the_lowest_champion_minus_reference_of_any_night_and_site(year_guard):
+    ref, v5, v7 = _model(1, A=0.90, B=0.90), _model(5, A=0.89, B=0.85), _model(7, A=0.86, B=0.96)
+    rows = [_night(0, v5, v5, ref), _night(1, v7, v5, ref), {"night": 2, "truth": {"champion": None,
+                                                                                   "reference": ref}}]
+    assert year_guard.worst_gap(rows) == {"gap": -0.05, "night": 0, "site": "B"}
+    assert year_guard.worst_gap(rows[2:]) == {"gap": None}
