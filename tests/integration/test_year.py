@@ -91,6 +91,11 @@ def test_eight_nights_of_the_default_scenario(xray_env, tmp_path, monkeypatch):
     assert out["summary"]["reference_guard_held"] == (not by_cause["gaps"])
     assert sorted({n for nights in by_cause["nights_by_cause"].values() for n in nights}) == sorted(
         {g["night"] for g in by_cause["gaps"]})
+    # the truth pool says which gaps it cannot place on either side of the margin
+    pool = out["summary"]["truth_pool"]
+    assert pool["films_per_pool"] == 40 and pool["gaps_with_an_interval"] == sum(
+        1 for r in scored for g in r["truth"]["champion_gap"].values() if g["high"] > g["low"])
+    assert all(u["low"] < -margin <= u["high"] for u in pool["undecided"])
     breaches = out["summary"]["reference_breaches"]
     assert breaches["breaches"] == len([b for r in rows for b in (r["reference"] or {}).get("breach") or []
                                         if b["status"] == "breach"])
