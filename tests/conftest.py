@@ -75,8 +75,8 @@ def pytest_configure(config: pytest.Config) -> None:
 # Collected first, so that under `make test`'s workers (--dist loadfile --no-loadscope-reorder hands out
 # files in collection order, a file to one worker) they do not end the suite: the files that mostly wait
 # on a real Prefect server (the first week, the review form; minutes of waiting on one worker), then the
-# longest file (the kill points, ~6 minutes of subprocesses on one worker; collected in place it started
-# after the flows and was the last to finish: `--durations`).
+# kill points (~6 minutes of subprocesses on one worker, ~1.5 since its runs fork from tests/zygote.py;
+# collected in place it started after the flows and was the last to finish: `--durations`).
 FIRST = ("tests/flows/test_first_week.py", "tests/flows/test_review_server.py",
          "tests/integration/test_crash_safety.py")
 

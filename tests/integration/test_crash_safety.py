@@ -5,6 +5,10 @@ new batch → embed → train → evaluate both → decide → promote) in a sub
 ``XRAY_FAULT_KILL_AT=<point>:<n>``, and after the kill checks: SQLite integrity, exactly one champion
 whose checkpoint verifies, every catalogued image in the store with the right sha256, no final-named
 file half-written; then re-runs cycle 2 to completion and compares with an uninterrupted run.
+
+The runs are children forked from one interpreter that imported the pipeline once (tests/zygote.py),
+not ``python -c`` subprocesses that each spent ~3 s of CPU importing torch: still a real process that
+a real SIGKILL ends.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from zygote import Run, Zygote
 
 from db import dispose_engines
 from xray_core.data.synthetic import write_dataset
@@ -56,7 +61,23 @@ def _env(home: Path) -> dict[str, str]:
     return {**env, **ENV, "XRAY_HOME": str(home)}
 
 
-def _run_cycle_subprocess(home: Path, source: Path, kill_at: str | None) -> subprocess.CompletedProcess:
+# What the zygote imports once: what the run's code imports, and the libraries the pipeline imports only
+# when it first needs them (the backbone, the migrations, the audit and metrics, the report's figures):
+# as many seconds again of CPU in each run that gets that far.
+PRELOAD = ("xray_core.pipeline.cycle", "xray_core.pipeline.recipe", "xray_core.settings",
+           "torchvision.models", "torchvision.transforms.v2", "alembic.command", "alembic.runtime.migration",
+           "sklearn.metrics", "sklearn.ensemble", "sklearn.linear_model", "sklearn.model_selection",
+           "matplotlib.figure", "jinja2")
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    with Zygote(PRELOAD) as started:
+        yield started
+
+
+def _run_cycle(zygote: Zygote, home: Path, source: Path, kill_at: str | None) -> Run:
+    """``run_retrain`` on ``source`` in a new process (forked from the zygote), killed at ``kill_at``."""
     env = _env(home)
     if kill_at:
         env["XRAY_FAULT_KILL_AT"] = kill_at
@@ -64,7 +85,7 @@ def _run_cycle_subprocess(home: Path, source: Path, kill_at: str | None) -> subp
             "RetrainRequest; from xray_core.settings import get_settings; "
             f"run_retrain(get_settings(), RetrainRequest(sources=({str(source)!r},), "
             "trigger='test')).as_dict()")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return zygote.run(code, env, timeout=300)
 
 
 def _state(home: Path) -> dict:
@@ -116,30 +137,31 @@ def _check_feature_files(home: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory):
+def scenario(tmp_path_factory, zygote):
     root = tmp_path_factory.mktemp("crash")
     batch1 = root / "batch1"
     batch2 = root / "batch2"
     write_dataset(batch1, patients_per_label=8, images_per_patient=1, size=64, seed=1)
     write_dataset(batch2, patients_per_label=4, images_per_patient=1, size=64, seed=2, patient_offset=100)
     after_cycle1 = root / "after-cycle1"
-    done = _run_cycle_subprocess(after_cycle1, batch1, None)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run_cycle(zygote, after_cycle1, batch1, None)
+    assert done.returncode == 0, done.output[-3000:]
     reference = root / "reference"
     shutil.copytree(after_cycle1, reference)
-    done = _run_cycle_subprocess(reference, batch2, None)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run_cycle(zygote, reference, batch2, None)
+    assert done.returncode == 0, done.output[-3000:]
     return {"root": root, "batch2": batch2, "after_cycle1": after_cycle1, "reference": _state(reference)}
 
 
 @pytest.mark.parametrize("point,nth", KILL_POINTS, ids=[f"{p}:{n}" for p, n in KILL_POINTS])
-def test_sigkill_leaves_a_valid_state_and_a_rerun_completes(scenario, point, nth, tmp_path, monkeypatch):
+def test_sigkill_leaves_a_valid_state_and_a_rerun_completes(scenario, zygote, point, nth, tmp_path,
+                                                            monkeypatch):
     home = tmp_path / "home"
     shutil.copytree(scenario["after_cycle1"], home)
-    killed = _run_cycle_subprocess(home, scenario["batch2"], f"{point}:{nth}")
+    killed = _run_cycle(zygote, home, scenario["batch2"], f"{point}:{nth}")
     assert killed.returncode == -signal.SIGKILL, (
         f"the run was not killed at {point}:{nth} (exit {killed.returncode}); "
-        f"stderr:\n{killed.stderr[-2000:]}")
+        f"output:\n{killed.output[-2000:]}")
     _check_invariants(home, had_champion=True)
 
     # The re-run (no fault) completes and reaches the uninterrupted run's state.
@@ -189,17 +211,17 @@ def test_a_sigterm_during_a_local_retrain_records_its_failure(tmp_path):
     assert "Failed" in report and "SIGTERM" in report
 
 
-def test_the_next_retrain_closes_the_candidate_a_killed_one_left(tmp_path):
+def test_the_next_retrain_closes_the_candidate_a_killed_one_left(zygote, tmp_path):
     """SIGKILL after training leaves a candidate with no decision; the next retrain records it as
     ``failed`` ("interrupted") and closes it before doing its own work."""
     home = tmp_path / "home"
     write_dataset(tmp_path / "src", patients_per_label=6, images_per_patient=1, size=64, seed=1)
-    killed = _run_cycle_subprocess(home, tmp_path / "src", "retrain.after_train:1")
+    killed = _run_cycle(zygote, home, tmp_path / "src", "retrain.after_train:1")
     assert killed.returncode == -9
     write_dataset(tmp_path / "more", patients_per_label=3, images_per_patient=1, size=64,
                   seed=2, patient_offset=50)
-    done = _run_cycle_subprocess(home, tmp_path / "more", None)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run_cycle(zygote, home, tmp_path / "more", None)
+    assert done.returncode == 0, done.output[-3000:]
     con = sqlite3.connect(home / "catalogue.db")
     try:
         first = con.execute("SELECT decision, rationale FROM promotions WHERE to_version = 1").fetchall()
