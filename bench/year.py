@@ -274,7 +274,8 @@ def breach_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The night's measures of the champion against the locked reference at each site the drift check
     flagged (result.json's ``breach_checks``): site, status, gap (champion minus reference), films (those
     of the site's drift episode, ``drift_began``, since both models were created), action."""
-    return [{"site": b.get("site"), "status": b.get("status"), "gap": b.get("difference"),
+    return [{"site": b.get("site"), "status": b.get("status"), "kind": b.get("kind", "auroc"),
+             "gap": b.get("difference"), "detection": b.get("detection"),
              "films": b.get("films"), "drift_began": b.get("drift_began"), "action": b.get("action"),
              "challenger_check": (b.get("challenger_check") or {}).get("passed")}
             for b in result.get("breach_checks") or []]

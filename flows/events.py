@@ -146,9 +146,9 @@ def emit_audit_degraded(result: dict[str, Any]) -> bool:
 
 def emit_reference_breach(run: RunResult) -> int:
     """``xray.reference.breach`` for each drifted site where the retrain measured the champion below the
-    locked reference by more than XRAY_REFERENCE_MARGIN (``RunResult.breach_checks``,
-    :mod:`xray_core.pipeline.breach`), on the champion's resource with the reference related, as
-    ``xray.audit.degraded``. Returns how many were sent."""
+    locked reference by more than XRAY_REFERENCE_MARGIN, or its detection there fallen (``kind``)
+    (``RunResult.breach_checks``, :mod:`xray_core.pipeline.breach`), on the champion's resource with the
+    reference related, as ``xray.audit.degraded``. Returns how many were sent."""
     sent, after = 0, None if run.champion_after is NOT_REACHED else run.champion_after
     for check in (c for c in run.breach_checks if c.breached):
         emit_event("xray.reference.breach", resource=model_resource(check.champion),
@@ -157,6 +157,7 @@ def emit_reference_breach(run: RunResult) -> int:
                             "films": check.films, "metric": check.metric, "margin": check.margin,
                             "difference": check.difference, "low": check.low, "high": check.high,
                             "mode": check.mode, "action": check.action, "challenger": run.version,
+                            "kind": check.kind, "detection": check.detection,
                             "champion_after": after,
                             "detail": check.detail[:500]})
         sent += 1

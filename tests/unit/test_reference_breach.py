@@ -45,8 +45,11 @@ def _rows(n_per_label: int) -> list[Row]:
 
 def _scored(version: int, rows: list[Row], p_pneumonia: list[float]) -> Evaluation:
     p = np.asarray(p_pneumonia, dtype=float)
+    cm = np.zeros((2, 2), dtype=int)  # rows true, columns called (pneumonia at p >= 0.5)
+    np.add.at(cm, ([LABELS.index(r.label) for r in rows], (p >= 0.5).astype(int)), 1)
     return Evaluation(version=version, test_set_fingerprint="f", n_images=len(rows),
-                      metrics={"labels": LABELS, "threshold": 0.5}, labels=LABELS,
+                      metrics={"labels": LABELS, "threshold": 0.5, "confusion_matrix": cm.tolist()},
+                      labels=LABELS,
                       probabilities=np.stack([1 - p, p], axis=1).tolist(), shas=[r.sha256 for r in rows],
                       sites=[], views=[])
 
@@ -372,7 +375,7 @@ def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool =
 
     def by_site(settings, routine, since):
         asked.append(since)
-        return {"A": [r for r in routine.values() if added[r.id] > since]}
+        return {"A": [r for r in routine.values() if since is None or added[r.id] > since]}
 
     def score(settings, version, scored):
         if fail:
@@ -397,7 +400,8 @@ def test_the_breach_is_measured_on_the_films_of_the_episode_and_says_since_when(
     asked = _wired(monkeypatch, rows, T[0] + HALF_HOUR)  # the check before the episode: after rows 0 and 4
     alert = small.with_overrides(reference_breach="alert")
     (check,) = measure_breaches(alert, {"checks": A_FLAGGED}, 17, 22, _Snapshot(rows))
-    assert asked == [T[0], T[0] + HALF_HOUR] and check.since == (T[0] + HALF_HOUR).isoformat()
+    # the films since the models, since the episode's bound, and (the champion's earlier calls) all
+    assert asked == [T[0], T[0] + HALF_HOUR, None] and check.since == (T[0] + HALF_HOUR).isoformat()
     assert (check.drift_began, check.films_from, check.status, check.films) == (T[4].isoformat(), "drift",
                                                                                 "breach", 6)
     # the champion on the 6 films: normal 0.2 0.7 0.8 vs pneumonia 0.6 0.85 0.9, 7 of 9 pairs right
@@ -490,7 +494,8 @@ def test_a_reviewed_decision_does_not_restore_the_reference(settings, monkeypatc
     # the restore's audit row keeps the breach's numbers (metrics), with the action it took
     assert called[0]["metrics"] == {"breach": [
         {"site": "A", "status": "breach", "champion": 17, "reference": 2, "gap": -0.114, "low": -0.2,
-         "high": -0.03, "films": 40, "since": None, "action": "reference restored", "breach_site": None}]}
+         "high": -0.03, "films": 40, "since": None, "action": "reference restored", "kind": "auroc",
+         "detection": None, "breach_site": None}]}
 
 
 def test_the_review_form_says_a_breach_was_measured(settings):
@@ -536,7 +541,8 @@ def test_the_decisions_audit_row_keeps_the_breach_numbers(settings, monkeypatch)
                  trigger="test", champion_eval=None, challenger_eval=evaluation, breach=[check.audit_row()])
     assert kept[0]["breach"] == [{"site": "A", "status": "breach", "champion": 17, "reference": 2,
                                   "gap": -0.114, "low": -0.2, "high": -0.03, "films": 40, "since": None,
-                                  "action": "comparison lifted", "breach_site": True}]
+                                  "action": "comparison lifted", "kind": "auroc", "detection": None,
+                                  "breach_site": True}]
 
 
 def test_new_films_of_patients_either_model_trained_on_are_not_counted(small, monkeypatch):
@@ -564,3 +570,90 @@ def test_a_breach_says_what_its_lift_did_once_the_decision_is_made():
     assert settled_actions([lifting], vetoed)[0].action == "not lifted: the comparison measured a drop"
     alert = replace(_breach(mode="alert"), action="reported")
     assert settled_actions([alert], vetoed)[0].action == "reported"
+
+
+# The champion's detection at a drifted site (kind "sensitivity"): 10 earlier films of site A (5 normal,
+# 5 pneumonia) added before the episode, 10 of the episode after it. On the episode's films the champion
+# still ranks every pneumonia film above every normal one, but below its threshold (0.5): it calls none.
+EARLIER_P = [0.1, 0.2, 0.3, 0.2, 0.1, 0.9, 0.8, 0.7, 0.9, 0.6]  # 5 of 5 pneumonia called
+EPISODE_P = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.42]  # 0 of 5 called, AUROC 1
+
+
+def test_fisher_exact_on_the_champions_calls_before_and_during_the_episode():
+    from math import comb
+
+    from xray_core.evaluate.breach import detection_drop
+
+    # pneumonia: 26 of 30 called before, 0 of 5 after. One-sided Fisher: with the margins fixed (35 films,
+    # 26 called), the chance that all 26 calls fall among the 30 earlier films = C(30,26) / C(35,26)
+    before, after = [[30, 0], [4, 26]], [[5, 0], [5, 0]]
+    got = detection_drop(LABELS, "normal", before, after, 0.02, 0.01, 2)
+    assert got["label"] == "pneumonia" and got["before"] == [26, 30] and got["after"] == [0, 5]
+    assert got["p"] == pytest.approx(comb(30, 26) / comb(35, 26)) and got["collapsed"] is True
+    assert got["drop"] == round(26 / 30, 4)
+    # 4 of 5 after: a drop of 0.067, p = P(at least 26 of the 30 calls before | 30 calls) > 0.01
+    held = detection_drop(LABELS, "normal", before, [[5, 0], [1, 4]], 0.02, 0.01, 2)
+    assert held["collapsed"] is False and held["p"] > 0.01
+    # a drop within XRAY_GUARDRAIL_SENSITIVITY_DROP is no collapse, however significant
+    assert detection_drop(LABELS, "normal", before, after, 0.9, 0.01, 2)["collapsed"] is False
+    # fewer positives than XRAY_MIN_TEST_PER_CLASS on either side: nothing judged
+    assert detection_drop(LABELS, "normal", before, [[5, 0], [0, 1]], 0.02, 0.01, 2) is None
+
+
+def test_a_champion_that_stops_calling_a_sites_disease_is_in_breach_though_it_ranks_well(small):
+    rows, earlier = _rows(5), [Row(100 + i, f"{100 + i:064x}", "s", r.label, f"q{i}") for i, r in
+                               enumerate(_rows(5))]
+    champion = _scored(17, rows, EPISODE_P)
+    check = judge_site(small, "A", rows, champion, _scored(2, rows, EPISODE_P), "t0",
+                       earlier=_scored(17, earlier, EARLIER_P))
+    assert check.difference == 0 and check.breached and check.kind == "sensitivity"  # AUROC alone: held
+    assert check.detection["before"] == [5, 5] and check.detection["after"] == [0, 5]
+    assert check.detection["p"] == pytest.approx(1 / 252)  # C(5,5) C(5,0) / C(10,5)
+    assert check.action == "comparison lifted"
+    assert check.detail.startswith("champion v17 called 0 of 5 pneumonia films positive at its threshold, "
+                                   "against 5 of 5 of the site's earlier films neither model trained on "
+                                   "(one-sided Fisher p=0.004), at site A on 10 new films: its detection "
+                                   "fell by more than XRAY_GUARDRAIL_SENSITIVITY_DROP")
+    assert check.audit_row()["kind"] == "sensitivity" and check.audit_row()["detection"]["after"] == [0, 5]
+    out = apply_breaches(_kept_by_the_comparison(), [check], WIDE, 0.02)  # it lifts as a ranking breach
+    assert out["decision"] == "promote"
+    comparison = next(c for c in out["checks"] if c["name"] == "comparison")
+    assert comparison["lifted"] and "champion v17 called 0 of 5 pneumonia films" in comparison["detail"]
+    # alert: reported only
+    alert = judge_site(small.with_overrides(reference_breach="alert"), "A", rows, champion,
+                       _scored(2, rows, EPISODE_P), "t0", earlier=_scored(17, earlier, EARLIER_P))
+    assert alert.breached and alert.action == "reported"
+    from xray_core.report.reference import breach_lines
+
+    (line,) = breach_lines([check])
+    assert line["breached"] and line["head"] == "Breach at site A: the champion's detection fell"
+
+
+def test_a_champion_whose_calls_held_is_no_breach_and_says_so(small):
+    rows, earlier = _rows(5), _rows(5)
+    check = judge_site(small, "A", rows, _scored(17, rows, EARLIER_P), _scored(2, rows, EARLIER_P), "t0",
+                       earlier=_scored(17, earlier, EARLIER_P))
+    assert check.status == "held" and check.kind == "auroc" and check.detection["collapsed"] is False
+    assert check.detail.endswith("its detection held: it called 5 of 5 pneumonia films positive at its "
+                                 "threshold, against 5 of 5 of the site's earlier films neither model "
+                                 "trained on (one-sided Fisher p=1)")
+
+
+def test_the_breach_step_judges_the_champions_calls_on_the_sites_films_from_before_the_episode(
+        small, monkeypatch):
+    earlier = [Row(100 + i, f"{100 + i:064x}", "s", r.label, f"q{i}") for i, r in enumerate(_rows(5))]
+    rows = _rows(5)
+    p = {**dict(zip([r.id for r in earlier], EARLIER_P)), **dict(zip([r.id for r in rows], EPISODE_P))}
+    _wired(monkeypatch, [*earlier, *rows], T[0] + HALF_HOUR)
+    import xray_core.pipeline.breach as breach
+    import xray_core.pipeline.sequester as sequester
+
+    added = {r.id: T[0] + timedelta(minutes=10 if r.id >= 100 else 60) for r in [*earlier, *rows]}
+    monkeypatch.setattr(breach, "by_site", lambda settings, routine, since: {"A": [
+        r for r in routine.values() if since is None or added[r.id] > since]})
+    monkeypatch.setattr(sequester, "score", lambda settings, version, scored: _scored(
+        version, scored, [p[r.id] for r in scored]))
+    alert = small.with_overrides(reference_breach="alert")
+    (check,) = measure_breaches(alert, {"checks": A_FLAGGED}, 17, 22, _Snapshot([*earlier, *rows]))
+    assert check.films == 10 and check.kind == "sensitivity" and check.status == "breach"
+    assert check.detection["before"] == [5, 5] and check.detection["after"] == [0, 5]

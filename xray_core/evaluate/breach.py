@@ -6,7 +6,14 @@ split still holds mostly the site's old films, so a champion that fell below the
 new ones can veto every better challenger for weeks. When the retrain's drift check flags a site, the
 champion and the reference are scored on that site's labelled films that neither was trained on. A
 **breach** is the champion measured below the reference by more than ``XRAY_REFERENCE_MARGIN`` (the point
-difference, as the sequestered audit's "degraded"). ``XRAY_REFERENCE_BREACH`` says what it does:
+difference, as the sequestered audit's "degraded"), or (``kind`` "sensitivity") the champion's detection
+of a disease class at its own threshold measured to have fallen on those films: fewer of their positives
+called than of the site's earlier films neither model trained on, by more than
+``XRAY_GUARDRAIL_SENSITIVITY_DROP``, one-sided Fisher exact p below ``XRAY_DRIFT_ALPHA``
+(:func:`detection_drop`). Why both: a scanner change can shift a champion's scores below its threshold
+while it still ranks the films well (bench/year.py, night 21: the champion called 0 of site A's pneumonia
+films for a night, its AUROC on those 10 films measured above the reference's). A breach of either kind
+means the same to the decision. ``XRAY_REFERENCE_BREACH`` says what it does:
 
 - ``lift``: the champion has lost its standing at the site, so a challenger-vs-champion ``comparison``
   check that failed without a measured drop (its point estimate at or above ``-XRAY_PROMOTION_MARGIN``:
@@ -33,6 +40,7 @@ _TOL = 1e-9  # as the policy's: equal on paper may differ in the last bits
 BREACH, HELD, THIN, FAILED = "breach", "held", "not enough films", "failed"
 UNMEASURED = "not measured"  # the difference is undefined on the films (e.g. one class), or the labels differ
 LIFTED, REPORTED, RESTORED = "comparison lifted", "reported", "reference restored"
+RANKING, DETECTION = "auroc", "sensitivity"  # a breach's kind: below the reference; its own calls fell
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,9 @@ class BreachCheck:
     # those since both models were created); films_from: which bound ``since`` is, "drift" or "models"
     drift_began: str | None = None
     films_from: str = "models"
+    kind: str = RANKING  # what was breached: auroc (below the reference) | sensitivity (detection fell)
+    # the champion's detection at its threshold, episode films against earlier ones (detection_drop)
+    detection: dict[str, Any] | None = None
 
     @property
     def breached(self) -> bool:
@@ -83,7 +94,8 @@ class BreachCheck:
         site = self.challenger_check
         return {"site": self.site, "status": self.status, "champion": self.champion,
                 "reference": self.reference, "gap": self.difference, "low": self.low, "high": self.high,
-                "films": self.films, "since": self.since, "action": self.action,
+                "films": self.films, "since": self.since, "action": self.action, "kind": self.kind,
+                "detection": self.detection,
                 "breach_site": None if site is None else site.get("passed")}
 
 
@@ -112,8 +124,22 @@ def films_words(check: BreachCheck) -> str:
             f"the drift began on {when(check.drift_began)})")
 
 
+def detection_words(detection: Mapping[str, Any]) -> str:
+    """``called 0 of 5 pneumonia films positive at its threshold, against 26 of 30 of the site's earlier
+    films neither model trained on (one-sided Fisher p=0.0004)``."""
+    (ka, na), (kb, nb) = detection["after"], detection["before"]
+    return (f"called {ka} of {na} {detection['label']} films positive at its threshold, against {kb} of {nb} "
+            f"of the site's earlier films neither model trained on (one-sided Fisher p={detection['p']:.2g})")
+
+
 def breach_words(check: BreachCheck) -> str:
-    """``champion v17 measured 0.114 below the locked reference v2 at site A on 40 new films``."""
+    """``champion v17 measured 0.114 below the locked reference v2 at site A on 40 new films``; a
+    detection breach: ``champion v17 called 0 of 5 pneumonia films positive ... on site A's 10 films
+    since the drift began ...``."""
+    if check.kind == DETECTION and check.detection is not None:
+        where = (f"at site {check.site} on {check.films} new films" if check.drift_began is None
+                 else f"on {films_words(check)}")
+        return f"champion v{check.champion} {detection_words(check.detection)}, {where}"
     gap = abs(check.difference or 0.0)
     head = f"champion v{check.champion} measured {gap:.3f} below the locked reference v{check.reference}"
     if check.drift_began is None:
@@ -126,10 +152,42 @@ def measure_words(check: BreachCheck) -> str:
     numbers = (f"{check.metric} champion v{check.champion} {_f(check.champion_value)} vs locked reference "
                f"v{check.reference} {_f(check.reference_value)} on {films_words(check)}, difference "
                f"{_signed(check.difference)}, 95% CI [{_signed(check.low)}, {_signed(check.high)}]")
+    if check.breached and check.kind == DETECTION:
+        return (f"{breach_words(check)}: its detection fell by more than XRAY_GUARDRAIL_SENSITIVITY_DROP "
+                f"({numbers})")
+    calls = ("" if check.detection is None else
+             f"; its detection held: it {detection_words(check.detection)}")
     if check.breached:
-        return f"{breach_words(check)} ({numbers}; XRAY_REFERENCE_MARGIN={check.margin:g})"
+        return f"{breach_words(check)} ({numbers}; XRAY_REFERENCE_MARGIN={check.margin:g}){calls}"
     return (f"no breach: {numbers}; not measured more than XRAY_REFERENCE_MARGIN={check.margin:g} below "
-            "(a wide interval alone is not a measured drop)")
+            f"(a wide interval alone is not a measured drop){calls}")
+
+
+def detection_drop(labels: Sequence[str], negative_label: str, before: Sequence[Sequence[int]],
+                   after: Sequence[Sequence[int]], allowed_drop: float, alpha: float,
+                   min_per_class: int) -> dict[str, Any] | None:
+    """Did the champion's detection of a disease class fall? ``before``/``after``: its confusion matrices
+    (rows true, columns called, in ``labels`` order) on the site's earlier films and on the episode's. Per
+    disease class with at least ``min_per_class`` positives on each side: the share called positive,
+    before minus after, and the one-sided Fisher exact p of "fewer called after" (scipy's
+    ``fisher_exact``; exact, as a handful of new positives needs). ``collapsed`` when the drop exceeds
+    ``allowed_drop`` and p < ``alpha``. Returns the most significant class's entry, None when no class has
+    enough films. Fisher rather than a bound on the old share: the earlier films are a sample too."""
+    from scipy.stats import fisher_exact
+
+    from xray_core.evaluate.metrics import disease_indices
+
+    found: list[dict[str, Any]] = []
+    for c in disease_indices(labels, negative_label):
+        kb, nb = int(before[c][c]), int(sum(before[c]))
+        ka, na = int(after[c][c]), int(sum(after[c]))
+        if min(nb, na) < max(min_per_class, 1):
+            continue
+        p = float(fisher_exact([[kb, nb - kb], [ka, na - ka]], alternative="greater").pvalue)
+        drop = kb / nb - ka / na
+        found.append({"label": labels[c], "before": [kb, nb], "after": [ka, na], "drop": round(drop, 4),
+                      "p": p, "collapsed": bool(drop > allowed_drop + _TOL and p < alpha)})
+    return min(found, key=lambda d: (not d["collapsed"], d["p"])) if found else None
 
 
 def _site_numbers(comparison: Mapping[str, Any], other: str) -> str:
@@ -232,6 +290,6 @@ def settled_actions(breaches: Sequence[BreachCheck],
     return [replace(b, action=done) if b.breached and b.action == LIFTED else b for b in breaches]
 
 
-__all__ = ["BREACH", "FAILED", "HELD", "LIFTED", "REPORTED", "RESTORED", "THIN", "UNMEASURED", "BreachCheck",
-           "apply_breaches", "breach_words", "films_words", "measure_words", "settled_actions",
-           "site_condition", "when"]
+__all__ = ["BREACH", "DETECTION", "FAILED", "HELD", "LIFTED", "RANKING", "REPORTED", "RESTORED", "THIN",
+           "UNMEASURED", "BreachCheck", "apply_breaches", "breach_words", "detection_drop", "detection_words",
+           "films_words", "measure_words", "settled_actions", "site_condition", "when"]

@@ -20,8 +20,11 @@ snapshot; sequestered films never reach a routine decision), from the feature ca
 (:func:`xray_core.pipeline.sequester.score`). The paired, patient-clustered difference (champion minus
 reference, ``XRAY_PROMOTION_METRIC``) is judged as the sequestered audit judges it
 (:func:`xray_core.pipeline.sequester.judge`): a breach when the champion is *measured* more than
-``XRAY_REFERENCE_MARGIN`` below. Fewer than ``XRAY_MIN_TEST_PER_CLASS`` films of a class: "not enough
-films", no action. Under ``lift`` and ``rollback`` a breached site also measures the
+``XRAY_REFERENCE_MARGIN`` below. The champion's calls at its threshold on those films are also set
+against its calls on the site's films from before the episode that neither model trained on (mostly
+earlier test films): a disease class called markedly less often (:func:`detection_drop`) is a breach too
+(``kind`` "sensitivity"), though the ranking held. Fewer than ``XRAY_MIN_TEST_PER_CLASS`` films of a
+class: "not enough films", no action. Under ``lift`` and ``rollback`` a breached site also measures the
 challenger against the champion and the reference on the site's films of the episode catalogued after the
 champion that are in the run's TEST split (never val: the challenger was tuned there); it vetoes when the
 challenger measures more than ``XRAY_REFERENCE_MARGIN`` below either. The step is
@@ -45,6 +48,7 @@ from xray_core.data.snapshot import SplitData
 from xray_core.errors import XrayError
 from xray_core.evaluate.breach import (
     BREACH,
+    DETECTION,
     FAILED,
     HELD,
     LIFTED,
@@ -54,6 +58,7 @@ from xray_core.evaluate.breach import (
     UNMEASURED,
     BreachCheck,
     breach_words,
+    detection_drop,
     films_words,
     measure_words,
     site_condition,
@@ -184,9 +189,11 @@ def failed(settings: Settings, site: str, champion: int, reference: int | None,
 
 
 def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluation, reference: Evaluation,
-               since: str | None, **about: Any) -> BreachCheck:
-    """The breach check of one site from the two models' scores of the same ``rows``; ``about``: the
-    check's ``drift_began`` and ``films_from`` (the words of its films)."""
+               since: str | None, earlier: Evaluation | None = None, **about: Any) -> BreachCheck:
+    """The breach check of one site from the two models' scores of the same ``rows``; ``earlier``: the
+    champion scored on the site's films from before the episode that neither model trained on (its
+    detection there against on ``rows``: :func:`detection_drop`); ``about``: the check's ``drift_began``
+    and ``films_from`` (the words of its films)."""
     from xray_core.pipeline.sequester import judge
 
     kept = [r for r in rows if r.label in champion.labels]
@@ -202,11 +209,21 @@ def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluat
                         difference=comparison.get("difference"), low=comparison.get("low"),
                         high=comparison.get("high"), champion_value=comparison.get("challenger"),
                         reference_value=comparison.get("champion"), **about)
+    action = REPORTED if settings.reference_breach == "alert" else LIFTED
+    detection = None
+    if earlier is not None and earlier.labels == champion.labels:
+        detection = detection_drop(champion.labels, settings.negative_label,
+                                   earlier.metrics["confusion_matrix"], champion.metrics["confusion_matrix"],
+                                   settings.guardrail_sensitivity_drop, settings.drift_alpha,
+                                   settings.min_test_per_class)
+    check = replace(check, detection=detection)
+    if not check.breached and detection is not None and detection["collapsed"]:
+        check = replace(check, status=BREACH, kind=DETECTION)
+        return replace(check, action=action, detail=measure_words(check))
     if check.difference is None or check.low is None:  # the labels differ, one class...: said by the check
         return replace(check, status=UNMEASURED,
                        detail=f"not measured at site {site}: {judged['check']['detail']}")
-    action = (REPORTED if settings.reference_breach == "alert" else LIFTED) if check.breached else "none"
-    return replace(check, action=action, detail=measure_words(check))
+    return replace(check, action=action if check.breached else "none", detail=measure_words(check))
 
 
 @step("breach")
@@ -246,6 +263,7 @@ def measure_sites(settings: Settings, sites: list[str], champion: int, reference
     seen = trained_patients(settings, champion) | trained_patients(settings, reference)
     routine = {r.id: r for r in (*data.train, *data.val, *data.test) if r.patient_id not in seen}
     newer = by_site(settings, routine, models)
+    every: dict[str, list[Row]] | None = None  # read once, when a site is judged
     out = []
     for site in sites:
         found = drift_episode(settings, site)
@@ -253,15 +271,22 @@ def measure_sites(settings: Settings, sites: list[str], champion: int, reference
         since = max(models, bound) if bound is not None else models
         about = {"drift_began": began.isoformat() if began is not None else None,
                  "films_from": "drift" if bound is not None and bound >= models else "models"}
-        rows = [r for r in (newer if since == models else by_site(settings, routine, since)).get(site, [])
-                if r.label in labels]
+        site_rows = (newer if since == models else by_site(settings, routine, since)).get(site, [])
+        rows = [r for r in site_rows if r.label in labels]
         short = too_few(rows, labels, settings.min_test_per_class)
         if short is not None:  # nothing scored
             out.append(thin(settings, site, (champion, reference), len(rows), since.isoformat(), short,
                             **about))
             continue
+        # the champion's calls on the site's films from before the episode (before both models without
+        # one) that neither model trained on: mostly earlier test films; its detection there vs on rows
+        every = by_site(settings, routine, None) if every is None else every
+        cut = bound if bound is not None else models
+        later = {r.id for r in (site_rows if cut == since else by_site(settings, routine, cut).get(site, []))}
+        before = [r for r in every.get(site, []) if r.id not in later and r.label in labels]
         check = judge_site(settings, site, rows, score(settings, champion, rows),
-                           score(settings, reference, rows), since.isoformat(), **about)
+                           score(settings, reference, rows), since.isoformat(),
+                           earlier=score(settings, champion, before) if before else None, **about)
         if check.breached and settings.reference_breach != "alert":
             start = max(created, bound) if bound is not None else created  # the episode since the champion
             mine = rows if start == since else by_site(settings, routine, start).get(site, [])
@@ -296,8 +321,9 @@ def trained_patients(settings: Settings, version: int) -> set[str]:
         return {str(image[4]) for image in split_manifest_images(s, manifest)}
 
 
-def by_site(settings: Settings, routine: dict[int, Row], since: datetime) -> dict[str, list[Row]]:
-    """The run's routine rows catalogued after ``since``, by site (the drift check's site rule)."""
+def by_site(settings: Settings, routine: dict[int, Row], since: datetime | None) -> dict[str, list[Row]]:
+    """The run's routine rows catalogued after ``since`` (None: all), by site (the drift check's site
+    rule)."""
     from xray_core.monitor.checks import images_since
 
     out: dict[str, list[Row]] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from xray_core.evaluate.breach import FAILED, UNMEASURED, BreachCheck
+from xray_core.evaluate.breach import DETECTION, FAILED, UNMEASURED, BreachCheck
 
 
 def _signed(x: float | None) -> str:
@@ -39,7 +39,9 @@ def breach_lines(checks: Sequence[BreachCheck]) -> list[dict[str, Any]]:
     (``Breach of the locked reference at site A``, bold when ``breached``) and ``text`` (the measure, and
     under a breach what XRAY_REFERENCE_BREACH did); [] when no site was measured."""
     return [{"breached": c.breached,
-             "head": (f"Breach of the locked reference at site {c.site}" if c.breached
+             "head": (f"Breach at site {c.site}: the champion's detection fell" if c.breached
+                      and c.kind == DETECTION
+                      else f"Breach of the locked reference at site {c.site}" if c.breached
                       else f"Locked reference at drifted site {c.site}" if c.status in (FAILED, UNMEASURED)
                       else f"Locked reference at drifted site {c.site}: {c.status}"),
              "text": c.detail + (f" (XRAY_REFERENCE_BREACH={c.mode}: {c.action})" if c.breached else "")}
