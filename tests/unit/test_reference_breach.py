@@ -609,24 +609,24 @@ def test_a_champion_that_stops_calling_a_sites_disease_is_in_breach_though_it_ra
     assert check.difference == 0 and check.breached and check.kind == "sensitivity"  # AUROC alone: held
     assert check.detection["before"] == [5, 5] and check.detection["after"] == [0, 5]
     assert check.detection["p"] == pytest.approx(1 / 252)  # C(5,5) C(5,0) / C(10,5)
-    assert check.action == "comparison lifted"
+    assert check.action == "reported" and not check.acts  # reported; no decision acts on it
     assert check.detail.startswith("champion v17 called 0 of 5 pneumonia films positive at its threshold, "
                                    "against 5 of 5 of the site's earlier films neither model trained on "
                                    "(one-sided Fisher p=0.004), at site A on 10 new films: its detection "
                                    "fell by more than XRAY_GUARDRAIL_SENSITIVITY_DROP")
     assert check.audit_row()["kind"] == "sensitivity" and check.audit_row()["detection"]["after"] == [0, 5]
-    out = apply_breaches(_kept_by_the_comparison(), [check], WIDE, 0.02)  # it lifts as a ranking breach
-    assert out["decision"] == "promote"
-    comparison = next(c for c in out["checks"] if c["name"] == "comparison")
-    assert comparison["lifted"] and "champion v17 called 0 of 5 pneumonia films" in comparison["detail"]
-    # alert: reported only
-    alert = judge_site(small.with_overrides(reference_breach="alert"), "A", rows, champion,
-                       _scored(2, rows, EPISODE_P), "t0", earlier=_scored(17, earlier, EARLIER_P))
-    assert alert.breached and alert.action == "reported"
+    kept = _kept_by_the_comparison()
+    assert apply_breaches(kept, [check], WIDE, 0.02) == kept  # the comparison is not lifted
+    assert check.audit_row()["action"] == "reported"
+    for mode in ("rollback", "alert"):  # whatever XRAY_REFERENCE_BREACH says
+        other = judge_site(small.with_overrides(reference_breach=mode), "A", rows, champion,
+                           _scored(2, rows, EPISODE_P), "t0", earlier=_scored(17, earlier, EARLIER_P))
+        assert other.breached and other.action == "reported" and not other.acts
     from xray_core.report.reference import breach_lines
 
     (line,) = breach_lines([check])
     assert line["breached"] and line["head"] == "Breach at site A: the champion's detection fell"
+    assert line["text"].endswith("(reported; the decision does not act on it)")
 
 
 def test_a_champion_whose_calls_held_is_no_breach_and_says_so(small):
@@ -653,7 +653,20 @@ def test_the_breach_step_judges_the_champions_calls_on_the_sites_films_from_befo
         r for r in routine.values() if since is None or added[r.id] > since]})
     monkeypatch.setattr(sequester, "score", lambda settings, version, scored: _scored(
         version, scored, [p[r.id] for r in scored]))
-    alert = small.with_overrides(reference_breach="alert")
-    (check,) = measure_breaches(alert, {"checks": A_FLAGGED}, 17, 22, _Snapshot([*earlier, *rows]))
+    (check,) = measure_breaches(small, {"checks": A_FLAGGED}, 17, 22, _Snapshot([*earlier, *rows]))
     assert check.films == 10 and check.kind == "sensitivity" and check.status == "breach"
     assert check.detection["before"] == [5, 5] and check.detection["after"] == [0, 5]
+    assert check.challenger_check is None  # lift is the default; a detection breach measures no challenger
+
+
+def test_rollback_does_not_restore_the_reference_for_a_fall_in_detection(settings, monkeypatch, tmp_path):
+    import xray_core.registry.versions as versions
+    from xray_core.pipeline.executor import DirectExecutor
+
+    called: list[dict[str, Any]] = []
+    monkeypatch.setattr(versions, "rollback", lambda *a, **k: called.append(k) or {"champion_after": 2})
+    run = _kept_run(tmp_path)
+    run.breach_checks = [replace(c, kind="sensitivity", action="reported") for c in run.breach_checks]
+    rollback = settings.with_overrides(reference_breach="rollback")
+    restore_reference(rollback, DirectExecutor(), run, "test", None)
+    assert not called and run.champion_after == 17 and [c.action for c in run.breach_checks] == ["reported"]

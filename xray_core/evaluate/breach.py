@@ -13,7 +13,8 @@ called than of the site's earlier films neither model trained on, by more than
 (:func:`detection_drop`). Why both: a scanner change can shift a champion's scores below its threshold
 while it still ranks the films well (bench/year.py, night 21: the champion called 0 of site A's pneumonia
 films for a night, its AUROC on those 10 films measured above the reference's). A breach of either kind
-means the same to the decision. ``XRAY_REFERENCE_BREACH`` says what it does:
+is reported (result, report, audit rows, ``xray.reference.breach``) and changes no decision: a ranking
+breach does what ``XRAY_REFERENCE_BREACH`` says:
 
 - ``lift``: the champion has lost its standing at the site, so a challenger-vs-champion ``comparison``
   check that failed without a measured drop (its point estimate at or above ``-XRAY_PROMOTION_MARGIN``:
@@ -78,6 +79,13 @@ class BreachCheck:
     @property
     def breached(self) -> bool:
         return self.status == BREACH
+
+    @property
+    def acts(self) -> bool:
+        """A breach the decision acts on (``lift``/``rollback``): a ranking breach. A fall in detection is
+        reported only: acting on it as ``lift`` was measured over bench/year.py's year and reverted (see
+        :func:`detection_drop`)."""
+        return self.breached and self.kind == RANKING and self.mode in ("lift", "rollback")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BreachCheck:
@@ -172,7 +180,13 @@ def detection_drop(labels: Sequence[str], negative_label: str, before: Sequence[
     before minus after, and the one-sided Fisher exact p of "fewer called after" (scipy's
     ``fisher_exact``; exact, as a handful of new positives needs). ``collapsed`` when the drop exceeds
     ``allowed_drop`` and p < ``alpha``. Returns the most significant class's entry, None when no class has
-    enough films. Fisher rather than a bound on the old share: the earlier films are a sample too."""
+    enough films. Fisher rather than a bound on the old share: the earlier films are a sample too.
+
+    Reported, never acted on (:attr:`BreachCheck.acts`): treated as a ranking breach under ``lift``, the
+    year's one detection breach (night 21, 0 of 5 called against 29 of 31, p = 6e-5) promoted a challenger
+    that called 0.99 of A's pneumonia films; the chain of champions it started then met four more ranking
+    breaches on 8-10 films, 10 models were promoted instead of 6, and the home ended at 68.2 MB against
+    its 53.0 MB bound (every promoted model is kept)."""
     from scipy.stats import fisher_exact
 
     from xray_core.evaluate.metrics import disease_indices
@@ -240,7 +254,7 @@ def apply_breaches(decision: dict[str, Any], breaches: Sequence[BreachCheck],
     its detail says so. Then each breached site's ``breach_site`` check vetoes a challenger measured below
     the champion or the reference there. The other guards (per-site guardrail, flips, locked reference,
     audit) apply after this, as before. A new dict."""
-    acting = [b for b in breaches if b.breached and b.mode in ("lift", "rollback")]
+    acting = [b for b in breaches if b.acts]
     if not acting:
         return decision
     out = {**decision, "checks": [dict(c) for c in decision.get("checks") or []]}

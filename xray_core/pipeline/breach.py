@@ -1,34 +1,33 @@
 """The locked reference at a drifted site, in the recipe (issue 26; the rule is
 :mod:`xray_core.evaluate.breach`).
 
-When the run's drift step flags a site (a counted per-site check, as the ``xray.drift.detected`` events
-name it, or the check of a batch that came from that one site alone: :func:`site_flags`), or a site's
-drift episode is open (:func:`drifting_sites`: the newest recorded drift check that tested it flagged it,
-after the champion was created; a retrain on drift ingests nothing, so its own drift step never runs), and
-the locked
-reference is not the champion, :func:`measure_breaches` scores both on the site's labelled films of the
-current **drift episode** catalogued after both models were created (``images.added_at`` after the later
-``models.created_at``; a model is created after its training snapshot, so neither trained on them), less
-the films of patients in either model's split manifest (:func:`trained_patients`: a new film of a patient
-a model trained on is not new to it). The
-episode (:func:`drift_episode`, from the ``drift_checks`` table) is the site's run of consecutive flagged
-drift checks, tonight's included, back to the last check that tested the site and did not flag it (a
-check that did not test it, e.g. a night it sent no films, does not end it); its films are those added
-after the check before its first. Without a recorded episode (older checks) the films are all the site's
-since both models were created. Scored in every routine split (train, val and test of this run's
-snapshot; sequestered films never reach a routine decision), from the feature cache
+When the run's drift step flags a site (a counted per-site check, as the ``xray.drift.detected`` events name
+it, or the check of a batch that came from that one site alone: :func:`site_flags`), or a site's drift
+episode is open (:func:`drifting_sites`: the newest recorded drift check that tested it flagged it, after
+the champion was created; a retrain on drift ingests nothing, so its own drift step never runs), and the
+locked reference is not the champion, :func:`measure_breaches` scores both on the site's labelled films of
+the current **drift episode** catalogued after both models were created (``images.added_at`` after the later
+``models.created_at``; a model is created after its training snapshot, so neither trained on them), less the
+films of patients in either model's split manifest (:func:`trained_patients`: a new film of a patient a
+model trained on is not new to it). The episode (:func:`drift_episode`, from the ``drift_checks`` table) is
+the site's run of consecutive flagged drift checks, tonight's included, back to the last check that tested
+the site and did not flag it (a check that did not test it, e.g. a night it sent no films, does not end it);
+its films are those added after the check before its first. Without a recorded episode (older checks) the
+films are all the site's since both models were created. Scored in every routine split (train, val and test
+of this run's snapshot; sequestered films never reach a routine decision), from the feature cache
 (:func:`xray_core.pipeline.sequester.score`). The paired, patient-clustered difference (champion minus
 reference, ``XRAY_PROMOTION_METRIC``) is judged as the sequestered audit judges it
 (:func:`xray_core.pipeline.sequester.judge`): a breach when the champion is *measured* more than
-``XRAY_REFERENCE_MARGIN`` below. The champion's calls at its threshold on those films are also set
-against its calls on the site's films from before the episode that neither model trained on (mostly
-earlier test films): a disease class called markedly less often (:func:`detection_drop`) is a breach too
-(``kind`` "sensitivity"), though the ranking held. Fewer than ``XRAY_MIN_TEST_PER_CLASS`` films of a
-class: "not enough films", no action. Under ``lift`` and ``rollback`` a breached site also measures the
-challenger against the champion and the reference on the site's films of the episode catalogued after the
-champion that are in the run's TEST split (never val: the challenger was tuned there); it vetoes when the
-challenger measures more than ``XRAY_REFERENCE_MARGIN`` below either. The step is
-best effort, as the drift step: an error is a ``failed`` check, reported, with no lift and no rollback.
+``XRAY_REFERENCE_MARGIN`` below. The champion's calls at its threshold on those films are also set against
+its calls on the site's films from before the episode that neither model trained on (mostly earlier test
+films): a disease class called markedly less often (:func:`detection_drop`) is a breach too (``kind``
+"sensitivity"), though the ranking held; it is reported, and changes no decision. Fewer than
+``XRAY_MIN_TEST_PER_CLASS`` films of a class: "not enough films", no action. Under ``lift`` and ``rollback``
+a site in ranking breach also measures the challenger against the champion and the reference on the site's
+films of the episode catalogued after the champion that are in the run's TEST split (never val: the
+challenger was tuned there); it vetoes when the challenger measures more than ``XRAY_REFERENCE_MARGIN``
+below either. The step is best effort, as the drift step: an error is a ``failed`` check, reported, with no
+lift and no rollback.
 
 :func:`restore_reference` (``XRAY_REFERENCE_BREACH=rollback``) runs after the decision is recorded: a
 challenger not promoted leaves the champion in place, so the locked reference is restored through
@@ -218,8 +217,8 @@ def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluat
                                    settings.min_test_per_class)
     check = replace(check, detection=detection)
     if not check.breached and detection is not None and detection["collapsed"]:
-        check = replace(check, status=BREACH, kind=DETECTION)
-        return replace(check, action=action, detail=measure_words(check))
+        check = replace(check, status=BREACH, kind=DETECTION)  # reported only (BreachCheck.acts)
+        return replace(check, action=REPORTED, detail=measure_words(check))
     if check.difference is None or check.low is None:  # the labels differ, one class...: said by the check
         return replace(check, status=UNMEASURED,
                        detail=f"not measured at site {site}: {judged['check']['detail']}")
@@ -287,7 +286,7 @@ def measure_sites(settings: Settings, sites: list[str], champion: int, reference
         check = judge_site(settings, site, rows, score(settings, champion, rows),
                            score(settings, reference, rows), since.isoformat(),
                            earlier=score(settings, champion, before) if before else None, **about)
-        if check.breached and settings.reference_breach != "alert":
+        if check.acts:
             start = max(created, bound) if bound is not None else created  # the episode since the champion
             mine = rows if start == since else by_site(settings, routine, start).get(site, [])
             check = replace(check, challenger_check=challenger_at_site(settings, site, champion, challenger,
@@ -378,7 +377,7 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
     ``champion_after`` and each breach's ``action`` say what happened. Nothing under lift or alert, nor
     when a reviewer decided (rejected, or nobody answered in time): that may be days after the breach was
     measured, and the review form said it was."""
-    breached = [b for b in result.breach_checks if b.breached]
+    breached = [b for b in result.breach_checks if b.acts]
     if settings.reference_breach != "rollback" or not breached or result.champion_after is NOT_REACHED:
         return
     first = breached[0]
@@ -395,7 +394,7 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
         reason = (f"XRAY_REFERENCE_BREACH=rollback: {'; '.join(breach_words(b) for b in breached)}; "
                   f"challenger v{result.version} not promoted")
         try:
-            rows = [(replace(b, action=RESTORED) if b.breached else b).audit_row()
+            rows = [(replace(b, action=RESTORED) if b.acts else b).audit_row()
                     for b in result.breach_checks]
             row = run.step(rollback_to_reference)(settings, first.champion, first.reference, reason, trigger,
                                                   flow_run_id, rows)
@@ -404,7 +403,7 @@ def restore_reference(settings: Settings, run: Executor, result: RunResult, trig
             action = f"{first.action}; not restored: {exc}"
         else:
             result.champion_after, action = row["champion_after"], RESTORED
-    result.breach_checks = [replace(b, action=action) if b.breached else b for b in result.breach_checks]
+    result.breach_checks = [replace(b, action=action) if b.acts else b for b in result.breach_checks]
 
 
 __all__ = ["by_site", "challenger_at_site", "drift_episode", "drifting_sites", "episode", "failed",

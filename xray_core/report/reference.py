@@ -44,7 +44,8 @@ def breach_lines(checks: Sequence[BreachCheck]) -> list[dict[str, Any]]:
                       else f"Breach of the locked reference at site {c.site}" if c.breached
                       else f"Locked reference at drifted site {c.site}" if c.status in (FAILED, UNMEASURED)
                       else f"Locked reference at drifted site {c.site}: {c.status}"),
-             "text": c.detail + (f" (XRAY_REFERENCE_BREACH={c.mode}: {c.action})" if c.breached else "")}
+             "text": c.detail + ("" if not c.breached else f" (XRAY_REFERENCE_BREACH={c.mode}: {c.action})"
+                                 if c.kind != DETECTION else " (reported; the decision does not act on it)")}
             for c in checks]
 
 
