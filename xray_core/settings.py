@@ -211,6 +211,12 @@ class Settings(BaseSettings):
     patience: int = setting(5, ge=1, le=100_000, affects="training",
                             description="epochs without a val-loss improvement before stopping")
     train_seed: int = setting(0, **_SEED, affects="training", description="seed of head init and batch order")
+    train_threads: int = setting(
+        1, ge=0, le=1024, affects="execution",
+        description="torch threads while the head is fitted (0: torch's default, one per core). One by "
+                    "default: a head's batches of 32 rows are too small to share, and a second thread "
+                    "spinning on a busy 2-core machine made a 2,000-film retrain 15x slower "
+                    "(docs/benchmarks.md). The card records the count; `xray reproduce` fits with it")
 
     # metrics
     bootstrap_samples: int = setting(1000, ge=1, le=1_000_000,

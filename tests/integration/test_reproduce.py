@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import func, select, update
 from tinymodel import tiny_home
 
@@ -23,7 +24,7 @@ from xray_core.io.storage import get_storage
 from xray_core.pipeline.reproduce import ReproduceRefused, reproduce
 
 V3_SETTINGS = {"train_seed": 5, "head_recipe": "mlp", "lr_schedule": "none", "epochs": 4,
-               "recipe_min_val_per_class": 0}
+               "recipe_min_val_per_class": 0, "train_threads": 2}  # 2 torch threads, not the default 1
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,7 @@ def _registry(settings) -> tuple:
 
 
 def test_three_versions_rebuild_bit_identically_and_register_nothing(home) -> None:
+    threads_now = torch.get_num_threads()
     before, models_before = _registry(home.settings), get_storage(home.settings, "models").list()
     manifests = set()
     for version in home.versions:
@@ -65,6 +67,13 @@ def test_three_versions_rebuild_bit_identically_and_register_nothing(home) -> No
         manifests.add(result["split_manifest"])
     assert len(manifests) == 2  # v3 was trained on a grown training set
     assert reproduce(home.settings, home.versions[2])["train_seed"] == V3_SETTINGS["train_seed"]
+    # XRAY_TRAIN_THREADS: each card records the torch threads its head was fitted on; the rebuilds above
+    # used the recorded count (v3's 2) under the home's default 1, and left torch's own count as it was
+    cards = [json.loads((home.settings.home / "models" / str(v) / "card.json").read_text())
+             for v in home.versions]
+    assert [c["environment"]["torch_threads"] for c in cards] == [1, 1, 2]
+    assert home.settings.train_threads == 1
+    assert torch.get_num_threads() == threads_now
     assert _registry(home.settings) == before  # no version, no audit row, the same champion
     assert get_storage(home.settings, "models").list() == models_before
 

@@ -19,9 +19,10 @@ the CPU, the same inputs and settings give bit-identical weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -285,6 +286,19 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
             f"(last {history[-1]['val_loss']}); check the features for NaN/inf or lower "
             f"XRAY_LEARNING_RATE (now {config.learning_rate})")
     return TrainResult(state_dict=best_state, best_epoch=best_epoch, epochs_run=epoch, history=history)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op thread count set to ``threads`` inside (0: left as it is), restored after: a
+    reduction's order, so a head's bytes, can depend on it (the card records it)."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def training_environment() -> dict[str, str | int]:

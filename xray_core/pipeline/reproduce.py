@@ -18,9 +18,7 @@ differ (or says that none does: a determinism bug).
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +70,10 @@ def reproduce(settings: Settings, version: int, *, out: Path | None = None) -> d
         return result
     result["embedded"] = _ensure_features(own, data, version)
     environment = card.get("environment", {}) if card else {}
-    with _torch_threads(environment.get("torch_threads")):
-        fitted = fit_challenger(own, data)
+    threads = environment.get("torch_threads")
+    # the recorded count (a card without one: torch's default, as such a model was fitted)
+    fitted = fit_challenger(own.with_overrides(train_threads=threads if isinstance(threads, int)
+                                               and threads > 0 else 0), data)
     state = {k: v.detach().clone() for k, v in fitted.head.state_dict().items()}
     head = checkpoint_bytes(state)
     result["rebuilt_sha256"] = sha256_bytes(head)
@@ -188,20 +188,6 @@ def _ensure_features(own: Settings, data: SplitData, version: int) -> int:
                                f"{cache.backbone.fingerprint[:12]}… and cannot be embedded again: {exc}"
                                ) from None
     return sum(s.computed for s in stats)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: Any) -> Iterator[None]:
-    """Train with the recorded torch thread count (a reduction's order can depend on it)."""
-    import torch
-
-    before = torch.get_num_threads()
-    if isinstance(threads, int) and threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _why(recorded: dict[str, Any], rebuilt: dict[str, Any], embedded: int, notes: list[str],

@@ -93,6 +93,15 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
 
 def fit_challenger(settings: Settings, data: SplitData, *,
                    progress: Callable[[int, int, dict[str, float]], None] | None = None) -> Fitted:
+    """:func:`fit_head` with ``XRAY_TRAIN_THREADS`` torch threads (the card records the count)."""
+    from xray_core.model.train import torch_threads
+
+    with torch_threads(settings.train_threads):
+        return fit_head(settings, data, progress=progress)
+
+
+def fit_head(settings: Settings, data: SplitData, *,
+             progress: Callable[[int, int, dict[str, float]], None] | None = None) -> Fitted:
     """Fit a challenger head on cached features and pick its operating point; nothing is written.
 
     Recipe chosen on held-out patients (:mod:`xray_core.model.recipes`), then refitted and
