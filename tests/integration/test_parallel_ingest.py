@@ -165,25 +165,31 @@ def test_forked_workers_start_no_blas_thread_and_the_limit_is_restored(tmp_path:
 
 def test_a_fork_that_fails_while_starting_workers_stops_those_started(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If forking the workers fails partway (``fork`` out of memory after the first worker), the
-    executor is shut down before the error goes on: the pool never stored it, so its ``__exit__`` could
-    not; the BLAS limit is still restored there."""
-    shut: list[dict] = []
+    """If forking the workers fails partway (``fork`` out of memory after the first worker), the workers
+    already forked are killed and reaped before the error goes on: their executor's manager thread never
+    started, so a shutdown alone would leave them waiting for work and this process waiting for them at
+    exit. The BLAS limit is restored when the pool closes."""
+    import errno
+    import multiprocessing
+    from multiprocessing.context import ForkProcess
 
-    class Failing:
-        def submit(self, *args, **kwargs):
-            raise OSError(12, "Cannot allocate memory")
+    if ingest_pool.start_method() != "fork":
+        pytest.skip("another thread runs in this test process: workers are not forked from it")
+    real, starts = ForkProcess.start, []
 
-        def shutdown(self, **kwargs):
-            shut.append(kwargs)
+    def start(self):
+        starts.append(self)
+        if len(starts) > 1:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real(self)
 
-    monkeypatch.setattr(ingest_pool.PreparePool, "_new_executor",
-                        lambda self, method, limit_blas=True: Failing())
+    monkeypatch.setattr(ForkProcess, "start", start)
     settings = _settings(tmp_path / "home", 2)
     with pytest.raises(OSError, match="Cannot allocate memory"):
         with ingest_pool.PreparePool(2, settings, None, lambda sha: None) as pool:
             pool._fork_workers()
-    assert shut == [{"wait": False, "cancel_futures": True}]
+    assert len(starts) == 2 and starts[0].exitcode is not None  # the first worker was forked, and is gone
+    assert multiprocessing.active_children() == []
     assert pool._blas_limit is None and pool._executor is None
 
 

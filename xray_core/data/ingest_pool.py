@@ -204,8 +204,14 @@ class PreparePool:
         gc.freeze()
         try:
             executor.submit(os.getpid)  # forks the workers (the "fork" start method starts them all)
-        except BaseException:  # e.g. fork failing for memory after the first worker: stop those started
+        except BaseException:  # e.g. fork failing for memory after the first worker: stop those started.
+            # Their manager thread never started, so shutdown() alone would leave them waiting for work,
+            # and this process waiting for them at exit: they are killed and reaped.
+            started = list((getattr(executor, "_processes", None) or {}).values())
             executor.shutdown(wait=False, cancel_futures=True)
+            for process in started:
+                process.kill()
+                process.join()
             raise
         finally:
             gc.unfreeze()
