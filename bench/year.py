@@ -353,7 +353,7 @@ def run_year(nights: int, size: int, root: Path, scenario: dict[str, Any], *, gc
     margin = float(settings.reference_margin)
     return {"nights": nights, "size": size, "margin": margin, "scenario": scenario,
             "rows": rows,
-            "summary": summarise(rows, margin, world.start, 2 * truth_patients(scenario))}
+            "summary": summarise(rows, margin, world.start, len(LABELS) * truth_patients(scenario))}
 
 
 def _gain(row: dict[str, Any], *, by_site: bool = False) -> float | None:
@@ -414,12 +414,15 @@ def cost_growth(rows: list[dict[str, Any]], early: int = 5) -> dict[str, Any] | 
 
 
 def breach_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """How often the champion was measured below the locked reference at a drifted site, and what was done
-    (XRAY_REFERENCE_BREACH), over the year."""
+    """How often the champion was measured below the locked reference at a drifted site (kind ``auroc``)
+    or its calls there fell (``sensitivity``, reported only), and what was done (XRAY_REFERENCE_BREACH),
+    over the year."""
     measured = [(r["night"], b) for r in rows for b in (r.get("reference") or {}).get("breach") or []]
     breaches = [(night, b) for night, b in measured if b["status"] == "breach"]
     return {"measured": len(measured), "breaches": len(breaches),
             "nights": sorted({night for night, _ in breaches}),
+            "nights_by_kind": {kind: sorted({n for n, b in breaches if b.get("kind", "auroc") == kind})
+                               for kind in ("auroc", "sensitivity")},
             "by_action": dict(sorted(Counter(str(b["action"]) for _, b in breaches).items())),
             "not_enough_films": sum(b["status"] == "not enough films" for _, b in measured),
             "not_measured": sum(b["status"] == "not measured" for _, b in measured)}
@@ -498,7 +501,8 @@ def main() -> None:
     if args.summarise:
         out = json.loads(Path(args.out).read_text())
         starts = {s: v["first_night"] for s, v in out["summary"]["sites"].items()}
-        out["summary"] = summarise(out["rows"], out["margin"], starts, 2 * truth_patients(out["scenario"]))
+        out["summary"] = summarise(out["rows"], out["margin"], starts,
+                                   len(LABELS) * truth_patients(out["scenario"]))
         out["summarised"] = " ".join(["python", "bench/year.py", *sys.argv[1:]])
         return publish_year(out, args)
     t0 = time.perf_counter()

@@ -54,6 +54,11 @@ class Zygote:
         assert stdin is not None and stdout is not None
         stdin.write(json.dumps({"code": code, "env": dict(env), "timeout": timeout}) + "\n")
         stdin.flush()
+        # the zygote answers within the run's timeout (it kills a child that overruns); a zygote that
+        # does not answer at all must not hang the suite (there is no pytest timeout)
+        if not select.select([stdout], [], [], timeout + 60)[0]:
+            self._proc.kill()
+            raise RuntimeError(f"the zygote did not answer within {timeout + 60:.0f} s")
         line = stdout.readline()
         if not line:
             raise RuntimeError(f"the zygote ended (exit {self._proc.wait()}):\n{self._stderr()[-3000:]}")
@@ -129,10 +134,12 @@ def _child(request: dict, write_end: int) -> None:
 
         reset_settings()
         code = _exec(request["code"])
-        for thread in threading.enumerate():  # as the interpreter does before it exits
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
+        threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter does before it exits:
+        # joins non-daemon threads after the hooks that stop concurrent.futures executors left open
         atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001 - before or after the code: said, exit 1
+        traceback.print_exc()
+        code = 1
     finally:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()

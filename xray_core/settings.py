@@ -238,7 +238,8 @@ class Settings(BaseSettings):
                                       "non-inferiority, gain needed if superiority")
     target_specificity: float = setting(0.90, gt=0, lt=1, description="a fraction: 0.9 means 90%")
     guardrail_sensitivity_drop: float = setting(0.02, ge=0, le=1, description="largest per-class sensitivity "
-                                                "drop a promotion may cause")
+                                                "drop a promotion may cause; also the fall in the champion's "
+                                                "calls at a drifted site the breach step reports")
     reference_margin: float = setting(0.02, ge=0, le=1, description="how far the lower 95% bound of the "
         "challenger's XRAY_PROMOTION_METRIC may fall below the locked reference's on the same test films "
         "(xray lock; the bio-creep guard)")
@@ -354,7 +355,9 @@ class Settings(BaseSettings):
                                   "set: flag films scoring above this conformal quantile of the calibration "
                                   "films instead (at most 1 - q of in-distribution films flagged)")
     drift_alpha: float = setting(0.01, gt=0, le=0.5,
-                                 description="p-value below which a batch drift test warns")
+                                 description="p-value below which a batch drift test warns; also the "
+                                             "breach step's bound on a fall in the champion's calls at a "
+                                             "drifted site (Fisher, over the classes judged)")
     drift_permutations: int = setting(999, ge=19, le=100_000,
                                       description="permutations of the batch drift test")
 

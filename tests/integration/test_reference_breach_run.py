@@ -7,12 +7,15 @@ Tiny models."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from tinymodel import tiny_home
 
 from xray_core.data.ingest import ingest_source
 from xray_core.data.snapshot import load_split_data, save_snapshot
 from xray_core.data.synthetic_sites import SiteStyle, write_site_dataset
-from xray_core.pipeline.breach import measure_breaches, restore_reference
+from xray_core.pipeline.breach import measure_breaches, model_facts, restore_reference
+from xray_core.pipeline.detection import earlier_test_rows
 from xray_core.pipeline.embed import embed_step
 from xray_core.pipeline.executor import DirectExecutor
 from xray_core.pipeline.sequester import sequestered_rows
@@ -71,6 +74,17 @@ def test_a_breach_is_measured_on_the_sites_new_films_and_rollback_restores_the_r
         assert check.breached and check.difference < 0 and reference_version(settings) == reference
         assert check.challenger_check is not None and check.challenger_check["name"] == "breach_site"
         assert check.challenger_check["films"] == in_test  # the test split only: no val film
+
+        # the detection baseline: the site's TEST films catalogued up to the cut, newest first, none other
+        test = {r.id: r for r in data.test}
+        site_test = sorted((r.id for r in data.test if r.patient_id.startswith("clinic-b")), reverse=True)
+        old_test = [i for i in site_test if test[i].patient_id not in newer]
+        assert [r.id for r in earlier_test_rows(settings, "clinic-b", test, datetime.now(UTC))] == site_test
+        created = max(model_facts(settings, v)[0] for v in (first, second))
+        assert [r.id for r in earlier_test_rows(settings, "clinic-b", test, created)] == old_test
+        newest = earlier_test_rows(settings, "clinic-b", test, datetime.now(UTC), 1)
+        assert [r.id for r in newest] == site_test[:1]
+        assert earlier_test_rows(settings, "elsewhere", test, datetime.now(UTC)) == []
 
         # nothing is measured without a flagged site, nor with too few films of a class
         quiet = {"flagged": False, "checks": []}

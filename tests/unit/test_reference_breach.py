@@ -390,6 +390,7 @@ def _wired(monkeypatch, rows: list[Row], bound: datetime | None, *, fail: bool =
     monkeypatch.setattr(breach, "drift_episode",
                         lambda settings, site: None if bound is None else (bound, T[4]))
     monkeypatch.setattr(sequester, "score", score)
+    monkeypatch.setattr(breach, "earlier_calls", lambda *args: (None, "no earlier test films of the site"))
     if not recorded:
         monkeypatch.setattr(breach, "drifting_sites", lambda settings, after: set())
     return asked
@@ -400,8 +401,7 @@ def test_the_breach_is_measured_on_the_films_of_the_episode_and_says_since_when(
     asked = _wired(monkeypatch, rows, T[0] + HALF_HOUR)  # the check before the episode: after rows 0 and 4
     alert = small.with_overrides(reference_breach="alert")
     (check,) = measure_breaches(alert, {"checks": A_FLAGGED}, 17, 22, _Snapshot(rows))
-    # the films since the models, since the episode's bound, and (the champion's earlier calls) all
-    assert asked == [T[0], T[0] + HALF_HOUR, None] and check.since == (T[0] + HALF_HOUR).isoformat()
+    assert asked == [T[0], T[0] + HALF_HOUR] and check.since == (T[0] + HALF_HOUR).isoformat()
     assert (check.drift_began, check.films_from, check.status, check.films) == (T[4].isoformat(), "drift",
                                                                                 "breach", 6)
     # the champion on the 6 films: normal 0.2 0.7 0.8 vs pneumonia 0.6 0.85 0.9, 7 of 9 pairs right
@@ -507,7 +507,7 @@ def test_the_review_form_says_a_breach_was_measured(settings):
     ask = review_request(settings.with_overrides(review="blocked"), blocked, _scored(22, rows, PERFECT),
                          _scored(17, rows, WORSE), breaches=["champion v17 measured 0.114 below ..."])
     assert ask is not None and ask.breaches == ("champion v17 measured 0.114 below ...",)
-    assert ("**A breach of the locked reference was measured:** champion v17 measured 0.114 below .... The "
+    assert ("**A breach at a drifted site was measured:** champion v17 measured 0.114 below .... The "
             "champion stays if you reject or nobody answers: the reference is not restored after a review"
             in review_markdown(ask))
 
@@ -610,10 +610,10 @@ def test_a_champion_that_stops_calling_a_sites_disease_is_in_breach_though_it_ra
     assert check.detection["before"] == [5, 5] and check.detection["after"] == [0, 5]
     assert check.detection["p"] == pytest.approx(1 / 252)  # C(5,5) C(5,0) / C(10,5)
     assert check.action == "reported" and not check.acts  # reported; no decision acts on it
-    assert check.detail.startswith("champion v17 called 0 of 5 pneumonia films positive at its threshold, "
-                                   "against 5 of 5 of the site's earlier films neither model trained on "
-                                   "(one-sided Fisher p=0.004), at site A on 10 new films: its detection "
-                                   "fell by more than XRAY_GUARDRAIL_SENSITIVITY_DROP")
+    assert check.detail.startswith("champion v17 called pneumonia on 0 of its 5 pneumonia films, against "
+                                   "5 of 5 of the site's earlier test films (one-sided Fisher p=0.004), at "
+                                   "site A on 10 new films: its detection fell by more than "
+                                   "XRAY_GUARDRAIL_SENSITIVITY_DROP")
     assert check.audit_row()["kind"] == "sensitivity" and check.audit_row()["detection"]["after"] == [0, 5]
     kept = _kept_by_the_comparison()
     assert apply_breaches(kept, [check], WIDE, 0.02) == kept  # the comparison is not lifted
@@ -634,9 +634,19 @@ def test_a_champion_whose_calls_held_is_no_breach_and_says_so(small):
     check = judge_site(small, "A", rows, _scored(17, rows, EARLIER_P), _scored(2, rows, EARLIER_P), "t0",
                        earlier=_scored(17, earlier, EARLIER_P))
     assert check.status == "held" and check.kind == "auroc" and check.detection["collapsed"] is False
-    assert check.detail.endswith("its detection held: it called 5 of 5 pneumonia films positive at its "
-                                 "threshold, against 5 of 5 of the site's earlier films neither model "
-                                 "trained on (one-sided Fisher p=1)")
+    assert check.detail.endswith("its detection held: it called pneumonia on 5 of its 5 pneumonia films, "
+                                 "against 5 of 5 of the site's earlier test films (one-sided Fisher p=1)")
+    # in a ranking breach whose calls fell too, the words say so
+    below = [p / 2 for p in WORSE] + [0.1, 0.1]  # ranked worse than the reference, and none called
+    worse = judge_site(small, "A", rows, _scored(17, rows, below), _scored(2, rows, EARLIER_P), "t0",
+                       earlier=_scored(17, earlier, EARLIER_P))
+    assert worse.kind == "auroc" and worse.breached and worse.detection["collapsed"]
+    assert "; its detection fell too: it called pneumonia on 0 of its 5" in worse.detail
+    # no baseline: said, and the ranking check stands
+    alone = judge_site(small, "A", rows, _scored(17, rows, EARLIER_P), _scored(2, rows, EARLIER_P), "t0",
+                       earlier_note="no earlier test films of the site")
+    assert alone.status == "held" and alone.detail.endswith(
+        "; its detection not judged: no earlier test films of the site")
 
 
 def test_the_breach_step_judges_the_champions_calls_on_the_sites_films_from_before_the_episode(
@@ -653,10 +663,17 @@ def test_the_breach_step_judges_the_champions_calls_on_the_sites_films_from_befo
         r for r in routine.values() if since is None or added[r.id] > since]})
     monkeypatch.setattr(sequester, "score", lambda settings, version, scored: _scored(
         version, scored, [p[r.id] for r in scored]))
+    import xray_core.pipeline.detection as detection
+
+    monkeypatch.setattr(breach, "earlier_calls", detection.earlier_calls)  # _wired stubbed it
+    cuts: list[datetime] = []
+    monkeypatch.setattr(detection, "earlier_test_rows", lambda settings, site, test, cut: cuts.append(
+        cut) or [test[r.id] for r in earlier if added[r.id] <= cut])
     (check,) = measure_breaches(small, {"checks": A_FLAGGED}, 17, 22, _Snapshot([*earlier, *rows]))
     assert check.films == 10 and check.kind == "sensitivity" and check.status == "breach"
     assert check.detection["before"] == [5, 5] and check.detection["after"] == [0, 5]
     assert check.challenger_check is None  # lift is the default; a detection breach measures no challenger
+    assert cuts == [T[0] + HALF_HOUR]  # the films up to the check before the episode
 
 
 def test_rollback_does_not_restore_the_reference_for_a_fall_in_detection(settings, monkeypatch, tmp_path):

@@ -7,13 +7,13 @@ new ones can veto every better challenger for weeks. When the retrain's drift ch
 champion and the reference are scored on that site's labelled films that neither was trained on. A
 **breach** is the champion measured below the reference by more than ``XRAY_REFERENCE_MARGIN`` (the point
 difference, as the sequestered audit's "degraded"), or (``kind`` "sensitivity") the champion's detection
-of a disease class at its own threshold measured to have fallen on those films: fewer of their positives
-called than of the site's earlier films neither model trained on, by more than
-``XRAY_GUARDRAIL_SENSITIVITY_DROP``, one-sided Fisher exact p below ``XRAY_DRIFT_ALPHA``
-(:func:`detection_drop`). Why both: a scanner change can shift a champion's scores below its threshold
-while it still ranks the films well (bench/year.py, night 21: the champion called 0 of site A's pneumonia
-films for a night, its AUROC on those 10 films measured above the reference's). A breach of either kind
-is reported (result, report, audit rows, ``xray.reference.breach``) and changes no decision: a ranking
+of a disease class measured to have fallen on those films: fewer of their positives called than of the
+site's earlier test films, by more than ``XRAY_GUARDRAIL_SENSITIVITY_DROP``, one-sided Fisher exact p
+below ``XRAY_DRIFT_ALPHA`` over the classes judged (:func:`detection_drop`). Why both: a scanner change
+can shift a champion's scores below its threshold while it still ranks the films well (bench/year.py,
+night 21: the champion called 0 of site A's pneumonia films for a night, its AUROC on those 10 films
+measured above the reference's). Both kinds are reported (result, report, audit rows,
+``xray.reference.breach``); a detection breach changes no decision (:attr:`BreachCheck.acts`), a ranking
 breach does what ``XRAY_REFERENCE_BREACH`` says:
 
 - ``lift``: the champion has lost its standing at the site, so a challenger-vs-champion ``comparison``
@@ -133,11 +133,13 @@ def films_words(check: BreachCheck) -> str:
 
 
 def detection_words(detection: Mapping[str, Any]) -> str:
-    """``called 0 of 5 pneumonia films positive at its threshold, against 26 of 30 of the site's earlier
-    films neither model trained on (one-sided Fisher p=0.0004)``."""
+    """``called pneumonia on 0 of its 5 pneumonia films, against 26 of 30 of the site's earlier test films
+    (one-sided Fisher p=0.00039)`` (a binary model calls the disease at its threshold, a multi-class one
+    the most probable class)."""
     (ka, na), (kb, nb) = detection["after"], detection["before"]
-    return (f"called {ka} of {na} {detection['label']} films positive at its threshold, against {kb} of {nb} "
-            f"of the site's earlier films neither model trained on (one-sided Fisher p={detection['p']:.2g})")
+    label = detection["label"]
+    return (f"called {label} on {ka} of its {na} {label} films, against {kb} of {nb} of the site's earlier "
+            f"test films (one-sided Fisher p={detection['p']:.2g})")
 
 
 def breach_words(check: BreachCheck) -> str:
@@ -163,8 +165,9 @@ def measure_words(check: BreachCheck) -> str:
     if check.breached and check.kind == DETECTION:
         return (f"{breach_words(check)}: its detection fell by more than XRAY_GUARDRAIL_SENSITIVITY_DROP "
                 f"({numbers})")
+    fell = check.detection is not None and check.detection["collapsed"]
     calls = ("" if check.detection is None else
-             f"; its detection held: it {detection_words(check.detection)}")
+             f"; its detection {'fell too' if fell else 'held'}: it {detection_words(check.detection)}")
     if check.breached:
         return f"{breach_words(check)} ({numbers}; XRAY_REFERENCE_MARGIN={check.margin:g}){calls}"
     return (f"no breach: {numbers}; not measured more than XRAY_REFERENCE_MARGIN={check.margin:g} below "
@@ -176,11 +179,13 @@ def detection_drop(labels: Sequence[str], negative_label: str, before: Sequence[
                    min_per_class: int) -> dict[str, Any] | None:
     """Did the champion's detection of a disease class fall? ``before``/``after``: its confusion matrices
     (rows true, columns called, in ``labels`` order) on the site's earlier films and on the episode's. Per
-    disease class with at least ``min_per_class`` positives on each side: the share called positive,
-    before minus after, and the one-sided Fisher exact p of "fewer called after" (scipy's
-    ``fisher_exact``; exact, as a handful of new positives needs). ``collapsed`` when the drop exceeds
-    ``allowed_drop`` and p < ``alpha``. Returns the most significant class's entry, None when no class has
-    enough films. Fisher rather than a bound on the old share: the earlier films are a sample too.
+    disease class with at least ``min_per_class`` positives on each side: the share called, before minus
+    after, and the one-sided Fisher exact p of "fewer called after" (scipy's ``fisher_exact``; exact, as a
+    handful of new positives needs). ``collapsed`` when the drop exceeds ``allowed_drop`` and p is below
+    ``alpha`` divided by the number of classes judged (Bonferroni: any one class may fire). Returns the
+    most significant class's entry, None when no class has enough films. Fisher rather than a bound on the
+    old share: the earlier films are a sample too. It counts films as independent: a patient with several
+    films counts several times (the ranking check's bootstrap clusters by patient).
 
     Reported, never acted on (:attr:`BreachCheck.acts`): treated as a ranking breach under ``lift``, the
     year's one detection breach (night 21, 0 of 5 called against 29 of 31, p = 6e-5) promoted a challenger
@@ -198,9 +203,11 @@ def detection_drop(labels: Sequence[str], negative_label: str, before: Sequence[
         if min(nb, na) < max(min_per_class, 1):
             continue
         p = float(fisher_exact([[kb, nb - kb], [ka, na - ka]], alternative="greater").pvalue)
-        drop = kb / nb - ka / na
-        found.append({"label": labels[c], "before": [kb, nb], "after": [ka, na], "drop": round(drop, 4),
-                      "p": p, "collapsed": bool(drop > allowed_drop + _TOL and p < alpha)})
+        found.append({"label": labels[c], "before": [kb, nb], "after": [ka, na], "drop": kb / nb - ka / na,
+                      "p": p})
+    for d in found:
+        d["collapsed"] = bool(d["drop"] > allowed_drop + _TOL and d["p"] < alpha / len(found))
+        d["drop"] = round(d["drop"], 4)
     return min(found, key=lambda d: (not d["collapsed"], d["p"])) if found else None
 
 

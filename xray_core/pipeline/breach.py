@@ -18,9 +18,9 @@ of this run's snapshot; sequestered films never reach a routine decision), from 
 (:func:`xray_core.pipeline.sequester.score`). The paired, patient-clustered difference (champion minus
 reference, ``XRAY_PROMOTION_METRIC``) is judged as the sequestered audit judges it
 (:func:`xray_core.pipeline.sequester.judge`): a breach when the champion is *measured* more than
-``XRAY_REFERENCE_MARGIN`` below. The champion's calls at its threshold on those films are also set against
-its calls on the site's films from before the episode that neither model trained on (mostly earlier test
-films): a disease class called markedly less often (:func:`detection_drop`) is a breach too (``kind``
+``XRAY_REFERENCE_MARGIN`` below. The champion's calls on those films are also set against its calls on
+the site's test films from before the episode (:mod:`xray_core.pipeline.detection`): a disease class
+called markedly less often (:func:`detection_drop`) is a breach too (``kind``
 "sensitivity"), though the ranking held; it is reported, and changes no decision. Fewer than
 ``XRAY_MIN_TEST_PER_CLASS`` films of a class: "not enough films", no action. Under ``lift`` and ``rollback``
 a site in ranking breach also measures the challenger against the champion and the reference on the site's
@@ -62,6 +62,7 @@ from xray_core.evaluate.breach import (
     measure_words,
     site_condition,
 )
+from xray_core.pipeline.detection import earlier_calls
 from xray_core.pipeline.executor import Executor, step
 from xray_core.pipeline.review import REVIEWED_DECISIONS as REVIEWED
 from xray_core.results import NOT_REACHED, Evaluation, RunResult, Snapshot
@@ -188,11 +189,12 @@ def failed(settings: Settings, site: str, champion: int, reference: int | None,
 
 
 def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluation, reference: Evaluation,
-               since: str | None, earlier: Evaluation | None = None, **about: Any) -> BreachCheck:
+               since: str | None, earlier: Evaluation | None = None, earlier_note: str | None = None,
+               **about: Any) -> BreachCheck:
     """The breach check of one site from the two models' scores of the same ``rows``; ``earlier``: the
-    champion scored on the site's films from before the episode that neither model trained on (its
-    detection there against on ``rows``: :func:`detection_drop`); ``about``: the check's ``drift_began``
-    and ``films_from`` (the words of its films)."""
+    champion scored on the site's test films from before the episode (its detection there against on
+    ``rows``: :func:`detection_drop`), or ``earlier_note``: why there is none; ``about``: the check's
+    ``drift_began`` and ``films_from`` (the words of its films)."""
     from xray_core.pipeline.sequester import judge
 
     kept = [r for r in rows if r.label in champion.labels]
@@ -222,7 +224,8 @@ def judge_site(settings: Settings, site: str, rows: list[Row], champion: Evaluat
     if check.difference is None or check.low is None:  # the labels differ, one class...: said by the check
         return replace(check, status=UNMEASURED,
                        detail=f"not measured at site {site}: {judged['check']['detail']}")
-    return replace(check, action=action if check.breached else "none", detail=measure_words(check))
+    note = f"; its detection not judged: {earlier_note}" if earlier_note and detection is None else ""
+    return replace(check, action=action if check.breached else "none", detail=measure_words(check) + note)
 
 
 @step("breach")
@@ -231,7 +234,7 @@ def measure_breaches(settings: Settings, drift: dict[str, Any] | None, champion:
     """The breach check of each site the run's drift step flagged and each site whose drift episode is open
     (:func:`drifting_sites`: the newest recorded check that tested it flagged it, after the champion was
     created; none without a flag, a champion, or a locked reference other than the champion); with
-    ``lift``/``rollback``, a breached site's challenger check.
+    ``lift``/``rollback``, the challenger check of a site in ranking breach.
     Best effort, as the drift step: an error is a ``failed`` check per flagged site, which changes nothing
     (the run goes on; the result and the report say "breach check failed: <reason>")."""
     from xray_core.registry.reference import reference_version
@@ -262,7 +265,7 @@ def measure_sites(settings: Settings, sites: list[str], champion: int, reference
     seen = trained_patients(settings, champion) | trained_patients(settings, reference)
     routine = {r.id: r for r in (*data.train, *data.val, *data.test) if r.patient_id not in seen}
     newer = by_site(settings, routine, models)
-    every: dict[str, list[Row]] | None = None  # read once, when a site is judged
+    test = {r.id: r for r in data.test}
     out = []
     for site in sites:
         found = drift_episode(settings, site)
@@ -270,22 +273,18 @@ def measure_sites(settings: Settings, sites: list[str], champion: int, reference
         since = max(models, bound) if bound is not None else models
         about = {"drift_began": began.isoformat() if began is not None else None,
                  "films_from": "drift" if bound is not None and bound >= models else "models"}
-        site_rows = (newer if since == models else by_site(settings, routine, since)).get(site, [])
-        rows = [r for r in site_rows if r.label in labels]
+        rows = [r for r in (newer if since == models else by_site(settings, routine, since)).get(site, [])
+                if r.label in labels]
         short = too_few(rows, labels, settings.min_test_per_class)
         if short is not None:  # nothing scored
             out.append(thin(settings, site, (champion, reference), len(rows), since.isoformat(), short,
                             **about))
             continue
-        # the champion's calls on the site's films from before the episode (before both models without
-        # one) that neither model trained on: mostly earlier test films; its detection there vs on rows
-        every = by_site(settings, routine, None) if every is None else every
-        cut = bound if bound is not None else models
-        later = {r.id for r in (site_rows if cut == since else by_site(settings, routine, cut).get(site, []))}
-        before = [r for r in every.get(site, []) if r.id not in later and r.label in labels]
+        # the champion's calls on the site's test films from before the episode: its detection baseline
+        earlier, note = earlier_calls(settings, site, champion, test, bound or models, labels)
         check = judge_site(settings, site, rows, score(settings, champion, rows),
-                           score(settings, reference, rows), since.isoformat(),
-                           earlier=score(settings, champion, before) if before else None, **about)
+                           score(settings, reference, rows), since.isoformat(), earlier=earlier,
+                           earlier_note=note, **about)
         if check.acts:
             start = max(created, bound) if bound is not None else created  # the episode since the champion
             mine = rows if start == since else by_site(settings, routine, start).get(site, [])
@@ -320,9 +319,8 @@ def trained_patients(settings: Settings, version: int) -> set[str]:
         return {str(image[4]) for image in split_manifest_images(s, manifest)}
 
 
-def by_site(settings: Settings, routine: dict[int, Row], since: datetime | None) -> dict[str, list[Row]]:
-    """The run's routine rows catalogued after ``since`` (None: all), by site (the drift check's site
-    rule)."""
+def by_site(settings: Settings, routine: dict[int, Row], since: datetime) -> dict[str, list[Row]]:
+    """The run's routine rows catalogued after ``since``, by site (the drift check's site rule)."""
     from xray_core.monitor.checks import images_since
 
     out: dict[str, list[Row]] = {}

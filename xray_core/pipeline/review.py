@@ -151,7 +151,7 @@ def review_markdown(ask: ReviewRequest) -> str:
              f"This run waits for a reviewer: {why} (XRAY_REVIEW={ask.mode}).", "",
              f"**Without review:** {ask.decision}. {ask.rationale}", ""]
     lines += [f"- {s}" for s in ask.scores] + ([""] if ask.scores else [])
-    lines += [(f"**A breach of the locked reference was measured:** {b}. The champion stays if you reject or "
+    lines += [(f"**A breach at a drifted site was measured:** {b}. The champion stays if you reject or "
                "nobody answers: the reference is not restored after a review (xray rollback can).")
               for b in ask.breaches] + ([""] if ask.breaches else [])
     lines += [f"- {c}" for c in ask.checks] + ([""] if ask.checks else [])
