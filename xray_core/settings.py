@@ -213,9 +213,9 @@ class Settings(BaseSettings):
     train_seed: int = setting(0, **_SEED, affects="training", description="seed of head init and batch order")
     train_threads: int = setting(
         1, ge=0, le=1024, affects="execution",
-        description="torch threads while the head is fitted (0: torch's default, one per core). One by "
-                    "default: a head's batches of 32 rows are too small to share, and a second thread "
-                    "spinning on a busy 2-core machine made a 2,000-film retrain 15x slower "
+        description="torch and BLAS threads while the head is fitted (0: their defaults, one per core). One "
+                    "by default: a head's batches of 32 rows and its linear fits are too small to share, and "
+                    "a second thread spinning on a busy 2-core machine made a 2,000-film retrain 15x slower "
                     "(docs/benchmarks.md). The card records the count; `xray reproduce` fits with it")
 
     # metrics

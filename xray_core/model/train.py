@@ -289,14 +289,21 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
 
 
 @contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Torch's intra-op thread count set to ``threads`` inside (0: left as it is), restored after: a
-    reduction's order, so a head's bytes, can depend on it (the card records it)."""
+def fit_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op threads and the BLAS pools' (numpy/scipy under the linear recipes) set to
+    ``threads`` inside (0: left as they are), restored after: a reduction's order, so a head's bytes, can
+    depend on them (the card records the count as ``torch_threads``; both default to one per core, so a card
+    from before this setting holds the count for both)."""
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
+    if threads <= 0:
         yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 

@@ -3,6 +3,7 @@ loading them from the feature cache of the current backbone."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,3 +40,14 @@ def features_for(settings: Settings, rows: list[Row], views: list[int] | None = 
     if views is None:
         return cache.load(shas, 0, dtype=dtype)
     return cache.load_views(shas, views, dtype=dtype)
+
+
+def features_sha256(x_train: np.ndarray, x_val: np.ndarray) -> str:
+    """sha256 of the float32 training and validation features a head was fitted on, in row order: tells
+    ``xray reproduce`` whether the cache still holds the very features (re-embedded ones may differ)."""
+    digest = hashlib.sha256()
+    for x in (x_train, x_val):
+        digest.update(str(x.shape).encode())
+        for start in range(0, len(x), 4096):  # the same bytes in order, without a copy of all of them
+            digest.update(np.ascontiguousarray(x[start:start + 4096], dtype=np.float32).tobytes())
+    return digest.hexdigest()

@@ -48,6 +48,7 @@ def reproduce(settings: Settings, version: int, *, out: Path | None = None) -> d
     says whether the bytes match; ``reasons`` says which recorded input differs when they do not."""
     import torch
 
+    from xray_core.model.train import fit_threads
     from xray_core.pipeline.steps import fit_challenger
     from xray_core.registry.versions import checkpoint_bytes
 
@@ -72,8 +73,8 @@ def reproduce(settings: Settings, version: int, *, out: Path | None = None) -> d
     environment = card.get("environment", {}) if card else {}
     threads = environment.get("torch_threads")
     # the recorded count (a card without one: torch's default, as such a model was fitted)
-    fitted = fit_challenger(own.with_overrides(train_threads=threads if isinstance(threads, int)
-                                               and threads > 0 else 0), data)
+    with fit_threads(threads if isinstance(threads, int) and threads > 0 else 0):
+        fitted = fit_challenger(own, data)
     state = {k: v.detach().clone() for k, v in fitted.head.state_dict().items()}
     head = checkpoint_bytes(state)
     result["rebuilt_sha256"] = sha256_bytes(head)

@@ -7,7 +7,6 @@ nothing here holds images in memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -31,7 +30,7 @@ from xray_core.evaluate.breach import BreachCheck
 from xray_core.io.fsutil import json_text
 from xray_core.monitor.reference import REFERENCE_FILE
 from xray_core.pipeline.embed import EmbedProgress, embed_step
-from xray_core.pipeline.features import embed_items, features_for, train_views
+from xray_core.pipeline.features import embed_items, features_for, features_sha256, train_views
 from xray_core.pipeline.guards import (
     apply_guards,
     evaluation_slices,
@@ -60,7 +59,16 @@ class Fitted:
 def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None = None,
                progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train a challenger head (:func:`fit_challenger`), save it with its monitoring reference, and
-    smoke-test the checkpoint reloaded from disk."""
+    smoke-test the checkpoint reloaded from disk; all on ``XRAY_TRAIN_THREADS`` torch and BLAS threads (the
+    reference's fits are as small as the head's)."""
+    from xray_core.model.train import fit_threads
+
+    with fit_threads(settings.train_threads):
+        return _train(settings, data, flow_run_id=flow_run_id, progress=progress)
+
+
+def _train(settings: Settings, data: SplitData, *, flow_run_id: str | None,
+           progress: Callable[[int, int, dict[str, float]], None] | None) -> dict[str, Any]:
     from xray_core.model.backbone import load_backbone
     from xray_core.model.train import predict_proba
     from xray_core.registry.versions import load_model, save_model
@@ -93,16 +101,9 @@ def train_step(settings: Settings, data: SplitData, *, flow_run_id: str | None =
 
 def fit_challenger(settings: Settings, data: SplitData, *,
                    progress: Callable[[int, int, dict[str, float]], None] | None = None) -> Fitted:
-    """:func:`fit_head` with ``XRAY_TRAIN_THREADS`` torch threads (the card records the count)."""
-    from xray_core.model.train import torch_threads
-
-    with torch_threads(settings.train_threads):
-        return fit_head(settings, data, progress=progress)
-
-
-def fit_head(settings: Settings, data: SplitData, *,
-             progress: Callable[[int, int, dict[str, float]], None] | None = None) -> Fitted:
-    """Fit a challenger head on cached features and pick its operating point; nothing is written.
+    """Fit a challenger head on cached features and pick its operating point; nothing is written. Run
+    inside :func:`~xray_core.model.train.fit_threads` (``train_step``, ``xray reproduce``): the card
+    records the thread count.
 
     Recipe chosen on held-out patients (:mod:`xray_core.model.recipes`), then refitted and
     calibrated by :func:`~xray_core.model.recipes.fit_calibrated`: on the training split with the
@@ -208,17 +209,6 @@ def fit_head(settings: Settings, data: SplitData, *,
         "features_sha256": features_sha256(x_train, x_val), "environment": training_environment(),
     }
     return Fitted(head=head, card=card, x_train=x_train, x_val=x_val, val_probs=val_probs, y_val=y_val)
-
-
-def features_sha256(x_train: np.ndarray, x_val: np.ndarray) -> str:
-    """sha256 of the float32 training and validation features a head was fitted on, in row order: tells
-    ``xray reproduce`` whether the cache still holds the very features (re-embedded ones may differ)."""
-    digest = hashlib.sha256()
-    for x in (x_train, x_val):
-        digest.update(str(x.shape).encode())
-        for start in range(0, len(x), 4096):  # the same bytes in order, without a copy of all of them
-            digest.update(np.ascontiguousarray(x[start:start + 4096], dtype=np.float32).tobytes())
-    return digest.hexdigest()
 
 
 def build_model_reference(settings: Settings, data: SplitData, head: Any, x_train: np.ndarray,
