@@ -73,7 +73,7 @@ class BreachCheck:
     drift_began: str | None = None
     films_from: str = "models"
     kind: str = RANKING  # what was breached: auroc (below the reference) | sensitivity (detection fell)
-    # the champion's detection at its threshold, episode films against earlier ones (detection_drop)
+    # the champion's calls, the episode's films against the site's earlier test films (detection_drop)
     detection: dict[str, Any] | None = None
 
     @property
@@ -144,8 +144,8 @@ def detection_words(detection: Mapping[str, Any]) -> str:
 
 def breach_words(check: BreachCheck) -> str:
     """``champion v17 measured 0.114 below the locked reference v2 at site A on 40 new films``; a
-    detection breach: ``champion v17 called 0 of 5 pneumonia films positive ... on site A's 10 films
-    since the drift began ...``."""
+    detection breach: ``champion v17 called pneumonia on 0 of its 5 pneumonia films, against ... on site
+    A's 10 films since the drift began ...``."""
     if check.kind == DETECTION and check.detection is not None:
         where = (f"at site {check.site} on {check.films} new films" if check.drift_began is None
                  else f"on {films_words(check)}")
