@@ -284,7 +284,7 @@ def main() -> None:
     import torch
 
     result: dict[str, Any] = {"name": "retrain_scale", "films": args.n, "cpu_count": os.cpu_count(),
-                              "torch_threads": torch.get_num_threads(),
+                              "torch_threads": torch.get_num_threads(),  # outside the train step (settings)
                               "load_average_start": [round(x, 2) for x in os.getloadavg()]}
     fit = fit_distribution(workdir)
     result["fit"] = {"groups": {str(g): int(c) for g, c in zip(fit["groups"], fit["counts"])}, "rank": RANK,
@@ -295,7 +295,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     result["settings"] = {k: settings.public_dict().get(k) for k in
                           ("views", "bootstrap_samples", "head_recipe", "epochs", "drift_permutations",
-                           "recipe_folds", "memory_mb")}
+                           "recipe_folds", "memory_mb", "train_threads")}
     stored = _stored_files(home)
     t0 = time.perf_counter()
     add_films(settings, fit, first_id=1, n=args.n, patient_prefix="p", rng=rng, stored=stored)

@@ -213,10 +213,11 @@ class Settings(BaseSettings):
     train_seed: int = setting(0, **_SEED, affects="training", description="seed of head init and batch order")
     train_threads: int = setting(
         1, ge=0, le=1024, affects="execution",
-        description="torch and BLAS threads while the head is fitted (0: their defaults, one per core). One "
-                    "by default: a head's batches of 32 rows and its linear fits are too small to share, and "
-                    "a second thread spinning on a busy 2-core machine made a 2,000-film retrain 15x slower "
-                    "(docs/benchmarks.md). The card records the count; `xray reproduce` fits with it")
+        description="torch and BLAS threads of the train step (0: the libraries' defaults). One by default: "
+                    "a head's batches of 32 rows are too small to share, and a second thread spinning on a "
+                    "busy 2-core machine made a 2,000-film retrain 15x slower (docs/benchmarks.md); raise it "
+                    "on a dedicated many-core host, for large linear fits. The card records the counts; "
+                    "`xray reproduce` fits with them")
 
     # metrics
     bootstrap_samples: int = setting(1000, ge=1, le=1_000_000,

@@ -55,8 +55,11 @@ def _registry(settings) -> tuple:
                 s.scalar(select(Model.id).where(Model.status == "champion")))
 
 
-def test_three_versions_rebuild_bit_identically_and_register_nothing(home) -> None:
-    threads_now = torch.get_num_threads()
+def test_three_versions_rebuild_bit_identically_and_register_nothing(home, monkeypatch) -> None:
+    import xray_core.model.train as train
+
+    threads_now, real, counts = torch.get_num_threads(), train.fit_threads, []
+    monkeypatch.setattr(train, "fit_threads", lambda *args: counts.append(args) or real(*args))
     before, models_before = _registry(home.settings), get_storage(home.settings, "models").list()
     manifests = set()
     for version in home.versions:
@@ -71,7 +74,9 @@ def test_three_versions_rebuild_bit_identically_and_register_nothing(home) -> No
     # used the recorded count (v3's 2) under the home's default 1, and left torch's own count as it was
     cards = [json.loads((home.settings.home / "models" / str(v) / "card.json").read_text())
              for v in home.versions]
-    assert [c["environment"]["torch_threads"] for c in cards] == [1, 1, 2]
+    assert [(c["environment"]["torch_threads"], c["environment"]["blas_threads"]) for c in cards] == [
+        (1, 1), (1, 1), (2, 2)]
+    assert counts[:3] == [(1, 1), (1, 1), (2, 2)]  # each rebuild fitted on its card's counts
     assert home.settings.train_threads == 1
     assert torch.get_num_threads() == threads_now
     assert _registry(home.settings) == before  # no version, no audit row, the same champion

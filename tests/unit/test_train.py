@@ -356,3 +356,37 @@ def test_linear_recipes_train_on_the_eval_view_and_the_mlp_on_every_view():
     assert np.array_equal(head.feature_mean.numpy(), fit_normaliser(xt[:, :1])[0])
     head, _ = fit_recipe(mlp, xt, yt, xt[:5, 0], yt[:5], 2)
     assert np.array_equal(head.feature_mean.numpy(), fit_normaliser(xt)[0])
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_fit_threads_sets_torch_and_blas_counts_inside_and_restores_them():
+    """XRAY_TRAIN_THREADS: the train step runs on its torch and BLAS counts (each may be its own, as a card
+    records them; 0 leaves one alone); both come back after, an exception included."""
+    import scipy.linalg  # noqa: F401 - both BLAS libraries loaded, as fit_threads loads them
+    from threadpoolctl import threadpool_limits
+
+    from xray_core.model.train import fit_threads, training_environment
+
+    with threadpool_limits(limits=2, user_api="blas"):  # this process's own counts: 3 torch, 2 BLAS
+        torch_before = torch.get_num_threads()
+        torch.set_num_threads(3)
+        try:
+            with fit_threads(1):
+                assert torch.get_num_threads() == 1 and set(_blas_threads()) == {1}
+                environment = training_environment()
+                assert environment["torch_threads"] == 1 and environment["blas_threads"] == 1
+            assert torch.get_num_threads() == 3 and set(_blas_threads()) == {2}
+            with fit_threads(2, 1):
+                assert torch.get_num_threads() == 2 and set(_blas_threads()) == {1}
+            with fit_threads(0, 0):  # a card without counts: this machine's own
+                assert torch.get_num_threads() == 3 and set(_blas_threads()) == {2}
+            with pytest.raises(RuntimeError, match="in the fit"), fit_threads(1):
+                raise RuntimeError("in the fit")
+            assert torch.get_num_threads() == 3 and set(_blas_threads()) == {2}
+        finally:
+            torch.set_num_threads(torch_before)

@@ -289,34 +289,39 @@ def train_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_
 
 
 @contextlib.contextmanager
-def fit_threads(threads: int) -> Iterator[None]:
-    """Torch's intra-op threads and the BLAS pools' (numpy/scipy under the linear recipes) set to
-    ``threads`` inside (0: left as they are), restored after: a reduction's order, so a head's bytes, can
-    depend on them (the card records the count as ``torch_threads``; both default to one per core, so a card
-    from before this setting holds the count for both)."""
+def fit_threads(torch_threads: int, blas_threads: int | None = None) -> Iterator[None]:
+    """Torch's intra-op threads set to ``torch_threads`` and the BLAS pools' (numpy's and scipy's, under
+    the linear recipes and the monitoring reference) to ``blas_threads`` (None: the same) inside; 0 leaves
+    one as it is; both restored after. A reduction's order, so a head's bytes, can depend on either: the
+    card records both (:func:`training_environment`). Their defaults differ (torch: physical cores; BLAS:
+    logical CPUs or ``OPENBLAS_NUM_THREADS``), so one count is not the other's."""
+    import scipy.linalg  # noqa: F401 - loads scipy's own BLAS now: threadpoolctl limits loaded ones only
     from threadpoolctl import threadpool_limits
 
+    blas = torch_threads if blas_threads is None else blas_threads
     before = torch.get_num_threads()
-    if threads <= 0:
-        yield
-        return
-    torch.set_num_threads(threads)
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
     try:
-        with threadpool_limits(limits=threads, user_api="blas"):
+        with threadpool_limits(limits=blas if blas > 0 else None, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(before)
 
 
 def training_environment() -> dict[str, str | int]:
-    """What the head's bytes depend on besides its inputs and settings: library versions and torch's
-    thread count (recorded on the card; ``xray reproduce`` rebuilds with the same thread count and names
-    a version that differs)."""
+    """What the head's bytes depend on besides its inputs and settings: library versions and the torch and
+    BLAS thread counts (recorded on the card; ``xray reproduce`` rebuilds with the same counts and names a
+    version that differs)."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
+    from threadpoolctl import threadpool_info
+
+    blas = [int(lib["num_threads"]) for lib in threadpool_info() if lib["user_api"] == "blas"]
     out: dict[str, str | int] = {"python": platform.python_version(), "machine": platform.machine(),
-                                 "torch_threads": torch.get_num_threads()}
+                                 "torch_threads": torch.get_num_threads(),
+                                 "blas_threads": max(blas, default=0)}
     for package in ("torch", "numpy", "scipy", "scikit-learn", "safetensors"):
         try:
             out[package] = version(package)

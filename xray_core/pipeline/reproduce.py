@@ -1,14 +1,15 @@
 """``xray reproduce N``: rebuild model N's head from what the registry recorded, and compare its bytes.
 
 The recorded inputs: the version's split manifest (its training and validation images, by id), the
-training-affecting settings it was trained with (``affects="training"`` in :mod:`xray_core.settings`,
-the train seed among them, as stored in its catalogue row and card), its backbone (rebuilt from the
-recorded weights, preprocessing and precision, and checked by fingerprint) and, on cards written since
-they were recorded, the sha256 of the features it was fitted on and the libraries and torch thread
-count it was trained with. The head is refitted by :func:`~xray_core.pipeline.steps.fit_challenger`,
-the very function the retrain's train step runs, and hashed as the registry hashes a checkpoint. Nothing
-is registered: the catalogue and the models are only read; missing features of the recorded backbone
-are embedded into the feature cache (as a retrain would), and ``out`` receives the rebuilt files.
+training-affecting settings it was trained with (``affects="training"`` in :mod:`xray_core.settings`, the
+train seed among them, as stored in its catalogue row and card), its backbone (rebuilt from the recorded
+weights, preprocessing and precision, and checked by fingerprint) and, on cards written since they were
+recorded, the sha256 of the features it was fitted on and the libraries and torch (and since recorded,
+BLAS) thread counts it was trained with. The head is refitted by
+:func:`~xray_core.pipeline.steps.fit_challenger`, the very function the retrain's train step runs, and
+hashed as the registry hashes a checkpoint. Nothing is registered: the catalogue and the models are only
+read; missing features of the recorded backbone are embedded into the feature cache (as a retrain would),
+and ``out`` receives the rebuilt files.
 
 Refused (:class:`ReproduceRefused`, exit 2) when a recorded input is missing: an unknown version, no
 split manifest, images gone from the catalogue, a backbone that cannot be rebuilt here, features that
@@ -71,9 +72,10 @@ def reproduce(settings: Settings, version: int, *, out: Path | None = None) -> d
         return result
     result["embedded"] = _ensure_features(own, data, version)
     environment = card.get("environment", {}) if card else {}
-    threads = environment.get("torch_threads")
-    # the recorded count (a card without one: torch's default, as such a model was fitted)
-    with fit_threads(threads if isinstance(threads, int) and threads > 0 else 0):
+    # the recorded counts; one a card lacks is left at this machine's default, as such a model was fitted
+    counts = [n if isinstance(n := environment.get(k), int) and n > 0 else 0
+              for k in ("torch_threads", "blas_threads")]
+    with fit_threads(*counts):
         fitted = fit_challenger(own, data)
     state = {k: v.detach().clone() for k, v in fitted.head.state_dict().items()}
     head = checkpoint_bytes(state)
@@ -207,11 +209,15 @@ def _why(recorded: dict[str, Any], rebuilt: dict[str, Any], embedded: int, notes
                           " (the cache was rebuilt since)"))
     now = training_environment()
     changed = [f"{k} {environment[k]} -> {now.get(k)}" for k in sorted(environment)
-               if k != "torch_threads" and environment[k] != now.get(k)]
+               if k not in ("torch_threads", "blas_threads") and environment[k] != now.get(k)]
     if changed:
         reasons.append(f"the environment differs: {', '.join(changed)}")
     elif not environment:
         reasons.append(f"library versions were not recorded (torch now {torch.__version__})")
+    if environment and "blas_threads" not in environment:
+        reasons.append(f"its BLAS thread count was not recorded (a card older than that record): rebuilt "
+                       f"with this machine's default ({now.get('blas_threads')}); a linear head's bytes can "
+                       "depend on it")
     reasons += notes
     if not reasons:
         reasons.append("every recorded input matches: training is not deterministic here (a bug; please "
