@@ -38,15 +38,20 @@ def breach_lines(checks: Sequence[BreachCheck]) -> list[dict[str, Any]]:
     """One line per drifted site where the champion was measured against the locked reference: ``head``
     (``Breach of the locked reference at site A``, bold when ``breached``) and ``text`` (the measure, and
     under a breach what XRAY_REFERENCE_BREACH did); [] when no site was measured."""
-    return [{"breached": c.breached,
-             "head": (f"Breach at site {c.site}: the champion's detection fell" if c.breached
-                      and c.kind == DETECTION
-                      else f"Breach of the locked reference at site {c.site}" if c.breached
-                      else f"Locked reference at drifted site {c.site}" if c.status in (FAILED, UNMEASURED)
-                      else f"Locked reference at drifted site {c.site}: {c.status}"),
-             "text": c.detail + ("" if not c.breached else f" (XRAY_REFERENCE_BREACH={c.mode}: {c.action})"
-                                 if c.kind != DETECTION else " (reported; the decision does not act on it)")}
-            for c in checks]
+    return [_breach_line(c) for c in checks]
+
+
+def _breach_line(c: BreachCheck) -> dict[str, Any]:
+    if c.breached and c.kind == DETECTION:
+        head, tail = (f"Breach at site {c.site}: the champion's detection fell",
+                      " (reported; the decision does not act on it)")
+    elif c.breached:
+        head, tail = (f"Breach of the locked reference at site {c.site}",
+                      f" (XRAY_REFERENCE_BREACH={c.mode}: {c.action})")
+    else:
+        shown = "" if c.status in (FAILED, UNMEASURED) else f": {c.status}"  # said in the detail
+        head, tail = f"Locked reference at drifted site {c.site}{shown}", ""
+    return {"breached": c.breached, "head": head, "text": c.detail + tail}
 
 
 __all__ = ["breach_lines", "reference_context"]
